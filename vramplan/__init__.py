@@ -1,0 +1,27 @@
+"""vramplan: will this training run fit these GPUs, and where does the memory go?
+
+Data flows one way: model spec -> training setup -> memory model -> estimate ->
+plan -> report/plot. ``verify`` measures the same categories on a real GPU.
+"""
+from vramplan.categories import Category
+from vramplan.errors import VramplanError
+from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+
+__all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
+           "estimate", "load_model"]
+__version__ = "0.1.0"
+
+
+def estimate(model, gpus=None, **setup):
+    """Estimate one configuration. ``model``: preset name, config path or ModelSpec.
+
+    ``setup`` takes TrainingSetup's fields (method, precision, optim, batch_size, ...).
+    """
+    from vramplan.estimate import estimate_config
+    return estimate_config(model, gpus=gpus, **setup)
+
+
+def load_model(model, num_layers=None):
+    """Analyse a preset name or config path into a ModelSpec (cached)."""
+    from vramplan.model_spec import load_model_spec
+    return load_model_spec(model, num_layers=num_layers)

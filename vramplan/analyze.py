@@ -1,0 +1,144 @@
+"""Build a config on the meta device and read off the shapes the memory model needs."""
+from __future__ import annotations
+
+import warnings
+
+from vramplan.errors import VramplanError
+from vramplan.model_spec import Experts, LayerSpec, Linear, ModelSpec
+
+# Linear name (last path component) -> role. Roles drive the activation rules in memory.py.
+_ROLES = {
+    "q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
+    "qkv_proj": "qkv", "query_key_value": "qkv", "c_attn": "qkv", "Wqkv": "qkv", "W_pack": "qkv",
+    "o_proj": "o", "out_proj": "o", "dense": "o", "wo": "o",
+    "gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "gate_up_proj": "gate_up",
+    "down_proj": "down", "w2": "down", "fc1": "fc1", "c_fc": "fc1", "dense_h_to_4h": "fc1",
+    "fc2": "fc2", "dense_4h_to_h": "fc2",
+}
+_ATTN_HINTS = ("attn", "attention")
+
+
+def _role(path: str, out_features: int, num_experts: int | None) -> str:
+    leaf = path.split(".")[-1]
+    if leaf in ("gate", "router") and num_experts and out_features == num_experts:
+        return "router"
+    role = _ROLES.get(leaf, "other")
+    if role == "o" and leaf == "dense" and not any(h in path for h in _ATTN_HINTS):
+        return "other"
+    if leaf == "c_proj":
+        return "o" if any(h in path for h in _ATTN_HINTS) else "fc2"
+    return role
+
+
+def _build_meta(cfg: dict):
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - torch/transformers are dependencies
+        raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise VramplanError(f"transformers cannot read this config ({e})", "MODEL") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise VramplanError(f"transformers cannot build a causal LM from this config ({e})", "MODEL") from None
+    return model, config
+
+
+def _decoder_layers(model, n_layers: int):
+    import torch.nn as nn
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and (best is None or
+                                                                         sum(p.numel() for p in mod.parameters()) > best[2]):
+            best = (name, mod, sum(p.numel() for p in mod.parameters()))
+    if best is None:
+        raise VramplanError("could not find the decoder layers in this model", "MODEL")
+    return best[0], best[1]
+
+
+def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None) -> LayerSpec:
+    import torch.nn as nn
+    linears, norms, others, expert_tensors = [], [], [], []
+    seen = set()
+    for path, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            linears.append(Linear(name=path, role=_role(path, mod.out_features, num_experts),
+                                  in_features=mod.in_features, out_features=mod.out_features,
+                                  bias=mod.bias is not None))
+            seen.update(id(p) for p in mod.parameters(recurse=False))
+        elif "norm" in type(mod).__name__.lower():
+            n = sum(p.numel() for p in mod.parameters(recurse=False))
+            if n:
+                norms.append(n)
+            seen.update(id(p) for p in mod.parameters(recurse=False))
+    for path, p in layer.named_parameters():
+        if id(p) in seen:
+            continue
+        if p.dim() == 3:
+            expert_tensors.append((path, list(p.shape)))
+        else:
+            others.append(p.numel())
+    experts = None
+    if expert_tensors:
+        e = expert_tensors[0][1][0]
+        # down_proj is (E, hidden, intermediate); gate_up is (E, 2 * intermediate, hidden)
+        down = [s for _, s in expert_tensors if s[1] == hidden and s[2] != hidden]
+        inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
+        experts = Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
+    return LayerSpec(linears=linears, experts=experts, norm_numels=norms, other_numels=others, sliding_window=sliding)
+
+
+def analyze_config(cfg: dict, name: str) -> ModelSpec:
+    model, config = _build_meta(cfg)
+    tcfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = tcfg.num_hidden_layers
+    hidden = tcfg.hidden_size
+    n_heads = tcfg.num_attention_heads
+    n_kv = getattr(tcfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(tcfg, "head_dim", None) or hidden // n_heads
+    num_experts = getattr(tcfg, "num_local_experts", None) or getattr(tcfg, "num_experts", None)
+    top_k = getattr(tcfg, "num_experts_per_tok", None)
+    _, layers = _decoder_layers(model, n_layers)
+    layer_types = getattr(tcfg, "layer_types", None) or []
+    window = getattr(tcfg, "sliding_window", None)
+    specs = []
+    for i, layer in enumerate(layers):
+        sliding = window if (i < len(layer_types) and "sliding" in str(layer_types[i])) else None
+        specs.append(_layer_spec(layer, num_experts, top_k, hidden, sliding))
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    layer_ids = {id(p) for p in layers.parameters()}
+    all_params = {id(p): p for p in model.parameters()}
+    outside = [p for i, p in all_params.items() if i not in layer_ids]
+    embed_n = emb.weight.numel()
+    head_n = 0 if tied or head is None else head.weight.numel()
+    final_norm_n, other_n = 0, 0
+    for p in outside:
+        if p is emb.weight or (head is not None and p is head.weight):
+            continue
+        if p.dim() == 1 and p.numel() == hidden and final_norm_n == 0:
+            final_norm_n = p.numel()
+        else:
+            other_n += p.numel()
+    norm_cls = next((type(m).__name__ for m in layers[0].modules() if "norm" in type(m).__name__.lower()), "RMSNorm")
+    norm_kind = "layer" if "LayerNorm" in norm_cls else ("rms_gemma" if "Gemma" in norm_cls else "rms")
+    sdpa = getattr(type(model), "_supports_sdpa", False)
+    return ModelSpec(
+        name=name, architecture=type(model).__name__, model_type=tcfg.model_type, hidden=hidden, n_heads=n_heads,
+        n_kv_heads=n_kv, head_dim=head_dim, vocab=emb.weight.shape[0], tied_embeddings=tied, num_layers=n_layers,
+        layers=specs, embed_numel=embed_n, lm_head_numel=head_n, final_norm_numel=final_norm_n, other_numel=other_n,
+        attn_implementation="sdpa" if sdpa else "eager", norm_kind=norm_kind,
+        norms_per_layer=len(specs[0].norm_numels) if specs else 0,
+        final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),
+        attn_logit_softcapping=getattr(tcfg, "attn_logit_softcapping", None),
+        params_total=sum(p.numel() for p in all_params.values()),
+    )

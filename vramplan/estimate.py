@@ -1,0 +1,104 @@
+"""Estimate: one configuration on given GPUs -> per-GPU peak, breakdown and verdict."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from vramplan.categories import Category as C
+from vramplan.errors import VramplanError
+from vramplan.hardware import GpuSpec, detect_gpus, parse_gpus
+from vramplan.memory import MiB, StepModel, step_model
+from vramplan.model_spec import ModelSpec, load_model_spec
+from vramplan.results import Estimate, PerGpu
+from vramplan.setup import Method, TrainingSetup
+from vramplan.units import GiB
+
+# Host memory of one training process before any offload: the Python process with torch,
+# CUDA libraries and transformers loaded (RSS). Order of magnitude, not calibrated.
+PROCESS_HOST_BYTES = 3 * GiB
+
+
+def make_setup(**fields) -> TrainingSetup:
+    """TrainingSetup from keyword fields; validation errors become one VramplanError."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return TrainingSetup(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, VramplanError):
+            raise ctx_err from None
+        loc = err["loc"][0] if err["loc"] else ""
+        flag = "--" + str(loc).replace("_", "-")
+        allowed = ""
+        if err["type"] == "enum":
+            allowed = f"; allowed: {err['ctx']['expected']}"
+        raise VramplanError(f"{err['msg']} (got {err.get('input')!r}){allowed}", flag) from None
+
+
+def resolve_gpus(gpus: str | GpuSpec | None) -> GpuSpec:
+    if isinstance(gpus, GpuSpec):
+        return gpus
+    if gpus:
+        return parse_gpus(gpus)
+    found = detect_gpus()
+    if found is None:
+        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090", "--gpus")
+    return found
+
+
+def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> None:
+    if setup.fsdp > gpus.count:
+        raise VramplanError(f"--fsdp {setup.fsdp} needs {setup.fsdp} GPUs but --gpus gives {gpus.count}", "--fsdp")
+    if setup.lora_like:
+        smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
+        if setup.lora_r > smallest:
+            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})", "--lora-r")
+    if setup.method == Method.GALORE:
+        smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
+        if setup.galore_rank > smallest:
+            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension ({smallest})", "--galore-rank")
+
+
+def allocator_overhead(model: StepModel, peak_alloc: int) -> int:
+    """reserved - allocated at the peak. Blocks freed by activations and transients of
+    many sizes stay cached in segments that cannot be returned while partly used.
+    Rule fitted on the reserved column of tests/data/h100_dev.jsonl (roomy H100):
+    2% of the peak plus a quarter of the non-persistent bytes (activations + transients)."""
+    peak = model.peak
+    churn = peak.parts.get(C.ACTIVATIONS, 0) + peak.parts.get(C.TRANSIENT, 0) + peak.parts.get(C.FSDP_BUFFERS, 0)
+    return int(0.02 * peak_alloc + 0.25 * churn) + 2 * MiB
+
+
+def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> Estimate:
+    check_compatible(spec, setup, gpus)
+    model = step_model(spec, setup)
+    peak = model.peak
+    alloc = peak.allocated
+    overhead = allocator_overhead(model, alloc)
+    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    breakdown = {c: peak.parts.get(c, 0) for c in C}
+    breakdown[C.ALLOCATOR_OVERHEAD] = overhead
+    breakdown[C.CUDA_CONTEXT] = context
+    reserved = alloc + overhead
+    total = reserved + context
+    capacity = gpus.profile.memory_bytes
+    ranks_per_host = min(gpus.count, max(setup.fsdp, 1))
+    host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)
+    per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
+                     breakdown=breakdown, peak_phase=peak.name,
+                     phases={p.name: p.allocated for p in model.phases})
+    notes = list(model.notes)
+    if spec.resolved_from:
+        notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
+    return Estimate(model=spec.name, setup=setup.model_dump(mode="json"), description=setup.describe(),
+                    gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
+                    per_gpu=per_gpu, host_ram_bytes=host, fits=total <= capacity,
+                    headroom_bytes=capacity - total, notes=notes)
+
+
+def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,
+                    **setup_fields) -> Estimate:
+    setup = make_setup(**setup_fields)
+    gspec = resolve_gpus(gpus)
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
+    return estimate_spec(spec, setup, gspec)

@@ -1,0 +1,571 @@
+"""The memory model: per-GPU bytes by category at each phase of one training step.
+
+Every rule lives here once, with where it comes from. "[cal]" marks a rule checked
+against tests/data/h100_dev.jsonl (H100, torch 2.11, transformers 5.17, peft 0.21,
+bitsandbytes 0.50, galore-torch 1.0, hqq 0.2.8). Notation: N tokens per micro-batch,
+h hidden, q = heads*head_dim, kv = kv_heads*head_dim, f MLP width, V vocab, r LoRA rank,
+W FSDP world size. All values are integer bytes.
+
+The step is modelled as phases (build, forward, loss backward, layer backward,
+optimizer step). Each phase gives a breakdown by Category of what is alive; the peak is
+the largest phase. Steady state (step >= 1) is modelled: optimizer states exist from
+the first step on, and step 0 is never larger except for GaLore's first SVD, modelled
+as its own phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.categories import ALLOCATED, Category as C
+from vramplan.model_spec import LayerSpec, Linear, ModelSpec
+from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+
+MiB = 2**20
+BLOCK = 512  # caching allocator rounds every allocation up to 512 B
+
+# bitsandbytes 4-bit (functional.quantize_4bit, blocksize 64, compress_statistics=True):
+# packed n/2 uint8 + absmax re-quantized to uint8 (n/64) + fp32 absmax per 256 blocks.
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256
+NF4_SMALL_TENSORS = 3  # offset, 16-entry nf4 code, nested 256-entry code: one 512 B block each
+# hqq 0.2.x, nbits=4, group_size=64: packed n/2 uint8 + bf16 scale and bf16 zero per group.
+HQQ_GROUP = 64
+# bitsandbytes Optimizer2State: tensors with numel >= 4096 get uint8 state1/state2 and
+# an fp32 absmax per block of 256; smaller tensors keep fp32 states.
+BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
+# Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
+INPUT_BYTES_PER_TOKEN = 24
+# cuBLAS workspace, allocated through the caching allocator once per (handle, stream):
+# the forward thread and autograd's backward thread each hold one. torch
+# CUBLAS_WORKSPACE_CONFIG default ":4096:8" on sm90 = 32 MiB. It is created by the first
+# matmul of the process, so the reference protocol's warm baseline excludes it from
+# peak_allocated; it is counted with the CUDA context for the fit verdict. [cal: first case +64 MiB]
+CUBLAS_WORKSPACE = 2 * 32 * MiB
+
+
+def _r(n: int | float) -> int:
+    """Round one allocation up to the allocator's 512 B granularity."""
+    n = int(n)
+    return -(-n // BLOCK) * BLOCK
+
+
+@dataclass
+class Phase:
+    name: str
+    parts: dict = field(default_factory=dict)
+
+    def add(self, cat: C, nbytes: int | float) -> "Phase":
+        self.parts[cat] = self.parts.get(cat, 0) + int(nbytes)
+        return self
+
+    @property
+    def allocated(self) -> int:
+        return sum(v for c, v in self.parts.items() if c in ALLOCATED)
+
+
+# ------------------------------------------------------------------ parameters
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor as the run holds it."""
+    numel: int
+    dim0: int
+    kind: str            # dense | nf4 | hqq4 | lora
+    trainable: bool
+    layer: int | None    # decoder layer index, None for the root (embeddings, final norm, head)
+    galore: tuple[int, int] | None = None  # (m, n) for GaLore-projected 2-D weights
+
+
+def _lora_targeted(lin: Linear, setup: TrainingSetup) -> bool:
+    if not setup.lora_like or lin.role in ("router", "other"):
+        return False
+    if setup.lora_targets == LoraTargets.ATTENTION:
+        return lin.role in ("q", "k", "v", "qkv", "o")
+    return True
+
+
+def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
+    """Every parameter tensor with how it is stored and whether it trains."""
+    full = setup.method in (Method.FULL, Method.GALORE)
+    galore = setup.method == Method.GALORE
+    quant = setup.quant.value if setup.method == Method.QLORA else None
+    out: list[Param] = []
+    for i, layer in enumerate(spec.layers):
+        for lin in layer.linears:
+            # reference step: GaLore projects 2-D weights inside attention and MLP blocks
+            proj = (lin.out_features, lin.in_features) if galore and lin.role not in ("other",) else None
+            out.append(Param(lin.numel, lin.out_features, quant or "dense", full, i, proj))
+            if lin.bias:
+                out.append(Param(lin.out_features, lin.out_features, "dense", full, i))
+            if _lora_targeted(lin, setup):
+                out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, "lora", True, i))
+                out.append(Param(lin.out_features * setup.lora_r, lin.out_features, "lora", True, i))
+        if layer.experts:
+            for _, shape in layer.experts.tensors:
+                n = shape[0] * shape[1] * shape[2]
+                out.append(Param(n, shape[0], "dense", full, i))
+        for n in layer.norm_numels + layer.other_numels:
+            out.append(Param(n, n, "dense", full, i))
+    out.append(Param(spec.embed_numel, spec.vocab, "dense", full, None))
+    if spec.lm_head_numel:
+        out.append(Param(spec.lm_head_numel, spec.vocab, "dense", full, None))
+    if spec.final_norm_numel:
+        out.append(Param(spec.final_norm_numel, spec.final_norm_numel, "dense", full, None))
+    if spec.other_numel:
+        out.append(Param(spec.other_numel, spec.other_numel, "dense", full, None))
+    return out
+
+
+def _dense_bytes(setup: TrainingSetup) -> int:
+    return 4 if setup.precision == Precision.MIXED else 2
+
+
+def _store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict:
+    """Bytes of one parameter (or a shard of `numel` elements of it) by category."""
+    n = p.numel if numel is None else numel
+    if p.kind == "lora":
+        # peft get_peft_model(autocast_adapter_dtype=True) upcasts bf16 adapters to fp32 [cal]
+        return {C.ADAPTERS: _r(4 * n)}
+    if p.kind == "nf4":
+        blocks = -(-n // NF4_BLOCK)
+        state = _r(blocks) + _r(4 * -(-blocks // NF4_NESTED_BLOCK)) + NF4_SMALL_TENSORS * BLOCK
+        return {C.WEIGHTS: _r(n / 2), C.QUANT_STATE: state}
+    if p.kind == "hqq4":
+        groups = -(-n // HQQ_GROUP)
+        return {C.WEIGHTS: _r(n / 2), C.QUANT_STATE: 2 * _r(2 * groups)}
+    return {C.WEIGHTS: _r(_dense_bytes(setup) * n)}
+
+
+def _compute_bytes(p: Param, setup: TrainingSetup) -> int:
+    """Bytes of a parameter as FSDP all-gathers it (param_dtype bf16; 4-bit stays packed)."""
+    if p.kind in ("nf4", "hqq4"):
+        return -(-p.numel // 2)
+    if p.kind == "lora":
+        return 4 * p.numel
+    return 2 * p.numel
+
+
+def _shard(p: Param, world: int) -> int:
+    """FSDP2 shards dim 0, padded to ceil(dim0 / W) rows on every rank."""
+    if world == 1:
+        return p.numel
+    rows = -(-p.dim0 // world)
+    return rows * (p.numel // p.dim0)
+
+
+def _grad_bytes(p: Param, setup: TrainingSetup) -> int:
+    if not p.trainable:
+        return 0
+    return 4 if p.kind == "lora" else _dense_bytes(setup)
+
+
+# ------------------------------------------------------------------ optimizer
+
+def _bnb8_state(n: int) -> int:
+    """bitsandbytes 8-bit Adam state1 + state2 for n elements."""
+    if n < BNB_MIN_8BIT:
+        return 2 * _r(4 * n)
+    return 2 * (_r(n) + _r(4 * -(-n // BNB_BLOCK)))
+
+
+def _galore_rank(p: Param, setup: TrainingSetup) -> int:
+    m, n = p.galore
+    return min(setup.galore_rank, m, n)
+
+
+def _optimizer_state(p: Param, setup: TrainingSetup, numel: int) -> int:
+    """Persistent optimizer bytes for one parameter (or its shard of `numel`)."""
+    if not p.trainable:
+        return 0
+    optim = setup.optim
+    gbytes = _grad_bytes(p, setup)
+    if p.galore is not None:
+        m, n = p.galore
+        r = _galore_rank(p, setup)
+        low = r * max(m, n)  # low-rank gradient m x r (m >= n) or r x n
+        moments = _bnb8_state(low) if optim.is_8bit else 2 * _r(gbytes * low)
+        # galore_projector.get_orthogonal_matrix: bf16 grads -> a fresh r*min(m,n) copy;
+        # fp32 grads -> a slice view that keeps the whole U or Vh (min(m,n)^2) alive.
+        proj = _r(2 * r * min(m, n)) if gbytes == 2 else _r(4 * min(m, n) ** 2)
+        return moments + proj
+    if optim.is_8bit:
+        return _bnb8_state(numel)
+    return 2 * _r(gbytes * numel)  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(p)
+
+
+def _optimizer_transient(params: list[Param], setup: TrainingSetup, world: int) -> int:
+    """Largest temporary during optimizer.step() (steady state)."""
+    trainable = [p for p in params if p.trainable]
+    if not trainable:
+        return 0
+    optim = setup.optim
+    if optim == Optim.ADAMW_TORCH:
+        # torch.optim.AdamW foreach: _foreach_sqrt(exp_avg_sqs) allocates one copy of all
+        # states of a device/dtype group at once. [cal: l32-1b full, phi3 full = 5x params]
+        return sum(_r(_grad_bytes(p, setup) * _shard(p, world)) for p in trainable)
+    if optim in (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT):
+        return 0  # fused kernels update in place
+    worst = 0
+    for p in trainable:
+        g = _grad_bytes(p, setup)
+        if p.galore is None:
+            # galore_torch AdamW plain group: denom = exp_avg_sq.sqrt(); exp_avg / denom
+            t = 0 if optim.is_8bit else 2 * _r(g * p.numel)
+        else:
+            m, n = p.galore
+            # project_back (m*n) then * scale (m*n); 8-bit also p.saved_data = p.data.clone()
+            t = (3 if optim.is_8bit else 2) * _r(g * m * n)
+        worst = max(worst, t)
+    return worst
+
+
+def _svd_transient(params: list[Param], setup: TrainingSetup) -> int:
+    """GaLore projector refresh: grad.float() + torch.linalg.svd; [notes: ~5x the fp32 matrix]."""
+    worst = 0
+    for p in params:
+        if p.galore is not None and p.trainable:
+            m, n = p.galore
+            k = min(m, n)
+            worst = max(worst, _r(4 * m * n) + _r(4 * m * k) + _r(4 * k * n) + 2 * _r(4 * m * n))
+    return worst
+
+
+# ------------------------------------------------------------------ activations
+
+@dataclass(frozen=True)
+class ActCtx:
+    """What decides which tensors autograd saves inside a decoder layer."""
+    weights_train: bool   # base Linear weights need grad (full / galore)
+    norms_train: bool
+    stream: int           # bytes per element of the residual stream (4 under autocast)
+    autocast: bool        # fp32 stream fed to autocast Linears (each casts its own copy)
+    quant: str | None
+    lora_dropout: bool
+    lora_r: int
+    setup: TrainingSetup
+
+
+def _act_ctx(setup: TrainingSetup) -> ActCtx:
+    full = setup.method in (Method.FULL, Method.GALORE)
+    return ActCtx(weights_train=full, norms_train=full, stream=4 if setup.autocast else 2,
+                  autocast=setup.autocast, quant=setup.quant.value if setup.method == Method.QLORA else None,
+                  lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
+
+
+def _norm_saved(spec: ModelSpec, ctx: ActCtx, input_grad: bool) -> int:
+    """Per token, one norm. HF LlamaRMSNorm: x.to(fp32) saved by pow/mul (4h); the
+    normalized x.to(dtype) is saved by `weight *` only when the weight trains. Gemma's
+    RMSNorm keeps the fp32 product (4h). LayerNorm saves its input. [cal]"""
+    h = spec.hidden
+    if not input_grad and not ctx.norms_train:
+        return 0  # frozen weight and an input without grad: no autograd node
+    if spec.norm_kind == "layer":
+        return ctx.stream * h
+    saved = 4 * h
+    if ctx.norms_train:
+        saved += 4 * h if (spec.norm_kind == "rms_gemma" or ctx.stream == 4) else 2 * h
+    return saved
+
+
+def _lora_saved(in_dim: int, ctx: ActCtx, input_grad: bool) -> int:
+    """peft LoRA Linear: x.to(fp32) -> dropout (bool mask when the input needs grad) ->
+    lora_A saves its fp32 input -> lora_B saves A's output. Under autocast lora_A casts
+    its input back to bf16 and saves that. [cal: l32-1b lora/qlora, notes table 3]"""
+    mask = in_dim if (ctx.lora_dropout and input_grad) else 0
+    if ctx.autocast:
+        return mask + 2 * in_dim + 2 * ctx.lora_r
+    return mask + 4 * in_dim + 4 * ctx.lora_r
+
+
+def _linears_saved(linears: list[Linear], in_dim: int, ctx: ActCtx, input_grad: bool,
+                   input_shared: bool = False) -> int:
+    """Saved by a group of Linears reading one tensor of width in_dim, per token."""
+    saved, shared_saved = 0, False
+    for lin in linears:
+        if ctx.quant == "hqq4" or ctx.weights_train:
+            # hqq's HQQMatmulNoCacheMul saves x; a trained weight needs x for its grad.
+            if ctx.autocast and ctx.quant is None:
+                saved += 2 * in_dim  # autocast casts the fp32 input once per Linear
+            elif not shared_saved and not input_shared:
+                saved += (2 if ctx.quant else ctx.stream) * in_dim
+                shared_saved = True
+        # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
+        if _lora_targeted(lin, ctx.setup):
+            saved += _lora_saved(in_dim, ctx, input_grad)
+    return saved
+
+
+def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -> int:
+    """SDPA (flash) saves q, k, v (after RoPE, bf16), the output and an fp32 logsumexp
+    per head; the output layout is already what o_proj reads. [cal] Eager attention
+    (Gemma 2) repeats k/v to all heads and keeps the seq x seq probabilities: tanh
+    soft-cap output (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
+    q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
+    if spec.attn_implementation == "sdpa":
+        return 2 * q + 4 * kv + 2 * q + 4 * nh
+    window = min(seq, layer.sliding_window or seq)  # HF eager still forms the full s x s scores
+    probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
+    del window
+    return 2 * q + 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v, contiguous out, probs
+
+
+def _mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, input_grad: bool) -> int:
+    """Gated MLP: act saves its input gate (a view keeps a fused gate_up alive), the mul
+    saves act(gate) and up, down_proj saves act*up only when its base needs it. [cal]"""
+    h = spec.hidden
+    if layer.experts:
+        return _moe_saved(spec, layer, ctx, input_grad)
+    ins = layer.linears_with("gate", "up", "gate_up", "fc1")
+    downs = layer.linears_with("down", "fc2")
+    if not ins or not downs:
+        return 0
+    f = downs[0].in_features
+    saved = _linears_saved(ins, h, ctx, input_grad)
+    gated = any(l.role in ("gate", "gate_up") for l in ins)
+    saved += (6 * f) if gated else (2 * f)  # gated: gate, act(gate), up; plain: fc1 out
+    saved += _linears_saved(downs, f, ctx, True)
+    return saved
+
+
+def _moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, input_grad: bool) -> int:
+    """transformers 5.x MixtralExperts: per routed token (top_k per token) the gathered
+    input (when expert weights train), gate_up output (kept by the act's view), act out,
+    act*up (when weights train) and the expert output saved by the routing-weight mul."""
+    h, e = spec.hidden, layer.experts
+    per_route = 4 * e.intermediate + 2 * e.intermediate + 2 * h
+    if ctx.weights_train:
+        per_route += 2 * h + 2 * e.intermediate
+    router = ctx.stream * h if ctx.weights_train else 0
+    router += 4 * e.num_experts * 2  # fp32 router softmax and its output
+    return e.top_k * per_route + router + _linears_saved(layer.linears_with("gate", "up", "gate_up", "down"), h, ctx, input_grad)
+
+
+def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    ctx = _act_ctx(setup)
+    h = spec.hidden
+    attn_in = layer.linears_with("q", "k", "v", "qkv")
+    n_norms = max(spec.norms_per_layer, 1)
+    saved = _norm_saved(spec, ctx, input_grad)
+    saved += _linears_saved(attn_in, h, ctx, input_grad)
+    saved += _attention_saved(spec, layer, ctx, setup.seq_len)
+    # o_proj reads the attention output, which SDPA already saved (same tensor)
+    saved += _linears_saved(layer.linears_with("o"), spec.q_dim, ctx, True,
+                            input_shared=spec.attn_implementation == "sdpa")
+    saved += _norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
+    saved += _mlp_saved(spec, layer, ctx, True)
+    return saved
+
+
+def layer_backward_transient_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> int:
+    """Gradients of activations alive at once inside one layer's backward: the MLP's
+    (grad of act*up, of act, of up) and two hidden-size grads, in bf16."""
+    f = max((l.in_features for l in layer.linears_with("down", "fc2")), default=spec.hidden)
+    if layer.experts:
+        f = layer.experts.intermediate * layer.experts.top_k
+    return 3 * 2 * f + 2 * 2 * spec.hidden + (4 * spec.hidden if setup.autocast else 0)
+
+
+# ------------------------------------------------------------------ the step
+
+@dataclass
+class StepModel:
+    phases: list[Phase]
+    host_pinned: int
+    notes: list[str]
+
+    @property
+    def peak(self) -> Phase:
+        return max(self.phases, key=lambda p: p.allocated)
+
+
+def _static(params: list[Param], setup: TrainingSetup, world: int, offload: bool) -> tuple[dict, int, int, int]:
+    """Persistent bytes on the GPU (by category), plus grads, optimizer and host-pinned totals."""
+    parts: dict = {}
+    grads = optim = host = 0
+    for p in params:
+        n = _shard(p, world)
+        store = _store(p, setup, n)
+        g = _r(_grad_bytes(p, setup) * n)
+        s = _optimizer_state(p, setup, n)
+        if p.kind == "nf4" and world > 1:
+            # FSDP shards the packed weight (a Parameter) but not the quant_state (not one):
+            # absmax and codes stay whole on every rank. [notes 5; unverified on FSDP2]
+            store[C.QUANT_STATE] = _store(p, setup)[C.QUANT_STATE]
+        if offload:
+            host += sum(v for c, v in store.items() if c != C.QUANT_STATE) + g + s
+            if C.QUANT_STATE in store:
+                parts[C.QUANT_STATE] = parts.get(C.QUANT_STATE, 0) + store[C.QUANT_STATE]
+            continue
+        for c, v in store.items():
+            parts[c] = parts.get(c, 0) + v
+        grads += g
+        optim += s
+    return parts, grads, optim, host
+
+
+def _unit_bytes(params: list[Param], setup: TrainingSetup, world: int) -> dict[int | None, int]:
+    """All-gathered (unsharded, padded) bytes of each FSDP unit: decoder layers and the root."""
+    units: dict[int | None, int] = {}
+    for p in params:
+        units[p.layer] = units.get(p.layer, 0) + _r(_compute_bytes(p, setup) * _shard(p, world) * world // max(p.numel, 1))
+    return units
+
+
+def _unit_grad_bytes(params: list[Param], setup: TrainingSetup, layer: int | None, reduce_bytes: int) -> tuple[int, int]:
+    """(unsharded grads in param_dtype, reduce-scatter input in reduce_dtype) of one unit."""
+    n = sum(p.numel for p in params if p.layer == layer and p.trainable)
+    lora = any(p.kind == "lora" for p in params if p.layer == layer and p.trainable)
+    unsharded = 4 * n if lora else 2 * n
+    return unsharded, (4 * n if lora else reduce_bytes * n)
+
+
+def step_model(spec: ModelSpec, setup: TrainingSetup) -> StepModel:
+    world = setup.fsdp
+    offload = setup.cpu_offload
+    params = parameters(spec, setup)
+    static, grads, optim_state, host = _static(params, setup, world, offload)
+    N, V, h = setup.tokens, spec.vocab, spec.hidden
+    notes: list[str] = []
+
+    # ---- activations saved through the step
+    ckpt = setup.gradient_checkpointing
+    first_grad = setup.method in (Method.FULL, Method.GALORE) or ckpt  # enable_input_require_grads
+    per_layer = [layer_saved_per_token(spec, l, setup, input_grad=(i > 0 or first_grad))
+                 for i, l in enumerate(spec.layers)]
+    stream = 4 if setup.autocast else 2
+    # RoPE cos/sin are computed once and saved by every layer's multiply (shared tensors)
+    rope = 2 * _r(N * spec.head_dim * stream)
+    inputs = _r(N * INPUT_BYTES_PER_TOKEN)
+    if ckpt:
+        # non-reentrant checkpointing keeps each layer's input hidden state
+        layer_acts = sum(_r(N * stream * h) for _ in spec.layers)
+    else:
+        layer_acts = sum(_r(N * a) for a in per_layer)
+    eager_mask = 0
+    if spec.attn_implementation == "eager":
+        kinds = 1 + any(l.sliding_window for l in spec.layers)
+        eager_mask = kinds * _r(2 * setup.batch_size * setup.seq_len ** 2)  # bf16 additive masks
+    head_trains = setup.method in (Method.FULL, Method.GALORE)
+    ctx = _act_ctx(setup)
+    final = N * _norm_saved(spec, ctx, True)
+    if head_trains:
+        final += N * (2 if (ctx.autocast or ctx.stream == 2) else 4) * h  # lm_head saves its input
+    acts = layer_acts + rope + inputs + eager_mask + _r(final)
+
+    # ---- autocast caches bf16 casts of trainable fp32 weights; they are saved for
+    # backward (without checkpointing every layer's; with it only the root's lm_head). [cal]
+    cast_cache = 0
+    if setup.autocast and head_trains:
+        for p in params:
+            if p.trainable and p.kind == "dense" and p.numel != p.dim0 and (not ckpt or p.layer is None):
+                if p.layer is not None or p.dim0 == V:
+                    cast_cache += _r(2 * p.numel)
+
+    # ---- logits and loss (transformers ForCausalLMLoss: logits.float(), log_softmax saved)
+    held = 2 * N * V * (2 if spec.final_logit_softcapping else 1)  # bf16 logits (+ tanh output)
+    loss_fwd = held + 8 * N * V            # + fp32 copy + log-softmax [notes 7, cal]
+    loss_bwd = held + 12 * N * V           # log-softmax saved + its grad in + grad out [cal]
+
+    # ---- FSDP buffers
+    units = _unit_bytes(params, setup, world) if world > 1 else {}
+    layer_unit = max((v for k, v in units.items() if k is not None), default=0)
+    root_unit = units.get(None, 0)
+    reduce_bytes = 4 if setup.precision == Precision.MIXED else 2
+
+    def base(name: str, with_grads: bool = False) -> Phase:
+        ph = Phase(name)
+        for c, v in static.items():
+            ph.add(c, v)
+        ph.add(C.OPTIMIZER_STATES, optim_state)
+        if with_grads:
+            ph.add(C.GRADIENTS, grads)
+        return ph
+
+    phases: list[Phase] = []
+    # forward end, inside the loss
+    ph = base("forward (loss)").add(C.ACTIVATIONS, acts + cast_cache).add(C.TRANSIENT, loss_fwd)
+    if world > 1:
+        # root unit is not resharded after forward; the last unit's all-gather output is
+        # held by FSDP's AllGatherState until the next unshard. [cal: fsdp2 l32-1b]
+        ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
+    phases.append(ph)
+
+    ph = base("loss backward").add(C.ACTIVATIONS, acts + cast_cache).add(C.TRANSIENT, loss_bwd)
+    if world > 1:
+        ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
+    phases.append(ph)
+
+    # decoder-layer backward: grads accumulate while activations are released
+    phases.append(_layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
+                                        held, grads, world, units, reduce_bytes, offload))
+
+    # 4-bit dequantization in forward/backward: the whole weight in bf16 (+ fp32 absmax)
+    if setup.method == Method.QLORA:
+        biggest = max((p.numel for p in params if p.kind in ("nf4", "hqq4")), default=0)
+        deq = 2 * biggest + (biggest // 8 if setup.quant == Quant.NF4 else 2 * biggest)
+        ph = base("4-bit dequantize (forward)").add(C.ACTIVATIONS, acts).add(C.TRANSIENT, deq)
+        phases.append(ph)
+
+    # optimizer step (on the CPU under offload)
+    if not offload:
+        ph = base("optimizer step", with_grads=True).add(C.TRANSIENT, _optimizer_transient(params, setup, world))
+        if not setup.optim.layerwise:
+            phases.append(ph)
+        if setup.method == Method.GALORE:
+            phases.append(_galore_refresh_phase(params, setup, static, grads, optim_state))
+    host_total = host
+    if offload:
+        notes.append("CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
+                     "memory and the optimizer steps on the CPU.")
+    return StepModel(phases=phases, host_pinned=host_total, notes=notes)
+
+
+def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, held, grads,
+                          world, units, reduce_bytes, offload) -> Phase:
+    """The worst moment while backpropagating through the decoder layers (top to bottom)."""
+    N = setup.tokens
+    ckpt = setup.gradient_checkpointing
+    layer_grads = {}
+    for p in params:
+        if p.trainable:
+            layer_grads[p.layer] = layer_grads.get(p.layer, 0) + _r(_grad_bytes(p, setup) * _shard(p, world))
+    if offload:
+        layer_grads = {k: 0 for k in layer_grads}
+    root_grads = layer_grads.get(None, 0)
+    non_layer = acts - layer_acts
+    best = None
+    done_grads = root_grads
+    remaining = layer_acts
+    n = len(spec.layers)
+    for i in range(n - 1, -1, -1):
+        layer = spec.layers[i]
+        this = _r(N * per_layer[i])
+        if ckpt:
+            live_acts = non_layer + remaining + this  # recomputed layer on top of the kept inputs
+        else:
+            live_acts = non_layer + remaining
+        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + held
+        ph = base("layer backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
+        ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
+        if world > 1:
+            unit = units.get(i, 0)
+            ug, rs = _unit_grad_bytes(params, setup, i, reduce_bytes)
+            # current unit + prefetched next unit + root (kept unsharded) + unsharded grads
+            # of the unit + reduce-scatter input [notes 5]
+            ph.add(C.FSDP_BUFFERS, 2 * unit + units.get(None, 0) + _r(ug) + _r(rs))
+        if best is None or ph.allocated > best.allocated:
+            best = ph
+        done_grads += layer_grads.get(i, 0)
+        remaining -= _r(N * (2 if not setup.autocast else 4) * spec.hidden) if ckpt else this
+    return best
+
+
+def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:
+    """Step 0 (and every update_proj_gap steps): SVD of one fp32 gradient at a time."""
+    ph = Phase("GaLore SVD refresh")
+    for c, v in static.items():
+        ph.add(c, v)
+    ph.add(C.OPTIMIZER_STATES, optim_state)
+    ph.add(C.GRADIENTS, grads if not setup.optim.layerwise else 0)
+    ph.add(C.TRANSIENT, _svd_transient(params, setup))
+    return ph

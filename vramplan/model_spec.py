@@ -1,0 +1,203 @@
+"""Model spec: the shapes that memory depends on, read off the real architecture.
+
+The model is built from its config.json on the meta device (no weights allocated) and its
+modules are walked: embeddings, every Linear inside the decoder layers with its shape,
+norms, lm_head, tied weights, MoE expert tensors, biases. The analysis is cached on disk
+(keyed by the config, the layer override and the transformers version), so repeated
+estimates neither rebuild nor import torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vramplan.errors import VramplanError
+
+PRESET_DIR = Path(__file__).parent / "presets" / "models"
+ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
+SPEC_VERSION = 3  # bump when the analysis output changes
+
+
+class Linear(BaseModel):
+    """A 2-D weight used as y = x W^T (nn.Linear, or a fused Conv1D-style weight)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="path inside the decoder layer, e.g. self_attn.q_proj")
+    role: str = Field(description="q k v qkv o gate up gate_up down fc1 fc2 router other")
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+class Experts(BaseModel):
+    """MoE experts stored as 3-D tensors (not Linears: LoRA does not target them)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    tensors: list[tuple[str, list[int]]] = Field(description="(name, shape) of each 3-D expert tensor")
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for _, shape in self.tensors:
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+class LayerSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    linears: list[Linear]
+    experts: Experts | None = None
+    norm_numels: list[int] = Field(description="numel of each norm weight in the layer")
+    other_numels: list[int] = Field(default_factory=list, description="any other parameter (e.g. router weight)")
+    sliding_window: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return (sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
+                + (self.experts.numel if self.experts else 0) + sum(self.norm_numels) + sum(self.other_numels))
+
+    def linears_with(self, *roles: str) -> list[Linear]:
+        return [l for l in self.linears if l.role in roles]
+
+
+class ModelSpec(BaseModel):
+    """Everything the memory model needs to know about the architecture."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="preset name or config path it was read from")
+    resolved_from: str | None = Field(None, description="the alias the user typed, if any")
+    architecture: str
+    model_type: str
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    num_layers: int
+    layers: list[LayerSpec] = Field(description="one entry per decoder layer")
+    embed_numel: int
+    lm_head_numel: int = Field(description="0 when tied to the embedding")
+    final_norm_numel: int
+    other_numel: int = Field(0, description="parameters outside layers not counted above")
+    attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
+    norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma, layer")
+    norms_per_layer: int
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    params_total: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+# ---------------------------------------------------------------- config resolution
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=1)
+def _aliases() -> dict[str, str]:
+    return json.loads(ALIAS_FILE.read_text()) if ALIAS_FILE.exists() else {}
+
+
+def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str | None, dict]:
+    """MODEL (preset, alias, config.json path or directory) -> (name, alias_used, config dict)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.exists():
+            raise VramplanError(f"directory {model!r} holds no config.json", "MODEL")
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise VramplanError(f"no such file {model!r}", "MODEL")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise VramplanError(f"{model!r} is not a readable JSON config ({e})", "MODEL") from None
+        name, alias = str(path), None
+    else:
+        key = model.lower()
+        alias = None
+        if key not in preset_names() and key in _aliases():
+            alias, key = model, _aliases()[key]
+        if key not in preset_names():
+            raise VramplanError(f"unknown model {model!r}; presets: {', '.join(preset_names())}; "
+                                f"aliases: {', '.join(sorted(a for a in _aliases() if '/' not in a))}; "
+                                "or give a config.json path", "MODEL")
+        cfg = json.loads((PRESET_DIR / f"{key}.json").read_text())
+        name = key
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise VramplanError(f"{model!r} is not a model config (no model_type)", "MODEL")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if num_layers is not None:
+        if num_layers < 1:
+            raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+        cfg["num_hidden_layers"] = num_layers
+        for key in ("layer_types", "mlp_only_layers"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = cfg[key][:num_layers]
+    return name, alias, cfg
+
+
+# ---------------------------------------------------------------- cache
+
+def _cache_dir() -> Path:
+    base = os.environ.get("VRAMPLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramplan")
+    return Path(base) / "specs"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+    try:
+        return version("transformers")
+    except Exception:  # noqa: BLE001 - not installed: analysis will fail later with a clear error
+        return "none"
+
+
+def _cache_key(cfg: dict) -> str:
+    blob = json.dumps(cfg, sort_keys=True) + f"|{SPEC_VERSION}|{_transformers_version()}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool = True) -> ModelSpec:
+    name, alias, cfg = resolve_config(model, num_layers)
+    key = _cache_key(cfg)
+    path = _cache_dir() / f"{key}.json"
+    if use_cache and path.exists():
+        try:
+            spec = ModelSpec.model_validate_json(path.read_text())
+            return spec.model_copy(update={"name": name, "resolved_from": alias})
+        except ValueError:
+            pass  # stale or corrupt cache entry: rebuild
+    from vramplan.analyze import analyze_config
+    spec = analyze_config(cfg, name=name).model_copy(update={"resolved_from": alias})
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(spec.model_dump_json())
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home is no reason to fail
+    return spec

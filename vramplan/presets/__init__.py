@@ -1,0 +1,1 @@
+"""Bundled model presets: Hugging Face config.json facts, one file per model."""

@@ -1,0 +1,142 @@
+"""The training setup: which technique, precision, optimizer, batch and sharding.
+
+Field names follow the ``vramplan estimate`` flags (see docs/cli.md) and the reference
+step (shared reference-step.md). Validation names the flag at fault.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Method(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+    GALORE = "galore"
+
+
+class Precision(str, Enum):
+    BF16 = "bf16"     # every parameter and optimizer state in bf16
+    MIXED = "mixed"   # fp32 parameters, bf16 autocast (FSDP: MixedPrecisionPolicy(bf16, fp32))
+
+
+class Quant(str, Enum):
+    NF4 = "nf4"       # bitsandbytes Linear4bit, blocksize 64, double quant
+    HQQ4 = "hqq4"     # hqq HQQLinear nbits=4 group_size=64
+
+
+class Optim(str, Enum):
+    """Hugging Face ``TrainingArguments.optim`` names."""
+    ADAMW_TORCH = "adamw_torch"
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAMW_BNB_8BIT = "adamw_bnb_8bit"
+    GALORE_ADAMW = "galore_adamw"
+    GALORE_ADAMW_8BIT = "galore_adamw_8bit"
+    GALORE_ADAMW_LAYERWISE = "galore_adamw_layerwise"
+    GALORE_ADAMW_8BIT_LAYERWISE = "galore_adamw_8bit_layerwise"
+
+    @property
+    def is_galore(self) -> bool:
+        return self.value.startswith("galore")
+
+    @property
+    def is_8bit(self) -> bool:
+        return "8bit" in self.value
+
+    @property
+    def layerwise(self) -> bool:
+        return self.value.endswith("_layerwise")
+
+
+class LoraTargets(str, Enum):
+    ALL_LINEAR = "all-linear"
+    ATTENTION = "attention"
+
+
+_OPTIM_FLAG = "--optim"
+
+
+class TrainingSetup(BaseModel):
+    """One training configuration, per micro-batch on one GPU."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Method = Field(Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, or GaLore")
+    precision: Precision = Field(Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 autocast")
+    optim: Optim | None = Field(None, description="optimizer (HF name); default adamw_torch, galore_adamw for galore")
+    batch_size: int = Field(1, description="micro-batch size per GPU")
+    seq_len: int = Field(2048, description="tokens per sequence")
+    lora_r: int = Field(16, description="LoRA rank")
+    lora_dropout: float = Field(0.05, description="LoRA dropout probability")
+    lora_targets: LoraTargets = Field(LoraTargets.ALL_LINEAR, description="which Linears get adapters")
+    quant: Quant | None = Field(None, description="4-bit format of the frozen base (qlora only); default nf4")
+    galore_rank: int = Field(128, description="GaLore projection rank")
+    galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
+    fsdp: int = Field(1, description="FSDP2 world size (1 = no sharding)")
+    cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = str(getattr(data.get("method"), "value", data.get("method") or "full"))
+        if data.get("optim") is None:
+            data["optim"] = "galore_adamw" if method == "galore" else "adamw_torch"
+        if method == "qlora" and data.get("quant") is None:
+            data["quant"] = "nf4"
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        from vramplan.errors import VramplanError
+        for flag, value in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
+                            ("--lora-r", self.lora_r), ("--galore-rank", self.galore_rank),
+                            ("--fsdp", self.fsdp)):
+            if value < 1:
+                raise VramplanError(f"must be a positive integer, got {value}", flag)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise VramplanError(f"must be in [0, 1), got {self.lora_dropout}", "--lora-dropout")
+        if self.quant is not None and self.method != Method.QLORA:
+            raise VramplanError("only applies to --method qlora", "--quant")
+        if self.optim.is_galore != (self.method == Method.GALORE):
+            allowed = "galore_adamw[_8bit][_layerwise]" if self.method == Method.GALORE else "adamw_torch, adamw_torch_fused, adamw_bnb_8bit"
+            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}", _OPTIM_FLAG)
+        if self.cpu_offload and self.fsdp < 2:
+            raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
+        if self.optim.layerwise and self.fsdp > 1:
+            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded grads)", _OPTIM_FLAG)
+        return self
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def lora_like(self) -> bool:
+        return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def autocast(self) -> bool:
+        """fp32 masters computed in bf16 through torch.autocast (without FSDP)."""
+        return self.precision == Precision.MIXED and self.fsdp == 1
+
+    def describe(self) -> str:
+        parts = [self.method.value]
+        if self.method == Method.QLORA:
+            parts.append(self.quant.value)
+        if self.lora_like:
+            parts.append(f"r={self.lora_r}" + ("" if self.lora_targets == LoraTargets.ALL_LINEAR else " attn"))
+        if self.method == Method.GALORE:
+            parts.append(f"rank={self.galore_rank}")
+        parts.append(self.precision.value)
+        parts.append(self.optim.value)
+        if self.gradient_checkpointing:
+            parts.append("ckpt")
+        if self.fsdp > 1:
+            parts.append(f"fsdp{self.fsdp}" + ("+offload" if self.cpu_offload else ""))
+        parts.append(f"{self.batch_size}x{self.seq_len}")
+        return " ".join(parts)

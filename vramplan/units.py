@@ -1,0 +1,36 @@
+"""Byte units, parsed and formatted only at the edges. Inside: integer bytes.
+
+``GB`` follows how GPUs are sold: a "24GB" card has 24 GiB of memory chips, so a bare
+size with GB is read as GiB (2**30). ``GiB`` is 2**30 and ``MiB`` 2**20 everywhere.
+"""
+from __future__ import annotations
+
+import re
+
+from vramplan.errors import VramplanError
+
+KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str, flag: str = "size") -> int:
+    """'24GB' -> 24 * 2**30 bytes (see module doc). Positive sizes only."""
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise VramplanError(f"cannot read size {text!r}; use e.g. 24GB, 80GiB, 512MiB", flag)
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise VramplanError(f"size must be positive, got {text!r}", flag)
+    return value
+
+
+def fmt_bytes(n: int | float, unit: str = "GiB", digits: int = 2) -> str:
+    div = {"GiB": GiB, "MiB": MiB, "KiB": KiB, "B": 1}[unit]
+    return f"{n / div:.{digits}f} {unit}"
+
+
+def gib(n: int | float) -> float:
+    return n / GiB
