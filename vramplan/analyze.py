@@ -1,6 +1,7 @@
 """Build a config on the meta device and read off the shapes the memory model needs."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 from vramplan.errors import VramplanError
@@ -36,7 +37,7 @@ def _build_meta(cfg: dict):
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - torch/transformers are dependencies
         raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None
-    cfg = dict(cfg)
+    cfg = copy.deepcopy(cfg)  # transformers fills nested dicts (rope_scaling) in place
     model_type = cfg.pop("model_type")
     try:
         config = AutoConfig.for_model(model_type, **cfg)

@@ -66,11 +66,12 @@ def profiles() -> dict[str, HardwareProfile]:
 
 
 def _generic(size_gib: float) -> HardwareProfile:
-    """A card sold as SIZE GB: the smallest usable memory among known cards of that size,
-    else SIZE GiB less 1.5% (what the driver keeps back on the cards we know)."""
+    """A card sold as SIZE GB: the usable memory of the best-known card of that size (the
+    most usable memory among the profiles sold with SIZE GB: for 24GB the RTX 4090, not
+    the L4), else SIZE GiB less 1.5% (what the driver keeps back on the cards we know)."""
     same = [p for p in profiles().values() if abs(p.nominal_memory_gb - size_gib) < 0.5]
     if same:
-        ref = min(same, key=lambda p: p.memory_bytes)
+        ref = max(same, key=lambda p: p.memory_bytes)
         return ref.model_copy(update={"name": f"{size_gib:g}GB", "display_name": f"{size_gib:g} GB GPU (as {ref.name})"})
     return HardwareProfile(name=f"{size_gib:g}GB", display_name=f"{size_gib:g} GB GPU", nominal_memory_gb=size_gib,
                            memory_bytes=int(size_gib * GiB * 0.985), memory_bytes_source="SIZE GiB - 1.5%",

@@ -398,7 +398,7 @@ def _static(params: list[Param], setup: TrainingSetup, world: int, offload: bool
             continue
         for c, v in store.items():
             parts[c] = parts.get(c, 0) + v
-        grads += g
+        grads += 0 if setup.optim.layerwise else g
         optim += s
     return parts, grads, optim, host
 
@@ -529,8 +529,14 @@ def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts
     for p in params:
         if p.trainable:
             layer_grads[p.layer] = layer_grads.get(p.layer, 0) + _r(_grad_bytes(p, setup) * _shard(p, world))
-    if offload:
+    lw_extra = 0
+    if offload or setup.optim.layerwise:
         layer_grads = {k: 0 for k in layer_grads}
+    if setup.optim.layerwise:
+        # one optimizer per parameter, stepped and freed from its post-accumulate-grad
+        # hook: one full gradient plus that parameter's update temporaries at a time
+        lw_extra = max((_r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
+                        for p in params if p.trainable), default=0)
     root_grads = layer_grads.get(None, 0)
     non_layer = acts - layer_acts
     best = None
@@ -544,7 +550,7 @@ def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts
             live_acts = non_layer + remaining + this  # recomputed layer on top of the kept inputs
         else:
             live_acts = non_layer + remaining
-        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + held
+        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + held + lw_extra
         ph = base("layer backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
         ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
         if world > 1:

@@ -180,18 +180,48 @@ def _cache_key(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool = True) -> ModelSpec:
-    name, alias, cfg = resolve_config(model, num_layers)
-    key = _cache_key(cfg)
-    path = _cache_dir() / f"{key}.json"
+SHIPPED_DIR = Path(__file__).parent / "presets" / "specs"
+
+
+def config_sha(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _shipped(name: str, cfg: dict) -> ModelSpec | None:
+    """Presets ship their analysis (scripts/build_preset_specs.py; a test rebuilds and
+    compares), so a cold estimate of a preset needs neither torch nor transformers."""
+    path = SHIPPED_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.pop("_config_sha", None) != config_sha(cfg):
+        return None
+    return ModelSpec.model_validate(data)
+
+
+def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
+    """The first L decoder layers: what building with num_hidden_layers=L gives."""
+    if num_layers < 1:
+        raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+    if num_layers >= spec.num_layers:
+        return spec
+    dropped = sum(l.numel for l in spec.layers[num_layers:])
+    return spec.model_copy(update={"layers": spec.layers[:num_layers], "num_layers": num_layers,
+                                   "params_total": spec.params_total - dropped})
+
+
+def _full_spec(name: str, cfg: dict, use_cache: bool) -> ModelSpec:
+    shipped = _shipped(name, cfg) if use_cache else None
+    if shipped is not None:
+        return shipped
+    path = _cache_dir() / f"{_cache_key(cfg)}.json"
     if use_cache and path.exists():
         try:
-            spec = ModelSpec.model_validate_json(path.read_text())
-            return spec.model_copy(update={"name": name, "resolved_from": alias})
+            return ModelSpec.model_validate_json(path.read_text())
         except ValueError:
             pass  # stale or corrupt cache entry: rebuild
     from vramplan.analyze import analyze_config
-    spec = analyze_config(cfg, name=name).model_copy(update={"resolved_from": alias})
+    spec = analyze_config(cfg, name=name)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,3 +231,13 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
         except OSError:
             pass  # a read-only home is no reason to fail
     return spec
+
+
+def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool = True) -> ModelSpec:
+    """MODEL -> ModelSpec. --num-layers truncates the full-depth analysis (decoder layers
+    are built independently of how many follow), so it never triggers a rebuild."""
+    name, alias, cfg = resolve_config(model)
+    spec = _full_spec(name, cfg, use_cache)
+    if num_layers is not None:
+        spec = truncate(spec, num_layers)
+    return spec.model_copy(update={"name": name, "resolved_from": alias})
