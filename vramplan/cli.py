@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
     est.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile (2xrtx-3090); default: detected")
     add_setup_options(est)
+    est.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default: this machine's "
+                     "when the GPUs are detected here, unchecked when --gpus names other hardware")
     est.add_argument("--format", choices=["table", "json"], default="table")
     sub.add_parser("models", help="list the bundled model presets and aliases")
     sub.add_parser("hardware", help="list the bundled GPU profiles")
@@ -70,18 +72,24 @@ def _cmd_estimate(args) -> int:
     from vramplan import report
     from vramplan.estimate import estimate_config, resolve_gpus
     from vramplan.model_spec import load_model_spec
+    from vramplan.estimate import local_host_ram
+    from vramplan.units import parse_bytes
     gpus = resolve_gpus(args.gpus)
+    if args.host_ram:
+        host_ram = parse_bytes(args.host_ram, "--host-ram")
+    else:
+        host_ram = None if args.gpus else local_host_ram()
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     fields = setup_fields(args)
     if args.method is None:
         from vramplan.strategies import compare
-        rows = compare(spec, gpus, fields)
+        rows = compare(spec, gpus, fields, host_ram)
         if args.format == "json":
             print(json.dumps(report.comparison_json(spec, gpus, rows), indent=1))
         else:
             report.print_comparison(spec, gpus, rows)
         return 0
-    est = estimate_config(spec, gpus, **fields)
+    est = estimate_config(spec, gpus, host_ram=host_ram, **fields)
     if args.format == "json":
         print(json.dumps(est.to_json_dict(), indent=1))
     else:

@@ -72,7 +72,16 @@ def allocator_overhead(peak_alloc: int) -> int:
     return int(0.05 * peak_alloc) + 32 * MiB
 
 
-def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> Estimate:
+def local_host_ram() -> int | None:
+    """Total RAM of this machine (Linux/macOS), used when --host-ram is not given."""
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None) -> Estimate:
     check_compatible(spec, setup, gpus)
     model = step_model(spec, setup)
     peak = model.peak
@@ -95,13 +104,15 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> Estim
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup.model_dump(mode="json"), description=setup.describe(),
                     gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
-                    per_gpu=per_gpu, host_ram_bytes=host, fits=total <= capacity,
+                    per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
+                    fits_gpu=total <= capacity, fits_host=host_ram is None or host <= host_ram,
+                    fits=total <= capacity and (host_ram is None or host <= host_ram),
                     headroom_bytes=capacity - total, notes=notes)
 
 
 def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,
-                    **setup_fields) -> Estimate:
+                    host_ram: int | None = None, **setup_fields) -> Estimate:
     setup = make_setup(**setup_fields)
     gspec = resolve_gpus(gpus)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
-    return estimate_spec(spec, setup, gspec)
+    return estimate_spec(spec, setup, gspec, host_ram)

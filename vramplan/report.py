@@ -15,6 +15,10 @@ def _gib(n: int) -> str:
 
 
 def _verdict(est: Estimate) -> Text:
+    if est.fits_gpu and not est.fits_host:
+        return Text(f"DOES NOT FIT  GPU memory is fine ({est.per_gpu.total_bytes / GiB:.2f} GiB per GPU) but the host needs "
+                    f"{est.host_ram_bytes / GiB:.1f} GiB RAM, has {est.host_ram_available_bytes / GiB:.1f} GiB "
+                    "(set --host-ram for the training machine)", style="bold red")
     if est.fits:
         return Text(f"FITS  {est.per_gpu.total_bytes / GiB:.2f} GiB of {est.gpu_memory_bytes / GiB:.2f} GiB per GPU "
                     f"({est.headroom_bytes / GiB:.2f} GiB headroom)", style="bold green")
@@ -63,7 +67,7 @@ def print_comparison(spec, gpus, rows, console: Console | None = None) -> None:
         t.add_column(col, justify=just)
     for r in rows:
         e = r.estimate
-        mark = "[green]yes[/]" if e.fits else "[red]no[/]"
+        mark = "[green]yes[/]" if e.fits else ("[yellow]no (host RAM)[/]" if e.fits_gpu else "[red]no[/]")
         label = ("[bold]* " if r.recommended else "  ") + r.label
         t.add_row(label, _gib(e.per_gpu.total_bytes), _gib(e.host_ram_bytes), mark, _gib(e.headroom_bytes))
     console.print(t)

@@ -1,0 +1,65 @@
+"""`vramplan estimate MODEL --gpus SPEC` without --method: the standard strategies side by side."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.errors import VramplanError
+from vramplan.estimate import estimate_spec, make_setup
+from vramplan.hardware import GpuSpec
+from vramplan.model_spec import ModelSpec
+from vramplan.results import Estimate
+
+# Ordered by what a user gives up: all weights training in bf16 first; then the same with
+# recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
+# updates); then adapters (LoRA, QLoRA); offload last (the slowest). The first that fits
+# is recommended, and the reason says what it trades.
+_CANDIDATES = [
+    ("full fine-tune", dict(method="full"), "trains every weight with plain AdamW, no recomputation"),
+    ("full + ckpt", dict(method="full", gradient_checkpointing=True), "trains every weight; recomputes layers (~30% slower)"),
+    ("full + 8-bit Adam + ckpt", dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
+     "trains every weight; 8-bit optimizer states"),
+    ("full + FSDP + ckpt", dict(method="full", fsdp="all", gradient_checkpointing=True), "trains every weight, sharded over all GPUs"),
+    ("full + FSDP + offload", dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
+     "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)"),
+    ("GaLore 8bit-lw r128 + ckpt", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
+                                                  gradient_checkpointing=True),
+     "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)"),
+    ("LoRA r16", dict(method="lora"), "frozen bf16 base with adapters, no recomputation"),
+    ("LoRA + ckpt", dict(method="lora", gradient_checkpointing=True), "frozen bf16 base with adapters"),
+    ("LoRA + FSDP + ckpt", dict(method="lora", fsdp="all", gradient_checkpointing=True), "frozen bf16 base sharded over all GPUs"),
+    ("QLoRA nf4 + ckpt", dict(method="qlora", gradient_checkpointing=True), "4-bit frozen base with adapters"),
+    ("QLoRA + FSDP + ckpt", dict(method="qlora", fsdp="all", gradient_checkpointing=True), "4-bit base sharded over all GPUs"),
+    ("QLoRA r64 + FSDP + offload", dict(method="qlora", lora_r=64, fsdp="all", cpu_offload=True,
+                                                    gradient_checkpointing=True),
+     "4-bit base sharded and offloaded to host RAM (Answer.AI's 70B recipe)"),
+]
+
+
+@dataclass
+class StrategyRow:
+    label: str
+    estimate: Estimate
+    reason: str
+    recommended: bool = False
+
+
+def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
+    """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
+    shared = {k: v for k, v in base.items() if k in ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets")}
+    rows: list[StrategyRow] = []
+    for label, fields, reason in _CANDIDATES:
+        fields = dict(fields)
+        if fields.get("fsdp") == "all":
+            if gpus.count < 2:
+                continue
+            fields["fsdp"] = gpus.count
+        try:
+            est = estimate_spec(spec, make_setup(**shared, **fields), gpus, host_ram)
+        except VramplanError:
+            continue  # e.g. a rank larger than a small test model's layers
+        rows.append(StrategyRow(label, est, reason))
+    for row in rows:
+        if row.estimate.fits:
+            row.recommended = True
+            break
+    return rows
