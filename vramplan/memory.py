@@ -302,10 +302,9 @@ def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -
     q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
     if spec.attn_implementation == "sdpa":
         return 2 * q + 4 * kv + 2 * q + 4 * nh
-    window = min(seq, layer.sliding_window or seq)  # HF eager still forms the full s x s scores
+    # HF eager attention forms the full s x s scores even for sliding-window layers
     probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
-    del window
-    return 2 * q + 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v, contiguous out, probs
+    return 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
 
 
 def _mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, input_grad: bool) -> int:
