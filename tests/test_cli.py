@@ -1,0 +1,87 @@
+"""The command line: the JSON contract, bad input, and the seeds' claims."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vramplan.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vramplan.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_json_contract(capsys):
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "1x80GB", "--method", "lora", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    pg = out["per_gpu"]
+    assert isinstance(pg["peak_allocated_bytes"], int) and isinstance(pg["peak_reserved_bytes"], int)
+    assert pg["peak_reserved_bytes"] >= pg["peak_allocated_bytes"] > 0
+    assert set(pg["breakdown"]) >= {"weights", "activations", "optimizer_states", "cuda_context"}
+    assert isinstance(out["fits"], bool) and isinstance(out["headroom_bytes"], int)
+    allocated = sum(v for k, v in pg["breakdown"].items() if k not in ("allocator_overhead", "cuda_context"))
+    assert allocated == pg["peak_allocated_bytes"]
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["estimate", "no-such-model", "--gpus", "1x24GB"], "MODEL"),
+    (["estimate", "llama-7b", "--gpus", "2xfoo"], "--gpus"),
+    (["estimate", "llama-7b", "--gpus", "0x24GB"], "--gpus"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--batch-size", "0"], "--batch-size"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "lora", "--lora-r", "100000"], "--lora-r"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--fsdp", "2"], "--fsdp"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "sgd"], "--optim"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "qlora", "--quant", "int3"], "--quant"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "galore_adamw"], "--optim"),
+])
+def test_bad_input_is_one_line(args, flag):
+    proc = run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert flag in lines[0] or flag.lstrip("-") in lines[0]
+    assert proc.stdout == ""
+
+
+def test_unknown_model_lists_presets():
+    proc = run("estimate", "llama-99b", "--gpus", "1x24GB")
+    assert "llama-2-70b" in proc.stderr and "llama-70b" in proc.stderr
+
+
+def test_config_that_is_not_a_model(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    proc = run("estimate", str(bad), "--gpus", "1x24GB", "--method", "full")
+    assert proc.returncode == 2 and "model" in proc.stderr.lower()
+
+
+def _est(*args):
+    from vramplan.estimate import estimate_config
+    return estimate_config(*args[:2], **args[2])
+
+
+def test_seed_70b_qlora_fsdp_offload_fits_two_24gb_cards():
+    e = _est("llama-2-70b", "2x24GB", dict(method="qlora", quant="nf4", lora_r=64, fsdp=2, cpu_offload=True,
+                                           gradient_checkpointing=True, batch_size=2, seq_len=2048))
+    assert e.fits
+
+
+def test_seed_70b_full_finetune_does_not_fit_two_24gb_cards():
+    e = _est("llama-2-70b", "2x24GB", dict(method="full", fsdp=2, gradient_checkpointing=True))
+    assert not e.fits
+
+
+def test_seed_7b_galore_8bit_layerwise_fits_one_24gb_card():
+    e = _est("llama-2-7b", "1x24GB", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=1024,
+                                          batch_size=1, seq_len=256))
+    assert e.fits
+
+
+def test_compare_recommends_qlora_fsdp_for_70b_on_two_24gb(capsys):
+    assert main(["estimate", "llama-70b", "--gpus", "2x24GB", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "QLoRA" in out["recommended"] and "FSDP" in out["recommended"]
+    assert "llama-70b" in json.dumps(out) or out["model"] == "llama-2-70b"
