@@ -9,6 +9,7 @@ from vramplan.errors import VramplanError
 from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
 
 _F = TrainingSetup.model_fields
+DEFAULT_HOST_RAM = 128 * 2**30
 
 
 def _help(name: str) -> str:
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile (2xrtx-3090); default: detected")
     add_setup_options(est)
     est.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default: this machine's "
-                     "when the GPUs are detected here, unchecked when --gpus names other hardware")
+                     "when the GPUs are detected here, 128GB when --gpus names other hardware")
     est.add_argument("--format", choices=["table", "json"], default="table")
     sub.add_parser("models", help="list the bundled model presets and aliases")
     sub.add_parser("hardware", help="list the bundled GPU profiles")
@@ -78,7 +79,8 @@ def _cmd_estimate(args) -> int:
     if args.host_ram:
         host_ram = parse_bytes(args.host_ram, "--host-ram")
     else:
-        host_ram = None if args.gpus else local_host_ram()
+        # planning for other hardware: assume a workstation that holds 2-4 such cards
+        host_ram = DEFAULT_HOST_RAM if args.gpus else local_host_ram()
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     fields = setup_fields(args)
     if args.method is None:
