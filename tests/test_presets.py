@@ -1,0 +1,84 @@
+"""Presets, aliases, the shipped analyses, and the --gpus parser."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan.errors import VramplanError
+from vramplan.hardware import parse_gpus, profiles
+from vramplan.model_spec import SHIPPED_DIR, load_model_spec, preset_names, resolve_config, truncate
+from vramplan.units import GiB, parse_bytes
+
+REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
+            "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b",
+            "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "phi-3-mini",
+            "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
+# published sizes (billions of parameters), rounded as the model cards give them
+PUBLISHED = {"llama-2-70b": 69.0, "llama-3.1-405b": 405.9, "mixtral-8x7b": 46.7, "llama-2-7b": 6.74,
+             "phi-3-mini": 3.82, "gemma-2-27b": 27.2, "qwen2.5-72b": 72.7, "llama-3.1-8b": 8.03}
+
+
+def test_required_presets_exist():
+    assert set(REQUIRED) <= set(preset_names())
+
+
+@pytest.mark.parametrize("name,billions", PUBLISHED.items())
+def test_preset_parameter_counts(name, billions):
+    assert load_model_spec(name).params_total / 1e9 == pytest.approx(billions, rel=0.005)
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_shipped_spec_equals_a_fresh_meta_build(name):
+    from vramplan.analyze import analyze_config
+    _, _, cfg = resolve_config(name)
+    shipped = json.loads((SHIPPED_DIR / f"{name}.json").read_text())
+    shipped.pop("_config_sha")
+    assert json.loads(analyze_config(cfg, name=name).model_dump_json()) == shipped
+
+
+def test_truncation_equals_building_fewer_layers():
+    from vramplan.analyze import analyze_config
+    _, _, cfg = resolve_config("gemma-2-2b", num_layers=3)
+    built = analyze_config(cfg, name="gemma-2-2b")
+    assert truncate(load_model_spec("gemma-2-2b"), 3).model_dump(exclude={"name", "resolved_from"}) == \
+        built.model_dump(exclude={"name", "resolved_from"})
+
+
+def test_alias_resolution_is_reported():
+    spec = load_model_spec("llama-70b")
+    assert spec.name == "llama-2-70b" and spec.resolved_from == "llama-70b"
+
+
+@pytest.mark.parametrize("text,count,name", [("2x24GB", 2, "24GB"), ("rtx-4090", 1, "rtx-4090"),
+                                             ("2xrtx-3090", 2, "rtx-3090"), ("8x80GB", 8, "80GB")])
+def test_parse_gpus(text, count, name):
+    g = parse_gpus(text)
+    assert g.count == count and g.profile.name == name
+
+
+def test_24gb_means_a_24_gib_card():
+    g = parse_gpus("1x24GB")
+    assert 23 * GiB < g.profile.memory_bytes <= 24 * GiB
+
+
+@pytest.mark.parametrize("bad", ["", "x24GB", "2xfoo", "0x24GB", "2x0GB"])
+def test_parse_gpus_rejects(bad):
+    with pytest.raises(VramplanError) as e:
+        parse_gpus(bad)
+    assert e.value.flag == "--gpus"
+
+
+def test_profiles_are_valid_and_complete():
+    names = set(profiles())
+    assert {"rtx-3090", "rtx-3090-ti", "rtx-4080", "rtx-4090", "rtx-5090", "rtx-a6000", "l4", "l40s",
+            "a100-40gb", "a100-80gb", "h100-80gb", "h200"} <= names
+    for p in profiles().values():
+        assert 0.85 * p.nominal_memory_gb * GiB < p.memory_bytes <= p.nominal_memory_gb * GiB * 1.001
+
+
+def test_parse_bytes_units():
+    assert parse_bytes("24GB") == 24 * GiB == parse_bytes("24GiB")
+    assert parse_bytes("512MiB") == 512 * 2**20
+    with pytest.raises(VramplanError):
+        parse_bytes("-3GB")
