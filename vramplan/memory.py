@@ -418,7 +418,10 @@ def _unit_grad_bytes(params: list[Param], setup: TrainingSetup, layer: int | Non
     return unsharded, (4 * n if lora else reduce_bytes * n)
 
 
-def step_model(spec: ModelSpec, setup: TrainingSetup) -> StepModel:
+def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False) -> StepModel:
+    """All phases of one step. every_layer=True keeps one "layer backward" phase per decoder
+    layer instead of only the worst (each is then affine in the token count, which the
+    planner relies on)."""
     world = setup.fsdp
     offload = setup.cpu_offload
     params = parameters(spec, setup)
@@ -495,8 +498,9 @@ def step_model(spec: ModelSpec, setup: TrainingSetup) -> StepModel:
     phases.append(ph)
 
     # decoder-layer backward: grads accumulate while activations are released
-    phases.append(_layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
-                                        held, grads, world, units, reduce_bytes, offload))
+    layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
+                                          held, world, units, reduce_bytes, offload)
+    phases.extend(layer_phases if every_layer else [max(layer_phases, key=lambda p: p.allocated)])
 
     # 4-bit dequantization in forward/backward: the whole weight in bf16 (+ fp32 absmax)
     if setup.method == Method.QLORA:
@@ -519,9 +523,9 @@ def step_model(spec: ModelSpec, setup: TrainingSetup) -> StepModel:
     return StepModel(phases=phases, host_pinned=host_total, notes=notes)
 
 
-def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, held, grads,
-                          world, units, reduce_bytes, offload) -> Phase:
-    """The worst moment while backpropagating through the decoder layers (top to bottom)."""
+def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, held,
+                           world, units, reduce_bytes, offload) -> list[Phase]:
+    """Each decoder layer's backward (top to bottom): gradients accumulate while activations are released."""
     N = setup.tokens
     ckpt = setup.gradient_checkpointing
     layer_grads = {}
@@ -538,7 +542,7 @@ def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts
                         for p in params if p.trainable), default=0)
     root_grads = layer_grads.get(None, 0)
     non_layer = acts - layer_acts
-    best = None
+    out: list[Phase] = []
     done_grads = root_grads
     remaining = layer_acts
     n = len(spec.layers)
@@ -550,7 +554,7 @@ def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts
         else:
             live_acts = non_layer + remaining
         tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + held + lw_extra
-        ph = base("layer backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
+        ph = base(f"layer {i} backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
         ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
         if world > 1:
             unit = units.get(i, 0)
@@ -558,11 +562,10 @@ def _layer_backward_phase(spec, setup, params, base, per_layer, acts, layer_acts
             # current unit + prefetched next unit + root (kept unsharded) + unsharded grads
             # of the unit + reduce-scatter input [notes 5]
             ph.add(C.FSDP_BUFFERS, 2 * unit + units.get(None, 0) + _r(ug) + _r(rs))
-        if best is None or ph.allocated > best.allocated:
-            best = ph
+        out.append(ph)
         done_grads += layer_grads.get(i, 0)
         remaining -= _r(N * (2 if not setup.autocast else 4) * spec.hidden) if ckpt else this
-    return best
+    return out
 
 
 def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:
