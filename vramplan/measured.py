@@ -1,0 +1,84 @@
+"""Measured reference steps: the JSON-lines schema shared by the calibration files,
+``vramplan verify``'s output and the accuracy plot.
+
+One line is one configuration run as shared/reference-step.md describes, with what
+``torch.cuda`` reported. ``MeasuredCase.setup_fields()`` turns a line into the
+TrainingSetup fields the estimate takes, so every consumer reads a case the same way.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MiB = 2**20
+
+# reference-step optimizer names -> Hugging Face TrainingArguments.optim names
+_OPTIM = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
+          ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
+          ("galore_adamw", True): "galore_adamw_layerwise", ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
+OPTIM_TO_HF = _OPTIM
+HF_TO_OPTIM = {v: k for k, v in _OPTIM.items()}
+
+
+class MeasuredCase(BaseModel):
+    """One measured reference step (a line of tests/data/h100_dev.jsonl)."""
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+    model: str = Field(description="preset name / config the case was built from")
+    layers: int | None = Field(None, description="--num-layers override, None for full depth")
+    method: str
+    param_dtype: str = Field(description="bf16, or fp32 (mixed precision)")
+    autocast: bool = False
+    optim: str = Field(description="adamw, adamw8bit, galore_adamw, galore_adamw8bit")
+    lora_r: int = 16
+    lora_targets: str = "all"
+    quant: str | None = None
+    galore_rank: int = 128
+    layerwise: bool = False
+    ckpt: bool = False
+    batch: int
+    seq: int
+    fsdp_world: int = 0
+    fsdp_offload: bool = False
+    peak_alloc_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated() over build + steps, MiB")
+    peak_reserved_mb: float | None = None
+    mem_after_build_mb: float | None = None
+    mem_after_step0_mb: float | None = None
+    tokens_per_s: float | None = None
+
+    @property
+    def peak_alloc_bytes(self) -> int | None:
+        return None if self.peak_alloc_mb is None else int(self.peak_alloc_mb * MiB)
+
+    @property
+    def peak_reserved_bytes(self) -> int | None:
+        return None if self.peak_reserved_mb is None else int(self.peak_reserved_mb * MiB)
+
+    @property
+    def world(self) -> int:
+        return self.fsdp_world or 1
+
+    def setup_fields(self) -> dict:
+        """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
+        s = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
+                 optim=_OPTIM[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
+                 gradient_checkpointing=self.ckpt)
+        if self.method in ("lora", "qlora"):
+            s.update(lora_r=self.lora_r, lora_dropout=0.05,
+                     lora_targets="all-linear" if self.lora_targets == "all" else "attention")
+        if self.quant:
+            s["quant"] = self.quant
+        if self.method == "galore":
+            s["galore_rank"] = self.galore_rank
+        if self.fsdp_world:
+            s.update(fsdp=self.fsdp_world, cpu_offload=self.fsdp_offload)
+        return s
+
+
+def load_cases(path: str | Path) -> list[MeasuredCase]:
+    """Every line of a JSON-lines file of measured cases (blank lines skipped)."""
+    lines = Path(path).read_text().splitlines()
+    return [MeasuredCase.model_validate(json.loads(l)) for l in lines if l.strip()]
