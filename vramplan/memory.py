@@ -386,9 +386,12 @@ def _static(params: list[Param], setup: TrainingSetup, world: int, offload: bool
         store = _store(p, setup, n)
         g = _r(_grad_bytes(p, setup) * n)
         s = _optimizer_state(p, setup, n)
-        if p.kind == "nf4" and world > 1:
-            # FSDP shards the packed weight (a Parameter) but not the quant_state (not one):
-            # absmax and codes stay whole on every rank. [notes 5; unverified on FSDP2]
+        if p.kind in ("nf4", "hqq4") and world > 1:
+            # FSDP2 shards Parameters only. The packed weight is one, the quantization state
+            # is not: bnb keeps quant_state on the module (Params4bit._quantize sets
+            # module.quant_state), hqq keeps scale/zero in HQQLinear.meta (quantize.py: only
+            # W_q becomes an nn.Parameter). So the state stays whole on every rank and on
+            # the GPU under CPU offload. [notes 5; read from the sources, not yet measured]
             store[C.QUANT_STATE] = _store(p, setup)[C.QUANT_STATE]
         if offload:
             host += sum(v for c, v in store.items() if c != C.QUANT_STATE) + g + s

@@ -1,0 +1,84 @@
+"""Memory rules checked against facts read from the libraries (shared memory-notes.md),
+independently of the calibration cases: bytes per parameter of each storage format,
+what FSDP2 shards, and what CPU offload moves off the GPU."""
+from __future__ import annotations
+
+import pytest
+
+from vramplan.categories import Category as C
+from vramplan.estimate import make_setup
+from vramplan.memory import _bnb8_state, _static, _store, parameters, step_model
+from vramplan.model_spec import load_model_spec
+
+MiB = 2**20
+
+
+def _param(spec, setup, role="down"):
+    params = parameters(spec, setup)
+    lin = next(l for l in spec.layers[0].linears if l.role == role)
+    return next(p for p in params if p.layer == 0 and p.numel == lin.numel)
+
+
+@pytest.mark.parametrize("quant,bytes_per_param", [("nf4", 0.515869), ("hqq4", 0.5625)])
+def test_4bit_bytes_per_parameter(quant, bytes_per_param):
+    # bnb blocksize 64 + double quant: 0.5 + 1/64 + 4/(64*256); hqq g64: 0.5 + 2*2/64
+    spec = load_model_spec("llama-3.1-8b")  # down_proj 4096 x 14336
+    setup = make_setup(method="qlora", quant=quant)
+    p = _param(spec, setup)
+    got = sum(_store(p, setup).values()) / p.numel
+    assert got == pytest.approx(bytes_per_param, rel=1e-3)
+
+
+def test_bnb_8bit_adam_state_bytes():
+    # uint8 state1 + state2 + fp32 absmax per 256 for numel >= 4096; fp32 states below
+    assert _bnb8_state(2**24) / 2**24 == pytest.approx(2.03125, rel=1e-4)
+    assert _bnb8_state(1024) == 2 * 4 * 1024
+
+
+def test_lora_adapters_are_fp32_r_times_in_plus_out():
+    spec = load_model_spec("llama-2-7b")
+    setup = make_setup(method="lora", lora_r=8)
+    static, _, _, _ = _static(parameters(spec, setup), setup, 1, False)
+    per_layer = sum(8 * (l.in_features + l.out_features) for l in spec.layers[0].linears)
+    assert static[C.ADAPTERS] == pytest.approx(4 * per_layer * spec.num_layers, rel=1e-3)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "hqq4"])
+def test_fsdp_shards_packed_weights_but_not_quant_state(quant):
+    spec = load_model_spec("llama-2-13b")
+    one = make_setup(method="qlora", quant=quant)
+    four = make_setup(method="qlora", quant=quant, fsdp=4)
+    s1, _, _, _ = _static(parameters(spec, one), one, 1, False)
+    s4, _, _, _ = _static(parameters(spec, four), four, 4, False)
+    assert s4[C.QUANT_STATE] == s1[C.QUANT_STATE]
+    assert s4[C.WEIGHTS] == pytest.approx(s1[C.WEIGHTS] / 4, rel=0.01)
+
+
+def test_fsdp_divides_model_states_by_world_size():
+    spec = load_model_spec("llama-3.1-8b")
+    one = make_setup(method="full", precision="mixed")
+    eight = make_setup(method="full", precision="mixed", fsdp=8)
+    s1, g1, o1, _ = _static(parameters(spec, one), one, 1, False)
+    s8, g8, o8, _ = _static(parameters(spec, eight), eight, 8, False)
+    # fp32 masters, fp32 grads, two fp32 Adam moments: 16 B/param in all, / 8 per rank (+ dim-0 padding)
+    assert (s1[C.WEIGHTS] + g1 + o1) / spec.params_total == pytest.approx(16, rel=1e-3)
+    assert (s8[C.WEIGHTS] + g8 + o8) == pytest.approx((s1[C.WEIGHTS] + g1 + o1) / 8, rel=0.01)
+
+
+def test_cpu_offload_keeps_model_states_off_the_gpu_and_counts_them_in_host_ram():
+    spec = load_model_spec("llama-3.1-8b")
+    setup = make_setup(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True)
+    model = step_model(spec, setup)
+    for phase in model.phases:
+        for cat in (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES):
+            assert phase.parts.get(cat, 0) == 0, (phase.name, cat)
+    # the rank's shard of fp32 masters + grads + Adam moments lives in pinned host memory
+    assert model.host_pinned == pytest.approx(16 * spec.params_total / 2, rel=0.01)
+
+
+def test_checkpointing_lowers_the_peak_of_a_long_lora_step():
+    spec = load_model_spec("llama-3.2-1b")
+    plain = step_model(spec, make_setup(method="lora", batch_size=4, seq_len=2048)).peak.allocated
+    ckpt = step_model(spec, make_setup(method="lora", batch_size=4, seq_len=2048,
+                                       gradient_checkpointing=True)).peak.allocated
+    assert ckpt < plain
