@@ -1,0 +1,69 @@
+"""Score the estimate against measured reference steps (MeasuredCase lines).
+
+Used by the accuracy doc (scripts/accuracy_report.py), the accuracy plot and the tests,
+so every consumer compares the same two numbers the same way: the predicted
+``per_gpu.peak_allocated_bytes`` against the measured ``torch.cuda.max_memory_allocated()``.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from vramplan.estimate import estimate_config
+from vramplan.measured import MeasuredCase
+
+
+class ScoredCase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    model: str
+    description: str
+    predicted_alloc_bytes: int
+    measured_alloc_bytes: int
+    predicted_reserved_bytes: int
+    measured_reserved_bytes: int | None
+    peak_phase: str
+
+    @property
+    def alloc_error(self) -> float:
+        """(predicted - measured) / measured of the peak allocated."""
+        return (self.predicted_alloc_bytes - self.measured_alloc_bytes) / self.measured_alloc_bytes
+
+    @property
+    def reserved_error(self) -> float | None:
+        if not self.measured_reserved_bytes:
+            return None
+        return (self.predicted_reserved_bytes - self.measured_reserved_bytes) / self.measured_reserved_bytes
+
+
+def model_source(case: MeasuredCase, configs: Path | None) -> str:
+    """The config a case was built from: CONFIGS/<model>.json when present, else the preset name."""
+    if configs is not None and (Path(configs) / f"{case.model}.json").exists():
+        return str(Path(configs) / f"{case.model}.json")
+    return case.model
+
+
+def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
+    est = estimate_config(model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
+                          **case.setup_fields())
+    return ScoredCase(name=case.name, model=case.model, description=est.description,
+                      predicted_alloc_bytes=est.per_gpu.peak_allocated_bytes,
+                      measured_alloc_bytes=case.peak_alloc_bytes,
+                      predicted_reserved_bytes=est.per_gpu.peak_reserved_bytes,
+                      measured_reserved_bytes=case.peak_reserved_bytes, peak_phase=est.per_gpu.peak_phase)
+
+
+def score(cases: list[MeasuredCase], configs: Path | None = None) -> list[ScoredCase]:
+    """Every case that has a measured peak, scored."""
+    return [score_case(c, configs) for c in cases if c.peak_alloc_mb]
+
+
+def summary(scored: list[ScoredCase]) -> dict:
+    """Median and worst |error| of the peak allocated, as fractions."""
+    errs = [abs(s.alloc_error) for s in scored]
+    worst = max(scored, key=lambda s: abs(s.alloc_error))
+    return {"cases": len(scored), "median_abs_error": statistics.median(errs),
+            "max_abs_error": abs(worst.alloc_error), "worst_case": worst.name}
