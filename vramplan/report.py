@@ -62,12 +62,13 @@ def print_comparison(spec, gpus, rows, console: Console | None = None) -> None:
     if spec.resolved_from:
         title += f"  [{spec.resolved_from!r} -> {spec.name}]"
     t = Table(title=title, title_justify="left")
-    for col, just in (("strategy", "left"), ("per-GPU peak GiB", "right"), ("host RAM GiB", "right"),
-                      ("fits", "center"), ("headroom GiB", "right")):
+    t.add_column("strategy", no_wrap=True)
+    for col, just in (("GiB/GPU", "right"), ("host GiB", "right"), ("fits", "center"),
+                      ("headroom", "right")):
         t.add_column(col, justify=just)
     for r in rows:
         e = r.estimate
-        mark = "[green]yes[/]" if e.fits else ("[yellow]no (host RAM)[/]" if e.fits_gpu else "[red]no[/]")
+        mark = "[green]yes[/]" if e.fits else ("[yellow]no: RAM[/]" if e.fits_gpu else "[red]no[/]")
         label = ("[bold]* " if r.recommended else "  ") + r.label
         t.add_row(label, _gib(e.per_gpu.total_bytes), _gib(e.host_ram_bytes), mark, _gib(e.headroom_bytes))
     console.print(t)
