@@ -433,10 +433,10 @@ def add_cli(sub) -> None:
     _model_and_gpus(s, several=True)
     add_setup_options(s)
     # replaces the single --method of the setup options
-    s.add_argument("--method", action="append", choices=METHODS, dest="methods",
+    s.add_argument("--method", action="append", choices=METHODS, dest="methods", metavar="METHOD",
                    help="a method to draw; repeat for several (default: all four). --optim applies to the "
                         "methods it is an optimizer for")
-    s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis (default seq)")
+    s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
     s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
