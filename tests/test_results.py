@@ -37,3 +37,10 @@ def test_to_frame_one_row_per_category(est):
     assert set(df.loc[df["allocated"], "category"]) == {c.value for c in ALLOCATED}
     row = df.set_index("category").loc["weights"]
     assert row["gib"] == pytest.approx(row["bytes"] / 2**30)
+
+
+def test_api_estimate_survives_its_own_submodule_import():
+    # the function shares its name with vramplan/estimate.py; a second call once failed
+    import vramplan.estimate  # noqa: F401
+    for _ in range(2):
+        assert vramplan.estimate("llama-3.2-1b", "1x24GB", method="lora").fits

@@ -7,6 +7,11 @@ from vramplan.categories import Category
 from vramplan.errors import VramplanError
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
+# Importing a submodule binds it as an attribute of this package, which would replace the
+# function ``estimate`` below with the module ``vramplan.estimate`` on first use. Loading it
+# here, before the function is defined, makes the function win for good.
+import vramplan.estimate as _estimate_module  # noqa: E402,F401
+
 __all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
            "estimate", "load_model", "plot_breakdown"]
 __version__ = "0.1.0"

@@ -81,7 +81,7 @@ def _axis_limit(totals: Sequence[int], capacity: int) -> tuple[float, float]:
     clip = max(2.5 * capacity, 1.15 * min(totals))
     if max(totals) <= 1.2 * clip:
         clip = max(totals)
-    return clip, clip * 1.42
+    return clip, max(clip * 1.42, capacity * 1.08)
 
 
 def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
@@ -91,7 +91,7 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
         raise VramplanError("nothing to plot: no configuration could be estimated")
     capacity = bars[0].estimate.gpu_memory_bytes
     clip, xmax = _axis_limit([b.estimate.per_gpu.total_bytes for b in bars], capacity)
-    fig = _new_figure(11, 1.6 + 0.42 * len(bars))
+    fig = _new_figure(11, max(3.0, 1.6 + 0.42 * len(bars)))
     ax = fig.add_subplot()
     present = [c for c in Category if any(b.estimate.per_gpu.breakdown.get(c, 0) for b in bars)]
     ys = list(range(len(bars)))[::-1]  # first configuration on top, as in the table
@@ -101,6 +101,8 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
                 color=COLORS[cat], label=cat.label, edgecolor="white", linewidth=0.4)
     for y, bar in zip(ys, bars):
         _annotate_bar(ax, y, bar, clip)
+        if len(bars) <= SEGMENT_LABELS_UP_TO:
+            _label_segments(ax, y, bar, present, xmax)
     gpu = bars[0].estimate
     ax.axvline(_gib(capacity), color="black", linestyle="--", linewidth=1.2,
                label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)")
@@ -113,12 +115,34 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     ax.set_xlabel("memory per GPU (GiB)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(title or f"{gpu.model} on {gpu.gpu_count}x {gpu.gpu_name}: per-GPU memory at the peak", loc="left")
+    ax.set_title(title or _breakdown_title(bars), loc="left")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False, fontsize=9)
     return fig
 
 
 BAR_HEIGHT = 0.62
+SEGMENT_LABELS_UP_TO = 3  # with more bars the numbers crowd out the colours
+
+
+def _label_segments(ax, y: float, bar: Bar, present: Sequence[Category], xmax: float) -> None:
+    """GiB inside each segment wide enough to hold the number."""
+    left = 0
+    for cat in present:
+        size = bar.estimate.per_gpu.breakdown.get(cat, 0)
+        if size > 0.06 * xmax:
+            dark = cat in (Category.WEIGHTS, Category.OPTIMIZER_STATES, Category.CUDA_CONTEXT, Category.ADAPTERS,
+                           Category.FSDP_BUFFERS)
+            ax.text(_gib(left + size / 2), y, f"{_gib(size):.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black", clip_on=True)
+        left += size
+
+
+def _breakdown_title(bars: Sequence[Bar]) -> str:
+    est = bars[0].estimate
+    title = f"{est.model} on {est.gpu_count}x {est.gpu_name}: per-GPU memory at the peak"
+    if len(bars) == 1:
+        title += f" ({est.per_gpu.peak_phase})\n{est.description}"
+    return title
 
 
 def _segments(bars: Sequence[Bar], cat: Category, clip: float) -> tuple[list[float], list[float]]:
@@ -491,7 +515,7 @@ def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int |
     if fields.get("method") is None:
         return [Bar(r.label, r.estimate, r.recommended) for r in compare(spec, gpus, fields, host_ram)]
     est = estimate_spec(spec, make_setup(**fields), gpus, host_ram)
-    return [Bar(est.description, est)]
+    return [Bar("per GPU", est)]
 
 
 def _cmd_breakdown(args) -> int:
