@@ -295,3 +295,12 @@ def test_api_plot_breakdown(tmp_path):
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
     h = hex_colour.lstrip("#")
     return tuple(int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
+
+
+def test_scaling_switches_to_log_when_a_method_dwarfs_the_cards():
+    near = plot.Series("lora", (1, 2), (10 * GiB, 20 * GiB))
+    far = plot.Series("full", (1, 2), (100 * GiB, 900 * GiB))
+    caps = [("rtx-4090", 24 * GiB)]
+    assert plot.scaling_figure([near], "batch", caps).axes[0].get_yscale() == "linear"
+    ax = plot.scaling_figure([near, far], "batch", caps).axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylim()[1] >= 900  # nothing drawn off the chart

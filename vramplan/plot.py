@@ -254,8 +254,13 @@ def scaling_figure(series: Sequence[Series], x: str, capacities: Sequence[tuple[
                    label=f"capacity {name} ({_gib(cap):.1f} GiB)")
     top = max(max(s.totals) for s in series)
     biggest = max(c for _, c in capacities)
-    # a method far beyond the largest card would flatten the lines that matter
-    ax.set_ylim(0, _gib(2.5 * biggest if top > 2.5 * biggest else max(top, biggest) * 1.1))
+    if top > 2.5 * biggest:
+        # linear, a method far beyond the largest card would flatten (or hide) the others
+        from matplotlib.ticker import FuncFormatter
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    else:
+        ax.set_ylim(0, _gib(max(top, biggest) * 1.1))
     ax.set_xscale("log", base=2)
     xs = sorted({v for s in series for v in s.xs})
     ax.set_xticks(xs, [str(v) for v in xs])
