@@ -1,9 +1,15 @@
 """Result models returned by the estimate (and compared against by verify)."""
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.categories import ALLOCATED, Category
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class PerGpu(BaseModel):
@@ -43,3 +49,22 @@ class Estimate(BaseModel):
         d = self.model_dump(mode="json")
         d["per_gpu"]["breakdown"] = {c.value: v for c, v in self.per_gpu.breakdown.items()}
         return d
+
+    def to_dict(self) -> dict:
+        """Plain Python values (str, int, bool, list, dict): the ``--format json`` contract."""
+        return self.to_json_dict()
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """The same as ``vramplan estimate --method ... --format json`` prints."""
+        return json.dumps(self.to_json_dict(), indent=indent)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The per-GPU breakdown, one row per category (in Category order, zeros kept), with
+        columns category, bytes, gib, share (of the per-GPU total) and allocated (whether
+        torch.cuda.max_memory_allocated() counts it). Needs pandas."""
+        import pandas as pd
+        total = self.per_gpu.total_bytes or 1
+        rows = [{"category": c.value, "bytes": self.per_gpu.breakdown.get(c, 0),
+                 "gib": self.per_gpu.breakdown.get(c, 0) / 2**30, "share": self.per_gpu.breakdown.get(c, 0) / total,
+                 "allocated": c in ALLOCATED} for c in Category]
+        return pd.DataFrame(rows).astype({"bytes": "int64"})

@@ -1,0 +1,596 @@
+"""Plots: where the memory goes, how it scales, how close the estimate is to measurements.
+
+Each plot is a pure function returning a matplotlib ``Figure`` (tests inspect its
+artists); ``save_figure`` writes it, ``add_cli`` wires ``vramplan plot``. Bytes stay
+integers until they are drawn: GiB (2**30) appears only in the coordinates below.
+
+matplotlib is imported inside the functions: ``vramplan estimate`` imports this module
+through ``add_cli`` and must not pay for it. Figures are built without pyplot on an Agg
+canvas, so they render on machines without a display and leave pyplot's state alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from vramplan.categories import COLORS, Category
+from vramplan.errors import VramplanError
+from vramplan.units import GiB
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from vramplan.hardware import GpuSpec
+    from vramplan.measured import MeasuredCase
+    from vramplan.model_spec import ModelSpec
+    from vramplan.results import Estimate
+
+FORMATS = ("png", "svg")
+TOLERANCE = 0.05
+METHODS = ("full", "lora", "qlora", "galore")
+DEFAULT_VALUES = {"seq": (512, 1024, 2048, 4096, 8192, 16384, 32768), "batch": (1, 2, 4, 8, 16, 32, 64)}
+X_FIELD = {"seq": "seq_len", "batch": "batch_size"}
+X_LABEL = {"seq": "sequence length (tokens)", "batch": "micro-batch size per GPU"}
+FIT, NO_FIT, HOST_ONLY = "#2E7D32", "#C62828", "#E65100"
+# Method colours are not category colours: a line is a whole configuration.
+METHOD_COLORS = {"full": "#1F77B4", "lora": "#9467BD", "qlora": "#17BECF", "galore": "#FF7F0E"}
+_OTHER_COLORS = ("#8C564B", "#E377C2", "#7F7F7F", "#BCBD22")
+
+
+def _gib(n: int | float) -> float:
+    return n / GiB
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ---------------------------------------------------------------- breakdown
+
+@dataclass(frozen=True)
+class Bar:
+    """One configuration in the breakdown plot."""
+    label: str
+    estimate: Estimate
+    recommended: bool = False
+
+
+def _verdict(est: Estimate) -> tuple[str, str]:
+    total = f"{_gib(est.per_gpu.total_bytes):.1f} GiB"
+    if est.fits:
+        return f"fits  {total}", FIT
+    if est.fits_gpu:
+        return f"{total}; host RAM short ({_gib(est.host_ram_bytes):.0f} GiB)", HOST_ONLY
+    return f"does not fit  {total}", NO_FIT
+
+
+def _axis_limit(totals: Sequence[int], capacity: int) -> tuple[float, float]:
+    """(bar clip, axis end) in bytes. A 70B full fine-tune needs 30x a 24 GB card: drawn to
+    scale it would squash every bar that fits, so long bars are cut past 2.5x capacity (or
+    just past the shortest bar, when none comes near the card)."""
+    clip = max(2.5 * capacity, 1.15 * min(totals))
+    if max(totals) <= 1.2 * clip:
+        clip = max(totals)
+    return clip, max(clip * 1.42, capacity * 1.08)
+
+
+def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
+    """Stacked horizontal bars of the per-GPU memory by category, one bar per configuration,
+    with the GPU capacity as a line and the verdict at the end of each bar."""
+    if not bars:
+        raise VramplanError("nothing to plot: no configuration could be estimated")
+    capacity = bars[0].estimate.gpu_memory_bytes
+    clip, xmax = _axis_limit([b.estimate.per_gpu.total_bytes for b in bars], capacity)
+    fig = _new_figure(11, max(3.0, 1.6 + 0.42 * len(bars)))
+    ax = fig.add_subplot()
+    present = [c for c in Category if any(b.estimate.per_gpu.breakdown.get(c, 0) for b in bars)]
+    ys = list(range(len(bars)))[::-1]  # first configuration on top, as in the table
+    for cat in present:
+        lefts, widths = _segments(bars, cat, clip)
+        ax.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
+                color=COLORS[cat], label=cat.label, edgecolor="white", linewidth=0.4)
+    for y, bar in zip(ys, bars):
+        _annotate_bar(ax, y, bar, clip)
+        if len(bars) <= SEGMENT_LABELS_UP_TO:
+            _label_segments(ax, y, bar, present, xmax)
+    gpu = bars[0].estimate
+    ax.axvline(_gib(capacity), color="black", linestyle="--", linewidth=1.2,
+               label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)")
+    ax.set_yticks(ys, [("* " if b.recommended else "") + b.label for b in bars])
+    for tick, bar in zip(ax.get_yticklabels(), bars):
+        if bar.recommended:
+            tick.set_fontweight("bold")
+    ax.set_xlim(0, _gib(xmax))
+    ax.set_ylim(-0.6, len(bars) - 0.4)
+    ax.set_xlabel("memory per GPU (GiB)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title(title or _breakdown_title(bars), loc="left")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False, fontsize=9)
+    return fig
+
+
+BAR_HEIGHT = 0.62
+SEGMENT_LABELS_UP_TO = 3  # with more bars the numbers crowd out the colours
+
+
+def _label_segments(ax, y: float, bar: Bar, present: Sequence[Category], xmax: float) -> None:
+    """GiB inside each segment wide enough to hold the number."""
+    left = 0
+    for cat in present:
+        size = bar.estimate.per_gpu.breakdown.get(cat, 0)
+        if size > 0.06 * xmax:
+            dark = cat in (Category.WEIGHTS, Category.OPTIMIZER_STATES, Category.CUDA_CONTEXT, Category.ADAPTERS,
+                           Category.FSDP_BUFFERS)
+            ax.text(_gib(left + size / 2), y, f"{_gib(size):.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black", clip_on=True)
+        left += size
+
+
+def _breakdown_title(bars: Sequence[Bar]) -> str:
+    est = bars[0].estimate
+    title = f"{est.model} on {est.gpu_count}x {est.gpu_name}: per-GPU memory at the peak"
+    if len(bars) == 1:
+        title += f" ({est.per_gpu.peak_phase})\n{est.description}"
+    return title
+
+
+def _segments(bars: Sequence[Bar], cat: Category, clip: float) -> tuple[list[float], list[float]]:
+    """Left edge and width of ``cat`` in every bar, cut at ``clip``."""
+    order = list(Category)
+    lefts, widths = [], []
+    for bar in bars:
+        bd = bar.estimate.per_gpu.breakdown
+        left = sum(bd.get(c, 0) for c in order[:order.index(cat)])
+        right = min(left + bd.get(cat, 0), clip)
+        lefts.append(min(left, clip))
+        widths.append(max(right - left, 0))
+    return lefts, widths
+
+
+def _annotate_bar(ax, y: float, bar: Bar, clip: float) -> None:
+    total = bar.estimate.per_gpu.total_bytes
+    text, color = _verdict(bar.estimate)
+    end = _gib(min(total, clip))
+    if total > clip:
+        # a slanted gap near the end, so a cut bar does not read as its real size
+        w, h = _gib(clip) * 0.012, BAR_HEIGHT / 2 + 0.04
+        ax.fill([end - 4 * w, end - 3 * w, end - w, end - 2 * w], [y - h, y - h, y + h, y + h],
+                color="white", zorder=3, label="_cut")
+        text += " (bar cut)"
+    ax.text(end + _gib(clip) * 0.01, y, text, va="center", ha="left", fontsize=8.5, color=color, fontweight="bold",
+            bbox=dict(facecolor="white", edgecolor="none", pad=0.5), zorder=4)
+
+
+# ---------------------------------------------------------------- scaling
+
+@dataclass(frozen=True)
+class Series:
+    """Per-GPU totals of one method at each x value."""
+    label: str
+    xs: tuple[int, ...]
+    totals: tuple[int, ...]
+
+
+def scaling_series(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, values: Sequence[int],
+                   base: dict, host_ram: int | None = None) -> list[Series]:
+    """Estimate every method at every value of ``x`` ('seq' or 'batch'), other fields from ``base``."""
+    from vramplan.estimate import estimate_spec, make_setup
+    out = []
+    for method in methods:
+        fields = _method_fields(method, base)
+        totals = []
+        for v in values:
+            est = estimate_spec(spec, make_setup(**{**fields, X_FIELD[x]: v}), gpus, host_ram)
+            totals.append(est.per_gpu.total_bytes)
+        out.append(Series(_method_label(fields), tuple(values), tuple(totals)))
+    return out
+
+
+def _method_fields(method: str, base: dict) -> dict:
+    """``base`` for one method: --optim goes to the methods it is an optimizer for, so
+    ``--optim adamw_bnb_8bit`` does not break the GaLore line (and vice versa)."""
+    fields = {k: v for k, v in base.items() if k != "method"}
+    optim = fields.pop("optim", None)
+    if optim is not None and str(optim).startswith("galore") == (method == "galore"):
+        fields["optim"] = optim
+    if method != "qlora":
+        fields.pop("quant", None)
+    return {**fields, "method": method}
+
+
+def _method_label(fields: dict) -> str:
+    from vramplan.estimate import make_setup
+    setup = make_setup(**fields)
+    label = setup.method.value
+    if setup.method.value == "qlora":
+        label += f" {setup.quant.value}"
+    if setup.optim.is_8bit:
+        label += " 8-bit" + (" layer-wise" if setup.optim.layerwise else "")
+    if setup.gradient_checkpointing:
+        label += " + ckpt"
+    if setup.fsdp > 1:
+        label += f" + FSDP{setup.fsdp}" + (" offload" if setup.cpu_offload else "")
+    return label
+
+
+def fit_limit(series: Series, capacity: int) -> str:
+    """Up to which x value the series fits ``capacity``: a number, 'none' or 'all'."""
+    fitting = [v for v, t in zip(series.xs, series.totals) if t <= capacity]
+    if not fitting:
+        return "none"
+    return "all" if len(fitting) == len(series.xs) else f"≤ {max(fitting)}"
+
+
+def scaling_figure(series: Sequence[Series], x: str, capacities: Sequence[tuple[str, int]],
+                   title: str | None = None) -> Figure:
+    """Per-GPU total against ``x`` for each series, with one capacity line per GPU.
+    ``capacities``: (short GPU name, bytes). Filled markers fit the first GPU, hollow ones
+    do not; each legend entry says up to which x value the method fits each GPU."""
+    if not series:
+        raise VramplanError("nothing to plot: no method given", "--method")
+    fig = _new_figure(10, 6.5)
+    ax = fig.add_subplot()
+    first_cap = capacities[0][1]
+    for i, s in enumerate(series):
+        color = METHOD_COLORS.get(s.label.split()[0], _OTHER_COLORS[i % len(_OTHER_COLORS)])
+        ys = [_gib(t) for t in s.totals]
+        fits = ", ".join(f"{name} {fit_limit(s, cap)}" for name, cap in capacities)
+        ax.plot(s.xs, ys, color=color, linewidth=2, marker="o", markersize=0, label=f"{s.label}  [fits: {fits}]")
+        ax.scatter(s.xs, ys, s=36, zorder=3, edgecolors=color, linewidths=1.5,
+                   facecolors=[color if t <= first_cap else "white" for t in s.totals])
+    for j, (name, cap) in enumerate(capacities):
+        ax.axhline(_gib(cap), color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1.2,
+                   label=f"capacity {name} ({_gib(cap):.1f} GiB)")
+    top = max(max(s.totals) for s in series)
+    biggest = max(c for _, c in capacities)
+    if top > 2.5 * biggest:
+        # linear, a method far beyond the largest card would flatten (or hide) the others
+        from matplotlib.ticker import FuncFormatter
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    else:
+        ax.set_ylim(0, _gib(max(top, biggest) * 1.1))
+    ax.set_xscale("log", base=2)
+    xs = sorted({v for s in series for v in s.xs})
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.minorticks_off()
+    ax.set_xlabel(X_LABEL[x])
+    ax.set_ylabel("memory per GPU (GiB)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "per-GPU memory", loc="left")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8.5, frameon=False,
+               title=f"filled marker: fits {capacities[0][0]}", title_fontsize=8.5)
+    return fig
+
+
+# ---------------------------------------------------------------- accuracy
+
+@dataclass(frozen=True)
+class Point:
+    """Predicted against measured bytes: one case, or one category of a case."""
+    name: str
+    method: str
+    predicted: int
+    measured: int
+    category: Category | None = None
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured
+
+
+def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = None,
+                    per_category: bool = False) -> list[Point]:
+    """Estimate each measured case. Whole cases compare peak allocated; ``per_category``
+    compares each category of a line's optional ``measured_breakdown`` {category: bytes}."""
+    from vramplan.estimate import estimate_config
+    points = []
+    for case in cases:
+        if case.peak_alloc_bytes is None:
+            continue
+        est = estimate_config(_case_model(case.model, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
+                              **case.setup_fields())
+        if not per_category:
+            points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
+            continue
+        for cat, measured in _measured_breakdown(case).items():
+            predicted = est.per_gpu.breakdown.get(cat, 0)
+            if measured > 0 and predicted > 0:  # a log-log plot has no place for zero
+                points.append(Point(case.name, case.method, predicted, measured, cat))
+    return points
+
+
+def _case_model(model: str, configs: str | Path | None) -> str:
+    if configs is not None:
+        path = Path(configs) / f"{model}.json"
+        if path.is_file():
+            return str(path)
+    return model
+
+
+def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
+    raw = (case.model_extra or {}).get("measured_breakdown") or {}
+    if not isinstance(raw, dict):
+        raise VramplanError(f"case {case.name!r}: measured_breakdown must be an object of category -> bytes", "FILE")
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[Category(key)] = int(value)
+        except (ValueError, TypeError):
+            allowed = ", ".join(c.value for c in Category)
+            raise VramplanError(f"case {case.name!r}: measured_breakdown has {key!r}: {value!r}; "
+                                f"keys must be categories ({allowed}) with byte counts", "FILE") from None
+    return out
+
+
+def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title: str | None = None) -> Figure:
+    """Predicted against measured (log-log, with y = x and the ±tolerance band) above the
+    relative error against measured, where the band is wide enough to see. Points outside
+    the band carry their case name."""
+    if not points:
+        raise VramplanError("nothing to plot: no line has both a measurement and an estimate", "FILE")
+    fig = _new_figure(8, 9)
+    ax, err_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
+    lo = _gib(min(min(p.predicted, p.measured) for p in points) / 1.3)
+    hi = _gib(max(max(p.predicted, p.measured) for p in points) * 1.3)
+    band = dict(color="#2E7D32", alpha=0.15, label=f"±{100 * tolerance:g}%")
+    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)], [lo * (1 + tolerance), hi * (1 + tolerance)],
+                    **band)
+    ax.plot([lo, hi], [lo, hi], color="#2E7D32", linewidth=1, label="predicted = measured")
+    err_ax.axhspan(-100 * tolerance, 100 * tolerance, **{**band, "label": None})
+    err_ax.axhline(0, color="#2E7D32", linewidth=1)
+    for key, group in _groups(points).items():
+        color, label = (COLORS[key], key.label) if isinstance(key, Category) else (METHOD_COLORS.get(key, "#555555"), key)
+        style = dict(s=40, color=color, edgecolors="black", linewidths=0.5, zorder=3)
+        measured = [_gib(p.measured) for p in group]
+        ax.scatter(measured, [_gib(p.predicted) for p in group], label=f"{label} ({len(group)})", **style)
+        err_ax.scatter(measured, [100 * p.error for p in group], **style)
+    middle = (lo * hi) ** 0.5
+    for p in points:
+        if abs(p.error) > tolerance:
+            name = p.name + (f" {p.category.label}" if p.category else "")
+            right_half = _gib(p.measured) > middle  # write towards the middle, not off the edge
+            err_ax.annotate(f"{name} {100 * p.error:+.0f}%", (_gib(p.measured), 100 * p.error), fontsize=7.5,
+                            xytext=(-5 if right_half else 5, -3), textcoords="offset points", color=NO_FIT,
+                            ha="right" if right_half else "left")
+    _log_axes(ax, lo, hi)
+    worst = max(abs(p.error) for p in points)
+    err_ax.set_ylim(-100 * max(2 * tolerance, worst * 1.2), 100 * max(2 * tolerance, worst * 1.2))
+    err_ax.set_ylabel("error (%)")
+    err_ax.set_xlabel("measured (GiB)")
+    err_ax.grid(alpha=0.3, which="both")
+    ax.set_ylabel("predicted (GiB)")
+    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title(title or _accuracy_title(points, tolerance), loc="left", fontsize=10)
+    return fig
+
+
+def _log_axes(ax, lo: float, hi: float) -> None:
+    from matplotlib.ticker import FuncFormatter
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 10 GiB rather than 10^1
+    # label 2, 3 and 5 times a power of ten: every minor tick crowds the axis
+    some = FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "235" else "")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(some)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _groups(points: Sequence[Point]) -> dict:
+    """Points by category (in Category order) or by method (in METHODS order)."""
+    order = {k: i for i, k in enumerate([*Category, *METHODS])}
+    groups: dict = {}
+    for p in sorted(points, key=lambda p: order.get(p.category or p.method, len(order))):
+        groups.setdefault(p.category or p.method, []).append(p)
+    return groups
+
+
+def _accuracy_title(points: Sequence[Point], tolerance: float) -> str:
+    errors = [abs(p.error) for p in points]
+    inside = sum(e <= tolerance for e in errors)
+    what = "per-category memory" if points[0].category else "peak allocated (torch.cuda.max_memory_allocated)"
+    return (f"predicted vs measured {what}\n{len(points)} points, {inside} within ±{100 * tolerance:g}%; "
+            f"median |error| {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%")
+
+
+# ---------------------------------------------------------------- files
+
+def output_path(arg: str | None, default_name: str) -> Path:
+    """Where to write, checked before any work: a .png or .svg in an existing directory."""
+    path = Path(arg) if arg else Path(default_name)
+    if path.suffix.lower().lstrip(".") not in FORMATS:
+        raise VramplanError(f"cannot write {str(path)!r}: the file name must end in .png or .svg", "-o")
+    if not path.parent.is_dir():
+        raise VramplanError(f"directory {str(path.parent)!r} does not exist", "-o")
+    return path
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write PNG or SVG by suffix, through a temporary file so a failure leaves no half-written file."""
+    path = output_path(str(path), "")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe piece: a config path becomes its directory or file stem."""
+    if text.endswith(".json") or os.sep in text:
+        p = Path(text)
+        text = p.parent.name if p.name == "config.json" else p.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+# ---------------------------------------------------------------- command line
+
+def add_cli(sub) -> None:
+    """``vramplan plot {breakdown,scaling,accuracy}``. Imports no matplotlib."""
+    from vramplan.cli import _Parser, add_setup_options
+    plot = sub.add_parser("plot", help="draw the memory breakdown, scaling or accuracy as PNG/SVG")
+    kinds = plot.add_subparsers(dest="plot_kind", required=True, parser_class=_Parser, metavar="KIND")
+
+    b = kinds.add_parser("breakdown", help="stacked per-GPU memory by category, the standard strategies or one --method")
+    _model_and_gpus(b)
+    add_setup_options(b)
+    b.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default as for estimate")
+    _output_option(b, "breakdown-MODEL-GPUS.png")
+    b.set_defaults(handler=_cmd_breakdown)
+
+    s = kinds.add_parser("scaling", conflict_handler="resolve",
+                         help="per-GPU memory against sequence length or batch size, one line per method")
+    _model_and_gpus(s, several=True)
+    add_setup_options(s)
+    # replaces the single --method of the setup options
+    s.add_argument("--method", action="append", choices=METHODS, dest="methods", metavar="METHOD",
+                   help="a method to draw; repeat for several (default: all four). --optim applies to the "
+                        "methods it is an optimizer for")
+    s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
+    s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
+    _output_option(s, "scaling-MODEL-X.png")
+    s.set_defaults(handler=_cmd_scaling)
+
+    a = kinds.add_parser("accuracy", help="predicted vs measured from measured-case JSON lines, with the ±5%% band")
+    a.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files of measured cases (MeasuredCase schema)")
+    a.add_argument("--configs", metavar="DIR", help="directory of MODEL.json configs for the cases' model names; "
+                   "names not found there are presets")
+    a.add_argument("--per-category", action="store_true",
+                   help="one point per category, from each line's measured_breakdown {category: bytes}")
+    _output_option(a, "accuracy.png")
+    a.set_defaults(handler=_cmd_accuracy)
+
+
+def _model_and_gpus(p, several: bool = False) -> None:
+    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
+    if several:
+        p.add_argument("--gpus", action="append", help="GPUs as for estimate; repeat or comma-separate to draw "
+                       "several capacity lines (the first is used for the estimate); default: detected")
+    else:
+        p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile (2xrtx-3090); default: detected")
+
+
+def _output_option(p, default: str) -> None:
+    p.add_argument("-o", "--output", metavar="FILE", help=f"PNG or SVG file to write (by suffix); default {default}")
+
+
+def _host_ram(args) -> int | None:
+    from vramplan.cli import DEFAULT_HOST_RAM
+    from vramplan.estimate import local_host_ram
+    from vramplan.units import parse_bytes
+    if args.host_ram:
+        return parse_bytes(args.host_ram, "--host-ram")
+    return DEFAULT_HOST_RAM if args.gpus else local_host_ram()
+
+
+def _write(fig: Figure, path: Path) -> int:
+    save_figure(fig, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _use_agg() -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # the command line never opens a window
+
+
+def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int | None = None) -> list[Bar]:
+    """The bars ``plot breakdown`` draws: the standard strategies, or the one --method configuration."""
+    from vramplan.estimate import estimate_spec, make_setup
+    from vramplan.strategies import compare
+    if fields.get("method") is None:
+        return [Bar(r.label, r.estimate, r.recommended) for r in compare(spec, gpus, fields, host_ram)]
+    est = estimate_spec(spec, make_setup(**fields), gpus, host_ram)
+    return [Bar("per GPU", est)]
+
+
+def _cmd_breakdown(args) -> int:
+    from vramplan.cli import setup_fields
+    from vramplan.estimate import resolve_gpus
+    from vramplan.model_spec import load_model_spec
+    gpus = resolve_gpus(args.gpus)
+    spec = load_model_spec(args.model, num_layers=args.num_layers)
+    path = output_path(args.output, f"breakdown-{_slug(spec.name)}-{_slug(gpus.label)}.png")
+    bars = breakdown_bars(spec, gpus, setup_fields(args), _host_ram(args))
+    _use_agg()
+    return _write(breakdown_figure(bars), path)
+
+
+def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
+    if text is None:
+        return DEFAULT_VALUES[x]
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise VramplanError(f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048",
+                            "--values") from None
+    if not values or values[0] < 1:
+        raise VramplanError(f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048",
+                            "--values")
+    return values
+
+
+def _cmd_scaling(args) -> int:
+    from vramplan.cli import setup_fields
+    from vramplan.estimate import resolve_gpus
+    from vramplan.model_spec import load_model_spec
+    names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
+    all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
+    values = _parse_values(args.values, args.x)
+    spec = load_model_spec(args.model, num_layers=args.num_layers)
+    path = output_path(args.output, f"scaling-{_slug(spec.name)}-{args.x}.png")
+    methods = list(dict.fromkeys(args.methods or METHODS))
+    fields = {k: v for k, v in setup_fields(args).items() if k != X_FIELD[args.x]}
+    series = scaling_series(spec, all_gpus[0], methods, args.x, values, fields)
+    capacities = [(g.profile.name, g.profile.memory_bytes) for g in all_gpus]
+    fixed = (f"batch {fields.get('batch_size', 1)}" if args.x == "seq" else f"seq {fields.get('seq_len', 2048)}")
+    title = f"{spec.name}: per-GPU memory against {X_LABEL[args.x].split(' (')[0]} ({fixed})"
+    _use_agg()
+    return _write(scaling_figure(series, args.x, capacities, title), path)
+
+
+def _cmd_accuracy(args) -> int:
+    from vramplan.measured import load_cases
+    if args.configs is not None and not Path(args.configs).is_dir():
+        raise VramplanError(f"{args.configs!r} is not a directory", "--configs")
+    path = output_path(args.output, "accuracy.png")
+    cases = [c for f in args.files for c in _load_file(f, load_cases)]
+    if args.per_category and not any((c.model_extra or {}).get("measured_breakdown") for c in cases):
+        raise VramplanError("no line carries a measured_breakdown {category: bytes}; plot whole cases without it",
+                            "--per-category")
+    points = accuracy_points(cases, args.configs, args.per_category)
+    _use_agg()
+    return _write(accuracy_figure(points), path)
+
+
+def _load_file(path: str, load_cases) -> list:
+    from pydantic import ValidationError
+    if not Path(path).is_file():
+        raise VramplanError(f"no such file {path!r}", "FILE")
+    try:
+        return load_cases(path)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise VramplanError(f"{path}: a line does not match the measured-case schema: "
+                            f"{'.'.join(map(str, err['loc']))}: {err['msg']}", "FILE") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise VramplanError(f"{path}: not JSON lines ({e})", "FILE") from None
