@@ -199,10 +199,13 @@ def test_accuracy_bad_breakdown_key_names_the_categories(tmp_path):
 
 
 def test_accuracy_model_from_configs_dir(tmp_path):
+    from vramplan.accuracy import model_source
+    from vramplan.measured import MeasuredCase
+    case = lambda m: MeasuredCase(name="c", model=m, method="full", param_dtype="bf16", optim="adamw", batch=1, seq=8)
     (tmp_path / "my-model.json").write_text("{}")
-    assert plot._case_model("my-model", tmp_path) == str(tmp_path / "my-model.json")
-    assert plot._case_model("llama-3.2-1b", tmp_path) == "llama-3.2-1b"
-    assert plot._case_model("llama-3.2-1b", None) == "llama-3.2-1b"
+    assert model_source(case("my-model"), tmp_path) == str(tmp_path / "my-model.json")
+    assert model_source(case("llama-3.2-1b"), tmp_path) == "llama-3.2-1b"
+    assert model_source(case("llama-3.2-1b"), None) == "llama-3.2-1b"
 
 
 # ---------------------------------------------------------------- files and the command line

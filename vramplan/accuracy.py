@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vramplan.estimate import estimate_config
 from vramplan.measured import MeasuredCase
+from vramplan.results import Estimate
 
 
 class ScoredCase(BaseModel):
@@ -39,16 +40,21 @@ class ScoredCase(BaseModel):
         return (self.predicted_reserved_bytes - self.measured_reserved_bytes) / self.measured_reserved_bytes
 
 
-def model_source(case: MeasuredCase, configs: Path | None) -> str:
+def model_source(case: MeasuredCase, configs: str | Path | None) -> str:
     """The config a case was built from: CONFIGS/<model>.json when present, else the preset name."""
     if configs is not None and (Path(configs) / f"{case.model}.json").exists():
         return str(Path(configs) / f"{case.model}.json")
     return case.model
 
 
+def estimate_case(case: MeasuredCase, configs: str | Path | None = None) -> Estimate:
+    """The estimate of the step a case measured (the GPU size does not change the prediction)."""
+    return estimate_config(model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
+                           **case.setup_fields())
+
+
 def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
-    est = estimate_config(model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
-                          **case.setup_fields())
+    est = estimate_case(case, configs)
     return ScoredCase(name=case.name, model=case.model, description=est.description,
                       predicted_alloc_bytes=est.per_gpu.peak_allocated_bytes,
                       measured_alloc_bytes=case.peak_alloc_bytes,

@@ -294,13 +294,12 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
                     per_category: bool = False) -> list[Point]:
     """Estimate each measured case. Whole cases compare peak allocated; ``per_category``
     compares each category of a line's optional ``measured_breakdown`` {category: bytes}."""
-    from vramplan.estimate import estimate_config
+    from vramplan.accuracy import estimate_case
     points = []
     for case in cases:
         if case.peak_alloc_bytes is None:
             continue
-        est = estimate_config(_case_model(case.model, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
-                              **case.setup_fields())
+        est = estimate_case(case, configs)
         if not per_category:
             points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
             continue
@@ -309,14 +308,6 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
             if measured > 0 and predicted > 0:  # a log-log plot has no place for zero
                 points.append(Point(case.name, case.method, predicted, measured, cat))
     return points
-
-
-def _case_model(model: str, configs: str | Path | None) -> str:
-    if configs is not None:
-        path = Path(configs) / f"{model}.json"
-        if path.is_file():
-            return str(path)
-    return model
 
 
 def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
