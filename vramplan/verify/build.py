@@ -59,7 +59,7 @@ class Built:
         """The loss computed inside the model (labels = input_ids)."""
         import torch
         if self.setup.autocast:
-            with torch.autocast(self.device, dtype=torch.bfloat16):
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
                 return self.model(input_ids=ids, labels=ids).loss
         return self.model(input_ids=ids, labels=ids).loss
 
@@ -306,7 +306,8 @@ def fsdp_mesh(world: int, device: str):
             raise VramplanError(f"a process group of size {dist.get_world_size()} is already initialized", "--fsdp")
         from torch.testing._internal.distributed.fake_pg import FakeStore
         dist.init_process_group(backend="fake", rank=0, world_size=world, store=FakeStore())
-    return init_device_mesh(device, (world,)), simulated
+    import torch
+    return init_device_mesh(torch.device(device).type, (world,)), simulated
 
 
 def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple[bool, int, list[str]]:

@@ -69,6 +69,8 @@ class Measurement(BaseModel):
     params_trainable: int = 0
     notes: list[str] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict)
+    extrapolated_from: list[int] = Field(default_factory=list,
+                                         description="depths this full-depth figure was fitted from (empty: measured)")
 
     @property
     def allocated_sum(self) -> int:
@@ -118,6 +120,8 @@ class Measurement(BaseModel):
             nvml_used_mb=mb(self.nvml_used_bytes), lora_dropout=s.lora_dropout,
             breakdown_mb={c.value: mb(v) for c, v in self.breakdown.items()}, versions=self.versions,
         )
+        if self.extrapolated_from:
+            fields["extrapolated_from"] = self.extrapolated_from
         return MeasuredCase.model_validate(fields)
 
 
