@@ -301,11 +301,14 @@ def test_bad_verify_input_is_one_line(tiny, args, flag, capsys):
     assert len(err) == 1 and flag in err[0]
 
 
-def test_isolated_worker_process(tiny):
+def test_torchrun_reports_every_rank(tiny):
+    """The N-real-GPU path (torchrun, one process per rank, real collectives) on CPU/gloo."""
     from vramplan.verify.launch import CaseRequest, run_isolated
-    req = CaseRequest(model=tiny, setup=make_setup(method="full", batch_size=1, seq_len=16), steps=1, device="cpu")
-    (m,) = run_isolated(req, timeout=120)
-    assert m.fits and m.breakdown[C.WEIGHTS] > 0 and m.rank == 0
+    req = CaseRequest(model=tiny, setup=make_setup(method="full", batch_size=1, seq_len=16, fsdp=2), steps=1,
+                      device="cpu")
+    ms = run_isolated(req, nproc=2, timeout=240)
+    assert [m.rank for m in ms] == [0, 1] and all(m.fits and not m.simulated and m.world == 2 for m in ms)
+    assert ms[0].breakdown[C.WEIGHTS] == ms[1].breakdown[C.WEIGHTS] > 0
 
 
 def test_calibration_list_dry_run(capsys):
