@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Measurement batch: run the calibration cases, each in a fresh process, appending
+MeasuredCase JSON lines to OUT (docs/verify.md).
+
+Resumable: cases whose name is already in OUT are skipped, and no case is started once
+--budget-s is nearly spent, so calling it repeatedly (about 9 minutes per call on an
+H100) works through the list. --batch i/n runs only every n-th case (i = 1..n).
+
+    python scripts/calibrate.py --out cal.jsonl                # as much as fits the budget
+    python scripts/calibrate.py --out cal.jsonl --batch 2/4    # one quarter of the list
+    python scripts/calibrate.py --dry-run                      # validate + estimate, no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+L1B, L8B, L70B, QW05, QW7, MIX, PHI, GEM = ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "qwen2.5-0.5b",
+                                           "qwen2.5-7b", "mixtral-8x7b", "phi-3-mini", "gemma-2-2b")
+
+
+def case(name: str, model: str, layers: int | None = None, steps: int = 3, depths: list[int] | None = None,
+         seconds: int = 60, **setup) -> dict:
+    """depths: measure these truncated depths and write an extrapolated full-depth line too."""
+    return dict(name=name, model=model, layers=layers, steps=steps, depths=depths, seconds=seconds, setup=setup)
+
+
+CASES = [
+    # full fine-tune, bf16 and mixed, checkpointing off/on, 8-bit AdamW
+    case("l1b_full_bf16_b1s1024", L1B, method="full", batch_size=1, seq_len=1024),
+    case("l1b_full_mixed_b2s1024", L1B, method="full", precision="mixed", batch_size=2, seq_len=1024),
+    case("l1b_full_bf16_ckpt_b4s2048", L1B, method="full", gradient_checkpointing=True, batch_size=4, seq_len=2048),
+    case("l1b_full_adamw8bit_b1s2048", L1B, method="full", optim="adamw_bnb_8bit", batch_size=1, seq_len=2048),
+    case("l1b_full_fused_b1s2048", L1B, method="full", optim="adamw_torch_fused", batch_size=1, seq_len=2048),
+    # LoRA
+    case("l1b_lora16_b4s2048", L1B, method="lora", batch_size=4, seq_len=2048),
+    case("l1b_lora16_ckpt_b4s2048", L1B, method="lora", gradient_checkpointing=True, batch_size=4, seq_len=2048),
+    case("l1b_lora64_attn_mixed_b2s2048", L1B, method="lora", lora_r=64, lora_targets="attention",
+         precision="mixed", batch_size=2, seq_len=2048),
+    case("l8b_lora16_ckpt_b1s4096", L8B, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=4096,
+         seconds=90),
+    case("gemma2b_lora16_ckpt_b1s2048", GEM, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=2048),
+    # QLoRA nf4 and hqq4
+    case("l1b_qlora_nf4_r64_b2s1024", L1B, method="qlora", lora_r=64, batch_size=2, seq_len=1024),
+    case("l8b_qlora_nf4_r16_ckpt_b1s2048", L8B, method="qlora", gradient_checkpointing=True, batch_size=1,
+         seq_len=2048, seconds=60),
+    case("l8b_qlora_hqq4_r16_ckpt_b1s2048", L8B, method="qlora", quant="hqq4", gradient_checkpointing=True,
+         batch_size=1, seq_len=2048, seconds=90),
+    case("phi3_qlora_nf4_r16_ckpt_b2s2048", PHI, method="qlora", gradient_checkpointing=True, batch_size=2,
+         seq_len=2048),
+    # GaLore, 8-bit, layer-wise
+    case("l1b_galore128_b1s1024", L1B, method="galore", batch_size=1, seq_len=1024),
+    case("l1b_galore8bit128_b1s1024", L1B, method="galore", optim="galore_adamw_8bit", batch_size=1, seq_len=1024),
+    case("l1b_galore_layerwise128_ckpt_b1s2048", L1B, method="galore", optim="galore_adamw_layerwise",
+         gradient_checkpointing=True, batch_size=1, seq_len=2048),
+    case("l8b_galore8bit_layerwise128_ckpt_b1s1024", L8B, method="galore", optim="galore_adamw_8bit_layerwise",
+         gradient_checkpointing=True, batch_size=1, seq_len=1024, steps=2, seconds=150),
+    # FSDP2 rank 0 of N, simulated, with and without CPU offload
+    case("l1b_fsdp2_full_mixed_ckpt_b2s2048", L1B, method="full", precision="mixed", gradient_checkpointing=True,
+         fsdp=2, batch_size=2, seq_len=2048),
+    case("l8b_fsdp4_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, fsdp=4,
+         batch_size=1, seq_len=2048, seconds=90),
+    case("l8b_fsdp8_full_mixed_ckpt_b1s2048", L8B, method="full", precision="mixed", gradient_checkpointing=True,
+         fsdp=8, batch_size=1, seq_len=2048, seconds=90),
+    case("l8b_fsdp4_full_mixed_ckpt_offload_b1s2048", L8B, method="full", precision="mixed",
+         gradient_checkpointing=True, fsdp=4, cpu_offload=True, batch_size=1, seq_len=2048, steps=2, seconds=180),
+    case("l8b_fsdp2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, fsdp=2, batch_size=1,
+         seq_len=2048, seconds=90),
+    case("qw7_fsdp8_full_mixed_ckpt_offload_b1s4096", QW7, method="full", precision="mixed",
+         gradient_checkpointing=True, fsdp=8, cpu_offload=True, batch_size=1, seq_len=4096, steps=2, seconds=180),
+    # long context
+    case("l1b_lora16_ckpt_b1s16384", L1B, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=16384),
+    case("l8b_qlora_nf4_ckpt_b1s16384", L8B, method="qlora", gradient_checkpointing=True, batch_size=1,
+         seq_len=16384, seconds=90),
+    case("qw05_full_bf16_ckpt_b1s32768", QW05, method="full", gradient_checkpointing=True, batch_size=1,
+         seq_len=32768, seconds=90),
+    # MoE (truncated mixtral: 3-D experts, router)
+    case("mixtral_L2_full_bf16_b1s1024", MIX, layers=2, method="full", batch_size=1, seq_len=1024, seconds=90),
+    case("mixtral_L4_qlora_nf4_ckpt_b1s2048", MIX, layers=4, method="qlora", gradient_checkpointing=True,
+         batch_size=1, seq_len=2048, seconds=90),
+    # 70B QLoRA on one GPU
+    case("l70b_qlora_nf4_r16_ckpt_b1s2048", L70B, method="qlora", gradient_checkpointing=True, batch_size=1,
+         seq_len=2048, steps=2, seconds=240),
+    # truncated-depth extrapolation checked against the full-depth run of the same config
+    case("l1b_lora16_ckpt_b2s2048_xp4-8", L1B, depths=[4, 8], method="lora", gradient_checkpointing=True,
+         batch_size=2, seq_len=2048, seconds=90),
+    case("l1b_lora16_ckpt_b2s2048", L1B, method="lora", gradient_checkpointing=True, batch_size=2, seq_len=2048),
+    case("l8b_full_bf16_ckpt_b1s2048_xp4-8", L8B, depths=[4, 8], method="full", gradient_checkpointing=True,
+         batch_size=1, seq_len=2048, seconds=90),
+    case("l8b_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, batch_size=1, seq_len=2048,
+         seconds=90),
+]
+
+
+def load_cases(path: str | None) -> list[dict]:
+    if not path:
+        return CASES
+    out = []
+    for c in json.loads(Path(path).read_text()):
+        c = dict(c)
+        out.append(case(**{k: v for k, v in c.items() if k != "setup"}, **c.get("setup", {})))
+    return out
+
+
+def select(cases: list[dict], batch: str | None, only: list[str] | None) -> list[dict]:
+    if only:
+        unknown = set(only) - {c["name"] for c in cases}
+        if unknown:
+            raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
+        cases = [c for c in cases if c["name"] in only]
+    if batch:
+        i, n = (int(x) for x in batch.split("/"))
+        if not 1 <= i <= n:
+            raise SystemExit(f"--batch {batch}: need 1 <= i <= n")
+        cases = cases[i - 1::n]
+    return cases
+
+
+def done_names(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    names = set()
+    for line in out.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            names.add(d.get("case", d["name"]))
+    return names
+
+
+def _setup(c: dict):
+    from vramplan.estimate import make_setup
+    return make_setup(**c["setup"])
+
+
+def dry_run(cases: list[dict]) -> int:
+    """Validate every case and print its estimate on an H100 (no torch run)."""
+    from vramplan.estimate import estimate_config
+    for c in cases:
+        s = _setup(c)
+        gpus = f"{max(s.fsdp, 1)}xh100-80gb"
+        est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
+        xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
+        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / 2**30:6.2f} GiB "
+              f"{'fits' if est.fits else 'DOES NOT FIT'}{xp}")
+    print(f"{len(cases)} cases")
+    return 0
+
+
+def _append(out: Path, records: list[dict]) -> None:
+    with out.open("a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_one(c: dict, device: str, timeout: float) -> list[dict]:
+    """Measure one case in fresh process(es); returns the JSON lines to append."""
+    from vramplan.verify.extrapolate import extrapolate
+    from vramplan.verify.launch import CaseRequest, run_isolated
+    s = _setup(c)
+    depths = c["depths"] or [c["layers"]]
+    ms = []
+    for d in depths:
+        req = CaseRequest(model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device)
+        ms += run_isolated(req, timeout=timeout)
+    suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: "")
+    lines = [{**json.loads(m.to_measured_case(c["name"] + suffix(m)).model_dump_json()), "case": c["name"]}
+             for m in ms]
+    if c["depths"]:
+        result, _fits = extrapolate(ms)
+        lines.append({**json.loads(result.to_measured_case(c["name"]).model_dump_json()), "case": c["name"]})
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="calibration.jsonl")
+    ap.add_argument("--batch", help="i/n: run every n-th case starting at i")
+    ap.add_argument("--only", nargs="+", help="case names")
+    ap.add_argument("--cases", help="JSON list of case dicts instead of the built-in list")
+    ap.add_argument("--budget-s", type=float, default=540, help="start no case that may not finish within this")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--dry-run", action="store_true", help="validate and estimate every case; run nothing")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    cases = select(load_cases(args.cases), args.batch, args.only)
+    if args.list:
+        print("\n".join(c["name"] for c in cases))
+        return 0
+    if args.dry_run:
+        return dry_run(cases)
+    out = Path(args.out)
+    done = done_names(out)
+    t0, failed = time.monotonic(), 0
+    for c in cases:
+        if c["name"] in done:
+            continue
+        left = args.budget_s - (time.monotonic() - t0)
+        if left < c["seconds"]:
+            print(f"budget: stopping before {c['name']} ({left:.0f} s left, needs ~{c['seconds']} s); run again")
+            break
+        t = time.monotonic()
+        try:
+            lines = run_one(c, args.device, timeout=max(left, 30))
+        except Exception as e:  # noqa: BLE001 - one failed case must not stop the batch
+            failed += 1
+            print(f"FAILED {c['name']}: {e}", flush=True)
+            continue
+        _append(out, lines)
+        last = lines[-1]
+        print(f"{c['name']}: peak {last['peak_alloc_mb'] or float('nan'):.0f} MiB fits={last['fits']} "
+              f"({time.monotonic() - t:.0f} s)", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""verify(): estimate, run the reference step (maybe at truncated depths or on N ranks), compare."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vramplan.errors import VramplanError
+from vramplan.hardware import GpuSpec
+from vramplan.results import Estimate
+from vramplan.setup import TrainingSetup
+from vramplan.verify.results import Comparison, Extrapolation, Measurement
+
+EXIT_NO_GPU = 3
+
+
+class NoGpuError(VramplanError):
+    """verify needs a CUDA GPU (the CLI exits with EXIT_NO_GPU)."""
+
+
+class VerifyReport(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    estimate: Estimate
+    measurements: list[Measurement] = Field(description="what actually ran: one per rank, or per truncated depth")
+    result: list[Measurement] = Field(description="what is compared: every rank, or the extrapolated full depth")
+    comparisons: list[Comparison]
+    extrapolations: list[Extrapolation] = Field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(m.fits for m in self.result)
+
+    def write(self, folder: str | Path) -> Path:
+        """report.json (everything), comparison.csv, measurements.jsonl (MeasuredCase lines)."""
+        from vramplan.verify.compare import to_frame
+        import pandas as pd
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(self.model_dump_json(indent=1))
+        frames = []
+        for i, c in enumerate(self.comparisons):
+            f = to_frame(c)
+            f.insert(0, "rank", self.result[i].rank)
+            frames.append(f)
+        pd.concat(frames).to_csv(out / "comparison.csv", index=False)
+        lines = [m.to_measured_case().model_dump_json() for m in self.measurements]
+        (out / "measurements.jsonl").write_text("".join(line + "\n" for line in lines))
+        return out
+
+
+def require_cuda(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise NoGpuError(f"verify runs the real training step and needs a CUDA GPU ({why}); "
+                         "`vramplan estimate` works without one")
+
+
+def local_gpus(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+    return torch.cuda.device_count()
+
+
+def estimate_gpus(gpus: str | GpuSpec | None, device: str, fsdp: int) -> GpuSpec:
+    """The GPUs the estimate is for: given, else the detected ones (at least fsdp of them)."""
+    from vramplan.estimate import resolve_gpus
+    from vramplan.hardware import detect_gpus, parse_gpus
+    if gpus is not None:
+        return resolve_gpus(gpus)
+    found = detect_gpus() if device.startswith("cuda") else None
+    if found is None:
+        found = parse_gpus("h100-80gb")  # CPU harness run: any reference card will do
+    return found.model_copy(update={"count": max(found.count, fsdp)})
+
+
+def _capacity(device: str, spec: GpuSpec) -> int:
+    if device.startswith("cuda"):
+        import torch
+        return int(torch.cuda.mem_get_info()[1])
+    return spec.profile.memory_bytes
+
+
+def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers: int | None = None, steps: int = 3,
+           gpus: str | GpuSpec | None = None, extrapolate: str = "auto", depths: list[int] | None = None,
+           max_depth: int = 8, on_phase=None, on_case=None) -> VerifyReport:
+    """Run the reference step on this machine and compare it with the estimate.
+
+    extrapolate: "auto" (when the estimate says the full depth does not fit the local GPU
+    and no --num-layers was given), "always" or "never". on_case(label) announces each
+    case (progress display); on_phase(phase, step) each phase."""
+    from vramplan.estimate import estimate_config
+    from vramplan.model_spec import load_model_spec
+    from vramplan.verify.compare import compare
+    require_cuda(device)
+    gspec = estimate_gpus(gpus, device, setup.fsdp)
+    fields = setup.model_dump(exclude_none=True)
+    est = estimate_config(model, gspec, num_layers=num_layers, **fields)
+    full = load_model_spec(model).num_layers
+    capacity = _capacity(device, gspec)
+    if _should_extrapolate(extrapolate, num_layers, depths, est):
+        return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case)
+    n_local = local_gpus(device)
+    if setup.fsdp > 1 and n_local >= setup.fsdp:
+        from vramplan.verify.launch import CaseRequest, run_isolated
+        if on_case:
+            on_case(f"torchrun: {setup.fsdp} ranks")
+        ms = run_isolated(CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device),
+                          nproc=setup.fsdp)
+    else:
+        ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case)]
+    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms,
+                        comparisons=[compare(est, m) for m in ms])
+
+
+def _should_extrapolate(mode: str, num_layers, depths, est: Estimate) -> bool:
+    if mode not in ("auto", "always", "never"):
+        raise VramplanError(f"must be auto, always or never, got {mode!r}", "--extrapolate")
+    if num_layers is not None or mode == "never":
+        if depths:
+            raise VramplanError("--depths needs full depth (no --num-layers) and --extrapolate auto/always", "--depths")
+        return False
+    return mode == "always" or bool(depths) or not est.fits_gpu
+
+
+def _run(model, setup, device, num_layers, steps, on_phase, on_case) -> Measurement:
+    from vramplan.verify.measure import run_case
+    if on_case:
+        on_case(f"{num_layers} layers" if num_layers else "full depth")
+    return run_case(model, setup, device=device, num_layers=num_layers, steps=steps, on_phase=on_phase)
+
+
+def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case):
+    from vramplan.estimate import estimate_config
+    from vramplan.model_spec import load_model_spec
+    from vramplan.verify import extrapolate as xp
+    from vramplan.verify.compare import compare
+    fields = setup.model_dump(exclude_none=True)
+    spec = load_model_spec(model)
+    if not depths:
+        even = len({l.sliding_window for l in spec.layers}) > 1  # alternating layer types: whole pairs
+        margin = 0.85 * capacity
+
+        def fits_at(d: int) -> bool:
+            e = estimate_config(model, gspec, num_layers=d, **fields)
+            return e.per_gpu.total_bytes <= margin
+        depths = xp.choose_depths(full, fits_at, max_depth=max_depth, even=even)
+    if any(d >= full or d < 1 for d in depths):
+        raise VramplanError(f"depths must be between 1 and {full - 1}, got {depths}", "--depths")
+    ms = [_run(model, setup, device, d, steps, on_phase, on_case) for d in depths]
+    result, fits = xp.extrapolate(ms, capacity)
+    est = estimate_config(model, gspec, **fields)
+    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=[result],
+                        comparisons=[compare(est, result)], extrapolations=fits)
+
+
+def summary_json(report: VerifyReport) -> dict:
+    return json.loads(report.model_dump_json())

@@ -1,0 +1,80 @@
+"""The estimate and the measurement side by side, per category and in total."""
+from __future__ import annotations
+
+from vramplan.categories import Category as C
+from vramplan.results import Estimate
+from vramplan.verify.results import CategoryRow, Comparison, Measurement
+
+
+def _row(label: str, est: int | None, meas: int | None) -> CategoryRow:
+    err = est - meas if est is not None and meas is not None else None
+    pct = 100.0 * err / meas if err is not None and meas else None
+    return CategoryRow(category=label, estimate_bytes=est, measured_bytes=meas, error_bytes=err, error_pct=pct)
+
+
+def compare(estimate: Estimate, m: Measurement) -> Comparison:
+    eb = dict(estimate.per_gpu.breakdown)
+    mb = dict(m.breakdown)
+    notes = []
+    if m.setup.fsdp > 1:
+        # measured transient is the residual of the peak: it includes the FSDP buffers
+        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb.get(C.FSDP_BUFFERS, 0)
+        eb[C.FSDP_BUFFERS] = None
+        mb[C.FSDP_BUFFERS] = None
+        notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
+    rows = [_row(c.value, eb.get(c), mb.get(c)) for c in C]
+    pg = estimate.per_gpu
+    total = None
+    if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
+        total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
+    totals = [_row("peak allocated", pg.peak_allocated_bytes, m.peak_allocated_bytes),
+              _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
+              _row("total (reserved + context)", pg.total_bytes, total)]
+    if m.extrapolated_from:
+        notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
+    if m.simulated:
+        notes.append(f"FSDP simulated: rank 0 of {m.world} on PyTorch's fake process group "
+                     "(collectives do nothing; every buffer they need is allocated)")
+    if m.oom is not None:
+        notes.append(f"does not fit: out of memory in {m.oom.phase}"
+                     + (f" (step {m.oom.step})" if m.oom.step is not None else ""))
+    return Comparison(description=estimate.description, rows=rows, totals=totals, extrapolated=bool(m.extrapolated_from),
+                      simulated=m.simulated, fits_measured=m.fits, fits_estimated=estimate.fits, notes=notes)
+
+
+def to_frame(cmp: Comparison):
+    """One row per category and per total, in MiB and bytes (for the CSV)."""
+    import pandas as pd
+    recs = []
+    for kind, rows in (("category", cmp.rows), ("total", cmp.totals)):
+        for r in rows:
+            recs.append({"kind": kind, **r.model_dump()})
+    return pd.DataFrame.from_records(recs)
+
+
+def render(cmp: Comparison, m: Measurement, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    biggest = max((abs(v) for r in [*cmp.rows, *cmp.totals] for v in (r.estimate_bytes, r.measured_bytes) if v), default=0)
+    unit, div = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
+    gib = (lambda b: "n/a" if b is None else f"{b / div:.2f}")
+    title = f"{m.model} [{m.num_layers}/{m.full_layers} layers] {cmp.description}"
+    t = Table(title=title, title_justify="left")
+    for col in ("category", f"estimate {unit}", f"measured {unit}", f"error {unit}", "error %"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    for r in [*cmp.rows, None, *cmp.totals]:
+        if r is None:
+            t.add_section()
+            continue
+        if not r.estimate_bytes and not r.measured_bytes:
+            continue
+        pct = "" if r.error_pct is None else f"{r.error_pct:+.1f}"
+        t.add_row(r.category, gib(r.estimate_bytes), gib(r.measured_bytes), gib(r.error_bytes), pct)
+    console.print(t)
+    verdict = "fits" if cmp.fits_measured else "DOES NOT FIT"
+    console.print(f"measured: {verdict}; estimate says {'fits' if cmp.fits_estimated else 'does not fit'}")
+    if m.tokens_per_s:
+        console.print(f"step {m.step_s[-1]:.3f} s, {m.tokens_per_s:,.0f} tokens/s (last step, per rank)")
+    for n in [*cmp.notes, *m.notes]:
+        console.print(f"note: {n}")

@@ -1,0 +1,230 @@
+"""Run the reference step and snapshot memory per phase (docs/verify.md, the protocol).
+
+Phases: build, then per step forward, backward, optimizer (step + zero_grad). The peak
+statistics are reset at the start of every phase, so each phase has its own peak and
+the case peak is their maximum (the same number as one max_memory_allocated() over the
+whole case). Out-of-memory in any phase is recorded as a result.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vramplan.categories import Category as C
+from vramplan.setup import TrainingSetup
+from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
+from vramplan.verify.probe import Probe, make_probe
+from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
+
+#: called with (phase, step) when a phase starts: drives the progress display (and lets
+#: tests inject an out-of-memory error)
+PhaseCallback = Callable[[str, "int | None"], None]
+_VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "galore-torch", "hqq", "accelerate")
+
+
+@dataclass
+class _Run:
+    probe: Probe
+    on_phase: PhaseCallback | None
+    phases: list[PhaseSnapshot] = field(default_factory=list)
+    current: tuple[str, int | None] = ("build", None)
+    peak_alloc: int | None = None
+    peak_reserved: int | None = None
+    peak_at: str | None = None
+
+    @contextmanager
+    def phase(self, name: str, step: int | None):
+        self.current = (name, step)
+        if self.on_phase:
+            self.on_phase(name, step)
+        self.probe.sync()
+        self.probe.reset_peak()
+        t0 = time.perf_counter()
+        yield
+        self.probe.sync()
+        self.close_phase(name, step, time.perf_counter() - t0)
+
+    def close_phase(self, name: str, step: int | None, seconds: float) -> PhaseSnapshot:
+        p = self.probe
+        snap = PhaseSnapshot(phase=name, step=step, allocated_bytes=p.allocated(), reserved_bytes=p.reserved(),
+                             peak_allocated_bytes=p.peak_allocated(), peak_reserved_bytes=p.peak_reserved(),
+                             seconds=seconds)
+        self.phases.append(snap)
+        self._update_peaks(snap.peak_allocated_bytes, snap.peak_reserved_bytes, _label(name, step))
+        return snap
+
+    def phase_end_alloc(self) -> int | None:
+        return self.phases[-1].allocated_bytes if self.phases else None
+
+    def _update_peaks(self, alloc: int | None, reserved: int | None, label: str) -> None:
+        if alloc is not None and (self.peak_alloc is None or alloc > self.peak_alloc):
+            self.peak_alloc, self.peak_at = alloc, label
+        if reserved is not None and (self.peak_reserved is None or reserved > self.peak_reserved):
+            self.peak_reserved = reserved
+
+
+def _label(name: str, step: int | None) -> str:
+    return name if step is None else f"{name} (step {step})"
+
+
+@dataclass
+class _Sizes:
+    model: dict = field(default_factory=dict)
+    activations: int | None = None
+    gradients: int | None = None
+    optimizer: int | None = None
+
+
+def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None,
+             steps: int = 3, on_phase: PhaseCallback | None = None) -> Measurement:
+    """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
+    import torch
+    from vramplan.model_spec import load_model_spec
+    from vramplan.verify.build import build_step
+    probe = make_probe(device)
+    full = load_model_spec(model).num_layers
+    probe.fresh()
+    run = _Run(probe, on_phase)
+    sizes, timing = _Sizes(), []
+    built = oom = None
+    after_build = after_step0 = nvml = None
+    counts = (0, 0)
+    step_peaks: list[int] = []
+    try:
+        with run.phase("build", None):
+            built = build_step(model, setup, device, num_layers)
+        dev = torch.device(device).type
+        sizes.model = model_bytes(built.model, dev)
+        counts = param_counts(built.model)
+        after_build = probe.allocated()
+        for step in range(steps):
+            t0 = time.perf_counter()
+            _one_step(built, run, sizes, step, dev)
+            timing.append(time.perf_counter() - t0)
+            if step == 0:
+                after_step0 = probe.allocated()
+            if run.peak_alloc is not None:
+                step_peaks.append(run.peak_alloc)
+        nvml = probe.nvml_used()
+    except torch.OutOfMemoryError as e:
+        oom = _oom_info(run, str(e))
+    finally:
+        notes = list(built.notes) if built is not None else []
+        simulated, rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
+        _free(built)
+        built = None
+        probe.fresh()
+    return _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom,
+                        after_build, after_step0, step_peaks, timing, nvml, counts, notes, simulated, rank)
+
+
+def _one_step(built, run: _Run, sizes: _Sizes, step: int, dev: str) -> None:
+    ids = built.batch()
+    with run.phase("forward", step):
+        before = run.probe.allocated()
+        loss = built.forward(ids)
+    after = run.phase_end_alloc()
+    if before is not None and after is not None:
+        # what the forward left alive: saved tensors, logits, autocast weight casts
+        sizes.activations = after - before
+    with run.phase("backward", step):
+        loss.backward()
+        del loss
+    sizes.gradients = gradient_bytes(built.model, dev)
+    with run.phase("optimizer", step):
+        built.optimizer_step()
+    sizes.optimizer = optimizer_bytes(built.optimizers, dev)
+
+
+def _oom_info(run: _Run, message: str) -> OomInfo:
+    p = run.probe
+    name, step = run.current
+    peak = p.peak_allocated()
+    run._update_peaks(peak, p.peak_reserved(), _label(name, step))
+    return OomInfo(phase=name, step=step, allocated_bytes=p.allocated(), reserved_bytes=p.reserved(),
+                   peak_allocated_bytes=run.peak_alloc, message=message.splitlines()[0][:300] if message else "")
+
+
+def _free(built) -> None:
+    """Drop every reference to the step's tensors, and the fake process group."""
+    if built is not None:
+        built.close()
+    gc.collect()
+    try:
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_backend() == "fake":
+            dist.destroy_process_group()
+    except (ImportError, RuntimeError, ValueError):
+        pass
+
+
+def peak_breakdown(phase: str | None, sizes: _Sizes, peak: int | None, after_step0_seen: bool) -> dict:
+    """Bytes per category alive at the peak phase; the rest of the peak is transient.
+
+    Alive sets (docs/verify.md): weights, quant state and adapters always; optimizer states
+    once created (any phase after step 0's optimizer); activations in forward/backward;
+    gradients in the optimizer phase. Backward peaks hold part of the grads and part of
+    the activations: we count the activations, and the grads so far fall into transient."""
+    out: dict[C, int | None] = {c: 0 for c in C}
+    out.update(sizes.model)
+    if phase is None:
+        # no allocator statistics (CPU): report each category's size, totals unavailable
+        out.update({C.GRADIENTS: sizes.gradients or 0, C.OPTIMIZER_STATES: sizes.optimizer or 0,
+                    C.ACTIVATIONS: None, C.TRANSIENT: None})
+        return out
+    name = (phase or "").split(" ")[0]
+    step0 = "(step 0)" in (phase or "")
+    if name in ("forward", "backward"):
+        out[C.ACTIVATIONS] = sizes.activations
+    if name == "optimizer":
+        out[C.GRADIENTS] = sizes.gradients
+    if name == "optimizer" or (name in ("forward", "backward") and not step0 and after_step0_seen):
+        out[C.OPTIMIZER_STATES] = sizes.optimizer
+    if peak is None:
+        out[C.ACTIVATIONS] = None if name in ("forward", "backward") else out[C.ACTIVATIONS]
+        out[C.TRANSIENT] = None
+    else:
+        known = sum(v or 0 for c, v in out.items() if c != C.TRANSIENT)
+        out[C.TRANSIENT] = max(peak - known, 0)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom, after_build, after_step0,
+                 step_peaks, timing, nvml, counts, notes, simulated, rank) -> Measurement:
+    from vramplan.model_spec import resolve_config
+    name, _alias, _cfg = resolve_config(model)
+    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None)
+    if run.peak_reserved is not None and run.peak_alloc is not None:
+        breakdown[C.ALLOCATOR_OVERHEAD] = run.peak_reserved - run.peak_alloc
+    else:
+        breakdown[C.ALLOCATOR_OVERHEAD] = None
+    last_reserved = run.phases[-1].reserved_bytes if run.phases else None
+    # NVML sees the whole process: what it adds over reserved is the CUDA context and the
+    # libraries' own workspaces
+    breakdown[C.CUDA_CONTEXT] = nvml - last_reserved if nvml is not None and last_reserved is not None else None
+    if not probe.available:
+        notes.append("no allocator statistics on this device: totals, activations and transients unavailable; "
+                     "parameter, gradient and optimizer bytes counted from the tensors")
+    tokens = setup.tokens
+    return Measurement(
+        model=name, num_layers=num_layers or full, full_layers=full, setup=setup, device=device.split(":")[0],
+        device_name=probe.device_name(), rank=rank, world=setup.fsdp, simulated=simulated and setup.fsdp > 1,
+        steps=steps, fits=oom is None, oom=oom, phases=run.phases, peak_allocated_bytes=run.peak_alloc,
+        peak_reserved_bytes=run.peak_reserved, peak_phase=run.peak_at, after_build_bytes=after_build,
+        after_step0_bytes=after_step0, step_peaks_bytes=step_peaks, breakdown=breakdown, nvml_used_bytes=nvml,
+        step_s=timing, tokens_per_s=tokens / timing[-1] if timing and oom is None else None,
+        params_total=counts[0], params_trainable=counts[1], notes=notes, versions=_versions())

@@ -1,0 +1,117 @@
+"""Where memory numbers come from: torch.cuda's allocator statistics and NVML on a GPU;
+on CPU nothing (None = unavailable), so the harness still runs and is tested there."""
+from __future__ import annotations
+
+import gc
+import os
+
+
+class Probe:
+    """CPU: no allocator statistics. Subclassed for CUDA."""
+    available = False
+
+    def sync(self) -> None:
+        pass
+
+    def fresh(self) -> None:
+        """Protocol: gc, empty the cache, reset the peaks before a case."""
+        gc.collect()
+
+    def reset_peak(self) -> None:
+        pass
+
+    def allocated(self) -> int | None:
+        return None
+
+    def reserved(self) -> int | None:
+        return None
+
+    def peak_allocated(self) -> int | None:
+        return None
+
+    def peak_reserved(self) -> int | None:
+        return None
+
+    def nvml_used(self) -> int | None:
+        return None
+
+    def device_name(self) -> str:
+        import platform
+        return platform.processor() or "cpu"
+
+
+class CudaProbe(Probe):
+    available = True
+
+    def __init__(self, index: int = 0):
+        import torch
+        self.torch = torch
+        self.index = index
+
+    def sync(self) -> None:
+        self.torch.cuda.synchronize(self.index)
+
+    def fresh(self) -> None:
+        gc.collect()
+        self.torch.cuda.synchronize(self.index)
+        self.torch.cuda.empty_cache()
+        self.torch.cuda.reset_peak_memory_stats(self.index)
+
+    def reset_peak(self) -> None:
+        self.torch.cuda.reset_peak_memory_stats(self.index)
+
+    def allocated(self) -> int:
+        return int(self.torch.cuda.memory_allocated(self.index))
+
+    def reserved(self) -> int:
+        return int(self.torch.cuda.memory_reserved(self.index))
+
+    def peak_allocated(self) -> int:
+        return int(self.torch.cuda.max_memory_allocated(self.index))
+
+    def peak_reserved(self) -> int:
+        return int(self.torch.cuda.max_memory_reserved(self.index))
+
+    def device_name(self) -> str:
+        return self.torch.cuda.get_device_name(self.index)
+
+    def nvml_used(self) -> int | None:
+        """Device memory this process holds per NVML: reserved + CUDA context + library
+        workspaces outside torch. Falls back to None when NVML cannot see processes
+        (containers without the host PID namespace)."""
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no NVML: not measurable
+            return None
+        try:
+            handle = _nvml_handle(pynvml, self.index)
+            pid = os.getpid()
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    return int(proc.usedGpuMemory)
+            return None
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            pynvml.nvmlShutdown()
+
+
+def _nvml_handle(pynvml, index: int):
+    # CUDA_VISIBLE_DEVICES renumbers devices; NVML does not
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if index < len(ids):
+            ident = ids[index]
+            if ident.isdigit():
+                return pynvml.nvmlDeviceGetHandleByIndex(int(ident))
+            return pynvml.nvmlDeviceGetHandleByUUID(ident)
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def make_probe(device: str) -> Probe:
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return CudaProbe(index)
+    return Probe()
