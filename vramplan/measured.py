@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vramplan.errors import VramplanError
 
 MiB = 2**20
 
@@ -48,6 +50,8 @@ class MeasuredCase(BaseModel):
     mem_after_build_mb: float | None = None
     mem_after_step0_mb: float | None = None
     tokens_per_s: float | None = None
+    measured_breakdown: dict[str, int] | None = Field(
+        None, description="bytes per memory category (Category values) at the measured peak, where verify attributed them")
 
     @property
     def peak_alloc_bytes(self) -> int | None:
@@ -80,5 +84,18 @@ class MeasuredCase(BaseModel):
 
 def load_cases(path: str | Path) -> list[MeasuredCase]:
     """Every line of a JSON-lines file of measured cases (blank lines skipped)."""
-    lines = Path(path).read_text().splitlines()
-    return [MeasuredCase.model_validate(json.loads(l)) for l in lines if l.strip()]
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise VramplanError(f"cannot read {str(path)!r}: {e.strerror}", "FILE") from None
+    cases = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            cases.append(MeasuredCase.model_validate(json.loads(line)))
+        except ValueError as e:  # json.JSONDecodeError and pydantic.ValidationError
+            first = e.errors()[0] if isinstance(e, ValidationError) else None
+            why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(e)
+            raise VramplanError(f"{path}:{i} is not a measured case ({why})", "FILE") from None
+    return cases

@@ -311,7 +311,7 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
 
 
 def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
-    raw = (case.model_extra or {}).get("measured_breakdown") or {}
+    raw = case.measured_breakdown or {}
     if not isinstance(raw, dict):
         raise VramplanError(f"case {case.name!r}: measured_breakdown must be an object of category -> bytes", "FILE")
     out = {}

@@ -118,7 +118,8 @@ class Measurement(BaseModel):
             fits=self.fits, oom_phase=self.oom.phase if self.oom else None, rank=self.rank,
             simulated=self.simulated, device_name=self.device_name, optim_hf=s.optim.value,
             nvml_used_mb=mb(self.nvml_used_bytes), lora_dropout=s.lora_dropout,
-            breakdown_mb={c.value: mb(v) for c, v in self.breakdown.items()}, versions=self.versions,
+            measured_breakdown={c.value: int(v) for c, v in self.breakdown.items() if v is not None},
+            versions=self.versions,
         )
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
