@@ -1,0 +1,550 @@
+"""`vramplan plan MODEL --gpus SPEC`: search the configurations that fit, fastest first.
+
+The search uses the memory model itself, cheaply: for each discrete configuration
+(method, precision, optimizer, rank, checkpointing, FSDP degree, offload) it runs
+`step_model(every_layer=True)` at two token counts. Every phase is affine in the tokens
+of a micro-batch (SDPA models; eager attention's seq^2 term is handled per sequence
+length), so the per-GPU total at every (sequence length, micro-batch) point of the grid is
+the max over those lines, with the estimate's allocator overhead and CUDA context added,
+evaluated with numpy. The configurations reported are then re-checked one by one with
+`estimate_spec` (the same engine), and any that `estimate` says does not fit is dropped.
+Throughput comes from vramplan.throughput.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vramplan.errors import VramplanError
+from vramplan.estimate import PROCESS_HOST_BYTES, estimate_spec
+from vramplan.hardware import GpuSpec
+from vramplan.memory import MiB, prepare, step_model
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.throughput import step_time
+
+METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
+_METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
+MAX_BATCH = 256
+# Headroom below which a configuration is fast but fragile (allocator variance between
+# runs, a longer sample): the recommendation prefers one with at least this share free.
+SAFE_HEADROOM = 0.05
+DEFAULT_CONTEXT = 32768  # when the model's config gives none (a ModelSpec passed directly)
+
+
+class PlanRequest(BaseModel):
+    """What the user asks for: hardware and constraints. Validation names the flag."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpus: GpuSpec
+    nodes: int = Field(1, description="nodes the GPUs are spread over (FSDP may span them)")
+    min_seq: int = Field(2048, description="shortest sequence length acceptable")
+    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs (via gradient accumulation)")
+    methods: tuple[str, ...] = Field(METHOD_KEYS, description="methods allowed")
+    min_lora_rank: int = Field(16, description="smallest LoRA rank acceptable")
+    min_galore_rank: int = Field(128, description="smallest GaLore rank acceptable")
+    host_ram: int | None = Field(None, description="host RAM per node in bytes (None: not checked)")
+    max_batch: int = Field(MAX_BATCH, description="largest micro-batch searched")
+    context: int = Field(DEFAULT_CONTEXT, description="the model's maximum sequence length")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for flag, v in (("--nodes", self.nodes), ("--min-seq", self.min_seq), ("--min-lora-rank", self.min_lora_rank),
+                        ("--min-galore-rank", self.min_galore_rank), ("--max-batch", self.max_batch)):
+            if v < 1:
+                raise VramplanError(f"must be a positive integer, got {v}", flag)
+        if self.gpus.count % self.nodes:
+            raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
+        if self.min_seq > self.context:
+            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)", "--min-seq")
+        if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.gpus.count):
+            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), got {self.global_batch}",
+                                "--global-batch")
+        if not self.methods:
+            raise VramplanError(f"give at least one of: {', '.join(METHOD_KEYS)}", "--methods")
+        return self
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus.count // self.nodes
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """'full,galore' -> ('full', 'galore'); 'qlora' means both 4-bit formats."""
+    if text is None:
+        return METHOD_KEYS
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for raw in (i.strip().lower() for i in items):
+        if not raw:
+            continue
+        keys = _METHOD_ALIASES.get(raw, (raw,))
+        for k in keys:
+            if k not in METHOD_KEYS:
+                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore",
+                                    "--methods")
+            if k not in out:
+                out.append(k)
+    if not out:
+        raise VramplanError("give at least one of: full, lora, qlora, qlora-nf4, qlora-hqq4, galore", "--methods")
+    return tuple(out)
+
+
+def method_key(setup: TrainingSetup) -> str:
+    if setup.method == Method.QLORA:
+        return f"qlora-{setup.quant.value}"
+    return setup.method.value
+
+
+# ------------------------------------------------------------------ the discrete space
+
+def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
+    """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself;
+    the GPUs outside one FSDP group are data-parallel replicas (HSDP/DDP)."""
+    n = req.gpus.count
+    degrees = sorted({1, n} | {2**k for k in range(1, int(math.log2(n)) + 1) if n % 2**k == 0})
+    modes = []
+    for d in degrees:
+        modes.append((d, False))
+        if d > 1:
+            modes.append((d, True))
+    return modes
+
+
+def _ranks(lo: int, smallest: int, count: int) -> list[int]:
+    return [r for r in (lo * 2**i for i in range(count)) if r <= smallest]
+
+
+def _smallest_dim(spec: ModelSpec) -> int:
+    return min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
+
+
+def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
+    """Setup fields of every discrete configuration, in groups ordered by rank (a rank
+    that does not fit at one sequence of min_seq means no larger rank will)."""
+    smallest = _smallest_dim(spec)
+    groups: list[list[dict]] = []
+    modes = _fsdp_modes(req)
+    for key in req.methods:
+        if key == "full":
+            # adamw_torch is left out: adamw_torch_fused does the same update in place
+            # (no foreach temporaries) and is faster, so it dominates it.
+            for prec, optim, ckpt, (d, off) in itertools.product(Precision, (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT),
+                                                                 (False, True), modes):
+                groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
+                                    fsdp=d, cpu_offload=off)])
+        elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
+            ranks = _ranks(req.min_lora_rank, smallest, 3)
+            if not ranks:
+                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension ({smallest})",
+                                    "--min-lora-rank")
+            method = Method.LORA if key == "lora" else Method.QLORA
+            quant = None if key == "lora" else Quant(key.split("-")[1])
+            # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
+            for ckpt, (d, off) in itertools.product((False, True), modes):
+                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
+                                    cpu_offload=off) for r in ranks])
+        elif key == "galore":
+            ranks = _ranks(req.min_galore_rank, smallest, 4)
+            if not ranks:
+                raise VramplanError(f"{req.min_galore_rank} is larger than the smallest projected weight dimension "
+                                    f"({smallest})", "--min-galore-rank")
+            # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
+            # optimizers step from per-parameter hooks, which HF Trainer refuses under
+            # distributed training, so they are planned for a single GPU only.
+            optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
+            for prec, optim, ckpt in itertools.product(Precision, optims, (False, True)):
+                groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
+                                    gradient_checkpointing=ckpt) for r in ranks])
+    return groups
+
+
+# ------------------------------------------------------------------ the grid
+
+def seq_grid(context: int, eager: bool) -> np.ndarray:
+    """Sequence lengths searched: every 256 up to 8192 (every power of two for eager
+    attention, which needs two step_model calls per length), then 1, 1.25, 1.5, 1.75 x
+    each power of two, up to the context."""
+    if eager:
+        vals = {2**k for k in range(7, 18)} | {3 * 2**k for k in range(7, 16)}
+    else:
+        vals = {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
+        vals |= {128}
+    vals = {v for v in vals if v <= context} | {context}
+    return np.array(sorted(vals), dtype=np.int64)
+
+
+def batch_grid(req: PlanRequest, layerwise: bool) -> np.ndarray:
+    """Micro-batch sizes: 1..max_batch, or the divisors of the per-GPU share of the global
+    batch; layer-wise optimizers cannot accumulate gradients (one micro-batch per step)."""
+    if req.global_batch is None:
+        return np.arange(1, req.max_batch + 1, dtype=np.int64)
+    per_gpu = req.global_batch // req.gpus.count
+    if layerwise:
+        return np.array([per_gpu], dtype=np.int64)
+    return np.array([b for b in range(1, min(per_gpu, req.max_batch) + 1) if per_gpu % b == 0], dtype=np.int64)
+
+
+def _pareto(intercept: np.ndarray, slope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop phases that another phase exceeds at every token count (larger intercept and
+    slope): the max over the rest is the same and far cheaper to evaluate."""
+    order = np.lexsort((-slope, -intercept))
+    keep, best = [], -np.inf
+    for i in order:
+        if slope[i] > best:
+            keep.append(i)
+            best = slope[i]
+    return intercept[keep], slope[keep]
+
+
+@dataclass
+class Grid:
+    """Per-GPU total bytes of one discrete configuration at every (seq, batch) point."""
+    setup: TrainingSetup
+    seqs: np.ndarray
+    batches: np.ndarray
+    total: np.ndarray          # [len(seqs), len(batches)] bytes per GPU
+    host: int                  # host RAM per node
+    evaluated: int
+
+
+def _lines(spec: ModelSpec, setup: TrainingSetup, pre, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(intercept, slope per token) of every phase at this sequence length, and the
+    host-pinned bytes (token-independent)."""
+    m1 = step_model(spec, setup.model_copy(update={"batch_size": 1, "seq_len": seq}), every_layer=True, prepared=pre)
+    m2 = step_model(spec, setup.model_copy(update={"batch_size": 2, "seq_len": seq}), every_layer=True, prepared=pre)
+    a1 = np.array([p.allocated for p in m1.phases], dtype=np.float64)
+    a2 = np.array([p.allocated for p in m2.phases], dtype=np.float64)
+    slope = (a2 - a1) / seq
+    return (*_pareto(a1 - slope * seq, slope), m1.host_pinned)
+
+
+def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
+    """estimate_spec's total from the allocated peak: + allocator overhead + CUDA context."""
+    overhead = np.floor(0.05 * alloc) + 32 * MiB  # allocator_overhead(), vectorised
+    return alloc + overhead + gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+
+
+def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
+    """Host RAM of one node: estimate_spec's rule (one process per rank of the FSDP group
+    on this host), with the ranks of one node."""
+    ranks = min(req.gpus_per_node, max(setup.fsdp, 1))
+    return ranks * (PROCESS_HOST_BYTES + pinned)
+
+
+def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
+    pre = prepare(spec, setup)
+    eager = spec.attn_implementation != "sdpa"
+    if eager:
+        rows = []
+        for s in seqs:
+            c, m, pinned = _lines(spec, setup, pre, int(s))
+            rows.append((c[:, None] + m[:, None] * (s * batches)[None, :]).max(axis=0))
+        alloc = np.array(rows)
+    else:
+        c, m, pinned = _lines(spec, setup, pre, int(seqs[0]))
+        tokens = seqs[:, None] * batches[None, :]
+        alloc = (c[:, None, None] + m[:, None, None] * tokens[None]).max(axis=0)
+    return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
+
+
+# ------------------------------------------------------------------ rows and the search
+
+class PlanRow(BaseModel):
+    """One feasible configuration, at the shortest acceptable sequence and the fastest
+    micro-batch that fits."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    setup: TrainingSetup
+    label: str
+    method: str
+    grad_accum: int = Field(description="micro-batches per optimizer step")
+    global_batch: int = Field(description="sequences per optimizer step over all GPUs")
+    tokens_per_s: float = Field(description="estimated training throughput over all GPUs")
+    step_s: float = Field(description="estimated seconds per optimizer step")
+    per_gpu_bytes: int = Field(description="estimate_spec's per-GPU total (what nvidia-smi would show)")
+    host_ram_bytes: int = Field(description="host RAM one node needs")
+    headroom_bytes: int
+    max_seq_len: int = Field(description="longest sequence that fits at micro-batch 1 (grid resolution)")
+    max_micro_batch: int = Field(description="largest micro-batch that fits at this sequence length")
+
+
+class PlanResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    gpus: str
+    gpu_memory_bytes: int
+    rows: list[PlanRow] = Field(description="feasible configurations, fastest first, each re-checked by estimate")
+    recommended: PlanRow | None = None
+    reason: str = ""
+    per_method: dict[str, dict] = Field(default_factory=dict, description="longest sequence / largest micro-batch per method")
+    suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
+    evaluated: int = Field(description="(configuration, sequence, micro-batch) points evaluated")
+    discrete: int = Field(description="discrete configurations evaluated")
+
+
+def label(setup: TrainingSetup) -> str:
+    parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
+             Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
+    parts.append(setup.precision.value)
+    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused", Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
+                  Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
+                  Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
+                  Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
+    if setup.gradient_checkpointing:
+        parts.append("+ ckpt")
+    if setup.fsdp > 1:
+        parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
+    return " ".join(parts)
+
+
+def _accum(req: PlanRequest, batch: int) -> int:
+    if req.global_batch is None:
+        return 1
+    return req.global_batch // (req.gpus.count * batch)
+
+
+def _speed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, accum: int):
+    return step_time(spec, setup, req.gpus.profile, gpus=req.gpus.count, gpus_per_node=req.gpus_per_node, accum=accum)
+
+
+def _fits(grid: Grid, req: PlanRequest) -> np.ndarray:
+    host_ok = req.host_ram is None or grid.host <= req.host_ram
+    return (grid.total <= req.gpus.profile.memory_bytes) & host_ok
+
+
+def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits: np.ndarray) -> PlanRow | None:
+    """The fastest fitting micro-batch at sequence index si: the largest (the throughput
+    model's per-micro-batch overheads only shrink per token as the micro-batch grows)."""
+    ok = np.nonzero(fits[si])[0]
+    if not len(ok):
+        return None
+    b = int(grid.batches[ok[-1]])
+    seq = int(grid.seqs[si])
+    setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": seq})
+    accum = _accum(req, b)
+    t = _speed(spec, setup, req, accum)
+    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else []
+    total = int(grid.total[si, ok[-1]])
+    return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
+                   global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
+                   step_s=t.step_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
+                   headroom_bytes=req.gpus.profile.memory_bytes - total,
+                   max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0, max_micro_batch=b)
+
+
+def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
+    """The row as estimate_spec sees it; None when estimate says it does not fit."""
+    single_node = req.nodes == 1
+    est = estimate_spec(spec, row.setup, req.gpus, req.host_ram if single_node else None)
+    host = row.host_ram_bytes if not single_node else est.host_ram_bytes
+    if not est.fits or (req.host_ram is not None and host > req.host_ram):
+        return None
+    return row.model_copy(update={"per_gpu_bytes": est.per_gpu.total_bytes, "headroom_bytes": est.headroom_bytes,
+                                  "host_ram_bytes": host})
+
+
+def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
+    """Evaluate every discrete configuration on the (seq, batch) grid."""
+    seqs = seq_grid(req.context, spec.attn_implementation != "sdpa")
+    grids, evaluated = [], 0
+    for group in candidate_groups(spec, req):
+        for fields in group:
+            setup = TrainingSetup(**fields, seq_len=int(seqs[0]))
+            grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
+            grids.append(grid)
+            evaluated += grid.evaluated
+            if not _fits(grid, req)[:, 0].any():
+                break  # a larger rank needs more memory everywhere
+    return grids, evaluated
+
+
+def _seq_index(grid: Grid, req: PlanRequest) -> int:
+    """The shortest grid sequence >= min_seq."""
+    return int(np.searchsorted(grid.seqs, req.min_seq))
+
+
+def _per_method(grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for g in grids:
+        fits = _fits(g, req)
+        key = method_key(g.setup)
+        entry = out.setdefault(key, {"max_seq_len": 0, "max_seq_config": None, "max_micro_batch": 0, "max_batch_config": None})
+        ones = np.nonzero(fits[:, 0])[0] if g.batches[0] == 1 else []
+        if len(ones) and int(g.seqs[ones[-1]]) > entry["max_seq_len"]:
+            entry.update(max_seq_len=int(g.seqs[ones[-1]]), max_seq_config=label(g.setup))
+        si = _seq_index(g, req)
+        ok = np.nonzero(fits[si])[0] if si < len(g.seqs) else []
+        if len(ok) and int(g.batches[ok[-1]]) > entry["max_micro_batch"]:
+            entry.update(max_micro_batch=int(g.batches[ok[-1]]), max_batch_config=label(g.setup))
+    return out
+
+
+def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
+    cap = req.gpus.profile.memory_bytes
+    if row is fastest:
+        why = "fastest configuration that fits"
+        if row.headroom_bytes < SAFE_HEADROOM * cap:
+            why += " (all fit with under 5% headroom: a longer sample may not)"
+    else:
+        why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
+               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / 2**30:.2f} GiB)")
+    trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
+             "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
+             "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
+    extra = []
+    if row.setup.fsdp > 1:
+        extra.append(f"sharded over {row.setup.fsdp} GPUs")
+    if row.setup.cpu_offload:
+        extra.append("shards and optimizer in host RAM")
+    if row.setup.gradient_checkpointing:
+        extra.append("recomputes layers in backward")
+    return f"{why}: {trade}" + (f", {', '.join(extra)}" if extra else "") + \
+        f"; ~{row.tokens_per_s:,.0f} tokens/s, micro-batch {row.setup.batch_size} x {row.setup.seq_len}"
+
+
+def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = True) -> PlanResult:
+    grids, evaluated = search(spec, req)
+    candidates = []
+    for g in grids:
+        si = _seq_index(g, req)
+        if si < len(g.seqs):
+            row = _candidate_row(spec, g, req, si, _fits(g, req))
+            if row is not None:
+                candidates.append(row)
+    candidates.sort(key=lambda r: -r.tokens_per_s)
+    rows: list[PlanRow] = []
+    for row in candidates:  # re-check with the real estimate until `top` rows survive
+        if len(rows) >= top:
+            break
+        checked = _recheck(spec, row, req)
+        if checked is not None:
+            rows.append(checked)
+    rec = next((r for r in rows if r.headroom_bytes >= SAFE_HEADROOM * req.gpus.profile.memory_bytes), rows[0] if rows else None)
+    reason = _reason(rec, rows[0], req) if rec else ""
+    if rec is not None:
+        rows.remove(rec)
+        rows.insert(0, rec)
+    result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
+                        recommended=rec, reason=reason, per_method=_per_method(grids, req),
+                        evaluated=evaluated, discrete=len(grids))
+    if not rows and suggest:
+        result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
+    return result
+
+
+# ------------------------------------------------------------------ when nothing fits
+
+def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
+    try:
+        res = plan_spec(spec, req.model_copy(update=update), top=1, suggest=False)
+    except VramplanError:
+        return None
+    return res.rows[0] if res.rows else None
+
+
+def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
+    from vramplan.hardware import profiles
+    out = []
+    best_seq, best_label = 0, ""
+    for g in grids:
+        ones = np.nonzero(_fits(g, req)[:, 0])[0] if g.batches[0] == 1 else []
+        if len(ones) and int(g.seqs[ones[-1]]) > best_seq:
+            best_seq, best_label = int(g.seqs[ones[-1]]), label(g.setup)
+    if best_seq:
+        out.append(f"shorter context: --min-seq {best_seq} fits ({best_label}, micro-batch 1)")
+    n = req.gpus.count
+    for more in (2 * n, 4 * n, 8 * n):
+        gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
+        nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
+        row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
+        if row:
+            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} (~{row.tokens_per_s:,.0f} tokens/s)")
+            break
+    larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
+                    key=lambda p: p.memory_bytes)
+    for prof in larger[:4]:
+        gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
+        row = _first_fit(spec, req, gpus=gpus)
+        if row:
+            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / 2**30:.0f} GiB) fits {row.label} "
+                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
+            break
+    if not out:
+        out.append("nothing tried fits: a smaller model, or more nodes (--nodes) with FSDP across them")
+    return out
+
+
+# ------------------------------------------------------------------ entry points
+
+def model_context(model: str | ModelSpec) -> int:
+    """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown)."""
+    if isinstance(model, ModelSpec):
+        return DEFAULT_CONTEXT
+    from vramplan.model_spec import resolve_config
+    _, _, cfg = resolve_config(model)
+    ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    return int(ctx) if ctx else DEFAULT_CONTEXT
+
+
+def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: int | None = None,
+                 gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
+                 methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
+                 host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
+    from vramplan.estimate import resolve_gpus
+    from vramplan.units import parse_bytes
+    gspec = resolve_gpus(gpus)
+    if gpus_per_node is not None:
+        if gpus_per_node < 1 or gspec.count % gpus_per_node:
+            raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
+                                "--gpus-per-node")
+        if nodes is not None and nodes * gpus_per_node != gspec.count:
+            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs of --gpus",
+                                "--gpus-per-node")
+        nodes = gspec.count // gpus_per_node
+    if isinstance(host_ram, str):
+        host_ram = parse_bytes(host_ram, "--host-ram")
+    fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
+                  min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
+                  context=model_context(model))
+    return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
+               num_layers: int | None = None, **constraints) -> PlanResult:
+    from vramplan.model_spec import load_model_spec
+    if top < 1:
+        raise VramplanError(f"must be a positive integer, got {top}", "--top")
+    req = make_request(model, gpus, **constraints)
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
+    return plan_spec(spec, req, top=top)
+
+
+COLUMNS = ["label", "method", "quant", "precision", "optim", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
+           "cpu_offload", "seq_len", "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "step_s",
+           "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
+
+
+def to_frame(result: PlanResult):
+    """The rows as a pandas DataFrame (recommended first); the rest of the answer in .attrs."""
+    import pandas as pd
+    recs = []
+    for i, r in enumerate(result.rows):
+        s = r.setup
+        recs.append(dict(label=r.label, method=r.method, quant=s.quant.value if s.quant else None,
+                         precision=s.precision.value, optim=s.optim.value,
+                         lora_r=s.lora_r if s.lora_like else None,
+                         galore_rank=s.galore_rank if s.method == Method.GALORE else None,
+                         gradient_checkpointing=s.gradient_checkpointing, fsdp=s.fsdp, cpu_offload=s.cpu_offload,
+                         seq_len=s.seq_len, micro_batch=s.batch_size, grad_accum=r.grad_accum, global_batch=r.global_batch,
+                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, per_gpu_bytes=r.per_gpu_bytes,
+                         host_ram_bytes=r.host_ram_bytes, headroom_bytes=r.headroom_bytes, max_seq_len=r.max_seq_len,
+                         max_micro_batch=r.max_micro_batch, recommended=i == 0 and result.recommended is not None))
+    df = pd.DataFrame.from_records(recs, columns=COLUMNS)
+    df.attrs.update(model=result.model, gpus=result.gpus, reason=result.reason, per_method=result.per_method,
+                    suggestions=result.suggestions, evaluated=result.evaluated, discrete=result.discrete)
+    return df
