@@ -8,7 +8,7 @@ from vramplan.errors import VramplanError
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
 __all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
-           "estimate", "load_model"]
+           "estimate", "load_model", "plan"]
 __version__ = "0.1.0"
 
 
@@ -19,6 +19,19 @@ def estimate(model, gpus=None, **setup):
     """
     from vramplan.estimate import estimate_config
     return estimate_config(model, gpus=gpus, **setup)
+
+
+def plan(model, gpus=None, top=10, **constraints):
+    """Search the configurations of ``model`` that fit ``gpus``, fastest first.
+
+    Returns a pandas DataFrame (recommended row first, byte columns as integers);
+    ``df.attrs`` holds the reason, the per-method limits, suggestions when nothing fits
+    and the number of points evaluated. ``constraints``: nodes, gpus_per_node, min_seq,
+    global_batch, methods ("full,galore" or a list), min_lora_rank, min_galore_rank,
+    host_ram (bytes or "128GB"), max_batch, num_layers.
+    """
+    from vramplan.plan import plan_model, to_frame
+    return to_frame(plan_model(model, gpus, top=top, **constraints))
 
 
 def load_model(model, num_layers=None):

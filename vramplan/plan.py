@@ -457,6 +457,12 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
             best_seq, best_label = int(g.seqs[ones[-1]]), label(g.setup)
     if best_seq:
         out.append(f"shorter context: --min-seq {best_seq} fits ({best_label}, micro-batch 1)")
+    gpu_only = req.model_copy(update={"host_ram": None})
+    host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
+    if host_bound and req.host_ram is not None:
+        g = min(host_bound, key=lambda g: g.host)
+        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / 2**30:.0f} GiB of host RAM per node "
+                   f"(--host-ram {math.ceil(g.host / 2**30)}GB; {req.host_ram / 2**30:.0f} GiB assumed)")
     n = req.gpus.count
     for more in (2 * n, 4 * n, 8 * n):
         gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
@@ -467,7 +473,7 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
             break
     larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
                     key=lambda p: p.memory_bytes)
-    for prof in larger[:4]:
+    for prof in larger[:3]:
         gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
         row = _first_fit(spec, req, gpus=gpus)
         if row:
@@ -548,3 +554,94 @@ def to_frame(result: PlanResult):
     df.attrs.update(model=result.model, gpus=result.gpus, reason=result.reason, per_method=result.per_method,
                     suggestions=result.suggestions, evaluated=result.evaluated, discrete=result.discrete)
     return df
+
+
+# ------------------------------------------------------------------ rendering and the CLI
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f}"
+
+
+def print_plan(result: PlanResult, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=150)  # piped: do not wrap rows at 80 columns
+    title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / 2**30:.1f} GiB each): fastest that fit"
+    t = Table(title=title, title_justify="left")
+    for col, just in (("configuration", "left"), ("micro-batch", "right"), ("accum", "right"), ("tokens/s", "right"),
+                      ("per-GPU GiB", "right"), ("host RAM GiB", "right"), ("headroom GiB", "right"),
+                      ("max seq (b=1)", "right")):
+        t.add_column(col, justify=just, no_wrap=col == "configuration")
+    for i, r in enumerate(result.rows):
+        name = ("[bold green]* " if i == 0 and result.recommended else "  ") + r.label
+        t.add_row(name, f"{r.setup.batch_size} x {r.setup.seq_len}", str(r.grad_accum), f"{r.tokens_per_s:,.0f}",
+                  _gib(r.per_gpu_bytes), _gib(r.host_ram_bytes), _gib(r.headroom_bytes), f"{r.max_seq_len:,}")
+    if result.rows:
+        console.print(t)
+        console.print(f"[bold green]Recommended:[/] {result.recommended.label} — {result.reason}")
+    else:
+        console.print(f"[bold red]Nothing fits[/] {result.model} on {result.gpus} under these constraints. What would:")
+        for s in result.suggestions:
+            console.print(f"  - {s}")
+    m = Table(title="per method: longest sequence (micro-batch 1) and largest micro-batch (at the minimum sequence)",
+              title_justify="left")
+    for col in ("method", "longest seq", "with", "largest micro-batch", "with"):
+        m.add_column(col)
+    for key, e in result.per_method.items():
+        m.add_row(key, f"{e['max_seq_len']:,}" if e["max_seq_len"] else "-", e["max_seq_config"] or "does not fit",
+                  str(e["max_micro_batch"] or "-"), e["max_batch_config"] or "does not fit")
+    console.print(m)
+    console.print(f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
+                  f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]")
+
+
+def result_json(result: PlanResult) -> dict:
+    d = result.model_dump(mode="json")
+    return d
+
+
+def add_cli(sub) -> None:
+    from vramplan.cli import DEFAULT_HOST_RAM
+    p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
+    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
+    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
+    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
+    p.add_argument("--min-seq", type=int, help="shortest acceptable sequence length (default 2048, capped at the context)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (gradient accumulation)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
+    p.add_argument("--min-lora-rank", type=int, help="smallest acceptable LoRA rank (default 16)")
+    p.add_argument("--min-galore-rank", type=int, help="smallest acceptable GaLore rank (default 128)")
+    p.add_argument("--host-ram", help=f"host RAM per node (default {DEFAULT_HOST_RAM // 2**30}GB when --gpus is given, "
+                   "else this machine's)")
+    p.add_argument("--max-batch", type=int, help=f"largest micro-batch searched (default {MAX_BATCH})")
+    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
+    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    import json
+    from vramplan.cli import DEFAULT_HOST_RAM
+    from vramplan.estimate import local_host_ram
+    host_ram = args.host_ram or (DEFAULT_HOST_RAM if args.gpus else local_host_ram())
+    min_seq = args.min_seq
+    if min_seq is None:
+        ctx = model_context(args.model)
+        min_seq = min(2048, ctx)
+    result = plan_model(args.model, args.gpus, top=args.top, num_layers=args.num_layers, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, min_seq=min_seq, global_batch=args.global_batch,
+                        methods=args.methods, min_lora_rank=args.min_lora_rank, min_galore_rank=args.min_galore_rank,
+                        host_ram=host_ram, max_batch=args.max_batch)
+    if args.format == "json":
+        print(json.dumps(result_json(result), indent=1))
+    elif args.format == "csv":
+        import sys
+        to_frame(result).to_csv(sys.stdout, index=False)
+    else:
+        print_plan(result)
+    return 0

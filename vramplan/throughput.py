@@ -33,10 +33,11 @@ BW_EFF = 0.94       # achieved fraction of the memory bandwidth on the memory-bo
 LAUNCH_S = 18e-6    # seconds per eager op (Python dispatch + autograd + kernel launch)
 
 # ---- assumptions not covered by the calibration file (documented in docs/throughput.md)
-# cuSOLVER SVD achieves a tiny fraction of the bf16 peak: the two GaLore cases' first
-# steps (24.7 s, 21.4 s for ~1.9e12 m*n*min(m,n)) less a normal first step give
-# ~8.5e10 mnk/s on the H100, i.e. ~8.6e-5 of its 989 TFLOP/s; scaled with the peak elsewhere.
-SVD_MNK_PER_PEAK_FLOP = 8.6e-5
+# torch.linalg.svd (cuSOLVER gesvd, fp32) is bound by its BLAS-2 bidiagonalization, i.e.
+# by memory bandwidth, not by the tensor cores: the two GaLore cases' first steps (24.7 s,
+# 21.4 s for ~1.94e12 m*n*min(m,n) over the projected weights) less a normal first step
+# (~0.3 s) give ~8.6e10 mnk/s on the H100's 3350 GB/s; scaled with bandwidth elsewhere.
+SVD_MNK_PER_BYTE = 8.6e10 / 3350e9
 # torch.optim.AdamW on the CPU (foreach, fp32): parameters updated per second per rank.
 CPU_ADAM_PARAMS_PER_S = 3.0e8
 # Between nodes: a 200 Gb/s NIC per node (InfiniBand HDR / RoCE), one direction.
@@ -259,7 +260,7 @@ def optimizer_bytes_and_kernels(spec: ModelSpec, sh: Shapes, setup: TrainingSetu
 def svd_seconds(sh: Shapes, profile: HardwareProfile) -> float:
     """All projected weights' SVDs (one refresh)."""
     mnk = sum(m * k * min(m, k) for m, k in sh.galore_mats)
-    return mnk / (SVD_MNK_PER_PEAK_FLOP * profile.bf16_dense_tflops * 1e12)
+    return mnk / (SVD_MNK_PER_BYTE * profile.memory_bandwidth_gbps * 1e9)
 
 
 # ------------------------------------------------------------------ communication
