@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError
 from vramplan.estimate import PROCESS_HOST_BYTES, estimate_spec
@@ -372,14 +372,17 @@ def _per_method(grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
     for g in grids:
         fits = _fits(g, req)
         key = method_key(g.setup)
-        entry = out.setdefault(key, {"max_seq_len": 0, "max_seq_config": None, "max_micro_batch": 0, "max_batch_config": None})
+        entry = out.setdefault(key, {"max_seq_len": 0, "max_seq_config": None, "max_seq_setup": None,
+                                     "max_micro_batch": 0, "max_batch_config": None, "max_batch_setup": None})
         ones = np.nonzero(fits[:, 0])[0] if g.batches[0] == 1 else []
         if len(ones) and int(g.seqs[ones[-1]]) > entry["max_seq_len"]:
-            entry.update(max_seq_len=int(g.seqs[ones[-1]]), max_seq_config=label(g.setup))
+            at = g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[ones[-1]])})
+            entry.update(max_seq_len=at.seq_len, max_seq_config=label(g.setup), max_seq_setup=at.model_dump(mode="json"))
         si = _seq_index(g, req)
         ok = np.nonzero(fits[si])[0] if si < len(g.seqs) else []
         if len(ok) and int(g.batches[ok[-1]]) > entry["max_micro_batch"]:
-            entry.update(max_micro_batch=int(g.batches[ok[-1]]), max_batch_config=label(g.setup))
+            at = g.setup.model_copy(update={"batch_size": int(g.batches[ok[-1]]), "seq_len": int(g.seqs[si])})
+            entry.update(max_micro_batch=at.batch_size, max_batch_config=label(g.setup), max_batch_setup=at.model_dump(mode="json"))
     return out
 
 
@@ -517,7 +520,14 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
     fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
                   min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
                   context=model_context(model))
-    return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:  # our validator's VramplanError arrives wrapped
+        err = e.errors()[0]
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, VramplanError):
+            raise inner from None
+        raise VramplanError(f"{err['msg']} (got {err.get('input')!r})", "--" + str(err["loc"][0]).replace("_", "-")) from None
 
 
 def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
