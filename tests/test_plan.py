@@ -58,7 +58,7 @@ def test_grid_matches_estimate_pointwise():
     spec = load_model_spec("llama-3.2-1b")
     gpus = parse_gpus("1x24GB")
     req = PlanRequest(gpus=gpus, context=131072, max_batch=64)
-    seqs = seq_grid(8192, eager=False)
+    seqs = seq_grid(8192)
     rng = np.random.default_rng(0)
     for fields in (dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
                    dict(method="qlora", quant="hqq4", lora_r=32), dict(method="galore", optim="galore_adamw_8bit_layerwise")):
@@ -74,11 +74,11 @@ def test_grid_matches_estimate_pointwise():
 
 
 def test_eager_attention_grid_matches_estimate():
-    """Gemma 2 (eager attention, seq^2 scores) is evaluated per sequence length."""
+    """Gemma 2 (eager attention: seq^2 scores and masks) has a tokens x seq term."""
     spec = load_model_spec("gemma-2-2b")
     gpus = parse_gpus("1x24GB")
     req = PlanRequest(gpus=gpus, context=8192, max_batch=8)
-    seqs = seq_grid(8192, eager=True)
+    seqs = seq_grid(8192)
     setup = TrainingSetup(method="lora", gradient_checkpointing=True)
     grid = evaluate(spec, setup, req, seqs, np.arange(1, 9))
     for si in (0, len(seqs) // 2, len(seqs) - 1):
@@ -150,7 +150,7 @@ def test_per_method_limits_are_the_edge_of_fitting(small):
     """The longest sequence reported for a method fits by estimate and the next one on
     the grid does not; likewise the largest micro-batch."""
     spec, gpus = load_model_spec("qwen2.5-0.5b"), parse_gpus("2x16GB")
-    seqs = seq_grid(32768, eager=False)
+    seqs = seq_grid(32768)
     checked = 0
     for key, e in small.per_method.items():
         if e["max_seq_setup"]:

@@ -3,9 +3,9 @@
 The search uses the memory model itself, cheaply: for each discrete configuration
 (method, precision, optimizer, rank, checkpointing, FSDP degree, offload) it runs
 `step_model(every_layer=True)` at two token counts. Every phase is affine in the tokens
-of a micro-batch (SDPA models; eager attention's seq^2 term is handled per sequence
-length), so the per-GPU total at every (sequence length, micro-batch) point of the grid is
-the max over those lines, with the estimate's allocator overhead and CUDA context added,
+of a micro-batch (eager attention adds a tokens x seq term: a third call measures it),
+so the per-GPU total at every (sequence length, micro-batch) point of the grid is the
+max over those phases, plus the estimate's allocator overhead and CUDA context,
 evaluated with numpy. The configurations reported are then re-checked one by one with
 `estimate_spec` (the same engine), and any that `estimate` says does not fit is dropped.
 Throughput comes from vramplan.throughput.
@@ -165,15 +165,10 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
 
 # ------------------------------------------------------------------ the grid
 
-def seq_grid(context: int, eager: bool) -> np.ndarray:
-    """Sequence lengths searched: every 256 up to 8192 (every power of two for eager
-    attention, which needs two step_model calls per length), then 1, 1.25, 1.5, 1.75 x
-    each power of two, up to the context."""
-    if eager:
-        vals = {2**k for k in range(7, 18)} | {3 * 2**k for k in range(7, 16)}
-    else:
-        vals = {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
-        vals |= {128}
+def seq_grid(context: int) -> np.ndarray:
+    """Sequence lengths searched: 128, every 256 up to 8192, then 1, 1.25, 1.5, 1.75 x each
+    power of two, up to the context (and the context itself)."""
+    vals = {128} | {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
     vals = {v for v in vals if v <= context} | {context}
     return np.array(sorted(vals), dtype=np.int64)
 
@@ -189,16 +184,16 @@ def batch_grid(req: PlanRequest, layerwise: bool) -> np.ndarray:
     return np.array([b for b in range(1, min(per_gpu, req.max_batch) + 1) if per_gpu % b == 0], dtype=np.int64)
 
 
-def _pareto(intercept: np.ndarray, slope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drop phases that another phase exceeds at every token count (larger intercept and
-    slope): the max over the rest is the same and far cheaper to evaluate."""
-    order = np.lexsort((-slope, -intercept))
-    keep, best = [], -np.inf
-    for i in order:
-        if slope[i] > best:
-            keep.append(i)
-            best = slope[i]
-    return intercept[keep], slope[keep]
+def _pareto(coef: np.ndarray) -> np.ndarray:
+    """Drop phases (rows of coefficients, all multiplying non-negative features) that
+    another phase matches or exceeds in every coefficient: the max over the rest is the
+    same and far cheaper to evaluate on the grid."""
+    ge = (coef[:, None, :] >= coef[None, :, :]).all(axis=2)  # ge[j, i]: phase j >= phase i everywhere
+    same = ge & ge.T
+    idx = np.arange(len(coef))
+    # i goes when another phase covers it strictly, or is identical and comes first
+    drop = ((ge & ~same) | (same & (idx[:, None] < idx[None, :]))).any(axis=0)
+    return coef[~drop]
 
 
 @dataclass
@@ -212,15 +207,25 @@ class Grid:
     evaluated: int
 
 
-def _lines(spec: ModelSpec, setup: TrainingSetup, pre, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(intercept, slope per token) of every phase at this sequence length, and the
-    host-pinned bytes (token-independent)."""
-    m1 = step_model(spec, setup.model_copy(update={"batch_size": 1, "seq_len": seq}), every_layer=True, prepared=pre)
-    m2 = step_model(spec, setup.model_copy(update={"batch_size": 2, "seq_len": seq}), every_layer=True, prepared=pre)
-    a1 = np.array([p.allocated for p in m1.phases], dtype=np.float64)
-    a2 = np.array([p.allocated for p in m2.phases], dtype=np.float64)
-    slope = (a2 - a1) / seq
-    return (*_pareto(a1 - slope * seq, slope), m1.host_pinned)
+def _allocs(spec: ModelSpec, setup: TrainingSetup, pre, batch: int, seq: int):
+    m = step_model(spec, setup.model_copy(update={"batch_size": batch, "seq_len": seq}), every_layer=True, prepared=pre)
+    return np.array([p.allocated for p in m.phases], dtype=np.float64), m.host_pinned
+
+
+def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) -> tuple[np.ndarray, int]:
+    """Per phase (c, per token, per token x seq): allocated = c + a*N + b*N*s with N = batch*seq.
+    Every term of the memory model scales with the tokens N except eager attention's
+    probabilities and masks (per token x seq); SDPA models have b = 0 and need two calls."""
+    a1, pinned = _allocs(spec, setup, pre, 1, s1)
+    a2, _ = _allocs(spec, setup, pre, 2, s1)
+    per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
+    if spec.attn_implementation == "sdpa":
+        return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
+    a3, _ = _allocs(spec, setup, pre, 1, s2)
+    # a3 - c = (a + b*s2) * s2 and a1 - c = (a + b*s1) * s1 with a = per_n - b*s1
+    b = (a3 - a1 - per_n * (s2 - s1)) / ((s2 - s1) * s2)
+    a = per_n - b * s1
+    return np.stack([a1 - a * s1 - b * s1 * s1, a, b], axis=1), pinned
 
 
 def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
@@ -238,17 +243,13 @@ def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
 
 def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
     pre = prepare(spec, setup)
-    eager = spec.attn_implementation != "sdpa"
-    if eager:
-        rows = []
-        for s in seqs:
-            c, m, pinned = _lines(spec, setup, pre, int(s))
-            rows.append((c[:, None] + m[:, None] * (s * batches)[None, :]).max(axis=0))
-        alloc = np.array(rows)
-    else:
-        c, m, pinned = _lines(spec, setup, pre, int(seqs[0]))
-        tokens = seqs[:, None] * batches[None, :]
-        alloc = (c[:, None, None] + m[:, None, None] * tokens[None]).max(axis=0)
+    coef, pinned = _coefficients(spec, setup, pre, int(seqs[0]), int(seqs[-1]))
+    coef = _pareto(coef)
+    tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
+    feats = (tokens, tokens * seqs[:, None])
+    alloc = np.full(tokens.shape, -np.inf)
+    for c, a, b in coef:  # after the Pareto filter a handful of phases remain
+        np.maximum(alloc, c + a * feats[0] + b * feats[1], out=alloc)
     return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
 
 
@@ -349,7 +350,7 @@ def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
 
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     """Evaluate every discrete configuration on the (seq, batch) grid."""
-    seqs = seq_grid(req.context, spec.attn_implementation != "sdpa")
+    seqs = seq_grid(req.context)
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:
