@@ -15,10 +15,8 @@ from vramplan.setup import TrainingSetup
 
 CASES = load_cases(Path(__file__).parent / "data" / "h100_dev.jsonl")
 H100 = profiles()["h100-80gb"]
+# |estimated tokens/s / measured tokens/s - 1| on every case (docs/throughput.md).
 TOLERANCE = 0.30
-# Two cases miss 30% (docs/throughput.md explains what the model lacks for them);
-# they are held to 40% so that a change that makes them worse still fails.
-OUTLIERS = {"l32-1b_galore128_b1s1024": 0.40, "phi3_lora16_ckpt_b1s2048": 0.40}
 
 
 def _measured_step_s(case) -> float:
@@ -39,14 +37,14 @@ def _estimated_step_s(case) -> float:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_tokens_per_s_within_tolerance_of_measured(case):
-    tol = OUTLIERS.get(case.name, TOLERANCE)
-    measured, estimated = _measured_step_s(case), _estimated_step_s(case)
-    assert abs(estimated / measured - 1) <= tol, f"{case.name}: {estimated * 1e3:.0f} ms vs {measured * 1e3:.0f} ms"
+    tokens = case.batch * case.seq
+    measured, estimated = tokens / _measured_step_s(case), tokens / _estimated_step_s(case)
+    assert abs(estimated / measured - 1) <= TOLERANCE, f"{case.name}: {estimated:,.0f} vs {measured:,.0f} tokens/s"
 
 
-def test_most_cases_within_30_percent():
-    within = [c.name for c in CASES if abs(_estimated_step_s(c) / _measured_step_s(c) - 1) <= TOLERANCE]
-    assert len(within) >= len(CASES) - len(OUTLIERS)
+def test_mean_error_is_well_inside_the_tolerance():
+    errs = [abs(_measured_step_s(c) / _estimated_step_s(c) - 1) for c in CASES]
+    assert sum(errs) / len(errs) <= 0.15
 
 
 def test_shipped_constants_are_the_global_fit():
