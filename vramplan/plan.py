@@ -103,8 +103,10 @@ def method_key(setup: TrainingSetup) -> str:
 # ------------------------------------------------------------------ the discrete space
 
 def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
-    """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself;
-    the GPUs outside one FSDP group are data-parallel replicas (HSDP/DDP)."""
+    """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself.
+    The GPUs outside one FSDP group are data-parallel replicas (HSDP, or DDP at degree 1,
+    assumed with gradient_as_bucket_view=True so the buckets add no gradient copy: the
+    memory per GPU is the FSDP group's)."""
     n = req.gpus.count
     degrees = sorted({1, n} | {2**k for k in range(1, int(math.log2(n)) + 1) if n % 2**k == 0})
     modes = []
@@ -266,6 +268,8 @@ class PlanRow(BaseModel):
     global_batch: int = Field(description="sequences per optimizer step over all GPUs")
     tokens_per_s: float = Field(description="estimated training throughput over all GPUs")
     step_s: float = Field(description="estimated seconds per optimizer step")
+    comm_s: float = Field(description="collectives per step (overlapped with compute unless they are longer)")
+    host_s: float = Field(description="CPU offload transfers and CPU optimizer step per step")
     per_gpu_bytes: int = Field(description="estimate_spec's per-GPU total (what nvidia-smi would show)")
     host_ram_bytes: int = Field(description="host RAM one node needs")
     headroom_bytes: int
@@ -332,7 +336,7 @@ def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits:
     total = int(grid.total[si, ok[-1]])
     return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
                    global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
-                   step_s=t.step_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
+                   step_s=t.step_s, comm_s=t.comm_s, host_s=t.host_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
                    headroom_bytes=req.gpus.profile.memory_bytes - total,
                    max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0, max_micro_batch=b)
 
@@ -419,7 +423,9 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
             row = _candidate_row(spec, g, req, si, _fits(g, req))
             if row is not None:
                 candidates.append(row)
-    candidates.sort(key=lambda r: -r.tokens_per_s)
+    # near-ties (to 3 significant digits: e.g. communication hidden behind compute) go to
+    # less traffic, then to more headroom
+    candidates.sort(key=lambda r: (-float(f"{r.tokens_per_s:.3g}"), r.comm_s, -r.headroom_bytes))
     rows: list[PlanRow] = []
     for row in candidates:  # re-check with the real estimate until `top` rows survive
         if len(rows) >= top:
@@ -518,9 +524,16 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
         nodes = gspec.count // gpus_per_node
     if isinstance(host_ram, str):
         host_ram = parse_bytes(host_ram, "--host-ram")
+    if host_ram is None:  # as `vramplan estimate`: a workstation for named hardware, else this machine
+        from vramplan.cli import DEFAULT_HOST_RAM
+        from vramplan.estimate import local_host_ram
+        host_ram = DEFAULT_HOST_RAM if gpus is not None else local_host_ram()
+    context = model_context(model)
+    if min_seq is None:
+        min_seq = min(2048, context)
     fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
                   min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
-                  context=model_context(model))
+                  context=context)
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:  # our validator's VramplanError arrives wrapped
@@ -543,7 +556,7 @@ def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: i
 
 COLUMNS = ["label", "method", "quant", "precision", "optim", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
            "cpu_offload", "seq_len", "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "step_s",
-           "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
+           "comm_s", "host_s", "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
 
 
 def to_frame(result: PlanResult):
@@ -558,7 +571,8 @@ def to_frame(result: PlanResult):
                          galore_rank=s.galore_rank if s.method == Method.GALORE else None,
                          gradient_checkpointing=s.gradient_checkpointing, fsdp=s.fsdp, cpu_offload=s.cpu_offload,
                          seq_len=s.seq_len, micro_batch=s.batch_size, grad_accum=r.grad_accum, global_batch=r.global_batch,
-                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, per_gpu_bytes=r.per_gpu_bytes,
+                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, comm_s=r.comm_s, host_s=r.host_s,
+                         per_gpu_bytes=r.per_gpu_bytes,
                          host_ram_bytes=r.host_ram_bytes, headroom_bytes=r.headroom_bytes, max_seq_len=r.max_seq_len,
                          max_micro_batch=r.max_micro_batch, recommended=i == 0 and result.recommended is not None))
     df = pd.DataFrame.from_records(recs, columns=COLUMNS)
@@ -637,17 +651,10 @@ def add_cli(sub) -> None:
 
 def _cmd_plan(args) -> int:
     import json
-    from vramplan.cli import DEFAULT_HOST_RAM
-    from vramplan.estimate import local_host_ram
-    host_ram = args.host_ram or (DEFAULT_HOST_RAM if args.gpus else local_host_ram())
-    min_seq = args.min_seq
-    if min_seq is None:
-        ctx = model_context(args.model)
-        min_seq = min(2048, ctx)
     result = plan_model(args.model, args.gpus, top=args.top, num_layers=args.num_layers, nodes=args.nodes,
-                        gpus_per_node=args.gpus_per_node, min_seq=min_seq, global_batch=args.global_batch,
+                        gpus_per_node=args.gpus_per_node, min_seq=args.min_seq, global_batch=args.global_batch,
                         methods=args.methods, min_lora_rank=args.min_lora_rank, min_galore_rank=args.min_galore_rank,
-                        host_ram=host_ram, max_batch=args.max_batch)
+                        host_ram=args.host_ram, max_batch=args.max_batch)
     if args.format == "json":
         print(json.dumps(result_json(result), indent=1))
     elif args.format == "csv":
