@@ -372,22 +372,48 @@ def _seq_index(grid: Grid, req: PlanRequest) -> int:
     return int(np.searchsorted(grid.seqs, req.min_seq))
 
 
-def _per_method(grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
+    """estimate_spec's verdict (the host rule per node, as in _recheck)."""
+    est = estimate_spec(spec, setup, req.gpus, None)
+    pinned = est.host_ram_bytes // max(min(req.gpus.count, setup.fsdp), 1) - PROCESS_HOST_BYTES
+    return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
+
+
+def _limit(spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
+    """The largest option (value, setup) that estimate confirms (the grid rarely differs
+    from it, by the 512 B rounding of allocations, but what is reported must fit)."""
+    for value, setup in sorted(options, key=lambda o: -o[0]):
+        if _confirmed(spec, setup, req):
+            return value, setup
+    return 0, None
+
+
+def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
+    """Per method: the longest sequence that fits at micro-batch 1, and the largest
+    micro-batch that fits at the minimum sequence, with the configuration that reaches it."""
+    seq_opts: dict[str, list] = {}
+    batch_opts: dict[str, list] = {}
     for g in grids:
         fits = _fits(g, req)
         key = method_key(g.setup)
-        entry = out.setdefault(key, {"max_seq_len": 0, "max_seq_config": None, "max_seq_setup": None,
-                                     "max_micro_batch": 0, "max_batch_config": None, "max_batch_setup": None})
-        ones = np.nonzero(fits[:, 0])[0] if g.batches[0] == 1 else []
-        if len(ones) and int(g.seqs[ones[-1]]) > entry["max_seq_len"]:
-            at = g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[ones[-1]])})
-            entry.update(max_seq_len=at.seq_len, max_seq_config=label(g.setup), max_seq_setup=at.model_dump(mode="json"))
+        seq_opts.setdefault(key, [])
+        batch_opts.setdefault(key, [])
+        if g.batches[0] == 1:
+            seq_opts[key] += [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+                              for i in np.nonzero(fits[:, 0])[0][-2:]]
         si = _seq_index(g, req)
-        ok = np.nonzero(fits[si])[0] if si < len(g.seqs) else []
-        if len(ok) and int(g.batches[ok[-1]]) > entry["max_micro_batch"]:
-            at = g.setup.model_copy(update={"batch_size": int(g.batches[ok[-1]]), "seq_len": int(g.seqs[si])})
-            entry.update(max_micro_batch=at.batch_size, max_batch_config=label(g.setup), max_batch_setup=at.model_dump(mode="json"))
+        if si < len(g.seqs):
+            batch_opts[key] += [(int(g.batches[j]), g.setup.model_copy(update={"batch_size": int(g.batches[j]),
+                                                                               "seq_len": int(g.seqs[si])}))
+                                for j in np.nonzero(fits[si])[0][-2:]]
+    out = {}
+    for key in seq_opts:
+        seq, s_setup = _limit(spec, req, seq_opts[key])
+        batch, b_setup = _limit(spec, req, batch_opts[key])
+        out[key] = {"max_seq_len": seq, "max_seq_config": label(s_setup) if s_setup else None,
+                    "max_seq_setup": s_setup.model_dump(mode="json") if s_setup else None,
+                    "max_micro_batch": batch, "max_batch_config": label(b_setup) if b_setup else None,
+                    "max_batch_setup": b_setup.model_dump(mode="json") if b_setup else None}
     return out
 
 
@@ -439,7 +465,7 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
         rows.remove(rec)
         rows.insert(0, rec)
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
-                        recommended=rec, reason=reason, per_method=_per_method(grids, req),
+                        recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
                         evaluated=evaluated, discrete=len(grids))
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
@@ -460,13 +486,11 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
     """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
     from vramplan.hardware import profiles
     out = []
-    best_seq, best_label = 0, ""
-    for g in grids:
-        ones = np.nonzero(_fits(g, req)[:, 0])[0] if g.batches[0] == 1 else []
-        if len(ones) and int(g.seqs[ones[-1]]) > best_seq:
-            best_seq, best_label = int(g.seqs[ones[-1]]), label(g.setup)
+    options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+               for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
+    best_seq, best = _limit(spec, req, options)
     if best_seq:
-        out.append(f"shorter context: --min-seq {best_seq} fits ({best_label}, micro-batch 1)")
+        out.append(f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)")
     gpu_only = req.model_copy(update={"host_ram": None})
     host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
     if host_bound and req.host_ram is not None:
