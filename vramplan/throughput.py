@@ -177,7 +177,8 @@ def micro_bytes(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> float:
     weights += passes * sh.matmul_params * _dequant_bytes_per_param(setup)
     if _weights_train(setup):
         weights += sh.matmul_params * 2 * wbytes  # wgrad: write the gradient, accumulate
-    # saved activations: written in forward, read in backward, and their gradients the same
+    # saved activations (memory model; the first layer stands for all, they are alike):
+    # written in forward, read in backward, and their gradients the same
     acts = 4.0 * N * sum(layer_saved_per_token(spec, l, setup) for l in spec.layers[:1]) * sh.layers
     if setup.gradient_checkpointing:
         acts *= 1.25  # recomputation writes them again
