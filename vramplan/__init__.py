@@ -7,13 +7,14 @@ from vramplan.categories import Category
 from vramplan.errors import VramplanError
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
-# Importing a submodule binds it as an attribute of this package, which would replace the
-# function ``estimate`` below with the module ``vramplan.estimate`` on first use. Loading it
-# here, before the function is defined, makes the function win for good.
+# Importing a submodule sets the package attribute of the same name: load the modules
+# vramplan.estimate and vramplan.plan now, so the functions defined below keep the names
+# `vramplan.estimate` and `vramplan.plan` whatever is imported later.
 import vramplan.estimate as _estimate_module  # noqa: E402,F401
+import vramplan.plan as _plan_module  # noqa: E402,F401
 
 __all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
-           "estimate", "load_model", "plot_breakdown"]
+           "estimate", "load_model", "plan", "plot_breakdown"]
 __version__ = "0.1.0"
 
 
@@ -24,6 +25,19 @@ def estimate(model, gpus=None, **setup):
     """
     from vramplan.estimate import estimate_config
     return estimate_config(model, gpus=gpus, **setup)
+
+
+def plan(model, gpus=None, top=10, **constraints):
+    """Search the configurations of ``model`` that fit ``gpus``, fastest first.
+
+    Returns a pandas DataFrame (recommended row first, byte columns as integers);
+    ``df.attrs`` holds the reason, the per-method limits, suggestions when nothing fits
+    and the number of points evaluated. ``constraints``: nodes, gpus_per_node, min_seq,
+    global_batch, methods ("full,galore" or a list), min_lora_rank, min_galore_rank,
+    host_ram (bytes or "128GB"), max_batch, num_layers.
+    """
+    from vramplan.plan import plan_model, to_frame
+    return to_frame(plan_model(model, gpus, top=top, **constraints))
 
 
 def load_model(model, num_layers=None):

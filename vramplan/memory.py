@@ -421,14 +421,41 @@ def _unit_grad_bytes(params: list[Param], setup: TrainingSetup, layer: int | Non
     return unsharded, (4 * n if lora else reduce_bytes * n)
 
 
-def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False) -> StepModel:
+@dataclass(frozen=True)
+class Prepared:
+    """The token-independent part of step_model for one (spec, setup without batch/seq).
+    The planner evaluates each configuration at several token counts; sharing this part
+    makes that cheaper without changing any result."""
+    spec: ModelSpec
+    key: TrainingSetup
+    params: list
+    static: tuple
+    units: dict
+
+
+def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
+    return setup.model_copy(update={"batch_size": 1, "seq_len": 1})
+
+
+def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
+    params = parameters(spec, setup)
+    static = _static(params, setup, setup.fsdp, setup.cpu_offload)
+    units = _unit_bytes(params, setup, setup.fsdp) if setup.fsdp > 1 else {}
+    return Prepared(spec, _token_free_key(setup), params, static, units)
+
+
+def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
+               prepared: Prepared | None = None) -> StepModel:
     """All phases of one step. every_layer=True keeps one "layer backward" phase per decoder
     layer instead of only the worst (each is then affine in the token count, which the
-    planner relies on)."""
+    planner relies on). `prepared` (from prepare()) is reused only when it was made for
+    this spec and this setup up to batch_size/seq_len; otherwise it is recomputed."""
     world = setup.fsdp
     offload = setup.cpu_offload
-    params = parameters(spec, setup)
-    static, grads, optim_state, host = _static(params, setup, world, offload)
+    if prepared is None or prepared.spec is not spec or prepared.key != _token_free_key(setup):
+        prepared = prepare(spec, setup)
+    params = prepared.params
+    static, grads, optim_state, host = prepared.static
     N, V, h = setup.tokens, spec.vocab, spec.hidden
     notes: list[str] = []
 
@@ -472,7 +499,7 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False)
     loss_bwd = held + 12 * N * V           # log-softmax saved + its grad in + grad out [cal]
 
     # ---- FSDP buffers
-    units = _unit_bytes(params, setup, world) if world > 1 else {}
+    units = prepared.units
     layer_unit = max((v for k, v in units.items() if k is not None), default=0)
     root_unit = units.get(None, 0)
     reduce_bytes = 4 if setup.precision == Precision.MIXED else 2
@@ -544,6 +571,9 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         lw_extra = max((_r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
                         for p in params if p.trainable), default=0)
     root_grads = layer_grads.get(None, 0)
+    by_layer: dict[int | None, list[Param]] = {}
+    for p in params:  # _unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))
+        by_layer.setdefault(p.layer, []).append(p)
     non_layer = acts - layer_acts
     out: list[Phase] = []
     done_grads = root_grads
@@ -561,7 +591,7 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
         if world > 1:
             unit = units.get(i, 0)
-            ug, rs = _unit_grad_bytes(params, setup, i, reduce_bytes)
+            ug, rs = _unit_grad_bytes(by_layer.get(i, []), setup, i, reduce_bytes)
             # current unit + prefetched next unit + root (kept unsharded) + unsharded grads
             # of the unit + reduce-scatter input [notes 5]
             ph.add(C.FSDP_BUFFERS, 2 * unit + units.get(None, 0) + _r(ug) + _r(rs))

@@ -1,0 +1,222 @@
+"""`vramplan plan`: what it reports fits by `estimate`, constraints hold, the seeds' setups,
+bad input, and the cheaper memory-model entry point it relies on."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import vramplan
+from vramplan.cli import main
+from vramplan.estimate import estimate_spec
+from vramplan.hardware import parse_gpus
+from vramplan.memory import prepare, step_model
+from vramplan.model_spec import load_model_spec
+from vramplan.plan import PlanRequest, evaluate, make_request, plan_model, seq_grid
+from vramplan.setup import Method, TrainingSetup
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def seventy():
+    return plan_model("llama-70b", "2x24GB", host_ram=128 * GiB, top=10)
+
+
+@pytest.fixture(scope="module")
+def seven_full_param():
+    return plan_model("llama-2-7b", "1x24GB", methods="full,galore", host_ram=128 * GiB, top=10)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return plan_model("qwen2.5-0.5b", "2x16GB", host_ram=64 * GiB, top=40, max_batch=32)
+
+
+# ---------------------------------------------------------------- plan ⊆ estimate
+
+@pytest.mark.parametrize("which", ["seventy", "seven_full_param", "small"])
+def test_every_reported_row_fits_by_estimate(which, request):
+    result = request.getfixturevalue(which)
+    assert result.rows
+    gpus = {"seventy": "2x24GB", "seven_full_param": "1x24GB", "small": "2x16GB"}[which]
+    host = {"seventy": 128, "seven_full_param": 128, "small": 64}[which] * GiB
+    for row in result.rows:
+        est = vramplan.estimate(result.model, gpus=gpus, host_ram=host, **row.setup.model_dump())
+        assert est.fits, row.label
+        assert est.per_gpu.total_bytes == row.per_gpu_bytes
+
+
+def test_grid_matches_estimate_pointwise():
+    """The affine evaluation is the estimate: sampled (seq, batch) points of the grid give
+    estimate_spec's total (within the 512 B rounding of each allocation) and its verdict."""
+    spec = load_model_spec("llama-3.2-1b")
+    gpus = parse_gpus("1x24GB")
+    req = PlanRequest(gpus=gpus, context=131072, max_batch=64)
+    seqs = seq_grid(8192)
+    rng = np.random.default_rng(0)
+    for fields in (dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
+                   dict(method="qlora", quant="hqq4", lora_r=32), dict(method="galore", optim="galore_adamw_8bit_layerwise")):
+        setup = TrainingSetup(**fields)
+        grid = evaluate(spec, setup, req, seqs, np.arange(1, 65))
+        for _ in range(6):
+            si, bi = rng.integers(len(seqs)), rng.integers(64)
+            point = setup.model_copy(update={"seq_len": int(seqs[si]), "batch_size": int(bi + 1)})
+            est = estimate_spec(spec, point, gpus)
+            assert abs(grid.total[si, bi] - est.per_gpu.total_bytes) <= 512 * 4 * len(spec.layers) + 64
+            if abs(est.headroom_bytes) > 2**20:
+                assert (grid.total[si, bi] <= gpus.profile.memory_bytes) == est.fits
+
+
+def test_eager_attention_grid_matches_estimate():
+    """Gemma 2 (eager attention: seq^2 scores and masks) has a tokens x seq term."""
+    spec = load_model_spec("gemma-2-2b")
+    gpus = parse_gpus("1x24GB")
+    req = PlanRequest(gpus=gpus, context=8192, max_batch=8)
+    seqs = seq_grid(8192)
+    setup = TrainingSetup(method="lora", gradient_checkpointing=True)
+    grid = evaluate(spec, setup, req, seqs, np.arange(1, 9))
+    for si in (0, len(seqs) // 2, len(seqs) - 1):
+        est = estimate_spec(spec, setup.model_copy(update={"seq_len": int(seqs[si]), "batch_size": 3}), gpus)
+        assert abs(grid.total[si, 2] - est.per_gpu.total_bytes) <= 512 * 8 * len(spec.layers)
+
+
+def test_prepared_step_model_is_the_same():
+    spec = load_model_spec("qwen2.5-0.5b")
+    setup = TrainingSetup(method="qlora", fsdp=2, cpu_offload=True, gradient_checkpointing=True)
+    pre = prepare(spec, setup)
+    other = setup.model_copy(update={"batch_size": 3, "seq_len": 777})
+    a = step_model(spec, other, every_layer=True, prepared=pre)
+    b = step_model(spec, other, every_layer=True)
+    assert [(p.name, p.parts) for p in a.phases] == [(p.name, p.parts) for p in b.phases]
+    assert a.host_pinned == b.host_pinned
+    # a prepared part made for another configuration is not used
+    c = step_model(spec, TrainingSetup(method="full"), prepared=pre)
+    assert c.peak.allocated == step_model(spec, TrainingSetup(method="full")).peak.allocated
+
+
+# ---------------------------------------------------------------- the seeds
+
+def test_70b_on_two_24gb_cards_is_qlora_with_fsdp(seventy):
+    rec = seventy.recommended
+    assert rec.setup.method == Method.QLORA and rec.setup.fsdp == 2
+    assert rec.setup.gradient_checkpointing
+    # no adapter-free or bf16-base method fits: checked with the estimate directly
+    for fields in (dict(method="lora", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
+                   dict(method="full", fsdp=2, cpu_offload=True, gradient_checkpointing=True, optim="adamw_bnb_8bit")):
+        assert not vramplan.estimate("llama-70b", gpus="2x24GB", host_ram=128 * GiB, seq_len=2048, **fields).fits
+
+
+def test_7b_full_parameter_on_one_24gb_card_is_galore_8bit_layerwise(seven_full_param):
+    rec = seven_full_param.recommended
+    assert rec.setup.method == Method.GALORE and rec.setup.optim.layerwise and rec.setup.optim.is_8bit
+    assert all(r.method in ("full", "galore") for r in seven_full_param.rows)
+    best_full = dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True, batch_size=1, seq_len=2048)
+    assert not vramplan.estimate("llama-2-7b", gpus="1x24GB", **best_full).fits
+
+
+# ---------------------------------------------------------------- constraints and answers
+
+def test_rows_are_ranked_and_respect_constraints(small):
+    rows = small.rows
+    speeds = [float(f"{r.tokens_per_s:.3g}") for r in rows[1:]]  # ranked to 3 significant digits
+    assert speeds == sorted(speeds, reverse=True)
+    assert rows[0].tokens_per_s >= max(speeds) or rows[0].headroom_bytes >= 0.05 * small.gpu_memory_bytes
+    for r in rows:
+        assert r.setup.seq_len >= 2048 and r.setup.fsdp <= 2 and r.headroom_bytes >= 0
+        if r.setup.lora_like:
+            assert r.setup.lora_r >= 16
+        if r.setup.method == Method.GALORE:
+            assert r.setup.galore_rank >= 128 and not r.setup.optim.layerwise  # layer-wise needs a single GPU
+
+
+def test_global_batch_min_seq_and_ranks():
+    res = plan_model("qwen2.5-0.5b", "2x24GB", methods="lora,galore", global_batch=24, min_seq=3000, min_lora_rank=64,
+                     min_galore_rank=64, top=20)
+    assert res.rows
+    for r in res.rows:
+        assert r.setup.batch_size * r.grad_accum * 2 == 24
+        assert r.setup.seq_len >= 3000
+        assert r.method in ("lora", "galore")
+        assert (r.setup.lora_r if r.setup.lora_like else r.setup.galore_rank) >= 64
+
+
+def test_per_method_limits_are_the_edge_of_fitting(small):
+    """The longest sequence reported for a method fits by estimate and the next one on
+    the grid does not; likewise the largest micro-batch."""
+    spec, gpus = load_model_spec("qwen2.5-0.5b"), parse_gpus("2x16GB")
+    seqs = seq_grid(32768)
+    checked = 0
+    for key, e in small.per_method.items():
+        if e["max_seq_setup"]:
+            at = TrainingSetup(**e["max_seq_setup"])
+            assert estimate_spec(spec, at, gpus, 64 * GiB).fits
+            nxt = seqs[seqs > at.seq_len]
+            if len(nxt):
+                assert not estimate_spec(spec, at.model_copy(update={"seq_len": int(nxt[0])}), gpus).fits_gpu
+            checked += 1
+        if e["max_batch_setup"]:
+            at = TrainingSetup(**e["max_batch_setup"])
+            assert at.seq_len == 2048 and estimate_spec(spec, at, gpus, 64 * GiB).fits
+            if at.batch_size < 32:
+                assert not estimate_spec(spec, at.model_copy(update={"batch_size": at.batch_size + 1}), gpus).fits_gpu
+    assert checked >= 3
+
+
+def test_nothing_fits_says_what_would():
+    res = plan_model("qwen2.5-7b", "1x8GB", methods="full", min_seq=1024, host_ram=64 * GiB)
+    assert not res.rows and res.recommended is None
+    assert res.suggestions
+    assert any(s.startswith(("more GPUs", "a larger card")) for s in res.suggestions)
+
+
+def test_python_api_returns_a_dataframe():
+    df = vramplan.plan("qwen2.5-0.5b", "1x24GB", methods=["lora"], top=3, max_batch=8)
+    assert list(df.columns[:3]) == ["label", "method", "quant"] and len(df) == 3
+    assert df["recommended"].tolist() == [True, False, False]
+    assert df["per_gpu_bytes"].dtype.kind == "i" and (df["per_gpu_bytes"] <= 24 * GiB).all()
+    assert df.attrs["evaluated"] >= df.attrs["discrete"] * 8
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_json_and_csv(capsys):
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "lora", "--max-batch", "4", "--top", "2",
+                 "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 2 and out["recommended"]["label"] == out["rows"][0]["label"]
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "lora", "--max-batch", "4", "--top", "2",
+                 "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2 and rows[0]["recommended"] == "True" and int(rows[0]["per_gpu_bytes"]) > 0
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--methods", "full,dora"], "--methods"),
+    (["--nodes", "0"], "--nodes"),
+    (["--nodes", "3"], "--nodes"),
+    (["--gpus-per-node", "3"], "--gpus-per-node"),
+    (["--min-seq", "100000"], "--min-seq"),
+    (["--global-batch", "7"], "--global-batch"),
+    (["--min-lora-rank", "100000"], "--min-lora-rank"),
+    (["--top", "0"], "--top"),
+    (["--host-ram", "lots"], "--host-ram"),
+])
+def test_bad_input_is_one_line(args, flag):
+    p = subprocess.run([sys.executable, "-m", "vramplan", "plan", "llama-2-7b", "--gpus", "2x24GB", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr
+
+
+def test_request_spreads_gpus_over_nodes():
+    req = make_request("llama-2-7b", "8x80GB", gpus_per_node=4)
+    assert req.nodes == 2 and req.gpus_per_node == 4
+    with pytest.raises(vramplan.VramplanError, match="--gpus-per-node"):
+        make_request("llama-2-7b", "8x80GB", gpus_per_node=4, nodes=4)

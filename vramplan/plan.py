@@ -1,0 +1,689 @@
+"""`vramplan plan MODEL --gpus SPEC`: search the configurations that fit, fastest first.
+
+The search uses the memory model itself, cheaply: for each discrete configuration
+(method, precision, optimizer, rank, checkpointing, FSDP degree, offload) it runs
+`step_model(every_layer=True)` at two token counts. Every phase is affine in the tokens
+of a micro-batch (eager attention adds a tokens x seq term: a third call measures it),
+so the per-GPU total at every (sequence length, micro-batch) point of the grid is the
+max over those phases, plus the estimate's allocator overhead and CUDA context,
+evaluated with numpy. The configurations reported are then re-checked one by one with
+`estimate_spec` (the same engine), and any that `estimate` says does not fit is dropped.
+Throughput comes from vramplan.throughput.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vramplan.errors import VramplanError
+from vramplan.estimate import PROCESS_HOST_BYTES, estimate_spec
+from vramplan.hardware import GpuSpec
+from vramplan.memory import MiB, prepare, step_model
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.throughput import step_time
+
+METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
+_METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
+MAX_BATCH = 256
+# Headroom below which a configuration is fast but fragile (allocator variance between
+# runs, a longer sample): the recommendation prefers one with at least this share free.
+SAFE_HEADROOM = 0.05
+DEFAULT_CONTEXT = 32768  # when the model's config gives none (a ModelSpec passed directly)
+
+
+class PlanRequest(BaseModel):
+    """What the user asks for: hardware and constraints. Validation names the flag."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpus: GpuSpec
+    nodes: int = Field(1, description="nodes the GPUs are spread over (FSDP may span them)")
+    min_seq: int = Field(2048, description="shortest sequence length acceptable")
+    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs (via gradient accumulation)")
+    methods: tuple[str, ...] = Field(METHOD_KEYS, description="methods allowed")
+    min_lora_rank: int = Field(16, description="smallest LoRA rank acceptable")
+    min_galore_rank: int = Field(128, description="smallest GaLore rank acceptable")
+    host_ram: int | None = Field(None, description="host RAM per node in bytes (None: not checked)")
+    max_batch: int = Field(MAX_BATCH, description="largest micro-batch searched")
+    context: int = Field(DEFAULT_CONTEXT, description="the model's maximum sequence length")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for flag, v in (("--nodes", self.nodes), ("--min-seq", self.min_seq), ("--min-lora-rank", self.min_lora_rank),
+                        ("--min-galore-rank", self.min_galore_rank), ("--max-batch", self.max_batch)):
+            if v < 1:
+                raise VramplanError(f"must be a positive integer, got {v}", flag)
+        if self.gpus.count % self.nodes:
+            raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
+        if self.min_seq > self.context:
+            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)", "--min-seq")
+        if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.gpus.count):
+            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), got {self.global_batch}",
+                                "--global-batch")
+        if not self.methods:
+            raise VramplanError(f"give at least one of: {', '.join(METHOD_KEYS)}", "--methods")
+        return self
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpus.count // self.nodes
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """'full,galore' -> ('full', 'galore'); 'qlora' means both 4-bit formats."""
+    if text is None:
+        return METHOD_KEYS
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for raw in (i.strip().lower() for i in items):
+        if not raw:
+            continue
+        keys = _METHOD_ALIASES.get(raw, (raw,))
+        for k in keys:
+            if k not in METHOD_KEYS:
+                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore",
+                                    "--methods")
+            if k not in out:
+                out.append(k)
+    if not out:
+        raise VramplanError("give at least one of: full, lora, qlora, qlora-nf4, qlora-hqq4, galore", "--methods")
+    return tuple(out)
+
+
+def method_key(setup: TrainingSetup) -> str:
+    if setup.method == Method.QLORA:
+        return f"qlora-{setup.quant.value}"
+    return setup.method.value
+
+
+# ------------------------------------------------------------------ the discrete space
+
+def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
+    """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself.
+    The GPUs outside one FSDP group are data-parallel replicas (HSDP, or DDP at degree 1,
+    assumed with gradient_as_bucket_view=True so the buckets add no gradient copy: the
+    memory per GPU is the FSDP group's)."""
+    n = req.gpus.count
+    degrees = sorted({1, n} | {2**k for k in range(1, int(math.log2(n)) + 1) if n % 2**k == 0})
+    modes = []
+    for d in degrees:
+        modes.append((d, False))
+        if d > 1:
+            modes.append((d, True))
+    return modes
+
+
+def _ranks(lo: int, smallest: int, count: int) -> list[int]:
+    return [r for r in (lo * 2**i for i in range(count)) if r <= smallest]
+
+
+def _smallest_dim(spec: ModelSpec) -> int:
+    return min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
+
+
+def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
+    """Setup fields of every discrete configuration, in groups ordered by rank (a rank
+    that does not fit at one sequence of min_seq means no larger rank will)."""
+    smallest = _smallest_dim(spec)
+    groups: list[list[dict]] = []
+    modes = _fsdp_modes(req)
+    for key in req.methods:
+        if key == "full":
+            # adamw_torch is left out: adamw_torch_fused does the same update in place
+            # (no foreach temporaries) and is faster, so it dominates it.
+            for prec, optim, ckpt, (d, off) in itertools.product(Precision, (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT),
+                                                                 (False, True), modes):
+                groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
+                                    fsdp=d, cpu_offload=off)])
+        elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
+            ranks = _ranks(req.min_lora_rank, smallest, 3)
+            if not ranks:
+                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension ({smallest})",
+                                    "--min-lora-rank")
+            method = Method.LORA if key == "lora" else Method.QLORA
+            quant = None if key == "lora" else Quant(key.split("-")[1])
+            # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
+            for ckpt, (d, off) in itertools.product((False, True), modes):
+                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
+                                    cpu_offload=off) for r in ranks])
+        elif key == "galore":
+            ranks = _ranks(req.min_galore_rank, smallest, 4)
+            if not ranks:
+                raise VramplanError(f"{req.min_galore_rank} is larger than the smallest projected weight dimension "
+                                    f"({smallest})", "--min-galore-rank")
+            # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
+            # optimizers step from per-parameter hooks, which HF Trainer refuses under
+            # distributed training, so they are planned for a single GPU only.
+            optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
+            for prec, optim, ckpt in itertools.product(Precision, optims, (False, True)):
+                groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
+                                    gradient_checkpointing=ckpt) for r in ranks])
+    return groups
+
+
+# ------------------------------------------------------------------ the grid
+
+def seq_grid(context: int) -> np.ndarray:
+    """Sequence lengths searched: 128, every 256 up to 8192, then 1, 1.25, 1.5, 1.75 x each
+    power of two, up to the context (and the context itself)."""
+    vals = {128} | {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
+    vals = {v for v in vals if v <= context} | {context}
+    return np.array(sorted(vals), dtype=np.int64)
+
+
+def batch_grid(req: PlanRequest, layerwise: bool) -> np.ndarray:
+    """Micro-batch sizes: 1..max_batch, or the divisors of the per-GPU share of the global
+    batch; layer-wise optimizers cannot accumulate gradients (one micro-batch per step)."""
+    if req.global_batch is None:
+        return np.arange(1, req.max_batch + 1, dtype=np.int64)
+    per_gpu = req.global_batch // req.gpus.count
+    if layerwise:
+        return np.array([per_gpu], dtype=np.int64)
+    return np.array([b for b in range(1, min(per_gpu, req.max_batch) + 1) if per_gpu % b == 0], dtype=np.int64)
+
+
+def _pareto(coef: np.ndarray) -> np.ndarray:
+    """Drop phases (rows of coefficients, all multiplying non-negative features) that
+    another phase matches or exceeds in every coefficient: the max over the rest is the
+    same and far cheaper to evaluate on the grid."""
+    ge = (coef[:, None, :] >= coef[None, :, :]).all(axis=2)  # ge[j, i]: phase j >= phase i everywhere
+    same = ge & ge.T
+    idx = np.arange(len(coef))
+    # i goes when another phase covers it strictly, or is identical and comes first
+    drop = ((ge & ~same) | (same & (idx[:, None] < idx[None, :]))).any(axis=0)
+    return coef[~drop]
+
+
+@dataclass
+class Grid:
+    """Per-GPU total bytes of one discrete configuration at every (seq, batch) point."""
+    setup: TrainingSetup
+    seqs: np.ndarray
+    batches: np.ndarray
+    total: np.ndarray          # [len(seqs), len(batches)] bytes per GPU
+    host: int                  # host RAM per node
+    evaluated: int
+
+
+def _allocs(spec: ModelSpec, setup: TrainingSetup, pre, batch: int, seq: int):
+    m = step_model(spec, setup.model_copy(update={"batch_size": batch, "seq_len": seq}), every_layer=True, prepared=pre)
+    return np.array([p.allocated for p in m.phases], dtype=np.float64), m.host_pinned
+
+
+def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) -> tuple[np.ndarray, int]:
+    """Per phase (c, per token, per token x seq): allocated = c + a*N + b*N*s with N = batch*seq.
+    Every term of the memory model scales with the tokens N except eager attention's
+    probabilities and masks (per token x seq); SDPA models have b = 0 and need two calls."""
+    a1, pinned = _allocs(spec, setup, pre, 1, s1)
+    a2, _ = _allocs(spec, setup, pre, 2, s1)
+    per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
+    if spec.attn_implementation == "sdpa":
+        return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
+    a3, _ = _allocs(spec, setup, pre, 1, s2)
+    # a3 - c = (a + b*s2) * s2 and a1 - c = (a + b*s1) * s1 with a = per_n - b*s1
+    b = (a3 - a1 - per_n * (s2 - s1)) / ((s2 - s1) * s2)
+    a = per_n - b * s1
+    return np.stack([a1 - a * s1 - b * s1 * s1, a, b], axis=1), pinned
+
+
+def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
+    """estimate_spec's total from the allocated peak: + allocator overhead + CUDA context."""
+    overhead = np.floor(0.05 * alloc) + 32 * MiB  # allocator_overhead(), vectorised
+    return alloc + overhead + gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+
+
+def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
+    """Host RAM of one node: estimate_spec's rule (one process per rank of the FSDP group
+    on this host), with the ranks of one node."""
+    ranks = min(req.gpus_per_node, max(setup.fsdp, 1))
+    return ranks * (PROCESS_HOST_BYTES + pinned)
+
+
+def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
+    pre = prepare(spec, setup)
+    coef, pinned = _coefficients(spec, setup, pre, int(seqs[0]), int(seqs[-1]))
+    coef = _pareto(coef)
+    tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
+    feats = (tokens, tokens * seqs[:, None])
+    alloc = np.full(tokens.shape, -np.inf)
+    for c, a, b in coef:  # after the Pareto filter a handful of phases remain
+        np.maximum(alloc, c + a * feats[0] + b * feats[1], out=alloc)
+    return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
+
+
+# ------------------------------------------------------------------ rows and the search
+
+class PlanRow(BaseModel):
+    """One feasible configuration, at the shortest acceptable sequence and the fastest
+    micro-batch that fits."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    setup: TrainingSetup
+    label: str
+    method: str
+    grad_accum: int = Field(description="micro-batches per optimizer step")
+    global_batch: int = Field(description="sequences per optimizer step over all GPUs")
+    tokens_per_s: float = Field(description="estimated training throughput over all GPUs")
+    step_s: float = Field(description="estimated seconds per optimizer step")
+    comm_s: float = Field(description="collectives per step (overlapped with compute unless they are longer)")
+    host_s: float = Field(description="CPU offload transfers and CPU optimizer step per step")
+    per_gpu_bytes: int = Field(description="estimate_spec's per-GPU total (what nvidia-smi would show)")
+    host_ram_bytes: int = Field(description="host RAM one node needs")
+    headroom_bytes: int
+    max_seq_len: int = Field(description="longest sequence that fits at micro-batch 1 (grid resolution)")
+    max_micro_batch: int = Field(description="largest micro-batch that fits at this sequence length")
+
+
+class PlanResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str
+    gpus: str
+    gpu_memory_bytes: int
+    rows: list[PlanRow] = Field(description="feasible configurations, fastest first, each re-checked by estimate")
+    recommended: PlanRow | None = None
+    reason: str = ""
+    per_method: dict[str, dict] = Field(default_factory=dict, description="longest sequence / largest micro-batch per method")
+    suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
+    evaluated: int = Field(description="(configuration, sequence, micro-batch) points evaluated")
+    discrete: int = Field(description="discrete configurations evaluated")
+
+
+def label(setup: TrainingSetup) -> str:
+    parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
+             Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
+    parts.append(setup.precision.value)
+    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused", Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
+                  Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
+                  Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
+                  Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
+    if setup.gradient_checkpointing:
+        parts.append("+ ckpt")
+    if setup.fsdp > 1:
+        parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
+    return " ".join(parts)
+
+
+def _accum(req: PlanRequest, batch: int) -> int:
+    if req.global_batch is None:
+        return 1
+    return req.global_batch // (req.gpus.count * batch)
+
+
+def _speed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, accum: int):
+    return step_time(spec, setup, req.gpus.profile, gpus=req.gpus.count, gpus_per_node=req.gpus_per_node, accum=accum)
+
+
+def _fits(grid: Grid, req: PlanRequest) -> np.ndarray:
+    host_ok = req.host_ram is None or grid.host <= req.host_ram
+    return (grid.total <= req.gpus.profile.memory_bytes) & host_ok
+
+
+def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits: np.ndarray) -> PlanRow | None:
+    """The fastest fitting micro-batch at sequence index si: the largest (the throughput
+    model's per-micro-batch overheads only shrink per token as the micro-batch grows)."""
+    ok = np.nonzero(fits[si])[0]
+    if not len(ok):
+        return None
+    b = int(grid.batches[ok[-1]])
+    seq = int(grid.seqs[si])
+    setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": seq})
+    accum = _accum(req, b)
+    t = _speed(spec, setup, req, accum)
+    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else []
+    total = int(grid.total[si, ok[-1]])
+    return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
+                   global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
+                   step_s=t.step_s, comm_s=t.comm_s, host_s=t.host_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
+                   headroom_bytes=req.gpus.profile.memory_bytes - total,
+                   max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0, max_micro_batch=b)
+
+
+def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
+    """The row as estimate_spec sees it; None when estimate says it does not fit."""
+    single_node = req.nodes == 1
+    est = estimate_spec(spec, row.setup, req.gpus, req.host_ram if single_node else None)
+    host = row.host_ram_bytes if not single_node else est.host_ram_bytes
+    if not est.fits or (req.host_ram is not None and host > req.host_ram):
+        return None
+    return row.model_copy(update={"per_gpu_bytes": est.per_gpu.total_bytes, "headroom_bytes": est.headroom_bytes,
+                                  "host_ram_bytes": host})
+
+
+def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
+    """Evaluate every discrete configuration on the (seq, batch) grid."""
+    seqs = seq_grid(req.context)
+    grids, evaluated = [], 0
+    for group in candidate_groups(spec, req):
+        for fields in group:
+            setup = TrainingSetup(**fields, seq_len=int(seqs[0]))
+            grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
+            grids.append(grid)
+            evaluated += grid.evaluated
+            if not _fits(grid, req)[:, 0].any():
+                break  # a larger rank needs more memory everywhere
+    return grids, evaluated
+
+
+def _seq_index(grid: Grid, req: PlanRequest) -> int:
+    """The shortest grid sequence >= min_seq."""
+    return int(np.searchsorted(grid.seqs, req.min_seq))
+
+
+def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
+    """estimate_spec's verdict (the host rule per node, as in _recheck)."""
+    est = estimate_spec(spec, setup, req.gpus, None)
+    pinned = est.host_ram_bytes // max(min(req.gpus.count, setup.fsdp), 1) - PROCESS_HOST_BYTES
+    return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
+
+
+def _limit(spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
+    """The largest option (value, setup) that estimate confirms (the grid rarely differs
+    from it, by the 512 B rounding of allocations, but what is reported must fit)."""
+    for value, setup in sorted(options, key=lambda o: -o[0]):
+        if _confirmed(spec, setup, req):
+            return value, setup
+    return 0, None
+
+
+def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
+    """Per method: the longest sequence that fits at micro-batch 1, and the largest
+    micro-batch that fits at the minimum sequence, with the configuration that reaches it."""
+    seq_opts: dict[str, list] = {}
+    batch_opts: dict[str, list] = {}
+    for g in grids:
+        fits = _fits(g, req)
+        key = method_key(g.setup)
+        seq_opts.setdefault(key, [])
+        batch_opts.setdefault(key, [])
+        if g.batches[0] == 1:
+            seq_opts[key] += [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+                              for i in np.nonzero(fits[:, 0])[0][-2:]]
+        si = _seq_index(g, req)
+        if si < len(g.seqs):
+            batch_opts[key] += [(int(g.batches[j]), g.setup.model_copy(update={"batch_size": int(g.batches[j]),
+                                                                               "seq_len": int(g.seqs[si])}))
+                                for j in np.nonzero(fits[si])[0][-2:]]
+    out = {}
+    for key in seq_opts:
+        seq, s_setup = _limit(spec, req, seq_opts[key])
+        batch, b_setup = _limit(spec, req, batch_opts[key])
+        out[key] = {"max_seq_len": seq, "max_seq_config": label(s_setup) if s_setup else None,
+                    "max_seq_setup": s_setup.model_dump(mode="json") if s_setup else None,
+                    "max_micro_batch": batch, "max_batch_config": label(b_setup) if b_setup else None,
+                    "max_batch_setup": b_setup.model_dump(mode="json") if b_setup else None}
+    return out
+
+
+def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
+    cap = req.gpus.profile.memory_bytes
+    if row is fastest:
+        why = "fastest configuration that fits"
+        if row.headroom_bytes < SAFE_HEADROOM * cap:
+            why += " (all fit with under 5% headroom: a longer sample may not)"
+    else:
+        why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
+               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / 2**30:.2f} GiB)")
+    trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
+             "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
+             "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
+    extra = []
+    if row.setup.fsdp > 1:
+        extra.append(f"sharded over {row.setup.fsdp} GPUs")
+    if row.setup.cpu_offload:
+        extra.append("shards and optimizer in host RAM")
+    if row.setup.gradient_checkpointing:
+        extra.append("recomputes layers in backward")
+    return f"{why}: {trade}" + (f", {', '.join(extra)}" if extra else "") + \
+        f"; ~{row.tokens_per_s:,.0f} tokens/s, micro-batch {row.setup.batch_size} x {row.setup.seq_len}"
+
+
+def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = True) -> PlanResult:
+    grids, evaluated = search(spec, req)
+    candidates = []
+    for g in grids:
+        si = _seq_index(g, req)
+        if si < len(g.seqs):
+            row = _candidate_row(spec, g, req, si, _fits(g, req))
+            if row is not None:
+                candidates.append(row)
+    # near-ties (to 3 significant digits: e.g. communication hidden behind compute) go to
+    # less traffic, then to more headroom
+    candidates.sort(key=lambda r: (-float(f"{r.tokens_per_s:.3g}"), r.comm_s, -r.headroom_bytes))
+    rows: list[PlanRow] = []
+    for row in candidates:  # re-check with the real estimate until `top` rows survive
+        if len(rows) >= top:
+            break
+        checked = _recheck(spec, row, req)
+        if checked is not None:
+            rows.append(checked)
+    rec = next((r for r in rows if r.headroom_bytes >= SAFE_HEADROOM * req.gpus.profile.memory_bytes), rows[0] if rows else None)
+    reason = _reason(rec, rows[0], req) if rec else ""
+    if rec is not None:
+        rows.remove(rec)
+        rows.insert(0, rec)
+    result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
+                        recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
+                        evaluated=evaluated, discrete=len(grids))
+    if not rows and suggest:
+        result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
+    return result
+
+
+# ------------------------------------------------------------------ when nothing fits
+
+def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
+    try:
+        res = plan_spec(spec, req.model_copy(update=update), top=1, suggest=False)
+    except VramplanError:
+        return None
+    return res.rows[0] if res.rows else None
+
+
+def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
+    from vramplan.hardware import profiles
+    out = []
+    options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+               for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
+    best_seq, best = _limit(spec, req, options)
+    if best_seq:
+        out.append(f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)")
+    gpu_only = req.model_copy(update={"host_ram": None})
+    host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
+    if host_bound and req.host_ram is not None:
+        g = min(host_bound, key=lambda g: g.host)
+        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / 2**30:.0f} GiB of host RAM per node "
+                   f"(--host-ram {math.ceil(g.host / 2**30)}GB; {req.host_ram / 2**30:.0f} GiB assumed)")
+    n = req.gpus.count
+    for more in (2 * n, 4 * n, 8 * n):
+        gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
+        nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
+        row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
+        if row:
+            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} (~{row.tokens_per_s:,.0f} tokens/s)")
+            break
+    larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
+                    key=lambda p: p.memory_bytes)
+    for prof in larger[:3]:
+        gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
+        row = _first_fit(spec, req, gpus=gpus)
+        if row:
+            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / 2**30:.0f} GiB) fits {row.label} "
+                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
+            break
+    if not out:
+        out.append("nothing tried fits: a smaller model, or more nodes (--nodes) with FSDP across them")
+    return out
+
+
+# ------------------------------------------------------------------ entry points
+
+def model_context(model: str | ModelSpec) -> int:
+    """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown)."""
+    if isinstance(model, ModelSpec):
+        return DEFAULT_CONTEXT
+    from vramplan.model_spec import resolve_config
+    _, _, cfg = resolve_config(model)
+    ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    return int(ctx) if ctx else DEFAULT_CONTEXT
+
+
+def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: int | None = None,
+                 gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
+                 methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
+                 host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
+    from vramplan.estimate import resolve_gpus
+    from vramplan.units import parse_bytes
+    gspec = resolve_gpus(gpus)
+    if gpus_per_node is not None:
+        if gpus_per_node < 1 or gspec.count % gpus_per_node:
+            raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
+                                "--gpus-per-node")
+        if nodes is not None and nodes * gpus_per_node != gspec.count:
+            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs of --gpus",
+                                "--gpus-per-node")
+        nodes = gspec.count // gpus_per_node
+    if isinstance(host_ram, str):
+        host_ram = parse_bytes(host_ram, "--host-ram")
+    if host_ram is None:  # as `vramplan estimate`: a workstation for named hardware, else this machine
+        from vramplan.cli import DEFAULT_HOST_RAM
+        from vramplan.estimate import local_host_ram
+        host_ram = DEFAULT_HOST_RAM if gpus is not None else local_host_ram()
+    context = model_context(model)
+    if min_seq is None:
+        min_seq = min(2048, context)
+    fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
+                  min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
+                  context=context)
+    try:
+        return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:  # our validator's VramplanError arrives wrapped
+        err = e.errors()[0]
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, VramplanError):
+            raise inner from None
+        raise VramplanError(f"{err['msg']} (got {err.get('input')!r})", "--" + str(err["loc"][0]).replace("_", "-")) from None
+
+
+def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
+               num_layers: int | None = None, **constraints) -> PlanResult:
+    from vramplan.model_spec import load_model_spec
+    if top < 1:
+        raise VramplanError(f"must be a positive integer, got {top}", "--top")
+    req = make_request(model, gpus, **constraints)
+    spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
+    return plan_spec(spec, req, top=top)
+
+
+COLUMNS = ["label", "method", "quant", "precision", "optim", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
+           "cpu_offload", "seq_len", "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "step_s",
+           "comm_s", "host_s", "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
+
+
+def to_frame(result: PlanResult):
+    """The rows as a pandas DataFrame (recommended first); the rest of the answer in .attrs."""
+    import pandas as pd
+    recs = []
+    for i, r in enumerate(result.rows):
+        s = r.setup
+        recs.append(dict(label=r.label, method=r.method, quant=s.quant.value if s.quant else None,
+                         precision=s.precision.value, optim=s.optim.value,
+                         lora_r=s.lora_r if s.lora_like else None,
+                         galore_rank=s.galore_rank if s.method == Method.GALORE else None,
+                         gradient_checkpointing=s.gradient_checkpointing, fsdp=s.fsdp, cpu_offload=s.cpu_offload,
+                         seq_len=s.seq_len, micro_batch=s.batch_size, grad_accum=r.grad_accum, global_batch=r.global_batch,
+                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, comm_s=r.comm_s, host_s=r.host_s,
+                         per_gpu_bytes=r.per_gpu_bytes,
+                         host_ram_bytes=r.host_ram_bytes, headroom_bytes=r.headroom_bytes, max_seq_len=r.max_seq_len,
+                         max_micro_batch=r.max_micro_batch, recommended=i == 0 and result.recommended is not None))
+    df = pd.DataFrame.from_records(recs, columns=COLUMNS)
+    df.attrs.update(model=result.model, gpus=result.gpus, reason=result.reason, per_method=result.per_method,
+                    suggestions=result.suggestions, evaluated=result.evaluated, discrete=result.discrete)
+    return df
+
+
+# ------------------------------------------------------------------ rendering and the CLI
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f}"
+
+
+def print_plan(result: PlanResult, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=150)  # piped: do not wrap rows at 80 columns
+    title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / 2**30:.1f} GiB each): fastest that fit"
+    t = Table(title=title, title_justify="left")
+    for col, just in (("configuration", "left"), ("micro-batch", "right"), ("accum", "right"), ("tokens/s", "right"),
+                      ("per-GPU GiB", "right"), ("host RAM GiB", "right"), ("headroom GiB", "right"),
+                      ("max seq (b=1)", "right")):
+        t.add_column(col, justify=just, no_wrap=col == "configuration")
+    for i, r in enumerate(result.rows):
+        name = ("[bold green]* " if i == 0 and result.recommended else "  ") + r.label
+        t.add_row(name, f"{r.setup.batch_size} x {r.setup.seq_len}", str(r.grad_accum), f"{r.tokens_per_s:,.0f}",
+                  _gib(r.per_gpu_bytes), _gib(r.host_ram_bytes), _gib(r.headroom_bytes), f"{r.max_seq_len:,}")
+    if result.rows:
+        console.print(t)
+        console.print(f"[bold green]Recommended:[/] {result.recommended.label} — {result.reason}")
+    else:
+        console.print(f"[bold red]Nothing fits[/] {result.model} on {result.gpus} under these constraints. What would:")
+        for s in result.suggestions:
+            console.print(f"  - {s}")
+    m = Table(title="per method: longest sequence (micro-batch 1) and largest micro-batch (at the minimum sequence)",
+              title_justify="left")
+    for col in ("method", "longest seq", "with", "largest micro-batch", "with"):
+        m.add_column(col)
+    for key, e in result.per_method.items():
+        m.add_row(key, f"{e['max_seq_len']:,}" if e["max_seq_len"] else "-", e["max_seq_config"] or "does not fit",
+                  str(e["max_micro_batch"] or "-"), e["max_batch_config"] or "does not fit")
+    console.print(m)
+    console.print(f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
+                  f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]")
+
+
+def result_json(result: PlanResult) -> dict:
+    d = result.model_dump(mode="json")
+    return d
+
+
+def add_cli(sub) -> None:
+    from vramplan.cli import DEFAULT_HOST_RAM
+    p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
+    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
+    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
+    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
+    p.add_argument("--min-seq", type=int, help="shortest acceptable sequence length (default 2048, capped at the context)")
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (gradient accumulation)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
+    p.add_argument("--min-lora-rank", type=int, help="smallest acceptable LoRA rank (default 16)")
+    p.add_argument("--min-galore-rank", type=int, help="smallest acceptable GaLore rank (default 128)")
+    p.add_argument("--host-ram", help=f"host RAM per node (default {DEFAULT_HOST_RAM // 2**30}GB when --gpus is given, "
+                   "else this machine's)")
+    p.add_argument("--max-batch", type=int, help=f"largest micro-batch searched (default {MAX_BATCH})")
+    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
+    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    import json
+    result = plan_model(args.model, args.gpus, top=args.top, num_layers=args.num_layers, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, min_seq=args.min_seq, global_batch=args.global_batch,
+                        methods=args.methods, min_lora_rank=args.min_lora_rank, min_galore_rank=args.min_galore_rank,
+                        host_ram=args.host_ram, max_batch=args.max_batch)
+    if args.format == "json":
+        print(json.dumps(result_json(result), indent=1))
+    elif args.format == "csv":
+        import sys
+        to_frame(result).to_csv(sys.stdout, index=False)
+    else:
+        print_plan(result)
+    return 0
