@@ -529,7 +529,7 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
 
     # decoder-layer backward: grads accumulate while activations are released
     layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
-                                          held, world, units, reduce_bytes, offload)
+                                          world, units, reduce_bytes, offload)
     phases.extend(layer_phases if every_layer else [max(layer_phases, key=lambda p: p.allocated)])
 
     # 4-bit dequantization in forward/backward: the whole weight in bf16 (+ fp32 absmax)
@@ -553,7 +553,7 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     return StepModel(phases=phases, host_pinned=host_total, notes=notes)
 
 
-def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, held,
+def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
                            world, units, reduce_bytes, offload) -> list[Phase]:
     """Each decoder layer's backward (top to bottom): gradients accumulate while activations are released."""
     N = setup.tokens
@@ -586,15 +586,20 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
             live_acts = non_layer + remaining + this  # recomputed layer on top of the kept inputs
         else:
             live_acts = non_layer + remaining
-        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + held + lw_extra
+        # no logits here: the step keeps only `.loss` of the model output, and the bf16
+        # logits (and Gemma's soft-cap output) are released once the loss backward is
+        # past them [CPU trace, tests/test_cpu_trace.py]
+        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + lw_extra
         ph = base(f"layer {i} backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
         ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
         if world > 1:
             unit = units.get(i, 0)
             ug, rs = _unit_grad_bytes(by_layer.get(i, []), setup, i, reduce_bytes)
-            # current unit + prefetched next unit + root (kept unsharded) + unsharded grads
-            # of the unit + reduce-scatter input [notes 5]
-            ph.add(C.FSDP_BUFFERS, 2 * unit + units.get(None, 0) + _r(ug) + _r(rs))
+            # current unit + the unit FSDP2 prefetches (the previous one in forward order;
+            # layer 0 has none: FSDPParamGroup._backward_prefetch) + root (kept unsharded)
+            # + unsharded grads of the unit + reduce-scatter input [notes 5, CPU trace]
+            gathered = 2 * unit if i > 0 else unit
+            ph.add(C.FSDP_BUFFERS, gathered + units.get(None, 0) + _r(ug) + _r(rs))
         out.append(ph)
         done_grads += layer_grads.get(i, 0)
         remaining -= _r(N * (2 if not setup.autocast else 4) * spec.hidden) if ckpt else this

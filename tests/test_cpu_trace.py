@@ -1,0 +1,70 @@
+"""The memory model against the real reference step run on the CPU.
+
+vramplan.verify.cputrace builds the step with verify's own builder (transformers, peft,
+bitsandbytes, hqq, galore-torch, FSDP2 on a fake process group) and traces every CPU
+allocation (profiler, profile_memory=True), phase by phase. Structure is device-agnostic:
+which tensors exist, how long autograd keeps them, what FSDP2 all-gathers, holds and
+frees. Kernels are not, so the comparison leaves out what differs on the CPU
+(docs/verify.md, "CPU trace"): bf16 autocast (CPU's cast policy), bitsandbytes' 8-bit
+optimizer step (a CPU fallback with temporaries; the CUDA kernel updates in place) and
+dropout (CPU keeps an fp32 noise tensor, CUDA a bool mask), and the loss backward is
+compared with the model's minus 2·N·V (CPU's log-softmax/NLL backward keeps 12·N·V,
+CUDA's 14·N·V, measured on the H100). Tolerance 1.5% of each phase's traced peak.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+from vramplan.estimate import make_setup  # noqa: E402
+from vramplan.memory import step_model  # noqa: E402
+from vramplan.model_spec import load_model_spec  # noqa: E402
+
+TOL = 0.015
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
+             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+             max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu")
+MIXTRAL = dict(LLAMA, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+               num_experts_per_tok=2, intermediate_size=384)
+B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
+CASES = {
+    "full": (LLAMA, dict(method="full")),
+    "lora": (LLAMA, dict(method="lora")),
+    "qlora-nf4": (LLAMA, dict(method="qlora", quant="nf4")),
+    "qlora-hqq4-ckpt": (LLAMA, dict(method="qlora", quant="hqq4", gradient_checkpointing=True)),
+    "galore": (LLAMA, dict(method="galore", galore_rank=32)),
+    "fsdp2-mixed-ckpt": (LLAMA, dict(method="full", precision="mixed", fsdp=2, gradient_checkpointing=True)),
+    "fsdp8": (LLAMA, dict(method="full", fsdp=8)),
+    "fsdp2-lora-ckpt": (LLAMA, dict(method="lora", fsdp=2, gradient_checkpointing=True)),
+    "moe-full": (MIXTRAL, dict(method="full")),
+    "moe-lora": (MIXTRAL, dict(method="lora")),
+    "moe-fsdp4": (MIXTRAL, dict(method="full", fsdp=4)),
+}
+
+
+def _model_phases(spec, setup) -> dict[str, int]:
+    phases = {p.name: p.allocated for p in step_model(spec, setup).phases}
+    cpu_loss = phases.pop("loss backward") - 2 * setup.tokens * spec.vocab
+    backward = max([cpu_loss] + [v for k, v in phases.items() if k.startswith("layer")])
+    return {"forward": phases["forward (loss)"], "backward": backward, "optimizer": phases["optimizer step"]}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_phases_match_the_cpu_trace(name, tmp_path):
+    from vramplan.memory import _static, parameters
+    from vramplan.verify.cputrace import trace_step
+    cfg, fields = CASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = str(tmp_path)
+    setup = make_setup(**B2S256, **fields)
+    spec = load_model_spec(model, use_cache=False)
+    traced = trace_step(model, setup)
+    static, _, _, _ = _static(parameters(spec, setup), setup, setup.fsdp, setup.cpu_offload)
+    checks = {"build": (next(p.end_bytes for p in traced.phases if p.name == "build"), sum(static.values()))}
+    for phase, predicted in _model_phases(spec, setup).items():
+        checks[phase] = (traced.peak(phase, step=1), predicted)
+    off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
+           if abs(p - t) > TOL * t}
+    assert not off, off

@@ -1,0 +1,117 @@
+"""Run the reference step on the CPU and trace every allocation: the CPU analogue of
+``torch.cuda.max_memory_allocated()``, per phase, without a GPU.
+
+c10's CPU allocator reports each allocation and free to the profiler together with the
+running total of live bytes (ProfiledCPUMemoryReporter), so with
+``torch.profiler.profile(profile_memory=True)`` the largest ``total_allocated`` inside a
+phase is that phase's peak, kernel workspaces and FSDP2 storage resizes included. The step
+is built by the same code as ``vramplan verify`` (build.build_step on device "cpu").
+
+Where CPU kernels differ from CUDA's, the trace differs from a GPU too (docs/verify.md):
+the CPU loss backward needs 2·N·V bytes less than CUDA's, CPU dropout keeps an fp32 noise
+tensor where CUDA keeps a bool mask, and CPU offload cannot move anything off the device
+(host and device are one memory). Used to check the memory model's structure in CI.
+"""
+from __future__ import annotations
+
+import gc
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vramplan.setup import Optim, TrainingSetup
+
+_MARK = "vramplan.phase:"
+
+
+class TracedPhase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="build, forward, backward or optimizer")
+    step: int | None
+    peak_bytes: int = Field(description="largest live CPU-allocator total inside the phase")
+    end_bytes: int = Field(description="live bytes when the phase ended")
+
+
+class TracedStep(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    phases: list[TracedPhase]
+
+    def peak(self, name: str, step: int | None = None) -> int:
+        """Peak of a phase (the last step's when step is None; build has no step)."""
+        found = [p for p in self.phases if p.name == name and (step is None or p.step == step)]
+        return found[-1].peak_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(p.peak_bytes for p in self.phases)
+
+
+def _allocations(prof) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]]]:
+    """(time, live bytes) at every CPU allocation/free, and (mark, start, end) of each phase.
+
+    The reporter's running total is process-wide: it still counts what earlier profiled
+    code allocated and has not freed. Live bytes are taken relative to the total just
+    before the first event, so only what this trace allocated counts."""
+    from torch._C._profiler import _EventType
+    events, marks = [], []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
+            events.append((e.start_time_ns, e.typed[1].total_allocated, e.typed[1].alloc_size))
+        elif e.name.startswith(_MARK):
+            marks.append((e.name[len(_MARK):], e.start_time_ns, e.end_time_ns))
+        stack.extend(e.children)
+    events.sort()
+    base = events[0][1] - events[0][2] if events else 0
+    return [(t, total - base) for t, total, _ in events], sorted(marks, key=lambda m: m[1])
+
+
+def _phases(allocs, marks) -> list[TracedPhase]:
+    out, i, live = [], 0, 0
+    for label, start, end in marks:
+        while i < len(allocs) and allocs[i][0] < start:
+            live = allocs[i][1]
+            i += 1
+        peak = live
+        while i < len(allocs) and allocs[i][0] <= end:
+            live = allocs[i][1]
+            peak = max(peak, live)
+            i += 1
+        name, _, step = label.partition("#")
+        out.append(TracedPhase(name=name, step=int(step) if step else None, peak_bytes=peak, end_bytes=live))
+    return out
+
+
+def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, steps: int = 2) -> TracedStep:
+    """Build the reference step on the CPU and run ``steps`` steps under the allocation tracer."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from vramplan.verify.build import build_step
+    gc.collect()  # what an earlier step left to the collector must not count here
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function(_MARK + "build"):
+            built = build_step(model, setup, device="cpu", num_layers=num_layers)
+            _cuda_default_optimizer(built)
+        try:
+            for step in range(steps):
+                ids = built.batch()
+                with record_function(f"{_MARK}forward#{step}"):
+                    loss = built.forward(ids)
+                with record_function(f"{_MARK}backward#{step}"):
+                    loss.backward()
+                    del loss
+                with record_function(f"{_MARK}optimizer#{step}"):
+                    built.optimizer_step()
+        finally:
+            built.close()
+            if setup.fsdp > 1 and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return TracedStep(phases=_phases(*_allocations(prof)))
+
+
+def _cuda_default_optimizer(built) -> None:
+    """torch.optim.AdamW defaults to foreach on CUDA but not on the CPU: run what CUDA runs."""
+    if built.setup.optim == Optim.ADAMW_TORCH and built.optimizer is not None:
+        for group in built.optimizer.param_groups:
+            group["foreach"] = True
