@@ -1,0 +1,65 @@
+"""Trace the reference step on the CPU for a matrix of small configurations and write
+traced-vs-model bytes per phase as JSON lines (tests/data/cpu_trace.jsonl by default).
+
+usage: python scripts/cpu_trace_report.py [-o FILE]
+Two groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%) and
+"layer-backward" (a 64-token vocabulary, so a decoder layer's backward is the peak: the
+phase the H100 calibration never pins). Comparison rules as in tests/test_cpu_trace.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_cpu_trace import B2S256, CASES, LLAMA, _model_phases  # noqa: E402
+
+from vramplan.estimate import make_setup  # noqa: E402
+from vramplan.model_spec import load_model_spec  # noqa: E402
+from vramplan.verify.cputrace import trace_step  # noqa: E402
+
+TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
+              for h, f in ((256, 1024), (256, 2048), (512, 1024))}
+LAYER_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
+                "lora": dict(method="lora"), "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
+                "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True)}
+
+
+def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(cfg))
+        setup = make_setup(**shape, **fields)
+        spec = load_model_spec(d, use_cache=False)
+        traced = trace_step(d, setup)
+        model = _model_phases(spec, setup)
+    row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
+    for phase, predicted in model.items():
+        t = traced.peak(phase, step=1)
+        row[phase] = {"traced_bytes": t, "model_bytes": predicted, "error": round((predicted - t) / t, 4)}
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--output", default=str(ROOT / "tests" / "data" / "cpu_trace.jsonl"))
+    args = ap.parse_args()
+    jobs = [("structure", n, cfg, f, B2S256) for n, (cfg, f) in CASES.items()]
+    jobs += [("layer-backward", f"{m}/{s}", cfg, f, dict(batch_size=2, seq_len=512, lora_dropout=0.0))
+             for m, cfg in TINY_VOCAB.items() for s, f in LAYER_SETUPS.items()]
+    with open(args.output, "w") as out:
+        for job in jobs:
+            row = run(*job)
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
