@@ -1,5 +1,5 @@
 """Trace the reference step on the CPU for a matrix of small configurations and write
-traced-vs-model bytes per phase as JSON lines (tests/data/cpu_trace.jsonl by default).
+traced-vs-model bytes per phase as JSON lines (tests/data/cpu/trace.jsonl by default).
 
 usage: python scripts/cpu_trace_report.py [-o FILE]
 Two groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%) and
@@ -47,7 +47,7 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--output", default=str(ROOT / "tests" / "data" / "cpu_trace.jsonl"))
+    ap.add_argument("-o", "--output", default=str(ROOT / "tests" / "data" / "cpu" / "trace.jsonl"))
     args = ap.parse_args()
     jobs = [("structure", n, cfg, f, B2S256) for n, (cfg, f) in CASES.items()]
     jobs += [("layer-backward", f"{m}/{s}", cfg, f, dict(batch_size=2, seq_len=512, lora_dropout=0.0))
