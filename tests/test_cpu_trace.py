@@ -48,7 +48,8 @@ def _model_phases(spec, setup) -> dict[str, int]:
     phases = {p.name: p.allocated for p in step_model(spec, setup).phases}
     cpu_loss = phases.pop("loss backward") - 2 * setup.tokens * spec.vocab
     backward = max([cpu_loss] + [v for k, v in phases.items() if k.startswith("layer")])
-    return {"forward": phases["forward (loss)"], "backward": backward, "optimizer": phases["optimizer step"]}
+    forward = max(phases["forward (loss)"], phases.get("forward (last layer)", 0))
+    return {"forward": forward, "backward": backward, "optimizer": phases["optimizer step"]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,3 +69,26 @@ def test_step_phases_match_the_cpu_trace(name, tmp_path):
     off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
            if abs(p - t) > TOL * t}
     assert not off, off
+
+
+# A 64-token vocabulary makes a decoder layer's backward the peak of the step, the phase
+# the H100 calibration never pins (memory-model.md, "Inside a decoder layer"). The whole
+# step's peak is held to the project's 5% bar.
+TINY_VOCAB = dict(LLAMA, vocab_size=64, intermediate_size=1024, num_hidden_layers=4)
+LAYER_CASES = {
+    "full-ckpt": dict(method="full", gradient_checkpointing=True),
+    "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
+    "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_layer_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+    (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
+    setup = make_setup(batch_size=2, seq_len=512, lora_dropout=0.0, **LAYER_CASES[name])
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    predicted = max(_model_phases(spec, setup).values())
+    traced = trace_step(str(tmp_path), setup)
+    measured = max(traced.peak(p, step=1) for p in ("forward", "backward", "optimizer"))
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted / 2**20, measured / 2**20)

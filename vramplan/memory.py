@@ -73,6 +73,7 @@ class Param:
     trainable: bool
     layer: int | None    # decoder layer index, None for the root (embeddings, final norm, head)
     galore: tuple[int, int] | None = None  # (m, n) for GaLore-projected 2-D weights
+    role: str | None = None  # the Linear's role (q, down, ...) for Linear weights, biases and adapters
 
 
 def _lora_targeted(lin: Linear, setup: TrainingSetup) -> bool:
@@ -93,12 +94,12 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
         for lin in layer.linears:
             # reference step: GaLore projects 2-D weights inside attention and MLP blocks
             proj = (lin.out_features, lin.in_features) if galore and lin.role not in ("other",) else None
-            out.append(Param(lin.numel, lin.out_features, quant or "dense", full, i, proj))
+            out.append(Param(lin.numel, lin.out_features, quant or "dense", full, i, proj, lin.role))
             if lin.bias:
-                out.append(Param(lin.out_features, lin.out_features, "dense", full, i))
+                out.append(Param(lin.out_features, lin.out_features, "dense", full, i, role=lin.role))
             if _lora_targeted(lin, setup):
-                out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, "lora", True, i))
-                out.append(Param(lin.out_features * setup.lora_r, lin.out_features, "lora", True, i))
+                out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, "lora", True, i, role=lin.role))
+                out.append(Param(lin.out_features * setup.lora_r, lin.out_features, "lora", True, i, role=lin.role))
         if layer.experts:
             for _, shape in layer.experts.tensors:
                 n = shape[0] * shape[1] * shape[2]
@@ -355,13 +356,43 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     return saved
 
 
-def layer_backward_transient_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> int:
-    """Gradients of activations alive at once inside one layer's backward: the MLP's
-    (grad of act*up, of act, of up) and two hidden-size grads, in bf16."""
-    f = max((l.in_features for l in layer.linears_with("down", "fc2")), default=spec.hidden)
+@dataclass(frozen=True)
+class LayerPoints:
+    """Per-token bytes at the widest points of one decoder layer's backward, read from
+    autograd's lifetimes (a saved tensor is freed once the node that saved it has run)
+    and checked against the CPU trace of the real step (tests/test_cpu_trace.py)."""
+    down_saved: int   # saved by the down projection (its input; LoRA's fp32 copy): freed first
+    mlp_grads: int    # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
+    end_grads: int    # layer done: grad of its input + the residual grad
+    lora_fwd: int     # widest peft LoRA Linear forward (fp32 B output, scaled, up-cast result, sum)
+    lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
+    lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
+                        # first adapter's fp32 output grad (recompute starts inside its backward)
+
+
+def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
+    ctx = _act_ctx(setup)
+    h = spec.hidden
+    downs = layer.linears_with("down", "fc2")
+    gated = bool(layer.linears_with("gate", "gate_up")) or bool(layer.experts)
     if layer.experts:
-        f = layer.experts.intermediate * layer.experts.top_k
-    return 3 * 2 * f + 2 * 2 * spec.hidden + (4 * spec.hidden if setup.autocast else 0)
+        f, down_saved = layer.experts.intermediate * layer.experts.top_k, 0
+    else:
+        f = downs[0].in_features if downs else h
+        down_saved = _linears_saved(downs, f, ctx, True) if downs else 0
+    residual = 4 * h if setup.autocast else 2 * h
+    # peft lora.Linear.forward: result + lora_B(lora_A(x)) * scaling in the adapter dtype
+    # (fp32 by default; bf16 under autocast), then .to(result dtype)
+    per_out = 6 if ctx.autocast else 12
+    adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
+    lora_fwd = max((per_out * l.out_features for l in adapted), default=0)
+    # backward meets the adapters in reverse forward order: down first, else o_proj
+    first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
+    width = 2 if ctx.autocast else 4
+    lora_bwd = width * first.in_features + residual if first else 0
+    lora_inflight = width * first.out_features + residual if first else 0
+    return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
+                       end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight)
 
 
 # ------------------------------------------------------------------ the step
@@ -529,8 +560,13 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
 
     # decoder-layer backward: grads accumulate while activations are released
     layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
-                                          world, units, reduce_bytes, offload)
+                                          _r(final), world, units, reduce_bytes, offload)
     phases.extend(layer_phases if every_layer else [max(layer_phases, key=lambda p: p.allocated)])
+    fwd_layer = _layer_forward_phase(spec, setup, base, acts, _r(final), cast_cache)
+    if fwd_layer is not None:
+        if world > 1:
+            fwd_layer.add(C.FSDP_BUFFERS, root_unit + 2 * layer_unit)
+        phases.append(fwd_layer)
 
     # 4-bit dequantization in forward/backward: the whole weight in bf16 (+ fp32 absmax)
     if setup.method == Method.QLORA:
@@ -553,57 +589,83 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     return StepModel(phases=phases, host_pinned=host_total, notes=notes)
 
 
-def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
+def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, released,
                            world, units, reduce_bytes, offload) -> list[Phase]:
-    """Each decoder layer's backward (top to bottom): gradients accumulate while activations are released."""
+    """Each decoder layer's backward (top to bottom), as its widest points: the recompute
+    of a LoRA Linear (checkpointing), the MLP's elementwise backward (down's saved input
+    already freed, only down's weight grads made) and the layer's end (its saved tensors
+    freed, all its grads made). What the final norm and lm_head saved is freed before."""
     N = setup.tokens
     ckpt = setup.gradient_checkpointing
-    layer_grads = {}
+    sharded = {}
+    down = {}
     for p in params:
         if p.trainable:
-            layer_grads[p.layer] = layer_grads.get(p.layer, 0) + _r(_grad_bytes(p, setup) * _shard(p, world))
+            g = _r(_grad_bytes(p, setup) * _shard(p, world))
+            sharded[p.layer] = sharded.get(p.layer, 0) + g
+            if p.role in ("down", "fc2"):
+                down[p.layer] = down.get(p.layer, 0) + _r(_grad_bytes(p, setup) * p.numel)
     lw_extra = 0
     if offload or setup.optim.layerwise:
-        layer_grads = {k: 0 for k in layer_grads}
+        sharded = {k: 0 for k in sharded}
     if setup.optim.layerwise:
         # one optimizer per parameter, stepped and freed from its post-accumulate-grad
         # hook: one full gradient plus that parameter's update temporaries at a time
         lw_extra = max((_r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
                         for p in params if p.trainable), default=0)
-    root_grads = layer_grads.get(None, 0)
+        down = {}
     by_layer: dict[int | None, list[Param]] = {}
     for p in params:  # _unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))
         by_layer.setdefault(p.layer, []).append(p)
-    non_layer = acts - layer_acts
+    non_layer = acts - layer_acts - released
     out: list[Phase] = []
-    done_grads = root_grads
+    done_grads = sharded.get(None, 0)
     remaining = layer_acts
-    n = len(spec.layers)
-    for i in range(n - 1, -1, -1):
-        layer = spec.layers[i]
+    for i in range(len(spec.layers) - 1, -1, -1):
+        pts = layer_points(spec, spec.layers[i], setup)
         this = _r(N * per_layer[i])
-        if ckpt:
-            live_acts = non_layer + remaining + this  # recomputed layer on top of the kept inputs
-        else:
-            live_acts = non_layer + remaining
-        # no logits here: the step keeps only `.loss` of the model output, and the bf16
-        # logits (and Gemma's soft-cap output) are released once the loss backward is
-        # past them [CPU trace, tests/test_cpu_trace.py]
-        tr = _r(N * layer_backward_transient_per_token(spec, layer, setup)) + lw_extra
-        ph = base(f"layer {i} backward").add(C.ACTIVATIONS, live_acts + cast_cache).add(C.TRANSIENT, tr)
-        ph.add(C.GRADIENTS, done_grads + layer_grads.get(i, 0))
-        if world > 1:
-            unit = units.get(i, 0)
-            ug, rs = _unit_grad_bytes(by_layer.get(i, []), setup, i, reduce_bytes)
-            # current unit + the unit FSDP2 prefetches (the previous one in forward order;
-            # layer 0 has none: FSDPParamGroup._backward_prefetch) + root (kept unsharded)
-            # + unsharded grads of the unit + reduce-scatter input [notes 5, CPU trace]
-            gathered = 2 * unit if i > 0 else unit
-            ph.add(C.FSDP_BUFFERS, gathered + units.get(None, 0) + _r(ug) + _r(rs))
-        out.append(ph)
-        done_grads += layer_grads.get(i, 0)
+        kept = non_layer + remaining - (0 if ckpt else this)  # saved outside this layer's own
+        ug, rs = _unit_grad_bytes(by_layer.get(i, []), setup, i, reduce_bytes) if world > 1 else (0, 0)
+        # FSDP2: this unit + the one it prefetches (the previous in forward order; layer 0
+        # has none: FSDPParamGroup._backward_prefetch) + the root (kept unsharded); the
+        # unit's grads are unsharded until its post-backward reduce-scatter [notes 5]
+        gathered = (2 * units.get(i, 0) if i > 0 else units.get(i, 0)) + units.get(None, 0) if world > 1 else 0
+        down_share = ug * down.get(i, 0) // max(sum(_r(_grad_bytes(p, setup) * p.numel)
+                                                    for p in by_layer.get(i, []) if p.trainable), 1)
+        # the previous unit's reduce-scatter input is held until this unit's post-backward
+        rs_prev = _r(rs) if world > 1 and i < len(spec.layers) - 1 else 0
+        points = [
+            ("mlp", this - _r(N * pts.down_saved), _r(N * pts.mlp_grads),
+             done_grads + (0 if world > 1 else down.get(i, 0)), gathered + _r(down_share) + rs_prev),
+            ("end", 0, _r(N * pts.end_grads), done_grads + sharded.get(i, 0), gathered + _r(ug) + _r(rs)),
+        ]
+        if pts.lora_bwd:
+            points.append(("lora", this, _r(N * pts.lora_bwd), done_grads, gathered + rs_prev))
+        if ckpt and pts.lora_fwd:
+            points.append(("lora recompute", this - _r(N * pts.down_saved),
+                           _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
+        for tag, live, tr, grads, fsdp in points:
+            ph = base(f"layer {i} backward ({tag})").add(C.ACTIVATIONS, kept + live + cast_cache)
+            ph.add(C.TRANSIENT, tr + lw_extra).add(C.GRADIENTS, grads)
+            if world > 1:
+                ph.add(C.FSDP_BUFFERS, fsdp)
+            out.append(ph)
+        done_grads += sharded.get(i, 0)
         remaining -= _r(N * (2 if not setup.autocast else 4) * spec.hidden) if ckpt else this
     return out
+
+
+def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase | None:
+    """The last decoder layer's forward without checkpointing, at its widest LoRA Linear:
+    everything saved so far plus peft's fp32 adapter path."""
+    pts = layer_points(spec, spec.layers[-1], setup)
+    if not pts.lora_fwd or setup.gradient_checkpointing:
+        # checkpointing's forward keeps none of the layer's saved tensors; its recompute in
+        # backward (the "lora recompute" point) is the wider moment
+        return None
+    N = setup.tokens
+    live = acts - released - _r(N * pts.down_saved)
+    return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(C.TRANSIENT, _r(N * pts.lora_fwd))
 
 
 def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:
