@@ -42,7 +42,7 @@ def _model(cfg: dict, layers: int, setup: TrainingSetup):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
-    config = AutoConfig.for_model(mt, num_hidden_layers=layers, **cfg)
+    config = AutoConfig.for_model(mt, num_hidden_layers=layers, use_cache=False, **cfg)  # as the reference step
     torch.manual_seed(0)
     impl = "eager" if mt == "gemma2" else "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=impl)

@@ -28,6 +28,11 @@ LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size
              max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu")
 MIXTRAL = dict(LLAMA, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
                num_experts_per_tok=2, intermediate_size=384)
+PHI3 = dict(LLAMA, architectures=["Phi3ForCausalLM"], model_type="phi3", num_key_value_heads=8, pad_token_id=0)
+GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=256, intermediate_size=768,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
+              sliding_window=128, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+              query_pre_attn_scalar=64, max_position_embeddings=4096, hidden_activation="gelu_pytorch_tanh")
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 CASES = {
     "full": (LLAMA, dict(method="full")),
@@ -41,6 +46,9 @@ CASES = {
     "moe-full": (MIXTRAL, dict(method="full")),
     "moe-lora": (MIXTRAL, dict(method="lora")),
     "moe-fsdp4": (MIXTRAL, dict(method="full", fsdp=4)),
+    "qlora-hqq4": (LLAMA, dict(method="qlora", quant="hqq4")),
+    "phi3-fused-full": (PHI3, dict(method="full")),
+    "gemma2-eager-lora": (GEMMA2, dict(method="lora")),
 }
 
 

@@ -297,12 +297,15 @@ def _linears_saved(linears: list[Linear], in_dim: int, ctx: ActCtx, input_grad: 
 
 def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -> int:
     """SDPA (flash) saves q, k, v (after RoPE, bf16), the output and an fp32 logsumexp
-    per head; the output layout is already what o_proj reads. [cal] Eager attention
+    per head; the output layout is already what o_proj reads. [cal] With a fused qkv_proj
+    (Phi-3) v is a view of the fused output, so the whole output stays alive. [CPU trace]
+    Eager attention
     (Gemma 2) repeats k/v to all heads and keeps the seq x seq probabilities: tanh
     soft-cap output (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
     q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
     if spec.attn_implementation == "sdpa":
-        return 2 * q + 4 * kv + 2 * q + 4 * nh
+        v = 2 * (q + 2 * kv) if layer.linears_with("qkv") else 2 * kv
+        return 2 * q + 2 * kv + v + 2 * q + 4 * nh
     # HF eager attention forms the full s x s scores even for sliding-window layers
     probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
     return 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
