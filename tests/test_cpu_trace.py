@@ -47,6 +47,8 @@ CASES = {
     "moe-lora": (MIXTRAL, dict(method="lora")),
     "moe-fsdp4": (MIXTRAL, dict(method="full", fsdp=4)),
     "qlora-hqq4": (LLAMA, dict(method="qlora", quant="hqq4")),
+    "fsdp2-qlora-nf4-ckpt": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, gradient_checkpointing=True)),
+    "fsdp4-qlora-hqq4": (LLAMA, dict(method="qlora", quant="hqq4", fsdp=4)),
     "phi3-fused-full": (PHI3, dict(method="full")),
     "gemma2-eager-lora": (GEMMA2, dict(method="lora")),
 }

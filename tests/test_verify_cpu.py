@@ -121,7 +121,8 @@ def test_galore(tiny, optim, monkeypatch):
     dict(method="full", fsdp=4),
     dict(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
     pytest.param(dict(method="lora", fsdp=2), marks=needs("peft")),
-], ids=["fsdp4", "fsdp2-mixed-offload", "fsdp2-lora"])
+    pytest.param(dict(method="qlora", quant="nf4", fsdp=2), marks=[needs("peft"), needs("bitsandbytes")]),
+], ids=["fsdp4", "fsdp2-mixed-offload", "fsdp2-lora", "fsdp2-qlora-nf4"])
 def test_fsdp_simulated_rank0(tiny, fields):
     import torch.distributed as dist
     m = measure(tiny, **fields)
@@ -132,12 +133,6 @@ def test_fsdp_simulated_rank0(tiny, fields):
         unsharded = measure(tiny, **{k: v for k, v in fields.items() if k != "fsdp"}).breakdown[C.WEIGHTS]
         # dim-0 shards: about 1/N of the weights (padding and unsharded buffers aside)
         assert m.breakdown[C.WEIGHTS] == pytest.approx(unsharded / fields["fsdp"], rel=0.05)
-
-
-def test_qlora_under_fsdp_is_refused_clearly(tiny):
-    from vramplan.errors import VramplanError
-    with pytest.raises(VramplanError, match="--fsdp"):
-        measure(tiny, method="qlora", fsdp=2)
 
 
 # ---------------------------------------------------------------- OOM as a result

@@ -137,11 +137,10 @@ def _store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict:
 
 
 def _compute_bytes(p: Param, setup: TrainingSetup) -> int:
-    """Bytes of a parameter as FSDP all-gathers it (param_dtype bf16; 4-bit stays packed)."""
+    """Bytes of a parameter as FSDP all-gathers it: param_dtype bf16 (FSDP2 needs one
+    compute dtype per unit, so peft's fp32 adapters are gathered in bf16 too); 4-bit stays packed."""
     if p.kind in ("nf4", "hqq4"):
         return -(-p.numel // 2)
-    if p.kind == "lora":
-        return 4 * p.numel
     return 2 * p.numel
 
 
@@ -239,6 +238,7 @@ class ActCtx:
     norms_train: bool
     stream: int           # bytes per element of the residual stream (4 under autocast)
     autocast: bool        # fp32 stream fed to autocast Linears (each casts its own copy)
+    adapters_bf16: bool   # LoRA computes in bf16: under autocast, or under FSDP2 (param_dtype bf16)
     quant: str | None
     lora_dropout: bool
     lora_r: int
@@ -248,7 +248,8 @@ class ActCtx:
 def _act_ctx(setup: TrainingSetup) -> ActCtx:
     full = setup.method in (Method.FULL, Method.GALORE)
     return ActCtx(weights_train=full, norms_train=full, stream=4 if setup.autocast else 2,
-                  autocast=setup.autocast, quant=setup.quant.value if setup.method == Method.QLORA else None,
+                  autocast=setup.autocast, adapters_bf16=setup.autocast or setup.fsdp > 1,
+                  quant=setup.quant.value if setup.method == Method.QLORA else None,
                   lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
 
 
@@ -267,13 +268,18 @@ def _norm_saved(spec: ModelSpec, ctx: ActCtx, input_grad: bool) -> int:
     return saved
 
 
-def _lora_saved(in_dim: int, ctx: ActCtx, input_grad: bool) -> int:
+def _lora_saved(in_dim: int, ctx: ActCtx, input_grad: bool, x_saved: bool = False) -> int:
     """peft LoRA Linear: x.to(fp32) -> dropout (bool mask when the input needs grad) ->
     lora_A saves its fp32 input -> lora_B saves A's output. Under autocast lora_A casts
-    its input back to bf16 and saves that. [cal: l32-1b lora/qlora, notes table 3]"""
+    its input back to bf16 and saves that. [cal: l32-1b lora/qlora, notes table 3] Under
+    FSDP2 the adapters compute in bf16: the cast is a no-op, so without dropout lora_A
+    saves x itself, shared with whatever else saved it (`x_saved`). [CPU trace]"""
     mask = in_dim if (ctx.lora_dropout and input_grad) else 0
     if ctx.autocast:
         return mask + 2 * in_dim + 2 * ctx.lora_r
+    if ctx.adapters_bf16:
+        x = 0 if (x_saved and not ctx.lora_dropout) else 2 * in_dim
+        return mask + x + 2 * ctx.lora_r
     return mask + 4 * in_dim + 4 * ctx.lora_r
 
 
@@ -291,7 +297,8 @@ def _linears_saved(linears: list[Linear], in_dim: int, ctx: ActCtx, input_grad: 
                 shared_saved = True
         # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
         if _lora_targeted(lin, ctx.setup):
-            saved += _lora_saved(in_dim, ctx, input_grad)
+            saved += _lora_saved(in_dim, ctx, input_grad, x_saved=shared_saved or input_shared)
+            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.autocast)
     return saved
 
 
@@ -386,12 +393,12 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     residual = 4 * h if setup.autocast else 2 * h
     # peft lora.Linear.forward: result + lora_B(lora_A(x)) * scaling in the adapter dtype
     # (fp32 by default; bf16 under autocast), then .to(result dtype)
-    per_out = 6 if ctx.autocast else 12
+    per_out = 6 if ctx.adapters_bf16 else 12
     adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
     lora_fwd = max((per_out * l.out_features for l in adapted), default=0)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
-    width = 2 if ctx.autocast else 4
+    width = 2 if ctx.adapters_bf16 else 4
     lora_bwd = width * first.in_features + residual if first else 0
     lora_inflight = width * first.out_features + residual if first else 0
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
@@ -450,9 +457,7 @@ def _unit_bytes(params: list[Param], setup: TrainingSetup, world: int) -> dict[i
 def _unit_grad_bytes(params: list[Param], setup: TrainingSetup, layer: int | None, reduce_bytes: int) -> tuple[int, int]:
     """(unsharded grads in param_dtype, reduce-scatter input in reduce_dtype) of one unit."""
     n = sum(p.numel for p in params if p.layer == layer and p.trainable)
-    lora = any(p.kind == "lora" for p in params if p.layer == layer and p.trainable)
-    unsharded = 4 * n if lora else 2 * n
-    return unsharded, (4 * n if lora else reduce_bytes * n)
+    return 2 * n, reduce_bytes * n
 
 
 @dataclass(frozen=True)

@@ -349,7 +349,6 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
-    _check_supported(setup)
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
@@ -380,6 +379,3 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
-def _check_supported(setup: TrainingSetup) -> None:
-    if setup.method == Method.QLORA and setup.fsdp > 1:
-        raise VramplanError("verify does not build QLoRA under FSDP2 yet (Params4bit/HQQLinear sharding)", "--fsdp")
