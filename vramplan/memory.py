@@ -400,7 +400,9 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
     width = 2 if ctx.adapters_bf16 else 4
     lora_bwd = width * first.in_features + residual if first else 0
-    lora_inflight = width * first.out_features + residual if first else 0
+    # fp32 adapters: peft's `result + lora_out` promotes to fp32, so its backward also hands
+    # the base branch a bf16 copy of the output grad
+    lora_inflight = (width + (0 if ctx.adapters_bf16 else 2)) * first.out_features + residual if first else 0
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight)
 
