@@ -6,25 +6,15 @@ usage: python benchmarks/bench_estimate.py [--repeat 5]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
+from _cold import ROOT, cold_cli
+
+sys.path.insert(0, str(ROOT))  # benchmark this checkout's vramplan
+
 CMD = ["estimate", "llama-3.1-405b", "--gpus", "8x80GB", "--method", "qlora", "--fsdp", "8", "--format", "json"]
-
-
-def cold_cli(repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, VRAMPLAN_CACHE=cache)
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "vramplan.cli", *CMD], env=env, check=True, capture_output=True)
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def in_process(repeat: int) -> list[float]:
@@ -43,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args()
-    cold = cold_cli(a.repeat)
+    cold = cold_cli(CMD, a.repeat)
     warm = in_process(a.repeat)
     print(f"cold CLI `vramplan {' '.join(CMD)}`: median {statistics.median(cold):.3f} s, max {max(cold):.3f} s")
     print(f"in-process estimate (405B, 126 layers, FSDP 8): median {1000 * statistics.median(warm):.1f} ms")

@@ -10,15 +10,12 @@ usage: python benchmarks/bench_plan.py [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _cold import ROOT, cold_cli
+
 sys.path.insert(0, str(ROOT))  # benchmark this checkout's vramplan
 
 CASES = [
@@ -52,17 +49,6 @@ def in_process(repeat: int) -> list[tuple[str, int, int, float, float]]:
     return out
 
 
-def cold_cli(repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, VRAMPLAN_CACHE=cache, PYTHONPATH=str(ROOT))
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "vramplan", *CLI], env=env, cwd=ROOT, check=True, capture_output=True)
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
@@ -71,7 +57,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, discrete, evaluated, st, pt in in_process(a.repeat):
         print(f"| {name} | {discrete} | {evaluated:,} | {st:.2f} | {evaluated / st:,.0f} | {pt:.2f} |")
-    cold = cold_cli(a.repeat)
+    cold = cold_cli(CLI, a.repeat)
     print(f"\ncold `vramplan {' '.join(CLI)}` (new process, empty user cache): median {statistics.median(cold):.2f} s, "
           f"max {max(cold):.2f} s")
 
