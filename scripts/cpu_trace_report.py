@@ -2,9 +2,11 @@
 traced-vs-model bytes per phase as JSON lines (tests/data/cpu/trace.jsonl by default).
 
 usage: python scripts/cpu_trace_report.py [-o FILE]
-Two groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%) and
-"layer-backward" (a 64-token vocabulary, so a decoder layer's backward is the peak: the
-phase the H100 calibration never pins). Comparison rules as in tests/test_cpu_trace.py.
+Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-backward"
+(a 64-token vocabulary, so a decoder layer's backward is the peak: the phase the H100
+calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
+and "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul).
+Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import B2S256, CASES, LLAMA, _model_phases  # noqa: E402
+from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LLAMA, WIDE, _build_compared,  # noqa: E402
+                            _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_spec import load_model_spec  # noqa: E402
@@ -38,9 +41,11 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
         model = _model_phases(spec, setup)
+        if _build_compared(setup):
+            model["build"] = _model_build_peak(spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
     for phase, predicted in model.items():
-        t = traced.peak(phase, step=1)
+        t = traced.peak(phase, step=1 if phase != "build" else None)
         row[phase] = {"traced_bytes": t, "model_bytes": predicted, "error": round((predicted - t) / t, 4)}
     return row
 
@@ -52,6 +57,9 @@ def main() -> int:
     jobs = [("structure", n, cfg, f, B2S256) for n, (cfg, f) in CASES.items()]
     jobs += [("layer-backward", f"{m}/{s}", cfg, f, dict(batch_size=2, seq_len=512, lora_dropout=0.0))
              for m, cfg in TINY_VOCAB.items() for s, f in LAYER_SETUPS.items()]
+    short = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
+    jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
+    jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]
     with open(args.output, "w") as out:
         for job in jobs:
             row = run(*job)

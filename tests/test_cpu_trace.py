@@ -21,6 +21,7 @@ pytest.importorskip("peft")
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import step_model  # noqa: E402
 from vramplan.model_spec import load_model_spec  # noqa: E402
+from vramplan.setup import Quant  # noqa: E402
 
 TOL = 0.015
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
@@ -58,8 +59,22 @@ def _model_phases(spec, setup) -> dict[str, int]:
     phases = {p.name: p.allocated for p in step_model(spec, setup).phases}
     cpu_loss = phases.pop("loss backward") - 2 * setup.tokens * spec.vocab
     backward = max([cpu_loss] + [v for k, v in phases.items() if k.startswith("layer")])
-    forward = max(phases["forward (loss)"], phases.get("forward (last layer)", 0))
+    forward = max(phases["forward (loss)"], phases.get("forward (last layer)", 0),
+                  phases.get("4-bit dequantize (forward)", 0))
     return {"forward": forward, "backward": backward, "optimizer": phases["optimizer step"]}
+
+
+def _build_compared(setup) -> bool:
+    """The build's quantization peak is compared for hqq only: the trace runs hqq's CUDA
+    working dtype, but bitsandbytes' CPU quantize_4bit is not its CUDA kernel."""
+    return setup.method.value == "qlora" and setup.quant == Quant.HQQ4
+
+
+def _model_build_peak(spec, setup) -> int:
+    from vramplan.memory import _static, parameters
+    static, _, _, _ = _static(parameters(spec, setup), setup, setup.fsdp, setup.cpu_offload)
+    build = next(p.allocated for p in step_model(spec, setup).phases if p.name.startswith("build"))
+    return max(build, sum(static.values()))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -74,6 +89,8 @@ def test_step_phases_match_the_cpu_trace(name, tmp_path):
     traced = trace_step(model, setup)
     static, _, _, _ = _static(parameters(spec, setup), setup, setup.fsdp, setup.cpu_offload)
     checks = {"build": (next(p.end_bytes for p in traced.phases if p.name == "build"), sum(static.values()))}
+    if _build_compared(setup):
+        checks["build peak"] = (traced.peak("build"), _model_build_peak(spec, setup))
     for phase, predicted in _model_phases(spec, setup).items():
         checks[phase] = (traced.peak(phase, step=1), predicted)
     off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
@@ -102,3 +119,45 @@ def test_layer_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     traced = trace_step(str(tmp_path), setup)
     measured = max(traced.peak(p, step=1) for p in ("forward", "backward", "optimizer"))
     assert abs(predicted - measured) <= 0.05 * measured, (predicted / 2**20, measured / 2**20)
+
+
+# Short sequences on wide Linears: quantizing the largest Linear is the peak of the whole
+# step (hqq's optimization loop holds ~24 bytes per weight element), and under FSDP2
+# each packed weight must go back to meta as soon as it is quantized.
+WIDE = dict(LLAMA, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, vocab_size=256)
+BUILD_CASES = {f"hqq4-fsdp{w}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=True)
+               for w in (1, 4)}
+
+
+@pytest.mark.parametrize("name", list(BUILD_CASES))
+def test_build_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+    (tmp_path / "config.json").write_text(json.dumps(WIDE))
+    setup = make_setup(batch_size=1, seq_len=64, lora_dropout=0.0, **BUILD_CASES[name])
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    build = _model_build_peak(spec, setup)
+    predicted = max(build, *_model_phases(spec, setup).values())
+    traced = trace_step(str(tmp_path), setup)
+    assert predicted == build, "the build is not the model's peak here: the case tests nothing"
+    assert abs(predicted - traced.peak_bytes) <= TOL * traced.peak_bytes, (predicted / 2**20, traced.peak_bytes / 2**20)
+
+
+# Short sequences with QLoRA: a 4-bit Linear dequantized for a matmul is the widest moment
+# of forward and of each layer's backward. hqq's PyTorch backend is plain torch ops, the
+# same on the CPU as on CUDA (bitsandbytes' CPU gemm_4bit is not its CUDA path).
+DEQ_CASES = {f"hqq4-fsdp{w}{'-ckpt' if ck else ''}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=ck)
+             for w, ck in ((1, True), (1, False), (2, True), (8, False))}
+
+
+@pytest.mark.parametrize("name", list(DEQ_CASES))
+def test_dequantize_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+    (tmp_path / "config.json").write_text(json.dumps(dict(WIDE, vocab_size=1024)))
+    setup = make_setup(batch_size=1, seq_len=64, lora_dropout=0.0, **DEQ_CASES[name])
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    steps = [p for p in step_model(spec, setup).phases if not p.name.startswith("build")]
+    widest = max(steps, key=lambda p: p.allocated)
+    assert "dequantize" in widest.name, f"{widest.name} is the model's peak here: the case tests nothing"
+    traced = trace_step(str(tmp_path), setup)
+    measured = max(traced.peak(p, step=1) for p in ("forward", "backward", "optimizer"))
+    assert abs(widest.allocated - measured) <= 0.05 * measured, (widest.allocated / 2**20, measured / 2**20)

@@ -29,6 +29,16 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256
 NF4_SMALL_TENSORS = 3  # offset, 16-entry nf4 code, nested 256-entry code: one 512 B block each
 # hqq 0.2.x, nbits=4, group_size=64: packed n/2 uint8 + bf16 scale and bf16 zero per group.
 HQQ_GROUP = 64
+# Quantizing one Linear on the device (verify's build; bytes per weight element beyond what
+# the finished 4-bit layer keeps). bitsandbytes quantize_4bit (CUDA kernel): the bf16
+# source 2, plus per block of 64 the fp32 absmax and its offset-subtracted copy for the
+# nested quantization. hqq Quantizer.quantize (optimize_weights_proximal, fp16 working
+# dtype on CUDA): the bf16 source 2 + W.float() 4 + the fp16 copy W_f 2 + eight fp16
+# full-size iterates and temporaries at its peak inside shrink_lp_op 16 = 24 (traced on
+# hqq's own code run with its CUDA dtype), plus fp32 min, max, scale, zero and fp16
+# scale, zero per group of 64.
+NF4_QUANTIZE_BYTES, NF4_QUANTIZE_BLOCK_BYTES = 2, 8
+HQQ_QUANTIZE_BYTES, HQQ_QUANTIZE_GROUP_BYTES = 24, 4 * 4 + 2 * 2
 # bitsandbytes Optimizer2State: tensors with numel >= 4096 get uint8 state1/state2 and
 # an fp32 absmax per block of 256; smaller tensors keep fp32 states.
 BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
@@ -378,6 +388,9 @@ class LayerPoints:
     lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
     lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
                         # first adapter's fp32 output grad (recompute starts inside its backward)
+    quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
+    quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
+    quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
@@ -403,8 +416,20 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     # fp32 adapters: peft's `result + lora_out` promotes to fp32, so its backward also hands
     # the base branch a bf16 copy of the output grad
     lora_inflight = (width + (0 if ctx.adapters_bf16 else 2)) * first.out_features + residual if first else 0
+    # QLoRA: that Linear's base dequantizes its whole weight to make its input grad
+    # (bnb MatMul4Bit.backward, hqq HQQMatmulNoCacheMul.backward)
+    quant = next((l for roles in (("down", "fc2"), ("o",)) for l in layer.linears if l.role in roles),
+                 None) if setup.method == Method.QLORA else None
+    quant_bwd = freed = 0
+    if quant:
+        # autograd runs the adapter branch (created after the base's node) first: its input
+        # grad is back in bf16 and what it saved is freed when the base dequantizes
+        adapted_q = _lora_targeted(quant, setup)
+        quant_bwd = residual + (2 if adapted_q else 1) * 2 * quant.in_features
+        freed = _lora_saved(quant.in_features, ctx, True, x_saved=ctx.quant == "hqq4") if adapted_q else 0
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
-                       end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight)
+                       end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
+                       quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed)
 
 
 # ------------------------------------------------------------------ the step
@@ -578,12 +603,17 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
             fwd_layer.add(C.FSDP_BUFFERS, root_unit + 2 * layer_unit)
         phases.append(fwd_layer)
 
-    # 4-bit dequantization in forward/backward: the whole weight in bf16 (+ fp32 absmax)
+    # 4-bit dequantization in forward (in backward: a layer point)
     if setup.method == Method.QLORA:
         biggest = max((p.numel for p in params if p.kind in ("nf4", "hqq4")), default=0)
-        deq = 2 * biggest + (biggest // 8 if setup.quant == Quant.NF4 else 2 * biggest)
+        deq = _dequantize_transient(biggest, setup.quant)
         ph = base("4-bit dequantize (forward)").add(C.ACTIVATIONS, acts).add(C.TRANSIENT, deq)
+        if world > 1:  # this unit and the one prefetched, and the root
+            ph.add(C.FSDP_BUFFERS, root_unit + 2 * layer_unit)
         phases.append(ph)
+
+    if setup.method == Method.QLORA:
+        phases.append(_build_phase(params, setup, world))
 
     # optimizer step (on the CPU under offload)
     if not offload:
@@ -597,6 +627,44 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
         notes.append("CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
                      "memory and the optimizer steps on the CPU.")
     return StepModel(phases=phases, host_pinned=host_total, notes=notes)
+
+
+def _dequantize_transient(n: int, quant: Quant) -> int:
+    """A 4-bit Linear's whole weight, dequantized for one matmul. bitsandbytes: the bf16
+    weight plus the nested absmax dequantized to fp32. hqq (PyTorch backend,
+    Quantizer.dequantize): unpacked into the compute dtype, minus zero, times scale: three
+    bf16 copies alive at once. [CPU trace: 2.11 and 6.02 bytes per element]"""
+    if quant == Quant.NF4:
+        return _r(2 * n) + _r(n // 8)
+    return 3 * _r(2 * n)
+
+
+def _build_phase(params: list[Param], setup: TrainingSetup, world: int) -> Phase:
+    """QLoRA's build peak: verify quantizes the decoder's Linears one at a time on the
+    device before anything else is materialized, so at the largest Linear the device holds
+    the 4-bit decoder so far plus that Linear's quantization temporaries. Under FSDP2 each
+    packed weight goes back to meta once quantized (its shard is allocated later), and
+    only the quantization state, which stays whole on every rank, accumulates."""
+    quantized = [p for p in params if p.kind in ("nf4", "hqq4")]
+    ph = Phase("build (quantize)")
+    for p in quantized:
+        store = _store(p, setup)
+        ph.add(C.QUANT_STATE, store[C.QUANT_STATE])
+        if world == 1:
+            ph.add(C.WEIGHTS, store[C.WEIGHTS])
+    if quantized:
+        ph.add(C.TRANSIENT, _quantize_transient(max(quantized, key=lambda p: p.numel), world))
+    return ph
+
+
+def _quantize_transient(p: Param, world: int) -> int:
+    n, packed = p.numel, _r(p.numel / 2)
+    if p.kind == "nf4":  # the packed output exists while the source is still alive
+        held = packed if world > 1 else 0
+        return _r(NF4_QUANTIZE_BYTES * n) + _r(NF4_QUANTIZE_BLOCK_BYTES * -(-n // NF4_BLOCK)) + held
+    # hqq packs only after its optimization loop has freed the working copies
+    done = packed if world == 1 else 0
+    return _r(HQQ_QUANTIZE_BYTES * n) + _r(HQQ_QUANTIZE_GROUP_BYTES * -(-n // HQQ_GROUP)) - done
 
 
 def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, released,
@@ -651,6 +719,9 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         ]
         if pts.lora_bwd:
             points.append(("lora", this, _r(N * pts.lora_bwd), done_grads, gathered + rs_prev))
+        if pts.quant_numel:
+            points.append(("4-bit dequantize", this - _r(N * pts.quant_freed), _r(N * pts.quant_bwd) + _dequantize_transient(
+                pts.quant_numel, setup.quant), done_grads, gathered + rs_prev))
         if ckpt and pts.lora_fwd:
             points.append(("lora recompute", this - _r(N * pts.down_saved),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))

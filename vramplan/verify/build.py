@@ -201,11 +201,32 @@ def _hqq4(lin, device: str):
     return hqq.HQQLinear(src, cfg, compute_dtype=torch.bfloat16, device=device, initialize=True, del_orig=True)
 
 
-def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str) -> None:
-    """Every decoder Linear becomes 4-bit, one at a time (peak: one bf16 Linear)."""
+def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded: bool = False) -> None:
+    """Every decoder Linear becomes 4-bit, one at a time (peak: one bf16 Linear).
+
+    ``sharded``: FSDP2 will shard the packed weights and ``to_empty`` their shards, so
+    each packed weight goes back to meta as soon as it is quantized; the quantization
+    state, which FSDP2 leaves whole on every rank, stays on the device. The build then
+    never holds more than one whole packed Linear per rank."""
     make = _nf4 if quant == Quant.NF4 else _hqq4
     for path, _role in decoder_linears(model, spec):
-        _set_module(model, path, make(model.get_submodule(path), device))
+        q = make(model.get_submodule(path), device)
+        if sharded:
+            _packed_to_meta(q)
+        _set_module(model, path, q)
+
+
+def _packed_to_meta(q) -> None:
+    import torch
+    if hasattr(q, "W_q"):  # hqq's HQQLinear
+        q.W_q = torch.nn.Parameter(torch.empty_like(q.W_q, device="meta"), requires_grad=False)
+        return
+    bnb = need("bitsandbytes", "--quant nf4")
+    w = q.weight
+    q.weight = bnb.nn.Params4bit(torch.empty_like(w.data, device="meta"), requires_grad=False,
+                                 quant_state=w.quant_state, blocksize=w.blocksize,
+                                 compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+                                 quant_storage=w.quant_storage, module=q, bnb_quantized=True)
 
 
 # ---------------------------------------------------------------- methods
@@ -358,7 +379,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
     fsdp = setup.fsdp > 1
     if qlora:
-        quantize_decoder(model, spec, setup.quant, device)
+        quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
     if not fsdp:
         materialize(model, device)
     if setup.lora_like:

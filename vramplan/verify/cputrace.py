@@ -14,6 +14,7 @@ tensor where CUDA keeps a bool mask, and CPU offload cannot move anything off th
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,7 +91,7 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
     from vramplan.verify.build import build_step
     gc.collect()  # what an earlier step left to the collector must not count here
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function(_MARK + "build"):
+        with record_function(_MARK + "build"), _hqq_cuda_working_dtype():
             built = build_step(model, setup, device="cpu", num_layers=num_layers)
             _cuda_default_optimizer(built)
         try:
@@ -108,6 +109,23 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
             if setup.fsdp > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
     return TracedStep(phases=_phases(*_allocations(prof)))
+
+
+@contextlib.contextmanager
+def _hqq_cuda_working_dtype():
+    """hqq quantizes in an fp16 working copy on CUDA and in fp32 elsewhere
+    (optimize_weights_proximal picks by device type): trace the CUDA choice."""
+    try:
+        import hqq.core.optimize as opt
+    except ImportError:
+        yield
+        return
+    import torch
+    saved, opt.float32 = opt.float32, torch.float16
+    try:
+        yield
+    finally:
+        opt.float32 = saved
 
 
 def _cuda_default_optimizer(built) -> None:
