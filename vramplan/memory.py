@@ -393,6 +393,15 @@ class LayerPoints:
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
 
 
+def _shape_key(layer: LayerSpec) -> tuple:
+    """Everything about a layer that the per-layer rules read."""
+    e = layer.experts
+    experts = None if e is None else (e.num_experts, e.top_k, e.hidden, e.intermediate,
+                                      tuple((n, tuple(shape)) for n, shape in e.tensors))
+    return (tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
+            experts, tuple(layer.norm_numels), tuple(layer.other_numels), layer.sliding_window)
+
+
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
     ctx = _act_ctx(setup)
     h = spec.hidden
@@ -528,8 +537,13 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     # ---- activations saved through the step
     ckpt = setup.gradient_checkpointing
     first_grad = setup.method in (Method.FULL, Method.GALORE) or ckpt  # enable_input_require_grads
-    per_layer = [layer_saved_per_token(spec, l, setup, input_grad=(i > 0 or first_grad))
-                 for i, l in enumerate(spec.layers)]
+    saved_of: dict = {}  # most models repeat one layer shape: compute each shape once
+    per_layer = []
+    for i, l in enumerate(spec.layers):
+        key = (_shape_key(l), i > 0 or first_grad)
+        if key not in saved_of:
+            saved_of[key] = layer_saved_per_token(spec, l, setup, input_grad=key[1])
+        per_layer.append(saved_of[key])
     stream = 4 if setup.autocast else 2
     # RoPE cos/sin are computed once and saved by every layer's multiply (shared tensors)
     rope = 2 * _r(N * spec.head_dim * stream)
@@ -696,11 +710,15 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
     for p in params:  # _unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))
         by_layer.setdefault(p.layer, []).append(p)
     non_layer = acts - layer_acts - released
+    points_of: dict = {}
     out: list[Phase] = []
     done_grads = sharded.get(None, 0)
     remaining = layer_acts
     for i in range(len(spec.layers) - 1, -1, -1):
-        pts = layer_points(spec, spec.layers[i], setup)
+        key = _shape_key(spec.layers[i])
+        if key not in points_of:
+            points_of[key] = layer_points(spec, spec.layers[i], setup)
+        pts = points_of[key]
         this = _r(N * per_layer[i])
         kept = non_layer + remaining - (0 if ckpt else this)  # saved outside this layer's own
         ug, rs = _unit_grad_bytes(by_layer.get(i, []), setup, i, reduce_bytes) if world > 1 else (0, 0)
