@@ -385,12 +385,16 @@ class LayerPoints:
     mlp_grads: int    # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
     end_grads: int    # layer done: grad of its input + the residual grad
     lora_fwd: int     # widest peft LoRA Linear forward (fp32 B output, scaled, up-cast result, sum)
+                      # + the layer's unsaved forward locals at that Linear
     lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
     lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
                         # first adapter's fp32 output grad (recompute starts inside its backward)
     quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
     quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
+
+
+_MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
 
 
 def _shape_key(layer: LayerSpec) -> tuple:
@@ -417,7 +421,11 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     # (fp32 by default; bf16 under autocast), then .to(result dtype)
     per_out = 6 if ctx.adapters_bf16 else 12
     adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
-    lora_fwd = max((per_out * l.out_features for l in adapted), default=0)
+    # plus the layer's forward locals that nothing saves: inside the MLP the residual stream
+    # after attention and the post-attention norm's output, inside attention the input
+    # norm's output [CPU trace]
+    lora_fwd = max((per_out * l.out_features + (2 if l.role in _MLP_IN else 1) * residual for l in adapted),
+                   default=0)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
     width = 2 if ctx.adapters_bf16 else 4
