@@ -31,7 +31,9 @@ TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, interm
               for h, f in ((256, 1024), (256, 2048), (512, 1024))}
 LAYER_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
                 "lora": dict(method="lora"), "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
-                "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True)}
+                "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
+                "galore-lw-ckpt": dict(method="galore", galore_rank=32, optim="galore_adamw_layerwise",
+                                       gradient_checkpointing=True)}
 
 
 def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
@@ -65,7 +67,7 @@ def main() -> int:
             row = run(*job)
             out.write(json.dumps(row) + "\n")
             out.flush()
-            print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer")})
+            print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row})
     return 0
 
 

@@ -392,6 +392,7 @@ class LayerPoints:
     quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
     quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
+    hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
 
 
 _MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
@@ -446,7 +447,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         freed = _lora_saved(quant.in_features, ctx, True, x_saved=ctx.quant == "hqq4") if adapted_q else 0
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
-                       quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed)
+                       quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
+                       hook_grads=residual + 2 * f + 2 * h)
 
 
 # ------------------------------------------------------------------ the step
@@ -619,6 +621,10 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
                                           _r(final), world, units, reduce_bytes, offload)
     phases.extend(layer_phases if every_layer else [max(layer_phases, key=lambda p: p.allocated)])
+    if setup.optim.layerwise and not offload:
+        root_hook = _root_hook_phase(spec, setup, params, base, acts, cast_cache)
+        if root_hook is not None:
+            phases.append(root_hook)
     fwd_layer = _layer_forward_phase(spec, setup, base, acts, _r(final), cast_cache)
     if fwd_layer is not None:
         if world > 1:
@@ -705,14 +711,10 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
             sharded[p.layer] = sharded.get(p.layer, 0) + g
             if p.role in ("down", "fc2"):
                 down[p.layer] = down.get(p.layer, 0) + _r(_grad_bytes(p, setup) * p.numel)
-    lw_extra = 0
     if offload or setup.optim.layerwise:
         sharded = {k: 0 for k in sharded}
+    hook = _layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
     if setup.optim.layerwise:
-        # one optimizer per parameter, stepped and freed from its post-accumulate-grad
-        # hook: one full gradient plus that parameter's update temporaries at a time
-        lw_extra = max((_r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
-                        for p in params if p.trainable), default=0)
         down = {}
     by_layer: dict[int | None, list[Param]] = {}
     for p in params:  # _unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))
@@ -751,15 +753,42 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         if ckpt and pts.lora_fwd:
             points.append(("lora recompute", this - _r(N * pts.down_saved),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
+        if hook.get(i):
+            # a weight's grad is accumulated: its optimizer steps inside the hook while its
+            # matmul's input grad and the MLP's other grads are in flight
+            points.append(("optimizer hook", this - _r(N * pts.down_saved), _r(N * pts.hook_grads) + hook[i],
+                           done_grads, gathered + rs_prev))
         for tag, live, tr, grads, fsdp in points:
             ph = base(f"layer {i} backward ({tag})").add(C.ACTIVATIONS, kept + live + cast_cache)
-            ph.add(C.TRANSIENT, tr + lw_extra).add(C.GRADIENTS, grads)
+            ph.add(C.TRANSIENT, tr).add(C.GRADIENTS, grads)
             if world > 1:
                 ph.add(C.FSDP_BUFFERS, fsdp)
             out.append(ph)
         done_grads += sharded.get(i, 0)
         remaining -= _r(N * (2 if not setup.autocast else 4) * spec.hidden) if ckpt else this
     return out
+
+
+def _layerwise_hook_bytes(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
+    """Per decoder layer (None: the root), the largest full gradient plus its optimizer's
+    update temporaries: what one post-accumulate-grad hook adds while it steps."""
+    out: dict[int | None, int] = {}
+    for p in params:
+        if p.trainable:
+            b = _r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
+            out[p.layer] = max(out.get(p.layer, 0), b)
+    return out
+
+
+def _root_hook_phase(spec, setup, params, base, acts, cast_cache) -> Phase | None:
+    """Layer-wise optimizers: lm_head's (or the embedding's) hook, with everything the
+    layers saved still alive and the head's input grad in flight."""
+    hook = _layerwise_hook_bytes(params, setup).get(None, 0)
+    if not hook:
+        return None
+    stream = 4 if setup.autocast else 2
+    return (base("optimizer hook (lm_head)").add(C.ACTIVATIONS, acts + cast_cache)
+            .add(C.TRANSIENT, _r(setup.tokens * stream * spec.hidden) + hook))
 
 
 def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase | None:
