@@ -393,6 +393,7 @@ class LayerPoints:
     quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
     hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
+    recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
 
 
 _MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
@@ -418,15 +419,21 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         f = downs[0].in_features if downs else h
         down_saved = _linears_saved(downs, f, ctx, True) if downs else 0
     residual = 4 * h if setup.autocast else 2 * h
-    # peft lora.Linear.forward: result + lora_B(lora_A(x)) * scaling in the adapter dtype
-    # (fp32 by default; bf16 under autocast), then .to(result dtype)
-    per_out = 6 if ctx.adapters_bf16 else 12
+    # peft lora.Linear.forward: result + lora_B(lora_A(x)) * scaling in the adapter dtype,
+    # then .to(result dtype). fp32 adapters: the scaled fp32 B output, the result up-cast
+    # and their sum (12·out); bf16 adapters (autocast, FSDP2): B's output is freed after
+    # the scaling, so the scaled output and the sum (4·out) [CPU trace]
+    per_out = 4 if ctx.adapters_bf16 else 12
     adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
-    # plus the layer's forward locals that nothing saves: inside the MLP the residual stream
-    # after attention and the post-attention norm's output, inside attention the input
-    # norm's output [CPU trace]
-    lora_fwd = max((per_out * l.out_features + (2 if l.role in _MLP_IN else 1) * residual for l in adapted),
-                   default=0)
+    # plus the layer's forward locals: inside the MLP the residual stream after attention,
+    # and the norm's output feeding the Linear unless lora_A saved that very tensor (bf16
+    # adapters without autocast) [CPU trace]
+    norm_out = 0 if (ctx.adapters_bf16 and not ctx.autocast) else residual
+    widest = max(adapted, key=lambda l: per_out * l.out_features + (residual if l.role in _MLP_IN else 0),
+                 default=None)
+    lora_fwd = per_out * widest.out_features + norm_out + (residual if widest.role in _MLP_IN else 0) if widest else 0
+    # a fused gate_up runs before the activation exists, which the layer's saved count holds
+    absent = 2 * f if widest is not None and widest.role == "gate_up" else 0
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
     width = 2 if ctx.adapters_bf16 else 4
@@ -448,7 +455,7 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
-                       hook_grads=residual + 2 * f + 2 * h)
+                       hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent)
 
 
 # ------------------------------------------------------------------ the step
@@ -751,7 +758,7 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
             points.append(("4-bit dequantize", this - _r(N * pts.quant_freed), _r(N * pts.quant_bwd) + _dequantize_transient(
                 pts.quant_numel, setup.quant), done_grads, gathered + rs_prev))
         if ckpt and pts.lora_fwd:
-            points.append(("lora recompute", this - _r(N * pts.down_saved),
+            points.append(("lora recompute", this - _r(N * (pts.down_saved + pts.recompute_absent)),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
         if hook.get(i):
             # a weight's grad is accumulated: its optimizer steps inside the hook while its
