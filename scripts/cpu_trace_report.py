@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, MIXTRAL,  # noqa: E402
+from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA,  # noqa: E402
                             WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
@@ -61,9 +61,6 @@ def main() -> int:
              for m, cfg in TINY_VOCAB.items() for s, f in LAYER_SETUPS.items()]
     v64 = dict(batch_size=2, seq_len=512, lora_dropout=0.0)
     jobs += [("layer-backward", n, cfg, f, v64) for n, (cfg, f) in LAYER_ARCH_CASES.items()]
-    moe64 = dict(MIXTRAL, vocab_size=64)  # a documented gap: reported, not tested
-    jobs += [("layer-backward", f"moe-{m}-ckpt", moe64, dict(method=m, gradient_checkpointing=True), v64)
-             for m in ("full", "lora")]
     short = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
     jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
     jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]

@@ -115,9 +115,10 @@ LAYER_CASES = {
 }
 
 
-# Other architectures and FSDP2 with a 64-token vocabulary (MoE is a documented gap:
-# memory-model.md, "Known gaps").
+# Other architectures and FSDP2 with a 64-token vocabulary.
 LAYER_ARCH_CASES = {
+    "moe-full-ckpt": (dict(MIXTRAL, vocab_size=64), dict(method="full", gradient_checkpointing=True)),
+    "moe-lora-ckpt": (dict(MIXTRAL, vocab_size=64), dict(method="lora", gradient_checkpointing=True)),
     "phi3-fused-lora-ckpt": (dict(PHI3, vocab_size=64), dict(method="lora", gradient_checkpointing=True)),
     "gemma2-eager-lora-ckpt": (dict(GEMMA2, vocab_size=64), dict(method="lora", gradient_checkpointing=True)),
     "fsdp4-lora-ckpt": (TINY_VOCAB, dict(method="lora", fsdp=4, gradient_checkpointing=True)),

@@ -394,9 +394,23 @@ class LayerPoints:
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
     hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
     recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
+    moe_fwd: int = 0      # MoE: the end of the experts' forward in the recompute (fp32 routing product)
 
 
 _MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
+
+
+def _moe_forward_end(spec: ModelSpec, layer: LayerSpec, residual: int, weights_train: bool) -> int:
+    """Per token, at the end of an MoE block's forward (recompute under checkpointing):
+    each routed expert output times its fp32 routing weight (the bf16 output up-cast, and
+    the product), the forward's locals (the residual stream after attention; the block's
+    input and the gathered expert inputs unless the trained router and experts saved
+    them), with the layer's output grad and the fp32 grad of the routed outputs in flight."""
+    if not layer.experts:
+        return 0
+    routed = layer.experts.top_k * spec.hidden
+    locals_ = residual + (0 if weights_train else residual + 2 * routed)
+    return 4 * routed + 4 * routed + locals_ + residual + 4 * routed
 
 
 def _shape_key(layer: LayerSpec) -> tuple:
@@ -455,7 +469,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
-                       hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent)
+                       hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent,
+                       moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train))
 
 
 # ------------------------------------------------------------------ the step
@@ -760,6 +775,8 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         if ckpt and pts.lora_fwd:
             points.append(("lora recompute", this - _r(N * (pts.down_saved + pts.recompute_absent)),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
+        if ckpt and pts.moe_fwd:
+            points.append(("moe recompute", this, _r(N * pts.moe_fwd), done_grads, gathered + rs_prev))
         if hook.get(i):
             # a weight's grad is accumulated: its optimizer steps inside the hook while its
             # matmul's input grad and the MLP's other grads are in flight
