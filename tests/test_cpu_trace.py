@@ -59,7 +59,7 @@ CASES = {
 def _model_phases(spec, setup) -> dict[str, int]:
     phases = {p.name: p.allocated for p in step_model(spec, setup).phases}
     cpu_loss = phases.pop("loss backward") - 2 * setup.tokens * spec.vocab
-    backward = max([cpu_loss] + [v for k, v in phases.items() if k.startswith(("layer", "optimizer hook"))])
+    backward = max([cpu_loss] + [v for k, v in phases.items() if k.startswith(("layer", "optimizer hook", "final norm"))])
     forward = max(phases["forward (loss)"], phases.get("forward (last layer)", 0),
                   phases.get("4-bit dequantize (forward)", 0))
     out = {"forward": forward, "backward": backward}

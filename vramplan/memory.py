@@ -42,6 +42,11 @@ HQQ_QUANTIZE_BYTES, HQQ_QUANTIZE_GROUP_BYTES = 24, 4 * 4 + 2 * 2
 # bitsandbytes Optimizer2State: tensors with numel >= 4096 get uint8 state1/state2 and
 # an fp32 absmax per block of 256; smaller tensors keep fp32 states.
 BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
+# An RMSNorm's backward (transformers' Llama/Gemma RMSNorm: fp32 pow, mean, rsqrt, mul):
+# bytes per token and hidden unit beyond its saved input and the incoming grad. The same
+# eager elementwise autograd graph runs on CUDA. [CPU trace: 20.0 with and without a
+# trained weight]
+RMS_NORM_BACKWARD = 20
 # Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
 INPUT_BYTES_PER_TOKEN = 24
 # cuBLAS workspace, allocated through the caching allocator once per (handle, stream):
@@ -448,6 +453,11 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     lora_fwd = per_out * widest.out_features + norm_out + (residual if widest.role in _MLP_IN else 0) if widest else 0
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == "gate_up" else 0
+    # Gemma 2's post-feedforward norm runs after the MLP: its saved fp32 input does not exist
+    # yet at an MLP adapter, and its backward, not down's adapter, starts the recompute
+    post_mlp_norm = spec.norms_per_layer >= 4 and widest is not None and widest.role in _MLP_IN
+    if post_mlp_norm:
+        absent += _norm_saved(spec, ctx, True)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
     width = 2 if ctx.adapters_bf16 else 4
@@ -455,6 +465,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     # fp32 adapters: peft's `result + lora_out` promotes to fp32, so its backward also hands
     # the base branch a bf16 copy of the output grad
     lora_inflight = (width + (0 if ctx.adapters_bf16 else 2)) * first.out_features + residual if first else 0
+    if post_mlp_norm:  # the layer's output grad and that norm's fp32 output grad
+        lora_inflight = residual + 4 * h
     # QLoRA: that Linear's base dequantizes its whole weight to make its input grad
     # (bnb MatMul4Bit.backward, hqq HQQMatmulNoCacheMul.backward)
     quant = next((l for roles in (("down", "fc2"), ("o",)) for l in layer.linears if l.role in roles),
@@ -639,6 +651,14 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
         ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
     phases.append(ph)
 
+    if spec.final_norm_numel and spec.norm_kind != "layer":
+        # the final norm's fp32 backward, every layer's saved tensors still alive
+        ph = base("final norm backward").add(C.ACTIVATIONS, acts + cast_cache)
+        ph.add(C.TRANSIENT, _r(N * (stream + RMS_NORM_BACKWARD) * h))
+        if world > 1:
+            ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
+        phases.append(ph)
+
     # decoder-layer backward: grads accumulate while activations are released
     layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
                                           _r(final), world, units, reduce_bytes, offload)
@@ -775,6 +795,10 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         if ckpt and pts.lora_fwd:
             points.append(("lora recompute", this - _r(N * (pts.down_saved + pts.recompute_absent)),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
+        if spec.norms_per_layer >= 4 and spec.norm_kind != "layer":
+            # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
+            points.append(("post-MLP norm", this, _r(N * ((4 if setup.autocast else 2) + RMS_NORM_BACKWARD) * spec.hidden),
+                           done_grads, gathered + rs_prev))
         if ckpt and pts.moe_fwd:
             points.append(("moe recompute", this, _r(N * pts.moe_fwd), done_grads, gathered + rs_prev))
         if hook.get(i):
