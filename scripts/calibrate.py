@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 L1B, L8B, L70B, QW05, QW7, MIX, PHI, GEM = ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "qwen2.5-0.5b",
                                            "qwen2.5-7b", "mixtral-8x7b", "phi-3-mini", "gemma-2-2b")
-L2_70B = "llama-2-70b"
+L2_70B, MIS = "llama-2-70b", "mistral-7b"
 
 
 def case(name: str, model: str, layers: int | None = None, steps: int = 3, depths: list[int] | None = None,
@@ -80,6 +80,11 @@ CASES = [
          seq_len=16384, seconds=90),
     case("qw05_full_bf16_ckpt_b1s32768", QW05, method="full", gradient_checkpointing=True, batch_size=1,
          seq_len=32768, seconds=90),
+    # sliding-window SDPA past the window (Mistral-7B, window 4096): an explicit mask per
+    # layer, k and v repeated to every head
+    case("mistral_L4_lora16_b1s8192", MIS, layers=4, method="lora", batch_size=1, seq_len=8192, seconds=60),
+    case("mistral_lora16_ckpt_b1s8192", MIS, method="lora", gradient_checkpointing=True, batch_size=1,
+         seq_len=8192, seconds=90),
     # MoE (truncated mixtral: 3-D experts, router)
     case("mixtral_L2_full_bf16_b1s1024", MIX, layers=2, method="full", batch_size=1, seq_len=1024, seconds=90),
     case("mixtral_L4_qlora_nf4_ckpt_b1s2048", MIX, layers=4, method="qlora", gradient_checkpointing=True,

@@ -34,6 +34,7 @@ GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_s
               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
               sliding_window=128, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
               query_pre_attn_scalar=64, max_position_embeddings=4096, hidden_activation="gelu_pytorch_tanh")
+MISTRAL = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 CASES = {
     "full": (LLAMA, dict(method="full")),
@@ -52,6 +53,9 @@ CASES = {
     "fsdp2-qlora-nf4-ckpt": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, gradient_checkpointing=True)),
     "fsdp4-qlora-hqq4": (LLAMA, dict(method="qlora", quant="hqq4", fsdp=4)),
     "phi3-fused-full": (PHI3, dict(method="full")),
+    # a sequence past the sliding window: an explicit mask, k and v repeated to every head
+    "mistral-window-full": (MISTRAL, dict(method="full")),
+    "mistral-window-lora-ckpt": (MISTRAL, dict(method="lora", gradient_checkpointing=True)),
     "gemma2-eager-lora": (GEMMA2, dict(method="lora")),
 }
 

@@ -86,6 +86,22 @@ def test_eager_attention_grid_matches_estimate():
         assert abs(grid.total[si, 2] - est.per_gpu.total_bytes) <= 512 * 8 * len(spec.layers)
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_sliding_window_grid_matches_estimate_on_both_sides_of_the_window(ckpt):
+    """Mistral-7B (window 4096): from the window on SDPA gets an explicit mask (a tokens x seq
+    term that starts there), so the grid splits its sequences at the window."""
+    spec = load_model_spec("mistral-7b")
+    gpus = parse_gpus("1x80GB")
+    req = PlanRequest(gpus=gpus, context=16384, max_batch=4)
+    seqs = seq_grid(16384)
+    assert seqs.min() < 4096 <= seqs.max()
+    setup = TrainingSetup(method="lora", gradient_checkpointing=ckpt)
+    grid = evaluate(spec, setup, req, seqs, np.arange(1, 5))
+    for si in range(len(seqs)):
+        est = estimate_spec(spec, setup.model_copy(update={"seq_len": int(seqs[si]), "batch_size": 2}), gpus)
+        assert abs(grid.total[si, 1] - est.per_gpu.total_bytes) <= 512 * 8 * len(spec.layers), int(seqs[si])
+
+
 def test_prepared_step_model_is_the_same():
     spec = load_model_spec("qwen2.5-0.5b")
     setup = TrainingSetup(method="qlora", fsdp=2, cpu_offload=True, gradient_checkpointing=True)

@@ -141,5 +141,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         norms_per_layer=len(specs[0].norm_numels) if specs else 0,
         final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(tcfg, "attn_logit_softcapping", None),
+        # transformers masks such models with create_sliding_window_causal_mask in every layer
+        sdpa_window=window if (sdpa and window and not layer_types) else None,
         params_total=sum(p.numel() for p in all_params.values()),
     )

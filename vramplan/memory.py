@@ -326,11 +326,24 @@ def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -
     soft-cap output (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
     q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
     if spec.attn_implementation == "sdpa":
-        v = 2 * (q + 2 * kv) if layer.linears_with("qkv") else 2 * kv
-        return 2 * q + 2 * kv + v + 2 * q + 4 * nh
+        masked = _sdpa_mask_cols(spec, seq)
+        # with a mask transformers repeats k and v to every head (use_gqa_in_sdpa) and SDPA
+        # saves those copies [CPU trace]
+        k_saved = q if masked and kv < q else kv
+        v = 2 * (q + 2 * kv) if layer.linears_with("qkv") and k_saved == kv else 2 * k_saved
+        return 2 * q + 2 * k_saved + v + 2 * q + 4 * nh + 2 * masked
     # HF eager attention forms the full s x s scores even for sliding-window layers
     probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
     return 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
+
+
+def _sdpa_mask_cols(spec: ModelSpec, seq: int) -> int:
+    """Mask columns per token that each SDPA call receives. transformers builds an explicit
+    b x 1 x s x s bool mask for a sliding-window model once the sequence reaches the window
+    (masking_utils._ignore_causal_mask_sdpa), and torch's SDPA converts it to the query's
+    dtype per call (aten::where), a copy its backward keeps: 2·s bytes per token and layer.
+    [CPU trace; the conversion precedes SDPA's kernel choice, so CUDA makes the same copy]"""
+    return seq if spec.sdpa_window and seq >= spec.sdpa_window else 0
 
 
 def _mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, input_grad: bool) -> int:
@@ -606,7 +619,9 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     final = N * _norm_saved(spec, ctx, True)
     if head_trains:
         final += N * (2 if (ctx.autocast or ctx.stream == 2) else 4) * h  # lm_head saves its input
-    acts = layer_acts + rope + inputs + eager_mask + _r(final)
+    # the bool sliding-window mask itself, built once and passed to every layer
+    sdpa_mask = _r(setup.batch_size * setup.seq_len * _sdpa_mask_cols(spec, setup.seq_len))
+    acts = layer_acts + rope + inputs + eager_mask + sdpa_mask + _r(final)
 
     # ---- autocast caches bf16 casts of trainable fp32 weights; they are saved for
     # backward (without checkpointing every layer's; with it only the root's lm_head). [cal]

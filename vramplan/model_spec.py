@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
-SPEC_VERSION = 3  # bump when the analysis output changes
+SPEC_VERSION = 4  # bump when the analysis output changes
 
 
 class Linear(BaseModel):
@@ -98,6 +98,8 @@ class ModelSpec(BaseModel):
     norms_per_layer: int
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    sdpa_window: int | None = Field(None, description="SDPA models masked to one sliding window in every layer "
+                                    "(Mistral, Phi-3): longer sequences get an explicit mask")
     params_total: int
 
     @property

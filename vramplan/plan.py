@@ -215,13 +215,15 @@ def _allocs(spec: ModelSpec, setup: TrainingSetup, pre, batch: int, seq: int):
 
 
 def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) -> tuple[np.ndarray, int]:
-    """Per phase (c, per token, per token x seq): allocated = c + a*N + b*N*s with N = batch*seq.
-    Every term of the memory model scales with the tokens N except eager attention's
-    probabilities and masks (per token x seq); SDPA models have b = 0 and need two calls."""
+    """Per phase (c, per token, per token x seq): allocated = c + a*N + b*N*s with N = batch*seq,
+    for sequences s1..s2 of one regime (_seq_regimes). Every term of the memory model scales
+    with the tokens N except eager attention's probabilities and masks and SDPA's
+    sliding-window masks (per token x seq); without those b = 0 and two calls do."""
     a1, pinned = _allocs(spec, setup, pre, 1, s1)
     a2, _ = _allocs(spec, setup, pre, 2, s1)
     per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
-    if spec.attn_implementation == "sdpa":
+    windowed = spec.sdpa_window is not None and s1 >= spec.sdpa_window
+    if s2 == s1 or (spec.attn_implementation == "sdpa" and not windowed):
         return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
     a3, _ = _allocs(spec, setup, pre, 1, s2)
     # a3 - c = (a + b*s2) * s2 and a1 - c = (a + b*s1) * s1 with a = per_n - b*s1
@@ -243,15 +245,28 @@ def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
     return ranks * (PROCESS_HOST_BYTES + pinned)
 
 
+def _seq_regimes(spec: ModelSpec, seqs: np.ndarray) -> list[np.ndarray]:
+    """Row masks of the sequences one set of coefficients covers: a sliding-window SDPA
+    model gets an explicit mask from its window on, so the sequences split there."""
+    if spec.sdpa_window is None:
+        return [np.ones(len(seqs), dtype=bool)]
+    below = seqs < spec.sdpa_window
+    return [m for m in (below, ~below) if m.any()]
+
+
 def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
     pre = prepare(spec, setup)
-    coef, pinned = _coefficients(spec, setup, pre, int(seqs[0]), int(seqs[-1]))
-    coef = _pareto(coef)
     tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
-    feats = (tokens, tokens * seqs[:, None])
     alloc = np.full(tokens.shape, -np.inf)
-    for c, a, b in coef:  # after the Pareto filter a handful of phases remain
-        np.maximum(alloc, c + a * feats[0] + b * feats[1], out=alloc)
+    pinned = 0
+    for rows in _seq_regimes(spec, seqs):
+        sub = seqs[rows]
+        coef, pinned = _coefficients(spec, setup, pre, int(sub[0]), int(sub[-1]))
+        t = tokens[rows]
+        part = np.full(t.shape, -np.inf)
+        for c, a, b in _pareto(coef):  # after the Pareto filter a handful of phases remain
+            np.maximum(part, c + a * t + b * t * sub[:, None], out=part)
+        alloc[rows] = part
     return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
 
 
