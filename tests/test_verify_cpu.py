@@ -349,3 +349,27 @@ def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):
     assert ran == [None, 1, 2]
     assert calibrate.main(["--cases", str(spec), "--out", str(out), "--device", "cpu"]) == 0
     assert len(load_cases(out)) == 4 and ran == [None, 1, 2]  # resumed: nothing ran twice
+
+
+def test_comparison_has_one_row_per_measured_phase():
+    """The estimate's modelled phases grouped into the four a probe measures (for QLoRA: the
+    build's quantization, forward's dequantize, the layer points, the optimizer step),
+    against the widest step of each measured phase."""
+    from vramplan.verify.compare import compare
+    from vramplan.verify.results import PhaseSnapshot
+    est = estimate_config("llama-3.2-1b", "1x80GB", method="qlora", gradient_checkpointing=True)
+    setup = make_setup(method="qlora", gradient_checkpointing=True)
+    snaps = [PhaseSnapshot(phase="build", peak_allocated_bytes=1 * 2**30)]
+    for step, scale in ((0, 2), (1, 3)):
+        snaps += [PhaseSnapshot(phase=p, step=step, peak_allocated_bytes=scale * k * 2**30)
+                  for k, p in enumerate(("forward", "backward", "optimizer"), start=1)]
+    m = Measurement(model="m", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=2, fits=True,
+                    phases=snaps, peak_allocated_bytes=9 * 2**30, peak_phase="optimizer (step 1)")
+    rows = {r.category: r for r in compare(est, m).phases}
+    assert list(rows) == ["build peak", "forward peak", "backward peak", "optimizer peak"]
+    assert [rows[f"{p} peak"].measured_bytes // 2**30 for p in ("build", "forward", "backward", "optimizer")] == [1, 3, 6, 9]
+    modelled = est.per_gpu.phases
+    assert rows["build peak"].estimate_bytes == modelled["build (quantize)"]
+    assert rows["backward peak"].estimate_bytes == max(v for k, v in modelled.items()
+                                                       if k.startswith(("loss", "layer", "final norm")))
+    assert any("different phase" in n for n in compare(est, m).notes)  # estimated peak is in backward

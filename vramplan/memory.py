@@ -77,6 +77,22 @@ class Phase:
         return sum(v for c, v in self.parts.items() if c in ALLOCATED)
 
 
+# The four phases a measurement reports (verify's probes, the CPU trace); each modelled
+# phase happens inside one of them.
+MEASURED_PHASES = ("build", "forward", "backward", "optimizer")
+
+
+def measured_phase(name: str) -> str:
+    """The measured phase a modelled phase falls in ("layer 3 backward (mlp)" -> backward)."""
+    if name.startswith("build"):
+        return "build"
+    if name.startswith(("forward", "4-bit dequantize (forward)")):
+        return "forward"
+    if name.startswith(("optimizer step", "GaLore SVD")) and "in backward" not in name:
+        return "optimizer"
+    return "backward"  # loss backward, final norm, layer points, layer-wise optimizer hooks
+
+
 # ------------------------------------------------------------------ parameters
 
 @dataclass(frozen=True)
@@ -869,7 +885,8 @@ def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase
 
 def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:
     """Step 0 (and every update_proj_gap steps): SVD of one fp32 gradient at a time."""
-    ph = Phase("GaLore SVD refresh")
+    # layer-wise optimizers refresh inside their backward hooks
+    ph = Phase("GaLore SVD refresh" + (" (layer-wise, in backward)" if setup.optim.layerwise else ""))
     for c, v in static.items():
         ph.add(c, v)
     ph.add(C.OPTIMIZER_STATES, optim_state)

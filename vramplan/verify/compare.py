@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vramplan.categories import Category as C
+from vramplan.memory import MEASURED_PHASES, measured_phase
 from vramplan.results import Estimate
 from vramplan.verify.results import CategoryRow, Comparison, Measurement
 
@@ -30,6 +31,10 @@ def compare(estimate: Estimate, m: Measurement) -> Comparison:
     totals = [_row("peak allocated", pg.peak_allocated_bytes, m.peak_allocated_bytes),
               _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
               _row("total (reserved + context)", pg.total_bytes, total)]
+    phases = _phase_rows(pg.phases, m)
+    est_at = measured_phase(pg.peak_phase) if pg.peak_phase else None
+    if m.peak_phase and est_at and not m.peak_phase.startswith(est_at):
+        notes.append(f"peak in a different phase: estimate '{pg.peak_phase}', measured '{m.peak_phase}'")
     if m.extrapolated_from:
         notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
     if m.simulated:
@@ -38,15 +43,30 @@ def compare(estimate: Estimate, m: Measurement) -> Comparison:
     if m.oom is not None:
         notes.append(f"does not fit: out of memory in {m.oom.phase}"
                      + (f" (step {m.oom.step})" if m.oom.step is not None else ""))
-    return Comparison(description=estimate.description, rows=rows, totals=totals, extrapolated=bool(m.extrapolated_from),
+    return Comparison(description=estimate.description, rows=rows, totals=totals, phases=phases,
+                      extrapolated=bool(m.extrapolated_from),
                       simulated=m.simulated, fits_measured=m.fits, fits_estimated=estimate.fits, notes=notes)
+
+
+def _phase_rows(modelled: dict[str, int], m: Measurement) -> list[CategoryRow]:
+    """Per measured phase: the estimate's widest modelled phase inside it against the
+    measured peak of that phase over all steps (extrapolated measurements have none)."""
+    est: dict[str, int] = {}
+    for name, b in modelled.items():
+        k = measured_phase(name)
+        est[k] = max(est.get(k, 0), b)
+    meas: dict[str, int] = {}
+    for snap in m.phases:
+        if snap.peak_allocated_bytes is not None:
+            meas[snap.phase] = max(meas.get(snap.phase, 0), snap.peak_allocated_bytes)
+    return [_row(f"{k} peak", est.get(k), meas.get(k)) for k in MEASURED_PHASES if k in est or k in meas]
 
 
 def to_frame(cmp: Comparison):
     """One row per category and per total, in MiB and bytes (for the CSV)."""
     import pandas as pd
     recs = []
-    for kind, rows in (("category", cmp.rows), ("total", cmp.totals)):
+    for kind, rows in (("category", cmp.rows), ("total", cmp.totals), ("phase", cmp.phases)):
         for r in rows:
             recs.append({"kind": kind, **r.model_dump()})
     return pd.DataFrame.from_records(recs)
@@ -63,7 +83,7 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
     t = Table(title=title, title_justify="left")
     for col in ("category", f"estimate {unit}", f"measured {unit}", f"error {unit}", "error %"):
         t.add_column(col, justify="left" if col == "category" else "right")
-    for r in [*cmp.rows, None, *cmp.totals]:
+    for r in [*cmp.rows, None, *cmp.totals, None, *cmp.phases]:
         if r is None:
             t.add_section()
             continue

@@ -162,6 +162,8 @@ class Comparison(BaseModel):
     description: str
     rows: list[CategoryRow]
     totals: list[CategoryRow]
+    phases: list[CategoryRow] = Field(default_factory=list, description="peak allocated per measured phase "
+                                      "(the estimate's widest modelled phase inside it)")
     extrapolated: bool = False
     simulated: bool = False
     fits_measured: bool
