@@ -429,9 +429,23 @@ class LayerPoints:
     hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
     recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
     moe_fwd: int = 0      # MoE: the end of the experts' forward in the recompute (fp32 routing product)
+    ckpt_fwd: int = 0     # checkpointed forward (nothing saved): the MLP's working set at its widest
 
 
 _MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
+
+
+def _ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: int) -> int:
+    """Per token, a checkpointed layer's forward at the MLP: the residual stream after
+    attention and the MLP's input, then act(gate), up and their product (a fused gate_up,
+    and MoE experts, keep the whole fused output behind the views; MoE also the gathered
+    expert inputs; a plain MLP: fc1's output and its activation); with an adapted gate/up,
+    that adapter's path on top of act(gate) and the up projection's base output. [CPU trace]"""
+    fused = bool(layer.linears_with("gate_up")) or bool(layer.experts)
+    mlp = (8 * f if fused else 6 * f if gated else 4 * f) + 2 * residual
+    if layer.experts:
+        mlp += 2 * layer.experts.top_k * spec.hidden
+    return max(mlp, (4 * f if gated else 2 * f) + lora_mlp) if lora_mlp else mlp
 
 
 def _moe_forward_end(spec: ModelSpec, layer: LayerSpec, residual: int, weights_train: bool) -> int:
@@ -511,7 +525,12 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
                        hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent,
-                       moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train))
+                       moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train),
+                       ckpt_fwd=max(_ckpt_forward(spec, layer, f, gated, residual, lora_fwd if widest is not None
+                                                  and widest.role in _MLP_IN else 0),
+                                    # at the attention: what it would save (eager: the s x s
+                                    # probabilities) and the norm's output
+                                    _attention_saved(spec, layer, ctx, setup.seq_len) + residual))
 
 
 # ------------------------------------------------------------------ the step
@@ -874,11 +893,14 @@ def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase
     """The last decoder layer's forward without checkpointing, at its widest LoRA Linear:
     everything saved so far plus peft's fp32 adapter path."""
     pts = layer_points(spec, spec.layers[-1], setup)
-    if not pts.lora_fwd or setup.gradient_checkpointing:
-        # checkpointing's forward keeps none of the layer's saved tensors; its recompute in
-        # backward (the "lora recompute" point) is the wider moment
-        return None
     N = setup.tokens
+    if setup.gradient_checkpointing:
+        # checkpointing's forward keeps none of the layer's saved tensors: only the MLP's
+        # working set is alive (its recompute in backward is wider; this is forward's peak)
+        return base("forward (checkpointed layer)").add(C.ACTIVATIONS, acts - released + cast_cache).add(
+            C.TRANSIENT, _r(N * pts.ckpt_fwd))
+    if not pts.lora_fwd:
+        return None
     live = acts - released - _r(N * pts.down_saved)
     return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(C.TRANSIENT, _r(N * pts.lora_fwd))
 
