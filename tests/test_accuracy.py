@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from vramplan.accuracy import score, score_case, summary
+from vramplan.accuracy import is_full_step, score, score_case, summary
 from vramplan.measured import load_cases
 
 DATA = Path(__file__).parent / "data"
-CASES = [c for f in sorted(DATA.glob("*.jsonl")) for c in load_cases(f)]
+# out-of-memory runs and depth extrapolations are results, not peaks to hold the estimate to
+CASES = [c for f in sorted(DATA.glob("*.jsonl")) for c in load_cases(f) if is_full_step(c)]
 TOL = 0.05
 
 
@@ -40,3 +41,12 @@ def test_parameter_count_matches_measured():
         assert spec.params_total == case.params_total, case.name
         checked += 1
     assert checked > 0
+
+
+def test_oom_runs_and_extrapolations_are_not_scored():
+    from vramplan.measured import MeasuredCase
+    base = next(iter(load_cases(DATA / "h100_dev.jsonl"))).model_dump()
+    assert is_full_step(MeasuredCase.model_validate(base))
+    assert not is_full_step(MeasuredCase.model_validate({**base, "fits": False, "oom_phase": "backward"}))
+    assert not is_full_step(MeasuredCase.model_validate({**base, "extrapolated_from": [4, 8]}))
+    assert not is_full_step(MeasuredCase.model_validate({**base, "peak_alloc_mb": None}))

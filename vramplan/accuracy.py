@@ -62,9 +62,16 @@ def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
                       measured_reserved_bytes=case.peak_reserved_bytes, peak_phase=est.per_gpu.peak_phase)
 
 
+def is_full_step(case: MeasuredCase) -> bool:
+    """A measured peak of whole steps: not an out-of-memory run (its peak stops at the
+    error) and not a depth extrapolation (verify's fit, not a measurement)."""
+    extra = case.model_extra or {}
+    return bool(case.peak_alloc_mb) and extra.get("fits", True) is not False and not extra.get("extrapolated_from")
+
+
 def score(cases: list[MeasuredCase], configs: Path | None = None) -> list[ScoredCase]:
-    """Every case that has a measured peak, scored."""
-    return [score_case(c, configs) for c in cases if c.peak_alloc_mb]
+    """Every case that measured whole steps, scored."""
+    return [score_case(c, configs) for c in cases if is_full_step(c)]
 
 
 def summary(scored: list[ScoredCase]) -> dict:

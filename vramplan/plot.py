@@ -294,10 +294,10 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
                     per_category: bool = False) -> list[Point]:
     """Estimate each measured case. Whole cases compare peak allocated; ``per_category``
     compares each category of a line's optional ``measured_breakdown`` {category: bytes}."""
-    from vramplan.accuracy import estimate_case
+    from vramplan.accuracy import estimate_case, is_full_step
     points = []
     for case in cases:
-        if case.peak_alloc_bytes is None:
+        if not is_full_step(case):
             continue
         est = estimate_case(case, configs)
         if not per_category:
