@@ -37,12 +37,59 @@ holds every case to 5% of the measured peak allocated.
 """
 
 
+def _machine(cases) -> str:
+    """The GPU and library versions the lines record (verify's lines carry them)."""
+    extras = [c.model_extra or {} for c in cases]
+    devices = sorted({e["device_name"] for e in extras if e.get("device_name")})
+    versions = next((e["versions"] for e in extras if e.get("versions")), None)
+    if not devices and not versions:
+        return ""
+    libs = ", ".join(f"{k} {v}" for k, v in (versions or {}).items())
+    return f"Measured on {', '.join(devices) or 'an unrecorded GPU'}" + (f" ({libs})" if libs else "") + ".\n"
+
+
+def _extrapolations(cases, by_name) -> list[str]:
+    """verify's depth extrapolations next to the full-depth run of the same configuration
+    (calibrate.py names it without the _xpA-B suffix)."""
+    rows = []
+    for c in cases:
+        depths = (c.model_extra or {}).get("extrapolated_from")
+        full = by_name.get(c.name.rsplit("_xp", 1)[0]) if depths else None
+        if full is None or not full.peak_alloc_bytes:
+            continue
+        err = c.peak_alloc_bytes / full.peak_alloc_bytes - 1
+        rows.append(f"| {c.name} | {depths} | {c.peak_alloc_bytes / GiB:.2f} | {full.peak_alloc_bytes / GiB:.2f} "
+                    f"| {100 * err:+.1f}% |")
+    if not rows:
+        return []
+    return ["\nDepth extrapolation (verify `--num-layers` fit) against the full-depth run:\n",
+            "| case | depths measured | extrapolated GiB | full depth measured GiB | error |",
+            "|---|---|---:|---:|---:|", *rows]
+
+
+def _out_of_memory(cases, configs) -> list[str]:
+    from vramplan.accuracy import estimate_case
+    rows = []
+    for c in cases:
+        extra = c.model_extra or {}
+        if extra.get("fits", True) is False:
+            est = estimate_case(c, configs)
+            rows.append(f"| {c.name} | {extra.get('oom_phase')} | {est.per_gpu.peak_allocated_bytes / GiB:.2f} |")
+    if not rows:
+        return []
+    return ["\nOut of memory on the GPU (a result, not scored):\n",
+            "| case | phase | estimate's peak allocated GiB |", "|---|---|---:|", *rows]
+
+
 def render(files: list[Path]) -> str:
     out = [HEADER]
     for path in files:
-        scored = score(load_cases(path), DATA / "configs")
+        cases = load_cases(path)
+        scored = score(cases, DATA / "configs")
         s = summary(scored)
-        out.append(f"\n## `{path.relative_to(ROOT)}`: {s['cases']} cases\n")
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+        out.append(f"\n## `{shown}`: {s['cases']} cases\n")
+        out += [m for m in [_machine(cases)] if m]
         out.append(f"Peak allocated: median |error| {100 * s['median_abs_error']:.1f}%, "
                    f"worst {100 * s['max_abs_error']:.1f}% ({s['worst_case']}).\n")
         out.append("| case | configuration | peak phase | alloc predicted GiB | alloc measured GiB | error "
@@ -54,6 +101,8 @@ def render(files: list[Path]) -> str:
             out.append(f"| {c.name} | {c.description} | {c.peak_phase} | {c.predicted_alloc_bytes / GiB:.2f} "
                        f"| {c.measured_alloc_bytes / GiB:.2f} | {100 * c.alloc_error:+.1f}% "
                        f"| {c.predicted_reserved_bytes / GiB:.2f} | {rmeas} | {rerr} |")
+        out += _extrapolations(cases, {c.name: c for c in cases})
+        out += _out_of_memory(cases, DATA / "configs")
     return "\n".join(out) + "\n"
 
 

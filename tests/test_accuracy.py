@@ -50,3 +50,22 @@ def test_oom_runs_and_extrapolations_are_not_scored():
     assert not is_full_step(MeasuredCase.model_validate({**base, "fits": False, "oom_phase": "backward"}))
     assert not is_full_step(MeasuredCase.model_validate({**base, "extrapolated_from": [4, 8]}))
     assert not is_full_step(MeasuredCase.model_validate({**base, "peak_alloc_mb": None}))
+
+
+def test_report_shows_the_machine_extrapolations_and_out_of_memory(tmp_path):
+    """docs/accuracy.md's generator on lines as verify writes them (scripts/calibrate.py)."""
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import accuracy_report
+    base = next(iter(load_cases(DATA / "h100_dev.jsonl"))).model_dump()
+    lines = [{**base, "name": "a", "device_name": "NVIDIA H100 80GB HBM3", "versions": {"torch": "2.11.0"}},
+             {**base, "name": "a_xp4-8", "extrapolated_from": [4, 8], "peak_alloc_mb": base["peak_alloc_mb"] * 1.02},
+             {**base, "name": "b", "fits": False, "oom_phase": "backward"}]
+    path = tmp_path / "h100_verify.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    text = accuracy_report.render([path])
+    assert "1 cases" in text  # neither the extrapolation nor the out-of-memory run is scored
+    assert "Measured on NVIDIA H100 80GB HBM3 (torch 2.11.0)" in text
+    assert "| a_xp4-8 | [4, 8] |" in text and "+2.0% |" in text
+    assert "| b | backward |" in text
