@@ -710,13 +710,14 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
         phases.append(ph)
 
     # decoder-layer backward: grads accumulate while activations are released
-    layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache,
+    # layer-wise optimizers: each parameter's hook steps it inside backward
+    hook = _layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    layer_phases = _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, hook,
                                           _r(final), world, units, reduce_bytes, offload)
     phases.extend(layer_phases if every_layer else [max(layer_phases, key=lambda p: p.allocated)])
-    if setup.optim.layerwise and not offload:
-        root_hook = _root_hook_phase(spec, setup, params, base, acts, cast_cache)
-        if root_hook is not None:
-            phases.append(root_hook)
+    if hook.get(None) and not offload:  # lm_head's (or the embedding's) hook, all saved tensors alive
+        phases.append(base("optimizer hook (lm_head)").add(C.ACTIVATIONS, acts + cast_cache)
+                      .add(C.TRANSIENT, _r(N * stream * h) + hook[None]))
     fwd_layer = _layer_forward_phase(spec, setup, base, acts, _r(final), cast_cache)
     if fwd_layer is not None:
         if world > 1:
@@ -787,7 +788,7 @@ def _quantize_transient(p: Param, world: int) -> int:
     return _r(HQQ_QUANTIZE_BYTES * n) + _r(HQQ_QUANTIZE_GROUP_BYTES * -(-n // HQQ_GROUP)) - done
 
 
-def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, released,
+def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_acts, cast_cache, hook, released,
                            world, units, reduce_bytes, offload) -> list[Phase]:
     """Each decoder layer's backward (top to bottom), as its widest points: the recompute
     of a LoRA Linear (checkpointing), the MLP's elementwise backward (down's saved input
@@ -805,7 +806,6 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
                 down[p.layer] = down.get(p.layer, 0) + _r(_grad_bytes(p, setup) * p.numel)
     if offload or setup.optim.layerwise:
         sharded = {k: 0 for k in sharded}
-    hook = _layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
     if setup.optim.layerwise:
         down = {}
     by_layer: dict[int | None, list[Param]] = {}
@@ -876,17 +876,6 @@ def _layerwise_hook_bytes(params: list[Param], setup: TrainingSetup) -> dict[int
             b = _r(_grad_bytes(p, setup) * p.numel) + _optimizer_transient([p], setup, 1)
             out[p.layer] = max(out.get(p.layer, 0), b)
     return out
-
-
-def _root_hook_phase(spec, setup, params, base, acts, cast_cache) -> Phase | None:
-    """Layer-wise optimizers: lm_head's (or the embedding's) hook, with everything the
-    layers saved still alive and the head's input grad in flight."""
-    hook = _layerwise_hook_bytes(params, setup).get(None, 0)
-    if not hook:
-        return None
-    stream = 4 if setup.autocast else 2
-    return (base("optimizer hook (lm_head)").add(C.ACTIVATIONS, acts + cast_cache)
-            .add(C.TRANSIENT, _r(setup.tokens * stream * spec.hidden) + hook))
 
 
 def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase | None:
