@@ -111,7 +111,9 @@ def test_step_phases_match_the_cpu_trace(name, tmp_path):
 
 # A 64-token vocabulary makes a decoder layer's backward the peak of the step, the phase
 # the H100 calibration never pins (memory-model.md, "Inside a decoder layer"). The whole
-# step's peak is held to the project's 5% bar.
+# step's peak, and each measured phase's (verify compares them too), is held to the
+# project's 5% bar: a checkpointed forward's peak is the layer's working set (eager
+# attention's fp32 softmax, peft's adapter path), which nothing else pins.
 TINY_VOCAB = dict(LLAMA, vocab_size=64, intermediate_size=1024, num_hidden_layers=4)
 LAYER_CASES = {
     "full-ckpt": dict(method="full", gradient_checkpointing=True),
@@ -135,16 +137,20 @@ LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARC
 
 
 @pytest.mark.parametrize("name", list(LAYER_ALL))
-def test_layer_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
+def test_layer_dominated_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
     cfg, fields = LAYER_ALL[name]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(batch_size=2, seq_len=512, lora_dropout=0.0, **fields)
     spec = load_model_spec(str(tmp_path), use_cache=False)
-    predicted = max(_model_phases(spec, setup).values())
+    phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    measured = max(traced.peak(p, step=1) for p in _model_phases(spec, setup))
-    assert abs(predicted - measured) <= 0.05 * measured, (predicted / 2**20, measured / 2**20)
+    measured = {p: traced.peak(p, step=1) for p in phases}
+    checks = {**{p: (measured[p], phases[p]) for p in phases},
+              "step": (max(measured.values()), max(phases.values()))}
+    off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
+           if abs(p - t) > 0.05 * t}
+    assert not off, off
 
 
 # Short sequences on wide Linears: quantizing the largest Linear is the peak of the whole

@@ -353,6 +353,18 @@ def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -
     return 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
 
 
+def _attention_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -> int:
+    """Per token, attention's working set in a forward that saves nothing (checkpointing).
+    SDPA: what it would save. Eager: at the softmax, q and the repeated k and v, the bf16
+    masked scores, their fp32 copy (aten::softmax converts a bf16 input before _softmax on
+    CUDA too; only fp16 takes the fused half-to-float path) and the fp32 probabilities:
+    10 bytes per score, soft-cap or not, since each elementwise step frees its input.
+    [CPU trace]"""
+    if spec.attn_implementation == "sdpa":
+        return _attention_saved(spec, layer, ctx, seq)
+    return 3 * 2 * spec.q_dim + spec.n_heads * seq * (2 + 4 + 4)
+
+
 def _sdpa_mask_cols(spec: ModelSpec, seq: int) -> int:
     """Mask columns per token that each SDPA call receives. transformers builds an explicit
     b x 1 x s x s bool mask for a sliding-window model once the sequence reaches the window
@@ -435,6 +447,15 @@ class LayerPoints:
 _MLP_IN = ("gate", "up", "gate_up", "fc1", "down", "fc2")
 
 
+def _lora_input_copy(in_dim: int, ctx: ActCtx) -> int:
+    """Per token, the copy of x that peft's adapter path reads: x.to(lora_A's dtype) (fp32
+    adapters), autocast's bf16 copy of the fp32 stream, none for bf16 adapters on a bf16
+    stream. lora_A saves it, so only a forward that saves nothing counts it apart. [CPU trace]"""
+    if ctx.autocast:
+        return 2 * in_dim
+    return 0 if ctx.adapters_bf16 else 4 * in_dim
+
+
 def _ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: int) -> int:
     """Per token, a checkpointed layer's forward at the MLP: the residual stream after
     attention and the MLP's input, then act(gate), up and their product (a fused gate_up,
@@ -501,6 +522,10 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     post_mlp_norm = spec.norms_per_layer >= 4 and widest is not None and widest.role in _MLP_IN
     if post_mlp_norm:
         absent += _norm_saved(spec, ctx, True)
+    # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
+    # input copy as locals
+    ckpt_lora = (lora_fwd + residual - norm_out + _lora_input_copy(widest.in_features, ctx)
+                 if widest is not None and widest.role in _MLP_IN else 0)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
     width = 2 if ctx.adapters_bf16 else 4
@@ -526,11 +551,9 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
                        hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent,
                        moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train),
-                       ckpt_fwd=max(_ckpt_forward(spec, layer, f, gated, residual, lora_fwd if widest is not None
-                                                  and widest.role in _MLP_IN else 0),
-                                    # at the attention: what it would save (eager: the s x s
-                                    # probabilities) and the norm's output
-                                    _attention_saved(spec, layer, ctx, setup.seq_len) + residual))
+                       ckpt_fwd=max(_ckpt_forward(spec, layer, f, gated, residual, ckpt_lora),
+                                    # at the attention, with the norm's output
+                                    _attention_forward(spec, layer, ctx, setup.seq_len) + residual))
 
 
 # ------------------------------------------------------------------ the step
