@@ -34,6 +34,8 @@ GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_s
               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
               sliding_window=128, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
               query_pre_attn_scalar=64, max_position_embeddings=4096, hidden_activation="gelu_pytorch_tanh")
+QWEN2 = dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
+             use_sliding_window=False)  # q/k/v with bias, embeddings tied to the head
 MISTRAL = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 CASES = {
@@ -57,6 +59,8 @@ CASES = {
     "mistral-window-full": (MISTRAL, dict(method="full")),
     "mistral-window-lora-ckpt": (MISTRAL, dict(method="lora", gradient_checkpointing=True)),
     "gemma2-eager-lora": (GEMMA2, dict(method="lora")),
+    "qwen2-tied-full": (QWEN2, dict(method="full")),
+    "qwen2-tied-qlora-nf4": (QWEN2, dict(method="qlora", quant="nf4")),
 }
 
 
@@ -132,6 +136,9 @@ LAYER_ARCH_CASES = {
     "gemma2-eager-lora-ckpt": (dict(GEMMA2, vocab_size=64), dict(method="lora", gradient_checkpointing=True)),
     "fsdp4-lora-ckpt": (TINY_VOCAB, dict(method="lora", fsdp=4, gradient_checkpointing=True)),
     "qlora-hqq4-ckpt": (TINY_VOCAB, dict(method="qlora", quant="hqq4", gradient_checkpointing=True)),
+    "qwen2-lora-ckpt": (dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+                        dict(method="lora", gradient_checkpointing=True)),
+    "qwen2-full": (dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4), dict(method="full")),
 }
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}
 
