@@ -5,7 +5,8 @@ usage: python scripts/cpu_trace_report.py [-o FILE]
 Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-backward"
 (a 64-token vocabulary, so a decoder layer's backward is the peak: the phase the H100
 calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
-and "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul).
+"dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
+"long-context" (16k tokens on two layers, a 64-token vocabulary).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA,  # noqa: E402
-                            WIDE, _build_compared, _model_build_peak, _model_phases)
+from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, LONG,  # noqa: E402
+                            LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_spec import load_model_spec  # noqa: E402
@@ -34,6 +35,10 @@ LAYER_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gr
                 "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
                 "galore-lw-ckpt": dict(method="galore", galore_rank=32, optim="galore_adamw_layerwise",
                                        gradient_checkpointing=True)}
+
+LONG_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
+               "lora": dict(method="lora"),
+               "qlora-hqq4-ckpt": dict(method="qlora", quant="hqq4", gradient_checkpointing=True)}
 
 
 def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
@@ -64,6 +69,7 @@ def main() -> int:
     short = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
     jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
     jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]
+    jobs += [("long-context", f"16k/{n}", LONG, f, LONG_SHAPE) for n, f in LONG_SETUPS.items()]
     with open(args.output, "w") as out:
         for job in jobs:
             row = run(*job)

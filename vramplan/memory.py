@@ -509,9 +509,9 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     per_out = 4 if ctx.adapters_bf16 else 12
     adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
     # plus the layer's forward locals: inside the MLP the residual stream after attention,
-    # and the norm's output feeding the Linear unless lora_A saved that very tensor (bf16
-    # adapters without autocast) [CPU trace]
-    norm_out = 0 if (ctx.adapters_bf16 and not ctx.autocast) else residual
+    # and the norm's output feeding the Linear unless a node saved that very tensor: lora_A
+    # (bf16 adapters without autocast) or hqq's matmul [CPU trace]
+    norm_out = 0 if (ctx.adapters_bf16 and not ctx.autocast) or ctx.quant == "hqq4" else residual
     widest = max(adapted, key=lambda l: per_out * l.out_features + (residual if l.role in _MLP_IN else 0),
                  default=None)
     lora_fwd = per_out * widest.out_features + norm_out + (residual if widest.role in _MLP_IN else 0) if widest else 0
@@ -719,15 +719,30 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
         ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
     phases.append(ph)
 
+    if spec.final_norm_numel and spec.norm_kind != "layer":
+        # the final norm's forward: every saved tensor exists, plus its fp32 normalized
+        # product, its input (unless x.to(fp32) was a no-op) and the embedding output, which
+        # the model's forward holds until it returns. The peak of forward with a small
+        # vocabulary. [CPU trace]
+        ph = base("forward (final norm)").add(C.ACTIVATIONS, acts + cast_cache)
+        ph.add(C.TRANSIENT, _r(N * (4 * h + (0 if stream == 4 else stream * h) + stream * h)))
+        if world > 1:
+            ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
+        phases.append(ph)
+
     ph = base("loss backward").add(C.ACTIVATIONS, acts + cast_cache).add(C.TRANSIENT, loss_bwd)
     if world > 1:
         ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
     phases.append(ph)
 
     if spec.final_norm_numel and spec.norm_kind != "layer":
-        # the final norm's fp32 backward, every layer's saved tensors still alive
-        ph = base("final norm backward").add(C.ACTIVATIONS, acts + cast_cache)
-        ph.add(C.TRANSIENT, _r(N * (stream + RMS_NORM_BACKWARD) * h))
+        # the final norm's fp32 backward, every layer's saved tensors still alive. Of the
+        # root's, only the norm's fp32 input is: lm_head's saved input and the weight
+        # multiply's are freed once their nodes ran, and the incoming grad once the weight
+        # multiply consumed it (nothing else reads it: no residual after the final norm)
+        # [CPU trace]
+        ph = base("final norm backward").add(C.ACTIVATIONS, acts - _r(final) + _r(N * 4 * h) + cast_cache)
+        ph.add(C.TRANSIENT, _r(N * RMS_NORM_BACKWARD * h))
         if world > 1:
             ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
         phases.append(ph)
@@ -761,7 +776,9 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
 
     # optimizer step (on the CPU under offload)
     if not offload:
-        ph = base("optimizer step", with_grads=True).add(C.TRANSIENT, _optimizer_transient(params, setup, world))
+        # the batch's token ids (input_ids, reused as labels) are still held by the loop
+        ph = base("optimizer step", with_grads=True).add(C.ACTIVATIONS, _r(N * 8)).add(
+            C.TRANSIENT, _optimizer_transient(params, setup, world))
         if not setup.optim.layerwise:
             phases.append(ph)
         if setup.method == Method.GALORE:
@@ -914,7 +931,13 @@ def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase
     if not pts.lora_fwd:
         return None
     live = acts - released - _r(N * pts.down_saved)
-    return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(C.TRANSIENT, _r(N * pts.lora_fwd))
+    # locals no node saved: the embedding output (the model's forward holds it until it
+    # returns) and the layer's input (the caller's hidden_states; the norm saved its fp32
+    # copy, which under autocast is the input itself) [CPU trace]
+    stream = 4 if setup.autocast else 2
+    locals_ = _r(N * (stream * spec.hidden + (0 if stream == 4 else stream * spec.hidden)))
+    return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(
+        C.TRANSIENT, _r(N * pts.lora_fwd) + locals_)
 
 
 def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:
