@@ -100,6 +100,32 @@ def test_adamw_8bit_states_are_about_a_quarter(tiny):
     assert 0.2 * full < q8 < 0.7 * full
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    """Wide enough (hidden 256, MLP 768) that most tensors take the 8-bit and low-rank paths."""
+    path = tmp_path_factory.mktemp("small") / "config.json"
+    path.write_text(json.dumps({**TINY, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
+                                "num_attention_heads": 8, "vocab_size": 4096}))
+    return str(path)
+
+
+@needs("bitsandbytes")
+@needs("galore_torch")
+@pytest.mark.parametrize("fields", [
+    dict(method="full", optim="adamw_bnb_8bit"),
+    dict(method="galore", optim="galore_adamw", galore_rank=32),
+    dict(method="galore", optim="galore_adamw_8bit", galore_rank=32),
+    dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=32),
+], ids=lambda f: f["optim"])
+def test_optimizer_states_match_the_estimate(small, fields, monkeypatch):
+    """The states the real optimizers create after one step (bitsandbytes' uint8 moments and
+    blockwise absmax, galore-torch's projectors and low-rank moments) against the estimate.
+    1%: the estimate rounds each tensor to the allocator's 512 bytes, verify counts nbytes."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # galore's AdamW8bit calls it
+    measured = measure(small, **fields).breakdown[C.OPTIMIZER_STATES]
+    assert _est(small, **fields)[C.OPTIMIZER_STATES] == pytest.approx(measured, rel=0.01)
+
+
 @needs("galore_torch")
 @pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise"])
 def test_galore(tiny, optim, monkeypatch):
