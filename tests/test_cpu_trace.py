@@ -223,3 +223,26 @@ def test_long_context_phases_match_the_cpu_trace(name, tmp_path):
     off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
            for p, b in phases.items() if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)}
     assert not off, off
+
+
+# FSDP2 CPU offload on the CPU: host and device are one memory, so the trace's forward sees
+# the device's working set (gathered units, activations, the quantization state that stays
+# on the device) plus the host's sharded parameters and optimizer states. Gradients were
+# freed by zero_grad(set_to_none=True) before this forward; the host estimate is a peak and
+# counts them. Backward is left out: host gradients accumulate layer by layer there.
+OFFLOAD_CASES = {f"fsdp2-offload-{m}": dict(method=m, fsdp=2, cpu_offload=True, gradient_checkpointing=True,
+                                            **({"quant": "hqq4"} if m == "qlora" else {}))
+                 for m in ("full", "lora", "qlora")}
+
+
+@pytest.mark.parametrize("name", list(OFFLOAD_CASES))
+def test_offload_forward_is_device_plus_host_on_the_cpu(name, tmp_path):
+    from vramplan.memory import _grad_bytes, _r, _shard, parameters
+    from vramplan.verify.cputrace import trace_step
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    setup = make_setup(**B2S256, **OFFLOAD_CASES[name])
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    host_grads = sum(_r(_grad_bytes(p, setup) * _shard(p, setup.fsdp)) for p in parameters(spec, setup) if p.trainable)
+    predicted = _model_phases(spec, setup)["forward"] + step_model(spec, setup).host_pinned - host_grads
+    traced = trace_step(str(tmp_path), setup).peak("forward", step=1)
+    assert abs(predicted - traced) <= TOL * traced, (predicted / 2**20, traced / 2**20)
