@@ -44,7 +44,7 @@ LONG_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gra
 def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(cfg))
-        setup = make_setup(**shape, **fields)
+        setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
         model = _model_phases(spec, setup)

@@ -430,7 +430,7 @@ class LayerPoints:
     down_saved: int   # saved by the down projection (its input; LoRA's fp32 copy): freed first
     mlp_grads: int    # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
     end_grads: int    # layer done: grad of its input + the residual grad
-    lora_fwd: int     # widest peft LoRA Linear forward (fp32 B output, scaled, up-cast result, sum)
+    lora_fwd: int     # widest peft LoRA Linear forward before down (fp32 B output, scaled, up-cast result, sum)
                       # + the layer's unsaved forward locals at that Linear
     lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
     lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
@@ -441,6 +441,9 @@ class LayerPoints:
     hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
     recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
     moe_fwd: int = 0      # MoE: the end of the experts' forward in the recompute (fp32 routing product)
+    lora_down: int = 0    # down's adapter forward, the whole layer saved by then (same terms as lora_fwd)
+    lora_down_rc: int = 0  # the same in the recompute, which stops before down's adapter path
+    down_absent: int = 0  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
     ckpt_fwd: int = 0     # checkpointed forward (nothing saved): the MLP's working set at its widest
 
 
@@ -509,12 +512,30 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     per_out = 4 if ctx.adapters_bf16 else 12
     adapted = [l for l in layer.linears if _lora_targeted(l, setup)]
     # plus the layer's forward locals: inside the MLP the residual stream after attention,
-    # and the norm's output feeding the Linear unless a node saved that very tensor: lora_A
-    # (bf16 adapters without autocast) or hqq's matmul [CPU trace]
-    norm_out = 0 if (ctx.adapters_bf16 and not ctx.autocast) or ctx.quant == "hqq4" else residual
-    widest = max(adapted, key=lambda l: per_out * l.out_features + (residual if l.role in _MLP_IN else 0),
-                 default=None)
-    lora_fwd = per_out * widest.out_features + norm_out + (residual if widest.role in _MLP_IN else 0) if widest else 0
+    # the norm's output feeding the Linear unless a node saved that very tensor (lora_A:
+    # bf16 adapters without autocast and without dropout; hqq's matmul), and the copy of it
+    # peft's adapter reads when dropout, not lora_A, consumed it [CPU trace, dropout as CUDA
+    # holds it]
+    norm_saved = (ctx.adapters_bf16 and not ctx.autocast and not ctx.lora_dropout) or ctx.quant == "hqq4"
+    norm_out = 0 if norm_saved else residual
+
+    def at(lin: Linear) -> int:
+        copy = _lora_input_copy(lin.in_features, ctx) if ctx.lora_dropout and not ctx.autocast else 0
+        return per_out * lin.out_features + norm_out + copy + (residual if lin.role in _MLP_IN else 0)
+
+    widest = max((l for l in adapted if l.role not in ("down", "fc2")), key=at, default=None)
+    lora_fwd = at(widest) if widest else 0
+    # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
+    # local unless a node saved it, plus the copy the adapter reads under dropout. In the
+    # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
+    # tensor the layer saves: only the base's bf16 result exists there, not the adapter path
+    dn = next((l for l in adapted if l.role in ("down", "fc2")), None)
+    lora_down = lora_down_rc = 0
+    if dn is not None:
+        copy = _lora_input_copy(dn.in_features, ctx) if ctx.lora_dropout and not ctx.autocast else 0
+        # (the decoder layer still holds the norm's output it passed to the MLP)
+        common = (0 if norm_saved else 2 * dn.in_features) + copy + norm_out + residual
+        lora_down, lora_down_rc = per_out * dn.out_features + common, 2 * dn.out_features + common
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == "gate_up" else 0
     # Gemma 2's post-feedforward norm runs after the MLP: its saved fp32 input does not exist
@@ -523,8 +544,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     if post_mlp_norm:
         absent += _norm_saved(spec, ctx, True)
     # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
-    # input copy as locals
-    ckpt_lora = (lora_fwd + residual - norm_out + _lora_input_copy(widest.in_features, ctx)
+    # input copy as locals (dropout's output and mask are freed once lora_A ran)
+    ckpt_lora = (per_out * widest.out_features + 2 * residual + _lora_input_copy(widest.in_features, ctx)
                  if widest is not None and widest.role in _MLP_IN else 0)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
@@ -547,7 +568,10 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         quant_bwd = residual + (2 if adapted_q else 1) * 2 * quant.in_features
         freed = _lora_saved(quant.in_features, ctx, True, x_saved=ctx.quant == "hqq4") if adapted_q else 0
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
-                       end_grads=2 * residual, lora_fwd=lora_fwd, lora_bwd=lora_bwd, lora_inflight=lora_inflight,
+                       end_grads=2 * residual, lora_fwd=lora_fwd, lora_down=lora_down, lora_down_rc=lora_down_rc,
+                       lora_bwd=lora_bwd,
+                       down_absent=_norm_saved(spec, ctx, True) if spec.norms_per_layer >= 4 and lora_down else 0,
+                       lora_inflight=lora_inflight,
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
                        hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent,
                        moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train),
@@ -885,6 +909,9 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         if ckpt and pts.lora_fwd:
             points.append(("lora recompute", this - _r(N * (pts.down_saved + pts.recompute_absent)),
                            _r(N * (pts.lora_fwd + pts.lora_inflight)), done_grads, gathered + rs_prev))
+        if ckpt and pts.lora_down_rc:
+            points.append(("lora recompute (down)", this - _r(N * pts.down_absent),
+                           _r(N * (pts.lora_down_rc + pts.lora_inflight)), done_grads, gathered + rs_prev))
         if spec.norms_per_layer >= 4 and spec.norm_kind != "layer":
             # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
             points.append(("post-MLP norm", this, _r(N * ((4 if setup.autocast else 2) + RMS_NORM_BACKWARD) * spec.hidden),
@@ -928,16 +955,18 @@ def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase
         # working set is alive (its recompute in backward is wider; this is forward's peak)
         return base("forward (checkpointed layer)").add(C.ACTIVATIONS, acts - released + cast_cache).add(
             C.TRANSIENT, _r(N * pts.ckpt_fwd))
-    if not pts.lora_fwd:
+    if not pts.lora_fwd and not pts.lora_down:
         return None
-    live = acts - released - _r(N * pts.down_saved)
+    # at the widest adapter before down (down's saved input not made yet) or at down's
+    live, transient = max(((acts - released - _r(N * pts.down_saved), _r(N * pts.lora_fwd)),
+                           (acts - released - _r(N * pts.down_absent), _r(N * pts.lora_down))),
+                          key=lambda lt: lt[0] + lt[1] if lt[1] else -1)
     # locals no node saved: the embedding output (the model's forward holds it until it
     # returns) and the layer's input (the caller's hidden_states; the norm saved its fp32
     # copy, which under autocast is the input itself) [CPU trace]
     stream = 4 if setup.autocast else 2
     locals_ = _r(N * (stream * spec.hidden + (0 if stream == 4 else stream * spec.hidden)))
-    return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(
-        C.TRANSIENT, _r(N * pts.lora_fwd) + locals_)
+    return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(C.TRANSIENT, transient + locals_)
 
 
 def _galore_refresh_phase(params, setup, static, grads, optim_state) -> Phase:

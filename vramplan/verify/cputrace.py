@@ -8,9 +8,10 @@ phase is that phase's peak, kernel workspaces and FSDP2 storage resizes included
 is built by the same code as ``vramplan verify`` (build.build_step on device "cpu").
 
 Where CPU kernels differ from CUDA's, the trace differs from a GPU too (docs/verify.md):
-the CPU loss backward needs 2·N·V bytes less than CUDA's, CPU dropout keeps an fp32 noise
-tensor where CUDA keeps a bool mask, and CPU offload cannot move anything off the device
-(host and device are one memory). Used to check the memory model's structure in CI.
+the CPU loss backward needs 2·N·V bytes less than CUDA's and CPU offload cannot move
+anything off the device (host and device are one memory). Where the difference is only in
+what a kernel allocates, the trace runs CUDA's choice: hqq's fp16 working dtype, foreach
+AdamW, dropout's bool mask. Used to check the memory model's structure in CI.
 """
 from __future__ import annotations
 
@@ -95,20 +96,58 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
             built = build_step(model, setup, device="cpu", num_layers=num_layers)
             _cuda_default_optimizer(built)
         try:
-            for step in range(steps):
-                ids = built.batch()
-                with record_function(f"{_MARK}forward#{step}"):
-                    loss = built.forward(ids)
-                with record_function(f"{_MARK}backward#{step}"):
-                    loss.backward()
-                    del loss
-                with record_function(f"{_MARK}optimizer#{step}"):
-                    built.optimizer_step()
+            with _cuda_dropout():
+                for step in range(steps):
+                    ids = built.batch()
+                    with record_function(f"{_MARK}forward#{step}"):
+                        loss = built.forward(ids)
+                    with record_function(f"{_MARK}backward#{step}"):
+                        loss.backward()
+                        del loss
+                    with record_function(f"{_MARK}optimizer#{step}"):
+                        built.optimizer_step()
         finally:
             built.close()
             if setup.fsdp > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
     return TracedStep(phases=_phases(*_allocations(prof)))
+
+
+@contextlib.contextmanager
+def _cuda_dropout():
+    """Dropout as CUDA's native_dropout holds memory: the output and a bool mask, which
+    backward keeps and reads in one masked scale. The CPU kernel keeps a noise tensor of the
+    input's dtype instead (4 bytes per element for peft's fp32 adapter input, not 1), so
+    without this the CPU trace cannot check LoRA dropout. Only nn.Dropout's call is
+    replaced (functional.dropout, looked up at call time); evaluation and p = 0 pass through."""
+    import torch
+    import torch.nn.functional as F
+
+    class _Dropout(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p):
+            mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+            ctx.save_for_backward(mask)
+            ctx.scale = 1.0 / (1 - p)
+            return torch.where(mask, x, 0).mul_(ctx.scale)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (mask,) = ctx.saved_tensors
+            return torch.where(mask, grad, 0).mul_(ctx.scale), None
+
+    saved = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0 or inplace:
+            return saved(input, p, training, inplace)
+        return _Dropout.apply(input, p)
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = saved
 
 
 @contextlib.contextmanager
