@@ -63,8 +63,7 @@ CASES = {
     "qwen2-tied-qlora-nf4": (QWEN2, dict(method="qlora", quant="nf4")),
     # LoRA dropout as CUDA holds it (cputrace._cuda_dropout: output + bool mask)
     "lora-dropout": (LLAMA, dict(method="lora", lora_dropout=0.05)),
-    "fsdp2-qlora-nf4-ckpt-dropout": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, gradient_checkpointing=True,
-                                                 lora_dropout=0.05)),
+    "fsdp2-qlora-nf4-dropout": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, lora_dropout=0.05)),
 }
 
 
@@ -259,3 +258,17 @@ def test_offload_forward_is_device_plus_host_on_the_cpu(name, tmp_path):
     predicted = _model_phases(spec, setup)["forward"] + step_model(spec, setup).host_pinned - host_grads
     traced = trace_step(str(tmp_path), setup).peak("forward", step=1)
     assert abs(predicted - traced) <= TOL * traced, (predicted / 2**20, traced / 2**20)
+
+
+def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
+    """docs/cpu-trace.md is what `scripts/cpu_trace_report.py --render-only` makes of the
+    committed trace files (regenerate it after tracing again)."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("cpu_trace_report", root / "scripts" / "cpu_trace_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    before = {(r["group"], r["name"]): r for r in report._load(report.BEFORE)}
+    rendered = report.render(report._load(report.DATA / "trace.jsonl"), before)
+    assert (root / "docs" / "cpu-trace.md").read_text() == rendered
