@@ -459,6 +459,19 @@ def _lora_input_copy(in_dim: int, ctx: ActCtx) -> int:
     return 0 if ctx.adapters_bf16 else 4 * in_dim
 
 
+def _lora_copy_local(in_dim: int, ctx: ActCtx) -> int:
+    """That copy when it is a local, not saved: with dropout lora_A saves dropout(x) instead
+    (under autocast lora_A's own bf16 cast of dropout(x) is what it saves)."""
+    return _lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.autocast else 0
+
+
+def _forward_locals(h: int, stream: int) -> int:
+    """Per token, what a model's forward holds that no node saved: the embedding output (held
+    until the model's forward returns) and the current block's input, unless x.to(fp32)
+    made the saved copy of it a no-op (an fp32 stream under autocast). [CPU trace]"""
+    return stream * h + (0 if stream == 4 else stream * h)
+
+
 def _ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: int) -> int:
     """Per token, a checkpointed layer's forward at the MLP: the residual stream after
     attention and the MLP's input, then act(gate), up and their product (a fused gate_up,
@@ -520,8 +533,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     norm_out = 0 if norm_saved else residual
 
     def at(lin: Linear) -> int:
-        copy = _lora_input_copy(lin.in_features, ctx) if ctx.lora_dropout and not ctx.autocast else 0
-        return per_out * lin.out_features + norm_out + copy + (residual if lin.role in _MLP_IN else 0)
+        return (per_out * lin.out_features + norm_out + _lora_copy_local(lin.in_features, ctx)
+                + (residual if lin.role in _MLP_IN else 0))
 
     widest = max((l for l in adapted if l.role not in ("down", "fc2")), key=at, default=None)
     lora_fwd = at(widest) if widest else 0
@@ -532,9 +545,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     dn = next((l for l in adapted if l.role in ("down", "fc2")), None)
     lora_down = lora_down_rc = 0
     if dn is not None:
-        copy = _lora_input_copy(dn.in_features, ctx) if ctx.lora_dropout and not ctx.autocast else 0
         # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = (0 if norm_saved else 2 * dn.in_features) + copy + norm_out + residual
+        common = (0 if norm_saved else 2 * dn.in_features) + _lora_copy_local(dn.in_features, ctx) + norm_out + residual
         lora_down, lora_down_rc = per_out * dn.out_features + common, 2 * dn.out_features + common
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == "gate_up" else 0
@@ -745,11 +757,10 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
 
     if spec.final_norm_numel and spec.norm_kind != "layer":
         # the final norm's forward: every saved tensor exists, plus its fp32 normalized
-        # product, its input (unless x.to(fp32) was a no-op) and the embedding output, which
-        # the model's forward holds until it returns. The peak of forward with a small
-        # vocabulary. [CPU trace]
+        # product and the forward's locals (its input, the embedding output). The peak of
+        # forward with a small vocabulary. [CPU trace]
         ph = base("forward (final norm)").add(C.ACTIVATIONS, acts + cast_cache)
-        ph.add(C.TRANSIENT, _r(N * (4 * h + (0 if stream == 4 else stream * h) + stream * h)))
+        ph.add(C.TRANSIENT, _r(N * (4 * h + _forward_locals(h, stream))))
         if world > 1:
             ph.add(C.FSDP_BUFFERS, root_unit + layer_unit)
         phases.append(ph)
@@ -961,11 +972,7 @@ def _layer_forward_phase(spec, setup, base, acts, released, cast_cache) -> Phase
     live, transient = max(((acts - released - _r(N * pts.down_saved), _r(N * pts.lora_fwd)),
                            (acts - released - _r(N * pts.down_absent), _r(N * pts.lora_down))),
                           key=lambda lt: lt[0] + lt[1] if lt[1] else -1)
-    # locals no node saved: the embedding output (the model's forward holds it until it
-    # returns) and the layer's input (the caller's hidden_states; the norm saved its fp32
-    # copy, which under autocast is the input itself) [CPU trace]
-    stream = 4 if setup.autocast else 2
-    locals_ = _r(N * (stream * spec.hidden + (0 if stream == 4 else stream * spec.hidden)))
+    locals_ = _r(N * _forward_locals(spec.hidden, 4 if setup.autocast else 2))
     return base("forward (last layer)").add(C.ACTIVATIONS, live + cast_cache).add(C.TRANSIENT, transient + locals_)
 
 
