@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,13 @@ def test_json_contract(capsys):
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "sgd"], "--optim"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "qlora", "--quant", "int3"], "--quant"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "galore_adamw"], "--optim"),
+    # the comparison of standard strategies validates the flags it takes...
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--batch-size", "0"], "--batch-size"),
+    (["estimate", "llama-7b", "--gpus", "2x24GB", "--seq-len", "-5"], "--seq-len"),
+    # ...and refuses, rather than drops, one that picks a configuration
+    (["estimate", "llama-7b", "--gpus", "2x24GB", "--lora-r", "64"], "--lora-r"),
+    (["plot", "breakdown", "llama-7b", "--gpus", "2x24GB", "--fsdp", "2"], "--fsdp"),
+    (["estimate", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "full", "--num-layers", "17"], "--num-layers"),
 ])
 def test_bad_input_is_one_line(args, flag):
     proc = run(*args)
@@ -56,6 +64,18 @@ def test_config_that_is_not_a_model(tmp_path):
     bad.write_text(json.dumps({"hello": 1}))
     proc = run("estimate", str(bad), "--gpus", "1x24GB", "--method", "full")
     assert proc.returncode == 2 and "model" in proc.stderr.lower()
+
+
+def test_config_without_linear_layers_is_refused(tmp_path):
+    """GPT-2's projections are transformers Conv1D: no rule covers them, so no number."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
+                               "vocab_size": 256, "bos_token_id": 0, "eos_token_id": 0}))
+    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB",
+                           "--method", "lora"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "MODEL" in proc.stderr and "nn.Linear" in proc.stderr and "Conv1D" in proc.stderr
 
 
 def _est(*args):

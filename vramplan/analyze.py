@@ -87,6 +87,13 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
             expert_tensors.append((path, list(p.shape)))
         else:
             others.append(p.numel())
+    if not linears:
+        # e.g. GPT-2's transformers Conv1D: neither peft's nor the quantizers' Linear path,
+        # and no rule here says what it saves
+        kinds = sorted({type(m).__name__ for m in layer.modules()
+                        if any(q.dim() == 2 for q in m.parameters(recurse=False))})
+        raise VramplanError(f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan models "
+                            "decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)", "MODEL")
     experts = None
     if expert_tensors:
         e = expert_tensors[0][1][0]

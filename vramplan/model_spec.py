@@ -14,7 +14,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vramplan.errors import VramplanError
 
@@ -64,6 +64,14 @@ class LayerSpec(BaseModel):
     norm_numels: list[int] = Field(description="numel of each norm weight in the layer")
     other_numels: list[int] = Field(default_factory=list, description="any other parameter (e.g. router weight)")
     sliding_window: int | None = None
+
+    @model_validator(mode="after")
+    def _has_linears(self):
+        # analyze refuses such layers with a clear error; a cached spec from before that
+        # check fails here and is rebuilt, so it meets the same error
+        if not self.linears:
+            raise ValueError("a decoder layer without nn.Linear is not modelled")
+        return self
 
     @property
     def numel(self) -> int:
@@ -205,7 +213,11 @@ def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
     """The first L decoder layers: what building with num_hidden_layers=L gives."""
     if num_layers < 1:
         raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
-    if num_layers >= spec.num_layers:
+    if num_layers > spec.num_layers:
+        # a deeper model is a different model: say so rather than estimate the full depth
+        raise VramplanError(f"{spec.name} has {spec.num_layers} decoder layers; truncation takes 1 to "
+                            f"{spec.num_layers}, got {num_layers}", "--num-layers")
+    if num_layers == spec.num_layers:
         return spec
     dropped = sum(l.numel for l in spec.layers[num_layers:])
     return spec.model_copy(update={"layers": spec.layers[:num_layers], "num_layers": num_layers,

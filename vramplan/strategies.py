@@ -43,9 +43,28 @@ class StrategyRow:
     recommended: bool = False
 
 
+# What the user's flags may set for every strategy; the rest is what tells the strategies apart.
+_SHARED = ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets")
+
+
+def _shared_fields(base: dict) -> dict:
+    """The flags every strategy takes, validated once: a bad value is an error, not an empty
+    table. A flag that picks a strategy (--lora-r, --fsdp, ...) needs --method: silently
+    dropping it would answer a question the user did not ask."""
+    chosen = [k for k, v in base.items() if k not in _SHARED and k != "method" and v is not None]
+    if chosen:
+        flag = "--" + chosen[0].replace("_", "-")
+        raise VramplanError("sets one configuration: add --method (without it, estimate compares the standard "
+                            "strategies, which take only --batch-size, --seq-len, --precision, --lora-dropout, "
+                            "--lora-targets)", flag)
+    shared = {k: v for k, v in base.items() if k in _SHARED and v is not None}
+    make_setup(**shared)
+    return shared
+
+
 def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
     """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
-    shared = {k: v for k, v in base.items() if k in ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets")}
+    shared = _shared_fields(base)
     rows: list[StrategyRow] = []
     for label, fields, reason in _CANDIDATES:
         fields = dict(fields)
