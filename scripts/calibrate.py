@@ -9,6 +9,7 @@ H100) works through the list. --batch i/n runs only every n-th case (i = 1..n).
     python scripts/calibrate.py --out cal.jsonl                # as much as fits the budget
     python scripts/calibrate.py --out cal.jsonl --batch 2/4    # one quarter of the list
     python scripts/calibrate.py --dry-run                      # validate + estimate, no GPU
+    python scripts/calibrate.py --out cal.jsonl --core         # every technique first (a 15-minute lease)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 L1B, L8B, L70B, QW05, QW7, MIX, PHI, GEM = ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "qwen2.5-0.5b",
                                            "qwen2.5-7b", "mixtral-8x7b", "phi-3-mini", "gemma-2-2b")
 L2_70B, MIS = "llama-2-70b", "mistral-7b"
+QW3_8B, QW3_MOE, GEM3 = "qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b"
 
 
 def case(name: str, model: str, layers: int | None = None, steps: int = 3, depths: list[int] | None = None,
@@ -59,6 +61,8 @@ CASES = [
     case("l1b_galore8bit128_b1s1024", L1B, method="galore", optim="galore_adamw_8bit", batch_size=1, seq_len=1024),
     case("l1b_galore_layerwise128_ckpt_b1s2048", L1B, method="galore", optim="galore_adamw_layerwise",
          gradient_checkpointing=True, batch_size=1, seq_len=2048),
+    case("l1b_galore8bit_layerwise128_ckpt_b1s1024", L1B, method="galore", optim="galore_adamw_8bit_layerwise",
+         gradient_checkpointing=True, batch_size=1, seq_len=1024),
     case("l8b_galore8bit_layerwise128_ckpt_b1s1024", L8B, method="galore", optim="galore_adamw_8bit_layerwise",
          gradient_checkpointing=True, batch_size=1, seq_len=1024, steps=2, seconds=150),
     # FSDP2 rank 0 of N, simulated, with and without CPU offload
@@ -109,7 +113,30 @@ CASES = [
          batch_size=1, seq_len=2048, seconds=90),
     case("l8b_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, batch_size=1, seq_len=2048,
          seconds=90),
+    # q/k norms inside the attention (Qwen3, Qwen3-MoE); Gemma 3: sliding layers next to full
+    # ones under SDPA, one kv head, past its 512-token window
+    case("qw3-8b_qlora_nf4_r16_ckpt_b1s2048", QW3_8B, method="qlora", gradient_checkpointing=True, batch_size=1,
+         seq_len=2048, seconds=60),
+    case("qw3-8b_lora16_b1s2048", QW3_8B, method="lora", batch_size=1, seq_len=2048, seconds=60),
+    case("qw3moe_L4_lora16_ckpt_b1s2048", QW3_MOE, layers=4, method="lora", gradient_checkpointing=True,
+         batch_size=1, seq_len=2048, seconds=60),
+    case("gemma3-1b_lora16_b1s2048", GEM3, method="lora", batch_size=1, seq_len=2048),
+    case("gemma3-1b_full_bf16_ckpt_b2s4096", GEM3, method="full", gradient_checkpointing=True, batch_size=2,
+         seq_len=4096),
 ]
+
+# A device task is lent about 15 minutes, start-up included: --core runs first the cases
+# that between them touch every technique issue 3 names (full bf16/mixed, LoRA, QLoRA nf4
+# and hqq4, 8-bit AdamW, GaLore 8-bit layer-wise, checkpointing on/off, FSDP 2/4/8 with and
+# without offload, 16k tokens, MoE, a truncated-depth extrapolation next to its full-depth
+# run, the 8B QLoRA of the 60 s bar, the architectures added since), the 70B last.
+CORE = ["l1b_full_bf16_b1s1024", "l1b_full_mixed_b2s1024", "l1b_lora16_b4s2048", "l8b_qlora_nf4_r16_ckpt_b1s2048",
+        "l1b_qlora_nf4_r64_b2s1024", "l1b_full_adamw8bit_b1s2048", "l1b_galore_layerwise128_ckpt_b1s2048",
+        "l1b_galore8bit_layerwise128_ckpt_b1s1024", "l1b_fsdp2_full_mixed_ckpt_b2s2048", "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
+        "l8b_fsdp8_full_mixed_ckpt_b1s2048", "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
+        "l1b_lora16_ckpt_b1s16384", "mixtral_L2_full_bf16_b1s1024", "l1b_lora16_ckpt_b2s2048",
+        "l1b_lora16_ckpt_b2s2048_xp4-8", "l8b_qlora_hqq4_r16_ckpt_b1s2048", "qw3-8b_qlora_nf4_r16_ckpt_b1s2048",
+        "gemma3-1b_lora16_b1s2048", "qw3moe_L4_lora16_ckpt_b1s2048", "l70b_qlora_nf4_r16_ckpt_b1s2048"]
 
 
 def load_cases(path: str | None) -> list[dict]:
@@ -122,7 +149,10 @@ def load_cases(path: str | None) -> list[dict]:
     return out
 
 
-def select(cases: list[dict], batch: str | None, only: list[str] | None) -> list[dict]:
+def select(cases: list[dict], batch: str | None, only: list[str] | None, core: bool = False) -> list[dict]:
+    if core:
+        by_name = {c["name"]: c for c in cases}
+        cases = [by_name[n] for n in CORE if n in by_name]
     if only:
         unknown = set(only) - {c["name"] for c in cases}
         if unknown:
@@ -196,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="calibration.jsonl")
     ap.add_argument("--batch", help="i/n: run every n-th case starting at i")
     ap.add_argument("--only", nargs="+", help="case names")
+    ap.add_argument("--core", action="store_true", help="the cases covering every technique first, in CORE's order")
     ap.add_argument("--cases", help="JSON list of case dicts instead of the built-in list")
     ap.add_argument("--budget-s", type=float, default=540, help="start no case that may not finish within this")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dry-run", action="store_true", help="validate and estimate every case; run nothing")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    cases = select(load_cases(args.cases), args.batch, args.only)
+    cases = select(load_cases(args.cases), args.batch, args.only, args.core)
     if args.list:
         print("\n".join(c["name"] for c in cases))
         return 0

@@ -37,6 +37,15 @@ GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_s
 QWEN2 = dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
              use_sliding_window=False)  # q/k/v with bias, embeddings tied to the head
 MISTRAL = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
+# q_norm / k_norm inside the attention, over q_dim (here twice the hidden size, as Qwen3-0.6B) and kv_dim
+QWEN3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64, use_sliding_window=False)
+QWEN3MOE = dict(QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=192, decoder_sparse_step=1, mlp_only_layers=[])
+# sliding layers (5 of 6) next to full-attention ones under SDPA, q/k norms, four norms per layer
+GEMMA3 = dict(GEMMA2, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", final_logit_softcapping=None,
+              attn_logit_softcapping=None)
+GRANITE = dict(LLAMA, architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=12.0,
+               logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0078125)
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 CASES = {
     "full": (LLAMA, dict(method="full")),
@@ -64,6 +73,12 @@ CASES = {
     # LoRA dropout as CUDA holds it (cputrace._cuda_dropout: output + bool mask)
     "lora-dropout": (LLAMA, dict(method="lora", lora_dropout=0.05)),
     "fsdp2-qlora-nf4-dropout": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, lora_dropout=0.05)),
+    "qwen3-qknorm-full": (QWEN3, dict(method="full")),
+    "qwen3-qknorm-qlora-hqq4": (QWEN3, dict(method="qlora", quant="hqq4")),
+    "qwen3moe-lora": (QWEN3MOE, dict(method="lora")),
+    "gemma3-window-full": (GEMMA3, dict(method="full")),
+    "gemma3-window-lora-ckpt": (GEMMA3, dict(method="lora", gradient_checkpointing=True)),
+    "granite-lora": (GRANITE, dict(method="lora")),
 }
 
 
@@ -151,6 +166,14 @@ LAYER_ARCH_CASES = {
     "h512-lora-ckpt-dropout": (dict(TINY_VOCAB, hidden_size=512), dict(method="lora", gradient_checkpointing=True,
                                                                       lora_dropout=0.05)),
     "lora-dropout": (TINY_VOCAB, dict(method="lora", lora_dropout=0.05)),
+    "qwen3-qknorm-full": (dict(QWEN3, vocab_size=64, intermediate_size=1024, num_hidden_layers=4), dict(method="full")),
+    "qwen3-qknorm-lora-ckpt": (dict(QWEN3, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+                               dict(method="lora", gradient_checkpointing=True)),
+    # one kv head (Gemma 3 1B): with the sliding-window mask repeat_kv is a view, no copy of k/v
+    "gemma3-mqa-window-lora": (dict(GEMMA3, vocab_size=64, num_key_value_heads=1, sliding_window=256,
+                                    intermediate_size=1024), dict(method="lora")),
+    "mistral-mqa-window-full": (dict(MISTRAL, vocab_size=64, num_key_value_heads=1, sliding_window=256,
+                                     intermediate_size=1024), dict(method="full")),
 }
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}
 

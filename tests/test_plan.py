@@ -102,6 +102,22 @@ def test_sliding_window_grid_matches_estimate_on_both_sides_of_the_window(ckpt):
         assert abs(grid.total[si, 1] - est.per_gpu.total_bytes) <= 512 * 8 * len(spec.layers), int(seqs[si])
 
 
+def test_grid_splits_at_the_window_of_models_with_some_sliding_layers():
+    """Gemma 3 1B: five of six layers slide (window 512) under SDPA, so only those get the
+    explicit mask from 512 tokens on; the grid must split there as for Mistral."""
+    spec = load_model_spec("gemma-3-1b")
+    assert spec.sdpa_window is None and spec.mask_window == 512
+    gpus = parse_gpus("1x80GB")
+    req = PlanRequest(gpus=gpus, context=2048, max_batch=4)
+    seqs = seq_grid(2048)
+    assert seqs.min() < 512 <= seqs.max()
+    setup = TrainingSetup(method="lora")
+    grid = evaluate(spec, setup, req, seqs, np.arange(1, 5))
+    for si in range(len(seqs)):
+        est = estimate_spec(spec, setup.model_copy(update={"seq_len": int(seqs[si]), "batch_size": 2}), gpus)
+        assert abs(grid.total[si, 1] - est.per_gpu.total_bytes) <= 512 * 8 * len(spec.layers), int(seqs[si])
+
+
 def test_prepared_step_model_is_the_same():
     spec = load_model_spec("qwen2.5-0.5b")
     setup = TrainingSetup(method="qlora", fsdp=2, cpu_offload=True, gradient_checkpointing=True)

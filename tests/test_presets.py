@@ -13,10 +13,13 @@ from vramplan.units import GiB, parse_bytes
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
             "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b",
             "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "phi-3-mini",
-            "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"]
+            "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b",
+            "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "gemma-3-1b"]
 # published sizes (billions of parameters), rounded as the model cards give them
 PUBLISHED = {"llama-2-70b": 69.0, "llama-3.1-405b": 405.9, "mixtral-8x7b": 46.7, "llama-2-7b": 6.74,
-             "phi-3-mini": 3.82, "gemma-2-27b": 27.2, "qwen2.5-72b": 72.7, "llama-3.1-8b": 8.03}
+             "phi-3-mini": 3.82, "gemma-2-27b": 27.2, "qwen2.5-72b": 72.7, "llama-3.1-8b": 8.03,
+             # Qwen3 model cards: 0.6B (0.44B non-embedding), 8.2B, 32.8B, 30.5B total / 3.3B active
+             "qwen3-0.6b": 0.596, "qwen3-8b": 8.19, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5, "gemma-3-1b": 1.0}
 
 
 def test_required_presets_exist():

@@ -332,11 +332,7 @@ def test_torchrun_reports_every_rank(tiny):
     assert ms[0].breakdown[C.WEIGHTS] == ms[1].breakdown[C.WEIGHTS] > 0
 
 
-def test_calibration_list_dry_run(capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import calibrate
-    cases = calibrate.CASES
-    assert len(cases) >= 25 and len({c["name"] for c in cases}) == len(cases)
+def _assert_covers_every_technique(cases):
     setups = [make_setup(**c["setup"]) for c in cases]
     methods = {(s.method.value, s.quant.value if s.quant else None) for s in setups}
     assert {("full", None), ("lora", None), ("qlora", "nf4"), ("qlora", "hqq4"), ("galore", None)} <= methods
@@ -347,9 +343,26 @@ def test_calibration_list_dry_run(capsys):
     xps = [c for c in cases if c["depths"]]
     assert xps and all(any(o["setup"] == c["setup"] and o["model"] == c["model"] and not o["depths"] for o in cases)
                        for c in xps)  # every extrapolation has its full-depth check
+
+
+def test_calibration_list_dry_run(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate
+    cases = calibrate.CASES
+    assert len(cases) >= 25 and len({c["name"] for c in cases}) == len(cases)
+    _assert_covers_every_technique(cases)
     assert calibrate.main(["--dry-run", "--only", "l1b_full_bf16_b1s1024", "l8b_fsdp4_full_bf16_ckpt_b1s2048"]) == 0
     assert "2 cases" in capsys.readouterr().out
     assert [c["name"] for c in calibrate.select(cases, "2/3", None)] == [c["name"] for c in cases[1::3]]
+
+
+def test_core_calibration_cases_cover_every_technique_in_order():
+    """--core: what a 15-minute device lease runs first must still span the issue's list."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate
+    core = calibrate.select(calibrate.CASES, None, None, core=True)
+    assert [c["name"] for c in core] == calibrate.CORE  # every name exists, order kept
+    _assert_covers_every_technique(core)
 
 
 def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):

@@ -65,9 +65,19 @@ def _decoder_layers(model, n_layers: int):
     return best[0], best[1]
 
 
-def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None) -> LayerSpec:
+def _attn_norm_dim(path: str, q_dim: int, kv_dim: int) -> int | None:
+    """Per-token width a norm inside the attention normalizes: q_norm reads q, k_norm k
+    (per head or whole, the same elements); None for a norm on the residual stream."""
+    if not any(h in path for h in _ATTN_HINTS):
+        return None
+    leaf = path.split(".")[-1]
+    return q_dim if leaf.startswith("q") else kv_dim if leaf.startswith("k") else None
+
+
+def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None,
+                q_dim: int, kv_dim: int) -> LayerSpec:
     import torch.nn as nn
-    linears, norms, others, expert_tensors = [], [], [], []
+    linears, norms, others, expert_tensors, attn_norms = [], [], [], [], []
     seen = set()
     for path, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):
@@ -79,6 +89,9 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
             n = sum(p.numel() for p in mod.parameters(recurse=False))
             if n:
                 norms.append(n)
+                width = _attn_norm_dim(path, q_dim, kv_dim)
+                if width:
+                    attn_norms.append(width)
             seen.update(id(p) for p in mod.parameters(recurse=False))
     for path, p in layer.named_parameters():
         if id(p) in seen:
@@ -101,7 +114,8 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
         down = [s for _, s in expert_tensors if s[1] == hidden and s[2] != hidden]
         inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
         experts = Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
-    return LayerSpec(linears=linears, experts=experts, norm_numels=norms, other_numels=others, sliding_window=sliding)
+    return LayerSpec(linears=linears, experts=experts, norm_numels=norms, attn_norm_dims=attn_norms,
+                     other_numels=others, sliding_window=sliding)
 
 
 def analyze_config(cfg: dict, name: str) -> ModelSpec:
@@ -120,7 +134,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     specs = []
     for i, layer in enumerate(layers):
         sliding = window if (i < len(layer_types) and "sliding" in str(layer_types[i])) else None
-        specs.append(_layer_spec(layer, num_experts, top_k, hidden, sliding))
+        specs.append(_layer_spec(layer, num_experts, top_k, hidden, sliding, n_heads * head_dim, n_kv * head_dim))
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
@@ -145,7 +159,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         n_kv_heads=n_kv, head_dim=head_dim, vocab=emb.weight.shape[0], tied_embeddings=tied, num_layers=n_layers,
         layers=specs, embed_numel=embed_n, lm_head_numel=head_n, final_norm_numel=final_norm_n, other_numel=other_n,
         attn_implementation="sdpa" if sdpa else "eager", norm_kind=norm_kind,
-        norms_per_layer=len(specs[0].norm_numels) if specs else 0,
+        norms_per_layer=len(specs[0].norm_numels) - len(specs[0].attn_norm_dims) if specs else 0,
         final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(tcfg, "attn_logit_softcapping", None),
         # transformers masks such models with create_sliding_window_causal_mask in every layer

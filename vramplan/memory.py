@@ -284,11 +284,12 @@ def _act_ctx(setup: TrainingSetup) -> ActCtx:
                   lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
 
 
-def _norm_saved(spec: ModelSpec, ctx: ActCtx, input_grad: bool) -> int:
-    """Per token, one norm. HF LlamaRMSNorm: x.to(fp32) saved by pow/mul (4h); the
+def _norm_saved(spec: ModelSpec, ctx: ActCtx, input_grad: bool, width: int | None = None) -> int:
+    """Per token, one norm over `width` elements (the hidden size unless given: q/k norms
+    read q_dim/kv_dim). HF LlamaRMSNorm: x.to(fp32) saved by pow/mul (4h); the
     normalized x.to(dtype) is saved by `weight *` only when the weight trains. Gemma's
     RMSNorm keeps the fp32 product (4h). LayerNorm saves its input. [cal]"""
-    h = spec.hidden
+    h = width or spec.hidden
     if not input_grad and not ctx.norms_train:
         return 0  # frozen weight and an input without grad: no autograd node
     if spec.norm_kind == "layer":
@@ -342,15 +343,22 @@ def _attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -
     soft-cap output (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
     q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
     if spec.attn_implementation == "sdpa":
-        masked = _sdpa_mask_cols(spec, seq)
+        masked = _sdpa_mask_cols(spec, seq, layer)
         # with a mask transformers repeats k and v to every head (use_gqa_in_sdpa) and SDPA
-        # saves those copies [CPU trace]
-        k_saved = q if masked and kv < q else kv
+        # saves those copies; a single kv head (MQA) repeats as a view of k, no copy
+        # (repeat_kv's expand + reshape merges the size-1 head dim) [CPU trace]
+        k_saved = _repeated_kv(spec) if masked else kv
         v = 2 * (q + 2 * kv) if layer.linears_with("qkv") and k_saved == kv else 2 * k_saved
         return 2 * q + 2 * k_saved + v + 2 * q + 4 * nh + 2 * masked
     # HF eager attention forms the full s x s scores even for sliding-window layers
     probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
-    return 2 * q + 2 * q + 2 * q + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
+    return 2 * q + 4 * _repeated_kv(spec) + probs  # q, repeated k, repeated v (o_proj's copy: _linears_saved)
+
+
+def _repeated_kv(spec: ModelSpec) -> int:
+    """Per token, k (or v) as repeat_kv hands it to every head: a copy for grouped heads, a
+    view of k itself for a single kv head (the expand + reshape merges the size-1 dim)."""
+    return spec.kv_dim if spec.n_kv_heads == 1 else spec.q_dim
 
 
 def _attention_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int) -> int:
@@ -362,16 +370,25 @@ def _attention_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, seq: int)
     [CPU trace]"""
     if spec.attn_implementation == "sdpa":
         return _attention_saved(spec, layer, ctx, seq)
-    return 3 * 2 * spec.q_dim + spec.n_heads * seq * (2 + 4 + 4)
+    return 2 * spec.q_dim + 4 * _repeated_kv(spec) + spec.n_heads * seq * (2 + 4 + 4)
 
 
-def _sdpa_mask_cols(spec: ModelSpec, seq: int) -> int:
-    """Mask columns per token that each SDPA call receives. transformers builds an explicit
-    b x 1 x s x s bool mask for a sliding-window model once the sequence reaches the window
-    (masking_utils._ignore_causal_mask_sdpa), and torch's SDPA converts it to the query's
-    dtype per call (aten::where), a copy its backward keeps: 2·s bytes per token and layer.
-    [CPU trace; the conversion precedes SDPA's kernel choice, so CUDA makes the same copy]"""
-    return seq if spec.sdpa_window and seq >= spec.sdpa_window else 0
+def _sdpa_mask_cols(spec: ModelSpec, seq: int, layer: LayerSpec | None = None) -> int:
+    """Mask columns per token that each SDPA call receives (of `layer`, or of any layer).
+    transformers builds an explicit b x 1 x s x s bool mask for a sliding-window layer once
+    the sequence reaches the window (masking_utils._ignore_causal_mask_sdpa), and torch's
+    SDPA converts it to the query's dtype per call (aten::where), a copy its backward keeps:
+    2·s bytes per token and layer. Where only some layers slide (Gemma 3), the full-attention
+    layers stay mask-free. [CPU trace; the conversion precedes SDPA's kernel choice, so CUDA
+    makes the same copy]"""
+    window = spec.mask_window if layer is None else _layer_mask_window(spec, layer)
+    return seq if window and seq >= window else 0
+
+
+def _layer_mask_window(spec: ModelSpec, layer: LayerSpec) -> int | None:
+    if spec.attn_implementation != "sdpa":
+        return None
+    return spec.sdpa_window or layer.sliding_window
 
 
 def _mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActCtx, input_grad: bool) -> int:
@@ -413,6 +430,8 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     n_norms = max(spec.norms_per_layer, 1)
     saved = _norm_saved(spec, ctx, input_grad)
     saved += _linears_saved(attn_in, h, ctx, input_grad)
+    # q_norm / k_norm: q and k need grad whatever trains (the layer's input does)
+    saved += sum(_norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
     saved += _attention_saved(spec, layer, ctx, setup.seq_len)
     # o_proj reads the attention output, which SDPA already saved (same tensor)
     saved += _linears_saved(layer.linears_with("o"), spec.q_dim, ctx, True,
@@ -504,7 +523,8 @@ def _shape_key(layer: LayerSpec) -> tuple:
     experts = None if e is None else (e.num_experts, e.top_k, e.hidden, e.intermediate,
                                       tuple((n, tuple(shape)) for n, shape in e.tensors))
     return (tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
-            experts, tuple(layer.norm_numels), tuple(layer.other_numels), layer.sliding_window)
+            experts, tuple(layer.norm_numels), tuple(layer.attn_norm_dims), tuple(layer.other_numels),
+            layer.sliding_window)
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:

@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
-SPEC_VERSION = 4  # bump when the analysis output changes
+SPEC_VERSION = 5  # bump when the analysis output changes
 
 
 class Linear(BaseModel):
@@ -62,6 +62,8 @@ class LayerSpec(BaseModel):
     linears: list[Linear]
     experts: Experts | None = None
     norm_numels: list[int] = Field(description="numel of each norm weight in the layer")
+    attn_norm_dims: list[int] = Field(default_factory=list, description="per-token width of each norm inside "
+                                      "the attention (Qwen3/Gemma 3/OLMo2 q_norm and k_norm: q_dim, kv_dim)")
     other_numels: list[int] = Field(default_factory=list, description="any other parameter (e.g. router weight)")
     sliding_window: int | None = None
 
@@ -103,12 +105,20 @@ class ModelSpec(BaseModel):
     other_numel: int = Field(0, description="parameters outside layers not counted above")
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
     norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma, layer")
-    norms_per_layer: int
+    norms_per_layer: int = Field(description="norms on the residual stream per layer (attention's q/k norms not counted)")
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
     sdpa_window: int | None = Field(None, description="SDPA models masked to one sliding window in every layer "
                                     "(Mistral, Phi-3): longer sequences get an explicit mask")
     params_total: int
+
+    @property
+    def mask_window(self) -> int | None:
+        """The sequence length from which SDPA gets an explicit sliding-window mask in some
+        layer (every layer: sdpa_window; Gemma 3's sliding layers: their window)."""
+        if self.attn_implementation != "sdpa":
+            return None
+        return self.sdpa_window or min((l.sliding_window for l in self.layers if l.sliding_window), default=None)
 
     @property
     def q_dim(self) -> int:

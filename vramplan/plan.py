@@ -222,7 +222,7 @@ def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) 
     a1, pinned = _allocs(spec, setup, pre, 1, s1)
     a2, _ = _allocs(spec, setup, pre, 2, s1)
     per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
-    windowed = spec.sdpa_window is not None and s1 >= spec.sdpa_window
+    windowed = spec.mask_window is not None and s1 >= spec.mask_window
     if s2 == s1 or (spec.attn_implementation == "sdpa" and not windowed):
         return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
     a3, _ = _allocs(spec, setup, pre, 1, s2)
@@ -248,9 +248,9 @@ def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
 def _seq_regimes(spec: ModelSpec, seqs: np.ndarray) -> list[np.ndarray]:
     """Row masks of the sequences one set of coefficients covers: a sliding-window SDPA
     model gets an explicit mask from its window on, so the sequences split there."""
-    if spec.sdpa_window is None:
+    if spec.mask_window is None:
         return [np.ones(len(seqs), dtype=bool)]
-    below = seqs < spec.sdpa_window
+    below = seqs < spec.mask_window
     return [m for m in (below, ~below) if m.any()]
 
 

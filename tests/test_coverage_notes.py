@@ -1,0 +1,47 @@
+"""What an estimate says about the architecture it rests on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vramplan.estimate import TRACED_MODEL_TYPES, estimate_config
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _config(tmp_path, cfg: dict) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def test_every_model_type_claimed_as_checked_is_in_a_cpu_trace_case():
+    import test_cpu_trace as t
+    traced = {cfg["model_type"] for cases in (t.CASES, t.LAYER_ARCH_CASES) for cfg, _ in cases.values()}
+    assert TRACED_MODEL_TYPES <= traced, TRACED_MODEL_TYPES - traced
+
+
+def test_a_preset_architecture_carries_no_coverage_note():
+    est = estimate_config("qwen3-8b", "1x80GB", method="lora")
+    assert not [n for n in est.notes if "never checked" in n or "no rule" in n]
+
+
+def test_an_untraced_architecture_says_so(tmp_path):
+    cfg = dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", hidden_size=128, intermediate_size=256,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+               max_position_embeddings=512)
+    est = estimate_config(_config(tmp_path, cfg), "1x80GB", method="lora")
+    assert any("olmo2" in n and "never checked" in n for n in est.notes), est.notes
+
+
+def test_linears_without_a_rule_are_named(tmp_path):
+    """DeepSeek-V2's multi-head latent attention: kv_a_proj_with_mqa / kv_b_proj have no
+    activation rule (the CPU trace reads the estimate about 21% low)."""
+    cfg = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=128,
+               intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+               vocab_size=256, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=64, n_shared_experts=1, n_group=1, topk_group=1, topk_method="greedy",
+               max_position_embeddings=512)
+    est = estimate_config(_config(tmp_path, cfg), "1x80GB", method="lora")
+    note = next(n for n in est.notes if "no rule" in n)
+    assert "kv_a_proj_with_mqa" in note and "underestimated" in note
