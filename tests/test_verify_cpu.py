@@ -194,6 +194,10 @@ def test_peak_breakdown_attributes_by_phase():
     assert fwd1[C.OPTIMIZER_STATES] == 20 and fwd1[C.TRANSIENT] == 0  # never negative
     cpu = peak_breakdown(None, sizes, None, True)
     assert cpu[C.TRANSIENT] is None and cpu[C.ACTIVATIONS] is None and cpu[C.OPTIMIZER_STATES] == 20
+    # layer-wise optimizers make their states in step 0's backward (grad hooks)
+    assert peak_breakdown("backward (step 0)", sizes, 200, False)[C.OPTIMIZER_STATES] == 0
+    assert peak_breakdown("backward (step 0)", sizes, 200, False, layerwise=True)[C.OPTIMIZER_STATES] == 20
+    assert peak_breakdown("forward (step 0)", sizes, 200, False, layerwise=True)[C.OPTIMIZER_STATES] == 0
 
 
 # ---------------------------------------------------------------- extrapolation
@@ -412,3 +416,34 @@ def test_comparison_has_one_row_per_measured_phase():
     assert rows["backward peak"].estimate_bytes == max(v for k, v in modelled.items()
                                                        if k.startswith(("loss", "layer", "final norm")))
     assert any("different phase" in n for n in compare(est, m).notes)  # estimated peak is in backward
+
+
+# ---------------------------------------------------------------- verify --device cpu: the CPU trace
+
+@needs("peft")
+@pytest.mark.parametrize("fields", [dict(method="full"), dict(method="lora", gradient_checkpointing=True)],
+                         ids=lambda f: "-".join(str(v) for v in f.values()))
+def test_cpu_verify_traces_every_phase_and_holds_the_estimate(small, fields):
+    """On the CPU, verify traces every allocation per phase (cputrace) and compares each
+    phase with the estimate, less the loss backward's CUDA-only 2·N·V, as the CPU-trace
+    tests do: within their 1.5%."""
+    rep = verify(small, make_setup(batch_size=2, seq_len=256, lora_dropout=0.0, **fields), device="cpu", steps=2)
+    m, cmp = rep.result[0], rep.comparisons[0]
+    assert all(s.peak_allocated_bytes is not None and s.allocated_bytes is not None for s in m.phases)
+    assert m.peak_allocated_bytes == max(s.peak_allocated_bytes for s in m.phases)
+    assert m.after_build_bytes == m.phases[0].allocated_bytes > 0
+    rows = {r.category: r for r in [*cmp.totals, *cmp.phases]}
+    for name in ("peak allocated", "forward peak", "backward peak", "optimizer peak"):
+        assert abs(rows[name].error_pct) <= 1.5, (name, rows[name])
+    assert rows["peak reserved"].measured_bytes is None  # no caching allocator on the CPU
+    assert any("loss backward is compared less" in n for n in cmp.notes)
+    assert any(n.startswith("CPU trace:") for n in m.notes)
+
+
+def test_cpu_verify_names_what_the_cpu_cannot_compare():
+    from vramplan.verify.cputrace import incomparable_on_cpu
+    assert incomparable_on_cpu(make_setup(method="lora")) == []
+    said = " ".join(incomparable_on_cpu(make_setup(method="qlora", quant="nf4", precision="mixed",
+                                                   optim="adamw_bnb_8bit", fsdp=2, cpu_offload=True)))
+    assert "4-bit" in said and "8-bit" in said and "offload" in said
+    assert "autocast" in " ".join(incomparable_on_cpu(make_setup(method="full", precision="mixed")))

@@ -83,7 +83,10 @@ def _capacity(device: str, spec: GpuSpec) -> int:
     if device.startswith("cuda"):
         import torch
         return int(torch.cuda.mem_get_info()[1])
-    return spec.profile.memory_bytes
+    # the CPU trace holds the step in this machine's RAM
+    from vramplan.estimate import local_host_ram
+    ram = local_host_ram()
+    return min(spec.profile.memory_bytes, int(0.6 * ram)) if ram else spec.profile.memory_bytes
 
 
 def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers: int | None = None, steps: int = 3,
@@ -103,7 +106,7 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     est = estimate_config(model, gspec, num_layers=num_layers, **fields)
     full = load_model_spec(model).num_layers
     capacity = _capacity(device, gspec)
-    if _should_extrapolate(extrapolate, num_layers, depths, est):
+    if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
         return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case)
     n_local = local_gpus(device)
     if setup.fsdp > 1 and n_local >= setup.fsdp:
@@ -114,18 +117,28 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
                           nproc=setup.fsdp)
     else:
         ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case)]
+    delta = _cpu_loss_delta(model, setup, device, num_layers)
     return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms,
-                        comparisons=[compare(est, m) for m in ms])
+                        comparisons=[compare(est, m, delta) for m in ms])
 
 
-def _should_extrapolate(mode: str, num_layers, depths, est: Estimate) -> bool:
+def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:
+    if device.startswith("cuda"):
+        return 0
+    from vramplan.model_spec import load_model_spec
+    from vramplan.verify.cputrace import cpu_loss_backward_delta
+    return cpu_loss_backward_delta(setup.tokens, load_model_spec(model, num_layers=num_layers).vocab)
+
+
+def _should_extrapolate(mode: str, num_layers, depths, est: Estimate, capacity: int | None = None) -> bool:
     if mode not in ("auto", "always", "never"):
         raise VramplanError(f"must be auto, always or never, got {mode!r}", "--extrapolate")
     if num_layers is not None or mode == "never":
         if depths:
             raise VramplanError("--depths needs full depth (no --num-layers) and --extrapolate auto/always", "--depths")
         return False
-    return mode == "always" or bool(depths) or not est.fits_gpu
+    too_big = not est.fits_gpu or (capacity is not None and est.per_gpu.total_bytes > capacity)
+    return mode == "always" or bool(depths) or too_big
 
 
 def _run(model, setup, device, num_layers, steps, on_phase, on_case) -> Measurement:
@@ -156,7 +169,8 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
     result, fits = xp.extrapolate(ms, capacity)
     est = estimate_config(model, gspec, **fields)
     return VerifyReport(model=est.model, estimate=est, measurements=ms, result=[result],
-                        comparisons=[compare(est, result)], extrapolations=fits)
+                        comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
+                        extrapolations=fits)
 
 
 def summary_json(report: VerifyReport) -> dict:

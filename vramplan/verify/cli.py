@@ -24,7 +24,8 @@ def add_cli(sub) -> None:
     v.add_argument("--depths", help="truncated depths to extrapolate from, e.g. 4,8 (default: chosen to fit)")
     v.add_argument("--out", help="report folder (default: vramplan-verify/<case>-<time>)")
     v.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="cpu runs the harness without memory statistics (for testing it)")
+                   help="cpu: run the step on this CPU with every allocation traced, a check of the step's "
+                        "structure without a GPU (CPU kernels are not CUDA's: docs/verify.md, 'CPU trace')")
     v.add_argument("--format", choices=["table", "json"], default="table")
     v.add_argument("--no-progress", action="store_true", help="no live progress display")
     v.set_defaults(handler=_cmd_verify)

@@ -13,10 +13,18 @@ def _row(label: str, est: int | None, meas: int | None) -> CategoryRow:
     return CategoryRow(category=label, estimate_bytes=est, measured_bytes=meas, error_bytes=err, error_pct=pct)
 
 
-def compare(estimate: Estimate, m: Measurement) -> Comparison:
+def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comparison:
+    """cpu_loss_delta: for a CPU-traced measurement, the bytes CUDA's loss backward holds
+    beyond the CPU's (cputrace.cpu_loss_backward_delta); the estimate's phases are compared
+    less that."""
     eb = dict(estimate.per_gpu.breakdown)
     mb = dict(m.breakdown)
     notes = []
+    modelled = dict(estimate.per_gpu.phases)
+    if cpu_loss_delta and "loss backward" in modelled:
+        modelled["loss backward"] -= cpu_loss_delta
+        notes.append(f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / 2**20:.1f} MiB, "
+                     "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)")
     if m.setup.fsdp > 1:
         # measured transient is the residual of the peak: it includes the FSDP buffers
         eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb.get(C.FSDP_BUFFERS, 0)
@@ -28,13 +36,15 @@ def compare(estimate: Estimate, m: Measurement) -> Comparison:
     total = None
     if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
         total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
-    totals = [_row("peak allocated", pg.peak_allocated_bytes, m.peak_allocated_bytes),
+    peak_name = max(modelled, key=modelled.get) if modelled else pg.peak_phase
+    peak = modelled[peak_name] if modelled else pg.peak_allocated_bytes
+    totals = [_row("peak allocated", peak, m.peak_allocated_bytes),
               _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
               _row("total (reserved + context)", pg.total_bytes, total)]
-    phases = _phase_rows(pg.phases, m)
-    est_at = measured_phase(pg.peak_phase) if pg.peak_phase else None
+    phases = _phase_rows(modelled, m)
+    est_at = measured_phase(peak_name) if peak_name else None
     if m.peak_phase and est_at and not m.peak_phase.startswith(est_at):
-        notes.append(f"peak in a different phase: estimate '{pg.peak_phase}', measured '{m.peak_phase}'")
+        notes.append(f"peak in a different phase: estimate '{peak_name}', measured '{m.peak_phase}'")
     if m.extrapolated_from:
         notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
     if m.simulated:

@@ -84,33 +84,93 @@ def _phases(allocs, marks) -> list[TracedPhase]:
     return out
 
 
+class AllocationTrace:
+    """Every CPU allocation from entering to leaving, with phases marked by ``phase()``;
+    ``phases()`` reads them once the trace is closed (the profiler reports at the end)."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+    def __enter__(self) -> "AllocationTrace":
+        gc.collect()  # what earlier code left to the collector must not count here
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+
+    @staticmethod
+    def phase(name: str, step: int | None = None):
+        from torch.profiler import record_function
+        return record_function(_MARK + name + ("" if step is None else f"#{step}"))
+
+    def phases(self) -> list[TracedPhase]:
+        return _phases(*_allocations(self._prof))
+
+
+@contextlib.contextmanager
+def cuda_like_build():
+    """What the build allocates as it would on CUDA (hqq's fp16 working copy)."""
+    with _hqq_cuda_working_dtype():
+        yield
+
+
+def cuda_like_optimizer(built) -> None:
+    _cuda_default_optimizer(built)
+
+
+def cuda_like_steps():
+    """Steps that hold memory as CUDA's kernels do where only the allocation differs (dropout)."""
+    return _cuda_dropout()
+
+
 def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, steps: int = 2) -> TracedStep:
     """Build the reference step on the CPU and run ``steps`` steps under the allocation tracer."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     from vramplan.verify.build import build_step
-    gc.collect()  # what an earlier step left to the collector must not count here
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function(_MARK + "build"), _hqq_cuda_working_dtype():
+    with AllocationTrace() as trace:
+        with trace.phase("build"), cuda_like_build():
             built = build_step(model, setup, device="cpu", num_layers=num_layers)
-            _cuda_default_optimizer(built)
+            cuda_like_optimizer(built)
         try:
-            with _cuda_dropout():
+            with cuda_like_steps():
                 for step in range(steps):
                     ids = built.batch()
-                    with record_function(f"{_MARK}forward#{step}"):
+                    with trace.phase("forward", step):
                         loss = built.forward(ids)
-                    with record_function(f"{_MARK}backward#{step}"):
+                    with trace.phase("backward", step):
                         loss.backward()
                         del loss
-                    with record_function(f"{_MARK}optimizer#{step}"):
+                    with trace.phase("optimizer", step):
                         built.optimizer_step()
         finally:
             built.close()
             if setup.fsdp > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
-    return TracedStep(phases=_phases(*_allocations(prof)))
+    return TracedStep(phases=trace.phases())
+
+
+# What the CPU trace cannot compare with a CUDA estimate (docs/verify.md, "CPU trace"): a
+# kernel that allocates differently on the CPU, not a difference in what the step holds.
+def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
+    out = []
+    if setup.precision.value == "mixed" and setup.fsdp == 1:
+        out.append("bf16 autocast (the CPU's cast policy is not CUDA's)")
+    if setup.optim.is_8bit:
+        out.append("the 8-bit optimizer step (bitsandbytes' CPU fallback allocates temporaries)")
+    if setup.quant is not None and setup.quant.value == "nf4":
+        out.append("bitsandbytes' 4-bit quantize/dequantize (torch-op fallbacks on the CPU)")
+    if setup.cpu_offload:
+        out.append("CPU offload (host and device are one memory)")
+    return out
+
+
+def cpu_loss_backward_delta(tokens: int, vocab: int) -> int:
+    """Bytes CUDA's log-softmax/NLL backward holds beyond the CPU's: 14·N·V there (H100),
+    12·N·V here."""
+    return 2 * tokens * vocab
 
 
 @contextlib.contextmanager

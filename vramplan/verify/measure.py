@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +34,7 @@ class _Run:
     peak_alloc: int | None = None
     peak_reserved: int | None = None
     peak_at: str | None = None
+    trace: object | None = None  # cputrace.AllocationTrace on the CPU: phases are marked in it
 
     @contextmanager
     def phase(self, name: str, step: int | None):
@@ -43,7 +44,8 @@ class _Run:
         self.probe.sync()
         self.probe.reset_peak()
         t0 = time.perf_counter()
-        yield
+        with self.trace.phase(name, step) if self.trace is not None else nullcontext():
+            yield
         self.probe.sync()
         self.close_phase(name, step, time.perf_counter() - t0)
 
@@ -84,41 +86,75 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
     import torch
     from vramplan.model_spec import load_model_spec
     from vramplan.verify.build import build_step
+    from vramplan.verify import cputrace
     probe = make_probe(device)
     full = load_model_spec(model).num_layers
     probe.fresh()
-    run = _Run(probe, on_phase)
+    # the CPU has no allocator statistics: every allocation is traced instead, and the step
+    # runs CUDA's choice where only a kernel's allocation differs (cputrace)
+    on_cpu = torch.device(device).type == "cpu"
+    trace = cputrace.AllocationTrace() if on_cpu else None
+    run = _Run(probe, on_phase, trace=trace)
     sizes, timing = _Sizes(), []
     built = oom = None
     after_build = after_step0 = nvml = None
     counts = (0, 0)
     step_peaks: list[int] = []
-    try:
-        with run.phase("build", None):
-            built = build_step(model, setup, device, num_layers)
-        dev = torch.device(device).type
-        sizes.model = model_bytes(built.model, dev)
-        counts = param_counts(built.model)
-        after_build = probe.allocated()
-        for step in range(steps):
-            t0 = time.perf_counter()
-            _one_step(built, run, sizes, step, dev)
-            timing.append(time.perf_counter() - t0)
-            if step == 0:
-                after_step0 = probe.allocated()
-            if run.peak_alloc is not None:
-                step_peaks.append(run.peak_alloc)
-        nvml = probe.nvml_used()
-    except torch.OutOfMemoryError as e:
-        oom = _oom_info(run, str(e))
-    finally:
-        notes = list(built.notes) if built is not None else []
-        simulated, rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
-        _free(built)
-        built = None
-        probe.fresh()
+    with trace if trace is not None else nullcontext():
+        try:
+            with run.phase("build", None), cputrace.cuda_like_build() if on_cpu else nullcontext():
+                built = build_step(model, setup, device, num_layers)
+                if on_cpu:
+                    cputrace.cuda_like_optimizer(built)
+            dev = torch.device(device).type
+            sizes.model = model_bytes(built.model, dev)
+            counts = param_counts(built.model)
+            after_build = probe.allocated()
+            with cputrace.cuda_like_steps() if on_cpu else nullcontext():
+                for step in range(steps):
+                    t0 = time.perf_counter()
+                    _one_step(built, run, sizes, step, dev)
+                    timing.append(time.perf_counter() - t0)
+                    if step == 0:
+                        after_step0 = probe.allocated()
+                    if run.peak_alloc is not None:
+                        step_peaks.append(run.peak_alloc)
+            nvml = probe.nvml_used()
+        except torch.OutOfMemoryError as e:
+            oom = _oom_info(run, str(e))
+        finally:
+            notes = list(built.notes) if built is not None else []
+            simulated, rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
+            _free(built)
+            built = None
+            probe.fresh()
+    if trace is not None:
+        after_build, after_step0, step_peaks = _apply_trace(run, trace.phases(), sizes)
+        notes.append("CPU trace: every CPU allocation traced per phase (the analogue of max_memory_allocated); "
+                     "CPU kernels are not CUDA's (docs/verify.md, 'CPU trace'); no reserved or CUDA context")
+        notes += [f"not comparable on the CPU: {what}" for what in cputrace.incomparable_on_cpu(setup)]
     return _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom,
-                        after_build, after_step0, step_peaks, timing, nvml, counts, notes, simulated, rank)
+                        after_build, after_step0, step_peaks, timing, nvml, counts, notes, simulated, rank,
+                        traced=trace is not None)
+
+
+def _apply_trace(run: _Run, traced: list, sizes: _Sizes) -> tuple[int | None, int | None, list[int]]:
+    """Fill the phase snapshots from the allocation trace, which reports only at its end."""
+    snaps, prev_end, after_build, after_step0, step_peaks = [], 0, None, None, []
+    run.peak_alloc = run.peak_at = None
+    for snap, tp in zip(run.phases, traced):
+        snaps.append(snap.model_copy(update={"allocated_bytes": tp.end_bytes, "peak_allocated_bytes": tp.peak_bytes}))
+        run._update_peaks(tp.peak_bytes, None, _label(tp.name, tp.step))
+        if tp.name == "forward":
+            sizes.activations = tp.end_bytes - prev_end  # what the forward left alive
+        if tp.name == "build":
+            after_build = tp.end_bytes
+        if tp.name == "optimizer":
+            after_step0 = after_step0 if after_step0 is not None else tp.end_bytes
+            step_peaks.append(run.peak_alloc)
+        prev_end = tp.end_bytes
+    run.phases = snaps
+    return after_build, after_step0, step_peaks
 
 
 def _one_step(built, run: _Run, sizes: _Sizes, step: int, dev: str) -> None:
@@ -161,13 +197,16 @@ def _free(built) -> None:
         pass
 
 
-def peak_breakdown(phase: str | None, sizes: _Sizes, peak: int | None, after_step0_seen: bool) -> dict:
+def peak_breakdown(phase: str | None, sizes: _Sizes, peak: int | None, after_step0_seen: bool,
+                   layerwise: bool = False) -> dict:
     """Bytes per category alive at the peak phase; the rest of the peak is transient.
 
     Alive sets (docs/verify.md): weights, quant state and adapters always; optimizer states
     once created (any phase after step 0's optimizer); activations in forward/backward;
     gradients in the optimizer phase. Backward peaks hold part of the grads and part of
-    the activations: we count the activations, and the grads so far fall into transient."""
+    the activations: we count the activations, and the grads so far fall into transient.
+    Layer-wise optimizers create their states inside step 0's backward (the grad hooks), so
+    there and after they count as alive."""
     out: dict[C, int | None] = {c: 0 for c in C}
     out.update(sizes.model)
     if phase is None:
@@ -181,7 +220,8 @@ def peak_breakdown(phase: str | None, sizes: _Sizes, peak: int | None, after_ste
         out[C.ACTIVATIONS] = sizes.activations
     if name == "optimizer":
         out[C.GRADIENTS] = sizes.gradients
-    if name == "optimizer" or (name in ("forward", "backward") and not step0 and after_step0_seen):
+    hooked = layerwise and not (name == "forward" and step0)
+    if name == "optimizer" or (name in ("forward", "backward") and not step0 and after_step0_seen) or hooked:
         out[C.OPTIMIZER_STATES] = sizes.optimizer
     if peak is None:
         out[C.ACTIVATIONS] = None if name in ("forward", "backward") else out[C.ACTIVATIONS]
@@ -204,10 +244,10 @@ def _versions() -> dict[str, str]:
 
 
 def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom, after_build, after_step0,
-                 step_peaks, timing, nvml, counts, notes, simulated, rank) -> Measurement:
+                 step_peaks, timing, nvml, counts, notes, simulated, rank, traced: bool = False) -> Measurement:
     from vramplan.model_spec import resolve_config
     name, _alias, _cfg = resolve_config(model)
-    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None)
+    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.optim.layerwise)
     if run.peak_reserved is not None and run.peak_alloc is not None:
         breakdown[C.ALLOCATOR_OVERHEAD] = run.peak_reserved - run.peak_alloc
     else:
@@ -216,7 +256,7 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
     # NVML sees the whole process: what it adds over reserved is the CUDA context and the
     # libraries' own workspaces
     breakdown[C.CUDA_CONTEXT] = nvml - last_reserved if nvml is not None and last_reserved is not None else None
-    if not probe.available:
+    if not probe.available and not traced:
         notes.append("no allocator statistics on this device: totals, activations and transients unavailable; "
                      "parameter, gradient and optimizer bytes counted from the tensors")
     tokens = setup.tokens
