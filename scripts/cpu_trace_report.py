@@ -7,7 +7,8 @@ Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-ba
 (a 64-token vocabulary, so a decoder layer's backward is the peak: the phase the H100
 calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
 "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
-"long-context" (16k tokens on two layers, a 64-token vocabulary).
+"long-context" (16k tokens on two layers, a 64-token vocabulary) and "real-width" (presets
+at their real width and vocabulary, truncated to a few layers).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CA
                             LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
-from vramplan.model_spec import load_model_spec  # noqa: E402
+from vramplan.model_spec import load_model_spec, resolve_config  # noqa: E402
 from vramplan.verify.cputrace import trace_step  # noqa: E402
 
 TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
@@ -36,6 +37,19 @@ LAYER_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gr
                 "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
                 "galore-lw-ckpt": dict(method="galore", galore_rank=32, optim="galore_adamw_layerwise",
                                        gradient_checkpointing=True)}
+
+# (preset, layers, setup, batch x seq): real widths, a real vocabulary, a few layers; small
+# enough for a 24 GiB, 2-core machine (each case well under a minute)
+REAL_WIDTH = [
+    ("llama-3.1-8b", 2, dict(method="lora"), (1, 512)),
+    ("llama-3.1-8b", 2, dict(method="qlora", quant="hqq4", gradient_checkpointing=True), (1, 512)),
+    ("qwen3-8b", 2, dict(method="lora"), (1, 512)),
+    ("qwen3-8b", 2, dict(method="lora", gradient_checkpointing=True), (1, 1024)),
+    ("qwen3-0.6b", 4, dict(method="full"), (1, 1024)),
+    ("qwen3-30b-a3b", 2, dict(method="lora", gradient_checkpointing=True), (1, 512)),
+    ("gemma-3-1b", 6, dict(method="lora"), (1, 1024)),
+    ("gemma-3-1b", 6, dict(method="full", gradient_checkpointing=True), (1, 1024)),
+]
 
 LONG_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
                "lora": dict(method="lora"),
@@ -114,6 +128,11 @@ def render(rows: list[dict], before: dict) -> str:
     return "\n".join(out)
 
 
+def _slug(fields: dict) -> str:
+    parts = [fields["method"]] + ([fields["quant"]] if "quant" in fields else [])
+    return "-".join(parts + (["ckpt"] if fields.get("gradient_checkpointing") else []))
+
+
 def _load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -127,6 +146,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", default=str(DATA / "trace.jsonl"))
     ap.add_argument("--render-only", action="store_true", help="only write docs/cpu-trace.md from the committed files")
+    ap.add_argument("--group", help="trace only this group; the output file keeps its other rows")
     args = ap.parse_args()
     if args.render_only:
         write_doc(DATA / "trace.jsonl")
@@ -140,12 +160,20 @@ def main() -> int:
     jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
     jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]
     jobs += [("long-context", f"16k/{n}", LONG, f, LONG_SHAPE) for n, f in LONG_SETUPS.items()]
-    with open(args.output, "w") as out:
-        for job in jobs:
-            row = run(*job)
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row})
+    jobs += [("real-width", f"{name}/L{layers}/{_slug(f)}", resolve_config(name, num_layers=layers)[2], f,
+              dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
+    kept = []
+    if args.group:
+        jobs = [j for j in jobs if j[0] == args.group]
+        if Path(args.output).exists():
+            kept = [r for r in _load(Path(args.output)) if r["group"] != args.group]
+    rows = []
+    for job in jobs:
+        row = run(*job)
+        rows.append(row)
+        print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row},
+              flush=True)
+    Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in kept + rows))
     if Path(args.output).resolve() == (DATA / "trace.jsonl").resolve():
         write_doc(DATA / "trace.jsonl")
     return 0

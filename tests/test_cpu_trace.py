@@ -295,3 +295,28 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
     before = {(r["group"], r["name"]): r for r in report._load(report.BEFORE)}
     rendered = report.render(report._load(report.DATA / "trace.jsonl"), before)
     assert (root / "docs" / "cpu-trace.md").read_text() == rendered
+
+
+# Presets at their real width and vocabulary, a few layers (group "real-width" of the
+# committed trace: `python scripts/cpu_trace_report.py --group real-width`, minutes on a CPU).
+# Tracing them again is too slow for CI; the model's side is not: the memory model of this
+# commit against the committed traced bytes, per phase, to the same 1.5%.
+def _committed(group: str) -> list[dict]:
+    from pathlib import Path
+    path = Path(__file__).resolve().parent / "data" / "cpu" / "trace.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["group"] == group]
+
+
+@pytest.mark.parametrize("row", _committed("real-width"), ids=lambda r: r["name"])
+def test_real_width_presets_match_their_committed_cpu_trace(row, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(row["config"]))
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    phases = _model_phases(spec, make_setup(**row["setup"]))
+    off = {p: f"traced {row[p]['traced_bytes'] / 2**20:.1f} MiB, model {b / 2**20:.1f} MiB"
+           for p, b in phases.items() if abs(b - row[p]["traced_bytes"]) > TOL * row[p]["traced_bytes"]}
+    assert phases and not off, off
+
+
+def test_the_real_width_group_is_committed():
+    names = {r["name"].split("/")[0] for r in _committed("real-width")}
+    assert {"qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b", "llama-3.1-8b"} <= names

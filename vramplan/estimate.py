@@ -76,7 +76,8 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
                      f"of {spec.model_type} (their weights are counted)")
     if spec.model_type not in TRACED_MODEL_TYPES:
         notes.append(f"{spec.model_type}: this architecture's layers were never checked against a traced step "
-                     f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify` on a GPU measures it")
+                     f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify MODEL --device cpu "
+                     "--num-layers 2 --seq-len 512` traces it on this machine, `vramplan verify` on a GPU measures it")
     return notes
 
 
