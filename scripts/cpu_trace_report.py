@@ -7,8 +7,10 @@ Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-ba
 (a 64-token vocabulary, so a decoder layer's backward is the peak: the phase the H100
 calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
 "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
-"long-context" (16k tokens on two layers, a 64-token vocabulary) and "real-width" (presets
-at their real width and vocabulary, truncated to a few layers).
+"long-context" (16k tokens on two layers, a 64-token vocabulary), "real-width" (presets
+at their real width and vocabulary, truncated to a few layers) and "untraced-architectures"
+(architectures outside vramplan.estimate.TRACED_MODEL_TYPES, small: what their estimate's
+note warns of; not in the range the other groups are held to).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
@@ -50,6 +52,24 @@ REAL_WIDTH = [
     ("gemma-3-1b", 6, dict(method="lora"), (1, 1024)),
     ("gemma-3-1b", 6, dict(method="full", gradient_checkpointing=True), (1, 1024)),
 ]
+
+# architectures whose estimate carries a "never checked" note: how far off it is
+UNTRACED = {
+    "olmo2": dict(LLAMA, architectures=["Olmo2ForCausalLM"], model_type="olmo2"),
+    "deepseek_v2": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=256,
+                        intermediate_size=768, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8,
+                        vocab_size=4096, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=32, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=128, n_shared_experts=1, n_group=1, topk_group=1, topk_method="greedy",
+                        max_position_embeddings=4096),
+    "phi": dict(architectures=["PhiForCausalLM"], model_type="phi", hidden_size=256, intermediate_size=1024,
+                num_hidden_layers=3, num_attention_heads=8, vocab_size=4096, max_position_embeddings=4096,
+                partial_rotary_factor=0.5),
+    "seed_oss-dropout": dict(LLAMA, architectures=["SeedOssForCausalLM"], model_type="seed_oss", head_dim=32,
+                             attention_dropout=0.1, residual_dropout=0.1),
+}
+UNTRACED_SETUPS = {"full": dict(method="full"), "lora": dict(method="lora"),
+                   "lora-ckpt": dict(method="lora", gradient_checkpointing=True)}
 
 LONG_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
                "lora": dict(method="lora"),
@@ -123,8 +143,13 @@ def render(rows: list[dict], before: dict) -> str:
                 cells.append(cell)
             out.append(f"| {r['name']} | {_setup_text(r['setup'])} | " + " | ".join(cells) + " |")
         out.append("")
-    errs = [r[p]["error"] for r in rows for p in PHASES[1:] if p in r]
-    out += [f"{len(rows)} cases; forward, backward and optimizer phases: {min(errs):+.1%} to {max(errs):+.1%}.", ""]
+    held = [r for r in rows if r["group"] != "untraced-architectures"]
+    errs = [r[p]["error"] for r in held for p in PHASES[1:] if p in r]
+    out += [f"{len(held)} cases of the architectures vramplan traces; forward, backward and optimizer phases: "
+            f"{min(errs):+.1%} to {max(errs):+.1%}."]
+    if len(held) < len(rows):
+        out += [f"{len(rows) - len(held)} cases of untraced architectures (their estimates carry a note)."]
+    out += [""]
     return "\n".join(out)
 
 
@@ -162,6 +187,8 @@ def main() -> int:
     jobs += [("long-context", f"16k/{n}", LONG, f, LONG_SHAPE) for n, f in LONG_SETUPS.items()]
     jobs += [("real-width", f"{name}/L{layers}/{_slug(f)}", resolve_config(name, num_layers=layers)[2], f,
               dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
+    jobs += [("untraced-architectures", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
+             for n, f in UNTRACED_SETUPS.items()]
     kept = []
     if args.group:
         jobs = [j for j in jobs if j[0] == args.group]

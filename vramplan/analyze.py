@@ -165,4 +165,11 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         # transformers masks such models with create_sliding_window_causal_mask in every layer
         sdpa_window=window if (sdpa and window and not layer_types) else None,
         params_total=sum(p.numel() for p in all_params.values()),
+        dropouts=_dropouts(tcfg),
     )
+
+
+def _dropouts(config) -> dict[str, float]:
+    """Dropout the architecture itself applies in training (not LoRA's), by config key."""
+    return {k: float(v) for k, v in sorted(config.to_dict().items())
+            if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}

@@ -74,6 +74,11 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
         # their outputs and saved inputs follow no rule (DeepSeek's MLA: 21% low on the CPU trace)
         notes.append(f"activations are likely underestimated: no rule for the Linears {', '.join(untyped)} "
                      f"of {spec.model_type} (their weights are counted)")
+    if spec.dropouts:
+        # each dropout keeps a mask (and often its output) for backward; no rule counts them
+        said = ", ".join(f"{k}={v:g}" for k, v in spec.dropouts.items())
+        notes.append(f"activations are underestimated: the config trains with dropout ({said}), which no rule "
+                     "counts (set it to 0 in config.json to estimate the model without it)")
     if spec.model_type not in TRACED_MODEL_TYPES:
         notes.append(f"{spec.model_type}: this architecture's layers were never checked against a traced step "
                      f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify MODEL --device cpu "

@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
-SPEC_VERSION = 5  # bump when the analysis output changes
+SPEC_VERSION = 6  # bump when the analysis output changes
 
 
 class Linear(BaseModel):
@@ -111,6 +111,8 @@ class ModelSpec(BaseModel):
     sdpa_window: int | None = Field(None, description="SDPA models masked to one sliding window in every layer "
                                     "(Mistral, Phi-3): longer sequences get an explicit mask")
     params_total: int
+    dropouts: dict[str, float] = Field(default_factory=dict, description="the config's dropout probabilities "
+                                       "above 0 (attention, residual, embedding): the model trains with them")
 
     @property
     def mask_window(self) -> int | None:
