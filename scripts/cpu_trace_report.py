@@ -189,6 +189,10 @@ def main() -> int:
               dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
     jobs += [("untraced-architectures", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
              for n, f in UNTRACED_SETUPS.items()]
+    # OLMo2's layers dominating (64-token vocabulary): the recompute rules assume a pre-norm layer
+    olmo2_v64 = dict(UNTRACED["olmo2"], vocab_size=64, intermediate_size=1024, num_hidden_layers=4)
+    jobs += [("untraced-architectures", f"olmo2-v64/{n}", olmo2_v64, f, v64) for n, f in
+             (("full", dict(method="full")), ("lora-ckpt", dict(method="lora", gradient_checkpointing=True)))]
     kept = []
     if args.group:
         jobs = [j for j in jobs if j[0] == args.group]

@@ -151,8 +151,8 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
             final_norm_n = p.numel()
         else:
             other_n += p.numel()
-    norm_cls = next((type(m).__name__ for m in layers[0].modules() if "norm" in type(m).__name__.lower()), "RMSNorm")
-    norm_kind = "layer" if "LayerNorm" in norm_cls else ("rms_gemma" if "Gemma" in norm_cls else "rms")
+    norm = next((m for m in layers[0].modules() if "norm" in type(m).__name__.lower()), None)
+    norm_kind = _norm_kind(norm, hidden)
     sdpa = getattr(type(model), "_supports_sdpa", False)
     return ModelSpec(
         name=name, architecture=type(model).__name__, model_type=tcfg.model_type, hidden=hidden, n_heads=n_heads,
@@ -167,6 +167,40 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         params_total=sum(p.numel() for p in all_params.values()),
         dropouts=_dropouts(tcfg),
     )
+
+
+def _norm_kind(norm, hidden: int) -> str:
+    """layer (LayerNorm); rms_gemma: an RMSNorm that multiplies its weight in fp32 and so
+    saves a second fp32 tensor when the weight trains (Gemma's, OLMo2's); rms: one that casts
+    back first (Llama's). Read by running the module once on the CPU and looking at what
+    autograd saves; the class name decides where that cannot run."""
+    name = type(norm).__name__ if norm is not None else "RMSNorm"
+    if "LayerNorm" in name:
+        return "layer"
+    try:
+        return "rms_gemma" if _fp32_saved(norm, hidden) >= 2 else "rms"
+    except Exception:  # noqa: BLE001 - a module that needs more than (x) to run
+        return "rms_gemma" if "Gemma" in name else "rms"
+
+
+def _fp32_saved(norm, hidden: int) -> int:
+    """Distinct full-size fp32 tensors autograd saves in one bf16 forward, weight trained."""
+    import torch
+    probe = copy.deepcopy(norm).to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.fill_(1.0)
+            p.requires_grad_(True)
+    x = torch.randn(4, hidden, dtype=torch.bfloat16, requires_grad=True)
+    storages = set()
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.numel() >= x.numel():
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        probe(x)
+    return len(storages)
 
 
 def _dropouts(config) -> dict[str, float]:

@@ -104,7 +104,8 @@ class ModelSpec(BaseModel):
     final_norm_numel: int
     other_numel: int = Field(0, description="parameters outside layers not counted above")
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
-    norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma, layer")
+    norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma (the weight "
+                           "multiply in fp32: Gemma, OLMo2), layer")
     norms_per_layer: int = Field(description="norms on the residual stream per layer (attention's q/k norms not counted)")
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
