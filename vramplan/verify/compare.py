@@ -36,8 +36,10 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     total = None
     if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
         total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
-    peak_name = max(modelled, key=modelled.get) if modelled else pg.peak_phase
-    peak = modelled[peak_name] if modelled else pg.peak_allocated_bytes
+    peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
+    if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
+        peak_name = max(modelled, key=modelled.get)
+        peak = modelled[peak_name]
     totals = [_row("peak allocated", peak, m.peak_allocated_bytes),
               _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
               _row("total (reserved + context)", pg.total_bytes, total)]
