@@ -44,6 +44,9 @@ QWEN3MOE = dict(QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_
 # sliding layers (5 of 6) next to full-attention ones under SDPA, q/k norms, four norms per layer
 GEMMA3 = dict(GEMMA2, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", final_logit_softcapping=None,
               attn_logit_softcapping=None)
+# post-norm only (no norm before attention or MLP), q/k norms over q_dim / kv_dim, an
+# RMSNorm that multiplies its weight in fp32
+OLMO2 = dict(LLAMA, architectures=["Olmo2ForCausalLM"], model_type="olmo2")
 GRANITE = dict(LLAMA, architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=12.0,
                logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0078125)
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
@@ -79,6 +82,8 @@ CASES = {
     "gemma3-window-full": (GEMMA3, dict(method="full")),
     "gemma3-window-lora-ckpt": (GEMMA3, dict(method="lora", gradient_checkpointing=True)),
     "granite-lora": (GRANITE, dict(method="lora")),
+    "olmo2-postnorm-full": (OLMO2, dict(method="full")),
+    "olmo2-postnorm-lora": (OLMO2, dict(method="lora")),
 }
 
 
@@ -174,6 +179,11 @@ LAYER_ARCH_CASES = {
                                     intermediate_size=1024), dict(method="lora")),
     "mistral-mqa-window-full": (dict(MISTRAL, vocab_size=64, num_key_value_heads=1, sliding_window=256,
                                      intermediate_size=1024), dict(method="full")),
+    # post-norm: the blocks read the residual stream itself, and a norm follows the MLP
+    "olmo2-postnorm-full": (dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+                            dict(method="full")),
+    "olmo2-postnorm-lora-ckpt": (dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+                                 dict(method="lora", gradient_checkpointing=True)),
 }
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}
 

@@ -77,7 +77,7 @@ def _attn_norm_dim(path: str, q_dim: int, kv_dim: int) -> int | None:
 def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None,
                 q_dim: int, kv_dim: int) -> LayerSpec:
     import torch.nn as nn
-    linears, norms, others, expert_tensors, attn_norms = [], [], [], [], []
+    linears, norms, others, expert_tensors, attn_norms, norm_names = [], [], [], [], [], []
     seen = set()
     for path, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):
@@ -92,6 +92,8 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
                 width = _attn_norm_dim(path, q_dim, kv_dim)
                 if width:
                     attn_norms.append(width)
+                else:
+                    norm_names.append(path)
             seen.update(id(p) for p in mod.parameters(recurse=False))
     for path, p in layer.named_parameters():
         if id(p) in seen:
@@ -115,7 +117,7 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
         inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
         experts = Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
     return LayerSpec(linears=linears, experts=experts, norm_numels=norms, attn_norm_dims=attn_norms,
-                     other_numels=others, sliding_window=sliding)
+                     norm_names=norm_names, other_numels=others, sliding_window=sliding)
 
 
 def analyze_config(cfg: dict, name: str) -> ModelSpec:

@@ -63,7 +63,7 @@ def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> No
 # on the CPU trace of the real step (tests/test_cpu_trace.py) or measured on the H100
 # (tests/data/h100_dev.jsonl). Anything else is built and estimated all the same, with a note.
 TRACED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "phi3", "gemma2", "qwen2", "qwen3", "qwen3_moe",
-                                "gemma3_text", "granite"})
+                                "gemma3_text", "granite", "olmo2"})
 
 
 def coverage_notes(spec: ModelSpec) -> list[str]:

@@ -498,7 +498,8 @@ def _ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residu
     expert inputs; a plain MLP: fc1's output and its activation); with an adapted gate/up,
     that adapter's path on top of act(gate) and the up projection's base output. [CPU trace]"""
     fused = bool(layer.linears_with("gate_up")) or bool(layer.experts)
-    mlp = (8 * f if fused else 6 * f if gated else 4 * f) + 2 * residual
+    # the MLP's input is the norm's output, or (post-norm) the residual stream itself
+    mlp = (8 * f if fused else 6 * f if gated else 4 * f) + (2 if layer.pre_norm else 1) * residual
     if layer.experts:
         mlp += 2 * layer.experts.top_k * spec.hidden
     return max(mlp, (4 * f if gated else 2 * f) + lora_mlp) if lora_mlp else mlp
@@ -523,8 +524,8 @@ def _shape_key(layer: LayerSpec) -> tuple:
     experts = None if e is None else (e.num_experts, e.top_k, e.hidden, e.intermediate,
                                       tuple((n, tuple(shape)) for n, shape in e.tensors))
     return (tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
-            experts, tuple(layer.norm_numels), tuple(layer.attn_norm_dims), tuple(layer.other_numels),
-            layer.sliding_window)
+            experts, tuple(layer.norm_numels), tuple(layer.attn_norm_dims), tuple(layer.norm_names),
+            tuple(layer.other_numels), layer.sliding_window)
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
@@ -550,7 +551,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     # peft's adapter reads when dropout, not lora_A, consumed it [CPU trace, dropout as CUDA
     # holds it]
     norm_saved = (ctx.adapters_bf16 and not ctx.autocast and not ctx.lora_dropout) or ctx.quant == "hqq4"
-    norm_out = 0 if norm_saved else residual
+    # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
+    norm_out = 0 if norm_saved or not layer.pre_norm else residual
 
     def at(lin: Linear) -> int:
         return (per_out * lin.out_features + norm_out + _lora_copy_local(lin.in_features, ctx)
@@ -572,12 +574,13 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     absent = 2 * f if widest is not None and widest.role == "gate_up" else 0
     # Gemma 2's post-feedforward norm runs after the MLP: its saved fp32 input does not exist
     # yet at an MLP adapter, and its backward, not down's adapter, starts the recompute
-    post_mlp_norm = spec.norms_per_layer >= 4 and widest is not None and widest.role in _MLP_IN
+    post_mlp_norm = layer.post_mlp_norm and widest is not None and widest.role in _MLP_IN
     if post_mlp_norm:
         absent += _norm_saved(spec, ctx, True)
     # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
     # input copy as locals (dropout's output and mask are freed once lora_A ran)
-    ckpt_lora = (per_out * widest.out_features + 2 * residual + _lora_input_copy(widest.in_features, ctx)
+    ckpt_lora = (per_out * widest.out_features + (2 if layer.pre_norm else 1) * residual
+                 + _lora_input_copy(widest.in_features, ctx)
                  if widest is not None and widest.role in _MLP_IN else 0)
     # backward meets the adapters in reverse forward order: down first, else o_proj
     first = next((l for roles in (("down", "fc2"), ("o",)) for l in adapted if l.role in roles), None)
@@ -602,14 +605,16 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
                        end_grads=2 * residual, lora_fwd=lora_fwd, lora_down=lora_down, lora_down_rc=lora_down_rc,
                        lora_bwd=lora_bwd,
-                       down_absent=_norm_saved(spec, ctx, True) if spec.norms_per_layer >= 4 and lora_down else 0,
+                       down_absent=_norm_saved(spec, ctx, True) if layer.post_mlp_norm and lora_down else 0,
                        lora_inflight=lora_inflight,
                        quant_numel=quant.numel if quant else 0, quant_bwd=quant_bwd, quant_freed=freed,
                        hook_grads=residual + 2 * f + 2 * h, recompute_absent=absent,
                        moe_fwd=_moe_forward_end(spec, layer, residual, ctx.weights_train),
                        ckpt_fwd=max(_ckpt_forward(spec, layer, f, gated, residual, ckpt_lora),
-                                    # at the attention, with the norm's output
-                                    _attention_forward(spec, layer, ctx, setup.seq_len) + residual))
+                                    # at the attention, with the norm's output (post-norm: the
+                                    # layer's input, which the checkpoint holds anyway)
+                                    _attention_forward(spec, layer, ctx, setup.seq_len)
+                                    + (residual if layer.pre_norm else 0)))
 
 
 # ------------------------------------------------------------------ the step
@@ -943,7 +948,7 @@ def _layer_backward_phases(spec, setup, params, base, per_layer, acts, layer_act
         if ckpt and pts.lora_down_rc:
             points.append(("lora recompute (down)", this - _r(N * pts.down_absent),
                            _r(N * (pts.lora_down_rc + pts.lora_inflight)), done_grads, gathered + rs_prev))
-        if spec.norms_per_layer >= 4 and spec.norm_kind != "layer":
+        if spec.layers[i].post_mlp_norm and spec.norm_kind != "layer":
             # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
             points.append(("post-MLP norm", this, _r(N * ((4 if setup.autocast else 2) + RMS_NORM_BACKWARD) * spec.hidden),
                            done_grads, gathered + rs_prev))

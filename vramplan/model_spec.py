@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
-SPEC_VERSION = 6  # bump when the analysis output changes
+SPEC_VERSION = 7  # bump when the analysis output changes
 
 
 class Linear(BaseModel):
@@ -64,6 +64,8 @@ class LayerSpec(BaseModel):
     norm_numels: list[int] = Field(description="numel of each norm weight in the layer")
     attn_norm_dims: list[int] = Field(default_factory=list, description="per-token width of each norm inside "
                                       "the attention (Qwen3/Gemma 3/OLMo2 q_norm and k_norm: q_dim, kv_dim)")
+    norm_names: list[str] = Field(default_factory=list, description="the norms on the residual stream, by path "
+                                  "(input_layernorm, post_attention_layernorm, ...)")
     other_numels: list[int] = Field(default_factory=list, description="any other parameter (e.g. router weight)")
     sliding_window: int | None = None
 
@@ -74,6 +76,17 @@ class LayerSpec(BaseModel):
         if not self.linears:
             raise ValueError("a decoder layer without nn.Linear is not modelled")
         return self
+
+    @property
+    def pre_norm(self) -> bool:
+        """A norm's output feeds the attention and the MLP (Llama, Gemma), rather than every
+        norm acting on a block's output (OLMo2: post_attention_ / post_feedforward_layernorm)."""
+        return any(not n.split(".")[-1].startswith("post_") for n in self.norm_names)
+
+    @property
+    def post_mlp_norm(self) -> bool:
+        """A norm on the MLP's output before the residual add (Gemma 2/3, OLMo2)."""
+        return any("post_feedforward" in n or "post_mlp" in n for n in self.norm_names)
 
     @property
     def numel(self) -> int:
