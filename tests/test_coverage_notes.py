@@ -58,3 +58,16 @@ def test_model_dropout_is_named(tmp_path):
     assert any("attention_dropout=0.1" in n and "underestimated" in n for n in est.notes), est.notes
     plain = estimate_config(_config(tmp_path, {**cfg, "attention_dropout": 0.0}), "1x80GB", method="lora")
     assert not any("dropout" in n for n in plain.notes)
+
+
+def test_comparison_and_plan_show_the_architecture_note(tmp_path, capsys):
+    from vramplan.cli import main
+    from vramplan.plan import plan_model
+    cfg = dict(architectures=["PhiForCausalLM"], model_type="phi", hidden_size=128, intermediate_size=256,
+               num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=512,
+               bos_token_id=0, eos_token_id=0)
+    model = _config(tmp_path, cfg)
+    assert main(["estimate", model, "--gpus", "1x24GB"]) == 0
+    assert "note: phi: this architecture's layers were never checked" in capsys.readouterr().out.replace("\n", " ")
+    assert any("never checked" in n for n in plan_model(model, "1x24GB", top=1).notes)
+    assert plan_model("llama-3.2-1b", "1x24GB", top=1).notes == []

@@ -302,6 +302,8 @@ class PlanResult(BaseModel):
     reason: str = ""
     per_method: dict[str, dict] = Field(default_factory=dict, description="longest sequence / largest micro-batch per method")
     suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
+    notes: list[str] = Field(default_factory=list, description="what the estimates of this architecture rest on "
+                             "(estimate.coverage_notes)")
     evaluated: int = Field(description="(configuration, sequence, micro-batch) points evaluated")
     discrete: int = Field(description="discrete configurations evaluated")
 
@@ -479,9 +481,10 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     if rec is not None:
         rows.remove(rec)
         rows.insert(0, rec)
+    from vramplan.estimate import coverage_notes
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
-                        evaluated=evaluated, discrete=len(grids))
+                        evaluated=evaluated, discrete=len(grids), notes=coverage_notes(spec))
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
     return result
@@ -660,6 +663,8 @@ def print_plan(result: PlanResult, console=None) -> None:
     console.print(m)
     console.print(f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
                   f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]")
+    for n in result.notes:
+        console.print(f"note: {n}")
 
 
 def result_json(result: PlanResult) -> dict:

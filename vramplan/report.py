@@ -78,6 +78,9 @@ def print_comparison(spec, gpus, rows, console: Console | None = None) -> None:
     else:
         console.print("[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
                       "(`vramplan plan` searches for what would).")
+    from vramplan.estimate import coverage_notes
+    for note in coverage_notes(spec):  # the architecture's, the same for every strategy
+        console.print(f"note: {note}")
 
 
 def print_models(console: Console | None = None) -> None:
