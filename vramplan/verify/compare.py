@@ -31,16 +31,24 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
         eb[C.FSDP_BUFFERS] = None
         mb[C.FSDP_BUFFERS] = None
         notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
-    rows = [_row(c.value, eb.get(c), mb.get(c)) for c in C]
     pg = estimate.per_gpu
-    total = None
-    if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
-        total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
     peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
         peak_name = max(modelled, key=modelled.get)
         peak = modelled[peak_name]
+        if peak_name == pg.peak_phase == "loss backward":
+            eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) - cpu_loss_delta  # the CUDA-only bytes are transient
+        elif peak_name != pg.peak_phase:
+            notes.append(f"CPU trace: the categories are the estimate's at its CUDA peak ({pg.peak_phase}); "
+                         f"on the CPU its widest phase is {peak_name}")
+    rows = [_row(c.value, eb.get(c), mb.get(c)) for c in C]
+    total = None
+    if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
+        total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
     totals = [_row("peak allocated", peak, m.peak_allocated_bytes),
+              # the split between the two is an attribution: the measured activations are what the
+              # forward left alive (the loss's fp32 logits too), the measured transient the rest
+              _row("activations + transient", _sum(eb, C.ACTIVATIONS, C.TRANSIENT), _sum(mb, C.ACTIVATIONS, C.TRANSIENT)),
               _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
               _row("total (reserved + context)", pg.total_bytes, total)]
     phases = _phase_rows(modelled, m)
@@ -58,6 +66,11 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     return Comparison(description=estimate.description, rows=rows, totals=totals, phases=phases,
                       extrapolated=bool(m.extrapolated_from),
                       simulated=m.simulated, fits_measured=m.fits, fits_estimated=estimate.fits, notes=notes)
+
+
+def _sum(breakdown: dict, *cats: C) -> int | None:
+    values = [breakdown.get(c) for c in cats]
+    return None if any(v is None for v in values) else sum(values)
 
 
 def _phase_rows(modelled: dict[str, int], m: Measurement) -> list[CategoryRow]:
