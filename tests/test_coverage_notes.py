@@ -71,3 +71,17 @@ def test_comparison_and_plan_show_the_architecture_note(tmp_path, capsys):
     assert "note: phi: this architecture's layers were never checked" in capsys.readouterr().out.replace("\n", " ")
     assert any("never checked" in n for n in plan_model(model, "1x24GB", top=1).notes)
     assert plan_model("llama-3.2-1b", "1x24GB", top=1).notes == []
+
+
+def test_a_loss_dominated_peak_says_where_the_memory_goes():
+    """Qwen3-0.6B with checkpointing at 4k tokens: the loss on 151,936-entry logits is most
+    of the peak; the note gives the estimate's own loss-backward transient."""
+    from vramplan.categories import Category as C
+    est = estimate_config("qwen3-0.6b", "1x24GB", method="lora", gradient_checkpointing=True, seq_len=4096)
+    assert est.per_gpu.peak_phase == "loss backward"
+    loss = est.per_gpu.breakdown[C.TRANSIENT]
+    note = next(n for n in est.notes if "loss backward on 151,936-entry logits" in n)
+    assert f"{loss / 2**30:.2f} GiB" in note
+    big = estimate_config("llama-2-70b", "2x24GB", method="qlora", lora_r=64, fsdp=2, cpu_offload=True,
+                          gradient_checkpointing=True, batch_size=2)
+    assert not any("cross-entropy" in n for n in big.notes)

@@ -329,4 +329,4 @@ def test_real_width_presets_match_their_committed_cpu_trace(row, tmp_path):
 
 def test_the_real_width_group_is_committed():
     names = {r["name"].split("/")[0] for r in _committed("real-width")}
-    assert {"qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b", "llama-3.1-8b"} <= names
+    assert {"qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b", "gemma-3-4b", "llama-3.1-8b"} <= names

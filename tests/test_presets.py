@@ -14,12 +14,14 @@ REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3
             "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b",
             "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "phi-3-mini",
             "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b",
-            "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "gemma-3-1b"]
+            "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"]
 # published sizes (billions of parameters), rounded as the model cards give them
 PUBLISHED = {"llama-2-70b": 69.0, "llama-3.1-405b": 405.9, "mixtral-8x7b": 46.7, "llama-2-7b": 6.74,
              "phi-3-mini": 3.82, "gemma-2-27b": 27.2, "qwen2.5-72b": 72.7, "llama-3.1-8b": 8.03,
              # Qwen3 model cards: 0.6B (0.44B non-embedding), 8.2B, 32.8B, 30.5B total / 3.3B active
-             "qwen3-0.6b": 0.596, "qwen3-8b": 8.19, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5, "gemma-3-1b": 1.0}
+             "qwen3-0.6b": 0.596, "qwen3-8b": 8.19, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5, "gemma-3-1b": 1.0,
+             # Gemma 3 model cards, vision tower included: 4.3B, 12.2B, 27.4B
+             "gemma-3-4b": 4.30, "gemma-3-12b": 12.19, "gemma-3-27b": 27.43}
 
 
 def test_required_presets_exist():
@@ -40,11 +42,13 @@ def test_shipped_spec_equals_a_fresh_meta_build(name):
     assert json.loads(analyze_config(cfg, name=name).model_dump_json()) == shipped
 
 
-def test_truncation_equals_building_fewer_layers():
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-3-4b"])  # gemma-3-4b: the depth sits in text_config
+def test_truncation_equals_building_fewer_layers(name):
     from vramplan.analyze import analyze_config
-    _, _, cfg = resolve_config("gemma-2-2b", num_layers=3)
-    built = analyze_config(cfg, name="gemma-2-2b")
-    assert truncate(load_model_spec("gemma-2-2b"), 3).model_dump(exclude={"name", "resolved_from"}) == \
+    _, _, cfg = resolve_config(name, num_layers=3)
+    built = analyze_config(cfg, name=name)
+    assert built.num_layers == 3
+    assert truncate(load_model_spec(name), 3).model_dump(exclude={"name", "resolved_from"}) == \
         built.model_dump(exclude={"name", "resolved_from"})
 
 

@@ -86,6 +86,17 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
     return notes
 
 
+def _loss_note(spec: ModelSpec, peak) -> list[str]:
+    """When the loss on the full logits is most of the peak, say so: it is the one large
+    term a different loss implementation removes (the reference step uses the model's own)."""
+    loss = peak.parts.get(C.TRANSIENT, 0) if peak.name == "loss backward" else 0
+    if loss < 0.25 * peak.allocated:
+        return []
+    return [f"the loss backward on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak (the model's "
+            "own cross-entropy: fp32 logits, log-softmax and their grads); a chunked or fused linear cross-entropy "
+            "(Liger, torchtune) holds a fraction of that, which this estimate does not model"]
+
+
 def allocator_overhead(peak_alloc: int) -> int:
     """reserved - allocated at the peak, on a GPU that is nearly full.
 
@@ -126,7 +137,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
                      phases={p.name: p.allocated for p in model.phases})
-    notes = coverage_notes(spec) + list(model.notes)
+    notes = coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup.model_dump(mode="json"), description=setup.describe(),

@@ -188,10 +188,12 @@ def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str 
     if num_layers is not None:
         if num_layers < 1:
             raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
-        cfg["num_hidden_layers"] = num_layers
-        for key in ("layer_types", "mlp_only_layers"):
-            if isinstance(cfg.get(key), list):
-                cfg[key] = cfg[key][:num_layers]
+        # a multimodal config (Gemma 3 4B+) keeps the decoder's depth in its text_config
+        for part in [cfg] + ([cfg["text_config"]] if isinstance(cfg.get("text_config"), dict) else []):
+            part["num_hidden_layers"] = num_layers
+            for key in ("layer_types", "mlp_only_layers"):
+                if isinstance(part.get(key), list):
+                    part[key] = part[key][:num_layers]
     return name, alias, cfg
 
 
