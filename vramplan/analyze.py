@@ -49,8 +49,19 @@ def _build_meta(cfg: dict):
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise VramplanError(f"transformers cannot build a causal LM from this config ({e})", "MODEL") from None
+            raise VramplanError(_build_error(model_type, config, e), "MODEL") from None
     return model, config
+
+
+def _build_error(model_type: str, config, e: Exception) -> str:
+    """One readable line: transformers' own message for a config without a causal-LM class
+    lists every config class it knows."""
+    text = str(e)
+    if "Model type should be one of" in text or "Unrecognized configuration class" in text:
+        hint = ("; its decoder's `text_config`, saved as a config.json of its own, can be estimated"
+                if getattr(config, "text_config", None) is not None else "")
+        return f"transformers has no causal-LM class for model_type {model_type!r} (AutoModelForCausalLM){hint}"
+    return f"transformers cannot build a causal LM from this config ({text.splitlines()[0][:300]})"
 
 
 def _decoder_layers(model, n_layers: int):

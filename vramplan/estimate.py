@@ -90,7 +90,7 @@ def _loss_note(spec: ModelSpec, peak) -> list[str]:
     """When the loss on the full logits is most of the peak, say so: it is the one large
     term a different loss implementation removes (the reference step uses the model's own)."""
     loss = peak.parts.get(C.TRANSIENT, 0) if peak.name == "loss backward" else 0
-    if loss < 0.25 * peak.allocated:
+    if loss < 0.25 * peak.allocated or loss < GiB:
         return []
     return [f"the loss backward on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak (the model's "
             "own cross-entropy: fp32 logits, log-softmax and their grads); a chunked or fused linear cross-entropy "
