@@ -108,15 +108,13 @@ def test_compare_recommends_qlora_fsdp_for_70b_on_two_24gb(capsys):
 
 
 def test_config_without_a_causal_lm_class_is_one_short_line(tmp_path):
-    """Qwen2.5-VL has no AutoModelForCausalLM class: transformers' own message lists every
-    config class it knows; the user gets one line and a way forward instead."""
+    """T5 is an encoder-decoder: neither a causal-LM nor an image-text class trains it on
+    text; transformers' own message lists every config class it knows, the user gets one line."""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "qwen2_5_vl", "text_config": {"model_type": "qwen2_5_vl_text",
-                                                                           "hidden_size": 64, "num_hidden_layers": 2}}))
+    cfg.write_text(json.dumps({"model_type": "t5", "d_model": 64, "num_layers": 2, "vocab_size": 256}))
     proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB",
                            "--method", "lora"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")})
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert line.startswith("vramplan: error: MODEL:") and "qwen2_5_vl" in line and "text_config" in line
-    assert len(line) < 300
+    assert line.startswith("vramplan: error: MODEL:") and "'t5'" in line and len(line) < 300

@@ -85,3 +85,9 @@ def test_a_loss_dominated_peak_says_where_the_memory_goes():
     big = estimate_config("llama-2-70b", "2x24GB", method="qlora", lora_r=64, fsdp=2, cpu_offload=True,
                           gradient_checkpointing=True, batch_size=2)
     assert not any("cross-entropy" in n for n in big.notes)
+
+
+def test_an_image_text_checkpoint_says_its_vision_tower_is_counted():
+    est = estimate_config("gemma-3-4b", "1x24GB", method="qlora", gradient_checkpointing=True)
+    assert any("Gemma3ForConditionalGeneration" in n and "0.42B" in n for n in est.notes), est.notes
+    assert not any("ForConditionalGeneration" in n for n in estimate_config("gemma-3-1b", "1x24GB").notes)

@@ -44,6 +44,20 @@ QWEN3MOE = dict(QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_
 # sliding layers (5 of 6) next to full-attention ones under SDPA, q/k norms, four norms per layer
 GEMMA3 = dict(GEMMA2, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", final_logit_softcapping=None,
               attn_logit_softcapping=None)
+def _mistral3() -> dict:
+    """An image-text checkpoint with no causal-LM class (Mistral Small 3.1's form): built as
+    AutoModelForImageTextToText, its Pixtral tower idle in a text step. transformers' defaults,
+    shrunk."""
+    from transformers import AutoConfig
+    d = AutoConfig.for_model("mistral3").to_dict()
+    d["text_config"].update(hidden_size=256, intermediate_size=768, num_hidden_layers=3, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=32, vocab_size=4096, max_position_embeddings=4096)
+    d["vision_config"].update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              head_dim=32)
+    return {k: v for k, v in d.items() if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype")}
+
+
+MISTRAL3 = _mistral3()
 # post-norm only (no norm before attention or MLP), q/k norms over q_dim / kv_dim, an
 # RMSNorm that multiplies its weight in fp32
 OLMO2 = dict(LLAMA, architectures=["Olmo2ForCausalLM"], model_type="olmo2")
@@ -84,6 +98,8 @@ CASES = {
     "granite-lora": (GRANITE, dict(method="lora")),
     "olmo2-postnorm-full": (OLMO2, dict(method="full")),
     "olmo2-postnorm-lora": (OLMO2, dict(method="lora")),
+    "mistral3-imagetext-lora": (MISTRAL3, dict(method="lora")),
+    "mistral3-imagetext-full": (MISTRAL3, dict(method="full")),
 }
 
 

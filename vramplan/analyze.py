@@ -34,7 +34,7 @@ def _role(path: str, out_features: int, num_experts: int | None) -> str:
 def _build_meta(cfg: dict):
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
     except ImportError as e:  # pragma: no cover - torch/transformers are dependencies
         raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None
     cfg = copy.deepcopy(cfg)  # transformers fills nested dicts (rope_scaling) in place
@@ -45,23 +45,29 @@ def _build_meta(cfg: dict):
         raise VramplanError(f"transformers cannot read this config ({e})", "MODEL") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        auto = auto_class(config)
+        if auto is None:
+            raise VramplanError(f"transformers has no causal-LM class for model_type {model_type!r} "
+                                "(AutoModelForCausalLM, or AutoModelForImageTextToText for image-text checkpoints)",
+                                "MODEL")
         try:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+                model = auto.from_config(config)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise VramplanError(_build_error(model_type, config, e), "MODEL") from None
+            raise VramplanError(f"transformers cannot build a causal LM from this config "
+                                f"({str(e).splitlines()[0][:300]})", "MODEL") from None
     return model, config
 
 
-def _build_error(model_type: str, config, e: Exception) -> str:
-    """One readable line: transformers' own message for a config without a causal-LM class
-    lists every config class it knows."""
-    text = str(e)
-    if "Model type should be one of" in text or "Unrecognized configuration class" in text:
-        hint = ("; its decoder's `text_config`, saved as a config.json of its own, can be estimated"
-                if getattr(config, "text_config", None) is not None else "")
-        return f"transformers has no causal-LM class for model_type {model_type!r} (AutoModelForCausalLM){hint}"
-    return f"transformers cannot build a causal LM from this config ({text.splitlines()[0][:300]})"
+def auto_class(config):
+    """The transformers Auto class that trains this config on text: AutoModelForCausalLM, or
+    for an image-text checkpoint with no causal-LM class (Qwen2.5-VL, Mistral 3) the image-text
+    model, which takes input_ids and labels alone and leaves its vision tower idle."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return None
 
 
 def _decoder_layers(model, n_layers: int):
@@ -170,7 +176,9 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     return ModelSpec(
         name=name, architecture=type(model).__name__, model_type=tcfg.model_type, hidden=hidden, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim, vocab=emb.weight.shape[0], tied_embeddings=tied, num_layers=n_layers,
-        layers=specs, embed_numel=embed_n, lm_head_numel=head_n, final_norm_numel=final_norm_n, other_numel=other_n,
+        layers=specs, embed_numel=embed_n, lm_head_numel=head_n, final_norm_numel=final_norm_n,
+        # an image-text checkpoint: what lies outside its text decoder is the vision side
+        other_numel=0 if tcfg is not config else other_n, idle_numel=other_n if tcfg is not config else 0,
         attn_implementation="sdpa" if sdpa else "eager", norm_kind=norm_kind,
         norms_per_layer=len(specs[0].norm_numels) - len(specs[0].attn_norm_dims) if specs else 0,
         final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),

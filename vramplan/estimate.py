@@ -74,6 +74,10 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
         # their outputs and saved inputs follow no rule (DeepSeek's MLA: 21% low on the CPU trace)
         notes.append(f"activations are likely underestimated: no rule for the Linears {', '.join(untyped)} "
                      f"of {spec.model_type} (their weights are counted)")
+    if spec.idle_numel:
+        notes.append(f"built as {spec.architecture} (an image-text checkpoint): its vision tower and projector, "
+                     f"{spec.idle_numel / 1e9:.2f}B parameters, are stored; a text-only step does not run them, so "
+                     "they get no gradient and no optimizer state, even in a full fine-tune")
     if spec.dropouts:
         # each dropout keeps a mask (and often its output) for backward; no rule counts them
         said = ", ".join(f"{k}={v:g}" for k, v in spec.dropouts.items())

@@ -144,6 +144,8 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
         out.append(Param(spec.final_norm_numel, spec.final_norm_numel, "dense", full, None))
     if spec.other_numel:
         out.append(Param(spec.other_numel, spec.other_numel, "dense", full, None))
+    if spec.idle_numel:  # never in the text step's graph: no .grad, so AdamW makes no state for it
+        out.append(Param(spec.idle_numel, spec.idle_numel, "dense", False, None))
     return out
 
 

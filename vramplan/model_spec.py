@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
-SPEC_VERSION = 7  # bump when the analysis output changes
+SPEC_VERSION = 8  # bump when the analysis output changes
 
 
 class Linear(BaseModel):
@@ -116,6 +116,8 @@ class ModelSpec(BaseModel):
     lm_head_numel: int = Field(description="0 when tied to the embedding")
     final_norm_numel: int
     other_numel: int = Field(0, description="parameters outside layers not counted above")
+    idle_numel: int = Field(0, description="parameters a text step never runs (an image-text checkpoint's vision "
+                            "tower and projector): stored, but given no gradient and so no optimizer state")
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
     norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma (the weight "
                            "multiply in fp32: Gemma, OLMo2), layer")

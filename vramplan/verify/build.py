@@ -93,12 +93,12 @@ def hf_config(cfg: dict, attn: str):
 def meta_model(cfg: dict, spec: ModelSpec, dtype):
     """The causal LM on the meta device: shapes only, nothing allocated."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from vramplan.analyze import auto_class
     config = hf_config(cfg, spec.attn_implementation)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
     model.train()
     return model
 
