@@ -9,7 +9,7 @@ frees. Kernels are not, so the comparison leaves out what differs on the CPU
 optimizer step (a CPU fallback with temporaries; the CUDA kernel updates in place), and the
 loss backward is compared with the model's minus 2·N·V (CPU's log-softmax/NLL backward
 keeps 12·N·V, CUDA's 14·N·V, measured on the H100). Dropout runs as CUDA holds it (a bool
-mask; cputrace._cuda_dropout). Tolerance 1.5% of each phase's traced peak.
+mask; cputrace.cuda_like_steps). Tolerance 1.5% of each phase's traced peak.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ CASES = {
     "gemma2-eager-lora": (GEMMA2, dict(method="lora")),
     "qwen2-tied-full": (QWEN2, dict(method="full")),
     "qwen2-tied-qlora-nf4": (QWEN2, dict(method="qlora", quant="nf4")),
-    # LoRA dropout as CUDA holds it (cputrace._cuda_dropout: output + bool mask)
+    # LoRA dropout as CUDA holds it (cputrace.cuda_like_steps: output + bool mask)
     "lora-dropout": (LLAMA, dict(method="lora", lora_dropout=0.05)),
     "fsdp2-qlora-nf4-dropout": (LLAMA, dict(method="qlora", quant="nf4", fsdp=2, lora_dropout=0.05)),
     "qwen3-qknorm-full": (QWEN3, dict(method="full")),

@@ -11,7 +11,8 @@ Where CPU kernels differ from CUDA's, the trace differs from a GPU too (docs/ver
 the CPU loss backward needs 2·N·V bytes less than CUDA's and CPU offload cannot move
 anything off the device (host and device are one memory). Where the difference is only in
 what a kernel allocates, the trace runs CUDA's choice: hqq's fp16 working dtype, foreach
-AdamW, dropout's bool mask. Used to check the memory model's structure in CI.
+AdamW, dropout's bool mask (the cuda_like_* helpers, which verify's CPU run uses
+too). Used to check the memory model's structure in CI.
 """
 from __future__ import annotations
 
@@ -109,22 +110,6 @@ class AllocationTrace:
         return _phases(*_allocations(self._prof))
 
 
-@contextlib.contextmanager
-def cuda_like_build():
-    """What the build allocates as it would on CUDA (hqq's fp16 working copy)."""
-    with _hqq_cuda_working_dtype():
-        yield
-
-
-def cuda_like_optimizer(built) -> None:
-    _cuda_default_optimizer(built)
-
-
-def cuda_like_steps():
-    """Steps that hold memory as CUDA's kernels do where only the allocation differs (dropout)."""
-    return _cuda_dropout()
-
-
 def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, steps: int = 2) -> TracedStep:
     """Build the reference step on the CPU and run ``steps`` steps under the allocation tracer."""
     import torch
@@ -174,7 +159,7 @@ def cpu_loss_backward_delta(tokens: int, vocab: int) -> int:
 
 
 @contextlib.contextmanager
-def _cuda_dropout():
+def cuda_like_steps():
     """Dropout as CUDA's native_dropout holds memory: the output and a bool mask, which
     backward keeps and reads in one masked scale. The CPU kernel keeps a noise tensor of the
     input's dtype instead (4 bytes per element for peft's fp32 adapter input, not 1), so
@@ -211,7 +196,7 @@ def _cuda_dropout():
 
 
 @contextlib.contextmanager
-def _hqq_cuda_working_dtype():
+def cuda_like_build():
     """hqq quantizes in an fp16 working copy on CUDA and in fp32 elsewhere
     (optimize_weights_proximal picks by device type): trace the CUDA choice."""
     try:
@@ -227,7 +212,7 @@ def _hqq_cuda_working_dtype():
         opt.float32 = saved
 
 
-def _cuda_default_optimizer(built) -> None:
+def cuda_like_optimizer(built) -> None:
     """torch.optim.AdamW defaults to foreach on CUDA but not on the CPU: run what CUDA runs."""
     if built.setup.optim == Optim.ADAMW_TORCH and built.optimizer is not None:
         for group in built.optimizer.param_groups:
