@@ -151,6 +151,15 @@ def test_release_available_cached_blocks_frees_only_an_oversize_block():
     assert (r.final_reserved, r.num_alloc_retries) == (72 * MiB, 0)
 
 
+def test_release_available_cached_blocks_frees_largest_oversize_first():
+    # No single cached block >= 60 MiB: release_available_cached_blocks frees the oversize ones
+    # from the largest down (40, then 30: 70 >= 60) and stops; the 12 MiB block stays.
+    rows = [(A, 1, 40 * MiB), (A, 2, 30 * MiB), (A, 3, 12 * MiB), (F, 1, 0), (F, 2, 0), (F, 3, 0),
+            (A, 4, 60 * MiB)]
+    r = run(rows, "max_split_size_mb:20", capacity=100 * MiB)
+    assert (r.final_reserved, r.num_alloc_retries) == (72 * MiB, 0)
+
+
 # ---------------------------------------------------------------- out of memory
 
 def test_oom_retry_releases_cached_segments():
@@ -175,6 +184,13 @@ def test_oom_reports_where_and_what():
 def test_oom_with_fraction_limit():
     r = run([(A, 1, 12 * MiB), (A, 2, 12 * MiB)], memory_fraction_limit=20 * MiB)
     assert r.oom is not None and r.oom.event_index == 1
+
+
+def test_per_process_memory_fraction_key_caps_the_device():
+    # 0.5 x 40 MiB = 20 MiB allowed: the second 12 MiB segment does not fit.
+    r = run([(A, 1, 12 * MiB), (A, 2, 12 * MiB)], "per_process_memory_fraction:0.5", capacity=40 * MiB)
+    assert r.oom is not None and r.oom.event_index == 1
+    assert run([(A, 1, 12 * MiB), (A, 2, 12 * MiB)], capacity=40 * MiB).oom is None
 
 
 def test_no_capacity_no_oom():
@@ -209,6 +225,14 @@ def test_expandable_maps_pages():
     assert run([(A, 1, KiB)], ES).peak_reserved == 2 * MiB  # small pool: 2 MiB pages
     assert run([(A, 1, 5 * MiB)], ES).peak_reserved == 20 * MiB  # large pool: 20 MiB pages
     assert run([(A, 1, 30 * MiB)], ES).peak_reserved == 40 * MiB
+
+
+def test_large_segment_size():
+    # torch 2.13's large_segment_size_mb replaces kLargeBuffer for 1-10 MiB requests and as the
+    # large pool's expandable page.
+    assert run([(A, 1, 5 * MiB)], "large_segment_size_mb:64").peak_reserved == 64 * MiB
+    assert run([(A, 1, 30 * MiB)], "large_segment_size_mb:64").peak_reserved == 30 * MiB
+    assert run([(A, 1, 30 * MiB)], ES + ",large_segment_size_mb:64").peak_reserved == 64 * MiB
 
 
 def test_expandable_segment_grows_in_place():
@@ -260,6 +284,10 @@ def test_parse_full_conf():
                                   garbage_collection_threshold=0.8, expandable_segments=True)
     assert parse_alloc_conf("") == AllocatorConfig()
     assert parse_alloc_conf(" expandable_segments : False ") == AllocatorConfig()
+    assert parse_alloc_conf("expandable_segments:true").expandable_segments
+    # Host-side and locking options parse and change nothing on the device.
+    assert parse_alloc_conf("pinned_use_background_threads:True,pinned_num_register_threads:8,"
+                            "release_lock_on_cudamalloc:True,backend:native") == AllocatorConfig()
 
 
 def test_parse_divisions_per_interval():
@@ -280,6 +308,9 @@ def test_parse_divisions_per_interval():
     ("roundup_power2_divisions:3", "roundup_power2_divisions"),
     ("backend:cudaMallocAsync", "backend"),
     ("max_split_size_mb", "max_split_size_mb"),
+    ("large_segment_size_mb:10", "large_segment_size_mb"),
+    ("per_process_memory_fraction:0", "per_process_memory_fraction"),
+    ("expandable_segments:True;max_split_size_mb:64", "expandable_segments"),
 ])
 def test_parse_errors_name_the_key(text, key):
     with pytest.raises(VramplanError) as err:
@@ -351,3 +382,30 @@ def test_properties(allocs, conf):
             model.free(live.pop(tid))
     model.empty_cache()
     assert (model.reserved, model.allocated, model.segments) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------- a recorded stream (cputrace)
+
+def test_events_from_a_cpu_trace():
+    torch = pytest.importorskip("torch")
+    from vramplan.verify.allocstream import events_from_trace
+    from vramplan.verify.cputrace import AllocationTrace
+    with AllocationTrace() as trace:
+        with trace.phase("forward", 0):
+            a = torch.empty(256, dtype=torch.float32)  # 1 KiB
+            b = torch.empty(5 * MiB, dtype=torch.uint8)
+            del a
+        with trace.phase("backward", 0):
+            c = torch.empty(6 * MiB, dtype=torch.uint8)
+            del b, c
+    rec = events_from_trace(trace)
+    ev = rec.events
+    allocs = ev.sizes[ev.ops == Op.ALLOC].tolist()
+    assert allocs == [KiB, 5 * MiB, 6 * MiB]
+    assert int((ev.ops == Op.FREE).sum()) == 3
+    assert [p[0] for p in rec.phases] == ["forward#0", "backward#0"]
+    fwd, bwd = rec.phases
+    assert (fwd[1], fwd[2]) == (0, 3) and (bwd[1], bwd[2]) == (3, 6)
+    r = replay(ev)
+    # 1 KiB: one 2 MiB small segment; 5 MiB: a 20 MiB segment whose 15 MiB rest holds the 6 MiB.
+    assert (r.peak_reserved, r.final_allocated) == (22 * MiB, 0)

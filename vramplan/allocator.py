@@ -51,6 +51,12 @@ class AllocatorConfig:
     roundup_power2_divisions: tuple[int, ...] = (0,) * K_ROUNDUP_INTERVALS
     garbage_collection_threshold: float = 0.0
     expandable_segments: bool = False
+    # torch 2.13 AllocatorConfig.h: large_segment_size_ (default 20 MiB) replaces kLargeBuffer
+    # in get_allocation_size and as the large pool's expandable page.
+    large_segment_size: int = K_LARGE_BUFFER
+    # torch 2.13 CUDAAllocatorConfig.h: per_process_memory_fraction, as
+    # torch.cuda.set_per_process_memory_fraction; None when the key is not given.
+    per_process_memory_fraction: float | None = None
 
     def divisions_for(self, size: int) -> int:
         """AllocatorConfig::roundup_power2_divisions: the interval is floor(log2(size)) from 1 MiB."""
@@ -59,10 +65,10 @@ class AllocatorConfig:
 
 
 _CONF = "PYTORCH_CUDA_ALLOC_CONF"
-_KNOWN_KEYS = ("max_split_size_mb, max_non_split_rounding_mb, garbage_collection_threshold, "
-               "roundup_power2_divisions, expandable_segments, backend, release_lock_on_cudamalloc, "
-               "pinned_use_cuda_host_register, pinned_num_register_threads, "
-               "pinned_use_background_threads")
+_KNOWN_KEYS = ("max_split_size_mb, max_non_split_rounding_mb, large_segment_size_mb, "
+               "garbage_collection_threshold, roundup_power2_divisions, expandable_segments, "
+               "per_process_memory_fraction, backend, release_lock_on_cudamalloc, "
+               "graph_capture_record_stream_reuse, throw_on_cudamalloc_oom, pinned_*")
 
 
 def _lex(text: str) -> list[str]:
@@ -117,33 +123,45 @@ def _pow2(key: str, value: int, zero_ok: bool) -> int:
     return value
 
 
-def _parse_mb(key: str, toks: _Tokens) -> int:
-    # parseMaxSplitSize / parseMaxNonSplitRoundingSize: at least kLargeBuffer / 1 MiB = 20.
+def _parse_mb(key: str, toks: _Tokens, above: int) -> int:
+    # parseMaxSplitSize / parseMaxNonSplitRoundingSize: at least kLargeBuffer / 1 MiB = 20;
+    # parseLargeSegmentSize (2.13): more than kMinLargeAlloc / 1 MiB = 10.
     toks.expect(key, ":")
     value = _int(key, toks.take(key, "a size in MiB"))
-    if value < K_LARGE_BUFFER // _MB:
-        raise VramplanError(f"{key} must be >= {K_LARGE_BUFFER // _MB}, got {value}", _CONF)
+    if value <= above:
+        raise VramplanError(f"{key} must be > {above}, got {value}", _CONF)
     return value * _MB
 
 
-def _parse_fraction(key: str, toks: _Tokens) -> float:
+def _skip_value(key: str, toks: _Tokens) -> None:
+    """ConfigTokenizer::skipKey: a single value or a [...] list."""
     toks.expect(key, ":")
-    tok = toks.take(key, "a number in (0, 1)")
+    if toks.take(key, "a value") == "[":
+        while toks.take(key, "']'") != "]":
+            pass
+
+
+def _parse_fraction(key: str, toks: _Tokens, one_ok: bool) -> float:
+    toks.expect(key, ":")
+    allowed = "(0.0, 1.0]" if one_ok else "(0.0, 1.0)"
+    tok = toks.take(key, f"a number in {allowed}")
     try:
         value = float(tok)
     except ValueError:
-        raise VramplanError(f"{key} expects a number in (0, 1), got '{tok}'", _CONF) from None
-    if not 0.0 < value < 1.0:
-        raise VramplanError(f"{key} must be in (0.0, 1.0), got {tok}", _CONF)
+        raise VramplanError(f"{key} expects a number in {allowed}, got '{tok}'", _CONF) from None
+    if not (0.0 < value < 1.0 or (one_ok and value == 1.0)):
+        raise VramplanError(f"{key} must be in {allowed}, got {tok}", _CONF)
     return value
 
 
 def _parse_bool(key: str, toks: _Tokens) -> bool:
     toks.expect(key, ":")
     tok = toks.take(key, "True or False")
-    if tok not in ("True", "False"):
+    # ConfigTokenizer::toBool takes True/False; AllocatorConfig.h's own example writes
+    # "expandable_segments:true", so the lower-case spelling is taken too.
+    if tok not in ("True", "False", "true", "false"):
         raise VramplanError(f"{key} expects True or False, got '{tok}'", _CONF)
-    return tok == "True"
+    return tok in ("True", "true")
 
 
 def _parse_divisions(key: str, toks: _Tokens) -> tuple[int, ...]:
@@ -173,18 +191,22 @@ def _parse_divisions(key: str, toks: _Tokens) -> tuple[int, ...]:
     return tuple(table)
 
 
+# Locking, stream-reuse and early-OOM-message options: no effect on what is reserved.
 _IGNORED_BOOLS = ("release_lock_on_cudamalloc", "release_lock_on_hipmalloc",
-                  "pinned_use_cuda_host_register", "pinned_use_hip_host_register",
-                  "pinned_use_background_threads")
+                  "graph_capture_record_stream_reuse", "throw_on_cudamalloc_oom")
 
 
 def _parse_one(key: str, toks: _Tokens, out: dict) -> None:
     if key == "max_split_size_mb":
-        out["max_split_size"] = _parse_mb(key, toks)
+        out["max_split_size"] = _parse_mb(key, toks, above=K_LARGE_BUFFER // _MB - 1)
     elif key == "max_non_split_rounding_mb":
-        out["max_non_split_rounding_size"] = _parse_mb(key, toks)
+        out["max_non_split_rounding_size"] = _parse_mb(key, toks, above=K_LARGE_BUFFER // _MB - 1)
+    elif key == "large_segment_size_mb":
+        out["large_segment_size"] = _parse_mb(key, toks, above=K_MIN_LARGE_ALLOC // _MB)
     elif key == "garbage_collection_threshold":
-        out["garbage_collection_threshold"] = _parse_fraction(key, toks)
+        out["garbage_collection_threshold"] = _parse_fraction(key, toks, one_ok=False)
+    elif key == "per_process_memory_fraction":
+        out["per_process_memory_fraction"] = _parse_fraction(key, toks, one_ok=True)
     elif key == "roundup_power2_divisions":
         out["roundup_power2_divisions"] = _parse_divisions(key, toks)
     elif key == "expandable_segments":
@@ -195,11 +217,10 @@ def _parse_one(key: str, toks: _Tokens, out: dict) -> None:
         if value != "native":
             raise VramplanError(f"backend: only 'native' (the caching allocator) is modelled, got '{value}'",
                                 _CONF)
-    elif key in _IGNORED_BOOLS:  # host-side or locking options: no effect on device memory
+    elif key in _IGNORED_BOOLS:
         _parse_bool(key, toks)
-    elif key == "pinned_num_register_threads":
-        toks.expect(key, ":")
-        _pow2(key, _int(key, toks.take(key, "a power of 2")), zero_ok=False)
+    elif key.startswith("pinned_"):  # the pinned host allocator's options: host memory only
+        _skip_value(key, toks)
     else:
         raise VramplanError(f"unknown key '{key}' (allowed: {_KNOWN_KEYS})", _CONF)
 
@@ -210,13 +231,13 @@ def parse_alloc_conf(text: str | None) -> AllocatorConfig:
     Raises VramplanError naming the offending key on bad input."""
     if not text:
         return AllocatorConfig()
-    toks, out = _Tokens(text), {}
+    toks, out = _Tokens(text), dict[str, object]()
     while toks.peek() is not None:
         key = toks.take("option", "a key")
         _parse_one(key, toks, out)
         if toks.peek() is not None:
             toks.expect(key, ",")
-    return AllocatorConfig(**out)
+    return AllocatorConfig(**out)  # type: ignore[arg-type]  # values typed by _parse_one
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -243,12 +264,12 @@ def round_size(size: int, config: AllocatorConfig) -> int:
     return -(-size // K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE
 
 
-def get_allocation_size(size: int) -> int:
+def get_allocation_size(size: int, large_segment_size: int = K_LARGE_BUFFER) -> int:
     """DeviceCachingAllocator::get_allocation_size: the cudaMalloc size for a rounded request."""
     if size <= K_SMALL_SIZE:
         return K_SMALL_BUFFER
     if size < K_MIN_LARGE_ALLOC:
-        return K_LARGE_BUFFER
+        return large_segment_size
     return -(-size // K_ROUND_LARGE) * K_ROUND_LARGE
 
 
@@ -340,12 +361,16 @@ class CachingAllocatorModel:
     capacity: bytes cudaMalloc / cuMemCreate can obtain in all (reserved never exceeds it);
     None is unlimited. memory_fraction_limit: allowed_memory_maximum as set by
     torch.cuda.set_per_process_memory_fraction; it is also what garbage_collection_threshold
-    is a fraction of, and the source only collects garbage when it is set."""
+    is a fraction of, and the source only collects garbage when it is set. Without it, the
+    config's per_process_memory_fraction times capacity stands in for it."""
 
     def __init__(self, config: AllocatorConfig = AllocatorConfig(), capacity: int | None = None,
                  memory_fraction_limit: int | None = None):
         self.config = config
         self.capacity = capacity
+        if memory_fraction_limit is None and config.per_process_memory_fraction is not None \
+                and capacity is not None:
+            memory_fraction_limit = int(config.per_process_memory_fraction * capacity)
         self.fraction_limit = memory_fraction_limit
         self.max_split = config.max_split_size if config.max_split_size is not None else 1 << 64
         self.gc_enabled = memory_fraction_limit is not None and config.garbage_collection_threshold > 0
@@ -368,7 +393,7 @@ class CachingAllocatorModel:
         else:
             size = round_size(orig_size, self.config)
         pool = self.small if size <= K_SMALL_SIZE else self.large  # get_pool
-        alloc_size = get_allocation_size(size)
+        alloc_size = get_allocation_size(size, self.config.large_segment_size)
         block = self._get_free_block(pool, size, stream)
         if block is None:
             if self.gc_enabled:
@@ -497,28 +522,27 @@ class CachingAllocatorModel:
         self.num_device_free += 1
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int, stream: int) -> bool:
-        """Free oversize cached blocks (>= max_split_size) to fit the request, largest first."""
+        """Free oversize cached blocks (>= max_split_size) to fit the request: the smallest
+        one that is large enough, else the largest ones first. Expandable blocks are skipped
+        (CachingDeviceAllocator.h's newer release_available_cached_blocks; the older
+        CUDACachingAllocator.cpp would assert in release_block)."""
         if self.config.max_split_size is None:
             return False
         target = max(size, self.max_split)
         keys = pool.keys.get(stream, [])
         i = bisect.bisect_left(keys, (target, -1))
-        if i < len(keys):
-            return self._release_if_whole(pool.by_addr[keys[i][1]])
+        if i < len(keys) and pool.by_addr[keys[i][1]].seg is None:
+            self._release_block(pool.by_addr[keys[i][1]])
+            return True
         released = 0
-        for _, addr in reversed(list(keys)):
+        for _, addr in reversed(keys[:i]):
             block = pool.by_addr[addr]
-            if released >= target or block.size < self.max_split or not self._release_if_whole(block):
+            if released >= target or block.size < self.max_split:
                 break
-            released += block.size
+            if block.seg is None:
+                self._release_block(block)
+                released += block.size
         return released >= target
-
-    def _release_if_whole(self, block: Block) -> bool:
-        # release_block asserts the block is not expandable; this model declines instead.
-        if block.seg is not None:
-            return False
-        self._release_block(block)
-        return True
 
     def _release_cached_blocks(self) -> None:
         """release_cached_blocks -> release_blocks(large), release_blocks(small)."""
@@ -538,6 +562,7 @@ class CachingAllocatorModel:
     def _garbage_collect_cached_blocks(self) -> None:
         """Free whole cached large segments older than the average age until reserved is
         below garbage_collection_threshold x allowed_memory_maximum."""
+        assert self.fraction_limit is not None  # gc_enabled requires it (the source's set_fraction)
         gc_threshold = int(self.config.garbage_collection_threshold * self.fraction_limit)
         if self.reserved <= gc_threshold:
             return
@@ -568,13 +593,13 @@ class CachingAllocatorModel:
         for _, cand in pool.unmapped.get(stream, []):
             if cand.prev is not None and not cand.prev.allocated:
                 cand = cand.prev
-            room, b = 0, cand
-            while room < size and b is not None and not b.allocated:
-                room += b.size
-                b = b.next
+            room, walk = 0, cand  # type: int, Block | None
+            while room < size and walk is not None and not walk.allocated:
+                room += walk.size
+                walk = walk.next
             if room >= size:
                 return cand
-        page = K_SMALL_BUFFER if pool.small else K_LARGE_BUFFER
+        page = K_SMALL_BUFFER if pool.small else self.config.large_segment_size
         space = self.capacity + self.capacity // 8 if self.capacity is not None else _UNBOUNDED_ADDRESS_SPACE
         pages = -(-space // page)
         seg = _ExpandableSegment(self._next_addr, page, pages)
@@ -586,6 +611,7 @@ class CachingAllocatorModel:
 
     def _map_block(self, to_map: Block, size: int) -> bool:
         seg, pool = to_map.seg, to_map.pool
+        assert seg is not None  # only expandable blocks are mapped
         begin = (to_map.addr - seg.base) // seg.page
         end = -(-(to_map.addr + size - seg.base) // seg.page)
         mapped = (end - begin) * seg.page
@@ -614,6 +640,7 @@ class CachingAllocatorModel:
             return None
         while cand.size < size:
             nxt = cand.next
+            assert nxt is not None  # find_expandable_block checked the room behind cand
             if not self._map_block(nxt, min(size - cand.size, nxt.size)):
                 return None
             cand = nxt
@@ -623,6 +650,7 @@ class CachingAllocatorModel:
     def _unmap_block(self, block: Block) -> None:
         """Unmap the whole pages inside a free expandable block (ExpandableSegment::unmap)."""
         seg, pool = block.seg, block.pool
+        assert seg is not None  # only expandable blocks are unmapped
         begin = -(-(block.addr - seg.base) // seg.page)
         end = (block.addr + block.size - seg.base) // seg.page
         if begin >= end:
@@ -767,7 +795,7 @@ def replay(events: EventStream, config: AllocatorConfig = AllocatorConfig(), cap
                 raise VramplanError(f"event {index}: tensor {tid} allocated twice", "events")
             block = malloc(size, stream) if size > 0 else None
             if block is None and size > 0:
-                oom = OutOfMemory(index, size, get_allocation_size(round_size(size, config)),
+                oom = OutOfMemory(index, size, get_allocation_size(round_size(size, config), config.large_segment_size),
                                   model.reserved, model.allocated)
                 break
             live[tid] = (block, size)
