@@ -12,6 +12,10 @@ Source modelled (docs/allocator.md lists what is and is not simulated):
   parser c10/core/AllocatorConfig.cpp at 065861fba7598880aa3216822742a1172d0a197c
   (AllocatorConfig::parseArgs, lexArgs, parseMaxSplitSize, parseMaxNonSplitRoundingSize,
   parseGarbageCollectionThreshold, parseRoundUpPower2Divisions, roundup_power2_divisions).
+Checked against the later device-generic c10/core/CachingDeviceAllocator.h (expandable
+blocks skipped by release_available_cached_blocks and garbage collection) and torch 2.13's
+installed headers c10/core/AllocatorConfig.h and c10/cuda/CUDAAllocatorConfig.h (constants,
+keys, large_segment_size_mb, per_process_memory_fraction). docs/allocator.md has the table.
 
 Integer bytes everywhere. One device, the default pools (no CUDA-graph private pools).
 """
