@@ -29,7 +29,7 @@ CLI = ["plan", "llama-70b", "--gpus", "2x24GB"]
 
 
 def in_process(repeat: int) -> list[tuple[str, int, int, float, float]]:
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.plan import make_request, plan_spec, search
     out = []
     for model, gpus, kw in CASES:

@@ -29,7 +29,7 @@ from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CA
                             LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
-from vramplan.model_spec import load_model_spec, resolve_config  # noqa: E402
+from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
 from vramplan.verify.cputrace import trace_step  # noqa: E402
 
 TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("peft")
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import measured_phase, step_model  # noqa: E402
-from vramplan.model_spec import load_model_spec  # noqa: E402
+from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Quant  # noqa: E402
 
 TOL = 0.015

@@ -14,7 +14,7 @@ from vramplan.cli import main
 from vramplan.estimate import estimate_config
 from vramplan.hardware import parse_gpus
 from vramplan.measured import load_cases
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan import plot
 from vramplan.units import GiB
 
@@ -243,8 +243,8 @@ def test_default_file_name(tmp_path, monkeypatch):
 
 
 def test_slug_of_a_config_path():
-    assert plot._slug("/tmp/x/my model/config.json") == "my_model"
-    assert plot._slug("/tmp/x/qwen.json") == "qwen"
+    assert plot.file_slug("/tmp/x/my model/config.json") == "my_model"
+    assert plot.file_slug("/tmp/x/qwen.json") == "qwen"
 
 
 def test_save_failure_leaves_no_file(tmp_path, tiny):

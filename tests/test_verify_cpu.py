@@ -15,7 +15,7 @@ from vramplan.categories import Category as C
 from vramplan.cli import main
 from vramplan.estimate import estimate_config, make_setup
 from vramplan.measured import MeasuredCase, load_cases
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan.verify import extrapolate as xp
 from vramplan.verify.api import verify
 from vramplan.verify.measure import _Sizes, peak_breakdown, run_case

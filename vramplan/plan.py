@@ -19,13 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vramplan.errors import VramplanError
-from vramplan.estimate import PROCESS_HOST_BYTES, estimate_spec
-from vramplan.hardware import GpuSpec
-from vramplan.memory import MiB, prepare, step_model
+from vramplan.errors import VramplanError, from_validation_error
+from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, resolve_gpus
+from vramplan.hardware import GpuSpec, profiles
+from vramplan.memory import prepare, step_model
+from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 from vramplan.throughput import step_time
+from vramplan.units import GiB, MiB, parse_bytes
 
 METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
 _METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
@@ -442,7 +444,7 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
             why += " (all fit with under 5% headroom: a longer sample may not)"
     else:
         why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
-               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / 2**30:.2f} GiB)")
+               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / GiB:.2f} GiB)")
     trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
              "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
              "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
@@ -481,7 +483,6 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     if rec is not None:
         rows.remove(rec)
         rows.insert(0, rec)
-    from vramplan.estimate import coverage_notes
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
                         evaluated=evaluated, discrete=len(grids), notes=coverage_notes(spec))
@@ -502,7 +503,6 @@ def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
 
 def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
     """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
-    from vramplan.hardware import profiles
     out = []
     options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
                for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
@@ -513,8 +513,8 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
     host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
     if host_bound and req.host_ram is not None:
         g = min(host_bound, key=lambda g: g.host)
-        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / 2**30:.0f} GiB of host RAM per node "
-                   f"(--host-ram {math.ceil(g.host / 2**30)}GB; {req.host_ram / 2**30:.0f} GiB assumed)")
+        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
+                   f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)")
     n = req.gpus.count
     for more in (2 * n, 4 * n, 8 * n):
         gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
@@ -529,7 +529,7 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
         gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
         row = _first_fit(spec, req, gpus=gpus)
         if row:
-            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / 2**30:.0f} GiB) fits {row.label} "
+            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
                        f"(~{row.tokens_per_s:,.0f} tokens/s)")
             break
     if not out:
@@ -543,7 +543,6 @@ def model_context(model: str | ModelSpec) -> int:
     """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown)."""
     if isinstance(model, ModelSpec):
         return DEFAULT_CONTEXT
-    from vramplan.model_spec import resolve_config
     _, _, cfg = resolve_config(model)
     ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
     return int(ctx) if ctx else DEFAULT_CONTEXT
@@ -553,8 +552,6 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                  gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
                  methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
                  host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
-    from vramplan.estimate import resolve_gpus
-    from vramplan.units import parse_bytes
     gspec = resolve_gpus(gpus)
     if gpus_per_node is not None:
         if gpus_per_node < 1 or gspec.count % gpus_per_node:
@@ -566,10 +563,8 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
         nodes = gspec.count // gpus_per_node
     if isinstance(host_ram, str):
         host_ram = parse_bytes(host_ram, "--host-ram")
-    if host_ram is None:  # as `vramplan estimate`: a workstation for named hardware, else this machine
-        from vramplan.cli import DEFAULT_HOST_RAM
-        from vramplan.estimate import local_host_ram
-        host_ram = DEFAULT_HOST_RAM if gpus is not None else local_host_ram()
+    if host_ram is None:  # as `vramplan estimate`
+        host_ram = default_host_ram(gpus_named=gpus is not None)
     context = model_context(model)
     if min_seq is None:
         min_seq = min(2048, context)
@@ -578,132 +573,14 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                   context=context)
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:  # our validator's VramplanError arrives wrapped
-        err = e.errors()[0]
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, VramplanError):
-            raise inner from None
-        raise VramplanError(f"{err['msg']} (got {err.get('input')!r})", "--" + str(err["loc"][0]).replace("_", "-")) from None
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
                num_layers: int | None = None, **constraints) -> PlanResult:
-    from vramplan.model_spec import load_model_spec
     if top < 1:
         raise VramplanError(f"must be a positive integer, got {top}", "--top")
     req = make_request(model, gpus, **constraints)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
     return plan_spec(spec, req, top=top)
-
-
-COLUMNS = ["label", "method", "quant", "precision", "optim", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
-           "cpu_offload", "seq_len", "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "step_s",
-           "comm_s", "host_s", "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
-
-
-def to_frame(result: PlanResult):
-    """The rows as a pandas DataFrame (recommended first); the rest of the answer in .attrs."""
-    import pandas as pd
-    recs = []
-    for i, r in enumerate(result.rows):
-        s = r.setup
-        recs.append(dict(label=r.label, method=r.method, quant=s.quant.value if s.quant else None,
-                         precision=s.precision.value, optim=s.optim.value,
-                         lora_r=s.lora_r if s.lora_like else None,
-                         galore_rank=s.galore_rank if s.method == Method.GALORE else None,
-                         gradient_checkpointing=s.gradient_checkpointing, fsdp=s.fsdp, cpu_offload=s.cpu_offload,
-                         seq_len=s.seq_len, micro_batch=s.batch_size, grad_accum=r.grad_accum, global_batch=r.global_batch,
-                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, comm_s=r.comm_s, host_s=r.host_s,
-                         per_gpu_bytes=r.per_gpu_bytes,
-                         host_ram_bytes=r.host_ram_bytes, headroom_bytes=r.headroom_bytes, max_seq_len=r.max_seq_len,
-                         max_micro_batch=r.max_micro_batch, recommended=i == 0 and result.recommended is not None))
-    df = pd.DataFrame.from_records(recs, columns=COLUMNS)
-    df.attrs.update(model=result.model, gpus=result.gpus, reason=result.reason, per_method=result.per_method,
-                    suggestions=result.suggestions, evaluated=result.evaluated, discrete=result.discrete)
-    return df
-
-
-# ------------------------------------------------------------------ rendering and the CLI
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.2f}"
-
-
-def print_plan(result: PlanResult, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=150)  # piped: do not wrap rows at 80 columns
-    title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / 2**30:.1f} GiB each): fastest that fit"
-    t = Table(title=title, title_justify="left")
-    for col, just in (("configuration", "left"), ("micro-batch", "right"), ("accum", "right"), ("tokens/s", "right"),
-                      ("per-GPU GiB", "right"), ("host RAM GiB", "right"), ("headroom GiB", "right"),
-                      ("max seq (b=1)", "right")):
-        t.add_column(col, justify=just, no_wrap=col == "configuration")
-    for i, r in enumerate(result.rows):
-        name = ("[bold green]* " if i == 0 and result.recommended else "  ") + r.label
-        t.add_row(name, f"{r.setup.batch_size} x {r.setup.seq_len}", str(r.grad_accum), f"{r.tokens_per_s:,.0f}",
-                  _gib(r.per_gpu_bytes), _gib(r.host_ram_bytes), _gib(r.headroom_bytes), f"{r.max_seq_len:,}")
-    if result.rows:
-        console.print(t)
-        console.print(f"[bold green]Recommended:[/] {result.recommended.label} — {result.reason}")
-    else:
-        console.print(f"[bold red]Nothing fits[/] {result.model} on {result.gpus} under these constraints. What would:")
-        for s in result.suggestions:
-            console.print(f"  - {s}")
-    m = Table(title="per method: longest sequence (micro-batch 1) and largest micro-batch (at the minimum sequence)",
-              title_justify="left")
-    for col in ("method", "longest seq", "with", "largest micro-batch", "with"):
-        m.add_column(col)
-    for key, e in result.per_method.items():
-        m.add_row(key, f"{e['max_seq_len']:,}" if e["max_seq_len"] else "-", e["max_seq_config"] or "does not fit",
-                  str(e["max_micro_batch"] or "-"), e["max_batch_config"] or "does not fit")
-    console.print(m)
-    console.print(f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
-                  f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]")
-    for n in result.notes:
-        console.print(f"note: {n}")
-
-
-def result_json(result: PlanResult) -> dict:
-    d = result.model_dump(mode="json")
-    return d
-
-
-def add_cli(sub) -> None:
-    from vramplan.cli import DEFAULT_HOST_RAM
-    p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
-    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
-    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
-    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
-    p.add_argument("--min-seq", type=int, help="shortest acceptable sequence length (default 2048, capped at the context)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (gradient accumulation)")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
-    p.add_argument("--min-lora-rank", type=int, help="smallest acceptable LoRA rank (default 16)")
-    p.add_argument("--min-galore-rank", type=int, help="smallest acceptable GaLore rank (default 128)")
-    p.add_argument("--host-ram", help=f"host RAM per node (default {DEFAULT_HOST_RAM // 2**30}GB when --gpus is given, "
-                   "else this machine's)")
-    p.add_argument("--max-batch", type=int, help=f"largest micro-batch searched (default {MAX_BATCH})")
-    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
-    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.set_defaults(handler=_cmd_plan)
-
-
-def _cmd_plan(args) -> int:
-    import json
-    result = plan_model(args.model, args.gpus, top=args.top, num_layers=args.num_layers, nodes=args.nodes,
-                        gpus_per_node=args.gpus_per_node, min_seq=args.min_seq, global_batch=args.global_batch,
-                        methods=args.methods, min_lora_rank=args.min_lora_rank, min_galore_rank=args.min_galore_rank,
-                        host_ram=args.host_ram, max_batch=args.max_batch)
-    if args.format == "json":
-        print(json.dumps(result_json(result), indent=1))
-    elif args.format == "csv":
-        import sys
-        to_frame(result).to_csv(sys.stdout, index=False)
-    else:
-        print_plan(result)
-    return 0

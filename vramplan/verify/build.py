@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from vramplan.errors import VramplanError
-from vramplan.model_spec import ModelSpec, load_model_spec, resolve_config
+from vramplan.model_spec import ModelSpec
+from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
 
 LR = 1e-5

@@ -84,7 +84,7 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
              steps: int = 3, on_phase: PhaseCallback | None = None) -> Measurement:
     """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
     import torch
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.build import build_step
     from vramplan.verify import cputrace
     probe = make_probe(device)
@@ -245,7 +245,7 @@ def _versions() -> dict[str, str]:
 
 def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom, after_build, after_step0,
                  step_peaks, timing, nvml, counts, notes, simulated, rank, traced: bool = False) -> Measurement:
-    from vramplan.model_spec import resolve_config
+    from vramplan.model_loader import resolve_config
     name, _alias, _cfg = resolve_config(model)
     breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.optim.layerwise)
     if run.peak_reserved is not None and run.peak_alloc is not None:

@@ -1,20 +1,21 @@
-"""`vramplan verify` and `vramplan gpus`: parse, call verify(), render, write the report."""
+"""`vramplan verify MODEL`: parse, call verify(), render, write the report."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from vramplan.cli.common import MODEL_HELP, add_setup_options, setup_fields
 from vramplan.errors import VramplanError
 
 EXIT_DOES_NOT_FIT = 1
 
 
-def add_cli(sub) -> None:
-    from vramplan.cli import add_setup_options
+def add_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("verify", help="run the real training step on this GPU and compare it with the estimate")
-    v.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
+    v.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_setup_options(v)
     v.add_argument("--steps", type=int, default=3, help="optimizer steps to run (default 3; the first creates the states)")
     v.add_argument("--gpus", help="GPUs the estimate is for (default: the detected ones)")
@@ -28,10 +29,7 @@ def add_cli(sub) -> None:
                         "structure without a GPU (CPU kernels are not CUDA's: docs/verify.md, 'CPU trace')")
     v.add_argument("--format", choices=["table", "json"], default="table")
     v.add_argument("--no-progress", action="store_true", help="no live progress display")
-    v.set_defaults(handler=_cmd_verify)
-    g = sub.add_parser("gpus", help="list the GPUs NVML detects, with the matching hardware profile")
-    g.add_argument("--format", choices=["table", "json"], default="table")
-    g.set_defaults(handler=_cmd_gpus)
+    v.set_defaults(handler=run)
 
 
 def _depths(text: str | None) -> list[int] | None:
@@ -74,9 +72,9 @@ def _progress(enabled: bool, steps: int):
         yield on_case, on_phase
 
 
-def _cmd_verify(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from vramplan.cli import setup_fields
+
     from vramplan.estimate import make_setup
     from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, verify
     from vramplan.verify.compare import render
@@ -109,56 +107,3 @@ def _cmd_verify(args) -> int:
 def _default_out(report) -> Path:
     name = report.measurements[0].case_name() if report.measurements else "verify"
     return Path("vramplan-verify") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-# ---------------------------------------------------------------- gpus
-
-def list_gpus() -> tuple[list[dict], str | None]:
-    """Every GPU NVML sees (name, memory, driver, matching profile), or ([], why not)."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - no driver or no library
-        return [], f"NVML is not available ({type(e).__name__}: {e})"
-    try:
-        driver = _s(pynvml.nvmlSystemGetDriverVersion())
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            name = _s(pynvml.nvmlDeviceGetName(h))
-            out.append({"index": i, "name": name, "total_bytes": int(mem.total), "free_bytes": int(mem.free),
-                        "used_bytes": int(mem.used), "driver": driver, "profile": _profile_for(name)})
-        return out, None if out else "NVML found no GPU"
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _s(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _profile_for(nvml_name: str) -> str | None:
-    from vramplan.hardware import profiles
-    return next((p.name for p in profiles().values() if nvml_name in p.nvml_names), None)
-
-
-def _cmd_gpus(args) -> int:
-    import json
-    gpus, why = list_gpus()
-    if args.format == "json":
-        print(json.dumps({"gpus": gpus, "message": why}, indent=1))
-        return 0 if gpus else 1
-    if not gpus:
-        print(f"no NVIDIA GPU detected: {why}")
-        return 1
-    from rich.console import Console
-    from rich.table import Table
-    t = Table()
-    for col in ("#", "name", "total GiB", "free GiB", "driver", "profile"):
-        t.add_column(col)
-    for g in gpus:
-        t.add_row(str(g["index"]), g["name"], f"{g['total_bytes'] / 2**30:.2f}", f"{g['free_bytes'] / 2**30:.2f}",
-                  g["driver"], g["profile"] or "(none: estimates use a generic profile of this size)")
-    Console().print(t)
-    return 0

@@ -1,4 +1,4 @@
-"""Terminal rendering (rich). Formats bytes only here, at the edge."""
+"""One estimate and the strategy comparison: rich tables and the comparison's JSON."""
 from __future__ import annotations
 
 from rich.console import Console
@@ -6,12 +6,13 @@ from rich.table import Table
 from rich.text import Text
 
 from vramplan.categories import COLORS, Category
+from vramplan.estimate import coverage_notes
+from vramplan.hardware import GpuSpec
+from vramplan.model_spec import ModelSpec
+from vramplan.report import gib_cell as _gib
 from vramplan.results import Estimate
+from vramplan.strategies import StrategyRow
 from vramplan.units import GiB
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:,.2f}"
 
 
 def _verdict(est: Estimate) -> Text:
@@ -50,13 +51,13 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
     console.print(t)
 
 
-def comparison_json(spec, gpus, rows) -> dict:
+def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow]) -> dict:
     return {"model": spec.name, "gpus": gpus.label, "recommended": next((r.label for r in rows if r.recommended), None),
             "strategies": [{"label": r.label, "reason": r.reason, "recommended": r.recommended,
                             **r.estimate.to_json_dict()} for r in rows]}
 
 
-def print_comparison(spec, gpus, rows, console: Console | None = None) -> None:
+def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None) -> None:
     console = console or Console()
     title = f"{spec.name} on {gpus.count}x {gpus.profile.display_name} ({gpus.profile.memory_bytes / GiB:.1f} GiB each)"
     if spec.resolved_from:
@@ -78,30 +79,5 @@ def print_comparison(spec, gpus, rows, console: Console | None = None) -> None:
     else:
         console.print("[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
                       "(`vramplan plan` searches for what would).")
-    from vramplan.estimate import coverage_notes
     for note in coverage_notes(spec):  # the architecture's, the same for every strategy
         console.print(f"note: {note}")
-
-
-def print_models(console: Console | None = None) -> None:
-    from vramplan.model_spec import _aliases, preset_names
-    console = console or Console()
-    t = Table(title="model presets")
-    t.add_column("preset")
-    t.add_column("aliases")
-    aliases = _aliases()
-    for name in preset_names():
-        t.add_row(name, ", ".join(sorted(a for a, v in aliases.items() if v == name and "/" not in a)))
-    console.print(t)
-
-
-def print_hardware(console: Console | None = None) -> None:
-    from vramplan.hardware import profiles
-    console = console or Console()
-    t = Table(title="GPU profiles")
-    for col in ("name", "GPU", "usable GiB", "bf16 TFLOP/s", "GB/s", "host link"):
-        t.add_column(col)
-    for p in profiles().values():
-        t.add_row(p.name, p.display_name, f"{p.memory_bytes / GiB:.2f}", f"{p.bf16_dense_tflops:g}",
-                  f"{p.memory_bandwidth_gbps:g}", p.host_link)
-    console.print(t)
