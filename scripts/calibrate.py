@@ -185,12 +185,13 @@ def _setup(c: dict):
 def dry_run(cases: list[dict]) -> int:
     """Validate every case and print its estimate on an H100 (no torch run)."""
     from vramplan.estimate import estimate_config
+    from vramplan.units import GiB
     for c in cases:
         s = _setup(c)
         gpus = f"{max(s.fsdp, 1)}xh100-80gb"
         est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
         xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
-        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / 2**30:6.2f} GiB "
+        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "
               f"{'fits' if est.fits else 'DOES NOT FIT'}{xp}")
     print(f"{len(cases)} cases")
     return 0

@@ -30,6 +30,7 @@ from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CA
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
+from vramplan.units import MiB  # noqa: E402
 from vramplan.verify.cputrace import trace_step  # noqa: E402
 
 TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
@@ -143,7 +144,7 @@ def render(rows: list[dict], before: dict) -> str:
                     cells.append("")
                     continue
                 e = r[p]["error"]
-                cell = f"{r[p]['traced_bytes'] / 2**20:.2f} ({e:+.1%})"
+                cell = f"{r[p]['traced_bytes'] / MiB:.2f} ({e:+.1%})"
                 if p in old and abs(old[p]["error"] - e) > 0.005:
                     cell += f" was {old[p]['error']:+.1%}"
                 cells.append(cell)

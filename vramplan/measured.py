@@ -13,15 +13,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vramplan.errors import VramplanError
+from vramplan.units import MiB
 
-MiB = 2**20
 
 # reference-step optimizer names -> Hugging Face TrainingArguments.optim names
-_OPTIM = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
-          ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
-          ("galore_adamw", True): "galore_adamw_layerwise", ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
-OPTIM_TO_HF = _OPTIM
-HF_TO_OPTIM = {v: k for k, v in _OPTIM.items()}
+OPTIM_TO_HF = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
+               ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
+               ("galore_adamw", True): "galore_adamw_layerwise", ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
 
 
 class MeasuredCase(BaseModel):
@@ -68,7 +66,7 @@ class MeasuredCase(BaseModel):
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
         s = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
-                 optim=_OPTIM[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
+                 optim=OPTIM_TO_HF[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
                  gradient_checkpointing=self.ckpt)
         if self.method in ("lora", "qlora"):
             s.update(lora_r=self.lora_r, lora_dropout=0.05,

@@ -2,7 +2,7 @@
 
 Each plot is a pure function returning a matplotlib ``Figure`` (tests inspect its
 artists); ``save_figure`` writes it; vramplan.cli.plot wires ``vramplan plot``. Bytes stay
-integers until they are drawn: GiB (2**30) appears only in the coordinates below.
+integers until they are drawn: GiB (vramplan.units) appears only in the coordinates below.
 
 matplotlib is imported inside the functions: every ``vramplan`` command imports this module
 through vramplan.cli.plot and must not pay for it. Figures are built without pyplot on an Agg

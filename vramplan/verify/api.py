@@ -1,7 +1,6 @@
 """verify(): estimate, run the reference step (maybe at truncated depths or on N ranks), compare."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -172,6 +171,3 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
                         comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
                         extrapolations=fits)
 
-
-def summary_json(report: VerifyReport) -> dict:
-    return json.loads(report.model_dump_json())
