@@ -10,6 +10,10 @@ H100) works through the list. --batch i/n runs only every n-th case (i = 1..n).
     python scripts/calibrate.py --out cal.jsonl --batch 2/4    # one quarter of the list
     python scripts/calibrate.py --dry-run                      # validate + estimate, no GPU
     python scripts/calibrate.py --out cal.jsonl --core         # every technique first (a 15-minute lease)
+
+The published calibration (tests/data/h100_dev.jsonl) was measured with the library
+versions pinned in constraints-verify.txt: install with
+`pip install -e ".[verify]" -c constraints-verify.txt` to reproduce it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Memory rules checked against facts read from the libraries (shared memory-notes.md),
+"""Memory rules checked against facts read from the libraries (docs/memory-notes.md),
 independently of the calibration cases: bytes per parameter of each storage format,
 what FSDP2 shards, and what CPU offload moves off the GPU."""
 from __future__ import annotations

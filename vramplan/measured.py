@@ -1,7 +1,7 @@
 """Measured reference steps: the JSON-lines schema shared by the calibration files,
 ``vramplan verify``'s output and the accuracy plot.
 
-One line is one configuration run as shared/reference-step.md describes, with what
+One line is one configuration run as docs/reference-step.md describes, with what
 ``torch.cuda`` reported. ``MeasuredCase.setup_fields()`` turns a line into the
 TrainingSetup fields the estimate takes, so every consumer reads a case the same way.
 """

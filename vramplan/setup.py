@@ -1,7 +1,7 @@
 """The training setup: which technique, precision, optimizer, batch and sharding.
 
 Field names follow the ``vramplan estimate`` flags (see docs/cli.md) and the reference
-step (shared reference-step.md). Validation names the flag at fault.
+step (docs/reference-step.md). Validation names the flag at fault.
 """
 from __future__ import annotations
 

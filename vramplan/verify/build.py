@@ -1,4 +1,4 @@
-"""Build the reference step (shared reference-step.md) for one TrainingSetup.
+"""Build the reference step (docs/reference-step.md) for one TrainingSetup.
 
 The model is created on the meta device and materialized straight on the target device,
 so no full-size weights are ever initialized on the CPU: an 8B builds in seconds, and a
