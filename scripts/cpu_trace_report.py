@@ -177,13 +177,13 @@ def _slug(fields: dict) -> str:
     return "-".join(parts + (["ckpt"] if fields.get("gradient_checkpointing") else []))
 
 
-def _load(path: Path) -> list[dict]:
+def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_doc(trace: Path) -> None:
-    before = {(r["group"], r["name"]): r for r in _load(BEFORE)} if BEFORE.exists() else {}
-    (ROOT / "docs" / "cpu-trace.md").write_text(render(_load(trace), before))
+    before = {(r["group"], r["name"]): r for r in load_rows(BEFORE)} if BEFORE.exists() else {}
+    (ROOT / "docs" / "cpu-trace.md").write_text(render(load_rows(trace), before))
 
 
 def main() -> int:
@@ -213,7 +213,7 @@ def main() -> int:
     old = []
     if args.group:
         jobs = [j for j in jobs if j[0] == args.group]
-        old = _load(Path(args.output)) if Path(args.output).exists() else []
+        old = load_rows(Path(args.output)) if Path(args.output).exists() else []
     rows = []
     for job in jobs:
         row = run(*job)

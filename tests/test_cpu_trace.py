@@ -318,8 +318,8 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
     spec = importlib.util.spec_from_file_location("cpu_trace_report", root / "scripts" / "cpu_trace_report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    before = {(r["group"], r["name"]): r for r in report._load(report.BEFORE)}
-    rendered = report.render(report._load(report.DATA / "trace.jsonl"), before)
+    before = {(r["group"], r["name"]): r for r in report.load_rows(report.BEFORE)}
+    rendered = report.render(report.load_rows(report.DATA / "trace.jsonl"), before)
     assert (root / "docs" / "cpu-trace.md").read_text() == rendered
 
 

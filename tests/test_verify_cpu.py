@@ -18,7 +18,7 @@ from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
 from vramplan.verify import extrapolate as xp
 from vramplan.verify.api import verify
-from vramplan.verify.measure import _Sizes, peak_breakdown, run_case
+from vramplan.verify.measure import PhaseSizes, peak_breakdown, run_case
 from vramplan.verify.results import Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_oom_is_a_result(tiny, phase, step):
 # ---------------------------------------------------------------- attribution at the peak
 
 def test_peak_breakdown_attributes_by_phase():
-    sizes = _Sizes(model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20)
+    sizes = PhaseSizes(model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20)
     opt = peak_breakdown("optimizer (step 0)", sizes, 200, True)
     assert (opt[C.GRADIENTS], opt[C.OPTIMIZER_STATES], opt[C.ACTIVATIONS]) == (10, 20, 0)
     assert opt[C.TRANSIENT] == 200 - 140
