@@ -66,6 +66,7 @@ def test_config_that_is_not_a_model(tmp_path):
     assert proc.returncode == 2 and "model" in proc.stderr.lower()
 
 
+@pytest.mark.cputrace
 def test_config_without_linear_layers_is_refused(tmp_path):
     """GPT-2's projections are transformers Conv1D: no rule covers them, so no number."""
     cfg = tmp_path / "config.json"
@@ -109,6 +110,7 @@ def test_compare_recommends_qlora_fsdp_for_70b_on_two_24gb(capsys):
     assert all(s["notes"][0] == "'llama-70b' resolved to preset 'llama-2-70b'" for s in out["strategies"])
 
 
+@pytest.mark.cputrace
 def test_config_without_a_causal_lm_class_is_one_short_line(tmp_path):
     """T5 is an encoder-decoder: neither a causal-LM nor an image-text class trains it on
     text; transformers' own message lists every config class it knows, the user gets one line."""

@@ -1,4 +1,5 @@
 """The one error type the CLI turns into a single line on stderr."""
+
 from __future__ import annotations
 
 from pydantic import ValidationError

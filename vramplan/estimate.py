@@ -9,8 +9,8 @@ from vramplan.categories import Category as C
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.hardware import GpuSpec, detect_gpus, parse_gpus
 from vramplan.memory import step_model
-from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec
+from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
 from vramplan.units import GiB, MiB
@@ -36,7 +36,8 @@ def resolve_gpus(gpus: str | GpuSpec | None) -> GpuSpec:
         return parse_gpus(gpus)
     found = detect_gpus()
     if found is None:
-        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090", "--gpus")
+        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090",
+                            "--gpus")
     return found
 
 
@@ -46,11 +47,13 @@ def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> No
     if setup.lora_like:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.lora_r > smallest:
-            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})", "--lora-r")
+            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})",
+                                "--lora-r")
     if setup.method == Method.GALORE:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.galore_rank > smallest:
-            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension ({smallest})", "--galore-rank")
+            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension "
+                                f"({smallest})", "--galore-rank")
 
 
 # Architectures whose decoder layer the memory model's rules were held to, phase by phase,

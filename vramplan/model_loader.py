@@ -6,6 +6,7 @@ layers with its shape, norms, lm_head, tied weights, MoE expert tensors, biases.
 analysis is cached on disk (keyed by the config, the layer override and the transformers
 version), and presets ship theirs, so repeated estimates neither rebuild nor import torch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,7 @@ SPEC_VERSION = 8  # bump when the analysis output changes
 
 
 # ---------------------------------------------------------------- config resolution
+
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
@@ -56,9 +58,12 @@ def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str 
         if key not in preset_names() and key in aliases():
             alias, key = model, aliases()[key]
         if key not in preset_names():
-            raise VramplanError(f"unknown model {model!r}; presets: {', '.join(preset_names())}; "
-                                f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}; "
-                                "or give a config.json path", "MODEL")
+            raise VramplanError(
+                f"unknown model {model!r}; presets: {', '.join(preset_names())}; "
+                f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}; "
+                "or give a config.json path",
+                "MODEL",
+            )
         cfg = json.loads((PRESET_DIR / f"{key}.json").read_text())
         name = key
     if not isinstance(cfg, dict) or "model_type" not in cfg:
@@ -78,14 +83,17 @@ def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str 
 
 # ---------------------------------------------------------------- cache
 
+
 def _cache_dir() -> Path:
     base = os.environ.get("VRAMPLAN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramplan")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramplan"
+    )
     return Path(base) / "specs"
 
 
 def _transformers_version() -> str:
     from importlib.metadata import version
+
     try:
         return version("transformers")
     except Exception:  # noqa: BLE001 - not installed: analysis will fail later with a clear error
@@ -95,7 +103,6 @@ def _transformers_version() -> str:
 def _cache_key(cfg: dict) -> str:
     blob = json.dumps(cfg, sort_keys=True) + f"|{SPEC_VERSION}|{_transformers_version()}"
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
 
 
 def config_sha(cfg: dict) -> str:
@@ -120,13 +127,21 @@ def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
         raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
     if num_layers > spec.num_layers:
         # a deeper model is a different model: say so rather than estimate the full depth
-        raise VramplanError(f"{spec.name} has {spec.num_layers} decoder layers; truncation takes 1 to "
-                            f"{spec.num_layers}, got {num_layers}", "--num-layers")
+        raise VramplanError(
+            f"{spec.name} has {spec.num_layers} decoder layers; truncation takes 1 to "
+            f"{spec.num_layers}, got {num_layers}",
+            "--num-layers",
+        )
     if num_layers == spec.num_layers:
         return spec
     dropped = sum(l.numel for l in spec.layers[num_layers:])
-    return spec.model_copy(update={"layers": spec.layers[:num_layers], "num_layers": num_layers,
-                                   "params_total": spec.params_total - dropped})
+    return spec.model_copy(
+        update={
+            "layers": spec.layers[:num_layers],
+            "num_layers": num_layers,
+            "params_total": spec.params_total - dropped,
+        }
+    )
 
 
 def _full_spec(name: str, cfg: dict, use_cache: bool) -> ModelSpec:

@@ -4,6 +4,7 @@ Used by GPU detection (vramplan.hardware), ``vramplan gpus`` and verify's probe.
 call opens and closes its own NVML session, so a machine without a driver or without the
 library answers "no GPU" (or None) instead of raising.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ def session() -> Iterator[Any]:
     """The pynvml module between nvmlInit and nvmlShutdown; NvmlUnavailable if it cannot start."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
     except Exception as e:  # noqa: BLE001 - no driver or no library (pynvml raises its own NVMLError types)
         raise NvmlUnavailable(f"{type(e).__name__}: {e}") from None
@@ -53,8 +55,15 @@ def devices() -> tuple[list[NvmlDevice], str]:
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            out.append(NvmlDevice(index=i, name=_text(nvml.nvmlDeviceGetName(handle)), total_bytes=int(mem.total),
-                                  free_bytes=int(mem.free), used_bytes=int(mem.used)))
+            out.append(
+                NvmlDevice(
+                    index=i,
+                    name=_text(nvml.nvmlDeviceGetName(handle)),
+                    total_bytes=int(mem.total),
+                    free_bytes=int(mem.free),
+                    used_bytes=int(mem.used),
+                )
+            )
         return out, driver
 
 
@@ -67,8 +76,13 @@ def first_device() -> tuple[int, NvmlDevice] | None:
                 return None
             handle = nvml.nvmlDeviceGetHandleByIndex(0)
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            return count, NvmlDevice(index=0, name=_text(nvml.nvmlDeviceGetName(handle)), total_bytes=int(mem.total),
-                                     free_bytes=int(mem.free), used_bytes=int(mem.used))
+            return count, NvmlDevice(
+                index=0,
+                name=_text(nvml.nvmlDeviceGetName(handle)),
+                total_bytes=int(mem.total),
+                free_bytes=int(mem.free),
+                used_bytes=int(mem.used),
+            )
     except NvmlUnavailable:
         return None
 

@@ -45,7 +45,8 @@ class PlanRequest(BaseModel):
     gpus: GpuSpec
     nodes: int = Field(1, description="nodes the GPUs are spread over (FSDP may span them)")
     min_seq: int = Field(2048, description="shortest sequence length acceptable")
-    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs (via gradient accumulation)")
+    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs "
+                                     "(via gradient accumulation)")
     methods: tuple[str, ...] = Field(METHOD_KEYS, description="methods allowed")
     min_lora_rank: int = Field(16, description="smallest LoRA rank acceptable")
     min_galore_rank: int = Field(128, description="smallest GaLore rank acceptable")
@@ -62,9 +63,11 @@ class PlanRequest(BaseModel):
         if self.gpus.count % self.nodes:
             raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
         if self.min_seq > self.context:
-            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)", "--min-seq")
+            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)",
+                                "--min-seq")
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.gpus.count):
-            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), got {self.global_batch}",
+            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), "
+                                f"got {self.global_batch}",
                                 "--global-batch")
         if not self.methods:
             raise VramplanError(f"give at least one of: {', '.join(METHOD_KEYS)}", "--methods")
@@ -87,7 +90,8 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
         keys = _METHOD_ALIASES.get(raw, (raw,))
         for k in keys:
             if k not in METHOD_KEYS:
-                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore",
+                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, "
+                                    "galore",
                                     "--methods")
             if k not in out:
                 out.append(k)
@@ -97,7 +101,7 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
 
 
 def method_key(setup: TrainingSetup) -> str:
-    if setup.method == Method.QLORA:
+    if setup.quant is not None:  # set exactly when the method is qlora
         return f"qlora-{setup.quant.value}"
     return setup.method.value
 
@@ -137,14 +141,16 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
         if key == "full":
             # adamw_torch is left out: adamw_torch_fused does the same update in place
             # (no foreach temporaries) and is faster, so it dominates it.
-            for prec, optim, ckpt, (d, off) in itertools.product(Precision, (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT),
+            full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
+            for prec, optim, ckpt, (d, off) in itertools.product(Precision, full_optims,
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
                                     fsdp=d, cpu_offload=off)])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
-                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension ({smallest})",
+                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension "
+                                    f"({smallest})",
                                     "--min-lora-rank")
             method = Method.LORA if key == "lora" else Method.QLORA
             quant = None if key == "lora" else Quant(key.split("-")[1])
@@ -172,7 +178,8 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
 def seq_grid(context: int) -> np.ndarray:
     """Sequence lengths searched: 128, every 256 up to 8192, then 1, 1.25, 1.5, 1.75 x each
     power of two, up to the context (and the context itself)."""
-    vals = {128} | {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
+    vals = {128} | {256 * k for k in range(1, 33)}
+    vals |= {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
     vals = {v for v in vals if v <= context} | {context}
     return np.array(sorted(vals), dtype=np.int64)
 
@@ -302,7 +309,8 @@ class PlanResult(BaseModel):
     rows: list[PlanRow] = Field(description="feasible configurations, fastest first, each re-checked by estimate")
     recommended: PlanRow | None = None
     reason: str = ""
-    per_method: dict[str, dict] = Field(default_factory=dict, description="longest sequence / largest micro-batch per method")
+    per_method: dict[str, dict] = Field(default_factory=dict,
+                                        description="longest sequence / largest micro-batch per method")
     suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
     notes: list[str] = Field(default_factory=list, description="what the estimates of this architecture rest on "
                              "(estimate.coverage_notes)")
@@ -314,7 +322,8 @@ def label(setup: TrainingSetup) -> str:
     parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
              Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
     parts.append(setup.precision.value)
-    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused", Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
+    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused",
+                  Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
                   Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
                   Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
                   Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
@@ -351,7 +360,7 @@ def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits:
     setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": seq})
     accum = _accum(req, b)
     t = _speed(spec, setup, req, accum)
-    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else []
+    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else np.array([], dtype=np.int64)
     total = int(grid.total[si, ok[-1]])
     return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
                    global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
@@ -398,7 +407,8 @@ def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
-def _limit(spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
+def _limit(spec: ModelSpec, req: PlanRequest,
+           options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
     """The largest option (value, setup) that estimate confirms (the grid rarely differs
     from it, by the 512 B rounding of allocations, but what is reported must fit)."""
     for value, setup in sorted(options, key=lambda o: -o[0]):
@@ -444,7 +454,8 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
             why += " (all fit with under 5% headroom: a longer sample may not)"
     else:
         why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
-               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / GiB:.2f} GiB)")
+               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only "
+               f"{fastest.headroom_bytes / GiB:.2f} GiB)")
     trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
              "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
              "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
@@ -478,7 +489,8 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
         checked = _recheck(spec, row, req)
         if checked is not None:
             rows.append(checked)
-    rec = next((r for r in rows if r.headroom_bytes >= SAFE_HEADROOM * req.gpus.profile.memory_bytes), rows[0] if rows else None)
+    safe = SAFE_HEADROOM * req.gpus.profile.memory_bytes
+    rec = next((r for r in rows if r.headroom_bytes >= safe), rows[0] if rows else None)
     reason = _reason(rec, rows[0], req) if rec else ""
     if rec is not None:
         rows.remove(rec)
@@ -507,13 +519,14 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
     options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
                for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
     best_seq, best = _limit(spec, req, options)
-    if best_seq:
+    if best_seq and best is not None:
         out.append(f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)")
     gpu_only = req.model_copy(update={"host_ram": None})
     host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
     if host_bound and req.host_ram is not None:
         g = min(host_bound, key=lambda g: g.host)
-        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
+        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM "
+                   "per node "
                    f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)")
     n = req.gpus.count
     for more in (2 * n, 4 * n, 8 * n):
@@ -521,7 +534,8 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
         nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
         row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
         if row:
-            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} (~{row.tokens_per_s:,.0f} tokens/s)")
+            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
+                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
             break
     larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
                     key=lambda p: p.memory_bytes)
@@ -558,7 +572,8 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
             raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
                                 "--gpus-per-node")
         if nodes is not None and nodes * gpus_per_node != gspec.count:
-            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs of --gpus",
+            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs "
+                                "of --gpus",
                                 "--gpus-per-node")
         nodes = gspec.count // gpus_per_node
     if isinstance(host_ram, str):

@@ -14,9 +14,10 @@ import os
 import re
 import statistics
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
@@ -101,7 +102,7 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
         lefts, widths = _segments(bars, cat, clip)
         ax.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
                 color=COLORS[cat], label=cat.label, edgecolor="white", linewidth=0.4)
-    for y, bar in zip(ys, bars):
+    for y, bar in zip(ys, bars, strict=True):
         _annotate_bar(ax, y, bar, clip)
         if len(bars) <= SEGMENT_LABELS_UP_TO:
             _label_segments(ax, y, bar, present, xmax)
@@ -109,7 +110,7 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     ax.axvline(_gib(capacity), color="black", linestyle="--", linewidth=1.2,
                label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)")
     ax.set_yticks(ys, [("* " if b.recommended else "") + b.label for b in bars])
-    for tick, bar in zip(ax.get_yticklabels(), bars):
+    for tick, bar in zip(ax.get_yticklabels(), bars, strict=True):
         if bar.recommended:
             tick.set_fontweight("bold")
     ax.set_xlim(0, _gib(xmax))
@@ -213,7 +214,7 @@ def _method_fields(method: str, base: dict) -> dict:
 def _method_label(fields: dict) -> str:
     setup = make_setup(**fields)
     label = setup.method.value
-    if setup.method.value == "qlora":
+    if setup.quant is not None:  # qlora
         label += f" {setup.quant.value}"
     if setup.optim.is_8bit:
         label += " 8-bit" + (" layer-wise" if setup.optim.layerwise else "")
@@ -226,7 +227,7 @@ def _method_label(fields: dict) -> str:
 
 def fit_limit(series: Series, capacity: int) -> str:
     """Up to which x value the series fits ``capacity``: a number, 'none' or 'all'."""
-    fitting = [v for v, t in zip(series.xs, series.totals) if t <= capacity]
+    fitting = [v for v, t in zip(series.xs, series.totals, strict=True) if t <= capacity]
     if not fitting:
         return "none"
     return "all" if len(fitting) == len(series.xs) else f"≤ {max(fitting)}"
@@ -300,7 +301,8 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
             continue
         est = estimate_case(case, configs)
         if not per_category:
-            points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
+            if case.peak_alloc_bytes is not None:  # always, after is_full_step
+                points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
             continue
         for cat, measured in _measured_breakdown(case).items():
             predicted = est.per_gpu.breakdown.get(cat, 0)
@@ -335,13 +337,16 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
     lo = _gib(min(min(p.predicted, p.measured) for p in points) / 1.3)
     hi = _gib(max(max(p.predicted, p.measured) for p in points) * 1.3)
     band = dict(color="#2E7D32", alpha=0.15, label=f"±{100 * tolerance:g}%")
-    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)], [lo * (1 + tolerance), hi * (1 + tolerance)],
-                    **band)
+    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)],
+                    [lo * (1 + tolerance), hi * (1 + tolerance)], **band)
     ax.plot([lo, hi], [lo, hi], color="#2E7D32", linewidth=1, label="predicted = measured")
     err_ax.axhspan(-100 * tolerance, 100 * tolerance, **{**band, "label": None})
     err_ax.axhline(0, color="#2E7D32", linewidth=1)
     for key, group in _groups(points).items():
-        color, label = (COLORS[key], key.label) if isinstance(key, Category) else (METHOD_COLORS.get(key, "#555555"), key)
+        if isinstance(key, Category):
+            color, label = COLORS[key], key.label
+        else:
+            color, label = METHOD_COLORS.get(key, "#555555"), key
         style = dict(s=40, color=color, edgecolors="black", linewidths=0.5, zorder=3)
         measured = [_gib(p.measured) for p in group]
         ax.scatter(measured, [_gib(p.predicted) for p in group], label=f"{label} ({len(group)})", **style)

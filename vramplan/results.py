@@ -36,7 +36,8 @@ class Estimate(BaseModel):
     gpu_memory_bytes: int = Field(description="usable memory of one GPU (mem_get_info total)")
     per_gpu: PerGpu
     host_ram_bytes: int = Field(description="host RAM the run needs (pinned offload buffers + process)")
-    host_ram_available_bytes: int | None = Field(None, description="host RAM the verdict checked against (None: not checked)")
+    host_ram_available_bytes: int | None = Field(None, description="host RAM the verdict checked against "
+                                                 "(None: not checked)")
     fits_gpu: bool = Field(description="the per-GPU total fits the GPU's usable memory")
     fits_host: bool = Field(description="the host RAM need fits the available host RAM (True when unchecked)")
     fits: bool

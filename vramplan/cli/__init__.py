@@ -4,6 +4,7 @@ One module per command; COMMANDS below is the whole list, in the order ``vrampla
 shows them. Each module has ``add_parser(sub)``, which registers its subcommand and sets
 ``handler`` to the function that runs it. Entry point: ``vramplan.cli:main``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ COMMANDS = (estimate, models, hardware, verify, gpus, plan, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vramplan", description="Will this LLM training run fit these GPUs, and where does the memory go?")
+    parser = _Parser(
+        prog="vramplan", description="Will this LLM training run fit these GPUs, and where does the memory go?"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -1,4 +1,5 @@
 """python -m vramplan.cli"""
+
 import sys
 
 from vramplan.cli import main

@@ -1,4 +1,5 @@
 """What the commands share: the one-line error parser, the reference step's options, --host-ram."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,21 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     p.add_argument("--cpu-offload", action="store_true", default=None, help=_help("cpu_offload"))
 
 
-SETUP_KEYS = ("method", "precision", "optim", "batch_size", "seq_len", "lora_r", "lora_dropout", "lora_targets",
-              "quant", "galore_rank", "gradient_checkpointing", "fsdp", "cpu_offload")
+SETUP_KEYS = (
+    "method",
+    "precision",
+    "optim",
+    "batch_size",
+    "seq_len",
+    "lora_r",
+    "lora_dropout",
+    "lora_targets",
+    "quant",
+    "galore_rank",
+    "gradient_checkpointing",
+    "fsdp",
+    "cpu_offload",
+)
 
 
 def setup_fields(args: argparse.Namespace) -> dict:

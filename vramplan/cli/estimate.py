@@ -1,4 +1,5 @@
 """`vramplan estimate MODEL`: one configuration (--method), or the standard strategies compared."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     est.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     est.add_argument("--gpus", help=GPUS_HELP)
     add_setup_options(est)
-    est.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default: this machine's "
-                     "when the GPUs are detected here, 128GB when --gpus names other hardware")
+    est.add_argument(
+        "--host-ram",
+        help="host RAM per node for the verdict (e.g. 128GB); default: this machine's "
+        "when the GPUs are detected here, 128GB when --gpus names other hardware",
+    )
     est.add_argument("--format", choices=["table", "json"], default="table")
     est.set_defaults(handler=run)
 
@@ -23,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.model_loader import load_model_spec
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
+
     gpus = resolve_gpus(args.gpus)
     ram = host_ram(args)
     spec = load_model_spec(args.model, num_layers=args.num_layers)

@@ -1,4 +1,5 @@
 """`vramplan gpus`: the GPUs NVML detects, with the matching hardware profile."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vramplan import nvml
     from vramplan.report.catalog import gpus_json, print_gpus
+
     try:
         devices, driver = nvml.devices()
         why = None if devices else "NVML found no GPU"

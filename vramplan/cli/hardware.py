@@ -1,4 +1,5 @@
 """`vramplan hardware`: the bundled GPU profiles."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,5 +11,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(_args: argparse.Namespace) -> int:
     from vramplan.report.catalog import print_hardware
+
     print_hardware()
     return 0

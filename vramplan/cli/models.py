@@ -1,4 +1,5 @@
 """`vramplan models`: the bundled model presets and their aliases."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,5 +11,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(_args: argparse.Namespace) -> int:
     from vramplan.report.catalog import print_models
+
     print_models()
     return 0

@@ -7,6 +7,7 @@ package; the command line (vramplan.cli) and the Python API call it to show them
 - vramplan.report.plan: the plan table, its JSON, its DataFrame (and so CSV)
 - vramplan.report.catalog: bundled model presets, GPU profiles, the GPUs NVML sees
 """
+
 from __future__ import annotations
 
 from vramplan.units import GiB

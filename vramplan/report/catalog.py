@@ -1,4 +1,5 @@
 """What is bundled and what is here: model presets, GPU profiles, the GPUs NVML sees."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -27,8 +28,14 @@ def print_hardware(console: Console | None = None) -> None:
     for col in ("name", "GPU", "usable GiB", "bf16 TFLOP/s", "GB/s", "host link"):
         t.add_column(col)
     for p in profiles().values():
-        t.add_row(p.name, p.display_name, f"{p.memory_bytes / GiB:.2f}", f"{p.bf16_dense_tflops:g}",
-                  f"{p.memory_bandwidth_gbps:g}", p.host_link)
+        t.add_row(
+            p.name,
+            p.display_name,
+            f"{p.memory_bytes / GiB:.2f}",
+            f"{p.bf16_dense_tflops:g}",
+            f"{p.memory_bandwidth_gbps:g}",
+            p.host_link,
+        )
     console.print(t)
 
 
@@ -39,9 +46,21 @@ def profile_for(nvml_name: str) -> str | None:
 
 def gpus_json(devices: list[NvmlDevice], driver: str | None, message: str | None) -> dict:
     """``vramplan gpus --format json``: one entry per GPU, and why there are none."""
-    return {"gpus": [{"index": d.index, "name": d.name, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes,
-                      "used_bytes": d.used_bytes, "driver": driver, "profile": profile_for(d.name)} for d in devices],
-            "message": message}
+    return {
+        "gpus": [
+            {
+                "index": d.index,
+                "name": d.name,
+                "total_bytes": d.total_bytes,
+                "free_bytes": d.free_bytes,
+                "used_bytes": d.used_bytes,
+                "driver": driver,
+                "profile": profile_for(d.name),
+            }
+            for d in devices
+        ],
+        "message": message,
+    }
 
 
 def print_gpus(devices: list[NvmlDevice], driver: str, console: Console | None = None) -> None:
@@ -50,6 +69,12 @@ def print_gpus(devices: list[NvmlDevice], driver: str, console: Console | None =
     for col in ("#", "name", "total GiB", "free GiB", "driver", "profile"):
         t.add_column(col)
     for d in devices:
-        t.add_row(str(d.index), d.name, f"{d.total_bytes / GiB:.2f}", f"{d.free_bytes / GiB:.2f}", driver,
-                  profile_for(d.name) or "(none: estimates use a generic profile of this size)")
+        t.add_row(
+            str(d.index),
+            d.name,
+            f"{d.total_bytes / GiB:.2f}",
+            f"{d.free_bytes / GiB:.2f}",
+            driver,
+            profile_for(d.name) or "(none: estimates use a generic profile of this size)",
+        )
     console.print(t)

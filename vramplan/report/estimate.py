@@ -1,7 +1,8 @@
 """One estimate and the strategy comparison: rich tables and the comparison's JSON."""
+
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -16,15 +17,25 @@ from vramplan.units import GiB
 
 
 def _verdict(est: Estimate) -> Text:
-    if est.fits_gpu and not est.fits_host:
-        return Text(f"DOES NOT FIT  GPU memory is fine ({est.per_gpu.total_bytes / GiB:.2f} GiB per GPU) but the host needs "
-                    f"{est.host_ram_bytes / GiB:.1f} GiB RAM, has {est.host_ram_available_bytes / GiB:.1f} GiB "
-                    "(set --host-ram for the training machine)", style="bold red")
+    if est.fits_gpu and not est.fits_host and est.host_ram_available_bytes is not None:  # unchecked host fits
+        return Text(
+            f"DOES NOT FIT  GPU memory is fine ({est.per_gpu.total_bytes / GiB:.2f} GiB per GPU) but the host needs "
+            f"{est.host_ram_bytes / GiB:.1f} GiB RAM, has {est.host_ram_available_bytes / GiB:.1f} GiB "
+            "(set --host-ram for the training machine)",
+            style="bold red",
+        )
     if est.fits:
-        return Text(f"FITS  {est.per_gpu.total_bytes / GiB:.2f} GiB of {est.gpu_memory_bytes / GiB:.2f} GiB per GPU "
-                    f"({est.headroom_bytes / GiB:.2f} GiB headroom)", style="bold green")
-    return Text(f"DOES NOT FIT  needs {est.per_gpu.total_bytes / GiB:.2f} GiB per GPU, has {est.gpu_memory_bytes / GiB:.2f} GiB "
-                f"(short by {-est.headroom_bytes / GiB:.2f} GiB)", style="bold red")
+        return Text(
+            f"FITS  {est.per_gpu.total_bytes / GiB:.2f} GiB of {est.gpu_memory_bytes / GiB:.2f} GiB per GPU "
+            f"({est.headroom_bytes / GiB:.2f} GiB headroom)",
+            style="bold green",
+        )
+    return Text(
+        f"DOES NOT FIT  needs {est.per_gpu.total_bytes / GiB:.2f} GiB per GPU, "
+        f"has {est.gpu_memory_bytes / GiB:.2f} GiB "
+        f"(short by {-est.headroom_bytes / GiB:.2f} GiB)",
+        style="bold red",
+    )
 
 
 def print_estimate(est: Estimate, console: Console | None = None) -> None:
@@ -52,9 +63,15 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
 
 
 def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow]) -> dict:
-    return {"model": spec.name, "gpus": gpus.label, "recommended": next((r.label for r in rows if r.recommended), None),
-            "strategies": [{"label": r.label, "reason": r.reason, "recommended": r.recommended,
-                            **r.estimate.to_json_dict()} for r in rows]}
+    return {
+        "model": spec.name,
+        "gpus": gpus.label,
+        "recommended": next((r.label for r in rows if r.recommended), None),
+        "strategies": [
+            {"label": r.label, "reason": r.reason, "recommended": r.recommended, **r.estimate.to_json_dict()}
+            for r in rows
+        ],
+    }
 
 
 def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None) -> None:
@@ -64,8 +81,13 @@ def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], co
         title += f"  [{spec.resolved_from!r} -> {spec.name}]"
     t = Table(title=title, title_justify="left")
     t.add_column("strategy", no_wrap=True)
-    for col, just in (("GiB/GPU", "right"), ("host GiB", "right"), ("fits", "center"),
-                      ("headroom", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("GiB/GPU", "right"),
+        ("host GiB", "right"),
+        ("fits", "center"),
+        ("headroom", "right"),
+    )
+    for col, just in columns:
         t.add_column(col, justify=just)
     for r in rows:
         e = r.estimate
@@ -77,7 +99,9 @@ def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], co
     if rec:
         console.print(f"[bold green]Recommended:[/] {rec.label} — {rec.reason}")
     else:
-        console.print("[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
-                      "(`vramplan plan` searches for what would).")
+        console.print(
+            "[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
+            "(`vramplan plan` searches for what would)."
+        )
     for note in coverage_notes(spec):  # the architecture's, the same for every strategy
         console.print(f"note: {note}")
