@@ -3,15 +3,14 @@
 Data flows one way: model spec -> training setup -> memory model -> estimate ->
 plan -> report/plot. ``verify`` measures the same categories on a real GPU.
 """
-from vramplan.categories import Category
-from vramplan.errors import VramplanError
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
-
 # Importing a submodule sets the package attribute of the same name: load the modules
 # vramplan.estimate and vramplan.plan now, so the functions defined below keep the names
 # `vramplan.estimate` and `vramplan.plan` whatever is imported later.
 import vramplan.estimate as _estimate_module  # noqa: E402,F401
 import vramplan.plan as _plan_module  # noqa: E402,F401
+from vramplan.categories import Category
+from vramplan.errors import VramplanError
+from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
 __all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
            "estimate", "load_model", "plan", "plot_breakdown"]

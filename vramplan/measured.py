@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vramplan.errors import VramplanError
 from vramplan.units import MiB
 
-
 # reference-step optimizer names -> Hugging Face TrainingArguments.optim names
 OPTIM_TO_HF = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
                ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
-               ("galore_adamw", True): "galore_adamw_layerwise", ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
+               ("galore_adamw", True): "galore_adamw_layerwise",
+               ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
 
 
 class MeasuredCase(BaseModel):
@@ -49,7 +49,8 @@ class MeasuredCase(BaseModel):
     mem_after_step0_mb: float | None = None
     tokens_per_s: float | None = None
     measured_breakdown: dict[str, int] | None = Field(
-        None, description="bytes per memory category (Category values) at the measured peak, where verify attributed them")
+        None, description="bytes per memory category (Category values) at the measured peak, where verify "
+                          "attributed them")
 
     @property
     def peak_alloc_bytes(self) -> int | None:
@@ -65,7 +66,7 @@ class MeasuredCase(BaseModel):
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
-        s = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
+        s: dict[str, object] = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
                  optim=OPTIM_TO_HF[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
                  gradient_checkpointing=self.ckpt)
         if self.method in ("lora", "qlora"):
