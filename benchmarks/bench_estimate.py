@@ -19,7 +19,7 @@ CMD = ["estimate", "llama-3.1-405b", "--gpus", "8x80GB", "--method", "qlora", "-
 
 def in_process(repeat: int) -> list[float]:
     from vramplan.estimate import estimate_config
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     spec = load_model_spec("llama-3.1-405b")
     times = []
     for _ in range(repeat):

@@ -29,12 +29,13 @@ CLI = ["plan", "llama-70b", "--gpus", "2x24GB"]
 
 
 def in_process(repeat: int) -> list[tuple[str, int, int, float, float]]:
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.plan import make_request, plan_spec, search
+    from vramplan.units import GiB
     out = []
     for model, gpus, kw in CASES:
         spec = load_model_spec(model)
-        req = make_request(model, gpus, host_ram=128 * 2**30, **kw)
+        req = make_request(model, gpus, host_ram=128 * GiB, **kw)
         search_t, plan_t, evaluated, discrete = [], [], 0, 0
         for _ in range(repeat):
             t0 = time.perf_counter()

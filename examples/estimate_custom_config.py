@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import vramplan
+from vramplan.units import GiB
 
 # A small Llama-style model: 8 layers of width 1024 (about 0.2B parameters).
 CONFIG = {
@@ -28,7 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
     est = vramplan.estimate(str(config), gpus="rtx-4090", method="full", batch_size=8, seq_len=2048,
                             gradient_checkpointing=True)
     verdict = "fits" if est.fits else "does not fit"
-    print(f"full fine-tune, 8x2048 tokens, checkpointing: {est.per_gpu.total_bytes / 2**30:.2f} GiB per GPU "
-          f"on {est.gpu_name} ({verdict}, headroom {est.headroom_bytes / 2**30:.2f} GiB)")
+    print(f"full fine-tune, 8x2048 tokens, checkpointing: {est.per_gpu.total_bytes / GiB:.2f} GiB per GPU "
+          f"on {est.gpu_name} ({verdict}, headroom {est.headroom_bytes / GiB:.2f} GiB)")
     # one row per category; bytes are integers, gib is for reading
     print(est.to_frame()[["category", "gib", "share"]].round(3).to_string(index=False))

@@ -14,8 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 from vramplan.accuracy import score, summary  # noqa: E402
 from vramplan.measured import load_cases  # noqa: E402
+from vramplan.units import GiB  # noqa: E402
 
-GiB = 2**30
 DATA = ROOT / "tests" / "data"
 
 HEADER = """# Accuracy: predicted vs measured

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from vramplan.analyze import analyze_config
-from vramplan.model_spec import SHIPPED_DIR, config_sha, preset_names, resolve_config
+from vramplan.model_loader import SHIPPED_DIR, config_sha, preset_names, resolve_config
 
 
 def main() -> None:

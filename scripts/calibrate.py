@@ -10,6 +10,10 @@ H100) works through the list. --batch i/n runs only every n-th case (i = 1..n).
     python scripts/calibrate.py --out cal.jsonl --batch 2/4    # one quarter of the list
     python scripts/calibrate.py --dry-run                      # validate + estimate, no GPU
     python scripts/calibrate.py --out cal.jsonl --core         # every technique first (a 15-minute lease)
+
+The published calibration (tests/data/h100_dev.jsonl) was measured with the library
+versions pinned in constraints-verify.txt: install with
+`pip install -e ".[verify]" -c constraints-verify.txt` to reproduce it.
 """
 from __future__ import annotations
 
@@ -185,12 +189,13 @@ def _setup(c: dict):
 def dry_run(cases: list[dict]) -> int:
     """Validate every case and print its estimate on an H100 (no torch run)."""
     from vramplan.estimate import estimate_config
+    from vramplan.units import GiB
     for c in cases:
         s = _setup(c)
         gpus = f"{max(s.fsdp, 1)}xh100-80gb"
         est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
         xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
-        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / 2**30:6.2f} GiB "
+        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "
               f"{'fits' if est.fits else 'DOES NOT FIT'}{xp}")
     print(f"{len(cases)} cases")
     return 0

@@ -28,7 +28,7 @@ import vramplan
 assert vramplan.__file__.startswith(tree), vramplan.__file__
 from test_cpu_trace import _model_phases
 from vramplan.estimate import make_setup
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 out = []
 for r in map(json.loads, Path(rows_path).read_text().splitlines()):
     with tempfile.TemporaryDirectory() as d:

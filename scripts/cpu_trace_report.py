@@ -29,7 +29,8 @@ from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CA
                             LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
-from vramplan.model_spec import load_model_spec, resolve_config  # noqa: E402
+from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
+from vramplan.units import MiB  # noqa: E402
 from vramplan.verify.cputrace import trace_step  # noqa: E402
 
 TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
@@ -143,7 +144,7 @@ def render(rows: list[dict], before: dict) -> str:
                     cells.append("")
                     continue
                 e = r[p]["error"]
-                cell = f"{r[p]['traced_bytes'] / 2**20:.2f} ({e:+.1%})"
+                cell = f"{r[p]['traced_bytes'] / MiB:.2f} ({e:+.1%})"
                 if p in old and abs(old[p]["error"] - e) > 0.005:
                     cell += f" was {old[p]['error']:+.1%}"
                 cells.append(cell)
@@ -176,13 +177,13 @@ def _slug(fields: dict) -> str:
     return "-".join(parts + (["ckpt"] if fields.get("gradient_checkpointing") else []))
 
 
-def _load(path: Path) -> list[dict]:
+def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_doc(trace: Path) -> None:
-    before = {(r["group"], r["name"]): r for r in _load(BEFORE)} if BEFORE.exists() else {}
-    (ROOT / "docs" / "cpu-trace.md").write_text(render(_load(trace), before))
+    before = {(r["group"], r["name"]): r for r in load_rows(BEFORE)} if BEFORE.exists() else {}
+    (ROOT / "docs" / "cpu-trace.md").write_text(render(load_rows(trace), before))
 
 
 def main() -> int:
@@ -212,7 +213,7 @@ def main() -> int:
     old = []
     if args.group:
         jobs = [j for j in jobs if j[0] == args.group]
-        old = _load(Path(args.output)) if Path(args.output).exists() else []
+        old = load_rows(Path(args.output)) if Path(args.output).exists() else []
     rows = []
     for job in jobs:
         row = run(*job)

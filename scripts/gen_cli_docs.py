@@ -1,5 +1,5 @@
-"""Generate docs/cli.md from the argparse definitions in vramplan.cli (and every module
-that plugs a subcommand in through ``add_cli``), so the reference is never written twice.
+"""Generate docs/cli.md from the argparse definitions in vramplan.cli (one module per
+command, listed in vramplan.cli.COMMANDS), so the reference is never written twice.
 
     python scripts/gen_cli_docs.py          # rewrite docs/cli.md
     python scripts/gen_cli_docs.py --check  # exit 1 if docs/cli.md is out of date

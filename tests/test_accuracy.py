@@ -32,7 +32,7 @@ def test_median_and_worst_error_bounds():
 
 
 def test_parameter_count_matches_measured():
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     checked = 0
     for case in CASES:
         if case.method != "full" or case.layers:

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("peft")
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import measured_phase, step_model  # noqa: E402
-from vramplan.model_spec import load_model_spec  # noqa: E402
+from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Quant  # noqa: E402
 
 TOL = 0.015
@@ -131,6 +131,7 @@ def _model_build_peak(spec, setup) -> int:
     return max(build, sum(static.values()))
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(CASES))
 def test_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.memory import _static, parameters
@@ -204,6 +205,7 @@ LAYER_ARCH_CASES = {
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(LAYER_ALL))
 def test_layer_dominated_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
@@ -229,6 +231,7 @@ BUILD_CASES = {f"hqq4-fsdp{w}": dict(method="qlora", quant="hqq4", fsdp=w, gradi
                for w in (1, 4)}
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(BUILD_CASES))
 def test_build_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
@@ -249,6 +252,7 @@ DEQ_CASES = {f"hqq4-fsdp{w}{'-ckpt' if ck else ''}": dict(method="qlora", quant=
              for w, ck in ((1, True), (1, False), (2, True), (8, False))}
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(DEQ_CASES))
 def test_dequantize_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
@@ -273,6 +277,7 @@ LONG_CASES = {"full-16k": dict(method="full"), "lora-16k": dict(method="lora")}
 LONG_SHAPE = dict(batch_size=1, seq_len=16384, lora_dropout=0.0)
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(LONG_CASES))
 def test_long_context_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
@@ -296,6 +301,7 @@ OFFLOAD_CASES = {f"fsdp2-offload-{m}": dict(method=m, fsdp=2, cpu_offload=True, 
                  for m in ("full", "lora", "qlora")}
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(OFFLOAD_CASES))
 def test_offload_forward_is_device_plus_host_on_the_cpu(name, tmp_path):
     from vramplan.memory import _grad_bytes, _r, _shard, parameters
@@ -318,8 +324,8 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
     spec = importlib.util.spec_from_file_location("cpu_trace_report", root / "scripts" / "cpu_trace_report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    before = {(r["group"], r["name"]): r for r in report._load(report.BEFORE)}
-    rendered = report.render(report._load(report.DATA / "trace.jsonl"), before)
+    before = {(r["group"], r["name"]): r for r in report.load_rows(report.BEFORE)}
+    rendered = report.render(report.load_rows(report.DATA / "trace.jsonl"), before)
     assert (root / "docs" / "cpu-trace.md").read_text() == rendered
 
 

@@ -1,4 +1,4 @@
-"""Memory rules checked against facts read from the libraries (shared memory-notes.md),
+"""Memory rules checked against facts read from the libraries (docs/memory-notes.md),
 independently of the calibration cases: bytes per parameter of each storage format,
 what FSDP2 shards, and what CPU offload moves off the GPU."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from vramplan.categories import Category as C
 from vramplan.estimate import make_setup
 from vramplan.memory import _bnb8_state, _static, _store, parameters, step_model
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 
 MiB = 2**20
 

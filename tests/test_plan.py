@@ -16,7 +16,7 @@ from vramplan.cli import main
 from vramplan.estimate import estimate_spec
 from vramplan.hardware import parse_gpus
 from vramplan.memory import prepare, step_model
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan.plan import PlanRequest, evaluate, make_request, plan_model, seq_grid
 from vramplan.setup import Method, TrainingSetup
 

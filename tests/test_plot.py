@@ -14,7 +14,7 @@ from vramplan.cli import main
 from vramplan.estimate import estimate_config
 from vramplan.hardware import parse_gpus
 from vramplan.measured import load_cases
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan import plot
 from vramplan.units import GiB
 
@@ -101,8 +101,14 @@ def test_breakdown_cuts_bars_far_past_the_card_and_says_so():
 
 
 def test_one_configuration_is_never_cut():
-    clip, end = plot._axis_limit([40 * GiB], 8 * GiB)
-    assert clip == 40 * GiB and end > clip
+    spec = load_model_spec("llama-2-70b")
+    gpus = parse_gpus("1x8GB")
+    bars = plot.breakdown_bars(spec, gpus, {"method": "full"}, host_ram=128 * GiB)
+    total = bars[0].estimate.per_gpu.total_bytes
+    assert total > 50 * gpus.profile.memory_bytes  # far past the card: several bars would be cut there
+    ax = plot.breakdown_figure(bars).axes[0]
+    assert _bar_widths(ax)[0] == pytest.approx(total / GiB)
+    assert ax.get_xlim()[1] > total / GiB and "bar cut" not in ax.texts[0].get_text()
 
 
 def test_empty_breakdown_is_an_error():
@@ -243,8 +249,8 @@ def test_default_file_name(tmp_path, monkeypatch):
 
 
 def test_slug_of_a_config_path():
-    assert plot._slug("/tmp/x/my model/config.json") == "my_model"
-    assert plot._slug("/tmp/x/qwen.json") == "qwen"
+    assert plot.file_slug("/tmp/x/my model/config.json") == "my_model"
+    assert plot.file_slug("/tmp/x/qwen.json") == "qwen"
 
 
 def test_save_failure_leaves_no_file(tmp_path, tiny):

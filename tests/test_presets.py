@@ -7,7 +7,7 @@ import pytest
 
 from vramplan.errors import VramplanError
 from vramplan.hardware import parse_gpus, profiles
-from vramplan.model_spec import SHIPPED_DIR, load_model_spec, preset_names, resolve_config, truncate
+from vramplan.model_loader import SHIPPED_DIR, load_model_spec, preset_names, resolve_config, truncate
 from vramplan.units import GiB, parse_bytes
 
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",

@@ -14,10 +14,23 @@ def est():
     return vramplan.estimate("llama-3.2-1b", "1x24GB", method="qlora", gradient_checkpointing=True)
 
 
+def _plain(v) -> bool:
+    if isinstance(v, dict):
+        return all(type(k) is str and _plain(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    return v is None or type(v) in (str, int, float, bool)
+
+
 def test_to_dict_is_plain_and_matches_the_json_contract(est):
     d = est.to_dict()
-    assert d == est.to_json_dict()
-    assert json.loads(json.dumps(d)) == d  # only JSON types
+    assert _plain(d)  # no enums, no pydantic models, no Category keys
+    # docs/reference-step.md, "The estimate contract": the fields callers rely on
+    assert d["per_gpu"]["peak_allocated_bytes"] == est.per_gpu.peak_allocated_bytes
+    assert d["per_gpu"]["peak_reserved_bytes"] == est.per_gpu.peak_reserved_bytes
+    assert d["per_gpu"]["breakdown"] == {c.value: n for c, n in est.per_gpu.breakdown.items()}
+    assert d["headroom_bytes"] == est.headroom_bytes and d["model"] == "llama-3.2-1b"
+    assert d["setup"]["method"] == "qlora" and d["setup"]["gradient_checkpointing"] is True
     assert d["per_gpu"]["breakdown"]["quant_state"] == est.per_gpu.breakdown[Category.QUANT_STATE] > 0
     assert d["fits"] is est.fits
 

@@ -10,7 +10,7 @@ from vramplan import throughput as T
 from vramplan.estimate import make_setup
 from vramplan.hardware import profiles
 from vramplan.measured import load_cases
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan.setup import TrainingSetup
 
 CASES = load_cases(Path(__file__).parent / "data" / "h100_dev.jsonl")

@@ -15,10 +15,10 @@ from vramplan.categories import Category as C
 from vramplan.cli import main
 from vramplan.estimate import estimate_config, make_setup
 from vramplan.measured import MeasuredCase, load_cases
-from vramplan.model_spec import load_model_spec
+from vramplan.model_loader import load_model_spec
 from vramplan.verify import extrapolate as xp
 from vramplan.verify.api import verify
-from vramplan.verify.measure import _Sizes, peak_breakdown, run_case
+from vramplan.verify.measure import PhaseSizes, peak_breakdown, run_case
 from vramplan.verify.results import Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,7 @@ def _est(model: str, **fields):
 
 # ---------------------------------------------------------------- every method on CPU
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("fields", [
     dict(method="full"),
     dict(method="full", precision="mixed"),
@@ -92,6 +93,7 @@ def test_weights_and_adapters_match_the_estimate(tiny, fields):
     assert m.params_total == load_model_spec(tiny).params_total + (m.params_trainable if fields["method"] != "full" and "lora" in fields["method"] else 0)
 
 
+@pytest.mark.cputrace
 @needs("bitsandbytes")
 def test_adamw_8bit_states_are_about_a_quarter(tiny):
     full = measure(tiny, method="full").breakdown[C.OPTIMIZER_STATES]
@@ -109,6 +111,7 @@ def small(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.cputrace
 @needs("bitsandbytes")
 @needs("galore_torch")
 @pytest.mark.parametrize("fields", [
@@ -126,6 +129,7 @@ def test_optimizer_states_match_the_estimate(small, fields, monkeypatch):
     assert _est(small, **fields)[C.OPTIMIZER_STATES] == pytest.approx(measured, rel=0.01)
 
 
+@pytest.mark.cputrace
 @needs("galore_torch")
 @pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise"])
 def test_galore(tiny, optim, monkeypatch):
@@ -143,6 +147,7 @@ def test_galore(tiny, optim, monkeypatch):
         assert m.breakdown[C.GRADIENTS] > 0
 
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("fields", [
     dict(method="full", fsdp=4),
     dict(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
@@ -163,6 +168,7 @@ def test_fsdp_simulated_rank0(tiny, fields):
 
 # ---------------------------------------------------------------- OOM as a result
 
+@pytest.mark.cputrace
 @pytest.mark.parametrize("phase,step", [("build", None), ("backward", 1), ("optimizer", 0)])
 def test_oom_is_a_result(tiny, phase, step):
     def on_phase(name, s):
@@ -184,7 +190,7 @@ def test_oom_is_a_result(tiny, phase, step):
 # ---------------------------------------------------------------- attribution at the peak
 
 def test_peak_breakdown_attributes_by_phase():
-    sizes = _Sizes(model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20)
+    sizes = PhaseSizes(model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20)
     opt = peak_breakdown("optimizer (step 0)", sizes, 200, True)
     assert (opt[C.GRADIENTS], opt[C.OPTIMIZER_STATES], opt[C.ACTIVATIONS]) == (10, 20, 0)
     assert opt[C.TRANSIENT] == 200 - 140
@@ -251,6 +257,7 @@ def test_extrapolate_synthetic_measurements():
     assert not small.fits
 
 
+@pytest.mark.cputrace
 def test_verify_extrapolates_a_real_run(tiny4):
     rep = verify(tiny4, make_setup(method="full", batch_size=1, seq_len=32), device="cpu", depths=[1, 2], steps=1)
     res = rep.result[0]
@@ -281,6 +288,7 @@ def test_measured_case_round_trip(fields):
     assert line.peak_alloc_bytes == 3 * 2**30 and line.layers is None
 
 
+@pytest.mark.cputrace
 def test_cli_writes_the_report_folder(tiny, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = main(["verify", tiny, "--method", "full", "--seq-len", "32", "--steps", "2", "--device", "cpu",
@@ -326,6 +334,7 @@ def test_bad_verify_input_is_one_line(tiny, args, flag, capsys):
     assert len(err) == 1 and flag in err[0]
 
 
+@pytest.mark.cputrace
 def test_torchrun_reports_every_rank(tiny):
     """The N-real-GPU path (torchrun, one process per rank, real collectives) on CPU/gloo."""
     from vramplan.verify.launch import CaseRequest, run_isolated
@@ -369,6 +378,7 @@ def test_core_calibration_cases_cover_every_technique_in_order():
     _assert_covers_every_technique(core)
 
 
+@pytest.mark.cputrace
 def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "scripts"))
     import calibrate
@@ -420,6 +430,7 @@ def test_comparison_has_one_row_per_measured_phase():
 
 # ---------------------------------------------------------------- verify --device cpu: the CPU trace
 
+@pytest.mark.cputrace
 @needs("peft")
 @pytest.mark.parametrize("fields", [dict(method="full"), dict(method="lora", gradient_checkpointing=True)],
                          ids=lambda f: "-".join(str(v) for v in f.values()))

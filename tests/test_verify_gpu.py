@@ -66,7 +66,7 @@ def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     fp16 path): on the GPU the build's peak is the rule's, and under FSDP2 no whole packed
     decoder is ever held. Tolerance: the project's 5%."""
     from vramplan.memory import step_model
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.measure import run_case
     setup = make_setup(method="qlora", quant=quant, fsdp=fsdp, gradient_checkpointing=True, seq_len=256)
     m = run_case("llama-3.1-8b", setup, device="cuda", num_layers=4, steps=1)

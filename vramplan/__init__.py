@@ -3,15 +3,14 @@
 Data flows one way: model spec -> training setup -> memory model -> estimate ->
 plan -> report/plot. ``verify`` measures the same categories on a real GPU.
 """
-from vramplan.categories import Category
-from vramplan.errors import VramplanError
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
-
 # Importing a submodule sets the package attribute of the same name: load the modules
 # vramplan.estimate and vramplan.plan now, so the functions defined below keep the names
 # `vramplan.estimate` and `vramplan.plan` whatever is imported later.
 import vramplan.estimate as _estimate_module  # noqa: E402,F401
 import vramplan.plan as _plan_module  # noqa: E402,F401
+from vramplan.categories import Category
+from vramplan.errors import VramplanError
+from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
 __all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
            "estimate", "load_model", "plan", "plot_breakdown"]
@@ -36,13 +35,14 @@ def plan(model, gpus=None, top=10, **constraints):
     global_batch, methods ("full,galore" or a list), min_lora_rank, min_galore_rank,
     host_ram (bytes or "128GB"), max_batch, num_layers.
     """
-    from vramplan.plan import plan_model, to_frame
+    from vramplan.plan import plan_model
+    from vramplan.report.plan import to_frame
     return to_frame(plan_model(model, gpus, top=top, **constraints))
 
 
 def load_model(model, num_layers=None):
     """Analyse a preset name or config path into a ModelSpec (cached)."""
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     return load_model_spec(model, num_layers=num_layers)
 
 
@@ -50,7 +50,7 @@ def plot_breakdown(model, gpus=None, path=None, num_layers=None, host_ram=None, 
     """Per-GPU memory by category as a matplotlib Figure; also written to ``path`` (.png/.svg)
     when given. Without ``method`` in ``setup``: the standard strategies side by side."""
     from vramplan.estimate import resolve_gpus
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.plot import breakdown_bars, breakdown_figure, output_path, save_figure
     if path is not None:
         output_path(str(path), "")  # a bad file name fails before any work

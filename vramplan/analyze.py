@@ -74,9 +74,11 @@ def _decoder_layers(model, n_layers: int):
     import torch.nn as nn
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and (best is None or
-                                                                         sum(p.numel() for p in mod.parameters()) > best[2]):
-            best = (name, mod, sum(p.numel() for p in mod.parameters()))
+        if not (isinstance(mod, nn.ModuleList) and len(mod) == n_layers):
+            continue
+        numel = sum(p.numel() for p in mod.parameters())
+        if best is None or numel > best[2]:
+            best = (name, mod, numel)
     if best is None:
         raise VramplanError("could not find the decoder layers in this model", "MODEL")
     return best[0], best[1]
@@ -95,7 +97,7 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
                 q_dim: int, kv_dim: int) -> LayerSpec:
     import torch.nn as nn
     linears, norms, others, expert_tensors, attn_norms, norm_names = [], [], [], [], [], []
-    seen = set()
+    seen: set[int] = set()
     for path, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):
             linears.append(Linear(name=path, role=_role(path, mod.out_features, num_experts),
@@ -124,8 +126,9 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
         # and no rule here says what it saves
         kinds = sorted({type(m).__name__ for m in layer.modules()
                         if any(q.dim() == 2 for q in m.parameters(recurse=False))})
-        raise VramplanError(f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan models "
-                            "decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)", "MODEL")
+        raise VramplanError(f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan "
+                            "models decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
+                            "MODEL")
     experts = None
     if expert_tensors:
         e = expert_tensors[0][1][0]

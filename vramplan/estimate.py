@@ -1,16 +1,19 @@
 """Estimate: one configuration on given GPUs -> per-GPU peak, breakdown and verdict."""
 from __future__ import annotations
 
+import os
+
 from pydantic import ValidationError
 
 from vramplan.categories import Category as C
-from vramplan.errors import VramplanError
+from vramplan.errors import VramplanError, from_validation_error
 from vramplan.hardware import GpuSpec, detect_gpus, parse_gpus
-from vramplan.memory import MiB, StepModel, step_model
-from vramplan.model_spec import ModelSpec, load_model_spec
+from vramplan.memory import step_model
+from vramplan.model_loader import load_model_spec
+from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
-from vramplan.units import GiB
+from vramplan.units import GiB, MiB
 
 # Host memory of one training process before any offload: the Python process with torch,
 # CUDA libraries and transformers loaded (RSS). Order of magnitude, not calibrated.
@@ -23,16 +26,7 @@ def make_setup(**fields) -> TrainingSetup:
     try:
         return TrainingSetup(**fields)
     except ValidationError as e:
-        err = e.errors()[0]
-        ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, VramplanError):
-            raise ctx_err from None
-        loc = err["loc"][0] if err["loc"] else ""
-        flag = "--" + str(loc).replace("_", "-")
-        allowed = ""
-        if err["type"] == "enum":
-            allowed = f"; allowed: {err['ctx']['expected']}"
-        raise VramplanError(f"{err['msg']} (got {err.get('input')!r}){allowed}", flag) from None
+        raise from_validation_error(e) from None
 
 
 def resolve_gpus(gpus: str | GpuSpec | None) -> GpuSpec:
@@ -42,7 +36,8 @@ def resolve_gpus(gpus: str | GpuSpec | None) -> GpuSpec:
         return parse_gpus(gpus)
     found = detect_gpus()
     if found is None:
-        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090", "--gpus")
+        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090",
+                            "--gpus")
     return found
 
 
@@ -52,11 +47,13 @@ def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> No
     if setup.lora_like:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.lora_r > smallest:
-            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})", "--lora-r")
+            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})",
+                                "--lora-r")
     if setup.method == Method.GALORE:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.galore_rank > smallest:
-            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension ({smallest})", "--galore-rank")
+            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension "
+                                f"({smallest})", "--galore-rank")
 
 
 # Architectures whose decoder layer the memory model's rules were held to, phase by phase,
@@ -116,11 +113,21 @@ def allocator_overhead(peak_alloc: int) -> int:
 
 def local_host_ram() -> int | None:
     """Total RAM of this machine (Linux/macOS), used when --host-ram is not given."""
-    import os
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+# Host RAM assumed for hardware named with --gpus (not this machine's): a workstation or
+# server that holds 2-4 such cards. An assumption, not a measurement; --host-ram overrides it.
+DEFAULT_HOST_RAM = 128 * GiB
+
+
+def default_host_ram(gpus_named: bool) -> int | None:
+    """Host RAM per node when --host-ram is not given: DEFAULT_HOST_RAM when planning for
+    hardware named with --gpus, else this machine's (None when it cannot be read)."""
+    return DEFAULT_HOST_RAM if gpus_named else local_host_ram()
 
 
 def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None) -> Estimate:
@@ -144,7 +151,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     notes = coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
-    return Estimate(model=spec.name, setup=setup.model_dump(mode="json"), description=setup.describe(),
+    return Estimate(model=spec.name, setup=setup, description=setup.describe(),
                     gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
                     per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
                     fits_gpu=total <= capacity, fits_host=host_ram is None or host <= host_ram,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vramplan import nvml
 from vramplan.errors import VramplanError
 from vramplan.units import GiB
 
@@ -107,21 +108,11 @@ def parse_gpus(text: str) -> GpuSpec:
 
 def detect_gpus() -> GpuSpec | None:
     """The local GPUs via NVML, matched to a profile by name (else by memory size)."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver / no library: no GPUs
+    found = nvml.first_device()
+    if found is None:
         return None
-    try:
-        n = pynvml.nvmlDeviceGetCount()
-        if n == 0:
-            return None
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        name = name.decode() if isinstance(name, bytes) else name
-        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-    finally:
-        pynvml.nvmlShutdown()
+    n, gpu = found
+    name, total = gpu.name, gpu.total_bytes
     for prof in profiles().values():
         if name in prof.nvml_names:
             return GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")

@@ -1,7 +1,7 @@
 """Measured reference steps: the JSON-lines schema shared by the calibration files,
 ``vramplan verify``'s output and the accuracy plot.
 
-One line is one configuration run as shared/reference-step.md describes, with what
+One line is one configuration run as docs/reference-step.md describes, with what
 ``torch.cuda`` reported. ``MeasuredCase.setup_fields()`` turns a line into the
 TrainingSetup fields the estimate takes, so every consumer reads a case the same way.
 """
@@ -13,15 +13,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vramplan.errors import VramplanError
-
-MiB = 2**20
+from vramplan.units import MiB
 
 # reference-step optimizer names -> Hugging Face TrainingArguments.optim names
-_OPTIM = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
-          ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
-          ("galore_adamw", True): "galore_adamw_layerwise", ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
-OPTIM_TO_HF = _OPTIM
-HF_TO_OPTIM = {v: k for k, v in _OPTIM.items()}
+OPTIM_TO_HF = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
+               ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
+               ("galore_adamw", True): "galore_adamw_layerwise",
+               ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
 
 
 class MeasuredCase(BaseModel):
@@ -51,7 +49,8 @@ class MeasuredCase(BaseModel):
     mem_after_step0_mb: float | None = None
     tokens_per_s: float | None = None
     measured_breakdown: dict[str, int] | None = Field(
-        None, description="bytes per memory category (Category values) at the measured peak, where verify attributed them")
+        None, description="bytes per memory category (Category values) at the measured peak, where verify "
+                          "attributed them")
 
     @property
     def peak_alloc_bytes(self) -> int | None:
@@ -67,8 +66,8 @@ class MeasuredCase(BaseModel):
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
-        s = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
-                 optim=_OPTIM[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
+        s: dict[str, object] = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
+                 optim=OPTIM_TO_HF[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
                  gradient_checkpointing=self.ckpt)
         if self.method in ("lora", "qlora"):
             s.update(lora_r=self.lora_r, lora_dropout=0.05,

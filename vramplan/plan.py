@@ -19,13 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vramplan.errors import VramplanError
-from vramplan.estimate import PROCESS_HOST_BYTES, estimate_spec
-from vramplan.hardware import GpuSpec
-from vramplan.memory import MiB, prepare, step_model
+from vramplan.errors import VramplanError, from_validation_error
+from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, resolve_gpus
+from vramplan.hardware import GpuSpec, profiles
+from vramplan.memory import prepare, step_model
+from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 from vramplan.throughput import step_time
+from vramplan.units import GiB, MiB, parse_bytes
 
 METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
 _METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
@@ -43,7 +45,8 @@ class PlanRequest(BaseModel):
     gpus: GpuSpec
     nodes: int = Field(1, description="nodes the GPUs are spread over (FSDP may span them)")
     min_seq: int = Field(2048, description="shortest sequence length acceptable")
-    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs (via gradient accumulation)")
+    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs "
+                                     "(via gradient accumulation)")
     methods: tuple[str, ...] = Field(METHOD_KEYS, description="methods allowed")
     min_lora_rank: int = Field(16, description="smallest LoRA rank acceptable")
     min_galore_rank: int = Field(128, description="smallest GaLore rank acceptable")
@@ -60,9 +63,11 @@ class PlanRequest(BaseModel):
         if self.gpus.count % self.nodes:
             raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
         if self.min_seq > self.context:
-            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)", "--min-seq")
+            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)",
+                                "--min-seq")
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.gpus.count):
-            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), got {self.global_batch}",
+            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), "
+                                f"got {self.global_batch}",
                                 "--global-batch")
         if not self.methods:
             raise VramplanError(f"give at least one of: {', '.join(METHOD_KEYS)}", "--methods")
@@ -85,7 +90,8 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
         keys = _METHOD_ALIASES.get(raw, (raw,))
         for k in keys:
             if k not in METHOD_KEYS:
-                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore",
+                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, "
+                                    "galore",
                                     "--methods")
             if k not in out:
                 out.append(k)
@@ -95,7 +101,7 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
 
 
 def method_key(setup: TrainingSetup) -> str:
-    if setup.method == Method.QLORA:
+    if setup.quant is not None:  # set exactly when the method is qlora
         return f"qlora-{setup.quant.value}"
     return setup.method.value
 
@@ -135,14 +141,16 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
         if key == "full":
             # adamw_torch is left out: adamw_torch_fused does the same update in place
             # (no foreach temporaries) and is faster, so it dominates it.
-            for prec, optim, ckpt, (d, off) in itertools.product(Precision, (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT),
+            full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
+            for prec, optim, ckpt, (d, off) in itertools.product(Precision, full_optims,
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
                                     fsdp=d, cpu_offload=off)])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
-                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension ({smallest})",
+                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension "
+                                    f"({smallest})",
                                     "--min-lora-rank")
             method = Method.LORA if key == "lora" else Method.QLORA
             quant = None if key == "lora" else Quant(key.split("-")[1])
@@ -170,7 +178,8 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
 def seq_grid(context: int) -> np.ndarray:
     """Sequence lengths searched: 128, every 256 up to 8192, then 1, 1.25, 1.5, 1.75 x each
     power of two, up to the context (and the context itself)."""
-    vals = {128} | {256 * k for k in range(1, 33)} | {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
+    vals = {128} | {256 * k for k in range(1, 33)}
+    vals |= {int(2**e * f) for e in range(13, 18) for f in (1, 1.25, 1.5, 1.75)}
     vals = {v for v in vals if v <= context} | {context}
     return np.array(sorted(vals), dtype=np.int64)
 
@@ -300,7 +309,8 @@ class PlanResult(BaseModel):
     rows: list[PlanRow] = Field(description="feasible configurations, fastest first, each re-checked by estimate")
     recommended: PlanRow | None = None
     reason: str = ""
-    per_method: dict[str, dict] = Field(default_factory=dict, description="longest sequence / largest micro-batch per method")
+    per_method: dict[str, dict] = Field(default_factory=dict,
+                                        description="longest sequence / largest micro-batch per method")
     suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
     notes: list[str] = Field(default_factory=list, description="what the estimates of this architecture rest on "
                              "(estimate.coverage_notes)")
@@ -312,7 +322,8 @@ def label(setup: TrainingSetup) -> str:
     parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
              Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
     parts.append(setup.precision.value)
-    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused", Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
+    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused",
+                  Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
                   Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
                   Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
                   Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
@@ -349,7 +360,7 @@ def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits:
     setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": seq})
     accum = _accum(req, b)
     t = _speed(spec, setup, req, accum)
-    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else []
+    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else np.array([], dtype=np.int64)
     total = int(grid.total[si, ok[-1]])
     return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
                    global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
@@ -396,7 +407,8 @@ def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
-def _limit(spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
+def _limit(spec: ModelSpec, req: PlanRequest,
+           options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
     """The largest option (value, setup) that estimate confirms (the grid rarely differs
     from it, by the 512 B rounding of allocations, but what is reported must fit)."""
     for value, setup in sorted(options, key=lambda o: -o[0]):
@@ -442,7 +454,8 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
             why += " (all fit with under 5% headroom: a longer sample may not)"
     else:
         why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
-               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only {fastest.headroom_bytes / 2**30:.2f} GiB)")
+               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only "
+               f"{fastest.headroom_bytes / GiB:.2f} GiB)")
     trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
              "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
              "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
@@ -476,12 +489,12 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
         checked = _recheck(spec, row, req)
         if checked is not None:
             rows.append(checked)
-    rec = next((r for r in rows if r.headroom_bytes >= SAFE_HEADROOM * req.gpus.profile.memory_bytes), rows[0] if rows else None)
+    safe = SAFE_HEADROOM * req.gpus.profile.memory_bytes
+    rec = next((r for r in rows if r.headroom_bytes >= safe), rows[0] if rows else None)
     reason = _reason(rec, rows[0], req) if rec else ""
     if rec is not None:
         rows.remove(rec)
         rows.insert(0, rec)
-    from vramplan.estimate import coverage_notes
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
                         evaluated=evaluated, discrete=len(grids), notes=coverage_notes(spec))
@@ -502,26 +515,27 @@ def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
 
 def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
     """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
-    from vramplan.hardware import profiles
     out = []
     options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
                for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
     best_seq, best = _limit(spec, req, options)
-    if best_seq:
+    if best_seq and best is not None:
         out.append(f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)")
     gpu_only = req.model_copy(update={"host_ram": None})
     host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
     if host_bound and req.host_ram is not None:
         g = min(host_bound, key=lambda g: g.host)
-        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / 2**30:.0f} GiB of host RAM per node "
-                   f"(--host-ram {math.ceil(g.host / 2**30)}GB; {req.host_ram / 2**30:.0f} GiB assumed)")
+        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM "
+                   "per node "
+                   f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)")
     n = req.gpus.count
     for more in (2 * n, 4 * n, 8 * n):
         gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
         nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
         row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
         if row:
-            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} (~{row.tokens_per_s:,.0f} tokens/s)")
+            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
+                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
             break
     larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
                     key=lambda p: p.memory_bytes)
@@ -529,7 +543,7 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
         gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
         row = _first_fit(spec, req, gpus=gpus)
         if row:
-            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / 2**30:.0f} GiB) fits {row.label} "
+            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
                        f"(~{row.tokens_per_s:,.0f} tokens/s)")
             break
     if not out:
@@ -543,7 +557,6 @@ def model_context(model: str | ModelSpec) -> int:
     """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown)."""
     if isinstance(model, ModelSpec):
         return DEFAULT_CONTEXT
-    from vramplan.model_spec import resolve_config
     _, _, cfg = resolve_config(model)
     ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
     return int(ctx) if ctx else DEFAULT_CONTEXT
@@ -553,23 +566,20 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                  gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
                  methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
                  host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
-    from vramplan.estimate import resolve_gpus
-    from vramplan.units import parse_bytes
     gspec = resolve_gpus(gpus)
     if gpus_per_node is not None:
         if gpus_per_node < 1 or gspec.count % gpus_per_node:
             raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
                                 "--gpus-per-node")
         if nodes is not None and nodes * gpus_per_node != gspec.count:
-            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs of --gpus",
+            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs "
+                                "of --gpus",
                                 "--gpus-per-node")
         nodes = gspec.count // gpus_per_node
     if isinstance(host_ram, str):
         host_ram = parse_bytes(host_ram, "--host-ram")
-    if host_ram is None:  # as `vramplan estimate`: a workstation for named hardware, else this machine
-        from vramplan.cli import DEFAULT_HOST_RAM
-        from vramplan.estimate import local_host_ram
-        host_ram = DEFAULT_HOST_RAM if gpus is not None else local_host_ram()
+    if host_ram is None:  # as `vramplan estimate`
+        host_ram = default_host_ram(gpus_named=gpus is not None)
     context = model_context(model)
     if min_seq is None:
         min_seq = min(2048, context)
@@ -578,132 +588,14 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                   context=context)
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:  # our validator's VramplanError arrives wrapped
-        err = e.errors()[0]
-        inner = (err.get("ctx") or {}).get("error")
-        if isinstance(inner, VramplanError):
-            raise inner from None
-        raise VramplanError(f"{err['msg']} (got {err.get('input')!r})", "--" + str(err["loc"][0]).replace("_", "-")) from None
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
                num_layers: int | None = None, **constraints) -> PlanResult:
-    from vramplan.model_spec import load_model_spec
     if top < 1:
         raise VramplanError(f"must be a positive integer, got {top}", "--top")
     req = make_request(model, gpus, **constraints)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
     return plan_spec(spec, req, top=top)
-
-
-COLUMNS = ["label", "method", "quant", "precision", "optim", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
-           "cpu_offload", "seq_len", "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "step_s",
-           "comm_s", "host_s", "per_gpu_bytes", "host_ram_bytes", "headroom_bytes", "max_seq_len", "max_micro_batch", "recommended"]
-
-
-def to_frame(result: PlanResult):
-    """The rows as a pandas DataFrame (recommended first); the rest of the answer in .attrs."""
-    import pandas as pd
-    recs = []
-    for i, r in enumerate(result.rows):
-        s = r.setup
-        recs.append(dict(label=r.label, method=r.method, quant=s.quant.value if s.quant else None,
-                         precision=s.precision.value, optim=s.optim.value,
-                         lora_r=s.lora_r if s.lora_like else None,
-                         galore_rank=s.galore_rank if s.method == Method.GALORE else None,
-                         gradient_checkpointing=s.gradient_checkpointing, fsdp=s.fsdp, cpu_offload=s.cpu_offload,
-                         seq_len=s.seq_len, micro_batch=s.batch_size, grad_accum=r.grad_accum, global_batch=r.global_batch,
-                         tokens_per_s=r.tokens_per_s, step_s=r.step_s, comm_s=r.comm_s, host_s=r.host_s,
-                         per_gpu_bytes=r.per_gpu_bytes,
-                         host_ram_bytes=r.host_ram_bytes, headroom_bytes=r.headroom_bytes, max_seq_len=r.max_seq_len,
-                         max_micro_batch=r.max_micro_batch, recommended=i == 0 and result.recommended is not None))
-    df = pd.DataFrame.from_records(recs, columns=COLUMNS)
-    df.attrs.update(model=result.model, gpus=result.gpus, reason=result.reason, per_method=result.per_method,
-                    suggestions=result.suggestions, evaluated=result.evaluated, discrete=result.discrete)
-    return df
-
-
-# ------------------------------------------------------------------ rendering and the CLI
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.2f}"
-
-
-def print_plan(result: PlanResult, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=150)  # piped: do not wrap rows at 80 columns
-    title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / 2**30:.1f} GiB each): fastest that fit"
-    t = Table(title=title, title_justify="left")
-    for col, just in (("configuration", "left"), ("micro-batch", "right"), ("accum", "right"), ("tokens/s", "right"),
-                      ("per-GPU GiB", "right"), ("host RAM GiB", "right"), ("headroom GiB", "right"),
-                      ("max seq (b=1)", "right")):
-        t.add_column(col, justify=just, no_wrap=col == "configuration")
-    for i, r in enumerate(result.rows):
-        name = ("[bold green]* " if i == 0 and result.recommended else "  ") + r.label
-        t.add_row(name, f"{r.setup.batch_size} x {r.setup.seq_len}", str(r.grad_accum), f"{r.tokens_per_s:,.0f}",
-                  _gib(r.per_gpu_bytes), _gib(r.host_ram_bytes), _gib(r.headroom_bytes), f"{r.max_seq_len:,}")
-    if result.rows:
-        console.print(t)
-        console.print(f"[bold green]Recommended:[/] {result.recommended.label} — {result.reason}")
-    else:
-        console.print(f"[bold red]Nothing fits[/] {result.model} on {result.gpus} under these constraints. What would:")
-        for s in result.suggestions:
-            console.print(f"  - {s}")
-    m = Table(title="per method: longest sequence (micro-batch 1) and largest micro-batch (at the minimum sequence)",
-              title_justify="left")
-    for col in ("method", "longest seq", "with", "largest micro-batch", "with"):
-        m.add_column(col)
-    for key, e in result.per_method.items():
-        m.add_row(key, f"{e['max_seq_len']:,}" if e["max_seq_len"] else "-", e["max_seq_config"] or "does not fit",
-                  str(e["max_micro_batch"] or "-"), e["max_batch_config"] or "does not fit")
-    console.print(m)
-    console.print(f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
-                  f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]")
-    for n in result.notes:
-        console.print(f"note: {n}")
-
-
-def result_json(result: PlanResult) -> dict:
-    d = result.model_dump(mode="json")
-    return d
-
-
-def add_cli(sub) -> None:
-    from vramplan.cli import DEFAULT_HOST_RAM
-    p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
-    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
-    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
-    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
-    p.add_argument("--min-seq", type=int, help="shortest acceptable sequence length (default 2048, capped at the context)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step over all GPUs (gradient accumulation)")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
-    p.add_argument("--min-lora-rank", type=int, help="smallest acceptable LoRA rank (default 16)")
-    p.add_argument("--min-galore-rank", type=int, help="smallest acceptable GaLore rank (default 128)")
-    p.add_argument("--host-ram", help=f"host RAM per node (default {DEFAULT_HOST_RAM // 2**30}GB when --gpus is given, "
-                   "else this machine's)")
-    p.add_argument("--max-batch", type=int, help=f"largest micro-batch searched (default {MAX_BATCH})")
-    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
-    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.set_defaults(handler=_cmd_plan)
-
-
-def _cmd_plan(args) -> int:
-    import json
-    result = plan_model(args.model, args.gpus, top=args.top, num_layers=args.num_layers, nodes=args.nodes,
-                        gpus_per_node=args.gpus_per_node, min_seq=args.min_seq, global_batch=args.global_batch,
-                        methods=args.methods, min_lora_rank=args.min_lora_rank, min_galore_rank=args.min_galore_rank,
-                        host_ram=args.host_ram, max_batch=args.max_batch)
-    if args.format == "json":
-        print(json.dumps(result_json(result), indent=1))
-    elif args.format == "csv":
-        import sys
-        to_frame(result).to_csv(sys.stdout, index=False)
-    else:
-        print_plan(result)
-    return 0

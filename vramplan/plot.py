@@ -1,26 +1,29 @@
 """Plots: where the memory goes, how it scales, how close the estimate is to measurements.
 
 Each plot is a pure function returning a matplotlib ``Figure`` (tests inspect its
-artists); ``save_figure`` writes it, ``add_cli`` wires ``vramplan plot``. Bytes stay
-integers until they are drawn: GiB (2**30) appears only in the coordinates below.
+artists); ``save_figure`` writes it; vramplan.cli.plot wires ``vramplan plot``. Bytes stay
+integers until they are drawn: GiB (vramplan.units) appears only in the coordinates below.
 
-matplotlib is imported inside the functions: ``vramplan estimate`` imports this module
-through ``add_cli`` and must not pay for it. Figures are built without pyplot on an Agg
+matplotlib is imported inside the functions: every ``vramplan`` command imports this module
+through vramplan.cli.plot and must not pay for it. Figures are built without pyplot on an Agg
 canvas, so they render on machines without a display and leave pyplot's state alone.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import statistics
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
+from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
+from vramplan.estimate import estimate_spec, make_setup
+from vramplan.strategies import compare
 from vramplan.units import GiB
 
 if TYPE_CHECKING:
@@ -99,7 +102,7 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
         lefts, widths = _segments(bars, cat, clip)
         ax.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
                 color=COLORS[cat], label=cat.label, edgecolor="white", linewidth=0.4)
-    for y, bar in zip(ys, bars):
+    for y, bar in zip(ys, bars, strict=True):
         _annotate_bar(ax, y, bar, clip)
         if len(bars) <= SEGMENT_LABELS_UP_TO:
             _label_segments(ax, y, bar, present, xmax)
@@ -107,7 +110,7 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     ax.axvline(_gib(capacity), color="black", linestyle="--", linewidth=1.2,
                label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)")
     ax.set_yticks(ys, [("* " if b.recommended else "") + b.label for b in bars])
-    for tick, bar in zip(ax.get_yticklabels(), bars):
+    for tick, bar in zip(ax.get_yticklabels(), bars, strict=True):
         if bar.recommended:
             tick.set_fontweight("bold")
     ax.set_xlim(0, _gib(xmax))
@@ -185,7 +188,6 @@ class Series:
 def scaling_series(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, values: Sequence[int],
                    base: dict, host_ram: int | None = None) -> list[Series]:
     """Estimate every method at every value of ``x`` ('seq' or 'batch'), other fields from ``base``."""
-    from vramplan.estimate import estimate_spec, make_setup
     out = []
     for method in methods:
         fields = _method_fields(method, base)
@@ -210,10 +212,9 @@ def _method_fields(method: str, base: dict) -> dict:
 
 
 def _method_label(fields: dict) -> str:
-    from vramplan.estimate import make_setup
     setup = make_setup(**fields)
     label = setup.method.value
-    if setup.method.value == "qlora":
+    if setup.quant is not None:  # qlora
         label += f" {setup.quant.value}"
     if setup.optim.is_8bit:
         label += " 8-bit" + (" layer-wise" if setup.optim.layerwise else "")
@@ -226,7 +227,7 @@ def _method_label(fields: dict) -> str:
 
 def fit_limit(series: Series, capacity: int) -> str:
     """Up to which x value the series fits ``capacity``: a number, 'none' or 'all'."""
-    fitting = [v for v, t in zip(series.xs, series.totals) if t <= capacity]
+    fitting = [v for v, t in zip(series.xs, series.totals, strict=True) if t <= capacity]
     if not fitting:
         return "none"
     return "all" if len(fitting) == len(series.xs) else f"≤ {max(fitting)}"
@@ -294,14 +295,14 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
                     per_category: bool = False) -> list[Point]:
     """Estimate each measured case. Whole cases compare peak allocated; ``per_category``
     compares each category of a line's optional ``measured_breakdown`` {category: bytes}."""
-    from vramplan.accuracy import estimate_case, is_full_step
     points = []
     for case in cases:
         if not is_full_step(case):
             continue
         est = estimate_case(case, configs)
         if not per_category:
-            points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
+            if case.peak_alloc_bytes is not None:  # always, after is_full_step
+                points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
             continue
         for cat, measured in _measured_breakdown(case).items():
             predicted = est.per_gpu.breakdown.get(cat, 0)
@@ -336,13 +337,16 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
     lo = _gib(min(min(p.predicted, p.measured) for p in points) / 1.3)
     hi = _gib(max(max(p.predicted, p.measured) for p in points) * 1.3)
     band = dict(color="#2E7D32", alpha=0.15, label=f"±{100 * tolerance:g}%")
-    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)], [lo * (1 + tolerance), hi * (1 + tolerance)],
-                    **band)
+    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)],
+                    [lo * (1 + tolerance), hi * (1 + tolerance)], **band)
     ax.plot([lo, hi], [lo, hi], color="#2E7D32", linewidth=1, label="predicted = measured")
     err_ax.axhspan(-100 * tolerance, 100 * tolerance, **{**band, "label": None})
     err_ax.axhline(0, color="#2E7D32", linewidth=1)
     for key, group in _groups(points).items():
-        color, label = (COLORS[key], key.label) if isinstance(key, Category) else (METHOD_COLORS.get(key, "#555555"), key)
+        if isinstance(key, Category):
+            color, label = COLORS[key], key.label
+        else:
+            color, label = METHOD_COLORS.get(key, "#555555"), key
         style = dict(s=40, color=color, edgecolors="black", linewidths=0.5, zorder=3)
         measured = [_gib(p.measured) for p in group]
         ax.scatter(measured, [_gib(p.predicted) for p in group], label=f"{label} ({len(group)})", **style)
@@ -425,7 +429,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
     """A file-name-safe piece: a config path becomes its directory or file stem."""
     if text.endswith(".json") or os.sep in text:
         p = Path(text)
@@ -433,155 +437,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-# ---------------------------------------------------------------- command line
-
-def add_cli(sub) -> None:
-    """``vramplan plot {breakdown,scaling,accuracy}``. Imports no matplotlib."""
-    from vramplan.cli import _Parser, add_setup_options
-    plot = sub.add_parser("plot", help="draw the memory breakdown, scaling or accuracy as PNG/SVG")
-    kinds = plot.add_subparsers(dest="plot_kind", required=True, parser_class=_Parser, metavar="KIND")
-
-    b = kinds.add_parser("breakdown", help="stacked per-GPU memory by category, the standard strategies or one --method")
-    _model_and_gpus(b)
-    add_setup_options(b)
-    b.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default as for estimate")
-    _output_option(b, "breakdown-MODEL-GPUS.png")
-    b.set_defaults(handler=_cmd_breakdown)
-
-    s = kinds.add_parser("scaling", conflict_handler="resolve",
-                         help="per-GPU memory against sequence length or batch size, one line per method")
-    _model_and_gpus(s, several=True)
-    add_setup_options(s)
-    # replaces the single --method of the setup options
-    s.add_argument("--method", action="append", choices=METHODS, dest="methods", metavar="METHOD",
-                   help="a method to draw; repeat for several (default: all four). --optim applies to the "
-                        "methods it is an optimizer for")
-    s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
-    s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
-    _output_option(s, "scaling-MODEL-X.png")
-    s.set_defaults(handler=_cmd_scaling)
-
-    a = kinds.add_parser("accuracy", help="predicted vs measured from measured-case JSON lines, with the ±5%% band")
-    a.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files of measured cases (MeasuredCase schema)")
-    a.add_argument("--configs", metavar="DIR", help="directory of MODEL.json configs for the cases' model names; "
-                   "names not found there are presets")
-    a.add_argument("--per-category", action="store_true",
-                   help="one point per category, from each line's measured_breakdown {category: bytes}")
-    _output_option(a, "accuracy.png")
-    a.set_defaults(handler=_cmd_accuracy)
-
-
-def _model_and_gpus(p, several: bool = False) -> None:
-    p.add_argument("model", metavar="MODEL", help="preset name or alias, a config.json path, or a directory with one")
-    if several:
-        p.add_argument("--gpus", action="append", help="GPUs as for estimate; repeat or comma-separate to draw "
-                       "several capacity lines (the first is used for the estimate); default: detected")
-    else:
-        p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile (2xrtx-3090); default: detected")
-
-
-def _output_option(p, default: str) -> None:
-    p.add_argument("-o", "--output", metavar="FILE", help=f"PNG or SVG file to write (by suffix); default {default}")
-
-
-def _host_ram(args) -> int | None:
-    from vramplan.cli import DEFAULT_HOST_RAM
-    from vramplan.estimate import local_host_ram
-    from vramplan.units import parse_bytes
-    if args.host_ram:
-        return parse_bytes(args.host_ram, "--host-ram")
-    return DEFAULT_HOST_RAM if args.gpus else local_host_ram()
-
-
-def _write(fig: Figure, path: Path) -> int:
-    save_figure(fig, path)
-    print(f"wrote {path}")
-    return 0
-
-
-def _use_agg() -> None:
-    import matplotlib
-    matplotlib.use("Agg")  # the command line never opens a window
-
-
 def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int | None = None) -> list[Bar]:
     """The bars ``plot breakdown`` draws: the standard strategies, or the one --method configuration."""
-    from vramplan.estimate import estimate_spec, make_setup
-    from vramplan.strategies import compare
     if fields.get("method") is None:
         return [Bar(r.label, r.estimate, r.recommended) for r in compare(spec, gpus, fields, host_ram)]
     est = estimate_spec(spec, make_setup(**fields), gpus, host_ram)
     return [Bar("per GPU", est)]
-
-
-def _cmd_breakdown(args) -> int:
-    from vramplan.cli import setup_fields
-    from vramplan.estimate import resolve_gpus
-    from vramplan.model_spec import load_model_spec
-    gpus = resolve_gpus(args.gpus)
-    spec = load_model_spec(args.model, num_layers=args.num_layers)
-    path = output_path(args.output, f"breakdown-{_slug(spec.name)}-{_slug(gpus.label)}.png")
-    bars = breakdown_bars(spec, gpus, setup_fields(args), _host_ram(args))
-    _use_agg()
-    return _write(breakdown_figure(bars), path)
-
-
-def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
-    if text is None:
-        return DEFAULT_VALUES[x]
-    try:
-        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise VramplanError(f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048",
-                            "--values") from None
-    if not values or values[0] < 1:
-        raise VramplanError(f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048",
-                            "--values")
-    return values
-
-
-def _cmd_scaling(args) -> int:
-    from vramplan.cli import setup_fields
-    from vramplan.estimate import resolve_gpus
-    from vramplan.model_spec import load_model_spec
-    names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
-    all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
-    values = _parse_values(args.values, args.x)
-    spec = load_model_spec(args.model, num_layers=args.num_layers)
-    path = output_path(args.output, f"scaling-{_slug(spec.name)}-{args.x}.png")
-    methods = list(dict.fromkeys(args.methods or METHODS))
-    fields = {k: v for k, v in setup_fields(args).items() if k != X_FIELD[args.x]}
-    series = scaling_series(spec, all_gpus[0], methods, args.x, values, fields)
-    capacities = [(g.profile.name, g.profile.memory_bytes) for g in all_gpus]
-    fixed = (f"batch {fields.get('batch_size', 1)}" if args.x == "seq" else f"seq {fields.get('seq_len', 2048)}")
-    title = f"{spec.name}: per-GPU memory against {X_LABEL[args.x].split(' (')[0]} ({fixed})"
-    _use_agg()
-    return _write(scaling_figure(series, args.x, capacities, title), path)
-
-
-def _cmd_accuracy(args) -> int:
-    from vramplan.measured import load_cases
-    if args.configs is not None and not Path(args.configs).is_dir():
-        raise VramplanError(f"{args.configs!r} is not a directory", "--configs")
-    path = output_path(args.output, "accuracy.png")
-    cases = [c for f in args.files for c in _load_file(f, load_cases)]
-    if args.per_category and not any((c.model_extra or {}).get("measured_breakdown") for c in cases):
-        raise VramplanError("no line carries a measured_breakdown {category: bytes}; plot whole cases without it",
-                            "--per-category")
-    points = accuracy_points(cases, args.configs, args.per_category)
-    _use_agg()
-    return _write(accuracy_figure(points), path)
-
-
-def _load_file(path: str, load_cases) -> list:
-    from pydantic import ValidationError
-    if not Path(path).is_file():
-        raise VramplanError(f"no such file {path!r}", "FILE")
-    try:
-        return load_cases(path)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise VramplanError(f"{path}: a line does not match the measured-case schema: "
-                            f"{'.'.join(map(str, err['loc']))}: {err['msg']}", "FILE") from None
-    except ValueError as e:  # json.JSONDecodeError
-        raise VramplanError(f"{path}: not JSON lines ({e})", "FILE") from None

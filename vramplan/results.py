@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.categories import ALLOCATED, Category
+from vramplan.setup import TrainingSetup
+from vramplan.units import GiB
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,23 +24,20 @@ class PerGpu(BaseModel):
     peak_phase: str = Field(description="where in the step the peak falls")
     phases: dict[str, int] = Field(default_factory=dict, description="allocated bytes at each modelled phase")
 
-    @property
-    def allocated_breakdown(self) -> dict[Category, int]:
-        return {c: self.breakdown.get(c, 0) for c in ALLOCATED}
-
 
 class Estimate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field(description="what MODEL resolved to")
-    setup: dict = Field(description="the TrainingSetup, as plain values")
+    setup: TrainingSetup = Field(description="the configuration estimated")
     description: str
     gpu_name: str
     gpu_count: int
     gpu_memory_bytes: int = Field(description="usable memory of one GPU (mem_get_info total)")
     per_gpu: PerGpu
     host_ram_bytes: int = Field(description="host RAM the run needs (pinned offload buffers + process)")
-    host_ram_available_bytes: int | None = Field(None, description="host RAM the verdict checked against (None: not checked)")
+    host_ram_available_bytes: int | None = Field(None, description="host RAM the verdict checked against "
+                                                 "(None: not checked)")
     fits_gpu: bool = Field(description="the per-GPU total fits the GPU's usable memory")
     fits_host: bool = Field(description="the host RAM need fits the available host RAM (True when unchecked)")
     fits: bool
@@ -65,6 +64,6 @@ class Estimate(BaseModel):
         import pandas as pd
         total = self.per_gpu.total_bytes or 1
         rows = [{"category": c.value, "bytes": self.per_gpu.breakdown.get(c, 0),
-                 "gib": self.per_gpu.breakdown.get(c, 0) / 2**30, "share": self.per_gpu.breakdown.get(c, 0) / total,
+                 "gib": self.per_gpu.breakdown.get(c, 0) / GiB, "share": self.per_gpu.breakdown.get(c, 0) / total,
                  "allocated": c in ALLOCATED} for c in Category]
         return pd.DataFrame(rows).astype({"bytes": "int64"})

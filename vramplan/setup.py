@@ -1,13 +1,15 @@
 """The training setup: which technique, precision, optimizer, batch and sharding.
 
 Field names follow the ``vramplan estimate`` flags (see docs/cli.md) and the reference
-step (shared reference-step.md). Validation names the flag at fault.
+step (docs/reference-step.md). Validation names the flag at fault.
 """
 from __future__ import annotations
 
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vramplan.errors import VramplanError
 
 
 class Method(str, Enum):
@@ -62,9 +64,13 @@ class TrainingSetup(BaseModel):
     """One training configuration, per micro-batch on one GPU."""
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Method = Field(Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, or GaLore")
-    precision: Precision = Field(Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 autocast")
-    optim: Optim | None = Field(None, description="optimizer (HF name); default adamw_torch, galore_adamw for galore")
+    method: Method = Field(Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, "
+                           "or GaLore")
+    precision: Precision = Field(Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 "
+                                 "autocast")
+    # None (or absent) on input is filled in by _defaults from the method
+    optim: Optim = Field(Optim.ADAMW_TORCH,
+                         description="optimizer (HF name); default adamw_torch, galore_adamw for galore")
     batch_size: int = Field(1, description="micro-batch size per GPU")
     seq_len: int = Field(2048, description="tokens per sequence")
     lora_r: int = Field(16, description="LoRA rank")
@@ -91,8 +97,7 @@ class TrainingSetup(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self):
-        from vramplan.errors import VramplanError
+    def _check(self) -> TrainingSetup:
         for flag, value in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
                             ("--lora-r", self.lora_r), ("--galore-rank", self.galore_rank),
                             ("--fsdp", self.fsdp)):
@@ -103,12 +108,15 @@ class TrainingSetup(BaseModel):
         if self.quant is not None and self.method != Method.QLORA:
             raise VramplanError("only applies to --method qlora", "--quant")
         if self.optim.is_galore != (self.method == Method.GALORE):
-            allowed = "galore_adamw[_8bit][_layerwise]" if self.method == Method.GALORE else "adamw_torch, adamw_torch_fused, adamw_bnb_8bit"
-            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}", _OPTIM_FLAG)
+            allowed = ("galore_adamw[_8bit][_layerwise]" if self.method == Method.GALORE
+                       else "adamw_torch, adamw_torch_fused, adamw_bnb_8bit")
+            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
+                                _OPTIM_FLAG)
         if self.cpu_offload and self.fsdp < 2:
             raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
         if self.optim.layerwise and self.fsdp > 1:
-            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded grads)", _OPTIM_FLAG)
+            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
+                                "grads)", _OPTIM_FLAG)
         return self
 
     @property
@@ -126,7 +134,7 @@ class TrainingSetup(BaseModel):
 
     def describe(self) -> str:
         parts = [self.method.value]
-        if self.method == Method.QLORA:
+        if self.quant is not None:  # qlora only (_check)
             parts.append(self.quant.value)
         if self.lora_like:
             parts.append(f"r={self.lora_r}" + ("" if self.lora_targets == LoraTargets.ALL_LINEAR else " attn"))

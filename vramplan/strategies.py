@@ -13,12 +13,14 @@ from vramplan.results import Estimate
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
 # updates); then adapters (LoRA, QLoRA); offload last (the slowest). The first that fits
 # is recommended, and the reason says what it trades.
-_CANDIDATES = [
+_CANDIDATES: list[tuple[str, dict[str, object], str]] = [
     ("full fine-tune", dict(method="full"), "trains every weight with plain AdamW, no recomputation"),
-    ("full + ckpt", dict(method="full", gradient_checkpointing=True), "trains every weight; recomputes layers (~30% slower)"),
+    ("full + ckpt", dict(method="full", gradient_checkpointing=True),
+     "trains every weight; recomputes layers (~30% slower)"),
     ("full + 8-bit Adam + ckpt", dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
      "trains every weight; 8-bit optimizer states"),
-    ("full + FSDP + ckpt", dict(method="full", fsdp="all", gradient_checkpointing=True), "trains every weight, sharded over all GPUs"),
+    ("full + FSDP + ckpt", dict(method="full", fsdp="all", gradient_checkpointing=True),
+     "trains every weight, sharded over all GPUs"),
     ("full + FSDP + offload", dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
      "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)"),
     ("GaLore 8bit-lw r128 + ckpt", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
@@ -26,9 +28,11 @@ _CANDIDATES = [
      "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)"),
     ("LoRA r16", dict(method="lora"), "frozen bf16 base with adapters, no recomputation"),
     ("LoRA + ckpt", dict(method="lora", gradient_checkpointing=True), "frozen bf16 base with adapters"),
-    ("LoRA + FSDP + ckpt", dict(method="lora", fsdp="all", gradient_checkpointing=True), "frozen bf16 base sharded over all GPUs"),
+    ("LoRA + FSDP + ckpt", dict(method="lora", fsdp="all", gradient_checkpointing=True),
+     "frozen bf16 base sharded over all GPUs"),
     ("QLoRA nf4 + ckpt", dict(method="qlora", gradient_checkpointing=True), "4-bit frozen base with adapters"),
-    ("QLoRA + FSDP + ckpt", dict(method="qlora", fsdp="all", gradient_checkpointing=True), "4-bit base sharded over all GPUs"),
+    ("QLoRA + FSDP + ckpt", dict(method="qlora", fsdp="all", gradient_checkpointing=True),
+     "4-bit base sharded over all GPUs"),
     ("QLoRA r64 + FSDP + offload", dict(method="qlora", lora_r=64, fsdp="all", cpu_offload=True,
                                                     gradient_checkpointing=True),
      "4-bit base sharded and offloaded to host RAM (Answer.AI's 70B recipe)"),
@@ -66,8 +70,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
     """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
     shared = _shared_fields(base)
     rows: list[StrategyRow] = []
-    for label, fields, reason in _CANDIDATES:
-        fields = dict(fields)
+    for label, candidate, reason in _CANDIDATES:
+        fields = dict(candidate)
         if fields.get("fsdp") == "all":
             if gpus.count < 2:
                 continue

@@ -27,10 +27,6 @@ def parse_bytes(text: str, flag: str = "size") -> int:
     return value
 
 
-def fmt_bytes(n: int | float, unit: str = "GiB", digits: int = 2) -> str:
-    div = {"GiB": GiB, "MiB": MiB, "KiB": KiB, "B": 1}[unit]
-    return f"{n / div:.{digits}f} {unit}"
-
-
 def gib(n: int | float) -> float:
+    """Bytes as GiB, for display."""
     return n / GiB

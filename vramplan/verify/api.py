@@ -1,7 +1,6 @@
 """verify(): estimate, run the reference step (maybe at truncated depths or on N ranks), compare."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,7 +97,7 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     and no --num-layers was given), "always" or "never". on_case(label) announces each
     case (progress display); on_phase(phase, step) each phase."""
     from vramplan.estimate import estimate_config
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.compare import compare
     require_cuda(device)
     gspec = estimate_gpus(gpus, device, setup.fsdp)
@@ -125,7 +124,7 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
 def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:
     if device.startswith("cuda"):
         return 0
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.cputrace import cpu_loss_backward_delta
     return cpu_loss_backward_delta(setup.tokens, load_model_spec(model, num_layers=num_layers).vocab)
 
@@ -150,7 +149,7 @@ def _run(model, setup, device, num_layers, steps, on_phase, on_case) -> Measurem
 
 def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case):
     from vramplan.estimate import estimate_config
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify import extrapolate as xp
     from vramplan.verify.compare import compare
     fields = setup.model_dump(exclude_none=True)
@@ -172,6 +171,3 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
                         comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
                         extrapolations=fits)
 
-
-def summary_json(report: VerifyReport) -> dict:
-    return json.loads(report.model_dump_json())

@@ -1,4 +1,4 @@
-"""Build the reference step (shared reference-step.md) for one TrainingSetup.
+"""Build the reference step (docs/reference-step.md) for one TrainingSetup.
 
 The model is created on the meta device and materialized straight on the target device,
 so no full-size weights are ever initialized on the CPU: an 8B builds in seconds, and a
@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from vramplan.errors import VramplanError
-from vramplan.model_spec import ModelSpec, load_model_spec, resolve_config
+from vramplan.model_spec import ModelSpec
+from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
 
 LR = 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 from vramplan.categories import Category as C
 from vramplan.memory import MEASURED_PHASES, measured_phase
 from vramplan.results import Estimate
+from vramplan.units import GiB, MiB
 from vramplan.verify.results import CategoryRow, Comparison, Measurement
 
 
@@ -23,7 +24,7 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     modelled = dict(estimate.per_gpu.phases)
     if cpu_loss_delta and "loss backward" in modelled:
         modelled["loss backward"] -= cpu_loss_delta
-        notes.append(f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / 2**20:.1f} MiB, "
+        notes.append(f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / MiB:.1f} MiB, "
                      "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)")
     if m.setup.fsdp > 1:
         # measured transient is the residual of the peak: it includes the FSDP buffers
@@ -102,7 +103,7 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
     from rich.table import Table
     console = console or Console()
     biggest = max((abs(v) for r in [*cmp.rows, *cmp.totals] for v in (r.estimate_bytes, r.measured_bytes) if v), default=0)
-    unit, div = ("GiB", 2**30) if biggest >= 2**30 else ("MiB", 2**20)
+    unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", MiB)
     gib = (lambda b: "n/a" if b is None else f"{b / div:.2f}")
     title = f"{m.model} [{m.num_layers}/{m.full_layers} layers] {cmp.description}"
     t = Table(title=title, title_justify="left")

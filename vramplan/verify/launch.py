@@ -2,7 +2,6 @@
 torchrun for FSDP over N real local GPUs (one process per GPU, every rank reported)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -81,6 +80,3 @@ def worker_main(argv: list[str]) -> int:
         dist.destroy_process_group()
     return 0
 
-
-def load_json(path: Path) -> dict:
-    return json.loads(path.read_text())

@@ -73,7 +73,7 @@ def _label(name: str, step: int | None) -> str:
 
 
 @dataclass
-class _Sizes:
+class PhaseSizes:
     model: dict = field(default_factory=dict)
     activations: int | None = None
     gradients: int | None = None
@@ -84,7 +84,7 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
              steps: int = 3, on_phase: PhaseCallback | None = None) -> Measurement:
     """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
     import torch
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.build import build_step
     from vramplan.verify import cputrace
     probe = make_probe(device)
@@ -95,7 +95,7 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
     on_cpu = torch.device(device).type == "cpu"
     trace = cputrace.AllocationTrace() if on_cpu else None
     run = _Run(probe, on_phase, trace=trace)
-    sizes, timing = _Sizes(), []
+    sizes, timing = PhaseSizes(), []
     built = oom = None
     after_build = after_step0 = nvml = None
     counts = (0, 0)
@@ -138,7 +138,7 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
                         traced=trace is not None)
 
 
-def _apply_trace(run: _Run, traced: list, sizes: _Sizes) -> tuple[int | None, int | None, list[int]]:
+def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None, int | None, list[int]]:
     """Fill the phase snapshots from the allocation trace, which reports only at its end."""
     snaps, prev_end, after_build, after_step0, step_peaks = [], 0, None, None, []
     run.peak_alloc = run.peak_at = None
@@ -157,7 +157,7 @@ def _apply_trace(run: _Run, traced: list, sizes: _Sizes) -> tuple[int | None, in
     return after_build, after_step0, step_peaks
 
 
-def _one_step(built, run: _Run, sizes: _Sizes, step: int, dev: str) -> None:
+def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
     ids = built.batch()
     with run.phase("forward", step):
         before = run.probe.allocated()
@@ -197,7 +197,7 @@ def _free(built) -> None:
         pass
 
 
-def peak_breakdown(phase: str | None, sizes: _Sizes, peak: int | None, after_step0_seen: bool,
+def peak_breakdown(phase: str | None, sizes: PhaseSizes, peak: int | None, after_step0_seen: bool,
                    layerwise: bool = False) -> dict:
     """Bytes per category alive at the peak phase; the rest of the peak is transient.
 
@@ -245,7 +245,7 @@ def _versions() -> dict[str, str]:
 
 def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom, after_build, after_step0,
                  step_peaks, timing, nvml, counts, notes, simulated, rank, traced: bool = False) -> Measurement:
-    from vramplan.model_spec import resolve_config
+    from vramplan.model_loader import resolve_config
     name, _alias, _cfg = resolve_config(model)
     breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.optim.layerwise)
     if run.peak_reserved is not None and run.peak_alloc is not None:

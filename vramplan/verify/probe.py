@@ -3,7 +3,8 @@ on CPU nothing (None = unavailable), so the harness still runs and is tested the
 from __future__ import annotations
 
 import gc
-import os
+
+from vramplan import nvml
 
 
 class Probe:
@@ -77,37 +78,9 @@ class CudaProbe(Probe):
 
     def nvml_used(self) -> int | None:
         """Device memory this process holds per NVML: reserved + CUDA context + library
-        workspaces outside torch. Falls back to None when NVML cannot see processes
-        (containers without the host PID namespace)."""
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-        except Exception:  # noqa: BLE001 - no NVML: not measurable
-            return None
-        try:
-            handle = _nvml_handle(pynvml, self.index)
-            pid = os.getpid()
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    return int(proc.usedGpuMemory)
-            return None
-        except Exception:  # noqa: BLE001
-            return None
-        finally:
-            pynvml.nvmlShutdown()
-
-
-def _nvml_handle(pynvml, index: int):
-    # CUDA_VISIBLE_DEVICES renumbers devices; NVML does not
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-        if index < len(ids):
-            ident = ids[index]
-            if ident.isdigit():
-                return pynvml.nvmlDeviceGetHandleByIndex(int(ident))
-            return pynvml.nvmlDeviceGetHandleByUUID(ident)
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+        workspaces outside torch. None when NVML cannot see processes (containers without
+        the host PID namespace)."""
+        return nvml.process_used_bytes(self.index)
 
 
 def make_probe(device: str) -> Probe:

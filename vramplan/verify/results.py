@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramplan.categories import ALLOCATED, Category
+from vramplan.categories import Category
 from vramplan.measured import OPTIM_TO_HF, MeasuredCase
+from vramplan.units import MiB
 from vramplan.setup import Precision, TrainingSetup
 
-MiB = 2**20
 PHASES = ("build", "forward", "backward", "optimizer")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -71,10 +71,6 @@ class Measurement(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     extrapolated_from: list[int] = Field(default_factory=list,
                                          description="depths this full-depth figure was fitted from (empty: measured)")
-
-    @property
-    def allocated_sum(self) -> int:
-        return sum(v or 0 for c, v in self.breakdown.items() if c in ALLOCATED)
 
     def case_name(self) -> str:
         s = self.setup

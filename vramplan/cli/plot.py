@@ -1,0 +1,188 @@
+"""`vramplan plot {breakdown,scaling,accuracy}`: parse, compute, draw, write the file.
+
+matplotlib is imported by the drawing functions only: building the parser (every
+``vramplan`` command does) must not pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from vramplan.cli.common import GPUS_HELP, MODEL_HELP, _Parser, add_setup_options, host_ram, setup_fields
+from vramplan.errors import VramplanError
+from vramplan.estimate import resolve_gpus
+from vramplan.measured import MeasuredCase, load_cases
+from vramplan.model_loader import load_model_spec
+from vramplan.plot import (
+    DEFAULT_VALUES,
+    METHODS,
+    X_FIELD,
+    X_LABEL,
+    accuracy_figure,
+    accuracy_points,
+    breakdown_bars,
+    breakdown_figure,
+    file_slug,
+    output_path,
+    save_figure,
+    scaling_figure,
+    scaling_series,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """``vramplan plot {breakdown,scaling,accuracy}``. Imports no matplotlib."""
+    plot = sub.add_parser("plot", help="draw the memory breakdown, scaling or accuracy as PNG/SVG")
+    kinds = plot.add_subparsers(dest="plot_kind", required=True, parser_class=_Parser, metavar="KIND")
+
+    b = kinds.add_parser(
+        "breakdown", help="stacked per-GPU memory by category, the standard strategies or one --method"
+    )
+    _model_and_gpus(b)
+    add_setup_options(b)
+    b.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default as for estimate")
+    _output_option(b, "breakdown-MODEL-GPUS.png")
+    b.set_defaults(handler=_cmd_breakdown)
+
+    s = kinds.add_parser(
+        "scaling",
+        conflict_handler="resolve",
+        help="per-GPU memory against sequence length or batch size, one line per method",
+    )
+    _model_and_gpus(s, several=True)
+    add_setup_options(s)
+    # replaces the single --method of the setup options
+    s.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        dest="methods",
+        metavar="METHOD",
+        help="a method to draw; repeat for several (default: all four). --optim applies to the "
+        "methods it is an optimizer for",
+    )
+    s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
+    s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
+    _output_option(s, "scaling-MODEL-X.png")
+    s.set_defaults(handler=_cmd_scaling)
+
+    a = kinds.add_parser("accuracy", help="predicted vs measured from measured-case JSON lines, with the ±5%% band")
+    a.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files of measured cases (MeasuredCase schema)")
+    a.add_argument(
+        "--configs",
+        metavar="DIR",
+        help="directory of MODEL.json configs for the cases' model names; names not found there are presets",
+    )
+    a.add_argument(
+        "--per-category",
+        action="store_true",
+        help="one point per category, from each line's measured_breakdown {category: bytes}",
+    )
+    _output_option(a, "accuracy.png")
+    a.set_defaults(handler=_cmd_accuracy)
+
+
+def _model_and_gpus(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    if several:
+        p.add_argument(
+            "--gpus",
+            action="append",
+            help="GPUs as for estimate; repeat or comma-separate to draw "
+            "several capacity lines (the first is used for the estimate); default: detected",
+        )
+    else:
+        p.add_argument("--gpus", help=GPUS_HELP)
+
+
+def _output_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("-o", "--output", metavar="FILE", help=f"PNG or SVG file to write (by suffix); default {default}")
+
+
+def _write(fig: Figure, path: Path) -> int:
+    save_figure(fig, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _use_agg() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line never opens a window
+
+
+def _cmd_breakdown(args: argparse.Namespace) -> int:
+    gpus = resolve_gpus(args.gpus)
+    spec = load_model_spec(args.model, num_layers=args.num_layers)
+    path = output_path(args.output, f"breakdown-{file_slug(spec.name)}-{file_slug(gpus.label)}.png")
+    bars = breakdown_bars(spec, gpus, setup_fields(args), host_ram(args))
+    _use_agg()
+    return _write(breakdown_figure(bars), path)
+
+
+def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
+    if text is None:
+        return DEFAULT_VALUES[x]
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise VramplanError(
+            f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048", "--values"
+        ) from None
+    if not values or values[0] < 1:
+        raise VramplanError(
+            f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048", "--values"
+        )
+    return values
+
+
+def _cmd_scaling(args: argparse.Namespace) -> int:
+    names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
+    all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
+    values = _parse_values(args.values, args.x)
+    spec = load_model_spec(args.model, num_layers=args.num_layers)
+    path = output_path(args.output, f"scaling-{file_slug(spec.name)}-{args.x}.png")
+    methods = list(dict.fromkeys(args.methods or METHODS))
+    fields = {k: v for k, v in setup_fields(args).items() if k != X_FIELD[args.x]}
+    series = scaling_series(spec, all_gpus[0], methods, args.x, values, fields)
+    capacities = [(g.profile.name, g.profile.memory_bytes) for g in all_gpus]
+    fixed = f"batch {fields.get('batch_size', 1)}" if args.x == "seq" else f"seq {fields.get('seq_len', 2048)}"
+    title = f"{spec.name}: per-GPU memory against {X_LABEL[args.x].split(' (')[0]} ({fixed})"
+    _use_agg()
+    return _write(scaling_figure(series, args.x, capacities, title), path)
+
+
+def _cmd_accuracy(args: argparse.Namespace) -> int:
+    if args.configs is not None and not Path(args.configs).is_dir():
+        raise VramplanError(f"{args.configs!r} is not a directory", "--configs")
+    path = output_path(args.output, "accuracy.png")
+    cases = [c for f in args.files for c in _load_file(f)]
+    if args.per_category and not any((c.model_extra or {}).get("measured_breakdown") for c in cases):
+        raise VramplanError(
+            "no line carries a measured_breakdown {category: bytes}; plot whole cases without it", "--per-category"
+        )
+    points = accuracy_points(cases, args.configs, args.per_category)
+    _use_agg()
+    return _write(accuracy_figure(points), path)
+
+
+def _load_file(path: str) -> list[MeasuredCase]:
+    if not Path(path).is_file():
+        raise VramplanError(f"no such file {path!r}", "FILE")
+    try:
+        return load_cases(path)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise VramplanError(
+            f"{path}: a line does not match the measured-case schema: {'.'.join(map(str, err['loc']))}: {err['msg']}",
+            "FILE",
+        ) from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise VramplanError(f"{path}: not JSON lines ({e})", "FILE") from None

@@ -1,0 +1,139 @@
+"""`vramplan verify MODEL`: parse, call verify(), render, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vramplan.cli.common import MODEL_HELP, add_setup_options, setup_fields
+from vramplan.errors import VramplanError
+
+EXIT_DOES_NOT_FIT = 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("verify", help="run the real training step on this GPU and compare it with the estimate")
+    v.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_setup_options(v)
+    v.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps to run (default 3; the first creates the states)"
+    )
+    v.add_argument("--gpus", help="GPUs the estimate is for (default: the detected ones)")
+    v.add_argument(
+        "--extrapolate",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="measure truncated depths and extrapolate: auto = when the estimate says the full model "
+        "does not fit this GPU",
+    )
+    v.add_argument("--depths", help="truncated depths to extrapolate from, e.g. 4,8 (default: chosen to fit)")
+    v.add_argument("--out", help="report folder (default: vramplan-verify/<case>-<time>)")
+    v.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: run the step on this CPU with every allocation traced, a check of the step's "
+        "structure without a GPU (CPU kernels are not CUDA's: docs/verify.md, 'CPU trace')",
+    )
+    v.add_argument("--format", choices=["table", "json"], default="table")
+    v.add_argument("--no-progress", action="store_true", help="no live progress display")
+    v.set_defaults(handler=run)
+
+
+def _depths(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise VramplanError(f"cannot read {text!r}; use e.g. 4,8", "--depths") from None
+    if len(out) < 2:
+        raise VramplanError(f"need at least two depths, got {text!r}", "--depths")
+    return out
+
+
+@contextmanager
+def _progress(enabled: bool, steps: int):
+    """A live display of the case and phase; yields (on_case, on_phase) callbacks."""
+    if not enabled:
+        yield None, None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    total = 1 + 3 * steps
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as prog:
+        state: dict[str, Any] = {"task": None, "case": ""}
+
+        def on_case(label: str) -> None:
+            if state["task"] is not None:
+                prog.update(state["task"], completed=total)
+            state["case"] = label
+            state["task"] = prog.add_task(f"{label}: starting", total=total)
+
+        def on_phase(phase: str, step: int | None) -> None:
+            if state["task"] is None:
+                on_case("case")
+            done = 0 if step is None else 1 + 3 * step + ("forward", "backward", "optimizer").index(phase)
+            what = "building the model" if step is None else f"step {step + 1}/{steps}: {phase}"
+            prog.update(state["task"], completed=done, description=f"{state['case']}: {what}")
+
+        yield on_case, on_phase
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from vramplan.estimate import make_setup
+    from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, verify
+    from vramplan.verify.compare import render
+
+    setup = make_setup(**setup_fields(args))
+    if args.steps < 1:
+        raise VramplanError(f"must be a positive integer, got {args.steps}", "--steps")
+    depths = _depths(args.depths)
+    show = not args.no_progress and args.format == "table"
+    try:
+        with _progress(show, args.steps) as (on_case, on_phase):
+            report = verify(
+                args.model,
+                setup,
+                device=args.device,
+                num_layers=args.num_layers,
+                steps=args.steps,
+                gpus=args.gpus,
+                extrapolate=args.extrapolate,
+                depths=depths,
+                on_phase=on_phase,
+                on_case=on_case,
+            )
+    except NoGpuError as e:
+        print(f"vramplan: {e}", file=sys.stderr)
+        return EXIT_NO_GPU
+    folder = report.write(args.out or _default_out(report))
+    if args.format == "json":
+        print(report.model_dump_json(indent=1))
+    else:
+        console = Console()
+        for m, c in zip(report.result, report.comparisons, strict=True):
+            if len(report.result) > 1:
+                console.rule(f"rank {m.rank} of {m.world}")
+            render(c, m, console)
+        console.print(f"report: {folder}/ (report.json, comparison.csv, measurements.jsonl)")
+    return 0 if report.fits else EXIT_DOES_NOT_FIT
+
+
+def _default_out(report) -> Path:
+    name = report.measurements[0].case_name() if report.measurements else "verify"
+    return Path("vramplan-verify") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

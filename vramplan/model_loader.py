@@ -1,0 +1,176 @@
+"""MODEL (preset, alias, config.json path or directory) -> ModelSpec.
+
+The model is built from its config.json on the meta device (no weights allocated) by
+vramplan.analyze and its modules are walked: embeddings, every Linear inside the decoder
+layers with its shape, norms, lm_head, tied weights, MoE expert tensors, biases. The
+analysis is cached on disk (keyed by the config, the layer override and the transformers
+version), and presets ship theirs, so repeated estimates neither rebuild nor import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from vramplan.analyze import analyze_config
+from vramplan.errors import VramplanError
+from vramplan.model_spec import ModelSpec
+
+PRESET_DIR = Path(__file__).parent / "presets" / "models"
+ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
+SHIPPED_DIR = Path(__file__).parent / "presets" / "specs"
+SPEC_VERSION = 8  # bump when the analysis output changes
+
+
+# ---------------------------------------------------------------- config resolution
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=1)
+def aliases() -> dict[str, str]:
+    return json.loads(ALIAS_FILE.read_text()) if ALIAS_FILE.exists() else {}
+
+
+def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str | None, dict]:
+    """MODEL (preset, alias, config.json path or directory) -> (name, alias_used, config dict)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.exists():
+            raise VramplanError(f"directory {model!r} holds no config.json", "MODEL")
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise VramplanError(f"no such file {model!r}", "MODEL")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise VramplanError(f"{model!r} is not a readable JSON config ({e})", "MODEL") from None
+        name, alias = str(path), None
+    else:
+        key = model.lower()
+        alias = None
+        if key not in preset_names() and key in aliases():
+            alias, key = model, aliases()[key]
+        if key not in preset_names():
+            raise VramplanError(
+                f"unknown model {model!r}; presets: {', '.join(preset_names())}; "
+                f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}; "
+                "or give a config.json path",
+                "MODEL",
+            )
+        cfg = json.loads((PRESET_DIR / f"{key}.json").read_text())
+        name = key
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise VramplanError(f"{model!r} is not a model config (no model_type)", "MODEL")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if num_layers is not None:
+        if num_layers < 1:
+            raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+        # a multimodal config (Gemma 3 4B+) keeps the decoder's depth in its text_config
+        for part in [cfg] + ([cfg["text_config"]] if isinstance(cfg.get("text_config"), dict) else []):
+            part["num_hidden_layers"] = num_layers
+            for key in ("layer_types", "mlp_only_layers"):
+                if isinstance(part.get(key), list):
+                    part[key] = part[key][:num_layers]
+    return name, alias, cfg
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("VRAMPLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vramplan"
+    )
+    return Path(base) / "specs"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("transformers")
+    except Exception:  # noqa: BLE001 - not installed: analysis will fail later with a clear error
+        return "none"
+
+
+def _cache_key(cfg: dict) -> str:
+    blob = json.dumps(cfg, sort_keys=True) + f"|{SPEC_VERSION}|{_transformers_version()}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def config_sha(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _shipped(name: str, cfg: dict) -> ModelSpec | None:
+    """Presets ship their analysis (scripts/build_preset_specs.py; a test rebuilds and
+    compares), so a cold estimate of a preset needs neither torch nor transformers."""
+    path = SHIPPED_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.pop("_config_sha", None) != config_sha(cfg):
+        return None
+    return ModelSpec.model_validate(data)
+
+
+def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
+    """The first L decoder layers: what building with num_hidden_layers=L gives."""
+    if num_layers < 1:
+        raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+    if num_layers > spec.num_layers:
+        # a deeper model is a different model: say so rather than estimate the full depth
+        raise VramplanError(
+            f"{spec.name} has {spec.num_layers} decoder layers; truncation takes 1 to "
+            f"{spec.num_layers}, got {num_layers}",
+            "--num-layers",
+        )
+    if num_layers == spec.num_layers:
+        return spec
+    dropped = sum(l.numel for l in spec.layers[num_layers:])
+    return spec.model_copy(
+        update={
+            "layers": spec.layers[:num_layers],
+            "num_layers": num_layers,
+            "params_total": spec.params_total - dropped,
+        }
+    )
+
+
+def _full_spec(name: str, cfg: dict, use_cache: bool) -> ModelSpec:
+    shipped = _shipped(name, cfg) if use_cache else None
+    if shipped is not None:
+        return shipped
+    path = _cache_dir() / f"{_cache_key(cfg)}.json"
+    if use_cache and path.exists():
+        try:
+            return ModelSpec.model_validate_json(path.read_text())
+        except ValueError:
+            pass  # stale or corrupt cache entry: rebuild
+    spec = analyze_config(cfg, name=name)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(spec.model_dump_json())
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home is no reason to fail
+    return spec
+
+
+def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool = True) -> ModelSpec:
+    """MODEL -> ModelSpec. --num-layers truncates the full-depth analysis (decoder layers
+    are built independently of how many follow), so it never triggers a rebuild."""
+    name, alias, cfg = resolve_config(model)
+    spec = _full_spec(name, cfg, use_cache)
+    if num_layers is not None:
+        spec = truncate(spec, num_layers)
+    return spec.model_copy(update={"name": name, "resolved_from": alias})

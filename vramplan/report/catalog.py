@@ -1,0 +1,80 @@
+"""What is bundled and what is here: model presets, GPU profiles, the GPUs NVML sees."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from vramplan.hardware import profiles
+from vramplan.model_loader import aliases, preset_names
+from vramplan.nvml import NvmlDevice
+from vramplan.units import GiB
+
+
+def print_models(console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title="model presets")
+    t.add_column("preset")
+    t.add_column("aliases")
+    names = aliases()
+    for name in preset_names():
+        t.add_row(name, ", ".join(sorted(a for a, v in names.items() if v == name and "/" not in a)))
+    console.print(t)
+
+
+def print_hardware(console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title="GPU profiles")
+    for col in ("name", "GPU", "usable GiB", "bf16 TFLOP/s", "GB/s", "host link"):
+        t.add_column(col)
+    for p in profiles().values():
+        t.add_row(
+            p.name,
+            p.display_name,
+            f"{p.memory_bytes / GiB:.2f}",
+            f"{p.bf16_dense_tflops:g}",
+            f"{p.memory_bandwidth_gbps:g}",
+            p.host_link,
+        )
+    console.print(t)
+
+
+def profile_for(nvml_name: str) -> str | None:
+    """The bundled profile whose NVML names include this GPU's, if any."""
+    return next((p.name for p in profiles().values() if nvml_name in p.nvml_names), None)
+
+
+def gpus_json(devices: list[NvmlDevice], driver: str | None, message: str | None) -> dict:
+    """``vramplan gpus --format json``: one entry per GPU, and why there are none."""
+    return {
+        "gpus": [
+            {
+                "index": d.index,
+                "name": d.name,
+                "total_bytes": d.total_bytes,
+                "free_bytes": d.free_bytes,
+                "used_bytes": d.used_bytes,
+                "driver": driver,
+                "profile": profile_for(d.name),
+            }
+            for d in devices
+        ],
+        "message": message,
+    }
+
+
+def print_gpus(devices: list[NvmlDevice], driver: str, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table()
+    for col in ("#", "name", "total GiB", "free GiB", "driver", "profile"):
+        t.add_column(col)
+    for d in devices:
+        t.add_row(
+            str(d.index),
+            d.name,
+            f"{d.total_bytes / GiB:.2f}",
+            f"{d.free_bytes / GiB:.2f}",
+            driver,
+            profile_for(d.name) or "(none: estimates use a generic profile of this size)",
+        )
+    console.print(t)

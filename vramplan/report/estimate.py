@@ -1,0 +1,107 @@
+"""One estimate and the strategy comparison: rich tables and the comparison's JSON."""
+
+from __future__ import annotations
+
+from rich.console import Console, JustifyMethod
+from rich.table import Table
+from rich.text import Text
+
+from vramplan.categories import COLORS, Category
+from vramplan.estimate import coverage_notes
+from vramplan.hardware import GpuSpec
+from vramplan.model_spec import ModelSpec
+from vramplan.report import gib_cell as _gib
+from vramplan.results import Estimate
+from vramplan.strategies import StrategyRow
+from vramplan.units import GiB
+
+
+def _verdict(est: Estimate) -> Text:
+    if est.fits_gpu and not est.fits_host and est.host_ram_available_bytes is not None:  # unchecked host fits
+        return Text(
+            f"DOES NOT FIT  GPU memory is fine ({est.per_gpu.total_bytes / GiB:.2f} GiB per GPU) but the host needs "
+            f"{est.host_ram_bytes / GiB:.1f} GiB RAM, has {est.host_ram_available_bytes / GiB:.1f} GiB "
+            "(set --host-ram for the training machine)",
+            style="bold red",
+        )
+    if est.fits:
+        return Text(
+            f"FITS  {est.per_gpu.total_bytes / GiB:.2f} GiB of {est.gpu_memory_bytes / GiB:.2f} GiB per GPU "
+            f"({est.headroom_bytes / GiB:.2f} GiB headroom)",
+            style="bold green",
+        )
+    return Text(
+        f"DOES NOT FIT  needs {est.per_gpu.total_bytes / GiB:.2f} GiB per GPU, "
+        f"has {est.gpu_memory_bytes / GiB:.2f} GiB "
+        f"(short by {-est.headroom_bytes / GiB:.2f} GiB)",
+        style="bold red",
+    )
+
+
+def print_estimate(est: Estimate, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(_verdict(est))
+    console.print(f"[bold]{est.model}[/] on {est.gpu_count}x {est.gpu_name}: {est.description}")
+    for note in est.notes:
+        console.print(f"  note: {note}")
+    t = Table(title=f"per-GPU memory at the peak ({est.per_gpu.peak_phase})", title_justify="left")
+    t.add_column("category")
+    t.add_column("GiB", justify="right")
+    t.add_column("share", justify="right")
+    total = est.per_gpu.total_bytes or 1
+    for cat in Category:
+        v = est.per_gpu.breakdown.get(cat, 0)
+        if v:
+            t.add_row(Text("■ ", style=COLORS[cat]) + cat.label, _gib(v), f"{100 * v / total:.1f}%")
+    t.add_section()
+    t.add_row("peak allocated (torch)", _gib(est.per_gpu.peak_allocated_bytes), "")
+    t.add_row("peak reserved (torch)", _gib(est.per_gpu.peak_reserved_bytes), "")
+    t.add_row("[bold]total per GPU (nvidia-smi)", f"[bold]{_gib(est.per_gpu.total_bytes)}", "")
+    t.add_row("GPU capacity", _gib(est.gpu_memory_bytes), "")
+    t.add_row("host RAM (all ranks on this host)", _gib(est.host_ram_bytes), "")
+    console.print(t)
+
+
+def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow]) -> dict:
+    return {
+        "model": spec.name,
+        "gpus": gpus.label,
+        "recommended": next((r.label for r in rows if r.recommended), None),
+        "strategies": [
+            {"label": r.label, "reason": r.reason, "recommended": r.recommended, **r.estimate.to_json_dict()}
+            for r in rows
+        ],
+    }
+
+
+def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None) -> None:
+    console = console or Console()
+    title = f"{spec.name} on {gpus.count}x {gpus.profile.display_name} ({gpus.profile.memory_bytes / GiB:.1f} GiB each)"
+    if spec.resolved_from:
+        title += f"  [{spec.resolved_from!r} -> {spec.name}]"
+    t = Table(title=title, title_justify="left")
+    t.add_column("strategy", no_wrap=True)
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("GiB/GPU", "right"),
+        ("host GiB", "right"),
+        ("fits", "center"),
+        ("headroom", "right"),
+    )
+    for col, just in columns:
+        t.add_column(col, justify=just)
+    for r in rows:
+        e = r.estimate
+        mark = "[green]yes[/]" if e.fits else ("[yellow]no: RAM[/]" if e.fits_gpu else "[red]no[/]")
+        label = ("[bold]* " if r.recommended else "  ") + r.label
+        t.add_row(label, _gib(e.per_gpu.total_bytes), _gib(e.host_ram_bytes), mark, _gib(e.headroom_bytes))
+    console.print(t)
+    rec = next((r for r in rows if r.recommended), None)
+    if rec:
+        console.print(f"[bold green]Recommended:[/] {rec.label} — {rec.reason}")
+    else:
+        console.print(
+            "[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
+            "(`vramplan plan` searches for what would)."
+        )
+    for note in coverage_notes(spec):  # the architecture's, the same for every strategy
+        console.print(f"note: {note}")
