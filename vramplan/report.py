@@ -102,6 +102,6 @@ def print_hardware(console: Console | None = None) -> None:
     for col in ("name", "GPU", "usable GiB", "bf16 TFLOP/s", "GB/s", "host link"):
         t.add_column(col)
     for p in profiles().values():
-        t.add_row(p.name, p.display_name, f"{p.memory_bytes / GiB:.2f}", f"{p.bf16_dense_tflops:g}",
+        t.add_row(p.name, p.display_name, f"{p.memory_bytes / GiB:.2f}", f"{p.training_tflops:g}" + ("" if p.bf16 else " (fp16)"),
                   f"{p.memory_bandwidth_gbps:g}", p.host_link)
     console.print(t)
