@@ -60,6 +60,11 @@ def test_an_estimate_on_a_t4_says_it_has_no_bf16():
     assert not any("no bf16" in n for n in E.estimate_config("llama-3.2-1b", "1xl4", method="lora").notes)
 
 
+def test_an_estimate_on_an_amd_card_says_what_is_not_measured_there():
+    est = E.estimate_config("llama-3.2-1b", "1xmi300x", method="lora")
+    assert any("ROCm" in n and "flash-attn" in n for n in est.notes)
+
+
 def test_step_time_on_a_card_without_bf16_uses_its_fp16_rate():
     from vramplan.model_spec import load_model_spec
     from vramplan.setup import TrainingSetup

@@ -62,7 +62,7 @@ def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None =
     if isinstance(reserve, str):
         reserve = parse_bytes(reserve, "--reserve")
     elif reserve is None and not gpus:
-        reserve, source = detected_used_bytes(), "in use on the detected GPU before the run (NVML)"
+        reserve, source = detected_used_bytes(), "what NVML reports in use before the run"
     return with_overrides(found, tflops=gpu_tflops, bandwidth_gbps=gpu_bandwidth, reserve_bytes=reserve,
                           reserve_source=source)
 

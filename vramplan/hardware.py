@@ -104,6 +104,10 @@ def gpu_notes(gpus: GpuSpec) -> list[str]:
         notes.append(f"{gpus.profile.display_name} has no bf16 (compute capability {gpus.profile.compute_capability}): "
                      "mixed precision runs in fp16 with a loss scaler there; its memory is that of the bf16 step "
                      f"(both 2 bytes), its speed the fp16 tensor rate ({gpus.profile.fp16_dense_tflops:g} TFLOP/s)")
+    if gpus.profile.vendor != Vendor.NVIDIA:
+        # the memory model's CUDA context and cuBLAS workspace are NVIDIA's; nobody measured ROCm's yet
+        notes.append(f"{gpus.profile.display_name} runs ROCm: the CUDA context and cuBLAS workspace in this estimate "
+                     f"are NVIDIA's defaults, not measured there. {gpus.profile.software_notes}".strip())
     return notes
 
 
@@ -310,7 +314,7 @@ def with_overrides(gpus: GpuSpec, *, tflops: float | str | None = None, bandwidt
             raise VramplanError(f"{reserve_bytes / GiB:.2f} GiB is not below the card's usable "
                                 f"{prof.memory_bytes / GiB:.2f} GiB", "--reserve")
         update["memory_bytes"] = prof.memory_bytes - reserve_bytes
-        notes.append(f"{reserve_bytes / GiB:.2f} GiB per GPU already in use ({reserve_source}) is subtracted: "
+        notes.append(f"{reserve_bytes / GiB:.2f} GiB per GPU already in use is subtracted ({reserve_source}): "
                      f"{update['memory_bytes'] / GiB:.2f} GiB of {prof.memory_bytes / GiB:.2f} GiB left")
     if not update:
         return gpus
