@@ -64,9 +64,12 @@ def test_parse_gpus(text, count, name):
     assert g.count == count and g.profile.name == name
 
 
-def test_24gb_means_a_24_gib_card():
+def test_24gb_means_a_named_24_gib_card():
+    # a bare size stands for the slowest known card sold with it (tests/test_hardware.py has the rule)
     g = parse_gpus("1x24GB")
-    assert 23 * GiB < g.profile.memory_bytes <= 24 * GiB
+    named = g.profile.display_name.split("(as ")[1].rstrip(")")
+    assert profiles()[named].nominal_memory_gb == 24
+    assert g.profile.memory_bytes == profiles()[named].memory_bytes <= 24 * GiB
 
 
 @pytest.mark.parametrize("bad", ["", "x24GB", "2xfoo", "0x24GB", "2x0GB"])

@@ -7,13 +7,21 @@ from pydantic import ValidationError
 
 from vramplan.categories import Category as C
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.hardware import GpuSpec, detect_gpus, parse_gpus
+from vramplan.hardware import (
+    GpuSpec,
+    detect_gpus,
+    detected_used_bytes,
+    gpu_notes,
+    no_gpu_message,
+    parse_gpus,
+    with_overrides,
+)
 from vramplan.memory import step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
-from vramplan.units import GiB, MiB
+from vramplan.units import GiB, MiB, parse_bytes
 
 # Host memory of one training process before any offload: the Python process with torch,
 # CUDA libraries and transformers loaded (RSS). Order of magnitude, not calibrated.
@@ -29,16 +37,28 @@ def make_setup(**fields) -> TrainingSetup:
         raise from_validation_error(e) from None
 
 
-def resolve_gpus(gpus: str | GpuSpec | None) -> GpuSpec:
+def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None = None,
+                 gpu_bandwidth: float | str | None = None, reserve: str | int | None = None) -> GpuSpec:
+    """The GPUs to plan for: given (--gpus), else detected; then the user's overrides.
+
+    reserve: memory already in use on each card (--reserve SIZE, or bytes); on detected GPUs
+    it defaults to what NVML reports in use before the run (a desktop, another job)."""
     if isinstance(gpus, GpuSpec):
-        return gpus
-    if gpus:
-        return parse_gpus(gpus)
-    found = detect_gpus()
-    if found is None:
-        raise VramplanError("no GPU detected; say which GPUs to plan for, e.g. --gpus 2x24GB or --gpus rtx-4090",
-                            "--gpus")
-    return found
+        found = gpus
+    elif gpus:
+        found = parse_gpus(gpus)
+    else:
+        detected = detect_gpus()
+        if detected is None:
+            raise VramplanError(no_gpu_message(), "--gpus")
+        found = detected
+    source = "--reserve"
+    if isinstance(reserve, str):
+        reserve = parse_bytes(reserve, "--reserve")
+    elif reserve is None and not gpus:
+        reserve, source = detected_used_bytes(), "what NVML reports in use before the run"
+    return with_overrides(found, tflops=gpu_tflops, bandwidth_gbps=gpu_bandwidth, reserve_bytes=reserve,
+                          reserve_source=source)
 
 
 def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> None:
@@ -148,7 +168,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
                      phases={p.name: p.allocated for p in model.phases})
-    notes = coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
+    notes = gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),

@@ -47,6 +47,15 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _memory_info(nvml: Any, handle: Any) -> Any:
+    """Memory info v2 where the driver has it (R510+): its `used` leaves out the driver's own
+    reservation, so it is what other processes (a desktop, another job) hold; else v1."""
+    try:
+        return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+    except Exception:  # noqa: BLE001 - older pynvml or driver
+        return nvml.nvmlDeviceGetMemoryInfo(handle)
+
+
 def devices() -> tuple[list[NvmlDevice], str]:
     """Every GPU NVML sees, by NVML index, and the driver version. Raises NvmlUnavailable."""
     with session() as nvml:
@@ -54,7 +63,7 @@ def devices() -> tuple[list[NvmlDevice], str]:
         out = []
         for i in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            mem = _memory_info(nvml, handle)
             out.append(
                 NvmlDevice(
                     index=i,
@@ -75,7 +84,7 @@ def first_device() -> tuple[int, NvmlDevice] | None:
             if count == 0:
                 return None
             handle = nvml.nvmlDeviceGetHandleByIndex(0)
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            mem = _memory_info(nvml, handle)
             return count, NvmlDevice(
                 index=0,
                 name=_text(nvml.nvmlDeviceGetName(handle)),

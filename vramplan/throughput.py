@@ -313,7 +313,7 @@ def raw_terms(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, a
     on the GPU: the three quantities the global constants scale."""
     sh = shapes(spec)
     ob, ok, of = (0.0, 0.0, 0.0) if setup.cpu_offload else optimizer_bytes_and_kernels(spec, sh, setup, setup.fsdp)
-    flops_s = (accum * micro_flops(sh, setup) + of) / (profile.bf16_dense_tflops * 1e12)
+    flops_s = (accum * micro_flops(sh, setup) + of) / (profile.training_tflops * 1e12)
     bytes_s = (accum * micro_bytes(spec, sh, setup) + ob) / (profile.memory_bandwidth_gbps * 1e9)
     return flops_s, bytes_s, accum * micro_kernels(sh, setup) + ok
 

@@ -6,10 +6,12 @@ size with GB is read as GiB (2**30). ``GiB`` is 2**30 and ``MiB`` 2**20 everywhe
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from vramplan.errors import VramplanError
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+MAX_BYTES = 2**60  # sizes beyond any machine; keeps the arithmetic in range
 _UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
           "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
@@ -21,7 +23,11 @@ def parse_bytes(text: str, flag: str = "size") -> int:
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise VramplanError(f"cannot read size {text!r}; use e.g. 24GB, 80GiB, 512MiB", flag)
-    value = int(float(m.group(1)) * _UNITS[unit])
+    digits = m.group(1).split(".")[0].lstrip("0")
+    # Decimal, not float: exact, and '<400 nines>GB' is an error here rather than an OverflowError
+    value = int(Decimal(m.group(1)) * _UNITS[unit]) if len(digits) <= 20 else MAX_BYTES + 1
+    if value > MAX_BYTES:
+        raise VramplanError(f"size {text[:40]!r} is above the limit of {MAX_BYTES // 2**50} PiB", flag)
     if value <= 0:
         raise VramplanError(f"size must be positive, got {text!r}", flag)
     return value

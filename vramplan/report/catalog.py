@@ -25,14 +25,14 @@ def print_models(console: Console | None = None) -> None:
 def print_hardware(console: Console | None = None) -> None:
     console = console or Console()
     t = Table(title="GPU profiles")
-    for col in ("name", "GPU", "usable GiB", "bf16 TFLOP/s", "GB/s", "host link"):
+    for col in ("name", "GPU", "usable GiB", "TFLOP/s (bf16, else fp16)", "GB/s", "host link"):
         t.add_column(col)
     for p in profiles().values():
         t.add_row(
             p.name,
             p.display_name,
             f"{p.memory_bytes / GiB:.2f}",
-            f"{p.bf16_dense_tflops:g}",
+            f"{p.training_tflops:g}",
             f"{p.memory_bandwidth_gbps:g}",
             p.host_link,
         )
