@@ -66,7 +66,7 @@ def test_an_estimate_on_an_amd_card_says_what_is_not_measured_there():
 
 
 def test_step_time_on_a_card_without_bf16_uses_its_fp16_rate():
-    from vramplan.model_spec import load_model_spec
+    from vramplan.model_loader import load_model_spec
     from vramplan.setup import TrainingSetup
     from vramplan.throughput import raw_terms
     spec, setup = load_model_spec("llama-3.2-1b"), TrainingSetup(method="lora")
@@ -82,6 +82,13 @@ def _speed(p):
     return p.training_tflops, p.memory_bandwidth_gbps
 
 
+def test_24gb_stands_for_the_rtx_3090_memory_and_no_faster_than_any_24gb_card():
+    g = parse_gpus("2x24GB")
+    assert g.profile.memory_bytes == profiles()["rtx-3090"].memory_bytes
+    assert g.profile.training_tflops <= profiles()["a10g"].training_tflops
+    assert g.notes[0].startswith("24GB as rtx-3090 ")
+
+
 def test_12gb_is_not_priced_faster_than_an_rtx_3090():
     g, ref = parse_gpus("1x12GB").profile, profiles()["rtx-3090"]
     assert g.training_tflops <= ref.training_tflops and g.memory_bandwidth_gbps <= ref.memory_bandwidth_gbps
@@ -92,7 +99,7 @@ def test_a_known_size_names_its_card_and_is_priced_as_the_slowest_of_that_size()
     for size in sorted({p.nominal_memory_gb for p in nvidia}):
         g = parse_gpus(f"1x{size:g}GB")
         same = [p for p in nvidia if p.nominal_memory_gb == size]
-        named = [p for p in same if f"as {p.name} " in g.notes[0]]
+        named = [p for p in same if g.notes[0].startswith(f"{size:g}GB as {p.name} ")]
         assert len(named) == 1, (size, g.notes)
         assert g.profile.memory_bytes == named[0].memory_bytes
         assert g.profile.training_tflops <= min(p.training_tflops for p in same if p.bf16 or not any(q.bf16 for q in same))
@@ -233,9 +240,22 @@ def test_an_estimate_carries_the_override_notes():
 
 # ------------------------------------------------------------------ detection
 
+def _fake_nvml(monkeypatch, cards):
+    """NVML as vramplan.nvml reports it: (name, total, used) per GPU, or None (no driver)."""
+    from vramplan import nvml
+
+    def devices():
+        if cards is None:
+            raise nvml.NvmlUnavailable("no driver")
+        return [nvml.NvmlDevice(i, n, t, t - u, u) for i, (n, t, u) in enumerate(cards)], "test"
+
+    monkeypatch.setattr(nvml, "devices", devices)
+    monkeypatch.setattr(nvml, "first_device", lambda: (len(cards), devices()[0][0]) if cards else None)
+
+
 def test_detected_gpus_reserve_what_nvml_reports_in_use(monkeypatch):
-    monkeypatch.setattr(H, "_nvml_devices", lambda: [("NVIDIA GeForce RTX 4090", 25757220864, GiB),
-                                                     ("NVIDIA GeForce RTX 4090", 25757220864, 2 * GiB)])
+    _fake_nvml(monkeypatch, [("NVIDIA GeForce RTX 4090", 25757220864, GiB),
+                              ("NVIDIA GeForce RTX 4090", 25757220864, 2 * GiB)])
     assert H.detected_used_bytes() == 2 * GiB
     g = E.resolve_gpus(None)
     assert g.count == 2 and g.profile.memory_bytes == profiles()["rtx-4090"].memory_bytes - 2 * GiB
@@ -244,7 +264,7 @@ def test_detected_gpus_reserve_what_nvml_reports_in_use(monkeypatch):
 
 
 def test_an_unknown_detected_card_uses_the_size_rule(monkeypatch):
-    monkeypatch.setattr(H, "_nvml_devices", lambda: [("NVIDIA Mystery 24GB", 24 * GiB, 0)])
+    _fake_nvml(monkeypatch, [("NVIDIA Mystery 24GB", 24 * GiB, 0)])
     g = H.detect_gpus()
     assert g.profile.display_name == "NVIDIA Mystery 24GB"
     assert g.profile.memory_bytes <= parse_gpus("1x24GB").profile.memory_bytes
@@ -252,7 +272,7 @@ def test_an_unknown_detected_card_uses_the_size_rule(monkeypatch):
 
 
 def test_no_nvidia_gpu_says_what_the_tool_can_do_here(monkeypatch):
-    monkeypatch.setattr(H, "_nvml_devices", lambda: None)
+    _fake_nvml(monkeypatch, None)
     with pytest.raises(VramplanError) as e:
         E.resolve_gpus(None)
     msg = str(e.value)

@@ -57,6 +57,8 @@ class HardwareProfile(BaseModel):
     cuda_context_bytes: int = Field(419430400, ge=0, description="CUDA context outside torch's statistics")
     compute_capability: str = ""
     software_notes: str = Field("", description="what the training libraries support on this card (ROCm, ...)")
+    stands_for_size: bool = Field(False, description="what a bare size (--gpus 24GB) means: the most owned "
+                                  "training card of that size")
     notes: str = ""
 
     @model_validator(mode="after")
@@ -201,35 +203,48 @@ def _sized_cards() -> dict[int, list[HardwareProfile]]:
     return dict(sorted(out.items()))
 
 
+def _roomiest(cards: list[HardwareProfile]) -> HardwareProfile:
+    """The card a size stands for: the profile marked `stands_for_size` (the most owned training
+    card of that size: the RTX 3090 for 24 GB), else the bf16 card with the most usable memory.
+    A card that keeps memory back (the A10G's ECC) or has no bf16 is named by its profile."""
+    marked = [p for p in cards if p.stands_for_size]
+    with_bf16 = marked or [p for p in cards if p.bf16] or cards
+    return max(with_bf16, key=lambda p: (p.memory_bytes, p.name))
+
+
 def size_profile(size_bytes: int) -> tuple[HardwareProfile, str]:
     """The card a bare size stands for, and a note saying which.
 
-    Speed: a size sold by known cards is the slowest of them (`_slowest`); any other size is
-    the slowest card of the next smaller known size (below the smallest known size: the slowest
-    card of all). Usable memory is monotone in the size and never above it: the known card's
-    reported total scaled to the size (its usable fraction), capped by the usable memory of every
-    larger known size, so no size gives more than a larger one."""
+    Memory: a size sold by known cards has the usable memory of the roomiest of them
+    (`_roomiest`). Speed: never above any known card of that size, so the slowest of them
+    (`_slowest`). Any other size takes both from the next smaller known size (below the smallest
+    known size: the slowest card of all). Usable memory is monotone in the size and never above
+    it: the reference card's usable fraction scaled to the size, capped by the usable memory of
+    every larger known size."""
     sized = _sized_cards()
     sizes = list(sized)
     below = [s for s in sizes if s <= size_bytes]
     ref_size = below[-1] if below else sizes[0]
-    ref = _slowest(sized[ref_size])
-    scaled = ref.memory_bytes * size_bytes // ref_size
-    caps = [_slowest(sized[s]).memory_bytes for s in sizes if s >= size_bytes]
+    ref, room = _slowest(sized[ref_size]), _roomiest(sized[ref_size])
+    scaled = room.memory_bytes * size_bytes // ref_size
+    caps = [_roomiest(sized[s]).memory_bytes for s in sizes if s >= size_bytes]
     usable = min([scaled, *caps])
     gib = size_bytes / GiB
     name = f"{gib:g}GB"
     if ref_size == size_bytes:
-        why = f"{name} as {ref.name} (the slowest known card sold with {gib:g} GB)"
+        why = f"{name} as {room.name} (usable {usable / GiB:.2f} GiB, the card this size stands for)"
+        if ref.name != room.name:
+            why += f", priced as {ref.name} (the slowest known {gib:g} GB card)"
     elif below:
         why = (f"{name} (no known card of this size) priced as {ref.name}, the slowest known card of the next "
-               f"smaller size ({ref_size / GiB:g} GB); usable memory {usable / GiB:.2f} GiB, its reported "
+               f"smaller size ({ref_size / GiB:g} GB); usable memory {usable / GiB:.2f} GiB, {room.name}'s reported "
                "fraction of the size")
     else:
         ref = _slowest([p for cards in sized.values() for p in cards])
         why = (f"{name} (smaller than any known card) priced as {ref.name}, the slowest known card; usable "
                f"memory {usable / GiB:.2f} GiB")
-    prof = ref.model_copy(update={"name": name, "display_name": f"{gib:g} GB GPU (as {ref.name})",
+    shown = room.name if ref_size == size_bytes else ref.name
+    prof = ref.model_copy(update={"name": name, "display_name": f"{gib:g} GB GPU (as {shown})",
                                   "nominal_memory_gb": gib, "memory_bytes": usable, "nvml_names": [],
                                   "memory_bytes_source": why})
     return prof, why
