@@ -20,8 +20,9 @@ class Method(str, Enum):
 
 
 class Precision(str, Enum):
-    BF16 = "bf16"     # every parameter and optimizer state in bf16
-    MIXED = "mixed"   # fp32 parameters, bf16 autocast (FSDP: MixedPrecisionPolicy(bf16, fp32))
+    BF16 = "bf16"     # no autocast: the step computes in the weights' dtype
+    MIXED = "mixed"   # bf16 autocast (FSDP: MixedPrecisionPolicy(bf16, fp32)); fp32 weights unless --model-dtype bf16
+    FP16 = "fp16"     # fp16 autocast with a GradScaler (cards without bf16: T4, V100, RTX 20xx)
 
 
 class Quant(str, Enum):
@@ -50,6 +51,70 @@ class Optim(str, Enum):
     @property
     def layerwise(self) -> bool:
         return self.value.endswith("_layerwise")
+
+
+class Stack(str, Enum):
+    """A training framework's defaults, bundled (vramplan/presets/stacks/*)."""
+    PLAIN = "plain"                # the reference step: transformers + peft, own loop
+    HF_TRAINER = "hf-trainer"
+    TRL = "trl"
+    UNSLOTH = "unsloth"
+    AXOLOTL = "axolotl"
+    LLAMAFACTORY = "llamafactory"
+    TORCHTUNE = "torchtune"
+    FSDP_QLORA = "fsdp-qlora"      # Answer.AI's fsdp_qlora train.py
+
+
+class Loss(str, Enum):
+    """How the loss over the vocabulary is computed."""
+    HF = "hf"                          # the model's own ForCausalLMLoss on full logits (the reference step)
+    CHUNKED = "chunked"                # chunked cross-entropy over full logits (axolotl, torchtune)
+    TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer loss_type="chunked_nll"
+    LIGER = "liger"                    # Liger fused linear cross-entropy
+    CCE = "cce"                        # Apple Cut Cross-Entropy
+    UNSLOTH = "unsloth"                # Unsloth's fused cross-entropy
+
+
+class AdapterDtype(str, Enum):
+    FP32 = "fp32"   # peft's default: autocast_adapter_dtype=True upcasts bf16 adapters
+    BF16 = "bf16"
+
+
+class ModelDtype(str, Enum):
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+class ActivationOffload(str, Enum):
+    NONE = "none"
+    CHECKPOINTS = "checkpoints"   # transformers' checkpoint offload: save_on_cpu around each checkpoint
+    ALL = "all"                   # torchtune/TRL/axolotl OffloadActivations: every saved tensor
+    UNSLOTH = "unsloth"           # use_gradient_checkpointing="unsloth": the hidden state per layer
+
+
+class Attention(str, Enum):
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH = "flash"   # FlashAttention-2
+
+
+class Packing(str, Enum):
+    NONE = "none"
+    PADDING_FREE = "padding-free"   # varlen, no mask (axolotl sample_packing with flash, TRL padding_free)
+    POSITION_IDS = "position-ids"   # packed sequences told apart by position_ids
+
+
+class FsdpSharding(str, Enum):
+    FULL = "full"
+    SHARD_GRAD_OP = "shard-grad-op"
+    NO_SHARD = "no-shard"
+    HYBRID = "hybrid"
+
+
+class DeepSpeedStage(str, Enum):
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
 
 
 class LoraTargets(str, Enum):
@@ -82,6 +147,28 @@ class TrainingSetup(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
     fsdp: int = Field(1, description="FSDP2 world size (1 = no sharding)")
     cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
+    # ---- the stack knobs (issue 13): each default is the reference step's
+    stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
+    loss: Loss = Field(Loss.HF, description="loss implementation over the vocabulary")
+    fp32_outputs: bool = Field(False, description="accelerate's bf16 autocast converts the model's outputs (logits) to fp32")
+    adapter_dtype: AdapterDtype | None = Field(None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)")
+    kbit_prep: bool = Field(False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32")
+    dora: bool = Field(False, description="DoRA (peft use_dora): magnitude vector and a weight norm per adapted Linear")
+    lora_target_modules: tuple[str, ...] | None = Field(None, description="explicit module names to adapt (peft target_modules)")
+    optimizer_in_backward: bool = Field(False, description="step each parameter's optimizer in its grad hook")
+    gradient_accumulation: int = Field(1, description="micro-batches per optimizer step")
+    activation_offload: ActivationOffload = Field(ActivationOffload.NONE, description="activations moved to pinned host RAM")
+    checkpoint_reentrant: bool = Field(False, description="reentrant (torch.utils.checkpoint use_reentrant=True) recompute")
+    attention: Attention | None = Field(None, description="attention kernel; default the model's (sdpa unless its config says eager)")
+    packing: Packing = Field(Packing.NONE, description="sequence packing")
+    model_dtype: ModelDtype | None = Field(None, description="dtype the weights are loaded in; default fp32 under mixed, else bf16")
+    # ---- the engines (issue 15)
+    fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
+    fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
+    deepspeed: DeepSpeedStage | None = Field(None, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="DeepSpeed offload_optimizer to the CPU")
+    offload_params: bool = Field(False, description="DeepSpeed ZeRO-3 offload_param to the CPU")
+    nodes: int = Field(1, description="nodes the GPUs are spread over")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +213,17 @@ class TrainingSetup(BaseModel):
     @property
     def lora_like(self) -> bool:
         return self.method in (Method.LORA, Method.QLORA)
+
+    @property
+    def weight_dtype(self) -> ModelDtype:
+        """The dtype dense weights are stored in: --model-dtype, else fp32 masters under mixed."""
+        if self.model_dtype is not None:
+            return self.model_dtype
+        return ModelDtype.FP32 if self.precision == Precision.MIXED else ModelDtype.BF16
+
+    @property
+    def adapter_store_dtype(self) -> AdapterDtype:
+        return self.adapter_dtype or AdapterDtype.FP32
 
     @property
     def autocast(self) -> bool:
