@@ -96,8 +96,8 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     """The file ``path`` can be written: not a directory, in an existing folder where a file
     can be created. Checked by creating and removing a temporary file there."""
     out = Path(path)
-    if out.is_dir():
-        raise VramplanError(f"{str(out)!r} is a directory; give a file name", flag)
+    if out.is_dir() or str(path).endswith(("/", os.sep)):
+        raise VramplanError(f"{str(path)!r} is a directory; give a file name", flag)
     if out.exists() and not out.is_file():
         raise VramplanError(f"{str(out)!r} exists and is not a regular file", flag)
     parent = out.parent

@@ -24,7 +24,8 @@ MAX_RANKS = 4096                     # FSDP world size, nodes, GPUs per node (vr
 MAX_ACCUMULATION = 2**16             # micro-batches per optimizer step
 MAX_PROJ_GAP = 2**31 - 1             # steps between GaLore SVD refreshes
 MAX_GLOBAL_BATCH = 2**24             # sequences per optimizer step over all GPUs
-MAX_PLAN_BATCH = 4096                # plan --max-batch: the width of the searched grid
+MAX_PLAN_BATCH = 1024                # plan --max-batch: the width of the searched grid (4x the default 256;
+#                                      the search and its what-would-fit reruns scale with it)
 MAX_TOP = 1000                       # plan --top rows
 MAX_PLOT_VALUES = 64                 # plot scaling --values: one estimate per method per value
 MAX_STEPS = 1000                     # verify --steps (3 measure the step)
