@@ -40,6 +40,7 @@ def _measured(ph) -> str:
     """The measured phase (build, forward, backward, optimizer) the phase falls in."""
     if hasattr(ph, "measured"):
         return str(ph.measured)
+    # a tree from before the memory package (commit 64c9e73 and earlier): matched by name
     from vramplan.memory import measured_phase
     return measured_phase(ph.name)
 
