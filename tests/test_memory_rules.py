@@ -84,3 +84,23 @@ def test_checkpointing_lowers_the_peak_of_a_long_lora_step():
     ckpt = step_model(spec, make_setup(method="lora", batch_size=4, seq_len=2048,
                                        gradient_checkpointing=True)).peak.allocated
     assert ckpt < plain
+
+
+def test_phase_names_and_measured_phases_follow_the_kind():
+    # the display names are what reports, JSON and docs show: written out here, not derived
+    from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind
+    spec = load_model_spec("llama-3.2-1b")
+    setup = make_setup(method="galore", optim="galore_adamw_8bit_layerwise", seq_len=512)
+    phases = {p.name: p for p in step_model(spec, setup, every_layer=True).phases}
+    hook = phases["layer 15 backward (optimizer hook)"]
+    assert (hook.kind, hook.layer, hook.point) == (PhaseKind.LAYER_BACKWARD, 15, LayerPoint.OPTIMIZER_HOOK)
+    assert hook.measured == MeasuredPhase.BACKWARD
+    # layer-wise GaLore refreshes inside backward, not in an optimizer step
+    assert phases["GaLore SVD refresh (layer-wise, in backward)"].measured == MeasuredPhase.BACKWARD
+    assert "optimizer step" not in phases
+    assert phases["forward (loss)"].measured == MeasuredPhase.FORWARD
+    qlora = step_model(spec, make_setup(method="qlora", quant="hqq4", gradient_checkpointing=True, seq_len=512))
+    kinds = {p.name: p.measured for p in qlora.phases}
+    assert kinds["build (quantize)"] == MeasuredPhase.BUILD
+    assert kinds["4-bit dequantize (forward)"] == MeasuredPhase.FORWARD
+    assert kinds["optimizer step"] == MeasuredPhase.OPTIMIZER
