@@ -16,7 +16,7 @@ from vramplan.hardware import (
     parse_gpus,
     with_overrides,
 )
-from vramplan.memory import step_model
+from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
@@ -107,10 +107,10 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
     return notes
 
 
-def _loss_note(spec: ModelSpec, peak) -> list[str]:
+def _loss_note(spec: ModelSpec, peak: Phase) -> list[str]:
     """When the loss on the full logits is most of the peak, say so: it is the one large
     term a different loss implementation removes (the reference step uses the model's own)."""
-    loss = peak.parts.get(C.TRANSIENT, 0) if peak.name == "loss backward" else 0
+    loss = peak.parts.get(C.TRANSIENT, 0) if peak.kind == PhaseKind.LOSS_BACKWARD else 0
     if loss < 0.25 * peak.allocated or loss < GiB:
         return []
     return [f"the loss backward on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak (the model's "
@@ -167,7 +167,8 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
-                     phases={p.name: p.allocated for p in model.phases})
+                     phases={p.name: p.allocated for p in model.phases},
+                     phase_measured={p.name: p.measured.value for p in model.phases})
     notes = gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
