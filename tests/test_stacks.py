@@ -168,3 +168,12 @@ def test_docs_cite_every_bundle_value():
         for rule in load_stack(stack).rules:
             for part in rule.source.split("; "):
                 assert part in doc, (stack.value, rule.knob, part)
+
+
+def test_docs_tables_are_current():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_stacks_doc", ROOT / "scripts" / "gen_stacks_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.generated() in (ROOT / "docs" / "stacks.md").read_text(), \
+        "docs/stacks.md is out of date: run python scripts/gen_stacks_doc.py"
