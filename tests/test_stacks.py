@@ -126,7 +126,7 @@ def test_lora_targets_given_keep_the_stacks_module_list_out():
 
 def test_none_counts_as_not_given():
     assert make_setup(method="lora", stack="trl", loss=None).loss.value == "trl-chunked-nll"
-    assert TrainingSetup(method="lora", stack="trl", attention=None).gradient_checkpointing is True
+    assert make_setup(method="lora", stack="trl", attention=None).gradient_checkpointing is True
 
 
 def test_galore_keeps_its_optimizer_under_a_stack():

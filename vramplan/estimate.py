@@ -21,6 +21,7 @@ from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
+from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, parse_bytes
 
 # Host memory of one training process before any offload: the Python process with torch,
@@ -29,9 +30,12 @@ PROCESS_HOST_BYTES = 3 * GiB
 
 
 def make_setup(**fields) -> TrainingSetup:
-    """TrainingSetup from keyword fields; validation errors become one VramplanError."""
+    """TrainingSetup from keyword fields, the --stack bundle filling every knob not given
+    (vramplan/stacks.py); validation errors become one VramplanError. Every entry point (CLI,
+    Python API, plan, strategy comparison) builds its setups here."""
     fields = {k: v for k, v in fields.items() if v is not None}
     try:
+        fields, _ = apply_stack(fields)
         return TrainingSetup(**fields)
     except ValidationError as e:
         raise from_validation_error(e) from None
@@ -169,7 +173,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
                      breakdown=breakdown, peak_phase=peak.name,
                      phases={p.name: p.allocated for p in model.phases},
                      phase_measured={p.name: p.measured.value for p in model.phases})
-    notes = gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
+    notes = stack_lines(setup) + gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, resolve_gpus
+from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, make_setup, resolve_gpus
 from vramplan.hardware import GpuSpec, profiles
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
@@ -386,7 +386,7 @@ def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:
-            setup = TrainingSetup(**fields, seq_len=int(seqs[0]))
+            setup = make_setup(**fields, seq_len=int(seqs[0]))
             grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
             grids.append(grid)
             evaluated += grid.evaluated

@@ -177,9 +177,6 @@ class TrainingSetup(BaseModel):
     def _defaults(cls, data):
         if not isinstance(data, dict):
             return data
-        # the stack's bundle fills every knob the caller did not give (vramplan/stacks.py)
-        from vramplan.stacks import apply_stack
-        data, _ = apply_stack(data)
         method = str(getattr(data.get("method"), "value", data.get("method") or "full"))
         if data.get("optim") is None:
             data["optim"] = "galore_adamw" if method == "galore" else "adamw_torch"

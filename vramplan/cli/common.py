@@ -7,7 +7,23 @@ from typing import NoReturn
 
 from vramplan.errors import VramplanError
 from vramplan.estimate import default_host_ram
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    DeepSpeedStage,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+    TrainingSetup,
+)
 from vramplan.units import parse_bytes
 
 MODEL_HELP = "preset name or alias, a config.json path, or a directory with one"
@@ -25,39 +41,68 @@ def _help(name: str) -> str:
     return TrainingSetup.model_fields[name].description or ""
 
 
+def _choices(enum: type) -> list[str]:
+    return [m.value for m in enum]
+
+
+def _flag(p: argparse.ArgumentParser, field: str, **kw) -> None:
+    """One option per TrainingSetup field, named after it, its help the field's description.
+    Booleans take --x / --no-x and default to None, so a --stack bundle fills what is not given."""
+    if kw.pop("boolean", False):
+        kw.update(action=argparse.BooleanOptionalAction, default=None)
+    extra = kw.pop("extra_help", "")
+    p.add_argument("--" + field.replace("_", "-"), dest=field, help=_help(field) + extra, **kw)
+
+
 def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
-    """The options of the reference step, shared by estimate, plan and verify."""
-    p.add_argument("--method", choices=[m.value for m in Method], default=method_default, help=_help("method"))
-    p.add_argument("--precision", choices=[m.value for m in Precision], help=_help("precision"))
-    p.add_argument("--optim", choices=[m.value for m in Optim], help=_help("optim"))
-    p.add_argument("--batch-size", type=int, help=_help("batch_size") + " (default 1)")
-    p.add_argument("--seq-len", type=int, help=_help("seq_len") + " (default 2048)")
+    """The options of the training setup, shared by estimate, plan and verify."""
+    p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
+    _flag(p, "precision", choices=_choices(Precision))
+    _flag(p, "optim", choices=_choices(Optim))
+    _flag(p, "batch_size", type=int, extra_help=" (default 1)")
+    _flag(p, "seq_len", type=int, extra_help=" (default 2048)")
     p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
-    p.add_argument("--lora-r", type=int, help=_help("lora_r") + " (default 16)")
-    p.add_argument("--lora-dropout", type=float, help=_help("lora_dropout") + " (default 0.05)")
-    p.add_argument("--lora-targets", choices=[m.value for m in LoraTargets], help=_help("lora_targets"))
-    p.add_argument("--quant", choices=[m.value for m in Quant], help=_help("quant"))
-    p.add_argument("--galore-rank", type=int, help=_help("galore_rank") + " (default 128)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help=_help("gradient_checkpointing"))
-    p.add_argument("--fsdp", type=int, help=_help("fsdp"))
-    p.add_argument("--cpu-offload", action="store_true", default=None, help=_help("cpu_offload"))
+    _flag(p, "lora_r", type=int, extra_help=" (default 16)")
+    _flag(p, "lora_dropout", type=float, extra_help=" (default 0.05)")
+    _flag(p, "lora_targets", choices=_choices(LoraTargets))
+    _flag(p, "quant", choices=_choices(Quant))
+    _flag(p, "galore_rank", type=int, extra_help=" (default 128)")
+    _flag(p, "gradient_checkpointing", boolean=True)
+    _flag(p, "fsdp", type=int)
+    _flag(p, "cpu_offload", boolean=True)
+    add_stack_options(p)
+    add_engine_options(p)
 
 
-SETUP_KEYS = (
-    "method",
-    "precision",
-    "optim",
-    "batch_size",
-    "seq_len",
-    "lora_r",
-    "lora_dropout",
-    "lora_targets",
-    "quant",
-    "galore_rank",
-    "gradient_checkpointing",
-    "fsdp",
-    "cpu_offload",
-)
+def add_stack_options(p: argparse.ArgumentParser) -> None:
+    """The knobs real training frameworks turn (docs/stacks.md, docs/memory-model.md)."""
+    _flag(p, "stack", choices=_choices(Stack))
+    _flag(p, "loss", choices=_choices(Loss))
+    _flag(p, "fp32_outputs", boolean=True)
+    _flag(p, "keep_logits", boolean=True)
+    _flag(p, "adapter_dtype", choices=_choices(AdapterDtype))
+    _flag(p, "kbit_prep", boolean=True)
+    _flag(p, "dora", boolean=True)
+    _flag(p, "optimizer_in_backward", boolean=True)
+    _flag(p, "gradient_accumulation", type=int, extra_help=" (default 1)")
+    _flag(p, "activation_offload", choices=_choices(ActivationOffload))
+    _flag(p, "checkpoint_reentrant", boolean=True)
+    _flag(p, "attention", choices=_choices(Attention))
+    _flag(p, "packing", choices=_choices(Packing))
+    _flag(p, "model_dtype", choices=_choices(ModelDtype))
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How the GPUs share the work: DDP, FSDP1/2, DeepSpeed ZeRO (docs/memory-model.md, "Engines")."""
+    _flag(p, "fsdp_version", type=int, choices=(1, 2))
+    _flag(p, "fsdp_sharding", choices=_choices(FsdpSharding))
+    _flag(p, "deepspeed", choices=_choices(DeepSpeedStage))
+    _flag(p, "offload_optimizer", boolean=True)
+    _flag(p, "offload_params", boolean=True)
+    _flag(p, "nodes", type=int)
+
+
+SETUP_KEYS = tuple(k for k in TrainingSetup.model_fields if k != "galore_update_proj_gap")
 
 
 def setup_fields(args: argparse.Namespace) -> dict:
