@@ -10,8 +10,8 @@ from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
 from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard
 from vramplan.setup import ActivationOffload, DeepSpeedStage, Precision
 
-_DISTRIBUTED = {"fsdp": Distributed.FSDP, "deepspeed": Distributed.DEEPSPEED, "multi_gpu": Distributed.DDP,
-                "no": Distributed.NONE}
+_DISTRIBUTED = {"FSDP": Distributed.FSDP, "DEEPSPEED": Distributed.DEEPSPEED, "MULTI_GPU": Distributed.DDP,
+                "NO": Distributed.NONE}
 _PRECISION = {"bf16": Precision.MIXED, "fp16": Precision.FP16, "no": Precision.BF16}
 _STAGES = {1: DeepSpeedStage.ZERO1, 2: DeepSpeedStage.ZERO2, 3: DeepSpeedStage.ZERO3}
 _DEVICES = {"cpu": True, "nvme": True, "none": False}

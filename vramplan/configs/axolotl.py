@@ -7,8 +7,20 @@ from __future__ import annotations
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim
-from vramplan.setup import (ActivationOffload, AdapterDtype, Attention, DeepSpeedStage, Loss, LoraTargets, Method,
-                            ModelDtype, Packing, Precision, Quant, Stack)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    DeepSpeedStage,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
 
 _SRC = "axolotl==0.19.0"
 _CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramplan.configs.reading import (ConfigFormat, ConfigReading, Distributed, Reference, Unmodelled,
-                                      Used)
+from vramplan.configs.reading import (
+    ConfigFormat,
+    ConfigReading,
+    Distributed,
+    Reference,
+    Unmodelled,
+    Used,
+)
 from vramplan.errors import VramplanError
 from vramplan.setup import Stack
 
@@ -26,8 +32,7 @@ NOT_MEMORY = frozenset({
     "loss_watchdog_patience", "save_first_step", "strict", "shuffle", "log_every_n_steps",
     "log_peak_memory_stats", "metric_logger", "profiler", "checkpointer", "device", "clip_grad_norm",
     "max_steps_per_epoch", "save_adapter_weights_only", "low_cpu_ram", "eval_dataset", "remove_unused_columns",
-    "dataset_text_field", "dataset_config", "dataset_train_split", "dataset_test_split", "lora_alpha",
-    "gradient_checkpointing_kwargs", "save_safetensors", "bf16_full_eval", "fp16_full_eval",
+    "dataset_text_field", "dataset_config", "dataset_train_split", "dataset_test_split", "gradient_checkpointing_kwargs", "save_safetensors", "bf16_full_eval", "fp16_full_eval",
 })
 
 
@@ -86,10 +91,14 @@ class Collector:
         return float(value)
 
     def choice(self, key: str, value: Any, table: dict) -> Any:
+        """Look ``value`` up in ``table``; strings match without regard to case."""
+        lookup = {k.lower() if isinstance(k, str) else k: v for k, v in table.items()}
         norm = value.lower() if isinstance(value, str) else value
-        if norm not in table:
+        # true/false only where the table has them (True == 1 would otherwise match an int key)
+        bool_ok = not isinstance(norm, bool) or any(k is norm for k in table)
+        if not bool_ok or norm not in lookup:
             raise self.fail(key, "one of " + ", ".join(str(k) for k in table), value)
-        return table[norm]
+        return lookup[norm]
 
     def set_int(self, key: str, field: str, note: str = "") -> None:
         value = self.get(key)

@@ -5,8 +5,17 @@ from typing import Any
 
 from vramplan.configs import accelerate, axolotl, deepspeed, hf, llamafactory, torchtune
 from vramplan.configs.detect import detect_format
-from vramplan.configs.reading import (ENGINE_FIELDS, ConfigFormat, ConfigReading, Distributed, Reference,
-                                      fmt_value, load_file, parse_text, resolve_reference)
+from vramplan.configs.reading import (
+    ENGINE_FIELDS,
+    ConfigFormat,
+    ConfigReading,
+    Distributed,
+    Reference,
+    fmt_value,
+    load_file,
+    parse_text,
+    resolve_reference,
+)
 from vramplan.errors import VramplanError
 
 _READERS = {ConfigFormat.AXOLOTL: axolotl.read, ConfigFormat.TRL: hf.read,

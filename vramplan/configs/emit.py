@@ -16,11 +16,24 @@ from typing import Any
 import yaml
 
 from vramplan.configs import combine
-from vramplan.configs.reading import ENGINE_FIELDS, ConfigFormat, fmt_value, parse_text
+from vramplan.configs.reading import ENGINE_FIELDS, ConfigFormat, fmt_value
 from vramplan.configs.torchtune import BUILDERS
 from vramplan.errors import VramplanError
-from vramplan.setup import (ActivationOffload, AdapterDtype, Attention, FsdpSharding, Loss, LoraTargets, Method,
-                            ModelDtype, Optim, Packing, Precision, Quant, TrainingSetup)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    TrainingSetup,
+)
 
 EMIT_FORMATS = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
 _ATTENTION_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")

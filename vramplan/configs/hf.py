@@ -9,9 +9,26 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
-from vramplan.configs.vocab import FSDP_STRATEGY, HF_DTYPE, fsdp_reshard, set_attention, set_optim
-from vramplan.setup import (ActivationOffload, AdapterDtype, DeepSpeedStage, FsdpSharding, Loss, LoraTargets,
-                            Method, Packing, Precision, Quant, Stack)
+from vramplan.configs.vocab import (
+    FSDP_STRATEGY,
+    HF_DTYPE,
+    fsdp_reshard,
+    set_attention,
+    set_optim,
+)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    DeepSpeedStage,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
 
 _TRL = "trl==1.16.0"
 # trl/cli/accelerate_config.py:19-47: names of the bundled accelerate configs (trl/accelerate_configs/)

@@ -7,8 +7,20 @@ from __future__ import annotations
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import set_optim
-from vramplan.setup import (ActivationOffload, AdapterDtype, Attention, Loss, LoraTargets, Method,
-                            ModelDtype, Optim, Packing, Precision, Quant, Stack)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
 
 _SRC = "llamafactory==0.9.5"
 _FLASH = {"auto": Attention.SDPA, "sdpa": Attention.SDPA, "fa2": Attention.FLASH, "disabled": Attention.EAGER}

@@ -7,8 +7,20 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
-from vramplan.setup import (ActivationOffload, AdapterDtype, FsdpSharding, Loss, LoraTargets, Method, ModelDtype,
-                            Optim, Packing, Precision, Quant, Stack)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
 
 _SRC = "torchtune==0.6.1"
 # builder (torchtune/models/<family>/_model_builders.py, lora_/qlora_ prefix removed) -> HF id.
@@ -39,16 +51,16 @@ _ALL_LINEAR = frozenset(_ATTN.values()) | frozenset(_MLP)
 _OPTIMIZERS = {
     "torch.optim.AdamW": None,   # fused or foreach, decided by `fused`
     "bitsandbytes.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, ""),
-    "bitsandbytes.optim.PagedAdamW8bit": (Optim.ADAMW_BNB_8BIT, "8-bit states; paging moves them to host only "
-                                          "under memory pressure"),
+    "bitsandbytes.optim.PagedAdamW8bit": (Optim.ADAMW_BNB_8BIT, ("8-bit states; paging moves them to host only "
+                                          "under memory pressure")),
     "bitsandbytes.optim.PagedAdamW": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
     "bitsandbytes.optim.PagedAdamW32bit": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
     "torchao.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit states modelled as bitsandbytes 8-bit"),
 }
 _LOSSES = {
     "torchtune.modules.loss.CEWithChunkedOutputLoss": (Loss.CHUNKED, "8 chunks (ce_chunked_output_loss.py:30)"),
-    "torchtune.modules.loss.LinearCrossEntropyLoss": (Loss.CHUNKED, "chunked linear+CE (repo HEAD, unreleased), "
-                                                      "modelled as chunked"),
+    "torchtune.modules.loss.LinearCrossEntropyLoss": (Loss.CHUNKED, ("chunked linear+CE (repo HEAD, unreleased), "
+                                                      "modelled as chunked")),
     "torch.nn.CrossEntropyLoss": (Loss.HF, "full logits"),
 }
 _DTYPES = {"bf16": ModelDtype.BF16, "fp32": ModelDtype.FP32}

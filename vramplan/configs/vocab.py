@@ -8,10 +8,10 @@ from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim
 # same state bytes as one of them: (the Optim modelled, why).
 _OPTIM_ALIASES: dict[str, tuple[Optim, str]] = {
     "adamw_8bit": (Optim.ADAMW_BNB_8BIT, "transformers alias of adamw_bnb_8bit"),
-    "paged_adamw_8bit": (Optim.ADAMW_BNB_8BIT, "bitsandbytes 8-bit states as adamw_bnb_8bit; "
-                         "paging moves them to host only under memory pressure"),
-    "paged_adamw_32bit": (Optim.ADAMW_TORCH, "bitsandbytes 32-bit AdamW: two fp32 states per parameter "
-                          "as adamw_torch; paging not modelled"),
+    "paged_adamw_8bit": (Optim.ADAMW_BNB_8BIT, ("bitsandbytes 8-bit states as adamw_bnb_8bit; "
+                         "paging moves them to host only under memory pressure")),
+    "paged_adamw_32bit": (Optim.ADAMW_TORCH, ("bitsandbytes 32-bit AdamW: two fp32 states per parameter "
+                          "as adamw_torch; paging not modelled")),
     "paged_adamw": (Optim.ADAMW_TORCH, "two fp32 states per parameter as adamw_torch; paging not modelled"),
     "adamw_torch_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
     "ao_adamw_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
