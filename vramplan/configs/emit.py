@@ -134,9 +134,8 @@ def _deepspeed_json(s: TrainingSetup) -> dict:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
 
 
-def _launch(tool: str, s: TrainingSetup, world: int | None) -> str:
-    procs = s.fsdp if s.fsdp > 1 else (world or 1)
-    return tool if procs == 1 else f"{tool} (on {procs} GPUs: accelerate launch --num_processes {procs} ...)"
+def _processes(s: TrainingSetup, world: int | None) -> int:
+    return s.fsdp if s.fsdp > 1 else (world or 1)
 
 
 # ---- axolotl
@@ -173,7 +172,8 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
                             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT"}
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
-    return _launch("axolotl train this.yaml", s, world), d
+    procs = _processes(s, world)
+    return "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else ""), d
 
 
 def _axolotl_precision(s: TrainingSetup) -> dict:
@@ -258,7 +258,8 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
              fp16=s.precision == Precision.FP16, report_to="none")
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
-    return _launch("llamafactory-cli train this.yaml", s, world), d
+    procs = _processes(s, world)   # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
+    return (f"FORCE_TORCHRUN=1 NPROC_PER_NODE={procs} " if procs > 1 else "") + "llamafactory-cli train this.yaml", d
 
 
 def _lf_optim(optim: Optim) -> str:
@@ -347,7 +348,7 @@ def _torchtune_lora(s: TrainingSetup) -> dict:
 # ---- accelerate
 
 def _accelerate(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
-    procs = s.fsdp if s.fsdp > 1 else (world or 1)
+    procs = _processes(s, world)
     d: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no",
                          "machine_rank": 0, "main_training_function": "main",
                          "mixed_precision": {Precision.MIXED: "bf16", Precision.FP16: "fp16"}.get(s.precision, "no"),
