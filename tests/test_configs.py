@@ -343,3 +343,21 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
         write_atomic(target, None)  # type: ignore[arg-type]
     assert target.read_text() == "a: 1\n"
     assert sorted(os.listdir(tmp_path)) == ["out.yaml"]
+
+
+def test_training_arguments_fields_are_known_not_unknown(tmp_path):
+    f = tmp_path / "args.json"
+    f.write_text('{"output_dir": "o", "per_device_train_batch_size": 1, "eval_accumulation_steps": 2, '
+                 '"hub_strategy": "end", "mystery_knob": 1}')
+    assert read_config([str(f)]).unknown == ("mystery_knob",)
+
+
+def test_trl_bundled_accelerate_config_and_processes(tmp_path):
+    """`accelerate_config: zero3` names trl/accelerate_configs/zero3.yaml (trl==1.16.0 cli/accelerate_config.py);
+    PEFT under ZeRO-3 gets bf16 adapters and reentrant checkpointing (sft_trainer.py:845-857, 880-895)."""
+    f = tmp_path / "sft.yaml"
+    f.write_text("model_name_or_path: m/n\nuse_peft: true\naccelerate_config: zero3\nnum_processes: 4\n")
+    reading = read_config([str(f)])
+    assert (reading.distributed, reading.world) == (Distributed.DEEPSPEED, 4)
+    assert reading.fields == {"method": Method.LORA, "loss": Loss.TRL_CHUNKED_NLL, "deepspeed": DeepSpeedStage.ZERO3,
+                                  "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False, "checkpoint_reentrant": True}

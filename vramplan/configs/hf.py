@@ -7,7 +7,7 @@ TRL 1.16.0's SFTTrainer always trains through its own fused, chunked LM head
 """
 from __future__ import annotations
 
-from vramplan.configs.collect import Collector
+from vramplan.configs.collect import NOT_MEMORY, Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
@@ -76,8 +76,26 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     _launch(c)
     if trl and method in (Method.LORA, Method.QLORA):
         _trl_derived(c, method, engine)
+    if c.get("torch_compile") is True:
+        c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
     model = c.get("model_name_or_path")
-    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, str(model) if model else None, _KNOWN)
+    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, str(model) if model else None,
+                    _KNOWN | _training_arguments_fields(c))
+
+
+def _training_arguments_fields(c: Collector) -> frozenset:
+    """Keys that are TrainingArguments fields are known (the ones that matter for memory are read
+    above); imported only when a file has keys left over, since transformers is slow to import."""
+    leftover = {k for k in c.data if k not in c.seen and k not in _KNOWN and k not in NOT_MEMORY}
+    if not leftover:
+        return frozenset()
+    try:
+        import dataclasses
+
+        from transformers import TrainingArguments
+    except ImportError:
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
 
 def _method(c: Collector) -> Method:
@@ -135,12 +153,14 @@ def _batch(c: Collector, trl: bool) -> None:
 
 
 def _precision(c: Collector, trl: bool) -> None:
-    dtype = c.get("dtype") or c.get("torch_dtype") or (c.get("model_init_kwargs") or {}).get("dtype")
-    if dtype is not None:
-        key = next(k for k in ("dtype", "torch_dtype", "model_init_kwargs.dtype")
-                   if k.split(".")[0] in c.data and c.data[k.split(".")[0]])
-        c.set(key, "model_dtype", c.choice(key, dtype, HF_DTYPE),
-              "the checkpoint's dtype (bf16 for current LLM checkpoints)" if dtype == "auto" else "")
+    init = c.get("model_init_kwargs") or {}
+    for key, value in (("dtype", c.get("dtype")), ("torch_dtype", c.get("torch_dtype")),
+                       ("model_init_kwargs.dtype", init.get("dtype")),
+                       ("model_init_kwargs.torch_dtype", init.get("torch_dtype"))):
+        if value is not None:
+            c.set(key, "model_dtype", c.choice(key, value, HF_DTYPE),
+                  "the checkpoint's dtype (bf16 for current LLM checkpoints)" if value == "auto" else "")
+            break
     if c.get("fp16") is True:
         c.set("fp16", "precision", Precision.FP16)
     elif c.get("bf16") is not None:
