@@ -361,3 +361,17 @@ def test_trl_bundled_accelerate_config_and_processes(tmp_path):
     assert (reading.distributed, reading.world) == (Distributed.DEEPSPEED, 4)
     assert reading.fields == {"method": Method.LORA, "loss": Loss.TRL_CHUNKED_NLL, "deepspeed": DeepSpeedStage.ZERO3,
                                   "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False, "checkpoint_reentrant": True}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.suffix != ".md"))
+def test_wrong_typed_values_give_one_line_errors(path):
+    """Every key of every sample, set to a value of the wrong shape: a reading or a one-line
+    VramplanError, never another exception."""
+    from vramplan.configs.combine import read_one
+    data = load_file(DATA / path)
+    for key in data:
+        for value in (-1, "x", [1], {"a": 1}):
+            try:
+                read_one({**data, key: value}, path)
+            except VramplanError as e:
+                assert "\n" not in str(e)

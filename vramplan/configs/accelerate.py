@@ -33,9 +33,9 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
         c.set("mixed_precision", "precision", c.choice("mixed_precision", mixed, _PRECISION),
               "bf16 autocast" if mixed == "bf16" else "")
     if kind == Distributed.FSDP:
-        _fsdp(c, c.get("fsdp_config", {}))
+        _fsdp(c, c.mapping("fsdp_config", c.get("fsdp_config")))
     elif kind == Distributed.DEEPSPEED:
-        _deepspeed(c, c.get("deepspeed_config", {}))
+        _deepspeed(c, c.mapping("deepspeed_config", c.get("deepspeed_config")))
     return c.finish(ConfigFormat.ACCELERATE, None, None, _KNOWN)
 
 

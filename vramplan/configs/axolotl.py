@@ -59,8 +59,8 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _kbit_prep(c, method, engine)
     if c.get("torch_compile"):
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
-    model = c.get("base_model")
-    return c.finish(ConfigFormat.AXOLOTL, Stack.AXOLOTL, str(model) if model else None, _KNOWN)
+    model = c.model("base_model")
+    return c.finish(ConfigFormat.AXOLOTL, Stack.AXOLOTL, model, _KNOWN)
 
 
 def _method(c: Collector) -> Method:
@@ -77,7 +77,7 @@ def _method(c: Collector) -> Method:
             raise c.fail("load_in_4bit", "true with adapter: qlora", c.get("load_in_4bit"))
         c.set("adapter", "method", Method.QLORA)
         c.set("load_in_4bit", "quant", Quant.NF4, f"bnb nf4, double quant ({_SRC} loaders/model.py:801-827)")
-        quant_type = (c.get("bnb_config_kwargs", {}) or {}).get("bnb_4bit_quant_type")
+        quant_type = c.mapping("bnb_config_kwargs", c.get("bnb_config_kwargs")).get("bnb_4bit_quant_type")
         if quant_type not in (None, "nf4"):
             c.unmodelled("bnb_config_kwargs.bnb_4bit_quant_type", f"{quant_type} has the nf4 layout; modelled as nf4")
         return Method.QLORA
@@ -98,8 +98,7 @@ def _lora(c: Collector, method: Method) -> None:
         c.set("lora_target_linear", "lora_targets", LoraTargets.ALL_LINEAR,
               "every Linear but lm_head (loaders/adapter.py:171-182)")
     elif modules:
-        modules = [modules] if isinstance(modules, str) else modules
-        c.set("lora_target_modules", "lora_target_modules", tuple(str(m) for m in modules))
+        c.set("lora_target_modules", "lora_target_modules", tuple(c.names("lora_target_modules", modules)))
     if c.get("lora_modules_to_save"):
         c.unmodelled("lora_modules_to_save", "fully trained extra modules (embed_tokens/lm_head) are not modelled")
     c.set_flag("peft_use_dora", "dora")
@@ -153,7 +152,7 @@ def _checkpointing(c: Collector, method: Method) -> None:
                   "legacy value: checkpoint inputs to host RAM")
         else:
             c.set("gradient_checkpointing", "gradient_checkpointing", c.flag("gradient_checkpointing", ckpt))
-    kwargs = c.get("gradient_checkpointing_kwargs", {}) or {}
+    kwargs = c.mapping("gradient_checkpointing_kwargs", c.get("gradient_checkpointing_kwargs"))
     if kwargs.get("use_reentrant") is not None:
         c.set("gradient_checkpointing_kwargs.use_reentrant", "checkpoint_reentrant",
               c.flag("gradient_checkpointing_kwargs.use_reentrant", kwargs["use_reentrant"]))
@@ -170,7 +169,7 @@ def _checkpointing(c: Collector, method: Method) -> None:
 
 
 def _loss(c: Collector) -> None:
-    plugins = c.get("plugins", []) or []
+    plugins = c.names("plugins", c.get("plugins", []))
     if _CCE_PLUGIN in plugins and c.get("cut_cross_entropy", True) is not False:
         c.set("plugins", "loss", Loss.CCE, "CutCrossEntropyPlugin")
     elif _LIGER_PLUGIN in plugins and c.get("liger_fused_linear_cross_entropy") is True:
@@ -185,9 +184,8 @@ def _loss(c: Collector) -> None:
 
 
 def _fsdp(c: Collector) -> None:
-    cfg = c.get("fsdp_config") or {}
-    tokens = c.get("fsdp") or []
-    tokens = tokens.split() if isinstance(tokens, str) else tokens
+    cfg = c.mapping("fsdp_config", c.get("fsdp_config"))
+    tokens = c.names("fsdp", c.get("fsdp", []), sep=" ")
     if not cfg and not tokens and c.get("fsdp_version") is None:
         return
     c.distributed = Distributed.FSDP
@@ -230,7 +228,7 @@ def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
     quantized = method == Method.QLORA or (method == Method.LORA and c.get("load_in_8bit") is True)
     if method == Method.FULL:
         return
-    cfg = {k.removeprefix("fsdp_"): v for k, v in (c.get("fsdp_config") or {}).items()}
+    cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}
     skip = (c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading")))
     skip = skip or engine.get("deepspeed") == DeepSpeedStage.ZERO3
     c.set("load_in_4bit" if method == Method.QLORA else "adapter", "kbit_prep", quantized and not skip,

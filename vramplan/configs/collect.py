@@ -96,9 +96,31 @@ class Collector:
         norm = value.lower() if isinstance(value, str) else value
         # true/false only where the table has them (True == 1 would otherwise match an int key)
         bool_ok = not isinstance(norm, bool) or any(k is norm for k in table)
-        if not bool_ok or norm not in lookup:
+        if not bool_ok or isinstance(norm, (list, dict)) or norm not in lookup:
             raise self.fail(key, "one of " + ", ".join(str(k) for k in table), value)
         return lookup[norm]
+
+    def mapping(self, key: str, value: Any) -> dict:
+        """A nested section: absent/blank is empty, anything but a mapping is an error."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, "a mapping of keys to values", value)
+        return value
+
+    def names(self, key: str, value: Any, sep: str | None = None) -> list[str]:
+        """A list of names, or one string (split on ``sep`` when given)."""
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(sep)] if sep else [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "a name or a list of names", value)
+        return value
+
+    def model(self, key: str) -> str | None:
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, "a Hugging Face id or a local path", value)
+        return value
 
     def set_int(self, key: str, field: str, note: str = "") -> None:
         value = self.get(key)

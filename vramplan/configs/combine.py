@@ -28,7 +28,11 @@ _REFERENCES = {ConfigFormat.AXOLOTL: axolotl.references, ConfigFormat.TRL: hf.re
 
 def read_one(data: dict, path: str, fmt: ConfigFormat | None = None, engine: dict | None = None) -> ConfigReading:
     fmt = fmt or detect_format(data, path)
-    return _READERS[fmt](data, path, engine or {})
+    try:
+        return _READERS[fmt](data, path, engine or {})
+    except (TypeError, AttributeError, KeyError) as e:   # a value of a shape no framework writes
+        raise VramplanError(f"holds a value of an unexpected type ({type(e).__name__}: {e})",
+                            f"--config {path}") from None
 
 
 def read_config(paths: list[str]) -> ConfigReading:

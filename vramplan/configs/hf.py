@@ -69,7 +69,8 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     if c.get("optim") is not None:
         set_optim(c, "optim", c.get("optim"))
     _loss(c, trl)
-    attn = c.get("attn_implementation") or (c.get("model_init_kwargs") or {}).get("attn_implementation")
+    attn = c.get("attn_implementation") or c.mapping("model_init_kwargs", c.get("model_init_kwargs")).get(
+        "attn_implementation")
     if attn is not None:
         set_attention(c, "attn_implementation", attn)
     _fsdp(c)
@@ -78,8 +79,8 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
         _trl_derived(c, method, engine)
     if c.get("torch_compile") is True:
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
-    model = c.get("model_name_or_path")
-    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, str(model) if model else None,
+    model = c.model("model_name_or_path")
+    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, model,
                     _KNOWN | _training_arguments_fields(c))
 
 
@@ -128,7 +129,7 @@ def _targets(c: Collector) -> None:
     modules = c.get("lora_target_modules")
     if modules is None:
         return
-    modules = [modules] if isinstance(modules, str) else list(modules)
+    modules = c.names("lora_target_modules", modules)
     if modules == ["all-linear"]:   # a 1-element list is unwrapped (trl/trainer/model_config.py:177-178)
         c.set("lora_target_modules", "lora_targets", LoraTargets.ALL_LINEAR)
     else:
@@ -153,7 +154,7 @@ def _batch(c: Collector, trl: bool) -> None:
 
 
 def _precision(c: Collector, trl: bool) -> None:
-    init = c.get("model_init_kwargs") or {}
+    init = c.mapping("model_init_kwargs", c.get("model_init_kwargs"))
     for key, value in (("dtype", c.get("dtype")), ("torch_dtype", c.get("torch_dtype")),
                        ("model_init_kwargs.dtype", init.get("dtype")),
                        ("model_init_kwargs.torch_dtype", init.get("torch_dtype"))):
@@ -173,7 +174,7 @@ def _checkpointing(c: Collector) -> None:
     for key in ("gradient_checkpointing", "activation_checkpointing"):   # activation_*: transformers v5 name
         c.set_flag(key, "gradient_checkpointing")
     for key in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
-        kwargs = c.get(key) or {}
+        kwargs = c.mapping(key, c.get(key))
         if kwargs.get("use_reentrant") is not None:
             c.set(f"{key}.use_reentrant", "checkpoint_reentrant", c.flag(f"{key}.use_reentrant", kwargs["use_reentrant"]))
         if kwargs.get("offload") is True:
@@ -200,14 +201,14 @@ def _loss(c: Collector, trl: bool) -> None:
 
 
 def _fsdp(c: Collector) -> None:
-    tokens = c.get("fsdp") or []
-    tokens = tokens.split() if isinstance(tokens, str) else list(tokens)
+    tokens = c.names("fsdp", c.get("fsdp") or [], sep=" ")
     cfg = c.get("fsdp_config") or {}
     if not tokens:
         return
     if isinstance(cfg, str):
         c.unmodelled("fsdp_config", "an fsdp_config file path is not read; give its settings as flags")
         cfg = {}
+    cfg = c.mapping("fsdp_config", cfg)
     c.distributed = Distributed.FSDP
     cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}   # transformers strips the prefix
     c.set("fsdp_config.version", "fsdp_version", c.choice("fsdp_config.version", cfg.get("version", 2), {1: 1, 2: 2}),

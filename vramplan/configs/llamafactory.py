@@ -55,8 +55,8 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
             c.unmodelled(key, f"{key.removeprefix('use_')} optimizer states are not modelled")
     if c.get("deepspeed") is not None:
         c.distributed = Distributed.DEEPSPEED
-    model = c.get("model_name_or_path")
-    return c.finish(ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, str(model) if model else None, _KNOWN)
+    model = c.model("model_name_or_path")
+    return c.finish(ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, model, _KNOWN)
 
 
 def _stage(c: Collector) -> None:
@@ -100,7 +100,7 @@ def _lora(c: Collector, method: Method) -> None:
         c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
     target = c.get("lora_target")
     if target is not None:
-        names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
+        names = c.names("lora_target", target, sep=",")
         if names == ["all"]:
             c.set("lora_target", "lora_targets", LoraTargets.ALL_LINEAR, "every Linear but the output layer "
                   "(model/model_utils/misc.py:31-35)")

@@ -120,7 +120,7 @@ def _lora(c: Collector, cfg: dict) -> None:
         c.set("model.lora_dropout", "lora_dropout", c.prob("model.lora_dropout", cfg["lora_dropout"]))
     if cfg.get("use_dora") is not None:
         c.set("model.use_dora", "dora", c.flag("model.use_dora", cfg["use_dora"]))
-    attn = cfg.get("lora_attn_modules") or []
+    attn = c.names("model.lora_attn_modules", cfg.get("lora_attn_modules") or [])
     names = [c.choice("model.lora_attn_modules", m, _ATTN) for m in attn]
     if cfg.get("apply_lora_to_mlp") is True:
         names += _MLP
@@ -166,7 +166,7 @@ def _optimizer(c: Collector) -> None:
     if not isinstance(cfg, dict) or "_component_" not in cfg:
         return
     component = cfg["_component_"]
-    if component not in _OPTIMIZERS:
+    if not isinstance(component, str) or component not in _OPTIMIZERS:
         c.unmodelled("optimizer._component_", f"{component} is not modelled; give --optim for the closest")
         return
     if component == "torch.optim.AdamW":
@@ -182,7 +182,7 @@ def _loss(c: Collector) -> None:
     cfg = c.get("loss")
     if isinstance(cfg, dict) and "_component_" in cfg:
         component = cfg["_component_"]
-        if component not in _LOSSES:
+        if not isinstance(component, str) or component not in _LOSSES:
             c.unmodelled("loss._component_", f"{component} is not modelled")
             return
         loss, note = _LOSSES[component]
