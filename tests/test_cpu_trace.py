@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("peft")
 from vramplan.estimate import make_setup  # noqa: E402
-from vramplan.memory import measured_phase, step_model  # noqa: E402
+from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Quant  # noqa: E402
 
@@ -104,15 +104,16 @@ CASES = {
 
 
 def _model_phases(spec, setup) -> dict[str, int]:
-    """The model's widest phase inside each measured phase (memory.measured_phase), as the
+    """The model's widest phase inside each measured phase (Phase.measured), as the
     trace's step 1 sees it: the CPU loss backward holds 2·N·V less, GaLore's SVD refresh
     runs at step 0 only, and layer-wise optimizers step inside backward."""
+    refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
     for p in step_model(spec, setup).phases:
-        k, b = measured_phase(p.name), p.allocated
-        if k == "build" or p.name.startswith("GaLore SVD"):
+        k, b = p.measured.value, p.allocated
+        if p.measured == MeasuredPhase.BUILD or p.kind in refresh:
             continue
-        if p.name == "loss backward":
+        if p.kind == PhaseKind.LOSS_BACKWARD:
             b -= 2 * setup.tokens * spec.vocab
         out[k] = max(out.get(k, 0), b)
     return out
@@ -125,16 +126,16 @@ def _build_compared(setup) -> bool:
 
 
 def _model_build_peak(spec, setup) -> int:
-    from vramplan.memory import _static, parameters
-    static, _, _, _ = _static(parameters(spec, setup), setup, setup.fsdp, setup.cpu_offload)
-    build = next(p.allocated for p in step_model(spec, setup).phases if p.name.startswith("build"))
+    from vramplan.memory import parameters, static_bytes
+    static = static_bytes(parameters(spec, setup), setup).parts
+    build = next(p.allocated for p in step_model(spec, setup).phases if p.kind == PhaseKind.BUILD_QUANTIZE)
     return max(build, sum(static.values()))
 
 
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(CASES))
 def test_step_phases_match_the_cpu_trace(name, tmp_path):
-    from vramplan.memory import _static, parameters
+    from vramplan.memory import parameters, static_bytes
     from vramplan.verify.cputrace import trace_step
     cfg, fields = CASES[name]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -142,7 +143,7 @@ def test_step_phases_match_the_cpu_trace(name, tmp_path):
     setup = make_setup(**{**B2S256, **fields})
     spec = load_model_spec(model, use_cache=False)
     traced = trace_step(model, setup)
-    static, _, _, _ = _static(parameters(spec, setup), setup, setup.fsdp, setup.cpu_offload)
+    static = static_bytes(parameters(spec, setup), setup).parts
     checks = {"build": (next(p.end_bytes for p in traced.phases if p.name == "build"), sum(static.values()))}
     if _build_compared(setup):
         checks["build peak"] = (traced.peak("build"), _model_build_peak(spec, setup))
@@ -259,9 +260,10 @@ def test_dequantize_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(WIDE, vocab_size=1024)))
     setup = make_setup(batch_size=1, seq_len=64, lora_dropout=0.0, **DEQ_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
-    steps = [p for p in step_model(spec, setup).phases if not p.name.startswith("build")]
+    steps = [p for p in step_model(spec, setup).phases if p.measured != MeasuredPhase.BUILD]
     widest = max(steps, key=lambda p: p.allocated)
-    assert "dequantize" in widest.name, f"{widest.name} is the model's peak here: the case tests nothing"
+    dequantize = widest.kind == PhaseKind.DEQUANTIZE_FORWARD or widest.point == LayerPoint.DEQUANTIZE
+    assert dequantize, f"{widest.name} is the model's peak here: the case tests nothing"
     traced = trace_step(str(tmp_path), setup)
     measured = max(traced.peak(p, step=1) for p in _model_phases(spec, setup))
     assert abs(widest.allocated - measured) <= 0.05 * measured, (widest.allocated / 2**20, measured / 2**20)
@@ -304,12 +306,13 @@ OFFLOAD_CASES = {f"fsdp2-offload-{m}": dict(method=m, fsdp=2, cpu_offload=True, 
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(OFFLOAD_CASES))
 def test_offload_forward_is_device_plus_host_on_the_cpu(name, tmp_path):
-    from vramplan.memory import _grad_bytes, _r, _shard, parameters
+    from vramplan.memory import alloc, grad_bytes, parameters
+    from vramplan.memory.fsdp import shard
     from vramplan.verify.cputrace import trace_step
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     setup = make_setup(**B2S256, **OFFLOAD_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
-    host_grads = sum(_r(_grad_bytes(p, setup) * _shard(p, setup.fsdp)) for p in parameters(spec, setup) if p.trainable)
+    host_grads = sum(alloc(grad_bytes(p, setup) * shard(p, setup.fsdp)) for p in parameters(spec, setup) if p.trainable)
     predicted = _model_phases(spec, setup)["forward"] + step_model(spec, setup).host_pinned - host_grads
     traced = trace_step(str(tmp_path), setup).peak("forward", step=1)
     assert abs(predicted - traced) <= TOL * traced, (predicted / 2**20, traced / 2**20)

@@ -62,10 +62,10 @@ def test_simulated_fsdp_shards_the_weights():
 
 @pytest.mark.parametrize("quant,fsdp", [("nf4", 1), ("hqq4", 1), ("nf4", 4), ("hqq4", 4)])
 def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
-    """Quantizing the largest Linear (memory._build_phase, read from the CUDA kernels and hqq's
+    """Quantizing the largest Linear (memory.quantization.build_phase, read from the CUDA kernels and hqq's
     fp16 path): on the GPU the build's peak is the rule's, and under FSDP2 no whole packed
     decoder is ever held. Tolerance: the project's 5%."""
-    from vramplan.memory import step_model
+    from vramplan.memory import PhaseKind, step_model
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.measure import run_case
     setup = make_setup(method="qlora", quant=quant, fsdp=fsdp, gradient_checkpointing=True, seq_len=256)
@@ -73,6 +73,6 @@ def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     build = next(p for p in m.phases if p.phase == "build")
     spec = load_model_spec("llama-3.1-8b", num_layers=4)
     phases = step_model(spec, setup).phases
-    rule = next(p.allocated for p in phases if p.name.startswith("build"))
+    rule = next(p.allocated for p in phases if p.kind == PhaseKind.BUILD_QUANTIZE)
     # the build's peak is the quantization's or the finished build's (after_build)
     assert max(rule, build.allocated_bytes) == pytest.approx(build.peak_allocated_bytes, rel=0.05)

@@ -7,7 +7,7 @@ import warnings
 from vramplan.errors import VramplanError
 from vramplan.model_spec import Experts, LayerSpec, Linear, ModelSpec
 
-# Linear name (last path component) -> role. Roles drive the activation rules in memory.py.
+# Linear name (last path component) -> role. Roles drive the activation rules in vramplan/memory/ (memory.types.LinearRole).
 _ROLES = {
     "q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
     "qkv_proj": "qkv", "query_key_value": "qkv", "c_attn": "qkv", "Wqkv": "qkv", "W_pack": "qkv",

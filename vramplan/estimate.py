@@ -16,11 +16,12 @@ from vramplan.hardware import (
     parse_gpus,
     with_overrides,
 )
-from vramplan.memory import step_model
+from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Method, TrainingSetup, check_method_fields, fields_for_method
+from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
 # Host memory of one training process before any offload: the Python process with torch,
@@ -29,10 +30,15 @@ PROCESS_HOST_BYTES = 3 * GiB
 
 
 def make_setup(**fields) -> TrainingSetup:
-    """TrainingSetup from keyword fields; validation errors become one VramplanError."""
+    """TrainingSetup from keyword fields, the --stack bundle filling every knob not given
+    (vramplan/stacks.py); validation errors become one VramplanError. Every entry point (CLI,
+    Python API, plan, strategy comparison) builds its setups here."""
     fields = {k: v for k, v in fields.items() if v is not None}
+    check_method_fields(fields)  # on what the caller gave, before the stack fills anything
     try:
-        return TrainingSetup(**fields)
+        fields, _ = apply_stack(fields)
+        # a bundle's value for a knob this method does not read changes nothing: dropped
+        return TrainingSetup(**fields_for_method(fields))
     except ValidationError as e:
         raise from_validation_error(e) from None
 
@@ -110,10 +116,10 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
     return notes
 
 
-def _loss_note(spec: ModelSpec, peak) -> list[str]:
+def _loss_note(spec: ModelSpec, peak: Phase) -> list[str]:
     """When the loss on the full logits is most of the peak, say so: it is the one large
     term a different loss implementation removes (the reference step uses the model's own)."""
-    loss = peak.parts.get(C.TRANSIENT, 0) if peak.name == "loss backward" else 0
+    loss = peak.parts.get(C.TRANSIENT, 0) if peak.kind == PhaseKind.LOSS_BACKWARD else 0
     if loss < 0.25 * peak.allocated or loss < GiB:
         return []
     return [f"the loss backward on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak (the model's "
@@ -170,8 +176,9 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
-                     phases={p.name: p.allocated for p in model.phases})
-    notes = gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
+                     phases={p.name: p.allocated for p in model.phases},
+                     phase_measured={p.name: p.measured.value for p in model.phases})
+    notes = stack_lines(setup) + gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),

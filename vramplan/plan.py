@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, resolve_gpus
+from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, make_setup, resolve_gpus
 from vramplan.hardware import GpuSpec, profiles
 from vramplan.limits import (
     MAX_GLOBAL_BATCH,
@@ -400,7 +400,7 @@ def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:
-            setup = TrainingSetup(**fields, seq_len=int(seqs[0]))
+            setup = make_setup(**fields, seq_len=int(seqs[0]))
             grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
             grids.append(grid)
             evaluated += grid.evaluated

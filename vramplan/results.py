@@ -23,6 +23,8 @@ class PerGpu(BaseModel):
     breakdown: dict[Category, int] = Field(description="bytes per category at the peak")
     peak_phase: str = Field(description="where in the step the peak falls")
     phases: dict[str, int] = Field(default_factory=dict, description="allocated bytes at each modelled phase")
+    phase_measured: dict[str, str] = Field(default_factory=dict, description="the measured phase (build, forward, "
+                                           "backward, optimizer) each modelled phase falls in")
 
 
 class Estimate(BaseModel):

@@ -239,6 +239,8 @@ class TrainingSetup(BaseModel):
     attention: Attention | None = Field(None, description="attention kernel; default the model's (sdpa unless its config says eager)")
     packing: Packing = Field(Packing.NONE, description="sequence packing")
     model_dtype: ModelDtype | None = Field(None, description="dtype the weights are loaded in; default fp32 under mixed, else bf16")
+    keep_logits: bool = Field(False, description="the training loop keeps the model's output (its logits) referenced through backward "
+                                                 "and the optimizer step (Answer.AI fsdp_qlora train.py); the reference step keeps only the loss")
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
     fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
@@ -324,4 +326,27 @@ class TrainingSetup(BaseModel):
         if self.fsdp > 1:
             parts.append(f"fsdp{self.fsdp}" + ("+offload" if self.cpu_offload else ""))
         parts.append(f"{self.batch_size}x{self.seq_len}")
-        return " ".join(parts)
+        return " ".join(parts + self._knob_words())
+
+    def _knob_words(self) -> list[str]:
+        """The stack and every issue-13 knob that differs from the reference step, in a word each;
+        nothing for the reference step, so its description stays what it always was."""
+        words = [] if self.stack == Stack.PLAIN else [f"[{self.stack.value}]"]
+        flags = (("fp32_outputs", "fp32-logits"), ("keep_logits", "keep-logits"), ("kbit_prep", "kbit-prep"),
+                 ("dora", "dora"), ("optimizer_in_backward", "optim-in-bwd"), ("checkpoint_reentrant", "reentrant"))
+        words += [word for name, word in flags if getattr(self, name)]
+        valued = (("loss", "loss", Loss.HF), ("activation_offload", "offload", ActivationOffload.NONE),
+                  ("packing", "packing", Packing.NONE), ("attention", "attn", None), ("model_dtype", "weights", None))
+        words += [f"{word}={getattr(self, name).value}" for name, word, default in valued
+                  if getattr(self, name) not in (default, None)]
+        if self.lora_like and self.adapter_dtype is not None:
+            words.append(f"adapters={self.adapter_dtype.value}")
+        if self.lora_like and self.lora_target_modules:
+            words.append("targets=" + ",".join(self.lora_target_modules))
+        if self.lora_like and self.stack != Stack.PLAIN:
+            words.append(f"dropout={self.lora_dropout:g}")
+        if self.gradient_accumulation > 1:
+            words.append(f"ga={self.gradient_accumulation}")
+        if self.fsdp > 1 and self.fsdp_version != 2:
+            words.append(f"fsdp-v{self.fsdp_version}")
+        return words

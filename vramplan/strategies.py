@@ -49,7 +49,11 @@ class StrategyRow:
 
 
 # What the user's flags may set for every strategy; the rest is what tells the strategies apart.
-_SHARED = ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets")
+_SHARED = ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets", "lora_target_modules",
+           # the stack and how it runs: every strategy runs under them
+           "stack", "loss", "fp32_outputs", "keep_logits", "adapter_dtype", "kbit_prep", "dora",
+           "gradient_accumulation", "activation_offload", "checkpoint_reentrant", "attention", "packing",
+           "model_dtype", "fsdp_version", "fsdp_sharding", "nodes")
 
 
 def _shared_fields(base: dict) -> dict:
@@ -60,8 +64,8 @@ def _shared_fields(base: dict) -> dict:
     if chosen:
         flag = "--" + chosen[0].replace("_", "-")
         raise VramplanError("sets one configuration: add --method (without it, estimate compares the standard "
-                            "strategies, which take only --batch-size, --seq-len, --precision, --lora-dropout, "
-                            "--lora-targets)", flag)
+                            "strategies, which take only "
+                            + ", ".join("--" + k.replace("_", "-") for k in _SHARED) + ")", flag)
     shared = {k: v for k, v in base.items() if k in _SHARED and v is not None}
     make_setup(method="lora", **shared)  # the method that reads every shared flag
     return shared

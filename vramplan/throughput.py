@@ -25,7 +25,7 @@ from collections import OrderedDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.hardware import HardwareProfile
-from vramplan.memory import _lora_targeted, layer_saved_per_token
+from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 
@@ -103,11 +103,11 @@ def _shapes(spec: ModelSpec) -> Shapes:
             if lin.role != "other":
                 mats.append((lin.out_features, lin.in_features))
             for setup, io, in (all_setup, io_all), (attn_setup, io_attn):
-                if _lora_targeted(lin, setup):
+                if lora_targeted(lin, setup):
                     io[0] += lin.in_features
                     io[1] += lin.out_features
-            n_all += _lora_targeted(lin, all_setup)
-            n_attn += _lora_targeted(lin, attn_setup)
+            n_all += lora_targeted(lin, all_setup)
+            n_attn += lora_targeted(lin, attn_setup)
         if layer.experts:
             matmul += layer.experts.numel * layer.experts.top_k // layer.experts.num_experts
     L = max(len(spec.layers), 1)

@@ -10,8 +10,33 @@ from typing import NoReturn
 
 from vramplan.errors import VramplanError
 from vramplan.estimate import default_host_ram
-from vramplan.limits import MAX_BATCH_SIZE, MAX_LAYERS, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOKENS
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup, check_method_fields
+from vramplan.limits import (
+    MAX_ACCUMULATION,
+    MAX_BATCH_SIZE,
+    MAX_LAYERS,
+    MAX_RANK,
+    MAX_RANKS,
+    MAX_SEQ_LEN,
+    MAX_TOKENS,
+)
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    DeepSpeedStage,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+    TrainingSetup,
+    check_method_fields,
+)
 from vramplan.units import host_ram_bytes
 
 MODEL_HELP = "preset name or alias, a config.json path, or a directory with one"
@@ -34,20 +59,20 @@ _INT = re.compile(r"^\s*[+-]?\d+\s*$")
 
 def int_in(hi: int, lo: int = 1) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi]. argparse names the flag in front of the
-    message (``argument --seq-len: must be at most 2,097,152``); the bound is checked on the
-    text's length first, so a 5,000-digit number is refused, not parsed."""
+    message (``argument --seq-len: must be at most 2,097,152``); the length of the text is
+    checked first, so a 5,000-digit number is refused, not parsed."""
     def parse(text: str) -> int:
         if not _INT.match(text):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}")
         digits = text.strip().lstrip("+-").lstrip("0")
         value = int(text) if len(digits) <= 30 else (-1 if text.strip().startswith("-") else 1) * 10**30
+        shown = text.strip()[:40] + ("..." if len(text.strip()) > 40 else "")
         if value < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo:,}, got {text.strip()[:40]}")
+            raise argparse.ArgumentTypeError(f"must be at least {lo:,}, got {shown}")
         if value > hi:
-            raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {text.strip()[:40]}"
-                                             f"{'...' if len(text.strip()) > 40 else ''}")
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {shown}")
         return value
-    parse.__name__ = "integer"
+    parse.__name__ = "integer"  # argparse's and docs/cli.md's name for the type
     return parse
 
 
@@ -70,44 +95,70 @@ def bounded(text: str, hi: int, lo: int = 1) -> str:
     return f"{text} ({lo:,} to {hi:,})"
 
 
+def _choices(enum: type) -> list[str]:
+    return [m.value for m in enum]
+
+
+def _flag(p: argparse.ArgumentParser, field: str, **kw) -> None:
+    """One option per TrainingSetup field, named after it, its help the field's description.
+    Booleans take --x / --no-x and default to None, so a --stack bundle fills what is not given."""
+    if kw.pop("boolean", False):
+        kw.update(action=argparse.BooleanOptionalAction, default=None)
+    extra = kw.pop("extra_help", "")
+    p.add_argument("--" + field.replace("_", "-"), dest=field, help=_help(field) + extra, **kw)
+
+
 def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
-    """The options of the reference step, shared by estimate, plan and verify."""
-    p.add_argument("--method", choices=[m.value for m in Method], default=method_default, help=_help("method"))
-    p.add_argument("--precision", choices=[m.value for m in Precision], help=_help("precision"))
-    p.add_argument("--optim", choices=[m.value for m in Optim], help=_help("optim"))
-    p.add_argument("--batch-size", type=int_in(MAX_BATCH_SIZE),
-                   help=bounded(_help("batch_size") + "; default 1", MAX_BATCH_SIZE)
-                   + f"; batch x seq at most {MAX_TOKENS:,} tokens")
-    p.add_argument("--seq-len", type=int_in(MAX_SEQ_LEN),
-                   help=bounded(_help("seq_len") + "; default 2048", MAX_SEQ_LEN))
+    """The options of the training setup, shared by estimate, plan and verify."""
+    p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
+    _flag(p, "precision", choices=_choices(Precision))
+    _flag(p, "optim", choices=_choices(Optim))
+    _flag(p, "batch_size", type=int_in(MAX_BATCH_SIZE),
+          extra_help=f"; default 1 (1 to {MAX_BATCH_SIZE:,}; batch x seq at most {MAX_TOKENS:,} tokens)")
+    _flag(p, "seq_len", type=int_in(MAX_SEQ_LEN), extra_help=f"; default 2048 (1 to {MAX_SEQ_LEN:,})")
     add_num_layers(p)
-    p.add_argument("--lora-r", type=int_in(MAX_RANK), help=bounded(_help("lora_r") + "; default 16", MAX_RANK))
-    p.add_argument("--lora-dropout", type=float_in(0.0, 1.0),
-                   help=_help("lora_dropout") + " (0 <= p < 1; default 0.05)")
-    p.add_argument("--lora-targets", choices=[m.value for m in LoraTargets], help=_help("lora_targets"))
-    p.add_argument("--quant", choices=[m.value for m in Quant], help=_help("quant"))
-    p.add_argument("--galore-rank", type=int_in(MAX_RANK),
-                   help=bounded(_help("galore_rank") + "; default 128", MAX_RANK))
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None, help=_help("gradient_checkpointing"))
-    p.add_argument("--fsdp", type=int_in(MAX_RANKS), help=bounded(_help("fsdp"), MAX_RANKS))
-    p.add_argument("--cpu-offload", action="store_true", default=None, help=_help("cpu_offload"))
+    _flag(p, "lora_r", type=int_in(MAX_RANK), extra_help=f"; default 16 (1 to {MAX_RANK:,})")
+    _flag(p, "lora_dropout", type=float_in(0.0, 1.0), extra_help="; default 0.05 (0 <= p < 1)")
+    _flag(p, "lora_targets", choices=_choices(LoraTargets))
+    _flag(p, "quant", choices=_choices(Quant))
+    _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
+    _flag(p, "gradient_checkpointing", boolean=True)
+    _flag(p, "fsdp", type=int_in(MAX_RANKS), extra_help=f" (1 to {MAX_RANKS:,})")
+    _flag(p, "cpu_offload", boolean=True)
+    add_stack_options(p)
+    add_engine_options(p)
 
 
-SETUP_KEYS = (
-    "method",
-    "precision",
-    "optim",
-    "batch_size",
-    "seq_len",
-    "lora_r",
-    "lora_dropout",
-    "lora_targets",
-    "quant",
-    "galore_rank",
-    "gradient_checkpointing",
-    "fsdp",
-    "cpu_offload",
-)
+def add_stack_options(p: argparse.ArgumentParser) -> None:
+    """The knobs real training frameworks turn (docs/stacks.md, docs/memory-model.md)."""
+    _flag(p, "stack", choices=_choices(Stack))
+    _flag(p, "loss", choices=_choices(Loss))
+    _flag(p, "fp32_outputs", boolean=True)
+    _flag(p, "keep_logits", boolean=True)
+    _flag(p, "adapter_dtype", choices=_choices(AdapterDtype))
+    _flag(p, "kbit_prep", boolean=True)
+    _flag(p, "dora", boolean=True)
+    _flag(p, "optimizer_in_backward", boolean=True)
+    _flag(p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION),
+          extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})")
+    _flag(p, "activation_offload", choices=_choices(ActivationOffload))
+    _flag(p, "checkpoint_reentrant", boolean=True)
+    _flag(p, "attention", choices=_choices(Attention))
+    _flag(p, "packing", choices=_choices(Packing))
+    _flag(p, "model_dtype", choices=_choices(ModelDtype))
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How the GPUs share the work: DDP, FSDP1/2, DeepSpeed ZeRO (docs/memory-model.md, "Engines")."""
+    _flag(p, "fsdp_version", type=int, choices=(1, 2))
+    _flag(p, "fsdp_sharding", choices=_choices(FsdpSharding))
+    _flag(p, "deepspeed", choices=_choices(DeepSpeedStage))
+    _flag(p, "offload_optimizer", boolean=True)
+    _flag(p, "offload_params", boolean=True)
+    _flag(p, "nodes", type=int_in(MAX_RANKS), extra_help=f" (1 to {MAX_RANKS:,})")
+
+
+SETUP_KEYS = tuple(k for k in TrainingSetup.model_fields if k != "galore_update_proj_gap")
 
 
 def add_num_layers(p: argparse.ArgumentParser) -> None:

@@ -233,7 +233,7 @@ def _packed_to_meta(q) -> None:
 # ---------------------------------------------------------------- methods
 
 def lora_targets(model, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
-    """The same Linears the estimate gives adapters (memory._lora_targeted)."""
+    """The same Linears the estimate gives adapters (memory.lora.lora_targeted)."""
     attn = ("q", "k", "v", "qkv", "o")
     out = []
     for path, role in decoder_linears(model, spec):

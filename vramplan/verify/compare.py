@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vramplan.categories import Category as C
-from vramplan.memory import MEASURED_PHASES, measured_phase
+from vramplan.memory import MEASURED_PHASES, PhaseKind
 from vramplan.results import Estimate
 from vramplan.units import GiB, MiB
 from vramplan.verify.results import CategoryRow, Comparison, Measurement
@@ -22,8 +22,9 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     mb = dict(m.breakdown)
     notes = []
     modelled = dict(estimate.per_gpu.phases)
-    if cpu_loss_delta and "loss backward" in modelled:
-        modelled["loss backward"] -= cpu_loss_delta
+    loss_backward = PhaseKind.LOSS_BACKWARD.label
+    if cpu_loss_delta and loss_backward in modelled:
+        modelled[loss_backward] -= cpu_loss_delta
         notes.append(f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / MiB:.1f} MiB, "
                      "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)")
     if m.setup.fsdp > 1:
@@ -37,7 +38,7 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
         peak_name = max(modelled, key=modelled.get)
         peak = modelled[peak_name]
-        if peak_name == pg.peak_phase == "loss backward":
+        if peak_name == pg.peak_phase == loss_backward:
             eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) - cpu_loss_delta  # the CUDA-only bytes are transient
         elif peak_name != pg.peak_phase:
             notes.append(f"CPU trace: the categories are the estimate's at its CUDA peak ({pg.peak_phase}); "
@@ -52,8 +53,8 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
               _row("activations + transient", _sum(eb, C.ACTIVATIONS, C.TRANSIENT), _sum(mb, C.ACTIVATIONS, C.TRANSIENT)),
               _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
               _row("total (reserved + context)", pg.total_bytes, total)]
-    phases = _phase_rows(modelled, m)
-    est_at = measured_phase(peak_name) if peak_name else None
+    phases = _phase_rows(modelled, pg.phase_measured, m)
+    est_at = pg.phase_measured[peak_name] if peak_name else None
     if m.peak_phase and est_at and not m.peak_phase.startswith(est_at):
         notes.append(f"peak in a different phase: estimate '{peak_name}', measured '{m.peak_phase}'")
     if m.extrapolated_from:
@@ -74,18 +75,18 @@ def _sum(breakdown: dict, *cats: C) -> int | None:
     return None if any(v is None for v in values) else sum(values)
 
 
-def _phase_rows(modelled: dict[str, int], m: Measurement) -> list[CategoryRow]:
+def _phase_rows(modelled: dict[str, int], measured_of: dict[str, str], m: Measurement) -> list[CategoryRow]:
     """Per measured phase: the estimate's widest modelled phase inside it against the
     measured peak of that phase over all steps (extrapolated measurements have none)."""
     est: dict[str, int] = {}
     for name, b in modelled.items():
-        k = measured_phase(name)
+        k = measured_of[name]
         est[k] = max(est.get(k, 0), b)
     meas: dict[str, int] = {}
     for snap in m.phases:
         if snap.peak_allocated_bytes is not None:
             meas[snap.phase] = max(meas.get(snap.phase, 0), snap.peak_allocated_bytes)
-    return [_row(f"{k} peak", est.get(k), meas.get(k)) for k in MEASURED_PHASES if k in est or k in meas]
+    return [_row(f"{k.value} peak", est.get(k), meas.get(k)) for k in MEASURED_PHASES if k in est or k in meas]
 
 
 def to_frame(cmp: Comparison):

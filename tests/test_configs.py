@@ -1,0 +1,379 @@
+"""Framework config files -> TrainingSetup fields (issue 14).
+
+Expected fields below were written by hand from reading each sample file and the framework
+source cited in docs/configs.md, not produced by the code under test.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vramplan.configs import (
+    ConfigFormat,
+    Distributed,
+    describe_reading,
+    detect_format,
+    emit,
+    read_config,
+    setup_fields,
+    write_atomic,
+)
+from vramplan.configs.reading import load_file
+from vramplan.errors import VramplanError
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    DeepSpeedStage,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+    TrainingSetup,
+)
+
+DATA = Path(__file__).parent / "data" / "configs_frameworks"
+ALL_LINEAR_BUT_K = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+AXOLOTL_QLORA = {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05,
+                     "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2, "gradient_accumulation": 4, "seq_len": 4096,
+                     "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED, "attention": Attention.FLASH,
+                     "gradient_checkpointing": True, "optim": Optim.ADAMW_TORCH, "packing": Packing.PADDING_FREE,
+                     "kbit_prep": True}
+LF_LORA = {"method": Method.LORA, "lora_r": 8, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 1,
+               "gradient_accumulation": 8, "seq_len": 2048, "precision": Precision.MIXED, "model_dtype": ModelDtype.BF16,
+               "adapter_dtype": AdapterDtype.FP32, "kbit_prep": False}
+TT_LORA = {"method": Method.LORA, "lora_r": 8, "lora_dropout": 0.0, "lora_target_modules": ALL_LINEAR_BUT_K, "batch_size": 2,
+               "gradient_accumulation": 8, "packing": Packing.NONE, "precision": Precision.BF16, "model_dtype": ModelDtype.BF16,
+               "adapter_dtype": AdapterDtype.BF16, "optim": Optim.ADAMW_TORCH_FUSED, "loss": Loss.CHUNKED,
+               "gradient_checkpointing": True, "activation_offload": ActivationOffload.NONE, "kbit_prep": False}
+
+SAMPLES = [
+    # (files, format, stack, model, distributed, world, fields)
+    (["axolotl/qlora.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3-8B",
+     Distributed.NONE, None, AXOLOTL_QLORA),
+    (["axolotl/lora-8b.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3-8B",
+     Distributed.NONE, None,
+     {"method": Method.LORA, "lora_r": 32, "lora_dropout": 0.05, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2,
+          "gradient_accumulation": 4, "seq_len": 4096, "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED,
+          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.ADAMW_BNB_8BIT,
+          "packing": Packing.PADDING_FREE, "kbit_prep": True}),
+    (["axolotl/fft-8b-liger-fsdp.yaml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3.1-8B",
+     Distributed.FSDP, None,
+     {"method": Method.FULL, "batch_size": 2, "gradient_accumulation": 4, "seq_len": 4096, "model_dtype": ModelDtype.BF16,
+          "precision": Precision.BF16, "attention": Attention.FLASH, "gradient_checkpointing": True, "checkpoint_reentrant": False,
+          "optim": Optim.ADAMW_TORCH_FUSED, "loss": Loss.LIGER, "fsdp_version": 1, "fsdp_sharding": FsdpSharding.FULL,
+          "cpu_offload": True, "packing": Packing.PADDING_FREE}),
+    (["axolotl/mistral-qlora-fsdp.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "mistralai/Mixtral-8x7B-v0.1",
+     Distributed.FSDP, None,
+     {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05, "lora_targets": LoraTargets.ALL_LINEAR,
+          "batch_size": 2, "gradient_accumulation": 4, "seq_len": 1024, "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED,
+          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.ADAMW_BNB_8BIT, "fsdp_version": 1,
+          "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False, "packing": Packing.NONE, "kbit_prep": False}),
+    (["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"], ConfigFormat.AXOLOTL, Stack.AXOLOTL,
+     "NousResearch/Meta-Llama-3-8B", Distributed.DEEPSPEED, None,
+     {**AXOLOTL_QLORA, "deepspeed": DeepSpeedStage.ZERO2, "offload_optimizer": True}),
+    (["trl/trl_example_config.yaml"], ConfigFormat.TRL, Stack.TRL, "Qwen/Qwen2.5-0.5B", Distributed.NONE, None,
+     {"method": Method.FULL, "loss": Loss.TRL_CHUNKED_NLL}),
+    (["trl/trl_example_config.yaml", "accelerate/trl_fsdp2.yaml"], ConfigFormat.TRL, Stack.TRL, "Qwen/Qwen2.5-0.5B",
+     Distributed.FSDP, 8,
+     {"method": Method.FULL, "loss": Loss.TRL_CHUNKED_NLL, "nodes": 1, "precision": Precision.MIXED, "fsdp": 8, "fsdp_version": 2,
+          "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False}),
+    (["llamafactory/train_lora__qwen3_lora_sft.yaml"], ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY,
+     "Qwen/Qwen3-4B-Instruct-2507", Distributed.NONE, None, LF_LORA),
+    (["llamafactory/train_qlora__qwen3_lora_sft_otfq.yaml"], ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY,
+     "Qwen/Qwen3-4B-Instruct-2507", Distributed.NONE, None, {**LF_LORA, "method": Method.QLORA, "quant": Quant.NF4}),
+    (["llamafactory/train_full__qwen3_full_sft.yaml", "deepspeed/llamafactory_ds_z3_config.json"],
+     ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, "Qwen/Qwen3-4B-Instruct-2507", Distributed.DEEPSPEED, None,
+     {"method": Method.FULL, "batch_size": 1, "gradient_accumulation": 2, "seq_len": 2048, "precision": Precision.MIXED,
+          "model_dtype": ModelDtype.FP32, "deepspeed": DeepSpeedStage.ZERO3}),
+    (["llamafactory/extras__fsdp_qlora__llama3_lora_sft.yaml", "accelerate/llamafactory_fsdp_config.yaml"],
+     ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, "meta-llama/Meta-Llama-3-8B-Instruct", Distributed.FSDP, 2,
+     {**LF_LORA, "method": Method.QLORA, "quant": Quant.NF4, "fsdp": 2, "fsdp_version": 1,
+      "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False, "nodes": 1}),
+    (["torchtune/8B_qlora_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, "meta-llama/Llama-3.1-8B",
+     Distributed.NONE, None, {**TT_LORA, "method": Method.QLORA, "quant": Quant.NF4}),
+    (["torchtune/qwen2_5_7B_lora_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE,
+     "Qwen/Qwen2.5-7B-Instruct", Distributed.NONE, None, TT_LORA),
+    (["torchtune/8B_full_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, "meta-llama/Llama-3.1-8B",
+     Distributed.NONE, None,
+     {"method": Method.FULL, "batch_size": 2, "gradient_accumulation": 1, "packing": Packing.NONE, "precision": Precision.BF16,
+          "model_dtype": ModelDtype.BF16, "optim": Optim.ADAMW_BNB_8BIT, "loss": Loss.CHUNKED, "optimizer_in_backward": True,
+          "gradient_checkpointing": True, "activation_offload": ActivationOffload.NONE}),
+    (["accelerate/trl_zero3.yaml"], ConfigFormat.ACCELERATE, None, None, Distributed.DEEPSPEED, 8,
+     {"nodes": 1, "precision": Precision.MIXED, "deepspeed": DeepSpeedStage.ZERO3, "offload_optimizer": False,
+          "offload_params": False}),
+    (["deepspeed/axolotl_zero3_bf16_cpuoffload_all.json"], ConfigFormat.DEEPSPEED, None, None, Distributed.DEEPSPEED,
+     None, {"deepspeed": DeepSpeedStage.ZERO3, "offload_optimizer": True, "offload_params": True, "precision": Precision.MIXED}),
+]
+
+
+@pytest.mark.parametrize("files,fmt,stack,model,distributed,world,fields", SAMPLES,
+                         ids=["+".join(s[0]) for s in SAMPLES])
+def test_sample_maps_to_expected_fields(files, fmt, stack, model, distributed, world, fields):
+    reading = read_config([str(DATA / f) for f in files])
+    assert (reading.format, reading.stack, reading.model) == (fmt, stack, model)
+    assert (reading.distributed, reading.world) == (distributed, world)
+    assert reading.fields == fields
+    TrainingSetup(**setup_fields(reading, world=4))   # the fields make a valid setup
+
+
+@pytest.mark.parametrize("path,fmt", [
+    ("axolotl/qlora.yml", ConfigFormat.AXOLOTL), ("trl/trl_example_config.yaml", ConfigFormat.TRL),
+    ("llamafactory/train_lora__qwen3_lora_sft.yaml", ConfigFormat.LLAMAFACTORY),
+    ("torchtune/8B_full_single_device.yaml", ConfigFormat.TORCHTUNE),
+    ("accelerate/trl_fsdp2.yaml", ConfigFormat.ACCELERATE),
+    ("deepspeed/llamafactory_ds_z3_config.json", ConfigFormat.DEEPSPEED),
+])
+def test_detects_format(path, fmt):
+    assert detect_format(load_file(DATA / path), path) == fmt
+
+
+def test_hf_training_arguments_json(tmp_path):
+    f = tmp_path / "args.json"
+    f.write_text('{"output_dir": "o", "per_device_train_batch_size": 4, "bf16": true, "optim": "adamw_8bit", '
+                 '"gradient_checkpointing": true, "use_liger_kernel": true}')
+    reading = read_config([str(f)])
+    assert (reading.format, reading.stack, reading.model) == (ConfigFormat.HF, Stack.HF_TRAINER, None)
+    assert reading.fields == {"batch_size": 4, "precision": Precision.MIXED, "optim": Optim.ADAMW_BNB_8BIT,
+                                  "gradient_checkpointing": True, "loss": Loss.LIGER}
+
+
+def test_trl_qlora_derivations(tmp_path):
+    """TRL casts adapters of a 4-bit model to bf16 and skips kbit prep (trl==1.16.0 sft_trainer.py:897-911)."""
+    f = tmp_path / "sft.yaml"
+    f.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nuse_peft: true\nload_in_4bit: true\nuse_bnb_nested_quant: true\n"
+                 "lora_r: 64\nlora_target_modules: all-linear\nmax_length: 4096\nper_device_train_batch_size: 2\n"
+                 "padding_free: true\nattn_implementation: flash_attention_2\nactivation_offloading: true\n")
+    assert read_config([str(f)]).fields == {
+        "method": Method.QLORA, "quant": Quant.NF4, "lora_r": 64, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2,
+        "seq_len": 4096, "packing": Packing.PADDING_FREE, "activation_offload": ActivationOffload.ALL,
+        "loss": Loss.TRL_CHUNKED_NLL, "attention": Attention.FLASH, "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False}
+
+
+def test_unmodelled_and_unknown_keys_reported(tmp_path):
+    lora = read_config([str(DATA / "axolotl/lora-8b.yml")])
+    assert {u.key for u in lora.unmodelled} == {"load_in_8bit", "lora_modules_to_save"}
+    assert lora.unknown == ()
+    assert read_config([str(DATA / "axolotl/mistral-qlora-fsdp.yml")]).unknown == ("model_config",)
+    liger = read_config([str(DATA / "axolotl/fft-8b-liger-fsdp.yaml")])
+    assert {u.key for u in liger.unmodelled} == {"liger_rms_norm", "liger_glu_activation", "liger_rope"}
+    f = tmp_path / "a.yaml"
+    f.write_text("base_model: x/y\nmicro_batch_size: 1\nmystery_knob: 3\noptimizer: came_pytorch\n")
+    reading = read_config([str(f)])
+    assert reading.unknown == ("mystery_knob",)
+    assert [u.key for u in reading.unmodelled] == ["optimizer"]
+
+
+def test_describe_reading_lines():
+    lines = describe_reading(read_config([str(DATA / "axolotl/qlora.yml")]))
+    assert "used: micro_batch_size -> batch_size=2" in lines
+    assert "model: NousResearch/Meta-Llama-3-8B" in lines
+    lines = describe_reading(read_config([str(DATA / "axolotl/lora-8b.yml")]))
+    assert any(line.startswith("not modelled: load_in_8bit (") for line in lines)
+
+
+def test_flags_override_file_and_world_from_gpus():
+    reading = read_config([str(DATA / "axolotl/fft-8b-liger-fsdp.yaml")])
+    fields = setup_fields(reading, {"batch_size": 1, "seq_len": None}, world=4)
+    assert (fields["batch_size"], fields["seq_len"], fields["fsdp"], fields["stack"]) == (1, 4096, 4, Stack.AXOLOTL)
+
+
+def test_reference_resolved_next_to_the_file(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "z2.json").write_text((DATA / "deepspeed/axolotl_zero2.json").read_text())
+    f = tmp_path / "lf.yaml"
+    f.write_text("model_name_or_path: m\nstage: sft\nfinetuning_type: full\ndeepspeed: ds/z2.json\nbf16: true\n")
+    reading = read_config([str(f)])
+    assert (reading.fields["deepspeed"], reading.fields["offload_optimizer"]) == (DeepSpeedStage.ZERO2, True)
+    assert len(reading.source_files) == 2
+
+
+def _one_line_error(paths, *needles):
+    with pytest.raises(VramplanError) as e:
+        read_config([str(p) for p in paths])
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+    return message
+
+
+@pytest.mark.parametrize("name,text,needles", [
+    ("a.yaml", "base_model: x\nmicro_batch_size: 0\n", ["micro_batch_size", "positive integer", "0"]),
+    ("a.yaml", "base_model: x\nadapter: lora\nlora_r: -1\n", ["lora_r", "positive integer", "-1"]),
+    ("a.yaml", "base_model: x\nadapter: lora\nlora_dropout: 1.5\n", ["lora_dropout", "[0, 1)"]),
+    ("d.json", '{"zero_optimization": {"stage": 4}}', ["zero_optimization.stage", "0, 1, 2 or 3", "4"]),
+    ("d.json", '{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', ["offload_param"]),
+    ("acc.yaml", "distributed_type: TPU\n", ["distributed_type", "FSDP"]),
+    ("lf.yaml", "model_name_or_path: m\nfinetuning_type: freeze\n", ["finetuning_type", "lora or full"]),
+    ("lf.yaml", "model_name_or_path: m\nquantization_bit: 3\n", ["quantization_bit"]),
+    ("x.yaml", "colour: blue\nsize: 3\n", ["not a config of axolotl", "x.yaml"]),
+    ("x.yaml", "- a\n- b\n", ["mapping"]),
+    ("x.yaml", "a: [1, 2\n", ["not valid YAML"]),
+    ("x.json", "{not json", ["not valid JSON"]),
+])
+def test_bad_input_is_one_line(tmp_path, name, text, needles):
+    f = tmp_path / name
+    f.write_text(text)
+    assert str(f) in _one_line_error([f], *needles)
+
+
+def test_bad_files(tmp_path):
+    _one_line_error([tmp_path], "regular file")
+    _one_line_error([tmp_path / "missing.yaml"], "cannot read")
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "x" * (1 << 20) + "\n")
+    _one_line_error([big], "bytes")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 40 + "]" * 40 + "\n")
+    _one_line_error([deep], "nested")
+    lf = tmp_path / "lf.yaml"
+    lf.write_text("model_name_or_path: m\nstage: sft\ndeepspeed: nowhere/ds.json\n")
+    _one_line_error([lf], "deepspeed", "second --config")
+    _one_line_error([DATA / "axolotl/qlora.yml", DATA / "trl/trl_example_config.yaml"], "both training configs")
+
+
+# ---- emit -> read round trip
+
+MODEL = "meta-llama/Llama-3.1-8B"
+LORA = {"method": "lora", "lora_r": 32, "lora_dropout": 0.0, "batch_size": 2, "seq_len": 4096, "gradient_checkpointing": True,
+            "gradient_accumulation": 4}
+ROUND_TRIPS = {
+    "axolotl": [
+        dict(LORA, stack="axolotl", precision="mixed", model_dtype="bf16", attention="sdpa"),
+        dict(LORA, stack="axolotl", method="qlora", precision="mixed", model_dtype="bf16", kbit_prep=True,
+             loss="cce", lora_targets="attention", optim="adamw_bnb_8bit"),
+        {"stack": "axolotl", "method": "full", "precision": "bf16", "fsdp": 4, "fsdp_version": 2, "cpu_offload": True,
+             "gradient_checkpointing": True, "loss": "liger", "packing": "padding-free", "attention": "flash"},
+        {"stack": "axolotl", "method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True,
+             "loss": "chunked", "activation_offload": "checkpoints", "gradient_checkpointing": True},
+    ],
+    "trl": [
+        dict(LORA, stack="trl", precision="mixed", model_dtype="bf16", loss="trl-chunked-nll"),
+        dict(LORA, stack="trl", method="qlora", precision="mixed", model_dtype="bf16", adapter_dtype="bf16",
+             loss="trl-chunked-nll", lora_target_modules=("q_proj", "v_proj"), packing="padding-free",
+             attention="flash"),
+        {"stack": "trl", "method": "full", "precision": "mixed", "fsdp": 2, "fsdp_version": 2, "fsdp_sharding": "shard-grad-op",
+             "loss": "trl-chunked-nll", "gradient_checkpointing": True, "activation_offload": "all"},
+        {"stack": "trl", "method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True,
+             "loss": "trl-chunked-nll", "optim": "adamw_torch_fused"},
+    ],
+    "llamafactory": [
+        dict(LORA, stack="llamafactory", precision="mixed", model_dtype="bf16", checkpoint_reentrant=True),
+        dict(LORA, stack="llamafactory", method="qlora", precision="mixed", model_dtype="bf16", loss="liger",
+             packing="position-ids"),
+        {"stack": "llamafactory", "method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True,
+             "gradient_checkpointing": True},
+        {"stack": "llamafactory", "method": "galore", "precision": "bf16", "optim": "galore_adamw_8bit_layerwise",
+             "galore_rank": 64, "gradient_checkpointing": True},
+    ],
+    "torchtune": [
+        dict(LORA, stack="torchtune", precision="bf16", adapter_dtype="bf16", loss="chunked",
+             optim="adamw_torch_fused"),
+        dict(LORA, stack="torchtune", method="qlora", precision="bf16", adapter_dtype="bf16", loss="chunked",
+             lora_target_modules=ALL_LINEAR_BUT_K, packing="position-ids"),
+        {"stack": "torchtune", "method": "full", "precision": "bf16", "fsdp": 4, "cpu_offload": True, "loss": "hf",
+             "gradient_checkpointing": True, "activation_offload": "all"},
+        {"stack": "torchtune", "method": "full", "precision": "bf16", "optimizer_in_backward": True, "optim": "adamw_bnb_8bit",
+             "loss": "chunked"},
+    ],
+    "accelerate": [
+        {"method": "full", "precision": "mixed", "fsdp": 4, "fsdp_version": 2},
+        dict(LORA, precision="mixed", fsdp=2, fsdp_version=1, fsdp_sharding="shard-grad-op", cpu_offload=True),
+        {"method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True},
+        {"method": "full", "precision": "bf16", "deepspeed": "zero3", "offload_optimizer": True, "offload_params": True, "nodes": 2},
+    ],
+}
+CASES = [(fmt, i, setup) for fmt, setups in ROUND_TRIPS.items() for i, setup in enumerate(setups)]
+
+
+@pytest.mark.parametrize("fmt,i,fields", CASES, ids=[f"{f}-{i}" for f, i, _ in CASES])
+def test_emit_reads_back_the_same_setup(tmp_path, fmt, i, fields):
+    setup = TrainingSetup(**fields)
+    header = {"predicted peak per GPU": "12.3 GiB", "host RAM": "4.0 GiB", "command": "vramplan plan llama-3.1-8b"}
+    text = emit(fmt, setup, MODEL, header, world=2)
+    assert "# predicted peak per GPU: 12.3 GiB" in text and "# command: vramplan plan llama-3.1-8b" in text
+    path = tmp_path / f"{fmt}.yaml"
+    write_atomic(path, text)
+    reading = read_config([str(path)])
+    world = setup.fsdp if setup.fsdp > 1 else None
+    back = dict(setup_fields(reading, world=world))
+    if fmt == "accelerate":   # the launch file carries the engine and autocast; the rest is the trainer's
+        back.update({k: v for k, v in fields.items() if k not in back})
+    back.pop("stack", None)
+    want = setup.model_copy(update={"stack": Stack.PLAIN}).model_dump()
+    got = TrainingSetup(**back).model_dump()
+    for name in ("model_dtype", "adapter_dtype", "lora_targets", "lora_target_modules", "stack"):
+        want.pop(name), got.pop(name)   # compared resolved below
+    assert got == want
+    got_setup = TrainingSetup(**back)
+    assert got_setup.weight_dtype == setup.weight_dtype
+    if setup.lora_like:
+        assert got_setup.adapter_store_dtype == setup.adapter_store_dtype
+
+
+@pytest.mark.parametrize("fmt,fields,needle", [
+    ("axolotl", {"method": "qlora", "quant": "hqq4", "precision": "mixed", "model_dtype": "bf16", "kbit_prep": True},
+     "axolotl cannot express quant=hqq4"),
+    ("llamafactory", {"method": "full", "precision": "mixed", "fsdp": 2}, "llamafactory cannot express fsdp=2"),
+    ("trl", {"method": "full", "precision": "mixed", "loss": "hf"}, "trl cannot express loss=hf"),
+    ("torchtune", {"method": "full", "precision": "mixed"}, "torchtune cannot express precision=mixed"),
+    ("torchtune", {"method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True},
+     "torchtune cannot express deepspeed=zero2"),
+    ("axolotl", {"method": "full", "fp32_outputs": False, "optimizer_in_backward": True}, "optimizer_in_backward"),
+])
+def test_emit_refuses_what_the_format_cannot_say(fmt, fields, needle):
+    with pytest.raises(VramplanError) as e:
+        emit(fmt, TrainingSetup(**fields), MODEL, {})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.yaml"
+    write_atomic(target, "a: 1\n")
+    assert target.read_text() == "a: 1\n"
+    with pytest.raises(TypeError):
+        write_atomic(target, None)  # type: ignore[arg-type]
+    assert target.read_text() == "a: 1\n"
+    assert sorted(os.listdir(tmp_path)) == ["out.yaml"]
+
+
+def test_training_arguments_fields_are_known_not_unknown(tmp_path):
+    f = tmp_path / "args.json"
+    f.write_text('{"output_dir": "o", "per_device_train_batch_size": 1, "eval_accumulation_steps": 2, '
+                 '"hub_strategy": "end", "mystery_knob": 1}')
+    assert read_config([str(f)]).unknown == ("mystery_knob",)
+
+
+def test_trl_bundled_accelerate_config_and_processes(tmp_path):
+    """`accelerate_config: zero3` names trl/accelerate_configs/zero3.yaml (trl==1.16.0 cli/accelerate_config.py);
+    PEFT under ZeRO-3 gets bf16 adapters and reentrant checkpointing (sft_trainer.py:845-857, 880-895)."""
+    f = tmp_path / "sft.yaml"
+    f.write_text("model_name_or_path: m/n\nuse_peft: true\naccelerate_config: zero3\nnum_processes: 4\n")
+    reading = read_config([str(f)])
+    assert (reading.distributed, reading.world) == (Distributed.DEEPSPEED, 4)
+    assert reading.fields == {"method": Method.LORA, "loss": Loss.TRL_CHUNKED_NLL, "deepspeed": DeepSpeedStage.ZERO3,
+                                  "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False, "checkpoint_reentrant": True}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.suffix != ".md"))
+def test_wrong_typed_values_give_one_line_errors(path):
+    """Every key of every sample, set to a value of the wrong shape: a reading or a one-line
+    VramplanError, never another exception."""
+    from vramplan.configs.combine import read_one
+    data = load_file(DATA / path)
+    for key in data:
+        for value in (-1, "x", [1], {"a": 1}):
+            try:
+                read_one({**data, key: value}, path)
+            except VramplanError as e:
+                assert "\n" not in str(e)

@@ -1,0 +1,236 @@
+"""axolotl YAML (axolotl==0.19.0; schema in axolotl/utils/schemas/).
+
+The world size is not in the file (axolotl train --num-processes / accelerate launch).
+"""
+from __future__ import annotations
+
+from vramplan.configs.collect import Collector
+from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
+from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    DeepSpeedStage,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
+
+_SRC = "axolotl==0.19.0"
+_CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+_LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+_OFFLOAD = {True: ActivationOffload.ALL, False: ActivationOffload.NONE, "disk": ActivationOffload.ALL,
+            "hidden_states": ActivationOffload.CHECKPOINTS, "legacy": ActivationOffload.UNSLOTH}
+_KNOWN = frozenset({"base_model_config", "plugins", "pad_to_sequence_len", "fsdp_version", "fsdp_config", "fsdp",
+                    "flash_attention", "sdp_attention", "eager_attention", "cut_cross_entropy",
+                    "liger_fused_linear_cross_entropy", "chunked_cross_entropy_num_chunks", "bnb_config_kwargs",
+                    "load_in_8bit", "load_in_4bit", "bfloat16", "float16", "fp16", "bf16"})
+
+
+def references(data: dict) -> list[Reference]:
+    ds = data.get("deepspeed")
+    return [Reference("deepspeed", ConfigFormat.DEEPSPEED, ds)] if ds else []
+
+
+def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
+    c, engine = Collector(path, data), engine or {}
+    method = _method(c)
+    _lora(c, method)
+    c.set_int("micro_batch_size", "batch_size")
+    c.set_int("gradient_accumulation_steps", "gradient_accumulation")
+    c.set_int("sequence_len", "seq_len")
+    _precision(c, method)
+    _attention(c)
+    _checkpointing(c, method)
+    if c.get("optimizer") is not None:
+        set_optim(c, "optimizer", c.get("optimizer"))
+    _loss(c)
+    _fsdp(c)
+    if c.get("deepspeed") is not None:
+        c.seen.add("deepspeed")
+        c.distributed = Distributed.DEEPSPEED
+    _packing(c)
+    _kbit_prep(c, method, engine)
+    if c.get("torch_compile"):
+        c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
+    model = c.model("base_model")
+    return c.finish(ConfigFormat.AXOLOTL, Stack.AXOLOTL, model, _KNOWN)
+
+
+def _method(c: Collector) -> Method:
+    adapter = c.get("adapter")
+    four = c.flag("load_in_4bit", c.get("load_in_4bit", False))
+    eight = c.flag("load_in_8bit", c.get("load_in_8bit", False))
+    if adapter is None:
+        c.set("adapter", "method", Method.FULL, "no adapter: every weight trains")
+        return Method.FULL
+    if adapter not in ("lora", "qlora"):
+        raise c.fail("adapter", "lora or qlora (or absent for full fine-tuning)", adapter)
+    if adapter == "qlora" or four:
+        if not four:
+            raise c.fail("load_in_4bit", "true with adapter: qlora", c.get("load_in_4bit"))
+        c.set("adapter", "method", Method.QLORA)
+        c.set("load_in_4bit", "quant", Quant.NF4, f"bnb nf4, double quant ({_SRC} loaders/model.py:801-827)")
+        quant_type = c.mapping("bnb_config_kwargs", c.get("bnb_config_kwargs")).get("bnb_4bit_quant_type")
+        if quant_type not in (None, "nf4"):
+            c.unmodelled("bnb_config_kwargs.bnb_4bit_quant_type", f"{quant_type} has the nf4 layout; modelled as nf4")
+        return Method.QLORA
+    c.set("adapter", "method", Method.LORA)
+    if eight:
+        c.unmodelled("load_in_8bit", "an 8-bit (LLM.int8) base is not modelled: estimated as a 16-bit base")
+    return Method.LORA
+
+
+def _lora(c: Collector, method: Method) -> None:
+    if method == Method.FULL:
+        return
+    c.set_int("lora_r", "lora_r")
+    if c.get("lora_dropout") is not None:
+        c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
+    modules = c.get("lora_target_modules")
+    if c.flag("lora_target_linear", c.get("lora_target_linear", False)):
+        c.set("lora_target_linear", "lora_targets", LoraTargets.ALL_LINEAR,
+              "every Linear but lm_head (loaders/adapter.py:171-182)")
+    elif modules:
+        c.set("lora_target_modules", "lora_target_modules", tuple(c.names("lora_target_modules", modules)))
+    if c.get("lora_modules_to_save"):
+        c.unmodelled("lora_modules_to_save", "fully trained extra modules (embed_tokens/lm_head) are not modelled")
+    c.set_flag("peft_use_dora", "dora")
+    autocast = c.get("peft_autocast_adapter_dtype")
+    if autocast is not None:
+        c.set("peft_autocast_adapter_dtype", "adapter_dtype",
+              AdapterDtype.FP32 if c.flag("peft_autocast_adapter_dtype", autocast) else AdapterDtype.BF16)
+
+
+def _precision(c: Collector, method: Method) -> None:
+    """bf16 true/auto loads bf16 weights and trains with AMP: full FT keeps bf16 params (no fp32
+    masters) = precision bf16; LoRA's fp32 adapters under autocast = mixed (config/__init__.py:163-203)."""
+    if c.get("fp16") is True:
+        c.set("fp16", "precision", Precision.FP16)
+        return
+    if c.get("bfloat16") is True or c.get("float16") is True:
+        key = "bfloat16" if c.get("bfloat16") is True else "float16"
+        c.set(key, "precision", Precision.BF16, "pure half precision, no autocast")
+        c.set(key, "model_dtype", ModelDtype.BF16)
+        return
+    bf16 = c.get("bf16", "auto")
+    if bf16 is False:
+        c.set("bf16", "precision", Precision.BF16, "no autocast: the step computes in fp32 weights")
+        c.set("bf16", "model_dtype", ModelDtype.FP32)
+        return
+    if bf16 not in (True, "auto", "true"):
+        raise c.fail("bf16", "true, false or auto", bf16)
+    note = "" if "bf16" in c.data else "axolotl's default bf16: auto (bf16 GPUs)"
+    c.set("bf16", "model_dtype", ModelDtype.BF16, note)
+    c.set("bf16", "precision", Precision.BF16 if method == Method.FULL else Precision.MIXED,
+          "bf16 weights, no fp32 masters" if method == Method.FULL else "fp32 adapters under bf16 autocast")
+
+
+def _attention(c: Collector) -> None:
+    name = c.get("attn_implementation")
+    if name is not None:
+        set_attention(c, "attn_implementation", name)
+        return
+    for key, attention in (("flash_attention", Attention.FLASH), ("sdp_attention", Attention.SDPA),
+                           ("eager_attention", Attention.EAGER)):
+        if c.get(key) is True:
+            c.set(key, "attention", attention, "deprecated alias of attn_implementation")
+
+
+def _checkpointing(c: Collector, method: Method) -> None:
+    ckpt = c.get("gradient_checkpointing")
+    if ckpt is not None:
+        if ckpt in ("offload", "offload_disk"):
+            c.set("gradient_checkpointing", "gradient_checkpointing", True)
+            c.set("gradient_checkpointing", "activation_offload", ActivationOffload.CHECKPOINTS,
+                  "legacy value: checkpoint inputs to host RAM")
+        else:
+            c.set("gradient_checkpointing", "gradient_checkpointing", c.flag("gradient_checkpointing", ckpt))
+    kwargs = c.mapping("gradient_checkpointing_kwargs", c.get("gradient_checkpointing_kwargs"))
+    if kwargs.get("use_reentrant") is not None:
+        c.set("gradient_checkpointing_kwargs.use_reentrant", "checkpoint_reentrant",
+              c.flag("gradient_checkpointing_kwargs.use_reentrant", kwargs["use_reentrant"]))
+    offload = c.get("activation_offloading")
+    if offload is None:
+        return
+    mode = c.choice("activation_offloading", offload, _OFFLOAD)
+    c.set("activation_offloading", "activation_offload", mode, "offloaded to disk, modelled as host RAM"
+          if offload == "disk" else "")
+    if mode == ActivationOffload.ALL and method != Method.FULL:
+        c.set("activation_offloading", "gradient_checkpointing", False,
+              "with LoRA, axolotl turns HF checkpointing off and offloads every saved tensor "
+              "(core/builders/base.py:590-610)")
+
+
+def _loss(c: Collector) -> None:
+    plugins = c.names("plugins", c.get("plugins", []))
+    if _CCE_PLUGIN in plugins and c.get("cut_cross_entropy", True) is not False:
+        c.set("plugins", "loss", Loss.CCE, "CutCrossEntropyPlugin")
+    elif _LIGER_PLUGIN in plugins and c.get("liger_fused_linear_cross_entropy") is True:
+        c.set("liger_fused_linear_cross_entropy", "loss", Loss.LIGER, "LigerPlugin fused linear cross-entropy")
+    elif c.get("chunked_cross_entropy") is True:
+        c.set("chunked_cross_entropy", "loss", Loss.CHUNKED)
+        if c.get("chunked_cross_entropy_num_chunks") not in (None, 8):
+            c.unmodelled("chunked_cross_entropy_num_chunks", "modelled with axolotl's default 8 chunks")
+    for key in ("liger_rms_norm", "liger_glu_activation", "liger_rope", "liger_layer_norm"):
+        if c.get(key) is True:
+            c.unmodelled(key, "Liger's norm/SwiGLU/RoPE kernels change activation memory; modelled as the HF layers")
+
+
+def _fsdp(c: Collector) -> None:
+    cfg = c.mapping("fsdp_config", c.get("fsdp_config"))
+    tokens = c.names("fsdp", c.get("fsdp", []), sep=" ")
+    if not cfg and not tokens and c.get("fsdp_version") is None:
+        return
+    c.distributed = Distributed.FSDP
+    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}   # prefix optional (schemas/validation.py:1198-1207)
+    version = c.get("fsdp_version") or cfg.get("version") or 1   # pinned to 1 when unset (validation.py:924-926)
+    c.set("fsdp_version", "fsdp_version", c.choice("fsdp_version", version, {1: 1, 2: 2}),
+          "" if c.get("fsdp_version") or cfg.get("version") else "axolotl pins fsdp_config without a version to FSDP1")
+    for token in tokens:
+        if token in FSDP_STRATEGY:
+            c.set("fsdp", "fsdp_sharding", FSDP_STRATEGY[token])
+        elif token == "offload":
+            c.set("fsdp", "cpu_offload", True)
+    if "sharding_strategy" in cfg:
+        c.set("fsdp_config.sharding_strategy", "fsdp_sharding",
+              c.choice("fsdp_config.sharding_strategy", cfg["sharding_strategy"], FSDP_STRATEGY))
+    if "reshard_after_forward" in cfg:
+        c.set("fsdp_config.reshard_after_forward", "fsdp_sharding",
+              fsdp_reshard(c, "fsdp_config.reshard_after_forward", cfg["reshard_after_forward"]))
+    if "offload_params" in cfg:
+        c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
+    if cfg.get("activation_checkpointing") is True:
+        c.set("fsdp_config.activation_checkpointing", "gradient_checkpointing", True,
+              "FSDP applies non-reentrant checkpointing per layer")
+
+
+def _packing(c: Collector) -> None:
+    if c.get("sample_packing") is None:
+        return
+    if not c.flag("sample_packing", c.get("sample_packing")):
+        c.set("sample_packing", "packing", Packing.NONE)
+        return
+    flash = c.fields.get("attention") == Attention.FLASH
+    c.set("sample_packing", "packing", Packing.PADDING_FREE if flash else Packing.POSITION_IDS,
+          "flash varlen, no mask" if flash else "packed rows told apart by position_ids")
+
+
+def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
+    """peft prepare_model_for_kbit_training runs for a quantized LoRA base except QLoRA+FSDP, FSDP with
+    cpu_ram_efficient_loading and ZeRO-3 (axolotl==0.19.0 loaders/model.py:1116-1151)."""
+    quantized = method == Method.QLORA or (method == Method.LORA and c.get("load_in_8bit") is True)
+    if method == Method.FULL:
+        return
+    cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}
+    skip = (c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading")))
+    skip = skip or engine.get("deepspeed") == DeepSpeedStage.ZERO3
+    c.set("load_in_4bit" if method == Method.QLORA else "adapter", "kbit_prep", quantized and not skip,
+          "derived: axolotl calls peft's prepare_model_for_kbit_training for a quantized base "
+          "unless FSDP-QLoRA, cpu_ram_efficient_loading or ZeRO-3 (loaders/model.py:1116-1151)")

@@ -1,0 +1,376 @@
+"""Write a runnable config for a setup (axolotl, TRL, LLaMA-Factory, torchtune, accelerate).
+
+Every memory-relevant key is written explicitly, and the text is read back with the
+same readers before it is returned: a field the format cannot say (hqq4 in axolotl, FSDP
+in a LLaMA-Factory file) makes ``emit`` refuse in one line naming the format and the field.
+Templates: research configs/emit/ (axolotl==0.19.0, trl==1.16.0, llamafactory==0.9.5,
+torchtune==0.6.1, accelerate==1.16.0).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vramplan.configs import combine
+from vramplan.configs.reading import ENGINE_FIELDS, ConfigFormat, fmt_value
+from vramplan.configs.torchtune import BUILDERS
+from vramplan.errors import VramplanError
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    TrainingSetup,
+)
+
+EMIT_FORMATS = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
+_ATTENTION_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+_HF_ATTN = {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH: "flash_attention_2"}
+_V1_STRATEGY = {FsdpSharding.FULL: "FULL_SHARD", FsdpSharding.SHARD_GRAD_OP: "SHARD_GRAD_OP",
+                FsdpSharding.NO_SHARD: "NO_SHARD", FsdpSharding.HYBRID: "HYBRID_SHARD"}
+_HINTS = {("llamafactory", "fsdp"): "; launch it with an accelerate config (--emit accelerate)",
+          ("trl", "packing"): "; TRL packs padding-free (padding_free) or not at all"}
+
+
+def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], world: int | None = None) -> str:
+    """The config text for ``fmt``; ``header`` lines (predicted peak, host RAM, command) go on top
+    as comments; ``world`` = GPUs for DeepSpeed/DDP launches (FSDP takes ``setup.fsdp``)."""
+    if fmt not in _BUILDERS:
+        raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
+    run, body = _BUILDERS[fmt](setup, model_id, world)
+    lines = [f"# Written by vramplan --emit {fmt}. Run: {run}"]
+    lines += [f"# {key}: {' '.join(str(value).split())}" for key, value in header.items()]
+    lines.append("# Dataset, output and checkpoint paths are placeholders: edit them; keep the memory keys.")
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+    _check_round_trip(fmt, setup, text)
+    return text
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename it over ``path``, so a
+    reader never sees half a file and a failed run leaves nothing behind."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent or Path("."), prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- the round trip
+
+def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
+    """The fields that decide memory, with defaults resolved and fields the setup does not use dropped."""
+    out = setup.model_dump()
+    out["model_dtype"], out["adapter_dtype"] = setup.weight_dtype, setup.adapter_store_dtype
+    out["lora_target_modules"] = _target_modules(setup)
+    for name in ("stack", "lora_targets", "fp32_outputs", "nodes"):
+        out.pop(name)
+    if not setup.lora_like:
+        for name in ("lora_r", "lora_dropout", "lora_target_modules", "adapter_dtype", "kbit_prep", "dora"):
+            out.pop(name)
+    if setup.method != Method.GALORE:
+        out.pop("galore_rank"), out.pop("galore_update_proj_gap")
+    if setup.fsdp == 1:
+        out.pop("fsdp_version"), out.pop("fsdp_sharding")
+    if fmt == "accelerate":   # the launch file owns the engine and the autocast, nothing else
+        out = {k: v for k, v in out.items() if k in ENGINE_FIELDS or k == "precision"}
+        out["nodes"] = setup.nodes
+    return out
+
+
+def _target_modules(setup: TrainingSetup) -> tuple[str, ...] | str:
+    if setup.lora_target_modules:
+        return tuple(setup.lora_target_modules)
+    return "all-linear" if setup.lora_targets == LoraTargets.ALL_LINEAR else _ATTENTION_QKVO
+
+
+def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
+    reading = combine.read_text(text, f"<{fmt} emit>", ConfigFormat(fmt))
+    fields = combine.setup_fields(reading, world=setup.fsdp if setup.fsdp > 1 else None)
+    if fmt == "accelerate":
+        fields = {k: v for k, v in fields.items() if k in ENGINE_FIELDS or k == "precision"}
+        fields.update({k: getattr(setup, k) for k in ("method", "optim", "quant") if k not in fields})
+    try:
+        back = effective(TrainingSetup(**fields), fmt)
+    except (VramplanError, ValueError) as e:
+        raise VramplanError(f"{fmt} cannot express this setup ({str(e).splitlines()[0]})", "--emit") from None
+    want = effective(setup, fmt)
+    for name, value in want.items():
+        if back.get(name) != value:
+            hint = _HINTS.get((fmt, name), "")
+            raise VramplanError(f"{fmt} cannot express {name}={fmt_value(value)} (its config reads back as "
+                                f"{fmt_value(back.get(name))}){hint}", "--emit")
+
+
+# ---- shared pieces
+
+def _deepspeed_json(s: TrainingSetup) -> dict:
+    """The HF-integration DeepSpeed config: "auto" values come from the trainer's arguments."""
+    zero: dict[str, Any] = {"stage": int(s.deepspeed.value[-1]), "overlap_comm": False, "contiguous_gradients": True}
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+
+
+def _processes(s: TrainingSetup, world: int | None) -> int:
+    return s.fsdp if s.fsdp > 1 else (world or 1)
+
+
+# ---- axolotl
+
+def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
+    d: dict[str, Any] = {"base_model": model, "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}],
+                         "output_dir": "./outputs/vramplan"}
+    if s.lora_like:
+        d["adapter"] = "qlora" if s.method == Method.QLORA else "lora"
+        d["load_in_4bit"] = s.method == Method.QLORA
+        d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout)
+        targets = _target_modules(s)
+        d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
+        d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
+    d.update(sequence_len=s.seq_len, sample_packing=s.packing != Packing.NONE, pad_to_sequence_len=True,
+             micro_batch_size=s.batch_size, gradient_accumulation_steps=s.gradient_accumulation,
+             max_steps=100, learning_rate=2e-4, lr_scheduler="cosine", optimizer=s.optim.value)
+    d.update(_axolotl_precision(s))
+    if s.attention is not None:
+        d["attn_implementation"] = _HF_ATTN[s.attention]
+    d["gradient_checkpointing"] = s.gradient_checkpointing
+    d["gradient_checkpointing_kwargs"] = {"use_reentrant": s.checkpoint_reentrant}
+    d["activation_offloading"] = {ActivationOffload.NONE: False, ActivationOffload.ALL: True,
+                                  ActivationOffload.CHECKPOINTS: "hidden_states",
+                                  ActivationOffload.UNSLOTH: "legacy"}[s.activation_offload]
+    d.update({Loss.CCE: {"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
+                         "cut_cross_entropy": True},
+              Loss.LIGER: {"plugins": ["axolotl.integrations.liger.LigerPlugin"],
+                           "liger_fused_linear_cross_entropy": True},
+              Loss.CHUNKED: {"chunked_cross_entropy": True}}.get(s.loss, {}))
+    if s.fsdp > 1:
+        d["fsdp_version"] = s.fsdp_version
+        d["fsdp_config"] = {"offload_params": s.cpu_offload, **_fsdp_sharding(s, prefix=""),
+                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT"}
+    if s.deepspeed is not None:
+        d["deepspeed"] = _deepspeed_json(s)
+    procs = _processes(s, world)
+    return "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else ""), d
+
+
+def _axolotl_precision(s: TrainingSetup) -> dict:
+    if s.precision == Precision.FP16:
+        return {"fp16": True, "bf16": False}
+    if s.weight_dtype == ModelDtype.FP32 and s.precision == Precision.BF16:
+        return {"bf16": False}
+    if s.precision == Precision.BF16 and s.lora_like:
+        return {"bfloat16": True, "bf16": False}   # pure bf16 adapters, no autocast
+    return {"bf16": True}
+
+
+def _fsdp_sharding(s: TrainingSetup, prefix: str) -> dict:
+    if s.fsdp_version == 2:
+        if s.fsdp_sharding not in (FsdpSharding.FULL, FsdpSharding.SHARD_GRAD_OP):
+            return {f"{prefix}sharding_strategy": _V1_STRATEGY[s.fsdp_sharding]}
+        return {f"{prefix}reshard_after_forward": s.fsdp_sharding == FsdpSharding.FULL}
+    return {f"{prefix}sharding_strategy": _V1_STRATEGY[s.fsdp_sharding]}
+
+
+# ---- TRL
+
+def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
+    d: dict[str, Any] = {"model_name_or_path": model,
+                         "dtype": "bfloat16" if s.weight_dtype == ModelDtype.BF16 else "float32"}
+    if s.attention is not None:
+        d["attn_implementation"] = _HF_ATTN[s.attention]
+    d.update(dataset_name="trl-lib/Capybara", output_dir="./outputs/vramplan", use_peft=s.lora_like)
+    if s.lora_like:
+        if s.method == Method.QLORA:
+            d.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+        targets = _target_modules(s)
+        d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
+                 lora_target_modules=targets if targets == "all-linear" else list(targets), use_dora=s.dora)
+    d.update(per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.gradient_accumulation,
+             max_length=s.seq_len, packing=False, padding_free=s.packing == Packing.PADDING_FREE,
+             max_steps=100, learning_rate=2e-4, optim=s.optim.value,
+             bf16=s.precision == Precision.MIXED, fp16=s.precision == Precision.FP16,
+             gradient_checkpointing=s.gradient_checkpointing,
+             gradient_checkpointing_kwargs={"use_reentrant": s.checkpoint_reentrant,
+                                            **({"offload": True} if s.activation_offload == ActivationOffload.CHECKPOINTS
+                                               else {})},
+             activation_offloading=s.activation_offload == ActivationOffload.ALL, loss_type="nll", report_to="none")
+    if s.fsdp > 1:
+        tokens = {FsdpSharding.FULL: "full_shard", FsdpSharding.SHARD_GRAD_OP: "shard_grad_op",
+                  FsdpSharding.NO_SHARD: "no_shard", FsdpSharding.HYBRID: "hybrid_shard"}[s.fsdp_sharding]
+        d["fsdp"] = f"{tokens} auto_wrap" + (" offload" if s.cpu_offload else "")
+        d["fsdp_config"] = {"version": s.fsdp_version}
+        d["num_processes"] = s.fsdp
+    if s.deepspeed is not None:
+        d["deepspeed"] = _deepspeed_json(s)
+        d["num_processes"] = world or 1
+    return "trl sft --config this.yaml", d
+
+
+# ---- LLaMA-Factory
+
+def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
+    d: dict[str, Any] = {"model_name_or_path": model}
+    if s.method == Method.QLORA:
+        d.update(quantization_bit=4, quantization_method="bnb" if s.quant == Quant.NF4 else "hqq")
+        if s.quant == Quant.NF4:
+            d.update(quantization_type="nf4", double_quantization=True)
+    if s.attention is not None:
+        d["flash_attn"] = {Attention.SDPA: "sdpa", Attention.FLASH: "fa2", Attention.EAGER: "disabled"}[s.attention]
+    d.update(enable_liger_kernel=s.loss == Loss.LIGER, use_unsloth_gc=s.activation_offload == ActivationOffload.UNSLOTH,
+             disable_gradient_checkpointing=not s.gradient_checkpointing, use_reentrant_gc=s.checkpoint_reentrant,
+             stage="sft", do_train=True, finetuning_type="lora" if s.lora_like else "full")
+    if s.method == Method.GALORE:
+        d.update(use_galore=True, galore_target="all", galore_rank=s.galore_rank,
+                 galore_update_interval=s.galore_update_proj_gap, galore_layerwise=s.optim.layerwise)
+    if s.lora_like:
+        targets = _target_modules(s)
+        d.update(lora_rank=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
+                 lora_target="all" if targets == "all-linear" else ",".join(targets), use_dora=s.dora)
+    pure = s.precision == Precision.BF16 and s.weight_dtype == ModelDtype.BF16
+    d.update(pure_bf16=pure, dataset="alpaca_en_demo", template="default", cutoff_len=s.seq_len,
+             packing=s.packing == Packing.POSITION_IDS, neat_packing=s.packing == Packing.POSITION_IDS,
+             output_dir="saves/vramplan", per_device_train_batch_size=s.batch_size,
+             gradient_accumulation_steps=s.gradient_accumulation, learning_rate=1.0e-4, max_steps=100,
+             optim=_lf_optim(s.optim), bf16=s.precision == Precision.MIXED or pure,
+             fp16=s.precision == Precision.FP16, report_to="none")
+    if s.deepspeed is not None:
+        d["deepspeed"] = _deepspeed_json(s)
+    procs = _processes(s, world)   # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
+    return (f"FORCE_TORCHRUN=1 NPROC_PER_NODE={procs} " if procs > 1 else "") + "llamafactory-cli train this.yaml", d
+
+
+def _lf_optim(optim: Optim) -> str:
+    """LLaMA-Factory picks the GaLore variant from use_galore/galore_layerwise and the 8-bit-ness of optim."""
+    if optim.is_galore:
+        return Optim.ADAMW_BNB_8BIT.value if optim.is_8bit else Optim.ADAMW_TORCH.value
+    return optim.value
+
+
+# ---- torchtune
+
+_TT_TOKENIZER = {
+    "llama3": ("torchtune.models.llama3.llama3_tokenizer", "LLAMA3"),
+    "qwen2_5": ("torchtune.models.qwen2_5.qwen2_5_tokenizer", "QWEN2"),
+}
+_TT_OPTIM = {Optim.ADAMW_TORCH_FUSED: {"_component_": "torch.optim.AdamW", "fused": True},
+             Optim.ADAMW_TORCH: {"_component_": "torch.optim.AdamW", "fused": False},
+             Optim.ADAMW_BNB_8BIT: {"_component_": "bitsandbytes.optim.AdamW8bit"}}
+
+
+def _torchtune_builder(model: str) -> tuple[str, str]:
+    wanted = model.lower().removesuffix("-instruct")
+    for builder, (family, hf_id) in BUILDERS.items():
+        if hf_id.lower().removesuffix("-instruct") == wanted:
+            return builder, family
+    raise VramplanError(f"torchtune has no builder known for {model} (known: "
+                        f"{', '.join(sorted({h for _, h in BUILDERS.values()}))})", "--emit torchtune")
+
+
+def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
+    builder, family = _torchtune_builder(model)
+    tokenizer = _TT_TOKENIZER.get("llama3" if family.startswith("llama3") else family)
+    if tokenizer is None:
+        raise VramplanError(f"writes Llama-3 and Qwen2.5 recipes only, not {family}", "--emit torchtune")
+    local = f"/tmp/{model.rsplit('/', 1)[-1]}"
+    prefix = {Method.QLORA: "qlora_", Method.LORA: "lora_"}.get(s.method, "")
+    model_cfg: dict[str, Any] = {"_component_": f"torchtune.models.{family}.{prefix}{builder}"}
+    if s.lora_like:
+        model_cfg.update(_torchtune_lora(s))
+    tok: dict[str, Any] = {"_component_": tokenizer[0], "max_seq_len": s.seq_len}
+    tok.update({"path": f"{local}/original/tokenizer.model"} if tokenizer[1] == "LLAMA3"
+               else {"path": f"{local}/vocab.json", "merges_file": f"{local}/merges.txt"})
+    d: dict[str, Any] = {"output_dir": "/tmp/torchtune/vramplan", "model": model_cfg, "tokenizer": tok,
+                         "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+                                          "checkpoint_dir": local,
+                                          "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors",
+                                                               "max_filename": "00004"},
+                                          "recipe_checkpoint": None, "output_dir": "${output_dir}",
+                                          "model_type": tokenizer[1]},
+                         "resume_from_checkpoint": False,
+                         "dataset": {"_component_": "torchtune.datasets.alpaca_cleaned_dataset",
+                                     "packed": s.packing != Packing.NONE},
+                         "seed": None, "shuffle": True, "batch_size": s.batch_size,
+                         "optimizer": {**_TT_OPTIM.get(s.optim, {"_component_": s.optim.value}), "lr": 2e-4},
+                         "loss": {"_component_": "torch.nn.CrossEntropyLoss" if s.loss == Loss.HF
+                                  else "torchtune.modules.loss.CEWithChunkedOutputLoss"},
+                         "epochs": 1, "max_steps_per_epoch": 100,
+                         "gradient_accumulation_steps": s.gradient_accumulation, "compile": False,
+                         "device": "cuda", "dtype": "bf16" if s.weight_dtype == ModelDtype.BF16 else "fp32",
+                         "enable_activation_checkpointing": s.gradient_checkpointing,
+                         "enable_activation_offloading": s.activation_offload == ActivationOffload.ALL}
+    if s.method == Method.FULL:   # the LoRA recipes have no optimizer-in-backward
+        d["optimizer_in_bwd"] = s.optimizer_in_backward
+    if s.fsdp > 1:
+        d["fsdp_cpu_offload"] = s.cpu_offload
+        d["fsdp_reshard_after_forward"] = s.fsdp_sharding == FsdpSharding.FULL
+    kind = "lora" if s.lora_like else "full"
+    recipe = f"{kind}_finetune_{'distributed' if s.fsdp > 1 else 'single_device'}"
+    nproc = f"--nproc_per_node {s.fsdp} " if s.fsdp > 1 else ""
+    return f"tune download {model} --output-dir {local}; tune run {nproc}{recipe} --config this.yaml", d
+
+
+def _torchtune_lora(s: TrainingSetup) -> dict:
+    targets = _target_modules(s)
+    names = list(_ATTENTION_QKVO) + ["gate_proj", "up_proj", "down_proj"] if targets == "all-linear" else list(targets)
+    to_tt = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
+    out: dict[str, Any] = {"lora_attn_modules": [to_tt[n] for n in names if n in to_tt],
+                           "apply_lora_to_mlp": any(n in ("gate_proj", "up_proj", "down_proj") for n in names),
+                           "apply_lora_to_output": "lm_head" in names,
+                           "lora_rank": s.lora_r, "lora_alpha": 2 * s.lora_r, "lora_dropout": s.lora_dropout}
+    if s.dora:
+        out["use_dora"] = True
+    return out
+
+
+# ---- accelerate
+
+def _accelerate(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
+    procs = _processes(s, world)
+    d: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no",
+                         "machine_rank": 0, "main_training_function": "main",
+                         "mixed_precision": {Precision.MIXED: "bf16", Precision.FP16: "fp16"}.get(s.precision, "no"),
+                         "num_machines": s.nodes, "num_processes": procs, "rdzv_backend": "static",
+                         "same_network": True, "use_cpu": False}
+    if s.fsdp > 1:
+        d["distributed_type"] = "FSDP"
+        d["fsdp_config"] = {"fsdp_version": s.fsdp_version, **_fsdp_sharding(s, prefix="fsdp_"),
+                            "fsdp_offload_params": s.cpu_offload, "fsdp_activation_checkpointing": False,
+                            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "fsdp_cpu_ram_efficient_loading": True, "fsdp_state_dict_type": "FULL_STATE_DICT"}
+    elif s.deepspeed is not None:
+        d["distributed_type"] = "DEEPSPEED"
+        d["deepspeed_config"] = {"zero_stage": int(s.deepspeed.value[-1]),
+                                 "offload_optimizer_device": "cpu" if s.offload_optimizer else "none",
+                                 "offload_param_device": "cpu" if s.offload_params else "none",
+                                 "zero3_init_flag": s.deepspeed.value == "zero3",
+                                 "gradient_accumulation_steps": s.gradient_accumulation}
+    else:
+        d["distributed_type"] = "MULTI_GPU" if procs > 1 else "NO"
+    return "accelerate launch --config_file this.yaml train.py ...", d
+
+
+_BUILDERS = {"axolotl": _axolotl, "trl": _trl, "llamafactory": _llamafactory, "torchtune": _torchtune,
+             "accelerate": _accelerate}

@@ -1,0 +1,180 @@
+"""LLaMA-Factory YAML (``llamafactory-cli train x.yaml``; llamafactory==0.9.5, stage sft).
+
+FSDP is set by the accelerate config it is launched with, not in this file.
+"""
+from __future__ import annotations
+
+from vramplan.configs.collect import Collector
+from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
+from vramplan.configs.vocab import set_optim
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    Attention,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
+
+_SRC = "llamafactory==0.9.5"
+_FLASH = {"auto": Attention.SDPA, "sdpa": Attention.SDPA, "fa2": Attention.FLASH, "disabled": Attention.EAGER}
+_QUANT_METHOD = {"bnb": Quant.NF4, "bitsandbytes": Quant.NF4, "hqq": Quant.HQQ4}
+_KNOWN = frozenset({"stage", "finetuning_type", "quantization_bit", "quantization_method", "quantization_type",
+                    "double_quantization", "lora_rank", "lora_target", "pure_bf16", "bf16", "fp16", "deepspeed",
+                    "galore_rank", "galore_update_interval", "galore_layerwise", "galore_target", "use_galore",
+                    "neat_packing", "packing"})
+
+
+def references(data: dict) -> list[Reference]:
+    ds = data.get("deepspeed")
+    return [Reference("deepspeed", ConfigFormat.DEEPSPEED, ds)] if ds else []
+
+
+def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
+    c, engine = Collector(path, data), engine or {}
+    _stage(c)
+    method = _method(c)
+    _lora(c, method)
+    c.set_int("per_device_train_batch_size", "batch_size")
+    c.set_int("gradient_accumulation_steps", "gradient_accumulation")
+    c.set_int("cutoff_len", "seq_len")
+    _packing(c)
+    _precision(c, method, engine)
+    _kernels(c, engine)
+    if c.get("optim") is not None:
+        set_optim(c, "optim", c.get("optim"))
+    _galore(c)
+    for key in ("use_apollo", "use_badam", "use_adam_mini", "use_muon"):
+        if c.get(key) is True:
+            c.unmodelled(key, f"{key.removeprefix('use_')} optimizer states are not modelled")
+    if c.get("deepspeed") is not None:
+        c.distributed = Distributed.DEEPSPEED
+    model = c.model("model_name_or_path")
+    return c.finish(ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, model, _KNOWN)
+
+
+def _stage(c: Collector) -> None:
+    stage = c.get("stage", "sft")
+    if stage not in ("sft", "pt"):
+        c.unmodelled("stage", f"stage {stage}: reward/reference models and paired batches are not modelled; "
+                     "estimated as sft")
+
+
+def _method(c: Collector) -> Method:
+    kind = c.get("finetuning_type", "lora")
+    if kind not in ("lora", "full"):
+        raise c.fail("finetuning_type", "lora or full (freeze and oft are not modelled)", kind)
+    bits = c.get("quantization_bit")
+    if bits is None:
+        method = Method.FULL if kind == "full" else Method.LORA
+        c.set("finetuning_type", "method", method, "" if "finetuning_type" in c.data else "LLaMA-Factory's default lora")
+        return method
+    if bits != 4:
+        raise c.fail("quantization_bit", "4 (8-, 3- and 2-bit bases are not modelled)", bits)
+    if kind != "lora":
+        raise c.fail("finetuning_type", "lora with quantization_bit (a 4-bit base trains through adapters)", kind)
+    quant = c.choice("quantization_method", c.get("quantization_method", "bnb"), _QUANT_METHOD)
+    c.set("quantization_bit", "method", Method.QLORA)
+    c.set("quantization_bit", "quant", quant)
+    if quant == Quant.NF4:
+        qtype = c.get("quantization_type", "nf4")
+        if qtype != "nf4":
+            c.unmodelled("quantization_type", f"{qtype} has the nf4 layout; modelled as nf4")
+        if c.get("double_quantization") is False:
+            c.unmodelled("double_quantization", "single quantization keeps fp32 absmax, 0.375 bit/param more than "
+                         "the modelled double-quant nf4")
+    return Method.QLORA
+
+
+def _lora(c: Collector, method: Method) -> None:
+    if method == Method.FULL:
+        return
+    c.set_int("lora_rank", "lora_r")
+    if c.get("lora_dropout") is not None:
+        c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
+    target = c.get("lora_target")
+    if target is not None:
+        names = c.names("lora_target", target, sep=",")
+        if names == ["all"]:
+            c.set("lora_target", "lora_targets", LoraTargets.ALL_LINEAR, "every Linear but the output layer "
+                  "(model/model_utils/misc.py:31-35)")
+        else:
+            c.set("lora_target", "lora_target_modules", tuple(names))
+    c.set_flag("use_dora", "dora")
+    if c.get("additional_target"):
+        c.unmodelled("additional_target", "fully trained extra modules are not modelled")
+
+
+def _packing(c: Collector) -> None:
+    if c.get("neat_packing") is True:
+        c.set("neat_packing", "packing", Packing.POSITION_IDS, "block-diagonal attention over packed rows")
+    elif c.get("packing") is not None:
+        c.set("packing", "packing", Packing.NONE, "rows concatenated to cutoff_len under a plain causal mask"
+              if c.get("packing") else "")
+
+
+def _precision(c: Collector, method: Method, engine: dict) -> None:
+    """Trainable params are cast to fp32 unless pure_bf16, or ZeRO-3 without quantization
+    (model/adapter.py:313-328); frozen weights stay in the checkpoint dtype."""
+    if c.get("pure_bf16") is True:
+        c.set("pure_bf16", "precision", Precision.BF16, "bf16 weights and states, no fp32 masters")
+        c.set("pure_bf16", "model_dtype", ModelDtype.BF16)
+        if method != Method.FULL:
+            c.set("pure_bf16", "adapter_dtype", AdapterDtype.BF16)
+        return
+    if c.get("fp16") is True:
+        c.set("fp16", "precision", Precision.FP16)
+    elif c.get("bf16") is True:
+        c.set("bf16", "precision", Precision.MIXED, "bf16 autocast")
+    else:
+        c.set("bf16", "precision", Precision.BF16, "no bf16/fp16: no autocast")
+    fp32_master = method == Method.FULL
+    c.set("finetuning_type", "model_dtype", ModelDtype.FP32 if fp32_master else ModelDtype.BF16,
+          "derived: every trainable weight cast to fp32 (model/adapter.py:313-328)" if fp32_master
+          else "derived: frozen weights in the checkpoint dtype (bf16)")
+    if method != Method.FULL:
+        c.set("finetuning_type", "adapter_dtype", AdapterDtype.FP32, "derived: trainable adapters cast to fp32 "
+              "(model/adapter.py:313-326)")
+        c.set("finetuning_type", "kbit_prep", False, "derived: LLaMA-Factory does not call "
+              "prepare_model_for_kbit_training")
+
+
+def _kernels(c: Collector, engine: dict) -> None:
+    if c.get("flash_attn") is not None:
+        c.set("flash_attn", "attention", c.choice("flash_attn", c.get("flash_attn"), _FLASH))
+    c.set_flag("disable_gradient_checkpointing", "gradient_checkpointing", invert=True)
+    if engine.get("fsdp_version") == 2:
+        c.set("use_reentrant_gc", "checkpoint_reentrant", False, "derived: FSDP2 forces non-reentrant "
+              "(model/model_utils/checkpointing.py:157-162)")
+    else:
+        c.set_flag("use_reentrant_gc", "checkpoint_reentrant")
+    if c.get("use_unsloth_gc") is True:
+        c.set("use_unsloth_gc", "activation_offload", ActivationOffload.UNSLOTH)
+    if c.get("use_unsloth") is True:
+        c.set("use_unsloth", "loss", Loss.UNSLOTH, "Unsloth's fused cross-entropy")
+    elif c.get("enable_liger_kernel") is True:
+        c.set("enable_liger_kernel", "loss", Loss.LIGER, "Liger fused linear cross-entropy")
+    elif c.get("enable_liger_kernel") is False:
+        c.set("enable_liger_kernel", "loss", Loss.HF)
+    for key in ("upcast_layernorm", "upcast_lmhead_output"):
+        if c.get(key) is True:
+            c.unmodelled(key, "fp32 norms / an fp32 copy of the logits are not modelled")
+
+
+def _galore(c: Collector) -> None:
+    if c.get("use_galore") is not True:
+        return
+    layerwise = c.get("galore_layerwise") is True
+    eight = c.fields.get("optim") == Optim.ADAMW_BNB_8BIT
+    name = "galore_adamw" + ("_8bit" if eight else "") + ("_layerwise" if layerwise else "")
+    c.set("use_galore", "method", Method.GALORE)
+    c.set("use_galore", "optim", Optim(name), "LLaMA-Factory picks the GaLore optimizer from optim "
+          "(train/trainer_utils.py)")
+    c.set_int("galore_rank", "galore_rank")
+    c.set_int("galore_update_interval", "galore_update_proj_gap")

@@ -1,0 +1,204 @@
+"""torchtune recipe YAML (torchtune==0.6.1, recipes/configs/*).
+
+torchtune has no global defaults: the recipe file holds every knob. The world size comes
+from ``tune run --nproc_per_node N``; a distributed recipe shards with FSDP2 (fully_shard).
+"""
+from __future__ import annotations
+
+from vramplan.configs.collect import Collector
+from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
+from vramplan.setup import (
+    ActivationOffload,
+    AdapterDtype,
+    FsdpSharding,
+    LoraTargets,
+    Loss,
+    Method,
+    ModelDtype,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+)
+
+_SRC = "torchtune==0.6.1"
+# builder (torchtune/models/<family>/_model_builders.py, lora_/qlora_ prefix removed) -> HF id.
+# Base and instruct checkpoints have the same shapes, so either id gives the same memory.
+BUILDERS: dict[str, tuple[str, str]] = {   # builder -> (torchtune.models module, HF id)
+    "llama3_1_8b": ("llama3_1", "meta-llama/Llama-3.1-8B"), "llama3_1_70b": ("llama3_1", "meta-llama/Llama-3.1-70B"),
+    "llama3_1_405b": ("llama3_1", "meta-llama/Llama-3.1-405B"), "llama3_8b": ("llama3", "meta-llama/Meta-Llama-3-8B"),
+    "llama3_70b": ("llama3", "meta-llama/Meta-Llama-3-70B"), "llama3_2_1b": ("llama3_2", "meta-llama/Llama-3.2-1B"),
+    "llama3_2_3b": ("llama3_2", "meta-llama/Llama-3.2-3B"),
+    "llama3_3_70b": ("llama3_3", "meta-llama/Llama-3.3-70B-Instruct"),
+    "llama2_7b": ("llama2", "meta-llama/Llama-2-7b-hf"), "llama2_13b": ("llama2", "meta-llama/Llama-2-13b-hf"),
+    "llama2_70b": ("llama2", "meta-llama/Llama-2-70b-hf"),
+    "qwen2_5_0_5b": ("qwen2_5", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen2_5_1_5b_instruct": ("qwen2_5", "Qwen/Qwen2.5-1.5B-Instruct"), "qwen2_5_1_5b_base": ("qwen2_5", "Qwen/Qwen2.5-1.5B"),
+    "qwen2_5_3b": ("qwen2_5", "Qwen/Qwen2.5-3B-Instruct"),
+    "qwen2_5_7b_instruct": ("qwen2_5", "Qwen/Qwen2.5-7B-Instruct"), "qwen2_5_7b_base": ("qwen2_5", "Qwen/Qwen2.5-7B"),
+    "qwen2_5_14b_instruct": ("qwen2_5", "Qwen/Qwen2.5-14B-Instruct"), "qwen2_5_14b_base": ("qwen2_5", "Qwen/Qwen2.5-14B"),
+    "qwen2_5_32b_instruct": ("qwen2_5", "Qwen/Qwen2.5-32B-Instruct"), "qwen2_5_32b_base": ("qwen2_5", "Qwen/Qwen2.5-32B"),
+    "qwen2_5_72b_instruct": ("qwen2_5", "Qwen/Qwen2.5-72B-Instruct"), "qwen2_5_72b_base": ("qwen2_5", "Qwen/Qwen2.5-72B"),
+    "mistral_7b": ("mistral", "mistralai/Mistral-7B-v0.1"), "gemma2_2b": ("gemma2", "google/gemma-2-2b"),
+    "gemma2_9b": ("gemma2", "google/gemma-2-9b"), "gemma2_27b": ("gemma2", "google/gemma-2-27b"),
+    "phi3_mini": ("phi3", "microsoft/Phi-3-mini-4k-instruct"),
+}
+# torchtune module names -> peft/HF names
+_ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
+_MLP = ("gate_proj", "up_proj", "down_proj")   # w1, w3, w2
+_ALL_LINEAR = frozenset(_ATTN.values()) | frozenset(_MLP)
+_OPTIMIZERS = {
+    "torch.optim.AdamW": None,   # fused or foreach, decided by `fused`
+    "bitsandbytes.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, ""),
+    "bitsandbytes.optim.PagedAdamW8bit": (Optim.ADAMW_BNB_8BIT, ("8-bit states; paging moves them to host only "
+                                          "under memory pressure")),
+    "bitsandbytes.optim.PagedAdamW": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
+    "bitsandbytes.optim.PagedAdamW32bit": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
+    "torchao.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit states modelled as bitsandbytes 8-bit"),
+}
+_LOSSES = {
+    "torchtune.modules.loss.CEWithChunkedOutputLoss": (Loss.CHUNKED, "8 chunks (ce_chunked_output_loss.py:30)"),
+    "torchtune.modules.loss.LinearCrossEntropyLoss": (Loss.CHUNKED, ("chunked linear+CE (repo HEAD, unreleased), "
+                                                      "modelled as chunked")),
+    "torch.nn.CrossEntropyLoss": (Loss.HF, "full logits"),
+}
+_DTYPES = {"bf16": ModelDtype.BF16, "fp32": ModelDtype.FP32}
+_KNOWN = frozenset({"model", "tokenizer", "dataset", "optimizer", "loss", "dtype", "lr_scheduler", "output_dir",
+                    "resume_from_checkpoint"})
+
+
+def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
+    c = Collector(path, data)
+    model_cfg = c.get("model") or {}
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("_component_"), str):
+        raise c.fail("model._component_", "a torchtune model builder, e.g. torchtune.models.llama3_1.lora_llama3_1_8b",
+                     model_cfg)
+    model, method = _model(c, model_cfg)
+    c.set_int("batch_size", "batch_size")
+    c.set_int("gradient_accumulation_steps", "gradient_accumulation")
+    _seq_len(c)
+    _precision(c, method)
+    _optimizer(c)
+    _loss(c)
+    c.set_flag("optimizer_in_bwd", "optimizer_in_backward")
+    c.set_flag("enable_activation_checkpointing", "gradient_checkpointing", "non-reentrant (training/activations.py:24)")
+    if c.get("enable_activation_offloading") is not None:
+        on = c.flag("enable_activation_offloading", c.get("enable_activation_offloading"))
+        c.set("enable_activation_offloading", "activation_offload", ActivationOffload.ALL if on else ActivationOffload.NONE)
+    _distributed(c)
+    if c.get("compile") is True:
+        c.unmodelled("compile", "torch.compile fuses kernels and changes activation memory")
+    if method != Method.FULL:
+        c.set("model._component_", "kbit_prep", False, "derived: torchtune's LoRA is not a peft model")
+    return c.finish(ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, model, _KNOWN)
+
+
+def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
+    component = cfg["_component_"]
+    builder = component.rsplit(".", 1)[-1]
+    base = builder.removeprefix("qlora_").removeprefix("lora_")
+    if builder.startswith("qlora_") or (builder.startswith("lora_") and cfg.get("quantize_base") is True):
+        method = Method.QLORA
+        c.set("model._component_", "method", method, "4-bit NF4 base (torchao) + LoRA")
+        c.set("model._component_", "quant", Quant.NF4, "torchao NF4, modelled as bitsandbytes nf4")
+    else:
+        method = Method.LORA if builder.startswith("lora_") else Method.FULL
+        c.set("model._component_", "method", method)
+    model = BUILDERS[base][1] if base in BUILDERS else None
+    if model is None:
+        c.unmodelled("model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line")
+    if method != Method.FULL:
+        _lora(c, cfg)
+    return model, method
+
+
+def _lora(c: Collector, cfg: dict) -> None:
+    if cfg.get("lora_rank") is not None:
+        c.set("model.lora_rank", "lora_r", c.pos_int("model.lora_rank", cfg["lora_rank"]))
+    if cfg.get("lora_dropout") is not None:
+        c.set("model.lora_dropout", "lora_dropout", c.prob("model.lora_dropout", cfg["lora_dropout"]))
+    if cfg.get("use_dora") is not None:
+        c.set("model.use_dora", "dora", c.flag("model.use_dora", cfg["use_dora"]))
+    attn = c.names("model.lora_attn_modules", cfg.get("lora_attn_modules") or [])
+    names = [c.choice("model.lora_attn_modules", m, _ATTN) for m in attn]
+    if cfg.get("apply_lora_to_mlp") is True:
+        names += _MLP
+    if cfg.get("apply_lora_to_output") is True:
+        names.append("lm_head")
+    if set(names) == _ALL_LINEAR and len(names) == len(_ALL_LINEAR):
+        c.set("model.lora_attn_modules", "lora_targets", LoraTargets.ALL_LINEAR, "q,k,v,output_proj + MLP")
+    elif names:
+        c.set("model.lora_attn_modules", "lora_target_modules", tuple(names),
+              "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)")
+
+
+def _seq_len(c: Collector) -> None:
+    tokenizer = c.get("tokenizer") or {}
+    seq = tokenizer.get("max_seq_len") if isinstance(tokenizer, dict) else None
+    if seq is None:
+        c.unmodelled("tokenizer.max_seq_len", "null: samples are not truncated; give --seq-len")
+    else:
+        c.set("tokenizer.max_seq_len", "seq_len", c.pos_int("tokenizer.max_seq_len", seq))
+    dataset = c.get("dataset") or {}
+    packed = dataset.get("packed") if isinstance(dataset, dict) else None
+    if packed is not None:
+        on = c.flag("dataset.packed", packed)
+        c.set("dataset.packed", "packing", Packing.POSITION_IDS if on else Packing.NONE,
+              "rows packed to max_seq_len, block-causal mask" if on else "")
+
+
+def _precision(c: Collector, method: Method) -> None:
+    """``dtype`` is the dtype of every parameter, adapters included, with no autocast
+    (recipes/lora_finetune_single_device.py:127)."""
+    dtype = c.get("dtype")
+    if dtype is None:
+        return
+    model_dtype = c.choice("dtype", dtype, _DTYPES)
+    c.set("dtype", "precision", Precision.BF16, "no autocast: every parameter in this dtype")
+    c.set("dtype", "model_dtype", model_dtype)
+    if method != Method.FULL:
+        c.set("dtype", "adapter_dtype", AdapterDtype.BF16 if model_dtype == ModelDtype.BF16 else AdapterDtype.FP32)
+
+
+def _optimizer(c: Collector) -> None:
+    cfg = c.get("optimizer")
+    if not isinstance(cfg, dict) or "_component_" not in cfg:
+        return
+    component = cfg["_component_"]
+    if not isinstance(component, str) or component not in _OPTIMIZERS:
+        c.unmodelled("optimizer._component_", f"{component} is not modelled; give --optim for the closest")
+        return
+    if component == "torch.optim.AdamW":
+        fused = cfg.get("fused") is True
+        c.set("optimizer._component_", "optim", Optim.ADAMW_TORCH_FUSED if fused else Optim.ADAMW_TORCH,
+              "fused: True" if fused else "foreach")
+        return
+    optim, note = _OPTIMIZERS[component]
+    c.set("optimizer._component_", "optim", optim, note)
+
+
+def _loss(c: Collector) -> None:
+    cfg = c.get("loss")
+    if isinstance(cfg, dict) and "_component_" in cfg:
+        component = cfg["_component_"]
+        if not isinstance(component, str) or component not in _LOSSES:
+            c.unmodelled("loss._component_", f"{component} is not modelled")
+            return
+        loss, note = _LOSSES[component]
+        c.set("loss._component_", "loss", loss, note)
+
+
+def _distributed(c: Collector) -> None:
+    """Distributed recipes (``*_distributed``) carry fsdp_cpu_offload / fsdp_reshard_after_forward."""
+    offload, reshard = c.get("fsdp_cpu_offload"), c.get("fsdp_reshard_after_forward")
+    if offload is None and reshard is None:
+        return
+    c.distributed = Distributed.FSDP
+    c.set("fsdp_cpu_offload" if offload is not None else "fsdp_reshard_after_forward", "fsdp_version", 2,
+          "torchtune shards with fully_shard (FSDP2)")
+    if offload is not None:
+        c.set("fsdp_cpu_offload", "cpu_offload", c.flag("fsdp_cpu_offload", offload))
+    if reshard is not None:
+        on = c.flag("fsdp_reshard_after_forward", reshard)
+        c.set("fsdp_reshard_after_forward", "fsdp_sharding", FsdpSharding.FULL if on else FsdpSharding.SHARD_GRAD_OP)

@@ -1,0 +1,84 @@
+"""Names several formats share: optimizers, attention kernels, FSDP strategies, dtypes."""
+from __future__ import annotations
+
+from vramplan.configs.collect import Collector
+from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim
+
+# transformers OptimizerNames (training_args.py) that are not TrainingSetup names but keep the
+# same state bytes as one of them: (the Optim modelled, why).
+_OPTIM_ALIASES: dict[str, tuple[Optim, str]] = {
+    "adamw_8bit": (Optim.ADAMW_BNB_8BIT, "transformers alias of adamw_bnb_8bit"),
+    "paged_adamw_8bit": (Optim.ADAMW_BNB_8BIT, ("bitsandbytes 8-bit states as adamw_bnb_8bit; "
+                         "paging moves them to host only under memory pressure")),
+    "paged_adamw_32bit": (Optim.ADAMW_TORCH, ("bitsandbytes 32-bit AdamW: two fp32 states per parameter "
+                          "as adamw_torch; paging not modelled")),
+    "paged_adamw": (Optim.ADAMW_TORCH, "two fp32 states per parameter as adamw_torch; paging not modelled"),
+    "adamw_torch_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
+    "ao_adamw_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
+}
+
+OPTIM_ALLOWED = ", ".join([o.value for o in Optim] + list(_OPTIM_ALIASES))
+
+
+def map_optim(name: str) -> tuple[Optim, str] | None:
+    """An HF optimizer name (or a framework's alias of one) as an ``Optim``, with a note."""
+    key = name.lower()
+    for optim in Optim:
+        if optim.value == key:
+            return optim, ""
+    return _OPTIM_ALIASES.get(key)
+
+
+def set_optim(c: Collector, key: str, name: str) -> None:
+    """Set ``optim`` (and ``method=galore`` for GaLore names) or report the name unmodelled."""
+    if not isinstance(name, str):
+        raise c.fail(key, "an optimizer name", name)
+    mapped = map_optim(name)
+    if mapped is None:
+        c.unmodelled(key, f"optimizer {name} is not modelled (modelled: {OPTIM_ALLOWED}); "
+                     "give --optim for the closest")
+        return
+    optim, note = mapped
+    c.set(key, "optim", optim, note)
+    if optim.is_galore:
+        c.set(key, "method", Method.GALORE, "GaLore optimizers train every weight through projected states")
+
+
+# attention implementation names (transformers attn_implementation) -> Attention
+HF_ATTENTION = {
+    "sdpa": Attention.SDPA, "eager": Attention.EAGER, "flash_attention_2": Attention.FLASH,
+    "flash_attention_3": Attention.FLASH, "kernels-community/flash-attn": Attention.FLASH,
+}
+
+
+def set_attention(c: Collector, key: str, name: str) -> None:
+    if not isinstance(name, str):
+        raise c.fail(key, "an attention implementation name", name)
+    if name.lower() in HF_ATTENTION:
+        c.set(key, "attention", HF_ATTENTION[name.lower()])
+    else:
+        c.unmodelled(key, f"attention {name} is not modelled (modelled: sdpa, eager, flash_attention_2)")
+
+
+# accelerate/transformers FSDP1 strategy names and accelerate's integer codes
+# (accelerate==1.16.0 accelerate/utils/constants.py FSDP_SHARDING_STRATEGY)
+FSDP_STRATEGY = {
+    "full_shard": FsdpSharding.FULL, "shard_grad_op": FsdpSharding.SHARD_GRAD_OP,
+    "no_shard": FsdpSharding.NO_SHARD, "hybrid_shard": FsdpSharding.HYBRID,
+    "hybrid_shard_zero2": FsdpSharding.HYBRID,
+    1: FsdpSharding.FULL, 2: FsdpSharding.SHARD_GRAD_OP, 3: FsdpSharding.NO_SHARD,
+    4: FsdpSharding.HYBRID, 5: FsdpSharding.HYBRID,
+}
+
+
+def fsdp_reshard(c: Collector, key: str, value) -> FsdpSharding:
+    """``reshard_after_forward``: a bool (FSDP2) or a strategy name (FSDP1, accelerate 1.16.0
+    accelerate/utils/dataclasses.py:1732-1750)."""
+    if isinstance(value, bool):
+        return FsdpSharding.FULL if value else FsdpSharding.SHARD_GRAD_OP
+    return c.choice(key, value, FSDP_STRATEGY)
+
+
+# torch dtype names in HF configs (`dtype`, `torch_dtype`) -> ModelDtype
+HF_DTYPE = {"bfloat16": ModelDtype.BF16, "bf16": ModelDtype.BF16, "float32": ModelDtype.FP32,
+            "fp32": ModelDtype.FP32, "auto": ModelDtype.BF16}

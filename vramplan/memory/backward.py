@@ -1,0 +1,162 @@
+"""Each decoder layer's backward (top to bottom), as its widest moments: the recompute
+of a LoRA Linear (checkpointing), the MLP's elementwise backward (down's saved input
+already freed, only down's weight grads made), the layer's end (its saved tensors
+freed, all its grads made), and the 4-bit, post-MLP-norm, MoE and layer-wise optimizer
+moments. What the final norm and lm_head saved is freed before."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.categories import Category as C
+from vramplan.memory.checkpointing import kept_per_layer
+from vramplan.memory.context import StepContext
+from vramplan.memory.fsdp import (
+    layer_backward_gathered,
+    reduce_bytes,
+    shard,
+    unit_grad_bytes,
+)
+from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
+from vramplan.memory.norms import post_mlp_norm_backward
+from vramplan.memory.parameters import Param, grad_bytes
+from vramplan.memory.quantization import dequantize_transient
+from vramplan.memory.storage import Phase, alloc
+from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, PhaseKind
+
+
+@dataclass(frozen=True)
+class LayerMoment:
+    """One widest moment of a layer's backward, in bytes (tokens applied)."""
+    point: LayerPoint
+    live: int        # this layer's saved activations still alive
+    transient: int   # grads and temporaries in flight
+    grads: int       # parameter gradients held
+    fsdp: int        # FSDP buffers: gathered units, unsharded grads, reduce-scatter inputs
+
+
+@dataclass(frozen=True)
+class GradBook:
+    """Gradient bytes by decoder layer (None: the root) as backward makes them."""
+    sharded: dict[int | None, int]      # each layer's grads as held after its backward (0: offloaded/stepped)
+    down: dict[int | None, int]         # the down projection's full grads, made first in a layer's backward
+    by_layer: dict[int | None, list[Param]]
+
+
+@dataclass(frozen=True)
+class LayerFsdp:
+    """FSDP2 buffers at one layer's backward moments."""
+    gathered: int     # this unit + the one it prefetches + the root
+    down_share: int   # the unsharded grads of down, made first
+    unit_grads: int   # the unit's unsharded grads until its post-backward reduce-scatter
+    reduce: int       # its reduce-scatter input (reduce dtype)
+    reduce_prev: int  # the previous unit's reduce-scatter input, held until this unit's post-backward
+
+
+def grad_book(ctx: StepContext) -> GradBook:
+    setup, world = ctx.setup, ctx.world
+    sharded: dict[int | None, int] = {}
+    down: dict[int | None, int] = {}
+    for p in ctx.params:
+        if p.trainable:
+            sharded[p.layer] = sharded.get(p.layer, 0) + alloc(grad_bytes(p, setup) * shard(p, world))
+            if p.role in MLP_OUT_ROLES:
+                down[p.layer] = down.get(p.layer, 0) + alloc(grad_bytes(p, setup) * p.numel)
+    if ctx.offload or setup.optim.layerwise:
+        sharded = {k: 0 for k in sharded}
+    if setup.optim.layerwise:
+        down = {}
+    by_layer: dict[int | None, list[Param]] = {}
+    for p in ctx.params:  # unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))
+        by_layer.setdefault(p.layer, []).append(p)
+    return GradBook(sharded=sharded, down=down, by_layer=by_layer)
+
+
+def layer_fsdp(ctx: StepContext, book: GradBook, i: int) -> LayerFsdp:
+    if ctx.world == 1:
+        return LayerFsdp(0, 0, 0, 0, 0)
+    params = book.by_layer.get(i, [])
+    ug, rs = unit_grad_bytes(params, i, reduce_bytes(ctx.setup))
+    full = max(sum(alloc(grad_bytes(p, ctx.setup) * p.numel) for p in params if p.trainable), 1)
+    rs_prev = alloc(rs) if i < len(ctx.spec.layers) - 1 else 0
+    return LayerFsdp(gathered=layer_backward_gathered(ctx.units, i),
+                     down_share=alloc(ug * book.down.get(i, 0) // full),
+                     unit_grads=alloc(ug), reduce=alloc(rs), reduce_prev=rs_prev)
+
+
+def _grads_made_first(ctx: StepContext, book: GradBook, i: int) -> int:
+    """down's weight grads, made before the MLP's elementwise backward (FSDP: in its buffers)."""
+    return 0 if ctx.world > 1 else book.down.get(i, 0)
+
+
+def _core_moments(ctx: StepContext, pts: LayerPoints, this: int, book: GradBook, i: int, done: int,
+                  fs: LayerFsdp) -> list[LayerMoment]:
+    n = ctx.tokens
+    return [
+        LayerMoment(LayerPoint.MLP, this - alloc(n * pts.down_saved), alloc(n * pts.mlp_grads),
+                    done + _grads_made_first(ctx, book, i), fs.gathered + fs.down_share + fs.reduce_prev),
+        LayerMoment(LayerPoint.END, 0, alloc(n * pts.end_grads), done + book.sharded.get(i, 0),
+                    fs.gathered + fs.unit_grads + fs.reduce),
+    ]
+
+
+def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> list[tuple[LayerPoint, int, int]]:
+    """(point, live, transient) of the moments that only some setups have."""
+    n, ckpt, setup = ctx.tokens, ctx.ckpt, ctx.setup
+    out: list[tuple[LayerPoint, int, int]] = []
+    if pts.lora_bwd:
+        out.append((LayerPoint.LORA, this, alloc(n * pts.lora_bwd)))
+    if pts.quant_numel:
+        assert setup.quant is not None
+        out.append((LayerPoint.DEQUANTIZE, this - alloc(n * pts.quant_freed),
+                    alloc(n * pts.quant_bwd) + dequantize_transient(pts.quant_numel, setup.quant)))
+    if ckpt and pts.lora_fwd:
+        out.append((LayerPoint.LORA_RECOMPUTE, this - alloc(n * (pts.down_saved + pts.recompute_absent)),
+                    alloc(n * (pts.lora_fwd + pts.lora_inflight))))
+    if ckpt and pts.lora_down_rc:
+        out.append((LayerPoint.LORA_RECOMPUTE_DOWN, this - alloc(n * pts.down_absent),
+                    alloc(n * (pts.lora_down_rc + pts.lora_inflight))))
+    if ctx.spec.layers[i].post_mlp_norm and ctx.spec.norm_kind != "layer":
+        # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
+        out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.stream))))
+    if ckpt and pts.moe_fwd:
+        out.append((LayerPoint.MOE_RECOMPUTE, this, alloc(n * pts.moe_fwd)))
+    if ctx.hook.get(i):
+        # a weight's grad is accumulated: its optimizer steps inside the hook while its
+        # matmul's input grad and the MLP's other grads are in flight
+        out.append((LayerPoint.OPTIMIZER_HOOK, this - alloc(n * pts.down_saved),
+                    alloc(n * pts.hook_grads) + ctx.hook[i]))
+    return out
+
+
+def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, done: int) -> list[LayerMoment]:
+    """Layer i's backward moments; `done`: the grads of the layers above, already made."""
+    this = alloc(ctx.tokens * ctx.per_layer[i])
+    fs = layer_fsdp(ctx, book, i)
+    moments = _core_moments(ctx, pts, this, book, i, done, fs)
+    in_flight = fs.gathered + fs.reduce_prev
+    moments += [LayerMoment(tag, live, tr, done, in_flight) for tag, live, tr in _extra_moments(ctx, pts, this, i)]
+    return moments
+
+
+def layer_backward_phases(ctx: StepContext) -> list[Phase]:
+    book = grad_book(ctx)
+    points_of: dict[ShapeKey, LayerPoints] = {}
+    non_layer = ctx.acts - ctx.layer_acts - ctx.released
+    out: list[Phase] = []
+    done, remaining = book.sharded.get(None, 0), ctx.layer_acts
+    for i in range(len(ctx.spec.layers) - 1, -1, -1):
+        key = shape_key(ctx.spec.layers[i])
+        if key not in points_of:
+            points_of[key] = layer_points(ctx.spec, ctx.spec.layers[i], ctx.setup)
+        this = alloc(ctx.tokens * ctx.per_layer[i])
+        kept = non_layer + remaining - (0 if ctx.ckpt else this)  # saved outside this layer's own
+        for m in layer_moments(ctx, points_of[key], book, i, done):
+            ph = ctx.base(PhaseKind.LAYER_BACKWARD, layer=i, point=m.point)
+            ph.add(C.ACTIVATIONS, kept + m.live + ctx.cast_cache).add(C.TRANSIENT, m.transient)
+            ph.add(C.GRADIENTS, m.grads)
+            if ctx.world > 1:
+                ph.add(C.FSDP_BUFFERS, m.fsdp)
+            out.append(ph)
+        done += book.sharded.get(i, 0)
+        remaining -= alloc(ctx.tokens * kept_per_layer(ctx.spec, ctx.stream)) if ctx.ckpt else this
+    return out

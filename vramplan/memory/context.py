@@ -1,0 +1,96 @@
+"""What the rules read about a setup, gathered once: the activation context of a decoder
+layer and the step context that the phases are assembled from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.categories import Category as C
+from vramplan.memory.storage import Phase
+from vramplan.memory.types import LayerPoint, Param, ParamKind, PhaseKind
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Method, TrainingSetup
+
+
+@dataclass(frozen=True)
+class ActivationContext:
+    """What decides which tensors autograd saves inside a decoder layer."""
+    weights_train: bool   # base Linear weights need grad (full / galore)
+    norms_train: bool
+    stream: int           # bytes per element of the residual stream (4 under autocast)
+    autocast: bool        # fp32 stream fed to autocast Linears (each casts its own copy)
+    adapters_bf16: bool   # LoRA computes in bf16: under autocast, or under FSDP2 (param_dtype bf16)
+    quant: ParamKind | None
+    lora_dropout: bool
+    lora_r: int
+    setup: TrainingSetup
+
+
+def activation_context(setup: TrainingSetup) -> ActivationContext:
+    full = setup.method in (Method.FULL, Method.GALORE)
+    return ActivationContext(
+        weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=setup.autocast,
+        adapters_bf16=setup.autocast or setup.fsdp > 1,
+        quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
+        lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
+
+
+def stream_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of the residual stream: fp32 under autocast (fp32 masters), else bf16."""
+    return 4 if setup.autocast else 2
+
+
+@dataclass(frozen=True)
+class StaticBytes:
+    """The persistent per-GPU bytes of the step (parameters.static_bytes)."""
+    parts: dict[C, int]   # weights, quantization state, adapters on the GPU
+    grads: int                   # gradients held at the optimizer step
+    optimizer_states: int
+    host_pinned: int             # under CPU offload: shards, grads and states on the host
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything the phases of one step are assembled from (phases.step_model)."""
+    spec: ModelSpec
+    setup: TrainingSetup
+    params: list[Param]
+    static: StaticBytes
+    units: dict[int | None, int]   # FSDP: all-gathered bytes per unit (layer index, None = root)
+    per_layer: list[int]           # bytes each decoder layer saves per token (no checkpointing)
+    acts: int                      # every activation saved through the forward
+    layer_acts: int                # of which the decoder layers' (their inputs under checkpointing)
+    released: int                  # saved by the final norm and lm_head, freed before the layers
+    cast_cache: int                # autocast's cached bf16 weight casts
+    hook: dict[int | None, int] = field(default_factory=dict)  # layer-wise optimizers' hook bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.setup.tokens
+
+    @property
+    def world(self) -> int:
+        return self.setup.fsdp
+
+    @property
+    def offload(self) -> bool:
+        return self.setup.cpu_offload
+
+    @property
+    def ckpt(self) -> bool:
+        return self.setup.gradient_checkpointing
+
+    @property
+    def stream(self) -> int:
+        return stream_bytes(self.setup)
+
+    def base(self, kind: PhaseKind, with_grads: bool = False, layer: int | None = None,
+             point: LayerPoint | None = None) -> Phase:
+        """A phase holding the persistent bytes: weights, quantization state, adapters and
+        optimizer states (and the gradients, when they are all alive)."""
+        ph = Phase(kind, layer=layer, point=point)
+        for c, v in self.static.parts.items():
+            ph.add(c, v)
+        ph.add(C.OPTIMIZER_STATES, self.static.optimizer_states)
+        if with_grads:
+            ph.add(C.GRADIENTS, self.static.grads)
+        return ph

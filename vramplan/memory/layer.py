@@ -1,0 +1,101 @@
+"""One decoder layer: the bytes autograd saves in it, and the widest moments of its
+backward (LayerPoints) assembled from the attention, MLP, norm, LoRA and 4-bit rules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.memory.attention import attention_saved
+from vramplan.memory.checkpointing import checkpointed_forward
+from vramplan.memory.context import activation_context
+from vramplan.memory.linears import linears_saved
+from vramplan.memory.lora import lora_backward_points, lora_forward_points
+from vramplan.memory.mlp import is_gated, mlp_saved, mlp_width, moe_forward_end
+from vramplan.memory.norms import norm_saved
+from vramplan.memory.quantization import dequantize_backward
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole
+from vramplan.model_spec import LayerSpec, ModelSpec
+from vramplan.setup import TrainingSetup
+
+
+def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    ctx = activation_context(setup)
+    h = spec.hidden
+    attn_in = layer.linears_with(*ATTENTION_IN_ROLES)
+    n_norms = max(spec.norms_per_layer, 1)
+    saved = norm_saved(spec, ctx, input_grad)
+    saved += linears_saved(attn_in, h, ctx, input_grad)
+    # q_norm / k_norm: q and k need grad whatever trains (the layer's input does)
+    saved += sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
+    saved += attention_saved(spec, layer, ctx, setup.seq_len)
+    # o_proj reads the attention output, which SDPA already saved (same tensor)
+    saved += linears_saved(layer.linears_with(LinearRole.O), spec.q_dim, ctx, True,
+                           input_shared=spec.attn_implementation == "sdpa")
+    saved += norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
+    saved += mlp_saved(spec, layer, ctx, True)
+    return saved
+
+
+@dataclass(frozen=True)
+class LayerPoints:
+    """Per-token bytes at the widest points of one decoder layer's backward, read from
+    autograd's lifetimes (a saved tensor is freed once the node that saved it has run)
+    and checked against the CPU trace of the real step (tests/test_cpu_trace.py)."""
+    down_saved: int   # saved by the down projection (its input; LoRA's fp32 copy): freed first
+    mlp_grads: int    # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
+    end_grads: int    # layer done: grad of its input + the residual grad
+    lora_fwd: int     # widest peft LoRA Linear forward before down (fp32 B output, scaled, up-cast result, sum)
+                      # + the layer's unsaved forward locals at that Linear
+    lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
+    lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
+                        # first adapter's fp32 output grad (recompute starts inside its backward)
+    quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
+    quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
+    quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
+    hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
+    recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
+    moe_fwd: int = 0      # MoE: the end of the experts' forward in the recompute (fp32 routing product)
+    lora_down: int = 0    # down's adapter forward, the whole layer saved by then (same terms as lora_fwd)
+    lora_down_rc: int = 0  # the same in the recompute, which stops before down's adapter path
+    down_absent: int = 0  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
+    ckpt_fwd: int = 0     # checkpointed forward (nothing saved): the MLP's working set at its widest
+
+
+def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
+    ctx = activation_context(setup)
+    h = spec.hidden
+    downs = layer.linears_with(*MLP_OUT_ROLES)
+    gated = is_gated(layer)
+    f = mlp_width(layer, h)
+    down_saved = linears_saved(downs, f, ctx, True) if downs and not layer.experts else 0
+    residual = ctx.stream * h
+    fwd = lora_forward_points(spec, layer, ctx, f, residual)
+    lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
+    deq = dequantize_backward(layer, ctx, residual)
+    return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
+                       end_grads=2 * residual, lora_fwd=fwd.widest, lora_down=fwd.down, lora_down_rc=fwd.down_rc,
+                       lora_bwd=lora_bwd, down_absent=fwd.down_absent, lora_inflight=lora_inflight,
+                       quant_numel=deq.numel, quant_bwd=deq.grads, quant_freed=deq.freed,
+                       hook_grads=residual + 2 * f + 2 * h, recompute_absent=fwd.recompute_absent,
+                       moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
+                       ckpt_fwd=checkpointed_forward(spec, layer, ctx, f, gated, residual, fwd.ckpt_mlp))
+
+
+ShapeKey = tuple[object, ...]
+
+
+def shape_key(layer: LayerSpec) -> ShapeKey:
+    """Everything about a layer that the per-layer rules read."""
+    e = layer.experts
+    experts = None if e is None else (e.num_experts, e.top_k, e.hidden, e.intermediate,
+                                      tuple((n, tuple(shape)) for n, shape in e.tensors))
+    return (tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
+            experts, tuple(layer.norm_numels), tuple(layer.attn_norm_dims), tuple(layer.norm_names),
+            tuple(layer.other_numels), layer.sliding_window)
+
+
+def forward_locals(h: int, stream: int) -> int:
+    """Per token, what a model's forward holds that no node saved: the embedding output (held
+    until the model's forward returns) and the current block's input, unless x.to(fp32)
+    made the saved copy of it a no-op (an fp32 stream under autocast). [CPU trace]"""
+    return stream * h + (0 if stream == 4 else stream * h)

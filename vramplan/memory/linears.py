@@ -1,0 +1,26 @@
+"""A group of Linears reading one tensor: what their base weights and their adapters save."""
+from __future__ import annotations
+
+from vramplan.memory.context import ActivationContext
+from vramplan.memory.lora import lora_saved, lora_targeted
+from vramplan.memory.types import ParamKind
+from vramplan.model_spec import Linear
+
+
+def linears_saved(linears: list[Linear], in_dim: int, ctx: ActivationContext, input_grad: bool,
+                  input_shared: bool = False) -> int:
+    """Saved by a group of Linears reading one tensor of width in_dim, per token."""
+    saved, shared_saved = 0, False
+    for lin in linears:
+        if ctx.quant == ParamKind.HQQ4 or ctx.weights_train:
+            # hqq's HQQMatmulNoCacheMul saves x; a trained weight needs x for its grad.
+            if ctx.autocast and ctx.quant is None:
+                saved += 2 * in_dim  # autocast casts the fp32 input once per Linear
+            elif not shared_saved and not input_shared:
+                saved += (2 if ctx.quant else ctx.stream) * in_dim
+                shared_saved = True
+        # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
+        if lora_targeted(lin, ctx.setup):
+            saved += lora_saved(in_dim, ctx, input_grad, x_saved=shared_saved or input_shared)
+            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.autocast)
+    return saved

@@ -1,0 +1,163 @@
+"""LoRA adapters (peft): which Linears get them, their fp32 storage, what an adapted
+Linear saves for backward, the input copy its adapter path reads, and its forward's
+output terms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.memory.context import ActivationContext
+from vramplan.memory.norms import norm_saved
+from vramplan.memory.types import (
+    ATTENTION_ROLES,
+    MLP_OUT_ROLES,
+    MLP_ROLES,
+    LinearRole,
+    ParamKind,
+)
+from vramplan.model_spec import LayerSpec, Linear, ModelSpec
+from vramplan.setup import LoraTargets, TrainingSetup
+
+# peft get_peft_model(autocast_adapter_dtype=True) upcasts bf16 adapters to fp32, so the
+# adapters and their grads are fp32 [cal]
+ADAPTER_BYTES = 4
+
+
+def lora_targeted(lin: Linear, setup: TrainingSetup) -> bool:
+    """Whether peft puts an adapter on this Linear (target_modules all-linear, or attention)."""
+    if not setup.lora_like or lin.role in (LinearRole.ROUTER, LinearRole.OTHER):
+        return False
+    if setup.lora_targets == LoraTargets.ATTENTION:
+        return lin.role in ATTENTION_ROLES
+    return True
+
+
+def lora_saved(in_dim: int, ctx: ActivationContext, input_grad: bool, x_saved: bool = False) -> int:
+    """peft LoRA Linear: x.to(fp32) -> dropout (bool mask when the input needs grad) ->
+    lora_A saves its fp32 input -> lora_B saves A's output. Under autocast lora_A casts
+    its input back to bf16 and saves that. [cal: l32-1b lora/qlora, notes table 3] Under
+    FSDP2 the adapters compute in bf16: the cast is a no-op, so without dropout lora_A
+    saves x itself, shared with whatever else saved it (`x_saved`). [CPU trace]"""
+    mask = in_dim if (ctx.lora_dropout and input_grad) else 0
+    if ctx.autocast:
+        return mask + 2 * in_dim + 2 * ctx.lora_r
+    if ctx.adapters_bf16:
+        x = 0 if (x_saved and not ctx.lora_dropout) else 2 * in_dim
+        return mask + x + 2 * ctx.lora_r
+    return mask + 4 * in_dim + 4 * ctx.lora_r
+
+
+def lora_input_copy(in_dim: int, ctx: ActivationContext) -> int:
+    """Per token, the copy of x that peft's adapter path reads: x.to(lora_A's dtype) (fp32
+    adapters), autocast's bf16 copy of the fp32 stream, none for bf16 adapters on a bf16
+    stream. lora_A saves it, so only a forward that saves nothing counts it apart. [CPU trace]"""
+    if ctx.autocast:
+        return 2 * in_dim
+    return 0 if ctx.adapters_bf16 else 4 * in_dim
+
+
+def lora_copy_local(in_dim: int, ctx: ActivationContext) -> int:
+    """That copy when it is a local, not saved: with dropout lora_A saves dropout(x) instead
+    (under autocast lora_A's own bf16 cast of dropout(x) is what it saves)."""
+    return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.autocast else 0
+
+
+def lora_forward_per_out(ctx: ActivationContext) -> int:
+    """Per output feature, peft lora.Linear.forward's `result + lora_B(lora_A(x)) * scaling`
+    in the adapter dtype, then .to(result dtype). fp32 adapters: the scaled fp32 B output,
+    the result up-cast and their sum (12·out); bf16 adapters (autocast, FSDP2): B's output
+    is freed after the scaling, so the scaled output and the sum (4·out) [CPU trace]"""
+    return 4 if ctx.adapters_bf16 else 12
+
+
+def lora_grad_width(ctx: ActivationContext) -> int:
+    """Bytes per element of the grads through the adapter path (its compute dtype)."""
+    return 2 if ctx.adapters_bf16 else 4
+
+
+def norm_output_saved(ctx: ActivationContext) -> bool:
+    """Whether a node saved the very tensor a Linear reads (the norm's output): lora_A for
+    bf16 adapters without autocast and without dropout; hqq's matmul. Otherwise the
+    forward holds it as a local. [CPU trace]"""
+    return (ctx.adapters_bf16 and not ctx.autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
+
+
+@dataclass(frozen=True)
+class LoraForwardPoints:
+    """Per-token bytes of one decoder layer's forward at its adapters."""
+    widest: int          # widest adapted Linear before down: its adapter path + the layer's unsaved locals
+    down: int            # down's adapter forward, the whole layer saved by then
+    down_rc: int         # the same in the recompute, which stops before down's adapter path
+    recompute_absent: int  # saved tensors the recompute has not made yet at the widest adapter
+    down_absent: int     # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
+    ckpt_mlp: int        # a forward that saves nothing, at an adapted MLP Linear (0: none)
+    post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
+
+
+def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int) -> int:
+    """Per token, an adapted Linear's forward before down: peft's output terms, the norm's
+    output feeding it (norm_out), the copy its adapter reads under dropout, and inside the
+    MLP the residual stream after attention."""
+    return (lora_forward_per_out(ctx) * lin.out_features + norm_out + lora_copy_local(lin.in_features, ctx)
+            + (residual if lin.role in MLP_ROLES else 0))
+
+
+def lora_forward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int,
+                        residual: int) -> LoraForwardPoints:
+    """The layer's forward at its widest adapter and at down's. [CPU trace, dropout as CUDA holds it]"""
+    per_out = lora_forward_per_out(ctx)
+    adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
+    saved_norm_out = norm_output_saved(ctx)
+    # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
+    norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
+    widest = max((l for l in adapted if l.role not in MLP_OUT_ROLES),
+                 key=lambda l: _forward_locals_at(l, ctx, norm_out, residual), default=None)
+    # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
+    # local unless a node saved it, plus the copy the adapter reads under dropout. In the
+    # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
+    # tensor the layer saves: only the base's bf16 result exists there, not the adapter path
+    dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
+    down = down_rc = 0
+    if dn is not None:
+        # (the decoder layer still holds the norm's output it passed to the MLP)
+        common = ((0 if saved_norm_out else 2 * dn.in_features) + lora_copy_local(dn.in_features, ctx)
+                  + norm_out + residual)
+        down, down_rc = per_out * dn.out_features + common, 2 * dn.out_features + common
+    in_mlp = widest is not None and widest.role in MLP_ROLES
+    # a fused gate_up runs before the activation exists, which the layer's saved count holds
+    absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
+    # Gemma 2's post-feedforward norm runs after the MLP: its saved fp32 input does not exist
+    # yet at an MLP adapter, and its backward, not down's adapter, starts the recompute
+    post_mlp_norm = layer.post_mlp_norm and in_mlp
+    if post_mlp_norm:
+        absent += norm_saved(spec, ctx, True)
+    # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
+    # input copy as locals (dropout's output and mask are freed once lora_A ran)
+    ckpt_mlp = (per_out * widest.out_features + (2 if layer.pre_norm else 1) * residual
+                + lora_input_copy(widest.in_features, ctx)) if widest is not None and in_mlp else 0
+    return LoraForwardPoints(
+        widest=_forward_locals_at(widest, ctx, norm_out, residual) if widest else 0, down=down, down_rc=down_rc,
+        recompute_absent=absent, down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and down else 0,
+        ckpt_mlp=ckpt_mlp, post_mlp_norm=post_mlp_norm)
+
+
+def first_in_backward(linears: list[Linear]) -> Linear | None:
+    """The first of these Linears backward reaches: backward meets them in reverse forward
+    order, down first, else o_proj."""
+    return next((l for roles in (MLP_OUT_ROLES, (LinearRole.O,)) for l in linears if l.role in roles), None)
+
+
+def lora_backward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, residual: int,
+                         post_mlp_norm: bool) -> tuple[int, int]:
+    """(first adapter reached in backward: lora_A's input grad in the adapter dtype + the
+    output grad; grads alive when checkpointing recomputes the layer: output grad + that
+    first adapter's output grad, as recompute starts inside its backward)."""
+    first = first_in_backward([l for l in layer.linears if lora_targeted(l, ctx.setup)])
+    if first is None:
+        return 0, residual + 4 * spec.hidden if post_mlp_norm else 0
+    width = lora_grad_width(ctx)
+    # fp32 adapters: peft's `result + lora_out` promotes to fp32, so its backward also hands
+    # the base branch a bf16 copy of the output grad
+    inflight = (width + (0 if ctx.adapters_bf16 else 2)) * first.out_features + residual
+    if post_mlp_norm:  # the layer's output grad and that norm's fp32 output grad
+        inflight = residual + 4 * spec.hidden
+    return width * first.in_features + residual, inflight

@@ -1,0 +1,85 @@
+"""The MLP (gated, plain, MoE experts): what it saves, its working set in a forward that
+saves nothing, and the end of an MoE block's forward."""
+from __future__ import annotations
+
+from vramplan.memory.context import ActivationContext
+from vramplan.memory.linears import linears_saved
+from vramplan.memory.types import (
+    GATED_ROLES,
+    MLP_IN_ROLES,
+    MLP_OUT_ROLES,
+    MOE_SHARED_ROLES,
+    LinearRole,
+)
+from vramplan.model_spec import LayerSpec, ModelSpec
+
+
+def mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
+    """Gated MLP: act saves its input gate (a view keeps a fused gate_up alive), the mul
+    saves act(gate) and up, down_proj saves act*up only when its base needs it. [cal]"""
+    h = spec.hidden
+    if layer.experts:
+        return moe_saved(spec, layer, ctx, input_grad)
+    ins = layer.linears_with(*MLP_IN_ROLES)
+    downs = layer.linears_with(*MLP_OUT_ROLES)
+    if not ins or not downs:
+        return 0
+    f = downs[0].in_features
+    saved = linears_saved(ins, h, ctx, input_grad)
+    gated = any(l.role in GATED_ROLES for l in ins)
+    saved += (6 * f) if gated else (2 * f)  # gated: gate, act(gate), up; plain: fc1 out
+    saved += linears_saved(downs, f, ctx, True)
+    return saved
+
+
+def moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
+    """transformers 5.x MixtralExperts: per routed token (top_k per token) the gathered
+    input (when expert weights train), gate_up output (kept by the act's view), act out,
+    act*up (when weights train) and the expert output saved by the routing-weight mul."""
+    assert layer.experts is not None
+    h, e = spec.hidden, layer.experts
+    per_route = 4 * e.intermediate + 2 * e.intermediate + 2 * h
+    if ctx.weights_train:
+        per_route += 2 * h + 2 * e.intermediate
+    router = ctx.stream * h if ctx.weights_train else 0
+    router += 4 * e.num_experts * 2  # fp32 router softmax and its output
+    return e.top_k * per_route + router + linears_saved(layer.linears_with(*MOE_SHARED_ROLES), h, ctx, input_grad)
+
+
+def is_gated(layer: LayerSpec) -> bool:
+    return bool(layer.linears_with(*GATED_ROLES)) or bool(layer.experts)
+
+
+def mlp_width(layer: LayerSpec, h: int) -> int:
+    """Per token, the MLP's intermediate width (all routed experts' for MoE)."""
+    if layer.experts:
+        return layer.experts.intermediate * layer.experts.top_k
+    downs = layer.linears_with(*MLP_OUT_ROLES)
+    return downs[0].in_features if downs else h
+
+
+def ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: int) -> int:
+    """Per token, a checkpointed layer's forward at the MLP: the residual stream after
+    attention and the MLP's input, then act(gate), up and their product (a fused gate_up,
+    and MoE experts, keep the whole fused output behind the views; MoE also the gathered
+    expert inputs; a plain MLP: fc1's output and its activation); with an adapted gate/up,
+    that adapter's path on top of act(gate) and the up projection's base output. [CPU trace]"""
+    fused = bool(layer.linears_with(LinearRole.GATE_UP)) or bool(layer.experts)
+    # the MLP's input is the norm's output, or (post-norm) the residual stream itself
+    mlp = (8 * f if fused else 6 * f if gated else 4 * f) + (2 if layer.pre_norm else 1) * residual
+    if layer.experts:
+        mlp += 2 * layer.experts.top_k * spec.hidden
+    return max(mlp, (4 * f if gated else 2 * f) + lora_mlp) if lora_mlp else mlp
+
+
+def moe_forward_end(spec: ModelSpec, layer: LayerSpec, residual: int, weights_train: bool) -> int:
+    """Per token, at the end of an MoE block's forward (recompute under checkpointing):
+    each routed expert output times its fp32 routing weight (the bf16 output up-cast, and
+    the product), the forward's locals (the residual stream after attention; the block's
+    input and the gathered expert inputs unless the trained router and experts saved
+    them), with the layer's output grad and the fp32 grad of the routed outputs in flight."""
+    if not layer.experts:
+        return 0
+    routed = layer.experts.top_k * spec.hidden
+    locals_ = residual + (0 if weights_train else residual + 2 * routed)
+    return 4 * routed + 4 * routed + locals_ + residual + 4 * routed

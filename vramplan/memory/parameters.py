@@ -1,0 +1,78 @@
+"""Parameters: every tensor the run holds, how it is stored, whether it trains, and the
+bytes of its weights and gradients. The 4-bit storage is in quantization.py, the
+adapters' in lora.py, the optimizer states in optimizers.py, sharding in fsdp.py."""
+from __future__ import annotations
+
+from vramplan.categories import Category as C
+from vramplan.memory.lora import ADAPTER_BYTES, lora_targeted
+from vramplan.memory.quantization import quantized_store
+from vramplan.memory.storage import alloc
+from vramplan.memory.types import LinearRole, Param, ParamKind
+from vramplan.model_spec import LayerSpec, ModelSpec
+from vramplan.setup import Method, Precision, TrainingSetup
+
+
+def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
+    full = setup.method in (Method.FULL, Method.GALORE)
+    galore = setup.method == Method.GALORE
+    base_kind = ParamKind(setup.quant.value) if setup.method == Method.QLORA else ParamKind.DENSE
+    out: list[Param] = []
+    for lin in layer.linears:
+        # reference step: GaLore projects 2-D weights inside attention and MLP blocks
+        proj = (lin.out_features, lin.in_features) if galore and lin.role != LinearRole.OTHER else None
+        out.append(Param(lin.numel, lin.out_features, base_kind, full, i, proj, lin.role))
+        if lin.bias:
+            out.append(Param(lin.out_features, lin.out_features, ParamKind.DENSE, full, i, role=lin.role))
+        if lora_targeted(lin, setup):
+            out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, ParamKind.LORA, True, i, role=lin.role))
+            out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i,
+                             role=lin.role))
+    if layer.experts:
+        for _, shape in layer.experts.tensors:
+            n = shape[0] * shape[1] * shape[2]
+            out.append(Param(n, shape[0], ParamKind.DENSE, full, i))
+    for n in layer.norm_numels + layer.other_numels:
+        out.append(Param(n, n, ParamKind.DENSE, full, i))
+    return out
+
+
+def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
+    """Every parameter tensor with how it is stored and whether it trains."""
+    full = setup.method in (Method.FULL, Method.GALORE)
+    out: list[Param] = []
+    for i, layer in enumerate(spec.layers):
+        out.extend(_layer_params(i, layer, setup))
+    dense = ParamKind.DENSE
+    out.append(Param(spec.embed_numel, spec.vocab, dense, full, None))
+    if spec.lm_head_numel:
+        out.append(Param(spec.lm_head_numel, spec.vocab, dense, full, None))
+    if spec.final_norm_numel:
+        out.append(Param(spec.final_norm_numel, spec.final_norm_numel, dense, full, None))
+    if spec.other_numel:
+        out.append(Param(spec.other_numel, spec.other_numel, dense, full, None))
+    if spec.idle_numel:  # never in the text step's graph: no .grad, so AdamW makes no state for it
+        out.append(Param(spec.idle_numel, spec.idle_numel, dense, False, None))
+    return out
+
+
+def dense_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of a dense parameter: fp32 masters under mixed precision, else bf16."""
+    return 4 if setup.precision == Precision.MIXED else 2
+
+
+def store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict[C, int]:
+    """Bytes of one parameter (or a shard of `numel` elements of it) by category."""
+    n = p.numel if numel is None else numel
+    if p.kind == ParamKind.LORA:
+        return {C.ADAPTERS: alloc(ADAPTER_BYTES * n)}
+    if p.kind.quantized:
+        return quantized_store(p.kind, n)
+    return {C.WEIGHTS: alloc(dense_bytes(setup) * n)}
+
+
+def grad_bytes(p: Param, setup: TrainingSetup) -> int:
+    """Bytes per element of a parameter's .grad (0 when it does not train): the
+    parameter's own dtype (peft's adapters are fp32, see lora.ADAPTER_BYTES)."""
+    if not p.trainable:
+        return 0
+    return ADAPTER_BYTES if p.kind == ParamKind.LORA else dense_bytes(setup)

@@ -1,0 +1,179 @@
+"""The step assembled: its phases, in the order they are listed, from the persistent
+bytes, the saved activations and each technique's transients.
+
+The step is modelled as phases (build, forward, loss backward, layer backward,
+optimizer step). Each phase gives a breakdown by Category of what is alive; the peak is
+the largest phase. Steady state (step >= 1) is modelled: optimizer states exist from
+the first step on, and step 0 is never larger except for GaLore's first SVD, modelled
+as its own phase."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.categories import Category as C
+from vramplan.memory.activations import saved_activations
+from vramplan.memory.autocast import cast_cache
+from vramplan.memory.backward import layer_backward_phases
+from vramplan.memory.context import StaticBytes, StepContext
+from vramplan.memory.fsdp import (
+    forward_end_gathered,
+    layer_forward_gathered,
+    unit_bytes,
+)
+from vramplan.memory.layer import forward_locals, layer_points
+from vramplan.memory.loss import head_trains, loop_token_bytes, loss_terms
+from vramplan.memory.norms import (
+    final_norm_backward_saved,
+    final_norm_forward,
+    has_rms_final_norm,
+    rms_backward,
+)
+from vramplan.memory.optimizers import (
+    galore_refresh_phase,
+    layerwise_hook_bytes,
+    optimizer_transient,
+)
+from vramplan.memory.parameters import Param, parameters
+from vramplan.memory.persistent import static_bytes
+from vramplan.memory.quantization import build_phase, largest_dequantize
+from vramplan.memory.storage import Phase, StepModel, alloc
+from vramplan.memory.types import PhaseKind
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Method, TrainingSetup
+
+OFFLOAD_NOTE = ("CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
+                "memory and the optimizer steps on the CPU.")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The token-independent part of step_model for one (spec, setup without batch/seq).
+    The planner evaluates each configuration at several token counts; sharing this part
+    makes that cheaper without changing any result."""
+    spec: ModelSpec
+    key: TrainingSetup
+    params: list[Param]
+    static: StaticBytes
+    units: dict[int | None, int]
+
+
+def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
+    return setup.model_copy(update={"batch_size": 1, "seq_len": 1})
+
+
+def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
+    params = parameters(spec, setup)
+    units = unit_bytes(params, setup.fsdp) if setup.fsdp > 1 else {}
+    return Prepared(spec, _token_free_key(setup), params, static_bytes(params, setup), units)
+
+
+def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
+    saved = saved_activations(spec, setup)
+    params = prepared.params
+    # layer-wise optimizers: each parameter's hook steps it inside backward
+    hook = layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
+                       per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
+                       released=saved.released, cast_cache=cast_cache(params, setup, spec.vocab, head_trains(setup)),
+                       hook=hook)
+
+
+def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
+    ph = ctx.base(kind).add(C.ACTIVATIONS, activations).add(C.TRANSIENT, transient)
+    if ctx.world > 1:
+        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units))
+    return ph
+
+
+def head_phases(ctx: StepContext) -> list[Phase]:
+    """The end of forward and the start of backward: the loss and the final norm."""
+    spec, n = ctx.spec, ctx.tokens
+    loss = loss_terms(spec, ctx.setup)
+    acts = ctx.acts + ctx.cast_cache
+    final_norm = has_rms_final_norm(spec)
+    phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts, loss.forward)]
+    if final_norm:
+        phases.append(_at_forward_end(ctx, PhaseKind.FORWARD_FINAL_NORM, acts,
+                                      alloc(n * final_norm_forward(spec, forward_locals(spec.hidden, ctx.stream)))))
+    phases.append(_at_forward_end(ctx, PhaseKind.LOSS_BACKWARD, acts, loss.backward))
+    if final_norm:
+        # the final norm's fp32 backward, every layer's saved tensors still alive; of the
+        # root's, only the norm's fp32 input
+        kept = ctx.acts - ctx.released + alloc(n * final_norm_backward_saved(spec)) + ctx.cast_cache
+        phases.append(_at_forward_end(ctx, PhaseKind.FINAL_NORM_BACKWARD, kept, alloc(n * rms_backward(spec))))
+    return phases
+
+
+def root_hook_phase(ctx: StepContext) -> list[Phase]:
+    """A layer-wise optimizer's hook on lm_head (or the embedding), all saved tensors alive."""
+    if not ctx.hook.get(None) or ctx.offload:
+        return []
+    return [ctx.base(PhaseKind.OPTIMIZER_HOOK_ROOT).add(C.ACTIVATIONS, ctx.acts + ctx.cast_cache)
+            .add(C.TRANSIENT, alloc(ctx.tokens * ctx.stream * ctx.spec.hidden) + ctx.hook[None])]
+
+
+def layer_forward_phase(ctx: StepContext) -> list[Phase]:
+    """The last decoder layer's forward: under checkpointing the MLP's working set (its
+    recompute in backward is wider; this is forward's peak); without it, at its widest
+    LoRA Linear, everything saved so far plus peft's fp32 adapter path."""
+    pts = layer_points(ctx.spec, ctx.spec.layers[-1], ctx.setup)
+    n, before = ctx.tokens, ctx.acts - ctx.released
+    if ctx.ckpt:
+        ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(C.ACTIVATIONS, before + ctx.cast_cache)
+        ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd))
+    elif not pts.lora_fwd and not pts.lora_down:
+        return []
+    else:
+        # at the widest adapter before down (down's saved input not made yet) or at down's
+        live, transient = max(((before - alloc(n * pts.down_saved), alloc(n * pts.lora_fwd)),
+                               (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down))),
+                              key=lambda lt: lt[0] + lt[1] if lt[1] else -1)
+        locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
+        ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
+        ph.add(C.TRANSIENT, transient + locals_)
+    if ctx.world > 1:
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    return [ph]
+
+
+def quantization_phases(ctx: StepContext) -> list[Phase]:
+    """QLoRA: a 4-bit weight dequantized in forward (in backward: a layer point), and the build."""
+    if ctx.setup.method != Method.QLORA:
+        return []
+    assert ctx.setup.quant is not None
+    ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts)
+    ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
+    if ctx.world > 1:  # this unit and the one prefetched, and the root
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    return [ph, build_phase(ctx.params, ctx.world)]
+
+
+def optimizer_phases(ctx: StepContext) -> list[Phase]:
+    """The optimizer step (on the CPU under offload; inside backward for layer-wise
+    optimizers) and GaLore's projector refresh."""
+    if ctx.offload:
+        return []
+    phases = []
+    if not ctx.setup.optim.layerwise:
+        ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
+        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
+    if ctx.setup.method == Method.GALORE:
+        phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
+                                           ctx.static.grads))
+    return phases
+
+
+def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
+               prepared: Prepared | None = None) -> StepModel:
+    """All phases of one step. every_layer=True keeps one "layer backward" phase per decoder
+    layer instead of only the worst (each is then affine in the token count, which the
+    planner relies on). `prepared` (from prepare()) is reused only when it was made for
+    this spec and this setup up to batch_size/seq_len; otherwise it is recomputed."""
+    if prepared is None or prepared.spec is not spec or prepared.key != _token_free_key(setup):
+        prepared = prepare(spec, setup)
+    ctx = step_context(spec, setup, prepared)
+    layers = layer_backward_phases(ctx)
+    phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
+              *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
+    notes = [OFFLOAD_NOTE] if setup.cpu_offload else []
+    return StepModel(phases=phases, host_pinned=prepared.static.host_pinned, notes=notes)
