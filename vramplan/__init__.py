@@ -68,6 +68,8 @@ def estimate(model, gpus=None, num_layers=None, host_ram=None, **setup):
     ``host_ram``: bytes or a size with a unit ("128GB").
     """
     from vramplan.estimate import estimate_config
+    from vramplan.setup import check_method_fields
+    check_method_fields(setup)  # lora_r=64 with method="full" is an error, as on the command line
     return estimate_config(_model_arg(model), gpus=gpus, num_layers=num_layers, host_ram=host_ram, **setup)
 
 
@@ -107,6 +109,8 @@ def plot_breakdown(model, gpus=None, path=None, num_layers=None, host_ram=None, 
     if path is not None:
         output_path(str(path), "")  # a bad file name fails before any work
     if setup.get("method") is not None:
+        from vramplan.setup import check_method_fields
+        check_method_fields(setup)
         make_setup(**setup)  # bad fields before the model is loaded
     gspec = resolve_gpus(gpus)
     ram = host_ram_bytes(host_ram, "--host-ram")

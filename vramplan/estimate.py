@@ -20,7 +20,7 @@ from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
-from vramplan.setup import Method, TrainingSetup, check_method_fields, fields_for_method
+from vramplan.setup import Method, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
@@ -34,11 +34,9 @@ def make_setup(**fields) -> TrainingSetup:
     (vramplan/stacks.py); validation errors become one VramplanError. Every entry point (CLI,
     Python API, plan, strategy comparison) builds its setups here."""
     fields = {k: v for k, v in fields.items() if v is not None}
-    check_method_fields(fields)  # on what the caller gave, before the stack fills anything
     try:
         fields, _ = apply_stack(fields)
-        # a bundle's value for a knob this method does not read changes nothing: dropped
-        return TrainingSetup(**fields_for_method(fields))
+        return TrainingSetup(**fields)
     except ValidationError as e:
         raise from_validation_error(e) from None
 

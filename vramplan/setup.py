@@ -162,13 +162,15 @@ def _method_of(data: dict) -> Method | None:
         return None  # an unknown method: the field's own validation names it
 
 
-def check_method_fields(data: dict, explicit: bool = False) -> None:
+def check_method_fields(data: dict, explicit: bool = True) -> None:
     """An option the chosen method does not read is an error naming both flags.
 
-    explicit: ``data`` holds only what the user gave (the command line), so any value
-    counts. Otherwise (the Python API, a setup read back from a report, whose dump carries
-    every field) a value equal to the field's default is taken as not given: it changes
-    nothing, and a dump of a valid setup holds only defaults in the fields its method skips."""
+    Called where the user's own values enter (the command line's setup_fields, the public
+    Python functions), on what was given and before a --stack bundle fills anything. Not in
+    TrainingSetup's validation: a setup's dump carries every field (tests/data/cpu/trace.jsonl
+    rows hold lora_dropout 0.0 for full fine-tunes), and vramplan's own builders (the strategy
+    comparison, plan, plot) share fields across methods. explicit=False: a value equal to the
+    field's default counts as not given."""
     method = _method_of(data)
     if method is None:
         return
@@ -255,7 +257,6 @@ class TrainingSetup(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        check_method_fields(data)  # on what the caller gave, before any default fills a field
         for field, flag, hi in _BOUNDED:
             if data.get(field) is not None:
                 data[field] = check_int(_as_int(data[field]), flag, hi)
