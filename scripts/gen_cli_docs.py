@@ -53,7 +53,9 @@ def _name(action: argparse.Action) -> str:
 def _values(action: argparse.Action) -> str:
     if action.nargs == 0:
         return "flag"
-    kind = ", ".join(f"`{c}`" for c in action.choices) if action.choices is not None else _TYPES.get(action.type, "text")
+    # a bounded type from vramplan.cli.common names itself (int_in: "integer", float_in: "number")
+    named = _TYPES.get(action.type, getattr(action.type, "__name__", "text"))
+    kind = ", ".join(f"`{c}`" for c in action.choices) if action.choices is not None else named
     if action.nargs in ("+", "*"):
         kind += "; one or more"
     if isinstance(action, argparse._AppendAction):

@@ -39,10 +39,12 @@ def _build_meta(cfg: dict):
         raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None
     cfg = copy.deepcopy(cfg)  # transformers fills nested dicts (rope_scaling) in place
     model_type = cfg.pop("model_type")
+    # transformers runs on the user's file here: whatever it raises is about that file
+    # (config_check has refused the memory-shaping fields it could trip on; this is the rest)
     try:
         config = AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError, TypeError) as e:
-        raise VramplanError(f"transformers cannot read this config ({e})", "MODEL") from None
+    except Exception as e:  # noqa: BLE001 - third-party code on user input
+        raise VramplanError(f"transformers cannot read this config ({_one_line(e)})", "MODEL") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         auto = auto_class(config)
@@ -53,10 +55,15 @@ def _build_meta(cfg: dict):
         try:
             with torch.device("meta"):
                 model = auto.from_config(config)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except Exception as e:  # noqa: BLE001 - third-party code on user input
             raise VramplanError(f"transformers cannot build a causal LM from this config "
-                                f"({str(e).splitlines()[0][:300]})", "MODEL") from None
+                                f"({_one_line(e)})", "MODEL") from None
     return model, config
+
+
+def _one_line(e: BaseException) -> str:
+    text = (str(e).splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def auto_class(config):

@@ -10,6 +10,7 @@ class VramplanError(ValueError):
 
     def __init__(self, message: str, flag: str | None = None):
         self.flag = flag
+        self.message = message
         super().__init__(f"{flag}: {message}" if flag else message)
 
 

@@ -22,7 +22,7 @@ from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
-from vramplan.units import GiB, MiB, parse_bytes
+from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
 # Host memory of one training process before any offload: the Python process with torch,
 # CUDA libraries and transformers loaded (RSS). Order of magnitude, not calibrated.
@@ -47,6 +47,9 @@ def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None =
 
     reserve: memory already in use on each card (--reserve SIZE, or bytes); on detected GPUs
     it defaults to what NVML reports in use before the run (a desktop, another job)."""
+    if not (gpus is None or isinstance(gpus, (str, GpuSpec))):
+        raise VramplanError(f"must be a string such as '2x24GB' or 'rtx-4090', or a GpuSpec; got {type(gpus).__name__} "
+                            f"{str(gpus)[:40]}", "--gpus")
     if isinstance(gpus, GpuSpec):
         found = gpus
     elif gpus:
@@ -188,5 +191,6 @@ def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, n
                     host_ram: int | None = None, **setup_fields) -> Estimate:
     setup = make_setup(**setup_fields)
     gspec = resolve_gpus(gpus)
+    host_ram = host_ram_bytes(host_ram, "--host-ram")
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
     return estimate_spec(spec, setup, gspec, host_ram)

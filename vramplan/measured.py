@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vramplan.errors import VramplanError
+from vramplan.files import read_regular
+from vramplan.limits import MAX_DATA_BYTES
 from vramplan.units import MiB
 
 # reference-step optimizer names -> Hugging Face TrainingArguments.optim names
@@ -81,19 +83,24 @@ class MeasuredCase(BaseModel):
         return s
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_cases(path: str | Path) -> list[MeasuredCase]:
     """Every line of a JSON-lines file of measured cases (blank lines skipped)."""
+    data = read_regular(path, MAX_DATA_BYTES, "FILE")
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise VramplanError(f"cannot read {str(path)!r}: {e.strerror}", "FILE") from None
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise VramplanError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})", "FILE") from None
     cases = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            cases.append(MeasuredCase.model_validate(json.loads(line)))
-        except ValueError as e:  # json.JSONDecodeError and pydantic.ValidationError
+            cases.append(MeasuredCase.model_validate(json.loads(line, parse_constant=_no_constant)))
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError, pydantic.ValidationError, deep nesting
             first = e.errors()[0] if isinstance(e, ValidationError) else None
             why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(e)
             raise VramplanError(f"{path}:{i} is not a measured case ({why})", "FILE") from None

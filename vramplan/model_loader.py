@@ -16,7 +16,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.analyze import analyze_config
+from vramplan.config_check import check_config
 from vramplan.errors import VramplanError
+from vramplan.files import parse_json, read_regular
+from vramplan.limits import MAX_CONFIG_BYTES, MAX_LAYERS, check_int
 from vramplan.model_spec import ModelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
@@ -37,41 +40,50 @@ def aliases() -> dict[str, str]:
     return json.loads(ALIAS_FILE.read_text()) if ALIAS_FILE.exists() else {}
 
 
+def _read_config(path: Path, shown: str) -> dict:
+    """A config.json: a regular file of at most MAX_CONFIG_BYTES holding a JSON object."""
+    cfg = parse_json(read_regular(path, MAX_CONFIG_BYTES, "MODEL"), shown, "MODEL")
+    if not isinstance(cfg, dict):
+        raise VramplanError(f"{shown!r} is not a model config (a JSON object with model_type)", "MODEL")
+    return cfg
+
+
+def _preset(model: str) -> tuple[str, str | None, dict]:
+    key = model.lower()
+    alias = None
+    if key not in preset_names() and key in aliases():
+        alias, key = model, aliases()[key]
+    if key not in preset_names():
+        raise VramplanError(
+            f"unknown model {model[:80]!r}; presets: {', '.join(preset_names())}; "
+            f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}; "
+            "or give a config.json path",
+            "MODEL",
+        )
+    return key, alias, json.loads((PRESET_DIR / f"{key}.json").read_text())
+
+
 def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str | None, dict]:
-    """MODEL (preset, alias, config.json path or directory) -> (name, alias_used, config dict)."""
+    """MODEL (preset, alias, config.json path or directory) -> (name, alias_used, config dict),
+    its memory-shaping fields checked (vramplan.config_check) before anything is built."""
+    if not isinstance(model, str) or not model.strip():
+        raise VramplanError(f"give a preset name, a config.json path or a directory; got {model!r}", "MODEL")
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
         if not path.exists():
             raise VramplanError(f"directory {model!r} holds no config.json", "MODEL")
     if path.suffix == ".json" or path.exists():
-        if not path.exists():
-            raise VramplanError(f"no such file {model!r}", "MODEL")
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise VramplanError(f"{model!r} is not a readable JSON config ({e})", "MODEL") from None
         name, alias = str(path), None
+        cfg = _read_config(path, model)
     else:
-        key = model.lower()
-        alias = None
-        if key not in preset_names() and key in aliases():
-            alias, key = model, aliases()[key]
-        if key not in preset_names():
-            raise VramplanError(
-                f"unknown model {model!r}; presets: {', '.join(preset_names())}; "
-                f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}; "
-                "or give a config.json path",
-                "MODEL",
-            )
-        cfg = json.loads((PRESET_DIR / f"{key}.json").read_text())
-        name = key
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        name, alias, cfg = _preset(model)
+    if "model_type" not in cfg:
         raise VramplanError(f"{model!r} is not a model config (no model_type)", "MODEL")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    check_config(cfg, name)
     if num_layers is not None:
-        if num_layers < 1:
-            raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+        check_int(num_layers, "--num-layers", MAX_LAYERS)
         # a multimodal config (Gemma 3 4B+) keeps the decoder's depth in its text_config
         for part in [cfg] + ([cfg["text_config"]] if isinstance(cfg.get("text_config"), dict) else []):
             part["num_hidden_layers"] = num_layers
@@ -123,8 +135,7 @@ def _shipped(name: str, cfg: dict) -> ModelSpec | None:
 
 def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
     """The first L decoder layers: what building with num_hidden_layers=L gives."""
-    if num_layers < 1:
-        raise VramplanError(f"must be a positive integer, got {num_layers}", "--num-layers")
+    check_int(num_layers, "--num-layers", MAX_LAYERS)
     if num_layers > spec.num_layers:
         # a deeper model is a different model: say so rather than estimate the full depth
         raise VramplanError(
@@ -154,7 +165,10 @@ def _full_spec(name: str, cfg: dict, use_cache: bool) -> ModelSpec:
             return ModelSpec.model_validate_json(path.read_text())
         except ValueError:
             pass  # stale or corrupt cache entry: rebuild
-    spec = analyze_config(cfg, name=name)
+    try:
+        spec = analyze_config(cfg, name=name)
+    except VramplanError as e:  # say which file transformers could not build
+        raise VramplanError(f"{name}: {e.message}", e.flag) from None
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +184,8 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
     """MODEL -> ModelSpec. --num-layers truncates the full-depth analysis (decoder layers
     are built independently of how many follow), so it never triggers a rebuild."""
     name, alias, cfg = resolve_config(model)
-    spec = _full_spec(name, cfg, use_cache)
+    # the cached analysis is keyed by the config alone: it may carry another file's name
+    spec = _full_spec(name, cfg, use_cache).model_copy(update={"name": name, "resolved_from": alias})
     if num_layers is not None:
         spec = truncate(spec, num_layers)
-    return spec.model_copy(update={"name": name, "resolved_from": alias})
+    return spec

@@ -22,12 +22,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, make_setup, resolve_gpus
 from vramplan.hardware import GpuSpec, profiles
+from vramplan.limits import (
+    MAX_GLOBAL_BATCH,
+    MAX_PLAN_BATCH,
+    MAX_RANK,
+    MAX_RANKS,
+    MAX_SEQ_LEN,
+    MAX_TOP,
+    check_int,
+)
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
 from vramplan.throughput import step_time
-from vramplan.units import GiB, MiB, parse_bytes
+from vramplan.units import GiB, MiB, host_ram_bytes
 
 METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
 _METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
@@ -56,10 +65,15 @@ class PlanRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        for flag, v in (("--nodes", self.nodes), ("--min-seq", self.min_seq), ("--min-lora-rank", self.min_lora_rank),
-                        ("--min-galore-rank", self.min_galore_rank), ("--max-batch", self.max_batch)):
-            if v < 1:
-                raise VramplanError(f"must be a positive integer, got {v}", flag)
+        for flag, v, hi in (("--nodes", self.nodes, MAX_RANKS), ("--min-seq", self.min_seq, MAX_SEQ_LEN),
+                            ("--min-lora-rank", self.min_lora_rank, MAX_RANK),
+                            ("--min-galore-rank", self.min_galore_rank, MAX_RANK),
+                            ("--max-batch", self.max_batch, MAX_PLAN_BATCH)):
+            check_int(v, flag, hi)
+        if self.global_batch is not None:
+            check_int(self.global_batch, "--global-batch", MAX_GLOBAL_BATCH)
+        if self.host_ram is not None:
+            check_int(self.host_ram, "--host-ram", 2**60)
         if self.gpus.count % self.nodes:
             raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
         if self.min_seq > self.context:
@@ -554,12 +568,13 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
 # ------------------------------------------------------------------ entry points
 
 def model_context(model: str | ModelSpec) -> int:
-    """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown)."""
+    """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown), at most
+    MAX_SEQ_LEN (the grid's longest sequence). resolve_config has checked it is a positive int."""
     if isinstance(model, ModelSpec):
         return DEFAULT_CONTEXT
     _, _, cfg = resolve_config(model)
-    ctx = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
-    return int(ctx) if ctx else DEFAULT_CONTEXT
+    ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return min(int(ctx), MAX_SEQ_LEN) if ctx else DEFAULT_CONTEXT
 
 
 def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: int | None = None,
@@ -568,7 +583,8 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                  host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
     gspec = resolve_gpus(gpus)
     if gpus_per_node is not None:
-        if gpus_per_node < 1 or gspec.count % gpus_per_node:
+        check_int(gpus_per_node, "--gpus-per-node", MAX_RANKS)
+        if gspec.count % gpus_per_node:
             raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
                                 "--gpus-per-node")
         if nodes is not None and nodes * gpus_per_node != gspec.count:
@@ -576,8 +592,7 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                                 "of --gpus",
                                 "--gpus-per-node")
         nodes = gspec.count // gpus_per_node
-    if isinstance(host_ram, str):
-        host_ram = parse_bytes(host_ram, "--host-ram")
+    host_ram = host_ram_bytes(host_ram, "--host-ram")
     if host_ram is None:  # as `vramplan estimate`
         host_ram = default_host_ram(gpus_named=gpus is not None)
     context = model_context(model)
@@ -594,8 +609,7 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
 
 def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
                num_layers: int | None = None, **constraints) -> PlanResult:
-    if top < 1:
-        raise VramplanError(f"must be a positive integer, got {top}", "--top")
+    check_int(top, "--top", MAX_TOP)
     req = make_request(model, gpus, **constraints)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
     return plan_spec(spec, req, top=top)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_spec, make_setup
+from vramplan.files import check_output_file, write_file
+from vramplan.setup import fields_for_method
 from vramplan.strategies import compare
 from vramplan.units import GiB
 
@@ -206,9 +207,7 @@ def _method_fields(method: str, base: dict) -> dict:
     optim = fields.pop("optim", None)
     if optim is not None and str(optim).startswith("galore") == (method == "galore"):
         fields["optim"] = optim
-    if method != "qlora":
-        fields.pop("quant", None)
-    return {**fields, "method": method}
+    return fields_for_method({**fields, "method": method})
 
 
 def _method_label(fields: dict) -> str:
@@ -299,7 +298,11 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
     for case in cases:
         if not is_full_step(case):
             continue
-        est = estimate_case(case, configs)
+        try:
+            est = estimate_case(case, configs)
+        except VramplanError as e:  # the case's field, not a flag plot accuracy does not have
+            field = (e.flag or "").lstrip("-").replace("-", "_").lower()
+            raise VramplanError(f"case {case.name!r}: {field + ': ' if field else ''}{e.message}", "FILE") from None
         if not per_category:
             if case.peak_alloc_bytes is not None:  # always, after is_full_step
                 points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
@@ -406,27 +409,19 @@ def _accuracy_title(points: Sequence[Point], tolerance: float) -> str:
 # ---------------------------------------------------------------- files
 
 def output_path(arg: str | None, default_name: str) -> Path:
-    """Where to write, checked before any work: a .png or .svg in an existing directory."""
+    """Where to write, checked before any work: a .png or .svg file that can be created
+    there (vramplan.files.check_output_file: not a directory, a writable folder)."""
     path = Path(arg) if arg else Path(default_name)
     if path.suffix.lower().lstrip(".") not in FORMATS:
         raise VramplanError(f"cannot write {str(path)!r}: the file name must end in .png or .svg", "-o")
-    if not path.parent.is_dir():
-        raise VramplanError(f"directory {str(path.parent)!r} does not exist", "-o")
-    return path
+    return check_output_file(path, "-o")
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write PNG or SVG by suffix, through a temporary file so a failure leaves no half-written file."""
+    """Write PNG or SVG by suffix, through a temporary file renamed over the target
+    (vramplan.files.write_file), so a failure leaves no half-written file."""
     path = output_path(str(path), "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=120), "-o")
 
 
 def file_slug(text: str) -> str:

@@ -10,6 +10,16 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vramplan.errors import VramplanError
+from vramplan.limits import (
+    MAX_ACCUMULATION,
+    MAX_BATCH_SIZE,
+    MAX_PROJ_GAP,
+    MAX_RANK,
+    MAX_RANKS,
+    MAX_SEQ_LEN,
+    MAX_TOKENS,
+    check_int,
+)
 
 
 class Method(str, Enum):
@@ -124,6 +134,75 @@ class LoraTargets(str, Enum):
 
 _OPTIM_FLAG = "--optim"
 
+# One rule for options a method does not use (issue 17, class 7): giving one is an error
+# naming both flags, never silently ignored. field -> the methods that read it.
+_ADAPTERS = frozenset({Method.LORA, Method.QLORA})
+METHOD_FIELDS: dict[str, frozenset[Method]] = {
+    "lora_r": _ADAPTERS, "lora_dropout": _ADAPTERS, "lora_targets": _ADAPTERS, "adapter_dtype": _ADAPTERS,
+    "dora": _ADAPTERS, "lora_target_modules": _ADAPTERS,
+    "quant": frozenset({Method.QLORA}),
+    "galore_rank": frozenset({Method.GALORE}), "galore_update_proj_gap": frozenset({Method.GALORE}),
+}
+
+# (field, flag, largest value): every count and token number is bounded (vramplan/limits.py)
+_BOUNDED = (("batch_size", "--batch-size", MAX_BATCH_SIZE), ("seq_len", "--seq-len", MAX_SEQ_LEN),
+            ("lora_r", "--lora-r", MAX_RANK), ("galore_rank", "--galore-rank", MAX_RANK),
+            ("galore_update_proj_gap", "--galore-update-proj-gap", MAX_PROJ_GAP), ("fsdp", "--fsdp", MAX_RANKS),
+            ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION), ("nodes", "--nodes", MAX_RANKS))
+
+
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _method_of(data: dict) -> Method | None:
+    try:
+        return Method(getattr(data.get("method"), "value", data.get("method") or "full"))
+    except ValueError:
+        return None  # an unknown method: the field's own validation names it
+
+
+def check_method_fields(data: dict, explicit: bool = True) -> None:
+    """An option the chosen method does not read is an error naming both flags.
+
+    Called where the user's own values enter (the command line's setup_fields, the public
+    Python functions), on what was given and before a --stack bundle fills anything. Not in
+    TrainingSetup's validation: a setup's dump carries every field (tests/data/cpu/trace.jsonl
+    rows hold lora_dropout 0.0 for full fine-tunes), and vramplan's own builders (the strategy
+    comparison, plan, plot) share fields across methods. explicit=False: a value equal to the
+    field's default counts as not given."""
+    method = _method_of(data)
+    if method is None:
+        return
+    for field, methods in METHOD_FIELDS.items():
+        value = data.get(field)
+        if value is None or method in methods:
+            continue
+        default = TrainingSetup.model_fields[field].default
+        if explicit or getattr(value, "value", value) != getattr(default, "value", default):
+            users = " or ".join(m.value for m in Method if m in methods)
+            raise VramplanError(f"is used only by --method {users}; --method {method.value} does not read it "
+                                "(remove the option or change --method)", flag_of(field))
+
+
+def fields_for_method(fields: dict) -> dict:
+    """``fields`` less the ones its method does not read: for setups built inside vramplan
+    (the strategy comparison, plan, plot, verify's rebuilds) from shared options, where only
+    what the user gave explicitly should meet check_method_fields."""
+    method = _method_of(fields)
+    if method is None:
+        return dict(fields)
+    return {k: v for k, v in fields.items() if method in METHOD_FIELDS.get(k, (method,))}
+
+
+def _as_int(value: object) -> object:
+    """'4' and 4.0 are 4 (pydantic's lax int); anything else is left for check_int to refuse."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 40:
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
 
 class TrainingSetup(BaseModel):
     """One training configuration, per micro-batch on one GPU."""
@@ -177,6 +256,10 @@ class TrainingSetup(BaseModel):
     def _defaults(cls, data):
         if not isinstance(data, dict):
             return data
+        data = dict(data)
+        for field, flag, hi in _BOUNDED:
+            if data.get(field) is not None:
+                data[field] = check_int(_as_int(data[field]), flag, hi)
         method = str(getattr(data.get("method"), "value", data.get("method") or "full"))
         if data.get("optim") is None:
             data["optim"] = "galore_adamw" if method == "galore" else "adamw_torch"
@@ -186,11 +269,9 @@ class TrainingSetup(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSetup:
-        for flag, value in (("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
-                            ("--lora-r", self.lora_r), ("--galore-rank", self.galore_rank),
-                            ("--fsdp", self.fsdp)):
-            if value < 1:
-                raise VramplanError(f"must be a positive integer, got {value}", flag)
+        if self.tokens > MAX_TOKENS:
+            raise VramplanError(f"{self.batch_size:,} x {self.seq_len:,} = {self.tokens:,} tokens per micro-batch is "
+                                f"above the limit of {MAX_TOKENS:,} (2^24)", "--batch-size")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise VramplanError(f"must be in [0, 1), got {self.lora_dropout}", "--lora-dropout")
         if self.quant is not None and self.method != Method.QLORA:

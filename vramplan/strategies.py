@@ -8,6 +8,7 @@ from vramplan.estimate import estimate_spec, make_setup
 from vramplan.hardware import GpuSpec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
+from vramplan.setup import fields_for_method
 
 # Ordered by what a user gives up: all weights training in bf16 first; then the same with
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
@@ -66,7 +67,7 @@ def _shared_fields(base: dict) -> dict:
                             "strategies, which take only "
                             + ", ".join("--" + k.replace("_", "-") for k in _SHARED) + ")", flag)
     shared = {k: v for k, v in base.items() if k in _SHARED and v is not None}
-    make_setup(**shared)
+    make_setup(method="lora", **shared)  # the method that reads every shared flag
     return shared
 
 
@@ -81,7 +82,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
                 continue
             fields["fsdp"] = gpus.count
         try:
-            est = estimate_spec(spec, make_setup(**shared, **fields), gpus, host_ram)
+            # a full fine-tune does not read --lora-dropout: the shared flags go where they apply
+            est = estimate_spec(spec, make_setup(**fields_for_method({**shared, **fields})), gpus, host_ram)
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))

@@ -20,6 +20,8 @@ memory model (saved activation bytes) or the GPU's hardware profile.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.hardware import HardwareProfile
@@ -82,7 +84,11 @@ class Shapes(BaseModel):
     eager: bool
 
 
-_SHAPES: dict[int, tuple[ModelSpec, Shapes]] = {}
+# The shapes of the last few specs: plan and the strategy comparison ask for one spec many
+# times. Bounded (issue 17: an unbounded dict kept every spec of a long session alive); an
+# entry holds its spec so the id cannot be reused while it is cached.
+_SHAPES: OrderedDict[int, tuple[ModelSpec, Shapes]] = OrderedDict()
+SHAPES_CACHE_SIZE = 8
 
 
 def _shapes(spec: ModelSpec) -> Shapes:
@@ -119,6 +125,9 @@ def shapes(spec: ModelSpec) -> Shapes:
     hit = _SHAPES.get(id(spec))
     if hit is None or hit[0] is not spec:
         hit = _SHAPES[id(spec)] = (spec, _shapes(spec))
+        while len(_SHAPES) > SHAPES_CACHE_SIZE:
+            _SHAPES.popitem(last=False)
+    _SHAPES.move_to_end(id(spec))
     return hit[1]
 
 

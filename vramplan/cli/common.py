@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+from collections.abc import Callable
 from typing import NoReturn
 
 from vramplan.errors import VramplanError
 from vramplan.estimate import default_host_ram
+from vramplan.limits import (
+    MAX_ACCUMULATION,
+    MAX_BATCH_SIZE,
+    MAX_LAYERS,
+    MAX_RANK,
+    MAX_RANKS,
+    MAX_SEQ_LEN,
+    MAX_TOKENS,
+)
 from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
@@ -23,8 +35,9 @@ from vramplan.setup import (
     Quant,
     Stack,
     TrainingSetup,
+    check_method_fields,
 )
-from vramplan.units import parse_bytes
+from vramplan.units import host_ram_bytes
 
 MODEL_HELP = "preset name or alias, a config.json path, or a directory with one"
 GPUS_HELP = "NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile (2xrtx-3090); default: detected"
@@ -39,6 +52,47 @@ class _Parser(argparse.ArgumentParser):
 
 def _help(name: str) -> str:
     return TrainingSetup.model_fields[name].description or ""
+
+
+_INT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+def int_in(hi: int, lo: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]. argparse names the flag in front of the
+    message (``argument --seq-len: must be at most 2,097,152``); the length of the text is
+    checked first, so a 5,000-digit number is refused, not parsed."""
+    def parse(text: str) -> int:
+        if not _INT.match(text):
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}")
+        digits = text.strip().lstrip("+-").lstrip("0")
+        value = int(text) if len(digits) <= 30 else (-1 if text.strip().startswith("-") else 1) * 10**30
+        shown = text.strip()[:40] + ("..." if len(text.strip()) > 40 else "")
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo:,}, got {shown}")
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {shown}")
+        return value
+    parse.__name__ = "integer"  # argparse's and docs/cli.md's name for the type
+    return parse
+
+
+def float_in(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi) (NaN and inf are refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text[:40]!r}") from None
+        if not (math.isfinite(value) and lo <= value < hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}), got {text[:40]}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def bounded(text: str, hi: int, lo: int = 1) -> str:
+    """Help text with the range a flag takes."""
+    return f"{text} ({lo:,} to {hi:,})"
 
 
 def _choices(enum: type) -> list[str]:
@@ -59,16 +113,17 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
     _flag(p, "precision", choices=_choices(Precision))
     _flag(p, "optim", choices=_choices(Optim))
-    _flag(p, "batch_size", type=int, extra_help=" (default 1)")
-    _flag(p, "seq_len", type=int, extra_help=" (default 2048)")
-    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
-    _flag(p, "lora_r", type=int, extra_help=" (default 16)")
-    _flag(p, "lora_dropout", type=float, extra_help=" (default 0.05)")
+    _flag(p, "batch_size", type=int_in(MAX_BATCH_SIZE),
+          extra_help=f"; default 1 (1 to {MAX_BATCH_SIZE:,}; batch x seq at most {MAX_TOKENS:,} tokens)")
+    _flag(p, "seq_len", type=int_in(MAX_SEQ_LEN), extra_help=f"; default 2048 (1 to {MAX_SEQ_LEN:,})")
+    add_num_layers(p)
+    _flag(p, "lora_r", type=int_in(MAX_RANK), extra_help=f"; default 16 (1 to {MAX_RANK:,})")
+    _flag(p, "lora_dropout", type=float_in(0.0, 1.0), extra_help="; default 0.05 (0 <= p < 1)")
     _flag(p, "lora_targets", choices=_choices(LoraTargets))
     _flag(p, "quant", choices=_choices(Quant))
-    _flag(p, "galore_rank", type=int, extra_help=" (default 128)")
+    _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
     _flag(p, "gradient_checkpointing", boolean=True)
-    _flag(p, "fsdp", type=int)
+    _flag(p, "fsdp", type=int_in(MAX_RANKS), extra_help=f" (1 to {MAX_RANKS:,})")
     _flag(p, "cpu_offload", boolean=True)
     add_stack_options(p)
     add_engine_options(p)
@@ -84,7 +139,8 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "kbit_prep", boolean=True)
     _flag(p, "dora", boolean=True)
     _flag(p, "optimizer_in_backward", boolean=True)
-    _flag(p, "gradient_accumulation", type=int, extra_help=" (default 1)")
+    _flag(p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION),
+          extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})")
     _flag(p, "activation_offload", choices=_choices(ActivationOffload))
     _flag(p, "checkpoint_reentrant", boolean=True)
     _flag(p, "attention", choices=_choices(Attention))
@@ -99,19 +155,31 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "deepspeed", choices=_choices(DeepSpeedStage))
     _flag(p, "offload_optimizer", boolean=True)
     _flag(p, "offload_params", boolean=True)
-    _flag(p, "nodes", type=int)
+    _flag(p, "nodes", type=int_in(MAX_RANKS), extra_help=f" (1 to {MAX_RANKS:,})")
 
 
 SETUP_KEYS = tuple(k for k in TrainingSetup.model_fields if k != "galore_update_proj_gap")
 
 
+def add_num_layers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-layers", type=int_in(MAX_LAYERS),
+                   help=bounded("override the number of decoder layers (truncated model)", MAX_LAYERS))
+
+
+HOST_RAM_HELP = "host RAM per node, with a unit (e.g. 128GB; a bare number is refused, not read as bytes)"
+
+
 def setup_fields(args: argparse.Namespace) -> dict:
-    """The TrainingSetup fields given on the command line (unset options left to the defaults)."""
-    return {k: getattr(args, k) for k in SETUP_KEYS if getattr(args, k, None) is not None}
+    """The TrainingSetup fields given on the command line (unset options left to the defaults).
+    With --method, an option that method does not read is an error naming both flags."""
+    fields = {k: getattr(args, k) for k in SETUP_KEYS if getattr(args, k, None) is not None}
+    if fields.get("method") is not None:
+        check_method_fields(fields, explicit=True)
+    return fields
 
 
 def host_ram(args: argparse.Namespace) -> int | None:
     """--host-ram in bytes, or the default for where the GPUs come from (estimate.default_host_ram)."""
-    if args.host_ram:
-        return parse_bytes(args.host_ram, "--host-ram")
+    if args.host_ram is not None:
+        return host_ram_bytes(args.host_ram, "--host-ram")
     return default_host_ram(gpus_named=bool(args.gpus))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vramplan.cli.common import GPUS_HELP, MODEL_HELP, add_setup_options, host_ram, setup_fields
+from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram, setup_fields
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_setup_options(est)
     est.add_argument(
         "--host-ram",
-        help="host RAM per node for the verdict (e.g. 128GB); default: this machine's "
+        help=HOST_RAM_HELP + " for the verdict; default: this machine's "
         "when the GPUs are detected here, 128GB when --gpus names other hardware",
     )
     est.add_argument("--format", choices=["table", "json"], default="table")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(gpus_json(devices, driver, why), indent=1))
         return 0 if devices else 1
     if not devices or driver is None:
-        print(f"no NVIDIA GPU detected: {why}")
+        print(f"vramplan: no NVIDIA GPU detected: {why}", file=sys.stderr)  # an error: stderr, non-zero
         return 1
     print_gpus(devices, driver)
     return 0

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
-from vramplan.cli.common import MODEL_HELP
+from vramplan.cli.common import MODEL_HELP, add_num_layers, bounded, int_in
 from vramplan.estimate import DEFAULT_HOST_RAM
+from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
 from vramplan.plan import MAX_BATCH, METHOD_KEYS
 from vramplan.units import GiB
 
@@ -16,24 +17,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
-    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
-    p.add_argument(
-        "--min-seq", type=int, help="shortest acceptable sequence length (default 2048, capped at the context)"
-    )
-    p.add_argument(
-        "--global-batch", type=int, help="sequences per optimizer step over all GPUs (gradient accumulation)"
-    )
+    p.add_argument("--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1",
+                                                                   MAX_RANKS))
+    p.add_argument("--gpus-per-node", type=int_in(MAX_RANKS),
+                   help=bounded("GPUs per node (alternative to --nodes)", MAX_RANKS))
+    p.add_argument("--min-seq", type=int_in(MAX_SEQ_LEN),
+                   help=bounded("shortest acceptable sequence length; default 2048, capped at the context",
+                                MAX_SEQ_LEN))
+    p.add_argument("--global-batch", type=int_in(MAX_GLOBAL_BATCH),
+                   help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH))
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
-    p.add_argument("--min-lora-rank", type=int, help="smallest acceptable LoRA rank (default 16)")
-    p.add_argument("--min-galore-rank", type=int, help="smallest acceptable GaLore rank (default 128)")
+    p.add_argument("--min-lora-rank", type=int_in(MAX_RANK), help=bounded("smallest acceptable LoRA rank; default 16",
+                                                                          MAX_RANK))
+    p.add_argument("--min-galore-rank", type=int_in(MAX_RANK),
+                   help=bounded("smallest acceptable GaLore rank; default 128", MAX_RANK))
     p.add_argument(
         "--host-ram",
-        help=f"host RAM per node (default {DEFAULT_HOST_RAM // GiB}GB when --gpus is given, else this machine's)",
+        help=f"host RAM per node, with a unit (default {DEFAULT_HOST_RAM // GiB}GB when --gpus is given, "
+        "else this machine's)",
     )
-    p.add_argument("--max-batch", type=int, help=f"largest micro-batch searched (default {MAX_BATCH})")
-    p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
-    p.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--max-batch", type=int_in(MAX_PLAN_BATCH),
+                   help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH))
+    add_num_layers(p)
+    p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(handler=run)
 

@@ -12,9 +12,19 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from vramplan.cli.common import GPUS_HELP, MODEL_HELP, _Parser, add_setup_options, host_ram, setup_fields
+from vramplan.cli.common import (
+    GPUS_HELP,
+    HOST_RAM_HELP,
+    MODEL_HELP,
+    _Parser,
+    add_setup_options,
+    host_ram,
+    int_in,
+    setup_fields,
+)
 from vramplan.errors import VramplanError
 from vramplan.estimate import resolve_gpus
+from vramplan.limits import MAX_BATCH_SIZE, MAX_PLOT_VALUES, MAX_SEQ_LEN
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
 from vramplan.plot import (
@@ -36,6 +46,8 @@ from vramplan.plot import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+MAX_CAPACITY_LINES = 16  # plot scaling --gpus: dashed capacity lines one chart can tell apart
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """``vramplan plot {breakdown,scaling,accuracy}``. Imports no matplotlib."""
@@ -47,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _model_and_gpus(b)
     add_setup_options(b)
-    b.add_argument("--host-ram", help="host RAM per node for the verdict (e.g. 128GB); default as for estimate")
+    b.add_argument("--host-ram", help=HOST_RAM_HELP + "; default as for estimate")
     _output_option(b, "breakdown-MODEL-GPUS.png")
     b.set_defaults(handler=_cmd_breakdown)
 
@@ -69,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "methods it is an optimizer for",
     )
     s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
-    s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
+    s.add_argument("--values", help=f"comma-separated x values, at most {MAX_PLOT_VALUES} (default seq: 512..32768, "
+                   "batch: 1..64, in powers of 2)")
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
 
@@ -127,24 +140,35 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
     return _write(breakdown_figure(bars), path)
 
 
+# the largest x value: the bound of the flag the x axis stands for
+_X_LIMIT = {"seq": MAX_SEQ_LEN, "batch": MAX_BATCH_SIZE}
+
+
 def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
+    """--values: at most MAX_PLOT_VALUES distinct integers, each in the x field's range
+    (every value is one estimate per method: 5,000 of them took 97 s)."""
     if text is None:
         return DEFAULT_VALUES[x]
+    items = [v for v in text.split(",") if v.strip()]
+    if len(items) > 4 * MAX_PLOT_VALUES:  # refused before parsing a long list
+        raise VramplanError(f"{len(items)} values; give at most {MAX_PLOT_VALUES}", "--values")
+    parse = int_in(_X_LIMIT[x])
     try:
-        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise VramplanError(
-            f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048", "--values"
-        ) from None
-    if not values or values[0] < 1:
-        raise VramplanError(
-            f"cannot read {text!r}; give comma-separated positive integers, e.g. 512,1024,2048", "--values"
-        )
+        values = tuple(sorted({parse(v) for v in items}))
+    except argparse.ArgumentTypeError as e:
+        raise VramplanError(f"each value {e} (comma-separated, e.g. 512,1024,2048)", "--values") from None
+    if not values:
+        raise VramplanError(f"cannot read {text[:40]!r}; give comma-separated positive integers, e.g. 512,1024,2048",
+                            "--values")
+    if len(values) > MAX_PLOT_VALUES:
+        raise VramplanError(f"{len(values)} values; give at most {MAX_PLOT_VALUES}", "--values")
     return values
 
 
 def _cmd_scaling(args: argparse.Namespace) -> int:
     names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
+    if len(names) > MAX_CAPACITY_LINES:
+        raise VramplanError(f"{len(names)} GPU types; give at most {MAX_CAPACITY_LINES} capacity lines", "--gpus")
     all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
     values = _parse_values(args.values, args.x)
     spec = load_model_spec(args.model, num_layers=args.num_layers)

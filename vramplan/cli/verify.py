@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vramplan.cli.common import MODEL_HELP, add_setup_options, setup_fields
+from vramplan.cli.common import MODEL_HELP, add_setup_options, bounded, int_in, setup_fields
 from vramplan.errors import VramplanError
+from vramplan.limits import MAX_DEPTHS, MAX_LAYERS, MAX_STEPS
 
 EXIT_DOES_NOT_FIT = 1
 
@@ -19,9 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("verify", help="run the real training step on this GPU and compare it with the estimate")
     v.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_setup_options(v)
-    v.add_argument(
-        "--steps", type=int, default=3, help="optimizer steps to run (default 3; the first creates the states)"
-    )
+    v.add_argument("--steps", type=int_in(MAX_STEPS), default=3,
+                   help=bounded("optimizer steps to run; default 3, the first creates the states", MAX_STEPS))
     v.add_argument("--gpus", help="GPUs the estimate is for (default: the detected ones)")
     v.add_argument(
         "--extrapolate",
@@ -30,8 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="measure truncated depths and extrapolate: auto = when the estimate says the full model "
         "does not fit this GPU",
     )
-    v.add_argument("--depths", help="truncated depths to extrapolate from, e.g. 4,8 (default: chosen to fit)")
-    v.add_argument("--out", help="report folder (default: vramplan-verify/<case>-<time>)")
+    v.add_argument("--depths", help=f"truncated depths to extrapolate from, e.g. 4,8 (2 to {MAX_DEPTHS} of them; "
+                   "default: chosen to fit)")
+    v.add_argument("--out", help="report folder, new or empty, checked before the run (default: "
+                   "vramplan-verify/<case>-<time>)")
     v.add_argument(
         "--device",
         default="cuda",
@@ -47,12 +49,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _depths(text: str | None) -> list[int] | None:
     if not text:
         return None
+    items = [x for x in text.split(",") if x.strip()]
+    if len(items) > 4 * MAX_DEPTHS:
+        raise VramplanError(f"{len(items)} depths; give 2 to {MAX_DEPTHS}", "--depths")
+    parse = int_in(MAX_LAYERS)
     try:
-        out = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise VramplanError(f"cannot read {text!r}; use e.g. 4,8", "--depths") from None
-    if len(out) < 2:
-        raise VramplanError(f"need at least two depths, got {text!r}", "--depths")
+        out = sorted({parse(x) for x in items})
+    except argparse.ArgumentTypeError as e:
+        raise VramplanError(f"each depth {e} (e.g. 4,8)", "--depths") from None
+    if not 2 <= len(out) <= MAX_DEPTHS:
+        raise VramplanError(f"give 2 to {MAX_DEPTHS} different depths, got {text[:40]!r}", "--depths")
     return out
 
 
@@ -96,13 +102,27 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from vramplan.estimate import make_setup
-    from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, verify
+    from vramplan.files import check_output_folder
+    from vramplan.setup import check_method_fields
+    from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, require_cuda, verify
     from vramplan.verify.compare import render
 
-    setup = make_setup(**setup_fields(args))
-    if args.steps < 1:
-        raise VramplanError(f"must be a positive integer, got {args.steps}", "--steps")
+    fields = setup_fields(args)
+    check_method_fields(fields, explicit=True)  # verify without --method runs a full fine-tune
+    setup = make_setup(**fields)
     depths = _depths(args.depths)
+    try:
+        require_cuda(args.device)  # before the report folder below is made
+    except NoGpuError as e:
+        print(f"vramplan: {e}", file=sys.stderr)
+        return EXIT_NO_GPU
+    out = Path(args.out) if args.out else None
+    # the report's place is checked now, not after a run of minutes (the default folder is
+    # named after the case: its parent is checked)
+    if out is not None:
+        check_output_folder(out, "--out")
+    else:
+        check_output_folder(DEFAULT_OUT_PARENT / ".vramplan-check", "--out")
     show = not args.no_progress and args.format == "table"
     try:
         with _progress(show, args.steps) as (on_case, on_phase):
@@ -121,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     except NoGpuError as e:
         print(f"vramplan: {e}", file=sys.stderr)
         return EXIT_NO_GPU
-    folder = report.write(args.out or _default_out(report))
+    folder = report.write(out or _default_out(report))
     if args.format == "json":
         print(report.model_dump_json(indent=1))
     else:
@@ -134,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.fits else EXIT_DOES_NOT_FIT
 
 
+DEFAULT_OUT_PARENT = Path("vramplan-verify")
+
+
 def _default_out(report) -> Path:
     name = report.measurements[0].case_name() if report.measurements else "verify"
-    return Path("vramplan-verify") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return DEFAULT_OUT_PARENT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

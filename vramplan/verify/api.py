@@ -32,21 +32,22 @@ class VerifyReport(BaseModel):
         return all(m.fits for m in self.result)
 
     def write(self, folder: str | Path) -> Path:
-        """report.json (everything), comparison.csv, measurements.jsonl (MeasuredCase lines)."""
-        from vramplan.verify.compare import to_frame
+        """report.json (everything), comparison.csv, measurements.jsonl (MeasuredCase lines),
+        written into a temporary folder renamed to ``folder`` last (vramplan.files.write_folder):
+        a full disk leaves no truncated report."""
         import pandas as pd
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(self.model_dump_json(indent=1))
+
+        from vramplan.files import write_folder
+        from vramplan.verify.compare import to_frame
         frames = []
         for i, c in enumerate(self.comparisons):
             f = to_frame(c)
             f.insert(0, "rank", self.result[i].rank)
             frames.append(f)
-        pd.concat(frames).to_csv(out / "comparison.csv", index=False)
         lines = [m.to_measured_case().model_dump_json() for m in self.measurements]
-        (out / "measurements.jsonl").write_text("".join(line + "\n" for line in lines))
-        return out
+        return write_folder(folder, {"report.json": self.model_dump_json(indent=1).encode(),
+                                     "comparison.csv": pd.concat(frames).to_csv(index=False).encode(),
+                                     "measurements.jsonl": "".join(line + "\n" for line in lines).encode()}, "--out")
 
 
 def require_cuda(device: str) -> None:
@@ -78,6 +79,37 @@ def estimate_gpus(gpus: str | GpuSpec | None, device: str, fsdp: int) -> GpuSpec
     return found.model_copy(update={"count": max(found.count, fsdp)})
 
 
+def available_ram() -> int | None:
+    """MemAvailable (Linux /proc/meminfo: what can be allocated without swapping), else the
+    machine's total RAM, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from vramplan.estimate import local_host_ram
+    return local_host_ram()
+
+
+def check_cpu_ram(est: Estimate, device: str) -> None:
+    """The CPU trace holds the whole step in this machine's RAM: refuse, before building
+    anything, a step whose estimated peak (plus the process: torch, transformers) does not
+    fit what is available (issue 17: a 10M-token sequence took > 8 GiB in 35 s unchecked)."""
+    if device.startswith("cuda"):
+        return
+    from vramplan.estimate import PROCESS_HOST_BYTES
+    from vramplan.units import GiB
+    need = est.per_gpu.peak_allocated_bytes + PROCESS_HOST_BYTES
+    have = available_ram()
+    if have is not None and need > have:
+        raise VramplanError(f"the CPU trace of {est.description} needs about {need / GiB:.1f} GiB of RAM (the "
+                            f"estimate's peak {est.per_gpu.peak_allocated_bytes / GiB:.1f} GiB + "
+                            f"{PROCESS_HOST_BYTES / GiB:.0f} GiB for the process) and {have / GiB:.1f} GiB is "
+                            "available; use a smaller --seq-len or --batch-size, or --num-layers", "--device cpu")
+
+
 def _capacity(device: str, spec: GpuSpec) -> int:
     if device.startswith("cuda"):
         import torch
@@ -107,6 +139,7 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
         return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case)
+    check_cpu_ram(est, device)
     n_local = local_gpus(device)
     if setup.fsdp > 1 and n_local >= setup.fsdp:
         from vramplan.verify.launch import CaseRequest, run_isolated
@@ -164,6 +197,7 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
         depths = xp.choose_depths(full, fits_at, max_depth=max_depth, even=even)
     if any(d >= full or d < 1 for d in depths):
         raise VramplanError(f"depths must be between 1 and {full - 1}, got {depths}", "--depths")
+    check_cpu_ram(estimate_config(model, gspec, num_layers=max(depths), **fields), device)
     ms = [_run(model, setup, device, d, steps, on_phase, on_case) for d in depths]
     result, fits = xp.extrapolate(ms, capacity)
     est = estimate_config(model, gspec, **fields)
