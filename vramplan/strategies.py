@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_spec, make_setup
 from vramplan.hardware import GpuSpec
+from vramplan.headroom import has_safe_headroom
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
 
@@ -67,7 +68,8 @@ def _shared_fields(base: dict) -> dict:
 
 
 def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
-    """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
+    """Estimate each standard strategy that the GPU count allows; recommend the first that fits
+    under the headroom rule (vramplan.headroom, the plan's too), else the first that fits."""
     shared = _shared_fields(base)
     rows: list[StrategyRow] = []
     for label, candidate, reason in _CANDIDATES:
@@ -81,8 +83,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))
-    for row in rows:
-        if row.estimate.fits:
-            row.recommended = True
-            break
+    fitting = [r for r in rows if r.estimate.fits]
+    safe = [r for r in fitting if has_safe_headroom(r.estimate.headroom_bytes, r.estimate.gpu_memory_bytes)]
+    if safe or fitting:
+        (safe or fitting)[0].recommended = True
     return rows

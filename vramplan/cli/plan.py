@@ -7,6 +7,7 @@ import json
 import sys
 
 from vramplan.cli.common import MODEL_HELP
+from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.plan import MAX_BATCH, METHOD_KEYS
 from vramplan.units import GiB
@@ -16,6 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
+    add_gpu_options(p)
     p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (alternative to --nodes)")
     p.add_argument(
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         min_galore_rank=args.min_galore_rank,
         host_ram=args.host_ram,
         max_batch=args.max_batch,
+        **gpu_overrides(args),
     )
     if args.format == "json":
         print(json.dumps(result_json(result), indent=1))

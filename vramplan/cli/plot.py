@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from vramplan.cli.common import GPUS_HELP, MODEL_HELP, _Parser, add_setup_options, host_ram, setup_fields
+from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 from vramplan.errors import VramplanError
-from vramplan.estimate import resolve_gpus
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
 from vramplan.plot import (
@@ -100,6 +100,7 @@ def _model_and_gpus(p: argparse.ArgumentParser, several: bool = False) -> None:
         )
     else:
         p.add_argument("--gpus", help=GPUS_HELP)
+    add_gpu_options(p)
 
 
 def _output_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -119,7 +120,7 @@ def _use_agg() -> None:
 
 
 def _cmd_breakdown(args: argparse.Namespace) -> int:
-    gpus = resolve_gpus(args.gpus)
+    gpus = resolve_from_args(args, args.gpus)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"breakdown-{file_slug(spec.name)}-{file_slug(gpus.label)}.png")
     bars = breakdown_bars(spec, gpus, setup_fields(args), host_ram(args))
@@ -145,7 +146,7 @@ def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
 
 def _cmd_scaling(args: argparse.Namespace) -> int:
     names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
-    all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
+    all_gpus = [resolve_from_args(args, n) for n in names] or [resolve_from_args(args, None)]
     values = _parse_values(args.values, args.x)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"scaling-{file_slug(spec.name)}-{args.x}.png")

@@ -1,0 +1,178 @@
+"""Issue 16, what a new user hits: plan ranking, the shared headroom rule, what would fit,
+the assumptions said in the output, the GPU flags, the table width and typed CSV."""
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from vramplan.cli import main
+from vramplan.estimate import resolve_gpus
+from vramplan.hardware import Vendor
+from vramplan.model_loader import load_model_spec
+from vramplan.plan import plan_model
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def eight_b_on_4090():
+    return plan_model("llama-3.1-8b", "rtx-4090", top=10)
+
+
+# ---------------------------------------------------------------- ranking
+
+def test_plan_rows_are_sorted_by_tokens_per_s_exactly():
+    """`plan llama-3.2-1b --gpus 2x24GB --methods full` listed 10,071 above 10,134 (a hidden
+    3-significant-digit tie rule, and the recommendation moved to the top)."""
+    res = plan_model("llama-3.2-1b", "2x24GB", methods="full", top=12)
+    speeds = [r.tokens_per_s for r in res.rows]
+    assert speeds == sorted(speeds, reverse=True)
+    assert any("fastest first by estimated tokens/s" in rule for rule in res.rules)
+
+
+def test_a_faster_lower_rank_is_recommended_over_a_higher_one(eight_b_on_4090):
+    """r16 at micro-batch 3 fits with room to spare and is faster than r32 at micro-batch 3:
+    the minimum rank is the smallest rank accepted, not a reason to raise it."""
+    res = eight_b_on_4090
+    rec = res.recommended
+    cap = res.gpu_memory_bytes
+    assert rec.headroom_bytes >= 0.05 * cap
+    faster_safe = [r for r in res.rows if r.tokens_per_s > rec.tokens_per_s and r.headroom_bytes >= 0.05 * cap]
+    assert faster_safe == []
+    assert rec.setup.lora_r == 16
+    assert any("smallest rank you accept" in rule and "never preferred" in rule for rule in res.rules)
+
+
+def test_comparison_and_plan_recommend_by_one_headroom_rule(capsys):
+    """GaLore at 0.43 GiB headroom was recommended by the comparison and refused by plan."""
+    from vramplan.headroom import has_safe_headroom, rule_text
+    from vramplan.strategies import compare
+
+    spec = load_model_spec("llama-3.1-8b")
+    gpus = resolve_gpus("rtx-4090")
+    rows = compare(spec, gpus, {}, 128 * GiB)
+    rec = next(r for r in rows if r.recommended)
+    assert has_safe_headroom(rec.estimate.headroom_bytes, gpus.profile.memory_bytes)
+    assert "GaLore" not in rec.label
+    assert main(["estimate", "llama-3.1-8b", "--gpus", "rtx-4090"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(rule_text(gpus.profile.memory_bytes).split()) in out
+    plan = plan_model("llama-3.1-8b", "rtx-4090", top=3)
+    assert rule_text(gpus.profile.memory_bytes) in plan.rules
+
+
+# ---------------------------------------------------------------- what would fit
+
+def test_larger_cards_are_every_nvidia_bf16_class():
+    from vramplan.plan import larger_cards
+
+    cards = larger_cards(24 * GiB)
+    assert all(c.vendor == Vendor.NVIDIA and c.bf16 for c in cards)
+    sizes = [round(c.nominal_memory_gb) for c in cards]
+    assert sizes == sorted(set(sizes))
+    assert 80 in sizes and 141 in sizes
+
+
+def test_long_context_suggests_an_80gb_card():
+    """--min-seq 32768 on an 8B said only "shorter context"."""
+    res = plan_model("llama-3.1-8b", "rtx-4090", min_seq=32768)
+    assert not res.rows
+    card = [s for s in res.suggestions if s.startswith("a larger card")]
+    assert card and ("79 GiB" in card[0] or "80 GiB" in card[0] or "140 GiB" in card[0])
+
+
+def test_suggestion_providers_are_a_hook(monkeypatch):
+    import sys
+
+    plan = sys.modules["vramplan.plan"]  # the package exports a function of the same name
+    monkeypatch.setattr(plan, "SUGGESTION_PROVIDERS", [*plan.SUGGESTION_PROVIDERS,
+                                                       lambda spec, req, grids: ["a fused loss: (test)"]])
+    res = plan_model("qwen2.5-7b", "1x8GB", methods="full", min_seq=1024, host_ram=64 * GiB)
+    assert "a fused loss: (test)" in res.suggestions
+
+
+# ---------------------------------------------------------------- the assumptions said
+
+def test_comparison_says_batch_stack_host_ram_and_ddp(capsys):
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "2x24GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "micro-batch 1 x 2048" in out
+    assert "stack plain" in out
+    assert "host RAM 128 GB per node assumed (--host-ram)" in out
+    assert "DDP" in out
+
+
+def test_plan_says_sequence_stack_host_ram_and_ddp(capsys):
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "2x24GB", "--methods", "lora", "--max-batch", "4",
+                 "--host-ram", "64GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "at least 2048 tokens" in out and "stack plain" in out
+    assert "host RAM 64 GB per node (--host-ram)" in out and "DDP" in out
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_plan_table_fits_the_terminal(width, monkeypatch, capsys):
+    """The command's own console (no console passed): the terminal's width, not a fixed 150."""
+    from vramplan.report.plan import print_plan
+
+    res = plan_model("llama-3.2-1b", "2x24GB", methods="full,lora", top=8)
+    monkeypatch.setenv("COLUMNS", str(width))
+    print_plan(res)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= width
+    assert any("LoRA" in line for line in lines)
+
+
+def test_plan_csv_keeps_ranks_integers(capsys):
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "full,lora", "--max-batch", "4",
+                 "--top", "40", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    ranks = [r["lora_r"] for r in rows if r["lora_r"]]
+    assert ranks and all(r.isdigit() for r in ranks)
+    assert any(not r["lora_r"] for r in rows)  # the full rows have none
+
+
+def test_plan_notes_say_which_card_a_size_stands_for():
+    res = plan_model("qwen2.5-0.5b", "1x24GB", methods="lora", max_batch=4, top=2)
+    assert any("24GB as rtx-3090" in n for n in res.notes)
+
+
+# ---------------------------------------------------------------- the GPU flags
+
+def test_gpu_flags_reach_estimate(capsys):
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "2x24GB", "--method", "lora", "--gpu-tflops", "165",
+                 "--gpu-bandwidth", "1008", "--reserve", "1GB", "--format", "json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    notes = " ".join(out["notes"])
+    assert "--gpu-tflops" in notes and "--gpu-bandwidth" in notes and "--reserve" in notes
+
+
+def test_reserve_reaches_plan(capsys):
+    args = ["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "lora", "--max-batch", "2", "--format", "json"]
+    import json
+
+    assert main(args) == 0
+    full = json.loads(capsys.readouterr().out)["gpu_memory_bytes"]
+    assert main([*args, "--reserve", "2GB", "--gpu-tflops", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu_memory_bytes"] == full - 2 * GiB
+    assert any("--gpu-tflops" in n for n in out["notes"])
+
+
+def test_gpu_flags_reach_plot(tmp_path):
+    out = tmp_path / "b.png"
+    assert main(["plot", "breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "lora", "--reserve", "1GB",
+                 "-o", str(out)]) == 0
+    assert out.exists()
+    assert main(["plot", "scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--gpu-tflops", "100", "--values", "512",
+                 "--method", "lora", "-o", str(tmp_path / "s.png")]) == 0
+
+
+def test_bad_gpu_flag_is_one_line(capsys):
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "1x24GB", "--gpu-tflops", "fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu-tflops" in err[0]
