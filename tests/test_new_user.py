@@ -176,3 +176,61 @@ def test_bad_gpu_flag_is_one_line(capsys):
     assert main(["estimate", "llama-3.2-1b", "--gpus", "1x24GB", "--gpu-tflops", "fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpu-tflops" in err[0]
+
+
+# ---------------------------------------------------------------- models
+
+def test_moe_with_fused_experts_says_qlora_leaves_them_bf16(capsys):
+    """Qwen3-30B-A3B QLoRA was 63.7 GiB with no word of the experts staying bf16."""
+    import vramplan
+
+    est = vramplan.estimate("qwen3-30b-a3b", gpus="1x80GB", method="qlora")
+    note = next(n for n in est.notes if "fused 3-D tensors" in n)
+    assert "neither quantized" in note and "bf16" in note
+    dense = vramplan.estimate("qwen3-8b", gpus="1x80GB", method="qlora")
+    assert not any("fused 3-D tensors" in n for n in dense.notes)
+    full = vramplan.estimate("qwen3-30b-a3b", gpus="8x80GB", method="full", fsdp=8)
+    assert not any("fused 3-D tensors" in n for n in full.notes)
+    assert main(["estimate", "qwen3-30b-a3b", "--gpus", "1x80GB"]) == 0
+    assert "fused 3-D tensors" in " ".join(capsys.readouterr().out.split())
+
+
+def test_models_shows_each_presets_source_and_that_mistral_is_v01(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "mistralai/Mistral-7B-v0.1" in out and "meta-llama/Llama-3.1-8B" in out
+    assert "revision" in out
+    assert "mistral-7b: v0.1" in " ".join(out.split())
+
+
+def _user_config(tmp_path, **extra) -> str:
+    import json
+
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
+           "tie_word_embeddings": False, "max_position_embeddings": 2048, **extra}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_a_defaulted_config_field_is_named(tmp_path):
+    import vramplan
+
+    est = vramplan.estimate(_user_config(tmp_path), gpus="1x24GB", method="lora")
+    note = next(n for n in est.notes if "does not set" in n)
+    assert "intermediate_size" in note and "intermediate_size=11008" in note  # LlamaConfig's default
+    assert "vocab_size" not in note.split(":")[0]
+    preset = vramplan.estimate("llama-3.2-1b", gpus="1x24GB", method="lora")
+    assert not any("does not set" in n for n in preset.notes)
+
+
+def test_seq_len_beyond_the_context_is_a_warning(tmp_path):
+    import vramplan
+
+    path = _user_config(tmp_path, intermediate_size=512)
+    est = vramplan.estimate(path, gpus="1x24GB", method="lora", seq_len=4096)
+    assert any(n.startswith("WARNING") and "max_position_embeddings 2,048" in n for n in est.notes)
+    within = vramplan.estimate(path, gpus="1x24GB", method="lora", seq_len=2048)
+    assert not any(n.startswith("WARNING") for n in within.notes)

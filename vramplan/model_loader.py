@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vramplan.analyze import analyze_config
+from vramplan.config_checks import defaulted_fields, max_positions
 from vramplan.errors import VramplanError
 from vramplan.model_spec import ModelSpec
 
@@ -173,4 +174,7 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
     spec = _full_spec(name, cfg, use_cache)
     if num_layers is not None:
         spec = truncate(spec, num_layers)
-    return spec.model_copy(update={"name": name, "resolved_from": alias})
+    # issue 16: what a user's config left to transformers, and its context (vramplan.config_checks)
+    defaulted = defaulted_fields(cfg) if name not in preset_names() else {}
+    return spec.model_copy(update={"name": name, "resolved_from": alias, "defaulted": defaulted,
+                                   "max_positions": max_positions(cfg)})

@@ -21,7 +21,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, resolve_gpus
+from vramplan.estimate import (
+    PROCESS_HOST_BYTES,
+    coverage_notes,
+    default_host_ram,
+    estimate_spec,
+    fused_expert_note,
+    resolve_gpus,
+)
 from vramplan.assumptions import data_parallel_phrase, host_ram_phrase, stack_phrase
 from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles
 from vramplan.headroom import SAFE_SHARE, has_safe_headroom, rule_text, safe_margin
@@ -469,6 +476,13 @@ RANK_RULE = ("rows: fastest first by estimated tokens/s (equal speeds: less comm
              "* marks the recommendation, the fastest row under the headroom rule")
 
 
+def _adapter_notes(spec: ModelSpec, req: PlanRequest) -> list[str]:
+    """The notes of the adapter methods searched (fused MoE experts stay bf16 and frozen)."""
+    if any(k.startswith("qlora") for k in req.methods):
+        return fused_expert_note(spec, TrainingSetup(method=Method.QLORA))
+    return fused_expert_note(spec, TrainingSetup(method=Method.LORA)) if "lora" in req.methods else []
+
+
 def plan_rules(req: PlanRequest, spec: ModelSpec) -> list[str]:
     """The rules the plan ranks and recommends by, printed with it."""
     rules = [RANK_RULE, rule_text(req.gpus.profile.memory_bytes)]
@@ -534,7 +548,7 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     reason = _reason(rec, rows[0], req) if rec else ""
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=cap, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
-                        evaluated=evaluated, discrete=len(grids), notes=gpu_notes(req.gpus) + coverage_notes(spec),
+                        evaluated=evaluated, discrete=len(grids), notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
                         rules=plan_rules(req, spec), assumed=plan_assumptions(req))
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vramplan.categories import COLORS, Category
-from vramplan.estimate import coverage_notes
+from vramplan.estimate import context_note, coverage_notes, fused_expert_note
 from vramplan.hardware import GpuSpec, gpu_notes
 from vramplan.headroom import has_safe_headroom, rule_text
 from vramplan.model_spec import ModelSpec
@@ -113,5 +113,8 @@ def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], co
     if assumed:
         console.print("assumed: " + "; ".join(assumed))
     console.print(rule_text(gpus.profile.memory_bytes))
-    for note in gpu_notes(gpus) + coverage_notes(spec):  # the cards' and the architecture's, for every strategy
+    adapted = sorted((r.estimate.setup for r in rows if r.estimate.setup.lora_like), key=lambda s: s.quant is None)
+    experts = fused_expert_note(spec, adapted[0]) if adapted else []  # the QLoRA rows' wording when there are any
+    context = context_note(spec, rows[0].estimate.setup) if rows else []  # the same --seq-len for every row
+    for note in context + gpu_notes(gpus) + coverage_notes(spec) + experts:  # the cards', the architecture's
         console.print(f"note: {note}")
