@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vramplan.assumptions import data_parallel_phrase, host_ram_phrase, stack_phrase
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.estimate import (
     PROCESS_HOST_BYTES,
@@ -29,7 +30,6 @@ from vramplan.estimate import (
     fused_expert_note,
     resolve_gpus,
 )
-from vramplan.assumptions import data_parallel_phrase, host_ram_phrase, stack_phrase
 from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles
 from vramplan.headroom import SAFE_SHARE, has_safe_headroom, rule_text, safe_margin
 from vramplan.memory import prepare, step_model
@@ -548,7 +548,8 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     reason = _reason(rec, rows[0], req) if rec else ""
     result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=cap, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
-                        evaluated=evaluated, discrete=len(grids), notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
+                        evaluated=evaluated, discrete=len(grids),
+                        notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
                         rules=plan_rules(req, spec), assumed=plan_assumptions(req))
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
