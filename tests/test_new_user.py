@@ -234,3 +234,128 @@ def test_seq_len_beyond_the_context_is_a_warning(tmp_path):
     assert any(n.startswith("WARNING") and "max_position_embeddings 2,048" in n for n in est.notes)
     within = vramplan.estimate(path, gpus="1x24GB", method="lora", seq_len=2048)
     assert not any(n.startswith("WARNING") for n in within.notes)
+
+
+# ---------------------------------------------------------------- plots
+
+def test_breakdown_title_says_batch_seq_and_stack():
+    from vramplan import plot
+    from vramplan.hardware import parse_gpus
+
+    spec = load_model_spec("llama-3.2-1b", num_layers=2)
+    bars = plot.breakdown_bars(spec, parse_gpus("1x24GB"), {"batch_size": 2, "seq_len": 1024})
+    title = plot.breakdown_figure(bars).axes[0].get_title(loc="left")
+    assert "micro-batch 2 x 1024" in title and "stack plain" in title
+
+
+def test_scaling_title_says_what_is_fixed_and_the_stack(tmp_path):
+    out = tmp_path / "s.svg"
+    assert main(["plot", "scaling", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--x", "batch",
+                 "--seq-len", "1024", "--method", "lora", "--values", "1,2", "-o", str(out)]) == 0
+    svg = out.read_text()
+    assert "1024 tokens per sequence" in svg and "stack plain" in svg
+
+
+def _getting_started_batch_example() -> list[str]:
+    """The batch-scaling command of docs/getting-started.md, as written there."""
+    import shlex
+    from pathlib import Path
+
+    lines = (Path(__file__).parent.parent / "docs" / "getting-started.md").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("vramplan plot scaling") and "--x batch" in line)
+    command = lines[i]
+    while command.endswith("\\"):
+        i += 1
+        command = command[:-1] + " " + lines[i]
+    return shlex.split(command)[1:]
+
+
+def test_getting_started_batch_scaling_example_shows_the_fit_boundary(tmp_path, monkeypatch):
+    """It drew nothing that fits, on a y axis to 4 TiB."""
+    import sys
+
+    cli_plot = sys.modules["vramplan.cli.plot"]
+    drawn = {}
+    real = cli_plot.scaling_figure
+
+    def spy(series, x, capacities, title=None):
+        drawn.update(series=series, capacities=capacities)
+        return real(series, x, capacities, title)
+
+    monkeypatch.setattr(cli_plot, "scaling_figure", spy)
+    assert main([*_getting_started_batch_example(), "-o", str(tmp_path / "b.png")]) == 0
+    cap = drawn["capacities"][0][1]
+    totals = [t for s in drawn["series"] for t in s.totals]
+    assert any(t <= cap for t in totals) and any(t > cap for t in totals)
+    assert max(totals) < 20 * cap  # not an axis to terabytes
+
+
+def test_auto_range_ends_past_the_last_fitting_value():
+    from vramplan import plot
+
+    spec = load_model_spec("llama-3.1-8b")
+    gpus = resolve_gpus("rtx-4090")
+    cap = gpus.profile.memory_bytes
+    values = plot.auto_values(spec, gpus, ["qlora"], "batch", {"seq_len": 4096, "gradient_checkpointing": True},
+                              cap)
+    series = plot.scaling_series(spec, gpus, ["qlora"], "batch", values,
+                                 {"seq_len": 4096, "gradient_checkpointing": True})[0]
+    fits = [t <= cap for t in series.totals]
+    assert fits[0] and not fits[-1]
+
+
+def test_plot_accuracy_per_category_works_on_the_bundled_data(tmp_path):
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    out = tmp_path / "acc.png"
+    assert main(["plot", "accuracy", str(data / "h100_dev.jsonl"), "--configs", str(data / "configs"),
+                 "--per-category", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_split_points_are_the_snapshots():
+    """The measured parts add up to the measured peak, the predicted ones to the predicted peak."""
+    from pathlib import Path
+
+    from vramplan import plot
+    from vramplan.accuracy import estimate_case
+    from vramplan.measured import load_cases
+
+    data = Path(__file__).parent / "data"
+    case = next(c for c in load_cases(data / "h100_dev.jsonl") if c.name == "l32-1b_full_bf16_b1s1024")
+    points = plot.accuracy_points([case], data / "configs", per_category=True)
+    assert [p.part for p in points] == list(plot.SPLIT_PARTS)
+    assert sum(p.measured for p in points) == case.peak_alloc_bytes
+    assert points[0].measured == int(case.mem_after_build_mb * 2**20)
+    est = estimate_case(case, data / "configs")
+    assert sum(p.predicted for p in points) == est.per_gpu.peak_allocated_bytes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_plot_files_honour_the_umask(tmp_path, umask):
+    import os
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / f"b{umask:o}.png"
+        assert main(["plot", "breakdown", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--method", "lora",
+                     "-o", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_per_category_without_breakdown_or_snapshots_is_one_line(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    line = json.loads((Path(__file__).parent / "data" / "h100_dev.jsonl").read_text().splitlines()[0])
+    for key in ("mem_after_build_mb", "mem_after_step0_mb"):
+        line.pop(key)
+    path = tmp_path / "bare.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    assert main(["plot", "accuracy", str(path), "--configs", str(Path(__file__).parent / "data" / "configs"),
+                 "--per-category", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--per-category" in err[0]

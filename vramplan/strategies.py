@@ -10,6 +10,10 @@ from vramplan.headroom import has_safe_headroom
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
 
+# GaLore as the comparison (and `plot scaling`) runs it: 8-bit layer-wise states, recomputation.
+GALORE_STANDARD: dict[str, object] = dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
+                                          gradient_checkpointing=True)
+
 # Ordered by what a user gives up: all weights training in bf16 first; then the same with
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
 # updates); then adapters (LoRA, QLoRA); offload last (the slowest). The first that fits
@@ -24,8 +28,7 @@ _CANDIDATES: list[tuple[str, dict[str, object], str]] = [
      "trains every weight, sharded over all GPUs"),
     ("full + FSDP + offload", dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
      "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)"),
-    ("GaLore 8bit-lw r128 + ckpt", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
-                                                  gradient_checkpointing=True),
+    ("GaLore 8bit-lw r128 + ckpt", dict(GALORE_STANDARD),
      "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)"),
     ("LoRA r16", dict(method="lora"), "frozen bf16 base with adapters, no recomputation"),
     ("LoRA + ckpt", dict(method="lora", gradient_checkpointing=True), "frozen bf16 base with adapters"),

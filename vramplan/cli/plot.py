@@ -15,15 +15,16 @@ from pydantic import ValidationError
 from vramplan.cli.common import GPUS_HELP, MODEL_HELP, _Parser, add_setup_options, host_ram, setup_fields
 from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 from vramplan.errors import VramplanError
+from vramplan.estimate import make_setup
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
 from vramplan.plot import (
-    DEFAULT_VALUES,
     METHODS,
     X_FIELD,
     X_LABEL,
     accuracy_figure,
     accuracy_points,
+    auto_values,
     breakdown_bars,
     breakdown_figure,
     file_slug,
@@ -31,6 +32,7 @@ from vramplan.plot import (
     save_figure,
     scaling_figure,
     scaling_series,
+    scaling_title,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "methods it is an optimizer for",
     )
     s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
-    s.add_argument("--values", help="comma-separated x values (default seq: 512..32768, batch: 1..64, in powers of 2)")
+    s.add_argument(
+        "--values",
+        help="comma-separated x values (default: 7 powers of 2 ending one past the largest value at which a "
+        "method still fits the largest card given, so the plot shows where each stops fitting)",
+    )
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
 
@@ -83,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--per-category",
         action="store_true",
-        help="one point per category, from each line's measured_breakdown {category: bytes}",
+        help="one point per category, from each line's measured_breakdown {category: bytes}; a line without "
+        "one (the bundled data) is split into the built model, optimizer states and the peak's working memory",
     )
     _output_option(a, "accuracy.png")
     a.set_defaults(handler=_cmd_accuracy)
@@ -128,9 +135,10 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
     return _write(breakdown_figure(bars), path)
 
 
-def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
+def _parse_values(text: str | None) -> tuple[int, ...] | None:
+    """--values as sorted integers; None when not given (plot.auto_values chooses)."""
     if text is None:
-        return DEFAULT_VALUES[x]
+        return None
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
@@ -147,15 +155,17 @@ def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
 def _cmd_scaling(args: argparse.Namespace) -> int:
     names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
     all_gpus = [resolve_from_args(args, n) for n in names] or [resolve_from_args(args, None)]
-    values = _parse_values(args.values, args.x)
+    given = _parse_values(args.values)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"scaling-{file_slug(spec.name)}-{args.x}.png")
     methods = list(dict.fromkeys(args.methods or METHODS))
     fields = {k: v for k, v in setup_fields(args).items() if k != X_FIELD[args.x]}
+    biggest = max(g.profile.memory_bytes for g in all_gpus)
+    values = given or auto_values(spec, all_gpus[0], methods, args.x, fields, biggest)
     series = scaling_series(spec, all_gpus[0], methods, args.x, values, fields)
     capacities = [(g.profile.name, g.profile.memory_bytes) for g in all_gpus]
-    fixed = f"batch {fields.get('batch_size', 1)}" if args.x == "seq" else f"seq {fields.get('seq_len', 2048)}"
-    title = f"{spec.name}: per-GPU memory against {X_LABEL[args.x].split(' (')[0]} ({fixed})"
+    shared = make_setup(**{k: v for k, v in fields.items() if k in ("batch_size", "seq_len", "stack")})
+    title = scaling_title(spec.name, args.x, shared)
     _use_agg()
     return _write(scaling_figure(series, args.x, capacities, title), path)
 
@@ -165,11 +175,13 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         raise VramplanError(f"{args.configs!r} is not a directory", "--configs")
     path = output_path(args.output, "accuracy.png")
     cases = [c for f in args.files for c in _load_file(f)]
-    if args.per_category and not any((c.model_extra or {}).get("measured_breakdown") for c in cases):
-        raise VramplanError(
-            "no line carries a measured_breakdown {category: bytes}; plot whole cases without it", "--per-category"
-        )
     points = accuracy_points(cases, args.configs, args.per_category)
+    if args.per_category and not points:
+        raise VramplanError(
+            "no line carries a measured_breakdown {category: bytes} or the after-build and after-step snapshots "
+            "(mem_after_build_mb, mem_after_step0_mb); plot whole cases without --per-category",
+            "--per-category",
+        )
     _use_agg()
     return _write(accuracy_figure(points), path)
 
