@@ -96,7 +96,7 @@ def test_breakdown_breaks_the_axis_for_bars_far_past_the_card():
     left_end = ax.get_xlim()[1]
     assert far.get_xlim()[0] == pytest.approx(left_end) and far.get_xlim()[1] > max(
         b.estimate.per_gpu.total_bytes for b in bars) / GiB
-    for drawn, bar, text in zip(_bar_widths(ax), bars, [t.get_text() for t in ax.texts]):
+    for drawn, bar, text in zip(_bar_widths(ax), bars, [t.get_text() for t in ax.texts], strict=True):
         total = bar.estimate.per_gpu.total_bytes / GiB
         assert drawn == pytest.approx(total)
         assert text.endswith("→") == (total > left_end)

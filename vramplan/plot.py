@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 FORMATS = ("png", "svg")
 TOLERANCE = 0.05
 METHODS = ("full", "lora", "qlora", "galore")
-DEFAULT_VALUES = {"seq": (512, 1024, 2048, 4096, 8192, 16384, 32768), "batch": (1, 2, 4, 8, 16, 32, 64)}
 X_FIELD = {"seq": "seq_len", "batch": "batch_size"}
 X_LABEL = {"seq": "sequence length (tokens)", "batch": "micro-batch size per GPU"}
 FIT, NO_FIT, HOST_ONLY = "#2E7D32", "#C62828", "#E65100"

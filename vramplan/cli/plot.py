@@ -21,7 +21,6 @@ from vramplan.model_loader import load_model_spec
 from vramplan.plot import (
     METHODS,
     X_FIELD,
-    X_LABEL,
     accuracy_figure,
     accuracy_points,
     auto_values,
