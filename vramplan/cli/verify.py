@@ -60,7 +60,7 @@ def _depths(text: str | None) -> list[int] | None:
 def _progress(enabled: bool, steps: int):
     """A live display of the case and phase; yields (on_case, on_phase) callbacks."""
     if not enabled:
-        yield None, None
+        yield None, None, lambda line: print(f"vramplan: {line}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -89,7 +89,10 @@ def _progress(enabled: bool, steps: int):
             what = "building the model" if step is None else f"step {step + 1}/{steps}: {phase}"
             prog.update(state["task"], completed=done, description=f"{state['case']}: {what}")
 
-        yield on_case, on_phase
+        def say(line: str) -> None:  # above the live bar, which stays in place
+            prog.console.print(f"vramplan: {line}")
+
+        yield on_case, on_phase, say
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.estimate import make_setup
     from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, verify
     from vramplan.verify.compare import render
+    from vramplan.verify.quiet import quiet_libraries
 
     setup = make_setup(**setup_fields(args))
     if args.steps < 1:
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     depths = _depths(args.depths)
     show = not args.no_progress and args.format == "table"
     try:
-        with _progress(show, args.steps) as (on_case, on_phase):
+        with _progress(show, args.steps) as (on_case, on_phase, say), quiet_libraries():
             report = verify(
                 args.model,
                 setup,
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 depths=depths,
                 on_phase=on_phase,
                 on_case=on_case,
+                on_notice=say,
             )
     except NoGpuError as e:
         print(f"vramplan: {e}", file=sys.stderr)
