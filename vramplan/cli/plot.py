@@ -66,14 +66,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=METHODS,
         dest="methods",
         metavar="METHOD",
-        help="a method to draw; repeat for several (default: all four). --optim applies to the "
-        "methods it is an optimizer for",
+        help="a method to draw; repeat for several (default: all four; galore as the strategy comparison runs it, "
+        "8-bit layer-wise with recomputation). --optim applies to the methods it is an optimizer for",
     )
     s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
     s.add_argument(
         "--values",
-        help="comma-separated x values (default: 7 powers of 2 ending one past the largest value at which a "
-        "method still fits the largest card given, so the plot shows where each stops fitting)",
+        help="comma-separated x values (default: 7 of the powers of 2 and 1.5 times them, ending two steps past the "
+        "largest value at which a method still fits the largest card given, so the plot shows where each stops)",
     )
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
