@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vramplan.analyze import analyze_config
 from vramplan.config_check import check_config
+from vramplan.config_checks import defaulted_fields, max_positions
 from vramplan.errors import VramplanError
 from vramplan.files import parse_json, read_regular
 from vramplan.limits import MAX_CONFIG_BYTES, MAX_LAYERS, check_int
@@ -188,4 +189,7 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
     spec = _full_spec(name, cfg, use_cache).model_copy(update={"name": name, "resolved_from": alias})
     if num_layers is not None:
         spec = truncate(spec, num_layers)
-    return spec
+    # issue 16: what a user's config left to transformers, and its context (vramplan.config_checks)
+    defaulted = defaulted_fields(cfg) if name not in preset_names() else {}
+    return spec.model_copy(update={"name": name, "resolved_from": alias, "defaulted": defaulted,
+                                   "max_positions": max_positions(cfg)})

@@ -6,12 +6,14 @@ import argparse
 import json
 
 from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram, setup_fields
+from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     est = sub.add_parser("estimate", help="per-GPU memory of one configuration, or compare the standard strategies")
     est.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     est.add_argument("--gpus", help=GPUS_HELP)
+    add_gpu_options(est)
     add_setup_options(est)
     est.add_argument(
         "--host-ram",
@@ -23,25 +25,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramplan.estimate import estimate_config, resolve_gpus
+    from vramplan.estimate import estimate_spec, make_setup
     from vramplan.model_loader import load_model_spec
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
 
-    gpus = resolve_gpus(args.gpus)
+    gpus = resolve_from_args(args, args.gpus)
     ram = host_ram(args)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     fields = setup_fields(args)
     if args.method is None:
         rows = compare(spec, gpus, fields, ram)
+        assumed = comparison_assumptions(args, rows, gpus.count, ram)
         if args.format == "json":
-            print(json.dumps(comparison_json(spec, gpus, rows), indent=1))
+            print(json.dumps(comparison_json(spec, gpus, rows, assumed), indent=1))
         else:
-            print_comparison(spec, gpus, rows)
+            print_comparison(spec, gpus, rows, assumed=assumed)
         return 0
-    est = estimate_config(spec, gpus, host_ram=ram, **fields)
+    est = estimate_spec(spec, make_setup(**fields), gpus, ram)
     if args.format == "json":
         print(est.to_json())
     else:
         print_estimate(est)
     return 0
+
+
+def comparison_assumptions(args: argparse.Namespace, rows: list, gpu_count: int, ram: int | None) -> list[str]:
+    """What the comparison took without being told (vramplan.assumptions), from its first row's setup."""
+    from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
+    from vramplan.setup import TrainingSetup
+
+    setup = rows[0].estimate.setup if rows else TrainingSetup()
+    return [batch_phrase(setup.batch_size, setup.seq_len), stack_phrase(setup.stack),
+            host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
+            data_parallel_phrase(gpu_count)]

@@ -7,6 +7,7 @@ import json
 import sys
 
 from vramplan.cli.common import MODEL_HELP, add_num_layers, bounded, int_in
+from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
 from vramplan.plan import MAX_BATCH, METHOD_KEYS
@@ -17,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
+    add_gpu_options(p)
     p.add_argument("--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1",
                                                                    MAX_RANKS))
     p.add_argument("--gpus-per-node", type=int_in(MAX_RANKS),
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         min_galore_rank=args.min_galore_rank,
         host_ram=args.host_ram,
         max_batch=args.max_batch,
+        **gpu_overrides(args),
     )
     if args.format == "json":
         print(json.dumps(result_json(result), indent=1))
