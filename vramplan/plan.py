@@ -624,13 +624,28 @@ def larger_cards(memory_bytes: int) -> list:
 
 
 def _larger_card(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """The smallest card class that fits. Whether a plan fits grows with the card's memory, so
+    the largest class is tried first (nothing fits: done) and the smallest fitting one found by
+    bisection: a handful of plans, not one per class."""
     n = req.gpus.count
-    for prof in larger_cards(req.gpus.profile.memory_bytes):
-        row = _first_fit(spec, req, gpus=GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}"))
-        if row:
-            return [f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
-                    f"(~{row.tokens_per_s:,.0f} tokens/s)"]
-    return []
+    cards = larger_cards(req.gpus.profile.memory_bytes)
+
+    def fit(i: int) -> PlanRow | None:
+        return _first_fit(spec, req, gpus=GpuSpec(count=n, profile=cards[i], label=f"{n}x{cards[i].name}"))
+
+    if not cards or (row := fit(len(cards) - 1)) is None:
+        return []
+    lo, hi = 0, len(cards) - 1  # cards[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = fit(mid)
+        if found is not None:
+            hi, row = mid, found
+        else:
+            lo = mid + 1
+    prof = cards[hi]
+    return [f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
+            f"(~{row.tokens_per_s:,.0f} tokens/s)"]
 
 
 SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]

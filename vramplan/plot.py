@@ -180,7 +180,7 @@ def setup_caption(setup) -> str:
     return f"micro-batch {setup.batch_size} x {setup.seq_len} tokens, stack {setup.stack.value}"
 
 
-def _segments(bars: Sequence[Bar], cat: Category) -> tuple[list[float], list[float]]:
+def _segments(bars: Sequence[Bar], cat: Category) -> tuple[list[int], list[int]]:
     """Left edge and width of ``cat`` in every bar (each panel's limits clip what it shows)."""
     order = list(Category)
     lefts, widths = [], []

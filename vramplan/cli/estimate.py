@@ -46,16 +46,21 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(est.to_json())
     else:
-        print_estimate(est)
+        print_estimate(est, assumed=estimate_assumptions(args, est.setup, gpus.count, ram))
     return 0
 
 
 def comparison_assumptions(args: argparse.Namespace, rows: list, gpu_count: int, ram: int | None) -> list[str]:
     """What the comparison took without being told (vramplan.assumptions), from its first row's setup."""
-    from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
     from vramplan.setup import TrainingSetup
 
-    setup = rows[0].estimate.setup if rows else TrainingSetup()
+    return estimate_assumptions(args, rows[0].estimate.setup if rows else TrainingSetup(), gpu_count, ram)
+
+
+def estimate_assumptions(args: argparse.Namespace, setup, gpu_count: int, ram: int | None) -> list[str]:
+    """Micro-batch x sequence, stack, host RAM and data parallelism, each with the flag that sets it."""
+    from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
+
     return [batch_phrase(setup.batch_size, setup.seq_len), stack_phrase(setup.stack),
             host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
             data_parallel_phrase(gpu_count)]

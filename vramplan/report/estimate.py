@@ -39,10 +39,12 @@ def _verdict(est: Estimate) -> Text:
     )
 
 
-def print_estimate(est: Estimate, console: Console | None = None) -> None:
+def print_estimate(est: Estimate, console: Console | None = None, assumed: list[str] | None = None) -> None:
     console = console or Console()
     console.print(_verdict(est))
     console.print(f"[bold]{est.model}[/] on {est.gpu_count}x {est.gpu_name}: {est.description}")
+    if assumed:
+        console.print("  assumed: " + "; ".join(assumed))
     for note in est.notes:
         console.print(f"  note: {note}")
     t = Table(title=f"per-GPU memory at the peak ({est.per_gpu.peak_phase})", title_justify="left")
