@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the header of files --emit writes
         return int(args.handler(args) or 0)
     except VramplanError as e:
         print(f"vramplan: error: {e}", file=sys.stderr)
