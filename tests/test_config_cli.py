@@ -211,3 +211,14 @@ def test_emit_needs_a_target(capsys):
     assert "-o FILE" in capsys.readouterr().err
     assert main(["plan", "qwen2.5-0.5b", "--gpus", "rtx-4090", "-o", "x.yaml"]) == 2
     assert "needs --emit" in capsys.readouterr().err
+
+
+def test_plan_keeps_the_files_fixed_fields(hub_cache, capsys):
+    """axolotl/qlora.yml: flash attention, padding-free packing and 4096 tokens stay; the search varies the rest."""
+    out = run_json(capsys, ["plan", "--config", str(DATA / "axolotl/qlora.yml"), "--gpus", "rtx-4090", "--top", "3",
+                            "--methods", "qlora-nf4,lora", "--format", "json"])
+    assert out["config"][0].startswith("config: ") and out["rows"]
+    for row in out["rows"]:
+        setup = row["setup"]
+        assert (setup["attention"], setup["packing"], setup["stack"]) == ("flash", "padding-free", "axolotl")
+        assert setup["seq_len"] >= 4096

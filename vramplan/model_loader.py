@@ -97,7 +97,8 @@ def _hub_config(model: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise VramplanError(f"the cached config.json of {model!r} ({path}) is not readable JSON ({e})", "MODEL") from None
+        raise VramplanError(f"the cached config.json of {model!r} ({path}) is not readable JSON ({e})",
+                            "MODEL") from None
 
 
 @lru_cache(maxsize=1)
