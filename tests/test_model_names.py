@@ -127,5 +127,5 @@ def test_config_defaults_are_the_installed_transformers():
     assert build_preset_specs.config_defaults(set(shipped)) == shipped
 
 
-def test_spec_of_a_hub_variant_equals_the_preset(tmp_path, monkeypatch):
+def test_spec_of_a_hub_variant_equals_the_preset():
     assert load_model_spec("Qwen/Qwen2.5-7B-Instruct").params_total == load_model_spec("qwen2.5-7b").params_total
