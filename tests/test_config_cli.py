@@ -222,3 +222,25 @@ def test_plan_keeps_the_files_fixed_fields(hub_cache, capsys):
         setup = row["setup"]
         assert (setup["attention"], setup["packing"], setup["stack"]) == ("flash", "padding-free", "axolotl")
         assert setup["seq_len"] >= 4096
+
+
+# torchtune's LoRA recipes adapt q, v and output_proj plus the MLP (no k_proj): a target list
+# no command-line flag spells (--lora-targets takes all-linear/attention), so the same setup is
+# given through the Python API, by hand from the sample files.
+TT_LORA = dict(stack="torchtune", method="lora", lora_r=8, lora_dropout=0.0,
+               lora_target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               batch_size=2, gradient_accumulation=8, packing="none", precision="bf16", model_dtype="bf16",
+               adapter_dtype="bf16", optim="adamw_torch_fused", loss="chunked", gradient_checkpointing=True,
+               activation_offload="none", kbit_prep=False)
+
+
+@pytest.mark.parametrize("sample,model,fields", [
+    ("torchtune/qwen2_5_7B_lora_single_device.yaml", "qwen2.5-7b", TT_LORA),
+    ("torchtune/8B_qlora_single_device.yaml", "llama-3.1-8b", {**TT_LORA, "method": "qlora", "quant": "nf4"}),
+])
+def test_torchtune_lora_equals_the_api(hub_cache, capsys, sample, model, fields):
+    import vramplan
+    out = run_json(capsys, ["estimate", "--config", str(DATA / sample), "--gpus", "h100-80gb", "--format", "json"])
+    est = vramplan.estimate(model, gpus="h100-80gb", **fields)
+    assert abs(out["per_gpu"]["peak_allocated_bytes"] - est.per_gpu.peak_allocated_bytes) <= \
+        0.01 * est.per_gpu.peak_allocated_bytes
