@@ -22,13 +22,18 @@ def _text_part(cfg: dict) -> dict:
     return {**cfg, **text} if isinstance(text, dict) else cfg
 
 
-def defaulted_fields(cfg: dict) -> dict[str, object]:
+def defaulted_fields(cfg: dict, shipped: dict[str, dict] | None = None) -> dict[str, object]:
     """{field: value transformers used} for each MEMORY_FIELDS key the config class has and
-    the user's config.json does not set. Builds the config (no model): transformers'
-    AutoConfig.for_model(model_type, **cfg), as the analysis does."""
+    the user's config.json does not set. From the shipped table of config-class defaults
+    (presets/config_defaults.json) when it has the model type, so a preset-shaped config
+    imports no transformers; else builds the config (no model): AutoConfig.for_model, as the
+    analysis does."""
+    given = _text_part(cfg)
+    table = (shipped or {}).get(str(given.get("model_type")))
+    if table is not None and "text_config" not in cfg:
+        return {f: table[f] for f in MEMORY_FIELDS if f not in given and f in table}
     from transformers import AutoConfig
 
-    given = _text_part(cfg)
     try:
         built = AutoConfig.for_model(**cfg)
     except Exception:  # noqa: BLE001 - the analysis reports a config transformers cannot build

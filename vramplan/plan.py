@@ -16,6 +16,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,6 +72,8 @@ class PlanRequest(BaseModel):
     max_batch: int = Field(MAX_BATCH, description="largest micro-batch searched")
     context: int = Field(DEFAULT_CONTEXT, description="the model's maximum sequence length")
     host_ram_said: str = Field("", description="where host_ram comes from, as the output says it")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="setup fields the search does not vary "
+                                  "(--config, --stack): loss, attention, packing, adapter dtype, ...")
 
     @model_validator(mode="after")
     def _check(self):
@@ -415,13 +418,39 @@ def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
                                   "host_ram_bytes": host})
 
 
+# What the search varies (candidate_groups, the grid) or plans itself (--nodes, --global-batch);
+# a --config file's value for these is left to the search. DeepSpeed is not searched: the
+# search shards with FSDP, which excludes it.
+SEARCHED_FIELDS = frozenset({"method", "quant", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
+                             "cpu_offload", "batch_size", "seq_len", "gradient_accumulation", "nodes", "deepspeed",
+                             "offload_optimizer", "offload_params"})
+
+
+def fixed_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a --config/--stack that the search keeps fixed."""
+    return {k: v for k, v in fields.items() if k not in SEARCHED_FIELDS and v is not None}
+
+
+def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
+    """A candidate on top of the fixed fields; None when they exclude it (a file's optimizer
+    that the candidate's method cannot take)."""
+    if not req.fixed:
+        return make_setup(**fields, seq_len=seq)
+    try:
+        return make_setup(**{**req.fixed, **fields, "seq_len": seq})
+    except VramplanError:
+        return None
+
+
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     """Evaluate every discrete configuration on the (seq, batch) grid."""
     seqs = seq_grid(req.context)
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:
-            setup = make_setup(**fields, seq_len=int(seqs[0]))
+            setup = _setup(req, fields, int(seqs[0]))
+            if setup is None:
+                continue
             grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
             grids.append(grid)
             evaluated += grid.evaluated
@@ -679,7 +708,7 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                  methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
                  host_ram: int | str | None = None, max_batch: int | None = None,
                  gpu_tflops: float | str | None = None, gpu_bandwidth: float | str | None = None,
-                 reserve: str | int | None = None) -> PlanRequest:
+                 reserve: str | int | None = None, fixed: dict[str, Any] | None = None) -> PlanRequest:
     gspec = resolve_gpus(gpus, gpu_tflops=gpu_tflops, gpu_bandwidth=gpu_bandwidth, reserve=reserve)
     if gpus_per_node is not None:
         check_int(gpus_per_node, "--gpus-per-node", MAX_RANKS)
@@ -701,7 +730,8 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
         min_seq = min(2048, context)
     fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
                   min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
-                  context=context, host_ram_said=host_ram_said)
+                  context=context, host_ram_said=host_ram_said,
+                  fixed=fixed_fields(fixed or {}))
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

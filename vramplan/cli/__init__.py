@@ -51,6 +51,7 @@ def build_parser():
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the header of files --emit writes
     code = int(args.handler(args) or 0)
     sys.stdout.flush()  # a closed pipe or a full disk is raised here, inside main, not at exit
     return code
