@@ -110,24 +110,28 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     v = spec.vocab
     chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
     saved = 4 * setup.tokens * v                                      # every chunk's log-softmax
+    tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
     return LossTerms(forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
-                     backward=saved + 8 * chunk * v)                        # + its log-softmax grad in and out
+                     backward=tanh + saved + 8 * chunk * v)                 # + its log-softmax grad in and out
 
 
 def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     """TRL 1.16 SFTTrainer's fused LM head (trl/trainer/utils.py:1548-1698 _fused_forward,
     trl/kernels/chunked_logprob.py:299-465; `loss_type="chunked_nll"` is a deprecated alias,
-    sft_config.py:283-321): the labelled rows of the hidden state gathered (a copy, saved),
-    7 fp32 running statistics per token, one 4096-token x 32768-vocab tile; backward: an fp32
-    grad of the hidden rows cast back, and an fp32 weight grad cast back when lm_head trains."""
+    sft_config.py:283-321): the N_v = B·(S-1) labelled rows of the hidden state gathered (a
+    copy, saved), 7 fp32 running statistics per row, one tile buffer of min(N_v, 4096) rows x
+    32768 columns whatever the vocabulary; backward: the same tile, an fp32 grad of the hidden
+    rows cast back, and an fp32 weight grad cast back when lm_head trains."""
     n, h, v = setup.tokens, spec.hidden, spec.vocab
+    rows = setup.batch_size * (setup.seq_len - 1)
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
-    tile = min(n, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE) * dt_c
+    tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
     casts = (TRL_TOKEN_TILE * h * dt_c if dt_h != dt_c else 0) + (TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0)
-    saved = n * h * dt_h + 16 * n                  # h_sel + targets int64, log_z and entropy fp32
-    forward = n * h * dt_h + saved + 28 * n + 18 * n + tile + casts  # input + stats + outputs scattered
+    saved = rows * h * dt_h + 16 * rows            # h_sel + targets int64, log_z and entropy fp32
+    # the final norm's output, its gathered rows, the statistics and the outputs scattered to N
+    forward = n * h * dt_h + saved + 28 * rows + 9 * rows + 9 * n + tile + casts
     weight_grad = v * h * (4 + dt_w) if head_trains(setup) else 0
-    backward = saved + n * h * (4 + dt_h) + 4 * n + tile + casts + weight_grad
+    backward = saved + rows * h * (4 + dt_h) + 4 * rows + tile + casts + weight_grad
     return LossTerms(forward=forward, backward=backward)
 
 
