@@ -68,8 +68,8 @@ class Stack(str, Enum):
 class Loss(str, Enum):
     """How the loss over the vocabulary is computed."""
     HF = "hf"                          # the model's own ForCausalLMLoss on full logits (the reference step)
-    CHUNKED = "chunked"                # chunked cross-entropy over full logits (axolotl, torchtune)
-    TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer loss_type="chunked_nll"
+    CHUNKED = "chunked"                # torchtune's CEWithChunkedOutputLoss over 8 chunks of logits
+    TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer's fused chunked LM head (chunked_nll: its deprecated alias)
     LIGER = "liger"                    # Liger fused linear cross-entropy
     CCE = "cce"                        # Apple Cut Cross-Entropy
     UNSLOTH = "unsloth"                # Unsloth's fused cross-entropy
@@ -149,7 +149,9 @@ class TrainingSetup(BaseModel):
     cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
     # ---- the stack knobs (issue 13): each default is the reference step's
     stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
-    loss: Loss = Field(Loss.HF, description="loss implementation over the vocabulary")
+    loss: Loss = Field(Loss.HF, description="the loss over the vocabulary: hf (the model's own on full logits), "
+                       "chunked (torchtune's 8 output chunks), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
+                       "liger / cce / unsloth (fused kernels, CUDA only)")
     fp32_outputs: bool = Field(False, description="accelerate's bf16 autocast converts the model's outputs (logits) to fp32")
     adapter_dtype: AdapterDtype | None = Field(None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)")
     kbit_prep: bool = Field(False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32")
