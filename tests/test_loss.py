@@ -149,3 +149,11 @@ def test_issue_bar_qwen7b_8k_qlora_fits_a_3090_with_liger():
     assert not any("use_liger_kernel" in n for n in liger.notes)
     terms = loss_terms(load_model_spec("qwen2.5-7b"), make_setup(loss="liger", **common))
     assert max(terms.forward, terms.backward) < GiB
+
+
+@pytest.mark.parametrize("loss", ["liger", "cce", "unsloth"])
+def test_verify_refuses_a_triton_loss_off_cuda(loss):
+    from vramplan.verify.losses import check_device
+    with pytest.raises(VramplanError, match="--loss.*cuda"):
+        check_device(make_setup(loss=loss).loss, "cpu")
+    check_device(make_setup(loss="chunked").loss, "cpu")

@@ -216,13 +216,13 @@ class TrainingSetup(BaseModel):
         if self.loss in fused_head and "lm_head" in (self.lora_target_modules or ()):
             # trl==1.16.0 sft_trainer.py:1066-1073 raises; Liger and CCE read lm_head.weight (the base
             # weight) and would bypass the adapter
-            raise VramplanError(f"--loss {self.loss.value} cannot train a LoRA adapter on lm_head (--lora-targets "
+            raise VramplanError(f"{self.loss.value} cannot train a LoRA adapter on lm_head (--lora-targets "
                                 "lm_head): the fused head reads lm_head.weight; train it whole or use --loss hf",
                                 "--loss")
         fp32 = self.weight_dtype == ModelDtype.FP32 and not (self.precision == Precision.MIXED and self.fsdp > 1)
         if self.loss == Loss.CCE and fp32:
             # cut_cross_entropy/cce_backward.py asserts bf16/fp16 inputs; axolotl's check_dtype_is_half
-            raise VramplanError("--loss cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
+            raise VramplanError("cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
                                 "it), but --model-dtype fp32 / --precision mixed computes the head in fp32", "--loss")
 
     @property
