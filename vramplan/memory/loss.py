@@ -126,7 +126,9 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     rows = setup.batch_size * (setup.seq_len - 1)
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
     tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
-    casts = (TRL_TOKEN_TILE * h * dt_c if dt_h != dt_c else 0) + (TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0)
+    # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, a slice of an fp32 lm_head
+    casts = ((min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0)
+             + (TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0))
     saved = rows * h * dt_h + 16 * rows            # h_sel + targets int64, log_z and entropy fp32
     # the final norm's output, its gathered rows, the statistics and the outputs scattered to N
     forward = n * h * dt_h + saved + 28 * rows + 9 * rows + 9 * n + tile + casts
