@@ -157,3 +157,14 @@ def test_verify_refuses_a_triton_loss_off_cuda(loss):
     with pytest.raises(VramplanError, match="--loss.*cuda"):
         check_device(make_setup(loss=loss).loss, "cpu")
     check_device(make_setup(loss="chunked").loss, "cpu")
+
+
+def test_a_measured_loss_case_reads_back_its_loss():
+    """A calibration line of a --loss case is compared with that loss's estimate, not hf's."""
+    from vramplan.measured import MeasuredCase
+    from vramplan.verify.results import Measurement
+    setup = make_setup(method="lora", batch_size=2, seq_len=64, loss="chunked", fp32_outputs=True, keep_logits=True)
+    m = Measurement(model="llama-3.2-1b", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=3,
+                    fits=True, peak_allocated_bytes=3 * 2**30, breakdown={C.WEIGHTS: 2**30})
+    line = MeasuredCase.model_validate_json(m.to_measured_case().model_dump_json())
+    assert make_setup(**line.setup_fields()) == setup
