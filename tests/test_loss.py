@@ -168,3 +168,12 @@ def test_a_measured_loss_case_reads_back_its_loss():
                     fits=True, peak_allocated_bytes=3 * 2**30, breakdown={C.WEIGHTS: 2**30})
     line = MeasuredCase.model_validate_json(m.to_measured_case().model_dump_json())
     assert make_setup(**line.setup_fields()) == setup
+
+
+def test_a_fused_loss_leaves_no_autocast_copy_of_lm_head(spec):
+    # full fine-tune under bf16 autocast: the hf loss's lm_head keeps its bf16 input (N*h*2) and
+    # autocast caches a bf16 copy of its fp32 weight (V*h*2); a fused loss casts views, never cached
+    hf = step_model(spec, make_setup(method="full", precision="mixed"))
+    liger = step_model(spec, make_setup(method="full", precision="mixed", loss="liger"))
+    acts = [_phase(m, PhaseKind.FORWARD_LOSS).parts[C.ACTIVATIONS] for m in (hf, liger)]
+    assert acts[0] - acts[1] == 2048 * spec.hidden * 2 + spec.vocab * spec.hidden * 2

@@ -65,6 +65,16 @@ def root_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     return final
 
 
+def fused_head_cast(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """autocast's cached bf16 copy of a trained fp32 lm_head (memory/autocast.py) is never made
+    under a fused loss: it never calls lm_head, and casts views of the weight (TRL per tile,
+    trl/kernels/chunked_logprob.py:346; Liger's fallback `weight.t()`), which autocast does not
+    cache (aten/src/ATen/autocast_mode.cpp: leaves only, no views)."""
+    if not (setup.loss in FUSED and setup.autocast and head_trains(setup)):
+        return 0
+    return alloc(2 * spec.vocab * spec.hidden)
+
+
 @dataclass(frozen=True)
 class LossTerms:
     """Bytes of the loss beyond the saved activations: at its forward's and its backward's

@@ -21,7 +21,7 @@ from vramplan.memory.fsdp import (
     unit_bytes,
 )
 from vramplan.memory.layer import forward_locals, layer_points
-from vramplan.memory.loss import head_trains, loop_token_bytes, loss_notes, loss_terms
+from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
     final_norm_forward,
@@ -72,9 +72,10 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     params = prepared.params
     # layer-wise optimizers: each parameter's hook steps it inside backward
     hook = layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    cache = cast_cache(params, setup, spec.vocab, head_trains(setup)) - fused_head_cast(spec, setup)
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
-                       released=saved.released, cast_cache=cast_cache(params, setup, spec.vocab, head_trains(setup)),
+                       released=saved.released, cast_cache=cache,
                        hook=hook)
 
 
