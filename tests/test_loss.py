@@ -145,7 +145,7 @@ def test_issue_bar_qwen7b_8k_qlora_fits_a_3090_with_liger():
     hf = estimate_config("qwen2.5-7b", "rtx-3090", **common)
     liger = estimate_config("qwen2.5-7b", "rtx-3090", loss="liger", **common)
     assert not hf.fits and liger.fits
-    assert any("use_liger_kernel: true" in n and "CutCrossEntropyPlugin" in n for n in hf.notes)
+    assert any("use_liger_kernel: true" in n and "CutCrossEntropyPlugin" in n and "[" not in n for n in hf.notes)
     assert not any("use_liger_kernel" in n for n in liger.notes)
     terms = loss_terms(load_model_spec("qwen2.5-7b"), make_setup(loss="liger", **common))
     assert max(terms.forward, terms.backward) < GiB
@@ -177,3 +177,16 @@ def test_a_fused_loss_leaves_no_autocast_copy_of_lm_head(spec):
     liger = step_model(spec, make_setup(method="full", precision="mixed", loss="liger"))
     acts = [_phase(m, PhaseKind.FORWARD_LOSS).parts[C.ACTIVATIONS] for m in (hf, liger)]
     assert acts[0] - acts[1] == 2048 * spec.hidden * 2 + spec.vocab * spec.hidden * 2
+
+
+def test_the_strategy_comparison_shows_what_a_fused_loss_makes_fit():
+    from vramplan.hardware import parse_gpus
+    from vramplan.strategies import compare
+    rows = compare(load_model_spec("qwen2.5-7b"), parse_gpus("rtx-3090"), dict(seq_len=8192))
+    labels = {r.label: r for r in rows}
+    assert not labels["QLoRA nf4 + ckpt"].estimate.fits
+    fused = labels["QLoRA nf4 + ckpt + fused CE"]
+    assert fused.estimate.fits and fused.estimate.setup.loss.value == "liger" and "use_liger_kernel" in fused.reason
+    # a loss the user chose is kept: no fused variants then
+    assert not any("fused CE" in r.label for r in compare(load_model_spec("qwen2.5-7b"), parse_gpus("rtx-3090"),
+                                                          dict(seq_len=8192, loss="hf")))

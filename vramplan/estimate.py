@@ -114,12 +114,16 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
 # How each framework turns on a loss that never builds the [N,V] logits, in its own words
 # (liger-kernel==0.8.5 README; axolotl==0.19.0 integrations/cut_cross_entropy/README.md;
 # trl==1.16.0 sft_trainer.py:1142-1147; torchtune==0.6.1 recipes/configs/*: loss _component_).
-FUSED_LOSS_HOWTO = ("`--loss liger` (`use_liger_kernel: true` in TRL/HF Trainer, `plugins: "
-                    "[axolotl.integrations.liger.LigerPlugin]` + `liger_fused_linear_cross_entropy: true` in axolotl), "
-                    "`--loss cce` (`plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]` in "
-                    "axolotl), `--loss trl-chunked-nll` (TRL 1.16's SFTTrainer does it by default), `--loss unsloth` "
-                    "(Unsloth's FastLanguageModel, always on), `--loss chunked` (torchtune's "
+FUSED_LOSS_HOWTO = ("`--loss liger` (`use_liger_kernel: true` in TRL/HF Trainer; in axolotl the plugin "
+                    "`axolotl.integrations.liger.LigerPlugin` under `plugins:` with "
+                    "`liger_fused_linear_cross_entropy: true`), `--loss cce` (in axolotl the plugin "
+                    "`axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin` under `plugins:`), "
+                    "`--loss trl-chunked-nll` (TRL 1.16's SFTTrainer does it by default), `--loss unsloth` "
+                    "(Unsloth's FastLanguageModel, always on), `--loss chunked` (torchtune: "
                     "`loss: {_component_: torchtune.modules.loss.CEWithChunkedOutputLoss}`)")
+# The same, in one line for a strategy row
+FUSED_LOSS_SHORT = ("the same training with a fused cross-entropy (`--loss liger`): `use_liger_kernel: true` in "
+                    "TRL/HF Trainer, the CutCrossEntropyPlugin in axolotl, on by default in TRL 1.16 and Unsloth")
 
 
 def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
-from vramplan.estimate import estimate_spec, make_setup
+from vramplan.estimate import FUSED_LOSS_SHORT, estimate_spec, make_setup
 from vramplan.hardware import GpuSpec
+from vramplan.memory import PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
+from vramplan.setup import Loss
 
 # Ordered by what a user gives up: all weights training in bf16 first; then the same with
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
@@ -70,6 +72,25 @@ def _shared_fields(base: dict) -> dict:
     return shared
 
 
+# Phases whose transient is the loss over the vocabulary (memory/loss.py)
+_LOSS_PHASES = (PhaseKind.FORWARD_LOSS.label, PhaseKind.LOSS_BACKWARD.label)
+
+
+def _with_fused_loss(spec: ModelSpec, gpus: GpuSpec, host_ram: int | None, label: str, fields: dict,
+                     est: Estimate) -> list[StrategyRow]:
+    """The same strategy with Liger's fused linear cross-entropy, when the model's own loss is
+    the peak and the fused one makes it fit: the same training, a different kernel."""
+    if est.per_gpu.peak_phase not in _LOSS_PHASES:
+        return []
+    try:
+        fused = estimate_spec(spec, make_setup(**fields, loss=Loss.LIGER.value), gpus, host_ram)
+    except VramplanError:
+        return []  # a combination Liger refuses
+    if not fused.fits:
+        return []
+    return [StrategyRow(f"{label} + fused CE", fused, FUSED_LOSS_SHORT)]
+
+
 def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
     """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
     shared = _shared_fields(base)
@@ -85,6 +106,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))
+        if not est.fits and "loss" not in shared:
+            rows += _with_fused_loss(spec, gpus, host_ram, label, {**shared, **fields}, est)
     for row in rows:
         if row.estimate.fits:
             row.recommended = True
