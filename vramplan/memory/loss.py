@@ -86,8 +86,10 @@ class LossTerms:
 
 
 def _head_weight_bytes(setup: TrainingSetup) -> int:
-    """lm_head's weight dtype: fp32 masters, or peft's prepare_model_for_kbit_training upcast."""
-    fp32 = setup.weight_dtype == ModelDtype.FP32 or (setup.kbit_prep and setup.lora_like)
+    """lm_head's weight dtype as the loss sees it: fp32 masters (FSDP2's mixed policy gathers them
+    in bf16), or peft's prepare_model_for_kbit_training upcast."""
+    gathered_bf16 = setup.precision == Precision.MIXED and setup.fsdp > 1
+    fp32 = (setup.weight_dtype == ModelDtype.FP32 and not gathered_bf16) or (setup.kbit_prep and setup.lora_like)
     return 4 if fp32 else 2
 
 
