@@ -127,6 +127,26 @@ CASES = [
     case("gemma3-1b_lora16_b1s2048", GEM3, method="lora", batch_size=1, seq_len=2048),
     case("gemma3-1b_full_bf16_ckpt_b2s4096", GEM3, method="full", gradient_checkpointing=True, batch_size=2,
          seq_len=4096),
+    # the loss over the vocabulary (memory/loss.py). Liger, CCE and Unsloth are Triton kernels, modelled
+    # from source and never measured: `pip install liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+    # unsloth-zoo==2026.10.9 trl==1.16.0 accelerate` (and `torchtune==0.6.1 --no-deps`) first.
+    # The bar: Qwen2.5-7B QLoRA at 8k tokens with Liger (modelled loss term 0.18 GiB)
+    case("qw7_qlora_nf4_ckpt_b1s8192_liger", QW7, method="qlora", gradient_checkpointing=True, batch_size=1,
+         seq_len=8192, loss="liger", seconds=90),
+    # lm_head trains: Liger's grad_weight in the weight's dtype, held from forward to backward
+    case("l1b_full_bf16_b1s4096_liger", L1B, method="full", batch_size=1, seq_len=4096, loss="liger"),
+    case("l8b_lora16_ckpt_b1s4096_cce", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
+         seq_len=4096, loss="cce", seconds=90),
+    case("l1b_full_bf16_b1s4096_cce", L1B, method="full", batch_size=1, seq_len=4096, loss="cce"),
+    # Unsloth's chunk count reads the free memory at the first call: on an H100 the 4 GiB cap holds
+    case("l8b_lora16_ckpt_b1s8192_unsloth", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
+         seq_len=8192, loss="unsloth", seconds=90),
+    # traced on the CPU (group "loss"); on CUDA TRL's Triton folds and the CUDA log-softmax run
+    case("l8b_lora16_ckpt_b1s4096_trl", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
+         seq_len=4096, loss="trl-chunked-nll", seconds=90),
+    case("l1b_lora16_b2s2048_chunked", L1B, method="lora", batch_size=2, seq_len=2048, loss="chunked"),
+    case("l1b_lora16_b2s2048_fp32out_keep", L1B, method="lora", batch_size=2, seq_len=2048, fp32_outputs=True,
+         keep_logits=True),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases

@@ -8,7 +8,8 @@ Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-ba
 calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
 "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "real-width" (presets
-at their real width and vocabulary, truncated to a few layers) and "known-gaps"
+at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, LONG,  # noqa: E402
-                            LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
+                            LONG_SHAPE, LOSS_CASES, WIDE, _build_compared, _model_build_peak, _model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
@@ -116,6 +117,10 @@ def _setup_text(setup: dict) -> str:
         parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
     if setup.get("gradient_checkpointing"):
         parts.append("ckpt")
+    if setup.get("loss", "hf") != "hf":
+        parts.append(f"loss {setup['loss']}")
+    parts += [word for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits"))
+              if setup.get(key)]
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
 
 
@@ -208,6 +213,7 @@ def main() -> int:
               dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
     jobs += [("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
              for n, f in UNTRACED_SETUPS.items()]
+    jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
     old = []

@@ -13,6 +13,7 @@ mask; cputrace.cuda_like_steps). Tolerance 1.5% of each phase's traced peak.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -21,7 +22,7 @@ pytest.importorskip("peft")
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
-from vramplan.setup import Quant  # noqa: E402
+from vramplan.setup import Loss, Quant  # noqa: E402
 
 TOL = 0.015
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
@@ -105,7 +106,7 @@ CASES = {
 
 def _model_phases(spec, setup) -> dict[str, int]:
     """The model's widest phase inside each measured phase (Phase.measured), as the
-    trace's step 1 sees it: the CPU loss backward holds 2·N·V less, GaLore's SVD refresh
+    trace's step 1 sees it: the CPU's hf loss backward holds 2·N·V less, GaLore's SVD refresh
     runs at step 0 only, and layer-wise optimizers step inside backward."""
     refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
@@ -113,7 +114,7 @@ def _model_phases(spec, setup) -> dict[str, int]:
         k, b = p.measured.value, p.allocated
         if p.measured == MeasuredPhase.BUILD or p.kind in refresh:
             continue
-        if p.kind == PhaseKind.LOSS_BACKWARD:
+        if p.kind == PhaseKind.LOSS_BACKWARD and setup.loss == Loss.HF:
             b -= 2 * setup.tokens * spec.vocab
         out[k] = max(out.get(k, 0), b)
     return out
@@ -332,6 +333,45 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
     assert (root / "docs" / "cpu-trace.md").read_text() == rendered
 
 
+# The loss over the vocabulary (group "loss"; docs/memory-model.md, "The loss over the
+# vocabulary"), each run by its library: accelerate's convert_outputs_to_fp32 around the
+# model's own loss, the loop keeping the output (--keep-logits), torchtune 0.6.1's
+# CEWithChunkedOutputLoss on its decoder's 8 output chunks, TRL 1.16's fused LM head (its
+# Triton folds as CUDA runs them: cputrace.cuda_like_trl). Held to 1.5% per phase.
+LOSS_CASES = {
+    "hf-fp32-outputs-lora": (LLAMA, dict(method="lora", fp32_outputs=True)),
+    "hf-fp32-outputs-full": (LLAMA, dict(method="full", fp32_outputs=True)),
+    "hf-keep-logits-lora": (LLAMA, dict(method="lora", keep_logits=True)),
+    "hf-fp32-keep-logits-lora": (LLAMA, dict(method="lora", fp32_outputs=True, keep_logits=True)),
+    "torchtune-chunked-lora": (LLAMA, dict(method="lora", loss="chunked")),
+    "torchtune-chunked-full": (LLAMA, dict(method="full", loss="chunked")),
+    "torchtune-chunked-fp32-outputs-lora": (LLAMA, dict(method="lora", loss="chunked", fp32_outputs=True)),
+    "torchtune-chunked-keep-logits-lora": (LLAMA, dict(method="lora", loss="chunked", keep_logits=True)),
+    "gemma2-softcap-torchtune-chunked-lora": (GEMMA2, dict(method="lora", loss="chunked")),
+    "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
+    "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
+}
+LOSS_LIBRARY = {"chunked": "torchtune", "trl-chunked-nll": "trl", "hf": "accelerate"}
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", list(LOSS_CASES))
+def test_loss_phases_match_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+    cfg, fields = LOSS_CASES[name]
+    library = LOSS_LIBRARY[fields.get("loss", "hf")]
+    if importlib.util.find_spec(library) is None:  # torchtune's __init__ needs torchao: only find it
+        pytest.skip(f"needs {library}")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**B2S256, **fields)
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    phases = _model_phases(spec, setup)
+    traced = trace_step(str(tmp_path), setup)
+    off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+           for p, b in phases.items() if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)}
+    assert not off, off
+
+
 # Presets at their real width and vocabulary, a few layers (group "real-width" of the
 # committed trace: `python scripts/cpu_trace_report.py --group real-width`, minutes on a CPU).
 # Tracing them again is too slow for CI; the model's side is not: the memory model of this
@@ -355,3 +395,18 @@ def test_real_width_presets_match_their_committed_cpu_trace(row, tmp_path):
 def test_the_real_width_group_is_committed():
     names = {r["name"].split("/")[0] for r in _committed("real-width")}
     assert {"qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b", "gemma-3-4b", "llama-3.1-8b"} <= names
+
+
+@pytest.mark.parametrize("row", _committed("loss"), ids=lambda r: r["name"])
+def test_loss_cases_match_their_committed_cpu_trace(row, tmp_path):
+    """The committed loss traces (no trl/torchtune needed) against this commit's model."""
+    (tmp_path / "config.json").write_text(json.dumps(row["config"]))
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    phases = _model_phases(spec, make_setup(**row["setup"]))
+    off = {p: f"traced {row[p]['traced_bytes'] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+           for p, b in phases.items() if abs(b - row[p]["traced_bytes"]) > TOL * row[p]["traced_bytes"]}
+    assert phases and not off, off
+
+
+def test_every_loss_case_is_committed():
+    assert {r["name"] for r in _committed("loss")} == set(LOSS_CASES)

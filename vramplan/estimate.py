@@ -20,7 +20,7 @@ from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Loss, Method, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
@@ -149,15 +149,31 @@ def fused_expert_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             "quantizes or adapts experts needs its own rule"]
 
 
-def _loss_note(spec: ModelSpec, peak: Phase) -> list[str]:
-    """When the loss on the full logits is most of the peak, say so: it is the one large
-    term a different loss implementation removes (the reference step uses the model's own)."""
-    loss = peak.parts.get(C.TRANSIENT, 0) if peak.kind == PhaseKind.LOSS_BACKWARD else 0
-    if loss < 0.25 * peak.allocated or loss < GiB:
+# How each framework turns on a loss that never builds the [N,V] logits, in its own words
+# (liger-kernel==0.8.5 README; axolotl==0.19.0 integrations/cut_cross_entropy/README.md;
+# trl==1.16.0 sft_trainer.py:1142-1147; torchtune==0.6.1 recipes/configs/*: loss _component_).
+FUSED_LOSS_HOWTO = ("`--loss liger` (`use_liger_kernel: true` in TRL/HF Trainer; in axolotl the plugin "
+                    "`axolotl.integrations.liger.LigerPlugin` under `plugins:` with "
+                    "`liger_fused_linear_cross_entropy: true`), `--loss cce` (in axolotl the plugin "
+                    "`axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin` under `plugins:`), "
+                    "`--loss trl-chunked-nll` (TRL 1.16's SFTTrainer does it by default), `--loss unsloth` "
+                    "(Unsloth's FastLanguageModel, always on), `--loss chunked` (torchtune: "
+                    "`loss: {_component_: torchtune.modules.loss.CEWithChunkedOutputLoss}`)")
+# The same, in one line for a strategy row
+FUSED_LOSS_SHORT = ("the same training with a fused cross-entropy (`--loss liger`): `use_liger_kernel: true` in "
+                    "TRL/HF Trainer, the CutCrossEntropyPlugin in axolotl, on by default in TRL 1.16 and Unsloth")
+
+
+def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:
+    """When the model's own cross-entropy on the full logits is most of the peak, say so and
+    how each framework turns on a loss that holds a fraction of it (memory/loss.py)."""
+    loss = peak.parts.get(C.TRANSIENT, 0) if peak.kind in (PhaseKind.LOSS_BACKWARD, PhaseKind.FORWARD_LOSS) else 0
+    if setup.loss != Loss.HF or loss < 0.25 * peak.allocated or loss < GiB:
         return []
-    return [f"the loss backward on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak (the model's "
-            "own cross-entropy: fp32 logits, log-softmax and their grads); a chunked or fused linear cross-entropy "
-            "(Liger, torchtune) holds a fraction of that, which this estimate does not model"]
+    moment = "backward" if peak.kind == PhaseKind.LOSS_BACKWARD else "forward"
+    return [f"the loss {moment} on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak "
+            "(the model's own cross-entropy: fp32 logits, log-softmax and their grads); a fused or chunked loss "
+            f"holds a fraction of that: {FUSED_LOSS_HOWTO}"]
 
 
 def allocator_overhead(peak_alloc: int) -> int:
@@ -212,7 +228,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
                      phases={p.name: p.allocated for p in model.phases},
                      phase_measured={p.name: p.measured.value for p in model.phases})
     notes = (stack_lines(setup) + context_note(spec, setup) + gpu_notes(gpus) + coverage_notes(spec)
-             + fused_expert_note(spec, setup) + list(model.notes) + _loss_note(spec, peak))
+             + fused_expert_note(spec, setup) + list(model.notes) + _loss_note(spec, setup, peak))
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),

@@ -80,6 +80,7 @@ class MeasuredCase(BaseModel):
             s["galore_rank"] = self.galore_rank
         if self.fsdp_world:
             s.update(fsdp=self.fsdp_world, cpu_offload=self.fsdp_offload)
+        s.update((self.model_extra or {}).get("knobs") or {})  # --loss and the other stack knobs
         return s
 
 

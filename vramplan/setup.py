@@ -78,8 +78,8 @@ class Stack(str, Enum):
 class Loss(str, Enum):
     """How the loss over the vocabulary is computed."""
     HF = "hf"                          # the model's own ForCausalLMLoss on full logits (the reference step)
-    CHUNKED = "chunked"                # chunked cross-entropy over full logits (axolotl, torchtune)
-    TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer loss_type="chunked_nll"
+    CHUNKED = "chunked"                # torchtune's CEWithChunkedOutputLoss over 8 chunks of logits
+    TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer's fused chunked LM head (chunked_nll: its deprecated alias)
     LIGER = "liger"                    # Liger fused linear cross-entropy
     CCE = "cce"                        # Apple Cut Cross-Entropy
     UNSLOTH = "unsloth"                # Unsloth's fused cross-entropy
@@ -228,7 +228,9 @@ class TrainingSetup(BaseModel):
     cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
     # ---- the stack knobs (issue 13): each default is the reference step's
     stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
-    loss: Loss = Field(Loss.HF, description="loss implementation over the vocabulary")
+    loss: Loss = Field(Loss.HF, description="the loss over the vocabulary: hf (the model's own on full logits), "
+                       "chunked (torchtune's 8 output chunks), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
+                       "liger / cce / unsloth (fused kernels, CUDA only)")
     fp32_outputs: bool = Field(False, description="accelerate's bf16 autocast converts the model's outputs (logits) to fp32")
     adapter_dtype: AdapterDtype | None = Field(None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)")
     kbit_prep: bool = Field(False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32")
@@ -286,7 +288,23 @@ class TrainingSetup(BaseModel):
         if self.optim.layerwise and self.fsdp > 1:
             raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
                                 "grads)", _OPTIM_FLAG)
+        self._check_loss()
         return self
+
+    def _check_loss(self) -> None:
+        """Fused losses the kernel itself refuses (or would silently get wrong)."""
+        fused_head = (Loss.TRL_CHUNKED_NLL, Loss.LIGER, Loss.CCE)
+        if self.loss in fused_head and "lm_head" in (self.lora_target_modules or ()):
+            # trl==1.16.0 sft_trainer.py:1066-1073 raises; Liger and CCE read lm_head.weight (the base
+            # weight) and would bypass the adapter
+            raise VramplanError(f"{self.loss.value} cannot train a LoRA adapter on lm_head (--lora-targets "
+                                "lm_head): the fused head reads lm_head.weight; train it whole or use --loss hf",
+                                "--loss")
+        fp32 = self.weight_dtype == ModelDtype.FP32 and not (self.precision == Precision.MIXED and self.fsdp > 1)
+        if self.loss == Loss.CCE and fp32:
+            # cut_cross_entropy/cce_backward.py asserts bf16/fp16 inputs; axolotl's check_dtype_is_half
+            raise VramplanError("cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
+                                "it), but --model-dtype fp32 / --precision mixed computes the head in fp32", "--loss")
 
     @property
     def tokens(self) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
-from vramplan.estimate import estimate_spec, make_setup
+from vramplan.estimate import FUSED_LOSS_SHORT, estimate_spec, make_setup
 from vramplan.hardware import GpuSpec
 from vramplan.headroom import has_safe_headroom
+from vramplan.memory import PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
-from vramplan.setup import fields_for_method
+from vramplan.setup import Loss, fields_for_method
 
 # GaLore as the comparison (and `plot scaling`) runs it: 8-bit layer-wise states, recomputation.
 GALORE_STANDARD: dict[str, object] = dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
@@ -75,6 +76,26 @@ def _shared_fields(base: dict) -> dict:
     return shared
 
 
+# Phases whose transient is the loss over the vocabulary (memory/loss.py)
+_LOSS_PHASES = (PhaseKind.FORWARD_LOSS.label, PhaseKind.LOSS_BACKWARD.label)
+
+
+def _with_fused_loss(spec: ModelSpec, gpus: GpuSpec, host_ram: int | None, label: str, fields: dict,
+                     est: Estimate) -> list[StrategyRow]:
+    """The same strategy with Liger's fused linear cross-entropy, when the model's own loss is
+    the peak and the fused one makes it fit: the same training, a different kernel."""
+    if est.per_gpu.peak_phase not in _LOSS_PHASES:
+        return []
+    try:
+        fused = estimate_spec(spec, make_setup(**fields_for_method({**fields, "loss": Loss.LIGER.value})), gpus,
+                              host_ram)
+    except VramplanError:
+        return []  # a combination Liger refuses
+    if not fused.fits:
+        return []
+    return [StrategyRow(f"{label} + fused CE", fused, FUSED_LOSS_SHORT)]
+
+
 def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
     """Estimate each standard strategy that the GPU count allows; recommend the first that fits
     under the headroom rule (vramplan.headroom, the plan's too), else the first that fits."""
@@ -92,6 +113,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))
+        if not est.fits and "loss" not in shared:
+            rows += _with_fused_loss(spec, gpus, host_ram, label, {**shared, **fields}, est)
     fitting = [r for r in rows if r.estimate.fits]
     safe = [r for r in fitting if has_safe_headroom(r.estimate.headroom_bytes, r.estimate.gpu_memory_bytes)]
     if safe or fitting:

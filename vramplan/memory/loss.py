@@ -1,22 +1,45 @@
 """The head of the step: the batch's token buffers, what the final norm and lm_head save,
-and the logits and cross-entropy (transformers ForCausalLMLoss: logits.float(),
-log_softmax saved). A different loss (chunked, fused linear cross-entropy) is a new
-branch of loss_terms."""
+and the loss over the vocabulary, one rule per `--loss` kind (setup.Loss), dispatched by
+loss_terms. Sources and lifetimes: docs/memory-model.md, "The loss over the vocabulary".
+
+Notation: N tokens, V vocab, h hidden; bytes. Every rule gives the bytes the loss holds
+beyond the saved activations at its forward's and its backward's widest moment. The
+full-logit losses (hf, chunked) run the model's lm_head, so lm_head saves its input as a
+Linear does; the fused ones (trl-chunked-nll, liger, cce, unsloth) take the final norm's
+output and lm_head's weight and save what they need themselves."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory.context import activation_context
+from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Loss, Method, ModelDtype, Precision, TrainingSetup
 
 # Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
 INPUT_BYTES_PER_TOKEN = 24
 # At the optimizer step the batch's token ids (input_ids, reused as labels) are still held
 # by the training loop: one int64 per token.
 LOOP_TOKEN_BYTES = 8
+GiB = 2**30
+
+# torchtune==0.6.1 torchtune/modules/loss/ce_chunked_output_loss.py:31 (num_output_chunks=8)
+TORCHTUNE_CHUNKS = 8
+# trl==1.16.0 trl/kernels/chunked_logprob.py:30 (TOKEN_CHUNK_SIZE) and trl/trainer/utils.py:1506
+# (_CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary tile)
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+# unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py:225,229
+UNSLOTH_BYTES_PER_LOGIT = 16
+UNSLOTH_TARGET_CAP = 4 * GiB
+
+FUSED = frozenset({Loss.TRL_CHUNKED_NLL, Loss.LIGER, Loss.CCE, Loss.UNSLOTH})
+CUDA_ONLY = {Loss.LIGER: "liger-kernel==0.8.5 liger_kernel/ops/fused_linear_cross_entropy.py",
+             Loss.CCE: "cut-cross-entropy (axolotl-ai-cloud/ml-cross-entropy@5f0c7a7) cut_cross_entropy/cce.py",
+             Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py"}
 
 
 def input_bytes(setup: TrainingSetup) -> int:
@@ -34,24 +57,190 @@ def head_trains(setup: TrainingSetup) -> bool:
 
 def root_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     """What the final norm and lm_head save (unrounded): the norm's saved tensors, and
-    lm_head's input when its weight trains."""
+    lm_head's input when its weight trains and the loss runs lm_head as a Linear."""
     ctx = activation_context(setup)
     final = setup.tokens * norm_saved(spec, ctx, True)
-    if head_trains(setup):
+    if head_trains(setup) and setup.loss not in FUSED:
         final += setup.tokens * (2 if (ctx.autocast or ctx.stream == 2) else 4) * spec.hidden  # lm_head saves its input
     return final
 
 
+def fused_head_cast(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """autocast's cached bf16 copy of a trained fp32 lm_head (memory/autocast.py) is never made
+    under a fused loss: it never calls lm_head, and casts views of the weight (TRL per tile,
+    trl/kernels/chunked_logprob.py:346; Liger's fallback `weight.t()`), which autocast does not
+    cache (aten/src/ATen/autocast_mode.cpp: leaves only, no views)."""
+    if not (setup.loss in FUSED and setup.autocast and head_trains(setup)):
+        return 0
+    return alloc(2 * spec.vocab * spec.hidden)
+
+
 @dataclass(frozen=True)
 class LossTerms:
-    """Transient bytes of the loss: inside its forward and at its backward."""
+    """Bytes of the loss beyond the saved activations: at its forward's and its backward's
+    widest moment, and what the training loop keeps referenced (the logits under
+    --keep-logits) through backward, the optimizer step and the next forward."""
     forward: int
     backward: int
+    kept: int = 0
+
+
+def _head_weight_bytes(setup: TrainingSetup) -> int:
+    """lm_head's weight dtype as the loss sees it: fp32 masters (FSDP2's mixed policy gathers them
+    in bf16), or peft's prepare_model_for_kbit_training upcast."""
+    gathered_bf16 = setup.precision == Precision.MIXED and setup.fsdp > 1
+    fp32 = (setup.weight_dtype == ModelDtype.FP32 and not gathered_bf16) or (setup.kbit_prep and setup.lora_like)
+    return 4 if fp32 else 2
+
+
+def _compute_bytes(setup: TrainingSetup) -> int:
+    """The dtype the head's matmul computes in: bf16/fp16 under autocast or bf16 weights."""
+    return 2 if setup.precision != Precision.BF16 or setup.weight_dtype == ModelDtype.BF16 else 4
+
+
+def _logits(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """The model's bf16 logits (+ Gemma 2's tanh softcap output, saved by the model)."""
+    return _compute_bytes(setup) * setup.tokens * spec.vocab * (2 if spec.final_logit_softcapping else 1)
+
+
+def hf_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """transformers ForCausalLMLoss (loss/loss_utils.py:35-74): logits.float() and
+    log_softmax (saved, fp32) in forward; log-softmax saved, its grad in and out in backward."""
+    n, v = setup.tokens, spec.vocab
+    held = _logits(spec, setup)
+    copy = 4 * n * v if _compute_bytes(setup) != 4 else 0  # .float() of fp32 logits is the same tensor
+    return LossTerms(forward=held + copy + 4 * n * v,  # + fp32 copy + log-softmax [notes 7, cal]
+                     backward=held + 12 * n * v)       # log-softmax saved + its grad in + grad out [cal]
+
+
+def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """torchtune's CEWithChunkedOutputLoss, eager (torchtune==0.6.1 modules/loss/
+    ce_chunked_output_loss.py:39-90): the output layer makes 8 bf16 chunks of logits; each is
+    upcast and log-softmaxed in turn, every chunk's fp32 log-softmax saved. The recipe
+    drops the logits before backward (recipes/lora_finetune_single_device.py `del logits`);
+    backward walks the chunks last to first, each freeing its log-softmax."""
+    v = spec.vocab
+    chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
+    saved = 4 * setup.tokens * v                                      # every chunk's log-softmax
+    tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
+    return LossTerms(forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
+                     backward=tanh + saved + 8 * chunk * v)                 # + its log-softmax grad in and out
+
+
+def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """TRL 1.16 SFTTrainer's fused LM head (trl/trainer/utils.py:1548-1698 _fused_forward,
+    trl/kernels/chunked_logprob.py:299-465; `loss_type="chunked_nll"` is a deprecated alias,
+    sft_config.py:283-321): the N_v = B·(S-1) labelled rows of the hidden state gathered (a
+    copy, saved), 7 fp32 running statistics per row, one tile buffer of min(N_v, 4096) rows x
+    32768 columns whatever the vocabulary; backward: the same tile, an fp32 grad of the hidden
+    rows cast back, and an fp32 weight grad cast back when lm_head trains."""
+    n, h, v = setup.tokens, spec.hidden, spec.vocab
+    rows = setup.batch_size * (setup.seq_len - 1)
+    dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
+    tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
+    # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, a slice of an fp32 lm_head
+    casts = ((min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0)
+             + (TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0))
+    saved = rows * h * dt_h + 16 * rows            # h_sel + targets int64, log_z and entropy fp32
+    # the final norm's output, its gathered rows, the statistics and the outputs scattered to N
+    forward = n * h * dt_h + saved + 28 * rows + 9 * rows + 9 * n + tile + casts
+    weight_grad = v * h * (4 + dt_w) if head_trains(setup) else 0
+    backward = saved + rows * h * (4 + dt_h) + 4 * rows + tile + casts + weight_grad
+    return LossTerms(forward=forward, backward=backward)
+
+
+def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """liger-kernel==0.8.5 ops/fused_linear_cross_entropy.py:99-106: rows per logits chunk,
+    next_pow2(cdiv(N, cdiv(V, h))) (chunk_mem_const 1), at most N."""
+    inc = -(-vocab // hidden)
+    rows = -(-tokens // inc)
+    return min(1 << (rows - 1).bit_length(), tokens)
+
+
+def liger_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """Liger's fused linear cross-entropy (liger-kernel==0.8.5 ops/fused_linear_cross_entropy.py:
+    108-155, 574-610): gradients made inside the forward, one logits chunk live (reused), the
+    input grad N·h (and the weight grad V·h in the weight's dtype when lm_head trains) saved
+    for backward, which only scales them in place. An fp32 lm_head under autocast takes the
+    fallback path: a bf16 cast of the weight per chunk."""
+    n, h, v = setup.tokens, spec.hidden, spec.vocab
+    dt_in, dt_w, dt_c = stream_bytes(setup), _head_weight_bytes(setup), _compute_bytes(setup)
+    held = n * h * dt_in + (v * h * dt_w if head_trains(setup) else 0)
+    cast = v * h * dt_c if dt_w != dt_c else 0
+    chunk = liger_chunk_rows(n, v, h) * v * dt_c
+    return LossTerms(forward=n * h * dt_in + held + chunk + cast + 5 * n,  # input + grads + chunk + loss_1d, mask
+                     backward=held)
+
+
+def cce_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """Cut Cross-Entropy, axolotl's defaults (ml-cross-entropy@5f0c7a7 cut_cross_entropy/cce.py:
+    49-220, cce_backward.py:330-485; accum_e_fp32 = accum_c_fp32 = False): no [N,V] tensor;
+    saved: the hidden state itself, lse fp32, int64 targets and valid-row index, logit_avg
+    fp32 [V]; backward: the hidden grad (and the weight grad when lm_head trains) in their
+    own dtype, and argsort(logit_avg)."""
+    n, h, v = setup.tokens, spec.hidden, spec.vocab
+    dt_e, dt_c = stream_bytes(setup), _head_weight_bytes(setup)
+    held = n * h * dt_e + 20 * n + 4 * v
+    weight_grad = v * h * dt_c if head_trains(setup) else 0
+    return LossTerms(forward=held + 12 * n + 16 * n,                      # + neg_dot, lse temp, nonzero index
+                     backward=held + n * h * dt_e + weight_grad + 12 * v)
+
+
+def unsloth_chunks(tokens: int, vocab: int, fixed: int) -> int:
+    """unsloth_zoo==2026.10.9 fused_losses/cross_entropy_loss.py:258-303 get_chunk_size with
+    the target at its 4 GiB cap (min(free/2, 4 GiB), free memory at the first loss call being
+    unknowable here): the fewest chunks, so the widest one, an upper bound."""
+    target = UNSLOTH_TARGET_CAP - fixed if 0 < fixed < UNSLOTH_TARGET_CAP else UNSLOTH_TARGET_CAP
+    exact = tokens * vocab * UNSLOTH_BYTES_PER_LOGIT / target
+    if exact <= 1.0 + 1e-9:
+        return 1
+    return min(math.ceil(exact / 4 - 1e-9) * 4, tokens)
+
+
+def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """Unsloth's fused cross-entropy (unsloth_zoo==2026.10.9 fused_losses/cross_entropy_loss.py:
+    374-520, 713-718): grads made in forward chunk by chunk (16 bytes per logit by their own
+    count), the input grad (and lm_head's, twice while a chunk's is added) held; backward
+    returns scaled copies while the saved ones are alive."""
+    n, h, v = setup.tokens, spec.hidden, spec.vocab
+    dt_h, dt_w = stream_bytes(setup), _head_weight_bytes(setup)
+    head = v * h * dt_w if head_trains(setup) else 0
+    held = n * h * dt_h + head
+    rows = -(-n // unsloth_chunks(n, v, n * h * dt_h + 2 * head))
+    return LossTerms(forward=n * h * dt_h + held + head + rows * v * UNSLOTH_BYTES_PER_LOGIT, backward=2 * held)
+
+
+LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
+    Loss.HF: hf_loss, Loss.CHUNKED: chunked_loss, Loss.TRL_CHUNKED_NLL: trl_fused_loss,
+    Loss.LIGER: liger_loss, Loss.CCE: cce_loss, Loss.UNSLOTH: unsloth_loss}
 
 
 def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
-    """The model's own cross-entropy on the full logits."""
+    """The loss of setup.loss, with accelerate's fp32 outputs and the loop's kept logits.
+
+    --fp32-outputs (accelerate==1.16.0 utils/operations.py:872-893 convert_to_fp32 around
+    forward, accelerator.py:1791-1801): the model's logits copied to fp32 after its loss ran,
+    while the loss's saved log-softmax and the bf16 logits are alive; the bf16 ones die when
+    the wrapper returns, the fp32 ones when compute_loss returns (trainer.py:2126-2163): before
+    backward. For the hf loss that moment equals its forward peak; the fused losses return no
+    [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
+    when converted), from this forward until the next one returns."""
+    terms = LOSS_RULES[setup.loss](spec, setup)
+    if setup.loss in FUSED:
+        return terms
     n, v = setup.tokens, spec.vocab
-    held = 2 * n * v * (2 if spec.final_logit_softcapping else 1)  # bf16 logits (+ tanh output)
-    return LossTerms(forward=held + 8 * n * v,     # + fp32 copy + log-softmax [notes 7, cal]
-                     backward=held + 12 * n * v)   # log-softmax saved + its grad in + grad out [cal]
+    forward = max(terms.forward, _logits(spec, setup) + 8 * n * v) if setup.fp32_outputs else terms.forward
+    kept = (4 if setup.fp32_outputs else _compute_bytes(setup)) * n * v if setup.keep_logits else 0
+    return LossTerms(forward=forward, backward=terms.backward, kept=kept)
+
+
+def loss_notes(setup: TrainingSetup) -> list[str]:
+    """What the estimate of a CUDA-only loss kernel rests on."""
+    if setup.loss not in CUDA_ONLY:
+        return []
+    note = (f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
+            "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)")
+    if setup.loss == Loss.UNSLOTH:
+        note += ("; its chunk count depends on the free memory at the first loss call (min(free/2, 4 GiB)): "
+                 "the 4 GiB cap is assumed, the widest chunk it allows")
+    return [note]

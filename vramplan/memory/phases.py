@@ -21,7 +21,7 @@ from vramplan.memory.fsdp import (
     unit_bytes,
 )
 from vramplan.memory.layer import forward_locals, layer_points
-from vramplan.memory.loss import head_trains, loop_token_bytes, loss_terms
+from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
     final_norm_forward,
@@ -37,7 +37,7 @@ from vramplan.memory.parameters import Param, parameters
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
-from vramplan.memory.types import PhaseKind
+from vramplan.memory.types import MeasuredPhase, PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, TrainingSetup
 
@@ -72,9 +72,10 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     params = prepared.params
     # layer-wise optimizers: each parameter's hook steps it inside backward
     hook = layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    cache = cast_cache(params, setup, spec.vocab, head_trains(setup)) - fused_head_cast(spec, setup)
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
-                       released=saved.released, cast_cache=cast_cache(params, setup, spec.vocab, head_trains(setup)),
+                       released=saved.released, cast_cache=cache,
                        hook=hook)
 
 
@@ -175,5 +176,7 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     layers = layer_backward_phases(ctx)
     phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
               *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
-    notes = [OFFLOAD_NOTE] if setup.cpu_offload else []
+    kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
+    phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
+    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup)
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned, notes=notes)

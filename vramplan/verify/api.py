@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.errors import VramplanError
 from vramplan.hardware import GpuSpec
 from vramplan.results import Estimate
-from vramplan.setup import TrainingSetup
+from vramplan.setup import Loss, TrainingSetup
 from vramplan.verify.results import Comparison, Extrapolation, Measurement
 
 EXIT_NO_GPU = 3
@@ -167,7 +167,9 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
 
 
 def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:
-    if device.startswith("cuda"):
+    # the model's own log-softmax/NLL backward only (memory/loss.py hf_loss); the other losses
+    # were traced on the CPU as they are modelled
+    if device.startswith("cuda") or setup.loss != Loss.HF:
         return 0
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.cputrace import cpu_loss_backward_delta

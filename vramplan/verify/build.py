@@ -14,22 +14,13 @@ from dataclasses import dataclass, field
 from vramplan.errors import VramplanError
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import LoraTargets, Loss, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.verify.optional import need
 
 LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
-
-
-def need(module: str, what: str):
-    """Import an optional (GPU-side) library or say which one is missing."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        pip = {"galore_torch": "galore-torch"}.get(module.split(".")[0], module.split(".")[0])
-        raise VramplanError(f"{what} needs the '{pip}' package ({e}); pip install 'vramplan[verify]'") from None
 
 
 @dataclass
@@ -46,6 +37,7 @@ class Built:
     notes: list[str] = field(default_factory=list)
     simulated: bool = False
     rank: int = 0
+    kept: object | None = None                           # --keep-logits: the last forward's output
 
     @property
     def optimizers(self) -> list:
@@ -57,12 +49,21 @@ class Built:
         return torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
 
     def forward(self, ids):
-        """The loss computed inside the model (labels = input_ids)."""
+        """The loss of setup.loss (labels = input_ids; verify/losses.py). Under --keep-logits
+        the output replaces the previous one only once this forward has returned, as a
+        loop's `output = model(...)` does."""
+        import contextlib
+
         import torch
-        if self.setup.autocast:
-            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
-                return self.model(input_ids=ids, labels=ids).loss
-        return self.model(input_ids=ids, labels=ids).loss
+
+        from vramplan.verify.losses import LOSS_STEPS
+        autocast = (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if self.setup.autocast
+                    else contextlib.nullcontext())
+        with autocast:
+            loss, out = LOSS_STEPS[self.setup.loss](self, ids)
+        if self.setup.keep_logits:
+            self.kept = out
+        return loss
 
     def optimizer_step(self) -> None:
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
@@ -76,6 +77,7 @@ class Built:
         self.hooks.clear()
         self.layerwise.clear()
         self.optimizer = None
+        self.kept = None
         self.model = None
 
 
@@ -372,6 +374,9 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
+
+    from vramplan.verify.losses import add_trl_head, check_device
+    check_device(setup.loss, device)
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
@@ -384,6 +389,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
     if not fsdp:
         materialize(model, device)
+    if setup.loss == Loss.TRL_CHUNKED_NLL:
+        add_trl_head(model)
     if setup.lora_like:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -190,9 +190,66 @@ def cuda_like_steps():
 
     F.dropout = dropout
     try:
-        yield
+        with cuda_like_trl():
+            yield
     finally:
         F.dropout = saved
+
+
+class _RowByRow:
+    """A Triton launch `kernel[grid](tile, ...)` as trl's torch fold of one row at a time:
+    the Triton kernels keep a row in registers, the CPU fold (_forward_tile/_backward_tile)
+    makes several fp32 copies of the whole tile. Row views are updated in place."""
+
+    def __init__(self, fold, rows_first: int):
+        self.fold, self.rows_first = fold, rows_first
+
+    def __getitem__(self, grid):
+        def launch(tile, stride, *args, **kw):
+            for i in range(grid[0]):
+                row = [a[i:i + 1] if hasattr(a, "dim") and a.dim() == 1 else a for a in args[:self.rows_first]]
+                self.fold(tile[i:i + 1], stride, *row, *args[self.rows_first:], **kw)
+        return launch
+
+
+def _addmm_fp32_blocked(acc, a, b, rows: int = 64) -> None:
+    """`acc += a @ b` without an fp32 copy of a or b: CUDA's addmm(out_dtype=float32) makes
+    none (trl/kernels/chunked_logprob.py:_addmm_fp32); here a few rows at a time."""
+    for i in range(0, acc.shape[0], rows):
+        acc[i:i + rows].add_(a[i:i + rows] @ b)
+
+
+@contextlib.contextmanager
+def cuda_like_trl():
+    """trl==1.16.0's fused LM head as it runs on CUDA (trl/kernels/chunked_logprob.py, trl/
+    trainer/utils.py:_fused_forward): the labelled rows gathered (`compact`), the per-row
+    Triton folds, fp32 accumulation without copies. Only when the step loaded trl."""
+    import sys
+    kernel = sys.modules.get("trl.kernels.chunked_logprob")
+    utils = sys.modules.get("trl.trainer.utils")
+    if kernel is None or utils is None:
+        yield
+        return
+    import types
+    saved = {name: getattr(kernel, name, None) for name in
+             ("_use_triton", "_forward_kernel", "_backward_kernel", "_addmm_fp32", "triton")}
+    saved_utils = utils._use_triton
+    # forward fold: (targets, 7 running statistics) are per-row; backward: (targets, log_z, entropy,
+    # grad_logprobs, grad_entropy)
+    kernel._forward_kernel = _RowByRow(kernel._forward_tile, 8)
+    kernel._backward_kernel = _RowByRow(kernel._backward_tile, 5)
+    kernel._use_triton = utils._use_triton = lambda device: True
+    kernel._addmm_fp32 = _addmm_fp32_blocked
+    kernel.triton = types.SimpleNamespace(cdiv=lambda a, b: -(-a // b))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(kernel, name)
+            else:
+                setattr(kernel, name, value)
+        utils._use_triton = saved_utils
 
 
 @contextlib.contextmanager

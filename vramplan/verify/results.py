@@ -119,6 +119,9 @@ class Measurement(BaseModel):
         )
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
+        knobs = stack_knobs(s)
+        if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
+            fields["knobs"] = knobs
         return MeasuredCase.model_validate(fields)
 
 
@@ -165,3 +168,16 @@ class Comparison(BaseModel):
     fits_measured: bool
     fits_estimated: bool
     notes: list[str] = Field(default_factory=list)
+
+
+# TrainingSetup fields the MeasuredCase columns already encode
+_ENCODED = frozenset({"method", "precision", "optim", "batch_size", "seq_len", "lora_r", "lora_dropout", "lora_targets",
+                      "quant", "galore_rank", "galore_update_proj_gap", "gradient_checkpointing", "fsdp",
+                      "cpu_offload"})
+
+
+def stack_knobs(setup: TrainingSetup) -> dict:
+    """The setup's other fields where they differ from their defaults, as JSON values."""
+    dumped = setup.model_dump(mode="json")
+    return {k: dumped[k] for k, f in TrainingSetup.model_fields.items()
+            if k not in _ENCODED and getattr(setup, k) != f.default}

@@ -1,0 +1,131 @@
+"""The loss of the step as each library computes it (--loss, --fp32-outputs), for
+Built.forward: verify on a GPU and the CPU trace run the real code, not a copy of it.
+
+Each function takes the built step and the batch and returns (loss, output): the output
+is what the training loop would hold (a ModelOutput, torchtune's logit chunks), kept only
+under --keep-logits. memory/loss.py models each of them.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from vramplan.errors import VramplanError
+from vramplan.setup import Loss
+
+IGNORE_INDEX = -100
+# The losses trl==1.16.0's SFTTrainer asks its fused head for (sft_trainer.py:1144-1147)
+TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _need(module: str, what: str):
+    from vramplan.verify.optional import need
+    return need(module, what)
+
+
+def _parts(model):
+    """The decoder stack and lm_head of a (peft-wrapped) causal LM; peft adapts them in place."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), base.config.get_text_config()
+
+
+def _fp32_outputs(fn: Callable, built) -> Callable:
+    """accelerate==1.16.0 accelerator.py:1791-1801: under mixed precision prepare_model wraps
+    forward in convert_outputs_to_fp32 (utils/operations.py:872-893), whatever the loss."""
+    if not built.setup.fp32_outputs:
+        return fn
+    return _need("accelerate.utils", "--fp32-outputs").convert_outputs_to_fp32(fn)
+
+
+def hf_step(built, ids):
+    """The model's own ForCausalLMLoss (transformers loss/loss_utils.py): labels = input_ids."""
+    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids)
+    return out.loss, out
+
+
+def torchtune_loss_class():
+    """CEWithChunkedOutputLoss from the installed torchtune, loaded from its file: the
+    package's __init__ imports torchao, torchdata and tiktoken, which the loss never uses
+    (torchtune==0.6.1 torchtune/__init__.py, modules/loss/ce_chunked_output_loss.py)."""
+    found = importlib.util.find_spec("torchtune")
+    if found is None or found.origin is None:
+        raise VramplanError("needs the 'torchtune' package (pip install torchtune==0.6.1 --no-deps)", "--loss chunked")
+    path = Path(found.origin).parent / "modules" / "loss" / "ce_chunked_output_loss.py"
+    spec = importlib.util.spec_from_file_location("_vramplan_torchtune_ce_chunked_output_loss", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CEWithChunkedOutputLoss
+
+
+def torchtune_step(built, ids):
+    """torchtune's decoder and recipe: the output layer on each of 8 chunks of the final
+    hidden state (torchtune==0.6.1 modules/transformer.py TransformerDecoder.forward), labels
+    shifted with an ignored last column, the chunks dropped before backward
+    (recipes/lora_finetune_single_device.py _loss_step: `del logits`)."""
+    import torch
+    loss_fn = torchtune_loss_class()()
+    decoder, head, config = _parts(built.model)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def forward(ids):
+        hidden = decoder(input_ids=ids).last_hidden_state
+        chunks = [head(c) for c in hidden.chunk(loss_fn.num_output_chunks, dim=1)]
+        if cap:
+            chunks = [torch.tanh(c / cap) * cap for c in chunks]
+        ignore = torch.full((ids.shape[0], 1), IGNORE_INDEX, dtype=ids.dtype, device=ids.device)
+        return loss_fn(chunks, torch.hstack((ids[..., 1:], ignore))), chunks
+
+    return _fp32_outputs(forward, built)(ids)
+
+
+def add_trl_head(model) -> None:
+    """trl==1.16.0 SFTTrainer.__init__ (sft_trainer.py:1144-1147) patches every model with its
+    fused, chunked LM head before wrapping it with peft."""
+    _need("trl.trainer.utils", "--loss trl-chunked-nll").add_fused_lm_head(model, outputs=TRL_OUTPUTS)
+
+
+def trl_step(built, ids):
+    """compute_loss: `model(**inputs, fused_lm_head=True)` (sft_trainer.py:1611)."""
+    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids, fused_lm_head=True)
+    return out.loss, out
+
+
+def liger_step(built, ids):
+    """Liger's causal-LM loss (liger-kernel==0.8.5 transformers/model/loss_utils.py:67-106):
+    every row of the final hidden state, labels shifted by padding."""
+    import torch.nn.functional as F
+    fn = _need("liger_kernel.transformers.functional", "--loss liger").liger_fused_linear_cross_entropy
+    decoder, head, _ = _parts(built.model)
+    hidden = decoder(input_ids=ids).last_hidden_state
+    labels = F.pad(ids, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1)), None
+
+
+def cce_step(built, ids):
+    """Cut Cross-Entropy on the final hidden state and lm_head's weight, shifted inside
+    (cut_cross_entropy linear_cross_entropy(..., shift=True), as axolotl's patch calls it)."""
+    lce = _need("cut_cross_entropy", "--loss cce").linear_cross_entropy
+    decoder, head, _ = _parts(built.model)
+    return lce(decoder(input_ids=ids).last_hidden_state, head.weight, ids, shift=True), None
+
+
+def unsloth_step(built, ids):
+    """unsloth_zoo==2026.10.9 fused_losses/cross_entropy_loss.py:809 unsloth_fused_ce_loss, as
+    unsloth's patched CausalLM forward calls it (unsloth/models/llama.py:2086-2140)."""
+    fused = _need("unsloth_zoo.fused_losses.cross_entropy_loss", "--loss unsloth").unsloth_fused_ce_loss
+    decoder, head, _ = _parts(built.model)
+    hidden = decoder(input_ids=ids).last_hidden_state
+    return fused(None, hidden, head.weight, head.bias, ids), None
+
+
+LOSS_STEPS: dict[Loss, Callable] = {
+    Loss.HF: hf_step, Loss.CHUNKED: torchtune_step, Loss.TRL_CHUNKED_NLL: trl_step,
+    Loss.LIGER: liger_step, Loss.CCE: cce_step, Loss.UNSLOTH: unsloth_step}
+
+
+def check_device(loss: Loss, device: str) -> None:
+    from vramplan.memory.loss import CUDA_ONLY
+    if loss in CUDA_ONLY and not device.startswith("cuda"):
+        raise VramplanError(f"{loss.value} runs Triton kernels ({CUDA_ONLY[loss]}): it needs --device cuda", "--loss")
