@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from vramplan.errors import VramplanError
 from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec, resolve_config
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import Attention, LoraTargets, Method, Optim, Packing, Precision, Quant, TrainingSetup
 
 LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
@@ -54,15 +54,30 @@ class Built:
     def batch(self):
         import torch
         s = self.setup
-        return torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
+        ids = torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
+        return ids.reshape(1, -1) if s.packing == Packing.PADDING_FREE else ids
+
+    def position_ids(self, ids):
+        """Packed batches: position_ids restart at every packed sequence and no attention_mask
+        is passed (transformers DataCollatorWithFlattening, TRL padding_free). padding-free:
+        the micro-batch flattened into one row, each sequence its own; position-ids: each row
+        two packed sequences of half its length."""
+        import torch
+        s = self.setup
+        if s.packing == Packing.NONE:
+            return None
+        length = s.seq_len if s.packing == Packing.PADDING_FREE else max(s.seq_len // 2, 1)
+        pos = torch.arange(ids.shape[1], device=ids.device) % length
+        return pos.unsqueeze(0).expand(ids.shape[0], -1).contiguous()
 
     def forward(self, ids):
         """The loss computed inside the model (labels = input_ids)."""
         import torch
+        kw = {} if self.setup.packing == Packing.NONE else {"position_ids": self.position_ids(ids)}
         if self.setup.autocast:
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
-                return self.model(input_ids=ids, labels=ids).loss
-        return self.model(input_ids=ids, labels=ids).loss
+                return self.model(input_ids=ids, labels=ids, **kw).loss
+        return self.model(input_ids=ids, labels=ids, **kw).loss
 
     def optimizer_step(self) -> None:
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
@@ -91,15 +106,20 @@ def hf_config(cfg: dict, attn: str):
     return config
 
 
-def meta_model(cfg: dict, spec: ModelSpec, dtype):
+# --attention as transformers names the implementation
+HF_ATTENTION = {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH: "flash_attention_2"}
+
+
+def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = None):
     """The causal LM on the meta device: shapes only, nothing allocated."""
     import torch
     from vramplan.analyze import auto_class
-    config = hf_config(cfg, spec.attn_implementation)
+    attn = HF_ATTENTION[attention] if attention is not None else spec.attn_implementation
+    config = hf_config(cfg, attn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=attn)
     model.train()
     return model
 
@@ -257,7 +277,7 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant})
     if setup.lora_like:
         model.enable_input_require_grads()
 
@@ -375,7 +395,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
     dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
-    model = meta_model(cfg, spec, dtype)
+    model = meta_model(cfg, spec, dtype, setup.attention)
     prefix = decoder_prefix(model, spec.num_layers)
     galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
     fsdp = setup.fsdp > 1

@@ -1,0 +1,163 @@
+"""Activation offload, reentrant checkpointing, attention kernels and packing: each rule
+against bytes derived by hand from its source (docs/memory-model.md, "Activation offload,
+reentrant checkpointing, attention and packing")."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vramplan.categories import Category as C
+from vramplan.errors import VramplanError
+from vramplan.estimate import make_setup
+from vramplan.memory import LayerPoint, PhaseKind, layer_saved_per_token, step_model
+from vramplan.memory.attention import step_masks
+from vramplan.model_loader import load_model_spec
+
+MiB = 2**20
+# llama-3.1-8b: hidden 4096, 32 layers, 32 heads of 128, 8 kv heads; vocab 128256
+H, L, Q, KV, NH = 4096, 32, 4096, 1024, 32
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model_spec("llama-3.1-8b")
+
+
+def _phase(model, kind, layer=None, point=None):
+    return next(p for p in model.phases if p.kind == kind and p.layer == layer and p.point == point)
+
+
+def _lora(**kw):
+    return make_setup(**{"method": "lora", "gradient_checkpointing": True, "batch_size": 1, "seq_len": 3000, **kw})
+
+
+def test_checkpoint_offload_moves_every_layer_input_to_power_of_two_pinned_blocks(llama8b):
+    # save_on_cpu(pin_memory=True): one pinned copy of each layer's bf16 input, N*h*2 =
+    # 24,576,000 B, which torch's CachingHostAllocator rounds up to 32 MiB
+    plain, off = step_model(llama8b, _lora()), step_model(llama8b, _lora(activation_offload="checkpoints"))
+    assert off.host_pinned - plain.host_pinned == L * 32 * MiB
+    # at the loss, no layer input is on the GPU any more
+    loss = PhaseKind.FORWARD_LOSS
+    freed = _phase(plain, loss).parts[C.ACTIVATIONS] - _phase(off, loss).parts[C.ACTIVATIONS]
+    assert freed == L * 3000 * H * 2
+    assert any("modelled from source, not measured" in n for n in off.notes)
+
+
+def test_unsloth_offload_keeps_the_last_input_and_two_reload_buffers(llama8b):
+    # unsloth_zoo gradient_checkpointing.py: every input but the last offloaded (bf16), host
+    # slots grown to it (200 slots of 128Ki bf16 elements to start), GPU_BUFFERS + GPU_BUFFERS_B
+    setup = _lora(seq_len=4096, activation_offload="unsloth")
+    plain, off = step_model(llama8b, _lora(seq_len=4096)), step_model(llama8b, setup)
+    one = 4096 * H * 2  # 32 MiB
+    assert off.host_pinned - plain.host_pinned == L * one + (200 - L) * 128 * 1024 * 2
+    loss = PhaseKind.FORWARD_LOSS
+    freed = _phase(plain, loss).parts[C.ACTIVATIONS] - _phase(off, loss).parts[C.ACTIVATIONS]
+    assert freed == (L - 1) * one - 2 * one
+
+
+def test_unsloth_below_512_tokens_is_plain_checkpointing(llama8b):
+    plain = step_model(llama8b, _lora(seq_len=256, checkpoint_reentrant=True))
+    unsloth = step_model(llama8b, _lora(seq_len=256, activation_offload="unsloth"))
+    assert unsloth.host_pinned == plain.host_pinned
+    assert max(p.allocated for p in unsloth.phases) == max(p.allocated for p in plain.phases)
+
+
+def test_offload_all_keeps_only_the_norms_deduplicated_inputs(llama8b):
+    # LoRA: each RMSNorm saves its fp32 input twice (pow, mul): 4h, twice per layer, stays
+    setup = make_setup(method="lora", batch_size=1, seq_len=1024, activation_offload="all")
+    plain = step_model(llama8b, make_setup(method="lora", batch_size=1, seq_len=1024))
+    off = step_model(llama8b, setup)
+    n = 1024
+    per_layer = [layer_saved_per_token(llama8b, layer, setup, input_grad=i > 0)
+                 for i, layer in enumerate(llama8b.layers)]
+    offloaded = sum(n * a for a in per_layer) - sum(n * (4 * H * (2 if i > 0 else 1)) for i in range(L))
+    loss = PhaseKind.FORWARD_LOSS
+    assert _phase(plain, loss).parts[C.ACTIVATIONS] - _phase(off, loss).parts[C.ACTIVATIONS] == offloaded
+    # the host holds every saved tensor once, and the loss's fp32 log-softmax
+    assert off.host_pinned - plain.host_pinned == sum(n * a for a in per_layer) + 4 * n * llama8b.vocab
+
+
+def test_reentrant_holds_the_recomputed_output_through_the_layer_backward(llama8b):
+    plain, re = step_model(llama8b, _lora(), every_layer=True), step_model(llama8b, _lora(checkpoint_reentrant=True),
+                                                                             every_layer=True)
+    end = (PhaseKind.LAYER_BACKWARD, 0, LayerPoint.END)
+    assert _phase(re, *end).allocated - _phase(plain, *end).allocated == 3000 * H * 2
+
+
+def test_reentrant_runs_downs_adapter_path_that_the_early_stop_skips(llama8b):
+    # no early stop: at down's adapter peft's fp32 path (12·out) exists, not only the base's
+    # bf16 output (2·out); only the layer's output grad is in flight (2h), not the adapter's
+    # fp32 + bf16 output grads and the layer's (4·out + 2·out + 2h, out = h for down)
+    point = (PhaseKind.LAYER_BACKWARD, 5, LayerPoint.LORA_RECOMPUTE_DOWN)
+    setup = dict(lora_dropout=0.05)
+    plain = _phase(step_model(llama8b, _lora(**setup), every_layer=True), *point)
+    re = _phase(step_model(llama8b, _lora(checkpoint_reentrant=True, **setup), every_layer=True), *point)
+    n = 3000
+    assert re.parts[C.TRANSIENT] - plain.parts[C.TRANSIENT] == n * (12 * H - 2 * H) - n * (4 * H + 2 * H)
+
+
+def test_flash_never_masks_nor_repeats_kv():
+    mistral = load_model_spec("mistral-7b")  # sliding window 4096: at 8k SDPA gets a mask
+    layer = mistral.layers[0]
+    sdpa, flash = (make_setup(method="lora", seq_len=8192, attention=a) for a in ("sdpa", "flash"))
+    q, kv = mistral.q_dim, mistral.kv_dim
+    # SDPA: k and v repeated to every head and a bf16 mask copy of 8192 columns per token
+    assert (layer_saved_per_token(mistral, layer, sdpa) - layer_saved_per_token(mistral, layer, flash)
+            == 2 * 2 * (q - kv) + 2 * 8192)
+    assert step_masks(mistral, flash) == 0 and step_masks(mistral, sdpa) == 8192 * 8192
+
+
+def test_packed_position_ids_give_sdpa_a_mask_in_every_layer(llama8b):
+    layer = llama8b.layers[0]
+    plain = make_setup(method="lora", seq_len=2048)
+    packed = make_setup(method="lora", seq_len=2048, packing="position-ids")
+    # the bf16 mask copy (2·S per token) and k, v repeated to every head (use_gqa_in_sdpa off)
+    assert layer_saved_per_token(llama8b, layer, packed) - layer_saved_per_token(llama8b, layer, plain) == (
+        2 * 2048 + 2 * 2 * (Q - KV))
+    assert step_masks(llama8b, packed) == 2048 * 2048  # the bool [1, 1, S, S] mask
+
+
+def test_padding_free_is_one_row_of_all_tokens(llama8b):
+    layer = llama8b.layers[0]
+    pf = make_setup(method="lora", batch_size=2, seq_len=1024, packing="padding-free")
+    packed = make_setup(method="lora", batch_size=2, seq_len=1024, packing="position-ids")
+    # SDPA: one 2048 x 2048 mask instead of two 1024 x 1024
+    assert layer_saved_per_token(llama8b, layer, pf) - layer_saved_per_token(llama8b, layer, packed) == 2 * 1024
+    assert step_masks(llama8b, pf) == 2048 * 2048
+    # FlashAttention-2 varlen: no mask at all, the unpacked step's bytes
+    flash = make_setup(method="lora", batch_size=2, seq_len=1024, packing="padding-free", attention="flash")
+    none = make_setup(method="lora", batch_size=2, seq_len=1024)
+    assert layer_saved_per_token(llama8b, layer, flash) == layer_saved_per_token(llama8b, layer, none)
+    assert step_masks(llama8b, flash) == 0
+
+
+def test_eager_on_a_sdpa_model_keeps_the_probabilities(llama8b):
+    eager = make_setup(method="lora", seq_len=1024, attention="eager")
+    sdpa = make_setup(method="lora", seq_len=1024)
+    layer = llama8b.layers[0]
+    # q, repeated k and v, fp32 softmax + bf16 probs per score, vs SDPA's q, k, v, out, lse
+    assert layer_saved_per_token(llama8b, layer, eager) - layer_saved_per_token(llama8b, layer, sdpa) == (
+        (2 * Q + 4 * Q + NH * 1024 * 6) - (2 * Q + 4 * KV + 2 * Q + 4 * NH))
+
+
+def test_sdpa_on_a_model_without_an_sdpa_path_is_refused():
+    gemma2 = load_model_spec("gemma-2-2b")
+    with pytest.raises(VramplanError, match="--attention"):
+        step_model(gemma2, make_setup(method="lora", attention="sdpa"))
+
+
+def test_checkpoint_offload_needs_checkpointing():
+    with pytest.raises(VramplanError, match="--gradient-checkpointing") as e:
+        make_setup(method="lora", activation_offload="checkpoints")
+    assert "--activation-offload" in str(e.value)
+
+
+def test_cli_names_both_flags_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", "llama-3.2-1b", "--gpus", "1x24GB",
+                           "--method", "lora", "--activation-offload", "unsloth"],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "--activation-offload" in lines[0] and "--gradient-checkpointing" in lines[0]
