@@ -161,3 +161,18 @@ def test_cli_names_both_flags_in_one_line():
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr
     assert "--activation-offload" in lines[0] and "--gradient-checkpointing" in lines[0]
+
+
+def test_planner_fits_padding_free_masks_in_the_token_count(llama8b):
+    # padding-free under SDPA: the mask spans the whole row of batch x seq tokens, so the
+    # planner's quadratic term is in N, not N x seq
+    import numpy as np
+
+    from vramplan.memory import prepare
+    from vramplan.plan import _allocs, _coefficients
+    setup = make_setup(method="lora", packing="padding-free", gradient_checkpointing=True)
+    pre = prepare(llama8b, setup)
+    coef, _ = _coefficients(llama8b, setup, pre, 512, 4096)
+    at, _ = _allocs(llama8b, setup, pre, 3, 1024)
+    n = 3 * 1024
+    assert np.allclose(coef[:, 0] + coef[:, 1] * n + coef[:, 2] * n * n, at, rtol=1e-4)

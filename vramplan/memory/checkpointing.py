@@ -111,7 +111,8 @@ def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOfflo
         # an fp32 stream is stored as bf16 and cast back into a new fp32 tensor on reload
         return CheckpointOffload(kept_layers=1, input=one, host=slots + spare,
                                  buffers=UNSLOTH_RELOAD_BUFFERS * alloc(stored),
-                                 reload=one if stream != UNSLOTH_STORE_BYTES else 0, forward_extra=one if layers > 1 else 0)
+                                 reload=one if stream != UNSLOTH_STORE_BYTES else 0,
+                                 forward_extra=one if layers > 1 else 0)
     return CheckpointOffload(kept_layers=layers, input=one, host=0, buffers=0, reload=0, forward_extra=0)
 
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from vramplan.errors import VramplanError
 from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec, resolve_config
-from vramplan.setup import Attention, LoraTargets, Method, Optim, Packing, Precision, Quant, TrainingSetup
+from vramplan.setup import (
+    ActivationOffload,
+    Attention,
+    LoraTargets,
+    Method,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    TrainingSetup,
+)
 
 LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
@@ -277,7 +287,12 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant})
+    kwargs = {"use_reentrant": setup.checkpoint_reentrant}
+    if setup.activation_offload == ActivationOffload.CHECKPOINTS:
+        # transformers >= 5.25: save_on_cpu(pin_memory=True) around each checkpoint (needs an accelerator)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if setup.lora_like:
         model.enable_input_require_grads()
 
@@ -391,6 +406,10 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
+    if setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH):
+        raise VramplanError(f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
+                            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
+                            "--activation-offload")
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
