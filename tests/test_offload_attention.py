@@ -176,3 +176,85 @@ def test_planner_fits_padding_free_masks_in_the_token_count(llama8b):
     at, _ = _allocs(llama8b, setup, pre, 3, 1024)
     n = 3 * 1024
     assert np.allclose(coef[:, 0] + coef[:, 1] * n + coef[:, 2] * n * n, at, rtol=1e-4)
+
+
+class _OffloadDecisions:
+    """TRL 1.16 OffloadActivations.pack_tensor's decisions in streams mode, replayed on the
+    CPU (trl/models/activation_offloading.py:200-340; its copies need CUDA streams and pinned
+    memory): a tensor saved again while its storage's first save is among the last 5 packs is
+    kept on the device, and so is every later save of that storage; tensors under 1024 B and
+    parameters are kept; everything else is offloaded. Bytes per decoder layer."""
+
+    def __init__(self, params):
+        self.tid, self.layer = 0, None
+        self.stash: dict[int, tuple] = {}
+        self.key_id: dict[tuple, int] = {}
+        self.id_key: dict[int, tuple] = {}
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.kept: dict[int, dict[tuple, int]] = {}
+        self.host: dict[int, int] = {}
+
+    def _track(self, key, tid):
+        self.key_id[key], self.id_key[tid] = tid, key
+
+    def pack(self, t):
+        import torch
+        self.tid += 1
+        key = (t.untyped_storage().data_ptr() + t.storage_offset(), t.dtype)
+        if self.layer is None:
+            return t
+        if key in self.key_id:  # dedup: kept on the device
+            self.kept.setdefault(self.layer, {})[key] = t.untyped_storage().nbytes()
+            self._track(key, self.tid)
+            return t
+        if (t.element_size() * t.nelement() < 1024 or isinstance(t, torch.nn.Parameter)
+                or t.untyped_storage().data_ptr() in self.params):
+            return t
+        for old in [i for i in self.stash if i <= self.tid - 5]:
+            del self.stash[old]
+            k = self.id_key.pop(old, None)
+            if k is not None and self.key_id.get(k) == old:
+                del self.key_id[k]
+        self.host[self.layer] = self.host.get(self.layer, 0) + t.element_size() * t.nelement()
+        self.stash[self.tid] = key
+        self._track(key, self.tid)
+        return t
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_offload_all_keeps_what_trl_deduplicates_on_the_real_model(method, tmp_path):
+    """The real step's saved tensors (transformers, peft on the CPU) through TRL's pack
+    decisions: per decoder layer the model's GPU-resident bytes (offload_all_resident) and
+    its host bytes (every saved tensor once), to 2%."""
+    import json
+
+    import torch
+
+    from vramplan.memory.activations import per_layer_saved
+    from vramplan.memory.checkpointing import offload_all_resident
+    from vramplan.memory.context import activation_context
+    from vramplan.verify.build import build_step, decoder_prefix
+    from test_cpu_trace import TINY_VOCAB
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
+    setup = make_setup(method=method, batch_size=2, seq_len=256, lora_dropout=0.0, activation_offload="all")
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    # the step without the offloader (verify does not run it); the hooks replay its decisions
+    built = build_step(str(tmp_path), make_setup(**{**setup.model_dump(), "activation_offload": "none"}), device="cpu")
+    sim = _OffloadDecisions(list(built.model.parameters()))
+    layers = built.model.get_submodule(decoder_prefix(built.model, spec.num_layers))
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: setattr(sim, "layer", i))
+        layer.register_forward_hook(lambda m, a, o: setattr(sim, "layer", None))
+    with torch.autograd.graph.saved_tensors_hooks(sim.pack, lambda t: t):
+        built.forward(built.batch())
+    n, ctx = setup.tokens, activation_context(setup)
+    saved = per_layer_saved(spec, setup)
+    # RoPE's cos/sin, saved by every layer, are counted once for the step (rope_saved)
+    shared = {k for i in sim.kept for k in sim.kept[i] if sum(k in other for other in sim.kept.values()) > 1}
+    for i, layer in enumerate(spec.layers):
+        resident = n * offload_all_resident(spec, layer, ctx, i > 0 or method == "full")
+        kept = sum(b for k, b in sim.kept.get(i, {}).items() if k not in shared)
+        assert abs(kept - resident) <= 0.02 * resident, (i, sim.kept.get(i))
+        assert abs(sim.host[i] - n * saved[i]) <= 0.02 * n * saved[i], (i, sim.host[i], n * saved[i])
