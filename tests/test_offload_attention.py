@@ -258,3 +258,12 @@ def test_offload_all_keeps_what_trl_deduplicates_on_the_real_model(method, tmp_p
         kept = sum(b for k, b in sim.kept.get(i, {}).items() if k not in shared)
         assert abs(kept - resident) <= 0.02 * resident, (i, sim.kept.get(i))
         assert abs(sim.host[i] - n * saved[i]) <= 0.02 * n * saved[i], (i, sim.host[i], n * saved[i])
+
+
+def test_flash_on_a_class_without_flash_attention_is_refused():
+    # transformers 5.25 Gemma3ForConditionalGeneration: _supports_flash_attn = False (flash
+    # drops the bidirectional mask over image tokens); read by the analysis into the spec
+    gemma3 = load_model_spec("gemma-3-4b")
+    assert not gemma3.supports_flash
+    with pytest.raises(VramplanError, match="--attention"):
+        step_model(gemma3, make_setup(method="lora", attention="flash"))
