@@ -54,17 +54,26 @@ def rope_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
 
 def offload_all_layers(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
     """--activation-offload all without checkpointing: each layer keeps its deduplicated saves
-    on the GPU (offload_all_resident); the host holds every saved tensor once, and the
-    loss's saved fp32 log-softmax (ForCausalLMLoss runs outside the lm_head's no-offload
-    region). At a layer's forward its newest packs are still in flight: bounded by that
+    on the GPU (offload_all_resident); the host holds every saved tensor once
+    (loss_offloaded adds the loss's). At a layer's forward its newest packs are still in flight: bounded by that
     layer's saved tensors. [modelled from source]"""
     n, ctx = setup.tokens, activation_context(setup)
     gpu = [alloc(n * offload_all_resident(spec, layer, ctx, i > 0 or _first_grad(setup)))
            for i, layer in enumerate(spec.layers)]
-    host = sum(alloc(n * a) for a in per_layer) + (alloc(4 * n * spec.vocab) if setup.loss == Loss.HF else 0)
+    host = sum(alloc(n * a) for a in per_layer)
     extra = alloc(n * per_layer[-1]) - gpu[-1] if per_layer else 0
     return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu, host=host,
                             forward_extra=extra)
+
+
+def loss_offloaded(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """OffloadActivations also moves the loss's saved fp32 log-softmax (4·N·V) to the host:
+    ForCausalLMLoss runs outside the lm_head's no-offload region (trl activation_offloading.py
+    :716-732), with or without checkpointing. In the loss backward it is back on the GPU, as
+    loss_terms counts it. (Other losses: not modelled here.)"""
+    if setup.activation_offload != ActivationOffload.ALL or setup.loss != Loss.HF:
+        return 0
+    return alloc(4 * setup.tokens * spec.vocab)
 
 
 def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
@@ -87,8 +96,9 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
     per_layer = per_layer_saved(spec, setup)
     lay = layer_activations(spec, setup, per_layer)
     released = alloc(root_saved(spec, setup))
+    host = lay.host + loss_offloaded(spec, setup)
     total = (lay.layers + lay.buffers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup)
              + released)
     return SavedActivations(per_layer=per_layer, layers=lay.layers, released=released, total=total,
-                            layer_gpu=lay.layer_gpu, host=lay.host, buffers=lay.buffers, reload=lay.reload,
+                            layer_gpu=lay.layer_gpu, host=host, buffers=lay.buffers, reload=lay.reload,
                             forward_extra=lay.forward_extra)
