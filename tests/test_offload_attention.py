@@ -267,3 +267,42 @@ def test_flash_on_a_class_without_flash_attention_is_refused():
     assert not gemma3.supports_flash
     with pytest.raises(VramplanError, match="--attention"):
         step_model(gemma3, make_setup(method="lora", attention="flash"))
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentrant, tmp_path):
+    """transformers' offload runs each checkpoint inside save_on_cpu (an outer
+    saved_tensors_hooks; modeling_utils.py:3162-3170), which needs pinned memory on an
+    accelerator. The same outer hooks around the real step's checkpoints on the CPU see
+    exactly one packed tensor per layer, the layer's bf16 input: what checkpoint_offload moves."""
+    import json
+
+    import torch
+
+    from vramplan.memory.checkpointing import checkpoint_offload, pinned
+    from vramplan.verify.build import build_step, decoder_prefix
+    from test_cpu_trace import TINY_VOCAB
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
+    setup = make_setup(method="lora", batch_size=2, seq_len=256, lora_dropout=0.0, gradient_checkpointing=True,
+                       checkpoint_reentrant=reentrant)
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    built = build_step(str(tmp_path), setup, device="cpu")
+    packed: list[list[int]] = []
+
+    def offloading(func):
+        def run(*args, **kwargs):
+            packed.append([])
+            pack = (lambda t: (packed[-1].append(t.element_size() * t.nelement()), t)[1])
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return func(*args, **kwargs)
+        return run
+
+    for layer in built.model.get_submodule(decoder_prefix(built.model, spec.num_layers)):
+        layer._gradient_checkpointing_func = offloading(layer._gradient_checkpointing_func)
+    built.forward(built.batch())
+    one = setup.tokens * spec.hidden * 2
+    assert packed == [[one]] * spec.num_layers
+    assert checkpoint_offload(spec, setup.model_copy(update={"activation_offload": "checkpoints"})).host == (
+        spec.num_layers * pinned(one))
