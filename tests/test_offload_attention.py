@@ -230,12 +230,12 @@ def test_offload_all_keeps_what_trl_deduplicates_on_the_real_model(method, tmp_p
     import json
 
     import torch
+    from test_cpu_trace import TINY_VOCAB
 
     from vramplan.memory.activations import per_layer_saved
     from vramplan.memory.checkpointing import offload_all_resident
     from vramplan.memory.context import activation_context
     from vramplan.verify.build import build_step, decoder_prefix
-    from test_cpu_trace import TINY_VOCAB
 
     (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
     setup = make_setup(method=method, batch_size=2, seq_len=256, lora_dropout=0.0, activation_offload="all")
@@ -279,10 +279,10 @@ def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentr
     import json
 
     import torch
+    from test_cpu_trace import TINY_VOCAB
 
     from vramplan.memory.checkpointing import checkpoint_offload, pinned
     from vramplan.verify.build import build_step, decoder_prefix
-    from test_cpu_trace import TINY_VOCAB
 
     (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
     setup = make_setup(method="lora", batch_size=2, seq_len=256, lora_dropout=0.0, gradient_checkpointing=True,
@@ -294,7 +294,10 @@ def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentr
     def offloading(func):
         def run(*args, **kwargs):
             packed.append([])
-            pack = (lambda t: (packed[-1].append(t.element_size() * t.nelement()), t)[1])
+
+            def pack(t):
+                packed[-1].append(t.element_size() * t.nelement())
+                return t
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 return func(*args, **kwargs)
         return run
