@@ -24,6 +24,7 @@ from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_r
 from vramplan.hardware import GpuSpec, profiles
 from vramplan.memory import prepare, step_model
 from vramplan.memory.attention import mask_from, span_terms
+from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, Optim, Packing, Precision, Quant, TrainingSetup
@@ -261,12 +262,12 @@ def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
 
 def _seq_regimes(spec: ModelSpec, setup: TrainingSetup, seqs: np.ndarray) -> list[np.ndarray]:
     """Row masks of the sequences one set of coefficients covers: a sliding-window SDPA
-    model gets an explicit mask from its window on, so the sequences split there."""
-    window = mask_from(spec, setup)
-    if window is None:
-        return [np.ones(len(seqs), dtype=bool)]
-    below = seqs < window
-    return [m for m in (below, ~below) if m.any()]
+    model gets an explicit mask from its window on, and Unsloth's offloaded checkpointing
+    starts at 512 tokens, so the sequences split there."""
+    breaks = sorted({b for b in (mask_from(spec, setup), unsloth_from(setup)) if b is not None})
+    edges = [0, *breaks, np.inf]
+    regimes = [(seqs >= lo) & (seqs < hi) for lo, hi in zip(edges, edges[1:], strict=False)]
+    return [m for m in regimes if m.any()]
 
 
 def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:

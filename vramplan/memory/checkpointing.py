@@ -67,6 +67,11 @@ def unsloth_offloads(spec: ModelSpec, setup: TrainingSetup) -> bool:
             and setup.tokens * spec.hidden * UNSLOTH_STORE_BYTES > UNSLOTH_MINIMUM_SIZE)
 
 
+def unsloth_from(setup: TrainingSetup) -> int | None:
+    """The sequence length from which Unsloth offloads (None: another mode)."""
+    return UNSLOTH_MIN_SEQ if setup.activation_offload == ActivationOffload.UNSLOTH else None
+
+
 def pinned(nbytes: int) -> int:
     """A pinned host allocation: torch's CachingHostAllocator rounds it up to a power of two
     (torch==2.13 ATen/core/CachingHostAllocator.h: PowerOf2Ceil; no threshold by default)."""
