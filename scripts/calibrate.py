@@ -147,6 +147,20 @@ CASES = [
     case("l1b_lora16_b2s2048_chunked", L1B, method="lora", batch_size=2, seq_len=2048, loss="chunked"),
     case("l1b_lora16_b2s2048_fp32out_keep", L1B, method="lora", batch_size=2, seq_len=2048, fp32_outputs=True,
          keep_logits=True),
+    # modelled from source, not measured (docs/memory-model.md, "Activation offload, reentrant
+    # checkpointing, attention and packing"): transformers' checkpoint offload (pinned memory
+    # needs CUDA), FlashAttention-2 (needs flash-attn on the GPU machine; padded and varlen),
+    # and SDPA's packed-sequence mask on CUDA's efficient kernel (pad_bias<16> at S % 16 != 0)
+    case("l8b_lora16_ckpt_offload_b1s8192", L8B, method="lora", gradient_checkpointing=True,
+         activation_offload="checkpoints", batch_size=1, seq_len=8192, seconds=90),
+    case("l8b_lora16_ckpt_reentrant_b1s4096", L8B, method="lora", gradient_checkpointing=True,
+         checkpoint_reentrant=True, batch_size=1, seq_len=4096, seconds=90),
+    case("l1b_lora16_flash_b4s2048", L1B, method="lora", attention="flash", batch_size=4, seq_len=2048),
+    case("mistral_L4_lora16_flash_b1s8192", MIS, layers=4, method="lora", attention="flash", batch_size=1,
+         seq_len=8192, seconds=60),
+    case("l1b_lora16_flash_padfree_b4s2048", L1B, method="lora", attention="flash", packing="padding-free",
+         batch_size=4, seq_len=2048),
+    case("l1b_lora16_sdpa_posids_b2s2040", L1B, method="lora", packing="position-ids", batch_size=2, seq_len=2040),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases

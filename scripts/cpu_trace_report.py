@@ -7,7 +7,8 @@ Groups: "structure" (the cases tests/test_cpu_trace.py holds to 1.5%), "layer-ba
 (a 64-token vocabulary, so a decoder layer's backward is the peak: the phase the H100
 calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest Linear)
 "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
-"long-context" (16k tokens on two layers, a 64-token vocabulary), "real-width" (presets
+"long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
+(reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
 that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
@@ -26,8 +27,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, LONG,  # noqa: E402
-                            LONG_SHAPE, LOSS_CASES, WIDE, _build_compared, _model_build_peak, _model_phases)
+from test_cpu_trace import (  # noqa: E402
+    B2S256,
+    BUILD_CASES,
+    CASES,
+    DEQ_CASES,
+    KNOB_CASES,
+    LAYER_ARCH_CASES,
+    LLAMA,
+    LONG,
+    LONG_SHAPE,
+    LOSS_CASES,
+    V64_SHAPE,
+    WIDE,
+    _build_compared,
+    _model_build_peak,
+    _model_phases,
+)
+from test_cpu_trace import TINY_VOCAB as V64_LLAMA  # noqa: E402
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
@@ -116,7 +133,9 @@ def _setup_text(setup: dict) -> str:
     if setup.get("fsdp", 1) > 1:
         parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
     if setup.get("gradient_checkpointing"):
-        parts.append("ckpt")
+        parts.append("ckpt" + (" reentrant" if setup.get("checkpoint_reentrant") else ""))
+    parts += [f"{k.replace('_', ' ')} {setup[k]}" for k in ("activation_offload", "attention", "packing")
+              if setup.get(k) not in (None, "none")]
     if setup.get("loss", "hf") != "hf":
         parts.append(f"loss {setup['loss']}")
     parts += [word for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits"))
@@ -216,6 +235,7 @@ def main() -> int:
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
+    jobs += [("offload-attention", n, V64_LLAMA, f, V64_SHAPE) for n, f in KNOB_CASES.items()]
     old = []
     if args.group:
         jobs = [j for j in jobs if j[0] == args.group]

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from vramplan import plot
 from vramplan.categories import COLORS, Category
 from vramplan.cli import main
 from vramplan.estimate import estimate_config
 from vramplan.hardware import parse_gpus
 from vramplan.measured import load_cases
 from vramplan.model_loader import load_model_spec
-from vramplan import plot
 from vramplan.units import GiB
 
 DATA = Path(__file__).parent / "data"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -383,6 +382,7 @@ def test_core_calibration_cases_cover_every_technique_in_order():
 def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "scripts"))
     import calibrate
+
     from vramplan.verify import launch
     ran = []
 

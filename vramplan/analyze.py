@@ -213,6 +213,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         # an image-text checkpoint: what lies outside its text decoder is the vision side
         other_numel=0 if tcfg is not config else other_n, idle_numel=other_n if tcfg is not config else 0,
         attn_implementation="sdpa" if sdpa else "eager", norm_kind=norm_kind,
+        supports_flash=bool(getattr(type(model), "_supports_flash_attn", False)),
         norms_per_layer=len(specs[0].norm_numels) - len(specs[0].attn_norm_dims) if specs else 0,
         final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),
         attn_logit_softcapping=getattr(tcfg, "attn_logit_softcapping", None),

@@ -107,6 +107,8 @@ class ModelSpec(BaseModel):
     idle_numel: int = Field(0, description="parameters a text step never runs (an image-text checkpoint's vision "
                             "tower and projector): stored, but given no gradient and so no optimizer state")
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
+    supports_flash: bool = Field(True, description="the model class takes "
+                                 "attn_implementation=\"flash_attention_2\" (_supports_flash_attn)")
     norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma (the weight "
                            "multiply in fp32: Gemma, OLMo2), layer")
     norms_per_layer: int = Field(description="norms on the residual stream per layer (attention's q/k norms not counted)")

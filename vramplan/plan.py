@@ -44,9 +44,11 @@ from vramplan.limits import (
     check_int,
 )
 from vramplan.memory import prepare, step_model
+from vramplan.memory.attention import mask_from, span_terms
+from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Precision, Quant, Stack, TrainingSetup
+from vramplan.setup import Method, Optim, Packing, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
@@ -257,10 +259,14 @@ def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) 
     a1, pinned = _allocs(spec, setup, pre, 1, s1)
     a2, _ = _allocs(spec, setup, pre, 2, s1)
     per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
-    windowed = spec.mask_window is not None and s1 >= spec.mask_window
-    if s2 == s1 or (spec.attn_implementation == "sdpa" and not windowed):
+    if s2 == s1 or not span_terms(spec, setup.model_copy(update={"seq_len": s1})):
         return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
     a3, _ = _allocs(spec, setup, pre, 1, s2)
+    if setup.packing == Packing.PADDING_FREE and s2 != 2 * s1:
+        # one row of N tokens: allocated = c + a*N + b*N*N, from N = s1, 2*s1, s2
+        ns = np.array([s1, 2 * s1, s2], dtype=np.float64)
+        coef = np.linalg.solve(np.stack([np.ones(3), ns, ns * ns], axis=1), np.stack([a1, a2, a3]))
+        return coef.T, pinned
     # a3 - c = (a + b*s2) * s2 and a1 - c = (a + b*s1) * s1 with a = per_n - b*s1
     b = (a3 - a1 - per_n * (s2 - s1)) / ((s2 - s1) * s2)
     a = per_n - b * s1
@@ -280,13 +286,14 @@ def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
     return ranks * (PROCESS_HOST_BYTES + pinned)
 
 
-def _seq_regimes(spec: ModelSpec, seqs: np.ndarray) -> list[np.ndarray]:
+def _seq_regimes(spec: ModelSpec, setup: TrainingSetup, seqs: np.ndarray) -> list[np.ndarray]:
     """Row masks of the sequences one set of coefficients covers: a sliding-window SDPA
-    model gets an explicit mask from its window on, so the sequences split there."""
-    if spec.mask_window is None:
-        return [np.ones(len(seqs), dtype=bool)]
-    below = seqs < spec.mask_window
-    return [m for m in (below, ~below) if m.any()]
+    model gets an explicit mask from its window on, and Unsloth's offloaded checkpointing
+    starts at 512 tokens, so the sequences split there."""
+    breaks = sorted({b for b in (mask_from(spec, setup), unsloth_from(setup)) if b is not None})
+    edges = [0, *breaks, np.inf]
+    regimes = [(seqs >= lo) & (seqs < hi) for lo, hi in zip(edges, edges[1:], strict=False)]
+    return [m for m in regimes if m.any()]
 
 
 def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
@@ -294,13 +301,14 @@ def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.n
     tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
     alloc = np.full(tokens.shape, -np.inf)
     pinned = 0
-    for rows in _seq_regimes(spec, seqs):
+    for rows in _seq_regimes(spec, setup, seqs):
         sub = seqs[rows]
         coef, pinned = _coefficients(spec, setup, pre, int(sub[0]), int(sub[-1]))
         t = tokens[rows]
         part = np.full(t.shape, -np.inf)
+        span = t if setup.packing == Packing.PADDING_FREE else sub[:, None]  # attention_span
         for c, a, b in _pareto(coef):  # after the Pareto filter a handful of phases remain
-            np.maximum(part, c + a * t + b * t * sub[:, None], out=part)
+            np.maximum(part, c + a * t + b * t * span, out=part)
         alloc[rows] = part
     return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
 

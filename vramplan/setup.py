@@ -285,6 +285,12 @@ class TrainingSetup(BaseModel):
                                 _OPTIM_FLAG)
         if self.cpu_offload and self.fsdp < 2:
             raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
+        if self.activation_offload in (ActivationOffload.CHECKPOINTS, ActivationOffload.UNSLOTH) \
+                and not self.gradient_checkpointing:
+            # transformers' offload is an option of activation checkpointing (save_on_cpu around each
+            # checkpoint); Unsloth's "unsloth" mode is its checkpointing
+            raise VramplanError(f"{self.activation_offload.value} offloads checkpointed layers' inputs: it needs "
+                                "--gradient-checkpointing", "--activation-offload")
         if self.optim.layerwise and self.fsdp > 1:
             raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
                                 "grads)", _OPTIM_FLAG)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.hardware import HardwareProfile
 from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import Attention, Method, Optim, Precision, Quant, TrainingSetup
 
 # ---- the three global constants (fit_constants on tests/data/h100_dev.jsonl, steady steps)
 MFU = 0.65          # achieved fraction of the dense bf16 peak on the matmul FLOPs
@@ -153,7 +153,8 @@ def micro_flops(sh: Shapes, setup: TrainingSetup) -> float:
     lin = 2.0 * N * sh.matmul_params
     # causal attention: QK^T and PV, 2*s*q per token per layer; flash skips the masked half,
     # eager attention computes the full square
-    attn = 2.0 * N * s * sh.q_dim * sh.layers * (2 if sh.eager else 1)
+    eager = sh.eager if setup.attention is None else setup.attention == Attention.EAGER
+    attn = 2.0 * N * s * sh.q_dim * sh.layers * (2 if eager else 1)
     lin_in, lin_out, _ = _lora_io(sh, setup)
     lora = 2.0 * N * setup.lora_r * (lin_in + lin_out) * sh.layers
     head = 2.0 * N * sh.head_params

@@ -1,32 +1,38 @@
 """The activations saved through the forward, step-wide: every decoder layer's (or, under
-checkpointing, each layer's input), RoPE's cos/sin, the batch's buffers, the masks and
-what the final norm and lm_head save."""
+checkpointing, each layer's input), RoPE's cos/sin, the batch's buffers, the masks
+and what the final norm and lm_head save; and, under activation offload, which of them
+live in pinned host RAM instead."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vramplan.memory.attention import step_masks
-from vramplan.memory.checkpointing import kept_per_layer
-from vramplan.memory.context import stream_bytes
+from vramplan.memory.checkpointing import checkpoint_offload, offload_all_resident
+from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.layer import ShapeKey, layer_saved_per_token, shape_key
 from vramplan.memory.loss import input_bytes, root_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import ActivationOffload, Loss, Method, TrainingSetup
 
 
 @dataclass(frozen=True)
 class SavedActivations:
     per_layer: list[int]   # per token, what each decoder layer saves without checkpointing
-    layers: int            # the decoder layers' share of `total`
+    layers: int            # the decoder layers' share of `total` (on the GPU)
     released: int          # the final norm's and lm_head's share, freed before the layers' backward
     total: int
+    layer_gpu: list[int] = field(default_factory=list)  # each layer's bytes on the GPU through the step
+    host: int = 0           # activation offload: pinned host bytes
+    buffers: int = 0        # activation offload: persistent GPU reload buffers (in `total`)
+    reload: int = 0         # a checkpointed input back on the GPU while its layer is recomputed
+    forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
 
 
 def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     """Per token, what each decoder layer saves. The first layer's input needs grad only when
     the embedding trains or checkpointing calls enable_input_require_grads."""
-    first_grad = setup.method in (Method.FULL, Method.GALORE) or setup.gradient_checkpointing
+    first_grad = _first_grad(setup)
     saved_of: dict[tuple[ShapeKey, bool], int] = {}  # most models repeat one layer shape: compute each once
     out = []
     for i, layer in enumerate(spec.layers):
@@ -37,19 +43,62 @@ def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     return out
 
 
+def _first_grad(setup: TrainingSetup) -> bool:
+    return setup.method in (Method.FULL, Method.GALORE) or setup.gradient_checkpointing
+
+
 def rope_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     """RoPE cos/sin are computed once and saved by every layer's multiply (shared tensors)."""
     return 2 * alloc(setup.tokens * spec.head_dim * stream_bytes(setup))
 
 
-def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:
+def offload_all_layers(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
+    """--activation-offload all without checkpointing: each layer keeps its deduplicated saves
+    on the GPU (offload_all_resident); the host holds every saved tensor once
+    (loss_offloaded adds the loss's). At a layer's forward its newest packs are still in flight: bounded by that
+    layer's saved tensors. [modelled from source]"""
+    n, ctx = setup.tokens, activation_context(setup)
+    gpu = [alloc(n * offload_all_resident(spec, layer, ctx, i > 0 or _first_grad(setup)))
+           for i, layer in enumerate(spec.layers)]
+    host = sum(alloc(n * a) for a in per_layer)
+    extra = alloc(n * per_layer[-1]) - gpu[-1] if per_layer else 0
+    return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu, host=host,
+                            forward_extra=extra)
+
+
+def loss_offloaded(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """OffloadActivations also moves the loss's saved fp32 log-softmax (4·N·V) to the host:
+    ForCausalLMLoss runs outside the lm_head's no-offload region (trl activation_offloading.py
+    :716-732), with or without checkpointing. In the loss backward it is back on the GPU, as
+    loss_terms counts it. (Other losses: not modelled here.)"""
+    if setup.activation_offload != ActivationOffload.ALL or setup.loss != Loss.HF:
+        return 0
+    return alloc(4 * setup.tokens * spec.vocab)
+
+
+def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
+    """The decoder layers' saved bytes on the GPU (and on the host), per checkpointing and
+    offload mode (released and total are filled in by saved_activations)."""
     n = setup.tokens
-    per_layer = per_layer_saved(spec, setup)
     if setup.gradient_checkpointing:
-        # non-reentrant checkpointing keeps each layer's input hidden state
-        layers = sum(alloc(n * kept_per_layer(spec, stream_bytes(setup))) for _ in spec.layers)
-    else:
-        layers = sum(alloc(n * a) for a in per_layer)
+        # each checkpointed layer keeps its input hidden state, on the GPU unless offloaded
+        off = checkpoint_offload(spec, setup)
+        gpu = off.layer_gpu(len(spec.layers))
+        return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu,
+                                host=off.host, buffers=off.buffers, reload=off.reload, forward_extra=off.forward_extra)
+    if setup.activation_offload == ActivationOffload.ALL:
+        return offload_all_layers(spec, setup, per_layer)
+    gpu = [alloc(n * a) for a in per_layer]
+    return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu)
+
+
+def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:
+    per_layer = per_layer_saved(spec, setup)
+    lay = layer_activations(spec, setup, per_layer)
     released = alloc(root_saved(spec, setup))
-    total = layers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup) + released
-    return SavedActivations(per_layer=per_layer, layers=layers, released=released, total=total)
+    host = lay.host + loss_offloaded(spec, setup)
+    total = (lay.layers + lay.buffers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup)
+             + released)
+    return SavedActivations(per_layer=per_layer, layers=lay.layers, released=released, total=total,
+                            layer_gpu=lay.layer_gpu, host=host, buffers=lay.buffers, reload=lay.reload,
+                            forward_extra=lay.forward_extra)

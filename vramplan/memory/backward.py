@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
-from vramplan.memory.checkpointing import kept_per_layer
 from vramplan.memory.context import StepContext
 from vramplan.memory.fsdp import (
     layer_backward_gathered,
@@ -109,12 +108,17 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
         assert setup.quant is not None
         out.append((LayerPoint.DEQUANTIZE, this - alloc(n * pts.quant_freed),
                     alloc(n * pts.quant_bwd) + dequantize_transient(pts.quant_numel, setup.quant)))
+    # non-reentrant: the recompute starts inside the first adapter's backward and stops once
+    # lora_B saved its input; reentrant: it runs whole before the layer's backward, with only
+    # the layer's output grad in flight (checkpointing.reentrant)
+    inflight = ctx.stream * ctx.spec.hidden if ctx.reentrant else pts.lora_inflight
+    down_rc = pts.lora_down if ctx.reentrant else pts.lora_down_rc
     if ckpt and pts.lora_fwd:
         out.append((LayerPoint.LORA_RECOMPUTE, this - alloc(n * (pts.down_saved + pts.recompute_absent)),
-                    alloc(n * (pts.lora_fwd + pts.lora_inflight))))
-    if ckpt and pts.lora_down_rc:
+                    alloc(n * (pts.lora_fwd + inflight))))
+    if ckpt and down_rc:
         out.append((LayerPoint.LORA_RECOMPUTE_DOWN, this - alloc(n * pts.down_absent),
-                    alloc(n * (pts.lora_down_rc + pts.lora_inflight))))
+                    alloc(n * (down_rc + inflight))))
     if ctx.spec.layers[i].post_mlp_norm and ctx.spec.norm_kind != "layer":
         # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
         out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.stream))))
@@ -135,7 +139,34 @@ def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, do
     moments = _core_moments(ctx, pts, this, book, i, done, fs)
     in_flight = fs.gathered + fs.reduce_prev
     moments += [LayerMoment(tag, live, tr, done, in_flight) for tag, live, tr in _extra_moments(ctx, pts, this, i)]
+    if ctx.ckpt or ctx.offload_all:
+        moments = [_offload_moment(ctx, pts, i, m) for m in moments]
     return moments
+
+
+RECOMPUTE_POINTS = (LayerPoint.LORA_RECOMPUTE, LayerPoint.LORA_RECOMPUTE_DOWN, LayerPoint.MOE_RECOMPUTE)
+
+
+def _offload_moment(ctx: StepContext, pts: LayerPoints, i: int, m: LayerMoment) -> LayerMoment:
+    """A moment under activation offload or reentrant checkpointing. An offloaded checkpoint
+    input is back on the GPU while its layer is recomputed (reentrant: through the layer's
+    whole backward, held by the checkpoint's backward); reentrant checkpointing also holds the
+    recomputed layer's output until the layer's backward is done. Offloading every saved
+    tensor, a layer's backward holds its GPU-resident saves and what about two autograd nodes
+    restored (trl activation_offloading.py:385-535: a node's restored tensors are dropped once
+    the next node starts), bounded by down's and the MLP's elementwise saves."""
+    n = ctx.tokens
+    transient = m.transient
+    during = m.point in RECOMPUTE_POINTS
+    if ctx.ckpt and (ctx.reentrant or during):
+        transient += ctx.reload
+    if ctx.reentrant and not during:
+        transient += alloc(n * ctx.stream * ctx.spec.hidden)
+    live = m.live
+    if ctx.offload_all:
+        restored = pts.down_saved + pts.mlp_grads - ctx.stream * ctx.spec.hidden
+        live = min(live, ctx.layer_gpu[i] + alloc(n * restored))
+    return LayerMoment(m.point, live, transient, m.grads, m.fsdp)
 
 
 def layer_backward_phases(ctx: StepContext) -> list[Phase]:
@@ -148,7 +179,7 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
         key = shape_key(ctx.spec.layers[i])
         if key not in points_of:
             points_of[key] = layer_points(ctx.spec, ctx.spec.layers[i], ctx.setup)
-        this = alloc(ctx.tokens * ctx.per_layer[i])
+        this = ctx.layer_gpu[i]  # on the GPU: the layer's saves, its input (checkpointing) or neither (offload)
         kept = non_layer + remaining - (0 if ctx.ckpt else this)  # saved outside this layer's own
         for m in layer_moments(ctx, points_of[key], book, i, done):
             ph = ctx.base(PhaseKind.LAYER_BACKWARD, layer=i, point=m.point)
@@ -158,5 +189,5 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
                 ph.add(C.FSDP_BUFFERS, m.fsdp)
             out.append(ph)
         done += book.sharded.get(i, 0)
-        remaining -= alloc(ctx.tokens * kept_per_layer(ctx.spec, ctx.stream)) if ctx.ckpt else this
+        remaining -= this
     return out

@@ -1,12 +1,40 @@
-"""Gradient checkpointing (torch.utils.checkpoint, non-reentrant, as transformers enables
-it): what each checkpointed layer keeps, and its forward's working set when nothing is
-saved. The recompute's own moments are layer backward points (layer.py)."""
+"""Gradient checkpointing (torch.utils.checkpoint as transformers enables it; non-reentrant
+unless --checkpoint-reentrant): what each checkpointed layer keeps, its forward's working
+set when nothing is saved, and where the kept inputs live under activation offload
+(--activation-offload). The recompute's own moments are layer backward points (layer.py,
+backward.py)."""
 from __future__ import annotations
 
-from vramplan.memory.attention import attention_forward
-from vramplan.memory.context import ActivationContext
+from dataclasses import dataclass
+
+from vramplan.memory.attention import attention_forward, attention_kind, attention_span
+from vramplan.memory.context import ActivationContext, stream_bytes
 from vramplan.memory.mlp import ckpt_forward
+from vramplan.memory.norms import norm_saved
+from vramplan.memory.storage import alloc
 from vramplan.model_spec import LayerSpec, ModelSpec
+from vramplan.setup import ActivationOffload, Attention, TrainingSetup
+
+# Unsloth's offloaded checkpointing (unsloth-zoo==2026.10.9 unsloth_zoo/gradient_checkpointing.py:63-66, 1326):
+# a layer's input is offloaded when its stored bytes exceed MINIMUM_SIZE; the host pool starts with
+# INITIAL_CPU_BUFFER_COUNT buffers of INITIAL_CPU_BUFFER_SIZE elements, each grown to the largest stored
+# input; unsloth/models/_utils.py:503-507 falls back to plain checkpointing below max_seq_length 512.
+UNSLOTH_MINIMUM_SIZE = 2 * 1024 * 1024
+UNSLOTH_CPU_BUFFERS, UNSLOTH_CPU_BUFFER_ELEMENTS = 200, 128 * 1024
+UNSLOTH_MIN_SEQ = 512
+UNSLOTH_STORE_BYTES = 2   # fp32 hidden states are stored as bf16 (UNSLOTH_OFFLOAD_FP32 default, :424)
+UNSLOTH_RELOAD_BUFFERS = 2  # GPU_BUFFERS + GPU_BUFFERS_B (double buffering from step 2 with > 512 MiB free, :1428-1447)
+# TRL/torchtune OffloadActivations (trl==1.16.0 trl/models/activation_offloading.py:124-180): the
+# forward stash keeps the last max_fwd_stash_size packed originals on the GPU until their copy is done.
+OFFLOAD_STASH = 5
+
+OFFLOAD_SOURCES = {
+    ActivationOffload.CHECKPOINTS: "transformers==5.25.0 modeling_utils.py:3159-3170 (save_on_cpu(pin_memory=True) "
+                                   "around checkpoint), torch==2.13 torch/autograd/graph.py:400-420",
+    ActivationOffload.ALL: "trl==1.16.0 trl/models/activation_offloading.py:200-340 (OffloadActivations, as torchtune "
+                           "and axolotl use it)",
+    ActivationOffload.UNSLOTH: "unsloth-zoo==2026.10.9 unsloth_zoo/gradient_checkpointing.py:1337-1640",
+}
 
 
 def kept_per_layer(spec: ModelSpec, stream: int) -> int:
@@ -20,4 +48,103 @@ def checkpointed_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActivationConte
     set, or the attention's with the norm's output (post-norm: the layer's input, which the
     checkpoint holds anyway). [CPU trace]"""
     return max(ckpt_forward(spec, layer, f, gated, residual, lora_mlp),
-               attention_forward(spec, layer, ctx, ctx.setup.seq_len) + (residual if layer.pre_norm else 0))
+               attention_forward(spec, layer, ctx, attention_span(ctx.setup)) + (residual if layer.pre_norm else 0))
+
+
+def reentrant(setup: TrainingSetup) -> bool:
+    """The recompute runs the whole layer's forward, then its backward, inside the checkpoint's
+    own backward node (torch==2.13 torch/utils/checkpoint.py CheckpointFunction.backward), with
+    no early stop, and that forward's output stays referenced (`outputs`) until the layer's
+    backward is done. Unsloth's UnslothCheckpointFunction.backward does the same whatever
+    use_reentrant says (unsloth_zoo gradient_checkpointing.py:1551-1570)."""
+    return setup.gradient_checkpointing and (setup.checkpoint_reentrant
+                                             or setup.activation_offload == ActivationOffload.UNSLOTH)
+
+
+def unsloth_offloads(spec: ModelSpec, setup: TrainingSetup) -> bool:
+    """Whether use_gradient_checkpointing="unsloth" offloads at this size (else plain checkpointing)."""
+    return (setup.activation_offload == ActivationOffload.UNSLOTH and setup.seq_len >= UNSLOTH_MIN_SEQ
+            and setup.tokens * spec.hidden * UNSLOTH_STORE_BYTES > UNSLOTH_MINIMUM_SIZE)
+
+
+def unsloth_from(setup: TrainingSetup) -> int | None:
+    """The sequence length from which Unsloth offloads (None: another mode)."""
+    return UNSLOTH_MIN_SEQ if setup.activation_offload == ActivationOffload.UNSLOTH else None
+
+
+def pinned(nbytes: int) -> int:
+    """A pinned host allocation: torch's CachingHostAllocator rounds it up to a power of two
+    (torch==2.13 ATen/core/CachingHostAllocator.h: PowerOf2Ceil; no threshold by default)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+@dataclass(frozen=True)
+class CheckpointOffload:
+    """Where the checkpointed layers' inputs live (bytes, tokens applied)."""
+    kept_layers: int     # the last kept_layers layers keep their input on the GPU through the step
+    input: int           # one layer's input
+    host: int            # pinned host RAM
+    buffers: int         # persistent GPU reload buffers (Unsloth)
+    reload: int          # the input of the layer being recomputed, back on the GPU (transient)
+    forward_extra: int   # inputs still referenced on the GPU at a layer's forward, beyond those kept
+
+    def layer_gpu(self, layers: int) -> list[int]:
+        return [0] * (layers - self.kept_layers) + [self.input] * self.kept_layers
+
+
+def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOffload:
+    """Checkpointing's kept inputs, per offload mode. transformers' offload (save_on_cpu) and
+    TRL's OffloadActivations under checkpointing move each layer's positional input only (RoPE's
+    cos/sin and the mask are partial-bound kwargs and stay); the GPU keeps the current layer's
+    input and the embedding output (locals of the model's forward), TRL also its last
+    OFFLOAD_STASH packed inputs. In backward each input comes back as a fresh GPU tensor
+    (.to(device)). Unsloth copies each input but the last into host buffers and reloads into
+    persistent GPU buffers; the last layer's input stays. [modelled from source]"""
+    n, layers, stream = setup.tokens, len(spec.layers), stream_bytes(setup)
+    one = alloc(n * kept_per_layer(spec, stream))
+    mode = setup.activation_offload
+    if mode in (ActivationOffload.CHECKPOINTS, ActivationOffload.ALL):
+        resident = min(layers, OFFLOAD_STASH + 1 if mode == ActivationOffload.ALL else 2)
+        host = layers * pinned(n * kept_per_layer(spec, stream))
+        return CheckpointOffload(kept_layers=0, input=one, host=host, buffers=0, reload=one,
+                                 forward_extra=resident * one)
+    if unsloth_offloads(spec, setup):
+        stored = n * spec.hidden * UNSLOTH_STORE_BYTES
+        # step 0 offloads every layer (the last is learnt then), so every slot has grown
+        slots = layers * pinned(max(stored, UNSLOTH_CPU_BUFFER_ELEMENTS * UNSLOTH_STORE_BYTES))
+        spare = max(UNSLOTH_CPU_BUFFERS - layers, 0) * UNSLOTH_CPU_BUFFER_ELEMENTS * UNSLOTH_STORE_BYTES
+        # an fp32 stream is stored as bf16 and cast back into a new fp32 tensor on reload
+        return CheckpointOffload(kept_layers=1, input=one, host=slots + spare,
+                                 buffers=UNSLOTH_RELOAD_BUFFERS * alloc(stored),
+                                 reload=one if stream != UNSLOTH_STORE_BYTES else 0,
+                                 forward_extra=one if layers > 1 else 0)
+    return CheckpointOffload(kept_layers=layers, input=one, host=0, buffers=0, reload=0, forward_extra=0)
+
+
+def offload_all_resident(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
+    """Per token, what OffloadActivations leaves on the GPU of a layer's saved tensors without
+    checkpointing. It offloads every saved tensor of at least 1024 B that is not a parameter,
+    but a storage saved again while its first save is still in the forward stash (the last
+    OFFLOAD_STASH packs) is kept on the GPU, and from then on every later save of it
+    (trl==1.16.0 activation_offloading.py:215-224, dedup by storage pointer and dtype). An
+    RMSNorm saves its fp32 input twice (pow, then the mul by rsqrt), and a trained norm's
+    output is saved by the weight multiply and again by the next Linear; with trained
+    weights o_proj saves attention's output, which attention saved two packs before. So the
+    norms' saved tensors (and, full fine-tune, attention's output) stay. [modelled from source]"""
+    if spec.norm_kind == "layer":
+        norms = 0  # native_layer_norm saves its input once: offloaded
+    else:
+        n_norms = max(spec.norms_per_layer, 1)
+        norms = norm_saved(spec, ctx, input_grad) + norm_saved(spec, ctx, True) * (n_norms - 1)
+        norms += sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
+    shared_out = ctx.weights_train and attention_kind(spec, ctx.setup) != Attention.EAGER
+    return norms + (2 * spec.q_dim if shared_out else 0)
+
+
+def offload_note(setup: TrainingSetup) -> list[str]:
+    """The estimate's note for an offload mode that needs CUDA (pinned memory, streams)."""
+    source = OFFLOAD_SOURCES.get(setup.activation_offload)
+    if source is None:
+        return []
+    return [f"--activation-offload {setup.activation_offload.value}: modelled from source, not measured ({source}); "
+            "the host column counts its pinned RAM."]

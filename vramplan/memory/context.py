@@ -8,7 +8,7 @@ from vramplan.categories import Category as C
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import ActivationOffload, Method, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ class StepContext:
     released: int                  # saved by the final norm and lm_head, freed before the layers
     cast_cache: int                # autocast's cached bf16 weight casts
     hook: dict[int | None, int] = field(default_factory=dict)  # layer-wise optimizers' hook bytes
+    # activation offload and checkpointing's variants (checkpointing.py, activations.py)
+    layer_gpu: list[int] = field(default_factory=list)  # each layer's saved bytes on the GPU through the step
+    reload: int = 0          # a checkpointed input back on the GPU while its layer is recomputed
+    forward_extra: int = 0   # offloaded tensors still on the GPU at a layer's forward
+    buffers: int = 0         # persistent GPU reload buffers (Unsloth), part of acts
+    host_acts: int = 0       # activations in pinned host RAM
+    reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
 
     @property
     def tokens(self) -> int:
@@ -82,6 +89,11 @@ class StepContext:
     @property
     def stream(self) -> int:
         return stream_bytes(self.setup)
+
+    @property
+    def offload_all(self) -> bool:
+        """OffloadActivations over every saved tensor, no checkpointing."""
+        return self.setup.activation_offload == ActivationOffload.ALL and not self.ckpt
 
     def base(self, kind: PhaseKind, with_grads: bool = False, layer: int | None = None,
              point: LayerPoint | None = None) -> Phase:

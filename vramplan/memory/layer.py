@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.memory.attention import attention_saved
+from vramplan.memory.attention import attention_kind, attention_saved, attention_span
 from vramplan.memory.checkpointing import checkpointed_forward
 from vramplan.memory.context import activation_context
 from vramplan.memory.linears import linears_saved
@@ -14,7 +14,7 @@ from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import dequantize_backward
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import TrainingSetup
+from vramplan.setup import Attention, TrainingSetup
 
 
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
@@ -27,10 +27,10 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     saved += linears_saved(attn_in, h, ctx, input_grad)
     # q_norm / k_norm: q and k need grad whatever trains (the layer's input does)
     saved += sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
-    saved += attention_saved(spec, layer, ctx, setup.seq_len)
+    saved += attention_saved(spec, layer, ctx, attention_span(setup))
     # o_proj reads the attention output, which SDPA already saved (same tensor)
     saved += linears_saved(layer.linears_with(LinearRole.O), spec.q_dim, ctx, True,
-                           input_shared=spec.attn_implementation == "sdpa")
+                           input_shared=attention_kind(spec, setup) != Attention.EAGER)
     saved += norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
     saved += mlp_saved(spec, layer, ctx, True)
     return saved

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from vramplan.categories import Category as C
 from vramplan.memory.activations import saved_activations
+from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
+from vramplan.memory.checkpointing import offload_note, reentrant
 from vramplan.memory.context import StaticBytes, StepContext
 from vramplan.memory.fsdp import (
     forward_end_gathered,
@@ -39,7 +41,7 @@ from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MeasuredPhase, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Attention, Method, TrainingSetup
 
 OFFLOAD_NOTE = ("CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
                 "memory and the optimizer steps on the CPU.")
@@ -76,7 +78,8 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
                        released=saved.released, cast_cache=cache,
-                       hook=hook)
+                       hook=hook, layer_gpu=saved.layer_gpu, reload=saved.reload, forward_extra=saved.forward_extra,
+                       buffers=saved.buffers, host_acts=saved.host, reentrant=reentrant(setup))
 
 
 def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
@@ -118,7 +121,7 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     recompute in backward is wider; this is forward's peak); without it, at its widest
     LoRA Linear, everything saved so far plus peft's fp32 adapter path."""
     pts = layer_points(ctx.spec, ctx.spec.layers[-1], ctx.setup)
-    n, before = ctx.tokens, ctx.acts - ctx.released
+    n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
     if ctx.ckpt:
         ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(C.ACTIVATIONS, before + ctx.cast_cache)
         ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd))
@@ -142,7 +145,7 @@ def quantization_phases(ctx: StepContext) -> list[Phase]:
     if ctx.setup.method != Method.QLORA:
         return []
     assert ctx.setup.quant is not None
-    ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts)
+    ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.forward_extra)
     ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
     if ctx.world > 1:  # this unit and the one prefetched, and the root
         ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
@@ -156,12 +159,19 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
         return []
     phases = []
     if not ctx.setup.optim.layerwise:
-        ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
+        ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS,
+                                                                     loop_token_bytes(ctx.setup) + ctx.buffers)
         phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
     if ctx.setup.method == Method.GALORE:
         phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
                                            ctx.static.grads))
     return phases
+
+
+def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What the estimate rests on for knobs that run only on CUDA (modelled from source)."""
+    notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
+    return notes + offload_note(setup)
 
 
 def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
@@ -178,5 +188,5 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
               *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
-    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup)
-    return StepModel(phases=phases, host_pinned=prepared.static.host_pinned, notes=notes)
+    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
+    return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

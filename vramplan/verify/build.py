@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from vramplan.errors import VramplanError
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import LoraTargets, Loss, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import (
+    ActivationOffload,
+    Attention,
+    LoraTargets,
+    Loss,
+    Method,
+    Optim,
+    Packing,
+    Precision,
+    Quant,
+    TrainingSetup,
+)
 from vramplan.verify.optional import need
 
 LR = 1e-5
@@ -46,7 +57,25 @@ class Built:
     def batch(self):
         import torch
         s = self.setup
-        return torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
+        ids = torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
+        return ids.reshape(1, -1) if s.packing == Packing.PADDING_FREE else ids
+
+    def position_ids(self, ids):
+        """Packed batches: position_ids restart at every packed sequence and no attention_mask
+        is passed (transformers DataCollatorWithFlattening, TRL padding_free). padding-free:
+        the micro-batch flattened into one row, each sequence its own; position-ids: each row
+        two packed sequences of half its length."""
+        import torch
+        s = self.setup
+        if s.packing == Packing.NONE:
+            return None
+        length = s.seq_len if s.packing == Packing.PADDING_FREE else max(s.seq_len // 2, 1)
+        pos = torch.arange(ids.shape[1], device=ids.device) % length
+        return pos.unsqueeze(0).expand(ids.shape[0], -1).contiguous()
+
+    def inputs(self, ids) -> dict:
+        """The model's keyword inputs beside input_ids: packed batches' position_ids."""
+        return {} if self.setup.packing == Packing.NONE else {"position_ids": self.position_ids(ids)}
 
     def forward(self, ids):
         """The loss of setup.loss (labels = input_ids; verify/losses.py). Under --keep-logits
@@ -93,16 +122,21 @@ def hf_config(cfg: dict, attn: str):
     return config
 
 
-def meta_model(cfg: dict, spec: ModelSpec, dtype):
+# --attention as transformers names the implementation
+HF_ATTENTION = {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH: "flash_attention_2"}
+
+
+def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = None):
     """The causal LM on the meta device: shapes only, nothing allocated."""
     import torch
 
     from vramplan.analyze import auto_class
-    config = hf_config(cfg, spec.attn_implementation)
+    attn = HF_ATTENTION[attention] if attention is not None else spec.attn_implementation
+    config = hf_config(cfg, attn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=spec.attn_implementation)
+            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=attn)
     model.train()
     return model
 
@@ -260,7 +294,12 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": setup.checkpoint_reentrant}
+    if setup.activation_offload == ActivationOffload.CHECKPOINTS:
+        # transformers >= 5.25: save_on_cpu(pin_memory=True) around each checkpoint (needs an accelerator)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if setup.lora_like:
         model.enable_input_require_grads()
 
@@ -374,6 +413,10 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
+    if setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH):
+        raise VramplanError(f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
+                            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
+                            "--activation-offload")
 
     from vramplan.verify.losses import add_trl_head, check_device
     check_device(setup.loss, device)
@@ -381,7 +424,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
     dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
-    model = meta_model(cfg, spec, dtype)
+    model = meta_model(cfg, spec, dtype, setup.attention)
     prefix = decoder_prefix(model, spec.num_layers)
     galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
     fsdp = setup.fsdp > 1

@@ -40,7 +40,7 @@ def _fp32_outputs(fn: Callable, built) -> Callable:
 
 def hf_step(built, ids):
     """The model's own ForCausalLMLoss (transformers loss/loss_utils.py): labels = input_ids."""
-    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids)
+    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids, **built.inputs(ids))
     return out.loss, out
 
 
@@ -70,7 +70,7 @@ def torchtune_step(built, ids):
     cap = getattr(config, "final_logit_softcapping", None)
 
     def forward(ids):
-        hidden = decoder(input_ids=ids).last_hidden_state
+        hidden = decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state
         chunks = [head(c) for c in hidden.chunk(loss_fn.num_output_chunks, dim=1)]
         if cap:
             chunks = [torch.tanh(c / cap) * cap for c in chunks]
@@ -88,7 +88,7 @@ def add_trl_head(model) -> None:
 
 def trl_step(built, ids):
     """compute_loss: `model(**inputs, fused_lm_head=True)` (sft_trainer.py:1611)."""
-    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids, fused_lm_head=True)
+    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids, fused_lm_head=True, **built.inputs(ids))
     return out.loss, out
 
 
@@ -98,7 +98,7 @@ def liger_step(built, ids):
     import torch.nn.functional as F
     fn = _need("liger_kernel.transformers.functional", "--loss liger").liger_fused_linear_cross_entropy
     decoder, head, _ = _parts(built.model)
-    hidden = decoder(input_ids=ids).last_hidden_state
+    hidden = decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state
     labels = F.pad(ids, (0, 1), value=IGNORE_INDEX)[..., 1:]
     return fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1)), None
 
@@ -108,7 +108,7 @@ def cce_step(built, ids):
     (cut_cross_entropy linear_cross_entropy(..., shift=True), as axolotl's patch calls it)."""
     lce = _need("cut_cross_entropy", "--loss cce").linear_cross_entropy
     decoder, head, _ = _parts(built.model)
-    return lce(decoder(input_ids=ids).last_hidden_state, head.weight, ids, shift=True), None
+    return lce(decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state, head.weight, ids, shift=True), None
 
 
 def unsloth_step(built, ids):
@@ -116,7 +116,7 @@ def unsloth_step(built, ids):
     unsloth's patched CausalLM forward calls it (unsloth/models/llama.py:2086-2140)."""
     fused = _need("unsloth_zoo.fused_losses.cross_entropy_loss", "--loss unsloth").unsloth_fused_ce_loss
     decoder, head, _ = _parts(built.model)
-    hidden = decoder(input_ids=ids).last_hidden_state
+    hidden = decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state
     return fused(None, hidden, head.weight, head.bias, ids), None
 
 
