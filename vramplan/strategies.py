@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
-from vramplan.estimate import estimate_spec, make_setup
+from vramplan.estimate import estimate_spec, fp16_on_card, make_setup
 from vramplan.hardware import GpuSpec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
@@ -81,7 +81,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
                 continue
             fields["fsdp"] = gpus.count
         try:
-            est = estimate_spec(spec, make_setup(**shared, **fields), gpus, host_ram)
+            setup, _ = fp16_on_card(make_setup(**shared, **fields), gpus, "precision" in shared)
+            est = estimate_spec(spec, setup, gpus, host_ram)
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))

@@ -23,6 +23,7 @@ from vramplan.setup import (
     Quant,
     Stack,
     TrainingSetup,
+    split_module_names,
 )
 from vramplan.units import parse_bytes
 
@@ -54,6 +55,16 @@ def _flag(p: argparse.ArgumentParser, field: str, **kw) -> None:
     p.add_argument("--" + field.replace("_", "-"), dest=field, help=_help(field) + extra, **kw)
 
 
+class _LoraTargetsAction(argparse.Action):
+    """--lora-targets: an enum value (lora_targets) or a list of module names (lora_target_modules)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values in _choices(LoraTargets):
+            namespace.lora_targets, namespace.lora_target_modules = values, None
+        else:
+            namespace.lora_targets, namespace.lora_target_modules = None, split_module_names(values)
+
+
 def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
     """The options of the training setup, shared by estimate, plan and verify."""
     p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
@@ -64,7 +75,11 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     p.add_argument("--num-layers", type=int, help="override the number of decoder layers (truncated model)")
     _flag(p, "lora_r", type=int, extra_help=" (default 16)")
     _flag(p, "lora_dropout", type=float, extra_help=" (default 0.05)")
-    _flag(p, "lora_targets", choices=_choices(LoraTargets))
+    p.add_argument("--lora-targets", dest="lora_targets", action=_LoraTargetsAction,
+                   metavar="{all-linear,attention,NAME,...}",
+                   help="which Linears get adapters: all-linear, attention, or a comma-separated list of module "
+                        "names as peft's target_modules (q_proj,v_proj)")
+    p.set_defaults(lora_target_modules=None)
     _flag(p, "quant", choices=_choices(Quant))
     _flag(p, "galore_rank", type=int, extra_help=" (default 128)")
     _flag(p, "gradient_checkpointing", boolean=True)

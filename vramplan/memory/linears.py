@@ -22,5 +22,5 @@ def linears_saved(linears: list[Linear], in_dim: int, ctx: ActivationContext, in
         # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
         if lora_targeted(lin, ctx.setup):
             saved += lora_saved(in_dim, ctx, input_grad, x_saved=shared_saved or input_shared)
-            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.autocast)
+            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.lora_autocast)
     return saved

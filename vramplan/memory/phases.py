@@ -35,6 +35,7 @@ from vramplan.memory.optimizers import (
 )
 from vramplan.memory.parameters import Param, parameters
 from vramplan.memory.persistent import static_bytes
+from vramplan.memory.precision import grad_scaler_step
 from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import PhaseKind
@@ -156,7 +157,8 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     phases = []
     if not ctx.setup.optim.layerwise:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
-        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
+        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)
+                             + grad_scaler_step(ctx.setup)))
     if ctx.setup.method == Method.GALORE:
         phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
                                            ctx.static.grads))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from vramplan.errors import VramplanError
 from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec, resolve_config
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import AdapterDtype, LoraTargets, Method, ModelDtype, Optim, Precision, Quant, TrainingSetup
 
 LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
@@ -46,6 +46,7 @@ class Built:
     notes: list[str] = field(default_factory=list)
     simulated: bool = False
     rank: int = 0
+    scaler: object | None = None                         # torch.amp.GradScaler under --precision fp16
 
     @property
     def optimizers(self) -> list:
@@ -57,16 +58,21 @@ class Built:
         return torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
 
     def forward(self, ids):
-        """The loss computed inside the model (labels = input_ids)."""
+        """The loss computed inside the model (labels = input_ids); under fp16 the scaled loss."""
         import torch
         if self.setup.autocast:
-            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
-                return self.model(input_ids=ids, labels=ids).loss
+            with torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup)):
+                loss = self.model(input_ids=ids, labels=ids).loss
+            return self.scaler.scale(loss) if self.scaler is not None else loss
         return self.model(input_ids=ids, labels=ids).loss
 
     def optimizer_step(self) -> None:
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.scaler is not None:
+            self.scaler.step(self.optimizer)   # unscale_ in place, then step unless inf/nan
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -246,14 +252,36 @@ def lora_targets(model, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 
 def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
+    """peft's LoRA (or DoRA) on the estimate's targets; an explicit --lora-targets list goes to
+    peft as the user's target_modules, so peft's own name matching decides."""
     import torch
     peft = need("peft", "--method lora/qlora")
-    targets = lora_targets(model, spec, setup)
+    targets = list(setup.lora_target_modules or lora_targets(model, spec, setup))
     cfg = peft.LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=setup.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM", use_dora=setup.dora)
+    fp32 = setup.adapter_store_dtype == AdapterDtype.FP32
     # adapters are created under the device context: no CPU copies; on meta they stay meta (FSDP)
     with torch.device(device):
-        return peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=fp32)
+    if not fp32:
+        # bf16 adapters as TRL keeps them on a 4-bit model (trl==1.16.0 sft_trainer.py:903-911):
+        # peft moves adapters to the base weight's dtype, which a packed 4-bit weight does not have
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def kbit_prepare(model, setup: TrainingSetup) -> None:
+    """peft.prepare_model_for_kbit_training as after a transformers 4-bit load: the flags
+    transformers' quantizer sets decide what it does (hqq: no upcast)."""
+    peft = need("peft", "--kbit-prep")
+    if setup.method == Method.QLORA:
+        model.is_loaded_in_4bit = True
+        model.quantization_method = "hqq" if setup.quant == Quant.HQQ4 else "bitsandbytes"
+    peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=setup.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant})
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
@@ -341,8 +369,8 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
     mesh, simulated = fsdp_mesh(setup.fsdp, device)
     kw = {"mesh": mesh}
     dtypes = {p.dtype for p in model.parameters()}
-    if setup.precision == Precision.MIXED:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if setup.mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half_dtype(setup), reduce_dtype=torch.float32)
     elif len(dtypes) > 1:
         # FSDP2 all-gathers one dtype per group: bf16 base + peft's fp32 adapters need a policy
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -375,6 +403,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
     dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
+    if setup.model_dtype is not None or setup.precision == Precision.FP16:
+        dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
     model = meta_model(cfg, spec, dtype)
     prefix = decoder_prefix(model, spec.num_layers)
     galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
@@ -386,6 +416,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if setup.lora_like:
         for p in model.parameters():
             p.requires_grad_(False)
+        if setup.kbit_prep:
+            kbit_prepare(model, setup)
         model = apply_lora(model, spec, setup, "meta" if fsdp else device)
     if setup.gradient_checkpointing:
         enable_checkpointing(model, setup)
@@ -398,6 +430,14 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         if built.simulated:
             built.notes.append(f"FSDP simulated: rank 0 of {setup.fsdp} on a fake process group")
     make_optimizer(built, galore)
+    if setup.precision == Precision.FP16 and not fsdp:
+        built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def half_dtype(setup: TrainingSetup):
+    """The 2-byte dtype of the step: fp16 under --precision fp16 (GradScaler), else bf16."""
+    import torch
+    return torch.float16 if setup.precision == Precision.FP16 else torch.bfloat16
 
 
