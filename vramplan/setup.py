@@ -249,10 +249,10 @@ class TrainingSetup(BaseModel):
                 raise VramplanError("--adapter-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
                                     "trainable adapters", "--precision")
         if self.precision == Precision.BF16 and self.weight_dtype == ModelDtype.FP32:
-            raise VramplanError("--model-dtype fp32 with --precision bf16 trains entirely in fp32 (no autocast), "
-                                "which vramplan does not model; use --precision mixed", "--model-dtype")
+            raise VramplanError("fp32 with --precision bf16 trains entirely in fp32 (no autocast), which vramplan "
+                                "does not model; use --precision mixed", "--model-dtype")
         if self.kbit_prep and not self.mixed_precision:
-            raise VramplanError("--kbit-prep with --precision bf16 runs the whole step in fp32 (the upcast embedding "
+            raise VramplanError("with --precision bf16 runs the whole step in fp32 (the upcast embedding "
                                 "makes every activation fp32), which vramplan does not model; use --precision mixed "
                                 "(the HF Trainer's bf16=True) or fp16", "--kbit-prep")
 

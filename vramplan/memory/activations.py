@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from vramplan.memory.attention import step_masks
 from vramplan.memory.checkpointing import kept_per_layer
-from vramplan.memory.context import stream_bytes
+from vramplan.memory.context import activation_context, stream_bytes
+from vramplan.memory.dora import dora_weight_saved
 from vramplan.memory.layer import ShapeKey, layer_saved_per_token, shape_key
+from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import input_bytes, root_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
@@ -42,6 +44,15 @@ def rope_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     return 2 * alloc(setup.tokens * spec.head_dim * stream_bytes(setup))
 
 
+def dora_weights_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """DoRA with dropout: the base weight copy each adapted Linear saves (dora.dora_weight_saved)."""
+    if not (setup.dora and setup.lora_dropout > 0):
+        return 0
+    ctx = activation_context(setup)
+    return sum(dora_weight_saved(l, setup, ctx) for layer in spec.layers for l in layer.linears
+               if lora_targeted(l, setup))
+
+
 def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:
     n = setup.tokens
     per_layer = per_layer_saved(spec, setup)
@@ -49,7 +60,7 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
         # non-reentrant checkpointing keeps each layer's input hidden state
         layers = sum(alloc(n * kept_per_layer(spec, stream_bytes(setup))) for _ in spec.layers)
     else:
-        layers = sum(alloc(n * a) for a in per_layer)
+        layers = sum(alloc(n * a) for a in per_layer) + dora_weights_saved(spec, setup)
     released = alloc(root_saved(spec, setup))
     total = layers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup) + released
     return SavedActivations(per_layer=per_layer, layers=layers, released=released, total=total)

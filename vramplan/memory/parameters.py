@@ -28,6 +28,8 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
             out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, ParamKind.LORA, True, i, role=lin.role))
             out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i,
                              role=lin.role))
+            if setup.dora:  # lora_magnitude_vector (peft tuners/lora/dora.py:129)
+                out.append(Param(lin.out_features, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
     if layer.experts:
         for _, shape in layer.experts.tensors:
             n = shape[0] * shape[1] * shape[2]

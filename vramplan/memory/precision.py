@@ -49,5 +49,20 @@ def grad_scaler_step(setup: TrainingSetup) -> int:
     return GRAD_SCALER_STEP_TENSORS * BLOCK if setup.precision == Precision.FP16 else 0
 
 
+FP16_NOTE = ("--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
+             "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)")
+DORA_CKPT_NOTE = ("DoRA under gradient checkpointing: the weight norm the recompute rebuilds in backward "
+                  "(peft==0.21.2 tuners/lora/dora.py get_lora_weight's eye(in)) is modelled from source, not measured, "
+                  "and only in forward")
+
+
+def precision_notes(setup: TrainingSetup) -> list[str]:
+    """What the estimate says about the parts of these knobs no trace checks."""
+    notes = [FP16_NOTE] if setup.precision == Precision.FP16 else []
+    if setup.dora and setup.lora_like and setup.gradient_checkpointing:
+        notes.append(DORA_CKPT_NOTE)
+    return notes
+
+
 __all__ = ["ModelDtype", "dense_weight_bytes", "fp32_stream_autocast", "grad_scaler_state", "grad_scaler_step",
-           "kbit_upcast"]
+           "kbit_upcast", "precision_notes"]
