@@ -380,7 +380,6 @@ ADAPTER_CASES = {
     "lora-dora-dropout": (LLAMA, dict(method="lora", dora=True, lora_dropout=0.05), B2S256),
     "lora-bf16-dora": (LLAMA, dict(method="lora", dora=True, adapter_dtype="bf16"), B2S256),
     "qlora-nf4-dora": (LLAMA, dict(method="qlora", quant="nf4", dora=True), B2S256),
-    "wide-lora-dora": (WIDE, dict(method="lora", dora=True), WIDE_SHORT),
     "wide-qlora-nf4-dora": (WIDE, dict(method="qlora", quant="nf4", dora=True), WIDE_SHORT),
 }
 
