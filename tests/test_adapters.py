@@ -150,3 +150,15 @@ def test_a_card_without_bf16_gets_fp16_unless_precision_is_given(spec):
     assert kept.precision == Precision.MIXED and not none
     est = estimate_config(spec, "1xt4", method="lora")
     assert est.setup.precision == Precision.FP16 and any("no bf16" in n for n in est.notes)
+
+
+def test_dora_recompute_keeps_every_eye_until_the_layer_backward_ends(spec):
+    # eye(in) + lora_A(eye) per adapted Linear, fp32: q, k, v, o, gate, up read 256 features,
+    # down 768; then down's norm terms: lora_weight, its scaled copy, the sum, the fp32 weight
+    from vramplan.memory.dora import dora_recompute
+    setup = make_setup(method="lora", dora=True, gradient_checkpointing=True)
+    eye_graph = 6 * (4 * 256 * 256 + 4 * 256 * R) + (4 * 768 * 768 + 4 * 768 * R)
+    assert dora_recompute(spec.layers[0], setup) == (eye_graph, 4 * 4 * 768 * 256)
+    assert dora_recompute(spec.layers[0], make_setup(method="lora", dora=True)) == (0, 0)
+    points = {p.point for p in step_model(spec, setup, every_layer=True).phases if p.point}
+    assert "DoRA recompute" in points

@@ -5,11 +5,11 @@ Source: peft==0.21.2 tuners/lora/dora.py:85-166 (DoraLinearLayer: get_weight_nor
 get_lora_weight, forward), tuners/lora/variants.py:138-258 (DoraLinearVariant)."""
 from __future__ import annotations
 
-from vramplan.memory.context import ActivationContext
+from vramplan.memory.context import ActivationContext, activation_context
 from vramplan.memory.lora import adapter_bytes, lora_grad_width, lora_targeted
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import ParamKind
-from vramplan.model_spec import Linear, ModelSpec
+from vramplan.model_spec import LayerSpec, Linear, ModelSpec
 from vramplan.setup import TrainingSetup
 
 
@@ -43,13 +43,24 @@ def dora_weight_saved(lin: Linear, setup: TrainingSetup, ctx: ActivationContext)
     return _weight_copy(lin, setup, ctx) if ctx.lora_dropout else 0
 
 
+def _eye_graph(lin: Linear, setup: TrainingSetup) -> int:
+    """get_lora_weight's lora_B(lora_A(eye(in))) runs with grad on: lora_A saves eye(in) and
+    lora_B saves A's output, kept by lora_weight's (never used) graph while it lives."""
+    a, i = adapter_bytes(setup), lin.in_features
+    return alloc(a * i * i) + alloc(a * i * setup.lora_r)
+
+
+def _norm_terms(lin: Linear, setup: TrainingSetup, ctx: ActivationContext) -> int:
+    """At get_weight_norm's add: lora_weight, scaling * lora_weight, their sum, the weight copy."""
+    return 3 * alloc(adapter_bytes(setup) * lin.numel) + _weight_copy(lin, setup, ctx)
+
+
 def dora_norm_transient(lin: Linear, setup: TrainingSetup, ctx: ActivationContext) -> int:
-    """One DoRA Linear's forward before its output: get_lora_weight runs
-    lora_B(lora_A(eye(in))) with grad on, so eye(in) and A's output stay saved by the
-    (dropped) graph while lora_weight lives; then the weight copy, scaling * lora_weight and
-    their sum for the norm, all alive at the add (adapter dtype)."""
-    a, i, o, r = adapter_bytes(setup), lin.in_features, lin.out_features, setup.lora_r
-    return alloc(a * i * i) + alloc(a * i * r) + 3 * alloc(a * i * o) + _weight_copy(lin, setup, ctx)
+    """One DoRA Linear's forward before its output, all alive at the norm's add. In a
+    checkpointed forward the graph saves nothing: eye(in) is freed when get_lora_weight returns."""
+    if setup.gradient_checkpointing:
+        return max(_eye_graph(lin, setup) + alloc(adapter_bytes(setup) * lin.numel), _norm_terms(lin, setup, ctx))
+    return _eye_graph(lin, setup) + _norm_terms(lin, setup, ctx)
 
 
 def dora_layer_transient(spec: ModelSpec, setup: TrainingSetup, ctx: ActivationContext) -> int:
@@ -58,6 +69,22 @@ def dora_layer_transient(spec: ModelSpec, setup: TrainingSetup, ctx: ActivationC
         return 0
     return max((dora_norm_transient(l, setup, ctx) for l in spec.layers[-1].linears if lora_targeted(l, setup)),
                default=0)
+
+
+def dora_recompute(layer: LayerSpec, setup: TrainingSetup) -> tuple[int, int]:
+    """Under non-reentrant checkpointing, (what the recompute keeps, its last weight norm):
+    the recompute stores every tensor the original forward packed, eye(in) and A's output
+    of each adapted Linear included, in the checkpoint frame; nothing unpacks them (the
+    lora_weight graph never runs backward), so they stay until the layer's backward ends.
+    The last adapted Linear's norm terms come on top. torch==2.13 utils/checkpoint.py
+    (_checkpoint_hook, frame.recomputed). [CPU trace, approximate]"""
+    if not (setup.dora and setup.gradient_checkpointing and setup.lora_like):
+        return 0, 0
+    ctx = activation_context(setup)
+    adapted = [l for l in layer.linears if lora_targeted(l, setup)]
+    if not adapted:
+        return 0, 0
+    return sum(_eye_graph(l, setup) for l in adapted), _norm_terms(adapted[-1], setup, ctx)
 
 
 def magnitude_kind() -> ParamKind:

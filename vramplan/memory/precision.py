@@ -51,9 +51,9 @@ def grad_scaler_step(setup: TrainingSetup) -> int:
 
 FP16_NOTE = ("--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
              "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)")
-DORA_CKPT_NOTE = ("DoRA under gradient checkpointing: the weight norm the recompute rebuilds in backward "
-                  "(peft==0.21.2 tuners/lora/dora.py get_lora_weight's eye(in)) is modelled from source, not measured, "
-                  "and only in forward")
+DORA_CKPT_NOTE = ("DoRA under gradient checkpointing: what the recompute keeps of each weight norm (eye(in) "
+                  "in the checkpoint frame, peft==0.21.2 tuners/lora/dora.py get_lora_weight) is modelled from "
+                  "source, not measured, and the checkpointed forward's per-token DoRA terms are left out")
 
 
 def precision_notes(setup: TrainingSetup) -> list[str]:

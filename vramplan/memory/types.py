@@ -97,6 +97,7 @@ class LayerPoint(StrEnum):
     POST_MLP_NORM = "post-MLP norm"
     MOE_RECOMPUTE = "moe recompute"
     OPTIMIZER_HOOK = "optimizer hook"
+    DORA_RECOMPUTE = "DoRA recompute"
 
 
 @dataclass(frozen=True)
