@@ -161,6 +161,17 @@ CASES = [
     case("l1b_lora16_flash_padfree_b4s2048", L1B, method="lora", attention="flash", packing="padding-free",
          batch_size=4, seq_len=2048),
     case("l1b_lora16_sdpa_posids_b2s2040", L1B, method="lora", packing="position-ids", batch_size=2, seq_len=2040),
+    # issue 13 adapters and precision, modelled from source where the CPU trace cannot run them:
+    # fp16 autocast + GradScaler (fp32 masters; LoRA on an fp16 base), autocast over an fp32 stream
+    # after prepare_model_for_kbit_training, DoRA's weight norm in the checkpointed recompute
+    case("l1b_full_fp16_b1s1024", L1B, method="full", precision="fp16", batch_size=1, seq_len=1024),
+    case("l1b_lora16_fp16_b2s2048", L1B, method="lora", precision="fp16", batch_size=2, seq_len=2048),
+    case("l8b_qlora_nf4_r16_kbit_mixed_ckpt_b1s2048", L8B, method="qlora", kbit_prep=True, precision="mixed",
+         model_dtype="bf16", gradient_checkpointing=True, batch_size=1, seq_len=2048, seconds=90),
+    case("l1b_lora16_bf16w_mixed_b2s2048", L1B, method="lora", precision="mixed", model_dtype="bf16", batch_size=2,
+         seq_len=2048),
+    case("l1b_dora16_ckpt_b2s2048", L1B, method="lora", dora=True, gradient_checkpointing=True, batch_size=2,
+         seq_len=2048),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases

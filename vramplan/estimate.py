@@ -14,13 +14,15 @@ from vramplan.hardware import (
     gpu_notes,
     no_gpu_message,
     parse_gpus,
+    supports_bf16,
     with_overrides,
 )
 from vramplan.memory import Phase, PhaseKind, step_model
+from vramplan.memory.lora import check_lora_targets
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate, PerGpu
-from vramplan.setup import Loss, Method, TrainingSetup
+from vramplan.setup import AdapterDtype, Loss, Method, Precision, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
@@ -39,6 +41,24 @@ def make_setup(**fields) -> TrainingSetup:
         return TrainingSetup(**fields)
     except ValidationError as e:
         raise from_validation_error(e) from None
+
+
+def fp16_on_card(setup: TrainingSetup, gpus: GpuSpec, precision_given: bool) -> tuple[TrainingSetup, list[str]]:
+    """A card without bf16 (Turing, Volta: T4, V100, RTX 20xx) trains under fp16 autocast with a
+    GradScaler, so when --precision was not given (a stack's bf16/mixed included) the estimate
+    uses fp16 there and says why. The GradScaler needs fp32 trainable weights
+    (torch==2.13 torch/amp/grad_scaler.py:275), so a full fine-tune drops a bf16 --model-dtype."""
+    if precision_given or supports_bf16(gpus.profile) or setup.precision == Precision.FP16:
+        return setup, []
+    fields = {**setup.model_dump(), "precision": Precision.FP16}
+    if not setup.lora_like:
+        fields["model_dtype"] = None
+    if setup.lora_like and setup.adapter_dtype == AdapterDtype.BF16:
+        fields["adapter_dtype"] = AdapterDtype.FP32
+    note = (f"{gpus.profile.display_name} has no bf16: estimated with --precision fp16 (fp16 autocast and a "
+            "GradScaler, fp32 trainable parameters" + ("" if setup.lora_like else ", fp32 weights") + "); "
+            "give --precision to override")
+    return TrainingSetup(**fields), [note]
 
 
 def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None = None,
@@ -71,6 +91,7 @@ def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None =
 def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> None:
     if setup.fsdp > gpus.count:
         raise VramplanError(f"--fsdp {setup.fsdp} needs {setup.fsdp} GPUs but --gpus gives {gpus.count}", "--fsdp")
+    check_lora_targets(spec, setup)
     if setup.lora_like:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.lora_r > smallest:
@@ -244,5 +265,7 @@ def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, n
     setup = make_setup(**setup_fields)
     gspec = resolve_gpus(gpus)
     host_ram = host_ram_bytes(host_ram, "--host-ram")
+    setup, card = fp16_on_card(setup, gspec, setup_fields.get("precision") is not None)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
-    return estimate_spec(spec, setup, gspec, host_ram)
+    est = estimate_spec(spec, setup, gspec, host_ram)
+    return est.model_copy(update={"notes": card + list(est.notes)}) if card else est

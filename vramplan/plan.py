@@ -32,7 +32,7 @@ from vramplan.estimate import (
     make_setup,
     resolve_gpus,
 )
-from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles
+from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles, supports_bf16
 from vramplan.headroom import SAFE_SHARE, has_safe_headroom, rule_text, safe_margin
 from vramplan.limits import (
     MAX_GLOBAL_BATCH,
@@ -159,6 +159,12 @@ def _smallest_dim(spec: ModelSpec) -> int:
     return min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
 
 
+def _precisions(req: PlanRequest) -> tuple[Precision, ...]:
+    """bf16 and mixed where the card has bf16; fp16 autocast with a GradScaler where it has not
+    (Turing, Volta: estimate.fp16_on_card)."""
+    return (Precision.BF16, Precision.MIXED) if supports_bf16(req.gpus.profile) else (Precision.FP16,)
+
+
 def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     """Setup fields of every discrete configuration, in groups ordered by rank (a rank
     that does not fit at one sequence of min_seq means no larger rank will)."""
@@ -170,7 +176,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # adamw_torch is left out: adamw_torch_fused does the same update in place
             # (no foreach temporaries) and is faster, so it dominates it.
             full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
-            for prec, optim, ckpt, (d, off) in itertools.product(Precision, full_optims,
+            for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims,
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
                                     fsdp=d, cpu_offload=off)])
@@ -195,7 +201,9 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # optimizers step from per-parameter hooks, which HF Trainer refuses under
             # distributed training, so they are planned for a single GPU only.
             optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
-            for prec, optim, ckpt in itertools.product(Precision, optims, (False, True)):
+            for prec, optim, ckpt in itertools.product(_precisions(req), optims, (False, True)):
+                if prec == Precision.FP16 and optim.layerwise:
+                    continue  # the GradScaler unscales every grad before one step (setup._check)
                 groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
                                     gradient_checkpointing=ckpt) for r in ranks])
     return groups

@@ -87,12 +87,20 @@ class Loss(str, Enum):
 
 class AdapterDtype(str, Enum):
     FP32 = "fp32"   # peft's default: autocast_adapter_dtype=True upcasts bf16 adapters
-    BF16 = "bf16"
+    BF16 = "bf16"   # get_peft_model(autocast_adapter_dtype=False) on a bf16 base (TRL QLoRA, torchtune)
+
+    @property
+    def bytes(self) -> int:
+        return 4 if self == AdapterDtype.FP32 else 2
 
 
 class ModelDtype(str, Enum):
-    BF16 = "bf16"
+    BF16 = "bf16"   # 2 bytes (fp16 under --precision fp16: the same size)
     FP32 = "fp32"
+
+    @property
+    def bytes(self) -> int:
+        return 4 if self == ModelDtype.FP32 else 2
 
 
 class ActivationOffload(str, Enum):
@@ -133,6 +141,19 @@ class LoraTargets(str, Enum):
 
 
 _OPTIM_FLAG = "--optim"
+_LORA_ONLY = (("dora", "--dora"), ("kbit_prep", "--kbit-prep"))
+
+
+def split_module_names(value: object) -> tuple[str, ...] | None:
+    """peft target_modules as a list of names: "q_proj,v_proj" or a sequence; None stays None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    names = tuple(str(n).strip() for n in items)
+    if not names or any(not n for n in names):
+        raise VramplanError(f"a comma-separated list of module names (q_proj,v_proj) or one of "
+                            f"{', '.join(t.value for t in LoraTargets)}, got {value!r}", "--lora-targets")
+    return names
 
 # One rule for options a method does not use (issue 17, class 7): giving one is an error
 # naming both flags, never silently ignored. field -> the methods that read it.
@@ -267,6 +288,8 @@ class TrainingSetup(BaseModel):
             data["optim"] = "galore_adamw" if method == "galore" else "adamw_torch"
         if method == "qlora" and data.get("quant") is None:
             data["quant"] = "nf4"
+        if data.get("lora_target_modules") is not None:
+            data["lora_target_modules"] = split_module_names(data["lora_target_modules"])
         return data
 
     @model_validator(mode="after")
@@ -295,6 +318,7 @@ class TrainingSetup(BaseModel):
             raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
                                 "grads)", _OPTIM_FLAG)
         self._check_loss()
+        self._check_adapters_and_dtypes()
         return self
 
     def _check_loss(self) -> None:
@@ -312,6 +336,32 @@ class TrainingSetup(BaseModel):
             raise VramplanError("cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
                                 "it), but --model-dtype fp32 / --precision mixed computes the head in fp32", "--loss")
 
+
+    def _check_adapters_and_dtypes(self) -> None:
+        """The adapter and precision knobs (docs/memory-model.md, "Adapter dtype" .. "fp16")."""
+        for name, flag in _LORA_ONLY:
+            if getattr(self, name) and not self.lora_like:
+                raise VramplanError(f"only applies to --method lora or qlora, not --method {self.method.value}", flag)
+        if self.precision == Precision.FP16:
+            # torch/amp/grad_scaler.py (torch 2.13) _unscale_grads_(allow_fp16=False): every
+            # trainable parameter must be fp32 under a GradScaler
+            if not self.lora_like and self.model_dtype == ModelDtype.BF16:
+                raise VramplanError("--model-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
+                                    "trainable weights (load the model in fp32)", "--precision")
+            if self.optim.layerwise or self.optimizer_in_backward:
+                raise VramplanError("--precision fp16 cannot step optimizers inside backward: the GradScaler "
+                                    "unscales every grad before one optimizer step", _OPTIM_FLAG)
+            if self.lora_like and self.adapter_dtype == AdapterDtype.BF16:
+                raise VramplanError("--adapter-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
+                                    "trainable adapters", "--precision")
+        if self.precision == Precision.BF16 and self.weight_dtype == ModelDtype.FP32:
+            raise VramplanError("fp32 with --precision bf16 trains entirely in fp32 (no autocast), which vramplan "
+                                "does not model; use --precision mixed", "--model-dtype")
+        if self.kbit_prep and not self.mixed_precision:
+            raise VramplanError("with --precision bf16 runs the whole step in fp32 (the upcast embedding "
+                                "makes every activation fp32), which vramplan does not model; use --precision mixed "
+                                "(the HF Trainer's bf16=True) or fp16", "--kbit-prep")
+
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
@@ -321,10 +371,18 @@ class TrainingSetup(BaseModel):
         return self.method in (Method.LORA, Method.QLORA)
 
     @property
+    def mixed_precision(self) -> bool:
+        """bf16 or fp16 autocast (FSDP: MixedPrecisionPolicy), as opposed to computing in the weights' dtype."""
+        return self.precision in (Precision.MIXED, Precision.FP16)
+
+    @property
     def weight_dtype(self) -> ModelDtype:
-        """The dtype dense weights are stored in: --model-dtype, else fp32 masters under mixed."""
+        """The dtype dense weights are loaded in: --model-dtype, else fp32 masters under mixed
+        (and under fp16, except a LoRA/QLoRA base, which the GradScaler leaves in 2 bytes)."""
         if self.model_dtype is not None:
             return self.model_dtype
+        if self.precision == Precision.FP16:
+            return ModelDtype.BF16 if self.lora_like else ModelDtype.FP32
         return ModelDtype.FP32 if self.precision == Precision.MIXED else ModelDtype.BF16
 
     @property
@@ -333,8 +391,8 @@ class TrainingSetup(BaseModel):
 
     @property
     def autocast(self) -> bool:
-        """fp32 masters computed in bf16 through torch.autocast (without FSDP)."""
-        return self.precision == Precision.MIXED and self.fsdp == 1
+        """The step runs under torch.autocast (bf16, or fp16 with a GradScaler), without FSDP."""
+        return self.mixed_precision and self.fsdp == 1
 
     def describe(self) -> str:
         parts = [self.method.value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
-from vramplan.estimate import FUSED_LOSS_SHORT, estimate_spec, make_setup
+from vramplan.estimate import FUSED_LOSS_SHORT, estimate_spec, fp16_on_card, make_setup
 from vramplan.hardware import GpuSpec
 from vramplan.headroom import has_safe_headroom
 from vramplan.memory import PhaseKind
@@ -109,7 +109,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
             fields["fsdp"] = gpus.count
         try:
             # a full fine-tune does not read --lora-dropout: the shared flags go where they apply
-            est = estimate_spec(spec, make_setup(**fields_for_method({**shared, **fields})), gpus, host_ram)
+            setup, _ = fp16_on_card(make_setup(**fields_for_method({**shared, **fields})), gpus, "precision" in shared)
+            est = estimate_spec(spec, setup, gpus, host_ram)
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))

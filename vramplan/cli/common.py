@@ -36,6 +36,7 @@ from vramplan.setup import (
     Stack,
     TrainingSetup,
     check_method_fields,
+    split_module_names,
 )
 from vramplan.units import host_ram_bytes
 
@@ -108,6 +109,16 @@ def _flag(p: argparse.ArgumentParser, field: str, **kw) -> None:
     p.add_argument("--" + field.replace("_", "-"), dest=field, help=_help(field) + extra, **kw)
 
 
+class _LoraTargetsAction(argparse.Action):
+    """--lora-targets: an enum value (lora_targets) or a list of module names (lora_target_modules)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values in _choices(LoraTargets):
+            namespace.lora_targets, namespace.lora_target_modules = values, None
+        else:
+            namespace.lora_targets, namespace.lora_target_modules = None, split_module_names(values)
+
+
 def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = None) -> None:
     """The options of the training setup, shared by estimate, plan and verify."""
     p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
@@ -119,7 +130,11 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     add_num_layers(p)
     _flag(p, "lora_r", type=int_in(MAX_RANK), extra_help=f"; default 16 (1 to {MAX_RANK:,})")
     _flag(p, "lora_dropout", type=float_in(0.0, 1.0), extra_help="; default 0.05 (0 <= p < 1)")
-    _flag(p, "lora_targets", choices=_choices(LoraTargets))
+    p.add_argument("--lora-targets", dest="lora_targets", action=_LoraTargetsAction,
+                   metavar="{all-linear,attention,NAME,...}",
+                   help="which Linears get adapters: all-linear, attention, or a comma-separated list of module "
+                        "names as peft's target_modules (q_proj,v_proj)")
+    p.set_defaults(lora_target_modules=None)
     _flag(p, "quant", choices=_choices(Quant))
     _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
     _flag(p, "gradient_checkpointing", boolean=True)

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from vramplan.memory.attention import step_masks
 from vramplan.memory.checkpointing import checkpoint_offload, offload_all_resident
 from vramplan.memory.context import activation_context, stream_bytes
+from vramplan.memory.dora import dora_weight_saved
 from vramplan.memory.layer import ShapeKey, layer_saved_per_token, shape_key
+from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import input_bytes, root_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
@@ -52,6 +54,15 @@ def rope_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     return 2 * alloc(setup.tokens * spec.head_dim * stream_bytes(setup))
 
 
+def dora_weights_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """DoRA with dropout: the base weight copy each adapted Linear saves (dora.dora_weight_saved)."""
+    if not (setup.dora and setup.lora_dropout > 0):
+        return 0
+    ctx = activation_context(setup)
+    return sum(dora_weight_saved(l, setup, ctx) for layer in spec.layers for l in layer.linears
+               if lora_targeted(l, setup))
+
+
 def offload_all_layers(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
     """--activation-offload all without checkpointing: each layer keeps its deduplicated saves
     on the GPU (offload_all_resident); the host holds every saved tensor once
@@ -89,7 +100,9 @@ def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int
     if setup.activation_offload == ActivationOffload.ALL:
         return offload_all_layers(spec, setup, per_layer)
     gpu = [alloc(n * a) for a in per_layer]
-    return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu)
+    # DoRA with dropout: each adapted Linear's saved weight copy (memory/dora.py)
+    return SavedActivations(per_layer=per_layer, layers=sum(gpu) + dora_weights_saved(spec, setup), released=0,
+                            total=0, layer_gpu=gpu)
 
 
 def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:

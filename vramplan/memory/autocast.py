@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vramplan.memory.parameters import Param
+from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import ParamKind
 from vramplan.setup import TrainingSetup
@@ -10,7 +11,8 @@ from vramplan.setup import TrainingSetup
 def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int, trains_all: bool) -> int:
     """autocast caches bf16 casts of trainable fp32 weights; they are saved for backward
     (without checkpointing every layer's; with it only the root's lm_head). [cal]"""
-    if not (setup.autocast and trains_all):
+    # bf16 weights (--model-dtype bf16): casting a bf16 tensor to bf16 is a no-op, nothing cached
+    if not (fp32_stream_autocast(setup) and trains_all):
         return 0
     total = 0
     ckpt = setup.gradient_checkpointing

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from vramplan.categories import Category as C
 from vramplan.memory.context import StepContext
+from vramplan.memory.dora import dora_recompute
 from vramplan.memory.fsdp import (
     layer_backward_gathered,
     reduce_bytes,
@@ -134,11 +135,15 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
 
 def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, done: int) -> list[LayerMoment]:
     """Layer i's backward moments; `done`: the grads of the layers above, already made."""
-    this = alloc(ctx.tokens * ctx.per_layer[i])
+    dora_kept, dora_norm = dora_recompute(ctx.spec.layers[i], ctx.setup)
+    this = alloc(ctx.tokens * ctx.per_layer[i]) + dora_kept
     fs = layer_fsdp(ctx, book, i)
     moments = _core_moments(ctx, pts, this, book, i, done, fs)
     in_flight = fs.gathered + fs.reduce_prev
     moments += [LayerMoment(tag, live, tr, done, in_flight) for tag, live, tr in _extra_moments(ctx, pts, this, i)]
+    if dora_norm:  # the recompute at the last adapted Linear's weight norm (dora.dora_recompute)
+        moments.append(LayerMoment(LayerPoint.DORA_RECOMPUTE, this - alloc(ctx.tokens * pts.down_saved),
+                                   dora_norm + alloc(ctx.tokens * pts.lora_inflight), done, in_flight))
     if ctx.ckpt or ctx.offload_all:
         moments = [_offload_moment(ctx, pts, i, m) for m in moments]
     return moments

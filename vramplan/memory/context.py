@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vramplan.categories import Category as C
+from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, Method, TrainingSetup
+from vramplan.setup import ActivationOffload, AdapterDtype, Method, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class ActivationContext:
     norms_train: bool
     stream: int           # bytes per element of the residual stream (4 under autocast)
     autocast: bool        # fp32 stream fed to autocast Linears (each casts its own copy)
-    adapters_bf16: bool   # LoRA computes in bf16: under autocast, or under FSDP2 (param_dtype bf16)
+    adapters_bf16: bool   # LoRA computes in bf16: under autocast, FSDP2 (param_dtype bf16), or bf16 adapters
+    lora_autocast: bool   # peft's adapter input is cast under autocast (fp32 adapters or an fp32 stream)
     quant: ParamKind | None
     lora_dropout: bool
     lora_r: int
@@ -27,16 +29,20 @@ class ActivationContext:
 
 def activation_context(setup: TrainingSetup) -> ActivationContext:
     full = setup.method in (Method.FULL, Method.GALORE)
+    fp32_stream = fp32_stream_autocast(setup)
+    # autocast with a bf16 stream and bf16 adapters casts nothing on the adapter path
+    lora_autocast = setup.autocast and (fp32_stream or setup.adapter_store_dtype == AdapterDtype.FP32)
     return ActivationContext(
-        weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=setup.autocast,
-        adapters_bf16=setup.autocast or setup.fsdp > 1,
+        weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=fp32_stream,
+        adapters_bf16=lora_autocast or setup.fsdp > 1 or setup.adapter_store_dtype == AdapterDtype.BF16,
+        lora_autocast=lora_autocast,
         quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
         lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
 
 
 def stream_bytes(setup: TrainingSetup) -> int:
-    """Bytes per element of the residual stream: fp32 under autocast (fp32 masters), else bf16."""
-    return 4 if setup.autocast else 2
+    """Bytes per element of the residual stream: fp32 under autocast over fp32 weights, else bf16."""
+    return 4 if fp32_stream_autocast(setup) else 2
 
 
 @dataclass(frozen=True)

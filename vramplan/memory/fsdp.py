@@ -6,7 +6,7 @@ from __future__ import annotations
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param
-from vramplan.setup import Precision, TrainingSetup
+from vramplan.setup import TrainingSetup
 
 
 def shard(p: Param, world: int) -> int:
@@ -28,7 +28,7 @@ def compute_bytes(p: Param) -> int:
 def reduce_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of the reduce-scatter: MixedPrecisionPolicy reduce_dtype fp32 under
     mixed precision, else bf16."""
-    return 4 if setup.precision == Precision.MIXED else 2
+    return 4 if setup.mixed_precision else 2
 
 
 def unit_bytes(params: list[Param], world: int) -> dict[int | None, int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext
+from vramplan.memory.dora import dora_saved
 from vramplan.memory.lora import lora_saved, lora_targeted
 from vramplan.memory.types import ParamKind
 from vramplan.model_spec import Linear
@@ -22,5 +23,6 @@ def linears_saved(linears: list[Linear], in_dim: int, ctx: ActivationContext, in
         # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
         if lora_targeted(lin, ctx.setup):
             saved += lora_saved(in_dim, ctx, input_grad, x_saved=shared_saved or input_shared)
-            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.autocast)
+            saved += dora_saved(lin, ctx) if ctx.setup.dora else 0
+            shared_saved = shared_saved or (ctx.adapters_bf16 and not ctx.lora_autocast)
     return saved

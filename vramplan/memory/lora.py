@@ -1,10 +1,11 @@
-"""LoRA adapters (peft): which Linears get them, their fp32 storage, what an adapted
-Linear saves for backward, the input copy its adapter path reads, and its forward's
-output terms."""
+"""LoRA adapters (peft): which Linears get them, their storage (fp32, or bf16 with
+--adapter-dtype bf16), what an adapted Linear saves for backward, the input copy its
+adapter path reads, and its forward's output terms."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vramplan.errors import VramplanError
 from vramplan.memory.context import ActivationContext
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.types import (
@@ -17,18 +18,46 @@ from vramplan.memory.types import (
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
 from vramplan.setup import LoraTargets, TrainingSetup
 
-# peft get_peft_model(autocast_adapter_dtype=True) upcasts bf16 adapters to fp32, so the
-# adapters and their grads are fp32 [cal]
-ADAPTER_BYTES = 4
+
+def adapter_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of lora_A/lora_B, their grads (AccumulateGrad keeps the param's
+    dtype) and torch AdamW's states (zeros_like). peft==0.21.2 tuners/tuners_utils.py:2705-2750
+    (cast_adapter_dtype): get_peft_model(autocast_adapter_dtype=True), the default, replaces
+    bf16 adapters by fp32 ones [cal]; autocast_adapter_dtype=False (TRL on a 4-bit model,
+    axolotl peft_autocast_adapter_dtype: false, torchtune) keeps the base's bf16. [CPU trace]"""
+    return setup.adapter_store_dtype.bytes
+
+
+def _name_matches(name: str, key: str) -> bool:
+    """peft's target_modules list rule (tuners_utils.check_target_module_exists): the
+    module's full name equals the key or ends with "." + key."""
+    return name == key or name.endswith("." + key)
 
 
 def lora_targeted(lin: Linear, setup: TrainingSetup) -> bool:
-    """Whether peft puts an adapter on this Linear (target_modules all-linear, or attention)."""
-    if not setup.lora_like or lin.role in (LinearRole.ROUTER, LinearRole.OTHER):
+    """Whether peft puts an adapter on this Linear (an explicit target_modules list, else
+    all-linear or attention)."""
+    if not setup.lora_like:
+        return False
+    if setup.lora_target_modules:
+        return any(_name_matches(lin.name, key) for key in setup.lora_target_modules)
+    if lin.role in (LinearRole.ROUTER, LinearRole.OTHER):
         return False
     if setup.lora_targets == LoraTargets.ATTENTION:
         return lin.role in ATTENTION_ROLES
     return True
+
+
+def check_lora_targets(spec: ModelSpec, setup: TrainingSetup) -> None:
+    """Every name of --lora-targets must adapt some decoder Linear (peft raises otherwise)."""
+    if not (setup.lora_like and setup.lora_target_modules):
+        return
+    names = sorted({lin.name for layer in spec.layers for lin in layer.linears})
+    for key in setup.lora_target_modules:
+        if not any(_name_matches(n, key) for n in names):
+            leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+            raise VramplanError(f"{key!r} matches no Linear of {spec.name}'s decoder layers; they are: {leaves}",
+                                "--lora-targets")
 
 
 def lora_saved(in_dim: int, ctx: ActivationContext, input_grad: bool, x_saved: bool = False) -> int:
@@ -38,7 +67,7 @@ def lora_saved(in_dim: int, ctx: ActivationContext, input_grad: bool, x_saved: b
     FSDP2 the adapters compute in bf16: the cast is a no-op, so without dropout lora_A
     saves x itself, shared with whatever else saved it (`x_saved`). [CPU trace]"""
     mask = in_dim if (ctx.lora_dropout and input_grad) else 0
-    if ctx.autocast:
+    if ctx.lora_autocast:
         return mask + 2 * in_dim + 2 * ctx.lora_r
     if ctx.adapters_bf16:
         x = 0 if (x_saved and not ctx.lora_dropout) else 2 * in_dim
@@ -50,7 +79,7 @@ def lora_input_copy(in_dim: int, ctx: ActivationContext) -> int:
     """Per token, the copy of x that peft's adapter path reads: x.to(lora_A's dtype) (fp32
     adapters), autocast's bf16 copy of the fp32 stream, none for bf16 adapters on a bf16
     stream. lora_A saves it, so only a forward that saves nothing counts it apart. [CPU trace]"""
-    if ctx.autocast:
+    if ctx.lora_autocast:
         return 2 * in_dim
     return 0 if ctx.adapters_bf16 else 4 * in_dim
 
@@ -58,7 +87,7 @@ def lora_input_copy(in_dim: int, ctx: ActivationContext) -> int:
 def lora_copy_local(in_dim: int, ctx: ActivationContext) -> int:
     """That copy when it is a local, not saved: with dropout lora_A saves dropout(x) instead
     (under autocast lora_A's own bf16 cast of dropout(x) is what it saves)."""
-    return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.autocast else 0
+    return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.lora_autocast else 0
 
 
 def lora_forward_per_out(ctx: ActivationContext) -> int:
@@ -78,7 +107,7 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
     """Whether a node saved the very tensor a Linear reads (the norm's output): lora_A for
     bf16 adapters without autocast and without dropout; hqq's matmul. Otherwise the
     forward holds it as a local. [CPU trace]"""
-    return (ctx.adapters_bf16 and not ctx.autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
+    return (ctx.adapters_bf16 and not ctx.lora_autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
 
 
 @dataclass(frozen=True)

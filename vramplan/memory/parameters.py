@@ -4,12 +4,13 @@ adapters' in lora.py, the optimizer states in optimizers.py, sharding in fsdp.py
 from __future__ import annotations
 
 from vramplan.categories import Category as C
-from vramplan.memory.lora import ADAPTER_BYTES, lora_targeted
+from vramplan.memory.lora import adapter_bytes, lora_targeted
+from vramplan.memory.precision import dense_weight_bytes
 from vramplan.memory.quantization import quantized_store
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import LinearRole, Param, ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Method, Precision, TrainingSetup
+from vramplan.setup import Method, TrainingSetup
 
 
 def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
@@ -27,6 +28,8 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
             out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, ParamKind.LORA, True, i, role=lin.role))
             out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i,
                              role=lin.role))
+            if setup.dora:  # lora_magnitude_vector (peft tuners/lora/dora.py:129)
+                out.append(Param(lin.out_features, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
     if layer.experts:
         for _, shape in layer.experts.tensors:
             n = shape[0] * shape[1] * shape[2]
@@ -56,15 +59,15 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
 
 
 def dense_bytes(setup: TrainingSetup) -> int:
-    """Bytes per element of a dense parameter: fp32 masters under mixed precision, else bf16."""
-    return 4 if setup.precision == Precision.MIXED else 2
+    """Bytes per element of a dense parameter (precision.dense_weight_bytes)."""
+    return dense_weight_bytes(setup)
 
 
 def store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict[C, int]:
     """Bytes of one parameter (or a shard of `numel` elements of it) by category."""
     n = p.numel if numel is None else numel
     if p.kind == ParamKind.LORA:
-        return {C.ADAPTERS: alloc(ADAPTER_BYTES * n)}
+        return {C.ADAPTERS: alloc(adapter_bytes(setup) * n)}
     if p.kind.quantized:
         return quantized_store(p.kind, n)
     return {C.WEIGHTS: alloc(dense_bytes(setup) * n)}
@@ -72,7 +75,7 @@ def store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict[C, i
 
 def grad_bytes(p: Param, setup: TrainingSetup) -> int:
     """Bytes per element of a parameter's .grad (0 when it does not train): the
-    parameter's own dtype (peft's adapters are fp32, see lora.ADAPTER_BYTES)."""
+    parameter's own dtype (AccumulateGrad casts to it; the adapters': lora.adapter_bytes)."""
     if not p.trainable:
         return 0
-    return ADAPTER_BYTES if p.kind == ParamKind.LORA else dense_bytes(setup)
+    return adapter_bytes(setup) if p.kind == ParamKind.LORA else dense_bytes(setup)

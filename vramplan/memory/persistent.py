@@ -8,6 +8,7 @@ from vramplan.memory.context import StaticBytes
 from vramplan.memory.fsdp import shard
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
+from vramplan.memory.precision import grad_scaler_state
 from vramplan.memory.storage import alloc
 from vramplan.setup import TrainingSetup
 
@@ -43,4 +44,5 @@ def static_bytes(params: list[Param], setup: TrainingSetup) -> StaticBytes:
             parts[c] = parts.get(c, 0) + v
         grads += 0 if setup.optim.layerwise else g
         optim += s
+    optim += grad_scaler_state(setup)  # fp16: the GradScaler's scale and growth tracker
     return StaticBytes(parts=parts, grads=grads, optimizer_states=optim, host_pinned=host)

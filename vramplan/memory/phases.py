@@ -16,7 +16,8 @@ from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
 from vramplan.memory.checkpointing import offload_note, reentrant
-from vramplan.memory.context import StaticBytes, StepContext
+from vramplan.memory.context import StaticBytes, StepContext, activation_context
+from vramplan.memory.dora import dora_layer_transient
 from vramplan.memory.fsdp import (
     forward_end_gathered,
     layer_forward_gathered,
@@ -37,6 +38,7 @@ from vramplan.memory.optimizers import (
 )
 from vramplan.memory.parameters import Param, parameters
 from vramplan.memory.persistent import static_bytes
+from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MeasuredPhase, PhaseKind
@@ -140,6 +142,17 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     return [ph]
 
 
+def dora_phase(ctx: StepContext) -> list[Phase]:
+    """DoRA: the last layer's widest weight norm (dora.dora_norm_transient), everything
+    before that layer saved, the forward's locals alive."""
+    t = dora_layer_transient(ctx.spec, ctx.setup, activation_context(ctx.setup))
+    if not t:
+        return []
+    locals_ = alloc(ctx.tokens * forward_locals(ctx.spec.hidden, ctx.stream))
+    ph = ctx.base(PhaseKind.DORA_NORM_FORWARD).add(C.ACTIVATIONS, ctx.acts - ctx.released + ctx.cast_cache)
+    return [ph.add(C.TRANSIENT, t + locals_)]
+
+
 def quantization_phases(ctx: StepContext) -> list[Phase]:
     """QLoRA: a 4-bit weight dequantized in forward (in backward: a layer point), and the build."""
     if ctx.setup.method != Method.QLORA:
@@ -161,7 +174,8 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     if not ctx.setup.optim.layerwise:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS,
                                                                      loop_token_bytes(ctx.setup) + ctx.buffers)
-        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
+        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)
+                             + grad_scaler_step(ctx.setup)))
     if ctx.setup.method == Method.GALORE:
         phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
                                            ctx.static.grads))
@@ -185,8 +199,10 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     ctx = step_context(spec, setup, prepared)
     layers = layer_backward_phases(ctx)
     phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
-              *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
+              *root_hook_phase(ctx), *layer_forward_phase(ctx), *dora_phase(ctx), *quantization_phases(ctx),
+              *optimizer_phases(ctx)]
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
-    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
+    notes = (([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
+             + precision_notes(setup))
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

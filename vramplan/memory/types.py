@@ -67,6 +67,7 @@ class PhaseKind(Enum):
     FORWARD_CHECKPOINTED_LAYER = ("forward (checkpointed layer)", MeasuredPhase.FORWARD)
     FORWARD_LAST_LAYER = ("forward (last layer)", MeasuredPhase.FORWARD)
     DEQUANTIZE_FORWARD = ("4-bit dequantize (forward)", MeasuredPhase.FORWARD)
+    DORA_NORM_FORWARD = ("DoRA weight norm (forward)", MeasuredPhase.FORWARD)
     LOSS_BACKWARD = ("loss backward", MeasuredPhase.BACKWARD)
     FINAL_NORM_BACKWARD = ("final norm backward", MeasuredPhase.BACKWARD)
     LAYER_BACKWARD = ("layer {layer} backward ({point})", MeasuredPhase.BACKWARD)
@@ -96,6 +97,7 @@ class LayerPoint(StrEnum):
     POST_MLP_NORM = "post-MLP norm"
     MOE_RECOMPUTE = "moe recompute"
     OPTIMIZER_HOOK = "optimizer hook"
+    DORA_RECOMPUTE = "DoRA recompute"
 
 
 @dataclass(frozen=True)

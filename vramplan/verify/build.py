@@ -16,10 +16,12 @@ from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
     ActivationOffload,
+    AdapterDtype,
     Attention,
     LoraTargets,
     Loss,
     Method,
+    ModelDtype,
     Optim,
     Packing,
     Precision,
@@ -49,6 +51,7 @@ class Built:
     simulated: bool = False
     rank: int = 0
     kept: object | None = None                           # --keep-logits: the last forward's output
+    scaler: object | None = None                         # torch.amp.GradScaler under --precision fp16
 
     @property
     def optimizers(self) -> list:
@@ -78,25 +81,29 @@ class Built:
         return {} if self.setup.packing == Packing.NONE else {"position_ids": self.position_ids(ids)}
 
     def forward(self, ids):
-        """The loss of setup.loss (labels = input_ids; verify/losses.py). Under --keep-logits
-        the output replaces the previous one only once this forward has returned, as a
-        loop's `output = model(...)` does."""
+        """The loss of setup.loss (labels = input_ids; verify/losses.py); under fp16 the scaled
+        loss. Under --keep-logits the output replaces the previous one only once this forward
+        has returned, as a loop's `output = model(...)` does."""
         import contextlib
 
         import torch
 
         from vramplan.verify.losses import LOSS_STEPS
-        autocast = (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16) if self.setup.autocast
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
+                    if self.setup.autocast else contextlib.nullcontext())
         with autocast:
             loss, out = LOSS_STEPS[self.setup.loss](self, ids)
         if self.setup.keep_logits:
             self.kept = out
-        return loss
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def optimizer_step(self) -> None:
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.scaler is not None:
+            self.scaler.step(self.optimizer)   # unscale_ in place, then step unless inf/nan
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -283,14 +290,36 @@ def lora_targets(model, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 
 def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
+    """peft's LoRA (or DoRA) on the estimate's targets; an explicit --lora-targets list goes to
+    peft as the user's target_modules, so peft's own name matching decides."""
     import torch
     peft = need("peft", "--method lora/qlora")
-    targets = lora_targets(model, spec, setup)
+    targets = list(setup.lora_target_modules or lora_targets(model, spec, setup))
     cfg = peft.LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=setup.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM", use_dora=setup.dora)
+    fp32 = setup.adapter_store_dtype == AdapterDtype.FP32
     # adapters are created under the device context: no CPU copies; on meta they stay meta (FSDP)
     with torch.device(device):
-        return peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=fp32)
+    if not fp32:
+        # bf16 adapters as TRL keeps them on a 4-bit model (trl==1.16.0 sft_trainer.py:903-911):
+        # peft moves adapters to the base weight's dtype, which a packed 4-bit weight does not have
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def kbit_prepare(model, setup: TrainingSetup) -> None:
+    """peft.prepare_model_for_kbit_training as after a transformers 4-bit load: the flags
+    transformers' quantizer sets decide what it does (hqq: no upcast)."""
+    peft = need("peft", "--kbit-prep")
+    if setup.method == Method.QLORA:
+        model.is_loaded_in_4bit = True
+        model.quantization_method = "hqq" if setup.quant == Quant.HQQ4 else "bitsandbytes"
+    peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=setup.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant})
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
@@ -383,8 +412,8 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
     mesh, simulated = fsdp_mesh(setup.fsdp, device)
     kw = {"mesh": mesh}
     dtypes = {p.dtype for p in model.parameters()}
-    if setup.precision == Precision.MIXED:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if setup.mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half_dtype(setup), reduce_dtype=torch.float32)
     elif len(dtypes) > 1:
         # FSDP2 all-gathers one dtype per group: bf16 base + peft's fp32 adapters need a policy
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -424,6 +453,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
     dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
+    if setup.model_dtype is not None or setup.precision == Precision.FP16:
+        dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
     model = meta_model(cfg, spec, dtype, setup.attention)
     prefix = decoder_prefix(model, spec.num_layers)
     galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
@@ -437,6 +468,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if setup.lora_like:
         for p in model.parameters():
             p.requires_grad_(False)
+        if setup.kbit_prep:
+            kbit_prepare(model, setup)
         model = apply_lora(model, spec, setup, "meta" if fsdp else device)
     if setup.gradient_checkpointing:
         enable_checkpointing(model, setup)
@@ -449,6 +482,14 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         if built.simulated:
             built.notes.append(f"FSDP simulated: rank 0 of {setup.fsdp} on a fake process group")
     make_optimizer(built, galore)
+    if setup.precision == Precision.FP16 and not fsdp:
+        built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def half_dtype(setup: TrainingSetup):
+    """The 2-byte dtype of the step: fp16 under --precision fp16 (GradScaler), else bf16."""
+    import torch
+    return torch.float16 if setup.precision == Precision.FP16 else torch.bfloat16
 
 

@@ -21,7 +21,7 @@ import gc
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramplan.setup import Optim, TrainingSetup
+from vramplan.setup import Optim, Precision, TrainingSetup
 
 _MARK = "vramplan.phase:"
 
@@ -141,8 +141,12 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
 # kernel that allocates differently on the CPU, not a difference in what the step holds.
 def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
     out = []
-    if setup.precision.value == "mixed" and setup.fsdp == 1:
-        out.append("bf16 autocast (the CPU's cast policy is not CUDA's)")
+    from vramplan.memory.precision import fp32_stream_autocast
+    if setup.precision == Precision.FP16 and setup.fsdp == 1:
+        out.append("fp16 autocast (the CPU's cast policy is not CUDA's)")
+    elif fp32_stream_autocast(setup):
+        # over bf16 weights the stream stays bf16 and both policies run the same ops in bf16
+        out.append("bf16 autocast over fp32 weights (the CPU's cast policy is not CUDA's)")
     if setup.optim.is_8bit:
         out.append("the 8-bit optimizer step (bitsandbytes' CPU fallback allocates temporaries)")
     if setup.quant is not None and setup.quant.value == "nf4":

@@ -1,0 +1,164 @@
+"""The adapter and precision knobs (issue 13): --adapter-dtype, --lora-targets NAME,..., --kbit-prep,
+--dora, --model-dtype, --precision fp16. Expected bytes are worked out by hand from the libraries'
+rules on the small Llama of tests/test_cpu_trace.py (hidden 256, MLP 768, 8 heads of 32, 2 kv heads,
+3 layers, vocabulary 4096, untied head), not taken from the code under test."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan.categories import Category as C
+from vramplan.cli import build_parser, setup_fields
+from vramplan.errors import VramplanError
+from vramplan.estimate import estimate_config, fp16_on_card, make_setup
+from vramplan.memory import PhaseKind, parameters, static_bytes, step_model
+from vramplan.memory.context import activation_context
+from vramplan.memory.dora import dora_layer_transient
+from vramplan.model_loader import load_model_spec
+from vramplan.setup import Precision
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
+             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+             max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu")
+R = 16
+# per layer, lora_A (r x in) + lora_B (out x r) elements: q 256->256, k/v 256->64, o 256->256,
+# gate/up 256->768, down 768->256
+PER_LAYER = {"q": R * (256 + 256), "k": R * (256 + 64), "v": R * (256 + 64), "o": R * (256 + 256),
+             "gate": R * (256 + 768), "up": R * (256 + 768), "down": R * (768 + 256)}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    (d / "config.json").write_text(json.dumps(LLAMA))
+    return load_model_spec(str(d), use_cache=False)
+
+
+def _static(spec, **fields):
+    setup = make_setup(**fields)
+    return static_bytes(parameters(spec, setup), setup)
+
+
+@pytest.mark.parametrize("dtype,width", [("fp32", 4), ("bf16", 2)])
+def test_adapters_grads_and_adamw_states_take_the_adapter_dtype(spec, dtype, width):
+    # every adapter tensor is a multiple of 512 bytes here, so no allocator rounding
+    elements = 3 * sum(PER_LAYER.values())
+    static = _static(spec, method="lora", adapter_dtype=dtype)
+    assert static.parts[C.ADAPTERS] == width * elements
+    assert static.grads == width * elements                  # AccumulateGrad keeps the param's dtype
+    assert static.optimizer_states == 2 * width * elements   # torch AdamW: zeros_like(p) twice
+
+
+def test_an_explicit_target_list_adapts_only_those_linears(spec):
+    static = _static(spec, method="lora", lora_target_modules="q_proj,v_proj")
+    assert static.parts[C.ADAPTERS] == 4 * 3 * (PER_LAYER["q"] + PER_LAYER["v"])
+
+
+def test_a_target_that_matches_no_linear_names_the_flag_and_the_linears(spec):
+    from vramplan.estimate import check_compatible
+    from vramplan.hardware import parse_gpus
+    setup = make_setup(method="lora", lora_target_modules="q_proj,query")
+    with pytest.raises(VramplanError) as e:
+        check_compatible(spec, setup, parse_gpus("1x24GB"))
+    text = str(e.value)
+    assert "--lora-targets" in text and "'query'" in text and "q_proj" in text and "down_proj" in text
+
+
+def test_the_cli_takes_a_module_list_or_an_enum_value():
+    parser = build_parser()
+    args = parser.parse_args(["estimate", "m", "--method", "lora", "--lora-targets", "q_proj, v_proj"])
+    assert setup_fields(args)["lora_target_modules"] == ("q_proj", "v_proj")
+    args = parser.parse_args(["estimate", "m", "--method", "lora", "--lora-targets", "attention"])
+    fields = setup_fields(args)
+    assert fields["lora_targets"] == "attention" and "lora_target_modules" not in fields
+
+
+def test_kbit_prep_upcasts_every_non_4bit_parameter_but_not_under_hqq(spec):
+    # embedding and lm_head 4096 x 256 each, 7 norms of 256 (alloc: 512 B in bf16, 1024 in fp32)
+    extra = 2 * 2 * 4096 * 256 + 7 * (1024 - 512)
+    base = dict(method="qlora", precision="mixed", model_dtype="bf16")
+    plain = _static(spec, **base).parts[C.WEIGHTS]
+    assert _static(spec, **base, kbit_prep=True).parts[C.WEIGHTS] - plain == extra
+    hqq = dict(base, quant="hqq4")
+    assert _static(spec, **hqq, kbit_prep=True).parts[C.WEIGHTS] == _static(spec, **hqq).parts[C.WEIGHTS]
+
+
+def test_kbit_prep_makes_the_autocast_stream_fp32(spec):
+    fields = dict(method="qlora", precision="mixed", model_dtype="bf16")
+    assert activation_context(make_setup(**fields)).stream == 2
+    assert activation_context(make_setup(**fields, kbit_prep=True)).stream == 4
+
+
+def test_dora_adds_a_magnitude_per_output_feature(spec):
+    # out features per layer: q 256, k 64, v 64, o 256, gate 768, up 768, down 256; fp32, a
+    # 64-element vector rounds up to one 512 B block
+    per_layer = sum(max(4 * o, 512) for o in (256, 64, 64, 256, 768, 768, 256))
+    extra = _static(spec, method="lora", dora=True).parts[C.ADAPTERS] - _static(spec, method="lora").parts[C.ADAPTERS]
+    assert extra == 3 * per_layer
+
+
+def test_dora_weight_norm_holds_eye_lora_weight_and_the_weight_copy(spec):
+    # down 768 -> 256, fp32 adapters on a bf16 base: eye(768), lora_A(eye) 768 x 16,
+    # lora_weight + scaling * lora_weight + their sum (3 x 768 x 256), the fp32 weight copy
+    setup = make_setup(method="lora", dora=True)
+    expected = 4 * 768 * 768 + 4 * 768 * 16 + 3 * 4 * 768 * 256 + 4 * 768 * 256
+    assert dora_layer_transient(spec, setup, activation_context(setup)) == expected
+    phases = [p.kind for p in step_model(spec, setup).phases]
+    assert PhaseKind.DORA_NORM_FORWARD in phases
+
+
+def test_bf16_weights_under_autocast_cast_nothing(spec):
+    # every cast of a bf16 tensor to bf16 is a no-op: the bf16 step, phase for phase
+    mixed = step_model(spec, make_setup(method="full", precision="mixed", model_dtype="bf16"))
+    plain = step_model(spec, make_setup(method="full"))
+    assert [(p.name, p.allocated) for p in mixed.phases] == [(p.name, p.allocated) for p in plain.phases]
+    fp32 = step_model(spec, make_setup(method="full", precision="mixed"))
+    assert fp32.peak.allocated > mixed.peak.allocated
+
+
+def test_fp16_adds_the_grad_scaler_to_the_mixed_step(spec):
+    # GradScaler: _scale and _growth_tracker persistent, found_inf + inv_scale (and its
+    # float64 temporary) at the step; one 512 B block each
+    def step(precision):
+        return {p.kind: p.allocated for p in step_model(spec, make_setup(method="full", precision=precision)).phases}
+    fp16, mixed = step("fp16"), step("mixed")
+    assert fp16[PhaseKind.OPTIMIZER_STEP] - mixed[PhaseKind.OPTIMIZER_STEP] == 2 * 512 + 3 * 512
+    assert fp16[PhaseKind.FORWARD_LOSS] - mixed[PhaseKind.FORWARD_LOSS] == 2 * 512
+
+
+@pytest.mark.parametrize("fields,flags", [
+    (dict(method="full", precision="fp16", model_dtype="bf16"), ("--model-dtype", "--precision")),
+    (dict(method="lora", precision="fp16", adapter_dtype="bf16"), ("--adapter-dtype", "--precision")),
+    (dict(method="full", model_dtype="fp32"), ("--model-dtype", "--precision")),
+    (dict(method="qlora", kbit_prep=True), ("--kbit-prep", "--precision")),
+    (dict(method="full", dora=True), ("--dora", "--method")),
+    (dict(method="galore", kbit_prep=True, precision="mixed"), ("--kbit-prep", "--method")),
+])
+def test_incompatible_knobs_name_both_flags(fields, flags):
+    with pytest.raises(VramplanError) as e:
+        make_setup(**fields)
+    assert all(f in str(e.value) for f in flags), str(e.value)
+
+
+def test_a_card_without_bf16_gets_fp16_unless_precision_is_given(spec):
+    from vramplan.hardware import parse_gpus
+    t4 = parse_gpus("1xt4")
+    setup, notes = fp16_on_card(make_setup(method="full", stack="axolotl"), t4, precision_given=False)
+    assert setup.precision == Precision.FP16 and setup.model_dtype is None and "no bf16" in notes[0]
+    kept, none = fp16_on_card(make_setup(method="full", precision="mixed"), t4, precision_given=True)
+    assert kept.precision == Precision.MIXED and not none
+    est = estimate_config(spec, "1xt4", method="lora")
+    assert est.setup.precision == Precision.FP16 and any("no bf16" in n for n in est.notes)
+
+
+def test_dora_recompute_keeps_every_eye_until_the_layer_backward_ends(spec):
+    # eye(in) + lora_A(eye) per adapted Linear, fp32: q, k, v, o, gate, up read 256 features,
+    # down 768; then down's norm terms: lora_weight, its scaled copy, the sum, the fp32 weight
+    from vramplan.memory.dora import dora_recompute
+    setup = make_setup(method="lora", dora=True, gradient_checkpointing=True)
+    eye_graph = 6 * (4 * 256 * 256 + 4 * 256 * R) + (4 * 768 * 768 + 4 * 768 * R)
+    assert dora_recompute(spec.layers[0], setup) == (eye_graph, 4 * 4 * 768 * 256)
+    assert dora_recompute(spec.layers[0], make_setup(method="lora", dora=True)) == (0, 0)
+    points = {p.point for p in step_model(spec, setup, every_layer=True).phases if p.point}
+    assert "DoRA recompute" in points

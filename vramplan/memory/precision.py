@@ -1,0 +1,68 @@
+"""Precision: the dtype dense weights are held in (--model-dtype, prepare_model_for_kbit_training's
+upcast), whether autocast runs over an fp32 or a bf16 stream, and fp16's GradScaler."""
+from __future__ import annotations
+
+from vramplan.memory.storage import BLOCK
+from vramplan.setup import ModelDtype, Precision, Quant, TrainingSetup
+
+
+def kbit_upcast(setup: TrainingSetup) -> bool:
+    """prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not a
+    bitsandbytes Params4bit to fp32 (embeddings, norms, lm_head, biases; a non-quantized
+    LoRA base whole), except on a model transformers quantized with hqq (or gptq, aqlm, eetq,
+    torchao), which it leaves alone. peft==0.21.2 utils/other.py:184-209. [CPU trace: build]"""
+    return setup.kbit_prep and setup.lora_like and setup.quant != Quant.HQQ4
+
+
+def dense_weight_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of a dense (not 4-bit, not adapter) parameter: the loading dtype
+    (--model-dtype; fp32 masters under mixed by default), fp32 after kbit_upcast."""
+    return 4 if kbit_upcast(setup) else setup.weight_dtype.bytes
+
+
+def fp32_stream_autocast(setup: TrainingSetup) -> bool:
+    """autocast over fp32 weights (masters, or the embedding kbit_upcast made fp32): the
+    embedding's output is fp32, residual adds are not autocast ops, so the stream stays fp32
+    and each Linear casts its own half copy. Over bf16 weights (--model-dtype bf16: the HF
+    Trainer's bf16=True on a bf16-loaded model, axolotl, Unsloth) a cast of a bf16 tensor to
+    bf16 is a no-op (ATen autocast_mode.cpp cached_cast) and the stream stays bf16."""
+    return setup.autocast and dense_weight_bytes(setup) == 4
+
+
+# torch.amp.GradScaler (torch==2.13 torch/amp/grad_scaler.py): _lazy_init_scale_growth_tracker
+# makes _scale (fp32) and _growth_tracker (int32), 0-d tensors on the device, kept for the run
+# (:173-180); unscale_ makes found_inf (fp32 0-d, kept per device until update()) and
+# inv_scale = _scale.double().reciprocal().float() (a float64 temporary, then fp32) (:340-356).
+# _amp_foreach_non_finite_check_and_unscale_ unscales the grads in place (:246-300): no copy.
+GRAD_SCALER_STATE_TENSORS = 2
+GRAD_SCALER_STEP_TENSORS = 3   # found_inf, inv_scale and its float64 temporary
+
+
+def grad_scaler_state(setup: TrainingSetup) -> int:
+    """Persistent bytes of fp16's GradScaler: two 0-d tensors, one allocator block each."""
+    return GRAD_SCALER_STATE_TENSORS * BLOCK if setup.precision == Precision.FP16 else 0
+
+
+def grad_scaler_step(setup: TrainingSetup) -> int:
+    """What unscale_ adds at the optimizer step: found_inf and inv_scale (with its float64
+    temporary), one block each."""
+    return GRAD_SCALER_STEP_TENSORS * BLOCK if setup.precision == Precision.FP16 else 0
+
+
+FP16_NOTE = ("--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
+             "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)")
+DORA_CKPT_NOTE = ("DoRA under gradient checkpointing: what the recompute keeps of each weight norm (eye(in) "
+                  "in the checkpoint frame, peft==0.21.2 tuners/lora/dora.py get_lora_weight) is modelled from "
+                  "source, not measured, and the checkpointed forward's per-token DoRA terms are left out")
+
+
+def precision_notes(setup: TrainingSetup) -> list[str]:
+    """What the estimate says about the parts of these knobs no trace checks."""
+    notes = [FP16_NOTE] if setup.precision == Precision.FP16 else []
+    if setup.dora and setup.lora_like and setup.gradient_checkpointing:
+        notes.append(DORA_CKPT_NOTE)
+    return notes
+
+
+__all__ = ["ModelDtype", "dense_weight_bytes", "fp32_stream_autocast", "grad_scaler_state", "grad_scaler_step",
+           "kbit_upcast", "precision_notes"]
