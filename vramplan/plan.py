@@ -25,7 +25,7 @@ from vramplan.hardware import GpuSpec, profiles
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import Method, Optim, OptimFamily, Precision, Quant, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, parse_bytes
 
@@ -166,7 +166,9 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
             # optimizers step from per-parameter hooks, which HF Trainer refuses under
             # distributed training, so they are planned for a single GPU only.
-            optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
+            # the four GaLore AdamW names (galore_adafactor* is left to --optim)
+            optims = [o for o in Optim if o.traits.family == OptimFamily.GALORE_ADAMW
+                      and (not o.layerwise or req.gpus.count == 1)]
             for prec, optim, ckpt in itertools.product(Precision, optims, (False, True)):
                 groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
                                     gradient_checkpointing=ckpt) for r in ranks])
@@ -276,7 +278,9 @@ def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.n
         for c, a, b in _pareto(coef):  # after the Pareto filter a handful of phases remain
             np.maximum(part, c + a * t + b * t * sub[:, None], out=part)
         alloc[rows] = part
-    return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
+    # paged optimizer states are on the GPU but outside the allocated peak (estimate_spec's total)
+    total = _totals(alloc, req.gpus) + pre.static.paged_states
+    return Grid(setup, seqs, batches, total, host_need(pinned, setup, req), alloc.size)
 
 
 # ------------------------------------------------------------------ rows and the search
@@ -322,11 +326,7 @@ def label(setup: TrainingSetup) -> str:
     parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
              Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
     parts.append(setup.precision.value)
-    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused",
-                  Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
-                  Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
-                  Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
-                  Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
+    parts.append(setup.optim.label + (" in backward" if setup.optimizer_in_backward else ""))
     if setup.gradient_checkpointing:
         parts.append("+ ckpt")
     if setup.fsdp > 1:

@@ -31,6 +31,7 @@ from vramplan.memory.norms import (
 from vramplan.memory.optimizers import (
     galore_refresh_phase,
     layerwise_hook_bytes,
+    optimizer_notes,
     optimizer_transient,
 )
 from vramplan.memory.parameters import Param, parameters
@@ -70,8 +71,9 @@ def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
 def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
     saved = saved_activations(spec, setup)
     params = prepared.params
-    # layer-wise optimizers: each parameter's hook steps it inside backward
-    hook = layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    # optimizers stepped in backward (layer-wise, LOMO, --optimizer-in-backward): each
+    # parameter's hook steps it and frees its grad
+    hook = layerwise_hook_bytes(params, setup) if setup.steps_in_backward else {}
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
                        released=saved.released, cast_cache=cast_cache(params, setup, spec.vocab, head_trains(setup)),
@@ -154,7 +156,7 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     if ctx.offload:
         return []
     phases = []
-    if not ctx.setup.optim.layerwise:
+    if not ctx.setup.steps_in_backward:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
         phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
     if ctx.setup.method == Method.GALORE:
@@ -175,5 +177,5 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     layers = layer_backward_phases(ctx)
     phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
               *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
-    notes = [OFFLOAD_NOTE] if setup.cpu_offload else []
+    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + optimizer_notes(setup, prepared.static)
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned, notes=notes)
