@@ -10,7 +10,9 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
-them, and the traced ones' residuals; not in the range the other groups are held to).
+them, and the traced ones' residuals; not in the range the other groups are held to) and
+"optimizers" (every optimizer verify builds with its real library, and optimizer in backward;
+held to 2%, the optimizer phase left out where the CPU step is not CUDA's).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
@@ -25,8 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, LONG,  # noqa: E402
-                            LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
+from test_cpu_trace import (  # noqa: E402
+    B2S256,
+    BUILD_CASES,
+    CASES,
+    DEQ_CASES,
+    LAYER_ARCH_CASES,
+    LLAMA,
+    LONG,
+    LONG_SHAPE,
+    OPTIMIZER_CASES,
+    WIDE,
+    _build_compared,
+    _model_build_peak,
+    _model_phases,
+    optimizer_model_phases,
+)
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
@@ -89,7 +105,7 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
-        model = _model_phases(spec, setup)
+        model = (optimizer_model_phases if group == "optimizers" else _model_phases)(spec, setup)
         if _build_compared(setup):
             model["build"] = _model_build_peak(spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
@@ -112,6 +128,8 @@ def _setup_text(setup: dict) -> str:
         parts.append("mixed")
     if setup.get("optim", "adamw_torch") != "adamw_torch":
         parts.append(setup["optim"])
+    if setup.get("optimizer_in_backward"):
+        parts.append("in backward")
     if setup.get("fsdp", 1) > 1:
         parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
     if setup.get("gradient_checkpointing"):
@@ -208,6 +226,7 @@ def main() -> int:
               dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
     jobs += [("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
              for n, f in UNTRACED_SETUPS.items()]
+    jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
     old = []

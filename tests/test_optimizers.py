@@ -180,7 +180,7 @@ def test_foreach_temporary_is_the_larger_trainer_group_under_trainer_stacks():
     ("rmsprop", 2 * 2**21),
     ("sgd", 0),
     ("schedule_free_adamw", 2 * 2**21),
-    ("adafactor", 5 * 4 * 2**20),            # (3 + bf16 grad + bf16 param) fp32 copies of the largest
+    ("adafactor", 4 * 4 * 2**20),            # update + its successor + fp32 copies of the bf16 grad and param
     ("grokadamw", 6 * 2 * 2**20),
 ])
 def test_step_temporaries_by_family(optim, expected):
@@ -227,3 +227,20 @@ def test_grokadamw_states_go_to_the_host_column():
     spec = load_model_spec("llama-3.2-1b")
     trained = spec.embed_numel + spec.lm_head_numel + sum(l.numel for l in spec.layers) + spec.final_norm_numel
     assert grok.host_ram_bytes - sgd.host_ram_bytes == pytest.approx(3 * 2 * trained, rel=0.01)
+
+
+def test_verify_builds_the_classes_and_kwargs_transformers_passes():
+    """transformers 5.25.0 trainer_optimizer.py:246-293 (bitsandbytes), :195-198 (Adafactor)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers.optimization import Adafactor
+
+    from vramplan.verify.build import _optim_class
+    assert _optim_class(make_setup(method="full", optim="paged_lion_8bit")) == (bnb.optim.Lion,
+                                                                               {"optim_bits": 8, "is_paged": True})
+    assert _optim_class(make_setup(method="full", optim="rmsprop_bnb")) == (bnb.optim.RMSprop, {"optim_bits": 32})
+    assert _optim_class(make_setup(method="full", optim="adamw_torch_fused")) == (torch.optim.AdamW, {"fused": True})
+    assert _optim_class(make_setup(method="full", optim="adafactor")) == (
+        Adafactor, {"scale_parameter": False, "relative_step": False})
+    with pytest.raises(VramplanError):
+        _optim_class(make_setup(method="full", optim="adalomo"))

@@ -240,7 +240,7 @@ def _galore_transient(p: Param, g: int, n: int, setup: TrainingSetup) -> int:
     t = setup.optim.traits
     if p.galore is None:
         if t.family == F.GALORE_ADAFACTOR:
-            return (3 + 2 * _lowp(g)) * alloc(4 * n)
+            return (2 + 2 * _lowp(g)) * alloc(4 * n)
         # galore_torch AdamW plain group: denom = exp_avg_sq.sqrt(); exp_avg / denom
         return 0 if t.bits == 8 else 2 * alloc(g * n)
     m, k = p.galore
@@ -266,9 +266,10 @@ def _family_transient(trainable: list[Param], setup: TrainingSetup, world: int) 
         F.SCHEDULE_FREE_RADAM: lambda: bucket,     # the same once rho_t > 4 (steady state)
         F.SCHEDULE_FREE_SGD: lambda: 0,
         F.STABLE_ADAMW: lambda: 0,                 # triton kernel on CUDA (optimi utils.py:191-199)
-        # transformers Adafactor, one param at a time: grad**2+eps, the factored approximation,
-        # -update, + fp32 copies of a low-precision grad and param (CPU-measured, research §3)
-        F.ADAFACTOR: lambda: _per_param(trainable, setup, lambda p, g, n: (3 + 2 * _lowp(g)) * alloc(4 * n)),
+        # transformers 5.25.0 optimization.py:1256-1293, one param at a time: `update` (grad**2+eps)
+        # still referenced when _approx_sq_grad returns the next one, + grad.float() and
+        # p.float() copies of a low-precision grad and param [CPU trace: 2x fp32, 4x bf16]
+        F.ADAFACTOR: lambda: _per_param(trainable, setup, lambda p, g, n: (2 + 2 * _lowp(g)) * alloc(4 * n)),
         F.APOLLO_ADAMW: lambda: _per_param(trainable, setup, _apollo_transient),
         F.MUON: lambda: _per_param(trainable, setup, _muon_transient),
         # lomo.py:70-133: the previous param's stored grad, and its fp32 grad and param copies

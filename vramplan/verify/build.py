@@ -12,9 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 
 from vramplan.errors import VramplanError
-from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec, resolve_config
-from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import LoraTargets, Method, OptimFamily, OptimLibrary, Precision, Quant, TrainingSetup
 
 LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
@@ -94,6 +94,7 @@ def hf_config(cfg: dict, attn: str):
 def meta_model(cfg: dict, spec: ModelSpec, dtype):
     """The causal LM on the meta device: shapes only, nothing allocated."""
     import torch
+
     from vramplan.analyze import auto_class
     config = hf_config(cfg, spec.attn_implementation)
     with warnings.catch_warnings():
@@ -268,14 +269,41 @@ def galore_names(model, spec: ModelSpec) -> set[str]:
 
 
 def _optim_class(setup: TrainingSetup):
+    """The optimizer class and the keyword arguments transformers' Trainer passes it
+    (transformers 5.25.0 trainer_optimizer.py:195-622), for the names verify builds."""
     import torch
-    o = setup.optim
-    if o in (Optim.ADAMW_TORCH, Optim.ADAMW_TORCH_FUSED):
-        return torch.optim.AdamW
-    if o == Optim.ADAMW_BNB_8BIT:
-        return need("bitsandbytes", "--optim adamw_bnb_8bit").optim.AdamW8bit
-    galore = need("galore_torch", f"--optim {o.value}")
-    return galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW
+    o, t = setup.optim, setup.optim.traits
+    if t.library == OptimLibrary.TORCH:
+        cls = {OptimFamily.ADAMW: torch.optim.AdamW, OptimFamily.SGD: torch.optim.SGD,
+               OptimFamily.ADAGRAD: torch.optim.Adagrad, OptimFamily.RMSPROP: torch.optim.RMSprop}[t.family]
+        return cls, ({"fused": True} if t.fused else {})
+    if t.library == OptimLibrary.BITSANDBYTES:
+        bnb = need("bitsandbytes", f"--optim {o.value}")
+        cls = {OptimFamily.ADAMW: bnb.optim.AdamW, OptimFamily.LION: bnb.optim.Lion,
+               OptimFamily.RMSPROP: bnb.optim.RMSprop, OptimFamily.ADEMAMIX: bnb.optim.AdEMAMix}[t.family]
+        kw = {"optim_bits": t.bits}
+        if t.family != OptimFamily.RMSPROP:  # HF passes is_paged to all but RMSprop
+            kw["is_paged"] = t.paged
+        return cls, kw
+    if t.library == OptimLibrary.TORCHAO:
+        ao = need("torchao.optim", f"--optim {o.value}")
+        return (ao.AdamW8bit if t.bits == 8 else ao.AdamW4bit), {"block_size": 256, "bf16_stochastic_round": False}
+    if t.family == OptimFamily.ADAFACTOR:
+        from transformers.optimization import Adafactor
+        return Adafactor, {"scale_parameter": False, "relative_step": False}
+    if t.library == OptimLibrary.SCHEDULEFREE:
+        sf = need("schedulefree", f"--optim {o.value}")
+        cls = {OptimFamily.SCHEDULE_FREE_ADAMW: sf.AdamWScheduleFree, OptimFamily.SCHEDULE_FREE_RADAM:
+               sf.RAdamScheduleFree, OptimFamily.SCHEDULE_FREE_SGD: sf.SGDScheduleFree}[t.family]
+        return cls, ({} if t.family == OptimFamily.SCHEDULE_FREE_RADAM else {"warmup_steps": 0})
+    if t.family == OptimFamily.GALORE_ADAMW:
+        galore = need("galore_torch", f"--optim {o.value}")
+        return (galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW), {}
+    if t.family == OptimFamily.GALORE_ADAFACTOR:
+        galore = need("galore_torch", f"--optim {o.value}")
+        return galore.GaLoreAdafactor, {"scale_parameter": False, "relative_step": False}
+    raise VramplanError(f"verify does not build {o.value} yet (its memory is modelled from source: "
+                        "docs/memory-model.md, \"Optimizers\")", "--optim")
 
 
 def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
@@ -295,17 +323,28 @@ def _strip(name: str) -> str:
 
 
 def make_optimizer(built: Built, galore: set[str]) -> None:
-    cls = _optim_class(built.setup)
-    kw = {"fused": True} if built.setup.optim == Optim.ADAMW_TORCH_FUSED else {}
+    cls, kw = _optim_class(built.setup)
+    if built.device == "cpu" and built.setup.optim.traits.family == OptimFamily.ADEMAMIX:
+        # bitsandbytes 0.50.2 ademamix.py:260-267: the paged double buffer has no CPU fallback
+        # (the other paged states fall back to plain tensors); unpaged, the states are the same
+        kw["is_paged"] = False
     groups = param_groups(built.model, built.setup, galore)
-    if not built.setup.optim.layerwise:
-        built.optimizer = cls([g for g in groups if g["params"]], lr=LR, **kw)
+    if not built.setup.steps_in_backward:
+        built.optimizer = _started(cls([g for g in groups if g["params"]], lr=LR, **kw))
         return
-    # one optimizer per parameter, stepped as soon as its grad is accumulated
+    # one optimizer per parameter, stepped as soon as its grad is accumulated (HF *_layerwise,
+    # torchtune optimizer_in_bwd: torchtune 0.6.1 training/memory.py:219-242)
     for g in groups:
         for p in g["params"]:
-            built.layerwise[p] = cls([{**g, "params": [p]}], lr=LR)
+            built.layerwise[p] = _started(cls([{**g, "params": [p]}], lr=LR, **kw))
             built.hooks.append(p.register_post_accumulate_grad_hook(_layerwise_hook(built.layerwise)))
+
+
+def _started(opt):
+    """schedulefree optimizers must be put in train mode before a step (the HF Trainer does)."""
+    if callable(getattr(opt, "train", None)):
+        opt.train()
+    return opt
 
 
 def _layerwise_hook(opts: dict):
