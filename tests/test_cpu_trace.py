@@ -374,9 +374,11 @@ OPTIMIZER_CASES = {
     "full-in-backward": dict(method="full", optimizer_in_backward=True),
     "full-adafactor-in-backward": dict(method="full", optim="adafactor", optimizer_in_backward=True),
     "lora-in-backward": dict(method="lora", optimizer_in_backward=True),
+    "full-muon": dict(method="full", optim="muon"),
+    "lora-muon": dict(method="lora", optim="muon"),
 }
 OPTIMIZER_LIBRARIES = {"adamw_torch_8bit": "torchao", "adamw_torch_4bit": "torchao",
-                       "schedule_free_adamw": "schedulefree"}
+                       "schedule_free_adamw": "schedulefree", "muon": "llamafactory"}
 OPTIMIZER_TOL = 0.02
 
 

@@ -188,6 +188,16 @@ def test_step_temporaries_by_family(optim, expected):
     assert optimizer_transient(params, make_setup(method="full", optim=optim), 1) == expected
 
 
+def test_muon_step_is_the_larger_of_its_newton_schulz_and_its_adamw_with_the_last_update_bound():
+    """llamafactory 0.9.5 third_party/muon/muon.py:157-215: the AdamW loop runs while the last Muon
+    update `u` (bf16) is still bound; buf1 / (eps + buf2.sqrt()) holds two copies."""
+    layer = dense(1024 * 256, 1024, layer=0)      # Muon: n = 262144, k = 256
+    embed = dense(4096 * 256, 4096, layer=None)    # AdamW: 1 Mi elements, bf16
+    newton_schulz = 4 * 2 * 262144 + 6 * 2 * 256 * 256
+    adamw = 2 * 2 * 4096 * 256 + 2 * 262144
+    assert optimizer_transient([layer, embed], make_setup(method="full", optim="muon"), 1) == max(newton_schulz, adamw)
+
+
 # ---------------------------------------------------------------- the step
 
 @pytest.fixture(scope="module")

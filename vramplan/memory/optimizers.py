@@ -218,14 +218,18 @@ def _lowp(g: int) -> int:
     return 1 if g < 4 else 0
 
 
-def _muon_transient(p: Param, g: int, n: int) -> int:
-    """LLaMA-Factory 0.9.5 third_party/muon/muon.py:48-75, 176-210: nesterov g.add(buf), the
-    bf16 Newton-Schulz iterate and its k x k products; AdamW params: square, sqrt, eps, div.
-    Envelope of the CPU-measured points (research notes §3: 18n, 16n, 13n)."""
-    if not muon_param(p):
-        return 3 * alloc(g * n)
-    k = min(p.dims)
-    return alloc(g * n) + 3 * alloc(2 * n) + 6 * alloc(2 * k * k)
+def _muon_transient(params: list[Param], setup: TrainingSetup) -> int:
+    """LLaMA-Factory 0.9.5 third_party/muon/muon.py:48-75, 157-215. Muon params one at a time:
+    nesterov g.add(buf), the bf16 Newton-Schulz iterate and its k x k products (k = min(m, n);
+    an envelope of the research notes' CPU points 18n, 16n, 13n). Then its AdamW params:
+    buf1 / (eps + buf2.sqrt()) (two copies), while the last Muon update `u` (bf16) is still bound."""
+    def muon(p: Param, g: int, n: int) -> int:
+        return alloc(g * n) + 3 * alloc(2 * n) + 6 * alloc(2 * min(p.dims) ** 2) if muon_param(p) else 0
+
+    def adamw(p: Param, g: int, n: int) -> int:
+        return 0 if muon_param(p) else 2 * alloc(g * n)
+    last_u = max((alloc(2 * p.numel) for p in params if muon_param(p)), default=0)
+    return max(_per_param(params, setup, muon), _per_param(params, setup, adamw) + last_u)
 
 
 def _apollo_transient(p: Param, g: int, n: int) -> int:
@@ -271,7 +275,7 @@ def _family_transient(trainable: list[Param], setup: TrainingSetup, world: int) 
         # p.float() copies of a low-precision grad and param [CPU trace: 2x fp32, 4x bf16]
         F.ADAFACTOR: lambda: _per_param(trainable, setup, lambda p, g, n: (2 + 2 * _lowp(g)) * alloc(4 * n)),
         F.APOLLO_ADAMW: lambda: _per_param(trainable, setup, _apollo_transient),
-        F.MUON: lambda: _per_param(trainable, setup, _muon_transient),
+        F.MUON: lambda: _muon_transient(trainable, setup),
         # lomo.py:70-133: the previous param's stored grad, and its fp32 grad and param copies
         F.LOMO: lambda: _per_param(trainable, setup, lambda p, g, n: alloc(g * n) + 2 * _lowp(g) * alloc(4 * n)),
         # adalomo.py:139-200: grad_fp32, grad**2, the factored approximation, p_fp32 (uncertain order)

@@ -322,7 +322,20 @@ def _strip(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
 
 
+def _muon(model, setup: TrainingSetup):
+    """LLaMA-Factory 0.9.5 train/trainer_utils.py:498-524: 2-D parameters not named embed or
+    lm_head to Muon, the rest to its AdamW; weight_decay 0 (TrainingArguments' default)."""
+    muon = need("llamafactory.third_party.muon", f"--optim {setup.optim.value}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    two_d = [p for n, p in named if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    ids = {id(p) for p in two_d}
+    return muon.Muon(lr=LR, wd=0.0, muon_params=two_d, adamw_params=[p for _, p in named if id(p) not in ids])
+
+
 def make_optimizer(built: Built, galore: set[str]) -> None:
+    if built.setup.optim.traits.family == OptimFamily.MUON and not built.setup.steps_in_backward:
+        built.optimizer = _muon(built.model, built.setup)
+        return
     cls, kw = _optim_class(built.setup)
     if built.device == "cpu" and built.setup.optim.traits.family == OptimFamily.ADEMAMIX:
         # bitsandbytes 0.50.2 ademamix.py:260-267: the paged double buffer has no CPU fallback
