@@ -376,9 +376,12 @@ OPTIMIZER_CASES = {
     "lora-in-backward": dict(method="lora", optimizer_in_backward=True),
     "full-muon": dict(method="full", optim="muon"),
     "lora-muon": dict(method="lora", optim="muon"),
+    "full-apollo_adamw": dict(method="full", optim="apollo_adamw"),
+    "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
 }
 OPTIMIZER_LIBRARIES = {"adamw_torch_8bit": "torchao", "adamw_torch_4bit": "torchao",
-                       "schedule_free_adamw": "schedulefree", "muon": "llamafactory"}
+                       "schedule_free_adamw": "schedulefree", "muon": "llamafactory",
+                       "apollo_adamw": "apollo_torch", "apollo_adamw_layerwise": "apollo_torch"}
 OPTIMIZER_TOL = 0.02
 
 

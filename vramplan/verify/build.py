@@ -20,6 +20,8 @@ LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
+# transformers 5.25.0 trainer_optimizer.py:398-405: APOLLO's target-group defaults
+APOLLO_GROUP = dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0, proj_type="std")
 
 
 def need(module: str, what: str):
@@ -299,6 +301,8 @@ def _optim_class(setup: TrainingSetup):
     if t.family == OptimFamily.GALORE_ADAMW:
         galore = need("galore_torch", f"--optim {o.value}")
         return (galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW), {}
+    if t.family == OptimFamily.APOLLO_ADAMW:
+        return need("apollo_torch", f"--optim {o.value}").APOLLOAdamW, {}
     if t.family == OptimFamily.GALORE_ADAFACTOR:
         galore = need("galore_torch", f"--optim {o.value}")
         return galore.GaLoreAdafactor, {"scale_parameter": False, "relative_step": False}
@@ -308,10 +312,13 @@ def _optim_class(setup: TrainingSetup):
 
 def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if setup.method != Method.GALORE:
+    if not galore:
         return [{"params": [p for _, p in named]}]
-    proj = dict(rank=setup.galore_rank, update_proj_gap=setup.galore_update_proj_gap, scale=GALORE_SCALE,
-                proj_type=GALORE_PROJ)
+    if setup.optim.traits.family == OptimFamily.APOLLO_ADAMW:
+        proj = APOLLO_GROUP  # the same target selection as GaLore's (HF _setup_low_rank_optimizer)
+    else:
+        proj = dict(rank=setup.galore_rank, update_proj_gap=setup.galore_update_proj_gap, scale=GALORE_SCALE,
+                    proj_type=GALORE_PROJ)
     low = [p for n, p in named if _strip(n) in galore]
     rest = [p for n, p in named if _strip(n) not in galore]
     return [{"params": rest}, {"params": low, **proj}]
@@ -429,7 +436,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
     model = meta_model(cfg, spec, dtype)
     prefix = decoder_prefix(model, spec.num_layers)
-    galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
+    low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
+    galore = galore_names(model, spec) if low_rank else set()
     fsdp = setup.fsdp > 1
     if qlora:
         quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
