@@ -172,6 +172,16 @@ CASES = [
          seq_len=2048),
     case("l1b_dora16_ckpt_b2s2048", L1B, method="lora", dora=True, gradient_checkpointing=True, batch_size=2,
          seq_len=2048),
+    # optimizers modelled from source where the CPU cannot check them (docs/memory-model.md,
+    # "Optimizers"): paged bitsandbytes states (in NVML, not in max_memory_allocated), torchao's
+    # compiled low-bit step, and an optimizer stepped in backward on CUDA
+    case("l1b_full_paged8bit_b1s1024", L1B, method="full", optim="paged_adamw_8bit", batch_size=1, seq_len=1024),
+    case("l1b_full_paged32bit_b1s1024", L1B, method="full", optim="paged_adamw_32bit", batch_size=1, seq_len=1024),
+    case("l1b_full_torchao8bit_b1s1024", L1B, method="full", optim="adamw_torch_8bit", batch_size=1, seq_len=1024,
+         seconds=120),
+    case("l1b_full_torchao4bit_b1s1024", L1B, method="full", optim="adamw_torch_4bit", batch_size=1, seq_len=1024,
+         seconds=120),
+    case("l1b_full_inbwd_b1s1024", L1B, method="full", optimizer_in_backward=True, batch_size=1, seq_len=1024),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases

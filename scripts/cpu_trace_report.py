@@ -12,7 +12,9 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
 that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
-them, and the traced ones' residuals; not in the range the other groups are held to).
+them, and the traced ones' residuals; not in the range the other groups are held to) and
+"optimizers" (every optimizer verify builds with its real library, and optimizer in backward;
+held to 2%, the optimizer phase left out where the CPU step is not CUDA's).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
 from __future__ import annotations
@@ -39,12 +41,14 @@ from test_cpu_trace import (  # noqa: E402
     LONG,
     LONG_SHAPE,
     LOSS_CASES,
+    OPTIMIZER_CASES,
     V64_SHAPE,
     WIDE,
     WIDE_SHORT,
     _build_compared,
     _model_build_peak,
     _model_phases,
+    optimizer_model_phases,
 )
 from test_cpu_trace import TINY_VOCAB as V64  # noqa: E402
 from test_cpu_trace import TINY_VOCAB as V64_LLAMA  # noqa: E402
@@ -122,7 +126,7 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
-        model = _model_phases(spec, setup)
+        model = (optimizer_model_phases if group == "optimizers" else _model_phases)(spec, setup)
         if _build_compared(setup):
             model["build"] = _model_build_peak(spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
@@ -145,6 +149,8 @@ def _setup_text(setup: dict) -> str:
         parts.append("mixed")
     if setup.get("optim", "adamw_torch") != "adamw_torch":
         parts.append(setup["optim"])
+    if setup.get("optimizer_in_backward"):
+        parts.append("in backward")
     if setup.get("fsdp", 1) > 1:
         parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
     if setup.get("gradient_checkpointing"):
@@ -262,6 +268,7 @@ def main() -> int:
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]
+    jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
     jobs += [("offload-attention", n, V64_LLAMA, f, V64_SHAPE) for n, f in KNOB_CASES.items()]

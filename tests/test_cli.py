@@ -34,7 +34,10 @@ def test_json_contract(capsys):
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--batch-size", "0"], "--batch-size"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "lora", "--lora-r", "100000"], "--lora-r"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--fsdp", "2"], "--fsdp"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "sgd"], "--optim"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "nadam"], "--optim"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "adamw_torch_xla"], "--optim"),
+    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optimizer-in-backward",
+      "--gradient-accumulation", "4"], "--gradient-accumulation"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "qlora", "--quant", "int3"], "--quant"),
     (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "galore_adamw"], "--optim"),
     # the comparison of standard strategies validates the flags it takes...

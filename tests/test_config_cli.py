@@ -62,7 +62,7 @@ def run_json(capsys, argv: list[str]) -> dict:
 
 AXO_QLORA = ("--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
              "--batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 --precision mixed "
-             "--attention flash --gradient-checkpointing --optim adamw_torch --packing padding-free --kbit-prep")
+             "--attention flash --gradient-checkpointing --optim paged_adamw_32bit --packing padding-free --kbit-prep")
 LF_LORA = ("--stack llamafactory --method lora --lora-r 8 --lora-targets all-linear --batch-size 1 "
            "--gradient-accumulation 8 --seq-len 2048 --precision mixed --model-dtype bf16 --adapter-dtype fp32 "
            "--no-kbit-prep")
@@ -71,7 +71,7 @@ LF_LORA = ("--stack llamafactory --method lora --lora-r 8 --lora-targets all-lin
 SAMPLES = [
     (["axolotl/qlora.yml"], "rtx-4090", "NousResearch/Meta-Llama-3-8B", AXO_QLORA),
     (["axolotl/lora-8b.yml"], "rtx-4090", "NousResearch/Meta-Llama-3-8B",
-     AXO_QLORA.replace("--method qlora --quant nf4", "--method lora").replace("adamw_torch", "adamw_bnb_8bit")),
+     AXO_QLORA.replace("--method qlora --quant nf4", "--method lora").replace("paged_adamw_32bit", "adamw_bnb_8bit")),
     (["axolotl/fft-8b-liger-fsdp.yaml"], "2xh100-80gb", "NousResearch/Meta-Llama-3.1-8B",
      "--stack axolotl --method full --batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 "
      "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant --optim adamw_torch_fused "
@@ -79,7 +79,7 @@ SAMPLES = [
     (["axolotl/mistral-qlora-fsdp.yml"], "2xh100-80gb", "mistralai/Mixtral-8x7B-v0.1",
      "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
      "--batch-size 2 --gradient-accumulation 4 --seq-len 1024 --model-dtype bf16 --precision mixed --attention flash "
-     "--gradient-checkpointing --optim adamw_bnb_8bit --fsdp 2 --fsdp-version 1 --fsdp-sharding full "
+     "--gradient-checkpointing --optim paged_adamw_8bit --fsdp 2 --fsdp-version 1 --fsdp-sharding full "
      "--no-cpu-offload --packing none --no-kbit-prep"),
     (["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"], "2xrtx-4090", "NousResearch/Meta-Llama-3-8B",
      AXO_QLORA + " --deepspeed zero2 --offload-optimizer"),
@@ -101,7 +101,7 @@ SAMPLES = [
      "--fsdp-sharding full --no-cpu-offload --nodes 1"),
     (["torchtune/8B_full_single_device.yaml"], "h100-80gb", "meta-llama/Llama-3.1-8B",
      "--stack torchtune --method full --batch-size 2 --gradient-accumulation 1 --packing none --precision bf16 "
-     "--model-dtype bf16 --optim adamw_bnb_8bit --loss chunked --optimizer-in-backward --gradient-checkpointing "
+     "--model-dtype bf16 --optim paged_adamw_8bit --loss chunked --optimizer-in-backward --gradient-checkpointing "
      "--activation-offload none"),
 ]
 

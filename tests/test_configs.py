@@ -46,7 +46,7 @@ ALL_LINEAR_BUT_K = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 AXOLOTL_QLORA = {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05,
                      "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2, "gradient_accumulation": 4, "seq_len": 4096,
                      "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED, "attention": Attention.FLASH,
-                     "gradient_checkpointing": True, "optim": Optim.ADAMW_TORCH, "packing": Packing.PADDING_FREE,
+                     "gradient_checkpointing": True, "optim": Optim.PAGED_ADAMW_32BIT, "packing": Packing.PADDING_FREE,
                      "kbit_prep": True}
 LF_LORA = {"method": Method.LORA, "lora_r": 8, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 1,
                "gradient_accumulation": 8, "seq_len": 2048, "precision": Precision.MIXED, "model_dtype": ModelDtype.BF16,
@@ -76,7 +76,7 @@ SAMPLES = [
      Distributed.FSDP, None,
      {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05, "lora_targets": LoraTargets.ALL_LINEAR,
           "batch_size": 2, "gradient_accumulation": 4, "seq_len": 1024, "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED,
-          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.ADAMW_BNB_8BIT, "fsdp_version": 1,
+          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.PAGED_ADAMW_8BIT, "fsdp_version": 1,
           "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False, "packing": Packing.NONE, "kbit_prep": False}),
     (["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"], ConfigFormat.AXOLOTL, Stack.AXOLOTL,
      "NousResearch/Meta-Llama-3-8B", Distributed.DEEPSPEED, None,
@@ -106,7 +106,7 @@ SAMPLES = [
     (["torchtune/8B_full_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, "meta-llama/Llama-3.1-8B",
      Distributed.NONE, None,
      {"method": Method.FULL, "batch_size": 2, "gradient_accumulation": 1, "packing": Packing.NONE, "precision": Precision.BF16,
-          "model_dtype": ModelDtype.BF16, "optim": Optim.ADAMW_BNB_8BIT, "loss": Loss.CHUNKED, "optimizer_in_backward": True,
+          "model_dtype": ModelDtype.BF16, "optim": Optim.PAGED_ADAMW_8BIT, "loss": Loss.CHUNKED, "optimizer_in_backward": True,
           "gradient_checkpointing": True, "activation_offload": ActivationOffload.NONE}),
     (["accelerate/trl_zero3.yaml"], ConfigFormat.ACCELERATE, None, None, Distributed.DEEPSPEED, 8,
      {"nodes": 1, "precision": Precision.MIXED, "deepspeed": DeepSpeedStage.ZERO3, "offload_optimizer": False,
@@ -143,7 +143,7 @@ def test_hf_training_arguments_json(tmp_path):
                  '"gradient_checkpointing": true, "use_liger_kernel": true}')
     reading = read_config([str(f)])
     assert (reading.format, reading.stack, reading.model) == (ConfigFormat.HF, Stack.HF_TRAINER, None)
-    assert reading.fields == {"batch_size": 4, "precision": Precision.MIXED, "optim": Optim.ADAMW_BNB_8BIT,
+    assert reading.fields == {"batch_size": 4, "precision": Precision.MIXED, "optim": Optim.ADAMW_8BIT,
                                   "gradient_checkpointing": True, "loss": Loss.LIGER}
 
 

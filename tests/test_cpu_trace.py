@@ -19,6 +19,7 @@ import json
 import pytest
 
 pytest.importorskip("peft")
+from vramplan.categories import Category  # noqa: E402
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
@@ -111,7 +112,8 @@ def _model_phases(spec, setup) -> dict[str, int]:
     refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
     for p in step_model(spec, setup).phases:
-        k, b = p.measured.value, p.allocated
+        # bitsandbytes' paged states fall back to plain tensors on the CPU (optimizer.py:375-382)
+        k, b = p.measured.value, p.allocated + p.parts.get(Category.PAGED_OPTIMIZER_STATES, 0)
         if p.measured == MeasuredPhase.BUILD or p.kind in refresh:
             continue
         if p.kind == PhaseKind.LOSS_BACKWARD and setup.loss == Loss.HF:
@@ -516,3 +518,74 @@ def test_kbit_prep_parameters_match_the_cpu_trace(name, tmp_path):
     built = next(p.end_bytes for p in traced.phases if p.name == "build")
     static = sum(static_bytes(parameters(spec, setup), setup).parts.values())
     assert abs(static - built) <= TOL * built, (static / 2**20, built / 2**20)
+
+
+# Optimizers with the real libraries (verify/build.py's make_optimizer, the kwargs transformers'
+# Trainer passes): states are held through forward and backward of step 1, so those phases
+# check them; the optimizer phase checks the step's temporaries where the CPU runs CUDA's ops
+# (torch foreach, transformers Adafactor, schedulefree) and is left out where it does not
+# (bitsandbytes' CPU fallback, torchao's inductor CPU kernels: cputrace.incomparable_on_cpu).
+# Optimizer in backward: per-parameter optimizers stepped from post-accumulate-grad hooks.
+OPTIMIZER_CASES = {
+    **{f"full-{o}": dict(method="full", optim=o) for o in (
+        "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "schedule_free_adamw", "adamw_8bit",
+        "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit", "ademamix_8bit",
+        "rmsprop_bnb_8bit", "adamw_torch_8bit", "adamw_torch_4bit")},
+    "lora-paged_adamw_8bit": dict(method="lora", optim="paged_adamw_8bit"),
+    "full-in-backward": dict(method="full", optimizer_in_backward=True),
+    "full-adafactor-in-backward": dict(method="full", optim="adafactor", optimizer_in_backward=True),
+    "lora-in-backward": dict(method="lora", optimizer_in_backward=True),
+    "full-muon": dict(method="full", optim="muon"),
+    "lora-muon": dict(method="lora", optim="muon"),
+    "full-apollo_adamw": dict(method="full", optim="apollo_adamw"),
+    "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
+}
+OPTIMIZER_LIBRARIES = {"adamw_torch_8bit": "torchao", "adamw_torch_4bit": "torchao",
+                       "schedule_free_adamw": "schedulefree", "muon": "llamafactory",
+                       "apollo_adamw": "apollo_torch", "apollo_adamw_layerwise": "apollo_torch"}
+OPTIMIZER_TOL = 0.02
+
+
+def optimizer_step_compared(setup) -> bool:
+    from vramplan.verify.cputrace import incomparable_on_cpu
+    return not any("optimizer step" in why or "low-bit step" in why for why in incomparable_on_cpu(setup))
+
+
+def optimizer_model_phases(spec, setup) -> dict[str, int]:
+    phases = _model_phases(spec, setup)
+    if not optimizer_step_compared(setup):
+        phases.pop("optimizer", None)
+    return phases
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
+def test_optimizer_states_and_steps_match_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+    fields = OPTIMIZER_CASES[name]
+    if fields.get("optim") in OPTIMIZER_LIBRARIES:
+        pytest.importorskip(OPTIMIZER_LIBRARIES[fields["optim"]])
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    setup = make_setup(**{**B2S256, **fields})
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    traced = trace_step(str(tmp_path), setup)
+    off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+           for p, b in optimizer_model_phases(spec, setup).items()
+           if abs(b - traced.peak(p, step=1)) > OPTIMIZER_TOL * traced.peak(p, step=1)}
+    assert not off, off
+
+
+@pytest.mark.parametrize("row", _committed("optimizers"), ids=lambda r: r["name"])
+def test_optimizer_rows_match_their_committed_cpu_trace(row, tmp_path):
+    """The memory model of this commit against the committed traced bytes (group "optimizers")."""
+    (tmp_path / "config.json").write_text(json.dumps(row["config"]))
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    phases = optimizer_model_phases(spec, make_setup(**row["setup"]))
+    off = {p: f"traced {row[p]['traced_bytes'] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+           for p, b in phases.items() if abs(b - row[p]["traced_bytes"]) > OPTIMIZER_TOL * row[p]["traced_bytes"]}
+    assert phases and not off, off
+
+
+def test_the_optimizer_group_is_committed():
+    names = {r["name"] for r in _committed("optimizers")}
+    assert {"full-paged_adamw_8bit", "full-adafactor", "full-lion_8bit", "full-sgd", "full-in-backward"} <= names

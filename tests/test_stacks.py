@@ -11,7 +11,7 @@ import pytest
 
 from vramplan.errors import VramplanError
 from vramplan.estimate import make_setup
-from vramplan.setup import Method, Stack, TrainingSetup
+from vramplan.setup import Method, Optim, Stack, TrainingSetup
 from vramplan.stacks import STACK_KNOBS, apply_stack, load_stack, stack_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,10 +156,11 @@ def test_lines_say_what_the_stack_set_and_what_the_user_kept():
     assert stack_lines(make_setup(method="qlora", stack="trl", lora_dropout=0.1)) == lines
 
 
-def test_a_value_not_modelled_yet_is_said_and_not_applied():
+def test_torchtune_full_gets_its_paged_8bit_optimizer_stepped_in_backward():
+    # recipes/configs/llama3_1/8B_full_single_device.yaml: PagedAdamW8bit, optimizer_in_bwd: True
     setup = make_setup(method="full", stack="torchtune")
-    assert setup.optim.value == "adamw_torch"
-    assert any("paged_adamw_8bit" in line and "does not model yet" in line for line in stack_lines(setup))
+    assert setup.optim == Optim.PAGED_ADAMW_8BIT and setup.optimizer_in_backward and setup.steps_in_backward
+    assert not any("does not model yet" in line for line in stack_lines(setup))
 
 
 def test_docs_cite_every_bundle_value():

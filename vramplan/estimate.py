@@ -240,7 +240,8 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     breakdown[C.ALLOCATOR_OVERHEAD] = overhead
     breakdown[C.CUDA_CONTEXT] = context
     reserved = alloc + overhead
-    total = reserved + context
+    # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
+    total = reserved + context + breakdown[C.PAGED_OPTIMIZER_STATES]
     capacity = gpus.profile.memory_bytes
     ranks_per_host = min(gpus.count, max(setup.fsdp, 1))
     host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)

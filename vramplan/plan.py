@@ -48,7 +48,7 @@ from vramplan.memory.attention import mask_from, span_terms
 from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Packing, Precision, Quant, Stack, TrainingSetup
+from vramplan.setup import Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
@@ -200,7 +200,9 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
             # optimizers step from per-parameter hooks, which HF Trainer refuses under
             # distributed training, so they are planned for a single GPU only.
-            optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
+            # the four GaLore AdamW names (galore_adafactor* is left to --optim)
+            optims = [o for o in Optim if o.traits.family == OptimFamily.GALORE_ADAMW
+                      and (not o.layerwise or req.gpus.count == 1)]
             for prec, optim, ckpt in itertools.product(_precisions(req), optims, (False, True)):
                 if prec == Precision.FP16 and optim.layerwise:
                     continue  # the GradScaler unscales every grad before one step (setup._check)
@@ -318,7 +320,9 @@ def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.n
         for c, a, b in _pareto(coef):  # after the Pareto filter a handful of phases remain
             np.maximum(part, c + a * t + b * t * span, out=part)
         alloc[rows] = part
-    return Grid(setup, seqs, batches, _totals(alloc, req.gpus), host_need(pinned, setup, req), alloc.size)
+    # paged optimizer states are on the GPU but outside the allocated peak (estimate_spec's total)
+    total = _totals(alloc, req.gpus) + pre.static.paged_states
+    return Grid(setup, seqs, batches, total, host_need(pinned, setup, req), alloc.size)
 
 
 # ------------------------------------------------------------------ rows and the search
@@ -366,11 +370,7 @@ def label(setup: TrainingSetup) -> str:
     parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
              Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
     parts.append(setup.precision.value)
-    parts.append({Optim.ADAMW_TORCH: "AdamW", Optim.ADAMW_TORCH_FUSED: "AdamW fused",
-                  Optim.ADAMW_BNB_8BIT: "8-bit AdamW",
-                  Optim.GALORE_ADAMW: "AdamW", Optim.GALORE_ADAMW_8BIT: "8-bit AdamW",
-                  Optim.GALORE_ADAMW_LAYERWISE: "AdamW layer-wise",
-                  Optim.GALORE_ADAMW_8BIT_LAYERWISE: "8-bit AdamW layer-wise"}[setup.optim])
+    parts.append(setup.optim.label + (" in backward" if setup.optimizer_in_backward else ""))
     if setup.gradient_checkpointing:
         parts.append("+ ckpt")
     if setup.fsdp > 1:

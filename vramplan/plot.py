@@ -23,7 +23,7 @@ from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_spec, make_setup
 from vramplan.files import check_output_file, write_file
-from vramplan.setup import fields_for_method
+from vramplan.setup import Optim, fields_for_method
 from vramplan.strategies import GALORE_STANDARD, compare
 from vramplan.units import GiB
 
@@ -271,8 +271,11 @@ def _method_label(fields: dict) -> str:
     label = setup.method.value
     if setup.quant is not None:  # qlora
         label += f" {setup.quant.value}"
-    if setup.optim.is_8bit:
+    if setup.optim.is_8bit and setup.optim in (Optim.ADAMW_BNB_8BIT, Optim.GALORE_ADAMW_8BIT,
+                                               Optim.GALORE_ADAMW_8BIT_LAYERWISE):
         label += " 8-bit" + (" layer-wise" if setup.optim.layerwise else "")
+    elif setup.optim not in (Optim.ADAMW_TORCH, Optim.GALORE_ADAMW):
+        label += f" {setup.optim.label}"
     if setup.gradient_checkpointing:
         label += " + ckpt"
     if setup.fsdp > 1:

@@ -5,6 +5,7 @@ step (docs/reference-step.md). Validation names the flag at fault.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,27 +41,210 @@ class Quant(str, Enum):
     HQQ4 = "hqq4"     # hqq HQQLinear nbits=4 group_size=64
 
 
+class OptimFamily(str, Enum):
+    """What an optimizer keeps and computes, whatever library implements it."""
+    ADAMW = "adamw"                    # two moments (torch, bitsandbytes, torchao, anyprecision)
+    STABLE_ADAMW = "stable_adamw"      # AdamW + a Kahan buffer for low-precision params (torch-optimi)
+    ADEMAMIX = "ademamix"              # three moments (two EMAs of the gradient + its square)
+    LION = "lion"                      # one moment
+    RMSPROP = "rmsprop"                # one moment (square average)
+    SGD = "sgd"                        # no state at momentum 0 (HF passes only lr)
+    ADAGRAD = "adagrad"                # one accumulator
+    ADAFACTOR = "adafactor"            # factored second moment (rows + columns) for >= 2-D
+    SCHEDULE_FREE_ADAMW = "schedule_free_adamw"  # z + exp_avg_sq
+    SCHEDULE_FREE_RADAM = "schedule_free_radam"  # z + exp_avg_sq
+    SCHEDULE_FREE_SGD = "schedule_free_sgd"      # z
+    GALORE_ADAMW = "galore_adamw"      # AdamW on the low-rank projected gradient
+    GALORE_ADAFACTOR = "galore_adafactor"  # Adafactor on the low-rank projected gradient
+    APOLLO_ADAMW = "apollo_adamw"      # AdamW on a random low-rank projection, channel-wise scaling
+    LOMO = "lomo"                      # plain SGD fused into backward, no state
+    ADALOMO = "adalomo"                # factored second moment fused into backward
+    GROKADAMW = "grokadamw"            # AdamW + a gradient EMA, all three states in host memory
+    MUON = "muon"                      # one momentum (Newton-Schulz) for 2-D weights, AdamW for the rest
+
+
+class OptimLibrary(str, Enum):
+    """Who implements the optimizer (the rules cite that library's source)."""
+    TORCH = "torch"
+    BITSANDBYTES = "bitsandbytes"
+    TORCHAO = "torchao"
+    TRANSFORMERS = "transformers"
+    SCHEDULEFREE = "schedulefree"
+    GALORE = "galore-torch"
+    APOLLO = "apollo-torch"
+    LOMO = "lomo-optim"
+    GROKADAMW = "grokadamw"
+    OPTIMI = "torch-optimi"
+    TORCHDISTX = "torchdistx"
+    MUON = "llamafactory-muon"         # LLaMA-Factory third_party/muon (axolotl's is the same algorithm)
+    TORCH_XLA = "torch-xla"
+    TORCH_NPU = "torch-npu"
+
+
+class StateHome(str, Enum):
+    """Where the optimizer states live."""
+    DEVICE = "device"   # ordinary CUDA allocations (torch.cuda.max_memory_allocated counts them)
+    PAGED = "paged"     # bitsandbytes paged: CUDA unified memory, resident on the GPU, outside torch's statistics
+    HOST = "host"       # host RAM, copied to the GPU per parameter for the update (grokadamw)
+
+
+class StateDtype(str, Enum):
+    PARAM = "param"     # zeros_like(p): the parameter's dtype
+    FP32 = "fp32"       # always fp32 (bitsandbytes 32-bit and small-tensor fallback, Adafactor, anyprecision)
+
+
+@dataclass(frozen=True)
+class OptimTraits:
+    """One optimizer name's family and mechanics (the memory rules dispatch on these)."""
+    family: OptimFamily
+    library: OptimLibrary
+    label: str                       # words for tables (plan), without "layer-wise"
+    moments: int                     # state tensors per parameter, before quantizing or factoring
+    bits: int = 32                   # 8 or 4: block-quantized states
+    state_dtype: StateDtype = StateDtype.PARAM
+    paged: bool = False              # bitsandbytes is_paged: large states in CUDA unified memory
+    factored: bool = False           # second moment kept as row and column vectors for >= 2-D
+    layerwise: bool = False          # one optimizer per parameter stepped in its grad hook (HF *_layerwise)
+    fused: bool = False              # one kernel per tensor list, no temporaries
+    in_backward: bool = False        # steps inside backward by construction (layer-wise, LOMO)
+    home: StateHome = StateHome.DEVICE
+    refused: str = ""                # why vramplan does not model it (empty: modelled)
+
+
 class Optim(str, Enum):
-    """Hugging Face ``TrainingArguments.optim`` names."""
+    """Hugging Face ``TrainingArguments.optim`` names (transformers 5.25.0 training_args.py:113-158
+    OptimizerNames), plus ``muon`` (axolotl ``optimizer: muon``, LLaMA-Factory ``use_muon``)."""
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAMW_TORCH_XLA = "adamw_torch_xla"
+    ADAMW_TORCH_NPU_FUSED = "adamw_torch_npu_fused"
+    ADAFACTOR = "adafactor"
+    ADAMW_ANYPRECISION = "adamw_anyprecision"
+    ADAMW_TORCH_4BIT = "adamw_torch_4bit"
+    ADAMW_TORCH_8BIT = "adamw_torch_8bit"
+    ADEMAMIX = "ademamix"
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
     ADAMW_BNB_8BIT = "adamw_bnb_8bit"
+    ADAMW_8BIT = "adamw_8bit"          # transformers: "just an alias for adamw_bnb_8bit"
+    ADEMAMIX_8BIT = "ademamix_8bit"
+    LION_8BIT = "lion_8bit"
+    LION_32BIT = "lion_32bit"
+    PAGED_ADAMW_32BIT = "paged_adamw_32bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    PAGED_ADEMAMIX_32BIT = "paged_ademamix_32bit"
+    PAGED_ADEMAMIX_8BIT = "paged_ademamix_8bit"
+    PAGED_LION_32BIT = "paged_lion_32bit"
+    PAGED_LION_8BIT = "paged_lion_8bit"
+    RMSPROP = "rmsprop"
+    RMSPROP_BNB = "rmsprop_bnb"
+    RMSPROP_BNB_8BIT = "rmsprop_bnb_8bit"
+    RMSPROP_BNB_32BIT = "rmsprop_bnb_32bit"
     GALORE_ADAMW = "galore_adamw"
     GALORE_ADAMW_8BIT = "galore_adamw_8bit"
+    GALORE_ADAFACTOR = "galore_adafactor"
     GALORE_ADAMW_LAYERWISE = "galore_adamw_layerwise"
     GALORE_ADAMW_8BIT_LAYERWISE = "galore_adamw_8bit_layerwise"
+    GALORE_ADAFACTOR_LAYERWISE = "galore_adafactor_layerwise"
+    LOMO = "lomo"
+    ADALOMO = "adalomo"
+    GROKADAMW = "grokadamw"
+    SCHEDULE_FREE_RADAM = "schedule_free_radam"
+    SCHEDULE_FREE_ADAMW = "schedule_free_adamw"
+    SCHEDULE_FREE_SGD = "schedule_free_sgd"
+    APOLLO_ADAMW = "apollo_adamw"
+    APOLLO_ADAMW_LAYERWISE = "apollo_adamw_layerwise"
+    STABLE_ADAMW = "stable_adamw"
+    MUON = "muon"
+
+    @property
+    def traits(self) -> OptimTraits:
+        return OPTIM_TRAITS[self]
 
     @property
     def is_galore(self) -> bool:
-        return self.value.startswith("galore")
+        return self.traits.family in (OptimFamily.GALORE_ADAMW, OptimFamily.GALORE_ADAFACTOR)
 
     @property
     def is_8bit(self) -> bool:
-        return "8bit" in self.value
+        return self.traits.bits == 8
 
     @property
     def layerwise(self) -> bool:
-        return self.value.endswith("_layerwise")
+        return self.traits.layerwise
+
+    @property
+    def paged(self) -> bool:
+        return self.traits.paged
+
+    @property
+    def label(self) -> str:
+        return self.traits.label + (" layer-wise" if self.traits.layerwise else "")
+
+
+def _table() -> dict[Optim, OptimTraits]:
+    """Each name's traits, read from the library HF's trainer_optimizer.py (transformers 5.25.0
+    :195-622) builds it with; docs/memory-model.md, "Optimizers", gives the rules and sources."""
+    F, L, T, O = OptimFamily, OptimLibrary, OptimTraits, Optim
+    fp32 = StateDtype.FP32
+    bnb = L.BITSANDBYTES
+
+    def bnb_(fam: OptimFamily, label: str, moments: int, bits: int, paged: bool = False) -> OptimTraits:
+        # bnb 32-bit states (and the 8-bit small-tensor fallback) are fp32 whatever the param dtype
+        # (bitsandbytes 0.50.2 optim/optimizer.py:509-510); HF: is_paged = "paged" in name
+        return T(fam, bnb, ("paged " if paged else "") + ("8-bit " if bits == 8 else "") + label, moments,
+                 bits=bits, state_dtype=fp32, paged=paged, fused=True,
+                 home=StateHome.PAGED if paged else StateHome.DEVICE)
+    return {
+        O.ADAMW_TORCH: T(F.ADAMW, L.TORCH, "AdamW", 2),
+        O.ADAMW_TORCH_FUSED: T(F.ADAMW, L.TORCH, "AdamW fused", 2, fused=True),
+        O.ADAMW_TORCH_XLA: T(F.ADAMW, L.TORCH_XLA, "AdamW (XLA)", 2, refused="a TPU (torch_xla) optimizer"),
+        O.ADAMW_TORCH_NPU_FUSED: T(F.ADAMW, L.TORCH_NPU, "AdamW (NPU)", 2, fused=True,
+                                   refused="an Ascend NPU (torch_npu) optimizer"),
+        O.ADAFACTOR: T(F.ADAFACTOR, L.TRANSFORMERS, "Adafactor", 1, state_dtype=fp32, factored=True),
+        O.ADAMW_ANYPRECISION: T(F.ADAMW, L.TORCHDISTX, "AnyPrecision AdamW", 2, state_dtype=fp32),
+        O.ADAMW_TORCH_4BIT: T(F.ADAMW, L.TORCHAO, "4-bit AdamW (torchao)", 2, bits=4),
+        O.ADAMW_TORCH_8BIT: T(F.ADAMW, L.TORCHAO, "8-bit AdamW (torchao)", 2, bits=8),
+        O.ADEMAMIX: bnb_(F.ADEMAMIX, "AdEMAMix", 3, 32),
+        O.SGD: T(F.SGD, L.TORCH, "SGD", 0),
+        O.ADAGRAD: T(F.ADAGRAD, L.TORCH, "Adagrad", 1),
+        O.ADAMW_BNB_8BIT: bnb_(F.ADAMW, "AdamW", 2, 8),
+        O.ADAMW_8BIT: bnb_(F.ADAMW, "AdamW", 2, 8),
+        O.ADEMAMIX_8BIT: bnb_(F.ADEMAMIX, "AdEMAMix", 3, 8),
+        O.LION_8BIT: bnb_(F.LION, "Lion", 1, 8),
+        O.LION_32BIT: bnb_(F.LION, "Lion", 1, 32),
+        O.PAGED_ADAMW_32BIT: bnb_(F.ADAMW, "AdamW", 2, 32, paged=True),
+        O.PAGED_ADAMW_8BIT: bnb_(F.ADAMW, "AdamW", 2, 8, paged=True),
+        O.PAGED_ADEMAMIX_32BIT: bnb_(F.ADEMAMIX, "AdEMAMix", 3, 32, paged=True),
+        O.PAGED_ADEMAMIX_8BIT: bnb_(F.ADEMAMIX, "AdEMAMix", 3, 8, paged=True),
+        O.PAGED_LION_32BIT: bnb_(F.LION, "Lion", 1, 32, paged=True),
+        O.PAGED_LION_8BIT: bnb_(F.LION, "Lion", 1, 8, paged=True),
+        O.RMSPROP: T(F.RMSPROP, L.TORCH, "RMSprop", 1),
+        O.RMSPROP_BNB: bnb_(F.RMSPROP, "RMSprop", 1, 32),
+        O.RMSPROP_BNB_8BIT: bnb_(F.RMSPROP, "RMSprop", 1, 8),
+        O.RMSPROP_BNB_32BIT: bnb_(F.RMSPROP, "RMSprop", 1, 32),
+        O.GALORE_ADAMW: T(F.GALORE_ADAMW, L.GALORE, "AdamW", 2),
+        O.GALORE_ADAMW_8BIT: T(F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8),
+        O.GALORE_ADAFACTOR: T(F.GALORE_ADAFACTOR, L.GALORE, "Adafactor", 1, state_dtype=fp32, factored=True),
+        O.GALORE_ADAMW_LAYERWISE: T(F.GALORE_ADAMW, L.GALORE, "AdamW", 2, layerwise=True, in_backward=True),
+        O.GALORE_ADAMW_8BIT_LAYERWISE: T(F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8, layerwise=True,
+                                         in_backward=True),
+        O.GALORE_ADAFACTOR_LAYERWISE: T(F.GALORE_ADAFACTOR, L.GALORE, "Adafactor", 1, state_dtype=fp32,
+                                        factored=True, layerwise=True, in_backward=True),
+        O.LOMO: T(F.LOMO, L.LOMO, "LOMO", 0, in_backward=True),
+        O.ADALOMO: T(F.ADALOMO, L.LOMO, "AdaLomo", 1, state_dtype=fp32, factored=True, in_backward=True),
+        O.GROKADAMW: T(F.GROKADAMW, L.GROKADAMW, "GrokAdamW", 3, home=StateHome.HOST),
+        O.SCHEDULE_FREE_RADAM: T(F.SCHEDULE_FREE_RADAM, L.SCHEDULEFREE, "schedule-free RAdam", 2),
+        O.SCHEDULE_FREE_ADAMW: T(F.SCHEDULE_FREE_ADAMW, L.SCHEDULEFREE, "schedule-free AdamW", 2),
+        O.SCHEDULE_FREE_SGD: T(F.SCHEDULE_FREE_SGD, L.SCHEDULEFREE, "schedule-free SGD", 1),
+        O.APOLLO_ADAMW: T(F.APOLLO_ADAMW, L.APOLLO, "APOLLO AdamW", 2),
+        O.APOLLO_ADAMW_LAYERWISE: T(F.APOLLO_ADAMW, L.APOLLO, "APOLLO AdamW", 2, layerwise=True, in_backward=True),
+        O.STABLE_ADAMW: T(F.STABLE_ADAMW, L.OPTIMI, "StableAdamW", 2),
+        O.MUON: T(F.MUON, L.MUON, "Muon", 1),
+    }
+
+
+OPTIM_TRAITS: dict[Optim, OptimTraits] = _table()
 
 
 class Stack(str, Enum):
@@ -73,6 +257,13 @@ class Stack(str, Enum):
     LLAMAFACTORY = "llamafactory"
     TORCHTUNE = "torchtune"
     FSDP_QLORA = "fsdp-qlora"      # Answer.AI's fsdp_qlora train.py
+
+    @property
+    def trainer_param_groups(self) -> bool:
+        """The optimizer is built by transformers' Trainer.create_optimizer, which always makes two
+        param groups, decay and no-decay (bias and norm weights) (transformers 5.25.0
+        trainer.py:1287-1300): a foreach temporary is then the larger group's, not all params'."""
+        return self in (Stack.HF_TRAINER, Stack.TRL, Stack.UNSLOTH, Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
 class Loss(str, Enum):
@@ -225,6 +416,9 @@ def _as_int(value: object) -> object:
     return value
 
 
+_IN_BACKWARD_FLAG = "--optimizer-in-backward"
+
+
 class TrainingSetup(BaseModel):
     """One training configuration, per micro-batch on one GPU."""
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -235,7 +429,8 @@ class TrainingSetup(BaseModel):
                                  "autocast")
     # None (or absent) on input is filled in by _defaults from the method
     optim: Optim = Field(Optim.ADAMW_TORCH,
-                         description="optimizer (HF name); default adamw_torch, galore_adamw for galore")
+                         description="optimizer (transformers TrainingArguments.optim name, or muon); default "
+                                     "adamw_torch, galore_adamw for galore")
     batch_size: int = Field(1, description="micro-batch size per GPU")
     seq_len: int = Field(2048, description="tokens per sequence")
     lora_r: int = Field(16, description="LoRA rank")
@@ -301,11 +496,6 @@ class TrainingSetup(BaseModel):
             raise VramplanError(f"must be in [0, 1), got {self.lora_dropout}", "--lora-dropout")
         if self.quant is not None and self.method != Method.QLORA:
             raise VramplanError("only applies to --method qlora", "--quant")
-        if self.optim.is_galore != (self.method == Method.GALORE):
-            allowed = ("galore_adamw[_8bit][_layerwise]" if self.method == Method.GALORE
-                       else "adamw_torch, adamw_torch_fused, adamw_bnb_8bit")
-            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
-                                _OPTIM_FLAG)
         if self.cpu_offload and self.fsdp < 2:
             raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
         if self.activation_offload in (ActivationOffload.CHECKPOINTS, ActivationOffload.UNSLOTH) \
@@ -314,9 +504,7 @@ class TrainingSetup(BaseModel):
             # checkpoint); Unsloth's "unsloth" mode is its checkpointing
             raise VramplanError(f"{self.activation_offload.value} offloads checkpointed layers' inputs: it needs "
                                 "--gradient-checkpointing", "--activation-offload")
-        if self.optim.layerwise and self.fsdp > 1:
-            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
-                                "grads)", _OPTIM_FLAG)
+        self._check_optim()
         self._check_loss()
         self._check_adapters_and_dtypes()
         return self
@@ -348,7 +536,7 @@ class TrainingSetup(BaseModel):
             if not self.lora_like and self.model_dtype == ModelDtype.BF16:
                 raise VramplanError("--model-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
                                     "trainable weights (load the model in fp32)", "--precision")
-            if self.optim.layerwise or self.optimizer_in_backward:
+            if self.steps_in_backward:
                 raise VramplanError("--precision fp16 cannot step optimizers inside backward: the GradScaler "
                                     "unscales every grad before one optimizer step", _OPTIM_FLAG)
             if self.lora_like and self.adapter_dtype == AdapterDtype.BF16:
@@ -361,6 +549,39 @@ class TrainingSetup(BaseModel):
             raise VramplanError("with --precision bf16 runs the whole step in fp32 (the upcast embedding "
                                 "makes every activation fp32), which vramplan does not model; use --precision mixed "
                                 "(the HF Trainer's bf16=True) or fp16", "--kbit-prep")
+
+    def _check_optim(self) -> None:
+        """--optim against the method, FSDP and gradient accumulation (one line naming both flags)."""
+        traits = self.optim.traits
+        if traits.refused:
+            raise VramplanError(f"{self.optim.value} is {traits.refused}, not a CUDA optimizer; vramplan models "
+                                "CUDA GPUs", _OPTIM_FLAG)
+        if self.optim.is_galore != (self.method == Method.GALORE):
+            allowed = ("galore_adamw[_8bit][_layerwise], galore_adafactor[_layerwise]" if self.method == Method.GALORE
+                       else "any --optim not named galore_*")
+            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
+                                _OPTIM_FLAG)
+        if self.optim.layerwise and self.fsdp > 1:
+            raise VramplanError(f"{self.optim.value} (layer-wise) cannot be combined with --fsdp (per-parameter hooks "
+                                "on sharded grads)", _OPTIM_FLAG)
+        if self.gradient_accumulation < 1:
+            raise VramplanError(f"must be a positive integer, got {self.gradient_accumulation}",
+                                "--gradient-accumulation")
+        if self.gradient_accumulation > 1 and (self.optim.layerwise or self.optimizer_in_backward):
+            # each parameter is stepped and its grad freed in its hook: nothing is left to accumulate
+            # (transformers 5.25.0 trainer_optimizer.py:165 raises for *_layerwise likewise;
+            # torchtune 0.6.1 recipes/full_finetune_single_device.py:147-157 refuses optimizer_in_bwd with it)
+            flag, what = ((_IN_BACKWARD_FLAG, "") if self.optimizer_in_backward
+                          else (_OPTIM_FLAG, f"{self.optim.value} (layer-wise) "))
+            raise VramplanError(f"{what}cannot be combined with --gradient-accumulation {self.gradient_accumulation}: "
+                                "each gradient is freed by its optimizer hook, nothing is left to accumulate; use "
+                                "--gradient-accumulation 1", flag)
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """Each parameter is stepped inside backward as soon as its grad is accumulated: the
+        layer-wise and LOMO optimizers by construction, any optimizer with --optimizer-in-backward."""
+        return self.optimizer_in_backward or self.optim.traits.in_backward
 
     @property
     def tokens(self) -> int:

@@ -27,7 +27,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.hardware import HardwareProfile
 from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Attention, Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import (
+    Attention,
+    Method,
+    Optim,
+    OptimFamily,
+    OptimLibrary,
+    Precision,
+    Quant,
+    StateDtype,
+    StateHome,
+    TrainingSetup,
+)
 
 # ---- the three global constants (fit_constants on tests/data/h100_dev.jsonl, steady steps)
 MFU = 0.65          # achieved fraction of the dense bf16 peak on the matmul FLOPs
@@ -256,6 +267,8 @@ def optimizer_bytes_and_kernels(spec: ModelSpec, sh: Shapes, setup: TrainingSetu
         return 7 * dt * n, 2, flops
     if optim == Optim.ADAMW_BNB_8BIT:
         return (3 * dt + 4) * n, 3 * tensors, flops
+    if not optim.is_galore:
+        return _other_optimizer_cost(sh, setup, n, tensors, dt)
     # GaLore: per projected weight project the grad down and the update back (two matmuls
     # with the m x r projector), then a full-size scale-and-add; others as plain Adam
     state = 1 if optim.is_8bit else dt
@@ -266,6 +279,40 @@ def optimizer_bytes_and_kernels(spec: ModelSpec, sh: Shapes, setup: TrainingSetu
     # of the small (low-rank) states, ~4 more per projected weight (project down, up, scale, add)
     bytes_ = dt * 5 * proj_mn + (4 * state + 3 * dt) * proj_low + 11 * dt * max(n - proj_mn, 0)
     return bytes_, 3 * tensors + 4 * len(sh.galore_mats), flops
+
+
+# Optimizers outside the calibration file (tests/data/h100_dev.jsonl has AdamW, AdamW fused,
+# 8-bit AdamW and GaLore only): one pass reading p and g and writing p (3 x param bytes), a read
+# and a write of each state, and, for torch's foreach families, a write and a read of each
+# foreach temporary. Uncalibrated; docs/throughput.md.
+_FOREACH_COPIES = {OptimFamily.ADAMW: 2, OptimFamily.RMSPROP: 1, OptimFamily.ADAGRAD: 2, OptimFamily.SGD: 0,
+                   OptimFamily.SCHEDULE_FREE_ADAMW: 1, OptimFamily.SCHEDULE_FREE_RADAM: 1,
+                   OptimFamily.SCHEDULE_FREE_SGD: 0}
+_NS_STEPS = 5   # Muon's Newton-Schulz iterations (llamafactory 0.9.5 third_party/muon/muon.py: ns_steps=5)
+
+
+def _state_bytes_per_element(setup: TrainingSetup, dt: int) -> float:
+    t = setup.optim.traits
+    if t.factored or t.home == StateHome.HOST:
+        return 0.0   # factored: a row and a column per matrix; host states cross PCIe (host_s not modelled)
+    if t.bits < 32:
+        return t.moments * t.bits / 8
+    return t.moments * (4 if t.state_dtype == StateDtype.FP32 else dt)
+
+
+def _other_optimizer_cost(sh: Shapes, setup: TrainingSetup, n: float, tensors: int,
+                          dt: int) -> tuple[float, float, float]:
+    t = setup.optim.traits
+    state = _state_bytes_per_element(setup, dt)
+    copies = 0 if t.fused else _FOREACH_COPIES.get(t.family)
+    if copies is not None and t.library == OptimLibrary.TORCH:
+        return (3 * dt + 2 * state + 2 * copies * dt) * n, 5 + 5 * t.moments, 0.0
+    flops = 0.0
+    if t.family == OptimFamily.MUON:
+        # X @ X.T, A @ A and B @ X per iteration on each 2-D layer matrix (k = min(m, n))
+        flops = _NS_STEPS * sum(4.0 * min(m, k) ** 2 * max(m, k) + 2.0 * min(m, k) ** 3 for m, k in sh.galore_mats)
+    # fused per-tensor kernels (bitsandbytes, torch fused) or per-parameter loops (~10 ops each)
+    return (3 * dt + 2 * state) * n, (3 if t.fused else 10) * tensors, flops
 
 
 def svd_seconds(sh: Shapes, profile: HardwareProfile) -> float:

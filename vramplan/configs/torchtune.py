@@ -51,11 +51,11 @@ _ALL_LINEAR = frozenset(_ATTN.values()) | frozenset(_MLP)
 _OPTIMIZERS = {
     "torch.optim.AdamW": None,   # fused or foreach, decided by `fused`
     "bitsandbytes.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, ""),
-    "bitsandbytes.optim.PagedAdamW8bit": (Optim.ADAMW_BNB_8BIT, ("8-bit states; paging moves them to host only "
-                                          "under memory pressure")),
-    "bitsandbytes.optim.PagedAdamW": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
-    "bitsandbytes.optim.PagedAdamW32bit": (Optim.ADAMW_TORCH, "fp32 states; paging not modelled"),
-    "torchao.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit states modelled as bitsandbytes 8-bit"),
+    "bitsandbytes.optim.PagedAdamW8bit": (Optim.PAGED_ADAMW_8BIT, ""),
+    "bitsandbytes.optim.PagedAdamW": (Optim.PAGED_ADAMW_32BIT, "bitsandbytes PagedAdamW (32-bit states)"),
+    "bitsandbytes.optim.PagedAdamW32bit": (Optim.PAGED_ADAMW_32BIT, ""),
+    "torchao.optim.AdamW8bit": (Optim.ADAMW_TORCH_8BIT, ""),
+    "torchao.optim.AdamW4bit": (Optim.ADAMW_TORCH_4BIT, ""),
 }
 _LOSSES = {
     "torchtune.modules.loss.CEWithChunkedOutputLoss": (Loss.CHUNKED, "8 chunks (ce_chunked_output_loss.py:30)"),

@@ -4,17 +4,11 @@ from __future__ import annotations
 from vramplan.configs.collect import Collector
 from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim
 
-# transformers OptimizerNames (training_args.py) that are not TrainingSetup names but keep the
-# same state bytes as one of them: (the Optim modelled, why).
+# Framework names for optimizers that are not transformers OptimizerNames (every OptimizerNames
+# name is an Optim member): (the Optim, why).
 _OPTIM_ALIASES: dict[str, tuple[Optim, str]] = {
-    "adamw_8bit": (Optim.ADAMW_BNB_8BIT, "transformers alias of adamw_bnb_8bit"),
-    "paged_adamw_8bit": (Optim.ADAMW_BNB_8BIT, ("bitsandbytes 8-bit states as adamw_bnb_8bit; "
-                         "paging moves them to host only under memory pressure")),
-    "paged_adamw_32bit": (Optim.ADAMW_TORCH, ("bitsandbytes 32-bit AdamW: two fp32 states per parameter "
-                          "as adamw_torch; paging not modelled")),
-    "paged_adamw": (Optim.ADAMW_TORCH, "two fp32 states per parameter as adamw_torch; paging not modelled"),
-    "adamw_torch_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
-    "ao_adamw_8bit": (Optim.ADAMW_BNB_8BIT, "torchao 8-bit AdamW modelled as bitsandbytes 8-bit states"),
+    "paged_adamw": (Optim.PAGED_ADAMW_32BIT, "bitsandbytes PagedAdamW (32-bit states)"),
+    "ao_adamw_8bit": (Optim.ADAMW_TORCH_8BIT, "torchao AdamW8bit (axolotl's name)"),
 }
 
 OPTIM_ALLOWED = ", ".join([o.value for o in Optim] + list(_OPTIM_ALIASES))

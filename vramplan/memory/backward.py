@@ -61,9 +61,9 @@ def grad_book(ctx: StepContext) -> GradBook:
             sharded[p.layer] = sharded.get(p.layer, 0) + alloc(grad_bytes(p, setup) * shard(p, world))
             if p.role in MLP_OUT_ROLES:
                 down[p.layer] = down.get(p.layer, 0) + alloc(grad_bytes(p, setup) * p.numel)
-    if ctx.offload or setup.optim.layerwise:
+    if ctx.offload or setup.steps_in_backward:
         sharded = {k: 0 for k in sharded}
-    if setup.optim.layerwise:
+    if setup.steps_in_backward:
         down = {}
     by_layer: dict[int | None, list[Param]] = {}
     for p in ctx.params:  # unit_grad_bytes filters by layer: give it only that layer's (same result, O(P))

@@ -51,7 +51,8 @@ class StaticBytes:
     parts: dict[C, int]   # weights, quantization state, adapters on the GPU
     grads: int                   # gradients held at the optimizer step
     optimizer_states: int
-    host_pinned: int             # under CPU offload: shards, grads and states on the host
+    host_pinned: int             # CPU offload: shards, grads and states on the host; host-side optimizer states
+    paged_states: int = 0        # bitsandbytes paged optimizer states: CUDA unified memory, outside torch's statistics
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class StepContext:
         for c, v in self.static.parts.items():
             ph.add(c, v)
         ph.add(C.OPTIMIZER_STATES, self.static.optimizer_states)
+        if self.static.paged_states:  # resident on the GPU, not in Phase.allocated (categories.ALLOCATED)
+            ph.add(C.PAGED_OPTIMIZER_STATES, self.static.paged_states)
         if with_grads:
             ph.add(C.GRADIENTS, self.static.grads)
         return ph

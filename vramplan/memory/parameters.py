@@ -33,7 +33,7 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
     if layer.experts:
         for _, shape in layer.experts.tensors:
             n = shape[0] * shape[1] * shape[2]
-            out.append(Param(n, shape[0], ParamKind.DENSE, full, i))
+            out.append(Param(n, shape[0], ParamKind.DENSE, full, i, shape=tuple(shape)))
     for n in layer.norm_numels + layer.other_numels:
         out.append(Param(n, n, ParamKind.DENSE, full, i))
     return out

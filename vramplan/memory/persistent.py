@@ -26,23 +26,25 @@ def _stored_on_rank(p: Param, setup: TrainingSetup, world: int, n: int) -> dict[
 
 
 def static_bytes(params: list[Param], setup: TrainingSetup) -> StaticBytes:
-    """Persistent bytes on the GPU (by category), plus grads, optimizer and host-pinned totals."""
+    """Persistent bytes on the GPU (by category), plus grads, optimizer and host totals."""
     world, offload = setup.fsdp, setup.cpu_offload
     parts: dict[C, int] = {}
-    grads = optim = host = 0
+    grads = optim = paged = host = 0
     for p in params:
         n = shard(p, world)
         stored = _stored_on_rank(p, setup, world, n)
         g = alloc(grad_bytes(p, setup) * n)
         s = optimizer_state(p, setup, n)
         if offload:
-            host += sum(v for c, v in stored.items() if c != C.QUANT_STATE) + g + s
+            host += sum(v for c, v in stored.items() if c != C.QUANT_STATE) + g + s.device + s.paged + s.host
             if C.QUANT_STATE in stored:
                 parts[C.QUANT_STATE] = parts.get(C.QUANT_STATE, 0) + stored[C.QUANT_STATE]
             continue
         for c, v in stored.items():
             parts[c] = parts.get(c, 0) + v
-        grads += 0 if setup.optim.layerwise else g
-        optim += s
+        grads += 0 if setup.steps_in_backward else g
+        optim += s.device
+        paged += s.paged
+        host += s.host
     optim += grad_scaler_state(setup)  # fp16: the GradScaler's scale and growth tracker
-    return StaticBytes(parts=parts, grads=grads, optimizer_states=optim, host_pinned=host)
+    return StaticBytes(parts=parts, grads=grads, optimizer_states=optim, host_pinned=host, paged_states=paged)

@@ -34,6 +34,7 @@ from vramplan.memory.norms import (
 from vramplan.memory.optimizers import (
     galore_refresh_phase,
     layerwise_hook_bytes,
+    optimizer_notes,
     optimizer_transient,
 )
 from vramplan.memory.parameters import Param, parameters
@@ -74,8 +75,9 @@ def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
 def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
     saved = saved_activations(spec, setup)
     params = prepared.params
-    # layer-wise optimizers: each parameter's hook steps it inside backward
-    hook = layerwise_hook_bytes(params, setup) if setup.optim.layerwise else {}
+    # optimizers stepped in backward (layer-wise, LOMO, --optimizer-in-backward): each
+    # parameter's hook steps it and frees its grad
+    hook = layerwise_hook_bytes(params, setup) if setup.steps_in_backward else {}
     cache = cast_cache(params, setup, spec.vocab, head_trains(setup)) - fused_head_cast(spec, setup)
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
@@ -171,7 +173,7 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     if ctx.offload:
         return []
     phases = []
-    if not ctx.setup.optim.layerwise:
+    if not ctx.setup.steps_in_backward:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS,
                                                                      loop_token_bytes(ctx.setup) + ctx.buffers)
         phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)
@@ -204,5 +206,5 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
     notes = (([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
-             + precision_notes(setup))
+             + precision_notes(setup) + optimizer_notes(setup, prepared.static))
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

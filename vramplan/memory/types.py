@@ -110,3 +110,11 @@ class Param:
     layer: int | None    # decoder layer index, None for the root (embeddings, final norm, head)
     galore: tuple[int, int] | None = None  # (m, n) for GaLore-projected 2-D weights
     role: str | None = None  # the Linear's role (q, down, ...) for Linear weights, biases and adapters
+    shape: tuple[int, ...] | None = None  # when neither (numel,) nor (dim0, numel // dim0): 3-D experts
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The tensor's shape: 1-D when numel == dim0 (norms, biases), else 2-D (dim0, rest)."""
+        if self.shape is not None:
+            return self.shape
+        return (self.numel,) if self.numel == self.dim0 else (self.dim0, self.numel // self.dim0)

@@ -22,7 +22,8 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
-    Optim,
+    OptimFamily,
+    OptimLibrary,
     Packing,
     Precision,
     Quant,
@@ -34,6 +35,8 @@ LR = 1e-5
 INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
+# transformers 5.25.0 trainer_optimizer.py:398-405: APOLLO's target-group defaults
+APOLLO_GROUP = dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0, proj_type="std")
 
 
 @dataclass
@@ -339,22 +342,54 @@ def galore_names(model, spec: ModelSpec) -> set[str]:
 
 
 def _optim_class(setup: TrainingSetup):
+    """The optimizer class and the keyword arguments transformers' Trainer passes it
+    (transformers 5.25.0 trainer_optimizer.py:195-622), for the names verify builds."""
     import torch
-    o = setup.optim
-    if o in (Optim.ADAMW_TORCH, Optim.ADAMW_TORCH_FUSED):
-        return torch.optim.AdamW
-    if o == Optim.ADAMW_BNB_8BIT:
-        return need("bitsandbytes", "--optim adamw_bnb_8bit").optim.AdamW8bit
-    galore = need("galore_torch", f"--optim {o.value}")
-    return galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW
+    o, t = setup.optim, setup.optim.traits
+    if t.library == OptimLibrary.TORCH:
+        cls = {OptimFamily.ADAMW: torch.optim.AdamW, OptimFamily.SGD: torch.optim.SGD,
+               OptimFamily.ADAGRAD: torch.optim.Adagrad, OptimFamily.RMSPROP: torch.optim.RMSprop}[t.family]
+        return cls, ({"fused": True} if t.fused else {})
+    if t.library == OptimLibrary.BITSANDBYTES:
+        bnb = need("bitsandbytes", f"--optim {o.value}")
+        cls = {OptimFamily.ADAMW: bnb.optim.AdamW, OptimFamily.LION: bnb.optim.Lion,
+               OptimFamily.RMSPROP: bnb.optim.RMSprop, OptimFamily.ADEMAMIX: bnb.optim.AdEMAMix}[t.family]
+        kw = {"optim_bits": t.bits}
+        if t.family != OptimFamily.RMSPROP:  # HF passes is_paged to all but RMSprop
+            kw["is_paged"] = t.paged
+        return cls, kw
+    if t.library == OptimLibrary.TORCHAO:
+        ao = need("torchao.optim", f"--optim {o.value}")
+        return (ao.AdamW8bit if t.bits == 8 else ao.AdamW4bit), {"block_size": 256, "bf16_stochastic_round": False}
+    if t.family == OptimFamily.ADAFACTOR:
+        from transformers.optimization import Adafactor
+        return Adafactor, {"scale_parameter": False, "relative_step": False}
+    if t.library == OptimLibrary.SCHEDULEFREE:
+        sf = need("schedulefree", f"--optim {o.value}")
+        cls = {OptimFamily.SCHEDULE_FREE_ADAMW: sf.AdamWScheduleFree, OptimFamily.SCHEDULE_FREE_RADAM:
+               sf.RAdamScheduleFree, OptimFamily.SCHEDULE_FREE_SGD: sf.SGDScheduleFree}[t.family]
+        return cls, ({} if t.family == OptimFamily.SCHEDULE_FREE_RADAM else {"warmup_steps": 0})
+    if t.family == OptimFamily.GALORE_ADAMW:
+        galore = need("galore_torch", f"--optim {o.value}")
+        return (galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW), {}
+    if t.family == OptimFamily.APOLLO_ADAMW:
+        return need("apollo_torch", f"--optim {o.value}").APOLLOAdamW, {}
+    if t.family == OptimFamily.GALORE_ADAFACTOR:
+        galore = need("galore_torch", f"--optim {o.value}")
+        return galore.GaLoreAdafactor, {"scale_parameter": False, "relative_step": False}
+    raise VramplanError(f"verify does not build {o.value} yet (its memory is modelled from source: "
+                        "docs/memory-model.md, \"Optimizers\")", "--optim")
 
 
 def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if setup.method != Method.GALORE:
+    if not galore:
         return [{"params": [p for _, p in named]}]
-    proj = dict(rank=setup.galore_rank, update_proj_gap=setup.galore_update_proj_gap, scale=GALORE_SCALE,
-                proj_type=GALORE_PROJ)
+    if setup.optim.traits.family == OptimFamily.APOLLO_ADAMW:
+        proj = APOLLO_GROUP  # the same target selection as GaLore's (HF _setup_low_rank_optimizer)
+    else:
+        proj = dict(rank=setup.galore_rank, update_proj_gap=setup.galore_update_proj_gap, scale=GALORE_SCALE,
+                    proj_type=GALORE_PROJ)
     low = [p for n, p in named if _strip(n) in galore]
     rest = [p for n, p in named if _strip(n) not in galore]
     return [{"params": rest}, {"params": low, **proj}]
@@ -365,18 +400,42 @@ def _strip(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
 
 
+def _muon(model, setup: TrainingSetup):
+    """LLaMA-Factory 0.9.5 train/trainer_utils.py:498-524: 2-D parameters not named embed or
+    lm_head to Muon, the rest to its AdamW; weight_decay 0 (TrainingArguments' default)."""
+    muon = need("llamafactory.third_party.muon", f"--optim {setup.optim.value}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    two_d = [p for n, p in named if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    ids = {id(p) for p in two_d}
+    return muon.Muon(lr=LR, wd=0.0, muon_params=two_d, adamw_params=[p for _, p in named if id(p) not in ids])
+
+
 def make_optimizer(built: Built, galore: set[str]) -> None:
-    cls = _optim_class(built.setup)
-    kw = {"fused": True} if built.setup.optim == Optim.ADAMW_TORCH_FUSED else {}
-    groups = param_groups(built.model, built.setup, galore)
-    if not built.setup.optim.layerwise:
-        built.optimizer = cls([g for g in groups if g["params"]], lr=LR, **kw)
+    if built.setup.optim.traits.family == OptimFamily.MUON and not built.setup.steps_in_backward:
+        built.optimizer = _muon(built.model, built.setup)
         return
-    # one optimizer per parameter, stepped as soon as its grad is accumulated
+    cls, kw = _optim_class(built.setup)
+    if built.device == "cpu" and built.setup.optim.traits.family == OptimFamily.ADEMAMIX:
+        # bitsandbytes 0.50.2 ademamix.py:260-267: the paged double buffer has no CPU fallback
+        # (the other paged states fall back to plain tensors); unpaged, the states are the same
+        kw["is_paged"] = False
+    groups = param_groups(built.model, built.setup, galore)
+    if not built.setup.steps_in_backward:
+        built.optimizer = _started(cls([g for g in groups if g["params"]], lr=LR, **kw))
+        return
+    # one optimizer per parameter, stepped as soon as its grad is accumulated (HF *_layerwise,
+    # torchtune optimizer_in_bwd: torchtune 0.6.1 training/memory.py:219-242)
     for g in groups:
         for p in g["params"]:
-            built.layerwise[p] = cls([{**g, "params": [p]}], lr=LR)
+            built.layerwise[p] = _started(cls([{**g, "params": [p]}], lr=LR, **kw))
             built.hooks.append(p.register_post_accumulate_grad_hook(_layerwise_hook(built.layerwise)))
+
+
+def _started(opt):
+    """schedulefree optimizers must be put in train mode before a step (the HF Trainer does)."""
+    if callable(getattr(opt, "train", None)):
+        opt.train()
+    return opt
 
 
 def _layerwise_hook(opts: dict):
@@ -457,7 +516,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
     model = meta_model(cfg, spec, dtype, setup.attention)
     prefix = decoder_prefix(model, spec.num_layers)
-    galore = galore_names(model, spec) if setup.method == Method.GALORE else set()
+    low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
+    galore = galore_names(model, spec) if low_rank else set()
     fsdp = setup.fsdp > 1
     if qlora:
         quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)

@@ -21,7 +21,7 @@ import gc
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramplan.setup import Optim, Precision, TrainingSetup
+from vramplan.setup import OptimLibrary, Precision, TrainingSetup
 
 _MARK = "vramplan.phase:"
 
@@ -147,8 +147,10 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
     elif fp32_stream_autocast(setup):
         # over bf16 weights the stream stays bf16 and both policies run the same ops in bf16
         out.append("bf16 autocast over fp32 weights (the CPU's cast policy is not CUDA's)")
-    if setup.optim.is_8bit:
-        out.append("the 8-bit optimizer step (bitsandbytes' CPU fallback allocates temporaries)")
+    if setup.optim.traits.library == OptimLibrary.BITSANDBYTES or (setup.optim.is_galore and setup.optim.is_8bit):
+        out.append("the bitsandbytes optimizer step (8-bit, 32-bit or paged: its CPU fallback allocates temporaries)")
+    if setup.optim.traits.library == OptimLibrary.TORCHAO:
+        out.append("torchao's compiled low-bit step (inductor's CPU kernels are not CUDA's)")
     if setup.quant is not None and setup.quant.value == "nf4":
         out.append("bitsandbytes' 4-bit quantize/dequantize (torch-op fallbacks on the CPU)")
     if setup.cpu_offload:
@@ -274,7 +276,10 @@ def cuda_like_build():
 
 
 def cuda_like_optimizer(built) -> None:
-    """torch.optim.AdamW defaults to foreach on CUDA but not on the CPU: run what CUDA runs."""
-    if built.setup.optim == Optim.ADAMW_TORCH and built.optimizer is not None:
-        for group in built.optimizer.param_groups:
-            group["foreach"] = True
+    """torch's optimizers default to foreach on CUDA but not on the CPU (torch/optim/optimizer.py
+    _default_to_fused_or_foreach): run what CUDA runs."""
+    traits = built.setup.optim.traits
+    if traits.library == OptimLibrary.TORCH and not traits.fused:
+        for opt in built.optimizers:
+            for group in opt.param_groups:
+                group["foreach"] = True

@@ -248,7 +248,7 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
                  step_peaks, timing, nvml, counts, notes, simulated, rank, traced: bool = False) -> Measurement:
     from vramplan.model_loader import resolve_config
     name, _alias, _cfg = resolve_config(model)
-    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.optim.layerwise)
+    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.steps_in_backward)
     if run.peak_reserved is not None and run.peak_alloc is not None:
         breakdown[C.ALLOCATOR_OVERHEAD] = run.peak_reserved - run.peak_alloc
     else:
