@@ -69,7 +69,9 @@ def estimate(model, gpus=None, num_layers=None, host_ram=None, **setup):
     """
     from vramplan.estimate import estimate_config
     from vramplan.setup import check_method_fields
-    check_method_fields(setup)  # lora_r=64 with method="full" is an error, as on the command line
+    # lora_r=64 with method="full" is an error, as on the command line; a field at its default
+    # changes nothing and passes (a setup's model_dump() carries every field)
+    check_method_fields(setup, explicit=False)
     return estimate_config(_model_arg(model), gpus=gpus, num_layers=num_layers, host_ram=host_ram, **setup)
 
 
@@ -110,7 +112,7 @@ def plot_breakdown(model, gpus=None, path=None, num_layers=None, host_ram=None, 
         output_path(str(path), "")  # a bad file name fails before any work
     if setup.get("method") is not None:
         from vramplan.setup import check_method_fields
-        check_method_fields(setup)
+        check_method_fields(setup, explicit=False)
         make_setup(**setup)  # bad fields before the model is loaded
     gspec = resolve_gpus(gpus)
     ram = host_ram_bytes(host_ram, "--host-ram")

@@ -96,6 +96,8 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     """'full,galore' -> ('full', 'galore'); 'qlora' means both 4-bit formats."""
     if text is None:
         return METHOD_KEYS
+    if not (isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(i, str) for i in text))):
+        raise VramplanError(f"give comma-separated names or a list of them, got {type(text).__name__}", "--methods")
     items = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
     for raw in (i.strip().lower() for i in items):
