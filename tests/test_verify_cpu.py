@@ -319,7 +319,8 @@ def test_gpus_without_nvml(monkeypatch, capsys):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     monkeypatch.setattr(pynvml, "nvmlInit", boom)
     assert main(["gpus"]) == 1
-    assert "no NVIDIA GPU detected" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "no NVIDIA GPU detected" in out.err and out.out == ""  # an error: stderr (issue 17)
 
 
 @pytest.mark.parametrize("args,flag", [
