@@ -20,7 +20,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, make_setup, resolve_gpus
+from vramplan.estimate import (
+    PROCESS_HOST_BYTES,
+    coverage_notes,
+    default_host_ram,
+    estimate_spec,
+    make_setup,
+    resolve_gpus,
+)
 from vramplan.hardware import GpuSpec, profiles
 from vramplan.limits import (
     MAX_GLOBAL_BATCH,
