@@ -327,7 +327,7 @@ def test_emit_reads_back_the_same_setup(tmp_path, fmt, i, fields):
     ("llamafactory", {"method": "full", "precision": "mixed", "fsdp": 2}, "llamafactory cannot express fsdp=2"),
     ("trl", {"method": "full", "precision": "mixed", "loss": "hf"}, "trl cannot express loss=hf"),
     ("torchtune", {"method": "full", "precision": "mixed"}, "torchtune cannot express precision=mixed"),
-    ("torchtune", {"method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True},
+    ("torchtune", {"stack": "torchtune", "method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True},
      "torchtune cannot express deepspeed=zero2"),
     ("axolotl", {"method": "full", "fp32_outputs": False, "optimizer_in_backward": True}, "optimizer_in_backward"),
 ])

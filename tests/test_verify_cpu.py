@@ -320,7 +320,7 @@ def test_gpus_without_nvml(monkeypatch, capsys):
     monkeypatch.setattr(pynvml, "nvmlInit", boom)
     assert main(["gpus"]) == 1
     out = capsys.readouterr()
-    assert "no NVIDIA GPU detected" in out.err and out.out == ""  # an error: stderr (issue 17)
+    assert "no NVIDIA GPU detected" in out.err and out.out == ""  # an error goes to stderr (issue 17)
 
 
 @pytest.mark.parametrize("args,flag", [

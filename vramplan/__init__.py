@@ -69,8 +69,8 @@ def estimate(model, gpus=None, num_layers=None, host_ram=None, **setup):
     """
     from vramplan.estimate import estimate_config
     from vramplan.setup import check_method_fields
-    # lora_r=64 with method="full" is an error, as on the command line; a field at its default
-    # changes nothing and passes (a setup's model_dump() carries every field)
+    # lora_r=64 with method="full" is an error, as on the command line; a default value (a setup's
+    # dump passed back) counts as not given
     check_method_fields(setup, explicit=False)
     return estimate_config(_model_arg(model), gpus=gpus, num_layers=num_layers, host_ram=host_ram, **setup)
 

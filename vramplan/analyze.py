@@ -32,9 +32,32 @@ def _role(path: str, out_features: int, num_experts: int | None) -> str:
     return role
 
 
+def _import_without_hqq() -> None:
+    """Import transformers' cache module without hqq: it imports hqq's quantizer at module level
+    when hqq is installed (transformers==5.24.0 cache_utils.py:17-18), only for a quantized KV
+    cache in generation, and that import alone costs about 3 s of CPU (hqq==0.2.x quantize.py
+    compiles at class definition): most of a cold meta build. Quantizing with hqq (`verify`)
+    goes through transformers.quantizers, which imports it when used."""
+    import sys
+    if "transformers.cache_utils" in sys.modules:
+        return
+    try:
+        import transformers.utils as tu
+    except ImportError:
+        return
+    real = tu.is_hqq_available
+    tu.is_hqq_available = lambda *a, **k: False
+    try:
+        import transformers.cache_utils as cu
+        cu.is_hqq_available = real          # HQQQuantizedCache checks again, and says to install hqq
+    finally:
+        tu.is_hqq_available = real
+
+
 def _build_meta(cfg: dict):
     try:
         import torch
+        _import_without_hqq()
         from transformers import AutoConfig
     except ImportError as e:  # pragma: no cover - torch/transformers are dependencies
         raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None

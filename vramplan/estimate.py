@@ -107,11 +107,46 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
         said = ", ".join(f"{k}={v:g}" for k, v in spec.dropouts.items())
         notes.append(f"activations are underestimated: the config trains with dropout ({said}), which no rule "
                      "counts (set it to 0 in config.json to estimate the model without it)")
+    if spec.defaulted:
+        said = ", ".join(f"{k}={v}" for k, v in spec.defaulted.items())
+        notes.append(f"config.json does not set {', '.join(spec.defaulted)}: transformers' {spec.model_type} defaults "
+                     f"were used ({said}); they shape memory, so set them if the checkpoint differs")
     if spec.model_type not in TRACED_MODEL_TYPES:
         notes.append(f"{spec.model_type}: this architecture's layers were never checked against a traced step "
                      f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify MODEL --device cpu "
                      "--num-layers 2 --seq-len 512` traces it on this machine, `vramplan verify` on a GPU measures it")
     return notes
+
+
+def context_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """A sequence beyond the config's max_position_embeddings: a warning, not an error (RoPE
+    scaling, rope_scaling in config.json, runs a model past its trained context)."""
+    if spec.max_positions is None or setup.seq_len <= spec.max_positions:
+        return []
+    return [f"WARNING: --seq-len {setup.seq_len:,} is beyond the model's context (max_position_embeddings "
+            f"{spec.max_positions:,}): it runs with RoPE scaling (rope_scaling in config.json), and the model was not "
+            "trained that long; the memory is estimated at the length given"]
+
+
+def fused_expert_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """MoE experts stored as 3-D tensors under LoRA/QLoRA: neither quantized nor adapted.
+
+    transformers 5.24 models/qwen3_moe/modeling_qwen3_moe.py:211 Qwen3MoeExperts holds
+    gate_up_proj and down_proj as nn.Parameter [experts, out, in]; bitsandbytes is applied
+    through integrations/bitsandbytes.py:189 replace_with_bnb_linear, which replaces only
+    ``type(module) is nn.Linear`` (and Conv1D), and peft's LoRA targets Linear modules. So in
+    plain transformers + peft + bitsandbytes the experts stay bf16, frozen, without adapters."""
+    experts = [layer.experts for layer in spec.layers if layer.experts]
+    if not experts or not setup.lora_like:
+        return []
+    size = sum(2 * e.numel for e in experts)
+    names = ", ".join(sorted({name for e in experts for name, _ in e.tensors}))
+    quant = "neither quantized (4-bit replaces nn.Linear only) nor adapted" if setup.quant is not None else \
+        "not adapted"
+    return [f"{spec.model_type}: its MoE experts ({names}) are fused 3-D tensors, not nn.Linear: under transformers "
+            f"+ peft{' + bitsandbytes' if setup.quant is not None else ''} they are {quant} (LoRA targets Linears), "
+            f"so {size / GiB:.1f} GiB of expert weights stay bf16 and frozen in this estimate; a stack that "
+            "quantizes or adapts experts needs its own rule"]
 
 
 def _loss_note(spec: ModelSpec, peak: Phase) -> list[str]:
@@ -176,7 +211,8 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
                      breakdown=breakdown, peak_phase=peak.name,
                      phases={p.name: p.allocated for p in model.phases},
                      phase_measured={p.name: p.measured.value for p in model.phases})
-    notes = stack_lines(setup) + gpu_notes(gpus) + coverage_notes(spec) + list(model.notes) + _loss_note(spec, peak)
+    notes = (stack_lines(setup) + context_note(spec, setup) + gpu_notes(gpus) + coverage_notes(spec)
+             + fused_expert_note(spec, setup) + list(model.notes) + _loss_note(spec, peak))
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),

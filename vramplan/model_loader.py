@@ -15,8 +15,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from vramplan import model_names
 from vramplan.analyze import analyze_config
 from vramplan.config_check import check_config
+from vramplan.config_checks import defaulted_fields, max_positions
 from vramplan.errors import VramplanError
 from vramplan.files import parse_json, read_regular
 from vramplan.limits import MAX_CONFIG_BYTES, MAX_LAYERS, check_int
@@ -25,6 +27,7 @@ from vramplan.model_spec import ModelSpec
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
 SHIPPED_DIR = Path(__file__).parent / "presets" / "specs"
+DEFAULTS_FILE = Path(__file__).parent / "presets" / "config_defaults.json"
 SPEC_VERSION = 8  # bump when the analysis output changes
 
 
@@ -77,8 +80,14 @@ def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str 
         name, alias = str(path), None
         cfg = _read_config(path, model)
     else:
-        name, alias, cfg = _preset(model)
-    if "model_type" not in cfg:
+        key = resolve_preset_name(model)
+        alias = model if key is not None and key != model.strip().lower() else None
+        if key is None:
+            cfg, name = _hub_config(model), model.strip()
+        else:
+            cfg = json.loads((PRESET_DIR / f"{key}.json").read_text())
+            name = key
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise VramplanError(f"{model!r} is not a model config (no model_type)", "MODEL")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     check_config(cfg, name)
@@ -91,6 +100,55 @@ def resolve_config(model: str, num_layers: int | None = None) -> tuple[str, str 
                 if isinstance(part.get(key), list):
                     part[key] = part[key][:num_layers]
     return name, alias, cfg
+
+
+def resolve_preset_name(model: str) -> str | None:
+    """The preset MODEL names (a preset, an alias, or a Hugging Face id of it or of an
+    instruct/chat/pre-quantized variant: vramplan.model_names), else None."""
+    return model_names.preset_for(model, preset_names(), aliases())
+
+
+def _hub_config(model: str) -> dict:
+    """A name no preset matches: a Hugging Face id's config.json (cached), else one line."""
+    hint = model_names.did_you_mean(model, preset_names(), aliases())
+    if not model_names.looks_like_hub_id(model):
+        raise VramplanError(
+            f"unknown model {model!r}{hint} (presets: {', '.join(preset_names())}; "
+            f"aliases: {', '.join(sorted(a for a in aliases() if '/' not in a))}); or give a Hugging Face id "
+            "(org/name), a config.json path or a model folder",
+            "MODEL",
+        )
+    path = model_names.hub_config(model, hint)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VramplanError(f"the cached config.json of {model!r} ({path}) is not readable JSON ({e})",
+                            "MODEL") from None
+
+
+@lru_cache(maxsize=1)
+def _presets_by_shape() -> dict[str, str]:
+    """memory_sha -> preset, for answering a config.json with a preset's shapes from its bundled analysis."""
+    out: dict[str, str] = {}
+    for name in preset_names():
+        cfg = json.loads((PRESET_DIR / f"{name}.json").read_text())
+        out.setdefault(model_names.memory_sha(cfg, _config_defaults()), name)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _config_defaults() -> dict[str, dict]:
+    """model_type -> its config class's scalar defaults (scripts/build_preset_specs.py)."""
+    return json.loads(DEFAULTS_FILE.read_text()) if DEFAULTS_FILE.exists() else {}
+
+
+def _shipped_same_shape(cfg: dict) -> ModelSpec | None:
+    """The bundled analysis of the preset whose memory-shaping keys equal this config's."""
+    preset = _presets_by_shape().get(model_names.memory_sha(cfg, _config_defaults()))
+    if preset is None:
+        return None
+    own = {k: v for k, v in json.loads((PRESET_DIR / f"{preset}.json").read_text()).items() if not k.startswith("_")}
+    return _shipped(preset, own)
 
 
 # ---------------------------------------------------------------- cache
@@ -156,7 +214,7 @@ def truncate(spec: ModelSpec, num_layers: int) -> ModelSpec:
 
 
 def _full_spec(name: str, cfg: dict, use_cache: bool) -> ModelSpec:
-    shipped = _shipped(name, cfg) if use_cache else None
+    shipped = (_shipped(name, cfg) or _shipped_same_shape(cfg)) if use_cache else None
     if shipped is not None:
         return shipped
     path = _cache_dir() / f"{_cache_key(cfg)}.json"
@@ -188,4 +246,7 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
     spec = _full_spec(name, cfg, use_cache).model_copy(update={"name": name, "resolved_from": alias})
     if num_layers is not None:
         spec = truncate(spec, num_layers)
-    return spec
+    # issue 16: what a user's config left to transformers, and its context (vramplan.config_checks)
+    defaulted = defaulted_fields(cfg, _config_defaults()) if name not in preset_names() else {}
+    return spec.model_copy(update={"name": name, "resolved_from": alias, "defaulted": defaulted,
+                                   "max_positions": max_positions(cfg)})

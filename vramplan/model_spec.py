@@ -6,6 +6,8 @@ both import it and it imports neither.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -115,6 +117,11 @@ class ModelSpec(BaseModel):
     params_total: int
     dropouts: dict[str, float] = Field(default_factory=dict, description="the config's dropout probabilities "
                                        "above 0 (attention, residual, embedding): the model trains with them")
+    # set by model_loader.load_model_spec from the config (vramplan.config_checks), not by the
+    # analysis: excluded from dumps, so shipped and cached specs stay what the analysis gives
+    defaulted: dict[str, Any] = Field(default_factory=dict, exclude=True, description="memory-shaping fields a "
+                                      "user's config.json left to transformers' defaults, with the value used")
+    max_positions: int | None = Field(None, exclude=True, description="the config's max_position_embeddings")
 
     @property
     def mask_window(self) -> int | None:

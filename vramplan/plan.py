@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vramplan.assumptions import data_parallel_phrase, host_ram_phrase, stack_phrase
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.estimate import (
     PROCESS_HOST_BYTES,
     coverage_notes,
     default_host_ram,
     estimate_spec,
+    fused_expert_note,
     make_setup,
     resolve_gpus,
 )
-from vramplan.hardware import GpuSpec, profiles
+from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles
+from vramplan.headroom import SAFE_SHARE, has_safe_headroom, rule_text, safe_margin
 from vramplan.limits import (
     MAX_GLOBAL_BATCH,
     MAX_PLAN_BATCH,
@@ -41,16 +46,13 @@ from vramplan.limits import (
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import Method, Optim, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
 METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
 _METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
 MAX_BATCH = 256
-# Headroom below which a configuration is fast but fragile (allocator variance between
-# runs, a longer sample): the recommendation prefers one with at least this share free.
-SAFE_HEADROOM = 0.05
 DEFAULT_CONTEXT = 32768  # when the model's config gives none (a ModelSpec passed directly)
 
 
@@ -69,6 +71,9 @@ class PlanRequest(BaseModel):
     host_ram: int | None = Field(None, description="host RAM per node in bytes (None: not checked)")
     max_batch: int = Field(MAX_BATCH, description="largest micro-batch searched")
     context: int = Field(DEFAULT_CONTEXT, description="the model's maximum sequence length")
+    host_ram_said: str = Field("", description="where host_ram comes from, as the output says it")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="setup fields the search does not vary "
+                                  "(--config, --stack): loss, attention, packing, adapter dtype, ...")
 
     @model_validator(mode="after")
     def _check(self):
@@ -348,8 +353,10 @@ class PlanResult(BaseModel):
     per_method: dict[str, dict] = Field(default_factory=dict,
                                         description="longest sequence / largest micro-batch per method")
     suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
-    notes: list[str] = Field(default_factory=list, description="what the estimates of this architecture rest on "
-                             "(estimate.coverage_notes)")
+    notes: list[str] = Field(default_factory=list, description="what the estimates on these cards and this "
+                             "architecture rest on (hardware.gpu_notes, estimate.coverage_notes)")
+    rules: list[str] = Field(default_factory=list, description="how rows are ranked and the recommendation chosen")
+    assumed: list[str] = Field(default_factory=list, description="what the plan assumed without being told")
     evaluated: int = Field(description="(configuration, sequence, micro-batch) points evaluated")
     discrete: int = Field(description="discrete configurations evaluated")
 
@@ -385,24 +392,34 @@ def _fits(grid: Grid, req: PlanRequest) -> np.ndarray:
     return (grid.total <= req.gpus.profile.memory_bytes) & host_ok
 
 
-def _candidate_row(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits: np.ndarray) -> PlanRow | None:
-    """The fastest fitting micro-batch at sequence index si: the largest (the throughput
-    model's per-micro-batch overheads only shrink per token as the micro-batch grows)."""
-    ok = np.nonzero(fits[si])[0]
-    if not len(ok):
-        return None
-    b = int(grid.batches[ok[-1]])
-    seq = int(grid.seqs[si])
-    setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": seq})
+def _row_at(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, bi: int, ones: np.ndarray) -> PlanRow:
+    b = int(grid.batches[bi])
+    setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": int(grid.seqs[si])})
     accum = _accum(req, b)
     t = _speed(spec, setup, req, accum)
-    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else np.array([], dtype=np.int64)
-    total = int(grid.total[si, ok[-1]])
+    total = int(grid.total[si, bi])
     return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
                    global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
                    step_s=t.step_s, comm_s=t.comm_s, host_s=t.host_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
                    headroom_bytes=req.gpus.profile.memory_bytes - total,
                    max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0, max_micro_batch=b)
+
+
+def _candidate_rows(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits: np.ndarray) -> list[PlanRow]:
+    """The fastest fitting micro-batch at sequence index si: the largest (the throughput
+    model's per-micro-batch overheads only shrink per token as the micro-batch grows); and,
+    when that one is under the headroom rule, the largest that keeps it, so a configuration
+    is never dropped from the recommendation for want of a smaller micro-batch."""
+    ok = np.nonzero(fits[si])[0]
+    if not len(ok):
+        return []
+    ones = np.nonzero(fits[:, 0])[0] if grid.batches[0] == 1 else np.array([], dtype=np.int64)
+    picks = [int(ok[-1])]
+    cap = req.gpus.profile.memory_bytes
+    safe = np.nonzero(fits[si] & (grid.total[si] <= cap - safe_margin(cap)))[0]
+    if len(safe) and int(safe[-1]) != picks[0]:
+        picks.append(int(safe[-1]))
+    return [_row_at(spec, grid, req, si, bi, ones) for bi in picks]
 
 
 def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
@@ -416,13 +433,39 @@ def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
                                   "host_ram_bytes": host})
 
 
+# What the search varies (candidate_groups, the grid) or plans itself (--nodes, --global-batch);
+# a --config file's value for these is left to the search. DeepSpeed is not searched: the
+# search shards with FSDP, which excludes it.
+SEARCHED_FIELDS = frozenset({"method", "quant", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
+                             "cpu_offload", "batch_size", "seq_len", "gradient_accumulation", "nodes", "deepspeed",
+                             "offload_optimizer", "offload_params"})
+
+
+def fixed_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a --config/--stack that the search keeps fixed."""
+    return {k: v for k, v in fields.items() if k not in SEARCHED_FIELDS and v is not None}
+
+
+def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
+    """A candidate on top of the fixed fields; None when they exclude it (a file's optimizer
+    that the candidate's method cannot take)."""
+    if not req.fixed:
+        return make_setup(**fields, seq_len=seq)
+    try:
+        return make_setup(**{**req.fixed, **fields, "seq_len": seq})
+    except VramplanError:
+        return None
+
+
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     """Evaluate every discrete configuration on the (seq, batch) grid."""
     seqs = seq_grid(req.context)
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:
-            setup = make_setup(**fields, seq_len=int(seqs[0]))
+            setup = _setup(req, fields, int(seqs[0]))
+            if setup is None:
+                continue
             grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
             grids.append(grid)
             evaluated += grid.evaluated
@@ -482,14 +525,52 @@ def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[st
     return out
 
 
+def rank_key(row: PlanRow) -> tuple[float, float, int]:
+    """Fastest first by estimated tokens/s, exactly; only equal speeds go to less communication,
+    then to more headroom (RANK_RULE says so in the output)."""
+    return (-row.tokens_per_s, row.comm_s, -row.headroom_bytes)
+
+
+RANK_RULE = ("rows: fastest first by estimated tokens/s (equal speeds: less communication, then more headroom); "
+             "* marks the recommendation, the fastest row under the headroom rule")
+
+
+def _adapter_notes(spec: ModelSpec, req: PlanRequest) -> list[str]:
+    """The notes of the adapter methods searched (fused MoE experts stay bf16 and frozen)."""
+    if any(k.startswith("qlora") for k in req.methods):
+        return fused_expert_note(spec, TrainingSetup(method=Method.QLORA))
+    return fused_expert_note(spec, TrainingSetup(method=Method.LORA)) if "lora" in req.methods else []
+
+
+def plan_rules(req: PlanRequest, spec: ModelSpec) -> list[str]:
+    """The rules the plan ranks and recommends by, printed with it."""
+    rules = [RANK_RULE, rule_text(req.gpus.profile.memory_bytes)]
+    if any(k in req.methods for k in ("lora", "qlora-nf4", "qlora-hqq4")):
+        ranks = _ranks(req.min_lora_rank, _smallest_dim(spec), 3)
+        rules.append(f"LoRA ranks searched: {', '.join(map(str, ranks))} (--min-lora-rank {req.min_lora_rank} is the "
+                     "smallest rank you accept); a larger rank is ranked by its speed like any row, never preferred")
+    if "galore" in req.methods:
+        ranks = _ranks(req.min_galore_rank, _smallest_dim(spec), 4)
+        rules.append(f"GaLore ranks searched: {', '.join(map(str, ranks))} (--min-galore-rank {req.min_galore_rank} "
+                     "is the smallest you accept), ranked by speed like any row")
+    return rules
+
+
+def plan_assumptions(req: PlanRequest) -> list[str]:
+    """What the plan took without being told (vramplan.assumptions)."""
+    seq = f"sequences of at least {req.min_seq} tokens (--min-seq), micro-batch 1..{req.max_batch} (--max-batch)"
+    return [seq, stack_phrase(Stack.PLAIN), req.host_ram_said or host_ram_phrase(req.host_ram, True, True),
+            data_parallel_phrase(req.gpus.count)]
+
+
 def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
     cap = req.gpus.profile.memory_bytes
     if row is fastest:
         why = "fastest configuration that fits"
-        if row.headroom_bytes < SAFE_HEADROOM * cap:
-            why += " (all fit with under 5% headroom: a longer sample may not)"
+        if not has_safe_headroom(row.headroom_bytes, cap):
+            why += f" (all fit with under {SAFE_SHARE:.0%} headroom: a longer sample may not)"
     else:
-        why = (f"fastest with at least {SAFE_HEADROOM:.0%} headroom ({fastest.label} is "
+        why = (f"fastest under the headroom rule ({fastest.label} at micro-batch {fastest.setup.batch_size} is "
                f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only "
                f"{fastest.headroom_bytes / GiB:.2f} GiB)")
     trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
@@ -512,12 +593,8 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     for g in grids:
         si = _seq_index(g, req)
         if si < len(g.seqs):
-            row = _candidate_row(spec, g, req, si, _fits(g, req))
-            if row is not None:
-                candidates.append(row)
-    # near-ties (to 3 significant digits: e.g. communication hidden behind compute) go to
-    # less traffic, then to more headroom
-    candidates.sort(key=lambda r: (-float(f"{r.tokens_per_s:.3g}"), r.comm_s, -r.headroom_bytes))
+            candidates += _candidate_rows(spec, g, req, si, _fits(g, req))
+    candidates.sort(key=rank_key)
     rows: list[PlanRow] = []
     for row in candidates:  # re-check with the real estimate until `top` rows survive
         if len(rows) >= top:
@@ -525,15 +602,14 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
         checked = _recheck(spec, row, req)
         if checked is not None:
             rows.append(checked)
-    safe = SAFE_HEADROOM * req.gpus.profile.memory_bytes
-    rec = next((r for r in rows if r.headroom_bytes >= safe), rows[0] if rows else None)
+    cap = req.gpus.profile.memory_bytes
+    rec = next((r for r in rows if has_safe_headroom(r.headroom_bytes, cap)), rows[0] if rows else None)
     reason = _reason(rec, rows[0], req) if rec else ""
-    if rec is not None:
-        rows.remove(rec)
-        rows.insert(0, rec)
-    result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=req.gpus.profile.memory_bytes, rows=rows,
+    result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=cap, rows=rows,
                         recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
-                        evaluated=evaluated, discrete=len(grids), notes=coverage_notes(spec))
+                        evaluated=evaluated, discrete=len(grids),
+                        notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
+                        rules=plan_rules(req, spec), assumed=plan_assumptions(req))
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
     return result
@@ -549,42 +625,85 @@ def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
     return res.rows[0] if res.rows else None
 
 
-def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
-    """What would fit instead: a shorter context, more GPUs of this card, a larger card."""
-    out = []
+def _shorter_context(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
     options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
                for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
     best_seq, best = _limit(spec, req, options)
     if best_seq and best is not None:
-        out.append(f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)")
+        return [f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)"]
+    return []
+
+
+def _more_host_ram(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
     gpu_only = req.model_copy(update={"host_ram": None})
     host_bound = [g for g in grids if _seq_index(g, req) < len(g.seqs) and _fits(g, gpu_only)[_seq_index(g, req), 0]]
-    if host_bound and req.host_ram is not None:
-        g = min(host_bound, key=lambda g: g.host)
-        out.append(f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM "
-                   "per node "
-                   f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)")
+    if not host_bound or req.host_ram is None:
+        return []
+    g = min(host_bound, key=lambda g: g.host)
+    return [f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
+            f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)"]
+
+
+def _more_gpus(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
     n = req.gpus.count
     for more in (2 * n, 4 * n, 8 * n):
         gpus = req.gpus.model_copy(update={"count": more, "label": f"{more}x{req.gpus.profile.name}"})
         nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
         row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
         if row:
-            out.append(f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
-                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
-            break
-    larger = sorted((p for p in profiles().values() if p.memory_bytes > req.gpus.profile.memory_bytes),
-                    key=lambda p: p.memory_bytes)
-    for prof in larger[:3]:
-        gpus = GpuSpec(count=n, profile=prof, label=f"{n}x{prof.name}")
-        row = _first_fit(spec, req, gpus=gpus)
-        if row:
-            out.append(f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
-                       f"(~{row.tokens_per_s:,.0f} tokens/s)")
-            break
-    if not out:
-        out.append("nothing tried fits: a smaller model, or more nodes (--nodes) with FSDP across them")
-    return out
+            return [f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
+                    f"(~{row.tokens_per_s:,.0f} tokens/s)"]
+    return []
+
+
+def larger_cards(memory_bytes: int) -> list:
+    """One card per size class above this memory, smallest first: NVIDIA cards with bf16 (what
+    people buy or rent to train on; the estimate is of a bf16 CUDA step), the roomiest of each
+    class. Every class up to the largest (80 GB, 141 GB), not only the next few."""
+    by_size: dict[int, list] = {}
+    for p in profiles().values():
+        if p.vendor == Vendor.NVIDIA and p.bf16 and p.memory_bytes > memory_bytes:
+            by_size.setdefault(round(p.nominal_memory_gb), []).append(p)
+    return [max(cards, key=lambda p: (p.memory_bytes, p.training_tflops)) for _, cards in sorted(by_size.items())]
+
+
+def _larger_card(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """The smallest card class that fits. Whether a plan fits grows with the card's memory, so
+    the largest class is tried first (nothing fits: done) and the smallest fitting one found by
+    bisection: a handful of plans, not one per class."""
+    n = req.gpus.count
+    cards = larger_cards(req.gpus.profile.memory_bytes)
+
+    def fit(i: int) -> PlanRow | None:
+        return _first_fit(spec, req, gpus=GpuSpec(count=n, profile=cards[i], label=f"{n}x{cards[i].name}"))
+
+    if not cards or (row := fit(len(cards) - 1)) is None:
+        return []
+    lo, hi = 0, len(cards) - 1  # cards[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = fit(mid)
+        if found is not None:
+            hi, row = mid, found
+        else:
+            lo = mid + 1
+    prof = cards[hi]
+    return [f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
+            f"(~{row.tokens_per_s:,.0f} tokens/s)"]
+
+
+SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]
+# What would fit instead, each a function of (model, request, evaluated grids) -> lines.
+# The hook for the stacks issue: a fused or chunked loss (TrainingSetup.loss) and activation
+# offload (TrainingSetup.activation_offload) append their providers here once the memory
+# model has them; each reruns the plan with its knob set, as _larger_card does with a card.
+SUGGESTION_PROVIDERS: list[SuggestionProvider] = [_shorter_context, _more_host_ram, _more_gpus, _larger_card]
+
+
+def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """What would fit instead: every provider of SUGGESTION_PROVIDERS, in order."""
+    out = [line for provider in SUGGESTION_PROVIDERS for line in provider(spec, req, grids)]
+    return out or ["nothing tried fits: a smaller model, or more nodes (--nodes) with FSDP across them"]
 
 
 # ------------------------------------------------------------------ entry points
@@ -602,8 +721,10 @@ def model_context(model: str | ModelSpec) -> int:
 def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: int | None = None,
                  gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
                  methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
-                 host_ram: int | str | None = None, max_batch: int | None = None) -> PlanRequest:
-    gspec = resolve_gpus(gpus)
+                 host_ram: int | str | None = None, max_batch: int | None = None,
+                 gpu_tflops: float | str | None = None, gpu_bandwidth: float | str | None = None,
+                 reserve: str | int | None = None, fixed: dict[str, Any] | None = None) -> PlanRequest:
+    gspec = resolve_gpus(gpus, gpu_tflops=gpu_tflops, gpu_bandwidth=gpu_bandwidth, reserve=reserve)
     if gpus_per_node is not None:
         check_int(gpus_per_node, "--gpus-per-node", MAX_RANKS)
         if gspec.count % gpus_per_node:
@@ -614,15 +735,18 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
                                 "of --gpus",
                                 "--gpus-per-node")
         nodes = gspec.count // gpus_per_node
+    given = host_ram is not None
     host_ram = host_ram_bytes(host_ram, "--host-ram")
     if host_ram is None:  # as `vramplan estimate`
         host_ram = default_host_ram(gpus_named=gpus is not None)
+    host_ram_said = host_ram_phrase(host_ram, given=given, gpus_named=gpus is not None)
     context = model_context(model)
     if min_seq is None:
         min_seq = min(2048, context)
     fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
                   min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
-                  context=context)
+                  context=context, host_ram_said=host_ram_said,
+                  fixed=fixed_fields(fixed or {}))
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:

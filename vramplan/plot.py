@@ -24,7 +24,7 @@ from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_spec, make_setup
 from vramplan.files import check_output_file, write_file
 from vramplan.setup import fields_for_method
-from vramplan.strategies import compare
+from vramplan.strategies import GALORE_STANDARD, compare
 from vramplan.units import GiB
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 FORMATS = ("png", "svg")
 TOLERANCE = 0.05
 METHODS = ("full", "lora", "qlora", "galore")
-DEFAULT_VALUES = {"seq": (512, 1024, 2048, 4096, 8192, 16384, 32768), "batch": (1, 2, 4, 8, 16, 32, 64)}
 X_FIELD = {"seq": "seq_len", "batch": "batch_size"}
 X_LABEL = {"seq": "sequence length (tokens)", "batch": "micro-batch size per GPU"}
 FIT, NO_FIT, HOST_ONLY = "#2E7D32", "#C62828", "#E65100"
@@ -90,21 +89,30 @@ def _axis_limit(totals: Sequence[int], capacity: int) -> tuple[float, float]:
 
 def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     """Stacked horizontal bars of the per-GPU memory by category, one bar per configuration,
-    with the GPU capacity as a line and the verdict at the end of each bar."""
+    with the GPU capacity as a line and the verdict at the end of each bar. When some bar is
+    far past the card, the axis is broken: a second panel on the right continues every bar
+    on its own scale, so a 675 GiB full fine-tune shows its gradients and optimizer states
+    too, not only its weights."""
     if not bars:
         raise VramplanError("nothing to plot: no configuration could be estimated")
     capacity = bars[0].estimate.gpu_memory_bytes
-    clip, xmax = _axis_limit([b.estimate.per_gpu.total_bytes for b in bars], capacity)
+    totals = [b.estimate.per_gpu.total_bytes for b in bars]
+    clip, xmax = _axis_limit(totals, capacity)
     fig = _new_figure(11, max(3.0, 1.6 + 0.42 * len(bars)))
-    ax = fig.add_subplot()
+    if max(totals) > xmax:
+        ax, far = fig.subplots(1, 2, sharey=True, width_ratios=(3, 1.3))
+    else:
+        ax, far = fig.add_subplot(), None
     present = [c for c in Category if any(b.estimate.per_gpu.breakdown.get(c, 0) for b in bars)]
     ys = list(range(len(bars)))[::-1]  # first configuration on top, as in the table
-    for cat in present:
-        lefts, widths = _segments(bars, cat, clip)
-        ax.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
-                color=COLORS[cat], label=cat.label, edgecolor="white", linewidth=0.4)
+    for panel in (ax, far) if far is not None else (ax,):
+        for cat in present:
+            lefts, widths = _segments(bars, cat)
+            panel.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
+                       color=COLORS[cat], label=cat.label if panel is ax else "_far", edgecolor="white",
+                       linewidth=0.4)
     for y, bar in zip(ys, bars, strict=True):
-        _annotate_bar(ax, y, bar, clip)
+        _annotate_bar(ax, y, bar, xmax)
         if len(bars) <= SEGMENT_LABELS_UP_TO:
             _label_segments(ax, y, bar, present, xmax)
     gpu = bars[0].estimate
@@ -119,9 +127,27 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     ax.set_xlabel("memory per GPU (GiB)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
+    if far is not None:
+        _far_panel(ax, far, xmax, max(totals))
     ax.set_title(title or _breakdown_title(bars), loc="left")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False, fontsize=9)
     return fig
+
+
+def _far_panel(ax, far, start: float, top: int) -> None:
+    """The right side of a broken axis: from where the left panel ends to past the longest
+    bar, with the break drawn as a pair of slanted marks on both panels' joining edges."""
+    far.set_xlim(_gib(start), _gib(top) * 1.04)
+    far.set_xlabel("GiB (axis broken)")
+    far.grid(axis="x", alpha=0.3)
+    far.set_axisbelow(True)
+    far.tick_params(axis="y", left=False)
+    ax.spines["right"].set_visible(False)
+    far.spines["left"].set_visible(False)
+    marks = dict(marker=[(-1, -1.5), (1, 1.5)], markersize=10, linestyle="none", color="black", mec="black",
+                 mew=1, clip_on=False)
+    ax.plot([1, 1], [0, 1], transform=ax.transAxes, **marks)
+    far.plot([0, 0], [0, 1], transform=far.transAxes, **marks)
 
 
 BAR_HEIGHT = 0.62
@@ -145,35 +171,36 @@ def _breakdown_title(bars: Sequence[Bar]) -> str:
     est = bars[0].estimate
     title = f"{est.model} on {est.gpu_count}x {est.gpu_name}: per-GPU memory at the peak"
     if len(bars) == 1:
-        title += f" ({est.per_gpu.peak_phase})\n{est.description}"
-    return title
+        return title + f" ({est.per_gpu.peak_phase})\n{est.description}, {setup_caption(est.setup)}"
+    return title + f"\n{setup_caption(est.setup)}"
 
 
-def _segments(bars: Sequence[Bar], cat: Category, clip: float) -> tuple[list[float], list[float]]:
-    """Left edge and width of ``cat`` in every bar, cut at ``clip``."""
+def setup_caption(setup) -> str:
+    """What every bar or line of a plot shares: the micro-batch x sequence and the stack."""
+    return f"micro-batch {setup.batch_size} x {setup.seq_len} tokens, stack {setup.stack.value}"
+
+
+def _segments(bars: Sequence[Bar], cat: Category) -> tuple[list[int], list[int]]:
+    """Left edge and width of ``cat`` in every bar (each panel's limits clip what it shows)."""
     order = list(Category)
     lefts, widths = [], []
     for bar in bars:
         bd = bar.estimate.per_gpu.breakdown
-        left = sum(bd.get(c, 0) for c in order[:order.index(cat)])
-        right = min(left + bd.get(cat, 0), clip)
-        lefts.append(min(left, clip))
-        widths.append(max(right - left, 0))
+        lefts.append(sum(bd.get(c, 0) for c in order[:order.index(cat)]))
+        widths.append(bd.get(cat, 0))
     return lefts, widths
 
 
-def _annotate_bar(ax, y: float, bar: Bar, clip: float) -> None:
+def _annotate_bar(ax, y: float, bar: Bar, xmax: float) -> None:
+    """The verdict after the bar; over the bar's end, when it runs on past the broken axis."""
     total = bar.estimate.per_gpu.total_bytes
     text, color = _verdict(bar.estimate)
-    end = _gib(min(total, clip))
-    if total > clip:
-        # a slanted gap near the end, so a cut bar does not read as its real size
-        w, h = _gib(clip) * 0.012, BAR_HEIGHT / 2 + 0.04
-        ax.fill([end - 4 * w, end - 3 * w, end - w, end - 2 * w], [y - h, y - h, y + h, y + h],
-                color="white", zorder=3, label="_cut")
-        text += " (bar cut)"
-    ax.text(end + _gib(clip) * 0.01, y, text, va="center", ha="left", fontsize=8.5, color=color, fontweight="bold",
-            bbox=dict(facecolor="white", edgecolor="none", pad=0.5), zorder=4)
+    style = dict(va="center", fontsize=8.5, color=color, fontweight="bold", zorder=4,
+                 bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+    if total > xmax:
+        ax.text(_gib(xmax) * 0.99, y, text + " →", ha="right", **style)
+    else:
+        ax.text(_gib(total) + _gib(xmax) * 0.007, y, text, ha="left", **style)
 
 
 # ---------------------------------------------------------------- scaling
@@ -200,6 +227,32 @@ def scaling_series(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: st
     return out
 
 
+# Candidate x values of the automatic range: powers of two and 1.5 times them.
+_STEPS = tuple(sorted({2**k for k in range(18)} | {3 * 2**k for k in range(17)}))
+AUTO_CANDIDATES = {"seq": tuple(v for v in _STEPS if 128 <= v <= 131072), "batch": tuple(v for v in _STEPS if v <= 256)}
+AUTO_POINTS = 7
+
+
+def auto_values(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, base: dict,
+                capacity: int) -> tuple[int, ...]:
+    """The x values to draw when none are given: AUTO_POINTS values of AUTO_CANDIDATES around
+    the largest value at which some method still fits ``capacity`` (the largest card drawn),
+    ending two steps past it, so the plot shows where each method stops fitting instead of a
+    range where nothing fits (a y axis to 4 TiB). Sequences stop at the model's context. With
+    nothing fitting anywhere, the smallest values."""
+    cands = AUTO_CANDIDATES[x]
+    if x == "seq" and spec.max_positions:
+        cands = tuple(v for v in cands if v <= spec.max_positions) or cands[:1]
+    fitting = [i for i, v in enumerate(cands) if any(_fits_at(spec, gpus, m, x, v, base, capacity) for m in methods)]
+    end = min(fitting[-1] + 2, len(cands) - 1) if fitting else min(AUTO_POINTS, len(cands)) - 1
+    return cands[max(0, end - AUTO_POINTS + 1): end + 1]
+
+
+def _fits_at(spec: ModelSpec, gpus: GpuSpec, method: str, x: str, value: int, base: dict, capacity: int) -> bool:
+    setup = make_setup(**{**_method_fields(method, base), X_FIELD[x]: value})
+    return estimate_spec(spec, setup, gpus).per_gpu.total_bytes <= capacity
+
+
 def _method_fields(method: str, base: dict) -> dict:
     """``base`` for one method: --optim goes to the methods it is an optimizer for, so
     ``--optim adamw_bnb_8bit`` does not break the GaLore line (and vice versa)."""
@@ -207,7 +260,10 @@ def _method_fields(method: str, base: dict) -> dict:
     optim = fields.pop("optim", None)
     if optim is not None and str(optim).startswith("galore") == (method == "galore"):
         fields["optim"] = optim
-    return fields_for_method({**fields, "method": method})
+    fields = fields_for_method({**fields, "method": method})
+    if method == "galore":  # the configuration the strategy comparison's table shows, unless told otherwise
+        return {**GALORE_STANDARD, **fields}
+    return fields
 
 
 def _method_label(fields: dict) -> str:
@@ -222,6 +278,13 @@ def _method_label(fields: dict) -> str:
     if setup.fsdp > 1:
         label += f" + FSDP{setup.fsdp}" + (" offload" if setup.cpu_offload else "")
     return label
+
+
+def scaling_title(model: str, x: str, setup) -> str:
+    """What varies, and what is fixed: the other of micro-batch and sequence, and the stack."""
+    fixed = (f"micro-batch {setup.batch_size}" if x == "seq" else f"{setup.seq_len} tokens per sequence")
+    return (f"{model}: per-GPU memory against {X_LABEL[x].split(' (')[0]}\n"
+            f"{fixed}, stack {setup.stack.value}")
 
 
 def fit_limit(series: Series, capacity: int) -> str:
@@ -284,6 +347,7 @@ class Point:
     predicted: int
     measured: int
     category: Category | None = None
+    part: str | None = None  # a group of categories (the measured split of a bundled line)
 
     @property
     def error(self) -> float:
@@ -309,11 +373,44 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
             if case.peak_alloc_bytes is not None:  # always, after is_full_step
                 points.append(Point(case.name, case.method, est.per_gpu.peak_allocated_bytes, case.peak_alloc_bytes))
             continue
+        if not case.measured_breakdown:
+            points += _split_points(case, est)
+            continue
         for cat, measured in _measured_breakdown(case).items():
             predicted = est.per_gpu.breakdown.get(cat, 0)
             if measured > 0 and predicted > 0:  # a log-log plot has no place for zero
                 points.append(Point(case.name, case.method, predicted, measured, cat))
     return points
+
+
+# The split a line without measured_breakdown still has (the bundled tests/data/h100_dev.jsonl):
+# allocated after the model is built, after the first step, and at the peak. The reference
+# step (docs/reference-step.md) frees gradients with zero_grad(set_to_none=True), so what the
+# first step leaves over the built model is the optimizer states, and the peak over that is
+# the step's working memory. Each part is drawn in the colour of its main category.
+SPLIT_PARTS = {
+    "model as built (weights, quant state, adapters)": Category.WEIGHTS,
+    "optimizer states (after step 1 - after build)": Category.OPTIMIZER_STATES,
+    "working memory at the peak (grads, activations, transient)": Category.ACTIVATIONS,
+}
+_BUILT = (Category.WEIGHTS, Category.QUANT_STATE, Category.ADAPTERS)
+
+
+def _split_points(case: MeasuredCase, est: Estimate) -> list[Point]:
+    """Predicted against measured for each part of SPLIT_PARTS (none without the two snapshots)."""
+    extra = case.model_extra or {}
+    if case.mem_after_build_mb is None or case.mem_after_step0_mb is None or case.peak_alloc_bytes is None \
+            or extra.get("fsdp_world"):  # FSDP's build and step snapshots are of shards and unsharded buffers
+        return []
+    built = int(case.mem_after_build_mb * 2**20)
+    stepped = int(case.mem_after_step0_mb * 2**20)
+    bd = est.per_gpu.breakdown
+    model = sum(bd.get(c, 0) for c in _BUILT)
+    states = bd.get(Category.OPTIMIZER_STATES, 0)
+    measured = (built, stepped - built, case.peak_alloc_bytes - stepped)
+    predicted = (model, states, est.per_gpu.peak_allocated_bytes - model - states)
+    return [Point(case.name, case.method, p, m, cat, part) for (part, cat), p, m in
+            zip(SPLIT_PARTS.items(), predicted, measured, strict=True) if p > 0 and m > 0]
 
 
 def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
@@ -348,7 +445,9 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
     err_ax.axhspan(-100 * tolerance, 100 * tolerance, **{**band, "label": None})
     err_ax.axhline(0, color="#2E7D32", linewidth=1)
     for key, group in _groups(points).items():
-        if isinstance(key, Category):
+        if isinstance(key, str) and key in SPLIT_PARTS:
+            color, label = COLORS[SPLIT_PARTS[key]], key
+        elif isinstance(key, Category):
             color, label = COLORS[key], key.label
         else:
             color, label = METHOD_COLORS.get(key, "#555555"), key
@@ -359,7 +458,7 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
     middle = (lo * hi) ** 0.5
     for p in points:
         if abs(p.error) > tolerance:
-            name = p.name + (f" {p.category.label}" if p.category else "")
+            name = p.name + (f" {p.part.split(' (')[0]}" if p.part else f" {p.category.label}" if p.category else "")
             right_half = _gib(p.measured) > middle  # write towards the middle, not off the edge
             err_ax.annotate(f"{name} {100 * p.error:+.0f}%", (_gib(p.measured), 100 * p.error), fontsize=7.5,
                             xytext=(-5 if right_half else 5, -3), textcoords="offset points", color=NO_FIT,
@@ -392,18 +491,19 @@ def _log_axes(ax, lo: float, hi: float) -> None:
 
 
 def _groups(points: Sequence[Point]) -> dict:
-    """Points by category (in Category order) or by method (in METHODS order)."""
-    order = {k: i for i, k in enumerate([*Category, *METHODS])}
+    """Points by part (SPLIT_PARTS order), category (Category order) or method (METHODS order)."""
+    order = {k: i for i, k in enumerate([*SPLIT_PARTS, *Category, *METHODS])}
     groups: dict = {}
-    for p in sorted(points, key=lambda p: order.get(p.category or p.method, len(order))):
-        groups.setdefault(p.category or p.method, []).append(p)
+    for p in sorted(points, key=lambda p: order.get(p.part or p.category or p.method, len(order))):
+        groups.setdefault(p.part or p.category or p.method, []).append(p)
     return groups
 
 
 def _accuracy_title(points: Sequence[Point], tolerance: float) -> str:
     errors = [abs(p.error) for p in points]
     inside = sum(e <= tolerance for e in errors)
-    what = "per-category memory" if points[0].category else "peak allocated (torch.cuda.max_memory_allocated)"
+    what = ("memory by part: built model, optimizer states, working memory" if points[0].part else
+            "per-category memory" if points[0].category else "peak allocated (torch.cuda.max_memory_allocated)")
     return (f"predicted vs measured {what}\n{len(points)} points, {inside} within ±{100 * tolerance:g}%; "
             f"median |error| {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%")
 
@@ -424,6 +524,13 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     (vramplan.files.write_file), so a failure leaves no half-written file."""
     path = output_path(str(path), "")
     return write_file(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lower().lstrip("."), dpi=120), "-o")
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_slug(text: str) -> str:

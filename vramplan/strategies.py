@@ -6,9 +6,14 @@ from dataclasses import dataclass
 from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_spec, make_setup
 from vramplan.hardware import GpuSpec
+from vramplan.headroom import has_safe_headroom
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
 from vramplan.setup import fields_for_method
+
+# GaLore as the comparison (and `plot scaling`) runs it: 8-bit layer-wise states, recomputation.
+GALORE_STANDARD: dict[str, object] = dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
+                                          gradient_checkpointing=True)
 
 # Ordered by what a user gives up: all weights training in bf16 first; then the same with
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
@@ -24,8 +29,7 @@ _CANDIDATES: list[tuple[str, dict[str, object], str]] = [
      "trains every weight, sharded over all GPUs"),
     ("full + FSDP + offload", dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
      "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)"),
-    ("GaLore 8bit-lw r128 + ckpt", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
-                                                  gradient_checkpointing=True),
+    ("GaLore 8bit-lw r128 + ckpt", dict(GALORE_STANDARD),
      "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)"),
     ("LoRA r16", dict(method="lora"), "frozen bf16 base with adapters, no recomputation"),
     ("LoRA + ckpt", dict(method="lora", gradient_checkpointing=True), "frozen bf16 base with adapters"),
@@ -72,7 +76,8 @@ def _shared_fields(base: dict) -> dict:
 
 
 def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = None) -> list[StrategyRow]:
-    """Estimate each standard strategy that the GPU count allows; mark the first that fits."""
+    """Estimate each standard strategy that the GPU count allows; recommend the first that fits
+    under the headroom rule (vramplan.headroom, the plan's too), else the first that fits."""
     shared = _shared_fields(base)
     rows: list[StrategyRow] = []
     for label, candidate, reason in _CANDIDATES:
@@ -87,8 +92,8 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
         except VramplanError:
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))
-    for row in rows:
-        if row.estimate.fits:
-            row.recommended = True
-            break
+    fitting = [r for r in rows if r.estimate.fits]
+    safe = [r for r in fitting if has_safe_headroom(r.estimate.headroom_bytes, r.estimate.gpu_memory_bytes)]
+    if safe or fitting:
+        (safe or fitting)[0].recommended = True
     return rows

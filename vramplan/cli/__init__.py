@@ -64,6 +64,7 @@ def _broken_pipe_is_an_error() -> None:
 def _run(argv: list[str] | None) -> int:
     _broken_pipe_is_an_error()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the header of files --emit writes
     code = int(args.handler(args) or 0)
     sys.stdout.flush()  # a closed pipe or a full disk is raised here, inside main, not at exit
     return code

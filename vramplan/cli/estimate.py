@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram, setup_fields
+from vramplan.cli import config_file
+from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram
+from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     est = sub.add_parser("estimate", help="per-GPU memory of one configuration, or compare the standard strategies")
-    est.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    est.add_argument("--gpus", help=GPUS_HELP)
+    est.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP + " (optional with a --config that names it)")
+    est.add_argument("--gpus", help=GPUS_HELP + "; with --config, the count defaults to the file's world size")
+    config_file.add_config_option(est)
+    add_gpu_options(est)
     add_setup_options(est)
     est.add_argument(
         "--host-ram",
@@ -23,25 +27,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramplan.estimate import estimate_config, resolve_gpus
+    from vramplan.estimate import estimate_spec, make_setup
     from vramplan.model_loader import load_model_spec
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
 
-    gpus = resolve_gpus(args.gpus)
+    reading = config_file.read(args)
+    model = config_file.model_name(args, reading)
+    gpus = resolve_from_args(args, config_file.gpus_text(args, reading))
     ram = host_ram(args)
-    spec = load_model_spec(args.model, num_layers=args.num_layers)
-    fields = setup_fields(args)
-    if args.method is None:
+    fields = config_file.setup_fields(args, reading, gpus.count)
+    setup = make_setup(**fields) if "method" in fields else None  # bad values fail before the model loads
+    spec = load_model_spec(model, num_layers=args.num_layers)
+    if args.format != "json":
+        config_file.print_lines(reading)
+    if setup is None:
         rows = compare(spec, gpus, fields, ram)
+        assumed = comparison_assumptions(args, rows, gpus.count, ram)
         if args.format == "json":
-            print(json.dumps(comparison_json(spec, gpus, rows), indent=1))
+            print(json.dumps(_with_config(comparison_json(spec, gpus, rows, assumed), reading), indent=1))
         else:
-            print_comparison(spec, gpus, rows)
+            print_comparison(spec, gpus, rows, assumed=assumed)
         return 0
-    est = estimate_config(spec, gpus, host_ram=ram, **fields)
+    est = estimate_spec(spec, setup, gpus, ram)
     if args.format == "json":
-        print(est.to_json())
+        print(json.dumps(_with_config(est.to_json_dict(), reading), indent=1))
     else:
-        print_estimate(est)
+        print_estimate(est, assumed=estimate_assumptions(args, est.setup, gpus.count, ram))
     return 0
+
+
+def comparison_assumptions(args: argparse.Namespace, rows: list, gpu_count: int, ram: int | None) -> list[str]:
+    """What the comparison took without being told (vramplan.assumptions), from its first row's setup."""
+    from vramplan.setup import TrainingSetup
+
+    return estimate_assumptions(args, rows[0].estimate.setup if rows else TrainingSetup(), gpu_count, ram)
+
+
+def estimate_assumptions(args: argparse.Namespace, setup, gpu_count: int, ram: int | None) -> list[str]:
+    """Micro-batch x sequence, stack, host RAM and data parallelism, each with the flag that sets it."""
+    from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
+
+    return [batch_phrase(setup.batch_size, setup.seq_len), stack_phrase(setup.stack),
+            host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
+            data_parallel_phrase(gpu_count)]
+
+
+def _with_config(data: dict, reading) -> dict:
+    """The file's lines under "config" in --format json (absent without --config)."""
+    if reading is not None:
+        data["config"] = config_file.lines(reading)
+    return data

@@ -6,24 +6,33 @@ import argparse
 import json
 import sys
 
-from vramplan.cli.common import MODEL_HELP, add_num_layers, bounded, int_in
+from vramplan.cli import config_file
+from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bounded, int_in
+from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
 from vramplan.plan import MAX_BATCH, METHOD_KEYS
+from vramplan.setup import Stack
 from vramplan.units import GiB
+
+EMIT_CHOICES = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes")
+    p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP + " (optional with a --config that names it)")
+    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes; "
+                   "with --config, the count defaults to the file's world size")
+    add_gpu_options(p)
+    config_file.add_config_option(p)
+    _flag(p, "stack", choices=_choices(Stack), extra_help=" (default: --config's framework, else --emit's)")
     p.add_argument("--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1",
                                                                    MAX_RANKS))
     p.add_argument("--gpus-per-node", type=int_in(MAX_RANKS),
                    help=bounded("GPUs per node (alternative to --nodes)", MAX_RANKS))
     p.add_argument("--min-seq", type=int_in(MAX_SEQ_LEN),
-                   help=bounded("shortest acceptable sequence length; default 2048, capped at the context",
-                                MAX_SEQ_LEN))
+                   help=bounded("shortest acceptable sequence length; default: --config's sequence length, else "
+                                "2048, capped at the context", MAX_SEQ_LEN))
     p.add_argument("--global-batch", type=int_in(MAX_GLOBAL_BATCH),
                    help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH))
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
@@ -41,32 +50,57 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_num_layers(p)
     p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--emit", choices=EMIT_CHOICES, help="write a runnable config of this framework for the "
+                   "recommended row (-o FILE) or for every shown row (--emit-dir DIR); the plan then uses the "
+                   "framework's stack unless --stack says otherwise")
+    p.add_argument("-o", "--output", metavar="FILE", help="the file --emit writes (the recommended row)")
+    p.add_argument("--emit-dir", metavar="DIR", help="the folder --emit writes one file per shown row into")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from vramplan.cli import emit_rows
+    from vramplan.estimate import default_host_ram, resolve_gpus
     from vramplan.plan import plan_model
     from vramplan.report.plan import print_plan, result_json, to_frame
 
+    emit_rows.check_targets(args)
+    reading = config_file.read(args)
+    model = config_file.model_name(args, reading)
+    gpus = resolve_gpus(config_file.gpus_text(args, reading))
+    fields = config_file.setup_fields(args, reading, gpus.count)
+    if args.emit in Stack._value2member_map_ and args.stack is None:
+        fields["stack"] = Stack(args.emit)  # the emitted file runs on that framework, with its defaults
     result = plan_model(
-        args.model,
-        args.gpus,
+        model,
+        gpus,
         top=args.top,
         num_layers=args.num_layers,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
-        min_seq=args.min_seq,
+        min_seq=args.min_seq or fields.get("seq_len"),
         global_batch=args.global_batch,
         methods=args.methods,
         min_lora_rank=args.min_lora_rank,
         min_galore_rank=args.min_galore_rank,
-        host_ram=args.host_ram,
+        host_ram=args.host_ram or default_host_ram(gpus_named=bool(args.gpus)),
         max_batch=args.max_batch,
+        **gpu_overrides(args),
+        fixed=fields,
     )
+    texts = emit_rows.build(args, result, model, reading, gpus.count) if args.emit else {}
     if args.format == "json":
-        print(json.dumps(result_json(result), indent=1))
-    elif args.format == "csv":
-        to_frame(result).to_csv(sys.stdout, index=False)
+        data = result_json(result)
+        if reading is not None:
+            data["config"] = config_file.lines(reading)
+        if texts:
+            data["emitted"] = [str(path) for path in texts]
+        print(json.dumps(data, indent=1))
     else:
-        print_plan(result)
+        config_file.print_lines(reading)
+        if args.format == "csv":
+            to_frame(result).to_csv(sys.stdout, index=False)
+        else:
+            print_plan(result)
+    emit_rows.write(texts)
     return 0

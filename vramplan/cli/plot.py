@@ -20,18 +20,18 @@ from vramplan.cli.common import (
     int_in,
     setup_fields,
 )
+from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 from vramplan.errors import VramplanError
-from vramplan.estimate import resolve_gpus
+from vramplan.estimate import make_setup
 from vramplan.limits import MAX_BATCH_SIZE, MAX_PLOT_VALUES, MAX_SEQ_LEN
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
 from vramplan.plot import (
-    DEFAULT_VALUES,
     METHODS,
     X_FIELD,
-    X_LABEL,
     accuracy_figure,
     accuracy_points,
+    auto_values,
     breakdown_bars,
     breakdown_figure,
     file_slug,
@@ -39,6 +39,7 @@ from vramplan.plot import (
     save_figure,
     scaling_figure,
     scaling_series,
+    scaling_title,
 )
 
 if TYPE_CHECKING:
@@ -75,12 +76,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=METHODS,
         dest="methods",
         metavar="METHOD",
-        help="a method to draw; repeat for several (default: all four). --optim applies to the "
-        "methods it is an optimizer for",
+        help="a method to draw; repeat for several (default: all four; galore as the strategy comparison runs it, "
+        "8-bit layer-wise with recomputation). --optim applies to the methods it is an optimizer for",
     )
     s.add_argument("--x", choices=tuple(X_FIELD), default="seq", help="what varies on the x axis")
-    s.add_argument("--values", help=f"comma-separated x values, at most {MAX_PLOT_VALUES} (default seq: 512..32768, "
-                   "batch: 1..64, in powers of 2)")
+    s.add_argument(
+        "--values",
+        help=f"comma-separated x values (at most "
+        f"{MAX_PLOT_VALUES}; default: 7 of the powers of 2 and 1.5 times them, ending two steps past the "
+        "largest value at which a method still fits the largest card given, so the plot shows where each stops)",
+    )
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
 
@@ -94,7 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument(
         "--per-category",
         action="store_true",
-        help="one point per category, from each line's measured_breakdown {category: bytes}",
+        help="one point per category, from each line's measured_breakdown {category: bytes}; a line without "
+        "one (the bundled data) is split into the built model, optimizer states and the peak's working memory",
     )
     _output_option(a, "accuracy.png")
     a.set_defaults(handler=_cmd_accuracy)
@@ -111,6 +117,7 @@ def _model_and_gpus(p: argparse.ArgumentParser, several: bool = False) -> None:
         )
     else:
         p.add_argument("--gpus", help=GPUS_HELP)
+    add_gpu_options(p)
 
 
 def _output_option(p: argparse.ArgumentParser, default: str) -> None:
@@ -130,7 +137,7 @@ def _use_agg() -> None:
 
 
 def _cmd_breakdown(args: argparse.Namespace) -> int:
-    gpus = resolve_gpus(args.gpus)
+    gpus = resolve_from_args(args, args.gpus)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"breakdown-{file_slug(spec.name)}-{file_slug(gpus.label)}.png")
     bars = breakdown_bars(spec, gpus, setup_fields(args), host_ram(args))
@@ -142,11 +149,11 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
 _X_LIMIT = {"seq": MAX_SEQ_LEN, "batch": MAX_BATCH_SIZE}
 
 
-def _parse_values(text: str | None, x: str) -> tuple[int, ...]:
+def _parse_values(text: str | None, x: str) -> tuple[int, ...] | None:
     """--values: at most MAX_PLOT_VALUES distinct integers, each in the x field's range
     (every value is one estimate per method: 5,000 of them took 97 s)."""
     if text is None:
-        return DEFAULT_VALUES[x]
+        return None  # plot.auto_values chooses
     items = [v for v in text.split(",") if v.strip()]
     if len(items) > 4 * MAX_PLOT_VALUES:  # refused before parsing a long list
         raise VramplanError(f"{len(items)} values; give at most {MAX_PLOT_VALUES}", "--values")
@@ -167,16 +174,18 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
     names = [g.strip() for arg in (args.gpus or []) for g in arg.split(",") if g.strip()]
     if len(names) > MAX_CAPACITY_LINES:
         raise VramplanError(f"{len(names)} GPU types; give at most {MAX_CAPACITY_LINES} capacity lines", "--gpus")
-    all_gpus = [resolve_gpus(n) for n in names] or [resolve_gpus(None)]
-    values = _parse_values(args.values, args.x)
+    all_gpus = [resolve_from_args(args, n) for n in names] or [resolve_from_args(args, None)]
+    given = _parse_values(args.values, args.x)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"scaling-{file_slug(spec.name)}-{args.x}.png")
     methods = list(dict.fromkeys(args.methods or METHODS))
     fields = {k: v for k, v in setup_fields(args).items() if k != X_FIELD[args.x]}
+    biggest = max(g.profile.memory_bytes for g in all_gpus)
+    values = given or auto_values(spec, all_gpus[0], methods, args.x, fields, biggest)
     series = scaling_series(spec, all_gpus[0], methods, args.x, values, fields)
     capacities = [(g.profile.name, g.profile.memory_bytes) for g in all_gpus]
-    fixed = f"batch {fields.get('batch_size', 1)}" if args.x == "seq" else f"seq {fields.get('seq_len', 2048)}"
-    title = f"{spec.name}: per-GPU memory against {X_LABEL[args.x].split(' (')[0]} ({fixed})"
+    shared = make_setup(**{k: v for k, v in fields.items() if k in ("batch_size", "seq_len", "stack")})
+    title = scaling_title(spec.name, args.x, shared)
     _use_agg()
     return _write(scaling_figure(series, args.x, capacities, title), path)
 
@@ -186,11 +195,13 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         raise VramplanError(f"{args.configs!r} is not a directory", "--configs")
     path = output_path(args.output, "accuracy.png")
     cases = [c for f in args.files for c in _load_file(f)]
-    if args.per_category and not any((c.model_extra or {}).get("measured_breakdown") for c in cases):
-        raise VramplanError(
-            "no line carries a measured_breakdown {category: bytes}; plot whole cases without it", "--per-category"
-        )
     points = accuracy_points(cases, args.configs, args.per_category)
+    if args.per_category and not points:
+        raise VramplanError(
+            "no line carries a measured_breakdown {category: bytes} or the after-build and after-step snapshots "
+            "(mem_after_build_mb, mem_after_step0_mb); plot whole cases without --per-category",
+            "--per-category",
+        )
     _use_agg()
     return _write(accuracy_figure(points), path)
 

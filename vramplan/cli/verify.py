@@ -66,7 +66,7 @@ def _depths(text: str | None) -> list[int] | None:
 def _progress(enabled: bool, steps: int):
     """A live display of the case and phase; yields (on_case, on_phase) callbacks."""
     if not enabled:
-        yield None, None
+        yield None, None, lambda line: print(f"vramplan: {line}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -95,7 +95,10 @@ def _progress(enabled: bool, steps: int):
             what = "building the model" if step is None else f"step {step + 1}/{steps}: {phase}"
             prog.update(state["task"], completed=done, description=f"{state['case']}: {what}")
 
-        yield on_case, on_phase
+        def say(line: str) -> None:  # above the live bar, which stays in place
+            prog.console.print(f"vramplan: {line}")
+
+        yield on_case, on_phase, say
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.setup import check_method_fields
     from vramplan.verify.api import EXIT_NO_GPU, NoGpuError, require_cuda, verify
     from vramplan.verify.compare import render
+    from vramplan.verify.quiet import quiet_libraries
 
     fields = setup_fields(args)
     check_method_fields(fields, explicit=True)  # verify without --method runs a full fine-tune
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(DEFAULT_OUT_PARENT / ".vramplan-check", "--out")
     show = not args.no_progress and args.format == "table"
     try:
-        with _progress(show, args.steps) as (on_case, on_phase):
+        with _progress(show, args.steps) as (on_case, on_phase, say), quiet_libraries():
             report = verify(
                 args.model,
                 setup,
@@ -137,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 depths=depths,
                 on_phase=on_phase,
                 on_case=on_case,
+                on_notice=say,
             )
     except NoGpuError as e:
         print(f"vramplan: {e}", file=sys.stderr)

@@ -108,11 +108,12 @@ def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
     if fmt == "accelerate":
         fields = {k: v for k, v in fields.items() if k in ENGINE_FIELDS or k == "precision"}
         fields.update({k: getattr(setup, k) for k in ("method", "optim", "quant") if k not in fields})
+    from vramplan.estimate import make_setup  # the stack fills what the file leaves out, as `--config` does
     try:
-        back = effective(TrainingSetup(**fields), fmt)
+        back = effective(make_setup(**fields), fmt)
     except (VramplanError, ValueError) as e:
         raise VramplanError(f"{fmt} cannot express this setup ({str(e).splitlines()[0]})", "--emit") from None
-    want = effective(setup, fmt)
+    want = effective(make_setup(**setup.model_dump()), fmt)  # the same stack fill on both sides
     for name, value in want.items():
         if back.get(name) != value:
             hint = _HINTS.get((fmt, name), "")

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.table import Table
 
 from vramplan.hardware import profiles
-from vramplan.model_loader import aliases, preset_names
+from vramplan.model_loader import PRESET_DIR, aliases, preset_names
 from vramplan.nvml import NvmlDevice
 from vramplan.units import GiB
 
 
+def preset_source(name: str) -> tuple[str, str | None, str | None]:
+    """(model card id, revision, note) of a bundled preset: its `_source`, `_revision` and
+    `_note` keys (vramplan/presets/README.md; the loader drops every `_` key)."""
+    raw = json.loads((PRESET_DIR / f"{name}.json").read_text())
+    return raw.get("_source", "unknown"), raw.get("_revision"), raw.get("_note")
+
+
 def print_models(console: Console | None = None) -> None:
+    """Each preset with the model card it was copied from, so a user knows which version it is."""
     console = console or Console()
-    t = Table(title="model presets")
-    t.add_column("preset")
+    t = Table(title="model presets (each copied from the config.json of the model card shown)")
+    t.add_column("preset", no_wrap=True)
+    t.add_column("source (model card)")
+    t.add_column("revision")
     t.add_column("aliases")
     names = aliases()
+    notes = []
     for name in preset_names():
-        t.add_row(name, ", ".join(sorted(a for a, v in names.items() if v == name and "/" not in a)))
+        source, revision, note = preset_source(name)
+        t.add_row(name, source, revision or "not pinned (main when copied)",
+                  ", ".join(sorted(a for a, v in names.items() if v == name and "/" not in a)))
+        if note:
+            notes.append(f"{name}: {note}")
     console.print(t)
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print("another version or fine-tune: give its config.json (a path or a directory) as MODEL")
 
 
 def print_hardware(console: Console | None = None) -> None:

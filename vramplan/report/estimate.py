@@ -7,8 +7,9 @@ from rich.table import Table
 from rich.text import Text
 
 from vramplan.categories import COLORS, Category
-from vramplan.estimate import coverage_notes
-from vramplan.hardware import GpuSpec
+from vramplan.estimate import context_note, coverage_notes, fused_expert_note
+from vramplan.hardware import GpuSpec, gpu_notes
+from vramplan.headroom import has_safe_headroom, rule_text
 from vramplan.model_spec import ModelSpec
 from vramplan.report import gib_cell as _gib
 from vramplan.results import Estimate
@@ -38,10 +39,12 @@ def _verdict(est: Estimate) -> Text:
     )
 
 
-def print_estimate(est: Estimate, console: Console | None = None) -> None:
+def print_estimate(est: Estimate, console: Console | None = None, assumed: list[str] | None = None) -> None:
     console = console or Console()
     console.print(_verdict(est))
     console.print(f"[bold]{est.model}[/] on {est.gpu_count}x {est.gpu_name}: {est.description}")
+    if assumed:
+        console.print("  assumed: " + "; ".join(assumed))
     for note in est.notes:
         console.print(f"  note: {note}")
     t = Table(title=f"per-GPU memory at the peak ({est.per_gpu.peak_phase})", title_justify="left")
@@ -62,10 +65,12 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
     console.print(t)
 
 
-def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow]) -> dict:
+def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], assumed: list[str] | None = None) -> dict:
     return {
         "model": spec.name,
         "gpus": gpus.label,
+        "assumed": list(assumed or []),
+        "headroom_rule": rule_text(gpus.profile.memory_bytes),
         "recommended": next((r.label for r in rows if r.recommended), None),
         "strategies": [
             {"label": r.label, "reason": r.reason, "recommended": r.recommended, **r.estimate.to_json_dict()}
@@ -74,7 +79,9 @@ def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow]) -> 
     }
 
 
-def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None) -> None:
+def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None,
+                     assumed: list[str] | None = None) -> None:
+    """The table, the recommendation, then what it assumed and the headroom rule it recommends by."""
     console = console or Console()
     title = f"{spec.name} on {gpus.count}x {gpus.profile.display_name} ({gpus.profile.memory_bytes / GiB:.1f} GiB each)"
     if spec.resolved_from:
@@ -97,11 +104,19 @@ def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], co
     console.print(t)
     rec = next((r for r in rows if r.recommended), None)
     if rec:
-        console.print(f"[bold green]Recommended:[/] {rec.label} — {rec.reason}")
+        tight = "" if has_safe_headroom(rec.estimate.headroom_bytes, rec.estimate.gpu_memory_bytes) else \
+            " (every fitting strategy is under the headroom rule: a longer sample may not fit)"
+        console.print(f"[bold green]Recommended:[/] {rec.label} — {rec.reason}{tight}")
     else:
         console.print(
             "[bold red]Nothing fits.[/] Try more GPUs, a larger card, a shorter --seq-len or a smaller --batch-size "
             "(`vramplan plan` searches for what would)."
         )
-    for note in coverage_notes(spec):  # the architecture's, the same for every strategy
+    if assumed:
+        console.print("assumed: " + "; ".join(assumed))
+    console.print(rule_text(gpus.profile.memory_bytes))
+    adapted = sorted((r.estimate.setup for r in rows if r.estimate.setup.lora_like), key=lambda s: s.quant is None)
+    experts = fused_expert_note(spec, adapted[0]) if adapted else []  # the QLoRA rows' wording when there are any
+    context = context_note(spec, rows[0].estimate.setup) if rows else []  # the same --seq-len for every row
+    for note in context + gpu_notes(gpus) + coverage_notes(spec) + experts:  # the cards', the architecture's
         console.print(f"note: {note}")

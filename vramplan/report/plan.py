@@ -42,7 +42,7 @@ COLUMNS = [
 def to_frame(result: PlanResult) -> pd.DataFrame:
     """The rows as a pandas DataFrame (recommended first); the rest of the answer in .attrs."""
     recs = []
-    for i, r in enumerate(result.rows):
+    for r in result.rows:
         s = r.setup
         recs.append(
             dict(
@@ -69,10 +69,12 @@ def to_frame(result: PlanResult) -> pd.DataFrame:
                 headroom_bytes=r.headroom_bytes,
                 max_seq_len=r.max_seq_len,
                 max_micro_batch=r.max_micro_batch,
-                recommended=i == 0 and result.recommended is not None,
+                recommended=r == result.recommended,
             )
         )
     df = pd.DataFrame.from_records(recs, columns=COLUMNS)
+    for col in ("lora_r", "galore_rank"):  # absent for other methods: nullable integers, never 32.0
+        df[col] = df[col].astype("Int64")
     df.attrs.update(
         model=result.model,
         gpus=result.gpus,
@@ -81,44 +83,48 @@ def to_frame(result: PlanResult) -> pd.DataFrame:
         suggestions=result.suggestions,
         evaluated=result.evaluated,
         discrete=result.discrete,
+        rules=result.rules,
+        assumed=result.assumed,
     )
     return df
 
 
+# rich fits the table to the terminal: headers and the configuration wrap at spaces, cells of
+# numbers have none and stay whole. Below WIDE_TABLE columns two columns go (CSV/JSON keep them).
+PLAN_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("batch\nx seq", "right"),
+    ("accum", "right"),
+    ("tokens/s", "right"),
+    ("per-GPU\nGiB", "right"),
+    ("host RAM\nGiB", "right"),
+    ("headroom\nGiB", "right"),
+    ("max seq\n(b=1)", "right"),
+)
+NARROW_DROPS = ("host RAM\nGiB", "max seq\n(b=1)")
+WIDE_TABLE = 100
+
+
 def print_plan(result: PlanResult, console: Console | None = None) -> None:
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=150)  # piped: do not wrap rows at 80 columns
+    console = console or Console()  # the terminal's width; rich folds the configuration column to fit
     title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / GiB:.1f} GiB each): fastest that fit"
     t = Table(title=title, title_justify="left")
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("configuration", "left"),
-        ("micro-batch", "right"),
-        ("accum", "right"),
-        ("tokens/s", "right"),
-        ("per-GPU GiB", "right"),
-        ("host RAM GiB", "right"),
-        ("headroom GiB", "right"),
-        ("max seq (b=1)", "right"),
-    )
-    for col, just in columns:
-        t.add_column(col, justify=just, no_wrap=col == "configuration")
-    for i, r in enumerate(result.rows):
-        name = ("[bold green]* " if i == 0 and result.recommended else "  ") + r.label
-        t.add_row(
-            name,
-            f"{r.setup.batch_size} x {r.setup.seq_len}",
-            str(r.grad_accum),
-            f"{r.tokens_per_s:,.0f}",
-            _gib(r.per_gpu_bytes),
-            _gib(r.host_ram_bytes),
-            _gib(r.headroom_bytes),
-            f"{r.max_seq_len:,}",
-        )
+    wide = console.width >= WIDE_TABLE
+    t.add_column("configuration", justify="left", min_width=18)
+    for col, just in PLAN_COLUMNS if wide else [c for c in PLAN_COLUMNS if c[0] not in NARROW_DROPS]:
+        t.add_column(col, justify=just)
+    for r in result.rows:
+        name = ("[bold green]* " if r == result.recommended else "  ") + r.label
+        cells = {"batch\nx seq": f"{r.setup.batch_size}x{r.setup.seq_len}", "accum": str(r.grad_accum),
+                 "tokens/s": f"{r.tokens_per_s:,.0f}", "per-GPU\nGiB": _gib(r.per_gpu_bytes),
+                 "host RAM\nGiB": _gib(r.host_ram_bytes), "headroom\nGiB": _gib(r.headroom_bytes),
+                 "max seq\n(b=1)": f"{r.max_seq_len:,}"}
+        t.add_row(name, *(cells[c.header] for c in t.columns[1:]))  # type: ignore[index]
     rec = result.recommended  # set whenever there are rows (plan_spec)
     if result.rows and rec is not None:
         console.print(t)
+        if console.width < WIDE_TABLE:
+            dropped = " and ".join(d.replace("\n", " ") for d in NARROW_DROPS)
+            console.print(f"[dim](a narrow terminal: {dropped} are in --format csv)[/]")
         console.print(f"[bold green]Recommended:[/] {rec.label} — {result.reason}")
     else:
         console.print(f"[bold red]Nothing fits[/] {result.model} on {result.gpus} under these constraints. What would:")
@@ -143,6 +149,10 @@ def print_plan(result: PlanResult, console: Console | None = None) -> None:
         f"[dim]{result.evaluated:,} (configuration, sequence, micro-batch) points evaluated over "
         f"{result.discrete} discrete configurations; every row re-checked with `vramplan estimate`.[/]"
     )
+    for line in result.rules:
+        console.print(line)
+    if result.assumed:
+        console.print("assumed: " + "; ".join(result.assumed))
     for n in result.notes:
         console.print(f"note: {n}")
 

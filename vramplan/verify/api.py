@@ -122,15 +122,18 @@ def _capacity(device: str, spec: GpuSpec) -> int:
 
 def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers: int | None = None, steps: int = 3,
            gpus: str | GpuSpec | None = None, extrapolate: str = "auto", depths: list[int] | None = None,
-           max_depth: int = 8, on_phase=None, on_case=None) -> VerifyReport:
+           max_depth: int = 8, on_phase=None, on_case=None, on_notice=None) -> VerifyReport:
     """Run the reference step on this machine and compare it with the estimate.
 
     extrapolate: "auto" (when the estimate says the full depth does not fit the local GPU
     and no --num-layers was given), "always" or "never". on_case(label) announces each
-    case (progress display); on_phase(phase, step) each phase."""
+    case (progress display); on_phase(phase, step) each phase; on_notice(line) what a CPU
+    case will cost, before it runs (preflight.cpu_notice)."""
     from vramplan.estimate import estimate_config
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.compare import compare
+    from vramplan.verify.preflight import require_libraries
+    require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
     gspec = estimate_gpus(gpus, device, setup.fsdp)
     fields = setup.model_dump(exclude_none=True)
@@ -138,7 +141,11 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     full = load_model_spec(model).num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
-        return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case)
+        if on_notice is not None and not device.startswith("cuda"):
+            on_notice(_cpu_notice(model, setup, None, steps) + "; verify measures truncated depths instead and "
+                      "extrapolates")
+        return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case,
+                             on_notice)
     check_cpu_ram(est, device)
     n_local = local_gpus(device)
     if setup.fsdp > 1 and n_local >= setup.fsdp:
@@ -148,10 +155,15 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
         ms = run_isolated(CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device),
                           nproc=setup.fsdp)
     else:
-        ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case)]
+        ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
     delta = _cpu_loss_delta(model, setup, device, num_layers)
-    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms,
-                        comparisons=[compare(est, m, delta) for m in ms])
+    comparisons = [compare(est, m, delta) for m in ms]
+    if num_layers is not None and num_layers < full:  # relate the truncated run to the model asked about
+        from vramplan.verify.compare import depth_note
+        whole = estimate_config(model, gspec, **fields)
+        comparisons = [c.model_copy(update={"notes": [*c.notes, depth_note(num_layers, full, whole, c)]})
+                       for c in comparisons]
+    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms, comparisons=comparisons)
 
 
 def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:
@@ -173,14 +185,36 @@ def _should_extrapolate(mode: str, num_layers, depths, est: Estimate, capacity: 
     return mode == "always" or bool(depths) or too_big
 
 
-def _run(model, setup, device, num_layers, steps, on_phase, on_case) -> Measurement:
+def _run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice=None) -> Measurement:
     from vramplan.verify.measure import run_case
+    if on_notice is not None and not device.startswith("cuda"):
+        on_notice(_cpu_notice(model, setup, num_layers, steps))
     if on_case:
         on_case(f"{num_layers} layers" if num_layers else "full depth")
     return run_case(model, setup, device=device, num_layers=num_layers, steps=steps, on_phase=on_phase)
 
 
-def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case):
+def _cpu_notice(model: str, setup: TrainingSetup, num_layers: int | None, steps: int) -> str:
+    """What this CPU case will take (time, RAM), and the cheaper check when it is slow."""
+    from vramplan.estimate import estimate_spec, local_host_ram
+    from vramplan.hardware import parse_gpus
+    from vramplan.model_loader import load_model_spec
+    from vramplan.verify import preflight
+    gpus = parse_gpus("h100-80gb")  # any card: only the allocated bytes are used
+    full = load_model_spec(model)
+    spec = load_model_spec(model, num_layers=num_layers)
+    rate = preflight.cpu_matmul_flops()
+    peak = estimate_spec(spec, setup, gpus).per_gpu.peak_allocated_bytes
+    cost = preflight.cpu_cost(spec, setup, steps, rate, peak)
+    small_spec = load_model_spec(model, num_layers=min(2, full.num_layers))
+    small_setup = setup.model_copy(update={"seq_len": min(512, setup.seq_len)})
+    small_peak = estimate_spec(small_spec, small_setup, gpus).per_gpu.peak_allocated_bytes
+    small = preflight.cpu_cost(small_spec, small_setup, steps, rate, small_peak)
+    return preflight.cpu_notice(spec, full.num_layers, cost, small, local_host_ram())
+
+
+def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case,
+                  on_notice=None):
     from vramplan.estimate import estimate_config
     from vramplan.model_loader import load_model_spec
     from vramplan.verify import extrapolate as xp
@@ -198,7 +232,7 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
     if any(d >= full or d < 1 for d in depths):
         raise VramplanError(f"depths must be between 1 and {full - 1}, got {depths}", "--depths")
     check_cpu_ram(estimate_config(model, gspec, num_layers=max(depths), **fields), device)
-    ms = [_run(model, setup, device, d, steps, on_phase, on_case) for d in depths]
+    ms = [_run(model, setup, device, d, steps, on_phase, on_case, on_notice) for d in depths]
     result, fits = xp.extrapolate(ms, capacity)
     est = estimate_config(model, gspec, **fields)
     return VerifyReport(model=est.model, estimate=est, measurements=ms, result=[result],

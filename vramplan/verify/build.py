@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from vramplan.errors import VramplanError
-from vramplan.model_spec import ModelSpec
 from vramplan.model_loader import load_model_spec, resolve_config
+from vramplan.model_spec import ModelSpec
 from vramplan.setup import LoraTargets, Method, Optim, Precision, Quant, TrainingSetup
 
 LR = 1e-5
@@ -94,6 +94,7 @@ def hf_config(cfg: dict, attn: str):
 def meta_model(cfg: dict, spec: ModelSpec, dtype):
     """The causal LM on the meta device: shapes only, nothing allocated."""
     import torch
+
     from vramplan.analyze import auto_class
     config = hf_config(cfg, spec.attn_implementation)
     with warnings.catch_warnings():

@@ -99,6 +99,43 @@ def to_frame(cmp: Comparison):
     return pd.DataFrame.from_records(recs)
 
 
+def depth_note(layers: int, full_layers: int, full: Estimate, cmp: Comparison) -> str:
+    """What a run of `layers` of `full_layers` decoder layers says about the full model: the
+    full-depth estimate, and this run's peak error scaled by depth (the error of the
+    per-layer terms grows with the layers; the rest does not: an upper bound)."""
+    peak = next((r for r in cmp.totals if r.category == "peak allocated"), None)
+    line = (f"this run has {layers} of {full_layers} decoder layers; at full depth the estimate is "
+            f"{full.per_gpu.total_bytes / GiB:.2f} GiB per GPU on {full.gpu_name} "
+            f"({'fits' if full.fits else 'does not fit'} its {full.gpu_memory_bytes / GiB:.1f} GiB)")
+    if peak is not None and peak.error_bytes is not None:
+        scaled = abs(peak.error_bytes) * full_layers / layers
+        line += (f"; the peak error here, {peak.error_bytes / MiB:+.1f} MiB, would be at most about "
+                 f"{scaled / MiB:.0f} MiB ({100 * scaled / full.per_gpu.peak_allocated_bytes:.1f}% of the "
+                 "full-depth peak) if it all came from the layers")
+    return line
+
+
+SUMMED = (C.ACTIVATIONS.value, C.TRANSIENT.value)
+SUM_LABEL = "activations + transient"
+SUM_NOTE = ("activations and transient are compared as their sum: how a measured peak splits between them is an "
+            "attribution (what the forward left alive, then the rest), not a measurement, so either alone can be "
+            "far off where their sum agrees; the per-phase peaks below are measured")
+
+
+def display_rows(cmp: Comparison) -> tuple[list[CategoryRow], list[CategoryRow]]:
+    """(category rows, total rows) as shown: activations and transient as one row, their sum,
+    in the place of the two (the CSV and JSON keep the two attributed rows)."""
+    summed = next((r for r in cmp.totals if r.category == SUM_LABEL), None)
+    rows: list[CategoryRow] = []
+    for r in cmp.rows:
+        if r.category in SUMMED and summed is not None:
+            if r.category == SUMMED[0]:
+                rows.append(summed)
+            continue
+        rows.append(r)
+    return rows, [r for r in cmp.totals if r.category != SUM_LABEL or summed is None]
+
+
 def render(cmp: Comparison, m: Measurement, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -110,7 +147,8 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
     t = Table(title=title, title_justify="left")
     for col in ("category", f"estimate {unit}", f"measured {unit}", f"error {unit}", "error %"):
         t.add_column(col, justify="left" if col == "category" else "right")
-    for r in [*cmp.rows, None, *cmp.totals, None, *cmp.phases]:
+    rows, totals = display_rows(cmp)
+    for r in [*rows, None, *totals, None, *cmp.phases]:
         if r is None:
             t.add_section()
             continue
@@ -123,5 +161,6 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
     console.print(f"measured: {verdict}; estimate says {'fits' if cmp.fits_estimated else 'does not fit'}")
     if m.tokens_per_s:
         console.print(f"step {m.step_s[-1]:.3f} s, {m.tokens_per_s:,.0f} tokens/s (last step, per rank)")
-    for n in [*cmp.notes, *m.notes]:
+    said = [SUM_NOTE] if len(rows) < len(cmp.rows) else []
+    for n in [*said, *cmp.notes, *m.notes]:
         console.print(f"note: {n}")

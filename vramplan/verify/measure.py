@@ -84,9 +84,10 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
              steps: int = 3, on_phase: PhaseCallback | None = None) -> Measurement:
     """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
     import torch
+
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify.build import build_step
     from vramplan.verify import cputrace
+    from vramplan.verify.build import build_step
     probe = make_probe(device)
     full = load_model_spec(model).num_layers
     probe.fresh()

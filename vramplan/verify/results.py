@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.categories import Category
 from vramplan.measured import OPTIM_TO_HF, MeasuredCase
-from vramplan.units import MiB
 from vramplan.setup import Precision, TrainingSetup
+from vramplan.units import MiB
 
 PHASES = ("build", "forward", "backward", "optimizer")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

@@ -1,0 +1,41 @@
+"""What a comparison or a plan assumed and did not ask: said in its output, one phrase each.
+
+The numbers depend on the micro-batch x sequence, the training stack, the host RAM and how
+GPUs outside an FSDP group run; a user who reads a table without them reads the wrong table.
+"""
+from __future__ import annotations
+
+from vramplan.setup import Stack
+from vramplan.units import GiB
+
+STACK_MEANING = {Stack.PLAIN: "transformers + peft in a plain loop, the reference step"}
+
+
+def stack_phrase(stack: Stack) -> str:
+    meaning = STACK_MEANING.get(stack, "its bundled defaults")
+    return f"stack {stack.value} ({meaning})"
+
+
+def host_ram_phrase(host_ram: int | None, given: bool, gpus_named: bool) -> str:
+    """Where the host RAM of the verdict comes from."""
+    if host_ram is None:
+        return "host RAM not checked (this machine's could not be read; --host-ram)"
+    size = f"host RAM {host_ram / GiB:.0f} GB"
+    if given:
+        return f"{size} per node (--host-ram)"
+    if gpus_named:
+        return f"{size} per node assumed (--host-ram)"
+    return f"{size} per node: this machine's (--host-ram)"
+
+
+def data_parallel_phrase(gpu_count: int) -> str:
+    """How GPUs outside one FSDP group train (the per-GPU memory is that of one replica)."""
+    if gpu_count < 2:
+        return "one GPU"
+    return (f"{gpu_count} GPUs: without FSDP they are DDP replicas (each holds the whole model; "
+            "gradient_as_bucket_view, so the buckets add no gradient copy); with FSDP the GPUs outside one "
+            "group replicate it (HSDP)")
+
+
+def batch_phrase(batch_size: int, seq_len: int) -> str:
+    return f"micro-batch {batch_size} x {seq_len} tokens per GPU (--batch-size, --seq-len)"
