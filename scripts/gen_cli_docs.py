@@ -23,8 +23,35 @@ HEADER = """# Command-line reference
      Regenerate after changing an option: python scripts/gen_cli_docs.py -->
 
 Sizes such as `24GB` are GiB of memory chips (a "24GB" card), as `--gpus` and `--host-ram`
-read them. Errors print one line naming the option at fault and exit with status 2.
+read them; `--host-ram` needs a unit (a bare `128` is refused, not read as bytes). Errors print
+one line naming the option, argument or config key at fault and exit with status 2.
 """
+
+
+def _inputs_section() -> str:
+    """Exit codes and the limits of config files, from the constants the code checks."""
+    from vramplan import cli, limits
+    from vramplan.config_check import COUNT_KEYS
+    codes = [(0, "done (estimate and plan exit 0 whether or not the run fits)"),
+             (1, "verify: the step does not fit; gpus: no GPU detected"),
+             (cli.EXIT_BAD_INPUT, "bad input: one line on stderr naming the option, argument or key"),
+             (3, "verify: no CUDA GPU here"),
+             (cli.EXIT_INTERNAL, "a bug: one line on stderr (VRAMPLAN_DEBUG=1 shows the traceback)"),
+             (cli.EXIT_OUTPUT, "the output could not be written (a full disk on stdout)"),
+             (cli.EXIT_INTERRUPTED, "interrupted (Ctrl-C), quietly"),
+             (cli.EXIT_BROKEN_PIPE, "the reader of stdout went away (`| head`), quietly")]
+    keys = ", ".join(f"`{k}` <= {v:,}" for k, v in COUNT_KEYS.items())
+    return "\n".join([
+        "## Exit codes and limits", "",
+        "| status | meaning |", "| --- | --- |", *(f"| {c} | {m} |" for c, m in codes), "",
+        "Every count and token number is bounded where it enters (each option's range is in its row "
+        f"below); a micro-batch holds at most {limits.MAX_TOKENS:,} tokens (batch x seq). A MODEL file "
+        f"must be a regular file of at most {limits.MAX_CONFIG_BYTES // 2**20} MiB holding strict JSON "
+        f"(no NaN) nested at most {limits.MAX_JSON_DEPTH} deep; its memory-shaping keys are checked "
+        "before transformers builds anything (integers, positive, the attention heads dividing the "
+        f"width unless `head_dim` is given, the key-value heads dividing the heads): {keys}. Output "
+        "files and verify's report folder are checked before the work and written under a temporary "
+        "name, renamed when complete.", ""])
 
 _TYPES = {int: "integer", float: "number", str: "text"}
 
@@ -109,7 +136,8 @@ def render() -> str:
     sys.path.insert(0, str(ROOT))
     from vramplan.cli import build_parser
     parser = build_parser()
-    return HEADER + "\n" + "\n".join(_section(parser.prog, parser, parser.description or "", 2)).rstrip() + "\n"
+    body = "\n".join(_section(parser.prog, parser, parser.description or "", 2)).rstrip()
+    return HEADER + "\n" + _inputs_section() + "\n" + body + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Build a config on the meta device and read off the shapes the memory model needs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -62,6 +63,25 @@ def _build_meta(cfg: dict):
         raise VramplanError(f"analysing a config needs torch and transformers ({e})") from None
     cfg = copy.deepcopy(cfg)  # transformers fills nested dicts (rope_scaling) in place
     model_type = cfg.pop("model_type")
+    with _transformers_quiet():
+        return _build(model_type, cfg, AutoConfig, torch)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers logs its doubts about a config on stderr (``pad_token_id must be ...``):
+    the command line's answer is one line, so they are silenced while it builds; what it
+    cannot build is the error below."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _build(model_type: str, cfg: dict, AutoConfig, torch):  # noqa: N803 - the transformers class, passed in
     # transformers runs on the user's file here: whatever it raises is about that file
     # (config_check has refused the memory-shaping fields it could trip on; this is the rest)
     try:

@@ -131,24 +131,24 @@ def user_profile_dir() -> Path:
 
 
 def _read_profile_file(path: Path) -> dict:
-    text = path.read_text()
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise VramplanError(f"hardware profile {path}: TOML needs Python 3.11+; write it as JSON") from None
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise VramplanError(f"hardware profile {path}: not valid TOML ({e})") from None
-    import json
+    """A profile file read through the regular-file boundary (vramplan.files: no device, pipe
+    or file over 1 MiB; strict JSON, bounded nesting)."""
+    from vramplan.files import parse_json, read_regular
+    what = f"hardware profile {path}"
+    data = read_regular(path, 2**20, "hardware profile")
+    if path.suffix != ".toml":
+        parsed = parse_json(data, str(path), "hardware profile")
+        if not isinstance(parsed, dict):
+            raise VramplanError(f"{what}: expected an object of fields")
+        return parsed
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise VramplanError(f"hardware profile {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise VramplanError(f"hardware profile {path}: expected an object of fields")
-    return data
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise VramplanError(f"{what}: TOML needs Python 3.11+; write it as JSON") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VramplanError(f"{what}: not valid TOML ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_profile(path: Path) -> HardwareProfile:

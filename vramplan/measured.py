@@ -45,10 +45,12 @@ class MeasuredCase(BaseModel):
     seq: int
     fsdp_world: int = 0
     fsdp_offload: bool = False
-    peak_alloc_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated() over build + steps, MiB")
-    peak_reserved_mb: float | None = None
-    mem_after_build_mb: float | None = None
-    mem_after_step0_mb: float | None = None
+    # a measured peak is positive and finite (a log-log plot and the error ratio divide by it)
+    peak_alloc_mb: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                        description="torch.cuda.max_memory_allocated() over build + steps, MiB")
+    peak_reserved_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    mem_after_build_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
+    mem_after_step0_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
     tokens_per_s: float | None = None
     measured_breakdown: dict[str, int] | None = Field(
         None, description="bytes per memory category (Category values) at the measured peak, where verify "
@@ -68,8 +70,13 @@ class MeasuredCase(BaseModel):
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
+        optim = OPTIM_TO_HF.get((self.optim, bool(self.layerwise)))
+        if optim is None:
+            allowed = ", ".join(sorted({o for o, _ in OPTIM_TO_HF}))
+            raise VramplanError(f"case {self.name!r}: optim {self.optim!r} (layerwise={bool(self.layerwise)}) is not "
+                                f"one of {allowed}", "FILE")
         s: dict[str, object] = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
-                 optim=OPTIM_TO_HF[(self.optim, bool(self.layerwise))], batch_size=self.batch, seq_len=self.seq,
+                 optim=optim, batch_size=self.batch, seq_len=self.seq,
                  gradient_checkpointing=self.ckpt)
         if self.method in ("lora", "qlora"):
             s.update(lora_r=self.lora_r, lora_dropout=0.05,

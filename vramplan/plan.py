@@ -110,6 +110,8 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     """'full,galore' -> ('full', 'galore'); 'qlora' means both 4-bit formats."""
     if text is None:
         return METHOD_KEYS
+    if not (isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(i, str) for i in text))):
+        raise VramplanError(f"give comma-separated names or a list of them, got {type(text).__name__}", "--methods")
     items = text.split(",") if isinstance(text, str) else list(text)
     out: list[str] = []
     for raw in (i.strip().lower() for i in items):
@@ -165,6 +167,16 @@ def _precisions(req: PlanRequest) -> tuple[Precision, ...]:
     return (Precision.BF16, Precision.MIXED) if supports_bf16(req.gpus.profile) else (Precision.FP16,)
 
 
+def _nobody_asked(req: PlanRequest, rank_field: str) -> bool:
+    """Neither the method (--methods) nor its minimum rank was asked for: a model narrower than
+    the default rank simply leaves the method out, rather than failing on a flag not given."""
+    return rank_field not in req.model_fields_set and req.methods == METHOD_KEYS
+
+
+def _default_said(req: PlanRequest, rank_field: str) -> str:
+    return "" if rank_field in req.model_fields_set else " (the default)"
+
+
 def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     """Setup fields of every discrete configuration, in groups ordered by rank (a rank
     that does not fit at one sequence of min_seq means no larger rank will)."""
@@ -183,9 +195,10 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
-                raise VramplanError(f"{req.min_lora_rank} is larger than the smallest adapted layer dimension "
-                                    f"({smallest})",
-                                    "--min-lora-rank")
+                if _nobody_asked(req, "min_lora_rank"):
+                    continue
+                raise VramplanError(f"{req.min_lora_rank}{_default_said(req, 'min_lora_rank')} is larger than the "
+                                    f"smallest adapted layer dimension ({smallest})", "--min-lora-rank")
             method = Method.LORA if key == "lora" else Method.QLORA
             quant = None if key == "lora" else Quant(key.split("-")[1])
             # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
@@ -195,8 +208,10 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
         elif key == "galore":
             ranks = _ranks(req.min_galore_rank, smallest, 4)
             if not ranks:
-                raise VramplanError(f"{req.min_galore_rank} is larger than the smallest projected weight dimension "
-                                    f"({smallest})", "--min-galore-rank")
+                if _nobody_asked(req, "min_galore_rank"):
+                    continue
+                raise VramplanError(f"{req.min_galore_rank}{_default_said(req, 'min_galore_rank')} is larger than the "
+                                    f"smallest projected weight dimension ({smallest})", "--min-galore-rank")
             # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
             # optimizers step from per-parameter hooks, which HF Trainer refuses under
             # distributed training, so they are planned for a single GPU only.

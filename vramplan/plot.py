@@ -368,6 +368,8 @@ def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = 
         try:
             est = estimate_case(case, configs)
         except VramplanError as e:  # the case's field, not a flag plot accuracy does not have
+            if e.flag == "FILE":
+                raise
             field = (e.flag or "").lstrip("-").replace("-", "_").lower()
             raise VramplanError(f"case {case.name!r}: {field + ': ' if field else ''}{e.message}", "FILE") from None
         if not per_category:

@@ -49,7 +49,20 @@ def build_parser():
     return parser
 
 
+def _broken_pipe_is_an_error() -> None:
+    """rich answers a closed pipe with SystemExit(1) (Console.on_broken_pipe, which its docs
+    say to override in a subclass); the tables here are rich's, so it raises the
+    BrokenPipeError main answers with 141 instead."""
+    from rich.console import Console
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]
+
+
 def _run(argv: list[str] | None) -> int:
+    _broken_pipe_is_an_error()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the header of files --emit writes
     code = int(args.handler(args) or 0)

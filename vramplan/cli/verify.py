@@ -146,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     except NoGpuError as e:
         print(f"vramplan: {e}", file=sys.stderr)
         return EXIT_NO_GPU
-    folder = report.write(out or _default_out(report))
+    # the measurements are shown before the folder is written: a disk that fills during the
+    # run loses the files (written whole or not at all), not what the run measured
     if args.format == "json":
         print(report.model_dump_json(indent=1))
     else:
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             if len(report.result) > 1:
                 console.rule(f"rank {m.rank} of {m.world}")
             render(c, m, console)
+    folder = report.write(out or _default_out(report))
+    if args.format != "json":
         console.print(f"report: {folder}/ (report.json, comparison.csv, measurements.jsonl)")
     return 0 if report.fits else EXIT_DOES_NOT_FIT
 
