@@ -117,6 +117,15 @@ class DeepSpeedStage(str, Enum):
     ZERO3 = "zero3"
 
 
+class Engine(str, Enum):
+    """What holds the model on each GPU (derived from the setup: TrainingSetup.engine)."""
+    SINGLE = "single"        # one GPU, no wrapper
+    DDP = "ddp"              # torch DistributedDataParallel: every GPU holds the whole model
+    FSDP1 = "fsdp1"          # torch FullyShardedDataParallel (flat parameters)
+    FSDP2 = "fsdp2"          # torch fully_shard (per-parameter DTensor shards)
+    DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO-1/2/3
+
+
 class LoraTargets(str, Enum):
     ALL_LINEAR = "all-linear"
     ATTENTION = "attention"
@@ -171,6 +180,8 @@ class TrainingSetup(BaseModel):
     offload_optimizer: bool = Field(False, description="DeepSpeed offload_optimizer to the CPU")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3 offload_param to the CPU")
     nodes: int = Field(1, description="nodes the GPUs are spread over")
+    data_parallel: int = Field(1, description="GPUs in the data-parallel group of DDP or DeepSpeed (estimate sets it "
+                               "from --gpus: every GPU a rank)")
 
     @model_validator(mode="before")
     @classmethod
@@ -200,12 +211,35 @@ class TrainingSetup(BaseModel):
                        else "adamw_torch, adamw_torch_fused, adamw_bnb_8bit")
             raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
                                 _OPTIM_FLAG)
-        if self.cpu_offload and self.fsdp < 2:
-            raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
-        if self.optim.layerwise and self.fsdp > 1:
-            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp (per-parameter hooks on sharded "
-                                "grads)", _OPTIM_FLAG)
+        if self.optim.layerwise and (self.fsdp > 1 or self.cpu_offload or self.deepspeed is not None):
+            raise VramplanError("layer-wise GaLore cannot be combined with --fsdp, --cpu-offload or --deepspeed "
+                                "(per-parameter hooks on sharded grads)", _OPTIM_FLAG)
+        self._check_engines()
         return self
+
+    def _check_engines(self) -> None:
+        """The engine flags that exclude each other (docs/memory-model.md, "Engines")."""
+        for flag, value in (("--nodes", self.nodes), ("--data-parallel", self.data_parallel)):
+            if value < 1:
+                raise VramplanError(f"must be a positive integer, got {value}", flag)
+        if self.fsdp_version not in (1, 2):
+            raise VramplanError(f"must be 1 or 2, got {self.fsdp_version}", "--fsdp-version")
+        if self.deepspeed is not None and (self.fsdp > 1 or self.cpu_offload):
+            raise VramplanError("--deepspeed cannot be combined with --fsdp/--cpu-offload (one engine shards the "
+                                "model; DeepSpeed's offload is --offload-optimizer/--offload-params)", "--deepspeed")
+        if self.offload_optimizer and self.deepspeed is None:
+            raise VramplanError("--offload-optimizer needs --deepspeed (FSDP's offload is --cpu-offload)",
+                                "--offload-optimizer")
+        if self.offload_params and self.deepspeed != DeepSpeedStage.ZERO3:
+            raise VramplanError("--offload-params needs --deepspeed zero3 (ZeRO-1/2 keep every parameter on the GPU)",
+                                "--offload-params")
+        if self.fsdp_sharding == FsdpSharding.HYBRID:
+            if self.nodes < 2:
+                raise VramplanError("--fsdp-sharding hybrid needs --nodes 2 or more (it shards inside a node and "
+                                    "replicates across nodes)", "--fsdp-sharding")
+            if self.fsdp % self.nodes:
+                raise VramplanError(f"--fsdp {self.fsdp} is not a multiple of --nodes {self.nodes} "
+                                    "(hybrid sharding puts the same number of GPUs on each node)", "--fsdp-sharding")
 
     @property
     def tokens(self) -> int:
@@ -227,9 +261,34 @@ class TrainingSetup(BaseModel):
         return self.adapter_dtype or AdapterDtype.FP32
 
     @property
+    def engine(self) -> Engine:
+        """What holds the model on each GPU: --deepspeed, else FSDP (--fsdp N > 1, or --cpu-offload
+        on one GPU: fully_shard with world 1), else DDP when several GPUs each run a rank."""
+        if self.deepspeed is not None:
+            return Engine.DEEPSPEED
+        if self.fsdp > 1 or self.cpu_offload:
+            return Engine.FSDP1 if self.fsdp_version == 1 else Engine.FSDP2
+        return Engine.DDP if self.data_parallel > 1 else Engine.SINGLE
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP (either version) wraps the model: units are all-gathered around their use."""
+        return self.engine in (Engine.FSDP1, Engine.FSDP2)
+
+    @property
+    def shard_world(self) -> int:
+        """GPUs one FSDP shard group spans: --fsdp, inside a node under hybrid, 1 under no-shard."""
+        if self.fsdp_sharding == FsdpSharding.NO_SHARD:
+            return 1
+        if self.fsdp_sharding == FsdpSharding.HYBRID:
+            return self.fsdp // self.nodes
+        return self.fsdp
+
+    @property
     def autocast(self) -> bool:
-        """fp32 masters computed in bf16 through torch.autocast (without FSDP)."""
-        return self.precision == Precision.MIXED and self.fsdp == 1
+        """fp32 masters computed in bf16 through torch.autocast (no FSDP, no DeepSpeed: both
+        compute in their bf16 parameter dtype)."""
+        return self.precision == Precision.MIXED and self.engine in (Engine.SINGLE, Engine.DDP)
 
     def describe(self) -> str:
         parts = [self.method.value]
@@ -267,6 +326,17 @@ class TrainingSetup(BaseModel):
             words.append(f"dropout={self.lora_dropout:g}")
         if self.gradient_accumulation > 1:
             words.append(f"ga={self.gradient_accumulation}")
-        if self.fsdp > 1 and self.fsdp_version != 2:
+        if self.sharded and self.fsdp_version != 2:
             words.append(f"fsdp-v{self.fsdp_version}")
+        if self.sharded and self.fsdp_sharding != FsdpSharding.FULL:
+            words.append(f"sharding={self.fsdp_sharding.value}")
+        if self.fsdp == 1 and self.cpu_offload:
+            words.append("fsdp-1gpu+offload")
+        if self.engine == Engine.DDP:
+            words.append(f"ddp{self.data_parallel}")
+        if self.deepspeed is not None:
+            offload = "+offload-opt" * self.offload_optimizer + "+offload-params" * self.offload_params
+            words.append(f"{self.deepspeed.value}x{self.data_parallel}{offload}")
+        if self.nodes > 1:
+            words.append(f"nodes={self.nodes}")
         return words

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from vramplan.categories import Category as C
 from vramplan.memory.storage import Phase
-from vramplan.memory.types import LayerPoint, Param, ParamKind, PhaseKind
+from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Method, TrainingSetup
 
@@ -29,7 +29,7 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
     full = setup.method in (Method.FULL, Method.GALORE)
     return ActivationContext(
         weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=setup.autocast,
-        adapters_bf16=setup.autocast or setup.fsdp > 1,
+        adapters_bf16=setup.autocast or setup.sharded or setup.deepspeed is not None,
         quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
         lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
 
@@ -49,6 +49,27 @@ class StaticBytes:
 
 
 @dataclass(frozen=True)
+class Gathering:
+    """When units are unsharded: after forward (False under SHARD_GRAD_OP) and whether a
+    unit's backward all-gathers the next one early."""
+    reshard_after_forward: bool = True
+    backward_prefetch: bool = True
+
+
+@dataclass(frozen=True)
+class EngineBuffers:
+    """An engine's communication buffers by measured phase (DeepSpeed's buckets and gathered
+    partitions; DDP's buckets are persistent, in StaticBytes.parts)."""
+    forward: int = 0
+    backward: int = 0
+    step: int = 0
+
+    def at(self, phase: MeasuredPhase) -> int:
+        return {MeasuredPhase.FORWARD: self.forward, MeasuredPhase.BACKWARD: self.backward,
+                MeasuredPhase.OPTIMIZER: self.step}.get(phase, 0)
+
+
+@dataclass(frozen=True)
 class StepContext:
     """Everything the phases of one step are assembled from (phases.step_model)."""
     spec: ModelSpec
@@ -62,6 +83,8 @@ class StepContext:
     released: int                  # saved by the final norm and lm_head, freed before the layers
     cast_cache: int                # autocast's cached bf16 weight casts
     hook: dict[int | None, int] = field(default_factory=dict)  # layer-wise optimizers' hook bytes
+    engine: EngineBuffers = field(default_factory=EngineBuffers)
+    gathering: Gathering = field(default_factory=Gathering)     # FSDP: when units are unsharded
 
     @property
     def tokens(self) -> int:
@@ -69,11 +92,18 @@ class StepContext:
 
     @property
     def world(self) -> int:
-        return self.setup.fsdp
+        """GPUs an FSDP shard group spans (1 without FSDP)."""
+        return self.setup.shard_world if self.setup.sharded else 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP all-gathers units around their use (even on one GPU under CPU offload)."""
+        return self.setup.sharded
 
     @property
     def offload(self) -> bool:
-        return self.setup.cpu_offload
+        """The optimizer steps on the host: FSDP's CPU offload or DeepSpeed's offload_optimizer."""
+        return self.setup.cpu_offload or self.setup.offload_optimizer
 
     @property
     def ckpt(self) -> bool:
@@ -91,6 +121,9 @@ class StepContext:
         for c, v in self.static.parts.items():
             ph.add(c, v)
         ph.add(C.OPTIMIZER_STATES, self.static.optimizer_states)
+        comm = self.engine.at(kind.measured)
+        if comm:  # the step's fp32 flat grad and foreach temporaries are transients
+            ph.add(C.TRANSIENT if kind.measured == MeasuredPhase.OPTIMIZER else C.COMM_BUFFERS, comm)
         if with_grads:
             ph.add(C.GRADIENTS, self.static.grads)
         return ph

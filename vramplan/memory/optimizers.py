@@ -5,7 +5,7 @@ A new optimizer adds a branch to optimizer_state (its states) and optimizer_tran
 from __future__ import annotations
 
 from vramplan.categories import Category as C
-from vramplan.memory.fsdp import shard
+from vramplan.memory.fsdp import shard_for
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import PhaseKind
@@ -63,7 +63,7 @@ def optimizer_transient(params: list[Param], setup: TrainingSetup, world: int) -
     if optim == Optim.ADAMW_TORCH:
         # torch.optim.AdamW foreach: _foreach_sqrt(exp_avg_sqs) allocates one copy of all
         # states of a device/dtype group at once. [cal: l32-1b full, phi3 full = 5x params]
-        return sum(alloc(grad_bytes(p, setup) * shard(p, world)) for p in trainable)
+        return sum(alloc(grad_bytes(p, setup) * (shard_for(p, setup) if world > 1 else p.numel)) for p in trainable)
     if optim in (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT):
         return 0  # fused kernels update in place
     worst = 0

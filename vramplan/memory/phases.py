@@ -14,11 +14,13 @@ from vramplan.categories import Category as C
 from vramplan.memory.activations import saved_activations
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
-from vramplan.memory.context import StaticBytes, StepContext
+from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext
+from vramplan.memory.engines import engine_notes, engine_static, step_transient_applies
 from vramplan.memory.fsdp import (
+    engine_units,
     forward_end_gathered,
+    gathering,
     layer_forward_gathered,
-    unit_bytes,
 )
 from vramplan.memory.layer import forward_locals, layer_points
 from vramplan.memory.loss import head_trains, loop_token_bytes, loss_terms
@@ -55,6 +57,7 @@ class Prepared:
     params: list[Param]
     static: StaticBytes
     units: dict[int | None, int]
+    engine: EngineBuffers
 
 
 def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
@@ -63,8 +66,8 @@ def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
 
 def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
     params = parameters(spec, setup)
-    units = unit_bytes(params, setup.fsdp) if setup.fsdp > 1 else {}
-    return Prepared(spec, _token_free_key(setup), params, static_bytes(params, setup), units)
+    static, engine = engine_static(spec, params, setup, static_bytes)
+    return Prepared(spec, _token_free_key(setup), params, static, engine_units(params, setup), engine)
 
 
 def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
@@ -75,13 +78,13 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
                        released=saved.released, cast_cache=cast_cache(params, setup, spec.vocab, head_trains(setup)),
-                       hook=hook)
+                       hook=hook, engine=prepared.engine, gathering=gathering(setup))
 
 
 def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
     ph = ctx.base(kind).add(C.ACTIVATIONS, activations).add(C.TRANSIENT, transient)
-    if ctx.world > 1:
-        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units))
+    if ctx.sharded:
+        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units, ctx.gathering))
     return ph
 
 
@@ -131,8 +134,8 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
         locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
-    if ctx.world > 1:
-        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    if ctx.sharded:
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph]
 
 
@@ -143,8 +146,8 @@ def quantization_phases(ctx: StepContext) -> list[Phase]:
     assert ctx.setup.quant is not None
     ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts)
     ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
-    if ctx.world > 1:  # this unit and the one prefetched, and the root
-        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    if ctx.sharded:  # this unit and the one prefetched, and the root
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph, build_phase(ctx.params, ctx.world)]
 
 
@@ -156,7 +159,9 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     phases = []
     if not ctx.setup.optim.layerwise:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
-        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)))
+        if step_transient_applies(ctx.setup):
+            ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world))
+        phases.append(ph)
     if ctx.setup.method == Method.GALORE:
         phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
                                            ctx.static.grads))
@@ -175,5 +180,5 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     layers = layer_backward_phases(ctx)
     phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
               *root_hook_phase(ctx), *layer_forward_phase(ctx), *quantization_phases(ctx), *optimizer_phases(ctx)]
-    notes = [OFFLOAD_NOTE] if setup.cpu_offload else []
+    notes = ([OFFLOAD_NOTE] if setup.cpu_offload else []) + engine_notes(spec, setup, prepared.static)
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned, notes=notes)
