@@ -130,3 +130,61 @@ def test_nodes_must_divide_the_gpus(spec):
 def test_one_gpu_fsdp_offload_is_allowed(spec):
     est = _est(spec, "1x80GB", method="lora", cpu_offload=True)
     assert est.setup.engine == Engine.FSDP2 and est.host_ram_bytes > PROCESS_HOST_BYTES
+
+
+# ---- FSDP1 and the sharding strategies ---------------------------------------------------
+
+def _fsdp_at(spec, kind_label, **fields):
+    m = step_model(spec, make_setup(**fields), every_layer=True)
+    ph = next(p for p in m.phases if p.name == kind_label)
+    return ph.parts.get(C.FSDP_BUFFERS, 0)
+
+
+def _layer_numel(spec, i):
+    layer = spec.layers[i]
+    return sum(l.numel for l in layer.linears) + sum(layer.norm_numels)
+
+
+def test_fsdp1_backward_holds_view_grads_and_their_concatenation(spec):
+    # _flat_param.py: the unit's flat grad is the concatenation of its views' grads (both
+    # alive: 2 x 2 B per trainable element); the reduce-scatter output is the bf16 shard;
+    # layer 0 prefetches nothing; the root (embed, norm, lm_head) stays unsharded
+    w = 2
+    n = _layer_numel(spec, 0)
+    root = spec.embed_numel + spec.lm_head_numel + spec.final_norm_numel
+    pad = lambda b: -(-b // (2 * w)) * 2 * w  # noqa: E731 -- one flat param, padded to 2W bytes
+    expected = pad(2 * n) + pad(2 * root) + 4 * n + 2 * -(-n // w)
+    got = _fsdp_at(spec, "layer 0 backward (end)", method="full", fsdp=w, fsdp_version=1)
+    assert got == pytest.approx(expected, abs=512 * 40)
+
+
+def test_shard_grad_op_keeps_every_unit_unsharded_to_backward(spec):
+    # SHARD_GRAD_OP: no reshard after forward: at the loss every unit is unsharded (the
+    # whole model in bf16)
+    total, _ = _counts(spec)
+    got = _fsdp_at(spec, "forward (loss)", method="full", fsdp=2, fsdp_version=1, fsdp_sharding="shard-grad-op")
+    assert got == pytest.approx(2 * total, abs=512 * 10)
+    full = _fsdp_at(spec, "forward (loss)", method="full", fsdp=2, fsdp_version=1)
+    assert full < got - 2 * _layer_numel(spec, 0) // 2
+
+
+def test_accelerate_fsdp1_has_no_backward_prefetch(spec):
+    # accelerate/HF pass backward_prefetch=None (NO_PREFETCH); torch's default (plain) is
+    # BACKWARD_PRE: layer 1's backward also holds layer 0's unit
+    args = dict(method="full", fsdp=2, fsdp_version=1)
+    pre = _fsdp_at(spec, "layer 1 backward (mlp)", **args)
+    none = _fsdp_at(spec, "layer 1 backward (mlp)", stack="hf-trainer", **args)
+    assert pre - none == pytest.approx(2 * _layer_numel(spec, 0), abs=512 * 4)
+
+
+def test_hybrid_shards_inside_a_node(spec):
+    # HYBRID_SHARD: W = GPUs per node for every size rule: 4 GPUs on 2 nodes = FSDP over 2
+    hybrid = step_model(spec, make_setup(method="full", fsdp=4, nodes=2, fsdp_sharding="hybrid"))
+    two = step_model(spec, make_setup(method="full", fsdp=2))
+    assert hybrid.peak.allocated == two.peak.allocated
+
+
+def test_host_ram_is_per_node(spec):
+    one = _est(spec, "4x80GB", method="full", deepspeed="zero2", offload_optimizer=True)
+    two = _est(spec, "4x80GB", method="full", deepspeed="zero2", offload_optimizer=True, nodes=2)
+    assert one.host_ram_bytes == 2 * two.host_ram_bytes

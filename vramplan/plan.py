@@ -20,7 +20,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vramplan.errors import VramplanError, from_validation_error
-from vramplan.estimate import PROCESS_HOST_BYTES, coverage_notes, default_host_ram, estimate_spec, make_setup, resolve_gpus
+from vramplan.estimate import (
+    PROCESS_HOST_BYTES,
+    coverage_notes,
+    default_host_ram,
+    estimate_spec,
+    make_setup,
+    ranks_per_node,
+    resolve_gpus,
+)
 from vramplan.hardware import GpuSpec, profiles
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
@@ -110,9 +118,9 @@ def method_key(setup: TrainingSetup) -> str:
 
 def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
     """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself.
-    The GPUs outside one FSDP group are data-parallel replicas (HSDP, or DDP at degree 1,
-    assumed with gradient_as_bucket_view=True so the buckets add no gradient copy: the
-    memory per GPU is the FSDP group's)."""
+    The GPUs outside one FSDP group are data-parallel replicas (HSDP); at degree 1 every GPU
+    is a DDP rank, with DDP's gradient buckets (memory/ddp.py; candidate_groups sets
+    data_parallel)."""
     n = req.gpus.count
     degrees = sorted({1, n} | {2**k for k in range(1, int(math.log2(n)) + 1) if n % 2**k == 0})
     modes = []
@@ -131,6 +139,11 @@ def _smallest_dim(spec: ModelSpec) -> int:
     return min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
 
 
+def _ddp_world(req: PlanRequest, fsdp: int) -> int:
+    """Without FSDP every GPU is a DDP rank (estimate_spec's with_data_parallel)."""
+    return req.gpus.count if fsdp == 1 else 1
+
+
 def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     """Setup fields of every discrete configuration, in groups ordered by rank (a rank
     that does not fit at one sequence of min_seq means no larger rank will)."""
@@ -145,7 +158,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             for prec, optim, ckpt, (d, off) in itertools.product(Precision, full_optims,
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
-                                    fsdp=d, cpu_offload=off)])
+                                    fsdp=d, cpu_offload=off, data_parallel=_ddp_world(req, d))])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
@@ -157,7 +170,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
             for ckpt, (d, off) in itertools.product((False, True), modes):
                 groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
-                                    cpu_offload=off) for r in ranks])
+                                    cpu_offload=off, data_parallel=_ddp_world(req, d)) for r in ranks])
         elif key == "galore":
             ranks = _ranks(req.min_galore_rank, smallest, 4)
             if not ranks:
@@ -169,7 +182,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             optims = [o for o in Optim if o.is_galore and (not o.layerwise or req.gpus.count == 1)]
             for prec, optim, ckpt in itertools.product(Precision, optims, (False, True)):
                 groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
-                                    gradient_checkpointing=ckpt) for r in ranks])
+                                    gradient_checkpointing=ckpt, data_parallel=_ddp_world(req, 1)) for r in ranks])
     return groups
 
 
@@ -250,7 +263,7 @@ def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
 def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
     """Host RAM of one node: estimate_spec's rule (one process per rank of the FSDP group
     on this host), with the ranks of one node."""
-    ranks = min(req.gpus_per_node, max(setup.fsdp, 1))
+    ranks = min(req.gpus_per_node, max(setup.fsdp, setup.data_parallel, 1))
     return ranks * (PROCESS_HOST_BYTES + pinned)
 
 
@@ -403,7 +416,7 @@ def _seq_index(grid: Grid, req: PlanRequest) -> int:
 def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     """estimate_spec's verdict (the host rule per node, as in _recheck)."""
     est = estimate_spec(spec, setup, req.gpus, None)
-    pinned = est.host_ram_bytes // max(min(req.gpus.count, setup.fsdp), 1) - PROCESS_HOST_BYTES
+    pinned = est.host_ram_bytes // ranks_per_node(est.setup, req.gpus) - PROCESS_HOST_BYTES
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
