@@ -9,6 +9,7 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "dequantize" (hqq QLoRA whose peak is a 4-bit Linear dequantized for a matmul) and
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers) and "known-gaps"
+"engines" (DDP and FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, LAYER_ARCH_CASES, LLAMA, LONG,  # noqa: E402
-                            LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases)
+from test_cpu_trace import (B2S256, BUILD_CASES, CASES, DEQ_CASES, ENGINE_CASES, LAYER_ARCH_CASES,  # noqa: E402
+                            LLAMA, LONG, LONG_SHAPE, WIDE, _build_compared, _model_build_peak, _model_phases,
+                            engine_model_phases)
 
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
@@ -89,7 +91,7 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
-        model = _model_phases(spec, setup)
+        model = (engine_model_phases if group == "engines" else _model_phases)(spec, setup)
         if _build_compared(setup):
             model["build"] = _model_build_peak(spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
@@ -113,7 +115,11 @@ def _setup_text(setup: dict) -> str:
     if setup.get("optim", "adamw_torch") != "adamw_torch":
         parts.append(setup["optim"])
     if setup.get("fsdp", 1) > 1:
-        parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
+        v1 = " v1" if setup.get("fsdp_version") == 1 else ""
+        sgo = f" {setup['fsdp_sharding']}" if setup.get("fsdp_sharding", "full") != "full" else ""
+        parts.append(f"FSDP{setup['fsdp']}{v1}{sgo}" + (" offload" if setup.get("cpu_offload") else ""))
+    if setup.get("data_parallel", 1) > 1 and setup.get("fsdp", 1) == 1:
+        parts.append(f"DDP{setup['data_parallel']}")
     if setup.get("gradient_checkpointing"):
         parts.append("ckpt")
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
@@ -208,6 +214,7 @@ def main() -> int:
               dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
     jobs += [("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
              for n, f in UNTRACED_SETUPS.items()]
+    jobs += [("engines", n, LLAMA, f, B2S256) for n, f in ENGINE_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
     old = []

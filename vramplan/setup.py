@@ -154,8 +154,9 @@ class TrainingSetup(BaseModel):
     galore_rank: int = Field(128, description="GaLore projection rank")
     galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
-    fsdp: int = Field(1, description="FSDP2 world size (1 = no sharding)")
-    cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
+    fsdp: int = Field(1, description="FSDP world size (1 = no sharding; several --gpus without it: DDP)")
+    cpu_offload: bool = Field(False, description="FSDP CPU offload (FSDP2 CPUOffloadPolicy, FSDP1 CPUOffload): shards, "
+                              "grads and optimizer on the CPU; also on one GPU")
     # ---- the stack knobs (issue 13): each default is the reference step's
     stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
     loss: Loss = Field(Loss.HF, description="loss implementation over the vocabulary")

@@ -12,6 +12,7 @@ from vramplan.memory import deepspeed
 from vramplan.memory.checkpointing import kept_per_layer
 from vramplan.memory.context import StepContext
 from vramplan.memory.fsdp import (
+    fsdp1_compute_bytes,
     layer_backward_gathered,
     reduce_bytes,
     shard_for,
@@ -91,8 +92,8 @@ def layer_fsdp(ctx: StepContext, book: GradBook, i: int) -> LayerFsdp:
         # the views' grads and their concatenation into the flat grad; the reduce-scatter
         # output is the shard in the parameter dtype (bf16: accelerate's reduce_dtype), copied
         # into the sharded grad at once (no input kept until the next unit)
-        ug, rs_prev = 2 * ug, 0
-        rs = 2 * sum(-(-p.numel // ctx.world) for p in params if p.trainable)
+        ug, rs_prev = 2 * sum(fsdp1_compute_bytes(p, ctx.setup) for p in params if p.trainable), 0
+        rs = sum(fsdp1_compute_bytes(p, ctx.setup) * -(-p.numel // ctx.world) // p.numel for p in params if p.trainable)
     return LayerFsdp(gathered=layer_backward_gathered(ctx.units, i, ctx.gathering),
                      down_share=alloc(ug * book.down.get(i, 0) // full),
                      unit_grads=alloc(ug), reduce=alloc(rs), reduce_prev=rs_prev)

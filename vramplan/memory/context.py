@@ -8,7 +8,7 @@ from vramplan.categories import Category as C
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Method, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,16 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
     full = setup.method in (Method.FULL, Method.GALORE)
     return ActivationContext(
         weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=setup.autocast,
-        adapters_bf16=setup.autocast or setup.sharded or setup.deepspeed is not None,
+        adapters_bf16=setup.autocast or setup.deepspeed is not None or (setup.sharded and _unit_dtype_bf16(setup)),
         quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
         lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
+
+
+def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
+    """FSDP computes peft's fp32 adapters in bf16: FSDP2 all-gathers one param_dtype per unit
+    (bf16); FSDP1 only under MixedPrecision(param_dtype=bf16) (mixed precision): without it
+    each LoRA Linear is its own fp32 unit and computes in fp32, as on one GPU. [CPU trace]"""
+    return setup.fsdp_version == 2 or setup.precision == Precision.MIXED
 
 
 def stream_bytes(setup: TrainingSetup) -> int:

@@ -43,6 +43,7 @@ from vramplan.setup import DeepSpeedStage, Optim, TrainingSetup
 DS_NOTE = ("DeepSpeed {stage}: modelled from source, not measured (deepspeed==0.19.8 runtime/zero/stage_1_and_2.py, "
            "stage3.py; buckets at HF's \"auto\" sizes: reduce {reduce:,} elements{more})")
 MAX_LIVE_PARAMETERS = 10**9   # runtime/zero/config.py:245 stage3_max_live_parameters
+SUB_GROUP_SIZE = 10**9        # runtime/zero/config.py sub_group_size default (elements)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def engine_buffers(params: list[Param], setup: TrainingSetup, cfg: ZeroConfig) -
     foreach temporaries of the step."""
     largest_grad = alloc(2 * _largest_trainable(params))
     n = _trainable_partition(params, setup)
+    if _stage3(setup):  # ZeRO-3 steps one sub-group at a time (stage3.py step: per sub_group_size)
+        n = min(n, SUB_GROUP_SIZE)
     step = 0 if setup.offload_optimizer else alloc(4 * n) + (alloc(4 * n) if setup.optim == Optim.ADAMW_TORCH else 0)
     if _stage3(setup):
         gathered = gathered_bytes(params, cfg)

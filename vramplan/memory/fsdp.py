@@ -21,9 +21,10 @@ parameters (a mixed FSDP1 unit would get grads for its frozen elements too)."""
 from __future__ import annotations
 
 from vramplan.memory.context import Gathering
+from vramplan.memory.lora import ADAPTER_BYTES
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
-from vramplan.memory.types import Param
+from vramplan.memory.types import Param, ParamKind
 from vramplan.setup import FsdpSharding, Precision, Stack, TrainingSetup
 
 RESHARDED = Gathering()   # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
@@ -75,6 +76,14 @@ def unit_bytes(params: list[Param], world: int) -> dict[int | None, int]:
     return units
 
 
+def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
+    """FSDP1 gathers each unit in its own dtype unless MixedPrecision(param_dtype=bf16) is set
+    (mixed precision): peft's fp32 adapters, each its own unit, stay fp32."""
+    if p.kind == ParamKind.LORA and setup.precision != Precision.MIXED:
+        return ADAPTER_BYTES * p.numel
+    return compute_bytes(p)
+
+
 def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
     """All-gathered bytes per unit under the setup's FSDP (none under NO_SHARD)."""
     world = setup.shard_world
@@ -84,7 +93,7 @@ def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, 
         return unit_bytes(params, world)
     flat: dict[int | None, int] = {}
     for p in params:
-        flat[p.layer] = flat.get(p.layer, 0) + compute_bytes(p)
+        flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)
     return {k: alloc(-(-v // (2 * world)) * 2 * world) for k, v in flat.items()}
 
 
