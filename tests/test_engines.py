@@ -188,3 +188,22 @@ def test_host_ram_is_per_node(spec):
     one = _est(spec, "4x80GB", method="full", deepspeed="zero2", offload_optimizer=True)
     two = _est(spec, "4x80GB", method="full", deepspeed="zero2", offload_optimizer=True, nodes=2)
     assert one.host_ram_bytes == 2 * two.host_ram_bytes
+
+
+# ---- plan ------------------------------------------------------------------------------
+
+def test_plan_searches_ddp_fsdp_and_zero(spec):
+    from vramplan.plan import candidate_groups, make_request
+    req = make_request(spec, "2x24GB", methods="full,lora")
+    setups = [make_setup(**c) for g in candidate_groups(spec, req) for c in g]
+    engines = {s.engine for s in setups}
+    assert {Engine.DDP, Engine.FSDP2, Engine.DEEPSPEED} <= engines
+    assert all(s.data_parallel == 2 for s in setups if s.engine in (Engine.DDP, Engine.DEEPSPEED))
+    one = make_request(spec, "1x24GB", methods="full")
+    zero = [c for g in candidate_groups(spec, one) for c in g if c.get("deepspeed")]
+    assert zero and all(c["offload_optimizer"] for c in zero)  # one GPU: ZeRO-Offload only
+
+
+def test_zero3_with_4bit_weights_is_refused():
+    with pytest.raises(VramplanError, match="--deepspeed"):
+        make_setup(method="qlora", deepspeed="zero3")

@@ -33,7 +33,7 @@ from vramplan.hardware import GpuSpec, profiles
 from vramplan.memory import prepare, step_model
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, Precision, Quant, TrainingSetup
+from vramplan.setup import DeepSpeedStage, Method, Optim, Precision, Quant, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, parse_bytes
 
@@ -144,6 +144,21 @@ def _ddp_world(req: PlanRequest, fsdp: int) -> int:
     return req.gpus.count if fsdp == 1 else 1
 
 
+def _zero_modes(req: PlanRequest, method: Method) -> list[dict]:
+    """DeepSpeed ZeRO over every GPU (memory/deepspeed.py): ZeRO-2 on two or more GPUs, its
+    optimizer offload (ZeRO-Offload, one GPU too) and ZeRO-3 (not with 4-bit weights, which
+    are not loaded under zero.Init) with both offloads. bf16 (DeepSpeed's fp32 masters are
+    in the optimizer)."""
+    n = req.gpus.count
+    modes = [dict(deepspeed=DeepSpeedStage.ZERO2, offload_optimizer=True)]
+    if n > 1:
+        modes.append(dict(deepspeed=DeepSpeedStage.ZERO2))
+        if method != Method.QLORA:
+            modes += [dict(deepspeed=DeepSpeedStage.ZERO3),
+                      dict(deepspeed=DeepSpeedStage.ZERO3, offload_optimizer=True, offload_params=True)]
+    return [dict(m, data_parallel=n) for m in modes]
+
+
 def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     """Setup fields of every discrete configuration, in groups ordered by rank (a rank
     that does not fit at one sequence of min_seq means no larger rank will)."""
@@ -159,6 +174,8 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
                                     fsdp=d, cpu_offload=off, data_parallel=_ddp_world(req, d))])
+            for optim, ckpt, zero in itertools.product(full_optims, (False, True), _zero_modes(req, Method.FULL)):
+                groups.append([dict(method=Method.FULL, optim=optim, gradient_checkpointing=ckpt, **zero)])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
@@ -171,6 +188,9 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             for ckpt, (d, off) in itertools.product((False, True), modes):
                 groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
                                     cpu_offload=off, data_parallel=_ddp_world(req, d)) for r in ranks])
+            for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
+                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero)
+                               for r in ranks])
         elif key == "galore":
             ranks = _ranks(req.min_galore_rank, smallest, 4)
             if not ranks:
@@ -344,6 +364,9 @@ def label(setup: TrainingSetup) -> str:
         parts.append("+ ckpt")
     if setup.fsdp > 1:
         parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
+    if setup.deepspeed is not None:
+        parts.append(f"+ {setup.deepspeed.value.upper().replace('ZERO', 'ZeRO-')}x{setup.data_parallel}"
+                     + (" + offload" if setup.offload_optimizer else ""))
     return " ".join(parts)
 
 
@@ -475,6 +498,9 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
     extra = []
     if row.setup.fsdp > 1:
         extra.append(f"sharded over {row.setup.fsdp} GPUs")
+    if row.setup.deepspeed is not None:
+        extra.append(f"DeepSpeed {row.setup.deepspeed.value} over {row.setup.data_parallel} GPUs"
+                     + (" with the optimizer in host RAM" if row.setup.offload_optimizer else ""))
     if row.setup.cpu_offload:
         extra.append("shards and optimizer in host RAM")
     if row.setup.gradient_checkpointing:

@@ -228,6 +228,12 @@ class TrainingSetup(BaseModel):
         if self.deepspeed is not None and (self.fsdp > 1 or self.cpu_offload):
             raise VramplanError("--deepspeed cannot be combined with --fsdp/--cpu-offload (one engine shards the "
                                 "model; DeepSpeed's offload is --offload-optimizer/--offload-params)", "--deepspeed")
+        if self.deepspeed == DeepSpeedStage.ZERO3 and self.method == Method.QLORA:
+            raise VramplanError("--deepspeed zero3 with --method qlora is not modelled (4-bit models are not loaded "
+                                "under zero.Init); use zero2 or --fsdp", "--deepspeed")
+        if self.deepspeed is not None and self.method == Method.GALORE:
+            raise VramplanError("--deepspeed with --method galore is not modelled (GaLore projects whole "
+                                "parameters, ZeRO hands the optimizer flat partitions)", "--deepspeed")
         if self.offload_optimizer and self.deepspeed is None:
             raise VramplanError("--offload-optimizer needs --deepspeed (FSDP's offload is --cpu-offload)",
                                 "--offload-optimizer")
