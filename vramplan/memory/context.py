@@ -8,7 +8,7 @@ from vramplan.categories import Category as C
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Precision, TrainingSetup
+from vramplan.setup import AdapterDtype, Method, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,10 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
 def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
     """FSDP computes peft's fp32 adapters in bf16: FSDP2 all-gathers one param_dtype per unit
     (bf16); FSDP1 only under MixedPrecision(param_dtype=bf16) (mixed precision): without it
-    each LoRA Linear is its own fp32 unit and computes in fp32, as on one GPU. [CPU trace]"""
-    return setup.fsdp_version == 2 or setup.precision == Precision.MIXED
+    each LoRA Linear is its own unit in the adapters' dtype (fp32: computes in fp32, as on one
+    GPU [CPU trace]; --adapter-dtype bf16, e.g. peft before autocast_adapter_dtype: bf16)."""
+    return (setup.fsdp_version == 2 or setup.precision == Precision.MIXED
+            or setup.adapter_store_dtype == AdapterDtype.BF16)
 
 
 def stream_bytes(setup: TrainingSetup) -> int:

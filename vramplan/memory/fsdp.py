@@ -25,7 +25,7 @@ from vramplan.memory.lora import ADAPTER_BYTES
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
-from vramplan.setup import FsdpSharding, Precision, Stack, TrainingSetup
+from vramplan.setup import AdapterDtype, FsdpSharding, Precision, Stack, TrainingSetup
 
 RESHARDED = Gathering()   # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
 
@@ -80,7 +80,7 @@ def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
     """FSDP1 gathers each unit in its own dtype unless MixedPrecision(param_dtype=bf16) is set
     (mixed precision): peft's fp32 adapters, each its own unit, stay fp32."""
     if p.kind == ParamKind.LORA and setup.precision != Precision.MIXED:
-        return ADAPTER_BYTES * p.numel
+        return (2 if setup.adapter_store_dtype == AdapterDtype.BF16 else ADAPTER_BYTES) * p.numel
     return compute_bytes(p)
 
 
