@@ -207,3 +207,14 @@ def test_plan_searches_ddp_fsdp_and_zero(spec):
 def test_zero3_with_4bit_weights_is_refused():
     with pytest.raises(VramplanError, match="--deepspeed"):
         make_setup(method="qlora", deepspeed="zero3")
+
+
+def test_accelerate_fsdp2_reshards_the_untied_embedding():
+    # accelerate 1.16 fsdp2_prepare_model: the untied embedding is its own unit, resharded
+    # after forward; [norm, lm_head] the tail kept unsharded: one V*h bf16 less at the loss
+    spec = load_model_spec("llama-3.1-8b", num_layers=LAYERS)
+    assert spec.lm_head_numel  # untied
+    args = dict(method="lora", fsdp=2, gradient_checkpointing=True)
+    plain = _fsdp_at(spec, "forward (loss)", **args)
+    hf = _fsdp_at(spec, "forward (loss)", stack="hf-trainer", **args)
+    assert plain - hf == pytest.approx(2 * spec.embed_numel, abs=1024)

@@ -84,13 +84,36 @@ def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
     return compute_bytes(p)
 
 
+# The stacks that wrap FSDP2 with accelerate's fsdp2_prepare_model (HF Trainer, TRL, axolotl,
+# LLaMA-Factory; torchtune and Answer.AI's train.py wrap it themselves).
+ACCELERATE_STACKS = (Stack.HF_TRAINER, Stack.TRL, Stack.AXOLOTL, Stack.LLAMAFACTORY)
+
+
+def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Param | None:
+    """accelerate==1.16.0 utils/fsdp_utils.py:876-902: the untied input embedding is its own
+    unit, resharded after its forward, and [final norm, lm_head] a tail unit kept unsharded
+    (reshard_after_forward=False) -- where vramplan's root keeps embedding, norm and lm_head
+    unsharded. Returns the embedding (the first of the root's parameters in parameters())
+    when it leaves the kept unit; None when tied (the tail then holds it) or not accelerate.
+    Its re-gather for its own backward (full fine-tune, at the very end) is not modelled."""
+    if setup.fsdp_version != 2 or setup.stack not in ACCELERATE_STACKS:
+        return None
+    root = [p for p in params if p.layer is None]
+    if not root:
+        return None
+    embed = root[0]
+    tied = not any(p is not embed and p.dim0 == embed.dim0 and p.numel == embed.numel for p in root)
+    return None if tied else embed
+
+
 def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
     """All-gathered bytes per unit under the setup's FSDP (none under NO_SHARD)."""
     world = setup.shard_world
     if not setup.sharded or setup.fsdp_sharding == FsdpSharding.NO_SHARD:
         return {}
     if setup.fsdp_version == 2:
-        return unit_bytes(params, world)
+        embed = accelerate_embedding_unit(params, setup)
+        return unit_bytes([p for p in params if p is not embed], world)
     flat: dict[int | None, int] = {}
     for p in params:
         flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)
