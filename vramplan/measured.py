@@ -43,6 +43,9 @@ class MeasuredCase(BaseModel):
     seq: int
     fsdp_world: int = 0
     fsdp_offload: bool = False
+    data_parallel: int = Field(0, description="DDP ranks (0: none); the estimate derives it from the GPU count")
+    fsdp_version: int = 2
+    fsdp_sharding: str = "full"
     peak_alloc_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated() over build + steps, MiB")
     peak_reserved_mb: float | None = None
     mem_after_build_mb: float | None = None
@@ -62,7 +65,7 @@ class MeasuredCase(BaseModel):
 
     @property
     def world(self) -> int:
-        return self.fsdp_world or 1
+        return self.fsdp_world or self.data_parallel or 1
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
@@ -78,6 +81,8 @@ class MeasuredCase(BaseModel):
             s["galore_rank"] = self.galore_rank
         if self.fsdp_world:
             s.update(fsdp=self.fsdp_world, cpu_offload=self.fsdp_offload)
+            if self.fsdp_version != 2 or self.fsdp_sharding != "full":
+                s.update(fsdp_version=self.fsdp_version, fsdp_sharding=self.fsdp_sharding)
         return s
 
 

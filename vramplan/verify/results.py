@@ -119,6 +119,13 @@ class Measurement(BaseModel):
         )
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
+        # the engines (issue 15), written only where they differ from the reference step's
+        if s.data_parallel > 1:
+            fields["data_parallel"] = s.data_parallel
+        if s.sharded and s.fsdp_version != 2:
+            fields["fsdp_version"] = s.fsdp_version
+        if s.sharded and s.fsdp_sharding.value != "full":
+            fields["fsdp_sharding"] = s.fsdp_sharding.value
         return MeasuredCase.model_validate(fields)
 
 
