@@ -182,6 +182,30 @@ CASES = [
     case("l1b_full_torchao4bit_b1s1024", L1B, method="full", optim="adamw_torch_4bit", batch_size=1, seq_len=1024,
          seconds=120),
     case("l1b_full_inbwd_b1s1024", L1B, method="full", optimizer_in_backward=True, batch_size=1, seq_len=1024),
+    # the engines (issue 15), rank 0 of a fake group on one GPU as the FSDP2 cases: DDP's
+    # buckets, FSDP1's flat units (CPU-traced; the GPU's second in-flight forward unit is not)
+    case("l8b_ddp2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, data_parallel=2,
+         batch_size=1, seq_len=2048, seconds=60),
+    case("l1b_ddp2_full_bf16_b1s2048", L1B, method="full", data_parallel=2, batch_size=1, seq_len=2048),
+    case("l8b_fsdp1_2_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, fsdp=2,
+         fsdp_version=1, batch_size=1, seq_len=2048, seconds=90),
+    case("l8b_fsdp1_4_lora16_b1s2048", L8B, method="lora", fsdp=4, fsdp_version=1, batch_size=1, seq_len=2048,
+         seconds=90),
+]
+
+# DeepSpeed ZeRO, modelled from source, not measured (vramplan/memory/deepspeed.py). verify's
+# builder has no DeepSpeed path yet (deepspeed.initialize with HF's "auto" config): these are
+# the cases to measure once it has one (`--cases` with a JSON of them, or added to CASES).
+DEEPSPEED_CASES = [
+    case("l3b_zero2_offload_full_bf16_ckpt_b1s2048", "llama-3.2-3b", method="full", gradient_checkpointing=True,
+         deepspeed="zero2", offload_optimizer=True, batch_size=1, seq_len=2048, seconds=180),
+    case("l8b_zero2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, deepspeed="zero2",
+         data_parallel=2, batch_size=1, seq_len=2048, seconds=90),
+    case("l8b_zero3_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, deepspeed="zero3",
+         data_parallel=4, batch_size=1, seq_len=2048, seconds=120),
+    case("l8b_zero3_offload_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True,
+         deepspeed="zero3", offload_optimizer=True, offload_params=True, data_parallel=4, batch_size=1,
+         seq_len=2048, seconds=240),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases
@@ -247,7 +271,7 @@ def dry_run(cases: list[dict]) -> int:
     from vramplan.units import GiB
     for c in cases:
         s = _setup(c)
-        gpus = f"{max(s.fsdp, 1)}xh100-80gb"
+        gpus = f"{max(s.fsdp, s.data_parallel, 1)}xh100-80gb"
         est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
         xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
         print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "

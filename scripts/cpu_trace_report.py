@@ -10,7 +10,7 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) and "known-gaps"
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to) and
 "optimizers" (every optimizer verify builds with its real library, and optimizer in backward;
@@ -35,6 +35,7 @@ from test_cpu_trace import (  # noqa: E402
     BUILD_CASES,
     CASES,
     DEQ_CASES,
+    ENGINE_CASES,
     KNOB_CASES,
     LAYER_ARCH_CASES,
     LLAMA,
@@ -48,6 +49,7 @@ from test_cpu_trace import (  # noqa: E402
     _build_compared,
     _model_build_peak,
     _model_phases,
+    engine_model_phases,
     optimizer_model_phases,
 )
 from test_cpu_trace import TINY_VOCAB as V64  # noqa: E402
@@ -126,7 +128,8 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
-        model = (optimizer_model_phases if group == "optimizers" else _model_phases)(spec, setup)
+        phase_rule = {"optimizers": optimizer_model_phases, "engines": engine_model_phases}
+        model = phase_rule.get(group, _model_phases)(spec, setup)
         if _build_compared(setup):
             model["build"] = _model_build_peak(spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
@@ -152,7 +155,11 @@ def _setup_text(setup: dict) -> str:
     if setup.get("optimizer_in_backward"):
         parts.append("in backward")
     if setup.get("fsdp", 1) > 1:
-        parts.append(f"FSDP{setup['fsdp']}" + (" offload" if setup.get("cpu_offload") else ""))
+        v1 = " v1" if setup.get("fsdp_version") == 1 else ""
+        sgo = f" {setup['fsdp_sharding']}" if setup.get("fsdp_sharding", "full") != "full" else ""
+        parts.append(f"FSDP{setup['fsdp']}{v1}{sgo}" + (" offload" if setup.get("cpu_offload") else ""))
+    if setup.get("data_parallel", 1) > 1 and setup.get("fsdp", 1) == 1:
+        parts.append(f"DDP{setup['data_parallel']}")
     if setup.get("gradient_checkpointing"):
         parts.append("ckpt" + (" reentrant" if setup.get("checkpoint_reentrant") else ""))
     parts += [f"{k.replace('_', ' ')} {setup[k]}" for k in ("activation_offload", "attention", "packing")
@@ -269,6 +276,7 @@ def main() -> int:
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]
     jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]
+    jobs += [("engines", n, LLAMA, f, B2S256) for n, f in ENGINE_CASES.items()]
     jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
               v64)]
     jobs += [("offload-attention", n, V64_LLAMA, f, V64_SHAPE) for n, f in KNOB_CASES.items()]

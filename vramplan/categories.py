@@ -17,6 +17,7 @@ class Category(str, Enum):
     ACTIVATIONS = "activations"              # tensors autograd saved for backward
     TRANSIENT = "transient"                  # short-lived peaks: loss path, dequant, optimizer temporaries
     FSDP_BUFFERS = "fsdp_buffers"            # unsharded parameters, all-gather and reduce-scatter buffers
+    COMM_BUFFERS = "comm_buffers"            # DDP gradient buckets, DeepSpeed reduce buckets and gathered partitions
     ALLOCATOR_OVERHEAD = "allocator_overhead"  # reserved - allocated (caching allocator)
     CUDA_CONTEXT = "cuda_context"            # CUDA context + library workspaces, outside torch's statistics
 
@@ -35,5 +36,6 @@ COLORS = {
     Category.GRADIENTS: "#DD8452", Category.OPTIMIZER_STATES: "#C44E52",
     Category.PAGED_OPTIMIZER_STATES: "#E8999B", Category.ACTIVATIONS: "#55A868",
     Category.TRANSIENT: "#CCB974", Category.FSDP_BUFFERS: "#937860",
+    Category.COMM_BUFFERS: "#A6761D",
     Category.ALLOCATOR_OVERHEAD: "#8C8C8C", Category.CUDA_CONTEXT: "#2F2F2F",
 }

@@ -88,10 +88,28 @@ def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None =
                           reserve_source=source)
 
 
+def with_data_parallel(setup: TrainingSetup, gpus: GpuSpec) -> TrainingSetup:
+    """The setup with its data-parallel world: every GPU of --gpus a rank under DeepSpeed, and
+    under DDP when no FSDP wraps the model (one process per GPU, the whole model on each)."""
+    if setup.sharded or gpus.count == setup.data_parallel:
+        return setup
+    if setup.deepspeed is None and gpus.count == 1:
+        return setup
+    try:
+        return TrainingSetup(**(setup.model_dump() | {"data_parallel": gpus.count}))
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
 def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> None:
     if setup.fsdp > gpus.count:
         raise VramplanError(f"--fsdp {setup.fsdp} needs {setup.fsdp} GPUs but --gpus gives {gpus.count}", "--fsdp")
     check_lora_targets(spec, setup)
+    if gpus.count % setup.nodes:
+        raise VramplanError(f"--nodes {setup.nodes} does not divide the {gpus.count} GPUs of --gpus (--gpus counts "
+                            "the GPUs of all nodes)", "--nodes")
+    if setup.sharded and setup.fsdp > 1 and gpus.count % setup.fsdp:
+        raise VramplanError(f"--fsdp {setup.fsdp} does not divide the {gpus.count} GPUs of --gpus", "--fsdp")
     if setup.lora_like:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.lora_r > smallest:
@@ -229,8 +247,16 @@ def default_host_ram(gpus_named: bool) -> int | None:
     return DEFAULT_HOST_RAM if gpus_named else local_host_ram()
 
 
+def ranks_per_node(setup: TrainingSetup, gpus: GpuSpec) -> int:
+    """Training processes on one node, each with its own host memory and offload buffers:
+    the data-parallel world (DDP, DeepSpeed) or the FSDP world, spread over --nodes."""
+    world = setup.data_parallel if not setup.sharded else setup.fsdp
+    return max(min(gpus.count, world) // setup.nodes, 1)
+
+
 def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None) -> Estimate:
     check_compatible(spec, setup, gpus)
+    setup = with_data_parallel(setup, gpus)
     model = step_model(spec, setup)
     peak = model.peak
     alloc = peak.allocated
@@ -243,8 +269,7 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
     total = reserved + context + breakdown[C.PAGED_OPTIMIZER_STATES]
     capacity = gpus.profile.memory_bytes
-    ranks_per_host = min(gpus.count, max(setup.fsdp, 1))
-    host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)
+    host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
                      phases={p.name: p.allocated for p in model.phases},

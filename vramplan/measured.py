@@ -45,6 +45,9 @@ class MeasuredCase(BaseModel):
     seq: int
     fsdp_world: int = 0
     fsdp_offload: bool = False
+    data_parallel: int = Field(0, description="DDP ranks (0: none); the estimate derives it from the GPU count")
+    fsdp_version: int = 2
+    fsdp_sharding: str = "full"
     # a measured peak is positive and finite (a log-log plot and the error ratio divide by it)
     peak_alloc_mb: float | None = Field(None, gt=0, allow_inf_nan=False,
                                         description="torch.cuda.max_memory_allocated() over build + steps, MiB")
@@ -66,7 +69,7 @@ class MeasuredCase(BaseModel):
 
     @property
     def world(self) -> int:
-        return self.fsdp_world or 1
+        return self.fsdp_world or self.data_parallel or 1
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
@@ -87,6 +90,8 @@ class MeasuredCase(BaseModel):
             s["galore_rank"] = self.galore_rank
         if self.fsdp_world:
             s.update(fsdp=self.fsdp_world, cpu_offload=self.fsdp_offload)
+            if self.fsdp_version != 2 or self.fsdp_sharding != "full":
+                s.update(fsdp_version=self.fsdp_version, fsdp_sharding=self.fsdp_sharding)
         s.update((self.model_extra or {}).get("knobs") or {})  # --loss and the other stack knobs
         return s
 

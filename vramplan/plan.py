@@ -30,6 +30,7 @@ from vramplan.estimate import (
     estimate_spec,
     fused_expert_note,
     make_setup,
+    ranks_per_node,
     resolve_gpus,
 )
 from vramplan.hardware import GpuSpec, Vendor, gpu_notes, profiles, supports_bf16
@@ -48,7 +49,7 @@ from vramplan.memory.attention import mask_from, span_terms
 from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
+from vramplan.setup import DeepSpeedStage, Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
@@ -140,9 +141,9 @@ def method_key(setup: TrainingSetup) -> str:
 
 def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
     """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself.
-    The GPUs outside one FSDP group are data-parallel replicas (HSDP, or DDP at degree 1,
-    assumed with gradient_as_bucket_view=True so the buckets add no gradient copy: the
-    memory per GPU is the FSDP group's)."""
+    The GPUs outside one FSDP group are data-parallel replicas (HSDP); at degree 1 every GPU
+    is a DDP rank, with DDP's gradient buckets (memory/ddp.py; candidate_groups sets
+    data_parallel)."""
     n = req.gpus.count
     degrees = sorted({1, n} | {2**k for k in range(1, int(math.log2(n)) + 1) if n % 2**k == 0})
     modes = []
@@ -177,6 +178,26 @@ def _default_said(req: PlanRequest, rank_field: str) -> str:
     return "" if rank_field in req.model_fields_set else " (the default)"
 
 
+def _ddp_world(req: PlanRequest, fsdp: int) -> int:
+    """Without FSDP every GPU is a DDP rank (estimate_spec's with_data_parallel)."""
+    return req.gpus.count if fsdp == 1 else 1
+
+
+def _zero_modes(req: PlanRequest, method: Method) -> list[dict]:
+    """DeepSpeed ZeRO over every GPU (memory/deepspeed.py): ZeRO-2 on two or more GPUs, its
+    optimizer offload (ZeRO-Offload, one GPU too) and ZeRO-3 (not with 4-bit weights, which
+    are not loaded under zero.Init) with both offloads. bf16 (DeepSpeed's fp32 masters are
+    in the optimizer)."""
+    n = req.gpus.count
+    modes = [dict(deepspeed=DeepSpeedStage.ZERO2, offload_optimizer=True)]
+    if n > 1:
+        modes.append(dict(deepspeed=DeepSpeedStage.ZERO2))
+        if method != Method.QLORA:
+            modes += [dict(deepspeed=DeepSpeedStage.ZERO3),
+                      dict(deepspeed=DeepSpeedStage.ZERO3, offload_optimizer=True, offload_params=True)]
+    return [dict(m, data_parallel=n) for m in modes]
+
+
 def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     """Setup fields of every discrete configuration, in groups ordered by rank (a rank
     that does not fit at one sequence of min_seq means no larger rank will)."""
@@ -191,7 +212,9 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims,
                                                                  (False, True), modes):
                 groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
-                                    fsdp=d, cpu_offload=off)])
+                                    fsdp=d, cpu_offload=off, data_parallel=_ddp_world(req, d))])
+            for optim, ckpt, zero in itertools.product(full_optims, (False, True), _zero_modes(req, Method.FULL)):
+                groups.append([dict(method=Method.FULL, optim=optim, gradient_checkpointing=ckpt, **zero)])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
             ranks = _ranks(req.min_lora_rank, smallest, 3)
             if not ranks:
@@ -204,7 +227,10 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
             for ckpt, (d, off) in itertools.product((False, True), modes):
                 groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
-                                    cpu_offload=off) for r in ranks])
+                                    cpu_offload=off, data_parallel=_ddp_world(req, d)) for r in ranks])
+            for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
+                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero)
+                               for r in ranks])
         elif key == "galore":
             ranks = _ranks(req.min_galore_rank, smallest, 4)
             if not ranks:
@@ -222,7 +248,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
                 if prec == Precision.FP16 and optim.layerwise:
                     continue  # the GradScaler unscales every grad before one step (setup._check)
                 groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
-                                    gradient_checkpointing=ckpt) for r in ranks])
+                                    gradient_checkpointing=ckpt, data_parallel=_ddp_world(req, 1)) for r in ranks])
     return groups
 
 
@@ -307,7 +333,7 @@ def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
 def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:
     """Host RAM of one node: estimate_spec's rule (one process per rank of the FSDP group
     on this host), with the ranks of one node."""
-    ranks = min(req.gpus_per_node, max(setup.fsdp, 1))
+    ranks = min(req.gpus_per_node, max(setup.fsdp, setup.data_parallel, 1))
     return ranks * (PROCESS_HOST_BYTES + pinned)
 
 
@@ -390,6 +416,9 @@ def label(setup: TrainingSetup) -> str:
         parts.append("+ ckpt")
     if setup.fsdp > 1:
         parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
+    if setup.deepspeed is not None:
+        parts.append(f"+ {setup.deepspeed.value.upper().replace('ZERO', 'ZeRO-')}x{setup.data_parallel}"
+                     + (" + offload" if setup.offload_optimizer else ""))
     return " ".join(parts)
 
 
@@ -498,7 +527,7 @@ def _seq_index(grid: Grid, req: PlanRequest) -> int:
 def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     """estimate_spec's verdict (the host rule per node, as in _recheck)."""
     est = estimate_spec(spec, setup, req.gpus, None)
-    pinned = est.host_ram_bytes // max(min(req.gpus.count, setup.fsdp), 1) - PROCESS_HOST_BYTES
+    pinned = est.host_ram_bytes // ranks_per_node(est.setup, req.gpus) - PROCESS_HOST_BYTES
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
@@ -595,6 +624,9 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
     extra = []
     if row.setup.fsdp > 1:
         extra.append(f"sharded over {row.setup.fsdp} GPUs")
+    if row.setup.deepspeed is not None:
+        extra.append(f"DeepSpeed {row.setup.deepspeed.value} over {row.setup.data_parallel} GPUs"
+                     + (" with the optimizer in host RAM" if row.setup.offload_optimizer else ""))
     if row.setup.cpu_offload:
         extra.append("shards and optimizer in host RAM")
     if row.setup.gradient_checkpointing:

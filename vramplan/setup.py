@@ -326,6 +326,15 @@ class DeepSpeedStage(str, Enum):
     ZERO3 = "zero3"
 
 
+class Engine(str, Enum):
+    """What holds the model on each GPU (derived from the setup: TrainingSetup.engine)."""
+    SINGLE = "single"        # one GPU, no wrapper
+    DDP = "ddp"              # torch DistributedDataParallel: every GPU holds the whole model
+    FSDP1 = "fsdp1"          # torch FullyShardedDataParallel (flat parameters)
+    FSDP2 = "fsdp2"          # torch fully_shard (per-parameter DTensor shards)
+    DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO-1/2/3
+
+
 class LoraTargets(str, Enum):
     ALL_LINEAR = "all-linear"
     ATTENTION = "attention"
@@ -440,8 +449,9 @@ class TrainingSetup(BaseModel):
     galore_rank: int = Field(128, description="GaLore projection rank")
     galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
-    fsdp: int = Field(1, description="FSDP2 world size (1 = no sharding)")
-    cpu_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: shards, grads and optimizer on the CPU")
+    fsdp: int = Field(1, description="FSDP world size (1 = no sharding; several --gpus without it: DDP)")
+    cpu_offload: bool = Field(False, description="FSDP CPU offload (FSDP2 CPUOffloadPolicy, FSDP1 CPUOffload): shards, "
+                              "grads and optimizer on the CPU; also on one GPU")
     # ---- the stack knobs (issue 13): each default is the reference step's
     stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
     loss: Loss = Field(Loss.HF, description="the loss over the vocabulary: hf (the model's own on full logits), "
@@ -468,6 +478,8 @@ class TrainingSetup(BaseModel):
     offload_optimizer: bool = Field(False, description="DeepSpeed offload_optimizer to the CPU")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3 offload_param to the CPU")
     nodes: int = Field(1, description="nodes the GPUs are spread over")
+    data_parallel: int = Field(1, description="GPUs in the data-parallel group of DDP or DeepSpeed (estimate sets it "
+                               "from --gpus: every GPU a rank)")
 
     @model_validator(mode="before")
     @classmethod
@@ -496,8 +508,6 @@ class TrainingSetup(BaseModel):
             raise VramplanError(f"must be in [0, 1), got {self.lora_dropout}", "--lora-dropout")
         if self.quant is not None and self.method != Method.QLORA:
             raise VramplanError("only applies to --method qlora", "--quant")
-        if self.cpu_offload and self.fsdp < 2:
-            raise VramplanError("needs --fsdp N with N >= 2 (CPU offload is FSDP2's CPUOffloadPolicy)", "--cpu-offload")
         if self.activation_offload in (ActivationOffload.CHECKPOINTS, ActivationOffload.UNSLOTH) \
                 and not self.gradient_checkpointing:
             # transformers' offload is an option of activation checkpointing (save_on_cpu around each
@@ -507,6 +517,7 @@ class TrainingSetup(BaseModel):
         self._check_optim()
         self._check_loss()
         self._check_adapters_and_dtypes()
+        self._check_engines()
         return self
 
     def _check_loss(self) -> None:
@@ -561,9 +572,9 @@ class TrainingSetup(BaseModel):
                        else "any --optim not named galore_*")
             raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
                                 _OPTIM_FLAG)
-        if self.optim.layerwise and self.fsdp > 1:
-            raise VramplanError(f"{self.optim.value} (layer-wise) cannot be combined with --fsdp (per-parameter hooks "
-                                "on sharded grads)", _OPTIM_FLAG)
+        if self.optim.layerwise and (self.fsdp > 1 or self.cpu_offload or self.deepspeed is not None):
+            raise VramplanError(f"{self.optim.value} (layer-wise) cannot be combined with --fsdp, --cpu-offload or "
+                                "--deepspeed (per-parameter hooks on sharded grads)", _OPTIM_FLAG)
         if self.gradient_accumulation < 1:
             raise VramplanError(f"must be a positive integer, got {self.gradient_accumulation}",
                                 "--gradient-accumulation")
@@ -582,6 +593,36 @@ class TrainingSetup(BaseModel):
         """Each parameter is stepped inside backward as soon as its grad is accumulated: the
         layer-wise and LOMO optimizers by construction, any optimizer with --optimizer-in-backward."""
         return self.optimizer_in_backward or self.optim.traits.in_backward
+
+    def _check_engines(self) -> None:
+        """The engine flags that exclude each other (docs/memory-model.md, "Engines")."""
+        for flag, value in (("--nodes", self.nodes), ("--data-parallel", self.data_parallel)):
+            if value < 1:
+                raise VramplanError(f"must be a positive integer, got {value}", flag)
+        if self.fsdp_version not in (1, 2):
+            raise VramplanError(f"must be 1 or 2, got {self.fsdp_version}", "--fsdp-version")
+        if self.deepspeed is not None and (self.fsdp > 1 or self.cpu_offload):
+            raise VramplanError("--deepspeed cannot be combined with --fsdp/--cpu-offload (one engine shards the "
+                                "model; DeepSpeed's offload is --offload-optimizer/--offload-params)", "--deepspeed")
+        if self.deepspeed == DeepSpeedStage.ZERO3 and self.method == Method.QLORA:
+            raise VramplanError("--deepspeed zero3 with --method qlora is not modelled (4-bit models are not loaded "
+                                "under zero.Init); use zero2 or --fsdp", "--deepspeed")
+        if self.deepspeed is not None and self.method == Method.GALORE:
+            raise VramplanError("--deepspeed with --method galore is not modelled (GaLore projects whole "
+                                "parameters, ZeRO hands the optimizer flat partitions)", "--deepspeed")
+        if self.offload_optimizer and self.deepspeed is None:
+            raise VramplanError("--offload-optimizer needs --deepspeed (FSDP's offload is --cpu-offload)",
+                                "--offload-optimizer")
+        if self.offload_params and self.deepspeed != DeepSpeedStage.ZERO3:
+            raise VramplanError("--offload-params needs --deepspeed zero3 (ZeRO-1/2 keep every parameter on the GPU)",
+                                "--offload-params")
+        if self.fsdp_sharding == FsdpSharding.HYBRID:
+            if self.nodes < 2:
+                raise VramplanError("--fsdp-sharding hybrid needs --nodes 2 or more (it shards inside a node and "
+                                    "replicates across nodes)", "--fsdp-sharding")
+            if self.fsdp % self.nodes:
+                raise VramplanError(f"--fsdp {self.fsdp} is not a multiple of --nodes {self.nodes} "
+                                    "(hybrid sharding puts the same number of GPUs on each node)", "--fsdp-sharding")
 
     @property
     def tokens(self) -> int:
@@ -611,9 +652,34 @@ class TrainingSetup(BaseModel):
         return self.adapter_dtype or AdapterDtype.FP32
 
     @property
+    def engine(self) -> Engine:
+        """What holds the model on each GPU: --deepspeed, else FSDP (--fsdp N > 1, or --cpu-offload
+        on one GPU: fully_shard with world 1), else DDP when several GPUs each run a rank."""
+        if self.deepspeed is not None:
+            return Engine.DEEPSPEED
+        if self.fsdp > 1 or self.cpu_offload:
+            return Engine.FSDP1 if self.fsdp_version == 1 else Engine.FSDP2
+        return Engine.DDP if self.data_parallel > 1 else Engine.SINGLE
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP (either version) wraps the model: units are all-gathered around their use."""
+        return self.engine in (Engine.FSDP1, Engine.FSDP2)
+
+    @property
+    def shard_world(self) -> int:
+        """GPUs one FSDP shard group spans: --fsdp, inside a node under hybrid, 1 under no-shard."""
+        if self.fsdp_sharding == FsdpSharding.NO_SHARD:
+            return 1
+        if self.fsdp_sharding == FsdpSharding.HYBRID:
+            return self.fsdp // self.nodes
+        return self.fsdp
+
+    @property
     def autocast(self) -> bool:
-        """The step runs under torch.autocast (bf16, or fp16 with a GradScaler), without FSDP."""
-        return self.mixed_precision and self.fsdp == 1
+        """The step runs under torch.autocast (bf16, or fp16 with a GradScaler) over its weights: no
+        FSDP, no DeepSpeed (both compute in their bf16 parameter dtype)."""
+        return self.mixed_precision and self.engine in (Engine.SINGLE, Engine.DDP)
 
     def describe(self) -> str:
         parts = [self.method.value]
@@ -651,6 +717,17 @@ class TrainingSetup(BaseModel):
             words.append(f"dropout={self.lora_dropout:g}")
         if self.gradient_accumulation > 1:
             words.append(f"ga={self.gradient_accumulation}")
-        if self.fsdp > 1 and self.fsdp_version != 2:
+        if self.sharded and self.fsdp_version != 2:
             words.append(f"fsdp-v{self.fsdp_version}")
+        if self.sharded and self.fsdp_sharding != FsdpSharding.FULL:
+            words.append(f"sharding={self.fsdp_sharding.value}")
+        if self.fsdp == 1 and self.cpu_offload:
+            words.append("fsdp-1gpu+offload")
+        if self.engine == Engine.DDP:
+            words.append(f"ddp{self.data_parallel}")
+        if self.deepspeed is not None:
+            offload = "+offload-opt" * self.offload_optimizer + "+offload-params" * self.offload_params
+            words.append(f"{self.deepspeed.value}x{self.data_parallel}{offload}")
+        if self.nodes > 1:
+            words.append(f"nodes={self.nodes}")
         return words

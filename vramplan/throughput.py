@@ -29,6 +29,7 @@ from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
     Attention,
+    DeepSpeedStage,
     Method,
     Optim,
     OptimFamily,
@@ -328,9 +329,12 @@ def comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int
     """Collectives per optimizer step on one GPU. FSDP (degree W): all-gather the parameters
     in forward and again in backward, reduce-scatter the gradients, every micro-batch;
     data-parallel replicas (gpus / W of them): all-reduce the (sharded) gradients once per
-    step. Ring collectives move (k-1)/k of the buffer through each GPU's link."""
-    W = setup.fsdp
+    step. Ring collectives move (k-1)/k of the buffer through each GPU's link. DeepSpeed:
+    zero_comm_seconds."""
     param_b = 0.5 if setup.method == Method.QLORA else 2.0
+    if setup.deepspeed is not None:
+        return zero_comm_seconds(sh, setup, gpus, gpus_per_node, link_gbps, trainable, accum, param_b)
+    W = setup.fsdp
     reduce_b = 4 if setup.precision == Precision.MIXED or setup.lora_like else 2
     t = 0.0
     if W > 1:
@@ -344,10 +348,47 @@ def comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int
     return t
 
 
+def zero_comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int, link_gbps: float,
+                      trainable: int, accum: int, param_b: float) -> float:
+    """DeepSpeed ZeRO over all `gpus` (/work/research/engines.md section 6): every micro-batch
+    reduces the bf16 grads (ZeRO-1/2: buckets, ZeRO-3: reduce-scatter), and ZeRO-3 gathers the
+    parameters for forward and again for backward; after the step the updated bf16 partitions
+    are all-gathered (ZeRO-1/2). The link is the inter-node one as soon as the GPUs span nodes."""
+    if gpus < 2:
+        return 0.0
+    f = (gpus - 1) / gpus
+    link = INTERNODE_GBPS if gpus > gpus_per_node else link_gbps
+    per_micro = f * 2 * trainable
+    if setup.deepspeed == DeepSpeedStage.ZERO3:
+        per_micro += f * 2 * param_b * sh.total_params
+        per_step = 0.0
+    else:
+        per_step = f * 2 * trainable
+    return (accum * per_micro + per_step) / (link * 1e9)
+
+
+def zero_host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, trainable: int,
+                      accum: int) -> float:
+    """DeepSpeed offload over PCIe: the grad partition down every micro-batch and the updated
+    bf16 partition up (offload_optimizer), the CPU Adam step; offload_param copies the bf16
+    partitions up for every forward and backward gather."""
+    W = max(setup.data_parallel, 1)
+    t = 0.0
+    if setup.offload_optimizer:
+        t += (accum * 2 * trainable / W + 2 * trainable / W) / (profile.host_link_gbps * 1e9)
+        t += trainable / W / CPU_ADAM_PARAMS_PER_S
+    if setup.offload_params:
+        passes = 2 + (1 if setup.gradient_checkpointing else 0)
+        t += accum * passes * 2 * sh.total_params / W / (profile.host_link_gbps * 1e9)
+    return t
+
+
 def host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, trainable: int, accum: int) -> float:
     """CPU offload: every micro-batch copies the rank's parameter shards host->GPU for the
     forward and backward all-gathers (and the recomputation) and its gradient shard back;
     then the optimizer steps on the CPU."""
+    if setup.deepspeed is not None:
+        return zero_host_seconds(sh, setup, profile, trainable, accum)
     if not setup.cpu_offload:
         return 0.0
     W = setup.fsdp
@@ -369,7 +410,9 @@ def raw_terms(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, a
     """(seconds at the bf16 peak, seconds at the full bandwidth, ops) of one optimizer step
     on the GPU: the three quantities the global constants scale."""
     sh = shapes(spec)
-    ob, ok, of = (0.0, 0.0, 0.0) if setup.cpu_offload else optimizer_bytes_and_kernels(spec, sh, setup, setup.fsdp)
+    shard = setup.data_parallel if setup.deepspeed is not None else setup.fsdp
+    on_host = setup.cpu_offload or setup.offload_optimizer
+    ob, ok, of = (0.0, 0.0, 0.0) if on_host else optimizer_bytes_and_kernels(spec, sh, setup, shard)
     flops_s = (accum * micro_flops(sh, setup) + of) / (profile.training_tflops * 1e12)
     bytes_s = (accum * micro_bytes(spec, sh, setup) + ob) / (profile.memory_bandwidth_gbps * 1e9)
     return flops_s, bytes_s, accum * micro_kernels(sh, setup) + ok

@@ -81,7 +81,7 @@ def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
     out = setup.model_dump()
     out["model_dtype"], out["adapter_dtype"] = setup.weight_dtype, setup.adapter_store_dtype
     out["lora_target_modules"] = _target_modules(setup)
-    for name in ("stack", "lora_targets", "fp32_outputs", "nodes"):
+    for name in ("stack", "lora_targets", "fp32_outputs", "nodes", "data_parallel"):  # DDP ranks: from --gpus
         out.pop(name)
     if not setup.lora_like:
         for name in ("lora_r", "lora_dropout", "lora_target_modules", "adapter_dtype", "kbit_prep", "dora"):

@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
+from vramplan.memory import deepspeed
 from vramplan.memory.context import StepContext
 from vramplan.memory.dora import dora_recompute
 from vramplan.memory.fsdp import (
+    fsdp1_compute_bytes,
     layer_backward_gathered,
     reduce_bytes,
-    shard,
+    shard_for,
     unit_grad_bytes,
 )
 from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
@@ -22,6 +24,7 @@ from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.quantization import dequantize_transient
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, PhaseKind
+from vramplan.setup import Engine, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,23 @@ class LayerFsdp:
     reduce_prev: int  # the previous unit's reduce-scatter input, held until this unit's post-backward
 
 
+def held_grad(p: Param, setup: TrainingSetup) -> int:
+    """A trainable parameter's grad bytes held on the GPU once its layer's backward is done."""
+    if setup.engine == Engine.DEEPSPEED:
+        return deepspeed.held_grad(p, setup)
+    return alloc(grad_bytes(p, setup) * shard_for(p, setup))
+
+
 def grad_book(ctx: StepContext) -> GradBook:
-    setup, world = ctx.setup, ctx.world
+    setup = ctx.setup
     sharded: dict[int | None, int] = {}
     down: dict[int | None, int] = {}
     for p in ctx.params:
         if p.trainable:
-            sharded[p.layer] = sharded.get(p.layer, 0) + alloc(grad_bytes(p, setup) * shard(p, world))
+            sharded[p.layer] = sharded.get(p.layer, 0) + held_grad(p, setup)
             if p.role in MLP_OUT_ROLES:
                 down[p.layer] = down.get(p.layer, 0) + alloc(grad_bytes(p, setup) * p.numel)
-    if ctx.offload or setup.steps_in_backward:
+    if setup.cpu_offload or setup.steps_in_backward:
         sharded = {k: 0 for k in sharded}
     if setup.steps_in_backward:
         down = {}
@@ -72,20 +82,26 @@ def grad_book(ctx: StepContext) -> GradBook:
 
 
 def layer_fsdp(ctx: StepContext, book: GradBook, i: int) -> LayerFsdp:
-    if ctx.world == 1:
+    if not ctx.sharded:
         return LayerFsdp(0, 0, 0, 0, 0)
     params = book.by_layer.get(i, [])
     ug, rs = unit_grad_bytes(params, i, reduce_bytes(ctx.setup))
     full = max(sum(alloc(grad_bytes(p, ctx.setup) * p.numel) for p in params if p.trainable), 1)
     rs_prev = alloc(rs) if i < len(ctx.spec.layers) - 1 else 0
-    return LayerFsdp(gathered=layer_backward_gathered(ctx.units, i),
+    if ctx.setup.fsdp_version == 1:
+        # the views' grads and their concatenation into the flat grad; the reduce-scatter
+        # output is the shard in the parameter dtype (bf16: accelerate's reduce_dtype), copied
+        # into the sharded grad at once (no input kept until the next unit)
+        ug, rs_prev = 2 * sum(fsdp1_compute_bytes(p, ctx.setup) for p in params if p.trainable), 0
+        rs = sum(fsdp1_compute_bytes(p, ctx.setup) * -(-p.numel // ctx.world) // p.numel for p in params if p.trainable)
+    return LayerFsdp(gathered=layer_backward_gathered(ctx.units, i, ctx.gathering),
                      down_share=alloc(ug * book.down.get(i, 0) // full),
                      unit_grads=alloc(ug), reduce=alloc(rs), reduce_prev=rs_prev)
 
 
 def _grads_made_first(ctx: StepContext, book: GradBook, i: int) -> int:
     """down's weight grads, made before the MLP's elementwise backward (FSDP: in its buffers)."""
-    return 0 if ctx.world > 1 else book.down.get(i, 0)
+    return 0 if ctx.sharded else book.down.get(i, 0)
 
 
 def _core_moments(ctx: StepContext, pts: LayerPoints, this: int, book: GradBook, i: int, done: int,
@@ -190,7 +206,7 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
             ph = ctx.base(PhaseKind.LAYER_BACKWARD, layer=i, point=m.point)
             ph.add(C.ACTIVATIONS, kept + m.live + ctx.cast_cache).add(C.TRANSIENT, m.transient)
             ph.add(C.GRADIENTS, m.grads)
-            if ctx.world > 1:
+            if ctx.sharded:
                 ph.add(C.FSDP_BUFFERS, m.fsdp)
             out.append(ph)
         done += book.sharded.get(i, 0)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from vramplan.categories import Category as C
 from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import Phase
-from vramplan.memory.types import LayerPoint, Param, ParamKind, PhaseKind
+from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, AdapterDtype, Method, TrainingSetup
+from vramplan.setup import ActivationOffload, AdapterDtype, Method, Precision, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,20 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
     lora_autocast = setup.autocast and (fp32_stream or setup.adapter_store_dtype == AdapterDtype.FP32)
     return ActivationContext(
         weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=fp32_stream,
-        adapters_bf16=lora_autocast or setup.fsdp > 1 or setup.adapter_store_dtype == AdapterDtype.BF16,
+        adapters_bf16=(lora_autocast or setup.deepspeed is not None or (setup.sharded and _unit_dtype_bf16(setup))
+                       or setup.adapter_store_dtype == AdapterDtype.BF16),
         lora_autocast=lora_autocast,
         quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
         lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
+
+
+def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
+    """FSDP computes peft's fp32 adapters in bf16: FSDP2 all-gathers one param_dtype per unit
+    (bf16); FSDP1 only under MixedPrecision(param_dtype=bf16) (mixed precision): without it
+    each LoRA Linear is its own unit in the adapters' dtype (fp32: computes in fp32, as on one
+    GPU [CPU trace]; --adapter-dtype bf16, e.g. peft before autocast_adapter_dtype: bf16)."""
+    return (setup.fsdp_version == 2 or setup.precision == Precision.MIXED
+            or setup.adapter_store_dtype == AdapterDtype.BF16)
 
 
 def stream_bytes(setup: TrainingSetup) -> int:
@@ -53,6 +63,27 @@ class StaticBytes:
     optimizer_states: int
     host_pinned: int             # CPU offload: shards, grads and states on the host; host-side optimizer states
     paged_states: int = 0        # bitsandbytes paged optimizer states: CUDA unified memory, outside torch's statistics
+
+
+@dataclass(frozen=True)
+class Gathering:
+    """When units are unsharded: after forward (False under SHARD_GRAD_OP) and whether a
+    unit's backward all-gathers the next one early."""
+    reshard_after_forward: bool = True
+    backward_prefetch: bool = True
+
+
+@dataclass(frozen=True)
+class EngineBuffers:
+    """An engine's communication buffers by measured phase (DeepSpeed's buckets and gathered
+    partitions; DDP's buckets are persistent, in StaticBytes.parts)."""
+    forward: int = 0
+    backward: int = 0
+    step: int = 0
+
+    def at(self, phase: MeasuredPhase) -> int:
+        return {MeasuredPhase.FORWARD: self.forward, MeasuredPhase.BACKWARD: self.backward,
+                MeasuredPhase.OPTIMIZER: self.step}.get(phase, 0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +107,8 @@ class StepContext:
     buffers: int = 0         # persistent GPU reload buffers (Unsloth), part of acts
     host_acts: int = 0       # activations in pinned host RAM
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
+    engine: EngineBuffers = field(default_factory=EngineBuffers)
+    gathering: Gathering = field(default_factory=Gathering)     # FSDP: when units are unsharded
 
     @property
     def tokens(self) -> int:
@@ -83,11 +116,18 @@ class StepContext:
 
     @property
     def world(self) -> int:
-        return self.setup.fsdp
+        """GPUs an FSDP shard group spans (1 without FSDP)."""
+        return self.setup.shard_world if self.setup.sharded else 1
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP all-gathers units around their use (even on one GPU under CPU offload)."""
+        return self.setup.sharded
 
     @property
     def offload(self) -> bool:
-        return self.setup.cpu_offload
+        """The optimizer steps on the host: FSDP's CPU offload or DeepSpeed's offload_optimizer."""
+        return self.setup.cpu_offload or self.setup.offload_optimizer
 
     @property
     def ckpt(self) -> bool:
@@ -112,6 +152,9 @@ class StepContext:
         ph.add(C.OPTIMIZER_STATES, self.static.optimizer_states)
         if self.static.paged_states:  # resident on the GPU, not in Phase.allocated (categories.ALLOCATED)
             ph.add(C.PAGED_OPTIMIZER_STATES, self.static.paged_states)
+        comm = self.engine.at(kind.measured)
+        if comm:  # the step's fp32 flat grad and foreach temporaries are transients
+            ph.add(C.TRANSIENT if kind.measured == MeasuredPhase.OPTIMIZER else C.COMM_BUFFERS, comm)
         if with_grads:
             ph.add(C.GRADIENTS, self.static.grads)
         return ph

@@ -1,12 +1,49 @@
-"""FSDP2 (fully_shard): how a parameter shards, each unit's all-gathered bytes, the
-unsharded grads and reduce-scatter input of a unit in backward, and which units are
-gathered at each moment. Units are the decoder layers and the root (layer None)."""
+"""FSDP2 (fully_shard) and FSDP1 (FullyShardedDataParallel): how a parameter shards, each
+unit's all-gathered bytes, the unsharded grads and reduce-scatter input of a unit in
+backward, and which units are gathered at each moment. Units are the decoder layers and
+the root (layer None).
+
+FSDP1 (torch==2.13.0 distributed/fsdp/_flat_param.py) differs where memory is concerned:
+  - one FlatParameter per unit, padded once to a multiple of W (:759-776, _get_shard
+    :1122-1159), not per tensor: a parameter's share of the shard is ceil(numel / W);
+  - in a unit's backward autograd makes every view's grad and then their concatenation into
+    the flat grad (2x the unit's trainable grads; CPU-checked, /work/research/engines.md
+    F1-4); the reduce-scatter output is the shard, cast to the parameter dtype (:1030);
+  - backward prefetch: BACKWARD_PRE is torch's default (fully_sharded_data_parallel.py
+    :401-412) and Answer.AI's fsdp_qlora keeps it; accelerate and HF Trainer pass
+    NO_PREFETCH (accelerate==1.16.0 utils/dataclasses.py:1480, :1767-1770).
+Both versions: SHARD_GRAD_OP (FSDP2 reshard_after_forward=False) keeps every unit
+unsharded from its forward to its post-backward (_runtime_utils.py:486-500); NO_SHARD
+gathers nothing; HYBRID_SHARD shards inside a node (W = GPUs per node).
+peft's fsdp_auto_wrap_policy (used by HF Trainer for peft models) and fsdp_qlora's
+lambda policy give each LoRA Linear its own unit, so no unit mixes frozen and trainable
+parameters (a mixed FSDP1 unit would get grads for its frozen elements too)."""
 from __future__ import annotations
 
+from vramplan.memory.context import Gathering
+from vramplan.memory.lora import adapter_bytes
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
-from vramplan.memory.types import Param
-from vramplan.setup import TrainingSetup
+from vramplan.memory.types import Param, ParamKind
+from vramplan.setup import FsdpSharding, Precision, Stack, TrainingSetup
+
+RESHARDED = Gathering()   # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
+
+
+def gathering(setup: TrainingSetup) -> Gathering:
+    prefetch = setup.fsdp_version == 2 or setup.stack in (Stack.PLAIN, Stack.FSDP_QLORA)
+    return Gathering(reshard_after_forward=setup.fsdp_sharding != FsdpSharding.SHARD_GRAD_OP,
+                     backward_prefetch=prefetch)
+
+
+def shard_for(p: Param, setup: TrainingSetup) -> int:
+    """Elements of one parameter held by one GPU under the setup's engine (FSDP only)."""
+    if not setup.sharded:
+        return p.numel
+    world = setup.shard_world
+    if setup.fsdp_version == 1:
+        return -(-p.numel // world)
+    return shard(p, world)
 
 
 def shard(p: Param, world: int) -> int:
@@ -39,6 +76,50 @@ def unit_bytes(params: list[Param], world: int) -> dict[int | None, int]:
     return units
 
 
+def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
+    """FSDP1 gathers each unit in its own dtype unless MixedPrecision(param_dtype=bf16) is set
+    (mixed precision): peft's fp32 adapters, each its own unit, stay fp32."""
+    if p.kind == ParamKind.LORA and setup.precision != Precision.MIXED:
+        return adapter_bytes(setup) * p.numel
+    return compute_bytes(p)
+
+
+# The stacks that wrap FSDP2 with accelerate's fsdp2_prepare_model (HF Trainer, TRL, axolotl,
+# LLaMA-Factory; torchtune and Answer.AI's train.py wrap it themselves).
+ACCELERATE_STACKS = (Stack.HF_TRAINER, Stack.TRL, Stack.AXOLOTL, Stack.LLAMAFACTORY)
+
+
+def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Param | None:
+    """accelerate==1.16.0 utils/fsdp_utils.py:876-902: the untied input embedding is its own
+    unit, resharded after its forward, and [final norm, lm_head] a tail unit kept unsharded
+    (reshard_after_forward=False) -- where vramplan's root keeps embedding, norm and lm_head
+    unsharded. Returns the embedding (the first of the root's parameters in parameters())
+    when it leaves the kept unit; None when tied (the tail then holds it) or not accelerate.
+    Its re-gather for its own backward (full fine-tune, at the very end) is not modelled."""
+    if setup.fsdp_version != 2 or setup.stack not in ACCELERATE_STACKS:
+        return None
+    root = [p for p in params if p.layer is None]
+    if not root:
+        return None
+    embed = root[0]
+    tied = not any(p is not embed and p.dim0 == embed.dim0 and p.numel == embed.numel for p in root)
+    return None if tied else embed
+
+
+def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
+    """All-gathered bytes per unit under the setup's FSDP (none under NO_SHARD)."""
+    world = setup.shard_world
+    if not setup.sharded or setup.fsdp_sharding == FsdpSharding.NO_SHARD:
+        return {}
+    if setup.fsdp_version == 2:
+        embed = accelerate_embedding_unit(params, setup)
+        return unit_bytes([p for p in params if p is not embed], world)
+    flat: dict[int | None, int] = {}
+    for p in params:
+        flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)
+    return {k: alloc(-(-v // (2 * world)) * 2 * world) for k, v in flat.items()}
+
+
 def unit_grad_bytes(params: list[Param], layer: int | None, reduce: int) -> tuple[int, int]:
     """(unsharded grads in param_dtype, reduce-scatter input in reduce_dtype) of one unit."""
     n = sum(p.numel for p in params if p.layer == layer and p.trainable)
@@ -51,22 +132,30 @@ def root_and_layer_unit(units: dict[int | None, int]) -> tuple[int, int]:
     return units.get(None, 0), layer_unit
 
 
-def forward_end_gathered(units: dict[int | None, int]) -> int:
+def forward_end_gathered(units: dict[int | None, int], g: Gathering = RESHARDED) -> int:
     """At the loss and the final norm: the root unit is not resharded after forward, and
     the last unit's all-gather output is held by FSDP's AllGatherState until the next
-    unshard. [cal: fsdp2 l32-1b]"""
+    unshard. [cal: fsdp2 l32-1b] Under SHARD_GRAD_OP every unit is still unsharded."""
     root, layer = root_and_layer_unit(units)
+    if not g.reshard_after_forward:
+        return sum(units.values())
     return root + layer
 
 
-def layer_forward_gathered(units: dict[int | None, int]) -> int:
-    """Inside a layer's forward: this unit and the one prefetched, and the root."""
+def layer_forward_gathered(units: dict[int | None, int], g: Gathering = RESHARDED) -> int:
+    """Inside a layer's forward: this unit and the one prefetched, and the root (the last
+    layer's forward under SHARD_GRAD_OP: every unit)."""
     root, layer = root_and_layer_unit(units)
+    if not g.reshard_after_forward:
+        return sum(units.values())
     return root + 2 * layer
 
 
-def layer_backward_gathered(units: dict[int | None, int], i: int) -> int:
+def layer_backward_gathered(units: dict[int | None, int], i: int, g: Gathering = RESHARDED) -> int:
     """In layer i's backward: this unit + the one it prefetches (the previous in forward
     order; layer 0 has none: FSDPParamGroup._backward_prefetch) + the root (kept
-    unsharded). [notes 5]"""
-    return (2 * units.get(i, 0) if i > 0 else units.get(i, 0)) + units.get(None, 0)
+    unsharded). [notes 5] Under SHARD_GRAD_OP layers 0..i are still unsharded."""
+    if not g.reshard_after_forward:
+        return units.get(None, 0) + sum(v for k, v in units.items() if k is not None and k <= i)
+    this = 2 * units.get(i, 0) if i > 0 and g.backward_prefetch else units.get(i, 0)
+    return this + units.get(None, 0)

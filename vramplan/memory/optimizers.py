@@ -18,7 +18,7 @@ from math import prod
 
 from vramplan.categories import Category as C
 from vramplan.memory.context import StaticBytes
-from vramplan.memory.fsdp import shard
+from vramplan.memory.fsdp import shard_for
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import ATTENTION_ROLES, MLP_ROLES, ParamKind, PhaseKind
@@ -201,7 +201,7 @@ def foreach_bucket(params: list[Param], setup: TrainingSetup, world: int) -> int
     """Bytes of one copy of the largest foreach bucket: every trainable parameter in one
     group in the reference step's own loop; the larger of the decay and no-decay groups under
     transformers' Trainer (Stack.trainer_param_groups)."""
-    size = [alloc(grad_bytes(p, setup) * shard(p, world)) for p in params]
+    size = [alloc(grad_bytes(p, setup) * (shard_for(p, setup) if world > 1 else p.numel)) for p in params]
     if not setup.stack.trainer_param_groups:
         return sum(size)
     decay = sum(s for p, s in zip(params, size, strict=True) if not _no_decay(p))
@@ -351,7 +351,7 @@ def layerwise_hook_bytes(params: list[Param], setup: TrainingSetup) -> dict[int 
     world = setup.fsdp
     for p in params:
         if p.trainable:
-            b = alloc(grad_bytes(p, setup) * shard(p, world)) + optimizer_transient([p], setup, world)
+            b = alloc(grad_bytes(p, setup) * (shard_for(p, setup) if world > 1 else p.numel)) + optimizer_transient([p], setup, world)
             out[p.layer] = max(out.get(p.layer, 0), b)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vramplan.categories import Category as C
 from vramplan.memory.context import StaticBytes
-from vramplan.memory.fsdp import shard
+from vramplan.memory.fsdp import shard_for
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
 from vramplan.memory.precision import grad_scaler_state
@@ -26,12 +26,12 @@ def _stored_on_rank(p: Param, setup: TrainingSetup, world: int, n: int) -> dict[
 
 
 def static_bytes(params: list[Param], setup: TrainingSetup) -> StaticBytes:
-    """Persistent bytes on the GPU (by category), plus grads, optimizer and host totals."""
-    world, offload = setup.fsdp, setup.cpu_offload
+    """Persistent bytes on the GPU (by category), plus grads, optimizer and host-pinned totals."""
+    world, offload = setup.shard_world if setup.sharded else 1, setup.cpu_offload
     parts: dict[C, int] = {}
     grads = optim = paged = host = 0
     for p in params:
-        n = shard(p, world)
+        n = shard_for(p, setup)
         stored = _stored_on_rank(p, setup, world, n)
         g = alloc(grad_bytes(p, setup) * n)
         s = optimizer_state(p, setup, n)

@@ -16,12 +16,14 @@ from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
 from vramplan.memory.checkpointing import offload_note, reentrant
-from vramplan.memory.context import StaticBytes, StepContext, activation_context
+from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
 from vramplan.memory.dora import dora_layer_transient
+from vramplan.memory.engines import engine_notes, engine_static, step_transient_applies
 from vramplan.memory.fsdp import (
+    engine_units,
     forward_end_gathered,
+    gathering,
     layer_forward_gathered,
-    unit_bytes,
 )
 from vramplan.memory.layer import forward_locals, layer_points
 from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
@@ -60,6 +62,7 @@ class Prepared:
     params: list[Param]
     static: StaticBytes
     units: dict[int | None, int]
+    engine: EngineBuffers
 
 
 def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
@@ -68,8 +71,8 @@ def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
 
 def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
     params = parameters(spec, setup)
-    units = unit_bytes(params, setup.fsdp) if setup.fsdp > 1 else {}
-    return Prepared(spec, _token_free_key(setup), params, static_bytes(params, setup), units)
+    static, engine = engine_static(spec, params, setup, static_bytes)
+    return Prepared(spec, _token_free_key(setup), params, static, engine_units(params, setup), engine)
 
 
 def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
@@ -83,13 +86,14 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
                        per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
                        released=saved.released, cast_cache=cache,
                        hook=hook, layer_gpu=saved.layer_gpu, reload=saved.reload, forward_extra=saved.forward_extra,
-                       buffers=saved.buffers, host_acts=saved.host, reentrant=reentrant(setup))
+                       buffers=saved.buffers, host_acts=saved.host, reentrant=reentrant(setup),
+                       engine=prepared.engine, gathering=gathering(setup))
 
 
 def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
     ph = ctx.base(kind).add(C.ACTIVATIONS, activations).add(C.TRANSIENT, transient)
-    if ctx.world > 1:
-        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units))
+    if ctx.sharded:
+        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units, ctx.gathering))
     return ph
 
 
@@ -139,8 +143,8 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
         locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
-    if ctx.world > 1:
-        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    if ctx.sharded:
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph]
 
 
@@ -162,8 +166,8 @@ def quantization_phases(ctx: StepContext) -> list[Phase]:
     assert ctx.setup.quant is not None
     ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.forward_extra)
     ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
-    if ctx.world > 1:  # this unit and the one prefetched, and the root
-        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units))
+    if ctx.sharded:  # this unit and the one prefetched, and the root
+        ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph, build_phase(ctx.params, ctx.world)]
 
 
@@ -176,8 +180,9 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
     if not ctx.setup.steps_in_backward:
         ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS,
                                                                      loop_token_bytes(ctx.setup) + ctx.buffers)
-        phases.append(ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world)
-                             + grad_scaler_step(ctx.setup)))
+        if step_transient_applies(ctx.setup):
+            ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world) + grad_scaler_step(ctx.setup))
+        phases.append(ph)
     if ctx.setup.method == Method.GALORE:
         phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
                                            ctx.static.grads))
@@ -206,5 +211,6 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
     notes = (([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
-             + precision_notes(setup) + optimizer_notes(setup, prepared.static))
+             + precision_notes(setup) + optimizer_notes(setup, prepared.static)
+             + engine_notes(spec, setup, prepared.static))
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

@@ -18,6 +18,7 @@ from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
     Attention,
+    Engine,
     LoraTargets,
     Loss,
     Method,
@@ -496,6 +497,71 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
     return simulated, dist.get_rank(), notes
 
 
+# ---------------------------------------------------------------- DDP and FSDP1
+
+def fake_group(world: int) -> bool:
+    """Rank 0 of a fake process group of `world` ranks unless a real one of that size is up
+    (fsdp_mesh's rule, without a mesh). Returns whether it is simulated."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() == world:
+        return False
+    if dist.is_initialized():
+        raise VramplanError(f"a process group of size {dist.get_world_size()} is already initialized", "--gpus")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group(backend="fake", rank=0, world_size=world, store=FakeStore())
+    return True
+
+
+def _bucket_as_result(state, bucket):
+    """A comm hook that returns the bucket as reduced: the fake all-reduce gives no future
+    value (c10d/comm.cpp), and NCCL's all-reduce is in place, so memory is the same."""
+    import torch
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def wrap_ddp(model, setup: TrainingSetup, device: str):
+    """torch DistributedDataParallel as accelerate/HF Trainer build it (bucket_cap_mb left to
+    torch, gradient_as_bucket_view=False). On a fake group the no-op hook stands in for NCCL."""
+    from torch.nn.parallel import DistributedDataParallel
+    simulated = fake_group(setup.data_parallel)
+    ids = None if device == "cpu" else [torch_device_index(device)]
+    ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=False)
+    if simulated:
+        ddp.register_comm_hook(None, _bucket_as_result)
+    return ddp, simulated
+
+
+def torch_device_index(device: str) -> int:
+    import torch
+    d = torch.device(device)
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def shard_fsdp1(model, setup: TrainingSetup, device: str, layers_prefix: str):
+    """torch FullyShardedDataParallel with its defaults (BACKWARD_PRE, limit_all_gathers),
+    each decoder layer a unit, the root the rest; peft models wrapped with peft's
+    fsdp_auto_wrap_policy (each LoRA Linear its own unit) as HF Trainer does."""
+    import torch
+    from torch.distributed.fsdp import CPUOffload, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    simulated = fake_group(setup.fsdp)
+    layer_cls = type(model.get_submodule(layers_prefix)[0])
+    if setup.lora_like:
+        from peft.utils.other import fsdp_auto_wrap_policy
+        policy = fsdp_auto_wrap_policy(model)
+    else:
+        policy = ModuleWrapPolicy({layer_cls})
+    strategy = {"full": ShardingStrategy.FULL_SHARD, "shard-grad-op": ShardingStrategy.SHARD_GRAD_OP,
+                "no-shard": ShardingStrategy.NO_SHARD, "hybrid": ShardingStrategy.HYBRID_SHARD}
+    wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device(device),
+                   sharding_strategy=strategy[setup.fsdp_sharding.value],
+                   cpu_offload=CPUOffload(offload_params=setup.cpu_offload))
+    return wrapped, simulated
+
+
 # ---------------------------------------------------------------- the whole step
 
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
@@ -518,7 +584,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     prefix = decoder_prefix(model, spec.num_layers)
     low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
     galore = galore_names(model, spec) if low_rank else set()
-    fsdp = setup.fsdp > 1
+    fsdp = setup.engine == Engine.FSDP2
     if qlora:
         quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
     if not fsdp:
@@ -541,6 +607,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         built.notes += notes
         if built.simulated:
             built.notes.append(f"FSDP simulated: rank 0 of {setup.fsdp} on a fake process group")
+    if setup.engine in (Engine.DDP, Engine.FSDP1):
+        _wrap_replicated(built, prefix)
     make_optimizer(built, galore)
     if setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
@@ -551,5 +619,18 @@ def half_dtype(setup: TrainingSetup):
     """The 2-byte dtype of the step: fp16 under --precision fp16 (GradScaler), else bf16."""
     import torch
     return torch.float16 if setup.precision == Precision.FP16 else torch.bfloat16
+
+
+def _wrap_replicated(built: Built, prefix: str) -> None:
+    """DDP or FSDP1 around the materialized model (rank 0 of a fake group on one device)."""
+    setup = built.setup
+    if setup.engine == Engine.DDP:
+        built.model, built.simulated = wrap_ddp(built.model, setup, built.device)
+        world = setup.data_parallel
+    else:
+        built.model, built.simulated = shard_fsdp1(built.model, setup, built.device, prefix)
+        world = setup.fsdp
+    if built.simulated:
+        built.notes.append(f"{setup.engine.value.upper()} simulated: rank 0 of {world} on a fake process group")
 
 

@@ -33,6 +33,12 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
         eb[C.FSDP_BUFFERS] = None
         mb[C.FSDP_BUFFERS] = None
         notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
+    if eb.get(C.COMM_BUFFERS):
+        # DDP's buckets and DeepSpeed's buffers are not told apart by the measurement either
+        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb[C.COMM_BUFFERS]
+        eb[C.COMM_BUFFERS] = None
+        mb[C.COMM_BUFFERS] = None
+        notes.append("communication buffers are not separated in the measurement: compared inside 'transient'")
     pg = estimate.per_gpu
     peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one

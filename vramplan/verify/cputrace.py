@@ -132,7 +132,7 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
                         built.optimizer_step()
         finally:
             built.close()
-            if setup.fsdp > 1 and torch.distributed.is_initialized():
+            if torch.distributed.is_initialized():  # the fake group of FSDP, DDP or FSDP1
                 torch.distributed.destroy_process_group()
     return TracedStep(phases=trace.phases())
 

@@ -122,6 +122,13 @@ class Measurement(BaseModel):
         knobs = stack_knobs(s)
         if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
             fields["knobs"] = knobs
+        # the engines (issue 15), written only where they differ from the reference step's
+        if s.data_parallel > 1:
+            fields["data_parallel"] = s.data_parallel
+        if s.sharded and s.fsdp_version != 2:
+            fields["fsdp_version"] = s.fsdp_version
+        if s.sharded and s.fsdp_sharding.value != "full":
+            fields["fsdp_sharding"] = s.fsdp_sharding.value
         return MeasuredCase.model_validate(fields)
 
 
