@@ -19,6 +19,7 @@ from vramplan.hardware import (
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
+from vramplan.reserved import Simulated, alloc_config, simulate
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
@@ -160,8 +161,19 @@ def _loss_note(spec: ModelSpec, peak: Phase) -> list[str]:
             "(Liger, torchtune) holds a fraction of that, which this estimate does not model"]
 
 
+def _pressure_note(sim: Simulated, total: int, capacity: int) -> list[str]:
+    """When the verdict rests on the allocator emptying its cache under pressure."""
+    if not sim.fits or total <= capacity:
+        return []
+    return [f"fits only under memory pressure: on a larger card this step would reserve {total / GiB:.2f} GiB with "
+            f"the CUDA context; on this one the caching allocator frees its cached blocks and retries "
+            f"({sim.capped.num_alloc_retries if sim.capped else 0} times in the simulated step), which costs time"]
+
+
 def allocator_overhead(peak_alloc: int) -> int:
-    """reserved - allocated at the peak, on a GPU that is nearly full.
+    """reserved - allocated at the peak, on a GPU that is nearly full: the flat margin the
+    estimate used before the allocator replay (vramplan/reserved.py); plan's affine search
+    still ranks configurations with it, and re-checks the rows it reports with the replay.
 
     On a roomy GPU the caching allocator keeps every freed block, and the measured
     reserved - allocated ranged from 2% to 85% of the peak (tests/data/h100_dev.jsonl;
@@ -192,19 +204,22 @@ def default_host_ram(gpus_named: bool) -> int | None:
     return DEFAULT_HOST_RAM if gpus_named else local_host_ram()
 
 
-def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None) -> Estimate:
+def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None,
+                  alloc_conf: str | None = None) -> Estimate:
+    """alloc_conf: PYTORCH_CUDA_ALLOC_CONF for the allocator replay (default: the environment's)."""
     check_compatible(spec, setup, gpus)
     model = step_model(spec, setup)
     peak = model.peak
     alloc = peak.allocated
-    overhead = allocator_overhead(alloc)
     context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
-    breakdown = {c: peak.parts.get(c, 0) for c in C}
-    breakdown[C.ALLOCATOR_OVERHEAD] = overhead
-    breakdown[C.CUDA_CONTEXT] = context
-    reserved = alloc + overhead
-    total = reserved + context
     capacity = gpus.profile.memory_bytes
+    # reserved and the verdict: the step's events replayed through the caching-allocator model
+    sim = simulate(spec, setup, capacity - context, alloc_config(alloc_conf))
+    reserved = max(sim.peak_reserved, alloc)
+    breakdown = {c: peak.parts.get(c, 0) for c in C}
+    breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
+    breakdown[C.CUDA_CONTEXT] = context
+    total = reserved + context
     ranks_per_host = min(gpus.count, max(setup.fsdp, 1))
     host = ranks_per_host * (PROCESS_HOST_BYTES + model.host_pinned)
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
@@ -218,9 +233,9 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),
                     gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
                     per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
-                    fits_gpu=total <= capacity, fits_host=host_ram is None or host <= host_ram,
-                    fits=total <= capacity and (host_ram is None or host <= host_ram),
-                    headroom_bytes=capacity - total, notes=notes)
+                    fits_gpu=sim.fits, fits_host=host_ram is None or host <= host_ram,
+                    fits=sim.fits and (host_ram is None or host <= host_ram),
+                    headroom_bytes=sim.headroom, notes=notes + _pressure_note(sim, total, capacity))
 
 
 def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,
