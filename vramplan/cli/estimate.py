@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram, setup_fields
 from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 
@@ -20,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=HOST_RAM_HELP + " for the verdict; default: this machine's "
         "when the GPUs are detected here, 128GB when --gpus names other hardware",
     )
+    est.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
     est.add_argument("--format", choices=["table", "json"], default="table")
     est.set_defaults(handler=run)
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
 
+    use_alloc_conf_flag(args.alloc_conf)
     gpus = resolve_from_args(args, args.gpus)
     ram = host_ram(args)
     spec = load_model_spec(args.model, num_layers=args.num_layers)

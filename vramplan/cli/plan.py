@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import MODEL_HELP, add_num_layers, bounded, int_in
 from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
@@ -42,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH))
     add_num_layers(p)
     p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
+    p.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.set_defaults(handler=run)
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.plan import plan_model
     from vramplan.report.plan import print_plan, result_json, to_frame
 
+    use_alloc_conf_flag(args.alloc_conf)
     result = plan_model(
         args.model,
         args.gpus,
