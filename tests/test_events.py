@@ -158,3 +158,12 @@ def test_plot_timeline_draws(tmp_path):
     assert main(["plot", "timeline", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--method", "lora",
                  "--seq-len", "256", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_blocks_by_hand():
+    from vramplan.memory.events import layer_blocks
+    # 1000 tokens; per token: norm 4, attention 10, MLP 6 of which down 2 -> 4000, 10000, 6000 bytes
+    # rounded to 512 B: 4096, 10240; MLP 20480 - 2048 (down) - 14336 = 4096; down last
+    assert layer_blocks(1000, 20480, 2048, [4, 10, 6]) == [4096, 10240, 4096, 2048]
+    # rounding leaves nothing for the MLP: two blocks (the rest, down)
+    assert layer_blocks(1, 1024, 512, [1, 1, 1]) == [512, 512]

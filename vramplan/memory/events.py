@@ -6,9 +6,10 @@ What is at tensor granularity: each parameter's storage (and quantization state,
 build's quantize temporaries per Linear, in order), each parameter's gradient when its
 layer's backward ends (down's first, at the MLP's backward), each parameter's optimizer
 states (two moments), the batch's token buffers, RoPE's cos/sin, the masks, autocast's
-cast cache, each decoder layer's saved tensors in forward order as two blocks (down's
-saved input, made last and freed first, and the rest; under checkpointing the kept input
-and the recompute's), what the final norm and lm_head save. Everything a phase holds
+cast cache, each decoder layer's saved tensors in forward order by component (norms,
+attention's Linears, attention, o_proj, MLP, and down's saved input last, freed first;
+under checkpointing the kept input and the recompute's), what the final norm and lm_head
+save. Everything a phase holds
 beyond that (transients, FSDP's gathered units and reduce-scatter buffers, the parts of
 a moment the tensors above do not explain) is a "balance" block per category, allocated
 just before the phase's moment and freed just after, FSDP's split into unit-sized
@@ -28,20 +29,23 @@ from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
 from vramplan.memory.activations import rope_saved
-from vramplan.memory.attention import step_masks
+from vramplan.memory.attention import attention_saved, step_masks
 from vramplan.memory.checkpointing import kept_per_layer
-from vramplan.memory.context import StepContext, stream_bytes
+from vramplan.memory.context import StepContext, activation_context, stream_bytes
 from vramplan.memory.fsdp import shard
 from vramplan.memory.layer import ShapeKey, layer_points, shape_key
+from vramplan.memory.linears import linears_saved
 from vramplan.memory.loss import input_bytes, loop_token_bytes
+from vramplan.memory.mlp import mlp_saved
+from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
 from vramplan.memory.phases import prepare, step_context, step_model
 from vramplan.memory.quantization import quantize_transient, quantized_store
 from vramplan.memory.storage import Phase, alloc
-from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, PhaseKind
-from vramplan.model_spec import ModelSpec
-from vramplan.setup import Optim, TrainingSetup
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, PhaseKind
+from vramplan.model_spec import LayerSpec, ModelSpec
+from vramplan.setup import Method, Optim, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -130,6 +134,33 @@ class Ledger:
                 np.asarray(self.cats, np.int8))
 
 
+def layer_components(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool) -> list[int]:
+    """Per token, what one decoder layer saves, by component in forward order: the input
+    norm, the attention's input Linears, q/k norms, attention, o_proj, the other norms, the
+    MLP. The terms of layer.layer_saved_per_token, read one by one (its sum is theirs)."""
+    ctx = activation_context(setup)
+    n_norms = max(spec.norms_per_layer, 1)
+    return [norm_saved(spec, ctx, input_grad),
+            linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),
+            sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
+            attention_saved(spec, layer, ctx, setup.seq_len),
+            linears_saved(layer.linears_with(LinearRole.O), spec.q_dim, ctx, True,
+                          input_shared=spec.attn_implementation == "sdpa"),
+            norm_saved(spec, ctx, True) * (n_norms - 1),
+            mlp_saved(spec, layer, ctx, True)]
+
+
+def layer_blocks(tokens: int, this: int, down: int, parts: list[int]) -> list[int]:
+    """Block sizes of one layer's saved tensors (`this` bytes in all, of which `down` is
+    down's input, saved last): each component rounded, the MLP's block taking what is left
+    so the blocks sum to `this` exactly; two blocks (rest, down) where rounding leaves none."""
+    blocks = [alloc(tokens * x) for x in parts[:-1]]
+    mlp_rest = this - down - sum(blocks)
+    if mlp_rest < 0:
+        return [this - down, down]
+    return [*blocks, mlp_rest, down]
+
+
 # The order the phases happen in one step (step_model lists them by kind, not by time).
 _ORDER = {PhaseKind.BUILD_QUANTIZE: 0, PhaseKind.FORWARD_CHECKPOINTED_LAYER: 1, PhaseKind.FORWARD_LAST_LAYER: 1,
           PhaseKind.DEQUANTIZE_FORWARD: 2, PhaseKind.FORWARD_FINAL_NORM: 3, PhaseKind.FORWARD_LOSS: 4,
@@ -154,6 +185,18 @@ class _Builder:
     moments: list[Moment] = field(default_factory=list)
     layer_blocks: dict[int, list[int | None]] = field(default_factory=dict)
     _down: dict[ShapeKey, int] = field(default_factory=dict)
+    _parts: dict[tuple[ShapeKey, bool], list[int]] = field(default_factory=dict)
+
+    def saved_blocks(self, i: int) -> list[int]:
+        """Layer i's saved tensors as blocks in forward order, down's input last."""
+        ctx = self.ctx
+        layer = ctx.spec.layers[i]
+        first_grad = ctx.setup.method in (Method.FULL, Method.GALORE) or ctx.ckpt
+        key = (shape_key(layer), i > 0 or first_grad)
+        if key not in self._parts:
+            self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
+        return layer_blocks(ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)),
+                            self._parts[key])
 
     def down_saved(self, i: int) -> int:
         """Per token, what layer i's down projection saves (layer.LayerPoints.down_saved)."""
@@ -262,11 +305,11 @@ def _forward(b: _Builder) -> list[int | None]:
             if i == last:
                 b.at_kind(PhaseKind.FORWARD_CHECKPOINTED_LAYER)
             continue
-        this, down = alloc(n * ctx.per_layer[i]), alloc(n * b.down_saved(i))
-        rest = led.alloc(C.ACTIVATIONS, this - down)
+        sizes = b.saved_blocks(i)
+        blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
         if i == last:
             b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
-        b.layer_blocks[i] = [rest, led.alloc(C.ACTIVATIONS, down)]
+        b.layer_blocks[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
     released = led.alloc(C.ACTIVATIONS, ctx.released)
     b.at_kind(PhaseKind.DEQUANTIZE_FORWARD, PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS,
               PhaseKind.LOSS_BACKWARD)
@@ -285,9 +328,7 @@ def _grads(b: _Builder, params: list[Param]) -> list[int | None]:
 def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | None]) -> None:
     ctx, led = b.ctx, b.ledger
     if ctx.ckpt:  # the recompute makes the layer's saved tensors again
-        this = alloc(ctx.tokens * ctx.per_layer[i])
-        down = alloc(ctx.tokens * b.down_saved(i))
-        b.layer_blocks[i] += [led.alloc(C.ACTIVATIONS, this - down), led.alloc(C.ACTIVATIONS, down)]
+        b.layer_blocks[i] += [led.alloc(C.ACTIVATIONS, x) for x in b.saved_blocks(i)]
     blocks = b.layer_blocks.pop(i)
     downs = [p for p in params if p.role in MLP_OUT_ROLES]
     others = [p for p in params if p.role not in MLP_OUT_ROLES]
@@ -297,7 +338,8 @@ def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | 
             if ctx.world == 1:
                 grads += _grads(b, downs)
         if ph.point == LayerPoint.END:
-            led.free(blocks[-2])  # the rest of what the layer saved (checkpointing: its input stays)
+            for tid in blocks[(1 if ctx.ckpt else 0):-1]:  # the rest it saved (checkpointing: its input stays)
+                led.free(tid)
             grads += _grads(b, others if ctx.world == 1 else params)
         b.at(ph)
     for tid in blocks:
