@@ -589,9 +589,9 @@ def timeline_figure(t: Timeline) -> Figure:
     fig = _new_figure(11, 5.5)
     ax = fig.add_subplot()
     x = np.arange(len(t.reserved))
-    ax.stackplot(x, *[_gib(v) for v in t.live.values()], colors=[COLORS[c] for c in t.live],
+    ax.stackplot(x, *[v / GiB for v in t.live.values()], colors=[COLORS[c] for c in t.live],
                  labels=[c.label for c in t.live], step="post")
-    ax.step(x, _gib(t.reserved), where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
+    ax.step(x, t.reserved / GiB, where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
     ax.axhline(_gib(t.capacity), color="#C44E52", ls="--", lw=1, label="GPU capacity (less CUDA context)")
     top = _gib(max(t.capacity, int(t.reserved.max()))) * 1.02
     for i, name in _phase_marks(t.moments):
