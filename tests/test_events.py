@@ -167,3 +167,21 @@ def test_layer_blocks_by_hand():
     assert layer_blocks(1000, 20480, 2048, [4, 10, 6]) == [4096, 10240, 4096, 2048]
     # rounding leaves nothing for the MLP: two blocks (the rest, down)
     assert layer_blocks(1, 1024, 512, [1, 1, 1]) == [512, 512]
+
+
+def test_expandable_segments_suggested_only_when_they_change_the_verdict():
+    from vramplan.reserved import expandable_note
+    spec = load_model_spec("llama-3.2-1b", num_layers=4)
+    setup = make_setup(method="full", batch_size=1, seq_len=1024)
+    roomy = simulate(spec, setup, 1 << 40, AllocatorConfig())
+    assert expandable_note(spec, setup, 1 << 40, AllocatorConfig(), roomy) == []  # it fits: nothing to say
+    # a full fine-tune 2 x 2304 on a 24 GB card: 22.1 GiB allocated of 23.2 GiB the allocator can get;
+    # the default segments strand too much, expandable ones fit
+    spec, gpus = load_model_spec("llama-3.2-1b"), parse_gpus("1x24GB")
+    setup = make_setup(method="full", batch_size=2, seq_len=2304)
+    est = estimate_spec(spec, setup, gpus, alloc_conf="")
+    if not est.fits:
+        assert any("expandable_segments:True" in n for n in est.notes)
+        assert estimate_spec(spec, setup, gpus, alloc_conf="expandable_segments:True").fits
+    else:
+        assert not any("expandable_segments:True" in n for n in est.notes)

@@ -19,7 +19,7 @@ from vramplan.hardware import (
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
-from vramplan.reserved import Simulated, alloc_config, simulate
+from vramplan.reserved import Simulated, alloc_config, expandable_note, simulate
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import Method, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
@@ -214,7 +214,8 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
     capacity = gpus.profile.memory_bytes
     # reserved and the verdict: the step's events replayed through the caching-allocator model
-    sim = simulate(spec, setup, capacity - context, alloc_config(alloc_conf))
+    config = alloc_config(alloc_conf)
+    sim = simulate(spec, setup, capacity - context, config)
     reserved = max(sim.peak_reserved, alloc)
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
@@ -235,7 +236,9 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
                     per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
                     fits_gpu=sim.fits, fits_host=host_ram is None or host <= host_ram,
                     fits=sim.fits and (host_ram is None or host <= host_ram),
-                    headroom_bytes=sim.headroom, notes=notes + _pressure_note(sim, total, capacity))
+                    headroom_bytes=sim.headroom,
+                    notes=notes + _pressure_note(sim, total, capacity)
+                    + expandable_note(spec, setup, capacity - context, config, sim))
 
 
 def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,

@@ -43,9 +43,10 @@ class Simulated:
     events: StepEvents
 
 
-def simulate(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig) -> Simulated:
+def simulate(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig,
+             events: StepEvents | None = None) -> Simulated:
     """capacity: what the allocator can obtain (usable memory less the CUDA context)."""
-    ev = step_events(spec, setup)
+    ev = events if events is not None else step_events(spec, setup)
     roomy = replay(ev.events, config)
     if roomy.peak_reserved <= capacity:
         return Simulated(roomy.peak_reserved, roomy.peak_allocated, True, capacity - roomy.peak_reserved, None, ev)
@@ -55,3 +56,18 @@ def simulate(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: Alloc
         return Simulated(roomy.peak_reserved, roomy.peak_allocated, True, capacity - capped.peak_reserved,
                          capped, ev)
     return Simulated(roomy.peak_reserved, roomy.peak_allocated, False, capacity - roomy.peak_reserved, capped, ev)
+
+
+def expandable_note(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig,
+                    sim: Simulated) -> list[str]:
+    """When the step does not fit with the allocator's segments as configured but does with
+    expandable segments (no stranded tails of partly used segments), say so."""
+    if sim.fits or config.expandable_segments:
+        return []
+    from dataclasses import replace
+    alt = simulate(spec, setup, capacity, replace(config, expandable_segments=True), sim.events)
+    if not alt.fits:
+        return []
+    return ["with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (or --alloc-conf) the simulated allocator "
+            f"fits this step ({alt.headroom / 2**30:.2f} GiB left): it maps memory in pages instead of caching "
+            "whole segments, so partly used segments strand less"]
