@@ -21,6 +21,7 @@ from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.lora import check_lora_targets
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
+from vramplan.reserved import Simulated, alloc_config, expandable_note, simulate
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import AdapterDtype, Loss, Method, Precision, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
@@ -215,8 +216,19 @@ def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:
             f"holds a fraction of that: {FUSED_LOSS_HOWTO}"]
 
 
+def _pressure_note(sim: Simulated, total: int, capacity: int) -> list[str]:
+    """When the verdict rests on the allocator emptying its cache under pressure."""
+    if not sim.fits or total <= capacity:
+        return []
+    return [f"fits only under memory pressure: on a larger card this step would reserve {total / GiB:.2f} GiB with "
+            f"the CUDA context; on this one the caching allocator frees its cached blocks and retries "
+            f"({sim.capped.num_alloc_retries if sim.capped else 0} times in the simulated step), which costs time"]
+
+
 def allocator_overhead(peak_alloc: int) -> int:
-    """reserved - allocated at the peak, on a GPU that is nearly full.
+    """reserved - allocated at the peak, on a GPU that is nearly full: the flat margin the
+    estimate used before the allocator replay (vramplan/reserved.py); plan's affine search
+    still ranks configurations with it, and re-checks the rows it reports with the replay.
 
     On a roomy GPU the caching allocator keeps every freed block, and the measured
     reserved - allocated ranged from 2% to 85% of the peak (tests/data/h100_dev.jsonl;
@@ -254,21 +266,26 @@ def ranks_per_node(setup: TrainingSetup, gpus: GpuSpec) -> int:
     return max(min(gpus.count, world) // setup.nodes, 1)
 
 
-def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None) -> Estimate:
+def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None,
+                  alloc_conf: str | None = None) -> Estimate:
+    """alloc_conf: PYTORCH_CUDA_ALLOC_CONF for the allocator replay (default: the environment's)."""
     check_compatible(spec, setup, gpus)
     setup = with_data_parallel(setup, gpus)
     model = step_model(spec, setup)
     peak = model.peak
     alloc = peak.allocated
-    overhead = allocator_overhead(alloc)
     context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
-    breakdown = {c: peak.parts.get(c, 0) for c in C}
-    breakdown[C.ALLOCATOR_OVERHEAD] = overhead
-    breakdown[C.CUDA_CONTEXT] = context
-    reserved = alloc + overhead
-    # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
-    total = reserved + context + breakdown[C.PAGED_OPTIMIZER_STATES]
     capacity = gpus.profile.memory_bytes
+    # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
+    paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
+    # reserved and the verdict: the step's events replayed through the caching-allocator model
+    config = alloc_config(alloc_conf)
+    sim = simulate(spec, setup, capacity - context - paged, config)
+    reserved = max(sim.peak_reserved, alloc)
+    breakdown = {c: peak.parts.get(c, 0) for c in C}
+    breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
+    breakdown[C.CUDA_CONTEXT] = context
+    total = reserved + context + paged
     host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
     per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
                      breakdown=breakdown, peak_phase=peak.name,
@@ -281,9 +298,11 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     return Estimate(model=spec.name, setup=setup, description=setup.describe(),
                     gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
                     per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
-                    fits_gpu=total <= capacity, fits_host=host_ram is None or host <= host_ram,
-                    fits=total <= capacity and (host_ram is None or host <= host_ram),
-                    headroom_bytes=capacity - total, notes=notes)
+                    fits_gpu=sim.fits, fits_host=host_ram is None or host <= host_ram,
+                    fits=sim.fits and (host_ram is None or host <= host_ram),
+                    headroom_bytes=sim.headroom,
+                    notes=notes + _pressure_note(sim, total, capacity)
+                    + expandable_note(spec, setup, capacity - context - paged, config, sim))
 
 
 def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,

@@ -541,6 +541,14 @@ def _limit(spec: ModelSpec, req: PlanRequest,
     return 0, None
 
 
+def _edge(fitting: np.ndarray, n: int) -> list[int]:
+    """Grid indices to confirm around the grid's last fit: its last two, and the next two,
+    which the allocator replay's verdict (a step may fit by emptying the cache, where the
+    grid's flat margin says not) can still confirm."""
+    last = int(fitting[-1]) if len(fitting) else -1
+    return [int(i) for i in fitting[-2:]] + [i for i in (last + 1, last + 2) if 0 <= i < n and len(fitting)]
+
+
 def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
     """Per method: the longest sequence that fits at micro-batch 1, and the largest
     micro-batch that fits at the minimum sequence, with the configuration that reaches it."""
@@ -553,12 +561,12 @@ def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[st
         batch_opts.setdefault(key, [])
         if g.batches[0] == 1:
             seq_opts[key] += [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
-                              for i in np.nonzero(fits[:, 0])[0][-2:]]
+                              for i in _edge(np.nonzero(fits[:, 0])[0], len(g.seqs))]
         si = _seq_index(g, req)
         if si < len(g.seqs):
             batch_opts[key] += [(int(g.batches[j]), g.setup.model_copy(update={"batch_size": int(g.batches[j]),
                                                                                "seq_len": int(g.seqs[si])}))
-                                for j in np.nonzero(fits[si])[0][-2:]]
+                                for j in _edge(np.nonzero(fits[si])[0], len(g.batches))]
     out = {}
     for key in seq_opts:
         seq, s_setup = _limit(spec, req, seq_opts[key])

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
@@ -250,7 +252,7 @@ def auto_values(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, 
 
 def _fits_at(spec: ModelSpec, gpus: GpuSpec, method: str, x: str, value: int, base: dict, capacity: int) -> bool:
     setup = make_setup(**{**_method_fields(method, base), X_FIELD[x]: value})
-    return estimate_spec(spec, setup, gpus).per_gpu.total_bytes <= capacity
+    return estimate_spec(spec, setup, gpus).fits_gpu
 
 
 def _method_fields(method: str, base: dict) -> dict:
@@ -550,3 +552,68 @@ def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int |
         return [Bar(r.label, r.estimate, r.recommended) for r in compare(spec, gpus, fields, host_ram)]
     est = estimate_spec(spec, make_setup(**fields), gpus, host_ram)
     return [Bar("per GPU", est)]
+
+
+# ---------------------------------------------------------------- timeline
+
+@dataclass(frozen=True)
+class Timeline:
+    """One steady step over time (event index): live bytes by category, what the simulated
+    caching allocator reserves, the phases' moments and the GPU's capacity for the allocator."""
+    live: dict[Category, np.ndarray]   # requested bytes alive after each event of the step
+    reserved: np.ndarray
+    moments: list[tuple[int, str]]     # (event index within the step, phase name)
+    capacity: int                      # usable memory less the CUDA context
+    title: str
+
+
+def timeline_data(spec: ModelSpec, setup, gpus: GpuSpec, alloc_conf: str | None = None) -> Timeline:
+    from vramplan.allocator import Op, replay
+    from vramplan.memory.events import CATEGORIES, step_events
+    from vramplan.reserved import alloc_config
+    ev = step_events(spec, setup)
+    run = replay(ev.events, alloc_config(alloc_conf), record_trace=True)
+    size_of: dict[int, int] = {}
+    signed = np.zeros(len(ev.events), np.int64)
+    for k, (op, tid, size) in enumerate(zip(ev.events.ops.tolist(), ev.events.ids.tolist(),
+                                            ev.events.sizes.tolist(), strict=True)):
+        size_of.setdefault(tid, size)
+        signed[k] = size_of[tid] if op == Op.ALLOC else -size_of[tid]
+    s = ev.step_start
+    live = {c: np.cumsum(np.where(ev.categories == i, signed, 0))[s:] for i, c in enumerate(CATEGORIES)}
+    live = {c: v for c, v in live.items() if v.any()}
+    assert run.reserved_trace is not None
+    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    return Timeline(live=live, reserved=run.reserved_trace[s:], capacity=gpus.profile.memory_bytes - context,
+                    moments=[(m.index - s, m.phase.name) for m in ev.moments if m.index >= s],
+                    title=f"{spec.name}: one step, {setup_caption(setup)}")
+
+
+def timeline_figure(t: Timeline) -> Figure:
+    """Allocated (stacked by category) and reserved over one step, phases marked, capacity as a line."""
+    fig = _new_figure(11, 5.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(t.reserved))
+    ax.stackplot(x, *[v / GiB for v in t.live.values()], colors=[COLORS[c] for c in t.live],
+                 labels=[c.label for c in t.live], step="post")
+    ax.step(x, t.reserved / GiB, where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
+    ax.axhline(_gib(t.capacity), color="#C44E52", ls="--", lw=1, label="GPU capacity (less CUDA context)")
+    top = _gib(max(t.capacity, int(t.reserved.max()))) * 1.02
+    for i, name in _phase_marks(t.moments):
+        ax.axvline(i, color="#888888", lw=0.5, ls=":")
+        ax.text(i, top, name, rotation=90, fontsize=7, va="bottom", ha="center")
+    ax.set_xlabel("allocation events of one steady step")
+    ax.set_ylabel("GiB per GPU")
+    ax.set_title(t.title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    return fig
+
+
+def _phase_marks(moments: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The moments to label: every non-layer phase, and the first and last layer's backward
+    (an 80-layer step has hundreds of layer moments)."""
+    layers = [(i, n) for i, n in moments if n.startswith("layer")]
+    marks = [(i, n) for i, n in moments if not n.startswith("layer")]
+    if layers:
+        marks += [(layers[0][0], layers[0][1].split(" (")[0]), (layers[-1][0], layers[-1][1].split(" (")[0])]
+    return sorted(set(marks))

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from vramplan.cli import config_file
+from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram
 from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 
@@ -22,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=HOST_RAM_HELP + " for the verdict; default: this machine's "
         "when the GPUs are detected here, 128GB when --gpus names other hardware",
     )
+    est.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
     est.add_argument("--format", choices=["table", "json"], default="table")
     est.set_defaults(handler=run)
 
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
 
+    use_alloc_conf_flag(args.alloc_conf)
     reading = config_file.read(args)
     model = config_file.model_name(args, reading)
     gpus = resolve_from_args(args, config_file.gpus_text(args, reading))

@@ -7,6 +7,7 @@ import json
 import sys
 
 from vramplan.cli import config_file
+from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bounded, int_in
 from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH))
     add_num_layers(p)
     p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
+    p.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--emit", choices=EMIT_CHOICES, help="write a runnable config of this framework for the "
                    "recommended row (-o FILE) or for every shown row (--emit-dir DIR); the plan then uses the "
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from vramplan.plan import plan_model
     from vramplan.report.plan import print_plan, result_json, to_frame
 
+    use_alloc_conf_flag(args.alloc_conf)
     emit_rows.check_targets(args)
     reading = config_file.read(args)
     model = config_file.model_name(args, reading)

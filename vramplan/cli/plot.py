@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import (
     GPUS_HELP,
     HOST_RAM_HELP,
@@ -40,6 +41,8 @@ from vramplan.plot import (
     scaling_figure,
     scaling_series,
     scaling_title,
+    timeline_data,
+    timeline_figure,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +91,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
+
+    t = kinds.add_parser("timeline", help="allocated (by category) and reserved over one step, phases marked, "
+                         "GPU capacity as a line")
+    _model_and_gpus(t)
+    add_setup_options(t)
+    t.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
+    _output_option(t, "timeline-MODEL-GPUS.png")
+    t.set_defaults(handler=_cmd_timeline)
 
     a = kinds.add_parser("accuracy", help="predicted vs measured from measured-case JSON lines, with the ±5%% band")
     a.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files of measured cases (MeasuredCase schema)")
@@ -143,6 +154,16 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
     bars = breakdown_bars(spec, gpus, setup_fields(args), host_ram(args))
     _use_agg()
     return _write(breakdown_figure(bars), path)
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    use_alloc_conf_flag(args.alloc_conf)
+    gpus = resolve_from_args(args, args.gpus)
+    spec = load_model_spec(args.model, num_layers=args.num_layers)
+    path = output_path(args.output, f"timeline-{file_slug(spec.name)}-{file_slug(gpus.label)}.png")
+    data = timeline_data(spec, make_setup(**setup_fields(args)), gpus)
+    _use_agg()
+    return _write(timeline_figure(data), path)
 
 
 # the largest x value: the bound of the flag the x axis stands for

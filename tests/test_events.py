@@ -1,0 +1,187 @@
+"""The step's allocation events (vramplan/memory/events.py) and the verdict from their
+replay (vramplan/reserved.py): the live bytes at every phase's moment are that phase's,
+on every preset x a setup grid; hand-checked small cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vramplan.allocator import AllocatorConfig, Op, parse_alloc_conf, replay
+from vramplan.categories import ALLOCATED
+from vramplan.categories import Category as C
+from vramplan.estimate import estimate_spec, make_setup
+from vramplan.hardware import parse_gpus
+from vramplan.memory import step_model
+from vramplan.memory.events import CATEGORIES, Ledger, step_events
+from vramplan.memory.types import LayerPoint, PhaseKind
+from vramplan.model_loader import load_model_spec, preset_names
+from vramplan.reserved import simulate
+
+MiB = 2**20
+# the setups of scripts/phase_hash.py (each technique the phases model), at 1 x 512 tokens
+SETUPS = [
+    {"method": "full"}, {"method": "full", "precision": "mixed"}, {"method": "lora"},
+    {"method": "lora", "gradient_checkpointing": True},
+    {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True}, {"method": "qlora", "quant": "hqq4"},
+    {"method": "galore"}, {"method": "galore", "optim": "galore_adamw_8bit_layerwise"},
+    {"method": "lora", "fsdp": 2},
+    {"method": "qlora", "fsdp": 2, "cpu_offload": True, "gradient_checkpointing": True},
+    {"method": "full", "optim": "adamw_bnb_8bit"}, {"method": "lora", "lora_targets": "attention"},
+    {"method": "full", "precision": "mixed", "fsdp": 2, "gradient_checkpointing": True},
+]
+
+
+def live_by_category(ev) -> np.ndarray:
+    """[category, event count + 1]: live requested bytes after events[:k], from the raw
+    arrays (a FREE's size is its tensor's ALLOC size)."""
+    size_of: dict[int, int] = {}
+    signed = np.zeros(len(ev.events), np.int64)
+    for k, (op, tid, size) in enumerate(zip(ev.events.ops.tolist(), ev.events.ids.tolist(),
+                                            ev.events.sizes.tolist(), strict=True)):
+        if op == Op.ALLOC:
+            size_of[tid] = size
+            signed[k] = size
+        else:
+            signed[k] = -size_of.pop(tid)
+    out = np.zeros((len(CATEGORIES), len(signed) + 1), np.int64)
+    for i in range(len(CATEGORIES)):
+        out[i, 1:] = np.cumsum(np.where(ev.categories == i, signed, 0))
+    return out
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_live_bytes_at_every_phase_equal_the_phase(preset):
+    spec = load_model_spec(preset)
+    for fields in SETUPS:
+        setup = make_setup(batch_size=1, seq_len=512, **fields)
+        ev = step_events(spec, setup)
+        live = live_by_category(ev)
+        phases = step_model(spec, setup, every_layer=True).phases
+        assert sorted(m.phase.name for m in ev.moments) == sorted(p.name for p in phases), fields
+        for m in ev.moments:
+            for i, cat in enumerate(CATEGORIES):
+                want = m.phase.parts.get(cat, 0) if cat in ALLOCATED else 0
+                assert live[i, m.index] == want, (preset, fields, m.phase.name, cat)
+        assert (live >= 0).all()
+        assert live[:, -1].sum() >= 0 and ev.events.sizes[ev.events.ops == Op.ALLOC].min() > 0
+
+
+def test_ledger_balances_and_trims_by_hand():
+    led = Ledger()
+    a = led.alloc(C.ACTIVATIONS, 1000)
+    led.alloc(C.ACTIVATIONS, 600)
+    # activations 1600 live, 1100 wanted: the latest block (600) goes, 100 comes back as balance;
+    # transient 700 wanted, split 512 first: 512 + 188
+    balance = led.settle({C.ACTIVATIONS: 1100, C.TRANSIENT: 700}, {C.TRANSIENT: [512]})
+    assert led.trimmed == 600
+    assert [led.live[t] for t in balance] == [(C.ACTIVATIONS, 100), (C.TRANSIENT, 512), (C.TRANSIENT, 188)]
+    assert led.live[a] == (C.ACTIVATIONS, 1000)
+    assert led.alloc(C.WEIGHTS, 0) is None
+
+
+def test_gradients_come_in_reversed_layer_order_and_adamw_temporaries_per_parameter():
+    spec = load_model_spec("llama-3.2-1b", num_layers=2)
+    setup = make_setup(method="full", batch_size=1, seq_len=256)
+    ev = step_events(spec, setup)
+    grads = np.flatnonzero((ev.categories == CATEGORIES.index(C.GRADIENTS)) & (ev.events.ops == Op.ALLOC))
+    steady = grads[grads >= ev.step_start]
+    h, f = spec.hidden, spec.layers[0].linears_with("down")[0].in_features
+    # layer 1's down_proj weight grad (bf16, h x f) is the first decoder-layer grad of the step
+    sizes = ev.events.sizes[steady].tolist()
+    assert 2 * h * f in sizes
+    idx = {m.phase.name: m.index for m in ev.moments}
+    assert idx["layer 1 backward (end)"] < idx["layer 0 backward (mlp)"]
+    opt = idx["optimizer step"]
+    before = ev.events.ops[:opt] == Op.ALLOC
+    transient = (ev.categories[:opt] == CATEGORIES.index(C.TRANSIENT)) & before
+    tail = np.flatnonzero(transient)
+    from vramplan.memory import parameters
+    trainable = [p for p in parameters(spec, setup) if p.trainable]
+    # foreach AdamW: one temporary per trainable parameter, each the size of its bf16 grad
+    assert sorted(ev.events.sizes[tail[-len(trainable):]].tolist()) == sorted(
+        -(-2 * p.numel // 512) * 512 for p in trainable)
+
+
+def test_layer_backward_moments_in_time_order():
+    spec = load_model_spec("llama-3.2-1b", num_layers=2)
+    ev = step_events(spec, make_setup(method="lora", batch_size=1, seq_len=256))
+    points = [m.phase.point for m in ev.moments if m.phase.kind is PhaseKind.LAYER_BACKWARD and m.phase.layer == 1]
+    assert points.index(LayerPoint.MLP) < points.index(LayerPoint.END)
+    kinds = [m.phase.kind for m in ev.moments]
+    assert kinds.index(PhaseKind.FORWARD_LOSS) < kinds.index(PhaseKind.LOSS_BACKWARD) < \
+        kinds.index(PhaseKind.OPTIMIZER_STEP)
+
+
+def test_verdict_under_pressure_frees_the_cache_and_runs():
+    spec = load_model_spec("llama-3.2-1b", num_layers=4)
+    setup = make_setup(method="full", batch_size=1, seq_len=1024)
+    roomy = simulate(spec, setup, 1 << 40, AllocatorConfig())
+    assert roomy.fits and roomy.peak_reserved >= roomy.peak_allocated
+    # a little under what a roomy GPU would reserve: the cache is emptied and the step runs
+    tight = simulate(spec, setup, roomy.peak_reserved - 40 * MiB, AllocatorConfig())
+    assert tight.fits and tight.capped is not None and tight.capped.num_alloc_retries > 0
+    assert 0 <= tight.headroom < 40 * MiB + roomy.peak_reserved - roomy.peak_allocated
+    # just above what is allocated, the stranded blocks of partly used segments do not fit
+    assert not simulate(spec, setup, roomy.peak_allocated + 40 * MiB, AllocatorConfig()).fits
+    short = simulate(spec, setup, roomy.peak_allocated // 2, AllocatorConfig())
+    assert not short.fits and short.headroom < 0
+
+
+def test_estimate_reserved_comes_from_the_replay_and_honours_alloc_conf():
+    spec = load_model_spec("llama-3.2-1b", num_layers=4)
+    setup = make_setup(method="full", batch_size=2, seq_len=1024)
+    gpus = parse_gpus("1x80GB")
+    est = estimate_spec(spec, setup, gpus)
+    ev = step_events(spec, setup)
+    assert est.per_gpu.peak_reserved_bytes == max(replay(ev.events).peak_reserved, est.per_gpu.peak_allocated_bytes)
+    exp = estimate_spec(spec, setup, gpus, alloc_conf="expandable_segments:True")
+    want = replay(ev.events, parse_alloc_conf("expandable_segments:True")).peak_reserved
+    assert exp.per_gpu.peak_reserved_bytes == max(want, exp.per_gpu.peak_allocated_bytes)
+    assert exp.per_gpu.peak_reserved_bytes <= est.per_gpu.peak_reserved_bytes
+
+
+def test_plot_timeline_draws(tmp_path):
+    from vramplan.cli import main
+    from vramplan.plot import timeline_data, timeline_figure
+    spec = load_model_spec("llama-3.2-1b", num_layers=2)
+    setup = make_setup(method="lora", batch_size=1, seq_len=256)
+    t = timeline_data(spec, setup, parse_gpus("1x24GB"))
+    ev = step_events(spec, setup)
+    # allocated at each moment is the phase's, reserved never below it
+    for m in ev.moments[1:]:
+        i = m.index - ev.step_start - 1
+        assert sum(int(v[i]) for v in t.live.values()) == m.phase.allocated
+        assert t.reserved[i] >= m.phase.allocated
+    fig = timeline_figure(t)
+    assert len(fig.axes[0].collections) == len(t.live)  # one stacked band per category
+    out = tmp_path / "t.png"
+    assert main(["plot", "timeline", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--method", "lora",
+                 "--seq-len", "256", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_blocks_by_hand():
+    from vramplan.memory.events import layer_blocks
+    # 1000 tokens; per token: norm 4, attention 10, MLP 6 of which down 2 -> 4000, 10000, 6000 bytes
+    # rounded to 512 B: 4096, 10240; MLP 20480 - 2048 (down) - 14336 = 4096; down last
+    assert layer_blocks(1000, 20480, 2048, [4, 10, 6]) == [4096, 10240, 4096, 2048]
+    # rounding leaves nothing for the MLP: two blocks (the rest, down)
+    assert layer_blocks(1, 1024, 512, [1, 1, 1]) == [512, 512]
+
+
+def test_expandable_segments_suggested_only_when_they_change_the_verdict():
+    from vramplan.reserved import expandable_note
+    spec = load_model_spec("llama-3.2-1b", num_layers=4)
+    setup = make_setup(method="full", batch_size=1, seq_len=1024)
+    roomy = simulate(spec, setup, 1 << 40, AllocatorConfig())
+    assert expandable_note(spec, setup, 1 << 40, AllocatorConfig(), roomy) == []  # it fits: nothing to say
+    # a full fine-tune 2 x 2304 on a 24 GB card: 22.1 GiB allocated of 23.2 GiB the allocator can get;
+    # the default segments strand too much, expandable ones fit
+    spec, gpus = load_model_spec("llama-3.2-1b"), parse_gpus("1x24GB")
+    setup = make_setup(method="full", batch_size=2, seq_len=2304)
+    est = estimate_spec(spec, setup, gpus, alloc_conf="")
+    if not est.fits:
+        assert any("expandable_segments:True" in n for n in est.notes)
+        assert estimate_spec(spec, setup, gpus, alloc_conf="expandable_segments:True").fits
+    else:
+        assert not any("expandable_segments:True" in n for n in est.notes)
