@@ -55,7 +55,7 @@ def test_comparison_and_plan_recommend_by_one_headroom_rule(capsys):
     rows = compare(spec, gpus, {}, 128 * GiB)
     rec = next(r for r in rows if r.recommended)
     assert has_safe_headroom(rec.estimate.headroom_bytes, gpus.profile.memory_bytes)
-    assert "GaLore" not in rec.label
+    assert rec.label != "GaLore 8bit-lw r128 + ckpt"  # 0.43 GiB spare: under the rule (its fused-CE row may pass)
     assert main(["estimate", "llama-3.1-8b", "--gpus", "rtx-4090"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert " ".join(rule_text(gpus.profile.memory_bytes).split()) in out
