@@ -32,9 +32,10 @@ def data_parallel_phrase(gpu_count: int) -> str:
     """How GPUs outside one FSDP group train (the per-GPU memory is that of one replica)."""
     if gpu_count < 2:
         return "one GPU"
-    return (f"{gpu_count} GPUs: without FSDP they are DDP replicas (each holds the whole model; "
-            "gradient_as_bucket_view, so the buckets add no gradient copy); with FSDP the GPUs outside one "
-            "group replicate it (HSDP)")
+    return (f"{gpu_count} GPUs: without FSDP or DeepSpeed they are DDP replicas (each holds the whole model "
+            "and its gradient buckets: gradient_as_bucket_view=False, torch's and accelerate's default, so a "
+            "second copy of the trainable gradients; memory/ddp.py); with FSDP the GPUs outside one group "
+            "replicate it")
 
 
 def batch_phrase(batch_size: int, seq_len: int) -> str:
