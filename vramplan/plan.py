@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vramplan.assumptions import data_parallel_phrase, host_ram_phrase, stack_phrase
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.estimate import (
+    FUSED_LOSS_SHORT,
     PROCESS_HOST_BYTES,
     coverage_notes,
     default_host_ram,
@@ -749,11 +750,29 @@ def _larger_card(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[s
 
 
 SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]
-# What would fit instead, each a function of (model, request, evaluated grids) -> lines.
-# The hook for the stacks issue: a fused or chunked loss (TrainingSetup.loss) and activation
-# offload (TrainingSetup.activation_offload) append their providers here once the memory
-# model has them; each reruns the plan with its knob set, as _larger_card does with a card.
-SUGGESTION_PROVIDERS: list[SuggestionProvider] = [_shorter_context, _more_host_ram, _more_gpus, _larger_card]
+
+
+def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
+    """A knob of the stack the user did not fix (--config, --stack), set on top of the plan's
+    own search, as _larger_card sets a card: what fits then, said in the frameworks' words."""
+    def provider(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+        if knob in req.fixed:
+            return []
+        row = _first_fit(spec, req, fixed={**req.fixed, knob: value})
+        return [f"{how}: fits {row.label} (~{row.tokens_per_s:,.0f} tokens/s)"] if row else []
+    return provider
+
+
+# What would fit instead, each a function of (model, request, evaluated grids) -> lines, in order:
+# the same hardware first (a shorter context, a loss that never builds the [N, V] logits,
+# checkpoint inputs in pinned host RAM), then more host RAM, GPUs, a larger card.
+SUGGESTION_PROVIDERS: list[SuggestionProvider] = [
+    _shorter_context,
+    _with_knob("loss", "liger", f"with {FUSED_LOSS_SHORT}"),
+    _with_knob("activation_offload", "checkpoints",
+               "with checkpointed layers' inputs in pinned host RAM (`--activation-offload checkpoints`; transformers: "
+               "`activation_checkpointing_kwargs: {offload: true}`, modelled from source)"),
+    _more_host_ram, _more_gpus, _larger_card]
 
 
 def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
