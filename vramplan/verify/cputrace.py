@@ -93,7 +93,7 @@ class AllocationTrace:
         from torch.profiler import ProfilerActivity, profile
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
 
-    def __enter__(self) -> "AllocationTrace":
+    def __enter__(self) -> AllocationTrace:
         gc.collect()  # what earlier code left to the collector must not count here
         self._prof.__enter__()
         return self

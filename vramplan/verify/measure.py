@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
