@@ -1,6 +1,7 @@
 # requires: gpu
 """Verify one small configuration through the Python API: run the reference step on this
 GPU and print the estimate next to the measurement, per category."""
+
 import sys
 
 import torch

@@ -3,6 +3,7 @@
 The numbers depend on the micro-batch x sequence, the training stack, the host RAM and how
 GPUs outside an FSDP group run; a user who reads a table without them reads the wrong table.
 """
+
 from __future__ import annotations
 
 from vramplan.setup import Stack
@@ -32,9 +33,11 @@ def data_parallel_phrase(gpu_count: int) -> str:
     """How GPUs outside one FSDP group train (the per-GPU memory is that of one replica)."""
     if gpu_count < 2:
         return "one GPU"
-    return (f"{gpu_count} GPUs: without FSDP they are DDP replicas (each holds the whole model; "
-            "gradient_as_bucket_view, so the buckets add no gradient copy); with FSDP the GPUs outside one "
-            "group replicate it (HSDP)")
+    return (
+        f"{gpu_count} GPUs: without FSDP they are DDP replicas (each holds the whole model; "
+        "gradient_as_bucket_view, so the buckets add no gradient copy); with FSDP the GPUs outside one "
+        "group replicate it (HSDP)"
+    )
 
 
 def batch_phrase(batch_size: int, seq_len: int) -> str:

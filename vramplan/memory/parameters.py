@@ -1,6 +1,7 @@
 """Parameters: every tensor the run holds, how it is stored, whether it trains, and the
 bytes of its weights and gradients. The 4-bit storage is in quantization.py, the
 adapters' in lora.py, the optimizer states in optimizers.py, sharding in fsdp.py."""
+
 from __future__ import annotations
 
 from vramplan.categories import Category as C
@@ -26,8 +27,7 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
             out.append(Param(lin.out_features, lin.out_features, ParamKind.DENSE, full, i, role=lin.role))
         if lora_targeted(lin, setup):
             out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, ParamKind.LORA, True, i, role=lin.role))
-            out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i,
-                             role=lin.role))
+            out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
             if setup.dora:  # lora_magnitude_vector (peft tuners/lora/dora.py:129)
                 out.append(Param(lin.out_features, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
     if layer.experts:
