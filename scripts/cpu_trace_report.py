@@ -10,7 +10,8 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and FSDP1 on rank 0 of a fake process group) and "known-gaps"
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and
+FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to) and
 "optimizers" (every optimizer verify builds with its real library, and optimizer in backward;

@@ -124,6 +124,7 @@ def _usage(path: str, parser: argparse.ArgumentParser) -> str:
             for p, a in zip(
                 positionals,
                 [a for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)],
+                strict=False,
             )
         ),
     ]

@@ -107,17 +107,18 @@ SAMPLES = [
         "2xh100-80gb",
         "NousResearch/Meta-Llama-3.1-8B",
         "--stack axolotl --method full --batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 "
-        "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant --optim adamw_torch_fused "
-        "--loss liger --fsdp 2 --fsdp-version 1 --fsdp-sharding full --cpu-offload --packing padding-free",
+        "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant "
+        "--optim adamw_torch_fused --loss liger --fsdp 2 --fsdp-version 1 --fsdp-sharding full --cpu-offload "
+        "--packing padding-free",
     ),
     (
         ["axolotl/mistral-qlora-fsdp.yml"],
         "2xh100-80gb",
         "mistralai/Mixtral-8x7B-v0.1",
         "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
-        "--batch-size 2 --gradient-accumulation 4 --seq-len 1024 --model-dtype bf16 --precision mixed --attention flash "
-        "--gradient-checkpointing --optim paged_adamw_8bit --fsdp 2 --fsdp-version 1 --fsdp-sharding full "
-        "--no-cpu-offload --packing none --no-kbit-prep",
+        "--batch-size 2 --gradient-accumulation 4 --seq-len 1024 --model-dtype bf16 --precision mixed "
+        "--attention flash --gradient-checkpointing --optim paged_adamw_8bit --fsdp 2 --fsdp-version 1 "
+        "--fsdp-sharding full --no-cpu-offload --packing none --no-kbit-prep",
     ),
     (
         ["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"],

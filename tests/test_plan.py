@@ -210,7 +210,7 @@ def test_per_method_limits_are_the_edge_of_fitting(small):
     spec, gpus = load_model_spec("qwen2.5-0.5b"), parse_gpus("2x16GB")
     seqs = seq_grid(32768)
     checked = 0
-    for key, e in small.per_method.items():
+    for e in small.per_method.values():
         if e["max_seq_setup"]:
             at = TrainingSetup(**e["max_seq_setup"])
             assert estimate_spec(spec, at, gpus, 64 * GiB).fits

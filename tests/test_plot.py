@@ -51,7 +51,7 @@ def test_breakdown_draws_each_strategy_to_its_total(tiny):
     assert [t.get_text() for t in ax.get_yticklabels()] == [("* " if b.recommended else "") + b.label for b in bars]
     assert len(bars) >= 5 and any(b.recommended for b in bars)
     # nothing is cut on a 24 GB card for a 2-layer model: each bar is as long as its total
-    for drawn, bar in zip(_bar_widths(ax), bars):
+    for drawn, bar in zip(_bar_widths(ax), bars, strict=True):
         assert drawn == pytest.approx(bar.estimate.per_gpu.total_bytes / GiB, rel=1e-9)
     capacity = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
     assert len(capacity) == 1 and capacity[0].get_xdata()[0] == pytest.approx(gpus.profile.memory_bytes / GiB)
@@ -77,7 +77,7 @@ def test_breakdown_verdicts_match_the_estimates():
     ax = plot.breakdown_figure(bars).axes[0]
     texts = [t.get_text() for t in ax.texts]
     assert len(texts) == len(bars)
-    for text, bar in zip(texts, bars):
+    for text, bar in zip(texts, bars, strict=True):
         est = bar.estimate
         assert text.startswith("fits") == est.fits
         assert ("host RAM short" in text) == (est.fits_gpu and not est.fits_host)
@@ -236,7 +236,9 @@ def test_accuracy_model_from_configs_dir(tmp_path):
     from vramplan.accuracy import model_source
     from vramplan.measured import MeasuredCase
 
-    case = lambda m: MeasuredCase(name="c", model=m, method="full", param_dtype="bf16", optim="adamw", batch=1, seq=8)
+    def case(m):
+        return MeasuredCase(name="c", model=m, method="full", param_dtype="bf16", optim="adamw", batch=1, seq=8)
+
     (tmp_path / "my-model.json").write_text("{}")
     assert model_source(case("my-model"), tmp_path) == str(tmp_path / "my-model.json")
     assert model_source(case("llama-3.2-1b"), tmp_path) == "llama-3.2-1b"

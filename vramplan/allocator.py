@@ -743,7 +743,7 @@ class EventStream:
     def from_tuples(cls, events) -> EventStream:
         """From (op, tensor id, size, stream) tuples; stream may be left out (0)."""
         rows = [tuple(e) + (0,) * (4 - len(e)) for e in events]
-        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        cols = list(zip(*rows, strict=False)) if rows else [(), (), (), ()]
         return cls(
             np.asarray(cols[0], np.int8),
             np.asarray(cols[1], np.int64),
@@ -830,7 +830,7 @@ def replay(
     model = CachingAllocatorModel(config, capacity, memory_fraction_limit)
     live: dict[int, tuple[Block | None, int]] = {}
     peaks, requested, oom, index = _Peaks(record_trace), 0, None, 0
-    rows = zip(events.ops.tolist(), events.ids.tolist(), events.sizes.tolist(), events.streams.tolist())
+    rows = zip(events.ops.tolist(), events.ids.tolist(), events.sizes.tolist(), events.streams.tolist(), strict=False)
     alloc_op, malloc, free, update = int(Op.ALLOC), model.malloc, model.free, peaks.update
     for index, (op, tid, size, stream) in enumerate(rows):
         if op == alloc_op:

@@ -9,7 +9,8 @@ import warnings
 from vramplan.errors import VramplanError
 from vramplan.model_spec import Experts, LayerSpec, Linear, ModelSpec
 
-# Linear name (last path component) -> role. Roles drive the activation rules in vramplan/memory/ (memory.types.LinearRole).
+# Linear name (last path component) -> role. Roles drive the activation rules in vramplan/memory/
+# (memory.types.LinearRole).
 _ROLES = {
     "q_proj": "q",
     "query": "q",

@@ -64,7 +64,7 @@ def events_from_profiler(prof, device_type: str = "cpu") -> RecordedStream:
             rows.append((Op.FREE, live.pop(ptr), 0, t))
         else:
             skipped += 1
-    ops, ids, sizes, times = zip(*rows) if rows else ((), (), (), ())
+    ops, ids, sizes, times = zip(*rows, strict=True) if rows else ((), (), (), ())
     n = len(ops)
     events = EventStream(
         np.asarray(ops, np.int8), np.asarray(ids, np.int64), np.asarray(sizes, np.int64), np.zeros(n, np.int64)

@@ -177,7 +177,10 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
         (abs(v) for r in [*cmp.rows, *cmp.totals] for v in (r.estimate_bytes, r.measured_bytes) if v), default=0
     )
     unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", MiB)
-    gib = lambda b: "n/a" if b is None else f"{b / div:.2f}"
+
+    def gib(b):
+        return "n/a" if b is None else f"{b / div:.2f}"
+
     title = f"{m.model} [{m.num_layers}/{m.full_layers} layers] {cmp.description}"
     t = Table(title=title, title_justify="left")
     for col in ("category", f"estimate {unit}", f"measured {unit}", f"error {unit}", "error %"):

@@ -22,9 +22,9 @@ def fit(depths: list[int], values: list[int], full_layers: int, quantity: str = 
     n = len(depths)
     mx, my = sum(depths) / n, sum(values) / n
     sxx = sum((d - mx) ** 2 for d in depths)
-    slope = sum((d - mx) * (v - my) for d, v in zip(depths, values)) / sxx
+    slope = sum((d - mx) * (v - my) for d, v in zip(depths, values, strict=False)) / sxx
     fixed = my - slope * mx
-    resid = max(abs(fixed + slope * d - v) for d, v in zip(depths, values))
+    resid = max(abs(fixed + slope * d - v) for d, v in zip(depths, values, strict=False))
     return Extrapolation(
         depths=list(depths),
         full_layers=full_layers,

@@ -178,7 +178,7 @@ def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None
     """Fill the phase snapshots from the allocation trace, which reports only at its end."""
     snaps, prev_end, after_build, after_step0, step_peaks = [], 0, None, None, []
     run.peak_alloc = run.peak_at = None
-    for snap, tp in zip(run.phases, traced):
+    for snap, tp in zip(run.phases, traced, strict=False):
         snaps.append(snap.model_copy(update={"allocated_bytes": tp.end_bytes, "peak_allocated_bytes": tp.peak_bytes}))
         run._update_peaks(tp.peak_bytes, None, _label(tp.name, tp.step))
         if tp.name == "forward":

@@ -102,7 +102,10 @@ class Measurement(BaseModel):
         """The JSON-lines record of tests/data/*.jsonl (extra fields allowed, kept)."""
         s = self.setup
         optim, layerwise = _reference_optim(s)
-        mb = lambda b: None if b is None else b / MiB
+
+        def mb(b):
+            return None if b is None else b / MiB
+
         fields = dict(
             name=name or self.case_name(),
             model=self.model,
