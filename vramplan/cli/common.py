@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from enum import Enum
 from typing import NoReturn
 
 from vramplan.errors import VramplanError
@@ -100,7 +101,7 @@ def bounded(text: str, hi: int, lo: int = 1) -> str:
     return f"{text} ({lo:,} to {hi:,})"
 
 
-def _choices(enum: type) -> list[str]:
+def _choices(enum: type[Enum]) -> list[str]:
     return [m.value for m in enum]
 
 

@@ -138,6 +138,7 @@ def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
 
 def _deepspeed_json(s: TrainingSetup) -> dict:
     """The HF-integration DeepSpeed config: "auto" values come from the trainer's arguments."""
+    assert s.deepspeed is not None  # called only when the setup uses DeepSpeed
     zero: dict[str, Any] = {"stage": int(s.deepspeed.value[-1]), "overlap_comm": False, "contiguous_gradients": True}
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -196,19 +197,18 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         ActivationOffload.CHECKPOINTS: "hidden_states",
         ActivationOffload.UNSLOTH: "legacy",
     }[s.activation_offload]
-    d.update(
-        {
-            Loss.CCE: {
-                "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
-                "cut_cross_entropy": True,
-            },
-            Loss.LIGER: {
-                "plugins": ["axolotl.integrations.liger.LigerPlugin"],
-                "liger_fused_linear_cross_entropy": True,
-            },
-            Loss.CHUNKED: {"chunked_cross_entropy": True},
-        }.get(s.loss, {})
-    )
+    loss_keys: dict[Loss, dict[str, Any]] = {
+        Loss.CCE: {
+            "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
+            "cut_cross_entropy": True,
+        },
+        Loss.LIGER: {
+            "plugins": ["axolotl.integrations.liger.LigerPlugin"],
+            "liger_fused_linear_cross_entropy": True,
+        },
+        Loss.CHUNKED: {"chunked_cross_entropy": True},
+    }
+    d.update(loss_keys.get(s.loss, {}))
     if s.fsdp > 1:
         d["fsdp_version"] = s.fsdp_version
         d["fsdp_config"] = {
@@ -373,7 +373,7 @@ _TT_TOKENIZER = {
     "llama3": ("torchtune.models.llama3.llama3_tokenizer", "LLAMA3"),
     "qwen2_5": ("torchtune.models.qwen2_5.qwen2_5_tokenizer", "QWEN2"),
 }
-_TT_OPTIM = {
+_TT_OPTIM: dict[Optim, dict[str, Any]] = {
     Optim.ADAMW_TORCH_FUSED: {"_component_": "torch.optim.AdamW", "fused": True},
     Optim.ADAMW_TORCH: {"_component_": "torch.optim.AdamW", "fused": False},
     Optim.ADAMW_BNB_8BIT: {"_component_": "bitsandbytes.optim.AdamW8bit"},

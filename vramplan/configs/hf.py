@@ -8,6 +8,8 @@ TRL 1.16.0's SFTTrainer always trains through its own fused, chunked LM head
 
 from __future__ import annotations
 
+from typing import Any
+
 from vramplan.configs.collect import NOT_MEMORY, Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
@@ -33,7 +35,7 @@ from vramplan.setup import (
 
 _TRL = "trl==1.16.0"
 # trl/cli/accelerate_config.py:19-47: names of the bundled accelerate configs (trl/accelerate_configs/)
-_TRL_ACCELERATE = {
+_TRL_ACCELERATE: dict[str, dict[str, Any]] = {
     "fsdp1": {"distributed": Distributed.FSDP, "fsdp_version": 1, "fsdp_sharding": FsdpSharding.FULL},
     "fsdp2": {"distributed": Distributed.FSDP, "fsdp_version": 2, "fsdp_sharding": FsdpSharding.FULL},
     "zero1": {"distributed": Distributed.DEEPSPEED, "deepspeed": DeepSpeedStage.ZERO1},

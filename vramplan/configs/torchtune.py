@@ -220,7 +220,9 @@ def _optimizer(c: Collector) -> None:
             "fused: True" if fused else "foreach",
         )
         return
-    optim, note = _OPTIMIZERS[component]
+    entry = _OPTIMIZERS[component]
+    assert entry is not None  # only torch.optim.AdamW maps to None, handled above
+    optim, note = entry
     c.set("optimizer._component_", "optim", optim, note)
 
 

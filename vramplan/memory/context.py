@@ -4,13 +4,14 @@ layer and the step context that the phases are assembled from."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from vramplan.categories import Category as C
 from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, AdapterDtype, Method, Precision, TrainingSetup
+from vramplan.setup import ActivationOffload, AdapterDtype, Method, Precision, Quant, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
             or setup.adapter_store_dtype == AdapterDtype.BF16
         ),
         lora_autocast=lora_autocast,
-        quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
+        quant=ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else None,
         lora_dropout=setup.lora_dropout > 0,
         lora_r=setup.lora_r,
         setup=setup,

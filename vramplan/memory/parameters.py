@@ -4,6 +4,8 @@ adapters' in lora.py, the optimizer states in optimizers.py, sharding in fsdp.py
 
 from __future__ import annotations
 
+from typing import cast
+
 from vramplan.categories import Category as C
 from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.precision import dense_weight_bytes
@@ -11,13 +13,13 @@ from vramplan.memory.quantization import quantized_store
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import LinearRole, Param, ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Method, Quant, TrainingSetup
 
 
 def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
     full = setup.method in (Method.FULL, Method.GALORE)
     galore = setup.method == Method.GALORE
-    base_kind = ParamKind(setup.quant.value) if setup.method == Method.QLORA else ParamKind.DENSE
+    base_kind = ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else ParamKind.DENSE
     out: list[Param] = []
     for lin in layer.linears:
         # reference step: GaLore projects 2-D weights inside attention and MLP blocks

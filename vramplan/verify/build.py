@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from vramplan.errors import VramplanError
 from vramplan.model_loader import load_model_spec, resolve_config
@@ -50,14 +51,14 @@ class Built:
     device: str
     vocab: int
     num_layers: int
-    optimizer: object | None = None  # None with layer-wise GaLore
+    optimizer: Any = None  # None with layer-wise GaLore
     layerwise: dict = field(default_factory=dict)  # param -> its own optimizer
     hooks: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     simulated: bool = False
     rank: int = 0
     kept: object | None = None  # --keep-logits: the last forward's output
-    scaler: object | None = None  # torch.amp.GradScaler under --precision fp16
+    scaler: Any = None  # torch.amp.GradScaler under --precision fp16
 
     @property
     def optimizers(self) -> list:
@@ -596,7 +597,7 @@ def _bucket_as_result(state, bucket):
     value (c10d/comm.cpp), and NCCL's all-reduce is in place, so memory is the same."""
     import torch
 
-    fut = torch.futures.Future()
+    fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
 
@@ -683,7 +684,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     galore = galore_names(model, spec) if low_rank else set()
     fsdp = setup.engine == Engine.FSDP2
     if qlora:
-        quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
+        quantize_decoder(model, spec, cast(Quant, setup.quant), device, sharded=fsdp)
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:

@@ -19,8 +19,8 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     """cpu_loss_delta: for a CPU-traced measurement, the bytes CUDA's loss backward holds
     beyond the CPU's (cputrace.cpu_loss_backward_delta); the estimate's phases are compared
     less that."""
-    eb = dict(estimate.per_gpu.breakdown)
-    mb = dict(m.breakdown)
+    eb: dict[C, int | None] = dict(estimate.per_gpu.breakdown)
+    mb: dict[C, int | None] = dict(m.breakdown)
     notes = []
     modelled = dict(estimate.per_gpu.phases)
     loss_backward = PhaseKind.LOSS_BACKWARD.label
@@ -32,20 +32,22 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
         )
     if m.setup.fsdp > 1:
         # measured transient is the residual of the peak: it includes the FSDP buffers
-        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb.get(C.FSDP_BUFFERS, 0)
+        # the estimate's categories are all bytes (no None) until set to None here
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + (eb.get(C.FSDP_BUFFERS) or 0)
         eb[C.FSDP_BUFFERS] = None
         mb[C.FSDP_BUFFERS] = None
         notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
-    if eb.get(C.COMM_BUFFERS):
+    comm = eb.get(C.COMM_BUFFERS)
+    if comm:
         # DDP's buckets and DeepSpeed's buffers are not told apart by the measurement either
-        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb[C.COMM_BUFFERS]
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + comm
         eb[C.COMM_BUFFERS] = None
         mb[C.COMM_BUFFERS] = None
         notes.append("communication buffers are not separated in the measurement: compared inside 'transient'")
     pg = estimate.per_gpu
     peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
-        peak_name = max(modelled, key=modelled.get)
+        peak_name = max(modelled, key=modelled.__getitem__)
         peak = modelled[peak_name]
         if peak_name == pg.peak_phase == loss_backward:
             eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) - cpu_loss_delta  # the CUDA-only bytes are transient
@@ -56,8 +58,9 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
             )
     rows = [_row(c.value, eb.get(c), mb.get(c)) for c in C]
     total = None
-    if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
-        total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
+    context = mb.get(C.CUDA_CONTEXT)
+    if m.peak_reserved_bytes is not None and context is not None:
+        total = m.peak_reserved_bytes + context
     totals = [
         _row("peak allocated", peak, m.peak_allocated_bytes),
         # the split between the two is an attribution: the measured activations are what the
@@ -97,7 +100,7 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
 
 def _sum(breakdown: dict, *cats: C) -> int | None:
     values = [breakdown.get(c) for c in cats]
-    return None if any(v is None for v in values) else sum(values)
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def _phase_rows(modelled: dict[str, int], measured_of: dict[str, str], m: Measurement) -> list[CategoryRow]:

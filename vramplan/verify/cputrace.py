@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -239,8 +240,8 @@ def cuda_like_trl():
     Triton folds, fp32 accumulation without copies. Only when the step loaded trl."""
     import sys
 
-    kernel = sys.modules.get("trl.kernels.chunked_logprob")
-    utils = sys.modules.get("trl.trainer.utils")
+    kernel: Any = sys.modules.get("trl.kernels.chunked_logprob")
+    utils: Any = sys.modules.get("trl.trainer.utils")
     if kernel is None or utils is None:
         yield
         return

@@ -58,7 +58,12 @@ def extrapolate(
     """The full-depth Measurement predicted from truncated ones (every quantity and category)."""
     ok = [m for m in measured if m.fits]
     if len({m.num_layers for m in ok}) < 2:
-        failed = [f"{m.num_layers} layers: out of memory in {m.oom.phase}" for m in measured if not m.fits]
+        # a run that does not fit carries its OomInfo (measure sets both together)
+        failed = [
+            f"{m.num_layers} layers: out of memory in {m.oom.phase}"  # type: ignore[union-attr]
+            for m in measured
+            if not m.fits
+        ]
         raise VramplanError("fewer than two truncated depths ran; " + "; ".join(failed), _FLAG)
     full = ok[0].full_layers
     depths = [m.num_layers for m in ok]
@@ -69,7 +74,7 @@ def extrapolate(
             f = fit(depths, vals, full, q)
             fits.append(f)
             values[q] = f.predicted_bytes
-    breakdown = {}
+    breakdown: dict[Category, int | None] = {}
     for c in Category:
         vals = [m.breakdown.get(c) for m in ok]
         if all(v is not None for v in vals):

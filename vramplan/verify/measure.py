@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
@@ -35,7 +36,7 @@ class _Run:
     peak_alloc: int | None = None
     peak_reserved: int | None = None
     peak_at: str | None = None
-    trace: object | None = None  # cputrace.AllocationTrace on the CPU: phases are marked in it
+    trace: Any = None  # cputrace.AllocationTrace on the CPU: phases are marked in it
 
     @contextmanager
     def phase(self, name: str, step: int | None):
@@ -176,7 +177,8 @@ def run_case(
 
 def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None, int | None, list[int]]:
     """Fill the phase snapshots from the allocation trace, which reports only at its end."""
-    snaps, prev_end, after_build, after_step0, step_peaks = [], 0, None, None, []
+    snaps, prev_end, after_build, after_step0 = [], 0, None, None
+    step_peaks: list[int] = []
     run.peak_alloc = run.peak_at = None
     for snap, tp in zip(run.phases, traced, strict=False):
         snaps.append(snap.model_copy(update={"allocated_bytes": tp.end_bytes, "peak_allocated_bytes": tp.peak_bytes}))
@@ -187,7 +189,7 @@ def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None
             after_build = tp.end_bytes
         if tp.name == "optimizer":
             after_step0 = after_step0 if after_step0 is not None else tp.end_bytes
-            step_peaks.append(run.peak_alloc)
+            step_peaks.append(cast(int, run.peak_alloc))  # _update_peaks has set it
         prev_end = tp.end_bytes
     run.phases = snaps
     return after_build, after_step0, step_peaks
