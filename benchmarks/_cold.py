@@ -1,5 +1,6 @@
 """Wall time of a `vramplan` command in a new process with an empty user cache, so the
 preset analysis shipped with the package is all it can reuse. Shared by the benchmarks."""
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,8 @@ def cold_cli(args: list[str], repeat: int) -> list[float]:
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, VRAMPLAN_CACHE=cache, PYTHONPATH=str(ROOT))
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "vramplan", *args], env=env, cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "vramplan", *args], env=env, cwd=ROOT, check=True, capture_output=True
+            )
             times.append(time.perf_counter() - t0)
     return times

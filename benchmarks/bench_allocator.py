@@ -5,6 +5,7 @@ backward's gradients allocated and freed in reverse).
 
 usage: python benchmarks/bench_allocator.py [--layers 80] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ LAYER_SIZES = [HIDDEN, HIDDEN, MLP, MLP, MLP, HIDDEN, SCORES, 3 * 512, 1 * MiB]
 def layer_events(rounds: int = 20):
     """One layer's forward (saved + temporary tensors) and backward; ids local to the layer."""
     from vramplan.allocator import Op
+
     fwd, saved, tid = [], [], 0
     for r in range(rounds):
         for size in LAYER_SIZES:
@@ -41,6 +43,7 @@ def layer_events(rounds: int = 20):
 
 def step_events(layers: int):
     from vramplan.allocator import EventStream, Op
+
     fwd, saved, width = layer_events()
     forward = EventStream.from_tuples(fwd).repeat(layers, id_stride=width)
     bwd = []
@@ -58,6 +61,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     from vramplan.allocator import parse_alloc_conf, replay
+
     events = step_events(args.layers)
     for conf in ("", "expandable_segments:True", "max_split_size_mb:128,roundup_power2_divisions:4"):
         best = cpu = float("inf")
@@ -66,9 +70,11 @@ def main() -> None:
             r = replay(events, parse_alloc_conf(conf), record_trace=True)
             best = min(best, time.perf_counter() - t0)
             cpu = min(cpu, time.process_time() - c0)  # less sensitive to a shared, loaded machine
-        print(f"{conf or 'default':50s} {len(events):7d} events {best * 1e3:6.1f} ms wall, {cpu * 1e3:6.1f} ms cpu "
-              f"({len(events) / best / 1e6:.2f} M events/s) peak reserved {r.peak_reserved / 2**30:.2f} GiB, "
-              f"allocated {r.peak_allocated / 2**30:.2f} GiB, segments {r.peak_segments}")
+        print(
+            f"{conf or 'default':50s} {len(events):7d} events {best * 1e3:6.1f} ms wall, {cpu * 1e3:6.1f} ms cpu "
+            f"({len(events) / best / 1e6:.2f} M events/s) peak reserved {r.peak_reserved / 2**30:.2f} GiB, "
+            f"allocated {r.peak_allocated / 2**30:.2f} GiB, segments {r.peak_segments}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and of the in-process engine. Numbers go to docs/benchmarks.md.
 
 usage: python benchmarks/bench_estimate.py [--repeat 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ CMD = ["estimate", "llama-3.1-405b", "--gpus", "8x80GB", "--method", "qlora", "-
 def in_process(repeat: int) -> list[float]:
     from vramplan.estimate import estimate_config
     from vramplan.model_loader import load_model_spec
+
     spec = load_model_spec("llama-3.1-405b")
     times = []
     for _ in range(repeat):

@@ -6,6 +6,7 @@ idle one would take. Numbers go to docs/benchmarks.md.
 
 usage: python benchmarks/bench_model_names.py [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,18 +40,23 @@ def run(args: list[str], env: dict) -> tuple[float, float]:
 def cases(tmp: Path) -> dict[str, tuple[str, bool]]:
     """name -> (MODEL, whether the run reuses the previous run's user cache)."""
     from test_config_cli import LLAMA3_8B, fill_hub_cache
+
     preset = json.loads((ROOT / "vramplan/presets/models/llama-3.1-8b.json").read_text())
     (tmp / "llama-dir").mkdir()
     (tmp / "llama-dir/config.json").write_text(json.dumps(preset))
     (tmp / "unknown").mkdir()
     (tmp / "unknown/config.json").write_text(json.dumps({**preset, "intermediate_size": 14592}))
     fill_hub_cache(tmp / "hub", {"NousResearch/Meta-Llama-3-8B": LLAMA3_8B})
-    return {"preset llama-3.1-8b": ("llama-3.1-8b", False),
-            "local folder, copy of the preset's config.json": (str(tmp / "llama-dir"), False),
-            "Hub id NousResearch/Meta-Llama-3-8B (cached config.json, HF_HUB_OFFLINE=1)":
-                ("NousResearch/Meta-Llama-3-8B", False),
-            "unknown architecture (Llama 3.1 8B, MLP 14592), empty cache: meta build": (str(tmp / "unknown"), False),
-            "the same, second run (analysis cached)": (str(tmp / "unknown"), True)}
+    return {
+        "preset llama-3.1-8b": ("llama-3.1-8b", False),
+        "local folder, copy of the preset's config.json": (str(tmp / "llama-dir"), False),
+        "Hub id NousResearch/Meta-Llama-3-8B (cached config.json, HF_HUB_OFFLINE=1)": (
+            "NousResearch/Meta-Llama-3-8B",
+            False,
+        ),
+        "unknown architecture (Llama 3.1 8B, MLP 14592), empty cache: meta build": (str(tmp / "unknown"), False),
+        "the same, second run (analysis cached)": (str(tmp / "unknown"), True),
+    }
 
 
 def main() -> None:
@@ -63,17 +69,24 @@ def main() -> None:
             walls, cpus = [], []
             for i in range(a.repeat):
                 cache = tmp / f"cache-{i}"
-                env = dict(os.environ, VRAMPLAN_CACHE=str(cache), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-                           HF_HUB_CACHE=str(tmp / "hub"))
+                env = dict(
+                    os.environ,
+                    VRAMPLAN_CACHE=str(cache),
+                    PYTHONPATH=str(ROOT),
+                    HF_HUB_OFFLINE="1",
+                    HF_HUB_CACHE=str(tmp / "hub"),
+                )
                 if warm:
-                    run(["estimate", model, *TAIL], env)   # fills the cache
+                    run(["estimate", model, *TAIL], env)  # fills the cache
                 else:
                     env["VRAMPLAN_CACHE"] = tempfile.mkdtemp(dir=tmp)
                 wall, cpu = run(["estimate", model, *TAIL], env)
                 walls.append(wall)
                 cpus.append(cpu)
-            print(f"{name}: wall median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
-                  f"CPU median {statistics.median(cpus):.2f} s (min {min(cpus):.2f})")
+            print(
+                f"{name}: wall median {statistics.median(walls):.2f} s (min {min(walls):.2f}), "
+                f"CPU median {statistics.median(cpus):.2f} s (min {min(cpus):.2f})"
+            )
 
 
 if __name__ == "__main__":

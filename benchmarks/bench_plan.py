@@ -7,6 +7,7 @@ whole search (the step_model calls included), not by the numpy part alone.
 
 usage: python benchmarks/bench_plan.py [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def in_process(repeat: int) -> list[tuple[str, int, int, float, float]]:
     from vramplan.model_loader import load_model_spec
     from vramplan.plan import make_request, plan_spec, search
     from vramplan.units import GiB
+
     out = []
     for model, gpus, kw in CASES:
         spec = load_model_spec(model)
@@ -45,8 +47,15 @@ def in_process(repeat: int) -> list[tuple[str, int, int, float, float]]:
             t0 = time.perf_counter()
             plan_spec(spec, req, top=10)
             plan_t.append(time.perf_counter() - t0)
-        out.append((f"{model} {gpus} {kw or ''}".strip(), discrete, evaluated, statistics.median(search_t),
-                    statistics.median(plan_t)))
+        out.append(
+            (
+                f"{model} {gpus} {kw or ''}".strip(),
+                discrete,
+                evaluated,
+                statistics.median(search_t),
+                statistics.median(plan_t),
+            )
+        )
     return out
 
 
@@ -59,8 +68,10 @@ def main() -> None:
     for name, discrete, evaluated, st, pt in in_process(a.repeat):
         print(f"| {name} | {discrete} | {evaluated:,} | {st:.2f} | {evaluated / st:,.0f} | {pt:.2f} |")
     cold = cold_cli(CLI, a.repeat)
-    print(f"\ncold `vramplan {' '.join(CLI)}` (new process, empty user cache): median {statistics.median(cold):.2f} s, "
-          f"max {max(cold):.2f} s")
+    print(
+        f"\ncold `vramplan {' '.join(CLI)}` (new process, empty user cache): median {statistics.median(cold):.2f} s, "
+        f"max {max(cold):.2f} s"
+    )
 
 
 if __name__ == "__main__":

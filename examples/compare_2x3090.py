@@ -3,6 +3,7 @@
 
 Run: python examples/compare_2x3090.py [MODEL]   (default llama-3.1-8b)
 """
+
 import sys
 
 import vramplan

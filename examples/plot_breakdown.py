@@ -3,6 +3,7 @@
 Run: python examples/plot_breakdown.py [OUT.png|OUT.svg]   (default: a file in a temp dir)
 The command line does the same: vramplan plot breakdown llama-70b --gpus 2x24GB -o OUT.png
 """
+
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,16 @@ print(f"wrote {out} ({out.stat().st_size // 1024} KiB, {len(fig.axes[0].get_ytic
 
 # one configuration: the Answer.AI-style QLoRA + FSDP + CPU offload recipe
 one = out.with_name(out.stem + "-qlora" + out.suffix)
-vramplan.plot_breakdown("llama-70b", gpus="2x24GB", path=one, host_ram=128 * GiB, method="qlora", lora_r=64,
-                        fsdp=2, cpu_offload=True, gradient_checkpointing=True, batch_size=2)
+vramplan.plot_breakdown(
+    "llama-70b",
+    gpus="2x24GB",
+    path=one,
+    host_ram=128 * GiB,
+    method="qlora",
+    lora_r=64,
+    fsdp=2,
+    cpu_offload=True,
+    gradient_checkpointing=True,
+    batch_size=2,
+)
 print(f"wrote {one}")

@@ -3,6 +3,7 @@
 usage: python scripts/accuracy_report.py [-o docs/accuracy.md]
 Numbers come only from the committed JSON-lines files in tests/data (see their README).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,17 +60,23 @@ def _extrapolations(cases, by_name) -> list[str]:
         if full is None or not full.peak_alloc_bytes:
             continue
         err = c.peak_alloc_bytes / full.peak_alloc_bytes - 1
-        rows.append(f"| {c.name} | {depths} | {c.peak_alloc_bytes / GiB:.2f} | {full.peak_alloc_bytes / GiB:.2f} "
-                    f"| {100 * err:+.1f}% |")
+        rows.append(
+            f"| {c.name} | {depths} | {c.peak_alloc_bytes / GiB:.2f} | {full.peak_alloc_bytes / GiB:.2f} "
+            f"| {100 * err:+.1f}% |"
+        )
     if not rows:
         return []
-    return ["\nDepth extrapolation (verify `--num-layers` fit) against the full-depth run:\n",
-            "| case | depths measured | extrapolated GiB | full depth measured GiB | error |",
-            "|---|---|---:|---:|---:|", *rows]
+    return [
+        "\nDepth extrapolation (verify `--num-layers` fit) against the full-depth run:\n",
+        "| case | depths measured | extrapolated GiB | full depth measured GiB | error |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _out_of_memory(cases, configs) -> list[str]:
     from vramplan.accuracy import estimate_case
+
     rows = []
     for c in cases:
         extra = c.model_extra or {}
@@ -78,8 +85,12 @@ def _out_of_memory(cases, configs) -> list[str]:
             rows.append(f"| {c.name} | {extra.get('oom_phase')} | {est.per_gpu.peak_allocated_bytes / GiB:.2f} |")
     if not rows:
         return []
-    return ["\nOut of memory on the GPU (a result, not scored):\n",
-            "| case | phase | estimate's peak allocated GiB |", "|---|---|---:|", *rows]
+    return [
+        "\nOut of memory on the GPU (a result, not scored):\n",
+        "| case | phase | estimate's peak allocated GiB |",
+        "|---|---|---:|",
+        *rows,
+    ]
 
 
 def _reserved(scored) -> list[str]:
@@ -87,6 +98,7 @@ def _reserved(scored) -> list[str]:
     import statistics
 
     from vramplan.estimate import allocator_overhead
+
     rows, sim, flat = [], [], []
     for c in scored:
         if c.reserved_error is None:
@@ -95,15 +107,20 @@ def _reserved(scored) -> list[str]:
         ferr = (margin - c.measured_reserved_bytes) / c.measured_reserved_bytes
         sim.append(abs(c.reserved_error))
         flat.append(abs(ferr))
-        rows.append(f"| {c.name} | {c.measured_reserved_bytes / GiB:.2f} | {c.predicted_reserved_bytes / GiB:.2f} "
-                    f"| {100 * c.reserved_error:+.1f}% | {margin / GiB:.2f} | {100 * ferr:+.1f}% |")
+        rows.append(
+            f"| {c.name} | {c.measured_reserved_bytes / GiB:.2f} | {c.predicted_reserved_bytes / GiB:.2f} "
+            f"| {100 * c.reserved_error:+.1f}% | {margin / GiB:.2f} | {100 * ferr:+.1f}% |"
+        )
     if not rows:
         return []
-    return [f"\nPeak reserved ({len(rows)} cases): allocator replay median |error| "
-            f"{100 * statistics.median(sim):.1f}%, worst {100 * max(sim):.1f}%; the flat margin it replaced "
-            f"median {100 * statistics.median(flat):.1f}%, worst {100 * max(flat):.1f}%.\n",
-            "| case | measured GiB | replay GiB | error | flat margin GiB | error |",
-            "|---|---:|---:|---:|---:|---:|", *rows]
+    return [
+        f"\nPeak reserved ({len(rows)} cases): allocator replay median |error| "
+        f"{100 * statistics.median(sim):.1f}%, worst {100 * max(sim):.1f}%; the flat margin it replaced "
+        f"median {100 * statistics.median(flat):.1f}%, worst {100 * max(flat):.1f}%.\n",
+        "| case | measured GiB | replay GiB | error | flat margin GiB | error |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def render(files: list[Path]) -> str:
@@ -115,17 +132,23 @@ def render(files: list[Path]) -> str:
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
         out.append(f"\n## `{shown}`: {s['cases']} cases\n")
         out += [m for m in [_machine(cases)] if m]
-        out.append(f"Peak allocated: median |error| {100 * s['median_abs_error']:.1f}%, "
-                   f"worst {100 * s['max_abs_error']:.1f}% ({s['worst_case']}).\n")
-        out.append("| case | configuration | peak phase | alloc predicted GiB | alloc measured GiB | error "
-                   "| reserved predicted GiB | reserved measured GiB | error |")
+        out.append(
+            f"Peak allocated: median |error| {100 * s['median_abs_error']:.1f}%, "
+            f"worst {100 * s['max_abs_error']:.1f}% ({s['worst_case']}).\n"
+        )
+        out.append(
+            "| case | configuration | peak phase | alloc predicted GiB | alloc measured GiB | error "
+            "| reserved predicted GiB | reserved measured GiB | error |"
+        )
         out.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for c in scored:
             rerr = "" if c.reserved_error is None else f"{100 * c.reserved_error:+.1f}%"
             rmeas = "" if c.measured_reserved_bytes is None else f"{c.measured_reserved_bytes / GiB:.2f}"
-            out.append(f"| {c.name} | {c.description} | {c.peak_phase} | {c.predicted_alloc_bytes / GiB:.2f} "
-                       f"| {c.measured_alloc_bytes / GiB:.2f} | {100 * c.alloc_error:+.1f}% "
-                       f"| {c.predicted_reserved_bytes / GiB:.2f} | {rmeas} | {rerr} |")
+            out.append(
+                f"| {c.name} | {c.description} | {c.peak_phase} | {c.predicted_alloc_bytes / GiB:.2f} "
+                f"| {c.measured_alloc_bytes / GiB:.2f} | {100 * c.alloc_error:+.1f}% "
+                f"| {c.predicted_reserved_bytes / GiB:.2f} | {rmeas} | {rerr} |"
+            )
         out += _reserved(scored)
         out += _extrapolations(cases, {c.name: c for c in cases})
         out += _out_of_memory(cases, DATA / "configs")

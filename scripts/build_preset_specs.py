@@ -6,6 +6,7 @@ fills them in before hashing, so it can be matched to a preset without importing
 Run after adding or changing a preset. tests/test_presets.py rebuilds them and fails if
 a shipped spec differs from what the analyzer produces with the installed transformers.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def config_defaults(types: set[str]) -> dict[str, dict]:
     """Scalar defaults of each model type's config class (lists and nested configs are left out:
     they are derived from other keys, or normalised on their own)."""
     from transformers import AutoConfig
+
     out = {}
     for t in sorted(types):
         d = AutoConfig.for_model(t).to_dict()

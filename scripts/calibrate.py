@@ -15,6 +15,7 @@ The published calibration (tests/data/h100_dev.jsonl) was measured with the libr
 versions pinned in constraints-verify.txt: install with
 `pip install -e ".[verify]" -c constraints-verify.txt` to reproduce it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-L1B, L8B, L70B, QW05, QW7, MIX, PHI, GEM = ("llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "qwen2.5-0.5b",
-                                           "qwen2.5-7b", "mixtral-8x7b", "phi-3-mini", "gemma-2-2b")
+L1B, L8B, L70B, QW05, QW7, MIX, PHI, GEM = (
+    "llama-3.2-1b",
+    "llama-3.1-8b",
+    "llama-3.1-70b",
+    "qwen2.5-0.5b",
+    "qwen2.5-7b",
+    "mixtral-8x7b",
+    "phi-3-mini",
+    "gemma-2-2b",
+)
 L2_70B, MIS = "llama-2-70b", "mistral-7b"
 QW3_8B, QW3_MOE, GEM3 = "qwen3-8b", "qwen3-30b-a3b", "gemma-3-1b"
 
 
-def case(name: str, model: str, layers: int | None = None, steps: int = 3, depths: list[int] | None = None,
-         seconds: int = 60, **setup) -> dict:
+def case(
+    name: str,
+    model: str,
+    layers: int | None = None,
+    steps: int = 3,
+    depths: list[int] | None = None,
+    seconds: int = 60,
+    **setup,
+) -> dict:
     """depths: measure these truncated depths and write an extrapolated full-depth line too."""
     return dict(name=name, model=model, layers=layers, steps=steps, depths=depths, seconds=seconds, setup=setup)
 
@@ -47,165 +63,540 @@ CASES = [
     # LoRA
     case("l1b_lora16_b4s2048", L1B, method="lora", batch_size=4, seq_len=2048),
     case("l1b_lora16_ckpt_b4s2048", L1B, method="lora", gradient_checkpointing=True, batch_size=4, seq_len=2048),
-    case("l1b_lora64_attn_mixed_b2s2048", L1B, method="lora", lora_r=64, lora_targets="attention",
-         precision="mixed", batch_size=2, seq_len=2048),
-    case("l8b_lora16_ckpt_b1s4096", L8B, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=4096,
-         seconds=90),
+    case(
+        "l1b_lora64_attn_mixed_b2s2048",
+        L1B,
+        method="lora",
+        lora_r=64,
+        lora_targets="attention",
+        precision="mixed",
+        batch_size=2,
+        seq_len=2048,
+    ),
+    case(
+        "l8b_lora16_ckpt_b1s4096",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=4096,
+        seconds=90,
+    ),
     case("gemma2b_lora16_ckpt_b1s2048", GEM, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=2048),
     # QLoRA nf4 and hqq4
     case("l1b_qlora_nf4_r64_b2s1024", L1B, method="qlora", lora_r=64, batch_size=2, seq_len=1024),
-    case("l8b_qlora_nf4_r16_ckpt_b1s2048", L8B, method="qlora", gradient_checkpointing=True, batch_size=1,
-         seq_len=2048, seconds=60),
-    case("l8b_qlora_hqq4_r16_ckpt_b1s2048", L8B, method="qlora", quant="hqq4", gradient_checkpointing=True,
-         batch_size=1, seq_len=2048, seconds=90),
-    case("phi3_qlora_nf4_r16_ckpt_b2s2048", PHI, method="qlora", gradient_checkpointing=True, batch_size=2,
-         seq_len=2048),
+    case(
+        "l8b_qlora_nf4_r16_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=60,
+    ),
+    case(
+        "l8b_qlora_hqq4_r16_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        quant="hqq4",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "phi3_qlora_nf4_r16_ckpt_b2s2048", PHI, method="qlora", gradient_checkpointing=True, batch_size=2, seq_len=2048
+    ),
     # GaLore, 8-bit, layer-wise
     case("l1b_galore128_b1s1024", L1B, method="galore", batch_size=1, seq_len=1024),
     case("l1b_galore8bit128_b1s1024", L1B, method="galore", optim="galore_adamw_8bit", batch_size=1, seq_len=1024),
-    case("l1b_galore_layerwise128_ckpt_b1s2048", L1B, method="galore", optim="galore_adamw_layerwise",
-         gradient_checkpointing=True, batch_size=1, seq_len=2048),
-    case("l1b_galore8bit_layerwise128_ckpt_b1s1024", L1B, method="galore", optim="galore_adamw_8bit_layerwise",
-         gradient_checkpointing=True, batch_size=1, seq_len=1024),
-    case("l8b_galore8bit_layerwise128_ckpt_b1s1024", L8B, method="galore", optim="galore_adamw_8bit_layerwise",
-         gradient_checkpointing=True, batch_size=1, seq_len=1024, steps=2, seconds=150),
+    case(
+        "l1b_galore_layerwise128_ckpt_b1s2048",
+        L1B,
+        method="galore",
+        optim="galore_adamw_layerwise",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+    ),
+    case(
+        "l1b_galore8bit_layerwise128_ckpt_b1s1024",
+        L1B,
+        method="galore",
+        optim="galore_adamw_8bit_layerwise",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=1024,
+    ),
+    case(
+        "l8b_galore8bit_layerwise128_ckpt_b1s1024",
+        L8B,
+        method="galore",
+        optim="galore_adamw_8bit_layerwise",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=1024,
+        steps=2,
+        seconds=150,
+    ),
     # FSDP2 rank 0 of N, simulated, with and without CPU offload
-    case("l1b_fsdp2_full_mixed_ckpt_b2s2048", L1B, method="full", precision="mixed", gradient_checkpointing=True,
-         fsdp=2, batch_size=2, seq_len=2048),
-    case("l8b_fsdp4_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, fsdp=4,
-         batch_size=1, seq_len=2048, seconds=90),
-    case("l8b_fsdp8_full_mixed_ckpt_b1s2048", L8B, method="full", precision="mixed", gradient_checkpointing=True,
-         fsdp=8, batch_size=1, seq_len=2048, seconds=90),
-    case("l8b_fsdp4_full_mixed_ckpt_offload_b1s2048", L8B, method="full", precision="mixed",
-         gradient_checkpointing=True, fsdp=4, cpu_offload=True, batch_size=1, seq_len=2048, steps=2, seconds=180),
-    case("l8b_fsdp2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, fsdp=2, batch_size=1,
-         seq_len=2048, seconds=90),
-    case("qw7_fsdp8_full_mixed_ckpt_offload_b1s4096", QW7, method="full", precision="mixed",
-         gradient_checkpointing=True, fsdp=8, cpu_offload=True, batch_size=1, seq_len=4096, steps=2, seconds=180),
+    case(
+        "l1b_fsdp2_full_mixed_ckpt_b2s2048",
+        L1B,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        fsdp=2,
+        batch_size=2,
+        seq_len=2048,
+    ),
+    case(
+        "l8b_fsdp4_full_bf16_ckpt_b1s2048",
+        L8B,
+        method="full",
+        gradient_checkpointing=True,
+        fsdp=4,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_fsdp8_full_mixed_ckpt_b1s2048",
+        L8B,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        fsdp=8,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
+        L8B,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        fsdp=4,
+        cpu_offload=True,
+        batch_size=1,
+        seq_len=2048,
+        steps=2,
+        seconds=180,
+    ),
+    case(
+        "l8b_fsdp2_lora16_ckpt_b1s2048",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        fsdp=2,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "qw7_fsdp8_full_mixed_ckpt_offload_b1s4096",
+        QW7,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        fsdp=8,
+        cpu_offload=True,
+        batch_size=1,
+        seq_len=4096,
+        steps=2,
+        seconds=180,
+    ),
     # long context
     case("l1b_lora16_ckpt_b1s16384", L1B, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=16384),
-    case("l8b_qlora_nf4_ckpt_b1s16384", L8B, method="qlora", gradient_checkpointing=True, batch_size=1,
-         seq_len=16384, seconds=90),
-    case("qw05_full_bf16_ckpt_b1s32768", QW05, method="full", gradient_checkpointing=True, batch_size=1,
-         seq_len=32768, seconds=90),
+    case(
+        "l8b_qlora_nf4_ckpt_b1s16384",
+        L8B,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=16384,
+        seconds=90,
+    ),
+    case(
+        "qw05_full_bf16_ckpt_b1s32768",
+        QW05,
+        method="full",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=32768,
+        seconds=90,
+    ),
     # sliding-window SDPA past the window (Mistral-7B, window 4096): an explicit mask per
     # layer, k and v repeated to every head
     case("mistral_L4_lora16_b1s8192", MIS, layers=4, method="lora", batch_size=1, seq_len=8192, seconds=60),
-    case("mistral_lora16_ckpt_b1s8192", MIS, method="lora", gradient_checkpointing=True, batch_size=1,
-         seq_len=8192, seconds=90),
+    case(
+        "mistral_lora16_ckpt_b1s8192",
+        MIS,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=8192,
+        seconds=90,
+    ),
     # MoE (truncated mixtral: 3-D experts, router)
     case("mixtral_L2_full_bf16_b1s1024", MIX, layers=2, method="full", batch_size=1, seq_len=1024, seconds=90),
-    case("mixtral_L4_qlora_nf4_ckpt_b1s2048", MIX, layers=4, method="qlora", gradient_checkpointing=True,
-         batch_size=1, seq_len=2048, seconds=90),
+    case(
+        "mixtral_L4_qlora_nf4_ckpt_b1s2048",
+        MIX,
+        layers=4,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
     # QLoRA under FSDP2 (quantization state whole per rank), and Answer.AI's 70B recipe for two
     # 24 GB cards measured as rank 0 of 2 at full depth (the README's headline configuration)
-    case("l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048", L8B, method="qlora", gradient_checkpointing=True, fsdp=4,
-         batch_size=1, seq_len=2048, seconds=90),
-    case("l2-70b_fsdp2_qlora_nf4_r64_ckpt_offload_b2s2048", L2_70B, method="qlora", lora_r=64,
-         gradient_checkpointing=True, fsdp=2, cpu_offload=True, batch_size=2, seq_len=2048, steps=2, seconds=300),
+    case(
+        "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        gradient_checkpointing=True,
+        fsdp=4,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l2-70b_fsdp2_qlora_nf4_r64_ckpt_offload_b2s2048",
+        L2_70B,
+        method="qlora",
+        lora_r=64,
+        gradient_checkpointing=True,
+        fsdp=2,
+        cpu_offload=True,
+        batch_size=2,
+        seq_len=2048,
+        steps=2,
+        seconds=300,
+    ),
     # a short step: hqq's dequantization for an input gradient (6 bytes per weight element) is the peak
-    case("l8b_qlora_hqq4_r16_ckpt_b1s256", L8B, method="qlora", quant="hqq4", gradient_checkpointing=True,
-         batch_size=1, seq_len=256, seconds=90),
+    case(
+        "l8b_qlora_hqq4_r16_ckpt_b1s256",
+        L8B,
+        method="qlora",
+        quant="hqq4",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=256,
+        seconds=90,
+    ),
     # 70B QLoRA on one GPU
-    case("l70b_qlora_nf4_r16_ckpt_b1s2048", L70B, method="qlora", gradient_checkpointing=True, batch_size=1,
-         seq_len=2048, steps=2, seconds=240),
+    case(
+        "l70b_qlora_nf4_r16_ckpt_b1s2048",
+        L70B,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        steps=2,
+        seconds=240,
+    ),
     # truncated-depth extrapolation checked against the full-depth run of the same config
-    case("l1b_lora16_ckpt_b2s2048_xp4-8", L1B, depths=[4, 8], method="lora", gradient_checkpointing=True,
-         batch_size=2, seq_len=2048, seconds=90),
+    case(
+        "l1b_lora16_ckpt_b2s2048_xp4-8",
+        L1B,
+        depths=[4, 8],
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=2048,
+        seconds=90,
+    ),
     case("l1b_lora16_ckpt_b2s2048", L1B, method="lora", gradient_checkpointing=True, batch_size=2, seq_len=2048),
-    case("l8b_full_bf16_ckpt_b1s2048_xp4-8", L8B, depths=[4, 8], method="full", gradient_checkpointing=True,
-         batch_size=1, seq_len=2048, seconds=90),
-    case("l8b_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, batch_size=1, seq_len=2048,
-         seconds=90),
+    case(
+        "l8b_full_bf16_ckpt_b1s2048_xp4-8",
+        L8B,
+        depths=[4, 8],
+        method="full",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_full_bf16_ckpt_b1s2048",
+        L8B,
+        method="full",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
     # q/k norms inside the attention (Qwen3, Qwen3-MoE); Gemma 3: sliding layers next to full
     # ones under SDPA, one kv head, past its 512-token window
-    case("qw3-8b_qlora_nf4_r16_ckpt_b1s2048", QW3_8B, method="qlora", gradient_checkpointing=True, batch_size=1,
-         seq_len=2048, seconds=60),
+    case(
+        "qw3-8b_qlora_nf4_r16_ckpt_b1s2048",
+        QW3_8B,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=60,
+    ),
     case("qw3-8b_lora16_b1s2048", QW3_8B, method="lora", batch_size=1, seq_len=2048, seconds=60),
-    case("qw3moe_L4_lora16_ckpt_b1s2048", QW3_MOE, layers=4, method="lora", gradient_checkpointing=True,
-         batch_size=1, seq_len=2048, seconds=60),
+    case(
+        "qw3moe_L4_lora16_ckpt_b1s2048",
+        QW3_MOE,
+        layers=4,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=60,
+    ),
     case("gemma3-1b_lora16_b1s2048", GEM3, method="lora", batch_size=1, seq_len=2048),
-    case("gemma3-1b_full_bf16_ckpt_b2s4096", GEM3, method="full", gradient_checkpointing=True, batch_size=2,
-         seq_len=4096),
+    case(
+        "gemma3-1b_full_bf16_ckpt_b2s4096", GEM3, method="full", gradient_checkpointing=True, batch_size=2, seq_len=4096
+    ),
     # the loss over the vocabulary (memory/loss.py). Liger, CCE and Unsloth are Triton kernels, modelled
     # from source and never measured: `pip install liger-kernel==0.8.5 cut-cross-entropy==25.1.1
     # unsloth-zoo==2026.10.9 trl==1.16.0 accelerate` (and `torchtune==0.6.1 --no-deps`) first.
     # The issue's bar: Qwen2.5-7B QLoRA at 8k tokens with Liger (modelled loss term 0.18 GiB)
-    case("qw7_qlora_nf4_ckpt_b1s8192_liger", QW7, method="qlora", gradient_checkpointing=True, batch_size=1,
-         seq_len=8192, loss="liger", seconds=90),
+    case(
+        "qw7_qlora_nf4_ckpt_b1s8192_liger",
+        QW7,
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=8192,
+        loss="liger",
+        seconds=90,
+    ),
     # lm_head trains: Liger's grad_weight in the weight's dtype, held from forward to backward
     case("l1b_full_bf16_b1s4096_liger", L1B, method="full", batch_size=1, seq_len=4096, loss="liger"),
-    case("l8b_lora16_ckpt_b1s4096_cce", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
-         seq_len=4096, loss="cce", seconds=90),
+    case(
+        "l8b_lora16_ckpt_b1s4096_cce",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=4096,
+        loss="cce",
+        seconds=90,
+    ),
     case("l1b_full_bf16_b1s4096_cce", L1B, method="full", batch_size=1, seq_len=4096, loss="cce"),
     # Unsloth's chunk count reads the free memory at the first call: on an H100 the 4 GiB cap holds
-    case("l8b_lora16_ckpt_b1s8192_unsloth", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
-         seq_len=8192, loss="unsloth", seconds=90),
+    case(
+        "l8b_lora16_ckpt_b1s8192_unsloth",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=8192,
+        loss="unsloth",
+        seconds=90,
+    ),
     # traced on the CPU (group "loss"); on CUDA TRL's Triton folds and the CUDA log-softmax run
-    case("l8b_lora16_ckpt_b1s4096_trl", L8B, method="lora", gradient_checkpointing=True, batch_size=1,
-         seq_len=4096, loss="trl-chunked-nll", seconds=90),
+    case(
+        "l8b_lora16_ckpt_b1s4096_trl",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=4096,
+        loss="trl-chunked-nll",
+        seconds=90,
+    ),
     case("l1b_lora16_b2s2048_chunked", L1B, method="lora", batch_size=2, seq_len=2048, loss="chunked"),
-    case("l1b_lora16_b2s2048_fp32out_keep", L1B, method="lora", batch_size=2, seq_len=2048, fp32_outputs=True,
-         keep_logits=True),
+    case(
+        "l1b_lora16_b2s2048_fp32out_keep",
+        L1B,
+        method="lora",
+        batch_size=2,
+        seq_len=2048,
+        fp32_outputs=True,
+        keep_logits=True,
+    ),
     # modelled from source, not measured (docs/memory-model.md, "Activation offload, reentrant
     # checkpointing, attention and packing"): transformers' checkpoint offload (pinned memory
     # needs CUDA), FlashAttention-2 (needs flash-attn on the GPU machine; padded and varlen),
     # and SDPA's packed-sequence mask on CUDA's efficient kernel (pad_bias<16> at S % 16 != 0)
-    case("l8b_lora16_ckpt_offload_b1s8192", L8B, method="lora", gradient_checkpointing=True,
-         activation_offload="checkpoints", batch_size=1, seq_len=8192, seconds=90),
-    case("l8b_lora16_ckpt_reentrant_b1s4096", L8B, method="lora", gradient_checkpointing=True,
-         checkpoint_reentrant=True, batch_size=1, seq_len=4096, seconds=90),
+    case(
+        "l8b_lora16_ckpt_offload_b1s8192",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        activation_offload="checkpoints",
+        batch_size=1,
+        seq_len=8192,
+        seconds=90,
+    ),
+    case(
+        "l8b_lora16_ckpt_reentrant_b1s4096",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        checkpoint_reentrant=True,
+        batch_size=1,
+        seq_len=4096,
+        seconds=90,
+    ),
     case("l1b_lora16_flash_b4s2048", L1B, method="lora", attention="flash", batch_size=4, seq_len=2048),
-    case("mistral_L4_lora16_flash_b1s8192", MIS, layers=4, method="lora", attention="flash", batch_size=1,
-         seq_len=8192, seconds=60),
-    case("l1b_lora16_flash_padfree_b4s2048", L1B, method="lora", attention="flash", packing="padding-free",
-         batch_size=4, seq_len=2048),
+    case(
+        "mistral_L4_lora16_flash_b1s8192",
+        MIS,
+        layers=4,
+        method="lora",
+        attention="flash",
+        batch_size=1,
+        seq_len=8192,
+        seconds=60,
+    ),
+    case(
+        "l1b_lora16_flash_padfree_b4s2048",
+        L1B,
+        method="lora",
+        attention="flash",
+        packing="padding-free",
+        batch_size=4,
+        seq_len=2048,
+    ),
     case("l1b_lora16_sdpa_posids_b2s2040", L1B, method="lora", packing="position-ids", batch_size=2, seq_len=2040),
     # issue 13 adapters and precision, modelled from source where the CPU trace cannot run them:
     # fp16 autocast + GradScaler (fp32 masters; LoRA on an fp16 base), autocast over an fp32 stream
     # after prepare_model_for_kbit_training, DoRA's weight norm in the checkpointed recompute
     case("l1b_full_fp16_b1s1024", L1B, method="full", precision="fp16", batch_size=1, seq_len=1024),
     case("l1b_lora16_fp16_b2s2048", L1B, method="lora", precision="fp16", batch_size=2, seq_len=2048),
-    case("l8b_qlora_nf4_r16_kbit_mixed_ckpt_b1s2048", L8B, method="qlora", kbit_prep=True, precision="mixed",
-         model_dtype="bf16", gradient_checkpointing=True, batch_size=1, seq_len=2048, seconds=90),
-    case("l1b_lora16_bf16w_mixed_b2s2048", L1B, method="lora", precision="mixed", model_dtype="bf16", batch_size=2,
-         seq_len=2048),
-    case("l1b_dora16_ckpt_b2s2048", L1B, method="lora", dora=True, gradient_checkpointing=True, batch_size=2,
-         seq_len=2048),
+    case(
+        "l8b_qlora_nf4_r16_kbit_mixed_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        kbit_prep=True,
+        precision="mixed",
+        model_dtype="bf16",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l1b_lora16_bf16w_mixed_b2s2048",
+        L1B,
+        method="lora",
+        precision="mixed",
+        model_dtype="bf16",
+        batch_size=2,
+        seq_len=2048,
+    ),
+    case(
+        "l1b_dora16_ckpt_b2s2048",
+        L1B,
+        method="lora",
+        dora=True,
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=2048,
+    ),
     # optimizers modelled from source where the CPU cannot check them (docs/memory-model.md,
     # "Optimizers"): paged bitsandbytes states (in NVML, not in max_memory_allocated), torchao's
     # compiled low-bit step, and an optimizer stepped in backward on CUDA
     case("l1b_full_paged8bit_b1s1024", L1B, method="full", optim="paged_adamw_8bit", batch_size=1, seq_len=1024),
     case("l1b_full_paged32bit_b1s1024", L1B, method="full", optim="paged_adamw_32bit", batch_size=1, seq_len=1024),
-    case("l1b_full_torchao8bit_b1s1024", L1B, method="full", optim="adamw_torch_8bit", batch_size=1, seq_len=1024,
-         seconds=120),
-    case("l1b_full_torchao4bit_b1s1024", L1B, method="full", optim="adamw_torch_4bit", batch_size=1, seq_len=1024,
-         seconds=120),
+    case(
+        "l1b_full_torchao8bit_b1s1024",
+        L1B,
+        method="full",
+        optim="adamw_torch_8bit",
+        batch_size=1,
+        seq_len=1024,
+        seconds=120,
+    ),
+    case(
+        "l1b_full_torchao4bit_b1s1024",
+        L1B,
+        method="full",
+        optim="adamw_torch_4bit",
+        batch_size=1,
+        seq_len=1024,
+        seconds=120,
+    ),
     case("l1b_full_inbwd_b1s1024", L1B, method="full", optimizer_in_backward=True, batch_size=1, seq_len=1024),
     # the engines (issue 15), rank 0 of a fake group on one GPU as the FSDP2 cases: DDP's
     # buckets, FSDP1's flat units (CPU-traced; the GPU's second in-flight forward unit is not)
-    case("l8b_ddp2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, data_parallel=2,
-         batch_size=1, seq_len=2048, seconds=60),
+    case(
+        "l8b_ddp2_lora16_ckpt_b1s2048",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        data_parallel=2,
+        batch_size=1,
+        seq_len=2048,
+        seconds=60,
+    ),
     case("l1b_ddp2_full_bf16_b1s2048", L1B, method="full", data_parallel=2, batch_size=1, seq_len=2048),
-    case("l8b_fsdp1_2_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, fsdp=2,
-         fsdp_version=1, batch_size=1, seq_len=2048, seconds=90),
-    case("l8b_fsdp1_4_lora16_b1s2048", L8B, method="lora", fsdp=4, fsdp_version=1, batch_size=1, seq_len=2048,
-         seconds=90),
+    case(
+        "l8b_fsdp1_2_full_bf16_ckpt_b1s2048",
+        L8B,
+        method="full",
+        gradient_checkpointing=True,
+        fsdp=2,
+        fsdp_version=1,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_fsdp1_4_lora16_b1s2048", L8B, method="lora", fsdp=4, fsdp_version=1, batch_size=1, seq_len=2048, seconds=90
+    ),
 ]
 
 # DeepSpeed ZeRO, modelled from source, not measured (vramplan/memory/deepspeed.py). verify's
 # builder has no DeepSpeed path yet (deepspeed.initialize with HF's "auto" config): these are
 # the cases to measure once it has one (`--cases` with a JSON of them, or added to CASES).
 DEEPSPEED_CASES = [
-    case("l3b_zero2_offload_full_bf16_ckpt_b1s2048", "llama-3.2-3b", method="full", gradient_checkpointing=True,
-         deepspeed="zero2", offload_optimizer=True, batch_size=1, seq_len=2048, seconds=180),
-    case("l8b_zero2_lora16_ckpt_b1s2048", L8B, method="lora", gradient_checkpointing=True, deepspeed="zero2",
-         data_parallel=2, batch_size=1, seq_len=2048, seconds=90),
-    case("l8b_zero3_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True, deepspeed="zero3",
-         data_parallel=4, batch_size=1, seq_len=2048, seconds=120),
-    case("l8b_zero3_offload_full_bf16_ckpt_b1s2048", L8B, method="full", gradient_checkpointing=True,
-         deepspeed="zero3", offload_optimizer=True, offload_params=True, data_parallel=4, batch_size=1,
-         seq_len=2048, seconds=240),
+    case(
+        "l3b_zero2_offload_full_bf16_ckpt_b1s2048",
+        "llama-3.2-3b",
+        method="full",
+        gradient_checkpointing=True,
+        deepspeed="zero2",
+        offload_optimizer=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=180,
+    ),
+    case(
+        "l8b_zero2_lora16_ckpt_b1s2048",
+        L8B,
+        method="lora",
+        gradient_checkpointing=True,
+        deepspeed="zero2",
+        data_parallel=2,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_zero3_full_bf16_ckpt_b1s2048",
+        L8B,
+        method="full",
+        gradient_checkpointing=True,
+        deepspeed="zero3",
+        data_parallel=4,
+        batch_size=1,
+        seq_len=2048,
+        seconds=120,
+    ),
+    case(
+        "l8b_zero3_offload_full_bf16_ckpt_b1s2048",
+        L8B,
+        method="full",
+        gradient_checkpointing=True,
+        deepspeed="zero3",
+        offload_optimizer=True,
+        offload_params=True,
+        data_parallel=4,
+        batch_size=1,
+        seq_len=2048,
+        seconds=240,
+    ),
 ]
 
 # A device task is lent about 15 minutes, start-up included: --core runs first the cases
@@ -213,13 +604,29 @@ DEEPSPEED_CASES = [
 # and hqq4, 8-bit AdamW, GaLore 8-bit layer-wise, checkpointing on/off, FSDP 2/4/8 with and
 # without offload, 16k tokens, MoE, a truncated-depth extrapolation next to its full-depth
 # run, the 8B QLoRA of the 60 s bar, the architectures added since), the 70B last.
-CORE = ["l1b_full_bf16_b1s1024", "l1b_full_mixed_b2s1024", "l1b_lora16_b4s2048", "l8b_qlora_nf4_r16_ckpt_b1s2048",
-        "l1b_qlora_nf4_r64_b2s1024", "l1b_full_adamw8bit_b1s2048", "l1b_galore_layerwise128_ckpt_b1s2048",
-        "l1b_galore8bit_layerwise128_ckpt_b1s1024", "l1b_fsdp2_full_mixed_ckpt_b2s2048", "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
-        "l8b_fsdp8_full_mixed_ckpt_b1s2048", "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
-        "l1b_lora16_ckpt_b1s16384", "mixtral_L2_full_bf16_b1s1024", "l1b_lora16_ckpt_b2s2048",
-        "l1b_lora16_ckpt_b2s2048_xp4-8", "l8b_qlora_hqq4_r16_ckpt_b1s2048", "qw3-8b_qlora_nf4_r16_ckpt_b1s2048",
-        "gemma3-1b_lora16_b1s2048", "qw3moe_L4_lora16_ckpt_b1s2048", "l70b_qlora_nf4_r16_ckpt_b1s2048"]
+CORE = [
+    "l1b_full_bf16_b1s1024",
+    "l1b_full_mixed_b2s1024",
+    "l1b_lora16_b4s2048",
+    "l8b_qlora_nf4_r16_ckpt_b1s2048",
+    "l1b_qlora_nf4_r64_b2s1024",
+    "l1b_full_adamw8bit_b1s2048",
+    "l1b_galore_layerwise128_ckpt_b1s2048",
+    "l1b_galore8bit_layerwise128_ckpt_b1s1024",
+    "l1b_fsdp2_full_mixed_ckpt_b2s2048",
+    "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
+    "l8b_fsdp8_full_mixed_ckpt_b1s2048",
+    "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
+    "l1b_lora16_ckpt_b1s16384",
+    "mixtral_L2_full_bf16_b1s1024",
+    "l1b_lora16_ckpt_b2s2048",
+    "l1b_lora16_ckpt_b2s2048_xp4-8",
+    "l8b_qlora_hqq4_r16_ckpt_b1s2048",
+    "qw3-8b_qlora_nf4_r16_ckpt_b1s2048",
+    "gemma3-1b_lora16_b1s2048",
+    "qw3moe_L4_lora16_ckpt_b1s2048",
+    "l70b_qlora_nf4_r16_ckpt_b1s2048",
+]
 
 
 def load_cases(path: str | None) -> list[dict]:
@@ -245,7 +652,7 @@ def select(cases: list[dict], batch: str | None, only: list[str] | None, core: b
         i, n = (int(x) for x in batch.split("/"))
         if not 1 <= i <= n:
             raise SystemExit(f"--batch {batch}: need 1 <= i <= n")
-        cases = cases[i - 1::n]
+        cases = cases[i - 1 :: n]
     return cases
 
 
@@ -262,6 +669,7 @@ def done_names(out: Path) -> set[str]:
 
 def _setup(c: dict):
     from vramplan.estimate import make_setup
+
     return make_setup(**c["setup"])
 
 
@@ -269,13 +677,16 @@ def dry_run(cases: list[dict]) -> int:
     """Validate every case and print its estimate on an H100 (no torch run)."""
     from vramplan.estimate import estimate_config
     from vramplan.units import GiB
+
     for c in cases:
         s = _setup(c)
         gpus = f"{max(s.fsdp, s.data_parallel, 1)}xh100-80gb"
         est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
         xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
-        print(f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "
-              f"{'fits' if est.fits else 'DOES NOT FIT'}{xp}")
+        print(
+            f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "
+            f"{'fits' if est.fits else 'DOES NOT FIT'}{xp}"
+        )
     print(f"{len(cases)} cases")
     return 0
 
@@ -290,6 +701,7 @@ def run_one(c: dict, device: str, timeout: float) -> list[dict]:
     """Measure one case in fresh process(es); returns the JSON lines to append."""
     from vramplan.verify.extrapolate import extrapolate
     from vramplan.verify.launch import CaseRequest, run_isolated
+
     s = _setup(c)
     depths = c["depths"] or [c["layers"]]
     ms = []
@@ -297,8 +709,7 @@ def run_one(c: dict, device: str, timeout: float) -> list[dict]:
         req = CaseRequest(model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device)
         ms += run_isolated(req, timeout=timeout)
     suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: "")
-    lines = [{**json.loads(m.to_measured_case(c["name"] + suffix(m)).model_dump_json()), "case": c["name"]}
-             for m in ms]
+    lines = [{**json.loads(m.to_measured_case(c["name"] + suffix(m)).model_dump_json()), "case": c["name"]} for m in ms]
     if c["depths"]:
         result, _fits = extrapolate(ms)
         lines.append({**json.loads(result.to_measured_case(c["name"]).model_dump_json()), "case": c["name"]})
@@ -342,8 +753,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         _append(out, lines)
         last = lines[-1]
-        print(f"{c['name']}: peak {last['peak_alloc_mb'] or float('nan'):.0f} MiB fits={last['fits']} "
-              f"({time.monotonic() - t:.0f} s)", flush=True)
+        print(
+            f"{c['name']}: peak {last['peak_alloc_mb'] or float('nan'):.0f} MiB fits={last['fits']} "
+            f"({time.monotonic() - t:.0f} s)",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

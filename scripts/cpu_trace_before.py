@@ -8,6 +8,7 @@ tests/test_cpu_trace.py comparison rules, and writes for every row of
 tests/data/cpu/trace.jsonl (or only the rows whose name contains one of --match) the traced
 bytes next to that model's bytes, as JSON lines shaped like trace.jsonl's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_WORKER = r'''
+_WORKER = r"""
 import json, sys, tempfile
 from pathlib import Path
 tree, rows_path, out_path = sys.argv[1:4]
@@ -40,7 +41,7 @@ for r in map(json.loads, Path(rows_path).read_text().splitlines()):
         row[phase] = {"traced_bytes": t, "model_bytes": b, "error": round((b - t) / t, 4)}
     out.append(json.dumps(row))
 Path(out_path).write_text("".join(line + "\n" for line in out))
-'''
+"""
 
 
 def main() -> int:
@@ -58,8 +59,11 @@ def main() -> int:
         try:
             (Path(tmp) / "rows.jsonl").write_text("".join(r + "\n" for r in rows))
             # a fresh interpreter, run from outside the checkout, so only that commit's code is imported
-            subprocess.run([sys.executable, "-c", _WORKER, tree, str(Path(tmp) / "rows.jsonl"),
-                            str(Path(args.output).resolve())], check=True, cwd=tmp)
+            subprocess.run(
+                [sys.executable, "-c", _WORKER, tree, str(Path(tmp) / "rows.jsonl"), str(Path(args.output).resolve())],
+                check=True,
+                cwd=tmp,
+            )
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", tree], check=True)
     for line in Path(args.output).read_text().splitlines():

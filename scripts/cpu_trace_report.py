@@ -10,13 +10,15 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and FSDP1 on rank 0 of a fake process group) and "known-gaps"
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and
+FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to) and
 "optimizers" (every optimizer verify builds with its real library, and optimizer in backward;
 held to 2%, the optimizer phase left out where the CPU step is not CUDA's).
 Comparison rules as in tests/test_cpu_trace.py; hqq rows also compare the build's peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,13 +62,20 @@ from vramplan.model_loader import load_model_spec, resolve_config  # noqa: E402
 from vramplan.units import MiB  # noqa: E402
 from vramplan.verify.cputrace import trace_step  # noqa: E402
 
-TINY_VOCAB = {f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
-              for h, f in ((256, 1024), (256, 2048), (512, 1024))}
-LAYER_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
-                "lora": dict(method="lora"), "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
-                "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
-                "galore-lw-ckpt": dict(method="galore", galore_rank=32, optim="galore_adamw_layerwise",
-                                       gradient_checkpointing=True)}
+TINY_VOCAB = {
+    f"v64-h{h}-f{f}": dict(LLAMA, vocab_size=64, hidden_size=h, intermediate_size=f, num_hidden_layers=4)
+    for h, f in ((256, 1024), (256, 2048), (512, 1024))
+}
+LAYER_SETUPS = {
+    "full": dict(method="full"),
+    "full-ckpt": dict(method="full", gradient_checkpointing=True),
+    "lora": dict(method="lora"),
+    "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
+    "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
+    "galore-lw-ckpt": dict(
+        method="galore", galore_rank=32, optim="galore_adamw_layerwise", gradient_checkpointing=True
+    ),
+}
 
 # (preset, layers, setup, batch x seq): real widths, a real vocabulary, a few layers; small
 # enough for a 24 GiB, 2-core machine (each case well under a minute)
@@ -86,24 +95,69 @@ REAL_WIDTH = [
 # ("Architectures"): architectures whose estimate carries a "never checked" note, and the
 # traced ones' known residuals.
 UNTRACED = {
-    "deepseek_v2": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=256,
-                        intermediate_size=768, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8,
-                        vocab_size=4096, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                        v_head_dim=32, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
-                        moe_intermediate_size=128, n_shared_experts=1, n_group=1, topk_group=1, topk_method="greedy",
-                        max_position_embeddings=4096),
-    "phi": dict(architectures=["PhiForCausalLM"], model_type="phi", hidden_size=256, intermediate_size=1024,
-                num_hidden_layers=3, num_attention_heads=8, vocab_size=4096, max_position_embeddings=4096,
-                partial_rotary_factor=0.5),
-    "seed_oss-dropout": dict(LLAMA, architectures=["SeedOssForCausalLM"], model_type="seed_oss", head_dim=32,
-                             attention_dropout=0.1, residual_dropout=0.1),
+    "deepseek_v2": dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        model_type="deepseek_v2",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=4096,
+        kv_lora_rank=64,
+        q_lora_rank=None,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        max_position_embeddings=4096,
+    ),
+    "phi": dict(
+        architectures=["PhiForCausalLM"],
+        model_type="phi",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        partial_rotary_factor=0.5,
+    ),
+    "seed_oss-dropout": dict(
+        LLAMA,
+        architectures=["SeedOssForCausalLM"],
+        model_type="seed_oss",
+        head_dim=32,
+        attention_dropout=0.1,
+        residual_dropout=0.1,
+    ),
 }
-UNTRACED_SETUPS = {"full": dict(method="full"), "lora": dict(method="lora"),
-                   "lora-ckpt": dict(method="lora", gradient_checkpointing=True)}
+UNTRACED_SETUPS = {
+    "full": dict(method="full"),
+    "lora": dict(method="lora"),
+    "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
+}
 # OLMo2 at Qwen3-0.6B-like width, its layers dominating: the post-MLP norm's backward point
-OLMO2_WIDE = dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", hidden_size=1024, intermediate_size=3072,
-                  num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=4, vocab_size=64,
-                  max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu")
+OLMO2_WIDE = dict(
+    architectures=["Olmo2ForCausalLM"],
+    model_type="olmo2",
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=3,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=64,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
 
 # DoRA where a decoder layer dominates (64-token vocabulary) or checkpointing recomputes it:
 # the model leaves out DoRA's per-token forward and backward working set (base and lora
@@ -113,13 +167,19 @@ ADAPTER_GAPS = {
     "wide-lora-dora": (WIDE, dict(method="lora", dora=True), WIDE_SHORT),
     "v64-lora-dora": (V64, dict(method="lora", dora=True), V64_SHAPE),
     "v64-lora-dora-ckpt": (V64, dict(method="lora", dora=True, gradient_checkpointing=True), V64_SHAPE),
-    "wide-lora-bf16-dora-ckpt": (WIDE, dict(method="lora", dora=True, adapter_dtype="bf16",
-                                            gradient_checkpointing=True), WIDE_SHORT),
+    "wide-lora-bf16-dora-ckpt": (
+        WIDE,
+        dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
+        WIDE_SHORT,
+    ),
 }
 
-LONG_SETUPS = {"full": dict(method="full"), "full-ckpt": dict(method="full", gradient_checkpointing=True),
-               "lora": dict(method="lora"),
-               "qlora-hqq4-ckpt": dict(method="qlora", quant="hqq4", gradient_checkpointing=True)}
+LONG_SETUPS = {
+    "full": dict(method="full"),
+    "full-ckpt": dict(method="full", gradient_checkpointing=True),
+    "lora": dict(method="lora"),
+    "qlora-hqq4-ckpt": dict(method="qlora", quant="hqq4", gradient_checkpointing=True),
+}
 
 
 def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
@@ -162,12 +222,16 @@ def _setup_text(setup: dict) -> str:
         parts.append(f"DDP{setup['data_parallel']}")
     if setup.get("gradient_checkpointing"):
         parts.append("ckpt" + (" reentrant" if setup.get("checkpoint_reentrant") else ""))
-    parts += [f"{k.replace('_', ' ')} {setup[k]}" for k in ("activation_offload", "attention", "packing")
-              if setup.get(k) not in (None, "none")]
+    parts += [
+        f"{k.replace('_', ' ')} {setup[k]}"
+        for k in ("activation_offload", "attention", "packing")
+        if setup.get(k) not in (None, "none")
+    ]
     if setup.get("loss", "hf") != "hf":
         parts.append(f"loss {setup['loss']}")
-    parts += [word for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits"))
-              if setup.get(key)]
+    parts += [
+        word for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits")) if setup.get(key)
+    ]
     parts += _adapter_text(setup)
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
 
@@ -186,20 +250,23 @@ def _adapter_text(setup: dict) -> list[str]:
 def render(rows: list[dict], before: dict) -> str:
     """docs/cpu-trace.md: every traced case, its traced peak per phase and the model's error,
     with the error of the model at commit 98031c9 on the same trace where it differs."""
-    out = ["# The memory model against the CPU trace, case by case", "",
-           "Generated by `python scripts/cpu_trace_report.py --render-only` from",
-           "`tests/data/cpu/trace.jsonl` (this model) and `tests/data/cpu/trace_model_98031c9.jsonl`",
-           "(the same traced steps next to the model at commit 98031c9). What the trace is and what",
-           "it leaves out: `docs/verify.md`, \"CPU trace\"; the model's backward is compared less the",
-           "2·N·V bytes CUDA's loss backward holds beyond the CPU's. Each cell: the traced peak of the phase",
-           "(step 1; build: the whole build) in MiB, then the model's error; `was` gives the earlier",
-           "model's error where it differed by more than 0.5 points.", ""]
+    out = [
+        "# The memory model against the CPU trace, case by case",
+        "",
+        "Generated by `python scripts/cpu_trace_report.py --render-only` from",
+        "`tests/data/cpu/trace.jsonl` (this model) and `tests/data/cpu/trace_model_98031c9.jsonl`",
+        "(the same traced steps next to the model at commit 98031c9). What the trace is and what",
+        'it leaves out: `docs/verify.md`, "CPU trace"; the model\'s backward is compared less the',
+        "2·N·V bytes CUDA's loss backward holds beyond the CPU's. Each cell: the traced peak of the phase",
+        "(step 1; build: the whole build) in MiB, then the model's error; `was` gives the earlier",
+        "model's error where it differed by more than 0.5 points.",
+        "",
+    ]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
     for group, items in groups.items():
-        out += [f"## {group}", "", "| case | setup | " + " | ".join(PHASES) + " |",
-                "|---|---|" + "---|" * len(PHASES)]
+        out += [f"## {group}", "", "| case | setup | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
         for r in items:
             old = before.get((r["group"], r["name"]), {})
             cells = []
@@ -216,10 +283,12 @@ def render(rows: list[dict], before: dict) -> str:
         out.append("")
     held = [r for r in rows if not r["group"].startswith("known-gaps")]
     errs = [r[p]["error"] for r in held for p in PHASES[1:] if p in r]
-    out += [f"{len(held)} cases of the architectures vramplan traces; forward, backward and optimizer phases: "
-            f"{min(errs):+.1%} to {max(errs):+.1%}."]
+    out += [
+        f"{len(held)} cases of the architectures vramplan traces; forward, backward and optimizer phases: "
+        f"{min(errs):+.1%} to {max(errs):+.1%}."
+    ]
     if len(held) < len(rows):
-        out += [f"{len(rows) - len(held)} known gaps (docs/memory-model.md, \"Architectures\")."]
+        out += [f'{len(rows) - len(held)} known gaps (docs/memory-model.md, "Architectures").']
     out += [""]
     return "\n".join(out)
 
@@ -260,25 +329,38 @@ def main() -> int:
         write_doc(DATA / "trace.jsonl")
         return 0
     jobs = [("structure", n, cfg, f, B2S256) for n, (cfg, f) in CASES.items()]
-    jobs += [("layer-backward", f"{m}/{s}", cfg, f, dict(batch_size=2, seq_len=512, lora_dropout=0.0))
-             for m, cfg in TINY_VOCAB.items() for s, f in LAYER_SETUPS.items()]
+    jobs += [
+        ("layer-backward", f"{m}/{s}", cfg, f, dict(batch_size=2, seq_len=512, lora_dropout=0.0))
+        for m, cfg in TINY_VOCAB.items()
+        for s, f in LAYER_SETUPS.items()
+    ]
     v64 = dict(batch_size=2, seq_len=512, lora_dropout=0.0)
     jobs += [("layer-backward", n, cfg, f, v64) for n, (cfg, f) in LAYER_ARCH_CASES.items()]
     short = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
     jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
     jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]
     jobs += [("long-context", f"16k/{n}", LONG, f, LONG_SHAPE) for n, f in LONG_SETUPS.items()]
-    jobs += [("real-width", f"{name}/L{layers}/{_slug(f)}", resolve_config(name, num_layers=layers)[2], f,
-              dict(batch_size=b, seq_len=sq, lora_dropout=0.0)) for name, layers, f, (b, sq) in REAL_WIDTH]
-    jobs += [("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items()
-             for n, f in UNTRACED_SETUPS.items()]
+    jobs += [
+        (
+            "real-width",
+            f"{name}/L{layers}/{_slug(f)}",
+            resolve_config(name, num_layers=layers)[2],
+            f,
+            dict(batch_size=b, seq_len=sq, lora_dropout=0.0),
+        )
+        for name, layers, f, (b, sq) in REAL_WIDTH
+    ]
+    jobs += [
+        ("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items() for n, f in UNTRACED_SETUPS.items()
+    ]
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]
     jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]
     jobs += [("engines", n, LLAMA, f, B2S256) for n, f in ENGINE_CASES.items()]
-    jobs += [("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True),
-              v64)]
+    jobs += [
+        ("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True), v64)
+    ]
     jobs += [("offload-attention", n, V64_LLAMA, f, V64_SHAPE) for n, f in KNOB_CASES.items()]
     old = []
     if args.group:
@@ -288,8 +370,12 @@ def main() -> int:
     for job in jobs:
         row = run(*job)
         rows.append(row)
-        print(row["group"], row["name"], {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row},
-              flush=True)
+        print(
+            row["group"],
+            row["name"],
+            {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row},
+            flush=True,
+        )
     Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in _splice(old, rows, args.group)))
     if Path(args.output).resolve() == (DATA / "trace.jsonl").resolve():
         write_doc(DATA / "trace.jsonl")

@@ -8,6 +8,7 @@ It reads the actions' attributes (flags, choices, defaults, help) rather than ar
 formatted help, whose line wrapping depends on the terminal and the Python version.
 tests/test_cli_docs.py fails when the committed file differs from what this produces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,26 +33,38 @@ def _inputs_section() -> str:
     """Exit codes and the limits of config files, from the constants the code checks."""
     from vramplan import cli, limits
     from vramplan.config_check import COUNT_KEYS
-    codes = [(0, "done (estimate and plan exit 0 whether or not the run fits)"),
-             (1, "verify: the step does not fit; gpus: no GPU detected"),
-             (cli.EXIT_BAD_INPUT, "bad input: one line on stderr naming the option, argument or key"),
-             (3, "verify: no CUDA GPU here"),
-             (cli.EXIT_INTERNAL, "a bug: one line on stderr (VRAMPLAN_DEBUG=1 shows the traceback)"),
-             (cli.EXIT_OUTPUT, "the output could not be written (a full disk on stdout)"),
-             (cli.EXIT_INTERRUPTED, "interrupted (Ctrl-C), quietly"),
-             (cli.EXIT_BROKEN_PIPE, "the reader of stdout went away (`| head`), quietly")]
+
+    codes = [
+        (0, "done (estimate and plan exit 0 whether or not the run fits)"),
+        (1, "verify: the step does not fit; gpus: no GPU detected"),
+        (cli.EXIT_BAD_INPUT, "bad input: one line on stderr naming the option, argument or key"),
+        (3, "verify: no CUDA GPU here"),
+        (cli.EXIT_INTERNAL, "a bug: one line on stderr (VRAMPLAN_DEBUG=1 shows the traceback)"),
+        (cli.EXIT_OUTPUT, "the output could not be written (a full disk on stdout)"),
+        (cli.EXIT_INTERRUPTED, "interrupted (Ctrl-C), quietly"),
+        (cli.EXIT_BROKEN_PIPE, "the reader of stdout went away (`| head`), quietly"),
+    ]
     keys = ", ".join(f"`{k}` <= {v:,}" for k, v in COUNT_KEYS.items())
-    return "\n".join([
-        "## Exit codes and limits", "",
-        "| status | meaning |", "| --- | --- |", *(f"| {c} | {m} |" for c, m in codes), "",
-        "Every count and token number is bounded where it enters (each option's range is in its row "
-        f"below); a micro-batch holds at most {limits.MAX_TOKENS:,} tokens (batch x seq). A MODEL file "
-        f"must be a regular file of at most {limits.MAX_CONFIG_BYTES // 2**20} MiB holding strict JSON "
-        f"(no NaN) nested at most {limits.MAX_JSON_DEPTH} deep; its memory-shaping keys are checked "
-        "before transformers builds anything (integers, positive, the attention heads dividing the "
-        f"width unless `head_dim` is given, the key-value heads dividing the heads): {keys}. Output "
-        "files and verify's report folder are checked before the work and written under a temporary "
-        "name, renamed when complete.", ""])
+    return "\n".join(
+        [
+            "## Exit codes and limits",
+            "",
+            "| status | meaning |",
+            "| --- | --- |",
+            *(f"| {c} | {m} |" for c, m in codes),
+            "",
+            "Every count and token number is bounded where it enters (each option's range is in its row "
+            f"below); a micro-batch holds at most {limits.MAX_TOKENS:,} tokens (batch x seq). A MODEL file "
+            f"must be a regular file of at most {limits.MAX_CONFIG_BYTES // 2**20} MiB holding strict JSON "
+            f"(no NaN) nested at most {limits.MAX_JSON_DEPTH} deep; its memory-shaping keys are checked "
+            "before transformers builds anything (integers, positive, the attention heads dividing the "
+            f"width unless `head_dim` is given, the key-value heads dividing the heads): {keys}. Output "
+            "files and verify's report folder are checked before the work and written under a temporary "
+            "name, renamed when complete.",
+            "",
+        ]
+    )
+
 
 _TYPES = {int: "integer", float: "number", str: "text"}
 
@@ -98,12 +111,23 @@ def _default(action: argparse.Action) -> str:
 
 
 def _usage(path: str, parser: argparse.ArgumentParser) -> str:
-    positionals = [a.metavar or a.dest for a in parser._actions
-                   if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+    positionals = [
+        a.metavar or a.dest
+        for a in parser._actions
+        if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+    ]
     sub, _ = _subcommands(parser)
-    parts = [path, *(p + (" [...]" if a.nargs in ("+", "*") else "")
-                     for p, a in zip(positionals, [a for a in parser._actions if not a.option_strings
-                                                   and not isinstance(a, argparse._SubParsersAction)]))]
+    parts = [
+        path,
+        *(
+            p + (" [...]" if a.nargs in ("+", "*") else "")
+            for p, a in zip(
+                positionals,
+                [a for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)],
+                strict=False,
+            )
+        ),
+    ]
     if sub is not None:
         parts.append(sub.metavar or "COMMAND")
     if any(a.option_strings and a.dest != "help" for a in parser._actions):
@@ -135,6 +159,7 @@ def _section(path: str, parser: argparse.ArgumentParser, summary: str, level: in
 def render() -> str:
     sys.path.insert(0, str(ROOT))
     from vramplan.cli import build_parser
+
     parser = build_parser()
     body = "\n".join(_section(parser.prog, parser, parser.description or "", 2)).rstrip()
     return HEADER + "\n" + _inputs_section() + "\n" + body + "\n"

@@ -5,6 +5,7 @@
 The text around the markers is hand-written; tests/test_stacks.py checks that the page cites
 every bundle value's source.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,10 +16,28 @@ from vramplan.stacks import STACK_KNOBS, StackRule, load_stack
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "stacks.md"
 BEGIN, END = "<!-- stacks:begin (scripts/gen_stacks_doc.py) -->", "<!-- stacks:end -->"
-KNOB_ORDER = ["precision", "model_dtype", "loss", "fp32_outputs", "keep_logits", "optim", "optimizer_in_backward",
-              "adapter_dtype", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout",
-              "gradient_checkpointing", "checkpoint_reentrant", "activation_offload", "attention", "packing",
-              "fsdp_version", "cpu_offload"]
+KNOB_ORDER = [
+    "precision",
+    "model_dtype",
+    "loss",
+    "fp32_outputs",
+    "keep_logits",
+    "optim",
+    "optimizer_in_backward",
+    "adapter_dtype",
+    "kbit_prep",
+    "dora",
+    "lora_targets",
+    "lora_target_modules",
+    "lora_dropout",
+    "gradient_checkpointing",
+    "checkpoint_reentrant",
+    "activation_offload",
+    "attention",
+    "packing",
+    "fsdp_version",
+    "cpu_offload",
+]
 
 
 def _value(value: Any, supported: bool = True) -> str:
@@ -34,7 +53,9 @@ def _value(value: Any, supported: bool = True) -> str:
 
 
 def _when(rule: StackRule) -> str:
-    return " and ".join(f"{k} in {'/'.join('none' if v is None else _value(v) for v in vs)}" for k, vs in rule.when.items())
+    return " and ".join(
+        f"{k} in {'/'.join('none' if v is None else _value(v) for v in vs)}" for k, vs in rule.when.items()
+    )
 
 
 def _cell(rules: list[StackRule]) -> str:
@@ -66,10 +87,19 @@ def per_stack(stack: Stack) -> str:
 
 
 def generated() -> str:
-    parts = ["## Every stack at a glance", "",
-             ("`·` = the stack does not set the knob (the reference step's value stays). "
-              "`a if method in qlora; else b`: the first rule that holds wins."), "", matrix(), "",
-             "## Each stack, value by value", ""]
+    parts = [
+        "## Every stack at a glance",
+        "",
+        (
+            "`·` = the stack does not set the knob (the reference step's value stays). "
+            "`a if method in qlora; else b`: the first rule that holds wins."
+        ),
+        "",
+        matrix(),
+        "",
+        "## Each stack, value by value",
+        "",
+    ]
     parts += [per_stack(s) + "\n" for s in Stack if s != Stack.PLAIN]
     return "\n".join(parts)
 

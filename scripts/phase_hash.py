@@ -7,6 +7,7 @@ measured phase each modelled phase falls in.
 
     PYTHONPATH=. python scripts/phase_hash.py [--per-preset]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,7 @@ SETUPS: dict[str, dict] = {
     "galore": {"method": "galore"},
     "galore 8bit layerwise": {"method": "galore", "optim": "galore_adamw_8bit_layerwise"},
     "lora fsdp2": {"method": "lora", "fsdp": 2},
-    "qlora fsdp2 offload ckpt": {"method": "qlora", "fsdp": 2, "cpu_offload": True,
-                                 "gradient_checkpointing": True},
+    "qlora fsdp2 offload ckpt": {"method": "qlora", "fsdp": 2, "cpu_offload": True, "gradient_checkpointing": True},
     "full adamw_bnb_8bit": {"method": "full", "optim": "adamw_bnb_8bit"},
     "lora attention": {"method": "lora", "lora_targets": "attention"},
     "lora mixed dropout0": {"method": "lora", "precision": "mixed", "lora_dropout": 0.0},
@@ -42,6 +42,7 @@ def _measured(ph) -> str:
         return str(ph.measured)
     # a tree from before the memory package (commit 64c9e73 and earlier): matched by name
     from vramplan.memory import measured_phase
+
     return measured_phase(ph.name)
 
 

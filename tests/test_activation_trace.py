@@ -8,6 +8,7 @@ ones (CPU flash attention keeps a few more bytes per head), so the tolerance is 
 LoRA runs with dropout 0 here: CPU dropout saves an fp32 noise tensor where CUDA's fused
 kernel saves a bool mask (the mask rule is checked against the H100 measurements).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -23,23 +24,62 @@ B, S = 1, 64
 TOL = 0.02
 
 TINY = {
-    "llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=32, vocab_size=512),
-    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=640, num_attention_heads=8,
-                  num_key_value_heads=2, vocab_size=512),
-    "phi3": dict(model_type="phi3", hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                 num_key_value_heads=8, vocab_size=512, pad_token_id=0),
-    "mixtral": dict(model_type="mixtral", hidden_size=256, intermediate_size=384, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=512, num_local_experts=4, num_experts_per_tok=2),
-    "gemma2": dict(model_type="gemma2", hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=64, vocab_size=512, sliding_window=4096,
-                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=64,
-                   hidden_activation="gelu_pytorch_tanh"),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=256,
+        intermediate_size=640,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=512,
+        pad_token_id=0,
+    ),
+    "mixtral": dict(
+        model_type="mixtral",
+        hidden_size=256,
+        intermediate_size=384,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "gemma2": dict(
+        model_type="gemma2",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=64,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
 }
 
 
 def _model(cfg: dict, layers: int, setup: TrainingSetup):
     from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
     config = AutoConfig.for_model(mt, num_hidden_layers=layers, use_cache=False, **cfg)  # as the reference step
@@ -48,10 +88,16 @@ def _model(cfg: dict, layers: int, setup: TrainingSetup):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=impl)
     if setup.method.value == "lora":
         from peft import LoraConfig, get_peft_model
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and ".layers." in n})
-        model = get_peft_model(model, LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r,
-                                                 lora_dropout=setup.lora_dropout, target_modules=names))
+
+        names = sorted(
+            {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        )
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=setup.lora_dropout, target_modules=names
+            ),
+        )
         model.enable_input_require_grads()  # every layer's input needs grad, as layers > 0 do
     model.train()
     return model

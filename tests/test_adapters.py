@@ -2,6 +2,7 @@
 --dora, --model-dtype, --precision fp16. Expected bytes are worked out by hand from the libraries'
 rules on the small Llama of tests/test_cpu_trace.py (hidden 256, MLP 768, 8 heads of 32, 2 kv heads,
 3 layers, vocabulary 4096, untied head), not taken from the code under test."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,32 @@ from vramplan.memory.dora import dora_layer_transient
 from vramplan.model_loader import load_model_spec
 from vramplan.setup import Precision
 
-LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
-             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
-             max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu")
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+)
 R = 16
 # per layer, lora_A (r x in) + lora_B (out x r) elements: q 256->256, k/v 256->64, o 256->256,
 # gate/up 256->768, down 768->256
-PER_LAYER = {"q": R * (256 + 256), "k": R * (256 + 64), "v": R * (256 + 64), "o": R * (256 + 256),
-             "gate": R * (256 + 768), "up": R * (256 + 768), "down": R * (768 + 256)}
+PER_LAYER = {
+    "q": R * (256 + 256),
+    "k": R * (256 + 64),
+    "v": R * (256 + 64),
+    "o": R * (256 + 256),
+    "gate": R * (256 + 768),
+    "up": R * (256 + 768),
+    "down": R * (768 + 256),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +65,8 @@ def test_adapters_grads_and_adamw_states_take_the_adapter_dtype(spec, dtype, wid
     elements = 3 * sum(PER_LAYER.values())
     static = _static(spec, method="lora", adapter_dtype=dtype)
     assert static.parts[C.ADAPTERS] == width * elements
-    assert static.grads == width * elements                  # AccumulateGrad keeps the param's dtype
-    assert static.optimizer_states == 2 * width * elements   # torch AdamW: zeros_like(p) twice
+    assert static.grads == width * elements  # AccumulateGrad keeps the param's dtype
+    assert static.optimizer_states == 2 * width * elements  # torch AdamW: zeros_like(p) twice
 
 
 def test_an_explicit_target_list_adapts_only_those_linears(spec):
@@ -58,6 +77,7 @@ def test_an_explicit_target_list_adapts_only_those_linears(spec):
 def test_a_target_that_matches_no_linear_names_the_flag_and_the_linears(spec):
     from vramplan.estimate import check_compatible
     from vramplan.hardware import parse_gpus
+
     setup = make_setup(method="lora", lora_target_modules="q_proj,query")
     with pytest.raises(VramplanError) as e:
         check_compatible(spec, setup, parse_gpus("1x24GB"))
@@ -122,19 +142,23 @@ def test_fp16_adds_the_grad_scaler_to_the_mixed_step(spec):
     # float64 temporary) at the step; one 512 B block each
     def step(precision):
         return {p.kind: p.allocated for p in step_model(spec, make_setup(method="full", precision=precision)).phases}
+
     fp16, mixed = step("fp16"), step("mixed")
     assert fp16[PhaseKind.OPTIMIZER_STEP] - mixed[PhaseKind.OPTIMIZER_STEP] == 2 * 512 + 3 * 512
     assert fp16[PhaseKind.FORWARD_LOSS] - mixed[PhaseKind.FORWARD_LOSS] == 2 * 512
 
 
-@pytest.mark.parametrize("fields,flags", [
-    (dict(method="full", precision="fp16", model_dtype="bf16"), ("--model-dtype", "--precision")),
-    (dict(method="lora", precision="fp16", adapter_dtype="bf16"), ("--adapter-dtype", "--precision")),
-    (dict(method="full", model_dtype="fp32"), ("--model-dtype", "--precision")),
-    (dict(method="qlora", kbit_prep=True), ("--kbit-prep", "--precision")),
-    (dict(method="full", dora=True), ("--dora", "--method")),
-    (dict(method="galore", kbit_prep=True, precision="mixed"), ("--kbit-prep", "--method")),
-])
+@pytest.mark.parametrize(
+    "fields,flags",
+    [
+        (dict(method="full", precision="fp16", model_dtype="bf16"), ("--model-dtype", "--precision")),
+        (dict(method="lora", precision="fp16", adapter_dtype="bf16"), ("--adapter-dtype", "--precision")),
+        (dict(method="full", model_dtype="fp32"), ("--model-dtype", "--precision")),
+        (dict(method="qlora", kbit_prep=True), ("--kbit-prep", "--precision")),
+        (dict(method="full", dora=True), ("--dora", "--method")),
+        (dict(method="galore", kbit_prep=True, precision="mixed"), ("--kbit-prep", "--method")),
+    ],
+)
 def test_incompatible_knobs_name_both_flags(fields, flags):
     with pytest.raises(VramplanError) as e:
         make_setup(**fields)
@@ -143,6 +167,7 @@ def test_incompatible_knobs_name_both_flags(fields, flags):
 
 def test_a_card_without_bf16_gets_fp16_unless_precision_is_given(spec):
     from vramplan.hardware import parse_gpus
+
     t4 = parse_gpus("1xt4")
     setup, notes = fp16_on_card(make_setup(method="full", stack="axolotl"), t4, precision_given=False)
     assert setup.precision == Precision.FP16 and setup.model_dtype is None and "no bf16" in notes[0]
@@ -156,6 +181,7 @@ def test_dora_recompute_keeps_every_eye_until_the_layer_backward_ends(spec):
     # eye(in) + lora_A(eye) per adapted Linear, fp32: q, k, v, o, gate, up read 256 features,
     # down 768; then down's norm terms: lora_weight, its scaled copy, the sum, the fp32 weight
     from vramplan.memory.dora import dora_recompute
+
     setup = make_setup(method="lora", dora=True, gradient_checkpointing=True)
     eye_graph = 6 * (4 * 256 * 256 + 4 * 256 * R) + (4 * 768 * 768 + 4 * 768 * R)
     assert dora_recompute(spec.layers[0], setup) == (eye_graph, 4 * 4 * 768 * 256)

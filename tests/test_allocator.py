@@ -1,6 +1,7 @@
 """The allocator model against rules read from PyTorch's CUDACachingAllocator.cpp
 (commit 001074d2, see vramplan/allocator.py). Every expected value below is worked out by
 hand from the C++ functions named in each test, never by running the model."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -28,6 +29,7 @@ def run(rows, conf="", **kw):
 
 
 # ---------------------------------------------------------------- sizes (round_size, get_allocation_size)
+
 
 def test_round_size_512_bytes():
     cfg = AllocatorConfig()
@@ -58,6 +60,7 @@ def test_allocation_size_per_pool():
 
 
 # ---------------------------------------------------------------- segments and splitting
+
 
 def test_one_kib_reserves_a_small_segment():
     r = run([(A, 1, KiB)])
@@ -122,6 +125,7 @@ def test_best_fit_takes_the_smallest_cached_block():
 
 # ---------------------------------------------------------------- max_split_size_mb
 
+
 def test_max_split_size_keeps_oversize_blocks_whole():
     rows = [(A, 1, 40 * MiB), (F, 1, 0), (A, 2, 12 * MiB)]
     # Without the option the cached 40 MiB segment is split for 12 MiB.
@@ -136,8 +140,7 @@ def test_oversize_block_reused_within_rounding_tolerance():
     assert (r.final_reserved, r.final_allocated) == (40 * MiB, 40 * MiB)
     r = run([(A, 1, 60 * MiB), (F, 1, 0), (A, 2, 30 * MiB)], "max_split_size_mb:20")
     assert r.final_reserved == 90 * MiB
-    r = run([(A, 1, 60 * MiB), (F, 1, 0), (A, 2, 30 * MiB)],
-            "max_split_size_mb:20,max_non_split_rounding_mb:40")
+    r = run([(A, 1, 60 * MiB), (F, 1, 0), (A, 2, 30 * MiB)], "max_split_size_mb:20,max_non_split_rounding_mb:40")
     assert r.final_reserved == 60 * MiB
 
 
@@ -154,13 +157,13 @@ def test_release_available_cached_blocks_frees_only_an_oversize_block():
 def test_release_available_cached_blocks_frees_largest_oversize_first():
     # No single cached block >= 60 MiB: release_available_cached_blocks frees the oversize ones
     # from the largest down (40, then 30: 70 >= 60) and stops; the 12 MiB block stays.
-    rows = [(A, 1, 40 * MiB), (A, 2, 30 * MiB), (A, 3, 12 * MiB), (F, 1, 0), (F, 2, 0), (F, 3, 0),
-            (A, 4, 60 * MiB)]
+    rows = [(A, 1, 40 * MiB), (A, 2, 30 * MiB), (A, 3, 12 * MiB), (F, 1, 0), (F, 2, 0), (F, 3, 0), (A, 4, 60 * MiB)]
     r = run(rows, "max_split_size_mb:20", capacity=100 * MiB)
     assert (r.final_reserved, r.num_alloc_retries) == (72 * MiB, 0)
 
 
 # ---------------------------------------------------------------- out of memory
+
 
 def test_oom_retry_releases_cached_segments():
     # 24 MiB cached in two free 12 MiB segments; 30 MiB does not fit next to them in 40 MiB,
@@ -198,6 +201,7 @@ def test_no_capacity_no_oom():
 
 
 # ---------------------------------------------------------------- garbage_collection_threshold
+
 
 def test_garbage_collection_frees_old_cached_segments_first():
     # Limit 100 MiB, threshold 0.5 -> collect above 50 MiB. Cached: A 30 MiB (freed after the
@@ -277,17 +281,28 @@ def test_expandable_empty_cache_returns_only_whole_free_pages():
 
 # ---------------------------------------------------------------- config parsing
 
+
 def test_parse_full_conf():
-    cfg = parse_alloc_conf("expandable_segments:True,max_split_size_mb:128,roundup_power2_divisions:4,"
-                           "garbage_collection_threshold:0.8")
-    assert cfg == AllocatorConfig(max_split_size=128 * MiB, roundup_power2_divisions=(4,) * 16,
-                                  garbage_collection_threshold=0.8, expandable_segments=True)
+    cfg = parse_alloc_conf(
+        "expandable_segments:True,max_split_size_mb:128,roundup_power2_divisions:4,garbage_collection_threshold:0.8"
+    )
+    assert cfg == AllocatorConfig(
+        max_split_size=128 * MiB,
+        roundup_power2_divisions=(4,) * 16,
+        garbage_collection_threshold=0.8,
+        expandable_segments=True,
+    )
     assert parse_alloc_conf("") == AllocatorConfig()
     assert parse_alloc_conf(" expandable_segments : False ") == AllocatorConfig()
     assert parse_alloc_conf("expandable_segments:true").expandable_segments
     # Host-side and locking options parse and change nothing on the device.
-    assert parse_alloc_conf("pinned_use_background_threads:True,pinned_num_register_threads:8,"
-                            "release_lock_on_cudamalloc:True,backend:native") == AllocatorConfig()
+    assert (
+        parse_alloc_conf(
+            "pinned_use_background_threads:True,pinned_num_register_threads:8,"
+            "release_lock_on_cudamalloc:True,backend:native"
+        )
+        == AllocatorConfig()
+    )
 
 
 def test_parse_divisions_per_interval():
@@ -299,19 +314,22 @@ def test_parse_divisions_per_interval():
     assert cfg.divisions_for(2 * 1024 * MiB) == 8
 
 
-@pytest.mark.parametrize("text, key", [
-    ("max_split_size_mb:10", "max_split_size_mb"),
-    ("max_split_size_mb:lots", "max_split_size_mb"),
-    ("foo:1", "foo"),
-    ("expandable_segments:yes", "expandable_segments"),
-    ("garbage_collection_threshold:1.5", "garbage_collection_threshold"),
-    ("roundup_power2_divisions:3", "roundup_power2_divisions"),
-    ("backend:cudaMallocAsync", "backend"),
-    ("max_split_size_mb", "max_split_size_mb"),
-    ("large_segment_size_mb:10", "large_segment_size_mb"),
-    ("per_process_memory_fraction:0", "per_process_memory_fraction"),
-    ("expandable_segments:True;max_split_size_mb:64", "expandable_segments"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("max_split_size_mb:10", "max_split_size_mb"),
+        ("max_split_size_mb:lots", "max_split_size_mb"),
+        ("foo:1", "foo"),
+        ("expandable_segments:yes", "expandable_segments"),
+        ("garbage_collection_threshold:1.5", "garbage_collection_threshold"),
+        ("roundup_power2_divisions:3", "roundup_power2_divisions"),
+        ("backend:cudaMallocAsync", "backend"),
+        ("max_split_size_mb", "max_split_size_mb"),
+        ("large_segment_size_mb:10", "large_segment_size_mb"),
+        ("per_process_memory_fraction:0", "per_process_memory_fraction"),
+        ("expandable_segments:True;max_split_size_mb:64", "expandable_segments"),
+    ],
+)
 def test_parse_errors_name_the_key(text, key):
     with pytest.raises(VramplanError) as err:
         parse_alloc_conf(text)
@@ -320,6 +338,7 @@ def test_parse_errors_name_the_key(text, key):
 
 
 # ---------------------------------------------------------------- events and replay
+
 
 def test_repeat_shifts_tensor_ids():
     block = EventStream.from_tuples([(A, 0, 5 * MiB), (A, 1, MiB), (F, 1, 0)])
@@ -350,8 +369,9 @@ def test_zero_size_takes_no_memory():
 
 
 sizes = st.one_of(st.integers(0, 2 * MiB), st.integers(MiB, 64 * MiB))
-confs = st.sampled_from(["", ES, "max_split_size_mb:20", "roundup_power2_divisions:4",
-                         "max_split_size_mb:32,expandable_segments:True"])
+confs = st.sampled_from(
+    ["", ES, "max_split_size_mb:20", "roundup_power2_divisions:4", "max_split_size_mb:32,expandable_segments:True"]
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -386,10 +406,12 @@ def test_properties(allocs, conf):
 
 # ---------------------------------------------------------------- a recorded stream (cputrace)
 
+
 def test_events_from_a_cpu_trace():
     torch = pytest.importorskip("torch")
     from vramplan.verify.allocstream import events_from_trace
     from vramplan.verify.cputrace import AllocationTrace
+
     with AllocationTrace() as trace:
         with trace.phase("forward", 0):
             a = torch.empty(256, dtype=torch.float32)  # 1 KiB

@@ -1,4 +1,5 @@
 """The command line: the JSON contract, bad input, and the seeds' claims."""
+
 from __future__ import annotations
 
 import json
@@ -27,27 +28,42 @@ def test_json_contract(capsys):
     assert allocated == pg["peak_allocated_bytes"]
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["estimate", "no-such-model", "--gpus", "1x24GB"], "MODEL"),
-    (["estimate", "llama-7b", "--gpus", "2xfoo"], "--gpus"),
-    (["estimate", "llama-7b", "--gpus", "0x24GB"], "--gpus"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--batch-size", "0"], "--batch-size"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "lora", "--lora-r", "100000"], "--lora-r"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--fsdp", "2"], "--fsdp"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "nadam"], "--optim"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "adamw_torch_xla"], "--optim"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optimizer-in-backward",
-      "--gradient-accumulation", "4"], "--gradient-accumulation"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "qlora", "--quant", "int3"], "--quant"),
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "galore_adamw"], "--optim"),
-    # the comparison of standard strategies validates the flags it takes...
-    (["estimate", "llama-7b", "--gpus", "1x24GB", "--batch-size", "0"], "--batch-size"),
-    (["estimate", "llama-7b", "--gpus", "2x24GB", "--seq-len", "-5"], "--seq-len"),
-    # ...and refuses, rather than drops, one that picks a configuration
-    (["estimate", "llama-7b", "--gpus", "2x24GB", "--lora-r", "64"], "--lora-r"),
-    (["plot", "breakdown", "llama-7b", "--gpus", "2x24GB", "--fsdp", "2"], "--fsdp"),
-    (["estimate", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "full", "--num-layers", "17"], "--num-layers"),
-])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["estimate", "no-such-model", "--gpus", "1x24GB"], "MODEL"),
+        (["estimate", "llama-7b", "--gpus", "2xfoo"], "--gpus"),
+        (["estimate", "llama-7b", "--gpus", "0x24GB"], "--gpus"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--batch-size", "0"], "--batch-size"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "lora", "--lora-r", "100000"], "--lora-r"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--fsdp", "2"], "--fsdp"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "nadam"], "--optim"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "adamw_torch_xla"], "--optim"),
+        (
+            [
+                "estimate",
+                "llama-7b",
+                "--gpus",
+                "1x24GB",
+                "--method",
+                "full",
+                "--optimizer-in-backward",
+                "--gradient-accumulation",
+                "4",
+            ],
+            "--gradient-accumulation",
+        ),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "qlora", "--quant", "int3"], "--quant"),
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--method", "full", "--optim", "galore_adamw"], "--optim"),
+        # the comparison of standard strategies validates the flags it takes...
+        (["estimate", "llama-7b", "--gpus", "1x24GB", "--batch-size", "0"], "--batch-size"),
+        (["estimate", "llama-7b", "--gpus", "2x24GB", "--seq-len", "-5"], "--seq-len"),
+        # ...and refuses, rather than drops, one that picks a configuration
+        (["estimate", "llama-7b", "--gpus", "2x24GB", "--lora-r", "64"], "--lora-r"),
+        (["plot", "breakdown", "llama-7b", "--gpus", "2x24GB", "--fsdp", "2"], "--fsdp"),
+        (["estimate", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "full", "--num-layers", "17"], "--num-layers"),
+    ],
+)
 def test_bad_input_is_one_line(args, flag):
     proc = run(*args)
     assert proc.returncode == 2
@@ -73,23 +89,52 @@ def test_config_that_is_not_a_model(tmp_path):
 def test_config_without_linear_layers_is_refused(tmp_path):
     """GPT-2's projections are transformers Conv1D: no rule covers them, so no number."""
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 128,
-                               "vocab_size": 256, "bos_token_id": 0, "eos_token_id": 0}))
-    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB",
-                           "--method", "lora"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")})
+    cfg.write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "n_embd": 64,
+                "n_head": 4,
+                "n_layer": 2,
+                "n_positions": 128,
+                "vocab_size": 256,
+                "bos_token_id": 0,
+                "eos_token_id": 0,
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB", "--method", "lora"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "MODEL" in proc.stderr and "nn.Linear" in proc.stderr and "Conv1D" in proc.stderr
 
 
 def _est(*args):
     from vramplan.estimate import estimate_config
+
     return estimate_config(*args[:2], **args[2])
 
 
 def test_seed_70b_qlora_fsdp_offload_fits_two_24gb_cards():
-    e = _est("llama-2-70b", "2x24GB", dict(method="qlora", quant="nf4", lora_r=64, fsdp=2, cpu_offload=True,
-                                           gradient_checkpointing=True, batch_size=2, seq_len=2048))
+    e = _est(
+        "llama-2-70b",
+        "2x24GB",
+        dict(
+            method="qlora",
+            quant="nf4",
+            lora_r=64,
+            fsdp=2,
+            cpu_offload=True,
+            gradient_checkpointing=True,
+            batch_size=2,
+            seq_len=2048,
+        ),
+    )
     assert e.fits
 
 
@@ -99,8 +144,11 @@ def test_seed_70b_full_finetune_does_not_fit_two_24gb_cards():
 
 
 def test_seed_7b_galore_8bit_layerwise_fits_one_24gb_card():
-    e = _est("llama-2-7b", "1x24GB", dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=1024,
-                                          batch_size=1, seq_len=256))
+    e = _est(
+        "llama-2-7b",
+        "1x24GB",
+        dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=1024, batch_size=1, seq_len=256),
+    )
     assert e.fits
 
 
@@ -119,9 +167,13 @@ def test_config_without_a_causal_lm_class_is_one_short_line(tmp_path):
     text; transformers' own message lists every config class it knows, the user gets one line."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"model_type": "t5", "d_model": 64, "num_layers": 2, "vocab_size": 256}))
-    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB",
-                           "--method", "lora"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vramplan.cli", "estimate", str(cfg), "--gpus", "1x24GB", "--method", "lora"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VRAMPLAN_CACHE": str(tmp_path / "cache")},
+    )
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert line.startswith("vramplan: error: MODEL:") and "'t5'" in line and len(line) < 300

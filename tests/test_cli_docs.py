@@ -1,4 +1,5 @@
 """docs/cli.md is generated from the argparse definitions; the committed file must be current."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ def _generator():
 
 def test_committed_cli_reference_is_up_to_date():
     gen = _generator()
-    assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), \
+    assert (ROOT / "docs" / "cli.md").read_text() == gen.render(), (
         "docs/cli.md is out of date: run python scripts/gen_cli_docs.py"
+    )
 
 
 def _walk(parser: argparse.ArgumentParser, path: str):
@@ -31,6 +33,7 @@ def _walk(parser: argparse.ArgumentParser, path: str):
 
 def test_every_subcommand_and_option_is_documented():
     from vramplan.cli import build_parser
+
     text = _generator().render()
     for path, parser in _walk(build_parser(), "vramplan"):
         assert f"`{path}`" in text, path

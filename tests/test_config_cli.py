@@ -5,6 +5,7 @@ The flags below were written by hand from reading each sample in tests/data/conf
 Models the samples name that no preset matches come from a pre-filled huggingface_hub cache
 (hub_cache fixture); the network is never used (HF_HUB_OFFLINE=1).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,35 @@ DATA = Path(__file__).parent / "data" / "configs_frameworks"
 
 # meta-llama/Meta-Llama-3-8B config.json as published (the same file NousResearch mirrors),
 # keys as on the Hub: Llama 3.1's shapes with Llama 3's context and no rope scaling.
-LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-             "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
-             "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
-             "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-             "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0,
-             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
-             "use_cache": True, "vocab_size": 128256}
-HUB = {"NousResearch/Meta-Llama-3-8B": LLAMA3_8B, "meta-llama/Meta-Llama-3-8B-Instruct": {**LLAMA3_8B,
-                                                                                         "eos_token_id": 128009}}
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+HUB = {
+    "NousResearch/Meta-Llama-3-8B": LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": {**LLAMA3_8B, "eos_token_id": 128009},
+}
 
 
 def fill_hub_cache(root: Path, repos: dict[str, dict]) -> None:
@@ -45,6 +66,7 @@ def fill_hub_cache(root: Path, repos: dict[str, dict]) -> None:
 def hub_cache(tmp_path, monkeypatch):
     """An offline huggingface_hub with a pre-filled cache, and a private vramplan spec cache."""
     import huggingface_hub.constants as hc
+
     cache = tmp_path / "hub"
     fill_hub_cache(cache, HUB)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -60,49 +82,92 @@ def run_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-AXO_QLORA = ("--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
-             "--batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 --precision mixed "
-             "--attention flash --gradient-checkpointing --optim paged_adamw_32bit --packing padding-free --kbit-prep")
-LF_LORA = ("--stack llamafactory --method lora --lora-r 8 --lora-targets all-linear --batch-size 1 "
-           "--gradient-accumulation 8 --seq-len 2048 --precision mixed --model-dtype bf16 --adapter-dtype fp32 "
-           "--no-kbit-prep")
+AXO_QLORA = (
+    "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
+    "--batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 --precision mixed "
+    "--attention flash --gradient-checkpointing --optim paged_adamw_32bit --packing padding-free --kbit-prep"
+)
+LF_LORA = (
+    "--stack llamafactory --method lora --lora-r 8 --lora-targets all-linear --batch-size 1 "
+    "--gradient-accumulation 8 --seq-len 2048 --precision mixed --model-dtype bf16 --adapter-dtype fp32 "
+    "--no-kbit-prep"
+)
 
 # (files, GPUs, the model the file names, the same setup as flags)
 SAMPLES = [
     (["axolotl/qlora.yml"], "rtx-4090", "NousResearch/Meta-Llama-3-8B", AXO_QLORA),
-    (["axolotl/lora-8b.yml"], "rtx-4090", "NousResearch/Meta-Llama-3-8B",
-     AXO_QLORA.replace("--method qlora --quant nf4", "--method lora").replace("paged_adamw_32bit", "adamw_bnb_8bit")),
-    (["axolotl/fft-8b-liger-fsdp.yaml"], "2xh100-80gb", "NousResearch/Meta-Llama-3.1-8B",
-     "--stack axolotl --method full --batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 "
-     "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant --optim adamw_torch_fused "
-     "--loss liger --fsdp 2 --fsdp-version 1 --fsdp-sharding full --cpu-offload --packing padding-free"),
-    (["axolotl/mistral-qlora-fsdp.yml"], "2xh100-80gb", "mistralai/Mixtral-8x7B-v0.1",
-     "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
-     "--batch-size 2 --gradient-accumulation 4 --seq-len 1024 --model-dtype bf16 --precision mixed --attention flash "
-     "--gradient-checkpointing --optim paged_adamw_8bit --fsdp 2 --fsdp-version 1 --fsdp-sharding full "
-     "--no-cpu-offload --packing none --no-kbit-prep"),
-    (["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"], "2xrtx-4090", "NousResearch/Meta-Llama-3-8B",
-     AXO_QLORA + " --deepspeed zero2 --offload-optimizer"),
-    (["trl/trl_example_config.yaml"], "rtx-4090", "Qwen/Qwen2.5-0.5B",
-     "--stack trl --method full --loss trl-chunked-nll"),
-    (["trl/trl_example_config.yaml", "accelerate/trl_fsdp2.yaml"], "8xh100-80gb", "Qwen/Qwen2.5-0.5B",
-     "--stack trl --method full --loss trl-chunked-nll --nodes 1 --precision mixed --fsdp 8 --fsdp-version 2 "
-     "--fsdp-sharding full --no-cpu-offload"),
+    (
+        ["axolotl/lora-8b.yml"],
+        "rtx-4090",
+        "NousResearch/Meta-Llama-3-8B",
+        AXO_QLORA.replace("--method qlora --quant nf4", "--method lora").replace("paged_adamw_32bit", "adamw_bnb_8bit"),
+    ),
+    (
+        ["axolotl/fft-8b-liger-fsdp.yaml"],
+        "2xh100-80gb",
+        "NousResearch/Meta-Llama-3.1-8B",
+        "--stack axolotl --method full --batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 "
+        "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant "
+        "--optim adamw_torch_fused --loss liger --fsdp 2 --fsdp-version 1 --fsdp-sharding full --cpu-offload "
+        "--packing padding-free",
+    ),
+    (
+        ["axolotl/mistral-qlora-fsdp.yml"],
+        "2xh100-80gb",
+        "mistralai/Mixtral-8x7B-v0.1",
+        "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
+        "--batch-size 2 --gradient-accumulation 4 --seq-len 1024 --model-dtype bf16 --precision mixed "
+        "--attention flash --gradient-checkpointing --optim paged_adamw_8bit --fsdp 2 --fsdp-version 1 "
+        "--fsdp-sharding full --no-cpu-offload --packing none --no-kbit-prep",
+    ),
+    (
+        ["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"],
+        "2xrtx-4090",
+        "NousResearch/Meta-Llama-3-8B",
+        AXO_QLORA + " --deepspeed zero2 --offload-optimizer",
+    ),
+    (
+        ["trl/trl_example_config.yaml"],
+        "rtx-4090",
+        "Qwen/Qwen2.5-0.5B",
+        "--stack trl --method full --loss trl-chunked-nll",
+    ),
+    (
+        ["trl/trl_example_config.yaml", "accelerate/trl_fsdp2.yaml"],
+        "8xh100-80gb",
+        "Qwen/Qwen2.5-0.5B",
+        "--stack trl --method full --loss trl-chunked-nll --nodes 1 --precision mixed --fsdp 8 --fsdp-version 2 "
+        "--fsdp-sharding full --no-cpu-offload",
+    ),
     (["llamafactory/train_lora__qwen3_lora_sft.yaml"], "rtx-4090", "Qwen/Qwen3-4B-Instruct-2507", LF_LORA),
-    (["llamafactory/train_qlora__qwen3_lora_sft_otfq.yaml"], "rtx-4090", "Qwen/Qwen3-4B-Instruct-2507",
-     LF_LORA.replace("--method lora", "--method qlora --quant nf4")),
-    (["llamafactory/train_full__qwen3_full_sft.yaml", "deepspeed/llamafactory_ds_z3_config.json"], "2xh100-80gb",
-     "Qwen/Qwen3-4B-Instruct-2507",
-     "--stack llamafactory --method full --batch-size 1 --gradient-accumulation 2 --seq-len 2048 --precision mixed "
-     "--model-dtype fp32 --deepspeed zero3"),
-    (["llamafactory/extras__fsdp_qlora__llama3_lora_sft.yaml", "accelerate/llamafactory_fsdp_config.yaml"],
-     "2xrtx-4090", "meta-llama/Meta-Llama-3-8B-Instruct",
-     LF_LORA.replace("--method lora", "--method qlora --quant nf4") + " --fsdp 2 --fsdp-version 1 "
-     "--fsdp-sharding full --no-cpu-offload --nodes 1"),
-    (["torchtune/8B_full_single_device.yaml"], "h100-80gb", "meta-llama/Llama-3.1-8B",
-     "--stack torchtune --method full --batch-size 2 --gradient-accumulation 1 --packing none --precision bf16 "
-     "--model-dtype bf16 --optim paged_adamw_8bit --loss chunked --optimizer-in-backward --gradient-checkpointing "
-     "--activation-offload none"),
+    (
+        ["llamafactory/train_qlora__qwen3_lora_sft_otfq.yaml"],
+        "rtx-4090",
+        "Qwen/Qwen3-4B-Instruct-2507",
+        LF_LORA.replace("--method lora", "--method qlora --quant nf4"),
+    ),
+    (
+        ["llamafactory/train_full__qwen3_full_sft.yaml", "deepspeed/llamafactory_ds_z3_config.json"],
+        "2xh100-80gb",
+        "Qwen/Qwen3-4B-Instruct-2507",
+        "--stack llamafactory --method full --batch-size 1 --gradient-accumulation 2 --seq-len 2048 --precision mixed "
+        "--model-dtype fp32 --deepspeed zero3",
+    ),
+    (
+        ["llamafactory/extras__fsdp_qlora__llama3_lora_sft.yaml", "accelerate/llamafactory_fsdp_config.yaml"],
+        "2xrtx-4090",
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        LF_LORA.replace("--method lora", "--method qlora --quant nf4") + " --fsdp 2 --fsdp-version 1 "
+        "--fsdp-sharding full --no-cpu-offload --nodes 1",
+    ),
+    (
+        ["torchtune/8B_full_single_device.yaml"],
+        "h100-80gb",
+        "meta-llama/Llama-3.1-8B",
+        "--stack torchtune --method full --batch-size 2 --gradient-accumulation 1 --packing none --precision bf16 "
+        "--model-dtype bf16 --optim paged_adamw_8bit --loss chunked --optimizer-in-backward --gradient-checkpointing "
+        "--activation-offload none",
+    ),
 ]
 
 
@@ -120,17 +185,43 @@ def test_config_equals_the_same_flags(hub_cache, capsys, files, gpus, model, fla
 
 def test_the_files_world_is_the_gpu_count(hub_cache, capsys):
     """TRL's fsdp2.yaml says num_processes: 8, so --gpus h100-80gb means 8 of them."""
-    out = run_json(capsys, ["estimate", "--gpus", "h100-80gb", "--format", "json",
-                            "--config", str(DATA / "trl/trl_example_config.yaml"),
-                            "--config", str(DATA / "accelerate/trl_fsdp2.yaml")])
+    out = run_json(
+        capsys,
+        [
+            "estimate",
+            "--gpus",
+            "h100-80gb",
+            "--format",
+            "json",
+            "--config",
+            str(DATA / "trl/trl_example_config.yaml"),
+            "--config",
+            str(DATA / "accelerate/trl_fsdp2.yaml"),
+        ],
+    )
     assert out["gpu_count"] == 8 and out["setup"]["fsdp"] == 8
 
 
 def test_flags_override_the_file(hub_cache, capsys):
-    out = run_json(capsys, ["estimate", "--config", str(DATA / "axolotl/qlora.yml"), "--gpus", "rtx-4090",
-                            "--format", "json", "--lora-r", "8", "--seq-len", "1024", "qwen2.5-0.5b"])
+    out = run_json(
+        capsys,
+        [
+            "estimate",
+            "--config",
+            str(DATA / "axolotl/qlora.yml"),
+            "--gpus",
+            "rtx-4090",
+            "--format",
+            "json",
+            "--lora-r",
+            "8",
+            "--seq-len",
+            "1024",
+            "qwen2.5-0.5b",
+        ],
+    )
     assert out["setup"]["lora_r"] == 8 and out["setup"]["seq_len"] == 1024 and out["model"] == "qwen2.5-0.5b"
-    assert out["setup"]["batch_size"] == 2   # the file's, not the flag default
+    assert out["setup"]["batch_size"] == 2  # the file's, not the flag default
 
 
 def test_table_prints_the_reading_on_stderr(hub_cache, capsys):
@@ -145,12 +236,15 @@ def test_no_model_anywhere_is_one_line(capsys):
     assert err.startswith("vramplan: error: MODEL: give MODEL") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("foo: 1\nbar: [1, 2]\n", "--config"),
-    ("base_model: x\nmicro_batch_size: 0\n", "micro_batch_size"),
-    ("base_model: x\nadapter: lora\nlora_r: -1\n", "lora_r"),
-    ("- a\n- b\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("foo: 1\nbar: [1, 2]\n", "--config"),
+        ("base_model: x\nmicro_batch_size: 0\n", "micro_batch_size"),
+        ("base_model: x\nadapter: lora\nlora_r: -1\n", "lora_r"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
 def test_bad_files_are_one_line(tmp_path, capsys, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -172,26 +266,63 @@ def test_bad_deepspeed_stage_and_missing_file(tmp_path, capsys):
 
 # ---- plan --emit
 
+
 @pytest.mark.parametrize("fmt", ["axolotl", "trl", "llamafactory"])
 @pytest.mark.parametrize("gpus", ["rtx-4090", "2xrtx-4090"])
 def test_plan_emit_round_trips(tmp_path, capsys, fmt, gpus):
     """The emitted file, read back with `estimate --config`, gives the plan's per-GPU figure."""
     target = tmp_path / f"{fmt}.yaml"
-    top = "40" if fmt == "llamafactory" else "3"   # its files carry no FSDP: a DDP row further down is written
-    plan = run_json(capsys, ["plan", "qwen2.5-0.5b", "--gpus", gpus, "--top", top, "--methods", "full,lora,qlora-nf4",
-                             "--emit", fmt, "-o", str(target), "--format", "json"])
+    top = "40" if fmt == "llamafactory" else "3"  # its files carry no FSDP: a DDP row further down is written
+    plan = run_json(
+        capsys,
+        [
+            "plan",
+            "qwen2.5-0.5b",
+            "--gpus",
+            gpus,
+            "--top",
+            top,
+            "--methods",
+            "full,lora,qlora-nf4",
+            "--emit",
+            fmt,
+            "-o",
+            str(target),
+            "--format",
+            "json",
+        ],
+    )
     text = target.read_text()
     assert "# predicted per-GPU peak:" in text and "# vramplan command: vramplan plan qwen2.5-0.5b" in text
     est = run_json(capsys, ["estimate", "--config", str(target), "--gpus", gpus, "--format", "json"])
     emitted = next(r for r in plan["rows"] if f"({r['label']}, micro-batch" in text)
-    assert emitted == plan["rows"][0] or fmt == "llamafactory"   # the recommended row, first
+    assert emitted == plan["rows"][0] or fmt == "llamafactory"  # the recommended row, first
     assert abs(est["per_gpu"]["total_bytes"] - emitted["per_gpu_bytes"]) <= 0.01 * emitted["per_gpu_bytes"]
 
 
 def test_emit_dir_writes_one_file_per_row(tmp_path, capsys):
     folder = tmp_path / "out"
-    assert main(["plan", "qwen2.5-0.5b", "--gpus", "rtx-4090", "--top", "3", "--methods", "full,lora",
-                 "--emit", "axolotl", "--emit-dir", str(folder), "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "qwen2.5-0.5b",
+                "--gpus",
+                "rtx-4090",
+                "--top",
+                "3",
+                "--methods",
+                "full,lora",
+                "--emit",
+                "axolotl",
+                "--emit-dir",
+                str(folder),
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     plan = json.loads(out.out)
     assert sorted(Path(p).name for p in plan["emitted"]) == sorted(p.name for p in folder.iterdir())
@@ -204,8 +335,22 @@ def test_emit_dir_writes_one_file_per_row(tmp_path, capsys):
 def test_emit_refusal_writes_nothing(tmp_path, capsys):
     """LLaMA-Factory files cannot carry FSDP: a plan whose rows all shard refuses, and no file appears."""
     target = tmp_path / "lf.yaml"
-    code = main(["plan", "qwen2.5-7b", "--gpus", "2xrtx-4090", "--methods", "full", "--top", "2",
-                 "--emit", "llamafactory", "-o", str(target)])
+    code = main(
+        [
+            "plan",
+            "qwen2.5-7b",
+            "--gpus",
+            "2xrtx-4090",
+            "--methods",
+            "full",
+            "--top",
+            "2",
+            "--emit",
+            "llamafactory",
+            "-o",
+            str(target),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "llamafactory cannot express fsdp" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
@@ -220,8 +365,22 @@ def test_emit_needs_a_target(capsys):
 
 def test_plan_keeps_the_files_fixed_fields(hub_cache, capsys):
     """axolotl/qlora.yml: flash attention, padding-free packing and 4096 tokens stay; the search varies the rest."""
-    out = run_json(capsys, ["plan", "--config", str(DATA / "axolotl/qlora.yml"), "--gpus", "rtx-4090", "--top", "3",
-                            "--methods", "qlora-nf4,lora", "--format", "json"])
+    out = run_json(
+        capsys,
+        [
+            "plan",
+            "--config",
+            str(DATA / "axolotl/qlora.yml"),
+            "--gpus",
+            "rtx-4090",
+            "--top",
+            "3",
+            "--methods",
+            "qlora-nf4,lora",
+            "--format",
+            "json",
+        ],
+    )
     assert out["config"][0].startswith("config: ") and out["rows"]
     for row in out["rows"]:
         setup = row["setup"]
@@ -232,20 +391,39 @@ def test_plan_keeps_the_files_fixed_fields(hub_cache, capsys):
 # torchtune's LoRA recipes adapt q, v and output_proj plus the MLP (no k_proj): a target list
 # no command-line flag spells (--lora-targets takes all-linear/attention), so the same setup is
 # given through the Python API, by hand from the sample files.
-TT_LORA = dict(stack="torchtune", method="lora", lora_r=8, lora_dropout=0.0,
-               lora_target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-               batch_size=2, gradient_accumulation=8, packing="none", precision="bf16", model_dtype="bf16",
-               adapter_dtype="bf16", optim="adamw_torch_fused", loss="chunked", gradient_checkpointing=True,
-               activation_offload="none", kbit_prep=False)
+TT_LORA = dict(
+    stack="torchtune",
+    method="lora",
+    lora_r=8,
+    lora_dropout=0.0,
+    lora_target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    batch_size=2,
+    gradient_accumulation=8,
+    packing="none",
+    precision="bf16",
+    model_dtype="bf16",
+    adapter_dtype="bf16",
+    optim="adamw_torch_fused",
+    loss="chunked",
+    gradient_checkpointing=True,
+    activation_offload="none",
+    kbit_prep=False,
+)
 
 
-@pytest.mark.parametrize("sample,model,fields", [
-    ("torchtune/qwen2_5_7B_lora_single_device.yaml", "qwen2.5-7b", TT_LORA),
-    ("torchtune/8B_qlora_single_device.yaml", "llama-3.1-8b", {**TT_LORA, "method": "qlora", "quant": "nf4"}),
-])
+@pytest.mark.parametrize(
+    "sample,model,fields",
+    [
+        ("torchtune/qwen2_5_7B_lora_single_device.yaml", "qwen2.5-7b", TT_LORA),
+        ("torchtune/8B_qlora_single_device.yaml", "llama-3.1-8b", {**TT_LORA, "method": "qlora", "quant": "nf4"}),
+    ],
+)
 def test_torchtune_lora_equals_the_api(hub_cache, capsys, sample, model, fields):
     import vramplan
+
     out = run_json(capsys, ["estimate", "--config", str(DATA / sample), "--gpus", "h100-80gb", "--format", "json"])
     est = vramplan.estimate(model, gpus="h100-80gb", **fields)
-    assert abs(out["per_gpu"]["peak_allocated_bytes"] - est.per_gpu.peak_allocated_bytes) <= \
-        0.01 * est.per_gpu.peak_allocated_bytes
+    assert (
+        abs(out["per_gpu"]["peak_allocated_bytes"] - est.per_gpu.peak_allocated_bytes)
+        <= 0.01 * est.per_gpu.peak_allocated_bytes
+    )

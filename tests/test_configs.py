@@ -3,6 +3,7 @@
 Expected fields below were written by hand from reading each sample file and the framework
 source cited in docs/configs.md, not produced by the code under test.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,120 +44,366 @@ from vramplan.setup import (
 DATA = Path(__file__).parent / "data" / "configs_frameworks"
 ALL_LINEAR_BUT_K = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-AXOLOTL_QLORA = {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05,
-                     "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2, "gradient_accumulation": 4, "seq_len": 4096,
-                     "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED, "attention": Attention.FLASH,
-                     "gradient_checkpointing": True, "optim": Optim.PAGED_ADAMW_32BIT, "packing": Packing.PADDING_FREE,
-                     "kbit_prep": True}
-LF_LORA = {"method": Method.LORA, "lora_r": 8, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 1,
-               "gradient_accumulation": 8, "seq_len": 2048, "precision": Precision.MIXED, "model_dtype": ModelDtype.BF16,
-               "adapter_dtype": AdapterDtype.FP32, "kbit_prep": False}
-TT_LORA = {"method": Method.LORA, "lora_r": 8, "lora_dropout": 0.0, "lora_target_modules": ALL_LINEAR_BUT_K, "batch_size": 2,
-               "gradient_accumulation": 8, "packing": Packing.NONE, "precision": Precision.BF16, "model_dtype": ModelDtype.BF16,
-               "adapter_dtype": AdapterDtype.BF16, "optim": Optim.ADAMW_TORCH_FUSED, "loss": Loss.CHUNKED,
-               "gradient_checkpointing": True, "activation_offload": ActivationOffload.NONE, "kbit_prep": False}
+AXOLOTL_QLORA = {
+    "method": Method.QLORA,
+    "quant": Quant.NF4,
+    "lora_r": 32,
+    "lora_dropout": 0.05,
+    "lora_targets": LoraTargets.ALL_LINEAR,
+    "batch_size": 2,
+    "gradient_accumulation": 4,
+    "seq_len": 4096,
+    "model_dtype": ModelDtype.BF16,
+    "precision": Precision.MIXED,
+    "attention": Attention.FLASH,
+    "gradient_checkpointing": True,
+    "optim": Optim.PAGED_ADAMW_32BIT,
+    "packing": Packing.PADDING_FREE,
+    "kbit_prep": True,
+}
+LF_LORA = {
+    "method": Method.LORA,
+    "lora_r": 8,
+    "lora_targets": LoraTargets.ALL_LINEAR,
+    "batch_size": 1,
+    "gradient_accumulation": 8,
+    "seq_len": 2048,
+    "precision": Precision.MIXED,
+    "model_dtype": ModelDtype.BF16,
+    "adapter_dtype": AdapterDtype.FP32,
+    "kbit_prep": False,
+}
+TT_LORA = {
+    "method": Method.LORA,
+    "lora_r": 8,
+    "lora_dropout": 0.0,
+    "lora_target_modules": ALL_LINEAR_BUT_K,
+    "batch_size": 2,
+    "gradient_accumulation": 8,
+    "packing": Packing.NONE,
+    "precision": Precision.BF16,
+    "model_dtype": ModelDtype.BF16,
+    "adapter_dtype": AdapterDtype.BF16,
+    "optim": Optim.ADAMW_TORCH_FUSED,
+    "loss": Loss.CHUNKED,
+    "gradient_checkpointing": True,
+    "activation_offload": ActivationOffload.NONE,
+    "kbit_prep": False,
+}
 
 SAMPLES = [
     # (files, format, stack, model, distributed, world, fields)
-    (["axolotl/qlora.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3-8B",
-     Distributed.NONE, None, AXOLOTL_QLORA),
-    (["axolotl/lora-8b.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3-8B",
-     Distributed.NONE, None,
-     {"method": Method.LORA, "lora_r": 32, "lora_dropout": 0.05, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2,
-          "gradient_accumulation": 4, "seq_len": 4096, "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED,
-          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.ADAMW_BNB_8BIT,
-          "packing": Packing.PADDING_FREE, "kbit_prep": True}),
-    (["axolotl/fft-8b-liger-fsdp.yaml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "NousResearch/Meta-Llama-3.1-8B",
-     Distributed.FSDP, None,
-     {"method": Method.FULL, "batch_size": 2, "gradient_accumulation": 4, "seq_len": 4096, "model_dtype": ModelDtype.BF16,
-          "precision": Precision.BF16, "attention": Attention.FLASH, "gradient_checkpointing": True, "checkpoint_reentrant": False,
-          "optim": Optim.ADAMW_TORCH_FUSED, "loss": Loss.LIGER, "fsdp_version": 1, "fsdp_sharding": FsdpSharding.FULL,
-          "cpu_offload": True, "packing": Packing.PADDING_FREE}),
-    (["axolotl/mistral-qlora-fsdp.yml"], ConfigFormat.AXOLOTL, Stack.AXOLOTL, "mistralai/Mixtral-8x7B-v0.1",
-     Distributed.FSDP, None,
-     {"method": Method.QLORA, "quant": Quant.NF4, "lora_r": 32, "lora_dropout": 0.05, "lora_targets": LoraTargets.ALL_LINEAR,
-          "batch_size": 2, "gradient_accumulation": 4, "seq_len": 1024, "model_dtype": ModelDtype.BF16, "precision": Precision.MIXED,
-          "attention": Attention.FLASH, "gradient_checkpointing": True, "optim": Optim.PAGED_ADAMW_8BIT, "fsdp_version": 1,
-          "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False, "packing": Packing.NONE, "kbit_prep": False}),
-    (["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"], ConfigFormat.AXOLOTL, Stack.AXOLOTL,
-     "NousResearch/Meta-Llama-3-8B", Distributed.DEEPSPEED, None,
-     {**AXOLOTL_QLORA, "deepspeed": DeepSpeedStage.ZERO2, "offload_optimizer": True}),
-    (["trl/trl_example_config.yaml"], ConfigFormat.TRL, Stack.TRL, "Qwen/Qwen2.5-0.5B", Distributed.NONE, None,
-     {"method": Method.FULL, "loss": Loss.TRL_CHUNKED_NLL}),
-    (["trl/trl_example_config.yaml", "accelerate/trl_fsdp2.yaml"], ConfigFormat.TRL, Stack.TRL, "Qwen/Qwen2.5-0.5B",
-     Distributed.FSDP, 8,
-     {"method": Method.FULL, "loss": Loss.TRL_CHUNKED_NLL, "nodes": 1, "precision": Precision.MIXED, "fsdp": 8, "fsdp_version": 2,
-          "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False}),
-    (["llamafactory/train_lora__qwen3_lora_sft.yaml"], ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY,
-     "Qwen/Qwen3-4B-Instruct-2507", Distributed.NONE, None, LF_LORA),
-    (["llamafactory/train_qlora__qwen3_lora_sft_otfq.yaml"], ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY,
-     "Qwen/Qwen3-4B-Instruct-2507", Distributed.NONE, None, {**LF_LORA, "method": Method.QLORA, "quant": Quant.NF4}),
-    (["llamafactory/train_full__qwen3_full_sft.yaml", "deepspeed/llamafactory_ds_z3_config.json"],
-     ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, "Qwen/Qwen3-4B-Instruct-2507", Distributed.DEEPSPEED, None,
-     {"method": Method.FULL, "batch_size": 1, "gradient_accumulation": 2, "seq_len": 2048, "precision": Precision.MIXED,
-          "model_dtype": ModelDtype.FP32, "deepspeed": DeepSpeedStage.ZERO3}),
-    (["llamafactory/extras__fsdp_qlora__llama3_lora_sft.yaml", "accelerate/llamafactory_fsdp_config.yaml"],
-     ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, "meta-llama/Meta-Llama-3-8B-Instruct", Distributed.FSDP, 2,
-     {**LF_LORA, "method": Method.QLORA, "quant": Quant.NF4, "fsdp": 2, "fsdp_version": 1,
-      "fsdp_sharding": FsdpSharding.FULL, "cpu_offload": False, "nodes": 1}),
-    (["torchtune/8B_qlora_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, "meta-llama/Llama-3.1-8B",
-     Distributed.NONE, None, {**TT_LORA, "method": Method.QLORA, "quant": Quant.NF4}),
-    (["torchtune/qwen2_5_7B_lora_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE,
-     "Qwen/Qwen2.5-7B-Instruct", Distributed.NONE, None, TT_LORA),
-    (["torchtune/8B_full_single_device.yaml"], ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, "meta-llama/Llama-3.1-8B",
-     Distributed.NONE, None,
-     {"method": Method.FULL, "batch_size": 2, "gradient_accumulation": 1, "packing": Packing.NONE, "precision": Precision.BF16,
-          "model_dtype": ModelDtype.BF16, "optim": Optim.PAGED_ADAMW_8BIT, "loss": Loss.CHUNKED, "optimizer_in_backward": True,
-          "gradient_checkpointing": True, "activation_offload": ActivationOffload.NONE}),
-    (["accelerate/trl_zero3.yaml"], ConfigFormat.ACCELERATE, None, None, Distributed.DEEPSPEED, 8,
-     {"nodes": 1, "precision": Precision.MIXED, "deepspeed": DeepSpeedStage.ZERO3, "offload_optimizer": False,
-          "offload_params": False}),
-    (["deepspeed/axolotl_zero3_bf16_cpuoffload_all.json"], ConfigFormat.DEEPSPEED, None, None, Distributed.DEEPSPEED,
-     None, {"deepspeed": DeepSpeedStage.ZERO3, "offload_optimizer": True, "offload_params": True, "precision": Precision.MIXED}),
+    (
+        ["axolotl/qlora.yml"],
+        ConfigFormat.AXOLOTL,
+        Stack.AXOLOTL,
+        "NousResearch/Meta-Llama-3-8B",
+        Distributed.NONE,
+        None,
+        AXOLOTL_QLORA,
+    ),
+    (
+        ["axolotl/lora-8b.yml"],
+        ConfigFormat.AXOLOTL,
+        Stack.AXOLOTL,
+        "NousResearch/Meta-Llama-3-8B",
+        Distributed.NONE,
+        None,
+        {
+            "method": Method.LORA,
+            "lora_r": 32,
+            "lora_dropout": 0.05,
+            "lora_targets": LoraTargets.ALL_LINEAR,
+            "batch_size": 2,
+            "gradient_accumulation": 4,
+            "seq_len": 4096,
+            "model_dtype": ModelDtype.BF16,
+            "precision": Precision.MIXED,
+            "attention": Attention.FLASH,
+            "gradient_checkpointing": True,
+            "optim": Optim.ADAMW_BNB_8BIT,
+            "packing": Packing.PADDING_FREE,
+            "kbit_prep": True,
+        },
+    ),
+    (
+        ["axolotl/fft-8b-liger-fsdp.yaml"],
+        ConfigFormat.AXOLOTL,
+        Stack.AXOLOTL,
+        "NousResearch/Meta-Llama-3.1-8B",
+        Distributed.FSDP,
+        None,
+        {
+            "method": Method.FULL,
+            "batch_size": 2,
+            "gradient_accumulation": 4,
+            "seq_len": 4096,
+            "model_dtype": ModelDtype.BF16,
+            "precision": Precision.BF16,
+            "attention": Attention.FLASH,
+            "gradient_checkpointing": True,
+            "checkpoint_reentrant": False,
+            "optim": Optim.ADAMW_TORCH_FUSED,
+            "loss": Loss.LIGER,
+            "fsdp_version": 1,
+            "fsdp_sharding": FsdpSharding.FULL,
+            "cpu_offload": True,
+            "packing": Packing.PADDING_FREE,
+        },
+    ),
+    (
+        ["axolotl/mistral-qlora-fsdp.yml"],
+        ConfigFormat.AXOLOTL,
+        Stack.AXOLOTL,
+        "mistralai/Mixtral-8x7B-v0.1",
+        Distributed.FSDP,
+        None,
+        {
+            "method": Method.QLORA,
+            "quant": Quant.NF4,
+            "lora_r": 32,
+            "lora_dropout": 0.05,
+            "lora_targets": LoraTargets.ALL_LINEAR,
+            "batch_size": 2,
+            "gradient_accumulation": 4,
+            "seq_len": 1024,
+            "model_dtype": ModelDtype.BF16,
+            "precision": Precision.MIXED,
+            "attention": Attention.FLASH,
+            "gradient_checkpointing": True,
+            "optim": Optim.PAGED_ADAMW_8BIT,
+            "fsdp_version": 1,
+            "fsdp_sharding": FsdpSharding.FULL,
+            "cpu_offload": False,
+            "packing": Packing.NONE,
+            "kbit_prep": False,
+        },
+    ),
+    (
+        ["axolotl/qlora.yml", "deepspeed/axolotl_zero2.json"],
+        ConfigFormat.AXOLOTL,
+        Stack.AXOLOTL,
+        "NousResearch/Meta-Llama-3-8B",
+        Distributed.DEEPSPEED,
+        None,
+        {**AXOLOTL_QLORA, "deepspeed": DeepSpeedStage.ZERO2, "offload_optimizer": True},
+    ),
+    (
+        ["trl/trl_example_config.yaml"],
+        ConfigFormat.TRL,
+        Stack.TRL,
+        "Qwen/Qwen2.5-0.5B",
+        Distributed.NONE,
+        None,
+        {"method": Method.FULL, "loss": Loss.TRL_CHUNKED_NLL},
+    ),
+    (
+        ["trl/trl_example_config.yaml", "accelerate/trl_fsdp2.yaml"],
+        ConfigFormat.TRL,
+        Stack.TRL,
+        "Qwen/Qwen2.5-0.5B",
+        Distributed.FSDP,
+        8,
+        {
+            "method": Method.FULL,
+            "loss": Loss.TRL_CHUNKED_NLL,
+            "nodes": 1,
+            "precision": Precision.MIXED,
+            "fsdp": 8,
+            "fsdp_version": 2,
+            "fsdp_sharding": FsdpSharding.FULL,
+            "cpu_offload": False,
+        },
+    ),
+    (
+        ["llamafactory/train_lora__qwen3_lora_sft.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "Qwen/Qwen3-4B-Instruct-2507",
+        Distributed.NONE,
+        None,
+        LF_LORA,
+    ),
+    (
+        ["llamafactory/train_qlora__qwen3_lora_sft_otfq.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "Qwen/Qwen3-4B-Instruct-2507",
+        Distributed.NONE,
+        None,
+        {**LF_LORA, "method": Method.QLORA, "quant": Quant.NF4},
+    ),
+    (
+        ["llamafactory/train_full__qwen3_full_sft.yaml", "deepspeed/llamafactory_ds_z3_config.json"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "Qwen/Qwen3-4B-Instruct-2507",
+        Distributed.DEEPSPEED,
+        None,
+        {
+            "method": Method.FULL,
+            "batch_size": 1,
+            "gradient_accumulation": 2,
+            "seq_len": 2048,
+            "precision": Precision.MIXED,
+            "model_dtype": ModelDtype.FP32,
+            "deepspeed": DeepSpeedStage.ZERO3,
+        },
+    ),
+    (
+        ["llamafactory/extras__fsdp_qlora__llama3_lora_sft.yaml", "accelerate/llamafactory_fsdp_config.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        Distributed.FSDP,
+        2,
+        {
+            **LF_LORA,
+            "method": Method.QLORA,
+            "quant": Quant.NF4,
+            "fsdp": 2,
+            "fsdp_version": 1,
+            "fsdp_sharding": FsdpSharding.FULL,
+            "cpu_offload": False,
+            "nodes": 1,
+        },
+    ),
+    (
+        ["torchtune/8B_qlora_single_device.yaml"],
+        ConfigFormat.TORCHTUNE,
+        Stack.TORCHTUNE,
+        "meta-llama/Llama-3.1-8B",
+        Distributed.NONE,
+        None,
+        {**TT_LORA, "method": Method.QLORA, "quant": Quant.NF4},
+    ),
+    (
+        ["torchtune/qwen2_5_7B_lora_single_device.yaml"],
+        ConfigFormat.TORCHTUNE,
+        Stack.TORCHTUNE,
+        "Qwen/Qwen2.5-7B-Instruct",
+        Distributed.NONE,
+        None,
+        TT_LORA,
+    ),
+    (
+        ["torchtune/8B_full_single_device.yaml"],
+        ConfigFormat.TORCHTUNE,
+        Stack.TORCHTUNE,
+        "meta-llama/Llama-3.1-8B",
+        Distributed.NONE,
+        None,
+        {
+            "method": Method.FULL,
+            "batch_size": 2,
+            "gradient_accumulation": 1,
+            "packing": Packing.NONE,
+            "precision": Precision.BF16,
+            "model_dtype": ModelDtype.BF16,
+            "optim": Optim.PAGED_ADAMW_8BIT,
+            "loss": Loss.CHUNKED,
+            "optimizer_in_backward": True,
+            "gradient_checkpointing": True,
+            "activation_offload": ActivationOffload.NONE,
+        },
+    ),
+    (
+        ["accelerate/trl_zero3.yaml"],
+        ConfigFormat.ACCELERATE,
+        None,
+        None,
+        Distributed.DEEPSPEED,
+        8,
+        {
+            "nodes": 1,
+            "precision": Precision.MIXED,
+            "deepspeed": DeepSpeedStage.ZERO3,
+            "offload_optimizer": False,
+            "offload_params": False,
+        },
+    ),
+    (
+        ["deepspeed/axolotl_zero3_bf16_cpuoffload_all.json"],
+        ConfigFormat.DEEPSPEED,
+        None,
+        None,
+        Distributed.DEEPSPEED,
+        None,
+        {
+            "deepspeed": DeepSpeedStage.ZERO3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "precision": Precision.MIXED,
+        },
+    ),
 ]
 
 
-@pytest.mark.parametrize("files,fmt,stack,model,distributed,world,fields", SAMPLES,
-                         ids=["+".join(s[0]) for s in SAMPLES])
+@pytest.mark.parametrize(
+    "files,fmt,stack,model,distributed,world,fields", SAMPLES, ids=["+".join(s[0]) for s in SAMPLES]
+)
 def test_sample_maps_to_expected_fields(files, fmt, stack, model, distributed, world, fields):
     reading = read_config([str(DATA / f) for f in files])
     assert (reading.format, reading.stack, reading.model) == (fmt, stack, model)
     assert (reading.distributed, reading.world) == (distributed, world)
     assert reading.fields == fields
-    TrainingSetup(**setup_fields(reading, world=4))   # the fields make a valid setup
+    TrainingSetup(**setup_fields(reading, world=4))  # the fields make a valid setup
 
 
-@pytest.mark.parametrize("path,fmt", [
-    ("axolotl/qlora.yml", ConfigFormat.AXOLOTL), ("trl/trl_example_config.yaml", ConfigFormat.TRL),
-    ("llamafactory/train_lora__qwen3_lora_sft.yaml", ConfigFormat.LLAMAFACTORY),
-    ("torchtune/8B_full_single_device.yaml", ConfigFormat.TORCHTUNE),
-    ("accelerate/trl_fsdp2.yaml", ConfigFormat.ACCELERATE),
-    ("deepspeed/llamafactory_ds_z3_config.json", ConfigFormat.DEEPSPEED),
-])
+@pytest.mark.parametrize(
+    "path,fmt",
+    [
+        ("axolotl/qlora.yml", ConfigFormat.AXOLOTL),
+        ("trl/trl_example_config.yaml", ConfigFormat.TRL),
+        ("llamafactory/train_lora__qwen3_lora_sft.yaml", ConfigFormat.LLAMAFACTORY),
+        ("torchtune/8B_full_single_device.yaml", ConfigFormat.TORCHTUNE),
+        ("accelerate/trl_fsdp2.yaml", ConfigFormat.ACCELERATE),
+        ("deepspeed/llamafactory_ds_z3_config.json", ConfigFormat.DEEPSPEED),
+    ],
+)
 def test_detects_format(path, fmt):
     assert detect_format(load_file(DATA / path), path) == fmt
 
 
 def test_hf_training_arguments_json(tmp_path):
     f = tmp_path / "args.json"
-    f.write_text('{"output_dir": "o", "per_device_train_batch_size": 4, "bf16": true, "optim": "adamw_8bit", '
-                 '"gradient_checkpointing": true, "use_liger_kernel": true}')
+    f.write_text(
+        '{"output_dir": "o", "per_device_train_batch_size": 4, "bf16": true, "optim": "adamw_8bit", '
+        '"gradient_checkpointing": true, "use_liger_kernel": true}'
+    )
     reading = read_config([str(f)])
     assert (reading.format, reading.stack, reading.model) == (ConfigFormat.HF, Stack.HF_TRAINER, None)
-    assert reading.fields == {"batch_size": 4, "precision": Precision.MIXED, "optim": Optim.ADAMW_8BIT,
-                                  "gradient_checkpointing": True, "loss": Loss.LIGER}
+    assert reading.fields == {
+        "batch_size": 4,
+        "precision": Precision.MIXED,
+        "optim": Optim.ADAMW_8BIT,
+        "gradient_checkpointing": True,
+        "loss": Loss.LIGER,
+    }
 
 
 def test_trl_qlora_derivations(tmp_path):
     """TRL casts adapters of a 4-bit model to bf16 and skips kbit prep (trl==1.16.0 sft_trainer.py:897-911)."""
     f = tmp_path / "sft.yaml"
-    f.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nuse_peft: true\nload_in_4bit: true\nuse_bnb_nested_quant: true\n"
-                 "lora_r: 64\nlora_target_modules: all-linear\nmax_length: 4096\nper_device_train_batch_size: 2\n"
-                 "padding_free: true\nattn_implementation: flash_attention_2\nactivation_offloading: true\n")
+    f.write_text(
+        "model_name_or_path: Qwen/Qwen2.5-7B\nuse_peft: true\nload_in_4bit: true\nuse_bnb_nested_quant: true\n"
+        "lora_r: 64\nlora_target_modules: all-linear\nmax_length: 4096\nper_device_train_batch_size: 2\n"
+        "padding_free: true\nattn_implementation: flash_attention_2\nactivation_offloading: true\n"
+    )
     assert read_config([str(f)]).fields == {
-        "method": Method.QLORA, "quant": Quant.NF4, "lora_r": 64, "lora_targets": LoraTargets.ALL_LINEAR, "batch_size": 2,
-        "seq_len": 4096, "packing": Packing.PADDING_FREE, "activation_offload": ActivationOffload.ALL,
-        "loss": Loss.TRL_CHUNKED_NLL, "attention": Attention.FLASH, "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False}
+        "method": Method.QLORA,
+        "quant": Quant.NF4,
+        "lora_r": 64,
+        "lora_targets": LoraTargets.ALL_LINEAR,
+        "batch_size": 2,
+        "seq_len": 4096,
+        "packing": Packing.PADDING_FREE,
+        "activation_offload": ActivationOffload.ALL,
+        "loss": Loss.TRL_CHUNKED_NLL,
+        "attention": Attention.FLASH,
+        "adapter_dtype": AdapterDtype.BF16,
+        "kbit_prep": False,
+    }
 
 
 def test_unmodelled_and_unknown_keys_reported(tmp_path):
@@ -207,20 +454,23 @@ def _one_line_error(paths, *needles):
     return message
 
 
-@pytest.mark.parametrize("name,text,needles", [
-    ("a.yaml", "base_model: x\nmicro_batch_size: 0\n", ["micro_batch_size", "positive integer", "0"]),
-    ("a.yaml", "base_model: x\nadapter: lora\nlora_r: -1\n", ["lora_r", "positive integer", "-1"]),
-    ("a.yaml", "base_model: x\nadapter: lora\nlora_dropout: 1.5\n", ["lora_dropout", "[0, 1)"]),
-    ("d.json", '{"zero_optimization": {"stage": 4}}', ["zero_optimization.stage", "0, 1, 2 or 3", "4"]),
-    ("d.json", '{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', ["offload_param"]),
-    ("acc.yaml", "distributed_type: TPU\n", ["distributed_type", "FSDP"]),
-    ("lf.yaml", "model_name_or_path: m\nfinetuning_type: freeze\n", ["finetuning_type", "lora or full"]),
-    ("lf.yaml", "model_name_or_path: m\nquantization_bit: 3\n", ["quantization_bit"]),
-    ("x.yaml", "colour: blue\nsize: 3\n", ["not a config of axolotl", "x.yaml"]),
-    ("x.yaml", "- a\n- b\n", ["mapping"]),
-    ("x.yaml", "a: [1, 2\n", ["not valid YAML"]),
-    ("x.json", "{not json", ["not valid JSON"]),
-])
+@pytest.mark.parametrize(
+    "name,text,needles",
+    [
+        ("a.yaml", "base_model: x\nmicro_batch_size: 0\n", ["micro_batch_size", "positive integer", "0"]),
+        ("a.yaml", "base_model: x\nadapter: lora\nlora_r: -1\n", ["lora_r", "positive integer", "-1"]),
+        ("a.yaml", "base_model: x\nadapter: lora\nlora_dropout: 1.5\n", ["lora_dropout", "[0, 1)"]),
+        ("d.json", '{"zero_optimization": {"stage": 4}}', ["zero_optimization.stage", "0, 1, 2 or 3", "4"]),
+        ("d.json", '{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', ["offload_param"]),
+        ("acc.yaml", "distributed_type: TPU\n", ["distributed_type", "FSDP"]),
+        ("lf.yaml", "model_name_or_path: m\nfinetuning_type: freeze\n", ["finetuning_type", "lora or full"]),
+        ("lf.yaml", "model_name_or_path: m\nquantization_bit: 3\n", ["quantization_bit"]),
+        ("x.yaml", "colour: blue\nsize: 3\n", ["not a config of axolotl", "x.yaml"]),
+        ("x.yaml", "- a\n- b\n", ["mapping"]),
+        ("x.yaml", "a: [1, 2\n", ["not valid YAML"]),
+        ("x.json", "{not json", ["not valid JSON"]),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, name, text, needles):
     f = tmp_path / name
     f.write_text(text)
@@ -245,52 +495,160 @@ def test_bad_files(tmp_path):
 # ---- emit -> read round trip
 
 MODEL = "meta-llama/Llama-3.1-8B"
-LORA = {"method": "lora", "lora_r": 32, "lora_dropout": 0.0, "batch_size": 2, "seq_len": 4096, "gradient_checkpointing": True,
-            "gradient_accumulation": 4}
+LORA = {
+    "method": "lora",
+    "lora_r": 32,
+    "lora_dropout": 0.0,
+    "batch_size": 2,
+    "seq_len": 4096,
+    "gradient_checkpointing": True,
+    "gradient_accumulation": 4,
+}
 ROUND_TRIPS = {
     "axolotl": [
         dict(LORA, stack="axolotl", precision="mixed", model_dtype="bf16", attention="sdpa"),
-        dict(LORA, stack="axolotl", method="qlora", precision="mixed", model_dtype="bf16", kbit_prep=True,
-             loss="cce", lora_targets="attention", optim="adamw_bnb_8bit"),
-        {"stack": "axolotl", "method": "full", "precision": "bf16", "fsdp": 4, "fsdp_version": 2, "cpu_offload": True,
-             "gradient_checkpointing": True, "loss": "liger", "packing": "padding-free", "attention": "flash"},
-        {"stack": "axolotl", "method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True,
-             "loss": "chunked", "activation_offload": "checkpoints", "gradient_checkpointing": True},
+        dict(
+            LORA,
+            stack="axolotl",
+            method="qlora",
+            precision="mixed",
+            model_dtype="bf16",
+            kbit_prep=True,
+            loss="cce",
+            lora_targets="attention",
+            optim="adamw_bnb_8bit",
+        ),
+        {
+            "stack": "axolotl",
+            "method": "full",
+            "precision": "bf16",
+            "fsdp": 4,
+            "fsdp_version": 2,
+            "cpu_offload": True,
+            "gradient_checkpointing": True,
+            "loss": "liger",
+            "packing": "padding-free",
+            "attention": "flash",
+        },
+        {
+            "stack": "axolotl",
+            "method": "full",
+            "precision": "bf16",
+            "deepspeed": "zero2",
+            "offload_optimizer": True,
+            "loss": "chunked",
+            "activation_offload": "checkpoints",
+            "gradient_checkpointing": True,
+        },
     ],
     "trl": [
         dict(LORA, stack="trl", precision="mixed", model_dtype="bf16", loss="trl-chunked-nll"),
-        dict(LORA, stack="trl", method="qlora", precision="mixed", model_dtype="bf16", adapter_dtype="bf16",
-             loss="trl-chunked-nll", lora_target_modules=("q_proj", "v_proj"), packing="padding-free",
-             attention="flash"),
-        {"stack": "trl", "method": "full", "precision": "mixed", "fsdp": 2, "fsdp_version": 2, "fsdp_sharding": "shard-grad-op",
-             "loss": "trl-chunked-nll", "gradient_checkpointing": True, "activation_offload": "all"},
-        {"stack": "trl", "method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True,
-             "loss": "trl-chunked-nll", "optim": "adamw_torch_fused"},
+        dict(
+            LORA,
+            stack="trl",
+            method="qlora",
+            precision="mixed",
+            model_dtype="bf16",
+            adapter_dtype="bf16",
+            loss="trl-chunked-nll",
+            lora_target_modules=("q_proj", "v_proj"),
+            packing="padding-free",
+            attention="flash",
+        ),
+        {
+            "stack": "trl",
+            "method": "full",
+            "precision": "mixed",
+            "fsdp": 2,
+            "fsdp_version": 2,
+            "fsdp_sharding": "shard-grad-op",
+            "loss": "trl-chunked-nll",
+            "gradient_checkpointing": True,
+            "activation_offload": "all",
+        },
+        {
+            "stack": "trl",
+            "method": "full",
+            "precision": "mixed",
+            "deepspeed": "zero2",
+            "offload_optimizer": True,
+            "loss": "trl-chunked-nll",
+            "optim": "adamw_torch_fused",
+        },
     ],
     "llamafactory": [
         dict(LORA, stack="llamafactory", precision="mixed", model_dtype="bf16", checkpoint_reentrant=True),
-        dict(LORA, stack="llamafactory", method="qlora", precision="mixed", model_dtype="bf16", loss="liger",
-             packing="position-ids"),
-        {"stack": "llamafactory", "method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True,
-             "gradient_checkpointing": True},
-        {"stack": "llamafactory", "method": "galore", "precision": "bf16", "optim": "galore_adamw_8bit_layerwise",
-             "galore_rank": 64, "gradient_checkpointing": True},
+        dict(
+            LORA,
+            stack="llamafactory",
+            method="qlora",
+            precision="mixed",
+            model_dtype="bf16",
+            loss="liger",
+            packing="position-ids",
+        ),
+        {
+            "stack": "llamafactory",
+            "method": "full",
+            "precision": "mixed",
+            "deepspeed": "zero2",
+            "offload_optimizer": True,
+            "gradient_checkpointing": True,
+        },
+        {
+            "stack": "llamafactory",
+            "method": "galore",
+            "precision": "bf16",
+            "optim": "galore_adamw_8bit_layerwise",
+            "galore_rank": 64,
+            "gradient_checkpointing": True,
+        },
     ],
     "torchtune": [
-        dict(LORA, stack="torchtune", precision="bf16", adapter_dtype="bf16", loss="chunked",
-             optim="adamw_torch_fused"),
-        dict(LORA, stack="torchtune", method="qlora", precision="bf16", adapter_dtype="bf16", loss="chunked",
-             lora_target_modules=ALL_LINEAR_BUT_K, packing="position-ids"),
-        {"stack": "torchtune", "method": "full", "precision": "bf16", "fsdp": 4, "cpu_offload": True, "loss": "hf",
-             "gradient_checkpointing": True, "activation_offload": "all"},
-        {"stack": "torchtune", "method": "full", "precision": "bf16", "optimizer_in_backward": True, "optim": "adamw_bnb_8bit",
-             "loss": "chunked"},
+        dict(
+            LORA, stack="torchtune", precision="bf16", adapter_dtype="bf16", loss="chunked", optim="adamw_torch_fused"
+        ),
+        dict(
+            LORA,
+            stack="torchtune",
+            method="qlora",
+            precision="bf16",
+            adapter_dtype="bf16",
+            loss="chunked",
+            lora_target_modules=ALL_LINEAR_BUT_K,
+            packing="position-ids",
+        ),
+        {
+            "stack": "torchtune",
+            "method": "full",
+            "precision": "bf16",
+            "fsdp": 4,
+            "cpu_offload": True,
+            "loss": "hf",
+            "gradient_checkpointing": True,
+            "activation_offload": "all",
+        },
+        {
+            "stack": "torchtune",
+            "method": "full",
+            "precision": "bf16",
+            "optimizer_in_backward": True,
+            "optim": "adamw_bnb_8bit",
+            "loss": "chunked",
+        },
     ],
     "accelerate": [
         {"method": "full", "precision": "mixed", "fsdp": 4, "fsdp_version": 2},
         dict(LORA, precision="mixed", fsdp=2, fsdp_version=1, fsdp_sharding="shard-grad-op", cpu_offload=True),
         {"method": "full", "precision": "mixed", "deepspeed": "zero2", "offload_optimizer": True},
-        {"method": "full", "precision": "bf16", "deepspeed": "zero3", "offload_optimizer": True, "offload_params": True, "nodes": 2},
+        {
+            "method": "full",
+            "precision": "bf16",
+            "deepspeed": "zero3",
+            "offload_optimizer": True,
+            "offload_params": True,
+            "nodes": 2,
+        },
     ],
 }
 CASES = [(fmt, i, setup) for fmt, setups in ROUND_TRIPS.items() for i, setup in enumerate(setups)]
@@ -307,13 +665,13 @@ def test_emit_reads_back_the_same_setup(tmp_path, fmt, i, fields):
     reading = read_config([str(path)])
     world = setup.fsdp if setup.fsdp > 1 else None
     back = dict(setup_fields(reading, world=world))
-    if fmt == "accelerate":   # the launch file carries the engine and autocast; the rest is the trainer's
+    if fmt == "accelerate":  # the launch file carries the engine and autocast; the rest is the trainer's
         back.update({k: v for k, v in fields.items() if k not in back})
     back.pop("stack", None)
     want = setup.model_copy(update={"stack": Stack.PLAIN}).model_dump()
     got = TrainingSetup(**back).model_dump()
     for name in ("model_dtype", "adapter_dtype", "lora_targets", "lora_target_modules", "stack"):
-        want.pop(name), got.pop(name)   # compared resolved below
+        want.pop(name), got.pop(name)  # compared resolved below
     assert got == want
     got_setup = TrainingSetup(**back)
     assert got_setup.weight_dtype == setup.weight_dtype
@@ -321,16 +679,31 @@ def test_emit_reads_back_the_same_setup(tmp_path, fmt, i, fields):
         assert got_setup.adapter_store_dtype == setup.adapter_store_dtype
 
 
-@pytest.mark.parametrize("fmt,fields,needle", [
-    ("axolotl", {"method": "qlora", "quant": "hqq4", "precision": "mixed", "model_dtype": "bf16", "kbit_prep": True},
-     "axolotl cannot express quant=hqq4"),
-    ("llamafactory", {"method": "full", "precision": "mixed", "fsdp": 2}, "llamafactory cannot express fsdp=2"),
-    ("trl", {"method": "full", "precision": "mixed", "loss": "hf"}, "trl cannot express loss=hf"),
-    ("torchtune", {"method": "full", "precision": "mixed"}, "torchtune cannot express"),
-    ("torchtune", {"stack": "torchtune", "method": "full", "precision": "bf16", "deepspeed": "zero2", "offload_optimizer": True},
-     "torchtune cannot express deepspeed=zero2"),
-    ("axolotl", {"method": "full", "fp32_outputs": False, "optimizer_in_backward": True}, "optimizer_in_backward"),
-])
+@pytest.mark.parametrize(
+    "fmt,fields,needle",
+    [
+        (
+            "axolotl",
+            {"method": "qlora", "quant": "hqq4", "precision": "mixed", "model_dtype": "bf16", "kbit_prep": True},
+            "axolotl cannot express quant=hqq4",
+        ),
+        ("llamafactory", {"method": "full", "precision": "mixed", "fsdp": 2}, "llamafactory cannot express fsdp=2"),
+        ("trl", {"method": "full", "precision": "mixed", "loss": "hf"}, "trl cannot express loss=hf"),
+        ("torchtune", {"method": "full", "precision": "mixed"}, "torchtune cannot express"),
+        (
+            "torchtune",
+            {
+                "stack": "torchtune",
+                "method": "full",
+                "precision": "bf16",
+                "deepspeed": "zero2",
+                "offload_optimizer": True,
+            },
+            "torchtune cannot express deepspeed=zero2",
+        ),
+        ("axolotl", {"method": "full", "fp32_outputs": False, "optimizer_in_backward": True}, "optimizer_in_backward"),
+    ],
+)
 def test_emit_refuses_what_the_format_cannot_say(fmt, fields, needle):
     with pytest.raises(VramplanError) as e:
         emit(fmt, TrainingSetup(**fields), MODEL, {})
@@ -349,8 +722,10 @@ def test_write_atomic_leaves_nothing_on_failure(tmp_path):
 
 def test_training_arguments_fields_are_known_not_unknown(tmp_path):
     f = tmp_path / "args.json"
-    f.write_text('{"output_dir": "o", "per_device_train_batch_size": 1, "eval_accumulation_steps": 2, '
-                 '"hub_strategy": "end", "mystery_knob": 1}')
+    f.write_text(
+        '{"output_dir": "o", "per_device_train_batch_size": 1, "eval_accumulation_steps": 2, '
+        '"hub_strategy": "end", "mystery_knob": 1}'
+    )
     assert read_config([str(f)]).unknown == ("mystery_knob",)
 
 
@@ -361,8 +736,14 @@ def test_trl_bundled_accelerate_config_and_processes(tmp_path):
     f.write_text("model_name_or_path: m/n\nuse_peft: true\naccelerate_config: zero3\nnum_processes: 4\n")
     reading = read_config([str(f)])
     assert (reading.distributed, reading.world) == (Distributed.DEEPSPEED, 4)
-    assert reading.fields == {"method": Method.LORA, "loss": Loss.TRL_CHUNKED_NLL, "deepspeed": DeepSpeedStage.ZERO3,
-                                  "adapter_dtype": AdapterDtype.BF16, "kbit_prep": False, "checkpoint_reentrant": True}
+    assert reading.fields == {
+        "method": Method.LORA,
+        "loss": Loss.TRL_CHUNKED_NLL,
+        "deepspeed": DeepSpeedStage.ZERO3,
+        "adapter_dtype": AdapterDtype.BF16,
+        "kbit_prep": False,
+        "checkpoint_reentrant": True,
+    }
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(DATA)) for p in DATA.glob("*/*") if p.suffix != ".md"))
@@ -370,6 +751,7 @@ def test_wrong_typed_values_give_one_line_errors(path):
     """Every key of every sample, set to a value of the wrong shape: a reading or a one-line
     VramplanError, never another exception."""
     from vramplan.configs.combine import read_one
+
     data = load_file(DATA / path)
     for key in data:
         for value in (-1, "x", [1], {"a": 1}):

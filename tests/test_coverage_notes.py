@@ -1,4 +1,5 @@
 """What an estimate says about the architecture it rests on."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ def _config(tmp_path, cfg: dict) -> str:
 
 def test_every_model_type_claimed_as_checked_is_in_a_cpu_trace_case():
     import test_cpu_trace as t
+
     traced = {cfg["model_type"] for cases in (t.CASES, t.LAYER_ARCH_CASES) for cfg, _ in cases.values()}
     assert TRACED_MODEL_TYPES <= traced, TRACED_MODEL_TYPES - traced
 
@@ -27,9 +29,18 @@ def test_a_preset_architecture_carries_no_coverage_note():
 
 def test_an_untraced_architecture_says_so(tmp_path):
     """Phi (Phi-2): parallel attention and MLP on one LayerNorm; its CPU trace reads 13% low."""
-    cfg = dict(architectures=["PhiForCausalLM"], model_type="phi", hidden_size=128, intermediate_size=256,
-               num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=512,
-               bos_token_id=0, eos_token_id=0)
+    cfg = dict(
+        architectures=["PhiForCausalLM"],
+        model_type="phi",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     est = estimate_config(_config(tmp_path, cfg), "1x80GB", method="lora")
     assert any(n.startswith("phi:") and "never checked" in n and "--device cpu" in n for n in est.notes), est.notes
 
@@ -37,12 +48,30 @@ def test_an_untraced_architecture_says_so(tmp_path):
 def test_linears_without_a_rule_are_named(tmp_path):
     """DeepSeek-V2's multi-head latent attention: kv_a_proj_with_mqa / kv_b_proj have no
     activation rule (the CPU trace reads the estimate about 21% low)."""
-    cfg = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=128,
-               intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-               vocab_size=256, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
-               v_head_dim=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
-               moe_intermediate_size=64, n_shared_experts=1, n_group=1, topk_group=1, topk_method="greedy",
-               max_position_embeddings=512)
+    cfg = dict(
+        architectures=["DeepseekV2ForCausalLM"],
+        model_type="deepseek_v2",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        max_position_embeddings=512,
+    )
     est = estimate_config(_config(tmp_path, cfg), "1x80GB", method="lora")
     note = next(n for n in est.notes if "no rule" in n)
     assert "kv_a_proj_with_mqa" in note and "underestimated" in note
@@ -51,9 +80,18 @@ def test_linears_without_a_rule_are_named(tmp_path):
 def test_model_dropout_is_named(tmp_path):
     """transformers' default Seed-OSS config trains with attention_dropout = residual_dropout
     = 0.1: each dropout keeps a mask that no rule counts (its CPU trace reads 39% low)."""
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=128, intermediate_size=256,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-               max_position_embeddings=512, attention_dropout=0.1)
+    cfg = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=512,
+        attention_dropout=0.1,
+    )
     est = estimate_config(_config(tmp_path, cfg), "1x80GB", method="lora")
     assert any("attention_dropout=0.1" in n and "underestimated" in n for n in est.notes), est.notes
     plain = estimate_config(_config(tmp_path, {**cfg, "attention_dropout": 0.0}), "1x80GB", method="lora")
@@ -63,9 +101,19 @@ def test_model_dropout_is_named(tmp_path):
 def test_comparison_and_plan_show_the_architecture_note(tmp_path, capsys):
     from vramplan.cli import main
     from vramplan.plan import plan_model
-    cfg = dict(architectures=["PhiForCausalLM"], model_type="phi", hidden_size=128, intermediate_size=256,
-               num_hidden_layers=2, num_attention_heads=4, vocab_size=256, max_position_embeddings=512,
-               bos_token_id=0, eos_token_id=0)
+
+    cfg = dict(
+        architectures=["PhiForCausalLM"],
+        model_type="phi",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = _config(tmp_path, cfg)
     assert main(["estimate", model, "--gpus", "1x24GB"]) == 0
     assert "note: phi: this architecture's layers were never checked" in capsys.readouterr().out.replace("\n", " ")
@@ -77,13 +125,22 @@ def test_a_loss_dominated_peak_says_where_the_memory_goes():
     """Qwen3-0.6B with checkpointing at 4k tokens: the loss on 151,936-entry logits is most
     of the peak; the note gives the estimate's own loss-backward transient."""
     from vramplan.categories import Category as C
+
     est = estimate_config("qwen3-0.6b", "1x24GB", method="lora", gradient_checkpointing=True, seq_len=4096)
     assert est.per_gpu.peak_phase == "loss backward"
     loss = est.per_gpu.breakdown[C.TRANSIENT]
     note = next(n for n in est.notes if "loss backward on 151,936-entry logits" in n)
     assert f"{loss / 2**30:.2f} GiB" in note
-    big = estimate_config("llama-2-70b", "2x24GB", method="qlora", lora_r=64, fsdp=2, cpu_offload=True,
-                          gradient_checkpointing=True, batch_size=2)
+    big = estimate_config(
+        "llama-2-70b",
+        "2x24GB",
+        method="qlora",
+        lora_r=64,
+        fsdp=2,
+        cpu_offload=True,
+        gradient_checkpointing=True,
+        batch_size=2,
+    )
     assert not any("cross-entropy" in n for n in big.notes)
 
 

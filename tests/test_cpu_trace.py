@@ -11,6 +11,7 @@ loss backward is compared with the model's minus 2·N·V (CPU's log-softmax/NLL 
 keeps 12·N·V, CUDA's 14·N·V, measured on the H100). Dropout runs as CUDA holds it (a bool
 mask; cputrace.cuda_like_steps). Tolerance 1.5% of each phase's traced peak.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,36 +27,92 @@ from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Loss, Quant  # noqa: E402
 
 TOL = 0.015
-LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=768,
-             num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
-             max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu")
-MIXTRAL = dict(LLAMA, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
-               num_experts_per_tok=2, intermediate_size=384)
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+)
+MIXTRAL = dict(
+    LLAMA,
+    architectures=["MixtralForCausalLM"],
+    model_type="mixtral",
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=384,
+)
 PHI3 = dict(LLAMA, architectures=["Phi3ForCausalLM"], model_type="phi3", num_key_value_heads=8, pad_token_id=0)
-GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=256, intermediate_size=768,
-              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
-              sliding_window=128, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-              query_pre_attn_scalar=64, max_position_embeddings=4096, hidden_activation="gelu_pytorch_tanh")
-QWEN2 = dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
-             use_sliding_window=False)  # q/k/v with bias, embeddings tied to the head
+GEMMA2 = dict(
+    architectures=["Gemma2ForCausalLM"],
+    model_type="gemma2",
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=4096,
+    sliding_window=128,
+    final_logit_softcapping=30.0,
+    attn_logit_softcapping=50.0,
+    query_pre_attn_scalar=64,
+    max_position_embeddings=4096,
+    hidden_activation="gelu_pytorch_tanh",
+)
+QWEN2 = dict(
+    LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True, use_sliding_window=False
+)  # q/k/v with bias, embeddings tied to the head
 MISTRAL = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
 # q_norm / k_norm inside the attention, over q_dim (here twice the hidden size, as Qwen3-0.6B) and kv_dim
 QWEN3 = dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64, use_sliding_window=False)
-QWEN3MOE = dict(QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
-                num_experts_per_tok=2, moe_intermediate_size=192, decoder_sparse_step=1, mlp_only_layers=[])
+QWEN3MOE = dict(
+    QWEN3,
+    architectures=["Qwen3MoeForCausalLM"],
+    model_type="qwen3_moe",
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=192,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 # sliding layers (5 of 6) next to full-attention ones under SDPA, q/k norms, four norms per layer
-GEMMA3 = dict(GEMMA2, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", final_logit_softcapping=None,
-              attn_logit_softcapping=None)
+GEMMA3 = dict(
+    GEMMA2,
+    architectures=["Gemma3ForCausalLM"],
+    model_type="gemma3_text",
+    final_logit_softcapping=None,
+    attn_logit_softcapping=None,
+)
+
+
 def _mistral3() -> dict:
     """An image-text checkpoint with no causal-LM class (Mistral Small 3.1's form): built as
     AutoModelForImageTextToText, its Pixtral tower idle in a text step. transformers' defaults,
     shrunk."""
     from transformers import AutoConfig
+
     d = AutoConfig.for_model("mistral3").to_dict()
-    d["text_config"].update(hidden_size=256, intermediate_size=768, num_hidden_layers=3, num_attention_heads=8,
-                            num_key_value_heads=2, head_dim=32, vocab_size=4096, max_position_embeddings=4096)
-    d["vision_config"].update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                              head_dim=32)
+    d["text_config"].update(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+    )
+    d["vision_config"].update(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=32
+    )
     return {k: v for k, v in d.items() if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype")}
 
 
@@ -63,8 +120,15 @@ MISTRAL3 = _mistral3()
 # post-norm only (no norm before attention or MLP), q/k norms over q_dim / kv_dim, an
 # RMSNorm that multiplies its weight in fp32
 OLMO2 = dict(LLAMA, architectures=["Olmo2ForCausalLM"], model_type="olmo2")
-GRANITE = dict(LLAMA, architectures=["GraniteForCausalLM"], model_type="granite", embedding_multiplier=12.0,
-               logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0078125)
+GRANITE = dict(
+    LLAMA,
+    architectures=["GraniteForCausalLM"],
+    model_type="granite",
+    embedding_multiplier=12.0,
+    logits_scaling=8.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.0078125,
+)
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 CASES = {
     "full": (LLAMA, dict(method="full")),
@@ -130,6 +194,7 @@ def _build_compared(setup) -> bool:
 
 def _model_build_peak(spec, setup) -> int:
     from vramplan.memory import parameters, static_bytes
+
     static = static_bytes(parameters(spec, setup), setup).parts
     build = next(p.allocated for p in step_model(spec, setup).phases if p.kind == PhaseKind.BUILD_QUANTIZE)
     return max(build, sum(static.values()))
@@ -140,6 +205,7 @@ def _model_build_peak(spec, setup) -> int:
 def test_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.memory import parameters, static_bytes
     from vramplan.verify.cputrace import trace_step
+
     cfg, fields = CASES[name]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = str(tmp_path)
@@ -152,8 +218,11 @@ def test_step_phases_match_the_cpu_trace(name, tmp_path):
         checks["build peak"] = (traced.peak("build"), _model_build_peak(spec, setup))
     for phase, predicted in _model_phases(spec, setup).items():
         checks[phase] = (traced.peak(phase, step=1), predicted)
-    off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
-           if abs(p - t) > TOL * t}
+    off = {
+        k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB"
+        for k, (t, p) in checks.items()
+        if abs(p - t) > TOL * t
+    }
     assert not off, off
 
 
@@ -168,8 +237,9 @@ LAYER_CASES = {
     "full-ckpt": dict(method="full", gradient_checkpointing=True),
     "fsdp2-ckpt": dict(method="full", fsdp=2, gradient_checkpointing=True),
     "lora-ckpt": dict(method="lora", gradient_checkpointing=True),
-    "galore-layerwise-ckpt": dict(method="galore", galore_rank=32, optim="galore_adamw_layerwise",
-                                  gradient_checkpointing=True),
+    "galore-layerwise-ckpt": dict(
+        method="galore", galore_rank=32, optim="galore_adamw_layerwise", gradient_checkpointing=True
+    ),
 }
 
 
@@ -181,30 +251,46 @@ LAYER_ARCH_CASES = {
     "gemma2-eager-lora-ckpt": (dict(GEMMA2, vocab_size=64), dict(method="lora", gradient_checkpointing=True)),
     "fsdp4-lora-ckpt": (TINY_VOCAB, dict(method="lora", fsdp=4, gradient_checkpointing=True)),
     "qlora-hqq4-ckpt": (TINY_VOCAB, dict(method="qlora", quant="hqq4", gradient_checkpointing=True)),
-    "qwen2-lora-ckpt": (dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
-                        dict(method="lora", gradient_checkpointing=True)),
+    "qwen2-lora-ckpt": (
+        dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+        dict(method="lora", gradient_checkpointing=True),
+    ),
     "qwen2-full": (dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4), dict(method="full")),
     # with dropout lora_A saves dropout(x): x's copy and the norm's output become locals, and
     # down's adapter (the recompute stops early right after it) can be the widest moment
     "lora-ckpt-dropout": (TINY_VOCAB, dict(method="lora", gradient_checkpointing=True, lora_dropout=0.05)),
-    "fsdp2-lora-ckpt-dropout": (TINY_VOCAB, dict(method="lora", fsdp=2, gradient_checkpointing=True,
-                                                 lora_dropout=0.05)),
-    "h512-lora-ckpt-dropout": (dict(TINY_VOCAB, hidden_size=512), dict(method="lora", gradient_checkpointing=True,
-                                                                      lora_dropout=0.05)),
+    "fsdp2-lora-ckpt-dropout": (
+        TINY_VOCAB,
+        dict(method="lora", fsdp=2, gradient_checkpointing=True, lora_dropout=0.05),
+    ),
+    "h512-lora-ckpt-dropout": (
+        dict(TINY_VOCAB, hidden_size=512),
+        dict(method="lora", gradient_checkpointing=True, lora_dropout=0.05),
+    ),
     "lora-dropout": (TINY_VOCAB, dict(method="lora", lora_dropout=0.05)),
     "qwen3-qknorm-full": (dict(QWEN3, vocab_size=64, intermediate_size=1024, num_hidden_layers=4), dict(method="full")),
-    "qwen3-qknorm-lora-ckpt": (dict(QWEN3, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
-                               dict(method="lora", gradient_checkpointing=True)),
+    "qwen3-qknorm-lora-ckpt": (
+        dict(QWEN3, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+        dict(method="lora", gradient_checkpointing=True),
+    ),
     # one kv head (Gemma 3 1B): with the sliding-window mask repeat_kv is a view, no copy of k/v
-    "gemma3-mqa-window-lora": (dict(GEMMA3, vocab_size=64, num_key_value_heads=1, sliding_window=256,
-                                    intermediate_size=1024), dict(method="lora")),
-    "mistral-mqa-window-full": (dict(MISTRAL, vocab_size=64, num_key_value_heads=1, sliding_window=256,
-                                     intermediate_size=1024), dict(method="full")),
+    "gemma3-mqa-window-lora": (
+        dict(GEMMA3, vocab_size=64, num_key_value_heads=1, sliding_window=256, intermediate_size=1024),
+        dict(method="lora"),
+    ),
+    "mistral-mqa-window-full": (
+        dict(MISTRAL, vocab_size=64, num_key_value_heads=1, sliding_window=256, intermediate_size=1024),
+        dict(method="full"),
+    ),
     # post-norm: the blocks read the residual stream itself, and a norm follows the MLP
-    "olmo2-postnorm-full": (dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
-                            dict(method="full")),
-    "olmo2-postnorm-lora-ckpt": (dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
-                                 dict(method="lora", gradient_checkpointing=True)),
+    "olmo2-postnorm-full": (
+        dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+        dict(method="full"),
+    ),
+    "olmo2-postnorm-lora-ckpt": (
+        dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
+        dict(method="lora", gradient_checkpointing=True),
+    ),
 }
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}
 
@@ -213,6 +299,7 @@ LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARC
 @pytest.mark.parametrize("name", list(LAYER_ALL))
 def test_layer_dominated_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     cfg, fields = LAYER_ALL[name]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(**{**V64_SHAPE, **fields})
@@ -220,10 +307,12 @@ def test_layer_dominated_step_phases_match_the_cpu_trace(name, tmp_path):
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
     measured = {p: traced.peak(p, step=1) for p in phases}
-    checks = {**{p: (measured[p], phases[p]) for p in phases},
-              "step": (max(measured.values()), max(phases.values()))}
-    off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
-           if abs(p - t) > TOL * t}
+    checks = {**{p: (measured[p], phases[p]) for p in phases}, "step": (max(measured.values()), max(phases.values()))}
+    off = {
+        k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB"
+        for k, (t, p) in checks.items()
+        if abs(p - t) > TOL * t
+    }
     assert not off, off
 
 
@@ -235,8 +324,9 @@ def test_layer_dominated_step_phases_match_the_cpu_trace(name, tmp_path):
 # batch x seq tokens) and eager attention on a model whose default is SDPA.
 KNOB_CASES = {
     "lora-ckpt-reentrant": dict(method="lora", gradient_checkpointing=True, checkpoint_reentrant=True),
-    "lora-ckpt-dropout-reentrant": dict(method="lora", gradient_checkpointing=True, checkpoint_reentrant=True,
-                                        lora_dropout=0.05),
+    "lora-ckpt-dropout-reentrant": dict(
+        method="lora", gradient_checkpointing=True, checkpoint_reentrant=True, lora_dropout=0.05
+    ),
     "full-ckpt-reentrant": dict(method="full", gradient_checkpointing=True, checkpoint_reentrant=True),
     "sdpa-position-ids-full": dict(method="full", packing="position-ids"),
     "sdpa-position-ids-lora-ckpt": dict(method="lora", gradient_checkpointing=True, packing="position-ids"),
@@ -250,6 +340,7 @@ KNOB_CASES = {
 @pytest.mark.parametrize("name", list(KNOB_CASES))
 def test_offload_attention_knobs_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
     setup = make_setup(**{**V64_SHAPE, **KNOB_CASES[name]})
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -259,8 +350,11 @@ def test_offload_attention_knobs_match_the_cpu_trace(name, tmp_path):
     # eager attention without checkpointing: its softmax backward, a moment the model does not
     # have (it reads -1.8% on its backward), held to the looser 2%
     tol = 0.02 if name == "eager-llama-lora" else TOL
-    off = {p: f"traced {measured[p] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-           for p, b in phases.items() if abs(b - measured[p]) > tol * measured[p]}
+    off = {
+        p: f"traced {measured[p] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - measured[p]) > tol * measured[p]
+    }
     assert not off, off
 
 
@@ -268,14 +362,14 @@ def test_offload_attention_knobs_match_the_cpu_trace(name, tmp_path):
 # step (hqq's optimization loop holds ~24 bytes per weight element), and under FSDP2
 # each packed weight must go back to meta as soon as it is quantized.
 WIDE = dict(LLAMA, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, vocab_size=256)
-BUILD_CASES = {f"hqq4-fsdp{w}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=True)
-               for w in (1, 4)}
+BUILD_CASES = {f"hqq4-fsdp{w}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=True) for w in (1, 4)}
 
 
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(BUILD_CASES))
 def test_build_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(WIDE))
     setup = make_setup(batch_size=1, seq_len=64, lora_dropout=0.0, **BUILD_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -289,14 +383,17 @@ def test_build_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
 # Short sequences with QLoRA: a 4-bit Linear dequantized for a matmul is the widest moment
 # of forward and of each layer's backward. hqq's PyTorch backend is plain torch ops, the
 # same on the CPU as on CUDA (bitsandbytes' CPU gemm_4bit is not its CUDA path).
-DEQ_CASES = {f"hqq4-fsdp{w}{'-ckpt' if ck else ''}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=ck)
-             for w, ck in ((1, True), (1, False), (2, True), (8, False))}
+DEQ_CASES = {
+    f"hqq4-fsdp{w}{'-ckpt' if ck else ''}": dict(method="qlora", quant="hqq4", fsdp=w, gradient_checkpointing=ck)
+    for w, ck in ((1, True), (1, False), (2, True), (8, False))
+}
 
 
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", list(DEQ_CASES))
 def test_dequantize_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(dict(WIDE, vocab_size=1024)))
     setup = make_setup(batch_size=1, seq_len=64, lora_dropout=0.0, **DEQ_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -323,13 +420,17 @@ LONG_SHAPE = dict(batch_size=1, seq_len=16384, lora_dropout=0.0)
 @pytest.mark.parametrize("name", list(LONG_CASES))
 def test_long_context_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(LONG))
     setup = make_setup(**LONG_SHAPE, **LONG_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-           for p, b in phases.items() if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)}
+    off = {
+        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
+    }
     assert not off, off
 
 
@@ -338,9 +439,12 @@ def test_long_context_phases_match_the_cpu_trace(name, tmp_path):
 # on the device) plus the host's sharded parameters and optimizer states. Gradients were
 # freed by zero_grad(set_to_none=True) before this forward; the host estimate is a peak and
 # counts them. Backward is left out: host gradients accumulate layer by layer there.
-OFFLOAD_CASES = {f"fsdp2-offload-{m}": dict(method=m, fsdp=2, cpu_offload=True, gradient_checkpointing=True,
-                                            **({"quant": "hqq4"} if m == "qlora" else {}))
-                 for m in ("full", "lora", "qlora")}
+OFFLOAD_CASES = {
+    f"fsdp2-offload-{m}": dict(
+        method=m, fsdp=2, cpu_offload=True, gradient_checkpointing=True, **({"quant": "hqq4"} if m == "qlora" else {})
+    )
+    for m in ("full", "lora", "qlora")
+}
 
 
 @pytest.mark.cputrace
@@ -349,6 +453,7 @@ def test_offload_forward_is_device_plus_host_on_the_cpu(name, tmp_path):
     from vramplan.memory import alloc, grad_bytes, parameters
     from vramplan.memory.fsdp import shard
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     setup = make_setup(**B2S256, **OFFLOAD_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -363,6 +468,7 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
     committed trace files (regenerate it after tracing again)."""
     import importlib.util
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("cpu_trace_report", root / "scripts" / "cpu_trace_report.py")
     report = importlib.util.module_from_spec(spec)
@@ -397,6 +503,7 @@ LOSS_LIBRARY = {"chunked": "torchtune", "trl-chunked-nll": "trl", "hf": "acceler
 @pytest.mark.parametrize("name", list(LOSS_CASES))
 def test_loss_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     cfg, fields = LOSS_CASES[name]
     library = LOSS_LIBRARY[fields.get("loss", "hf")]
     if importlib.util.find_spec(library) is None:  # torchtune's __init__ needs torchao: only find it
@@ -406,8 +513,11 @@ def test_loss_phases_match_the_cpu_trace(name, tmp_path):
     spec = load_model_spec(str(tmp_path), use_cache=False)
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-           for p, b in phases.items() if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)}
+    off = {
+        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
+    }
     assert not off, off
 
 
@@ -417,6 +527,7 @@ def test_loss_phases_match_the_cpu_trace(name, tmp_path):
 # commit against the committed traced bytes, per phase, to the same 1.5%.
 def _committed(group: str) -> list[dict]:
     from pathlib import Path
+
     path = Path(__file__).resolve().parent / "data" / "cpu" / "trace.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["group"] == group]
 
@@ -444,8 +555,11 @@ ADAPTER_CASES = {
     "lora-bf16": (LLAMA, dict(method="lora", adapter_dtype="bf16"), B2S256),
     "qlora-nf4-bf16": (LLAMA, dict(method="qlora", quant="nf4", adapter_dtype="bf16"), B2S256),
     "v64-lora-bf16": (TINY_VOCAB, dict(method="lora", adapter_dtype="bf16"), V64_SHAPE),
-    "v64-lora-bf16-ckpt": (TINY_VOCAB, dict(method="lora", adapter_dtype="bf16", gradient_checkpointing=True),
-                           V64_SHAPE),
+    "v64-lora-bf16-ckpt": (
+        TINY_VOCAB,
+        dict(method="lora", adapter_dtype="bf16", gradient_checkpointing=True),
+        V64_SHAPE,
+    ),
     "lora-targets-q,v": (LLAMA, dict(method="lora", lora_target_modules="q_proj,v_proj"), B2S256),
     "lora-bf16w-mixed": (LLAMA, dict(method="lora", model_dtype="bf16", precision="mixed"), B2S256),
     "full-bf16w-mixed": (LLAMA, dict(method="full", model_dtype="bf16", precision="mixed"), B2S256),
@@ -462,6 +576,7 @@ ADAPTER_CASES = {
 def test_adapter_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.memory import parameters, static_bytes
     from vramplan.verify.cputrace import trace_step
+
     cfg, fields, shape = ADAPTER_CASES[name]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(**{**shape, **fields})
@@ -495,6 +610,7 @@ def engine_model_phases(spec, setup) -> dict[str, int]:
     from vramplan.memory.fsdp import engine_units, gathering, root_and_layer_unit
     from vramplan.memory.parameters import parameters
     from vramplan.setup import Engine
+
     phases = _model_phases(spec, setup)
     if setup.engine == Engine.FSDP1 and gathering(setup).reshard_after_forward:
         phases["forward"] -= root_and_layer_unit(engine_units(parameters(spec, setup), setup))[1]
@@ -503,6 +619,7 @@ def engine_model_phases(spec, setup) -> dict[str, int]:
 
 def _engine_static(spec, setup) -> int:
     from vramplan.memory import prepare
+
     return sum(prepare(spec, setup).static.parts.values())
 
 
@@ -510,6 +627,7 @@ def _engine_static(spec, setup) -> int:
 @pytest.mark.parametrize("name", list(ENGINE_CASES))
 def test_engine_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     setup = make_setup(**B2S256, **ENGINE_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -517,8 +635,11 @@ def test_engine_step_phases_match_the_cpu_trace(name, tmp_path):
     checks = {"build": (next(p.end_bytes for p in traced.phases if p.name == "build"), _engine_static(spec, setup))}
     for phase, predicted in engine_model_phases(spec, setup).items():
         checks[phase] = (traced.peak(phase, step=1), predicted)
-    off = {k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB" for k, (t, p) in checks.items()
-           if abs(p - t) > TOL * t}
+    off = {
+        k: f"traced {t / 2**20:.2f} MiB, model {p / 2**20:.2f} MiB"
+        for k, (t, p) in checks.items()
+        if abs(p - t) > TOL * t
+    }
     assert not off, off
 
 
@@ -537,6 +658,7 @@ KBIT_CASES = {
 def test_kbit_prep_parameters_match_the_cpu_trace(name, tmp_path):
     from vramplan.memory import parameters, static_bytes
     from vramplan.verify.cputrace import trace_step
+
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     setup = make_setup(**B2S256, kbit_prep=True, precision="mixed", model_dtype="bf16", **KBIT_CASES[name])
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -553,10 +675,27 @@ def test_kbit_prep_parameters_match_the_cpu_trace(name, tmp_path):
 # (bitsandbytes' CPU fallback, torchao's inductor CPU kernels: cputrace.incomparable_on_cpu).
 # Optimizer in backward: per-parameter optimizers stepped from post-accumulate-grad hooks.
 OPTIMIZER_CASES = {
-    **{f"full-{o}": dict(method="full", optim=o) for o in (
-        "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "schedule_free_adamw", "adamw_8bit",
-        "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit", "ademamix_8bit",
-        "rmsprop_bnb_8bit", "adamw_torch_8bit", "adamw_torch_4bit")},
+    **{
+        f"full-{o}": dict(method="full", optim=o)
+        for o in (
+            "adamw_torch_fused",
+            "sgd",
+            "adagrad",
+            "rmsprop",
+            "adafactor",
+            "schedule_free_adamw",
+            "adamw_8bit",
+            "paged_adamw_8bit",
+            "paged_adamw_32bit",
+            "lion_8bit",
+            "lion_32bit",
+            "paged_lion_8bit",
+            "ademamix_8bit",
+            "rmsprop_bnb_8bit",
+            "adamw_torch_8bit",
+            "adamw_torch_4bit",
+        )
+    },
     "lora-paged_adamw_8bit": dict(method="lora", optim="paged_adamw_8bit"),
     "full-in-backward": dict(method="full", optimizer_in_backward=True),
     "full-adafactor-in-backward": dict(method="full", optim="adafactor", optimizer_in_backward=True),
@@ -566,14 +705,20 @@ OPTIMIZER_CASES = {
     "full-apollo_adamw": dict(method="full", optim="apollo_adamw"),
     "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
 }
-OPTIMIZER_LIBRARIES = {"adamw_torch_8bit": "torchao", "adamw_torch_4bit": "torchao",
-                       "schedule_free_adamw": "schedulefree", "muon": "llamafactory",
-                       "apollo_adamw": "apollo_torch", "apollo_adamw_layerwise": "apollo_torch"}
+OPTIMIZER_LIBRARIES = {
+    "adamw_torch_8bit": "torchao",
+    "adamw_torch_4bit": "torchao",
+    "schedule_free_adamw": "schedulefree",
+    "muon": "llamafactory",
+    "apollo_adamw": "apollo_torch",
+    "apollo_adamw_layerwise": "apollo_torch",
+}
 OPTIMIZER_TOL = 0.02
 
 
 def optimizer_step_compared(setup) -> bool:
     from vramplan.verify.cputrace import incomparable_on_cpu
+
     return not any("optimizer step" in why or "low-bit step" in why for why in incomparable_on_cpu(setup))
 
 
@@ -588,6 +733,7 @@ def optimizer_model_phases(spec, setup) -> dict[str, int]:
 @pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
 def test_optimizer_states_and_steps_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
     fields = OPTIMIZER_CASES[name]
     if fields.get("optim") in OPTIMIZER_LIBRARIES:
         pytest.importorskip(OPTIMIZER_LIBRARIES[fields["optim"]])
@@ -595,9 +741,11 @@ def test_optimizer_states_and_steps_match_the_cpu_trace(name, tmp_path):
     setup = make_setup(**{**B2S256, **fields})
     spec = load_model_spec(str(tmp_path), use_cache=False)
     traced = trace_step(str(tmp_path), setup)
-    off = {p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-           for p, b in optimizer_model_phases(spec, setup).items()
-           if abs(b - traced.peak(p, step=1)) > OPTIMIZER_TOL * traced.peak(p, step=1)}
+    off = {
+        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in optimizer_model_phases(spec, setup).items()
+        if abs(b - traced.peak(p, step=1)) > OPTIMIZER_TOL * traced.peak(p, step=1)
+    }
     assert not off, off
 
 
@@ -612,17 +760,25 @@ def test_the_engines_group_is_committed():
 
 # The committed rows of these groups against this commit's model, per phase, without tracing:
 # the fast tier holds every traced case of them, whether or not its library is installed.
-_COMMITTED_RULES = {"real-width": (_model_phases, TOL), "loss": (_model_phases, TOL),
-                    "optimizers": (optimizer_model_phases, OPTIMIZER_TOL), "engines": (engine_model_phases, TOL)}
+_COMMITTED_RULES = {
+    "real-width": (_model_phases, TOL),
+    "loss": (_model_phases, TOL),
+    "optimizers": (optimizer_model_phases, OPTIMIZER_TOL),
+    "engines": (engine_model_phases, TOL),
+}
 
 
-@pytest.mark.parametrize("row", [r for g in _COMMITTED_RULES for r in _committed(g)],
-                         ids=lambda r: f"{r['group']}/{r['name']}")
+@pytest.mark.parametrize(
+    "row", [r for g in _COMMITTED_RULES for r in _committed(g)], ids=lambda r: f"{r['group']}/{r['name']}"
+)
 def test_committed_rows_match_this_model(row, tmp_path):
     rule, tol = _COMMITTED_RULES[row["group"]]
     (tmp_path / "config.json").write_text(json.dumps(row["config"]))
     spec = load_model_spec(str(tmp_path), use_cache=False)
     phases = rule(spec, make_setup(**row["setup"]))
-    off = {p: f"traced {row[p]['traced_bytes'] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-           for p, b in phases.items() if abs(b - row[p]["traced_bytes"]) > tol * row[p]["traced_bytes"]}
+    off = {
+        p: f"traced {row[p]['traced_bytes'] / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - row[p]["traced_bytes"]) > tol * row[p]["traced_bytes"]
+    }
     assert phases and not off, off

@@ -1,6 +1,7 @@
 """The engines (issue 15): DDP, DeepSpeed ZeRO, FSDP1 and its sharding strategies, nodes.
 Expectations are derived by hand from the sources' rules (docs/memory-model.md, "Engines"),
 from the model's shapes, not from the code under test."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,6 +38,7 @@ def _est(spec, gpus, **fields):
 
 # ---- DDP -----------------------------------------------------------------------------
 
+
 def test_ddp_buckets_are_a_second_copy_of_the_trainable_grads(spec):
     # reducer.cpp: one flat bucket per bucket, trainable params only, persistent from wrap;
     # peft's adapters are fp32: 4 B per element. Every phase grows by the buckets.
@@ -70,6 +72,7 @@ def test_one_gpu_is_not_ddp(spec):
 
 # ---- DeepSpeed -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", ["zero1", "zero2"])
 def test_zero12_keep_bf16_weights_whole_and_partition_master_and_states(spec, stage):
     # stage_1_and_2.py: every param bf16 whole (P*2); fp32 master + Adam states (4 + 8 B) per
@@ -96,8 +99,7 @@ def test_zero_offload_on_one_gpu_fits_and_needs_host_ram():
     # staging 2 + fp32 grads 4 + CPU Adam states 8 = 18 B per trainable element
     spec = load_model_spec("llama-3.2-3b")
     total, _ = _counts(spec)
-    est = _est(spec, "1x24GB", method="full", deepspeed="zero2", offload_optimizer=True,
-               gradient_checkpointing=True)
+    est = _est(spec, "1x24GB", method="full", deepspeed="zero2", offload_optimizer=True, gradient_checkpointing=True)
     assert est.fits_gpu
     assert est.host_ram_bytes >= 18 * (total - spec.lm_head_numel) + PROCESS_HOST_BYTES
     assert est.per_gpu.breakdown.get(C.OPTIMIZER_STATES, 0) == 0
@@ -110,12 +112,16 @@ def test_deepspeed_note_says_modelled_from_source(spec):
 
 # ---- validation ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields,flags", [
-    (dict(deepspeed="zero2", fsdp=2), ("--deepspeed", "--fsdp")),
-    (dict(deepspeed="zero2", offload_params=True), ("--offload-params", "zero3")),
-    (dict(offload_optimizer=True), ("--offload-optimizer", "--deepspeed")),
-    (dict(fsdp=2, fsdp_sharding="hybrid"), ("--fsdp-sharding", "--nodes")),
-])
+
+@pytest.mark.parametrize(
+    "fields,flags",
+    [
+        (dict(deepspeed="zero2", fsdp=2), ("--deepspeed", "--fsdp")),
+        (dict(deepspeed="zero2", offload_params=True), ("--offload-params", "zero3")),
+        (dict(offload_optimizer=True), ("--offload-optimizer", "--deepspeed")),
+        (dict(fsdp=2, fsdp_sharding="hybrid"), ("--fsdp-sharding", "--nodes")),
+    ],
+)
 def test_bad_engine_combinations_name_both_flags(fields, flags):
     with pytest.raises(VramplanError) as e:
         make_setup(method="full", **fields)
@@ -133,6 +139,7 @@ def test_one_gpu_fsdp_offload_is_allowed(spec):
 
 
 # ---- FSDP1 and the sharding strategies ---------------------------------------------------
+
 
 def _fsdp_at(spec, kind_label, **fields):
     m = step_model(spec, make_setup(**fields), every_layer=True)
@@ -192,8 +199,10 @@ def test_host_ram_is_per_node(spec):
 
 # ---- plan ------------------------------------------------------------------------------
 
+
 def test_plan_searches_ddp_fsdp_and_zero(spec):
     from vramplan.plan import candidate_groups, make_request
+
     req = make_request(spec, "2x24GB", methods="full,lora")
     setups = [make_setup(**c) for g in candidate_groups(spec, req) for c in g]
     engines = {s.engine for s in setups}

@@ -1,6 +1,7 @@
 """The step's allocation events (vramplan/memory/events.py) and the verdict from their
 replay (vramplan/reserved.py): the live bytes at every phase's moment are that phase's,
 on every preset x a setup grid; hand-checked small cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,13 +21,18 @@ from vramplan.reserved import simulate
 MiB = 2**20
 # the setups of scripts/phase_hash.py (each technique the phases model), at 1 x 512 tokens
 SETUPS = [
-    {"method": "full"}, {"method": "full", "precision": "mixed"}, {"method": "lora"},
+    {"method": "full"},
+    {"method": "full", "precision": "mixed"},
+    {"method": "lora"},
     {"method": "lora", "gradient_checkpointing": True},
-    {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True}, {"method": "qlora", "quant": "hqq4"},
-    {"method": "galore"}, {"method": "galore", "optim": "galore_adamw_8bit_layerwise"},
+    {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True},
+    {"method": "qlora", "quant": "hqq4"},
+    {"method": "galore"},
+    {"method": "galore", "optim": "galore_adamw_8bit_layerwise"},
     {"method": "lora", "fsdp": 2},
     {"method": "qlora", "fsdp": 2, "cpu_offload": True, "gradient_checkpointing": True},
-    {"method": "full", "optim": "adamw_bnb_8bit"}, {"method": "lora", "lora_targets": "attention"},
+    {"method": "full", "optim": "adamw_bnb_8bit"},
+    {"method": "lora", "lora_targets": "attention"},
     {"method": "full", "precision": "mixed", "fsdp": 2, "gradient_checkpointing": True},
 ]
 
@@ -36,8 +42,9 @@ def live_by_category(ev) -> np.ndarray:
     arrays (a FREE's size is its tensor's ALLOC size)."""
     size_of: dict[int, int] = {}
     signed = np.zeros(len(ev.events), np.int64)
-    for k, (op, tid, size) in enumerate(zip(ev.events.ops.tolist(), ev.events.ids.tolist(),
-                                            ev.events.sizes.tolist(), strict=True)):
+    for k, (op, tid, size) in enumerate(
+        zip(ev.events.ops.tolist(), ev.events.ids.tolist(), ev.events.sizes.tolist(), strict=True)
+    ):
         if op == Op.ALLOC:
             size_of[tid] = size
             signed[k] = size
@@ -96,10 +103,12 @@ def test_gradients_come_in_reversed_layer_order_and_adamw_temporaries_per_parame
     transient = (ev.categories[:opt] == CATEGORIES.index(C.TRANSIENT)) & before
     tail = np.flatnonzero(transient)
     from vramplan.memory import parameters
+
     trainable = [p for p in parameters(spec, setup) if p.trainable]
     # foreach AdamW: one temporary per trainable parameter, each the size of its bf16 grad
-    assert sorted(ev.events.sizes[tail[-len(trainable):]].tolist()) == sorted(
-        -(-2 * p.numel // 512) * 512 for p in trainable)
+    assert sorted(ev.events.sizes[tail[-len(trainable) :]].tolist()) == sorted(
+        -(-2 * p.numel // 512) * 512 for p in trainable
+    )
 
 
 def test_layer_backward_moments_in_time_order():
@@ -108,8 +117,11 @@ def test_layer_backward_moments_in_time_order():
     points = [m.phase.point for m in ev.moments if m.phase.kind is PhaseKind.LAYER_BACKWARD and m.phase.layer == 1]
     assert points.index(LayerPoint.MLP) < points.index(LayerPoint.END)
     kinds = [m.phase.kind for m in ev.moments]
-    assert kinds.index(PhaseKind.FORWARD_LOSS) < kinds.index(PhaseKind.LOSS_BACKWARD) < \
-        kinds.index(PhaseKind.OPTIMIZER_STEP)
+    assert (
+        kinds.index(PhaseKind.FORWARD_LOSS)
+        < kinds.index(PhaseKind.LOSS_BACKWARD)
+        < kinds.index(PhaseKind.OPTIMIZER_STEP)
+    )
 
 
 def test_verdict_under_pressure_frees_the_cache_and_runs():
@@ -143,6 +155,7 @@ def test_estimate_reserved_comes_from_the_replay_and_honours_alloc_conf():
 def test_plot_timeline_draws(tmp_path):
     from vramplan.cli import main
     from vramplan.plot import timeline_data, timeline_figure
+
     spec = load_model_spec("llama-3.2-1b", num_layers=2)
     setup = make_setup(method="lora", batch_size=1, seq_len=256)
     t = timeline_data(spec, setup, parse_gpus("1x24GB"))
@@ -155,13 +168,32 @@ def test_plot_timeline_draws(tmp_path):
     fig = timeline_figure(t)
     assert len(fig.axes[0].collections) == len(t.live)  # one stacked band per category
     out = tmp_path / "t.png"
-    assert main(["plot", "timeline", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--method", "lora",
-                 "--seq-len", "256", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "timeline",
+                "llama-3.2-1b",
+                "--num-layers",
+                "2",
+                "--gpus",
+                "1x24GB",
+                "--method",
+                "lora",
+                "--seq-len",
+                "256",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_layer_blocks_by_hand():
     from vramplan.memory.events import layer_blocks
+
     # 1000 tokens; per token: norm 4, attention 10, MLP 6 of which down 2 -> 4000, 10000, 6000 bytes
     # rounded to 512 B: 4096, 10240; MLP 20480 - 2048 (down) - 14336 = 4096; down last
     assert layer_blocks(1000, 20480, 2048, [4, 10, 6]) == [4096, 10240, 4096, 2048]
@@ -171,6 +203,7 @@ def test_layer_blocks_by_hand():
 
 def test_expandable_segments_suggested_only_when_they_change_the_verdict():
     from vramplan.reserved import expandable_note
+
     spec = load_model_spec("llama-3.2-1b", num_layers=4)
     setup = make_setup(method="full", batch_size=1, seq_len=1024)
     roomy = simulate(spec, setup, 1 << 40, AllocatorConfig())

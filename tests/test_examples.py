@@ -2,6 +2,7 @@
 
 A script whose first lines contain ``# requires: gpu`` is skipped when no CUDA GPU is present.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,17 @@ def test_examples_exist():
 def test_example_runs(path, tmp_path):
     if _needs_gpu(path) and not _have_cuda():
         pytest.skip(f"{path.name} says '# requires: gpu' and no CUDA GPU is available")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "MPLBACKEND": "Agg",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"{path.name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), f"{path.name} printed nothing"
 

@@ -1,4 +1,5 @@
 """GPU profiles, the --gpus size rule, user profiles, overrides and parser bounds."""
+
 from __future__ import annotations
 
 import importlib
@@ -18,10 +19,33 @@ from vramplan.units import GiB, parse_bytes
 
 E = importlib.import_module("vramplan.estimate")  # the package exports a function of that name
 BUNDLED = sorted(p.stem for p in (Path(__file__).parent.parent / "hardware_profiles").glob("*.json"))
-REQUESTED = {"rtx-3060", "rtx-3080", "rtx-3080-12gb", "rtx-3080-ti", "rtx-4060-ti-16gb", "rtx-4070", "rtx-4070-ti",
-             "rtx-4070-ti-super", "rtx-4080-super", "rtx-5070", "rtx-5070-ti", "rtx-5080", "rtx-2080-ti", "titan-rtx",
-             "t4", "v100-16gb", "v100-32gb", "a10g", "a10", "rtx-a4000", "rtx-a5000", "rtx-6000-ada", "l40",
-             "mi300x", "rx-7900-xtx"}
+REQUESTED = {
+    "rtx-3060",
+    "rtx-3080",
+    "rtx-3080-12gb",
+    "rtx-3080-ti",
+    "rtx-4060-ti-16gb",
+    "rtx-4070",
+    "rtx-4070-ti",
+    "rtx-4070-ti-super",
+    "rtx-4080-super",
+    "rtx-5070",
+    "rtx-5070-ti",
+    "rtx-5080",
+    "rtx-2080-ti",
+    "titan-rtx",
+    "t4",
+    "v100-16gb",
+    "v100-32gb",
+    "a10g",
+    "a10",
+    "rtx-a4000",
+    "rtx-a5000",
+    "rtx-6000-ada",
+    "l40",
+    "mi300x",
+    "rx-7900-xtx",
+}
 PRE_AMPERE = {"t4", "rtx-2080-ti", "titan-rtx", "v100-16gb", "v100-32gb"}
 
 
@@ -69,6 +93,7 @@ def test_step_time_on_a_card_without_bf16_uses_its_fp16_rate():
     from vramplan.model_loader import load_model_spec
     from vramplan.setup import TrainingSetup
     from vramplan.throughput import raw_terms
+
     spec, setup = load_model_spec("llama-3.2-1b"), TrainingSetup(method="lora")
     t4 = profiles()["t4"]
     flops_s, _, _ = raw_terms(spec, setup, t4)
@@ -77,6 +102,7 @@ def test_step_time_on_a_card_without_bf16_uses_its_fp16_rate():
 
 
 # ------------------------------------------------------------------ the size rule
+
 
 def _speed(p):
     return p.training_tflops, p.memory_bandwidth_gbps
@@ -102,7 +128,9 @@ def test_a_known_size_names_its_card_and_is_priced_as_the_slowest_of_that_size()
         named = [p for p in same if g.notes[0].startswith(f"{size:g}GB as {p.name} ")]
         assert len(named) == 1, (size, g.notes)
         assert g.profile.memory_bytes == named[0].memory_bytes
-        assert g.profile.training_tflops <= min(p.training_tflops for p in same if p.bf16 or not any(q.bf16 for q in same))
+        assert g.profile.training_tflops <= min(
+            p.training_tflops for p in same if p.bf16 or not any(q.bf16 for q in same)
+        )
 
 
 @pytest.mark.parametrize("size", ["12.5", "13", "20", "100", "200", "8", "1"])
@@ -139,8 +167,10 @@ def test_15_67gb_is_not_more_than_15_67_gib():
 
 # ------------------------------------------------------------------ bounds
 
-@pytest.mark.parametrize("text", ["9" * 400 + "GB", "1x" + "9" * 400 + "GB", "9" * 5000 + "x24GB",
-                                  "4097x24GB", "2049GB", "0.0000001GB"])
+
+@pytest.mark.parametrize(
+    "text", ["9" * 400 + "GB", "1x" + "9" * 400 + "GB", "9" * 5000 + "x24GB", "4097x24GB", "2049GB", "0.0000001GB"]
+)
 def test_absurd_sizes_and_counts_are_one_line_errors(text):
     with pytest.raises(VramplanError) as e:
         parse_gpus(text)
@@ -169,6 +199,7 @@ def test_the_cli_answers_an_overflowing_gpu_size_with_exit_2(capsys):
 
 # ------------------------------------------------------------------ user profiles
 
+
 def _user_dir(tmp_path) -> Path:
     d = tmp_path / "config" / "vramplan" / "hardware"
     d.mkdir(parents=True)
@@ -177,12 +208,23 @@ def _user_dir(tmp_path) -> Path:
 
 def test_user_profiles_load_from_xdg_config_home(tmp_path):
     d = _user_dir(tmp_path)
-    (d / "my-card.json").write_text(json.dumps({
-        "name": "my-card", "display_name": "My Card", "nominal_memory_gb": 20, "memory_bytes": 20 * GiB - 500 * 2**20,
-        "bf16_dense_tflops": 50.0, "memory_bandwidth_gbps": 500.0}))
-    (d / "old-card.toml").write_text('name = "old-card"\ndisplay_name = "Old Card"\nnominal_memory_gb = 8\n'
-                                     f'memory_bytes = {7 * GiB}\nbf16 = false\nfp16_dense_tflops = 20.0\n'
-                                     'memory_bandwidth_gbps = 300.0\n')
+    (d / "my-card.json").write_text(
+        json.dumps(
+            {
+                "name": "my-card",
+                "display_name": "My Card",
+                "nominal_memory_gb": 20,
+                "memory_bytes": 20 * GiB - 500 * 2**20,
+                "bf16_dense_tflops": 50.0,
+                "memory_bandwidth_gbps": 500.0,
+            }
+        )
+    )
+    (d / "old-card.toml").write_text(
+        'name = "old-card"\ndisplay_name = "Old Card"\nnominal_memory_gb = 8\n'
+        f"memory_bytes = {7 * GiB}\nbf16 = false\nfp16_dense_tflops = 20.0\n"
+        "memory_bandwidth_gbps = 300.0\n"
+    )
     g = parse_gpus("2xmy-card")
     assert g.count == 2 and g.profile.training_tflops == 50.0 and g.profile.memory_bytes == 20 * GiB - 500 * 2**20
     assert not supports_bf16(parse_gpus("old-card").profile)
@@ -190,18 +232,30 @@ def test_user_profiles_load_from_xdg_config_home(tmp_path):
     assert "as my-card" in parse_gpus("1x20GB").notes[0]
 
 
-_GOOD = {"name": "bad", "display_name": "B", "nominal_memory_gb": 8, "memory_bytes": GiB, "bf16_dense_tflops": 1,
-         "memory_bandwidth_gbps": 1}
+_GOOD = {
+    "name": "bad",
+    "display_name": "B",
+    "nominal_memory_gb": 8,
+    "memory_bytes": GiB,
+    "bf16_dense_tflops": 1,
+    "memory_bandwidth_gbps": 1,
+}
 
 
-@pytest.mark.parametrize("text,key", [
-    (json.dumps({k: v for k, v in _GOOD.items() if k != "bf16_dense_tflops"}), "key (profile)"),  # bf16 without its rate
-    (json.dumps({**_GOOD, "colour": "red"}), "key colour"),
-    (json.dumps({**_GOOD, "memory_bytes": 9 * GiB}), "key (profile)"),   # usable above the sold size
-    (json.dumps({**_GOOD, "nominal_memory_gb": "lots"}), "key nominal_memory_gb"),
-    (json.dumps({**_GOOD, "name": "other"}), "key name"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        (
+            json.dumps({k: v for k, v in _GOOD.items() if k != "bf16_dense_tflops"}),
+            "key (profile)",
+        ),  # bf16 without its rate
+        (json.dumps({**_GOOD, "colour": "red"}), "key colour"),
+        (json.dumps({**_GOOD, "memory_bytes": 9 * GiB}), "key (profile)"),  # usable above the sold size
+        (json.dumps({**_GOOD, "nominal_memory_gb": "lots"}), "key nominal_memory_gb"),
+        (json.dumps({**_GOOD, "name": "other"}), "key name"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_a_bad_user_profile_is_one_line_naming_the_file_and_key(tmp_path, text, key):
     (_user_dir(tmp_path) / "bad.json").write_text(text)
     with pytest.raises(VramplanError) as e:
@@ -211,6 +265,7 @@ def test_a_bad_user_profile_is_one_line_naming_the_file_and_key(tmp_path, text, 
 
 
 # ------------------------------------------------------------------ overrides
+
 
 def test_gpu_tflops_bandwidth_and_reserve_override_the_resolved_card():
     g = E.resolve_gpus("rtx-4090", gpu_tflops="100", gpu_bandwidth=500, reserve="1GiB")
@@ -222,10 +277,19 @@ def test_gpu_tflops_bandwidth_and_reserve_override_the_resolved_card():
     assert t4.profile.fp16_dense_tflops == 30 and t4.profile.training_tflops == 30
 
 
-@pytest.mark.parametrize("kw,flag", [({"gpu_tflops": "fast"}, "--gpu-tflops"), ({"gpu_tflops": 0}, "--gpu-tflops"),
-                                     ({"gpu_tflops": "inf"}, "--gpu-tflops"), ({"gpu_bandwidth": -1}, "--gpu-bandwidth"),
-                                     ({"gpu_bandwidth": "1e400"}, "--gpu-bandwidth"), ({"reserve": "30GB"}, "--reserve"),
-                                     ({"reserve": "lots"}, "--reserve"), ({"reserve": "9" * 400 + "GB"}, "--reserve")])
+@pytest.mark.parametrize(
+    "kw,flag",
+    [
+        ({"gpu_tflops": "fast"}, "--gpu-tflops"),
+        ({"gpu_tflops": 0}, "--gpu-tflops"),
+        ({"gpu_tflops": "inf"}, "--gpu-tflops"),
+        ({"gpu_bandwidth": -1}, "--gpu-bandwidth"),
+        ({"gpu_bandwidth": "1e400"}, "--gpu-bandwidth"),
+        ({"reserve": "30GB"}, "--reserve"),
+        ({"reserve": "lots"}, "--reserve"),
+        ({"reserve": "9" * 400 + "GB"}, "--reserve"),
+    ],
+)
 def test_bad_overrides_name_their_flag(kw, flag):
     with pytest.raises(VramplanError) as e:
         E.resolve_gpus("rtx-4090", **kw)
@@ -239,6 +303,7 @@ def test_an_estimate_carries_the_override_notes():
 
 
 # ------------------------------------------------------------------ detection
+
 
 def _fake_nvml(monkeypatch, cards):
     """NVML as vramplan.nvml reports it: (name, total, used) per GPU, or None (no driver)."""
@@ -254,8 +319,9 @@ def _fake_nvml(monkeypatch, cards):
 
 
 def test_detected_gpus_reserve_what_nvml_reports_in_use(monkeypatch):
-    _fake_nvml(monkeypatch, [("NVIDIA GeForce RTX 4090", 25757220864, GiB),
-                              ("NVIDIA GeForce RTX 4090", 25757220864, 2 * GiB)])
+    _fake_nvml(
+        monkeypatch, [("NVIDIA GeForce RTX 4090", 25757220864, GiB), ("NVIDIA GeForce RTX 4090", 25757220864, 2 * GiB)]
+    )
     assert H.detected_used_bytes() == 2 * GiB
     g = E.resolve_gpus(None)
     assert g.count == 2 and g.profile.memory_bytes == profiles()["rtx-4090"].memory_bytes - 2 * GiB

@@ -1,6 +1,7 @@
 """The package's modules import one another without cycles, counting imports inside
 functions too (a lazy import hides a cycle from Python, not from the reader), and the
 command line is the only place that imports vramplan.cli or vramplan.report's renderers."""
+
 from __future__ import annotations
 
 import ast
@@ -56,7 +57,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -81,7 +82,15 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_engine_modules_do_not_import_the_command_line_or_renderers():
     graph = _graph()
-    engine = ("vramplan.plan", "vramplan.plot", "vramplan.estimate", "vramplan.model_spec", "vramplan.model_loader",
-              "vramplan.analyze", "vramplan.strategies", "vramplan.throughput")
+    engine = (
+        "vramplan.plan",
+        "vramplan.plot",
+        "vramplan.estimate",
+        "vramplan.model_spec",
+        "vramplan.model_loader",
+        "vramplan.analyze",
+        "vramplan.strategies",
+        "vramplan.throughput",
+    )
     for name in engine:
         assert not {m for m in graph[name] if m.startswith(("vramplan.cli", "vramplan.report"))}, name

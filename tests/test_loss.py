@@ -1,6 +1,7 @@
 """The loss over the vocabulary (--loss, --fp32-outputs, --keep-logits): each rule against
 the bytes read off its library's source (docs/memory-model.md, "The loss over the
 vocabulary"), worked out here by hand, not by the code under test."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from vramplan.memory.loss import liger_chunk_rows, loss_terms, unsloth_chunks
 from vramplan.model_loader import load_model_spec
 
 GiB = 2**30
-QW05 = "qwen2.5-0.5b"   # h 896, V 151936
+QW05 = "qwen2.5-0.5b"  # h 896, V 151936
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +28,17 @@ def _phase(model, kind):
 
 def test_liger_chunk_rows_from_its_source():
     # ops/fused_linear_cross_entropy.py:99-106: inc = cdiv(V, h); next_pow2(cdiv(N, inc))
-    assert liger_chunk_rows(4096, 128256, 4096) == 128      # inc 32, 128
-    assert liger_chunk_rows(8192, 152064, 3584) == 256      # inc 43, 191 -> 256
-    assert liger_chunk_rows(100, 152064, 3584) == 4         # inc 43, cdiv(100, 43) = 3 -> 4
-    assert liger_chunk_rows(3, 1000, 4096) == 3             # inc 1: next_pow2(3) = 4, capped at N
+    assert liger_chunk_rows(4096, 128256, 4096) == 128  # inc 32, 128
+    assert liger_chunk_rows(8192, 152064, 3584) == 256  # inc 43, 191 -> 256
+    assert liger_chunk_rows(100, 152064, 3584) == 4  # inc 43, cdiv(100, 43) = 3 -> 4
+    assert liger_chunk_rows(3, 1000, 4096) == 3  # inc 1: next_pow2(3) = 4, capped at N
 
 
 def test_unsloth_chunk_count_at_the_4_gib_cap():
     # Qwen2.5-7B, 8192 tokens: 8192*152064*16 B over (4 GiB - the bf16 input grad 8192*3584*2)
     # = 4.705 -> rounded up to a multiple of 4
     assert unsloth_chunks(8192, 152064, 8192 * 3584 * 2) == 8
-    assert unsloth_chunks(128, 32000, 0) == 1               # 65 MB fits one chunk
+    assert unsloth_chunks(128, 32000, 0) == 1  # 65 MB fits one chunk
 
 
 def test_hf_loss_is_the_reference_step(spec):
@@ -71,7 +72,7 @@ def test_liger_full_holds_the_weight_grad_in_its_dtype(spec):
 
 
 def test_trl_fused_head_weight_grad_is_fp32_then_cast(spec):
-    h, v, rows = spec.hidden, spec.vocab, 2047   # the labelled rows: the last position has no next token
+    h, v, rows = spec.hidden, spec.vocab, 2047  # the labelled rows: the last position has no next token
     lora = loss_terms(spec, make_setup(method="lora", loss="trl-chunked-nll"))
     full = loss_terms(spec, make_setup(method="full", loss="trl-chunked-nll"))
     assert full.backward - lora.backward == v * h * (4 + 2)
@@ -124,7 +125,7 @@ def test_keep_logits_keeps_nothing_under_a_fused_loss(spec):
 def test_cce_refuses_fp32_weights():
     with pytest.raises(VramplanError, match="--loss.*--precision mixed"):
         make_setup(method="lora", loss="cce", precision="mixed")
-    make_setup(method="lora", loss="cce")                       # bf16: fine
+    make_setup(method="lora", loss="cce")  # bf16: fine
     make_setup(method="full", loss="cce", precision="mixed", fsdp=2)  # FSDP2 gathers bf16
 
 
@@ -154,6 +155,7 @@ def test_issue_bar_qwen7b_8k_qlora_fits_a_3090_with_liger():
 @pytest.mark.parametrize("loss", ["liger", "cce", "unsloth"])
 def test_verify_refuses_a_triton_loss_off_cuda(loss):
     from vramplan.verify.losses import check_device
+
     with pytest.raises(VramplanError, match="--loss.*cuda"):
         check_device(make_setup(loss=loss).loss, "cpu")
     check_device(make_setup(loss="chunked").loss, "cpu")
@@ -163,9 +165,19 @@ def test_a_measured_loss_case_reads_back_its_loss():
     """A calibration line of a --loss case is compared with that loss's estimate, not hf's."""
     from vramplan.measured import MeasuredCase
     from vramplan.verify.results import Measurement
+
     setup = make_setup(method="lora", batch_size=2, seq_len=64, loss="chunked", fp32_outputs=True, keep_logits=True)
-    m = Measurement(model="llama-3.2-1b", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=3,
-                    fits=True, peak_allocated_bytes=3 * 2**30, breakdown={C.WEIGHTS: 2**30})
+    m = Measurement(
+        model="llama-3.2-1b",
+        num_layers=16,
+        full_layers=16,
+        setup=setup,
+        device="cuda",
+        steps=3,
+        fits=True,
+        peak_allocated_bytes=3 * 2**30,
+        breakdown={C.WEIGHTS: 2**30},
+    )
     line = MeasuredCase.model_validate_json(m.to_measured_case().model_dump_json())
     assert make_setup(**line.setup_fields()) == setup
 
@@ -182,11 +194,14 @@ def test_a_fused_loss_leaves_no_autocast_copy_of_lm_head(spec):
 def test_the_strategy_comparison_shows_what_a_fused_loss_makes_fit():
     from vramplan.hardware import parse_gpus
     from vramplan.strategies import compare
+
     rows = compare(load_model_spec("qwen2.5-7b"), parse_gpus("rtx-3090"), dict(seq_len=8192))
     labels = {r.label: r for r in rows}
     assert not labels["QLoRA nf4 + ckpt"].estimate.fits
     fused = labels["QLoRA nf4 + ckpt + fused CE"]
     assert fused.estimate.fits and fused.estimate.setup.loss.value == "liger" and "use_liger_kernel" in fused.reason
     # a loss the user chose is kept: no fused variants then
-    assert not any("fused CE" in r.label for r in compare(load_model_spec("qwen2.5-7b"), parse_gpus("rtx-3090"),
-                                                          dict(seq_len=8192, loss="hf")))
+    assert not any(
+        "fused CE" in r.label
+        for r in compare(load_model_spec("qwen2.5-7b"), parse_gpus("rtx-3090"), dict(seq_len=8192, loss="hf"))
+    )

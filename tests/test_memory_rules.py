@@ -1,6 +1,7 @@
 """Memory rules checked against facts read from the libraries (docs/memory-notes.md),
 independently of the calibration cases: bytes per parameter of each storage format,
 what FSDP2 shards, and what CPU offload moves off the GPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,14 +82,16 @@ def test_cpu_offload_keeps_model_states_off_the_gpu_and_counts_them_in_host_ram(
 def test_checkpointing_lowers_the_peak_of_a_long_lora_step():
     spec = load_model_spec("llama-3.2-1b")
     plain = step_model(spec, make_setup(method="lora", batch_size=4, seq_len=2048)).peak.allocated
-    ckpt = step_model(spec, make_setup(method="lora", batch_size=4, seq_len=2048,
-                                       gradient_checkpointing=True)).peak.allocated
+    ckpt = step_model(
+        spec, make_setup(method="lora", batch_size=4, seq_len=2048, gradient_checkpointing=True)
+    ).peak.allocated
     assert ckpt < plain
 
 
 def test_phase_names_and_measured_phases_follow_the_kind():
     # the display names are what reports, JSON and docs show: written out here, not derived
     from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind
+
     spec = load_model_spec("llama-3.2-1b")
     setup = make_setup(method="galore", optim="galore_adamw_8bit_layerwise", seq_len=512)
     phases = {p.name: p for p in step_model(spec, setup, every_layer=True).phases}

@@ -1,6 +1,7 @@
 """Model names as people type them, the Hub's config.json, and configs answered from a preset
 (issue 14 items 3 and 4). Expected presets were read off the model cards and presets/README.md;
 the Hub is a pre-filled huggingface_hub cache folder, never the network."""
+
 from __future__ import annotations
 
 import json
@@ -19,26 +20,30 @@ from vramplan.model_names import memory_sha
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("typed,preset", [
-    ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
-    ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"),
-    ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"),
-    ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "llama-3.2-1b"),
-    ("unsloth/Qwen2.5-7B-Instruct-unsloth-bnb-4bit", "qwen2.5-7b"),
-    ("google/gemma-2-9b-it", "gemma-2-9b"),
-    ("google/gemma-3-1b-pt", "gemma-3-1b"),
-    ("Qwen/Qwen3-4B-Base", "qwen3-4b"),
-    ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b"),
-    ("NousResearch/Meta-Llama-3.1-8B", "llama-3.1-8b"),
-    ("LLAMA-3.1-8B", "llama-3.1-8b"),
-    ("llama-8b", "llama-3.1-8b"),
-])
+@pytest.mark.parametrize(
+    "typed,preset",
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+        ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"),
+        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"),
+        ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "llama-3.2-1b"),
+        ("unsloth/Qwen2.5-7B-Instruct-unsloth-bnb-4bit", "qwen2.5-7b"),
+        ("google/gemma-2-9b-it", "gemma-2-9b"),
+        ("google/gemma-3-1b-pt", "gemma-3-1b"),
+        ("Qwen/Qwen3-4B-Base", "qwen3-4b"),
+        ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b"),
+        ("NousResearch/Meta-Llama-3.1-8B", "llama-3.1-8b"),
+        ("LLAMA-3.1-8B", "llama-3.1-8b"),
+        ("llama-8b", "llama-3.1-8b"),
+    ],
+)
 def test_ids_and_variants_map_to_their_preset(typed, preset):
     assert resolve_preset_name(typed) == preset
 
 
-@pytest.mark.parametrize("typed", ["meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-Coder-7B", "mistralai/Mistral-Nemo",
-                                   "qwen2.5-7b-coder"])
+@pytest.mark.parametrize(
+    "typed", ["meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-Coder-7B", "mistralai/Mistral-Nemo", "qwen2.5-7b-coder"]
+)
 def test_other_checkpoints_are_not_guessed(typed):
     """Llama 3 (8k context), a Coder or Nemo model are other checkpoints: fetched, not guessed."""
     assert resolve_preset_name(typed) is None
@@ -48,14 +53,21 @@ def _env(tmp_path: Path, **extra) -> dict:
     cache = tmp_path / "hub"
     if not cache.exists():
         fill_hub_cache(cache, {"NousResearch/Meta-Llama-3-8B": LLAMA3_8B})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "VRAMPLAN_CACHE": str(tmp_path / "vp"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "VRAMPLAN_CACHE": str(tmp_path / "vp"),
+        "PYTHONPATH": str(ROOT),
+    }
     return {**env, **extra}
 
 
 # Loads MODEL and says whether torch or transformers got imported on the way.
-_PROBE = ("import sys, json; from vramplan.model_loader import load_model_spec; s = load_model_spec(sys.argv[1]); "
-          "print(json.dumps([s.name, s.params_total, 'torch' in sys.modules or 'transformers' in sys.modules]))")
+_PROBE = (
+    "import sys, json; from vramplan.model_loader import load_model_spec; s = load_model_spec(sys.argv[1]); "
+    "print(json.dumps([s.name, s.params_total, 'torch' in sys.modules or 'transformers' in sys.modules]))"
+)
 
 
 def _probe(model: str, env: dict) -> list:
@@ -94,9 +106,23 @@ def test_a_changed_shape_is_not_a_preset(tmp_path):
 
 
 def test_offline_and_not_cached_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", "someorg/Some-Model-7B", "--gpus",
-                          "rtx-4090", "--method", "lora"], env=_env(tmp_path), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vramplan.cli",
+            "estimate",
+            "someorg/Some-Model-7B",
+            "--gpus",
+            "rtx-4090",
+            "--method",
+            "lora",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "HF_HUB_OFFLINE=1" in out.stderr and "config.json path or model folder" in out.stderr
 

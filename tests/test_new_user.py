@@ -1,5 +1,6 @@
 """Issue 16, what a new user hits: plan ranking, the shared headroom rule, what would fit,
 the assumptions said in the output, the GPU flags, the table width and typed CSV."""
+
 from __future__ import annotations
 
 import csv
@@ -22,6 +23,7 @@ def eight_b_on_4090():
 
 
 # ---------------------------------------------------------------- ranking
+
 
 def test_plan_rows_are_sorted_by_tokens_per_s_exactly():
     """`plan llama-3.2-1b --gpus 2x24GB --methods full` listed 10,071 above 10,134 (a hidden
@@ -65,6 +67,7 @@ def test_comparison_and_plan_recommend_by_one_headroom_rule(capsys):
 
 # ---------------------------------------------------------------- what would fit
 
+
 def test_larger_cards_are_every_nvidia_bf16_class():
     from vramplan.plan import larger_cards
 
@@ -87,13 +90,15 @@ def test_suggestion_providers_are_a_hook(monkeypatch):
     import sys
 
     plan = sys.modules["vramplan.plan"]  # the package exports a function of the same name
-    monkeypatch.setattr(plan, "SUGGESTION_PROVIDERS", [*plan.SUGGESTION_PROVIDERS,
-                                                       lambda spec, req, grids: ["a fused loss: (test)"]])
+    monkeypatch.setattr(
+        plan, "SUGGESTION_PROVIDERS", [*plan.SUGGESTION_PROVIDERS, lambda spec, req, grids: ["a fused loss: (test)"]]
+    )
     res = plan_model("qwen2.5-7b", "1x8GB", methods="full", min_seq=1024, host_ram=64 * GiB)
     assert "a fused loss: (test)" in res.suggestions
 
 
 # ---------------------------------------------------------------- the assumptions said
+
 
 def test_comparison_says_batch_stack_host_ram_and_ddp(capsys):
     assert main(["estimate", "llama-3.2-1b", "--gpus", "2x24GB"]) == 0
@@ -105,8 +110,12 @@ def test_comparison_says_batch_stack_host_ram_and_ddp(capsys):
 
 
 def test_plan_says_sequence_stack_host_ram_and_ddp(capsys):
-    assert main(["plan", "qwen2.5-0.5b", "--gpus", "2x24GB", "--methods", "lora", "--max-batch", "4",
-                 "--host-ram", "64GB"]) == 0
+    assert (
+        main(
+            ["plan", "qwen2.5-0.5b", "--gpus", "2x24GB", "--methods", "lora", "--max-batch", "4", "--host-ram", "64GB"]
+        )
+        == 0
+    )
     out = " ".join(capsys.readouterr().out.split())
     assert "at least 2048 tokens" in out and "stack plain" in out
     assert "host RAM 64 GB per node (--host-ram)" in out and "DDP" in out
@@ -126,8 +135,25 @@ def test_plan_table_fits_the_terminal(width, monkeypatch, capsys):
 
 
 def test_plan_csv_keeps_ranks_integers(capsys):
-    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "full,lora", "--max-batch", "4",
-                 "--top", "40", "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "qwen2.5-0.5b",
+                "--gpus",
+                "1x24GB",
+                "--methods",
+                "full,lora",
+                "--max-batch",
+                "4",
+                "--top",
+                "40",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     ranks = [r["lora_r"] for r in rows if r["lora_r"]]
     assert ranks and all(r.isdigit() for r in ranks)
@@ -141,9 +167,29 @@ def test_plan_notes_say_which_card_a_size_stands_for():
 
 # ---------------------------------------------------------------- the GPU flags
 
+
 def test_gpu_flags_reach_estimate(capsys):
-    assert main(["estimate", "llama-3.2-1b", "--gpus", "2x24GB", "--method", "lora", "--gpu-tflops", "165",
-                 "--gpu-bandwidth", "1008", "--reserve", "1GB", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "llama-3.2-1b",
+                "--gpus",
+                "2x24GB",
+                "--method",
+                "lora",
+                "--gpu-tflops",
+                "165",
+                "--gpu-bandwidth",
+                "1008",
+                "--reserve",
+                "1GB",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     import json
 
     out = json.loads(capsys.readouterr().out)
@@ -165,11 +211,45 @@ def test_reserve_reaches_plan(capsys):
 
 def test_gpu_flags_reach_plot(tmp_path):
     out = tmp_path / "b.png"
-    assert main(["plot", "breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "lora", "--reserve", "1GB",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "breakdown",
+                "llama-3.2-1b",
+                "--gpus",
+                "1x24GB",
+                "--method",
+                "lora",
+                "--reserve",
+                "1GB",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.exists()
-    assert main(["plot", "scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--gpu-tflops", "100", "--values", "512",
-                 "--method", "lora", "-o", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "scaling",
+                "llama-3.2-1b",
+                "--gpus",
+                "1x24GB",
+                "--gpu-tflops",
+                "100",
+                "--values",
+                "512",
+                "--method",
+                "lora",
+                "-o",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_bad_gpu_flag_is_one_line(capsys):
@@ -179,6 +259,7 @@ def test_bad_gpu_flag_is_one_line(capsys):
 
 
 # ---------------------------------------------------------------- models
+
 
 def test_moe_with_fused_experts_says_qlora_leaves_them_bf16(capsys):
     """Qwen3-30B-A3B QLoRA was 63.7 GiB with no word of the experts staying bf16."""
@@ -207,9 +288,18 @@ def test_models_shows_each_presets_source_and_that_mistral_is_v01(capsys, monkey
 def _user_config(tmp_path, **extra) -> str:
     import json
 
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
-           "tie_word_embeddings": False, "max_position_embeddings": 2048, **extra}
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 1000,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+        **extra,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     return str(path)
@@ -238,6 +328,7 @@ def test_seq_len_beyond_the_context_is_a_warning(tmp_path):
 
 # ---------------------------------------------------------------- plots
 
+
 def test_breakdown_title_says_batch_seq_and_stack():
     from vramplan import plot
     from vramplan.hardware import parse_gpus
@@ -250,8 +341,30 @@ def test_breakdown_title_says_batch_seq_and_stack():
 
 def test_scaling_title_says_what_is_fixed_and_the_stack(tmp_path):
     out = tmp_path / "s.svg"
-    assert main(["plot", "scaling", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--x", "batch",
-                 "--seq-len", "1024", "--method", "lora", "--values", "1,2", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "scaling",
+                "llama-3.2-1b",
+                "--num-layers",
+                "2",
+                "--gpus",
+                "1x24GB",
+                "--x",
+                "batch",
+                "--seq-len",
+                "1024",
+                "--method",
+                "lora",
+                "--values",
+                "1,2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     svg = out.read_text()
     assert "1024 tokens per sequence" in svg and "stack plain" in svg
 
@@ -296,10 +409,10 @@ def test_auto_range_ends_past_the_last_fitting_value():
     spec = load_model_spec("llama-3.1-8b")
     gpus = resolve_gpus("rtx-4090")
     cap = gpus.profile.memory_bytes
-    values = plot.auto_values(spec, gpus, ["qlora"], "batch", {"seq_len": 4096, "gradient_checkpointing": True},
-                              cap)
-    series = plot.scaling_series(spec, gpus, ["qlora"], "batch", values,
-                                 {"seq_len": 4096, "gradient_checkpointing": True})[0]
+    values = plot.auto_values(spec, gpus, ["qlora"], "batch", {"seq_len": 4096, "gradient_checkpointing": True}, cap)
+    series = plot.scaling_series(
+        spec, gpus, ["qlora"], "batch", values, {"seq_len": 4096, "gradient_checkpointing": True}
+    )[0]
     fits = [t <= cap for t in series.totals]
     assert fits[0] and not fits[-1]
 
@@ -309,8 +422,21 @@ def test_plot_accuracy_per_category_works_on_the_bundled_data(tmp_path):
 
     data = Path(__file__).parent / "data"
     out = tmp_path / "acc.png"
-    assert main(["plot", "accuracy", str(data / "h100_dev.jsonl"), "--configs", str(data / "configs"),
-                 "--per-category", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "accuracy",
+                str(data / "h100_dev.jsonl"),
+                "--configs",
+                str(data / "configs"),
+                "--per-category",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0
 
 
@@ -339,8 +465,24 @@ def test_plot_files_honour_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         out = tmp_path / f"b{umask:o}.png"
-        assert main(["plot", "breakdown", "llama-3.2-1b", "--num-layers", "2", "--gpus", "1x24GB", "--method", "lora",
-                     "-o", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "plot",
+                    "breakdown",
+                    "llama-3.2-1b",
+                    "--num-layers",
+                    "2",
+                    "--gpus",
+                    "1x24GB",
+                    "--method",
+                    "lora",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -355,7 +497,20 @@ def test_per_category_without_breakdown_or_snapshots_is_one_line(tmp_path, capsy
         line.pop(key)
     path = tmp_path / "bare.jsonl"
     path.write_text(json.dumps(line) + "\n")
-    assert main(["plot", "accuracy", str(path), "--configs", str(Path(__file__).parent / "data" / "configs"),
-                 "--per-category", "-o", str(tmp_path / "a.png")]) == 2
+    assert (
+        main(
+            [
+                "plot",
+                "accuracy",
+                str(path),
+                "--configs",
+                str(Path(__file__).parent / "data" / "configs"),
+                "--per-category",
+                "-o",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--per-category" in err[0]

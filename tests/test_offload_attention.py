@@ -1,6 +1,7 @@
 """Activation offload, reentrant checkpointing, attention kernels and packing: each rule
 against bytes derived by hand from its source (docs/memory-model.md, "Activation offload,
 reentrant checkpointing, attention and packing")."""
+
 from __future__ import annotations
 
 import subprocess
@@ -70,8 +71,9 @@ def test_offload_all_keeps_only_the_norms_deduplicated_inputs(llama8b):
     plain = step_model(llama8b, make_setup(method="lora", batch_size=1, seq_len=1024))
     off = step_model(llama8b, setup)
     n = 1024
-    per_layer = [layer_saved_per_token(llama8b, layer, setup, input_grad=i > 0)
-                 for i, layer in enumerate(llama8b.layers)]
+    per_layer = [
+        layer_saved_per_token(llama8b, layer, setup, input_grad=i > 0) for i, layer in enumerate(llama8b.layers)
+    ]
     offloaded = sum(n * a for a in per_layer) - sum(n * (4 * H * (2 if i > 0 else 1)) for i in range(L))
     loss = PhaseKind.FORWARD_LOSS
     assert _phase(plain, loss).parts[C.ACTIVATIONS] - _phase(off, loss).parts[C.ACTIVATIONS] == offloaded
@@ -80,8 +82,10 @@ def test_offload_all_keeps_only_the_norms_deduplicated_inputs(llama8b):
 
 
 def test_reentrant_holds_the_recomputed_output_through_the_layer_backward(llama8b):
-    plain, re = step_model(llama8b, _lora(), every_layer=True), step_model(llama8b, _lora(checkpoint_reentrant=True),
-                                                                             every_layer=True)
+    plain, re = (
+        step_model(llama8b, _lora(), every_layer=True),
+        step_model(llama8b, _lora(checkpoint_reentrant=True), every_layer=True),
+    )
     end = (PhaseKind.LAYER_BACKWARD, 0, LayerPoint.END)
     assert _phase(re, *end).allocated - _phase(plain, *end).allocated == 3000 * H * 2
 
@@ -104,8 +108,10 @@ def test_flash_never_masks_nor_repeats_kv():
     sdpa, flash = (make_setup(method="lora", seq_len=8192, attention=a) for a in ("sdpa", "flash"))
     q, kv = mistral.q_dim, mistral.kv_dim
     # SDPA: k and v repeated to every head and a bf16 mask copy of 8192 columns per token
-    assert (layer_saved_per_token(mistral, layer, sdpa) - layer_saved_per_token(mistral, layer, flash)
-            == 2 * 2 * (q - kv) + 2 * 8192)
+    assert (
+        layer_saved_per_token(mistral, layer, sdpa) - layer_saved_per_token(mistral, layer, flash)
+        == 2 * 2 * (q - kv) + 2 * 8192
+    )
     assert step_masks(mistral, flash) == 0 and step_masks(mistral, sdpa) == 8192 * 8192
 
 
@@ -115,7 +121,8 @@ def test_packed_position_ids_give_sdpa_a_mask_in_every_layer(llama8b):
     packed = make_setup(method="lora", seq_len=2048, packing="position-ids")
     # the bf16 mask copy (2·S per token) and k, v repeated to every head (use_gqa_in_sdpa off)
     assert layer_saved_per_token(llama8b, layer, packed) - layer_saved_per_token(llama8b, layer, plain) == (
-        2 * 2048 + 2 * 2 * (Q - KV))
+        2 * 2048 + 2 * 2 * (Q - KV)
+    )
     assert step_masks(llama8b, packed) == 2048 * 2048  # the bool [1, 1, S, S] mask
 
 
@@ -139,7 +146,8 @@ def test_eager_on_a_sdpa_model_keeps_the_probabilities(llama8b):
     layer = llama8b.layers[0]
     # q, repeated k and v, fp32 softmax + bf16 probs per score, vs SDPA's q, k, v, out, lse
     assert layer_saved_per_token(llama8b, layer, eager) - layer_saved_per_token(llama8b, layer, sdpa) == (
-        (2 * Q + 4 * Q + NH * 1024 * 6) - (2 * Q + 4 * KV + 2 * Q + 4 * NH))
+        (2 * Q + 4 * Q + NH * 1024 * 6) - (2 * Q + 4 * KV + 2 * Q + 4 * NH)
+    )
 
 
 def test_sdpa_on_a_model_without_an_sdpa_path_is_refused():
@@ -155,9 +163,24 @@ def test_checkpoint_offload_needs_checkpointing():
 
 
 def test_cli_names_both_flags_in_one_line():
-    proc = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", "llama-3.2-1b", "--gpus", "1x24GB",
-                           "--method", "lora", "--activation-offload", "unsloth"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vramplan.cli",
+            "estimate",
+            "llama-3.2-1b",
+            "--gpus",
+            "1x24GB",
+            "--method",
+            "lora",
+            "--activation-offload",
+            "unsloth",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr
     assert "--activation-offload" in lines[0] and "--gradient-checkpointing" in lines[0]
@@ -170,6 +193,7 @@ def test_planner_fits_padding_free_masks_in_the_token_count(llama8b):
 
     from vramplan.memory import prepare
     from vramplan.plan import _allocs, _coefficients
+
     setup = make_setup(method="lora", packing="padding-free", gradient_checkpointing=True)
     pre = prepare(llama8b, setup)
     coef, _ = _coefficients(llama8b, setup, pre, 512, 4096)
@@ -199,6 +223,7 @@ class _OffloadDecisions:
 
     def pack(self, t):
         import torch
+
         self.tid += 1
         key = (t.untyped_storage().data_ptr() + t.storage_offset(), t.dtype)
         if self.layer is None:
@@ -207,8 +232,11 @@ class _OffloadDecisions:
             self.kept.setdefault(self.layer, {})[key] = t.untyped_storage().nbytes()
             self._track(key, self.tid)
             return t
-        if (t.element_size() * t.nelement() < 1024 or isinstance(t, torch.nn.Parameter)
-                or t.untyped_storage().data_ptr() in self.params):
+        if (
+            t.element_size() * t.nelement() < 1024
+            or isinstance(t, torch.nn.Parameter)
+            or t.untyped_storage().data_ptr() in self.params
+        ):
             return t
         for old in [i for i in self.stash if i <= self.tid - 5]:
             del self.stash[old]
@@ -285,8 +313,14 @@ def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentr
     from vramplan.verify.build import build_step, decoder_prefix
 
     (tmp_path / "config.json").write_text(json.dumps(TINY_VOCAB))
-    setup = make_setup(method="lora", batch_size=2, seq_len=256, lora_dropout=0.0, gradient_checkpointing=True,
-                       checkpoint_reentrant=reentrant)
+    setup = make_setup(
+        method="lora",
+        batch_size=2,
+        seq_len=256,
+        lora_dropout=0.0,
+        gradient_checkpointing=True,
+        checkpoint_reentrant=reentrant,
+    )
     spec = load_model_spec(str(tmp_path), use_cache=False)
     built = build_step(str(tmp_path), setup, device="cpu")
     packed: list[list[int]] = []
@@ -298,8 +332,10 @@ def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentr
             def pack(t):
                 packed[-1].append(t.element_size() * t.nelement())
                 return t
+
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 return func(*args, **kwargs)
+
         return run
 
     for layer in built.model.get_submodule(decoder_prefix(built.model, spec.num_layers)):
@@ -308,4 +344,5 @@ def test_checkpoint_offload_packs_only_each_layer_input_on_the_real_model(reentr
     one = setup.tokens * spec.hidden * 2
     assert packed == [[one]] * spec.num_layers
     assert checkpoint_offload(spec, setup.model_copy(update={"activation_offload": "checkpoints"})).host == (
-        spec.num_layers * pinned(one))
+        spec.num_layers * pinned(one)
+    )

@@ -2,6 +2,7 @@
 
 Every expected value is derived by hand from the library's source rule (cited in each test),
 with the allocator's 512-byte rounding R(x) = ceil(x / 512) * 512 written out."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,7 @@ def state(optim: str, p: Param, **fields) -> StateBytes:
 
 # ---------------------------------------------------------------- the enum and its table
 
+
 def test_every_name_has_traits_and_the_old_properties_still_hold():
     assert set(OPTIM_TRAITS) == set(Optim)
     assert Optim.ADAMW_BNB_8BIT.is_8bit and Optim.GALORE_ADAMW_8BIT_LAYERWISE.is_8bit
@@ -38,7 +40,7 @@ def test_every_name_has_traits_and_the_old_properties_still_hold():
     assert Optim.GALORE_ADAMW_LAYERWISE.layerwise and Optim.APOLLO_ADAMW_LAYERWISE.layerwise
     assert not Optim.GALORE_ADAMW.layerwise and not Optim.LOMO.layerwise and Optim.LOMO.traits.in_backward
     assert {o for o in Optim if o.is_galore} == {o for o in Optim if o.value.startswith("galore")}
-    assert Optim.ADAMW_8BIT.traits == Optim.ADAMW_BNB_8BIT.traits   # transformers: an alias
+    assert Optim.ADAMW_8BIT.traits == Optim.ADAMW_BNB_8BIT.traits  # transformers: an alias
     assert Optim.PAGED_LION_8BIT.paged and Optim.PAGED_LION_8BIT.traits.home == StateHome.PAGED
     assert Optim.GROKADAMW.traits.home == StateHome.HOST
     assert Optim.ADEMAMIX.traits.moments == 3 and Optim.LION_32BIT.traits.moments == 1
@@ -52,11 +54,14 @@ def test_tpu_and_npu_optimizers_are_refused_with_a_reason(name):
     assert err.value.flag == "--optim" and "not a CUDA optimizer" in str(err.value)
 
 
-@pytest.mark.parametrize("fields,flag", [
-    (dict(method="full", optimizer_in_backward=True, gradient_accumulation=2), "--optimizer-in-backward"),
-    (dict(method="galore", optim="galore_adamw_layerwise", gradient_accumulation=4), "--optim"),
-    (dict(method="full", optim="apollo_adamw_layerwise", gradient_accumulation=2), "--optim"),
-])
+@pytest.mark.parametrize(
+    "fields,flag",
+    [
+        (dict(method="full", optimizer_in_backward=True, gradient_accumulation=2), "--optimizer-in-backward"),
+        (dict(method="galore", optim="galore_adamw_layerwise", gradient_accumulation=4), "--optim"),
+        (dict(method="full", optim="apollo_adamw_layerwise", gradient_accumulation=2), "--optim"),
+    ],
+)
 def test_stepping_in_backward_with_gradient_accumulation_is_one_line_naming_both_flags(fields, flag):
     with pytest.raises(VramplanError) as err:
         make_setup(**fields)
@@ -72,21 +77,22 @@ def test_gradient_accumulation_alone_is_fine_and_must_be_positive():
 
 # ---------------------------------------------------------------- states
 
+
 def test_bitsandbytes_states_by_number_of_moments():
     """bitsandbytes 0.50.2 optim/optimizer.py:502-529, 674-695; ademamix.py:165-173:
     uint8 state(s) + an fp32 absmax per 256-block when numel >= 4096, else fp32 states."""
-    p = dense(8192, 64)                      # 32 blocks: absmax 128 B -> one 512 B block
+    p = dense(8192, 64)  # 32 blocks: absmax 128 B -> one 512 B block
     assert state("adamw_8bit", p).device == 2 * (8192 + 512)
     assert state("lion_8bit", p).device == 8192 + 512
     assert state("rmsprop_bnb_8bit", p).device == 8192 + 512
-    assert state("ademamix_8bit", p).device == 2 * 8192 + 8192 + 512 + 512   # (2, n) + (n) + absmax (2, B) + (B)
-    small = dense(4095, 4095)                # below min_8bit_size: fp32 whatever the bits
+    assert state("ademamix_8bit", p).device == 2 * 8192 + 8192 + 512 + 512  # (2, n) + (n) + absmax (2, B) + (B)
+    small = dense(4095, 4095)  # below min_8bit_size: fp32 whatever the bits
     assert state("adamw_8bit", small).device == 2 * R(4 * 4095)
     assert state("ademamix", dense(1000, 1000)).device == R(8000) + R(4000)
 
 
 def test_bitsandbytes_32bit_states_are_fp32_even_for_bf16_params():
-    p = dense(8192, 64)                      # bf16 params (precision bf16): torch AdamW would be 2+2 B
+    p = dense(8192, 64)  # bf16 params (precision bf16): torch AdamW would be 2+2 B
     assert state("paged_adamw_32bit", dense(1000, 1000)).device == 2 * 4096
     assert state("lion_32bit", p).device == 4 * 8192
     assert state("adamw_torch", p).device == 2 * 2 * 8192
@@ -94,7 +100,7 @@ def test_bitsandbytes_32bit_states_are_fp32_even_for_bf16_params():
 
 def test_paged_states_from_1e5_elements_live_outside_the_allocator():
     """optimizer.py:374-390: get_state_buffer pages a state iff p.numel() >= 1e5; absmax is plain."""
-    big = dense(100_352, 392)                # 392 blocks of 256
+    big = dense(100_352, 392)  # 392 blocks of 256
     s = state("paged_adamw_8bit", big)
     assert s.paged == 2 * 100_352 and s.device == 2 * R(4 * 392)
     below = dense(99_840, 390)
@@ -108,7 +114,7 @@ def test_torchao_quantizes_only_whole_blocks_of_large_tensors():
     p = dense(4096 * 1024, 4096)
     assert state("adamw_torch_8bit", p).device == 2 * (4096 * 1024 + 4 * 4096 * 1024 // 256 + 1024)
     assert state("adamw_torch_4bit", p).device == 2 * (4096 * 1024 // 2 + 4 * 4096 * 1024 // 256 + 512)
-    assert state("adamw_torch_8bit", dense(4095, 4095)).device == 2 * R(2 * 4095)     # bf16 fallback
+    assert state("adamw_torch_8bit", dense(4095, 4095)).device == 2 * R(2 * 4095)  # bf16 fallback
     assert state("adamw_torch_8bit", dense(300 * 257, 300)).device == 2 * R(2 * 300 * 257)
 
 
@@ -116,28 +122,28 @@ def test_adafactor_factors_rows_and_columns_in_fp32():
     """transformers 5.25.0 optimization.py:1186-1189, 1233-1250."""
     assert state("adafactor", dense(1024 * 4096, 1024)).device == 4 * 1024 + 4 * 4096
     assert state("adafactor", dense(1000, 1000)).device == R(4000)
-    experts = dense(8 * 64 * 32, 8, shape=(8, 64, 32))   # rows shape[:-1] = 512, cols (8, 32) = 256
+    experts = dense(8 * 64 * 32, 8, shape=(8, 64, 32))  # rows shape[:-1] = 512, cols (8, 32) = 256
     assert state("adafactor", experts).device == 4 * 512 + 4 * 256
 
 
 def test_torch_family_states_are_in_the_param_dtype():
-    p = dense(1024 * 1024, 1024)             # bf16 params
-    assert state("sgd", p).device == 0       # HF passes only lr: momentum 0, no momentum_buffer
+    p = dense(1024 * 1024, 1024)  # bf16 params
+    assert state("sgd", p).device == 0  # HF passes only lr: momentum 0, no momentum_buffer
     assert state("adagrad", p).device == 2 * 1024 * 1024
     assert state("rmsprop", p).device == 2 * 1024 * 1024
-    assert state("schedule_free_adamw", p).device == 2 * 2 * 1024 * 1024   # z + exp_avg_sq
+    assert state("schedule_free_adamw", p).device == 2 * 2 * 1024 * 1024  # z + exp_avg_sq
     assert state("schedule_free_sgd", p).device == 2 * 1024 * 1024
-    assert state("adamw_torch_fused", p).device == 2 * 2 * 1024 * 1024 + 512   # + the on-device step
+    assert state("adamw_torch_fused", p).device == 2 * 2 * 1024 * 1024 + 512  # + the on-device step
     assert state("adamw_anyprecision", p).device == 2 * 4 * 1024 * 1024
     assert state("lomo", p) == StateBytes()
-    assert state("stable_adamw", p).device == 3 * 2 * 1024 * 1024 + 512       # + Kahan buffer + eps_sq
+    assert state("stable_adamw", p).device == 3 * 2 * 1024 * 1024 + 512  # + Kahan buffer + eps_sq
 
 
 def test_muon_keeps_one_momentum_for_layer_matrices_and_adamw_for_the_rest():
     """llamafactory 0.9.5 train/trainer_utils.py:498-524, third_party/muon/muon.py:176-210."""
     assert state("muon", dense(1024 * 256, 1024, layer=3)).device == 2 * 1024 * 256
-    assert state("muon", dense(1024 * 256, 1024, layer=None)).device == 2 * 2 * 1024 * 256   # embedding
-    assert state("muon", dense(1024, 1024, layer=3)).device == 2 * R(2 * 1024)              # a norm
+    assert state("muon", dense(1024 * 256, 1024, layer=None)).device == 2 * 2 * 1024 * 256  # embedding
+    assert state("muon", dense(1024, 1024, layer=3)).device == 2 * R(2 * 1024)  # a norm
 
 
 def test_apollo_keeps_low_rank_moments_and_a_projector_for_attention_and_mlp_weights():
@@ -162,6 +168,7 @@ def test_adalomo_keeps_states_for_frozen_parameters_too():
 
 # ---------------------------------------------------------------- step temporaries
 
+
 def test_foreach_temporary_is_the_larger_trainer_group_under_trainer_stacks():
     """transformers 5.25.0 trainer.py:1287-1300: decay and no-decay (bias, norms) groups;
     the plain loop's single group keeps the calibrated sum."""
@@ -172,33 +179,37 @@ def test_foreach_temporary_is_the_larger_trainer_group_under_trainer_stacks():
     assert foreach_bucket(params, trainer, 1) == 2 * 2 * 2**20
 
 
-@pytest.mark.parametrize("optim,expected", [
-    ("adamw_torch", 2 * 2**21),              # _foreach_sqrt(exp_avg_sqs): one copy of the group
-    ("adamw_torch_fused", 0),
-    ("paged_adamw_8bit", 0),
-    ("adagrad", 2 * 2 * 2**21),              # std + numerator
-    ("rmsprop", 2 * 2**21),
-    ("sgd", 0),
-    ("schedule_free_adamw", 2 * 2**21),
-    ("adafactor", 4 * 4 * 2**20),            # update + its successor + fp32 copies of the bf16 grad and param
-    ("grokadamw", 6 * 2 * 2**20),
-])
+@pytest.mark.parametrize(
+    "optim,expected",
+    [
+        ("adamw_torch", 2 * 2**21),  # _foreach_sqrt(exp_avg_sqs): one copy of the group
+        ("adamw_torch_fused", 0),
+        ("paged_adamw_8bit", 0),
+        ("adagrad", 2 * 2 * 2**21),  # std + numerator
+        ("rmsprop", 2 * 2**21),
+        ("sgd", 0),
+        ("schedule_free_adamw", 2 * 2**21),
+        ("adafactor", 4 * 4 * 2**20),  # update + its successor + fp32 copies of the bf16 grad and param
+        ("grokadamw", 6 * 2 * 2**20),
+    ],
+)
 def test_step_temporaries_by_family(optim, expected):
-    params = [dense(2**20, 1024), dense(2**20, 1024)]   # bf16: 2 MiB each
+    params = [dense(2**20, 1024), dense(2**20, 1024)]  # bf16: 2 MiB each
     assert optimizer_transient(params, make_setup(method="full", optim=optim), 1) == expected
 
 
 def test_muon_step_is_the_larger_of_its_newton_schulz_and_its_adamw_with_the_last_update_bound():
     """llamafactory 0.9.5 third_party/muon/muon.py:157-215: the AdamW loop runs while the last Muon
     update `u` (bf16) is still bound; buf1 / (eps + buf2.sqrt()) holds two copies."""
-    layer = dense(1024 * 256, 1024, layer=0)      # Muon: n = 262144, k = 256
-    embed = dense(4096 * 256, 4096, layer=None)    # AdamW: 1 Mi elements, bf16
+    layer = dense(1024 * 256, 1024, layer=0)  # Muon: n = 262144, k = 256
+    embed = dense(4096 * 256, 4096, layer=None)  # AdamW: 1 Mi elements, bf16
     newton_schulz = 4 * 2 * 262144 + 6 * 2 * 256 * 256
     adamw = 2 * 2 * 4096 * 256 + 2 * 262144
     assert optimizer_transient([layer, embed], make_setup(method="full", optim="muon"), 1) == max(newton_schulz, adamw)
 
 
 # ---------------------------------------------------------------- the step
+
 
 @pytest.fixture(scope="module")
 def small():
@@ -246,11 +257,16 @@ def test_verify_builds_the_classes_and_kwargs_transformers_passes():
     from transformers.optimization import Adafactor
 
     from vramplan.verify.build import _optim_class
-    assert _optim_class(make_setup(method="full", optim="paged_lion_8bit")) == (bnb.optim.Lion,
-                                                                               {"optim_bits": 8, "is_paged": True})
+
+    assert _optim_class(make_setup(method="full", optim="paged_lion_8bit")) == (
+        bnb.optim.Lion,
+        {"optim_bits": 8, "is_paged": True},
+    )
     assert _optim_class(make_setup(method="full", optim="rmsprop_bnb")) == (bnb.optim.RMSprop, {"optim_bits": 32})
     assert _optim_class(make_setup(method="full", optim="adamw_torch_fused")) == (torch.optim.AdamW, {"fused": True})
     assert _optim_class(make_setup(method="full", optim="adafactor")) == (
-        Adafactor, {"scale_parameter": False, "relative_step": False})
+        Adafactor,
+        {"scale_parameter": False, "relative_step": False},
+    )
     with pytest.raises(VramplanError):
         _optim_class(make_setup(method="full", optim="adalomo"))

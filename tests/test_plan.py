@@ -1,5 +1,6 @@
 """`vramplan plan`: what it reports fits by `estimate`, constraints hold, the seeds' setups,
 bad input, and the cheaper memory-model entry point it relies on."""
+
 from __future__ import annotations
 
 import csv
@@ -41,6 +42,7 @@ def small():
 
 # ---------------------------------------------------------------- plan ⊆ estimate
 
+
 @pytest.mark.parametrize("which", ["seventy", "seven_full_param", "small"])
 def test_every_reported_row_fits_by_estimate(which, request):
     result = request.getfixturevalue(which)
@@ -57,6 +59,7 @@ def flat_total(est) -> int:
     """estimate_spec's total with the flat allocator margin the grid ranks with (the estimate's
     own reserved comes from the allocator replay, which the grid does not run)."""
     from vramplan.estimate import allocator_overhead
+
     peak = est.per_gpu.peak_allocated_bytes
     return peak + allocator_overhead(peak) + est.per_gpu.breakdown[Category.CUDA_CONTEXT]
 
@@ -69,8 +72,11 @@ def test_grid_matches_estimate_pointwise():
     req = PlanRequest(gpus=gpus, context=131072, max_batch=64)
     seqs = seq_grid(8192)
     rng = np.random.default_rng(0)
-    for fields in (dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
-                   dict(method="qlora", quant="hqq4", lora_r=32), dict(method="galore", optim="galore_adamw_8bit_layerwise")):
+    for fields in (
+        dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
+        dict(method="qlora", quant="hqq4", lora_r=32),
+        dict(method="galore", optim="galore_adamw_8bit_layerwise"),
+    ):
         setup = TrainingSetup(**fields)
         grid = evaluate(spec, setup, req, seqs, np.arange(1, 65))
         for _ in range(6):
@@ -141,13 +147,16 @@ def test_prepared_step_model_is_the_same():
 
 # ---------------------------------------------------------------- the seeds
 
+
 def test_70b_on_two_24gb_cards_is_qlora_with_fsdp(seventy):
     rec = seventy.recommended
     assert rec.setup.method == Method.QLORA and rec.setup.fsdp == 2
     assert rec.setup.gradient_checkpointing
     # no adapter-free or bf16-base method fits: checked with the estimate directly
-    for fields in (dict(method="lora", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
-                   dict(method="full", fsdp=2, cpu_offload=True, gradient_checkpointing=True, optim="adamw_bnb_8bit")):
+    for fields in (
+        dict(method="lora", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
+        dict(method="full", fsdp=2, cpu_offload=True, gradient_checkpointing=True, optim="adamw_bnb_8bit"),
+    ):
         assert not vramplan.estimate("llama-70b", gpus="2x24GB", host_ram=128 * GiB, seq_len=2048, **fields).fits
 
 
@@ -160,6 +169,7 @@ def test_7b_full_parameter_on_one_24gb_card_is_galore_8bit_layerwise(seven_full_
 
 
 # ---------------------------------------------------------------- constraints and answers
+
 
 def test_rows_are_ranked_and_respect_constraints(small):
     rows = small.rows
@@ -176,8 +186,16 @@ def test_rows_are_ranked_and_respect_constraints(small):
 
 
 def test_global_batch_min_seq_and_ranks():
-    res = plan_model("qwen2.5-0.5b", "2x24GB", methods="lora,galore", global_batch=24, min_seq=3000, min_lora_rank=64,
-                     min_galore_rank=64, top=20)
+    res = plan_model(
+        "qwen2.5-0.5b",
+        "2x24GB",
+        methods="lora,galore",
+        global_batch=24,
+        min_seq=3000,
+        min_lora_rank=64,
+        min_galore_rank=64,
+        top=20,
+    )
     assert res.rows
     for r in res.rows:
         assert r.setup.batch_size * r.grad_accum * 2 == 24
@@ -192,7 +210,7 @@ def test_per_method_limits_are_the_edge_of_fitting(small):
     spec, gpus = load_model_spec("qwen2.5-0.5b"), parse_gpus("2x16GB")
     seqs = seq_grid(32768)
     checked = 0
-    for key, e in small.per_method.items():
+    for e in small.per_method.values():
         if e["max_seq_setup"]:
             at = TrainingSetup(**e["max_seq_setup"])
             assert estimate_spec(spec, at, gpus, 64 * GiB).fits
@@ -225,31 +243,73 @@ def test_python_api_returns_a_dataframe():
 
 # ---------------------------------------------------------------- the command line
 
+
 def test_cli_json_and_csv(capsys):
-    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "lora", "--max-batch", "4", "--top", "2",
-                 "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "qwen2.5-0.5b",
+                "--gpus",
+                "1x24GB",
+                "--methods",
+                "lora",
+                "--max-batch",
+                "4",
+                "--top",
+                "2",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"]) == 2 and out["recommended"]["label"] == out["rows"][0]["label"]
-    assert main(["plan", "qwen2.5-0.5b", "--gpus", "1x24GB", "--methods", "lora", "--max-batch", "4", "--top", "2",
-                 "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "qwen2.5-0.5b",
+                "--gpus",
+                "1x24GB",
+                "--methods",
+                "lora",
+                "--max-batch",
+                "4",
+                "--top",
+                "2",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 2 and rows[0]["recommended"] == "True" and int(rows[0]["per_gpu_bytes"]) > 0
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--methods", "full,dora"], "--methods"),
-    (["--nodes", "0"], "--nodes"),
-    (["--nodes", "3"], "--nodes"),
-    (["--gpus-per-node", "3"], "--gpus-per-node"),
-    (["--min-seq", "100000"], "--min-seq"),
-    (["--global-batch", "7"], "--global-batch"),
-    (["--min-lora-rank", "100000"], "--min-lora-rank"),
-    (["--top", "0"], "--top"),
-    (["--host-ram", "lots"], "--host-ram"),
-])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--methods", "full,dora"], "--methods"),
+        (["--nodes", "0"], "--nodes"),
+        (["--nodes", "3"], "--nodes"),
+        (["--gpus-per-node", "3"], "--gpus-per-node"),
+        (["--min-seq", "100000"], "--min-seq"),
+        (["--global-batch", "7"], "--global-batch"),
+        (["--min-lora-rank", "100000"], "--min-lora-rank"),
+        (["--top", "0"], "--top"),
+        (["--host-ram", "lots"], "--host-ram"),
+    ],
+)
 def test_bad_input_is_one_line(args, flag):
-    p = subprocess.run([sys.executable, "-m", "vramplan", "plan", "llama-2-7b", "--gpus", "2x24GB", *args],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "vramplan", "plan", "llama-2-7b", "--gpus", "2x24GB", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr

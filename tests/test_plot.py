@@ -1,4 +1,5 @@
 """`vramplan plot`: each figure holds the series it should, files are real PNG/SVG, bad input is one line."""
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ def _bar_widths(ax) -> list[float]:
 
 # ---------------------------------------------------------------- breakdown
 
+
 def test_breakdown_draws_each_strategy_to_its_total(tiny):
     gpus = parse_gpus("1x24GB")
     bars = plot.breakdown_bars(tiny, gpus, {})
@@ -49,7 +51,7 @@ def test_breakdown_draws_each_strategy_to_its_total(tiny):
     assert [t.get_text() for t in ax.get_yticklabels()] == [("* " if b.recommended else "") + b.label for b in bars]
     assert len(bars) >= 5 and any(b.recommended for b in bars)
     # nothing is cut on a 24 GB card for a 2-layer model: each bar is as long as its total
-    for drawn, bar in zip(_bar_widths(ax), bars):
+    for drawn, bar in zip(_bar_widths(ax), bars, strict=True):
         assert drawn == pytest.approx(bar.estimate.per_gpu.total_bytes / GiB, rel=1e-9)
     capacity = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
     assert len(capacity) == 1 and capacity[0].get_xdata()[0] == pytest.approx(gpus.profile.memory_bytes / GiB)
@@ -75,7 +77,7 @@ def test_breakdown_verdicts_match_the_estimates():
     ax = plot.breakdown_figure(bars).axes[0]
     texts = [t.get_text() for t in ax.texts]
     assert len(texts) == len(bars)
-    for text, bar in zip(texts, bars):
+    for text, bar in zip(texts, bars, strict=True):
         est = bar.estimate
         assert text.startswith("fits") == est.fits
         assert ("host RAM short" in text) == (est.fits_gpu and not est.fits_host)
@@ -94,8 +96,10 @@ def test_breakdown_breaks_the_axis_for_bars_far_past_the_card():
     ax, far = fig.axes[:2]
     cap = gpus.profile.memory_bytes / GiB
     left_end = ax.get_xlim()[1]
-    assert far.get_xlim()[0] == pytest.approx(left_end) and far.get_xlim()[1] > max(
-        b.estimate.per_gpu.total_bytes for b in bars) / GiB
+    assert (
+        far.get_xlim()[0] == pytest.approx(left_end)
+        and far.get_xlim()[1] > max(b.estimate.per_gpu.total_bytes for b in bars) / GiB
+    )
     for drawn, bar, text in zip(_bar_widths(ax), bars, [t.get_text() for t in ax.texts], strict=True):
         total = bar.estimate.per_gpu.total_bytes / GiB
         assert drawn == pytest.approx(total)
@@ -105,7 +109,7 @@ def test_breakdown_breaks_the_axis_for_bars_far_past_the_card():
         if total <= 1.2 * cap:
             assert total < left_end  # what fits, or nearly, is drawn to scale on the left
     full = bars[0].estimate.per_gpu.breakdown
-    optim_start = sum(full.get(c, 0) for c in list(Category)[:list(Category).index(Category.OPTIMIZER_STATES)])
+    optim_start = sum(full.get(c, 0) for c in list(Category)[: list(Category).index(Category.OPTIMIZER_STATES)])
     assert far.get_xlim()[0] < optim_start / GiB < far.get_xlim()[1]  # the optimizer states are on the page
 
 
@@ -128,6 +132,7 @@ def test_empty_breakdown_is_an_error():
 
 # ---------------------------------------------------------------- scaling
 
+
 def test_scaling_series_grow_with_sequence_length(tiny):
     values = (256, 1024, 4096)
     series = plot.scaling_series(tiny, parse_gpus("rtx-4090"), ["full", "qlora"], "seq", values, {})
@@ -141,8 +146,9 @@ def test_scaling_series_grow_with_sequence_length(tiny):
 
 
 def test_scaling_optim_goes_to_the_methods_it_fits(tiny):
-    series = plot.scaling_series(tiny, parse_gpus("rtx-4090"), ["full", "galore"], "batch", (1, 2),
-                                 {"optim": "adamw_bnb_8bit", "seq_len": 512})
+    series = plot.scaling_series(
+        tiny, parse_gpus("rtx-4090"), ["full", "galore"], "batch", (1, 2), {"optim": "adamw_bnb_8bit", "seq_len": 512}
+    )
     # GaLore keeps its own optimizer: the comparison's 8-bit layer-wise GaLore AdamW, not bnb's AdamW
     assert "8-bit" in series[0].label and series[1].label == "galore 8-bit layer-wise + ckpt"
 
@@ -183,10 +189,10 @@ def test_fit_limit():
 
 # ---------------------------------------------------------------- accuracy
 
+
 def _cases(tmp_path, extra: dict | None = None, inflate: float | None = None):
     """Three measured H100 lines of presets; optionally one measurement scaled by ``inflate``."""
-    lines = [json.loads(l) for l in (DATA / "h100_dev.jsonl").read_text().splitlines()
-             if '"llama-3.2-1b"' in l][:3]
+    lines = [json.loads(l) for l in (DATA / "h100_dev.jsonl").read_text().splitlines() if '"llama-3.2-1b"' in l][:3]
     if inflate:
         lines[2]["peak_alloc_mb"] *= inflate
     for line in lines:
@@ -229,7 +235,10 @@ def test_accuracy_bad_breakdown_key_names_the_categories(tmp_path):
 def test_accuracy_model_from_configs_dir(tmp_path):
     from vramplan.accuracy import model_source
     from vramplan.measured import MeasuredCase
-    case = lambda m: MeasuredCase(name="c", model=m, method="full", param_dtype="bf16", optim="adamw", batch=1, seq=8)
+
+    def case(m):
+        return MeasuredCase(name="c", model=m, method="full", param_dtype="bf16", optim="adamw", batch=1, seq=8)
+
     (tmp_path / "my-model.json").write_text("{}")
     assert model_source(case("my-model"), tmp_path) == str(tmp_path / "my-model.json")
     assert model_source(case("llama-3.2-1b"), tmp_path) == "llama-3.2-1b"
@@ -237,6 +246,7 @@ def test_accuracy_model_from_configs_dir(tmp_path):
 
 
 # ---------------------------------------------------------------- files and the command line
+
 
 def test_cli_breakdown_png(tmp_path, capsys):
     out = tmp_path / "b.png"
@@ -249,8 +259,28 @@ def test_cli_breakdown_png(tmp_path, capsys):
 
 def test_cli_scaling_svg_has_the_series(tmp_path):
     out = tmp_path / "s.svg"
-    assert main(["plot", "scaling", "llama-3.2-1b", "--num-layers", "2", "--gpus", "rtx-4090,a100-80gb",
-                 "--method", "full", "--method", "lora", "--values", "256,512", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "scaling",
+                "llama-3.2-1b",
+                "--num-layers",
+                "2",
+                "--gpus",
+                "rtx-4090,a100-80gb",
+                "--method",
+                "full",
+                "--method",
+                "lora",
+                "--values",
+                "256,512",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text
     # matplotlib writes each text as glyph paths with the string in a comment
@@ -280,29 +310,39 @@ def test_save_failure_leaves_no_file(tmp_path, tiny):
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
+
     fig.savefig = boom
     with pytest.raises(RuntimeError):
         plot.save_figure(fig, tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "-o", "x.pdf"], "-o"),
-    (["breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "-o", "/no/such/dir/x.png"], "-o"),
-    (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--values", "512,big"], "--values"),
-    (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--values", "0,512"], "--values"),
-    (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--x", "tokens"], "--x"),
-    (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "sgd"], "--method"),
-    (["scaling", "llama-3.2-1b", "--gpus", "1x24GB,9xnope"], "--gpus"),
-    (["accuracy", "no-such-file.jsonl"], "FILE"),
-    (["accuracy", str(DATA / "README.md")], "FILE"),
-    (["accuracy", str(DATA / "h100_dev.jsonl"), "--configs", "/no/such/dir"], "--configs"),
-])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "-o", "x.pdf"], "-o"),
+        (["breakdown", "llama-3.2-1b", "--gpus", "1x24GB", "-o", "/no/such/dir/x.png"], "-o"),
+        (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--values", "512,big"], "--values"),
+        (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--values", "0,512"], "--values"),
+        (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--x", "tokens"], "--x"),
+        (["scaling", "llama-3.2-1b", "--gpus", "1x24GB", "--method", "sgd"], "--method"),
+        (["scaling", "llama-3.2-1b", "--gpus", "1x24GB,9xnope"], "--gpus"),
+        (["accuracy", "no-such-file.jsonl"], "FILE"),
+        (["accuracy", str(DATA / "README.md")], "FILE"),
+        (["accuracy", str(DATA / "h100_dev.jsonl"), "--configs", "/no/such/dir"], "--configs"),
+    ],
+)
 def test_bad_input_is_one_line(args, flag, tmp_path):
     # run in an empty directory (nothing may be written there) on this checkout's package
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "vramplan", "plot", *args], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vramplan", "plot", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
     assert flag in lines[0]
@@ -317,6 +357,7 @@ def test_estimate_cli_does_not_import_matplotlib():
 
 def test_api_plot_breakdown(tmp_path):
     import vramplan
+
     fig = vramplan.plot_breakdown("llama-3.2-1b", "1x24GB", path=tmp_path / "x.svg", num_layers=2, method="lora")
     assert (tmp_path / "x.svg").read_text().lstrip().startswith("<?xml")
     assert len(fig.axes[0].containers) >= 3
@@ -324,7 +365,7 @@ def test_api_plot_breakdown(tmp_path):
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
     h = hex_colour.lstrip("#")
-    return tuple(int(h[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    return tuple(int(h[i : i + 2], 16) / 255 for i in (0, 2, 4))
 
 
 def test_scaling_switches_to_log_when_a_method_dwarfs_the_cards():

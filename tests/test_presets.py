@@ -1,4 +1,5 @@
 """Presets, aliases, the shipped analyses, and the --gpus parser."""
+
 from __future__ import annotations
 
 import json
@@ -10,18 +11,61 @@ from vramplan.hardware import parse_gpus, profiles
 from vramplan.model_loader import SHIPPED_DIR, load_model_spec, preset_names, resolve_config, truncate
 from vramplan.units import GiB, parse_bytes
 
-REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
-            "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b", "mistral-7b", "mixtral-8x7b", "qwen2.5-0.5b",
-            "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "phi-3-mini",
-            "gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b",
-            "qwen3-14b", "qwen3-32b", "qwen3-30b-a3b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"]
+REQUIRED = [
+    "llama-2-7b",
+    "llama-2-13b",
+    "llama-2-70b",
+    "llama-3.1-8b",
+    "llama-3.1-70b",
+    "llama-3.1-405b",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "llama-3.3-70b",
+    "mistral-7b",
+    "mixtral-8x7b",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-7b",
+    "qwen2.5-14b",
+    "qwen2.5-32b",
+    "qwen2.5-72b",
+    "phi-3-mini",
+    "gemma-2-2b",
+    "gemma-2-9b",
+    "gemma-2-27b",
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "qwen3-14b",
+    "qwen3-32b",
+    "qwen3-30b-a3b",
+    "gemma-3-1b",
+    "gemma-3-4b",
+    "gemma-3-12b",
+    "gemma-3-27b",
+]
 # published sizes (billions of parameters), rounded as the model cards give them
-PUBLISHED = {"llama-2-70b": 69.0, "llama-3.1-405b": 405.9, "mixtral-8x7b": 46.7, "llama-2-7b": 6.74,
-             "phi-3-mini": 3.82, "gemma-2-27b": 27.2, "qwen2.5-72b": 72.7, "llama-3.1-8b": 8.03,
-             # Qwen3 model cards: 0.6B (0.44B non-embedding), 8.2B, 32.8B, 30.5B total / 3.3B active
-             "qwen3-0.6b": 0.596, "qwen3-8b": 8.19, "qwen3-32b": 32.8, "qwen3-30b-a3b": 30.5, "gemma-3-1b": 1.0,
-             # Gemma 3 model cards, vision tower included: 4.3B, 12.2B, 27.4B
-             "gemma-3-4b": 4.30, "gemma-3-12b": 12.19, "gemma-3-27b": 27.43}
+PUBLISHED = {
+    "llama-2-70b": 69.0,
+    "llama-3.1-405b": 405.9,
+    "mixtral-8x7b": 46.7,
+    "llama-2-7b": 6.74,
+    "phi-3-mini": 3.82,
+    "gemma-2-27b": 27.2,
+    "qwen2.5-72b": 72.7,
+    "llama-3.1-8b": 8.03,
+    # Qwen3 model cards: 0.6B (0.44B non-embedding), 8.2B, 32.8B, 30.5B total / 3.3B active
+    "qwen3-0.6b": 0.596,
+    "qwen3-8b": 8.19,
+    "qwen3-32b": 32.8,
+    "qwen3-30b-a3b": 30.5,
+    "gemma-3-1b": 1.0,
+    # Gemma 3 model cards, vision tower included: 4.3B, 12.2B, 27.4B
+    "gemma-3-4b": 4.30,
+    "gemma-3-12b": 12.19,
+    "gemma-3-27b": 27.43,
+}
 
 
 def test_required_presets_exist():
@@ -36,6 +80,7 @@ def test_preset_parameter_counts(name, billions):
 @pytest.mark.parametrize("name", REQUIRED)
 def test_shipped_spec_equals_a_fresh_meta_build(name):
     from vramplan.analyze import analyze_config
+
     _, _, cfg = resolve_config(name)
     shipped = json.loads((SHIPPED_DIR / f"{name}.json").read_text())
     shipped.pop("_config_sha")
@@ -45,11 +90,13 @@ def test_shipped_spec_equals_a_fresh_meta_build(name):
 @pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-3-4b"])  # gemma-3-4b: the depth sits in text_config
 def test_truncation_equals_building_fewer_layers(name):
     from vramplan.analyze import analyze_config
+
     _, _, cfg = resolve_config(name, num_layers=3)
     built = analyze_config(cfg, name=name)
     assert built.num_layers == 3
-    assert truncate(load_model_spec(name), 3).model_dump(exclude={"name", "resolved_from"}) == \
-        built.model_dump(exclude={"name", "resolved_from"})
+    assert truncate(load_model_spec(name), 3).model_dump(exclude={"name", "resolved_from"}) == built.model_dump(
+        exclude={"name", "resolved_from"}
+    )
 
 
 def test_alias_resolution_is_reported():
@@ -57,8 +104,10 @@ def test_alias_resolution_is_reported():
     assert spec.name == "llama-2-70b" and spec.resolved_from == "llama-70b"
 
 
-@pytest.mark.parametrize("text,count,name", [("2x24GB", 2, "24GB"), ("rtx-4090", 1, "rtx-4090"),
-                                             ("2xrtx-3090", 2, "rtx-3090"), ("8x80GB", 8, "80GB")])
+@pytest.mark.parametrize(
+    "text,count,name",
+    [("2x24GB", 2, "24GB"), ("rtx-4090", 1, "rtx-4090"), ("2xrtx-3090", 2, "rtx-3090"), ("8x80GB", 8, "80GB")],
+)
 def test_parse_gpus(text, count, name):
     g = parse_gpus(text)
     assert g.count == count and g.profile.name == name
@@ -81,8 +130,20 @@ def test_parse_gpus_rejects(bad):
 
 def test_profiles_are_valid_and_complete():
     names = set(profiles())
-    assert {"rtx-3090", "rtx-3090-ti", "rtx-4080", "rtx-4090", "rtx-5090", "rtx-a6000", "l4", "l40s",
-            "a100-40gb", "a100-80gb", "h100-80gb", "h200"} <= names
+    assert {
+        "rtx-3090",
+        "rtx-3090-ti",
+        "rtx-4080",
+        "rtx-4090",
+        "rtx-5090",
+        "rtx-a6000",
+        "l4",
+        "l40s",
+        "a100-40gb",
+        "a100-80gb",
+        "h100-80gb",
+        "h200",
+    } <= names
     for p in profiles().values():
         assert 0.85 * p.nominal_memory_gb * GiB < p.memory_bytes <= p.nominal_memory_gb * GiB * 1.001
 

@@ -1,4 +1,5 @@
 """Estimate converts to dict, JSON and a DataFrame that agree with its fields."""
+
 from __future__ import annotations
 
 import json
@@ -55,5 +56,6 @@ def test_to_frame_one_row_per_category(est):
 def test_api_estimate_survives_its_own_submodule_import():
     # the function shares its name with vramplan/estimate.py; a second call once failed
     import vramplan.estimate  # noqa: F401
+
     for _ in range(2):
         assert vramplan.estimate("llama-3.2-1b", "1x24GB", method="lora").fits

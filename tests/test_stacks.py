@@ -2,6 +2,7 @@
 what the frameworks' sources say (the expectations below are written from
 /work/research/stack_defaults_and_configs.md part A, read from each release's source, not
 from the bundle files)."""
+
 from __future__ import annotations
 
 import re
@@ -33,15 +34,31 @@ def test_bundle_loads_and_every_value_cites_a_source_line(stack):
 @pytest.mark.parametrize("stack", [s for s in Stack if s != Stack.PLAIN])
 def test_every_stack_sets_the_core_knobs(stack):
     knobs = {r.knob for r in load_stack(stack).rules}
-    core = {"precision", "model_dtype", "loss", "fp32_outputs", "keep_logits", "optim", "adapter_dtype",
-            "kbit_prep", "dora", "lora_dropout", "gradient_checkpointing", "checkpoint_reentrant",
-            "activation_offload", "attention", "packing", "optimizer_in_backward"}
+    core = {
+        "precision",
+        "model_dtype",
+        "loss",
+        "fp32_outputs",
+        "keep_logits",
+        "optim",
+        "adapter_dtype",
+        "kbit_prep",
+        "dora",
+        "lora_dropout",
+        "gradient_checkpointing",
+        "checkpoint_reentrant",
+        "activation_offload",
+        "attention",
+        "packing",
+        "optimizer_in_backward",
+    }
     assert core <= knobs, core - knobs
     assert knobs & {"lora_targets", "lora_target_modules"}
 
 
 def test_values_the_fields_cannot_take_yet_are_only_hf_optimizer_names():
     from transformers.training_args import OptimizerNames
+
     names = {o.value for o in OptimizerNames}
     for stack in Stack:
         for rule in load_stack(stack).rules:
@@ -60,8 +77,10 @@ def test_plain_is_the_field_defaults(method):
 def test_plain_descriptions_are_unchanged():
     assert TrainingSetup().describe() == "full bf16 adamw_torch 1x2048"
     assert make_setup(method="qlora", lora_dropout=0.0).describe() == "qlora nf4 r=16 bf16 adamw_torch 1x2048"
-    assert make_setup(method="lora", gradient_checkpointing=True, fsdp=2, cpu_offload=True).describe() == \
-        "lora r=16 bf16 adamw_torch ckpt fsdp2+offload 1x2048"
+    assert (
+        make_setup(method="lora", gradient_checkpointing=True, fsdp=2, cpu_offload=True).describe()
+        == "lora r=16 bf16 adamw_torch ckpt fsdp2+offload 1x2048"
+    )
 
 
 def test_a_stack_is_named_in_the_description_with_its_knobs():
@@ -73,33 +92,102 @@ def test_a_stack_is_named_in_the_description_with_its_knobs():
 
 # hand-written from the research table (part A), one row per claim
 EXPECTED = [
-    ("hf-trainer", "lora", {}, {"optim": "adamw_torch_fused", "lora_dropout": 0.0, "fp32_outputs": True,
-                                "checkpoint_reentrant": False, "model_dtype": "bf16", "precision": "mixed",
-                                "lora_target_modules": ("q_proj", "v_proj"), "gradient_checkpointing": False}),
-    ("trl", "lora", {}, {"loss": "trl-chunked-nll", "gradient_checkpointing": True, "model_dtype": "fp32",
-                         "lora_dropout": 0.05, "adapter_dtype": "fp32", "kbit_prep": False}),
+    (
+        "hf-trainer",
+        "lora",
+        {},
+        {
+            "optim": "adamw_torch_fused",
+            "lora_dropout": 0.0,
+            "fp32_outputs": True,
+            "checkpoint_reentrant": False,
+            "model_dtype": "bf16",
+            "precision": "mixed",
+            "lora_target_modules": ("q_proj", "v_proj"),
+            "gradient_checkpointing": False,
+        },
+    ),
+    (
+        "trl",
+        "lora",
+        {},
+        {
+            "loss": "trl-chunked-nll",
+            "gradient_checkpointing": True,
+            "model_dtype": "fp32",
+            "lora_dropout": 0.05,
+            "adapter_dtype": "fp32",
+            "kbit_prep": False,
+        },
+    ),
     ("trl", "qlora", {}, {"adapter_dtype": "bf16"}),
     ("trl", "lora", {"deepspeed": "zero3"}, {"adapter_dtype": "bf16", "checkpoint_reentrant": True}),
-    ("torchtune", "qlora", {}, {"loss": "chunked", "precision": "bf16", "adapter_dtype": "bf16", "lora_dropout": 0.0,
-                                "optim": "adamw_torch_fused", "optimizer_in_backward": False,
-                                "gradient_checkpointing": True, "fp32_outputs": False,
-                                "lora_target_modules": ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}),
+    (
+        "torchtune",
+        "qlora",
+        {},
+        {
+            "loss": "chunked",
+            "precision": "bf16",
+            "adapter_dtype": "bf16",
+            "lora_dropout": 0.0,
+            "optim": "adamw_torch_fused",
+            "optimizer_in_backward": False,
+            "gradient_checkpointing": True,
+            "fp32_outputs": False,
+            "lora_target_modules": ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        },
+    ),
     ("torchtune", "full", {}, {"optimizer_in_backward": True}),
     ("torchtune", "full", {"gradient_accumulation": 4}, {"optimizer_in_backward": False}),
-    ("unsloth", "qlora", {}, {"loss": "unsloth", "activation_offload": "unsloth", "adapter_dtype": "fp32",
-                              "checkpoint_reentrant": True, "lora_dropout": 0.0, "packing": "padding-free",
-                              "kbit_prep": False, "lora_targets": "all-linear"}),
+    (
+        "unsloth",
+        "qlora",
+        {},
+        {
+            "loss": "unsloth",
+            "activation_offload": "unsloth",
+            "adapter_dtype": "fp32",
+            "checkpoint_reentrant": True,
+            "lora_dropout": 0.0,
+            "packing": "padding-free",
+            "kbit_prep": False,
+            "lora_targets": "all-linear",
+        },
+    ),
     ("axolotl", "qlora", {}, {"lora_dropout": 0.0, "kbit_prep": True, "optim": "adamw_torch_fused", "loss": "hf"}),
     ("axolotl", "qlora", {"fsdp": 2}, {"kbit_prep": False, "fsdp_version": 1}),
     ("axolotl", "full", {}, {"precision": "mixed", "model_dtype": "bf16"}),
-    ("llamafactory", "lora", {}, {"checkpoint_reentrant": True, "gradient_checkpointing": True, "lora_dropout": 0.0,
-                                  "model_dtype": "bf16", "kbit_prep": False, "lora_targets": "all-linear"}),
+    (
+        "llamafactory",
+        "lora",
+        {},
+        {
+            "checkpoint_reentrant": True,
+            "gradient_checkpointing": True,
+            "lora_dropout": 0.0,
+            "model_dtype": "bf16",
+            "kbit_prep": False,
+            "lora_targets": "all-linear",
+        },
+    ),
     ("llamafactory", "full", {}, {"model_dtype": "fp32", "precision": "mixed"}),
     ("llamafactory", "lora", {"fsdp": 2}, {"fsdp_version": 1, "checkpoint_reentrant": True}),
     ("llamafactory", "lora", {"fsdp": 2, "fsdp_version": 2}, {"checkpoint_reentrant": False}),
-    ("fsdp-qlora", "qlora", {"fsdp": 2}, {"keep_logits": True, "lora_dropout": 0.1, "cpu_offload": True,
-                                          "fsdp_version": 1, "checkpoint_reentrant": False, "optim": "adamw_torch",
-                                          "lora_target_modules": ("k_proj", "q_proj", "v_proj", "up_proj", "down_proj", "gate_proj")}),
+    (
+        "fsdp-qlora",
+        "qlora",
+        {"fsdp": 2},
+        {
+            "keep_logits": True,
+            "lora_dropout": 0.1,
+            "cpu_offload": True,
+            "fsdp_version": 1,
+            "checkpoint_reentrant": False,
+            "optim": "adamw_torch",
+            "lora_target_modules": ("k_proj", "q_proj", "v_proj", "up_proj", "down_proj", "gate_proj"),
+        },
+    ),
     ("fsdp-qlora", "qlora", {}, {"cpu_offload": False}),
 ]
 
@@ -112,11 +200,16 @@ def test_stack_values_match_the_framework_sources(stack, method, extra, expected
 
 
 def test_explicit_fields_win_over_the_stack():
-    setup = make_setup(method="lora", stack="trl", loss="hf", lora_dropout=0.2, gradient_checkpointing=False,
-                       model_dtype="bf16")
-    assert (setup.loss.value, setup.lora_dropout, setup.gradient_checkpointing, setup.model_dtype.value) == \
-        ("hf", 0.2, False, "bf16")
-    assert setup.stack == Stack.TRL and setup.precision.value == "mixed"   # the rest still comes from the stack
+    setup = make_setup(
+        method="lora", stack="trl", loss="hf", lora_dropout=0.2, gradient_checkpointing=False, model_dtype="bf16"
+    )
+    assert (setup.loss.value, setup.lora_dropout, setup.gradient_checkpointing, setup.model_dtype.value) == (
+        "hf",
+        0.2,
+        False,
+        "bf16",
+    )
+    assert setup.stack == Stack.TRL and setup.precision.value == "mixed"  # the rest still comes from the stack
 
 
 def test_lora_targets_given_keep_the_stacks_module_list_out():
@@ -173,8 +266,10 @@ def test_docs_cite_every_bundle_value():
 
 def test_docs_tables_are_current():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("gen_stacks_doc", ROOT / "scripts" / "gen_stacks_doc.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.generated() in (ROOT / "docs" / "stacks.md").read_text(), \
+    assert module.generated() in (ROOT / "docs" / "stacks.md").read_text(), (
         "docs/stacks.md is out of date: run python scripts/gen_stacks_doc.py"
+    )

@@ -1,4 +1,5 @@
 """The throughput model against the measured H100 steps, and its terms' directions."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def _measured_step_s(case) -> float:
 def _estimated_step_s(case) -> float:
     spec = load_model_spec(case.model, num_layers=case.layers)
     # the FSDP case ran on one GPU with a fake process group: its collectives move nothing
-    t = T.step_time(spec, make_setup(**case.setup_fields()), H100, gpus=case.world, collectives=False,
-                    amortize_svd=False)
+    t = T.step_time(
+        spec, make_setup(**case.setup_fields()), H100, gpus=case.world, collectives=False, amortize_svd=False
+    )
     return t.step_s
 
 
@@ -81,12 +83,14 @@ def _tps(spec, prof="rtx-4090", **fields):
 
 def test_directions(llama8b):
     base = dict(method="lora", seq_len=2048, batch_size=2)
-    assert _tps(llama8b, **base, gradient_checkpointing=True) < _tps(llama8b, **base)          # recomputation
-    assert _tps(llama8b, **{**base, "method": "qlora"}) < _tps(llama8b, **base)                # dequantization
+    assert _tps(llama8b, **base, gradient_checkpointing=True) < _tps(llama8b, **base)  # recomputation
+    assert _tps(llama8b, **{**base, "method": "qlora"}) < _tps(llama8b, **base)  # dequantization
     assert _tps(llama8b, **{**base, "method": "qlora", "quant": "hqq4"}) < _tps(llama8b, **{**base, "method": "qlora"})
-    assert _tps(llama8b, **{**base, "batch_size": 8}) > _tps(llama8b, **base)                  # fixed costs amortized
-    assert _tps(llama8b, "h100-80gb", **base) > _tps(llama8b, **base)                          # faster card
-    assert _tps(llama8b, **{**base, "seq_len": 8192, "batch_size": 1}) < _tps(llama8b, **{**base, "seq_len": 2048, "batch_size": 4})
+    assert _tps(llama8b, **{**base, "batch_size": 8}) > _tps(llama8b, **base)  # fixed costs amortized
+    assert _tps(llama8b, "h100-80gb", **base) > _tps(llama8b, **base)  # faster card
+    assert _tps(llama8b, **{**base, "seq_len": 8192, "batch_size": 1}) < _tps(
+        llama8b, **{**base, "seq_len": 2048, "batch_size": 4}
+    )
 
 
 def test_offload_and_fsdp_cost_time(llama8b):

@@ -1,5 +1,6 @@
 """verify's harness on CPU: the reference step built and run for every method the
 installed libraries support, OOM as a result, extrapolation, the output schema, the CLI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,9 +22,18 @@ from vramplan.verify.measure import PhaseSizes, peak_breakdown, run_case
 from vramplan.verify.results import Measurement
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-        "max_position_embeddings": 512, "tie_word_embeddings": False}
+TINY = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
 
 
 def _has(mod: str) -> bool:
@@ -64,16 +74,23 @@ def _est(model: str, **fields):
 
 # ---------------------------------------------------------------- every method on CPU
 
+
 @pytest.mark.cputrace
-@pytest.mark.parametrize("fields", [
-    dict(method="full"),
-    dict(method="full", precision="mixed"),
-    dict(method="full", gradient_checkpointing=True),
-    pytest.param(dict(method="lora"), marks=needs("peft")),
-    pytest.param(dict(method="lora", gradient_checkpointing=True, lora_targets="attention"), marks=needs("peft")),
-    pytest.param(dict(method="qlora", quant="nf4"), marks=[needs("peft"), needs("bitsandbytes")]),
-    pytest.param(dict(method="qlora", quant="hqq4", gradient_checkpointing=True), marks=[needs("peft"), needs("hqq")]),
-], ids=lambda f: "-".join(str(v) for v in f.values()))
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="full"),
+        dict(method="full", precision="mixed"),
+        dict(method="full", gradient_checkpointing=True),
+        pytest.param(dict(method="lora"), marks=needs("peft")),
+        pytest.param(dict(method="lora", gradient_checkpointing=True, lora_targets="attention"), marks=needs("peft")),
+        pytest.param(dict(method="qlora", quant="nf4"), marks=[needs("peft"), needs("bitsandbytes")]),
+        pytest.param(
+            dict(method="qlora", quant="hqq4", gradient_checkpointing=True), marks=[needs("peft"), needs("hqq")]
+        ),
+    ],
+    ids=lambda f: "-".join(str(v) for v in f.values()),
+)
 def test_weights_and_adapters_match_the_estimate(tiny, fields):
     m = measure(tiny, **fields)
     assert m.fits and m.oom is None and len(m.step_s) == 1
@@ -89,7 +106,9 @@ def test_weights_and_adapters_match_the_estimate(tiny, fields):
     assert m.breakdown[C.GRADIENTS] == pytest.approx(trainable_bytes, rel=0.01)
     # AdamW: two moments like the trainable parameters, plus one step scalar per tensor
     assert m.breakdown[C.OPTIMIZER_STATES] == pytest.approx(2 * trainable_bytes, rel=0.01)
-    assert m.params_total == load_model_spec(tiny).params_total + (m.params_trainable if fields["method"] != "full" and "lora" in fields["method"] else 0)
+    assert m.params_total == load_model_spec(tiny).params_total + (
+        m.params_trainable if fields["method"] != "full" and "lora" in fields["method"] else 0
+    )
 
 
 @pytest.mark.cputrace
@@ -105,20 +124,34 @@ def test_adamw_8bit_states_are_about_a_quarter(tiny):
 def small(tmp_path_factory) -> str:
     """Wide enough (hidden 256, MLP 768) that most tensors take the 8-bit and low-rank paths."""
     path = tmp_path_factory.mktemp("small") / "config.json"
-    path.write_text(json.dumps({**TINY, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
-                                "num_attention_heads": 8, "vocab_size": 4096}))
+    path.write_text(
+        json.dumps(
+            {
+                **TINY,
+                "hidden_size": 256,
+                "intermediate_size": 768,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 8,
+                "vocab_size": 4096,
+            }
+        )
+    )
     return str(path)
 
 
 @pytest.mark.cputrace
 @needs("bitsandbytes")
 @needs("galore_torch")
-@pytest.mark.parametrize("fields", [
-    dict(method="full", optim="adamw_bnb_8bit"),
-    dict(method="galore", optim="galore_adamw", galore_rank=32),
-    dict(method="galore", optim="galore_adamw_8bit", galore_rank=32),
-    dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=32),
-], ids=lambda f: f["optim"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="full", optim="adamw_bnb_8bit"),
+        dict(method="galore", optim="galore_adamw", galore_rank=32),
+        dict(method="galore", optim="galore_adamw_8bit", galore_rank=32),
+        dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=32),
+    ],
+    ids=lambda f: f["optim"],
+)
 def test_optimizer_states_match_the_estimate(small, fields, monkeypatch):
     """The states the real optimizers create after one step (bitsandbytes' uint8 moments and
     blockwise absmax, galore-torch's projectors and low-rank moments) against the estimate.
@@ -147,14 +180,19 @@ def test_galore(tiny, optim, monkeypatch):
 
 
 @pytest.mark.cputrace
-@pytest.mark.parametrize("fields", [
-    dict(method="full", fsdp=4),
-    dict(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
-    pytest.param(dict(method="lora", fsdp=2), marks=needs("peft")),
-    pytest.param(dict(method="qlora", quant="nf4", fsdp=2), marks=[needs("peft"), needs("bitsandbytes")]),
-], ids=["fsdp4", "fsdp2-mixed-offload", "fsdp2-lora", "fsdp2-qlora-nf4"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="full", fsdp=4),
+        dict(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True),
+        pytest.param(dict(method="lora", fsdp=2), marks=needs("peft")),
+        pytest.param(dict(method="qlora", quant="nf4", fsdp=2), marks=[needs("peft"), needs("bitsandbytes")]),
+    ],
+    ids=["fsdp4", "fsdp2-mixed-offload", "fsdp2-lora", "fsdp2-qlora-nf4"],
+)
 def test_fsdp_simulated_rank0(tiny, fields):
     import torch.distributed as dist
+
     m = measure(tiny, **fields)
     assert m.fits and m.simulated and m.world == fields["fsdp"] and m.rank == 0
     assert any("simulated" in n for n in m.notes) or any("FSDP" in n for n in m.notes)
@@ -167,18 +205,22 @@ def test_fsdp_simulated_rank0(tiny, fields):
 
 # ---------------------------------------------------------------- OOM as a result
 
+
 @pytest.mark.cputrace
 @pytest.mark.parametrize("phase,step", [("build", None), ("backward", 1), ("optimizer", 0)])
 def test_oom_is_a_result(tiny, phase, step):
     def on_phase(name, s):
         if (name, s) == (phase, step):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-    m = run_case(tiny, make_setup(method="full", batch_size=1, seq_len=32, fsdp=2), device="cpu", steps=2,
-                 on_phase=on_phase)
+
+    m = run_case(
+        tiny, make_setup(method="full", batch_size=1, seq_len=32, fsdp=2), device="cpu", steps=2, on_phase=on_phase
+    )
     assert not m.fits and m.oom.phase == phase and m.oom.step == step
     assert "out of memory" in m.oom.message
     assert len(m.step_s) == (step if step is not None else 0)
     import torch.distributed as dist
+
     assert not dist.is_initialized()
     # everything was released: the next case builds and runs
     assert run_case(tiny, make_setup(method="full", batch_size=1, seq_len=16), device="cpu", steps=1).fits
@@ -188,8 +230,11 @@ def test_oom_is_a_result(tiny, phase, step):
 
 # ---------------------------------------------------------------- attribution at the peak
 
+
 def test_peak_breakdown_attributes_by_phase():
-    sizes = PhaseSizes(model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20)
+    sizes = PhaseSizes(
+        model={C.WEIGHTS: 100, C.QUANT_STATE: 0, C.ADAPTERS: 10}, activations=50, gradients=10, optimizer=20
+    )
     opt = peak_breakdown("optimizer (step 0)", sizes, 200, True)
     assert (opt[C.GRADIENTS], opt[C.OPTIMIZER_STATES], opt[C.ACTIVATIONS]) == (10, 20, 0)
     assert opt[C.TRANSIENT] == 200 - 140
@@ -207,6 +252,7 @@ def test_peak_breakdown_attributes_by_phase():
 
 # ---------------------------------------------------------------- extrapolation
 
+
 def test_fit_recovers_a_known_line():
     f = xp.fit([2, 4, 8], [1000 + 300 * d for d in (2, 4, 8)], 80, "peak")
     assert f.predicted_bytes == 1000 + 300 * 80
@@ -218,15 +264,17 @@ def test_fit_recovers_a_known_line():
 
 def test_fit_needs_two_depths():
     from vramplan.errors import VramplanError
+
     with pytest.raises(VramplanError, match="two different depths"):
         xp.fit([4, 4], [1, 2], 80)
 
 
 def test_choose_depths():
     assert xp.choose_depths(80, lambda d: d <= 5) == [2, 5]
-    assert xp.choose_depths(80, lambda d: d <= 30) == [4, 8]           # capped: deeper only costs time
+    assert xp.choose_depths(80, lambda d: d <= 30) == [4, 8]  # capped: deeper only costs time
     assert xp.choose_depths(80, lambda d: d <= 7, even=True) == [2, 6]
     from vramplan.errors import VramplanError
+
     with pytest.raises(VramplanError, match="do not fit"):
         xp.choose_depths(80, lambda d: d <= 1)
 
@@ -238,9 +286,20 @@ def _synthetic(d: int, full: int = 32) -> Measurement:
     bd = {c: fixed.get(c, 0) + per.get(c, 0) * d for c in C}
     bd[C.CUDA_CONTEXT] = 500_000
     peak = sum(v for c, v in bd.items() if c != C.CUDA_CONTEXT)
-    return Measurement(model="m", num_layers=d, full_layers=full, setup=setup, device="cuda", steps=3, fits=True,
-                       peak_allocated_bytes=peak, peak_reserved_bytes=peak + 1000 * d, breakdown=bd,
-                       params_total=100 + 7 * d, params_trainable=100 + 7 * d)
+    return Measurement(
+        model="m",
+        num_layers=d,
+        full_layers=full,
+        setup=setup,
+        device="cuda",
+        steps=3,
+        fits=True,
+        peak_allocated_bytes=peak,
+        peak_reserved_bytes=peak + 1000 * d,
+        breakdown=bd,
+        params_total=100 + 7 * d,
+        params_trainable=100 + 7 * d,
+    )
 
 
 def test_extrapolate_synthetic_measurements():
@@ -270,18 +329,31 @@ def test_verify_extrapolates_a_real_run(tiny4):
 
 # ---------------------------------------------------------------- output schema and CLI
 
-@pytest.mark.parametrize("fields", [
-    dict(method="full", precision="mixed", gradient_checkpointing=True),
-    dict(method="lora", lora_r=8, lora_targets="attention"),
-    dict(method="qlora", quant="hqq4", lora_r=32),
-    dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=64),
-    dict(method="full", fsdp=4, cpu_offload=True),
-    dict(method="full", optim="adamw_bnb_8bit"),
-])
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="full", precision="mixed", gradient_checkpointing=True),
+        dict(method="lora", lora_r=8, lora_targets="attention"),
+        dict(method="qlora", quant="hqq4", lora_r=32),
+        dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=64),
+        dict(method="full", fsdp=4, cpu_offload=True),
+        dict(method="full", optim="adamw_bnb_8bit"),
+    ],
+)
 def test_measured_case_round_trip(fields):
     setup = make_setup(batch_size=2, seq_len=64, **fields)
-    m = Measurement(model="llama-3.2-1b", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=3,
-                    fits=True, peak_allocated_bytes=3 * 2**30, breakdown={C.WEIGHTS: 2**30})
+    m = Measurement(
+        model="llama-3.2-1b",
+        num_layers=16,
+        full_layers=16,
+        setup=setup,
+        device="cuda",
+        steps=3,
+        fits=True,
+        peak_allocated_bytes=3 * 2**30,
+        breakdown={C.WEIGHTS: 2**30},
+    )
     line = MeasuredCase.model_validate_json(m.to_measured_case().model_dump_json())
     assert make_setup(**line.setup_fields()) == setup
     assert line.peak_alloc_bytes == 3 * 2**30 and line.layers is None
@@ -290,8 +362,23 @@ def test_measured_case_round_trip(fields):
 @pytest.mark.cputrace
 def test_cli_writes_the_report_folder(tiny, tmp_path, capsys):
     out = tmp_path / "rep"
-    rc = main(["verify", tiny, "--method", "full", "--seq-len", "32", "--steps", "2", "--device", "cpu",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "verify",
+            tiny,
+            "--method",
+            "full",
+            "--seq-len",
+            "32",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "weights" in text and "estimate" in text
@@ -300,6 +387,7 @@ def test_cli_writes_the_report_folder(tiny, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["estimate"]["per_gpu"]["peak_allocated_bytes"] > 0
     import pandas as pd
+
     frame = pd.read_csv(out / "comparison.csv")
     assert set(c.value for c in C) <= set(frame["category"]) and "peak allocated" in set(frame["category"])
 
@@ -316,18 +404,22 @@ def test_gpus_without_nvml(monkeypatch, capsys):
 
     def boom():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
     monkeypatch.setattr(pynvml, "nvmlInit", boom)
     assert main(["gpus"]) == 1
     out = capsys.readouterr()
     assert "no NVIDIA GPU detected" in out.err and out.out == ""  # an error goes to stderr (issue 17)
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--depths", "4"], "--depths"),
-    (["--depths", "a,b"], "--depths"),
-    (["--num-layers", "1", "--depths", "1,2"], "--depths"),
-    (["--steps", "0"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--depths", "4"], "--depths"),
+        (["--depths", "a,b"], "--depths"),
+        (["--num-layers", "1", "--depths", "1,2"], "--depths"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
 def test_bad_verify_input_is_one_line(tiny, args, flag, capsys):
     assert main(["verify", tiny, "--device", "cpu", "--no-progress", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -338,8 +430,10 @@ def test_bad_verify_input_is_one_line(tiny, args, flag, capsys):
 def test_torchrun_reports_every_rank(tiny):
     """The N-real-GPU path (torchrun, one process per rank, real collectives) on CPU/gloo."""
     from vramplan.verify.launch import CaseRequest, run_isolated
-    req = CaseRequest(model=tiny, setup=make_setup(method="full", batch_size=1, seq_len=16, fsdp=2), steps=1,
-                      device="cpu")
+
+    req = CaseRequest(
+        model=tiny, setup=make_setup(method="full", batch_size=1, seq_len=16, fsdp=2), steps=1, device="cpu"
+    )
     ms = run_isolated(req, nproc=2, timeout=240)
     assert [m.rank for m in ms] == [0, 1] and all(m.fits and not m.simulated and m.world == 2 for m in ms)
     assert ms[0].breakdown[C.WEIGHTS] == ms[1].breakdown[C.WEIGHTS] > 0
@@ -354,13 +448,15 @@ def _assert_covers_every_technique(cases):
     assert any(s.seq_len >= 16384 for s in setups) and any(c["model"] == "mixtral-8x7b" for c in cases)
     assert any(c["model"] == "llama-3.1-70b" and c["setup"]["method"] == "qlora" for c in cases)
     xps = [c for c in cases if c["depths"]]
-    assert xps and all(any(o["setup"] == c["setup"] and o["model"] == c["model"] and not o["depths"] for o in cases)
-                       for c in xps)  # every extrapolation has its full-depth check
+    assert xps and all(
+        any(o["setup"] == c["setup"] and o["model"] == c["model"] and not o["depths"] for o in cases) for c in xps
+    )  # every extrapolation has its full-depth check
 
 
 def test_calibration_list_dry_run(capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import calibrate
+
     cases = calibrate.CASES
     assert len(cases) >= 25 and len({c["name"] for c in cases}) == len(cases)
     _assert_covers_every_technique(cases)
@@ -373,6 +469,7 @@ def test_core_calibration_cases_cover_every_technique_in_order():
     """--core: what a 15-minute device lease runs first must still span the issue's list."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import calibrate
+
     core = calibrate.select(calibrate.CASES, None, None, core=True)
     assert [c["name"] for c in core] == calibrate.CORE  # every name exists, order kept
     _assert_covers_every_technique(core)
@@ -384,17 +481,29 @@ def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):
     import calibrate
 
     from vramplan.verify import launch
+
     ran = []
 
     def in_process(req, nproc=1, timeout=None):  # the subprocess path is test_isolated_worker_process
         ran.append(req.num_layers)
         return [run_case(req.model, req.setup, device=req.device, num_layers=req.num_layers, steps=req.steps)]
+
     monkeypatch.setattr(launch, "run_isolated", in_process)
     spec = tmp_path / "cases.json"
-    spec.write_text(json.dumps([
-        {"name": "tiny_full", "model": tiny4, "steps": 1, "setup": {"method": "full", "seq_len": 16}},
-        {"name": "tiny_full_xp", "model": tiny4, "steps": 1, "depths": [1, 2], "setup": {"method": "full", "seq_len": 16}},
-    ]))
+    spec.write_text(
+        json.dumps(
+            [
+                {"name": "tiny_full", "model": tiny4, "steps": 1, "setup": {"method": "full", "seq_len": 16}},
+                {
+                    "name": "tiny_full_xp",
+                    "model": tiny4,
+                    "steps": 1,
+                    "depths": [1, 2],
+                    "setup": {"method": "full", "seq_len": 16},
+                },
+            ]
+        )
+    )
     out = tmp_path / "cal.jsonl"
     assert calibrate.main(["--cases", str(spec), "--out", str(out), "--device", "cpu"]) == 0
     lines = load_cases(out)
@@ -411,30 +520,53 @@ def test_comparison_has_one_row_per_measured_phase():
     against the widest step of each measured phase."""
     from vramplan.verify.compare import compare
     from vramplan.verify.results import PhaseSnapshot
+
     est = estimate_config("llama-3.2-1b", "1x80GB", method="qlora", gradient_checkpointing=True)
     setup = make_setup(method="qlora", gradient_checkpointing=True)
     snaps = [PhaseSnapshot(phase="build", peak_allocated_bytes=1 * 2**30)]
     for step, scale in ((0, 2), (1, 3)):
-        snaps += [PhaseSnapshot(phase=p, step=step, peak_allocated_bytes=scale * k * 2**30)
-                  for k, p in enumerate(("forward", "backward", "optimizer"), start=1)]
-    m = Measurement(model="m", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=2, fits=True,
-                    phases=snaps, peak_allocated_bytes=9 * 2**30, peak_phase="optimizer (step 1)")
+        snaps += [
+            PhaseSnapshot(phase=p, step=step, peak_allocated_bytes=scale * k * 2**30)
+            for k, p in enumerate(("forward", "backward", "optimizer"), start=1)
+        ]
+    m = Measurement(
+        model="m",
+        num_layers=16,
+        full_layers=16,
+        setup=setup,
+        device="cuda",
+        steps=2,
+        fits=True,
+        phases=snaps,
+        peak_allocated_bytes=9 * 2**30,
+        peak_phase="optimizer (step 1)",
+    )
     rows = {r.category: r for r in compare(est, m).phases}
     assert list(rows) == ["build peak", "forward peak", "backward peak", "optimizer peak"]
-    assert [rows[f"{p} peak"].measured_bytes // 2**30 for p in ("build", "forward", "backward", "optimizer")] == [1, 3, 6, 9]
+    assert [rows[f"{p} peak"].measured_bytes // 2**30 for p in ("build", "forward", "backward", "optimizer")] == [
+        1,
+        3,
+        6,
+        9,
+    ]
     modelled = est.per_gpu.phases
     assert rows["build peak"].estimate_bytes == modelled["build (quantize)"]
-    assert rows["backward peak"].estimate_bytes == max(v for k, v in modelled.items()
-                                                       if k.startswith(("loss", "layer", "final norm")))
+    assert rows["backward peak"].estimate_bytes == max(
+        v for k, v in modelled.items() if k.startswith(("loss", "layer", "final norm"))
+    )
     assert any("different phase" in n for n in compare(est, m).notes)  # estimated peak is in backward
 
 
 # ---------------------------------------------------------------- verify --device cpu: the CPU trace
 
+
 @pytest.mark.cputrace
 @needs("peft")
-@pytest.mark.parametrize("fields", [dict(method="full"), dict(method="lora", gradient_checkpointing=True)],
-                         ids=lambda f: "-".join(str(v) for v in f.values()))
+@pytest.mark.parametrize(
+    "fields",
+    [dict(method="full"), dict(method="lora", gradient_checkpointing=True)],
+    ids=lambda f: "-".join(str(v) for v in f.values()),
+)
 def test_cpu_verify_traces_every_phase_and_holds_the_estimate(small, fields):
     """On the CPU, verify traces every allocation per phase (cputrace) and compares each
     phase with the estimate, less the loss backward's CUDA-only 2·N·V, as the CPU-trace
@@ -454,8 +586,12 @@ def test_cpu_verify_traces_every_phase_and_holds_the_estimate(small, fields):
 
 def test_cpu_verify_names_what_the_cpu_cannot_compare():
     from vramplan.verify.cputrace import incomparable_on_cpu
+
     assert incomparable_on_cpu(make_setup(method="lora")) == []
-    said = " ".join(incomparable_on_cpu(make_setup(method="qlora", quant="nf4", precision="mixed",
-                                                   optim="adamw_bnb_8bit", fsdp=2, cpu_offload=True)))
+    said = " ".join(
+        incomparable_on_cpu(
+            make_setup(method="qlora", quant="nf4", precision="mixed", optim="adamw_bnb_8bit", fsdp=2, cpu_offload=True)
+        )
+    )
     assert "4-bit" in said and "8-bit" in said and "offload" in said
     assert "autocast" in " ".join(incomparable_on_cpu(make_setup(method="full", precision="mixed")))

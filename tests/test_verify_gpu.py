@@ -1,5 +1,6 @@
 """verify on a real CUDA GPU (skipped without one). Checks the measurement against the
 published H100 reference numbers and the 60 s bar for an 8B QLoRA."""
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,10 @@ from vramplan.categories import Category as C
 from vramplan.estimate import make_setup
 from vramplan.measured import load_cases
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
 
 DATA = Path(__file__).parent / "data" / "h100_dev.jsonl"
 
@@ -22,10 +25,12 @@ def _reference(name: str):
     return next(c for c in load_cases(DATA) if c.name == name)
 
 
-@pytest.mark.parametrize("name", ["l32-1b_full_bf16_b1s1024", "l32-1b_lora16_ckpt_b4s2048",
-                                  "l32-1b_qlora_nf4_r64_ckpt_b1s2048"])
+@pytest.mark.parametrize(
+    "name", ["l32-1b_full_bf16_b1s1024", "l32-1b_lora16_ckpt_b4s2048", "l32-1b_qlora_nf4_r64_ckpt_b1s2048"]
+)
 def test_matches_the_published_reference_step(name):
     from vramplan.verify.measure import run_case
+
     ref = _reference(name)
     m = run_case(ref.model, make_setup(**ref.setup_fields()), device="cuda", steps=3)
     assert m.fits
@@ -37,6 +42,7 @@ def test_matches_the_published_reference_step(name):
 
 def test_8b_qlora_within_60_seconds():
     from vramplan.verify.api import verify
+
     t0 = time.perf_counter()
     rep = verify("llama-3.1-8b", make_setup(method="qlora", gradient_checkpointing=True, seq_len=2048))
     assert time.perf_counter() - t0 <= 60
@@ -45,6 +51,7 @@ def test_8b_qlora_within_60_seconds():
 
 def test_oom_is_a_result_on_the_gpu():
     from vramplan.verify.measure import run_case
+
     free = torch.cuda.mem_get_info()[0]
     # a sequence whose fp32 logits alone exceed the free memory
     seq = int(free / (4 * 128256)) + 4096
@@ -55,8 +62,11 @@ def test_oom_is_a_result_on_the_gpu():
 
 def test_simulated_fsdp_shards_the_weights():
     from vramplan.verify.measure import run_case
+
     one = run_case("llama-3.2-1b", make_setup(method="full", seq_len=512), device="cuda", num_layers=4, steps=1)
-    four = run_case("llama-3.2-1b", make_setup(method="full", seq_len=512, fsdp=4), device="cuda", num_layers=4, steps=1)
+    four = run_case(
+        "llama-3.2-1b", make_setup(method="full", seq_len=512, fsdp=4), device="cuda", num_layers=4, steps=1
+    )
     assert four.simulated and four.breakdown[C.WEIGHTS] == pytest.approx(one.breakdown[C.WEIGHTS] / 4, rel=0.05)
 
 
@@ -68,6 +78,7 @@ def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     from vramplan.memory import PhaseKind, step_model
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.measure import run_case
+
     setup = make_setup(method="qlora", quant=quant, fsdp=fsdp, gradient_checkpointing=True, seq_len=256)
     m = run_case("llama-3.1-8b", setup, device="cuda", num_layers=4, steps=1)
     build = next(p for p in m.phases if p.phase == "build")

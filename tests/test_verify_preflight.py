@@ -1,6 +1,7 @@
 """Issue 16, verify on the CPU: the extra checked first, the cost said before a CPU run, the
 libraries quiet, activations + transient compared as their sum, a truncated run related back
 to the full model. Fast: nothing here runs a step."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ def no_run(monkeypatch):
 
     def refuse(*a, **k):
         raise Ran
+
     monkeypatch.setattr(measure, "run_case", refuse)
 
 
@@ -38,6 +40,7 @@ def test_a_missing_library_is_said_before_any_work(monkeypatch, no_run):
 
     def no_estimate(*a, **k):
         raise AssertionError("estimated before checking the libraries")
+
     monkeypatch.setattr(estimate, "estimate_config", no_estimate)
     with pytest.raises(VramplanError, match=r"peft \(for --method lora\).*vramplan\[verify\]"):
         api.verify("llama-3.2-1b", TrainingSetup(method="lora"), device="cpu", num_layers=1)
@@ -48,8 +51,10 @@ def test_needed_libraries_follow_the_setup():
 
     assert needed_libraries(TrainingSetup(method="full")) == {}
     assert set(needed_libraries(TrainingSetup(method="qlora", quant="hqq4"))) == {"peft", "hqq"}
-    assert set(needed_libraries(TrainingSetup(method="galore", optim="galore_adamw_8bit_layerwise"))) == \
-        {"galore_torch", "bitsandbytes"}
+    assert set(needed_libraries(TrainingSetup(method="galore", optim="galore_adamw_8bit_layerwise"))) == {
+        "galore_torch",
+        "bitsandbytes",
+    }
 
 
 def test_a_full_depth_cpu_run_says_its_time_and_ram_first(monkeypatch, no_run):
@@ -86,8 +91,10 @@ def test_profiler_lines_are_dropped_and_the_rest_kept(capfd):
         os.write(2, b"STAGE:2026-12-02 18:03:44 23268:23268 SyncActivityProfilerHandler.cpp:51] Completed\n")
         os.write(2, b"a real native error\n")
         import warnings
+
         warnings.warn("is_gradient_checkpointing is deprecated", FutureWarning, stacklevel=1)
         import logging
+
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
     err = capfd.readouterr().err
     assert "a real native error" in err
@@ -95,13 +102,21 @@ def test_profiler_lines_are_dropped_and_the_rest_kept(capfd):
 
 
 def _row(cat: str, est: int, meas: int) -> CategoryRow:
-    return CategoryRow(category=cat, estimate_bytes=est, measured_bytes=meas, error_bytes=est - meas,
-                       error_pct=100 * (est - meas) / meas)
+    return CategoryRow(
+        category=cat,
+        estimate_bytes=est,
+        measured_bytes=meas,
+        error_bytes=est - meas,
+        error_pct=100 * (est - meas) / meas,
+    )
 
 
 def _comparison() -> Comparison:
-    rows = [_row("weights", 600 * MiB, 600 * MiB), _row("activations", 20 * MiB, 80 * MiB),
-            _row("transient", 180 * MiB, 120 * MiB)]
+    rows = [
+        _row("weights", 600 * MiB, 600 * MiB),
+        _row("activations", 20 * MiB, 80 * MiB),
+        _row("transient", 180 * MiB, 120 * MiB),
+    ]
     totals = [_row("peak allocated", 800 * MiB, 800 * MiB), _row("activations + transient", 200 * MiB, 200 * MiB)]
     return Comparison(description="d", rows=rows, totals=totals, fits_measured=True, fits_estimated=True)
 
@@ -125,6 +140,7 @@ def test_render_says_why_the_two_are_summed():
 
     class M:  # the few Measurement fields render reads
         model, num_layers, full_layers, tokens_per_s, notes = "m", 1, 16, None, []
+
     console = Console(file=io.StringIO(), width=200)
     render(_comparison(), M(), console)
     out = console.file.getvalue()

@@ -8,6 +8,7 @@ their modules on first use, so the command line (vramplan.cli.main) holds the pr
 before numpy or pydantic load. The public functions validate every argument through the
 same models as the command line and raise VramplanError (a ValueError) naming the argument.
 """
+
 from __future__ import annotations
 
 import functools as _functools
@@ -15,13 +16,30 @@ import sys as _sys
 import types as _types
 from importlib import import_module as _import_module
 
-__all__ = ["Category", "Method", "Optim", "Precision", "Quant", "TrainingSetup", "VramplanError",
-           "estimate", "load_model", "plan", "plot_breakdown"]
+__all__ = [
+    "Category",
+    "Method",
+    "Optim",
+    "Precision",
+    "Quant",
+    "TrainingSetup",
+    "VramplanError",
+    "estimate",
+    "load_model",
+    "plan",
+    "plot_breakdown",
+]
 __version__ = "0.1.0"
 
-_LAZY = {"Category": "vramplan.categories", "VramplanError": "vramplan.errors", "Method": "vramplan.setup",
-         "Optim": "vramplan.setup", "Precision": "vramplan.setup", "Quant": "vramplan.setup",
-         "TrainingSetup": "vramplan.setup"}
+_LAZY = {
+    "Category": "vramplan.categories",
+    "VramplanError": "vramplan.errors",
+    "Method": "vramplan.setup",
+    "Optim": "vramplan.setup",
+    "Precision": "vramplan.setup",
+    "Quant": "vramplan.setup",
+    "TrainingSetup": "vramplan.setup",
+}
 
 
 def __getattr__(name: str):
@@ -41,22 +59,27 @@ def _argument(flag: str | None) -> str | None:
 
 def _api(fn):
     """Errors name the Python argument at fault, not the command-line flag."""
+
     @_functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from vramplan.errors import VramplanError
+
         try:
             return fn(*args, **kwargs)
         except VramplanError as e:
             raise type(e)(e.message, _argument(e.flag)) from None
+
     return wrapper
 
 
 def _model_arg(model):
     from vramplan.errors import VramplanError
     from vramplan.model_spec import ModelSpec
+
     if not isinstance(model, (str, ModelSpec)):
-        raise VramplanError(f"must be a preset name, a config.json path or a ModelSpec; got {type(model).__name__}",
-                            "MODEL")
+        raise VramplanError(
+            f"must be a preset name, a config.json path or a ModelSpec; got {type(model).__name__}", "MODEL"
+        )
     return model
 
 
@@ -69,6 +92,7 @@ def estimate(model, gpus=None, num_layers=None, host_ram=None, **setup):
     """
     from vramplan.estimate import estimate_config
     from vramplan.setup import check_method_fields
+
     # lora_r=64 with method="full" is an error, as on the command line; a default value (a setup's
     # dump passed back) counts as not given
     check_method_fields(setup, explicit=False)
@@ -87,6 +111,7 @@ def plan(model, gpus=None, top=10, **constraints):
     """
     from vramplan.plan import plan_model
     from vramplan.report.plan import to_frame
+
     return to_frame(plan_model(_model_arg(model), gpus, top=top, **constraints))
 
 
@@ -95,6 +120,7 @@ def load_model(model, num_layers=None):
     """Analyse a preset name or config path into a ModelSpec (cached)."""
     from vramplan.errors import VramplanError
     from vramplan.model_loader import load_model_spec
+
     if not isinstance(model, str):
         raise VramplanError(f"must be a preset name or a config.json path; got {type(model).__name__}", "MODEL")
     return load_model_spec(model, num_layers=num_layers)
@@ -108,10 +134,12 @@ def plot_breakdown(model, gpus=None, path=None, num_layers=None, host_ram=None, 
     from vramplan.model_loader import load_model_spec
     from vramplan.plot import breakdown_bars, breakdown_figure, output_path, save_figure
     from vramplan.units import host_ram_bytes
+
     if path is not None:
         output_path(str(path), "")  # a bad file name fails before any work
     if setup.get("method") is not None:
         from vramplan.setup import check_method_fields
+
         check_method_fields(setup, explicit=False)
         make_setup(**setup)  # bad fields before the model is loaded
     gspec = resolve_gpus(gpus)

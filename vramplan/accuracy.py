@@ -4,6 +4,7 @@ Used by the accuracy doc (scripts/accuracy_report.py), the accuracy plot and the
 so every consumer compares the same two numbers the same way: the predicted
 ``per_gpu.peak_allocated_bytes`` against the measured ``torch.cuda.max_memory_allocated()``.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -49,17 +50,23 @@ def model_source(case: MeasuredCase, configs: str | Path | None) -> str:
 
 def estimate_case(case: MeasuredCase, configs: str | Path | None = None) -> Estimate:
     """The estimate of the step a case measured (the GPU size does not change the prediction)."""
-    return estimate_config(model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers,
-                           **case.setup_fields())
+    return estimate_config(
+        model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers, **case.setup_fields()
+    )
 
 
 def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
     est = estimate_case(case, configs)
-    return ScoredCase(name=case.name, model=case.model, description=est.description,
-                      predicted_alloc_bytes=est.per_gpu.peak_allocated_bytes,
-                      measured_alloc_bytes=case.peak_alloc_bytes,
-                      predicted_reserved_bytes=est.per_gpu.peak_reserved_bytes,
-                      measured_reserved_bytes=case.peak_reserved_bytes, peak_phase=est.per_gpu.peak_phase)
+    return ScoredCase(
+        name=case.name,
+        model=case.model,
+        description=est.description,
+        predicted_alloc_bytes=est.per_gpu.peak_allocated_bytes,
+        measured_alloc_bytes=case.peak_alloc_bytes,
+        predicted_reserved_bytes=est.per_gpu.peak_reserved_bytes,
+        measured_reserved_bytes=case.peak_reserved_bytes,
+        peak_phase=est.per_gpu.peak_phase,
+    )
 
 
 def is_full_step(case: MeasuredCase) -> bool:
@@ -78,5 +85,9 @@ def summary(scored: list[ScoredCase]) -> dict:
     """Median and worst |error| of the peak allocated, as fractions."""
     errs = [abs(s.alloc_error) for s in scored]
     worst = max(scored, key=lambda s: abs(s.alloc_error))
-    return {"cases": len(scored), "median_abs_error": statistics.median(errs),
-            "max_abs_error": abs(worst.alloc_error), "worst_case": worst.name}
+    return {
+        "cases": len(scored),
+        "median_abs_error": statistics.median(errs),
+        "max_abs_error": abs(worst.alloc_error),
+        "worst_case": worst.name,
+    }

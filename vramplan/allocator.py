@@ -19,6 +19,7 @@ keys, large_segment_size_mb, per_process_memory_fraction). docs/allocator.md has
 
 Integer bytes everywhere. One device, the default pools (no CUDA-graph private pools).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -47,9 +48,11 @@ _UNBOUNDED_ADDRESS_SPACE = 1 << 50
 
 # ----------------------------------------------------------------------------- config
 
+
 @dataclass(frozen=True)
 class AllocatorConfig:
     """The PYTORCH_CUDA_ALLOC_CONF settings that change device memory (AllocatorConfig)."""
+
     max_split_size: int | None = None  # bytes; None is the source's SIZE_MAX (no limit)
     max_non_split_rounding_size: int = K_LARGE_BUFFER  # tolerance for oversize reuse
     roundup_power2_divisions: tuple[int, ...] = (0,) * K_ROUNDUP_INTERVALS
@@ -69,10 +72,12 @@ class AllocatorConfig:
 
 
 _CONF = "PYTORCH_CUDA_ALLOC_CONF"
-_KNOWN_KEYS = ("max_split_size_mb, max_non_split_rounding_mb, large_segment_size_mb, "
-               "garbage_collection_threshold, roundup_power2_divisions, expandable_segments, "
-               "per_process_memory_fraction, backend, release_lock_on_cudamalloc, "
-               "graph_capture_record_stream_reuse, throw_on_cudamalloc_oom, pinned_*")
+_KNOWN_KEYS = (
+    "max_split_size_mb, max_non_split_rounding_mb, large_segment_size_mb, "
+    "garbage_collection_threshold, roundup_power2_divisions, expandable_segments, "
+    "per_process_memory_fraction, backend, release_lock_on_cudamalloc, "
+    "graph_capture_record_stream_reuse, throw_on_cudamalloc_oom, pinned_*"
+)
 
 
 def _lex(text: str) -> list[str]:
@@ -122,8 +127,7 @@ def _int(key: str, tok: str) -> int:
 
 def _pow2(key: str, value: int, zero_ok: bool) -> int:
     if not (value == 0 and zero_ok) and (value <= 0 or value & (value - 1)):
-        raise VramplanError(f"{key} values must be powers of 2{' or 0' if zero_ok else ''}, got {value}",
-                            _CONF)
+        raise VramplanError(f"{key} values must be powers of 2{' or 0' if zero_ok else ''}, got {value}", _CONF)
     return value
 
 
@@ -183,8 +187,7 @@ def _parse_divisions(key: str, toks: _Tokens) -> tuple[int, ...]:
             # The source fills from the last interval given, that interval included.
             table[last_index:] = [div] * (K_ROUNDUP_INTERVALS - last_index)
         else:
-            index = min(_pow2(key, _int(key, bound), zero_ok=False).bit_length() - 1,
-                        K_ROUNDUP_INTERVALS - 1)
+            index = min(_pow2(key, _int(key, bound), zero_ok=False).bit_length() - 1, K_ROUNDUP_INTERVALS - 1)
             if first:
                 table[:index] = [div] * index
                 first = False
@@ -196,8 +199,12 @@ def _parse_divisions(key: str, toks: _Tokens) -> tuple[int, ...]:
 
 
 # Locking, stream-reuse and early-OOM-message options: no effect on what is reserved.
-_IGNORED_BOOLS = ("release_lock_on_cudamalloc", "release_lock_on_hipmalloc",
-                  "graph_capture_record_stream_reuse", "throw_on_cudamalloc_oom")
+_IGNORED_BOOLS = (
+    "release_lock_on_cudamalloc",
+    "release_lock_on_hipmalloc",
+    "graph_capture_record_stream_reuse",
+    "throw_on_cudamalloc_oom",
+)
 
 
 def _parse_one(key: str, toks: _Tokens, out: dict) -> None:
@@ -219,8 +226,7 @@ def _parse_one(key: str, toks: _Tokens, out: dict) -> None:
         toks.expect(key, ":")
         value = toks.take(key, "native")
         if value != "native":
-            raise VramplanError(f"backend: only 'native' (the caching allocator) is modelled, got '{value}'",
-                                _CONF)
+            raise VramplanError(f"backend: only 'native' (the caching allocator) is modelled, got '{value}'", _CONF)
     elif key in _IGNORED_BOOLS:
         _parse_bool(key, toks)
     elif key.startswith("pinned_"):  # the pinned host allocator's options: host memory only
@@ -245,6 +251,7 @@ def parse_alloc_conf(text: str | None) -> AllocatorConfig:
 
 
 # ----------------------------------------------------------------------------- sizes
+
 
 def roundup_power2_next_division(size: int, divisions: int) -> int:
     """DeviceCachingAllocator::roundup_power2_next_division."""
@@ -279,8 +286,10 @@ def get_allocation_size(size: int, large_segment_size: int = K_LARGE_BUFFER) -> 
 
 # ----------------------------------------------------------------------------- blocks
 
+
 class Block:
     """struct Block: a piece of a segment, free or allocated; prev/next link a segment's pieces."""
+
     __slots__ = (
         "addr",
         "allocated",
@@ -309,6 +318,7 @@ class Block:
 
 class _ExpandableSegment:
     """ExpandableSegment: a virtual range of ``pages`` pages of ``page`` bytes, mapped on demand."""
+
     __slots__ = ("base", "page", "pages")
 
     def __init__(self, base: int, page: int, pages: int):
@@ -318,6 +328,7 @@ class _ExpandableSegment:
 class _Pool:
     """BlockPool: free mapped blocks ordered by (stream, size, address) as BlockComparatorSize,
     and unmapped expandable ranges ordered by (stream, address) as BlockComparatorAddress."""
+
     __slots__ = ("by_addr", "gc_calls", "keys", "small", "unmapped")
 
     def __init__(self, small: bool):
@@ -352,6 +363,7 @@ class _Pool:
 @dataclass(frozen=True)
 class OutOfMemory:
     """Where the allocator raised torch.OutOfMemoryError (after both retries failed)."""
+
     event_index: int
     requested_size: int  # the tensor's bytes
     alloc_size: int  # what the allocator tried to reserve (get_allocation_size)
@@ -368,12 +380,15 @@ class CachingAllocatorModel:
     is a fraction of, and the source only collects garbage when it is set. Without it, the
     config's per_process_memory_fraction times capacity stands in for it."""
 
-    def __init__(self, config: AllocatorConfig = AllocatorConfig(), capacity: int | None = None,
-                 memory_fraction_limit: int | None = None):
+    def __init__(
+        self,
+        config: AllocatorConfig = AllocatorConfig(),
+        capacity: int | None = None,
+        memory_fraction_limit: int | None = None,
+    ):
         self.config = config
         self.capacity = capacity
-        if memory_fraction_limit is None and config.per_process_memory_fraction is not None \
-                and capacity is not None:
+        if memory_fraction_limit is None and config.per_process_memory_fraction is not None and capacity is not None:
             memory_fraction_limit = int(config.per_process_memory_fraction * capacity)
         self.fraction_limit = memory_fraction_limit
         self.max_split = config.max_split_size if config.max_split_size is not None else 1 << 64
@@ -402,10 +417,14 @@ class CachingAllocatorModel:
         if block is None:
             if self.gc_enabled:
                 self._garbage_collect_cached_blocks()
-            block = (self._alloc_block(pool, size, alloc_size, stream)
-                     or (self._release_available_cached_blocks(pool, size, stream)
-                         and self._alloc_block(pool, size, alloc_size, stream))
-                     or self._retry_after_release_cached(pool, size, alloc_size, stream))
+            block = (
+                self._alloc_block(pool, size, alloc_size, stream)
+                or (
+                    self._release_available_cached_blocks(pool, size, stream)
+                    and self._alloc_block(pool, size, alloc_size, stream)
+                )
+                or self._retry_after_release_cached(pool, size, alloc_size, stream)
+            )
         if not block:
             return None
         return self._alloc_found_block(block, size, self._should_split(block, size))
@@ -695,6 +714,7 @@ def _expandable_size(b: Block) -> int:
 
 # ----------------------------------------------------------------------------- events
 
+
 class Op(enum.IntEnum):
     ALLOC = 0
     FREE = 1
@@ -705,6 +725,7 @@ class EventStream:
     """Allocation events as four parallel numpy arrays: op (Op), tensor id, size in bytes
     (ignored for FREE), CUDA stream. The backward pass runs on the forward's stream unless a
     producer says otherwise, so ``stream`` is 0 for an ordinary training step."""
+
     ops: np.ndarray
     ids: np.ndarray
     sizes: np.ndarray
@@ -722,14 +743,22 @@ class EventStream:
     def from_tuples(cls, events) -> EventStream:
         """From (op, tensor id, size, stream) tuples; stream may be left out (0)."""
         rows = [tuple(e) + (0,) * (4 - len(e)) for e in events]
-        cols = list(zip(*rows)) if rows else [(), (), (), ()]
-        return cls(np.asarray(cols[0], np.int8), np.asarray(cols[1], np.int64),
-                   np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64))
+        cols = list(zip(*rows, strict=False)) if rows else [(), (), (), ()]
+        return cls(
+            np.asarray(cols[0], np.int8),
+            np.asarray(cols[1], np.int64),
+            np.asarray(cols[2], np.int64),
+            np.asarray(cols[3], np.int64),
+        )
 
     @classmethod
     def concat(cls, parts: list[EventStream]) -> EventStream:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0, np.int64)
-                     for f in ("ops", "ids", "sizes", "streams")))
+        return cls(
+            *(
+                np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros(0, np.int64)
+                for f in ("ops", "ids", "sizes", "streams")
+            )
+        )
 
     def repeat(self, times: int, id_stride: int | None = None) -> EventStream:
         """This block of events ``times`` times over; repetition r adds r x id_stride to the
@@ -737,11 +766,16 @@ class EventStream:
         new ones and a tensor freed in a later repetition can be named by its shifted id."""
         stride = id_stride if id_stride is not None else (int(self.ids.max()) + 1 if len(self) else 0)
         shift = np.repeat(np.arange(times, dtype=np.int64) * stride, len(self))
-        return EventStream(np.tile(self.ops, times), np.tile(self.ids, times) + shift,
-                           np.tile(self.sizes, times), np.tile(self.streams, times))
+        return EventStream(
+            np.tile(self.ops, times),
+            np.tile(self.ids, times) + shift,
+            np.tile(self.sizes, times),
+            np.tile(self.streams, times),
+        )
 
 
 # ----------------------------------------------------------------------------- replay
+
 
 @dataclass(frozen=True, eq=False)
 class ReplayResult:
@@ -783,15 +817,20 @@ class _Peaks:
             self.alloc_trace.append(allocated)
 
 
-def replay(events: EventStream, config: AllocatorConfig = AllocatorConfig(), capacity: int | None = None,
-           memory_fraction_limit: int | None = None, record_trace: bool = False) -> ReplayResult:
+def replay(
+    events: EventStream,
+    config: AllocatorConfig = AllocatorConfig(),
+    capacity: int | None = None,
+    memory_fraction_limit: int | None = None,
+    record_trace: bool = False,
+) -> ReplayResult:
     """Run the events through the allocator model; stops at the first OOM (the step would raise).
 
     A size-0 allocation takes no block (the allocator hands out a null pointer for it)."""
     model = CachingAllocatorModel(config, capacity, memory_fraction_limit)
     live: dict[int, tuple[Block | None, int]] = {}
     peaks, requested, oom, index = _Peaks(record_trace), 0, None, 0
-    rows = zip(events.ops.tolist(), events.ids.tolist(), events.sizes.tolist(), events.streams.tolist())
+    rows = zip(events.ops.tolist(), events.ids.tolist(), events.sizes.tolist(), events.streams.tolist(), strict=False)
     alloc_op, malloc, free, update = int(Op.ALLOC), model.malloc, model.free, peaks.update
     for index, (op, tid, size, stream) in enumerate(rows):
         if op == alloc_op:
@@ -799,8 +838,13 @@ def replay(events: EventStream, config: AllocatorConfig = AllocatorConfig(), cap
                 raise VramplanError(f"event {index}: tensor {tid} allocated twice", "events")
             block = malloc(size, stream) if size > 0 else None
             if block is None and size > 0:
-                oom = OutOfMemory(index, size, get_allocation_size(round_size(size, config), config.large_segment_size),
-                                  model.reserved, model.allocated)
+                oom = OutOfMemory(
+                    index,
+                    size,
+                    get_allocation_size(round_size(size, config), config.large_segment_size),
+                    model.reserved,
+                    model.allocated,
+                )
                 break
             live[tid] = (block, size)
             requested += size
@@ -819,9 +863,17 @@ def replay(events: EventStream, config: AllocatorConfig = AllocatorConfig(), cap
 
 def _result(model: CachingAllocatorModel, peaks: _Peaks, oom: OutOfMemory | None, replayed: int) -> ReplayResult:
     return ReplayResult(
-        peak_allocated=peaks.allocated, peak_reserved=peaks.reserved, peak_requested=peaks.requested,
-        fragmentation_at_peak=peaks.frag, peak_segments=peaks.segments, final_allocated=model.allocated,
-        final_reserved=model.reserved, final_segments=model.segments,
-        num_alloc_retries=model.num_alloc_retries, events_replayed=replayed, oom=oom,
+        peak_allocated=peaks.allocated,
+        peak_reserved=peaks.reserved,
+        peak_requested=peaks.requested,
+        fragmentation_at_peak=peaks.frag,
+        peak_segments=peaks.segments,
+        final_allocated=model.allocated,
+        final_reserved=model.reserved,
+        final_segments=model.segments,
+        num_alloc_retries=model.num_alloc_retries,
+        events_replayed=replayed,
+        oom=oom,
         reserved_trace=np.asarray(peaks.res_trace, np.int64) if peaks.record else None,
-        allocated_trace=np.asarray(peaks.alloc_trace, np.int64) if peaks.record else None)
+        allocated_trace=np.asarray(peaks.alloc_trace, np.int64) if peaks.record else None,
+    )

@@ -1,4 +1,5 @@
 """Build a config on the meta device and read off the shapes the memory model needs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,14 +9,36 @@ import warnings
 from vramplan.errors import VramplanError
 from vramplan.model_spec import Experts, LayerSpec, Linear, ModelSpec
 
-# Linear name (last path component) -> role. Roles drive the activation rules in vramplan/memory/ (memory.types.LinearRole).
+# Linear name (last path component) -> role. Roles drive the activation rules in vramplan/memory/
+# (memory.types.LinearRole).
 _ROLES = {
-    "q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
-    "qkv_proj": "qkv", "query_key_value": "qkv", "c_attn": "qkv", "Wqkv": "qkv", "W_pack": "qkv",
-    "o_proj": "o", "out_proj": "o", "dense": "o", "wo": "o",
-    "gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "gate_up_proj": "gate_up",
-    "down_proj": "down", "w2": "down", "fc1": "fc1", "c_fc": "fc1", "dense_h_to_4h": "fc1",
-    "fc2": "fc2", "dense_4h_to_h": "fc2",
+    "q_proj": "q",
+    "query": "q",
+    "k_proj": "k",
+    "key": "k",
+    "v_proj": "v",
+    "value": "v",
+    "qkv_proj": "qkv",
+    "query_key_value": "qkv",
+    "c_attn": "qkv",
+    "Wqkv": "qkv",
+    "W_pack": "qkv",
+    "o_proj": "o",
+    "out_proj": "o",
+    "dense": "o",
+    "wo": "o",
+    "gate_proj": "gate",
+    "w1": "gate",
+    "up_proj": "up",
+    "w3": "up",
+    "gate_up_proj": "gate_up",
+    "down_proj": "down",
+    "w2": "down",
+    "fc1": "fc1",
+    "c_fc": "fc1",
+    "dense_h_to_4h": "fc1",
+    "fc2": "fc2",
+    "dense_4h_to_h": "fc2",
 }
 _ATTN_HINTS = ("attn", "attention")
 
@@ -39,6 +62,7 @@ def _import_without_hqq() -> None:
     compiles at class definition): most of a cold meta build. Quantizing with hqq (`verify`)
     goes through transformers.quantizers, which imports it when used."""
     import sys
+
     if "transformers.cache_utils" in sys.modules:
         return
     try:
@@ -49,7 +73,8 @@ def _import_without_hqq() -> None:
     tu.is_hqq_available = lambda *a, **k: False
     try:
         import transformers.cache_utils as cu
-        cu.is_hqq_available = real          # HQQQuantizedCache checks again, and says to install hqq
+
+        cu.is_hqq_available = real  # HQQQuantizedCache checks again, and says to install hqq
     finally:
         tu.is_hqq_available = real
 
@@ -57,6 +82,7 @@ def _import_without_hqq() -> None:
 def _build_meta(cfg: dict):
     try:
         import torch
+
         _import_without_hqq()
         from transformers import AutoConfig
     except ImportError as e:  # pragma: no cover - torch/transformers are dependencies
@@ -73,6 +99,7 @@ def _transformers_quiet():
     the command line's answer is one line, so they are silenced while it builds; what it
     cannot build is the error below."""
     from transformers.utils import logging as hf_logging
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -92,15 +119,18 @@ def _build(model_type: str, cfg: dict, AutoConfig, torch):  # noqa: N803 - the t
         warnings.simplefilter("ignore")
         auto = auto_class(config)
         if auto is None:
-            raise VramplanError(f"transformers has no causal-LM class for model_type {model_type!r} "
-                                "(AutoModelForCausalLM, or AutoModelForImageTextToText for image-text checkpoints)",
-                                "MODEL")
+            raise VramplanError(
+                f"transformers has no causal-LM class for model_type {model_type!r} "
+                "(AutoModelForCausalLM, or AutoModelForImageTextToText for image-text checkpoints)",
+                "MODEL",
+            )
         try:
             with torch.device("meta"):
                 model = auto.from_config(config)
         except Exception as e:  # noqa: BLE001 - third-party code on user input
-            raise VramplanError(f"transformers cannot build a causal LM from this config "
-                                f"({_one_line(e)})", "MODEL") from None
+            raise VramplanError(
+                f"transformers cannot build a causal LM from this config ({_one_line(e)})", "MODEL"
+            ) from None
     return model, config
 
 
@@ -114,6 +144,7 @@ def auto_class(config):
     for an image-text checkpoint with no causal-LM class (Qwen2.5-VL, Mistral 3) the image-text
     model, which takes input_ids and labels alone and leaves its vision tower idle."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto
@@ -122,6 +153,7 @@ def auto_class(config):
 
 def _decoder_layers(model, n_layers: int):
     import torch.nn as nn
+
     best = None
     for name, mod in model.named_modules():
         if not (isinstance(mod, nn.ModuleList) and len(mod) == n_layers):
@@ -143,16 +175,24 @@ def _attn_norm_dim(path: str, q_dim: int, kv_dim: int) -> int | None:
     return q_dim if leaf.startswith("q") else kv_dim if leaf.startswith("k") else None
 
 
-def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None,
-                q_dim: int, kv_dim: int) -> LayerSpec:
+def _layer_spec(
+    layer, num_experts: int | None, top_k: int | None, hidden: int, sliding: int | None, q_dim: int, kv_dim: int
+) -> LayerSpec:
     import torch.nn as nn
+
     linears, norms, others, expert_tensors, attn_norms, norm_names = [], [], [], [], [], []
     seen: set[int] = set()
     for path, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):
-            linears.append(Linear(name=path, role=_role(path, mod.out_features, num_experts),
-                                  in_features=mod.in_features, out_features=mod.out_features,
-                                  bias=mod.bias is not None))
+            linears.append(
+                Linear(
+                    name=path,
+                    role=_role(path, mod.out_features, num_experts),
+                    in_features=mod.in_features,
+                    out_features=mod.out_features,
+                    bias=mod.bias is not None,
+                )
+            )
             seen.update(id(p) for p in mod.parameters(recurse=False))
         elif "norm" in type(mod).__name__.lower():
             n = sum(p.numel() for p in mod.parameters(recurse=False))
@@ -174,11 +214,14 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
     if not linears:
         # e.g. GPT-2's transformers Conv1D: neither peft's nor the quantizers' Linear path,
         # and no rule here says what it saves
-        kinds = sorted({type(m).__name__ for m in layer.modules()
-                        if any(q.dim() == 2 for q in m.parameters(recurse=False))})
-        raise VramplanError(f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan "
-                            "models decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
-                            "MODEL")
+        kinds = sorted(
+            {type(m).__name__ for m in layer.modules() if any(q.dim() == 2 for q in m.parameters(recurse=False))}
+        )
+        raise VramplanError(
+            f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan "
+            "models decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
+            "MODEL",
+        )
     experts = None
     if expert_tensors:
         e = expert_tensors[0][1][0]
@@ -186,8 +229,15 @@ def _layer_spec(layer, num_experts: int | None, top_k: int | None, hidden: int, 
         down = [s for _, s in expert_tensors if s[1] == hidden and s[2] != hidden]
         inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
         experts = Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
-    return LayerSpec(linears=linears, experts=experts, norm_numels=norms, attn_norm_dims=attn_norms,
-                     norm_names=norm_names, other_numels=others, sliding_window=sliding)
+    return LayerSpec(
+        linears=linears,
+        experts=experts,
+        norm_numels=norms,
+        attn_norm_dims=attn_norms,
+        norm_names=norm_names,
+        other_numels=others,
+        sliding_window=sliding,
+    )
 
 
 def analyze_config(cfg: dict, name: str) -> ModelSpec:
@@ -227,12 +277,25 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     norm_kind = _norm_kind(norm, hidden)
     sdpa = getattr(type(model), "_supports_sdpa", False)
     return ModelSpec(
-        name=name, architecture=type(model).__name__, model_type=tcfg.model_type, hidden=hidden, n_heads=n_heads,
-        n_kv_heads=n_kv, head_dim=head_dim, vocab=emb.weight.shape[0], tied_embeddings=tied, num_layers=n_layers,
-        layers=specs, embed_numel=embed_n, lm_head_numel=head_n, final_norm_numel=final_norm_n,
+        name=name,
+        architecture=type(model).__name__,
+        model_type=tcfg.model_type,
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        vocab=emb.weight.shape[0],
+        tied_embeddings=tied,
+        num_layers=n_layers,
+        layers=specs,
+        embed_numel=embed_n,
+        lm_head_numel=head_n,
+        final_norm_numel=final_norm_n,
         # an image-text checkpoint: what lies outside its text decoder is the vision side
-        other_numel=0 if tcfg is not config else other_n, idle_numel=other_n if tcfg is not config else 0,
-        attn_implementation="sdpa" if sdpa else "eager", norm_kind=norm_kind,
+        other_numel=0 if tcfg is not config else other_n,
+        idle_numel=other_n if tcfg is not config else 0,
+        attn_implementation="sdpa" if sdpa else "eager",
+        norm_kind=norm_kind,
         supports_flash=bool(getattr(type(model), "_supports_flash_attn", False)),
         norms_per_layer=len(specs[0].norm_numels) - len(specs[0].attn_norm_dims) if specs else 0,
         final_logit_softcapping=getattr(tcfg, "final_logit_softcapping", None),
@@ -261,6 +324,7 @@ def _norm_kind(norm, hidden: int) -> str:
 def _fp32_saved(norm, hidden: int) -> int:
     """Distinct full-size fp32 tensors autograd saves in one bf16 forward, weight trained."""
     import torch
+
     probe = copy.deepcopy(norm).to_empty(device="cpu").to(torch.bfloat16)
     with torch.no_grad():
         for p in probe.parameters():
@@ -273,6 +337,7 @@ def _fp32_saved(norm, hidden: int) -> int:
         if t.dtype == torch.float32 and t.numel() >= x.numel():
             storages.add(t.untyped_storage().data_ptr())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         probe(x)
     return len(storages)
@@ -280,5 +345,8 @@ def _fp32_saved(norm, hidden: int) -> int:
 
 def _dropouts(config) -> dict[str, float]:
     """Dropout the architecture itself applies in training (not LoRA's), by config key."""
-    return {k: float(v) for k, v in sorted(config.to_dict().items())
-            if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+    return {
+        k: float(v)
+        for k, v in sorted(config.to_dict().items())
+        if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    }

@@ -3,6 +3,7 @@
 The numbers depend on the micro-batch x sequence, the training stack, the host RAM and how
 GPUs outside an FSDP group run; a user who reads a table without them reads the wrong table.
 """
+
 from __future__ import annotations
 
 from vramplan.setup import Stack
@@ -32,10 +33,12 @@ def data_parallel_phrase(gpu_count: int) -> str:
     """How GPUs outside one FSDP group train (the per-GPU memory is that of one replica)."""
     if gpu_count < 2:
         return "one GPU"
-    return (f"{gpu_count} GPUs: without FSDP or DeepSpeed they are DDP replicas (each holds the whole model "
-            "and its gradient buckets: gradient_as_bucket_view=False, torch's and accelerate's default, so a "
-            "second copy of the trainable gradients; memory/ddp.py); with FSDP the GPUs outside one group "
-            "replicate it")
+    return (
+        f"{gpu_count} GPUs: without FSDP or DeepSpeed they are DDP replicas (each holds the whole model "
+        "and its gradient buckets: gradient_as_bucket_view=False, torch's and accelerate's default, so a "
+        "second copy of the trainable gradients; memory/ddp.py); with FSDP the GPUs outside one group "
+        "replicate it"
+    )
 
 
 def batch_phrase(batch_size: int, seq_len: int) -> str:

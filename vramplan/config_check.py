@@ -7,6 +7,7 @@ Each key below is checked for its type (an int, not a bool, float or string), it
 head_dim is given; key-value heads divide the heads), naming the file and the key. Only keys
 present are checked: a missing one is transformers' default for the model_type.
 """
+
 from __future__ import annotations
 
 from vramplan.errors import VramplanError
@@ -14,21 +15,44 @@ from vramplan.limits import MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, M
 
 # key -> the largest value; every one a positive count of something the memory model sizes
 COUNT_KEYS: dict[str, int] = {
-    "hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH, "moe_intermediate_size": MAX_WIDTH,
-    "shared_expert_intermediate_size": MAX_WIDTH, "head_dim": MAX_WIDTH, "kv_lora_rank": MAX_WIDTH,
-    "q_lora_rank": MAX_WIDTH, "qk_rope_head_dim": MAX_WIDTH, "qk_nope_head_dim": MAX_WIDTH, "v_head_dim": MAX_WIDTH,
-    "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS,
-    "vocab_size": MAX_VOCAB, "max_position_embeddings": MAX_POSITIONS, "sliding_window": MAX_POSITIONS,
-    "num_local_experts": MAX_EXPERTS, "num_experts": MAX_EXPERTS, "n_routed_experts": MAX_EXPERTS,
+    "hidden_size": MAX_WIDTH,
+    "intermediate_size": MAX_WIDTH,
+    "moe_intermediate_size": MAX_WIDTH,
+    "shared_expert_intermediate_size": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "kv_lora_rank": MAX_WIDTH,
+    "q_lora_rank": MAX_WIDTH,
+    "qk_rope_head_dim": MAX_WIDTH,
+    "qk_nope_head_dim": MAX_WIDTH,
+    "v_head_dim": MAX_WIDTH,
+    "num_hidden_layers": MAX_LAYERS,
+    "num_attention_heads": MAX_HEADS,
+    "num_key_value_heads": MAX_HEADS,
+    "vocab_size": MAX_VOCAB,
+    "max_position_embeddings": MAX_POSITIONS,
+    "sliding_window": MAX_POSITIONS,
+    "num_local_experts": MAX_EXPERTS,
+    "num_experts": MAX_EXPERTS,
+    "n_routed_experts": MAX_EXPERTS,
     "num_experts_per_tok": MAX_EXPERTS,
 }
 # the keys a decoder cannot do without: null is an error (the others may be null: "not used")
-REQUIRED_IF_PRESENT = frozenset({"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                                 "intermediate_size"})
+REQUIRED_IF_PRESENT = frozenset(
+    {"hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"}
+)
 # keys that some configs set to 0 for "none" (a dense Qwen2-MoE layer, no shared expert)
-ZERO_MEANS_NONE = frozenset({"num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
-                             "moe_intermediate_size", "shared_expert_intermediate_size", "sliding_window",
-                             "q_lora_rank"})
+ZERO_MEANS_NONE = frozenset(
+    {
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "sliding_window",
+        "q_lora_rank",
+    }
+)
 
 
 def _bad(name: str, key: str, what: str) -> VramplanError:
@@ -44,8 +68,9 @@ def _check_count(name: str, prefix: str, key: str, value: object, hi: int) -> No
     lo = 0 if key in ZERO_MEANS_NONE else 1
     if not lo <= value <= hi:
         shown = str(value) if abs(value) < 10**30 else "a number beyond any model"
-        raise _bad(name, prefix + key, f"must be {'at least 0' if lo == 0 else 'positive'} and at most {hi:,}, "
-                   f"got {shown}")
+        raise _bad(
+            name, prefix + key, f"must be {'at least 0' if lo == 0 else 'positive'} and at most {hi:,}, got {shown}"
+        )
 
 
 def _check_part(name: str, prefix: str, part: dict) -> None:
@@ -55,8 +80,11 @@ def _check_part(name: str, prefix: str, part: dict) -> None:
     hidden, heads = part.get("hidden_size"), part.get("num_attention_heads")
     kv, head_dim = part.get("num_key_value_heads"), part.get("head_dim")
     if hidden and heads and not head_dim and hidden % heads:
-        raise _bad(name, prefix + "hidden_size", f"{hidden} is not divisible by num_attention_heads {heads} (and no "
-                   "head_dim is given)")
+        raise _bad(
+            name,
+            prefix + "hidden_size",
+            f"{hidden} is not divisible by num_attention_heads {heads} (and no head_dim is given)",
+        )
     if heads and kv and heads % kv:
         raise _bad(name, prefix + "num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}")
     experts = part.get("num_local_experts") or part.get("num_experts") or part.get("n_routed_experts")
@@ -73,6 +101,9 @@ def check_config(cfg: dict, name: str) -> None:
     if "text_config" in cfg:
         text = cfg["text_config"]
         if not isinstance(text, dict):
-            raise _bad(name, "text_config", "must be an object (the text decoder's config), got "
-                       f"{'null' if text is None else type(text).__name__}")
+            raise _bad(
+                name,
+                "text_config",
+                f"must be an object (the text decoder's config), got {'null' if text is None else type(text).__name__}",
+            )
         _check_part(name, "text_config.", text)

@@ -5,14 +5,27 @@ the config class's default (LlamaConfig: 11008), and the estimate is that of ano
 model. The estimate cannot know what was meant, so it names every memory-shaping field
 that was filled this way, with the value used.
 """
+
 from __future__ import annotations
 
 # The keys that decide parameter and activation shapes (vramplan/presets/README.md, "What a
 # preset holds"), and the MoE sizes of the configs that have them.
 MEMORY_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "vocab_size", "tie_word_embeddings", "sliding_window", "attention_bias", "mlp_bias",
-    "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "sliding_window",
+    "attention_bias",
+    "mlp_bias",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
 )
 
 

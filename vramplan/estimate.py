@@ -1,4 +1,5 @@
 """Estimate: one configuration on given GPUs -> per-GPU peak, breakdown and verdict."""
+
 from __future__ import annotations
 
 import os
@@ -56,21 +57,31 @@ def fp16_on_card(setup: TrainingSetup, gpus: GpuSpec, precision_given: bool) -> 
         fields["model_dtype"] = None
     if setup.lora_like and setup.adapter_dtype == AdapterDtype.BF16:
         fields["adapter_dtype"] = AdapterDtype.FP32
-    note = (f"{gpus.profile.display_name} has no bf16: estimated with --precision fp16 (fp16 autocast and a "
-            "GradScaler, fp32 trainable parameters" + ("" if setup.lora_like else ", fp32 weights") + "); "
-            "give --precision to override")
+    note = (
+        f"{gpus.profile.display_name} has no bf16: estimated with --precision fp16 (fp16 autocast and a "
+        "GradScaler, fp32 trainable parameters" + ("" if setup.lora_like else ", fp32 weights") + "); "
+        "give --precision to override"
+    )
     return TrainingSetup(**fields), [note]
 
 
-def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None = None,
-                 gpu_bandwidth: float | str | None = None, reserve: str | int | None = None) -> GpuSpec:
+def resolve_gpus(
+    gpus: str | GpuSpec | None,
+    *,
+    gpu_tflops: float | str | None = None,
+    gpu_bandwidth: float | str | None = None,
+    reserve: str | int | None = None,
+) -> GpuSpec:
     """The GPUs to plan for: given (--gpus), else detected; then the user's overrides.
 
     reserve: memory already in use on each card (--reserve SIZE, or bytes); on detected GPUs
     it defaults to what NVML reports in use before the run (a desktop, another job)."""
     if not (gpus is None or isinstance(gpus, (str, GpuSpec))):
-        raise VramplanError(f"must be a string such as '2x24GB' or 'rtx-4090', or a GpuSpec; got {type(gpus).__name__} "
-                            f"{str(gpus)[:40]}", "--gpus")
+        raise VramplanError(
+            f"must be a string such as '2x24GB' or 'rtx-4090', or a GpuSpec; got {type(gpus).__name__} "
+            f"{str(gpus)[:40]}",
+            "--gpus",
+        )
     if isinstance(gpus, GpuSpec):
         found = gpus
     elif gpus:
@@ -85,8 +96,9 @@ def resolve_gpus(gpus: str | GpuSpec | None, *, gpu_tflops: float | str | None =
         reserve = parse_bytes(reserve, "--reserve")
     elif reserve is None and not gpus:
         reserve, source = detected_used_bytes(), "what NVML reports in use before the run"
-    return with_overrides(found, tflops=gpu_tflops, bandwidth_gbps=gpu_bandwidth, reserve_bytes=reserve,
-                          reserve_source=source)
+    return with_overrides(
+        found, tflops=gpu_tflops, bandwidth_gbps=gpu_bandwidth, reserve_bytes=reserve, reserve_source=source
+    )
 
 
 def with_data_parallel(setup: TrainingSetup, gpus: GpuSpec) -> TrainingSetup:
@@ -107,27 +119,34 @@ def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> No
         raise VramplanError(f"--fsdp {setup.fsdp} needs {setup.fsdp} GPUs but --gpus gives {gpus.count}", "--fsdp")
     check_lora_targets(spec, setup)
     if gpus.count % setup.nodes:
-        raise VramplanError(f"--nodes {setup.nodes} does not divide the {gpus.count} GPUs of --gpus (--gpus counts "
-                            "the GPUs of all nodes)", "--nodes")
+        raise VramplanError(
+            f"--nodes {setup.nodes} does not divide the {gpus.count} GPUs of --gpus (--gpus counts "
+            "the GPUs of all nodes)",
+            "--nodes",
+        )
     if setup.sharded and setup.fsdp > 1 and gpus.count % setup.fsdp:
         raise VramplanError(f"--fsdp {setup.fsdp} does not divide the {gpus.count} GPUs of --gpus", "--fsdp")
     if setup.lora_like:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.lora_r > smallest:
-            raise VramplanError(f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})",
-                                "--lora-r")
+            raise VramplanError(
+                f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})", "--lora-r"
+            )
     if setup.method == Method.GALORE:
         smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
         if setup.galore_rank > smallest:
-            raise VramplanError(f"rank {setup.galore_rank} is larger than the smallest projected weight dimension "
-                                f"({smallest})", "--galore-rank")
+            raise VramplanError(
+                f"rank {setup.galore_rank} is larger than the smallest projected weight dimension ({smallest})",
+                "--galore-rank",
+            )
 
 
 # Architectures whose decoder layer the memory model's rules were held to, phase by phase,
 # on the CPU trace of the real step (tests/test_cpu_trace.py) or measured on the H100
 # (tests/data/h100_dev.jsonl). Anything else is built and estimated all the same, with a note.
-TRACED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "phi3", "gemma2", "qwen2", "qwen3", "qwen3_moe",
-                                "gemma3_text", "granite", "olmo2"})
+TRACED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "phi3", "gemma2", "qwen2", "qwen3", "qwen3_moe", "gemma3_text", "granite", "olmo2"}
+)
 
 
 def coverage_notes(spec: ModelSpec) -> list[str]:
@@ -136,25 +155,35 @@ def coverage_notes(spec: ModelSpec) -> list[str]:
     untyped = sorted({l.name for layer in spec.layers for l in layer.linears if l.role == "other"})
     if untyped:
         # their outputs and saved inputs follow no rule (DeepSeek's MLA: 21% low on the CPU trace)
-        notes.append(f"activations are likely underestimated: no rule for the Linears {', '.join(untyped)} "
-                     f"of {spec.model_type} (their weights are counted)")
+        notes.append(
+            f"activations are likely underestimated: no rule for the Linears {', '.join(untyped)} "
+            f"of {spec.model_type} (their weights are counted)"
+        )
     if spec.idle_numel:
-        notes.append(f"built as {spec.architecture} (an image-text checkpoint): its vision tower and projector, "
-                     f"{spec.idle_numel / 1e9:.2f}B parameters, are stored; a text-only step does not run them, so "
-                     "they get no gradient and no optimizer state, even in a full fine-tune")
+        notes.append(
+            f"built as {spec.architecture} (an image-text checkpoint): its vision tower and projector, "
+            f"{spec.idle_numel / 1e9:.2f}B parameters, are stored; a text-only step does not run them, so "
+            "they get no gradient and no optimizer state, even in a full fine-tune"
+        )
     if spec.dropouts:
         # each dropout keeps a mask (and often its output) for backward; no rule counts them
         said = ", ".join(f"{k}={v:g}" for k, v in spec.dropouts.items())
-        notes.append(f"activations are underestimated: the config trains with dropout ({said}), which no rule "
-                     "counts (set it to 0 in config.json to estimate the model without it)")
+        notes.append(
+            f"activations are underestimated: the config trains with dropout ({said}), which no rule "
+            "counts (set it to 0 in config.json to estimate the model without it)"
+        )
     if spec.defaulted:
         said = ", ".join(f"{k}={v}" for k, v in spec.defaulted.items())
-        notes.append(f"config.json does not set {', '.join(spec.defaulted)}: transformers' {spec.model_type} defaults "
-                     f"were used ({said}); they shape memory, so set them if the checkpoint differs")
+        notes.append(
+            f"config.json does not set {', '.join(spec.defaulted)}: transformers' {spec.model_type} defaults "
+            f"were used ({said}); they shape memory, so set them if the checkpoint differs"
+        )
     if spec.model_type not in TRACED_MODEL_TYPES:
-        notes.append(f"{spec.model_type}: this architecture's layers were never checked against a traced step "
-                     f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify MODEL --device cpu "
-                     "--num-layers 2 --seq-len 512` traces it on this machine, `vramplan verify` on a GPU measures it")
+        notes.append(
+            f"{spec.model_type}: this architecture's layers were never checked against a traced step "
+            f"(checked: {', '.join(sorted(TRACED_MODEL_TYPES))}); `vramplan verify MODEL --device cpu "
+            "--num-layers 2 --seq-len 512` traces it on this machine, `vramplan verify` on a GPU measures it"
+        )
     return notes
 
 
@@ -163,9 +192,11 @@ def context_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     scaling, rope_scaling in config.json, runs a model past its trained context)."""
     if spec.max_positions is None or setup.seq_len <= spec.max_positions:
         return []
-    return [f"WARNING: --seq-len {setup.seq_len:,} is beyond the model's context (max_position_embeddings "
-            f"{spec.max_positions:,}): it runs with RoPE scaling (rope_scaling in config.json), and the model was not "
-            "trained that long; the memory is estimated at the length given"]
+    return [
+        f"WARNING: --seq-len {setup.seq_len:,} is beyond the model's context (max_position_embeddings "
+        f"{spec.max_positions:,}): it runs with RoPE scaling (rope_scaling in config.json), and the model was not "
+        "trained that long; the memory is estimated at the length given"
+    ]
 
 
 def fused_expert_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
@@ -181,27 +212,34 @@ def fused_expert_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         return []
     size = sum(2 * e.numel for e in experts)
     names = ", ".join(sorted({name for e in experts for name, _ in e.tensors}))
-    quant = "neither quantized (4-bit replaces nn.Linear only) nor adapted" if setup.quant is not None else \
-        "not adapted"
-    return [f"{spec.model_type}: its MoE experts ({names}) are fused 3-D tensors, not nn.Linear: under transformers "
-            f"+ peft{' + bitsandbytes' if setup.quant is not None else ''} they are {quant} (LoRA targets Linears), "
-            f"so {size / GiB:.1f} GiB of expert weights stay bf16 and frozen in this estimate; a stack that "
-            "quantizes or adapts experts needs its own rule"]
+    quant = (
+        "neither quantized (4-bit replaces nn.Linear only) nor adapted" if setup.quant is not None else "not adapted"
+    )
+    return [
+        f"{spec.model_type}: its MoE experts ({names}) are fused 3-D tensors, not nn.Linear: under transformers "
+        f"+ peft{' + bitsandbytes' if setup.quant is not None else ''} they are {quant} (LoRA targets Linears), "
+        f"so {size / GiB:.1f} GiB of expert weights stay bf16 and frozen in this estimate; a stack that "
+        "quantizes or adapts experts needs its own rule"
+    ]
 
 
 # How each framework turns on a loss that never builds the [N,V] logits, in its own words
 # (liger-kernel==0.8.5 README; axolotl==0.19.0 integrations/cut_cross_entropy/README.md;
 # trl==1.16.0 sft_trainer.py:1142-1147; torchtune==0.6.1 recipes/configs/*: loss _component_).
-FUSED_LOSS_HOWTO = ("`--loss liger` (`use_liger_kernel: true` in TRL/HF Trainer; in axolotl the plugin "
-                    "`axolotl.integrations.liger.LigerPlugin` under `plugins:` with "
-                    "`liger_fused_linear_cross_entropy: true`), `--loss cce` (in axolotl the plugin "
-                    "`axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin` under `plugins:`), "
-                    "`--loss trl-chunked-nll` (TRL 1.16's SFTTrainer does it by default), `--loss unsloth` "
-                    "(Unsloth's FastLanguageModel, always on), `--loss chunked` (torchtune: "
-                    "`loss: {_component_: torchtune.modules.loss.CEWithChunkedOutputLoss}`)")
+FUSED_LOSS_HOWTO = (
+    "`--loss liger` (`use_liger_kernel: true` in TRL/HF Trainer; in axolotl the plugin "
+    "`axolotl.integrations.liger.LigerPlugin` under `plugins:` with "
+    "`liger_fused_linear_cross_entropy: true`), `--loss cce` (in axolotl the plugin "
+    "`axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin` under `plugins:`), "
+    "`--loss trl-chunked-nll` (TRL 1.16's SFTTrainer does it by default), `--loss unsloth` "
+    "(Unsloth's FastLanguageModel, always on), `--loss chunked` (torchtune: "
+    "`loss: {_component_: torchtune.modules.loss.CEWithChunkedOutputLoss}`)"
+)
 # The same, in one line for a strategy row
-FUSED_LOSS_SHORT = ("the same training with a fused cross-entropy (`--loss liger`): `use_liger_kernel: true` in "
-                    "TRL/HF Trainer, the CutCrossEntropyPlugin in axolotl, on by default in TRL 1.16 and Unsloth")
+FUSED_LOSS_SHORT = (
+    "the same training with a fused cross-entropy (`--loss liger`): `use_liger_kernel: true` in "
+    "TRL/HF Trainer, the CutCrossEntropyPlugin in axolotl, on by default in TRL 1.16 and Unsloth"
+)
 
 
 def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:
@@ -211,25 +249,31 @@ def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:
     if setup.loss != Loss.HF or loss < 0.25 * peak.allocated or loss < GiB:
         return []
     moment = "backward" if peak.kind == PhaseKind.LOSS_BACKWARD else "forward"
-    return [f"the loss {moment} on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak "
-            "(the model's own cross-entropy: fp32 logits, log-softmax and their grads); a fused or chunked loss "
-            f"holds a fraction of that: {FUSED_LOSS_HOWTO}"]
+    return [
+        f"the loss {moment} on {spec.vocab:,}-entry logits holds {loss / GiB:.2f} GiB of this peak "
+        "(the model's own cross-entropy: fp32 logits, log-softmax and their grads); a fused or chunked loss "
+        f"holds a fraction of that: {FUSED_LOSS_HOWTO}"
+    ]
 
 
 def _flat_margin_note(left_out: str | None) -> list[str]:
     if left_out is None:
         return []
-    return [f"reserved memory is the flat margin (5% of the peak + 32 MiB), not the allocator replay: the step's "
-            f"allocation events do not model {left_out} (vramplan/reserved.py)"]
+    return [
+        f"reserved memory is the flat margin (5% of the peak + 32 MiB), not the allocator replay: the step's "
+        f"allocation events do not model {left_out} (vramplan/reserved.py)"
+    ]
 
 
 def _pressure_note(sim: Simulated, total: int, capacity: int) -> list[str]:
     """When the verdict rests on the allocator emptying its cache under pressure."""
     if not sim.fits or total <= capacity:
         return []
-    return [f"fits only under memory pressure: on a larger card this step would reserve {total / GiB:.2f} GiB with "
-            f"the CUDA context; on this one the caching allocator frees its cached blocks and retries "
-            f"({sim.capped.num_alloc_retries if sim.capped else 0} times in the simulated step), which costs time"]
+    return [
+        f"fits only under memory pressure: on a larger card this step would reserve {total / GiB:.2f} GiB with "
+        f"the CUDA context; on this one the caching allocator frees its cached blocks and retries "
+        f"({sim.capped.num_alloc_retries if sim.capped else 0} times in the simulated step), which costs time"
+    ]
 
 
 def allocator_overhead(peak_alloc: int) -> int:
@@ -273,8 +317,9 @@ def ranks_per_node(setup: TrainingSetup, gpus: GpuSpec) -> int:
     return max(min(gpus.count, world) // setup.nodes, 1)
 
 
-def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None,
-                  alloc_conf: str | None = None) -> Estimate:
+def estimate_spec(
+    spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None, alloc_conf: str | None = None
+) -> Estimate:
     """alloc_conf: PYTORCH_CUDA_ALLOC_CONF for the allocator replay (default: the environment's)."""
     check_compatible(spec, setup, gpus)
     setup = with_data_parallel(setup, gpus)
@@ -288,34 +333,65 @@ def estimate_spec(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram
     # reserved and the verdict: the step's events replayed through the caching-allocator model
     config = alloc_config(alloc_conf)
     left_out = events_left_out(setup)
-    sim = (flat_margin(alloc, capacity - context - paged, allocator_overhead(alloc)) if left_out
-           else simulate(spec, setup, capacity - context - paged, config))
+    sim = (
+        flat_margin(alloc, capacity - context - paged, allocator_overhead(alloc))
+        if left_out
+        else simulate(spec, setup, capacity - context - paged, config)
+    )
     reserved = max(sim.peak_reserved, alloc)
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
     breakdown[C.CUDA_CONTEXT] = context
     total = reserved + context + paged
     host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
-    per_gpu = PerGpu(peak_allocated_bytes=alloc, peak_reserved_bytes=reserved, total_bytes=total,
-                     breakdown=breakdown, peak_phase=peak.name,
-                     phases={p.name: p.allocated for p in model.phases},
-                     phase_measured={p.name: p.measured.value for p in model.phases})
-    notes = (stack_lines(setup) + context_note(spec, setup) + gpu_notes(gpus) + coverage_notes(spec)
-             + fused_expert_note(spec, setup) + list(model.notes) + _loss_note(spec, setup, peak))
+    per_gpu = PerGpu(
+        peak_allocated_bytes=alloc,
+        peak_reserved_bytes=reserved,
+        total_bytes=total,
+        breakdown=breakdown,
+        peak_phase=peak.name,
+        phases={p.name: p.allocated for p in model.phases},
+        phase_measured={p.name: p.measured.value for p in model.phases},
+    )
+    notes = (
+        stack_lines(setup)
+        + context_note(spec, setup)
+        + gpu_notes(gpus)
+        + coverage_notes(spec)
+        + fused_expert_note(spec, setup)
+        + list(model.notes)
+        + _loss_note(spec, setup, peak)
+    )
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
-    return Estimate(model=spec.name, setup=setup, description=setup.describe(),
-                    gpu_name=gpus.profile.display_name, gpu_count=gpus.count, gpu_memory_bytes=capacity,
-                    per_gpu=per_gpu, host_ram_bytes=host, host_ram_available_bytes=host_ram,
-                    fits_gpu=sim.fits, fits_host=host_ram is None or host <= host_ram,
-                    fits=sim.fits and (host_ram is None or host <= host_ram),
-                    headroom_bytes=sim.headroom,
-                    notes=notes + _pressure_note(sim, total, capacity) + _flat_margin_note(left_out)
-                    + expandable_note(spec, setup, capacity - context - paged, config, sim))
+    return Estimate(
+        model=spec.name,
+        setup=setup,
+        description=setup.describe(),
+        gpu_name=gpus.profile.display_name,
+        gpu_count=gpus.count,
+        gpu_memory_bytes=capacity,
+        per_gpu=per_gpu,
+        host_ram_bytes=host,
+        host_ram_available_bytes=host_ram,
+        fits_gpu=sim.fits,
+        fits_host=host_ram is None or host <= host_ram,
+        fits=sim.fits and (host_ram is None or host <= host_ram),
+        headroom_bytes=sim.headroom,
+        notes=notes
+        + _pressure_note(sim, total, capacity)
+        + _flat_margin_note(left_out)
+        + expandable_note(spec, setup, capacity - context - paged, config, sim),
+    )
 
 
-def estimate_config(model: str | ModelSpec, gpus: str | GpuSpec | None = None, num_layers: int | None = None,
-                    host_ram: int | None = None, **setup_fields) -> Estimate:
+def estimate_config(
+    model: str | ModelSpec,
+    gpus: str | GpuSpec | None = None,
+    num_layers: int | None = None,
+    host_ram: int | None = None,
+    **setup_fields,
+) -> Estimate:
     setup = make_setup(**setup_fields)
     gspec = resolve_gpus(gpus)
     host_ram = host_ram_bytes(host_ram, "--host-ram")

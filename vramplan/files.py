@@ -7,6 +7,7 @@ or a directory named ``x.png`` fails in a second rather than after a run; the re
 written to a temporary name in the same folder and renamed (os.replace) over the target, so
 a full disk leaves no truncated file. Files get the mode the umask allows (mkstemp's are 0600).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ from pathlib import Path
 from vramplan.errors import VramplanError
 from vramplan.limits import MAX_JSON_DEPTH
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _why(e: OSError) -> str:

@@ -5,6 +5,7 @@ A size without a card (`--gpus 2x24GB`) stands for a named known card: the slowe
 sold with that size (see `size_profile`), so that a bare size is never priced faster than a
 card people actually buy with that much memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,10 @@ from vramplan.units import GiB, MiB, TiB
 _FLAG = "--gpus"
 
 # Parser bounds: far above any real machine, low enough that no arithmetic overflows.
-MAX_GPU_COUNT = 4096            # GPUs in one --gpus (all nodes together)
-MAX_GPU_MEMORY = 2 * TiB        # memory of one GPU (an MI355X has 288 GB)
-MAX_GPU_TFLOPS = 100_000.0      # --gpu-tflops (a B200 has ~2,250 dense BF16)
-MAX_GPU_BANDWIDTH = 100_000.0   # --gpu-bandwidth, GB/s (a B200 has 8,000)
+MAX_GPU_COUNT = 4096  # GPUs in one --gpus (all nodes together)
+MAX_GPU_MEMORY = 2 * TiB  # memory of one GPU (an MI355X has 288 GB)
+MAX_GPU_TFLOPS = 100_000.0  # --gpu-tflops (a B200 has ~2,250 dense BF16)
+MAX_GPU_BANDWIDTH = 100_000.0  # --gpu-bandwidth, GB/s (a B200 has 8,000)
 
 
 class Vendor(str, Enum):
@@ -42,8 +43,9 @@ class HardwareProfile(BaseModel):
     display_name: str
     vendor: Vendor = Vendor.NVIDIA
     nvml_names: list[str] = Field(default_factory=list)
-    nominal_memory_gb: float = Field(gt=0, le=MAX_GPU_MEMORY / GiB,
-                                     description="memory the card is sold with, GiB of chips")
+    nominal_memory_gb: float = Field(
+        gt=0, le=MAX_GPU_MEMORY / GiB, description="memory the card is sold with, GiB of chips"
+    )
     memory_bytes: int = Field(gt=0, description="what torch.cuda.mem_get_info() reports as total")
     memory_bytes_source: str = ""
     bf16: bool = Field(True, description="the tensor cores run bf16 (Ampere and later; not Turing or Volta)")
@@ -57,8 +59,9 @@ class HardwareProfile(BaseModel):
     cuda_context_bytes: int = Field(419430400, ge=0, description="CUDA context outside torch's statistics")
     compute_capability: str = ""
     software_notes: str = Field("", description="what the training libraries support on this card (ROCm, ...)")
-    stands_for_size: bool = Field(False, description="what a bare size (--gpus 24GB) means: the most owned "
-                                  "training card of that size")
+    stands_for_size: bool = Field(
+        False, description="what a bare size (--gpus 24GB) means: the most owned training card of that size"
+    )
     notes: str = ""
 
     @model_validator(mode="after")
@@ -104,17 +107,22 @@ def gpu_notes(gpus: GpuSpec) -> list[str]:
     """Notes an estimate on these GPUs carries: how the card was resolved, and no-bf16 cards."""
     notes = list(gpus.notes)
     if not supports_bf16(gpus.profile):
-        notes.append(f"{gpus.profile.display_name} has no bf16 (compute capability {gpus.profile.compute_capability}): "
-                     "mixed precision runs in fp16 with a loss scaler there; its memory is that of the bf16 step "
-                     f"(both 2 bytes), its speed the fp16 tensor rate ({gpus.profile.fp16_dense_tflops:g} TFLOP/s)")
+        notes.append(
+            f"{gpus.profile.display_name} has no bf16 (compute capability {gpus.profile.compute_capability}): "
+            "mixed precision runs in fp16 with a loss scaler there; its memory is that of the bf16 step "
+            f"(both 2 bytes), its speed the fp16 tensor rate ({gpus.profile.fp16_dense_tflops:g} TFLOP/s)"
+        )
     if gpus.profile.vendor != Vendor.NVIDIA:
         # the memory model's CUDA context and cuBLAS workspace are NVIDIA's; nobody measured ROCm's yet
-        notes.append(f"{gpus.profile.display_name} runs ROCm: the CUDA context and cuBLAS workspace in this estimate "
-                     f"are NVIDIA's defaults, not measured there. {gpus.profile.software_notes}".strip())
+        notes.append(
+            f"{gpus.profile.display_name} runs ROCm: the CUDA context and cuBLAS workspace in this estimate "
+            f"are NVIDIA's defaults, not measured there. {gpus.profile.software_notes}".strip()
+        )
     return notes
 
 
 # ------------------------------------------------------------------ loading
+
 
 def _profile_dir() -> Path:
     here = Path(__file__).parent
@@ -134,6 +142,7 @@ def _read_profile_file(path: Path) -> dict:
     """A profile file read through the regular-file boundary (vramplan.files: no device, pipe
     or file over 1 MiB; strict JSON, bounded nesting)."""
     from vramplan.files import parse_json, read_regular
+
     what = f"hardware profile {path}"
     data = read_regular(path, 2**20, "hardware profile")
     if path.suffix != ".toml":
@@ -184,6 +193,7 @@ def profiles() -> dict[str, HardwareProfile]:
 
 
 # ------------------------------------------------------------------ sizes
+
 
 def _slowest(cards: list[HardwareProfile]) -> HardwareProfile:
     """The slowest of these cards for a training step: bf16-capable cards first (the estimate is
@@ -236,17 +246,28 @@ def size_profile(size_bytes: int) -> tuple[HardwareProfile, str]:
         if ref.name != room.name:
             why += f", priced as {ref.name} (the slowest known {gib:g} GB card)"
     elif below:
-        why = (f"{name} (no known card of this size) priced as {ref.name}, the slowest known card of the next "
-               f"smaller size ({ref_size / GiB:g} GB); usable memory {usable / GiB:.2f} GiB, {room.name}'s reported "
-               "fraction of the size")
+        why = (
+            f"{name} (no known card of this size) priced as {ref.name}, the slowest known card of the next "
+            f"smaller size ({ref_size / GiB:g} GB); usable memory {usable / GiB:.2f} GiB, {room.name}'s reported "
+            "fraction of the size"
+        )
     else:
         ref = _slowest([p for cards in sized.values() for p in cards])
-        why = (f"{name} (smaller than any known card) priced as {ref.name}, the slowest known card; usable "
-               f"memory {usable / GiB:.2f} GiB")
+        why = (
+            f"{name} (smaller than any known card) priced as {ref.name}, the slowest known card; usable "
+            f"memory {usable / GiB:.2f} GiB"
+        )
     shown = room.name if ref_size == size_bytes else ref.name
-    prof = ref.model_copy(update={"name": name, "display_name": f"{gib:g} GB GPU (as {shown})",
-                                  "nominal_memory_gb": gib, "memory_bytes": usable, "nvml_names": [],
-                                  "memory_bytes_source": why})
+    prof = ref.model_copy(
+        update={
+            "name": name,
+            "display_name": f"{gib:g} GB GPU (as {shown})",
+            "nominal_memory_gb": gib,
+            "memory_bytes": usable,
+            "nvml_names": [],
+            "memory_bytes_source": why,
+        }
+    )
     return prof, why
 
 
@@ -292,12 +313,16 @@ def parse_gpus(text: str) -> GpuSpec:
     elif what in profiles():
         prof = profiles()[what]
     else:
-        raise VramplanError(f"unknown GPU {what[:40]!r}; use NxSIZE (e.g. 2x24GB) or one of: {', '.join(profiles())} "
-                            f"(or add a profile file to {user_profile_dir()})", _FLAG)
+        raise VramplanError(
+            f"unknown GPU {what[:40]!r}; use NxSIZE (e.g. 2x24GB) or one of: {', '.join(profiles())} "
+            f"(or add a profile file to {user_profile_dir()})",
+            _FLAG,
+        )
     return GpuSpec(count=count, profile=prof, label=f"{count}x{prof.name}", notes=notes)
 
 
 # ------------------------------------------------------------------ overrides
+
 
 def _positive_number(value: float | str, flag: str, limit: float) -> float:
     try:
@@ -309,8 +334,14 @@ def _positive_number(value: float | str, flag: str, limit: float) -> float:
     return number
 
 
-def with_overrides(gpus: GpuSpec, *, tflops: float | str | None = None, bandwidth_gbps: float | str | None = None,
-                   reserve_bytes: int | None = None, reserve_source: str = "--reserve") -> GpuSpec:
+def with_overrides(
+    gpus: GpuSpec,
+    *,
+    tflops: float | str | None = None,
+    bandwidth_gbps: float | str | None = None,
+    reserve_bytes: int | None = None,
+    reserve_source: str = "--reserve",
+) -> GpuSpec:
     """GPUs with the speed the user states (--gpu-tflops: the dense tensor rate of the step,
     bf16 or fp16 on a card without bf16; --gpu-bandwidth, GB/s) and memory already taken on
     each card (--reserve, or NVML's used memory on detected GPUs) subtracted from usable."""
@@ -327,17 +358,22 @@ def with_overrides(gpus: GpuSpec, *, tflops: float | str | None = None, bandwidt
         notes.append(f"memory bandwidth: {bw:g} GB/s (--gpu-bandwidth) instead of {prof.memory_bandwidth_gbps:g}")
     if reserve_bytes:
         if reserve_bytes >= prof.memory_bytes:
-            raise VramplanError(f"{reserve_bytes / GiB:.2f} GiB is not below the card's usable "
-                                f"{prof.memory_bytes / GiB:.2f} GiB", "--reserve")
+            raise VramplanError(
+                f"{reserve_bytes / GiB:.2f} GiB is not below the card's usable {prof.memory_bytes / GiB:.2f} GiB",
+                "--reserve",
+            )
         update["memory_bytes"] = prof.memory_bytes - reserve_bytes
-        notes.append(f"{reserve_bytes / GiB:.2f} GiB per GPU already in use is subtracted ({reserve_source}): "
-                     f"{update['memory_bytes'] / GiB:.2f} GiB of {prof.memory_bytes / GiB:.2f} GiB left")
+        notes.append(
+            f"{reserve_bytes / GiB:.2f} GiB per GPU already in use is subtracted ({reserve_source}): "
+            f"{update['memory_bytes'] / GiB:.2f} GiB of {prof.memory_bytes / GiB:.2f} GiB left"
+        )
     if not update:
         return gpus
     return gpus.model_copy(update={"profile": prof.model_copy(update=update), "notes": tuple(notes)})
 
 
 # ------------------------------------------------------------------ detection
+
 
 def detected_used_bytes() -> int | None:
     """Memory other processes (a desktop, another job) use on the busiest detected GPU before the
@@ -364,8 +400,12 @@ def detect_gpus() -> GpuSpec | None:
     sized, why = size_profile(min(max(round(total / GiB), 1) * GiB, MAX_GPU_MEMORY))
     usable = min(int(total * 0.99), sized.memory_bytes)
     prof = sized.model_copy(update={"memory_bytes": usable, "display_name": name})
-    return GpuSpec(count=n, profile=prof, label=f"{n}x{name}",
-                   notes=(f"{name} has no profile: usable memory {usable / GiB:.2f} GiB from NVML; speed of {why}",))
+    return GpuSpec(
+        count=n,
+        profile=prof,
+        label=f"{n}x{name}",
+        notes=(f"{name} has no profile: usable memory {usable / GiB:.2f} GiB from NVML; speed of {why}",),
+    )
 
 
 def no_gpu_message() -> str:
@@ -373,6 +413,8 @@ def no_gpu_message() -> str:
     where = "this Mac" if sys.platform == "darwin" else "this machine"
     amd = Path("/dev/kfd").exists()  # the ROCm kernel driver: an AMD GPU that NVML cannot see
     extra = " (AMD GPUs are not detected; name them: --gpus mi300x or --gpus rx-7900-xtx)" if amd else ""
-    return (f"no NVIDIA GPU detected on {where}{extra}; vramplan still estimates and plans for GPUs you name with "
-            "--gpus (e.g. --gpus 1x24GB, --gpus 2xrtx-4090; `vramplan hardware` lists the profiles), and "
-            "`vramplan verify MODEL --device cpu` traces a small step on the CPU")
+    return (
+        f"no NVIDIA GPU detected on {where}{extra}; vramplan still estimates and plans for GPUs you name with "
+        "--gpus (e.g. --gpus 1x24GB, --gpus 2xrtx-4090; `vramplan hardware` lists the profiles), and "
+        "`vramplan verify MODEL --device cpu` traces a small step on the CPU"
+    )

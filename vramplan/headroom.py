@@ -7,6 +7,7 @@ envelope), and a longer sample than the one planned for adds activations. So bot
 strategy comparison and the plan recommend only a configuration that leaves at least
 SAFE_SHARE of the card free, and say so; one that fits with less is shown, never hidden.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,9 @@ def has_safe_headroom(headroom_bytes: int, capacity_bytes: int) -> bool:
 
 def rule_text(capacity_bytes: int) -> str:
     """The rule, as the comparison and the plan print it."""
-    return (f"headroom rule: recommended only with at least {SAFE_SHARE:.0%} of the card free "
-            f"({safe_margin(capacity_bytes) / GiB:.2f} GiB of {capacity_bytes / GiB:.2f} GiB: allocator "
-            "fragmentation varies between runs, a longer sample needs more); tighter rows fit the estimate but "
-            "are not recommended")
+    return (
+        f"headroom rule: recommended only with at least {SAFE_SHARE:.0%} of the card free "
+        f"({safe_margin(capacity_bytes) / GiB:.2f} GiB of {capacity_bytes / GiB:.2f} GiB: allocator "
+        "fragmentation varies between runs, a longer sample needs more); tighter rows fit the estimate but "
+        "are not recommended"
+    )

@@ -7,6 +7,7 @@ above anything released, so no real question is refused. The command-line types
 (vramplan/cli/common.py), TrainingSetup, PlanRequest and the config.json check
 (vramplan/model_loader.py) all read them from here; the help text of each flag states them.
 """
+
 from __future__ import annotations
 
 from vramplan.errors import VramplanError
@@ -17,29 +18,29 @@ MAX_SEQ_LEN = 2**21
 # tokens in one micro-batch on one GPU (batch x seq): 2^24 = 16.8M; one bf16 hidden state of
 # a 4096-wide model at that size is 128 GiB, past any GPU
 MAX_TOKENS = 2**24
-MAX_BATCH_SIZE = MAX_TOKENS          # sequences per micro-batch (bounded again by MAX_TOKENS)
-MAX_RANK = 2**16                     # LoRA / GaLore rank: past the widest Linear of any released model
-MAX_LAYERS = 1024                    # decoder layers (the deepest released LLM has 126: Llama 3.1 405B)
-MAX_RANKS = 4096                     # FSDP world size, nodes, GPUs per node (vramplan.hardware.MAX_GPU_COUNT)
-MAX_ACCUMULATION = 2**16             # micro-batches per optimizer step
-MAX_PROJ_GAP = 2**31 - 1             # steps between GaLore SVD refreshes
-MAX_GLOBAL_BATCH = 2**24             # sequences per optimizer step over all GPUs
-MAX_PLAN_BATCH = 1024                # plan --max-batch: the width of the searched grid (4x the default 256;
+MAX_BATCH_SIZE = MAX_TOKENS  # sequences per micro-batch (bounded again by MAX_TOKENS)
+MAX_RANK = 2**16  # LoRA / GaLore rank: past the widest Linear of any released model
+MAX_LAYERS = 1024  # decoder layers (the deepest released LLM has 126: Llama 3.1 405B)
+MAX_RANKS = 4096  # FSDP world size, nodes, GPUs per node (vramplan.hardware.MAX_GPU_COUNT)
+MAX_ACCUMULATION = 2**16  # micro-batches per optimizer step
+MAX_PROJ_GAP = 2**31 - 1  # steps between GaLore SVD refreshes
+MAX_GLOBAL_BATCH = 2**24  # sequences per optimizer step over all GPUs
+MAX_PLAN_BATCH = 1024  # plan --max-batch: the width of the searched grid (4x the default 256;
 #                                      the search and its what-would-fit reruns scale with it)
-MAX_TOP = 1000                       # plan --top rows
-MAX_PLOT_VALUES = 64                 # plot scaling --values: one estimate per method per value
-MAX_STEPS = 1000                     # verify --steps (3 measure the step)
-MAX_DEPTHS = 8                       # verify --depths: truncated runs to extrapolate from
+MAX_TOP = 1000  # plan --top rows
+MAX_PLOT_VALUES = 64  # plot scaling --values: one estimate per method per value
+MAX_STEPS = 1000  # verify --steps (3 measure the step)
+MAX_DEPTHS = 8  # verify --depths: truncated runs to extrapolate from
 
 # config.json: the file, its nesting and the size of what it describes
-MAX_CONFIG_BYTES = 16 * 2**20        # 16 MiB; a Hugging Face config.json is a few KiB
-MAX_JSON_DEPTH = 64                  # nesting of objects/arrays (configs nest 3 deep)
-MAX_DATA_BYTES = 256 * 2**20         # measured-case JSON lines read by plot accuracy
-MAX_WIDTH = 2**20                    # hidden_size, intermediate_size, head_dim (widest released: 53,248)
-MAX_VOCAB = 2**24                    # vocab_size (largest released: 262,144, Gemma 3)
-MAX_HEADS = 2**14                    # attention heads, key-value heads
-MAX_EXPERTS = 2**16                  # experts per MoE layer
-MAX_POSITIONS = 2**40                # max_position_embeddings (read as the context, capped at MAX_SEQ_LEN)
+MAX_CONFIG_BYTES = 16 * 2**20  # 16 MiB; a Hugging Face config.json is a few KiB
+MAX_JSON_DEPTH = 64  # nesting of objects/arrays (configs nest 3 deep)
+MAX_DATA_BYTES = 256 * 2**20  # measured-case JSON lines read by plot accuracy
+MAX_WIDTH = 2**20  # hidden_size, intermediate_size, head_dim (widest released: 53,248)
+MAX_VOCAB = 2**24  # vocab_size (largest released: 262,144, Gemma 3)
+MAX_HEADS = 2**14  # attention heads, key-value heads
+MAX_EXPERTS = 2**16  # experts per MoE layer
+MAX_POSITIONS = 2**40  # max_position_embeddings (read as the context, capped at MAX_SEQ_LEN)
 
 
 def check_int(value: object, flag: str, hi: int, lo: int = 1) -> int:

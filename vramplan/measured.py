@@ -5,6 +5,7 @@ One line is one configuration run as docs/reference-step.md describes, with what
 ``torch.cuda`` reported. ``MeasuredCase.setup_fields()`` turns a line into the
 TrainingSetup fields the estimate takes, so every consumer reads a case the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,19 @@ from vramplan.limits import MAX_DATA_BYTES
 from vramplan.units import MiB
 
 # reference-step optimizer names -> Hugging Face TrainingArguments.optim names
-OPTIM_TO_HF = {("adamw", False): "adamw_torch", ("adamw8bit", False): "adamw_bnb_8bit",
-               ("galore_adamw", False): "galore_adamw", ("galore_adamw8bit", False): "galore_adamw_8bit",
-               ("galore_adamw", True): "galore_adamw_layerwise",
-               ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise"}
+OPTIM_TO_HF = {
+    ("adamw", False): "adamw_torch",
+    ("adamw8bit", False): "adamw_bnb_8bit",
+    ("galore_adamw", False): "galore_adamw",
+    ("galore_adamw8bit", False): "galore_adamw_8bit",
+    ("galore_adamw", True): "galore_adamw_layerwise",
+    ("galore_adamw8bit", True): "galore_adamw_8bit_layerwise",
+}
 
 
 class MeasuredCase(BaseModel):
     """One measured reference step (a line of tests/data/h100_dev.jsonl)."""
+
     model_config = ConfigDict(frozen=True, extra="allow")
 
     name: str
@@ -49,15 +55,17 @@ class MeasuredCase(BaseModel):
     fsdp_version: int = 2
     fsdp_sharding: str = "full"
     # a measured peak is positive and finite (a log-log plot and the error ratio divide by it)
-    peak_alloc_mb: float | None = Field(None, gt=0, allow_inf_nan=False,
-                                        description="torch.cuda.max_memory_allocated() over build + steps, MiB")
+    peak_alloc_mb: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="torch.cuda.max_memory_allocated() over build + steps, MiB"
+    )
     peak_reserved_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
     mem_after_build_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
     mem_after_step0_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
     tokens_per_s: float | None = None
     measured_breakdown: dict[str, int] | None = Field(
-        None, description="bytes per memory category (Category values) at the measured peak, where verify "
-                          "attributed them")
+        None,
+        description="bytes per memory category (Category values) at the measured peak, where verify attributed them",
+    )
 
     @property
     def peak_alloc_bytes(self) -> int | None:
@@ -76,14 +84,24 @@ class MeasuredCase(BaseModel):
         optim = OPTIM_TO_HF.get((self.optim, bool(self.layerwise)))
         if optim is None:
             allowed = ", ".join(sorted({o for o, _ in OPTIM_TO_HF}))
-            raise VramplanError(f"case {self.name!r}: optim {self.optim!r} (layerwise={bool(self.layerwise)}) is not "
-                                f"one of {allowed}", "FILE")
-        s: dict[str, object] = dict(method=self.method, precision="mixed" if self.param_dtype == "fp32" else "bf16",
-                 optim=optim, batch_size=self.batch, seq_len=self.seq,
-                 gradient_checkpointing=self.ckpt)
+            raise VramplanError(
+                f"case {self.name!r}: optim {self.optim!r} (layerwise={bool(self.layerwise)}) is not one of {allowed}",
+                "FILE",
+            )
+        s: dict[str, object] = dict(
+            method=self.method,
+            precision="mixed" if self.param_dtype == "fp32" else "bf16",
+            optim=optim,
+            batch_size=self.batch,
+            seq_len=self.seq,
+            gradient_checkpointing=self.ckpt,
+        )
         if self.method in ("lora", "qlora"):
-            s.update(lora_r=self.lora_r, lora_dropout=0.05,
-                     lora_targets="all-linear" if self.lora_targets == "all" else "attention")
+            s.update(
+                lora_r=self.lora_r,
+                lora_dropout=0.05,
+                lora_targets="all-linear" if self.lora_targets == "all" else "attention",
+            )
         if self.quant:
             s["quant"] = self.quant
         if self.method == "galore":

@@ -122,8 +122,9 @@ def _hub_config(model: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise VramplanError(f"the cached config.json of {model!r} ({path}) is not readable JSON ({e})",
-                            "MODEL") from None
+        raise VramplanError(
+            f"the cached config.json of {model!r} ({path}) is not readable JSON ({e})", "MODEL"
+        ) from None
 
 
 @lru_cache(maxsize=1)
@@ -248,5 +249,6 @@ def load_model_spec(model: str, num_layers: int | None = None, use_cache: bool =
         spec = truncate(spec, num_layers)
     # issue 16: what a user's config left to transformers, and its context (vramplan.config_checks)
     defaulted = defaulted_fields(cfg, _config_defaults()) if name not in preset_names() else {}
-    return spec.model_copy(update={"name": name, "resolved_from": alias, "defaulted": defaulted,
-                                   "max_positions": max_positions(cfg)})
+    return spec.model_copy(
+        update={"name": name, "resolved_from": alias, "defaulted": defaulted, "max_positions": max_positions(cfg)}
+    )

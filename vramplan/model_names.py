@@ -24,20 +24,41 @@ from vramplan.errors import VramplanError
 # Upload suffixes that leave the architecture as it is: instruct/chat/base variants
 # (-it, -pt: Gemma), Meta's -hf conversions, Unsloth's pre-quantized uploads, Qwen's
 # YYMM refreshes (Qwen3-4B-Instruct-2507). Stripped one at a time from the end.
-_VARIANT = re.compile(r"-(instruct|chat|it|base|hf|pt|thinking|bnb-4bit|unsloth-bnb-4bit|unsloth|4bit|"
-                      r"(?:2[3-9])(?:0[1-9]|1[0-2]))$")
+_VARIANT = re.compile(
+    r"-(instruct|chat|it|base|hf|pt|thinking|bnb-4bit|unsloth-bnb-4bit|unsloth|4bit|"
+    r"(?:2[3-9])(?:0[1-9]|1[0-2]))$"
+)
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 # Config keys that change no shape the analysis reads (vramplan/analyze.py builds the model on
 # the meta device and records Linear/norm/expert shapes, tying, window, soft-capping and the
 # dropout probabilities): token ids, position-encoding constants, the context length (plan
 # reads it from the config itself), numerics and bookkeeping.
-_NOT_SHAPE = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
-    "_name_or_path", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-    "rms_norm_eps", "layer_norm_eps", "initializer_range", "use_cache", "pretraining_tp",
-    "quantization_config", "unsloth_fixed", "unsloth_version", "auto_map", "output_router_logits",
-})
+_NOT_SHAPE = frozenset(
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "_name_or_path",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "initializer_range",
+        "use_cache",
+        "pretraining_tp",
+        "quantization_config",
+        "unsloth_fixed",
+        "unsloth_version",
+        "auto_map",
+        "output_router_logits",
+    }
+)
 
 
 def candidates(model: str) -> list[str]:
@@ -46,7 +67,7 @@ def candidates(model: str) -> list[str]:
     key = model.strip().lower()
     out = [key]
     name = key.rsplit("/", 1)[-1]
-    for base in (name, name[len("meta-"):] if name.startswith("meta-") else None):
+    for base in (name, name[len("meta-") :] if name.startswith("meta-") else None):
         while base:
             if base not in out:
                 out.append(base)
@@ -92,13 +113,18 @@ def hub_config(repo_id: str, hint: str) -> Path:
             RepositoryNotFoundError,
         )
     except ImportError:
-        raise VramplanError(f"{repo_id!r} is no preset, and huggingface_hub is not installed to fetch its "
-                            f"config.json{local}{hint}", "MODEL") from None
+        raise VramplanError(
+            f"{repo_id!r} is no preset, and huggingface_hub is not installed to fetch its config.json{local}{hint}",
+            "MODEL",
+        ) from None
     try:
         return Path(hf_hub_download(repo_id.strip(), "config.json"))
     except LocalEntryNotFoundError:
-        why = ("its config.json is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids the download"
-               if _offline() else "its config.json is not cached and the Hugging Face Hub cannot be reached")
+        why = (
+            "its config.json is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids the download"
+            if _offline()
+            else "its config.json is not cached and the Hugging Face Hub cannot be reached"
+        )
     except GatedRepoError:
         why = "it is gated on the Hugging Face Hub: accept its terms on the model page and log in (`hf auth login`)"
     except RepositoryNotFoundError:
@@ -113,6 +139,7 @@ def hub_config(repo_id: str, hint: str) -> Path:
 def _offline() -> bool:
     try:
         from huggingface_hub import constants
+
         return bool(constants.HF_HUB_OFFLINE)
     except ImportError:
         return False
@@ -128,8 +155,11 @@ def _shape_only(value, defaults: dict[str, dict]):
             # Qwen2/Qwen3: no window at all then, whatever sliding_window and max_window_layers
             # say (transformers==5.24.0 models/qwen3/configuration_qwen3.py:86-93)
             full = {k: v for k, v in full.items() if k not in ("sliding_window", "max_window_layers")}
-        return {k: _shape_only(v, defaults) for k, v in full.items()
-                if k not in _NOT_SHAPE and not k.startswith("_") and not _no_dropout(k, v)}
+        return {
+            k: _shape_only(v, defaults)
+            for k, v in full.items()
+            if k not in _NOT_SHAPE and not k.startswith("_") and not _no_dropout(k, v)
+        }
     if isinstance(value, list):
         return [_shape_only(v, defaults) for v in value]
     return value

@@ -4,6 +4,7 @@ vramplan.analyze builds a ModelSpec from a config on the meta device; vramplan.m
 resolves MODEL to a config and caches the analysis. This module holds only the types, so
 both import it and it imports neither.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class Linear(BaseModel):
     """A 2-D weight used as y = x W^T (nn.Linear, or a fused Conv1D-style weight)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(description="path inside the decoder layer, e.g. self_attn.q_proj")
     role: str = Field(description="q k v qkv o gate up gate_up down fc1 fc2 router other")
@@ -27,6 +29,7 @@ class Linear(BaseModel):
 
 class Experts(BaseModel):
     """MoE experts stored as 3-D tensors (not Linears: LoRA does not target them)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     num_experts: int
     top_k: int
@@ -50,10 +53,15 @@ class LayerSpec(BaseModel):
     linears: list[Linear]
     experts: Experts | None = None
     norm_numels: list[int] = Field(description="numel of each norm weight in the layer")
-    attn_norm_dims: list[int] = Field(default_factory=list, description="per-token width of each norm inside "
-                                      "the attention (Qwen3/Gemma 3/OLMo2 q_norm and k_norm: q_dim, kv_dim)")
-    norm_names: list[str] = Field(default_factory=list, description="the norms on the residual stream, by path "
-                                  "(input_layernorm, post_attention_layernorm, ...)")
+    attn_norm_dims: list[int] = Field(
+        default_factory=list,
+        description="per-token width of each norm inside "
+        "the attention (Qwen3/Gemma 3/OLMo2 q_norm and k_norm: q_dim, kv_dim)",
+    )
+    norm_names: list[str] = Field(
+        default_factory=list,
+        description="the norms on the residual stream, by path (input_layernorm, post_attention_layernorm, ...)",
+    )
     other_numels: list[int] = Field(default_factory=list, description="any other parameter (e.g. router weight)")
     sliding_window: int | None = None
 
@@ -78,8 +86,12 @@ class LayerSpec(BaseModel):
 
     @property
     def numel(self) -> int:
-        return (sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
-                + (self.experts.numel if self.experts else 0) + sum(self.norm_numels) + sum(self.other_numels))
+        return (
+            sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears)
+            + (self.experts.numel if self.experts else 0)
+            + sum(self.norm_numels)
+            + sum(self.other_numels)
+        )
 
     def linears_with(self, *roles: str) -> list[Linear]:
         return [l for l in self.linears if l.role in roles]
@@ -87,6 +99,7 @@ class LayerSpec(BaseModel):
 
 class ModelSpec(BaseModel):
     """Everything the memory model needs to know about the architecture."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(description="preset name or config path it was read from")
     resolved_from: str | None = Field(None, description="the alias the user typed, if any")
@@ -104,25 +117,42 @@ class ModelSpec(BaseModel):
     lm_head_numel: int = Field(description="0 when tied to the embedding")
     final_norm_numel: int
     other_numel: int = Field(0, description="parameters outside layers not counted above")
-    idle_numel: int = Field(0, description="parameters a text step never runs (an image-text checkpoint's vision "
-                            "tower and projector): stored, but given no gradient and so no optimizer state")
+    idle_numel: int = Field(
+        0,
+        description="parameters a text step never runs (an image-text checkpoint's vision "
+        "tower and projector): stored, but given no gradient and so no optimizer state",
+    )
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
-    supports_flash: bool = Field(True, description="the model class takes "
-                                 "attn_implementation=\"flash_attention_2\" (_supports_flash_attn)")
-    norm_kind: str = Field(description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma (the weight "
-                           "multiply in fp32: Gemma, OLMo2), layer")
-    norms_per_layer: int = Field(description="norms on the residual stream per layer (attention's q/k norms not counted)")
+    supports_flash: bool = Field(
+        True, description='the model class takes attn_implementation="flash_attention_2" (_supports_flash_attn)'
+    )
+    norm_kind: str = Field(
+        description="rms (llama-style: x.float(), weight * x.to(dtype)), rms_gemma (the weight "
+        "multiply in fp32: Gemma, OLMo2), layer"
+    )
+    norms_per_layer: int = Field(
+        description="norms on the residual stream per layer (attention's q/k norms not counted)"
+    )
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
-    sdpa_window: int | None = Field(None, description="SDPA models masked to one sliding window in every layer "
-                                    "(Mistral, Phi-3): longer sequences get an explicit mask")
+    sdpa_window: int | None = Field(
+        None,
+        description="SDPA models masked to one sliding window in every layer "
+        "(Mistral, Phi-3): longer sequences get an explicit mask",
+    )
     params_total: int
-    dropouts: dict[str, float] = Field(default_factory=dict, description="the config's dropout probabilities "
-                                       "above 0 (attention, residual, embedding): the model trains with them")
+    dropouts: dict[str, float] = Field(
+        default_factory=dict,
+        description="the config's dropout probabilities "
+        "above 0 (attention, residual, embedding): the model trains with them",
+    )
     # set by model_loader.load_model_spec from the config (vramplan.config_checks), not by the
     # analysis: excluded from dumps, so shipped and cached specs stay what the analysis gives
-    defaulted: dict[str, Any] = Field(default_factory=dict, exclude=True, description="memory-shaping fields a "
-                                      "user's config.json left to transformers' defaults, with the value used")
+    defaulted: dict[str, Any] = Field(
+        default_factory=dict,
+        exclude=True,
+        description="memory-shaping fields a user's config.json left to transformers' defaults, with the value used",
+    )
     max_positions: int | None = Field(None, exclude=True, description="the config's max_position_embeddings")
 
     @property

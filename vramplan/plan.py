@@ -10,6 +10,7 @@ evaluated with numpy. The configurations reported are then re-checked one by one
 `estimate_spec` (the same engine), and any that `estimate` says does not fit is dropped.
 Throughput comes from vramplan.throughput.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -62,13 +63,15 @@ DEFAULT_CONTEXT = 32768  # when the model's config gives none (a ModelSpec passe
 
 class PlanRequest(BaseModel):
     """What the user asks for: hardware and constraints. Validation names the flag."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gpus: GpuSpec
     nodes: int = Field(1, description="nodes the GPUs are spread over (FSDP may span them)")
     min_seq: int = Field(2048, description="shortest sequence length acceptable")
-    global_batch: int | None = Field(None, description="sequences per optimizer step over all GPUs "
-                                     "(via gradient accumulation)")
+    global_batch: int | None = Field(
+        None, description="sequences per optimizer step over all GPUs (via gradient accumulation)"
+    )
     methods: tuple[str, ...] = Field(METHOD_KEYS, description="methods allowed")
     min_lora_rank: int = Field(16, description="smallest LoRA rank acceptable")
     min_galore_rank: int = Field(128, description="smallest GaLore rank acceptable")
@@ -76,15 +79,21 @@ class PlanRequest(BaseModel):
     max_batch: int = Field(MAX_BATCH, description="largest micro-batch searched")
     context: int = Field(DEFAULT_CONTEXT, description="the model's maximum sequence length")
     host_ram_said: str = Field("", description="where host_ram comes from, as the output says it")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="setup fields the search does not vary "
-                                  "(--config, --stack): loss, attention, packing, adapter dtype, ...")
+    fixed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="setup fields the search does not vary "
+        "(--config, --stack): loss, attention, packing, adapter dtype, ...",
+    )
 
     @model_validator(mode="after")
     def _check(self):
-        for flag, v, hi in (("--nodes", self.nodes, MAX_RANKS), ("--min-seq", self.min_seq, MAX_SEQ_LEN),
-                            ("--min-lora-rank", self.min_lora_rank, MAX_RANK),
-                            ("--min-galore-rank", self.min_galore_rank, MAX_RANK),
-                            ("--max-batch", self.max_batch, MAX_PLAN_BATCH)):
+        for flag, v, hi in (
+            ("--nodes", self.nodes, MAX_RANKS),
+            ("--min-seq", self.min_seq, MAX_SEQ_LEN),
+            ("--min-lora-rank", self.min_lora_rank, MAX_RANK),
+            ("--min-galore-rank", self.min_galore_rank, MAX_RANK),
+            ("--max-batch", self.max_batch, MAX_PLAN_BATCH),
+        ):
             check_int(v, flag, hi)
         if self.global_batch is not None:
             check_int(self.global_batch, "--global-batch", MAX_GLOBAL_BATCH)
@@ -93,12 +102,14 @@ class PlanRequest(BaseModel):
         if self.gpus.count % self.nodes:
             raise VramplanError(f"{self.gpus.count} GPUs cannot be spread evenly over {self.nodes} nodes", "--nodes")
         if self.min_seq > self.context:
-            raise VramplanError(f"{self.min_seq} is longer than the model's context ({self.context} tokens)",
-                                "--min-seq")
+            raise VramplanError(
+                f"{self.min_seq} is longer than the model's context ({self.context} tokens)", "--min-seq"
+            )
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.gpus.count):
-            raise VramplanError(f"must be a positive multiple of the GPU count ({self.gpus.count}), "
-                                f"got {self.global_batch}",
-                                "--global-batch")
+            raise VramplanError(
+                f"must be a positive multiple of the GPU count ({self.gpus.count}), got {self.global_batch}",
+                "--global-batch",
+            )
         if not self.methods:
             raise VramplanError(f"give at least one of: {', '.join(METHOD_KEYS)}", "--methods")
         return self
@@ -122,9 +133,9 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
         keys = _METHOD_ALIASES.get(raw, (raw,))
         for k in keys:
             if k not in METHOD_KEYS:
-                raise VramplanError(f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, "
-                                    "galore",
-                                    "--methods")
+                raise VramplanError(
+                    f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore", "--methods"
+                )
             if k not in out:
                 out.append(k)
     if not out:
@@ -139,6 +150,7 @@ def method_key(setup: TrainingSetup) -> str:
 
 
 # ------------------------------------------------------------------ the discrete space
+
 
 def _fsdp_modes(req: PlanRequest) -> list[tuple[int, bool]]:
     """(FSDP degree, CPU offload): powers of two up to the GPU count, and the count itself.
@@ -194,8 +206,10 @@ def _zero_modes(req: PlanRequest, method: Method) -> list[dict]:
     if n > 1:
         modes.append(dict(deepspeed=DeepSpeedStage.ZERO2))
         if method != Method.QLORA:
-            modes += [dict(deepspeed=DeepSpeedStage.ZERO3),
-                      dict(deepspeed=DeepSpeedStage.ZERO3, offload_optimizer=True, offload_params=True)]
+            modes += [
+                dict(deepspeed=DeepSpeedStage.ZERO3),
+                dict(deepspeed=DeepSpeedStage.ZERO3, offload_optimizer=True, offload_params=True),
+            ]
     return [dict(m, data_parallel=n) for m in modes]
 
 
@@ -210,10 +224,20 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             # adamw_torch is left out: adamw_torch_fused does the same update in place
             # (no foreach temporaries) and is faster, so it dominates it.
             full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
-            for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims,
-                                                                 (False, True), modes):
-                groups.append([dict(method=Method.FULL, precision=prec, optim=optim, gradient_checkpointing=ckpt,
-                                    fsdp=d, cpu_offload=off, data_parallel=_ddp_world(req, d))])
+            for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims, (False, True), modes):
+                groups.append(
+                    [
+                        dict(
+                            method=Method.FULL,
+                            precision=prec,
+                            optim=optim,
+                            gradient_checkpointing=ckpt,
+                            fsdp=d,
+                            cpu_offload=off,
+                            data_parallel=_ddp_world(req, d),
+                        )
+                    ]
+                )
             for optim, ckpt, zero in itertools.product(full_optims, (False, True), _zero_modes(req, Method.FULL)):
                 groups.append([dict(method=Method.FULL, optim=optim, gradient_checkpointing=ckpt, **zero)])
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
@@ -221,39 +245,73 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             if not ranks:
                 if _nobody_asked(req, "min_lora_rank"):
                     continue
-                raise VramplanError(f"{req.min_lora_rank}{_default_said(req, 'min_lora_rank')} is larger than the "
-                                    f"smallest adapted layer dimension ({smallest})", "--min-lora-rank")
+                raise VramplanError(
+                    f"{req.min_lora_rank}{_default_said(req, 'min_lora_rank')} is larger than the "
+                    f"smallest adapted layer dimension ({smallest})",
+                    "--min-lora-rank",
+                )
             method = Method.LORA if key == "lora" else Method.QLORA
             quant = None if key == "lora" else Quant(key.split("-")[1])
             # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
             for ckpt, (d, off) in itertools.product((False, True), modes):
-                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, fsdp=d,
-                                    cpu_offload=off, data_parallel=_ddp_world(req, d)) for r in ranks])
+                groups.append(
+                    [
+                        dict(
+                            method=method,
+                            quant=quant,
+                            lora_r=r,
+                            gradient_checkpointing=ckpt,
+                            fsdp=d,
+                            cpu_offload=off,
+                            data_parallel=_ddp_world(req, d),
+                        )
+                        for r in ranks
+                    ]
+                )
             for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
-                groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero)
-                               for r in ranks])
+                groups.append(
+                    [dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero) for r in ranks]
+                )
         elif key == "galore":
             ranks = _ranks(req.min_galore_rank, smallest, 4)
             if not ranks:
                 if _nobody_asked(req, "min_galore_rank"):
                     continue
-                raise VramplanError(f"{req.min_galore_rank}{_default_said(req, 'min_galore_rank')} is larger than the "
-                                    f"smallest projected weight dimension ({smallest})", "--min-galore-rank")
+                raise VramplanError(
+                    f"{req.min_galore_rank}{_default_said(req, 'min_galore_rank')} is larger than the "
+                    f"smallest projected weight dimension ({smallest})",
+                    "--min-galore-rank",
+                )
             # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
             # optimizers step from per-parameter hooks, which HF Trainer refuses under
             # distributed training, so they are planned for a single GPU only.
             # the four GaLore AdamW names (galore_adafactor* is left to --optim)
-            optims = [o for o in Optim if o.traits.family == OptimFamily.GALORE_ADAMW
-                      and (not o.layerwise or req.gpus.count == 1)]
+            optims = [
+                o
+                for o in Optim
+                if o.traits.family == OptimFamily.GALORE_ADAMW and (not o.layerwise or req.gpus.count == 1)
+            ]
             for prec, optim, ckpt in itertools.product(_precisions(req), optims, (False, True)):
                 if prec == Precision.FP16 and optim.layerwise:
                     continue  # the GradScaler unscales every grad before one step (setup._check)
-                groups.append([dict(method=Method.GALORE, precision=prec, optim=optim, galore_rank=r,
-                                    gradient_checkpointing=ckpt, data_parallel=_ddp_world(req, 1)) for r in ranks])
+                groups.append(
+                    [
+                        dict(
+                            method=Method.GALORE,
+                            precision=prec,
+                            optim=optim,
+                            galore_rank=r,
+                            gradient_checkpointing=ckpt,
+                            data_parallel=_ddp_world(req, 1),
+                        )
+                        for r in ranks
+                    ]
+                )
     return groups
 
 
 # ------------------------------------------------------------------ the grid
+
 
 def seq_grid(context: int) -> np.ndarray:
     """Sequence lengths searched: 128, every 256 up to 8192, then 1, 1.25, 1.5, 1.75 x each
@@ -290,11 +348,12 @@ def _pareto(coef: np.ndarray) -> np.ndarray:
 @dataclass
 class Grid:
     """Per-GPU total bytes of one discrete configuration at every (seq, batch) point."""
+
     setup: TrainingSetup
     seqs: np.ndarray
     batches: np.ndarray
-    total: np.ndarray          # [len(seqs), len(batches)] bytes per GPU
-    host: int                  # host RAM per node
+    total: np.ndarray  # [len(seqs), len(batches)] bytes per GPU
+    host: int  # host RAM per node
     evaluated: int
 
 
@@ -310,7 +369,7 @@ def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) 
     sliding-window masks (per token x seq); without those b = 0 and two calls do."""
     a1, pinned = _allocs(spec, setup, pre, 1, s1)
     a2, _ = _allocs(spec, setup, pre, 2, s1)
-    per_n = (a2 - a1) / s1                      # d/dN at fixed s = a + b*s1
+    per_n = (a2 - a1) / s1  # d/dN at fixed s = a + b*s1
     if s2 == s1 or not span_terms(spec, setup.model_copy(update={"seq_len": s1})):
         return np.stack([a1 - per_n * s1, per_n, np.zeros_like(a1)], axis=1), pinned
     a3, _ = _allocs(spec, setup, pre, 1, s2)
@@ -369,9 +428,11 @@ def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.n
 
 # ------------------------------------------------------------------ rows and the search
 
+
 class PlanRow(BaseModel):
     """One feasible configuration, at the shortest acceptable sequence and the fastest
     micro-batch that fits."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     setup: TrainingSetup
     label: str
@@ -397,11 +458,15 @@ class PlanResult(BaseModel):
     rows: list[PlanRow] = Field(description="feasible configurations, fastest first, each re-checked by estimate")
     recommended: PlanRow | None = None
     reason: str = ""
-    per_method: dict[str, dict] = Field(default_factory=dict,
-                                        description="longest sequence / largest micro-batch per method")
+    per_method: dict[str, dict] = Field(
+        default_factory=dict, description="longest sequence / largest micro-batch per method"
+    )
     suggestions: list[str] = Field(default_factory=list, description="what would fit, when nothing does")
-    notes: list[str] = Field(default_factory=list, description="what the estimates on these cards and this "
-                             "architecture rest on (hardware.gpu_notes, estimate.coverage_notes)")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what the estimates on these cards and this "
+        "architecture rest on (hardware.gpu_notes, estimate.coverage_notes)",
+    )
     rules: list[str] = Field(default_factory=list, description="how rows are ranked and the recommendation chosen")
     assumed: list[str] = Field(default_factory=list, description="what the plan assumed without being told")
     evaluated: int = Field(description="(configuration, sequence, micro-batch) points evaluated")
@@ -409,8 +474,12 @@ class PlanResult(BaseModel):
 
 
 def label(setup: TrainingSetup) -> str:
-    parts = {Method.FULL: "full", Method.LORA: f"LoRA r{setup.lora_r}", Method.GALORE: f"GaLore r{setup.galore_rank}",
-             Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}"}[setup.method].split()
+    parts = {
+        Method.FULL: "full",
+        Method.LORA: f"LoRA r{setup.lora_r}",
+        Method.GALORE: f"GaLore r{setup.galore_rank}",
+        Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}",
+    }[setup.method].split()
     parts.append(setup.precision.value)
     parts.append(setup.optim.label + (" in backward" if setup.optimizer_in_backward else ""))
     if setup.gradient_checkpointing:
@@ -418,8 +487,10 @@ def label(setup: TrainingSetup) -> str:
     if setup.fsdp > 1:
         parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
     if setup.deepspeed is not None:
-        parts.append(f"+ {setup.deepspeed.value.upper().replace('ZERO', 'ZeRO-')}x{setup.data_parallel}"
-                     + (" + offload" if setup.offload_optimizer else ""))
+        parts.append(
+            f"+ {setup.deepspeed.value.upper().replace('ZERO', 'ZeRO-')}x{setup.data_parallel}"
+            + (" + offload" if setup.offload_optimizer else "")
+        )
     return " ".join(parts)
 
 
@@ -444,11 +515,22 @@ def _row_at(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, bi: int, one
     accum = _accum(req, b)
     t = _speed(spec, setup, req, accum)
     total = int(grid.total[si, bi])
-    return PlanRow(setup=setup, label=label(setup), method=method_key(setup), grad_accum=accum,
-                   global_batch=accum * b * req.gpus.count, tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
-                   step_s=t.step_s, comm_s=t.comm_s, host_s=t.host_s, per_gpu_bytes=total, host_ram_bytes=grid.host,
-                   headroom_bytes=req.gpus.profile.memory_bytes - total,
-                   max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0, max_micro_batch=b)
+    return PlanRow(
+        setup=setup,
+        label=label(setup),
+        method=method_key(setup),
+        grad_accum=accum,
+        global_batch=accum * b * req.gpus.count,
+        tokens_per_s=req.gpus.count * t.tokens_per_s_per_gpu,
+        step_s=t.step_s,
+        comm_s=t.comm_s,
+        host_s=t.host_s,
+        per_gpu_bytes=total,
+        host_ram_bytes=grid.host,
+        headroom_bytes=req.gpus.profile.memory_bytes - total,
+        max_seq_len=int(grid.seqs[ones[-1]]) if len(ones) else 0,
+        max_micro_batch=b,
+    )
 
 
 def _candidate_rows(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits: np.ndarray) -> list[PlanRow]:
@@ -475,16 +557,32 @@ def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
     host = row.host_ram_bytes if not single_node else est.host_ram_bytes
     if not est.fits or (req.host_ram is not None and host > req.host_ram):
         return None
-    return row.model_copy(update={"per_gpu_bytes": est.per_gpu.total_bytes, "headroom_bytes": est.headroom_bytes,
-                                  "host_ram_bytes": host})
+    return row.model_copy(
+        update={"per_gpu_bytes": est.per_gpu.total_bytes, "headroom_bytes": est.headroom_bytes, "host_ram_bytes": host}
+    )
 
 
 # What the search varies (candidate_groups, the grid) or plans itself (--nodes, --global-batch);
 # a --config file's value for these is left to the search. DeepSpeed is not searched: the
 # search shards with FSDP, which excludes it.
-SEARCHED_FIELDS = frozenset({"method", "quant", "lora_r", "galore_rank", "gradient_checkpointing", "fsdp",
-                             "cpu_offload", "batch_size", "seq_len", "gradient_accumulation", "nodes", "deepspeed",
-                             "offload_optimizer", "offload_params"})
+SEARCHED_FIELDS = frozenset(
+    {
+        "method",
+        "quant",
+        "lora_r",
+        "galore_rank",
+        "gradient_checkpointing",
+        "fsdp",
+        "cpu_offload",
+        "batch_size",
+        "seq_len",
+        "gradient_accumulation",
+        "nodes",
+        "deepspeed",
+        "offload_optimizer",
+        "offload_params",
+    }
+)
 
 
 def fixed_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -532,8 +630,9 @@ def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
-def _limit(spec: ModelSpec, req: PlanRequest,
-           options: list[tuple[int, TrainingSetup]]) -> tuple[int, TrainingSetup | None]:
+def _limit(
+    spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]
+) -> tuple[int, TrainingSetup | None]:
     """The largest option (value, setup) that estimate confirms (the grid rarely differs
     from it, by the 512 B rounding of allocations, but what is reported must fit)."""
     for value, setup in sorted(options, key=lambda o: -o[0]):
@@ -561,21 +660,31 @@ def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[st
         seq_opts.setdefault(key, [])
         batch_opts.setdefault(key, [])
         if g.batches[0] == 1:
-            seq_opts[key] += [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
-                              for i in _edge(np.nonzero(fits[:, 0])[0], len(g.seqs))]
+            seq_opts[key] += [
+                (int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+                for i in _edge(np.nonzero(fits[:, 0])[0], len(g.seqs))
+            ]
         si = _seq_index(g, req)
         if si < len(g.seqs):
-            batch_opts[key] += [(int(g.batches[j]), g.setup.model_copy(update={"batch_size": int(g.batches[j]),
-                                                                               "seq_len": int(g.seqs[si])}))
-                                for j in _edge(np.nonzero(fits[si])[0], len(g.batches))]
+            batch_opts[key] += [
+                (
+                    int(g.batches[j]),
+                    g.setup.model_copy(update={"batch_size": int(g.batches[j]), "seq_len": int(g.seqs[si])}),
+                )
+                for j in _edge(np.nonzero(fits[si])[0], len(g.batches))
+            ]
     out = {}
     for key in seq_opts:
         seq, s_setup = _limit(spec, req, seq_opts[key])
         batch, b_setup = _limit(spec, req, batch_opts[key])
-        out[key] = {"max_seq_len": seq, "max_seq_config": label(s_setup) if s_setup else None,
-                    "max_seq_setup": s_setup.model_dump(mode="json") if s_setup else None,
-                    "max_micro_batch": batch, "max_batch_config": label(b_setup) if b_setup else None,
-                    "max_batch_setup": b_setup.model_dump(mode="json") if b_setup else None}
+        out[key] = {
+            "max_seq_len": seq,
+            "max_seq_config": label(s_setup) if s_setup else None,
+            "max_seq_setup": s_setup.model_dump(mode="json") if s_setup else None,
+            "max_micro_batch": batch,
+            "max_batch_config": label(b_setup) if b_setup else None,
+            "max_batch_setup": b_setup.model_dump(mode="json") if b_setup else None,
+        }
     return out
 
 
@@ -585,8 +694,10 @@ def rank_key(row: PlanRow) -> tuple[float, float, int]:
     return (-row.tokens_per_s, row.comm_s, -row.headroom_bytes)
 
 
-RANK_RULE = ("rows: fastest first by estimated tokens/s (equal speeds: less communication, then more headroom); "
-             "* marks the recommendation, the fastest row under the headroom rule")
+RANK_RULE = (
+    "rows: fastest first by estimated tokens/s (equal speeds: less communication, then more headroom); "
+    "* marks the recommendation, the fastest row under the headroom rule"
+)
 
 
 def _adapter_notes(spec: ModelSpec, req: PlanRequest) -> list[str]:
@@ -601,20 +712,28 @@ def plan_rules(req: PlanRequest, spec: ModelSpec) -> list[str]:
     rules = [RANK_RULE, rule_text(req.gpus.profile.memory_bytes)]
     if any(k in req.methods for k in ("lora", "qlora-nf4", "qlora-hqq4")):
         ranks = _ranks(req.min_lora_rank, _smallest_dim(spec), 3)
-        rules.append(f"LoRA ranks searched: {', '.join(map(str, ranks))} (--min-lora-rank {req.min_lora_rank} is the "
-                     "smallest rank you accept); a larger rank is ranked by its speed like any row, never preferred")
+        rules.append(
+            f"LoRA ranks searched: {', '.join(map(str, ranks))} (--min-lora-rank {req.min_lora_rank} is the "
+            "smallest rank you accept); a larger rank is ranked by its speed like any row, never preferred"
+        )
     if "galore" in req.methods:
         ranks = _ranks(req.min_galore_rank, _smallest_dim(spec), 4)
-        rules.append(f"GaLore ranks searched: {', '.join(map(str, ranks))} (--min-galore-rank {req.min_galore_rank} "
-                     "is the smallest you accept), ranked by speed like any row")
+        rules.append(
+            f"GaLore ranks searched: {', '.join(map(str, ranks))} (--min-galore-rank {req.min_galore_rank} "
+            "is the smallest you accept), ranked by speed like any row"
+        )
     return rules
 
 
 def plan_assumptions(req: PlanRequest) -> list[str]:
     """What the plan took without being told (vramplan.assumptions)."""
     seq = f"sequences of at least {req.min_seq} tokens (--min-seq), micro-batch 1..{req.max_batch} (--max-batch)"
-    return [seq, stack_phrase(Stack.PLAIN), req.host_ram_said or host_ram_phrase(req.host_ram, True, True),
-            data_parallel_phrase(req.gpus.count)]
+    return [
+        seq,
+        stack_phrase(Stack.PLAIN),
+        req.host_ram_said or host_ram_phrase(req.host_ram, True, True),
+        data_parallel_phrase(req.gpus.count),
+    ]
 
 
 def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
@@ -624,24 +743,35 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
         if not has_safe_headroom(row.headroom_bytes, cap):
             why += f" (all fit with under {SAFE_SHARE:.0%} headroom: a longer sample may not)"
     else:
-        why = (f"fastest under the headroom rule ({fastest.label} at micro-batch {fastest.setup.batch_size} is "
-               f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only "
-               f"{fastest.headroom_bytes / GiB:.2f} GiB)")
-    trade = {"full": "trains every weight", "galore": "trains every weight with low-rank projected optimizer states",
-             "lora": "frozen bf16 base with LoRA adapters", "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
-             "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters"}[row.method]
+        why = (
+            f"fastest under the headroom rule ({fastest.label} at micro-batch {fastest.setup.batch_size} is "
+            f"{fastest.tokens_per_s / row.tokens_per_s - 1:.0%} faster but leaves only "
+            f"{fastest.headroom_bytes / GiB:.2f} GiB)"
+        )
+    trade = {
+        "full": "trains every weight",
+        "galore": "trains every weight with low-rank projected optimizer states",
+        "lora": "frozen bf16 base with LoRA adapters",
+        "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
+        "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters",
+    }[row.method]
     extra = []
     if row.setup.fsdp > 1:
         extra.append(f"sharded over {row.setup.fsdp} GPUs")
     if row.setup.deepspeed is not None:
-        extra.append(f"DeepSpeed {row.setup.deepspeed.value} over {row.setup.data_parallel} GPUs"
-                     + (" with the optimizer in host RAM" if row.setup.offload_optimizer else ""))
+        extra.append(
+            f"DeepSpeed {row.setup.deepspeed.value} over {row.setup.data_parallel} GPUs"
+            + (" with the optimizer in host RAM" if row.setup.offload_optimizer else "")
+        )
     if row.setup.cpu_offload:
         extra.append("shards and optimizer in host RAM")
     if row.setup.gradient_checkpointing:
         extra.append("recomputes layers in backward")
-    return f"{why}: {trade}" + (f", {', '.join(extra)}" if extra else "") + \
-        f"; ~{row.tokens_per_s:,.0f} tokens/s, micro-batch {row.setup.batch_size} x {row.setup.seq_len}"
+    return (
+        f"{why}: {trade}"
+        + (f", {', '.join(extra)}" if extra else "")
+        + f"; ~{row.tokens_per_s:,.0f} tokens/s, micro-batch {row.setup.batch_size} x {row.setup.seq_len}"
+    )
 
 
 def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = True) -> PlanResult:
@@ -662,17 +792,27 @@ def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = 
     cap = req.gpus.profile.memory_bytes
     rec = next((r for r in rows if has_safe_headroom(r.headroom_bytes, cap)), rows[0] if rows else None)
     reason = _reason(rec, rows[0], req) if rec else ""
-    result = PlanResult(model=spec.name, gpus=req.gpus.label, gpu_memory_bytes=cap, rows=rows,
-                        recommended=rec, reason=reason, per_method=_per_method(spec, grids, req),
-                        evaluated=evaluated, discrete=len(grids),
-                        notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
-                        rules=plan_rules(req, spec), assumed=plan_assumptions(req))
+    result = PlanResult(
+        model=spec.name,
+        gpus=req.gpus.label,
+        gpu_memory_bytes=cap,
+        rows=rows,
+        recommended=rec,
+        reason=reason,
+        per_method=_per_method(spec, grids, req),
+        evaluated=evaluated,
+        discrete=len(grids),
+        notes=gpu_notes(req.gpus) + coverage_notes(spec) + _adapter_notes(spec, req),
+        rules=plan_rules(req, spec),
+        assumed=plan_assumptions(req),
+    )
     if not rows and suggest:
         result = result.model_copy(update={"suggestions": suggestions(spec, req, grids)})
     return result
 
 
 # ------------------------------------------------------------------ when nothing fits
+
 
 def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
     try:
@@ -683,8 +823,12 @@ def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
 
 
 def _shorter_context(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
-    options = [(int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
-               for g in grids if g.batches[0] == 1 for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]]
+    options = [
+        (int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+        for g in grids
+        if g.batches[0] == 1
+        for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]
+    ]
     best_seq, best = _limit(spec, req, options)
     if best_seq and best is not None:
         return [f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)"]
@@ -697,8 +841,10 @@ def _more_host_ram(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list
     if not host_bound or req.host_ram is None:
         return []
     g = min(host_bound, key=lambda g: g.host)
-    return [f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
-            f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)"]
+    return [
+        f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
+        f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)"
+    ]
 
 
 def _more_gpus(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
@@ -708,8 +854,10 @@ def _more_gpus(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str
         nodes = max(req.nodes, -(-more // max(req.gpus_per_node, 8)))
         row = _first_fit(spec, req, gpus=gpus, nodes=nodes, global_batch=None)
         if row:
-            return [f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
-                    f"(~{row.tokens_per_s:,.0f} tokens/s)"]
+            return [
+                f"more GPUs: {more}x {req.gpus.profile.display_name} fit {row.label} "
+                f"(~{row.tokens_per_s:,.0f} tokens/s)"
+            ]
     return []
 
 
@@ -745,8 +893,10 @@ def _larger_card(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[s
         else:
             lo = mid + 1
     prof = cards[hi]
-    return [f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
-            f"(~{row.tokens_per_s:,.0f} tokens/s)"]
+    return [
+        f"a larger card: {n}x {prof.name} ({prof.memory_bytes / GiB:.0f} GiB) fits {row.label} "
+        f"(~{row.tokens_per_s:,.0f} tokens/s)"
+    ]
 
 
 SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]
@@ -755,11 +905,13 @@ SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]
 def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
     """A knob of the stack the user did not fix (--config, --stack), set on top of the plan's
     own search, as _larger_card sets a card: what fits then, said in the frameworks' words."""
+
     def provider(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
         if knob in req.fixed:
             return []
         row = _first_fit(spec, req, fixed={**req.fixed, knob: value})
         return [f"{how}: fits {row.label} (~{row.tokens_per_s:,.0f} tokens/s)"] if row else []
+
     return provider
 
 
@@ -769,10 +921,16 @@ def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
 SUGGESTION_PROVIDERS: list[SuggestionProvider] = [
     _shorter_context,
     _with_knob("loss", "liger", f"with {FUSED_LOSS_SHORT}"),
-    _with_knob("activation_offload", "checkpoints",
-               "with checkpointed layers' inputs in pinned host RAM (`--activation-offload checkpoints`; transformers: "
-               "`activation_checkpointing_kwargs: {offload: true}`, modelled from source)"),
-    _more_host_ram, _more_gpus, _larger_card]
+    _with_knob(
+        "activation_offload",
+        "checkpoints",
+        "with checkpointed layers' inputs in pinned host RAM (`--activation-offload checkpoints`; transformers: "
+        "`activation_checkpointing_kwargs: {offload: true}`, modelled from source)",
+    ),
+    _more_host_ram,
+    _more_gpus,
+    _larger_card,
+]
 
 
 def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
@@ -782,6 +940,7 @@ def suggestions(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[st
 
 
 # ------------------------------------------------------------------ entry points
+
 
 def model_context(model: str | ModelSpec) -> int:
     """max_position_embeddings from the model's config (DEFAULT_CONTEXT when unknown), at most
@@ -793,22 +952,36 @@ def model_context(model: str | ModelSpec) -> int:
     return min(int(ctx), MAX_SEQ_LEN) if ctx else DEFAULT_CONTEXT
 
 
-def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: int | None = None,
-                 gpus_per_node: int | None = None, min_seq: int | None = None, global_batch: int | None = None,
-                 methods=None, min_lora_rank: int | None = None, min_galore_rank: int | None = None,
-                 host_ram: int | str | None = None, max_batch: int | None = None,
-                 gpu_tflops: float | str | None = None, gpu_bandwidth: float | str | None = None,
-                 reserve: str | int | None = None, fixed: dict[str, Any] | None = None) -> PlanRequest:
+def make_request(
+    model: str | ModelSpec,
+    gpus: str | GpuSpec | None,
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    min_seq: int | None = None,
+    global_batch: int | None = None,
+    methods=None,
+    min_lora_rank: int | None = None,
+    min_galore_rank: int | None = None,
+    host_ram: int | str | None = None,
+    max_batch: int | None = None,
+    gpu_tflops: float | str | None = None,
+    gpu_bandwidth: float | str | None = None,
+    reserve: str | int | None = None,
+    fixed: dict[str, Any] | None = None,
+) -> PlanRequest:
     gspec = resolve_gpus(gpus, gpu_tflops=gpu_tflops, gpu_bandwidth=gpu_bandwidth, reserve=reserve)
     if gpus_per_node is not None:
         check_int(gpus_per_node, "--gpus-per-node", MAX_RANKS)
         if gspec.count % gpus_per_node:
-            raise VramplanError(f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}",
-                                "--gpus-per-node")
+            raise VramplanError(
+                f"must be a positive divisor of the GPU count ({gspec.count}), got {gpus_per_node}", "--gpus-per-node"
+            )
         if nodes is not None and nodes * gpus_per_node != gspec.count:
-            raise VramplanError(f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs "
-                                "of --gpus",
-                                "--gpus-per-node")
+            raise VramplanError(
+                f"--nodes {nodes} x --gpus-per-node {gpus_per_node} is not the {gspec.count} GPUs of --gpus",
+                "--gpus-per-node",
+            )
         nodes = gspec.count // gpus_per_node
     given = host_ram is not None
     host_ram = host_ram_bytes(host_ram, "--host-ram")
@@ -818,18 +991,33 @@ def make_request(model: str | ModelSpec, gpus: str | GpuSpec | None, *, nodes: i
     context = model_context(model)
     if min_seq is None:
         min_seq = min(2048, context)
-    fields = dict(gpus=gspec, nodes=nodes, min_seq=min_seq, global_batch=global_batch, methods=parse_methods(methods),
-                  min_lora_rank=min_lora_rank, min_galore_rank=min_galore_rank, host_ram=host_ram, max_batch=max_batch,
-                  context=context, host_ram_said=host_ram_said,
-                  fixed=fixed_fields(fixed or {}))
+    fields = dict(
+        gpus=gspec,
+        nodes=nodes,
+        min_seq=min_seq,
+        global_batch=global_batch,
+        methods=parse_methods(methods),
+        min_lora_rank=min_lora_rank,
+        min_galore_rank=min_galore_rank,
+        host_ram=host_ram,
+        max_batch=max_batch,
+        context=context,
+        host_ram_said=host_ram_said,
+        fixed=fixed_fields(fixed or {}),
+    )
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         raise from_validation_error(e) from None
 
 
-def plan_model(model: str | ModelSpec, gpus: str | GpuSpec | None = None, top: int = 10,
-               num_layers: int | None = None, **constraints) -> PlanResult:
+def plan_model(
+    model: str | ModelSpec,
+    gpus: str | GpuSpec | None = None,
+    top: int = 10,
+    num_layers: int | None = None,
+    **constraints,
+) -> PlanResult:
     check_int(top, "--top", MAX_TOP)
     req = make_request(model, gpus, **constraints)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)

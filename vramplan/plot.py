@@ -8,6 +8,7 @@ matplotlib is imported inside the functions: every ``vramplan`` command imports 
 through vramplan.cli.plot and must not pay for it. Figures are built without pyplot on an Agg
 canvas, so they render on machines without a display and leave pyplot's state alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def _gib(n: int | float) -> float:
 def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -62,9 +64,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 # ---------------------------------------------------------------- breakdown
 
+
 @dataclass(frozen=True)
 class Bar:
     """One configuration in the breakdown plot."""
+
     label: str
     estimate: Estimate
     recommended: bool = False
@@ -110,16 +114,28 @@ def breakdown_figure(bars: Sequence[Bar], title: str | None = None) -> Figure:
     for panel in (ax, far) if far is not None else (ax,):
         for cat in present:
             lefts, widths = _segments(bars, cat)
-            panel.barh(ys, [_gib(w) for w in widths], left=[_gib(l) for l in lefts], height=BAR_HEIGHT,
-                       color=COLORS[cat], label=cat.label if panel is ax else "_far", edgecolor="white",
-                       linewidth=0.4)
+            panel.barh(
+                ys,
+                [_gib(w) for w in widths],
+                left=[_gib(l) for l in lefts],
+                height=BAR_HEIGHT,
+                color=COLORS[cat],
+                label=cat.label if panel is ax else "_far",
+                edgecolor="white",
+                linewidth=0.4,
+            )
     for y, bar in zip(ys, bars, strict=True):
         _annotate_bar(ax, y, bar, xmax)
         if len(bars) <= SEGMENT_LABELS_UP_TO:
             _label_segments(ax, y, bar, present, xmax)
     gpu = bars[0].estimate
-    ax.axvline(_gib(capacity), color="black", linestyle="--", linewidth=1.2,
-               label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)")
+    ax.axvline(
+        _gib(capacity),
+        color="black",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"capacity of one {gpu.gpu_name} ({_gib(capacity):.1f} GiB)",
+    )
     ax.set_yticks(ys, [("* " if b.recommended else "") + b.label for b in bars])
     for tick, bar in zip(ax.get_yticklabels(), bars, strict=True):
         if bar.recommended:
@@ -146,8 +162,9 @@ def _far_panel(ax, far, start: float, top: int) -> None:
     far.tick_params(axis="y", left=False)
     ax.spines["right"].set_visible(False)
     far.spines["left"].set_visible(False)
-    marks = dict(marker=[(-1, -1.5), (1, 1.5)], markersize=10, linestyle="none", color="black", mec="black",
-                 mew=1, clip_on=False)
+    marks = dict(
+        marker=[(-1, -1.5), (1, 1.5)], markersize=10, linestyle="none", color="black", mec="black", mew=1, clip_on=False
+    )
     ax.plot([1, 1], [0, 1], transform=ax.transAxes, **marks)
     far.plot([0, 0], [0, 1], transform=far.transAxes, **marks)
 
@@ -162,10 +179,23 @@ def _label_segments(ax, y: float, bar: Bar, present: Sequence[Category], xmax: f
     for cat in present:
         size = bar.estimate.per_gpu.breakdown.get(cat, 0)
         if size > 0.06 * xmax:
-            dark = cat in (Category.WEIGHTS, Category.OPTIMIZER_STATES, Category.CUDA_CONTEXT, Category.ADAPTERS,
-                           Category.FSDP_BUFFERS)
-            ax.text(_gib(left + size / 2), y, f"{_gib(size):.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black", clip_on=True)
+            dark = cat in (
+                Category.WEIGHTS,
+                Category.OPTIMIZER_STATES,
+                Category.CUDA_CONTEXT,
+                Category.ADAPTERS,
+                Category.FSDP_BUFFERS,
+            )
+            ax.text(
+                _gib(left + size / 2),
+                y,
+                f"{_gib(size):.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+                clip_on=True,
+            )
         left += size
 
 
@@ -188,7 +218,7 @@ def _segments(bars: Sequence[Bar], cat: Category) -> tuple[list[int], list[int]]
     lefts, widths = [], []
     for bar in bars:
         bd = bar.estimate.per_gpu.breakdown
-        lefts.append(sum(bd.get(c, 0) for c in order[:order.index(cat)]))
+        lefts.append(sum(bd.get(c, 0) for c in order[: order.index(cat)]))
         widths.append(bd.get(cat, 0))
     return lefts, widths
 
@@ -197,8 +227,14 @@ def _annotate_bar(ax, y: float, bar: Bar, xmax: float) -> None:
     """The verdict after the bar; over the bar's end, when it runs on past the broken axis."""
     total = bar.estimate.per_gpu.total_bytes
     text, color = _verdict(bar.estimate)
-    style = dict(va="center", fontsize=8.5, color=color, fontweight="bold", zorder=4,
-                 bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+    style = dict(
+        va="center",
+        fontsize=8.5,
+        color=color,
+        fontweight="bold",
+        zorder=4,
+        bbox=dict(facecolor="white", edgecolor="none", pad=0.5),
+    )
     if total > xmax:
         ax.text(_gib(xmax) * 0.99, y, text + " →", ha="right", **style)
     else:
@@ -207,16 +243,25 @@ def _annotate_bar(ax, y: float, bar: Bar, xmax: float) -> None:
 
 # ---------------------------------------------------------------- scaling
 
+
 @dataclass(frozen=True)
 class Series:
     """Per-GPU totals of one method at each x value."""
+
     label: str
     xs: tuple[int, ...]
     totals: tuple[int, ...]
 
 
-def scaling_series(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, values: Sequence[int],
-                   base: dict, host_ram: int | None = None) -> list[Series]:
+def scaling_series(
+    spec: ModelSpec,
+    gpus: GpuSpec,
+    methods: Sequence[str],
+    x: str,
+    values: Sequence[int],
+    base: dict,
+    host_ram: int | None = None,
+) -> list[Series]:
     """Estimate every method at every value of ``x`` ('seq' or 'batch'), other fields from ``base``."""
     out = []
     for method in methods:
@@ -235,8 +280,9 @@ AUTO_CANDIDATES = {"seq": tuple(v for v in _STEPS if 128 <= v <= 131072), "batch
 AUTO_POINTS = 7
 
 
-def auto_values(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, base: dict,
-                capacity: int) -> tuple[int, ...]:
+def auto_values(
+    spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, base: dict, capacity: int
+) -> tuple[int, ...]:
     """The x values to draw when none are given: AUTO_POINTS values of AUTO_CANDIDATES around
     the largest value at which some method still fits ``capacity`` (the largest card drawn),
     ending two steps past it, so the plot shows where each method stops fitting instead of a
@@ -247,7 +293,7 @@ def auto_values(spec: ModelSpec, gpus: GpuSpec, methods: Sequence[str], x: str, 
         cands = tuple(v for v in cands if v <= spec.max_positions) or cands[:1]
     fitting = [i for i, v in enumerate(cands) if any(_fits_at(spec, gpus, m, x, v, base, capacity) for m in methods)]
     end = min(fitting[-1] + 2, len(cands) - 1) if fitting else min(AUTO_POINTS, len(cands)) - 1
-    return cands[max(0, end - AUTO_POINTS + 1): end + 1]
+    return cands[max(0, end - AUTO_POINTS + 1) : end + 1]
 
 
 def _fits_at(spec: ModelSpec, gpus: GpuSpec, method: str, x: str, value: int, base: dict, capacity: int) -> bool:
@@ -273,8 +319,11 @@ def _method_label(fields: dict) -> str:
     label = setup.method.value
     if setup.quant is not None:  # qlora
         label += f" {setup.quant.value}"
-    if setup.optim.is_8bit and setup.optim in (Optim.ADAMW_BNB_8BIT, Optim.GALORE_ADAMW_8BIT,
-                                               Optim.GALORE_ADAMW_8BIT_LAYERWISE):
+    if setup.optim.is_8bit and setup.optim in (
+        Optim.ADAMW_BNB_8BIT,
+        Optim.GALORE_ADAMW_8BIT,
+        Optim.GALORE_ADAMW_8BIT_LAYERWISE,
+    ):
         label += " 8-bit" + (" layer-wise" if setup.optim.layerwise else "")
     elif setup.optim not in (Optim.ADAMW_TORCH, Optim.GALORE_ADAMW):
         label += f" {setup.optim.label}"
@@ -287,9 +336,8 @@ def _method_label(fields: dict) -> str:
 
 def scaling_title(model: str, x: str, setup) -> str:
     """What varies, and what is fixed: the other of micro-batch and sequence, and the stack."""
-    fixed = (f"micro-batch {setup.batch_size}" if x == "seq" else f"{setup.seq_len} tokens per sequence")
-    return (f"{model}: per-GPU memory against {X_LABEL[x].split(' (')[0]}\n"
-            f"{fixed}, stack {setup.stack.value}")
+    fixed = f"micro-batch {setup.batch_size}" if x == "seq" else f"{setup.seq_len} tokens per sequence"
+    return f"{model}: per-GPU memory against {X_LABEL[x].split(' (')[0]}\n{fixed}, stack {setup.stack.value}"
 
 
 def fit_limit(series: Series, capacity: int) -> str:
@@ -300,8 +348,9 @@ def fit_limit(series: Series, capacity: int) -> str:
     return "all" if len(fitting) == len(series.xs) else f"≤ {max(fitting)}"
 
 
-def scaling_figure(series: Sequence[Series], x: str, capacities: Sequence[tuple[str, int]],
-                   title: str | None = None) -> Figure:
+def scaling_figure(
+    series: Sequence[Series], x: str, capacities: Sequence[tuple[str, int]], title: str | None = None
+) -> Figure:
     """Per-GPU total against ``x`` for each series, with one capacity line per GPU.
     ``capacities``: (short GPU name, bytes). Filled markers fit the first GPU, hollow ones
     do not; each legend entry says up to which x value the method fits each GPU."""
@@ -315,16 +364,29 @@ def scaling_figure(series: Sequence[Series], x: str, capacities: Sequence[tuple[
         ys = [_gib(t) for t in s.totals]
         fits = ", ".join(f"{name} {fit_limit(s, cap)}" for name, cap in capacities)
         ax.plot(s.xs, ys, color=color, linewidth=2, marker="o", markersize=0, label=f"{s.label}  [fits: {fits}]")
-        ax.scatter(s.xs, ys, s=36, zorder=3, edgecolors=color, linewidths=1.5,
-                   facecolors=[color if t <= first_cap else "white" for t in s.totals])
+        ax.scatter(
+            s.xs,
+            ys,
+            s=36,
+            zorder=3,
+            edgecolors=color,
+            linewidths=1.5,
+            facecolors=[color if t <= first_cap else "white" for t in s.totals],
+        )
     for j, (name, cap) in enumerate(capacities):
-        ax.axhline(_gib(cap), color="black", linestyle=("--", ":", "-.")[j % 3], linewidth=1.2,
-                   label=f"capacity {name} ({_gib(cap):.1f} GiB)")
+        ax.axhline(
+            _gib(cap),
+            color="black",
+            linestyle=("--", ":", "-.")[j % 3],
+            linewidth=1.2,
+            label=f"capacity {name} ({_gib(cap):.1f} GiB)",
+        )
     top = max(max(s.totals) for s in series)
     biggest = max(c for _, c in capacities)
     if top > 2.5 * biggest:
         # linear, a method far beyond the largest card would flatten (or hide) the others
         from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     else:
@@ -337,16 +399,25 @@ def scaling_figure(series: Sequence[Series], x: str, capacities: Sequence[tuple[
     ax.set_ylabel("memory per GPU (GiB)")
     ax.grid(alpha=0.3)
     ax.set_title(title or "per-GPU memory", loc="left")
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8.5, frameon=False,
-               title=f"filled marker: fits {capacities[0][0]}", title_fontsize=8.5)
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncol=2,
+        fontsize=8.5,
+        frameon=False,
+        title=f"filled marker: fits {capacities[0][0]}",
+        title_fontsize=8.5,
+    )
     return fig
 
 
 # ---------------------------------------------------------------- accuracy
 
+
 @dataclass(frozen=True)
 class Point:
     """Predicted against measured bytes: one case, or one category of a case."""
+
     name: str
     method: str
     predicted: int
@@ -359,8 +430,9 @@ class Point:
         return (self.predicted - self.measured) / self.measured
 
 
-def accuracy_points(cases: Iterable[MeasuredCase], configs: str | Path | None = None,
-                    per_category: bool = False) -> list[Point]:
+def accuracy_points(
+    cases: Iterable[MeasuredCase], configs: str | Path | None = None, per_category: bool = False
+) -> list[Point]:
     """Estimate each measured case. Whole cases compare peak allocated; ``per_category``
     compares each category of a line's optional ``measured_breakdown`` {category: bytes}."""
     points = []
@@ -404,8 +476,12 @@ _BUILT = (Category.WEIGHTS, Category.QUANT_STATE, Category.ADAPTERS)
 def _split_points(case: MeasuredCase, est: Estimate) -> list[Point]:
     """Predicted against measured for each part of SPLIT_PARTS (none without the two snapshots)."""
     extra = case.model_extra or {}
-    if case.mem_after_build_mb is None or case.mem_after_step0_mb is None or case.peak_alloc_bytes is None \
-            or extra.get("fsdp_world"):  # FSDP's build and step snapshots are of shards and unsharded buffers
+    if (
+        case.mem_after_build_mb is None
+        or case.mem_after_step0_mb is None
+        or case.peak_alloc_bytes is None
+        or extra.get("fsdp_world")
+    ):  # FSDP's build and step snapshots are of shards and unsharded buffers
         return []
     built = int(case.mem_after_build_mb * 2**20)
     stepped = int(case.mem_after_step0_mb * 2**20)
@@ -414,8 +490,11 @@ def _split_points(case: MeasuredCase, est: Estimate) -> list[Point]:
     states = bd.get(Category.OPTIMIZER_STATES, 0)
     measured = (built, stepped - built, case.peak_alloc_bytes - stepped)
     predicted = (model, states, est.per_gpu.peak_allocated_bytes - model - states)
-    return [Point(case.name, case.method, p, m, cat, part) for (part, cat), p, m in
-            zip(SPLIT_PARTS.items(), predicted, measured, strict=True) if p > 0 and m > 0]
+    return [
+        Point(case.name, case.method, p, m, cat, part)
+        for (part, cat), p, m in zip(SPLIT_PARTS.items(), predicted, measured, strict=True)
+        if p > 0 and m > 0
+    ]
 
 
 def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
@@ -428,8 +507,11 @@ def _measured_breakdown(case: MeasuredCase) -> dict[Category, int]:
             out[Category(key)] = int(value)
         except (ValueError, TypeError):
             allowed = ", ".join(c.value for c in Category)
-            raise VramplanError(f"case {case.name!r}: measured_breakdown has {key!r}: {value!r}; "
-                                f"keys must be categories ({allowed}) with byte counts", "FILE") from None
+            raise VramplanError(
+                f"case {case.name!r}: measured_breakdown has {key!r}: {value!r}; "
+                f"keys must be categories ({allowed}) with byte counts",
+                "FILE",
+            ) from None
     return out
 
 
@@ -444,8 +526,9 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
     lo = _gib(min(min(p.predicted, p.measured) for p in points) / 1.3)
     hi = _gib(max(max(p.predicted, p.measured) for p in points) * 1.3)
     band = dict(color="#2E7D32", alpha=0.15, label=f"±{100 * tolerance:g}%")
-    ax.fill_between([lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)],
-                    [lo * (1 + tolerance), hi * (1 + tolerance)], **band)
+    ax.fill_between(
+        [lo, hi], [lo * (1 - tolerance), hi * (1 - tolerance)], [lo * (1 + tolerance), hi * (1 + tolerance)], **band
+    )
     ax.plot([lo, hi], [lo, hi], color="#2E7D32", linewidth=1, label="predicted = measured")
     err_ax.axhspan(-100 * tolerance, 100 * tolerance, **{**band, "label": None})
     err_ax.axhline(0, color="#2E7D32", linewidth=1)
@@ -465,9 +548,15 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
         if abs(p.error) > tolerance:
             name = p.name + (f" {p.part.split(' (')[0]}" if p.part else f" {p.category.label}" if p.category else "")
             right_half = _gib(p.measured) > middle  # write towards the middle, not off the edge
-            err_ax.annotate(f"{name} {100 * p.error:+.0f}%", (_gib(p.measured), 100 * p.error), fontsize=7.5,
-                            xytext=(-5 if right_half else 5, -3), textcoords="offset points", color=NO_FIT,
-                            ha="right" if right_half else "left")
+            err_ax.annotate(
+                f"{name} {100 * p.error:+.0f}%",
+                (_gib(p.measured), 100 * p.error),
+                fontsize=7.5,
+                xytext=(-5 if right_half else 5, -3),
+                textcoords="offset points",
+                color=NO_FIT,
+                ha="right" if right_half else "left",
+            )
     _log_axes(ax, lo, hi)
     worst = max(abs(p.error) for p in points)
     err_ax.set_ylim(-100 * max(2 * tolerance, worst * 1.2), 100 * max(2 * tolerance, worst * 1.2))
@@ -482,6 +571,7 @@ def accuracy_figure(points: Sequence[Point], tolerance: float = TOLERANCE, title
 
 def _log_axes(ax, lo: float, hi: float) -> None:
     from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -507,13 +597,21 @@ def _groups(points: Sequence[Point]) -> dict:
 def _accuracy_title(points: Sequence[Point], tolerance: float) -> str:
     errors = [abs(p.error) for p in points]
     inside = sum(e <= tolerance for e in errors)
-    what = ("memory by part: built model, optimizer states, working memory" if points[0].part else
-            "per-category memory" if points[0].category else "peak allocated (torch.cuda.max_memory_allocated)")
-    return (f"predicted vs measured {what}\n{len(points)} points, {inside} within ±{100 * tolerance:g}%; "
-            f"median |error| {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%")
+    what = (
+        "memory by part: built model, optimizer states, working memory"
+        if points[0].part
+        else "per-category memory"
+        if points[0].category
+        else "peak allocated (torch.cuda.max_memory_allocated)"
+    )
+    return (
+        f"predicted vs measured {what}\n{len(points)} points, {inside} within ±{100 * tolerance:g}%; "
+        f"median |error| {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%"
+    )
 
 
 # ---------------------------------------------------------------- files
+
 
 def output_path(arg: str | None, default_name: str) -> Path:
     """Where to write, checked before any work: a .png or .svg file that can be created
@@ -556,14 +654,16 @@ def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int |
 
 # ---------------------------------------------------------------- timeline
 
+
 @dataclass(frozen=True)
 class Timeline:
     """One steady step over time (event index): live bytes by category, what the simulated
     caching allocator reserves, the phases' moments and the GPU's capacity for the allocator."""
-    live: dict[Category, np.ndarray]   # requested bytes alive after each event of the step
+
+    live: dict[Category, np.ndarray]  # requested bytes alive after each event of the step
     reserved: np.ndarray
-    moments: list[tuple[int, str]]     # (event index within the step, phase name)
-    capacity: int                      # usable memory less the CUDA context
+    moments: list[tuple[int, str]]  # (event index within the step, phase name)
+    capacity: int  # usable memory less the CUDA context
     title: str
 
 
@@ -571,12 +671,14 @@ def timeline_data(spec: ModelSpec, setup, gpus: GpuSpec, alloc_conf: str | None 
     from vramplan.allocator import Op, replay
     from vramplan.memory.events import CATEGORIES, step_events
     from vramplan.reserved import alloc_config
+
     ev = step_events(spec, setup)
     run = replay(ev.events, alloc_config(alloc_conf), record_trace=True)
     size_of: dict[int, int] = {}
     signed = np.zeros(len(ev.events), np.int64)
-    for k, (op, tid, size) in enumerate(zip(ev.events.ops.tolist(), ev.events.ids.tolist(),
-                                            ev.events.sizes.tolist(), strict=True)):
+    for k, (op, tid, size) in enumerate(
+        zip(ev.events.ops.tolist(), ev.events.ids.tolist(), ev.events.sizes.tolist(), strict=True)
+    ):
         size_of.setdefault(tid, size)
         signed[k] = size_of[tid] if op == Op.ALLOC else -size_of[tid]
     s = ev.step_start
@@ -584,9 +686,13 @@ def timeline_data(spec: ModelSpec, setup, gpus: GpuSpec, alloc_conf: str | None 
     live = {c: v for c, v in live.items() if v.any()}
     assert run.reserved_trace is not None
     context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
-    return Timeline(live=live, reserved=run.reserved_trace[s:], capacity=gpus.profile.memory_bytes - context,
-                    moments=[(m.index - s, m.phase.name) for m in ev.moments if m.index >= s],
-                    title=f"{spec.name}: one step, {setup_caption(setup)}")
+    return Timeline(
+        live=live,
+        reserved=run.reserved_trace[s:],
+        capacity=gpus.profile.memory_bytes - context,
+        moments=[(m.index - s, m.phase.name) for m in ev.moments if m.index >= s],
+        title=f"{spec.name}: one step, {setup_caption(setup)}",
+    )
 
 
 def timeline_figure(t: Timeline) -> Figure:
@@ -594,8 +700,13 @@ def timeline_figure(t: Timeline) -> Figure:
     fig = _new_figure(11, 5.5)
     ax = fig.add_subplot()
     x = np.arange(len(t.reserved))
-    ax.stackplot(x, *[v / GiB for v in t.live.values()], colors=[COLORS[c] for c in t.live],
-                 labels=[c.label for c in t.live], step="post")
+    ax.stackplot(
+        x,
+        *[v / GiB for v in t.live.values()],
+        colors=[COLORS[c] for c in t.live],
+        labels=[c.label for c in t.live],
+        step="post",
+    )
     ax.step(x, t.reserved / GiB, where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
     ax.axhline(_gib(t.capacity), color="#C44E52", ls="--", lw=1, label="GPU capacity (less CUDA context)")
     top = _gib(max(t.capacity, int(t.reserved.max()))) * 1.02

@@ -3,6 +3,7 @@ allocation events (memory/events.py) replayed through the model of PyTorch's CUD
 allocator (allocator.py), on a roomy GPU for ``max_memory_reserved()``, and against the
 GPU's capacity for whether the step runs out of memory (the allocator frees its cached
 blocks and retries before it raises, which the replay models)."""
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,13 @@ def use_alloc_conf_flag(value: str | None) -> None:
 @dataclass(frozen=True)
 class Simulated:
     """The replay's answer for one step on one GPU."""
-    peak_reserved: int          # on a roomy GPU: torch.cuda.max_memory_reserved()
-    peak_allocated: int         # the replay's max_memory_allocated() (rounded blocks)
-    fits: bool                  # runs within `capacity` (after releasing cached blocks if it must)
-    headroom: int               # bytes left under capacity (negative: short by about that much)
+
+    peak_reserved: int  # on a roomy GPU: torch.cuda.max_memory_reserved()
+    peak_allocated: int  # the replay's max_memory_allocated() (rounded blocks)
+    fits: bool  # runs within `capacity` (after releasing cached blocks if it must)
+    headroom: int  # bytes left under capacity (negative: short by about that much)
     capped: ReplayResult | None  # the replay against capacity, when the roomy peak exceeds it
-    events: StepEvents | None   # None: the flat margin stood in for the replay (flat_margin)
+    events: StepEvents | None  # None: the flat margin stood in for the replay (flat_margin)
 
 
 def events_left_out(setup: TrainingSetup) -> str | None:
@@ -60,8 +62,9 @@ def flat_margin(allocated: int, capacity: int, margin: int) -> Simulated:
     return Simulated(reserved, allocated, reserved <= capacity, capacity - reserved, None, None)
 
 
-def simulate(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig,
-             events: StepEvents | None = None) -> Simulated:
+def simulate(
+    spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig, events: StepEvents | None = None
+) -> Simulated:
     """capacity: what the allocator can obtain (usable memory less the CUDA context)."""
     ev = events if events is not None else step_events(spec, setup)
     roomy = replay(ev.events, config)
@@ -70,21 +73,24 @@ def simulate(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: Alloc
     capped = replay(ev.events, config, capacity=capacity)
     if capped.oom is None:
         # it runs only by emptying the cache and retrying: what is left is what it never needed
-        return Simulated(roomy.peak_reserved, roomy.peak_allocated, True, capacity - capped.peak_reserved,
-                         capped, ev)
+        return Simulated(roomy.peak_reserved, roomy.peak_allocated, True, capacity - capped.peak_reserved, capped, ev)
     return Simulated(roomy.peak_reserved, roomy.peak_allocated, False, capacity - roomy.peak_reserved, capped, ev)
 
 
-def expandable_note(spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig,
-                    sim: Simulated) -> list[str]:
+def expandable_note(
+    spec: ModelSpec, setup: TrainingSetup, capacity: int, config: AllocatorConfig, sim: Simulated
+) -> list[str]:
     """When the step does not fit with the allocator's segments as configured but does with
     expandable segments (no stranded tails of partly used segments), say so."""
     if sim.fits or config.expandable_segments or sim.events is None:
         return []
     from dataclasses import replace
+
     alt = simulate(spec, setup, capacity, replace(config, expandable_segments=True), sim.events)
     if not alt.fits:
         return []
-    return ["with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (or --alloc-conf) the simulated allocator "
-            f"fits this step ({alt.headroom / 2**30:.2f} GiB left): it maps memory in pages instead of caching "
-            "whole segments, so partly used segments strand less"]
+    return [
+        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (or --alloc-conf) the simulated allocator "
+        f"fits this step ({alt.headroom / 2**30:.2f} GiB left): it maps memory in pages instead of caching "
+        "whole segments, so partly used segments strand less"
+    ]

@@ -1,4 +1,5 @@
 """Result models returned by the estimate (and compared against by verify)."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ class PerGpu(BaseModel):
     breakdown: dict[Category, int] = Field(description="bytes per category at the peak")
     peak_phase: str = Field(description="where in the step the peak falls")
     phases: dict[str, int] = Field(default_factory=dict, description="allocated bytes at each modelled phase")
-    phase_measured: dict[str, str] = Field(default_factory=dict, description="the measured phase (build, forward, "
-                                           "backward, optimizer) each modelled phase falls in")
+    phase_measured: dict[str, str] = Field(
+        default_factory=dict,
+        description="the measured phase (build, forward, backward, optimizer) each modelled phase falls in",
+    )
 
 
 class Estimate(BaseModel):
@@ -38,8 +41,9 @@ class Estimate(BaseModel):
     gpu_memory_bytes: int = Field(description="usable memory of one GPU (mem_get_info total)")
     per_gpu: PerGpu
     host_ram_bytes: int = Field(description="host RAM the run needs (pinned offload buffers + process)")
-    host_ram_available_bytes: int | None = Field(None, description="host RAM the verdict checked against "
-                                                 "(None: not checked)")
+    host_ram_available_bytes: int | None = Field(
+        None, description="host RAM the verdict checked against (None: not checked)"
+    )
     fits_gpu: bool = Field(description="the per-GPU total fits the GPU's usable memory")
     fits_host: bool = Field(description="the host RAM need fits the available host RAM (True when unchecked)")
     fits: bool
@@ -64,8 +68,16 @@ class Estimate(BaseModel):
         columns category, bytes, gib, share (of the per-GPU total) and allocated (whether
         torch.cuda.max_memory_allocated() counts it). Needs pandas."""
         import pandas as pd
+
         total = self.per_gpu.total_bytes or 1
-        rows = [{"category": c.value, "bytes": self.per_gpu.breakdown.get(c, 0),
-                 "gib": self.per_gpu.breakdown.get(c, 0) / GiB, "share": self.per_gpu.breakdown.get(c, 0) / total,
-                 "allocated": c in ALLOCATED} for c in Category]
+        rows = [
+            {
+                "category": c.value,
+                "bytes": self.per_gpu.breakdown.get(c, 0),
+                "gib": self.per_gpu.breakdown.get(c, 0) / GiB,
+                "share": self.per_gpu.breakdown.get(c, 0) / total,
+                "allocated": c in ALLOCATED,
+            }
+            for c in Category
+        ]
         return pd.DataFrame(rows).astype({"bytes": "int64"})

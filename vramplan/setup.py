@@ -3,6 +3,7 @@
 Field names follow the ``vramplan estimate`` flags (see docs/cli.md) and the reference
 step (docs/reference-step.md). Validation names the flag at fault.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,40 +32,42 @@ class Method(str, Enum):
 
 
 class Precision(str, Enum):
-    BF16 = "bf16"     # no autocast: the step computes in the weights' dtype
-    MIXED = "mixed"   # bf16 autocast (FSDP: MixedPrecisionPolicy(bf16, fp32)); fp32 weights unless --model-dtype bf16
-    FP16 = "fp16"     # fp16 autocast with a GradScaler (cards without bf16: T4, V100, RTX 20xx)
+    BF16 = "bf16"  # no autocast: the step computes in the weights' dtype
+    MIXED = "mixed"  # bf16 autocast (FSDP: MixedPrecisionPolicy(bf16, fp32)); fp32 weights unless --model-dtype bf16
+    FP16 = "fp16"  # fp16 autocast with a GradScaler (cards without bf16: T4, V100, RTX 20xx)
 
 
 class Quant(str, Enum):
-    NF4 = "nf4"       # bitsandbytes Linear4bit, blocksize 64, double quant
-    HQQ4 = "hqq4"     # hqq HQQLinear nbits=4 group_size=64
+    NF4 = "nf4"  # bitsandbytes Linear4bit, blocksize 64, double quant
+    HQQ4 = "hqq4"  # hqq HQQLinear nbits=4 group_size=64
 
 
 class OptimFamily(str, Enum):
     """What an optimizer keeps and computes, whatever library implements it."""
-    ADAMW = "adamw"                    # two moments (torch, bitsandbytes, torchao, anyprecision)
-    STABLE_ADAMW = "stable_adamw"      # AdamW + a Kahan buffer for low-precision params (torch-optimi)
-    ADEMAMIX = "ademamix"              # three moments (two EMAs of the gradient + its square)
-    LION = "lion"                      # one moment
-    RMSPROP = "rmsprop"                # one moment (square average)
-    SGD = "sgd"                        # no state at momentum 0 (HF passes only lr)
-    ADAGRAD = "adagrad"                # one accumulator
-    ADAFACTOR = "adafactor"            # factored second moment (rows + columns) for >= 2-D
+
+    ADAMW = "adamw"  # two moments (torch, bitsandbytes, torchao, anyprecision)
+    STABLE_ADAMW = "stable_adamw"  # AdamW + a Kahan buffer for low-precision params (torch-optimi)
+    ADEMAMIX = "ademamix"  # three moments (two EMAs of the gradient + its square)
+    LION = "lion"  # one moment
+    RMSPROP = "rmsprop"  # one moment (square average)
+    SGD = "sgd"  # no state at momentum 0 (HF passes only lr)
+    ADAGRAD = "adagrad"  # one accumulator
+    ADAFACTOR = "adafactor"  # factored second moment (rows + columns) for >= 2-D
     SCHEDULE_FREE_ADAMW = "schedule_free_adamw"  # z + exp_avg_sq
     SCHEDULE_FREE_RADAM = "schedule_free_radam"  # z + exp_avg_sq
-    SCHEDULE_FREE_SGD = "schedule_free_sgd"      # z
-    GALORE_ADAMW = "galore_adamw"      # AdamW on the low-rank projected gradient
+    SCHEDULE_FREE_SGD = "schedule_free_sgd"  # z
+    GALORE_ADAMW = "galore_adamw"  # AdamW on the low-rank projected gradient
     GALORE_ADAFACTOR = "galore_adafactor"  # Adafactor on the low-rank projected gradient
-    APOLLO_ADAMW = "apollo_adamw"      # AdamW on a random low-rank projection, channel-wise scaling
-    LOMO = "lomo"                      # plain SGD fused into backward, no state
-    ADALOMO = "adalomo"                # factored second moment fused into backward
-    GROKADAMW = "grokadamw"            # AdamW + a gradient EMA, all three states in host memory
-    MUON = "muon"                      # one momentum (Newton-Schulz) for 2-D weights, AdamW for the rest
+    APOLLO_ADAMW = "apollo_adamw"  # AdamW on a random low-rank projection, channel-wise scaling
+    LOMO = "lomo"  # plain SGD fused into backward, no state
+    ADALOMO = "adalomo"  # factored second moment fused into backward
+    GROKADAMW = "grokadamw"  # AdamW + a gradient EMA, all three states in host memory
+    MUON = "muon"  # one momentum (Newton-Schulz) for 2-D weights, AdamW for the rest
 
 
 class OptimLibrary(str, Enum):
     """Who implements the optimizer (the rules cite that library's source)."""
+
     TORCH = "torch"
     BITSANDBYTES = "bitsandbytes"
     TORCHAO = "torchao"
@@ -76,44 +79,47 @@ class OptimLibrary(str, Enum):
     GROKADAMW = "grokadamw"
     OPTIMI = "torch-optimi"
     TORCHDISTX = "torchdistx"
-    MUON = "llamafactory-muon"         # LLaMA-Factory third_party/muon (axolotl's is the same algorithm)
+    MUON = "llamafactory-muon"  # LLaMA-Factory third_party/muon (axolotl's is the same algorithm)
     TORCH_XLA = "torch-xla"
     TORCH_NPU = "torch-npu"
 
 
 class StateHome(str, Enum):
     """Where the optimizer states live."""
-    DEVICE = "device"   # ordinary CUDA allocations (torch.cuda.max_memory_allocated counts them)
-    PAGED = "paged"     # bitsandbytes paged: CUDA unified memory, resident on the GPU, outside torch's statistics
-    HOST = "host"       # host RAM, copied to the GPU per parameter for the update (grokadamw)
+
+    DEVICE = "device"  # ordinary CUDA allocations (torch.cuda.max_memory_allocated counts them)
+    PAGED = "paged"  # bitsandbytes paged: CUDA unified memory, resident on the GPU, outside torch's statistics
+    HOST = "host"  # host RAM, copied to the GPU per parameter for the update (grokadamw)
 
 
 class StateDtype(str, Enum):
-    PARAM = "param"     # zeros_like(p): the parameter's dtype
-    FP32 = "fp32"       # always fp32 (bitsandbytes 32-bit and small-tensor fallback, Adafactor, anyprecision)
+    PARAM = "param"  # zeros_like(p): the parameter's dtype
+    FP32 = "fp32"  # always fp32 (bitsandbytes 32-bit and small-tensor fallback, Adafactor, anyprecision)
 
 
 @dataclass(frozen=True)
 class OptimTraits:
     """One optimizer name's family and mechanics (the memory rules dispatch on these)."""
+
     family: OptimFamily
     library: OptimLibrary
-    label: str                       # words for tables (plan), without "layer-wise"
-    moments: int                     # state tensors per parameter, before quantizing or factoring
-    bits: int = 32                   # 8 or 4: block-quantized states
+    label: str  # words for tables (plan), without "layer-wise"
+    moments: int  # state tensors per parameter, before quantizing or factoring
+    bits: int = 32  # 8 or 4: block-quantized states
     state_dtype: StateDtype = StateDtype.PARAM
-    paged: bool = False              # bitsandbytes is_paged: large states in CUDA unified memory
-    factored: bool = False           # second moment kept as row and column vectors for >= 2-D
-    layerwise: bool = False          # one optimizer per parameter stepped in its grad hook (HF *_layerwise)
-    fused: bool = False              # one kernel per tensor list, no temporaries
-    in_backward: bool = False        # steps inside backward by construction (layer-wise, LOMO)
+    paged: bool = False  # bitsandbytes is_paged: large states in CUDA unified memory
+    factored: bool = False  # second moment kept as row and column vectors for >= 2-D
+    layerwise: bool = False  # one optimizer per parameter stepped in its grad hook (HF *_layerwise)
+    fused: bool = False  # one kernel per tensor list, no temporaries
+    in_backward: bool = False  # steps inside backward by construction (layer-wise, LOMO)
     home: StateHome = StateHome.DEVICE
-    refused: str = ""                # why vramplan does not model it (empty: modelled)
+    refused: str = ""  # why vramplan does not model it (empty: modelled)
 
 
 class Optim(str, Enum):
     """Hugging Face ``TrainingArguments.optim`` names (transformers 5.25.0 training_args.py:113-158
     OptimizerNames), plus ``muon`` (axolotl ``optimizer: muon``, LLaMA-Factory ``use_muon``)."""
+
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
     ADAMW_TORCH_XLA = "adamw_torch_xla"
@@ -126,7 +132,7 @@ class Optim(str, Enum):
     SGD = "sgd"
     ADAGRAD = "adagrad"
     ADAMW_BNB_8BIT = "adamw_bnb_8bit"
-    ADAMW_8BIT = "adamw_8bit"          # transformers: "just an alias for adamw_bnb_8bit"
+    ADAMW_8BIT = "adamw_8bit"  # transformers: "just an alias for adamw_bnb_8bit"
     ADEMAMIX_8BIT = "ademamix_8bit"
     LION_8BIT = "lion_8bit"
     LION_32BIT = "lion_32bit"
@@ -192,15 +198,25 @@ def _table() -> dict[Optim, OptimTraits]:
     def bnb_(fam: OptimFamily, label: str, moments: int, bits: int, paged: bool = False) -> OptimTraits:
         # bnb 32-bit states (and the 8-bit small-tensor fallback) are fp32 whatever the param dtype
         # (bitsandbytes 0.50.2 optim/optimizer.py:509-510); HF: is_paged = "paged" in name
-        return T(fam, bnb, ("paged " if paged else "") + ("8-bit " if bits == 8 else "") + label, moments,
-                 bits=bits, state_dtype=fp32, paged=paged, fused=True,
-                 home=StateHome.PAGED if paged else StateHome.DEVICE)
+        return T(
+            fam,
+            bnb,
+            ("paged " if paged else "") + ("8-bit " if bits == 8 else "") + label,
+            moments,
+            bits=bits,
+            state_dtype=fp32,
+            paged=paged,
+            fused=True,
+            home=StateHome.PAGED if paged else StateHome.DEVICE,
+        )
+
     return {
         O.ADAMW_TORCH: T(F.ADAMW, L.TORCH, "AdamW", 2),
         O.ADAMW_TORCH_FUSED: T(F.ADAMW, L.TORCH, "AdamW fused", 2, fused=True),
         O.ADAMW_TORCH_XLA: T(F.ADAMW, L.TORCH_XLA, "AdamW (XLA)", 2, refused="a TPU (torch_xla) optimizer"),
-        O.ADAMW_TORCH_NPU_FUSED: T(F.ADAMW, L.TORCH_NPU, "AdamW (NPU)", 2, fused=True,
-                                   refused="an Ascend NPU (torch_npu) optimizer"),
+        O.ADAMW_TORCH_NPU_FUSED: T(
+            F.ADAMW, L.TORCH_NPU, "AdamW (NPU)", 2, fused=True, refused="an Ascend NPU (torch_npu) optimizer"
+        ),
         O.ADAFACTOR: T(F.ADAFACTOR, L.TRANSFORMERS, "Adafactor", 1, state_dtype=fp32, factored=True),
         O.ADAMW_ANYPRECISION: T(F.ADAMW, L.TORCHDISTX, "AnyPrecision AdamW", 2, state_dtype=fp32),
         O.ADAMW_TORCH_4BIT: T(F.ADAMW, L.TORCHAO, "4-bit AdamW (torchao)", 2, bits=4),
@@ -227,10 +243,19 @@ def _table() -> dict[Optim, OptimTraits]:
         O.GALORE_ADAMW_8BIT: T(F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8),
         O.GALORE_ADAFACTOR: T(F.GALORE_ADAFACTOR, L.GALORE, "Adafactor", 1, state_dtype=fp32, factored=True),
         O.GALORE_ADAMW_LAYERWISE: T(F.GALORE_ADAMW, L.GALORE, "AdamW", 2, layerwise=True, in_backward=True),
-        O.GALORE_ADAMW_8BIT_LAYERWISE: T(F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8, layerwise=True,
-                                         in_backward=True),
-        O.GALORE_ADAFACTOR_LAYERWISE: T(F.GALORE_ADAFACTOR, L.GALORE, "Adafactor", 1, state_dtype=fp32,
-                                        factored=True, layerwise=True, in_backward=True),
+        O.GALORE_ADAMW_8BIT_LAYERWISE: T(
+            F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8, layerwise=True, in_backward=True
+        ),
+        O.GALORE_ADAFACTOR_LAYERWISE: T(
+            F.GALORE_ADAFACTOR,
+            L.GALORE,
+            "Adafactor",
+            1,
+            state_dtype=fp32,
+            factored=True,
+            layerwise=True,
+            in_backward=True,
+        ),
         O.LOMO: T(F.LOMO, L.LOMO, "LOMO", 0, in_backward=True),
         O.ADALOMO: T(F.ADALOMO, L.LOMO, "AdaLomo", 1, state_dtype=fp32, factored=True, in_backward=True),
         O.GROKADAMW: T(F.GROKADAMW, L.GROKADAMW, "GrokAdamW", 3, home=StateHome.HOST),
@@ -249,14 +274,15 @@ OPTIM_TRAITS: dict[Optim, OptimTraits] = _table()
 
 class Stack(str, Enum):
     """A training framework's defaults, bundled (vramplan/presets/stacks/*)."""
-    PLAIN = "plain"                # the reference step: transformers + peft, own loop
+
+    PLAIN = "plain"  # the reference step: transformers + peft, own loop
     HF_TRAINER = "hf-trainer"
     TRL = "trl"
     UNSLOTH = "unsloth"
     AXOLOTL = "axolotl"
     LLAMAFACTORY = "llamafactory"
     TORCHTUNE = "torchtune"
-    FSDP_QLORA = "fsdp-qlora"      # Answer.AI's fsdp_qlora train.py
+    FSDP_QLORA = "fsdp-qlora"  # Answer.AI's fsdp_qlora train.py
 
     @property
     def trainer_param_groups(self) -> bool:
@@ -268,17 +294,18 @@ class Stack(str, Enum):
 
 class Loss(str, Enum):
     """How the loss over the vocabulary is computed."""
-    HF = "hf"                          # the model's own ForCausalLMLoss on full logits (the reference step)
-    CHUNKED = "chunked"                # torchtune's CEWithChunkedOutputLoss over 8 chunks of logits
+
+    HF = "hf"  # the model's own ForCausalLMLoss on full logits (the reference step)
+    CHUNKED = "chunked"  # torchtune's CEWithChunkedOutputLoss over 8 chunks of logits
     TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer's fused chunked LM head (chunked_nll: its deprecated alias)
-    LIGER = "liger"                    # Liger fused linear cross-entropy
-    CCE = "cce"                        # Apple Cut Cross-Entropy
-    UNSLOTH = "unsloth"                # Unsloth's fused cross-entropy
+    LIGER = "liger"  # Liger fused linear cross-entropy
+    CCE = "cce"  # Apple Cut Cross-Entropy
+    UNSLOTH = "unsloth"  # Unsloth's fused cross-entropy
 
 
 class AdapterDtype(str, Enum):
-    FP32 = "fp32"   # peft's default: autocast_adapter_dtype=True upcasts bf16 adapters
-    BF16 = "bf16"   # get_peft_model(autocast_adapter_dtype=False) on a bf16 base (TRL QLoRA, torchtune)
+    FP32 = "fp32"  # peft's default: autocast_adapter_dtype=True upcasts bf16 adapters
+    BF16 = "bf16"  # get_peft_model(autocast_adapter_dtype=False) on a bf16 base (TRL QLoRA, torchtune)
 
     @property
     def bytes(self) -> int:
@@ -286,7 +313,7 @@ class AdapterDtype(str, Enum):
 
 
 class ModelDtype(str, Enum):
-    BF16 = "bf16"   # 2 bytes (fp16 under --precision fp16: the same size)
+    BF16 = "bf16"  # 2 bytes (fp16 under --precision fp16: the same size)
     FP32 = "fp32"
 
     @property
@@ -296,21 +323,21 @@ class ModelDtype(str, Enum):
 
 class ActivationOffload(str, Enum):
     NONE = "none"
-    CHECKPOINTS = "checkpoints"   # transformers' checkpoint offload: save_on_cpu around each checkpoint
-    ALL = "all"                   # torchtune/TRL/axolotl OffloadActivations: every saved tensor
-    UNSLOTH = "unsloth"           # use_gradient_checkpointing="unsloth": the hidden state per layer
+    CHECKPOINTS = "checkpoints"  # transformers' checkpoint offload: save_on_cpu around each checkpoint
+    ALL = "all"  # torchtune/TRL/axolotl OffloadActivations: every saved tensor
+    UNSLOTH = "unsloth"  # use_gradient_checkpointing="unsloth": the hidden state per layer
 
 
 class Attention(str, Enum):
     SDPA = "sdpa"
     EAGER = "eager"
-    FLASH = "flash"   # FlashAttention-2
+    FLASH = "flash"  # FlashAttention-2
 
 
 class Packing(str, Enum):
     NONE = "none"
-    PADDING_FREE = "padding-free"   # varlen, no mask (axolotl sample_packing with flash, TRL padding_free)
-    POSITION_IDS = "position-ids"   # packed sequences told apart by position_ids
+    PADDING_FREE = "padding-free"  # varlen, no mask (axolotl sample_packing with flash, TRL padding_free)
+    POSITION_IDS = "position-ids"  # packed sequences told apart by position_ids
 
 
 class FsdpSharding(str, Enum):
@@ -328,10 +355,11 @@ class DeepSpeedStage(str, Enum):
 
 class Engine(str, Enum):
     """What holds the model on each GPU (derived from the setup: TrainingSetup.engine)."""
-    SINGLE = "single"        # one GPU, no wrapper
-    DDP = "ddp"              # torch DistributedDataParallel: every GPU holds the whole model
-    FSDP1 = "fsdp1"          # torch FullyShardedDataParallel (flat parameters)
-    FSDP2 = "fsdp2"          # torch fully_shard (per-parameter DTensor shards)
+
+    SINGLE = "single"  # one GPU, no wrapper
+    DDP = "ddp"  # torch DistributedDataParallel: every GPU holds the whole model
+    FSDP1 = "fsdp1"  # torch FullyShardedDataParallel (flat parameters)
+    FSDP2 = "fsdp2"  # torch fully_shard (per-parameter DTensor shards)
     DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO-1/2/3
 
 
@@ -351,25 +379,40 @@ def split_module_names(value: object) -> tuple[str, ...] | None:
     items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
     names = tuple(str(n).strip() for n in items)
     if not names or any(not n for n in names):
-        raise VramplanError(f"a comma-separated list of module names (q_proj,v_proj) or one of "
-                            f"{', '.join(t.value for t in LoraTargets)}, got {value!r}", "--lora-targets")
+        raise VramplanError(
+            f"a comma-separated list of module names (q_proj,v_proj) or one of "
+            f"{', '.join(t.value for t in LoraTargets)}, got {value!r}",
+            "--lora-targets",
+        )
     return names
+
 
 # One rule for options a method does not use (issue 17, class 7): giving one is an error
 # naming both flags, never silently ignored. field -> the methods that read it.
 _ADAPTERS = frozenset({Method.LORA, Method.QLORA})
 METHOD_FIELDS: dict[str, frozenset[Method]] = {
-    "lora_r": _ADAPTERS, "lora_dropout": _ADAPTERS, "lora_targets": _ADAPTERS, "adapter_dtype": _ADAPTERS,
-    "dora": _ADAPTERS, "lora_target_modules": _ADAPTERS,
+    "lora_r": _ADAPTERS,
+    "lora_dropout": _ADAPTERS,
+    "lora_targets": _ADAPTERS,
+    "adapter_dtype": _ADAPTERS,
+    "dora": _ADAPTERS,
+    "lora_target_modules": _ADAPTERS,
     "quant": frozenset({Method.QLORA}),
-    "galore_rank": frozenset({Method.GALORE}), "galore_update_proj_gap": frozenset({Method.GALORE}),
+    "galore_rank": frozenset({Method.GALORE}),
+    "galore_update_proj_gap": frozenset({Method.GALORE}),
 }
 
 # (field, flag, largest value): every count and token number is bounded (vramplan/limits.py)
-_BOUNDED = (("batch_size", "--batch-size", MAX_BATCH_SIZE), ("seq_len", "--seq-len", MAX_SEQ_LEN),
-            ("lora_r", "--lora-r", MAX_RANK), ("galore_rank", "--galore-rank", MAX_RANK),
-            ("galore_update_proj_gap", "--galore-update-proj-gap", MAX_PROJ_GAP), ("fsdp", "--fsdp", MAX_RANKS),
-            ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION), ("nodes", "--nodes", MAX_RANKS))
+_BOUNDED = (
+    ("batch_size", "--batch-size", MAX_BATCH_SIZE),
+    ("seq_len", "--seq-len", MAX_SEQ_LEN),
+    ("lora_r", "--lora-r", MAX_RANK),
+    ("galore_rank", "--galore-rank", MAX_RANK),
+    ("galore_update_proj_gap", "--galore-update-proj-gap", MAX_PROJ_GAP),
+    ("fsdp", "--fsdp", MAX_RANKS),
+    ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION),
+    ("nodes", "--nodes", MAX_RANKS),
+)
 
 
 def flag_of(field: str) -> str:
@@ -402,8 +445,11 @@ def check_method_fields(data: dict, explicit: bool = True) -> None:
         default = TrainingSetup.model_fields[field].default
         if explicit or getattr(value, "value", value) != getattr(default, "value", default):
             users = " or ".join(m.value for m in Method if m in methods)
-            raise VramplanError(f"is used only by --method {users}; --method {method.value} does not read it "
-                                "(remove the option or change --method)", flag_of(field))
+            raise VramplanError(
+                f"is used only by --method {users}; --method {method.value} does not read it "
+                "(remove the option or change --method)",
+                flag_of(field),
+            )
 
 
 def fields_for_method(fields: dict) -> dict:
@@ -430,16 +476,21 @@ _IN_BACKWARD_FLAG = "--optimizer-in-backward"
 
 class TrainingSetup(BaseModel):
     """One training configuration, per micro-batch on one GPU."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Method = Field(Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, "
-                           "or GaLore")
-    precision: Precision = Field(Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 "
-                                 "autocast")
+    method: Method = Field(
+        Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, or GaLore"
+    )
+    precision: Precision = Field(
+        Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 autocast"
+    )
     # None (or absent) on input is filled in by _defaults from the method
-    optim: Optim = Field(Optim.ADAMW_TORCH,
-                         description="optimizer (transformers TrainingArguments.optim name, or muon); default "
-                                     "adamw_torch, galore_adamw for galore")
+    optim: Optim = Field(
+        Optim.ADAMW_TORCH,
+        description="optimizer (transformers TrainingArguments.optim name, or muon); default "
+        "adamw_torch, galore_adamw for galore",
+    )
     batch_size: int = Field(1, description="micro-batch size per GPU")
     seq_len: int = Field(2048, description="tokens per sequence")
     lora_r: int = Field(16, description="LoRA rank")
@@ -450,27 +501,54 @@ class TrainingSetup(BaseModel):
     galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
     fsdp: int = Field(1, description="FSDP world size (1 = no sharding; several --gpus without it: DDP)")
-    cpu_offload: bool = Field(False, description="FSDP CPU offload (FSDP2 CPUOffloadPolicy, FSDP1 CPUOffload): shards, "
-                              "grads and optimizer on the CPU; also on one GPU")
+    cpu_offload: bool = Field(
+        False,
+        description="FSDP CPU offload (FSDP2 CPUOffloadPolicy, FSDP1 CPUOffload): shards, "
+        "grads and optimizer on the CPU; also on one GPU",
+    )
     # ---- the stack knobs (issue 13): each default is the reference step's
-    stack: Stack = Field(Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)")
-    loss: Loss = Field(Loss.HF, description="the loss over the vocabulary: hf (the model's own on full logits), "
-                       "chunked (torchtune's 8 output chunks), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
-                       "liger / cce / unsloth (fused kernels, CUDA only)")
-    fp32_outputs: bool = Field(False, description="accelerate's bf16 autocast converts the model's outputs (logits) to fp32")
-    adapter_dtype: AdapterDtype | None = Field(None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)")
-    kbit_prep: bool = Field(False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32")
+    stack: Stack = Field(
+        Stack.PLAIN, description="a framework's defaults for every knob below (explicit flags override)"
+    )
+    loss: Loss = Field(
+        Loss.HF,
+        description="the loss over the vocabulary: hf (the model's own on full logits), "
+        "chunked (torchtune's 8 output chunks), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
+        "liger / cce / unsloth (fused kernels, CUDA only)",
+    )
+    fp32_outputs: bool = Field(
+        False, description="accelerate's bf16 autocast converts the model's outputs (logits) to fp32"
+    )
+    adapter_dtype: AdapterDtype | None = Field(
+        None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)"
+    )
+    kbit_prep: bool = Field(
+        False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32"
+    )
     dora: bool = Field(False, description="DoRA (peft use_dora): magnitude vector and a weight norm per adapted Linear")
-    lora_target_modules: tuple[str, ...] | None = Field(None, description="explicit module names to adapt (peft target_modules)")
+    lora_target_modules: tuple[str, ...] | None = Field(
+        None, description="explicit module names to adapt (peft target_modules)"
+    )
     optimizer_in_backward: bool = Field(False, description="step each parameter's optimizer in its grad hook")
     gradient_accumulation: int = Field(1, description="micro-batches per optimizer step")
-    activation_offload: ActivationOffload = Field(ActivationOffload.NONE, description="activations moved to pinned host RAM")
-    checkpoint_reentrant: bool = Field(False, description="reentrant (torch.utils.checkpoint use_reentrant=True) recompute")
-    attention: Attention | None = Field(None, description="attention kernel; default the model's (sdpa unless its config says eager)")
+    activation_offload: ActivationOffload = Field(
+        ActivationOffload.NONE, description="activations moved to pinned host RAM"
+    )
+    checkpoint_reentrant: bool = Field(
+        False, description="reentrant (torch.utils.checkpoint use_reentrant=True) recompute"
+    )
+    attention: Attention | None = Field(
+        None, description="attention kernel; default the model's (sdpa unless its config says eager)"
+    )
     packing: Packing = Field(Packing.NONE, description="sequence packing")
-    model_dtype: ModelDtype | None = Field(None, description="dtype the weights are loaded in; default fp32 under mixed, else bf16")
-    keep_logits: bool = Field(False, description="the training loop keeps the model's output (its logits) referenced through backward "
-                                                 "and the optimizer step (Answer.AI fsdp_qlora train.py); the reference step keeps only the loss")
+    model_dtype: ModelDtype | None = Field(
+        None, description="dtype the weights are loaded in; default fp32 under mixed, else bf16"
+    )
+    keep_logits: bool = Field(
+        False,
+        description="the training loop keeps the model's output (its logits) referenced through backward "
+        "and the optimizer step (Answer.AI fsdp_qlora train.py); the reference step keeps only the loss",
+    )
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
     fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
@@ -478,8 +556,11 @@ class TrainingSetup(BaseModel):
     offload_optimizer: bool = Field(False, description="DeepSpeed offload_optimizer to the CPU")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3 offload_param to the CPU")
     nodes: int = Field(1, description="nodes the GPUs are spread over")
-    data_parallel: int = Field(1, description="GPUs in the data-parallel group of DDP or DeepSpeed (estimate sets it "
-                               "from --gpus: every GPU a rank)")
+    data_parallel: int = Field(
+        1,
+        description="GPUs in the data-parallel group of DDP or DeepSpeed (estimate sets it "
+        "from --gpus: every GPU a rank)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -502,18 +583,26 @@ class TrainingSetup(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> TrainingSetup:
         if self.tokens > MAX_TOKENS:
-            raise VramplanError(f"{self.batch_size:,} x {self.seq_len:,} = {self.tokens:,} tokens per micro-batch is "
-                                f"above the limit of {MAX_TOKENS:,} (2^24)", "--batch-size")
+            raise VramplanError(
+                f"{self.batch_size:,} x {self.seq_len:,} = {self.tokens:,} tokens per micro-batch is "
+                f"above the limit of {MAX_TOKENS:,} (2^24)",
+                "--batch-size",
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise VramplanError(f"must be in [0, 1), got {self.lora_dropout}", "--lora-dropout")
         if self.quant is not None and self.method != Method.QLORA:
             raise VramplanError("only applies to --method qlora", "--quant")
-        if self.activation_offload in (ActivationOffload.CHECKPOINTS, ActivationOffload.UNSLOTH) \
-                and not self.gradient_checkpointing:
+        if (
+            self.activation_offload in (ActivationOffload.CHECKPOINTS, ActivationOffload.UNSLOTH)
+            and not self.gradient_checkpointing
+        ):
             # transformers' offload is an option of activation checkpointing (save_on_cpu around each
             # checkpoint); Unsloth's "unsloth" mode is its checkpointing
-            raise VramplanError(f"{self.activation_offload.value} offloads checkpointed layers' inputs: it needs "
-                                "--gradient-checkpointing", "--activation-offload")
+            raise VramplanError(
+                f"{self.activation_offload.value} offloads checkpointed layers' inputs: it needs "
+                "--gradient-checkpointing",
+                "--activation-offload",
+            )
         self._check_optim()
         self._check_loss()
         self._check_adapters_and_dtypes()
@@ -526,15 +615,19 @@ class TrainingSetup(BaseModel):
         if self.loss in fused_head and "lm_head" in (self.lora_target_modules or ()):
             # trl==1.16.0 sft_trainer.py:1066-1073 raises; Liger and CCE read lm_head.weight (the base
             # weight) and would bypass the adapter
-            raise VramplanError(f"{self.loss.value} cannot train a LoRA adapter on lm_head (--lora-targets "
-                                "lm_head): the fused head reads lm_head.weight; train it whole or use --loss hf",
-                                "--loss")
+            raise VramplanError(
+                f"{self.loss.value} cannot train a LoRA adapter on lm_head (--lora-targets "
+                "lm_head): the fused head reads lm_head.weight; train it whole or use --loss hf",
+                "--loss",
+            )
         fp32 = self.weight_dtype == ModelDtype.FP32 and not (self.precision == Precision.MIXED and self.fsdp > 1)
         if self.loss == Loss.CCE and fp32:
             # cut_cross_entropy/cce_backward.py asserts bf16/fp16 inputs; axolotl's check_dtype_is_half
-            raise VramplanError("cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
-                                "it), but --model-dtype fp32 / --precision mixed computes the head in fp32", "--loss")
-
+            raise VramplanError(
+                "cce needs bf16 or fp16 weights and hidden states (Cut Cross-Entropy asserts "
+                "it), but --model-dtype fp32 / --precision mixed computes the head in fp32",
+                "--loss",
+            )
 
     def _check_adapters_and_dtypes(self) -> None:
         """The adapter and precision knobs (docs/memory-model.md, "Adapter dtype" .. "fp16")."""
@@ -545,48 +638,78 @@ class TrainingSetup(BaseModel):
             # torch/amp/grad_scaler.py (torch 2.13) _unscale_grads_(allow_fp16=False): every
             # trainable parameter must be fp32 under a GradScaler
             if not self.lora_like and self.model_dtype == ModelDtype.BF16:
-                raise VramplanError("--model-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
-                                    "trainable weights (load the model in fp32)", "--precision")
+                raise VramplanError(
+                    "--model-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
+                    "trainable weights (load the model in fp32)",
+                    "--precision",
+                )
             if self.steps_in_backward:
-                raise VramplanError("--precision fp16 cannot step optimizers inside backward: the GradScaler "
-                                    "unscales every grad before one optimizer step", _OPTIM_FLAG)
+                raise VramplanError(
+                    "--precision fp16 cannot step optimizers inside backward: the GradScaler "
+                    "unscales every grad before one optimizer step",
+                    _OPTIM_FLAG,
+                )
             if self.lora_like and self.adapter_dtype == AdapterDtype.BF16:
-                raise VramplanError("--adapter-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
-                                    "trainable adapters", "--precision")
+                raise VramplanError(
+                    "--adapter-dtype bf16 conflicts with --precision fp16: the GradScaler needs fp32 "
+                    "trainable adapters",
+                    "--precision",
+                )
         if self.precision == Precision.BF16 and self.weight_dtype == ModelDtype.FP32:
-            raise VramplanError("fp32 with --precision bf16 trains entirely in fp32 (no autocast), which vramplan "
-                                "does not model; use --precision mixed", "--model-dtype")
+            raise VramplanError(
+                "fp32 with --precision bf16 trains entirely in fp32 (no autocast), which vramplan "
+                "does not model; use --precision mixed",
+                "--model-dtype",
+            )
         if self.kbit_prep and not self.mixed_precision:
-            raise VramplanError("with --precision bf16 runs the whole step in fp32 (the upcast embedding "
-                                "makes every activation fp32), which vramplan does not model; use --precision mixed "
-                                "(the HF Trainer's bf16=True) or fp16", "--kbit-prep")
+            raise VramplanError(
+                "with --precision bf16 runs the whole step in fp32 (the upcast embedding "
+                "makes every activation fp32), which vramplan does not model; use --precision mixed "
+                "(the HF Trainer's bf16=True) or fp16",
+                "--kbit-prep",
+            )
 
     def _check_optim(self) -> None:
         """--optim against the method, FSDP and gradient accumulation (one line naming both flags)."""
         traits = self.optim.traits
         if traits.refused:
-            raise VramplanError(f"{self.optim.value} is {traits.refused}, not a CUDA optimizer; vramplan models "
-                                "CUDA GPUs", _OPTIM_FLAG)
+            raise VramplanError(
+                f"{self.optim.value} is {traits.refused}, not a CUDA optimizer; vramplan models CUDA GPUs", _OPTIM_FLAG
+            )
         if self.optim.is_galore != (self.method == Method.GALORE):
-            allowed = ("galore_adamw[_8bit][_layerwise], galore_adafactor[_layerwise]" if self.method == Method.GALORE
-                       else "any --optim not named galore_*")
-            raise VramplanError(f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}",
-                                _OPTIM_FLAG)
+            allowed = (
+                "galore_adamw[_8bit][_layerwise], galore_adafactor[_layerwise]"
+                if self.method == Method.GALORE
+                else "any --optim not named galore_*"
+            )
+            raise VramplanError(
+                f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}", _OPTIM_FLAG
+            )
         if self.optim.layerwise and (self.fsdp > 1 or self.cpu_offload or self.deepspeed is not None):
-            raise VramplanError(f"{self.optim.value} (layer-wise) cannot be combined with --fsdp, --cpu-offload or "
-                                "--deepspeed (per-parameter hooks on sharded grads)", _OPTIM_FLAG)
+            raise VramplanError(
+                f"{self.optim.value} (layer-wise) cannot be combined with --fsdp, --cpu-offload or "
+                "--deepspeed (per-parameter hooks on sharded grads)",
+                _OPTIM_FLAG,
+            )
         if self.gradient_accumulation < 1:
-            raise VramplanError(f"must be a positive integer, got {self.gradient_accumulation}",
-                                "--gradient-accumulation")
+            raise VramplanError(
+                f"must be a positive integer, got {self.gradient_accumulation}", "--gradient-accumulation"
+            )
         if self.gradient_accumulation > 1 and (self.optim.layerwise or self.optimizer_in_backward):
             # each parameter is stepped and its grad freed in its hook: nothing is left to accumulate
             # (transformers 5.25.0 trainer_optimizer.py:165 raises for *_layerwise likewise;
             # torchtune 0.6.1 recipes/full_finetune_single_device.py:147-157 refuses optimizer_in_bwd with it)
-            flag, what = ((_IN_BACKWARD_FLAG, "") if self.optimizer_in_backward
-                          else (_OPTIM_FLAG, f"{self.optim.value} (layer-wise) "))
-            raise VramplanError(f"{what}cannot be combined with --gradient-accumulation {self.gradient_accumulation}: "
-                                "each gradient is freed by its optimizer hook, nothing is left to accumulate; use "
-                                "--gradient-accumulation 1", flag)
+            flag, what = (
+                (_IN_BACKWARD_FLAG, "")
+                if self.optimizer_in_backward
+                else (_OPTIM_FLAG, f"{self.optim.value} (layer-wise) ")
+            )
+            raise VramplanError(
+                f"{what}cannot be combined with --gradient-accumulation {self.gradient_accumulation}: "
+                "each gradient is freed by its optimizer hook, nothing is left to accumulate; use "
+                "--gradient-accumulation 1",
+                flag,
+            )
 
     @property
     def steps_in_backward(self) -> bool:
@@ -602,27 +725,45 @@ class TrainingSetup(BaseModel):
         if self.fsdp_version not in (1, 2):
             raise VramplanError(f"must be 1 or 2, got {self.fsdp_version}", "--fsdp-version")
         if self.deepspeed is not None and (self.fsdp > 1 or self.cpu_offload):
-            raise VramplanError("--deepspeed cannot be combined with --fsdp/--cpu-offload (one engine shards the "
-                                "model; DeepSpeed's offload is --offload-optimizer/--offload-params)", "--deepspeed")
+            raise VramplanError(
+                "--deepspeed cannot be combined with --fsdp/--cpu-offload (one engine shards the "
+                "model; DeepSpeed's offload is --offload-optimizer/--offload-params)",
+                "--deepspeed",
+            )
         if self.deepspeed == DeepSpeedStage.ZERO3 and self.method == Method.QLORA:
-            raise VramplanError("--deepspeed zero3 with --method qlora is not modelled (4-bit models are not loaded "
-                                "under zero.Init); use zero2 or --fsdp", "--deepspeed")
+            raise VramplanError(
+                "--deepspeed zero3 with --method qlora is not modelled (4-bit models are not loaded "
+                "under zero.Init); use zero2 or --fsdp",
+                "--deepspeed",
+            )
         if self.deepspeed is not None and self.method == Method.GALORE:
-            raise VramplanError("--deepspeed with --method galore is not modelled (GaLore projects whole "
-                                "parameters, ZeRO hands the optimizer flat partitions)", "--deepspeed")
+            raise VramplanError(
+                "--deepspeed with --method galore is not modelled (GaLore projects whole "
+                "parameters, ZeRO hands the optimizer flat partitions)",
+                "--deepspeed",
+            )
         if self.offload_optimizer and self.deepspeed is None:
-            raise VramplanError("--offload-optimizer needs --deepspeed (FSDP's offload is --cpu-offload)",
-                                "--offload-optimizer")
+            raise VramplanError(
+                "--offload-optimizer needs --deepspeed (FSDP's offload is --cpu-offload)", "--offload-optimizer"
+            )
         if self.offload_params and self.deepspeed != DeepSpeedStage.ZERO3:
-            raise VramplanError("--offload-params needs --deepspeed zero3 (ZeRO-1/2 keep every parameter on the GPU)",
-                                "--offload-params")
+            raise VramplanError(
+                "--offload-params needs --deepspeed zero3 (ZeRO-1/2 keep every parameter on the GPU)",
+                "--offload-params",
+            )
         if self.fsdp_sharding == FsdpSharding.HYBRID:
             if self.nodes < 2:
-                raise VramplanError("--fsdp-sharding hybrid needs --nodes 2 or more (it shards inside a node and "
-                                    "replicates across nodes)", "--fsdp-sharding")
+                raise VramplanError(
+                    "--fsdp-sharding hybrid needs --nodes 2 or more (it shards inside a node and "
+                    "replicates across nodes)",
+                    "--fsdp-sharding",
+                )
             if self.fsdp % self.nodes:
-                raise VramplanError(f"--fsdp {self.fsdp} is not a multiple of --nodes {self.nodes} "
-                                    "(hybrid sharding puts the same number of GPUs on each node)", "--fsdp-sharding")
+                raise VramplanError(
+                    f"--fsdp {self.fsdp} is not a multiple of --nodes {self.nodes} "
+                    "(hybrid sharding puts the same number of GPUs on each node)",
+                    "--fsdp-sharding",
+                )
 
     @property
     def tokens(self) -> int:
@@ -702,13 +843,27 @@ class TrainingSetup(BaseModel):
         """The stack and every issue-13 knob that differs from the reference step, in a word each;
         nothing for the reference step, so its description stays what it always was."""
         words = [] if self.stack == Stack.PLAIN else [f"[{self.stack.value}]"]
-        flags = (("fp32_outputs", "fp32-logits"), ("keep_logits", "keep-logits"), ("kbit_prep", "kbit-prep"),
-                 ("dora", "dora"), ("optimizer_in_backward", "optim-in-bwd"), ("checkpoint_reentrant", "reentrant"))
+        flags = (
+            ("fp32_outputs", "fp32-logits"),
+            ("keep_logits", "keep-logits"),
+            ("kbit_prep", "kbit-prep"),
+            ("dora", "dora"),
+            ("optimizer_in_backward", "optim-in-bwd"),
+            ("checkpoint_reentrant", "reentrant"),
+        )
         words += [word for name, word in flags if getattr(self, name)]
-        valued = (("loss", "loss", Loss.HF), ("activation_offload", "offload", ActivationOffload.NONE),
-                  ("packing", "packing", Packing.NONE), ("attention", "attn", None), ("model_dtype", "weights", None))
-        words += [f"{word}={getattr(self, name).value}" for name, word, default in valued
-                  if getattr(self, name) not in (default, None)]
+        valued = (
+            ("loss", "loss", Loss.HF),
+            ("activation_offload", "offload", ActivationOffload.NONE),
+            ("packing", "packing", Packing.NONE),
+            ("attention", "attn", None),
+            ("model_dtype", "weights", None),
+        )
+        words += [
+            f"{word}={getattr(self, name).value}"
+            for name, word, default in valued
+            if getattr(self, name) not in (default, None)
+        ]
         if self.lora_like and self.adapter_dtype is not None:
             words.append(f"adapters={self.adapter_dtype.value}")
         if self.lora_like and self.lora_target_modules:

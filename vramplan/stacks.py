@@ -11,6 +11,7 @@ What the caller gives always wins over the bundle (``apply_stack``). A bundle va
 current fields cannot express yet (an optimizer name the contract has not modelled) is kept
 in the data, left unapplied and said in the output lines, so the data stays the framework's.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,30 @@ from vramplan.setup import Stack, TrainingSetup
 
 # The fields a stack may set: the issue-13 knobs plus the engine defaults a framework picks.
 # Workload choices (method, batch, sequence length, rank, world size) stay the user's.
-STACK_KNOBS = frozenset({
-    "precision", "model_dtype", "optim", "optimizer_in_backward", "loss", "fp32_outputs", "keep_logits",
-    "adapter_dtype", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout",
-    "gradient_checkpointing", "checkpoint_reentrant", "activation_offload", "attention", "packing",
-    "fsdp_version", "cpu_offload",
-})
+STACK_KNOBS = frozenset(
+    {
+        "precision",
+        "model_dtype",
+        "optim",
+        "optimizer_in_backward",
+        "loss",
+        "fp32_outputs",
+        "keep_logits",
+        "adapter_dtype",
+        "kbit_prep",
+        "dora",
+        "lora_targets",
+        "lora_target_modules",
+        "lora_dropout",
+        "gradient_checkpointing",
+        "checkpoint_reentrant",
+        "activation_offload",
+        "attention",
+        "packing",
+        "fsdp_version",
+        "cpu_offload",
+    }
+)
 
 # Knobs that say one thing together: a caller who gives one of them has chosen for all.
 # (--lora-targets attention must not be overridden by a stack's explicit target_modules.)
@@ -42,11 +61,12 @@ _STACK_FLAG = "--stack"
 
 class StackRule(BaseModel):
     """One knob value of a stack, with its source."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     knob: str
     value: Any
-    source: str          # "package==version path:line" (or "repo@commit path:line")
+    source: str  # "package==version path:line" (or "repo@commit path:line")
     why: str
     when: dict[str, tuple[Any, ...]] = {}
     supported: bool = True  # False: the value is not one the field accepts yet (left unapplied)
@@ -57,6 +77,7 @@ class StackRule(BaseModel):
 
 class StackBundle(BaseModel):
     """A stack's rules, in the order the data file gives them."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     stack: Stack
@@ -179,18 +200,26 @@ def _lines(bundle: StackBundle, chosen: dict[str, StackRule], kept: list[str], v
         return []
     plain = TrainingSetup.model_validate({"method": values.get("method") or "full"})
     reference = {k: _plain(v) for k, v in plain.model_dump().items()}
-    applied = [f"{k}={_show(r.value)}" for k, r in chosen.items()
-               if r.supported and r.value != reference[k] and _matters(k, values)]
+    applied = [
+        f"{k}={_show(r.value)}"
+        for k, r in chosen.items()
+        if r.supported and r.value != reference[k] and _matters(k, values)
+    ]
     release = bundle.version.split()[0].rstrip(",")
-    lines = [f"stack {bundle.stack.value} ({release}): " + (", ".join(applied) or "no knob differs")
-             + "; every other knob as the reference step"]
+    lines = [
+        f"stack {bundle.stack.value} ({release}): "
+        + (", ".join(applied) or "no knob differs")
+        + "; every other knob as the reference step"
+    ]
     flags = sorted({_flag(k) for k in kept if _matters(k, values)})
     if flags:
         lines.append(f"stack {bundle.stack.value}: your {', '.join(flags)} kept over the stack's")
     for knob, rule in chosen.items():
         if not rule.supported and _matters(knob, values):
-            lines.append(f"stack {bundle.stack.value}: {bundle.framework} uses {knob}={_show(rule.value)} "
-                         f"({rule.source}), which vramplan does not model yet; the default stays")
+            lines.append(
+                f"stack {bundle.stack.value}: {bundle.framework} uses {knob}={_show(rule.value)} "
+                f"({rule.source}), which vramplan does not model yet; the default stays"
+            )
     return lines
 
 

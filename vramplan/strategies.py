@@ -1,4 +1,5 @@
 """`vramplan estimate MODEL --gpus SPEC` without --method: the standard strategies side by side."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from vramplan.results import Estimate
 from vramplan.setup import Loss, fields_for_method
 
 # GaLore as the comparison (and `plot scaling`) runs it: 8-bit layer-wise states, recomputation.
-GALORE_STANDARD: dict[str, object] = dict(method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128,
-                                          gradient_checkpointing=True)
+GALORE_STANDARD: dict[str, object] = dict(
+    method="galore", optim="galore_adamw_8bit_layerwise", galore_rank=128, gradient_checkpointing=True
+)
 
 # Ordered by what a user gives up: all weights training in bf16 first; then the same with
 # recomputation, 8-bit states or sharding; then GaLore (full-rank weights, low-rank
@@ -22,26 +24,49 @@ GALORE_STANDARD: dict[str, object] = dict(method="galore", optim="galore_adamw_8
 # is recommended, and the reason says what it trades.
 _CANDIDATES: list[tuple[str, dict[str, object], str]] = [
     ("full fine-tune", dict(method="full"), "trains every weight with plain AdamW, no recomputation"),
-    ("full + ckpt", dict(method="full", gradient_checkpointing=True),
-     "trains every weight; recomputes layers (~30% slower)"),
-    ("full + 8-bit Adam + ckpt", dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
-     "trains every weight; 8-bit optimizer states"),
-    ("full + FSDP + ckpt", dict(method="full", fsdp="all", gradient_checkpointing=True),
-     "trains every weight, sharded over all GPUs"),
-    ("full + FSDP + offload", dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
-     "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)"),
-    ("GaLore 8bit-lw r128 + ckpt", dict(GALORE_STANDARD),
-     "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)"),
+    (
+        "full + ckpt",
+        dict(method="full", gradient_checkpointing=True),
+        "trains every weight; recomputes layers (~30% slower)",
+    ),
+    (
+        "full + 8-bit Adam + ckpt",
+        dict(method="full", optim="adamw_bnb_8bit", gradient_checkpointing=True),
+        "trains every weight; 8-bit optimizer states",
+    ),
+    (
+        "full + FSDP + ckpt",
+        dict(method="full", fsdp="all", gradient_checkpointing=True),
+        "trains every weight, sharded over all GPUs",
+    ),
+    (
+        "full + FSDP + offload",
+        dict(method="full", fsdp="all", cpu_offload=True, gradient_checkpointing=True),
+        "trains every weight; shards and optimizer live in host RAM (slow PCIe-bound steps)",
+    ),
+    (
+        "GaLore 8bit-lw r128 + ckpt",
+        dict(GALORE_STANDARD),
+        "full-parameter training with low-rank projected 8-bit updates (no gradient accumulation)",
+    ),
     ("LoRA r16", dict(method="lora"), "frozen bf16 base with adapters, no recomputation"),
     ("LoRA + ckpt", dict(method="lora", gradient_checkpointing=True), "frozen bf16 base with adapters"),
-    ("LoRA + FSDP + ckpt", dict(method="lora", fsdp="all", gradient_checkpointing=True),
-     "frozen bf16 base sharded over all GPUs"),
+    (
+        "LoRA + FSDP + ckpt",
+        dict(method="lora", fsdp="all", gradient_checkpointing=True),
+        "frozen bf16 base sharded over all GPUs",
+    ),
     ("QLoRA nf4 + ckpt", dict(method="qlora", gradient_checkpointing=True), "4-bit frozen base with adapters"),
-    ("QLoRA + FSDP + ckpt", dict(method="qlora", fsdp="all", gradient_checkpointing=True),
-     "4-bit base sharded over all GPUs"),
-    ("QLoRA r64 + FSDP + offload", dict(method="qlora", lora_r=64, fsdp="all", cpu_offload=True,
-                                                    gradient_checkpointing=True),
-     "4-bit base sharded and offloaded to host RAM (Answer.AI's 70B recipe)"),
+    (
+        "QLoRA + FSDP + ckpt",
+        dict(method="qlora", fsdp="all", gradient_checkpointing=True),
+        "4-bit base sharded over all GPUs",
+    ),
+    (
+        "QLoRA r64 + FSDP + offload",
+        dict(method="qlora", lora_r=64, fsdp="all", cpu_offload=True, gradient_checkpointing=True),
+        "4-bit base sharded and offloaded to host RAM (Answer.AI's 70B recipe)",
+    ),
 ]
 
 
@@ -54,11 +79,31 @@ class StrategyRow:
 
 
 # What the user's flags may set for every strategy; the rest is what tells the strategies apart.
-_SHARED = ("batch_size", "seq_len", "precision", "lora_dropout", "lora_targets", "lora_target_modules",
-           # the stack and how it runs: every strategy runs under them
-           "stack", "loss", "fp32_outputs", "keep_logits", "adapter_dtype", "kbit_prep", "dora",
-           "gradient_accumulation", "activation_offload", "checkpoint_reentrant", "attention", "packing",
-           "model_dtype", "fsdp_version", "fsdp_sharding", "nodes")
+_SHARED = (
+    "batch_size",
+    "seq_len",
+    "precision",
+    "lora_dropout",
+    "lora_targets",
+    "lora_target_modules",
+    # the stack and how it runs: every strategy runs under them
+    "stack",
+    "loss",
+    "fp32_outputs",
+    "keep_logits",
+    "adapter_dtype",
+    "kbit_prep",
+    "dora",
+    "gradient_accumulation",
+    "activation_offload",
+    "checkpoint_reentrant",
+    "attention",
+    "packing",
+    "model_dtype",
+    "fsdp_version",
+    "fsdp_sharding",
+    "nodes",
+)
 
 
 def _shared_fields(base: dict) -> dict:
@@ -68,9 +113,11 @@ def _shared_fields(base: dict) -> dict:
     chosen = [k for k, v in base.items() if k not in _SHARED and k != "method" and v is not None]
     if chosen:
         flag = "--" + chosen[0].replace("_", "-")
-        raise VramplanError("sets one configuration: add --method (without it, estimate compares the standard "
-                            "strategies, which take only "
-                            + ", ".join("--" + k.replace("_", "-") for k in _SHARED) + ")", flag)
+        raise VramplanError(
+            "sets one configuration: add --method (without it, estimate compares the standard "
+            "strategies, which take only " + ", ".join("--" + k.replace("_", "-") for k in _SHARED) + ")",
+            flag,
+        )
     shared = {k: v for k, v in base.items() if k in _SHARED and v is not None}
     make_setup(method="lora", **shared)  # the method that reads every shared flag
     return shared
@@ -80,15 +127,17 @@ def _shared_fields(base: dict) -> dict:
 _LOSS_PHASES = (PhaseKind.FORWARD_LOSS.label, PhaseKind.LOSS_BACKWARD.label)
 
 
-def _with_fused_loss(spec: ModelSpec, gpus: GpuSpec, host_ram: int | None, label: str, fields: dict,
-                     est: Estimate) -> list[StrategyRow]:
+def _with_fused_loss(
+    spec: ModelSpec, gpus: GpuSpec, host_ram: int | None, label: str, fields: dict, est: Estimate
+) -> list[StrategyRow]:
     """The same strategy with Liger's fused linear cross-entropy, when the model's own loss is
     the peak and the fused one makes it fit: the same training, a different kernel."""
     if est.per_gpu.peak_phase not in _LOSS_PHASES:
         return []
     try:
-        fused = estimate_spec(spec, make_setup(**fields_for_method({**fields, "loss": Loss.LIGER.value})), gpus,
-                              host_ram)
+        fused = estimate_spec(
+            spec, make_setup(**fields_for_method({**fields, "loss": Loss.LIGER.value})), gpus, host_ram
+        )
     except VramplanError:
         return []  # a combination Liger refuses
     if not fused.fits:

@@ -18,6 +18,7 @@ relative error, `fit_constants`) to the steady-state steps of tests/data/h100_de
 nothing is fitted per case. Every other number comes from the model's shapes, the
 memory model (saved activation bytes) or the GPU's hardware profile.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -42,9 +43,9 @@ from vramplan.setup import (
 )
 
 # ---- the three global constants (fit_constants on tests/data/h100_dev.jsonl, steady steps)
-MFU = 0.65          # achieved fraction of the dense bf16 peak on the matmul FLOPs
-BW_EFF = 0.94       # achieved fraction of the memory bandwidth on the memory-bound traffic
-LAUNCH_S = 18e-6    # seconds per eager op (Python dispatch + autograd + kernel launch)
+MFU = 0.65  # achieved fraction of the dense bf16 peak on the matmul FLOPs
+BW_EFF = 0.94  # achieved fraction of the memory bandwidth on the memory-bound traffic
+LAUNCH_S = 18e-6  # seconds per eager op (Python dispatch + autograd + kernel launch)
 
 # ---- assumptions not covered by the calibration file (documented in docs/throughput.md)
 # torch.linalg.svd (cuSOLVER gesvd, fp32) is bound by its BLAS-2 bidiagonalization, i.e.
@@ -57,11 +58,12 @@ CPU_ADAM_PARAMS_PER_S = 3.0e8
 # Between nodes: a 200 Gb/s NIC per node (InfiniBand HDR / RoCE), one direction.
 INTERNODE_GBPS = 25.0
 
-_FLASH_BWD = 2.5     # flash-attention backward does 5 matmuls to the forward's 2
+_FLASH_BWD = 2.5  # flash-attention backward does 5 matmuls to the forward's 2
 
 
 class StepTime(BaseModel):
     """Seconds per optimizer step of one GPU, by term."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     compute_s: float = Field(description="matmul FLOPs at the achieved MFU")
     memory_s: float = Field(description="memory-bound traffic at the achieved bandwidth")
@@ -79,6 +81,7 @@ class StepTime(BaseModel):
 
 class Shapes(BaseModel):
     """What the throughput model reads from a ModelSpec, summed once."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     layers: int
     matmul_params: int = Field(description="decoder Linear + active expert params per token")
@@ -105,6 +108,7 @@ SHAPES_CACHE_SIZE = 8
 
 def _shapes(spec: ModelSpec) -> Shapes:
     from vramplan.setup import LoraTargets
+
     matmul, mats = 0, []
     all_setup = TrainingSetup(method="lora")
     attn_setup = TrainingSetup(method="lora", lora_targets=LoraTargets.ATTENTION)
@@ -114,7 +118,10 @@ def _shapes(spec: ModelSpec) -> Shapes:
             matmul += lin.numel
             if lin.role != "other":
                 mats.append((lin.out_features, lin.in_features))
-            for setup, io, in (all_setup, io_all), (attn_setup, io_attn):
+            for (
+                setup,
+                io,
+            ) in (all_setup, io_all), (attn_setup, io_attn):
                 if lora_targeted(lin, setup):
                     io[0] += lin.in_features
                     io[1] += lin.out_features
@@ -123,12 +130,22 @@ def _shapes(spec: ModelSpec) -> Shapes:
         if layer.experts:
             matmul += layer.experts.numel * layer.experts.top_k // layer.experts.num_experts
     L = max(len(spec.layers), 1)
-    return Shapes(layers=len(spec.layers), matmul_params=matmul, head_params=spec.vocab * spec.hidden,
-                  q_dim=spec.q_dim, hidden=spec.hidden, vocab=spec.vocab,
-                  linears_per_layer=sum(len(l.linears) for l in spec.layers) // L,
-                  lora_in_out=(io_all[0] // L, io_all[1] // L), lora_in_out_attn=(io_attn[0] // L, io_attn[1] // L),
-                  lora_targets_all=n_all, lora_targets_attn=n_attn, galore_mats=mats,
-                  total_params=spec.params_total, eager=spec.attn_implementation != "sdpa")
+    return Shapes(
+        layers=len(spec.layers),
+        matmul_params=matmul,
+        head_params=spec.vocab * spec.hidden,
+        q_dim=spec.q_dim,
+        hidden=spec.hidden,
+        vocab=spec.vocab,
+        linears_per_layer=sum(len(l.linears) for l in spec.layers) // L,
+        lora_in_out=(io_all[0] // L, io_all[1] // L),
+        lora_in_out_attn=(io_attn[0] // L, io_attn[1] // L),
+        lora_targets_all=n_all,
+        lora_targets_attn=n_attn,
+        galore_mats=mats,
+        total_params=spec.params_total,
+        eager=spec.attn_implementation != "sdpa",
+    )
 
 
 def shapes(spec: ModelSpec) -> Shapes:
@@ -145,6 +162,7 @@ def shapes(spec: ModelSpec) -> Shapes:
 
 # ------------------------------------------------------------------ per micro-batch terms
 
+
 def _weights_train(setup: TrainingSetup) -> bool:
     return setup.method in (Method.FULL, Method.GALORE)
 
@@ -152,6 +170,7 @@ def _weights_train(setup: TrainingSetup) -> bool:
 def _lora_io(sh: Shapes, setup: TrainingSetup) -> tuple[int, int, int]:
     """(in, out) features per layer and number of adapted Linears in the model."""
     from vramplan.setup import LoraTargets
+
     if not setup.lora_like:
         return 0, 0, 0
     if setup.lora_targets == LoraTargets.ATTENTION:
@@ -173,7 +192,7 @@ def micro_flops(sh: Shapes, setup: TrainingSetup) -> float:
     fwd = lin + attn + lora
     bwd = lin + _FLASH_BWD * attn + 2 * lora + head  # grad of the input through every layer
     if _weights_train(setup):
-        bwd += lin + head                            # grad of the weights
+        bwd += lin + head  # grad of the weights
     recompute = fwd if setup.gradient_checkpointing else 0.0
     return fwd + head + bwd + recompute
 
@@ -239,6 +258,7 @@ def micro_kernels(sh: Shapes, setup: TrainingSetup) -> float:
 
 # ------------------------------------------------------------------ optimizer step
 
+
 def _trainable(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> int:
     if _weights_train(setup):
         return sh.total_params
@@ -252,7 +272,9 @@ def _n_tensors(spec: ModelSpec, setup: TrainingSetup, sh: Shapes) -> int:
     return 2 * _lora_io(sh, setup)[2]
 
 
-def optimizer_bytes_and_kernels(spec: ModelSpec, sh: Shapes, setup: TrainingSetup, shard: int) -> tuple[float, float, float]:
+def optimizer_bytes_and_kernels(
+    spec: ModelSpec, sh: Shapes, setup: TrainingSetup, shard: int
+) -> tuple[float, float, float]:
     """(HBM bytes, ops, FLOPs) of one optimizer step on one GPU (its 1/shard of the states)."""
     n = _trainable(spec, sh, setup) / shard
     tensors = _n_tensors(spec, setup, sh)
@@ -286,23 +308,30 @@ def optimizer_bytes_and_kernels(spec: ModelSpec, sh: Shapes, setup: TrainingSetu
 # 8-bit AdamW and GaLore only): one pass reading p and g and writing p (3 x param bytes), a read
 # and a write of each state, and, for torch's foreach families, a write and a read of each
 # foreach temporary. Uncalibrated; docs/throughput.md.
-_FOREACH_COPIES = {OptimFamily.ADAMW: 2, OptimFamily.RMSPROP: 1, OptimFamily.ADAGRAD: 2, OptimFamily.SGD: 0,
-                   OptimFamily.SCHEDULE_FREE_ADAMW: 1, OptimFamily.SCHEDULE_FREE_RADAM: 1,
-                   OptimFamily.SCHEDULE_FREE_SGD: 0}
-_NS_STEPS = 5   # Muon's Newton-Schulz iterations (llamafactory 0.9.5 third_party/muon/muon.py: ns_steps=5)
+_FOREACH_COPIES = {
+    OptimFamily.ADAMW: 2,
+    OptimFamily.RMSPROP: 1,
+    OptimFamily.ADAGRAD: 2,
+    OptimFamily.SGD: 0,
+    OptimFamily.SCHEDULE_FREE_ADAMW: 1,
+    OptimFamily.SCHEDULE_FREE_RADAM: 1,
+    OptimFamily.SCHEDULE_FREE_SGD: 0,
+}
+_NS_STEPS = 5  # Muon's Newton-Schulz iterations (llamafactory 0.9.5 third_party/muon/muon.py: ns_steps=5)
 
 
 def _state_bytes_per_element(setup: TrainingSetup, dt: int) -> float:
     t = setup.optim.traits
     if t.factored or t.home == StateHome.HOST:
-        return 0.0   # factored: a row and a column per matrix; host states cross PCIe (host_s not modelled)
+        return 0.0  # factored: a row and a column per matrix; host states cross PCIe (host_s not modelled)
     if t.bits < 32:
         return t.moments * t.bits / 8
     return t.moments * (4 if t.state_dtype == StateDtype.FP32 else dt)
 
 
-def _other_optimizer_cost(sh: Shapes, setup: TrainingSetup, n: float, tensors: int,
-                          dt: int) -> tuple[float, float, float]:
+def _other_optimizer_cost(
+    sh: Shapes, setup: TrainingSetup, n: float, tensors: int, dt: int
+) -> tuple[float, float, float]:
     t = setup.optim.traits
     state = _state_bytes_per_element(setup, dt)
     copies = 0 if t.fused else _FOREACH_COPIES.get(t.family)
@@ -324,8 +353,10 @@ def svd_seconds(sh: Shapes, profile: HardwareProfile) -> float:
 
 # ------------------------------------------------------------------ communication
 
-def comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int, link_gbps: float,
-                 trainable: int, accum: int) -> float:
+
+def comm_seconds(
+    sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int, link_gbps: float, trainable: int, accum: int
+) -> float:
     """Collectives per optimizer step on one GPU. FSDP (degree W): all-gather the parameters
     in forward and again in backward, reduce-scatter the gradients, every micro-batch;
     data-parallel replicas (gpus / W of them): all-reduce the (sharded) gradients once per
@@ -348,8 +379,16 @@ def comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int
     return t
 
 
-def zero_comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node: int, link_gbps: float,
-                      trainable: int, accum: int, param_b: float) -> float:
+def zero_comm_seconds(
+    sh: Shapes,
+    setup: TrainingSetup,
+    gpus: int,
+    gpus_per_node: int,
+    link_gbps: float,
+    trainable: int,
+    accum: int,
+    param_b: float,
+) -> float:
     """DeepSpeed ZeRO over all `gpus` (/work/research/engines.md section 6): every micro-batch
     reduces the bf16 grads (ZeRO-1/2: buckets, ZeRO-3: reduce-scatter), and ZeRO-3 gathers the
     parameters for forward and again for backward; after the step the updated bf16 partitions
@@ -367,8 +406,7 @@ def zero_comm_seconds(sh: Shapes, setup: TrainingSetup, gpus: int, gpus_per_node
     return (accum * per_micro + per_step) / (link * 1e9)
 
 
-def zero_host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, trainable: int,
-                      accum: int) -> float:
+def zero_host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, trainable: int, accum: int) -> float:
     """DeepSpeed offload over PCIe: the grad partition down every micro-batch and the updated
     bf16 partition up (offload_optimizer), the CPU Adam step; offload_param copies the bf16
     partitions up for every forward and backward gather."""
@@ -401,12 +439,15 @@ def host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, tra
 
 # ------------------------------------------------------------------ the step
 
+
 def gpu_link_gbps(profile: HardwareProfile) -> float:
     """GPU-to-GPU bandwidth inside a node: NVLink where the card has it, else PCIe P2P."""
     return profile.nvlink_gbps or profile.host_link_gbps
 
 
-def raw_terms(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, accum: int = 1) -> tuple[float, float, float]:
+def raw_terms(
+    spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, accum: int = 1
+) -> tuple[float, float, float]:
     """(seconds at the bf16 peak, seconds at the full bandwidth, ops) of one optimizer step
     on the GPU: the three quantities the global constants scale."""
     sh = shapes(spec)
@@ -418,9 +459,16 @@ def raw_terms(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, a
     return flops_s, bytes_s, accum * micro_kernels(sh, setup) + ok
 
 
-def step_time(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, gpus: int = 1,
-              gpus_per_node: int | None = None, accum: int = 1, collectives: bool = True,
-              amortize_svd: bool = True) -> StepTime:
+def step_time(
+    spec: ModelSpec,
+    setup: TrainingSetup,
+    profile: HardwareProfile,
+    gpus: int = 1,
+    gpus_per_node: int | None = None,
+    accum: int = 1,
+    collectives: bool = True,
+    amortize_svd: bool = True,
+) -> StepTime:
     """Seconds per optimizer step (accum micro-batches + one update) on each of `gpus` GPUs.
     collectives=False drops communication (the calibration's FSDP case ran on a fake
     process group); amortize_svd=False gives a steady step between GaLore refreshes."""
@@ -431,11 +479,23 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, g
     trainable = _trainable(spec, sh, setup)
     comm = comm_seconds(sh, setup, gpus, gpn, gpu_link_gbps(profile), trainable, accum) if collectives else 0.0
     host = host_seconds(sh, setup, profile, trainable, accum)
-    svd = svd_seconds(sh, profile) / setup.galore_update_proj_gap if (amortize_svd and setup.method == Method.GALORE) else 0.0
+    svd = (
+        svd_seconds(sh, profile) / setup.galore_update_proj_gap
+        if (amortize_svd and setup.method == Method.GALORE)
+        else 0.0
+    )
     gpu = compute + memory + launch
     step = max(gpu, comm) + host + svd
-    return StepTime(compute_s=compute, memory_s=memory, launch_s=launch, comm_s=comm, host_s=host, svd_s=svd,
-                    step_s=step, tokens_per_step=accum * setup.tokens)
+    return StepTime(
+        compute_s=compute,
+        memory_s=memory,
+        launch_s=launch,
+        comm_s=comm,
+        host_s=host,
+        svd_s=svd,
+        step_s=step,
+        tokens_per_step=accum * setup.tokens,
+    )
 
 
 def tokens_per_s(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile, **kw) -> float:
@@ -445,11 +505,13 @@ def tokens_per_s(spec: ModelSpec, setup: TrainingSetup, profile: HardwareProfile
 
 # ------------------------------------------------------------------ calibration
 
+
 def fit_constants(rows: list[tuple[float, float, float, float]]) -> tuple[float, float, float]:
     """(MFU, BW_EFF, LAUNCH_S) minimizing the squared relative error of
     t = flops_s_at_peak / MFU + bytes_s_at_peak / BW_EFF + kernels * LAUNCH_S, over rows of
     (flops / peak, bytes / bandwidth, kernels, measured seconds). Linear in the inverses."""
     import numpy as np
+
     A = np.array([[f / t, b / t, k / t] for f, b, k, t in rows])
     x, *_ = np.linalg.lstsq(A, np.ones(len(rows)), rcond=None)
     return 1 / x[0], 1 / x[1], x[2]

@@ -3,6 +3,7 @@
 ``GB`` follows how GPUs are sold: a "24GB" card has 24 GiB of memory chips, so a bare
 size with GB is read as GiB (2**30). ``GiB`` is 2**30 and ``MiB`` 2**20 everywhere.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,22 @@ from vramplan.errors import VramplanError
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 MAX_BYTES = 2**60  # sizes beyond any machine; keeps the arithmetic in range
-_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
-          "g": GiB, "gb": GiB, "gib": GiB, "t": TiB, "tb": TiB, "tib": TiB}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kb": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mb": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gb": GiB,
+    "gib": GiB,
+    "t": TiB,
+    "tb": TiB,
+    "tib": TiB,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 

@@ -20,7 +20,7 @@ __all__ = ["COMMANDS", "add_setup_options", "build_parser", "main", "setup_field
 # exit codes: 2 bad input (argparse's), 120 output could not be written (what CPython
 # returns when flushing stdout fails at exit), 128 + signal for SIGINT (130) and SIGPIPE (141)
 EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 70          # EX_SOFTWARE (sysexits.h): a bug; VRAMPLAN_DEBUG=1 shows the traceback
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): a bug; VRAMPLAN_DEBUG=1 shows the traceback
 EXIT_OUTPUT = 120
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -30,9 +30,11 @@ def __getattr__(name: str):
     """COMMANDS, add_setup_options and setup_fields load the command modules on first use."""
     if name == "COMMANDS":
         from vramplan.cli import estimate, gpus, hardware, models, plan, plot, verify
+
         return (estimate, models, hardware, verify, gpus, plan, plot)
     if name in ("add_setup_options", "setup_fields"):
         from vramplan.cli import common
+
         return getattr(common, name)
     raise AttributeError(f"module 'vramplan.cli' has no attribute {name!r}")
 
@@ -58,6 +60,7 @@ def _broken_pipe_is_an_error() -> None:
     def on_broken_pipe(self) -> None:
         self.quiet = True
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
     Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]
 
 
@@ -117,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERNAL
         if os.environ.get("VRAMPLAN_DEBUG"):
             raise
-        _say(f"internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]} "
-             "(a bug: please report it; VRAMPLAN_DEBUG=1 shows the traceback)")
+        _say(
+            f"internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]} "
+            "(a bug: please report it; VRAMPLAN_DEBUG=1 shows the traceback)"
+        )
         return EXIT_INTERNAL
 
 

@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from enum import Enum
 from typing import NoReturn
 
 from vramplan.errors import VramplanError
@@ -62,6 +63,7 @@ def int_in(hi: int, lo: int = 1) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi]. argparse names the flag in front of the
     message (``argument --seq-len: must be at most 2,097,152``); the length of the text is
     checked first, so a 5,000-digit number is refused, not parsed."""
+
     def parse(text: str) -> int:
         if not _INT.match(text):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text[:40]!r}")
@@ -73,12 +75,14 @@ def int_in(hi: int, lo: int = 1) -> Callable[[str], int]:
         if value > hi:
             raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {shown}")
         return value
+
     parse.__name__ = "integer"  # argparse's and docs/cli.md's name for the type
     return parse
 
 
 def float_in(lo: float, hi: float) -> Callable[[str], float]:
     """An argparse type: a finite number in [lo, hi) (NaN and inf are refused)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -87,6 +91,7 @@ def float_in(lo: float, hi: float) -> Callable[[str], float]:
         if not (math.isfinite(value) and lo <= value < hi):
             raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}), got {text[:40]}")
         return value
+
     parse.__name__ = "number"
     return parse
 
@@ -96,7 +101,7 @@ def bounded(text: str, hi: int, lo: int = 1) -> str:
     return f"{text} ({lo:,} to {hi:,})"
 
 
-def _choices(enum: type) -> list[str]:
+def _choices(enum: type[Enum]) -> list[str]:
     return [m.value for m in enum]
 
 
@@ -124,16 +129,24 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     p.add_argument("--method", choices=_choices(Method), default=method_default, help=_help("method"))
     _flag(p, "precision", choices=_choices(Precision))
     _flag(p, "optim", choices=_choices(Optim))
-    _flag(p, "batch_size", type=int_in(MAX_BATCH_SIZE),
-          extra_help=f"; default 1 (1 to {MAX_BATCH_SIZE:,}; batch x seq at most {MAX_TOKENS:,} tokens)")
+    _flag(
+        p,
+        "batch_size",
+        type=int_in(MAX_BATCH_SIZE),
+        extra_help=f"; default 1 (1 to {MAX_BATCH_SIZE:,}; batch x seq at most {MAX_TOKENS:,} tokens)",
+    )
     _flag(p, "seq_len", type=int_in(MAX_SEQ_LEN), extra_help=f"; default 2048 (1 to {MAX_SEQ_LEN:,})")
     add_num_layers(p)
     _flag(p, "lora_r", type=int_in(MAX_RANK), extra_help=f"; default 16 (1 to {MAX_RANK:,})")
     _flag(p, "lora_dropout", type=float_in(0.0, 1.0), extra_help="; default 0.05 (0 <= p < 1)")
-    p.add_argument("--lora-targets", dest="lora_targets", action=_LoraTargetsAction,
-                   metavar="{all-linear,attention,NAME,...}",
-                   help="which Linears get adapters: all-linear, attention, or a comma-separated list of module "
-                        "names as peft's target_modules (q_proj,v_proj)")
+    p.add_argument(
+        "--lora-targets",
+        dest="lora_targets",
+        action=_LoraTargetsAction,
+        metavar="{all-linear,attention,NAME,...}",
+        help="which Linears get adapters: all-linear, attention, or a comma-separated list of module "
+        "names as peft's target_modules (q_proj,v_proj)",
+    )
     p.set_defaults(lora_target_modules=None)
     _flag(p, "quant", choices=_choices(Quant))
     _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
@@ -154,8 +167,9 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "kbit_prep", boolean=True)
     _flag(p, "dora", boolean=True)
     _flag(p, "optimizer_in_backward", boolean=True)
-    _flag(p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION),
-          extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})")
+    _flag(
+        p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION), extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})"
+    )
     _flag(p, "activation_offload", choices=_choices(ActivationOffload))
     _flag(p, "checkpoint_reentrant", boolean=True)
     _flag(p, "attention", choices=_choices(Attention))
@@ -177,8 +191,11 @@ SETUP_KEYS = tuple(k for k in TrainingSetup.model_fields if k != "galore_update_
 
 
 def add_num_layers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-layers", type=int_in(MAX_LAYERS),
-                   help=bounded("override the number of decoder layers (truncated model)", MAX_LAYERS))
+    p.add_argument(
+        "--num-layers",
+        type=int_in(MAX_LAYERS),
+        help=bounded("override the number of decoder layers (truncated model)", MAX_LAYERS),
+    )
 
 
 HOST_RAM_HELP = "host RAM per node, with a unit (e.g. 128GB; a bare number is refused, not read as bytes)"

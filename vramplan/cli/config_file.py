@@ -11,11 +11,15 @@ import sys
 
 from vramplan.errors import VramplanError
 
-CONFIG_HELP = ("a training config: axolotl, TRL/HF TrainingArguments, LLaMA-Factory or torchtune YAML, or an "
-               "accelerate YAML / DeepSpeed JSON (repeat --config for the launch file); the model, setup and "
-               "GPU count come from it, flags override them (docs/configs.md)")
-MODEL_MISSING = ("give MODEL (a preset, Hugging Face id, config.json or model folder), or a --config file that "
-                 "names one (base_model, model_name_or_path, model._component_)")
+CONFIG_HELP = (
+    "a training config: axolotl, TRL/HF TrainingArguments, LLaMA-Factory or torchtune YAML, or an "
+    "accelerate YAML / DeepSpeed JSON (repeat --config for the launch file); the model, setup and "
+    "GPU count come from it, flags override them (docs/configs.md)"
+)
+MODEL_MISSING = (
+    "give MODEL (a preset, Hugging Face id, config.json or model folder), or a --config file that "
+    "names one (base_model, model_name_or_path, model._component_)"
+)
 _COUNT = re.compile(r"^\s*\d+\s*[x*]", re.I)
 
 
@@ -28,6 +32,7 @@ def read(args: argparse.Namespace):
     if not getattr(args, "config", None):
         return None
     from vramplan.configs import read_config
+
     return read_config(args.config)
 
 
@@ -53,6 +58,7 @@ def gpus_text(args: argparse.Namespace, reading) -> str | None:
 
 def _detected_card(world: int) -> str | None:
     from vramplan.hardware import detect_gpus
+
     found = detect_gpus()
     return f"{world}x{found.profile.name}" if found is not None else None
 
@@ -60,10 +66,12 @@ def _detected_card(world: int) -> str | None:
 def setup_fields(args: argparse.Namespace, reading, world: int) -> dict:
     """The file's fields, the FSDP world from the GPU count, then the flags given."""
     from vramplan.cli.common import setup_fields as flag_fields
+
     flags = flag_fields(args)
     if reading is None:
         return flags
     from vramplan.configs import setup_fields as file_fields
+
     return file_fields(reading, flags, world)
 
 
@@ -71,6 +79,7 @@ def lines(reading) -> list[str]:
     if reading is None:
         return []
     from vramplan.configs import describe_reading
+
     return describe_reading(reading)
 
 

@@ -22,8 +22,10 @@ def check_targets(args: argparse.Namespace) -> None:
     """-o / --emit-dir make sense with --emit only, and must be writable places (checked before planning)."""
     if args.emit is None:
         if args.output or args.emit_dir:
-            raise VramplanError("needs --emit FORMAT (axolotl, trl, llamafactory, torchtune, accelerate)",
-                                "-o" if args.output else "--emit-dir")
+            raise VramplanError(
+                "needs --emit FORMAT (axolotl, trl, llamafactory, torchtune, accelerate)",
+                "-o" if args.output else "--emit-dir",
+            )
         return
     if not args.output and not args.emit_dir:
         raise VramplanError("give -o FILE (the recommended row) or --emit-dir DIR (every shown row)", "--emit")
@@ -41,6 +43,7 @@ def model_id(model: str) -> str:
     """What the framework loads: the Hugging Face id a preset was copied from, else MODEL as given
     (a Hugging Face id, or a local folder made absolute)."""
     from vramplan.model_loader import PRESET_DIR, resolve_preset_name
+
     preset = resolve_preset_name(model)
     if preset is not None:
         source = json.loads((PRESET_DIR / f"{preset}.json").read_text()).get("_source")
@@ -55,8 +58,8 @@ def model_id(model: str) -> str:
 def _header(result, row, argv: list[str]) -> dict[str, str]:
     return {
         "predicted per-GPU peak": f"{row.per_gpu_bytes / GiB:.2f} GiB of {result.gpu_memory_bytes / GiB:.2f} GiB "
-                                  f"on {result.gpus} ({row.label}, micro-batch {row.setup.batch_size} x "
-                                  f"{row.setup.seq_len}, as nvidia-smi shows it)",
+        f"on {result.gpus} ({row.label}, micro-batch {row.setup.batch_size} x "
+        f"{row.setup.seq_len}, as nvidia-smi shows it)",
         "host RAM": f"{row.host_ram_bytes / GiB:.2f} GiB per node",
         "vramplan command": "vramplan " + shlex.join(argv),
     }
@@ -64,6 +67,7 @@ def _header(result, row, argv: list[str]) -> dict[str, str]:
 
 def _text(args: argparse.Namespace, result, row, model: str, world: int) -> str:
     from vramplan.configs import emit
+
     return emit(args.emit, row.setup, model, _header(result, row, getattr(args, "argv", [])), world=world)
 
 
@@ -90,8 +94,11 @@ def build(args: argparse.Namespace, result, model: str, reading, world: int) -> 
         if first is None:
             raise VramplanError(f"no shown row can be written as {args.emit}: {refusals[0]}", "--emit")
         if first != 0:
-            print(f"--emit: the recommended row ({result.rows[0].label}) cannot be written as {args.emit} "
-                  f"({refusals[0]}); writing {result.rows[first].label}", file=sys.stderr)
+            print(
+                f"--emit: the recommended row ({result.rows[0].label}) cannot be written as {args.emit} "
+                f"({refusals[0]}); writing {result.rows[first].label}",
+                file=sys.stderr,
+            )
         out[Path(args.output)] = texts[first]
     if args.emit_dir:
         for i, message in refusals.items():
@@ -107,6 +114,7 @@ def build(args: argparse.Namespace, result, model: str, reading, world: int) -> 
 def write(texts: dict[Path, str]) -> None:
     """All files or none: each written atomically, the ones already written removed on a failure."""
     from vramplan.configs import write_atomic
+
     done: list[Path] = []
     try:
         for path, text in texts.items():
@@ -116,7 +124,8 @@ def write(texts: dict[Path, str]) -> None:
     except OSError as e:
         for path in done:
             path.unlink(missing_ok=True)
-        raise VramplanError(f"cannot write {e.filename or 'the file'} ({e.strerror}); nothing written",
-                            "--emit") from None
+        raise VramplanError(
+            f"cannot write {e.filename or 'the file'} ({e.strerror}); nothing written", "--emit"
+        ) from None
     for path in done:
         print(f"wrote {path}", file=sys.stderr)

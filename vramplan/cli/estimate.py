@@ -71,9 +71,12 @@ def estimate_assumptions(args: argparse.Namespace, setup, gpu_count: int, ram: i
     """Micro-batch x sequence, stack, host RAM and data parallelism, each with the flag that sets it."""
     from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
 
-    return [batch_phrase(setup.batch_size, setup.seq_len), stack_phrase(setup.stack),
-            host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
-            data_parallel_phrase(gpu_count)]
+    return [
+        batch_phrase(setup.batch_size, setup.seq_len),
+        stack_phrase(setup.stack),
+        host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
+        data_parallel_phrase(gpu_count),
+    ]
 
 
 def _with_config(data: dict, reading) -> dict:

@@ -22,39 +22,64 @@ EMIT_CHOICES = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the configurations that fit these GPUs, fastest first")
     p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP + " (optional with a --config that names it)")
-    p.add_argument("--gpus", help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes; "
-                   "with --config, the count defaults to the file's world size")
+    p.add_argument(
+        "--gpus",
+        help="NxSIZE (2x24GB), a profile (rtx-4090) or Nxprofile; all GPUs, over all nodes; "
+        "with --config, the count defaults to the file's world size",
+    )
     add_gpu_options(p)
     config_file.add_config_option(p)
     _flag(p, "stack", choices=_choices(Stack), extra_help=" (default: --config's framework, else --emit's)")
-    p.add_argument("--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1",
-                                                                   MAX_RANKS))
-    p.add_argument("--gpus-per-node", type=int_in(MAX_RANKS),
-                   help=bounded("GPUs per node (alternative to --nodes)", MAX_RANKS))
-    p.add_argument("--min-seq", type=int_in(MAX_SEQ_LEN),
-                   help=bounded("shortest acceptable sequence length; default: --config's sequence length, else "
-                                "2048, capped at the context", MAX_SEQ_LEN))
-    p.add_argument("--global-batch", type=int_in(MAX_GLOBAL_BATCH),
-                   help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH))
+    p.add_argument(
+        "--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1", MAX_RANKS)
+    )
+    p.add_argument(
+        "--gpus-per-node", type=int_in(MAX_RANKS), help=bounded("GPUs per node (alternative to --nodes)", MAX_RANKS)
+    )
+    p.add_argument(
+        "--min-seq",
+        type=int_in(MAX_SEQ_LEN),
+        help=bounded(
+            "shortest acceptable sequence length; default: --config's sequence length, else "
+            "2048, capped at the context",
+            MAX_SEQ_LEN,
+        ),
+    )
+    p.add_argument(
+        "--global-batch",
+        type=int_in(MAX_GLOBAL_BATCH),
+        help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH),
+    )
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
-    p.add_argument("--min-lora-rank", type=int_in(MAX_RANK), help=bounded("smallest acceptable LoRA rank; default 16",
-                                                                          MAX_RANK))
-    p.add_argument("--min-galore-rank", type=int_in(MAX_RANK),
-                   help=bounded("smallest acceptable GaLore rank; default 128", MAX_RANK))
+    p.add_argument(
+        "--min-lora-rank", type=int_in(MAX_RANK), help=bounded("smallest acceptable LoRA rank; default 16", MAX_RANK)
+    )
+    p.add_argument(
+        "--min-galore-rank",
+        type=int_in(MAX_RANK),
+        help=bounded("smallest acceptable GaLore rank; default 128", MAX_RANK),
+    )
     p.add_argument(
         "--host-ram",
         help=f"host RAM per node, with a unit (default {DEFAULT_HOST_RAM // GiB}GB when --gpus is given, "
         "else this machine's)",
     )
-    p.add_argument("--max-batch", type=int_in(MAX_PLAN_BATCH),
-                   help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH))
+    p.add_argument(
+        "--max-batch",
+        type=int_in(MAX_PLAN_BATCH),
+        help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH),
+    )
     add_num_layers(p)
     p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
     p.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--emit", choices=EMIT_CHOICES, help="write a runnable config of this framework for the "
-                   "recommended row (-o FILE) or for every shown row (--emit-dir DIR); the plan then uses the "
-                   "framework's stack unless --stack says otherwise")
+    p.add_argument(
+        "--emit",
+        choices=EMIT_CHOICES,
+        help="write a runnable config of this framework for the "
+        "recommended row (-o FILE) or for every shown row (--emit-dir DIR); the plan then uses the "
+        "framework's stack unless --stack says otherwise",
+    )
     p.add_argument("-o", "--output", metavar="FILE", help="the file --emit writes (the recommended row)")
     p.add_argument("--emit-dir", metavar="DIR", help="the folder --emit writes one file per shown row into")
     p.set_defaults(handler=run)

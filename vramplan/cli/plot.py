@@ -92,8 +92,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
 
-    t = kinds.add_parser("timeline", help="allocated (by category) and reserved over one step, phases marked, "
-                         "GPU capacity as a line")
+    t = kinds.add_parser(
+        "timeline", help="allocated (by category) and reserved over one step, phases marked, GPU capacity as a line"
+    )
     _model_and_gpus(t)
     add_setup_options(t)
     t.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
@@ -184,8 +185,9 @@ def _parse_values(text: str | None, x: str) -> tuple[int, ...] | None:
     except argparse.ArgumentTypeError as e:
         raise VramplanError(f"each value {e} (comma-separated, e.g. 512,1024,2048)", "--values") from None
     if not values:
-        raise VramplanError(f"cannot read {text[:40]!r}; give comma-separated positive integers, e.g. 512,1024,2048",
-                            "--values")
+        raise VramplanError(
+            f"cannot read {text[:40]!r}; give comma-separated positive integers, e.g. 512,1024,2048", "--values"
+        )
     if len(values) > MAX_PLOT_VALUES:
         raise VramplanError(f"{len(values)} values; give at most {MAX_PLOT_VALUES}", "--values")
     return values

@@ -20,8 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("verify", help="run the real training step on this GPU and compare it with the estimate")
     v.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     add_setup_options(v)
-    v.add_argument("--steps", type=int_in(MAX_STEPS), default=3,
-                   help=bounded("optimizer steps to run; default 3, the first creates the states", MAX_STEPS))
+    v.add_argument(
+        "--steps",
+        type=int_in(MAX_STEPS),
+        default=3,
+        help=bounded("optimizer steps to run; default 3, the first creates the states", MAX_STEPS),
+    )
     v.add_argument("--gpus", help="GPUs the estimate is for (default: the detected ones)")
     v.add_argument(
         "--extrapolate",
@@ -30,10 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="measure truncated depths and extrapolate: auto = when the estimate says the full model "
         "does not fit this GPU",
     )
-    v.add_argument("--depths", help=f"truncated depths to extrapolate from, e.g. 4,8 (2 to {MAX_DEPTHS} of them; "
-                   "default: chosen to fit)")
-    v.add_argument("--out", help="report folder, new or empty, checked before the run (default: "
-                   "vramplan-verify/<case>-<time>)")
+    v.add_argument(
+        "--depths",
+        help=f"truncated depths to extrapolate from, e.g. 4,8 (2 to {MAX_DEPTHS} of them; default: chosen to fit)",
+    )
+    v.add_argument(
+        "--out", help="report folder, new or empty, checked before the run (default: vramplan-verify/<case>-<time>)"
+    )
     v.add_argument(
         "--device",
         default="cuda",

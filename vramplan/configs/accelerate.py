@@ -3,6 +3,7 @@
 It says how the script is launched: the engine (FSDP, DeepSpeed, DDP), the world size and
 the autocast precision. The training knobs live in the framework's own file.
 """
+
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
@@ -10,14 +11,35 @@ from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
 from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard
 from vramplan.setup import ActivationOffload, DeepSpeedStage, Precision
 
-_DISTRIBUTED = {"FSDP": Distributed.FSDP, "DEEPSPEED": Distributed.DEEPSPEED, "MULTI_GPU": Distributed.DDP,
-                "NO": Distributed.NONE}
+_DISTRIBUTED = {
+    "FSDP": Distributed.FSDP,
+    "DEEPSPEED": Distributed.DEEPSPEED,
+    "MULTI_GPU": Distributed.DDP,
+    "NO": Distributed.NONE,
+}
 _PRECISION = {"bf16": Precision.MIXED, "fp16": Precision.FP16, "no": Precision.BF16}
 _STAGES = {1: DeepSpeedStage.ZERO1, 2: DeepSpeedStage.ZERO2, 3: DeepSpeedStage.ZERO3}
 _DEVICES = {"cpu": True, "nvme": True, "none": False}
-_KNOWN = frozenset({"compute_environment", "debug", "downcast_bf16", "machine_rank", "main_training_function",
-                    "rdzv_backend", "same_network", "tpu_env", "tpu_use_cluster", "tpu_use_sudo", "use_cpu",
-                    "enable_cpu_affinity", "gpu_ids", "main_process_ip", "main_process_port", "dynamo_config"})
+_KNOWN = frozenset(
+    {
+        "compute_environment",
+        "debug",
+        "downcast_bf16",
+        "machine_rank",
+        "main_training_function",
+        "rdzv_backend",
+        "same_network",
+        "tpu_env",
+        "tpu_use_cluster",
+        "tpu_use_sudo",
+        "use_cpu",
+        "enable_cpu_affinity",
+        "gpu_ids",
+        "main_process_ip",
+        "main_process_port",
+        "dynamo_config",
+    }
+)
 
 
 def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
@@ -30,8 +52,12 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     c.set_int("num_machines", "nodes")
     mixed = c.get("mixed_precision")
     if mixed is not None:
-        c.set("mixed_precision", "precision", c.choice("mixed_precision", mixed, _PRECISION),
-              "bf16 autocast" if mixed == "bf16" else "")
+        c.set(
+            "mixed_precision",
+            "precision",
+            c.choice("mixed_precision", mixed, _PRECISION),
+            "bf16 autocast" if mixed == "bf16" else "",
+        )
     if kind == Distributed.FSDP:
         _fsdp(c, c.mapping("fsdp_config", c.get("fsdp_config")))
     elif kind == Distributed.DEEPSPEED:
@@ -42,9 +68,13 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
 def _fsdp(c: Collector, cfg: dict) -> None:
     if c.world is not None:
         c.set("num_processes", "fsdp", c.world, "FSDP world size = processes over all nodes")
-    version = cfg.get("fsdp_version", 1)   # accelerate default 1 (accelerate/utils/launch.py:281)
-    c.set("fsdp_config.fsdp_version", "fsdp_version", c.choice("fsdp_config.fsdp_version", version, {1: 1, 2: 2}),
-          "" if "fsdp_version" in cfg else "accelerate's default")
+    version = cfg.get("fsdp_version", 1)  # accelerate default 1 (accelerate/utils/launch.py:281)
+    c.set(
+        "fsdp_config.fsdp_version",
+        "fsdp_version",
+        c.choice("fsdp_config.fsdp_version", version, {1: 1, 2: 2}),
+        "" if "fsdp_version" in cfg else "accelerate's default",
+    )
     if "fsdp_sharding_strategy" in cfg:
         key = "fsdp_config.fsdp_sharding_strategy"
         c.set(key, "fsdp_sharding", c.choice(key, cfg["fsdp_sharding_strategy"], FSDP_STRATEGY))
@@ -52,15 +82,22 @@ def _fsdp(c: Collector, cfg: dict) -> None:
         key = "fsdp_config.fsdp_reshard_after_forward"
         c.set(key, "fsdp_sharding", fsdp_reshard(c, key, cfg["fsdp_reshard_after_forward"]))
     if "fsdp_offload_params" in cfg:
-        c.set("fsdp_config.fsdp_offload_params", "cpu_offload",
-              c.flag("fsdp_config.fsdp_offload_params", cfg["fsdp_offload_params"]))
+        c.set(
+            "fsdp_config.fsdp_offload_params",
+            "cpu_offload",
+            c.flag("fsdp_config.fsdp_offload_params", cfg["fsdp_offload_params"]),
+        )
     if cfg.get("fsdp_activation_checkpointing") is not None:
         key = "fsdp_config.fsdp_activation_checkpointing"
         if c.flag(key, cfg["fsdp_activation_checkpointing"]):
             c.set(key, "gradient_checkpointing", True, "FSDP applies non-reentrant checkpointing per layer")
     if cfg.get("fsdp_activation_checkpointing_offload") is True:
-        c.set("fsdp_config.fsdp_activation_checkpointing_offload", "activation_offload",
-              ActivationOffload.CHECKPOINTS, "each checkpointed layer's input to pinned host RAM")
+        c.set(
+            "fsdp_config.fsdp_activation_checkpointing_offload",
+            "activation_offload",
+            ActivationOffload.CHECKPOINTS,
+            "each checkpointed layer's input to pinned host RAM",
+        )
 
 
 def _deepspeed(c: Collector, cfg: dict) -> None:

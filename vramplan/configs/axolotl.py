@@ -2,6 +2,7 @@
 
 The world size is not in the file (axolotl train --num-processes / accelerate launch).
 """
+
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
@@ -25,12 +26,36 @@ from vramplan.setup import (
 _SRC = "axolotl==0.19.0"
 _CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 _LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
-_OFFLOAD = {True: ActivationOffload.ALL, False: ActivationOffload.NONE, "disk": ActivationOffload.ALL,
-            "hidden_states": ActivationOffload.CHECKPOINTS, "legacy": ActivationOffload.UNSLOTH}
-_KNOWN = frozenset({"base_model_config", "plugins", "pad_to_sequence_len", "fsdp_version", "fsdp_config", "fsdp",
-                    "flash_attention", "sdp_attention", "eager_attention", "cut_cross_entropy",
-                    "liger_fused_linear_cross_entropy", "chunked_cross_entropy_num_chunks", "bnb_config_kwargs",
-                    "load_in_8bit", "load_in_4bit", "bfloat16", "float16", "fp16", "bf16"})
+_OFFLOAD = {
+    True: ActivationOffload.ALL,
+    False: ActivationOffload.NONE,
+    "disk": ActivationOffload.ALL,
+    "hidden_states": ActivationOffload.CHECKPOINTS,
+    "legacy": ActivationOffload.UNSLOTH,
+}
+_KNOWN = frozenset(
+    {
+        "base_model_config",
+        "plugins",
+        "pad_to_sequence_len",
+        "fsdp_version",
+        "fsdp_config",
+        "fsdp",
+        "flash_attention",
+        "sdp_attention",
+        "eager_attention",
+        "cut_cross_entropy",
+        "liger_fused_linear_cross_entropy",
+        "chunked_cross_entropy_num_chunks",
+        "bnb_config_kwargs",
+        "load_in_8bit",
+        "load_in_4bit",
+        "bfloat16",
+        "float16",
+        "fp16",
+        "bf16",
+    }
+)
 
 
 def references(data: dict) -> list[Reference]:
@@ -95,8 +120,12 @@ def _lora(c: Collector, method: Method) -> None:
         c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
     modules = c.get("lora_target_modules")
     if c.flag("lora_target_linear", c.get("lora_target_linear", False)):
-        c.set("lora_target_linear", "lora_targets", LoraTargets.ALL_LINEAR,
-              "every Linear but lm_head (loaders/adapter.py:171-182)")
+        c.set(
+            "lora_target_linear",
+            "lora_targets",
+            LoraTargets.ALL_LINEAR,
+            "every Linear but lm_head (loaders/adapter.py:171-182)",
+        )
     elif modules:
         c.set("lora_target_modules", "lora_target_modules", tuple(c.names("lora_target_modules", modules)))
     if c.get("lora_modules_to_save"):
@@ -104,8 +133,11 @@ def _lora(c: Collector, method: Method) -> None:
     c.set_flag("peft_use_dora", "dora")
     autocast = c.get("peft_autocast_adapter_dtype")
     if autocast is not None:
-        c.set("peft_autocast_adapter_dtype", "adapter_dtype",
-              AdapterDtype.FP32 if c.flag("peft_autocast_adapter_dtype", autocast) else AdapterDtype.BF16)
+        c.set(
+            "peft_autocast_adapter_dtype",
+            "adapter_dtype",
+            AdapterDtype.FP32 if c.flag("peft_autocast_adapter_dtype", autocast) else AdapterDtype.BF16,
+        )
 
 
 def _precision(c: Collector, method: Method) -> None:
@@ -128,8 +160,12 @@ def _precision(c: Collector, method: Method) -> None:
         raise c.fail("bf16", "true, false or auto", bf16)
     note = "" if "bf16" in c.data else "axolotl's default bf16: auto (bf16 GPUs)"
     c.set("bf16", "model_dtype", ModelDtype.BF16, note)
-    c.set("bf16", "precision", Precision.BF16 if method == Method.FULL else Precision.MIXED,
-          "bf16 weights, no fp32 masters" if method == Method.FULL else "fp32 adapters under bf16 autocast")
+    c.set(
+        "bf16",
+        "precision",
+        Precision.BF16 if method == Method.FULL else Precision.MIXED,
+        "bf16 weights, no fp32 masters" if method == Method.FULL else "fp32 adapters under bf16 autocast",
+    )
 
 
 def _attention(c: Collector) -> None:
@@ -137,8 +173,11 @@ def _attention(c: Collector) -> None:
     if name is not None:
         set_attention(c, "attn_implementation", name)
         return
-    for key, attention in (("flash_attention", Attention.FLASH), ("sdp_attention", Attention.SDPA),
-                           ("eager_attention", Attention.EAGER)):
+    for key, attention in (
+        ("flash_attention", Attention.FLASH),
+        ("sdp_attention", Attention.SDPA),
+        ("eager_attention", Attention.EAGER),
+    ):
         if c.get(key) is True:
             c.set(key, "attention", attention, "deprecated alias of attn_implementation")
 
@@ -148,24 +187,39 @@ def _checkpointing(c: Collector, method: Method) -> None:
     if ckpt is not None:
         if ckpt in ("offload", "offload_disk"):
             c.set("gradient_checkpointing", "gradient_checkpointing", True)
-            c.set("gradient_checkpointing", "activation_offload", ActivationOffload.CHECKPOINTS,
-                  "legacy value: checkpoint inputs to host RAM")
+            c.set(
+                "gradient_checkpointing",
+                "activation_offload",
+                ActivationOffload.CHECKPOINTS,
+                "legacy value: checkpoint inputs to host RAM",
+            )
         else:
             c.set("gradient_checkpointing", "gradient_checkpointing", c.flag("gradient_checkpointing", ckpt))
     kwargs = c.mapping("gradient_checkpointing_kwargs", c.get("gradient_checkpointing_kwargs"))
     if kwargs.get("use_reentrant") is not None:
-        c.set("gradient_checkpointing_kwargs.use_reentrant", "checkpoint_reentrant",
-              c.flag("gradient_checkpointing_kwargs.use_reentrant", kwargs["use_reentrant"]))
+        c.set(
+            "gradient_checkpointing_kwargs.use_reentrant",
+            "checkpoint_reentrant",
+            c.flag("gradient_checkpointing_kwargs.use_reentrant", kwargs["use_reentrant"]),
+        )
     offload = c.get("activation_offloading")
     if offload is None:
         return
     mode = c.choice("activation_offloading", offload, _OFFLOAD)
-    c.set("activation_offloading", "activation_offload", mode, "offloaded to disk, modelled as host RAM"
-          if offload == "disk" else "")
+    c.set(
+        "activation_offloading",
+        "activation_offload",
+        mode,
+        "offloaded to disk, modelled as host RAM" if offload == "disk" else "",
+    )
     if mode == ActivationOffload.ALL and method != Method.FULL:
-        c.set("activation_offloading", "gradient_checkpointing", False,
-              "with LoRA, axolotl turns HF checkpointing off and offloads every saved tensor "
-              "(core/builders/base.py:590-610)")
+        c.set(
+            "activation_offloading",
+            "gradient_checkpointing",
+            False,
+            "with LoRA, axolotl turns HF checkpointing off and offloads every saved tensor "
+            "(core/builders/base.py:590-610)",
+        )
 
 
 def _loss(c: Collector) -> None:
@@ -189,26 +243,40 @@ def _fsdp(c: Collector) -> None:
     if not cfg and not tokens and c.get("fsdp_version") is None:
         return
     c.distributed = Distributed.FSDP
-    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}   # prefix optional (schemas/validation.py:1198-1207)
-    version = c.get("fsdp_version") or cfg.get("version") or 1   # pinned to 1 when unset (validation.py:924-926)
-    c.set("fsdp_version", "fsdp_version", c.choice("fsdp_version", version, {1: 1, 2: 2}),
-          "" if c.get("fsdp_version") or cfg.get("version") else "axolotl pins fsdp_config without a version to FSDP1")
+    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}  # prefix optional (schemas/validation.py:1198-1207)
+    version = c.get("fsdp_version") or cfg.get("version") or 1  # pinned to 1 when unset (validation.py:924-926)
+    c.set(
+        "fsdp_version",
+        "fsdp_version",
+        c.choice("fsdp_version", version, {1: 1, 2: 2}),
+        "" if c.get("fsdp_version") or cfg.get("version") else "axolotl pins fsdp_config without a version to FSDP1",
+    )
     for token in tokens:
         if token in FSDP_STRATEGY:
             c.set("fsdp", "fsdp_sharding", FSDP_STRATEGY[token])
         elif token == "offload":
             c.set("fsdp", "cpu_offload", True)
     if "sharding_strategy" in cfg:
-        c.set("fsdp_config.sharding_strategy", "fsdp_sharding",
-              c.choice("fsdp_config.sharding_strategy", cfg["sharding_strategy"], FSDP_STRATEGY))
+        c.set(
+            "fsdp_config.sharding_strategy",
+            "fsdp_sharding",
+            c.choice("fsdp_config.sharding_strategy", cfg["sharding_strategy"], FSDP_STRATEGY),
+        )
     if "reshard_after_forward" in cfg:
-        c.set("fsdp_config.reshard_after_forward", "fsdp_sharding",
-              fsdp_reshard(c, "fsdp_config.reshard_after_forward", cfg["reshard_after_forward"]))
+        c.set(
+            "fsdp_config.reshard_after_forward",
+            "fsdp_sharding",
+            fsdp_reshard(c, "fsdp_config.reshard_after_forward", cfg["reshard_after_forward"]),
+        )
     if "offload_params" in cfg:
         c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
     if cfg.get("activation_checkpointing") is True:
-        c.set("fsdp_config.activation_checkpointing", "gradient_checkpointing", True,
-              "FSDP applies non-reentrant checkpointing per layer")
+        c.set(
+            "fsdp_config.activation_checkpointing",
+            "gradient_checkpointing",
+            True,
+            "FSDP applies non-reentrant checkpointing per layer",
+        )
 
 
 def _packing(c: Collector) -> None:
@@ -218,8 +286,12 @@ def _packing(c: Collector) -> None:
         c.set("sample_packing", "packing", Packing.NONE)
         return
     flash = c.fields.get("attention") == Attention.FLASH
-    c.set("sample_packing", "packing", Packing.PADDING_FREE if flash else Packing.POSITION_IDS,
-          "flash varlen, no mask" if flash else "packed rows told apart by position_ids")
+    c.set(
+        "sample_packing",
+        "packing",
+        Packing.PADDING_FREE if flash else Packing.POSITION_IDS,
+        "flash varlen, no mask" if flash else "packed rows told apart by position_ids",
+    )
 
 
 def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
@@ -229,8 +301,12 @@ def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
     if method == Method.FULL:
         return
     cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}
-    skip = (c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading")))
+    skip = c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading"))
     skip = skip or engine.get("deepspeed") == DeepSpeedStage.ZERO3
-    c.set("load_in_4bit" if method == Method.QLORA else "adapter", "kbit_prep", quantized and not skip,
-          "derived: axolotl calls peft's prepare_model_for_kbit_training for a quantized base "
-          "unless FSDP-QLoRA, cpu_ram_efficient_loading or ZeRO-3 (loaders/model.py:1116-1151)")
+    c.set(
+        "load_in_4bit" if method == Method.QLORA else "adapter",
+        "kbit_prep",
+        quantized and not skip,
+        "derived: axolotl calls peft's prepare_model_for_kbit_training for a quantized base "
+        "unless FSDP-QLoRA, cpu_ram_efficient_loading or ZeRO-3 (loaders/model.py:1116-1151)",
+    )

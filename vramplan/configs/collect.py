@@ -1,4 +1,5 @@
 """The bookkeeping a reader does while it walks a file: fields set, keys used, checks."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,25 +16,105 @@ from vramplan.errors import VramplanError
 from vramplan.setup import Stack
 
 # Keys every trainer has that do not change the memory of a step: not reported as unknown.
-NOT_MEMORY = frozenset({
-    "output_dir", "learning_rate", "lr", "lr_scheduler", "lr_scheduler_type", "lr_scheduler_kwargs",
-    "warmup_ratio", "warmup_steps", "weight_decay", "num_epochs", "num_train_epochs", "max_steps",
-    "epochs", "seed", "data_seed", "logging_steps", "logging_dir", "logging_first_step", "save_steps",
-    "save_strategy", "save_total_limit", "saves_per_epoch", "evals_per_epoch", "eval_steps",
-    "eval_strategy", "evaluation_strategy", "report_to", "run_name", "wandb_project", "wandb_entity",
-    "wandb_watch", "wandb_name", "wandb_log_model", "hub_model_id", "push_to_hub", "resume_from_checkpoint",
-    "overwrite_output_dir", "dataset", "datasets", "dataset_name", "dataset_prepared_path",
-    "val_set_size", "val_size", "max_samples", "template", "chat_template", "special_tokens",
-    "tokenizer_type", "tokenizer_name_or_path", "model_type", "trust_remote_code", "do_train",
-    "do_eval", "plot_loss", "save_only_model", "ddp_timeout", "preprocessing_num_workers",
-    "dataloader_num_workers", "overwrite_cache", "tf32", "max_grad_norm", "gradient_clipping",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "lora_alpha", "lora_model_dir", "env",
-    "per_device_eval_batch_size", "eval_sample_packing", "loss_watchdog_threshold",
-    "loss_watchdog_patience", "save_first_step", "strict", "shuffle", "log_every_n_steps",
-    "log_peak_memory_stats", "metric_logger", "profiler", "checkpointer", "device", "clip_grad_norm",
-    "max_steps_per_epoch", "save_adapter_weights_only", "low_cpu_ram", "eval_dataset", "remove_unused_columns",
-    "dataset_text_field", "dataset_config", "dataset_train_split", "dataset_test_split", "gradient_checkpointing_kwargs", "save_safetensors", "bf16_full_eval", "fp16_full_eval",
-})
+NOT_MEMORY = frozenset(
+    {
+        "output_dir",
+        "learning_rate",
+        "lr",
+        "lr_scheduler",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_ratio",
+        "warmup_steps",
+        "weight_decay",
+        "num_epochs",
+        "num_train_epochs",
+        "max_steps",
+        "epochs",
+        "seed",
+        "data_seed",
+        "logging_steps",
+        "logging_dir",
+        "logging_first_step",
+        "save_steps",
+        "save_strategy",
+        "save_total_limit",
+        "saves_per_epoch",
+        "evals_per_epoch",
+        "eval_steps",
+        "eval_strategy",
+        "evaluation_strategy",
+        "report_to",
+        "run_name",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_watch",
+        "wandb_name",
+        "wandb_log_model",
+        "hub_model_id",
+        "push_to_hub",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "dataset",
+        "datasets",
+        "dataset_name",
+        "dataset_prepared_path",
+        "val_set_size",
+        "val_size",
+        "max_samples",
+        "template",
+        "chat_template",
+        "special_tokens",
+        "tokenizer_type",
+        "tokenizer_name_or_path",
+        "model_type",
+        "trust_remote_code",
+        "do_train",
+        "do_eval",
+        "plot_loss",
+        "save_only_model",
+        "ddp_timeout",
+        "preprocessing_num_workers",
+        "dataloader_num_workers",
+        "overwrite_cache",
+        "tf32",
+        "max_grad_norm",
+        "gradient_clipping",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "lora_alpha",
+        "lora_model_dir",
+        "env",
+        "per_device_eval_batch_size",
+        "eval_sample_packing",
+        "loss_watchdog_threshold",
+        "loss_watchdog_patience",
+        "save_first_step",
+        "strict",
+        "shuffle",
+        "log_every_n_steps",
+        "log_peak_memory_stats",
+        "metric_logger",
+        "profiler",
+        "checkpointer",
+        "device",
+        "clip_grad_norm",
+        "max_steps_per_epoch",
+        "save_adapter_weights_only",
+        "low_cpu_ram",
+        "eval_dataset",
+        "remove_unused_columns",
+        "dataset_text_field",
+        "dataset_config",
+        "dataset_train_split",
+        "dataset_test_split",
+        "gradient_checkpointing_kwargs",
+        "save_safetensors",
+        "bf16_full_eval",
+        "fp16_full_eval",
+    }
+)
 
 
 class Collector:
@@ -132,10 +213,20 @@ class Collector:
         if value is not None:
             self.set(key, field, self.flag(key, value) != invert, note)
 
-    def finish(self, fmt: ConfigFormat, stack: Stack | None, model: str | None,
-               known: frozenset = frozenset()) -> ConfigReading:
+    def finish(
+        self, fmt: ConfigFormat, stack: Stack | None, model: str | None, known: frozenset = frozenset()
+    ) -> ConfigReading:
         unknown = sorted(k for k in self.data if k not in self.seen and k not in known and k not in NOT_MEMORY)
-        return ConfigReading(format=fmt, stack=stack, model=model, fields=dict(self.fields),
-                             used_keys=tuple(self.used), unmodelled=tuple(self.skipped),
-                             unknown=tuple(unknown), source_files=(self.path,), distributed=self.distributed,
-                             world=self.world, references=tuple(self.refs))
+        return ConfigReading(
+            format=fmt,
+            stack=stack,
+            model=model,
+            fields=dict(self.fields),
+            used_keys=tuple(self.used),
+            unmodelled=tuple(self.skipped),
+            unknown=tuple(unknown),
+            source_files=(self.path,),
+            distributed=self.distributed,
+            world=self.world,
+            references=tuple(self.refs),
+        )

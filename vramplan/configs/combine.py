@@ -1,4 +1,5 @@
 """A framework file together with its accelerate/DeepSpeed files, as one reading."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,21 +19,31 @@ from vramplan.configs.reading import (
 )
 from vramplan.errors import VramplanError
 
-_READERS = {ConfigFormat.AXOLOTL: axolotl.read, ConfigFormat.TRL: hf.read,
-            ConfigFormat.HF: lambda d, p, e: hf.read(d, p, e, ConfigFormat.HF),
-            ConfigFormat.LLAMAFACTORY: llamafactory.read, ConfigFormat.TORCHTUNE: torchtune.read,
-            ConfigFormat.ACCELERATE: accelerate.read, ConfigFormat.DEEPSPEED: deepspeed.read}
-_REFERENCES = {ConfigFormat.AXOLOTL: axolotl.references, ConfigFormat.TRL: hf.references,
-               ConfigFormat.HF: hf.references, ConfigFormat.LLAMAFACTORY: llamafactory.references}
+_READERS = {
+    ConfigFormat.AXOLOTL: axolotl.read,
+    ConfigFormat.TRL: hf.read,
+    ConfigFormat.HF: lambda d, p, e: hf.read(d, p, e, ConfigFormat.HF),
+    ConfigFormat.LLAMAFACTORY: llamafactory.read,
+    ConfigFormat.TORCHTUNE: torchtune.read,
+    ConfigFormat.ACCELERATE: accelerate.read,
+    ConfigFormat.DEEPSPEED: deepspeed.read,
+}
+_REFERENCES = {
+    ConfigFormat.AXOLOTL: axolotl.references,
+    ConfigFormat.TRL: hf.references,
+    ConfigFormat.HF: hf.references,
+    ConfigFormat.LLAMAFACTORY: llamafactory.references,
+}
 
 
 def read_one(data: dict, path: str, fmt: ConfigFormat | None = None, engine: dict | None = None) -> ConfigReading:
     fmt = fmt or detect_format(data, path)
     try:
         return _READERS[fmt](data, path, engine or {})
-    except (TypeError, AttributeError, KeyError) as e:   # a value of a shape no framework writes
-        raise VramplanError(f"holds a value of an unexpected type ({type(e).__name__}: {e})",
-                            f"--config {path}") from None
+    except (TypeError, AttributeError, KeyError) as e:  # a value of a shape no framework writes
+        raise VramplanError(
+            f"holds a value of an unexpected type ({type(e).__name__}: {e})", f"--config {path}"
+        ) from None
 
 
 def read_config(paths: list[str]) -> ConfigReading:
@@ -45,8 +56,11 @@ def read_config(paths: list[str]) -> ConfigReading:
         loaded.append((str(path), data, detect_format(data, str(path))))
     frameworks = [item for item in loaded if not item[2].is_engine]
     if len(frameworks) > 1:
-        raise VramplanError(f"{frameworks[0][0]} and {frameworks[1][0]} are both training configs; give one "
-                            "(plus accelerate/DeepSpeed files)", "--config")
+        raise VramplanError(
+            f"{frameworks[0][0]} and {frameworks[1][0]} are both training configs; give one "
+            "(plus accelerate/DeepSpeed files)",
+            "--config",
+        )
     engines = [read_one(d, p, f) for p, d, f in loaded if f.is_engine]
     if frameworks:
         path, data, fmt = frameworks[0]
@@ -73,13 +87,13 @@ def _referenced(path: str, data: dict, fmt: ConfigFormat, given: set) -> list[Co
     out = []
     for ref in _REFERENCES.get(fmt, lambda d: [])(data):
         if ref.format in given:
-            continue                       # the command line named it: that one wins
+            continue  # the command line named it: that one wins
         out.append(_read_reference(ref, path))
     return out
 
 
 def _read_reference(ref: Reference, path: str) -> ConfigReading:
-    if isinstance(ref.value, dict):        # an inline DeepSpeed config
+    if isinstance(ref.value, dict):  # an inline DeepSpeed config
         return read_one(ref.value, f"{path}: {ref.key}", ref.format)
     if not isinstance(ref.value, str):
         raise VramplanError(f"must be a file path or a mapping, got {ref.value!r}", f"{path}: {ref.key}")
@@ -87,8 +101,9 @@ def _read_reference(ref: Reference, path: str) -> ConfigReading:
     data = load_file(target)
     found = detect_format(data, str(target))
     if found != ref.format:
-        raise VramplanError(f"names {target}, a {found.value} file; expected a {ref.format.value} file",
-                            f"{path}: {ref.key}")
+        raise VramplanError(
+            f"names {target}, a {found.value} file; expected a {ref.format.value} file", f"{path}: {ref.key}"
+        )
     return read_one(data, str(target), found)
 
 
@@ -116,12 +131,18 @@ def _merge(framework: ConfigReading | None, engines: list[ConfigReading]) -> Con
         fields["fsdp"] = world
     everything = ([framework] if framework else []) + engines
     return ConfigReading(
-        format=base.format, stack=base.stack, model=base.model, fields=fields,
+        format=base.format,
+        stack=base.stack,
+        model=base.model,
+        fields=fields,
         used_keys=tuple(u for r in everything for u in r.used_keys),
         unmodelled=tuple(u for r in everything for u in r.unmodelled),
         unknown=tuple(f"{r.source_files[0]}: {k}" if len(everything) > 1 else k for r in everything for k in r.unknown),
         source_files=tuple(dict.fromkeys(f for r in everything for f in r.source_files)),
-        distributed=distributed, world=world, references=())
+        distributed=distributed,
+        world=world,
+        references=(),
+    )
 
 
 def describe_reading(reading: ConfigReading) -> list[str]:
@@ -153,5 +174,3 @@ def setup_fields(reading: ConfigReading, flags: dict[str, Any] | None = None, wo
         fields.setdefault("stack", reading.stack)
     fields.update({k: v for k, v in (flags or {}).items() if v is not None})
     return fields
-
-

@@ -6,6 +6,7 @@ Decisive keys per format (research notes, part B0): DeepSpeed's ``zero_optimizat
 LLaMA-Factory's ``finetuning_type``/``stage``/``cutoff_len``/``template``/``lora_target``/
 ``quantization_bit``; TRL's CLI keys; else transformers ``TrainingArguments`` keys.
 """
+
 from __future__ import annotations
 
 from vramplan.configs.reading import ConfigFormat
@@ -15,14 +16,39 @@ _DEEPSPEED = ("zero_optimization", "train_micro_batch_size_per_gpu", "train_batc
 _ACCELERATE = ("distributed_type",)
 _AXOLOTL = ("base_model", "micro_batch_size", "sequence_len", "adapter", "lora_target_linear", "sample_packing")
 _LLAMAFACTORY = ("finetuning_type", "stage", "cutoff_len", "lora_target", "quantization_bit", "lora_rank")
-_TRL = ("model_name_or_path", "use_peft", "max_length", "max_seq_length", "packing", "padding_free", "loss_type",
-        "load_in_4bit", "lora_r", "dataset_name", "activation_offloading", "accelerate_config")
-_HF = ("per_device_train_batch_size", "gradient_accumulation_steps", "optim", "bf16", "fp16",
-       "gradient_checkpointing", "activation_checkpointing", "output_dir", "num_train_epochs", "fsdp", "deepspeed")
+_TRL = (
+    "model_name_or_path",
+    "use_peft",
+    "max_length",
+    "max_seq_length",
+    "packing",
+    "padding_free",
+    "loss_type",
+    "load_in_4bit",
+    "lora_r",
+    "dataset_name",
+    "activation_offloading",
+    "accelerate_config",
+)
+_HF = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "optim",
+    "bf16",
+    "fp16",
+    "gradient_checkpointing",
+    "activation_checkpointing",
+    "output_dir",
+    "num_train_epochs",
+    "fsdp",
+    "deepspeed",
+)
 
-_ALLOWED = ("a config of axolotl, TRL/HF TrainingArguments, LLaMA-Factory, torchtune, accelerate or DeepSpeed "
-            "(none of their keys found: e.g. base_model, model_name_or_path, finetuning_type, model._component_, "
-            "distributed_type, zero_optimization)")
+_ALLOWED = (
+    "a config of axolotl, TRL/HF TrainingArguments, LLaMA-Factory, torchtune, accelerate or DeepSpeed "
+    "(none of their keys found: e.g. base_model, model_name_or_path, finetuning_type, model._component_, "
+    "distributed_type, zero_optimization)"
+)
 
 
 def detect_format(data: dict, path: str) -> ConfigFormat:

@@ -6,6 +6,7 @@ in a LLaMA-Factory file) makes ``emit`` refuse in one line naming the format and
 Templates: research configs/emit/ (axolotl==0.19.0, trl==1.16.0, llamafactory==0.9.5,
 torchtune==0.6.1, accelerate==1.16.0).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,16 @@ from vramplan.setup import (
 EMIT_FORMATS = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
 _ATTENTION_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 _HF_ATTN = {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH: "flash_attention_2"}
-_V1_STRATEGY = {FsdpSharding.FULL: "FULL_SHARD", FsdpSharding.SHARD_GRAD_OP: "SHARD_GRAD_OP",
-                FsdpSharding.NO_SHARD: "NO_SHARD", FsdpSharding.HYBRID: "HYBRID_SHARD"}
-_HINTS = {("llamafactory", "fsdp"): "; launch it with an accelerate config (--emit accelerate)",
-          ("trl", "packing"): "; TRL packs padding-free (padding_free) or not at all"}
+_V1_STRATEGY = {
+    FsdpSharding.FULL: "FULL_SHARD",
+    FsdpSharding.SHARD_GRAD_OP: "SHARD_GRAD_OP",
+    FsdpSharding.NO_SHARD: "NO_SHARD",
+    FsdpSharding.HYBRID: "HYBRID_SHARD",
+}
+_HINTS = {
+    ("llamafactory", "fsdp"): "; launch it with an accelerate config (--emit accelerate)",
+    ("trl", "packing"): "; TRL packs padding-free (padding_free) or not at all",
+}
 
 
 def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], world: int | None = None) -> str:
@@ -76,6 +83,7 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 # ---- the round trip
 
+
 def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
     """The fields that decide memory, with defaults resolved and fields the setup does not use dropped."""
     out = setup.model_dump()
@@ -90,7 +98,7 @@ def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
         out.pop("galore_rank"), out.pop("galore_update_proj_gap")
     if setup.fsdp == 1:
         out.pop("fsdp_version"), out.pop("fsdp_sharding")
-    if fmt == "accelerate":   # the launch file owns the engine and the autocast, nothing else
+    if fmt == "accelerate":  # the launch file owns the engine and the autocast, nothing else
         out = {k: v for k, v in out.items() if k in ENGINE_FIELDS or k == "precision"}
         out["nodes"] = setup.nodes
     return out
@@ -109,6 +117,7 @@ def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
         fields = {k: v for k, v in fields.items() if k in ENGINE_FIELDS or k == "precision"}
         fields.update({k: getattr(setup, k) for k in ("method", "optim", "quant") if k not in fields})
     from vramplan.estimate import make_setup  # the stack fills what the file leaves out, as `--config` does
+
     try:
         back = effective(make_setup(**fields), fmt)
     except (VramplanError, ValueError) as e:
@@ -117,22 +126,33 @@ def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
     for name, value in want.items():
         if back.get(name) != value:
             hint = _HINTS.get((fmt, name), "")
-            raise VramplanError(f"{fmt} cannot express {name}={fmt_value(value)} (its config reads back as "
-                                f"{fmt_value(back.get(name))}){hint}", "--emit")
+            raise VramplanError(
+                f"{fmt} cannot express {name}={fmt_value(value)} (its config reads back as "
+                f"{fmt_value(back.get(name))}){hint}",
+                "--emit",
+            )
 
 
 # ---- shared pieces
 
+
 def _deepspeed_json(s: TrainingSetup) -> dict:
     """The HF-integration DeepSpeed config: "auto" values come from the trainer's arguments."""
+    assert s.deepspeed is not None  # called only when the setup uses DeepSpeed
     zero: dict[str, Any] = {"stage": int(s.deepspeed.value[-1]), "overlap_comm": False, "contiguous_gradients": True}
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if s.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
 
 
 def _processes(s: TrainingSetup, world: int | None) -> int:
@@ -141,9 +161,13 @@ def _processes(s: TrainingSetup, world: int | None) -> int:
 
 # ---- axolotl
 
+
 def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
-    d: dict[str, Any] = {"base_model": model, "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}],
-                         "output_dir": "./outputs/vramplan"}
+    d: dict[str, Any] = {
+        "base_model": model,
+        "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}],
+        "output_dir": "./outputs/vramplan",
+    }
     if s.lora_like:
         d["adapter"] = "qlora" if s.method == Method.QLORA else "lora"
         d["load_in_4bit"] = s.method == Method.QLORA
@@ -151,26 +175,48 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         targets = _target_modules(s)
         d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
         d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
-    d.update(sequence_len=s.seq_len, sample_packing=s.packing != Packing.NONE, pad_to_sequence_len=True,
-             micro_batch_size=s.batch_size, gradient_accumulation_steps=s.gradient_accumulation,
-             max_steps=100, learning_rate=2e-4, lr_scheduler="cosine", optimizer=s.optim.value)
+    d.update(
+        sequence_len=s.seq_len,
+        sample_packing=s.packing != Packing.NONE,
+        pad_to_sequence_len=True,
+        micro_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation,
+        max_steps=100,
+        learning_rate=2e-4,
+        lr_scheduler="cosine",
+        optimizer=s.optim.value,
+    )
     d.update(_axolotl_precision(s))
     if s.attention is not None:
         d["attn_implementation"] = _HF_ATTN[s.attention]
     d["gradient_checkpointing"] = s.gradient_checkpointing
     d["gradient_checkpointing_kwargs"] = {"use_reentrant": s.checkpoint_reentrant}
-    d["activation_offloading"] = {ActivationOffload.NONE: False, ActivationOffload.ALL: True,
-                                  ActivationOffload.CHECKPOINTS: "hidden_states",
-                                  ActivationOffload.UNSLOTH: "legacy"}[s.activation_offload]
-    d.update({Loss.CCE: {"plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
-                         "cut_cross_entropy": True},
-              Loss.LIGER: {"plugins": ["axolotl.integrations.liger.LigerPlugin"],
-                           "liger_fused_linear_cross_entropy": True},
-              Loss.CHUNKED: {"chunked_cross_entropy": True}}.get(s.loss, {}))
+    d["activation_offloading"] = {
+        ActivationOffload.NONE: False,
+        ActivationOffload.ALL: True,
+        ActivationOffload.CHECKPOINTS: "hidden_states",
+        ActivationOffload.UNSLOTH: "legacy",
+    }[s.activation_offload]
+    loss_keys: dict[Loss, dict[str, Any]] = {
+        Loss.CCE: {
+            "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
+            "cut_cross_entropy": True,
+        },
+        Loss.LIGER: {
+            "plugins": ["axolotl.integrations.liger.LigerPlugin"],
+            "liger_fused_linear_cross_entropy": True,
+        },
+        Loss.CHUNKED: {"chunked_cross_entropy": True},
+    }
+    d.update(loss_keys.get(s.loss, {}))
     if s.fsdp > 1:
         d["fsdp_version"] = s.fsdp_version
-        d["fsdp_config"] = {"offload_params": s.cpu_offload, **_fsdp_sharding(s, prefix=""),
-                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT"}
+        d["fsdp_config"] = {
+            "offload_params": s.cpu_offload,
+            **_fsdp_sharding(s, prefix=""),
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",
+        }
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
     procs = _processes(s, world)
@@ -183,7 +229,7 @@ def _axolotl_precision(s: TrainingSetup) -> dict:
     if s.weight_dtype == ModelDtype.FP32 and s.precision == Precision.BF16:
         return {"bf16": False}
     if s.precision == Precision.BF16 and s.lora_like:
-        return {"bfloat16": True, "bf16": False}   # pure bf16 adapters, no autocast
+        return {"bfloat16": True, "bf16": False}  # pure bf16 adapters, no autocast
     return {"bf16": True}
 
 
@@ -197,9 +243,12 @@ def _fsdp_sharding(s: TrainingSetup, prefix: str) -> dict:
 
 # ---- TRL
 
+
 def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
-    d: dict[str, Any] = {"model_name_or_path": model,
-                         "dtype": "bfloat16" if s.weight_dtype == ModelDtype.BF16 else "float32"}
+    d: dict[str, Any] = {
+        "model_name_or_path": model,
+        "dtype": "bfloat16" if s.weight_dtype == ModelDtype.BF16 else "float32",
+    }
     if s.attention is not None:
         d["attn_implementation"] = _HF_ATTN[s.attention]
     d.update(dataset_name="trl-lib/Capybara", output_dir="./outputs/vramplan", use_peft=s.lora_like)
@@ -207,20 +256,40 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         if s.method == Method.QLORA:
             d.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
         targets = _target_modules(s)
-        d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
-                 lora_target_modules=targets if targets == "all-linear" else list(targets), use_dora=s.dora)
-    d.update(per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.gradient_accumulation,
-             max_length=s.seq_len, packing=False, padding_free=s.packing == Packing.PADDING_FREE,
-             max_steps=100, learning_rate=2e-4, optim=s.optim.value,
-             bf16=s.precision == Precision.MIXED, fp16=s.precision == Precision.FP16,
-             gradient_checkpointing=s.gradient_checkpointing,
-             gradient_checkpointing_kwargs={"use_reentrant": s.checkpoint_reentrant,
-                                            **({"offload": True} if s.activation_offload == ActivationOffload.CHECKPOINTS
-                                               else {})},
-             activation_offloading=s.activation_offload == ActivationOffload.ALL, loss_type="nll", report_to="none")
+        d.update(
+            lora_r=s.lora_r,
+            lora_alpha=2 * s.lora_r,
+            lora_dropout=s.lora_dropout,
+            lora_target_modules=targets if targets == "all-linear" else list(targets),
+            use_dora=s.dora,
+        )
+    d.update(
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation,
+        max_length=s.seq_len,
+        packing=False,
+        padding_free=s.packing == Packing.PADDING_FREE,
+        max_steps=100,
+        learning_rate=2e-4,
+        optim=s.optim.value,
+        bf16=s.precision == Precision.MIXED,
+        fp16=s.precision == Precision.FP16,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={
+            "use_reentrant": s.checkpoint_reentrant,
+            **({"offload": True} if s.activation_offload == ActivationOffload.CHECKPOINTS else {}),
+        },
+        activation_offloading=s.activation_offload == ActivationOffload.ALL,
+        loss_type="nll",
+        report_to="none",
+    )
     if s.fsdp > 1:
-        tokens = {FsdpSharding.FULL: "full_shard", FsdpSharding.SHARD_GRAD_OP: "shard_grad_op",
-                  FsdpSharding.NO_SHARD: "no_shard", FsdpSharding.HYBRID: "hybrid_shard"}[s.fsdp_sharding]
+        tokens = {
+            FsdpSharding.FULL: "full_shard",
+            FsdpSharding.SHARD_GRAD_OP: "shard_grad_op",
+            FsdpSharding.NO_SHARD: "no_shard",
+            FsdpSharding.HYBRID: "hybrid_shard",
+        }[s.fsdp_sharding]
         d["fsdp"] = f"{tokens} auto_wrap" + (" offload" if s.cpu_offload else "")
         d["fsdp_config"] = {"version": s.fsdp_version}
         d["num_processes"] = s.fsdp
@@ -232,6 +301,7 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
 
 # ---- LLaMA-Factory
 
+
 def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     d: dict[str, Any] = {"model_name_or_path": model}
     if s.method == Method.QLORA:
@@ -240,26 +310,53 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
             d.update(quantization_type="nf4", double_quantization=True)
     if s.attention is not None:
         d["flash_attn"] = {Attention.SDPA: "sdpa", Attention.FLASH: "fa2", Attention.EAGER: "disabled"}[s.attention]
-    d.update(enable_liger_kernel=s.loss == Loss.LIGER, use_unsloth_gc=s.activation_offload == ActivationOffload.UNSLOTH,
-             disable_gradient_checkpointing=not s.gradient_checkpointing, use_reentrant_gc=s.checkpoint_reentrant,
-             stage="sft", do_train=True, finetuning_type="lora" if s.lora_like else "full")
+    d.update(
+        enable_liger_kernel=s.loss == Loss.LIGER,
+        use_unsloth_gc=s.activation_offload == ActivationOffload.UNSLOTH,
+        disable_gradient_checkpointing=not s.gradient_checkpointing,
+        use_reentrant_gc=s.checkpoint_reentrant,
+        stage="sft",
+        do_train=True,
+        finetuning_type="lora" if s.lora_like else "full",
+    )
     if s.method == Method.GALORE:
-        d.update(use_galore=True, galore_target="all", galore_rank=s.galore_rank,
-                 galore_update_interval=s.galore_update_proj_gap, galore_layerwise=s.optim.layerwise)
+        d.update(
+            use_galore=True,
+            galore_target="all",
+            galore_rank=s.galore_rank,
+            galore_update_interval=s.galore_update_proj_gap,
+            galore_layerwise=s.optim.layerwise,
+        )
     if s.lora_like:
         targets = _target_modules(s)
-        d.update(lora_rank=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout,
-                 lora_target="all" if targets == "all-linear" else ",".join(targets), use_dora=s.dora)
+        d.update(
+            lora_rank=s.lora_r,
+            lora_alpha=2 * s.lora_r,
+            lora_dropout=s.lora_dropout,
+            lora_target="all" if targets == "all-linear" else ",".join(targets),
+            use_dora=s.dora,
+        )
     pure = s.precision == Precision.BF16 and s.weight_dtype == ModelDtype.BF16
-    d.update(pure_bf16=pure, dataset="alpaca_en_demo", template="default", cutoff_len=s.seq_len,
-             packing=s.packing == Packing.POSITION_IDS, neat_packing=s.packing == Packing.POSITION_IDS,
-             output_dir="saves/vramplan", per_device_train_batch_size=s.batch_size,
-             gradient_accumulation_steps=s.gradient_accumulation, learning_rate=1.0e-4, max_steps=100,
-             optim=_lf_optim(s.optim), bf16=s.precision == Precision.MIXED or pure,
-             fp16=s.precision == Precision.FP16, report_to="none")
+    d.update(
+        pure_bf16=pure,
+        dataset="alpaca_en_demo",
+        template="default",
+        cutoff_len=s.seq_len,
+        packing=s.packing == Packing.POSITION_IDS,
+        neat_packing=s.packing == Packing.POSITION_IDS,
+        output_dir="saves/vramplan",
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation,
+        learning_rate=1.0e-4,
+        max_steps=100,
+        optim=_lf_optim(s.optim),
+        bf16=s.precision == Precision.MIXED or pure,
+        fp16=s.precision == Precision.FP16,
+        report_to="none",
+    )
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
-    procs = _processes(s, world)   # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
+    procs = _processes(s, world)  # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
     return (f"FORCE_TORCHRUN=1 NPROC_PER_NODE={procs} " if procs > 1 else "") + "llamafactory-cli train this.yaml", d
 
 
@@ -276,9 +373,11 @@ _TT_TOKENIZER = {
     "llama3": ("torchtune.models.llama3.llama3_tokenizer", "LLAMA3"),
     "qwen2_5": ("torchtune.models.qwen2_5.qwen2_5_tokenizer", "QWEN2"),
 }
-_TT_OPTIM = {Optim.ADAMW_TORCH_FUSED: {"_component_": "torch.optim.AdamW", "fused": True},
-             Optim.ADAMW_TORCH: {"_component_": "torch.optim.AdamW", "fused": False},
-             Optim.ADAMW_BNB_8BIT: {"_component_": "bitsandbytes.optim.AdamW8bit"}}
+_TT_OPTIM: dict[Optim, dict[str, Any]] = {
+    Optim.ADAMW_TORCH_FUSED: {"_component_": "torch.optim.AdamW", "fused": True},
+    Optim.ADAMW_TORCH: {"_component_": "torch.optim.AdamW", "fused": False},
+    Optim.ADAMW_BNB_8BIT: {"_component_": "bitsandbytes.optim.AdamW8bit"},
+}
 
 
 def _torchtune_builder(model: str) -> tuple[str, str]:
@@ -286,8 +385,10 @@ def _torchtune_builder(model: str) -> tuple[str, str]:
     for builder, (family, hf_id) in BUILDERS.items():
         if hf_id.lower().removesuffix("-instruct") == wanted:
             return builder, family
-    raise VramplanError(f"torchtune has no builder known for {model} (known: "
-                        f"{', '.join(sorted({h for _, h in BUILDERS.values()}))})", "--emit torchtune")
+    raise VramplanError(
+        f"torchtune has no builder known for {model} (known: {', '.join(sorted({h for _, h in BUILDERS.values()}))})",
+        "--emit torchtune",
+    )
 
 
 def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
@@ -301,28 +402,44 @@ def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, di
     if s.lora_like:
         model_cfg.update(_torchtune_lora(s))
     tok: dict[str, Any] = {"_component_": tokenizer[0], "max_seq_len": s.seq_len}
-    tok.update({"path": f"{local}/original/tokenizer.model"} if tokenizer[1] == "LLAMA3"
-               else {"path": f"{local}/vocab.json", "merges_file": f"{local}/merges.txt"})
-    d: dict[str, Any] = {"output_dir": "/tmp/torchtune/vramplan", "model": model_cfg, "tokenizer": tok,
-                         "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
-                                          "checkpoint_dir": local,
-                                          "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors",
-                                                               "max_filename": "00004"},
-                                          "recipe_checkpoint": None, "output_dir": "${output_dir}",
-                                          "model_type": tokenizer[1]},
-                         "resume_from_checkpoint": False,
-                         "dataset": {"_component_": "torchtune.datasets.alpaca_cleaned_dataset",
-                                     "packed": s.packing != Packing.NONE},
-                         "seed": None, "shuffle": True, "batch_size": s.batch_size,
-                         "optimizer": {**_TT_OPTIM.get(s.optim, {"_component_": s.optim.value}), "lr": 2e-4},
-                         "loss": {"_component_": "torch.nn.CrossEntropyLoss" if s.loss == Loss.HF
-                                  else "torchtune.modules.loss.CEWithChunkedOutputLoss"},
-                         "epochs": 1, "max_steps_per_epoch": 100,
-                         "gradient_accumulation_steps": s.gradient_accumulation, "compile": False,
-                         "device": "cuda", "dtype": "bf16" if s.weight_dtype == ModelDtype.BF16 else "fp32",
-                         "enable_activation_checkpointing": s.gradient_checkpointing,
-                         "enable_activation_offloading": s.activation_offload == ActivationOffload.ALL}
-    if s.method == Method.FULL:   # the LoRA recipes have no optimizer-in-backward
+    tok.update(
+        {"path": f"{local}/original/tokenizer.model"}
+        if tokenizer[1] == "LLAMA3"
+        else {"path": f"{local}/vocab.json", "merges_file": f"{local}/merges.txt"}
+    )
+    d: dict[str, Any] = {
+        "output_dir": "/tmp/torchtune/vramplan",
+        "model": model_cfg,
+        "tokenizer": tok,
+        "checkpointer": {
+            "_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": local,
+            "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00004"},
+            "recipe_checkpoint": None,
+            "output_dir": "${output_dir}",
+            "model_type": tokenizer[1],
+        },
+        "resume_from_checkpoint": False,
+        "dataset": {"_component_": "torchtune.datasets.alpaca_cleaned_dataset", "packed": s.packing != Packing.NONE},
+        "seed": None,
+        "shuffle": True,
+        "batch_size": s.batch_size,
+        "optimizer": {**_TT_OPTIM.get(s.optim, {"_component_": s.optim.value}), "lr": 2e-4},
+        "loss": {
+            "_component_": "torch.nn.CrossEntropyLoss"
+            if s.loss == Loss.HF
+            else "torchtune.modules.loss.CEWithChunkedOutputLoss"
+        },
+        "epochs": 1,
+        "max_steps_per_epoch": 100,
+        "gradient_accumulation_steps": s.gradient_accumulation,
+        "compile": False,
+        "device": "cuda",
+        "dtype": "bf16" if s.weight_dtype == ModelDtype.BF16 else "fp32",
+        "enable_activation_checkpointing": s.gradient_checkpointing,
+        "enable_activation_offloading": s.activation_offload == ActivationOffload.ALL,
+    }
+    if s.method == Method.FULL:  # the LoRA recipes have no optimizer-in-backward
         d["optimizer_in_bwd"] = s.optimizer_in_backward
     if s.fsdp > 1:
         d["fsdp_cpu_offload"] = s.cpu_offload
@@ -337,10 +454,14 @@ def _torchtune_lora(s: TrainingSetup) -> dict:
     targets = _target_modules(s)
     names = list(_ATTENTION_QKVO) + ["gate_proj", "up_proj", "down_proj"] if targets == "all-linear" else list(targets)
     to_tt = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
-    out: dict[str, Any] = {"lora_attn_modules": [to_tt[n] for n in names if n in to_tt],
-                           "apply_lora_to_mlp": any(n in ("gate_proj", "up_proj", "down_proj") for n in names),
-                           "apply_lora_to_output": "lm_head" in names,
-                           "lora_rank": s.lora_r, "lora_alpha": 2 * s.lora_r, "lora_dropout": s.lora_dropout}
+    out: dict[str, Any] = {
+        "lora_attn_modules": [to_tt[n] for n in names if n in to_tt],
+        "apply_lora_to_mlp": any(n in ("gate_proj", "up_proj", "down_proj") for n in names),
+        "apply_lora_to_output": "lm_head" in names,
+        "lora_rank": s.lora_r,
+        "lora_alpha": 2 * s.lora_r,
+        "lora_dropout": s.lora_dropout,
+    }
     if s.dora:
         out["use_dora"] = True
     return out
@@ -348,30 +469,51 @@ def _torchtune_lora(s: TrainingSetup) -> dict:
 
 # ---- accelerate
 
+
 def _accelerate(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     procs = _processes(s, world)
-    d: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "debug": False, "downcast_bf16": "no",
-                         "machine_rank": 0, "main_training_function": "main",
-                         "mixed_precision": {Precision.MIXED: "bf16", Precision.FP16: "fp16"}.get(s.precision, "no"),
-                         "num_machines": s.nodes, "num_processes": procs, "rdzv_backend": "static",
-                         "same_network": True, "use_cpu": False}
+    d: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "downcast_bf16": "no",
+        "machine_rank": 0,
+        "main_training_function": "main",
+        "mixed_precision": {Precision.MIXED: "bf16", Precision.FP16: "fp16"}.get(s.precision, "no"),
+        "num_machines": s.nodes,
+        "num_processes": procs,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+    }
     if s.fsdp > 1:
         d["distributed_type"] = "FSDP"
-        d["fsdp_config"] = {"fsdp_version": s.fsdp_version, **_fsdp_sharding(s, prefix="fsdp_"),
-                            "fsdp_offload_params": s.cpu_offload, "fsdp_activation_checkpointing": False,
-                            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                            "fsdp_cpu_ram_efficient_loading": True, "fsdp_state_dict_type": "FULL_STATE_DICT"}
+        d["fsdp_config"] = {
+            "fsdp_version": s.fsdp_version,
+            **_fsdp_sharding(s, prefix="fsdp_"),
+            "fsdp_offload_params": s.cpu_offload,
+            "fsdp_activation_checkpointing": False,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+        }
     elif s.deepspeed is not None:
         d["distributed_type"] = "DEEPSPEED"
-        d["deepspeed_config"] = {"zero_stage": int(s.deepspeed.value[-1]),
-                                 "offload_optimizer_device": "cpu" if s.offload_optimizer else "none",
-                                 "offload_param_device": "cpu" if s.offload_params else "none",
-                                 "zero3_init_flag": s.deepspeed.value == "zero3",
-                                 "gradient_accumulation_steps": s.gradient_accumulation}
+        d["deepspeed_config"] = {
+            "zero_stage": int(s.deepspeed.value[-1]),
+            "offload_optimizer_device": "cpu" if s.offload_optimizer else "none",
+            "offload_param_device": "cpu" if s.offload_params else "none",
+            "zero3_init_flag": s.deepspeed.value == "zero3",
+            "gradient_accumulation_steps": s.gradient_accumulation,
+        }
     else:
         d["distributed_type"] = "MULTI_GPU" if procs > 1 else "NO"
     return "accelerate launch --config_file this.yaml train.py ...", d
 
 
-_BUILDERS = {"axolotl": _axolotl, "trl": _trl, "llamafactory": _llamafactory, "torchtune": _torchtune,
-             "accelerate": _accelerate}
+_BUILDERS = {
+    "axolotl": _axolotl,
+    "trl": _trl,
+    "llamafactory": _llamafactory,
+    "torchtune": _torchtune,
+    "accelerate": _accelerate,
+}

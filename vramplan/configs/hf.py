@@ -5,7 +5,10 @@ TRL 1.16.0's SFTTrainer always trains through its own fused, chunked LM head
 (trl/kernels/chunked_logprob.py; sft_trainer.py:1142-1147, unconditional), whatever
 ``loss_type`` says, so a TRL file maps to ``loss=trl-chunked-nll``.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 from vramplan.configs.collect import NOT_MEMORY, Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
@@ -32,22 +35,54 @@ from vramplan.setup import (
 
 _TRL = "trl==1.16.0"
 # trl/cli/accelerate_config.py:19-47: names of the bundled accelerate configs (trl/accelerate_configs/)
-_TRL_ACCELERATE = {
+_TRL_ACCELERATE: dict[str, dict[str, Any]] = {
     "fsdp1": {"distributed": Distributed.FSDP, "fsdp_version": 1, "fsdp_sharding": FsdpSharding.FULL},
     "fsdp2": {"distributed": Distributed.FSDP, "fsdp_version": 2, "fsdp_sharding": FsdpSharding.FULL},
     "zero1": {"distributed": Distributed.DEEPSPEED, "deepspeed": DeepSpeedStage.ZERO1},
     "zero2": {"distributed": Distributed.DEEPSPEED, "deepspeed": DeepSpeedStage.ZERO2},
     "zero3": {"distributed": Distributed.DEEPSPEED, "deepspeed": DeepSpeedStage.ZERO3},
-    "multi_gpu": {"distributed": Distributed.DDP}, "single_gpu": {"distributed": Distributed.NONE},
+    "multi_gpu": {"distributed": Distributed.DDP},
+    "single_gpu": {"distributed": Distributed.NONE},
 }
-_PACKING_STRATEGY = {"bfd": Packing.PADDING_FREE, "bfd_split": Packing.PADDING_FREE, "bfd-requeue": Packing.PADDING_FREE,
-                     "wrapped": Packing.NONE}
-_KNOWN = frozenset({"dtype", "torch_dtype", "model_init_kwargs", "use_peft", "load_in_4bit", "load_in_8bit",
-                    "bnb_4bit_quant_type", "use_bnb_nested_quant", "lora_target_modules", "packing",
-                    "packing_strategy", "padding_free", "activation_checkpointing", "activation_checkpointing_kwargs",
-                    "gradient_checkpointing_kwargs", "fsdp", "fsdp_config", "deepspeed", "accelerate_config",
-                    "num_processes", "loss_type", "use_liger_kernel", "liger_kernel_config", "bf16", "fp16",
-                    "max_length", "max_seq_length", "optim_target_modules", "model_revision"})
+_PACKING_STRATEGY = {
+    "bfd": Packing.PADDING_FREE,
+    "bfd_split": Packing.PADDING_FREE,
+    "bfd-requeue": Packing.PADDING_FREE,
+    "wrapped": Packing.NONE,
+}
+_KNOWN = frozenset(
+    {
+        "dtype",
+        "torch_dtype",
+        "model_init_kwargs",
+        "use_peft",
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_4bit_quant_type",
+        "use_bnb_nested_quant",
+        "lora_target_modules",
+        "packing",
+        "packing_strategy",
+        "padding_free",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing_kwargs",
+        "fsdp",
+        "fsdp_config",
+        "deepspeed",
+        "accelerate_config",
+        "num_processes",
+        "loss_type",
+        "use_liger_kernel",
+        "liger_kernel_config",
+        "bf16",
+        "fp16",
+        "max_length",
+        "max_seq_length",
+        "optim_target_modules",
+        "model_revision",
+    }
+)
 
 
 def references(data: dict) -> list[Reference]:
@@ -70,7 +105,8 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
         set_optim(c, "optim", c.get("optim"))
     _loss(c, trl)
     attn = c.get("attn_implementation") or c.mapping("model_init_kwargs", c.get("model_init_kwargs")).get(
-        "attn_implementation")
+        "attn_implementation"
+    )
     if attn is not None:
         set_attention(c, "attn_implementation", attn)
     _fsdp(c)
@@ -80,8 +116,7 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     if c.get("torch_compile") is True:
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
     model = c.model("model_name_or_path")
-    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, model,
-                    _KNOWN | _training_arguments_fields(c))
+    return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, model, _KNOWN | _training_arguments_fields(c))
 
 
 def _training_arguments_fields(c: Collector) -> frozenset:
@@ -115,8 +150,11 @@ def _method(c: Collector) -> Method:
         quant_type = c.get("bnb_4bit_quant_type", "nf4")
         c.set("load_in_4bit", "quant", Quant.NF4, "" if quant_type == "nf4" else f"{quant_type} has the nf4 layout")
         if c.get("use_bnb_nested_quant") is not True:
-            c.unmodelled("use_bnb_nested_quant", "off (TRL's default): single quantization keeps fp32 absmax, "
-                         "0.375 bit/param more than the modelled double-quant nf4")
+            c.unmodelled(
+                "use_bnb_nested_quant",
+                "off (TRL's default): single quantization keeps fp32 absmax, "
+                "0.375 bit/param more than the modelled double-quant nf4",
+            )
     c.set_int("lora_r", "lora_r")
     if c.get("lora_dropout") is not None:
         c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
@@ -130,7 +168,7 @@ def _targets(c: Collector) -> None:
     if modules is None:
         return
     modules = c.names("lora_target_modules", modules)
-    if modules == ["all-linear"]:   # a 1-element list is unwrapped (trl/trainer/model_config.py:177-178)
+    if modules == ["all-linear"]:  # a 1-element list is unwrapped (trl/trainer/model_config.py:177-178)
         c.set("lora_target_modules", "lora_targets", LoraTargets.ALL_LINEAR)
     else:
         c.set("lora_target_modules", "lora_target_modules", tuple(str(m) for m in modules))
@@ -139,14 +177,22 @@ def _targets(c: Collector) -> None:
 def _batch(c: Collector, trl: bool) -> None:
     c.set_int("per_device_train_batch_size", "batch_size")
     c.set_int("gradient_accumulation_steps", "gradient_accumulation")
-    for key in ("max_length", "max_seq_length"):   # max_seq_length: TRL's name before 0.20
+    for key in ("max_length", "max_seq_length"):  # max_seq_length: TRL's name before 0.20
         c.set_int(key, "seq_len")
     packing, padding_free = c.get("packing"), c.get("padding_free")
     if packing is not None and c.flag("packing", packing):
         strategy = c.get("packing_strategy", "bfd")
-        c.set("packing", "packing", c.choice("packing_strategy", strategy, _PACKING_STRATEGY),
-              f"packing_strategy {strategy}" + (": rows concatenated to max_length, plain causal"
-                                                if strategy == "wrapped" else ": padding-free (sft_trainer.py:916)"))
+        c.set(
+            "packing",
+            "packing",
+            c.choice("packing_strategy", strategy, _PACKING_STRATEGY),
+            f"packing_strategy {strategy}"
+            + (
+                ": rows concatenated to max_length, plain causal"
+                if strategy == "wrapped"
+                else ": padding-free (sft_trainer.py:916)"
+            ),
+        )
     elif padding_free is not None and c.flag("padding_free", padding_free):
         c.set("padding_free", "packing", Packing.PADDING_FREE)
     elif packing is False or padding_free is False:
@@ -155,31 +201,48 @@ def _batch(c: Collector, trl: bool) -> None:
 
 def _precision(c: Collector, trl: bool) -> None:
     init = c.mapping("model_init_kwargs", c.get("model_init_kwargs"))
-    for key, value in (("dtype", c.get("dtype")), ("torch_dtype", c.get("torch_dtype")),
-                       ("model_init_kwargs.dtype", init.get("dtype")),
-                       ("model_init_kwargs.torch_dtype", init.get("torch_dtype"))):
+    for key, value in (
+        ("dtype", c.get("dtype")),
+        ("torch_dtype", c.get("torch_dtype")),
+        ("model_init_kwargs.dtype", init.get("dtype")),
+        ("model_init_kwargs.torch_dtype", init.get("torch_dtype")),
+    ):
         if value is not None:
-            c.set(key, "model_dtype", c.choice(key, value, HF_DTYPE),
-                  "the checkpoint's dtype (bf16 for current LLM checkpoints)" if value == "auto" else "")
+            c.set(
+                key,
+                "model_dtype",
+                c.choice(key, value, HF_DTYPE),
+                "the checkpoint's dtype (bf16 for current LLM checkpoints)" if value == "auto" else "",
+            )
             break
     if c.get("fp16") is True:
         c.set("fp16", "precision", Precision.FP16)
     elif c.get("bf16") is not None:
         on = c.flag("bf16", c.get("bf16"))
-        c.set("bf16", "precision", Precision.MIXED if on else Precision.BF16,
-              "bf16 autocast" if on else "no autocast: the step computes in the weights' dtype")
+        c.set(
+            "bf16",
+            "precision",
+            Precision.MIXED if on else Precision.BF16,
+            "bf16 autocast" if on else "no autocast: the step computes in the weights' dtype",
+        )
 
 
 def _checkpointing(c: Collector) -> None:
-    for key in ("gradient_checkpointing", "activation_checkpointing"):   # activation_*: transformers v5 name
+    for key in ("gradient_checkpointing", "activation_checkpointing"):  # activation_*: transformers v5 name
         c.set_flag(key, "gradient_checkpointing")
     for key in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
         kwargs = c.mapping(key, c.get(key))
         if kwargs.get("use_reentrant") is not None:
-            c.set(f"{key}.use_reentrant", "checkpoint_reentrant", c.flag(f"{key}.use_reentrant", kwargs["use_reentrant"]))
+            c.set(
+                f"{key}.use_reentrant", "checkpoint_reentrant", c.flag(f"{key}.use_reentrant", kwargs["use_reentrant"])
+            )
         if kwargs.get("offload") is True:
-            c.set(f"{key}.offload", "activation_offload", ActivationOffload.CHECKPOINTS,
-                  "save_on_cpu around each checkpoint (modeling_utils.py:3162)")
+            c.set(
+                f"{key}.offload",
+                "activation_offload",
+                ActivationOffload.CHECKPOINTS,
+                "save_on_cpu around each checkpoint (modeling_utils.py:3162)",
+            )
     if c.get("activation_offloading") is not None and c.flag("activation_offloading", c.get("activation_offloading")):
         c.set("activation_offloading", "activation_offload", ActivationOffload.ALL, "every saved tensor to host RAM")
 
@@ -187,12 +250,18 @@ def _checkpointing(c: Collector) -> None:
 def _loss(c: Collector, trl: bool) -> None:
     liger = c.get("use_liger_kernel") is True
     if trl:
-        c.set("loss_type" if "loss_type" in c.data else "model_name_or_path", "loss", Loss.TRL_CHUNKED_NLL,
-              f"{_TRL} SFTTrainer always computes the loss through its fused chunked LM head "
-              "(trl/kernels/chunked_logprob.py; sft_trainer.py:1142-1147), whatever loss_type says")
+        c.set(
+            "loss_type" if "loss_type" in c.data else "model_name_or_path",
+            "loss",
+            Loss.TRL_CHUNKED_NLL,
+            f"{_TRL} SFTTrainer always computes the loss through its fused chunked LM head "
+            "(trl/kernels/chunked_logprob.py; sft_trainer.py:1142-1147), whatever loss_type says",
+        )
         if liger:
-            c.unmodelled("use_liger_kernel", f"{_TRL} forces Liger's fused cross-entropy off; its layer kernels "
-                         "are modelled as the HF layers")
+            c.unmodelled(
+                "use_liger_kernel",
+                f"{_TRL} forces Liger's fused cross-entropy off; its layer kernels are modelled as the HF layers",
+            )
     elif liger:
         c.set("use_liger_kernel", "loss", Loss.LIGER, "Liger fused linear cross-entropy")
     smoothing = c.get("label_smoothing_factor", 0)
@@ -210,9 +279,13 @@ def _fsdp(c: Collector) -> None:
         cfg = {}
     cfg = c.mapping("fsdp_config", cfg)
     c.distributed = Distributed.FSDP
-    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}   # transformers strips the prefix
-    c.set("fsdp_config.version", "fsdp_version", c.choice("fsdp_config.version", cfg.get("version", 2), {1: 1, 2: 2}),
-          "" if "version" in cfg else "TrainingArguments' default 2 (training_args.py:2826)")
+    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}  # transformers strips the prefix
+    c.set(
+        "fsdp_config.version",
+        "fsdp_version",
+        c.choice("fsdp_config.version", cfg.get("version", 2), {1: 1, 2: 2}),
+        "" if "version" in cfg else "TrainingArguments' default 2 (training_args.py:2826)",
+    )
     for token in tokens:
         if token in FSDP_STRATEGY:
             c.set("fsdp", "fsdp_sharding", FSDP_STRATEGY[token])
@@ -226,8 +299,12 @@ def _fsdp(c: Collector) -> None:
     if "offload_params" in cfg:
         c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
     if cfg.get("activation_checkpointing") is True:
-        c.set("fsdp_config.activation_checkpointing", "gradient_checkpointing", True,
-              "FSDP applies non-reentrant checkpointing per layer")
+        c.set(
+            "fsdp_config.activation_checkpointing",
+            "gradient_checkpointing",
+            True,
+            "FSDP applies non-reentrant checkpointing per layer",
+        )
 
 
 def _launch(c: Collector) -> None:
@@ -251,12 +328,25 @@ def _launch(c: Collector) -> None:
 def _trl_derived(c: Collector, method: Method, engine: dict) -> None:
     zero3 = engine.get("deepspeed", c.fields.get("deepspeed")) == DeepSpeedStage.ZERO3
     bf16_adapters = method == Method.QLORA or zero3
-    c.set("use_peft", "adapter_dtype", AdapterDtype.BF16 if bf16_adapters else AdapterDtype.FP32,
-          "derived: TRL casts trainable adapters of a quantized model to bf16 (sft_trainer.py:903-911) and "
-          "passes autocast_adapter_dtype=False under ZeRO-3 (845-857)" if bf16_adapters
-          else "derived: peft's autocast_adapter_dtype keeps adapters in fp32")
-    c.set("use_peft", "kbit_prep", False, "derived: SFTTrainer does not call prepare_model_for_kbit_training "
-          "(sft_trainer.py:897-900)")
+    c.set(
+        "use_peft",
+        "adapter_dtype",
+        AdapterDtype.BF16 if bf16_adapters else AdapterDtype.FP32,
+        "derived: TRL casts trainable adapters of a quantized model to bf16 (sft_trainer.py:903-911) and "
+        "passes autocast_adapter_dtype=False under ZeRO-3 (845-857)"
+        if bf16_adapters
+        else "derived: peft's autocast_adapter_dtype keeps adapters in fp32",
+    )
+    c.set(
+        "use_peft",
+        "kbit_prep",
+        False,
+        "derived: SFTTrainer does not call prepare_model_for_kbit_training (sft_trainer.py:897-900)",
+    )
     if zero3:
-        c.set("use_peft", "checkpoint_reentrant", True, "derived: TRL forces reentrant checkpointing for "
-              "PEFT under ZeRO-3 (sft_trainer.py:880-895)")
+        c.set(
+            "use_peft",
+            "checkpoint_reentrant",
+            True,
+            "derived: TRL forces reentrant checkpointing for PEFT under ZeRO-3 (sft_trainer.py:880-895)",
+        )

@@ -2,6 +2,7 @@
 
 FSDP is set by the accelerate config it is launched with, not in this file.
 """
+
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
@@ -25,10 +26,29 @@ from vramplan.setup import (
 _SRC = "llamafactory==0.9.5"
 _FLASH = {"auto": Attention.SDPA, "sdpa": Attention.SDPA, "fa2": Attention.FLASH, "disabled": Attention.EAGER}
 _QUANT_METHOD = {"bnb": Quant.NF4, "bitsandbytes": Quant.NF4, "hqq": Quant.HQQ4}
-_KNOWN = frozenset({"stage", "finetuning_type", "quantization_bit", "quantization_method", "quantization_type",
-                    "double_quantization", "lora_rank", "lora_target", "pure_bf16", "bf16", "fp16", "deepspeed",
-                    "galore_rank", "galore_update_interval", "galore_layerwise", "galore_target", "use_galore",
-                    "neat_packing", "packing"})
+_KNOWN = frozenset(
+    {
+        "stage",
+        "finetuning_type",
+        "quantization_bit",
+        "quantization_method",
+        "quantization_type",
+        "double_quantization",
+        "lora_rank",
+        "lora_target",
+        "pure_bf16",
+        "bf16",
+        "fp16",
+        "deepspeed",
+        "galore_rank",
+        "galore_update_interval",
+        "galore_layerwise",
+        "galore_target",
+        "use_galore",
+        "neat_packing",
+        "packing",
+    }
+)
 
 
 def references(data: dict) -> list[Reference]:
@@ -62,8 +82,9 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
 def _stage(c: Collector) -> None:
     stage = c.get("stage", "sft")
     if stage not in ("sft", "pt"):
-        c.unmodelled("stage", f"stage {stage}: reward/reference models and paired batches are not modelled; "
-                     "estimated as sft")
+        c.unmodelled(
+            "stage", f"stage {stage}: reward/reference models and paired batches are not modelled; estimated as sft"
+        )
 
 
 def _method(c: Collector) -> Method:
@@ -73,7 +94,9 @@ def _method(c: Collector) -> Method:
     bits = c.get("quantization_bit")
     if bits is None:
         method = Method.FULL if kind == "full" else Method.LORA
-        c.set("finetuning_type", "method", method, "" if "finetuning_type" in c.data else "LLaMA-Factory's default lora")
+        c.set(
+            "finetuning_type", "method", method, "" if "finetuning_type" in c.data else "LLaMA-Factory's default lora"
+        )
         return method
     if bits != 4:
         raise c.fail("quantization_bit", "4 (8-, 3- and 2-bit bases are not modelled)", bits)
@@ -87,8 +110,10 @@ def _method(c: Collector) -> Method:
         if qtype != "nf4":
             c.unmodelled("quantization_type", f"{qtype} has the nf4 layout; modelled as nf4")
         if c.get("double_quantization") is False:
-            c.unmodelled("double_quantization", "single quantization keeps fp32 absmax, 0.375 bit/param more than "
-                         "the modelled double-quant nf4")
+            c.unmodelled(
+                "double_quantization",
+                "single quantization keeps fp32 absmax, 0.375 bit/param more than the modelled double-quant nf4",
+            )
     return Method.QLORA
 
 
@@ -102,8 +127,12 @@ def _lora(c: Collector, method: Method) -> None:
     if target is not None:
         names = c.names("lora_target", target, sep=",")
         if names == ["all"]:
-            c.set("lora_target", "lora_targets", LoraTargets.ALL_LINEAR, "every Linear but the output layer "
-                  "(model/model_utils/misc.py:31-35)")
+            c.set(
+                "lora_target",
+                "lora_targets",
+                LoraTargets.ALL_LINEAR,
+                "every Linear but the output layer (model/model_utils/misc.py:31-35)",
+            )
         else:
             c.set("lora_target", "lora_target_modules", tuple(names))
     c.set_flag("use_dora", "dora")
@@ -115,8 +144,12 @@ def _packing(c: Collector) -> None:
     if c.get("neat_packing") is True:
         c.set("neat_packing", "packing", Packing.POSITION_IDS, "block-diagonal attention over packed rows")
     elif c.get("packing") is not None:
-        c.set("packing", "packing", Packing.NONE, "rows concatenated to cutoff_len under a plain causal mask"
-              if c.get("packing") else "")
+        c.set(
+            "packing",
+            "packing",
+            Packing.NONE,
+            "rows concatenated to cutoff_len under a plain causal mask" if c.get("packing") else "",
+        )
 
 
 def _precision(c: Collector, method: Method, engine: dict) -> None:
@@ -135,14 +168,27 @@ def _precision(c: Collector, method: Method, engine: dict) -> None:
     else:
         c.set("bf16", "precision", Precision.BF16, "no bf16/fp16: no autocast")
     fp32_master = method == Method.FULL
-    c.set("finetuning_type", "model_dtype", ModelDtype.FP32 if fp32_master else ModelDtype.BF16,
-          "derived: every trainable weight cast to fp32 (model/adapter.py:313-328)" if fp32_master
-          else "derived: frozen weights in the checkpoint dtype (bf16)")
+    c.set(
+        "finetuning_type",
+        "model_dtype",
+        ModelDtype.FP32 if fp32_master else ModelDtype.BF16,
+        "derived: every trainable weight cast to fp32 (model/adapter.py:313-328)"
+        if fp32_master
+        else "derived: frozen weights in the checkpoint dtype (bf16)",
+    )
     if method != Method.FULL:
-        c.set("finetuning_type", "adapter_dtype", AdapterDtype.FP32, "derived: trainable adapters cast to fp32 "
-              "(model/adapter.py:313-326)")
-        c.set("finetuning_type", "kbit_prep", False, "derived: LLaMA-Factory does not call "
-              "prepare_model_for_kbit_training")
+        c.set(
+            "finetuning_type",
+            "adapter_dtype",
+            AdapterDtype.FP32,
+            "derived: trainable adapters cast to fp32 (model/adapter.py:313-326)",
+        )
+        c.set(
+            "finetuning_type",
+            "kbit_prep",
+            False,
+            "derived: LLaMA-Factory does not call prepare_model_for_kbit_training",
+        )
 
 
 def _kernels(c: Collector, engine: dict) -> None:
@@ -150,8 +196,12 @@ def _kernels(c: Collector, engine: dict) -> None:
         c.set("flash_attn", "attention", c.choice("flash_attn", c.get("flash_attn"), _FLASH))
     c.set_flag("disable_gradient_checkpointing", "gradient_checkpointing", invert=True)
     if engine.get("fsdp_version") == 2:
-        c.set("use_reentrant_gc", "checkpoint_reentrant", False, "derived: FSDP2 forces non-reentrant "
-              "(model/model_utils/checkpointing.py:157-162)")
+        c.set(
+            "use_reentrant_gc",
+            "checkpoint_reentrant",
+            False,
+            "derived: FSDP2 forces non-reentrant (model/model_utils/checkpointing.py:157-162)",
+        )
     else:
         c.set_flag("use_reentrant_gc", "checkpoint_reentrant")
     if c.get("use_unsloth_gc") is True:
@@ -174,7 +224,11 @@ def _galore(c: Collector) -> None:
     eight = c.fields.get("optim") == Optim.ADAMW_BNB_8BIT
     name = "galore_adamw" + ("_8bit" if eight else "") + ("_layerwise" if layerwise else "")
     c.set("use_galore", "method", Method.GALORE)
-    c.set("use_galore", "optim", Optim(name), "LLaMA-Factory picks the GaLore optimizer from optim "
-          "(train/trainer_utils.py)")
+    c.set(
+        "use_galore",
+        "optim",
+        Optim(name),
+        "LLaMA-Factory picks the GaLore optimizer from optim (train/trainer_utils.py)",
+    )
     c.set_int("galore_rank", "galore_rank")
     c.set_int("galore_update_interval", "galore_update_proj_gap")

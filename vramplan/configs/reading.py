@@ -5,6 +5,7 @@ bools, tuples), and records for each key it used the field it set, for each memo
 key it could not model why, and the keys it does not know. Bad values raise a
 ``VramplanError`` whose one line names the file, the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,19 @@ from pydantic import BaseModel, ConfigDict
 from vramplan.errors import VramplanError
 from vramplan.setup import Stack
 
-MAX_BYTES = 1 << 20      # a training config is a few KiB; refuse anything that is not one
-MAX_DEPTH = 24           # nesting levels (the deepest real config, torchtune, has 3)
-MAX_NODES = 200_000      # values visited, bounds YAML anchors that fan out
+MAX_BYTES = 1 << 20  # a training config is a few KiB; refuse anything that is not one
+MAX_DEPTH = 24  # nesting levels (the deepest real config, torchtune, has 3)
+MAX_NODES = 200_000  # values visited, bounds YAML anchors that fan out
 
 
 class ConfigFormat(str, Enum):
     AXOLOTL = "axolotl"
-    TRL = "trl"                   # `trl sft --config` YAML / SFTConfig
-    HF = "hf"                     # transformers TrainingArguments YAML or JSON
+    TRL = "trl"  # `trl sft --config` YAML / SFTConfig
+    HF = "hf"  # transformers TrainingArguments YAML or JSON
     LLAMAFACTORY = "llamafactory"
     TORCHTUNE = "torchtune"
-    ACCELERATE = "accelerate"     # `accelerate config` YAML
-    DEEPSPEED = "deepspeed"       # DeepSpeed JSON
+    ACCELERATE = "accelerate"  # `accelerate config` YAML
+    DEEPSPEED = "deepspeed"  # DeepSpeed JSON
 
     @property
     def is_engine(self) -> bool:
@@ -61,30 +62,42 @@ class Unmodelled(NamedTuple):
 
 class Reference(NamedTuple):
     """An accelerate or DeepSpeed config named inside a framework file (path or inline dict)."""
+
     key: str
     format: ConfigFormat
     value: Any
 
 
 # Fields an accelerate/DeepSpeed file owns: when both it and the framework file set one, it wins.
-ENGINE_FIELDS = frozenset({"fsdp", "fsdp_version", "fsdp_sharding", "cpu_offload", "deepspeed",
-                           "offload_optimizer", "offload_params", "nodes"})
+ENGINE_FIELDS = frozenset(
+    {
+        "fsdp",
+        "fsdp_version",
+        "fsdp_sharding",
+        "cpu_offload",
+        "deepspeed",
+        "offload_optimizer",
+        "offload_params",
+        "nodes",
+    }
+)
 
 
 class ConfigReading(BaseModel):
     """One file's (or one framework file plus its launch files') contribution to the setup."""
+
     model_config = ConfigDict(frozen=True)
 
     format: ConfigFormat
-    stack: Stack | None                 # None for a lone accelerate/DeepSpeed file
-    model: str | None = None            # HF id or local path named in the file
-    fields: dict[str, Any]              # TrainingSetup field -> value
+    stack: Stack | None  # None for a lone accelerate/DeepSpeed file
+    model: str | None = None  # HF id or local path named in the file
+    fields: dict[str, Any]  # TrainingSetup field -> value
     used_keys: tuple[Used, ...] = ()
     unmodelled: tuple[Unmodelled, ...] = ()
     unknown: tuple[str, ...] = ()
     source_files: tuple[str, ...]
     distributed: Distributed = Distributed.NONE
-    world: int | None = None            # processes over all nodes, when a file says it
+    world: int | None = None  # processes over all nodes, when a file says it
     references: tuple[Reference, ...] = ()
 
 
@@ -121,8 +134,9 @@ def _check_shape(data: Any, label: str) -> None:
         value, depth = stack.pop()
         nodes += 1
         if depth > MAX_DEPTH or nodes > MAX_NODES:
-            raise VramplanError(f"is nested deeper than {MAX_DEPTH} levels or holds more than {MAX_NODES} values",
-                                f"--config {label}")
+            raise VramplanError(
+                f"is nested deeper than {MAX_DEPTH} levels or holds more than {MAX_NODES} values", f"--config {label}"
+            )
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack.extend((child, depth + 1) for child in children)
 
@@ -134,8 +148,10 @@ def resolve_reference(ref: str, config_path: str, key: str) -> Path:
         candidate = (base / ref).resolve()
         if candidate.is_file():
             return candidate
-    raise VramplanError(f"names {ref}, not found next to the file or in the current folder; "
-                        "pass that file as a second --config", f"{config_path}: {key}")
+    raise VramplanError(
+        f"names {ref}, not found next to the file or in the current folder; pass that file as a second --config",
+        f"{config_path}: {key}",
+    )
 
 
 def fmt_value(value: Any) -> str:

@@ -3,6 +3,7 @@
 torchtune has no global defaults: the recipe file holds every knob. The world size comes
 from ``tune run --nproc_per_node N``; a distributed recipe shards with FSDP2 (fully_shard).
 """
+
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
@@ -25,31 +26,42 @@ from vramplan.setup import (
 _SRC = "torchtune==0.6.1"
 # builder (torchtune/models/<family>/_model_builders.py, lora_/qlora_ prefix removed) -> HF id.
 # Base and instruct checkpoints have the same shapes, so either id gives the same memory.
-BUILDERS: dict[str, tuple[str, str]] = {   # builder -> (torchtune.models module, HF id)
-    "llama3_1_8b": ("llama3_1", "meta-llama/Llama-3.1-8B"), "llama3_1_70b": ("llama3_1", "meta-llama/Llama-3.1-70B"),
-    "llama3_1_405b": ("llama3_1", "meta-llama/Llama-3.1-405B"), "llama3_8b": ("llama3", "meta-llama/Meta-Llama-3-8B"),
-    "llama3_70b": ("llama3", "meta-llama/Meta-Llama-3-70B"), "llama3_2_1b": ("llama3_2", "meta-llama/Llama-3.2-1B"),
+BUILDERS: dict[str, tuple[str, str]] = {  # builder -> (torchtune.models module, HF id)
+    "llama3_1_8b": ("llama3_1", "meta-llama/Llama-3.1-8B"),
+    "llama3_1_70b": ("llama3_1", "meta-llama/Llama-3.1-70B"),
+    "llama3_1_405b": ("llama3_1", "meta-llama/Llama-3.1-405B"),
+    "llama3_8b": ("llama3", "meta-llama/Meta-Llama-3-8B"),
+    "llama3_70b": ("llama3", "meta-llama/Meta-Llama-3-70B"),
+    "llama3_2_1b": ("llama3_2", "meta-llama/Llama-3.2-1B"),
     "llama3_2_3b": ("llama3_2", "meta-llama/Llama-3.2-3B"),
     "llama3_3_70b": ("llama3_3", "meta-llama/Llama-3.3-70B-Instruct"),
-    "llama2_7b": ("llama2", "meta-llama/Llama-2-7b-hf"), "llama2_13b": ("llama2", "meta-llama/Llama-2-13b-hf"),
+    "llama2_7b": ("llama2", "meta-llama/Llama-2-7b-hf"),
+    "llama2_13b": ("llama2", "meta-llama/Llama-2-13b-hf"),
     "llama2_70b": ("llama2", "meta-llama/Llama-2-70b-hf"),
     "qwen2_5_0_5b": ("qwen2_5", "Qwen/Qwen2.5-0.5B-Instruct"),
-    "qwen2_5_1_5b_instruct": ("qwen2_5", "Qwen/Qwen2.5-1.5B-Instruct"), "qwen2_5_1_5b_base": ("qwen2_5", "Qwen/Qwen2.5-1.5B"),
+    "qwen2_5_1_5b_instruct": ("qwen2_5", "Qwen/Qwen2.5-1.5B-Instruct"),
+    "qwen2_5_1_5b_base": ("qwen2_5", "Qwen/Qwen2.5-1.5B"),
     "qwen2_5_3b": ("qwen2_5", "Qwen/Qwen2.5-3B-Instruct"),
-    "qwen2_5_7b_instruct": ("qwen2_5", "Qwen/Qwen2.5-7B-Instruct"), "qwen2_5_7b_base": ("qwen2_5", "Qwen/Qwen2.5-7B"),
-    "qwen2_5_14b_instruct": ("qwen2_5", "Qwen/Qwen2.5-14B-Instruct"), "qwen2_5_14b_base": ("qwen2_5", "Qwen/Qwen2.5-14B"),
-    "qwen2_5_32b_instruct": ("qwen2_5", "Qwen/Qwen2.5-32B-Instruct"), "qwen2_5_32b_base": ("qwen2_5", "Qwen/Qwen2.5-32B"),
-    "qwen2_5_72b_instruct": ("qwen2_5", "Qwen/Qwen2.5-72B-Instruct"), "qwen2_5_72b_base": ("qwen2_5", "Qwen/Qwen2.5-72B"),
-    "mistral_7b": ("mistral", "mistralai/Mistral-7B-v0.1"), "gemma2_2b": ("gemma2", "google/gemma-2-2b"),
-    "gemma2_9b": ("gemma2", "google/gemma-2-9b"), "gemma2_27b": ("gemma2", "google/gemma-2-27b"),
+    "qwen2_5_7b_instruct": ("qwen2_5", "Qwen/Qwen2.5-7B-Instruct"),
+    "qwen2_5_7b_base": ("qwen2_5", "Qwen/Qwen2.5-7B"),
+    "qwen2_5_14b_instruct": ("qwen2_5", "Qwen/Qwen2.5-14B-Instruct"),
+    "qwen2_5_14b_base": ("qwen2_5", "Qwen/Qwen2.5-14B"),
+    "qwen2_5_32b_instruct": ("qwen2_5", "Qwen/Qwen2.5-32B-Instruct"),
+    "qwen2_5_32b_base": ("qwen2_5", "Qwen/Qwen2.5-32B"),
+    "qwen2_5_72b_instruct": ("qwen2_5", "Qwen/Qwen2.5-72B-Instruct"),
+    "qwen2_5_72b_base": ("qwen2_5", "Qwen/Qwen2.5-72B"),
+    "mistral_7b": ("mistral", "mistralai/Mistral-7B-v0.1"),
+    "gemma2_2b": ("gemma2", "google/gemma-2-2b"),
+    "gemma2_9b": ("gemma2", "google/gemma-2-9b"),
+    "gemma2_27b": ("gemma2", "google/gemma-2-27b"),
     "phi3_mini": ("phi3", "microsoft/Phi-3-mini-4k-instruct"),
 }
 # torchtune module names -> peft/HF names
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
-_MLP = ("gate_proj", "up_proj", "down_proj")   # w1, w3, w2
+_MLP = ("gate_proj", "up_proj", "down_proj")  # w1, w3, w2
 _ALL_LINEAR = frozenset(_ATTN.values()) | frozenset(_MLP)
 _OPTIMIZERS = {
-    "torch.optim.AdamW": None,   # fused or foreach, decided by `fused`
+    "torch.optim.AdamW": None,  # fused or foreach, decided by `fused`
     "bitsandbytes.optim.AdamW8bit": (Optim.ADAMW_BNB_8BIT, ""),
     "bitsandbytes.optim.PagedAdamW8bit": (Optim.PAGED_ADAMW_8BIT, ""),
     "bitsandbytes.optim.PagedAdamW": (Optim.PAGED_ADAMW_32BIT, "bitsandbytes PagedAdamW (32-bit states)"),
@@ -59,21 +71,35 @@ _OPTIMIZERS = {
 }
 _LOSSES = {
     "torchtune.modules.loss.CEWithChunkedOutputLoss": (Loss.CHUNKED, "8 chunks (ce_chunked_output_loss.py:30)"),
-    "torchtune.modules.loss.LinearCrossEntropyLoss": (Loss.CHUNKED, ("chunked linear+CE (repo HEAD, unreleased), "
-                                                      "modelled as chunked")),
+    "torchtune.modules.loss.LinearCrossEntropyLoss": (
+        Loss.CHUNKED,
+        ("chunked linear+CE (repo HEAD, unreleased), modelled as chunked"),
+    ),
     "torch.nn.CrossEntropyLoss": (Loss.HF, "full logits"),
 }
 _DTYPES = {"bf16": ModelDtype.BF16, "fp32": ModelDtype.FP32}
-_KNOWN = frozenset({"model", "tokenizer", "dataset", "optimizer", "loss", "dtype", "lr_scheduler", "output_dir",
-                    "resume_from_checkpoint"})
+_KNOWN = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "dataset",
+        "optimizer",
+        "loss",
+        "dtype",
+        "lr_scheduler",
+        "output_dir",
+        "resume_from_checkpoint",
+    }
+)
 
 
 def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     c = Collector(path, data)
     model_cfg = c.get("model") or {}
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("_component_"), str):
-        raise c.fail("model._component_", "a torchtune model builder, e.g. torchtune.models.llama3_1.lora_llama3_1_8b",
-                     model_cfg)
+        raise c.fail(
+            "model._component_", "a torchtune model builder, e.g. torchtune.models.llama3_1.lora_llama3_1_8b", model_cfg
+        )
     model, method = _model(c, model_cfg)
     c.set_int("batch_size", "batch_size")
     c.set_int("gradient_accumulation_steps", "gradient_accumulation")
@@ -82,10 +108,16 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _optimizer(c)
     _loss(c)
     c.set_flag("optimizer_in_bwd", "optimizer_in_backward")
-    c.set_flag("enable_activation_checkpointing", "gradient_checkpointing", "non-reentrant (training/activations.py:24)")
+    c.set_flag(
+        "enable_activation_checkpointing", "gradient_checkpointing", "non-reentrant (training/activations.py:24)"
+    )
     if c.get("enable_activation_offloading") is not None:
         on = c.flag("enable_activation_offloading", c.get("enable_activation_offloading"))
-        c.set("enable_activation_offloading", "activation_offload", ActivationOffload.ALL if on else ActivationOffload.NONE)
+        c.set(
+            "enable_activation_offloading",
+            "activation_offload",
+            ActivationOffload.ALL if on else ActivationOffload.NONE,
+        )
     _distributed(c)
     if c.get("compile") is True:
         c.unmodelled("compile", "torch.compile fuses kernels and changes activation memory")
@@ -107,7 +139,9 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
         c.set("model._component_", "method", method)
     model = BUILDERS[base][1] if base in BUILDERS else None
     if model is None:
-        c.unmodelled("model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line")
+        c.unmodelled(
+            "model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line"
+        )
     if method != Method.FULL:
         _lora(c, cfg)
     return model, method
@@ -129,8 +163,12 @@ def _lora(c: Collector, cfg: dict) -> None:
     if set(names) == _ALL_LINEAR and len(names) == len(_ALL_LINEAR):
         c.set("model.lora_attn_modules", "lora_targets", LoraTargets.ALL_LINEAR, "q,k,v,output_proj + MLP")
     elif names:
-        c.set("model.lora_attn_modules", "lora_target_modules", tuple(names),
-              "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)")
+        c.set(
+            "model.lora_attn_modules",
+            "lora_target_modules",
+            tuple(names),
+            "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)",
+        )
 
 
 def _seq_len(c: Collector) -> None:
@@ -144,8 +182,12 @@ def _seq_len(c: Collector) -> None:
     packed = dataset.get("packed") if isinstance(dataset, dict) else None
     if packed is not None:
         on = c.flag("dataset.packed", packed)
-        c.set("dataset.packed", "packing", Packing.POSITION_IDS if on else Packing.NONE,
-              "rows packed to max_seq_len, block-causal mask" if on else "")
+        c.set(
+            "dataset.packed",
+            "packing",
+            Packing.POSITION_IDS if on else Packing.NONE,
+            "rows packed to max_seq_len, block-causal mask" if on else "",
+        )
 
 
 def _precision(c: Collector, method: Method) -> None:
@@ -171,10 +213,16 @@ def _optimizer(c: Collector) -> None:
         return
     if component == "torch.optim.AdamW":
         fused = cfg.get("fused") is True
-        c.set("optimizer._component_", "optim", Optim.ADAMW_TORCH_FUSED if fused else Optim.ADAMW_TORCH,
-              "fused: True" if fused else "foreach")
+        c.set(
+            "optimizer._component_",
+            "optim",
+            Optim.ADAMW_TORCH_FUSED if fused else Optim.ADAMW_TORCH,
+            "fused: True" if fused else "foreach",
+        )
         return
-    optim, note = _OPTIMIZERS[component]
+    entry = _OPTIMIZERS[component]
+    assert entry is not None  # only torch.optim.AdamW maps to None, handled above
+    optim, note = entry
     c.set("optimizer._component_", "optim", optim, note)
 
 
@@ -195,8 +243,12 @@ def _distributed(c: Collector) -> None:
     if offload is None and reshard is None:
         return
     c.distributed = Distributed.FSDP
-    c.set("fsdp_cpu_offload" if offload is not None else "fsdp_reshard_after_forward", "fsdp_version", 2,
-          "torchtune shards with fully_shard (FSDP2)")
+    c.set(
+        "fsdp_cpu_offload" if offload is not None else "fsdp_reshard_after_forward",
+        "fsdp_version",
+        2,
+        "torchtune shards with fully_shard (FSDP2)",
+    )
     if offload is not None:
         c.set("fsdp_cpu_offload", "cpu_offload", c.flag("fsdp_cpu_offload", offload))
     if reshard is not None:

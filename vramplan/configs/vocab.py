@@ -1,4 +1,5 @@
 """Names several formats share: optimizers, attention kernels, FSDP strategies, dtypes."""
+
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
@@ -29,8 +30,7 @@ def set_optim(c: Collector, key: str, name: str) -> None:
         raise c.fail(key, "an optimizer name", name)
     mapped = map_optim(name)
     if mapped is None:
-        c.unmodelled(key, f"optimizer {name} is not modelled (modelled: {OPTIM_ALLOWED}); "
-                     "give --optim for the closest")
+        c.unmodelled(key, f"optimizer {name} is not modelled (modelled: {OPTIM_ALLOWED}); give --optim for the closest")
         return
     optim, note = mapped
     c.set(key, "optim", optim, note)
@@ -40,8 +40,11 @@ def set_optim(c: Collector, key: str, name: str) -> None:
 
 # attention implementation names (transformers attn_implementation) -> Attention
 HF_ATTENTION = {
-    "sdpa": Attention.SDPA, "eager": Attention.EAGER, "flash_attention_2": Attention.FLASH,
-    "flash_attention_3": Attention.FLASH, "kernels-community/flash-attn": Attention.FLASH,
+    "sdpa": Attention.SDPA,
+    "eager": Attention.EAGER,
+    "flash_attention_2": Attention.FLASH,
+    "flash_attention_3": Attention.FLASH,
+    "kernels-community/flash-attn": Attention.FLASH,
 }
 
 
@@ -57,11 +60,16 @@ def set_attention(c: Collector, key: str, name: str) -> None:
 # accelerate/transformers FSDP1 strategy names and accelerate's integer codes
 # (accelerate==1.16.0 accelerate/utils/constants.py FSDP_SHARDING_STRATEGY)
 FSDP_STRATEGY = {
-    "full_shard": FsdpSharding.FULL, "shard_grad_op": FsdpSharding.SHARD_GRAD_OP,
-    "no_shard": FsdpSharding.NO_SHARD, "hybrid_shard": FsdpSharding.HYBRID,
+    "full_shard": FsdpSharding.FULL,
+    "shard_grad_op": FsdpSharding.SHARD_GRAD_OP,
+    "no_shard": FsdpSharding.NO_SHARD,
+    "hybrid_shard": FsdpSharding.HYBRID,
     "hybrid_shard_zero2": FsdpSharding.HYBRID,
-    1: FsdpSharding.FULL, 2: FsdpSharding.SHARD_GRAD_OP, 3: FsdpSharding.NO_SHARD,
-    4: FsdpSharding.HYBRID, 5: FsdpSharding.HYBRID,
+    1: FsdpSharding.FULL,
+    2: FsdpSharding.SHARD_GRAD_OP,
+    3: FsdpSharding.NO_SHARD,
+    4: FsdpSharding.HYBRID,
+    5: FsdpSharding.HYBRID,
 }
 
 
@@ -74,5 +82,10 @@ def fsdp_reshard(c: Collector, key: str, value) -> FsdpSharding:
 
 
 # torch dtype names in HF configs (`dtype`, `torch_dtype`) -> ModelDtype
-HF_DTYPE = {"bfloat16": ModelDtype.BF16, "bf16": ModelDtype.BF16, "float32": ModelDtype.FP32,
-            "fp32": ModelDtype.FP32, "auto": ModelDtype.BF16}
+HF_DTYPE = {
+    "bfloat16": ModelDtype.BF16,
+    "bf16": ModelDtype.BF16,
+    "float32": ModelDtype.FP32,
+    "fp32": ModelDtype.FP32,
+    "auto": ModelDtype.BF16,
+}

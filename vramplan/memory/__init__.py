@@ -25,6 +25,7 @@ f MLP width, V vocab, r LoRA rank, W FSDP world size. All values are integer byt
   backward.py       each decoder layer's backward moments
   phases.py         the step assembled: step_model
 """
+
 from __future__ import annotations
 
 from vramplan.memory.layer import LayerPoints, layer_points, layer_saved_per_token
@@ -34,15 +35,36 @@ from vramplan.memory.persistent import static_bytes
 from vramplan.memory.phases import Prepared, prepare, step_model
 from vramplan.memory.storage import BLOCK, MiB, Phase, StepModel, alloc
 from vramplan.memory.types import (
-                                   MEASURED_PHASES,
-                                   LayerPoint,
-                                   LinearRole,
-                                   MeasuredPhase,
-                                   ParamKind,
-                                   PhaseKind,
+    MEASURED_PHASES,
+    LayerPoint,
+    LinearRole,
+    MeasuredPhase,
+    ParamKind,
+    PhaseKind,
 )
 
-__all__ = ["BLOCK", "MEASURED_PHASES", "LayerPoint", "LayerPoints", "LinearRole", "MeasuredPhase", "MiB",
-           "Param", "ParamKind", "Phase", "PhaseKind", "Prepared", "StepModel", "alloc", "grad_bytes",
-           "layer_points", "layer_saved_per_token", "lora_targeted", "parameters", "prepare", "static_bytes",
-           "step_model", "store"]
+__all__ = [
+    "BLOCK",
+    "MEASURED_PHASES",
+    "LayerPoint",
+    "LayerPoints",
+    "LinearRole",
+    "MeasuredPhase",
+    "MiB",
+    "Param",
+    "ParamKind",
+    "Phase",
+    "PhaseKind",
+    "Prepared",
+    "StepModel",
+    "alloc",
+    "grad_bytes",
+    "layer_points",
+    "layer_saved_per_token",
+    "lora_targeted",
+    "parameters",
+    "prepare",
+    "static_bytes",
+    "step_model",
+    "store",
+]

@@ -2,6 +2,7 @@
 checkpointing, each layer's input), RoPE's cos/sin, the batch's buffers, the masks
 and what the final norm and lm_head save; and, under activation offload, which of them
 live in pinned host RAM instead."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,14 +21,14 @@ from vramplan.setup import ActivationOffload, Loss, Method, TrainingSetup
 
 @dataclass(frozen=True)
 class SavedActivations:
-    per_layer: list[int]   # per token, what each decoder layer saves without checkpointing
-    layers: int            # the decoder layers' share of `total` (on the GPU)
-    released: int          # the final norm's and lm_head's share, freed before the layers' backward
+    per_layer: list[int]  # per token, what each decoder layer saves without checkpointing
+    layers: int  # the decoder layers' share of `total` (on the GPU)
+    released: int  # the final norm's and lm_head's share, freed before the layers' backward
     total: int
     layer_gpu: list[int] = field(default_factory=list)  # each layer's bytes on the GPU through the step
-    host: int = 0           # activation offload: pinned host bytes
-    buffers: int = 0        # activation offload: persistent GPU reload buffers (in `total`)
-    reload: int = 0         # a checkpointed input back on the GPU while its layer is recomputed
+    host: int = 0  # activation offload: pinned host bytes
+    buffers: int = 0  # activation offload: persistent GPU reload buffers (in `total`)
+    reload: int = 0  # a checkpointed input back on the GPU while its layer is recomputed
     forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
 
 
@@ -59,8 +60,9 @@ def dora_weights_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     if not (setup.dora and setup.lora_dropout > 0):
         return 0
     ctx = activation_context(setup)
-    return sum(dora_weight_saved(l, setup, ctx) for layer in spec.layers for l in layer.linears
-               if lora_targeted(l, setup))
+    return sum(
+        dora_weight_saved(l, setup, ctx) for layer in spec.layers for l in layer.linears if lora_targeted(l, setup)
+    )
 
 
 def offload_all_layers(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
@@ -69,12 +71,15 @@ def offload_all_layers(spec: ModelSpec, setup: TrainingSetup, per_layer: list[in
     (loss_offloaded adds the loss's). At a layer's forward its newest packs are still in flight: bounded by that
     layer's saved tensors. [modelled from source]"""
     n, ctx = setup.tokens, activation_context(setup)
-    gpu = [alloc(n * offload_all_resident(spec, layer, ctx, i > 0 or _first_grad(setup)))
-           for i, layer in enumerate(spec.layers)]
+    gpu = [
+        alloc(n * offload_all_resident(spec, layer, ctx, i > 0 or _first_grad(setup)))
+        for i, layer in enumerate(spec.layers)
+    ]
     host = sum(alloc(n * a) for a in per_layer)
     extra = alloc(n * per_layer[-1]) - gpu[-1] if per_layer else 0
-    return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu, host=host,
-                            forward_extra=extra)
+    return SavedActivations(
+        per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu, host=host, forward_extra=extra
+    )
 
 
 def loss_offloaded(spec: ModelSpec, setup: TrainingSetup) -> int:
@@ -95,14 +100,24 @@ def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int
         # each checkpointed layer keeps its input hidden state, on the GPU unless offloaded
         off = checkpoint_offload(spec, setup)
         gpu = off.layer_gpu(len(spec.layers))
-        return SavedActivations(per_layer=per_layer, layers=sum(gpu), released=0, total=0, layer_gpu=gpu,
-                                host=off.host, buffers=off.buffers, reload=off.reload, forward_extra=off.forward_extra)
+        return SavedActivations(
+            per_layer=per_layer,
+            layers=sum(gpu),
+            released=0,
+            total=0,
+            layer_gpu=gpu,
+            host=off.host,
+            buffers=off.buffers,
+            reload=off.reload,
+            forward_extra=off.forward_extra,
+        )
     if setup.activation_offload == ActivationOffload.ALL:
         return offload_all_layers(spec, setup, per_layer)
     gpu = [alloc(n * a) for a in per_layer]
     # DoRA with dropout: each adapted Linear's saved weight copy (memory/dora.py)
-    return SavedActivations(per_layer=per_layer, layers=sum(gpu) + dora_weights_saved(spec, setup), released=0,
-                            total=0, layer_gpu=gpu)
+    return SavedActivations(
+        per_layer=per_layer, layers=sum(gpu) + dora_weights_saved(spec, setup), released=0, total=0, layer_gpu=gpu
+    )
 
 
 def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:
@@ -110,8 +125,15 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
     lay = layer_activations(spec, setup, per_layer)
     released = alloc(root_saved(spec, setup))
     host = lay.host + loss_offloaded(spec, setup)
-    total = (lay.layers + lay.buffers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup)
-             + released)
-    return SavedActivations(per_layer=per_layer, layers=lay.layers, released=released, total=total,
-                            layer_gpu=lay.layer_gpu, host=host, buffers=lay.buffers, reload=lay.reload,
-                            forward_extra=lay.forward_extra)
+    total = lay.layers + lay.buffers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup) + released
+    return SavedActivations(
+        per_layer=per_layer,
+        layers=lay.layers,
+        released=released,
+        total=total,
+        layer_gpu=lay.layer_gpu,
+        host=host,
+        buffers=lay.buffers,
+        reload=lay.reload,
+        forward_extra=lay.forward_extra,
+    )

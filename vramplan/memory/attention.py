@@ -1,6 +1,7 @@
 """Attention (SDPA, transformers' eager attention, FlashAttention-2) and sequence packing:
 what attention saves, its working set in a forward that saves nothing, and the masks
 (sliding-window, eager, packed sequences)."""
+
 from __future__ import annotations
 
 from vramplan.errors import VramplanError
@@ -10,9 +11,11 @@ from vramplan.memory.types import LinearRole
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Attention, Packing, Stack, TrainingSetup
 
-FLASH_NOTE = ("FlashAttention-2 (--attention flash): modelled from source, not measured (flash-attn 2.x "
-              "FlashAttnFunc saves q, k, v, out and an fp32 logsumexp; transformers==5.25.0 "
-              "modeling_flash_attention_utils.py builds no mask and does not repeat k/v).")
+FLASH_NOTE = (
+    "FlashAttention-2 (--attention flash): modelled from source, not measured (flash-attn 2.x "
+    "FlashAttnFunc saves q, k, v, out and an fp32 logsumexp; transformers==5.25.0 "
+    "modeling_flash_attention_utils.py builds no mask and does not repeat k/v)."
+)
 
 
 def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
@@ -22,11 +25,14 @@ def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
     if setup.attention is None:
         return Attention(spec.attn_implementation)
     if setup.attention == Attention.SDPA and spec.attn_implementation != "sdpa":
-        raise VramplanError(f"sdpa: {spec.architecture} has no SDPA path in transformers; use eager or flash",
-                            "--attention")
+        raise VramplanError(
+            f"sdpa: {spec.architecture} has no SDPA path in transformers; use eager or flash", "--attention"
+        )
     if setup.attention == Attention.FLASH and not spec.supports_flash:
-        raise VramplanError(f"flash: {spec.architecture} does not support FlashAttention-2 in transformers; "
-                            "use sdpa or eager", "--attention")
+        raise VramplanError(
+            f"flash: {spec.architecture} does not support FlashAttention-2 in transformers; use sdpa or eager",
+            "--attention",
+        )
     return setup.attention
 
 

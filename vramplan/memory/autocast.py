@@ -1,4 +1,5 @@
 """Mixed precision under torch.autocast: the bf16 casts of fp32 weights it caches."""
+
 from __future__ import annotations
 
 from vramplan.memory.parameters import Param

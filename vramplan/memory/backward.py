@@ -3,6 +3,7 @@ of a LoRA Linear (checkpointing), the MLP's elementwise backward (down's saved i
 already freed, only down's weight grads made), the layer's end (its saved tensors
 freed, all its grads made), and the 4-bit, post-MLP-norm, MoE and layer-wise optimizer
 moments. What the final norm and lm_head saved is freed before."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,28 +31,31 @@ from vramplan.setup import Engine, TrainingSetup
 @dataclass(frozen=True)
 class LayerMoment:
     """One widest moment of a layer's backward, in bytes (tokens applied)."""
+
     point: LayerPoint
-    live: int        # this layer's saved activations still alive
-    transient: int   # grads and temporaries in flight
-    grads: int       # parameter gradients held
-    fsdp: int        # FSDP buffers: gathered units, unsharded grads, reduce-scatter inputs
+    live: int  # this layer's saved activations still alive
+    transient: int  # grads and temporaries in flight
+    grads: int  # parameter gradients held
+    fsdp: int  # FSDP buffers: gathered units, unsharded grads, reduce-scatter inputs
 
 
 @dataclass(frozen=True)
 class GradBook:
     """Gradient bytes by decoder layer (None: the root) as backward makes them."""
-    sharded: dict[int | None, int]      # each layer's grads as held after its backward (0: offloaded/stepped)
-    down: dict[int | None, int]         # the down projection's full grads, made first in a layer's backward
+
+    sharded: dict[int | None, int]  # each layer's grads as held after its backward (0: offloaded/stepped)
+    down: dict[int | None, int]  # the down projection's full grads, made first in a layer's backward
     by_layer: dict[int | None, list[Param]]
 
 
 @dataclass(frozen=True)
 class LayerFsdp:
     """FSDP2 buffers at one layer's backward moments."""
-    gathered: int     # this unit + the one it prefetches + the root
-    down_share: int   # the unsharded grads of down, made first
-    unit_grads: int   # the unit's unsharded grads until its post-backward reduce-scatter
-    reduce: int       # its reduce-scatter input (reduce dtype)
+
+    gathered: int  # this unit + the one it prefetches + the root
+    down_share: int  # the unsharded grads of down, made first
+    unit_grads: int  # the unit's unsharded grads until its post-backward reduce-scatter
+    reduce: int  # its reduce-scatter input (reduce dtype)
     reduce_prev: int  # the previous unit's reduce-scatter input, held until this unit's post-backward
 
 
@@ -94,9 +98,13 @@ def layer_fsdp(ctx: StepContext, book: GradBook, i: int) -> LayerFsdp:
         # into the sharded grad at once (no input kept until the next unit)
         ug, rs_prev = 2 * sum(fsdp1_compute_bytes(p, ctx.setup) for p in params if p.trainable), 0
         rs = sum(fsdp1_compute_bytes(p, ctx.setup) * -(-p.numel // ctx.world) // p.numel for p in params if p.trainable)
-    return LayerFsdp(gathered=layer_backward_gathered(ctx.units, i, ctx.gathering),
-                     down_share=alloc(ug * book.down.get(i, 0) // full),
-                     unit_grads=alloc(ug), reduce=alloc(rs), reduce_prev=rs_prev)
+    return LayerFsdp(
+        gathered=layer_backward_gathered(ctx.units, i, ctx.gathering),
+        down_share=alloc(ug * book.down.get(i, 0) // full),
+        unit_grads=alloc(ug),
+        reduce=alloc(rs),
+        reduce_prev=rs_prev,
+    )
 
 
 def _grads_made_first(ctx: StepContext, book: GradBook, i: int) -> int:
@@ -104,14 +112,25 @@ def _grads_made_first(ctx: StepContext, book: GradBook, i: int) -> int:
     return 0 if ctx.sharded else book.down.get(i, 0)
 
 
-def _core_moments(ctx: StepContext, pts: LayerPoints, this: int, book: GradBook, i: int, done: int,
-                  fs: LayerFsdp) -> list[LayerMoment]:
+def _core_moments(
+    ctx: StepContext, pts: LayerPoints, this: int, book: GradBook, i: int, done: int, fs: LayerFsdp
+) -> list[LayerMoment]:
     n = ctx.tokens
     return [
-        LayerMoment(LayerPoint.MLP, this - alloc(n * pts.down_saved), alloc(n * pts.mlp_grads),
-                    done + _grads_made_first(ctx, book, i), fs.gathered + fs.down_share + fs.reduce_prev),
-        LayerMoment(LayerPoint.END, 0, alloc(n * pts.end_grads), done + book.sharded.get(i, 0),
-                    fs.gathered + fs.unit_grads + fs.reduce),
+        LayerMoment(
+            LayerPoint.MLP,
+            this - alloc(n * pts.down_saved),
+            alloc(n * pts.mlp_grads),
+            done + _grads_made_first(ctx, book, i),
+            fs.gathered + fs.down_share + fs.reduce_prev,
+        ),
+        LayerMoment(
+            LayerPoint.END,
+            0,
+            alloc(n * pts.end_grads),
+            done + book.sharded.get(i, 0),
+            fs.gathered + fs.unit_grads + fs.reduce,
+        ),
     ]
 
 
@@ -123,19 +142,28 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
         out.append((LayerPoint.LORA, this, alloc(n * pts.lora_bwd)))
     if pts.quant_numel:
         assert setup.quant is not None
-        out.append((LayerPoint.DEQUANTIZE, this - alloc(n * pts.quant_freed),
-                    alloc(n * pts.quant_bwd) + dequantize_transient(pts.quant_numel, setup.quant)))
+        out.append(
+            (
+                LayerPoint.DEQUANTIZE,
+                this - alloc(n * pts.quant_freed),
+                alloc(n * pts.quant_bwd) + dequantize_transient(pts.quant_numel, setup.quant),
+            )
+        )
     # non-reentrant: the recompute starts inside the first adapter's backward and stops once
     # lora_B saved its input; reentrant: it runs whole before the layer's backward, with only
     # the layer's output grad in flight (checkpointing.reentrant)
     inflight = ctx.stream * ctx.spec.hidden if ctx.reentrant else pts.lora_inflight
     down_rc = pts.lora_down if ctx.reentrant else pts.lora_down_rc
     if ckpt and pts.lora_fwd:
-        out.append((LayerPoint.LORA_RECOMPUTE, this - alloc(n * (pts.down_saved + pts.recompute_absent)),
-                    alloc(n * (pts.lora_fwd + inflight))))
+        out.append(
+            (
+                LayerPoint.LORA_RECOMPUTE,
+                this - alloc(n * (pts.down_saved + pts.recompute_absent)),
+                alloc(n * (pts.lora_fwd + inflight)),
+            )
+        )
     if ckpt and down_rc:
-        out.append((LayerPoint.LORA_RECOMPUTE_DOWN, this - alloc(n * pts.down_absent),
-                    alloc(n * (down_rc + inflight))))
+        out.append((LayerPoint.LORA_RECOMPUTE_DOWN, this - alloc(n * pts.down_absent), alloc(n * (down_rc + inflight))))
     if ctx.spec.layers[i].post_mlp_norm and ctx.spec.norm_kind != "layer":
         # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
         out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.stream))))
@@ -144,8 +172,9 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
     if ctx.hook.get(i):
         # a weight's grad is accumulated: its optimizer steps inside the hook while its
         # matmul's input grad and the MLP's other grads are in flight
-        out.append((LayerPoint.OPTIMIZER_HOOK, this - alloc(n * pts.down_saved),
-                    alloc(n * pts.hook_grads) + ctx.hook[i]))
+        out.append(
+            (LayerPoint.OPTIMIZER_HOOK, this - alloc(n * pts.down_saved), alloc(n * pts.hook_grads) + ctx.hook[i])
+        )
     return out
 
 
@@ -158,8 +187,15 @@ def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, do
     in_flight = fs.gathered + fs.reduce_prev
     moments += [LayerMoment(tag, live, tr, done, in_flight) for tag, live, tr in _extra_moments(ctx, pts, this, i)]
     if dora_norm:  # the recompute at the last adapted Linear's weight norm (dora.dora_recompute)
-        moments.append(LayerMoment(LayerPoint.DORA_RECOMPUTE, this - alloc(ctx.tokens * pts.down_saved),
-                                   dora_norm + alloc(ctx.tokens * pts.lora_inflight), done, in_flight))
+        moments.append(
+            LayerMoment(
+                LayerPoint.DORA_RECOMPUTE,
+                this - alloc(ctx.tokens * pts.down_saved),
+                dora_norm + alloc(ctx.tokens * pts.lora_inflight),
+                done,
+                in_flight,
+            )
+        )
     if ctx.ckpt or ctx.offload_all:
         moments = [_offload_moment(ctx, pts, i, m) for m in moments]
     return moments

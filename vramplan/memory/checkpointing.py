@@ -3,6 +3,7 @@ unless --checkpoint-reentrant): what each checkpointed layer keeps, its forward'
 set when nothing is saved, and where the kept inputs live under activation offload
 (--activation-offload). The recompute's own moments are layer backward points (layer.py,
 backward.py)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from vramplan.setup import ActivationOffload, Attention, TrainingSetup
 UNSLOTH_MINIMUM_SIZE = 2 * 1024 * 1024
 UNSLOTH_CPU_BUFFERS, UNSLOTH_CPU_BUFFER_ELEMENTS = 200, 128 * 1024
 UNSLOTH_MIN_SEQ = 512
-UNSLOTH_STORE_BYTES = 2   # fp32 hidden states are stored as bf16 (UNSLOTH_OFFLOAD_FP32 default, :424)
+UNSLOTH_STORE_BYTES = 2  # fp32 hidden states are stored as bf16 (UNSLOTH_OFFLOAD_FP32 default, :424)
 UNSLOTH_RELOAD_BUFFERS = 2  # GPU_BUFFERS + GPU_BUFFERS_B (double buffering from step 2 with > 512 MiB free, :1428-1447)
 # TRL/torchtune OffloadActivations (trl==1.16.0 trl/models/activation_offloading.py:124-180): the
 # forward stash keeps the last max_fwd_stash_size packed originals on the GPU until their copy is done.
@@ -30,9 +31,9 @@ OFFLOAD_STASH = 5
 
 OFFLOAD_SOURCES = {
     ActivationOffload.CHECKPOINTS: "transformers==5.25.0 modeling_utils.py:3159-3170 (save_on_cpu(pin_memory=True) "
-                                   "around checkpoint), torch==2.13 torch/autograd/graph.py:400-420",
+    "around checkpoint), torch==2.13 torch/autograd/graph.py:400-420",
     ActivationOffload.ALL: "trl==1.16.0 trl/models/activation_offloading.py:200-340 (OffloadActivations, as torchtune "
-                           "and axolotl use it)",
+    "and axolotl use it)",
     ActivationOffload.UNSLOTH: "unsloth-zoo==2026.10.9 unsloth_zoo/gradient_checkpointing.py:1337-1640",
 }
 
@@ -42,13 +43,16 @@ def kept_per_layer(spec: ModelSpec, stream: int) -> int:
     return stream * spec.hidden
 
 
-def checkpointed_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, gated: bool,
-                         residual: int, lora_mlp: int) -> int:
+def checkpointed_forward(
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, gated: bool, residual: int, lora_mlp: int
+) -> int:
     """Per token, a checkpointed forward (nothing saved) at its widest: the MLP's working
     set, or the attention's with the norm's output (post-norm: the layer's input, which the
     checkpoint holds anyway). [CPU trace]"""
-    return max(ckpt_forward(spec, layer, f, gated, residual, lora_mlp),
-               attention_forward(spec, layer, ctx, attention_span(ctx.setup)) + (residual if layer.pre_norm else 0))
+    return max(
+        ckpt_forward(spec, layer, f, gated, residual, lora_mlp),
+        attention_forward(spec, layer, ctx, attention_span(ctx.setup)) + (residual if layer.pre_norm else 0),
+    )
 
 
 def reentrant(setup: TrainingSetup) -> bool:
@@ -57,14 +61,18 @@ def reentrant(setup: TrainingSetup) -> bool:
     no early stop, and that forward's output stays referenced (`outputs`) until the layer's
     backward is done. Unsloth's UnslothCheckpointFunction.backward does the same whatever
     use_reentrant says (unsloth_zoo gradient_checkpointing.py:1551-1570)."""
-    return setup.gradient_checkpointing and (setup.checkpoint_reentrant
-                                             or setup.activation_offload == ActivationOffload.UNSLOTH)
+    return setup.gradient_checkpointing and (
+        setup.checkpoint_reentrant or setup.activation_offload == ActivationOffload.UNSLOTH
+    )
 
 
 def unsloth_offloads(spec: ModelSpec, setup: TrainingSetup) -> bool:
     """Whether use_gradient_checkpointing="unsloth" offloads at this size (else plain checkpointing)."""
-    return (setup.activation_offload == ActivationOffload.UNSLOTH and setup.seq_len >= UNSLOTH_MIN_SEQ
-            and setup.tokens * spec.hidden * UNSLOTH_STORE_BYTES > UNSLOTH_MINIMUM_SIZE)
+    return (
+        setup.activation_offload == ActivationOffload.UNSLOTH
+        and setup.seq_len >= UNSLOTH_MIN_SEQ
+        and setup.tokens * spec.hidden * UNSLOTH_STORE_BYTES > UNSLOTH_MINIMUM_SIZE
+    )
 
 
 def unsloth_from(setup: TrainingSetup) -> int | None:
@@ -81,12 +89,13 @@ def pinned(nbytes: int) -> int:
 @dataclass(frozen=True)
 class CheckpointOffload:
     """Where the checkpointed layers' inputs live (bytes, tokens applied)."""
-    kept_layers: int     # the last kept_layers layers keep their input on the GPU through the step
-    input: int           # one layer's input
-    host: int            # pinned host RAM
-    buffers: int         # persistent GPU reload buffers (Unsloth)
-    reload: int          # the input of the layer being recomputed, back on the GPU (transient)
-    forward_extra: int   # inputs still referenced on the GPU at a layer's forward, beyond those kept
+
+    kept_layers: int  # the last kept_layers layers keep their input on the GPU through the step
+    input: int  # one layer's input
+    host: int  # pinned host RAM
+    buffers: int  # persistent GPU reload buffers (Unsloth)
+    reload: int  # the input of the layer being recomputed, back on the GPU (transient)
+    forward_extra: int  # inputs still referenced on the GPU at a layer's forward, beyond those kept
 
     def layer_gpu(self, layers: int) -> list[int]:
         return [0] * (layers - self.kept_layers) + [self.input] * self.kept_layers
@@ -106,18 +115,23 @@ def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOfflo
     if mode in (ActivationOffload.CHECKPOINTS, ActivationOffload.ALL):
         resident = min(layers, OFFLOAD_STASH + 1 if mode == ActivationOffload.ALL else 2)
         host = layers * pinned(n * kept_per_layer(spec, stream))
-        return CheckpointOffload(kept_layers=0, input=one, host=host, buffers=0, reload=one,
-                                 forward_extra=resident * one)
+        return CheckpointOffload(
+            kept_layers=0, input=one, host=host, buffers=0, reload=one, forward_extra=resident * one
+        )
     if unsloth_offloads(spec, setup):
         stored = n * spec.hidden * UNSLOTH_STORE_BYTES
         # step 0 offloads every layer (the last is learnt then), so every slot has grown
         slots = layers * pinned(max(stored, UNSLOTH_CPU_BUFFER_ELEMENTS * UNSLOTH_STORE_BYTES))
         spare = max(UNSLOTH_CPU_BUFFERS - layers, 0) * UNSLOTH_CPU_BUFFER_ELEMENTS * UNSLOTH_STORE_BYTES
         # an fp32 stream is stored as bf16 and cast back into a new fp32 tensor on reload
-        return CheckpointOffload(kept_layers=1, input=one, host=slots + spare,
-                                 buffers=UNSLOTH_RELOAD_BUFFERS * alloc(stored),
-                                 reload=one if stream != UNSLOTH_STORE_BYTES else 0,
-                                 forward_extra=one if layers > 1 else 0)
+        return CheckpointOffload(
+            kept_layers=1,
+            input=one,
+            host=slots + spare,
+            buffers=UNSLOTH_RELOAD_BUFFERS * alloc(stored),
+            reload=one if stream != UNSLOTH_STORE_BYTES else 0,
+            forward_extra=one if layers > 1 else 0,
+        )
     return CheckpointOffload(kept_layers=layers, input=one, host=0, buffers=0, reload=0, forward_extra=0)
 
 
@@ -146,5 +160,7 @@ def offload_note(setup: TrainingSetup) -> list[str]:
     source = OFFLOAD_SOURCES.get(setup.activation_offload)
     if source is None:
         return []
-    return [f"--activation-offload {setup.activation_offload.value}: modelled from source, not measured ({source}); "
-            "the host column counts its pinned RAM."]
+    return [
+        f"--activation-offload {setup.activation_offload.value}: modelled from source, not measured ({source}); "
+        "the host column counts its pinned RAM."
+    ]

@@ -1,26 +1,29 @@
 """What the rules read about a setup, gathered once: the activation context of a decoder
 layer and the step context that the phases are assembled from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from vramplan.categories import Category as C
 from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, AdapterDtype, Method, Precision, TrainingSetup
+from vramplan.setup import ActivationOffload, AdapterDtype, Method, Precision, Quant, TrainingSetup
 
 
 @dataclass(frozen=True)
 class ActivationContext:
     """What decides which tensors autograd saves inside a decoder layer."""
-    weights_train: bool   # base Linear weights need grad (full / galore)
+
+    weights_train: bool  # base Linear weights need grad (full / galore)
     norms_train: bool
-    stream: int           # bytes per element of the residual stream (4 under autocast)
-    autocast: bool        # fp32 stream fed to autocast Linears (each casts its own copy)
-    adapters_bf16: bool   # LoRA computes in bf16: under autocast, FSDP2 (param_dtype bf16), or bf16 adapters
-    lora_autocast: bool   # peft's adapter input is cast under autocast (fp32 adapters or an fp32 stream)
+    stream: int  # bytes per element of the residual stream (4 under autocast)
+    autocast: bool  # fp32 stream fed to autocast Linears (each casts its own copy)
+    adapters_bf16: bool  # LoRA computes in bf16: under autocast, FSDP2 (param_dtype bf16), or bf16 adapters
+    lora_autocast: bool  # peft's adapter input is cast under autocast (fp32 adapters or an fp32 stream)
     quant: ParamKind | None
     lora_dropout: bool
     lora_r: int
@@ -33,12 +36,22 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
     # autocast with a bf16 stream and bf16 adapters casts nothing on the adapter path
     lora_autocast = setup.autocast and (fp32_stream or setup.adapter_store_dtype == AdapterDtype.FP32)
     return ActivationContext(
-        weights_train=full, norms_train=full, stream=stream_bytes(setup), autocast=fp32_stream,
-        adapters_bf16=(lora_autocast or setup.deepspeed is not None or (setup.sharded and _unit_dtype_bf16(setup))
-                       or setup.adapter_store_dtype == AdapterDtype.BF16),
+        weights_train=full,
+        norms_train=full,
+        stream=stream_bytes(setup),
+        autocast=fp32_stream,
+        adapters_bf16=(
+            lora_autocast
+            or setup.deepspeed is not None
+            or (setup.sharded and _unit_dtype_bf16(setup))
+            or setup.adapter_store_dtype == AdapterDtype.BF16
+        ),
         lora_autocast=lora_autocast,
-        quant=ParamKind(setup.quant.value) if setup.method == Method.QLORA else None,
-        lora_dropout=setup.lora_dropout > 0, lora_r=setup.lora_r, setup=setup)
+        quant=ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else None,
+        lora_dropout=setup.lora_dropout > 0,
+        lora_r=setup.lora_r,
+        setup=setup,
+    )
 
 
 def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
@@ -46,8 +59,9 @@ def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
     (bf16); FSDP1 only under MixedPrecision(param_dtype=bf16) (mixed precision): without it
     each LoRA Linear is its own unit in the adapters' dtype (fp32: computes in fp32, as on one
     GPU [CPU trace]; --adapter-dtype bf16, e.g. peft before autocast_adapter_dtype: bf16)."""
-    return (setup.fsdp_version == 2 or setup.precision == Precision.MIXED
-            or setup.adapter_store_dtype == AdapterDtype.BF16)
+    return (
+        setup.fsdp_version == 2 or setup.precision == Precision.MIXED or setup.adapter_store_dtype == AdapterDtype.BF16
+    )
 
 
 def stream_bytes(setup: TrainingSetup) -> int:
@@ -58,17 +72,19 @@ def stream_bytes(setup: TrainingSetup) -> int:
 @dataclass(frozen=True)
 class StaticBytes:
     """The persistent per-GPU bytes of the step (parameters.static_bytes)."""
-    parts: dict[C, int]   # weights, quantization state, adapters on the GPU
-    grads: int                   # gradients held at the optimizer step
+
+    parts: dict[C, int]  # weights, quantization state, adapters on the GPU
+    grads: int  # gradients held at the optimizer step
     optimizer_states: int
-    host_pinned: int             # CPU offload: shards, grads and states on the host; host-side optimizer states
-    paged_states: int = 0        # bitsandbytes paged optimizer states: CUDA unified memory, outside torch's statistics
+    host_pinned: int  # CPU offload: shards, grads and states on the host; host-side optimizer states
+    paged_states: int = 0  # bitsandbytes paged optimizer states: CUDA unified memory, outside torch's statistics
 
 
 @dataclass(frozen=True)
 class Gathering:
     """When units are unsharded: after forward (False under SHARD_GRAD_OP) and whether a
     unit's backward all-gathers the next one early."""
+
     reshard_after_forward: bool = True
     backward_prefetch: bool = True
 
@@ -77,38 +93,43 @@ class Gathering:
 class EngineBuffers:
     """An engine's communication buffers by measured phase (DeepSpeed's buckets and gathered
     partitions; DDP's buckets are persistent, in StaticBytes.parts)."""
+
     forward: int = 0
     backward: int = 0
     step: int = 0
 
     def at(self, phase: MeasuredPhase) -> int:
-        return {MeasuredPhase.FORWARD: self.forward, MeasuredPhase.BACKWARD: self.backward,
-                MeasuredPhase.OPTIMIZER: self.step}.get(phase, 0)
+        return {
+            MeasuredPhase.FORWARD: self.forward,
+            MeasuredPhase.BACKWARD: self.backward,
+            MeasuredPhase.OPTIMIZER: self.step,
+        }.get(phase, 0)
 
 
 @dataclass(frozen=True)
 class StepContext:
     """Everything the phases of one step are assembled from (phases.step_model)."""
+
     spec: ModelSpec
     setup: TrainingSetup
     params: list[Param]
     static: StaticBytes
-    units: dict[int | None, int]   # FSDP: all-gathered bytes per unit (layer index, None = root)
-    per_layer: list[int]           # bytes each decoder layer saves per token (no checkpointing)
-    acts: int                      # every activation saved through the forward
-    layer_acts: int                # of which the decoder layers' (their inputs under checkpointing)
-    released: int                  # saved by the final norm and lm_head, freed before the layers
-    cast_cache: int                # autocast's cached bf16 weight casts
+    units: dict[int | None, int]  # FSDP: all-gathered bytes per unit (layer index, None = root)
+    per_layer: list[int]  # bytes each decoder layer saves per token (no checkpointing)
+    acts: int  # every activation saved through the forward
+    layer_acts: int  # of which the decoder layers' (their inputs under checkpointing)
+    released: int  # saved by the final norm and lm_head, freed before the layers
+    cast_cache: int  # autocast's cached bf16 weight casts
     hook: dict[int | None, int] = field(default_factory=dict)  # layer-wise optimizers' hook bytes
     # activation offload and checkpointing's variants (checkpointing.py, activations.py)
     layer_gpu: list[int] = field(default_factory=list)  # each layer's saved bytes on the GPU through the step
-    reload: int = 0          # a checkpointed input back on the GPU while its layer is recomputed
-    forward_extra: int = 0   # offloaded tensors still on the GPU at a layer's forward
-    buffers: int = 0         # persistent GPU reload buffers (Unsloth), part of acts
-    host_acts: int = 0       # activations in pinned host RAM
+    reload: int = 0  # a checkpointed input back on the GPU while its layer is recomputed
+    forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
+    buffers: int = 0  # persistent GPU reload buffers (Unsloth), part of acts
+    host_acts: int = 0  # activations in pinned host RAM
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
     engine: EngineBuffers = field(default_factory=EngineBuffers)
-    gathering: Gathering = field(default_factory=Gathering)     # FSDP: when units are unsharded
+    gathering: Gathering = field(default_factory=Gathering)  # FSDP: when units are unsharded
 
     @property
     def tokens(self) -> int:
@@ -142,8 +163,9 @@ class StepContext:
         """OffloadActivations over every saved tensor, no checkpointing."""
         return self.setup.activation_offload == ActivationOffload.ALL and not self.ckpt
 
-    def base(self, kind: PhaseKind, with_grads: bool = False, layer: int | None = None,
-             point: LayerPoint | None = None) -> Phase:
+    def base(
+        self, kind: PhaseKind, with_grads: bool = False, layer: int | None = None, point: LayerPoint | None = None
+    ) -> Phase:
         """A phase holding the persistent bytes: weights, quantization state, adapters and
         optimizer states (and the gradients, when they are all alive)."""
         ph = Phase(kind, layer=layer, point=point)

@@ -18,14 +18,15 @@ forwards no such flag) -- each .grad is a separate tensor copied into its bucket
 buckets are a second, persistent copy of the trainable gradients. With True the grads are
 views of the buckets: no second copy. CPU-checked (fake process group, profiler live bytes):
 +Pt*4 at wrap, grads + buckets at backward end with False, buckets only with True."""
+
 from __future__ import annotations
 
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import MiB, alloc
 from vramplan.setup import TrainingSetup
 
-FIRST_BUCKET_BYTES = 1 * MiB    # reducer.hpp kDefaultFirstBucketBytes (dist._DEFAULT_FIRST_BUCKET_BYTES)
-BUCKET_CAP_BYTES = 25 * MiB     # distributed.py:31 _DEFAULT_BUCKET_CAP_MB = 25
+FIRST_BUCKET_BYTES = 1 * MiB  # reducer.hpp kDefaultFirstBucketBytes (dist._DEFAULT_FIRST_BUCKET_BYTES)
+BUCKET_CAP_BYTES = 25 * MiB  # distributed.py:31 _DEFAULT_BUCKET_CAP_MB = 25
 
 
 def _registration_order(params: list[Param]) -> list[Param]:
@@ -36,8 +37,9 @@ def _registration_order(params: list[Param]) -> list[Param]:
     return root[:1] + layers + root[1:]
 
 
-def bucket_sizes(params: list[Param], setup: TrainingSetup, first_cap: int = FIRST_BUCKET_BYTES,
-                 cap: int = BUCKET_CAP_BYTES) -> list[int]:
+def bucket_sizes(
+    params: list[Param], setup: TrainingSetup, first_cap: int = FIRST_BUCKET_BYTES, cap: int = BUCKET_CAP_BYTES
+) -> list[int]:
     """Bytes of each gradient bucket (torch compute_bucket_assignment_by_size: one open bucket
     per dtype, in reverse registration order, closed once it reaches the current cap)."""
     open_: dict[int, int] = {}

@@ -27,6 +27,7 @@ data-parallel world (every GPU a rank), Pt the trainable elements, part(n) = cei
   :937-940), DeepSpeedCPUAdam's states on the host; the GPU keeps a temp grad buffer of the
   largest parameter (:653-659). offload_param (ZeRO-3 only): the bf16 partitions on the host.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,15 +41,18 @@ from vramplan.memory.storage import alloc
 from vramplan.memory.types import ParamKind
 from vramplan.setup import DeepSpeedStage, Optim, TrainingSetup
 
-DS_NOTE = ("DeepSpeed {stage}: modelled from source, not measured (deepspeed==0.19.8 runtime/zero/stage_1_and_2.py, "
-           "stage3.py; buckets at HF's \"auto\" sizes: reduce {reduce:,} elements{more})")
-MAX_LIVE_PARAMETERS = 10**9   # runtime/zero/config.py:245 stage3_max_live_parameters
-SUB_GROUP_SIZE = 10**9        # runtime/zero/config.py sub_group_size default (elements)
+DS_NOTE = (
+    "DeepSpeed {stage}: modelled from source, not measured (deepspeed==0.19.8 runtime/zero/stage_1_and_2.py, "
+    'stage3.py; buckets at HF\'s "auto" sizes: reduce {reduce:,} elements{more})'
+)
+MAX_LIVE_PARAMETERS = 10**9  # runtime/zero/config.py:245 stage3_max_live_parameters
+SUB_GROUP_SIZE = 10**9  # runtime/zero/config.py sub_group_size default (elements)
 
 
 @dataclass(frozen=True)
 class ZeroConfig:
     """The DeepSpeed config values that size GPU buffers, in elements (HF "auto" by default)."""
+
     reduce_bucket: int
     prefetch_bucket: int
     persistence_threshold: int
@@ -61,8 +65,12 @@ def auto_config(hidden: int, stage: DeepSpeedStage, overlap_comm: bool | None = 
     stage3_param_persistence_threshold = 10*h (integrations/deepspeed.py:202-241). overlap_comm
     left unset is DeepSpeed's default: on for stage 3 only (runtime/zero/config.py:384-386)."""
     overlap = stage == DeepSpeedStage.ZERO3 if overlap_comm is None else overlap_comm
-    return ZeroConfig(reduce_bucket=hidden * hidden, prefetch_bucket=int(0.9 * hidden * hidden),
-                      persistence_threshold=10 * hidden, overlap_comm=overlap)
+    return ZeroConfig(
+        reduce_bucket=hidden * hidden,
+        prefetch_bucket=int(0.9 * hidden * hidden),
+        persistence_threshold=10 * hidden,
+        overlap_comm=overlap,
+    )
 
 
 def part(numel: int, world: int) -> int:
@@ -113,17 +121,22 @@ def static_bytes(params: list[Param], setup: TrainingSetup, cfg: ZeroConfig) -> 
     grads = alloc(2 * n)
     host = 0
     if _stage3(setup) and setup.offload_params:
-        host += sum(alloc(2 * part(p.numel, setup.data_parallel)) for p in params
-                    if not p.kind.quantized and p.numel > cfg.persistence_threshold)
+        host += sum(
+            alloc(2 * part(p.numel, setup.data_parallel))
+            for p in params
+            if not p.kind.quantized and p.numel > cfg.persistence_threshold
+        )
     if setup.offload_optimizer:
         # pinned fp32 master + bf16 staging + fp32 grad partition + temp grad buffer; CPU Adam states
         host += alloc(4 * n) + alloc(2 * n) + alloc(4 * n) + alloc(2 * _largest_trainable(params)) + 2 * alloc(4 * n)
         parts[C.COMM_BUFFERS] = alloc(2 * _largest_trainable(params))  # temp_grad_buffer_for_gpu_offload
-        return StaticBytes(parts=_with_stage3_buffers(parts, setup, cfg, 0), grads=0, optimizer_states=0,
-                           host_pinned=host)
+        return StaticBytes(
+            parts=_with_stage3_buffers(parts, setup, cfg, 0), grads=0, optimizer_states=0, host_pinned=host
+        )
     parts = _with_stage3_buffers(parts, setup, cfg, grads)
-    return StaticBytes(parts=parts, grads=0 if _stage3(setup) else grads,
-                       optimizer_states=optimizer_bytes(n, setup), host_pinned=host)
+    return StaticBytes(
+        parts=parts, grads=0 if _stage3(setup) else grads, optimizer_states=optimizer_bytes(n, setup), host_pinned=host
+    )
 
 
 def _with_stage3_buffers(parts: dict[C, int], setup: TrainingSetup, cfg: ZeroConfig, grads: int) -> dict[C, int]:
@@ -169,6 +182,9 @@ def engine_buffers(params: list[Param], setup: TrainingSetup, cfg: ZeroConfig) -
 
 def ds_note(setup: TrainingSetup, cfg: ZeroConfig) -> str:
     assert setup.deepspeed is not None
-    more = (f", prefetch {cfg.prefetch_bucket:,}, persistence threshold {cfg.persistence_threshold:,}"
-            if _stage3(setup) else "") + (", overlap_comm" if cfg.overlap_comm else "")
+    more = (
+        f", prefetch {cfg.prefetch_bucket:,}, persistence threshold {cfg.persistence_threshold:,}"
+        if _stage3(setup)
+        else ""
+    ) + (", overlap_comm" if cfg.overlap_comm else "")
     return DS_NOTE.format(stage=setup.deepspeed.value, reduce=cfg.reduce_bucket, more=more)

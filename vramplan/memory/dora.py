@@ -3,6 +3,7 @@ saves beyond LoRA, and the weight norm it recomputes in every forward.
 
 Source: peft==0.21.2 tuners/lora/dora.py:85-166 (DoraLinearLayer: get_weight_norm,
 get_lora_weight, forward), tuners/lora/variants.py:138-258 (DoraLinearVariant)."""
+
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext, activation_context
@@ -67,8 +68,9 @@ def dora_layer_transient(spec: ModelSpec, setup: TrainingSetup, ctx: ActivationC
     """The widest DoRA weight norm of the last decoder layer (0 without DoRA)."""
     if not setup.dora:
         return 0
-    return max((dora_norm_transient(l, setup, ctx) for l in spec.layers[-1].linears if lora_targeted(l, setup)),
-               default=0)
+    return max(
+        (dora_norm_transient(l, setup, ctx) for l in spec.layers[-1].linears if lora_targeted(l, setup)), default=0
+    )
 
 
 def dora_recompute(layer: LayerSpec, setup: TrainingSetup) -> tuple[int, int]:

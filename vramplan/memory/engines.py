@@ -1,6 +1,7 @@
 """Which engine holds the model (TrainingSetup.engine) and what it adds per GPU: DDP's
 buckets (ddp.py), DeepSpeed ZeRO's partitions and buffers (deepspeed.py); FSDP's sharding
 lives in fsdp.py and persistent.py."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,8 +20,12 @@ def zero_config(spec: ModelSpec, setup: TrainingSetup) -> deepspeed.ZeroConfig:
     return deepspeed.auto_config(spec.hidden, setup.deepspeed)
 
 
-def engine_static(spec: ModelSpec, params: list[Param], setup: TrainingSetup,
-                  one_gpu: Callable[[list[Param], TrainingSetup], StaticBytes]) -> tuple[StaticBytes, EngineBuffers]:
+def engine_static(
+    spec: ModelSpec,
+    params: list[Param],
+    setup: TrainingSetup,
+    one_gpu: Callable[[list[Param], TrainingSetup], StaticBytes],
+) -> tuple[StaticBytes, EngineBuffers]:
     """Persistent bytes of one GPU under the setup's engine, and the engine's per-phase buffers.
     `one_gpu` is persistent.static_bytes (one GPU, or FSDP's shards)."""
     engine = setup.engine
@@ -31,8 +36,9 @@ def engine_static(spec: ModelSpec, params: list[Param], setup: TrainingSetup,
     if engine == Engine.DDP:
         parts = dict(static.parts)
         parts[C.COMM_BUFFERS] = ddp.bucket_bytes(params, setup)
-        static = StaticBytes(parts=parts, grads=static.grads, optimizer_states=static.optimizer_states,
-                             host_pinned=static.host_pinned)
+        static = StaticBytes(
+            parts=parts, grads=static.grads, optimizer_states=static.optimizer_states, host_pinned=static.host_pinned
+        )
     return static, EngineBuffers()
 
 
@@ -41,18 +47,23 @@ def engine_notes(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> 
     engine = setup.engine
     if engine == Engine.DDP:
         buckets = static.parts.get(C.COMM_BUFFERS, 0)
-        return [f"{setup.data_parallel} GPUs: DDP, each holds the whole model plus {buckets / GiB:.2f} GiB of "
-                "gradient buckets (a second copy of the trainable grads: gradient_as_bucket_view=False, the "
-                "torch/accelerate/HF default; torch==2.13.0 nn/parallel/distributed.py, c10d/reducer.cpp)"]
+        return [
+            f"{setup.data_parallel} GPUs: DDP, each holds the whole model plus {buckets / GiB:.2f} GiB of "
+            "gradient buckets (a second copy of the trainable grads: gradient_as_bucket_view=False, the "
+            "torch/accelerate/HF default; torch==2.13.0 nn/parallel/distributed.py, c10d/reducer.cpp)"
+        ]
     if engine == Engine.DEEPSPEED:
         return [f"{setup.data_parallel} GPU(s): " + deepspeed.ds_note(setup, zero_config(spec, setup))]
     if engine == Engine.FSDP1:
         prefetch = "BACKWARD_PRE" if setup.stack.value in ("plain", "fsdp-qlora") else "no backward prefetch"
-        return [f"FSDP1 (FullyShardedDataParallel, {setup.fsdp_sharding.value}): flat parameters per unit, "
-                f"{prefetch}, each LoRA Linear its own unit (torch==2.13.0 distributed/fsdp/_flat_param.py)"]
+        return [
+            f"FSDP1 (FullyShardedDataParallel, {setup.fsdp_sharding.value}): flat parameters per unit, "
+            f"{prefetch}, each LoRA Linear its own unit (torch==2.13.0 distributed/fsdp/_flat_param.py)"
+        ]
     if setup.sharded and setup.fsdp_sharding == FsdpSharding.HYBRID:
-        return [f"hybrid sharding: shards over the {setup.shard_world} GPUs of a node, replicated over "
-                f"{setup.nodes} nodes"]
+        return [
+            f"hybrid sharding: shards over the {setup.shard_world} GPUs of a node, replicated over {setup.nodes} nodes"
+        ]
     return []
 
 

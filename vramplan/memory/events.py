@@ -19,6 +19,7 @@ construction; tests/test_events.py checks it over every preset.
 The step is replayed twice: step 0 (optimizer states made at its optimizer step, as
 torch.optim makes them lazily) and the steady step whose moments are the phases.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 class Moment:
     """A modelled phase and where it is in the event stream: the live tensors after
     events[:index] are the phase's."""
+
     phase: Phase
     index: int
 
@@ -62,15 +64,16 @@ class Moment:
 @dataclass(frozen=True, eq=False)
 class StepEvents:
     events: EventStream
-    categories: np.ndarray     # int8 index into CATEGORIES per event (the allocation's category)
-    moments: list[Moment]      # the steady step's phases, in the order they happen
-    trimmed: int               # bytes of tensor-level blocks freed early to meet a phase (0: none needed)
-    step_start: int            # index of the steady step's first event
+    categories: np.ndarray  # int8 index into CATEGORIES per event (the allocation's category)
+    moments: list[Moment]  # the steady step's phases, in the order they happen
+    trimmed: int  # bytes of tensor-level blocks freed early to meet a phase (0: none needed)
+    step_start: int  # index of the steady step's first event
 
 
 @dataclass
 class Ledger:
     """Builds the event stream and tracks what is live, by category."""
+
     ops: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
@@ -129,9 +132,15 @@ class Ledger:
 
     def stream(self) -> tuple[EventStream, np.ndarray]:
         n = len(self.ops)
-        return (EventStream(np.asarray(self.ops, np.int8), np.asarray(self.ids, np.int64),
-                            np.asarray(self.sizes, np.int64), np.zeros(n, np.int64)),
-                np.asarray(self.cats, np.int8))
+        return (
+            EventStream(
+                np.asarray(self.ops, np.int8),
+                np.asarray(self.ids, np.int64),
+                np.asarray(self.sizes, np.int64),
+                np.zeros(n, np.int64),
+            ),
+            np.asarray(self.cats, np.int8),
+        )
 
 
 def layer_components(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool) -> list[int]:
@@ -140,14 +149,17 @@ def layer_components(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, in
     MLP. The terms of layer.layer_saved_per_token, read one by one (its sum is theirs)."""
     ctx = activation_context(setup)
     n_norms = max(spec.norms_per_layer, 1)
-    return [norm_saved(spec, ctx, input_grad),
-            linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),
-            sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
-            attention_saved(spec, layer, ctx, setup.seq_len),
-            linears_saved(layer.linears_with(LinearRole.O), spec.q_dim, ctx, True,
-                          input_shared=spec.attn_implementation == "sdpa"),
-            norm_saved(spec, ctx, True) * (n_norms - 1),
-            mlp_saved(spec, layer, ctx, True)]
+    return [
+        norm_saved(spec, ctx, input_grad),
+        linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),
+        sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
+        attention_saved(spec, layer, ctx, setup.seq_len),
+        linears_saved(
+            layer.linears_with(LinearRole.O), spec.q_dim, ctx, True, input_shared=spec.attn_implementation == "sdpa"
+        ),
+        norm_saved(spec, ctx, True) * (n_norms - 1),
+        mlp_saved(spec, layer, ctx, True),
+    ]
 
 
 def layer_blocks(tokens: int, this: int, down: int, parts: list[int]) -> list[int]:
@@ -162,16 +174,34 @@ def layer_blocks(tokens: int, this: int, down: int, parts: list[int]) -> list[in
 
 
 # The order the phases happen in one step (step_model lists them by kind, not by time).
-_ORDER = {PhaseKind.BUILD_QUANTIZE: 0, PhaseKind.FORWARD_CHECKPOINTED_LAYER: 1, PhaseKind.FORWARD_LAST_LAYER: 1,
-          PhaseKind.DEQUANTIZE_FORWARD: 2, PhaseKind.FORWARD_FINAL_NORM: 3, PhaseKind.FORWARD_LOSS: 4,
-          PhaseKind.LOSS_BACKWARD: 5, PhaseKind.FINAL_NORM_BACKWARD: 6, PhaseKind.OPTIMIZER_HOOK_ROOT: 7,
-          PhaseKind.LAYER_BACKWARD: 8, PhaseKind.GALORE_REFRESH_LAYERWISE: 9, PhaseKind.OPTIMIZER_STEP: 10,
-          PhaseKind.GALORE_REFRESH: 11}
+_ORDER = {
+    PhaseKind.BUILD_QUANTIZE: 0,
+    PhaseKind.FORWARD_CHECKPOINTED_LAYER: 1,
+    PhaseKind.FORWARD_LAST_LAYER: 1,
+    PhaseKind.DEQUANTIZE_FORWARD: 2,
+    PhaseKind.FORWARD_FINAL_NORM: 3,
+    PhaseKind.FORWARD_LOSS: 4,
+    PhaseKind.LOSS_BACKWARD: 5,
+    PhaseKind.FINAL_NORM_BACKWARD: 6,
+    PhaseKind.OPTIMIZER_HOOK_ROOT: 7,
+    PhaseKind.LAYER_BACKWARD: 8,
+    PhaseKind.GALORE_REFRESH_LAYERWISE: 9,
+    PhaseKind.OPTIMIZER_STEP: 10,
+    PhaseKind.GALORE_REFRESH: 11,
+}
 # Within a layer's backward: the recompute (checkpointing), the moments with the whole layer
 # alive, the 4-bit and hook moments, the MLP's elementwise backward, the layer's end.
-_POINT_ORDER = {LayerPoint.LORA_RECOMPUTE: 0, LayerPoint.LORA_RECOMPUTE_DOWN: 1, LayerPoint.MOE_RECOMPUTE: 2,
-                LayerPoint.POST_MLP_NORM: 3, LayerPoint.LORA: 4, LayerPoint.DEQUANTIZE: 5,
-                LayerPoint.OPTIMIZER_HOOK: 6, LayerPoint.MLP: 7, LayerPoint.END: 8}
+_POINT_ORDER = {
+    LayerPoint.LORA_RECOMPUTE: 0,
+    LayerPoint.LORA_RECOMPUTE_DOWN: 1,
+    LayerPoint.MOE_RECOMPUTE: 2,
+    LayerPoint.POST_MLP_NORM: 3,
+    LayerPoint.LORA: 4,
+    LayerPoint.DEQUANTIZE: 5,
+    LayerPoint.OPTIMIZER_HOOK: 6,
+    LayerPoint.MLP: 7,
+    LayerPoint.END: 8,
+}
 
 
 @dataclass
@@ -195,8 +225,9 @@ class _Builder:
         key = (shape_key(layer), i > 0 or first_grad)
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
-        return layer_blocks(ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)),
-                            self._parts[key])
+        return layer_blocks(
+            ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)), self._parts[key]
+        )
 
     def down_saved(self, i: int) -> int:
         """Per token, what layer i's down projection saves (layer.LayerPoints.down_saved)."""
@@ -300,9 +331,13 @@ def _forward(b: _Builder) -> list[int | None]:
     n, spec = ctx.tokens, ctx.spec
     loop = led.alloc(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
     rope = rope_saved(spec, ctx.setup)
-    step_wide = [led.alloc(C.ACTIVATIONS, input_bytes(ctx.setup) - loop_token_bytes(ctx.setup)),
-                 led.alloc(C.ACTIVATIONS, rope // 2), led.alloc(C.ACTIVATIONS, rope - rope // 2),
-                 led.alloc(C.ACTIVATIONS, step_masks(spec, ctx.setup)), led.alloc(C.ACTIVATIONS, ctx.cast_cache)]
+    step_wide = [
+        led.alloc(C.ACTIVATIONS, input_bytes(ctx.setup) - loop_token_bytes(ctx.setup)),
+        led.alloc(C.ACTIVATIONS, rope // 2),
+        led.alloc(C.ACTIVATIONS, rope - rope // 2),
+        led.alloc(C.ACTIVATIONS, step_masks(spec, ctx.setup)),
+        led.alloc(C.ACTIVATIONS, ctx.cast_cache),
+    ]
     last = len(spec.layers) - 1
     for i in range(len(spec.layers)):
         if ctx.ckpt:
@@ -316,8 +351,9 @@ def _forward(b: _Builder) -> list[int | None]:
             b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
         b.layer_blocks[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
     released = led.alloc(C.ACTIVATIONS, ctx.released)
-    b.at_kind(PhaseKind.DEQUANTIZE_FORWARD, PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS,
-              PhaseKind.LOSS_BACKWARD)
+    b.at_kind(
+        PhaseKind.DEQUANTIZE_FORWARD, PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD
+    )
     led.free(released)
     b.at_kind(PhaseKind.FINAL_NORM_BACKWARD)
     return [loop, *step_wide]
@@ -343,7 +379,7 @@ def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | 
             if ctx.world == 1:
                 grads += _grads(b, downs)
         if ph.point == LayerPoint.END:
-            for tid in blocks[(1 if ctx.ckpt else 0):-1]:  # the rest it saved (checkpointing: its input stays)
+            for tid in blocks[(1 if ctx.ckpt else 0) : -1]:  # the rest it saved (checkpointing: its input stays)
                 led.free(tid)
             grads += _grads(b, others if ctx.world == 1 else params)
         b.at(ph)

@@ -18,6 +18,7 @@ gathers nothing; HYBRID_SHARD shards inside a node (W = GPUs per node).
 peft's fsdp_auto_wrap_policy (used by HF Trainer for peft models) and fsdp_qlora's
 lambda policy give each LoRA Linear its own unit, so no unit mixes frozen and trainable
 parameters (a mixed FSDP1 unit would get grads for its frozen elements too)."""
+
 from __future__ import annotations
 
 from vramplan.memory.context import Gathering
@@ -27,13 +28,14 @@ from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
 from vramplan.setup import FsdpSharding, Precision, Stack, TrainingSetup
 
-RESHARDED = Gathering()   # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
+RESHARDED = Gathering()  # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
 
 
 def gathering(setup: TrainingSetup) -> Gathering:
     prefetch = setup.fsdp_version == 2 or setup.stack in (Stack.PLAIN, Stack.FSDP_QLORA)
-    return Gathering(reshard_after_forward=setup.fsdp_sharding != FsdpSharding.SHARD_GRAD_OP,
-                     backward_prefetch=prefetch)
+    return Gathering(
+        reshard_after_forward=setup.fsdp_sharding != FsdpSharding.SHARD_GRAD_OP, backward_prefetch=prefetch
+    )
 
 
 def shard_for(p: Param, setup: TrainingSetup) -> int:

@@ -1,5 +1,6 @@
 """One decoder layer: the bytes autograd saves in it, and the widest moments of its
 backward (LayerPoints) assembled from the attention, MLP, norm, LoRA and 4-bit rules."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,13 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     saved += sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
     saved += attention_saved(spec, layer, ctx, attention_span(setup))
     # o_proj reads the attention output, which SDPA already saved (same tensor)
-    saved += linears_saved(layer.linears_with(LinearRole.O), spec.q_dim, ctx, True,
-                           input_shared=attention_kind(spec, setup) != Attention.EAGER)
+    saved += linears_saved(
+        layer.linears_with(LinearRole.O),
+        spec.q_dim,
+        ctx,
+        True,
+        input_shared=attention_kind(spec, setup) != Attention.EAGER,
+    )
     saved += norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
     saved += mlp_saved(spec, layer, ctx, True)
     return saved
@@ -41,24 +47,25 @@ class LayerPoints:
     """Per-token bytes at the widest points of one decoder layer's backward, read from
     autograd's lifetimes (a saved tensor is freed once the node that saved it has run)
     and checked against the CPU trace of the real step (tests/test_cpu_trace.py)."""
-    down_saved: int   # saved by the down projection (its input; LoRA's fp32 copy): freed first
-    mlp_grads: int    # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
-    end_grads: int    # layer done: grad of its input + the residual grad
-    lora_fwd: int     # widest peft LoRA Linear forward before down (fp32 B output, scaled, up-cast result, sum)
-                      # + the layer's unsaved forward locals at that Linear
-    lora_bwd: int     # first adapter reached in backward: lora_A's fp32 input grad + the output grad
+
+    down_saved: int  # saved by the down projection (its input; LoRA's fp32 copy): freed first
+    mlp_grads: int  # MLP elementwise backward: grad of act*up, of act, of up + the layer's output grad
+    end_grads: int  # layer done: grad of its input + the residual grad
+    lora_fwd: int  # widest peft LoRA Linear forward before down (fp32 B output, scaled, up-cast result, sum)
+    # + the layer's unsaved forward locals at that Linear
+    lora_bwd: int  # first adapter reached in backward: lora_A's fp32 input grad + the output grad
     lora_inflight: int  # grads alive when checkpointing recomputes the layer: output grad + that
-                        # first adapter's fp32 output grad (recompute starts inside its backward)
+    # first adapter's fp32 output grad (recompute starts inside its backward)
     quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
-    quant_bwd: int = 0    # its input grad (bf16) while the output grad and its adapter's input grad live
+    quant_bwd: int = 0  # its input grad (bf16) while the output grad and its adapter's input grad live
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
-    hook_grads: int = 0   # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
+    hook_grads: int = 0  # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
     recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
-    moe_fwd: int = 0      # MoE: the end of the experts' forward in the recompute (fp32 routing product)
-    lora_down: int = 0    # down's adapter forward, the whole layer saved by then (same terms as lora_fwd)
+    moe_fwd: int = 0  # MoE: the end of the experts' forward in the recompute (fp32 routing product)
+    lora_down: int = 0  # down's adapter forward, the whole layer saved by then (same terms as lora_fwd)
     lora_down_rc: int = 0  # the same in the recompute, which stops before down's adapter path
     down_absent: int = 0  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
-    ckpt_fwd: int = 0     # checkpointed forward (nothing saved): the MLP's working set at its widest
+    ckpt_fwd: int = 0  # checkpointed forward (nothing saved): the MLP's working set at its widest
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
@@ -72,13 +79,24 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     fwd = lora_forward_points(spec, layer, ctx, f, residual)
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
     deq = dequantize_backward(layer, ctx, residual)
-    return LayerPoints(down_saved=down_saved, mlp_grads=(3 if gated else 2) * 2 * f + residual,
-                       end_grads=2 * residual, lora_fwd=fwd.widest, lora_down=fwd.down, lora_down_rc=fwd.down_rc,
-                       lora_bwd=lora_bwd, down_absent=fwd.down_absent, lora_inflight=lora_inflight,
-                       quant_numel=deq.numel, quant_bwd=deq.grads, quant_freed=deq.freed,
-                       hook_grads=residual + 2 * f + 2 * h, recompute_absent=fwd.recompute_absent,
-                       moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
-                       ckpt_fwd=checkpointed_forward(spec, layer, ctx, f, gated, residual, fwd.ckpt_mlp))
+    return LayerPoints(
+        down_saved=down_saved,
+        mlp_grads=(3 if gated else 2) * 2 * f + residual,
+        end_grads=2 * residual,
+        lora_fwd=fwd.widest,
+        lora_down=fwd.down,
+        lora_down_rc=fwd.down_rc,
+        lora_bwd=lora_bwd,
+        down_absent=fwd.down_absent,
+        lora_inflight=lora_inflight,
+        quant_numel=deq.numel,
+        quant_bwd=deq.grads,
+        quant_freed=deq.freed,
+        hook_grads=residual + 2 * f + 2 * h,
+        recompute_absent=fwd.recompute_absent,
+        moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
+        ckpt_fwd=checkpointed_forward(spec, layer, ctx, f, gated, residual, fwd.ckpt_mlp),
+    )
 
 
 ShapeKey = tuple[object, ...]
@@ -87,11 +105,20 @@ ShapeKey = tuple[object, ...]
 def shape_key(layer: LayerSpec) -> ShapeKey:
     """Everything about a layer that the per-layer rules read."""
     e = layer.experts
-    experts = None if e is None else (e.num_experts, e.top_k, e.hidden, e.intermediate,
-                                      tuple((n, tuple(shape)) for n, shape in e.tensors))
-    return (tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
-            experts, tuple(layer.norm_numels), tuple(layer.attn_norm_dims), tuple(layer.norm_names),
-            tuple(layer.other_numels), layer.sliding_window)
+    experts = (
+        None
+        if e is None
+        else (e.num_experts, e.top_k, e.hidden, e.intermediate, tuple((n, tuple(shape)) for n, shape in e.tensors))
+    )
+    return (
+        tuple((l.role, l.in_features, l.out_features, l.bias) for l in layer.linears),
+        experts,
+        tuple(layer.norm_numels),
+        tuple(layer.attn_norm_dims),
+        tuple(layer.norm_names),
+        tuple(layer.other_numels),
+        layer.sliding_window,
+    )
 
 
 def forward_locals(h: int, stream: int) -> int:

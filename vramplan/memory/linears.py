@@ -1,4 +1,5 @@
 """A group of Linears reading one tensor: what their base weights and their adapters save."""
+
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext
@@ -8,8 +9,9 @@ from vramplan.memory.types import ParamKind
 from vramplan.model_spec import Linear
 
 
-def linears_saved(linears: list[Linear], in_dim: int, ctx: ActivationContext, input_grad: bool,
-                  input_shared: bool = False) -> int:
+def linears_saved(
+    linears: list[Linear], in_dim: int, ctx: ActivationContext, input_grad: bool, input_shared: bool = False
+) -> int:
     """Saved by a group of Linears reading one tensor of width in_dim, per token."""
     saved, shared_saved = 0, False
     for lin in linears:

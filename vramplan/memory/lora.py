@@ -1,6 +1,7 @@
 """LoRA adapters (peft): which Linears get them, their storage (fp32, or bf16 with
 --adapter-dtype bf16), what an adapted Linear saves for backward, the input copy its
 adapter path reads, and its forward's output terms."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,9 @@ def check_lora_targets(spec: ModelSpec, setup: TrainingSetup) -> None:
     for key in setup.lora_target_modules:
         if not any(_name_matches(n, key) for n in names):
             leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
-            raise VramplanError(f"{key!r} matches no Linear of {spec.name}'s decoder layers; they are: {leaves}",
-                                "--lora-targets")
+            raise VramplanError(
+                f"{key!r} matches no Linear of {spec.name}'s decoder layers; they are: {leaves}", "--lora-targets"
+            )
 
 
 def lora_saved(in_dim: int, ctx: ActivationContext, input_grad: bool, x_saved: bool = False) -> int:
@@ -113,12 +115,13 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
 @dataclass(frozen=True)
 class LoraForwardPoints:
     """Per-token bytes of one decoder layer's forward at its adapters."""
-    widest: int          # widest adapted Linear before down: its adapter path + the layer's unsaved locals
-    down: int            # down's adapter forward, the whole layer saved by then
-    down_rc: int         # the same in the recompute, which stops before down's adapter path
+
+    widest: int  # widest adapted Linear before down: its adapter path + the layer's unsaved locals
+    down: int  # down's adapter forward, the whole layer saved by then
+    down_rc: int  # the same in the recompute, which stops before down's adapter path
     recompute_absent: int  # saved tensors the recompute has not made yet at the widest adapter
-    down_absent: int     # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
-    ckpt_mlp: int        # a forward that saves nothing, at an adapted MLP Linear (0: none)
+    down_absent: int  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
+    ckpt_mlp: int  # a forward that saves nothing, at an adapted MLP Linear (0: none)
     post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
 
 
@@ -126,20 +129,28 @@ def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, resid
     """Per token, an adapted Linear's forward before down: peft's output terms, the norm's
     output feeding it (norm_out), the copy its adapter reads under dropout, and inside the
     MLP the residual stream after attention."""
-    return (lora_forward_per_out(ctx) * lin.out_features + norm_out + lora_copy_local(lin.in_features, ctx)
-            + (residual if lin.role in MLP_ROLES else 0))
+    return (
+        lora_forward_per_out(ctx) * lin.out_features
+        + norm_out
+        + lora_copy_local(lin.in_features, ctx)
+        + (residual if lin.role in MLP_ROLES else 0)
+    )
 
 
-def lora_forward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int,
-                        residual: int) -> LoraForwardPoints:
+def lora_forward_points(
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int
+) -> LoraForwardPoints:
     """The layer's forward at its widest adapter and at down's. [CPU trace, dropout as CUDA holds it]"""
     per_out = lora_forward_per_out(ctx)
     adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
-    widest = max((l for l in adapted if l.role not in MLP_OUT_ROLES),
-                 key=lambda l: _forward_locals_at(l, ctx, norm_out, residual), default=None)
+    widest = max(
+        (l for l in adapted if l.role not in MLP_OUT_ROLES),
+        key=lambda l: _forward_locals_at(l, ctx, norm_out, residual),
+        default=None,
+    )
     # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
     # local unless a node saved it, plus the copy the adapter reads under dropout. In the
     # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
@@ -148,8 +159,9 @@ def lora_forward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContex
     down = down_rc = 0
     if dn is not None:
         # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = ((0 if saved_norm_out else 2 * dn.in_features) + lora_copy_local(dn.in_features, ctx)
-                  + norm_out + residual)
+        common = (
+            (0 if saved_norm_out else 2 * dn.in_features) + lora_copy_local(dn.in_features, ctx) + norm_out + residual
+        )
         down, down_rc = per_out * dn.out_features + common, 2 * dn.out_features + common
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
@@ -161,12 +173,24 @@ def lora_forward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContex
         absent += norm_saved(spec, ctx, True)
     # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
     # input copy as locals (dropout's output and mask are freed once lora_A ran)
-    ckpt_mlp = (per_out * widest.out_features + (2 if layer.pre_norm else 1) * residual
-                + lora_input_copy(widest.in_features, ctx)) if widest is not None and in_mlp else 0
+    ckpt_mlp = (
+        (
+            per_out * widest.out_features
+            + (2 if layer.pre_norm else 1) * residual
+            + lora_input_copy(widest.in_features, ctx)
+        )
+        if widest is not None and in_mlp
+        else 0
+    )
     return LoraForwardPoints(
-        widest=_forward_locals_at(widest, ctx, norm_out, residual) if widest else 0, down=down, down_rc=down_rc,
-        recompute_absent=absent, down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and down else 0,
-        ckpt_mlp=ckpt_mlp, post_mlp_norm=post_mlp_norm)
+        widest=_forward_locals_at(widest, ctx, norm_out, residual) if widest else 0,
+        down=down,
+        down_rc=down_rc,
+        recompute_absent=absent,
+        down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and down else 0,
+        ckpt_mlp=ckpt_mlp,
+        post_mlp_norm=post_mlp_norm,
+    )
 
 
 def first_in_backward(linears: list[Linear]) -> Linear | None:
@@ -175,8 +199,9 @@ def first_in_backward(linears: list[Linear]) -> Linear | None:
     return next((l for roles in (MLP_OUT_ROLES, (LinearRole.O,)) for l in linears if l.role in roles), None)
 
 
-def lora_backward_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, residual: int,
-                         post_mlp_norm: bool) -> tuple[int, int]:
+def lora_backward_points(
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, residual: int, post_mlp_norm: bool
+) -> tuple[int, int]:
     """(first adapter reached in backward: lora_A's input grad in the adapter dtype + the
     output grad; grads alive when checkpointing recomputes the layer: output grad + that
     first adapter's output grad, as recompute starts inside its backward)."""

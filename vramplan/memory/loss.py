@@ -7,6 +7,7 @@ beyond the saved activations at its forward's and its backward's widest moment. 
 full-logit losses (hf, chunked) run the model's lm_head, so lm_head saves its input as a
 Linear does; the fused ones (trl-chunked-nll, liger, cce, unsloth) take the final norm's
 output and lm_head's weight and save what they need themselves."""
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,11 @@ UNSLOTH_BYTES_PER_LOGIT = 16
 UNSLOTH_TARGET_CAP = 4 * GiB
 
 FUSED = frozenset({Loss.TRL_CHUNKED_NLL, Loss.LIGER, Loss.CCE, Loss.UNSLOTH})
-CUDA_ONLY = {Loss.LIGER: "liger-kernel==0.8.5 liger_kernel/ops/fused_linear_cross_entropy.py",
-             Loss.CCE: "cut-cross-entropy (axolotl-ai-cloud/ml-cross-entropy@5f0c7a7) cut_cross_entropy/cce.py",
-             Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py"}
+CUDA_ONLY = {
+    Loss.LIGER: "liger-kernel==0.8.5 liger_kernel/ops/fused_linear_cross_entropy.py",
+    Loss.CCE: "cut-cross-entropy (axolotl-ai-cloud/ml-cross-entropy@5f0c7a7) cut_cross_entropy/cce.py",
+    Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py",
+}
 
 
 def input_bytes(setup: TrainingSetup) -> int:
@@ -80,6 +83,7 @@ class LossTerms:
     """Bytes of the loss beyond the saved activations: at its forward's and its backward's
     widest moment, and what the training loop keeps referenced (the logits under
     --keep-logits) through backward, the optimizer step and the next forward."""
+
     forward: int
     backward: int
     kept: int = 0
@@ -109,8 +113,10 @@ def hf_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     n, v = setup.tokens, spec.vocab
     held = _logits(spec, setup)
     copy = 4 * n * v if _compute_bytes(setup) != 4 else 0  # .float() of fp32 logits is the same tensor
-    return LossTerms(forward=held + copy + 4 * n * v,  # + fp32 copy + log-softmax [notes 7, cal]
-                     backward=held + 12 * n * v)       # log-softmax saved + its grad in + grad out [cal]
+    return LossTerms(
+        forward=held + copy + 4 * n * v,  # + fp32 copy + log-softmax [notes 7, cal]
+        backward=held + 12 * n * v,
+    )  # log-softmax saved + its grad in + grad out [cal]
 
 
 def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -121,10 +127,12 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     backward walks the chunks last to first, each freeing its log-softmax."""
     v = spec.vocab
     chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
-    saved = 4 * setup.tokens * v                                      # every chunk's log-softmax
+    saved = 4 * setup.tokens * v  # every chunk's log-softmax
     tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
-    return LossTerms(forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
-                     backward=tanh + saved + 8 * chunk * v)                 # + its log-softmax grad in and out
+    return LossTerms(
+        forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
+        backward=tanh + saved + 8 * chunk * v,
+    )  # + its log-softmax grad in and out
 
 
 def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -139,9 +147,10 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
     tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
     # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, a slice of an fp32 lm_head
-    casts = ((min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0)
-             + (TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0))
-    saved = rows * h * dt_h + 16 * rows            # h_sel + targets int64, log_z and entropy fp32
+    casts = (min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0) + (
+        TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0
+    )
+    saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
     # the final norm's output, its gathered rows, the statistics and the outputs scattered to N
     forward = n * h * dt_h + saved + 28 * rows + 9 * rows + 9 * n + tile + casts
     weight_grad = v * h * (4 + dt_w) if head_trains(setup) else 0
@@ -168,8 +177,10 @@ def liger_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     held = n * h * dt_in + (v * h * dt_w if head_trains(setup) else 0)
     cast = v * h * dt_c if dt_w != dt_c else 0
     chunk = liger_chunk_rows(n, v, h) * v * dt_c
-    return LossTerms(forward=n * h * dt_in + held + chunk + cast + 5 * n,  # input + grads + chunk + loss_1d, mask
-                     backward=held)
+    return LossTerms(
+        forward=n * h * dt_in + held + chunk + cast + 5 * n,  # input + grads + chunk + loss_1d, mask
+        backward=held,
+    )
 
 
 def cce_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -182,8 +193,10 @@ def cce_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     dt_e, dt_c = stream_bytes(setup), _head_weight_bytes(setup)
     held = n * h * dt_e + 20 * n + 4 * v
     weight_grad = v * h * dt_c if head_trains(setup) else 0
-    return LossTerms(forward=held + 12 * n + 16 * n,                      # + neg_dot, lse temp, nonzero index
-                     backward=held + n * h * dt_e + weight_grad + 12 * v)
+    return LossTerms(
+        forward=held + 12 * n + 16 * n,  # + neg_dot, lse temp, nonzero index
+        backward=held + n * h * dt_e + weight_grad + 12 * v,
+    )
 
 
 def unsloth_chunks(tokens: int, vocab: int, fixed: int) -> int:
@@ -211,8 +224,13 @@ def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
 
 
 LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
-    Loss.HF: hf_loss, Loss.CHUNKED: chunked_loss, Loss.TRL_CHUNKED_NLL: trl_fused_loss,
-    Loss.LIGER: liger_loss, Loss.CCE: cce_loss, Loss.UNSLOTH: unsloth_loss}
+    Loss.HF: hf_loss,
+    Loss.CHUNKED: chunked_loss,
+    Loss.TRL_CHUNKED_NLL: trl_fused_loss,
+    Loss.LIGER: liger_loss,
+    Loss.CCE: cce_loss,
+    Loss.UNSLOTH: unsloth_loss,
+}
 
 
 def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -238,9 +256,13 @@ def loss_notes(setup: TrainingSetup) -> list[str]:
     """What the estimate of a CUDA-only loss kernel rests on."""
     if setup.loss not in CUDA_ONLY:
         return []
-    note = (f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
-            "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)")
+    note = (
+        f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
+        "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)"
+    )
     if setup.loss == Loss.UNSLOTH:
-        note += ("; its chunk count depends on the free memory at the first loss call (min(free/2, 4 GiB)): "
-                 "the 4 GiB cap is assumed, the widest chunk it allows")
+        note += (
+            "; its chunk count depends on the free memory at the first loss call (min(free/2, 4 GiB)): "
+            "the 4 GiB cap is assumed, the widest chunk it allows"
+        )
     return [note]

@@ -1,5 +1,6 @@
 """The MLP (gated, plain, MoE experts): what it saves, its working set in a forward that
 saves nothing, and the end of an MoE block's forward."""
+
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext

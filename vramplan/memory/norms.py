@@ -1,5 +1,6 @@
 """Norms (RMSNorm, Gemma's RMSNorm, LayerNorm): what one saves for backward and what its
 fp32 backward holds."""
+
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext

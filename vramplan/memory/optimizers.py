@@ -10,6 +10,7 @@ galore-torch==1.0; apollo-torch==1.0.3 apollo_torch/apollo.py, random_projector.
 lomo-optim==0.1.1 lomo.py, adalomo.py; grokadamw==0.1.2; torch-optimi==0.3.3 stableadamw.py;
 llamafactory==0.9.5 third_party/muon/muon.py. A new optimizer adds its traits (setup.py), a
 branch to _family_state (its states) and to _family_transient (its step's temporaries)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,9 +46,10 @@ STEP_SCALAR = alloc(4)
 @dataclass(frozen=True)
 class StateBytes:
     """One parameter's optimizer states by where they live."""
-    device: int = 0   # ordinary CUDA allocations
-    paged: int = 0    # CUDA unified memory (bitsandbytes paged): resident, outside torch's statistics
-    host: int = 0     # host RAM (grokadamw)
+
+    device: int = 0  # ordinary CUDA allocations
+    paged: int = 0  # CUDA unified memory (bitsandbytes paged): resident, outside torch's statistics
+    host: int = 0  # host RAM (grokadamw)
 
 
 def bnb8_state(n: int) -> int:
@@ -64,7 +66,7 @@ def _bnb_buffers(family: OptimFamily, moments: int, bits: int, n: int) -> tuple[
         blocks = -(-n // BNB_BLOCK)
         absmax = [2 * blocks, blocks] if family == F.ADEMAMIX else [blocks] * moments
         return sum(alloc(e) for e in elems), sum(alloc(4 * b) for b in absmax)
-    return sum(alloc(4 * e) for e in elems), 0   # fp32 whatever the param dtype (:509-510)
+    return sum(alloc(4 * e) for e in elems), 0  # fp32 whatever the param dtype (:509-510)
 
 
 def _bnb_state(t: OptimTraits, n: int) -> StateBytes:
@@ -106,8 +108,7 @@ def _adalomo_state(p: Param, n: int) -> int:
 
 def apollo_target(p: Param) -> bool:
     """APOLLO projects the attention and MLP Linear weights (HF optim_target_modules, as GaLore's)."""
-    return (p.trainable and p.kind == ParamKind.DENSE and p.role in (*ATTENTION_ROLES, *MLP_ROLES)
-            and len(p.dims) == 2)
+    return p.trainable and p.kind == ParamKind.DENSE and p.role in (*ATTENTION_ROLES, *MLP_ROLES) and len(p.dims) == 2
 
 
 def _apollo_state(p: Param, g: int, n: int) -> int:
@@ -154,7 +155,7 @@ def _family_state(p: Param, setup: TrainingSetup, n: int) -> int:
     t, g = setup.optim.traits, grad_bytes(p, setup)
     fam = t.family
     if fam in (F.SGD, F.LOMO):
-        return 0   # SGD: momentum_buffer only if momentum != 0, and HF passes only lr (torch sgd.py:~454)
+        return 0  # SGD: momentum_buffer only if momentum != 0, and HF passes only lr (torch sgd.py:~454)
     if fam in (F.ADAFACTOR, F.GALORE_ADAFACTOR):
         return _factored(_local_dims(p, n))
     if fam == F.APOLLO_ADAMW:
@@ -166,7 +167,7 @@ def _family_state(p: Param, setup: TrainingSetup, n: int) -> int:
         # 1-byte placeholder; eps_sq a 0-d tensor
         return 2 * alloc(g * n) + (alloc(2 * n) if g == 2 else STEP_SCALAR) + STEP_SCALAR
     if fam == F.GALORE_ADAMW and t.bits == 8:
-        return bnb8_state(n)   # GaLoreAdamW8bit's plain group is bitsandbytes' AdamW8bit
+        return bnb8_state(n)  # GaLoreAdamW8bit's plain group is bitsandbytes' AdamW8bit
     dtype_bytes = 4 if t.state_dtype == StateDtype.FP32 else g
     fused = STEP_SCALAR if t.fused and t.library == OptimLibrary.TORCH else 0
     # torch AdamW/Adagrad/RMSprop, schedulefree (z + exp_avg_sq), anyprecision: zeros_like states
@@ -223,11 +224,13 @@ def _muon_transient(params: list[Param], setup: TrainingSetup) -> int:
     nesterov g.add(buf), the bf16 Newton-Schulz iterate and its k x k products (k = min(m, n);
     an envelope of the research notes' CPU points 18n, 16n, 13n). Then its AdamW params:
     buf1 / (eps + buf2.sqrt()) (two copies), while the last Muon update `u` (bf16) is still bound."""
+
     def muon(p: Param, g: int, n: int) -> int:
         return alloc(g * n) + 3 * alloc(2 * n) + 6 * alloc(2 * min(p.dims) ** 2) if muon_param(p) else 0
 
     def adamw(p: Param, g: int, n: int) -> int:
         return 0 if muon_param(p) else 2 * alloc(g * n)
+
     last_u = max((alloc(2 * p.numel) for p in params if muon_param(p)), default=0)
     return max(_per_param(params, setup, muon), _per_param(params, setup, adamw) + last_u)
 
@@ -263,13 +266,13 @@ def _family_transient(trainable: list[Param], setup: TrainingSetup, world: int) 
         # torch foreach: _foreach_sqrt(exp_avg_sqs) one copy of the bucket (adam.py:~760)
         # [cal: l32-1b full, phi3 full = 5x params]
         F.ADAMW: lambda: bucket,
-        F.RMSPROP: lambda: bucket,                 # avg = _foreach_sqrt(square_avgs) (rmsprop.py)
-        F.ADAGRAD: lambda: 2 * bucket,             # std = _foreach_sqrt + numerator = _foreach_mul
-        F.SGD: lambda: 0,                          # weight_decay 0 (HF default): nothing copied
-        F.SCHEDULE_FREE_ADAMW: lambda: bucket,     # denom = _foreach_div(exp_avg_sq, bc2)
-        F.SCHEDULE_FREE_RADAM: lambda: bucket,     # the same once rho_t > 4 (steady state)
+        F.RMSPROP: lambda: bucket,  # avg = _foreach_sqrt(square_avgs) (rmsprop.py)
+        F.ADAGRAD: lambda: 2 * bucket,  # std = _foreach_sqrt + numerator = _foreach_mul
+        F.SGD: lambda: 0,  # weight_decay 0 (HF default): nothing copied
+        F.SCHEDULE_FREE_ADAMW: lambda: bucket,  # denom = _foreach_div(exp_avg_sq, bc2)
+        F.SCHEDULE_FREE_RADAM: lambda: bucket,  # the same once rho_t > 4 (steady state)
         F.SCHEDULE_FREE_SGD: lambda: 0,
-        F.STABLE_ADAMW: lambda: 0,                 # triton kernel on CUDA (optimi utils.py:191-199)
+        F.STABLE_ADAMW: lambda: 0,  # triton kernel on CUDA (optimi utils.py:191-199)
         # transformers 5.25.0 optimization.py:1256-1293, one param at a time: `update` (grad**2+eps)
         # still referenced when _approx_sq_grad returns the next one, + grad.float() and
         # p.float() copies of a low-precision grad and param [CPU trace: 2x fp32, 4x bf16]
@@ -311,7 +314,7 @@ def optimizer_transient(params: list[Param], setup: TrainingSetup, world: int) -
 # (scripts/calibrate.py has a case for each, for the next GPU session.)
 CUDA_ONLY: dict[OptimLibrary, str] = {
     OptimLibrary.TORCHAO: "the step's fp32 temporaries (torchao==0.18.0 optim/adam.py:142-207, a compiled "
-                          "per-tensor update)",
+    "per-tensor update)",
     OptimLibrary.OPTIMI: "the triton step (torch-optimi==0.3.3 stableadamw.py, utils.py:191-199)",
     OptimLibrary.TORCHDISTX: "the states and step (torchdistx AnyPrecisionAdamW, not installable from PyPI)",
 }
@@ -327,19 +330,25 @@ def optimizer_notes(setup: TrainingSetup, static: StaticBytes) -> list[str]:
     t, gib = setup.optim.traits, 2**30
     notes = []
     if static.paged_states:
-        notes.append(f"{setup.optim.value}: {static.paged_states / gib:.2f} GiB of optimizer states are paged "
-                     "(CUDA unified memory): resident on the GPU and counted in the per-GPU total, but outside "
-                     "torch.cuda.max_memory_allocated (peak allocated); modelled from source, not measured "
-                     f"({PAGED_SOURCE})")
+        notes.append(
+            f"{setup.optim.value}: {static.paged_states / gib:.2f} GiB of optimizer states are paged "
+            "(CUDA unified memory): resident on the GPU and counted in the per-GPU total, but outside "
+            "torch.cuda.max_memory_allocated (peak allocated); modelled from source, not measured "
+            f"({PAGED_SOURCE})"
+        )
     if t.home == StateHome.HOST and not setup.cpu_offload:
-        notes.append(f"{setup.optim.value}: its states live in host RAM (counted in the host column; grokadamw==0.1.2 "
-                     "grokadamw.py:91-96)")
+        notes.append(
+            f"{setup.optim.value}: its states live in host RAM (counted in the host column; grokadamw==0.1.2 "
+            "grokadamw.py:91-96)"
+        )
     why = CUDA_ONLY.get(t.library) or CUDA_ONLY_FAMILY.get(t.family)
     if why:
         notes.append(f"{setup.optim.value}: {why}: modelled from source, not measured")
     if setup.steps_in_backward and not t.layerwise:  # (layer-wise GaLore's phases say it already)
-        notes.append(f"{setup.optim.value} steps inside backward: each parameter's gradient is freed by its "
-                     "optimizer hook, so no full set of gradients is held and there is no optimizer-step phase")
+        notes.append(
+            f"{setup.optim.value} steps inside backward: each parameter's gradient is freed by its "
+            "optimizer hook, so no full set of gradients is held and there is no optimizer-step phase"
+        )
     return notes
 
 
@@ -351,7 +360,9 @@ def layerwise_hook_bytes(params: list[Param], setup: TrainingSetup) -> dict[int 
     world = setup.fsdp
     for p in params:
         if p.trainable:
-            b = alloc(grad_bytes(p, setup) * (shard_for(p, setup) if world > 1 else p.numel)) + optimizer_transient([p], setup, world)
+            b = alloc(grad_bytes(p, setup) * (shard_for(p, setup) if world > 1 else p.numel)) + optimizer_transient(
+                [p], setup, world
+            )
             out[p.layer] = max(out.get(p.layer, 0), b)
     return out
 

@@ -1,7 +1,10 @@
 """Parameters: every tensor the run holds, how it is stored, whether it trains, and the
 bytes of its weights and gradients. The 4-bit storage is in quantization.py, the
 adapters' in lora.py, the optimizer states in optimizers.py, sharding in fsdp.py."""
+
 from __future__ import annotations
+
+from typing import cast
 
 from vramplan.categories import Category as C
 from vramplan.memory.lora import adapter_bytes, lora_targeted
@@ -10,13 +13,13 @@ from vramplan.memory.quantization import quantized_store
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import LinearRole, Param, ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Method, TrainingSetup
+from vramplan.setup import Method, Quant, TrainingSetup
 
 
 def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
     full = setup.method in (Method.FULL, Method.GALORE)
     galore = setup.method == Method.GALORE
-    base_kind = ParamKind(setup.quant.value) if setup.method == Method.QLORA else ParamKind.DENSE
+    base_kind = ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else ParamKind.DENSE
     out: list[Param] = []
     for lin in layer.linears:
         # reference step: GaLore projects 2-D weights inside attention and MLP blocks
@@ -26,8 +29,7 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
             out.append(Param(lin.out_features, lin.out_features, ParamKind.DENSE, full, i, role=lin.role))
         if lora_targeted(lin, setup):
             out.append(Param(setup.lora_r * lin.in_features, setup.lora_r, ParamKind.LORA, True, i, role=lin.role))
-            out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i,
-                             role=lin.role))
+            out.append(Param(lin.out_features * setup.lora_r, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
             if setup.dora:  # lora_magnitude_vector (peft tuners/lora/dora.py:129)
                 out.append(Param(lin.out_features, lin.out_features, ParamKind.LORA, True, i, role=lin.role))
     if layer.experts:

@@ -1,6 +1,7 @@
 """The persistent per-GPU bytes of a step: every parameter's storage (sharded under
 FSDP), its gradient and its optimizer states, or, under FSDP2's CPUOffloadPolicy, the
 pinned host bytes that hold them instead."""
+
 from __future__ import annotations
 
 from vramplan.categories import Category as C

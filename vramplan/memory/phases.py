@@ -6,6 +6,7 @@ optimizer step). Each phase gives a breakdown by Category of what is alive; the 
 the largest phase. Steady state (step >= 1) is modelled: optimizer states exist from
 the first step on, and step 0 is never larger except for GaLore's first SVD, modelled
 as its own phase."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,10 @@ from vramplan.memory.types import MeasuredPhase, PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Attention, Method, TrainingSetup
 
-OFFLOAD_NOTE = ("CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
-                "memory and the optimizer steps on the CPU.")
+OFFLOAD_NOTE = (
+    "CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
+    "memory and the optimizer steps on the CPU."
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Prepared:
     """The token-independent part of step_model for one (spec, setup without batch/seq).
     The planner evaluates each configuration at several token counts; sharing this part
     makes that cheaper without changing any result."""
+
     spec: ModelSpec
     key: TrainingSetup
     params: list[Param]
@@ -82,12 +86,27 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     # parameter's hook steps it and frees its grad
     hook = layerwise_hook_bytes(params, setup) if setup.steps_in_backward else {}
     cache = cast_cache(params, setup, spec.vocab, head_trains(setup)) - fused_head_cast(spec, setup)
-    return StepContext(spec=spec, setup=setup, params=params, static=prepared.static, units=prepared.units,
-                       per_layer=saved.per_layer, acts=saved.total, layer_acts=saved.layers,
-                       released=saved.released, cast_cache=cache,
-                       hook=hook, layer_gpu=saved.layer_gpu, reload=saved.reload, forward_extra=saved.forward_extra,
-                       buffers=saved.buffers, host_acts=saved.host, reentrant=reentrant(setup),
-                       engine=prepared.engine, gathering=gathering(setup))
+    return StepContext(
+        spec=spec,
+        setup=setup,
+        params=params,
+        static=prepared.static,
+        units=prepared.units,
+        per_layer=saved.per_layer,
+        acts=saved.total,
+        layer_acts=saved.layers,
+        released=saved.released,
+        cast_cache=cache,
+        hook=hook,
+        layer_gpu=saved.layer_gpu,
+        reload=saved.reload,
+        forward_extra=saved.forward_extra,
+        buffers=saved.buffers,
+        host_acts=saved.host,
+        reentrant=reentrant(setup),
+        engine=prepared.engine,
+        gathering=gathering(setup),
+    )
 
 
 def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
@@ -105,8 +124,14 @@ def head_phases(ctx: StepContext) -> list[Phase]:
     final_norm = has_rms_final_norm(spec)
     phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts, loss.forward)]
     if final_norm:
-        phases.append(_at_forward_end(ctx, PhaseKind.FORWARD_FINAL_NORM, acts,
-                                      alloc(n * final_norm_forward(spec, forward_locals(spec.hidden, ctx.stream)))))
+        phases.append(
+            _at_forward_end(
+                ctx,
+                PhaseKind.FORWARD_FINAL_NORM,
+                acts,
+                alloc(n * final_norm_forward(spec, forward_locals(spec.hidden, ctx.stream))),
+            )
+        )
     phases.append(_at_forward_end(ctx, PhaseKind.LOSS_BACKWARD, acts, loss.backward))
     if final_norm:
         # the final norm's fp32 backward, every layer's saved tensors still alive; of the
@@ -120,8 +145,11 @@ def root_hook_phase(ctx: StepContext) -> list[Phase]:
     """A layer-wise optimizer's hook on lm_head (or the embedding), all saved tensors alive."""
     if not ctx.hook.get(None) or ctx.offload:
         return []
-    return [ctx.base(PhaseKind.OPTIMIZER_HOOK_ROOT).add(C.ACTIVATIONS, ctx.acts + ctx.cast_cache)
-            .add(C.TRANSIENT, alloc(ctx.tokens * ctx.stream * ctx.spec.hidden) + ctx.hook[None])]
+    return [
+        ctx.base(PhaseKind.OPTIMIZER_HOOK_ROOT)
+        .add(C.ACTIVATIONS, ctx.acts + ctx.cast_cache)
+        .add(C.TRANSIENT, alloc(ctx.tokens * ctx.stream * ctx.spec.hidden) + ctx.hook[None])
+    ]
 
 
 def layer_forward_phase(ctx: StepContext) -> list[Phase]:
@@ -137,9 +165,13 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
         return []
     else:
         # at the widest adapter before down (down's saved input not made yet) or at down's
-        live, transient = max(((before - alloc(n * pts.down_saved), alloc(n * pts.lora_fwd)),
-                               (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down))),
-                              key=lambda lt: lt[0] + lt[1] if lt[1] else -1)
+        live, transient = max(
+            (
+                (before - alloc(n * pts.down_saved), alloc(n * pts.lora_fwd)),
+                (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down)),
+            ),
+            key=lambda lt: lt[0] + lt[1] if lt[1] else -1,
+        )
         locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
@@ -178,14 +210,14 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
         return []
     phases = []
     if not ctx.setup.steps_in_backward:
-        ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(C.ACTIVATIONS,
-                                                                     loop_token_bytes(ctx.setup) + ctx.buffers)
+        ph = ctx.base(PhaseKind.OPTIMIZER_STEP, with_grads=True).add(
+            C.ACTIVATIONS, loop_token_bytes(ctx.setup) + ctx.buffers
+        )
         if step_transient_applies(ctx.setup):
             ph.add(C.TRANSIENT, optimizer_transient(ctx.params, ctx.setup, ctx.world) + grad_scaler_step(ctx.setup))
         phases.append(ph)
     if ctx.setup.method == Method.GALORE:
-        phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH),
-                                           ctx.static.grads))
+        phases.append(galore_refresh_phase(ctx.params, ctx.setup, ctx.base(PhaseKind.GALORE_REFRESH), ctx.static.grads))
     return phases
 
 
@@ -195,8 +227,9 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     return notes + offload_note(setup)
 
 
-def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
-               prepared: Prepared | None = None) -> StepModel:
+def step_model(
+    spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False, prepared: Prepared | None = None
+) -> StepModel:
     """All phases of one step. every_layer=True keeps one "layer backward" phase per decoder
     layer instead of only the worst (each is then affine in the token count, which the
     planner relies on). `prepared` (from prepare()) is reused only when it was made for
@@ -205,12 +238,23 @@ def step_model(spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False,
         prepared = prepare(spec, setup)
     ctx = step_context(spec, setup, prepared)
     layers = layer_backward_phases(ctx)
-    phases = [*head_phases(ctx), *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
-              *root_hook_phase(ctx), *layer_forward_phase(ctx), *dora_phase(ctx), *quantization_phases(ctx),
-              *optimizer_phases(ctx)]
+    phases = [
+        *head_phases(ctx),
+        *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
+        *root_hook_phase(ctx),
+        *layer_forward_phase(ctx),
+        *dora_phase(ctx),
+        *quantization_phases(ctx),
+        *optimizer_phases(ctx),
+    ]
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
-    notes = (([OFFLOAD_NOTE] if setup.cpu_offload else []) + loss_notes(setup) + knob_notes(spec, setup)
-             + precision_notes(setup) + optimizer_notes(setup, prepared.static)
-             + engine_notes(spec, setup, prepared.static))
+    notes = (
+        ([OFFLOAD_NOTE] if setup.cpu_offload else [])
+        + loss_notes(setup)
+        + knob_notes(spec, setup)
+        + precision_notes(setup)
+        + optimizer_notes(setup, prepared.static)
+        + engine_notes(spec, setup, prepared.static)
+    )
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

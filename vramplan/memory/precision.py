@@ -1,5 +1,6 @@
 """Precision: the dtype dense weights are held in (--model-dtype, prepare_model_for_kbit_training's
 upcast), whether autocast runs over an fp32 or a bf16 stream, and fp16's GradScaler."""
+
 from __future__ import annotations
 
 from vramplan.memory.storage import BLOCK
@@ -35,7 +36,7 @@ def fp32_stream_autocast(setup: TrainingSetup) -> bool:
 # inv_scale = _scale.double().reciprocal().float() (a float64 temporary, then fp32) (:340-356).
 # _amp_foreach_non_finite_check_and_unscale_ unscales the grads in place (:246-300): no copy.
 GRAD_SCALER_STATE_TENSORS = 2
-GRAD_SCALER_STEP_TENSORS = 3   # found_inf, inv_scale and its float64 temporary
+GRAD_SCALER_STEP_TENSORS = 3  # found_inf, inv_scale and its float64 temporary
 
 
 def grad_scaler_state(setup: TrainingSetup) -> int:
@@ -49,11 +50,15 @@ def grad_scaler_step(setup: TrainingSetup) -> int:
     return GRAD_SCALER_STEP_TENSORS * BLOCK if setup.precision == Precision.FP16 else 0
 
 
-FP16_NOTE = ("--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
-             "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)")
-DORA_CKPT_NOTE = ("DoRA under gradient checkpointing: what the recompute keeps of each weight norm (eye(in) "
-                  "in the checkpoint frame, peft==0.21.2 tuners/lora/dora.py get_lora_weight) is modelled from "
-                  "source, not measured, and the checkpointed forward's per-token DoRA terms are left out")
+FP16_NOTE = (
+    "--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
+    "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)"
+)
+DORA_CKPT_NOTE = (
+    "DoRA under gradient checkpointing: what the recompute keeps of each weight norm (eye(in) "
+    "in the checkpoint frame, peft==0.21.2 tuners/lora/dora.py get_lora_weight) is modelled from "
+    "source, not measured, and the checkpointed forward's per-token DoRA terms are left out"
+)
 
 
 def precision_notes(setup: TrainingSetup) -> list[str]:
@@ -64,5 +69,12 @@ def precision_notes(setup: TrainingSetup) -> list[str]:
     return notes
 
 
-__all__ = ["ModelDtype", "dense_weight_bytes", "fp32_stream_autocast", "grad_scaler_state", "grad_scaler_step",
-           "kbit_upcast", "precision_notes"]
+__all__ = [
+    "ModelDtype",
+    "dense_weight_bytes",
+    "fp32_stream_autocast",
+    "grad_scaler_state",
+    "grad_scaler_step",
+    "kbit_upcast",
+    "precision_notes",
+]

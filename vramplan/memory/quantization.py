@@ -1,5 +1,6 @@
 """4-bit base weights (QLoRA): their packed storage and quantization state, the whole
 weight dequantized for one matmul, and the quantization temporaries of the build."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ def largest_dequantize(params: list[Param], quant: Quant) -> int:
 class DequantizeBackward:
     """QLoRA: the first 4-bit Linear reached in backward dequantizes its whole weight to
     make its input grad (bnb MatMul4Bit.backward, hqq HQQMatmulNoCacheMul.backward)."""
-    numel: int      # its weight elements (0: not QLoRA)
-    grads: int      # per token: its input grad (bf16) while the output grad and its adapter's input grad live
-    freed: int      # per token: what its adapter saved, freed by then (peft's adapter branch runs first)
+
+    numel: int  # its weight elements (0: not QLoRA)
+    grads: int  # per token: its input grad (bf16) while the output grad and its adapter's input grad live
+    freed: int  # per token: what its adapter saved, freed by then (peft's adapter branch runs first)
 
 
 def dequantize_backward(layer: LayerSpec, ctx: ActivationContext, residual: int) -> DequantizeBackward:

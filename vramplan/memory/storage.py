@@ -1,4 +1,5 @@
 """The caching allocator's granularity and the Phase/StepModel containers every rule fills."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ def alloc(n: float) -> int:
 class Phase:
     """What is alive at one modelled moment of the step, by category. Its display name
     is derived from its kind (and, for a layer's backward, the layer and the point)."""
+
     kind: PhaseKind
     layer: int | None = None
     point: LayerPoint | None = None

@@ -1,5 +1,6 @@
 """The enums of the memory model: how a parameter is stored, which phase of the step a
 modelled moment is, and the roles of a decoder layer's Linears the rules read."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +9,11 @@ from enum import Enum, StrEnum
 
 class ParamKind(StrEnum):
     """How one parameter tensor is stored on the device."""
-    DENSE = "dense"   # bf16, or fp32 masters under mixed precision
-    NF4 = "nf4"       # bitsandbytes Linear4bit packed weight
-    HQQ4 = "hqq4"     # hqq HQQLinear packed weight
-    LORA = "lora"     # a peft adapter matrix (lora_A or lora_B)
+
+    DENSE = "dense"  # bf16, or fp32 masters under mixed precision
+    NF4 = "nf4"  # bitsandbytes Linear4bit packed weight
+    HQQ4 = "hqq4"  # hqq HQQLinear packed weight
+    LORA = "lora"  # a peft adapter matrix (lora_A or lora_B)
 
     @property
     def quantized(self) -> bool:
@@ -21,6 +23,7 @@ class ParamKind(StrEnum):
 class LinearRole(StrEnum):
     """model_spec.Linear.role values (vramplan/analyze.py assigns them). A StrEnum, so it
     compares equal to the role strings a ModelSpec holds."""
+
     Q = "q"
     K = "k"
     V = "v"
@@ -49,6 +52,7 @@ MOE_SHARED_ROLES = (R.GATE, R.UP, R.GATE_UP, R.DOWN)
 class MeasuredPhase(StrEnum):
     """The four phases a measurement reports (verify's probes, the CPU trace); each
     modelled phase happens inside one of them."""
+
     BUILD = "build"
     FORWARD = "forward"
     BACKWARD = "backward"
@@ -61,6 +65,7 @@ MEASURED_PHASES = tuple(MeasuredPhase)
 class PhaseKind(Enum):
     """One modelled moment of the step: (display label, the measured phase it falls in).
     LAYER_BACKWARD's label is a template completed by the layer and its LayerPoint."""
+
     BUILD_QUANTIZE = ("build (quantize)", MeasuredPhase.BUILD)
     FORWARD_LOSS = ("forward (loss)", MeasuredPhase.FORWARD)
     FORWARD_FINAL_NORM = ("forward (final norm)", MeasuredPhase.FORWARD)
@@ -88,6 +93,7 @@ class PhaseKind(Enum):
 
 class LayerPoint(StrEnum):
     """The widest moments of one decoder layer's backward (the tag in its phase's name)."""
+
     MLP = "mlp"
     END = "end"
     LORA = "lora"
@@ -103,11 +109,12 @@ class LayerPoint(StrEnum):
 @dataclass(frozen=True)
 class Param:
     """One parameter tensor as the run holds it."""
+
     numel: int
     dim0: int
     kind: ParamKind
     trainable: bool
-    layer: int | None    # decoder layer index, None for the root (embeddings, final norm, head)
+    layer: int | None  # decoder layer index, None for the root (embeddings, final norm, head)
     galore: tuple[int, int] | None = None  # (m, n) for GaLore-projected 2-D weights
     role: str | None = None  # the Linear's role (q, down, ...) for Linear weights, biases and adapters
     shape: tuple[int, ...] | None = None  # when neither (numel,) nor (dim0, numel // dim0): 3-D experts

@@ -32,8 +32,12 @@ def print_models(console: Console | None = None) -> None:
     notes = []
     for name in preset_names():
         source, revision, note = preset_source(name)
-        t.add_row(name, source, revision or "not pinned (main when copied)",
-                  ", ".join(sorted(a for a, v in names.items() if v == name and "/" not in a)))
+        t.add_row(
+            name,
+            source,
+            revision or "not pinned (main when copied)",
+            ", ".join(sorted(a for a, v in names.items() if v == name and "/" not in a)),
+        )
         if note:
             notes.append(f"{name}: {note}")
     console.print(t)

@@ -79,8 +79,13 @@ def comparison_json(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], ass
     }
 
 
-def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], console: Console | None = None,
-                     assumed: list[str] | None = None) -> None:
+def print_comparison(
+    spec: ModelSpec,
+    gpus: GpuSpec,
+    rows: list[StrategyRow],
+    console: Console | None = None,
+    assumed: list[str] | None = None,
+) -> None:
     """The table, the recommendation, then what it assumed and the headroom rule it recommends by."""
     console = console or Console()
     title = f"{spec.name} on {gpus.count}x {gpus.profile.display_name} ({gpus.profile.memory_bytes / GiB:.1f} GiB each)"
@@ -104,8 +109,11 @@ def print_comparison(spec: ModelSpec, gpus: GpuSpec, rows: list[StrategyRow], co
     console.print(t)
     rec = next((r for r in rows if r.recommended), None)
     if rec:
-        tight = "" if has_safe_headroom(rec.estimate.headroom_bytes, rec.estimate.gpu_memory_bytes) else \
-            " (every fitting strategy is under the headroom rule: a longer sample may not fit)"
+        tight = (
+            ""
+            if has_safe_headroom(rec.estimate.headroom_bytes, rec.estimate.gpu_memory_bytes)
+            else " (every fitting strategy is under the headroom rule: a longer sample may not fit)"
+        )
         console.print(f"[bold green]Recommended:[/] {rec.label} — {rec.reason}{tight}")
     else:
         console.print(

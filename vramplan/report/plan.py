@@ -114,10 +114,15 @@ def print_plan(result: PlanResult, console: Console | None = None) -> None:
         t.add_column(col, justify=just)
     for r in result.rows:
         name = ("[bold green]* " if r == result.recommended else "  ") + r.label
-        cells = {"batch\nx seq": f"{r.setup.batch_size}x{r.setup.seq_len}", "accum": str(r.grad_accum),
-                 "tokens/s": f"{r.tokens_per_s:,.0f}", "per-GPU\nGiB": _gib(r.per_gpu_bytes),
-                 "host RAM\nGiB": _gib(r.host_ram_bytes), "headroom\nGiB": _gib(r.headroom_bytes),
-                 "max seq\n(b=1)": f"{r.max_seq_len:,}"}
+        cells = {
+            "batch\nx seq": f"{r.setup.batch_size}x{r.setup.seq_len}",
+            "accum": str(r.grad_accum),
+            "tokens/s": f"{r.tokens_per_s:,.0f}",
+            "per-GPU\nGiB": _gib(r.per_gpu_bytes),
+            "host RAM\nGiB": _gib(r.host_ram_bytes),
+            "headroom\nGiB": _gib(r.headroom_bytes),
+            "max seq\n(b=1)": f"{r.max_seq_len:,}",
+        }
         t.add_row(name, *(cells[c.header] for c in t.columns[1:]))  # type: ignore[index]
     rec = result.recommended  # set whenever there are rows (plan_spec)
     if result.rows and rec is not None:

@@ -3,6 +3,7 @@
 GPU-side libraries (peft, bitsandbytes, hqq, galore-torch) are imported only when a
 method needs them; this package imports without them. The command line is vramplan.cli.verify.
 """
+
 from vramplan.verify.api import VerifyReport, verify
 
 __all__ = ["verify", "VerifyReport"]

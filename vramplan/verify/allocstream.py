@@ -8,6 +8,7 @@ A pointer is reused after its free, so each (pointer, lifetime) becomes a new te
 the trace records is the CPU allocator's requests: the same tensors the CUDA step allocates
 where the kernels agree (cputrace's cuda_like_* helpers), but one stream only (stream 0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class RecordedStream:
 def _walk(prof, device_type: str):
     """(time ns, ptr, signed size) of every allocation event, and (label, start, end) of phases."""
     from torch._C._profiler import _EventType
+
     allocs, marks = [], []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -37,7 +39,7 @@ def _walk(prof, device_type: str):
         if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == device_type:
             allocs.append((e.start_time_ns, e.typed[1].ptr, e.typed[1].alloc_size))
         elif e.name.startswith(_MARK):
-            marks.append((e.name[len(_MARK):], e.start_time_ns, e.end_time_ns))
+            marks.append((e.name[len(_MARK) :], e.start_time_ns, e.end_time_ns))
         stack.extend(e.children)
     # At equal timestamps put frees first: a pointer can only be handed out again once freed.
     allocs.sort(key=lambda a: (a[0], a[2] > 0))
@@ -62,13 +64,16 @@ def events_from_profiler(prof, device_type: str = "cpu") -> RecordedStream:
             rows.append((Op.FREE, live.pop(ptr), 0, t))
         else:
             skipped += 1
-    ops, ids, sizes, times = zip(*rows) if rows else ((), (), (), ())
+    ops, ids, sizes, times = zip(*rows, strict=True) if rows else ((), (), (), ())
     n = len(ops)
-    events = EventStream(np.asarray(ops, np.int8), np.asarray(ids, np.int64),
-                         np.asarray(sizes, np.int64), np.zeros(n, np.int64))
+    events = EventStream(
+        np.asarray(ops, np.int8), np.asarray(ids, np.int64), np.asarray(sizes, np.int64), np.zeros(n, np.int64)
+    )
     t_arr = np.asarray(times, np.int64)
-    phases = tuple((label, int(np.searchsorted(t_arr, start, "left")),
-                    int(np.searchsorted(t_arr, end, "right"))) for label, start, end in marks)
+    phases = tuple(
+        (label, int(np.searchsorted(t_arr, start, "left")), int(np.searchsorted(t_arr, end, "right")))
+        for label, start, end in marks
+    )
     return RecordedStream(events=events, phases=phases, skipped_frees=skipped)
 
 

@@ -1,4 +1,5 @@
 """verify(): estimate, run the reference step (maybe at truncated depths or on N ranks), compare."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,31 +40,41 @@ class VerifyReport(BaseModel):
 
         from vramplan.files import write_folder
         from vramplan.verify.compare import to_frame
+
         frames = []
         for i, c in enumerate(self.comparisons):
             f = to_frame(c)
             f.insert(0, "rank", self.result[i].rank)
             frames.append(f)
         lines = [m.to_measured_case().model_dump_json() for m in self.measurements]
-        return write_folder(folder, {"report.json": self.model_dump_json(indent=1).encode(),
-                                     "comparison.csv": pd.concat(frames).to_csv(index=False).encode(),
-                                     "measurements.jsonl": "".join(line + "\n" for line in lines).encode()}, "--out")
+        return write_folder(
+            folder,
+            {
+                "report.json": self.model_dump_json(indent=1).encode(),
+                "comparison.csv": pd.concat(frames).to_csv(index=False).encode(),
+                "measurements.jsonl": "".join(line + "\n" for line in lines).encode(),
+            },
+            "--out",
+        )
 
 
 def require_cuda(device: str) -> None:
     if not device.startswith("cuda"):
         return
     import torch
+
     if not torch.cuda.is_available():
         why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
-        raise NoGpuError(f"verify runs the real training step and needs a CUDA GPU ({why}); "
-                         "`vramplan estimate` works without one")
+        raise NoGpuError(
+            f"verify runs the real training step and needs a CUDA GPU ({why}); `vramplan estimate` works without one"
+        )
 
 
 def local_gpus(device: str) -> int:
     if not device.startswith("cuda"):
         return 0
     import torch
+
     return torch.cuda.device_count()
 
 
@@ -71,6 +82,7 @@ def estimate_gpus(gpus: str | GpuSpec | None, device: str, fsdp: int) -> GpuSpec
     """The GPUs the estimate is for: given, else the detected ones (at least fsdp of them)."""
     from vramplan.estimate import resolve_gpus
     from vramplan.hardware import detect_gpus, parse_gpus
+
     if gpus is not None:
         return resolve_gpus(gpus)
     found = detect_gpus() if device.startswith("cuda") else None
@@ -90,6 +102,7 @@ def available_ram() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     from vramplan.estimate import local_host_ram
+
     return local_host_ram()
 
 
@@ -101,28 +114,46 @@ def check_cpu_ram(est: Estimate, device: str) -> None:
         return
     from vramplan.estimate import PROCESS_HOST_BYTES
     from vramplan.units import GiB
+
     need = est.per_gpu.peak_allocated_bytes + PROCESS_HOST_BYTES
     have = available_ram()
     if have is not None and need > have:
-        raise VramplanError(f"the CPU trace of {est.description} needs about {need / GiB:.1f} GiB of RAM (the "
-                            f"estimate's peak {est.per_gpu.peak_allocated_bytes / GiB:.1f} GiB + "
-                            f"{PROCESS_HOST_BYTES / GiB:.0f} GiB for the process) and {have / GiB:.1f} GiB is "
-                            "available; use a smaller --seq-len or --batch-size, or --num-layers", "--device cpu")
+        raise VramplanError(
+            f"the CPU trace of {est.description} needs about {need / GiB:.1f} GiB of RAM (the "
+            f"estimate's peak {est.per_gpu.peak_allocated_bytes / GiB:.1f} GiB + "
+            f"{PROCESS_HOST_BYTES / GiB:.0f} GiB for the process) and {have / GiB:.1f} GiB is "
+            "available; use a smaller --seq-len or --batch-size, or --num-layers",
+            "--device cpu",
+        )
 
 
 def _capacity(device: str, spec: GpuSpec) -> int:
     if device.startswith("cuda"):
         import torch
+
         return int(torch.cuda.mem_get_info()[1])
     # the CPU trace holds the step in this machine's RAM
     from vramplan.estimate import local_host_ram
+
     ram = local_host_ram()
     return min(spec.profile.memory_bytes, int(0.6 * ram)) if ram else spec.profile.memory_bytes
 
 
-def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers: int | None = None, steps: int = 3,
-           gpus: str | GpuSpec | None = None, extrapolate: str = "auto", depths: list[int] | None = None,
-           max_depth: int = 8, on_phase=None, on_case=None, on_notice=None) -> VerifyReport:
+def verify(
+    model: str,
+    setup: TrainingSetup,
+    *,
+    device: str = "cuda",
+    num_layers: int | None = None,
+    steps: int = 3,
+    gpus: str | GpuSpec | None = None,
+    extrapolate: str = "auto",
+    depths: list[int] | None = None,
+    max_depth: int = 8,
+    on_phase=None,
+    on_case=None,
+    on_notice=None,
+) -> VerifyReport:
     """Run the reference step on this machine and compare it with the estimate.
 
     extrapolate: "auto" (when the estimate says the full depth does not fit the local GPU
@@ -133,6 +164,7 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.compare import compare
     from vramplan.verify.preflight import require_libraries
+
     require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
     gspec = estimate_gpus(gpus, device, setup.fsdp)
@@ -142,27 +174,33 @@ def verify(model: str, setup: TrainingSetup, *, device: str = "cuda", num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
         if on_notice is not None and not device.startswith("cuda"):
-            on_notice(_cpu_notice(model, setup, None, steps) + "; verify measures truncated depths instead and "
-                      "extrapolates")
-        return _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case,
-                             on_notice)
+            on_notice(
+                _cpu_notice(model, setup, None, steps) + "; verify measures truncated depths instead and extrapolates"
+            )
+        return _extrapolated(
+            model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice
+        )
     check_cpu_ram(est, device)
     n_local = local_gpus(device)
     if setup.fsdp > 1 and n_local >= setup.fsdp:
         from vramplan.verify.launch import CaseRequest, run_isolated
+
         if on_case:
             on_case(f"torchrun: {setup.fsdp} ranks")
-        ms = run_isolated(CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device),
-                          nproc=setup.fsdp)
+        ms = run_isolated(
+            CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device), nproc=setup.fsdp
+        )
     else:
         ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
     delta = _cpu_loss_delta(model, setup, device, num_layers)
     comparisons = [compare(est, m, delta) for m in ms]
     if num_layers is not None and num_layers < full:  # relate the truncated run to the model asked about
         from vramplan.verify.compare import depth_note
+
         whole = estimate_config(model, gspec, **fields)
-        comparisons = [c.model_copy(update={"notes": [*c.notes, depth_note(num_layers, full, whole, c)]})
-                       for c in comparisons]
+        comparisons = [
+            c.model_copy(update={"notes": [*c.notes, depth_note(num_layers, full, whole, c)]}) for c in comparisons
+        ]
     return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms, comparisons=comparisons)
 
 
@@ -173,6 +211,7 @@ def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: i
         return 0
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.cputrace import cpu_loss_backward_delta
+
     return cpu_loss_backward_delta(setup.tokens, load_model_spec(model, num_layers=num_layers).vocab)
 
 
@@ -189,6 +228,7 @@ def _should_extrapolate(mode: str, num_layers, depths, est: Estimate, capacity: 
 
 def _run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice=None) -> Measurement:
     from vramplan.verify.measure import run_case
+
     if on_notice is not None and not device.startswith("cuda"):
         on_notice(_cpu_notice(model, setup, num_layers, steps))
     if on_case:
@@ -202,6 +242,7 @@ def _cpu_notice(model: str, setup: TrainingSetup, num_layers: int | None, steps:
     from vramplan.hardware import parse_gpus
     from vramplan.model_loader import load_model_spec
     from vramplan.verify import preflight
+
     gpus = parse_gpus("h100-80gb")  # any card: only the allocated bytes are used
     full = load_model_spec(model)
     spec = load_model_spec(model, num_layers=num_layers)
@@ -215,12 +256,14 @@ def _cpu_notice(model: str, setup: TrainingSetup, num_layers: int | None, steps:
     return preflight.cpu_notice(spec, full.num_layers, cost, small, local_host_ram())
 
 
-def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case,
-                  on_notice=None):
+def _extrapolated(
+    model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice=None
+):
     from vramplan.estimate import estimate_config
     from vramplan.model_loader import load_model_spec
     from vramplan.verify import extrapolate as xp
     from vramplan.verify.compare import compare
+
     fields = setup.model_dump(exclude_none=True)
     spec = load_model_spec(model)
     if not depths:
@@ -230,6 +273,7 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
         def fits_at(d: int) -> bool:
             e = estimate_config(model, gspec, num_layers=d, **fields)
             return e.per_gpu.total_bytes <= margin
+
         depths = xp.choose_depths(full, fits_at, max_depth=max_depth, even=even)
     if any(d >= full or d < 1 for d in depths):
         raise VramplanError(f"depths must be between 1 and {full - 1}, got {depths}", "--depths")
@@ -237,7 +281,11 @@ def _extrapolated(model, setup, device, steps, gspec, full, capacity, depths, ma
     ms = [_run(model, setup, device, d, steps, on_phase, on_case, on_notice) for d in depths]
     result, fits = xp.extrapolate(ms, capacity)
     est = estimate_config(model, gspec, **fields)
-    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=[result],
-                        comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
-                        extrapolations=fits)
-
+    return VerifyReport(
+        model=est.model,
+        estimate=est,
+        measurements=ms,
+        result=[result],
+        comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
+        extrapolations=fits,
+    )

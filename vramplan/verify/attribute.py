@@ -3,6 +3,7 @@
 Each storage is counted once (tied weights, shared quantization codes, views that keep a
 whole SVD factor alive), at its full storage size, because that is what the allocator holds.
 """
+
 from __future__ import annotations
 
 from vramplan.categories import Category as C
@@ -16,6 +17,7 @@ class Counter:
     def add(self, t) -> int:
         """Bytes of `t`'s storage if it lives on the measured device and was not counted yet."""
         import torch
+
         if t is None or not isinstance(t, torch.Tensor):
             return 0
         if hasattr(t, "to_local"):  # DTensor: this rank's shard
@@ -36,6 +38,7 @@ class Counter:
 def _tensors_of(obj, depth: int = 2):
     """Tensors held by an optimizer-state value or a quant-state object (a few levels deep)."""
     import torch
+
     if isinstance(obj, torch.Tensor):
         yield obj
     elif depth > 0 and isinstance(obj, dict):

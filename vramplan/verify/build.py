@@ -5,11 +5,13 @@ so no full-size weights are ever initialized on the CPU: an 8B builds in seconds
 70B QLoRA never holds more than one bf16 Linear before it is quantized. The same code
 runs on ``device="cpu"`` so CI exercises every method it has the libraries for.
 """
+
 from __future__ import annotations
 
 import copy
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from vramplan.errors import VramplanError
 from vramplan.model_loader import load_model_spec, resolve_config
@@ -33,7 +35,7 @@ from vramplan.setup import (
 from vramplan.verify.optional import need
 
 LR = 1e-5
-INIT_STD = 0.02          # values do not change memory; finite values keep SVD and quantizers happy
+INIT_STD = 0.02  # values do not change memory; finite values keep SVD and quantizers happy
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
 # transformers 5.25.0 trainer_optimizer.py:398-405: APOLLO's target-group defaults
@@ -43,19 +45,20 @@ APOLLO_GROUP = dict(rank=128, proj="random", scale_type="channel", update_proj_g
 @dataclass
 class Built:
     """The live objects of one reference step. Not a data model: it holds the GPU memory."""
+
     model: object
     setup: TrainingSetup
     device: str
     vocab: int
     num_layers: int
-    optimizer: object | None = None                      # None with layer-wise GaLore
-    layerwise: dict = field(default_factory=dict)        # param -> its own optimizer
+    optimizer: Any = None  # None with layer-wise GaLore
+    layerwise: dict = field(default_factory=dict)  # param -> its own optimizer
     hooks: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     simulated: bool = False
     rank: int = 0
-    kept: object | None = None                           # --keep-logits: the last forward's output
-    scaler: object | None = None                         # torch.amp.GradScaler under --precision fp16
+    kept: object | None = None  # --keep-logits: the last forward's output
+    scaler: Any = None  # torch.amp.GradScaler under --precision fp16
 
     @property
     def optimizers(self) -> list:
@@ -63,6 +66,7 @@ class Built:
 
     def batch(self):
         import torch
+
         s = self.setup
         ids = torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
         return ids.reshape(1, -1) if s.packing == Packing.PADDING_FREE else ids
@@ -73,6 +77,7 @@ class Built:
         the micro-batch flattened into one row, each sequence its own; position-ids: each row
         two packed sequences of half its length."""
         import torch
+
         s = self.setup
         if s.packing == Packing.NONE:
             return None
@@ -93,8 +98,12 @@ class Built:
         import torch
 
         from vramplan.verify.losses import LOSS_STEPS
-        autocast = (torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
-                    if self.setup.autocast else contextlib.nullcontext())
+
+        autocast = (
+            torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
+            if self.setup.autocast
+            else contextlib.nullcontext()
+        )
         with autocast:
             loss, out = LOSS_STEPS[self.setup.loss](self, ids)
         if self.setup.keep_logits:
@@ -104,7 +113,7 @@ class Built:
     def optimizer_step(self) -> None:
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
         if self.optimizer is not None and self.scaler is not None:
-            self.scaler.step(self.optimizer)   # unscale_ in place, then step unless inf/nan
+            self.scaler.step(self.optimizer)  # unscale_ in place, then step unless inf/nan
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         elif self.optimizer is not None:
@@ -123,8 +132,10 @@ class Built:
 
 # ---------------------------------------------------------------- model
 
+
 def hf_config(cfg: dict, attn: str):
     from transformers import AutoConfig
+
     cfg = copy.deepcopy(cfg)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
@@ -142,6 +153,7 @@ def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = 
     import torch
 
     from vramplan.analyze import auto_class
+
     attn = HF_ATTENTION[attention] if attention is not None else spec.attn_implementation
     config = hf_config(cfg, attn)
     with warnings.catch_warnings():
@@ -154,12 +166,14 @@ def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = 
 
 def decoder_prefix(model, num_layers: int) -> str:
     from vramplan.analyze import _decoder_layers
+
     return _decoder_layers(model, num_layers)[0]
 
 
 def _init_(t, name: str) -> None:
     """Random weights; 1-D weights (norms) ones, biases zeros."""
     import torch
+
     with torch.no_grad():
         if name == "bias":
             t.zero_()
@@ -172,6 +186,7 @@ def _init_(t, name: str) -> None:
 def materialize(model, device: str) -> None:
     """Replace every meta parameter/buffer by one allocated on `device` (tied weights stay tied)."""
     import torch
+
     new: dict[int, torch.nn.Parameter] = {}
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
@@ -191,6 +206,7 @@ def materialize(model, device: str) -> None:
 def fix_rotary(model, device: str) -> None:
     """RoPE inverse frequencies are non-persistent buffers: recompute them on `device`."""
     import torch
+
     for mod in model.modules():
         if "Rotary" not in type(mod).__name__ or not hasattr(mod, "inv_freq"):
             continue
@@ -218,6 +234,7 @@ def decoder_linears(model, spec: ModelSpec) -> list[tuple[str, str]]:
 
 def _random_linear(lin, device: str):
     import torch
+
     w = torch.empty(lin.out_features, lin.in_features, dtype=torch.bfloat16, device=device)
     _init_(w, "weight")
     bias = torch.zeros(lin.out_features, dtype=torch.bfloat16, device=device) if lin.bias is not None else None
@@ -226,13 +243,29 @@ def _random_linear(lin, device: str):
 
 def _nf4(lin, device: str):
     import torch
+
     bnb = need("bitsandbytes", "--quant nf4")
     w, bias = _random_linear(lin, device)
     # built on meta so the constructor's fp32 weight is never allocated
-    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias is not None, compute_dtype=torch.bfloat16,
-                          compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8, device="meta")
-    q.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                 quant_storage=torch.uint8, module=q).to(device)  # .to() quantizes
+    q = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=bias is not None,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        w,
+        requires_grad=False,
+        blocksize=64,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=q,
+    ).to(device)  # .to() quantizes
     if bias is not None:
         q.bias = torch.nn.Parameter(bias, requires_grad=False)
     return q
@@ -240,6 +273,7 @@ def _nf4(lin, device: str):
 
 def _hqq4(lin, device: str):
     import torch
+
     hqq = need("hqq.core.quantize", "--quant hqq4")
     w, bias = _random_linear(lin, device)
     src = torch.nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, device="meta")
@@ -267,18 +301,27 @@ def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded:
 
 def _packed_to_meta(q) -> None:
     import torch
+
     if hasattr(q, "W_q"):  # hqq's HQQLinear
         q.W_q = torch.nn.Parameter(torch.empty_like(q.W_q, device="meta"), requires_grad=False)
         return
     bnb = need("bitsandbytes", "--quant nf4")
     w = q.weight
-    q.weight = bnb.nn.Params4bit(torch.empty_like(w.data, device="meta"), requires_grad=False,
-                                 quant_state=w.quant_state, blocksize=w.blocksize,
-                                 compress_statistics=w.compress_statistics, quant_type=w.quant_type,
-                                 quant_storage=w.quant_storage, module=q, bnb_quantized=True)
+    q.weight = bnb.nn.Params4bit(
+        torch.empty_like(w.data, device="meta"),
+        requires_grad=False,
+        quant_state=w.quant_state,
+        blocksize=w.blocksize,
+        compress_statistics=w.compress_statistics,
+        quant_type=w.quant_type,
+        quant_storage=w.quant_storage,
+        module=q,
+        bnb_quantized=True,
+    )
 
 
 # ---------------------------------------------------------------- methods
+
 
 def lora_targets(model, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """The same Linears the estimate gives adapters (memory.lora.lora_targeted)."""
@@ -297,10 +340,17 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
     """peft's LoRA (or DoRA) on the estimate's targets; an explicit --lora-targets list goes to
     peft as the user's target_modules, so peft's own name matching decides."""
     import torch
+
     peft = need("peft", "--method lora/qlora")
     targets = list(setup.lora_target_modules or lora_targets(model, spec, setup))
-    cfg = peft.LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=setup.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM", use_dora=setup.dora)
+    cfg = peft.LoraConfig(
+        r=setup.lora_r,
+        lora_alpha=2 * setup.lora_r,
+        lora_dropout=setup.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        use_dora=setup.dora,
+    )
     fp32 = setup.adapter_store_dtype == AdapterDtype.FP32
     # adapters are created under the device context: no CPU copies; on meta they stay meta (FSDP)
     with torch.device(device):
@@ -322,8 +372,10 @@ def kbit_prepare(model, setup: TrainingSetup) -> None:
         model.is_loaded_in_4bit = True
         model.quantization_method = "hqq" if setup.quant == Quant.HQQ4 else "bitsandbytes"
     peft.prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=setup.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant})
+        model,
+        use_gradient_checkpointing=setup.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant},
+    )
 
 
 def enable_checkpointing(model, setup: TrainingSetup) -> None:
@@ -346,15 +398,24 @@ def _optim_class(setup: TrainingSetup):
     """The optimizer class and the keyword arguments transformers' Trainer passes it
     (transformers 5.25.0 trainer_optimizer.py:195-622), for the names verify builds."""
     import torch
+
     o, t = setup.optim, setup.optim.traits
     if t.library == OptimLibrary.TORCH:
-        cls = {OptimFamily.ADAMW: torch.optim.AdamW, OptimFamily.SGD: torch.optim.SGD,
-               OptimFamily.ADAGRAD: torch.optim.Adagrad, OptimFamily.RMSPROP: torch.optim.RMSprop}[t.family]
+        cls = {
+            OptimFamily.ADAMW: torch.optim.AdamW,
+            OptimFamily.SGD: torch.optim.SGD,
+            OptimFamily.ADAGRAD: torch.optim.Adagrad,
+            OptimFamily.RMSPROP: torch.optim.RMSprop,
+        }[t.family]
         return cls, ({"fused": True} if t.fused else {})
     if t.library == OptimLibrary.BITSANDBYTES:
         bnb = need("bitsandbytes", f"--optim {o.value}")
-        cls = {OptimFamily.ADAMW: bnb.optim.AdamW, OptimFamily.LION: bnb.optim.Lion,
-               OptimFamily.RMSPROP: bnb.optim.RMSprop, OptimFamily.ADEMAMIX: bnb.optim.AdEMAMix}[t.family]
+        cls = {
+            OptimFamily.ADAMW: bnb.optim.AdamW,
+            OptimFamily.LION: bnb.optim.Lion,
+            OptimFamily.RMSPROP: bnb.optim.RMSprop,
+            OptimFamily.ADEMAMIX: bnb.optim.AdEMAMix,
+        }[t.family]
         kw = {"optim_bits": t.bits}
         if t.family != OptimFamily.RMSPROP:  # HF passes is_paged to all but RMSprop
             kw["is_paged"] = t.paged
@@ -364,11 +425,15 @@ def _optim_class(setup: TrainingSetup):
         return (ao.AdamW8bit if t.bits == 8 else ao.AdamW4bit), {"block_size": 256, "bf16_stochastic_round": False}
     if t.family == OptimFamily.ADAFACTOR:
         from transformers.optimization import Adafactor
+
         return Adafactor, {"scale_parameter": False, "relative_step": False}
     if t.library == OptimLibrary.SCHEDULEFREE:
         sf = need("schedulefree", f"--optim {o.value}")
-        cls = {OptimFamily.SCHEDULE_FREE_ADAMW: sf.AdamWScheduleFree, OptimFamily.SCHEDULE_FREE_RADAM:
-               sf.RAdamScheduleFree, OptimFamily.SCHEDULE_FREE_SGD: sf.SGDScheduleFree}[t.family]
+        cls = {
+            OptimFamily.SCHEDULE_FREE_ADAMW: sf.AdamWScheduleFree,
+            OptimFamily.SCHEDULE_FREE_RADAM: sf.RAdamScheduleFree,
+            OptimFamily.SCHEDULE_FREE_SGD: sf.SGDScheduleFree,
+        }[t.family]
         return cls, ({} if t.family == OptimFamily.SCHEDULE_FREE_RADAM else {"warmup_steps": 0})
     if t.family == OptimFamily.GALORE_ADAMW:
         galore = need("galore_torch", f"--optim {o.value}")
@@ -378,8 +443,10 @@ def _optim_class(setup: TrainingSetup):
     if t.family == OptimFamily.GALORE_ADAFACTOR:
         galore = need("galore_torch", f"--optim {o.value}")
         return galore.GaLoreAdafactor, {"scale_parameter": False, "relative_step": False}
-    raise VramplanError(f"verify does not build {o.value} yet (its memory is modelled from source: "
-                        "docs/memory-model.md, \"Optimizers\")", "--optim")
+    raise VramplanError(
+        f'verify does not build {o.value} yet (its memory is modelled from source: docs/memory-model.md, "Optimizers")',
+        "--optim",
+    )
 
 
 def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
@@ -389,8 +456,12 @@ def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
     if setup.optim.traits.family == OptimFamily.APOLLO_ADAMW:
         proj = APOLLO_GROUP  # the same target selection as GaLore's (HF _setup_low_rank_optimizer)
     else:
-        proj = dict(rank=setup.galore_rank, update_proj_gap=setup.galore_update_proj_gap, scale=GALORE_SCALE,
-                    proj_type=GALORE_PROJ)
+        proj = dict(
+            rank=setup.galore_rank,
+            update_proj_gap=setup.galore_update_proj_gap,
+            scale=GALORE_SCALE,
+            proj_type=GALORE_PROJ,
+        )
     low = [p for n, p in named if _strip(n) in galore]
     rest = [p for n, p in named if _strip(n) not in galore]
     return [{"params": rest}, {"params": low, **proj}]
@@ -443,23 +514,28 @@ def _layerwise_hook(opts: dict):
     def hook(p):
         opts[p].step()
         opts[p].zero_grad(set_to_none=True)
+
     return hook
 
 
 # ---------------------------------------------------------------- FSDP2
+
 
 def fsdp_mesh(world: int, device: str):
     """Rank r of a real group when one is initialized with this world size, else rank 0
     of a fake process group: collectives do nothing, but every buffer is allocated."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
     simulated = not (dist.is_initialized() and dist.get_world_size() == world)
     if simulated:
         if dist.is_initialized():
             raise VramplanError(f"a process group of size {dist.get_world_size()} is already initialized", "--fsdp")
         from torch.testing._internal.distributed.fake_pg import FakeStore
+
         dist.init_process_group(backend="fake", rank=0, world_size=world, store=FakeStore())
     import torch
+
     return init_device_mesh(torch.device(device).type, (world,)), simulated
 
 
@@ -468,6 +544,7 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     notes = []
     mesh, simulated = fsdp_mesh(setup.fsdp, device)
     kw = {"mesh": mesh}
@@ -499,15 +576,18 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
 
 # ---------------------------------------------------------------- DDP and FSDP1
 
+
 def fake_group(world: int) -> bool:
     """Rank 0 of a fake process group of `world` ranks unless a real one of that size is up
     (fsdp_mesh's rule, without a mesh). Returns whether it is simulated."""
     import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() == world:
         return False
     if dist.is_initialized():
         raise VramplanError(f"a process group of size {dist.get_world_size()} is already initialized", "--gpus")
     from torch.testing._internal.distributed.fake_pg import FakeStore
+
     dist.init_process_group(backend="fake", rank=0, world_size=world, store=FakeStore())
     return True
 
@@ -516,7 +596,8 @@ def _bucket_as_result(state, bucket):
     """A comm hook that returns the bucket as reduced: the fake all-reduce gives no future
     value (c10d/comm.cpp), and NCCL's all-reduce is in place, so memory is the same."""
     import torch
-    fut = torch.futures.Future()
+
+    fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut
 
@@ -525,6 +606,7 @@ def wrap_ddp(model, setup: TrainingSetup, device: str):
     """torch DistributedDataParallel as accelerate/HF Trainer build it (bucket_cap_mb left to
     torch, gradient_as_bucket_view=False). On a fake group the no-op hook stands in for NCCL."""
     from torch.nn.parallel import DistributedDataParallel
+
     simulated = fake_group(setup.data_parallel)
     ids = None if device == "cpu" else [torch_device_index(device)]
     ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=False)
@@ -535,6 +617,7 @@ def wrap_ddp(model, setup: TrainingSetup, device: str):
 
 def torch_device_index(device: str) -> int:
     import torch
+
     d = torch.device(device)
     return d.index if d.index is not None else torch.cuda.current_device()
 
@@ -547,32 +630,47 @@ def shard_fsdp1(model, setup: TrainingSetup, device: str, layers_prefix: str):
     from torch.distributed.fsdp import CPUOffload, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
     simulated = fake_group(setup.fsdp)
     layer_cls = type(model.get_submodule(layers_prefix)[0])
     if setup.lora_like:
         from peft.utils.other import fsdp_auto_wrap_policy
+
         policy = fsdp_auto_wrap_policy(model)
     else:
         policy = ModuleWrapPolicy({layer_cls})
-    strategy = {"full": ShardingStrategy.FULL_SHARD, "shard-grad-op": ShardingStrategy.SHARD_GRAD_OP,
-                "no-shard": ShardingStrategy.NO_SHARD, "hybrid": ShardingStrategy.HYBRID_SHARD}
-    wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device(device),
-                   sharding_strategy=strategy[setup.fsdp_sharding.value],
-                   cpu_offload=CPUOffload(offload_params=setup.cpu_offload))
+    strategy = {
+        "full": ShardingStrategy.FULL_SHARD,
+        "shard-grad-op": ShardingStrategy.SHARD_GRAD_OP,
+        "no-shard": ShardingStrategy.NO_SHARD,
+        "hybrid": ShardingStrategy.HYBRID_SHARD,
+    }
+    wrapped = FSDP(
+        model,
+        auto_wrap_policy=policy,
+        device_id=torch.device(device),
+        sharding_strategy=strategy[setup.fsdp_sharding.value],
+        cpu_offload=CPUOffload(offload_params=setup.cpu_offload),
+    )
     return wrapped, simulated
 
 
 # ---------------------------------------------------------------- the whole step
 
+
 def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None) -> Built:
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
+
     if setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH):
-        raise VramplanError(f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
-                            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
-                            "--activation-offload")
+        raise VramplanError(
+            f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
+            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
+            "--activation-offload",
+        )
 
     from vramplan.verify.losses import add_trl_head, check_device
+
     check_device(setup.loss, device)
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
@@ -586,7 +684,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     galore = galore_names(model, spec) if low_rank else set()
     fsdp = setup.engine == Engine.FSDP2
     if qlora:
-        quantize_decoder(model, spec, setup.quant, device, sharded=fsdp)
+        quantize_decoder(model, spec, cast(Quant, setup.quant), device, sharded=fsdp)
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
@@ -618,6 +716,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
 def half_dtype(setup: TrainingSetup):
     """The 2-byte dtype of the step: fp16 under --precision fp16 (GradScaler), else bf16."""
     import torch
+
     return torch.float16 if setup.precision == Precision.FP16 else torch.bfloat16
 
 
@@ -632,5 +731,3 @@ def _wrap_replicated(built: Built, prefix: str) -> None:
         world = setup.fsdp
     if built.simulated:
         built.notes.append(f"{setup.engine.value.upper()} simulated: rank 0 of {world} on a fake process group")
-
-

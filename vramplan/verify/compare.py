@@ -1,4 +1,5 @@
 """The estimate and the measurement side by side, per category and in total."""
+
 from __future__ import annotations
 
 from vramplan.categories import Category as C
@@ -18,47 +19,56 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     """cpu_loss_delta: for a CPU-traced measurement, the bytes CUDA's loss backward holds
     beyond the CPU's (cputrace.cpu_loss_backward_delta); the estimate's phases are compared
     less that."""
-    eb = dict(estimate.per_gpu.breakdown)
-    mb = dict(m.breakdown)
+    eb: dict[C, int | None] = dict(estimate.per_gpu.breakdown)
+    mb: dict[C, int | None] = dict(m.breakdown)
     notes = []
     modelled = dict(estimate.per_gpu.phases)
     loss_backward = PhaseKind.LOSS_BACKWARD.label
     if cpu_loss_delta and loss_backward in modelled:
         modelled[loss_backward] -= cpu_loss_delta
-        notes.append(f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / MiB:.1f} MiB, "
-                     "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)")
+        notes.append(
+            f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / MiB:.1f} MiB, "
+            "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)"
+        )
     if m.setup.fsdp > 1:
         # measured transient is the residual of the peak: it includes the FSDP buffers
-        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb.get(C.FSDP_BUFFERS, 0)
+        # the estimate's categories are all bytes (no None) until set to None here
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + (eb.get(C.FSDP_BUFFERS) or 0)
         eb[C.FSDP_BUFFERS] = None
         mb[C.FSDP_BUFFERS] = None
         notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
-    if eb.get(C.COMM_BUFFERS):
+    comm = eb.get(C.COMM_BUFFERS)
+    if comm:
         # DDP's buckets and DeepSpeed's buffers are not told apart by the measurement either
-        eb[C.TRANSIENT] = eb.get(C.TRANSIENT, 0) + eb[C.COMM_BUFFERS]
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + comm
         eb[C.COMM_BUFFERS] = None
         mb[C.COMM_BUFFERS] = None
         notes.append("communication buffers are not separated in the measurement: compared inside 'transient'")
     pg = estimate.per_gpu
     peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
-        peak_name = max(modelled, key=modelled.get)
+        peak_name = max(modelled, key=modelled.__getitem__)
         peak = modelled[peak_name]
         if peak_name == pg.peak_phase == loss_backward:
             eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) - cpu_loss_delta  # the CUDA-only bytes are transient
         elif peak_name != pg.peak_phase:
-            notes.append(f"CPU trace: the categories are the estimate's at its CUDA peak ({pg.peak_phase}); "
-                         f"on the CPU its widest phase is {peak_name}")
+            notes.append(
+                f"CPU trace: the categories are the estimate's at its CUDA peak ({pg.peak_phase}); "
+                f"on the CPU its widest phase is {peak_name}"
+            )
     rows = [_row(c.value, eb.get(c), mb.get(c)) for c in C]
     total = None
-    if m.peak_reserved_bytes is not None and mb.get(C.CUDA_CONTEXT) is not None:
-        total = m.peak_reserved_bytes + mb[C.CUDA_CONTEXT]
-    totals = [_row("peak allocated", peak, m.peak_allocated_bytes),
-              # the split between the two is an attribution: the measured activations are what the
-              # forward left alive (the loss's fp32 logits too), the measured transient the rest
-              _row("activations + transient", _sum(eb, C.ACTIVATIONS, C.TRANSIENT), _sum(mb, C.ACTIVATIONS, C.TRANSIENT)),
-              _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
-              _row("total (reserved + context)", pg.total_bytes, total)]
+    context = mb.get(C.CUDA_CONTEXT)
+    if m.peak_reserved_bytes is not None and context is not None:
+        total = m.peak_reserved_bytes + context
+    totals = [
+        _row("peak allocated", peak, m.peak_allocated_bytes),
+        # the split between the two is an attribution: the measured activations are what the
+        # forward left alive (the loss's fp32 logits too), the measured transient the rest
+        _row("activations + transient", _sum(eb, C.ACTIVATIONS, C.TRANSIENT), _sum(mb, C.ACTIVATIONS, C.TRANSIENT)),
+        _row("peak reserved", pg.peak_reserved_bytes, m.peak_reserved_bytes),
+        _row("total (reserved + context)", pg.total_bytes, total),
+    ]
     phases = _phase_rows(modelled, pg.phase_measured, m)
     est_at = pg.phase_measured[peak_name] if peak_name else None
     if m.peak_phase and est_at and not m.peak_phase.startswith(est_at):
@@ -66,19 +76,31 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     if m.extrapolated_from:
         notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
     if m.simulated:
-        notes.append(f"FSDP simulated: rank 0 of {m.world} on PyTorch's fake process group "
-                     "(collectives do nothing; every buffer they need is allocated)")
+        notes.append(
+            f"FSDP simulated: rank 0 of {m.world} on PyTorch's fake process group "
+            "(collectives do nothing; every buffer they need is allocated)"
+        )
     if m.oom is not None:
-        notes.append(f"does not fit: out of memory in {m.oom.phase}"
-                     + (f" (step {m.oom.step})" if m.oom.step is not None else ""))
-    return Comparison(description=estimate.description, rows=rows, totals=totals, phases=phases,
-                      extrapolated=bool(m.extrapolated_from),
-                      simulated=m.simulated, fits_measured=m.fits, fits_estimated=estimate.fits, notes=notes)
+        notes.append(
+            f"does not fit: out of memory in {m.oom.phase}"
+            + (f" (step {m.oom.step})" if m.oom.step is not None else "")
+        )
+    return Comparison(
+        description=estimate.description,
+        rows=rows,
+        totals=totals,
+        phases=phases,
+        extrapolated=bool(m.extrapolated_from),
+        simulated=m.simulated,
+        fits_measured=m.fits,
+        fits_estimated=estimate.fits,
+        notes=notes,
+    )
 
 
 def _sum(breakdown: dict, *cats: C) -> int | None:
     values = [breakdown.get(c) for c in cats]
-    return None if any(v is None for v in values) else sum(values)
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
 def _phase_rows(modelled: dict[str, int], measured_of: dict[str, str], m: Measurement) -> list[CategoryRow]:
@@ -98,6 +120,7 @@ def _phase_rows(modelled: dict[str, int], measured_of: dict[str, str], m: Measur
 def to_frame(cmp: Comparison):
     """One row per category and per total, in MiB and bytes (for the CSV)."""
     import pandas as pd
+
     recs = []
     for kind, rows in (("category", cmp.rows), ("total", cmp.totals), ("phase", cmp.phases)):
         for r in rows:
@@ -110,22 +133,28 @@ def depth_note(layers: int, full_layers: int, full: Estimate, cmp: Comparison) -
     full-depth estimate, and this run's peak error scaled by depth (the error of the
     per-layer terms grows with the layers; the rest does not: an upper bound)."""
     peak = next((r for r in cmp.totals if r.category == "peak allocated"), None)
-    line = (f"this run has {layers} of {full_layers} decoder layers; at full depth the estimate is "
-            f"{full.per_gpu.total_bytes / GiB:.2f} GiB per GPU on {full.gpu_name} "
-            f"({'fits' if full.fits else 'does not fit'} its {full.gpu_memory_bytes / GiB:.1f} GiB)")
+    line = (
+        f"this run has {layers} of {full_layers} decoder layers; at full depth the estimate is "
+        f"{full.per_gpu.total_bytes / GiB:.2f} GiB per GPU on {full.gpu_name} "
+        f"({'fits' if full.fits else 'does not fit'} its {full.gpu_memory_bytes / GiB:.1f} GiB)"
+    )
     if peak is not None and peak.error_bytes is not None:
         scaled = abs(peak.error_bytes) * full_layers / layers
-        line += (f"; the peak error here, {peak.error_bytes / MiB:+.1f} MiB, would be at most about "
-                 f"{scaled / MiB:.0f} MiB ({100 * scaled / full.per_gpu.peak_allocated_bytes:.1f}% of the "
-                 "full-depth peak) if it all came from the layers")
+        line += (
+            f"; the peak error here, {peak.error_bytes / MiB:+.1f} MiB, would be at most about "
+            f"{scaled / MiB:.0f} MiB ({100 * scaled / full.per_gpu.peak_allocated_bytes:.1f}% of the "
+            "full-depth peak) if it all came from the layers"
+        )
     return line
 
 
 SUMMED = (C.ACTIVATIONS.value, C.TRANSIENT.value)
 SUM_LABEL = "activations + transient"
-SUM_NOTE = ("activations and transient are compared as their sum: how a measured peak splits between them is an "
-            "attribution (what the forward left alive, then the rest), not a measurement, so either alone can be "
-            "far off where their sum agrees; the per-phase peaks below are measured")
+SUM_NOTE = (
+    "activations and transient are compared as their sum: how a measured peak splits between them is an "
+    "attribution (what the forward left alive, then the rest), not a measurement, so either alone can be "
+    "far off where their sum agrees; the per-phase peaks below are measured"
+)
 
 
 def display_rows(cmp: Comparison) -> tuple[list[CategoryRow], list[CategoryRow]]:
@@ -145,10 +174,16 @@ def display_rows(cmp: Comparison) -> tuple[list[CategoryRow], list[CategoryRow]]
 def render(cmp: Comparison, m: Measurement, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console()
-    biggest = max((abs(v) for r in [*cmp.rows, *cmp.totals] for v in (r.estimate_bytes, r.measured_bytes) if v), default=0)
+    biggest = max(
+        (abs(v) for r in [*cmp.rows, *cmp.totals] for v in (r.estimate_bytes, r.measured_bytes) if v), default=0
+    )
     unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", MiB)
-    gib = (lambda b: "n/a" if b is None else f"{b / div:.2f}")
+
+    def gib(b):
+        return "n/a" if b is None else f"{b / div:.2f}"
+
     title = f"{m.model} [{m.num_layers}/{m.full_layers} layers] {cmp.description}"
     t = Table(title=title, title_justify="left")
     for col in ("category", f"estimate {unit}", f"measured {unit}", f"error {unit}", "error %"):

@@ -14,10 +14,12 @@ what a kernel allocates, the trace runs CUDA's choice: hqq's fp16 working dtype,
 AdamW, dropout's bool mask (the cuda_like_* helpers, which verify's CPU run uses
 too). Used to check the memory model's structure in CI.
 """
+
 from __future__ import annotations
 
 import contextlib
 import gc
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +57,7 @@ def _allocations(prof) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]
     code allocated and has not freed. Live bytes are taken relative to the total just
     before the first event, so only what this trace allocated counts."""
     from torch._C._profiler import _EventType
+
     events, marks = [], []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -62,7 +65,7 @@ def _allocations(prof) -> tuple[list[tuple[int, int]], list[tuple[str, int, int]
         if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu":
             events.append((e.start_time_ns, e.typed[1].total_allocated, e.typed[1].alloc_size))
         elif e.name.startswith(_MARK):
-            marks.append((e.name[len(_MARK):], e.start_time_ns, e.end_time_ns))
+            marks.append((e.name[len(_MARK) :], e.start_time_ns, e.end_time_ns))
         stack.extend(e.children)
     events.sort()
     base = events[0][1] - events[0][2] if events else 0
@@ -91,9 +94,10 @@ class AllocationTrace:
 
     def __init__(self):
         from torch.profiler import ProfilerActivity, profile
+
         self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
 
-    def __enter__(self) -> "AllocationTrace":
+    def __enter__(self) -> AllocationTrace:
         gc.collect()  # what earlier code left to the collector must not count here
         self._prof.__enter__()
         return self
@@ -104,6 +108,7 @@ class AllocationTrace:
     @staticmethod
     def phase(name: str, step: int | None = None):
         from torch.profiler import record_function
+
         return record_function(_MARK + name + ("" if step is None else f"#{step}"))
 
     def phases(self) -> list[TracedPhase]:
@@ -115,6 +120,7 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
     import torch
 
     from vramplan.verify.build import build_step
+
     with AllocationTrace() as trace:
         with trace.phase("build"), cuda_like_build():
             built = build_step(model, setup, device="cpu", num_layers=num_layers)
@@ -142,6 +148,7 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
 def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
     out = []
     from vramplan.memory.precision import fp32_stream_autocast
+
     if setup.precision == Precision.FP16 and setup.fsdp == 1:
         out.append("fp16 autocast (the CPU's cast policy is not CUDA's)")
     elif fp32_stream_autocast(setup):
@@ -213,8 +220,9 @@ class _RowByRow:
     def __getitem__(self, grid):
         def launch(tile, stride, *args, **kw):
             for i in range(grid[0]):
-                row = [a[i:i + 1] if hasattr(a, "dim") and a.dim() == 1 else a for a in args[:self.rows_first]]
-                self.fold(tile[i:i + 1], stride, *row, *args[self.rows_first:], **kw)
+                row = [a[i : i + 1] if hasattr(a, "dim") and a.dim() == 1 else a for a in args[: self.rows_first]]
+                self.fold(tile[i : i + 1], stride, *row, *args[self.rows_first :], **kw)
+
         return launch
 
 
@@ -222,7 +230,7 @@ def _addmm_fp32_blocked(acc, a, b, rows: int = 64) -> None:
     """`acc += a @ b` without an fp32 copy of a or b: CUDA's addmm(out_dtype=float32) makes
     none (trl/kernels/chunked_logprob.py:_addmm_fp32); here a few rows at a time."""
     for i in range(0, acc.shape[0], rows):
-        acc[i:i + rows].add_(a[i:i + rows] @ b)
+        acc[i : i + rows].add_(a[i : i + rows] @ b)
 
 
 @contextlib.contextmanager
@@ -231,14 +239,18 @@ def cuda_like_trl():
     trainer/utils.py:_fused_forward): the labelled rows gathered (`compact`), the per-row
     Triton folds, fp32 accumulation without copies. Only when the step loaded trl."""
     import sys
-    kernel = sys.modules.get("trl.kernels.chunked_logprob")
-    utils = sys.modules.get("trl.trainer.utils")
+
+    kernel: Any = sys.modules.get("trl.kernels.chunked_logprob")
+    utils: Any = sys.modules.get("trl.trainer.utils")
     if kernel is None or utils is None:
         yield
         return
     import types
-    saved = {name: getattr(kernel, name, None) for name in
-             ("_use_triton", "_forward_kernel", "_backward_kernel", "_addmm_fp32", "triton")}
+
+    saved = {
+        name: getattr(kernel, name, None)
+        for name in ("_use_triton", "_forward_kernel", "_backward_kernel", "_addmm_fp32", "triton")
+    }
     saved_utils = utils._use_triton
     # forward fold: (targets, 7 running statistics) are per-row; backward: (targets, log_z, entropy,
     # grad_logprobs, grad_entropy)
@@ -268,6 +280,7 @@ def cuda_like_build():
         yield
         return
     import torch
+
     saved, opt.float32 = opt.float32, torch.float16
     try:
         yield

@@ -5,6 +5,7 @@ in the depth L: value(L) = fixed + per_layer * L (fixed: embeddings, head, logit
 loss, CUDA workspaces; per layer: weights, grads, states, saved activations). Least
 squares over two or more depths; with three or more the residual says how affine it was.
 """
+
 from __future__ import annotations
 
 from vramplan.categories import Category
@@ -21,12 +22,19 @@ def fit(depths: list[int], values: list[int], full_layers: int, quantity: str = 
     n = len(depths)
     mx, my = sum(depths) / n, sum(values) / n
     sxx = sum((d - mx) ** 2 for d in depths)
-    slope = sum((d - mx) * (v - my) for d, v in zip(depths, values)) / sxx
+    slope = sum((d - mx) * (v - my) for d, v in zip(depths, values, strict=False)) / sxx
     fixed = my - slope * mx
-    resid = max(abs(fixed + slope * d - v) for d, v in zip(depths, values))
-    return Extrapolation(depths=list(depths), full_layers=full_layers, quantity=quantity, values=list(values),
-                         fixed_bytes=fixed, per_layer_bytes=slope, predicted_bytes=round(fixed + slope * full_layers),
-                         max_residual_bytes=resid)
+    resid = max(abs(fixed + slope * d - v) for d, v in zip(depths, values, strict=False))
+    return Extrapolation(
+        depths=list(depths),
+        full_layers=full_layers,
+        quantity=quantity,
+        values=list(values),
+        fixed_bytes=fixed,
+        per_layer_bytes=slope,
+        predicted_bytes=round(fixed + slope * full_layers),
+        max_residual_bytes=resid,
+    )
 
 
 def choose_depths(full_layers: int, fits_at, max_depth: int = 8, even: bool = False) -> list[int]:
@@ -44,11 +52,18 @@ def choose_depths(full_layers: int, fits_at, max_depth: int = 8, even: bool = Fa
 _QUANTITIES = ("peak_allocated_bytes", "peak_reserved_bytes", "after_build_bytes", "after_step0_bytes")
 
 
-def extrapolate(measured: list[Measurement], capacity_bytes: int | None = None) -> tuple[Measurement, list[Extrapolation]]:
+def extrapolate(
+    measured: list[Measurement], capacity_bytes: int | None = None
+) -> tuple[Measurement, list[Extrapolation]]:
     """The full-depth Measurement predicted from truncated ones (every quantity and category)."""
     ok = [m for m in measured if m.fits]
     if len({m.num_layers for m in ok}) < 2:
-        failed = [f"{m.num_layers} layers: out of memory in {m.oom.phase}" for m in measured if not m.fits]
+        # a run that does not fit carries its OomInfo (measure sets both together)
+        failed = [
+            f"{m.num_layers} layers: out of memory in {m.oom.phase}"  # type: ignore[union-attr]
+            for m in measured
+            if not m.fits
+        ]
         raise VramplanError("fewer than two truncated depths ran; " + "; ".join(failed), _FLAG)
     full = ok[0].full_layers
     depths = [m.num_layers for m in ok]
@@ -59,7 +74,7 @@ def extrapolate(measured: list[Measurement], capacity_bytes: int | None = None) 
             f = fit(depths, vals, full, q)
             fits.append(f)
             values[q] = f.predicted_bytes
-    breakdown = {}
+    breakdown: dict[Category, int | None] = {}
     for c in Category:
         vals = [m.breakdown.get(c) for m in ok]
         if all(v is not None for v in vals):
@@ -74,13 +89,28 @@ def extrapolate(measured: list[Measurement], capacity_bytes: int | None = None) 
     if capacity_bytes is not None and values.get("peak_reserved_bytes") is not None:
         fit_ok = values["peak_reserved_bytes"] + (breakdown[Category.CUDA_CONTEXT] or 0) <= capacity_bytes
     base = ok[-1]
-    note = (f"EXTRAPOLATED to {full} layers from measured depths {sorted(depths)} "
-            f"(least squares: fixed + per-layer x L); not a measurement at full depth")
-    out = base.model_copy(update=dict(
-        num_layers=full, fits=fit_ok, oom=None, phases=[], step_peaks_bytes=[], breakdown=breakdown,
-        extrapolated_from=sorted(depths), notes=[note, *base.notes], tokens_per_s=None, step_s=[],
-        params_total=_affine_count(ok, full, "params_total"), params_trainable=_affine_count(ok, full, "params_trainable"),
-        nvml_used_bytes=None, **values))
+    note = (
+        f"EXTRAPOLATED to {full} layers from measured depths {sorted(depths)} "
+        f"(least squares: fixed + per-layer x L); not a measurement at full depth"
+    )
+    out = base.model_copy(
+        update=dict(
+            num_layers=full,
+            fits=fit_ok,
+            oom=None,
+            phases=[],
+            step_peaks_bytes=[],
+            breakdown=breakdown,
+            extrapolated_from=sorted(depths),
+            notes=[note, *base.notes],
+            tokens_per_s=None,
+            step_s=[],
+            params_total=_affine_count(ok, full, "params_total"),
+            params_trainable=_affine_count(ok, full, "params_trainable"),
+            nvml_used_bytes=None,
+            **values,
+        )
+    )
     return out, fits
 
 

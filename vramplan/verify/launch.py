@@ -1,5 +1,6 @@
 """Process isolation: one case per fresh process (clean allocator and CUDA context), and
 torchrun for FSDP over N real local GPUs (one process per GPU, every rank reported)."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from vramplan.verify.results import Measurement
 
 class CaseRequest(BaseModel):
     """What a worker process runs."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     model: str
     setup: TrainingSetup
@@ -40,8 +42,9 @@ def run_isolated(req: CaseRequest, nproc: int = 1, timeout: float | None = None)
         req_path.write_text(req.model_dump_json())
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            proc = subprocess.run(worker_command(req_path, tmp_path, nproc), capture_output=True, text=True,
-                                  timeout=timeout, env=env)
+            proc = subprocess.run(
+                worker_command(req_path, tmp_path, nproc), capture_output=True, text=True, timeout=timeout, env=env
+            )
         except subprocess.TimeoutExpired:
             raise VramplanError(f"the case did not finish within {timeout:.0f} s") from None
         outs = sorted(tmp_path.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
@@ -55,6 +58,7 @@ def init_distributed(device: str) -> str:
     """Under torchrun: join the real process group; returns this rank's device."""
     import torch
     import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,12 +75,13 @@ def worker_main(argv: list[str]) -> int:
     req = CaseRequest.model_validate_json(req_path.read_text())
     device = init_distributed(req.device)
     from vramplan.verify.measure import run_case
+
     m = run_case(req.model, req.setup, device=device, num_layers=req.num_layers, steps=req.steps)
     tmp = out_dir / f".rank{m.rank}.json.tmp"
     tmp.write_text(m.model_dump_json())
     tmp.replace(out_dir / f"rank{m.rank}.json")
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-

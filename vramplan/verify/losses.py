@@ -5,6 +5,7 @@ Each function takes the built step and the batch and returns (loss, output): the
 is what the training loop would hold (a ModelOutput, torchtune's logit chunks), kept only
 under --keep-logits. memory/loss.py models each of them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,6 +22,7 @@ TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
 
 def _need(module: str, what: str):
     from vramplan.verify.optional import need
+
     return need(module, what)
 
 
@@ -65,6 +67,7 @@ def torchtune_step(built, ids):
     shifted with an ignored last column, the chunks dropped before backward
     (recipes/lora_finetune_single_device.py _loss_step: `del logits`)."""
     import torch
+
     loss_fn = torchtune_loss_class()()
     decoder, head, config = _parts(built.model)
     cap = getattr(config, "final_logit_softcapping", None)
@@ -96,6 +99,7 @@ def liger_step(built, ids):
     """Liger's causal-LM loss (liger-kernel==0.8.5 transformers/model/loss_utils.py:67-106):
     every row of the final hidden state, labels shifted by padding."""
     import torch.nn.functional as F
+
     fn = _need("liger_kernel.transformers.functional", "--loss liger").liger_fused_linear_cross_entropy
     decoder, head, _ = _parts(built.model)
     hidden = decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state
@@ -121,11 +125,17 @@ def unsloth_step(built, ids):
 
 
 LOSS_STEPS: dict[Loss, Callable] = {
-    Loss.HF: hf_step, Loss.CHUNKED: torchtune_step, Loss.TRL_CHUNKED_NLL: trl_step,
-    Loss.LIGER: liger_step, Loss.CCE: cce_step, Loss.UNSLOTH: unsloth_step}
+    Loss.HF: hf_step,
+    Loss.CHUNKED: torchtune_step,
+    Loss.TRL_CHUNKED_NLL: trl_step,
+    Loss.LIGER: liger_step,
+    Loss.CCE: cce_step,
+    Loss.UNSLOTH: unsloth_step,
+}
 
 
 def check_device(loss: Loss, device: str) -> None:
     from vramplan.memory.loss import CUDA_ONLY
+
     if loss in CUDA_ONLY and not device.startswith("cuda"):
         raise VramplanError(f"{loss.value} runs Triton kernels ({CUDA_ONLY[loss]}): it needs --device cuda", "--loss")

@@ -5,13 +5,15 @@ statistics are reset at the start of every phase, so each phase has its own peak
 the case peak is their maximum (the same number as one max_memory_allocated() over the
 whole case). Out-of-memory in any phase is recorded as a result.
 """
+
 from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, cast
 
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
@@ -34,7 +36,7 @@ class _Run:
     peak_alloc: int | None = None
     peak_reserved: int | None = None
     peak_at: str | None = None
-    trace: object | None = None  # cputrace.AllocationTrace on the CPU: phases are marked in it
+    trace: Any = None  # cputrace.AllocationTrace on the CPU: phases are marked in it
 
     @contextmanager
     def phase(self, name: str, step: int | None):
@@ -51,9 +53,15 @@ class _Run:
 
     def close_phase(self, name: str, step: int | None, seconds: float) -> PhaseSnapshot:
         p = self.probe
-        snap = PhaseSnapshot(phase=name, step=step, allocated_bytes=p.allocated(), reserved_bytes=p.reserved(),
-                             peak_allocated_bytes=p.peak_allocated(), peak_reserved_bytes=p.peak_reserved(),
-                             seconds=seconds)
+        snap = PhaseSnapshot(
+            phase=name,
+            step=step,
+            allocated_bytes=p.allocated(),
+            reserved_bytes=p.reserved(),
+            peak_allocated_bytes=p.peak_allocated(),
+            peak_reserved_bytes=p.peak_reserved(),
+            seconds=seconds,
+        )
         self.phases.append(snap)
         self._update_peaks(snap.peak_allocated_bytes, snap.peak_reserved_bytes, _label(name, step))
         return snap
@@ -80,14 +88,21 @@ class PhaseSizes:
     optimizer: int | None = None
 
 
-def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers: int | None = None,
-             steps: int = 3, on_phase: PhaseCallback | None = None) -> Measurement:
+def run_case(
+    model: str,
+    setup: TrainingSetup,
+    device: str = "cuda",
+    num_layers: int | None = None,
+    steps: int = 3,
+    on_phase: PhaseCallback | None = None,
+) -> Measurement:
     """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
     import torch
 
     from vramplan.model_loader import load_model_spec
     from vramplan.verify import cputrace
     from vramplan.verify.build import build_step
+
     probe = make_probe(device)
     full = load_model_spec(model).num_layers
     probe.fresh()
@@ -131,19 +146,41 @@ def run_case(model: str, setup: TrainingSetup, device: str = "cuda", num_layers:
             probe.fresh()
     if trace is not None:
         after_build, after_step0, step_peaks = _apply_trace(run, trace.phases(), sizes)
-        notes.append("CPU trace: every CPU allocation traced per phase (the analogue of max_memory_allocated); "
-                     "CPU kernels are not CUDA's (docs/verify.md, 'CPU trace'); no reserved or CUDA context")
+        notes.append(
+            "CPU trace: every CPU allocation traced per phase (the analogue of max_memory_allocated); "
+            "CPU kernels are not CUDA's (docs/verify.md, 'CPU trace'); no reserved or CUDA context"
+        )
         notes += [f"not comparable on the CPU: {what}" for what in cputrace.incomparable_on_cpu(setup)]
-    return _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom,
-                        after_build, after_step0, step_peaks, timing, nvml, counts, notes, simulated, rank,
-                        traced=trace is not None)
+    return _measurement(
+        model,
+        setup,
+        device,
+        probe,
+        run,
+        sizes,
+        full,
+        num_layers,
+        steps,
+        oom,
+        after_build,
+        after_step0,
+        step_peaks,
+        timing,
+        nvml,
+        counts,
+        notes,
+        simulated,
+        rank,
+        traced=trace is not None,
+    )
 
 
 def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None, int | None, list[int]]:
     """Fill the phase snapshots from the allocation trace, which reports only at its end."""
-    snaps, prev_end, after_build, after_step0, step_peaks = [], 0, None, None, []
+    snaps, prev_end, after_build, after_step0 = [], 0, None, None
+    step_peaks: list[int] = []
     run.peak_alloc = run.peak_at = None
-    for snap, tp in zip(run.phases, traced):
+    for snap, tp in zip(run.phases, traced, strict=False):
         snaps.append(snap.model_copy(update={"allocated_bytes": tp.end_bytes, "peak_allocated_bytes": tp.peak_bytes}))
         run._update_peaks(tp.peak_bytes, None, _label(tp.name, tp.step))
         if tp.name == "forward":
@@ -152,7 +189,7 @@ def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None
             after_build = tp.end_bytes
         if tp.name == "optimizer":
             after_step0 = after_step0 if after_step0 is not None else tp.end_bytes
-            step_peaks.append(run.peak_alloc)
+            step_peaks.append(cast(int, run.peak_alloc))  # _update_peaks has set it
         prev_end = tp.end_bytes
     run.phases = snaps
     return after_build, after_step0, step_peaks
@@ -181,8 +218,14 @@ def _oom_info(run: _Run, message: str) -> OomInfo:
     name, step = run.current
     peak = p.peak_allocated()
     run._update_peaks(peak, p.peak_reserved(), _label(name, step))
-    return OomInfo(phase=name, step=step, allocated_bytes=p.allocated(), reserved_bytes=p.reserved(),
-                   peak_allocated_bytes=run.peak_alloc, message=message.splitlines()[0][:300] if message else "")
+    return OomInfo(
+        phase=name,
+        step=step,
+        allocated_bytes=p.allocated(),
+        reserved_bytes=p.reserved(),
+        peak_allocated_bytes=run.peak_alloc,
+        message=message.splitlines()[0][:300] if message else "",
+    )
 
 
 def _free(built) -> None:
@@ -192,14 +235,16 @@ def _free(built) -> None:
     gc.collect()
     try:
         import torch.distributed as dist
+
         if dist.is_initialized() and dist.get_backend() == "fake":
             dist.destroy_process_group()
     except (ImportError, RuntimeError, ValueError):
         pass
 
 
-def peak_breakdown(phase: str | None, sizes: PhaseSizes, peak: int | None, after_step0_seen: bool,
-                   layerwise: bool = False) -> dict:
+def peak_breakdown(
+    phase: str | None, sizes: PhaseSizes, peak: int | None, after_step0_seen: bool, layerwise: bool = False
+) -> dict:
     """Bytes per category alive at the peak phase; the rest of the peak is transient.
 
     Alive sets (docs/verify.md): weights, quant state and adapters always; optimizer states
@@ -212,8 +257,14 @@ def peak_breakdown(phase: str | None, sizes: PhaseSizes, peak: int | None, after
     out.update(sizes.model)
     if phase is None:
         # no allocator statistics (CPU): report each category's size, totals unavailable
-        out.update({C.GRADIENTS: sizes.gradients or 0, C.OPTIMIZER_STATES: sizes.optimizer or 0,
-                    C.ACTIVATIONS: None, C.TRANSIENT: None})
+        out.update(
+            {
+                C.GRADIENTS: sizes.gradients or 0,
+                C.OPTIMIZER_STATES: sizes.optimizer or 0,
+                C.ACTIVATIONS: None,
+                C.TRANSIENT: None,
+            }
+        )
         return out
     name = (phase or "").split(" ")[0]
     step0 = "(step 0)" in (phase or "")
@@ -235,6 +286,7 @@ def peak_breakdown(phase: str | None, sizes: PhaseSizes, peak: int | None, after
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for name in _VERSIONED:
         try:
@@ -244,9 +296,30 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, oom, after_build, after_step0,
-                 step_peaks, timing, nvml, counts, notes, simulated, rank, traced: bool = False) -> Measurement:
+def _measurement(
+    model,
+    setup,
+    device,
+    probe,
+    run,
+    sizes,
+    full,
+    num_layers,
+    steps,
+    oom,
+    after_build,
+    after_step0,
+    step_peaks,
+    timing,
+    nvml,
+    counts,
+    notes,
+    simulated,
+    rank,
+    traced: bool = False,
+) -> Measurement:
     from vramplan.model_loader import resolve_config
+
     name, _alias, _cfg = resolve_config(model)
     breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.steps_in_backward)
     if run.peak_reserved is not None and run.peak_alloc is not None:
@@ -258,14 +331,37 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
     # libraries' own workspaces
     breakdown[C.CUDA_CONTEXT] = nvml - last_reserved if nvml is not None and last_reserved is not None else None
     if not probe.available and not traced:
-        notes.append("no allocator statistics on this device: totals, activations and transients unavailable; "
-                     "parameter, gradient and optimizer bytes counted from the tensors")
+        notes.append(
+            "no allocator statistics on this device: totals, activations and transients unavailable; "
+            "parameter, gradient and optimizer bytes counted from the tensors"
+        )
     tokens = setup.tokens
     return Measurement(
-        model=name, num_layers=num_layers or full, full_layers=full, setup=setup, device=device.split(":")[0],
-        device_name=probe.device_name(), rank=rank, world=setup.fsdp, simulated=simulated and setup.fsdp > 1,
-        steps=steps, fits=oom is None, oom=oom, phases=run.phases, peak_allocated_bytes=run.peak_alloc,
-        peak_reserved_bytes=run.peak_reserved, peak_phase=run.peak_at, after_build_bytes=after_build,
-        after_step0_bytes=after_step0, step_peaks_bytes=step_peaks, breakdown=breakdown, nvml_used_bytes=nvml,
-        step_s=timing, tokens_per_s=tokens / timing[-1] if timing and oom is None else None,
-        params_total=counts[0], params_trainable=counts[1], notes=notes, versions=_versions())
+        model=name,
+        num_layers=num_layers or full,
+        full_layers=full,
+        setup=setup,
+        device=device.split(":")[0],
+        device_name=probe.device_name(),
+        rank=rank,
+        world=setup.fsdp,
+        simulated=simulated and setup.fsdp > 1,
+        steps=steps,
+        fits=oom is None,
+        oom=oom,
+        phases=run.phases,
+        peak_allocated_bytes=run.peak_alloc,
+        peak_reserved_bytes=run.peak_reserved,
+        peak_phase=run.peak_at,
+        after_build_bytes=after_build,
+        after_step0_bytes=after_step0,
+        step_peaks_bytes=step_peaks,
+        breakdown=breakdown,
+        nvml_used_bytes=nvml,
+        step_s=timing,
+        tokens_per_s=tokens / timing[-1] if timing and oom is None else None,
+        params_total=counts[0],
+        params_trainable=counts[1],
+        notes=notes,
+        versions=_versions(),
+    )

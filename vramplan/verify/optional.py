@@ -1,4 +1,5 @@
 """Optional (GPU-side) libraries verify imports when it runs a step."""
+
 from __future__ import annotations
 
 from vramplan.errors import VramplanError
@@ -7,6 +8,7 @@ from vramplan.errors import VramplanError
 def need(module: str, what: str):
     """Import an optional (GPU-side) library or say which one is missing."""
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError as e:

@@ -8,6 +8,7 @@
   GPU estimate uses) over this CPU's measured bf16 matmul rate; the RAM is the estimate's
   peak allocated (the CPU trace holds the step in RAM) plus the Python process.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,6 +53,7 @@ def require_libraries(setup: TrainingSetup) -> None:
 
 class CpuCost(BaseModel):
     """What one CPU run of the step will take, estimated before it starts."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     seconds: float
     ram_bytes: int
@@ -88,8 +90,11 @@ def cpu_cost(spec: ModelSpec, setup: TrainingSetup, steps: int, flops_per_s: flo
     from vramplan.throughput import micro_flops, shapes
 
     flops = steps * micro_flops(shapes(spec), setup)
-    return CpuCost(seconds=flops / (flops_per_s * CPU_STEP_EFFICIENCY), ram_bytes=peak_bytes + PROCESS_HOST_BYTES,
-                   flops_per_s=flops_per_s)
+    return CpuCost(
+        seconds=flops / (flops_per_s * CPU_STEP_EFFICIENCY),
+        ram_bytes=peak_bytes + PROCESS_HOST_BYTES,
+        flops_per_s=flops_per_s,
+    )
 
 
 # Above this a CPU run is worth a word before it starts.
@@ -97,18 +102,30 @@ SLOW_CPU_RUN_S = 60.0
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def cpu_notice(spec: ModelSpec, full_layers: int, cost: CpuCost, small: CpuCost | None, ram: int | None) -> str:
     """The line said before a CPU run: its depth, time and RAM, and a cheaper check."""
-    depth = f"{spec.num_layers} of {full_layers} layers" if spec.num_layers < full_layers else \
-        f"full depth ({full_layers} layers)"
-    line = (f"on the CPU: {spec.name} at {depth} needs about {cost.ram_bytes / GiB:.1f} GiB of RAM"
-            + (f" (this machine has {ram / GiB:.0f} GiB)" if ram else "")
-            + f" and about {_duration(cost.seconds)} (this CPU: {cost.flops_per_s / 1e9:.0f} GFLOP/s in bf16 matmul)")
+    depth = (
+        f"{spec.num_layers} of {full_layers} layers"
+        if spec.num_layers < full_layers
+        else f"full depth ({full_layers} layers)"
+    )
+    line = (
+        f"on the CPU: {spec.name} at {depth} needs about {cost.ram_bytes / GiB:.1f} GiB of RAM"
+        + (f" (this machine has {ram / GiB:.0f} GiB)" if ram else "")
+        + f" and about {_duration(cost.seconds)} (this CPU: {cost.flops_per_s / 1e9:.0f} GFLOP/s in bf16 matmul)"
+    )
     if small is not None and cost.seconds > SLOW_CPU_RUN_S:
-        line += (f"; --num-layers 2 --seq-len 512 checks the layer structure in about {_duration(small.seconds)}, "
-                 "and `vramplan estimate` gives the full model")
+        line += (
+            f"; --num-layers 2 --seq-len 512 checks the layer structure in about {_duration(small.seconds)}, "
+            "and `vramplan estimate` gives the full model"
+        )
     return line

@@ -1,5 +1,6 @@
 """Where memory numbers come from: torch.cuda's allocator statistics and NVML on a GPU;
 on CPU nothing (None = unavailable), so the harness still runs and is tested there."""
+
 from __future__ import annotations
 
 import gc
@@ -9,6 +10,7 @@ from vramplan import nvml
 
 class Probe:
     """CPU: no allocator statistics. Subclassed for CUDA."""
+
     available = False
 
     def sync(self) -> None:
@@ -38,6 +40,7 @@ class Probe:
 
     def device_name(self) -> str:
         import platform
+
         return platform.processor() or "cpu"
 
 
@@ -46,6 +49,7 @@ class CudaProbe(Probe):
 
     def __init__(self, index: int = 0):
         import torch
+
         self.torch = torch
         self.index = index
 

@@ -12,6 +12,7 @@ Three sources of noise, each silenced where it comes from:
 - library loggers (bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community"
   at import, bitsandbytes/backends/cpu/ops.py:253 in 0.50.2): raised to ERROR for the run.
 """
+
 from __future__ import annotations
 
 import contextlib

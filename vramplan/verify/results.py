@@ -3,6 +3,7 @@
 Integer bytes everywhere; ``None`` means "not measurable here" (e.g. allocator
 statistics on CPU), never zero.
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,7 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 class PhaseSnapshot(BaseModel):
     """Memory at the end of one phase, and the peak inside it (peaks are reset per phase)."""
+
     model_config = _FROZEN
     phase: str = Field(description="build, forward, backward or optimizer (step + zero_grad)")
     step: int | None = Field(None, description="step index; None for build")
@@ -30,6 +32,7 @@ class PhaseSnapshot(BaseModel):
 
 class OomInfo(BaseModel):
     """Where a case ran out of memory: a result, not a crash."""
+
     model_config = _FROZEN
     phase: str
     step: int | None = None
@@ -41,6 +44,7 @@ class OomInfo(BaseModel):
 
 class Measurement(BaseModel):
     """One reference step measured on one rank."""
+
     model_config = _FROZEN
     model: str = Field(description="what MODEL resolved to")
     num_layers: int = Field(description="decoder layers actually built")
@@ -62,15 +66,18 @@ class Measurement(BaseModel):
     after_step0_bytes: int | None = None
     step_peaks_bytes: list[int] = Field(default_factory=list, description="running peak after each step")
     breakdown: dict[Category, int | None] = Field(default_factory=dict, description="bytes per category at the peak")
-    nvml_used_bytes: int | None = Field(None, description="device memory this process uses per NVML (incl. CUDA context)")
+    nvml_used_bytes: int | None = Field(
+        None, description="device memory this process uses per NVML (incl. CUDA context)"
+    )
     step_s: list[float] = Field(default_factory=list)
     tokens_per_s: float | None = None
     params_total: int = 0
     params_trainable: int = 0
     notes: list[str] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict)
-    extrapolated_from: list[int] = Field(default_factory=list,
-                                         description="depths this full-depth figure was fitted from (empty: measured)")
+    extrapolated_from: list[int] = Field(
+        default_factory=list, description="depths this full-depth figure was fitted from (empty: measured)"
+    )
 
     def case_name(self) -> str:
         s = self.setup
@@ -95,25 +102,47 @@ class Measurement(BaseModel):
         """The JSON-lines record of tests/data/*.jsonl (extra fields allowed, kept)."""
         s = self.setup
         optim, layerwise = _reference_optim(s)
-        mb = (lambda b: None if b is None else b / MiB)
+
+        def mb(b):
+            return None if b is None else b / MiB
+
         fields = dict(
-            name=name or self.case_name(), model=self.model,
+            name=name or self.case_name(),
+            model=self.model,
             layers=None if self.num_layers == self.full_layers else self.num_layers,
-            method=s.method.value, param_dtype="fp32" if s.precision == Precision.MIXED else "bf16",
-            autocast=s.autocast, optim=optim, lora_r=s.lora_r,
+            method=s.method.value,
+            param_dtype="fp32" if s.precision == Precision.MIXED else "bf16",
+            autocast=s.autocast,
+            optim=optim,
+            lora_r=s.lora_r,
             lora_targets="all" if s.lora_targets.value == "all-linear" else "attention",
-            quant=s.quant.value if s.quant else None, galore_rank=s.galore_rank, layerwise=layerwise,
-            ckpt=s.gradient_checkpointing, batch=s.batch_size, seq=s.seq_len,
-            fsdp_world=s.fsdp if s.fsdp > 1 else 0, fsdp_offload=s.cpu_offload,
-            peak_alloc_mb=mb(self.peak_allocated_bytes), peak_reserved_mb=mb(self.peak_reserved_bytes),
-            mem_after_build_mb=mb(self.after_build_bytes), mem_after_step0_mb=mb(self.after_step0_bytes),
+            quant=s.quant.value if s.quant else None,
+            galore_rank=s.galore_rank,
+            layerwise=layerwise,
+            ckpt=s.gradient_checkpointing,
+            batch=s.batch_size,
+            seq=s.seq_len,
+            fsdp_world=s.fsdp if s.fsdp > 1 else 0,
+            fsdp_offload=s.cpu_offload,
+            peak_alloc_mb=mb(self.peak_allocated_bytes),
+            peak_reserved_mb=mb(self.peak_reserved_bytes),
+            mem_after_build_mb=mb(self.after_build_bytes),
+            mem_after_step0_mb=mb(self.after_step0_bytes),
             tokens_per_s=self.tokens_per_s,
             # extra fields (MeasuredCase allows them): everything else a consumer may want
-            steps=self.steps, params_total=self.params_total, params_trainable=self.params_trainable,
-            step_peaks_mb=[round(b / MiB, 1) for b in self.step_peaks_bytes], step_s=self.step_s,
-            fits=self.fits, oom_phase=self.oom.phase if self.oom else None, rank=self.rank,
-            simulated=self.simulated, device_name=self.device_name, optim_hf=s.optim.value,
-            nvml_used_mb=mb(self.nvml_used_bytes), lora_dropout=s.lora_dropout,
+            steps=self.steps,
+            params_total=self.params_total,
+            params_trainable=self.params_trainable,
+            step_peaks_mb=[round(b / MiB, 1) for b in self.step_peaks_bytes],
+            step_s=self.step_s,
+            fits=self.fits,
+            oom_phase=self.oom.phase if self.oom else None,
+            rank=self.rank,
+            simulated=self.simulated,
+            device_name=self.device_name,
+            optim_hf=s.optim.value,
+            nvml_used_mb=mb(self.nvml_used_bytes),
+            lora_dropout=s.lora_dropout,
             measured_breakdown={c.value: int(v) for c, v in self.breakdown.items() if v is not None},
             versions=self.versions,
         )
@@ -142,6 +171,7 @@ def _reference_optim(setup: TrainingSetup) -> tuple[str, bool]:
 
 class Extrapolation(BaseModel):
     """A full-depth figure from truncated depths: value(L) = fixed + per_layer * L, least squares."""
+
     model_config = _FROZEN
     depths: list[int]
     full_layers: int
@@ -164,12 +194,15 @@ class CategoryRow(BaseModel):
 
 class Comparison(BaseModel):
     """Estimate and measurement side by side, one row per category and per total."""
+
     model_config = _FROZEN
     description: str
     rows: list[CategoryRow]
     totals: list[CategoryRow]
-    phases: list[CategoryRow] = Field(default_factory=list, description="peak allocated per measured phase "
-                                      "(the estimate's widest modelled phase inside it)")
+    phases: list[CategoryRow] = Field(
+        default_factory=list,
+        description="peak allocated per measured phase (the estimate's widest modelled phase inside it)",
+    )
     extrapolated: bool = False
     simulated: bool = False
     fits_measured: bool
@@ -178,13 +211,31 @@ class Comparison(BaseModel):
 
 
 # TrainingSetup fields the MeasuredCase columns already encode
-_ENCODED = frozenset({"method", "precision", "optim", "batch_size", "seq_len", "lora_r", "lora_dropout", "lora_targets",
-                      "quant", "galore_rank", "galore_update_proj_gap", "gradient_checkpointing", "fsdp",
-                      "cpu_offload"})
+_ENCODED = frozenset(
+    {
+        "method",
+        "precision",
+        "optim",
+        "batch_size",
+        "seq_len",
+        "lora_r",
+        "lora_dropout",
+        "lora_targets",
+        "quant",
+        "galore_rank",
+        "galore_update_proj_gap",
+        "gradient_checkpointing",
+        "fsdp",
+        "cpu_offload",
+    }
+)
 
 
 def stack_knobs(setup: TrainingSetup) -> dict:
     """The setup's other fields where they differ from their defaults, as JSON values."""
     dumped = setup.model_dump(mode="json")
-    return {k: dumped[k] for k, f in TrainingSetup.model_fields.items()
-            if k not in _ENCODED and getattr(setup, k) != f.default}
+    return {
+        k: dumped[k]
+        for k, f in TrainingSetup.model_fields.items()
+        if k not in _ENCODED and getattr(setup, k) != f.default
+    }

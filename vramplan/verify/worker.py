@@ -1,4 +1,5 @@
 """python -m vramplan.verify.worker REQUEST.json OUT_DIR: run one case, write OUT_DIR/rank<r>.json."""
+
 import sys
 
 from vramplan.verify.launch import worker_main
