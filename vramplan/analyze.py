@@ -212,32 +212,58 @@ def _layer_spec(
         else:
             others.append(p.numel())
     if not linears:
-        # e.g. GPT-2's transformers Conv1D: neither peft's nor the quantizers' Linear path,
-        # and no rule here says what it saves
-        kinds = sorted(
-            {type(m).__name__ for m in layer.modules() if any(q.dim() == 2 for q in m.parameters(recurse=False))}
-        )
-        raise VramplanError(
-            f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan "
-            "models decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
-            "MODEL",
-        )
-    experts = None
-    if expert_tensors:
-        e = expert_tensors[0][1][0]
-        # down_proj is (E, hidden, intermediate); gate_up is (E, 2 * intermediate, hidden)
-        down = [s for _, s in expert_tensors if s[1] == hidden and s[2] != hidden]
-        inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
-        experts = Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
+        _refuse_without_linears(layer)
     return LayerSpec(
         linears=linears,
-        experts=experts,
+        experts=_experts(expert_tensors, hidden, top_k),
         norm_numels=norms,
         attn_norm_dims=attn_norms,
         norm_names=norm_names,
         other_numels=others,
         sliding_window=sliding,
     )
+
+
+def _refuse_without_linears(layer) -> None:
+    # e.g. GPT-2's transformers Conv1D: neither peft's nor the quantizers' Linear path,
+    # and no rule here says what it saves
+    kinds = sorted(
+        {type(m).__name__ for m in layer.modules() if any(q.dim() == 2 for q in m.parameters(recurse=False))}
+    )
+    raise VramplanError(
+        f"this model's decoder layers hold no nn.Linear (found {', '.join(kinds)}); vramplan "
+        "models decoders built from nn.Linear (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
+        "MODEL",
+    )
+
+
+def _experts(expert_tensors: list, hidden: int, top_k: int | None) -> Experts | None:
+    """The fused expert tensors (3-D parameters, (path, shape)) of one layer, or None."""
+    if not expert_tensors:
+        return None
+    e = expert_tensors[0][1][0]
+    # down_proj is (E, hidden, intermediate); gate_up is (E, 2 * intermediate, hidden)
+    down = [s for _, s in expert_tensors if s[1] == hidden and s[2] != hidden]
+    inter = down[0][2] if down else min(min(s[1], s[2]) for _, s in expert_tensors)
+    return Experts(num_experts=e, top_k=top_k or 1, hidden=hidden, intermediate=inter, tensors=expert_tensors)
+
+
+def _outside_numels(model, layers, emb, head, hidden: int) -> tuple[int, int, int]:
+    """(final norm, other, all parameters) element counts: the parameters outside the decoder
+    layers other than the embedding and head, the first hidden-wide vector being the final
+    norm; shared (tied) parameters counted once."""
+    layer_ids = {id(p) for p in layers.parameters()}
+    all_params = {id(p): p for p in model.parameters()}
+    outside = [p for i, p in all_params.items() if i not in layer_ids]
+    final_norm_n, other_n = 0, 0
+    for p in outside:
+        if p is emb.weight or (head is not None and p is head.weight):
+            continue
+        if p.dim() == 1 and p.numel() == hidden and final_norm_n == 0:
+            final_norm_n = p.numel()
+        else:
+            other_n += p.numel()
+    return final_norm_n, other_n, sum(p.numel() for p in all_params.values())
 
 
 def analyze_config(cfg: dict, name: str) -> ModelSpec:
@@ -260,19 +286,9 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
-    layer_ids = {id(p) for p in layers.parameters()}
-    all_params = {id(p): p for p in model.parameters()}
-    outside = [p for i, p in all_params.items() if i not in layer_ids]
     embed_n = emb.weight.numel()
     head_n = 0 if tied or head is None else head.weight.numel()
-    final_norm_n, other_n = 0, 0
-    for p in outside:
-        if p is emb.weight or (head is not None and p is head.weight):
-            continue
-        if p.dim() == 1 and p.numel() == hidden and final_norm_n == 0:
-            final_norm_n = p.numel()
-        else:
-            other_n += p.numel()
+    final_norm_n, other_n, params_total = _outside_numels(model, layers, emb, head, hidden)
     norm = next((m for m in layers[0].modules() if "norm" in type(m).__name__.lower()), None)
     norm_kind = _norm_kind(norm, hidden)
     sdpa = getattr(type(model), "_supports_sdpa", False)
@@ -302,7 +318,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         attn_logit_softcapping=getattr(tcfg, "attn_logit_softcapping", None),
         # transformers masks such models with create_sliding_window_causal_mask in every layer
         sdpa_window=window if (sdpa and window and not layer_types) else None,
-        params_total=sum(p.numel() for p in all_params.values()),
+        params_total=params_total,
         dropouts=_dropouts(tcfg),
     )
 

@@ -317,6 +317,25 @@ def ranks_per_node(setup: TrainingSetup, gpus: GpuSpec) -> int:
     return max(min(gpus.count, world) // setup.nodes, 1)
 
 
+def _setup_notes(
+    spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, model_notes: list[str], peak: Phase
+) -> list[str]:
+    """The estimate's notes that do not depend on the allocator replay, in print order
+    (the preset a name resolved to first)."""
+    notes = (
+        stack_lines(setup)
+        + context_note(spec, setup)
+        + gpu_notes(gpus)
+        + coverage_notes(spec)
+        + fused_expert_note(spec, setup)
+        + model_notes
+        + _loss_note(spec, setup, peak)
+    )
+    if spec.resolved_from:
+        notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
+    return notes
+
+
 def estimate_spec(
     spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, host_ram: int | None = None, alloc_conf: str | None = None
 ) -> Estimate:
@@ -353,17 +372,7 @@ def estimate_spec(
         phases={p.name: p.allocated for p in model.phases},
         phase_measured={p.name: p.measured.value for p in model.phases},
     )
-    notes = (
-        stack_lines(setup)
-        + context_note(spec, setup)
-        + gpu_notes(gpus)
-        + coverage_notes(spec)
-        + fused_expert_note(spec, setup)
-        + list(model.notes)
-        + _loss_note(spec, setup, peak)
-    )
-    if spec.resolved_from:
-        notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
+    notes = _setup_notes(spec, setup, gpus, list(model.notes), peak)
     return Estimate(
         model=spec.name,
         setup=setup,

@@ -221,92 +221,111 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     modes = _fsdp_modes(req)
     for key in req.methods:
         if key == "full":
-            # adamw_torch is left out: adamw_torch_fused does the same update in place
-            # (no foreach temporaries) and is faster, so it dominates it.
-            full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
-            for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims, (False, True), modes):
-                groups.append(
-                    [
-                        dict(
-                            method=Method.FULL,
-                            precision=prec,
-                            optim=optim,
-                            gradient_checkpointing=ckpt,
-                            fsdp=d,
-                            cpu_offload=off,
-                            data_parallel=_ddp_world(req, d),
-                        )
-                    ]
-                )
-            for optim, ckpt, zero in itertools.product(full_optims, (False, True), _zero_modes(req, Method.FULL)):
-                groups.append([dict(method=Method.FULL, optim=optim, gradient_checkpointing=ckpt, **zero)])
+            groups.extend(_full_groups(req, modes))
         elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
-            ranks = _ranks(req.min_lora_rank, smallest, 3)
-            if not ranks:
-                if _nobody_asked(req, "min_lora_rank"):
-                    continue
-                raise VramplanError(
-                    f"{req.min_lora_rank}{_default_said(req, 'min_lora_rank')} is larger than the "
-                    f"smallest adapted layer dimension ({smallest})",
-                    "--min-lora-rank",
-                )
-            method = Method.LORA if key == "lora" else Method.QLORA
-            quant = None if key == "lora" else Quant(key.split("-")[1])
-            # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
-            for ckpt, (d, off) in itertools.product((False, True), modes):
-                groups.append(
-                    [
-                        dict(
-                            method=method,
-                            quant=quant,
-                            lora_r=r,
-                            gradient_checkpointing=ckpt,
-                            fsdp=d,
-                            cpu_offload=off,
-                            data_parallel=_ddp_world(req, d),
-                        )
-                        for r in ranks
-                    ]
-                )
-            for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
-                groups.append(
-                    [dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero) for r in ranks]
-                )
+            groups.extend(_lora_groups(req, key, smallest, modes))
         elif key == "galore":
-            ranks = _ranks(req.min_galore_rank, smallest, 4)
-            if not ranks:
-                if _nobody_asked(req, "min_galore_rank"):
-                    continue
-                raise VramplanError(
-                    f"{req.min_galore_rank}{_default_said(req, 'min_galore_rank')} is larger than the "
-                    f"smallest projected weight dimension ({smallest})",
-                    "--min-galore-rank",
+            groups.extend(_galore_groups(req, smallest))
+    return groups
+
+
+def _full_groups(req: PlanRequest, modes: list[tuple[int, bool]]) -> list[list[dict]]:
+    """Full fine-tuning: one configuration per group (there is no rank to order)."""
+    groups: list[list[dict]] = []
+    # adamw_torch is left out: adamw_torch_fused does the same update in place
+    # (no foreach temporaries) and is faster, so it dominates it.
+    full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
+    for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims, (False, True), modes):
+        groups.append(
+            [
+                dict(
+                    method=Method.FULL,
+                    precision=prec,
+                    optim=optim,
+                    gradient_checkpointing=ckpt,
+                    fsdp=d,
+                    cpu_offload=off,
+                    data_parallel=_ddp_world(req, d),
                 )
-            # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
-            # optimizers step from per-parameter hooks, which HF Trainer refuses under
-            # distributed training, so they are planned for a single GPU only.
-            # the four GaLore AdamW names (galore_adafactor* is left to --optim)
-            optims = [
-                o
-                for o in Optim
-                if o.traits.family == OptimFamily.GALORE_ADAMW and (not o.layerwise or req.gpus.count == 1)
             ]
-            for prec, optim, ckpt in itertools.product(_precisions(req), optims, (False, True)):
-                if prec == Precision.FP16 and optim.layerwise:
-                    continue  # the GradScaler unscales every grad before one step (setup._check)
-                groups.append(
-                    [
-                        dict(
-                            method=Method.GALORE,
-                            precision=prec,
-                            optim=optim,
-                            galore_rank=r,
-                            gradient_checkpointing=ckpt,
-                            data_parallel=_ddp_world(req, 1),
-                        )
-                        for r in ranks
-                    ]
+        )
+    for optim, ckpt, zero in itertools.product(full_optims, (False, True), _zero_modes(req, Method.FULL)):
+        groups.append([dict(method=Method.FULL, optim=optim, gradient_checkpointing=ckpt, **zero)])
+    return groups
+
+
+def _lora_groups(req: PlanRequest, key: str, smallest: int, modes: list[tuple[int, bool]]) -> list[list[dict]]:
+    """LoRA or QLoRA (key "lora", "qlora-nf4" or "qlora-hqq4"): one group of ranks per setup;
+    none when no rank fits and nobody asked for the minimum."""
+    ranks = _ranks(req.min_lora_rank, smallest, 3)
+    if not ranks:
+        if _nobody_asked(req, "min_lora_rank"):
+            return []
+        raise VramplanError(
+            f"{req.min_lora_rank}{_default_said(req, 'min_lora_rank')} is larger than the "
+            f"smallest adapted layer dimension ({smallest})",
+            "--min-lora-rank",
+        )
+    method = Method.LORA if key == "lora" else Method.QLORA
+    quant = None if key == "lora" else Quant(key.split("-")[1])
+    groups: list[list[dict]] = []
+    # bf16 only: a frozen base gains nothing from fp32 masters (they only cost memory)
+    for ckpt, (d, off) in itertools.product((False, True), modes):
+        groups.append(
+            [
+                dict(
+                    method=method,
+                    quant=quant,
+                    lora_r=r,
+                    gradient_checkpointing=ckpt,
+                    fsdp=d,
+                    cpu_offload=off,
+                    data_parallel=_ddp_world(req, d),
                 )
+                for r in ranks
+            ]
+        )
+    for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
+        groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero) for r in ranks])
+    return groups
+
+
+def _galore_groups(req: PlanRequest, smallest: int) -> list[list[dict]]:
+    """GaLore: one group of ranks per precision, optimizer and checkpointing; none when no
+    rank fits and nobody asked for the minimum."""
+    ranks = _ranks(req.min_galore_rank, smallest, 4)
+    if not ranks:
+        if _nobody_asked(req, "min_galore_rank"):
+            return []
+        raise VramplanError(
+            f"{req.min_galore_rank}{_default_said(req, 'min_galore_rank')} is larger than the "
+            f"smallest projected weight dimension ({smallest})",
+            "--min-galore-rank",
+        )
+    # galore_torch projects plain tensors: no FSDP (DTensor shards); layer-wise
+    # optimizers step from per-parameter hooks, which HF Trainer refuses under
+    # distributed training, so they are planned for a single GPU only.
+    # the four GaLore AdamW names (galore_adafactor* is left to --optim)
+    optims = [
+        o for o in Optim if o.traits.family == OptimFamily.GALORE_ADAMW and (not o.layerwise or req.gpus.count == 1)
+    ]
+    groups: list[list[dict]] = []
+    for prec, optim, ckpt in itertools.product(_precisions(req), optims, (False, True)):
+        if prec == Precision.FP16 and optim.layerwise:
+            continue  # the GradScaler unscales every grad before one step (setup._check)
+        groups.append(
+            [
+                dict(
+                    method=Method.GALORE,
+                    precision=prec,
+                    optim=optim,
+                    galore_rank=r,
+                    gradient_checkpointing=ckpt,
+                    data_parallel=_ddp_world(req, 1),
+                )
+                for r in ranks
+            ]
+        )
     return groups
 
 

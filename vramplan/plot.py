@@ -348,6 +348,20 @@ def fit_limit(series: Series, capacity: int) -> str:
     return "all" if len(fitting) == len(series.xs) else f"≤ {max(fitting)}"
 
 
+def _scaling_y_axis(ax, series: Sequence[Series], capacities: Sequence[tuple[str, int]]) -> None:
+    """Log-2 y axis when a series climbs far beyond the largest card, linear from zero otherwise."""
+    top = max(max(s.totals) for s in series)
+    biggest = max(c for _, c in capacities)
+    if top > 2.5 * biggest:
+        # linear, a method far beyond the largest card would flatten (or hide) the others
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    else:
+        ax.set_ylim(0, _gib(max(top, biggest) * 1.1))
+
+
 def scaling_figure(
     series: Sequence[Series], x: str, capacities: Sequence[tuple[str, int]], title: str | None = None
 ) -> Figure:
@@ -381,16 +395,7 @@ def scaling_figure(
             linewidth=1.2,
             label=f"capacity {name} ({_gib(cap):.1f} GiB)",
         )
-    top = max(max(s.totals) for s in series)
-    biggest = max(c for _, c in capacities)
-    if top > 2.5 * biggest:
-        # linear, a method far beyond the largest card would flatten (or hide) the others
-        from matplotlib.ticker import FuncFormatter
-
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    else:
-        ax.set_ylim(0, _gib(max(top, biggest) * 1.1))
+    _scaling_y_axis(ax, series, capacities)
     ax.set_xscale("log", base=2)
     xs = sorted({v for s in series for v in s.xs})
     ax.set_xticks(xs, [str(v) for v in xs])

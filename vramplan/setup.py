@@ -190,26 +190,33 @@ class Optim(str, Enum):
 
 def _table() -> dict[Optim, OptimTraits]:
     """Each name's traits, read from the library HF's trainer_optimizer.py (transformers 5.25.0
-    :195-622) builds it with; docs/memory-model.md, "Optimizers", gives the rules and sources."""
+    :195-622) builds it with; docs/memory-model.md, "Optimizers", gives the rules and sources.
+    Two halves, in HF's order: the whole-tensor optimizers, then the projected, in-backward
+    and other third-party ones."""
+    return {**_whole_tensor_traits(), **_projected_and_other_traits()}
+
+
+def _bnb_traits(fam: OptimFamily, label: str, moments: int, bits: int, paged: bool = False) -> OptimTraits:
+    # bnb 32-bit states (and the 8-bit small-tensor fallback) are fp32 whatever the param dtype
+    # (bitsandbytes 0.50.2 optim/optimizer.py:509-510); HF: is_paged = "paged" in name
+    return OptimTraits(
+        fam,
+        OptimLibrary.BITSANDBYTES,
+        ("paged " if paged else "") + ("8-bit " if bits == 8 else "") + label,
+        moments,
+        bits=bits,
+        state_dtype=StateDtype.FP32,
+        paged=paged,
+        fused=True,
+        home=StateHome.PAGED if paged else StateHome.DEVICE,
+    )
+
+
+def _whole_tensor_traits() -> dict[Optim, OptimTraits]:
+    """torch, transformers, torchdistx, torchao and bitsandbytes optimizers."""
     F, L, T, O = OptimFamily, OptimLibrary, OptimTraits, Optim
     fp32 = StateDtype.FP32
-    bnb = L.BITSANDBYTES
-
-    def bnb_(fam: OptimFamily, label: str, moments: int, bits: int, paged: bool = False) -> OptimTraits:
-        # bnb 32-bit states (and the 8-bit small-tensor fallback) are fp32 whatever the param dtype
-        # (bitsandbytes 0.50.2 optim/optimizer.py:509-510); HF: is_paged = "paged" in name
-        return T(
-            fam,
-            bnb,
-            ("paged " if paged else "") + ("8-bit " if bits == 8 else "") + label,
-            moments,
-            bits=bits,
-            state_dtype=fp32,
-            paged=paged,
-            fused=True,
-            home=StateHome.PAGED if paged else StateHome.DEVICE,
-        )
-
+    bnb_ = _bnb_traits
     return {
         O.ADAMW_TORCH: T(F.ADAMW, L.TORCH, "AdamW", 2),
         O.ADAMW_TORCH_FUSED: T(F.ADAMW, L.TORCH, "AdamW fused", 2, fused=True),
@@ -239,6 +246,14 @@ def _table() -> dict[Optim, OptimTraits]:
         O.RMSPROP_BNB: bnb_(F.RMSPROP, "RMSprop", 1, 32),
         O.RMSPROP_BNB_8BIT: bnb_(F.RMSPROP, "RMSprop", 1, 8),
         O.RMSPROP_BNB_32BIT: bnb_(F.RMSPROP, "RMSprop", 1, 32),
+    }
+
+
+def _projected_and_other_traits() -> dict[Optim, OptimTraits]:
+    """GaLore, LOMO, GrokAdamW, schedule-free, APOLLO, optimi and Muon optimizers."""
+    F, L, T, O = OptimFamily, OptimLibrary, OptimTraits, Optim
+    fp32 = StateDtype.FP32
+    return {
         O.GALORE_ADAMW: T(F.GALORE_ADAMW, L.GALORE, "AdamW", 2),
         O.GALORE_ADAMW_8BIT: T(F.GALORE_ADAMW, L.GALORE, "8-bit AdamW", 2, bits=8),
         O.GALORE_ADAFACTOR: T(F.GALORE_ADAFACTOR, L.GALORE, "Adafactor", 1, state_dtype=fp32, factored=True),
