@@ -29,6 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_gpu_options(p)
     config_file.add_config_option(p)
+    _add_topology_options(p)
+    _add_search_options(p)
+    _add_output_options(p)
+    p.set_defaults(handler=run)
+
+
+def _add_topology_options(p: argparse.ArgumentParser) -> None:
+    """The stack and how the GPUs are spread over nodes, the sequence and global batch."""
     _flag(p, "stack", choices=_choices(Stack), extra_help=" (default: --config's framework, else --emit's)")
     p.add_argument(
         "--nodes", type=int_in(MAX_RANKS), help=bounded("nodes the GPUs are spread over; default 1", MAX_RANKS)
@@ -50,6 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int_in(MAX_GLOBAL_BATCH),
         help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH),
     )
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    """What the search may try: methods, smallest ranks, host RAM and largest micro-batch."""
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
     p.add_argument(
         "--min-lora-rank", type=int_in(MAX_RANK), help=bounded("smallest acceptable LoRA rank; default 16", MAX_RANK)
@@ -69,6 +81,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int_in(MAX_PLAN_BATCH),
         help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH),
     )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Layers, rows shown, allocator config, output format and --emit's target."""
     add_num_layers(p)
     p.add_argument("--top", type=int_in(MAX_TOP), default=10, help=bounded("rows to show; default 10", MAX_TOP))
     p.add_argument("--alloc-conf", metavar="CONF", help=ALLOC_CONF_HELP)
@@ -82,7 +98,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", metavar="FILE", help="the file --emit writes (the recommended row)")
     p.add_argument("--emit-dir", metavar="DIR", help="the folder --emit writes one file per shown row into")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,6 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     plot = sub.add_parser("plot", help="draw the memory breakdown, scaling or accuracy as PNG/SVG")
     kinds = plot.add_subparsers(dest="plot_kind", required=True, parser_class=_Parser, metavar="KIND")
 
+    _add_breakdown_parser(kinds)
+    _add_scaling_parser(kinds)
+    _add_timeline_parser(kinds)
+    _add_accuracy_parser(kinds)
+
+
+def _add_breakdown_parser(kinds: argparse._SubParsersAction) -> None:
+    """``vramplan plot breakdown``: stacked per-GPU memory by category."""
     b = kinds.add_parser(
         "breakdown", help="stacked per-GPU memory by category, the standard strategies or one --method"
     )
@@ -65,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _output_option(b, "breakdown-MODEL-GPUS.png")
     b.set_defaults(handler=_cmd_breakdown)
 
+
+def _add_scaling_parser(kinds: argparse._SubParsersAction) -> None:
+    """``vramplan plot scaling``: memory against sequence length or batch size, one line per method."""
     s = kinds.add_parser(
         "scaling",
         conflict_handler="resolve",
@@ -92,6 +103,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _output_option(s, "scaling-MODEL-X.png")
     s.set_defaults(handler=_cmd_scaling)
 
+
+def _add_timeline_parser(kinds: argparse._SubParsersAction) -> None:
+    """``vramplan plot timeline``: allocated and reserved over one step."""
     t = kinds.add_parser(
         "timeline", help="allocated (by category) and reserved over one step, phases marked, GPU capacity as a line"
     )
@@ -101,6 +115,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _output_option(t, "timeline-MODEL-GPUS.png")
     t.set_defaults(handler=_cmd_timeline)
 
+
+def _add_accuracy_parser(kinds: argparse._SubParsersAction) -> None:
+    """``vramplan plot accuracy``: predicted vs measured from measured-case JSON lines."""
     a = kinds.add_parser("accuracy", help="predicted vs measured from measured-case JSON lines, with the ±5%% band")
     a.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines files of measured cases (MeasuredCase schema)")
     a.add_argument(

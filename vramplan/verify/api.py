@@ -181,17 +181,7 @@ def verify(
             model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice
         )
     check_cpu_ram(est, device)
-    n_local = local_gpus(device)
-    if setup.fsdp > 1 and n_local >= setup.fsdp:
-        from vramplan.verify.launch import CaseRequest, run_isolated
-
-        if on_case:
-            on_case(f"torchrun: {setup.fsdp} ranks")
-        ms = run_isolated(
-            CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device), nproc=setup.fsdp
-        )
-    else:
-        ms = [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
+    ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)
     delta = _cpu_loss_delta(model, setup, device, num_layers)
     comparisons = [compare(est, m, delta) for m in ms]
     if num_layers is not None and num_layers < full:  # relate the truncated run to the model asked about
@@ -202,6 +192,22 @@ def verify(
             c.model_copy(update={"notes": [*c.notes, depth_note(num_layers, full, whole, c)]}) for c in comparisons
         ]
     return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms, comparisons=comparisons)
+
+
+def _measure_at_depth(
+    model, setup: TrainingSetup, device: str, num_layers: int | None, steps: int, on_phase, on_case, on_notice
+) -> list[Measurement]:
+    """One measurement per rank: torchrun when the FSDP ranks fit the local GPUs, else one in-process case."""
+    n_local = local_gpus(device)
+    if setup.fsdp > 1 and n_local >= setup.fsdp:
+        from vramplan.verify.launch import CaseRequest, run_isolated
+
+        if on_case:
+            on_case(f"torchrun: {setup.fsdp} ranks")
+        return run_isolated(
+            CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device), nproc=setup.fsdp
+        )
+    return [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
 
 
 def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:

@@ -30,20 +30,7 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
             f"CPU trace: the estimate's loss backward is compared less {cpu_loss_delta / MiB:.1f} MiB, "
             "what CUDA's log-softmax/NLL backward holds beyond the CPU's (2·tokens·vocab)"
         )
-    if m.setup.fsdp > 1:
-        # measured transient is the residual of the peak: it includes the FSDP buffers
-        # the estimate's categories are all bytes (no None) until set to None here
-        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + (eb.get(C.FSDP_BUFFERS) or 0)
-        eb[C.FSDP_BUFFERS] = None
-        mb[C.FSDP_BUFFERS] = None
-        notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
-    comm = eb.get(C.COMM_BUFFERS)
-    if comm:
-        # DDP's buckets and DeepSpeed's buffers are not told apart by the measurement either
-        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + comm
-        eb[C.COMM_BUFFERS] = None
-        mb[C.COMM_BUFFERS] = None
-        notes.append("communication buffers are not separated in the measurement: compared inside 'transient'")
+    notes += _fold_unseparated_buffers(eb, mb, m.setup.fsdp > 1)
     pg = estimate.per_gpu
     peak_name, peak = pg.peak_phase, pg.peak_allocated_bytes
     if cpu_loss_delta and modelled:  # the CPU's widest phase may be another one
@@ -73,6 +60,44 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
     est_at = pg.phase_measured[peak_name] if peak_name else None
     if m.peak_phase and est_at and not m.peak_phase.startswith(est_at):
         notes.append(f"peak in a different phase: estimate '{peak_name}', measured '{m.peak_phase}'")
+    notes += _measurement_notes(m)
+    return Comparison(
+        description=estimate.description,
+        rows=rows,
+        totals=totals,
+        phases=phases,
+        extrapolated=bool(m.extrapolated_from),
+        simulated=m.simulated,
+        fits_measured=m.fits,
+        fits_estimated=estimate.fits,
+        notes=notes,
+    )
+
+
+def _fold_unseparated_buffers(eb: dict[C, int | None], mb: dict[C, int | None], sharded: bool) -> list[str]:
+    """Move the buffers the measurement cannot tell apart (FSDP's, the communication ones) into
+    the estimate's transient, in place; the notes saying so."""
+    notes = []
+    if sharded:
+        # measured transient is the residual of the peak: it includes the FSDP buffers
+        # the estimate's categories are all bytes (no None) until set to None here
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + (eb.get(C.FSDP_BUFFERS) or 0)
+        eb[C.FSDP_BUFFERS] = None
+        mb[C.FSDP_BUFFERS] = None
+        notes.append("FSDP buffers are not separated in the measurement: compared inside 'transient'")
+    comm = eb.get(C.COMM_BUFFERS)
+    if comm:
+        # DDP's buckets and DeepSpeed's buffers are not told apart by the measurement either
+        eb[C.TRANSIENT] = (eb.get(C.TRANSIENT) or 0) + comm
+        eb[C.COMM_BUFFERS] = None
+        mb[C.COMM_BUFFERS] = None
+        notes.append("communication buffers are not separated in the measurement: compared inside 'transient'")
+    return notes
+
+
+def _measurement_notes(m: Measurement) -> list[str]:
+    """What the measurement itself was: extrapolated, simulated FSDP, out of memory."""
+    notes = []
     if m.extrapolated_from:
         notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
     if m.simulated:
@@ -85,17 +110,7 @@ def compare(estimate: Estimate, m: Measurement, cpu_loss_delta: int = 0) -> Comp
             f"does not fit: out of memory in {m.oom.phase}"
             + (f" (step {m.oom.step})" if m.oom.step is not None else "")
         )
-    return Comparison(
-        description=estimate.description,
-        rows=rows,
-        totals=totals,
-        phases=phases,
-        extrapolated=bool(m.extrapolated_from),
-        simulated=m.simulated,
-        fits_measured=m.fits,
-        fits_estimated=estimate.fits,
-        notes=notes,
-    )
+    return notes
 
 
 def _sum(breakdown: dict, *cats: C) -> int | None:

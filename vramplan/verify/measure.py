@@ -111,11 +111,9 @@ def run_case(
     on_cpu = torch.device(device).type == "cpu"
     trace = cputrace.AllocationTrace() if on_cpu else None
     run = _Run(probe, on_phase, trace=trace)
-    sizes, timing = PhaseSizes(), []
-    built = oom = None
-    after_build = after_step0 = nvml = None
-    counts = (0, 0)
-    step_peaks: list[int] = []
+    sizes = PhaseSizes()
+    out = _Outcome(traced=trace is not None)
+    built = None
     with trace if trace is not None else nullcontext():
         try:
             with run.phase("build", None), cputrace.cuda_like_build() if on_cpu else nullcontext():
@@ -124,55 +122,66 @@ def run_case(
                     cputrace.cuda_like_optimizer(built)
             dev = torch.device(device).type
             sizes.model = model_bytes(built.model, dev)
-            counts = param_counts(built.model)
-            after_build = probe.allocated()
+            out.counts = param_counts(built.model)
+            out.after_build = probe.allocated()
             with cputrace.cuda_like_steps() if on_cpu else nullcontext():
-                for step in range(steps):
-                    t0 = time.perf_counter()
-                    _one_step(built, run, sizes, step, dev)
-                    timing.append(time.perf_counter() - t0)
-                    if step == 0:
-                        after_step0 = probe.allocated()
-                    if run.peak_alloc is not None:
-                        step_peaks.append(run.peak_alloc)
-            nvml = probe.nvml_used()
+                _run_steps(built, run, sizes, steps, dev, out)
+            out.nvml = probe.nvml_used()
         except torch.OutOfMemoryError as e:
-            oom = _oom_info(run, str(e))
+            out.oom = _oom_info(run, str(e))
         finally:
-            notes = list(built.notes) if built is not None else []
-            simulated, rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
+            out.notes = list(built.notes) if built is not None else []
+            out.simulated, out.rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
             _free(built)
             built = None
             probe.fresh()
     if trace is not None:
-        after_build, after_step0, step_peaks = _apply_trace(run, trace.phases(), sizes)
-        notes.append(
-            "CPU trace: every CPU allocation traced per phase (the analogue of max_memory_allocated); "
-            "CPU kernels are not CUDA's (docs/verify.md, 'CPU trace'); no reserved or CUDA context"
-        )
-        notes += [f"not comparable on the CPU: {what}" for what in cputrace.incomparable_on_cpu(setup)]
-    return _measurement(
-        model,
-        setup,
-        device,
-        probe,
-        run,
-        sizes,
-        full,
-        num_layers,
-        steps,
-        oom,
-        after_build,
-        after_step0,
-        step_peaks,
-        timing,
-        nvml,
-        counts,
-        notes,
-        simulated,
-        rank,
-        traced=trace is not None,
-    )
+        out.after_build, out.after_step0, out.step_peaks = _apply_trace(run, trace.phases(), sizes)
+        out.notes += _cpu_trace_notes(setup)
+    return _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, out)
+
+
+@dataclass
+class _Outcome:
+    """What running one case left for its Measurement: snapshots, timings, counts, notes.
+
+    Filled in place as the case runs, so that what an out-of-memory error interrupts keeps
+    what was measured before it."""
+
+    traced: bool = False
+    oom: OomInfo | None = None
+    after_build: int | None = None
+    after_step0: int | None = None
+    nvml: int | None = None
+    counts: tuple[int, int] = (0, 0)
+    step_peaks: list[int] = field(default_factory=list)
+    timing: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    simulated: bool = False
+    rank: int = 0
+
+
+def _run_steps(built, run: _Run, sizes: PhaseSizes, steps: int, dev: str, out: _Outcome) -> None:
+    """Run the `steps` training steps, recording each one's time and peak into `out` as it ends."""
+    for step in range(steps):
+        t0 = time.perf_counter()
+        _one_step(built, run, sizes, step, dev)
+        out.timing.append(time.perf_counter() - t0)
+        if step == 0:
+            out.after_step0 = run.probe.allocated()
+        if run.peak_alloc is not None:
+            out.step_peaks.append(run.peak_alloc)
+
+
+def _cpu_trace_notes(setup: TrainingSetup) -> list[str]:
+    """What a CPU-traced measurement says about itself."""
+    from vramplan.verify import cputrace
+
+    return [
+        "CPU trace: every CPU allocation traced per phase (the analogue of max_memory_allocated); "
+        "CPU kernels are not CUDA's (docs/verify.md, 'CPU trace'); no reserved or CUDA context",
+        *(f"not comparable on the CPU: {what}" for what in cputrace.incomparable_on_cpu(setup)),
+    ]
 
 
 def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None, int | None, list[int]]:
@@ -296,32 +305,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _measurement(
-    model,
-    setup,
-    device,
-    probe,
-    run,
-    sizes,
-    full,
-    num_layers,
-    steps,
-    oom,
-    after_build,
-    after_step0,
-    step_peaks,
-    timing,
-    nvml,
-    counts,
-    notes,
-    simulated,
-    rank,
-    traced: bool = False,
-) -> Measurement:
+def _measurement(model, setup, device, probe, run, sizes, full, num_layers, steps, out: _Outcome) -> Measurement:
     from vramplan.model_loader import resolve_config
 
     name, _alias, _cfg = resolve_config(model)
-    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, after_step0 is not None, setup.steps_in_backward)
+    breakdown = peak_breakdown(run.peak_at, sizes, run.peak_alloc, out.after_step0 is not None, setup.steps_in_backward)
     if run.peak_reserved is not None and run.peak_alloc is not None:
         breakdown[C.ALLOCATOR_OVERHEAD] = run.peak_reserved - run.peak_alloc
     else:
@@ -329,9 +317,9 @@ def _measurement(
     last_reserved = run.phases[-1].reserved_bytes if run.phases else None
     # NVML sees the whole process: what it adds over reserved is the CUDA context and the
     # libraries' own workspaces
-    breakdown[C.CUDA_CONTEXT] = nvml - last_reserved if nvml is not None and last_reserved is not None else None
-    if not probe.available and not traced:
-        notes.append(
+    breakdown[C.CUDA_CONTEXT] = out.nvml - last_reserved if out.nvml is not None and last_reserved is not None else None
+    if not probe.available and not out.traced:
+        out.notes.append(
             "no allocator statistics on this device: totals, activations and transients unavailable; "
             "parameter, gradient and optimizer bytes counted from the tensors"
         )
@@ -343,25 +331,25 @@ def _measurement(
         setup=setup,
         device=device.split(":")[0],
         device_name=probe.device_name(),
-        rank=rank,
+        rank=out.rank,
         world=setup.fsdp,
-        simulated=simulated and setup.fsdp > 1,
+        simulated=out.simulated and setup.fsdp > 1,
         steps=steps,
-        fits=oom is None,
-        oom=oom,
+        fits=out.oom is None,
+        oom=out.oom,
         phases=run.phases,
         peak_allocated_bytes=run.peak_alloc,
         peak_reserved_bytes=run.peak_reserved,
         peak_phase=run.peak_at,
-        after_build_bytes=after_build,
-        after_step0_bytes=after_step0,
-        step_peaks_bytes=step_peaks,
+        after_build_bytes=out.after_build,
+        after_step0_bytes=out.after_step0,
+        step_peaks_bytes=out.step_peaks,
         breakdown=breakdown,
-        nvml_used_bytes=nvml,
-        step_s=timing,
-        tokens_per_s=tokens / timing[-1] if timing and oom is None else None,
-        params_total=counts[0],
-        params_trainable=counts[1],
-        notes=notes,
+        nvml_used_bytes=out.nvml,
+        step_s=out.timing,
+        tokens_per_s=tokens / out.timing[-1] if out.timing and out.oom is None else None,
+        params_total=out.counts[0],
+        params_trainable=out.counts[1],
+        notes=out.notes,
         versions=_versions(),
     )

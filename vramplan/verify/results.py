@@ -146,6 +146,13 @@ class Measurement(BaseModel):
             measured_breakdown={c.value: int(v) for c, v in self.breakdown.items() if v is not None},
             versions=self.versions,
         )
+        fields.update(self._optional_record_fields())
+        return MeasuredCase.model_validate(fields)
+
+    def _optional_record_fields(self) -> dict:
+        """The record's fields written only when set: extrapolation source, knobs, engines."""
+        s = self.setup
+        fields: dict = {}
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
         knobs = stack_knobs(s)
@@ -158,7 +165,7 @@ class Measurement(BaseModel):
             fields["fsdp_version"] = s.fsdp_version
         if s.sharded and s.fsdp_sharding.value != "full":
             fields["fsdp_sharding"] = s.fsdp_sharding.value
-        return MeasuredCase.model_validate(fields)
+        return fields
 
 
 def _reference_optim(setup: TrainingSetup) -> tuple[str, bool]:
