@@ -267,6 +267,7 @@ def test_bad_deepspeed_stage_and_missing_file(tmp_path, capsys):
 # ---- plan --emit
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @pytest.mark.parametrize("fmt", ["axolotl", "trl", "llamafactory"])
 @pytest.mark.parametrize("gpus", ["rtx-4090", "2xrtx-4090"])
 def test_plan_emit_round_trips(tmp_path, capsys, fmt, gpus):
@@ -363,6 +364,7 @@ def test_emit_needs_a_target(capsys):
     assert "needs --emit" in capsys.readouterr().err
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_plan_keeps_the_files_fixed_fields(hub_cache, capsys):
     """axolotl/qlora.yml: flash attention, padding-free packing and 4096 tokens stay; the search varies the rest."""
     out = run_json(

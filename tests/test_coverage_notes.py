@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from vramplan.estimate import TRACED_MODEL_TYPES, estimate_config
 
 ROOT = Path(__file__).resolve().parent
@@ -98,6 +100,7 @@ def test_model_dropout_is_named(tmp_path):
     assert not any("dropout" in n for n in plain.notes)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_comparison_and_plan_show_the_architecture_note(tmp_path, capsys):
     from vramplan.cli import main
     from vramplan.plan import plan_model

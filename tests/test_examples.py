@@ -35,6 +35,7 @@ def test_examples_exist():
     assert {"estimate_custom_config.py", "compare_2x3090.py", "plot_breakdown.py"} <= names
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_runs(path, tmp_path):
     if _needs_gpu(path) and not _have_cuda():

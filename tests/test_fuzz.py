@@ -297,6 +297,7 @@ def test_estimate_invariants(model, fields):
     assert est.fits == (est.fits_gpu and est.fits_host)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @settings(max_examples=50, deadline=None, derandomize=True)
 @given(model=st.sampled_from(SMALL + ["llama-3.3-70b"]), fields=setups())
 def test_checkpointing_raises_the_peak_by_at_most_one_hidden_state(model, fields):

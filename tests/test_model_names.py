@@ -91,6 +91,7 @@ def test_local_folder_with_a_presets_config(tmp_path):
     assert params == 8_030_261_248 and not imported
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_a_changed_shape_is_not_a_preset(tmp_path):
     """One memory-shaping key off (the MLP width) and the preset's analysis must not answer."""
     cfg = {**LLAMA3_8B, "intermediate_size": 14336 + 256, "num_hidden_layers": 2}

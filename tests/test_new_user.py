@@ -34,6 +34,7 @@ def test_plan_rows_are_sorted_by_tokens_per_s_exactly():
     assert any("fastest first by estimated tokens/s" in rule for rule in res.rules)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_a_faster_lower_rank_is_recommended_over_a_higher_one(eight_b_on_4090):
     """r16 at micro-batch 3 fits with room to spare and is faster than r32 at micro-batch 3:
     the minimum rank is the smallest rank accepted, not a reason to raise it."""
@@ -47,6 +48,7 @@ def test_a_faster_lower_rank_is_recommended_over_a_higher_one(eight_b_on_4090):
     assert any("smallest rank you accept" in rule and "never preferred" in rule for rule in res.rules)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_comparison_and_plan_recommend_by_one_headroom_rule(capsys):
     """GaLore at 0.43 GiB headroom was recommended by the comparison and refused by plan."""
     from vramplan.headroom import has_safe_headroom, rule_text
@@ -78,6 +80,7 @@ def test_larger_cards_are_every_nvidia_bf16_class():
     assert 80 in sizes and 141 in sizes
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_long_context_suggests_an_80gb_card():
     """--min-seq 32768 on an 8B said only "shorter context"."""
     res = plan_model("llama-3.1-8b", "rtx-4090", min_seq=32768)
@@ -86,6 +89,7 @@ def test_long_context_suggests_an_80gb_card():
     assert card and ("79 GiB" in card[0] or "80 GiB" in card[0] or "140 GiB" in card[0])
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_suggestion_providers_are_a_hook(monkeypatch):
     import sys
 
@@ -109,6 +113,7 @@ def test_comparison_says_batch_stack_host_ram_and_ddp(capsys):
     assert "DDP" in out
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_plan_says_sequence_stack_host_ram_and_ddp(capsys):
     assert (
         main(
@@ -121,6 +126,7 @@ def test_plan_says_sequence_stack_host_ram_and_ddp(capsys):
     assert "host RAM 64 GB per node (--host-ram)" in out and "DDP" in out
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @pytest.mark.parametrize("width", [80, 120])
 def test_plan_table_fits_the_terminal(width, monkeypatch, capsys):
     """The command's own console (no console passed): the terminal's width, not a fixed 150."""
@@ -383,6 +389,7 @@ def _getting_started_batch_example() -> list[str]:
     return shlex.split(command)[1:]
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_getting_started_batch_scaling_example_shows_the_fit_boundary(tmp_path, monkeypatch):
     """It drew nothing that fits, on a y axis to 4 TiB."""
     import sys

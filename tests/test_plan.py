@@ -43,6 +43,7 @@ def small():
 # ---------------------------------------------------------------- plan ⊆ estimate
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @pytest.mark.parametrize("which", ["seventy", "seven_full_param", "small"])
 def test_every_reported_row_fits_by_estimate(which, request):
     result = request.getfixturevalue(which)
@@ -99,6 +100,7 @@ def test_eager_attention_grid_matches_estimate():
         assert abs(grid.total[si, 2] - flat_total(est)) <= 512 * 8 * len(spec.layers)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_sliding_window_grid_matches_estimate_on_both_sides_of_the_window(ckpt):
     """Mistral-7B (window 4096): from the window on SDPA gets an explicit mask (a tokens x seq
@@ -185,6 +187,7 @@ def test_rows_are_ranked_and_respect_constraints(small):
             assert r.setup.galore_rank >= 128 and not r.setup.optim.layerwise  # layer-wise needs a single GPU
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_global_batch_min_seq_and_ranks():
     res = plan_model(
         "qwen2.5-0.5b",
@@ -226,6 +229,7 @@ def test_per_method_limits_are_the_edge_of_fitting(small):
     assert checked >= 3
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_nothing_fits_says_what_would():
     res = plan_model("qwen2.5-7b", "1x8GB", methods="full", min_seq=1024, host_ram=64 * GiB)
     assert not res.rows and res.recommended is None

@@ -71,6 +71,7 @@ def test_breakdown_colours_and_legend_follow_the_categories(tiny):
     assert any("capacity" in t for t in legend) and all(c.label in legend for c in present)
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_breakdown_verdicts_match_the_estimates():
     spec = load_model_spec("llama-2-70b")
     bars = plot.breakdown_bars(spec, parse_gpus("2x24GB"), {}, host_ram=128 * GiB)
@@ -84,6 +85,7 @@ def test_breakdown_verdicts_match_the_estimates():
         assert f"{est.per_gpu.total_bytes / GiB:.1f} GiB" in text
 
 
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_breakdown_breaks_the_axis_for_bars_far_past_the_card():
     """A 70B full fine-tune needs 675 GiB per 24 GB card: drawn in one panel it showed only its
     weights. The axis breaks: every bar is drawn to its total, a right panel continues the long
