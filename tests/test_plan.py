@@ -305,6 +305,11 @@ def test_cli_json_and_csv(capsys):
         (["--min-lora-rank", "100000"], "--min-lora-rank"),
         (["--top", "0"], "--top"),
         (["--host-ram", "lots"], "--host-ram"),
+        (["--vary", "loss"], "--vary"),
+        (["--vary", "colour=red"], "--vary"),
+        (["--vary", "loss=hf,fastest"], "--vary"),
+        (["--vary", "loss=hf", "--vary", "loss=liger"], "--vary"),
+        (["--vary", "loss=,"], "--vary"),
     ],
 )
 def test_bad_input_is_one_line(args, flag):
@@ -324,3 +329,28 @@ def test_request_spreads_gpus_over_nodes():
     assert req.nodes == 2 and req.gpus_per_node == 4
     with pytest.raises(vramplan.VramplanError, match="--gpus-per-node"):
         make_request("llama-2-7b", "8x80GB", gpus_per_node=4, nodes=4)
+
+
+@pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
+def test_vary_searches_stack_knobs_and_names_them():
+    """--vary loss=hf,liger: a fused cross-entropy competes with the model's own loss in the
+    same search. Qwen2.5-7B QLoRA at 8k tokens does not fit a 3090 with the model's own loss
+    (the stacks issue's example); with --vary the plan finds the liger rows itself, and every
+    row names the loss it used."""
+    kw = dict(methods="qlora-nf4", min_seq=8192, host_ram=128 * GiB, max_batch=16, top=40)
+    plain = plan_model("qwen2.5-7b", "rtx-3090", **kw)
+    varied = plan_model("qwen2.5-7b", "rtx-3090", vary=["loss=hf,liger"], **kw)
+    assert all(f"loss {r.setup.loss.value}" in r.label for r in varied.rows)
+    assert not plain.rows and any("liger" in line for line in plain.suggestions)
+    assert varied.rows and {r.setup.loss.value for r in varied.rows} == {"liger"}
+    assert not any("liger" in line for line in varied.suggestions)  # searched, not suggested
+
+
+def test_vary_leaves_out_combinations_the_setup_refuses():
+    """activation-offload checkpoints needs checkpointing: the search keeps only the
+    checkpointed candidates for it instead of failing."""
+    res = plan_model(
+        "llama-3.2-1b", "rtx-4090", methods="lora", vary={"activation_offload": ("none", "checkpoints")}, top=40
+    )
+    offloaded = [r for r in res.rows if r.setup.activation_offload.value == "checkpoints"]
+    assert offloaded and all(r.setup.gradient_checkpointing for r in offloaded)

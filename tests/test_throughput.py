@@ -111,3 +111,22 @@ def test_galore_svd_amortized_over_the_gap(llama8b):
     amort = T.step_time(llama8b, s, prof)
     steady = T.step_time(llama8b, s, prof, amortize_svd=False)
     assert amort.step_s - steady.step_s == pytest.approx(T.svd_seconds(T.shapes(llama8b), prof) / 100)
+
+
+def test_loss_kernels_and_activation_offload_cost_what_their_source_says(llama8b):
+    """Fused losses skip the fp32 logits' traffic; Cut Cross-Entropy pays a recomputed
+    logits matmul instead; offloaded checkpoints cross the host link twice, serially for
+    transformers' save_on_cpu and behind compute for OffloadActivations."""
+    prof = profiles()["rtx-4090"]
+    base = TrainingSetup(method="qlora", seq_len=4096, batch_size=2, gradient_checkpointing=True)
+
+    def step(**kw):
+        return T.step_time(llama8b, base.model_copy(update=kw), prof)
+
+    hf, liger, cce = step(), step(loss="liger"), step(loss="cce")
+    assert liger.memory_s < hf.memory_s and cce.memory_s < liger.memory_s
+    assert cce.compute_s > hf.compute_s == liger.compute_s
+    ckpt_off = step(activation_offload="checkpoints")
+    moved = 2 * base.tokens * 2 * llama8b.hidden * len(llama8b.layers) / (prof.host_link_gbps * 1e9)
+    assert ckpt_off.host_s - hf.host_s == pytest.approx(moved)
+    assert step(activation_offload="all").step_s == pytest.approx(hf.step_s)  # hidden behind compute

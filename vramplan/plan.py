@@ -51,6 +51,7 @@ from vramplan.memory.attention import mask_from, span_terms
 from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
+from vramplan.plan_vary import expand_groups, parse_vary, varied_label
 from vramplan.setup import DeepSpeedStage, Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
@@ -83,6 +84,9 @@ class PlanRequest(BaseModel):
         default_factory=dict,
         description="setup fields the search does not vary "
         "(--config, --stack): loss, attention, packing, adapter dtype, ...",
+    )
+    vary: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="stack knobs the search also tries, each value in turn (--vary)"
     )
 
     @model_validator(mode="after")
@@ -226,7 +230,7 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
             groups.extend(_lora_groups(req, key, smallest, modes))
         elif key == "galore":
             groups.extend(_galore_groups(req, smallest))
-    return groups
+    return expand_groups(groups, req.vary)
 
 
 def _full_groups(req: PlanRequest, modes: list[tuple[int, bool]]) -> list[list[dict]]:
@@ -492,7 +496,7 @@ class PlanResult(BaseModel):
     discrete: int = Field(description="discrete configurations evaluated")
 
 
-def label(setup: TrainingSetup) -> str:
+def label(setup: TrainingSetup, vary: dict[str, tuple[str, ...]] | None = None) -> str:
     parts = {
         Method.FULL: "full",
         Method.LORA: f"LoRA r{setup.lora_r}",
@@ -510,6 +514,7 @@ def label(setup: TrainingSetup) -> str:
             f"+ {setup.deepspeed.value.upper().replace('ZERO', 'ZeRO-')}x{setup.data_parallel}"
             + (" + offload" if setup.offload_optimizer else "")
         )
+    parts += [f"+ {p}" for p in varied_label(setup, vary or {})]
     return " ".join(parts)
 
 
@@ -536,7 +541,7 @@ def _row_at(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, bi: int, one
     total = int(grid.total[si, bi])
     return PlanRow(
         setup=setup,
-        label=label(setup),
+        label=label(setup, req.vary),
         method=method_key(setup),
         grad_accum=accum,
         global_batch=accum * b * req.gpus.count,
@@ -612,7 +617,7 @@ def fixed_fields(fields: dict[str, Any]) -> dict[str, Any]:
 def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
     """A candidate on top of the fixed fields; None when they exclude it (a file's optimizer
     that the candidate's method cannot take)."""
-    if not req.fixed:
+    if not req.fixed and not req.vary:
         return make_setup(**fields, seq_len=seq)
     try:
         return make_setup(**{**req.fixed, **fields, "seq_len": seq})
@@ -698,10 +703,10 @@ def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[st
         batch, b_setup = _limit(spec, req, batch_opts[key])
         out[key] = {
             "max_seq_len": seq,
-            "max_seq_config": label(s_setup) if s_setup else None,
+            "max_seq_config": label(s_setup, req.vary) if s_setup else None,
             "max_seq_setup": s_setup.model_dump(mode="json") if s_setup else None,
             "max_micro_batch": batch,
-            "max_batch_config": label(b_setup) if b_setup else None,
+            "max_batch_config": label(b_setup, req.vary) if b_setup else None,
             "max_batch_setup": b_setup.model_dump(mode="json") if b_setup else None,
         }
     return out
@@ -850,7 +855,7 @@ def _shorter_context(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> li
     ]
     best_seq, best = _limit(spec, req, options)
     if best_seq and best is not None:
-        return [f"shorter context: --min-seq {best_seq} fits ({label(best)}, micro-batch 1)"]
+        return [f"shorter context: --min-seq {best_seq} fits ({label(best, req.vary)}, micro-batch 1)"]
     return []
 
 
@@ -860,8 +865,9 @@ def _more_host_ram(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list
     if not host_bound or req.host_ram is None:
         return []
     g = min(host_bound, key=lambda g: g.host)
+    what = label(g.setup, req.vary)
     return [
-        f"more host RAM: {label(g.setup)} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
+        f"more host RAM: {what} fits the GPUs and needs {g.host / GiB:.0f} GiB of host RAM per node "
         f"(--host-ram {math.ceil(g.host / GiB)}GB; {req.host_ram / GiB:.0f} GiB assumed)"
     ]
 
@@ -926,7 +932,7 @@ def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
     own search, as _larger_card sets a card: what fits then, said in the frameworks' words."""
 
     def provider(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
-        if knob in req.fixed:
+        if knob in req.fixed or knob in req.vary:
             return []
         row = _first_fit(spec, req, fixed={**req.fixed, knob: value})
         return [f"{how}: fits {row.label} (~{row.tokens_per_s:,.0f} tokens/s)"] if row else []
@@ -988,6 +994,7 @@ def make_request(
     gpu_bandwidth: float | str | None = None,
     reserve: str | int | None = None,
     fixed: dict[str, Any] | None = None,
+    vary: list[str] | dict | None = None,
 ) -> PlanRequest:
     gspec = resolve_gpus(gpus, gpu_tflops=gpu_tflops, gpu_bandwidth=gpu_bandwidth, reserve=reserve)
     if gpus_per_node is not None:
@@ -1023,6 +1030,7 @@ def make_request(
         context=context,
         host_ram_said=host_ram_said,
         fixed=fixed_fields(fixed or {}),
+        vary=parse_vary(vary),
     )
     try:
         return PlanRequest(**{k: v for k, v in fields.items() if v is not None})

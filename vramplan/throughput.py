@@ -27,10 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.hardware import HardwareProfile
 from vramplan.memory import layer_saved_per_token, lora_targeted
+from vramplan.memory.context import stream_bytes
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
+    ActivationOffload,
     Attention,
     DeepSpeedStage,
+    Loss,
     Method,
     Optim,
     OptimFamily,
@@ -194,7 +197,31 @@ def micro_flops(sh: Shapes, setup: TrainingSetup) -> float:
     if _weights_train(setup):
         bwd += lin + head  # grad of the weights
     recompute = fwd if setup.gradient_checkpointing else 0.0
-    return fwd + head + bwd + recompute
+    return fwd + head + bwd + recompute + _loss_recompute_flops(sh, setup)
+
+
+def _loss_recompute_flops(sh: Shapes, setup: TrainingSetup) -> float:
+    """Cut Cross-Entropy never stores the logits: its backward recomputes them tile by tile
+    (cut-cross-entropy==25.1.1 cut_cross_entropy/cce_backward.py), one more N x h x V matmul.
+    [modelled from source, not measured]"""
+    return 2.0 * setup.tokens * sh.head_params if setup.loss == Loss.CCE else 0.0
+
+
+# HBM bytes per logit element of the loss (memory-bound traffic). The model's own loss and
+# torchtune's chunks (upcast per chunk) write bf16 logits, an fp32 copy, the log-softmax and
+# its gradient: ~24 B. The fused kernels (Liger's fused linear CE, TRL's chunked NLL,
+# Unsloth's) write one bf16 chunk, turn it into its gradient in place and read it for the two
+# gradient matmuls: ~8 B. Cut Cross-Entropy keeps its tiles in shared memory: ~0.
+# [modelled from the kernels' source (liger-kernel==0.6.4 fused_linear_cross_entropy.py,
+# trl==1.16.0 chunked loss, cut-cross-entropy==25.1.1), not measured]
+LOSS_BYTES_PER_LOGIT = {
+    Loss.HF: 24.0,
+    Loss.CHUNKED: 24.0,
+    Loss.TRL_CHUNKED_NLL: 8.0,
+    Loss.LIGER: 8.0,
+    Loss.UNSLOTH: 8.0,
+    Loss.CCE: 0.0,
+}
 
 
 def _dequant_bytes_per_param(setup: TrainingSetup) -> float:
@@ -223,7 +250,7 @@ def micro_bytes(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> float:
     acts = 4.0 * N * sum(layer_saved_per_token(spec, l, setup) for l in spec.layers[:1]) * sh.layers
     if setup.gradient_checkpointing:
         acts *= 1.25  # recomputation writes them again
-    loss = 24.0 * N * sh.vocab  # bf16 logits, fp32 copy, log-softmax and its gradient (memory model)
+    loss = LOSS_BYTES_PER_LOGIT[setup.loss] * N * sh.vocab
     lin_in, lin_out, _ = _lora_io(sh, setup)
     # peft LoRA glue per token and adapted Linear (adapters are fp32): the input cast to fp32
     # and dropped out, the output scaled, cast and added (~10 in + 8 out bytes); backward
@@ -437,6 +464,28 @@ def host_seconds(sh: Shapes, setup: TrainingSetup, profile: HardwareProfile, tra
     return accum * per_micro / (profile.host_link_gbps * 1e9) + trainable / W / CPU_ADAM_PARAMS_PER_S
 
 
+def offload_seconds(spec: ModelSpec, sh: Shapes, setup: TrainingSetup, profile: HardwareProfile) -> float:
+    """Activation offload over the host link, per micro-batch: every offloaded byte goes down
+    in forward and back up in backward. Checkpoint offload moves each layer's input
+    (stream x hidden per token); OffloadActivations without checkpointing moves every saved
+    tensor (the memory model's saved bytes per token). [modelled from source, not measured]"""
+    mode = setup.activation_offload
+    if mode == ActivationOffload.NONE:
+        return 0.0
+    if setup.gradient_checkpointing or mode != ActivationOffload.ALL:
+        per_token = stream_bytes(setup) * sh.hidden * sh.layers
+    else:
+        per_token = sum(layer_saved_per_token(spec, l, setup) for l in spec.layers[:1]) * sh.layers
+    return 2.0 * setup.tokens * per_token / (profile.host_link_gbps * 1e9)
+
+
+def offload_overlaps(setup: TrainingSetup) -> bool:
+    """transformers' checkpoint offload copies synchronously on the compute stream
+    (torch==2.13 torch/autograd/graph.py save_on_cpu: packed.copy_(tensor)); OffloadActivations
+    and Unsloth copy on side streams (non_blocking), hidden behind compute."""
+    return setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH)
+
+
 # ------------------------------------------------------------------ the step
 
 
@@ -484,8 +533,11 @@ def step_time(
         if (amortize_svd and setup.method == Method.GALORE)
         else 0.0
     )
+    offload = accum * offload_seconds(spec, sh, setup, profile)
+    overlapped = offload if offload_overlaps(setup) else 0.0
+    host += offload - overlapped
     gpu = compute + memory + launch
-    step = max(gpu, comm) + host + svd
+    step = max(gpu, comm, overlapped) + host + svd
     return StepTime(
         compute_s=compute,
         memory_s=memory,

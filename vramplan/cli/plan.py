@@ -77,6 +77,14 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         "else this machine's)",
     )
     p.add_argument(
+        "--vary",
+        metavar="KNOB=V1,V2",
+        action="append",
+        help="also search these values of a stack knob (repeatable): loss, activation-offload, attention, "
+        "adapter-dtype or optim, e.g. --vary loss=hf,liger --vary activation-offload=none,checkpoints; "
+        "each row names its values",
+    )
+    p.add_argument(
         "--max-batch",
         type=int_in(MAX_PLAN_BATCH),
         help=bounded(f"largest micro-batch searched; default {MAX_BATCH}", MAX_PLAN_BATCH),
@@ -130,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         **gpu_overrides(args),
         fixed=fields,
+        vary=args.vary,
     )
     texts = emit_rows.build(args, result, model, reading, gpus.count) if args.emit else {}
     if args.format == "json":
