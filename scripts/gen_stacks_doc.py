@@ -25,6 +25,7 @@ KNOB_ORDER = [
     "optim",
     "optimizer_in_backward",
     "adapter_dtype",
+    "quant_storage",
     "kbit_prep",
     "dora",
     "lora_targets",

@@ -227,3 +227,44 @@ def test_accelerate_fsdp2_reshards_the_untied_embedding():
     plain = _fsdp_at(spec, "forward (loss)", **args)
     hf = _fsdp_at(spec, "forward (loss)", stack="hf-trainer", **args)
     assert plain - hf == pytest.approx(2 * spec.embed_numel, abs=1024)
+
+
+# ---- accelerate's FSDP preparation (memory/accelerate.py) ----------------------------
+
+
+def _part(spec, cat, **fields):
+    return _est(spec, "2x80GB", **fields).per_gpu.breakdown[cat]
+
+
+def test_accelerate_fsdp2_holds_a_full_fine_tunes_weights_in_fp32(spec):
+    # accelerate 1.16 fsdp_utils.py:798-806: bf16 mixed precision, no Params4bit: every
+    # trainable parameter upcast to fp32 before fully_shard: the weight shards double, and
+    # the plain stack (our FSDP2 wrap) keeps the loaded bf16
+    args = dict(method="full", fsdp=2, precision="mixed", model_dtype="bf16", gradient_checkpointing=True)
+    plain = _part(spec, C.WEIGHTS, **args)
+    hf = _part(spec, C.WEIGHTS, stack="hf-trainer", **args)
+    total, _ = _counts(spec)
+    assert plain == pytest.approx(2 * total / 2, rel=0.02)
+    assert hf == pytest.approx(4 * total / 2, rel=0.02)
+    assert _part(spec, C.OPTIMIZER_STATES, stack="hf-trainer", **args) == pytest.approx(2 * 4 * total / 2, rel=0.02)
+
+
+def test_accelerate_fsdp2_leaves_uint8_4bit_weights_whole_on_every_gpu(spec):
+    # fsdp_utils.py:771-783, 832-845: a non-floating Params4bit is an ignored param (not
+    # sharded); bnb_4bit_quant_storage=bf16 (axolotl, LLaMA-Factory) shards it
+    args = dict(method="qlora", fsdp=2, stack="hf-trainer", gradient_checkpointing=True)
+    whole = _part(spec, C.WEIGHTS, quant_storage="uint8", **args)
+    sharded = _part(spec, C.WEIGHTS, quant_storage="bf16", **args)
+    packed = sum(l.numel for layer in spec.layers for l in layer.linears) // 2  # 4 bits per weight
+    assert whole - sharded == pytest.approx(packed / 2, rel=0.01)
+
+
+def test_accelerate_fsdp1_upcasts_trainable_units_even_with_4bit(spec):
+    # accelerator.py:1960-2010: FSDP1 upcasts each unit whose flat param requires grad
+    # (the adapters' own units) whatever the base: bf16 adapters become fp32 there, and the
+    # plain FSDP1 wrap keeps them bf16
+    args = dict(method="qlora", fsdp=2, fsdp_version=1, adapter_dtype="bf16", precision="mixed")
+    args["lora_targets"] = "all-linear"
+    _, lora = _counts(spec)
+    assert _part(spec, C.ADAPTERS, stack="hf-trainer", **args) == pytest.approx(4 * lora / 2, rel=0.05)
+    assert _part(spec, C.ADAPTERS, stack="plain", **args) == pytest.approx(2 * lora / 2, rel=0.05)

@@ -42,6 +42,14 @@ class Quant(str, Enum):
     HQQ4 = "hqq4"  # hqq HQQLinear nbits=4 group_size=64
 
 
+class QuantStorage(str, Enum):
+    """bitsandbytes' bnb_4bit_quant_storage: the dtype the packed 4-bit bytes are stored as. The
+    bytes are the same; it decides whether accelerate's FSDP2 shards them (memory/accelerate.py)."""
+
+    UINT8 = "uint8"  # BitsAndBytesConfig's default
+    BF16 = "bf16"  # axolotl, LLaMA-Factory, Answer.AI's train.py: "crucial for fsdp+qlora"
+
+
 class OptimFamily(str, Enum):
     """What an optimizer keeps and computes, whatever library implements it."""
 
@@ -413,6 +421,7 @@ METHOD_FIELDS: dict[str, frozenset[Method]] = {
     "dora": _ADAPTERS,
     "lora_target_modules": _ADAPTERS,
     "quant": frozenset({Method.QLORA}),
+    "quant_storage": frozenset({Method.QLORA}),
     "galore_rank": frozenset({Method.GALORE}),
     "galore_update_proj_gap": frozenset({Method.GALORE}),
 }
@@ -512,6 +521,9 @@ class TrainingSetup(BaseModel):
     lora_dropout: float = Field(0.05, description="LoRA dropout probability")
     lora_targets: LoraTargets = Field(LoraTargets.ALL_LINEAR, description="which Linears get adapters")
     quant: Quant | None = Field(None, description="4-bit format of the frozen base (qlora only); default nf4")
+    quant_storage: QuantStorage | None = Field(
+        None, description="bitsandbytes bnb_4bit_quant_storage (qlora nf4); default uint8"
+    )
     galore_rank: int = Field(128, description="GaLore projection rank")
     galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
@@ -802,6 +814,10 @@ class TrainingSetup(BaseModel):
         if self.precision == Precision.FP16:
             return ModelDtype.BF16 if self.lora_like else ModelDtype.FP32
         return ModelDtype.FP32 if self.precision == Precision.MIXED else ModelDtype.BF16
+
+    @property
+    def quant_storage_dtype(self) -> QuantStorage:
+        return self.quant_storage or QuantStorage.UINT8
 
     @property
     def adapter_store_dtype(self) -> AdapterDtype:

@@ -37,6 +37,7 @@ STACK_KNOBS = frozenset(
         "fp32_outputs",
         "keep_logits",
         "adapter_dtype",
+        "quant_storage",
         "kbit_prep",
         "dora",
         "lora_targets",
@@ -177,7 +178,9 @@ def apply_stack(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 # Knobs that do nothing in some setups; the output leaves them out there.
-_LORA_KNOBS = frozenset({"adapter_dtype", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout"})
+_LORA_KNOBS = frozenset(
+    {"adapter_dtype", "quant_storage", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout"}
+)
 _SHARDING_KNOBS = frozenset({"fsdp_version", "cpu_offload"})
 
 

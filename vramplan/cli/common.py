@@ -34,6 +34,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    QuantStorage,
     Stack,
     TrainingSetup,
     check_method_fields,
@@ -164,6 +165,7 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "fp32_outputs", boolean=True)
     _flag(p, "keep_logits", boolean=True)
     _flag(p, "adapter_dtype", choices=_choices(AdapterDtype))
+    _flag(p, "quant_storage", choices=_choices(QuantStorage))
     _flag(p, "kbit_prep", boolean=True)
     _flag(p, "dora", boolean=True)
     _flag(p, "optimizer_in_backward", boolean=True)

@@ -30,6 +30,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    QuantStorage,
     Stack,
 )
 
@@ -59,6 +60,7 @@ _KNOWN = frozenset(
         "load_in_4bit",
         "load_in_8bit",
         "bnb_4bit_quant_type",
+        "bnb_4bit_quant_storage",
         "use_bnb_nested_quant",
         "lora_target_modules",
         "packing",
@@ -83,6 +85,16 @@ _KNOWN = frozenset(
         "model_revision",
     }
 )
+
+
+def _quant_storage(c: Collector) -> None:
+    """TRL's ModelConfig.bnb_4bit_quant_storage: a floating dtype is sharded by accelerate's
+    FSDP2, the default (None: uint8) is not (memory/accelerate.py)."""
+    storage = c.get("bnb_4bit_quant_storage")
+    if storage is None:
+        return
+    floating = str(storage).removeprefix("torch.") in ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+    c.set("bnb_4bit_quant_storage", "quant_storage", QuantStorage.BF16 if floating else QuantStorage.UINT8)
 
 
 def references(data: dict) -> list[Reference]:
@@ -149,6 +161,7 @@ def _method(c: Collector) -> Method:
     if four:
         quant_type = c.get("bnb_4bit_quant_type", "nf4")
         c.set("load_in_4bit", "quant", Quant.NF4, "" if quant_type == "nf4" else f"{quant_type} has the nf4 layout")
+        _quant_storage(c)
         if c.get("use_bnb_nested_quant") is not True:
             c.unmodelled(
                 "use_bnb_nested_quant",

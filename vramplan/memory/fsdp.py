@@ -21,6 +21,7 @@ parameters (a mixed FSDP1 unit would get grads for its frozen elements too)."""
 
 from __future__ import annotations
 
+from vramplan.memory.accelerate import ACCELERATE_STACKS, ignores_4bit, reduces_in_bf16
 from vramplan.memory.context import Gathering
 from vramplan.memory.lora import adapter_bytes
 from vramplan.memory.quantization import packed_compute_bytes
@@ -40,7 +41,7 @@ def gathering(setup: TrainingSetup) -> Gathering:
 
 def shard_for(p: Param, setup: TrainingSetup) -> int:
     """Elements of one parameter held by one GPU under the setup's engine (FSDP only)."""
-    if not setup.sharded:
+    if not setup.sharded or (p.kind.quantized and ignores_4bit(setup)):
         return p.numel
     world = setup.shard_world
     if setup.fsdp_version == 1:
@@ -66,8 +67,8 @@ def compute_bytes(p: Param) -> int:
 
 def reduce_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of the reduce-scatter: MixedPrecisionPolicy reduce_dtype fp32 under
-    mixed precision, else bf16."""
-    return 4 if setup.mixed_precision else 2
+    mixed precision (accelerate's policy: bf16), else bf16."""
+    return 4 if setup.mixed_precision and not reduces_in_bf16(setup) else 2
 
 
 def unit_bytes(params: list[Param], world: int) -> dict[int | None, int]:
@@ -84,11 +85,6 @@ def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
     if p.kind == ParamKind.LORA and setup.precision != Precision.MIXED:
         return adapter_bytes(setup) * p.numel
     return compute_bytes(p)
-
-
-# The stacks that wrap FSDP2 with accelerate's fsdp2_prepare_model (HF Trainer, TRL, axolotl,
-# LLaMA-Factory; torchtune and Answer.AI's train.py wrap it themselves).
-ACCELERATE_STACKS = (Stack.HF_TRAINER, Stack.TRL, Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
 def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Param | None:
@@ -115,7 +111,8 @@ def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, 
         return {}
     if setup.fsdp_version == 2:
         embed = accelerate_embedding_unit(params, setup)
-        return unit_bytes([p for p in params if p is not embed], world)
+        ignored = ignores_4bit(setup)  # never all-gathered: resident whole (memory/accelerate.py)
+        return unit_bytes([p for p in params if p is not embed and not (ignored and p.kind.quantized)], world)
     flat: dict[int | None, int] = {}
     for p in params:
         flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)

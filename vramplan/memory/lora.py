@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
+from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.context import ActivationContext
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.types import (
@@ -25,8 +26,9 @@ def adapter_bytes(setup: TrainingSetup) -> int:
     dtype) and torch AdamW's states (zeros_like). peft==0.21.2 tuners/tuners_utils.py:2705-2750
     (cast_adapter_dtype): get_peft_model(autocast_adapter_dtype=True), the default, replaces
     bf16 adapters by fp32 ones [cal]; autocast_adapter_dtype=False (TRL on a 4-bit model,
-    axolotl peft_autocast_adapter_dtype: false, torchtune) keeps the base's bf16. [CPU trace]"""
-    return setup.adapter_store_dtype.bytes
+    axolotl peft_autocast_adapter_dtype: false, torchtune) keeps the base's bf16. [CPU trace]
+    accelerate's FSDP2 preparation upcasts trainable parameters to fp32 (memory/accelerate.py)."""
+    return 4 if upcasts_trainable(setup) else setup.adapter_store_dtype.bytes
 
 
 def _name_matches(name: str, key: str) -> bool:

@@ -3,6 +3,7 @@ upcast), whether autocast runs over an fp32 or a bf16 stream, and fp16's GradSca
 
 from __future__ import annotations
 
+from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.storage import BLOCK
 from vramplan.setup import ModelDtype, Precision, Quant, TrainingSetup
 
@@ -17,8 +18,11 @@ def kbit_upcast(setup: TrainingSetup) -> bool:
 
 def dense_weight_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of a dense (not 4-bit, not adapter) parameter: the loading dtype
-    (--model-dtype; fp32 masters under mixed by default), fp32 after kbit_upcast."""
-    return 4 if kbit_upcast(setup) else setup.weight_dtype.bytes
+    (--model-dtype; fp32 masters under mixed by default), fp32 after kbit_upcast, and fp32 for
+    a full fine-tune under accelerate's FSDP2 (its trainable parameters: memory/accelerate.py)."""
+    if kbit_upcast(setup) or (upcasts_trainable(setup) and not setup.lora_like):
+        return 4
+    return setup.weight_dtype.bytes
 
 
 def fp32_stream_autocast(setup: TrainingSetup) -> bool:
