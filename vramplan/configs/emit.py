@@ -33,6 +33,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    QuantStorage,
     TrainingSetup,
 )
 
@@ -255,6 +256,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     if s.lora_like:
         if s.method == Method.QLORA:
             d.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+            if s.quant_storage_dtype == QuantStorage.BF16:
+                d["bnb_4bit_quant_storage"] = "bfloat16"  # sharded by accelerate's FSDP2
         targets = _target_modules(s)
         d.update(
             lora_r=s.lora_r,
