@@ -348,6 +348,25 @@ def _fsdp1_units(params: list[Param]) -> list[list[Param]]:
     return units
 
 
+def _broadcast(led: Ledger, sizes: list[int]) -> None:
+    """sync_module_states' broadcast of one unit (torch==2.13.0 csrc/distributed/c10d/comm.cpp
+    broadcast_coalesced): the tensors in buckets closed once they reach 250 MiB
+    (compute_bucket_assignment_by_size), each bucket flattened into one new tensor (a lone
+    tensor is only viewed: flatten_dense_tensors), at most 2 buckets in flight."""
+    buckets: list[list[int]] = [[]]
+    for size in sizes:
+        if sum(buckets[-1]) >= BROADCAST_BUCKET:
+            buckets.append([])
+        buckets[-1].append(size)
+    in_flight: list[int | None] = []
+    for bucket in buckets:
+        if len(in_flight) >= 2:
+            led.free(in_flight.pop(0))
+        in_flight.append(led.alloc(C.TRANSIENT, alloc(sum(bucket))) if len(bucket) > 1 else None)
+    for tid in in_flight:
+        led.free(tid)
+
+
 def _fsdp1_init(b: _Builder) -> None:
     """Answer.AI's train.py on FSDP1: rank 0 loads (and quantizes) the weights into host memory
     (train.py:652-657, to_cpu) and empties the CUDA cache (:663), so nothing of the loading
@@ -356,19 +375,19 @@ def _fsdp1_init(b: _Builder) -> None:
     the device (:603-608), broadcast from rank 0 in 250 MiB buckets (:1110-1166), flattened
     into one new FlatParameter (_flat_param.py flatten_tensors, torch.cat), the rank's shard
     cloned and the full flat storage freed (:955-971, _get_shard :1128-1139), the shard moved
-    to the host under CPU offload (_init_utils.py:672-673). NO_SHARD keeps the flat parameter."""
+    to the host under CPU offload (_init_utils.py:672-673); the moved parameters are freed
+    last, when the unit's init returns. NO_SHARD keeps the flat parameter."""
     led, setup = b.ledger, b.ctx.setup
     sharded = b.ctx.world > 1
     for unit in _fsdp1_units(b.ctx.params):
         moved = [led.alloc(C.TRANSIENT, alloc(fsdp1_compute_bytes(p, setup))) for p in unit]
+        _broadcast(led, [fsdp1_compute_bytes(p, setup) for p in unit])
         size = sum(fsdp1_compute_bytes(p, setup) for p in unit)
-        for start in range(0, size, BROADCAST_BUCKET):
-            led.free(led.alloc(C.TRANSIENT, min(BROADCAST_BUCKET, size - start)))
         flat = led.alloc(C.TRANSIENT, alloc(size)) if sharded else None
-        for tid in moved:
-            led.free(tid)
         _persistent(b, unit, built=False)
         led.free(flat)
+        for tid in moved:  # managed_params holds them until the unit's init returns (:617-640)
+            led.free(tid)
 
 
 def _build(b: _Builder) -> None:
