@@ -268,3 +268,44 @@ def test_accelerate_fsdp1_upcasts_trainable_units_even_with_4bit(spec):
     _, lora = _counts(spec)
     assert _part(spec, C.ADAPTERS, stack="hf-trainer", **args) == pytest.approx(4 * lora / 2, rel=0.05)
     assert _part(spec, C.ADAPTERS, stack="plain", **args) == pytest.approx(2 * lora / 2, rel=0.05)
+
+
+# ---- FSDP1's streams, offload grads and wrap (fsdp-qlora) ------------------------------
+
+
+def _lora_trainable(spec, r=64, targets=("k_proj", "q_proj", "v_proj", "up_proj", "down_proj", "gate_proj")):
+    """The stack's adapters' elements per layer, from the shapes."""
+    return [
+        sum(r * (l.in_features + l.out_features) for l in layer.linears if l.name.split(".")[-1] in targets)
+        for layer in spec.layers
+    ]
+
+
+def test_fsdp1_offload_holds_each_units_grad_shard_until_backward_ends(spec):
+    # torch==2.13 _runtime_utils.py:926 (_saved_grad_shard) and :1199 (_finalize_params):
+    # at layer 0's end every layer's bf16 adapter grad shard is on the GPU; FSDP2 keeps none
+    fields = dict(method="lora", lora_r=64, fsdp=2, cpu_offload=True, adapter_dtype="bf16")
+    v1 = step_model(spec, make_setup(stack="fsdp-qlora", **fields), every_layer=True)
+    v2 = step_model(spec, make_setup(fsdp_version=2, **fields), every_layer=True)
+    end0 = [p for p in v1.phases if p.layer == 0 and p.point and p.point.value == "end"][0]
+    per_layer = _lora_trainable(spec)
+    assert end0.parts[C.GRADIENTS] == pytest.approx(sum(per_layer), rel=0.01)  # 2 bytes x half on this rank
+    assert all(p.parts.get(C.GRADIENTS, 0) == 0 for p in v2.phases)
+
+
+def test_fsdp1_events_put_gathered_units_and_grad_shards_on_their_streams(spec):
+    from vramplan.memory.events import CATEGORIES, step_events
+    from vramplan.memory.fsdp import POST_BACKWARD_STREAM, UNSHARD_STREAM
+
+    fields = dict(method="lora", lora_r=16, fsdp=2, cpu_offload=False)
+    ev = step_events(spec, make_setup(stack="fsdp-qlora", **fields))
+    alloc = ev.events.ops == 0
+    streams = {
+        c: set(ev.events.streams[alloc & (ev.categories == CATEGORIES.index(c))].tolist())
+        for c in (C.FSDP_BUFFERS, C.GRADIENTS, C.ACTIVATIONS)
+    }
+    assert UNSHARD_STREAM in streams[C.FSDP_BUFFERS]
+    assert streams[C.GRADIENTS] == {POST_BACKWARD_STREAM}
+    assert streams[C.ACTIVATIONS] == {0}
+    ev2 = step_events(spec, make_setup(fsdp_version=2, **fields))
+    assert set(ev2.events.streams.tolist()) == {0}  # FSDP2 and one GPU: one stream, as before

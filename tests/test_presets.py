@@ -44,6 +44,9 @@ REQUIRED = [
     "gemma-3-4b",
     "gemma-3-12b",
     "gemma-3-27b",
+    # the models of Answer.AI's fsdp_qlora benchmark (tests/data/published/)
+    "yi-34b",
+    "mistral-7b-v0.2",
 ]
 # published sizes (billions of parameters), rounded as the model cards give them
 PUBLISHED = {
@@ -153,3 +156,11 @@ def test_parse_bytes_units():
     assert parse_bytes("512MiB") == 512 * 2**20
     with pytest.raises(VramplanError):
         parse_bytes("-3GB")
+
+
+def test_mistral_v0_2_has_no_sliding_window_where_v0_1_has():
+    # mistralai/Mistral-7B-Instruct-v0.2 and mistral-community/Mistral-7B-v0.2 config.json:
+    # "sliding_window": null, "rope_theta": 1000000.0; v0.1: 4096
+    assert load_model_spec("mistral-7b-v0.2").sdpa_window is None
+    assert load_model_spec("mistral-7b").sdpa_window == 4096
+    assert load_model_spec("mistralai/Mistral-7B-Instruct-v0.2").name == "mistral-7b-v0.2"

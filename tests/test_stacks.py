@@ -183,12 +183,17 @@ EXPECTED = [
             "lora_dropout": 0.1,
             "cpu_offload": True,
             "fsdp_version": 1,
-            "checkpoint_reentrant": False,
+            "checkpoint_reentrant": True,
             "optim": "adamw_torch",
             "lora_target_modules": ("k_proj", "q_proj", "v_proj", "up_proj", "down_proj", "gate_proj"),
         },
     ),
     ("fsdp-qlora", "qlora", {}, {"cpu_offload": False}),
+    # README.md:47: pass --reentrant_checkpointing True with bitsandbytes; train.py's default
+    # (False) stays for the other train_types
+    ("fsdp-qlora", "lora", {"fsdp": 2}, {"checkpoint_reentrant": False}),
+    ("fsdp-qlora", "qlora", {"quant": "hqq4"}, {"checkpoint_reentrant": False}),
+    ("fsdp-qlora", "qlora", {"fsdp": 2, "checkpoint_reentrant": False}, {"checkpoint_reentrant": False}),
 ]
 
 
@@ -273,3 +278,19 @@ def test_docs_tables_are_current():
     assert module.generated() in (ROOT / "docs" / "stacks.md").read_text(), (
         "docs/stacks.md is out of date: run python scripts/gen_stacks_doc.py"
     )
+
+
+@pytest.mark.parametrize("flag,expected", [([], True), (["--no-checkpoint-reentrant"], False)])
+def test_fsdp_qlora_reentrant_for_bnb_qlora_and_the_flag_wins(capsys, flag, expected):
+    # AnswerDotAI/fsdp_qlora@05ed9f2 README.md:47: "be sure to pass --reentrant_checkpointing True"
+    # with bitsandbytes; an explicit --no-checkpoint-reentrant is the caller's and is kept
+    import json
+
+    from vramplan.cli import main
+
+    args = ["estimate", "llama-3.2-1b", "--gpus", "2x24GB", "--method", "qlora", "--stack", "fsdp-qlora"]
+    assert main([*args, "--fsdp", "2", "--seq-len", "256", *flag, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["checkpoint_reentrant"] is expected
+    kept = any("--checkpoint-reentrant kept over the stack's" in n for n in out["notes"])
+    assert kept is (not expected)

@@ -15,6 +15,7 @@ from vramplan.memory.dora import dora_recompute
 from vramplan.memory.fsdp import (
     fsdp1_compute_bytes,
     layer_backward_gathered,
+    offload_grads_held,
     reduce_bytes,
     shard_for,
     unit_grad_bytes,
@@ -75,7 +76,7 @@ def grad_book(ctx: StepContext) -> GradBook:
             sharded[p.layer] = sharded.get(p.layer, 0) + held_grad(p, setup)
             if p.role in MLP_OUT_ROLES:
                 down[p.layer] = down.get(p.layer, 0) + alloc(grad_bytes(p, setup) * p.numel)
-    if setup.cpu_offload or setup.steps_in_backward:
+    if (setup.cpu_offload and not offload_grads_held(setup)) or setup.steps_in_backward:
         sharded = {k: 0 for k in sharded}
     if setup.steps_in_backward:
         down = {}

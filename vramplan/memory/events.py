@@ -33,7 +33,15 @@ from vramplan.memory.activations import rope_saved
 from vramplan.memory.attention import attention_saved, step_masks
 from vramplan.memory.checkpointing import kept_per_layer
 from vramplan.memory.context import StepContext, activation_context, stream_bytes
-from vramplan.memory.fsdp import shard_for
+from vramplan.memory.fsdp import (
+    PRE_UNSHARD_STREAM,
+    fsdp1_compute_bytes,
+    gathered_stream,
+    grad_stream,
+    offload_grads_held,
+    offload_shard_copy,
+    shard_for,
+)
 from vramplan.memory.layer import ShapeKey, layer_points, shape_key
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.loss import input_bytes, loop_token_bytes
@@ -43,10 +51,10 @@ from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
 from vramplan.memory.phases import prepare, step_context, step_model
 from vramplan.memory.quantization import quantize_transient, quantized_store
-from vramplan.memory.storage import Phase, alloc
+from vramplan.memory.storage import MiB, Phase, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, PhaseKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Method, Optim, TrainingSetup
+from vramplan.setup import Engine, Method, Optim, Stack, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -78,17 +86,18 @@ class Ledger:
     ids: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     cats: list[int] = field(default_factory=list)
+    streams: list[int] = field(default_factory=list)
     live: dict[int, tuple[C, int]] = field(default_factory=dict)
     by_cat: dict[C, list[int]] = field(default_factory=dict)
     live_bytes: dict[C, int] = field(default_factory=dict)
     next_id: int = 0
     trimmed: int = 0
 
-    def alloc(self, cat: C, size: int) -> int | None:
+    def alloc(self, cat: C, size: int, stream: int = 0) -> int | None:
         if size <= 0:
             return None
         tid, self.next_id = self.next_id, self.next_id + 1
-        self._emit(Op.ALLOC, tid, size, cat)
+        self._emit(Op.ALLOC, tid, size, cat, stream)
         self.live[tid] = (cat, size)
         self.by_cat.setdefault(cat, []).append(tid)
         self.live_bytes[cat] = self.live_bytes.get(cat, 0) + size
@@ -102,16 +111,25 @@ class Ledger:
         self.by_cat[cat].remove(tid)
         self.live_bytes[cat] -= size
 
-    def _emit(self, op: Op, tid: int, size: int, cat: C) -> None:
+    def _emit(self, op: Op, tid: int, size: int, cat: C, stream: int = 0) -> None:
         self.ops.append(int(op))
         self.ids.append(tid)
         self.sizes.append(size)
         self.cats.append(_CAT_INDEX[cat])
+        self.streams.append(stream)
 
-    def settle(self, target: dict[C, int], split: dict[C, list[int]], skip: frozenset[C] = frozenset()) -> list[int]:
+    def settle(
+        self,
+        target: dict[C, int],
+        split: dict[C, list[int]],
+        skip: frozenset[C] = frozenset(),
+        split_stream: dict[C, int] | None = None,
+    ) -> list[int]:
         """Make the live bytes of every allocated category equal `target`: a balance block
-        for what is missing (split into the given sizes first), and, where tensor-level
-        blocks exceed it, the latest of them freed. Returns the balance blocks' ids."""
+        for what is missing (split into the given sizes first, on `split_stream`'s stream
+        for that category), and, where tensor-level blocks exceed it, the latest of them
+        freed. Returns the balance blocks' ids."""
+        streams = split_stream or {}
         out: list[int] = []
         for cat in ALLOCATED:
             if cat in skip:
@@ -124,7 +142,7 @@ class Ledger:
                 self.free(tid)
             for size in split.get(cat, []):
                 if 0 < size <= diff:
-                    out.append(self.alloc(cat, size))  # type: ignore[arg-type]
+                    out.append(self.alloc(cat, size, streams.get(cat, 0)))  # type: ignore[arg-type]
                     diff -= size
             if diff > 0:
                 out.append(self.alloc(cat, diff))  # type: ignore[arg-type]
@@ -137,7 +155,7 @@ class Ledger:
                 np.asarray(self.ops, np.int8),
                 np.asarray(self.ids, np.int64),
                 np.asarray(self.sizes, np.int64),
-                np.zeros(n, np.int64),
+                np.asarray(self.streams, np.int64) if n else np.zeros(0, np.int64),
             ),
             np.asarray(self.cats, np.int8),
         )
@@ -240,7 +258,9 @@ class _Builder:
     def at(self, phase: Phase) -> None:
         """The phase's moment: balance blocks in, the moment recorded, balance blocks out."""
         split = {C.FSDP_BUFFERS: self._fsdp_split(), C.TRANSIENT: self._transient_split(phase.kind)}
-        balance = self.ledger.settle(phase.parts, split, self.skip)
+        # the all-gathered units: blocks of FSDP1's unshard stream (fsdp.gathered_stream)
+        stream = {C.FSDP_BUFFERS: gathered_stream(self.ctx.setup)}
+        balance = self.ledger.settle(phase.parts, split, self.skip, stream)
         if self.record:
             self.moments.append(Moment(phase, len(self.ledger.ops)))
         for tid in balance:
@@ -307,10 +327,77 @@ def _states(b: _Builder) -> None:
         b.ledger.alloc(C.OPTIMIZER_STATES, s - half)
 
 
+# torch==2.13.0 distributed/fsdp/_init_utils.py:60 (sync_module_states broadcasts in buckets)
+BROADCAST_BUCKET = 250 * MiB
+
+
+def _fsdp1_units(params: list[Param]) -> list[list[Param]]:
+    """FSDP1 units in the order auto-wrap makes them (children first): in each decoder layer
+    every trainable parameter's own unit (fsdp_qlora's lambda policy wraps each LoRA Linear),
+    then the layer's frozen parameters; the root (embedding, final norm, lm_head) last."""
+    layers: dict[int | None, list[Param]] = {}
+    for p in params:
+        layers.setdefault(p.layer, []).append(p)
+    order = sorted(k for k in layers if k is not None) + ([None] if None in layers else [])
+    units: list[list[Param]] = []
+    for k in order:
+        units += [[p] for p in layers[k] if p.trainable]
+        frozen = [p for p in layers[k] if not p.trainable]
+        if frozen:
+            units.append(frozen)
+    return units
+
+
+def _broadcast(led: Ledger, sizes: list[int]) -> None:
+    """sync_module_states' broadcast of one unit (torch==2.13.0 csrc/distributed/c10d/comm.cpp
+    broadcast_coalesced): the tensors in buckets closed once they reach 250 MiB
+    (compute_bucket_assignment_by_size), each bucket flattened into one new tensor (a lone
+    tensor is only viewed: flatten_dense_tensors), at most 2 buckets in flight."""
+    buckets: list[list[int]] = [[]]
+    for size in sizes:
+        if sum(buckets[-1]) >= BROADCAST_BUCKET:
+            buckets.append([])
+        buckets[-1].append(size)
+    in_flight: list[int | None] = []
+    for bucket in buckets:
+        if len(in_flight) >= 2:
+            led.free(in_flight.pop(0))
+        in_flight.append(led.alloc(C.TRANSIENT, alloc(sum(bucket))) if len(bucket) > 1 else None)
+    for tid in in_flight:
+        led.free(tid)
+
+
+def _fsdp1_init(b: _Builder) -> None:
+    """Answer.AI's train.py on FSDP1: rank 0 loads (and quantizes) the weights into host memory
+    (train.py:652-657, to_cpu) and empties the CUDA cache (:663), so nothing of the loading
+    stays; the FSDP(...) wrap (:753-766, device_id, sync_module_states) then builds each unit
+    on the GPU (torch==2.13.0 distributed/fsdp/_init_utils.py): the unit's parameters moved to
+    the device (:603-608), broadcast from rank 0 in 250 MiB buckets (:1110-1166), flattened
+    into one new FlatParameter (_flat_param.py flatten_tensors, torch.cat), the rank's shard
+    cloned and the full flat storage freed (:955-971, _get_shard :1128-1139), the shard moved
+    to the host under CPU offload (_init_utils.py:672-673); the moved parameters are freed
+    last, when the unit's init returns. NO_SHARD keeps the flat parameter."""
+    led, setup = b.ledger, b.ctx.setup
+    sharded = b.ctx.world > 1
+    for unit in _fsdp1_units(b.ctx.params):
+        moved = [led.alloc(C.TRANSIENT, alloc(fsdp1_compute_bytes(p, setup))) for p in unit]
+        _broadcast(led, [fsdp1_compute_bytes(p, setup) for p in unit])
+        size = sum(fsdp1_compute_bytes(p, setup) for p in unit)
+        flat = led.alloc(C.TRANSIENT, alloc(size)) if sharded else None
+        _persistent(b, unit, built=False)
+        led.free(flat)
+        for tid in moved:  # managed_params holds them until the unit's init returns (:617-640)
+            led.free(tid)
+
+
 def _build(b: _Builder) -> None:
     """QLoRA's build: each Linear quantized on the device in order (its temporaries, then
-    its packed weight and state), then every other parameter."""
+    its packed weight and state), then every other parameter (the fsdp-qlora stack on FSDP1:
+    its own loading and wrap, _fsdp1_init)."""
     world = b.ctx.world
+    if b.ctx.setup.engine == Engine.FSDP1 and b.ctx.setup.stack == Stack.FSDP_QLORA:
+        _fsdp1_init(b)
+        return
     quantized = [p for p in b.ctx.params if p.kind.quantized]
     for p in quantized:
         t = b.ledger.alloc(C.TRANSIENT, quantize_transient(p, world))
@@ -329,6 +416,8 @@ def _forward(b: _Builder) -> list[int | None]:
     """The forward's saved tensors, layer by layer; returns the step-wide blocks."""
     ctx, led = b.ctx, b.ledger
     n, spec = ctx.tokens, ctx.spec
+    # CPU offload: the root's shard copied in for forward's first all-gather (fsdp.py)
+    led.free(led.alloc(C.TRANSIENT, offload_shard_copy(ctx.params, ctx.setup), PRE_UNSHARD_STREAM))
     loop = led.alloc(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
     rope = rope_saved(spec, ctx.setup)
     step_wide = [
@@ -361,9 +450,11 @@ def _forward(b: _Builder) -> list[int | None]:
 
 def _grads(b: _Builder, params: list[Param]) -> list[int | None]:
     setup = b.ctx.setup
-    if setup.cpu_offload or setup.steps_in_backward:
+    if (setup.cpu_offload and not offload_grads_held(setup)) or setup.steps_in_backward:
         return []
-    return [b.ledger.alloc(C.GRADIENTS, alloc(grad_bytes(p, setup) * _held(p, b.ctx))) for p in params if p.trainable]
+    stream = grad_stream(setup)
+    sizes = [alloc(grad_bytes(p, setup) * _held(p, b.ctx)) for p in params if p.trainable]
+    return [b.ledger.alloc(C.GRADIENTS, size, stream) for size in sizes]
 
 
 def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | None]) -> None:
@@ -401,6 +492,10 @@ def _one_step(b: _Builder) -> list[int | None]:
         _layer_backward(b, i, by_layer.get(i, []), grads)
     for tid in step_wide[1:]:
         led.free(tid)
+    if offload_grads_held(ctx.setup):  # FSDP1 drops the GPU copies at backward's end (fsdp.py)
+        for tid in grads:
+            led.free(tid)
+        grads = []
     b.at_kind(PhaseKind.GALORE_REFRESH_LAYERWISE)
     if C.OPTIMIZER_STATES in b.skip:  # step 0: torch.optim makes its states at the first step
         b.skip = frozenset()

@@ -27,7 +27,7 @@ from vramplan.memory.lora import adapter_bytes
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
-from vramplan.setup import FsdpSharding, Precision, Stack, TrainingSetup
+from vramplan.setup import Engine, FsdpSharding, Precision, Stack, TrainingSetup
 
 RESHARDED = Gathering()  # FULL_SHARD with backward prefetch: FSDP2 as the reference step wraps it
 
@@ -158,3 +158,60 @@ def layer_backward_gathered(units: dict[int | None, int], i: int, g: Gathering =
         return units.get(None, 0) + sum(v for k, v in units.items() if k is not None and k <= i)
     this = 2 * units.get(i, 0) if i > 0 and g.backward_prefetch else units.get(i, 0)
     return this + units.get(None, 0)
+
+
+def offload_grads_held(setup: TrainingSetup) -> bool:
+    """Whether the GPU copy of each unit's gradient stays until the end of backward under CPU
+    offload. FSDP1 (torch==2.13.0 distributed/fsdp/_runtime_utils.py:926): the reduce-scattered
+    shard is kept in ``flat_param._saved_grad_shard`` (NO_SHARD: ``flat_param.grad``, :932-949)
+    after its copy to ``_cpu_grad`` (:985-987); only the post-backward final callback's
+    ``_finalize_params`` -> ``prepare_gradient_for_optim`` (:1199; _flat_param.py:1679-1720)
+    points ``.grad`` at the CPU copy and drops the GPU one. So every unit's sharded grads are
+    on the GPU from its post-backward to the end of backward. FSDP2's CPUOffloadPolicy moves
+    each reduced grad to the host in its own post-backward (no GPU copy kept)."""
+    return setup.cpu_offload and setup.engine == Engine.FSDP1
+
+
+# torch==2.13.0 distributed/fsdp/_runtime_utils.py:304-306: FSDP1 runs `handle.unshard()`
+# under its unshard stream, so the padded unsharded flat parameter (_flat_param.py:1408,
+# _alloc_storage) is a block of that stream; the caching allocator gives a freed block back
+# only to allocations of the stream that made it (c10/cuda/CUDACachingAllocator.cpp,
+# BlockComparatorSize orders free blocks by stream first), so the all-gathered units reuse
+# each other's blocks and never the compute stream's.
+UNSHARD_STREAM = 1
+
+
+def gathered_stream(setup: TrainingSetup) -> int:
+    """The CUDA stream whose blocks hold the all-gathered units (0: the compute stream)."""
+    return UNSHARD_STREAM if setup.engine == Engine.FSDP1 else 0
+
+
+# torch==2.13.0 distributed/fsdp/_runtime_utils.py:755 and :901: FSDP1 reduce-scatters each
+# unit's gradient under its post-backward stream into a new shard (torch.empty_like), which
+# becomes the sharded grad (_saved_grad_shard, then .grad): a block of that stream.
+POST_BACKWARD_STREAM = 2
+# :293 and _flat_param.py:1335-1337: under CPU offload `pre_unshard` copies the unit's shard
+# from the host (flat_param_to(device)) under the pre-unshard stream; the all-gather reads
+# it, and it is dropped once the flat parameter points at the unsharded one.
+PRE_UNSHARD_STREAM = 3
+
+
+def grad_stream(setup: TrainingSetup) -> int:
+    """The stream whose blocks hold the sharded grads (FSDP1's post-backward stream when it
+    shards; NO_SHARD all-reduces autograd's grad in place, a compute-stream block)."""
+    if setup.engine == Engine.FSDP1 and setup.shard_world > 1:
+        return POST_BACKWARD_STREAM
+    return 0
+
+
+def offload_shard_copy(params: list[Param], setup: TrainingSetup) -> int:
+    """Bytes of the largest unit's shard as FSDP1 copies it to the GPU before each all-gather
+    under CPU offload (0 otherwise): the pre-unshard stream's blocks never serve anything
+    else, so their cache is the largest copy made (the root's, in forward's first unshard)."""
+    if not (setup.cpu_offload and setup.engine == Engine.FSDP1):
+        return 0
+    world = setup.shard_world
+    flat: dict[int | None, int] = {}
+    for p in params:
+        flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)
+    return max((-(-v // world) for v in flat.values()), default=0)
