@@ -56,21 +56,73 @@ def live_by_category(ev) -> np.ndarray:
     return out
 
 
+def assert_live_equals_phases(spec, setup, label) -> None:
+    ev = step_events(spec, setup)
+    live = live_by_category(ev)
+    phases = step_model(spec, setup, every_layer=True).phases
+    assert sorted(m.phase.name for m in ev.moments) == sorted(p.name for p in phases), label
+    for m in ev.moments:
+        for i, cat in enumerate(CATEGORIES):
+            want = m.phase.parts.get(cat, 0) if cat in ALLOCATED else 0
+            assert live[i, m.index] == want, (label, m.phase.name, cat)
+    assert (live >= 0).all()
+    assert live[:, -1].sum() >= 0 and ev.events.sizes[ev.events.ops == Op.ALLOC].min() > 0
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_live_bytes_at_every_phase_equal_the_phase(preset):
     spec = load_model_spec(preset)
     for fields in SETUPS:
-        setup = make_setup(batch_size=1, seq_len=512, **fields)
-        ev = step_events(spec, setup)
-        live = live_by_category(ev)
-        phases = step_model(spec, setup, every_layer=True).phases
-        assert sorted(m.phase.name for m in ev.moments) == sorted(p.name for p in phases), fields
-        for m in ev.moments:
-            for i, cat in enumerate(CATEGORIES):
-                want = m.phase.parts.get(cat, 0) if cat in ALLOCATED else 0
-                assert live[i, m.index] == want, (preset, fields, m.phase.name, cat)
-        assert (live >= 0).all()
-        assert live[:, -1].sum() >= 0 and ev.events.sizes[ev.events.ops == Op.ALLOC].min() > 0
+        assert_live_equals_phases(spec, make_setup(batch_size=1, seq_len=512, **fields), (preset, fields))
+
+
+# each --activation-offload mode (with and without checkpointing, reentrant, QLoRA, FSDP), at
+# 4 x 512 tokens: enough for Unsloth to offload on every preset (an input over 2 MiB)
+OFFLOAD_SETUPS = [
+    {"method": "lora", "gradient_checkpointing": True, "activation_offload": "checkpoints"},
+    {
+        "method": "full",
+        "precision": "mixed",
+        "gradient_checkpointing": True,
+        "checkpoint_reentrant": True,
+        "activation_offload": "checkpoints",
+    },
+    {"method": "lora", "fsdp": 2, "gradient_checkpointing": True, "activation_offload": "checkpoints"},
+    {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True, "activation_offload": "all"},
+    {"method": "lora", "activation_offload": "all"},
+    {"method": "full", "activation_offload": "all"},
+    {"method": "qlora", "quant": "hqq4", "activation_offload": "all"},
+    {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True, "activation_offload": "unsloth"},
+    {"method": "full", "precision": "mixed", "gradient_checkpointing": True, "activation_offload": "unsloth"},
+]
+
+
+def without_offload(fields: dict) -> dict:
+    """The same step with its activations on the GPU (Unsloth's checkpoint is reentrant)."""
+    out = {k: v for k, v in fields.items() if k != "activation_offload"}
+    if fields["activation_offload"] == "unsloth":
+        out["checkpoint_reentrant"] = True
+    return out
+
+
+# one preset per architecture in the fast tier, the others (seconds each) in the marked tier
+FAST_OFFLOAD = {"gemma-2-2b", "gemma-3-1b", "llama-3.2-1b", "mixtral-8x7b", "phi-3-mini", "qwen3-0.6b", "qwen3-30b-a3b"}
+
+
+@pytest.mark.parametrize(
+    "preset", [p if p in FAST_OFFLOAD else pytest.param(p, marks=pytest.mark.cputrace) for p in preset_names()]
+)
+def test_offload_events_live_bytes_equal_the_phases(preset):
+    """Activation offload's events (memory/events.py: the inputs and saves the forward drops
+    once they are copied to the host, the reload in backward, Unsloth's buffers) meet every
+    phase exactly, and none of their tensor-level blocks has to be freed early to meet one:
+    they trim no more than the same step without offload (its recompute's)."""
+    spec = load_model_spec(preset)
+    for fields in OFFLOAD_SETUPS:
+        setup = make_setup(batch_size=4, seq_len=512, **fields)
+        assert_live_equals_phases(spec, setup, (preset, fields))
+        plain = make_setup(batch_size=4, seq_len=512, **without_offload(fields))
+        assert step_events(spec, setup).trimmed <= step_events(spec, plain).trimmed, (preset, fields)
 
 
 def test_ledger_balances_and_trims_by_hand():
@@ -218,3 +270,58 @@ def test_expandable_segments_suggested_only_when_they_change_the_verdict():
         assert estimate_spec(spec, setup, gpus, alloc_conf="expandable_segments:True").fits
     else:
         assert not any("expandable_segments:True" in n for n in est.notes)
+
+
+def live_blocks(ev, index: int, cat: C) -> list[int]:
+    """Sizes of the blocks of `cat` alive after events[:index]."""
+    live: dict[int, int] = {}
+    for op, tid, size, c in zip(
+        ev.events.ops[:index].tolist(),
+        ev.events.ids[:index].tolist(),
+        ev.events.sizes[:index].tolist(),
+        ev.categories[:index].tolist(),
+        strict=True,
+    ):
+        if op == Op.ALLOC and c == CATEGORIES.index(cat):
+            live[tid] = size
+        elif op == Op.FREE:
+            live.pop(tid, None)
+    return list(live.values())
+
+
+@pytest.mark.parametrize("mode, inputs, buffers", [("checkpoints", 2, 0), ("all", 6, 0), ("unsloth", 2, 2)])
+def test_offloaded_inputs_by_hand(mode, inputs, buffers):
+    """8 layers, 2 x 1024 tokens, hidden 2048: a layer's bf16 input is 8 MiB. At the last
+    layer's checkpointed forward the GPU holds of the inputs the embedding output and the
+    current layer's (save_on_cpu: locals of the model's forward), under TRL's OffloadActivations
+    also the 4 before it (its stash of the last 5 packs); Unsloth the embedding output, the last
+    layer's (never offloaded) and two reload buffers of that size; the rest is on the host. In
+    backward a non-reentrant recompute has its input back (8 MiB, transient) until it is done."""
+    spec = load_model_spec("llama-3.2-1b", num_layers=8)
+    setup = make_setup(method="lora", batch_size=2, seq_len=1024, gradient_checkpointing=True, activation_offload=mode)
+    ev = step_events(spec, setup)
+    one = 2 * 2048 * 2048
+    at = {m.phase.name: m.index for m in ev.moments}
+    acts = live_blocks(ev, at["forward (checkpointed layer)"], C.ACTIVATIONS)
+    assert acts.count(one) == inputs + buffers
+    assert live_blocks(ev, at["optimizer step"], C.ACTIVATIONS).count(one) == buffers
+    if mode != "unsloth":  # Unsloth is reentrant and reloads a bf16 input into its buffers
+        assert one in live_blocks(ev, at["layer 3 backward (lora recompute)"], C.TRANSIENT)
+        assert one not in live_blocks(ev, at["layer 3 backward (end)"], C.TRANSIENT)
+
+
+@pytest.mark.parametrize("fields", OFFLOAD_SETUPS[:2] + OFFLOAD_SETUPS[3:6] + OFFLOAD_SETUPS[7:])
+def test_offload_replay_gives_reserved_and_verdict(fields):
+    """The estimate's reserved memory under activation offload is the replay's (no flat
+    margin), and the replay never holds much more than the largest phase: before the offload
+    events, a step offloading every saved tensor replayed its whole forward's saves (Llama 3.1
+    8B LoRA at 4k tokens: 55.9 GiB allocated for a 26.3 GiB peak)."""
+    spec = load_model_spec("llama-3.2-1b", num_layers=8)
+    setup = make_setup(batch_size=2, seq_len=2048, **fields)
+    ev = step_events(spec, setup)
+    r = replay(ev.events)
+    peak = step_model(spec, setup).peak.allocated
+    assert peak <= r.peak_allocated <= 1.02 * peak, fields
+    est = estimate_spec(spec, setup, parse_gpus("1x80GB"))
+    assert est.per_gpu.peak_reserved_bytes == max(r.peak_reserved, est.per_gpu.peak_allocated_bytes)
+    assert not any("flat margin" in n for n in est.notes)

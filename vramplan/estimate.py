@@ -22,7 +22,7 @@ from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.lora import check_lora_targets
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
-from vramplan.reserved import Simulated, alloc_config, events_left_out, expandable_note, flat_margin, simulate
+from vramplan.reserved import Simulated, alloc_config, expandable_note, simulate
 from vramplan.results import Estimate, PerGpu
 from vramplan.setup import AdapterDtype, Loss, Method, Precision, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
@@ -256,15 +256,6 @@ def _loss_note(spec: ModelSpec, setup: TrainingSetup, peak: Phase) -> list[str]:
     ]
 
 
-def _flat_margin_note(left_out: str | None) -> list[str]:
-    if left_out is None:
-        return []
-    return [
-        f"reserved memory is the flat margin (5% of the peak + 32 MiB), not the allocator replay: the step's "
-        f"allocation events do not model {left_out} (vramplan/reserved.py)"
-    ]
-
-
 def _pressure_note(sim: Simulated, total: int, capacity: int) -> list[str]:
     """When the verdict rests on the allocator emptying its cache under pressure."""
     if not sim.fits or total <= capacity:
@@ -351,12 +342,7 @@ def estimate_spec(
     paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
     # reserved and the verdict: the step's events replayed through the caching-allocator model
     config = alloc_config(alloc_conf)
-    left_out = events_left_out(setup)
-    sim = (
-        flat_margin(alloc, capacity - context - paged, allocator_overhead(alloc))
-        if left_out
-        else simulate(spec, setup, capacity - context - paged, config)
-    )
+    sim = simulate(spec, setup, capacity - context - paged, config)
     reserved = max(sim.peak_reserved, alloc)
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
@@ -389,7 +375,6 @@ def estimate_spec(
         headroom_bytes=sim.headroom,
         notes=notes
         + _pressure_note(sim, total, capacity)
-        + _flat_margin_note(left_out)
         + expandable_note(spec, setup, capacity - context - paged, config, sim),
     )
 

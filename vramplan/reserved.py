@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vramplan.allocator import AllocatorConfig, ReplayResult, parse_alloc_conf, replay
 from vramplan.memory.events import StepEvents, step_events
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, TrainingSetup
+from vramplan.setup import TrainingSetup
 
 ENV = "PYTORCH_CUDA_ALLOC_CONF"
 
@@ -42,24 +42,7 @@ class Simulated:
     fits: bool  # runs within `capacity` (after releasing cached blocks if it must)
     headroom: int  # bytes left under capacity (negative: short by about that much)
     capped: ReplayResult | None  # the replay against capacity, when the roomy peak exceeds it
-    events: StepEvents | None  # None: the flat margin stood in for the replay (flat_margin)
-
-
-def events_left_out(setup: TrainingSetup) -> str | None:
-    """Why the step's allocation events do not describe this setup, or None when they do.
-    memory/events.py orders the reference step's tensors; activation offload moves saved
-    tensors to the host and back at moments the events do not have, so their replay strands
-    blocks that the real step never holds (seen: reserved 1.9-3x allocated)."""
-    if setup.activation_offload != ActivationOffload.NONE:
-        return f"--activation-offload {setup.activation_offload.value}"
-    return None
-
-
-def flat_margin(allocated: int, capacity: int, margin: int) -> Simulated:
-    """The verdict without a replay: reserved = allocated + the flat margin
-    (estimate.allocator_overhead), for setups whose events are not modelled."""
-    reserved = allocated + margin
-    return Simulated(reserved, allocated, reserved <= capacity, capacity - reserved, None, None)
+    events: StepEvents
 
 
 def simulate(
@@ -82,7 +65,7 @@ def expandable_note(
 ) -> list[str]:
     """When the step does not fit with the allocator's segments as configured but does with
     expandable segments (no stranded tails of partly used segments), say so."""
-    if sim.fits or config.expandable_segments or sim.events is None:
+    if sim.fits or config.expandable_segments:
         return []
     from dataclasses import replace
 

@@ -96,6 +96,9 @@ class CheckpointOffload:
     buffers: int  # persistent GPU reload buffers (Unsloth)
     reload: int  # the input of the layer being recomputed, back on the GPU (transient)
     forward_extra: int  # inputs still referenced on the GPU at a layer's forward, beyond those kept
+    # offloaded inputs the forward still holds on the GPU besides the embedding output (a local of
+    # the model's forward): the newest `stash`, the current layer's included (0: nothing offloaded)
+    stash: int = 0
 
     def layer_gpu(self, layers: int) -> list[int]:
         return [0] * (layers - self.kept_layers) + [self.input] * self.kept_layers
@@ -113,10 +116,16 @@ def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOfflo
     one = alloc(n * kept_per_layer(spec, stream))
     mode = setup.activation_offload
     if mode in (ActivationOffload.CHECKPOINTS, ActivationOffload.ALL):
-        resident = min(layers, OFFLOAD_STASH + 1 if mode == ActivationOffload.ALL else 2)
+        stash = OFFLOAD_STASH if mode == ActivationOffload.ALL else 1
         host = layers * pinned(n * kept_per_layer(spec, stream))
         return CheckpointOffload(
-            kept_layers=0, input=one, host=host, buffers=0, reload=one, forward_extra=resident * one
+            kept_layers=0,
+            input=one,
+            host=host,
+            buffers=0,
+            reload=one,
+            forward_extra=min(layers, stash + 1) * one,
+            stash=stash,
         )
     if unsloth_offloads(spec, setup):
         stored = n * spec.hidden * UNSLOTH_STORE_BYTES
@@ -130,7 +139,8 @@ def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOfflo
             host=slots + spare,
             buffers=UNSLOTH_RELOAD_BUFFERS * alloc(stored),
             reload=one if stream != UNSLOTH_STORE_BYTES else 0,
-            forward_extra=one if layers > 1 else 0,
+            forward_extra=(min(layers, 2) - 1) * one,  # the embedding output, beside the last layer's input
+            stash=1,
         )
     return CheckpointOffload(kept_layers=layers, input=one, host=0, buffers=0, reload=0, forward_extra=0)
 

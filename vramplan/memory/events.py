@@ -31,8 +31,13 @@ from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
 from vramplan.memory.activations import rope_saved
 from vramplan.memory.attention import attention_saved, step_masks
-from vramplan.memory.checkpointing import kept_per_layer
-from vramplan.memory.context import StepContext, activation_context, stream_bytes
+from vramplan.memory.backward import RECOMPUTE_POINTS
+from vramplan.memory.checkpointing import (
+    UNSLOTH_RELOAD_BUFFERS,
+    CheckpointOffload,
+    checkpoint_offload,
+)
+from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.fsdp import (
     PRE_UNSHARD_STREAM,
     fsdp1_compute_bytes,
@@ -228,10 +233,14 @@ class _Builder:
     ledger: Ledger
     by_kind: dict[PhaseKind, list[Phase]]
     by_layer: dict[int, list[Phase]]
+    off: CheckpointOffload | None = None  # checkpointing: where the layers' inputs live
     record: bool = False
     skip: frozenset[C] = frozenset()
     moments: list[Moment] = field(default_factory=list)
     layer_blocks: dict[int, list[int | None]] = field(default_factory=dict)
+    # activation offload: saved tensors copied to the host that the forward still holds on the GPU
+    stash: dict[int, list[int | None]] = field(default_factory=dict)
+    buffers_made: bool = False  # Unsloth's GPU reload buffers, made in step 0 and kept
     _down: dict[ShapeKey, int] = field(default_factory=dict)
     _parts: dict[tuple[ShapeKey, bool], list[int]] = field(default_factory=dict)
 
@@ -239,13 +248,25 @@ class _Builder:
         """Layer i's saved tensors as blocks in forward order, down's input last."""
         ctx = self.ctx
         layer = ctx.spec.layers[i]
-        first_grad = ctx.setup.method in (Method.FULL, Method.GALORE) or ctx.ckpt
-        key = (shape_key(layer), i > 0 or first_grad)
+        key = (shape_key(layer), i > 0 or _first_grad(ctx))
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
         return layer_blocks(
             ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)), self._parts[key]
         )
+
+    def offloaded_blocks(self, i: int) -> list[int]:
+        """Offloading every saved tensor: layer i's saves beyond what stays on the GPU
+        (ctx.layer_gpu, its norms' saves: checkpointing.offload_all_resident), as blocks in
+        forward order, down's input last."""
+        ctx = self.ctx
+        self.saved_blocks(i)  # fills the layer's components
+        parts = list(self._parts[(shape_key(ctx.spec.layers[i]), i > 0 or _first_grad(ctx))])
+        if ctx.spec.norm_kind != "layer":
+            for k in _NORM_COMPONENTS:
+                parts[k] = 0
+        this = alloc(ctx.tokens * ctx.per_layer[i]) - ctx.layer_gpu[i]
+        return layer_blocks(ctx.tokens, this, alloc(ctx.tokens * self.down_saved(i)), parts)
 
     def down_saved(self, i: int) -> int:
         """Per token, what layer i's down projection saves (layer.LayerPoints.down_saved)."""
@@ -290,6 +311,15 @@ class _Builder:
             return []
         layer = max((v for k, v in units.items() if k is not None), default=0)
         return [units.get(None, 0), layer, layer]
+
+
+# layer_components' norm terms: the input norm, q/k norms, the other norms
+_NORM_COMPONENTS = (0, 2, 5)
+
+
+def _first_grad(ctx: StepContext) -> bool:
+    """The first layer's input needs grad (activations._first_grad)."""
+    return ctx.setup.method in (Method.FULL, Method.GALORE) or ctx.ckpt
 
 
 def _persistent(b: _Builder, params: list[Param], built: bool) -> None:
@@ -412,10 +442,51 @@ def _build(b: _Builder) -> None:
     _persistent(b, b.ctx.params, built=bool(quantized))
 
 
+def _checkpointed_input(b: _Builder, i: int) -> None:
+    """Layer i's input, which its checkpoint keeps: on the GPU through the step, or, offloaded
+    (checkpointing.checkpoint_offload), copied to pinned host RAM and dropped from the GPU once
+    the forward no longer holds it: the embedding output (layer 0's input, a local of the
+    model's forward) when the decoder loop ends, the others once `stash` newer inputs are
+    packed. Unsloth copies into its host buffers through two GPU buffers, made at step 0's
+    first offload (unsloth-zoo==2026.10.9 gradient_checkpointing.py:1405-1470) and kept."""
+    off, led = b.off, b.ledger
+    assert off is not None
+    x = led.alloc(C.ACTIVATIONS, off.input)
+    if i - off.stash >= 1:
+        for tid in b.stash.pop(i - off.stash, []):
+            led.free(tid)
+    if i >= len(b.ctx.spec.layers) - off.kept_layers:
+        b.layer_blocks[i] = [x]
+        return
+    b.layer_blocks[i] = []
+    b.stash[i] = [x]
+    if off.buffers and not b.buffers_made:
+        for _ in range(UNSLOTH_RELOAD_BUFFERS):
+            led.alloc(C.ACTIVATIONS, off.buffers // UNSLOTH_RELOAD_BUFFERS)
+        b.buffers_made = True
+
+
+def _offloaded_layer(b: _Builder, i: int, last: bool) -> None:
+    """Offloading every saved tensor without checkpointing (activations.offload_all_layers):
+    layer i's deduplicated saves stay on the GPU to its backward's end; the rest is copied to
+    pinned host RAM and dropped once the next layer's packs push it out of the forward stash,
+    so at the last layer's forward that layer's saves are all there. In backward the restored
+    copies come and go per autograd node: the moments' balance blocks."""
+    ctx, led = b.ctx, b.ledger
+    b.layer_blocks[i] = [led.alloc(C.ACTIVATIONS, ctx.layer_gpu[i])]
+    for tid in b.stash.pop(i - 1, []):
+        led.free(tid)
+    sizes = b.offloaded_blocks(i)
+    blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
+    if last:
+        b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
+    b.stash[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
+
+
 def _forward(b: _Builder) -> list[int | None]:
     """The forward's saved tensors, layer by layer; returns the step-wide blocks."""
     ctx, led = b.ctx, b.ledger
-    n, spec = ctx.tokens, ctx.spec
+    spec = ctx.spec
     # CPU offload: the root's shard copied in for forward's first all-gather (fsdp.py)
     led.free(led.alloc(C.TRANSIENT, offload_shard_copy(ctx.params, ctx.setup), PRE_UNSHARD_STREAM))
     loop = led.alloc(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
@@ -430,9 +501,12 @@ def _forward(b: _Builder) -> list[int | None]:
     last = len(spec.layers) - 1
     for i in range(len(spec.layers)):
         if ctx.ckpt:
-            b.layer_blocks[i] = [led.alloc(C.ACTIVATIONS, alloc(n * kept_per_layer(spec, stream_bytes(ctx.setup))))]
+            _checkpointed_input(b, i)
             if i == last:
                 b.at_kind(PhaseKind.FORWARD_CHECKPOINTED_LAYER)
+            continue
+        if ctx.offload_all:
+            _offloaded_layer(b, i, i == last)
             continue
         sizes = b.saved_blocks(i)
         blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
@@ -440,9 +514,12 @@ def _forward(b: _Builder) -> list[int | None]:
             b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
         b.layer_blocks[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
     released = led.alloc(C.ACTIVATIONS, ctx.released)
-    b.at_kind(
-        PhaseKind.DEQUANTIZE_FORWARD, PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD
-    )
+    b.at_kind(PhaseKind.DEQUANTIZE_FORWARD)
+    for blocks in b.stash.values():  # offload: the decoder loop is done, its locals and stash go
+        for tid in blocks:
+            led.free(tid)
+    b.stash.clear()
+    b.at_kind(PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD)
     led.free(released)
     b.at_kind(PhaseKind.FINAL_NORM_BACKWARD)
     return [loop, *step_wide]
@@ -459,23 +536,32 @@ def _grads(b: _Builder, params: list[Param]) -> list[int | None]:
 
 def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | None]) -> None:
     ctx, led = b.ctx, b.ledger
+    # an offloaded checkpoint input back on the GPU for the recompute (backward._offload_moment):
+    # non-reentrant until the recompute is done, reentrant through the layer's backward
+    reload = led.alloc(C.TRANSIENT, ctx.reload) if ctx.ckpt else None
+    kept = len(b.layer_blocks[i]) if ctx.ckpt else 0  # checkpointing: its input, when it stays on the GPU
     if ctx.ckpt:  # the recompute makes the layer's saved tensors again
         b.layer_blocks[i] += [led.alloc(C.ACTIVATIONS, x) for x in b.saved_blocks(i)]
     blocks = b.layer_blocks.pop(i)
+    # down's saved input, freed once down's backward ran (offloaded: its restored copy is a balance block)
+    down = None if ctx.offload_all else blocks[-1]
     downs = [p for p in params if p.role in MLP_OUT_ROLES]
     others = [p for p in params if p.role not in MLP_OUT_ROLES]
     for ph in sorted(b.by_layer.get(i, []), key=lambda p: _POINT_ORDER[p.point] if p.point else 0):
+        if not ctx.reentrant and ph.point not in RECOMPUTE_POINTS:
+            led.free(reload)
         if ph.point == LayerPoint.MLP:
-            led.free(blocks[-1])  # down's saved input, freed once down's backward ran
+            led.free(down)
             if ctx.world == 1:
                 grads += _grads(b, downs)
         if ph.point == LayerPoint.END:
-            for tid in blocks[(1 if ctx.ckpt else 0) : -1]:  # the rest it saved (checkpointing: its input stays)
+            for tid in blocks[kept:]:  # the rest it saved (checkpointing: its input stays to the end)
                 led.free(tid)
             grads += _grads(b, others if ctx.world == 1 else params)
         b.at(ph)
     for tid in blocks:
         led.free(tid)
+    led.free(reload)
 
 
 def _one_step(b: _Builder) -> list[int | None]:
@@ -518,7 +604,8 @@ def step_events(spec: ModelSpec, setup: TrainingSetup) -> StepEvents:
             by_layer.setdefault(ph.layer, []).append(ph)
         else:
             by_kind.setdefault(ph.kind, []).append(ph)
-    b = _Builder(ctx, Ledger(), by_kind, by_layer)
+    off = checkpoint_offload(spec, setup) if setup.gradient_checkpointing else None
+    b = _Builder(ctx, Ledger(), by_kind, by_layer, off)
     _build(b)
     b.skip = frozenset({C.OPTIMIZER_STATES})
     grads = _one_step(b)

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.setup import OptimLibrary, Precision, TrainingSetup
+
+if TYPE_CHECKING:
+    from vramplan.verify.allocstream import RecordedStream
 
 _MARK = "vramplan.phase:"
 
@@ -117,6 +120,21 @@ class AllocationTrace:
 
 def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, steps: int = 2) -> TracedStep:
     """Build the reference step on the CPU and run ``steps`` steps under the allocation tracer."""
+    return TracedStep(phases=_run_traced(model, setup, num_layers, steps).phases())
+
+
+def trace_step_stream(
+    model: str, setup: TrainingSetup, num_layers: int | None = None, steps: int = 2
+) -> tuple[TracedStep, RecordedStream]:
+    """trace_step, and the allocation stream it recorded (every allocation and free, with the
+    phases' event ranges: allocstream.events_from_trace), for the allocator replay."""
+    from vramplan.verify.allocstream import events_from_trace
+
+    trace = _run_traced(model, setup, num_layers, steps)
+    return TracedStep(phases=trace.phases()), events_from_trace(trace)
+
+
+def _run_traced(model: str, setup: TrainingSetup, num_layers: int | None, steps: int) -> AllocationTrace:
     import torch
 
     from vramplan.verify.build import build_step
@@ -140,7 +158,7 @@ def trace_step(model: str, setup: TrainingSetup, num_layers: int | None = None, 
             built.close()
             if torch.distributed.is_initialized():  # the fake group of FSDP, DDP or FSDP1
                 torch.distributed.destroy_process_group()
-    return TracedStep(phases=trace.phases())
+    return trace
 
 
 # What the CPU trace cannot compare with a CUDA estimate (docs/verify.md, "CPU trace"): a
