@@ -88,6 +88,7 @@ TT_LORA = {
     "loss": Loss.CHUNKED,
     "gradient_checkpointing": True,
     "activation_offload": ActivationOffload.NONE,
+    "compile": False,
     "kbit_prep": False,
 }
 
@@ -305,6 +306,7 @@ SAMPLES = [
             "optimizer_in_backward": True,
             "gradient_checkpointing": True,
             "activation_offload": ActivationOffload.NONE,
+            "compile": False,
         },
     ),
     (
