@@ -131,13 +131,27 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
     saved = 4 * setup.tokens * v  # every chunk's log-softmax
     tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
+    head = _chunked_head_grad(spec, setup, chunk)
     if setup.compile:
         fwd, bwd = compiled_chunked_loss(setup.tokens, v, chunk, _logits(spec, setup), _compute_bytes(setup), tanh)
-        return LossTerms(forward=fwd, backward=bwd)
+        return LossTerms(forward=fwd, backward=max(bwd, head))
     return LossTerms(
         forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
-        backward=tanh + saved + 8 * chunk * v,
+        backward=max(tanh + saved + 8 * chunk * v, head),
     )  # + its log-softmax grad in and out
+
+
+def _chunked_head_grad(spec: ModelSpec, setup: TrainingSetup, chunk: int) -> int:
+    """A trained lm_head under the chunked loss gets one weight grad per chunk: autograd runs
+    the 8 loss backwards first (newer nodes), leaving 8 chunk grads, then each chunk's matmul
+    backward, whose weight grad (the grad of `weight.t()`, a transposed view) the engine adds
+    to the previous ones out of place (torch/csrc/autograd/input_buffer.cpp accumulate). Widest
+    at the second chunk: both grads and their sum, with 6 chunk grads still waiting (traced:
+    aten::add of V·h·2 bytes under TBackward0, case torchtune-chunked-compile-full)."""
+    if not head_trains(setup):
+        return 0
+    c = _compute_bytes(setup)
+    return 3 * spec.vocab * spec.hidden * c + (TORCHTUNE_CHUNKS - 2) * chunk * spec.vocab * c
 
 
 def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
