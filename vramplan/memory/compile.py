@@ -20,8 +20,8 @@ So the 8 chunks of logits, which the eager loss frees when the recipe drops them
 
 Not modelled: the compiled decoder layers. Inductor fuses RMSNorm and SiLU-mul, so a compiled
 layer saves fewer intermediates than the eager one the activation rules count: with the layers
-compiled, the estimate's activations are an upper bound (docs/memory-model.md, "torch.compile").
-"""
+compiled, the estimate's activations are an upper bound, by 7 to 9 N·h·2 bytes per layer in
+scripts/compile_layer_probe.py (docs/memory-model.md, "torch.compile")."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def compile_notes(setup: TrainingSetup) -> list[str]:
         else f"--loss {setup.loss.value} kept as run eagerly (only torchtune's chunked loss is modelled compiled)"
     )
     return [
-        f"--compile: {loss}; the compiled decoder layers are modelled as eager ones, an upper bound "
-        "(inductor's fused RMSNorm/SiLU-mul save fewer intermediates; modelled from source, not measured)"
+        f"--compile: {loss}; the compiled decoder layers are counted as eager ones, an upper bound "
+        "(inductor's fused RMSNorm/SiLU-mul save fewer intermediates: 7 to 9 N·h·2 bytes per layer "
+        "in a CPU probe, scripts/compile_layer_probe.py)"
     ]
