@@ -144,10 +144,12 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
 def _chunked_head_grad(spec: ModelSpec, setup: TrainingSetup, chunk: int) -> int:
     """A trained lm_head under the chunked loss gets one weight grad per chunk: autograd runs
     the 8 loss backwards first (newer nodes), leaving 8 chunk grads, then each chunk's matmul
-    backward, whose weight grad (the grad of `weight.t()`, a transposed view) the engine adds
-    to the previous ones out of place (torch/csrc/autograd/input_buffer.cpp accumulate). Widest
-    at the second chunk: both grads and their sum, with 6 chunk grads still waiting (traced:
-    aten::add of V·h·2 bytes under TBackward0, case torchtune-chunked-compile-full)."""
+    backward. The engine's input buffer (torch/csrc/autograd/input_buffer.cpp accumulate)
+    sums these weight grads, each the grad of `weight.t()`, out of place: traced, an
+    aten::add of V·h·2 bytes under TBackward0 with both operands freed after it (case
+    torchtune-chunked-compile-full; a plain elementwise grad is summed in place there). Widest
+    at the second chunk: both grads and their sum, with 6 chunk grads still waiting. CUDA runs
+    the same engine code; not measured there (scripts/calibrate.py *_chunked_compile)."""
     if not head_trains(setup):
         return 0
     c = _compute_bytes(setup)
