@@ -405,6 +405,41 @@ CASES = [
         seconds=90,
     ),
     case("l1b_lora16_b2s2048_chunked", L1B, method="lora", batch_size=2, seq_len=2048, loss="chunked"),
+    # --compile (torchtune's compile_loss; traced on the CPU, group "loss"): on CUDA, inductor's
+    # Triton kernels, cuBLAS's bmm on the expanded lm_head weight (no copy, unlike the CPU's) and,
+    # under full fine-tuning, the out-of-place sum of lm_head's 8 chunk weight grads; the 8B rows
+    # are torchtune's README table (tests/data/published/torchtune_readme.jsonl)
+    case(
+        "l1b_lora16_b2s2048_chunked_compile",
+        L1B,
+        method="lora",
+        batch_size=2,
+        seq_len=2048,
+        loss="chunked",
+        compile=True,
+    ),
+    case(
+        "l1b_full_bf16_b2s2048_chunked_compile",
+        L1B,
+        method="full",
+        batch_size=2,
+        seq_len=2048,
+        loss="chunked",
+        compile=True,
+    ),
+    case(
+        "l8b_qlora8_ckpt_b2s2048_torchtune_compile",
+        L8B,
+        method="qlora",
+        lora_r=8,
+        lora_targets="all-linear",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=2048,
+        stack="torchtune",
+        compile=True,
+        seconds=120,
+    ),
     case(
         "l1b_lora16_b2s2048_fp32out_keep",
         L1B,

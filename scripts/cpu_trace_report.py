@@ -230,7 +230,9 @@ def _setup_text(setup: dict) -> str:
     if setup.get("loss", "hf") != "hf":
         parts.append(f"loss {setup['loss']}")
     parts += [
-        word for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits")) if setup.get(key)
+        word
+        for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits"), ("compile", "compiled"))
+        if setup.get(key)
     ]
     parts += _adapter_text(setup)
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
@@ -257,7 +259,9 @@ def render(rows: list[dict], before: dict) -> str:
         "`tests/data/cpu/trace.jsonl` (this model) and `tests/data/cpu/trace_model_98031c9.jsonl`",
         "(the same traced steps next to the model at commit 98031c9). What the trace is and what",
         'it leaves out: `docs/verify.md`, "CPU trace"; the model\'s backward is compared less the',
-        "2·N·V bytes CUDA's loss backward holds beyond the CPU's. Each cell: the traced peak of the phase",
+        "2·N·V bytes CUDA's loss backward holds beyond the CPU's (and, for the compiled chunked loss",
+        "under a frozen lm_head, plus the B·V·h bf16 copy the CPU's bmm makes of the expanded lm_head",
+        "weight: verify/cputrace.py cpu_head_bmm_copy). Each cell: the traced peak of the phase",
         "(step 1; build: the whole build) in MiB, then the model's error; `was` gives the earlier",
         "model's error where it differed by more than 0.5 points.",
         "",

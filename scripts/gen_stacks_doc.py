@@ -22,6 +22,7 @@ KNOB_ORDER = [
     "loss",
     "fp32_outputs",
     "keep_logits",
+    "compile",
     "optim",
     "optimizer_in_backward",
     "adapter_dtype",

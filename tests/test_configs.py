@@ -88,6 +88,7 @@ TT_LORA = {
     "loss": Loss.CHUNKED,
     "gradient_checkpointing": True,
     "activation_offload": ActivationOffload.NONE,
+    "compile": False,
     "kbit_prep": False,
 }
 
@@ -305,6 +306,7 @@ SAMPLES = [
             "optimizer_in_backward": True,
             "gradient_checkpointing": True,
             "activation_offload": ActivationOffload.NONE,
+            "compile": False,
         },
     ),
     (
@@ -759,3 +761,16 @@ def test_wrong_typed_values_give_one_line_errors(path):
                 read_one({**data, key: value}, path)
             except VramplanError as e:
                 assert "\n" not in str(e)
+
+
+def test_torchtune_compile_true_is_read_as_compile(tmp_path):
+    """torchtune's `compile: True` (training/_compile.py compile_model + compile_loss) is
+    modelled now (--compile), not reported as unmodelled; the shipped `compile: False` reads False."""
+    text = (DATA / "torchtune/8B_qlora_single_device.yaml").read_text()
+    assert "compile: False" in text
+    f = tmp_path / "tt.yaml"
+    f.write_text(text.replace("compile: False", "compile: True"))
+    reading = read_config([str(f)])
+    assert reading.fields["compile"] is True
+    assert "compile" not in {u.key for u in reading.unmodelled}
+    assert read_config([str(DATA / "torchtune/8B_qlora_single_device.yaml")]).fields["compile"] is False

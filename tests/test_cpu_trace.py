@@ -23,8 +23,10 @@ pytest.importorskip("peft")
 from vramplan.categories import Category  # noqa: E402
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # noqa: E402
+from vramplan.memory.loss import head_trains  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Loss, Quant  # noqa: E402
+from vramplan.verify.cputrace import cpu_head_bmm_copy  # noqa: E402
 
 TOL = 0.015
 LLAMA = dict(
@@ -169,9 +171,15 @@ CASES = {
 }
 
 
+def _bmm_copied(setup) -> bool:
+    """The compiled chunked loss under a frozen lm_head: the CPU's bmm copy is the loss's peak."""
+    return setup.loss == Loss.CHUNKED and setup.compile and not head_trains(setup)
+
+
 def _model_phases(spec, setup) -> dict[str, int]:
     """The model's widest phase inside each measured phase (Phase.measured), as the
-    trace's step 1 sees it: the CPU's hf loss backward holds 2·N·V less, GaLore's SVD refresh
+    trace's step 1 sees it: the CPU's hf loss backward holds 2·N·V less, the CPU's bmm copies
+    lm_head's weight per batch row around the compiled chunked loss (cputrace.cpu_head_bmm_copy), GaLore's SVD refresh
     runs at step 0 only, and layer-wise optimizers step inside backward."""
     refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
@@ -182,6 +190,8 @@ def _model_phases(spec, setup) -> dict[str, int]:
             continue
         if p.kind == PhaseKind.LOSS_BACKWARD and setup.loss == Loss.HF:
             b -= 2 * setup.tokens * spec.vocab
+        if p.kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and _bmm_copied(setup):
+            b += cpu_head_bmm_copy(setup.batch_size, spec.vocab, spec.hidden)
         out[k] = max(out.get(k, 0), b)
     return out
 
@@ -493,6 +503,8 @@ LOSS_CASES = {
     "torchtune-chunked-fp32-outputs-lora": (LLAMA, dict(method="lora", loss="chunked", fp32_outputs=True)),
     "torchtune-chunked-keep-logits-lora": (LLAMA, dict(method="lora", loss="chunked", keep_logits=True)),
     "gemma2-softcap-torchtune-chunked-lora": (GEMMA2, dict(method="lora", loss="chunked")),
+    "torchtune-chunked-compile-lora": (LLAMA, dict(method="lora", loss="chunked", compile=True)),
+    "torchtune-chunked-compile-full": (LLAMA, dict(method="full", loss="chunked", compile=True)),
     "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
     "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
 }

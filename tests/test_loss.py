@@ -56,6 +56,26 @@ def test_chunked_is_torchtunes_eight_chunks(spec):
     assert t.backward == 4 * n * v + 8 * chunk * v
 
 
+def test_compiled_chunked_keeps_the_bf16_chunks_not_the_log_softmaxes(spec):
+    # inductor's partition of F.cross_entropy(x.float(), y) (torchtune compile_loss): each
+    # chunk's graph saves its bf16 input and 2 fp32 values per row; backward writes one
+    # chunk's bf16 grad while the saved chunks are alive
+    n, v, chunk = 512, spec.vocab, 64
+    t = loss_terms(spec, make_setup(method="lora", batch_size=2, seq_len=256, loss="chunked", compile=True))
+    assert t.forward == 2 * n * v + 8 * n
+    assert t.backward == 2 * n * v + 8 * n + 2 * chunk * v
+    eager = loss_terms(spec, make_setup(method="lora", loss="hf"))
+    assert loss_terms(spec, make_setup(method="lora", loss="hf", compile=True)) == eager  # only chunked compiles
+
+
+def test_chunked_full_sums_lm_heads_chunk_grads_out_of_place(spec):
+    # Qwen2.5-0.5B ties lm_head to the embedding; full: V*h bf16 weight grads, the first, the
+    # second and their sum, with 6 of the 8 bf16 chunk grads not yet consumed
+    h, v, chunk = spec.hidden, spec.vocab, 64  # 2x256 tokens: 8 chunks of 2x32
+    t = loss_terms(spec, make_setup(method="full", batch_size=2, seq_len=256, loss="chunked", compile=True))
+    assert t.backward == 3 * v * h * 2 + 6 * chunk * v * 2
+
+
 def test_liger_lora_holds_no_logits(spec):
     n, h, v = 2048, spec.hidden, spec.vocab
     rows = liger_chunk_rows(n, v, h)

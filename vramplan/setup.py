@@ -576,6 +576,12 @@ class TrainingSetup(BaseModel):
         description="the training loop keeps the model's output (its logits) referenced through backward "
         "and the optimizer step (Answer.AI fsdp_qlora train.py); the reference step keeps only the loss",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile of each decoder layer and of the loss, as torchtune's `compile: True` "
+        "(training.compile_model, compile_loss); the compiled chunked cross-entropy saves its bf16 chunks, "
+        "not an fp32 log-softmax",
+    )
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
     fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
@@ -881,6 +887,7 @@ class TrainingSetup(BaseModel):
             ("dora", "dora"),
             ("optimizer_in_backward", "optim-in-bwd"),
             ("checkpoint_reentrant", "reentrant"),
+            ("compile", "compile"),
         )
         words += [word for name, word in flags if getattr(self, name)]
         valued = (

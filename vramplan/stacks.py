@@ -36,6 +36,7 @@ STACK_KNOBS = frozenset(
         "loss",
         "fp32_outputs",
         "keep_logits",
+        "compile",
         "adapter_dtype",
         "quant_storage",
         "kbit_prep",

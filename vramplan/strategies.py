@@ -91,6 +91,7 @@ _SHARED = (
     "loss",
     "fp32_outputs",
     "keep_logits",
+    "compile",
     "adapter_dtype",
     "kbit_prep",
     "dora",

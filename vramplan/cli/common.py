@@ -164,6 +164,7 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "loss", choices=_choices(Loss))
     _flag(p, "fp32_outputs", boolean=True)
     _flag(p, "keep_logits", boolean=True)
+    _flag(p, "compile", boolean=True)
     _flag(p, "adapter_dtype", choices=_choices(AdapterDtype))
     _flag(p, "quant_storage", choices=_choices(QuantStorage))
     _flag(p, "kbit_prep", boolean=True)

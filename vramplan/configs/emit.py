@@ -436,7 +436,7 @@ def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, di
         "epochs": 1,
         "max_steps_per_epoch": 100,
         "gradient_accumulation_steps": s.gradient_accumulation,
-        "compile": False,
+        "compile": s.compile,
         "device": "cuda",
         "dtype": "bf16" if s.weight_dtype == ModelDtype.BF16 else "fp32",
         "enable_activation_checkpointing": s.gradient_checkpointing,

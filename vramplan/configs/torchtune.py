@@ -119,8 +119,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
             ActivationOffload.ALL if on else ActivationOffload.NONE,
         )
     _distributed(c)
-    if c.get("compile") is True:
-        c.unmodelled("compile", "torch.compile fuses kernels and changes activation memory")
+    c.set_flag("compile", "compile", "training.compile_model per layer + compile_loss (training/_compile.py)")
     if method != Method.FULL:
         c.set("model._component_", "kbit_prep", False, "derived: torchtune's LoRA is not a peft model")
     return c.finish(ConfigFormat.TORCHTUNE, Stack.TORCHTUNE, model, _KNOWN)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vramplan.memory.compile import compile_notes, compiled_chunked_loss
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.storage import alloc
@@ -124,15 +125,35 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     ce_chunked_output_loss.py:39-90): the output layer makes 8 bf16 chunks of logits; each is
     upcast and log-softmaxed in turn, every chunk's fp32 log-softmax saved. The recipe
     drops the logits before backward (recipes/lora_finetune_single_device.py `del logits`);
-    backward walks the chunks last to first, each freeing its log-softmax."""
+    backward walks the chunks last to first, each freeing its log-softmax. Compiled
+    (--compile, torchtune's compile_loss): memory/compile.py."""
     v = spec.vocab
     chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
     saved = 4 * setup.tokens * v  # every chunk's log-softmax
     tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
+    head = _chunked_head_grad(spec, setup, chunk)
+    if setup.compile:
+        fwd, bwd = compiled_chunked_loss(setup.tokens, v, chunk, _logits(spec, setup), _compute_bytes(setup), tanh)
+        return LossTerms(forward=fwd, backward=max(bwd, head))
     return LossTerms(
         forward=_logits(spec, setup) + saved + 4 * chunk * v,  # + the last chunk's fp32 copy
-        backward=tanh + saved + 8 * chunk * v,
+        backward=max(tanh + saved + 8 * chunk * v, head),
     )  # + its log-softmax grad in and out
+
+
+def _chunked_head_grad(spec: ModelSpec, setup: TrainingSetup, chunk: int) -> int:
+    """A trained lm_head under the chunked loss gets one weight grad per chunk: autograd runs
+    the 8 loss backwards first (newer nodes), leaving 8 chunk grads, then each chunk's matmul
+    backward. The engine's input buffer (torch/csrc/autograd/input_buffer.cpp accumulate)
+    sums these weight grads, each the grad of `weight.t()`, out of place: traced, an
+    aten::add of V·h·2 bytes under TBackward0 with both operands freed after it (case
+    torchtune-chunked-compile-full; a plain elementwise grad is summed in place there). Widest
+    at the second chunk: both grads and their sum, with 6 chunk grads still waiting. CUDA runs
+    the same engine code; not measured there (scripts/calibrate.py *_chunked_compile)."""
+    if not head_trains(setup):
+        return 0
+    c = _compute_bytes(setup)
+    return 3 * spec.vocab * spec.hidden * c + (TORCHTUNE_CHUNKS - 2) * chunk * spec.vocab * c
 
 
 def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -253,9 +274,9 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
 
 
 def loss_notes(setup: TrainingSetup) -> list[str]:
-    """What the estimate of a CUDA-only loss kernel rests on."""
+    """What the estimate of a CUDA-only loss kernel, or of a compiled step, rests on."""
     if setup.loss not in CUDA_ONLY:
-        return []
+        return compile_notes(setup)
     note = (
         f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
         "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)"
@@ -265,4 +286,4 @@ def loss_notes(setup: TrainingSetup) -> list[str]:
             "; its chunk count depends on the free memory at the first loss call (min(free/2, 4 GiB)): "
             "the 4 GiB cap is assumed, the widest chunk it allows"
         )
-    return [note]
+    return [note, *compile_notes(setup)]

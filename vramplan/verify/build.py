@@ -59,6 +59,7 @@ class Built:
     rank: int = 0
     kept: object | None = None  # --keep-logits: the last forward's output
     scaler: Any = None  # torch.amp.GradScaler under --precision fp16
+    loss_fn: Any = None  # torchtune's loss module, made (and under --compile compiled) once
 
     @property
     def optimizers(self) -> list:
@@ -708,6 +709,11 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if setup.engine in (Engine.DDP, Engine.FSDP1):
         _wrap_replicated(built, prefix)
     make_optimizer(built, galore)
+    if setup.compile:
+        built.notes.append(
+            "--compile: the loss is compiled as torchtune's compile_loss; the decoder layers run eagerly, "
+            "as the estimate models them"
+        )
     if setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built

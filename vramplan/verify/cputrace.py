@@ -189,6 +189,19 @@ def cpu_loss_backward_delta(tokens: int, vocab: int) -> int:
     return 2 * tokens * vocab
 
 
+def cpu_head_bmm_copy(batch_size: int, vocab: int, hidden: int, compute_bytes: int = 2) -> int:
+    """Bytes the CPU's bmm copies where CUDA's does not: torchtune's output layer runs on each
+    non-contiguous chunk of the hidden state; with lm_head frozen (LoRA) matmul does not fold
+    it (folding copies the chunk; ATen LinearAlgebra.cpp should_fold folds when the weight
+    needs a grad: traced, mm under full fine-tuning, bmm under LoRA) and calls bmm with the
+    weight expanded over the batch. CUDA hands the stride-0 batch to cuBLAS (Blas.cpp
+    prepare_batch_matrix_for_cublas looks only at the two inner strides); the CPU kernel
+    makes it contiguous, B copies of lm_head's weight
+    (traced: aten::empty of B·V·h·2 bytes under aten::bmm at every chunk, forward and backward).
+    It is the trace's peak only where the loss holds little else: the compiled chunked loss."""
+    return batch_size * vocab * hidden * compute_bytes
+
+
 @contextlib.contextmanager
 def cuda_like_steps():
     """Dropout as CUDA's native_dropout holds memory: the output and a bool mask, which

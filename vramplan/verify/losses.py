@@ -61,6 +61,14 @@ def torchtune_loss_class():
     return module.CEWithChunkedOutputLoss
 
 
+def _compile_loss(loss_fn) -> None:
+    """torchtune==0.3.1 training/_compile.py:69-86 compile_loss (0.6.1 the same for this loss):
+    only the upcast and cross-entropy of one chunk, compute_cross_entropy, is compiled."""
+    import torch
+
+    loss_fn.compute_cross_entropy = torch.compile(loss_fn.compute_cross_entropy, backend="inductor")
+
+
 def torchtune_step(built, ids):
     """torchtune's decoder and recipe: the output layer on each of 8 chunks of the final
     hidden state (torchtune==0.6.1 modules/transformer.py TransformerDecoder.forward), labels
@@ -68,7 +76,11 @@ def torchtune_step(built, ids):
     (recipes/lora_finetune_single_device.py _loss_step: `del logits`)."""
     import torch
 
-    loss_fn = torchtune_loss_class()()
+    if built.loss_fn is None:
+        built.loss_fn = torchtune_loss_class()()
+        if built.setup.compile:
+            _compile_loss(built.loss_fn)
+    loss_fn = built.loss_fn
     decoder, head, config = _parts(built.model)
     cap = getattr(config, "final_logit_softcapping", None)
 

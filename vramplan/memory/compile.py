@@ -1,0 +1,66 @@
+"""torch.compile as torchtune runs it (`compile: True`, --compile): what changes in memory.
+
+torchtune==0.3.1 torchtune/training/_compile.py:25-86 (0.6.1: 25-76): compile_model calls
+`.compile()` on every TransformerSelfAttentionLayer (per layer; the whole model on torch < 2.5
+in 0.3.1), compile_loss replaces CEWithChunkedOutputLoss.compute_cross_entropy, the upcast and
+F.cross_entropy of one chunk, by its torch.compile; the chunking itself stays eager (the
+recipes: lora_finetune_single_device.py:270-271, full_finetune_single_device.py:234-235,
+*_distributed.py the same). Sources and the CPU trace: docs/memory-model.md, "torch.compile".
+
+The chunked loss compiled (traced on the CPU with torchtune 0.3.1's loss, case
+"torchtune-chunked-compiled-lora" of tests/data/cpu/trace.jsonl; inductor's output code):
+AOT autograd's partition saves each chunk's own logits (bf16), its labels and two fp32 values
+per row (amax, log of the sum of exponentials); the forward's upcast, log-softmax and NLL are
+reductions fused into one kernel, so no [rows, V] fp32 tensor is made. Its backward is one
+pointwise kernel writing the chunk's grad in the chunk's dtype, then freeing the saved chunk.
+So the 8 chunks of logits, which the eager loss frees when the recipe drops them
+(`del logits`), stay alive until backward, in place of the eager loss's 8 fp32 log-softmaxes
+(half the bytes); the autograd engine runs the 8 loss backwards before the output layer's
+(the loss nodes are newer), each adding a chunk's grad as it frees a saved chunk.
+
+Not modelled: the compiled decoder layers. Inductor fuses RMSNorm and SiLU-mul, so a compiled
+layer saves fewer intermediates than the eager one the activation rules count: with the layers
+compiled, the estimate's activations are an upper bound, by 7 to 9 N·h·2 bytes per layer in
+scripts/compile_layer_probe.py (docs/memory-model.md, "torch.compile")."""
+
+from __future__ import annotations
+
+from vramplan.setup import Loss, Stack, TrainingSetup
+
+# Per row of a chunk the compiled graph saves two fp32 reductions (amax, log-sum-exp):
+# inductor's output code for F.cross_entropy(x.float(), y, reduction="sum"), torch 2.13.
+SAVED_ROW_BYTES = 8
+
+
+def compiled_chunked_loss(
+    tokens: int, vocab: int, chunk_rows: int, logits: int, compute_bytes: int, tanh: int
+) -> tuple[int, int]:
+    """(forward, backward) bytes of torchtune's compiled chunked cross-entropy: `logits` is the
+    bytes of the 8 chunks of logits (with a softcap's saved tanh output), `tanh` that output
+    alone. Forward: the chunks and the per-row reductions; backward: the saved chunks, the
+    softcap's saved output and one chunk's grad in the chunks' dtype."""
+    forward = logits + SAVED_ROW_BYTES * tokens
+    backward = tanh + compute_bytes * tokens * vocab + SAVED_ROW_BYTES * tokens + compute_bytes * chunk_rows * vocab
+    return forward, backward
+
+
+def compile_notes(setup: TrainingSetup) -> list[str]:
+    """What --compile changes in this estimate and what it leaves eager; without it, on the
+    torchtune stack with its chunked loss, that torchtune's own published figures are compiled."""
+    if not setup.compile:
+        if setup.stack == Stack.TORCHTUNE and setup.loss == Loss.CHUNKED:
+            return [
+                "torchtune's configs ship compile: False, estimated here; torchtune's README memory table "
+                "was measured with torch.compile on: add --compile (compile: True) to compare with it"
+            ]
+        return []
+    loss = (
+        "the chunked loss compiled as torchtune's compile_loss (CPU trace of torchtune's loss)"
+        if setup.loss == Loss.CHUNKED
+        else f"--loss {setup.loss.value} kept as run eagerly (only torchtune's chunked loss is modelled compiled)"
+    )
+    return [
+        f"--compile: {loss}; the compiled decoder layers are counted as eager ones, an upper bound "
+        "(inductor's fused RMSNorm/SiLU-mul save fewer intermediates: 7 to 9 N·h·2 bytes per layer "
+        "in a CPU probe, scripts/compile_layer_probe.py)"
+    ]
