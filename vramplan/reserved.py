@@ -33,6 +33,19 @@ def use_alloc_conf_flag(value: str | None) -> None:
     os.environ[ENV] = value
 
 
+EXPANDABLE = "expandable_segments:True"
+
+
+def with_expandable_segments(alloc_conf: str | None = None) -> str | None:
+    """The allocator configuration (alloc_config's) with expandable segments turned on: the
+    configured string with the key appended (a later key wins, as parseArgs reads it); None
+    when it already expands its segments."""
+    if alloc_config(alloc_conf).expandable_segments:
+        return None
+    text = alloc_conf if alloc_conf is not None else os.environ.get(ENV)
+    return f"{text},{EXPANDABLE}" if text else EXPANDABLE
+
+
 @dataclass(frozen=True)
 class Simulated:
     """The replay's answer for one step on one GPU."""
