@@ -78,6 +78,9 @@ class Measurement(BaseModel):
     extrapolated_from: list[int] = Field(
         default_factory=list, description="depths this full-depth figure was fitted from (empty: measured)"
     )
+    memory_limit_bytes: int | None = Field(
+        None, description="set_per_process_memory_fraction's cap on the caching allocator (None: uncapped)"
+    )
 
     def case_name(self) -> str:
         s = self.setup
@@ -155,6 +158,8 @@ class Measurement(BaseModel):
         fields: dict = {}
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
+        if self.memory_limit_bytes is not None:
+            fields["memory_limit_mb"] = self.memory_limit_bytes / MiB
         knobs = stack_knobs(s)
         if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
             fields["knobs"] = knobs
