@@ -628,3 +628,36 @@ def test_memory_limit_travels_to_the_record():
     assert "memory_limit_mb" not in (m.to_measured_case("x").model_extra or {})
     with pytest.raises(VramplanError, match="CUDA"):
         limit_allocator("cpu", 2**30)
+
+
+def test_segment_list_groups_the_snapshot_by_size_and_stream():
+    """CudaProbe.segments on a stand-in for torch.cuda.memory_snapshot(): large segments per
+    (size, stream), largest first, the small pool in one row; the record carries the list."""
+    import types
+
+    from vramplan.verify.probe import CudaProbe
+
+    mib = 2**20
+    snapshot = [
+        {"device": 0, "total_size": 96 * mib, "allocated_size": 24 * mib, "stream": 0, "segment_type": "large"},
+        {"device": 0, "total_size": 96 * mib, "allocated_size": 0, "stream": 0, "segment_type": "large"},
+        {"device": 0, "total_size": 20 * mib, "allocated_size": 3 * mib, "stream": 7, "segment_type": "large"},
+        {"device": 0, "total_size": 2 * mib, "allocated_size": mib, "stream": 0, "segment_type": "small"},
+        {"device": 0, "total_size": 2 * mib, "allocated_size": mib // 2, "stream": 0, "segment_type": "small"},
+        {"device": 1, "total_size": 512 * mib, "allocated_size": 0, "stream": 0, "segment_type": "large"},
+    ]
+    probe = CudaProbe(0)
+    probe.torch = types.SimpleNamespace(cuda=types.SimpleNamespace(memory_snapshot=lambda: snapshot))
+    rows = probe.segments()
+    assert rows == [[192.0, 24.0, 0.0, 2.0], [20.0, 3.0, 7.0, 1.0], [4.0, 1.5, 0.0, 2.0]]
+    m = Measurement(
+        model="llama-3.2-1b",
+        num_layers=16,
+        full_layers=16,
+        setup=make_setup(method="full", seq_len=16),
+        device="cuda",
+        steps=1,
+        fits=True,
+        segments_mib=rows,
+    )
+    assert m.to_measured_case("x").model_extra["segments_mib"] == rows

@@ -81,6 +81,11 @@ class Measurement(BaseModel):
     memory_limit_bytes: int | None = Field(
         None, description="set_per_process_memory_fraction's cap on the caching allocator (None: uncapped)"
     )
+    segments_mib: list[list[float]] | None = Field(
+        None,
+        description="the allocator's segments after the last step: [MiB, MiB allocated, stream, count] "
+        "per (segment size, stream), the small pool in one row (CudaProbe.segments)",
+    )
 
     def case_name(self) -> str:
         s = self.setup
@@ -160,6 +165,8 @@ class Measurement(BaseModel):
             fields["extrapolated_from"] = self.extrapolated_from
         if self.memory_limit_bytes is not None:
             fields["memory_limit_mb"] = self.memory_limit_bytes / MiB
+        if self.segments_mib is not None:
+            fields["segments_mib"] = self.segments_mib
         knobs = stack_knobs(s)
         if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
             fields["knobs"] = knobs
