@@ -35,7 +35,8 @@ holds every case to 5% of the measured peak allocated.
   situation the measurement was made in (an 80 GB H100). No constant was fitted to these
   cases. The reserved table below also shows the flat margin the estimate used before
   (allocated x 1.05 + 32 MiB), for comparison; docs/memory-model.md ("Reserved memory and
-  the allocator") says what the replay models and what it does not.
+  the allocator") says what the replay models and what it does not, docs/allocator.md what
+  the largest misses were traced to so far.
 """
 
 
