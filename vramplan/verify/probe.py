@@ -94,8 +94,12 @@ class CudaProbe(Probe):
         [MiB reserved, MiB allocated in it, stream, count] per (size, stream), largest first,
         with the small pool's 2 MiB segments in one row: which requests made the reserved
         memory, and how much of each segment the live tensors still use."""
+        try:
+            snapshot = self.torch.cuda.memory_snapshot()
+        except RuntimeError:  # a diagnostic: never the reason a case fails
+            return None
         rows: dict[tuple[float, int, bool], list[float]] = {}
-        for seg in self.torch.cuda.memory_snapshot():
+        for seg in snapshot:
             if seg.get("device", self.index) != self.index:
                 continue
             small = seg.get("segment_type") == "small"
