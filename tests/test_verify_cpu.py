@@ -615,7 +615,7 @@ def test_capped_calibration_cases_straddle_the_predicted_edge(capsys):
 
 def test_memory_limit_travels_to_the_record():
     from vramplan.verify.launch import CaseRequest, limit_allocator
-    from vramplan.verify.results import Measurement
+    from vramplan.verify.results import OomInfo
 
     setup = make_setup(method="full", seq_len=16)
     req = CaseRequest(model="llama-3.2-1b", setup=setup, memory_limit_bytes=24 * 2**30)
@@ -623,8 +623,11 @@ def test_memory_limit_travels_to_the_record():
     m = Measurement(
         model="llama-3.2-1b", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=1, fits=False
     )
-    record = m.model_copy(update={"memory_limit_bytes": 24 * 2**30}).to_measured_case("x")
+    oom = OomInfo(phase="backward", step=0, reserved_bytes=23 * 2**30)
+    record = m.model_copy(update={"memory_limit_bytes": 24 * 2**30, "oom": oom}).to_measured_case("x")
     assert record.model_extra["memory_limit_mb"] == 24 * 1024
+    assert (record.model_extra["oom_phase"], record.model_extra["oom_step"]) == ("backward", 0)
+    assert record.model_extra["oom_reserved_mb"] == 23 * 1024
     assert "memory_limit_mb" not in (m.to_measured_case("x").model_extra or {})
     with pytest.raises(VramplanError, match="CUDA"):
         limit_allocator("cpu", 2**30)

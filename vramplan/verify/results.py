@@ -167,6 +167,9 @@ class Measurement(BaseModel):
             fields["memory_limit_mb"] = self.memory_limit_bytes / MiB
         if self.segments_mib is not None:
             fields["segments_mib"] = self.segments_mib
+        if self.oom is not None:  # which step ran out, and what the allocator held then (a capped rung's edge)
+            fields["oom_step"] = self.oom.step
+            fields["oom_reserved_mb"] = None if self.oom.reserved_bytes is None else self.oom.reserved_bytes / MiB
         knobs = stack_knobs(s)
         if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
             fields["knobs"] = knobs
