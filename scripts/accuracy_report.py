@@ -35,7 +35,8 @@ holds every case to 5% of the measured peak allocated.
   situation the measurement was made in (an 80 GB H100). No constant was fitted to these
   cases. The reserved table below also shows the flat margin the estimate used before
   (allocated x 1.05 + 32 MiB), for comparison; docs/memory-model.md ("Reserved memory and
-  the allocator") says what the replay models and what it does not.
+  the allocator") says what the replay models and what it does not, docs/allocator.md what
+  the largest misses were traced to so far.
 """
 
 
@@ -80,7 +81,7 @@ def _out_of_memory(cases, configs) -> list[str]:
     rows = []
     for c in cases:
         extra = c.model_extra or {}
-        if extra.get("fits", True) is False:
+        if extra.get("fits", True) is False and not extra.get("memory_limit_mb"):
             est = estimate_case(c, configs)
             rows.append(f"| {c.name} | {extra.get('oom_phase')} | {est.per_gpu.peak_allocated_bytes / GiB:.2f} |")
     if not rows:
@@ -91,6 +92,33 @@ def _out_of_memory(cases, configs) -> list[str]:
         "|---|---|---:|",
         *rows,
     ]
+
+
+def _capped(cases) -> list[str]:
+    """Capped cases (calibrate.py --capped): the out-of-memory edge, measured and replayed."""
+    from vramplan.accuracy import capped_rows
+
+    rows = capped_rows(cases, DATA / "configs")
+    if not rows:
+        return []
+    agree = sum(r["ran"] == r["predicted_ran"] for r in rows)
+    return [
+        f"\nCapped allocator (set_per_process_memory_fraction): the replay's verdict agrees on {agree} of "
+        f"{len(rows)} rungs.\n",
+        "| case | cap GiB | measured | reserved GiB | replay | replay reserved GiB |",
+        "|---|---:|---|---:|---|---:|",
+        *(_capped_row(r) for r in rows),
+    ]
+
+
+def _capped_row(r: dict) -> str:
+    measured = "ran" if r["ran"] else "OOM"
+    replay = "ran" if r["predicted_ran"] else f"OOM ({r['predicted_oom_at']})"
+    reserved = "" if r["reserved"] is None else f"{r['reserved'] / GiB:.2f}"
+    return (
+        f"| {r['name']} | {r['limit'] / GiB:.0f} | {measured} | {reserved} | {replay} "
+        f"| {r['predicted_reserved'] / GiB:.2f} |"
+    )
 
 
 def _reserved(scored) -> list[str]:
@@ -152,6 +180,7 @@ def render(files: list[Path]) -> str:
         out += _reserved(scored)
         out += _extrapolations(cases, {c.name: c for c in cases})
         out += _out_of_memory(cases, DATA / "configs")
+        out += _capped(cases)
     return "\n".join(out) + "\n"
 
 

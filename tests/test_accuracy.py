@@ -78,3 +78,46 @@ def test_report_shows_the_machine_extrapolations_and_out_of_memory(tmp_path):
     assert "Measured on NVIDIA H100 80GB HBM3 (torch 2.11.0)" in text
     assert "| a_xp4-8 | [4, 8] |" in text and "+2.0% |" in text
     assert "| b | backward |" in text
+
+
+def test_capped_cases_are_reported_against_the_replay_under_their_cap(tmp_path):
+    """calibrate.py's capped rungs: the allocated peak is scored as any case's, the reserved is
+    not (a capped allocator's, not the roomy GPU's max_memory_reserved), and the report puts
+    each rung's outcome next to the replay under the same cap."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import accuracy_report
+
+    from vramplan.accuracy import score_case
+
+    base = next(iter(load_cases(DATA / "h100_dev.jsonl"))).model_dump()  # Llama-3.2-1B, 11.58 GiB allocated
+    lines = [
+        {**base, "name": "roomy_cap", "memory_limit_mb": 40 * 1024},
+        {**base, "name": "tight_cap", "memory_limit_mb": 8 * 1024, "fits": False, "oom_phase": "backward"},
+    ]
+    path = tmp_path / "h100_verify.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cases = load_cases(path)
+    assert score_case(cases[0], DATA / "configs").measured_reserved_bytes is None
+    text = accuracy_report.render([path])
+    assert "agrees on 2 of 2 rungs" in text  # under 40 GiB it runs, under 8 GiB (below its allocated peak) it cannot
+    assert "| roomy_cap | 40 | ran |" in text and "| tight_cap | 8 | OOM | " in text
+    assert "| tight_cap | backward |" not in text  # not listed again with the uncapped OOM runs
+
+
+def test_under_memory_limit_runs_above_the_roomy_peak_and_not_below_the_allocated():
+    from vramplan.allocator import AllocatorConfig, replay
+    from vramplan.estimate import make_setup
+    from vramplan.memory.events import step_events
+    from vramplan.model_loader import load_model_spec
+    from vramplan.reserved import under_memory_limit
+
+    spec, setup = load_model_spec("llama-3.2-1b"), make_setup(method="lora", batch_size=1, seq_len=1024)
+    roomy = replay(step_events(spec, setup).events, AllocatorConfig())
+    above = under_memory_limit(spec, setup, roomy.peak_reserved, AllocatorConfig())
+    assert above.runs and above.peak_reserved == roomy.peak_reserved and above.oom_at is None
+    below = under_memory_limit(spec, setup, roomy.peak_allocated - 2**20, AllocatorConfig())
+    assert not below.runs and below.oom_at in ("build", "step 0", "a later step")
+    assert below.peak_reserved <= roomy.peak_allocated - 2**20

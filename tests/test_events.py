@@ -325,3 +325,24 @@ def test_offload_replay_gives_reserved_and_verdict(fields):
     est = estimate_spec(spec, setup, parse_gpus("1x80GB"))
     assert est.per_gpu.peak_reserved_bytes == max(r.peak_reserved, est.per_gpu.peak_allocated_bytes)
     assert not any("flat margin" in n for n in est.notes)
+
+
+def test_nf4_build_quantizes_each_linear_tensor_by_tensor():
+    """bitsandbytes 0.50.2's order for one Linear on one device (memory/quantization.py,
+    nf4_quantize_temporaries): the bf16 source, the fp32 absmax (n/64 x 4 bytes), the packed
+    weight (n/2), the absmax's offset copy, the nested state; the three temporaries freed
+    before the next Linear starts. Checked on Llama-3.2-1B's first Linear (q_proj, 2048 x 2048)."""
+    spec = load_model_spec("llama-3.2-1b", num_layers=1)
+    ev = step_events(spec, make_setup(method="qlora", quant="nf4"))
+    ops, sizes, cats = ev.events.ops, ev.events.sizes, ev.categories
+    n = 2048 * 2048
+    first = [(int(ops[i]), int(sizes[i]), CATEGORIES[cats[i]]) for i in range(8)]
+    assert first[:5] == [
+        (Op.ALLOC, 2 * n, C.TRANSIENT),
+        (Op.ALLOC, 4 * n // 64, C.TRANSIENT),
+        (Op.ALLOC, n // 2, C.WEIGHTS),
+        (Op.ALLOC, 4 * n // 64, C.TRANSIENT),
+        (Op.ALLOC, first[4][1], C.QUANT_STATE),
+    ]
+    assert [(op, cat) for op, _, cat in first[5:]] == [(Op.FREE, C.TRANSIENT)] * 3
+    assert ev.events.ids[5:8].tolist() == ev.events.ids[[3, 1, 0]].tolist()  # the copy, the absmax, the source

@@ -354,3 +354,46 @@ def test_vary_leaves_out_combinations_the_setup_refuses():
     )
     offloaded = [r for r in res.rows if r.setup.activation_offload.value == "checkpoints"]
     assert offloaded and all(r.setup.gradient_checkpointing for r in offloaded)
+
+
+# ---------------------------------------------------------------- expandable segments
+
+
+def test_with_expandable_segments_keeps_the_configured_keys(monkeypatch):
+    from vramplan.allocator import parse_alloc_conf
+    from vramplan.reserved import with_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert with_expandable_segments() == "expandable_segments:True"
+    assert with_expandable_segments("expandable_segments:True") is None
+    conf = with_expandable_segments("max_split_size_mb:128,expandable_segments:False")
+    parsed = parse_alloc_conf(conf)
+    assert parsed.expandable_segments and parsed.max_split_size == 128 * 2**20
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    assert with_expandable_segments() == "garbage_collection_threshold:0.6,expandable_segments:True"
+
+
+@pytest.mark.cputrace  # seconds: a plan's search and a few allocator replays
+def test_plan_suggests_expandable_segments_only_when_it_changes_the_verdict(monkeypatch):
+    """Llama-3.2-1B LoRA at 16k tokens on a 33.8 GB card: the vectorised search's fastest
+    candidate (r16 + ckpt, micro-batch 1) is refused by the allocator replay (cached segments
+    strand memory) and fits with expandable segments; the provider says so, and says nothing
+    once the allocator already expands its segments."""
+    import sys
+
+    plan = sys.modules["vramplan.plan"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    spec = load_model_spec("llama-3.2-1b")
+    req = make_request("llama-3.2-1b", "1x33.8GB", methods="lora", min_seq=16384)
+    grids, _ = plan.search(spec, req)
+    first = plan._candidates(spec, grids, req)[0]
+    assert first.setup.deepspeed is None and first.setup.gradient_checkpointing
+    assert not estimate_spec(spec, first.setup, req.gpus).fits
+    assert estimate_spec(spec, first.setup, req.gpus, alloc_conf="expandable_segments:True").fits
+    lines = plan._expandable_segments(spec, req, grids)
+    assert len(lines) == 1
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in lines[0]
+    assert f"fits {first.label} (" in lines[0]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert plan._expandable_segments(spec, req, grids) == []
+    assert plan._expandable_segments in plan.SUGGESTION_PROVIDERS

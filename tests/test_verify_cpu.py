@@ -13,6 +13,7 @@ import torch
 
 from vramplan.categories import Category as C
 from vramplan.cli import main
+from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_config, make_setup
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
@@ -595,3 +596,71 @@ def test_cpu_verify_names_what_the_cpu_cannot_compare():
     )
     assert "4-bit" in said and "8-bit" in said and "offload" in said
     assert "autocast" in " ".join(incomparable_on_cpu(make_setup(method="full", precision="mixed")))
+
+
+def test_capped_calibration_cases_straddle_the_predicted_edge(capsys):
+    """calibrate.py --capped: every ladder has a rung the replay says runs under 24 GiB and
+    one it says does not, so the measured boundary can be told apart from the predicted one."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate
+
+    capped = calibrate.select(calibrate.CASES, None, None, capped=True)
+    assert capped == calibrate.CAPPED_CASES and all(c["memory_limit_mb"] == 24 * 1024 for c in capped)
+    assert calibrate.main(["--dry-run", "--capped"]) == 0
+    out = capsys.readouterr().out
+    for prefix in {c["name"].rsplit("_", 2)[0] for c in capped}:
+        said = [line for line in out.splitlines() if line.startswith(prefix)]
+        assert any("the replay runs" in line for line in said) and any("the replay OOM" in line for line in said)
+
+
+def test_memory_limit_travels_to_the_record():
+    from vramplan.verify.launch import CaseRequest, limit_allocator
+    from vramplan.verify.results import OomInfo
+
+    setup = make_setup(method="full", seq_len=16)
+    req = CaseRequest(model="llama-3.2-1b", setup=setup, memory_limit_bytes=24 * 2**30)
+    assert CaseRequest.model_validate_json(req.model_dump_json()).memory_limit_bytes == 24 * 2**30
+    m = Measurement(
+        model="llama-3.2-1b", num_layers=16, full_layers=16, setup=setup, device="cuda", steps=1, fits=False
+    )
+    oom = OomInfo(phase="backward", step=0, reserved_bytes=23 * 2**30)
+    record = m.model_copy(update={"memory_limit_bytes": 24 * 2**30, "oom": oom}).to_measured_case("x")
+    assert record.model_extra["memory_limit_mb"] == 24 * 1024
+    assert (record.model_extra["oom_phase"], record.model_extra["oom_step"]) == ("backward", 0)
+    assert record.model_extra["oom_reserved_mb"] == 23 * 1024
+    assert "memory_limit_mb" not in (m.to_measured_case("x").model_extra or {})
+    with pytest.raises(VramplanError, match="CUDA"):
+        limit_allocator("cpu", 2**30)
+
+
+def test_segment_list_groups_the_snapshot_by_size_and_stream():
+    """CudaProbe.segments on a stand-in for torch.cuda.memory_snapshot(): large segments per
+    (size, stream), largest first, the small pool in one row; the record carries the list."""
+    import types
+
+    from vramplan.verify.probe import CudaProbe
+
+    mib = 2**20
+    snapshot = [
+        {"device": 0, "total_size": 96 * mib, "allocated_size": 24 * mib, "stream": 0, "segment_type": "large"},
+        {"device": 0, "total_size": 96 * mib, "allocated_size": 0, "stream": 0, "segment_type": "large"},
+        {"device": 0, "total_size": 20 * mib, "allocated_size": 3 * mib, "stream": 7, "segment_type": "large"},
+        {"device": 0, "total_size": 2 * mib, "allocated_size": mib, "stream": 0, "segment_type": "small"},
+        {"device": 0, "total_size": 2 * mib, "allocated_size": mib // 2, "stream": 0, "segment_type": "small"},
+        {"device": 1, "total_size": 512 * mib, "allocated_size": 0, "stream": 0, "segment_type": "large"},
+    ]
+    probe = CudaProbe(0)
+    probe.torch = types.SimpleNamespace(cuda=types.SimpleNamespace(memory_snapshot=lambda: snapshot))
+    rows = probe.segments()
+    assert rows == [[192.0, 24.0, 0.0, 2.0], [20.0, 3.0, 7.0, 1.0], [4.0, 1.5, 0.0, 2.0]]
+    m = Measurement(
+        model="llama-3.2-1b",
+        num_layers=16,
+        full_layers=16,
+        setup=make_setup(method="full", seq_len=16),
+        device="cuda",
+        steps=1,
+        fits=True,
+        segments_mib=rows,
+    )
+    assert m.to_measured_case("x").model_extra["segments_mib"] == rows

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from vramplan.estimate import estimate_config
 from vramplan.measured import MeasuredCase
 from vramplan.results import Estimate
+from vramplan.units import MiB
 
 
 class ScoredCase(BaseModel):
@@ -55,7 +56,15 @@ def estimate_case(case: MeasuredCase, configs: str | Path | None = None) -> Esti
     )
 
 
+def memory_limit(case: MeasuredCase) -> int | None:
+    """The cap a capped case ran its allocator under (calibrate.py's capped cases), in bytes."""
+    mb = (case.model_extra or {}).get("memory_limit_mb")
+    return int(mb * MiB) if mb else None
+
+
 def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
+    """A capped case's reserved is what the capped allocator held, not the roomy GPU's
+    max_memory_reserved the estimate predicts: it is not scored (capped_rows compares it)."""
     est = estimate_case(case, configs)
     return ScoredCase(
         name=case.name,
@@ -64,7 +73,7 @@ def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
         predicted_alloc_bytes=est.per_gpu.peak_allocated_bytes,
         measured_alloc_bytes=case.peak_alloc_bytes,
         predicted_reserved_bytes=est.per_gpu.peak_reserved_bytes,
-        measured_reserved_bytes=case.peak_reserved_bytes,
+        measured_reserved_bytes=None if memory_limit(case) else case.peak_reserved_bytes,
         peak_phase=est.per_gpu.peak_phase,
     )
 
@@ -91,3 +100,32 @@ def summary(scored: list[ScoredCase]) -> dict:
         "max_abs_error": abs(worst.alloc_error),
         "worst_case": worst.name,
     }
+
+
+def capped_rows(cases: list[MeasuredCase], configs: Path | None = None) -> list[dict]:
+    """Capped cases against the allocator replay under the same cap (reserved.under_memory_limit):
+    whether the step ran, and what the allocator held, measured and predicted."""
+    from vramplan.model_loader import load_model_spec
+    from vramplan.reserved import under_memory_limit
+
+    rows = []
+    for c in cases:
+        limit = memory_limit(c)
+        if limit is None:
+            continue
+        est = estimate_case(c, configs)
+        spec = load_model_spec(model_source(c, configs), num_layers=c.layers)
+        pred = under_memory_limit(spec, est.setup, limit)
+        extra = c.model_extra or {}
+        rows.append(
+            dict(
+                name=c.name,
+                limit=limit,
+                ran=extra.get("fits", True) is not False,
+                reserved=c.peak_reserved_bytes,
+                predicted_ran=pred.runs,
+                predicted_reserved=pred.peak_reserved,
+                predicted_oom_at=pred.oom_at,
+            )
+        )
+    return rows

@@ -52,6 +52,7 @@ from vramplan.memory.checkpointing import unsloth_from
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.plan_vary import expand_groups, parse_vary, varied_label
+from vramplan.reserved import with_expandable_segments
 from vramplan.setup import DeepSpeedStage, Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
@@ -574,10 +575,22 @@ def _candidate_rows(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, fits
     return [_row_at(spec, grid, req, si, bi, ones) for bi in picks]
 
 
-def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest) -> PlanRow | None:
-    """The row as estimate_spec sees it; None when estimate says it does not fit."""
+def _candidates(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> list[PlanRow]:
+    """The rows the vectorised search says fit, fastest first (not yet re-checked)."""
+    candidates = []
+    for g in grids:
+        si = _seq_index(g, req)
+        if si < len(g.seqs):
+            candidates += _candidate_rows(spec, g, req, si, _fits(g, req))
+    candidates.sort(key=rank_key)
+    return candidates
+
+
+def _recheck(spec: ModelSpec, row: PlanRow, req: PlanRequest, alloc_conf: str | None = None) -> PlanRow | None:
+    """The row as estimate_spec sees it; None when estimate says it does not fit. alloc_conf:
+    the PYTORCH_CUDA_ALLOC_CONF of the allocator replay (None: the environment's)."""
     single_node = req.nodes == 1
-    est = estimate_spec(spec, row.setup, req.gpus, req.host_ram if single_node else None)
+    est = estimate_spec(spec, row.setup, req.gpus, req.host_ram if single_node else None, alloc_conf=alloc_conf)
     host = row.host_ram_bytes if not single_node else est.host_ram_bytes
     if not est.fits or (req.host_ram is not None and host > req.host_ram):
         return None
@@ -800,14 +813,8 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
 
 def plan_spec(spec: ModelSpec, req: PlanRequest, top: int = 10, suggest: bool = True) -> PlanResult:
     grids, evaluated = search(spec, req)
-    candidates = []
-    for g in grids:
-        si = _seq_index(g, req)
-        if si < len(g.seqs):
-            candidates += _candidate_rows(spec, g, req, si, _fits(g, req))
-    candidates.sort(key=rank_key)
     rows: list[PlanRow] = []
-    for row in candidates:  # re-check with the real estimate until `top` rows survive
+    for row in _candidates(spec, grids, req):  # re-check with the real estimate until `top` rows survive
         if len(rows) >= top:
             break
         checked = _recheck(spec, row, req)
@@ -926,6 +933,29 @@ def _larger_card(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[s
 
 SuggestionProvider = Callable[[ModelSpec, PlanRequest, list[Grid]], list[str]]
 
+EXPANDABLE_RECHECKS = 10  # the fastest candidates replayed again with expandable segments
+
+
+def _expandable_segments(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
+    """The same search's fastest candidates, which the vectorised search passed and the
+    allocator replay refused, replayed with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    on top of the configured allocator (docs/allocator.md): segments mapped in pages strand
+    no partly used tails, so a step that fails only for fragmentation can run. Nothing to say
+    when the allocator already expands its segments."""
+    conf = with_expandable_segments()
+    if conf is None:
+        return []
+    for row in _candidates(spec, grids, req)[:EXPANDABLE_RECHECKS]:
+        checked = _recheck(spec, row, req, alloc_conf=conf)
+        if checked is not None:
+            return [
+                f"expandable segments: with PYTORCH_CUDA_ALLOC_CONF={conf} (`--alloc-conf {conf}`) the simulated "
+                f"allocator fits {checked.label} ({checked.headroom_bytes / GiB:.2f} GiB left, "
+                f"~{checked.tokens_per_s:,.0f} tokens/s): pages instead of whole cached segments, so partly "
+                "used segments strand less"
+            ]
+    return []
+
 
 def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
     """A knob of the stack the user did not fix (--config, --stack), set on top of the plan's
@@ -941,9 +971,11 @@ def _with_knob(knob: str, value: str, how: str) -> SuggestionProvider:
 
 
 # What would fit instead, each a function of (model, request, evaluated grids) -> lines, in order:
-# the same hardware first (a shorter context, a loss that never builds the [N, V] logits,
-# checkpoint inputs in pinned host RAM), then more host RAM, GPUs, a larger card.
+# the same step with the allocator's expandable segments, then the same hardware (a shorter
+# context, a loss that never builds the [N, V] logits, checkpoint inputs in pinned host RAM),
+# then more host RAM, GPUs, a larger card.
 SUGGESTION_PROVIDERS: list[SuggestionProvider] = [
+    _expandable_segments,
     _shorter_context,
     _with_knob("loss", "liger", f"with {FUSED_LOSS_SHORT}"),
     _with_knob(

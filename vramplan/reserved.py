@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 
 from vramplan.allocator import AllocatorConfig, ReplayResult, parse_alloc_conf, replay
-from vramplan.memory.events import StepEvents, step_events
+from vramplan.categories import Category
+from vramplan.memory.events import CATEGORIES, StepEvents, step_events
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import TrainingSetup
 
@@ -31,6 +32,19 @@ def use_alloc_conf_flag(value: str | None) -> None:
         return
     parse_alloc_conf(value)
     os.environ[ENV] = value
+
+
+EXPANDABLE = "expandable_segments:True"
+
+
+def with_expandable_segments(alloc_conf: str | None = None) -> str | None:
+    """The allocator configuration (alloc_config's) with expandable segments turned on: the
+    configured string with the key appended (a later key wins, as parseArgs reads it); None
+    when it already expands its segments."""
+    if alloc_config(alloc_conf).expandable_segments:
+        return None
+    text = alloc_conf if alloc_conf is not None else os.environ.get(ENV)
+    return f"{text},{EXPANDABLE}" if text else EXPANDABLE
 
 
 @dataclass(frozen=True)
@@ -77,3 +91,35 @@ def expandable_note(
         f"fits this step ({alt.headroom / 2**30:.2f} GiB left): it maps memory in pages instead of caching "
         "whole segments, so partly used segments strand less"
     ]
+
+
+@dataclass(frozen=True)
+class Capped:
+    """The step replayed under a cap on what the caching allocator may hold."""
+
+    runs: bool  # build and both replayed steps without OutOfMemoryError
+    peak_reserved: int  # the most the allocator held under the cap (up to the error)
+    peak_allocated: int
+    oom_at: str | None  # where the replay ran out: "build", "step 0" or "a later step"
+
+
+def under_memory_limit(
+    spec: ModelSpec, setup: TrainingSetup, limit: int, config: AllocatorConfig | None = None
+) -> Capped:
+    """The step under torch.cuda.set_per_process_memory_fraction(limit / device memory), as
+    calibrate.py's capped cases run it: the allocator may hold at most `limit` bytes, and past
+    it frees its cached blocks and retries before it raises (allocator.py's OOM path, with
+    the limit as allowed_memory_maximum)."""
+    ev = step_events(spec, setup)
+    r = replay(ev.events, config if config is not None else alloc_config(), memory_fraction_limit=limit)
+    if r.oom is None:
+        return Capped(True, r.peak_reserved, r.peak_allocated, None)
+    index = r.oom.event_index
+    at = "build" if index < _first_activation(ev) else "step 0" if index < ev.step_start else "a later step"
+    return Capped(False, r.peak_reserved, r.peak_allocated, at)
+
+
+def _first_activation(ev: StepEvents) -> int:
+    """The first event of step 0's forward: the first activation the step allocates."""
+    hits = (ev.categories == CATEGORIES.index(Category.ACTIVATIONS)).nonzero()[0]
+    return int(hits[0]) if len(hits) else ev.step_start

@@ -55,9 +55,9 @@ from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
 from vramplan.memory.phases import prepare, step_context, step_model
-from vramplan.memory.quantization import quantize_transient, quantized_store
+from vramplan.memory.quantization import nf4_quantize_temporaries, quantize_transient, quantized_store
 from vramplan.memory.storage import MiB, Phase, alloc
-from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, PhaseKind
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Engine, Method, Optim, Stack, TrainingSetup
 
@@ -430,6 +430,9 @@ def _build(b: _Builder) -> None:
         return
     quantized = [p for p in b.ctx.params if p.kind.quantized]
     for p in quantized:
+        if p.kind == ParamKind.NF4 and world == 1:
+            _quantize_nf4(b.ledger, p)
+            continue
         t = b.ledger.alloc(C.TRANSIENT, quantize_transient(p, world))
         stored = quantized_store(p.kind, p.numel)
         if world == 1:
@@ -481,6 +484,22 @@ def _offloaded_layer(b: _Builder, i: int, last: bool) -> None:
     if last:
         b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
     b.stash[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
+
+
+def _quantize_nf4(led: Ledger, p: Param) -> None:
+    """One Linear quantized to nf4 on the device, tensor by tensor
+    (quantization.nf4_quantize_temporaries): the bf16 source, the fp32 absmax, the packed
+    weight, the absmax's offset copy, the nested state; then the copy, the absmax and the
+    source freed. The 1-10 MiB absmax tensors take 20 MiB segments of their own and the
+    packed weights fill the freed sources' segments, as the allocator places them."""
+    source, absmax, copy = nf4_quantize_temporaries(p.numel)
+    stored = quantized_store(p.kind, p.numel)
+    temps = [led.alloc(C.TRANSIENT, source), led.alloc(C.TRANSIENT, absmax)]
+    led.alloc(C.WEIGHTS, stored[C.WEIGHTS])
+    temps.append(led.alloc(C.TRANSIENT, copy))
+    led.alloc(C.QUANT_STATE, stored[C.QUANT_STATE])
+    for tid in reversed(temps):
+        led.free(tid)
 
 
 def _forward(b: _Builder) -> list[int | None]:

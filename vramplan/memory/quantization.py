@@ -56,6 +56,20 @@ def dequantize_transient(n: int, quant: Quant) -> int:
     return 3 * alloc(2 * n)
 
 
+def nf4_quantize_temporaries(n: int) -> tuple[int, int, int]:
+    """The temporaries of quantizing one n-element Linear to nf4 on one device, in the order
+    verify's build allocates them (build._nf4: the bf16 source, then Params4bit.to ->
+    Params4bit._quantize, bitsandbytes 0.50.2 nn/modules.py:381-395): the bf16 source;
+    quantize_4bit's fp32 absmax (backends/cuda/ops.py:391, before the packed output at :392);
+    the offset-subtracted copy of it handed to the nested quantize_blockwise
+    (functional.py:939-940). The copy is freed when that call returns, the absmax at the
+    `del _absmax` after it (:941), the source when build._nf4 returns. Their sum is
+    NF4_QUANTIZE_BYTES per element plus NF4_QUANTIZE_BLOCK_BYTES per block."""
+    blocks = -(-n // NF4_BLOCK)
+    half = NF4_QUANTIZE_BLOCK_BYTES // 2
+    return alloc(NF4_QUANTIZE_BYTES * n), alloc(half * blocks), alloc(half * blocks)
+
+
 def quantize_transient(p: Param, world: int) -> int:
     """Temporaries of quantizing one Linear on the device (NF4_/HQQ_QUANTIZE_* above)."""
     n, packed = p.numel, alloc(p.numel / 2)

@@ -25,6 +25,12 @@ class CaseRequest(BaseModel):
     num_layers: int | None = None
     steps: int = Field(3, ge=1)
     device: str = "cuda"
+    memory_limit_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="cap on what the caching allocator may hold, set with "
+        "torch.cuda.set_per_process_memory_fraction (None: the whole device)",
+    )
 
 
 def worker_command(req_path: Path, out_dir: Path, nproc: int = 1) -> list[str]:
@@ -70,13 +76,32 @@ def init_distributed(device: str) -> str:
     return device
 
 
+def limit_allocator(device: str, limit: int) -> None:
+    """A smaller GPU on a large one: torch.cuda.set_per_process_memory_fraction(limit / total),
+    so the caching allocator refuses to hold more than `limit` bytes (allowed_memory_maximum
+    in CUDACachingAllocator.cpp: past it, a cudaMalloc is treated as failed, the cached blocks
+    are released and the request retried, then OutOfMemoryError). The CUDA context is outside
+    the cap."""
+    import torch
+
+    if not device.startswith("cuda"):
+        raise VramplanError("a memory limit needs a CUDA device", "memory_limit_bytes")
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0), dev)
+
+
 def worker_main(argv: list[str]) -> int:
     req_path, out_dir = Path(argv[0]), Path(argv[1])
     req = CaseRequest.model_validate_json(req_path.read_text())
     device = init_distributed(req.device)
     from vramplan.verify.measure import run_case
 
+    if req.memory_limit_bytes is not None:
+        limit_allocator(device, req.memory_limit_bytes)
     m = run_case(req.model, req.setup, device=device, num_layers=req.num_layers, steps=req.steps)
+    if req.memory_limit_bytes is not None:
+        m = m.model_copy(update={"memory_limit_bytes": req.memory_limit_bytes})
     tmp = out_dir / f".rank{m.rank}.json.tmp"
     tmp.write_text(m.model_dump_json())
     tmp.replace(out_dir / f"rank{m.rank}.json")

@@ -127,6 +127,7 @@ def run_case(
             with cputrace.cuda_like_steps() if on_cpu else nullcontext():
                 _run_steps(built, run, sizes, steps, dev, out)
             out.nvml = probe.nvml_used()
+            out.segments = probe.segments()
         except torch.OutOfMemoryError as e:
             out.oom = _oom_info(run, str(e))
         finally:
@@ -153,6 +154,7 @@ class _Outcome:
     after_build: int | None = None
     after_step0: int | None = None
     nvml: int | None = None
+    segments: list[list[float]] | None = None
     counts: tuple[int, int] = (0, 0)
     step_peaks: list[int] = field(default_factory=list)
     timing: list[float] = field(default_factory=list)
@@ -352,4 +354,5 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
         params_trainable=out.counts[1],
         notes=out.notes,
         versions=_versions(),
+        segments_mib=out.segments,
     )

@@ -38,6 +38,9 @@ class Probe:
     def nvml_used(self) -> int | None:
         return None
 
+    def segments(self) -> list[list[float]] | None:
+        return None
+
     def device_name(self) -> str:
         import platform
 
@@ -85,6 +88,27 @@ class CudaProbe(Probe):
         workspaces outside torch. None when NVML cannot see processes (containers without
         the host PID namespace)."""
         return nvml.process_used_bytes(self.index)
+
+    def segments(self) -> list[list[float]] | None:
+        """The caching allocator's large segments now (torch.cuda.memory_snapshot), as
+        [MiB reserved, MiB allocated in it, stream, count] per (size, stream), largest first,
+        with the small pool's 2 MiB segments in one row: which requests made the reserved
+        memory, and how much of each segment the live tensors still use."""
+        try:
+            snapshot = self.torch.cuda.memory_snapshot()
+        except RuntimeError:  # a diagnostic: never the reason a case fails
+            return None
+        rows: dict[tuple[float, int, bool], list[float]] = {}
+        for seg in snapshot:
+            if seg.get("device", self.index) != self.index:
+                continue
+            small = seg.get("segment_type") == "small"
+            key = (0.0 if small else seg["total_size"] / 2**20, int(seg.get("stream", 0)), small)
+            row = rows.setdefault(key, [0.0, 0.0, float(key[1]), 0.0])
+            row[0] += seg["total_size"] / 2**20
+            row[1] += seg["allocated_size"] / 2**20
+            row[3] += 1
+        return [[round(v, 1) for v in r] for r in sorted(rows.values(), key=lambda r: -r[0] / r[3])]
 
 
 def make_probe(device: str) -> Probe:

@@ -78,6 +78,14 @@ class Measurement(BaseModel):
     extrapolated_from: list[int] = Field(
         default_factory=list, description="depths this full-depth figure was fitted from (empty: measured)"
     )
+    memory_limit_bytes: int | None = Field(
+        None, description="set_per_process_memory_fraction's cap on the caching allocator (None: uncapped)"
+    )
+    segments_mib: list[list[float]] | None = Field(
+        None,
+        description="the allocator's segments after the last step: [MiB, MiB allocated, stream, count] "
+        "per (segment size, stream), the small pool in one row (CudaProbe.segments)",
+    )
 
     def case_name(self) -> str:
         s = self.setup
@@ -155,6 +163,13 @@ class Measurement(BaseModel):
         fields: dict = {}
         if self.extrapolated_from:
             fields["extrapolated_from"] = self.extrapolated_from
+        if self.memory_limit_bytes is not None:
+            fields["memory_limit_mb"] = self.memory_limit_bytes / MiB
+        if self.segments_mib is not None:
+            fields["segments_mib"] = self.segments_mib
+        if self.oom is not None:  # which step ran out, and what the allocator held then (a capped rung's edge)
+            fields["oom_step"] = self.oom.step
+            fields["oom_reserved_mb"] = None if self.oom.reserved_bytes is None else self.oom.reserved_bytes / MiB
         knobs = stack_knobs(s)
         if knobs:  # the issue-13 knobs (--loss, ...), read back by MeasuredCase.setup_fields
             fields["knobs"] = knobs
