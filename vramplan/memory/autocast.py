@@ -46,10 +46,11 @@ class FrozenCasts:
 # fp32 leaf that requires grad (not a view): a frozen fp32 weight (a LoRA base, a frozen lm_head,
 # a Linear LoRA does not target) is cast to bf16 again at every F.linear call.
 # linear's backward needs the weight for the input's grad (mm(grad, W)): autograd saves that bf16
-# copy, not the fp32 weight, whenever the input requires grad (tools/autograd/derivatives.yaml
-# addmm/mm: the input's grad is mm_mat1_backward(grad, mat2)). Checked at torch 2.13.0 (three
+# copy, not the fp32 weight, whenever the input requires grad (torch==2.13.0
+# torchgen/packaged/autograd/derivatives.yaml:256-259 addmm, :1218-1220 mm: the input's grad is
+# mm_mat1_backward(grad, mat2); ATen/autocast_mode.h:840 `linear` casts to bf16). Checked at torch 2.13.0 (three
 # F.linear calls on one frozen fp32 weight save three bf16 storages; on a trainable one, one).
-# [CPU trace: the adapters group's *-fp32w-mixed cases]
+# [CPU trace: the adapters group's *-fp32w-mixed cases, torchtune's chunked loss included]
 def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
     """Without checkpointing every decoder layer keeps its copies from its forward to its
     backward; under checkpointing the checkpointed forward saves nothing and the layer's
@@ -93,8 +94,8 @@ def adapter_casts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
 
 def _head_casts(spec: ModelSpec, setup: TrainingSetup) -> int:
     """A frozen fp32 lm_head (or the embedding it is tied to): one saved copy per call, once for
-    the model's loss, once per chunk for torchtune's (its output layer runs on each chunk;
-    from source). TRL's fused head runs its own autograd function on the weight and saves no
+    the model's loss, once per chunk for torchtune's (its output layer runs on each chunk).
+    TRL's fused head runs its own autograd function on the weight and saves no
     copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out."""
     if head_trains(setup):
         return 0
