@@ -172,6 +172,15 @@ ADAPTER_GAPS = {
         dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
         WIDE_SHORT,
     ),
+    # a 4-bit base on an fp32 stream under autocast (fp32 weights): what the layer saves around
+    # the 4-bit Linear (its fp32 output cast, Linear4bit `out.to(inp_dtype)`) is not modelled;
+    # the frozen lm_head's saved bf16 copy is (qlora-nf4-fp32w-mixed-ckpt in "adapters")
+    "qlora-nf4-fp32w-mixed": (LLAMA, dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed"), B2S256),
+    "qlora-hqq4-fp32w-mixed": (
+        LLAMA,
+        dict(method="qlora", quant="hqq4", model_dtype="fp32", precision="mixed"),
+        B2S256,
+    ),
 }
 
 LONG_SETUPS = {
@@ -246,6 +255,7 @@ def _adapter_text(setup: dict) -> list[str]:
         parts += ["DoRA"] if setup.get("dora") else []
         parts += ["kbit prep"] if setup.get("kbit_prep") else []
         parts += ["targets " + ",".join(setup["lora_target_modules"])] if setup.get("lora_target_modules") else []
+        parts += [f"targets {setup['lora_targets']}"] if setup.get("lora_targets", "all-linear") != "all-linear" else []
     return parts
 
 

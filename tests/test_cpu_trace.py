@@ -557,11 +557,13 @@ def test_every_loss_case_is_committed():
 # (get_peft_model(autocast_adapter_dtype=False); on a 4-bit base cast as TRL does), an
 # explicit target_modules list (peft matches the names), DoRA (use_dora=True; with a wide
 # MLP and a short sequence its weight norm, eye(in) and all, is the forward's peak), and
-# bf16 weights under autocast (--model-dtype bf16 --precision mixed). That last one runs
-# CPU autocast: on a bf16 stream every op this Llama runs falls in the same autocast class
-# on the CPU as on CUDA (linear, matmul, SDPA in bf16; the norms' and the loss's fp32 are
-# explicit .float() calls), unlike an fp32 stream, whose casts the CPU policy decides
-# differently (the docstring above). Held to 1.5% per phase, like the structure cases.
+# bf16 weights under autocast (--model-dtype bf16 --precision mixed), and fp32 weights under
+# autocast with a frozen base (--model-dtype fp32 --precision mixed: TRL's LoRA default), whose
+# per-call bf16 weight copies autograd saves (memory/autocast.py frozen_casts). Those run CPU
+# autocast: every autocast op this Llama runs sees the same dtypes on the CPU as on CUDA, on a
+# bf16 stream and on an fp32 one (linear, matmul, SDPA cast to bf16 on both; CUDA's fp32 ops
+# it runs, pow/rsqrt in the norms and log_softmax/nll_loss in the loss, get tensors an explicit
+# .float() made fp32 already). Held to 1.5% per phase, like the structure cases.
 WIDE_SHORT = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
 ADAPTER_CASES = {
     "lora-bf16": (LLAMA, dict(method="lora", adapter_dtype="bf16"), B2S256),
@@ -575,6 +577,29 @@ ADAPTER_CASES = {
     "lora-targets-q,v": (LLAMA, dict(method="lora", lora_target_modules="q_proj,v_proj"), B2S256),
     "lora-bf16w-mixed": (LLAMA, dict(method="lora", model_dtype="bf16", precision="mixed"), B2S256),
     "full-bf16w-mixed": (LLAMA, dict(method="full", model_dtype="bf16", precision="mixed"), B2S256),
+    "lora-fp32w-mixed": (LLAMA, dict(method="lora", model_dtype="fp32", precision="mixed"), B2S256),
+    "lora-fp32w-mixed-ckpt": (
+        LLAMA,
+        dict(method="lora", model_dtype="fp32", precision="mixed", gradient_checkpointing=True),
+        B2S256,
+    ),
+    "lora-attn-fp32w-mixed": (
+        LLAMA,
+        dict(method="lora", lora_targets="attention", model_dtype="fp32", precision="mixed"),
+        B2S256,
+    ),
+    "qwen2-tied-lora-fp32w-mixed": (QWEN2, dict(method="lora", model_dtype="fp32", precision="mixed"), B2S256),
+    "qlora-nf4-fp32w-mixed-ckpt": (
+        LLAMA,
+        dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed", gradient_checkpointing=True),
+        B2S256,
+    ),
+    # torchtune's output layer runs on each of 8 chunks: eight saved copies of the frozen lm_head
+    "torchtune-chunked-lora-fp32w-mixed": (
+        LLAMA,
+        dict(method="lora", loss="chunked", model_dtype="fp32", precision="mixed"),
+        B2S256,
+    ),
     "lora-dora": (LLAMA, dict(method="lora", dora=True), B2S256),
     "lora-dora-dropout": (LLAMA, dict(method="lora", dora=True, lora_dropout=0.05), B2S256),
     "lora-bf16-dora": (LLAMA, dict(method="lora", dora=True, adapter_dtype="bf16"), B2S256),
@@ -590,6 +615,8 @@ def test_adapter_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
 
     cfg, fields, shape = ADAPTER_CASES[name]
+    if "loss" in fields and importlib.util.find_spec(LOSS_LIBRARY[fields["loss"]]) is None:
+        pytest.skip(f"needs {LOSS_LIBRARY[fields['loss']]}")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(**{**shape, **fields})
     spec = load_model_spec(str(tmp_path), use_cache=False)

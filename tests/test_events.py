@@ -34,6 +34,9 @@ SETUPS = [
     {"method": "full", "optim": "adamw_bnb_8bit"},
     {"method": "lora", "lora_targets": "attention"},
     {"method": "full", "precision": "mixed", "fsdp": 2, "gradient_checkpointing": True},
+    # frozen fp32 weights under autocast: each layer's saved bf16 copies (memory/autocast.py)
+    {"method": "lora", "precision": "mixed"},
+    {"method": "lora", "precision": "mixed", "lora_targets": "attention", "gradient_checkpointing": True},
 ]
 
 

@@ -5,9 +5,10 @@ live in pinned host RAM instead."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vramplan.memory.attention import step_masks
+from vramplan.memory.autocast import FrozenCasts, frozen_casts
 from vramplan.memory.checkpointing import checkpoint_offload, offload_all_resident
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.dora import dora_weight_saved
@@ -30,6 +31,9 @@ class SavedActivations:
     buffers: int = 0  # activation offload: persistent GPU reload buffers (in `total`)
     reload: int = 0  # a checkpointed input back on the GPU while its layer is recomputed
     forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
+    casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
+    down_casts: list[int] = field(default_factory=list)  # of which down's
+    forward_cache: int = 0  # autocast's cached copies held through the forward only
 
 
 def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
@@ -92,9 +96,12 @@ def loss_offloaded(spec: ModelSpec, setup: TrainingSetup) -> int:
     return alloc(4 * setup.tokens * spec.vocab)
 
 
-def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int]) -> SavedActivations:
+def layer_activations(
+    spec: ModelSpec, setup: TrainingSetup, per_layer: list[int], casts: FrozenCasts
+) -> SavedActivations:
     """The decoder layers' saved bytes on the GPU (and on the host), per checkpointing and
-    offload mode (released and total are filled in by saved_activations)."""
+    offload mode (released and total are filled in by saved_activations). autocast's saved
+    copies of frozen weights are a layer's saves (under checkpointing: its recompute's)."""
     n = setup.tokens
     if setup.gradient_checkpointing:
         # each checkpointed layer keeps its input hidden state, on the GPU unless offloaded
@@ -112,8 +119,9 @@ def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int
             forward_extra=off.forward_extra,
         )
     if setup.activation_offload == ActivationOffload.ALL:
-        return offload_all_layers(spec, setup, per_layer)
-    gpu = [alloc(n * a) for a in per_layer]
+        every = offload_all_layers(spec, setup, per_layer)
+        return replace(every, host=every.host + sum(casts.layers))  # the copies are packed to the host too
+    gpu = [alloc(n * a) + c for a, c in zip(per_layer, casts.layers, strict=True)]
     # DoRA with dropout: each adapted Linear's saved weight copy (memory/dora.py)
     return SavedActivations(
         per_layer=per_layer, layers=sum(gpu) + dora_weights_saved(spec, setup), released=0, total=0, layer_gpu=gpu
@@ -122,8 +130,9 @@ def layer_activations(spec: ModelSpec, setup: TrainingSetup, per_layer: list[int
 
 def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations:
     per_layer = per_layer_saved(spec, setup)
-    lay = layer_activations(spec, setup, per_layer)
-    released = alloc(root_saved(spec, setup))
+    casts = frozen_casts(spec, setup)
+    lay = layer_activations(spec, setup, per_layer, casts)
+    released = alloc(root_saved(spec, setup)) + casts.head
     host = lay.host + loss_offloaded(spec, setup)
     total = lay.layers + lay.buffers + rope_saved(spec, setup) + input_bytes(setup) + step_masks(spec, setup) + released
     return SavedActivations(
@@ -136,4 +145,7 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
         buffers=lay.buffers,
         reload=lay.reload,
         forward_extra=lay.forward_extra,
+        casts=casts.layers,
+        down_casts=casts.downs,
+        forward_cache=casts.forward,
     )

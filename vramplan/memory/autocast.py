@@ -1,12 +1,18 @@
-"""Mixed precision under torch.autocast: the bf16 casts of fp32 weights it caches."""
+"""Mixed precision under torch.autocast: the bf16 casts of fp32 weights it caches, and the
+per-call casts of frozen fp32 weights that autograd saves."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from vramplan.memory.lora import adapter_bytes, lora_targeted
+from vramplan.memory.loss import TORCHTUNE_CHUNKS, head_trains
 from vramplan.memory.parameters import Param
 from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import alloc
-from vramplan.memory.types import ParamKind
-from vramplan.setup import TrainingSetup
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, ParamKind
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Loss, Method, TrainingSetup
 
 
 def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int, trains_all: bool) -> int:
@@ -24,3 +30,74 @@ def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int, trains_all
         if matrix and (not ckpt or p.layer is None) and cast:
             total += alloc(2 * p.numel)
     return total
+
+
+@dataclass(frozen=True)
+class FrozenCasts:
+    """The bf16 copies of frozen fp32 weights that autograd saves, in bytes."""
+
+    layers: list[int]  # each decoder layer's, saved until that layer's backward (its recompute's under checkpointing)
+    downs: list[int]  # of which the down projection's, freed first with down's saved input
+    head: int = 0  # lm_head's, freed in lm_head's backward with what the root saved
+    forward: int = 0  # held by autocast's cache through the forward only (the adapters' under checkpointing)
+
+
+# ATen autocast_mode.cpp cached_cast (torch==2.13; `can_try_cache`) caches a cast only for an
+# fp32 leaf that requires grad (not a view): a frozen fp32 weight (a LoRA base, a frozen lm_head,
+# a Linear LoRA does not target) is cast to bf16 again at every F.linear call.
+# linear's backward needs the weight for the input's grad (mm(grad, W)): autograd saves that bf16
+# copy, not the fp32 weight, whenever the input requires grad (torch==2.13.0
+# torchgen/packaged/autograd/derivatives.yaml:256-259 addmm, :1218-1220 mm: the input's grad is
+# mm_mat1_backward(grad, mat2); ATen/autocast_mode.h:840 `linear` casts to bf16). Checked at torch 2.13.0 (three
+# F.linear calls on one frozen fp32 weight save three bf16 storages; on a trainable one, one).
+# [CPU trace: the adapters group's *-fp32w-mixed cases, torchtune's chunked loss included]
+def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
+    """Without checkpointing every decoder layer keeps its copies from its forward to its
+    backward; under checkpointing the checkpointed forward saves nothing and the layer's
+    recompute makes them again. A 4-bit base runs inside its own autograd function (no copy);
+    the first layer's q/k/v save none when its input needs no grad (a frozen embedding, no
+    checkpointing). MoE expert tensors are left out (the experts implementation decides).
+    The adapters' cached copies (adapter_casts) are saved alike."""
+    n = len(spec.layers)
+    adapters = adapter_casts(spec, setup)
+    ckpt = setup.gradient_checkpointing
+    forward = sum(adapters) if ckpt else 0
+    if not fp32_stream_autocast(setup) or setup.method in (Method.FULL, Method.GALORE):
+        return FrozenCasts(adapters, [0] * n, forward=forward)
+    layers, downs = [], []
+    dense = setup.method == Method.LORA
+    for i, layer in enumerate(spec.layers):
+        lins = [l for l in layer.linears if dense and (i > 0 or ckpt or l.role not in ATTENTION_IN_ROLES)]
+        layers.append(sum(alloc(2 * l.numel) for l in lins) + adapters[i])
+        downs.append(sum(alloc(2 * l.numel) for l in lins if l.role in MLP_OUT_ROLES))
+    return FrozenCasts(layers, downs, _head_casts(spec, setup), forward)
+
+
+def adapter_casts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """Per decoder layer, the cached bf16 copies of fp32 adapters under autocast: lora_A and
+    lora_B are trainable fp32 leaves, so cached_cast keeps one copy of each until the forward's
+    autocast exits, and their matmuls save it until the layer's backward. Under checkpointing
+    the cache holds every layer's through the forward and the recompute makes one layer's
+    again. [CPU trace: lora-fp32w-mixed-ckpt's forward]"""
+    if not (setup.autocast and setup.lora_like and adapter_bytes(setup) == 4):
+        return [0] * len(spec.layers)
+    r = setup.lora_r
+    return [
+        sum(
+            alloc(2 * r * l.in_features) + alloc(2 * r * l.out_features)
+            for l in layer.linears
+            if lora_targeted(l, setup)
+        )
+        for layer in spec.layers
+    ]
+
+
+def _head_casts(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """A frozen fp32 lm_head (or the embedding it is tied to): one saved copy per call, once for
+    the model's loss, once per chunk for torchtune's (its output layer runs on each chunk).
+    TRL's fused head runs its own autograd function on the weight and saves no
+    copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out."""
+    if head_trains(setup):
+        return 0
+    calls = {Loss.HF: 1, Loss.CHUNKED: TORCHTUNE_CHUNKS}.get(setup.loss, 0)
+    return calls * alloc(2 * (spec.lm_head_numel or spec.embed_numel))

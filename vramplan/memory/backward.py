@@ -113,6 +113,12 @@ def _grads_made_first(ctx: StepContext, book: GradBook, i: int) -> int:
     return 0 if ctx.sharded else book.down.get(i, 0)
 
 
+def _down_freed(ctx: StepContext, pts: LayerPoints, i: int) -> int:
+    """What down's backward frees (or, in the recompute, is not made yet): its saved input and
+    autocast's saved copy of its frozen weight."""
+    return alloc(ctx.tokens * pts.down_saved) + ctx.down_casts[i]
+
+
 def _core_moments(
     ctx: StepContext, pts: LayerPoints, this: int, book: GradBook, i: int, done: int, fs: LayerFsdp
 ) -> list[LayerMoment]:
@@ -120,7 +126,7 @@ def _core_moments(
     return [
         LayerMoment(
             LayerPoint.MLP,
-            this - alloc(n * pts.down_saved),
+            this - _down_freed(ctx, pts, i),
             alloc(n * pts.mlp_grads),
             done + _grads_made_first(ctx, book, i),
             fs.gathered + fs.down_share + fs.reduce_prev,
@@ -159,7 +165,7 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
         out.append(
             (
                 LayerPoint.LORA_RECOMPUTE,
-                this - alloc(n * (pts.down_saved + pts.recompute_absent)),
+                this - _down_freed(ctx, pts, i) - alloc(n * pts.recompute_absent),
                 alloc(n * (pts.lora_fwd + inflight)),
             )
         )
@@ -174,7 +180,7 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
         # a weight's grad is accumulated: its optimizer steps inside the hook while its
         # matmul's input grad and the MLP's other grads are in flight
         out.append(
-            (LayerPoint.OPTIMIZER_HOOK, this - alloc(n * pts.down_saved), alloc(n * pts.hook_grads) + ctx.hook[i])
+            (LayerPoint.OPTIMIZER_HOOK, this - _down_freed(ctx, pts, i), alloc(n * pts.hook_grads) + ctx.hook[i])
         )
     return out
 
@@ -182,7 +188,7 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
 def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, done: int) -> list[LayerMoment]:
     """Layer i's backward moments; `done`: the grads of the layers above, already made."""
     dora_kept, dora_norm = dora_recompute(ctx.spec.layers[i], ctx.setup)
-    this = alloc(ctx.tokens * ctx.per_layer[i]) + dora_kept
+    this = alloc(ctx.tokens * ctx.per_layer[i]) + ctx.casts[i] + dora_kept
     fs = layer_fsdp(ctx, book, i)
     moments = _core_moments(ctx, pts, this, book, i, done, fs)
     in_flight = fs.gathered + fs.reduce_prev
@@ -191,7 +197,7 @@ def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, do
         moments.append(
             LayerMoment(
                 LayerPoint.DORA_RECOMPUTE,
-                this - alloc(ctx.tokens * pts.down_saved),
+                this - _down_freed(ctx, pts, i),
                 dora_norm + alloc(ctx.tokens * pts.lora_inflight),
                 done,
                 in_flight,

@@ -127,6 +127,9 @@ class StepContext:
     forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
     buffers: int = 0  # persistent GPU reload buffers (Unsloth), part of acts
     host_acts: int = 0  # activations in pinned host RAM
+    casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
+    down_casts: list[int] = field(default_factory=list)  # of which down's, freed with down's saved input
+    forward_cache: int = 0  # autocast's cached copies held through the forward only (autocast.py)
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
     engine: EngineBuffers = field(default_factory=EngineBuffers)
     gathering: Gathering = field(default_factory=Gathering)  # FSDP: when units are unsharded

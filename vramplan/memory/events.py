@@ -251,9 +251,12 @@ class _Builder:
         key = (shape_key(layer), i > 0 or _first_grad(ctx))
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
-        return layer_blocks(
+        blocks = layer_blocks(
             ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)), self._parts[key]
         )
+        # autocast's saved copies of frozen weights (autocast.frozen_casts): down's with down's input
+        down, rest = ctx.down_casts[i], ctx.casts[i] - ctx.down_casts[i]
+        return [*blocks[:-1], rest, blocks[-1] + down] if ctx.casts[i] else blocks
 
     def offloaded_blocks(self, i: int) -> list[int]:
         """Offloading every saved tensor: layer i's saves beyond what stays on the GPU
@@ -517,6 +520,7 @@ def _forward(b: _Builder) -> list[int | None]:
         led.alloc(C.ACTIVATIONS, step_masks(spec, ctx.setup)),
         led.alloc(C.ACTIVATIONS, ctx.cast_cache),
     ]
+    cache = led.alloc(C.ACTIVATIONS, ctx.forward_cache)  # autocast's, until the forward's autocast exits
     last = len(spec.layers) - 1
     for i in range(len(spec.layers)):
         if ctx.ckpt:
@@ -538,7 +542,9 @@ def _forward(b: _Builder) -> list[int | None]:
         for tid in blocks:
             led.free(tid)
     b.stash.clear()
-    b.at_kind(PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD)
+    b.at_kind(PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS)
+    led.free(cache)
+    b.at_kind(PhaseKind.LOSS_BACKWARD)
     led.free(released)
     b.at_kind(PhaseKind.FINAL_NORM_BACKWARD)
     return [loop, *step_wide]

@@ -103,6 +103,9 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
         forward_extra=saved.forward_extra,
         buffers=saved.buffers,
         host_acts=saved.host,
+        casts=saved.casts,
+        down_casts=saved.down_casts,
+        forward_cache=saved.forward_cache,
         reentrant=reentrant(setup),
         engine=prepared.engine,
         gathering=gathering(setup),
@@ -122,13 +125,14 @@ def head_phases(ctx: StepContext) -> list[Phase]:
     loss = loss_terms(spec, ctx.setup)
     acts = ctx.acts + ctx.cast_cache
     final_norm = has_rms_final_norm(spec)
-    phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts, loss.forward)]
+    # the loss runs inside the forward's autocast: its cache is cleared once the loss is computed
+    phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts + ctx.forward_cache, loss.forward)]
     if final_norm:
         phases.append(
             _at_forward_end(
                 ctx,
                 PhaseKind.FORWARD_FINAL_NORM,
-                acts,
+                acts + ctx.forward_cache,
                 alloc(n * final_norm_forward(spec, forward_locals(spec.hidden, ctx.stream))),
             )
         )
@@ -159,15 +163,17 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     pts = layer_points(ctx.spec, ctx.spec.layers[-1], ctx.setup)
     n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
     if ctx.ckpt:
-        ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(C.ACTIVATIONS, before + ctx.cast_cache)
+        ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(
+            C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache
+        )
         ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd))
     elif not pts.lora_fwd and not pts.lora_down:
         return []
     else:
-        # at the widest adapter before down (down's saved input not made yet) or at down's
+        # at the widest adapter before down (down's saved input and weight copy not made yet) or at down's
         live, transient = max(
             (
-                (before - alloc(n * pts.down_saved), alloc(n * pts.lora_fwd)),
+                (before - alloc(n * pts.down_saved) - ctx.down_casts[-1], alloc(n * pts.lora_fwd)),
                 (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down)),
             ),
             key=lambda lt: lt[0] + lt[1] if lt[1] else -1,
@@ -187,7 +193,9 @@ def dora_phase(ctx: StepContext) -> list[Phase]:
     if not t:
         return []
     locals_ = alloc(ctx.tokens * forward_locals(ctx.spec.hidden, ctx.stream))
-    ph = ctx.base(PhaseKind.DORA_NORM_FORWARD).add(C.ACTIVATIONS, ctx.acts - ctx.released + ctx.cast_cache)
+    ph = ctx.base(PhaseKind.DORA_NORM_FORWARD).add(
+        C.ACTIVATIONS, ctx.acts - ctx.released + ctx.cast_cache + ctx.forward_cache
+    )
     return [ph.add(C.TRANSIENT, t + locals_)]
 
 
@@ -196,7 +204,7 @@ def quantization_phases(ctx: StepContext) -> list[Phase]:
     if ctx.setup.method != Method.QLORA:
         return []
     assert ctx.setup.quant is not None
-    ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.forward_extra)
+    ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.forward_extra + ctx.forward_cache)
     ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
     if ctx.sharded:  # this unit and the one prefetched, and the root
         ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
