@@ -729,5 +729,8 @@ def _wrap_replicated(built: Built, prefix: str) -> None:
     else:
         built.model, built.simulated = shard_fsdp1(built.model, setup, built.device, prefix)
         world = setup.fsdp
+    import torch.distributed as dist
+
+    built.rank = dist.get_rank()  # of the real group under torchrun, 0 of the fake one
     if built.simulated:
         built.notes.append(f"{setup.engine.value.upper()} simulated: rank 0 of {world} on a fake process group")

@@ -1,19 +1,39 @@
-"""Process isolation: one case per fresh process (clean allocator and CUDA context), and
-torchrun for FSDP over N real local GPUs (one process per GPU, every rank reported)."""
+"""Process isolation: one case per fresh process (clean allocator and CUDA context), and the
+real engine over N ranks: torchrun for DDP, FSDP1 and FSDP2 (one process per GPU on NCCL,
+or per CPU rank on gloo), the `deepspeed` launcher for ZeRO. Every rank measures its own
+step and writes rank<r>.json; a rank that fails writes rank<r>.error (one line)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import traceback
+from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vramplan.errors import VramplanError
-from vramplan.setup import TrainingSetup
+from vramplan.setup import Engine, TrainingSetup
 from vramplan.verify.results import Measurement
+
+WORKER = "vramplan.verify.worker"
+#: seconds the ranks get between SIGTERM and SIGKILL once the case has run out of time
+KILL_GRACE_S = 5.0
+
+
+# c10's CPU memory reporter counts a free only on a thread the profiler traces: a tensor whose
+# last reference gloo's worker thread drops (the work holds its inputs) is freed there and
+# stays counted. Which rank, and which collective, is a race (docs/verify.md, "Launched ranks").
+GLOO_TRACE_NOTE = (
+    "CPU trace over gloo: a tensor freed on gloo's worker thread stays counted (the CPU allocation "
+    "trace sees frees on the traced thread only), so a phase's peak can exceed what the rank held"
+)
 
 
 class CaseRequest(BaseModel):
@@ -27,31 +47,142 @@ class CaseRequest(BaseModel):
     device: str = "cuda"
 
 
-def worker_command(req_path: Path, out_dir: Path, nproc: int = 1) -> list[str]:
-    base = ["-m", "vramplan.verify.worker", str(req_path), str(out_dir)]
+class Launcher(str, Enum):
+    """What starts the ranks of an engine."""
+
+    TORCHRUN = "torchrun"  # python -m torch.distributed.run: DDP, FSDP1, FSDP2
+    DEEPSPEED = "deepspeed"  # python -m deepspeed.launcher.runner: ZeRO-1/2/3
+
+
+def engine_world(setup: TrainingSetup) -> int:
+    """The ranks the setup's engine runs on: --fsdp for FSDP1/2, --data-parallel for DDP and
+    DeepSpeed, 1 for a single GPU (and FSDP offload on one GPU)."""
+    if setup.sharded:
+        return setup.fsdp
+    if setup.engine in (Engine.DDP, Engine.DEEPSPEED):
+        return setup.data_parallel
+    return 1
+
+
+def launcher_for(setup: TrainingSetup) -> Launcher:
+    return Launcher.DEEPSPEED if setup.engine == Engine.DEEPSPEED else Launcher.TORCHRUN
+
+
+def require_deepspeed(setup: TrainingSetup) -> None:
+    """verify runs ZeRO only as DeepSpeed itself runs it: with the `deepspeed` launcher and
+    deepspeed.initialize. Refused in one line before any work, the reason said."""
+    if setup.engine != Engine.DEEPSPEED:
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise VramplanError(
+            f"verify runs ZeRO with the `deepspeed` launcher and deepspeed is not installed (pip install "
+            f"deepspeed); `vramplan estimate` models {setup.deepspeed.value if setup.deepspeed else 'ZeRO'} "
+            "from source, not measured",
+            "--deepspeed",
+        )
+    raise VramplanError(
+        "verify's step builder has no DeepSpeed path yet (deepspeed.initialize with HF's config): ZeRO is "
+        "modelled from source, not measured; scripts/calibrate.py --deepspeed lists the cases to measure",
+        "--deepspeed",
+    )
+
+
+def worker_command(req_path: Path, out_dir: Path, nproc: int = 1, launcher: Launcher = Launcher.TORCHRUN) -> list[str]:
+    base = [str(req_path), str(out_dir)]
     if nproc <= 1:
-        return [sys.executable, *base]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *base]
+        return [sys.executable, "-m", WORKER, *base]
+    if launcher == Launcher.DEEPSPEED:
+        # deepspeed/launcher/runner.py: --num_gpus on this node, --module runs WORKER with -m
+        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--module", WORKER, *base]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        WORKER,
+        *base,
+    ]
 
 
 def run_isolated(req: CaseRequest, nproc: int = 1, timeout: float | None = None) -> list[Measurement]:
-    """Run `req` in a fresh process (or `nproc` torchrun ranks); one Measurement per rank."""
+    """Run `req` in a fresh process (or `nproc` ranks of its engine's launcher); one Measurement
+    per rank, in rank order. A rank that fails, or a case past `timeout`, stops every rank and
+    raises one line."""
     with tempfile.TemporaryDirectory(prefix="vramplan-verify-") as tmp:
         tmp_path = Path(tmp)
         req_path = tmp_path / "request.json"
         req_path.write_text(req.model_dump_json())
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            proc = subprocess.run(
-                worker_command(req_path, tmp_path, nproc), capture_output=True, text=True, timeout=timeout, env=env
-            )
-        except subprocess.TimeoutExpired:
-            raise VramplanError(f"the case did not finish within {timeout:.0f} s") from None
+        cmd = worker_command(req_path, tmp_path, nproc, launcher_for(req.setup))
+        rc, tail = _run_group(cmd, timeout, nproc)
         outs = sorted(tmp_path.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
-        if not outs:
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-            raise VramplanError(f"the worker exited with {proc.returncode} and no result: " + " | ".join(tail))
+        _check_ranks(tmp_path, outs, nproc, rc, tail)
         return [Measurement.model_validate_json(p.read_text()) for p in outs]
+
+
+def _run_group(cmd: list[str], timeout: float | None, nproc: int) -> tuple[int, str]:
+    """Run `cmd` in its own process group (the launcher and every rank); past `timeout`, SIGTERM
+    the whole group, then SIGKILL what is left: no straggler outlives the case."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its banner
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            who = f"its {nproc} ranks" if nproc > 1 else "the worker"
+            raise VramplanError(f"the case did not finish within {timeout:.0f} s; {who} were stopped") from None
+        finally:
+            if proc.poll() is None:  # interrupted (Ctrl-C): take the ranks down too
+                _stop_group(proc)
+        _stop_group(proc)  # ranks the launcher left behind
+        log.seek(0)
+        return rc, log.read()[-20000:]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+        if wait is not None and not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _check_ranks(folder: Path, outs: list[Path], nproc: int, rc: int, tail: str) -> None:
+    """One line for the first rank that failed or gave no result."""
+    errors = sorted(folder.glob("rank*.error"), key=lambda p: int(p.stem[4:]))
+    if errors:
+        rank = errors[0].stem[4:]
+        raise VramplanError(
+            f"rank {rank} of {nproc} failed: {errors[0].read_text().strip()}; the other ranks were stopped"
+        )
+    if len(outs) < max(nproc, 1):
+        have = {int(p.stem[4:]) for p in outs}
+        missing = [r for r in range(max(nproc, 1)) if r not in have]
+        last = _last_error_line(tail)
+        who = f"rank {missing[0]} of {nproc}" if nproc > 1 else "the worker"
+        raise VramplanError(f"{who} exited ({rc}) with no result" + (f": {last}" if last else ""))
+
+
+def _last_error_line(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    errs = [l for l in lines if "Error" in l or "error" in l or "Killed" in l]
+    return (errs or lines or [""])[-1][:300]
 
 
 def init_distributed(device: str) -> str:
@@ -70,18 +201,37 @@ def init_distributed(device: str) -> str:
     return device
 
 
+@contextlib.contextmanager
+def rank_errors(out_dir: Path):
+    """Any exception of this rank as one line in out_dir/rank<r>.error (the launcher reports
+    it and stops the others), then exit 1."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the launcher
+        rank = int(os.environ.get("RANK", "0"))
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+        line = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{at}"
+        (out_dir / f"rank{rank}.error").write_text(line[:500] + "\n")
+        traceback.print_exc()
+        raise SystemExit(1) from None
+
+
 def worker_main(argv: list[str]) -> int:
     req_path, out_dir = Path(argv[0]), Path(argv[1])
-    req = CaseRequest.model_validate_json(req_path.read_text())
-    device = init_distributed(req.device)
-    from vramplan.verify.measure import run_case
+    with rank_errors(out_dir):
+        req = CaseRequest.model_validate_json(req_path.read_text())
+        device = init_distributed(req.device)
+        from vramplan.verify.measure import run_case
 
-    m = run_case(req.model, req.setup, device=device, num_layers=req.num_layers, steps=req.steps)
-    tmp = out_dir / f".rank{m.rank}.json.tmp"
-    tmp.write_text(m.model_dump_json())
-    tmp.replace(out_dir / f"rank{m.rank}.json")
-    import torch.distributed as dist
+        m = run_case(req.model, req.setup, device=device, num_layers=req.num_layers, steps=req.steps)
+        if not device.startswith("cuda") and m.world > 1:
+            m = m.model_copy(update={"notes": [*m.notes, GLOO_TRACE_NOTE]})
+        tmp = out_dir / f".rank{m.rank}.json.tmp"
+        tmp.write_text(m.model_dump_json())
+        tmp.replace(out_dir / f"rank{m.rank}.json")
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

@@ -18,6 +18,7 @@ from typing import Any, cast
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
 from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
+from vramplan.verify.launch import engine_world
 from vramplan.verify.probe import Probe, make_probe
 from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
 
@@ -131,7 +132,9 @@ def run_case(
             out.oom = _oom_info(run, str(e))
         finally:
             out.notes = list(built.notes) if built is not None else []
-            out.simulated, out.rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
+            out.simulated, out.rank = (
+                (built.simulated, built.rank) if built is not None else (engine_world(setup) > 1, 0)
+            )
             _free(built)
             built = None
             probe.fresh()
@@ -332,8 +335,8 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
         device=device.split(":")[0],
         device_name=probe.device_name(),
         rank=out.rank,
-        world=setup.fsdp,
-        simulated=out.simulated and setup.fsdp > 1,
+        world=engine_world(setup),
+        simulated=out.simulated and engine_world(setup) > 1,
         steps=steps,
         fits=out.oom is None,
         oom=out.oom,
