@@ -70,7 +70,9 @@ def test_cpu_runs_rank0_simulated_unless_launch_is_asked():
     assert simulated.nproc == 1 and "simulated" in simulated.line and "--launch" in simulated.line
     launched = plan_ranks(setup, "cpu", True)
     assert launched.nproc == 2 and "torchrun" in launched.line and "gloo" in launched.line
-    assert plan_ranks(make_setup(method="full", data_parallel=2), "cpu", True).line.startswith("torchrun, 2 ranks of DDP")
+    assert plan_ranks(make_setup(method="full", data_parallel=2), "cpu", True).line.startswith(
+        "torchrun, 2 ranks of DDP"
+    )
 
 
 def test_launch_is_refused_where_it_cannot_run(monkeypatch):
