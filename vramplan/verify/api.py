@@ -174,15 +174,13 @@ def verify(
     and no --num-layers was given), "always" or "never". on_case(label) announces each
     case (progress display); on_phase(phase, step) each phase; on_notice(line) what a CPU
     case will cost, before it runs (preflight.cpu_notice)."""
-    from vramplan.estimate import estimate_config
+    from vramplan.estimate import estimate_config, with_data_parallel
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify.compare import compare
+    from vramplan.verify.launch import engine_world
     from vramplan.verify.preflight import require_libraries
 
     require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
-    from vramplan.estimate import with_data_parallel
-    from vramplan.verify.launch import engine_world
 
     gspec = estimate_gpus(gpus, device, engine_world(setup))
     setup = with_data_parallel(setup, gspec)  # DDP or ZeRO over every GPU of --gpus, as the estimate
@@ -192,20 +190,23 @@ def verify(
     full = load_model_spec(model).num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
-        if on_notice is not None and not device.startswith("cuda"):
-            on_notice(
-                _cpu_notice(model, setup, None, steps) + "; verify measures truncated depths instead and extrapolates"
-            )
         if ranks.nproc > 1 and launch:
             raise VramplanError("launched ranks run one depth: give --num-layers or --extrapolate never", "--launch")
         report = _extrapolated(
             model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice
         )
-        return report.model_copy(update={"ran": plan_ranks(setup, device, False).line})
+        return report.model_copy(update={"ran": _extrapolated_ran(setup)})
     check_cpu_ram(est, device)
     if on_notice is not None and ranks.nproc > 1:
         on_notice(f"runs {ranks.line}")
     ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice, ranks.nproc)
+    return _report(model, est, ms, setup, device, num_layers, full, gspec, ranks.line)
+
+
+def _report(model, est: Estimate, ms, setup: TrainingSetup, device, num_layers, full, gspec, ran) -> VerifyReport:
+    """Each rank (and, launched, the max over the ranks) compared with the estimate."""
+    from vramplan.verify.compare import compare
+
     delta = _cpu_loss_delta(model, setup, device, num_layers)
     comparisons = [compare(est, m, delta) for m in ms]
     over = compare(est, max_over_ranks(ms), delta) if len(ms) > 1 else None
@@ -217,9 +218,17 @@ def verify(
         measurements=ms,
         result=ms,
         comparisons=comparisons,
-        ran=ranks.line,
+        ran=ran,
         over_ranks=over,
     )
+
+
+def _extrapolated_ran(setup: TrainingSetup) -> str:
+    from vramplan.verify.launch import engine_world
+
+    world = engine_world(setup)
+    each = f"rank 0 of {world} of {setup.engine.value.upper()} simulated" if world > 1 else "one process"
+    return f"{each} per truncated depth (extrapolated)"
 
 
 def _with_depth_note(comparisons, model: str, gspec: GpuSpec, setup: TrainingSetup, layers: int, full: int):
@@ -344,6 +353,9 @@ def _extrapolated(
     from vramplan.verify import extrapolate as xp
     from vramplan.verify.compare import compare
 
+    if on_notice is not None and not device.startswith("cuda"):
+        extra = "; verify measures truncated depths instead and extrapolates"
+        on_notice(_cpu_notice(model, setup, None, steps) + extra)
     fields = setup.model_dump(exclude_none=True)
     spec = load_model_spec(model)
     if not depths:
