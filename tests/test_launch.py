@@ -138,18 +138,17 @@ def _committed(name: str) -> dict:
 
 
 # The committed fake-group rows (rank 0 of 2, traced in one process) against 2 real ranks
-# over gloo on the same model and setup, each rank traced in its own process. gloo frees a
-# collective's buffers on its worker thread when that thread drops the last reference, and
-# the CPU trace sees frees only on the traced thread (launch.GLOO_TRACE_NOTE): such a buffer
-# stays counted, on one rank or the other, by the luck of the race. So every rank holds at
-# least the fake group's trace less the tolerance (phantoms only add); DDP's two bucket
-# all-reduces rarely leave one on both ranks, so there the smaller of the two ranks matches.
-LAUNCHED = {"ddp2-full": 2, "fsdp1-2-full": 2, "fsdp2-mixed-ckpt": 2}
+# over gloo on the same model and setup, each rank traced in its own process: every rank's
+# step-1 phase peaks within the engine rows' tolerance of them. gloo frees a collective's
+# tensors on its worker thread; the worker counts those frees (launch.count_frees_on_every_thread),
+# without which they stayed counted, by the luck of a race, on one rank or the other (up to
+# +40% of a phase here: docs/verify.md).
+LAUNCHED = ["ddp2-full", "fsdp1-2-full", "fsdp2-mixed-ckpt"]
 
 
 @pytest.mark.cputrace
-@pytest.mark.parametrize("name", list(LAUNCHED))
-def test_launched_ranks_hold_the_fake_group_trace(name, tmp_path):
+@pytest.mark.parametrize("name", LAUNCHED)
+def test_launched_ranks_match_the_fake_group_trace(name, tmp_path):
     row = _committed(name)
     (tmp_path / "config.json").write_text(json.dumps(row["config"]))
     setup = make_setup(**row["setup"])
@@ -160,7 +159,7 @@ def test_launched_ranks_hold_the_fake_group_trace(name, tmp_path):
     for phase in ("forward", "backward", "optimizer"):
         fake = row[phase]["traced_bytes"]
         got = [next(p.peak_allocated_bytes for p in m.phases if p.phase == phase and p.step == 1) for m in ms]
-        if min(got) < (1 - TOL) * fake or (setup.engine.value == "ddp" and min(got) > (1 + TOL) * fake):
+        if any(abs(g - fake) > TOL * fake for g in got):
             off[phase] = f"fake group {fake / 2**20:.2f} MiB, ranks {[round(g / 2**20, 2) for g in got]} MiB"
     assert not off, off
 

@@ -27,12 +27,9 @@ WORKER = "vramplan.verify.worker"
 KILL_GRACE_S = 5.0
 
 
-# c10's CPU memory reporter counts a free only on a thread the profiler traces: a tensor whose
-# last reference gloo's worker thread drops (the work holds its inputs) is freed there and
-# stays counted. Which rank, and which collective, is a race (docs/verify.md, "Launched ranks").
 GLOO_TRACE_NOTE = (
-    "CPU trace over gloo: a tensor freed on gloo's worker thread stays counted (the CPU allocation "
-    "trace sees frees on the traced thread only), so a phase's peak can exceed what the rank held"
+    "CPU trace over gloo: the allocations and frees of every thread counted, gloo's worker threads "
+    "included (launch.count_frees_on_every_thread)"
 )
 
 
@@ -197,8 +194,25 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local}"))
         return f"cuda:{local}"
+    count_frees_on_every_thread()
     dist.init_process_group("gloo")
     return device
+
+
+def count_frees_on_every_thread() -> None:
+    """c10's CPU memory reporter counts a free only on a thread the profiler traces, unless
+    FLAGS_caffe2_report_cpu_memory_usage is set (torch==2.13.0 c10/core/CPUAllocator.cpp,
+    ProfiledCPUMemoryReporter::New/Delete: `if (FLAGS_caffe2_report_cpu_memory_usage ||
+    profile_memory)`). gloo frees a collective's tensors on its worker thread when that thread
+    drops the last reference: without the flag those bytes stay counted for the rest of the
+    trace. With it, every thread's allocations and frees move the running total the trace
+    reads at each traced allocation. The flag is a plain exported bool of libc10."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
 @contextlib.contextmanager
