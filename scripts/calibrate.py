@@ -548,9 +548,9 @@ CASES = [
 ]
 
 # DeepSpeed ZeRO, modelled from source, not measured (vramplan/memory/deepspeed.py). verify's
-# builder has no DeepSpeed path yet (deepspeed.initialize with HF's "auto" config): these are
-# the cases to measure once it has one (`--deepspeed` selects them; today each is refused in
-# one line: deepspeed missing, or no builder: vramplan.verify.launch.require_deepspeed).
+# builder runs it with deepspeed.initialize (HF's "auto" bucket sizes: build.ds_config): these are
+# the cases to measure (`--deepspeed` selects them), each under the `deepspeed` launcher on as
+# many GPUs as its data-parallel world; without deepspeed each is refused in one line.
 DEEPSPEED_CASES = [
     case(
         "l3b_zero2_offload_full_bf16_ckpt_b1s2048",
@@ -708,7 +708,7 @@ def run_one(c: dict, device: str, timeout: float) -> list[dict]:
     depths = c["depths"] or [c["layers"]]
     # the engine's N ranks launched when N GPUs are visible (verify's rule), else rank 0 simulated;
     # a truncated-depth extrapolation is one process per depth
-    nproc = plan_ranks(s, device, None if not c["depths"] else False).nproc
+    nproc = plan_ranks(s, device, None if not c["depths"] else False).nproc  # ZeRO: always launched
     ms = []
     for d in depths:
         req = CaseRequest(model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.errors import VramplanError
 from vramplan.hardware import GpuSpec
 from vramplan.results import Estimate
-from vramplan.setup import Loss, TrainingSetup
+from vramplan.setup import Engine, Loss, TrainingSetup
 from vramplan.verify.compare import max_over_ranks
 from vramplan.verify.results import Comparison, Extrapolation, Measurement
 
@@ -190,16 +190,17 @@ def verify(
     full = load_model_spec(model).num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
-        if ranks.nproc > 1 and launch:
-            raise VramplanError("launched ranks run one depth: give --num-layers or --extrapolate never", "--launch")
+        if ranks.launched and (launch or setup.engine == Engine.DEEPSPEED):
+            flag = "--launch" if launch else "--deepspeed"
+            raise VramplanError("launched ranks run one depth: give --num-layers or --extrapolate never", flag)
         report = _extrapolated(
             model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice
         )
         return report.model_copy(update={"ran": _extrapolated_ran(setup)})
     check_cpu_ram(est, device)
-    if on_notice is not None and ranks.nproc > 1:
+    if on_notice is not None and ranks.launched:
         on_notice(f"runs {ranks.line}")
-    ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice, ranks.nproc)
+    ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice, ranks)
     return _report(model, est, ms, setup, device, num_layers, full, gspec, ranks.line)
 
 
@@ -249,6 +250,7 @@ class RankPlan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     nproc: int
     line: str
+    launched: bool = False
 
 
 def plan_ranks(setup: TrainingSetup, device: str, launch: bool | None) -> RankPlan:
@@ -258,6 +260,8 @@ def plan_ranks(setup: TrainingSetup, device: str, launch: bool | None) -> RankPl
 
     require_deepspeed(setup)
     world = engine_world(setup)
+    if setup.engine == Engine.DEEPSPEED:
+        return _plan_zero(setup, device, launch, world)
     if world <= 1:
         if launch:
             raise VramplanError("the setup runs on one rank: give --fsdp N or --data-parallel N to launch", "--launch")
@@ -266,24 +270,46 @@ def plan_ranks(setup: TrainingSetup, device: str, launch: bool | None) -> RankPl
     if device.startswith("cuda"):
         n_local = local_gpus(device)
         if launch is not False and n_local >= world:
-            return RankPlan(nproc=world, line=f"torchrun, {world} ranks of {name} on {n_local} local GPUs (NCCL)")
+            line = f"torchrun, {world} ranks of {name} on {n_local} local GPUs (NCCL)"
+            return RankPlan(nproc=world, line=line, launched=True)
         if launch:
             raise VramplanError(f"{world} ranks need {world} GPUs and {n_local} are visible", "--launch")
         why = "--no-launch" if launch is False else f"{world} ranks need {world} GPUs, {n_local} visible"
         return RankPlan(nproc=1, line=f"rank 0 of {world} of {name} simulated on a fake process group ({why})")
     if launch:
-        return RankPlan(nproc=world, line=f"torchrun, {world} ranks of {name} on this CPU (gloo)")
+        return RankPlan(nproc=world, line=f"torchrun, {world} ranks of {name} on this CPU (gloo)", launched=True)
     return RankPlan(
         nproc=1,
         line=f"rank 0 of {world} of {name} simulated on a fake process group (--launch: {world} ranks on gloo)",
     )
 
 
+def _plan_zero(setup: TrainingSetup, device: str, launch: bool | None, world: int) -> RankPlan:
+    """ZeRO always runs launched (deepspeed.initialize needs its process group; it is not
+    simulated on a fake one): N GPUs for N ranks, or N CPU ranks over gloo."""
+    stage = setup.deepspeed.value.upper() if setup.deepspeed else "ZeRO"
+    if launch is False:
+        raise VramplanError("ZeRO is not simulated on a fake process group: it runs launched", "--no-launch")
+    if device.startswith("cuda"):
+        n_local = local_gpus(device)
+        if n_local < world:
+            raise VramplanError(
+                f"ZeRO over {world} ranks needs {world} GPUs and {n_local} are visible (ZeRO is not simulated)",
+                "--deepspeed",
+            )
+        line = f"deepspeed launcher, {world} rank(s) of {stage} on {n_local} local GPUs (NCCL)"
+        return RankPlan(nproc=world, line=line, launched=True)
+    return RankPlan(
+        nproc=world, line=f"deepspeed launcher, {world} rank(s) of {stage} on this CPU (gloo)", launched=True
+    )
+
+
 def _measure_at_depth(
-    model, setup: TrainingSetup, device: str, num_layers: int | None, steps: int, on_phase, on_case, on_notice, nproc
+    model, setup: TrainingSetup, device: str, num_layers: int | None, steps: int, on_phase, on_case, on_notice, ranks
 ) -> list[Measurement]:
-    """One measurement per rank: `nproc` > 1 launched ranks (plan_ranks), else one in-process case."""
-    if nproc > 1:
+    """One measurement per rank: the launched ranks (plan_ranks), else one in-process case."""
+    if ranks.launched:
+        nproc = ranks.nproc
         from vramplan.verify.launch import CaseRequest, run_isolated
 
         if on_case:

@@ -67,30 +67,34 @@ def launcher_for(setup: TrainingSetup) -> Launcher:
 
 def require_deepspeed(setup: TrainingSetup) -> None:
     """verify runs ZeRO only as DeepSpeed itself runs it: with the `deepspeed` launcher and
-    deepspeed.initialize. Refused in one line before any work, the reason said."""
-    if setup.engine != Engine.DEEPSPEED:
+    deepspeed.initialize. Without deepspeed, one line before any work."""
+    if setup.engine != Engine.DEEPSPEED or importlib.util.find_spec("deepspeed") is not None:
         return
-    if importlib.util.find_spec("deepspeed") is None:
-        raise VramplanError(
-            f"verify runs ZeRO with the `deepspeed` launcher and deepspeed is not installed (pip install "
-            f"deepspeed); `vramplan estimate` models {setup.deepspeed.value if setup.deepspeed else 'ZeRO'} "
-            "from source, not measured",
-            "--deepspeed",
-        )
+    stage = setup.deepspeed.value if setup.deepspeed else "ZeRO"
     raise VramplanError(
-        "verify's step builder has no DeepSpeed path yet (deepspeed.initialize with HF's config): ZeRO is "
-        "modelled from source, not measured; scripts/calibrate.py --deepspeed lists the cases to measure",
+        "verify runs ZeRO with the `deepspeed` launcher and deepspeed is not installed (pip install deepspeed); "
+        f"`vramplan estimate` models {stage} from source, not measured",
         "--deepspeed",
     )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def worker_command(req_path: Path, out_dir: Path, nproc: int = 1, launcher: Launcher = Launcher.TORCHRUN) -> list[str]:
     base = [str(req_path), str(out_dir)]
+    if launcher == Launcher.DEEPSPEED:
+        # deepspeed==0.19.8 launcher/runner.py: --num_gpus ranks on this node, --module runs WORKER
+        # with -m, --no_local_rank keeps --local_rank=N out of its arguments (LOCAL_RANK is set)
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}"]
+        return [*runner, f"--master_port={_free_port()}", "--no_local_rank", "--module", WORKER, *base]
     if nproc <= 1:
         return [sys.executable, "-m", WORKER, *base]
-    if launcher == Launcher.DEEPSPEED:
-        # deepspeed/launcher/runner.py: --num_gpus on this node, --module runs WORKER with -m
-        return [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--module", WORKER, *base]
     return [
         sys.executable,
         "-m",
@@ -187,7 +191,7 @@ def init_distributed(device: str) -> str:
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:  # not under a launcher
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):

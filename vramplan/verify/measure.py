@@ -217,7 +217,7 @@ def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
         # what the forward left alive: saved tensors, logits, autocast weight casts
         sizes.activations = after - before
     with run.phase("backward", step):
-        loss.backward()
+        built.backward(loss)
         del loss
     sizes.gradients = gradient_bytes(built.model, dev)
     with run.phase("optimizer", step):
