@@ -20,7 +20,8 @@ from vramplan.estimate import make_setup
 from vramplan.verify import launch
 from vramplan.verify.api import plan_ranks
 from vramplan.verify.compare import max_over_ranks
-from vramplan.verify.launch import CaseRequest, engine_world, run_isolated, worker_command
+from vramplan.verify.launch import CaseRequest, run_isolated, worker_command
+from vramplan.verify.ranks import engine_world
 from vramplan.verify.results import Measurement, PhaseSnapshot
 
 TRACE = Path(__file__).resolve().parent / "data" / "cpu" / "trace.jsonl"

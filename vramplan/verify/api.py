@@ -176,8 +176,8 @@ def verify(
     case will cost, before it runs (preflight.cpu_notice)."""
     from vramplan.estimate import estimate_config, with_data_parallel
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify.launch import engine_world
     from vramplan.verify.preflight import require_libraries
+    from vramplan.verify.ranks import engine_world
 
     require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
@@ -225,7 +225,7 @@ def _report(model, est: Estimate, ms, setup: TrainingSetup, device, num_layers, 
 
 
 def _extrapolated_ran(setup: TrainingSetup) -> str:
-    from vramplan.verify.launch import engine_world
+    from vramplan.verify.ranks import engine_world
 
     world = engine_world(setup)
     each = f"rank 0 of {world} of {setup.engine.value.upper()} simulated" if world > 1 else "one process"
@@ -256,7 +256,8 @@ class RankPlan(BaseModel):
 def plan_ranks(setup: TrainingSetup, device: str, launch: bool | None) -> RankPlan:
     """The engine's N ranks as N processes when N GPUs are visible (or asked for on the CPU:
     gloo), else rank 0 of N simulated on a fake process group; the line says which ran."""
-    from vramplan.verify.launch import engine_world, require_deepspeed
+    from vramplan.verify.launch import require_deepspeed
+    from vramplan.verify.ranks import engine_world
 
     require_deepspeed(setup)
     world = engine_world(setup)

@@ -51,16 +51,6 @@ class Launcher(str, Enum):
     DEEPSPEED = "deepspeed"  # python -m deepspeed.launcher.runner: ZeRO-1/2/3
 
 
-def engine_world(setup: TrainingSetup) -> int:
-    """The ranks the setup's engine runs on: --fsdp for FSDP1/2, --data-parallel for DDP and
-    DeepSpeed, 1 for a single GPU (and FSDP offload on one GPU)."""
-    if setup.sharded:
-        return setup.fsdp
-    if setup.engine in (Engine.DDP, Engine.DEEPSPEED):
-        return setup.data_parallel
-    return 1
-
-
 def launcher_for(setup: TrainingSetup) -> Launcher:
     return Launcher.DEEPSPEED if setup.engine == Engine.DEEPSPEED else Launcher.TORCHRUN
 

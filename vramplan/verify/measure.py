@@ -18,8 +18,8 @@ from typing import Any, cast
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
 from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
-from vramplan.verify.launch import engine_world
 from vramplan.verify.probe import Probe, make_probe
+from vramplan.verify.ranks import engine_world
 from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
 
 #: called with (phase, step) when a phase starts: drives the progress display (and lets
