@@ -664,8 +664,9 @@ CASES = [
 CASES += CAPPED_CASES
 
 # DeepSpeed ZeRO, modelled from source, not measured (vramplan/memory/deepspeed.py). verify's
-# builder has no DeepSpeed path yet (deepspeed.initialize with HF's "auto" config): these are
-# the cases to measure once it has one (`--cases` with a JSON of them, or added to CASES).
+# builder runs it with deepspeed.initialize (HF's "auto" bucket sizes: build.ds_config): these are
+# the cases to measure (`--deepspeed` selects them), each under the `deepspeed` launcher on as
+# many GPUs as its data-parallel world; without deepspeed each is refused in one line.
 DEEPSPEED_CASES = [
     case(
         "l3b_zero2_offload_full_bf16_ckpt_b1s2048",
@@ -833,19 +834,23 @@ def _append(out: Path, records: list[dict]) -> None:
 
 def run_one(c: dict, device: str, timeout: float) -> list[dict]:
     """Measure one case in fresh process(es); returns the JSON lines to append."""
+    from vramplan.verify.api import plan_ranks
     from vramplan.verify.extrapolate import extrapolate
     from vramplan.verify.launch import CaseRequest, run_isolated
 
     s = _setup(c)
     depths = c["depths"] or [c["layers"]]
+    # the engine's N ranks launched when N GPUs are visible (verify's rule), else rank 0 simulated;
+    # a truncated-depth extrapolation is one process per depth
+    nproc = plan_ranks(s, device, None if not c["depths"] else False).nproc  # ZeRO: always launched
     ms = []
     for d in depths:
         limit = c["memory_limit_mb"] * 2**20 if c.get("memory_limit_mb") else None
         req = CaseRequest(
             model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device, memory_limit_bytes=limit
         )
-        ms += run_isolated(req, timeout=timeout)
-    suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: "")
+        ms += run_isolated(req, nproc=nproc, timeout=timeout)
+    suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: f"_rank{m.rank}" if m.rank else "")
     lines = [{**json.loads(m.to_measured_case(c["name"] + suffix(m)).model_dump_json()), "case": c["name"]} for m in ms]
     if c["depths"]:
         result, _fits = extrapolate(ms)
@@ -861,12 +866,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--core", action="store_true", help="the cases covering every technique first, in CORE's order")
     ap.add_argument("--capped", action="store_true", help="only the capped-allocator cases (the out-of-memory edge)")
     ap.add_argument("--cases", help="JSON list of case dicts instead of the built-in list")
+    ap.add_argument("--deepspeed", action="store_true", help="the DeepSpeed ZeRO cases (DEEPSPEED_CASES) instead")
     ap.add_argument("--budget-s", type=float, default=540, help="start no case that may not finish within this")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dry-run", action="store_true", help="validate and estimate every case; run nothing")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
-    cases = select(load_cases(args.cases), args.batch, args.only, args.core, args.capped)
+    base = DEEPSPEED_CASES if args.deepspeed else load_cases(args.cases)
+    cases = select(base, args.batch, args.only, args.core, args.capped)
     if args.list:
         print("\n".join(c["name"] for c in cases))
         return 0

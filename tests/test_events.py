@@ -349,3 +349,38 @@ def test_nf4_build_quantizes_each_linear_tensor_by_tensor():
     ]
     assert [(op, cat) for op, _, cat in first[5:]] == [(Op.FREE, C.TRANSIENT)] * 3
     assert ev.events.ids[5:8].tolist() == ev.events.ids[[3, 1, 0]].tolist()  # the copy, the absmax, the source
+
+
+# every stack knob at least once (each with the techniques it changes), so that a new layer
+# point or phase kind cannot reach the replay unordered: DoRA under checkpointing did
+KNOB_SETUPS = [
+    {"method": "lora", "dora": True, "gradient_checkpointing": True},
+    {"method": "lora", "dora": True},
+    {"method": "qlora", "dora": True, "gradient_checkpointing": True},
+    {"method": "lora", "kbit_prep": True, "precision": "mixed"},
+    {"method": "qlora", "kbit_prep": True, "precision": "mixed", "gradient_checkpointing": True},
+    {"method": "lora", "precision": "fp16"},
+    {"method": "lora", "loss": "chunked", "compile": True},
+    {"method": "full", "loss": "chunked", "gradient_checkpointing": True},
+    {"method": "lora", "loss": "trl-chunked-nll"},
+    {"method": "lora", "loss": "liger", "gradient_checkpointing": True},
+    {"method": "lora", "loss": "cce"},
+    {"method": "lora", "keep_logits": True, "fp32_outputs": True, "precision": "mixed", "model_dtype": "bf16"},
+    {"method": "lora", "adapter_dtype": "bf16", "attention": "eager", "packing": "position-ids"},
+    {"method": "full", "optimizer_in_backward": True, "optim": "adamw_torch"},
+    {"method": "full", "optim": "adafactor", "gradient_accumulation": 4},
+    {"method": "full", "optim": "paged_adamw_8bit"},
+    {"method": "lora", "checkpoint_reentrant": True, "gradient_checkpointing": True},
+    {"method": "full", "data_parallel": 2},
+    {"method": "lora", "fsdp": 2, "fsdp_version": 1, "gradient_checkpointing": True},
+    {"method": "qlora", "fsdp": 2, "stack": "hf-trainer", "gradient_checkpointing": True},
+    {"method": "full", "deepspeed": "zero2", "offload_optimizer": True},
+    {"method": "full", "deepspeed": "zero3", "data_parallel": 2},
+]
+
+
+@pytest.mark.parametrize("preset", ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini"])
+def test_every_knob_replays_with_live_bytes_equal_to_the_phases(preset):
+    spec = load_model_spec(preset, num_layers=3)
+    for fields in KNOB_SETUPS:
+        assert_live_equals_phases(spec, make_setup(batch_size=2, seq_len=256, **fields), (preset, fields))

@@ -48,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cpu: run the step on this CPU with every allocation traced, a check of the step's "
         "structure without a GPU (CPU kernels are not CUDA's: docs/verify.md, 'CPU trace')",
     )
+    v.add_argument(
+        "--launch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine's N ranks (--fsdp N, --data-parallel N) as N processes with torchrun; "
+        "default: when N GPUs are visible, else rank 0 simulated on a fake process group; "
+        "--device cpu --launch: N CPU ranks over gloo; --no-launch: always simulated",
+    )
     v.add_argument("--format", choices=["table", "json"], default="table")
     v.add_argument("--no-progress", action="store_true", help="no live progress display")
     v.set_defaults(handler=run)
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 on_phase=on_phase,
                 on_case=on_case,
                 on_notice=say,
+                launch=args.launch,
             )
     except NoGpuError as e:
         print(f"vramplan: {e}", file=sys.stderr)
@@ -159,14 +168,32 @@ def run(args: argparse.Namespace) -> int:
         print(report.model_dump_json(indent=1))
     else:
         console = Console()
-        for m, c in zip(report.result, report.comparisons, strict=True):
-            if len(report.result) > 1:
-                console.rule(f"rank {m.rank} of {m.world}")
-            render(c, m, console)
+        _render(report, console, render)
     folder = report.write(out or _default_out(report))
     if args.format != "json":
-        console.print(f"report: {folder}/ (report.json, comparison.csv, measurements.jsonl)")
+        ranks = ", rank<r>.json per rank" if len(report.result) > 1 else ""
+        console.print(f"report: {folder}/ (report.json, comparison.csv, measurements.jsonl{ranks})")
     return 0 if report.fits else EXIT_DOES_NOT_FIT
+
+
+def _render(report, console, render) -> None:
+    """One rank: its table. Launched ranks: rank 0's table, the max over the ranks, each rank's peak."""
+    from vramplan.units import MiB
+    from vramplan.verify.compare import max_over_ranks
+
+    ms = report.result
+    if len(ms) == 1:
+        render(report.comparisons[0], ms[0], console)
+    else:
+        console.rule(f"rank 0 of {ms[0].world}")
+        render(report.comparisons[0], ms[0], console)
+        console.rule(f"max over {len(ms)} ranks")
+        render(report.over_ranks, max_over_ranks(ms), console)
+        for m in ms:
+            peak = "n/a" if m.peak_allocated_bytes is None else f"{m.peak_allocated_bytes / MiB:.1f} MiB"
+            console.print(f"rank {m.rank}: peak {peak} in {m.peak_phase}; {'fits' if m.fits else 'DOES NOT FIT'}")
+    if report.ran:
+        console.print(f"ran: {report.ran}")
 
 
 DEFAULT_OUT_PARENT = Path("vramplan-verify")

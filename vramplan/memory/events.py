@@ -217,13 +217,14 @@ _ORDER = {
 _POINT_ORDER = {
     LayerPoint.LORA_RECOMPUTE: 0,
     LayerPoint.LORA_RECOMPUTE_DOWN: 1,
-    LayerPoint.MOE_RECOMPUTE: 2,
-    LayerPoint.POST_MLP_NORM: 3,
-    LayerPoint.LORA: 4,
-    LayerPoint.DEQUANTIZE: 5,
-    LayerPoint.OPTIMIZER_HOOK: 6,
-    LayerPoint.MLP: 7,
-    LayerPoint.END: 8,
+    LayerPoint.DORA_RECOMPUTE: 2,  # the recompute's last adapted Linear (dora.dora_recompute)
+    LayerPoint.MOE_RECOMPUTE: 3,
+    LayerPoint.POST_MLP_NORM: 4,
+    LayerPoint.LORA: 5,
+    LayerPoint.DEQUANTIZE: 6,
+    LayerPoint.OPTIMIZER_HOOK: 7,
+    LayerPoint.MLP: 8,
+    LayerPoint.END: 9,
 }
 
 
@@ -525,12 +526,14 @@ def _forward(b: _Builder) -> list[int | None]:
     for i in range(len(spec.layers)):
         if ctx.ckpt:
             _checkpointed_input(b, i)
-            if i == last:
-                b.at_kind(PhaseKind.FORWARD_CHECKPOINTED_LAYER)
+            if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
+                b.at_kind(PhaseKind.DORA_NORM_FORWARD, PhaseKind.FORWARD_CHECKPOINTED_LAYER)
             continue
         if ctx.offload_all:
             _offloaded_layer(b, i, i == last)
             continue
+        if i == last:  # the last layer's weight norm, its saves not yet made
+            b.at_kind(PhaseKind.DORA_NORM_FORWARD)
         sizes = b.saved_blocks(i)
         blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
         if i == last:

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.errors import VramplanError
 from vramplan.hardware import GpuSpec
 from vramplan.results import Estimate
-from vramplan.setup import Loss, TrainingSetup
+from vramplan.setup import Engine, Loss, TrainingSetup
+from vramplan.verify.compare import max_over_ranks
 from vramplan.verify.results import Comparison, Extrapolation, Measurement
 
 EXIT_NO_GPU = 3
@@ -27,6 +28,10 @@ class VerifyReport(BaseModel):
     result: list[Measurement] = Field(description="what is compared: every rank, or the extrapolated full depth")
     comparisons: list[Comparison]
     extrapolations: list[Extrapolation] = Field(default_factory=list)
+    ran: str = Field("", description="how the step ran: one process, N launched ranks, or rank 0 simulated")
+    over_ranks: Comparison | None = Field(
+        None, description="launched ranks: each category's, phase's and total's largest over the ranks"
+    )
 
     @property
     def fits(self) -> bool:
@@ -46,16 +51,19 @@ class VerifyReport(BaseModel):
             f = to_frame(c)
             f.insert(0, "rank", self.result[i].rank)
             frames.append(f)
+        if self.over_ranks is not None:
+            f = to_frame(self.over_ranks)
+            f.insert(0, "rank", "max")
+            frames.append(f)
         lines = [m.to_measured_case().model_dump_json() for m in self.measurements]
-        return write_folder(
-            folder,
-            {
-                "report.json": self.model_dump_json(indent=1).encode(),
-                "comparison.csv": pd.concat(frames).to_csv(index=False).encode(),
-                "measurements.jsonl": "".join(line + "\n" for line in lines).encode(),
-            },
-            "--out",
-        )
+        files = {
+            "report.json": self.model_dump_json(indent=1).encode(),
+            "comparison.csv": pd.concat(frames).to_csv(index=False).encode(),
+            "measurements.jsonl": "".join(line + "\n" for line in lines).encode(),
+        }
+        if len(self.result) > 1:  # launched: what each rank measured, as it wrote it
+            files |= {f"rank{m.rank}.json": m.model_dump_json(indent=1).encode() for m in self.result}
+        return write_folder(folder, files, "--out")
 
 
 def require_cuda(device: str) -> None:
@@ -79,7 +87,8 @@ def local_gpus(device: str) -> int:
 
 
 def estimate_gpus(gpus: str | GpuSpec | None, device: str, fsdp: int) -> GpuSpec:
-    """The GPUs the estimate is for: given, else the detected ones (at least fsdp of them)."""
+    """The GPUs the estimate is for: given, else the detected ones (at least `fsdp` of them:
+    the engine's ranks)."""
     from vramplan.estimate import resolve_gpus
     from vramplan.hardware import detect_gpus, parse_gpus
 
@@ -153,60 +162,161 @@ def verify(
     on_phase=None,
     on_case=None,
     on_notice=None,
+    launch: bool | None = None,
 ) -> VerifyReport:
     """Run the reference step on this machine and compare it with the estimate.
+
+    launch: run the engine's N ranks as N processes (torchrun) — None: when N GPUs are
+    visible; True: always (gloo on the CPU), refused where it cannot; False: never (rank 0
+    simulated on a fake process group).
 
     extrapolate: "auto" (when the estimate says the full depth does not fit the local GPU
     and no --num-layers was given), "always" or "never". on_case(label) announces each
     case (progress display); on_phase(phase, step) each phase; on_notice(line) what a CPU
     case will cost, before it runs (preflight.cpu_notice)."""
-    from vramplan.estimate import estimate_config
+    from vramplan.estimate import estimate_config, with_data_parallel
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify.compare import compare
     from vramplan.verify.preflight import require_libraries
+    from vramplan.verify.ranks import engine_world
 
     require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
-    gspec = estimate_gpus(gpus, device, setup.fsdp)
+
+    gspec = estimate_gpus(gpus, device, engine_world(setup))
+    setup = with_data_parallel(setup, gspec)  # DDP or ZeRO over every GPU of --gpus, as the estimate
+    ranks = plan_ranks(setup, device, launch)
     fields = setup.model_dump(exclude_none=True)
     est = estimate_config(model, gspec, num_layers=num_layers, **fields)
     full = load_model_spec(model).num_layers
     capacity = _capacity(device, gspec)
     if _should_extrapolate(extrapolate, num_layers, depths, est, capacity):
-        if on_notice is not None and not device.startswith("cuda"):
-            on_notice(
-                _cpu_notice(model, setup, None, steps) + "; verify measures truncated depths instead and extrapolates"
-            )
-        return _extrapolated(
+        if ranks.launched and (launch or setup.engine == Engine.DEEPSPEED):
+            flag = "--launch" if launch else "--deepspeed"
+            raise VramplanError("launched ranks run one depth: give --num-layers or --extrapolate never", flag)
+        report = _extrapolated(
             model, setup, device, steps, gspec, full, capacity, depths, max_depth, on_phase, on_case, on_notice
         )
+        return report.model_copy(update={"ran": _extrapolated_ran(setup)})
     check_cpu_ram(est, device)
-    ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)
+    if on_notice is not None and ranks.launched:
+        on_notice(f"runs {ranks.line}")
+    ms = _measure_at_depth(model, setup, device, num_layers, steps, on_phase, on_case, on_notice, ranks)
+    return _report(model, est, ms, setup, device, num_layers, full, gspec, ranks.line)
+
+
+def _report(model, est: Estimate, ms, setup: TrainingSetup, device, num_layers, full, gspec, ran) -> VerifyReport:
+    """Each rank (and, launched, the max over the ranks) compared with the estimate."""
+    from vramplan.verify.compare import compare
+
     delta = _cpu_loss_delta(model, setup, device, num_layers)
     comparisons = [compare(est, m, delta) for m in ms]
+    over = compare(est, max_over_ranks(ms), delta) if len(ms) > 1 else None
     if num_layers is not None and num_layers < full:  # relate the truncated run to the model asked about
-        from vramplan.verify.compare import depth_note
+        comparisons = _with_depth_note(comparisons, model, gspec, setup, num_layers, full)
+    return VerifyReport(
+        model=est.model,
+        estimate=est,
+        measurements=ms,
+        result=ms,
+        comparisons=comparisons,
+        ran=ran,
+        over_ranks=over,
+    )
 
-        whole = estimate_config(model, gspec, **fields)
-        comparisons = [
-            c.model_copy(update={"notes": [*c.notes, depth_note(num_layers, full, whole, c)]}) for c in comparisons
-        ]
-    return VerifyReport(model=est.model, estimate=est, measurements=ms, result=ms, comparisons=comparisons)
+
+def _extrapolated_ran(setup: TrainingSetup) -> str:
+    from vramplan.verify.ranks import engine_world
+
+    world = engine_world(setup)
+    each = f"rank 0 of {world} of {setup.engine.value.upper()} simulated" if world > 1 else "one process"
+    return f"{each} per truncated depth (extrapolated)"
+
+
+def _with_depth_note(comparisons, model: str, gspec: GpuSpec, setup: TrainingSetup, layers: int, full: int):
+    from vramplan.estimate import estimate_config
+    from vramplan.verify.compare import depth_note
+
+    whole = estimate_config(model, gspec, **setup.model_dump(exclude_none=True))
+    return [c.model_copy(update={"notes": [*c.notes, depth_note(layers, full, whole, c)]}) for c in comparisons]
+
+
+#: seconds a launched case may take (every rank builds and runs the step); past it every rank is stopped
+LAUNCH_TIMEOUT_S = 3600.0
+
+
+class RankPlan(BaseModel):
+    """How the step runs: nproc > 1 launched ranks, else in this process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    nproc: int
+    line: str
+    launched: bool = False
+
+
+def plan_ranks(setup: TrainingSetup, device: str, launch: bool | None) -> RankPlan:
+    """The engine's N ranks as N processes when N GPUs are visible (or asked for on the CPU:
+    gloo), else rank 0 of N simulated on a fake process group; the line says which ran."""
+    from vramplan.verify.launch import require_deepspeed
+    from vramplan.verify.ranks import engine_world
+
+    require_deepspeed(setup)
+    world = engine_world(setup)
+    if setup.engine == Engine.DEEPSPEED:
+        return _plan_zero(setup, device, launch, world)
+    if world <= 1:
+        if launch:
+            raise VramplanError("the setup runs on one rank: give --fsdp N or --data-parallel N to launch", "--launch")
+        return RankPlan(nproc=1, line="one process")
+    name = setup.engine.value.upper()
+    if device.startswith("cuda"):
+        n_local = local_gpus(device)
+        if launch is not False and n_local >= world:
+            line = f"torchrun, {world} ranks of {name} on {n_local} local GPUs (NCCL)"
+            return RankPlan(nproc=world, line=line, launched=True)
+        if launch:
+            raise VramplanError(f"{world} ranks need {world} GPUs and {n_local} are visible", "--launch")
+        why = "--no-launch" if launch is False else f"{world} ranks need {world} GPUs, {n_local} visible"
+        return RankPlan(nproc=1, line=f"rank 0 of {world} of {name} simulated on a fake process group ({why})")
+    if launch:
+        return RankPlan(nproc=world, line=f"torchrun, {world} ranks of {name} on this CPU (gloo)", launched=True)
+    return RankPlan(
+        nproc=1,
+        line=f"rank 0 of {world} of {name} simulated on a fake process group (--launch: {world} ranks on gloo)",
+    )
+
+
+def _plan_zero(setup: TrainingSetup, device: str, launch: bool | None, world: int) -> RankPlan:
+    """ZeRO always runs launched (deepspeed.initialize needs its process group; it is not
+    simulated on a fake one): N GPUs for N ranks, or N CPU ranks over gloo."""
+    stage = setup.deepspeed.value.upper() if setup.deepspeed else "ZeRO"
+    if launch is False:
+        raise VramplanError("ZeRO is not simulated on a fake process group: it runs launched", "--no-launch")
+    if device.startswith("cuda"):
+        n_local = local_gpus(device)
+        if n_local < world:
+            raise VramplanError(
+                f"ZeRO over {world} ranks needs {world} GPUs and {n_local} are visible (ZeRO is not simulated)",
+                "--deepspeed",
+            )
+        line = f"deepspeed launcher, {world} rank(s) of {stage} on {n_local} local GPUs (NCCL)"
+        return RankPlan(nproc=world, line=line, launched=True)
+    return RankPlan(
+        nproc=world, line=f"deepspeed launcher, {world} rank(s) of {stage} on this CPU (gloo)", launched=True
+    )
 
 
 def _measure_at_depth(
-    model, setup: TrainingSetup, device: str, num_layers: int | None, steps: int, on_phase, on_case, on_notice
+    model, setup: TrainingSetup, device: str, num_layers: int | None, steps: int, on_phase, on_case, on_notice, ranks
 ) -> list[Measurement]:
-    """One measurement per rank: torchrun when the FSDP ranks fit the local GPUs, else one in-process case."""
-    n_local = local_gpus(device)
-    if setup.fsdp > 1 and n_local >= setup.fsdp:
+    """One measurement per rank: the launched ranks (plan_ranks), else one in-process case."""
+    if ranks.launched:
+        nproc = ranks.nproc
         from vramplan.verify.launch import CaseRequest, run_isolated
 
         if on_case:
-            on_case(f"torchrun: {setup.fsdp} ranks")
-        return run_isolated(
-            CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device), nproc=setup.fsdp
-        )
+            on_case(f"torchrun: {nproc} ranks")
+        req = CaseRequest(model=model, setup=setup, num_layers=num_layers, steps=steps, device=device)
+        return run_isolated(req, nproc=nproc, timeout=LAUNCH_TIMEOUT_S)
     return [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
 
 
@@ -270,6 +380,9 @@ def _extrapolated(
     from vramplan.verify import extrapolate as xp
     from vramplan.verify.compare import compare
 
+    if on_notice is not None and not device.startswith("cuda"):
+        extra = "; verify measures truncated depths instead and extrapolates"
+        on_notice(_cpu_notice(model, setup, None, steps) + extra)
     fields = setup.model_dump(exclude_none=True)
     spec = load_model_spec(model)
     if not depths:

@@ -60,6 +60,7 @@ class Built:
     kept: object | None = None  # --keep-logits: the last forward's output
     scaler: Any = None  # torch.amp.GradScaler under --precision fp16
     loss_fn: Any = None  # torchtune's loss module, made (and under --compile compiled) once
+    engine: Any = None  # deepspeed.DeepSpeedEngine under --deepspeed: its backward and step
 
     @property
     def optimizers(self) -> list:
@@ -111,7 +112,17 @@ class Built:
             self.kept = out
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def backward(self, loss) -> None:
+        """loss.backward(); under DeepSpeed the engine's (its ZeRO gradient hooks and buckets)."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
     def optimizer_step(self) -> None:
+        if self.engine is not None:  # the ZeRO optimizer's step and zero_grad
+            self.engine.step()
+            return
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
         if self.optimizer is not None and self.scaler is not None:
             self.scaler.step(self.optimizer)  # unscale_ in place, then step unless inf/nan
@@ -127,6 +138,7 @@ class Built:
         self.hooks.clear()
         self.layerwise.clear()
         self.optimizer = None
+        self.engine = None
         self.kept = None
         self.model = None
 
@@ -656,6 +668,58 @@ def shard_fsdp1(model, setup: TrainingSetup, device: str, layers_prefix: str):
     return wrapped, simulated
 
 
+# ---------------------------------------------------------------- DeepSpeed ZeRO
+
+
+def ds_config(setup: TrainingSetup, hidden: int) -> dict:
+    """The DeepSpeed config of the estimate (memory/deepspeed.py): ZeRO stage, offload, the
+    bucket sizes at HF's "auto" values (auto_config), bf16 (fp16 under --precision fp16), the
+    client optimizer kept under offload as HF Trainer does (zero_force_ds_cpu_optimizer false:
+    transformers==5.24.0 integrations/deepspeed.py deepspeed_optim_sched)."""
+    from vramplan.memory.deepspeed import auto_config
+    from vramplan.setup import DeepSpeedStage
+
+    stage = cast(DeepSpeedStage, setup.deepspeed)
+    auto = auto_config(hidden, stage)
+    zero: dict = {
+        "stage": int(stage.value[-1]),
+        "reduce_bucket_size": auto.reduce_bucket,
+        "overlap_comm": auto.overlap_comm,
+    }
+    if stage == DeepSpeedStage.ZERO3:
+        zero["stage3_prefetch_bucket_size"] = auto.prefetch_bucket
+        zero["stage3_param_persistence_threshold"] = auto.persistence_threshold
+    if setup.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if setup.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": setup.batch_size,
+        "gradient_accumulation_steps": setup.gradient_accumulation,
+        "fp16" if setup.precision == Precision.FP16 else "bf16": {"enabled": True},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+def wrap_deepspeed(built: Built, hidden: int) -> None:
+    """deepspeed.initialize around the built model and optimizer, in the process group the
+    launcher made (one process per rank: ZeRO is not simulated on a fake group)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise VramplanError("ZeRO runs under the `deepspeed` launcher (verify launches it)", "--deepspeed")
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=built.model, optimizer=built.optimizer, config=ds_config(built.setup, hidden)
+    )
+    built.engine, built.optimizer, built.rank = engine, optimizer, dist.get_rank()
+    built.notes.append(
+        f"DeepSpeed {built.setup.deepspeed.value if built.setup.deepspeed else ''}: deepspeed.initialize"
+    )
+
+
 # ---------------------------------------------------------------- the whole step
 
 
@@ -714,7 +778,9 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
             "--compile: the loss is compiled as torchtune's compile_loss; the decoder layers run eagerly, "
             "as the estimate models them"
         )
-    if setup.precision == Precision.FP16 and not fsdp:
+    if setup.engine == Engine.DEEPSPEED:
+        wrap_deepspeed(built, spec.hidden)
+    elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
 
@@ -735,5 +801,8 @@ def _wrap_replicated(built: Built, prefix: str) -> None:
     else:
         built.model, built.simulated = shard_fsdp1(built.model, setup, built.device, prefix)
         world = setup.fsdp
+    import torch.distributed as dist
+
+    built.rank = dist.get_rank()  # of the real group under torchrun, 0 of the fake one
     if built.simulated:
         built.notes.append(f"{setup.engine.value.upper()} simulated: rank 0 of {world} on a fake process group")

@@ -102,7 +102,7 @@ def _measurement_notes(m: Measurement) -> list[str]:
         notes.append(f"measurement EXTRAPOLATED from depths {m.extrapolated_from} to {m.full_layers} layers")
     if m.simulated:
         notes.append(
-            f"FSDP simulated: rank 0 of {m.world} on PyTorch's fake process group "
+            f"{m.setup.engine.value.upper()} simulated: rank 0 of {m.world} on PyTorch's fake process group "
             "(collectives do nothing; every buffer they need is allocated)"
         )
     if m.oom is not None:
@@ -220,3 +220,36 @@ def render(cmp: Comparison, m: Measurement, console=None) -> None:
     said = [SUM_NOTE] if len(rows) < len(cmp.rows) else []
     for n in [*said, *cmp.notes, *m.notes]:
         console.print(f"note: {n}")
+
+
+def _max(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def max_over_ranks(ms: list[Measurement]) -> Measurement:
+    """The launched ranks as one measurement: each category's, phase's and total's largest
+    over the ranks (what the GPU the most loaded rank runs on must hold), the rest rank 0's."""
+    top = max(ms, key=lambda m: m.peak_allocated_bytes or 0)
+    phases = []
+    for i, snap in enumerate(ms[0].phases):
+        same = [m.phases[i] for m in ms if i < len(m.phases)]
+        fields = ("allocated_bytes", "reserved_bytes", "peak_allocated_bytes", "peak_reserved_bytes")
+        phases.append(snap.model_copy(update={f: _max(getattr(s, f) for s in same) for f in fields}))
+    cats = {c for m in ms for c in m.breakdown}
+    return ms[0].model_copy(
+        update={
+            "fits": all(m.fits for m in ms),
+            "phases": phases,
+            "peak_allocated_bytes": _max(m.peak_allocated_bytes for m in ms),
+            "peak_reserved_bytes": _max(m.peak_reserved_bytes for m in ms),
+            "peak_phase": top.peak_phase,
+            "breakdown": {c: _max(m.breakdown.get(c) for m in ms) for c in cats},
+            "nvml_used_bytes": _max(m.nvml_used_bytes for m in ms),
+            "notes": [
+                *ms[0].notes,
+                f"max over {len(ms)} ranks: each category, phase and total its largest over the ranks "
+                f"(the peak on rank {top.rank})",
+            ],
+        }
+    )

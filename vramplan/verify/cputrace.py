@@ -150,7 +150,7 @@ def _run_traced(model: str, setup: TrainingSetup, num_layers: int | None, steps:
                     with trace.phase("forward", step):
                         loss = built.forward(ids)
                     with trace.phase("backward", step):
-                        loss.backward()
+                        built.backward(loss)
                         del loss
                     with trace.phase("optimizer", step):
                         built.optimizer_step()
@@ -178,7 +178,7 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
         out.append("torchao's compiled low-bit step (inductor's CPU kernels are not CUDA's)")
     if setup.quant is not None and setup.quant.value == "nf4":
         out.append("bitsandbytes' 4-bit quantize/dequantize (torch-op fallbacks on the CPU)")
-    if setup.cpu_offload:
+    if setup.cpu_offload or setup.offload_optimizer or setup.offload_params:
         out.append("CPU offload (host and device are one memory)")
     return out
 

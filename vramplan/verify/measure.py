@@ -19,6 +19,7 @@ from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
 from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
 from vramplan.verify.probe import Probe, make_probe
+from vramplan.verify.ranks import engine_world
 from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
 
 #: called with (phase, step) when a phase starts: drives the progress display (and lets
@@ -132,7 +133,9 @@ def run_case(
             out.oom = _oom_info(run, str(e))
         finally:
             out.notes = list(built.notes) if built is not None else []
-            out.simulated, out.rank = (built.simulated, built.rank) if built is not None else (setup.fsdp > 1, 0)
+            out.simulated, out.rank = (
+                (built.simulated, built.rank) if built is not None else (engine_world(setup) > 1, 0)
+            )
             _free(built)
             built = None
             probe.fresh()
@@ -216,7 +219,7 @@ def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
         # what the forward left alive: saved tensors, logits, autocast weight casts
         sizes.activations = after - before
     with run.phase("backward", step):
-        loss.backward()
+        built.backward(loss)
         del loss
     sizes.gradients = gradient_bytes(built.model, dev)
     with run.phase("optimizer", step):
@@ -334,8 +337,8 @@ def _measurement(model, setup, device, probe, run, sizes, full, num_layers, step
         device=device.split(":")[0],
         device_name=probe.device_name(),
         rank=out.rank,
-        world=setup.fsdp,
-        simulated=out.simulated and setup.fsdp > 1,
+        world=engine_world(setup),
+        simulated=out.simulated and engine_world(setup) > 1,
         steps=steps,
         fits=out.oom is None,
         oom=out.oom,

@@ -54,7 +54,7 @@ class Measurement(BaseModel):
     device_name: str = ""
     rank: int = 0
     world: int = 1
-    simulated: bool = Field(False, description="FSDP rank 0 of N on a fake process group (collectives do nothing)")
+    simulated: bool = Field(False, description="DDP/FSDP rank 0 of N on a fake process group (collectives do nothing)")
     steps: int
     fits: bool = Field(description="build and every step ran without out-of-memory")
     oom: OomInfo | None = None
