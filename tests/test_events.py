@@ -365,6 +365,7 @@ KNOB_SETUPS = [
     {"method": "lora", "loss": "trl-chunked-nll"},
     {"method": "lora", "loss": "liger", "gradient_checkpointing": True},
     {"method": "lora", "loss": "cce"},
+    {"method": "full", "loss": "liger", "precision": "mixed", "model_dtype": "bf16"},  # a negative cache once
     {"method": "lora", "keep_logits": True, "fp32_outputs": True, "precision": "mixed", "model_dtype": "bf16"},
     {"method": "lora", "adapter_dtype": "bf16", "attention": "eager", "packing": "position-ids"},
     {"method": "full", "optimizer_in_backward": True, "optim": "adamw_torch"},

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from vramplan.memory.compile import compile_notes, compiled_chunked_loss
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
+from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, Method, ModelDtype, Precision, TrainingSetup
@@ -73,8 +74,9 @@ def fused_head_cast(spec: ModelSpec, setup: TrainingSetup) -> int:
     """autocast's cached bf16 copy of a trained fp32 lm_head (memory/autocast.py) is never made
     under a fused loss: it never calls lm_head, and casts views of the weight (TRL per tile,
     trl/kernels/chunked_logprob.py:346; Liger's fallback `weight.t()`), which autocast does not
-    cache (aten/src/ATen/autocast_mode.cpp: leaves only, no views)."""
-    if not (setup.loss in FUSED and setup.autocast and head_trains(setup)):
+    cache (aten/src/ATen/autocast_mode.cpp: leaves only, no views). Over bf16 weights there
+    is no cached copy to leave out (autocast.cast_cache)."""
+    if not (setup.loss in FUSED and fp32_stream_autocast(setup) and head_trains(setup)):
         return 0
     return alloc(2 * spec.vocab * spec.hidden)
 
