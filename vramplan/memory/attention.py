@@ -55,16 +55,21 @@ def varlen(spec: ModelSpec, setup: TrainingSetup) -> bool:
 
 
 def attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, seq: int) -> int:
-    """Per token; `seq` is the attention span (attention_span). SDPA (flash) saves q, k, v
-    (after RoPE, bf16), the output and an fp32 logsumexp per head; the output layout is
-    already what o_proj reads. [cal] With a fused qkv_proj (Phi-3) v is a view of the fused
-    output, so the whole output stays alive. [CPU trace] FlashAttention-2 saves the same
-    (flash_attn FlashAttnFunc: q, k, v, out, softmax_lse fp32 [B, H, S] or [H, total] varlen;
-    maybe_contiguous copies nothing of stride-1 views) with k and v at their own kv heads and
-    never a mask. Varlen packing copies q and k (query.contiguous().view(-1, H, d)) and the
-    post-RoPE originals die with the forward: the same bytes saved. Eager attention (Gemma 2)
-    repeats k/v to all heads and keeps the seq x seq probabilities: tanh soft-cap output
-    (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
+    """Per token, what attention saves (attention_saved_parts summed)."""
+    return sum(attention_saved_parts(spec, layer, ctx, seq))
+
+
+def attention_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, seq: int) -> list[int]:
+    """Per token, the tensors attention saves; `seq` is the attention span (attention_span).
+    SDPA (flash) saves q, k, v (after RoPE, bf16), the output and an fp32 logsumexp per head;
+    the output layout is already what o_proj reads. [cal] With a fused qkv_proj (Phi-3) v is a
+    view of the fused output, so the whole output stays alive. [CPU trace] FlashAttention-2
+    saves the same (flash_attn FlashAttnFunc: q, k, v, out, softmax_lse fp32 [B, H, S] or
+    [H, total] varlen; maybe_contiguous copies nothing of stride-1 views) with k and v at their
+    own kv heads and never a mask. Varlen packing copies q and k (query.contiguous().view(-1, H,
+    d)) and the post-RoPE originals die with the forward: the same bytes saved. Eager attention
+    (Gemma 2) repeats k/v to all heads and keeps the seq x seq probabilities: tanh soft-cap
+    output (bf16), fp32 softmax, bf16 probs. [transformers eager_attention_forward]"""
     q, kv, nh = spec.q_dim, spec.kv_dim, spec.n_heads
     if attention_kind(spec, ctx.setup) != Attention.EAGER:
         masked = sdpa_mask_cols(spec, ctx.setup, layer)
@@ -73,10 +78,15 @@ def attention_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, s
         # (repeat_kv's expand + reshape merges the size-1 head dim) [CPU trace]
         k_saved = repeated_kv(spec) if masked else kv
         v = 2 * (q + 2 * kv) if layer.linears_with(LinearRole.QKV) and k_saved == kv else 2 * k_saved
-        return 2 * q + 2 * k_saved + v + 2 * q + 4 * nh + 2 * masked
+        return [2 * q, 2 * k_saved, v, 2 * masked, 2 * q, 4 * nh]
     # HF eager attention forms the full s x s scores even for sliding-window layers
-    probs = nh * seq * (4 + 2 + (2 if spec.attn_logit_softcapping else 0))
-    return 2 * q + 4 * repeated_kv(spec) + probs  # q, repeated k, repeated v (o_proj's copy: linears_saved)
+    probs = ([nh * seq * 2] if spec.attn_logit_softcapping else []) + [nh * seq * 4, nh * seq * 2]
+    return [
+        2 * q,
+        2 * repeated_kv(spec),
+        2 * repeated_kv(spec),
+        *probs,
+    ]  # q, repeated k, v (o_proj's copy: linears_saved)
 
 
 def repeated_kv(spec: ModelSpec) -> int:
@@ -85,16 +95,17 @@ def repeated_kv(spec: ModelSpec) -> int:
     return spec.kv_dim if spec.n_kv_heads == 1 else spec.q_dim
 
 
-def attention_forward(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, seq: int) -> int:
-    """Per token, attention's working set in a forward that saves nothing (checkpointing).
-    SDPA, FlashAttention-2: what it would save. Eager: at the softmax, q and the repeated k
-    and v, the bf16 masked scores, their fp32 copy (aten::softmax converts a bf16 input
-    before _softmax on CUDA too; only fp16 takes the fused half-to-float path) and the fp32
-    probabilities: 10 bytes per score, soft-cap or not, since each elementwise step frees
-    its input. [CPU trace]"""
+def attention_forward_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, seq: int) -> list[int]:
+    """Per token, the tensors of attention's working set in a forward that saves nothing
+    (checkpointing). SDPA, FlashAttention-2: what it would save. Eager: at the softmax, q and
+    the repeated k and v, the bf16 masked scores, their fp32 copy (aten::softmax converts a
+    bf16 input before _softmax on CUDA too; only fp16 takes the fused half-to-float path) and
+    the fp32 probabilities: 10 bytes per score, soft-cap or not, since each elementwise step
+    frees its input. [CPU trace]"""
     if attention_kind(spec, ctx.setup) != Attention.EAGER:
-        return attention_saved(spec, layer, ctx, seq)
-    return 2 * spec.q_dim + 4 * repeated_kv(spec) + spec.n_heads * seq * (2 + 4 + 4)
+        return attention_saved_parts(spec, layer, ctx, seq)
+    scores = spec.n_heads * seq
+    return [2 * spec.q_dim, 2 * repeated_kv(spec), 2 * repeated_kv(spec), 2 * scores, 4 * scores, 4 * scores]
 
 
 def sdpa_mask_cols(spec: ModelSpec, setup: TrainingSetup, layer: LayerSpec | None = None) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramplan.memory.attention import attention_forward, attention_kind, attention_span
+from vramplan.memory.attention import attention_forward_parts, attention_kind, attention_span
 from vramplan.memory.context import ActivationContext, stream_bytes
-from vramplan.memory.mlp import ckpt_forward
+from vramplan.memory.mlp import ckpt_forward_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import LayerSpec, ModelSpec
@@ -44,15 +44,16 @@ def kept_per_layer(spec: ModelSpec, stream: int) -> int:
 
 
 def checkpointed_forward(
-    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, gated: bool, residual: int, lora_mlp: int
-) -> int:
-    """Per token, a checkpointed forward (nothing saved) at its widest: the MLP's working
-    set, or the attention's with the norm's output (post-norm: the layer's input, which the
-    checkpoint holds anyway). [CPU trace]"""
-    return max(
-        ckpt_forward(spec, layer, f, gated, residual, lora_mlp),
-        attention_forward(spec, layer, ctx, attention_span(ctx.setup)) + (residual if layer.pre_norm else 0),
-    )
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, gated: bool, residual: int, lora_mlp: list[int]
+) -> list[int]:
+    """Per token, the tensors of a checkpointed forward (nothing saved) at its widest, oldest
+    first: the MLP's working set (mlp.ckpt_forward_parts), or the attention's
+    (attention.attention_forward_parts) with the norm's output (post-norm: the layer's input,
+    which the checkpoint holds anyway). [CPU trace]"""
+    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp)
+    attn = [residual] if layer.pre_norm else []
+    attn += attention_forward_parts(spec, layer, ctx, attention_span(ctx.setup))
+    return attn if sum(attn) > sum(mlp) else mlp
 
 
 def reentrant(setup: TrainingSetup) -> bool:

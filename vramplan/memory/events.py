@@ -30,7 +30,7 @@ from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
 from vramplan.memory.activations import rope_saved
-from vramplan.memory.attention import attention_saved, step_masks
+from vramplan.memory.attention import attention_saved_parts, step_masks
 from vramplan.memory.backward import RECOMPUTE_POINTS
 from vramplan.memory.checkpointing import (
     UNSLOTH_RELOAD_BUFFERS,
@@ -47,15 +47,20 @@ from vramplan.memory.fsdp import (
     offload_shard_copy,
     shard_for,
 )
-from vramplan.memory.layer import ShapeKey, layer_points, shape_key
+from vramplan.memory.layer import LayerPoints, ShapeKey, forward_locals_parts, layer_points, shape_key
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.loss import input_bytes, loop_token_bytes
-from vramplan.memory.mlp import mlp_saved
+from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
-from vramplan.memory.phases import prepare, step_context, step_model
-from vramplan.memory.quantization import nf4_quantize_temporaries, quantize_transient, quantized_store
+from vramplan.memory.phases import last_layer_adapter, prepare, step_context, step_model
+from vramplan.memory.quantization import (
+    dequantize_transient_parts,
+    nf4_quantize_temporaries,
+    quantize_transient,
+    quantized_store,
+)
 from vramplan.memory.storage import MiB, Phase, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.model_spec import LayerSpec, ModelSpec
@@ -166,34 +171,42 @@ class Ledger:
         )
 
 
-def layer_components(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool) -> list[int]:
+def layer_components(
+    spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool
+) -> tuple[list[int], tuple[int, ...]]:
     """Per token, what one decoder layer saves, by component in forward order: the input
-    norm, the attention's input Linears, q/k norms, attention, o_proj, the other norms, the
-    MLP. The terms of layer.layer_saved_per_token, read one by one (its sum is theirs)."""
+    norm, the attention's input Linears, q/k norms, attention's tensors, o_proj, the other
+    norms, the MLP's tensors (down's last); and where the norms' terms are in that list. The
+    terms of layer.layer_saved_per_token, read one by one (its sum is theirs)."""
     ctx = activation_context(setup)
     n_norms = max(spec.norms_per_layer, 1)
-    return [
+    attention = attention_saved_parts(spec, layer, ctx, setup.seq_len)
+    parts = [
         norm_saved(spec, ctx, input_grad),
         linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),
         sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
-        attention_saved(spec, layer, ctx, setup.seq_len),
+        *attention,
         linears_saved(
             layer.linears_with(LinearRole.O), spec.q_dim, ctx, True, input_shared=spec.attn_implementation == "sdpa"
         ),
         norm_saved(spec, ctx, True) * (n_norms - 1),
-        mlp_saved(spec, layer, ctx, True),
+        *mlp_saved_parts(spec, layer, ctx, True),
     ]
+    # the input norm, the q/k norms, the other norms
+    return parts, (0, 2, 4 + len(attention))
 
 
 def layer_blocks(tokens: int, this: int, down: int, parts: list[int]) -> list[int]:
     """Block sizes of one layer's saved tensors (`this` bytes in all, of which `down` is
-    down's input, saved last): each component rounded, the MLP's block taking what is left
-    so the blocks sum to `this` exactly; two blocks (rest, down) where rounding leaves none."""
+    down's input, the last part, saved last): each part rounded, the MLP's last block before
+    down's taking what is left so the blocks sum to `this` exactly; two blocks (rest, down)
+    where rounding leaves none."""
     blocks = [alloc(tokens * x) for x in parts[:-1]]
-    mlp_rest = this - down - sum(blocks)
-    if mlp_rest < 0:
+    rest = this - down - sum(blocks)
+    if not blocks or blocks[-1] + rest <= 0:
         return [this - down, down]
-    return [*blocks, mlp_rest, down]
+    blocks[-1] += rest
+    return [*blocks, down]
 
 
 # The order the phases happen in one step (step_model lists them by kind, not by time).
@@ -242,8 +255,8 @@ class _Builder:
     # activation offload: saved tensors copied to the host that the forward still holds on the GPU
     stash: dict[int, list[int | None]] = field(default_factory=dict)
     buffers_made: bool = False  # Unsloth's GPU reload buffers, made in step 0 and kept
-    _down: dict[ShapeKey, int] = field(default_factory=dict)
-    _parts: dict[tuple[ShapeKey, bool], list[int]] = field(default_factory=dict)
+    _points: dict[ShapeKey, LayerPoints] = field(default_factory=dict)
+    _parts: dict[tuple[ShapeKey, bool], tuple[list[int], tuple[int, ...]]] = field(default_factory=dict)
 
     def saved_blocks(self, i: int) -> list[int]:
         """Layer i's saved tensors as blocks in forward order, down's input last."""
@@ -253,7 +266,10 @@ class _Builder:
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
         blocks = layer_blocks(
-            ctx.tokens, alloc(ctx.tokens * ctx.per_layer[i]), alloc(ctx.tokens * self.down_saved(i)), self._parts[key]
+            ctx.tokens,
+            alloc(ctx.tokens * ctx.per_layer[i]),
+            alloc(ctx.tokens * self.down_saved(i)),
+            self._parts[key][0],
         )
         # autocast's saved copies of frozen weights (autocast.frozen_casts): down's with down's input
         down, rest = ctx.down_casts[i], ctx.casts[i] - ctx.down_casts[i]
@@ -265,24 +281,29 @@ class _Builder:
         forward order, down's input last."""
         ctx = self.ctx
         self.saved_blocks(i)  # fills the layer's components
-        parts = list(self._parts[(shape_key(ctx.spec.layers[i]), i > 0 or _first_grad(ctx))])
+        components, norms = self._parts[(shape_key(ctx.spec.layers[i]), i > 0 or _first_grad(ctx))]
+        parts = list(components)
         if ctx.spec.norm_kind != "layer":
-            for k in _NORM_COMPONENTS:
+            for k in norms:
                 parts[k] = 0
         this = alloc(ctx.tokens * ctx.per_layer[i]) - ctx.layer_gpu[i]
         return layer_blocks(ctx.tokens, this, alloc(ctx.tokens * self.down_saved(i)), parts)
 
     def down_saved(self, i: int) -> int:
         """Per token, what layer i's down projection saves (layer.LayerPoints.down_saved)."""
+        return self.points(i).down_saved
+
+    def points(self, i: int) -> LayerPoints:
+        """Layer i's backward moments per token (layer.layer_points), once per shape."""
         layer = self.ctx.spec.layers[i]
         key = shape_key(layer)
-        if key not in self._down:
-            self._down[key] = layer_points(self.ctx.spec, layer, self.ctx.setup).down_saved
-        return self._down[key]
+        if key not in self._points:
+            self._points[key] = layer_points(self.ctx.spec, layer, self.ctx.setup)
+        return self._points[key]
 
     def at(self, phase: Phase) -> None:
         """The phase's moment: balance blocks in, the moment recorded, balance blocks out."""
-        split = {C.FSDP_BUFFERS: self._fsdp_split(), C.TRANSIENT: self._transient_split(phase.kind)}
+        split = {C.FSDP_BUFFERS: self._fsdp_split(), C.TRANSIENT: self._transient_split(phase)}
         # the all-gathered units: blocks of FSDP1's unshard stream (fsdp.gathered_stream)
         stream = {C.FSDP_BUFFERS: gathered_stream(self.ctx.setup)}
         balance = self.ledger.settle(phase.parts, split, self.skip, stream)
@@ -296,9 +317,18 @@ class _Builder:
             for ph in self.by_kind.get(kind, []):
                 self.at(ph)
 
-    def _transient_split(self, kind: PhaseKind) -> list[int]:
+    def _transient_split(self, phase: Phase) -> list[int]:
         """A phase's transient as the tensors its rule counts, where the rule names them."""
-        setup, n, v = self.ctx.setup, self.ctx.tokens, self.ctx.spec.vocab
+        setup, n, v, kind = self.ctx.setup, self.ctx.tokens, self.ctx.spec.vocab, phase.kind
+        if kind is PhaseKind.LAYER_BACKWARD and phase.layer is not None:
+            return self._layer_split(phase.layer, phase.point)
+        if kind is PhaseKind.FORWARD_CHECKPOINTED_LAYER:
+            # the checkpointed forward's working set (checkpointing.checkpointed_forward)
+            return [alloc(n * x) for x in self.points(len(self.ctx.spec.layers) - 1).ckpt_fwd_parts]
+        if kind is PhaseKind.FORWARD_LAST_LAYER:
+            # the forward's locals, then the adapter's path (phases.last_layer_adapter)
+            parts = last_layer_adapter(self.ctx, self.points(len(self.ctx.spec.layers) - 1))[2]
+            return [alloc(n * x) for x in (*forward_locals_parts(self.ctx.spec.hidden, self.ctx.stream), *parts)]
         if kind is PhaseKind.OPTIMIZER_STEP and setup.optim == Optim.ADAMW_TORCH:
             # foreach AdamW: one temporary per parameter of the group (optimizers.optimizer_transient)
             return [alloc(grad_bytes(p, setup) * _held(p, self.ctx)) for p in self.ctx.params if p.trainable]
@@ -308,6 +338,35 @@ class _Builder:
             return logits + [alloc(4 * n * v)] * (2 if kind is PhaseKind.FORWARD_LOSS else 3)
         return []
 
+    def _layer_split(self, i: int, point: LayerPoint | None) -> list[int]:
+        """The tensors in flight at one of layer i's backward moments, oldest first (the
+        dequantized weight last)."""
+        pts, quant = self.points(i), self.ctx.setup.quant
+        out = [alloc(self.ctx.tokens * x) for x in self._layer_point_parts(i, point)]
+        if point == LayerPoint.DEQUANTIZE and quant is not None:
+            out += dequantize_transient_parts(pts.quant_numel, quant)
+        return out
+
+    def _layer_point_parts(self, i: int, point: LayerPoint | None) -> list[int]:
+        """Per token, the tensors in flight at one of layer i's backward moments, oldest first
+        (backward._extra_moments, _core_moments, _offload_moment)."""
+        ctx, pts = self.ctx, self.points(i)
+        out = [ctx.stream * ctx.spec.hidden] if ctx.reentrant and point not in RECOMPUTE_POINTS else []
+        inflight = (ctx.stream * ctx.spec.hidden,) if ctx.reentrant else pts.lora_inflight_parts
+        if point == LayerPoint.LORA_RECOMPUTE:
+            out += [*inflight, *pts.lora_fwd_parts]
+        elif point == LayerPoint.LORA_RECOMPUTE_DOWN:
+            out += [*inflight, *(pts.lora_down_parts if ctx.reentrant else pts.lora_down_rc_parts)]
+        elif point == LayerPoint.LORA:
+            out += pts.lora_bwd_parts
+        elif point == LayerPoint.DEQUANTIZE:
+            out += pts.quant_bwd_parts
+        elif point == LayerPoint.MLP:
+            out += pts.mlp_grads_parts
+        elif point == LayerPoint.END:
+            out += pts.end_grads_parts
+        return out
+
     def _fsdp_split(self) -> list[int]:
         """FSDP's buffers as its all-gathers: the root unit, then decoder units."""
         units = self.ctx.units
@@ -315,10 +374,6 @@ class _Builder:
             return []
         layer = max((v for k, v in units.items() if k is not None), default=0)
         return [units.get(None, 0), layer, layer]
-
-
-# layer_components' norm terms: the input norm, q/k norms, the other norms
-_NORM_COMPONENTS = (0, 2, 5)
 
 
 def _first_grad(ctx: StepContext) -> bool:

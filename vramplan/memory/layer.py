@@ -66,6 +66,16 @@ class LayerPoints:
     lora_down_rc: int = 0  # the same in the recompute, which stops before down's adapter path
     down_absent: int = 0  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
     ckpt_fwd: int = 0  # checkpointed forward (nothing saved): the MLP's working set at its widest
+    # the tensors of the sums above, oldest first (the allocation events: memory/events.py)
+    lora_fwd_parts: tuple[int, ...] = ()
+    lora_down_parts: tuple[int, ...] = ()
+    lora_down_rc_parts: tuple[int, ...] = ()
+    lora_bwd_parts: tuple[int, ...] = ()
+    lora_inflight_parts: tuple[int, ...] = ()
+    ckpt_fwd_parts: tuple[int, ...] = ()
+    mlp_grads_parts: tuple[int, ...] = ()
+    end_grads_parts: tuple[int, ...] = ()
+    quant_bwd_parts: tuple[int, ...] = ()
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
@@ -79,23 +89,34 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     fwd = lora_forward_points(spec, layer, ctx, f, residual)
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
     deq = dequantize_backward(layer, ctx, residual)
+    ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp))
+    mlp_grads = (residual, *[2 * f] * (3 if gated else 2))
     return LayerPoints(
         down_saved=down_saved,
-        mlp_grads=(3 if gated else 2) * 2 * f + residual,
+        mlp_grads=sum(mlp_grads),
         end_grads=2 * residual,
-        lora_fwd=fwd.widest,
-        lora_down=fwd.down,
-        lora_down_rc=fwd.down_rc,
-        lora_bwd=lora_bwd,
+        lora_fwd=sum(fwd.widest),
+        lora_down=sum(fwd.down),
+        lora_down_rc=sum(fwd.down_rc),
+        lora_bwd=sum(lora_bwd),
         down_absent=fwd.down_absent,
-        lora_inflight=lora_inflight,
+        lora_inflight=sum(lora_inflight),
         quant_numel=deq.numel,
-        quant_bwd=deq.grads,
+        quant_bwd=sum(deq.grads),
+        quant_bwd_parts=deq.grads,
         quant_freed=deq.freed,
         hook_grads=residual + 2 * f + 2 * h,
         recompute_absent=fwd.recompute_absent,
         moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
-        ckpt_fwd=checkpointed_forward(spec, layer, ctx, f, gated, residual, fwd.ckpt_mlp),
+        ckpt_fwd=sum(ckpt_fwd),
+        lora_fwd_parts=fwd.widest,
+        lora_down_parts=fwd.down,
+        lora_down_rc_parts=fwd.down_rc,
+        lora_bwd_parts=lora_bwd,
+        lora_inflight_parts=lora_inflight,
+        ckpt_fwd_parts=tuple(ckpt_fwd),
+        mlp_grads_parts=mlp_grads,
+        end_grads_parts=(residual, residual),
     )
 
 
@@ -122,7 +143,12 @@ def shape_key(layer: LayerSpec) -> ShapeKey:
 
 
 def forward_locals(h: int, stream: int) -> int:
-    """Per token, what a model's forward holds that no node saved: the embedding output (held
-    until the model's forward returns) and the current block's input, unless x.to(fp32)
+    """Per token, what a model's forward holds that no node saved (forward_locals_parts summed)."""
+    return sum(forward_locals_parts(h, stream))
+
+
+def forward_locals_parts(h: int, stream: int) -> list[int]:
+    """Per token, the tensors a model's forward holds that no node saved: the embedding output
+    (held until the model's forward returns) and the current block's input, unless x.to(fp32)
     made the saved copy of it a no-op (an fp32 stream under autocast). [CPU trace]"""
-    return stream * h + (0 if stream == 4 else stream * h)
+    return [stream * h] + ([] if stream == 4 else [stream * h])

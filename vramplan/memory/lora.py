@@ -102,6 +102,13 @@ def lora_forward_per_out(ctx: ActivationContext) -> int:
     return 4 if ctx.adapters_bf16 else 12
 
 
+def lora_output_parts(ctx: ActivationContext, out: int) -> list[int]:
+    """lora_forward_per_out's tensors for `out` output features, oldest first: fp32 adapters
+    the scaled B output, the up-cast result and their sum; bf16 the scaled output and the sum."""
+    n = 2 if ctx.adapters_bf16 else 3
+    return [lora_forward_per_out(ctx) * out // n] * n
+
+
 def lora_grad_width(ctx: ActivationContext) -> int:
     """Bytes per element of the grads through the adapter path (its compute dtype)."""
     return 2 if ctx.adapters_bf16 else 4
@@ -118,39 +125,38 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
 class LoraForwardPoints:
     """Per-token bytes of one decoder layer's forward at its adapters."""
 
-    widest: int  # widest adapted Linear before down: its adapter path + the layer's unsaved locals
-    down: int  # down's adapter forward, the whole layer saved by then
-    down_rc: int  # the same in the recompute, which stops before down's adapter path
+    widest: tuple[int, ...]  # widest adapted Linear before down: the layer's unsaved locals + its adapter path
+    down: tuple[int, ...]  # down's adapter forward, the whole layer saved by then
+    down_rc: tuple[int, ...]  # the same in the recompute, which stops before down's adapter path
     recompute_absent: int  # saved tensors the recompute has not made yet at the widest adapter
     down_absent: int  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
-    ckpt_mlp: int  # a forward that saves nothing, at an adapted MLP Linear (0: none)
+    ckpt_mlp: tuple[int, ...]  # a forward that saves nothing, at an adapted MLP Linear (empty: none)
     post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
 
 
-def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int) -> int:
-    """Per token, an adapted Linear's forward before down: peft's output terms, the norm's
-    output feeding it (norm_out), the copy its adapter reads under dropout, and inside the
-    MLP the residual stream after attention."""
-    return (
-        lora_forward_per_out(ctx) * lin.out_features
-        + norm_out
-        + lora_copy_local(lin.in_features, ctx)
-        + (residual if lin.role in MLP_ROLES else 0)
-    )
+def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int) -> list[int]:
+    """Per token, the tensors of an adapted Linear's forward before down, oldest first: inside
+    the MLP the residual stream after attention, the norm's output feeding it (norm_out), the
+    copy its adapter reads under dropout, and peft's output terms."""
+    return [
+        residual if lin.role in MLP_ROLES else 0,
+        norm_out,
+        lora_copy_local(lin.in_features, ctx),
+        *lora_output_parts(ctx, lin.out_features),
+    ]
 
 
 def lora_forward_points(
     spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int
 ) -> LoraForwardPoints:
     """The layer's forward at its widest adapter and at down's. [CPU trace, dropout as CUDA holds it]"""
-    per_out = lora_forward_per_out(ctx)
     adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
     widest = max(
         (l for l in adapted if l.role not in MLP_OUT_ROLES),
-        key=lambda l: _forward_locals_at(l, ctx, norm_out, residual),
+        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual)),
         default=None,
     )
     # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
@@ -158,13 +164,12 @@ def lora_forward_points(
     # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
     # tensor the layer saves: only the base's bf16 result exists there, not the adapter path
     dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
-    down = down_rc = 0
+    down: list[int] = []
+    down_rc: list[int] = []
     if dn is not None:
         # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = (
-            (0 if saved_norm_out else 2 * dn.in_features) + lora_copy_local(dn.in_features, ctx) + norm_out + residual
-        )
-        down, down_rc = per_out * dn.out_features + common, 2 * dn.out_features + common
+        common = [residual, norm_out, 0 if saved_norm_out else 2 * dn.in_features, lora_copy_local(dn.in_features, ctx)]
+        down, down_rc = common + lora_output_parts(ctx, dn.out_features), [*common, 2 * dn.out_features]
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
@@ -176,21 +181,21 @@ def lora_forward_points(
     # a forward that saves nothing (checkpointing) holds the norm's output and the adapter's
     # input copy as locals (dropout's output and mask are freed once lora_A ran)
     ckpt_mlp = (
-        (
-            per_out * widest.out_features
-            + (2 if layer.pre_norm else 1) * residual
-            + lora_input_copy(widest.in_features, ctx)
-        )
+        [
+            *[residual] * (2 if layer.pre_norm else 1),
+            lora_input_copy(widest.in_features, ctx),
+            *lora_output_parts(ctx, widest.out_features),
+        ]
         if widest is not None and in_mlp
-        else 0
+        else []
     )
     return LoraForwardPoints(
-        widest=_forward_locals_at(widest, ctx, norm_out, residual) if widest else 0,
-        down=down,
-        down_rc=down_rc,
+        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual)) if widest else (),
+        down=tuple(down),
+        down_rc=tuple(down_rc),
         recompute_absent=absent,
-        down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and down else 0,
-        ckpt_mlp=ckpt_mlp,
+        down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and dn is not None else 0,
+        ckpt_mlp=tuple(ckpt_mlp),
         post_mlp_norm=post_mlp_norm,
     )
 
@@ -203,17 +208,17 @@ def first_in_backward(linears: list[Linear]) -> Linear | None:
 
 def lora_backward_points(
     spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, residual: int, post_mlp_norm: bool
-) -> tuple[int, int]:
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(first adapter reached in backward: lora_A's input grad in the adapter dtype + the
     output grad; grads alive when checkpointing recomputes the layer: output grad + that
     first adapter's output grad, as recompute starts inside its backward)."""
     first = first_in_backward([l for l in layer.linears if lora_targeted(l, ctx.setup)])
+    norm_grads = (residual, 4 * spec.hidden)  # a post-MLP norm: the layer's output grad and its fp32 output grad
     if first is None:
-        return 0, residual + 4 * spec.hidden if post_mlp_norm else 0
+        return (), norm_grads if post_mlp_norm else ()
     width = lora_grad_width(ctx)
     # fp32 adapters: peft's `result + lora_out` promotes to fp32, so its backward also hands
     # the base branch a bf16 copy of the output grad
-    inflight = (width + (0 if ctx.adapters_bf16 else 2)) * first.out_features + residual
-    if post_mlp_norm:  # the layer's output grad and that norm's fp32 output grad
-        inflight = residual + 4 * spec.hidden
-    return width * first.in_features + residual, inflight
+    copy = 0 if ctx.adapters_bf16 else 2 * first.out_features
+    inflight = norm_grads if post_mlp_norm else (residual, width * first.out_features, copy)
+    return (residual, width * first.in_features), inflight

@@ -16,21 +16,25 @@ from vramplan.model_spec import LayerSpec, ModelSpec
 
 
 def mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
-    """Gated MLP: act saves its input gate (a view keeps a fused gate_up alive), the mul
-    saves act(gate) and up, down_proj saves act*up only when its base needs it. [cal]"""
+    """Per token, what the MLP saves (mlp_saved_parts summed)."""
+    return sum(mlp_saved_parts(spec, layer, ctx, input_grad))
+
+
+def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> list[int]:
+    """Per token, what the MLP saves, in forward order, down's saves last. Gated MLP: act
+    saves its input gate (a view keeps a fused gate_up alive), the mul saves act(gate) and
+    up, down_proj saves act*up only when its base needs it. [cal] MoE: one block (moe_saved)."""
     h = spec.hidden
     if layer.experts:
-        return moe_saved(spec, layer, ctx, input_grad)
+        return [moe_saved(spec, layer, ctx, input_grad), 0]
     ins = layer.linears_with(*MLP_IN_ROLES)
     downs = layer.linears_with(*MLP_OUT_ROLES)
     if not ins or not downs:
-        return 0
+        return [0]
     f = downs[0].in_features
-    saved = linears_saved(ins, h, ctx, input_grad)
     gated = any(l.role in GATED_ROLES for l in ins)
-    saved += (6 * f) if gated else (2 * f)  # gated: gate, act(gate), up; plain: fc1 out
-    saved += linears_saved(downs, f, ctx, True)
-    return saved
+    inner = [2 * f] * 3 if gated else [2 * f]  # gated: gate, act(gate), up; plain: fc1 out
+    return [linears_saved(ins, h, ctx, input_grad), *inner, linears_saved(downs, f, ctx, True)]
 
 
 def moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
@@ -60,17 +64,32 @@ def mlp_width(layer: LayerSpec, h: int) -> int:
 
 
 def ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: int) -> int:
-    """Per token, a checkpointed layer's forward at the MLP: the residual stream after
-    attention and the MLP's input, then act(gate), up and their product (a fused gate_up,
-    and MoE experts, keep the whole fused output behind the views; MoE also the gathered
-    expert inputs; a plain MLP: fc1's output and its activation); with an adapted gate/up,
-    that adapter's path on top of act(gate) and the up projection's base output. [CPU trace]"""
+    """Per token, a checkpointed layer's forward at the MLP (ckpt_forward_parts summed)."""
+    return sum(ckpt_forward_parts(spec, layer, f, gated, residual, [lora_mlp] if lora_mlp else []))
+
+
+def ckpt_forward_parts(
+    spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: list[int]
+) -> list[int]:
+    """Per token, the tensors of a checkpointed layer's forward at the MLP, oldest first: the
+    residual stream after attention and the MLP's input, then act(gate), up and their product
+    (a fused gate_up, and MoE experts, keep the whole fused output behind the views; MoE also
+    the gathered expert inputs; a plain MLP: fc1's output and its activation); with an
+    adapted gate/up (`lora_mlp`: that adapter's tensors, lora.LoraForwardPoints.ckpt_mlp_parts),
+    that adapter's path on top of act(gate) and the up projection's base output, where wider.
+    [CPU trace]"""
     fused = bool(layer.linears_with(LinearRole.GATE_UP)) or bool(layer.experts)
     # the MLP's input is the norm's output, or (post-norm) the residual stream itself
-    mlp = (8 * f if fused else 6 * f if gated else 4 * f) + (2 if layer.pre_norm else 1) * residual
+    stream = [residual] * (2 if layer.pre_norm else 1)
+    inner = [4 * f, 2 * f, 2 * f] if fused else [2 * f] * 3 if gated else [2 * f, 2 * f]
+    mlp = stream + inner
     if layer.experts:
-        mlp += 2 * layer.experts.top_k * spec.hidden
-    return max(mlp, (4 * f if gated else 2 * f) + lora_mlp) if lora_mlp else mlp
+        mlp.append(2 * layer.experts.top_k * spec.hidden)
+    if not lora_mlp:
+        return mlp
+    adapter = [2 * f, 2 * f] if gated else [2 * f]
+    adapter += lora_mlp
+    return adapter if sum(adapter) > sum(mlp) else mlp
 
 
 def moe_forward_end(spec: ModelSpec, layer: LayerSpec, residual: int, weights_train: bool) -> int:

@@ -26,7 +26,7 @@ from vramplan.memory.fsdp import (
     gathering,
     layer_forward_gathered,
 )
-from vramplan.memory.layer import forward_locals, layer_points
+from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
 from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
@@ -170,20 +170,27 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     elif not pts.lora_fwd and not pts.lora_down:
         return []
     else:
-        # at the widest adapter before down (down's saved input and weight copy not made yet) or at down's
-        live, transient = max(
-            (
-                (before - alloc(n * pts.down_saved) - ctx.down_casts[-1], alloc(n * pts.lora_fwd)),
-                (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down)),
-            ),
-            key=lambda lt: lt[0] + lt[1] if lt[1] else -1,
-        )
+        live, transient, _ = last_layer_adapter(ctx, pts)
         locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
     if ctx.sharded:
         ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph]
+
+
+def last_layer_adapter(ctx: StepContext, pts: LayerPoints) -> tuple[int, int, tuple[int, ...]]:
+    """The last layer's forward without checkpointing at its widest adapter before down
+    (down's saved input and autocast's weight copy not made yet) or at down's: (saved bytes
+    live, the adapter's transient, its tensors per token)."""
+    n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
+    return max(
+        (
+            (before - alloc(n * pts.down_saved) - ctx.down_casts[-1], alloc(n * pts.lora_fwd), pts.lora_fwd_parts),
+            (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down), pts.lora_down_parts),
+        ),
+        key=lambda lt: lt[0] + lt[1] if lt[1] else -1,
+    )
 
 
 def dora_phase(ctx: StepContext) -> list[Phase]:

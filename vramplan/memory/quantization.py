@@ -51,9 +51,15 @@ def dequantize_transient(n: int, quant: Quant) -> int:
     weight plus the nested absmax dequantized to fp32. hqq (PyTorch backend,
     Quantizer.dequantize): unpacked into the compute dtype, minus zero, times scale: three
     bf16 copies alive at once. [CPU trace: 2.11 and 6.02 bytes per element]"""
+    return sum(dequantize_transient_parts(n, quant))
+
+
+def dequantize_transient_parts(n: int, quant: Quant) -> list[int]:
+    """dequantize_transient's tensors: bitsandbytes the bf16 weight and the fp32 absmax, hqq
+    its three bf16 copies."""
     if quant == Quant.NF4:
-        return alloc(2 * n) + alloc(n // 8)
-    return 3 * alloc(2 * n)
+        return [alloc(2 * n), alloc(n // 8)]
+    return [alloc(2 * n)] * 3
 
 
 def nf4_quantize_temporaries(n: int) -> tuple[int, int, int]:
@@ -111,19 +117,19 @@ class DequantizeBackward:
     make its input grad (bnb MatMul4Bit.backward, hqq HQQMatmulNoCacheMul.backward)."""
 
     numel: int  # its weight elements (0: not QLoRA)
-    grads: int  # per token: its input grad (bf16) while the output grad and its adapter's input grad live
+    grads: tuple[int, ...]  # per token: the output grad, its adapter's input grad, its own input grad (bf16)
     freed: int  # per token: what its adapter saved, freed by then (peft's adapter branch runs first)
 
 
 def dequantize_backward(layer: LayerSpec, ctx: ActivationContext, residual: int) -> DequantizeBackward:
     if ctx.quant is None:
-        return DequantizeBackward(0, 0, 0)
+        return DequantizeBackward(0, (), 0)
     lin = first_in_backward(layer.linears)
     if lin is None:
-        return DequantizeBackward(0, 0, 0)
+        return DequantizeBackward(0, (), 0)
     # autograd runs the adapter branch (created after the base's node) first: its input
     # grad is back in bf16 and what it saved is freed when the base dequantizes
     adapted = lora_targeted(lin, ctx.setup)
-    grads = residual + (2 if adapted else 1) * 2 * lin.in_features
+    grads = (residual, *[2 * lin.in_features] * (2 if adapted else 1))
     freed = lora_saved(lin.in_features, ctx, True, x_saved=ctx.quant == ParamKind.HQQ4) if adapted else 0
     return DequantizeBackward(lin.numel, grads, freed)
