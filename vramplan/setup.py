@@ -904,6 +904,8 @@ class TrainingSetup(BaseModel):
         ]
         if self.lora_like and self.adapter_dtype is not None:
             words.append(f"adapters={self.adapter_dtype.value}")
+        if self.quant == Quant.NF4 and self.quant_storage is not None:
+            words.append(f"storage={self.quant_storage.value}")
         if self.lora_like and self.lora_target_modules:
             words.append("targets=" + ",".join(self.lora_target_modules))
         if self.lora_like and self.stack != Stack.PLAIN:
