@@ -44,9 +44,42 @@ def compiled_chunked_loss(
     return forward, backward
 
 
+def chunked_compiled(setup: TrainingSetup) -> bool:
+    """Whether the chunked loss runs compiled: under --compile (torchtune's compile_loss), and
+    always on axolotl, whose patch compiles compute_cross_entropy whatever its torch_compile
+    says (axolotl==0.19.0 axolotl/monkeypatch/loss/chunked.py:74-79 _build_chunked_ce_loss_fn:
+    torch.compile(loss_fn_ce.compute_cross_entropy, backend="inductor"))."""
+    return setup.loss == Loss.CHUNKED and (setup.compile or setup.stack == Stack.AXOLOTL)
+
+
+def axolotl_chunked_loss(tokens: int, logits: int, tanh: int, batch_size: int) -> tuple[int, int]:
+    """(forward, backward) bytes of axolotl's chunked cross-entropy (axolotl==0.19.0
+    axolotl/monkeypatch/loss/chunked.py:93-96, 101-122, patched over transformers'
+    ForCausalLMLoss by patch_chunked_ce_loss_fn, :127-134): the HF model makes the full logits
+    (`logits`, the bf16 [N, V] tensor, `tanh` a softcap's saved output on top), the loss splits
+    them with `source.chunk(8, dim=1)` and reshapes each chunk to rows (:60-62) before the
+    compiled per-chunk cross-entropy, which saves its input (as torchtune's compiled loss).
+    Traced (cases axolotl-chunked-* of tests/data/cpu/trace.jsonl): with batch > 1 a chunk of
+    the sequence is not contiguous, so the reshape copies it: 8 copies, the logits again, saved
+    while the logits die after forward; with batch 1 the chunks are views, the logits stay
+    alive until the last chunk's backward. Backward: the 8 compiled backwards leave 8 chunk
+    grads (the logits' bytes), then SplitBackward cats them into one [N, V] grad for lm_head:
+    2 logits at its widest, either way; lm_head gets one grad (no summed chunk grads)."""
+    copies = logits if batch_size > 1 else 0
+    forward = tanh + logits + copies + SAVED_ROW_BYTES * tokens
+    backward = tanh + 2 * logits
+    return forward, backward
+
+
 def compile_notes(setup: TrainingSetup) -> list[str]:
     """What --compile changes in this estimate and what it leaves eager; without it, on the
     torchtune stack with its chunked loss, that torchtune's own published figures are compiled."""
+    if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
+        notes = [
+            "--loss chunked on axolotl: its patch chunks the model's full logits and always compiles the "
+            "per-chunk cross-entropy (axolotl==0.19.0 monkeypatch/loss/chunked.py; CPU trace of axolotl's loss)"
+        ]
+        return notes + (_compiled_layers_note(setup) if setup.compile else [])
     if not setup.compile:
         if setup.stack == Stack.TORCHTUNE and setup.loss == Loss.CHUNKED:
             return [
@@ -54,6 +87,10 @@ def compile_notes(setup: TrainingSetup) -> list[str]:
                 "was measured with torch.compile on: add --compile (compile: True) to compare with it"
             ]
         return []
+    return _compiled_layers_note(setup)
+
+
+def _compiled_layers_note(setup: TrainingSetup) -> list[str]:
     loss = (
         "the chunked loss compiled as torchtune's compile_loss (CPU trace of torchtune's loss)"
         if setup.loss == Loss.CHUNKED

@@ -14,13 +14,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory.compile import compile_notes, compiled_chunked_loss
+from vramplan.memory.compile import axolotl_chunked_loss, chunked_compiled, compile_notes, compiled_chunked_loss
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Loss, Method, ModelDtype, Precision, TrainingSetup
+from vramplan.setup import Loss, Method, ModelDtype, Precision, Stack, TrainingSetup
 
 # Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
 INPUT_BYTES_PER_TOKEN = 24
@@ -128,13 +128,18 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     upcast and log-softmaxed in turn, every chunk's fp32 log-softmax saved. The recipe
     drops the logits before backward (recipes/lora_finetune_single_device.py `del logits`);
     backward walks the chunks last to first, each freeing its log-softmax. Compiled
-    (--compile, torchtune's compile_loss): memory/compile.py."""
+    (--compile, torchtune's compile_loss) and axolotl's patch of it (always compiled, over
+    the model's full logits): memory/compile.py."""
     v = spec.vocab
     chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
     saved = 4 * setup.tokens * v  # every chunk's log-softmax
     tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
+    if setup.stack == Stack.AXOLOTL:
+        plain = _compute_bytes(setup) * setup.tokens * v
+        fwd, bwd = axolotl_chunked_loss(setup.tokens, plain, tanh, setup.batch_size)
+        return LossTerms(forward=fwd, backward=bwd)
     head = _chunked_head_grad(spec, setup, chunk)
-    if setup.compile:
+    if chunked_compiled(setup):
         fwd, bwd = compiled_chunked_loss(setup.tokens, v, chunk, _logits(spec, setup), _compute_bytes(setup), tanh)
         return LossTerms(forward=fwd, backward=max(bwd, head))
     return LossTerms(
@@ -270,7 +275,10 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     if setup.loss in FUSED:
         return terms
     n, v = setup.tokens, spec.vocab
-    forward = max(terms.forward, _logits(spec, setup) + 8 * n * v) if setup.fp32_outputs else terms.forward
+    # A compiled chunked loss holds no fp32 log-softmax: what it holds at its forward's end
+    # (the logits, its saved chunks) and the fp32 copy (case axolotl-chunked-*).
+    moment = terms.forward + 4 * n * v if chunked_compiled(setup) else _logits(spec, setup) + 8 * n * v
+    forward = max(terms.forward, moment) if setup.fp32_outputs else terms.forward
     kept = (4 if setup.fp32_outputs else _compute_bytes(setup)) * n * v if setup.keep_logits else 0
     return LossTerms(forward=forward, backward=terms.backward, kept=kept)
 

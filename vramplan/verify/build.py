@@ -99,7 +99,7 @@ class Built:
 
         import torch
 
-        from vramplan.verify.losses import LOSS_STEPS
+        from vramplan.verify.losses import loss_step
 
         autocast = (
             torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
@@ -107,7 +107,7 @@ class Built:
             else contextlib.nullcontext()
         )
         with autocast:
-            loss, out = LOSS_STEPS[self.setup.loss](self, ids)
+            loss, out = loss_step(self.setup)(self, ids)
         if self.setup.keep_logits:
             self.kept = out
         return self.scaler.scale(loss) if self.scaler is not None else loss

@@ -95,6 +95,46 @@ def torchtune_step(built, ids):
     return _fp32_outputs(forward, built)(ids)
 
 
+def axolotl_chunked_module():
+    """axolotl's chunked cross-entropy patch, loaded from its file: the package's __init__
+    pulls in axolotl's whole dependency set, the patch only torch (axolotl==0.19.0
+    axolotl/monkeypatch/loss/chunked.py). find_spec only locates the package: an installed
+    axolotl, or its source on PYTHONPATH."""
+    found = importlib.util.find_spec("axolotl")
+    if found is None or found.origin is None:
+        raise VramplanError("needs the 'axolotl' package (pip install axolotl==0.19.0 --no-deps)", "--loss chunked")
+    path = Path(found.origin).parent / "monkeypatch" / "loss" / "chunked.py"
+    spec = importlib.util.spec_from_file_location("_vramplan_axolotl_chunked", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def axolotl_chunked_step(built, ids):
+    """axolotl's `chunked_cross_entropy: true` (loaders/patch_manager.py:408-415):
+    patch_chunked_ce_loss_fn(8) puts get_causal_lm_loss(8)'s function in transformers'
+    LOSS_MAPPING["ForCausalLM"] (chunked.py:127-134), which the model's loss_function reads;
+    here the same function is set on the model alone, so no other step sees it. The model
+    makes the full logits; the loss chunks them (views) and runs a torch.compile'd
+    compute_cross_entropy per chunk (chunked.py:74-79, whatever axolotl's torch_compile)."""
+    if built.loss_fn is None:
+        built.loss_fn = axolotl_chunked_module().get_causal_lm_loss(8, IGNORE_INDEX)
+    base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
+    base.loss_function = built.loss_fn
+    out = _fp32_outputs(built.model, built)(input_ids=ids, labels=ids, **built.inputs(ids))
+    return out.loss, out
+
+
+def loss_step(setup) -> Callable:
+    """The step's loss as its stack runs it: --loss chunked is axolotl's patch on axolotl."""
+    from vramplan.setup import Stack
+
+    if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
+        return axolotl_chunked_step
+    return LOSS_STEPS[setup.loss]
+
+
 def add_trl_head(model) -> None:
     """trl==1.16.0 SFTTrainer.__init__ (sft_trainer.py:1144-1147) patches every model with its
     fused, chunked LM head before wrapping it with peft."""
