@@ -115,7 +115,7 @@ def unsloth_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) ->
     """LoRA_MLP, the widest Function of a Llama layer (backward: fast_lora.py:458-600):
     - DW = matmul_lora(dY, downW, ...): a new [N, f] in dY's dtype (bf16; the dequantized
       downW sits in the global scratch buffer, utils.py:777-801); swiglu_DWf_DW_dfg_kernel
-      writes h, df, de into DW, e, g in place (:524-525); the LoRA grads are [r x in] only;
+      writes h, df, de into DW, e, g in place (:522-523); the LoRA grads are [r x in] only;
       dX = matmul(df, upW.t(), out=X) overwrites the saved X (:565, ctx.inplace), up's and
       gate's weights dequantized one at a time into fresh tensors (:563, :569).
       Widest: the saved X, e, g + dY (the layer's output grad) + DW + one dequantized weight.
