@@ -472,6 +472,23 @@ CASES = [
         loss="unsloth",
         seconds=90,
     ),
+    # Unsloth's fused LoRA layers (memory/unsloth.py: LoRA_QKV, LoRA_W, LoRA_MLP, Triton RMSNorm),
+    # modelled from source, never measured; the published check is Unsloth's README context table
+    # (tests/data/published/unsloth_context.jsonl). Not runnable yet: verify builds transformers +
+    # peft layers and refuses Unsloth's checkpoint offload (verify/build.py build_step); `--dry-run`
+    # prints the estimate, and a runner through FastLanguageModel (unsloth==2026.10.9) would measure it
+    case(
+        "l8b_qlora32_ckpt_b1s16384_unsloth_layers",
+        L8B,
+        method="qlora",
+        lora_r=32,
+        lora_targets="all-linear",
+        stack="unsloth",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=16384,
+        seconds=120,
+    ),
     # traced on the CPU (group "loss"); on CUDA TRL's Triton folds and the CUDA log-softmax run
     case(
         "l8b_lora16_ckpt_b1s4096_trl",

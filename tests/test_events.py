@@ -97,6 +97,8 @@ OFFLOAD_SETUPS = [
     {"method": "qlora", "quant": "hqq4", "activation_offload": "all"},
     {"method": "qlora", "quant": "nf4", "gradient_checkpointing": True, "activation_offload": "unsloth"},
     {"method": "full", "precision": "mixed", "gradient_checkpointing": True, "activation_offload": "unsloth"},
+    # Unsloth's fused layers, their input norm saving the reloaded input itself (memory/unsloth.py)
+    {"method": "qlora", "stack": "unsloth", "activation_offload": "unsloth"},
 ]
 
 
@@ -389,6 +391,9 @@ KNOB_SETUPS = [
     {"method": "qlora", "fsdp": 2, "stack": "hf-trainer", "gradient_checkpointing": True},
     {"method": "full", "deepspeed": "zero2", "offload_optimizer": True},
     {"method": "full", "deepspeed": "zero3", "data_parallel": 2},
+    # Unsloth's fused LoRA layers (memory/unsloth.py), checkpointed and not
+    {"method": "qlora", "stack": "unsloth"},
+    {"method": "lora", "stack": "unsloth", "gradient_checkpointing": False, "activation_offload": "none"},
 ]
 
 

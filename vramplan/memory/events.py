@@ -30,7 +30,7 @@ from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
 from vramplan.memory.activations import rope_saved
-from vramplan.memory.attention import attention_saved_parts, step_masks
+from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
 from vramplan.memory.backward import RECOMPUTE_POINTS
 from vramplan.memory.checkpointing import (
     UNSLOTH_RELOAD_BUFFERS,
@@ -63,8 +63,9 @@ from vramplan.memory.quantization import (
 )
 from vramplan.memory.storage import MiB, Phase, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
+from vramplan.memory.unsloth import unsloth_components, unsloth_fused
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Engine, Method, Optim, Stack, TrainingSetup
+from vramplan.setup import Attention, Engine, Method, Optim, Stack, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -181,6 +182,9 @@ def layer_components(
     ctx = activation_context(setup)
     n_norms = max(spec.norms_per_layer, 1)
     attention = attention_saved_parts(spec, layer, ctx, setup.seq_len)
+    if unsloth_fused(spec, layer, setup):
+        o_shared = attention_kind(spec, setup) != Attention.EAGER
+        return unsloth_components(spec, layer, ctx, input_grad, attention, o_shared)
     parts = [
         norm_saved(spec, ctx, input_grad),
         linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),

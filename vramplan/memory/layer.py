@@ -14,6 +14,7 @@ from vramplan.memory.mlp import is_gated, mlp_saved, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import dequantize_backward
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole
+from vramplan.memory.unsloth import unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Attention, TrainingSetup
 
@@ -21,6 +22,10 @@ from vramplan.setup import Attention, TrainingSetup
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
     """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
     ctx = activation_context(setup)
+    if unsloth_fused(spec, layer, setup):
+        attention = [attention_saved(spec, layer, ctx, attention_span(setup))]
+        o_shared = attention_kind(spec, setup) != Attention.EAGER
+        return sum(unsloth_components(spec, layer, ctx, input_grad, attention, o_shared)[0])
     h = spec.hidden
     attn_in = layer.linears_with(*ATTENTION_IN_ROLES)
     n_norms = max(spec.norms_per_layer, 1)
@@ -80,6 +85,8 @@ class LayerPoints:
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
     ctx = activation_context(setup)
+    if unsloth_fused(spec, layer, setup):
+        return unsloth_layer_points(spec, layer, setup)
     h = spec.hidden
     downs = layer.linears_with(*MLP_OUT_ROLES)
     gated = is_gated(layer)
@@ -116,6 +123,35 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         lora_inflight_parts=lora_inflight,
         ckpt_fwd_parts=tuple(ckpt_fwd),
         mlp_grads_parts=mlp_grads,
+        end_grads_parts=(residual, residual),
+    )
+
+
+def unsloth_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
+    """Unsloth's fused layer (memory/unsloth.py) as the moments backward.py replays: the MLP
+    moment is LoRA_MLP's backward with the whole layer saved (down saves nothing apart, so
+    nothing is freed first), the 4-bit moment the same with one dequantized weight, the
+    recompute LoRA_MLP's forward end; no peft adapter moments (LORA, RECOMPUTE_DOWN)."""
+    ctx = activation_context(setup)
+    u = unsloth_points(spec, layer, ctx)
+    residual = ctx.stream * spec.hidden
+    f = mlp_width(layer, spec.hidden)
+    return LayerPoints(
+        down_saved=0,
+        mlp_grads=sum(u.mlp_bwd),
+        end_grads=2 * residual,
+        lora_fwd=sum(u.mlp_fwd),
+        lora_bwd=0,
+        lora_inflight=residual,
+        quant_numel=u.quant_numel,
+        quant_bwd=sum(u.mlp_bwd) if u.quant_numel else 0,
+        quant_bwd_parts=u.mlp_bwd if u.quant_numel else (),
+        hook_grads=residual + 2 * f + 2 * spec.hidden,
+        ckpt_fwd=sum(u.ckpt_fwd),
+        lora_fwd_parts=u.mlp_fwd,
+        lora_inflight_parts=(residual,),
+        ckpt_fwd_parts=u.ckpt_fwd,
+        mlp_grads_parts=u.mlp_bwd,
         end_grads_parts=(residual, residual),
     )
 

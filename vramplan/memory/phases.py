@@ -46,6 +46,7 @@ from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MeasuredPhase, PhaseKind
+from vramplan.memory.unsloth import UNSLOTH_NOTE, unsloth_fused
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Attention, Method, TrainingSetup
 
@@ -239,6 +240,8 @@ def optimizer_phases(ctx: StepContext) -> list[Phase]:
 def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """What the estimate rests on for knobs that run only on CUDA (modelled from source)."""
     notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
+    if any(unsloth_fused(spec, layer, setup) for layer in spec.layers[:1]):
+        notes.append(UNSLOTH_NOTE)
     return notes + offload_note(setup)
 
 
