@@ -50,15 +50,22 @@ def torchtune_loss_class():
     """CEWithChunkedOutputLoss from the installed torchtune, loaded from its file: the
     package's __init__ imports torchao, torchdata and tiktoken, which the loss never uses
     (torchtune==0.6.1 torchtune/__init__.py, modules/loss/ce_chunked_output_loss.py)."""
-    found = importlib.util.find_spec("torchtune")
+    module = _module_file("torchtune", "torchtune==0.6.1", ("modules", "loss", "ce_chunked_output_loss.py"))
+    return module.CEWithChunkedOutputLoss
+
+
+def _module_file(package: str, pin: str, parts: tuple[str, ...]):
+    """One module of an installed package, executed from its file without the package's
+    __init__ (find_spec only locates the package); one line naming the package if absent."""
+    found = importlib.util.find_spec(package)
     if found is None or found.origin is None:
-        raise VramplanError("needs the 'torchtune' package (pip install torchtune==0.6.1 --no-deps)", "--loss chunked")
-    path = Path(found.origin).parent / "modules" / "loss" / "ce_chunked_output_loss.py"
-    spec = importlib.util.spec_from_file_location("_vramplan_torchtune_ce_chunked_output_loss", path)
+        raise VramplanError(f"needs the '{package}' package (pip install {pin} --no-deps)", "--loss chunked")
+    path = Path(found.origin).parent.joinpath(*parts)
+    spec = importlib.util.spec_from_file_location(f"_vramplan_{package}_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CEWithChunkedOutputLoss
+    return module
 
 
 def _compile_loss(loss_fn) -> None:
@@ -100,15 +107,7 @@ def axolotl_chunked_module():
     pulls in axolotl's whole dependency set, the patch only torch (axolotl==0.19.0
     axolotl/monkeypatch/loss/chunked.py). find_spec only locates the package: an installed
     axolotl, or its source on PYTHONPATH."""
-    found = importlib.util.find_spec("axolotl")
-    if found is None or found.origin is None:
-        raise VramplanError("needs the 'axolotl' package (pip install axolotl==0.19.0 --no-deps)", "--loss chunked")
-    path = Path(found.origin).parent / "monkeypatch" / "loss" / "chunked.py"
-    spec = importlib.util.spec_from_file_location("_vramplan_axolotl_chunked", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _module_file("axolotl", "axolotl==0.19.0", ("monkeypatch", "loss", "chunked.py"))
 
 
 def axolotl_chunked_step(built, ids):
