@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_verify_cpu import TINY  # the same tiny Llama as the single-process verify tests
 
 from vramplan.categories import Category as C
 from vramplan.cli import main
@@ -26,18 +27,7 @@ from vramplan.verify.results import Measurement, PhaseSnapshot
 
 TRACE = Path(__file__).resolve().parent / "data" / "cpu" / "trace.jsonl"
 TOL = 0.015  # the CPU-trace tolerance of the committed engine rows (tests/test_cpu_trace.py)
-TINY = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": False,
-}
+
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
