@@ -309,3 +309,11 @@ def test_fsdp1_events_put_gathered_units_and_grad_shards_on_their_streams(spec):
     assert streams[C.ACTIVATIONS] == {0}
     ev2 = step_events(spec, make_setup(fsdp_version=2, **fields))
     assert set(ev2.events.streams.tolist()) == {0}  # FSDP2 and one GPU: one stream, as before
+
+
+def test_accelerate_preparation_is_said_as_modelled_from_source(spec):
+    hf = _est(spec, "2x80GB", method="full", fsdp=2, stack="hf-trainer")
+    line = next(n for n in hf.notes if n.startswith("accelerate's FSDP preparation"))
+    assert "fp32" in line and "modelled from source, not measured" in line and "accelerate==1.16.0" in line
+    plain = _est(spec, "2x80GB", method="full", fsdp=2, precision="mixed", model_dtype="bf16")
+    assert not any(n.startswith("accelerate's FSDP preparation") for n in plain.notes)

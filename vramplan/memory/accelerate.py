@@ -57,3 +57,22 @@ def upcasts_trainable(setup: TrainingSetup) -> bool:
 def reduces_in_bf16(setup: TrainingSetup) -> bool:
     """accelerate's mixed precision policy reduces in the compute dtype (bf16), not fp32."""
     return accelerate_fsdp(setup) and setup.mixed_precision
+
+
+def accelerate_note(setup: TrainingSetup) -> list[str]:
+    """What accelerate's FSDP preparation changed in this estimate, said as modelled from source."""
+    if not accelerate_fsdp(setup):
+        return []
+    done = []
+    if upcasts_trainable(setup):
+        done.append("trainable parameters held in fp32")
+    if reduces_in_bf16(setup):
+        done.append("gradients reduced in bf16")
+    if ignores_4bit(setup):
+        done.append("the uint8 4-bit base left unsharded on every GPU (--quant-storage bf16 shards it)")
+    if not done:
+        return []
+    return [
+        "accelerate's FSDP preparation: " + ", ".join(done) + " (modelled from source, not measured: "
+        "accelerate==1.16.0 utils/fsdp_utils.py:771-806, accelerator.py:1960-2010, utils/dataclasses.py:2009)"
+    ]

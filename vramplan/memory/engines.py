@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from vramplan.categories import Category as C
 from vramplan.memory import ddp, deepspeed
+from vramplan.memory.accelerate import accelerate_note
 from vramplan.memory.context import EngineBuffers, StaticBytes
 from vramplan.memory.parameters import Param
 from vramplan.model_spec import ModelSpec
@@ -43,7 +44,12 @@ def engine_static(
 
 
 def engine_notes(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> list[str]:
-    """One line saying which engine the estimate is for, when it is not one plain GPU."""
+    """The line saying which engine the estimate is for, when it is not one plain GPU, and what
+    accelerate's FSDP preparation changed (memory/accelerate.py)."""
+    return _engine_line(spec, setup, static) + accelerate_note(setup)
+
+
+def _engine_line(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> list[str]:
     engine = setup.engine
     if engine == Engine.DDP:
         buckets = static.parts.get(C.COMM_BUFFERS, 0)
