@@ -461,7 +461,8 @@ CASES = [
         seconds=90,
     ),
     case("l1b_full_bf16_b1s4096_cce", L1B, method="full", batch_size=1, seq_len=4096, loss="cce"),
-    # Unsloth's chunk count reads the free memory at the first call: on an H100 the 4 GiB cap holds
+    # Unsloth's fused linear CE (unsloth_zoo 2026.10.9 fused_linear.py): 8191 kept rows >= 4096 and a
+    # frozen head, so the tiled forward (one 4096 x 16384 fp32 tile) on any card
     case(
         "l8b_lora16_ckpt_b1s8192_unsloth",
         L8B,

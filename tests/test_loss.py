@@ -10,7 +10,7 @@ from vramplan.categories import Category as C
 from vramplan.errors import VramplanError
 from vramplan.estimate import estimate_config, make_setup
 from vramplan.memory import PhaseKind, step_model
-from vramplan.memory.loss import liger_chunk_rows, loss_terms, unsloth_chunks
+from vramplan.memory.loss import liger_chunk_rows, loss_terms, unsloth_chunk_rows
 from vramplan.model_loader import load_model_spec
 
 GiB = 2**30
@@ -34,11 +34,41 @@ def test_liger_chunk_rows_from_its_source():
     assert liger_chunk_rows(3, 1000, 4096) == 3  # inc 1: next_pow2(3) = 4, capped at N
 
 
-def test_unsloth_chunk_count_at_the_4_gib_cap():
-    # Qwen2.5-7B, 8192 tokens: 8192*152064*16 B over (4 GiB - the bf16 input grad 8192*3584*2)
-    # = 4.705 -> rounded up to a multiple of 4
-    assert unsloth_chunks(8192, 152064, 8192 * 3584 * 2) == 8
-    assert unsloth_chunks(128, 32000, 0) == 1  # 65 MB fits one chunk
+def test_unsloth_chunk_rows_from_fused_linear_rows():
+    # fused_linear.py:140-154 with 4-byte logits and the 2 GiB budget:
+    # Qwen2.5-7B, 8191 kept rows: 8191*3584/152064 = 193 -> 128; the floor 512*151936/152064
+    # = 511.6 -> 256, raised to 512; the budget allows 2^31/(152064*4) = 3530 rows
+    assert unsloth_chunk_rows(8191, 3584, 152064) == 512
+    # Llama-3.1-8B at 78,474 kept rows: 78474*4096/128256 = 2506 -> 2048
+    assert unsloth_chunk_rows(78474, 4096, 128256) == 2048
+    # a 256k vocabulary: 2^31/(256000*4) = 2097 rows at most, though 4096 would be the cap
+    assert unsloth_chunk_rows(1 << 20, 4096, 256000) == 2097
+    assert unsloth_chunk_rows(100, 4096, 128256) == 100  # never more rows than kept
+
+
+def test_unsloth_frozen_head_streams_fp32_tiles(spec):
+    # Qwen2.5-0.5B LoRA, 2 x 4096 tokens (8190 kept rows >= 4096: `_tiled_forward`):
+    # forward = the final norm's output + the saved hidden grad (N*h bf16 each) + the kept
+    # mask and index (N + 8*keep), lp and lse (8*keep) + one tile: 4096 x 16384 fp32, the fp32
+    # [4096, h] accumulator, m_run, part [8, 10, 4096] fp32, the gathered rows [4096, h] bf16
+    n, h, keep = 8192, spec.hidden, 8190  # V 151936: ceil(V/16384) = 10 splits
+    tile = 4096 * 16384 * 4 + 4096 * h * 4 + 4 * 4096 + 32 * 10 * 4096 + 4096 * h * 2
+    t = loss_terms(spec, make_setup(method="lora", batch_size=2, seq_len=4096, loss="unsloth"))
+    assert t.forward == 2 * n * h * 2 + n + 16 * keep + tile
+    assert t.backward == 2 * n * h * 2
+
+
+def test_unsloth_trained_head_takes_the_chunked_buffer(spec):
+    # full fine-tune (lm_head trains), 2 x 1024: 2046 kept rows -> fused_linear_rows 512
+    # (2046*896/151936 = 12 -> 8, raised to the 256->512 floor); one [512, ceil8(V)] fp32
+    # buffer, the gathered rows (bf16), the chunk's hidden grad fp32 and its bf16 cast; the
+    # hidden grad and lm_head's V*h bf16 grad saved, twice in backward
+    n, h, v, keep = 2048, spec.hidden, spec.vocab, 2046
+    held = n * h * 2 + v * h * 2
+    chunk = 512 * 151936 * 4 + 512 * h * 2 + 512 * h * 6
+    t = loss_terms(spec, make_setup(method="full", batch_size=2, seq_len=1024, loss="unsloth"))
+    assert t.forward == n * h * 2 + held + n + 16 * keep + chunk
+    assert t.backward == 2 * held
 
 
 def test_hf_loss_is_the_reference_step(spec):

@@ -35,15 +35,18 @@ TORCHTUNE_CHUNKS = 8
 # (_CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary tile)
 TRL_TOKEN_TILE = 4096
 TRL_VOCAB_TILE = 32768
-# unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py:225,229
-UNSLOTH_BYTES_PER_LOGIT = 16
-UNSLOTH_TARGET_CAP = 4 * GiB
+# unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/fused_linear.py:67-70 (_CHUNK_GB 2.0,
+# _MIN_LOGITS, _MAX_ROWS), :74 (_SPLIT_COLS), :80-81 (_BWD_ROWS 4096, _BWD_TILE_BYTES 256 MiB)
+UNSLOTH_BUDGET = 2 * GiB
+UNSLOTH_MIN_LOGITS = 512 * 151936
+UNSLOTH_MAX_ROWS = 4096
+UNSLOTH_SPLIT_COLS = 16384
 
 FUSED = frozenset({Loss.TRL_CHUNKED_NLL, Loss.LIGER, Loss.CCE, Loss.UNSLOTH})
 CUDA_ONLY = {
     Loss.LIGER: "liger-kernel==0.8.5 liger_kernel/ops/fused_linear_cross_entropy.py",
     Loss.CCE: "cut-cross-entropy (axolotl-ai-cloud/ml-cross-entropy@5f0c7a7) cut_cross_entropy/cce.py",
-    Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/cross_entropy_loss.py",
+    Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/fused_linear.py",
 }
 
 
@@ -227,28 +230,71 @@ def cce_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     )
 
 
-def unsloth_chunks(tokens: int, vocab: int, fixed: int) -> int:
-    """unsloth_zoo==2026.10.9 fused_losses/cross_entropy_loss.py:258-303 get_chunk_size with
-    the target at its 4 GiB cap (min(free/2, 4 GiB), free memory at the first loss call being
-    unknowable here): the fewest chunks, so the widest one, an upper bound."""
-    target = UNSLOTH_TARGET_CAP - fixed if 0 < fixed < UNSLOTH_TARGET_CAP else UNSLOTH_TARGET_CAP
-    exact = tokens * vocab * UNSLOTH_BYTES_PER_LOGIT / target
-    if exact <= 1.0 + 1e-9:
-        return 1
-    return min(math.ceil(exact / 4 - 1e-9) * 4, tokens)
+def unsloth_chunk_rows(keep: int, hidden: int, vocab: int) -> int:
+    """unsloth_zoo==2026.10.9 fused_losses/fused_linear.py:140-154 fused_linear_rows with fp32
+    logits (4 B, `_logits_mode` on sm80+): the power of two at or below keep·h/V, at least the
+    power of two at or below 512·151936/V (within [512, 4096]), at most 4096 and at most the
+    2 GiB budget's rows (`_budget_bytes`: min(2 GiB, free/2); the free half is not known here,
+    so the budget is taken at its 2 GiB cap, the widest chunk), at most keep."""
+
+    def floor_pow2(x: float) -> int:
+        p = 1 << max(math.ceil(math.log2(max(x, 1))), 0)
+        return p // 2 if p > x else p
+
+    rows = floor_pow2(keep * hidden / vocab)
+    least = min(max(floor_pow2(UNSLOTH_MIN_LOGITS / vocab), 512), UNSLOTH_MAX_ROWS)
+    rows = min(max(rows, least), UNSLOTH_MAX_ROWS)
+    rows = min(rows, max(UNSLOTH_BUDGET // (vocab * 4), 2))
+    return max(min(rows, keep), 1)
+
+
+def unsloth_tiled(setup: TrainingSetup) -> bool:
+    """fused_linear.py:1319-1320: a frozen head without label smoothing streams the vocabulary in
+    fp32 tiles (`_tiled_forward`) when the logits are fp32 (bf16 compute on sm80+; fp16 is the
+    T4/V100 case, where `_flash_ce_ok` needs sm80 too) and the labelled rows reach
+    `_flash_min_rows`: 0 on a card of at most 24.5 GiB, 4096 above (:92-106). Below 4096 rows
+    the chunked path of the larger cards is taken, the wider of the two."""
+    rows = setup.batch_size * (setup.seq_len - 1)
+    return not head_trains(setup) and setup.precision != Precision.FP16 and rows >= UNSLOTH_MAX_ROWS
+
+
+def _unsloth_working_set(spec: ModelSpec, setup: TrainingSetup, keep: int) -> int:
+    """One chunk's buffers inside `_ce_impl` (fused_linear.py:1286-1386). Unsloth shifts the labels
+    (the last position of each row is ignore_index, llama.py:2122-2136), so fewer rows are kept
+    than there are tokens and each chunk's rows are gathered (`_rows_of`: index_select, R·h in
+    the compute dtype). Tiled (`_tiled_forward`, :1100-1186): R = min(4096, keep) rows x one
+    16384-column fp32 tile (256 MiB `_BWD_TILE_BYTES` // (R·4), clamped to 16384), the fp32
+    [R, h] gradient accumulator and `part` [8, ceil(V/16384), R] fp32. Chunked: an [R, ceil8(V)]
+    fp32 logits buffer reused by every chunk (`_Buffers`, :919-935), the chunk's hidden grad
+    in fp32 (`_dz_w`) and cast to the stream dtype for `index_copy_`."""
+    h, v = spec.hidden, spec.vocab
+    dt_c, dt_h = _compute_bytes(setup), stream_bytes(setup)
+    if unsloth_tiled(setup):
+        r = min(UNSLOTH_MAX_ROWS, keep)
+        splits = -(-v // UNSLOTH_SPLIT_COLS)
+        return r * UNSLOTH_SPLIT_COLS * 4 + r * h * 4 + 4 * r + 32 * splits * r + r * h * dt_c
+    r = unsloth_chunk_rows(keep, h, v)
+    return r * (-(-v // 8) * 8) * 4 + r * h * dt_c + r * h * (4 + dt_h)
 
 
 def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
-    """Unsloth's fused cross-entropy (unsloth_zoo==2026.10.9 fused_losses/cross_entropy_loss.py:
-    374-520, 713-718): grads made in forward chunk by chunk (16 bytes per logit by their own
-    count), the input grad (and lm_head's, twice while a chunk's is added) held; backward
-    returns scaled copies while the saved ones are alive."""
+    """Unsloth's fused cross-entropy as its Llama forward calls it (unsloth==2026.10.9
+    models/llama.py:2122-2136, target_gb None) and unsloth_zoo==2026.10.9 routes it by default
+    (UNSLOTH_CHUNKED_CE and UNSLOTH_FUSED_LINEAR on: cross_entropy_loss.py:736-756, 856-860 ->
+    chunked_logprob.py:430-456 -> fused_linear.py:2312-2355, the `fused_linear_ce_v2` op): the
+    gradients are made in the forward, chunk by chunk; the hidden grad [N, h] in the stream dtype
+    (and lm_head's, in its dtype, when it trains) is saved for backward (:1692-1698), which
+    returns scaled copies while the saved ones are alive (:1700-1716). Around the chunks: the
+    kept-row mask and index (`_keep_index`, bool + int64), fp32 log-probs and lse per kept row,
+    then their float64 negation (:1371-1375); a bf16 copy of an fp32 lm_head (`w`)."""
     n, h, v = setup.tokens, spec.hidden, spec.vocab
-    dt_h, dt_w = stream_bytes(setup), _head_weight_bytes(setup)
+    dt_h, dt_w, dt_c = stream_bytes(setup), _head_weight_bytes(setup), _compute_bytes(setup)
+    keep = setup.batch_size * (setup.seq_len - 1)
     head = v * h * dt_w if head_trains(setup) else 0
     held = n * h * dt_h + head
-    rows = -(-n // unsloth_chunks(n, v, n * h * dt_h + 2 * head))
-    return LossTerms(forward=n * h * dt_h + held + head + rows * v * UNSLOTH_BYTES_PER_LOGIT, backward=2 * held)
+    around = n + 8 * keep + 8 * keep + (v * h * dt_c if dt_w != dt_c else 0)
+    widest = max(_unsloth_working_set(spec, setup, keep), 16 * keep)
+    return LossTerms(forward=n * h * dt_h + held + around + widest, backward=2 * held)
 
 
 LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
@@ -291,9 +337,9 @@ def loss_notes(setup: TrainingSetup) -> list[str]:
         f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
         "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)"
     )
-    if setup.loss == Loss.UNSLOTH:
+    if setup.loss == Loss.UNSLOTH and not unsloth_tiled(setup):
         note += (
-            "; its chunk count depends on the free memory at the first loss call (min(free/2, 4 GiB)): "
-            "the 4 GiB cap is assumed, the widest chunk it allows"
+            "; its chunk depends on the free memory at the first loss call (min(free/2, 2 GiB) of logits): "
+            "the 2 GiB cap is assumed, the widest chunk it allows"
         )
     return [note, *compile_notes(setup)]
