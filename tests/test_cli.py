@@ -28,6 +28,19 @@ def test_json_contract(capsys):
     assert allocated == pg["peak_allocated_bytes"]
 
 
+def test_estimate_on_a_card_without_bf16_runs_fp16_unless_told(capsys):
+    # a T4 (compute capability 7.5) has no bf16: the command line estimates what runs there,
+    # fp16 autocast with a GradScaler, as the Python API and the strategy comparison do;
+    # --precision given keeps what was asked
+    base = ["estimate", "llama-3.2-1b", "--gpus", "1xt4", "--method", "lora", "--format", "json"]
+    assert main(base) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["precision"] == "fp16"
+    assert any("has no bf16: estimated with --precision fp16" in n for n in out["notes"])
+    assert main([*base, "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["precision"] == "bf16"
+
+
 @pytest.mark.parametrize(
     "args,flag",
     [

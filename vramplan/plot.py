@@ -24,9 +24,9 @@ import numpy as np
 from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
-from vramplan.estimate import estimate_spec, make_setup
+from vramplan.estimate import estimate_spec, fp16_on_card, make_setup
 from vramplan.files import check_output_file, write_file
-from vramplan.setup import Optim, fields_for_method
+from vramplan.setup import Optim, TrainingSetup, fields_for_method
 from vramplan.strategies import GALORE_STANDARD, compare
 from vramplan.units import GiB
 
@@ -268,7 +268,7 @@ def scaling_series(
         fields = _method_fields(method, base)
         totals = []
         for v in values:
-            est = estimate_spec(spec, make_setup(**{**fields, X_FIELD[x]: v}), gpus, host_ram)
+            est = estimate_spec(spec, _card_setup({**fields, X_FIELD[x]: v}, gpus), gpus, host_ram)
             totals.append(est.per_gpu.total_bytes)
         out.append(Series(_method_label(fields), tuple(values), tuple(totals)))
     return out
@@ -296,8 +296,14 @@ def auto_values(
     return cands[max(0, end - AUTO_POINTS + 1) : end + 1]
 
 
+def _card_setup(fields: dict, gpus: GpuSpec) -> TrainingSetup:
+    """The setup as `estimate` takes it on these GPUs: fp16 on a card without bf16 unless
+    --precision was given (estimate.fp16_on_card)."""
+    return fp16_on_card(make_setup(**fields), gpus, fields.get("precision") is not None)[0]
+
+
 def _fits_at(spec: ModelSpec, gpus: GpuSpec, method: str, x: str, value: int, base: dict, capacity: int) -> bool:
-    setup = make_setup(**{**_method_fields(method, base), X_FIELD[x]: value})
+    setup = _card_setup({**_method_fields(method, base), X_FIELD[x]: value}, gpus)
     return estimate_spec(spec, setup, gpus).fits_gpu
 
 
@@ -653,7 +659,7 @@ def breakdown_bars(spec: ModelSpec, gpus: GpuSpec, fields: dict, host_ram: int |
     """The bars ``plot breakdown`` draws: the standard strategies, or the one --method configuration."""
     if fields.get("method") is None:
         return [Bar(r.label, r.estimate, r.recommended) for r in compare(spec, gpus, fields, host_ram)]
-    est = estimate_spec(spec, make_setup(**fields), gpus, host_ram)
+    est = estimate_spec(spec, _card_setup(fields, gpus), gpus, host_ram)
     return [Bar("per GPU", est)]
 
 

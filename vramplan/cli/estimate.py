@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vramplan.estimate import estimate_spec, make_setup
+    from vramplan.estimate import estimate_spec, fp16_on_card, make_setup
     from vramplan.model_loader import load_model_spec
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_comparison(spec, gpus, rows, assumed=assumed)
         return 0
+    # a card without bf16 trains in fp16 unless --precision (or the config) says otherwise
+    setup, card = fp16_on_card(setup, gpus, fields.get("precision") is not None)
     est = estimate_spec(spec, setup, gpus, ram)
+    if card:
+        est = est.model_copy(update={"notes": card + list(est.notes)})
     if args.format == "json":
         print(json.dumps(_with_config(est.to_json_dict(), reading), indent=1))
     else:

@@ -23,7 +23,7 @@ from vramplan.cli.common import (
 )
 from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
 from vramplan.errors import VramplanError
-from vramplan.estimate import make_setup
+from vramplan.estimate import fp16_on_card, make_setup
 from vramplan.limits import MAX_BATCH_SIZE, MAX_PLOT_VALUES, MAX_SEQ_LEN
 from vramplan.measured import MeasuredCase, load_cases
 from vramplan.model_loader import load_model_spec
@@ -179,7 +179,9 @@ def _cmd_timeline(args: argparse.Namespace) -> int:
     gpus = resolve_from_args(args, args.gpus)
     spec = load_model_spec(args.model, num_layers=args.num_layers)
     path = output_path(args.output, f"timeline-{file_slug(spec.name)}-{file_slug(gpus.label)}.png")
-    data = timeline_data(spec, make_setup(**setup_fields(args)), gpus)
+    fields = setup_fields(args)
+    setup, _ = fp16_on_card(make_setup(**fields), gpus, fields.get("precision") is not None)
+    data = timeline_data(spec, setup, gpus)
     _use_agg()
     return _write(timeline_figure(data), path)
 
