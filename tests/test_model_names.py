@@ -42,7 +42,7 @@ def test_ids_and_variants_map_to_their_preset(typed, preset):
 
 
 @pytest.mark.parametrize(
-    "typed", ["meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-Coder-7B", "mistralai/Mistral-Nemo", "qwen2.5-7b-coder"]
+    "typed", ["meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-Coder-7B", "mistralai/Codestral-22B-v0.1", "qwen2.5-7b-coder"]
 )
 def test_other_checkpoints_are_not_guessed(typed):
     """Llama 3 (8k context), a Coder or Nemo model are other checkpoints: fetched, not guessed."""

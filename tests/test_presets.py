@@ -47,6 +47,14 @@ REQUIRED = [
     # the models of Answer.AI's fsdp_qlora benchmark (tests/data/published/)
     "yi-34b",
     "mistral-7b-v0.2",
+    # models of published fine-tuning memory figures (the QLoRA paper's LLaMA 33B/65B; Unsloth's
+    # and axolotl's Phi-4, Mistral-Nemo, Mistral Small 3; Gemma 1)
+    "llama-30b",
+    "llama-65b",
+    "phi-4",
+    "mistral-nemo-12b",
+    "mistral-small-24b",
+    "gemma-7b",
 ]
 # published sizes (billions of parameters), rounded as the model cards give them
 PUBLISHED = {
@@ -68,6 +76,14 @@ PUBLISHED = {
     "gemma-3-4b": 4.30,
     "gemma-3-12b": 12.19,
     "gemma-3-27b": 27.43,
+    # LLaMA paper (Touvron et al. 2023) Table 2: 32.5B and 65.2B; model cards: Phi-4 14B
+    # ("14B parameters", 14.7B on the hub), Mistral-Nemo 12B, Mistral Small 3 24B, Gemma 7B (8.5B)
+    "llama-30b": 32.5,
+    "llama-65b": 65.2,
+    "phi-4": 14.7,
+    "mistral-nemo-12b": 12.2,
+    "mistral-small-24b": 23.6,
+    "gemma-7b": 8.54,
 }
 
 
