@@ -319,6 +319,20 @@ def _splice(old: list[dict], rows: list[dict], group: str | None) -> list[dict]:
     return rest[:before] + rows + rest[before:]
 
 
+def _splice_cases(old: list[dict], rows: list[dict], order: list[tuple[str, str]]) -> list[dict]:
+    """The old rows with the traced cases' rows put where they stood, a new case where the
+    case list (`order`: every (group, case)) has it: after the row of the case before it."""
+    new = {(r["group"], r["name"]): r for r in rows}
+    out = [new.pop((r["group"], r["name"]), r) for r in old]
+    for key, row in new.items():
+        earlier = order[: order.index(key)]
+        at = max((i for i, r in enumerate(out) if (r["group"], r["name"]) in earlier), default=None)
+        if at is None:
+            at = max((i for i, r in enumerate(out) if r["group"] == key[0]), default=len(out) - 1)
+        out.insert(at + 1, row)
+    return out
+
+
 def _slug(fields: dict) -> str:
     parts = [fields["method"]] + ([fields["quant"]] if "quant" in fields else [])
     return "-".join(parts + (["ckpt"] if fields.get("gradient_checkpointing") else []))
@@ -338,6 +352,11 @@ def main() -> int:
     ap.add_argument("-o", "--output", default=str(DATA / "trace.jsonl"))
     ap.add_argument("--render-only", action="store_true", help="only write docs/cpu-trace.md from the committed files")
     ap.add_argument("--group", help="trace only this group; the output file keeps its other rows")
+    ap.add_argument(
+        "--case",
+        action="append",
+        help="with --group: trace only this case of it (repeatable); its row is replaced where it stood",
+    )
     args = ap.parse_args()
     if args.render_only:
         write_doc(DATA / "trace.jsonl")
@@ -377,8 +396,11 @@ def main() -> int:
     ]
     jobs += [("offload-attention", n, V64_LLAMA, f, V64_SHAPE) for n, f in KNOB_CASES.items()]
     old = []
+    if args.case and not args.group:
+        ap.error("--case needs --group")
+    every = [(g, n) for g, n, *_ in jobs]
     if args.group:
-        jobs = [j for j in jobs if j[0] == args.group]
+        jobs = [j for j in jobs if j[0] == args.group and (not args.case or j[1] in args.case)]
         old = load_rows(Path(args.output)) if Path(args.output).exists() else []
     rows = []
     for job in jobs:
@@ -390,7 +412,8 @@ def main() -> int:
             {p: row[p]["error"] for p in ("forward", "backward", "optimizer") if p in row},
             flush=True,
         )
-    Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in _splice(old, rows, args.group)))
+    spliced = _splice_cases(old, rows, every) if args.case else _splice(old, rows, args.group)
+    Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in spliced))
     if Path(args.output).resolve() == (DATA / "trace.jsonl").resolve():
         write_doc(DATA / "trace.jsonl")
     return 0

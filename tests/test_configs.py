@@ -774,3 +774,16 @@ def test_torchtune_compile_true_is_read_as_compile(tmp_path):
     assert reading.fields["compile"] is True
     assert "compile" not in {u.key for u in reading.unmodelled}
     assert read_config([str(DATA / "torchtune/8B_qlora_single_device.yaml")]).fields["compile"] is False
+
+
+def test_torchtune_linear_cross_entropy_is_its_own_loss(tmp_path):
+    """The repository HEAD's LinearCrossEntropyLoss (pytorch/torchtune@bd2a0fc; the HEAD recipe
+    configs name it) projects inside the loss: read as --loss torchtune-linear-ce, not as the
+    chunked loss whose model returns 8 chunks of logits."""
+    text = (DATA / "torchtune/8B_full_single_device.yaml").read_text()
+    assert "torchtune.modules.loss.CEWithChunkedOutputLoss" in text
+    f = tmp_path / "tt.yaml"
+    f.write_text(text.replace("CEWithChunkedOutputLoss", "LinearCrossEntropyLoss"))
+    reading = read_config([str(f)])
+    assert reading.fields["loss"] == Loss.TORCHTUNE_LINEAR_CE
+    assert "loss._component_" not in {u.key for u in reading.unmodelled}

@@ -491,8 +491,10 @@ def test_cpu_trace_doc_is_rendered_from_the_committed_trace():
 # The loss over the vocabulary (group "loss"; docs/memory-model.md, "The loss over the
 # vocabulary"), each run by its library: accelerate's convert_outputs_to_fp32 around the
 # model's own loss, the loop keeping the output (--keep-logits), torchtune 0.6.1's
-# CEWithChunkedOutputLoss on its decoder's 8 output chunks, TRL 1.16's fused LM head (its
-# Triton folds as CUDA runs them: cputrace.cuda_like_trl). Held to 1.5% per phase.
+# CEWithChunkedOutputLoss on its decoder's 8 output chunks, its unreleased LinearCrossEntropyLoss
+# (the output layer inside the loss; pytorch/torchtune@bd2a0fc, its source on PYTHONPATH), TRL
+# 1.16's fused LM head (its Triton folds as CUDA runs them: cputrace.cuda_like_trl). Held to 1.5%
+# per phase.
 LOSS_CASES = {
     "hf-fp32-outputs-lora": (LLAMA, dict(method="lora", fp32_outputs=True)),
     "hf-fp32-outputs-full": (LLAMA, dict(method="full", fp32_outputs=True)),
@@ -505,6 +507,13 @@ LOSS_CASES = {
     "gemma2-softcap-torchtune-chunked-lora": (GEMMA2, dict(method="lora", loss="chunked")),
     "torchtune-chunked-compile-lora": (LLAMA, dict(method="lora", loss="chunked", compile=True)),
     "torchtune-chunked-compile-full": (LLAMA, dict(method="full", loss="chunked", compile=True)),
+    # torchtune's LinearCrossEntropyLoss, eager and under compile_loss; Gemma 2: torchtune caps
+    # its hidden state, not the logits, so the loss runs on the norm's output uncapped
+    "torchtune-linear-ce-lora": (LLAMA, dict(method="lora", loss="torchtune-linear-ce")),
+    "torchtune-linear-ce-full": (LLAMA, dict(method="full", loss="torchtune-linear-ce")),
+    "torchtune-linear-ce-compile-lora": (LLAMA, dict(method="lora", loss="torchtune-linear-ce", compile=True)),
+    "torchtune-linear-ce-compile-full": (LLAMA, dict(method="full", loss="torchtune-linear-ce", compile=True)),
+    "gemma2-torchtune-linear-ce-lora": (GEMMA2, dict(method="lora", loss="torchtune-linear-ce")),
     # axolotl's chunked_cross_entropy: its patch over the model's full logits, always compiled
     # (axolotl==0.19.0 monkeypatch/loss/chunked.py), with axolotl's defaults (mixed precision
     # over bf16 weights, fp32 outputs); batch 1: the chunks are views of the logits, not copies
@@ -514,7 +523,23 @@ LOSS_CASES = {
     "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
     "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
 }
-LOSS_LIBRARY = {"chunked": "torchtune", "trl-chunked-nll": "trl", "hf": "accelerate"}
+LOSS_LIBRARY = {
+    "chunked": "torchtune",
+    "torchtune-linear-ce": "torchtune",
+    "trl-chunked-nll": "trl",
+    "hf": "accelerate",
+}
+# a file the loss needs beyond its package (torchtune's unreleased loss: no release has it)
+LOSS_FILE = {"torchtune-linear-ce": ("modules", "loss", "cross_entropy_loss.py")}
+
+
+def _loss_source_missing(library: str, loss: str) -> bool:
+    from pathlib import Path
+
+    found = importlib.util.find_spec(library)  # torchtune's __init__ needs torchao: only find it
+    if found is None or found.origin is None:
+        return True
+    return loss in LOSS_FILE and not Path(found.origin).parent.joinpath(*LOSS_FILE[loss]).exists()
 
 
 @pytest.mark.cputrace
@@ -523,9 +548,10 @@ def test_loss_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
 
     cfg, fields = LOSS_CASES[name]
-    library = "axolotl" if fields.get("stack") == "axolotl" else LOSS_LIBRARY[fields.get("loss", "hf")]
-    if importlib.util.find_spec(library) is None:  # torchtune's __init__ needs torchao: only find it
-        pytest.skip(f"needs {library}")
+    loss = fields.get("loss", "hf")
+    library = "axolotl" if fields.get("stack") == "axolotl" else LOSS_LIBRARY[loss]
+    if _loss_source_missing(library, loss):
+        pytest.skip(f"needs {library}" + (" at pytorch/torchtune@bd2a0fc" if loss in LOSS_FILE else ""))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(**{**B2S256, **fields})
     spec = load_model_spec(str(tmp_path), use_cache=False)
@@ -559,12 +585,17 @@ def test_every_loss_case_is_committed():
     assert {r["name"] for r in _committed("loss")} == set(LOSS_CASES)
 
 
-def test_the_committed_axolotl_chunked_rows_match_the_model(tmp_path):
+@pytest.mark.parametrize(
+    ("which", "count"),
+    [("axolotl", 3), ("torchtune-linear-ce", 5)],
+)
+def test_the_committed_rows_of_rarely_installed_losses_match_the_model(tmp_path, which, count):
     """axolotl is rarely installed where the tests run (the trace needs its chunked.py: an
-    installed axolotl==0.19.0 or its source on PYTHONPATH): the memory model of this commit
-    against the committed traced bytes of its cases, per phase, to the same tolerance."""
-    rows = [r for r in _committed("loss") if r["setup"]["stack"] == "axolotl"]
-    assert len(rows) == 3
+    installed axolotl==0.19.0 or its source on PYTHONPATH), nor is torchtune's unreleased
+    source (pytorch/torchtune@bd2a0fc, for LinearCrossEntropyLoss): the memory model of this
+    commit against the committed traced bytes of their cases, per phase, to the same tolerance."""
+    rows = [r for r in _committed("loss") if which in (r["setup"]["stack"], r["setup"]["loss"])]
+    assert len(rows) == count
     off = {}
     for r in rows:
         (tmp_path / "config.json").write_text(json.dumps(r["config"]))

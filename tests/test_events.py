@@ -376,6 +376,8 @@ KNOB_SETUPS = [
     {"method": "lora", "precision": "fp16"},
     {"method": "lora", "loss": "chunked", "compile": True},
     {"method": "full", "loss": "chunked", "gradient_checkpointing": True},
+    {"method": "full", "loss": "torchtune-linear-ce"},
+    {"method": "lora", "loss": "torchtune-linear-ce", "compile": True, "gradient_checkpointing": True},
     {"method": "lora", "loss": "trl-chunked-nll"},
     {"method": "lora", "loss": "liger", "gradient_checkpointing": True},
     {"method": "lora", "loss": "cce"},

@@ -156,7 +156,7 @@ PLAUSIBLE = {
     "--galore-rank": ["16", "128", "8192"],
     "--fsdp": ["1", "2", "8"],
     "--stack": ["plain", "trl", "axolotl", "unsloth", "fsdp-qlora"],
-    "--loss": ["hf", "chunked", "liger"],
+    "--loss": ["hf", "chunked", "torchtune-linear-ce", "liger"],
     "--gradient-accumulation": ["1", "8"],
     "--nodes": ["1", "2"],
     "--fsdp-version": ["1", "2"],

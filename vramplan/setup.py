@@ -320,6 +320,7 @@ class Loss(str, Enum):
 
     HF = "hf"  # the model's own ForCausalLMLoss on full logits (the reference step)
     CHUNKED = "chunked"  # torchtune's CEWithChunkedOutputLoss over 8 chunks of logits
+    TORCHTUNE_LINEAR_CE = "torchtune-linear-ce"  # torchtune's LinearCrossEntropyLoss: projection inside, 8 row chunks
     TRL_CHUNKED_NLL = "trl-chunked-nll"  # TRL SFTTrainer's fused chunked LM head (chunked_nll: its deprecated alias)
     LIGER = "liger"  # Liger fused linear cross-entropy
     CCE = "cce"  # Apple Cut Cross-Entropy
@@ -540,7 +541,8 @@ class TrainingSetup(BaseModel):
     loss: Loss = Field(
         Loss.HF,
         description="the loss over the vocabulary: hf (the model's own on full logits), "
-        "chunked (torchtune's 8 output chunks), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
+        "chunked (torchtune's 8 output chunks), torchtune-linear-ce (torchtune's LinearCrossEntropyLoss, "
+        "the output layer inside the loss), trl-chunked-nll (TRL 1.16's fused chunked LM head), "
         "liger / cce / unsloth (fused kernels, CUDA only)",
     )
     fp32_outputs: bool = Field(

@@ -217,6 +217,7 @@ def _loss_recompute_flops(sh: Shapes, setup: TrainingSetup) -> float:
 LOSS_BYTES_PER_LOGIT = {
     Loss.HF: 24.0,
     Loss.CHUNKED: 24.0,
+    Loss.TORCHTUNE_LINEAR_CE: 24.0,  # the same per chunk, the projection inside the loss
     Loss.TRL_CHUNKED_NLL: 8.0,
     Loss.LIGER: 8.0,
     Loss.UNSLOTH: 8.0,

@@ -382,6 +382,12 @@ _TT_OPTIM: dict[Optim, dict[str, Any]] = {
     Optim.ADAMW_BNB_8BIT: {"_component_": "bitsandbytes.optim.AdamW8bit"},
 }
 
+# the loss each --loss is in torchtune (others: the chunked loss, the nearest 0.6.1 has)
+_TT_LOSS = {
+    Loss.HF: "torch.nn.CrossEntropyLoss",
+    Loss.TORCHTUNE_LINEAR_CE: "torchtune.modules.loss.LinearCrossEntropyLoss",
+}
+
 
 def _torchtune_builder(model: str) -> tuple[str, str]:
     wanted = model.lower().removesuffix("-instruct")
@@ -428,11 +434,7 @@ def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, di
         "shuffle": True,
         "batch_size": s.batch_size,
         "optimizer": {**_TT_OPTIM.get(s.optim, {"_component_": s.optim.value}), "lr": 2e-4},
-        "loss": {
-            "_component_": "torch.nn.CrossEntropyLoss"
-            if s.loss == Loss.HF
-            else "torchtune.modules.loss.CEWithChunkedOutputLoss"
-        },
+        "loss": {"_component_": _TT_LOSS.get(s.loss, "torchtune.modules.loss.CEWithChunkedOutputLoss")},
         "epochs": 1,
         "max_steps_per_epoch": 100,
         "gradient_accumulation_steps": s.gradient_accumulation,

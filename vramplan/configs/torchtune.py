@@ -72,8 +72,8 @@ _OPTIMIZERS = {
 _LOSSES = {
     "torchtune.modules.loss.CEWithChunkedOutputLoss": (Loss.CHUNKED, "8 chunks (ce_chunked_output_loss.py:30)"),
     "torchtune.modules.loss.LinearCrossEntropyLoss": (
-        Loss.CHUNKED,
-        ("chunked linear+CE (repo HEAD, unreleased), modelled as chunked"),
+        Loss.TORCHTUNE_LINEAR_CE,
+        "the output layer inside the loss, 8 row chunks (pytorch/torchtune@bd2a0fc, unreleased; CPU-traced)",
     ),
     "torch.nn.CrossEntropyLoss": (Loss.HF, "full logits"),
 }

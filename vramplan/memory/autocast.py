@@ -94,10 +94,10 @@ def adapter_casts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
 
 def _head_casts(spec: ModelSpec, setup: TrainingSetup) -> int:
     """A frozen fp32 lm_head (or the embedding it is tied to): one saved copy per call, once for
-    the model's loss, once per chunk for torchtune's (its output layer runs on each chunk).
+    the model's loss, once per chunk for torchtune's two (their output layer runs on each chunk).
     TRL's fused head runs its own autograd function on the weight and saves no
     copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out."""
     if head_trains(setup):
         return 0
-    calls = {Loss.HF: 1, Loss.CHUNKED: TORCHTUNE_CHUNKS}.get(setup.loss, 0)
+    calls = {Loss.HF: 1, Loss.CHUNKED: TORCHTUNE_CHUNKS, Loss.TORCHTUNE_LINEAR_CE: TORCHTUNE_CHUNKS}.get(setup.loss, 0)
     return calls * alloc(2 * (spec.lm_head_numel or spec.embed_numel))

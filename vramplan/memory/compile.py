@@ -44,6 +44,21 @@ def compiled_chunked_loss(
     return forward, backward
 
 
+def compiled_linear_ce_loss(rows: int, vocab: int, last: int, compute_bytes: int, weight: int) -> tuple[int, int]:
+    """(forward, backward) bytes of torchtune's LinearCrossEntropyLoss under compile_loss, which
+    compiles compute_cross_entropy: one chunk's projection and cross-entropy in one graph
+    (pytorch/torchtune@bd2a0fc torchtune/modules/loss/cross_entropy_loss.py:54-65, 87-115;
+    training/_compile.py:56-75). Traced (cases torchtune-linear-ce-compile-*): each chunk's graph
+    saves its own logits (compute dtype) and the two fp32 row reductions, as the compiled chunked
+    loss does, so the 8 chunks' logits stay alive until backward; its backward writes the logits'
+    grad over the saved logits (AOT autograd's donated buffers) and returns the output layer's
+    weight grad as its own contiguous tensor, which the engine's input buffer sums in place: when
+    the layer trains (`weight` its bytes), two of them at the second-last chunk's backward."""
+    saved = compute_bytes * rows * vocab + SAVED_ROW_BYTES * rows
+    backward = max(saved + weight, saved - compute_bytes * last * vocab + 2 * weight)
+    return saved, backward
+
+
 def chunked_compiled(setup: TrainingSetup) -> bool:
     """Whether the chunked loss runs compiled: under --compile (torchtune's compile_loss), and
     always on axolotl, whose patch compiles compute_cross_entropy whatever its torch_compile
@@ -92,9 +107,9 @@ def compile_notes(setup: TrainingSetup) -> list[str]:
 
 def _compiled_layers_note(setup: TrainingSetup) -> list[str]:
     loss = (
-        "the chunked loss compiled as torchtune's compile_loss (CPU trace of torchtune's loss)"
-        if setup.loss == Loss.CHUNKED
-        else f"--loss {setup.loss.value} kept as run eagerly (only torchtune's chunked loss is modelled compiled)"
+        f"the {setup.loss.value} loss compiled as torchtune's compile_loss (CPU trace of torchtune's loss)"
+        if setup.loss in (Loss.CHUNKED, Loss.TORCHTUNE_LINEAR_CE)
+        else f"--loss {setup.loss.value} kept as run eagerly (only torchtune's two losses are modelled compiled)"
     )
     return [
         f"--compile: {loss}; the compiled decoder layers are counted as eager ones, an upper bound "

@@ -14,7 +14,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory.compile import axolotl_chunked_loss, chunked_compiled, compile_notes, compiled_chunked_loss
+from vramplan.memory.compile import (
+    axolotl_chunked_loss,
+    chunked_compiled,
+    compile_notes,
+    compiled_chunked_loss,
+    compiled_linear_ce_loss,
+)
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.precision import fp32_stream_autocast
@@ -31,6 +37,8 @@ GiB = 2**30
 
 # torchtune==0.6.1 torchtune/modules/loss/ce_chunked_output_loss.py:31 (num_output_chunks=8)
 TORCHTUNE_CHUNKS = 8
+# LinearCrossEntropyLoss is in no torchtune release (0.6.1 is the last): the repository's
+TORCHTUNE_LINEAR_CE_SOURCE = "pytorch/torchtune@bd2a0fc torchtune/modules/loss/cross_entropy_loss.py"
 # trl==1.16.0 trl/kernels/chunked_logprob.py:30 (TOKEN_CHUNK_SIZE) and trl/trainer/utils.py:1506
 # (_CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary tile)
 TRL_TOKEN_TILE = 4096
@@ -164,6 +172,58 @@ def _chunked_head_grad(spec: ModelSpec, setup: TrainingSetup, chunk: int) -> int
         return 0
     c = _compute_bytes(setup)
     return 3 * spec.vocab * spec.hidden * c + (TORCHTUNE_CHUNKS - 2) * chunk * spec.vocab * c
+
+
+def _linear_ce_rows(setup: TrainingSetup) -> tuple[int, int, int]:
+    """R = B·(S-1) rows whose label is kept (every token but each sequence's last: labels shifted,
+    an ignored last column, torchtune datasets/_sft.py:165-175; prompt masking would drop more,
+    so an upper bound), and the last two of torch.tensor_split(R, 8)'s chunks (the first R % 8
+    are one row longer)."""
+    rows, n = setup.batch_size * (setup.seq_len - 1), TORCHTUNE_CHUNKS
+    sizes = [rows // n + (1 if i < rows % n else 0) for i in range(n)]
+    return rows, sizes[-1], sizes[-2]
+
+
+def torchtune_linear_ce_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """torchtune's LinearCrossEntropyLoss, eager (pytorch/torchtune@bd2a0fc, unreleased:
+    torchtune/modules/loss/cross_entropy_loss.py:87-188). The recipe makes the decoder return its
+    final norm's output (set_model_output :67-70, skip_output_layer, modules/transformer.py:678-689);
+    the loss copies out the R rows whose label is kept (index_select, :117-145), splits them into 8
+    (tensor_split) and projects and cross-entropies each in turn (:87-115): a chunk's bf16 logits
+    and their fp32 copy live only while its log-softmax (fp32, saved) is made; no [N, V] tensor.
+    Backward walks the chunks last to first, each whole (its projection is newer than the previous
+    chunk's loss): the last chunk's log-softmax grad in and out; a trained output layer gets one
+    weight grad per chunk, each the grad of `weight.t()`, summed out of place in the engine's
+    input buffer (as _chunked_head_grad): widest at the second-last chunk's matmul. Traced on the
+    CPU (cases torchtune-linear-ce-*). No softcap: torchtune caps Gemma 2's hidden state in its
+    final norm (models/gemma2/_component_builders.py:55-71), not the logits. Compiled:
+    memory/compile.py compiled_linear_ce_loss."""
+    v, c = spec.vocab, _compute_bytes(setup)
+    rows, last, prev = _linear_ce_rows(setup)
+    masked = _linear_ce_masked(spec, setup, rows)
+    w = _head_weight_bytes(setup) * v * spec.hidden if head_trains(setup) else 0
+    if setup.compile:
+        fwd, bwd = compiled_linear_ce_loss(rows, v, last, c, w)
+        return LossTerms(forward=masked + fwd, backward=bwd)
+    copy = 4 * last * v if c != 4 else 0  # .float() of fp32 logits is the same tensor
+    return LossTerms(
+        forward=masked + 4 * rows * v + c * last * v + copy,
+        backward=max(
+            4 * rows * v + 8 * last * v,  # every log-softmax saved, the last chunk's grad in and out
+            (4 * (rows - last) * v + 8 * prev * v + w) if w else 0,  # the second-last's, one weight grad held
+            4 * (rows - last - prev) * v + 3 * w,  # the held grad, the new one and their sum
+        ),
+    )
+
+
+def _linear_ce_masked(spec: ModelSpec, setup: TrainingSetup, rows: int) -> int:
+    """What the loss's forward holds of the hidden state: the decoder's output, which the recipe
+    holds (`outputs`) until the loss returns (`del outputs`), and the kept rows' copy
+    (index_select); when the output layer trains, that copy's chunks are the Linear's saved input
+    (root_saved counts them), unless autocast casts an fp32 stream's chunks and saves those."""
+    dt = max(stream_bytes(setup), _compute_bytes(setup))
+    saved_by_head = head_trains(setup) and not (setup.autocast and dt == 4)
+    return setup.tokens * spec.hidden * dt + (0 if saved_by_head else rows * spec.hidden * dt)
 
 
 def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
@@ -300,6 +360,7 @@ def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
 LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
     Loss.HF: hf_loss,
     Loss.CHUNKED: chunked_loss,
+    Loss.TORCHTUNE_LINEAR_CE: torchtune_linear_ce_loss,
     Loss.TRL_CHUNKED_NLL: trl_fused_loss,
     Loss.LIGER: liger_loss,
     Loss.CCE: cce_loss,
@@ -318,7 +379,7 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
     when converted), from this forward until the next one returns."""
     terms = LOSS_RULES[setup.loss](spec, setup)
-    if setup.loss in FUSED:
+    if setup.loss in FUSED or setup.loss == Loss.TORCHTUNE_LINEAR_CE:  # no [N,V] logits come out of the model
         return terms
     n, v = setup.tokens, spec.vocab
     # A compiled chunked loss holds no fp32 log-softmax: what it holds at its forward's end
@@ -330,7 +391,14 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
 
 
 def loss_notes(setup: TrainingSetup) -> list[str]:
-    """What the estimate of a CUDA-only loss kernel, or of a compiled step, rests on."""
+    """What the estimate of a CUDA-only loss kernel, of an unreleased loss, or of a compiled
+    step rests on."""
+    if setup.loss == Loss.TORCHTUNE_LINEAR_CE:
+        return [
+            f"--loss {setup.loss.value}: torchtune's LinearCrossEntropyLoss, which no release has "
+            f"({TORCHTUNE_LINEAR_CE_SOURCE}); CPU-traced with that source, not measured on a GPU",
+            *compile_notes(setup),
+        ]
     if setup.loss not in CUDA_ONLY:
         return compile_notes(setup)
     note = (

@@ -50,18 +50,36 @@ def torchtune_loss_class():
     """CEWithChunkedOutputLoss from the installed torchtune, loaded from its file: the
     package's __init__ imports torchao, torchdata and tiktoken, which the loss never uses
     (torchtune==0.6.1 torchtune/__init__.py, modules/loss/ce_chunked_output_loss.py)."""
-    module = _module_file("torchtune", "torchtune==0.6.1", ("modules", "loss", "ce_chunked_output_loss.py"))
+    module = _module_file(
+        "torchtune", "pip install torchtune==0.6.1 --no-deps", ("modules", "loss", "ce_chunked_output_loss.py")
+    )
     return module.CEWithChunkedOutputLoss
 
 
-def _module_file(package: str, pin: str, parts: tuple[str, ...]):
+def _module_file(package: str, pin: str, parts: tuple[str, ...], imports: dict[str, tuple[str, ...]] | None = None):
     """One module of an installed package, executed from its file without the package's
-    __init__ (find_spec only locates the package); one line naming the package if absent."""
+    __init__ (find_spec only locates the package); one line naming the package if absent.
+    `imports`: the package's modules it imports (name -> file), each executed from its file the
+    same way and put in sys.modules under that name only while the module runs."""
+    import sys
+
     found = importlib.util.find_spec(package)
-    if found is None or found.origin is None:
-        raise VramplanError(f"needs the '{package}' package (pip install {pin} --no-deps)", "--loss chunked")
-    path = Path(found.origin).parent.joinpath(*parts)
-    spec = importlib.util.spec_from_file_location(f"_vramplan_{package}_{path.stem}", path)
+    root = Path(found.origin).parent if found is not None and found.origin is not None else None
+    if root is None:
+        raise VramplanError(f"needs the '{package}' package ({pin})", "--loss")
+    if not root.joinpath(*parts).exists():
+        raise VramplanError(f"the '{package}' found at {root} has no {'/'.join(parts)} ({pin})", "--loss")
+    added = {name: _exec_file(name, root.joinpath(*where)) for name, where in (imports or {}).items()}
+    added = {name: m for name, m in added.items() if sys.modules.setdefault(name, m) is m}
+    try:
+        return _exec_file(f"_vramplan_{package}_{parts[-1].removesuffix('.py')}", root.joinpath(*parts))
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
+def _exec_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -102,12 +120,58 @@ def torchtune_step(built, ids):
     return _fp32_outputs(forward, built)(ids)
 
 
+# LinearCrossEntropyLoss is in no torchtune release (0.6.1 is the last): the repository at this
+# commit, its source on PYTHONPATH (git archive of torchtune/)
+TORCHTUNE_HEAD = "pytorch/torchtune@bd2a0fc"
+
+
+def torchtune_linear_ce_class():
+    """LinearCrossEntropyLoss from torchtune's source (pytorch/torchtune@bd2a0fc
+    torchtune/modules/loss/cross_entropy_loss.py), executed from its file with the two torchtune
+    modules it imports executed from theirs (modules/loss/loss_types.py for SFTLoss,
+    utils/_logging.py for get_logger): the package's __init__ needs torchao."""
+    module = _module_file(
+        "torchtune",
+        f"LinearCrossEntropyLoss is unreleased: the source of {TORCHTUNE_HEAD} on PYTHONPATH",
+        ("modules", "loss", "cross_entropy_loss.py"),
+        {
+            "torchtune.modules.loss.loss_types": ("modules", "loss", "loss_types.py"),
+            "torchtune.utils": ("utils", "_logging.py"),
+        },
+    )
+    return module.LinearCrossEntropyLoss
+
+
+def torchtune_linear_ce_step(built, ids):
+    """torchtune's recipe with LinearCrossEntropyLoss (pytorch/torchtune@bd2a0fc
+    recipes/lora_finetune_single_device.py:313-319, 584-602): set_model_output makes the decoder
+    return its final norm's output (skip_output_layer, modules/transformer.py:678-689) and gives
+    the loss the output layer (cross_entropy_loss.py:67-70); the loss keeps the rows whose label
+    is not ignored, splits them into 8 chunks and projects and cross-entropies each in turn
+    (:147-188); compile_loss compiles compute_cross_entropy, projection and CE of one chunk
+    (training/_compile.py:56-75, cross_entropy_loss.py:54-65). Labels shifted with an ignored
+    last column (datasets/_sft.py:165-175); the hidden state dropped after the loss (`del outputs`)."""
+    import types
+
+    import torch
+
+    decoder, head, _ = _parts(built.model)
+    if built.loss_fn is None:
+        built.loss_fn = torchtune_linear_ce_class()()
+        built.loss_fn.set_model_output(types.SimpleNamespace(output=head))
+        if built.setup.compile:
+            built.loss_fn.apply_compile_strategy(backend="inductor")
+    hidden = decoder(input_ids=ids, **built.inputs(ids)).last_hidden_state
+    ignore = torch.full((ids.shape[0], 1), IGNORE_INDEX, dtype=ids.dtype, device=ids.device)
+    return built.loss_fn(hidden, torch.hstack((ids[..., 1:], ignore))), None
+
+
 def axolotl_chunked_module():
     """axolotl's chunked cross-entropy patch, loaded from its file: the package's __init__
     pulls in axolotl's whole dependency set, the patch only torch (axolotl==0.19.0
     axolotl/monkeypatch/loss/chunked.py). find_spec only locates the package: an installed
     axolotl, or its source on PYTHONPATH."""
-    return _module_file("axolotl", "axolotl==0.19.0", ("monkeypatch", "loss", "chunked.py"))
+    return _module_file("axolotl", "pip install axolotl==0.19.0 --no-deps", ("monkeypatch", "loss", "chunked.py"))
 
 
 def axolotl_chunked_step(built, ids):
@@ -178,6 +242,7 @@ def unsloth_step(built, ids):
 LOSS_STEPS: dict[Loss, Callable] = {
     Loss.HF: hf_step,
     Loss.CHUNKED: torchtune_step,
+    Loss.TORCHTUNE_LINEAR_CE: torchtune_linear_ce_step,
     Loss.TRL_CHUNKED_NLL: trl_step,
     Loss.LIGER: liger_step,
     Loss.CCE: cce_step,
