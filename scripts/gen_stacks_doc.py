@@ -38,6 +38,7 @@ KNOB_ORDER = [
     "attention",
     "packing",
     "fsdp_version",
+    "fsdp_embedding_units",
     "cpu_offload",
 ]
 

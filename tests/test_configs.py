@@ -787,3 +787,19 @@ def test_torchtune_linear_cross_entropy_is_its_own_loss(tmp_path):
     reading = read_config([str(f)])
     assert reading.fields["loss"] == Loss.TORCHTUNE_LINEAR_CE
     assert "loss._component_" not in {u.key for u in reading.unmodelled}
+
+
+def test_torchtune_custom_sharded_layers_reads_as_embedding_units(tmp_path):
+    # torchtune==0.6.1 recipes/configs/llama3_1/70B_full.yaml:77; an empty list keeps them in the root
+    base = (
+        "model:\n  _component_: torchtune.models.llama3_1.llama3_1_70b\n"
+        "batch_size: 2\nfsdp_cpu_offload: True\ndtype: bf16\n"
+    )
+    for listed, want in (("['tok_embeddings', 'output']", True), ("[]", False)):
+        path = tmp_path / "tt.yaml"
+        path.write_text(base + f"custom_sharded_layers: {listed}\n")
+        fields = dict(setup_fields(read_config([str(path)]), world=8))
+        assert fields["fsdp_embedding_units"] is want
+    path.write_text(base + "custom_sharded_layers: tok_embeddings\n")
+    with pytest.raises(VramplanError, match="custom_sharded_layers"):
+        read_config([str(path)])

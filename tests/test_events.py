@@ -393,6 +393,9 @@ KNOB_SETUPS = [
     {"method": "qlora", "fsdp": 2, "stack": "hf-trainer", "gradient_checkpointing": True},
     {"method": "full", "deepspeed": "zero2", "offload_optimizer": True},
     {"method": "full", "deepspeed": "zero3", "data_parallel": 2},
+    # torchtune's custom_sharded_layers: embedding and lm_head units of their own (memory/fsdp.py)
+    {"method": "full", "fsdp": 2, "fsdp_embedding_units": True, "gradient_checkpointing": True},
+    {"method": "full", "fsdp": 4, "fsdp_embedding_units": True, "cpu_offload": True},
     # Unsloth's fused LoRA layers (memory/unsloth.py), checkpointed and not
     {"method": "qlora", "stack": "unsloth"},
     {"method": "lora", "stack": "unsloth", "gradient_checkpointing": False, "activation_offload": "none"},

@@ -587,6 +587,11 @@ class TrainingSetup(BaseModel):
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
     fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
+    fsdp_embedding_units: bool = Field(
+        False,
+        description="FSDP2: the input embedding and lm_head each an FSDP unit of their own, gathered only "
+        "around their own forward and backward (torchtune's custom_sharded_layers: ['tok_embeddings', 'output'])",
+    )
     deepspeed: DeepSpeedStage | None = Field(None, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="DeepSpeed offload_optimizer to the CPU")
     offload_params: bool = Field(False, description="DeepSpeed ZeRO-3 offload_param to the CPU")
@@ -918,6 +923,8 @@ class TrainingSetup(BaseModel):
             words.append(f"fsdp-v{self.fsdp_version}")
         if self.sharded and self.fsdp_sharding != FsdpSharding.FULL:
             words.append(f"sharding={self.fsdp_sharding.value}")
+        if self.sharded and self.fsdp_version == 2 and self.fsdp_embedding_units:
+            words.append("embedding-units")
         if self.fsdp == 1 and self.cpu_offload:
             words.append("fsdp-1gpu+offload")
         if self.engine == Engine.DDP:

@@ -50,6 +50,7 @@ STACK_KNOBS = frozenset(
         "attention",
         "packing",
         "fsdp_version",
+        "fsdp_embedding_units",
         "cpu_offload",
     }
 )

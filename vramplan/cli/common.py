@@ -184,6 +184,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     """How the GPUs share the work: DDP, FSDP1/2, DeepSpeed ZeRO (docs/memory-model.md, "Engines")."""
     _flag(p, "fsdp_version", type=int, choices=(1, 2))
     _flag(p, "fsdp_sharding", choices=_choices(FsdpSharding))
+    _flag(p, "fsdp_embedding_units", boolean=True)
     _flag(p, "deepspeed", choices=_choices(DeepSpeedStage))
     _flag(p, "offload_optimizer", boolean=True)
     _flag(p, "offload_params", boolean=True)

@@ -98,7 +98,7 @@ def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
     if setup.method != Method.GALORE:
         out.pop("galore_rank"), out.pop("galore_update_proj_gap")
     if setup.fsdp == 1:
-        out.pop("fsdp_version"), out.pop("fsdp_sharding")
+        out.pop("fsdp_version"), out.pop("fsdp_sharding"), out.pop("fsdp_embedding_units")
     if fmt == "accelerate":  # the launch file owns the engine and the autocast, nothing else
         out = {k: v for k, v in out.items() if k in ENGINE_FIELDS or k == "precision"}
         out["nodes"] = setup.nodes
@@ -449,6 +449,7 @@ def _torchtune(s: TrainingSetup, model: str, world: int | None) -> tuple[str, di
     if s.fsdp > 1:
         d["fsdp_cpu_offload"] = s.cpu_offload
         d["fsdp_reshard_after_forward"] = s.fsdp_sharding == FsdpSharding.FULL
+        d["custom_sharded_layers"] = ["tok_embeddings", "output"] if s.fsdp_embedding_units else []
     kind = "lora" if s.lora_like else "full"
     recipe = f"{kind}_finetune_{'distributed' if s.fsdp > 1 else 'single_device'}"
     nproc = f"--nproc_per_node {s.fsdp} " if s.fsdp > 1 else ""

@@ -253,3 +253,19 @@ def _distributed(c: Collector) -> None:
     if reshard is not None:
         on = c.flag("fsdp_reshard_after_forward", reshard)
         c.set("fsdp_reshard_after_forward", "fsdp_sharding", FsdpSharding.FULL if on else FsdpSharding.SHARD_GRAD_OP)
+    _custom_sharded_layers(c)
+
+
+def _custom_sharded_layers(c: Collector) -> None:
+    """``custom_sharded_layers: ['tok_embeddings', 'output']`` (the 70B/8B full distributed configs,
+    torchtune==0.6.1 recipes/configs/llama3_1/70B_full.yaml:77): those modules get fully_shard of
+    their own before the decoder layers (training/_distributed.py:519-568 shard_model). An empty
+    list or null is the configs' default: embedding and output stay in the root unit."""
+    layers = c.get("custom_sharded_layers")
+    if layers is None:
+        return
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise c.fail("custom_sharded_layers", "a list of module names, e.g. ['tok_embeddings', 'output']", layers)
+    named = sorted({"tok_embeddings", "output"} & set(layers))
+    note = "" if len(named) == 2 else f"only {named} listed: modelled as both separate units"
+    c.set("custom_sharded_layers", "fsdp_embedding_units", bool(named), note)

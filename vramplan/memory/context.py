@@ -133,6 +133,7 @@ class StepContext:
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
     engine: EngineBuffers = field(default_factory=EngineBuffers)
     gathering: Gathering = field(default_factory=Gathering)  # FSDP: when units are unsharded
+    head_unit: int = 0  # FSDP: lm_head's own unit, gathered at the loss only (fsdp.head_unit_bytes)
 
     @property
     def tokens(self) -> int:

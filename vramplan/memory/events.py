@@ -372,12 +372,13 @@ class _Builder:
         return out
 
     def _fsdp_split(self) -> list[int]:
-        """FSDP's buffers as its all-gathers: the root unit, then decoder units."""
+        """FSDP's buffers as its all-gathers: the root unit, lm_head's own (at the loss), then
+        decoder units."""
         units = self.ctx.units
         if not units:
             return []
         layer = max((v for k, v in units.items() if k is not None), default=0)
-        return [units.get(None, 0), layer, layer]
+        return [units.get(None, 0), self.ctx.head_unit, layer, layer]
 
 
 def _first_grad(ctx: StepContext) -> bool:

@@ -104,15 +104,44 @@ def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Para
     return None if tied else embed
 
 
+def separate_head_units(params: list[Param], setup: TrainingSetup) -> list[Param]:
+    """--fsdp-embedding-units (torchtune's custom_sharded_layers: ['tok_embeddings', 'output'],
+    torchtune==0.6.1 training/_distributed.py:519-568 shard_model: fully_shard on each matching
+    module, children first, then on the whole model): the input embedding and the output
+    projection leave the root unit, which vramplan keeps unsharded from forward to backward
+    (torch 2.13 distributed/fsdp/_fully_shard/_fsdp_state.py `_lazy_init`: the root's
+    post_forward_mesh_info is None). Each is gathered around its own forward and backward
+    instead. Returns the embedding and, when untied, lm_head (the first root parameter
+    and the one of its shape, as accelerate_embedding_unit reads them); [] otherwise."""
+    if not (setup.fsdp_embedding_units and setup.sharded and setup.fsdp_version == 2):
+        return []
+    root = [p for p in params if p.layer is None]
+    if not root:
+        return []
+    embed = root[0]
+    heads = [p for p in root[1:] if p.dim0 == embed.dim0 and p.numel == embed.numel]
+    return [embed, *heads[:1]]
+
+
+def head_unit_bytes(params: list[Param], setup: TrainingSetup) -> int:
+    """All-gathered bytes of the output projection's own unit (the tied embedding when there is
+    no lm_head): held at the loss and in lm_head's backward only."""
+    units = separate_head_units(params, setup)
+    if not units or setup.fsdp_sharding == FsdpSharding.NO_SHARD:
+        return 0
+    return unit_bytes([units[-1]], setup.shard_world)[None]
+
+
 def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
     """All-gathered bytes per unit under the setup's FSDP (none under NO_SHARD)."""
     world = setup.shard_world
     if not setup.sharded or setup.fsdp_sharding == FsdpSharding.NO_SHARD:
         return {}
     if setup.fsdp_version == 2:
-        embed = accelerate_embedding_unit(params, setup)
+        apart = [accelerate_embedding_unit(params, setup), *separate_head_units(params, setup)]
         ignored = ignores_4bit(setup)  # never all-gathered: resident whole (memory/accelerate.py)
-        return unit_bytes([p for p in params if p is not embed and not (ignored and p.kind.quantized)], world)
+        kept = [p for p in params if not any(p is a for a in apart) and not (ignored and p.kind.quantized)]
+        return unit_bytes(kept, world)
     flat: dict[int | None, int] = {}
     for p in params:
         flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)

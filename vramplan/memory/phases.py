@@ -24,6 +24,7 @@ from vramplan.memory.fsdp import (
     engine_units,
     forward_end_gathered,
     gathering,
+    head_unit_bytes,
     layer_forward_gathered,
 )
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
@@ -68,6 +69,7 @@ class Prepared:
     static: StaticBytes
     units: dict[int | None, int]
     engine: EngineBuffers
+    head_unit: int = 0
 
 
 def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
@@ -77,7 +79,8 @@ def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
 def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
     params = parameters(spec, setup)
     static, engine = engine_static(spec, params, setup, static_bytes)
-    return Prepared(spec, _token_free_key(setup), params, static, engine_units(params, setup), engine)
+    units = engine_units(params, setup)
+    return Prepared(spec, _token_free_key(setup), params, static, units, engine, head_unit_bytes(params, setup))
 
 
 def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> StepContext:
@@ -93,6 +96,7 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
         params=params,
         static=prepared.static,
         units=prepared.units,
+        head_unit=prepared.head_unit,
         per_layer=saved.per_layer,
         acts=saved.total,
         layer_acts=saved.layers,
@@ -113,10 +117,15 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     )
 
 
+# lm_head's own FSDP unit (--fsdp-embedding-units) is gathered for the loss and its backward
+_HEAD_GATHERED = (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD)
+
+
 def _at_forward_end(ctx: StepContext, kind: PhaseKind, activations: int, transient: int) -> Phase:
     ph = ctx.base(kind).add(C.ACTIVATIONS, activations).add(C.TRANSIENT, transient)
     if ctx.sharded:
-        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units, ctx.gathering))
+        head = ctx.head_unit if kind in _HEAD_GATHERED else 0
+        ph.add(C.FSDP_BUFFERS, forward_end_gathered(ctx.units, ctx.gathering) + head)
     return ph
 
 
