@@ -172,14 +172,15 @@ ADAPTER_GAPS = {
         dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
         WIDE_SHORT,
     ),
-    # a 4-bit base on an fp32 stream under autocast (fp32 weights): what the layer saves around
-    # the 4-bit Linear (its fp32 output cast, Linear4bit `out.to(inp_dtype)`) is not modelled;
-    # the frozen lm_head's saved bf16 copy is (qlora-nf4-fp32w-mixed-ckpt in "adapters")
-    "qlora-nf4-fp32w-mixed": (LLAMA, dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed"), B2S256),
-    "qlora-hqq4-fp32w-mixed": (
-        LLAMA,
-        dict(method="qlora", quant="hqq4", model_dtype="fp32", precision="mixed"),
-        B2S256,
+    # a 4-bit bitsandbytes base on the fp32 stream, checkpointed, where the recompute's MLP is the
+    # forward's peak: peft's `result + lora_out` adds an fp32 result and a bf16 adapter output, and
+    # the CPU's TensorIterator promotes the bf16 input by a copy (ATen TensorIterator.cpp
+    # compute_types, "Creates temporaries for CPU operations": common_device == kCPU only; CUDA
+    # casts inside the kernel): 4 bytes per MLP element the trace holds and CUDA does not
+    "v64-qlora-nf4-fp32w-mixed-ckpt": (
+        V64,
+        dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed", gradient_checkpointing=True),
+        V64_SHAPE,
     ),
 }
 

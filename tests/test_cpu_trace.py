@@ -522,6 +522,12 @@ LOSS_CASES = {
     "axolotl-chunked-b1-lora": (LLAMA, dict(stack="axolotl", method="lora", loss="chunked", batch_size=1, seq_len=512)),
     "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
     "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
+    # on TRL's own default: LoRA on fp32 weights under autocast (an fp32 final norm output, its
+    # rows and each lm_head slice cast to bf16 per tile: at most V rows of the weight)
+    "trl-fused-head-lora-fp32w-mixed": (
+        LLAMA,
+        dict(method="lora", loss="trl-chunked-nll", model_dtype="fp32", precision="mixed"),
+    ),
 }
 LOSS_LIBRARY = {
     "chunked": "torchtune",
@@ -648,6 +654,24 @@ ADAPTER_CASES = {
         dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed", gradient_checkpointing=True),
         B2S256,
     ),
+    # a 4-bit base on the fp32 stream: bitsandbytes' Linear4bit returns its output in the input's
+    # dtype (fp32 gate/up, so the MLP saves fp32 tensors), hqq saves its fp32 input
+    # (memory/quantization.py base_output_bytes, hqq_input_bytes)
+    "qlora-nf4-fp32w-mixed": (LLAMA, dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed"), B2S256),
+    "qlora-hqq4-fp32w-mixed": (
+        LLAMA,
+        dict(method="qlora", quant="hqq4", model_dtype="fp32", precision="mixed"),
+        B2S256,
+    ),
+    # a 64-token vocabulary: the last layer's forward at gate/up's adapter is the forward's peak
+    # (peft's sum in fp32, the base result's dtype: lora.lora_output_parts)
+    "v64-qlora-nf4-fp32w-mixed": (
+        TINY_VOCAB,
+        dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed"),
+        V64_SHAPE,
+    ),
+    # no --model-dtype: fp32 masters under mixed for QLoRA too, as TRL loads the model (verify/build.py)
+    "qlora-nf4-mixed": (LLAMA, dict(method="qlora", quant="nf4", precision="mixed"), B2S256),
     # torchtune's output layer runs on each of 8 chunks: eight saved copies of the frozen lm_head
     "torchtune-chunked-lora-fp32w-mixed": (
         LLAMA,

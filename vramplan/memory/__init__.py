@@ -11,7 +11,7 @@ f MLP width, V vocab, r LoRA rank, W FSDP world size. All values are integer byt
   storage.py        the allocator's 512 B rounding; Phase and StepModel
   context.py        ActivationContext (per layer), StepContext and StaticBytes (per step)
   parameters.py     every parameter tensor, dense storage, gradients
-  quantization.py   4-bit storage (nf4, hqq4), dequantize and quantize transients, build
+  quantization.py   4-bit storage (nf4, hqq4), what a 4-bit Linear returns and saves, transients, build
   lora.py           peft adapters: targets, storage, saved tensors, forward/backward points
   optimizers.py     optimizer states, step transients, layer-wise hooks, GaLore
   fsdp.py           FSDP2 sharding, units, gathered and reduce-scatter buffers

@@ -12,6 +12,7 @@ from vramplan.memory.attention import attention_forward_parts, attention_kind, a
 from vramplan.memory.context import ActivationContext, stream_bytes
 from vramplan.memory.mlp import ckpt_forward_parts
 from vramplan.memory.norms import norm_saved
+from vramplan.memory.quantization import base_output_bytes
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import ActivationOffload, Attention, TrainingSetup
@@ -50,7 +51,7 @@ def checkpointed_forward(
     first: the MLP's working set (mlp.ckpt_forward_parts), or the attention's
     (attention.attention_forward_parts) with the norm's output (post-norm: the layer's input,
     which the checkpoint holds anyway). [CPU trace]"""
-    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp)
+    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp, base_output_bytes(ctx))
     attn = [residual] if layer.pre_norm else []
     attn += attention_forward_parts(spec, layer, ctx, attention_span(ctx.setup))
     return attn if sum(attn) > sum(mlp) else mlp

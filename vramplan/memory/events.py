@@ -191,7 +191,12 @@ def layer_components(
         sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
         *attention,
         linears_saved(
-            layer.linears_with(LinearRole.O), spec.q_dim, ctx, True, input_shared=spec.attn_implementation == "sdpa"
+            layer.linears_with(LinearRole.O),
+            spec.q_dim,
+            ctx,
+            True,
+            input_shared=spec.attn_implementation == "sdpa",
+            from_stream=False,
         ),
         norm_saved(spec, ctx, True) * (n_norms - 1),
         *mlp_saved_parts(spec, layer, ctx, True),

@@ -12,7 +12,7 @@ from vramplan.memory.linears import linears_saved
 from vramplan.memory.lora import lora_backward_points, lora_forward_points
 from vramplan.memory.mlp import is_gated, mlp_saved, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
-from vramplan.memory.quantization import dequantize_backward
+from vramplan.memory.quantization import base_output_bytes, dequantize_backward
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, ModelSpec
@@ -41,6 +41,7 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
         ctx,
         True,
         input_shared=attention_kind(spec, setup) != Attention.EAGER,
+        from_stream=False,
     )
     saved += norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
     saved += mlp_saved(spec, layer, ctx, True)
@@ -91,13 +92,16 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     downs = layer.linears_with(*MLP_OUT_ROLES)
     gated = is_gated(layer)
     f = mlp_width(layer, h)
-    down_saved = linears_saved(downs, f, ctx, True) if downs and not layer.experts else 0
+    down_saved = linears_saved(downs, f, ctx, True, from_stream=False) if downs and not layer.experts else 0
     residual = ctx.stream * h
-    fwd = lora_forward_points(spec, layer, ctx, f, residual)
+    # what gate/up (and down) return: fp32 behind bnb's 4-bit Linear on an fp32 stream
+    b = 2 if layer.experts else base_output_bytes(ctx)
+    fwd = lora_forward_points(spec, layer, ctx, f, residual, b)
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
     deq = dequantize_backward(layer, ctx, residual)
     ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp))
-    mlp_grads = (residual, *[2 * f] * (3 if gated else 2))
+    # the MLP's elementwise grads, in the dtype of gate/up's output
+    mlp_grads = (residual, *[b * f] * (3 if gated else 2))
     return LayerPoints(
         down_saved=down_saved,
         mlp_grads=sum(mlp_grads),

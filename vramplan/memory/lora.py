@@ -102,11 +102,14 @@ def lora_forward_per_out(ctx: ActivationContext) -> int:
     return 4 if ctx.adapters_bf16 else 12
 
 
-def lora_output_parts(ctx: ActivationContext, out: int) -> list[int]:
+def lora_output_parts(ctx: ActivationContext, out: int, result: int = 2) -> list[int]:
     """lora_forward_per_out's tensors for `out` output features, oldest first: fp32 adapters
-    the scaled B output, the up-cast result and their sum; bf16 the scaled output and the sum."""
-    n = 2 if ctx.adapters_bf16 else 3
-    return [lora_forward_per_out(ctx) * out // n] * n
+    the scaled B output, the up-cast result and their sum; bf16 the scaled output and the sum,
+    which takes the base result's dtype (`result` bytes: fp32 behind bitsandbytes' 4-bit Linear
+    on an fp32 stream, quantization.base_output_bytes)."""
+    if ctx.adapters_bf16:
+        return [2 * out, result * out]
+    return [lora_forward_per_out(ctx) * out // 3] * 3
 
 
 def lora_grad_width(ctx: ActivationContext) -> int:
@@ -134,29 +137,32 @@ class LoraForwardPoints:
     post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
 
 
-def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int) -> list[int]:
+def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int, b: int) -> list[int]:
     """Per token, the tensors of an adapted Linear's forward before down, oldest first: inside
     the MLP the residual stream after attention, the norm's output feeding it (norm_out), the
-    copy its adapter reads under dropout, and peft's output terms."""
+    copy its adapter reads under dropout, and peft's output terms (o_proj's result bf16, the
+    others' `b` bytes)."""
     return [
         residual if lin.role in MLP_ROLES else 0,
         norm_out,
         lora_copy_local(lin.in_features, ctx),
-        *lora_output_parts(ctx, lin.out_features),
+        *lora_output_parts(ctx, lin.out_features, 2 if lin.role == LinearRole.O else b),
     ]
 
 
 def lora_forward_points(
-    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int, b: int = 2
 ) -> LoraForwardPoints:
-    """The layer's forward at its widest adapter and at down's. [CPU trace, dropout as CUDA holds it]"""
+    """The layer's forward at its widest adapter and at down's; `b` bytes per element of a base
+    Linear's result read from the stream, and of act*up (quantization.base_output_bytes).
+    [CPU trace, dropout as CUDA holds it]"""
     adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
     widest = max(
         (l for l in adapted if l.role not in MLP_OUT_ROLES),
-        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual)),
+        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, b)),
         default=None,
     )
     # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
@@ -168,8 +174,8 @@ def lora_forward_points(
     down_rc: list[int] = []
     if dn is not None:
         # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = [residual, norm_out, 0 if saved_norm_out else 2 * dn.in_features, lora_copy_local(dn.in_features, ctx)]
-        down, down_rc = common + lora_output_parts(ctx, dn.out_features), [*common, 2 * dn.out_features]
+        common = [residual, norm_out, 0 if saved_norm_out else b * dn.in_features, lora_copy_local(dn.in_features, ctx)]
+        down, down_rc = common + lora_output_parts(ctx, dn.out_features, b), [*common, b * dn.out_features]
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
@@ -184,13 +190,13 @@ def lora_forward_points(
         [
             *[residual] * (2 if layer.pre_norm else 1),
             lora_input_copy(widest.in_features, ctx),
-            *lora_output_parts(ctx, widest.out_features),
+            *lora_output_parts(ctx, widest.out_features, b),
         ]
         if widest is not None and in_mlp
         else []
     )
     return LoraForwardPoints(
-        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual)) if widest else (),
+        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual, b)) if widest else (),
         down=tuple(down),
         down_rc=tuple(down_rc),
         recompute_absent=absent,

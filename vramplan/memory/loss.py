@@ -237,9 +237,12 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     rows = setup.batch_size * (setup.seq_len - 1)
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
     tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
-    # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, a slice of an fp32 lm_head
+    # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, and a slice of an fp32
+    # lm_head, `weight[start:end].to(compute_dtype)` with end = min(start + 32768, V)
+    # (trl==1.16.0 kernels/chunked_logprob.py:352-356 forward, :420-423 backward): at most V rows,
+    # where the tile buffer is 32768 columns whatever V (mm_buf, :347, :413)
     casts = (min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0) + (
-        TRL_VOCAB_TILE * h * dt_c if dt_w != dt_c else 0
+        min(v, TRL_VOCAB_TILE) * h * dt_c if dt_w != dt_c else 0
     )
     saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
     # the final norm's output, its gathered rows, the statistics and the outputs scattered to N

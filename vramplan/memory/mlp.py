@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext
 from vramplan.memory.linears import linears_saved
+from vramplan.memory.quantization import base_output_bytes
 from vramplan.memory.types import (
     GATED_ROLES,
     MLP_IN_ROLES,
@@ -23,7 +24,9 @@ def mlp_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_g
 def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> list[int]:
     """Per token, what the MLP saves, in forward order, down's saves last. Gated MLP: act
     saves its input gate (a view keeps a fused gate_up alive), the mul saves act(gate) and
-    up, down_proj saves act*up only when its base needs it. [cal] MoE: one block (moe_saved)."""
+    up, down_proj saves act*up only when its base needs it, each in the dtype of gate/up's
+    output (quantization.base_output_bytes: fp32 behind a 4-bit bitsandbytes Linear on an fp32
+    stream). [cal] MoE: one block (moe_saved)."""
     h = spec.hidden
     if layer.experts:
         return [moe_saved(spec, layer, ctx, input_grad), 0]
@@ -33,8 +36,9 @@ def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, i
         return [0]
     f = downs[0].in_features
     gated = any(l.role in GATED_ROLES for l in ins)
-    inner = [2 * f] * 3 if gated else [2 * f]  # gated: gate, act(gate), up; plain: fc1 out
-    return [linears_saved(ins, h, ctx, input_grad), *inner, linears_saved(downs, f, ctx, True)]
+    b = base_output_bytes(ctx)
+    inner = [b * f] * 3 if gated else [b * f]  # gated: gate, act(gate), up; plain: fc1 out
+    return [linears_saved(ins, h, ctx, input_grad), *inner, linears_saved(downs, f, ctx, True, from_stream=False)]
 
 
 def moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
@@ -69,25 +73,26 @@ def ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residua
 
 
 def ckpt_forward_parts(
-    spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: list[int]
+    spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: list[int], b: int = 2
 ) -> list[int]:
     """Per token, the tensors of a checkpointed layer's forward at the MLP, oldest first: the
     residual stream after attention and the MLP's input, then act(gate), up and their product
     (a fused gate_up, and MoE experts, keep the whole fused output behind the views; MoE also
     the gathered expert inputs; a plain MLP: fc1's output and its activation); with an
     adapted gate/up (`lora_mlp`: that adapter's tensors, lora.LoraForwardPoints.ckpt_mlp_parts),
-    that adapter's path on top of act(gate) and the up projection's base output, where wider.
-    [CPU trace]"""
+    that adapter's path on top of act(gate) and the up projection's base output, where wider;
+    `b` bytes per element of gate/up's output (quantization.base_output_bytes). [CPU trace]"""
     fused = bool(layer.linears_with(LinearRole.GATE_UP)) or bool(layer.experts)
+    b = 2 if layer.experts else b  # expert tensors are not 4-bit Linears
     # the MLP's input is the norm's output, or (post-norm) the residual stream itself
     stream = [residual] * (2 if layer.pre_norm else 1)
-    inner = [4 * f, 2 * f, 2 * f] if fused else [2 * f] * 3 if gated else [2 * f, 2 * f]
+    inner = [2 * b * f, b * f, b * f] if fused else [b * f] * 3 if gated else [b * f, b * f]
     mlp = stream + inner
     if layer.experts:
         mlp.append(2 * layer.experts.top_k * spec.hidden)
     if not lora_mlp:
         return mlp
-    adapter = [2 * f, 2 * f] if gated else [2 * f]
+    adapter = [b * f, b * f] if gated else [b * f]
     adapter += lora_mlp
     return adapter if sum(adapter) > sum(mlp) else mlp
 

@@ -41,6 +41,32 @@ def quantized_store(kind: ParamKind, n: int) -> dict[C, int]:
     return {C.WEIGHTS: alloc(n / 2), C.QUANT_STATE: 2 * alloc(2 * groups)}
 
 
+# bitsandbytes==0.50.2 nn/modules.py:626-637 (Linear4bit.forward): `inp_dtype = x.dtype`, the input
+# cast to compute_dtype (bf16), `matmul_4bit(...).to(inp_dtype)`: on the fp32 stream under autocast
+# its output is fp32 (the matmul itself, MatMul4Bit / gemm_4bit, runs in bf16 and saves only the
+# packed weight: autograd/_functions.py:353-360). peft's `result + lora_B(...) * scaling` adds the
+# bf16 adapter output to it and type promotion keeps fp32, so the gated MLP's gate, act(gate) and
+# up (and down's input, act*up) are fp32 tensors, saved as such. hqq's HQQLinear
+# (hqq==0.2.8.post1 core/quantize.py:880-889) runs torch.matmul under autocast: bf16, as a dense
+# Linear's F.linear. The CPU trace runs bitsandbytes' default gemm_4bit (dequantize, then
+# F.linear in the input's dtype: backends/default/ops.py:323-342), CUDA its fused kernel or the
+# same dequantize + F.linear (backends/cuda/ops.py:919-960): the same output dtype either way.
+# [CPU trace: known-gaps-adapters' qlora-nf4-fp32w-mixed, adapters' qlora-nf4-fp32w-mixed-ckpt]
+def base_output_bytes(ctx: ActivationContext) -> int:
+    """Bytes per element of a base Linear's output read from the stream (the MLP's gate/up):
+    the stream's dtype behind a bitsandbytes 4-bit Linear (fp32 on an fp32 stream under
+    autocast), else bf16 (autocast's matmul, or a bf16 step)."""
+    return ctx.stream if ctx.quant == ParamKind.NF4 else 2
+
+
+def hqq_input_bytes(ctx: ActivationContext, from_stream: bool) -> int:
+    """Bytes per element of the input hqq's HQQMatmulNoCacheMul saves (core/quantize.py:322-334:
+    `ctx.save_for_backward(x, bias)`, x as the Linear got it): the norm's output, in the
+    stream's dtype, for q/k/v and gate/up; bf16 for o (the attention's output) and down
+    (act*up of hqq's bf16 outputs). [CPU trace: qlora-hqq4-fp32w-mixed]"""
+    return ctx.stream if from_stream else 2
+
+
 def packed_compute_bytes(numel: int) -> int:
     """A 4-bit weight as FSDP all-gathers it: still packed, two elements per byte."""
     return -(-numel // 2)
@@ -131,5 +157,9 @@ def dequantize_backward(layer: LayerSpec, ctx: ActivationContext, residual: int)
     # grad is back in bf16 and what it saved is freed when the base dequantizes
     adapted = lora_targeted(lin, ctx.setup)
     grads = (residual, *[2 * lin.in_features] * (2 if adapted else 1))
+    if base_output_bytes(ctx) == 4:
+        # bnb on an fp32 stream: .to(inp_dtype)'s backward hands MatMul4Bit a bf16 copy of the
+        # output grad; the adapter's grad is back in the input's fp32 (autocast's cast undone)
+        grads = (residual, 2 * lin.out_features, *[4 * lin.in_features] * adapted, 2 * lin.in_features)
     freed = lora_saved(lin.in_features, ctx, True, x_saved=ctx.quant == ParamKind.HQQ4) if adapted else 0
     return DequantizeBackward(lin.numel, grads, freed)

@@ -740,9 +740,13 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
-    dtype = torch.float32 if (setup.precision == Precision.MIXED and not qlora) else torch.bfloat16
-    if setup.model_dtype is not None or setup.precision == Precision.FP16:
-        dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
+    # the dense weights in the estimate's dtype (TrainingSetup.weight_dtype): under mixed without
+    # --model-dtype fp32 for QLoRA too, as TRL loads a model given by name (trl==1.16.0
+    # trainer/utils.py:1332-1336: dtype defaults to float32) and transformers==5.24.0 keeps that
+    # dtype for the modules bitsandbytes does not quantize (quantizers/base.py:100-110 update_dtype,
+    # which quantizer_bnb_4bit.py does not override); the 4-bit Linears compute in bf16
+    # (bnb_4bit_compute_dtype=torch.bfloat16, as the QLoRA recipes set it)
+    dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
     model = meta_model(cfg, spec, dtype, setup.attention)
     prefix = decoder_prefix(model, spec.num_layers)
     low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
