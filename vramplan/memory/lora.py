@@ -4,6 +4,7 @@ adapter path reads, and its forward's output terms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
@@ -121,6 +122,22 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
     return (ctx.adapters_bf16 and not ctx.lora_autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
 
 
+def lora_outputs(lin: Linear, ctx: ActivationContext, saving: bool) -> list[int]:
+    """Per token, an adapted Linear's output terms (lora_output_parts), saving forward or not."""
+    return lora_output_parts(ctx, lin.out_features)
+
+
+def lora_recompute_stop(lin: Linear, ctx: ActivationContext) -> list[int]:
+    """Per token, down's forward where the recompute stops: lora_B has saved its input, the
+    layer's last saved tensor, so only the base's bf16 result exists, not the adapter path."""
+    return [2 * lin.out_features]
+
+
+# what an adapter variant holds at a Linear's widest: (Linear, context, saving forward) -> parts
+OutputParts = Callable[[Linear, ActivationContext, bool], list[int]]
+StopParts = Callable[[Linear, ActivationContext], list[int]]
+
+
 @dataclass(frozen=True)
 class LoraForwardPoints:
     """Per-token bytes of one decoder layer's forward at its adapters."""
@@ -132,9 +149,14 @@ class LoraForwardPoints:
     down_absent: int  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
     ckpt_mlp: tuple[int, ...]  # a forward that saves nothing, at an adapted MLP Linear (empty: none)
     post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
+    widest_linear: Linear | None = None  # the Linear of `widest` (and of ckpt_mlp)
+    down_linear: Linear | None = None  # the adapted down projection of `down`
+    down_common: tuple[int, ...] = ()  # down's locals before its output terms (`down` less those)
 
 
-def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int) -> list[int]:
+def _forward_locals_at(
+    lin: Linear, ctx: ActivationContext, norm_out: int, residual: int, outputs: OutputParts = lora_outputs
+) -> list[int]:
     """Per token, the tensors of an adapted Linear's forward before down, oldest first: inside
     the MLP the residual stream after attention, the norm's output feeding it (norm_out), the
     copy its adapter reads under dropout, and peft's output terms."""
@@ -142,21 +164,29 @@ def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, resid
         residual if lin.role in MLP_ROLES else 0,
         norm_out,
         lora_copy_local(lin.in_features, ctx),
-        *lora_output_parts(ctx, lin.out_features),
+        *outputs(lin, ctx, True),
     ]
 
 
 def lora_forward_points(
-    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int
+    spec: ModelSpec,
+    layer: LayerSpec,
+    ctx: ActivationContext,
+    f: int,
+    residual: int,
+    outputs: tuple[OutputParts, StopParts] = (lora_outputs, lora_recompute_stop),
 ) -> LoraForwardPoints:
-    """The layer's forward at its widest adapter and at down's. [CPU trace, dropout as CUDA holds it]"""
+    """The layer's forward at its widest adapter and at down's; `outputs`: the adapter
+    variant's output terms and where the recompute stops in down (LoRA's, DoRA's).
+    [CPU trace, dropout as CUDA holds it]"""
+    terms, stop = outputs
     adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
     widest = max(
         (l for l in adapted if l.role not in MLP_OUT_ROLES),
-        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual)),
+        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, terms)),
         default=None,
     )
     # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
@@ -166,10 +196,11 @@ def lora_forward_points(
     dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
     down: list[int] = []
     down_rc: list[int] = []
+    common: list[int] = []
     if dn is not None:
         # (the decoder layer still holds the norm's output it passed to the MLP)
         common = [residual, norm_out, 0 if saved_norm_out else 2 * dn.in_features, lora_copy_local(dn.in_features, ctx)]
-        down, down_rc = common + lora_output_parts(ctx, dn.out_features), [*common, 2 * dn.out_features]
+        down, down_rc = common + terms(dn, ctx, True), [*common, *stop(dn, ctx)]
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
@@ -184,19 +215,22 @@ def lora_forward_points(
         [
             *[residual] * (2 if layer.pre_norm else 1),
             lora_input_copy(widest.in_features, ctx),
-            *lora_output_parts(ctx, widest.out_features),
+            *terms(widest, ctx, False),
         ]
         if widest is not None and in_mlp
         else []
     )
     return LoraForwardPoints(
-        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual)) if widest else (),
+        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual, terms)) if widest else (),
         down=tuple(down),
         down_rc=tuple(down_rc),
         recompute_absent=absent,
         down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and dn is not None else 0,
         ckpt_mlp=tuple(ckpt_mlp),
         post_mlp_norm=post_mlp_norm,
+        widest_linear=widest,
+        down_linear=dn,
+        down_common=tuple(common),
     )
 
 
