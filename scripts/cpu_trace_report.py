@@ -47,14 +47,12 @@ from test_cpu_trace import (  # noqa: E402
     OPTIMIZER_CASES,
     V64_SHAPE,
     WIDE,
-    WIDE_SHORT,
     _build_compared,
     _model_build_peak,
     _model_phases,
     engine_model_phases,
     optimizer_model_phases,
 )
-from test_cpu_trace import TINY_VOCAB as V64  # noqa: E402
 from test_cpu_trace import TINY_VOCAB as V64_LLAMA  # noqa: E402
 
 from vramplan.estimate import make_setup  # noqa: E402
@@ -159,19 +157,8 @@ OLMO2_WIDE = dict(
     hidden_act="silu",
 )
 
-# DoRA where a decoder layer dominates (64-token vocabulary) or checkpointing recomputes it:
-# the model leaves out DoRA's per-token forward and backward working set (base and lora
-# results, their fp32 products with the magnitude) and its weight norm inside the recompute
+# The traced adapters' known residuals (docs/memory-model.md, "Adapter dtype" .. "DoRA")
 ADAPTER_GAPS = {
-    # the weight norm is the forward's peak (traced within 1%); backward holds ~1 MiB more than modelled
-    "wide-lora-dora": (WIDE, dict(method="lora", dora=True), WIDE_SHORT),
-    "v64-lora-dora": (V64, dict(method="lora", dora=True), V64_SHAPE),
-    "v64-lora-dora-ckpt": (V64, dict(method="lora", dora=True, gradient_checkpointing=True), V64_SHAPE),
-    "wide-lora-bf16-dora-ckpt": (
-        WIDE,
-        dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
-        WIDE_SHORT,
-    ),
     # a 4-bit base on an fp32 stream under autocast (fp32 weights): what the layer saves around
     # the 4-bit Linear (its fp32 output cast, Linear4bit `out.to(inp_dtype)`) is not modelled;
     # the frozen lm_head's saved bf16 copy is (qlora-nf4-fp32w-mixed-ckpt in "adapters")
