@@ -168,6 +168,16 @@ def _forward_locals_at(
     ]
 
 
+def _down_common(dn: Linear | None, ctx: ActivationContext, residual: int, norm_out: int, saved: bool) -> list[int]:
+    """Per token, down's adapter's locals before its output terms: down runs last, with the
+    whole MLP saved; its input, act(gate)*up, is a local unless a node saved it (`saved`),
+    plus the copy the adapter reads under dropout; the decoder layer still holds the norm's
+    output it passed to the MLP and the residual stream after attention."""
+    if dn is None:
+        return []
+    return [residual, norm_out, 0 if saved else 2 * dn.in_features, lora_copy_local(dn.in_features, ctx)]
+
+
 def lora_forward_points(
     spec: ModelSpec,
     layer: LayerSpec,
@@ -189,18 +199,11 @@ def lora_forward_points(
         key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, terms)),
         default=None,
     )
-    # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
-    # local unless a node saved it, plus the copy the adapter reads under dropout. In the
-    # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
-    # tensor the layer saves: only the base's bf16 result exists there, not the adapter path
+    # in the recompute torch's checkpoint stops early, in down (`stop`: LoRA's, DoRA's)
     dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
-    down: list[int] = []
-    down_rc: list[int] = []
-    common: list[int] = []
-    if dn is not None:
-        # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = [residual, norm_out, 0 if saved_norm_out else 2 * dn.in_features, lora_copy_local(dn.in_features, ctx)]
-        down, down_rc = common + terms(dn, ctx, True), [*common, *stop(dn, ctx)]
+    common = _down_common(dn, ctx, residual, norm_out, saved_norm_out)
+    down = common + terms(dn, ctx, True) if dn else []
+    down_rc = [*common, *stop(dn, ctx)] if dn else []
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
