@@ -47,7 +47,6 @@ from test_cpu_trace import (  # noqa: E402
     OPTIMIZER_CASES,
     V64_SHAPE,
     WIDE,
-    WIDE_SHORT,
     _build_compared,
     _model_build_peak,
     _model_phases,
@@ -159,19 +158,8 @@ OLMO2_WIDE = dict(
     hidden_act="silu",
 )
 
-# DoRA where a decoder layer dominates (64-token vocabulary) or checkpointing recomputes it:
-# the model leaves out DoRA's per-token forward and backward working set (base and lora
-# results, their fp32 products with the magnitude) and its weight norm inside the recompute
+# The traced adapters' known residuals (docs/memory-model.md, "Adapter dtype" .. "DoRA")
 ADAPTER_GAPS = {
-    # the weight norm is the forward's peak (traced within 1%); backward holds ~1 MiB more than modelled
-    "wide-lora-dora": (WIDE, dict(method="lora", dora=True), WIDE_SHORT),
-    "v64-lora-dora": (V64, dict(method="lora", dora=True), V64_SHAPE),
-    "v64-lora-dora-ckpt": (V64, dict(method="lora", dora=True, gradient_checkpointing=True), V64_SHAPE),
-    "wide-lora-bf16-dora-ckpt": (
-        WIDE,
-        dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
-        WIDE_SHORT,
-    ),
     # a 4-bit bitsandbytes base on the fp32 stream, checkpointed, where the recompute's MLP is the
     # forward's peak: peft's `result + lora_out` adds an fp32 result and a bf16 adapter output, and
     # the CPU's TensorIterator promotes the bf16 input by a copy (ATen TensorIterator.cpp

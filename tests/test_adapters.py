@@ -177,14 +177,51 @@ def test_a_card_without_bf16_gets_fp16_unless_precision_is_given(spec):
     assert est.setup.precision == Precision.FP16 and any("no bf16" in n for n in est.notes)
 
 
-def test_dora_recompute_keeps_every_eye_until_the_layer_backward_ends(spec):
-    # eye(in) + lora_A(eye) per adapted Linear, fp32: q, k, v, o, gate, up read 256 features,
-    # down 768; then down's norm terms: lora_weight, its scaled copy, the sum, the fp32 weight
+def test_dora_recompute_holds_only_the_last_linears_eye(spec):
+    # the checkpoint frame drops what the recompute packs for the lora_weight graphs (their
+    # holders died with the original forward's): only down's own eye(768) + lora_A(eye), its
+    # lora_weight, scaled copy, sum and fp32 weight copy, at its norm
     from vramplan.memory.dora import dora_recompute
 
     setup = make_setup(method="lora", dora=True, gradient_checkpointing=True)
-    eye_graph = 6 * (4 * 256 * 256 + 4 * 256 * R) + (4 * 768 * 768 + 4 * 768 * R)
-    assert dora_recompute(spec.layers[0], setup) == (eye_graph, 4 * 4 * 768 * 256)
-    assert dora_recompute(spec.layers[0], make_setup(method="lora", dora=True)) == (0, 0)
+    ctx = activation_context(setup)
+    expected = 4 * 768 * 768 + 4 * 768 * R + 4 * 4 * 768 * 256
+    assert dora_recompute(spec.layers[0], setup, ctx) == expected
+    plain = make_setup(method="lora", dora=True)
+    assert dora_recompute(spec.layers[0], plain, activation_context(plain)) == 0
     points = {p.point for p in step_model(spec, setup, every_layer=True).phases if p.point}
-    assert "DoRA recompute" in points
+    assert {"DoRA recompute", "DoRA", "DoRA (MLP)"} <= points
+
+
+def test_dora_forward_holds_three_products_per_output_feature(spec):
+    # up 256 -> 768: (m - 1) * base, m * lora_result, its scaled copy; fp32 adapters fp32
+    # products, bf16 adapters bf16; a forward that saves nothing holds lora_B's output too
+    from vramplan.memory.dora import dora_output_parts, dora_recompute_stop
+
+    up = next(l for l in spec.layers[0].linears if l.role == "up")
+    fp32 = activation_context(make_setup(method="lora", dora=True, lora_dropout=0.0))
+    bf16 = activation_context(make_setup(method="lora", dora=True, adapter_dtype="bf16", lora_dropout=0.0))
+    assert dora_output_parts(up, fp32, saving=True) == [4 * 768] * 3
+    assert dora_output_parts(up, fp32, saving=False) == [4 * 768] * 4
+    assert dora_output_parts(up, bf16, saving=True) == [2 * 768] * 3
+    drop = activation_context(make_setup(method="lora", dora=True, lora_dropout=0.05))
+    # dropout(x) (fp32, 256 wide) and the recomputed fp32 base output beside lora_B's output
+    assert dora_output_parts(up, drop, saving=False) == [4 * 768, 4 * 256, 4 * 768] + [4 * 768] * 3
+    # the recompute stops once m * lora_result packed lora_B's output: two products exist
+    assert dora_recompute_stop(up, fp32) == [4 * 768] * 2
+
+
+def test_dora_backward_holds_the_magnitudes_grad_before_its_reduction(spec):
+    # down 768 -> 256 at MulBackward0(m * lora_result): fp32 adapters: the output grad up-cast
+    # (4), the base branch's bf16 copy (2), the node's input grad, lora_B output's grad and the
+    # magnitude's unreduced grad (3 x 4); bf16 adapters: the output grad itself and three bf16
+    from vramplan.memory.dora import dora_backward_parts, dora_recompute_grads
+
+    down = next(l for l in spec.layers[0].linears if l.role == "down")
+    fp32 = activation_context(make_setup(method="lora", dora=True, lora_dropout=0.0))
+    bf16 = activation_context(make_setup(method="lora", dora=True, adapter_dtype="bf16", lora_dropout=0.0))
+    assert dora_backward_parts(down, fp32, grad_held=True) == [4 * 256, 2 * 256] + [4 * 256] * 3
+    assert dora_backward_parts(down, bf16, grad_held=False) == [2 * 256] * 4
+    assert dora_backward_parts(down, bf16, grad_held=True) == [2 * 256] * 3
+    # the recompute starts when that node unpacks lora_B's output: its input grad is in flight
+    assert dora_recompute_grads(down, fp32) == [4 * 256, 2 * 256, 4 * 256]

@@ -683,6 +683,17 @@ ADAPTER_CASES = {
     "lora-bf16-dora": (LLAMA, dict(method="lora", dora=True, adapter_dtype="bf16"), B2S256),
     "qlora-nf4-dora": (LLAMA, dict(method="qlora", quant="nf4", dora=True), B2S256),
     "wide-qlora-nf4-dora": (WIDE, dict(method="qlora", quant="nf4", dora=True), WIDE_SHORT),
+    # the weight norm the forward's peak, the MLP's input adapter's magnitude grad the backward's
+    "wide-lora-dora": (WIDE, dict(method="lora", dora=True), WIDE_SHORT),
+    # a decoder layer dominating (64-token vocabulary): DoRA's per-token products and grads
+    "v64-lora-dora": (TINY_VOCAB, dict(method="lora", dora=True), V64_SHAPE),
+    # checkpointing: the checkpointed forward's DoRA locals, the recompute up to its early stop
+    "v64-lora-dora-ckpt": (TINY_VOCAB, dict(method="lora", dora=True, gradient_checkpointing=True), V64_SHAPE),
+    "wide-lora-bf16-dora-ckpt": (
+        WIDE,
+        dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
+        WIDE_SHORT,
+    ),
 }
 
 
@@ -879,6 +890,7 @@ def test_the_engines_group_is_committed():
 # the fast tier holds every traced case of them, whether or not its library is installed.
 _COMMITTED_RULES = {
     "real-width": (_model_phases, TOL),
+    "adapters": (_model_phases, TOL),
     "loss": (_model_phases, TOL),
     "optimizers": (optimizer_model_phases, OPTIMIZER_TOL),
     "engines": (engine_model_phases, TOL),

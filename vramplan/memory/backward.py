@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from vramplan.categories import Category as C
 from vramplan.memory import deepspeed
-from vramplan.memory.context import StepContext
+from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.dora import dora_recompute
 from vramplan.memory.fsdp import (
     fsdp1_compute_bytes,
@@ -161,16 +161,24 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
     # the layer's output grad in flight (checkpointing.reentrant)
     inflight = ctx.stream * ctx.spec.hidden if ctx.reentrant else pts.lora_inflight
     down_rc = pts.lora_down if ctx.reentrant else pts.lora_down_rc
+    # DoRA: the adapted Linear's weight-sized locals (its lora_weight graph and weight copy) on top
+    fwd_w, down_w = (sum(pts.dora.fwd_weights), sum(pts.dora.down_weights)) if pts.dora else (0, 0)
     if ckpt and pts.lora_fwd:
         out.append(
             (
                 LayerPoint.LORA_RECOMPUTE,
                 this - _down_freed(ctx, pts, i) - alloc(n * pts.recompute_absent),
-                alloc(n * (pts.lora_fwd + inflight)),
+                alloc(n * (pts.lora_fwd + inflight)) + fwd_w,
             )
         )
     if ckpt and down_rc:
-        out.append((LayerPoint.LORA_RECOMPUTE_DOWN, this - alloc(n * pts.down_absent), alloc(n * (down_rc + inflight))))
+        out.append(
+            (
+                LayerPoint.LORA_RECOMPUTE_DOWN,
+                this - alloc(n * pts.down_absent),
+                alloc(n * (down_rc + inflight)) + down_w,
+            )
+        )
     if ctx.spec.layers[i].post_mlp_norm and ctx.spec.norm_kind != "layer":
         # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
         out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.stream))))
@@ -185,30 +193,65 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
     return out
 
 
+def _dora_moments(
+    ctx: StepContext, pts: LayerPoints, this: int, i: int, grads: tuple[int, int], fsdp: tuple[int, int]
+) -> list[LayerMoment]:
+    """DoRA's moments (memory/dora.py, layer.DoraPoints): the recompute at the last adapted
+    Linear's weight norm (what that Linear saves after its norm not made yet), and the backward
+    at the magnitude's grad of the first adapter reached (the whole layer saved) and of the
+    MLP's input adapter (down's and the elementwise backward's saves released). `grads`: the
+    grads held before and after down's; `fsdp`: the buffers at the layer's extra moments and
+    at the MLP's."""
+    d, n = pts.dora, ctx.tokens
+    if d is None:
+        return []
+    out = []
+    norm = dora_recompute(ctx.spec.layers[i], ctx.setup, activation_context(ctx.setup))
+    if norm:
+        inflight = ctx.stream * ctx.spec.hidden if ctx.reentrant else pts.lora_inflight
+        out.append(
+            LayerMoment(
+                LayerPoint.DORA_RECOMPUTE,
+                this - alloc(n * (d.norm_absent + pts.down_absent)),
+                norm + alloc(n * (inflight + sum(d.down_common))),
+                grads[0],
+                fsdp[0],
+            )
+        )
+    if d.bwd_parts:
+        out.append(LayerMoment(LayerPoint.DORA, this, alloc(n * sum(d.bwd_parts)), grads[0], fsdp[0]))
+    if d.mlp_parts:
+        live = this - _down_freed(ctx, pts, i) - alloc(n * d.mlp_freed)
+        out.append(LayerMoment(LayerPoint.DORA_MLP, live, alloc(n * sum(d.mlp_parts)), grads[1], fsdp[1]))
+    return out
+
+
 def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, done: int) -> list[LayerMoment]:
     """Layer i's backward moments; `done`: the grads of the layers above, already made."""
-    dora_kept, dora_norm = dora_recompute(ctx.spec.layers[i], ctx.setup)
-    this = alloc(ctx.tokens * ctx.per_layer[i]) + ctx.casts[i] + dora_kept
+    this = alloc(ctx.tokens * ctx.per_layer[i]) + ctx.casts[i]
     fs = layer_fsdp(ctx, book, i)
     moments = _core_moments(ctx, pts, this, book, i, done, fs)
     in_flight = fs.gathered + fs.reduce_prev
     moments += [LayerMoment(tag, live, tr, done, in_flight) for tag, live, tr in _extra_moments(ctx, pts, this, i)]
-    if dora_norm:  # the recompute at the last adapted Linear's weight norm (dora.dora_recompute)
-        moments.append(
-            LayerMoment(
-                LayerPoint.DORA_RECOMPUTE,
-                this - _down_freed(ctx, pts, i),
-                dora_norm + alloc(ctx.tokens * pts.lora_inflight),
-                done,
-                in_flight,
-            )
-        )
+    moments += _dora_moments(
+        ctx,
+        pts,
+        this,
+        i,
+        (done, done + _grads_made_first(ctx, book, i)),
+        (in_flight, fs.gathered + fs.down_share + fs.reduce_prev),
+    )
     if ctx.ckpt or ctx.offload_all:
         moments = [_offload_moment(ctx, pts, i, m) for m in moments]
     return moments
 
 
-RECOMPUTE_POINTS = (LayerPoint.LORA_RECOMPUTE, LayerPoint.LORA_RECOMPUTE_DOWN, LayerPoint.MOE_RECOMPUTE)
+RECOMPUTE_POINTS = (
+    LayerPoint.LORA_RECOMPUTE,
+    LayerPoint.LORA_RECOMPUTE_DOWN,
+    LayerPoint.DORA_RECOMPUTE,
+    LayerPoint.MOE_RECOMPUTE,
+)
 
 
 def _offload_moment(ctx: StepContext, pts: LayerPoints, i: int, m: LayerMoment) -> LayerMoment:

@@ -238,15 +238,17 @@ _ORDER = {
 # alive, the 4-bit and hook moments, the MLP's elementwise backward, the layer's end.
 _POINT_ORDER = {
     LayerPoint.LORA_RECOMPUTE: 0,
-    LayerPoint.LORA_RECOMPUTE_DOWN: 1,
-    LayerPoint.DORA_RECOMPUTE: 2,  # the recompute's last adapted Linear (dora.dora_recompute)
+    LayerPoint.DORA_RECOMPUTE: 1,  # the recompute's last adapted Linear at its norm (dora.dora_recompute)
+    LayerPoint.LORA_RECOMPUTE_DOWN: 2,  # ... and where the recompute stops
     LayerPoint.MOE_RECOMPUTE: 3,
     LayerPoint.POST_MLP_NORM: 4,
-    LayerPoint.LORA: 5,
-    LayerPoint.DEQUANTIZE: 6,
-    LayerPoint.OPTIMIZER_HOOK: 7,
-    LayerPoint.MLP: 8,
-    LayerPoint.END: 9,
+    LayerPoint.DORA: 5,  # the first adapter's magnitude grad, before its lora_A's input grad
+    LayerPoint.LORA: 6,
+    LayerPoint.DEQUANTIZE: 7,
+    LayerPoint.OPTIMIZER_HOOK: 8,
+    LayerPoint.MLP: 9,
+    LayerPoint.DORA_MLP: 10,  # the MLP's input adapter, after the elementwise backward
+    LayerPoint.END: 11,
 }
 
 
@@ -332,12 +334,14 @@ class _Builder:
         if kind is PhaseKind.LAYER_BACKWARD and phase.layer is not None:
             return self._layer_split(phase.layer, phase.point)
         if kind is PhaseKind.FORWARD_CHECKPOINTED_LAYER:
-            # the checkpointed forward's working set (checkpointing.checkpointed_forward)
-            return [alloc(n * x) for x in self.points(len(self.ctx.spec.layers) - 1).ckpt_fwd_parts]
+            # the checkpointed forward's working set (checkpointing.checkpointed_forward), DoRA's weights
+            pts = self.points(len(self.ctx.spec.layers) - 1)
+            return [alloc(n * x) for x in pts.ckpt_fwd_parts] + list(pts.dora.ckpt_weights if pts.dora else ())
         if kind is PhaseKind.FORWARD_LAST_LAYER:
-            # the forward's locals, then the adapter's path (phases.last_layer_adapter)
-            parts = last_layer_adapter(self.ctx, self.points(len(self.ctx.spec.layers) - 1))[2]
-            return [alloc(n * x) for x in (*forward_locals_parts(self.ctx.spec.hidden, self.ctx.stream), *parts)]
+            # the forward's locals, then the adapter's path (phases.last_layer_adapter), DoRA's weights
+            _, _, parts, weights = last_layer_adapter(self.ctx, self.points(len(self.ctx.spec.layers) - 1))
+            locals_ = forward_locals_parts(self.ctx.spec.hidden, self.ctx.stream)
+            return [alloc(n * x) for x in (*locals_, *parts)] + list(weights)
         if kind is PhaseKind.OPTIMIZER_STEP and setup.optim == Optim.ADAMW_TORCH:
             # foreach AdamW: one temporary per parameter of the group (optimizers.optimizer_transient)
             return [alloc(grad_bytes(p, setup) * _held(p, self.ctx)) for p in self.ctx.params if p.trainable]
@@ -354,6 +358,8 @@ class _Builder:
         out = [alloc(self.ctx.tokens * x) for x in self._layer_point_parts(i, point)]
         if point == LayerPoint.DEQUANTIZE and quant is not None:
             out += dequantize_transient_parts(pts.quant_numel, quant)
+        if pts.dora and point in (LayerPoint.LORA_RECOMPUTE, LayerPoint.LORA_RECOMPUTE_DOWN):
+            out += pts.dora.fwd_weights if point == LayerPoint.LORA_RECOMPUTE else pts.dora.down_weights
         return out
 
     def _layer_point_parts(self, i: int, point: LayerPoint | None) -> list[int]:
@@ -368,6 +374,12 @@ class _Builder:
             out += [*inflight, *(pts.lora_down_parts if ctx.reentrant else pts.lora_down_rc_parts)]
         elif point == LayerPoint.LORA:
             out += pts.lora_bwd_parts
+        elif point == LayerPoint.DORA_RECOMPUTE and pts.dora:
+            out += [*inflight, *pts.dora.down_common]
+        elif point == LayerPoint.DORA and pts.dora:
+            out += pts.dora.bwd_parts
+        elif point == LayerPoint.DORA_MLP and pts.dora:
+            out += pts.dora.mlp_parts
         elif point == LayerPoint.DEQUANTIZE:
             out += pts.quant_bwd_parts
         elif point == LayerPoint.MLP:
@@ -549,6 +561,8 @@ def _offloaded_layer(b: _Builder, i: int, last: bool) -> None:
     for tid in b.stash.pop(i - 1, []):
         led.free(tid)
     sizes = b.offloaded_blocks(i)
+    if last:  # the last layer's weight norm, its saves not yet made (phases.dora_phase)
+        b.at_kind(PhaseKind.DORA_NORM_FORWARD)
     blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
     if last:
         b.at_kind(PhaseKind.FORWARD_LAST_LAYER)

@@ -4,16 +4,33 @@ backward (LayerPoints) assembled from the attention, MLP, norm, LoRA and 4-bit r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from vramplan.memory.attention import attention_kind, attention_saved, attention_span
 from vramplan.memory.checkpointing import checkpointed_forward
-from vramplan.memory.context import activation_context
+from vramplan.memory.context import ActivationContext, activation_context
+from vramplan.memory.dora import (
+    dora_backward_parts,
+    dora_forward_weights,
+    dora_norm_absent,
+    dora_output_parts,
+    dora_recompute_grads,
+    dora_recompute_stop,
+)
 from vramplan.memory.linears import linears_saved
-from vramplan.memory.lora import lora_backward_points, lora_forward_points
+from vramplan.memory.lora import (
+    LoraForwardPoints,
+    first_in_backward,
+    lora_backward_points,
+    lora_forward_points,
+    lora_outputs,
+    lora_recompute_stop,
+    lora_targeted,
+)
 from vramplan.memory.mlp import is_gated, mlp_saved, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import base_output_bytes, dequantize_backward
-from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Attention, TrainingSetup
@@ -82,6 +99,24 @@ class LayerPoints:
     mlp_grads_parts: tuple[int, ...] = ()
     end_grads_parts: tuple[int, ...] = ()
     quant_bwd_parts: tuple[int, ...] = ()
+    dora: DoraPoints | None = None  # DoRA's moments (None without DoRA)
+
+
+@dataclass(frozen=True)
+class DoraPoints:
+    """DoRA's share of one decoder layer's moments (memory/dora.py). The *_weights are bytes
+    (the adapted Linear's weight-sized locals: dora.dora_forward_weights), the rest per token."""
+
+    fwd_weights: tuple[int, ...] = ()  # at lora_fwd's Linear (a saving forward, the recompute)
+    down_weights: tuple[int, ...] = ()  # at down's adapter
+    ckpt_weights: tuple[int, ...] = ()  # at the checkpointed forward's moment, when it is an adapter's
+    bwd_parts: tuple[int, ...] = ()  # the first adapter backward reaches, at the magnitude's grad
+    # (the layer's output grad, then dora.dora_backward_parts), the whole layer saved
+    mlp_parts: tuple[int, ...] = ()  # the MLP's input adapter at the magnitude's grad: the layer's
+    # output grad, the other branch's grad pending, dora.dora_backward_parts
+    mlp_freed: int = 0  # what the MLP's elementwise backward released by then (beyond down's saves)
+    norm_absent: int = 0  # down's saves made after its weight norm (dora.dora_norm_absent)
+    down_common: tuple[int, ...] = ()  # down's forward locals before its adapter's (lora.LoraForwardPoints)
 
 
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
@@ -96,12 +131,19 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     residual = ctx.stream * h
     # what gate/up (and down) return: fp32 behind bnb's 4-bit Linear on an fp32 stream
     b = 2 if layer.experts else base_output_bytes(ctx)
-    fwd = lora_forward_points(spec, layer, ctx, f, residual, b)
+    lora_variant = (partial(lora_outputs, result=b), partial(lora_recompute_stop, result=b))
+    outputs = (dora_output_parts, dora_recompute_stop) if setup.dora else lora_variant
+    fwd = lora_forward_points(spec, layer, ctx, f, residual, outputs, b)
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
+    first = first_in_backward([l for l in layer.linears if lora_targeted(l, setup)])
+    if setup.dora and first is not None and not fwd.post_mlp_norm:
+        lora_inflight = (residual, *dora_recompute_grads(first, ctx))
     deq = dequantize_backward(layer, ctx, residual)
     ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp))
     # the MLP's elementwise grads, in the dtype of gate/up's output
     mlp_grads = (residual, *[b * f] * (3 if gated else 2))
+    # the checkpointed forward's widest moment is the adapter's (not the MLP's or the attention's)
+    at_adapter = bool(fwd.ckpt_mlp) and ckpt_fwd != checkpointed_forward(spec, layer, ctx, f, gated, residual, [])
     return LayerPoints(
         down_saved=down_saved,
         mlp_grads=sum(mlp_grads),
@@ -128,6 +170,48 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         ckpt_fwd_parts=tuple(ckpt_fwd),
         mlp_grads_parts=mlp_grads,
         end_grads_parts=(residual, residual),
+        dora=dora_points(layer, ctx, fwd, (f, residual), at_adapter) if setup.dora else None,
+    )
+
+
+def _mlp_input_moment(layer: LayerSpec, ctx: ActivationContext, f: int, residual: int) -> tuple[tuple[int, ...], int]:
+    """The MLP's input adapter backward reaches first (the last one forward made: up, else
+    gate, a fused gate_up, fc1) at the magnitude's grad: (the tensors in flight per token: the
+    layer's output grad, the other branch's grad still pending, its DoRA backward; what the
+    elementwise backward released by then). up: act(gate)·up's node released act(gate) and up
+    (4f) and left act(gate)'s grad (2f); gate (up not adapted): SiLU's input too (6f), up's
+    input grad (2h) pending; gate_up: the whole fused output (6f); fc1: the act's input (2f)."""
+    mlp_in = [l for l in layer.linears if l.role in MLP_IN_ROLES and lora_targeted(l, ctx.setup)]
+    if not mlp_in or layer.experts:
+        return (), 0
+    lin = mlp_in[-1]
+    pending, freed = {
+        LinearRole.UP: ([2 * f], 4 * f),
+        LinearRole.GATE: ([2 * lin.in_features], 6 * f),
+        LinearRole.GATE_UP: ([], 6 * f),
+    }.get(LinearRole(lin.role), ([], 2 * f))
+    return (residual, *pending, *dora_backward_parts(lin, ctx, grad_held=False)), freed
+
+
+def dora_points(
+    layer: LayerSpec, ctx: ActivationContext, fwd: LoraForwardPoints, widths: tuple[int, int], ckpt_adapter: bool
+) -> DoraPoints:
+    """DoRA's moments of one layer (memory/dora.py): the weight-sized locals where the forward
+    and the recompute are at an adapter, its backward at the first adapter and at the MLP's
+    input adapter; `widths`: the MLP's width and the residual stream's bytes per token. [CPU trace]"""
+    setup, (f, residual) = ctx.setup, widths
+    first = first_in_backward([l for l in layer.linears if lora_targeted(l, setup)])
+    widest, down = fwd.widest_linear, fwd.down_linear
+    mlp_parts, mlp_freed = _mlp_input_moment(layer, ctx, f, residual)
+    return DoraPoints(
+        fwd_weights=tuple(dora_forward_weights(widest, setup, ctx, eye=True)) if widest else (),
+        down_weights=tuple(dora_forward_weights(down, setup, ctx, eye=True)) if down else (),
+        ckpt_weights=tuple(dora_forward_weights(widest, setup, ctx, eye=False)) if widest and ckpt_adapter else (),
+        bwd_parts=(residual, *dora_backward_parts(first, ctx, grad_held=True)) if first else (),
+        mlp_parts=mlp_parts,
+        mlp_freed=mlp_freed,
+        norm_absent=dora_norm_absent(down, ctx) if down else 0,
+        down_common=fwd.down_common,
     )
 
 

@@ -4,6 +4,7 @@ adapter path reads, and its forward's output terms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vramplan.errors import VramplanError
@@ -124,6 +125,24 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
     return (ctx.adapters_bf16 and not ctx.lora_autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
 
 
+def lora_outputs(lin: Linear, ctx: ActivationContext, saving: bool, result: int = 2) -> list[int]:
+    """Per token, an adapted Linear's output terms (lora_output_parts), saving forward or not;
+    `result` bytes per element of the base's result (o_proj's is always bf16)."""
+    return lora_output_parts(ctx, lin.out_features, 2 if lin.role == LinearRole.O else result)
+
+
+def lora_recompute_stop(lin: Linear, ctx: ActivationContext, result: int = 2) -> list[int]:
+    """Per token, down's forward where the recompute stops: lora_B has saved its input, the
+    layer's last saved tensor, so only the base's result (`result` bytes) exists, not the
+    adapter path."""
+    return [result * lin.out_features]
+
+
+# what an adapter variant holds at a Linear's widest: (Linear, context, saving forward) -> parts
+OutputParts = Callable[[Linear, ActivationContext, bool], list[int]]
+StopParts = Callable[[Linear, ActivationContext], list[int]]
+
+
 @dataclass(frozen=True)
 class LoraForwardPoints:
     """Per-token bytes of one decoder layer's forward at its adapters."""
@@ -135,9 +154,14 @@ class LoraForwardPoints:
     down_absent: int  # saved tensors not made yet at down's adapter (Gemma 2's post-MLP norm)
     ckpt_mlp: tuple[int, ...]  # a forward that saves nothing, at an adapted MLP Linear (empty: none)
     post_mlp_norm: bool  # a post-MLP norm's backward, not an adapter's, starts the recompute
+    widest_linear: Linear | None = None  # the Linear of `widest` (and of ckpt_mlp)
+    down_linear: Linear | None = None  # the adapted down projection of `down`
+    down_common: tuple[int, ...] = ()  # down's locals before its output terms (`down` less those)
 
 
-def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, residual: int, b: int) -> list[int]:
+def _forward_locals_at(
+    lin: Linear, ctx: ActivationContext, norm_out: int, residual: int, outputs: OutputParts = lora_outputs
+) -> list[int]:
     """Per token, the tensors of an adapted Linear's forward before down, oldest first: inside
     the MLP the residual stream after attention, the norm's output feeding it (norm_out), the
     copy its adapter reads under dropout, and peft's output terms (o_proj's result bf16, the
@@ -146,36 +170,50 @@ def _forward_locals_at(lin: Linear, ctx: ActivationContext, norm_out: int, resid
         residual if lin.role in MLP_ROLES else 0,
         norm_out,
         lora_copy_local(lin.in_features, ctx),
-        *lora_output_parts(ctx, lin.out_features, 2 if lin.role == LinearRole.O else b),
+        *outputs(lin, ctx, True),
     ]
 
 
+def _down_common(
+    dn: Linear | None, ctx: ActivationContext, residual: int, norm_out: int, saved: bool, b: int = 2
+) -> list[int]:
+    """Per token, down's adapter's locals before its output terms: down runs last, with the
+    whole MLP saved; its input, act(gate)*up (`b` bytes), is a local unless a node saved it (`saved`),
+    plus the copy the adapter reads under dropout; the decoder layer still holds the norm's
+    output it passed to the MLP and the residual stream after attention."""
+    if dn is None:
+        return []
+    return [residual, norm_out, 0 if saved else b * dn.in_features, lora_copy_local(dn.in_features, ctx)]
+
+
 def lora_forward_points(
-    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, residual: int, b: int = 2
+    spec: ModelSpec,
+    layer: LayerSpec,
+    ctx: ActivationContext,
+    f: int,
+    residual: int,
+    outputs: tuple[OutputParts, StopParts] = (lora_outputs, lora_recompute_stop),
+    b: int = 2,
 ) -> LoraForwardPoints:
-    """The layer's forward at its widest adapter and at down's; `b` bytes per element of a base
-    Linear's result read from the stream, and of act*up (quantization.base_output_bytes).
+    """The layer's forward at its widest adapter and at down's; `outputs`: the adapter
+    variant's output terms and where the recompute stops in down (LoRA's, DoRA's); `b` bytes
+    per element of act*up, down's input (quantization.base_output_bytes).
     [CPU trace, dropout as CUDA holds it]"""
+    terms, stop = outputs
     adapted = [l for l in layer.linears if lora_targeted(l, ctx.setup)]
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
     widest = max(
         (l for l in adapted if l.role not in MLP_OUT_ROLES),
-        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, b)),
+        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, terms)),
         default=None,
     )
-    # down's adapter runs last, with the whole MLP saved: its input, act(gate)*up, is a
-    # local unless a node saved it, plus the copy the adapter reads under dropout. In the
-    # recompute, torch's checkpoint stops early once lora_B has saved its input, the last
-    # tensor the layer saves: only the base's bf16 result exists there, not the adapter path
+    # in the recompute torch's checkpoint stops early, in down (`stop`: LoRA's, DoRA's)
     dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
-    down: list[int] = []
-    down_rc: list[int] = []
-    if dn is not None:
-        # (the decoder layer still holds the norm's output it passed to the MLP)
-        common = [residual, norm_out, 0 if saved_norm_out else b * dn.in_features, lora_copy_local(dn.in_features, ctx)]
-        down, down_rc = common + lora_output_parts(ctx, dn.out_features, b), [*common, b * dn.out_features]
+    common = _down_common(dn, ctx, residual, norm_out, saved_norm_out, b)
+    down = common + terms(dn, ctx, True) if dn else []
+    down_rc = [*common, *stop(dn, ctx)] if dn else []
     in_mlp = widest is not None and widest.role in MLP_ROLES
     # a fused gate_up runs before the activation exists, which the layer's saved count holds
     absent = 2 * f if widest is not None and widest.role == LinearRole.GATE_UP else 0
@@ -190,19 +228,22 @@ def lora_forward_points(
         [
             *[residual] * (2 if layer.pre_norm else 1),
             lora_input_copy(widest.in_features, ctx),
-            *lora_output_parts(ctx, widest.out_features, b),
+            *terms(widest, ctx, False),
         ]
         if widest is not None and in_mlp
         else []
     )
     return LoraForwardPoints(
-        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual, b)) if widest else (),
+        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual, terms)) if widest else (),
         down=tuple(down),
         down_rc=tuple(down_rc),
         recompute_absent=absent,
         down_absent=norm_saved(spec, ctx, True) if layer.post_mlp_norm and dn is not None else 0,
         ckpt_mlp=tuple(ckpt_mlp),
         post_mlp_norm=post_mlp_norm,
+        widest_linear=widest,
+        down_linear=dn,
+        down_common=tuple(common),
     )
 
 

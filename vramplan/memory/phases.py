@@ -18,7 +18,7 @@ from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
 from vramplan.memory.checkpointing import offload_note, reentrant
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
-from vramplan.memory.dora import dora_layer_transient
+from vramplan.memory.dora import dora_layer_transient, dora_norm_locals, dora_norm_transient
 from vramplan.memory.engines import engine_notes, engine_static, step_transient_applies
 from vramplan.memory.fsdp import (
     engine_units,
@@ -28,6 +28,7 @@ from vramplan.memory.fsdp import (
     layer_forward_gathered,
 )
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
+from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
@@ -46,7 +47,7 @@ from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, largest_dequantize
 from vramplan.memory.storage import Phase, StepModel, alloc
-from vramplan.memory.types import MeasuredPhase, PhaseKind
+from vramplan.memory.types import MLP_OUT_ROLES, MeasuredPhase, PhaseKind
 from vramplan.memory.unsloth import UNSLOTH_NOTE, unsloth_fused
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Attention, Method, TrainingSetup
@@ -176,11 +177,11 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
         ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(
             C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache
         )
-        ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd))
+        ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd) + (sum(pts.dora.ckpt_weights) if pts.dora else 0))
     elif not pts.lora_fwd and not pts.lora_down:
         return []
     else:
-        live, transient, _ = last_layer_adapter(ctx, pts)
+        live, transient, _, _ = last_layer_adapter(ctx, pts)
         locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
@@ -189,15 +190,21 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     return [ph]
 
 
-def last_layer_adapter(ctx: StepContext, pts: LayerPoints) -> tuple[int, int, tuple[int, ...]]:
+def last_layer_adapter(ctx: StepContext, pts: LayerPoints) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """The last layer's forward without checkpointing at its widest adapter before down
     (down's saved input and autocast's weight copy not made yet) or at down's: (saved bytes
-    live, the adapter's transient, its tensors per token)."""
+    live, the adapter's transient, its tensors per token, DoRA's weight-sized locals there)."""
     n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
+    fwd_w, down_w = (pts.dora.fwd_weights, pts.dora.down_weights) if pts.dora else ((), ())
     return max(
         (
-            (before - alloc(n * pts.down_saved) - ctx.down_casts[-1], alloc(n * pts.lora_fwd), pts.lora_fwd_parts),
-            (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down), pts.lora_down_parts),
+            (
+                before - alloc(n * pts.down_saved) - ctx.down_casts[-1],
+                alloc(n * pts.lora_fwd) + sum(fwd_w),
+                pts.lora_fwd_parts,
+                fwd_w,
+            ),
+            (before - alloc(n * pts.down_absent), alloc(n * pts.lora_down) + sum(down_w), pts.lora_down_parts, down_w),
         ),
         key=lambda lt: lt[0] + lt[1] if lt[1] else -1,
     )
@@ -205,15 +212,26 @@ def last_layer_adapter(ctx: StepContext, pts: LayerPoints) -> tuple[int, int, tu
 
 def dora_phase(ctx: StepContext) -> list[Phase]:
     """DoRA: the last layer's widest weight norm (dora.dora_norm_transient), everything
-    before that layer saved, the forward's locals alive."""
-    t = dora_layer_transient(ctx.spec, ctx.setup, activation_context(ctx.setup))
+    before that layer saved, the forward's locals alive; at down's adapter precisely: the
+    layer saved but what down saves after its norm, down's locals (the MLP's input and
+    output, the norm's output, the residual stream after attention) and its own (its base
+    output; checkpointed, x's copy too: dora.dora_norm_locals)."""
+    setup, n = ctx.setup, ctx.tokens
+    act = activation_context(setup)
+    t = dora_layer_transient(ctx.spec, setup, act)
     if not t:
         return []
-    locals_ = alloc(ctx.tokens * forward_locals(ctx.spec.hidden, ctx.stream))
-    ph = ctx.base(PhaseKind.DORA_NORM_FORWARD).add(
-        C.ACTIVATIONS, ctx.acts - ctx.released + ctx.cast_cache + ctx.forward_cache
-    )
-    return [ph.add(C.TRANSIENT, t + locals_)]
+    locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
+    live = ctx.acts - ctx.released + ctx.cast_cache + ctx.forward_cache
+    candidates = [(live, t + locals_)]
+    pts = layer_points(ctx.spec, ctx.spec.layers[-1], setup)
+    down = next((l for l in ctx.spec.layers[-1].linears if l.role in MLP_OUT_ROLES and lora_targeted(l, setup)), None)
+    if down is not None and pts.dora is not None:
+        own = sum(pts.dora.down_common) + sum(dora_norm_locals(down, act, saving=not ctx.ckpt))
+        absent = 0 if ctx.ckpt else alloc(n * (pts.dora.norm_absent + pts.down_absent))
+        candidates.append((live - absent, dora_norm_transient(down, setup, act) + locals_ + alloc(n * own)))
+    at, transient = max(candidates, key=lambda c: c[0] + c[1])
+    return [ctx.base(PhaseKind.DORA_NORM_FORWARD).add(C.ACTIVATIONS, at).add(C.TRANSIENT, transient)]
 
 
 def quantization_phases(ctx: StepContext) -> list[Phase]:

@@ -58,18 +58,18 @@ FP16_NOTE = (
     "--precision fp16: fp16 autocast and the GradScaler are modelled from source, not measured "
     "(torch==2.13 torch/amp/grad_scaler.py; the same 2-byte activations as bf16 autocast)"
 )
-DORA_CKPT_NOTE = (
-    "DoRA under gradient checkpointing: what the recompute keeps of each weight norm (eye(in) "
-    "in the checkpoint frame, peft==0.21.2 tuners/lora/dora.py get_lora_weight) is modelled from "
-    "source, not measured, and the checkpointed forward's per-token DoRA terms are left out"
+DORA_NOTE = (
+    "DoRA: each adapted Linear's weight norm and per-token working set (the products with the "
+    "magnitude, its grad before the reduction over tokens; under checkpointing the recompute) rest "
+    "on the CPU trace of peft==0.21.2 (docs/cpu-trace.md), not on a GPU measurement"
 )
 
 
 def precision_notes(setup: TrainingSetup) -> list[str]:
     """What the estimate says about the parts of these knobs no trace checks."""
     notes = [FP16_NOTE] if setup.precision == Precision.FP16 else []
-    if setup.dora and setup.lora_like and setup.gradient_checkpointing:
-        notes.append(DORA_CKPT_NOTE)
+    if setup.dora and setup.lora_like:
+        notes.append(DORA_NOTE)
     return notes
 
 

@@ -104,6 +104,8 @@ class LayerPoint(StrEnum):
     MOE_RECOMPUTE = "moe recompute"
     OPTIMIZER_HOOK = "optimizer hook"
     DORA_RECOMPUTE = "DoRA recompute"
+    DORA = "DoRA"
+    DORA_MLP = "DoRA (MLP)"
 
 
 @dataclass(frozen=True)
