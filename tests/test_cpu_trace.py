@@ -832,6 +832,8 @@ OPTIMIZER_CASES = {
     "lora-muon": dict(method="lora", optim="muon"),
     "full-apollo_adamw": dict(method="full", optim="apollo_adamw"),
     "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
+    "full-stable_adamw": dict(method="full", optim="stable_adamw"),
+    "lora-stable_adamw": dict(method="lora", optim="stable_adamw"),
 }
 OPTIMIZER_LIBRARIES = {
     "adamw_torch_8bit": "torchao",
@@ -840,6 +842,7 @@ OPTIMIZER_LIBRARIES = {
     "muon": "llamafactory",
     "apollo_adamw": "apollo_torch",
     "apollo_adamw_layerwise": "apollo_torch",
+    "stable_adamw": "optimi",
 }
 OPTIMIZER_TOL = 0.02
 

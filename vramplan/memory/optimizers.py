@@ -163,9 +163,11 @@ def _family_state(p: Param, setup: TrainingSetup, n: int) -> int:
     if fam == F.MUON:
         return (1 if muon_param(p) else 2) * alloc(g * n)
     if fam == F.STABLE_ADAMW:
-        # torch-optimi 0.3.3 stableadamw.py:114-133: a Kahan buffer for bf16/fp16 params, else a
-        # 1-byte placeholder; eps_sq a 0-d tensor
-        return 2 * alloc(g * n) + (alloc(2 * n) if g == 2 else STEP_SCALAR) + STEP_SCALAR
+        # torch-optimi 0.3.3 stableadamw.py:115-130 with its Triton kernels (CUDA): exp_avg and
+        # exp_avg_sq, a Kahan buffer for bf16/fp16 params, else a 1-byte placeholder; eps_sq a 0-d
+        # tensor and mean_square a 1-element fp32 tensor (CPU trace: full-/lora-stable_adamw, whose
+        # per-tensor CPU path has no placeholder or mean_square: 2 blocks of 512 B per parameter)
+        return 2 * alloc(g * n) + (alloc(2 * n) if g == 2 else STEP_SCALAR) + 2 * STEP_SCALAR
     if fam == F.GALORE_ADAMW and t.bits == 8:
         return bnb8_state(n)  # GaLoreAdamW8bit's plain group is bitsandbytes' AdamW8bit
     dtype_bytes = 4 if t.state_dtype == StateDtype.FP32 else g

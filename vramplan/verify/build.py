@@ -453,6 +453,11 @@ def _optim_class(setup: TrainingSetup):
         return (galore.GaLoreAdamW8bit if o.is_8bit else galore.GaLoreAdamW), {}
     if t.family == OptimFamily.APOLLO_ADAMW:
         return need("apollo_torch", f"--optim {o.value}").APOLLOAdamW, {}
+    if t.family == OptimFamily.STABLE_ADAMW:
+        # transformers 5.25.0 trainer_optimizer.py:523-549 (_get_stable_adamw): optimi's
+        # defaults but decouple_lr False, max_lr and kahan_sum None; weight_decay from the args
+        optimi = need("optimi", f"--optim {o.value}")
+        return optimi.StableAdamW, {"weight_decay": 0.0, "decouple_lr": False, "max_lr": None, "kahan_sum": None}
     if t.family == OptimFamily.GALORE_ADAFACTOR:
         galore = need("galore_torch", f"--optim {o.value}")
         return galore.GaLoreAdafactor, {"scale_parameter": False, "relative_step": False}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramplan.setup import OptimLibrary, Precision, TrainingSetup
+from vramplan.setup import OptimFamily, OptimLibrary, Precision, TrainingSetup
 
 if TYPE_CHECKING:
     from vramplan.verify.allocstream import RecordedStream
@@ -174,6 +174,10 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
         out.append("bf16 autocast over fp32 weights (the CPU's cast policy is not CUDA's)")
     if setup.optim.traits.library == OptimLibrary.BITSANDBYTES or (setup.optim.is_galore and setup.optim.is_8bit):
         out.append("the bitsandbytes optimizer step (8-bit, 32-bit or paged: its CPU fallback allocates temporaries)")
+    if setup.optim.traits.family == OptimFamily.STABLE_ADAMW:
+        # torch-optimi 0.3.3 stableadamw.py:150-151 (_default_to_triton): Triton kernels on CUDA,
+        # the per-tensor torch path here
+        out.append("the StableAdamW optimizer step (optimi: Triton kernels on CUDA, a per-tensor fallback on the CPU)")
     if setup.optim.traits.library == OptimLibrary.TORCHAO:
         out.append("torchao's compiled low-bit step (inductor's CPU kernels are not CUDA's)")
     if setup.quant is not None and setup.quant.value == "nf4":
