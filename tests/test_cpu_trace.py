@@ -834,6 +834,8 @@ OPTIMIZER_CASES = {
     "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
     "full-stable_adamw": dict(method="full", optim="stable_adamw"),
     "lora-stable_adamw": dict(method="lora", optim="stable_adamw"),
+    "full-lomo": dict(method="full", optim="lomo"),
+    "lora-lomo": dict(method="lora", optim="lomo"),
 }
 OPTIMIZER_LIBRARIES = {
     "adamw_torch_8bit": "torchao",
@@ -843,6 +845,7 @@ OPTIMIZER_LIBRARIES = {
     "apollo_adamw": "apollo_torch",
     "apollo_adamw_layerwise": "apollo_torch",
     "stable_adamw": "optimi",
+    "lomo": "lomo_optim",
 }
 OPTIMIZER_TOL = 0.02
 

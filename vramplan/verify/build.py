@@ -113,9 +113,13 @@ class Built:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def backward(self, loss) -> None:
-        """loss.backward(); under DeepSpeed the engine's (its ZeRO gradient hooks and buckets)."""
+        """loss.backward(); under DeepSpeed the engine's (its ZeRO gradient hooks and buckets);
+        LOMO's fused backward, its update inside the grad hooks (accelerate==1.16.0
+        accelerator.py:4234-4256 lomo_backward, as transformers' Trainer calls it)."""
         if self.engine is not None:
             self.engine.backward(loss)
+        elif self.setup.optim.traits.family == OptimFamily.LOMO:
+            self.optimizer.fused_backward(loss, LR)
         else:
             loss.backward()
 
@@ -123,6 +127,8 @@ class Built:
         if self.engine is not None:  # the ZeRO optimizer's step and zero_grad
             self.engine.step()
             return
+        if self.setup.optim.traits.family == OptimFamily.LOMO:
+            return  # every parameter was updated inside fused_backward (lomo.py:198-231)
         # layer-wise GaLore already stepped and zeroed every parameter from its grad hook
         if self.optimizer is not None and self.scaler is not None:
             self.scaler.step(self.optimizer)  # unscale_ in place, then step unless inf/nan
@@ -503,6 +509,11 @@ def _muon(model, setup: TrainingSetup):
 def make_optimizer(built: Built, galore: set[str]) -> None:
     if built.setup.optim.traits.family == OptimFamily.MUON and not built.setup.steps_in_backward:
         built.optimizer = _muon(built.model, built.setup)
+        return
+    if built.setup.optim.traits.family == OptimFamily.LOMO:
+        # transformers 5.25.0 trainer_optimizer.py:413-428: Lomo(model, lr); its __init__ registers
+        # a tensor hook on every trainable parameter (lomo-optim 0.1.1 lomo.py:60-75)
+        built.optimizer = need("lomo_optim", "--optim lomo").Lomo(built.model, lr=LR)
         return
     cls, kw = _optim_class(built.setup)
     if built.device == "cpu" and built.setup.optim.traits.family == OptimFamily.ADEMAMIX:
