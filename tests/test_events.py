@@ -84,6 +84,7 @@ def test_live_bytes_at_every_phase_equal_the_phase(preset):
 COMPILE_SETUPS = [
     {"method": "full", "compile": True},
     {"method": "full", "loss": "chunked", "compile": True},
+    {"method": "full", "loss": "chunked", "compile": True, "fsdp": 2},
     {"method": "full", "loss": "chunked", "compile": True, "gradient_checkpointing": True},
     {"method": "lora", "loss": "chunked", "compile": True},
 ]

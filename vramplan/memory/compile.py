@@ -42,8 +42,9 @@ backward is the peak, not a layer's.
 Left eager: LoRA and QLoRA layers (the compiled backward's working set is wider than eager:
 12.1 vs 5.9 N·h·2 with bf16 adapters, 21.1 vs 7.2 with fp32 ones, not yet a moment of its
 own), checkpointed layers (the recompute and its backward are not traced within 2%),
-activation offload, an fp32 stream, LayerNorm, q/k norms, plain and MoE MLPs, Unsloth's
-fused layer: each keeps the eager layer's saved tensors (docs/memory-model.md, "torch.compile")."""
+activation offload, an fp32 stream, models without Llama-style pre-norm RMSNorms (Gemma,
+OLMo2, LayerNorm), and inside a compiled layer q/k norms, plain and MoE MLPs: each keeps the
+eager layer's saved tensors, an upper bound (docs/memory-model.md, "torch.compile")."""
 
 from __future__ import annotations
 
@@ -60,10 +61,11 @@ SAVED_ROW_BYTES = 8
 RSTD_BYTES = 4
 
 
-def compiled_layer(ctx: ActivationContext) -> bool:
-    """Whether the decoder layers are modelled compiled: --compile on a full fine-tune (weights
-    and norms train) of a bf16 stream, without checkpointing or activation offload, where the
-    compiled layer's saves were traced within 2% (CPU trace, "torchtune-compile-layers-*")."""
+def compiled_setup(ctx: ActivationContext) -> bool:
+    """Whether the setup has its decoder layers modelled compiled: --compile on a full
+    fine-tune (weights and norms train) of a bf16 stream, without checkpointing or activation
+    offload, where the compiled layer's saves were traced within 2% (CPU trace, group
+    "compile")."""
     s = ctx.setup
     return (
         s.compile
@@ -75,29 +77,38 @@ def compiled_layer(ctx: ActivationContext) -> bool:
     )
 
 
+def compiled_layer(spec: ModelSpec, ctx: ActivationContext) -> bool:
+    """compiled_setup on a model of the traced kind: Llama-style RMSNorms (x.float(), weight *
+    x.to(dtype)) in front of the attention and the MLP, none on a block's output (Gemma's and
+    OLMo2's norms, LayerNorm: the eager layer, an upper bound)."""
+    return (
+        compiled_setup(ctx) and spec.norm_kind == "rms" and all(l.pre_norm and not l.post_mlp_norm for l in spec.layers)
+    )
+
+
 def compiled_norm_saved(spec: ModelSpec, ctx: ActivationContext, eager: int) -> int:
     """Per token, what one of a compiled layer's own RMSNorms saves: its input (stream dtype)
     and its fp32 rstd, where eager saves the fp32 upcast and the normalized output. `eager` is
     norms.norm_saved's figure: a norm with no autograd node (0) and LayerNorm stay as eager."""
-    if not compiled_layer(ctx) or not eager or spec.norm_kind != "rms":
+    if not compiled_layer(spec, ctx) or not eager:
         return eager
     return ctx.stream * spec.hidden + RSTD_BYTES
 
 
-def compiled_forward_locals(hidden: int, ctx: ActivationContext, eager: int) -> int:
+def compiled_forward_locals(spec: ModelSpec, ctx: ActivationContext, eager: int) -> int:
     """Per token, the forward's locals at the final norm (layer.forward_locals, `eager`): the
     embedding output, held by the model's forward, is the first compiled layer's input, which
     its RMSNorm saves (compiled_norm_saved counts it), so it is not counted twice. [CPU trace:
     "torchtune-compile-layers-full-hf-v64", whose forward peaks at the final norm]"""
-    return eager - ctx.stream * hidden if compiled_layer(ctx) else eager
+    return eager - ctx.stream * spec.hidden if compiled_layer(spec, ctx) else eager
 
 
-def compiled_mlp_parts(layer: LayerSpec, ctx: ActivationContext, eager: list[int]) -> list[int]:
+def compiled_mlp_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, eager: list[int]) -> list[int]:
     """Per token, what a compiled gated MLP saves, as mlp.mlp_saved_parts orders them (the
     inputs' Linears, gate's output, act(gate), up's output, down's saves): act(gate) is
     recomputed from gate's saved output in backward, so it is not saved. Plain and MoE MLPs
     stay eager."""
-    if not compiled_layer(ctx) or layer.experts or not is_gated(layer) or len(eager) != 5:
+    if not compiled_layer(spec, ctx) or layer.experts or not is_gated(layer) or len(eager) != 5:
         return eager
     return [eager[0], eager[1], 0, *eager[3:]]
 
@@ -185,11 +196,11 @@ def _compiled_layers_note(setup: TrainingSetup) -> list[str]:
 
 
 def _layers_phrase(setup: TrainingSetup) -> str:
-    if compiled_layer(activation_context(setup)):
+    if compiled_setup(activation_context(setup)):
         return (
-            "each decoder layer's saves as compiled (CPU trace of inductor's partition: RMSNorms save their "
-            "input and rstd, act(gate) is recomputed); its backward's working set counted as the eager "
-            "layer's, an upper bound"
+            "each decoder layer's saves as compiled on a Llama-style RMSNorm model (CPU trace of inductor's "
+            "partition: RMSNorms save their input and rstd, act(gate) is recomputed; other norms counted "
+            "eager); its backward's working set counted as the eager layer's, an upper bound"
         )
     return (
         "the compiled decoder layers are counted as eager ones (modelled compiled only for a full "

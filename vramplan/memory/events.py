@@ -200,7 +200,7 @@ def layer_components(
             from_stream=False,
         ),
         compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, True)) * (n_norms - 1),
-        *compiled_mlp_parts(layer, ctx, mlp_saved_parts(spec, layer, ctx, True)),
+        *compiled_mlp_parts(spec, layer, ctx, mlp_saved_parts(spec, layer, ctx, True)),
     ]
     # the input norm, the q/k norms, the other norms
     return parts, (0, 2, 4 + len(attention))

@@ -64,7 +64,7 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     )
     # post-attn / pre-/post-ffw norms
     saved += compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, True)) * (n_norms - 1)
-    saved += sum(compiled_mlp_parts(layer, ctx, mlp_saved_parts(spec, layer, ctx, True)))
+    saved += sum(compiled_mlp_parts(spec, layer, ctx, mlp_saved_parts(spec, layer, ctx, True)))
     return saved
 
 

@@ -160,7 +160,7 @@ def head_phases(ctx: StepContext) -> list[Phase]:
 def _final_norm_locals(ctx: StepContext) -> int:
     """Per token, the forward's locals at the final norm (compiled layers: compile.py)."""
     h = ctx.spec.hidden
-    return compiled_forward_locals(h, activation_context(ctx.setup), forward_locals(h, ctx.stream))
+    return compiled_forward_locals(ctx.spec, activation_context(ctx.setup), forward_locals(h, ctx.stream))
 
 
 def root_hook_phase(ctx: StepContext) -> list[Phase]:

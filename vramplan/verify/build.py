@@ -794,7 +794,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         _wrap_replicated(built, prefix)
     make_optimizer(built, galore)
     if setup.compile:
-        built.notes.append(_compile_layers(model, spec.num_layers, setup))
+        built.notes.append(_compile_layers(model, spec, setup))
     if setup.engine == Engine.DEEPSPEED:
         wrap_deepspeed(built, spec.hidden)
     elif setup.precision == Precision.FP16 and not fsdp:
@@ -802,7 +802,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
-def _compile_layers(model, num_layers: int, setup: TrainingSetup) -> str:
+def _compile_layers(model, spec: ModelSpec, setup: TrainingSetup) -> str:
     """torchtune==0.6.1 training/_compile.py:25-50 compile_model: `.compile()` on every decoder
     layer, where the estimate models the layers compiled (memory/compile.py compiled_layer: a
     full fine-tune without checkpointing or offload); elsewhere the layers run eagerly, as the
@@ -810,12 +810,12 @@ def _compile_layers(model, num_layers: int, setup: TrainingSetup) -> str:
     from vramplan.memory.compile import compiled_layer
     from vramplan.memory.context import activation_context
 
-    if not compiled_layer(activation_context(setup)):
+    if not compiled_layer(spec, activation_context(setup)):
         return (
             "--compile: the loss is compiled as torchtune's compile_loss; the decoder layers run eagerly, "
             "as the estimate models them"
         )
-    for layer in model.get_submodule(decoder_prefix(model, num_layers)):
+    for layer in model.get_submodule(decoder_prefix(model, spec.num_layers)):
         layer.compile(backend="inductor")
     return "--compile: each decoder layer compiled (torchtune's compile_model) and the loss as torchtune's compile_loss"
 
