@@ -10,7 +10,8 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits) "engines" (DDP and
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "compile" (a
+full fine-tune with each decoder layer compiled as torchtune's compile_model does), "engines" (DDP and
 FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
 them, and the traced ones' residuals; not in the range the other groups are held to) and
@@ -36,6 +37,7 @@ from test_cpu_trace import (  # noqa: E402
     B2S256,
     BUILD_CASES,
     CASES,
+    COMPILE_CASES,
     DEQ_CASES,
     ENGINE_CASES,
     KNOB_CASES,
@@ -376,6 +378,7 @@ def main() -> int:
         ("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items() for n, f in UNTRACED_SETUPS.items()
     ]
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
+    jobs += [("compile", n, cfg, f, shape) for n, (cfg, f, shape) in COMPILE_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]
     jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]

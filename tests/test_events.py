@@ -79,6 +79,24 @@ def test_live_bytes_at_every_phase_equal_the_phase(preset):
         assert_live_equals_phases(spec, make_setup(batch_size=1, seq_len=512, **fields), (preset, fields))
 
 
+# --compile: the compiled decoder layers' saves (memory/compile.py) on a full fine-tune without
+# checkpointing, with the HF and the chunked loss; LoRA and checkpointed layers stay eager
+COMPILE_SETUPS = [
+    {"method": "full", "compile": True},
+    {"method": "full", "loss": "chunked", "compile": True},
+    {"method": "full", "loss": "chunked", "compile": True, "fsdp": 2},
+    {"method": "full", "loss": "chunked", "compile": True, "gradient_checkpointing": True},
+    {"method": "lora", "loss": "chunked", "compile": True},
+]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_compiled_layers_live_bytes_equal_the_phases(preset):
+    spec = load_model_spec(preset)
+    for fields in COMPILE_SETUPS:
+        assert_live_equals_phases(spec, make_setup(batch_size=1, seq_len=512, **fields), (preset, fields))
+
+
 # each --activation-offload mode (with and without checkpointing, reentrant, QLoRA, FSDP), at
 # 4 x 512 tokens: enough for Unsloth to offload on every preset (an input over 2 MiB)
 OFFLOAD_SETUPS = [

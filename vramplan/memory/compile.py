@@ -18,18 +18,99 @@ So the 8 chunks of logits, which the eager loss frees when the recipe drops them
 (half the bytes); the autograd engine runs the 8 loss backwards before the output layer's
 (the loss nodes are newer), each adding a chunk's grad as it frees a saved chunk.
 
-Not modelled: the compiled decoder layers. Inductor fuses RMSNorm and SiLU-mul, so a compiled
-layer saves fewer intermediates than the eager one the activation rules count: with the layers
-compiled, the estimate's activations are an upper bound, by 7 to 9 N·h·2 bytes per layer in
-scripts/compile_layer_probe.py (docs/memory-model.md, "torch.compile")."""
+The compiled decoder layers of a full fine-tune without checkpointing (compiled_layer,
+compiled_norm_saved, compiled_mlp_parts), where every layer's saves live from its forward to
+its backward: AOT autograd's min-cut partitioner (torch==2.13 torch/_functorch/partitioners.py
+min_cut_rematerialization_partition) saves what a matmul or SDPA needs and recomputes cheap
+pointwise ops in the backward graph. Per token, the tensors a compiled transformers
+LlamaDecoderLayer saves (scripts/compile_saved_tensors.py: a saved_tensors_hooks pack hook,
+torch 2.13 inductor on the CPU; the step: group "compile" of tests/data/cpu/trace.jsonl,
+cases "torchtune-compile-layers-full-*", within 1% per phase):
+  - each RMSNorm: its input (bf16, 2h) and its rstd (fp32, 4 bytes); eager saves the fp32
+    upcast (4h) and, with a trained weight, the normalized bf16 output (2h): 6h -> 2h + 4
+  - q/k/v's input (the normalized output, 2h), RoPE'd q and k, v, SDPA's output and logsumexp,
+    o_proj's input (SDPA's output): as eager
+  - the gated MLP: gate/up's input (2h), gate's and up's outputs (2f each), down's input
+    act(gate)*up (2f); act(gate) (2f) is recomputed from gate's output in backward
+  - the residual adds: nothing, as eager.
+Full Llama, per layer in N·h·2 units (h 256, f 768): 22.56 eager -> 15.58 compiled (the pack
+hook: 22.70 -> 15.70 with RoPE's cos/sin). The backward's working set stays the eager layer's
+(layer.LayerPoints): the compiled full layer's is narrower (scripts/compile_backward_probe.py
+full: 4.50 N·h·2 above the end of forward against 6.00 eager), so the eager moments bound it
+from above (max(eager, compiled)); in the traced cases the loss or the eager final norm's
+backward is the peak, not a layer's.
+Left eager: LoRA and QLoRA layers (the compiled backward's working set is wider than eager:
+12.1 vs 5.9 N·h·2 with bf16 adapters, 21.1 vs 7.2 with fp32 ones, not yet a moment of its
+own), checkpointed layers (the recompute and its backward are not traced within 2%),
+activation offload, an fp32 stream, models without Llama-style pre-norm RMSNorms (Gemma,
+OLMo2, LayerNorm), and inside a compiled layer q/k norms, plain and MoE MLPs: each keeps the
+eager layer's saved tensors, an upper bound (docs/memory-model.md, "torch.compile")."""
 
 from __future__ import annotations
 
-from vramplan.setup import Loss, Stack, TrainingSetup
+from vramplan.memory.context import ActivationContext, activation_context
+from vramplan.memory.mlp import is_gated
+from vramplan.model_spec import LayerSpec, ModelSpec
+from vramplan.setup import ActivationOffload, Loss, Stack, TrainingSetup
 
 # Per row of a chunk the compiled graph saves two fp32 reductions (amax, log-sum-exp):
 # inductor's output code for F.cross_entropy(x.float(), y, reduction="sum"), torch 2.13.
 SAVED_ROW_BYTES = 8
+# A compiled RMSNorm saves one fp32 rstd per row beside its input: the partition of
+# x * rsqrt(mean(x.float()**2) + eps), torch 2.13 inductor (traced [B, S, 1] fp32).
+RSTD_BYTES = 4
+
+
+def compiled_setup(ctx: ActivationContext) -> bool:
+    """Whether the setup has its decoder layers modelled compiled: --compile on a full
+    fine-tune (weights and norms train) of a bf16 stream, without checkpointing or activation
+    offload, where the compiled layer's saves were traced within 2% (CPU trace, group
+    "compile")."""
+    s = ctx.setup
+    return (
+        s.compile
+        and ctx.weights_train
+        and ctx.norms_train
+        and ctx.stream == 2
+        and not s.gradient_checkpointing
+        and s.activation_offload == ActivationOffload.NONE
+    )
+
+
+def compiled_layer(spec: ModelSpec, ctx: ActivationContext) -> bool:
+    """compiled_setup on a model of the traced kind: Llama-style RMSNorms (x.float(), weight *
+    x.to(dtype)) in front of the attention and the MLP, none on a block's output (Gemma's and
+    OLMo2's norms, LayerNorm: the eager layer, an upper bound)."""
+    return (
+        compiled_setup(ctx) and spec.norm_kind == "rms" and all(l.pre_norm and not l.post_mlp_norm for l in spec.layers)
+    )
+
+
+def compiled_norm_saved(spec: ModelSpec, ctx: ActivationContext, eager: int) -> int:
+    """Per token, what one of a compiled layer's own RMSNorms saves: its input (stream dtype)
+    and its fp32 rstd, where eager saves the fp32 upcast and the normalized output. `eager` is
+    norms.norm_saved's figure: a norm with no autograd node (0) and LayerNorm stay as eager."""
+    if not compiled_layer(spec, ctx) or not eager:
+        return eager
+    return ctx.stream * spec.hidden + RSTD_BYTES
+
+
+def compiled_forward_locals(spec: ModelSpec, ctx: ActivationContext, eager: int) -> int:
+    """Per token, the forward's locals at the final norm (layer.forward_locals, `eager`): the
+    embedding output, held by the model's forward, is the first compiled layer's input, which
+    its RMSNorm saves (compiled_norm_saved counts it), so it is not counted twice. [CPU trace:
+    "torchtune-compile-layers-full-hf-v64", whose forward peaks at the final norm]"""
+    return eager - ctx.stream * spec.hidden if compiled_layer(spec, ctx) else eager
+
+
+def compiled_mlp_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, eager: list[int]) -> list[int]:
+    """Per token, what a compiled gated MLP saves, as mlp.mlp_saved_parts orders them (the
+    inputs' Linears, gate's output, act(gate), up's output, down's saves): act(gate) is
+    recomputed from gate's saved output in backward, so it is not saved. Plain and MoE MLPs
+    stay eager."""
+    if not compiled_layer(spec, ctx) or layer.experts or not is_gated(layer) or len(eager) != 5:
+        return eager
+    return [eager[0], eager[1], 0, *eager[3:]]
 
 
 def compiled_chunked_loss(
@@ -111,8 +192,18 @@ def _compiled_layers_note(setup: TrainingSetup) -> list[str]:
         if setup.loss in (Loss.CHUNKED, Loss.TORCHTUNE_LINEAR_CE)
         else f"--loss {setup.loss.value} kept as run eagerly (only torchtune's two losses are modelled compiled)"
     )
-    return [
-        f"--compile: {loss}; the compiled decoder layers are counted as eager ones, an upper bound "
-        "(inductor's fused RMSNorm/SiLU-mul save fewer intermediates: 7 to 9 N·h·2 bytes per layer "
-        "in a CPU probe, scripts/compile_layer_probe.py)"
-    ]
+    return [f"--compile: {loss}; {_layers_phrase(setup)}"]
+
+
+def _layers_phrase(setup: TrainingSetup) -> str:
+    if compiled_setup(activation_context(setup)):
+        return (
+            "each decoder layer's saves as compiled on a Llama-style RMSNorm model (CPU trace of inductor's "
+            "partition: RMSNorms save their input and rstd, act(gate) is recomputed; other norms counted "
+            "eager); its backward's working set counted as the eager layer's, an upper bound"
+        )
+    return (
+        "the compiled decoder layers are counted as eager ones (modelled compiled only for a full "
+        "fine-tune without checkpointing or offload), an upper bound on their saves "
+        "(scripts/compile_layer_probe.py)"
+    )

@@ -37,6 +37,7 @@ from vramplan.memory.checkpointing import (
     CheckpointOffload,
     checkpoint_offload,
 )
+from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
 from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.fsdp import (
     PRE_UNSHARD_STREAM,
@@ -186,7 +187,7 @@ def layer_components(
         o_shared = attention_kind(spec, setup) != Attention.EAGER
         return unsloth_components(spec, layer, ctx, input_grad, attention, o_shared)
     parts = [
-        norm_saved(spec, ctx, input_grad),
+        compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, input_grad)),
         linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),
         sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims),
         *attention,
@@ -198,8 +199,8 @@ def layer_components(
             input_shared=spec.attn_implementation == "sdpa",
             from_stream=False,
         ),
-        norm_saved(spec, ctx, True) * (n_norms - 1),
-        *mlp_saved_parts(spec, layer, ctx, True),
+        compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, True)) * (n_norms - 1),
+        *compiled_mlp_parts(spec, layer, ctx, mlp_saved_parts(spec, layer, ctx, True)),
     ]
     # the input norm, the q/k norms, the other norms
     return parts, (0, 2, 4 + len(attention))

@@ -8,6 +8,7 @@ from functools import partial
 
 from vramplan.memory.attention import attention_kind, attention_saved, attention_span
 from vramplan.memory.checkpointing import checkpointed_forward
+from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
 from vramplan.memory.context import ActivationContext, activation_context
 from vramplan.memory.dora import (
     dora_backward_parts,
@@ -27,7 +28,7 @@ from vramplan.memory.lora import (
     lora_recompute_stop,
     lora_targeted,
 )
-from vramplan.memory.mlp import is_gated, mlp_saved, mlp_width, moe_forward_end
+from vramplan.memory.mlp import is_gated, mlp_saved_parts, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import base_output_bytes, dequantize_backward
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole
@@ -37,7 +38,8 @@ from vramplan.setup import Attention, TrainingSetup
 
 
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
-    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    """Bytes autograd saves per token in one decoder layer (no checkpointing). --compile on a
+    full fine-tune: the compiled layer's norms and MLP (compile.py)."""
     ctx = activation_context(setup)
     if unsloth_fused(spec, layer, setup):
         attention = [attention_saved(spec, layer, ctx, attention_span(setup))]
@@ -46,7 +48,7 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     h = spec.hidden
     attn_in = layer.linears_with(*ATTENTION_IN_ROLES)
     n_norms = max(spec.norms_per_layer, 1)
-    saved = norm_saved(spec, ctx, input_grad)
+    saved = compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, input_grad))
     saved += linears_saved(attn_in, h, ctx, input_grad)
     # q_norm / k_norm: q and k need grad whatever trains (the layer's input does)
     saved += sum(norm_saved(spec, ctx, True, width=w) for w in layer.attn_norm_dims)
@@ -60,8 +62,9 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
         input_shared=attention_kind(spec, setup) != Attention.EAGER,
         from_stream=False,
     )
-    saved += norm_saved(spec, ctx, True) * (n_norms - 1)  # post-attn / pre-/post-ffw norms
-    saved += mlp_saved(spec, layer, ctx, True)
+    # post-attn / pre-/post-ffw norms
+    saved += compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, True)) * (n_norms - 1)
+    saved += sum(compiled_mlp_parts(spec, layer, ctx, mlp_saved_parts(spec, layer, ctx, True)))
     return saved
 
 

@@ -17,6 +17,7 @@ from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
 from vramplan.memory.checkpointing import offload_note, reentrant
+from vramplan.memory.compile import compiled_forward_locals
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
 from vramplan.memory.dora import dora_layer_transient, dora_norm_locals, dora_norm_transient
 from vramplan.memory.engines import engine_notes, engine_static, step_transient_applies
@@ -144,7 +145,7 @@ def head_phases(ctx: StepContext) -> list[Phase]:
                 ctx,
                 PhaseKind.FORWARD_FINAL_NORM,
                 acts + ctx.forward_cache,
-                alloc(n * final_norm_forward(spec, forward_locals(spec.hidden, ctx.stream))),
+                alloc(n * final_norm_forward(spec, _final_norm_locals(ctx))),
             )
         )
     phases.append(_at_forward_end(ctx, PhaseKind.LOSS_BACKWARD, acts, loss.backward))
@@ -154,6 +155,12 @@ def head_phases(ctx: StepContext) -> list[Phase]:
         kept = ctx.acts - ctx.released + alloc(n * final_norm_backward_saved(spec)) + ctx.cast_cache
         phases.append(_at_forward_end(ctx, PhaseKind.FINAL_NORM_BACKWARD, kept, alloc(n * rms_backward(spec))))
     return phases
+
+
+def _final_norm_locals(ctx: StepContext) -> int:
+    """Per token, the forward's locals at the final norm (compiled layers: compile.py)."""
+    h = ctx.spec.hidden
+    return compiled_forward_locals(ctx.spec, activation_context(ctx.setup), forward_locals(h, ctx.stream))
 
 
 def root_hook_phase(ctx: StepContext) -> list[Phase]:

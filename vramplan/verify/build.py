@@ -794,15 +794,30 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         _wrap_replicated(built, prefix)
     make_optimizer(built, galore)
     if setup.compile:
-        built.notes.append(
-            "--compile: the loss is compiled as torchtune's compile_loss; the decoder layers run eagerly, "
-            "as the estimate models them"
-        )
+        built.notes.append(_compile_layers(model, spec, setup))
     if setup.engine == Engine.DEEPSPEED:
         wrap_deepspeed(built, spec.hidden)
     elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def _compile_layers(model, spec: ModelSpec, setup: TrainingSetup) -> str:
+    """torchtune==0.6.1 training/_compile.py:25-50 compile_model: `.compile()` on every decoder
+    layer, where the estimate models the layers compiled (memory/compile.py compiled_layer: a
+    full fine-tune without checkpointing or offload); elsewhere the layers run eagerly, as the
+    estimate models them. The note says which."""
+    from vramplan.memory.compile import compiled_layer
+    from vramplan.memory.context import activation_context
+
+    if not compiled_layer(spec, activation_context(setup)):
+        return (
+            "--compile: the loss is compiled as torchtune's compile_loss; the decoder layers run eagerly, "
+            "as the estimate models them"
+        )
+    for layer in model.get_submodule(decoder_prefix(model, spec.num_layers)):
+        layer.compile(backend="inductor")
+    return "--compile: each decoder layer compiled (torchtune's compile_model) and the loss as torchtune's compile_loss"
 
 
 def half_dtype(setup: TrainingSetup):
