@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from vramplan.allocator import replay
 from vramplan.categories import Category as C
 from vramplan.errors import VramplanError, from_validation_error
 from vramplan.hardware import (
@@ -19,6 +21,7 @@ from vramplan.hardware import (
     with_overrides,
 )
 from vramplan.memory import Phase, PhaseKind, step_model
+from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_targets
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
@@ -325,6 +328,34 @@ def _setup_notes(
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")
     return notes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What plan needs to confirm a configuration: estimate_spec's GPU verdict and host RAM."""
+
+    fits_gpu: bool
+    host_ram_bytes: int
+    setup: TrainingSetup
+
+
+def gpu_verdict(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, alloc_conf: str | None = None) -> Verdict:
+    """estimate_spec's fits_gpu and host_ram_bytes, without what only the report needs (the
+    notes, the expandable-segments replay of a step that does not fit): the same step model
+    and the same allocator replay against the same capacity."""
+    check_compatible(spec, setup, gpus)
+    setup = with_data_parallel(setup, gpus)
+    # the paged states and the pinned host bytes are the same in every phase of either model
+    model = step_model(spec, setup, every_layer=True)
+    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    paged = model.peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
+    # one replay against the capacity: where the roomy replay stays under it the capped one takes
+    # the same path, and where it does not, the capped one is simulate's verdict (reserved.py)
+    capped = replay(
+        step_events(spec, setup).events, alloc_config(alloc_conf), capacity=gpus.profile.memory_bytes - context - paged
+    )
+    host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
+    return Verdict(capped.oom is None, host, setup)
 
 
 def estimate_spec(

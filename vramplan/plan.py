@@ -31,6 +31,7 @@ from vramplan.estimate import (
     default_host_ram,
     estimate_spec,
     fused_expert_note,
+    gpu_verdict,
     make_setup,
     ranks_per_node,
     resolve_gpus,
@@ -662,7 +663,7 @@ def _seq_index(grid: Grid, req: PlanRequest) -> int:
 
 def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     """estimate_spec's verdict (the host rule per node, as in _recheck)."""
-    est = estimate_spec(spec, setup, req.gpus, None)
+    est = gpu_verdict(spec, setup, req.gpus)
     pinned = est.host_ram_bytes // ranks_per_node(est.setup, req.gpus) - PROCESS_HOST_BYTES
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 

@@ -71,11 +71,15 @@ def grad_book(ctx: StepContext) -> GradBook:
     setup = ctx.setup
     sharded: dict[int | None, int] = {}
     down: dict[int | None, int] = {}
+    per_key: dict[tuple, tuple[int, int]] = {}  # (held, full grad) per Param.storage_key
     for p in ctx.params:
         if p.trainable:
-            sharded[p.layer] = sharded.get(p.layer, 0) + held_grad(p, setup)
+            if p.storage_key not in per_key:
+                per_key[p.storage_key] = (held_grad(p, setup), alloc(grad_bytes(p, setup) * p.numel))
+            held, full = per_key[p.storage_key]
+            sharded[p.layer] = sharded.get(p.layer, 0) + held
             if p.role in MLP_OUT_ROLES:
-                down[p.layer] = down.get(p.layer, 0) + alloc(grad_bytes(p, setup) * p.numel)
+                down[p.layer] = down.get(p.layer, 0) + full
     if (setup.cpu_offload and not offload_grads_held(setup)) or setup.steps_in_backward:
         sharded = {k: 0 for k in sharded}
     if setup.steps_in_backward:

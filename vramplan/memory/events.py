@@ -62,7 +62,7 @@ from vramplan.memory.quantization import (
     quantize_transient,
     quantized_store,
 )
-from vramplan.memory.storage import MiB, Phase, alloc
+from vramplan.memory.storage import MiB, Phase, StepModel, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused
 from vramplan.model_spec import LayerSpec, ModelSpec
@@ -699,12 +699,14 @@ def _one_step(b: _Builder) -> list[int | None]:
     return grads
 
 
-def step_events(spec: ModelSpec, setup: TrainingSetup) -> StepEvents:
+def step_events(spec: ModelSpec, setup: TrainingSetup, every_layer: StepModel | None = None) -> StepEvents:
     """The build, step 0 and the steady step as allocation events; the steady step's
-    moments are step_model's phases (every layer's), in the order they happen."""
+    moments are step_model's phases (every layer's: `every_layer`, step_model(spec, setup,
+    every_layer=True), when the caller has it already), in the order they happen."""
     prepared = prepare(spec, setup)
     ctx = step_context(spec, setup, prepared)
-    phases = step_model(spec, setup, every_layer=True, prepared=prepared).phases
+    model = every_layer or step_model(spec, setup, every_layer=True, prepared=prepared)
+    phases = model.phases
     by_kind: dict[PhaseKind, list[Phase]] = {}
     by_layer: dict[int, list[Phase]] = {}
     for ph in phases:

@@ -31,11 +31,17 @@ def static_bytes(params: list[Param], setup: TrainingSetup) -> StaticBytes:
     world, offload = setup.shard_world if setup.sharded else 1, setup.cpu_offload
     parts: dict[C, int] = {}
     grads = optim = paged = host = 0
+    per_key: dict[tuple, tuple] = {}  # the same bytes for every parameter of one storage_key
     for p in params:
-        n = shard_for(p, setup)
-        stored = _stored_on_rank(p, setup, world, n)
-        g = alloc(grad_bytes(p, setup) * n)
-        s = optimizer_state(p, setup, n)
+        key = p.storage_key
+        if key not in per_key:
+            n = shard_for(p, setup)
+            per_key[key] = (
+                _stored_on_rank(p, setup, world, n),
+                alloc(grad_bytes(p, setup) * n),
+                optimizer_state(p, setup, n),
+            )
+        stored, g, s = per_key[key]
         if offload:
             host += sum(v for c, v in stored.items() if c != C.QUANT_STATE) + g + s.device + s.paged + s.host
             if C.QUANT_STATE in stored:

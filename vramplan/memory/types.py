@@ -122,6 +122,22 @@ class Param:
     shape: tuple[int, ...] | None = None  # when neither (numel,) nor (dim0, numel // dim0): 3-D experts
 
     @property
+    def storage_key(self) -> tuple:
+        """Everything but the layer index that a per-parameter byte rule reads (whether it is in
+        a decoder layer or the root included): equal keys, equal bytes. The step's rules loop
+        over every parameter of every layer, and an 80-layer model repeats one layer's keys."""
+        return (
+            self.numel,
+            self.dim0,
+            self.kind,
+            self.trainable,
+            self.layer is None,
+            self.galore,
+            self.role,
+            self.shape,
+        )
+
+    @property
     def dims(self) -> tuple[int, ...]:
         """The tensor's shape: 1-D when numel == dim0 (norms, biases), else 2-D (dim0, rest)."""
         if self.shape is not None:
