@@ -668,15 +668,36 @@ def _confirmed(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest) -> bool:
     return est.fits_gpu and (req.host_ram is None or host_need(pinned, setup, req) <= req.host_ram)
 
 
-def _limit(
-    spec: ModelSpec, req: PlanRequest, options: list[tuple[int, TrainingSetup]]
-) -> tuple[int, TrainingSetup | None]:
-    """The largest option (value, setup) that estimate confirms (the grid rarely differs
-    from it, by the 512 B rounding of allocations, but what is reported must fit)."""
-    for value, setup in sorted(options, key=lambda o: -o[0]):
-        if _confirmed(spec, setup, req):
-            return value, setup
-    return 0, None
+# configurations whose grid edge is above the best confirmed value that _limit confirms at most
+LIMIT_TRIES = 8
+
+
+@dataclass(frozen=True)
+class _Edge:
+    """One configuration's candidates (value, setup) around the grid's last fit, `edge`."""
+
+    edge: int
+    options: list[tuple[int, TrainingSetup]]
+
+
+def _limit(spec: ModelSpec, req: PlanRequest, edges: list[_Edge]) -> tuple[int, TrainingSetup | None]:
+    """The largest value estimate confirms (the grid rarely differs from it, by the 512 B
+    rounding of allocations, but what is reported must fit). Configurations are tried by their
+    grid edge, largest first; the first may also confirm past its edge (_edge: a step that fits
+    by emptying the cache), the others up to it. Each is tried only while its edge beats the
+    best confirmed value, and at most LIMIT_TRIES of them: what is reported is always confirmed,
+    and may be one grid step below a configuration that was not tried."""
+    best, best_setup = 0, None
+    for rank, e in enumerate(sorted(edges, key=lambda e: -e.edge)):
+        if e.edge <= best or rank >= LIMIT_TRIES:
+            break
+        for value, setup in sorted(e.options, key=lambda o: -o[0]):
+            if value <= best:
+                break
+            if (rank == 0 or value <= e.edge) and _confirmed(spec, setup, req):
+                best, best_setup = value, setup
+                break
+    return best, best_setup
 
 
 def _edge(fitting: np.ndarray, n: int) -> list[int]:
@@ -687,30 +708,40 @@ def _edge(fitting: np.ndarray, n: int) -> list[int]:
     return [int(i) for i in fitting[-2:]] + [i for i in (last + 1, last + 2) if 0 <= i < n and len(fitting)]
 
 
+def _grid_edges(g: Grid, req: PlanRequest) -> tuple[_Edge | None, _Edge | None]:
+    """One grid's (longest sequence at micro-batch 1, largest micro-batch at the minimum
+    sequence) candidates, None where the grid fits nowhere."""
+    fits = _fits(g, req)
+    by_seq = by_batch = None
+    seq_fit = np.nonzero(fits[:, 0])[0]
+    if g.batches[0] == 1 and len(seq_fit):
+        opts = [
+            (int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
+            for i in _edge(seq_fit, len(g.seqs))
+        ]
+        by_seq = _Edge(int(g.seqs[seq_fit[-1]]), opts)
+    si = _seq_index(g, req)
+    batch_fit = np.nonzero(fits[si])[0] if si < len(g.seqs) else np.zeros(0, dtype=int)
+    if len(batch_fit):
+        seq = int(g.seqs[si])
+        opts = [
+            (int(g.batches[j]), g.setup.model_copy(update={"batch_size": int(g.batches[j]), "seq_len": seq}))
+            for j in _edge(batch_fit, len(g.batches))
+        ]
+        by_batch = _Edge(int(g.batches[batch_fit[-1]]), opts)
+    return by_seq, by_batch
+
+
 def _per_method(spec: ModelSpec, grids: list[Grid], req: PlanRequest) -> dict[str, dict]:
     """Per method: the longest sequence that fits at micro-batch 1, and the largest
     micro-batch that fits at the minimum sequence, with the configuration that reaches it."""
-    seq_opts: dict[str, list] = {}
-    batch_opts: dict[str, list] = {}
+    seq_opts: dict[str, list[_Edge]] = {}
+    batch_opts: dict[str, list[_Edge]] = {}
     for g in grids:
-        fits = _fits(g, req)
         key = method_key(g.setup)
-        seq_opts.setdefault(key, [])
-        batch_opts.setdefault(key, [])
-        if g.batches[0] == 1:
-            seq_opts[key] += [
-                (int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
-                for i in _edge(np.nonzero(fits[:, 0])[0], len(g.seqs))
-            ]
-        si = _seq_index(g, req)
-        if si < len(g.seqs):
-            batch_opts[key] += [
-                (
-                    int(g.batches[j]),
-                    g.setup.model_copy(update={"batch_size": int(g.batches[j]), "seq_len": int(g.seqs[si])}),
-                )
-                for j in _edge(np.nonzero(fits[si])[0], len(g.batches))
-            ]
+        by_seq, by_batch = _grid_edges(g, req)
+        seq_opts.setdefault(key, []).extend([by_seq] if by_seq else [])
+        batch_opts.setdefault(key, []).extend([by_batch] if by_batch else [])
     out = {}
     for key in seq_opts:
         seq, s_setup = _limit(spec, req, seq_opts[key])
@@ -855,13 +886,8 @@ def _first_fit(spec: ModelSpec, req: PlanRequest, **update) -> PlanRow | None:
 
 
 def _shorter_context(spec: ModelSpec, req: PlanRequest, grids: list[Grid]) -> list[str]:
-    options = [
-        (int(g.seqs[i]), g.setup.model_copy(update={"batch_size": 1, "seq_len": int(g.seqs[i])}))
-        for g in grids
-        if g.batches[0] == 1
-        for i in np.nonzero(_fits(g, req)[:, 0])[0][-1:]
-    ]
-    best_seq, best = _limit(spec, req, options)
+    edges = [e for e in (_grid_edges(g, req)[0] for g in grids) if e is not None]
+    best_seq, best = _limit(spec, req, edges)
     if best_seq and best is not None:
         return [f"shorter context: --min-seq {best_seq} fits ({label(best, req.vary)}, micro-batch 1)"]
     return []
