@@ -67,6 +67,10 @@ def simulate(
     roomy = replay(ev.events, config)
     if roomy.peak_reserved <= capacity:
         return Simulated(roomy.peak_reserved, roomy.peak_allocated, True, capacity - roomy.peak_reserved, None, ev)
+    if roomy.peak_allocated > capacity:
+        # live blocks alone exceed what cudaMalloc can obtain: no release makes room (the capped
+        # replay would run out at the same peak), so it is not replayed
+        return Simulated(roomy.peak_reserved, roomy.peak_allocated, False, capacity - roomy.peak_reserved, None, ev)
     capped = replay(ev.events, config, capacity=capacity)
     if capped.oom is None:
         # it runs only by emptying the cache and retrying: what is left is what it never needed
@@ -79,8 +83,8 @@ def expandable_note(
 ) -> list[str]:
     """When the step does not fit with the allocator's segments as configured but does with
     expandable segments (no stranded tails of partly used segments), say so."""
-    if sim.fits or config.expandable_segments:
-        return []
+    if sim.fits or config.expandable_segments or sim.peak_allocated > capacity:
+        return []  # (expandable segments strand less, but cannot hold more than the live blocks)
     from dataclasses import replace
 
     alt = simulate(spec, setup, capacity, replace(config, expandable_segments=True), sim.events)
