@@ -524,6 +524,24 @@ CASES = [
         loss="chunked",
         compile=True,
     ),
+    # the torchtune "Optimization flags" row "+ Chunked Cross Entropy" (tests/data/published/
+    # torchtune_flags.jsonl): a full fine-tune's compiled decoder layers without checkpointing
+    # (memory/compile.py, CPU-traced group "compile"), on a transformers Llama as verify builds it
+    case(
+        "l3b_full_bf16_b2s4096_chunked_compile",
+        "llama-3.2-3b",
+        method="full",
+        optim="adamw_torch_fused",
+        batch_size=2,
+        seq_len=4096,
+        loss="chunked",
+        compile=True,
+        seconds=150,
+    ),
+    # optimizers whose CUDA step is not the CPU's: optimi's StableAdamW runs Triton kernels there
+    # (modelled: no step temporaries); LOMO updates inside fused_backward (CPU-traced)
+    case("l1b_full_bf16_b1s2048_stable_adamw", L1B, method="full", optim="stable_adamw", batch_size=1, seq_len=2048),
+    case("l1b_full_bf16_b1s2048_lomo", L1B, method="full", optim="lomo", batch_size=1, seq_len=2048),
     case(
         "l8b_qlora8_ckpt_b2s2048_torchtune_compile",
         L8B,
