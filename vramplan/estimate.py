@@ -23,6 +23,7 @@ from vramplan.hardware import (
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_targets
+from vramplan.memory.storage import StepModel
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.reserved import Simulated, alloc_config, expandable_note, simulate
@@ -339,23 +340,31 @@ class Verdict:
     setup: TrainingSetup
 
 
+def context_bytes(gpus: GpuSpec) -> int:
+    """Outside torch's allocator on every GPU: the CUDA context and two cuBLAS workspaces."""
+    return gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+
+
+def _host_bytes(setup: TrainingSetup, gpus: GpuSpec, model: StepModel) -> int:
+    """Host RAM of the ranks on one node: each process and its pinned bytes."""
+    return ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
+
+
 def gpu_verdict(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, alloc_conf: str | None = None) -> Verdict:
     """estimate_spec's fits_gpu and host_ram_bytes, without what only the report needs (the
     notes, the expandable-segments replay of a step that does not fit): the same step model
     and the same allocator replay against the same capacity."""
     check_compatible(spec, setup, gpus)
     setup = with_data_parallel(setup, gpus)
-    # the paged states and the pinned host bytes are the same in every phase of either model
+    # the paged states and the pinned host bytes are the same in every phase of either model,
+    # and the every-layer model is the one the events are built from
     model = step_model(spec, setup, every_layer=True)
-    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
     paged = model.peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
+    capacity = gpus.profile.memory_bytes - context_bytes(gpus) - paged
     # one replay against the capacity: where the roomy replay stays under it the capped one takes
     # the same path, and where it does not, the capped one is simulate's verdict (reserved.py)
-    capped = replay(
-        step_events(spec, setup).events, alloc_config(alloc_conf), capacity=gpus.profile.memory_bytes - context - paged
-    )
-    host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
-    return Verdict(capped.oom is None, host, setup)
+    capped = replay(step_events(spec, setup, model).events, alloc_config(alloc_conf), capacity=capacity)
+    return Verdict(capped.oom is None, _host_bytes(setup, gpus, model), setup)
 
 
 def estimate_spec(
@@ -367,7 +376,7 @@ def estimate_spec(
     model = step_model(spec, setup)
     peak = model.peak
     alloc = peak.allocated
-    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    context = context_bytes(gpus)
     capacity = gpus.profile.memory_bytes
     # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
     paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
@@ -379,7 +388,7 @@ def estimate_spec(
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
     breakdown[C.CUDA_CONTEXT] = context
     total = reserved + context + paged
-    host = ranks_per_node(setup, gpus) * (PROCESS_HOST_BYTES + model.host_pinned)
+    host = _host_bytes(setup, gpus, model)
     per_gpu = PerGpu(
         peak_allocated_bytes=alloc,
         peak_reserved_bytes=reserved,

@@ -27,6 +27,7 @@ from vramplan.errors import VramplanError, from_validation_error
 from vramplan.estimate import (
     FUSED_LOSS_SHORT,
     PROCESS_HOST_BYTES,
+    context_bytes,
     coverage_notes,
     default_host_ram,
     estimate_spec,
@@ -412,7 +413,7 @@ def _coefficients(spec: ModelSpec, setup: TrainingSetup, pre, s1: int, s2: int) 
 def _totals(alloc: np.ndarray, gpus: GpuSpec) -> np.ndarray:
     """estimate_spec's total from the allocated peak: + allocator overhead + CUDA context."""
     overhead = np.floor(0.05 * alloc) + 32 * MiB  # allocator_overhead(), vectorised
-    return alloc + overhead + gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    return alloc + overhead + context_bytes(gpus)
 
 
 def host_need(pinned: int, setup: TrainingSetup, req: PlanRequest) -> int:

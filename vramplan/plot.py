@@ -24,7 +24,7 @@ import numpy as np
 from vramplan.accuracy import estimate_case, is_full_step
 from vramplan.categories import COLORS, Category
 from vramplan.errors import VramplanError
-from vramplan.estimate import estimate_spec, fp16_on_card, make_setup
+from vramplan.estimate import context_bytes, estimate_spec, fp16_on_card, make_setup
 from vramplan.files import check_output_file, write_file
 from vramplan.setup import Optim, TrainingSetup, fields_for_method
 from vramplan.strategies import GALORE_STANDARD, compare
@@ -696,7 +696,7 @@ def timeline_data(spec: ModelSpec, setup, gpus: GpuSpec, alloc_conf: str | None 
     live = {c: np.cumsum(np.where(ev.categories == i, signed, 0))[s:] for i, c in enumerate(CATEGORIES)}
     live = {c: v for c, v in live.items() if v.any()}
     assert run.reserved_trace is not None
-    context = gpus.profile.cuda_context_bytes + 2 * gpus.profile.cublas_workspace_bytes
+    context = context_bytes(gpus)
     return Timeline(
         live=live,
         reserved=run.reserved_trace[s:],

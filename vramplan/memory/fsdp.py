@@ -87,6 +87,16 @@ def fsdp1_compute_bytes(p: Param, setup: TrainingSetup) -> int:
     return compute_bytes(p)
 
 
+def embedding_and_head(params: list[Param]) -> tuple[Param | None, Param | None]:
+    """The input embedding (the first of the root's parameters, memory.parameters) and an
+    untied lm_head (the root parameter of its shape); None where absent or tied."""
+    root = [p for p in params if p.layer is None]
+    if not root:
+        return None, None
+    embed = root[0]
+    return embed, next((p for p in root[1:] if p.dim0 == embed.dim0 and p.numel == embed.numel), None)
+
+
 def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Param | None:
     """accelerate==1.16.0 utils/fsdp_utils.py:876-902: the untied input embedding is its own
     unit, resharded after its forward, and [final norm, lm_head] a tail unit kept unsharded
@@ -96,12 +106,8 @@ def accelerate_embedding_unit(params: list[Param], setup: TrainingSetup) -> Para
     Its re-gather for its own backward (full fine-tune, at the very end) is not modelled."""
     if setup.fsdp_version != 2 or setup.stack not in ACCELERATE_STACKS:
         return None
-    root = [p for p in params if p.layer is None]
-    if not root:
-        return None
-    embed = root[0]
-    tied = not any(p is not embed and p.dim0 == embed.dim0 and p.numel == embed.numel for p in root)
-    return None if tied else embed
+    embed, head = embedding_and_head(params)
+    return embed if head is not None else None
 
 
 def separate_head_units(params: list[Param], setup: TrainingSetup) -> list[Param]:
@@ -111,16 +117,12 @@ def separate_head_units(params: list[Param], setup: TrainingSetup) -> list[Param
     projection leave the root unit, which vramplan keeps unsharded from forward to backward
     (torch 2.13 distributed/fsdp/_fully_shard/_fsdp_state.py `_lazy_init`: the root's
     post_forward_mesh_info is None). Each is gathered around its own forward and backward
-    instead. Returns the embedding and, when untied, lm_head (the first root parameter
-    and the one of its shape, as accelerate_embedding_unit reads them); [] otherwise."""
+    instead. Returns the embedding and, when untied, lm_head (embedding_and_head); []
+    otherwise."""
     if not (setup.fsdp_embedding_units and setup.sharded and setup.fsdp_version == 2):
         return []
-    root = [p for p in params if p.layer is None]
-    if not root:
-        return []
-    embed = root[0]
-    heads = [p for p in root[1:] if p.dim0 == embed.dim0 and p.numel == embed.numel]
-    return [embed, *heads[:1]]
+    embed, head = embedding_and_head(params)
+    return [p for p in (embed, head) if p is not None]
 
 
 def head_unit_bytes(params: list[Param], setup: TrainingSetup) -> int:
