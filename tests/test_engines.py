@@ -317,3 +317,16 @@ def test_accelerate_preparation_is_said_as_modelled_from_source(spec):
     assert "fp32" in line and "modelled from source, not measured" in line and "accelerate==1.16.0" in line
     plain = _est(spec, "2x80GB", method="full", fsdp=2, precision="mixed", model_dtype="bf16")
     assert not any(n.startswith("accelerate's FSDP preparation") for n in plain.notes)
+
+
+def test_embedding_units_say_they_rest_on_the_source():
+    from vramplan.estimate import estimate_config
+
+    def notes(**f):
+        est = estimate_config("llama-3.2-1b", "2x80GB", method="full", fsdp=2, **f)
+        return [n for n in est.notes if n.startswith("--fsdp-embedding-units")]
+
+    assert (
+        notes(fsdp_embedding_units=True) and "modelled from source, not measured" in notes(fsdp_embedding_units=True)[0]
+    )
+    assert not notes()  # the plain stack keeps them in the root unit

@@ -46,7 +46,18 @@ def engine_static(
 def engine_notes(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> list[str]:
     """The line saying which engine the estimate is for, when it is not one plain GPU, and what
     accelerate's FSDP preparation changed (memory/accelerate.py)."""
-    return _engine_line(spec, setup, static) + accelerate_note(setup)
+    return _engine_line(spec, setup, static) + accelerate_note(setup) + _embedding_units_note(setup)
+
+
+def _embedding_units_note(setup: TrainingSetup) -> list[str]:
+    """--fsdp-embedding-units (memory/fsdp.py separate_head_units): say it applied and what it rests on."""
+    if not (setup.fsdp_embedding_units and setup.sharded and setup.fsdp_version == 2):
+        return []
+    return [
+        "--fsdp-embedding-units: the embedding and lm_head are FSDP2 units of their own, lm_head gathered "
+        "only at the loss (torchtune's custom_sharded_layers); modelled from source, not measured "
+        "(torchtune==0.6.1 training/_distributed.py:519-568)"
+    ]
 
 
 def _engine_line(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> list[str]:
