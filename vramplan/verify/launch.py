@@ -195,8 +195,48 @@ def init_distributed(device: str) -> str:
         dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local}"))
         return f"cuda:{local}"
     count_frees_on_every_thread()
-    dist.init_process_group("gloo")
+    with _gloo_with_one_worker_thread():
+        dist.init_process_group("gloo")
     return device
+
+
+@contextlib.contextmanager
+def _gloo_with_one_worker_thread():
+    """init_process_group("gloo") builds ProcessGroupGloo with two worker threads (torch==2.13.0
+    ProcessGroupGloo::Options threads=2) and passes no options through. A worker thread signals a
+    collective's completion before it drops its reference to the collective's tensors
+    (ProcessGroupGloo::runLoop: execute(work), then the lock, then `work` leaves scope), so a
+    tensor the main thread has already let go of (FSDP1's padded unsharded gradient) is freed
+    whenever that thread is next scheduled: under load, inside the optimizer phase (a +4 MiB
+    optimizer peak on one rank of the fsdp1-2-full case in CI). With one worker thread, works
+    run in order, and a collective's completion (settle_collectives' barrier) means every
+    earlier work's tensors are gone: the frees land where the fake process group has them."""
+    from torch.distributed import distributed_c10d as c10d
+
+    base = c10d.ProcessGroupGloo
+
+    class OneWorkerGloo(base):  # type: ignore[misc, valid-type]
+        def __init__(self, store, rank, size, timeout):
+            opts = base._Options()
+            opts._timeout = timeout
+            opts._devices = [base.create_default_device()]
+            opts._threads = 1
+            super().__init__(store, rank, size, opts)
+
+    c10d.ProcessGroupGloo = OneWorkerGloo
+    try:
+        yield
+    finally:
+        c10d.ProcessGroupGloo = base
+
+
+def settle_collectives() -> None:
+    """On a launched gloo run (one worker thread, _gloo_with_one_worker_thread), a barrier:
+    every collective before it has released its tensors when it returns. Nothing elsewhere."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
 
 
 def limit_allocator(device: str, limit: int) -> None:

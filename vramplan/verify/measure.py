@@ -18,6 +18,7 @@ from typing import Any, cast
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
 from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
+from vramplan.verify.launch import settle_collectives
 from vramplan.verify.probe import Probe, make_probe
 from vramplan.verify.ranks import engine_world
 from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
@@ -221,6 +222,7 @@ def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
     with run.phase("backward", step):
         built.backward(loss)
         del loss
+        settle_collectives()  # gloo's worker thread frees the last collective's tensors here
     sizes.gradients = gradient_bytes(built.model, dev)
     with run.phase("optimizer", step):
         built.optimizer_step()
