@@ -34,6 +34,35 @@ def test_median_and_worst_error_bounds():
     assert s["median_abs_error"] <= 0.05 and s["max_abs_error"] <= 0.15, s
 
 
+def test_reserved_median_and_worst_bounds():
+    """The allocator replay against the measured max_memory_reserved (issue 18). The median
+    meets the issue's 5%; the worst does not meet its 20% (phi3 QLoRA with checkpointing,
+    -34.9%, docs/allocator.md "What the dev cases leave unexplained"): held where it is so
+    that it cannot get worse unseen."""
+    scored = [s for s in score(CASES, DATA / "configs") if s.reserved_error is not None]
+    errors = sorted(abs(s.reserved_error) for s in scored)
+    assert len(errors) >= 20
+    assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= 0.36, errors
+
+
+def test_the_tight_note_states_the_measured_shortfall():
+    """estimate._tight_note cites how often and by how much the replay read under the
+    measured reserved on the H100 dev cases: those numbers, recomputed."""
+    from vramplan.estimate import _tight_note
+    from vramplan.reserved import Simulated
+
+    dev = [c for c in load_cases(DATA / "h100_dev.jsonl") if is_full_step(c)]
+    short = [
+        (s.measured_reserved_bytes - s.predicted_reserved_bytes) / 2**30
+        for s in score(dev, DATA / "configs")
+        if s.measured_reserved_bytes and s.measured_reserved_bytes - s.predicted_reserved_bytes >= 2**29
+    ]
+    sim = Simulated(peak_reserved=0, peak_allocated=0, fits=True, headroom=2**28, capped=None, events=None)  # type: ignore[arg-type]
+    (note,) = _tight_note(sim, 24 * 2**30)
+    assert f"on {len(short)} of the {len(dev)} measured H100 steps" in note
+    assert f"{min(short):.1f}-{max(short):.1f} GiB above this replay" in note
+
+
 def test_parameter_count_matches_measured():
     from vramplan.model_loader import load_model_spec
 

@@ -20,6 +20,7 @@ from vramplan.hardware import (
     supports_bf16,
     with_overrides,
 )
+from vramplan.headroom import SAFE_SHARE, has_safe_headroom
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_targets
@@ -271,6 +272,20 @@ def _pressure_note(sim: Simulated, total: int, capacity: int) -> list[str]:
     ]
 
 
+def _tight_note(sim: Simulated, capacity: int) -> list[str]:
+    """A fit with less free than the headroom rule keeps (headroom.py): said, with why it may
+    not hold on the card."""
+    if not sim.fits or has_safe_headroom(sim.headroom, capacity):
+        return []
+    return [
+        f"tight: {sim.headroom / GiB:.2f} GiB ({sim.headroom / capacity:.1%}) left, under the "
+        f"{SAFE_SHARE:.0%} the recommendations keep: the caching allocator's fragmentation varies between runs "
+        "(on 8 of the 20 measured H100 steps the reserved memory ran 0.8-4.9 GiB above this replay, "
+        "docs/allocator.md) and a longer sample adds activations; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` "
+        "strands the least, and `vramplan verify` on the card measures it"
+    ]
+
+
 def allocator_overhead(peak_alloc: int) -> int:
     """reserved - allocated at the peak, on a GPU that is nearly full: the flat margin the
     estimate used before the allocator replay (vramplan/reserved.py); plan's affine search
@@ -415,6 +430,7 @@ def estimate_spec(
         headroom_bytes=sim.headroom,
         notes=notes
         + _pressure_note(sim, total, capacity)
+        + _tight_note(sim, capacity)
         + expandable_note(spec, setup, capacity - context - paged, config, sim),
     )
 
