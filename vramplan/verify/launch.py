@@ -15,6 +15,7 @@ import tempfile
 import traceback
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -211,11 +212,10 @@ def _gloo_with_one_worker_thread():
     optimizer peak on one rank of the fsdp1-2-full case in CI). With one worker thread, works
     run in order, and a collective's completion (settle_collectives' barrier) means every
     earlier work's tensors are gone: the frees land where the fake process group has them."""
-    from torch.distributed import distributed_c10d as c10d
+    c10d: Any = importlib.import_module("torch.distributed.distributed_c10d")
+    base: Any = c10d.ProcessGroupGloo
 
-    base = c10d.ProcessGroupGloo
-
-    class OneWorkerGloo(base):  # type: ignore[misc, valid-type]
+    class OneWorkerGloo(base):
         def __init__(self, store, rank, size, timeout):
             opts = base._Options()
             opts._timeout = timeout
