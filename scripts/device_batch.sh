@@ -3,6 +3,7 @@
 # fills it here first):
 #   bash scripts/device_batch.sh calibrate [calibrate.py options]   # next cases, resumable
 #   bash scripts/device_batch.sh tests                              # pytest -m gpu
+#   bash scripts/device_batch.sh sequence                           # the dev cases in one process (issue 18)
 # Installs the carried wheels under /tmp/site, records the machine and library versions,
 # and copies every result to $OUT, which comes back. Calibration appends to
 # tests/data/h100_verify.jsonl: cases already in the committed file are skipped, so
@@ -30,5 +31,8 @@ case "$mode" in
   tests)
     python3 -m pytest -m gpu -q -rs "$@" 2>&1 | tee "$OUT/pytest_gpu.log"
     exit "${PIPESTATUS[0]}" ;;
-  *) echo "usage: bash scripts/device_batch.sh calibrate|tests [options]"; exit 2 ;;
+  sequence)
+    python3 scripts/sequence_reserved.py --out "$OUT/h100_dev_sequence.jsonl" "$@" 2>&1 | tee "$OUT/sequence.log"
+    exit "${PIPESTATUS[0]}" ;;
+  *) echo "usage: bash scripts/device_batch.sh calibrate|tests|sequence [options]"; exit 2 ;;
 esac
