@@ -2,6 +2,8 @@
 (commit 001074d2, see vramplan/allocator.py). Every expected value below is worked out by
 hand from the C++ functions named in each test, never by running the model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -431,3 +433,17 @@ def test_events_from_a_cpu_trace():
     r = replay(ev)
     # 1 KiB: one 2 MiB small segment; 5 MiB: a 20 MiB segment whose 15 MiB rest holds the 6 MiB.
     assert (r.peak_reserved, r.final_allocated) == (22 * MiB, 0)
+
+
+def test_sequence_script_refuses_an_unknown_case_in_one_line(tmp_path, capsys):
+    """scripts/sequence_reserved.py (issue 18's in-order re-measurement): a --from-case that is
+    not a dev case is one line naming the flag, exit 2, nothing written."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import sequence_reserved
+
+    out = tmp_path / "s.jsonl"
+    assert sequence_reserved.main(["--out", str(out), "--from-case", "nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("--from-case: 'nope'") and not out.exists()
