@@ -225,3 +225,34 @@ def test_dora_backward_holds_the_magnitudes_grad_before_its_reduction(spec):
     assert dora_backward_parts(down, bf16, grad_held=True) == [2 * 256] * 3
     # the recompute starts when that node unpacks lora_B's output: its input grad is in flight
     assert dora_recompute_grads(down, fp32) == [4 * 256, 2 * 256, 4 * 256]
+
+
+def test_a_lora_rank_above_some_layers_dimension_is_a_note_not_an_error():
+    """peft refuses only r <= 0 (tuners/lora/layer.py:239): Qwen2.5-0.5B's k_proj and v_proj
+    are 128 wide, and r=256 is a full-rank adapter there, counted at r·(in + out) each."""
+    from vramplan.estimate import estimate_config
+
+    est = estimate_config("qwen2.5-0.5b", gpus="1x80GB", method="lora", lora_r=256)
+    (note,) = [n for n in est.notes if n.startswith("LoRA rank 256")]
+    assert "k_proj, v_proj" in note and "q_proj" not in note
+    r128 = estimate_config("qwen2.5-0.5b", gpus="1x80GB", method="lora", lora_r=128)
+    assert not any(n.startswith("LoRA rank") for n in r128.notes)
+    # adapters: r·(in + out) on every targeted Linear whatever the rank (fp32: 4 bytes)
+    spec = load_model_spec("qwen2.5-0.5b")
+    per_layer = sum(lin.in_features + lin.out_features for lin in spec.layers[0].linears)
+    added = est.per_gpu.breakdown[C.ADAPTERS] - r128.per_gpu.breakdown[C.ADAPTERS]
+    assert added == 128 * per_layer * spec.num_layers * 4
+
+
+def test_a_rank_no_layer_can_use_is_refused_naming_the_flag():
+    from vramplan.errors import VramplanError
+    from vramplan.estimate import estimate_config
+
+    with pytest.raises(VramplanError, match="every adapted layer's dimensions") as e:
+        estimate_config("qwen2.5-0.5b", gpus="1x80GB", method="lora", lora_r=8192)
+    assert e.value.flag == "--lora-r"
+    with pytest.raises(VramplanError, match="GaLore would project nothing") as e:
+        estimate_config("qwen2.5-0.5b", gpus="1x80GB", method="galore", galore_rank=8192)
+    assert e.value.flag == "--galore-rank"
+    est = estimate_config("qwen2.5-0.5b", gpus="1x80GB", method="galore", galore_rank=256)
+    assert any(n.startswith("GaLore rank 256 is above the smaller dimension of k_proj, v_proj") for n in est.notes)

@@ -224,6 +224,19 @@ def _layer_spec(
     )
 
 
+def _attention_heads(tcfg) -> int:
+    """The config's attention heads; a model without them (Mamba, RWKV: state-space and
+    recurrent layers) has no rule here for what its layers save."""
+    n_heads = getattr(tcfg, "num_attention_heads", None)
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        raise VramplanError(
+            f"model_type {tcfg.model_type!r} has no num_attention_heads (a state-space or recurrent model?); "
+            "vramplan models attention decoders (Llama, Mistral, Qwen, Gemma, Phi-3, Mixtral, ...)",
+            "MODEL",
+        )
+    return n_heads
+
+
 def _refuse_without_linears(layer) -> None:
     # e.g. GPT-2's transformers Conv1D: neither peft's nor the quantizers' Linear path,
     # and no rule here says what it saves
@@ -271,7 +284,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     tcfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_layers = tcfg.num_hidden_layers
     hidden = tcfg.hidden_size
-    n_heads = tcfg.num_attention_heads
+    n_heads = _attention_heads(tcfg)
     n_kv = getattr(tcfg, "num_key_value_heads", None) or n_heads
     head_dim = getattr(tcfg, "head_dim", None) or hidden // n_heads
     num_experts = getattr(tcfg, "num_local_experts", None) or getattr(tcfg, "num_experts", None)

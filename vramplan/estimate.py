@@ -23,13 +23,14 @@ from vramplan.hardware import (
 from vramplan.headroom import SAFE_SHARE, has_safe_headroom
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.events import step_events
-from vramplan.memory.lora import check_lora_targets
+from vramplan.memory.lora import check_lora_rank, check_lora_targets
+from vramplan.memory.optimizers import check_galore_rank
 from vramplan.memory.storage import StepModel
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
 from vramplan.reserved import Simulated, alloc_config, expandable_note, simulate
 from vramplan.results import Estimate, PerGpu
-from vramplan.setup import AdapterDtype, Loss, Method, Precision, TrainingSetup
+from vramplan.setup import AdapterDtype, Loss, Precision, TrainingSetup
 from vramplan.stacks import apply_stack, stack_lines
 from vramplan.units import GiB, MiB, host_ram_bytes, parse_bytes
 
@@ -131,19 +132,8 @@ def check_compatible(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec) -> No
         )
     if setup.sharded and setup.fsdp > 1 and gpus.count % setup.fsdp:
         raise VramplanError(f"--fsdp {setup.fsdp} does not divide the {gpus.count} GPUs of --gpus", "--fsdp")
-    if setup.lora_like:
-        smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
-        if setup.lora_r > smallest:
-            raise VramplanError(
-                f"rank {setup.lora_r} is larger than the smallest adapted layer dimension ({smallest})", "--lora-r"
-            )
-    if setup.method == Method.GALORE:
-        smallest = min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
-        if setup.galore_rank > smallest:
-            raise VramplanError(
-                f"rank {setup.galore_rank} is larger than the smallest projected weight dimension ({smallest})",
-                "--galore-rank",
-            )
+    check_lora_rank(spec, setup)
+    check_galore_rank(spec, setup)
 
 
 # Architectures whose decoder layer the memory model's rules were held to, phase by phase,
@@ -340,6 +330,8 @@ def _setup_notes(
         + fused_expert_note(spec, setup)
         + model_notes
         + _loss_note(spec, setup, peak)
+        + check_lora_rank(spec, setup)
+        + check_galore_rank(spec, setup)
     )
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")

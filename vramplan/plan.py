@@ -51,6 +51,7 @@ from vramplan.limits import (
 from vramplan.memory import prepare, step_model
 from vramplan.memory.attention import mask_from, span_terms
 from vramplan.memory.checkpointing import unsloth_from
+from vramplan.memory.types import LinearRole
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.plan_vary import expand_groups, parse_vary, varied_label
@@ -179,7 +180,17 @@ def _ranks(lo: int, smallest: int, count: int) -> list[int]:
 
 
 def _smallest_dim(spec: ModelSpec) -> int:
-    return min(min(l.in_features, l.out_features) for layer in spec.layers for l in layer.linears)
+    """The ranks plan tries stay within every attention and MLP weight's smaller dimension;
+    other Linears (a MoE's 1-wide shared-expert gate, a linear-attention's small projections)
+    do not bound them: an adapter or projector above a weight's dimension is full rank
+    there (memory/lora.check_lora_rank, memory/optimizers.check_galore_rank)."""
+    main = [
+        min(lin.in_features, lin.out_features)
+        for layer in spec.layers
+        for lin in layer.linears
+        if lin.role not in (LinearRole.OTHER, LinearRole.ROUTER)
+    ]
+    return min(main or [min(lin.in_features, lin.out_features) for layer in spec.layers for lin in layer.linears])
 
 
 def _precisions(req: PlanRequest) -> tuple[Precision, ...]:

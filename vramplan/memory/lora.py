@@ -65,6 +65,31 @@ def check_lora_targets(spec: ModelSpec, setup: TrainingSetup) -> None:
             )
 
 
+def check_lora_rank(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """peft accepts any rank >= 1 (peft==0.21.2 tuners/lora/layer.py:239 LoraLayer.update_layer
+    refuses only r <= 0): above a Linear's smaller dimension its adapter is simply full rank,
+    still r·(in + out) parameters, which is what the memory model counts. A rank above every
+    adapted Linear's larger dimension cannot be meant and is refused; one above some
+    adapted Linear's smaller dimension (Qwen2.5-0.5B's 128-wide k_proj at r=256, a MoE's
+    1-wide shared-expert gate) is said in a note."""
+    if not setup.lora_like:
+        return []
+    targeted = [lin for layer in spec.layers for lin in layer.linears if lora_targeted(lin, setup)]
+    if not targeted:
+        return []
+    r = setup.lora_r
+    largest = max(max(lin.in_features, lin.out_features) for lin in targeted)
+    if r > largest:
+        raise VramplanError(f"rank {r} is larger than every adapted layer's dimensions (largest {largest})", "--lora-r")
+    below = sorted({lin.name.rsplit(".", 1)[-1] for lin in targeted if r > min(lin.in_features, lin.out_features)})
+    if not below:
+        return []
+    return [
+        f"LoRA rank {r} is above the smaller dimension of {', '.join(below)}: peft accepts it, and those "
+        "adapters are full rank at r·(in + out) parameters each (counted so)"
+    ]
+
+
 def lora_saved(in_dim: int, ctx: ActivationContext, input_grad: bool, x_saved: bool = False) -> int:
     """peft LoRA Linear: x.to(fp32) -> dropout (bool mask when the input needs grad) ->
     lora_A saves its fp32 input -> lora_B saves A's output. Under autocast lora_A casts
