@@ -127,6 +127,20 @@ def test_config_without_linear_layers_is_refused(tmp_path):
     assert "MODEL" in proc.stderr and "nn.Linear" in proc.stderr and "Conv1D" in proc.stderr
 
 
+def test_config_without_attention_heads_is_refused(tmp_path, capsys):
+    """Mamba's config has no num_attention_heads: one line naming MODEL, not an internal error."""
+    cfg = tmp_path / "config.json"
+    fields = {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 256}
+    cfg.write_text(json.dumps({"architectures": ["MambaForCausalLM"], **fields}))
+    env = {"VRAMPLAN_CACHE": str(tmp_path / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["estimate", str(cfg), "--gpus", "1x24GB", "--method", "full"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "MODEL" in line and "'mamba' has no num_attention_heads" in line
+
+
 def _est(*args):
     from vramplan.estimate import estimate_config
 
