@@ -41,6 +41,19 @@ def test_estimate_on_a_card_without_bf16_runs_fp16_unless_told(capsys):
     assert json.loads(capsys.readouterr().out)["setup"]["precision"] == "bf16"
 
 
+def test_the_strategy_comparison_on_a_card_without_bf16(capsys):
+    """On a T4 every strategy is estimated in fp16; one fp16 cannot run (GaLore's layer-wise
+    optimizer steps inside backward, which the GradScaler refuses) is left out, not a crash.
+    Asked for directly, it is one line that names the flag and why fp16 was assumed."""
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "1xt4", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["strategies"]
+    assert rows and all(r["setup"]["precision"] == "fp16" for r in rows)
+    args = ["estimate", "llama-3.2-1b", "--gpus", "1xt4", "--method", "galore", "--optim", "galore_adamw_layerwise"]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vramplan: error: --optim:") and "has no bf16, so --precision fp16 was assumed" in line
+
+
 @pytest.mark.parametrize(
     "args,flag",
     [

@@ -68,7 +68,15 @@ def fp16_on_card(setup: TrainingSetup, gpus: GpuSpec, precision_given: bool) -> 
         "GradScaler, fp32 trainable parameters" + ("" if setup.lora_like else ", fp32 weights") + "); "
         "give --precision to override"
     )
-    return TrainingSetup(**fields), [note]
+    try:
+        return TrainingSetup(**fields), [note]
+    except ValidationError as e:  # e.g. an optimizer stepped inside backward: fp16's GradScaler cannot
+        err = from_validation_error(e)
+        raise VramplanError(
+            f"{err.message} ({gpus.profile.display_name} has no bf16, so --precision fp16 was assumed; "
+            "give --precision to estimate another)",
+            err.flag,
+        ) from None
 
 
 def resolve_gpus(

@@ -11,7 +11,7 @@ from vramplan.headroom import has_safe_headroom
 from vramplan.memory import PhaseKind
 from vramplan.model_spec import ModelSpec
 from vramplan.results import Estimate
-from vramplan.setup import Loss, fields_for_method
+from vramplan.setup import Loss, Precision, fields_for_method
 
 # GaLore as the comparison (and `plot scaling`) runs it: 8-bit layer-wise states, recomputation.
 GALORE_STANDARD: dict[str, object] = dict(
@@ -132,13 +132,14 @@ def _with_fused_loss(
     spec: ModelSpec, gpus: GpuSpec, host_ram: int | None, label: str, fields: dict, est: Estimate
 ) -> list[StrategyRow]:
     """The same strategy with Liger's fused linear cross-entropy, when the model's own loss is
-    the peak and the fused one makes it fit: the same training, a different kernel."""
+    the peak and the fused one makes it fit: the same training, a different kernel (in the
+    precision the strategy ran in: fp16 on a card without bf16)."""
     if est.per_gpu.peak_phase not in _LOSS_PHASES:
         return []
     try:
-        fused = estimate_spec(
-            spec, make_setup(**fields_for_method({**fields, "loss": Loss.LIGER.value})), gpus, host_ram
-        )
+        setup = make_setup(**fields_for_method({**fields, "loss": Loss.LIGER.value}))
+        setup, _ = fp16_on_card(setup, gpus, est.setup.precision != Precision.FP16)
+        fused = estimate_spec(spec, setup, gpus, host_ram)
     except VramplanError:
         return []  # a combination Liger refuses
     if not fused.fits:
