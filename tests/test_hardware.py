@@ -344,3 +344,32 @@ def test_no_nvidia_gpu_says_what_the_tool_can_do_here(monkeypatch):
     msg = str(e.value)
     assert "no NVIDIA GPU" in msg and "--gpus" in msg and "--device cpu" in msg and "\n" not in msg
     assert H.no_gpu_message() in msg
+
+
+@pytest.mark.parametrize(
+    "text,name",
+    [
+        ("8xh100", "h100-80gb"),  # the profile file's alias
+        ("1xRTX4090", "rtx-4090"),
+        ("geforce_rtx_3090", "rtx-3090"),
+        ("2x4090", "rtx-4090"),
+        ("NVIDIA RTX 4090", "rtx-4090"),
+        ("h200", "h200"),
+    ],
+)
+def test_usual_spellings_of_a_card_name_resolve_and_say_so(text, name):
+    from vramplan.hardware import parse_gpus
+
+    g = parse_gpus(text)
+    assert g.profile.name == name
+    assert (name in text) or any(f"read as {name}" in n for n in g.notes)
+
+
+@pytest.mark.parametrize("text,cards", [("a100", "a100-40gb, a100-80gb"), ("1xv100", "v100-16gb, v100-32gb")])
+def test_a_family_with_several_sizes_is_one_line_listing_them(text, cards):
+    from vramplan.errors import VramplanError
+    from vramplan.hardware import parse_gpus
+
+    with pytest.raises(VramplanError, match=f"is more than one card: {cards}") as e:
+        parse_gpus(text)
+    assert e.value.flag == "--gpus"

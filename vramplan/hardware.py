@@ -43,6 +43,9 @@ class HardwareProfile(BaseModel):
     display_name: str
     vendor: Vendor = Vendor.NVIDIA
     nvml_names: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(
+        default_factory=list, description="other names --gpus accepts for this card (h100 for h100-80gb)"
+    )
     nominal_memory_gb: float = Field(
         gt=0, le=MAX_GPU_MEMORY / GiB, description="memory the card is sold with, GiB of chips"
     )
@@ -310,15 +313,39 @@ def parse_gpus(text: str) -> GpuSpec:
     if size:
         prof, why = size_profile(_size_bytes(size.group(1), text))
         notes = (why,)
-    elif what in profiles():
-        prof = profiles()[what]
     else:
-        raise VramplanError(
-            f"unknown GPU {what[:40]!r}; use NxSIZE (e.g. 2x24GB) or one of: {', '.join(profiles())} "
-            f"(or add a profile file to {user_profile_dir()})",
-            _FLAG,
-        )
+        prof, notes = _profile_named(what)
     return GpuSpec(count=count, profile=prof, label=f"{count}x{prof.name}", notes=notes)
+
+
+_FAMILY = re.compile(r"^(rtx|gtx)(\d)")
+
+
+def _profile_named(what: str) -> tuple[HardwareProfile, tuple[str, ...]]:
+    """A profile by its name, an alias in its file (h100 -> h100-80gb), or the usual spellings
+    of the name (RTX4090, geforce_rtx_4090, 4090); a family with several sizes (a100, v100)
+    is one line listing them."""
+    known = profiles()
+    key = _FAMILY.sub(r"\1-\2", re.sub(r"[\s_]+", "-", what.strip().lower()))
+    key = re.sub(r"^(nvidia-)?(geforce-)?", "", key)
+    if key in known:
+        return known[key], () if key == what else (f"{what!r} read as {key}",)
+    by_alias = {a: p for p in known.values() for a in p.aliases}
+    for cand in (key, f"rtx-{key}"):
+        prof = by_alias.get(cand) or known.get(cand)
+        if prof is not None:
+            return prof, (f"{what!r} read as {prof.name} ({prof.display_name})",)
+    family = sorted(n for n in known if n.startswith(key + "-"))
+    if len(family) > 1:
+        raise VramplanError(f"{what!r} is more than one card: {', '.join(family)}", _FLAG)
+    if family:
+        prof = known[family[0]]
+        return prof, (f"{what!r} read as {prof.name} ({prof.display_name})",)
+    raise VramplanError(
+        f"unknown GPU {what[:40]!r}; use NxSIZE (e.g. 2x24GB) or one of: {', '.join(known)} "
+        f"(or add a profile file to {user_profile_dir()})",
+        _FLAG,
+    )
 
 
 # ------------------------------------------------------------------ overrides
