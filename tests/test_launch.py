@@ -180,7 +180,9 @@ def test_a_launched_gloo_group_runs_its_collectives_on_one_worker_thread(monkeyp
         backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
         assert backend.options._threads == 1
         assert dist.distributed_c10d.ProcessGroupGloo is torch._C._distributed_c10d.ProcessGroupGloo
-        launch.settle_collectives()
+        from vramplan.verify.measure import settle_collectives
+
+        settle_collectives()
     finally:
         dist.destroy_process_group()
 

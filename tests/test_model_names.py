@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
         ("Qwen/Qwen3-4B-Base", "qwen3-4b"),
         ("Qwen/Qwen3-4B-Instruct-2507", "qwen3-4b"),
         ("NousResearch/Meta-Llama-3.1-8B", "llama-3.1-8b"),
+        # Mistral's instruct word sits before the version
+        ("unsloth/mistral-7b-instruct-v0.3-bnb-4bit", "mistral-7b-v0.3"),
+        ("mistralai/Mistral-7B-v0.3", "mistral-7b-v0.3"),
         ("LLAMA-3.1-8B", "llama-3.1-8b"),
         ("llama-8b", "llama-3.1-8b"),
     ],

@@ -47,6 +47,7 @@ REQUIRED = [
     # the models of Answer.AI's fsdp_qlora benchmark (tests/data/published/)
     "yi-34b",
     "mistral-7b-v0.2",
+    "mistral-7b-v0.3",
     # models of published fine-tuning memory figures (the QLoRA paper's LLaMA 33B/65B; Unsloth's
     # and axolotl's Phi-4, Mistral-Nemo, Mistral Small 3; Gemma 1)
     "llama-30b",
@@ -84,6 +85,8 @@ PUBLISHED = {
     "mistral-nemo-12b": 12.2,
     "mistral-small-24b": 23.6,
     "gemma-7b": 8.54,
+    # Mistral-7B-v0.3's model card: 7.25B
+    "mistral-7b-v0.3": 7.25,
 }
 
 

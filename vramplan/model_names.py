@@ -28,6 +28,8 @@ _VARIANT = re.compile(
     r"-(instruct|chat|it|base|hf|pt|thinking|bnb-4bit|unsloth-bnb-4bit|unsloth|4bit|"
     r"(?:2[3-9])(?:0[1-9]|1[0-2]))$"
 )
+# The same words before a version (Mistral's mistral-7b-instruct-v0.3 is mistral-7b-v0.3's)
+_VARIANT_BEFORE_VERSION = re.compile(r"-(instruct|chat|it|base)(?=-v\d)")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 # Config keys that change no shape the analysis reads (vramplan/analyze.py builds the model on
@@ -67,7 +69,8 @@ def candidates(model: str) -> list[str]:
     key = model.strip().lower()
     out = [key]
     name = key.rsplit("/", 1)[-1]
-    for base in (name, name[len("meta-") :] if name.startswith("meta-") else None):
+    names = (name, name[len("meta-") :] if name.startswith("meta-") else None)
+    for base in (*names, *(_VARIANT_BEFORE_VERSION.sub("", n) for n in names if n)):
         while base:
             if base not in out:
                 out.append(base)

@@ -210,7 +210,7 @@ def _gloo_with_one_worker_thread():
     tensor the main thread has already let go of (FSDP1's padded unsharded gradient) is freed
     whenever that thread is next scheduled: under load, inside the optimizer phase (a +4 MiB
     optimizer peak on one rank of the fsdp1-2-full case in CI). With one worker thread, works
-    run in order, and a collective's completion (settle_collectives' barrier) means every
+    run in order, and a collective's completion (measure.settle_collectives' barrier) means every
     earlier work's tensors are gone: the frees land where the fake process group has them."""
     c10d: Any = importlib.import_module("torch.distributed.distributed_c10d")
     base: Any = c10d.ProcessGroupGloo
@@ -228,15 +228,6 @@ def _gloo_with_one_worker_thread():
         yield
     finally:
         c10d.ProcessGroupGloo = base
-
-
-def settle_collectives() -> None:
-    """On a launched gloo run (one worker thread, _gloo_with_one_worker_thread), a barrier:
-    every collective before it has released its tensors when it returns. Nothing elsewhere."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        dist.barrier()
 
 
 def limit_allocator(device: str, limit: int) -> None:

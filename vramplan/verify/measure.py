@@ -18,7 +18,6 @@ from typing import Any, cast
 from vramplan.categories import Category as C
 from vramplan.setup import TrainingSetup
 from vramplan.verify.attribute import gradient_bytes, model_bytes, optimizer_bytes, param_counts
-from vramplan.verify.launch import settle_collectives
 from vramplan.verify.probe import Probe, make_probe
 from vramplan.verify.ranks import engine_world
 from vramplan.verify.results import Measurement, OomInfo, PhaseSnapshot
@@ -227,6 +226,15 @@ def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
     with run.phase("optimizer", step):
         built.optimizer_step()
     sizes.optimizer = optimizer_bytes(built.optimizers, dev)
+
+
+def settle_collectives() -> None:
+    """On a launched gloo run (one worker thread: launch._gloo_with_one_worker_thread), a barrier:
+    every collective before it has released its tensors when it returns. Nothing elsewhere."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
 
 
 def _oom_info(run: _Run, message: str) -> OomInfo:
