@@ -459,3 +459,15 @@ def test_checkpoint_keeps_layer_0s_input_traced(tmp_path):
         peaks[ckpt] = trace_step(str(tmp_path), setup).peak("backward", step=1)
     hidden = 4 * 128 * 1024 * 2
     assert abs((peaks[True] - peaks[False]) - hidden) < 0.05 * hidden
+
+
+@pytest.mark.parametrize("text,tokens", [("32k", 32768), ("8K", 8192), ("4096", 4096)])
+def test_a_sequence_length_may_be_written_in_k(text, tokens, capsys):
+    """--seq-len 32k means 32,768 tokens, as context lengths are said; anything else is refused
+    as before, naming the flag."""
+    args = ["estimate", "llama-3.2-1b", "--gpus", "24GB", "--method", "lora", "--format", "json"]
+    assert main([*args, "--seq-len", text]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == tokens
+    for bad in ("3.5k", "4096k", "k"):
+        assert main([*args, "--seq-len", bad]) == 2
+        assert "argument --seq-len:" in capsys.readouterr().err

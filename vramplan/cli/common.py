@@ -81,6 +81,22 @@ def int_in(hi: int, lo: int = 1) -> Callable[[str], int]:
     return parse
 
 
+_KILO_TOKENS = re.compile(r"^\s*(\d{1,7})\s*[kK]\s*$")
+
+
+def tokens_in(hi: int, lo: int = 1) -> Callable[[str], int]:
+    """int_in for a token count that may be written as people say it: 8k, 32K (x 1024, as
+    context lengths are: 32k = 32,768)."""
+    whole = int_in(hi, lo)
+
+    def parse(text: str) -> int:
+        kilo = _KILO_TOKENS.match(text)
+        return whole(str(int(kilo.group(1)) * 1024) if kilo else text)
+
+    parse.__name__ = "tokens"
+    return parse
+
+
 def float_in(lo: float, hi: float) -> Callable[[str], float]:
     """An argparse type: a finite number in [lo, hi) (NaN and inf are refused)."""
 
@@ -136,7 +152,7 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
         type=int_in(MAX_BATCH_SIZE),
         extra_help=f"; default 1 (1 to {MAX_BATCH_SIZE:,}; batch x seq at most {MAX_TOKENS:,} tokens)",
     )
-    _flag(p, "seq_len", type=int_in(MAX_SEQ_LEN), extra_help=f"; default 2048 (1 to {MAX_SEQ_LEN:,})")
+    _flag(p, "seq_len", type=tokens_in(MAX_SEQ_LEN), extra_help=f"; default 2048 (1 to {MAX_SEQ_LEN:,}; 8k = 8192)")
     add_num_layers(p)
     _flag(p, "lora_r", type=int_in(MAX_RANK), extra_help=f"; default 16 (1 to {MAX_RANK:,})")
     _flag(p, "lora_dropout", type=float_in(0.0, 1.0), extra_help="; default 0.05 (0 <= p < 1)")

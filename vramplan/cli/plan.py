@@ -8,7 +8,7 @@ import sys
 
 from vramplan.cli import config_file
 from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
-from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bounded, int_in
+from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bounded, int_in, tokens_in
 from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
@@ -46,7 +46,7 @@ def _add_topology_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-seq",
-        type=int_in(MAX_SEQ_LEN),
+        type=tokens_in(MAX_SEQ_LEN),
         help=bounded(
             "shortest acceptable sequence length; default: --config's sequence length, else "
             "2048, capped at the context",
