@@ -373,3 +373,10 @@ def test_a_family_with_several_sizes_is_one_line_listing_them(text, cards):
     with pytest.raises(VramplanError, match=f"is more than one card: {cards}") as e:
         parse_gpus(text)
     assert e.value.flag == "--gpus"
+
+
+def test_a_name_that_only_prefixes_another_card_is_not_guessed():
+    """An RTX 4060 has 8 GB; the rtx-4060-ti-16gb profile it prefixes has 16: refused, naming both."""
+    with pytest.raises(VramplanError, match="unknown GPU 'rtx-4060' \\(not rtx-4060-ti-16gb") as e:
+        parse_gpus("1xrtx-4060")
+    assert e.value.flag == "--gpus"

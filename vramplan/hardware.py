@@ -324,7 +324,7 @@ _FAMILY = re.compile(r"^(rtx|gtx)(\d)")
 def _profile_named(what: str) -> tuple[HardwareProfile, tuple[str, ...]]:
     """A profile by its name, an alias in its file (h100 -> h100-80gb), or the usual spellings
     of the name (RTX4090, geforce_rtx_4090, 4090); a family with several sizes (a100, v100)
-    is one line listing them."""
+    is one line listing them, and a name that only prefixes another card's is not guessed."""
     known = profiles()
     key = _FAMILY.sub(r"\1-\2", re.sub(r"[\s_]+", "-", what.strip().lower()))
     key = re.sub(r"^(nvidia-)?(geforce-)?", "", key)
@@ -335,12 +335,16 @@ def _profile_named(what: str) -> tuple[HardwareProfile, tuple[str, ...]]:
         prof = by_alias.get(cand) or known.get(cand)
         if prof is not None:
             return prof, (f"{what!r} read as {prof.name} ({prof.display_name})",)
+    # a100 is two cards; rtx-4060 (8 GB) is not the rtx-4060-ti-16gb it prefixes: never guessed
     family = sorted(n for n in known if n.startswith(key + "-"))
     if len(family) > 1:
         raise VramplanError(f"{what!r} is more than one card: {', '.join(family)}", _FLAG)
     if family:
-        prof = known[family[0]]
-        return prof, (f"{what!r} read as {prof.name} ({prof.display_name})",)
+        raise VramplanError(
+            f"unknown GPU {what[:40]!r} (not {family[0]}, which it prefixes); use NxSIZE (e.g. 1x8GB) "
+            f"or add a profile file to {user_profile_dir()}",
+            _FLAG,
+        )
     raise VramplanError(
         f"unknown GPU {what[:40]!r}; use NxSIZE (e.g. 2x24GB) or one of: {', '.join(known)} "
         f"(or add a profile file to {user_profile_dir()})",
