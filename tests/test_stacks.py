@@ -294,3 +294,21 @@ def test_fsdp_qlora_reentrant_for_bnb_qlora_and_the_flag_wins(capsys, flag, expe
     assert out["setup"]["checkpoint_reentrant"] is expected
     kept = any("--checkpoint-reentrant kept over the stack's" in n for n in out["notes"])
     assert kept is (not expected)
+
+
+def test_an_error_about_a_value_the_stack_set_says_so(capsys):
+    """TRL leaves target_modules to peft's per-model map (q_proj,v_proj for a Llama), which has
+    no entry matching Phi-3's fused qkv_proj; fsdp_qlora asks for sdpa, which Gemma 2 has not:
+    the one line names the stack, its reason and source, and what to give instead."""
+    from vramplan.cli import main
+
+    assert main(["estimate", "phi-3-mini", "--gpus", "24GB", "--stack", "trl", "--method", "qlora"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--lora-targets: 'q_proj' (set by --stack trl:" in line and "trl==1.16.0" in line
+    assert line.endswith("give --lora-targets (all-linear, attention or names)")
+    assert main(["estimate", "gemma-2-2b", "--gpus", "24GB", "--stack", "fsdp-qlora", "--method", "qlora"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--attention: sdpa (set by --stack fsdp-qlora:" in line and "has no SDPA path" in line
+    # the caller's own value: no stack named
+    assert main(["estimate", "phi-3-mini", "--gpus", "24GB", "--method", "qlora", "--lora-targets", "q_proj"]) == 2
+    assert "set by --stack" not in capsys.readouterr().err

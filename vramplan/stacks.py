@@ -179,6 +179,19 @@ def apply_stack(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, _lines(bundle, chosen, kept, context)
 
 
+def set_by_stack(setup: TrainingSetup, knob: str) -> str:
+    """' (set by --stack X: why; source)' when the setup's value of `knob` is the one its
+    stack's rule gives (for an error about a value the caller never typed), else ''."""
+    if setup.stack == Stack.PLAIN:
+        return ""
+    context = setup.model_dump()
+    value = _plain(context.get(knob))
+    for rule in load_stack(setup.stack).rules:
+        if rule.knob == knob and rule.supported and rule.holds(context) and _plain(rule.value) == value:
+            return f" (set by --stack {setup.stack.value}: {rule.why}; {rule.source})"
+    return ""
+
+
 # Knobs that do nothing in some setups; the output leaves them out there.
 _LORA_KNOBS = frozenset(
     {"adapter_dtype", "quant_storage", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout"}

@@ -10,6 +10,7 @@ from vramplan.memory.storage import alloc
 from vramplan.memory.types import LinearRole
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Attention, Packing, Stack, TrainingSetup
+from vramplan.stacks import set_by_stack
 
 FLASH_NOTE = (
     "FlashAttention-2 (--attention flash): modelled from source, not measured (flash-attn 2.x "
@@ -26,7 +27,9 @@ def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
         return Attention(spec.attn_implementation)
     if setup.attention == Attention.SDPA and spec.attn_implementation != "sdpa":
         raise VramplanError(
-            f"sdpa: {spec.architecture} has no SDPA path in transformers; use eager or flash", "--attention"
+            f"sdpa{set_by_stack(setup, 'attention')}: {spec.architecture} has no SDPA path in transformers; "
+            "use eager or flash",
+            "--attention",
         )
     if setup.attention == Attention.FLASH and not spec.supports_flash:
         raise VramplanError(

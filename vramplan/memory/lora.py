@@ -20,6 +20,7 @@ from vramplan.memory.types import (
 )
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
 from vramplan.setup import LoraTargets, TrainingSetup
+from vramplan.stacks import set_by_stack
 
 
 def adapter_bytes(setup: TrainingSetup) -> int:
@@ -60,8 +61,11 @@ def check_lora_targets(spec: ModelSpec, setup: TrainingSetup) -> None:
     for key in setup.lora_target_modules:
         if not any(_name_matches(n, key) for n in names):
             leaves = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+            by_stack = set_by_stack(setup, "lora_target_modules")
             raise VramplanError(
-                f"{key!r} matches no Linear of {spec.name}'s decoder layers; they are: {leaves}", "--lora-targets"
+                f"{key!r}{by_stack} matches no Linear of {spec.name}'s decoder layers; they are: {leaves}"
+                + ("; give --lora-targets (all-linear, attention or names)" if by_stack else ""),
+                "--lora-targets",
             )
 
 
