@@ -398,3 +398,14 @@ def test_plan_suggests_expandable_segments_only_when_it_changes_the_verdict(monk
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert plan._expandable_segments(spec, req, grids) == []
     assert plan._expandable_segments in plan.SUGGESTION_PROVIDERS
+
+
+def test_plan_on_a_card_without_bf16_trains_lora_in_fp16(capsys):
+    """A T4 has no bf16: plan's LoRA and QLoRA rows are fp16 with fp32 adapters, as estimate's
+    (estimate.fp16_on_card), not the bf16 they are elsewhere."""
+    assert main(["plan", "llama-3.2-1b", "--gpus", "1xt4", "--methods", "lora,qlora", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and all(r["setup"]["precision"] == "fp16" for r in rows)
+    assert all(r["setup"]["adapter_dtype"] in (None, "fp32") for r in rows)
+    assert main(["plan", "llama-3.2-1b", "--gpus", "1x24GB", "--methods", "lora", "--format", "json"]) == 0
+    assert all(r["setup"]["precision"] == "bf16" for r in json.loads(capsys.readouterr().out)["rows"])

@@ -312,3 +312,14 @@ def test_an_error_about_a_value_the_stack_set_says_so(capsys):
     # the caller's own value: no stack named
     assert main(["estimate", "phi-3-mini", "--gpus", "24GB", "--method", "qlora", "--lora-targets", "q_proj"]) == 2
     assert "set by --stack" not in capsys.readouterr().err
+
+
+def test_torchtune_runs_gemma2_on_its_own_eager_attention():
+    """transformers has no SDPA path for Gemma 2's soft-capping, and torchtune's own Gemma 2
+    attention computes it by hand: the stack's sdpa is estimated as eager, and said."""
+    from vramplan.estimate import estimate_config
+
+    tt = estimate_config("gemma-2-2b", gpus="1x24GB", method="lora", stack="torchtune")
+    assert any(n.startswith("attention: torchtune's own attention for Gemma2ForCausalLM") for n in tt.notes)
+    eager = estimate_config("gemma-2-2b", gpus="1x24GB", method="lora", stack="torchtune", attention="eager")
+    assert tt.per_gpu.peak_allocated_bytes == eager.per_gpu.peak_allocated_bytes

@@ -22,6 +22,7 @@ from vramplan.hardware import (
 )
 from vramplan.headroom import SAFE_SHARE, has_safe_headroom
 from vramplan.memory import Phase, PhaseKind, step_model
+from vramplan.memory.attention import attention_notes
 from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_rank, check_lora_targets
 from vramplan.memory.optimizers import check_galore_rank
@@ -340,6 +341,7 @@ def _setup_notes(
         + _loss_note(spec, setup, peak)
         + check_lora_rank(spec, setup)
         + check_galore_rank(spec, setup)
+        + attention_notes(spec, setup)
     )
     if spec.resolved_from:
         notes.insert(0, f"{spec.resolved_from!r} resolved to preset {spec.name!r}")

@@ -31,6 +31,7 @@ from vramplan.estimate import (
     coverage_notes,
     default_host_ram,
     estimate_spec,
+    fp16_on_card,
     fused_expert_note,
     gpu_verdict,
     make_setup,
@@ -644,11 +645,17 @@ def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
     """A candidate on top of the fixed fields; None when they exclude it (a file's optimizer
     that the candidate's method cannot take)."""
     if not req.fixed and not req.vary:
-        return make_setup(**fields, seq_len=seq)
+        setup = make_setup(**fields, seq_len=seq)
+    else:
+        try:
+            setup = make_setup(**{**req.fixed, **fields, "seq_len": seq})
+        except VramplanError:
+            return None
+    # LoRA candidates leave the precision to the stack: fp16 on a card without bf16, as estimate does
     try:
-        return make_setup(**{**req.fixed, **fields, "seq_len": seq})
+        return fp16_on_card(setup, req.gpus, "precision" in fields or "precision" in req.fixed)[0]
     except VramplanError:
-        return None
+        return None  # what fp16 cannot run (an optimizer stepped inside backward)
 
 
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:

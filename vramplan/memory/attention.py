@@ -19,6 +19,21 @@ FLASH_NOTE = (
 )
 
 
+def attention_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What the estimate says when the attention it models is not the one the setup names."""
+    if (
+        setup.attention == Attention.SDPA
+        and spec.attn_implementation != "sdpa"
+        and attention_kind(spec, setup) != Attention.SDPA
+    ):
+        return [
+            f"attention: torchtune's own attention for {spec.architecture}'s soft-capping computes q·kᵀ and an "
+            "fp32 softmax, not SDPA: estimated as eager (pytorch/torchtune@bd2a0fc "
+            "torchtune/models/gemma2/_attention.py:299-340)"
+        ]
+    return []
+
+
 def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
     """--attention, else the model's own default (sdpa, or eager where the model class has no
     SDPA path). transformers refuses sdpa for such a class (_supports_sdpa = False, e.g.
@@ -26,6 +41,11 @@ def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
     if setup.attention is None:
         return Attention(spec.attn_implementation)
     if setup.attention == Attention.SDPA and spec.attn_implementation != "sdpa":
+        if setup.stack == Stack.TORCHTUNE and set_by_stack(setup, "attention"):
+            # torchtune's own Gemma 2 attention (soft-capping): q·kᵀ, tanh capping, a full mask,
+            # an fp32 softmax, then ·v — eager's tensors, not SDPA (pytorch/torchtune@bd2a0fc
+            # torchtune/models/gemma2/_attention.py:299-340)
+            return Attention.EAGER
         raise VramplanError(
             f"sdpa{set_by_stack(setup, 'attention')}: {spec.architecture} has no SDPA path in transformers; "
             "use eager or flash",
