@@ -26,6 +26,17 @@ class Linear(BaseModel):
     def numel(self) -> int:
         return self.in_features * self.out_features
 
+    @property
+    def narrow_dim(self) -> int:
+        """The smaller dimension: the largest rank a factorisation of this weight can have."""
+        return min(self.in_features, self.out_features)
+
+
+def narrower_than(linears: list[Linear], rank: int) -> list[str]:
+    """Leaf names of the Linears whose smaller dimension is below `rank` (a LoRA adapter or a
+    GaLore projection of that rank is full rank there)."""
+    return sorted({lin.name.rsplit(".", 1)[-1] for lin in linears if rank > lin.narrow_dim})
+
 
 class Experts(BaseModel):
     """MoE experts stored as 3-D tensors (not Linears: LoRA does not target them)."""

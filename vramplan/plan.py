@@ -185,13 +185,9 @@ def _smallest_dim(spec: ModelSpec) -> int:
     other Linears (a MoE's 1-wide shared-expert gate, a linear-attention's small projections)
     do not bound them: an adapter or projector above a weight's dimension is full rank
     there (memory/lora.check_lora_rank, memory/optimizers.check_galore_rank)."""
-    main = [
-        min(lin.in_features, lin.out_features)
-        for layer in spec.layers
-        for lin in layer.linears
-        if lin.role not in (LinearRole.OTHER, LinearRole.ROUTER)
-    ]
-    return min(main or [min(lin.in_features, lin.out_features) for layer in spec.layers for lin in layer.linears])
+    linears = [lin for layer in spec.layers for lin in layer.linears]
+    main = [lin.narrow_dim for lin in linears if lin.role not in (LinearRole.OTHER, LinearRole.ROUTER)]
+    return min(main or [lin.narrow_dim for lin in linears])
 
 
 def _precisions(req: PlanRequest) -> tuple[Precision, ...]:

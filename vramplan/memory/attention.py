@@ -28,8 +28,8 @@ def attention_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     ):
         return [
             f"attention: torchtune's own attention for {spec.architecture}'s soft-capping computes q·kᵀ and an "
-            "fp32 softmax, not SDPA: estimated as eager (pytorch/torchtune@bd2a0fc "
-            "torchtune/models/gemma2/_attention.py:299-340)"
+            "fp32 softmax, not SDPA: estimated as eager (torchtune==0.6.1 "
+            "torchtune/models/gemma2/_attention.py:300-341)"
         ]
     return []
 
@@ -43,8 +43,8 @@ def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
     if setup.attention == Attention.SDPA and spec.attn_implementation != "sdpa":
         if setup.stack == Stack.TORCHTUNE and set_by_stack(setup, "attention"):
             # torchtune's own Gemma 2 attention (soft-capping): q·kᵀ, tanh capping, a full mask,
-            # an fp32 softmax, then ·v — eager's tensors, not SDPA (pytorch/torchtune@bd2a0fc
-            # torchtune/models/gemma2/_attention.py:299-340)
+            # an fp32 softmax, then ·v — eager's tensors, not SDPA (torchtune==0.6.1
+            # torchtune/models/gemma2/_attention.py:300-341)
             return Attention.EAGER
         raise VramplanError(
             f"sdpa{set_by_stack(setup, 'attention')}: {spec.architecture} has no SDPA path in transformers; "

@@ -18,7 +18,7 @@ from vramplan.memory.types import (
     LinearRole,
     ParamKind,
 )
-from vramplan.model_spec import LayerSpec, Linear, ModelSpec
+from vramplan.model_spec import LayerSpec, Linear, ModelSpec, narrower_than
 from vramplan.setup import LoraTargets, TrainingSetup
 from vramplan.stacks import set_by_stack
 
@@ -85,7 +85,7 @@ def check_lora_rank(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     largest = max(max(lin.in_features, lin.out_features) for lin in targeted)
     if r > largest:
         raise VramplanError(f"rank {r} is larger than every adapted layer's dimensions (largest {largest})", "--lora-r")
-    below = sorted({lin.name.rsplit(".", 1)[-1] for lin in targeted if r > min(lin.in_features, lin.out_features)})
+    below = narrower_than(targeted, r)
     if not below:
         return []
     return [

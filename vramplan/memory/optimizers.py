@@ -24,7 +24,7 @@ from vramplan.memory.fsdp import shard_for
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import ATTENTION_ROLES, MLP_ROLES, ParamKind, PhaseKind
-from vramplan.model_spec import ModelSpec
+from vramplan.model_spec import ModelSpec, narrower_than
 from vramplan.setup import Method, OptimFamily, OptimLibrary, OptimTraits, StateDtype, StateHome, TrainingSetup
 
 F = OptimFamily
@@ -135,34 +135,29 @@ def galore_rank(p: Param, setup: TrainingSetup) -> int:
 
 
 def check_galore_rank(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
-    """galore_torch's projector slices the SVD's factors (galore_projector.py
-    get_orthogonal_matrix: U[:, :rank], Vh[:rank, :]), so a rank above a weight's smaller
-    dimension projects that weight at full rank (galore_rank clamps it so). Refused only
-    above every decoder Linear's smaller dimension (nothing would be projected to a lower
-    rank); above some of them, a note."""
+    """galore_torch's projector slices the SVD's factors (galore-torch==1.0
+    galore_projector.py get_orthogonal_matrix: U[:, :rank], Vh[:rank, :]), so a rank above a
+    weight's smaller dimension projects that weight at full rank (galore_rank clamps it so).
+    Refused only above every decoder Linear's smaller dimension (nothing would be projected
+    to a lower rank); above some of them, a note."""
     if setup.method != Method.GALORE:
         return []
-    dims = [min(lin.in_features, lin.out_features) for layer in spec.layers for lin in layer.linears]
-    if not dims:
+    linears = [lin for layer in spec.layers for lin in layer.linears]
+    if not linears:
         return []
-    r = setup.galore_rank
-    if r > max(dims):
+    r, widest = setup.galore_rank, max(lin.narrow_dim for lin in linears)
+    if r > widest:
         raise VramplanError(
-            f"rank {r} is larger than every projected weight's smaller dimension (largest {max(dims)}): "
+            f"rank {r} is larger than every projected weight's smaller dimension (largest {widest}): "
             "GaLore would project nothing to a lower rank",
             "--galore-rank",
         )
-    below = sorted(
-        {
-            lin.name.rsplit(".", 1)[-1]
-            for layer in spec.layers
-            for lin in layer.linears
-            if r > min(lin.in_features, lin.out_features)
-        }
+    below = narrower_than(linears, r)
+    return (
+        [f"GaLore rank {r} is above the smaller dimension of {', '.join(below)}: those are projected at full rank"]
+        if below
+        else []
     )
-    if not below:
-        return []
-    return [f"GaLore rank {r} is above the smaller dimension of {', '.join(below)}: those are projected at full rank"]
 
 
 def _galore_state(p: Param, setup: TrainingSetup) -> int:
