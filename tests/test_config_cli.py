@@ -100,7 +100,9 @@ SAMPLES = [
         ["axolotl/lora-8b.yml"],
         "rtx-4090",
         "NousResearch/Meta-Llama-3-8B",
-        AXO_QLORA.replace("--method qlora --quant nf4", "--method lora").replace("paged_adamw_32bit", "adamw_bnb_8bit"),
+        AXO_QLORA.replace("--method qlora --quant nf4", "--method lora")
+        .replace("paged_adamw_32bit", "adamw_bnb_8bit")
+        .replace("--kbit-prep", "--no-kbit-prep"),
     ),
     (
         ["axolotl/fft-8b-liger-fsdp.yaml"],
@@ -252,6 +254,23 @@ def test_bad_files_are_one_line(tmp_path, capsys, text, needle):
         assert main([*command, "--config", str(path)]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_bad_value_from_the_file_names_its_key(tmp_path, capsys):
+    """transformers refuses FlashAttention-2 on Gemma 3's image-text class; the value came from
+    the file's attn_implementation, so the one line names that key and the file first, then
+    the flag that overrides it; given on the command line, the flag alone."""
+    path = tmp_path / "g3.yml"
+    path.write_text(
+        "base_model: google/gemma-3-4b-it\nadapter: qlora\nload_in_4bit: true\nattn_implementation: flash_attention_2\n"
+    )
+    for command in ("estimate", "plan"):
+        assert main([command, "--config", str(path), "--gpus", "rtx-4090"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vramplan: error: attn_implementation in g3.yml (--attention): flash:"), err
+        assert err.count("\n") == 1
+    assert main(["estimate", "--config", str(path), "--gpus", "rtx-4090", "--attention", "flash"]) == 2
+    assert capsys.readouterr().err.startswith("vramplan: error: --attention: flash:")
 
 
 def test_bad_deepspeed_stage_and_missing_file(tmp_path, capsys):
@@ -429,3 +448,68 @@ def test_torchtune_lora_equals_the_api(hub_cache, capsys, sample, model, fields)
         abs(out["per_gpu"]["peak_allocated_bytes"] - est.per_gpu.peak_allocated_bytes)
         <= 0.01 * est.per_gpu.peak_allocated_bytes
     )
+
+
+# ---- target_modules as one string: peft's regular expression
+
+
+def _axolotl(tmp_path, targets: str, extra: str = "") -> str:
+    path = tmp_path / "axo.yml"
+    path.write_text(
+        "base_model: x/y\nadapter: lora\nlora_r: 16\nmicro_batch_size: 1\nsequence_len: 512\n"
+        f"lora_target_modules: '{targets}'\n{extra}"
+    )
+    return str(path)
+
+
+def _peak(capsys, argv: list[str]) -> tuple[int, dict]:
+    data = run_json(capsys, [*argv, "--gpus", "1x80GB", "--format", "json"])
+    return data["per_gpu"]["peak_allocated_bytes"], data
+
+
+def test_a_regex_target_adapts_what_peft_would(tmp_path, capsys):
+    """axolotl passes a string lora_target_modules to LoraConfig as given; peft fullmatches it
+    against full module names. Gemma 3's image-text class keeps its decoder layers under
+    model.language_model.layers (ModelSpec.layers_path): axolotl's own example regex adapts
+    the seven projections of every layer there, as the explicit list does, and matches
+    nothing in a Llama, whose layers are model.layers."""
+    regex = r"model.language_model.layers.[\d]+.(mlp|cross_attn|self_attn).(up|down|gate|q|k|v|o)_proj"
+    names = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    peak, data = _peak(capsys, ["estimate", "gemma-3-4b", "--config", _axolotl(tmp_path, regex)])
+    flags = ["--stack", "axolotl", *AXO_REGEX_FLAGS, "--lora-targets", names]
+    listed, _ = _peak(capsys, ["estimate", "gemma-3-4b", *flags])
+    assert peak == listed and len(data["setup"]["lora_target_modules"]) == 7
+    assert main(["estimate", "llama-3.2-1b", "--config", _axolotl(tmp_path, regex), "--gpus", "1x80GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vramplan: error: lora_target_modules in axo.yml (--lora-targets):") and err.count("\n") == 1
+    assert "model.layers.0.self_attn.q_proj" in err
+
+
+AXO_REGEX_FLAGS = "--method lora --lora-r 16 --batch-size 1 --seq-len 512 --model-dtype bf16 --precision mixed".split()
+
+
+def test_a_layer_selective_regex_is_an_upper_bound_with_a_note(tmp_path, capsys):
+    every = _axolotl(tmp_path, r"model\.layers\.\d+\.self_attn\.(q|v)_proj")
+    some = str(tmp_path / "some.yml")
+    Path(some).write_text(Path(every).read_text().replace(r"\d+", "(0|3)"))
+    all_layers, _ = _peak(capsys, ["estimate", "llama-3.2-1b", "--config", every])
+    two, data = _peak(capsys, ["estimate", "llama-3.2-1b", "--config", some])
+    assert two == all_layers
+    assert any("self_attn.q_proj in 2 of 16 layers" in n and "upper bound" in n for n in data["notes"])
+
+
+def test_regex_targets_refusals_and_overrides(tmp_path, capsys):
+    assert main(["estimate", "llama-3.2-1b", "--config", _axolotl(tmp_path, "q_proj("), "--gpus", "1x80GB"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_target_modules" in err and "regular expression" in err and err.count("\n") == 1
+    # --lora-targets on the command line replaces the file's regex (which would match nothing here)
+    path = _axolotl(tmp_path, "nothing")
+    flagged, _ = _peak(capsys, ["estimate", "llama-3.2-1b", "--config", path, "--lora-targets", "q_proj"])
+    flags = ["--stack", "axolotl", *AXO_REGEX_FLAGS, "--lora-targets", "q_proj"]
+    listed, _ = _peak(capsys, ["estimate", "llama-3.2-1b", *flags])
+    assert flagged == listed
+    # TRL unwraps a one-name list to a string (trl/trainer/model_config.py:177-178): peft's regex
+    trl = tmp_path / "trl.yaml"
+    trl.write_text("model_name_or_path: x/y\nuse_peft: true\nlora_target_modules: [q_proj]\n")
+    assert main(["plan", "llama-3.2-1b", "--config", str(trl), "--gpus", "1x80GB"]) == 2
+    assert "lora_target_modules in trl.yaml (--lora-targets): 'q_proj' matches no Linear" in capsys.readouterr().err

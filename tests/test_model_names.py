@@ -131,6 +131,23 @@ def test_offline_and_not_cached_is_one_line(tmp_path):
     assert "HF_HUB_OFFLINE=1" in out.stderr and "config.json path or model folder" in out.stderr
 
 
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    """Online but the Hub out of reach (a closed local port as its endpoint): huggingface_hub
+    would retry five times with a warning line each; the error is one line, and says why."""
+    env = _env(tmp_path)
+    del env["HF_HUB_OFFLINE"]
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    out = subprocess.run(
+        [sys.executable, "-m", "vramplan.cli", "estimate", "someorg/Some-Model-7B", "--gpus", "rtx-4090"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot be reached" in out.stderr and "Retrying" not in out.stderr
+
+
 def test_near_miss_gets_did_you_mean(capsys):
     assert main(["estimate", "llama3.1-8b", "--gpus", "rtx-4090", "--method", "lora"]) == 2
     err = capsys.readouterr().err

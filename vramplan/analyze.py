@@ -289,7 +289,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
     head_dim = getattr(tcfg, "head_dim", None) or hidden // n_heads
     num_experts = getattr(tcfg, "num_local_experts", None) or getattr(tcfg, "num_experts", None)
     top_k = getattr(tcfg, "num_experts_per_tok", None)
-    _, layers = _decoder_layers(model, n_layers)
+    layers_path, layers = _decoder_layers(model, n_layers)
     layer_types = getattr(tcfg, "layer_types", None) or []
     window = getattr(tcfg, "sliding_window", None)
     specs = []
@@ -323,6 +323,7 @@ def analyze_config(cfg: dict, name: str) -> ModelSpec:
         # an image-text checkpoint: what lies outside its text decoder is the vision side
         other_numel=0 if tcfg is not config else other_n,
         idle_numel=other_n if tcfg is not config else 0,
+        layers_path=layers_path,
         attn_implementation="sdpa" if sdpa else "eager",
         norm_kind=norm_kind,
         supports_flash=bool(getattr(type(model), "_supports_flash_attn", False)),

@@ -28,7 +28,7 @@ PRESET_DIR = Path(__file__).parent / "presets" / "models"
 ALIAS_FILE = Path(__file__).parent / "presets" / "aliases.json"
 SHIPPED_DIR = Path(__file__).parent / "presets" / "specs"
 DEFAULTS_FILE = Path(__file__).parent / "presets" / "config_defaults.json"
-SPEC_VERSION = 8  # bump when the analysis output changes
+SPEC_VERSION = 9  # bump when the analysis output changes
 
 
 # ---------------------------------------------------------------- config resolution

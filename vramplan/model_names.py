@@ -16,7 +16,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vramplan.errors import VramplanError
@@ -121,7 +124,7 @@ def hub_config(repo_id: str, hint: str) -> Path:
             "MODEL",
         ) from None
     try:
-        return Path(hf_hub_download(repo_id.strip(), "config.json"))
+        return _cached_or_fetched(repo_id.strip(), hf_hub_download)
     except LocalEntryNotFoundError:
         why = (
             "its config.json is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids the download"
@@ -137,6 +140,39 @@ def hub_config(repo_id: str, hint: str) -> Path:
     except (HfHubHTTPError, OSError) as e:
         why = f"its config.json could not be fetched from the Hugging Face Hub ({type(e).__name__})"
     raise VramplanError(f"{repo_id!r} matches no preset, and {why}{local}{hint}", "MODEL")
+
+
+def _cached_or_fetched(repo_id: str, hf_hub_download) -> Path:
+    """The cached config.json, else one HEAD request (no retries, warnings silenced), then the
+    download. huggingface_hub==2.4.0 file_download.py:1160-1190 retries an unreachable Hub five
+    times with backoff (23 s, a warning line each); a bad MODEL must be one line, at once."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", local_files_only=True))
+    except LocalEntryNotFoundError:
+        if _offline():
+            raise
+    with _hub_warnings_silenced():
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+        except HfHubHTTPError:
+            raise  # not found, gated, no config.json: said by the caller
+        except Exception as e:  # noqa: BLE001 - httpx's connect/timeout errors: the Hub is out of reach
+            raise LocalEntryNotFoundError(f"the Hub cannot be reached ({type(e).__name__})") from None
+        return Path(hf_hub_download(repo_id, "config.json"))
+
+
+@contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _offline() -> bool:

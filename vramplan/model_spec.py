@@ -133,6 +133,11 @@ class ModelSpec(BaseModel):
         description="parameters a text step never runs (an image-text checkpoint's vision "
         "tower and projector): stored, but given no gradient and so no optimizer state",
     )
+    layers_path: str = Field(
+        "model.layers",
+        description="module path of the decoder layers in the transformers model (model.language_model.layers "
+        "in an image-text class): peft matches a one-string target_modules against full names under it",
+    )
     attn_implementation: str = Field(description="sdpa, or eager where transformers offers no SDPA path")
     supports_flash: bool = Field(
         True, description='the model class takes attn_implementation="flash_attention_2" (_supports_flash_attn)'

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from vramplan.errors import VramplanError
 
@@ -87,3 +90,52 @@ def print_lines(reading) -> None:
     """What the file gave (used / not modelled / unknown keys), on stderr so stdout stays the result."""
     for line in lines(reading):
         print(line, file=sys.stderr)
+
+
+def _flag_fields(flag: str) -> set[str]:
+    """The fields a flag sets (--lora-targets: either of two, or overrides a file's regex)."""
+    field = flag[2:].replace("-", "_")
+    return {"lora_targets", "lora_target_modules", "lora_target_regex"} if field == "lora_targets" else {field}
+
+
+def without_regex_targets(fields: dict) -> tuple[dict, str | None]:
+    """The file's one-string target_modules (a peft regex, configs/axolotl.py), taken out of the
+    setup fields until the model it is matched against is known."""
+    fields = dict(fields)
+    return fields, fields.pop("lora_target_regex", None)
+
+
+def with_regex_targets(spec, fields: dict, regex: str | None) -> tuple[dict, list[str]]:
+    """The fields with the Linears the regex adapts in this model as lora_target_modules, and
+    the note when it adapts some layers only (memory/lora.regex_target_names)."""
+    if regex is None:
+        return fields, []
+    from vramplan.memory.lora import regex_target_names
+
+    names, notes = regex_target_names(spec, regex)
+    return {**fields, "lora_target_modules": names}, notes
+
+
+def blamed_on_file(e: VramplanError, args: argparse.Namespace, reading) -> VramplanError:
+    """An error about a value the --config file gave (not a flag on the command line) names
+    the file's key and the file, then the flag that would override it: the user did not
+    type that flag, so the flag alone would not say where to look."""
+    if reading is None or not (e.flag or "").startswith("--"):
+        return e
+    fields = _flag_fields(e.flag or "")
+    if any(getattr(args, f, None) is not None for f in fields):
+        return e  # the command line gave it
+    keys = [u.key for u in reading.used_keys if u.field in fields]
+    if not keys:
+        return e
+    files = ", ".join(Path(f).name for f in reading.source_files)
+    return VramplanError(e.message, f"{keys[-1]} in {files} ({e.flag})")
+
+
+@contextmanager
+def blame_file(args: argparse.Namespace, reading) -> Iterator[None]:
+    """Re-raise a VramplanError through blamed_on_file."""
+    try:
+        yield
+    except VramplanError as e:
+        raise blamed_on_file(e, args, reading) from None

@@ -29,24 +29,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_alloc_conf_flag(args.alloc_conf)
+    reading = config_file.read(args)
+    with config_file.blame_file(args, reading):
+        return _run(args, reading)
+
+
+def _run(args: argparse.Namespace, reading) -> int:
     from vramplan.estimate import estimate_spec, fp16_on_card, make_setup
     from vramplan.model_loader import load_model_spec
     from vramplan.report.estimate import comparison_json, print_comparison, print_estimate
     from vramplan.strategies import compare
 
-    use_alloc_conf_flag(args.alloc_conf)
-    reading = config_file.read(args)
     model = config_file.model_name(args, reading)
     gpus = resolve_from_args(args, config_file.gpus_text(args, reading))
     ram = host_ram(args)
-    fields = config_file.setup_fields(args, reading, gpus.count)
+    fields, regex = config_file.without_regex_targets(config_file.setup_fields(args, reading, gpus.count))
     setup = make_setup(**fields) if "method" in fields else None  # bad values fail before the model loads
     spec = load_model_spec(model, num_layers=args.num_layers)
-    if args.format != "json":
-        config_file.print_lines(reading)
+    fields, target_notes = config_file.with_regex_targets(spec, fields, regex)
+    if regex is not None and setup is not None:
+        setup = make_setup(**fields)
     if setup is None:
         rows = compare(spec, gpus, fields, ram)
         assumed = comparison_assumptions(args, rows, gpus.count, ram)
+        if args.format != "json":  # what the file gave, once nothing can fail: an error stays one line
+            config_file.print_lines(reading)
         if args.format == "json":
             print(json.dumps(_with_config(comparison_json(spec, gpus, rows, assumed), reading), indent=1))
         else:
@@ -55,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
     # a card without bf16 trains in fp16 unless --precision (or the config) says otherwise
     setup, card = fp16_on_card(setup, gpus, fields.get("precision") is not None)
     est = estimate_spec(spec, setup, gpus, ram)
-    if card:
-        est = est.model_copy(update={"notes": card + list(est.notes)})
+    if card or target_notes:
+        est = est.model_copy(update={"notes": card + list(est.notes) + target_notes})
     if args.format == "json":
         print(json.dumps(_with_config(est.to_json_dict(), reading), indent=1))
     else:
+        config_file.print_lines(reading)
         print_estimate(est, assumed=estimate_assumptions(args, est.setup, gpus.count, ram))
     return 0
 

@@ -110,20 +110,32 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vramplan.cli import emit_rows
-    from vramplan.estimate import default_host_ram, resolve_gpus
-    from vramplan.plan import plan_model
-    from vramplan.report.plan import print_plan, result_json, to_frame
 
     use_alloc_conf_flag(args.alloc_conf)
     emit_rows.check_targets(args)
     reading = config_file.read(args)
+    with config_file.blame_file(args, reading):
+        return _run(args, reading)
+
+
+def _run(args: argparse.Namespace, reading) -> int:
+    from vramplan.cli import emit_rows
+    from vramplan.estimate import default_host_ram, resolve_gpus
+    from vramplan.model_loader import load_model_spec
+    from vramplan.plan import plan_model
+    from vramplan.report.plan import print_plan, result_json, to_frame
+
     model = config_file.model_name(args, reading)
     gpus = resolve_gpus(config_file.gpus_text(args, reading))
-    fields = config_file.setup_fields(args, reading, gpus.count)
+    fields, regex = config_file.without_regex_targets(config_file.setup_fields(args, reading, gpus.count))
+    spec, target_notes = None, list[str]()
+    if regex is not None:  # the file's regex targets become the Linears they adapt in this model
+        spec = load_model_spec(model, num_layers=args.num_layers)
+        fields, target_notes = config_file.with_regex_targets(spec, fields, regex)
     if args.emit in Stack._value2member_map_ and args.stack is None:
         fields["stack"] = Stack(args.emit)  # the emitted file runs on that framework, with its defaults
     result = plan_model(
-        model,
+        spec or model,
         gpus,
         top=args.top,
         num_layers=args.num_layers,
@@ -140,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         fixed=fields,
         vary=args.vary,
     )
+    if target_notes:
+        result = result.model_copy(update={"notes": list(result.notes) + target_notes})
     texts = emit_rows.build(args, result, model, reading, gpus.count) if args.emit else {}
     if args.format == "json":
         data = result_json(result)

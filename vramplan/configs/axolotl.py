@@ -5,7 +5,7 @@ The world size is not in the file (axolotl train --num-processes / accelerate la
 
 from __future__ import annotations
 
-from vramplan.configs.collect import Collector
+from vramplan.configs.collect import EIGHT_BIT_AS_16, Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim
 from vramplan.setup import (
@@ -108,7 +108,7 @@ def _method(c: Collector) -> Method:
         return Method.QLORA
     c.set("adapter", "method", Method.LORA)
     if eight:
-        c.unmodelled("load_in_8bit", "an 8-bit (LLM.int8) base is not modelled: estimated as a 16-bit base")
+        c.unmodelled("load_in_8bit", EIGHT_BIT_AS_16)
     return Method.LORA
 
 
@@ -126,6 +126,8 @@ def _lora(c: Collector, method: Method) -> None:
             LoraTargets.ALL_LINEAR,
             "every Linear but lm_head (loaders/adapter.py:171-182)",
         )
+    elif isinstance(modules, str) and modules != "all-linear":
+        set_regex_targets(c, "lora_target_modules", modules)  # passed to LoraConfig as given (adapter.py:171-190)
     elif modules:
         c.set("lora_target_modules", "lora_target_modules", tuple(c.names("lora_target_modules", modules)))
     if c.get("lora_modules_to_save"):
@@ -142,26 +144,30 @@ def _lora(c: Collector, method: Method) -> None:
 
 def _precision(c: Collector, method: Method) -> None:
     """bf16 true/auto loads bf16 weights and trains with AMP: full FT keeps bf16 params (no fp32
-    masters) = precision bf16; LoRA's fp32 adapters under autocast = mixed (config/__init__.py:163-203)."""
+    masters) = precision bf16; LoRA's fp32 adapters under autocast = mixed (config/__init__.py:163-203).
+    bfloat16: true is the same step: its schema says "No AMP", but the trainer is built with
+    bf16 = cfg.bf16 or cfg.bfloat16 (axolotl==0.19.0 core/builders/base.py:276) and the weights
+    load in bf16 (utils/config/__init__.py:198); float16: true loads fp16 weights and sets no
+    AMP (base.py:271 fp16 = cfg.fp16 and not cfg.bf16)."""
     if c.get("fp16") is True:
         c.set("fp16", "precision", Precision.FP16)
         return
-    if c.get("bfloat16") is True or c.get("float16") is True:
-        key = "bfloat16" if c.get("bfloat16") is True else "float16"
-        c.set(key, "precision", Precision.BF16, "pure half precision, no autocast")
-        c.set(key, "model_dtype", ModelDtype.BF16)
+    if c.get("float16") is True and c.get("bfloat16") is not True and c.get("bf16") is not True:
+        c.set("float16", "precision", Precision.BF16, "pure half precision, no autocast")
+        c.set("float16", "model_dtype", ModelDtype.BF16)
         return
-    bf16 = c.get("bf16", "auto")
+    key = "bfloat16" if c.get("bfloat16") is True else "bf16"
+    bf16 = True if key == "bfloat16" else c.get("bf16", "auto")
     if bf16 is False:
         c.set("bf16", "precision", Precision.BF16, "no autocast: the step computes in fp32 weights")
         c.set("bf16", "model_dtype", ModelDtype.FP32)
         return
     if bf16 not in (True, "auto", "true"):
         raise c.fail("bf16", "true, false or auto", bf16)
-    note = "" if "bf16" in c.data else "axolotl's default bf16: auto (bf16 GPUs)"
-    c.set("bf16", "model_dtype", ModelDtype.BF16, note)
+    note = "" if key in c.data else "axolotl's default bf16: auto (bf16 GPUs)"
+    c.set(key, "model_dtype", ModelDtype.BF16, note)
     c.set(
-        "bf16",
+        key,
         "precision",
         Precision.BF16 if method == Method.FULL else Precision.MIXED,
         "bf16 weights, no fp32 masters" if method == Method.FULL else "fp32 adapters under bf16 autocast",
@@ -297,7 +303,9 @@ def _packing(c: Collector) -> None:
 def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
     """peft prepare_model_for_kbit_training runs for a quantized LoRA base except QLoRA+FSDP, FSDP with
     cpu_ram_efficient_loading and ZeRO-3 (axolotl==0.19.0 loaders/model.py:1116-1151)."""
-    quantized = method == Method.QLORA or (method == Method.LORA and c.get("load_in_8bit") is True)
+    # an 8-bit base is estimated as a 16-bit one (EIGHT_BIT_AS_16): preparing that would cast its
+    # Linears to fp32, which int8 ones are not, so the preparation is left out with the int8
+    quantized = method == Method.QLORA
     if method == Method.FULL:
         return
     cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}

@@ -172,5 +172,8 @@ def setup_fields(reading: ConfigReading, flags: dict[str, Any] | None = None, wo
         fields["fsdp"] = world
     if reading.stack is not None:
         fields.setdefault("stack", reading.stack)
-    fields.update({k: v for k, v in (flags or {}).items() if v is not None})
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    if given.keys() & {"lora_targets", "lora_target_modules"}:
+        fields.pop("lora_target_regex", None)  # --lora-targets replaces the file's targets, whatever their form
+    fields.update(given)
     return fields

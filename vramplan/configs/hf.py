@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramplan.configs.collect import NOT_MEMORY, Collector
+from vramplan.configs.collect import EIGHT_BIT_AS_16, NOT_MEMORY, Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
@@ -150,7 +150,7 @@ def _method(c: Collector) -> Method:
     peft = c.flag("use_peft", c.get("use_peft", False))
     four = c.flag("load_in_4bit", c.get("load_in_4bit", False))
     if c.get("load_in_8bit") is True:
-        c.unmodelled("load_in_8bit", "an 8-bit (LLM.int8) base is not modelled: estimated as a 16-bit base")
+        c.unmodelled("load_in_8bit", EIGHT_BIT_AS_16)
     if not peft:
         if four:
             raise c.fail("use_peft", "true with load_in_4bit (a 4-bit base trains only through adapters)", False)
@@ -183,6 +183,8 @@ def _targets(c: Collector) -> None:
     modules = c.names("lora_target_modules", modules)
     if modules == ["all-linear"]:  # a 1-element list is unwrapped (trl/trainer/model_config.py:177-178)
         c.set("lora_target_modules", "lora_targets", LoraTargets.ALL_LINEAR)
+    elif len(modules) == 1:  # unwrapped to one string, which peft reads as a regular expression
+        set_regex_targets(c, "lora_target_modules", modules[0])
     else:
         c.set("lora_target_modules", "lora_target_modules", tuple(str(m) for m in modules))
 

@@ -4,6 +4,7 @@ adapter path reads, and its forward's output terms."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +68,37 @@ def check_lora_targets(spec: ModelSpec, setup: TrainingSetup) -> None:
                 + ("; give --lora-targets (all-linear, attention or names)" if by_stack else ""),
                 "--lora-targets",
             )
+
+
+def regex_target_names(spec: ModelSpec, pattern: str) -> tuple[tuple[str, ...], list[str]]:
+    """peft's target_modules given as one string (axolotl's lora_target_modules: '...', TRL's
+    one-name list, which it unwraps): a regular expression matched in full against each
+    module's full name (peft==0.21.2 tuners/tuners_utils.py:2370-2371, utils/other.py:1521).
+    Matched here against the decoder Linears' names (spec.layers_path.N.name), it becomes
+    the list of the Linears it adapts. A Linear adapted in some layers only is counted in
+    every layer (an upper bound), said in a note; modules outside the decoder layers (a
+    vision tower, lm_head) are not adapted by the memory model either way."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise VramplanError(f"{pattern!r} is not a regular expression ({e})", "--lora-targets") from None
+    layers: dict[str, int] = {}
+    for i, layer in enumerate(spec.layers):
+        for lin in layer.linears:
+            if rx.fullmatch(f"{spec.layers_path}.{i}.{lin.name}"):
+                layers[lin.name] = layers.get(lin.name, 0) + 1
+    if not layers:
+        example = f"{spec.layers_path}.0.{spec.layers[0].linears[0].name}" if spec.layers else spec.layers_path
+        raise VramplanError(
+            f"{pattern!r} matches no Linear of {spec.name}'s decoder layers: peft matches one string as a "
+            f"regular expression in full against names such as {example}",
+            "--lora-targets",
+        )
+    some = [f"{name} in {n} of {len(spec.layers)} layers" for name, n in sorted(layers.items()) if n < len(spec.layers)]
+    notes = (
+        [f"LoRA targets adapt {', '.join(some)}: estimated as adapted in every layer (an upper bound)"] if some else []
+    )
+    return tuple(sorted(layers)), notes
 
 
 def check_lora_rank(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
