@@ -803,3 +803,44 @@ def test_torchtune_custom_sharded_layers_reads_as_embedding_units(tmp_path):
     path.write_text(base + "custom_sharded_layers: tok_embeddings\n")
     with pytest.raises(VramplanError, match="custom_sharded_layers"):
         read_config([str(path)])
+
+
+@pytest.mark.parametrize("builder", sorted(__import__("vramplan.configs.torchtune", fromlist=["x"]).SAME_SHAPE))
+def test_torchtune_builders_read_as_a_preset_of_the_same_shape(builder, tmp_path):
+    """A builder without a checkpoint among the presets (Llama 3 8B, Qwen2, Phi-4, Gemma 7B)
+    reads as the preset its torchtune==0.6.1 _model_builders.py numbers (transcribed in
+    SAME_SHAPE) describe: the preset's own analysis must have those numbers."""
+    from vramplan.configs.torchtune import SAME_SHAPE
+    from vramplan.memory.types import LinearRole
+    from vramplan.model_loader import load_model_spec
+
+    module, hf_id, shape = SAME_SHAPE[builder]
+    spec = load_model_spec(hf_id)
+    layer = spec.layers[0]
+    mlp = sum(lin.out_features for lin in layer.linears if lin.role in (LinearRole.GATE, LinearRole.GATE_UP))
+    mlp //= 2 if any(lin.role == LinearRole.GATE_UP for lin in layer.linears) else 1
+    got = (spec.vocab, spec.num_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.hidden, mlp)
+    assert got + (int(spec.tied_embeddings),) == shape
+    path = tmp_path / "tt.yaml"
+    path.write_text(f"model:\n  _component_: torchtune.models.{module}.lora_{builder}\n  lora_rank: 8\n")
+    reading = read_config([str(path)])
+    assert reading.model == hf_id and any(u.field == "model" and builder in u.note for u in reading.used_keys)
+
+
+def test_torchtune_distributed_lora_from_its_header_and_phi3_names(tmp_path):
+    """torchtune's distributed LoRA configs (llama2/13B_lora.yaml) carry no fsdp key: their
+    header comment names lora_finetune_distributed.py, which shards with FSDP2. Phi-3's split
+    q/k/v and w1/w3 adapt HF's fused Linears; apply_lora_to_output is reported, not targeted."""
+    body = (
+        "model:\n  _component_: torchtune.models.phi3.lora_phi3_mini\n  lora_attn_modules: ['q_proj', 'v_proj', "
+        "'output_proj']\n  apply_lora_to_mlp: True\n  apply_lora_to_output: True\n  lora_rank: 8\n"
+    )
+    header = "# Config for multi-device LoRA in lora_finetune_distributed.py\n# using a Phi3 Mini 4K Instruct\n"
+    dist, single = tmp_path / "mini_lora.yaml", tmp_path / "mini_lora_single_device.yaml"
+    dist.write_text(header + body)
+    single.write_text(header.replace("multi-device", "single-device").replace("_distributed", "_single_device") + body)
+    reading = read_config([str(dist)])
+    assert reading.distributed == Distributed.FSDP and reading.fields["fsdp_version"] == 2
+    assert read_config([str(single)]).distributed == Distributed.NONE
+    assert reading.fields["lora_target_modules"] == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert "model.apply_lora_to_output" in [u.key for u in reading.unmodelled]

@@ -154,6 +154,11 @@ class Collector:
         self.used.append(Used(key, field, value, note))
         self.seen.add(key.split(".")[0])
 
+    def record(self, key: str, what: str, value: Any, note: str) -> None:
+        """A key's use that sets no setup field (the model a builder stands for), said like one."""
+        self.used.append(Used(key, what, value, note))
+        self.seen.add(key.split(".")[0])
+
     def unmodelled(self, key: str, why: str) -> None:
         self.skipped.append(Unmodelled(key, why))
         self.seen.add(key.split(".")[0])

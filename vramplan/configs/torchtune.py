@@ -6,6 +6,8 @@ from ``tune run --nproc_per_node N``; a distributed recipe shards with FSDP2 (fu
 
 from __future__ import annotations
 
+import re
+
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
 from vramplan.setup import (
@@ -55,6 +57,19 @@ BUILDERS: dict[str, tuple[str, str]] = {  # builder -> (torchtune.models module,
     "gemma2_9b": ("gemma2", "google/gemma-2-9b"),
     "gemma2_27b": ("gemma2", "google/gemma-2-27b"),
     "phi3_mini": ("phi3", "microsoft/Phi-3-mini-4k-instruct"),
+}
+# Builders with no checkpoint of their own among the presets, whose decoder has the shape of one
+# that is (vocab, layers, heads, kv heads, head dim, width, MLP width, tied output), transcribed
+# from torchtune==0.6.1 torchtune/models/<module>/_model_builders.py and held to the presets'
+# analyses by tests/test_configs.py: the memory is that preset's.
+SAME_SHAPE: dict[str, tuple[str, str, tuple[int, ...]]] = {  # builder -> (module, HF id, shape)
+    "llama3_8b": ("llama3", "meta-llama/Llama-3.1-8B", (128256, 32, 32, 8, 128, 4096, 14336, 0)),
+    "llama3_70b": ("llama3", "meta-llama/Llama-3.1-70B", (128256, 80, 64, 8, 128, 8192, 28672, 0)),
+    "qwen2_0_5b": ("qwen2", "Qwen/Qwen2.5-0.5B", (151936, 24, 14, 2, 64, 896, 4864, 1)),
+    "qwen2_1_5b": ("qwen2", "Qwen/Qwen2.5-1.5B", (151936, 28, 12, 2, 128, 1536, 8960, 1)),
+    "qwen2_7b": ("qwen2", "Qwen/Qwen2.5-7B", (152064, 28, 28, 4, 128, 3584, 18944, 0)),
+    "phi4_14b": ("phi4", "microsoft/phi-4", (100352, 40, 40, 10, 128, 5120, 17920, 0)),
+    "gemma_7b": ("gemma", "google/gemma-7b", (256000, 28, 16, 16, 256, 3072, 24576, 1)),
 }
 # torchtune module names -> peft/HF names
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
@@ -137,16 +152,38 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
         method = Method.LORA if builder.startswith("lora_") else Method.FULL
         c.set("model._component_", "method", method)
     model = BUILDERS[base][1] if base in BUILDERS else None
+    if base in SAME_SHAPE:
+        model = SAME_SHAPE[base][1]
+        c.record(
+            "model._component_",
+            "model",
+            model,
+            f"torchtune's {base} builder has the decoder shape of {model} "
+            f"({_SRC} torchtune/models/{SAME_SHAPE[base][0]}/_model_builders.py)",
+        )
     if model is None:
         c.unmodelled(
             "model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line"
         )
     if method != Method.FULL:
-        _lora(c, cfg)
+        _lora(c, cfg, fused=base.startswith("phi3"))
     return model, method
 
 
-def _lora(c: Collector, cfg: dict) -> None:
+# torchtune's Phi-3 splits what the HF checkpoint fuses (torchtune==0.6.1
+# torchtune/models/phi3/_component_builders.py:80-82, 313-385: q_proj, k_proj, v_proj; w1, w3):
+# its adapters are modelled on HF's fused Linears. LoRA on q and v has the parameters of one on
+# qkv_proj (r·(3072+3072) twice = r·(3072+9216)); on w1 and w3, 16% more than on gate_up_proj.
+_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def _lora(c: Collector, cfg: dict, fused: bool = False) -> None:
     if cfg.get("lora_rank") is not None:
         c.set("model.lora_rank", "lora_r", c.pos_int("model.lora_rank", cfg["lora_rank"]))
     if cfg.get("lora_dropout") is not None:
@@ -158,16 +195,19 @@ def _lora(c: Collector, cfg: dict) -> None:
     if cfg.get("apply_lora_to_mlp") is True:
         names += _MLP
     if cfg.get("apply_lora_to_output") is True:
-        names.append("lm_head")
+        c.unmodelled(
+            "model.apply_lora_to_output",
+            "a LoRA adapter on the output projection is not modelled: estimated without it (r·(hidden + "
+            "vocab) parameters, and a logits-sized output added in its forward)",
+        )
     if set(names) == _ALL_LINEAR and len(names) == len(_ALL_LINEAR):
         c.set("model.lora_attn_modules", "lora_targets", LoraTargets.ALL_LINEAR, "q,k,v,output_proj + MLP")
     elif names:
-        c.set(
-            "model.lora_attn_modules",
-            "lora_target_modules",
-            tuple(names),
-            "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)",
-        )
+        mapped = "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)"
+        if fused:
+            names = list(dict.fromkeys(_FUSED.get(n, n) for n in names))
+            mapped += "; Phi-3's split q/k/v and w1/w3 as HF's fused qkv_proj and gate_up_proj"
+        c.set("model.lora_attn_modules", "lora_target_modules", tuple(names), mapped)
 
 
 def _seq_len(c: Collector) -> None:
@@ -237,16 +277,22 @@ def _loss(c: Collector) -> None:
 
 
 def _distributed(c: Collector) -> None:
-    """Distributed recipes (``*_distributed``) carry fsdp_cpu_offload / fsdp_reshard_after_forward."""
+    """Distributed recipes (``*_distributed``) carry fsdp_cpu_offload / fsdp_reshard_after_forward,
+    or (the LoRA ones: llama2/7B_lora.yaml, mistral/7B_lora.yaml, ...) only their header comment,
+    which every shipped config starts with: "# Config for multi-device LoRA in
+    lora_finetune_distributed.py"."""
     offload, reshard = c.get("fsdp_cpu_offload"), c.get("fsdp_reshard_after_forward")
-    if offload is None and reshard is None:
+    recipe = None if offload is not None or reshard is not None else _header_recipe(c.path)
+    if offload is None and reshard is None and recipe is None:
         return
     c.distributed = Distributed.FSDP
+    key = "fsdp_cpu_offload" if offload is not None else "fsdp_reshard_after_forward"
     c.set(
-        "fsdp_cpu_offload" if offload is not None else "fsdp_reshard_after_forward",
+        recipe or key,
         "fsdp_version",
         2,
-        "torchtune shards with fully_shard (FSDP2)",
+        "torchtune shards with fully_shard (FSDP2)"
+        + (" over the GPUs of --gpus; give --fsdp 1 for one device" if recipe else ""),
     )
     if offload is not None:
         c.set("fsdp_cpu_offload", "cpu_offload", c.flag("fsdp_cpu_offload", offload))
@@ -254,6 +300,17 @@ def _distributed(c: Collector) -> None:
         on = c.flag("fsdp_reshard_after_forward", reshard)
         c.set("fsdp_reshard_after_forward", "fsdp_sharding", FsdpSharding.FULL if on else FsdpSharding.SHARD_GRAD_OP)
     _custom_sharded_layers(c)
+
+
+def _header_recipe(path: str) -> str | None:
+    """The ``*_distributed`` recipe a config's leading comment names, as "header: <recipe>"."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = [line for line in (f.readline() for _ in range(40)) if line.startswith("#")]
+    except OSError:
+        return None
+    found = re.search(r"\b(\w+_distributed)(?:\.py)?\b", "".join(header))
+    return f"header: {found.group(1)}" if found else None
 
 
 def _custom_sharded_layers(c: Collector) -> None:
