@@ -36,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
         # Mistral's instruct word sits before the version
         ("unsloth/mistral-7b-instruct-v0.3-bnb-4bit", "mistral-7b-v0.3"),
         ("mistralai/Mistral-7B-v0.3", "mistral-7b-v0.3"),
+        ("NousResearch/Meta-Llama-3-8B", "llama-3-8b"),
+        ("meta-llama/Meta-Llama-3-70B-Instruct", "llama-3-70b"),
+        ("google/gemma-2b", "gemma-2b"),  # Gemma 1, not Gemma 2 2B
+        ("google/gemma-2-2b-it", "gemma-2-2b"),
         ("LLAMA-3.1-8B", "llama-3.1-8b"),
         ("llama-8b", "llama-3.1-8b"),
     ],
@@ -45,17 +49,20 @@ def test_ids_and_variants_map_to_their_preset(typed, preset):
 
 
 @pytest.mark.parametrize(
-    "typed", ["meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-Coder-7B", "mistralai/Codestral-22B-v0.1", "qwen2.5-7b-coder"]
+    "typed", ["meta-llama/CodeLlama-7b-hf", "Qwen/Qwen2.5-Coder-7B", "mistralai/Codestral-22B-v0.1", "qwen2.5-7b-coder"]
 )
 def test_other_checkpoints_are_not_guessed(typed):
-    """Llama 3 (8k context), a Coder or Nemo model are other checkpoints: fetched, not guessed."""
+    """A Code Llama, a Coder or Codestral model are other checkpoints: fetched, not guessed."""
     assert resolve_preset_name(typed) is None
+
+
+HUB_ONLY = "NousResearch/Hermes-2-Pro-Llama-3-8B"  # a Llama 3 8B fine-tune no preset or alias names
 
 
 def _env(tmp_path: Path, **extra) -> dict:
     cache = tmp_path / "hub"
     if not cache.exists():
-        fill_hub_cache(cache, {"NousResearch/Meta-Llama-3-8B": LLAMA3_8B})
+        fill_hub_cache(cache, {HUB_ONLY: LLAMA3_8B})
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -80,10 +87,11 @@ def _probe(model: str, env: dict) -> list:
 
 
 def test_hub_id_from_the_cache_answered_from_the_preset(tmp_path):
-    """Meta-Llama-3-8B has Llama 3.1 8B's shapes (only its context and rope differ): its cached
-    config.json is answered from llama-3.1-8b's bundled analysis, without torch."""
-    name, params, imported = _probe("NousResearch/Meta-Llama-3-8B", _env(tmp_path))
-    assert (name, params, imported) == ("NousResearch/Meta-Llama-3-8B", 8_030_261_248, False)
+    """A fine-tune no preset names, with Llama 3 8B's config.json (Llama 3.1 8B's shapes: only
+    its context and rope differ): its cached config.json is answered from a preset's bundled
+    analysis, without torch."""
+    name, params, imported = _probe(HUB_ONLY, _env(tmp_path))
+    assert (name, params, imported) == (HUB_ONLY, 8_030_261_248, False)
 
 
 def test_local_folder_with_a_presets_config(tmp_path):
@@ -154,13 +162,15 @@ def test_near_miss_gets_did_you_mean(capsys):
     assert "did you mean llama-3.1-8b" in err and err.count("\n") == 1
 
 
-def test_every_preset_has_its_own_shape_hash_but_the_70b_twins():
-    """Llama 3.1 70B and 3.3 70B share every shape (presets/README.md); no other two presets do."""
+def test_every_preset_has_its_own_shape_hash_but_the_llama_3_twins():
+    """Llama 3, 3.1 and 3.3 70B share every shape, as Llama 3 and 3.1 8B do (presets/README.md);
+    no other two presets do."""
     defaults = json.loads(DEFAULTS_FILE.read_text())
     shas: dict[str, list[str]] = {}
     for path in sorted(PRESET_DIR.glob("*.json")):
         shas.setdefault(memory_sha(json.loads(path.read_text()), defaults), []).append(path.stem)
-    assert [names for names in shas.values() if len(names) > 1] == [["llama-3.1-70b", "llama-3.3-70b"]]
+    twins = sorted(names for names in shas.values() if len(names) > 1)
+    assert twins == [["llama-3-70b", "llama-3.1-70b", "llama-3.3-70b"], ["llama-3-8b", "llama-3.1-8b"]]
 
 
 def test_config_defaults_are_the_installed_transformers():

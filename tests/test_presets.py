@@ -56,6 +56,10 @@ REQUIRED = [
     "mistral-nemo-12b",
     "mistral-small-24b",
     "gemma-7b",
+    # Llama 3 (torchtune's llama3 builders, axolotl's examples/llama-3) and Gemma 1 2B
+    "llama-3-8b",
+    "llama-3-70b",
+    "gemma-2b",
 ]
 # published sizes (billions of parameters), rounded as the model cards give them
 PUBLISHED = {
@@ -87,6 +91,10 @@ PUBLISHED = {
     "gemma-7b": 8.54,
     # Mistral-7B-v0.3's model card: 7.25B
     "mistral-7b-v0.3": 7.25,
+    # the Hub's sizes of meta-llama/Meta-Llama-3-8B, -70B and google/gemma-2b: 8.03B, 70.6B, 2.51B
+    "llama-3-8b": 8.03,
+    "llama-3-70b": 70.6,
+    "gemma-2b": 2.51,
 }
 
 

@@ -57,19 +57,18 @@ BUILDERS: dict[str, tuple[str, str]] = {  # builder -> (torchtune.models module,
     "gemma2_9b": ("gemma2", "google/gemma-2-9b"),
     "gemma2_27b": ("gemma2", "google/gemma-2-27b"),
     "phi3_mini": ("phi3", "microsoft/Phi-3-mini-4k-instruct"),
+    "phi4_14b": ("phi4", "microsoft/phi-4"),
+    "gemma_2b": ("gemma", "google/gemma-2b"),
+    "gemma_7b": ("gemma", "google/gemma-7b"),
 }
-# Builders with no checkpoint of their own among the presets, whose decoder has the shape of one
-# that is (vocab, layers, heads, kv heads, head dim, width, MLP width, tied output), transcribed
-# from torchtune==0.6.1 torchtune/models/<module>/_model_builders.py and held to the presets'
+# Builders of checkpoints no preset has (Qwen2), whose decoder has the shape of one that is
+# (vocab, layers, heads, kv heads, head dim, width, MLP width, tied output), transcribed from
+# torchtune==0.6.1 torchtune/models/<module>/_model_builders.py and held to the presets'
 # analyses by tests/test_configs.py: the memory is that preset's.
 SAME_SHAPE: dict[str, tuple[str, str, tuple[int, ...]]] = {  # builder -> (module, HF id, shape)
-    "llama3_8b": ("llama3", "meta-llama/Llama-3.1-8B", (128256, 32, 32, 8, 128, 4096, 14336, 0)),
-    "llama3_70b": ("llama3", "meta-llama/Llama-3.1-70B", (128256, 80, 64, 8, 128, 8192, 28672, 0)),
     "qwen2_0_5b": ("qwen2", "Qwen/Qwen2.5-0.5B", (151936, 24, 14, 2, 64, 896, 4864, 1)),
     "qwen2_1_5b": ("qwen2", "Qwen/Qwen2.5-1.5B", (151936, 28, 12, 2, 128, 1536, 8960, 1)),
     "qwen2_7b": ("qwen2", "Qwen/Qwen2.5-7B", (152064, 28, 28, 4, 128, 3584, 18944, 0)),
-    "phi4_14b": ("phi4", "microsoft/phi-4", (100352, 40, 40, 10, 128, 5120, 17920, 0)),
-    "gemma_7b": ("gemma", "google/gemma-7b", (256000, 28, 16, 16, 256, 3072, 24576, 1)),
 }
 # torchtune module names -> peft/HF names
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
