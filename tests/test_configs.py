@@ -844,3 +844,14 @@ def test_torchtune_distributed_lora_from_its_header_and_phi3_names(tmp_path):
     assert read_config([str(single)]).distributed == Distributed.NONE
     assert reading.fields["lora_target_modules"] == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     assert "model.apply_lora_to_output" in [u.key for u in reading.unmodelled]
+
+
+def test_torchtune_phi4_builds_with_phi3s_split_projections(tmp_path):
+    """torchtune==0.6.1 phi4/_model_builders.py:6 builds Phi-4 from phi3's components."""
+    path = tmp_path / "14B_lora_single_device.yaml"
+    path.write_text(
+        "model:\n  _component_: torchtune.models.phi4.lora_phi4_14b\n  lora_attn_modules: ['q_proj', 'k_proj']\n"
+        "  apply_lora_to_mlp: False\n"
+    )
+    reading = read_config([str(path)])
+    assert reading.model == "microsoft/phi-4" and reading.fields["lora_target_modules"] == ("qkv_proj",)

@@ -165,12 +165,13 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
             "model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line"
         )
     if method != Method.FULL:
-        _lora(c, cfg, fused=base.startswith("phi3"))
+        _lora(c, cfg, fused=base.startswith(("phi3", "phi4")))
     return model, method
 
 
-# torchtune's Phi-3 splits what the HF checkpoint fuses (torchtune==0.6.1
-# torchtune/models/phi3/_component_builders.py:80-82, 313-385: q_proj, k_proj, v_proj; w1, w3):
+# torchtune's Phi-3 and Phi-4 split what the HF checkpoints fuse (torchtune==0.6.1
+# torchtune/models/phi3/_component_builders.py:80-82, 313-385: q_proj, k_proj, v_proj; w1, w3;
+# phi4/_model_builders.py:6 builds with phi3's components):
 # its adapters are modelled on HF's fused Linears. LoRA on q and v has the parameters of one on
 # qkv_proj (r·(3072+3072) twice = r·(3072+9216)); on w1 and w3, 16% more than on gate_up_proj.
 _FUSED = {
@@ -205,7 +206,7 @@ def _lora(c: Collector, cfg: dict, fused: bool = False) -> None:
         mapped = "torchtune names mapped to HF (output_proj->o_proj, w1/w3/w2->gate/up/down_proj)"
         if fused:
             names = list(dict.fromkeys(_FUSED.get(n, n) for n in names))
-            mapped += "; Phi-3's split q/k/v and w1/w3 as HF's fused qkv_proj and gate_up_proj"
+            mapped += "; Phi-3/Phi-4's split q/k/v and w1/w3 as HF's fused qkv_proj and gate_up_proj"
         c.set("model.lora_attn_modules", "lora_target_modules", tuple(names), mapped)
 
 
