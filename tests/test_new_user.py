@@ -521,3 +521,18 @@ def test_per_category_without_breakdown_or_snapshots_is_one_line(tmp_path, capsy
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--per-category" in err[0]
+
+
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--method", "lora"], "DDP replicas"),
+        (["--method", "full", "--fsdp", "4"], "one FSDP group sharding the model over all of them"),
+        (["--method", "full", "--fsdp", "2"], "FSDP groups of 2, the model replicated across 2 of them"),
+        (["--method", "full", "--deepspeed", "zero3"], "DeepSpeed ZeRO-3 data parallel"),
+    ],
+)
+def test_one_estimate_says_how_its_gpus_share_the_model(capsys, flags, said):
+    assert main(["estimate", "llama-3.2-1b", "--gpus", "4x24GB", *flags]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert said in out and (said == "DDP replicas" or "DDP replicas" not in out)

@@ -6,7 +6,7 @@ GPUs outside an FSDP group run; a user who reads a table without them reads the 
 
 from __future__ import annotations
 
-from vramplan.setup import Stack
+from vramplan.setup import Stack, TrainingSetup
 from vramplan.units import GiB
 
 STACK_MEANING = {Stack.PLAIN: "transformers + peft in a plain loop, the reference step"}
@@ -29,10 +29,20 @@ def host_ram_phrase(host_ram: int | None, given: bool, gpus_named: bool) -> str:
     return f"{size} per node: this machine's (--host-ram)"
 
 
-def data_parallel_phrase(gpu_count: int) -> str:
-    """How GPUs outside one FSDP group train (the per-GPU memory is that of one replica)."""
+def data_parallel_phrase(gpu_count: int, setup: TrainingSetup | None = None) -> str:
+    """How the GPUs share the model (the per-GPU memory is that of one rank): with a setup that
+    shards, its FSDP groups or DeepSpeed stage; else the DDP default."""
     if gpu_count < 2:
         return "one GPU"
+    if setup is not None and setup.deepspeed is not None:
+        return f"{gpu_count} GPUs: DeepSpeed ZeRO-{setup.deepspeed.value[-1]} data parallel, one rank each"
+    group = setup.shard_world if setup is not None and setup.sharded else 0
+    if group == 1:
+        return f"{gpu_count} GPUs: FSDP without sharding, each GPU a whole replica"
+    if group >= gpu_count:
+        return f"{gpu_count} GPUs: one FSDP group sharding the model over all of them"
+    if group:
+        return f"{gpu_count} GPUs: FSDP groups of {group}, the model replicated across {gpu_count // group} of them"
     return (
         f"{gpu_count} GPUs: without FSDP or DeepSpeed they are DDP replicas (each holds the whole model "
         "and its gradient buckets: gradient_as_bucket_view=False, torch's and accelerate's default, so a "

@@ -77,18 +77,22 @@ def comparison_assumptions(args: argparse.Namespace, rows: list, gpu_count: int,
     """What the comparison took without being told (vramplan.assumptions), from its first row's setup."""
     from vramplan.setup import TrainingSetup
 
-    return estimate_assumptions(args, rows[0].estimate.setup if rows else TrainingSetup(), gpu_count, ram)
+    first = rows[0].estimate.setup if rows else TrainingSetup()
+    return estimate_assumptions(args, first, gpu_count, ram, one_setup=False)
 
 
-def estimate_assumptions(args: argparse.Namespace, setup, gpu_count: int, ram: int | None) -> list[str]:
-    """Micro-batch x sequence, stack, host RAM and data parallelism, each with the flag that sets it."""
+def estimate_assumptions(
+    args: argparse.Namespace, setup, gpu_count: int, ram: int | None, one_setup: bool = True
+) -> list[str]:
+    """Micro-batch x sequence, stack, host RAM and data parallelism (the setup's own sharding, or
+    the general rule when the rows shard differently), each with the flag that sets it."""
     from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
 
     return [
         batch_phrase(setup.batch_size, setup.seq_len),
         stack_phrase(setup.stack),
         host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
-        data_parallel_phrase(gpu_count),
+        data_parallel_phrase(gpu_count, setup if one_setup else None),
     ]
 
 
