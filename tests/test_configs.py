@@ -855,3 +855,13 @@ def test_torchtune_phi4_builds_with_phi3s_split_projections(tmp_path):
     )
     reading = read_config([str(path)])
     assert reading.model == "microsoft/phi-4" and reading.fields["lora_target_modules"] == ("qkv_proj",)
+
+
+def test_llamafactory_8bit_is_estimated_as_16bit_and_said(tmp_path):
+    """quantization_bit: 8 loads bitsandbytes LLM.int8 (llamafactory==0.9.5
+    model/model_utils/quantization.py:170): no rule yet, so a 16-bit LoRA base, reported."""
+    path = tmp_path / "lf.yaml"
+    path.write_text("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 8\n")
+    reading = read_config([str(path)])
+    assert reading.fields["method"] == Method.LORA and "quant" not in reading.fields
+    assert [u.key for u in reading.unmodelled] == ["quantization_bit"]
