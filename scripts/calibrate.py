@@ -184,6 +184,17 @@ CASES = [
     # (docs/allocator.md, "What the dev cases leave unexplained"), again in a fresh process, each
     # with its segment list (segments_mib): which request sizes made the reserved memory
     case("phi3_lora16_ckpt_b1s2048", PHI, method="lora", gradient_checkpointing=True, batch_size=1, seq_len=2048),
+    # the same step with eager attention: no SDPA backend choice or workspace, the candidate
+    # docs/allocator.md names ("What the file itself says against a leftover")
+    case(
+        "phi3_lora16_ckpt_eager_b1s2048",
+        PHI,
+        method="lora",
+        gradient_checkpointing=True,
+        attention="eager",
+        batch_size=1,
+        seq_len=2048,
+    ),
     case("qw05_lora16_ckpt_b8s1024", QW05, method="lora", gradient_checkpointing=True, batch_size=8, seq_len=1024),
     case("qw05_full_bf16_b4s1024", QW05, method="full", batch_size=4, seq_len=1024),
     # GaLore, 8-bit, layer-wise
