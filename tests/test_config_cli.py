@@ -316,7 +316,7 @@ def test_plan_emit_round_trips(tmp_path, capsys, fmt, gpus):
     assert "# predicted per-GPU peak:" in text and "# vramplan command: vramplan plan qwen2.5-0.5b" in text
     est = run_json(capsys, ["estimate", "--config", str(target), "--gpus", gpus, "--format", "json"])
     emitted = next(r for r in plan["rows"] if f"({r['label']}, micro-batch" in text)
-    assert emitted == plan["rows"][0] or fmt == "llamafactory"  # the recommended row, first
+    assert emitted == plan["recommended"] or fmt == "llamafactory"  # the recommended row
     assert abs(est["per_gpu"]["total_bytes"] - emitted["per_gpu_bytes"]) <= 0.01 * emitted["per_gpu_bytes"]
 
 
@@ -513,3 +513,21 @@ def test_regex_targets_refusals_and_overrides(tmp_path, capsys):
     trl.write_text("model_name_or_path: x/y\nuse_peft: true\nlora_target_modules: [q_proj]\n")
     assert main(["plan", "llama-3.2-1b", "--config", str(trl), "--gpus", "1x80GB"]) == 2
     assert "lora_target_modules in trl.yaml (--lora-targets): 'q_proj' matches no Linear" in capsys.readouterr().err
+
+
+def test_emit_writes_the_recommended_row_not_the_fastest(tmp_path):
+    """The recommended row is the fastest with the headroom rule's room, not always the first
+    (axolotl's Gemma 3 vision example on a 4090: the fastest leaves 0.3 GiB): -o writes it."""
+    import argparse
+
+    from vramplan.cli import emit_rows
+    from vramplan.plan import plan_model
+    from vramplan.setup import Stack
+
+    result = plan_model("qwen2.5-0.5b", "rtx-4090", top=3, methods="lora", fixed={"stack": Stack.AXOLOTL})
+    assert len(result.rows) >= 2
+    result = result.model_copy(update={"recommended": result.rows[1]})
+    args = argparse.Namespace(emit="axolotl", output=str(tmp_path / "o.yaml"), emit_dir=None, model="qwen2.5-0.5b")
+    texts = emit_rows.build(args, result, "qwen2.5-0.5b", None, 1)
+    (text,) = texts.values()
+    assert f"({result.rows[1].label}, micro-batch" in text and f"({result.rows[0].label}, micro" not in text

@@ -77,7 +77,8 @@ def _slug(label: str) -> str:
 
 def build(args: argparse.Namespace, result, model: str, reading, world: int) -> dict[Path, str]:
     """path -> text for the recommended row (-o) and every shown row (--emit-dir). A row the
-    format cannot express is skipped with a line on stderr; -o takes the fastest row it can."""
+    format cannot express is skipped with a line on stderr; when the recommended one cannot be
+    written, -o takes the fastest row that can."""
     if not result.rows:
         raise VramplanError("nothing fits these GPUs, so there is no row to write", "--emit")
     hf_id = reading.model if reading is not None and reading.model and not args.model else model_id(model)
@@ -90,13 +91,14 @@ def build(args: argparse.Namespace, result, model: str, reading, world: int) -> 
             refusals[i] = str(e).removeprefix(f"{e.flag}: ") if e.flag else str(e)
     out: dict[Path, str] = {}
     if args.output:
-        first = min(texts, default=None)
+        rec = _recommended_index(result)
+        first = rec if rec in texts else min(texts, default=None)
         if first is None:
-            raise VramplanError(f"no shown row can be written as {args.emit}: {refusals[0]}", "--emit")
-        if first != 0:
+            raise VramplanError(f"no shown row can be written as {args.emit}: {refusals[rec]}", "--emit")
+        if first != rec:
             print(
-                f"--emit: the recommended row ({result.rows[0].label}) cannot be written as {args.emit} "
-                f"({refusals[0]}); writing {result.rows[first].label}",
+                f"--emit: the recommended row ({result.rows[rec].label}) cannot be written as {args.emit} "
+                f"({refusals[rec]}); writing {result.rows[first].label}",
                 file=sys.stderr,
             )
         out[Path(args.output)] = texts[first]
@@ -109,6 +111,12 @@ def build(args: argparse.Namespace, result, model: str, reading, world: int) -> 
         for i, text in texts.items():
             out[folder / f"{i + 1:02d}-{_slug(result.rows[i].label)}.yaml"] = text
     return out
+
+
+def _recommended_index(result) -> int:
+    """The recommended row's place among the shown rows (plan_spec: the fastest with the
+    headroom rule's room, else the fastest), 0 when none is marked."""
+    return next((i for i, row in enumerate(result.rows) if row == result.recommended), 0)
 
 
 def write(texts: dict[Path, str]) -> None:
