@@ -180,6 +180,44 @@ CASES = [
     case(
         "phi3_qlora_nf4_r16_ckpt_b2s2048", PHI, method="qlora", gradient_checkpointing=True, batch_size=2, seq_len=2048
     ),
+    # LLM.int8 (--quant int8), modelled from bitsandbytes' source and traced on its CPU path: the
+    # CUDA MatMul8bitLt's int8 working set; every Linear's input kept past a non-reentrant
+    # checkpoint (3.25 GiB on 8B at 2048 tokens) and freed by a reentrant one; the kbit path
+    case("l1b_qlora_int8_r16_b2s1024", L1B, method="qlora", quant="int8", batch_size=2, seq_len=1024),
+    case(
+        "l8b_qlora_int8_r16_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        quant="int8",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_qlora_int8_r16_ckpt_reentrant_b1s2048",
+        L8B,
+        method="qlora",
+        quant="int8",
+        gradient_checkpointing=True,
+        checkpoint_reentrant=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_qlora_int8_r16_kbit_mixed_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        quant="int8",
+        kbit_prep=True,
+        precision="mixed",
+        model_dtype="bf16",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
     # h100_dev.jsonl's cases whose max_memory_reserved the allocator replay misses by 3-3.3 GB
     # (docs/allocator.md, "What the dev cases leave unexplained"), again in a fresh process, each
     # with its segment list (segments_mib): which request sizes made the reserved memory

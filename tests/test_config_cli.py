@@ -100,9 +100,7 @@ SAMPLES = [
         ["axolotl/lora-8b.yml"],
         "rtx-4090",
         "NousResearch/Meta-Llama-3-8B",
-        AXO_QLORA.replace("--method qlora --quant nf4", "--method lora")
-        .replace("paged_adamw_32bit", "adamw_bnb_8bit")
-        .replace("--kbit-prep", "--no-kbit-prep"),
+        AXO_QLORA.replace("--quant nf4", "--quant int8").replace("paged_adamw_32bit", "adamw_bnb_8bit"),
     ),
     (
         ["axolotl/fft-8b-liger-fsdp.yaml"],

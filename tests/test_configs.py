@@ -111,7 +111,8 @@ SAMPLES = [
         Distributed.NONE,
         None,
         {
-            "method": Method.LORA,
+            "method": Method.QLORA,  # LoRA on a quantized base: load_in_8bit is bitsandbytes LLM.int8
+            "quant": Quant.INT8,
             "lora_r": 32,
             "lora_dropout": 0.05,
             "lora_targets": LoraTargets.ALL_LINEAR,
@@ -124,7 +125,7 @@ SAMPLES = [
             "gradient_checkpointing": True,
             "optim": Optim.ADAMW_BNB_8BIT,
             "packing": Packing.PADDING_FREE,
-            "kbit_prep": False,  # an 8-bit base is estimated as 16-bit, without the k-bit preparation
+            "kbit_prep": True,  # axolotl prepares any quantized LoRA base (loaders/model.py:1141-1151)
         },
     ),
     (
@@ -410,7 +411,7 @@ def test_trl_qlora_derivations(tmp_path):
 
 def test_unmodelled_and_unknown_keys_reported(tmp_path):
     lora = read_config([str(DATA / "axolotl/lora-8b.yml")])
-    assert {u.key for u in lora.unmodelled} == {"load_in_8bit", "lora_modules_to_save"}
+    assert {u.key for u in lora.unmodelled} == {"lora_modules_to_save"}
     assert lora.unknown == ()
     assert read_config([str(DATA / "axolotl/mistral-qlora-fsdp.yml")]).unknown == ("model_config",)
     liger = read_config([str(DATA / "axolotl/fft-8b-liger-fsdp.yaml")])
@@ -427,7 +428,8 @@ def test_describe_reading_lines():
     assert "used: micro_batch_size -> batch_size=2" in lines
     assert "model: NousResearch/Meta-Llama-3-8B" in lines
     lines = describe_reading(read_config([str(DATA / "axolotl/lora-8b.yml")]))
-    assert any(line.startswith("not modelled: load_in_8bit (") for line in lines)
+    assert any(line.startswith("used: load_in_8bit -> quant=int8 (") for line in lines)
+    assert any(line.startswith("not modelled: lora_modules_to_save (") for line in lines)
 
 
 def test_flags_override_file_and_world_from_gpus():
@@ -857,11 +859,21 @@ def test_torchtune_phi4_builds_with_phi3s_split_projections(tmp_path):
     assert reading.model == "microsoft/phi-4" and reading.fields["lora_target_modules"] == ("qkv_proj",)
 
 
-def test_llamafactory_8bit_is_estimated_as_16bit_and_said(tmp_path):
-    """quantization_bit: 8 loads bitsandbytes LLM.int8 (llamafactory==0.9.5
-    model/model_utils/quantization.py:170): no rule yet, so a 16-bit LoRA base, reported."""
-    path = tmp_path / "lf.yaml"
-    path.write_text("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 8\n")
-    reading = read_config([str(path)])
-    assert reading.fields["method"] == Method.LORA and "quant" not in reading.fields
-    assert [u.key for u in reading.unmodelled] == ["quantization_bit"]
+def test_eight_bit_bases_read_as_llm_int8(tmp_path):
+    """quantization_bit: 8 (llamafactory==0.9.5 model/model_utils/quantization.py:168-170), TRL's
+    load_in_8bit (trl==1.16.0 trainer/utils.py:270-273) and axolotl's load_in_8bit with adapter:
+    lora (loaders/model.py:829-838) all load bitsandbytes LLM.int8: LoRA on an int8 base."""
+    lf = tmp_path / "lf.yaml"
+    lf.write_text("model_name_or_path: m\nstage: sft\nfinetuning_type: lora\nquantization_bit: 8\n")
+    trl = tmp_path / "trl.yaml"
+    trl.write_text("model_name_or_path: m\nuse_peft: true\nload_in_8bit: true\n")
+    axo = tmp_path / "axo.yml"
+    axo.write_text("base_model: m\nadapter: lora\nload_in_8bit: true\n")
+    for path in (lf, trl, axo):
+        reading = read_config([str(path)])
+        assert (reading.fields["method"], reading.fields["quant"]) == (Method.QLORA, Quant.INT8), path.name
+        assert reading.unmodelled == (), path.name
+    bare = tmp_path / "full.yaml"
+    bare.write_text("model_name_or_path: m\nload_in_8bit: true\n")  # TRL: an 8-bit base trains only through adapters
+    with pytest.raises(VramplanError, match="use_peft"):
+        read_config([str(bare)])

@@ -14,6 +14,7 @@ mask; cputrace.cuda_like_steps). Tolerance 1.5% of each phase's traced peak.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 
@@ -26,7 +27,11 @@ from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # 
 from vramplan.memory.loss import head_trains  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Loss, Quant, Stack  # noqa: E402
-from vramplan.verify.cputrace import cpu_head_bmm_copy  # noqa: E402
+from vramplan.verify.cputrace import (  # noqa: E402
+    cpu_head_bmm_copy,
+    cpu_int8_dequantize_delta,
+    cpu_int8_forward_parts,
+)
 
 TOL = 0.015
 LLAMA = dict(
@@ -168,6 +173,20 @@ CASES = {
     "olmo2-postnorm-lora": (OLMO2, dict(method="lora")),
     "mistral3-imagetext-lora": (MISTRAL3, dict(method="lora")),
     "mistral3-imagetext-full": (MISTRAL3, dict(method="full")),
+    # LLM.int8 (bitsandbytes Linear8bitLt, as load_in_8bit builds it): each 8-bit Linear keeps
+    # its input as a ctx attribute, which a non-reentrant checkpoint cannot drop
+    "qlora-int8": (LLAMA, dict(method="qlora", quant="int8")),
+    "qlora-int8-ckpt": (LLAMA, dict(method="qlora", quant="int8", gradient_checkpointing=True)),
+    "qlora-int8-ckpt-reentrant": (
+        LLAMA,
+        dict(method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=True),
+    ),
+    "qlora-int8-dropout": (LLAMA, dict(method="qlora", quant="int8", lora_dropout=0.05)),
+    "qlora-int8-eager": (LLAMA, dict(method="qlora", quant="int8", attention="eager")),
+    "qlora-int8-attention": (LLAMA, dict(method="qlora", quant="int8", lora_targets="attention")),
+    "qlora-int8-bf16-adapters": (LLAMA, dict(method="qlora", quant="int8", adapter_dtype="bf16")),
+    "qwen2-tied-qlora-int8": (QWEN2, dict(method="qlora", quant="int8")),
+    "gemma2-eager-qlora-int8-ckpt": (GEMMA2, dict(method="qlora", quant="int8", gradient_checkpointing=True)),
 }
 
 
@@ -183,7 +202,9 @@ def _model_phases(spec, setup) -> dict[str, int]:
     runs at step 0 only, and layer-wise optimizers step inside backward."""
     refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
-    for p in step_model(spec, setup).phases:
+    with cpu_int8_kernels(setup):
+        phases = step_model(spec, setup).phases
+    for p in phases:
         # bitsandbytes' paged states fall back to plain tensors on the CPU (optimizer.py:375-382)
         k, b = p.measured.value, p.allocated + p.parts.get(Category.PAGED_OPTIMIZER_STATES, 0)
         if p.measured == MeasuredPhase.BUILD or p.kind in refresh:
@@ -193,7 +214,52 @@ def _model_phases(spec, setup) -> dict[str, int]:
         if p.kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and _bmm_copied(setup):
             b += cpu_head_bmm_copy(setup.batch_size, spec.vocab, spec.hidden)
         out[k] = max(out.get(k, 0), b)
+    if setup.quant == Quant.INT8:
+        out["backward"] = max(out["backward"], _cpu_int8_dequantize(spec, setup))
     return out
+
+
+@contextlib.contextmanager
+def cpu_int8_kernels(setup):
+    """The estimate with LLM.int8's forward as the CPU runs it (cputrace.cpu_int8_forward_parts)."""
+    from unittest import mock
+
+    if setup.quant != Quant.INT8:
+        yield
+        return
+
+    def cpu_parts(lin, out_bytes, with_output=True):
+        return cpu_int8_forward_parts(lin, out_bytes, setup.tokens, with_output)
+
+    with (
+        mock.patch("vramplan.memory.layer.int8_forward_parts", cpu_parts),
+        mock.patch("vramplan.memory.quantization.int8_forward_parts", cpu_parts),
+    ):
+        yield
+
+
+def _cpu_int8_dequantize(spec, setup) -> int:
+    """The estimate's LLM.int8 backward dequantize moments as the CPU holds them
+    (cputrace.cpu_int8_dequantize_delta)."""
+    from vramplan.memory import prepare
+    from vramplan.memory.backward import layer_backward_phases
+    from vramplan.memory.layer import layer_points
+    from vramplan.memory.phases import step_context
+    from vramplan.model_spec import Linear
+
+    widest = 0
+    with cpu_int8_kernels(setup):
+        moments = layer_backward_phases(step_context(spec, setup, prepare(spec, setup)))
+    for p in moments:
+        if p.point != LayerPoint.DEQUANTIZE or p.layer is None:
+            continue
+        pts = layer_points(spec, spec.layers[p.layer], setup)
+        first = max(spec.layers[p.layer].linears, key=lambda l: (l.numel == pts.quant_numel, l.role == "down"))
+        assert isinstance(first, Linear)
+        widest = max(
+            widest, p.allocated + cpu_int8_dequantize_delta(pts.quant_numel, first.in_features, setup.tokens, 2)
+        )
+    return widest
 
 
 def _build_compared(setup) -> bool:
@@ -300,6 +366,30 @@ LAYER_ARCH_CASES = {
     "olmo2-postnorm-lora-ckpt": (
         dict(OLMO2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4),
         dict(method="lora", gradient_checkpointing=True),
+    ),
+    # LLM.int8: the 8-bit base's matmuls and its whole weight dequantized in backward as the
+    # CPU runs them (cpu_int8_kernels), its inputs held past a non-reentrant checkpoint
+    "qlora-int8": (TINY_VOCAB, dict(method="qlora", quant="int8")),
+    "qlora-int8-bf16-adapters": (TINY_VOCAB, dict(method="qlora", quant="int8", adapter_dtype="bf16")),
+    "qlora-int8-eager": (TINY_VOCAB, dict(method="qlora", quant="int8", attention="eager")),
+    "qlora-int8-ckpt": (TINY_VOCAB, dict(method="qlora", quant="int8", gradient_checkpointing=True)),
+    "qlora-int8-ckpt-dropout": (
+        TINY_VOCAB,
+        dict(method="qlora", quant="int8", gradient_checkpointing=True, lora_dropout=0.05),
+    ),
+    "qlora-int8-ckpt-reentrant": (
+        TINY_VOCAB,
+        dict(method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=True),
+    ),
+    "qlora-int8-ckpt-bf16-adapters": (
+        TINY_VOCAB,
+        dict(method="qlora", quant="int8", gradient_checkpointing=True, adapter_dtype="bf16"),
+    ),
+    "qlora-int8-ckpt-reentrant-bf16-adapters": (
+        TINY_VOCAB,
+        dict(
+            method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=True, adapter_dtype="bf16"
+        ),
     ),
 }
 LAYER_ALL = {**{n: (TINY_VOCAB, f) for n, f in LAYER_CASES.items()}, **LAYER_ARCH_CASES}

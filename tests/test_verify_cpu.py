@@ -89,6 +89,7 @@ def _est(model: str, **fields):
         pytest.param(
             dict(method="qlora", quant="hqq4", gradient_checkpointing=True), marks=[needs("peft"), needs("hqq")]
         ),
+        pytest.param(dict(method="qlora", quant="int8"), marks=[needs("peft"), needs("bitsandbytes")]),
     ],
     ids=lambda f: "-".join(str(v) for v in f.values()),
 )

@@ -61,8 +61,17 @@ from vramplan.setup import DeepSpeedStage, Method, Optim, OptimFamily, Packing, 
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
-METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")
-_METHOD_ALIASES = {"qlora": ("qlora-nf4", "qlora-hqq4"), "nf4": ("qlora-nf4",), "hqq4": ("qlora-hqq4",)}
+METHOD_KEYS = ("full", "lora", "qlora-nf4", "qlora-hqq4", "galore")  # the default search
+# LoRA on an LLM.int8 base only when asked: more memory than nf4 and a slower matmul
+ALL_METHOD_KEYS = (*METHOD_KEYS, "qlora-int8")
+ADAPTER_KEYS = ("lora", "qlora-nf4", "qlora-hqq4", "qlora-int8")
+_METHOD_ALIASES = {
+    "qlora": ("qlora-nf4", "qlora-hqq4"),
+    "nf4": ("qlora-nf4",),
+    "hqq4": ("qlora-hqq4",),
+    "int8": ("qlora-int8",),
+}
+_ALLOWED = "full, lora, qlora, qlora-nf4, qlora-hqq4, qlora-int8, galore"
 MAX_BATCH = 256
 DEFAULT_CONTEXT = 32768  # when the model's config gives none (a ModelSpec passed directly)
 
@@ -141,14 +150,12 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
             continue
         keys = _METHOD_ALIASES.get(raw, (raw,))
         for k in keys:
-            if k not in METHOD_KEYS:
-                raise VramplanError(
-                    f"unknown method {raw!r}; allowed: full, lora, qlora, qlora-nf4, qlora-hqq4, galore", "--methods"
-                )
+            if k not in ALL_METHOD_KEYS:
+                raise VramplanError(f"unknown method {raw!r}; allowed: {_ALLOWED}", "--methods")
             if k not in out:
                 out.append(k)
     if not out:
-        raise VramplanError("give at least one of: full, lora, qlora, qlora-nf4, qlora-hqq4, galore", "--methods")
+        raise VramplanError(f"give at least one of: {_ALLOWED}", "--methods")
     return tuple(out)
 
 
@@ -237,8 +244,10 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     for key in req.methods:
         if key == "full":
             groups.extend(_full_groups(req, modes))
-        elif key in ("lora", "qlora-nf4", "qlora-hqq4"):
-            groups.extend(_lora_groups(req, key, smallest, modes))
+        elif key in ADAPTER_KEYS:
+            # FSDP does not shard an 8-bit base (TrainingSetup._check_int8): data parallel only
+            unsharded: list[tuple[int, bool]] = [m for m in modes if m == (1, False)]
+            groups.extend(_lora_groups(req, key, smallest, unsharded if key == "qlora-int8" else modes))
         elif key == "galore":
             groups.extend(_galore_groups(req, smallest))
     return expand_groups(groups, req.vary)
@@ -270,7 +279,7 @@ def _full_groups(req: PlanRequest, modes: list[tuple[int, bool]]) -> list[list[d
 
 
 def _lora_groups(req: PlanRequest, key: str, smallest: int, modes: list[tuple[int, bool]]) -> list[list[dict]]:
-    """LoRA or QLoRA (key "lora", "qlora-nf4" or "qlora-hqq4"): one group of ranks per setup;
+    """LoRA or QLoRA (key "lora", "qlora-nf4", "qlora-hqq4" or "qlora-int8"): one group of ranks per setup;
     none when no rank fits and nobody asked for the minimum."""
     ranks = _ranks(req.min_lora_rank, smallest, 3)
     if not ranks:
@@ -794,7 +803,7 @@ def _adapter_notes(spec: ModelSpec, req: PlanRequest) -> list[str]:
 def plan_rules(req: PlanRequest, spec: ModelSpec) -> list[str]:
     """The rules the plan ranks and recommends by, printed with it."""
     rules = [RANK_RULE, rule_text(req.gpus.profile.memory_bytes)]
-    if any(k in req.methods for k in ("lora", "qlora-nf4", "qlora-hqq4")):
+    if any(k in req.methods for k in ADAPTER_KEYS):
         ranks = _ranks(req.min_lora_rank, _smallest_dim(spec), 3)
         rules.append(
             f"LoRA ranks searched: {', '.join(map(str, ranks))} (--min-lora-rank {req.min_lora_rank} is the "
@@ -838,6 +847,7 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
         "lora": "frozen bf16 base with LoRA adapters",
         "qlora-nf4": "4-bit (nf4) frozen base with LoRA adapters",
         "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters",
+        "qlora-int8": "8-bit (LLM.int8) frozen base with LoRA adapters",
     }[row.method]
     extra = []
     if row.setup.fsdp > 1:

@@ -40,6 +40,7 @@ class Precision(str, Enum):
 class Quant(str, Enum):
     NF4 = "nf4"  # bitsandbytes Linear4bit, blocksize 64, double quant
     HQQ4 = "hqq4"  # hqq HQQLinear nbits=4 group_size=64
+    INT8 = "int8"  # bitsandbytes Linear8bitLt (LLM.int8(), threshold 6.0): load_in_8bit
 
 
 class QuantStorage(str, Enum):
@@ -521,7 +522,9 @@ class TrainingSetup(BaseModel):
     lora_r: int = Field(16, description="LoRA rank")
     lora_dropout: float = Field(0.05, description="LoRA dropout probability")
     lora_targets: LoraTargets = Field(LoraTargets.ALL_LINEAR, description="which Linears get adapters")
-    quant: Quant | None = Field(None, description="4-bit format of the frozen base (qlora only); default nf4")
+    quant: Quant | None = Field(
+        None, description="quantized format of the frozen base (qlora only): 4-bit nf4 / hqq4, or LLM.int8; default nf4"
+    )
     quant_storage: QuantStorage | None = Field(
         None, description="bitsandbytes bnb_4bit_quant_storage (qlora nf4); default uint8"
     )
@@ -647,7 +650,24 @@ class TrainingSetup(BaseModel):
         self._check_loss()
         self._check_adapters_and_dtypes()
         self._check_engines()
+        self._check_int8()
         return self
+
+    def _check_int8(self) -> None:
+        """What vramplan does not model over an LLM.int8 base (memory/quantization.py)."""
+        if self.quant != Quant.INT8:
+            return
+        refused = (
+            (self.sharded, "--fsdp", "FSDP sharding (bitsandbytes' FSDP path shards 4-bit weights stored as bf16)"),
+            (self.stack == Stack.UNSLOTH, "--stack", "Unsloth's 8-bit loading"),
+            (self.activation_offload != ActivationOffload.NONE, "--activation-offload", "activation offload"),
+            (self.dora, "--dora", "DoRA"),
+            (self.compile, "--compile", "torch.compile"),
+            (self.quant_storage is not None, "--quant-storage", "a 4-bit storage dtype"),
+        )
+        for bad, flag, what in refused:
+            if bad:
+                raise VramplanError(f"--quant int8 with {what} is not modelled; use --quant nf4", flag)
 
     def _check_loss(self) -> None:
         """Fused losses the kernel itself refuses (or would silently get wrong)."""

@@ -22,6 +22,7 @@ memory model (saved activation bytes) or the GPU's hardware profile.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -232,7 +233,10 @@ def _dequant_bytes_per_param(setup: TrainingSetup) -> float:
     - zero, * scale: ~14 B)."""
     if setup.method != Method.QLORA:
         return 0.0
-    return 2.5 if setup.quant == Quant.NF4 else 14.0
+    # LLM.int8's backward (bitsandbytes==0.50.2 autograd/_functions.py:235-238): CB.to(bf16) reads
+    # 1 B and writes 2 B, the in-place scaling reads and writes 2 B each; its forward multiplies in
+    # int8 and quantizes the tokens, not the weight
+    return {Quant.NF4: 2.5, Quant.INT8: 7.0}.get(cast(Quant, setup.quant), 14.0)
 
 
 def micro_bytes(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> float:
@@ -279,7 +283,10 @@ def micro_kernels(sh: Shapes, setup: TrainingSetup) -> float:
     lora = LORA_FWD_OPS * n_lora
     dq = 0
     if setup.method == Method.QLORA:
-        dq = (5 if setup.quant == Quant.NF4 else 12) * sh.linears_per_layer * sh.layers
+        # kernels per quantized Linear and pass: nf4 one fused dequantize (+ its helpers), hqq's
+        # elementwise unpacking, LLM.int8 about fourteen over forward and backward (to fp16, |x|,
+        # the outlier search, quantize, int8 matmul, dequantize, cast; dequantize, scale, matmul)
+        dq = {Quant.NF4: 5, Quant.INT8: 7}.get(cast(Quant, setup.quant), 12) * sh.linears_per_layer * sh.layers
     recompute = 1.5 * base + lora + dq if setup.gradient_checkpointing else 0
     return 3 * (base + lora) + 2 * dq + recompute
 

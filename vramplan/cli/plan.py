@@ -12,7 +12,7 @@ from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bou
 from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
-from vramplan.plan import MAX_BATCH, METHOD_KEYS
+from vramplan.plan import ALL_METHOD_KEYS, MAX_BATCH, METHOD_KEYS
 from vramplan.setup import Stack
 from vramplan.units import GiB
 
@@ -62,7 +62,11 @@ def _add_topology_options(p: argparse.ArgumentParser) -> None:
 
 def _add_search_options(p: argparse.ArgumentParser) -> None:
     """What the search may try: methods, smallest ranks, host RAM and largest micro-batch."""
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHOD_KEYS)} (qlora = both 4-bit formats)")
+    p.add_argument(
+        "--methods",
+        help=f"comma-separated subset of {','.join(ALL_METHOD_KEYS)} (default {','.join(METHOD_KEYS)}; "
+        "qlora = both 4-bit formats)",
+    )
     p.add_argument(
         "--min-lora-rank", type=int_in(MAX_RANK), help=bounded("smallest acceptable LoRA rank; default 16", MAX_RANK)
     )

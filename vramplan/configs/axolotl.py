@@ -5,7 +5,7 @@ The world size is not in the file (axolotl train --num-processes / accelerate la
 
 from __future__ import annotations
 
-from vramplan.configs.collect import EIGHT_BIT_AS_16, Collector, set_regex_targets
+from vramplan.configs.collect import Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim
 from vramplan.setup import (
@@ -106,9 +106,11 @@ def _method(c: Collector) -> Method:
         if quant_type not in (None, "nf4"):
             c.unmodelled("bnb_config_kwargs.bnb_4bit_quant_type", f"{quant_type} has the nf4 layout; modelled as nf4")
         return Method.QLORA
+    if eight:  # LoRA on an LLM.int8 base: BitsAndBytesConfig(load_in_8bit=True), threshold 6.0
+        c.set("adapter", "method", Method.QLORA, "LoRA on a quantized base")
+        c.set("load_in_8bit", "quant", Quant.INT8, f"bnb LLM.int8, threshold 6.0 ({_SRC} loaders/model.py:829-838)")
+        return Method.QLORA
     c.set("adapter", "method", Method.LORA)
-    if eight:
-        c.unmodelled("load_in_8bit", EIGHT_BIT_AS_16)
     return Method.LORA
 
 
@@ -303,16 +305,14 @@ def _packing(c: Collector) -> None:
 def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
     """peft prepare_model_for_kbit_training runs for a quantized LoRA base except QLoRA+FSDP, FSDP with
     cpu_ram_efficient_loading and ZeRO-3 (axolotl==0.19.0 loaders/model.py:1116-1151)."""
-    # an 8-bit base is estimated as a 16-bit one (EIGHT_BIT_AS_16): preparing that would cast its
-    # Linears to fp32, which int8 ones are not, so the preparation is left out with the int8
-    quantized = method == Method.QLORA
+    quantized = method == Method.QLORA  # load_in_4bit or load_in_8bit
     if method == Method.FULL:
         return
     cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}
     skip = c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading"))
     skip = skip or engine.get("deepspeed") == DeepSpeedStage.ZERO3
     c.set(
-        "load_in_4bit" if method == Method.QLORA else "adapter",
+        ("load_in_8bit" if c.get("load_in_8bit") is True else "load_in_4bit") if quantized else "adapter",
         "kbit_prep",
         quantized and not skip,
         "derived: axolotl calls peft's prepare_model_for_kbit_training for a quantized base "

@@ -16,15 +16,6 @@ from vramplan.configs.reading import (
 from vramplan.errors import VramplanError
 from vramplan.setup import Stack
 
-# load_in_8bit (bitsandbytes LLM.int8, Linear8bitLt) has no rule yet: estimated as a 16-bit base.
-# That over-counts the Linears by one byte a parameter and under-counts what peft's
-# prepare_model_for_kbit_training would make fp32 (embeddings, norms, lm_head), which is left
-# out: applied to a 16-bit base it would cast the Linears to fp32 too.
-EIGHT_BIT_AS_16 = (
-    "an 8-bit (LLM.int8) base is not modelled: estimated as a 16-bit base (its Linears at 2 bytes a "
-    "parameter, not 1) without peft's k-bit preparation"
-)
-
 # Keys every trainer has that do not change the memory of a step: not reported as unknown.
 NOT_MEMORY = frozenset(
     {

@@ -170,8 +170,11 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         "output_dir": "./outputs/vramplan",
     }
     if s.lora_like:
-        d["adapter"] = "qlora" if s.method == Method.QLORA else "lora"
-        d["load_in_4bit"] = s.method == Method.QLORA
+        four = s.method == Method.QLORA and s.quant != Quant.INT8
+        d["adapter"] = "qlora" if four else "lora"
+        d["load_in_4bit"] = four
+        if s.quant == Quant.INT8:
+            d["load_in_8bit"] = True  # LoRA on an LLM.int8 base (axolotl loaders/model.py:829-838)
         d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout)
         targets = _target_modules(s)
         d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
@@ -254,7 +257,9 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         d["attn_implementation"] = _HF_ATTN[s.attention]
     d.update(dataset_name="trl-lib/Capybara", output_dir="./outputs/vramplan", use_peft=s.lora_like)
     if s.lora_like:
-        if s.method == Method.QLORA:
+        if s.quant == Quant.INT8:
+            d.update(load_in_8bit=True)
+        elif s.method == Method.QLORA:
             d.update(load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
             if s.quant_storage_dtype == QuantStorage.BF16:
                 d["bnb_4bit_quant_storage"] = "bfloat16"  # sharded by accelerate's FSDP2
@@ -308,7 +313,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
 def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     d: dict[str, Any] = {"model_name_or_path": model}
     if s.method == Method.QLORA:
-        d.update(quantization_bit=4, quantization_method="bnb" if s.quant == Quant.NF4 else "hqq")
+        bits = 8 if s.quant == Quant.INT8 else 4
+        d.update(quantization_bit=bits, quantization_method="hqq" if s.quant == Quant.HQQ4 else "bnb")
         if s.quant == Quant.NF4:
             d.update(quantization_type="nf4", double_quantization=True)
     if s.attention is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vramplan.configs.collect import EIGHT_BIT_AS_16, NOT_MEMORY, Collector, set_regex_targets
+from vramplan.configs.collect import NOT_MEMORY, Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
@@ -149,15 +149,18 @@ def _training_arguments_fields(c: Collector) -> frozenset:
 def _method(c: Collector) -> Method:
     peft = c.flag("use_peft", c.get("use_peft", False))
     four = c.flag("load_in_4bit", c.get("load_in_4bit", False))
-    if c.get("load_in_8bit") is True:
-        c.unmodelled("load_in_8bit", EIGHT_BIT_AS_16)
+    eight = c.flag("load_in_8bit", c.get("load_in_8bit", False))
     if not peft:
-        if four:
-            raise c.fail("use_peft", "true with load_in_4bit (a 4-bit base trains only through adapters)", False)
+        if four or eight:
+            key = "load_in_4bit" if four else "load_in_8bit"
+            raise c.fail("use_peft", f"true with {key} (a quantized base trains only through adapters)", False)
         c.set("use_peft", "method", Method.FULL, "" if "use_peft" in c.data else "TRL's default use_peft: false")
         return Method.FULL
-    method = Method.QLORA if four else Method.LORA
-    c.set("load_in_4bit" if four else "use_peft", "method", method)
+    method = Method.QLORA if four or eight else Method.LORA
+    c.set("load_in_4bit" if four else "load_in_8bit" if eight else "use_peft", "method", method)
+    if eight and not four:
+        # trl==1.16.0 trainer/utils.py:270-273: BitsAndBytesConfig(load_in_8bit=True), LLM.int8 threshold 6.0
+        c.set("load_in_8bit", "quant", Quant.INT8, "bnb LLM.int8 (trl trainer/utils.py:270-273)")
     if four:
         quant_type = c.get("bnb_4bit_quant_type", "nf4")
         c.set("load_in_4bit", "quant", Quant.NF4, "" if quant_type == "nf4" else f"{quant_type} has the nf4 layout")

@@ -5,7 +5,7 @@ FSDP is set by the accelerate config it is launched with, not in this file.
 
 from __future__ import annotations
 
-from vramplan.configs.collect import EIGHT_BIT_AS_16, Collector
+from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import set_optim
 from vramplan.setup import (
@@ -101,14 +101,15 @@ def _method(c: Collector) -> Method:
     eight = bits == 8 and c.get("quantization_method", "bnb") in ("bnb", "bitsandbytes")
     if bits != 4 and not eight:
         raise c.fail("quantization_bit", "4, or 8 with bitsandbytes (3- and 2-bit bases are not modelled)", bits)
-    if eight and kind == "lora":  # bitsandbytes LLM.int8 (model/model_utils/quantization.py)
-        c.unmodelled("quantization_bit", EIGHT_BIT_AS_16)
-        c.set("finetuning_type", "method", Method.LORA)
-        return Method.LORA
     if kind != "lora":
-        raise c.fail("finetuning_type", "lora with quantization_bit (a 4-bit base trains through adapters)", kind)
+        raise c.fail("finetuning_type", "lora with quantization_bit (a quantized base trains through adapters)", kind)
     quant = c.choice("quantization_method", c.get("quantization_method", "bnb"), _QUANT_METHOD)
     c.set("quantization_bit", "method", Method.QLORA)
+    if eight:  # BitsAndBytesConfig(load_in_8bit=True): model/model_utils/quantization.py:168-170
+        c.set(
+            "quantization_bit", "quant", Quant.INT8, f"bnb LLM.int8 ({_SRC} model/model_utils/quantization.py:168-170)"
+        )
+        return Method.QLORA
     c.set("quantization_bit", "quant", quant)
     if quant == Quant.NF4:
         qtype = c.get("quantization_type", "nf4")

@@ -23,7 +23,6 @@ from vramplan.memory.fsdp import (
 from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
 from vramplan.memory.norms import post_mlp_norm_backward
 from vramplan.memory.parameters import Param, grad_bytes
-from vramplan.memory.quantization import dequantize_transient
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, PhaseKind
 from vramplan.setup import Engine, TrainingSetup
@@ -157,7 +156,7 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
             (
                 LayerPoint.DEQUANTIZE,
                 this - alloc(n * pts.quant_freed),
-                alloc(n * pts.quant_bwd) + dequantize_transient(pts.quant_numel, setup.quant),
+                alloc(n * pts.quant_bwd) + sum(pts.quant_parts),
             )
         )
     # non-reentrant: the recompute starts inside the first adapter's backward and stops once

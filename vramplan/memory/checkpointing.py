@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.memory.attention import attention_forward_parts, attention_kind, attention_span
-from vramplan.memory.context import ActivationContext, stream_bytes
+from vramplan.memory.context import ActivationContext, activation_context, stream_bytes
 from vramplan.memory.mlp import ckpt_forward_parts
 from vramplan.memory.norms import norm_saved
-from vramplan.memory.quantization import base_output_bytes
+from vramplan.memory.quantization import base_output_bytes, int8_held, int8_held_parts
 from vramplan.memory.storage import alloc
+from vramplan.memory.types import ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import ActivationOffload, Attention, TrainingSetup
+from vramplan.setup import ActivationOffload, Attention, Quant, TrainingSetup
+from vramplan.units import GiB
 
 # Unsloth's offloaded checkpointing (unsloth-zoo==2026.10.9 unsloth_zoo/gradient_checkpointing.py:63-66, 1326):
 # a layer's input is offloaded when its stored bytes exceed MINIMUM_SIZE; the host pool starts with
@@ -45,13 +47,20 @@ def kept_per_layer(spec: ModelSpec, stream: int) -> int:
 
 
 def checkpointed_forward(
-    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, f: int, gated: bool, residual: int, lora_mlp: list[int]
+    spec: ModelSpec,
+    layer: LayerSpec,
+    ctx: ActivationContext,
+    f: int,
+    gated: bool,
+    residual: int,
+    lora_mlp: list[int],
+    at_base: bool = False,
 ) -> list[int]:
     """Per token, the tensors of a checkpointed forward (nothing saved) at its widest, oldest
     first: the MLP's working set (mlp.ckpt_forward_parts), or the attention's
     (attention.attention_forward_parts) with the norm's output (post-norm: the layer's input,
     which the checkpoint holds anyway). [CPU trace]"""
-    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp, base_output_bytes(ctx))
+    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp, base_output_bytes(ctx), at_base)
     attn = [residual] if layer.pre_norm else []
     attn += attention_forward_parts(spec, layer, ctx, attention_span(ctx.setup))
     return attn if sum(attn) > sum(mlp) else mlp
@@ -101,9 +110,14 @@ class CheckpointOffload:
     # offloaded inputs the forward still holds on the GPU besides the embedding output (a local of
     # the model's forward): the newest `stash`, the current layer's included (0: nothing offloaded)
     stash: int = 0
+    # per layer, LLM.int8's inputs the forward's graph still holds (quantization.int8_held), and
+    # of the last layer's those its MLP makes (not yet there, or its working set, at its widest)
+    held: tuple[int, ...] = ()
+    held_mlp_last: int = 0
 
     def layer_gpu(self, layers: int) -> list[int]:
-        return [0] * (layers - self.kept_layers) + [self.input] * self.kept_layers
+        kept = [0] * (layers - self.kept_layers) + [self.input] * self.kept_layers
+        return [k + h for k, h in zip(kept, self.held or (0,) * layers, strict=True)]
 
 
 def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOffload:
@@ -144,7 +158,28 @@ def checkpoint_offload(spec: ModelSpec, setup: TrainingSetup) -> CheckpointOfflo
             forward_extra=(min(layers, 2) - 1) * one,  # the embedding output, beside the last layer's input
             stash=1,
         )
-    return CheckpointOffload(kept_layers=layers, input=one, host=0, buffers=0, reload=0, forward_extra=0)
+    held = int8_kept(spec, setup)
+    mlp_last = alloc(n * int8_held_parts(spec.layers[-1], activation_context(setup))[1]) if held else 0
+    return CheckpointOffload(
+        kept_layers=layers,
+        input=one,
+        host=0,
+        buffers=0,
+        reload=0,
+        forward_extra=0,
+        held=held,
+        held_mlp_last=mlp_last,
+    )
+
+
+def int8_kept(spec: ModelSpec, setup: TrainingSetup) -> tuple[int, ...]:
+    """Per layer, what LLM.int8's Linears keep past a non-reentrant checkpoint: their inputs,
+    ctx attributes its saved-tensor hooks never see (quantization.int8_held). A reentrant
+    checkpoint runs the forward without grad, so no node keeps anything."""
+    ctx = activation_context(setup)
+    if ctx.quant != ParamKind.INT8 or reentrant(setup):
+        return ()
+    return tuple(alloc(setup.tokens * int8_held(layer, ctx)) for layer in spec.layers)
 
 
 def offload_all_resident(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
@@ -175,4 +210,30 @@ def offload_note(setup: TrainingSetup) -> list[str]:
     return [
         f"--activation-offload {setup.activation_offload.value}: modelled from source, not measured ({source}); "
         "the host column counts its pinned RAM."
+    ]
+
+
+INT8_NOTE = (
+    "LLM.int8 (--quant int8): the int8 weights and row scales, the input each 8-bit Linear keeps "
+    "and the whole weight it dequantizes in backward rest on bitsandbytes==0.50.2's source and the "
+    "CPU trace of its CPU path (docs/cpu-trace.md); the CUDA matmul's working set (the input "
+    "quantized to int8, the int32 product) is modelled from source, not measured; the outlier "
+    "columns it also keeps (threshold 6.0, as many as the data has) are not counted"
+)
+
+
+def int8_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What an LLM.int8 estimate rests on, and what non-reentrant checkpointing costs it."""
+    if setup.quant != Quant.INT8:
+        return []
+    held = sum(int8_kept(spec, setup))
+    if not held:
+        return [INT8_NOTE]
+    return [
+        INT8_NOTE,
+        f"LLM.int8 under non-reentrant checkpointing: each 8-bit Linear keeps its input as an "
+        f"attribute of its autograd node (bitsandbytes autograd/_functions.py:186-188), which the "
+        f"checkpoint's hooks never see, so every layer still holds them: {held / GiB:.2f} GiB of this "
+        f"step's activations. --checkpoint-reentrant (gradient_checkpointing_kwargs: "
+        f"{{use_reentrant: true}}) frees them",
     ]

@@ -25,6 +25,7 @@ class ActivationContext:
     adapters_bf16: bool  # LoRA computes in bf16: under autocast, FSDP2 (param_dtype bf16), or bf16 adapters
     lora_autocast: bool  # peft's adapter input is cast under autocast (fp32 adapters or an fp32 stream)
     quant: ParamKind | None
+    quant_saves_input: bool  # a node keeps the input of each quantized Linear (hqq; LLM.int8 but in a recompute)
     lora_dropout: bool
     lora_r: int
     setup: TrainingSetup
@@ -48,10 +49,23 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
         ),
         lora_autocast=lora_autocast,
         quant=ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else None,
+        quant_saves_input=_quant_saves_input(setup),
         lora_dropout=setup.lora_dropout > 0,
         lora_r=setup.lora_r,
         setup=setup,
     )
+
+
+def _quant_saves_input(setup: TrainingSetup) -> bool:
+    """hqq's matmul saves its input; LLM.int8's keeps it as a ctx attribute (quantization.py),
+    except in a non-reentrant checkpoint's recompute: its pack hook stores detached tensors
+    (torch==2.13 torch/utils/checkpoint.py:1094-1095), so the recomputed graph, and the int8
+    inputs its nodes hold, is dropped once the recompute stops. [CPU trace: qlora-int8-ckpt]"""
+    if setup.method != Method.QLORA:
+        return False
+    if setup.quant == Quant.INT8:
+        return not (setup.gradient_checkpointing and not setup.checkpoint_reentrant)
+    return setup.quant == Quant.HQQ4
 
 
 def _unit_dtype_bf16(setup: TrainingSetup) -> bool:

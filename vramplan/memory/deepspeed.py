@@ -94,7 +94,7 @@ def _trainable_partition(params: list[Param], setup: TrainingSetup) -> int:
 def _weight_bytes(p: Param, setup: TrainingSetup, cfg: ZeroConfig) -> dict[C, int]:
     """One parameter's bf16 bytes on the GPU (4-bit weights keep their packed storage)."""
     if p.kind.quantized:
-        return quantized_store(p.kind, p.numel)
+        return quantized_store(p.kind, p.numel, p.dim0)
     cat = C.ADAPTERS if p.kind == ParamKind.LORA else C.WEIGHTS
     if not _stage3(setup) or p.numel <= cfg.persistence_threshold:
         return {cat: alloc(2 * p.numel)}

@@ -57,7 +57,6 @@ from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
 from vramplan.memory.phases import last_layer_adapter, prepare, step_context, step_model
 from vramplan.memory.quantization import (
-    dequantize_transient_parts,
     nf4_quantize_temporaries,
     quantize_transient,
     quantized_store,
@@ -277,12 +276,15 @@ class _Builder:
         key = (shape_key(layer), i > 0 or _first_grad(ctx))
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
+        held = alloc(ctx.tokens * self.points(i).down_held)  # made at down, kept to the layer's end
         blocks = layer_blocks(
             ctx.tokens,
-            alloc(ctx.tokens * ctx.per_layer[i]),
+            alloc(ctx.tokens * ctx.per_layer[i]) - held,
             alloc(ctx.tokens * self.down_saved(i)),
             self._parts[key][0],
         )
+        if held:
+            blocks = [*blocks[:-1], held, blocks[-1]]
         # autocast's saved copies of frozen weights (autocast.frozen_casts): down's with down's input
         down, rest = ctx.down_casts[i], ctx.casts[i] - ctx.down_casts[i]
         return [*blocks[:-1], rest, blocks[-1] + down] if ctx.casts[i] else blocks
@@ -358,7 +360,7 @@ class _Builder:
         pts, quant = self.points(i), self.ctx.setup.quant
         out = [alloc(self.ctx.tokens * x) for x in self._layer_point_parts(i, point)]
         if point == LayerPoint.DEQUANTIZE and quant is not None:
-            out += dequantize_transient_parts(pts.quant_numel, quant)
+            out += pts.quant_parts
         if pts.dora and point in (LayerPoint.LORA_RECOMPUTE, LayerPoint.LORA_RECOMPUTE_DOWN):
             out += pts.dora.fwd_weights if point == LayerPoint.LORA_RECOMPUTE else pts.dora.down_weights
         return out
@@ -516,7 +518,7 @@ def _build(b: _Builder) -> None:
             _quantize_nf4(b.ledger, p)
             continue
         t = b.ledger.alloc(C.TRANSIENT, quantize_transient(p, world))
-        stored = quantized_store(p.kind, p.numel)
+        stored = quantized_store(p.kind, p.numel, p.dim0)
         if world == 1:
             b.ledger.alloc(C.WEIGHTS, stored[C.WEIGHTS])
         b.ledger.alloc(C.QUANT_STATE, stored[C.QUANT_STATE])
@@ -541,7 +543,11 @@ def _checkpointed_input(b: _Builder, i: int) -> None:
         for tid in b.stash.pop(i - off.stash, []):
             led.free(tid)
     if i >= len(b.ctx.spec.layers) - off.kept_layers:
-        b.layer_blocks[i] = [x]
+        # LLM.int8's inputs the checkpoint cannot drop (checkpointing.int8_kept); the last layer's
+        # MLP's once its widest moment is past (_forward)
+        last = i == len(b.ctx.spec.layers) - 1
+        held = [led.alloc(C.ACTIVATIONS, off.held[i] - (off.held_mlp_last if last else 0))] if off.held else []
+        b.layer_blocks[i] = [x, *held]
         return
     b.layer_blocks[i] = []
     b.stash[i] = [x]
@@ -577,7 +583,7 @@ def _quantize_nf4(led: Ledger, p: Param) -> None:
     source freed. The 1-10 MiB absmax tensors take 20 MiB segments of their own and the
     packed weights fill the freed sources' segments, as the allocator places them."""
     source, absmax, copy = nf4_quantize_temporaries(p.numel)
-    stored = quantized_store(p.kind, p.numel)
+    stored = quantized_store(p.kind, p.numel, p.dim0)
     temps = [led.alloc(C.TRANSIENT, source), led.alloc(C.TRANSIENT, absmax)]
     led.alloc(C.WEIGHTS, stored[C.WEIGHTS])
     temps.append(led.alloc(C.TRANSIENT, copy))
@@ -608,6 +614,8 @@ def _forward(b: _Builder) -> list[int | None]:
             _checkpointed_input(b, i)
             if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
                 b.at_kind(PhaseKind.DORA_NORM_FORWARD, PhaseKind.FORWARD_CHECKPOINTED_LAYER)
+                if b.off is not None and b.off.held_mlp_last:
+                    b.layer_blocks[i].append(led.alloc(C.ACTIVATIONS, b.off.held_mlp_last))
             continue
         if ctx.offload_all:
             _offloaded_layer(b, i, i == last)
@@ -615,10 +623,11 @@ def _forward(b: _Builder) -> list[int | None]:
         if i == last:  # the last layer's weight norm, its saves not yet made
             b.at_kind(PhaseKind.DORA_NORM_FORWARD)
         sizes = b.saved_blocks(i)
-        blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-1]]
+        tail = 2 if b.points(i).down_held else 1  # what down saves (and holds) comes after its adapter
+        blocks = [led.alloc(C.ACTIVATIONS, x) for x in sizes[:-tail]]
         if i == last:
             b.at_kind(PhaseKind.FORWARD_LAST_LAYER)
-        b.layer_blocks[i] = [*blocks, led.alloc(C.ACTIVATIONS, sizes[-1])]
+        b.layer_blocks[i] = [*blocks, *[led.alloc(C.ACTIVATIONS, x) for x in sizes[-tail:]]]
     released = led.alloc(C.ACTIVATIONS, ctx.released)
     b.at_kind(PhaseKind.DEQUANTIZE_FORWARD)
     for blocks in b.stash.values():  # offload: the decoder loop is done, its locals and stash go

@@ -3,8 +3,9 @@ backward (LayerPoints) assembled from the attention, MLP, norm, LoRA and 4-bit r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import cast
 
 from vramplan.memory.attention import attention_kind, attention_saved, attention_span
 from vramplan.memory.checkpointing import checkpointed_forward
@@ -30,11 +31,17 @@ from vramplan.memory.lora import (
 )
 from vramplan.memory.mlp import is_gated, mlp_saved_parts, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
-from vramplan.memory.quantization import base_output_bytes, dequantize_backward
-from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole
+from vramplan.memory.quantization import (
+    base_output_bytes,
+    dequantize_backward,
+    dequantize_transient_parts,
+    int8_forward_parts,
+    quant_input_bytes,
+)
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused, unsloth_points
-from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Attention, TrainingSetup
+from vramplan.model_spec import LayerSpec, Linear, ModelSpec
+from vramplan.setup import Attention, Quant, TrainingSetup
 
 
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
@@ -85,6 +92,8 @@ class LayerPoints:
     quant_numel: int = 0  # QLoRA: weight elements of the first 4-bit Linear reached in backward
     quant_bwd: int = 0  # its input grad (bf16) while the output grad and its adapter's input grad live
     quant_freed: int = 0  # what its adapter saved, freed by then (peft's adapter branch runs first)
+    quant_parts: tuple[int, ...] = ()  # bytes: its weight dequantized (quantization.DequantizeBackward.parts)
+    down_held: int = 0  # saved at down but kept to the layer's end (LLM.int8's input to down)
     hook_grads: int = 0  # grads in flight when an MLP weight's grad is accumulated (layer-wise optimizers)
     recompute_absent: int = 0  # saved tensors the recompute has not made yet at the widest adapter
     moe_fwd: int = 0  # MoE: the end of the experts' forward in the recompute (fp32 routing product)
@@ -130,25 +139,38 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     downs = layer.linears_with(*MLP_OUT_ROLES)
     gated = is_gated(layer)
     f = mlp_width(layer, h)
-    down_saved = linears_saved(downs, f, ctx, True, from_stream=False) if downs and not layer.experts else 0
+    down_saved = (
+        linears_saved(downs, f, ctx, True, from_stream=False, mlp_out=True) if downs and not layer.experts else 0
+    )
+    # LLM.int8's input to down outlives down's backward (quantization.int8_held): saved apart
+    int8_down = ctx.quant == ParamKind.INT8 and ctx.quant_saves_input and down_saved
+    down_held = quant_input_bytes(ctx, False, mlp_out=True) * f if int8_down else 0
+    down_saved -= down_held
     residual = ctx.stream * h
     # what gate/up (and down) return: fp32 behind bnb's 4-bit Linear on an fp32 stream
     b = 2 if layer.experts else base_output_bytes(ctx)
     lora_variant = (partial(lora_outputs, result=b), partial(lora_recompute_stop, result=b))
+    if ctx.quant == ParamKind.INT8:
+        lora_variant = (partial(_int8_outputs, result=b), lora_variant[1])
     outputs = (dora_output_parts, dora_recompute_stop) if setup.dora else lora_variant
     fwd = lora_forward_points(spec, layer, ctx, f, residual, outputs, b)
+    int8 = ctx.quant == ParamKind.INT8
+    # a checkpointed forward's widest MLP moment: at up's 8-bit base matmul or its adapter's
+    at_base = _int8_base_widest(fwd.widest_linear, ctx, b) if int8 and fwd.ckpt_mlp else False
+    fwd = _int8_down_base(fwd, b * f, b) if int8 else fwd
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
     first = first_in_backward([l for l in layer.linears if lora_targeted(l, setup)])
     if setup.dora and first is not None and not fwd.post_mlp_norm:
         lora_inflight = (residual, *dora_recompute_grads(first, ctx))
     deq = dequantize_backward(layer, ctx, residual)
-    ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp))
+    ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp), at_base)
     # the MLP's elementwise grads, in the dtype of gate/up's output
     mlp_grads = (residual, *[b * f] * (3 if gated else 2))
     # the checkpointed forward's widest moment is the adapter's (not the MLP's or the attention's)
     at_adapter = bool(fwd.ckpt_mlp) and ckpt_fwd != checkpointed_forward(spec, layer, ctx, f, gated, residual, [])
     return LayerPoints(
         down_saved=down_saved,
+        down_held=down_held,
         mlp_grads=sum(mlp_grads),
         end_grads=2 * residual,
         lora_fwd=sum(fwd.widest),
@@ -161,6 +183,7 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         quant_bwd=sum(deq.grads),
         quant_bwd_parts=deq.grads,
         quant_freed=deq.freed,
+        quant_parts=deq.parts,
         hook_grads=residual + 2 * f + 2 * h,
         recompute_absent=fwd.recompute_absent,
         moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
@@ -175,6 +198,48 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         end_grads_parts=(residual, residual),
         dora=dora_points(layer, ctx, fwd, (f, residual), at_adapter) if setup.dora else None,
     )
+
+
+def _int8_down_base(fwd: LoraForwardPoints, act_up: int, result: int) -> LoraForwardPoints:
+    """Down's 8-bit base matmul as the layer's widest forward moment where it is wider: before
+    down saves anything (the moment's live bytes are the widest's: the layer saved less down's),
+    with the MLP's locals, its input act*up (`act_up` bytes) and the matmul's working set."""
+    dn = fwd.down_linear
+    if dn is None:
+        return fwd
+    base = (*fwd.down_common[:2], act_up, *int8_forward_parts(dn, result))
+    return replace(fwd, widest=base, widest_linear=dn) if sum(base) > sum(fwd.widest) else fwd
+
+
+def _int8_outputs(lin: Linear, ctx: ActivationContext, saving: bool, result: int) -> list[int]:
+    """At an adapted Linear before down over an 8-bit base, the wider of its two moments: the
+    base's matmul (quantization.int8_forward_parts, output in its input's dtype: bf16 for
+    o_proj's attention output) or the adapter's path after it (lora_outputs). A checkpointed
+    forward (not `saving`) counts the base's output itself (mlp.ckpt_forward_parts). Down's
+    base matmul comes before down saves anything: _int8_down_base."""
+    lora = lora_outputs(lin, ctx, saving, result)
+    if lin.role in MLP_OUT_ROLES:
+        return lora
+    if not saving:
+        return int8_forward_parts(lin, _int8_out(lin, result), False) if _int8_base_widest(lin, ctx, result) else lora
+    return _wider(lora, int8_forward_parts(lin, _int8_out(lin, result)))
+
+
+def _int8_base_widest(lin: Linear | None, ctx: ActivationContext, result: int) -> bool:
+    """Whether a checkpointed forward is wider at an adapted Linear's 8-bit base matmul than
+    at its adapter's path, which also holds the base's output (mlp.ckpt_forward_parts)."""
+    if lin is None:
+        return False
+    base = int8_forward_parts(lin, _int8_out(lin, result), with_output=False)
+    return sum(base) > sum(lora_outputs(lin, ctx, False, result)) + result * lin.out_features
+
+
+def _int8_out(lin: Linear, result: int) -> int:
+    return 2 if lin.role == LinearRole.O else result
+
+
+def _wider(a: list[int], b: list[int]) -> list[int]:
+    return a if sum(a) >= sum(b) else b
 
 
 def _mlp_input_moment(layer: LayerSpec, ctx: ActivationContext, f: int, residual: int) -> tuple[tuple[int, ...], int]:
@@ -237,6 +302,7 @@ def unsloth_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup
         quant_numel=u.quant_numel,
         quant_bwd=sum(u.mlp_bwd) if u.quant_numel else 0,
         quant_bwd_parts=u.mlp_bwd if u.quant_numel else (),
+        quant_parts=tuple(dequantize_transient_parts(u.quant_numel, cast(Quant, setup.quant))) if u.quant_numel else (),
         hook_grads=residual + 2 * f + 2 * spec.hidden,
         ckpt_fwd=sum(u.ckpt_fwd),
         lora_fwd_parts=u.mlp_fwd,

@@ -5,8 +5,7 @@ from __future__ import annotations
 from vramplan.memory.context import ActivationContext
 from vramplan.memory.dora import dora_saved
 from vramplan.memory.lora import lora_saved, lora_targeted
-from vramplan.memory.quantization import hqq_input_bytes
-from vramplan.memory.types import ParamKind
+from vramplan.memory.quantization import quant_input_bytes
 from vramplan.model_spec import Linear
 
 
@@ -17,17 +16,19 @@ def linears_saved(
     input_grad: bool,
     input_shared: bool = False,
     from_stream: bool = True,
+    mlp_out: bool = False,
 ) -> int:
     """Saved by a group of Linears reading one tensor of width in_dim, per token; `from_stream`:
-    that tensor is the norm's output (q/k/v, gate/up), not the attention's or act*up."""
+    that tensor is the norm's output (q/k/v, gate/up), not the attention's or act*up (`mlp_out`)."""
     saved, shared_saved = 0, False
     for lin in linears:
-        if ctx.quant == ParamKind.HQQ4 or ctx.weights_train:
-            # hqq's HQQMatmulNoCacheMul saves x; a trained weight needs x for its grad.
+        if ctx.quant_saves_input or ctx.weights_train:
+            # hqq's HQQMatmulNoCacheMul saves x, LLM.int8's MatMul8bitLt keeps it; a trained
+            # weight needs x for its grad.
             if ctx.autocast and ctx.quant is None:
                 saved += 2 * in_dim  # autocast casts the fp32 input once per Linear
             elif not shared_saved and not input_shared:
-                saved += (hqq_input_bytes(ctx, from_stream) if ctx.quant else ctx.stream) * in_dim
+                saved += (quant_input_bytes(ctx, from_stream, mlp_out) if ctx.quant else ctx.stream) * in_dim
                 shared_saved = True
         # frozen bf16 / nf4 base: grad_input needs only W, nothing of x is saved [notes 1, 3]
         if lora_targeted(lin, ctx.setup):

@@ -160,8 +160,11 @@ def lora_forward_per_out(ctx: ActivationContext) -> int:
     """Per output feature, peft lora.Linear.forward's `result + lora_B(lora_A(x)) * scaling`
     in the adapter dtype, then .to(result dtype). fp32 adapters: the scaled fp32 B output,
     the result up-cast and their sum (12·out); bf16 adapters (autocast, FSDP2): B's output
-    is freed after the scaling, so the scaled output and the sum (4·out) [CPU trace]"""
-    return 4 if ctx.adapters_bf16 else 12
+    is freed after the scaling, so the scaled output and the sum (4·out) [CPU trace]; fp32
+    adapters on an 8-bit base, B's output and its scaled copy (8·out: lora_output_parts)"""
+    if ctx.adapters_bf16:
+        return 4
+    return 8 if ctx.quant == ParamKind.INT8 else 12
 
 
 def lora_output_parts(ctx: ActivationContext, out: int, result: int = 2) -> list[int]:
@@ -171,6 +174,11 @@ def lora_output_parts(ctx: ActivationContext, out: int, result: int = 2) -> list
     on an fp32 stream, quantization.base_output_bytes)."""
     if ctx.adapters_bf16:
         return [2 * out, result * out]
+    if ctx.quant == ParamKind.INT8:
+        # peft's lora.bnb.Linear8bitLt outside autocast (peft==0.21.2 tuners/lora/bnb.py:226-235):
+        # `lora_B(lora_A(x)) * scaling`, then `.to(result.dtype)` before the add: B's fp32 output
+        # and its scaled copy are the widest, then bf16 tensors. [CPU trace: tiny-vocab qlora-int8-ckpt]
+        return [4 * out, 4 * out]
     return [lora_forward_per_out(ctx) * out // 3] * 3
 
 
@@ -183,7 +191,7 @@ def norm_output_saved(ctx: ActivationContext) -> bool:
     """Whether a node saved the very tensor a Linear reads (the norm's output): lora_A for
     bf16 adapters without autocast and without dropout; hqq's matmul. Otherwise the
     forward holds it as a local. [CPU trace]"""
-    return (ctx.adapters_bf16 and not ctx.lora_autocast and not ctx.lora_dropout) or ctx.quant == ParamKind.HQQ4
+    return (ctx.adapters_bf16 and not ctx.lora_autocast and not ctx.lora_dropout) or ctx.quant_saves_input
 
 
 def lora_outputs(lin: Linear, ctx: ActivationContext, saving: bool, result: int = 2) -> list[int]:

@@ -38,7 +38,11 @@ def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, i
     gated = any(l.role in GATED_ROLES for l in ins)
     b = base_output_bytes(ctx)
     inner = [b * f] * 3 if gated else [b * f]  # gated: gate, act(gate), up; plain: fc1 out
-    return [linears_saved(ins, h, ctx, input_grad), *inner, linears_saved(downs, f, ctx, True, from_stream=False)]
+    return [
+        linears_saved(ins, h, ctx, input_grad),
+        *inner,
+        linears_saved(downs, f, ctx, True, from_stream=False, mlp_out=True),
+    ]
 
 
 def moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
@@ -73,7 +77,14 @@ def ckpt_forward(spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residua
 
 
 def ckpt_forward_parts(
-    spec: ModelSpec, layer: LayerSpec, f: int, gated: bool, residual: int, lora_mlp: list[int], b: int = 2
+    spec: ModelSpec,
+    layer: LayerSpec,
+    f: int,
+    gated: bool,
+    residual: int,
+    lora_mlp: list[int],
+    b: int = 2,
+    at_base: bool = False,
 ) -> list[int]:
     """Per token, the tensors of a checkpointed layer's forward at the MLP, oldest first: the
     residual stream after attention and the MLP's input, then act(gate), up and their product
@@ -81,7 +92,8 @@ def ckpt_forward_parts(
     the gathered expert inputs; a plain MLP: fc1's output and its activation); with an
     adapted gate/up (`lora_mlp`: that adapter's tensors, lora.LoraForwardPoints.ckpt_mlp_parts),
     that adapter's path on top of act(gate) and the up projection's base output, where wider;
-    `b` bytes per element of gate/up's output (quantization.base_output_bytes). [CPU trace]"""
+    `b` bytes per element of gate/up's output (quantization.base_output_bytes); `at_base`:
+    lora_mlp is up's own base matmul (LLM.int8), before up's output exists. [CPU trace]"""
     fused = bool(layer.linears_with(LinearRole.GATE_UP)) or bool(layer.experts)
     b = 2 if layer.experts else b  # expert tensors are not 4-bit Linears
     # the MLP's input is the norm's output, or (post-norm) the residual stream itself
@@ -93,6 +105,7 @@ def ckpt_forward_parts(
     if not lora_mlp:
         return mlp
     adapter = [b * f, b * f] if gated else [b * f]
+    adapter = adapter[: len(adapter) - 1] if at_base else adapter
     adapter += lora_mlp
     return adapter if sum(adapter) > sum(mlp) else mlp
 

@@ -71,7 +71,7 @@ def store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict[C, i
     if p.kind == ParamKind.LORA:
         return {C.ADAPTERS: alloc(adapter_bytes(setup) * n)}
     if p.kind.quantized:
-        return quantized_store(p.kind, n)
+        return quantized_store(p.kind, n, p.dim0)
     return {C.WEIGHTS: alloc(dense_bytes(setup) * n)}
 
 

@@ -16,7 +16,7 @@ from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
-from vramplan.memory.checkpointing import offload_note, reentrant
+from vramplan.memory.checkpointing import checkpoint_offload, int8_notes, offload_note, reentrant
 from vramplan.memory.compile import compiled_forward_locals
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
 from vramplan.memory.dora import dora_layer_transient, dora_norm_locals, dora_norm_transient
@@ -46,7 +46,7 @@ from vramplan.memory.optimizers import (
 from vramplan.memory.parameters import Param, parameters
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
-from vramplan.memory.quantization import build_phase, largest_dequantize
+from vramplan.memory.quantization import build_phase, forward_quant_transient
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, MeasuredPhase, PhaseKind
 from vramplan.memory.unsloth import UNSLOTH_NOTE, unsloth_fused
@@ -181,8 +181,10 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     pts = layer_points(ctx.spec, ctx.spec.layers[-1], ctx.setup)
     n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
     if ctx.ckpt:
+        # LLM.int8's inputs this layer's MLP holds: act*up not made yet, its input in the working set
+        mlp_held = checkpoint_offload(ctx.spec, ctx.setup).held_mlp_last
         ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(
-            C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache
+            C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache - mlp_held
         )
         ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd) + (sum(pts.dora.ckpt_weights) if pts.dora else 0))
     elif not pts.lora_fwd and not pts.lora_down:
@@ -206,7 +208,7 @@ def last_layer_adapter(ctx: StepContext, pts: LayerPoints) -> tuple[int, int, tu
     return max(
         (
             (
-                before - alloc(n * pts.down_saved) - ctx.down_casts[-1],
+                before - alloc(n * pts.down_saved) - alloc(n * pts.down_held) - ctx.down_casts[-1],
                 alloc(n * pts.lora_fwd) + sum(fwd_w),
                 pts.lora_fwd_parts,
                 fwd_w,
@@ -242,12 +244,14 @@ def dora_phase(ctx: StepContext) -> list[Phase]:
 
 
 def quantization_phases(ctx: StepContext) -> list[Phase]:
-    """QLoRA: a 4-bit weight dequantized in forward (in backward: a layer point), and the build."""
+    """QLoRA: a 4-bit weight dequantized in forward, or LLM.int8's widest matmul (in backward:
+    a layer point), and the build."""
     if ctx.setup.method != Method.QLORA:
         return []
     assert ctx.setup.quant is not None
     ph = ctx.base(PhaseKind.DEQUANTIZE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.forward_extra + ctx.forward_cache)
-    ph.add(C.TRANSIENT, largest_dequantize(ctx.params, ctx.setup.quant))
+    act = activation_context(ctx.setup)
+    ph.add(C.TRANSIENT, forward_quant_transient(ctx.spec.layers, ctx.params, act, ctx.tokens))
     if ctx.sharded:  # this unit and the one prefetched, and the root
         ph.add(C.FSDP_BUFFERS, layer_forward_gathered(ctx.units, ctx.gathering))
     return [ph, build_phase(ctx.params, ctx.world)]
@@ -276,7 +280,7 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
     if any(unsloth_fused(spec, layer, setup) for layer in spec.layers[:1]):
         notes.append(UNSLOTH_NOTE)
-    return notes + offload_note(setup)
+    return notes + offload_note(setup) + int8_notes(spec, setup)
 
 
 def step_model(

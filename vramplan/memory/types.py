@@ -13,11 +13,12 @@ class ParamKind(StrEnum):
     DENSE = "dense"  # bf16, or fp32 masters under mixed precision
     NF4 = "nf4"  # bitsandbytes Linear4bit packed weight
     HQQ4 = "hqq4"  # hqq HQQLinear packed weight
+    INT8 = "int8"  # bitsandbytes Linear8bitLt int8 weight (CB) with its fp32 row scales (SCB)
     LORA = "lora"  # a peft adapter matrix (lora_A or lora_B)
 
     @property
     def quantized(self) -> bool:
-        return self in (ParamKind.NF4, ParamKind.HQQ4)
+        return self in (ParamKind.NF4, ParamKind.HQQ4, ParamKind.INT8)
 
 
 class LinearRole(StrEnum):

@@ -62,7 +62,14 @@ def model_bytes(model, device_type: str) -> dict[C, int]:
         qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit
         if qs is not None:
             out[C.QUANT_STATE] += sum(cnt.add(t) for t in _tensors_of(qs))
+        scb = getattr(p, "SCB", None)  # bitsandbytes Int8Params' row scales, before the first forward
+        if scb is not None and hasattr(scb, "untyped_storage"):
+            out[C.QUANT_STATE] += cnt.add(scb)
     for mod in model.modules():
+        # Linear8bitLt.init_8bit_state moves CB (the weight itself) and SCB to its MatmulLtState
+        scb = getattr(getattr(mod, "state", None), "SCB", None)
+        if scb is not None and hasattr(scb, "untyped_storage"):
+            out[C.QUANT_STATE] += cnt.add(scb)
         meta = getattr(mod, "meta", None)  # hqq HQQLinear keeps scales/zeros in a dict
         if isinstance(meta, dict):
             out[C.QUANT_STATE] += sum(cnt.add(t) for t in _tensors_of(meta))

@@ -303,6 +303,24 @@ def _hqq4(lin, device: str):
     return hqq.HQQLinear(src, cfg, compute_dtype=torch.bfloat16, device=device, initialize=True, del_orig=True)
 
 
+def _int8(lin, device: str):
+    """LLM.int8 as transformers loads it (load_in_8bit): Linear8bitLt, has_fp16_weights=False,
+    threshold 6.0 (BitsAndBytesConfig's llm_int8_threshold), the bf16 weight handed to Int8Params
+    on the host and quantized by its move to the device (bitsandbytes==0.50.2 nn/modules.py:737-793;
+    transformers==5.24.0 quantizers/quantizer_bnb_8bit.py: `Int8Params(value.to("cpu"), ...).to(device)`)."""
+    import torch
+
+    bnb = need("bitsandbytes", "--quant int8")
+    w, bias = _random_linear(lin, "cpu")
+    q = bnb.nn.Linear8bitLt(
+        lin.in_features, lin.out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
+    )
+    q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)  # .to() quantizes
+    if bias is not None:
+        q.bias = torch.nn.Parameter(bias.to(device), requires_grad=False)
+    return q
+
+
 def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded: bool = False) -> None:
     """Every decoder Linear becomes 4-bit, one at a time (peak: one bf16 Linear).
 
@@ -310,7 +328,9 @@ def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded:
     each packed weight goes back to meta as soon as it is quantized; the quantization
     state, which FSDP2 leaves whole on every rank, stays on the device. The build then
     never holds more than one whole packed Linear per rank."""
-    make = _nf4 if quant == Quant.NF4 else _hqq4
+    make = {Quant.NF4: _nf4, Quant.HQQ4: _hqq4, Quant.INT8: _int8}[quant]
+    if quant == Quant.INT8:  # as transformers' 8-bit quantizer marks the model: peft then wraps
+        model.is_loaded_in_8bit = True  # each Linear8bitLt in lora.bnb.Linear8bitLt (peft==0.21.2 lora/model.py:329)
     for path, _role in decoder_linears(model, spec):
         q = make(model.get_submodule(path), device)
         if sharded:
@@ -388,7 +408,10 @@ def kbit_prepare(model, setup: TrainingSetup) -> None:
     transformers' quantizer sets decide what it does (hqq: no upcast)."""
     peft = need("peft", "--kbit-prep")
     if setup.method == Method.QLORA:
-        model.is_loaded_in_4bit = True
+        if setup.quant == Quant.INT8:
+            model.is_loaded_in_8bit = True
+        else:
+            model.is_loaded_in_4bit = True
         model.quantization_method = "hqq" if setup.quant == Quant.HQQ4 else "bitsandbytes"
     peft.prepare_model_for_kbit_training(
         model,

@@ -206,6 +206,38 @@ def cpu_head_bmm_copy(batch_size: int, vocab: int, hidden: int, compute_bytes: i
     return batch_size * vocab * hidden * compute_bytes
 
 
+def cpu_int8_forward_parts(lin, input_bytes: int, tokens: int, with_output: bool = True) -> list[int]:
+    """quantization.int8_forward_parts as the CPU runs it, per token of a `tokens`-token step:
+    bitsandbytes' matmul runs MatMul8bitFp on the CPU while training (bitsandbytes==0.50.2
+    autograd/_functions.py:403-405), which dequantizes the whole weight, `CB.to(A.dtype).mul_(
+    SCB.unsqueeze(1).mul(1.0 / 127.0))`, and calls F.linear (:263-264): the weight in the input's
+    dtype, the scaled row absmax, then the in-place multiply's fp32 temporaries
+    (cpu_mixed_inplace) or the output; CUDA's MatMul8bitLt quantizes the input instead."""
+    per_token = lambda nbytes: -(-nbytes // tokens)  # noqa: E731
+    mixed = per_token(cpu_mixed_inplace(lin.numel, input_bytes))
+    last = max(mixed, input_bytes * lin.out_features) if with_output else mixed
+    return [per_token(input_bytes * lin.numel), per_token(4 * lin.out_features), last]
+
+
+def cpu_mixed_inplace(numel: int, element_bytes: int) -> int:
+    """Bytes the CPU adds to a bf16 tensor's in-place multiply by an fp32 one: TensorIterator on
+    the CPU casts to the common dtype through temporaries, the input's fp32 copy and an fp32
+    result copied back (traced: aten::to and aten::empty_like of 4 bytes per element under
+    aten::mul_), where a CUDA kernel casts in registers. 0 when the tensor is fp32 already."""
+    from vramplan.memory.storage import alloc
+
+    return 2 * alloc(4 * numel) if element_bytes == 2 else 0
+
+
+def cpu_int8_dequantize_delta(numel: int, in_features: int, tokens: int, input_bytes: int) -> int:
+    """The CPU's LLM.int8 backward at the dequantized weight beyond the estimate's moment (the
+    CUDA one): MatMul8bitLt/Fp.backward scale CB in place (cpu_mixed_inplace), before the input
+    grad, which the estimate's moment holds, exists."""
+    from vramplan.memory.storage import alloc
+
+    return max(cpu_mixed_inplace(numel, input_bytes) - alloc(tokens * input_bytes * in_features), 0)
+
+
 @contextlib.contextmanager
 def cuda_like_steps():
     """Dropout as CUDA's native_dropout holds memory: the output and a bool mask, which

@@ -29,6 +29,8 @@ def needed_libraries(setup: TrainingSetup) -> dict[str, str]:
         need["peft"] = f"--method {setup.method.value}"
     if setup.quant == Quant.NF4:
         need["bitsandbytes"] = "--quant nf4"
+    if setup.quant == Quant.INT8:
+        need["bitsandbytes"] = "--quant int8"
     if setup.quant == Quant.HQQ4:
         need["hqq"] = "--quant hqq4"
     if setup.optim == Optim.ADAMW_BNB_8BIT:

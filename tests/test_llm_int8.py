@@ -1,0 +1,136 @@
+"""LLM.int8 (--quant int8: bitsandbytes Linear8bitLt as load_in_8bit builds it), fast tier.
+
+The rules themselves are held to the CPU trace of the real library (tests/test_cpu_trace.py,
+the int8 cases). Here: what follows from bitsandbytes==0.50.2's source by hand, the setups it
+refuses, and the plumbing (plan, --emit, notes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vramplan.cli import main
+from vramplan.errors import VramplanError
+from vramplan.estimate import make_setup
+from vramplan.memory.checkpointing import int8_kept
+from vramplan.memory.parameters import parameters, store
+from vramplan.memory.storage import alloc
+from vramplan.memory.types import ParamKind
+from vramplan.model_loader import load_model_spec
+
+GiB = 2**30
+
+
+def test_int8_weights_are_one_byte_with_an_fp32_scale_per_row():
+    """Int8Params._quantize (nn/modules.py:742-747): data = CB, int8 [out, in]; SCB fp32 [out].
+    Llama 3 8B's decoder: 32 x (q 4096x4096, k and v 1024x4096, o 4096x4096, gate and up
+    14336x4096, down 4096x14336)."""
+    spec = load_model_spec("llama-3-8b")
+    setup = make_setup(method="qlora", quant="int8")
+    quantized = [p for p in parameters(spec, setup) if p.kind == ParamKind.INT8]
+    per_layer = 4096 * 4096 * 2 + 1024 * 4096 * 2 + 14336 * 4096 * 3
+    assert sum(p.numel for p in quantized) == 32 * per_layer
+    weights = sum(store(p, setup)["weights"] for p in quantized)
+    rows = 32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096)
+    state = sum(store(p, setup)["quant_state"] for p in quantized)
+    assert weights == sum(alloc(p.numel) for p in quantized) and weights <= 32 * per_layer + len(quantized) * 512
+    assert rows * 4 <= state <= rows * 4 + len(quantized) * 512
+
+
+def test_non_reentrant_checkpointing_keeps_every_int8_input():
+    """MatMul8bitLt keeps A as ctx.tensors (autograd/_functions.py:186-188), out of reach of the
+    checkpoint's saved-tensor hooks: per layer and token the norm's output q/k/v read (4096 x 2),
+    the attention output o reads (4096 x 2), the norm's output gate/up read (4096 x 2) and
+    act*up down reads (14336 x 2), in a bf16 step. A reentrant checkpoint runs the forward
+    without grad: nothing kept. Other bases: nothing."""
+    spec = load_model_spec("llama-3-8b")
+    tokens = 2048
+    setup = make_setup(method="qlora", quant="int8", gradient_checkpointing=True, seq_len=tokens)
+    per_token = 2 * (4096 + 4096 + 4096 + 14336)
+    assert int8_kept(spec, setup) == tuple([alloc(tokens * per_token)] * 32)
+    reentrant = make_setup(
+        method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=True, seq_len=tokens
+    )
+    assert int8_kept(spec, reentrant) == ()
+    assert int8_kept(spec, make_setup(method="qlora", gradient_checkpointing=True, seq_len=tokens)) == ()
+
+
+@pytest.mark.parametrize(
+    "fields,flag",
+    [
+        (dict(fsdp=2), "--fsdp"),
+        (dict(dora=True), "--dora"),
+        (dict(compile=True, gradient_checkpointing=True), "--compile"),
+        (dict(activation_offload="all"), "--activation-offload"),
+        (dict(quant_storage="bf16"), "--quant-storage"),
+        (dict(stack="unsloth"), "--stack"),
+    ],
+)
+def test_what_int8_does_not_model_is_refused_naming_the_flag(fields, flag):
+    with pytest.raises(VramplanError) as e:
+        make_setup(method="qlora", quant="int8", **fields)
+    assert e.value.flag == flag and "--quant int8" in str(e.value)
+
+
+def _estimate(capsys, *argv: str) -> dict:
+    assert main(["estimate", *argv, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_estimate_says_what_int8_rests_on_and_what_the_checkpoint_keeps(capsys):
+    base = ["llama-3-8b", "--gpus", "1x80GB", "--method", "qlora", "--quant", "int8", "--gradient-checkpointing"]
+    held = _estimate(capsys, *base)
+    notes = " ".join(held["notes"])
+    assert "LLM.int8 (--quant int8)" in notes and "modelled from source, not measured" in notes
+    tokens = held["setup"]["batch_size"] * held["setup"]["seq_len"]
+    kept = 32 * tokens * 2 * (4096 + 4096 + 4096 + 14336) / GiB
+    assert f"{kept:.2f} GiB of this step's activations" in notes and "--checkpoint-reentrant" in notes
+    freed = _estimate(capsys, *base, "--checkpoint-reentrant")
+    assert "of this step's activations" not in " ".join(freed["notes"])
+    gap = held["per_gpu"]["peak_allocated_bytes"] - freed["per_gpu"]["peak_allocated_bytes"]
+    assert gap >= 0.9 * kept * GiB
+
+
+def test_plan_offers_int8_only_when_asked_and_never_sharded(capsys):
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "2xrtx-4090", "--format", "json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert not any(r["method"] == "qlora-int8" for r in default["rows"])
+    assert main(["plan", "qwen2.5-0.5b", "--gpus", "2xrtx-4090", "--methods", "int8", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and all(r["method"] == "qlora-int8" and r["setup"]["fsdp"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "fmt,key",
+    [("axolotl", "load_in_8bit: true"), ("trl", "load_in_8bit: true"), ("llamafactory", "quantization_bit: 8")],
+)
+def test_emit_writes_an_int8_base_and_reads_it_back(tmp_path, capsys, fmt, key):
+    target = tmp_path / f"{fmt}.yaml"
+    argv = ["plan", "qwen2.5-0.5b", "--gpus", "rtx-4090", "--methods", "int8", "--emit", fmt, "-o", str(target)]
+    assert main([*argv, "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert key in target.read_text()
+    est = _estimate(capsys, "--config", str(target), "--gpus", "rtx-4090")
+    assert est["setup"]["quant"] == "int8"
+    emitted = plan["recommended"]
+    assert abs(est["per_gpu"]["total_bytes"] - emitted["per_gpu_bytes"]) <= 0.01 * emitted["per_gpu_bytes"]
+
+
+def test_torchtune_cannot_write_an_int8_base(tmp_path, capsys):
+    target = tmp_path / "tt.yaml"
+    argv = [
+        "plan",
+        "llama-3.1-8b",
+        "--gpus",
+        "h100-80gb",
+        "--methods",
+        "int8",
+        "--emit",
+        "torchtune",
+        "-o",
+        str(target),
+    ]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "torchtune" in err and "int8" in err and err.count("\n") == 1 and not target.exists()
