@@ -409,3 +409,16 @@ def test_plan_on_a_card_without_bf16_trains_lora_in_fp16(capsys):
     assert all(r["setup"]["adapter_dtype"] in (None, "fp32") for r in rows)
     assert main(["plan", "llama-3.2-1b", "--gpus", "1x24GB", "--methods", "lora", "--format", "json"]) == 0
     assert all(r["setup"]["precision"] == "bf16" for r in json.loads(capsys.readouterr().out)["rows"])
+
+
+def test_the_assumed_line_names_the_stack_the_rows_use(capsys):
+    """plan --stack axolotl searched axolotl rows but said it assumed the plain loop."""
+    from vramplan.cli import main
+
+    argv = ["plan", "qwen2.5-0.5b", "--gpus", "rtx-4090", "--methods", "lora", "--format", "json"]
+    assert main([*argv, "--stack", "axolotl"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][0]["setup"]["stack"] == "axolotl"
+    assert any(a.startswith("stack axolotl (") for a in out["assumed"])
+    assert main(argv) == 0
+    assert any(a.startswith("stack plain (") for a in json.loads(capsys.readouterr().out)["assumed"])

@@ -823,7 +823,7 @@ def plan_assumptions(req: PlanRequest) -> list[str]:
     seq = f"sequences of at least {req.min_seq} tokens (--min-seq), micro-batch 1..{req.max_batch} (--max-batch)"
     return [
         seq,
-        stack_phrase(Stack.PLAIN),
+        stack_phrase(Stack(req.fixed.get("stack", Stack.PLAIN))),
         req.host_ram_said or host_ram_phrase(req.host_ram, True, True),
         data_parallel_phrase(req.gpus.count),
     ]
