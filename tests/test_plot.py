@@ -377,3 +377,26 @@ def test_scaling_switches_to_log_when_a_method_dwarfs_the_cards():
     assert plot.scaling_figure([near], "batch", caps).axes[0].get_yscale() == "linear"
     ax = plot.scaling_figure([near, far], "batch", caps).axes[0]
     assert ax.get_yscale() == "log" and ax.get_ylim()[1] >= 900  # nothing drawn off the chart
+
+
+def test_timeline_bins_keep_the_step_peak():
+    """A step of thousands of events drawn ~1500 points wide keeps, per bin, the event with the
+    most bytes alive: the loss backward's peak, one event wide, must not vanish from the figure."""
+    import numpy as np
+
+    from vramplan.categories import Category
+    from vramplan.plot import TIMELINE_BINS, Timeline, _peak_bins
+
+    n = 10 * TIMELINE_BINS + 3
+    weights, acts = np.full(n, 100), np.zeros(n, dtype=np.int64)
+    acts[4321] = 5000  # a spike one event wide
+    t = Timeline(
+        live={Category.WEIGHTS: weights, Category.ACTIVATIONS: acts},
+        reserved=np.arange(n),
+        moments=[],
+        capacity=10**6,
+        title="t",
+    )
+    x, live, reserved = _peak_bins(t)
+    assert len(x) <= TIMELINE_BINS
+    assert max(np.sum(live, axis=0)) == 5100 and reserved.max() == n - 1

@@ -710,15 +710,15 @@ def timeline_figure(t: Timeline) -> Figure:
     """Allocated (stacked by category) and reserved over one step, phases marked, capacity as a line."""
     fig = _new_figure(11, 5.5)
     ax = fig.add_subplot()
-    x = np.arange(len(t.reserved))
+    x, live, reserved = _peak_bins(t)
     ax.stackplot(
         x,
-        *[v / GiB for v in t.live.values()],
+        *[v / GiB for v in live],
         colors=[COLORS[c] for c in t.live],
         labels=[c.label for c in t.live],
         step="post",
     )
-    ax.step(x, t.reserved / GiB, where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
+    ax.step(x, reserved / GiB, where="post", color="black", lw=1.2, label="reserved (simulated allocator)")
     ax.axhline(_gib(t.capacity), color="#C44E52", ls="--", lw=1, label="GPU capacity (less CUDA context)")
     top = _gib(max(t.capacity, int(t.reserved.max()))) * 1.02
     for i, name in _phase_marks(t.moments):
@@ -727,8 +727,28 @@ def timeline_figure(t: Timeline) -> Figure:
     ax.set_xlabel("allocation events of one steady step")
     ax.set_ylabel("GiB per GPU")
     ax.set_title(t.title, fontsize=10)
-    ax.legend(loc="upper left", fontsize=7)
+    # outside the axes: inside, it hid the step's peak (the loss backward, at the left)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.subplots_adjust(right=0.8)
     return fig
+
+
+TIMELINE_BINS = 1500  # about one per horizontal pixel of the figure
+
+
+def _peak_bins(t: Timeline) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The step drawn at most TIMELINE_BINS points wide: in each run of events the one with the
+    most bytes alive (its categories, so the stack still sums to it) and the most reserved. A
+    peak one event wide (the loss backward's) would otherwise be thinner than a pixel and vanish."""
+    n = len(t.reserved)
+    width = -(-n // TIMELINE_BINS)
+    if width <= 1:
+        return np.arange(n), list(t.live.values()), t.reserved
+    total = np.sum(list(t.live.values()), axis=0)
+    starts = np.arange(0, n, width)
+    picks = np.array([s + int(np.argmax(total[s : s + width])) for s in starts])
+    reserved = np.maximum.reduceat(t.reserved, starts)
+    return starts, [v[picks] for v in t.live.values()], reserved
 
 
 def _phase_marks(moments: list[tuple[int, str]]) -> list[tuple[int, str]]:
