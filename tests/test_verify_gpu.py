@@ -70,7 +70,7 @@ def test_simulated_fsdp_shards_the_weights():
     assert four.simulated and four.breakdown[C.WEIGHTS] == pytest.approx(one.breakdown[C.WEIGHTS] / 4, rel=0.05)
 
 
-@pytest.mark.parametrize("quant,fsdp", [("nf4", 1), ("hqq4", 1), ("nf4", 4), ("hqq4", 4)])
+@pytest.mark.parametrize("quant,fsdp", [("nf4", 1), ("hqq4", 1), ("nf4", 4), ("hqq4", 4), ("int8", 1)])
 def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     """Quantizing the largest Linear (memory.quantization.build_phase, read from the CUDA kernels and hqq's
     fp16 path): on the GPU the build's peak is the rule's, and under FSDP2 no whole packed
@@ -87,3 +87,20 @@ def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     rule = next(p.allocated for p in phases if p.kind == PhaseKind.BUILD_QUANTIZE)
     # the build's peak is the quantization's or the finished build's (after_build)
     assert max(rule, build.allocated_bytes) == pytest.approx(build.peak_allocated_bytes, rel=0.05)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_int8_checkpointed_step_matches_the_estimate(reentrant):
+    """LLM.int8 on CUDA (MatMul8bitLt, not the CPU trace's MatMul8bitFp): every 8-bit Linear's
+    input kept past a non-reentrant checkpoint, none past a reentrant one (memory/quantization.py).
+    Tolerance: the project's 5% on the step's peak."""
+    from vramplan.estimate import estimate_spec, resolve_gpus
+    from vramplan.model_loader import load_model_spec
+    from vramplan.verify.measure import run_case
+
+    setup = make_setup(
+        method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=reentrant, seq_len=2048
+    )
+    m = run_case("llama-3.2-1b", setup, device="cuda", steps=2)
+    est = estimate_spec(load_model_spec("llama-3.2-1b"), setup, resolve_gpus("h100-80gb", reserve=0))
+    assert m.peak_allocated_bytes == pytest.approx(est.per_gpu.peak_allocated_bytes, rel=0.05)
