@@ -163,6 +163,20 @@ def _processes(s: TrainingSetup, world: int | None) -> int:
 # ---- axolotl
 
 
+def _axolotl_adapter(s: TrainingSetup) -> dict[str, Any]:
+    """The adapter and its base: qlora + load_in_4bit, or lora + load_in_8bit for an LLM.int8 base
+    (axolotl loaders/model.py:801-838)."""
+    four = s.method == Method.QLORA and s.quant != Quant.INT8
+    d: dict[str, Any] = {"adapter": "qlora" if four else "lora", "load_in_4bit": four}
+    if s.quant == Quant.INT8:
+        d["load_in_8bit"] = True
+    d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout)
+    targets = _target_modules(s)
+    d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
+    d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
+    return d
+
+
 def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     d: dict[str, Any] = {
         "base_model": model,
@@ -170,15 +184,7 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         "output_dir": "./outputs/vramplan",
     }
     if s.lora_like:
-        four = s.method == Method.QLORA and s.quant != Quant.INT8
-        d["adapter"] = "qlora" if four else "lora"
-        d["load_in_4bit"] = four
-        if s.quant == Quant.INT8:
-            d["load_in_8bit"] = True  # LoRA on an LLM.int8 base (axolotl loaders/model.py:829-838)
-        d.update(lora_r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=s.lora_dropout)
-        targets = _target_modules(s)
-        d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
-        d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
+        d.update(_axolotl_adapter(s))
     d.update(
         sequence_len=s.seq_len,
         sample_packing=s.packing != Packing.NONE,

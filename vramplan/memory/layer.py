@@ -139,25 +139,11 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     downs = layer.linears_with(*MLP_OUT_ROLES)
     gated = is_gated(layer)
     f = mlp_width(layer, h)
-    down_saved = (
-        linears_saved(downs, f, ctx, True, from_stream=False, mlp_out=True) if downs and not layer.experts else 0
-    )
-    # LLM.int8's input to down outlives down's backward (quantization.int8_held): saved apart
-    int8_down = ctx.quant == ParamKind.INT8 and ctx.quant_saves_input and down_saved
-    down_held = quant_input_bytes(ctx, False, mlp_out=True) * f if int8_down else 0
-    down_saved -= down_held
+    down_saved, down_held = _down_saves(downs, layer, ctx, f)
     residual = ctx.stream * h
     # what gate/up (and down) return: fp32 behind bnb's 4-bit Linear on an fp32 stream
     b = 2 if layer.experts else base_output_bytes(ctx)
-    lora_variant = (partial(lora_outputs, result=b), partial(lora_recompute_stop, result=b))
-    if ctx.quant == ParamKind.INT8:
-        lora_variant = (partial(_int8_outputs, result=b), lora_variant[1])
-    outputs = (dora_output_parts, dora_recompute_stop) if setup.dora else lora_variant
-    fwd = lora_forward_points(spec, layer, ctx, f, residual, outputs, b)
-    int8 = ctx.quant == ParamKind.INT8
-    # a checkpointed forward's widest MLP moment: at up's 8-bit base matmul or its adapter's
-    at_base = _int8_base_widest(fwd.widest_linear, ctx, b) if int8 and fwd.ckpt_mlp else False
-    fwd = _int8_down_base(fwd, b * f, b) if int8 else fwd
+    fwd, at_base = _forward_points(spec, layer, ctx, (f, residual), b)
     lora_bwd, lora_inflight = lora_backward_points(spec, layer, ctx, residual, fwd.post_mlp_norm)
     first = first_in_backward([l for l in layer.linears if lora_targeted(l, setup)])
     if setup.dora and first is not None and not fwd.post_mlp_norm:
@@ -198,6 +184,38 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         end_grads_parts=(residual, residual),
         dora=dora_points(layer, ctx, fwd, (f, residual), at_adapter) if setup.dora else None,
     )
+
+
+def _down_saves(downs: list[Linear], layer: LayerSpec, ctx: ActivationContext, f: int) -> tuple[int, int]:
+    """Per token, (what down saves and its backward frees, what it saves and the layer keeps to
+    its end: LLM.int8's input, quantization.int8_held)."""
+    saved = linears_saved(downs, f, ctx, True, from_stream=False, mlp_out=True) if downs and not layer.experts else 0
+    held = (
+        quant_input_bytes(ctx, False, mlp_out=True) * f
+        if ctx.quant == ParamKind.INT8 and ctx.quant_saves_input and saved
+        else 0
+    )
+    return saved - held, held
+
+
+def _forward_points(
+    spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, widths: tuple[int, int], b: int
+) -> tuple[LoraForwardPoints, bool]:
+    """The layer's forward moments at its adapters (lora.lora_forward_points; DoRA's or LLM.int8's
+    variant), and whether a checkpointed forward is widest at an 8-bit base's matmul; `widths`:
+    the MLP's width and the residual stream's bytes per token."""
+    f, residual = widths
+    lora_variant = (partial(lora_outputs, result=b), partial(lora_recompute_stop, result=b))
+    int8 = ctx.quant == ParamKind.INT8
+    if int8:
+        lora_variant = (partial(_int8_outputs, result=b), lora_variant[1])
+    outputs = (dora_output_parts, dora_recompute_stop) if ctx.setup.dora else lora_variant
+    fwd = lora_forward_points(spec, layer, ctx, f, residual, outputs, b)
+    if not int8:
+        return fwd, False
+    # a checkpointed forward's widest MLP moment: at up's 8-bit base matmul or its adapter's
+    at_base = _int8_base_widest(fwd.widest_linear, ctx, b) if fwd.ckpt_mlp else False
+    return _int8_down_base(fwd, b * f, b), at_base
 
 
 def _int8_down_base(fwd: LoraForwardPoints, act_up: int, result: int) -> LoraForwardPoints:
