@@ -134,3 +134,20 @@ def test_torchtune_cannot_write_an_int8_base(tmp_path, capsys):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "torchtune" in err and "int8" in err and err.count("\n") == 1 and not target.exists()
+
+
+def test_plan_checkpoints_int8_rows_reentrantly_unless_told(tmp_path, capsys):
+    """A non-reentrant checkpoint keeps every 8-bit Linear's input; the plan's checkpointed int8
+    rows use the reentrant one (and say so) unless the file or flags chose."""
+    argv = ["plan", "qwen2.5-0.5b", "--gpus", "rtx-4090", "--methods", "int8", "--format", "json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    ckpt = [r for r in rows if r["setup"]["gradient_checkpointing"]]
+    assert ckpt and all(r["setup"]["checkpoint_reentrant"] and "reentrant ckpt" in r["label"] for r in ckpt)
+    cfg = tmp_path / "axo.yml"
+    cfg.write_text(
+        "base_model: Qwen/Qwen2.5-0.5B\nadapter: lora\nload_in_8bit: true\ngradient_checkpointing_kwargs:\n  use_reentrant: false\n"
+    )
+    assert main(["plan", "--config", str(cfg), "--gpus", "rtx-4090", "--methods", "int8", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and not any(r["setup"]["checkpoint_reentrant"] for r in rows)

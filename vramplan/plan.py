@@ -301,17 +301,28 @@ def _lora_groups(req: PlanRequest, key: str, smallest: int, modes: list[tuple[in
                     method=method,
                     quant=quant,
                     lora_r=r,
-                    gradient_checkpointing=ckpt,
                     fsdp=d,
                     cpu_offload=off,
                     data_parallel=_ddp_world(req, d),
+                    **_checkpointing(req, key, ckpt),
                 )
                 for r in ranks
             ]
         )
     for ckpt, zero in itertools.product((False, True), _zero_modes(req, method)):
-        groups.append([dict(method=method, quant=quant, lora_r=r, gradient_checkpointing=ckpt, **zero) for r in ranks])
+        groups.append(
+            [dict(method=method, quant=quant, lora_r=r, **_checkpointing(req, key, ckpt), **zero) for r in ranks]
+        )
     return groups
+
+
+def _checkpointing(req: PlanRequest, key: str, ckpt: bool) -> dict[str, bool]:
+    """Checkpointing on or off; an LLM.int8 base checkpoints reentrantly unless the file or
+    stack said how: a non-reentrant checkpoint keeps every 8-bit Linear's input (GiBs), the
+    reentrant one recomputes the same (memory/quantization.py)."""
+    if ckpt and key == "qlora-int8" and "checkpoint_reentrant" not in req.fixed:
+        return {"gradient_checkpointing": True, "checkpoint_reentrant": True}
+    return {"gradient_checkpointing": ckpt}
 
 
 def _galore_groups(req: PlanRequest, smallest: int) -> list[list[dict]]:
@@ -526,7 +537,8 @@ def label(setup: TrainingSetup, vary: dict[str, tuple[str, ...]] | None = None) 
     parts.append(setup.precision.value)
     parts.append(setup.optim.label + (" in backward" if setup.optimizer_in_backward else ""))
     if setup.gradient_checkpointing:
-        parts.append("+ ckpt")
+        # LLM.int8: which checkpoint decides GiBs (_checkpointing), so the row says it
+        parts.append("+ reentrant ckpt" if setup.quant == Quant.INT8 and setup.checkpoint_reentrant else "+ ckpt")
     if setup.fsdp > 1:
         parts.append(f"+ FSDP{setup.fsdp}" + (" + offload" if setup.cpu_offload else ""))
     if setup.deepspeed is not None:
@@ -814,6 +826,11 @@ def plan_rules(req: PlanRequest, spec: ModelSpec) -> list[str]:
         rules.append(
             f"GaLore ranks searched: {', '.join(map(str, ranks))} (--min-galore-rank {req.min_galore_rank} "
             "is the smallest you accept), ranked by speed like any row"
+        )
+    if "qlora-int8" in req.methods and "checkpoint_reentrant" not in req.fixed:
+        rules.append(
+            "LLM.int8 rows checkpoint reentrantly (use_reentrant=True; --emit writes it): a non-reentrant "
+            "checkpoint keeps every 8-bit Linear's input, and the recompute is the same"
         )
     return rules
 
