@@ -146,7 +146,8 @@ def test_plan_checkpoints_int8_rows_reentrantly_unless_told(tmp_path, capsys):
     assert ckpt and all(r["setup"]["checkpoint_reentrant"] and "reentrant ckpt" in r["label"] for r in ckpt)
     cfg = tmp_path / "axo.yml"
     cfg.write_text(
-        "base_model: Qwen/Qwen2.5-0.5B\nadapter: lora\nload_in_8bit: true\ngradient_checkpointing_kwargs:\n  use_reentrant: false\n"
+        "base_model: Qwen/Qwen2.5-0.5B\nadapter: lora\nload_in_8bit: true\n"
+        "gradient_checkpointing_kwargs:\n  use_reentrant: false\n"
     )
     assert main(["plan", "--config", str(cfg), "--gpus", "rtx-4090", "--methods", "int8", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
