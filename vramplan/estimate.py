@@ -216,9 +216,8 @@ def fused_expert_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         return []
     size = sum(2 * e.numel for e in experts)
     names = ", ".join(sorted({name for e in experts for name, _ in e.tensors}))
-    quant = (
-        "neither quantized (4-bit replaces nn.Linear only) nor adapted" if setup.quant is not None else "not adapted"
-    )
+    quantized = "neither quantized (bitsandbytes replaces nn.Linear only) nor adapted"
+    quant = quantized if setup.quant is not None else "not adapted"
     return [
         f"{spec.model_type}: its MoE experts ({names}) are fused 3-D tensors, not nn.Linear: under transformers "
         f"+ peft{' + bitsandbytes' if setup.quant is not None else ''} they are {quant} (LoRA targets Linears), "

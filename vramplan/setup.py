@@ -506,7 +506,8 @@ class TrainingSetup(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: Method = Field(
-        Method.FULL, description="what trains: every weight, LoRA adapters, 4-bit base + LoRA, or GaLore"
+        Method.FULL,
+        description="what trains: every weight, LoRA adapters, a quantized (4- or 8-bit) base + LoRA, or GaLore",
     )
     precision: Precision = Field(
         Precision.BF16, description="bf16 weights and states, or fp32 masters with bf16 autocast"
@@ -555,7 +556,7 @@ class TrainingSetup(BaseModel):
         None, description="LoRA adapter dtype; default fp32 (peft's autocast_adapter_dtype)"
     )
     kbit_prep: bool = Field(
-        False, description="peft prepare_model_for_kbit_training: non-4-bit parameters upcast to fp32"
+        False, description="peft prepare_model_for_kbit_training: non-quantized parameters upcast to fp32"
     )
     dora: bool = Field(False, description="DoRA (peft use_dora): magnitude vector and a weight norm per adapted Linear")
     lora_target_modules: tuple[str, ...] | None = Field(

@@ -53,7 +53,7 @@ def _tensors_of(obj, depth: int = 2):
 
 
 def model_bytes(model, device_type: str) -> dict[C, int]:
-    """Weights, 4-bit quantization state and LoRA adapters held by the model."""
+    """Weights, quantization state (4-bit, LLM.int8's row scales) and LoRA adapters held by the model."""
     cnt = Counter(device_type)
     out = {C.WEIGHTS: 0, C.QUANT_STATE: 0, C.ADAPTERS: 0}
     for name, p in model.named_parameters():

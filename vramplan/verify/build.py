@@ -322,7 +322,7 @@ def _int8(lin, device: str):
 
 
 def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded: bool = False) -> None:
-    """Every decoder Linear becomes 4-bit, one at a time (peak: one bf16 Linear).
+    """Every decoder Linear becomes 4-bit (or LLM.int8), one at a time (peak: one bf16 Linear).
 
     ``sharded``: FSDP2 will shard the packed weights and ``to_empty`` their shards, so
     each packed weight goes back to meta as soon as it is quantized; the quantization

@@ -182,6 +182,9 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
         out.append("torchao's compiled low-bit step (inductor's CPU kernels are not CUDA's)")
     if setup.quant is not None and setup.quant.value == "nf4":
         out.append("bitsandbytes' 4-bit quantize/dequantize (torch-op fallbacks on the CPU)")
+    if setup.quant is not None and setup.quant.value == "int8":
+        # bitsandbytes==0.50.2 autograd/_functions.py:403-405: MatMul8bitFp while training on the CPU
+        out.append("LLM.int8's matmul (the CPU dequantizes the weight, CUDA quantizes the input)")
     if setup.cpu_offload or setup.offload_optimizer or setup.offload_params:
         out.append("CPU offload (host and device are one memory)")
     return out
