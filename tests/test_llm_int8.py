@@ -54,6 +54,14 @@ def test_non_reentrant_checkpointing_keeps_every_int8_input():
     )
     assert int8_kept(spec, reentrant) == ()
     assert int8_kept(spec, make_setup(method="qlora", gradient_checkpointing=True, seq_len=tokens)) == ()
+    # prepare_model_for_kbit_training under autocast: an fp32 stream, so the norms' outputs and
+    # act*up (gate/up return their input's dtype, int8_scaled_mm dtype=A.dtype) are fp32; the
+    # attention's output stays bf16 (SDPA under autocast)
+    kbit = make_setup(
+        method="qlora", quant="int8", gradient_checkpointing=True, precision="mixed", kbit_prep=True, seq_len=tokens
+    )
+    per_token = 4 * 4096 + 2 * 4096 + 4 * 4096 + 4 * 14336
+    assert int8_kept(spec, kbit) == tuple([alloc(tokens * per_token)] * 32)
 
 
 @pytest.mark.parametrize(
