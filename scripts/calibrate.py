@@ -824,6 +824,7 @@ CORE = [
     "l1b_lora16_ckpt_b2s2048",
     "l1b_lora16_ckpt_b2s2048_xp4-8",
     "l8b_qlora_hqq4_r16_ckpt_b1s2048",
+    "l8b_qlora_int8_r16_ckpt_b1s2048",  # LLM.int8: the inputs a non-reentrant checkpoint keeps
     "qw3-8b_qlora_nf4_r16_ckpt_b1s2048",
     "gemma3-1b_lora16_b1s2048",
     "qw3moe_L4_lora16_ckpt_b1s2048",

@@ -519,9 +519,11 @@ def _build(b: _Builder) -> None:
             continue
         t = b.ledger.alloc(C.TRANSIENT, quantize_transient(p, world))
         stored = quantized_store(p.kind, p.numel, p.dim0)
-        if world == 1:
-            b.ledger.alloc(C.WEIGHTS, stored[C.WEIGHTS])
-        b.ledger.alloc(C.QUANT_STATE, stored[C.QUANT_STATE])
+        # int8_vectorwise_quant allocates the row scales before the int8 weight (backends/cuda/ops.py:223-224)
+        order = (C.QUANT_STATE, C.WEIGHTS) if p.kind == ParamKind.INT8 else (C.WEIGHTS, C.QUANT_STATE)
+        for cat in order:
+            if cat == C.QUANT_STATE or world == 1:
+                b.ledger.alloc(cat, stored[cat])
         b.ledger.free(t)
     saved_record, b.record = b.record, True
     b.at_kind(PhaseKind.BUILD_QUANTIZE)
