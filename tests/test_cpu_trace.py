@@ -771,7 +771,7 @@ ADAPTER_CASES = {
     ),
     # a 4-bit base on the fp32 stream: bitsandbytes' Linear4bit returns its output in the input's
     # dtype (fp32 gate/up, so the MLP saves fp32 tensors), hqq saves its fp32 input
-    # (memory/quantization.py base_output_bytes, hqq_input_bytes)
+    # (memory/quantization.py base_output_bytes, quant_input_bytes)
     "qlora-nf4-fp32w-mixed": (LLAMA, dict(method="qlora", quant="nf4", model_dtype="fp32", precision="mixed"), B2S256),
     "qlora-hqq4-fp32w-mixed": (
         LLAMA,

@@ -85,13 +85,15 @@ def base_output_bytes(ctx: ActivationContext) -> int:
 # CAt is None for a frozen weight, subA is A's outlier columns, few and not modelled). The CPU's
 # MatMul8bitFp keeps it the same way (`ctx.A = A`, :268). A ctx attribute is out of reach of
 # saved-tensor hooks: non-reentrant checkpointing cannot drop it, so under checkpointing every
-# layer still holds its 8-bit Linears' inputs from the forward (int8_held), and the recompute
-# makes them again. [CPU trace: qlora-int8, qlora-int8-ckpt]
+# layer still holds its 8-bit Linears' inputs from the forward (int8_held); the recompute's own
+# go when it stops (context.quant_saves_input). [CPU trace: qlora-int8, qlora-int8-ckpt]
 def quant_input_bytes(ctx: ActivationContext, from_stream: bool, mlp_out: bool = False) -> int:
-    """Bytes per element of the input a quantized Linear keeps (hqq's HQQMatmulNoCacheMul,
-    bitsandbytes' MatMul8bitLt): the norm's output in the stream's dtype for q/k/v and gate/up;
-    bf16 for o (the attention's output); for down, act*up in the dtype of gate/up's outputs
-    (bf16 behind hqq, the stream's behind LLM.int8: base_output_bytes)."""
+    """Bytes per element of the input a quantized Linear keeps, x as the Linear got it (hqq's
+    HQQMatmulNoCacheMul: `ctx.save_for_backward(x, bias)`, hqq==0.2.8.post1 core/quantize.py:322-334;
+    bitsandbytes' MatMul8bitLt, above): the norm's output in the stream's dtype for q/k/v and
+    gate/up; bf16 for o (the attention's output); for down, act*up in the dtype of gate/up's
+    outputs (bf16 behind hqq, the stream's behind LLM.int8: base_output_bytes).
+    [CPU trace: qlora-hqq4-fp32w-mixed, qlora-int8]"""
     if from_stream:
         return ctx.stream
     return base_output_bytes(ctx) if mlp_out else 2
