@@ -236,7 +236,9 @@ def int8_held_parts(layer: LayerSpec, ctx: ActivationContext) -> tuple[int, int]
     if ctx.quant != ParamKind.INT8:
         return 0, 0
     roles = {LinearRole(l.role) for l in layer.linears}
-    attn = quant_input_bytes(ctx, True) * layer_hidden(layer) if roles & set(ATTENTION_IN_ROLES) else 0
+    # post-norm (OLMo2): q/k/v read the layer's input itself, which the checkpoint keeps anyway
+    reads_norm = roles & set(ATTENTION_IN_ROLES) and layer.pre_norm
+    attn = quant_input_bytes(ctx, True) * layer_hidden(layer) if reads_norm else 0
     if LinearRole.O in roles:
         attn += 2 * next(l.in_features for l in layer.linears if l.role == LinearRole.O)
     if layer.experts:
