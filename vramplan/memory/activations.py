@@ -34,6 +34,7 @@ class SavedActivations:
     casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
     down_casts: list[int] = field(default_factory=list)  # of which down's
     forward_cache: int = 0  # autocast's cached copies held through the forward only
+    held_mlp_last: int = 0  # LLM.int8: the last layer's MLP inputs a checkpoint keeps (checkpointing.py)
 
 
 def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
@@ -117,6 +118,7 @@ def layer_activations(
             buffers=off.buffers,
             reload=off.reload,
             forward_extra=off.forward_extra,
+            held_mlp_last=off.held_mlp_last,
         )
     if setup.activation_offload == ActivationOffload.ALL:
         every = offload_all_layers(spec, setup, per_layer)
@@ -148,4 +150,5 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
         casts=casts.layers,
         down_casts=casts.downs,
         forward_cache=casts.forward,
+        held_mlp_last=lay.held_mlp_last,
     )

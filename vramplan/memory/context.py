@@ -144,6 +144,7 @@ class StepContext:
     casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
     down_casts: list[int] = field(default_factory=list)  # of which down's, freed with down's saved input
     forward_cache: int = 0  # autocast's cached copies held through the forward only (autocast.py)
+    held_mlp_last: int = 0  # LLM.int8: the last layer's MLP inputs a checkpoint keeps, not made at its widest
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
     engine: EngineBuffers = field(default_factory=EngineBuffers)
     gathering: Gathering = field(default_factory=Gathering)  # FSDP: when units are unsharded

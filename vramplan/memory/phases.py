@@ -16,7 +16,7 @@ from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
 from vramplan.memory.backward import layer_backward_phases
-from vramplan.memory.checkpointing import checkpoint_offload, int8_notes, offload_note, reentrant
+from vramplan.memory.checkpointing import int8_notes, offload_note, reentrant
 from vramplan.memory.compile import compiled_forward_locals
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
 from vramplan.memory.dora import dora_layer_transient, dora_norm_locals, dora_norm_transient
@@ -113,6 +113,7 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
         casts=saved.casts,
         down_casts=saved.down_casts,
         forward_cache=saved.forward_cache,
+        held_mlp_last=saved.held_mlp_last,
         reentrant=reentrant(setup),
         engine=prepared.engine,
         gathering=gathering(setup),
@@ -182,9 +183,8 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
     n, before = ctx.tokens, ctx.acts - ctx.released + ctx.forward_extra
     if ctx.ckpt:
         # LLM.int8's inputs this layer's MLP holds: act*up not made yet, its input in the working set
-        mlp_held = checkpoint_offload(ctx.spec, ctx.setup).held_mlp_last
         ph = ctx.base(PhaseKind.FORWARD_CHECKPOINTED_LAYER).add(
-            C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache - mlp_held
+            C.ACTIVATIONS, before + ctx.cast_cache + ctx.forward_cache - ctx.held_mlp_last
         )
         ph.add(C.TRANSIENT, alloc(n * pts.ckpt_fwd) + (sum(pts.dora.ckpt_weights) if pts.dora else 0))
     elif not pts.lora_fwd and not pts.lora_down:
