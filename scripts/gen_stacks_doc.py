@@ -26,6 +26,7 @@ KNOB_ORDER = [
     "optim",
     "optimizer_in_backward",
     "adapter_dtype",
+    "modules_to_save_dtype",
     "quant_storage",
     "kbit_prep",
     "dora",

@@ -85,7 +85,7 @@ def run_json(capsys, argv: list[str]) -> dict:
 AXO_QLORA = (
     "--stack axolotl --method qlora --quant nf4 --lora-r 32 --lora-dropout 0.05 --lora-targets all-linear "
     "--batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 --precision mixed "
-    "--attention flash --gradient-checkpointing --optim paged_adamw_32bit --packing padding-free --kbit-prep"
+    "--attention flash --gradient-checkpointing --optim paged_adamw_32bit --packing padding-free --no-kbit-prep"
 )
 LF_LORA = (
     "--stack llamafactory --method lora --lora-r 8 --lora-targets all-linear --batch-size 1 "
@@ -100,7 +100,8 @@ SAMPLES = [
         ["axolotl/lora-8b.yml"],
         "rtx-4090",
         "NousResearch/Meta-Llama-3-8B",
-        AXO_QLORA.replace("--quant nf4", "--quant int8").replace("paged_adamw_32bit", "adamw_bnb_8bit"),
+        AXO_QLORA.replace("--quant nf4", "--quant int8").replace("paged_adamw_32bit", "adamw_bnb_8bit")
+        + " --modules-to-save embed_tokens,lm_head",
     ),
     (
         ["axolotl/fft-8b-liger-fsdp.yaml"],

@@ -37,6 +37,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    SavedModule,
     Stack,
     TrainingSetup,
 )
@@ -59,7 +60,8 @@ AXOLOTL_QLORA = {
     "gradient_checkpointing": True,
     "optim": Optim.PAGED_ADAMW_32BIT,
     "packing": Packing.PADDING_FREE,
-    "kbit_prep": True,
+    # prepare_model_for_kbit_training runs, then norms and embeddings go back to bf16 (loaders/model.py:468-490)
+    "kbit_prep": False,
 }
 LF_LORA = {
     "method": Method.LORA,
@@ -125,7 +127,9 @@ SAMPLES = [
             "gradient_checkpointing": True,
             "optim": Optim.ADAMW_BNB_8BIT,
             "packing": Packing.PADDING_FREE,
-            "kbit_prep": True,  # axolotl prepares any quantized LoRA base (loaders/model.py:1141-1151)
+            # prepared (loaders/model.py:1141-1151), then norms and embeddings cast back to bf16 (:468-490)
+            "kbit_prep": False,
+            "modules_to_save": (SavedModule.EMBED_TOKENS, SavedModule.LM_HEAD),
         },
     ),
     (
@@ -411,7 +415,7 @@ def test_trl_qlora_derivations(tmp_path):
 
 def test_unmodelled_and_unknown_keys_reported(tmp_path):
     lora = read_config([str(DATA / "axolotl/lora-8b.yml")])
-    assert {u.key for u in lora.unmodelled} == {"lora_modules_to_save"}
+    assert lora.unmodelled == ()
     assert lora.unknown == ()
     assert read_config([str(DATA / "axolotl/mistral-qlora-fsdp.yml")]).unknown == ("model_config",)
     liger = read_config([str(DATA / "axolotl/fft-8b-liger-fsdp.yaml")])
@@ -420,7 +424,8 @@ def test_unmodelled_and_unknown_keys_reported(tmp_path):
     f.write_text("base_model: x/y\nmicro_batch_size: 1\nmystery_knob: 3\noptimizer: came_pytorch\n")
     reading = read_config([str(f)])
     assert reading.unknown == ("mystery_knob",)
-    assert [u.key for u in reading.unmodelled] == ["optimizer"]
+    # a full fine-tune outside FSDP with sdpa: axolotl keeps the embeddings and norms fp32 (said, not modelled)
+    assert [u.key for u in reading.unmodelled] == ["optimizer", "adapter"]
 
 
 def test_describe_reading_lines():
@@ -429,7 +434,26 @@ def test_describe_reading_lines():
     assert "model: NousResearch/Meta-Llama-3-8B" in lines
     lines = describe_reading(read_config([str(DATA / "axolotl/lora-8b.yml")]))
     assert any(line.startswith("used: load_in_8bit -> quant=int8 (") for line in lines)
-    assert any(line.startswith("not modelled: lora_modules_to_save (") for line in lines)
+    assert (
+        "used: lora_modules_to_save -> modules_to_save=embed_tokens,lm_head "
+        "(trainable copies beside the frozen originals (peft))" in lines
+    )
+
+
+def test_modules_to_save_outside_embeddings_are_named_not_modelled(tmp_path):
+    f = tmp_path / "a.yml"
+    f.write_text("base_model: x/y\nadapter: lora\nlora_modules_to_save: [model.embed_tokens, score]\n")
+    reading = read_config([str(f)])
+    assert reading.fields["modules_to_save"] == (SavedModule.EMBED_TOKENS,)
+    assert [u.key for u in reading.unmodelled] == ["lora_modules_to_save"]
+    assert "score" in reading.unmodelled[0].why
+    lf = tmp_path / "lf.yaml"
+    lf.write_text(
+        "model_name_or_path: x/y\nfinetuning_type: lora\nadditional_target: lm_head,embed_tokens\npure_bf16: true\n"
+    )
+    fields = read_config([str(lf)]).fields
+    assert fields["modules_to_save"] == (SavedModule.EMBED_TOKENS, SavedModule.LM_HEAD)
+    assert fields["modules_to_save_dtype"] == AdapterDtype.BF16
 
 
 def test_flags_override_file_and_world_from_gpus():
@@ -517,9 +541,10 @@ ROUND_TRIPS = {
             method="qlora",
             precision="mixed",
             model_dtype="bf16",
-            kbit_prep=True,
+            kbit_prep=False,
             loss="cce",
             lora_targets="attention",
+            modules_to_save="embed_tokens,lm_head",
             optim="adamw_bnb_8bit",
         ),
         {
@@ -556,6 +581,7 @@ ROUND_TRIPS = {
             adapter_dtype="bf16",
             loss="trl-chunked-nll",
             lora_target_modules=("q_proj", "v_proj"),
+            modules_to_save="lm_head",
             packing="padding-free",
             attention="flash",
         ),
@@ -581,7 +607,14 @@ ROUND_TRIPS = {
         },
     ],
     "llamafactory": [
-        dict(LORA, stack="llamafactory", precision="mixed", model_dtype="bf16", checkpoint_reentrant=True),
+        dict(
+            LORA,
+            stack="llamafactory",
+            precision="mixed",
+            model_dtype="bf16",
+            checkpoint_reentrant=True,
+            modules_to_save="embed_tokens",
+        ),
         dict(
             LORA,
             stack="llamafactory",

@@ -137,6 +137,7 @@ GRANITE = dict(
     attention_multiplier=0.0078125,
 )
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
+SAVE_BOTH = "embed_tokens,lm_head"
 CASES = {
     "full": (LLAMA, dict(method="full")),
     "lora": (LLAMA, dict(method="lora")),
@@ -187,6 +188,51 @@ CASES = {
     "qlora-int8-bf16-adapters": (LLAMA, dict(method="qlora", quant="int8", adapter_dtype="bf16")),
     "qwen2-tied-qlora-int8": (QWEN2, dict(method="qlora", quant="int8")),
     "gemma2-eager-qlora-int8-ckpt": (GEMMA2, dict(method="qlora", quant="int8", gradient_checkpointing=True)),
+    # peft modules_to_save: a trainable copy of the embedding and/or lm_head beside the frozen original
+    "lora-modules-to-save": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH)),
+    "lora-modules-to-save-ckpt": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH, gradient_checkpointing=True)),
+    "lora-embed-to-save-mixed": (LLAMA, dict(method="lora", modules_to_save="embed_tokens", precision="mixed")),
+    "lora-head-to-save-mixed": (LLAMA, dict(method="lora", modules_to_save="lm_head", precision="mixed")),
+    # LLaMA-Factory casts every trainable parameter to fp32: the copies of a bf16 model too
+    "lora-head-to-save-fp32-copy": (
+        LLAMA,
+        dict(
+            method="lora",
+            modules_to_save="lm_head",
+            modules_to_save_dtype="fp32",
+            precision="mixed",
+            model_dtype="bf16",
+        ),
+    ),
+    "lora-modules-to-save-fp32-copies": (
+        LLAMA,
+        dict(
+            method="lora",
+            modules_to_save=SAVE_BOTH,
+            modules_to_save_dtype="fp32",
+            precision="mixed",
+            model_dtype="bf16",
+        ),
+    ),
+    "qwen2-tied-lora-modules-to-save": (QWEN2, dict(method="lora", modules_to_save=SAVE_BOTH)),
+    "qwen2-tied-lora-head-to-save": (QWEN2, dict(method="lora", modules_to_save="lm_head")),
+    "qlora-nf4-kbit-modules-to-save": (
+        LLAMA,
+        dict(method="qlora", quant="nf4", kbit_prep=True, precision="mixed", modules_to_save=SAVE_BOTH),
+    ),
+    "qlora-nf4-kbit-bf16-adapters-modules-to-save": (
+        LLAMA,
+        dict(
+            method="qlora",
+            quant="nf4",
+            kbit_prep=True,
+            precision="mixed",
+            adapter_dtype="bf16",
+            modules_to_save=SAVE_BOTH,
+            modules_to_save_dtype="bf16",
+            gradient_checkpointing=True,
+        ),
+    ),
 }
 
 
@@ -612,6 +658,16 @@ LOSS_CASES = {
     "axolotl-chunked-b1-lora": (LLAMA, dict(stack="axolotl", method="lora", loss="chunked", batch_size=1, seq_len=512)),
     "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
     "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
+    # peft's trainable lm_head copy: the fused head reads it through the wrapper's `.weight`
+    "trl-fused-head-lora-head-to-save": (LLAMA, dict(method="lora", loss="trl-chunked-nll", modules_to_save="lm_head")),
+    "axolotl-chunked-lora-modules-to-save": (
+        LLAMA,
+        dict(stack="axolotl", method="lora", loss="chunked", modules_to_save="embed_tokens,lm_head"),
+    ),
+    "torchtune-linear-ce-lora-head-to-save": (
+        LLAMA,
+        dict(method="lora", loss="torchtune-linear-ce", modules_to_save="lm_head"),
+    ),
     # on TRL's own default: LoRA on fp32 weights under autocast (an fp32 final norm output, its
     # rows and each lm_head slice cast to bf16 per tile: at most V rows of the weight)
     "trl-fused-head-lora-fp32w-mixed": (
@@ -708,7 +764,7 @@ def test_every_loss_case_is_committed():
 
 @pytest.mark.parametrize(
     ("which", "count"),
-    [("axolotl", 3), ("torchtune-linear-ce", 5)],
+    [("axolotl", 4), ("torchtune-linear-ce", 6)],
 )
 def test_the_committed_rows_of_rarely_installed_losses_match_the_model(tmp_path, which, count):
     """axolotl is rarely installed where the tests run (the trace needs its chunked.py: an

@@ -155,7 +155,7 @@ EXPECTED = [
             "lora_targets": "all-linear",
         },
     ),
-    ("axolotl", "qlora", {}, {"lora_dropout": 0.0, "kbit_prep": True, "optim": "adamw_torch_fused", "loss": "hf"}),
+    ("axolotl", "qlora", {}, {"lora_dropout": 0.0, "kbit_prep": False, "optim": "adamw_torch_fused", "loss": "hf"}),
     ("axolotl", "qlora", {"fsdp": 2}, {"kbit_prep": False, "fsdp_version": 1}),
     ("axolotl", "full", {}, {"precision": "mixed", "model_dtype": "bf16"}),
     (

@@ -337,6 +337,14 @@ class AdapterDtype(str, Enum):
         return 4 if self == AdapterDtype.FP32 else 2
 
 
+class SavedModule(str, Enum):
+    """A root module peft trains whole next to the adapters (LoraConfig modules_to_save): a
+    trainable copy beside the frozen original (peft==0.21.2 utils/other.py:632-667)."""
+
+    EMBED_TOKENS = "embed_tokens"
+    LM_HEAD = "lm_head"
+
+
 class ModelDtype(str, Enum):
     BF16 = "bf16"  # 2 bytes (fp16 under --precision fp16: the same size)
     FP32 = "fp32"
@@ -412,6 +420,25 @@ def split_module_names(value: object) -> tuple[str, ...] | None:
     return names
 
 
+def saved_modules(value: object, flag: str = "--modules-to-save") -> tuple[SavedModule, ...]:
+    """peft modules_to_save as SavedModules, in their enum order: "embed_tokens,lm_head" or a
+    sequence; a dotted name is matched by its last part, as peft matches module names by
+    suffix. Other modules (a norm, a classifier head) are not modelled: an error naming flag."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    names = {str(getattr(n, "value", n)).strip().rsplit(".", 1)[-1] for n in items}
+    allowed = {m.value: m for m in SavedModule}
+    unknown = sorted(names - set(allowed))
+    if unknown:
+        raise VramplanError(
+            f"modules trained whole beside the adapters must be among {', '.join(allowed)} "
+            f"(comma-separated), got {', '.join(unknown)}",
+            flag,
+        )
+    return tuple(m for m in SavedModule if m.value in names)
+
+
 # One rule for options a method does not use (issue 17, class 7): giving one is an error
 # naming both flags, never silently ignored. field -> the methods that read it.
 _ADAPTERS = frozenset({Method.LORA, Method.QLORA})
@@ -422,6 +449,8 @@ METHOD_FIELDS: dict[str, frozenset[Method]] = {
     "adapter_dtype": _ADAPTERS,
     "dora": _ADAPTERS,
     "lora_target_modules": _ADAPTERS,
+    "modules_to_save": _ADAPTERS,
+    "modules_to_save_dtype": _ADAPTERS,
     "quant": frozenset({Method.QLORA}),
     "quant_storage": frozenset({Method.QLORA}),
     "galore_rank": frozenset({Method.GALORE}),
@@ -466,7 +495,7 @@ def check_method_fields(data: dict, explicit: bool = True) -> None:
         return
     for field, methods in METHOD_FIELDS.items():
         value = data.get(field)
-        if value is None or method in methods:
+        if value is None or value in ((), "", []) or method in methods:
             continue
         default = TrainingSetup.model_fields[field].default
         if explicit or getattr(value, "value", value) != getattr(default, "value", default):
@@ -562,6 +591,17 @@ class TrainingSetup(BaseModel):
     lora_target_modules: tuple[str, ...] | None = Field(
         None, description="explicit module names to adapt (peft target_modules)"
     )
+    modules_to_save: tuple[SavedModule, ...] = Field(
+        (),
+        description="root modules peft trains whole beside the adapters (LoraConfig modules_to_save): "
+        "embed_tokens, lm_head",
+    )
+    modules_to_save_dtype: AdapterDtype | None = Field(
+        None,
+        description="dtype of the modules_to_save copies where the framework casts every trainable "
+        "parameter (LLaMA-Factory: fp32 unless pure_bf16; TRL on a quantized base: bf16); default the "
+        "original module's (peft copies it as it is)",
+    )
     optimizer_in_backward: bool = Field(False, description="step each parameter's optimizer in its grad hook")
     gradient_accumulation: int = Field(1, description="micro-batches per optimizer step")
     activation_offload: ActivationOffload = Field(
@@ -622,6 +662,7 @@ class TrainingSetup(BaseModel):
             data["quant"] = "nf4"
         if data.get("lora_target_modules") is not None:
             data["lora_target_modules"] = split_module_names(data["lora_target_modules"])
+        data["modules_to_save"] = saved_modules(data.get("modules_to_save"))
         return data
 
     @model_validator(mode="after")
@@ -835,6 +876,16 @@ class TrainingSetup(BaseModel):
         return self.method in (Method.LORA, Method.QLORA)
 
     @property
+    def trains_head(self) -> bool:
+        """lm_head trains: with every weight (full, GaLore), or as peft's modules_to_save copy."""
+        return not self.lora_like or SavedModule.LM_HEAD in self.modules_to_save
+
+    @property
+    def trains_embedding(self) -> bool:
+        """The input embedding trains: with every weight, or as peft's modules_to_save copy."""
+        return not self.lora_like or SavedModule.EMBED_TOKENS in self.modules_to_save
+
+    @property
     def mixed_precision(self) -> bool:
         """bf16 or fp16 autocast (FSDP: MixedPrecisionPolicy), as opposed to computing in the weights' dtype."""
         return self.precision in (Precision.MIXED, Precision.FP16)
@@ -936,6 +987,8 @@ class TrainingSetup(BaseModel):
             words.append(f"storage={self.quant_storage.value}")
         if self.lora_like and self.lora_target_modules:
             words.append("targets=" + ",".join(self.lora_target_modules))
+        if self.lora_like and self.modules_to_save:
+            words.append("train=" + ",".join(m.value for m in self.modules_to_save))
         if self.lora_like and self.stack != Stack.PLAIN:
             words.append(f"dropout={self.lora_dropout:g}")
         if self.gradient_accumulation > 1:

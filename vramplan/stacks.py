@@ -38,6 +38,7 @@ STACK_KNOBS = frozenset(
         "keep_logits",
         "compile",
         "adapter_dtype",
+        "modules_to_save_dtype",
         "quant_storage",
         "kbit_prep",
         "dora",
@@ -194,7 +195,16 @@ def set_by_stack(setup: TrainingSetup, knob: str) -> str:
 
 # Knobs that do nothing in some setups; the output leaves them out there.
 _LORA_KNOBS = frozenset(
-    {"adapter_dtype", "quant_storage", "kbit_prep", "dora", "lora_targets", "lora_target_modules", "lora_dropout"}
+    {
+        "adapter_dtype",
+        "modules_to_save_dtype",
+        "quant_storage",
+        "kbit_prep",
+        "dora",
+        "lora_targets",
+        "lora_target_modules",
+        "lora_dropout",
+    }
 )
 _SHARDING_KNOBS = frozenset({"fsdp_version", "cpu_offload"})
 

@@ -165,6 +165,8 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
         "names as peft's target_modules (q_proj,v_proj)",
     )
     p.set_defaults(lora_target_modules=None)
+    _flag(p, "modules_to_save", metavar="{embed_tokens,lm_head}[,...]", extra_help=" (comma-separated)")
+    _flag(p, "modules_to_save_dtype", choices=_choices(AdapterDtype))
     _flag(p, "quant", choices=_choices(Quant))
     _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
     _flag(p, "gradient_checkpointing", boolean=True)

@@ -12,7 +12,6 @@ from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
     Attention,
-    DeepSpeedStage,
     LoraTargets,
     Loss,
     Method,
@@ -81,7 +80,8 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
         c.seen.add("deepspeed")
         c.distributed = Distributed.DEEPSPEED
     _packing(c)
-    _kbit_prep(c, method, engine)
+    _kbit_prep(c, method)
+    _fp32_embeddings(c, method)
     if c.get("torch_compile"):
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
     model = c.model("base_model")
@@ -132,8 +132,8 @@ def _lora(c: Collector, method: Method) -> None:
         set_regex_targets(c, "lora_target_modules", modules)  # passed to LoraConfig as given (adapter.py:171-190)
     elif modules:
         c.set("lora_target_modules", "lora_target_modules", tuple(c.names("lora_target_modules", modules)))
-    if c.get("lora_modules_to_save"):
-        c.unmodelled("lora_modules_to_save", "fully trained extra modules (embed_tokens/lm_head) are not modelled")
+    # LoraConfig(modules_to_save=cfg.lora_modules_to_save) (axolotl==0.19.0 loaders/adapter.py:196)
+    c.set_modules_to_save("lora_modules_to_save", note="trainable copies beside the frozen originals (peft)")
     c.set_flag("peft_use_dora", "dora")
     autocast = c.get("peft_autocast_adapter_dtype")
     if autocast is not None:
@@ -302,19 +302,36 @@ def _packing(c: Collector) -> None:
     )
 
 
-def _kbit_prep(c: Collector, method: Method, engine: dict) -> None:
-    """peft prepare_model_for_kbit_training runs for a quantized LoRA base except QLoRA+FSDP, FSDP with
-    cpu_ram_efficient_loading and ZeRO-3 (axolotl==0.19.0 loaders/model.py:1116-1151)."""
-    quantized = method == Method.QLORA  # load_in_4bit or load_in_8bit
+def _fp32_embeddings(c: Collector, method: Method) -> None:
+    """A full fine-tune outside FSDP upcasts embed_tokens, lm_head and every norm to fp32 and casts them
+    back only for an adapter, FSDP or an attention that needs it (flash: not sdpa/eager) (axolotl==0.19.0
+    loaders/model.py:441-450, 468-490; utils/schemas/enums.py:168): said, not modelled."""
+    attention = c.get("attn_implementation")
+    cast_back = c.get("flash_attention") is True or attention not in (None, "sdpa", "eager")
+    if method != Method.FULL or cast_back or c.distributed == Distributed.FSDP:
+        return
+    c.unmodelled(
+        "attn_implementation" if attention else "adapter",
+        "a full fine-tune outside FSDP with sdpa/eager attention keeps embed_tokens, lm_head and the norms in "
+        "fp32 (loaders/model.py:441-450, 468-490): their weights, grads and states and the residual stream "
+        "are estimated in bf16",
+    )
+
+
+def _kbit_prep(c: Collector, method: Method) -> None:
+    """No fp32 upcast survives to the step: axolotl calls peft's prepare_model_for_kbit_training for a
+    quantized base unless FSDP-QLoRA, cpu_ram_efficient_loading or ZeRO-3 (axolotl==0.19.0
+    loaders/model.py:1116-1151), but then casts every `norm` module and embed_tokens/lm_head back to
+    torch_dtype for any adapter (_configure_embedding_dtypes, :468-490), before get_peft_model."""
     if method == Method.FULL:
         return
-    cfg = {k.removeprefix("fsdp_"): v for k, v in c.mapping("fsdp_config", c.get("fsdp_config")).items()}
-    skip = c.distributed == Distributed.FSDP and (method == Method.QLORA or cfg.get("cpu_ram_efficient_loading"))
-    skip = skip or engine.get("deepspeed") == DeepSpeedStage.ZERO3
+    quantized = method == Method.QLORA  # load_in_4bit or load_in_8bit
     c.set(
         ("load_in_8bit" if c.get("load_in_8bit") is True else "load_in_4bit") if quantized else "adapter",
         "kbit_prep",
-        quantized and not skip,
-        "derived: axolotl calls peft's prepare_model_for_kbit_training for a quantized base "
-        "unless FSDP-QLoRA, cpu_ram_efficient_loading or ZeRO-3 (loaders/model.py:1116-1151)",
+        False,
+        "derived: norms and embeddings are cast back to bf16 after prepare_model_for_kbit_training "
+        "(loaders/model.py:468-490)"
+        if quantized
+        else "derived: not a quantized base",
     )

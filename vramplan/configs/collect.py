@@ -14,7 +14,7 @@ from vramplan.configs.reading import (
     Used,
 )
 from vramplan.errors import VramplanError
-from vramplan.setup import Stack
+from vramplan.setup import SavedModule, Stack, saved_modules
 
 # Keys every trainer has that do not change the memory of a step: not reported as unknown.
 NOT_MEMORY = frozenset(
@@ -202,6 +202,21 @@ class Collector:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.fail(key, "a name or a list of names", value)
         return value
+
+    def set_modules_to_save(self, key: str, sep: str | None = None, note: str = "") -> None:
+        """peft modules_to_save: embed_tokens and lm_head (by their last dotted part, as peft
+        matches names) are modelled; other modules (a norm, a classifier head) are named as not."""
+        value = self.get(key)
+        if not value:
+            return
+        names = self.names(key, value, sep)
+        allowed = {m.value for m in SavedModule}
+        known = [n for n in names if n.rsplit(".", 1)[-1] in allowed]
+        others = [n for n in names if n.rsplit(".", 1)[-1] not in allowed]
+        if others:
+            self.unmodelled(key, f"{', '.join(others)}: only embed_tokens and lm_head copies are modelled")
+        if known:
+            self.set(key, "modules_to_save", saved_modules(known, key), note)
 
     def model(self, key: str) -> str | None:
         value = self.get(key)

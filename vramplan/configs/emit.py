@@ -95,6 +95,9 @@ def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
     if not setup.lora_like:
         for name in ("lora_r", "lora_dropout", "lora_target_modules", "adapter_dtype", "kbit_prep", "dora"):
             out.pop(name)
+        out.pop("modules_to_save"), out.pop("modules_to_save_dtype")
+    else:  # the copies' dtype as the step holds them (parameters._dense_param_bytes)
+        out["modules_to_save_dtype"] = setup.modules_to_save_dtype if setup.modules_to_save else None
     if setup.method != Method.GALORE:
         out.pop("galore_rank"), out.pop("galore_update_proj_gap")
     if setup.fsdp == 1:
@@ -174,6 +177,8 @@ def _axolotl_adapter(s: TrainingSetup) -> dict[str, Any]:
     targets = _target_modules(s)
     d.update({"lora_target_linear": True} if targets == "all-linear" else {"lora_target_modules": list(targets)})
     d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
+    if s.modules_to_save:
+        d["lora_modules_to_save"] = [m.value for m in s.modules_to_save]
     return d
 
 
@@ -277,6 +282,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
             lora_target_modules=targets if targets == "all-linear" else list(targets),
             use_dora=s.dora,
         )
+        if s.modules_to_save:
+            d["lora_modules_to_save"] = [m.value for m in s.modules_to_save]
     d.update(
         per_device_train_batch_size=s.batch_size,
         gradient_accumulation_steps=s.gradient_accumulation,
@@ -351,6 +358,8 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
             lora_target="all" if targets == "all-linear" else ",".join(targets),
             use_dora=s.dora,
         )
+        if s.modules_to_save:
+            d["additional_target"] = ",".join(m.value for m in s.modules_to_save)
     pure = s.precision == Precision.BF16 and s.weight_dtype == ModelDtype.BF16
     d.update(
         pure_bf16=pure,

@@ -63,6 +63,7 @@ _KNOWN = frozenset(
         "bnb_4bit_quant_storage",
         "use_bnb_nested_quant",
         "lora_target_modules",
+        "lora_modules_to_save",
         "packing",
         "packing_strategy",
         "padding_free",
@@ -175,6 +176,8 @@ def _method(c: Collector) -> Method:
     if c.get("lora_dropout") is not None:
         c.set("lora_dropout", "lora_dropout", c.prob("lora_dropout", c.get("lora_dropout")))
     _targets(c)
+    # ModelConfig.lora_modules_to_save -> LoraConfig(modules_to_save=...) (trl==1.16.0 trainer/utils.py:304)
+    c.set_modules_to_save("lora_modules_to_save", note="trainable copies beside the frozen originals (peft)")
     c.set_flag("use_dora", "dora")
     return method
 

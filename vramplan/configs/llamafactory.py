@@ -36,6 +36,7 @@ _KNOWN = frozenset(
         "double_quantization",
         "lora_rank",
         "lora_target",
+        "additional_target",
         "pure_bf16",
         "bf16",
         "fp16",
@@ -142,8 +143,9 @@ def _lora(c: Collector, method: Method) -> None:
         else:
             c.set("lora_target", "lora_target_modules", tuple(names))
     c.set_flag("use_dora", "dora")
-    if c.get("additional_target"):
-        c.unmodelled("additional_target", "fully trained extra modules are not modelled")
+    # LoraConfig(modules_to_save=additional_target) (llamafactory==0.9.5 model/adapter.py:241), then
+    # cast to fp32 with every trainable parameter unless pure_bf16 (:284-286, :313-325)
+    c.set_modules_to_save("additional_target", sep=",", note="trainable copies beside the frozen originals (peft)")
 
 
 def _packing(c: Collector) -> None:
@@ -166,6 +168,7 @@ def _precision(c: Collector, method: Method, engine: dict) -> None:
         c.set("pure_bf16", "model_dtype", ModelDtype.BF16)
         if method != Method.FULL:
             c.set("pure_bf16", "adapter_dtype", AdapterDtype.BF16)
+            c.set("pure_bf16", "modules_to_save_dtype", AdapterDtype.BF16, "no fp32 cast of trainable parameters")
         return
     if c.get("fp16") is True:
         c.set("fp16", "precision", Precision.FP16)

@@ -160,5 +160,5 @@ def fmt_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
+        return ",".join(fmt_value(v) for v in value)
     return str(value)

@@ -17,7 +17,7 @@ from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import input_bytes, root_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, Loss, Method, TrainingSetup
+from vramplan.setup import ActivationOffload, Loss, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
 
 
 def _first_grad(setup: TrainingSetup) -> bool:
-    return setup.method in (Method.FULL, Method.GALORE) or setup.gradient_checkpointing
+    """The embedding's output needs grad: the embedding trains (whole, or peft's modules_to_save
+    copy), or checkpointing calls enable_input_require_grads."""
+    return setup.trains_embedding or setup.gradient_checkpointing
 
 
 def rope_saved(spec: ModelSpec, setup: TrainingSetup) -> int:

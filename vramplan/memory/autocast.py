@@ -7,26 +7,27 @@ from dataclasses import dataclass
 
 from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.loss import TORCHTUNE_CHUNKS, head_trains
-from vramplan.memory.parameters import Param
-from vramplan.memory.precision import fp32_stream_autocast
+from vramplan.memory.parameters import Param, grad_bytes
+from vramplan.memory.precision import frozen_fp32_autocast
 from vramplan.memory.storage import alloc
-from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, ParamKind
+from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, Method, TrainingSetup
 
 
-def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int, trains_all: bool) -> int:
-    """autocast caches bf16 casts of trainable fp32 weights; they are saved for backward
+def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int) -> int:
+    """autocast caches bf16 casts of trainable fp32 weights (a full fine-tune's masters, peft's
+    fp32 modules_to_save lm_head; LoRA's adapters: adapter_casts); they are saved for backward
     (without checkpointing every layer's; with it only the root's lm_head). [cal]"""
     # bf16 weights (--model-dtype bf16): casting a bf16 tensor to bf16 is a no-op, nothing cached
-    if not (fp32_stream_autocast(setup) and trains_all):
+    if not setup.autocast:
         return 0
     total = 0
     ckpt = setup.gradient_checkpointing
     for p in params:
-        matrix = p.trainable and p.kind == ParamKind.DENSE and p.numel != p.dim0
+        matrix = p.trainable and p.kind == ParamKind.DENSE and p.numel != p.dim0 and grad_bytes(p, setup) == 4
         # in a layer, or lm_head (a root matrix of vocab rows; the embedding is not cast)
-        cast = p.layer is not None or p.dim0 == vocab
+        cast = p.layer is not None or (p.dim0 == vocab and p.role != LinearRole.EMBED)
         if matrix and (not ckpt or p.layer is None) and cast:
             total += alloc(2 * p.numel)
     return total
@@ -62,7 +63,7 @@ def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
     adapters = adapter_casts(spec, setup)
     ckpt = setup.gradient_checkpointing
     forward = sum(adapters) if ckpt else 0
-    if not fp32_stream_autocast(setup) or setup.method in (Method.FULL, Method.GALORE):
+    if not frozen_fp32_autocast(setup) or setup.method in (Method.FULL, Method.GALORE):
         return FrozenCasts(adapters, [0] * n, forward=forward)
     layers, downs = [], []
     dense = setup.method == Method.LORA

@@ -65,7 +65,7 @@ from vramplan.memory.storage import MiB, Phase, StepModel, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Attention, Engine, Method, Optim, Stack, TrainingSetup
+from vramplan.setup import Attention, Engine, Optim, Stack, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -403,7 +403,7 @@ class _Builder:
 
 def _first_grad(ctx: StepContext) -> bool:
     """The first layer's input needs grad (activations._first_grad)."""
-    return ctx.setup.method in (Method.FULL, Method.GALORE) or ctx.ckpt
+    return ctx.setup.trains_embedding or ctx.ckpt
 
 
 def _persistent(b: _Builder, params: list[Param], built: bool) -> None:

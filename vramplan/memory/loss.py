@@ -23,10 +23,9 @@ from vramplan.memory.compile import (
 )
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
-from vramplan.memory.precision import fp32_stream_autocast
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Loss, Method, ModelDtype, Precision, Stack, TrainingSetup
+from vramplan.setup import Loss, ModelDtype, Precision, SavedModule, Stack, TrainingSetup
 
 # Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
 INPUT_BYTES_PER_TOKEN = 24
@@ -67,8 +66,10 @@ def loop_token_bytes(setup: TrainingSetup) -> int:
 
 
 def head_trains(setup: TrainingSetup) -> bool:
-    """lm_head (and the embedding) train with every weight: full fine-tuning and GaLore."""
-    return setup.method in (Method.FULL, Method.GALORE)
+    """lm_head trains: with every weight (full fine-tuning, GaLore), or as peft's trainable copy
+    (--modules-to-save lm_head), which the loss reads as it reads lm_head (ModulesToSaveWrapper
+    forwards the call and `.weight` to the copy: peft==0.21.2 utils/other.py:614-631)."""
+    return setup.trains_head
 
 
 def root_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
@@ -87,7 +88,7 @@ def fused_head_cast(spec: ModelSpec, setup: TrainingSetup) -> int:
     trl/kernels/chunked_logprob.py:346; Liger's fallback `weight.t()`), which autocast does not
     cache (aten/src/ATen/autocast_mode.cpp: leaves only, no views). Over bf16 weights there
     is no cached copy to leave out (autocast.cast_cache)."""
-    if not (setup.loss in FUSED and fp32_stream_autocast(setup) and head_trains(setup)):
+    if not (setup.loss in FUSED and setup.autocast and _head_weight_bytes(setup) == 4 and head_trains(setup)):
         return 0
     return alloc(2 * spec.vocab * spec.hidden)
 
@@ -106,6 +107,8 @@ class LossTerms:
 def _head_weight_bytes(setup: TrainingSetup) -> int:
     """lm_head's weight dtype as the loss sees it: fp32 masters (FSDP2's mixed policy gathers them
     in bf16), or peft's prepare_model_for_kbit_training upcast."""
+    if SavedModule.LM_HEAD in setup.modules_to_save and setup.modules_to_save_dtype is not None:
+        return setup.modules_to_save_dtype.bytes  # peft's trainable copy, cast (parameters._dense_param_bytes)
     gathered_bf16 = setup.precision == Precision.MIXED and setup.fsdp > 1
     fp32 = (setup.weight_dtype == ModelDtype.FP32 and not gathered_bf16) or (setup.kbit_prep and setup.lora_like)
     return 4 if fp32 else 2

@@ -11,9 +11,9 @@ from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.precision import dense_weight_bytes
 from vramplan.memory.quantization import quantized_store
 from vramplan.memory.storage import alloc
-from vramplan.memory.types import LinearRole, Param, ParamKind
+from vramplan.memory.types import SAVED_COPY_ROLES, LinearRole, Param, ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Method, Quant, TrainingSetup
+from vramplan.setup import Method, Quant, SavedModule, TrainingSetup
 
 
 def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
@@ -57,7 +57,23 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
         out.append(Param(spec.other_numel, spec.other_numel, dense, full, None))
     if spec.idle_numel:  # never in the text step's graph: no .grad, so AdamW makes no state for it
         out.append(Param(spec.idle_numel, spec.idle_numel, dense, False, None))
-    return out
+    return out + saved_module_copies(spec, setup)
+
+
+def saved_module_copies(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
+    """peft's modules_to_save (LoRA/QLoRA): ModulesToSaveWrapper keeps the original frozen and
+    trains a deepcopy of it (peft==0.21.2 utils/other.py:652-667), in the original's dtype:
+    cast_adapter_dtype upcasts only BaseTunerLayer adapters (tuners/tuners_utils.py:2729-2731), so a
+    bf16 copy stays bf16 and one made after prepare_model_for_kbit_training is fp32. A tied lm_head
+    is copied too: its copy is a weight of its own, the original stays shared with the embedding.
+    [CPU trace: lora-modules-to-save*]"""
+    if not setup.lora_like:
+        return []
+    rows = {
+        SavedModule.EMBED_TOKENS: (spec.embed_numel, LinearRole.EMBED),
+        SavedModule.LM_HEAD: (spec.lm_head_numel or spec.embed_numel, LinearRole.HEAD),
+    }
+    return [Param(rows[m][0], spec.vocab, ParamKind.DENSE, True, None, role=rows[m][1]) for m in setup.modules_to_save]
 
 
 def dense_bytes(setup: TrainingSetup) -> int:
@@ -72,7 +88,7 @@ def store(p: Param, setup: TrainingSetup, numel: int | None = None) -> dict[C, i
         return {C.ADAPTERS: alloc(adapter_bytes(setup) * n)}
     if p.kind.quantized:
         return quantized_store(p.kind, n, p.dim0)
-    return {C.WEIGHTS: alloc(dense_bytes(setup) * n)}
+    return {C.WEIGHTS: alloc(_dense_param_bytes(p, setup) * n)}
 
 
 def grad_bytes(p: Param, setup: TrainingSetup) -> int:
@@ -80,4 +96,14 @@ def grad_bytes(p: Param, setup: TrainingSetup) -> int:
     parameter's own dtype (AccumulateGrad casts to it; the adapters': lora.adapter_bytes)."""
     if not p.trainable:
         return 0
-    return adapter_bytes(setup) if p.kind == ParamKind.LORA else dense_bytes(setup)
+    return adapter_bytes(setup) if p.kind == ParamKind.LORA else _dense_param_bytes(p, setup)
+
+
+def _dense_param_bytes(p: Param, setup: TrainingSetup) -> int:
+    """A dense parameter's bytes per element; a modules_to_save copy is in its original's dtype
+    unless the framework casts every trainable parameter (--modules-to-save-dtype: TRL on a
+    quantized base to bf16, trl==1.16.0 sft_trainer.py:908-911; LLaMA-Factory to fp32,
+    llamafactory==0.9.5 model/adapter.py:284-286)."""
+    if p.role in SAVED_COPY_ROLES and setup.modules_to_save_dtype is not None:
+        return setup.modules_to_save_dtype.bytes
+    return dense_bytes(setup)

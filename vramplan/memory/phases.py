@@ -30,7 +30,7 @@ from vramplan.memory.fsdp import (
 )
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
 from vramplan.memory.lora import lora_targeted
-from vramplan.memory.loss import fused_head_cast, head_trains, loop_token_bytes, loss_notes, loss_terms
+from vramplan.memory.loss import fused_head_cast, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
     final_norm_forward,
@@ -91,7 +91,7 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     # optimizers stepped in backward (layer-wise, LOMO, --optimizer-in-backward): each
     # parameter's hook steps it and frees its grad
     hook = layerwise_hook_bytes(params, setup) if setup.steps_in_backward else {}
-    cache = cast_cache(params, setup, spec.vocab, head_trains(setup)) - fused_head_cast(spec, setup)
+    cache = cast_cache(params, setup, spec.vocab) - fused_head_cast(spec, setup)
     return StepContext(
         spec=spec,
         setup=setup,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.storage import BLOCK
-from vramplan.setup import ModelDtype, Precision, Quant, TrainingSetup
+from vramplan.setup import ModelDtype, Precision, Quant, SavedModule, TrainingSetup
 
 
 def kbit_upcast(setup: TrainingSetup) -> bool:
@@ -25,13 +25,31 @@ def dense_weight_bytes(setup: TrainingSetup) -> int:
     return setup.weight_dtype.bytes
 
 
+def embedding_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of the input embedding the step runs: peft's modules_to_save copy when
+    the framework cast it (LLaMA-Factory's fp32 cast of every trainable parameter), else the
+    dense weights' dtype."""
+    cast = setup.modules_to_save_dtype
+    if setup.lora_like and SavedModule.EMBED_TOKENS in setup.modules_to_save and cast is not None:
+        return cast.bytes
+    return dense_weight_bytes(setup)
+
+
+def frozen_fp32_autocast(setup: TrainingSetup) -> bool:
+    """autocast over fp32 dense weights: each frozen one is cast to bf16 at every call."""
+    return setup.autocast and dense_weight_bytes(setup) == 4
+
+
 def fp32_stream_autocast(setup: TrainingSetup) -> bool:
     """autocast over fp32 weights (masters, or the embedding kbit_upcast made fp32): the
     embedding's output is fp32, residual adds are not autocast ops, so the stream stays fp32
     and each Linear casts its own half copy. Over bf16 weights (--model-dtype bf16: the HF
     Trainer's bf16=True on a bf16-loaded model, axolotl, Unsloth) a cast of a bf16 tensor to
     bf16 is a no-op (ATen autocast_mode.cpp cached_cast) and the stream stays bf16."""
-    return setup.autocast and dense_weight_bytes(setup) == 4
+    # an fp32 embedding copy over bf16 weights (LLaMA-Factory's cast modules_to_save) makes the
+    # stream fp32 from the embedding on: residual adds keep fp32, RMSNorm returns its weight
+    # times the fp32 input (transformers LlamaRMSNorm.forward) [CPU trace: lora-modules-to-save-fp32-copies]
+    return frozen_fp32_autocast(setup) or (setup.autocast and embedding_bytes(setup) == 4)
 
 
 # torch.amp.GradScaler (torch==2.13 torch/amp/grad_scaler.py): _lazy_init_scale_growth_tracker
@@ -76,6 +94,8 @@ def precision_notes(setup: TrainingSetup) -> list[str]:
 __all__ = [
     "ModelDtype",
     "dense_weight_bytes",
+    "embedding_bytes",
+    "frozen_fp32_autocast",
     "fp32_stream_autocast",
     "grad_scaler_state",
     "grad_scaler_step",

@@ -38,6 +38,9 @@ class LinearRole(StrEnum):
     FC2 = "fc2"
     ROUTER = "router"
     OTHER = "other"
+    # not decoder Linears: the roles of peft's trainable modules_to_save copies (parameters.py)
+    EMBED = "embed"
+    HEAD = "lm_head"
 
 
 R = LinearRole
@@ -48,6 +51,7 @@ MLP_OUT_ROLES = (R.DOWN, R.FC2)
 MLP_ROLES = (*MLP_IN_ROLES, *MLP_OUT_ROLES)
 GATED_ROLES = (R.GATE, R.GATE_UP)
 MOE_SHARED_ROLES = (R.GATE, R.UP, R.GATE_UP, R.DOWN)
+SAVED_COPY_ROLES = (R.EMBED, R.HEAD)
 
 
 class MeasuredPhase(StrEnum):

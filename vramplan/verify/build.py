@@ -389,6 +389,7 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
         target_modules=targets,
         task_type="CAUSAL_LM",
         use_dora=setup.dora,
+        modules_to_save=[m.value for m in setup.modules_to_save] or None,
     )
     fp32 = setup.adapter_store_dtype == AdapterDtype.FP32
     # adapters are created under the device context: no CPU copies; on meta they stay meta (FSDP)
@@ -397,9 +398,15 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
     if not fp32:
         # bf16 adapters as TRL keeps them on a 4-bit model (trl==1.16.0 sft_trainer.py:903-911):
         # peft moves adapters to the base weight's dtype, which a packed 4-bit weight does not have
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.bfloat16:
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dtype != torch.bfloat16 and "modules_to_save" not in name:
                 p.data = p.data.to(torch.bfloat16)
+    if setup.modules_to_save_dtype is not None:
+        # the framework casts every trainable parameter, the modules_to_save copies with them
+        to = torch.float32 if setup.modules_to_save_dtype == AdapterDtype.FP32 else torch.bfloat16
+        for name, p in model.named_parameters():
+            if p.requires_grad and "modules_to_save" in name:
+                p.data = p.data.to(to)
     return model
 
 
