@@ -205,6 +205,20 @@ CASES = [
         seq_len=2048,
         seconds=90,
     ),
+    # gradient accumulation: the last micro-batch holds every earlier grad (memory/accumulation.py);
+    # peft modules_to_save: trainable copies of embed_tokens and lm_head (parameters.saved_module_copies)
+    case("l1b_full_bf16_b1s1024_ga4", L1B, method="full", batch_size=1, seq_len=1024, gradient_accumulation=4),
+    case(
+        "l8b_lora16_modules_to_save_ckpt_b1s2048_ga2",
+        L8B,
+        method="lora",
+        modules_to_save="embed_tokens,lm_head",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        gradient_accumulation=2,
+        seconds=90,
+    ),
     case(
         "l8b_qlora_int8_r16_kbit_mixed_ckpt_b1s2048",
         L8B,

@@ -188,6 +188,16 @@ CASES = {
     "qlora-int8-bf16-adapters": (LLAMA, dict(method="qlora", quant="int8", adapter_dtype="bf16")),
     "qwen2-tied-qlora-int8": (QWEN2, dict(method="qlora", quant="int8")),
     "gemma2-eager-qlora-int8-ckpt": (GEMMA2, dict(method="qlora", quant="int8", gradient_checkpointing=True)),
+    # gradient accumulation: the last micro-batch's forward and backward, with every earlier grad alive
+    "full-ga2": (LLAMA, dict(method="full", gradient_accumulation=2)),
+    "full-ckpt-ga2": (LLAMA, dict(method="full", gradient_accumulation=2, gradient_checkpointing=True)),
+    "lora-ga2": (LLAMA, dict(method="lora", gradient_accumulation=2)),
+    "lora-modules-to-save-ga2": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH, gradient_accumulation=2)),
+    "fsdp2-mixed-ckpt-ga2": (
+        LLAMA,
+        dict(method="full", precision="mixed", fsdp=2, gradient_checkpointing=True, gradient_accumulation=2),
+    ),
+    "moe-full-ga2": (MIXTRAL, dict(method="full", gradient_accumulation=2)),
     # peft modules_to_save: a trainable copy of the embedding and/or lm_head beside the frozen original
     "lora-modules-to-save": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH)),
     "lora-modules-to-save-ckpt": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH, gradient_checkpointing=True)),

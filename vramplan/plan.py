@@ -462,6 +462,21 @@ def _seq_regimes(spec: ModelSpec, setup: TrainingSetup, seqs: np.ndarray) -> lis
 
 
 def evaluate(spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray) -> Grid:
+    """Per-GPU totals over the grid. A micro-batch that --global-batch makes accumulate holds
+    every gradient through its later micro-batches (memory/accumulation.py): those columns are
+    evaluated with accumulation (any count above 1 holds the same)."""
+    grid = _evaluate_at(spec, setup, req, seqs, batches)
+    accumulating = np.array([_accum(req, int(b)) > 1 for b in batches])
+    if not accumulating.any() or setup.steps_in_backward:
+        return grid
+    later = _evaluate_at(spec, setup.model_copy(update={"gradient_accumulation": 2}), req, seqs, batches)
+    total = np.where(accumulating[None, :], later.total, grid.total)
+    return Grid(setup, seqs, batches, total, grid.host, grid.evaluated + later.evaluated)
+
+
+def _evaluate_at(
+    spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray
+) -> Grid:
     pre = prepare(spec, setup)
     tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
     alloc = np.full(tokens.shape, -np.inf)
@@ -567,8 +582,9 @@ def _fits(grid: Grid, req: PlanRequest) -> np.ndarray:
 
 def _row_at(spec: ModelSpec, grid: Grid, req: PlanRequest, si: int, bi: int, ones: np.ndarray) -> PlanRow:
     b = int(grid.batches[bi])
-    setup = grid.setup.model_copy(update={"batch_size": b, "seq_len": int(grid.seqs[si])})
     accum = _accum(req, b)
+    update = {"batch_size": b, "seq_len": int(grid.seqs[si]), "gradient_accumulation": max(accum, 1)}
+    setup = grid.setup.model_copy(update=update)
     t = _speed(spec, setup, req, accum)
     total = int(grid.total[si, bi])
     return PlanRow(

@@ -29,6 +29,7 @@ import numpy as np
 from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
+from vramplan.memory.accumulation import accumulated_grad_sizes
 from vramplan.memory.activations import rope_saved
 from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
 from vramplan.memory.backward import RECOMPUTE_POINTS
@@ -648,6 +649,8 @@ def _grads(b: _Builder, params: list[Param]) -> list[int | None]:
     setup = b.ctx.setup
     if (setup.cpu_offload and not offload_grads_held(setup)) or setup.steps_in_backward:
         return []
+    if setup.gradient_accumulation > 1:  # added into the accumulated ones (_one_step), in place
+        return []
     stream = grad_stream(setup)
     sizes = [alloc(grad_bytes(p, setup) * _held(p, b.ctx)) for p in params if p.trainable]
     return [b.ledger.alloc(C.GRADIENTS, size, stream) for size in sizes]
@@ -687,11 +690,13 @@ def _one_step(b: _Builder) -> list[int | None]:
     """Forward, backward and the optimizer step; returns the gradients' blocks (freed by
     zero_grad at the start of the next step)."""
     led, ctx = b.ledger, b.ctx
+    # gradient accumulation: the earlier micro-batches' gradients, alive from the forward on
+    accumulated = [led.alloc(C.GRADIENTS, size, grad_stream(ctx.setup)) for size in accumulated_grad_sizes(ctx)]
     step_wide = _forward(b)
     by_layer: dict[int | None, list[Param]] = {}
     for p in ctx.params:
         by_layer.setdefault(p.layer, []).append(p)
-    grads = _grads(b, by_layer.get(None, []))
+    grads = accumulated + _grads(b, by_layer.get(None, []))
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
     for i in range(len(ctx.spec.layers) - 1, -1, -1):
         _layer_backward(b, i, by_layer.get(i, []), grads)

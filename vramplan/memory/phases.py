@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
+from vramplan.memory.accumulation import ACCUMULATION_NOTE, accumulated_grad_sizes, with_accumulated_grads
 from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
@@ -293,7 +294,7 @@ def step_model(
     if prepared is None or prepared.spec is not spec or prepared.key != _token_free_key(setup):
         prepared = prepare(spec, setup)
     ctx = step_context(spec, setup, prepared)
-    layers = layer_backward_phases(ctx)
+    layers = with_accumulated_grads(ctx, layer_backward_phases(ctx))
     phases = [
         *head_phases(ctx),
         *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
@@ -303,6 +304,7 @@ def step_model(
         *quantization_phases(ctx),
         *optimizer_phases(ctx),
     ]
+    with_accumulated_grads(ctx, [p for p in phases if p.kind is not PhaseKind.LAYER_BACKWARD])  # in place
     kept = loss_terms(spec, setup).kept  # --keep-logits: the loop's output, alive at every moment of a step
     phases = [p.add(C.ACTIVATIONS, kept) if kept and p.measured != MeasuredPhase.BUILD else p for p in phases]
     notes = (
@@ -312,5 +314,6 @@ def step_model(
         + precision_notes(setup)
         + optimizer_notes(setup, prepared.static)
         + engine_notes(spec, setup, prepared.static)
+        + ([ACCUMULATION_NOTE] if accumulated_grad_sizes(ctx) else [])
     )
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)

@@ -123,6 +123,12 @@ class Built:
         else:
             loss.backward()
 
+    def accumulate(self) -> None:
+        """Between two micro-batches of one optimizer step: the gradients stay (no zero_grad);
+        DeepSpeed's engine.step() only counts the micro-step off the accumulation boundary."""
+        if self.engine is not None:
+            self.engine.step()
+
     def optimizer_step(self) -> None:
         if self.engine is not None:  # the ZeRO optimizer's step and zero_grad
             self.engine.step()

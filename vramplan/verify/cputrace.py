@@ -146,12 +146,15 @@ def _run_traced(model: str, setup: TrainingSetup, num_layers: int | None, steps:
         try:
             with cuda_like_steps():
                 for step in range(steps):
-                    ids = built.batch()
-                    with trace.phase("forward", step):
-                        loss = built.forward(ids)
-                    with trace.phase("backward", step):
-                        built.backward(loss)
-                        del loss
+                    for micro in range(setup.gradient_accumulation):  # the last one's phases are the step's
+                        if micro:
+                            built.accumulate()
+                        ids = built.batch()
+                        with trace.phase("forward", step):
+                            loss = built.forward(ids)
+                        with trace.phase("backward", step):
+                            built.backward(loss)
+                            del loss
                     with trace.phase("optimizer", step):
                         built.optimizer_step()
         finally:

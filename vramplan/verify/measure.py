@@ -210,6 +210,19 @@ def _apply_trace(run: _Run, traced: list, sizes: PhaseSizes) -> tuple[int | None
 
 
 def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
+    """One optimizer step: --gradient-accumulation micro-batches (each a forward and a backward
+    phase of this step; the last one's are the step's), then the optimizer."""
+    for micro in range(built.setup.gradient_accumulation):
+        if micro:
+            built.accumulate()
+        _micro_batch(built, run, sizes, step)
+    sizes.gradients = gradient_bytes(built.model, dev)
+    with run.phase("optimizer", step):
+        built.optimizer_step()
+    sizes.optimizer = optimizer_bytes(built.optimizers, dev)
+
+
+def _micro_batch(built, run: _Run, sizes: PhaseSizes, step: int) -> None:
     ids = built.batch()
     with run.phase("forward", step):
         before = run.probe.allocated()
@@ -222,10 +235,6 @@ def _one_step(built, run: _Run, sizes: PhaseSizes, step: int, dev: str) -> None:
         built.backward(loss)
         del loss
         settle_collectives()  # gloo's worker thread frees the last collective's tensors here
-    sizes.gradients = gradient_bytes(built.model, dev)
-    with run.phase("optimizer", step):
-        built.optimizer_step()
-    sizes.optimizer = optimizer_bytes(built.optimizers, dev)
 
 
 def settle_collectives() -> None:

@@ -1,0 +1,82 @@
+"""Gradient accumulation (--gradient-accumulation N > 1): the gradients of the earlier
+micro-batches stay alive through every later one.
+
+`optimizer.zero_grad()` runs once per optimizer step, so from the second micro-batch of a step
+on, every trainable parameter's `.grad` exists from the start of the forward to the optimizer
+step; backward adds each new gradient into it (torch==2.13 AccumulateGrad: `variable.grad +=
+new_grad`, in place outside create_graph, torch/csrc/autograd/functions/accumulate_grad.h), so
+a new gradient lives only until its AccumulateGrad node runs. The step's widest micro-batch is
+then a later one: each forward and backward moment holds the accumulated gradients, and a
+backward moment one new gradient in flight (the largest of the layer, or of the root in the loss
+backward) where the one-micro-batch step held the gradients it had made so far.
+
+Where the accumulated gradients live:
+- one GPU, DDP (under `no_sync`: its buckets are reduced on the last micro-batch only),
+  DeepSpeed (its own accumulation into the partitioned gradients): what the step holds at the
+  optimizer step (backward.held_grad).
+- FSDP under a Trainer-based stack: transformers' Trainer wraps every micro-batch but the last in
+  `accelerator.no_sync` (transformers==5.24.0 trainer.py:1904-1916), which for FSDP2 is
+  `set_requires_gradient_sync(False)` (accelerate==1.16.0 accelerator.py:1126-1131) and for FSDP1
+  `FullyShardedDataParallel.no_sync`: no reduce-scatter, the unsharded gradients accumulate on
+  every rank (the whole model's, in the gradient dtype).
+- FSDP in the plain loop, torchtune, Answer.AI's train.py (no `no_sync` unless `--no_sync`,
+  train.py:849-853): the sharded gradients; under CPU offload FSDP2 keeps them on the host.
+Modelled from source, not measured (scripts/calibrate.py `*_ga4`)."""
+
+from __future__ import annotations
+
+from vramplan.categories import Category as C
+from vramplan.memory.backward import held_grad
+from vramplan.memory.context import StepContext
+from vramplan.memory.fsdp import offload_grads_held
+from vramplan.memory.parameters import Param, grad_bytes
+from vramplan.memory.storage import Phase, alloc
+from vramplan.memory.types import MeasuredPhase, PhaseKind
+
+ACCUMULATION_NOTE = (
+    "gradient accumulation: from the second micro-batch on, every trainable parameter's gradient "
+    "is alive through the forward and backward (modelled from source, not measured)"
+)
+
+
+def accumulated_grad_sizes(ctx: StepContext) -> list[int]:
+    """Each trainable parameter's accumulated gradient on this GPU, in bytes (empty: one
+    micro-batch per step, or the gradients live on the host)."""
+    setup = ctx.setup
+    if setup.gradient_accumulation == 1:
+        return []
+    trainable = [p for p in ctx.params if p.trainable]
+    if setup.sharded and setup.stack.trainer_param_groups:  # the Trainer's no_sync: unsharded
+        return [alloc(grad_bytes(p, setup) * p.numel) for p in trainable]
+    if setup.cpu_offload and not offload_grads_held(setup):
+        return []
+    return [held_grad(p, setup) for p in trainable]
+
+
+def _in_flight(params: list[Param], sizes: dict[int, int]) -> int:
+    """The largest new gradient of these parameters, alive until its AccumulateGrad runs."""
+    return max((sizes[id(p)] for p in params if p.trainable), default=0)
+
+
+def with_accumulated_grads(ctx: StepContext, phases: list[Phase]) -> list[Phase]:
+    """The phases of a later micro-batch: every forward and backward moment holds the
+    accumulated gradients; a backward moment that made gradients holds one in flight."""
+    held = accumulated_grad_sizes(ctx)
+    if not held:
+        return phases
+    total = sum(held)
+    trainable = [p for p in ctx.params if p.trainable]
+    sizes = {id(p): s for p, s in zip(trainable, held, strict=True)}
+    by_layer: dict[int | None, list[Param]] = {}
+    for p in trainable:
+        by_layer.setdefault(p.layer, []).append(p)
+    for ph in phases:
+        if ph.measured not in (MeasuredPhase.FORWARD, MeasuredPhase.BACKWARD):
+            continue
+        made = ph.parts.get(C.GRADIENTS, 0)
+        ph.parts[C.GRADIENTS] = total
+        if ph.kind is PhaseKind.LAYER_BACKWARD:  # any of its moments may be between two of its grads
+            ph.add(C.TRANSIENT, _in_flight(by_layer.get(ph.layer, []), sizes))
+        elif made:  # the loss backward's lm_head grad
+            ph.add(C.TRANSIENT, _in_flight(by_layer.get(None, []), sizes))
+    return phases
