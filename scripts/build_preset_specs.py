@@ -26,13 +26,18 @@ def model_types(cfg: dict) -> set[str]:
 
 def config_defaults(types: set[str]) -> dict[str, dict]:
     """Scalar defaults of each model type's config class (lists and nested configs are left out:
-    they are derived from other keys, or normalised on their own)."""
+    they are derived from other keys, or normalised on their own; `transformers_version` is the
+    installed release's stamp, not a default of the model)."""
     from transformers import AutoConfig
 
     out = {}
     for t in sorted(types):
         d = AutoConfig.for_model(t).to_dict()
-        out[t] = {k: v for k, v in sorted(d.items()) if not isinstance(v, (dict, list)) and not k.startswith("_")}
+        out[t] = {
+            k: v
+            for k, v in sorted(d.items())
+            if not isinstance(v, (dict, list)) and not k.startswith("_") and k != "transformers_version"
+        }
     return out
 
 
