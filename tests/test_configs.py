@@ -454,6 +454,9 @@ def test_modules_to_save_outside_embeddings_are_named_not_modelled(tmp_path):
     fields = read_config([str(lf)]).fields
     assert fields["modules_to_save"] == (SavedModule.EMBED_TOKENS, SavedModule.LM_HEAD)
     assert fields["modules_to_save_dtype"] == AdapterDtype.BF16
+    # LLaMA-Factory trains a resized vocabulary's embedding and output layer whole (model/adapter.py:222-230)
+    lf.write_text("model_name_or_path: x/y\nfinetuning_type: lora\nresize_vocab: true\n")
+    assert read_config([str(lf)]).fields["modules_to_save"] == (SavedModule.EMBED_TOKENS, SavedModule.LM_HEAD)
 
 
 def test_flags_override_file_and_world_from_gpus():
@@ -910,3 +913,13 @@ def test_eight_bit_bases_read_as_llm_int8(tmp_path):
     bare.write_text("model_name_or_path: m\nload_in_8bit: true\n")  # TRL: an 8-bit base trains only through adapters
     with pytest.raises(VramplanError, match="use_peft"):
         read_config([str(bare)])
+
+
+@pytest.mark.parametrize("key", ["rl: dpo", "reward_model: true", "unfrozen_parameters: ['^lm_head.weight$']"])
+def test_axolotl_training_modes_not_modelled_are_said(tmp_path, key):
+    """DPO/KTO/GRPO, reward models and partial freezing are estimated as one SFT step: one line says so."""
+    f = tmp_path / "a.yml"
+    f.write_text(f"base_model: x/y\nadapter: lora\nattn_implementation: flash_attention_2\n{key}\n")
+    reading = read_config([str(f)])
+    assert [u.key for u in reading.unmodelled] == [key.split(":")[0]]
+    assert reading.unknown == ()

@@ -193,18 +193,9 @@ def set_by_stack(setup: TrainingSetup, knob: str) -> str:
     return ""
 
 
-# Knobs that do nothing in some setups; the output leaves them out there.
-_LORA_KNOBS = frozenset(
-    {
-        "adapter_dtype",
-        "modules_to_save_dtype",
-        "quant_storage",
-        "kbit_prep",
-        "dora",
-        "lora_targets",
-        "lora_target_modules",
-        "lora_dropout",
-    }
+# Knobs that do nothing in some setups; the output leaves them out there (the first: adapters only).
+_LORA_KNOBS = frozenset({"adapter_dtype", "modules_to_save_dtype", "quant_storage", "kbit_prep", "dora"}) | frozenset(
+    {"lora_targets", "lora_target_modules", "lora_dropout"}
 )
 _SHARDING_KNOBS = frozenset({"fsdp_version", "cpu_offload"})
 

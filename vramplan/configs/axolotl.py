@@ -82,6 +82,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _packing(c)
     _kbit_prep(c, method)
     _fp32_embeddings(c, method)
+    _not_sft(c)
     if c.get("torch_compile"):
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
     model = c.model("base_model")
@@ -300,6 +301,25 @@ def _packing(c: Collector) -> None:
         Packing.PADDING_FREE if flash else Packing.POSITION_IDS,
         "flash varlen, no mask" if flash else "packed rows told apart by position_ids",
     )
+
+
+# Training modes vramplan estimates as one SFT step, said in one line each (axolotl==0.19.0
+# utils/schemas/config.py: rl, reward_model, process_reward_model; lisa_* and unfrozen_parameters
+# freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
+_NOT_SFT = {
+    "rl": "preference/RL training: paired chosen/rejected sequences and a reference model (or generation) "
+    "are not modelled; estimated as one SFT step",
+    "reward_model": "a reward model's classification head and paired batches are not modelled; estimated as SFT",
+    "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
+    "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
+    "lisa_n_layers": "LISA trains a few sampled layers at a time; estimated with every layer trainable",
+}
+
+
+def _not_sft(c: Collector) -> None:
+    for key, why in _NOT_SFT.items():
+        if c.get(key):
+            c.unmodelled(key, why)
 
 
 def _fp32_embeddings(c: Collector, method: Method) -> None:

@@ -20,6 +20,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    SavedModule,
     Stack,
 )
 
@@ -146,6 +147,10 @@ def _lora(c: Collector, method: Method) -> None:
     # LoraConfig(modules_to_save=additional_target) (llamafactory==0.9.5 model/adapter.py:241), then
     # cast to fp32 with every trainable parameter unless pure_bf16 (:284-286, :313-325)
     c.set_modules_to_save("additional_target", sep=",", note="trainable copies beside the frozen originals (peft)")
+    if c.get("resize_vocab") is True and not c.get("additional_target"):
+        # the resized embedding and output layer train whole (model/adapter.py:222-230)
+        both = (SavedModule.EMBED_TOKENS, SavedModule.LM_HEAD)
+        c.set("resize_vocab", "modules_to_save", both, "resized: trained whole")
 
 
 def _packing(c: Collector) -> None:
