@@ -62,6 +62,15 @@ def test_the_copies_have_adamw_states():
     assert states(both) - states(plain) == 2 * (2 * V_LLAMA3 * H_LLAMA3 * 2)  # exp_avg, exp_avg_sq: zeros_like(p)
 
 
+def test_the_estimate_says_what_the_copies_weigh():
+    from vramplan.memory.parameters import saved_modules_note
+
+    spec = load_model_spec("llama-3-8b")
+    (note,) = saved_modules_note(spec, make_setup(method="lora", modules_to_save="embed_tokens,lm_head"))
+    assert f"{2 * V_LLAMA3 * H_LLAMA3 * 2 / 2**30:.2f} GiB of weights" in note
+    assert saved_modules_note(spec, make_setup(method="lora")) == []
+
+
 def test_the_head_and_the_embedding_train_only_when_named():
     setup = make_setup(method="lora", modules_to_save="lm_head")
     assert setup.trains_head and not setup.trains_embedding

@@ -76,6 +76,21 @@ def saved_module_copies(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
     return [Param(rows[m][0], spec.vocab, ParamKind.DENSE, True, None, role=rows[m][1]) for m in setup.modules_to_save]
 
 
+def saved_modules_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What peft's modules_to_save copies cost, said in the estimate: their weights (their grads
+    and optimizer states are in those categories)."""
+    copies = saved_module_copies(spec, setup)
+    if not copies:
+        return []
+    weights = sum(alloc(_dense_param_bytes(p, setup) * p.numel) for p in copies)
+    names = ", ".join(m.value for m in setup.modules_to_save)
+    return [
+        f"modules_to_save ({names}): peft trains a copy of each beside the frozen original, "
+        f"{weights / 2**30:.2f} GiB of weights plus their gradients and optimizer states "
+        "(peft==0.21.2 ModulesToSaveWrapper; CPU trace: the `*-to-save*` cases)"
+    ]
+
+
 def dense_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of a dense parameter (precision.dense_weight_bytes)."""
     return dense_weight_bytes(setup)

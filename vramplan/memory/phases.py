@@ -44,7 +44,7 @@ from vramplan.memory.optimizers import (
     optimizer_notes,
     optimizer_transient,
 )
-from vramplan.memory.parameters import Param, parameters
+from vramplan.memory.parameters import Param, parameters, saved_modules_note
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, forward_quant_transient
@@ -281,7 +281,7 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
     if any(unsloth_fused(spec, layer, setup) for layer in spec.layers[:1]):
         notes.append(UNSLOTH_NOTE)
-    return notes + offload_note(setup) + int8_notes(spec, setup)
+    return notes + offload_note(setup) + int8_notes(spec, setup) + saved_modules_note(spec, setup)
 
 
 def step_model(
