@@ -39,6 +39,8 @@ from test_cpu_trace import (  # noqa: E402
     CASES,
     COMPILE_CASES,
     DEQ_CASES,
+    EMBED_CASES,
+    EMBED_SHAPE,
     ENGINE_CASES,
     KNOB_CASES,
     LAYER_ARCH_CASES,
@@ -363,6 +365,7 @@ def main() -> int:
     short = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
     jobs += [("build", n, WIDE, f, short) for n, f in BUILD_CASES.items()]
     jobs += [("dequantize", n, dict(WIDE, vocab_size=1024), f, short) for n, f in DEQ_CASES.items()]
+    jobs += [("embedding", n, cfg, f, EMBED_SHAPE) for n, (cfg, f) in EMBED_CASES.items()]
     jobs += [("long-context", f"16k/{n}", LONG, f, LONG_SHAPE) for n, f in LONG_SETUPS.items()]
     jobs += [
         (

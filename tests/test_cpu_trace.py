@@ -536,6 +536,45 @@ def test_build_dominated_step_peak_matches_the_cpu_trace(name, tmp_path):
     assert abs(predicted - traced.peak_bytes) <= TOL * traced.peak_bytes, (predicted / 2**20, traced.peak_bytes / 2**20)
 
 
+# A large vocabulary and few tokens: a trained embedding's backward, the last node, is the
+# backward's peak. Tied to lm_head, lm_head's grad waits in the engine's input buffer and the
+# embedding's is added to it out of place (phases.embedding_backward_phase); with gradient
+# accumulation beside the held grad. Untied and one micro-batch: nothing beyond the grads.
+EMBED_VOCAB = dict(LLAMA, vocab_size=65536, num_hidden_layers=2)
+EMBED_SHAPE = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
+EMBED_CASES = {
+    f"{'tied' if tie else 'untied'}-full{'-ga2' if ga > 1 else ''}": (
+        dict(EMBED_VOCAB, tie_word_embeddings=tie),
+        dict(method="full", gradient_accumulation=ga),
+    )
+    for tie in (True, False)
+    for ga in (1, 2)
+} | {
+    "tied-lora-embed-to-save-ga2": (
+        dict(EMBED_VOCAB, tie_word_embeddings=True),
+        dict(method="lora", modules_to_save="embed_tokens,lm_head", gradient_accumulation=2),
+    )
+}
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", list(EMBED_CASES))
+def test_embedding_backward_matches_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+
+    cfg, fields = EMBED_CASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**EMBED_SHAPE, **fields)
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    traced = trace_step(str(tmp_path), setup)
+    off = {
+        k: (traced.peak(k, step=1) / 2**20, p / 2**20)
+        for k, p in _model_phases(spec, setup).items()
+        if abs(p - traced.peak(k, step=1)) > TOL * traced.peak(k, step=1)
+    }
+    assert not off, off
+
+
 # Short sequences with QLoRA: a 4-bit Linear dequantized for a matmul is the widest moment
 # of forward and of each layer's backward. hqq's PyTorch backend is plain torch ops, the
 # same on the CPU as on CUDA (bitsandbytes' CPU gemm_4bit is not its CUDA path).

@@ -53,6 +53,17 @@ def accumulated_grad_sizes(ctx: StepContext) -> list[int]:
     return [held_grad(p, setup) for p in trainable]
 
 
+def tied_head_grad(ctx: StepContext) -> int:
+    """A full fine-tune's lm_head grad on a weight tied to the embedding: it waits in the engine's
+    input buffer of the shared weight from the loss backward to the embedding's backward (torch==2.13
+    torch/csrc/autograd/input_buffer.cpp), beside the accumulated grad of that weight. 0 otherwise."""
+    setup, spec = ctx.setup, ctx.spec
+    if setup.lora_like or spec.lm_head_numel or not setup.trains_head:
+        return 0
+    head = next((p for p in ctx.params if p.layer is None and p.trainable and p.dim0 == spec.vocab), None)
+    return alloc(grad_bytes(head, setup) * head.numel) if head is not None else 0
+
+
 def _in_flight(params: list[Param], sizes: dict[int, int]) -> int:
     """The largest new gradient of these parameters, alive until its AccumulateGrad runs."""
     return max((sizes[id(p)] for p in params if p.trainable), default=0)
@@ -64,7 +75,7 @@ def with_accumulated_grads(ctx: StepContext, phases: list[Phase]) -> list[Phase]
     held = accumulated_grad_sizes(ctx)
     if not held:
         return phases
-    total = sum(held)
+    total, waiting = sum(held), tied_head_grad(ctx)
     trainable = [p for p in ctx.params if p.trainable]
     sizes = {id(p): s for p, s in zip(trainable, held, strict=True)}
     by_layer: dict[int | None, list[Param]] = {}
@@ -73,10 +84,14 @@ def with_accumulated_grads(ctx: StepContext, phases: list[Phase]) -> list[Phase]
     for ph in phases:
         if ph.measured not in (MeasuredPhase.FORWARD, MeasuredPhase.BACKWARD):
             continue
+        if ph.kind is PhaseKind.EMBEDDING_BACKWARD:  # holds every grad and its new one already
+            continue
         made = ph.parts.get(C.GRADIENTS, 0)
         ph.parts[C.GRADIENTS] = total
         if ph.kind is PhaseKind.LAYER_BACKWARD:  # any of its moments may be between two of its grads
-            ph.add(C.TRANSIENT, _in_flight(by_layer.get(ph.layer, []), sizes))
+            ph.add(C.TRANSIENT, _in_flight(by_layer.get(ph.layer, []), sizes) + waiting)
+        elif ph.kind is PhaseKind.FINAL_NORM_BACKWARD:
+            ph.add(C.TRANSIENT, waiting)
         elif made:  # the loss backward's lm_head grad
             ph.add(C.TRANSIENT, _in_flight(by_layer.get(None, []), sizes))
     return phases

@@ -56,7 +56,7 @@ from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
-from vramplan.memory.phases import last_layer_adapter, prepare, step_context, step_model
+from vramplan.memory.phases import embedding_backward_tensors, last_layer_adapter, prepare, step_context, step_model
 from vramplan.memory.quantization import (
     nf4_quantize_temporaries,
     quantize_transient,
@@ -349,6 +349,8 @@ class _Builder:
         if kind is PhaseKind.OPTIMIZER_STEP and setup.optim == Optim.ADAMW_TORCH:
             # foreach AdamW: one temporary per parameter of the group (optimizers.optimizer_transient)
             return [alloc(grad_bytes(p, setup) * _held(p, self.ctx)) for p in self.ctx.params if p.trainable]
+        if kind is PhaseKind.EMBEDDING_BACKWARD:
+            return embedding_backward_tensors(self.ctx)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
             # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V
             logits = [alloc(2 * n * v)] * (2 if self.ctx.spec.final_logit_softcapping else 1)
@@ -700,6 +702,7 @@ def _one_step(b: _Builder) -> list[int | None]:
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
     for i in range(len(ctx.spec.layers) - 1, -1, -1):
         _layer_backward(b, i, by_layer.get(i, []), grads)
+    b.at_kind(PhaseKind.EMBEDDING_BACKWARD)
     for tid in step_wide[1:]:
         led.free(tid)
     if offload_grads_held(ctx.setup):  # FSDP1 drops the GPU copies at backward's end (fsdp.py)

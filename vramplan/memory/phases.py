@@ -44,15 +44,15 @@ from vramplan.memory.optimizers import (
     optimizer_notes,
     optimizer_transient,
 )
-from vramplan.memory.parameters import Param, parameters, saved_modules_note
+from vramplan.memory.parameters import Param, grad_bytes, parameters, saved_modules_note
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, forward_quant_transient
 from vramplan.memory.storage import Phase, StepModel, alloc
-from vramplan.memory.types import MLP_OUT_ROLES, MeasuredPhase, PhaseKind
+from vramplan.memory.types import MLP_OUT_ROLES, LinearRole, MeasuredPhase, PhaseKind
 from vramplan.memory.unsloth import UNSLOTH_NOTE, unsloth_fused
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Attention, Method, TrainingSetup
+from vramplan.setup import Attention, Engine, Method, TrainingSetup
 
 OFFLOAD_NOTE = (
     "CPU offload: sharded parameters, gradients and optimizer states live in pinned host "
@@ -244,6 +244,39 @@ def dora_phase(ctx: StepContext) -> list[Phase]:
     return [ctx.base(PhaseKind.DORA_NORM_FORWARD).add(C.ACTIVATIONS, at).add(C.TRANSIENT, transient)]
 
 
+def embedding_backward_tensors(ctx: StepContext) -> list[int]:
+    """The embedding's backward, the last node (one GPU, DDP): the [V, h] tensors it holds beside
+    every gradient made, where its new grad is not simply taken as the grad. Tied to a trained
+    lm_head: lm_head's grad waits in the engine's input buffer of the shared weight (torch==2.13
+    torch/csrc/autograd/input_buffer.cpp `accumulate`, beside an accumulated grad under gradient
+    accumulation) and the embedding's is added to it out of place (traced: `aten::add` of V·h
+    under EmbeddingBackward0): the new grad and the sum; with gradient accumulation alone
+    AccumulateGrad adds the new grad into the held one in place: the new grad. [CPU trace:
+    group `embedding`]"""
+    setup, spec = ctx.setup, ctx.spec
+    if not setup.trains_embedding or setup.engine not in (Engine.SINGLE, Engine.DDP) or setup.steps_in_backward:
+        return []
+    copy = setup.lora_like  # peft's modules_to_save copy: a weight of its own, tied to nothing
+    tied = not copy and not spec.lm_head_numel and setup.trains_head
+    accumulating = setup.gradient_accumulation > 1
+    if not (tied or accumulating):
+        return []
+    role = LinearRole.EMBED if copy else None
+    embed = next(p for p in ctx.params if p.layer is None and p.trainable and p.dim0 == spec.vocab and p.role == role)
+    count = (2 + accumulating) if tied else 1
+    return [alloc(grad_bytes(embed, setup) * embed.numel)] * count
+
+
+def embedding_backward_phase(ctx: StepContext) -> list[Phase]:
+    """embedding_backward_tensors' moment: every gradient, what is left of the activations."""
+    tensors = embedding_backward_tensors(ctx)
+    if not tensors:
+        return []
+    ph = ctx.base(PhaseKind.EMBEDDING_BACKWARD, with_grads=True)
+    ph.add(C.ACTIVATIONS, ctx.acts - ctx.layer_acts - ctx.released + ctx.cast_cache)
+    return [ph.add(C.TRANSIENT, sum(tensors))]
+
+
 def quantization_phases(ctx: StepContext) -> list[Phase]:
     """QLoRA: a 4-bit weight dequantized in forward, or LLM.int8's widest matmul (in backward:
     a layer point), and the build."""
@@ -299,6 +332,7 @@ def step_model(
         *head_phases(ctx),
         *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
         *root_hook_phase(ctx),
+        *embedding_backward_phase(ctx),
         *layer_forward_phase(ctx),
         *dora_phase(ctx),
         *quantization_phases(ctx),
