@@ -86,3 +86,13 @@ def test_plan_rows_carry_their_accumulation_and_the_estimates_memory():
         assert row.setup.gradient_accumulation == row.grad_accum
         est = estimate_spec(spec, row.setup, req.gpus)
         assert row.per_gpu_bytes == est.per_gpu.total_bytes
+
+
+def test_the_estimate_says_which_part_rests_on_source():
+    from vramplan.memory.accumulation import accumulation_notes
+
+    assert accumulation_notes(make_setup(method="full")) == []
+    (traced,) = accumulation_notes(make_setup(method="full", gradient_accumulation=2))
+    assert "CPU-traced" in traced
+    trainer = accumulation_notes(make_setup(method="full", fsdp=2, stack="hf-trainer", gradient_accumulation=2))
+    assert len(trainer) == 2 and "modelled from source, not measured" in trainer[1]

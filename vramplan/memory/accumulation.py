@@ -21,7 +21,9 @@ Where the accumulated gradients live:
   every rank (the whole model's, in the gradient dtype).
 - FSDP in the plain loop, torchtune, Answer.AI's train.py (no `no_sync` unless `--no_sync`,
   train.py:849-853): the sharded gradients; under CPU offload FSDP2 keeps them on the host.
-Modelled from source, not measured (scripts/calibrate.py `*_ga4`)."""
+CPU-traced on one GPU and on FSDP2 in the plain loop (tests/test_cpu_trace.py `*-ga2`, group
+`embedding`); the Trainer's no_sync under FSDP and DeepSpeed's accumulation are modelled from
+source. Not measured on a GPU (scripts/calibrate.py `*_ga4`, `*_ga2`)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,30 @@ from vramplan.memory.fsdp import offload_grads_held
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import MeasuredPhase, PhaseKind
+from vramplan.setup import TrainingSetup
 
 ACCUMULATION_NOTE = (
     "gradient accumulation: from the second micro-batch on, every trainable parameter's gradient "
-    "is alive through the forward and backward (modelled from source, not measured)"
+    "is alive through the forward and backward (CPU-traced; not measured on a GPU)"
 )
+ACCUMULATION_FROM_SOURCE_NOTE = (
+    "gradient accumulation under {what}: where the accumulated gradients live is modelled from "
+    "source, not measured ({why})"
+)
+
+
+def accumulation_notes(setup: TrainingSetup) -> list[str]:
+    """What the estimate says about gradient accumulation, and which part rests on source only."""
+    if setup.gradient_accumulation == 1:
+        return []
+    notes = [ACCUMULATION_NOTE]
+    if setup.sharded and setup.stack.trainer_param_groups:
+        why = "transformers' Trainer runs the micro-batches in accelerate's no_sync: unsharded on every rank"
+        notes.append(ACCUMULATION_FROM_SOURCE_NOTE.format(what="FSDP with a Trainer", why=why))
+    elif setup.deepspeed is not None:
+        why = "DeepSpeed accumulates into the gradients its step holds"
+        notes.append(ACCUMULATION_FROM_SOURCE_NOTE.format(what="DeepSpeed", why=why))
+    return notes
 
 
 def accumulated_grad_sizes(ctx: StepContext) -> list[int]:

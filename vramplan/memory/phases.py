@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
-from vramplan.memory.accumulation import ACCUMULATION_NOTE, accumulated_grad_sizes, with_accumulated_grads
+from vramplan.memory.accumulation import (
+    accumulated_grad_sizes,
+    accumulation_notes,
+    tied_head_grad,
+    with_accumulated_grads,
+)
 from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
 from vramplan.memory.autocast import cast_cache
@@ -257,7 +262,7 @@ def embedding_backward_tensors(ctx: StepContext) -> list[int]:
     if not setup.trains_embedding or setup.engine not in (Engine.SINGLE, Engine.DDP) or setup.steps_in_backward:
         return []
     copy = setup.lora_like  # peft's modules_to_save copy: a weight of its own, tied to nothing
-    tied = not copy and not spec.lm_head_numel and setup.trains_head
+    tied = tied_head_grad(ctx) > 0
     accumulating = setup.gradient_accumulation > 1
     if not (tied or accumulating):
         return []
@@ -348,6 +353,6 @@ def step_model(
         + precision_notes(setup)
         + optimizer_notes(setup, prepared.static)
         + engine_notes(spec, setup, prepared.static)
-        + ([ACCUMULATION_NOTE] if accumulated_grad_sizes(ctx) else [])
+        + (accumulation_notes(setup) if accumulated_grad_sizes(ctx) else [])
     )
     return StepModel(phases=phases, host_pinned=prepared.static.host_pinned + ctx.host_acts, notes=notes)
