@@ -219,6 +219,34 @@ CASES = [
         gradient_accumulation=2,
         seconds=90,
     ),
+    # freeze tuning as LLaMA-Factory runs it (memory/freeze.py): the last 2 layers in fp32 over a
+    # bf16 model under autocast, its checkpoint function; and fp32 masters of an untied model under
+    # autocast (the embedding never cast, o_proj reading SDPA's saved output: autocast.cast_cache)
+    case(
+        "l8b_freeze2_fp32layers_mixed_ckpt_b1s2048_ga2",
+        L8B,
+        method="full",
+        train_layers=2,
+        precision="mixed",
+        model_dtype="bf16",
+        train_layers_dtype="fp32",
+        gradient_checkpointing=True,
+        checkpoint_reentrant=True,
+        batch_size=1,
+        seq_len=2048,
+        gradient_accumulation=2,
+        seconds=90,
+    ),
+    case(
+        "phi3_full_mixed_ckpt_b1s1024",
+        PHI,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=1024,
+        seconds=90,
+    ),
     case(
         "l8b_qlora_int8_r16_kbit_mixed_ckpt_b1s2048",
         L8B,

@@ -494,7 +494,7 @@ def _one_line_error(paths, *needles):
         ("d.json", '{"zero_optimization": {"stage": 4}}', ["zero_optimization.stage", "0, 1, 2 or 3", "4"]),
         ("d.json", '{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', ["offload_param"]),
         ("acc.yaml", "distributed_type: TPU\n", ["distributed_type", "FSDP"]),
-        ("lf.yaml", "model_name_or_path: m\nfinetuning_type: freeze\n", ["finetuning_type", "lora or full"]),
+        ("lf.yaml", "model_name_or_path: m\nfinetuning_type: oft\n", ["finetuning_type", "lora, full or freeze"]),
         ("lf.yaml", "model_name_or_path: m\nquantization_bit: 3\n", ["quantization_bit"]),
         ("x.yaml", "colour: blue\nsize: 3\n", ["not a config of axolotl", "x.yaml"]),
         ("x.yaml", "- a\n- b\n", ["mapping"]),

@@ -138,6 +138,7 @@ GRANITE = dict(
 )
 B2S256 = dict(batch_size=2, seq_len=256, lora_dropout=0.0)
 SAVE_BOTH = "embed_tokens,lm_head"
+FREEZE_LF = dict(precision="mixed", model_dtype="bf16", train_layers_dtype="fp32")  # finetuning_type: freeze, bf16
 CASES = {
     "full": (LLAMA, dict(method="full")),
     "lora": (LLAMA, dict(method="lora")),
@@ -198,6 +199,28 @@ CASES = {
         dict(method="full", precision="mixed", fsdp=2, gradient_checkpointing=True, gradient_accumulation=2),
     ),
     "moe-full-ga2": (MIXTRAL, dict(method="full", gradient_accumulation=2)),
+    # autocast over fp32 masters, checkpointed: the forward's cache holds every layer's bf16 copies
+    # (LLAMA is untied: the input embedding is a lookup, never cast; o_proj reads SDPA's saved output)
+    "full-mixed": (LLAMA, dict(method="full", precision="mixed")),
+    "full-mixed-ckpt": (LLAMA, dict(method="full", precision="mixed", gradient_checkpointing=True)),
+    # --train-layers (memory/freeze.py): the last N layers train, the prefix records nothing;
+    # LLaMA-Factory's fp32 cast of the trained layers over a bf16 model, its checkpoint function
+    "freeze-last2": (LLAMA, dict(method="full", train_layers=2)),
+    "freeze-last2-ckpt": (LLAMA, dict(method="full", train_layers=2, gradient_checkpointing=True)),
+    "freeze-last2-fp32-layers-mixed": (LLAMA, dict(method="full", train_layers=2, **FREEZE_LF)),
+    "freeze-last2-fp32-layers-mixed-ckpt": (
+        LLAMA,
+        dict(method="full", train_layers=2, gradient_checkpointing=True, **FREEZE_LF),
+    ),
+    "freeze-last2-fp32-layers-mixed-ckpt-reentrant": (  # LLaMA-Factory's default use_reentrant_gc
+        LLAMA,
+        dict(method="full", train_layers=2, gradient_checkpointing=True, checkpoint_reentrant=True, **FREEZE_LF),
+    ),
+    "freeze-last1-fp32w-mixed-ckpt-ga2": (
+        LLAMA,
+        dict(method="full", train_layers=1, precision="mixed", gradient_checkpointing=True, gradient_accumulation=2),
+    ),
+    "qwen3-freeze-last1-fp32-layers-mixed": (QWEN3, dict(method="full", train_layers=1, **FREEZE_LF)),
     # peft modules_to_save: a trainable copy of the embedding and/or lm_head beside the frozen original
     "lora-modules-to-save": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH)),
     "lora-modules-to-save-ckpt": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH, gradient_checkpointing=True)),

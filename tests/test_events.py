@@ -441,6 +441,11 @@ KNOB_SETUPS = [
     # Unsloth's fused LoRA layers (memory/unsloth.py), checkpointed and not
     {"method": "qlora", "stack": "unsloth"},
     {"method": "lora", "stack": "unsloth", "gradient_checkpointing": False, "activation_offload": "none"},
+    # --train-layers: a frozen prefix (memory/freeze.py), plain and with fp32 trained layers over bf16
+    {"method": "full", "train_layers": 2},
+    {"method": "full", "train_layers": 1, "gradient_checkpointing": True, "gradient_accumulation": 2},
+    {"method": "full", "train_layers": 2, "precision": "mixed", "model_dtype": "bf16", "train_layers_dtype": "fp32"},
+    {"method": "full", "train_layers": 5, "precision": "mixed", "gradient_checkpointing": True},
 ]
 
 

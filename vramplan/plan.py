@@ -544,7 +544,7 @@ class PlanResult(BaseModel):
 
 def label(setup: TrainingSetup, vary: dict[str, tuple[str, ...]] | None = None) -> str:
     parts = {
-        Method.FULL: "full",
+        Method.FULL: "full" if setup.train_layers is None else f"last {setup.train_layers} layers",
         Method.LORA: f"LoRA r{setup.lora_r}",
         Method.GALORE: f"GaLore r{setup.galore_rank}",
         Method.QLORA: f"QLoRA {setup.quant.value if setup.quant else ''} r{setup.lora_r}",
@@ -882,6 +882,8 @@ def _reason(row: PlanRow, fastest: PlanRow, req: PlanRequest) -> str:
         "qlora-hqq4": "4-bit (hqq) frozen base with LoRA adapters",
         "qlora-int8": "8-bit (LLM.int8) frozen base with LoRA adapters",
     }[row.method]
+    if row.setup.train_layers is not None:  # freeze tuning (memory/freeze.py)
+        trade = f"trains the last {row.setup.train_layers} decoder layers, the rest frozen"
     extra = []
     if row.setup.fsdp > 1:
         extra.append(f"sharded over {row.setup.fsdp} GPUs")

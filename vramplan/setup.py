@@ -15,6 +15,7 @@ from vramplan.errors import VramplanError
 from vramplan.limits import (
     MAX_ACCUMULATION,
     MAX_BATCH_SIZE,
+    MAX_LAYERS,
     MAX_PROJ_GAP,
     MAX_RANK,
     MAX_RANKS,
@@ -455,6 +456,8 @@ METHOD_FIELDS: dict[str, frozenset[Method]] = {
     "quant_storage": frozenset({Method.QLORA}),
     "galore_rank": frozenset({Method.GALORE}),
     "galore_update_proj_gap": frozenset({Method.GALORE}),
+    "train_layers": frozenset({Method.FULL}),
+    "train_layers_dtype": frozenset({Method.FULL}),
 }
 
 # (field, flag, largest value): every count and token number is bounded (vramplan/limits.py)
@@ -467,6 +470,7 @@ _BOUNDED = (
     ("fsdp", "--fsdp", MAX_RANKS),
     ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION),
     ("nodes", "--nodes", MAX_RANKS),
+    ("train_layers", "--train-layers", MAX_LAYERS),
 )
 
 
@@ -602,6 +606,16 @@ class TrainingSetup(BaseModel):
         "parameter (LLaMA-Factory: fp32 unless pure_bf16; TRL on a quantized base: bf16); default the "
         "original module's (peft copies it as it is)",
     )
+    train_layers: int | None = Field(
+        None,
+        description="train only the last N decoder layers, whole (LLaMA-Factory finetuning_type freeze, "
+        "freeze_trainable_layers); the embedding, lm_head, final norm and the other layers stay frozen",
+    )
+    train_layers_dtype: AdapterDtype | None = Field(
+        None,
+        description="dtype the trained layers are cast to over a model loaded in --model-dtype "
+        "(LLaMA-Factory: fp32 unless pure_bf16); default the model's",
+    )
     optimizer_in_backward: bool = Field(False, description="step each parameter's optimizer in its grad hook")
     gradient_accumulation: int = Field(1, description="micro-batches per optimizer step")
     activation_offload: ActivationOffload = Field(
@@ -693,7 +707,38 @@ class TrainingSetup(BaseModel):
         self._check_adapters_and_dtypes()
         self._check_engines()
         self._check_int8()
+        self._check_train_layers()
         return self
+
+    def _check_train_layers(self) -> None:
+        """--train-layers (a frozen prefix of decoder layers, memory/freeze.py): what is modelled
+        with it. The engines that shard or partition a half-frozen model, the offload and compile
+        paths and the in-backward optimizers are not."""
+        if self.train_layers is None:
+            if self.train_layers_dtype is not None:
+                raise VramplanError("only applies with --train-layers", "--train-layers-dtype")
+            return
+        if self.train_layers_dtype == AdapterDtype.FP32 and not self.autocast and self.weight_dtype != ModelDtype.FP32:
+            raise VramplanError(
+                "fp32 trained layers over bf16 weights need autocast (--precision mixed): without it "
+                "their matmuls would mix dtypes",
+                "--train-layers-dtype",
+            )
+        if self.train_layers < 1:
+            raise VramplanError(f"must be a positive number of layers, got {self.train_layers}", "--train-layers")
+        refused = (
+            (self.method != Method.FULL, "--method", f"--method {self.method.value} (only full trains layers whole)"),
+            (self.sharded or self.cpu_offload, "--fsdp", "FSDP over a partly frozen model"),
+            (self.deepspeed is not None, "--deepspeed", "DeepSpeed over a partly frozen model"),
+            (self.activation_offload != ActivationOffload.NONE, "--activation-offload", "activation offload"),
+            (self.compile, "--compile", "torch.compile"),
+            (self.steps_in_backward, "--optim", "an optimizer stepped inside backward"),
+            (self.stack == Stack.UNSLOTH, "--stack", "Unsloth"),
+            (self.precision == Precision.FP16, "--precision", "fp16 with its GradScaler"),
+        )
+        for bad, flag, what in refused:
+            if bad:
+                raise VramplanError(f"--train-layers with {what} is not modelled", flag)
 
     def _check_int8(self) -> None:
         """What vramplan does not model over an LLM.int8 base (memory/quantization.py)."""
@@ -878,11 +923,15 @@ class TrainingSetup(BaseModel):
     @property
     def trains_head(self) -> bool:
         """lm_head trains: with every weight (full, GaLore), or as peft's modules_to_save copy."""
+        if self.train_layers is not None:
+            return False
         return not self.lora_like or SavedModule.LM_HEAD in self.modules_to_save
 
     @property
     def trains_embedding(self) -> bool:
         """The input embedding trains: with every weight, or as peft's modules_to_save copy."""
+        if self.train_layers is not None:
+            return False
         return not self.lora_like or SavedModule.EMBED_TOKENS in self.modules_to_save
 
     @property
@@ -991,6 +1040,9 @@ class TrainingSetup(BaseModel):
             words.append("train=" + ",".join(m.value for m in self.modules_to_save))
         if self.lora_like and self.stack != Stack.PLAIN:
             words.append(f"dropout={self.lora_dropout:g}")
+        if self.train_layers is not None:
+            dtype = f" ({self.train_layers_dtype.value})" if self.train_layers_dtype is not None else ""
+            words.append(f"last-{self.train_layers}-layers{dtype}")
         if self.gradient_accumulation > 1:
             words.append(f"ga={self.gradient_accumulation}")
         if self.sharded and self.fsdp_version != 2:

@@ -339,8 +339,10 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
         use_reentrant_gc=s.checkpoint_reentrant,
         stage="sft",
         do_train=True,
-        finetuning_type="lora" if s.lora_like else "full",
+        finetuning_type="lora" if s.lora_like else "freeze" if s.train_layers is not None else "full",
     )
+    if s.train_layers is not None:  # the last N layers, whole (model/adapter.py:57-131)
+        d.update(freeze_trainable_layers=s.train_layers, freeze_trainable_modules="all")
     if s.method == Method.GALORE:
         d.update(
             use_galore=True,

@@ -25,6 +25,7 @@ from vramplan.setup import (
 )
 
 _SRC = "llamafactory==0.9.5"
+_QUANT_NEEDS_LORA = "lora with quantization_bit (a quantized base trains through adapters)"
 _FLASH = {"auto": Attention.SDPA, "sdpa": Attention.SDPA, "fa2": Attention.FLASH, "disabled": Attention.EAGER}
 _QUANT_METHOD = {"bnb": Quant.NF4, "bitsandbytes": Quant.NF4, "hqq": Quant.HQQ4}
 _KNOWN = frozenset(
@@ -49,6 +50,10 @@ _KNOWN = frozenset(
         "use_galore",
         "neat_packing",
         "packing",
+        "freeze_trainable_layers",
+        "freeze_trainable_modules",
+        "freeze_extra_modules",
+        "use_llama_pro",
     }
 )
 
@@ -91,9 +96,14 @@ def _stage(c: Collector) -> None:
 
 def _method(c: Collector) -> Method:
     kind = c.get("finetuning_type", "lora")
-    if kind not in ("lora", "full"):
-        raise c.fail("finetuning_type", "lora or full (freeze and oft are not modelled)", kind)
+    if kind not in ("lora", "full", "freeze"):
+        raise c.fail("finetuning_type", "lora, full or freeze (oft is not modelled)", kind)
     bits = c.get("quantization_bit")
+    if kind == "freeze":
+        if bits is not None:  # model/adapter.py:305-307 raises the same
+            raise c.fail("finetuning_type", _QUANT_NEEDS_LORA, kind)
+        _freeze(c)
+        return Method.FULL
     if bits is None:
         method = Method.FULL if kind == "full" else Method.LORA
         c.set(
@@ -104,7 +114,7 @@ def _method(c: Collector) -> Method:
     if bits != 4 and not eight:
         raise c.fail("quantization_bit", "4, or 8 with bitsandbytes (3- and 2-bit bases are not modelled)", bits)
     if kind != "lora":
-        raise c.fail("finetuning_type", "lora with quantization_bit (a quantized base trains through adapters)", kind)
+        raise c.fail("finetuning_type", _QUANT_NEEDS_LORA, kind)
     quant = c.choice("quantization_method", c.get("quantization_method", "bnb"), _QUANT_METHOD)
     c.set("quantization_bit", "method", Method.QLORA)
     if eight:  # BitsAndBytesConfig(load_in_8bit=True): model/model_utils/quantization.py:168-170
@@ -123,6 +133,36 @@ def _method(c: Collector) -> Method:
                 "single quantization keeps fp32 absmax, 0.375 bit/param more than the modelled double-quant nf4",
             )
     return Method.QLORA
+
+
+def _freeze(c: Collector) -> None:
+    """finetuning_type: freeze (model/adapter.py:57-131): freeze_trainable_layers > 0 trains the
+    last N decoder layers whole (default 2, finetuning_args.py:23-32), every other parameter
+    frozen. Training the first N (a negative count), LLaMA-Pro's spread layers, part of each layer
+    (freeze_trainable_modules) or root modules (freeze_extra_modules) leaves frozen layers that
+    pass grads, or partial layers, which vramplan does not model."""
+    n = c.get("freeze_trainable_layers", 2)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise c.fail(
+            "freeze_trainable_layers",
+            "a positive integer (the last N layers; training the first N is not modelled)",
+            n,
+        )
+    if c.get("use_llama_pro") is True:
+        raise c.fail("use_llama_pro", "false (LLaMA-Pro's spread trainable layers are not modelled)", True)
+    modules = c.get("freeze_trainable_modules", "all")
+    if modules != "all":
+        raise c.fail("freeze_trainable_modules", "all (training part of each layer is not modelled)", modules)
+    extra = c.get("freeze_extra_modules")
+    if extra:
+        raise c.fail("freeze_extra_modules", "empty (trained root modules are not modelled)", extra)
+    c.set(
+        "freeze_trainable_layers" if "freeze_trainable_layers" in c.data else "finetuning_type",
+        "train_layers",
+        n,
+        "the last N decoder layers train whole" + ("" if "freeze_trainable_layers" in c.data else " (default 2)"),
+    )
+    c.set("finetuning_type", "method", Method.FULL, "freeze tuning: the other layers, embeddings and head frozen")
 
 
 def _lora(c: Collector, method: Method) -> None:
@@ -181,7 +221,8 @@ def _precision(c: Collector, method: Method, engine: dict) -> None:
         c.set("bf16", "precision", Precision.MIXED, "bf16 autocast")
     else:
         c.set("bf16", "precision", Precision.BF16, "no bf16/fp16: no autocast")
-    fp32_master = method == Method.FULL
+    freeze = c.get("finetuning_type") == "freeze"
+    fp32_master = method == Method.FULL and not freeze
     c.set(
         "finetuning_type",
         "model_dtype",
@@ -190,6 +231,13 @@ def _precision(c: Collector, method: Method, engine: dict) -> None:
         if fp32_master
         else "derived: frozen weights in the checkpoint dtype (bf16)",
     )
+    if freeze:
+        c.set(
+            "finetuning_type",
+            "train_layers_dtype",
+            AdapterDtype.FP32,
+            "derived: the trained layers cast to fp32 (model/adapter.py:126-129, :313-328)",
+        )
     if method != Method.FULL:
         c.set(
             "finetuning_type",

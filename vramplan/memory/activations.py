@@ -12,6 +12,7 @@ from vramplan.memory.autocast import FrozenCasts, frozen_casts
 from vramplan.memory.checkpointing import checkpoint_offload, offload_all_resident
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.dora import dora_weight_saved
+from vramplan.memory.freeze import frozen_prefix
 from vramplan.memory.layer import ShapeKey, layer_saved_per_token, shape_key
 from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import input_bytes, root_saved
@@ -39,12 +40,18 @@ class SavedActivations:
 
 def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     """Per token, what each decoder layer saves. The first layer's input needs grad only when
-    the embedding trains or checkpointing calls enable_input_require_grads."""
+    the embedding trains or checkpointing calls enable_input_require_grads. A frozen prefix
+    (--train-layers) saves nothing; the first trained layer's input is made to need grad
+    (memory/freeze.py)."""
     first_grad = _first_grad(setup)
+    first = frozen_prefix(spec, setup)
     saved_of: dict[tuple[ShapeKey, bool], int] = {}  # most models repeat one layer shape: compute each once
     out = []
     for i, layer in enumerate(spec.layers):
-        key = (shape_key(layer), i > 0 or first_grad)
+        if i < first:
+            out.append(0)
+            continue
+        key = (shape_key(layer), i > first or first_grad)
         if key not in saved_of:
             saved_of[key] = layer_saved_per_token(spec, layer, setup, input_grad=key[1])
         out.append(saved_of[key])
@@ -109,7 +116,8 @@ def layer_activations(
     if setup.gradient_checkpointing:
         # each checkpointed layer keeps its input hidden state, on the GPU unless offloaded
         off = checkpoint_offload(spec, setup)
-        gpu = off.layer_gpu(len(spec.layers))
+        first = frozen_prefix(spec, setup)  # a frozen prefix keeps no checkpointed input
+        gpu = [0] * first + off.layer_gpu(len(spec.layers))[first:]
         return SavedActivations(
             per_layer=per_layer,
             layers=sum(gpu),

@@ -15,7 +15,23 @@ from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, Method, TrainingSetup
 
 
-def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int) -> int:
+def _cached_matrix(p: Param, setup: TrainingSetup) -> bool:
+    """A trainable fp32 weight matrix: cached_cast keeps its bf16 copy (autocast.py's header)."""
+    return p.trainable and p.kind == ParamKind.DENSE and p.numel != p.dim0 and grad_bytes(p, setup) == 4
+
+
+def checkpointed_layer_casts(params: list[Param], setup: TrainingSetup) -> int:
+    """Under checkpointing, the decoder layers' trainable fp32 weights: the checkpointed forward
+    runs inside the forward's autocast, so cached_cast keeps each weight's bf16 copy in the cache
+    until that autocast exits (after the loss), though no layer saves it; the recompute runs in
+    an autocast of its own (torch.utils.checkpoint's recompute_fn) whose exit clears its copies.
+    [CPU trace: full-mixed-ckpt and the freeze-*-mixed-ckpt cases, forward]"""
+    if not (setup.autocast and setup.gradient_checkpointing):
+        return 0
+    return sum(alloc(2 * p.numel) for p in params if p.layer is not None and _cached_matrix(p, setup))
+
+
+def cast_cache(params: list[Param], setup: TrainingSetup, spec: ModelSpec) -> int:
     """autocast caches bf16 casts of trainable fp32 weights (a full fine-tune's masters, peft's
     fp32 modules_to_save lm_head; LoRA's adapters: adapter_casts); they are saved for backward
     (without checkpointing every layer's; with it only the root's lm_head). [cal]"""
@@ -24,11 +40,16 @@ def cast_cache(params: list[Param], setup: TrainingSetup, vocab: int) -> int:
         return 0
     total = 0
     ckpt = setup.gradient_checkpointing
+    # the input embedding is a lookup, not an autocast op: never cast. Untied, it is the first
+    # root matrix of vocab rows parameters() lists, before lm_head; tied, that one matrix is
+    # lm_head's weight too, cast for the head's matmul. [CPU trace: full-mixed-ckpt, untied]
+    embedding_left = bool(spec.lm_head_numel)
     for p in params:
-        matrix = p.trainable and p.kind == ParamKind.DENSE and p.numel != p.dim0 and grad_bytes(p, setup) == 4
-        # in a layer, or lm_head (a root matrix of vocab rows; the embedding is not cast)
-        cast = p.layer is not None or (p.dim0 == vocab and p.role != LinearRole.EMBED)
-        if matrix and (not ckpt or p.layer is None) and cast:
+        head = p.layer is None and p.dim0 == spec.vocab and p.role != LinearRole.EMBED
+        if head and embedding_left:
+            embedding_left = False
+            continue
+        if _cached_matrix(p, setup) and (not ckpt or p.layer is None) and (p.layer is not None or head):
             total += alloc(2 * p.numel)
     return total
 
@@ -63,8 +84,12 @@ def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
     adapters = adapter_casts(spec, setup)
     ckpt = setup.gradient_checkpointing
     forward = sum(adapters) if ckpt else 0
-    if not frozen_fp32_autocast(setup) or setup.method in (Method.FULL, Method.GALORE):
+    if not frozen_fp32_autocast(setup):
         return FrozenCasts(adapters, [0] * n, forward=forward)
+    if setup.method in (Method.FULL, Method.GALORE):
+        # every layer weight trains (cast_cache), but under --train-layers lm_head is frozen; the
+        # frozen prefix records nothing (memory/freeze.py)
+        return FrozenCasts(adapters, [0] * n, _head_casts(spec, setup), forward)
     layers, downs = [], []
     dense = setup.method == Method.LORA
     for i, layer in enumerate(spec.layers):

@@ -12,6 +12,7 @@ from vramplan.categories import Category as C
 from vramplan.memory import deepspeed
 from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.dora import dora_recompute
+from vramplan.memory.freeze import frozen_prefix
 from vramplan.memory.fsdp import (
     fsdp1_compute_bytes,
     layer_backward_gathered,
@@ -285,7 +286,8 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
     non_layer = ctx.acts - ctx.layer_acts - ctx.released
     out: list[Phase] = []
     done, remaining = book.sharded.get(None, 0), ctx.layer_acts
-    for i in range(len(ctx.spec.layers) - 1, -1, -1):
+    # a frozen prefix (--train-layers) has no backward: autograd's graph ends at the first trained layer
+    for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
         key = shape_key(ctx.spec.layers[i])
         if key not in points_of:
             points_of[key] = layer_points(ctx.spec, ctx.spec.layers[i], ctx.setup)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from vramplan.categories import Category as C
-from vramplan.memory.precision import fp32_stream_autocast
+from vramplan.memory.precision import fp32_stream_autocast, trained_layers_fp32
 from vramplan.memory.storage import Phase
 from vramplan.memory.types import LayerPoint, MeasuredPhase, Param, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec
@@ -40,7 +40,9 @@ def activation_context(setup: TrainingSetup) -> ActivationContext:
         weights_train=full,
         norms_train=full,
         stream=stream_bytes(setup),
-        autocast=fp32_stream,
+        # --train-layers-dtype fp32 over bf16 weights: a trained layer's fp32 norm weights promote
+        # the norm's output to fp32 and each Linear casts its own copy; the stream stays bf16
+        autocast=fp32_stream or trained_layers_fp32(setup),
         adapters_bf16=(
             lora_autocast
             or setup.deepspeed is not None

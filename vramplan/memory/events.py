@@ -40,6 +40,7 @@ from vramplan.memory.checkpointing import (
 )
 from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
 from vramplan.memory.context import StepContext, activation_context
+from vramplan.memory.freeze import frozen_prefix
 from vramplan.memory.fsdp import (
     PRE_UNSHARD_STREAM,
     fsdp1_compute_bytes,
@@ -274,7 +275,7 @@ class _Builder:
         """Layer i's saved tensors as blocks in forward order, down's input last."""
         ctx = self.ctx
         layer = ctx.spec.layers[i]
-        key = (shape_key(layer), i > 0 or _first_grad(ctx))
+        key = (shape_key(layer), _input_grad(ctx, i))
         if key not in self._parts:
             self._parts[key] = layer_components(ctx.spec, layer, ctx.setup, key[1])
         held = alloc(ctx.tokens * self.points(i).down_held)  # made at down, kept to the layer's end
@@ -296,7 +297,7 @@ class _Builder:
         forward order, down's input last."""
         ctx = self.ctx
         self.saved_blocks(i)  # fills the layer's components
-        components, norms = self._parts[(shape_key(ctx.spec.layers[i]), i > 0 or _first_grad(ctx))]
+        components, norms = self._parts[(shape_key(ctx.spec.layers[i]), _input_grad(ctx, i))]
         parts = list(components)
         if ctx.spec.norm_kind != "layer":
             for k in norms:
@@ -407,6 +408,12 @@ class _Builder:
 def _first_grad(ctx: StepContext) -> bool:
     """The first layer's input needs grad (activations._first_grad)."""
     return ctx.setup.trains_embedding or ctx.ckpt
+
+
+def _input_grad(ctx: StepContext, i: int) -> bool:
+    """Layer i's input needs grad (activations.per_layer_saved): past the first trained layer,
+    or the first one under _first_grad."""
+    return i > frozen_prefix(ctx.spec, ctx.setup) or _first_grad(ctx)
 
 
 def _persistent(b: _Builder, params: list[Param], built: bool) -> None:
@@ -614,7 +621,8 @@ def _forward(b: _Builder) -> list[int | None]:
     ]
     cache = led.alloc(C.ACTIVATIONS, ctx.forward_cache)  # autocast's, until the forward's autocast exits
     last = len(spec.layers) - 1
-    for i in range(len(spec.layers)):
+    first = frozen_prefix(spec, ctx.setup)  # --train-layers: the frozen prefix saves nothing
+    for i in range(first, len(spec.layers)):
         if ctx.ckpt:
             _checkpointed_input(b, i)
             if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
@@ -700,7 +708,7 @@ def _one_step(b: _Builder) -> list[int | None]:
         by_layer.setdefault(p.layer, []).append(p)
     grads = accumulated + _grads(b, by_layer.get(None, []))
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
-    for i in range(len(ctx.spec.layers) - 1, -1, -1):
+    for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
         _layer_backward(b, i, by_layer.get(i, []), grads)
     b.at_kind(PhaseKind.EMBEDDING_BACKWARD)
     for tid in step_wide[1:]:

@@ -25,8 +25,15 @@ def linears_saved(
         if ctx.quant_saves_input or ctx.weights_train:
             # hqq's HQQMatmulNoCacheMul saves x, LLM.int8's MatMul8bitLt keeps it; a trained
             # weight needs x for its grad.
-            if ctx.autocast and ctx.quant is None:
+            if ctx.autocast and ctx.quant is None and from_stream:
                 saved += 2 * in_dim  # autocast casts the fp32 input once per Linear
+            elif ctx.autocast and ctx.quant is None:
+                # a bf16 input on the fp32 stream (attention's output, act*up): the cast is a no-op
+                # (cached_cast), so the Linear saves that tensor, which SDPA may have saved already
+                # [CPU trace: full-mixed, untied, o_proj]
+                if not shared_saved and not input_shared:
+                    saved += 2 * in_dim
+                    shared_saved = True
             elif not shared_saved and not input_shared:
                 saved += (quant_input_bytes(ctx, from_stream, mlp_out) if ctx.quant else ctx.stream) * in_dim
                 shared_saved = True

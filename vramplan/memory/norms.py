@@ -23,10 +23,12 @@ def norm_saved(spec: ModelSpec, ctx: ActivationContext, input_grad: bool, width:
         return 0  # frozen weight and an input without grad: no autograd node
     if spec.norm_kind == "layer":
         return ctx.stream * h
-    saved = 4 * h
-    if ctx.norms_train:
-        saved += 4 * h if (spec.norm_kind == "rms_gemma" or ctx.stream == 4) else 2 * h
-    return saved
+    normalized = 4 * h if (spec.norm_kind == "rms_gemma" or ctx.stream == 4) else 2 * h
+    if not input_grad:
+        # only the weight trains (a trained layer after a frozen prefix, memory/freeze.py): the
+        # fp32 pow/rsqrt/mul chain records nothing, `weight *` saves the normalized x [CPU trace: the freeze-* cases]
+        return normalized
+    return 4 * h + (normalized if ctx.norms_train else 0)
 
 
 def has_rms_final_norm(spec: ModelSpec) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import cast
 
 from vramplan.categories import Category as C
+from vramplan.memory.freeze import layer_trains, trained_dtype_bytes
 from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.precision import dense_weight_bytes
 from vramplan.memory.quantization import quantized_store
@@ -16,8 +17,8 @@ from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Method, Quant, SavedModule, TrainingSetup
 
 
-def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]:
-    full = setup.method in (Method.FULL, Method.GALORE)
+def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup, trains: bool) -> list[Param]:
+    full = setup.method in (Method.FULL, Method.GALORE) and trains
     galore = setup.method == Method.GALORE
     base_kind = ParamKind(cast(Quant, setup.quant).value) if setup.method == Method.QLORA else ParamKind.DENSE
     out: list[Param] = []
@@ -43,10 +44,12 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup) -> list[Param]
 
 def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
     """Every parameter tensor with how it is stored and whether it trains."""
-    full = setup.method in (Method.FULL, Method.GALORE)
+    # --train-layers: the root modules freeze with the prefix (memory/freeze.py)
+    full = setup.method in (Method.FULL, Method.GALORE) and setup.train_layers is None
     out: list[Param] = []
+    n = len(spec.layers)
     for i, layer in enumerate(spec.layers):
-        out.extend(_layer_params(i, layer, setup))
+        out.extend(_layer_params(i, layer, setup, layer_trains(i, n, setup)))
     dense = ParamKind.DENSE
     out.append(Param(spec.embed_numel, spec.vocab, dense, full, None))
     if spec.lm_head_numel:
@@ -121,4 +124,7 @@ def _dense_param_bytes(p: Param, setup: TrainingSetup) -> int:
     llamafactory==0.9.5 model/adapter.py:284-286)."""
     if p.role in SAVED_COPY_ROLES and setup.modules_to_save_dtype is not None:
         return setup.modules_to_save_dtype.bytes
+    cast = trained_dtype_bytes(setup)  # --train-layers-dtype: the trained layers' cast (memory/freeze.py)
+    if cast is not None and p.trainable and p.layer is not None:
+        return cast
     return dense_bytes(setup)

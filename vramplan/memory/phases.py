@@ -20,13 +20,14 @@ from vramplan.memory.accumulation import (
 )
 from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
-from vramplan.memory.autocast import cast_cache
+from vramplan.memory.autocast import cast_cache, checkpointed_layer_casts
 from vramplan.memory.backward import layer_backward_phases
 from vramplan.memory.checkpointing import int8_notes, offload_note, reentrant
 from vramplan.memory.compile import compiled_forward_locals
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
 from vramplan.memory.dora import dora_layer_transient, dora_norm_locals, dora_norm_transient
 from vramplan.memory.engines import engine_notes, engine_static, step_transient_applies
+from vramplan.memory.freeze import freeze_notes
 from vramplan.memory.fsdp import (
     engine_units,
     forward_end_gathered,
@@ -97,7 +98,7 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
     # optimizers stepped in backward (layer-wise, LOMO, --optimizer-in-backward): each
     # parameter's hook steps it and frees its grad
     hook = layerwise_hook_bytes(params, setup) if setup.steps_in_backward else {}
-    cache = cast_cache(params, setup, spec.vocab) - fused_head_cast(spec, setup)
+    cache = cast_cache(params, setup, spec) - fused_head_cast(spec, setup)
     return StepContext(
         spec=spec,
         setup=setup,
@@ -118,7 +119,7 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
         host_acts=saved.host,
         casts=saved.casts,
         down_casts=saved.down_casts,
-        forward_cache=saved.forward_cache,
+        forward_cache=saved.forward_cache + checkpointed_layer_casts(params, setup),
         held_mlp_last=saved.held_mlp_last,
         reentrant=reentrant(setup),
         engine=prepared.engine,
@@ -319,7 +320,13 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
     if any(unsloth_fused(spec, layer, setup) for layer in spec.layers[:1]):
         notes.append(UNSLOTH_NOTE)
-    return notes + offload_note(setup) + int8_notes(spec, setup) + saved_modules_note(spec, setup)
+    return (
+        notes
+        + offload_note(setup)
+        + int8_notes(spec, setup)
+        + saved_modules_note(spec, setup)
+        + freeze_notes(spec, setup)
+    )
 
 
 def step_model(

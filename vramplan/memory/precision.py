@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.storage import BLOCK
-from vramplan.setup import ModelDtype, Precision, Quant, SavedModule, TrainingSetup
+from vramplan.setup import AdapterDtype, ModelDtype, Precision, Quant, SavedModule, TrainingSetup
 
 
 def kbit_upcast(setup: TrainingSetup) -> bool:
@@ -50,6 +50,20 @@ def fp32_stream_autocast(setup: TrainingSetup) -> bool:
     # stream fp32 from the embedding on: residual adds keep fp32, RMSNorm returns its weight
     # times the fp32 input (transformers LlamaRMSNorm.forward) [CPU trace: lora-modules-to-save-fp32-copies]
     return frozen_fp32_autocast(setup) or (setup.autocast and embedding_bytes(setup) == 4)
+
+
+def trained_layers_fp32(setup: TrainingSetup) -> bool:
+    """--train-layers-dtype fp32 under autocast over bf16 weights (LLaMA-Factory's freeze tuning
+    without pure_bf16): a trained layer's RMSNorm multiplies its fp32 weight by the bf16
+    normalized input (transformers LlamaRMSNorm.forward: ``self.weight * hidden_states.to(input_dtype)``),
+    so the norm's output is fp32 and each Linear reading it casts its own bf16 copy, as over an
+    fp32 stream; the residual stream, and what the norms save, stay bf16. [CPU trace: the freeze-* cases]"""
+    return (
+        setup.autocast
+        and setup.train_layers is not None
+        and setup.train_layers_dtype == AdapterDtype.FP32
+        and not fp32_stream_autocast(setup)
+    )
 
 
 # torch.amp.GradScaler (torch==2.13 torch/amp/grad_scaler.py): _lazy_init_scale_growth_tracker
@@ -101,4 +115,5 @@ __all__ = [
     "grad_scaler_step",
     "kbit_upcast",
     "precision_notes",
+    "trained_layers_fp32",
 ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from vramplan.errors import VramplanError
+from vramplan.memory.freeze import first_trained_layer
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
@@ -444,6 +446,53 @@ def enable_checkpointing(model, setup: TrainingSetup) -> None:
         model.enable_input_require_grads()
 
 
+def freeze_prefix(model, spec: ModelSpec, setup: TrainingSetup, prefix: str) -> None:
+    """--train-layers: LLaMA-Factory's freeze tuning (llamafactory==0.9.5 model/adapter.py:57-131):
+    every parameter but the last N decoder layers' gets requires_grad False, the embedding,
+    final norm and lm_head included; the trained ones cast to --train-layers-dtype
+    (``param.data = param.data.to(torch.float32)``, :126-129)."""
+    import torch
+
+    first = first_trained_layer(spec.num_layers, setup)
+    trained = tuple(f"{prefix}.{i}." for i in range(first, spec.num_layers))
+    cast = setup.train_layers_dtype
+    for name, p in model.named_parameters():
+        if not name.startswith(trained):
+            p.requires_grad_(False)
+        elif cast is not None:
+            p.data = p.data.to(torch.float32 if cast == AdapterDtype.FP32 else torch.bfloat16)
+
+
+def checkpoint_trained_layers_only(model, setup: TrainingSetup, prefix: str) -> None:
+    """LLaMA-Factory's checkpointing (model_utils/checkpointing.py:126-154): it sets the layers'
+    checkpoint function itself (``_set_gradient_checkpointing``), so transformers'
+    enable_input_require_grads never runs and the frozen embedding's output needs no grad; its
+    function (:100-122) runs a layer with no trainable parameter plainly, and for one with them
+    makes the hidden-states input require grad (``arg.requires_grad_(True)``) and checkpoints it."""
+    from torch.utils.checkpoint import checkpoint
+
+    model._set_gradient_checkpointing(
+        enable=True, gradient_checkpointing_func=partial(checkpoint, use_reentrant=setup.checkpoint_reentrant)
+    )
+    for layer in model.get_submodule(prefix):
+        layer._gradient_checkpointing_func = _trained_only(layer, layer._gradient_checkpointing_func)
+
+
+def _trained_only(layer, inner):
+    import torch
+
+    def run(func, *args, **kwargs):
+        if not any(p.requires_grad for p in layer.parameters()):
+            return func(*args, **kwargs)
+        for arg in args:
+            if torch.is_tensor(arg) and torch.is_floating_point(arg):
+                arg.requires_grad_(True)
+                break
+        return inner(func, *args, **kwargs)
+
+    return run
+
+
 def galore_names(model, spec: ModelSpec) -> set[str]:
     """2-D weights inside attention and MLP blocks (memory.parameters: role != other)."""
     return {f"{path}.weight" for path, role in decoder_linears(model, spec) if role != "other"}
@@ -816,7 +865,11 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         if setup.kbit_prep:
             kbit_prepare(model, setup)
         model = apply_lora(model, spec, setup, "meta" if fsdp else device)
-    if setup.gradient_checkpointing:
+    if setup.train_layers is not None:
+        freeze_prefix(model, spec, setup, prefix)
+    if setup.gradient_checkpointing and setup.train_layers is not None:
+        checkpoint_trained_layers_only(model, setup, prefix)
+    elif setup.gradient_checkpointing:
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     if setup.lora_like:
