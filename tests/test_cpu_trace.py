@@ -1075,6 +1075,9 @@ OPTIMIZER_CASES = {
     "lora-muon": dict(method="lora", optim="muon"),
     "full-apollo_adamw": dict(method="full", optim="apollo_adamw"),
     "full-apollo_adamw_layerwise": dict(method="full", optim="apollo_adamw_layerwise"),
+    "full-apollo_adamw-rank16": dict(method="full", optim="apollo_adamw", apollo_rank=16),
+    "full-adam_mini": dict(method="full", optim="adam_mini"),
+    "full-mixed-adam_mini": dict(method="full", optim="adam_mini", precision="mixed"),
     "full-stable_adamw": dict(method="full", optim="stable_adamw"),
     "lora-stable_adamw": dict(method="lora", optim="stable_adamw"),
     "full-lomo": dict(method="full", optim="lomo"),
@@ -1087,6 +1090,7 @@ OPTIMIZER_LIBRARIES = {
     "muon": "llamafactory",
     "apollo_adamw": "apollo_torch",
     "apollo_adamw_layerwise": "apollo_torch",
+    "adam_mini": "adam_mini",
     "stable_adamw": "optimi",
     "lomo": "lomo_optim",
 }

@@ -446,6 +446,9 @@ KNOB_SETUPS = [
     {"method": "full", "train_layers": 1, "gradient_checkpointing": True, "gradient_accumulation": 2},
     {"method": "full", "train_layers": 2, "precision": "mixed", "model_dtype": "bf16", "train_layers_dtype": "fp32"},
     {"method": "full", "train_layers": 5, "precision": "mixed", "gradient_checkpointing": True},
+    # Adam-mini (one momentum and per-row values) and APOLLO at LLaMA-Factory's rank
+    {"method": "full", "optim": "adam_mini", "precision": "mixed"},
+    {"method": "full", "optim": "apollo_adamw", "apollo_rank": 16, "gradient_checkpointing": True},
 ]
 
 

@@ -73,6 +73,7 @@ class OptimFamily(str, Enum):
     ADALOMO = "adalomo"  # factored second moment fused into backward
     GROKADAMW = "grokadamw"  # AdamW + a gradient EMA, all three states in host memory
     MUON = "muon"  # one momentum (Newton-Schulz) for 2-D weights, AdamW for the rest
+    ADAM_MINI = "adam_mini"  # one momentum, the second moment one scalar per head / output row / tensor
 
 
 class OptimLibrary(str, Enum):
@@ -90,6 +91,7 @@ class OptimLibrary(str, Enum):
     OPTIMI = "torch-optimi"
     TORCHDISTX = "torchdistx"
     MUON = "llamafactory-muon"  # LLaMA-Factory third_party/muon (axolotl's is the same algorithm)
+    ADAM_MINI = "adam-mini"  # adam_mini.Adam_mini (LLaMA-Factory use_adam_mini)
     TORCH_XLA = "torch-xla"
     TORCH_NPU = "torch-npu"
 
@@ -128,7 +130,8 @@ class OptimTraits:
 
 class Optim(str, Enum):
     """Hugging Face ``TrainingArguments.optim`` names (transformers 5.25.0 training_args.py:113-158
-    OptimizerNames), plus ``muon`` (axolotl ``optimizer: muon``, LLaMA-Factory ``use_muon``)."""
+    OptimizerNames), plus ``muon`` (axolotl ``optimizer: muon``, LLaMA-Factory ``use_muon``) and
+    ``adam_mini`` (LLaMA-Factory ``use_adam_mini``)."""
 
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
@@ -172,6 +175,7 @@ class Optim(str, Enum):
     APOLLO_ADAMW_LAYERWISE = "apollo_adamw_layerwise"
     STABLE_ADAMW = "stable_adamw"
     MUON = "muon"
+    ADAM_MINI = "adam_mini"
 
     @property
     def traits(self) -> OptimTraits:
@@ -291,6 +295,7 @@ def _projected_and_other_traits() -> dict[Optim, OptimTraits]:
         O.APOLLO_ADAMW_LAYERWISE: T(F.APOLLO_ADAMW, L.APOLLO, "APOLLO AdamW", 2, layerwise=True, in_backward=True),
         O.STABLE_ADAMW: T(F.STABLE_ADAMW, L.OPTIMI, "StableAdamW", 2),
         O.MUON: T(F.MUON, L.MUON, "Muon", 1),
+        O.ADAM_MINI: T(F.ADAM_MINI, L.ADAM_MINI, "Adam-mini", 1),
     }
 
 
@@ -403,6 +408,8 @@ class LoraTargets(str, Enum):
 
 
 _OPTIM_FLAG = "--optim"
+# transformers 5.25.0 trainer_optimizer.py:398-405: the rank HF gives APOLLO when optim_args names none
+APOLLO_DEFAULT_RANK = 128
 _LORA_ONLY = (("dora", "--dora"), ("kbit_prep", "--kbit-prep"))
 
 
@@ -467,6 +474,7 @@ _BOUNDED = (
     ("lora_r", "--lora-r", MAX_RANK),
     ("galore_rank", "--galore-rank", MAX_RANK),
     ("galore_update_proj_gap", "--galore-update-proj-gap", MAX_PROJ_GAP),
+    ("apollo_rank", "--apollo-rank", MAX_RANK),
     ("fsdp", "--fsdp", MAX_RANKS),
     ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION),
     ("nodes", "--nodes", MAX_RANKS),
@@ -494,6 +502,7 @@ def check_method_fields(data: dict, explicit: bool = True) -> None:
     rows hold lora_dropout 0.0 for full fine-tunes), and vramplan's own builders (the strategy
     comparison, plan, plot) share fields across methods. explicit=False: a value equal to the
     field's default counts as not given."""
+    _check_optim_fields(data, explicit)
     method = _method_of(data)
     if method is None:
         return
@@ -511,6 +520,20 @@ def check_method_fields(data: dict, explicit: bool = True) -> None:
             )
 
 
+def _check_optim_fields(data: dict, explicit: bool) -> None:
+    """--apollo-rank is read only by the APOLLO optimizers (the same rule as check_method_fields)."""
+    rank, optim = data.get("apollo_rank"), data.get("optim")
+    if rank is None or (not explicit and rank == APOLLO_DEFAULT_RANK):
+        return
+    if optim is not None and _optim_family(optim) is None:
+        return  # an unknown optimizer: the field's own validation names it
+    if _optim_family(optim) != OptimFamily.APOLLO_ADAMW:
+        raise VramplanError(
+            "is used only by --optim apollo_adamw or apollo_adamw_layerwise (remove the option or change --optim)",
+            "--apollo-rank",
+        )
+
+
 def fields_for_method(fields: dict) -> dict:
     """``fields`` less the ones its method does not read: for setups built inside vramplan
     (the strategy comparison, plan, plot, verify's rebuilds) from shared options, where only
@@ -518,7 +541,18 @@ def fields_for_method(fields: dict) -> dict:
     method = _method_of(fields)
     if method is None:
         return dict(fields)
-    return {k: v for k, v in fields.items() if method in METHOD_FIELDS.get(k, (method,))}
+    out = {k: v for k, v in fields.items() if method in METHOD_FIELDS.get(k, (method,))}
+    if _optim_family(out.get("optim")) != OptimFamily.APOLLO_ADAMW:
+        out.pop("apollo_rank", None)
+    return out
+
+
+def _optim_family(optim: object) -> OptimFamily | None:
+    """The family of an optimizer given as an enum or its name; None when absent or unknown."""
+    try:
+        return Optim(getattr(optim, "value", optim)).traits.family if optim is not None else None
+    except ValueError:
+        return None
 
 
 def _as_int(value: object) -> object:
@@ -548,7 +582,7 @@ class TrainingSetup(BaseModel):
     # None (or absent) on input is filled in by _defaults from the method
     optim: Optim = Field(
         Optim.ADAMW_TORCH,
-        description="optimizer (transformers TrainingArguments.optim name, or muon); default "
+        description="optimizer (transformers TrainingArguments.optim name, muon or adam_mini); default "
         "adamw_torch, galore_adamw for galore",
     )
     batch_size: int = Field(1, description="micro-batch size per GPU")
@@ -564,6 +598,11 @@ class TrainingSetup(BaseModel):
     )
     galore_rank: int = Field(128, description="GaLore projection rank")
     galore_update_proj_gap: int = Field(200, description="steps between GaLore SVD refreshes")
+    apollo_rank: int = Field(
+        APOLLO_DEFAULT_RANK,
+        description="APOLLO projection rank (--optim apollo_adamw[_layerwise]); default 128, transformers' "
+        "(LLaMA-Factory's apollo_rank: 16)",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
     fsdp: int = Field(1, description="FSDP world size (1 = no sharding; several --gpus without it: DDP)")
     cpu_offload: bool = Field(
@@ -832,6 +871,7 @@ class TrainingSetup(BaseModel):
             raise VramplanError(
                 f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}", _OPTIM_FLAG
             )
+        self._check_adam_mini()
         if self.optim.layerwise and (self.fsdp > 1 or self.cpu_offload or self.deepspeed is not None):
             raise VramplanError(
                 f"{self.optim.value} (layer-wise) cannot be combined with --fsdp, --cpu-offload or "
@@ -856,6 +896,25 @@ class TrainingSetup(BaseModel):
                 "each gradient is freed by its optimizer hook, nothing is left to accumulate; use "
                 "--gradient-accumulation 1",
                 flag,
+            )
+
+    def _check_adam_mini(self) -> None:
+        """Adam-mini partitions by parameter name and shape (adam-mini 1.1.1 adam_mini.py:114-128,
+        251-323): q/k weights viewed as heads, which LoRA factors do not divide into; ZeRO's flat
+        partitions and per-parameter hook optimizers have no names."""
+        if self.optim.traits.family != OptimFamily.ADAM_MINI:
+            return
+        if self.method != Method.FULL:
+            raise VramplanError(
+                f"adam_mini goes with --method full only, not {self.method.value} (its q/k blocks are "
+                "viewed as attention heads; LoRA factors do not divide into heads)",
+                _OPTIM_FLAG,
+            )
+        if self.deepspeed is not None or self.optimizer_in_backward:
+            raise VramplanError(
+                "adam_mini with --deepspeed or --optimizer-in-backward is not modelled (it partitions "
+                "the model's named parameters; ZeRO and per-parameter hooks hand it unnamed tensors)",
+                _OPTIM_FLAG,
             )
 
     @property
@@ -995,6 +1054,8 @@ class TrainingSetup(BaseModel):
             parts.append(f"r={self.lora_r}" + ("" if self.lora_targets == LoraTargets.ALL_LINEAR else " attn"))
         if self.method == Method.GALORE:
             parts.append(f"rank={self.galore_rank}")
+        if self.optim.traits.family == OptimFamily.APOLLO_ADAMW and self.apollo_rank != APOLLO_DEFAULT_RANK:
+            parts.append(f"apollo-rank={self.apollo_rank}")
         parts.append(self.precision.value)
         parts.append(self.optim.value)
         if self.gradient_checkpointing:

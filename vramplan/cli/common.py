@@ -169,6 +169,7 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     _flag(p, "modules_to_save_dtype", choices=_choices(AdapterDtype))
     _flag(p, "quant", choices=_choices(Quant))
     _flag(p, "galore_rank", type=int_in(MAX_RANK), extra_help=f"; default 128 (1 to {MAX_RANK:,})")
+    _flag(p, "apollo_rank", type=int_in(MAX_RANK), extra_help=f" (1 to {MAX_RANK:,})")
     _flag(p, "train_layers", type=int_in(MAX_LAYERS), extra_help=f" (--method full; 1 to {MAX_LAYERS:,})")
     _flag(p, "train_layers_dtype", choices=_choices(AdapterDtype))
     _flag(p, "gradient_checkpointing", boolean=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
-from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim
+from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim, set_optim_args
 from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
@@ -16,6 +16,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Optim,
     Packing,
     Precision,
     Quant,
@@ -73,7 +74,8 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _attention(c)
     _checkpointing(c, method)
     if c.get("optimizer") is not None:
-        set_optim(c, "optimizer", c.get("optimizer"))
+        set_optim(c, "optimizer", c.get("optimizer"), also=frozenset({Optim.MUON}))
+        set_optim_args(c)
     _loss(c)
     _fsdp(c)
     if c.get("deepspeed") is not None:

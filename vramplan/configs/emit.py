@@ -30,6 +30,7 @@ from vramplan.setup import (
     Method,
     ModelDtype,
     Optim,
+    OptimFamily,
     Packing,
     Precision,
     Quant,
@@ -100,6 +101,8 @@ def effective(setup: TrainingSetup, fmt: str) -> dict[str, Any]:
         out["modules_to_save_dtype"] = setup.modules_to_save_dtype if setup.modules_to_save else None
     if setup.method != Method.GALORE:
         out.pop("galore_rank"), out.pop("galore_update_proj_gap")
+    if setup.optim.traits.family != OptimFamily.APOLLO_ADAMW:
+        out.pop("apollo_rank")
     if setup.fsdp == 1:
         out.pop("fsdp_version"), out.pop("fsdp_sharding"), out.pop("fsdp_embedding_units")
     if fmt == "accelerate":  # the launch file owns the engine and the autocast, nothing else
@@ -115,7 +118,10 @@ def _target_modules(setup: TrainingSetup) -> tuple[str, ...] | str:
 
 
 def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
-    reading = combine.read_text(text, f"<{fmt} emit>", ConfigFormat(fmt))
+    try:
+        reading = combine.read_text(text, f"<{fmt} emit>", ConfigFormat(fmt))
+    except VramplanError as e:  # e.g. an optimizer name its trainer does not take
+        raise VramplanError(f"{fmt} cannot express this setup ({e.message})", "--emit") from None
     fields = combine.setup_fields(reading, world=setup.fsdp if setup.fsdp > 1 else None)
     if fmt == "accelerate":
         fields = {k: v for k, v in fields.items() if k in ENGINE_FIELDS or k == "precision"}
@@ -351,6 +357,7 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
             galore_update_interval=s.galore_update_proj_gap,
             galore_layerwise=s.optim.layerwise,
         )
+    d.update(_lf_custom_optimizer(s.optim, s.apollo_rank))
     if s.lora_like:
         targets = _target_modules(s)
         d.update(
@@ -387,10 +394,25 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
 
 
 def _lf_optim(optim: Optim) -> str:
-    """LLaMA-Factory picks the GaLore variant from use_galore/galore_layerwise and the 8-bit-ness of optim."""
+    """LLaMA-Factory picks the GaLore variant from use_galore/galore_layerwise and the 8-bit-ness of
+    optim; APOLLO needs optim adamw_torch; Muon and Adam-mini ignore it (train/trainer_utils.py)."""
     if optim.is_galore:
         return Optim.ADAMW_BNB_8BIT.value if optim.is_8bit else Optim.ADAMW_TORCH.value
+    if optim.traits.family in (OptimFamily.APOLLO_ADAMW, OptimFamily.MUON, OptimFamily.ADAM_MINI):
+        return Optim.ADAMW_TORCH.value
     return optim.value
+
+
+def _lf_custom_optimizer(optim: Optim, apollo_rank: int) -> dict[str, Any]:
+    """The use_* switch LLaMA-Factory builds APOLLO, Muon and Adam-mini from (trainer_utils.py:527-549)."""
+    family = optim.traits.family
+    if family == OptimFamily.APOLLO_ADAMW:
+        return dict(use_apollo=True, apollo_target="all", apollo_rank=apollo_rank, apollo_layerwise=optim.layerwise)
+    if family == OptimFamily.MUON:
+        return dict(use_muon=True)
+    if family == OptimFamily.ADAM_MINI:
+        return dict(use_adam_mini=True)
+    return {}
 
 
 # ---- torchtune

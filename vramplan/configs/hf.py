@@ -18,6 +18,7 @@ from vramplan.configs.vocab import (
     fsdp_reshard,
     set_attention,
     set_optim,
+    set_optim_args,
 )
 from vramplan.setup import (
     ActivationOffload,
@@ -116,6 +117,7 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     _checkpointing(c)
     if c.get("optim") is not None:
         set_optim(c, "optim", c.get("optim"))
+        set_optim_args(c)
     _loss(c, trl)
     attn = c.get("attn_implementation") or c.mapping("model_init_kwargs", c.get("model_init_kwargs")).get(
         "attn_implementation"

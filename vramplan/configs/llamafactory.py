@@ -54,6 +54,28 @@ _KNOWN = frozenset(
         "freeze_trainable_modules",
         "freeze_extra_modules",
         "use_llama_pro",
+        "use_apollo",
+        "apollo_rank",
+        "apollo_layerwise",
+        "apollo_target",
+        "apollo_scale",
+        "apollo_scale_type",
+        "apollo_scale_front",
+        "apollo_proj",
+        "apollo_proj_type",
+        "apollo_update_interval",
+        "use_badam",
+        "badam_mode",
+        "badam_start_block",
+        "badam_switch_mode",
+        "badam_switch_interval",
+        "badam_update_ratio",
+        "badam_mask_mode",
+        "badam_verbose",
+        "use_adam_mini",
+        "use_muon",
+        "loraplus_lr_ratio",
+        "loraplus_lr_embedding",
     }
 )
 
@@ -76,10 +98,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _kernels(c, engine)
     if c.get("optim") is not None:
         set_optim(c, "optim", c.get("optim"))
-    _galore(c)
-    for key in ("use_apollo", "use_badam", "use_adam_mini", "use_muon"):
-        if c.get(key) is True:
-            c.unmodelled(key, f"{key.removeprefix('use_')} optimizer states are not modelled")
+    _custom_optimizer(c, method)
     if c.get("deepspeed") is not None:
         c.distributed = Distributed.DEEPSPEED
     model = c.model("model_name_or_path")
@@ -222,14 +241,15 @@ def _precision(c: Collector, method: Method, engine: dict) -> None:
     else:
         c.set("bf16", "precision", Precision.BF16, "no bf16/fp16: no autocast")
     freeze = c.get("finetuning_type") == "freeze"
-    fp32_master = method == Method.FULL and not freeze
+    badam = c.get("use_badam") is True  # model/adapter.py:338-349: no fp32 cast under BAdam either
+    fp32_master = method == Method.FULL and not freeze and not badam
     c.set(
         "finetuning_type",
         "model_dtype",
         ModelDtype.FP32 if fp32_master else ModelDtype.BF16,
         "derived: every trainable weight cast to fp32 (model/adapter.py:313-328)"
         if fp32_master
-        else "derived: frozen weights in the checkpoint dtype (bf16)",
+        else "derived: weights in the checkpoint dtype (bf16), not cast (model/adapter.py:338-349)",
     )
     if freeze:
         c.set(
@@ -279,9 +299,53 @@ def _kernels(c: Collector, engine: dict) -> None:
             c.unmodelled(key, "fp32 norms / an fp32 copy of the logits are not modelled")
 
 
+def _custom_optimizer(c: Collector, method: Method) -> None:
+    """LLaMA-Factory 0.9.5 train/trainer_utils.py:527-549 (create_custom_optimizer): the first of
+    GaLore, APOLLO, LoRA+, BAdam, Adam-mini, Muon that is on builds the optimizer (LoRA+ is AdamW
+    with two learning rates: the same memory); hparams/finetuning_args.py refuses GaLore, APOLLO
+    and BAdam with LoRA or with each other."""
+    on = [k for k in ("use_galore", "use_apollo", "use_badam") if c.get(k) is True]
+    if len(on) > 1:
+        raise c.fail(on[1], f"false with {on[0]} (LLaMA-Factory refuses GaLore, APOLLO and BAdam together)", True)
+    if on and method != Method.FULL:
+        raise c.fail(on[0], "false with LoRA (LLaMA-Factory: finetuning_type full or freeze)", True)
+    if c.get("use_galore") is True:
+        _galore(c)
+    elif c.get("use_apollo") is True:
+        _apollo(c)
+    elif c.get("use_badam") is True:
+        c.unmodelled(
+            "use_badam",
+            "BAdam's block-wise updates are not modelled: estimated as every layer trained at once with the "
+            "configured optimizer, an upper bound (BAdam holds grads, fp32 copies and states of one layer)",
+        )
+    elif c.get("loraplus_lr_ratio") is not None:
+        return  # LoRA+ (trainer_utils.py:372-409): the configured optimizer over four groups
+    elif c.get("use_adam_mini") is True:
+        c.set("use_adam_mini", "optim", Optim.ADAM_MINI, "Adam_mini over the named parameters (:473-495)")
+    elif c.get("use_muon") is True:
+        c.set("use_muon", "optim", Optim.MUON, "third_party Muon: 2-D layer weights, AdamW for the rest (:498-524)")
+
+
+def _apollo(c: Collector) -> None:
+    """trainer_utils.py:288-369: APOLLOAdamW, only over optim adamw_torch (NotImplementedError for
+    any other); the target Linears ("all": every Linear but lm_head), rank apollo_rank (16)."""
+    optim = c.get("optim")
+    if optim is not None and optim != "adamw_torch":
+        raise c.fail("optim", "adamw_torch with use_apollo (LLaMA-Factory builds APOLLO only over it)", optim)
+    layerwise = c.get("apollo_layerwise") is True
+    note = "" if optim else "; LLaMA-Factory needs optim: adamw_torch here (transformers' default is adamw_torch_fused)"
+    apollo = Optim.APOLLO_ADAMW_LAYERWISE if layerwise else Optim.APOLLO_ADAMW
+    c.set("use_apollo", "optim", apollo, "APOLLOAdamW" + note)
+    c.set_int("apollo_rank", "apollo_rank")
+    if c.get("apollo_rank") is None:
+        c.set("use_apollo", "apollo_rank", 16, "LLaMA-Factory's apollo_rank default (hparams/finetuning_args.py)")
+    target = c.get("apollo_target", "all")
+    if target != "all":
+        c.unmodelled("apollo_target", f"APOLLO on {target} only is not modelled; estimated on every Linear (all)")
+
+
 def _galore(c: Collector) -> None:
-    if c.get("use_galore") is not True:
-        return
     layerwise = c.get("galore_layerwise") is True
     eight = c.fields.get("optim") == Optim.ADAMW_BNB_8BIT
     name = "galore_adamw" + ("_8bit" if eight else "") + ("_layerwise" if layerwise else "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
-from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim
+from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim, OptimFamily
 
 # Framework names for optimizers that are not transformers OptimizerNames (every OptimizerNames
 # name is an Optim member): (the Optim, why).
@@ -24,11 +24,22 @@ def map_optim(name: str) -> tuple[Optim, str] | None:
     return _OPTIM_ALIASES.get(key)
 
 
-def set_optim(c: Collector, key: str, name: str) -> None:
-    """Set ``optim`` (and ``method=galore`` for GaLore names) or report the name unmodelled."""
+# vramplan's names for optimizers that transformers' TrainingArguments.optim does not take: the
+# frameworks that build them themselves, and the key that does it there
+NOT_HF_NAMES: dict[Optim, str] = {
+    Optim.MUON: "axolotl's optimizer: muon, LLaMA-Factory's use_muon",
+    Optim.ADAM_MINI: "LLaMA-Factory's use_adam_mini",
+}
+
+
+def set_optim(c: Collector, key: str, name: str, also: frozenset[Optim] = frozenset()) -> None:
+    """Set ``optim`` (and ``method=galore`` for GaLore names) or report the name unmodelled.
+    ``also``: the non-HF names (NOT_HF_NAMES) this key takes (axolotl's optimizer: muon)."""
     if not isinstance(name, str):
         raise c.fail(key, "an optimizer name", name)
     mapped = map_optim(name)
+    if mapped is not None and mapped[0] in NOT_HF_NAMES and mapped[0] not in also:
+        raise c.fail(key, f"a transformers optimizer name ({name} is built by {NOT_HF_NAMES[mapped[0]]})", name)
     if mapped is None:
         c.unmodelled(key, f"optimizer {name} is not modelled (modelled: {OPTIM_ALLOWED}); give --optim for the closest")
         return
@@ -36,6 +47,34 @@ def set_optim(c: Collector, key: str, name: str) -> None:
     c.set(key, "optim", optim, note)
     if optim.is_galore:
         c.set(key, "method", Method.GALORE, "GaLore optimizers train every weight through projected states")
+
+
+def set_optim_args(c: Collector, key: str = "optim_args") -> None:
+    """GaLore's and APOLLO's rank (and GaLore's update_proj_gap) from ``optim_args``: transformers
+    5.25.0 trainer_optimizer.py:65-73 parses "rank=1024, update_proj_gap=500" (spaces dropped,
+    comma-separated key=value) and :370-405 pops them (defaults rank 128, gap 200). Other
+    optimizers' arguments (betas, eps, scale) do not change memory."""
+    raw = c.get(key)
+    optim = c.fields.get("optim")
+    if raw is None or optim is None:
+        return
+    # int(...) of the string, as transformers does
+    args = {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in _optim_args(c, key, raw).items()}
+    if optim.is_galore:
+        for name, field in (("rank", "galore_rank"), ("update_proj_gap", "galore_update_proj_gap")):
+            if name in args:
+                c.set(key, field, c.pos_int(f"{key}.{name}", args[name]))
+    elif optim.traits.family == OptimFamily.APOLLO_ADAMW and "rank" in args:
+        c.set(key, "apollo_rank", c.pos_int(f"{key}.rank", args["rank"]))
+    c.seen.add(key)
+
+
+def _optim_args(c: Collector, key: str, raw: object) -> dict:
+    if isinstance(raw, dict):  # axolotl also takes a mapping
+        return raw
+    if not isinstance(raw, str) or any("=" not in kv for kv in raw.replace(" ", "").split(",") if kv):
+        raise c.fail(key, 'comma-separated key=value pairs ("rank=256, update_proj_gap=200")', raw)
+    return dict(kv.split("=", 1) for kv in raw.replace(" ", "").split(",") if kv)
 
 
 # attention implementation names (transformers attn_implementation) -> Attention

@@ -43,7 +43,6 @@ def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     the embedding trains or checkpointing calls enable_input_require_grads. A frozen prefix
     (--train-layers) saves nothing; the first trained layer's input is made to need grad
     (memory/freeze.py)."""
-    first_grad = _first_grad(setup)
     first = frozen_prefix(spec, setup)
     saved_of: dict[tuple[ShapeKey, bool], int] = {}  # most models repeat one layer shape: compute each once
     out = []
@@ -51,11 +50,18 @@ def per_layer_saved(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
         if i < first:
             out.append(0)
             continue
-        key = (shape_key(layer), i > first or first_grad)
+        key = (shape_key(layer), input_needs_grad(i, first, setup))
         if key not in saved_of:
             saved_of[key] = layer_saved_per_token(spec, layer, setup, input_grad=key[1])
         out.append(saved_of[key])
     return out
+
+
+def input_needs_grad(i: int, first_trained: int, setup: TrainingSetup) -> bool:
+    """Decoder layer i's input needs grad: it is past the first trained layer, or it is that
+    layer and the embedding's output needs grad (_first_grad). The one rule per_layer_saved
+    and the allocation events (events.py) both read."""
+    return i > first_trained or _first_grad(setup)
 
 
 def _first_grad(setup: TrainingSetup) -> bool:

@@ -30,7 +30,7 @@ from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
 from vramplan.memory.accumulation import accumulated_grad_sizes
-from vramplan.memory.activations import rope_saved
+from vramplan.memory.activations import input_needs_grad, rope_saved
 from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
 from vramplan.memory.backward import RECOMPUTE_POINTS
 from vramplan.memory.checkpointing import (
@@ -405,15 +405,9 @@ class _Builder:
         return [units.get(None, 0), self.ctx.head_unit, layer, layer]
 
 
-def _first_grad(ctx: StepContext) -> bool:
-    """The first layer's input needs grad (activations._first_grad)."""
-    return ctx.setup.trains_embedding or ctx.ckpt
-
-
 def _input_grad(ctx: StepContext, i: int) -> bool:
-    """Layer i's input needs grad (activations.per_layer_saved): past the first trained layer,
-    or the first one under _first_grad."""
-    return i > frozen_prefix(ctx.spec, ctx.setup) or _first_grad(ctx)
+    """Layer i's input needs grad (activations.input_needs_grad)."""
+    return input_needs_grad(i, frozen_prefix(ctx.spec, ctx.setup), ctx.setup)
 
 
 def _persistent(b: _Builder, params: list[Param], built: bool) -> None:

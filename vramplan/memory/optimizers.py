@@ -8,8 +8,8 @@ optim/ademamix.py; torchao==0.18.0 optim/adam.py, subclass_{8,4}bit.py; transfor
 optimization.py (Adafactor), trainer_optimizer.py (what HF passes); schedulefree==1.4.1;
 galore-torch==1.0; apollo-torch==1.0.3 apollo_torch/apollo.py, random_projector.py;
 lomo-optim==0.1.1 lomo.py, adalomo.py; grokadamw==0.1.2; torch-optimi==0.3.3 stableadamw.py;
-llamafactory==0.9.5 third_party/muon/muon.py. A new optimizer adds its traits (setup.py), a
-branch to _family_state (its states) and to _family_transient (its step's temporaries)."""
+llamafactory==0.9.5 third_party/muon/muon.py; adam-mini==1.1.1 adam_mini.py. A new optimizer adds
+its traits (setup.py), a branch to _family_state (its states) and to _family_transient (its step's temporaries)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ BNB_MIN_8BIT, BNB_BLOCK, BNB_PAGED_MIN = 4096, 256, 100_000
 # transformers 5.25.0 trainer_optimizer.py:450-476 passes block_size=256 (AdamW4bit's own is 128).
 # Per state: codes + an fp32 scale per block + a qmap of 256 (8-bit) or 16 (4-bit) fp32.
 TORCHAO_MIN, TORCHAO_BLOCK, TORCHAO_QMAP = 4096, 256, {8: 256, 4: 16}
-# transformers 5.25.0 trainer_optimizer.py:384-410: APOLLO's HF default rank
-APOLLO_RANK = 128
 # torch Adam/AdamW with fused=True: state["step"] is a 0-d fp32 tensor on the param's device,
 # one allocator block per trainable tensor (torch 2.13.0 torch/optim/adam.py:165-176)
 STEP_SCALAR = alloc(4)
@@ -113,13 +111,27 @@ def apollo_target(p: Param) -> bool:
     return p.trainable and p.kind == ParamKind.DENSE and p.role in (*ATTENTION_ROLES, *MLP_ROLES) and len(p.dims) == 2
 
 
-def _apollo_state(p: Param, g: int, n: int) -> int:
+def _apollo_state(p: Param, g: int, n: int, rank: int) -> int:
     """apollo-torch 1.0.3: AdamW moments of the r x max(m,k) projected gradient plus the random
-    projector r x min(m,k), grad dtype (apollo.py:139-142, random_projector.py:108-172)."""
+    projector r x min(m,k), grad dtype (apollo.py:139-142, random_projector.py:108-172). The rank
+    is setup.apollo_rank (HF's 128 unless optim_args name one, LLaMA-Factory's apollo_rank 16)."""
     if not apollo_target(p):
         return 2 * alloc(g * n)
     m, k = _local_dims(p, n)
-    return 2 * alloc(g * APOLLO_RANK * max(m, k)) + alloc(g * APOLLO_RANK * min(m, k))
+    return 2 * alloc(g * rank * max(m, k)) + alloc(g * rank * min(m, k))
+
+
+def _adam_mini_state(p: Param, g: int, n: int) -> int:
+    """adam-mini 1.1.1 adam_mini.py:230-350, states zeros_like the parameter (its dtype): biases
+    keep Adam's m and v; every other tensor keeps m and a vmean of one value per block: per head
+    for q/k (a few dozen), per output row for the other >= 2-D weights (embedding, lm_head, v, o,
+    MLP: m[:, 0:1]), one 0-d tensor for norm weights. q/k are counted per row too: at most
+    dims[0] values, a few KiB above the per-head count on a 70B, below the allocator's rounding
+    of everything else."""
+    dims = _local_dims(p, n)
+    if len(dims) == 1:
+        return 2 * alloc(g * n) if p.role is not None else alloc(g * n) + alloc(g)  # bias / norm
+    return alloc(g * n) + alloc(g * n // dims[1])
 
 
 def muon_param(p: Param) -> bool:
@@ -187,9 +199,11 @@ def _family_state(p: Param, setup: TrainingSetup, n: int) -> int:
     if fam in (F.ADAFACTOR, F.GALORE_ADAFACTOR):
         return _factored(_local_dims(p, n))
     if fam == F.APOLLO_ADAMW:
-        return _apollo_state(p, g, n)
+        return _apollo_state(p, g, n, setup.apollo_rank)
     if fam == F.MUON:
         return (1 if muon_param(p) else 2) * alloc(g * n)
+    if fam == F.ADAM_MINI:
+        return _adam_mini_state(p, g, n)
     if fam == F.STABLE_ADAMW:
         # torch-optimi 0.3.3 stableadamw.py:115-130 with its Triton kernels (CUDA): exp_avg and
         # exp_avg_sq, a Kahan buffer for bf16/fp16 params, else a 1-byte placeholder; eps_sq a 0-d
@@ -265,12 +279,12 @@ def _muon_transient(params: list[Param], setup: TrainingSetup) -> int:
     return max(_per_param(params, setup, muon), _per_param(params, setup, adamw) + last_u)
 
 
-def _apollo_transient(p: Param, g: int, n: int) -> int:
+def _apollo_transient(p: Param, g: int, n: int, rank: int) -> int:
     """apollo-torch 1.0.3 apollo.py: low-rank grad, denom, norm_grad + two full scaled grads."""
     if not apollo_target(p):
         return 2 * alloc(g * n)
     m, k = p.dims
-    return 2 * alloc(g * m * k) + 3 * alloc(g * APOLLO_RANK * max(m, k))
+    return 2 * alloc(g * m * k) + 3 * alloc(g * rank * max(m, k))
 
 
 def _galore_transient(p: Param, g: int, n: int, setup: TrainingSetup) -> int:
@@ -307,8 +321,14 @@ def _family_transient(trainable: list[Param], setup: TrainingSetup, world: int) 
         # still referenced when _approx_sq_grad returns the next one, + grad.float() and
         # p.float() copies of a low-precision grad and param [CPU trace: 2x fp32, 4x bf16]
         F.ADAFACTOR: lambda: _per_param(trainable, setup, lambda p, g, n: (2 + 2 * _lowp(g)) * alloc(4 * n)),
-        F.APOLLO_ADAMW: lambda: _per_param(trainable, setup, _apollo_transient),
+        F.APOLLO_ADAMW: lambda: _per_param(
+            trainable, setup, lambda p, g, n: _apollo_transient(p, g, n, setup.apollo_rank)
+        ),
         F.MUON: lambda: _muon_transient(trainable, setup),
+        # adam_mini.py:266-283, 306-323, 355-402, one tensor at a time: update = m * stepsize and
+        # p.add_(-update) hold two copies (grad * grad, freed before, is one); a bias's
+        # v.sqrt() / bias_correction is two
+        F.ADAM_MINI: lambda: _per_param(trainable, setup, lambda p, g, n: 2 * alloc(g * n)),
         # lomo.py:70-133: the previous param's stored grad, and its fp32 grad and param copies
         F.LOMO: lambda: _per_param(trainable, setup, lambda p, g, n: alloc(g * n) + 2 * _lowp(g) * alloc(4 * n)),
         # adalomo.py:139-200: grad_fp32, grad**2, the factored approximation, p_fp32 (uncertain order)

@@ -41,7 +41,7 @@ INIT_STD = 0.02  # values do not change memory; finite values keep SVD and quant
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
 # transformers 5.25.0 trainer_optimizer.py:398-405: APOLLO's target-group defaults
-APOLLO_GROUP = dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0, proj_type="std")
+APOLLO_GROUP = dict(proj="random", scale_type="channel", update_proj_gap=200, scale=1.0, proj_type="std")
 
 
 @dataclass
@@ -563,7 +563,8 @@ def param_groups(model, setup: TrainingSetup, galore: set[str]) -> list[dict]:
     if not galore:
         return [{"params": [p for _, p in named]}]
     if setup.optim.traits.family == OptimFamily.APOLLO_ADAMW:
-        proj = APOLLO_GROUP  # the same target selection as GaLore's (HF _setup_low_rank_optimizer)
+        # the same target selection as GaLore's (HF _setup_low_rank_optimizer)
+        proj = dict(APOLLO_GROUP, rank=setup.apollo_rank)
     else:
         proj = dict(
             rank=setup.galore_rank,
@@ -591,9 +592,28 @@ def _muon(model, setup: TrainingSetup):
     return muon.Muon(lr=LR, wd=0.0, muon_params=two_d, adamw_params=[p for _, p in named if id(p) not in ids])
 
 
+def _adam_mini(model, setup: TrainingSetup):
+    """LLaMA-Factory 0.9.5 train/trainer_utils.py:473-495: Adam_mini over the named parameters with
+    the config's hidden size and head counts; weight_decay 0 (TrainingArguments' default)."""
+    adam_mini = need("adam_mini", f"--optim {setup.optim.value}")
+    cfg = model.config
+    return adam_mini.Adam_mini(
+        named_parameters=model.named_parameters(),
+        lr=LR,
+        weight_decay=0.0,
+        dim=cfg.hidden_size,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None),
+        verbose=False,
+    )
+
+
 def make_optimizer(built: Built, galore: set[str]) -> None:
     if built.setup.optim.traits.family == OptimFamily.MUON and not built.setup.steps_in_backward:
         built.optimizer = _muon(built.model, built.setup)
+        return
+    if built.setup.optim.traits.family == OptimFamily.ADAM_MINI:
+        built.optimizer = _adam_mini(built.model, built.setup)
         return
     if built.setup.optim.traits.family == OptimFamily.LOMO:
         # transformers 5.25.0 trainer_optimizer.py:413-428: Lomo(model, lr); its __init__ registers

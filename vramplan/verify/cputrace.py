@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vramplan.setup import OptimFamily, OptimLibrary, Precision, TrainingSetup
+from vramplan.setup import ModelDtype, OptimFamily, OptimLibrary, Precision, TrainingSetup
 
 if TYPE_CHECKING:
     from vramplan.verify.allocstream import RecordedStream
@@ -181,6 +181,10 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
         # torch-optimi 0.3.3 stableadamw.py:150-151 (_default_to_triton): Triton kernels on CUDA,
         # the per-tensor torch path here
         out.append("the StableAdamW optimizer step (optimi: Triton kernels on CUDA, a per-tensor fallback on the CPU)")
+    if setup.optim.traits.family == OptimFamily.ADAM_MINI and setup.weight_dtype != ModelDtype.FP32:
+        # adam_mini.py:269, 309: torch.mean(grad * grad, dim=1) over bf16; ATen's mean_out on the
+        # CPU casts a low-precision input to fp32 first (ReduceOps.cpp), CUDA's reduction does not
+        out.append("the Adam-mini optimizer step over bf16 weights (the CPU's mean reduces through an fp32 copy)")
     if setup.optim.traits.library == OptimLibrary.TORCHAO:
         out.append("torchao's compiled low-bit step (inductor's CPU kernels are not CUDA's)")
     if setup.quant is not None and setup.quant.value == "nf4":
