@@ -162,6 +162,13 @@ SAMPLES = [
         "--fsdp-sharding full --no-cpu-offload --nodes 1",
     ),
     (
+        ["llamafactory/extras__apollo__llama3_full_sft.yaml"],
+        "rtx-3090",
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "--stack llamafactory --method full --batch-size 1 --gradient-accumulation 1 --seq-len 2048 --precision bf16 "
+        "--model-dtype bf16 --optim apollo_adamw_layerwise --apollo-rank 128",
+    ),
+    (
         ["torchtune/8B_full_single_device.yaml"],
         "h100-80gb",
         "meta-llama/Llama-3.1-8B",

@@ -94,6 +94,15 @@ TT_LORA = {
     "kbit_prep": False,
 }
 
+LF_EXTRAS_FULL = {
+    "method": Method.FULL,
+    "batch_size": 1,
+    "gradient_accumulation": 8,
+    "seq_len": 2048,
+    "precision": Precision.MIXED,
+    "model_dtype": ModelDtype.FP32,
+}
+
 SAMPLES = [
     # (files, format, stack, model, distributed, world, fields)
     (
@@ -273,6 +282,52 @@ SAMPLES = [
             "cpu_offload": False,
             "nodes": 1,
         },
+    ),
+    # LLaMA-Factory's optimizer examples (examples/extras/*): by hand from each file and
+    # llamafactory==0.9.5 (bf16 without pure_bf16: autocast over fp32-cast weights,
+    # model/adapter.py:313-328; no fp32 cast under pure_bf16 or BAdam, :338-349)
+    (
+        ["llamafactory/extras__apollo__llama3_full_sft.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        Distributed.NONE,
+        None,
+        {
+            **LF_EXTRAS_FULL,
+            "gradient_accumulation": 1,
+            "precision": Precision.BF16,
+            "model_dtype": ModelDtype.BF16,
+            "optim": Optim.APOLLO_ADAMW_LAYERWISE,
+            "apollo_rank": 128,
+        },
+    ),
+    (
+        ["llamafactory/extras__muon__qwen2_full_sft.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "Qwen/Qwen2-1.5B-Instruct",
+        Distributed.NONE,
+        None,
+        {**LF_EXTRAS_FULL, "optim": Optim.MUON},
+    ),
+    (
+        ["llamafactory/extras__adam_mini__qwen2_full_sft.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "Qwen/Qwen2-1.5B-Instruct",
+        Distributed.NONE,
+        None,
+        {**LF_EXTRAS_FULL, "optim": Optim.ADAM_MINI},
+    ),
+    (
+        ["llamafactory/extras__badam__llama3_full_sft.yaml"],
+        ConfigFormat.LLAMAFACTORY,
+        Stack.LLAMAFACTORY,
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        Distributed.NONE,
+        None,
+        {**LF_EXTRAS_FULL, "precision": Precision.BF16, "model_dtype": ModelDtype.BF16},  # use_badam: a note
     ),
     (
         ["torchtune/8B_qlora_single_device.yaml"],
