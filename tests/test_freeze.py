@@ -160,3 +160,27 @@ def test_emit_writes_freeze_for_llamafactory_and_refuses_it_elsewhere():
     with pytest.raises(VramplanError, match="train_layers"):
         plain = make_setup(method="full", stack="axolotl", train_layers=3, precision="bf16", model_dtype="bf16")
         emit("axolotl", plain, "meta-llama/Llama-3.2-1B", {})
+
+
+def test_throughput_counts_the_backward_of_the_trained_layers_only():
+    """throughput._backward_fraction: the frozen prefix has no backward or recomputation, lm_head
+    no weight grad. All layers trained differ from a full fine-tune by lm_head's weight-grad
+    matmul (2 N V h FLOPs); each trained layer adds the same backward."""
+    from vramplan.hardware import profiles
+    from vramplan.throughput import micro_flops, shapes, tokens_per_s
+
+    spec = load_model_spec("llama-3-8b")
+    sh, n = shapes(spec), len(spec.layers)
+
+    def flops(layers):
+        extra = {"train_layers": layers} if layers else {}
+        return micro_flops(sh, make_setup(method="full", gradient_checkpointing=True, **extra))
+
+    full, tokens = flops(None), make_setup(method="full").tokens
+    assert full - flops(n) == pytest.approx(2 * tokens * spec.vocab * spec.hidden, rel=1e-9)
+    step = flops(2) - flops(1)
+    assert step > 0 and flops(3) - flops(2) == pytest.approx(step, rel=1e-9)
+    h100 = profiles()["h100-80gb"]
+    assert tokens_per_s(spec, make_setup(method="full", train_layers=2), h100) > tokens_per_s(
+        spec, make_setup(method="full"), h100
+    )

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vramplan.hardware import HardwareProfile
 from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.memory.context import stream_bytes
-from vramplan.model_spec import ModelSpec
+from vramplan.memory.freeze import first_trained_layer
+from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import (
     ActivationOffload,
     Attention,
@@ -171,6 +172,16 @@ def _weights_train(setup: TrainingSetup) -> bool:
     return setup.method in (Method.FULL, Method.GALORE)
 
 
+def _backward_fraction(sh: Shapes, setup: TrainingSetup) -> float:
+    """The share of decoder layers that run a backward (and a recomputation): all of them, or
+    the trained last N under --train-layers, whose frozen prefix records nothing for autograd
+    (memory/freeze.py; LLaMA-Factory checkpoints only the trained layers,
+    model_utils/checkpointing.py:100-122)."""
+    if setup.train_layers is None or sh.layers == 0:
+        return 1.0
+    return min(setup.train_layers, sh.layers) / sh.layers
+
+
 def _lora_io(sh: Shapes, setup: TrainingSetup) -> tuple[int, int, int]:
     """(in, out) features per layer and number of adapted Linears in the model."""
     from vramplan.setup import LoraTargets
@@ -194,10 +205,11 @@ def micro_flops(sh: Shapes, setup: TrainingSetup) -> float:
     lora = 2.0 * N * setup.lora_r * (lin_in + lin_out) * sh.layers
     head = 2.0 * N * sh.head_params
     fwd = lin + attn + lora
-    bwd = lin + _FLASH_BWD * attn + 2 * lora + head  # grad of the input through every layer
+    f = _backward_fraction(sh, setup)
+    bwd = (lin + _FLASH_BWD * attn + 2 * lora) * f + head  # grad of the input through every layer that trains
     if _weights_train(setup):
-        bwd += lin + head  # grad of the weights
-    recompute = fwd if setup.gradient_checkpointing else 0.0
+        bwd += lin * f + (head if setup.train_layers is None else 0.0)  # grad of the weights (lm_head frozen)
+    recompute = fwd * f if setup.gradient_checkpointing else 0.0
     return fwd + head + bwd + recompute + _loss_recompute_flops(sh, setup)
 
 
@@ -241,18 +253,18 @@ def _dequant_bytes_per_param(setup: TrainingSetup) -> float:
 
 def micro_bytes(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> float:
     """Memory-bound HBM traffic of one micro-batch (bytes)."""
-    N = setup.tokens
-    passes = 2 + (1 if setup.gradient_checkpointing else 0)  # forward, backward (dgrad), recompute
+    N, f = setup.tokens, _backward_fraction(sh, setup)
+    passes = 1 + f * (2 if setup.gradient_checkpointing else 1)  # forward, backward (dgrad), recompute
     wbytes = 4 if (setup.autocast and setup.method != Method.QLORA) else 2
     if setup.autocast:
         wbytes += 2 + 2  # autocast writes and re-reads a bf16 copy of every fp32 weight
     weights = passes * sh.matmul_params * (0.5 if setup.method == Method.QLORA else wbytes)
     weights += passes * sh.matmul_params * _dequant_bytes_per_param(setup)
     if _weights_train(setup):
-        weights += sh.matmul_params * 2 * wbytes  # wgrad: write the gradient, accumulate
+        weights += sh.matmul_params * 2 * wbytes * f  # wgrad: write the gradient, accumulate
     # saved activations (memory model; the first layer stands for all, they are alike):
     # written in forward, read in backward, and their gradients the same
-    acts = 4.0 * N * sum(layer_saved_per_token(spec, l, setup) for l in spec.layers[:1]) * sh.layers
+    acts = 4.0 * N * sum(layer_saved_per_token(spec, l, setup) for l in spec.layers[:1]) * sh.layers * f
     if setup.gradient_checkpointing:
         acts *= 1.25  # recomputation writes them again
     loss = LOSS_BYTES_PER_LOGIT[setup.loss] * N * sh.vocab
@@ -287,21 +299,30 @@ def micro_kernels(sh: Shapes, setup: TrainingSetup) -> float:
         # elementwise unpacking, LLM.int8 about fourteen over forward and backward (to fp16, |x|,
         # the outlier search, quantize, int8 matmul, dequantize, cast; dequantize, scale, matmul)
         dq = {Quant.NF4: 5, Quant.INT8: 7}.get(cast(Quant, setup.quant), 12) * sh.linears_per_layer * sh.layers
-    recompute = 1.5 * base + lora + dq if setup.gradient_checkpointing else 0
-    return 3 * (base + lora) + 2 * dq + recompute
+    f = _backward_fraction(sh, setup)
+    recompute = (1.5 * base + lora + dq) * f if setup.gradient_checkpointing else 0
+    return (1 + 2 * f) * (base + lora) + 2 * dq + recompute
 
 
 # ------------------------------------------------------------------ optimizer step
 
 
 def _trainable(spec: ModelSpec, sh: Shapes, setup: TrainingSetup) -> int:
+    if setup.train_layers is not None:
+        return sum(layer.numel for layer in _trained_layers(spec, setup))
     if _weights_train(setup):
         return sh.total_params
     lin_in, lin_out, _ = _lora_io(sh, setup)
     return setup.lora_r * (lin_in + lin_out) * sh.layers
 
 
+def _trained_layers(spec: ModelSpec, setup: TrainingSetup) -> list[LayerSpec]:
+    return spec.layers[first_trained_layer(len(spec.layers), setup) :]
+
+
 def _n_tensors(spec: ModelSpec, setup: TrainingSetup, sh: Shapes) -> int:
+    if setup.train_layers is not None:
+        return sum(len(l.linears) + len(l.norm_numels) for l in _trained_layers(spec, setup))
     if _weights_train(setup):
         return sum(len(l.linears) + len(l.norm_numels) for l in spec.layers) + 3
     return 2 * _lora_io(sh, setup)[2]
