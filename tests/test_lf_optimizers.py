@@ -212,3 +212,10 @@ def test_hf_optim_args_set_galore_and_apollo_ranks(tmp_path):
     with pytest.raises(VramplanError) as e:
         _read(tmp_path, "b.yaml", head + 'optim: galore_adamw\noptim_args: "rank"\n')
     assert e.value.flag.endswith(": optim_args")
+
+
+def test_apollo_is_refused_over_lora_adapters():
+    """LLaMA-Factory refuses APOLLO with LoRA (hparams/finetuning_args.py); not modelled over adapters."""
+    with pytest.raises(VramplanError) as e:
+        make_setup(method="qlora", optim="apollo_adamw")
+    assert e.value.flag == "--optim" and "--method full only" in str(e.value)

@@ -899,10 +899,19 @@ class TrainingSetup(BaseModel):
             )
 
     def _check_adam_mini(self) -> None:
-        """Adam-mini partitions by parameter name and shape (adam-mini 1.1.1 adam_mini.py:114-128,
+        """APOLLO trains whole weights. Adam-mini partitions by parameter name and shape (adam-mini 1.1.1 adam_mini.py:114-128,
         251-323): q/k weights viewed as heads, which LoRA factors do not divide into; ZeRO's flat
         partitions and per-parameter hook optimizers have no names."""
-        if self.optim.traits.family != OptimFamily.ADAM_MINI:
+        family = self.optim.traits.family
+        if family == OptimFamily.APOLLO_ADAMW and self.method != Method.FULL:
+            # LLaMA-Factory refuses APOLLO with LoRA (hparams/finetuning_args.py); transformers would
+            # project peft's frozen base weights and adapter matrices alike, which is not modelled
+            raise VramplanError(
+                f"{self.optim.value} goes with --method full only, not {self.method.value} (APOLLO projects "
+                "whole weights; over LoRA adapters it is not modelled)",
+                _OPTIM_FLAG,
+            )
+        if family != OptimFamily.ADAM_MINI:
             return
         if self.method != Method.FULL:
             raise VramplanError(
