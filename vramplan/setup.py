@@ -871,7 +871,7 @@ class TrainingSetup(BaseModel):
             raise VramplanError(
                 f"{self.optim.value} does not go with --method {self.method.value}; use {allowed}", _OPTIM_FLAG
             )
-        self._check_adam_mini()
+        self._check_apollo_and_adam_mini()
         if self.optim.layerwise and (self.fsdp > 1 or self.cpu_offload or self.deepspeed is not None):
             raise VramplanError(
                 f"{self.optim.value} (layer-wise) cannot be combined with --fsdp, --cpu-offload or "
@@ -898,10 +898,10 @@ class TrainingSetup(BaseModel):
                 flag,
             )
 
-    def _check_adam_mini(self) -> None:
-        """APOLLO trains whole weights. Adam-mini partitions by parameter name and shape (adam-mini 1.1.1 adam_mini.py:114-128,
-        251-323): q/k weights viewed as heads, which LoRA factors do not divide into; ZeRO's flat
-        partitions and per-parameter hook optimizers have no names."""
+    def _check_apollo_and_adam_mini(self) -> None:
+        """APOLLO trains whole weights. Adam-mini partitions by parameter name and shape
+        (adam-mini 1.1.1 adam_mini.py:114-128, 251-323): q/k weights viewed as heads, which LoRA
+        factors do not divide into; ZeRO's flat partitions and per-parameter hooks have no names."""
         family = self.optim.traits.family
         if family == OptimFamily.APOLLO_ADAMW and self.method != Method.FULL:
             # LLaMA-Factory refuses APOLLO with LoRA (hparams/finetuning_args.py); transformers would
