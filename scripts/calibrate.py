@@ -633,6 +633,10 @@ CASES = [
     # (modelled: no step temporaries); LOMO updates inside fused_backward (CPU-traced)
     case("l1b_full_bf16_b1s2048_stable_adamw", L1B, method="full", optim="stable_adamw", batch_size=1, seq_len=2048),
     case("l1b_full_bf16_b1s2048_lomo", L1B, method="full", optim="lomo", batch_size=1, seq_len=2048),
+    # Adam-mini over bf16: its mean over grad*grad reduces in-kernel on CUDA (the CPU trace makes an
+    # fp32 copy, so the bf16 step is modelled from source); APOLLO at LLaMA-Factory's rank 16
+    case("l1b_full_bf16_b1s2048_adam_mini", L1B, method="full", optim="adam_mini", batch_size=1, seq_len=2048),
+    case("l1b_full_bf16_b1s2048_apollo_r16", L1B, method="full", optim="apollo_adamw", apollo_rank=16, seq_len=2048),
     case(
         "l8b_qlora8_ckpt_b2s2048_torchtune_compile",
         L8B,
