@@ -219,3 +219,13 @@ def test_apollo_is_refused_over_lora_adapters():
     with pytest.raises(VramplanError) as e:
         make_setup(method="qlora", optim="apollo_adamw")
     assert e.value.flag == "--optim" and "--method full only" in str(e.value)
+
+
+def test_low_rank_targets_other_than_attention_and_mlp_are_said(tmp_path):
+    """transformers 5.25.0 trainer_optimizer.py:113-160: "all-linear" projects lm_head too."""
+    head = "model_name_or_path: meta-llama/Llama-3.2-1B\noutput_dir: out\noptim: galore_adamw\n"
+    for targets, noted in (('["attn", "mlp"]', False), ("all-linear", True), ('["attn"]', True)):
+        path = tmp_path / "t.yaml"
+        path.write_text(f"{head}optim_target_modules: {targets}\n")
+        keys = [u.key for u in combine.read_config([str(path)]).unmodelled]
+        assert ("optim_target_modules" in keys) == noted, targets

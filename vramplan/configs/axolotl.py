@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
-from vramplan.configs.vocab import FSDP_STRATEGY, fsdp_reshard, set_attention, set_optim, set_optim_args
+from vramplan.configs.vocab import (
+    FSDP_STRATEGY,
+    fsdp_reshard,
+    note_low_rank_targets,
+    set_attention,
+    set_optim,
+    set_optim_args,
+)
 from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
@@ -76,6 +83,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     if c.get("optimizer") is not None:
         set_optim(c, "optimizer", c.get("optimizer"), also=frozenset({Optim.MUON}))
         set_optim_args(c)
+        note_low_rank_targets(c)
     _loss(c)
     _fsdp(c)
     if c.get("deepspeed") is not None:

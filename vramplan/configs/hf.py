@@ -16,6 +16,7 @@ from vramplan.configs.vocab import (
     FSDP_STRATEGY,
     HF_DTYPE,
     fsdp_reshard,
+    note_low_rank_targets,
     set_attention,
     set_optim,
     set_optim_args,
@@ -118,6 +119,7 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     if c.get("optim") is not None:
         set_optim(c, "optim", c.get("optim"))
         set_optim_args(c)
+        note_low_rank_targets(c)
     _loss(c, trl)
     attn = c.get("attn_implementation") or c.mapping("model_init_kwargs", c.get("model_init_kwargs")).get(
         "attn_implementation"

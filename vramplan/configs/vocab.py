@@ -69,6 +69,22 @@ def set_optim_args(c: Collector, key: str = "optim_args") -> None:
     c.seen.add(key)
 
 
+def note_low_rank_targets(c: Collector, key: str = "optim_target_modules") -> None:
+    """transformers 5.25.0 trainer_optimizer.py:113-160 projects the nn.Linear modules that
+    optim_target_modules names ("all-linear": every Linear, lm_head included); vramplan projects
+    the decoder layers' attention and MLP Linears (the usual ["attn", "mlp"]). Anything else
+    is said, not modelled."""
+    optim, raw = c.fields.get("optim"), c.get(key)
+    if optim is None or raw is None or not (optim.is_galore or optim.traits.family == OptimFamily.APOLLO_ADAMW):
+        return
+    names = [raw] if isinstance(raw, str) else [str(x) for x in raw] if isinstance(raw, list) else []
+    text = " ".join(names).lower()
+    if text.replace("_", "-") == "all-linear":
+        c.unmodelled(key, "all-linear also projects lm_head: estimated with lm_head's full optimizer states (high)")
+    elif not ("attn" in text and "mlp" in text):
+        c.unmodelled(key, f"{raw!r}: estimated as projecting every attention and MLP Linear")
+
+
 def _optim_args(c: Collector, key: str, raw: object) -> dict:
     if isinstance(raw, dict):  # axolotl also takes a mapping
         return raw
