@@ -229,3 +229,13 @@ def test_low_rank_targets_other_than_attention_and_mlp_are_said(tmp_path):
         path.write_text(f"{head}optim_target_modules: {targets}\n")
         keys = [u.key for u in combine.read_config([str(path)]).unmodelled]
         assert ("optim_target_modules" in keys) == noted, targets
+
+
+def test_adam_mini_over_bf16_says_its_step_is_modelled_from_source():
+    from vramplan.memory.context import StaticBytes
+    from vramplan.memory.optimizers import optimizer_notes
+
+    bf16 = optimizer_notes(make_setup(method="full", optim="adam_mini"), StaticBytes({}, 0, 0, 0))
+    assert any("modelled from source, not measured" in n for n in bf16)
+    fp32 = optimizer_notes(make_setup(method="full", optim="adam_mini", precision="mixed"), StaticBytes({}, 0, 0, 0))
+    assert not any("modelled from source" in n for n in fp32)  # CPU-traced (full-mixed-adam_mini)

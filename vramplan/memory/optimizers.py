@@ -25,7 +25,16 @@ from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import ATTENTION_ROLES, MLP_ROLES, ParamKind, PhaseKind
 from vramplan.model_spec import ModelSpec, narrower_than
-from vramplan.setup import Method, OptimFamily, OptimLibrary, OptimTraits, StateDtype, StateHome, TrainingSetup
+from vramplan.setup import (
+    Method,
+    ModelDtype,
+    OptimFamily,
+    OptimLibrary,
+    OptimTraits,
+    StateDtype,
+    StateHome,
+    TrainingSetup,
+)
 
 F = OptimFamily
 
@@ -392,6 +401,10 @@ def optimizer_notes(setup: TrainingSetup, static: StaticBytes) -> list[str]:
             "grokadamw.py:91-96)"
         )
     why = CUDA_ONLY.get(t.library) or CUDA_ONLY_FAMILY.get(t.family)
+    if t.family == F.ADAM_MINI and setup.weight_dtype != ModelDtype.FP32:
+        # the CPU trace checks its states, not its step over low-precision weights
+        # (verify/cputrace.incomparable_on_cpu)
+        why = "the step's two update copies over bf16 weights (adam-mini==1.1.1 adam_mini.py:306-323)"
     if why:
         notes.append(f"{setup.optim.value}: {why}: modelled from source, not measured")
     if setup.steps_in_backward and not t.layerwise:  # (layer-wise GaLore's phases say it already)
