@@ -637,6 +637,28 @@ CASES = [
     # fp32 copy, so the bf16 step is modelled from source); APOLLO at LLaMA-Factory's rank 16
     case("l1b_full_bf16_b1s2048_adam_mini", L1B, method="full", optim="adam_mini", batch_size=1, seq_len=2048),
     case("l1b_full_bf16_b1s2048_apollo_r16", L1B, method="full", optim="apollo_adamw", apollo_rank=16, seq_len=2048),
+    # axolotl's full fine-tune with sdpa: embed_tokens, lm_head and the norms fp32 over bf16 weights
+    # under autocast (precision.upcast_roots); checkpointed, a layer's recompute over the fp32 stream
+    # (checkpointing.recompute_input_alias) and fp32 masters' recomputed weight copies
+    case("l1b_full_axolotl_sdpa_fp32_roots_b1s2048", L1B, method="full", stack="axolotl", batch_size=1, seq_len=2048),
+    case(
+        "l1b_full_axolotl_sdpa_fp32_roots_ckpt_b4s4096",
+        L1B,
+        method="full",
+        stack="axolotl",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=4096,
+    ),
+    case(
+        "l1b_full_mixed_ckpt_b4s4096",
+        L1B,
+        method="full",
+        precision="mixed",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=4096,
+    ),
     case(
         "l8b_qlora8_ckpt_b2s2048_torchtune_compile",
         L8B,

@@ -233,7 +233,12 @@ def _setup_text(setup: dict) -> str:
         parts.append(f"loss {setup['loss']}")
     parts += [
         word
-        for key, word in (("fp32_outputs", "fp32 outputs"), ("keep_logits", "keep logits"), ("compile", "compiled"))
+        for key, word in (
+            ("fp32_outputs", "fp32 outputs"),
+            ("keep_logits", "keep logits"),
+            ("compile", "compiled"),
+            ("fp32_embeddings_norms", "fp32 embeddings/norms"),
+        )
         if setup.get(key)
     ]
     parts += _adapter_text(setup)

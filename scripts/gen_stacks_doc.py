@@ -29,6 +29,7 @@ KNOB_ORDER = [
     "modules_to_save_dtype",
     "quant_storage",
     "kbit_prep",
+    "fp32_embeddings_norms",
     "dora",
     "lora_targets",
     "lora_target_modules",

@@ -479,8 +479,34 @@ def test_unmodelled_and_unknown_keys_reported(tmp_path):
     f.write_text("base_model: x/y\nmicro_batch_size: 1\nmystery_knob: 3\noptimizer: came_pytorch\n")
     reading = read_config([str(f)])
     assert reading.unknown == ("mystery_knob",)
-    # a full fine-tune outside FSDP with sdpa: axolotl keeps the embeddings and norms fp32 (said, not modelled)
-    assert [u.key for u in reading.unmodelled] == ["optimizer", "adapter"]
+    assert [u.key for u in reading.unmodelled] == ["optimizer"]
+
+
+# axolotl==0.19.0 loaders/model.py:435-490 (_configure_embedding_dtypes): outside FSDP a full fine-tune
+# upcasts embed_tokens, lm_head and the norms to fp32, cast back for flash attention or CCE; DeepSpeed's
+# bf16 engine casts the module back (engine.py:1310-1313); an adapter casts back too
+@pytest.mark.parametrize(
+    "extra, precision, upcast",
+    [
+        ("", Precision.MIXED, True),
+        ("sdp_attention: true\n", Precision.MIXED, True),
+        ("attn_implementation: eager\n", Precision.MIXED, True),
+        ("flash_attention: true\n", Precision.MIXED, False),
+        ("attn_implementation: flex_attention\n", Precision.MIXED, False),
+        ("plugins: [axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin]\n", Precision.MIXED, False),
+        ("fsdp_version: 2\nfsdp_config: {reshard_after_forward: true}\n", Precision.BF16, None),
+        ("deepspeed: ds.json\n", Precision.BF16, None),
+        ("adapter: lora\nlora_target_linear: true\n", Precision.MIXED, None),
+        ("bf16: false\n", Precision.BF16, None),
+    ],
+)
+def test_axolotl_full_fine_tune_keeps_embeddings_and_norms_fp32(tmp_path, extra, precision, upcast):
+    f = tmp_path / "a.yaml"
+    f.write_text("base_model: x/y\nmicro_batch_size: 1\n" + extra)
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}')
+    fields = read_config([str(f)]).fields
+    assert fields["precision"] == precision
+    assert fields.get("fp32_embeddings_norms") == upcast
 
 
 def test_describe_reading_lines():
@@ -796,7 +822,14 @@ def test_emit_reads_back_the_same_setup(tmp_path, fmt, i, fields):
             },
             "torchtune cannot express deepspeed=zero2",
         ),
-        ("axolotl", {"method": "full", "fp32_outputs": False, "optimizer_in_backward": True}, "optimizer_in_backward"),
+        (
+            "axolotl",
+            {"method": "full", "precision": "mixed", "model_dtype": "bf16", "fp32_embeddings_norms": True}
+            | {"fp32_outputs": False, "optimizer_in_backward": True},
+            "optimizer_in_backward",
+        ),
+        # outside FSDP and DeepSpeed axolotl's full fine-tune runs under the Trainer's autocast
+        ("axolotl", {"method": "full", "precision": "bf16", "model_dtype": "bf16"}, "precision=bf16"),
     ],
 )
 def test_emit_refuses_what_the_format_cannot_say(fmt, fields, needle):

@@ -221,6 +221,11 @@ CASES = {
         dict(method="full", train_layers=1, precision="mixed", gradient_checkpointing=True, gradient_accumulation=2),
     ),
     "qwen3-freeze-last1-fp32-layers-mixed": (QWEN3, dict(method="full", train_layers=1, **FREEZE_LF)),
+    # axolotl's full fine-tune with sdpa: embed_tokens, lm_head and the norms upcast to fp32 over
+    # the bf16 model under autocast (memory/precision.py upcast_roots); Qwen2: one tied matrix
+    "axolotl-full-fp32-roots": (LLAMA, dict(stack="axolotl", method="full")),
+    "axolotl-full-fp32-roots-ckpt": (LLAMA, dict(stack="axolotl", method="full", gradient_checkpointing=True)),
+    "qwen2-tied-axolotl-full-fp32-roots": (QWEN2, dict(stack="axolotl", method="full")),
     # peft modules_to_save: a trainable copy of the embedding and/or lm_head beside the frozen original
     "lora-modules-to-save": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH)),
     "lora-modules-to-save-ckpt": (LLAMA, dict(method="lora", modules_to_save=SAVE_BOTH, gradient_checkpointing=True)),
@@ -411,6 +416,10 @@ LAYER_ARCH_CASES = {
         dict(method="lora", gradient_checkpointing=True),
     ),
     "qwen2-full": (dict(QWEN2, vocab_size=64, intermediate_size=1024, num_hidden_layers=4), dict(method="full")),
+    # axolotl's fp32 embeddings and norms over bf16 weights: an fp32 residual stream through backward
+    "axolotl-full-fp32-roots": (TINY_VOCAB, dict(stack="axolotl", method="full")),
+    "axolotl-full-fp32-roots-ckpt": (TINY_VOCAB, dict(stack="axolotl", method="full", gradient_checkpointing=True)),
+    "full-mixed-ckpt": (TINY_VOCAB, dict(method="full", precision="mixed", gradient_checkpointing=True)),
     # with dropout lora_A saves dropout(x): x's copy and the norm's output become locals, and
     # down's adapter (the recompute stops early right after it) can be the widest moment
     "lora-ckpt-dropout": (TINY_VOCAB, dict(method="lora", gradient_checkpointing=True, lora_dropout=0.05)),

@@ -158,7 +158,7 @@ def test_emit_writes_freeze_for_llamafactory_and_refuses_it_elsewhere():
     text = emit("llamafactory", setup, "meta-llama/Llama-3.2-1B", {})
     assert "finetuning_type: freeze" in text and "freeze_trainable_layers: 3" in text
     with pytest.raises(VramplanError, match="train_layers"):
-        plain = make_setup(method="full", stack="axolotl", train_layers=3, precision="bf16", model_dtype="bf16")
+        plain = make_setup(method="full", stack="axolotl", train_layers=3, precision="mixed", model_dtype="bf16")
         emit("axolotl", plain, "meta-llama/Llama-3.2-1B", {})
 
 

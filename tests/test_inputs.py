@@ -431,14 +431,25 @@ def test_checkpointing_costs_at_most_the_last_layers_input():
     last layer to run backward (layer 0) keeps: the embedding output, which without it nothing
     saves (Llama's RMSNorm saves an fp32 copy). test_checkpoint_keeps_layer_0s_input_traced
     measures it on the real step."""
+    from vramplan.estimate import make_setup
+    from vramplan.memory import step_model
     from vramplan.memory.storage import alloc
+    from vramplan.model_loader import load_model_spec
 
     fields = dict(method="full", batch_size=28, seq_len=128, optim="adamw_torch_fused")
     plain = vramplan.estimate("llama-3.3-70b", gpus="48GB", **fields).per_gpu
     ckpt = vramplan.estimate("llama-3.3-70b", gpus="48GB", gradient_checkpointing=True, **fields).per_gpu
     hidden = alloc(28 * 128 * 8192 * 2)  # one bf16 hidden state of Llama 3.3 70B
-    assert ckpt.peak_phase == plain.peak_phase == "layer 0 backward (mlp)"
-    assert ckpt.peak_allocated_bytes - plain.peak_allocated_bytes == hidden
+    assert 0 <= ckpt.peak_allocated_bytes - plain.peak_allocated_bytes <= hidden
+    # the moment it costs it at: layer 0's MLP backward (here just below the embedding's backward,
+    # the peak, which holds the untied embedding's grad, made last)
+    spec = load_model_spec("llama-3.3-70b")
+
+    def layer0_mlp(**extra) -> int:
+        phases = step_model(spec, make_setup(**fields, **extra)).phases
+        return next(p.allocated for p in phases if p.name == "layer 0 backward (mlp)")
+
+    assert layer0_mlp(gradient_checkpointing=True) - layer0_mlp() == hidden
 
 
 @pytest.mark.cputrace

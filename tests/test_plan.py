@@ -356,6 +356,21 @@ def test_vary_leaves_out_combinations_the_setup_refuses():
     assert offloaded and all(r.setup.gradient_checkpointing for r in offloaded)
 
 
+def test_axolotl_full_fine_tunes_run_under_autocast_and_flash_casts_the_roots_back():
+    """axolotl's Trainer autocasts every full fine-tune outside FSDP/DeepSpeed, so the plan offers
+    no `bf16` (no autocast) row there; with --vary attention, sdpa keeps embed_tokens, lm_head and
+    the norms fp32 and flash casts them back (axolotl==0.19.0 loaders/model.py:435-490), while
+    DeepSpeed's bf16 engine casts them back whatever the attention."""
+    res = plan_model(
+        "llama-3.2-1b", "1x80GB", methods="full", fixed={"stack": "axolotl"}, vary=["attention=sdpa,flash"], top=60
+    )
+    plain = [r.setup for r in res.rows if r.setup.fsdp == 1 and r.setup.deepspeed is None]
+    zero = [r.setup for r in res.rows if r.setup.deepspeed is not None]
+    assert plain and zero and {s.attention.value for s in plain} == {"sdpa", "flash"}
+    assert all(s.precision.value == "mixed" and s.fp32_embeddings_norms == (s.attention.value == "sdpa") for s in plain)
+    assert not any(s.fp32_embeddings_norms for s in zero)
+
+
 # ---------------------------------------------------------------- expandable segments
 
 

@@ -253,6 +253,14 @@ def candidate_groups(spec: ModelSpec, req: PlanRequest) -> list[list[dict]]:
     return expand_groups(groups, req.vary)
 
 
+def _always_autocast(req: PlanRequest) -> bool:
+    """axolotl's Trainer wraps every full fine-tune outside FSDP and DeepSpeed in bf16 autocast
+    (configs/axolotl.py _precision): `bf16` without autocast is not a configuration it runs, and
+    there its sdpa/eager full fine-tune keeps fp32 embeddings and norms (--fp32-embeddings-norms)."""
+    stack = req.fixed.get("stack")
+    return getattr(stack, "value", stack) == Stack.AXOLOTL.value
+
+
 def _full_groups(req: PlanRequest, modes: list[tuple[int, bool]]) -> list[list[dict]]:
     """Full fine-tuning: one configuration per group (there is no rank to order)."""
     groups: list[list[dict]] = []
@@ -260,6 +268,8 @@ def _full_groups(req: PlanRequest, modes: list[tuple[int, bool]]) -> list[list[d
     # (no foreach temporaries) and is faster, so it dominates it.
     full_optims = (Optim.ADAMW_TORCH_FUSED, Optim.ADAMW_BNB_8BIT)
     for prec, optim, ckpt, (d, off) in itertools.product(_precisions(req), full_optims, (False, True), modes):
+        if prec == Precision.BF16 and d == 1 and _always_autocast(req):
+            continue
         groups.append(
             [
                 dict(

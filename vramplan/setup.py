@@ -465,6 +465,7 @@ METHOD_FIELDS: dict[str, frozenset[Method]] = {
     "galore_update_proj_gap": frozenset({Method.GALORE}),
     "train_layers": frozenset({Method.FULL}),
     "train_layers_dtype": frozenset({Method.FULL}),
+    "fp32_embeddings_norms": frozenset({Method.FULL, Method.GALORE}),
 }
 
 # (field, flag, largest value): every count and token number is bounded (vramplan/limits.py)
@@ -655,6 +656,11 @@ class TrainingSetup(BaseModel):
         description="dtype the trained layers are cast to over a model loaded in --model-dtype "
         "(LLaMA-Factory: fp32 unless pure_bf16); default the model's",
     )
+    fp32_embeddings_norms: bool = Field(
+        False,
+        description="embed_tokens, lm_head and every norm held in fp32 over a bf16/fp16 model, the rest in the "
+        "model's dtype (axolotl's full fine-tune outside FSDP and DeepSpeed with sdpa/eager attention)",
+    )
     optimizer_in_backward: bool = Field(False, description="step each parameter's optimizer in its grad hook")
     gradient_accumulation: int = Field(1, description="micro-batches per optimizer step")
     activation_offload: ActivationOffload = Field(
@@ -747,6 +753,7 @@ class TrainingSetup(BaseModel):
         self._check_engines()
         self._check_int8()
         self._check_train_layers()
+        self._check_fp32_embeddings_norms()
         return self
 
     def _check_train_layers(self) -> None:
@@ -778,6 +785,29 @@ class TrainingSetup(BaseModel):
         for bad, flag, what in refused:
             if bad:
                 raise VramplanError(f"--train-layers with {what} is not modelled", flag)
+
+    def _check_fp32_embeddings_norms(self) -> None:
+        """--fp32-embeddings-norms (axolotl's upcast, memory/precision.py upcast_roots): modelled
+        under autocast on one GPU or DDP. Without autocast the fp32 stream would meet bf16
+        matmuls; FSDP and DeepSpeed are where axolotl does not keep it (DeepSpeed's bf16 engine
+        casts the whole module back, deepspeed==0.18.2 runtime/engine.py:1310-1313)."""
+        if not self.fp32_embeddings_norms:
+            return
+        refused = (
+            (
+                self.method not in (Method.FULL, Method.GALORE),
+                "--method",
+                f"--method {self.method.value} (adapters: cast back)",
+            ),
+            (self.sharded or self.cpu_offload, "--fsdp", "FSDP (axolotl casts them back under FSDP)"),
+            (self.deepspeed is not None, "--deepspeed", "DeepSpeed (its bf16 engine casts the module back)"),
+            (not self.autocast, "--precision", "no autocast (fp32 norms would feed bf16 matmuls)"),
+            (self.train_layers is not None, "--train-layers", "a frozen prefix"),
+            (self.stack == Stack.UNSLOTH, "--stack", "Unsloth"),
+        )
+        for bad, flag, what in refused:
+            if bad:
+                raise VramplanError(f"--fp32-embeddings-norms with {what} is not modelled", flag)
 
     def _check_int8(self) -> None:
         """What vramplan does not model over an LLM.int8 base (memory/quantization.py)."""
@@ -1113,6 +1143,8 @@ class TrainingSetup(BaseModel):
         if self.train_layers is not None:
             dtype = f" ({self.train_layers_dtype.value})" if self.train_layers_dtype is not None else ""
             words.append(f"last-{self.train_layers}-layers{dtype}")
+        if self.fp32_embeddings_norms and self.weight_dtype != ModelDtype.FP32:
+            words.append("fp32-embeddings-norms")
         if self.gradient_accumulation > 1:
             words.append(f"ga={self.gradient_accumulation}")
         if self.sharded and self.fsdp_version != 2:

@@ -41,6 +41,7 @@ STACK_KNOBS = frozenset(
         "modules_to_save_dtype",
         "quant_storage",
         "kbit_prep",
+        "fp32_embeddings_norms",
         "dora",
         "lora_targets",
         "lora_target_modules",

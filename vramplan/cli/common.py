@@ -189,6 +189,7 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "adapter_dtype", choices=_choices(AdapterDtype))
     _flag(p, "quant_storage", choices=_choices(QuantStorage))
     _flag(p, "kbit_prep", boolean=True)
+    _flag(p, "fp32_embeddings_norms", boolean=True)
     _flag(p, "dora", boolean=True)
     _flag(p, "optimizer_in_backward", boolean=True)
     _flag(

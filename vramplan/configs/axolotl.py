@@ -156,8 +156,10 @@ def _lora(c: Collector, method: Method) -> None:
 
 
 def _precision(c: Collector, method: Method) -> None:
-    """bf16 true/auto loads bf16 weights and trains with AMP: full FT keeps bf16 params (no fp32
-    masters) = precision bf16; LoRA's fp32 adapters under autocast = mixed (config/__init__.py:163-203).
+    """bf16 true/auto loads bf16 weights and trains with AMP (config/__init__.py:163-203): LoRA's fp32
+    adapters under autocast = mixed; a full fine-tune keeps bf16 params (no fp32 masters) under the
+    Trainer's autocast = mixed over bf16 weights, as the stack bundle says (docs/stacks.md), except
+    under FSDP or DeepSpeed, which compute in their bf16 parameter dtype = bf16.
     bfloat16: true is the same step: its schema says "No AMP", but the trainer is built with
     bf16 = cfg.bf16 or cfg.bfloat16 (axolotl==0.19.0 core/builders/base.py:276) and the weights
     load in bf16 (utils/config/__init__.py:198); float16: true loads fp16 weights and sets no
@@ -179,12 +181,17 @@ def _precision(c: Collector, method: Method) -> None:
         raise c.fail("bf16", "true, false or auto", bf16)
     note = "" if key in c.data else "axolotl's default bf16: auto (bf16 GPUs)"
     c.set(key, "model_dtype", ModelDtype.BF16, note)
-    c.set(
-        key,
-        "precision",
-        Precision.BF16 if method == Method.FULL else Precision.MIXED,
-        "bf16 weights, no fp32 masters" if method == Method.FULL else "fp32 adapters under bf16 autocast",
-    )
+    if method != Method.FULL:
+        c.set(key, "precision", Precision.MIXED, "fp32 adapters under bf16 autocast")
+    elif _sharded_or_deepspeed(c):
+        c.set(key, "precision", Precision.BF16, "bf16 weights, no fp32 masters")
+    else:  # the Trainer's bf16=True: accelerate wraps the forward in autocast (accelerator.py:1791-1801)
+        c.set(key, "precision", Precision.MIXED, "bf16 weights under accelerate's bf16 autocast, no fp32 masters")
+
+
+def _sharded_or_deepspeed(c: Collector) -> bool:
+    """The file turns on FSDP or DeepSpeed (read in full by _fsdp and read)."""
+    return any(c.data.get(k) not in (None, [], {}, "") for k in ("fsdp", "fsdp_config", "fsdp_version", "deepspeed"))
 
 
 def _attention(c: Collector) -> None:
@@ -334,17 +341,33 @@ def _not_sft(c: Collector) -> None:
 
 def _fp32_embeddings(c: Collector, method: Method) -> None:
     """A full fine-tune outside FSDP upcasts embed_tokens, lm_head and every norm to fp32 and casts them
-    back only for an adapter, FSDP or an attention that needs it (flash: not sdpa/eager) (axolotl==0.19.0
-    loaders/model.py:441-450, 468-490; utils/schemas/enums.py:168): said, not modelled."""
-    attention = c.get("attn_implementation")
-    cast_back = c.get("flash_attention") is True or attention not in (None, "sdpa", "eager")
-    if method != Method.FULL or cast_back or c.distributed == Distributed.FSDP:
+    back only for an adapter, FSDP, CCE or an attention that needs it (any but sdpa/eager)
+    (axolotl==0.19.0 loaders/model.py:435-490, 1153-1175; utils/schemas/config.py:1517-1522);
+    DeepSpeed's bf16 engine casts the module back (deepspeed==0.18.2 runtime/engine.py:1310-1313).
+    Said as --fp32-embeddings-norms where the step runs under autocast over bf16 weights."""
+    full = c.fields.get("method", method) in (Method.FULL, Method.GALORE)
+    autocast = c.fields.get("precision") == Precision.MIXED and c.fields.get("model_dtype") == ModelDtype.BF16
+    if not full or not autocast or c.distributed in (Distributed.FSDP, Distributed.DEEPSPEED):
         return
-    c.unmodelled(
-        "attn_implementation" if attention else "adapter",
-        "a full fine-tune outside FSDP with sdpa/eager attention keeps embed_tokens, lm_head and the norms in "
-        "fp32 (loaders/model.py:441-450, 468-490): their weights, grads and states and the residual stream "
-        "are estimated in bf16",
+    attention = c.get("attn_implementation")
+    if c.get("flash_attention") is True or attention not in (None, "sdpa", "eager"):
+        key, why, keep = "attn_implementation" if attention else "flash_attention", "this attention", False
+    elif c.fields.get("loss") == Loss.CCE:
+        key, why, keep = "plugins", "Cut Cross-Entropy", False
+    else:
+        key = "attn_implementation" if attention else ("sdp_attention" if c.get("sdp_attention") else "adapter")
+        why = "no adapter, transformers' default sdpa" if key == "adapter" else "sdpa/eager attention"
+        keep = True
+    c.set(
+        key,
+        "fp32_embeddings_norms",
+        keep,
+        f"{why}: embed_tokens, lm_head and the norms "
+        + (
+            "stay fp32 (loaders/model.py:441-450, 1153-1175)"
+            if keep
+            else "cast back to bf16 (loaders/model.py:468-490)"
+        ),
     )
 
 

@@ -34,6 +34,7 @@ class SavedActivations:
     forward_extra: int = 0  # offloaded tensors still on the GPU at a layer's forward
     casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
     down_casts: list[int] = field(default_factory=list)  # of which down's
+    cast_parts: list[tuple[int, ...]] = field(default_factory=list)  # the others one by one (autocast.FrozenCasts)
     forward_cache: int = 0  # autocast's cached copies held through the forward only
     held_mlp_last: int = 0  # LLM.int8: the last layer's MLP inputs a checkpoint keeps (checkpointing.py)
 
@@ -165,6 +166,7 @@ def saved_activations(spec: ModelSpec, setup: TrainingSetup) -> SavedActivations
         forward_extra=lay.forward_extra,
         casts=casts.layers,
         down_casts=casts.downs,
+        cast_parts=casts.parts,
         forward_cache=casts.forward,
         held_mlp_last=lay.held_mlp_last,
     )

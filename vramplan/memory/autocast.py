@@ -3,16 +3,23 @@ per-call casts of frozen fp32 weights that autograd saves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from vramplan.memory.freeze import frozen_prefix, trained_dtype_bytes
 from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.loss import TORCHTUNE_CHUNKS, head_trains
 from vramplan.memory.parameters import Param, grad_bytes
-from vramplan.memory.precision import frozen_fp32_autocast
+from vramplan.memory.precision import dense_weight_bytes, frozen_fp32_autocast
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, Method, TrainingSetup
+
+
+def dense_trained_fp32(setup: TrainingSetup) -> bool:
+    """A full fine-tune's decoder weights train in fp32: masters, or --train-layers-dtype fp32."""
+    cast = trained_dtype_bytes(setup)
+    return (cast if cast is not None else dense_weight_bytes(setup)) == 4
 
 
 def _cached_matrix(p: Param, setup: TrainingSetup) -> bool:
@@ -26,9 +33,19 @@ def checkpointed_layer_casts(params: list[Param], setup: TrainingSetup) -> int:
     until that autocast exits (after the loss), though no layer saves it; the recompute runs in
     an autocast of its own (torch.utils.checkpoint's recompute_fn) whose exit clears its copies.
     [CPU trace: full-mixed-ckpt and the freeze-*-mixed-ckpt cases, forward]"""
+    return sum(sum(parts) for parts in checkpointed_layer_cast_parts(params, setup).values())
+
+
+def checkpointed_layer_cast_parts(params: list[Param], setup: TrainingSetup) -> dict[int, list[int]]:
+    """checkpointed_layer_casts per decoder layer, one copy each: a layer's copies are made when its
+    checkpointed forward runs (the allocation events place them there, one block each)."""
     if not (setup.autocast and setup.gradient_checkpointing):
-        return 0
-    return sum(alloc(2 * p.numel) for p in params if p.layer is not None and _cached_matrix(p, setup))
+        return {}
+    out: dict[int, list[int]] = {}
+    for p in params:
+        if p.layer is not None and _cached_matrix(p, setup):
+            out.setdefault(p.layer, []).append(alloc(2 * p.numel))
+    return out
 
 
 def cast_cache(params: list[Param], setup: TrainingSetup, spec: ModelSpec) -> int:
@@ -62,6 +79,9 @@ class FrozenCasts:
     downs: list[int]  # of which the down projection's, freed first with down's saved input
     head: int = 0  # lm_head's, freed in lm_head's backward with what the root saved
     forward: int = 0  # held by autocast's cache through the forward only (the adapters' under checkpointing)
+    # each layer's copies but down's, one tensor each, where they are weights' (the allocation events:
+    # one block per copy, not one block of their sum)
+    parts: list[tuple[int, ...]] = field(default_factory=list)
 
 
 # ATen autocast_mode.cpp cached_cast (torch==2.13; `can_try_cache`) caches a cast only for an
@@ -84,12 +104,14 @@ def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
     adapters = adapter_casts(spec, setup)
     ckpt = setup.gradient_checkpointing
     forward = sum(adapters) if ckpt else 0
+    if setup.method in (Method.FULL, Method.GALORE):
+        # every layer weight trains (cast_cache; under checkpointing their recompute's copies), but
+        # under --train-layers lm_head is frozen; the frozen prefix records nothing (memory/freeze.py)
+        layers, downs, parts = recomputed_weight_casts(spec, setup)
+        head = _head_casts(spec, setup) if frozen_fp32_autocast(setup) else 0
+        return FrozenCasts(layers, downs, head, forward, parts)
     if not frozen_fp32_autocast(setup):
         return FrozenCasts(adapters, [0] * n, forward=forward)
-    if setup.method in (Method.FULL, Method.GALORE):
-        # every layer weight trains (cast_cache), but under --train-layers lm_head is frozen; the
-        # frozen prefix records nothing (memory/freeze.py)
-        return FrozenCasts(adapters, [0] * n, _head_casts(spec, setup), forward)
     layers, downs = [], []
     dense = setup.method == Method.LORA
     for i, layer in enumerate(spec.layers):
@@ -97,6 +119,26 @@ def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
         layers.append(sum(alloc(2 * l.numel) for l in lins) + adapters[i])
         downs.append(sum(alloc(2 * l.numel) for l in lins if l.role in MLP_OUT_ROLES))
     return FrozenCasts(layers, downs, _head_casts(spec, setup), forward)
+
+
+def recomputed_weight_casts(
+    spec: ModelSpec, setup: TrainingSetup
+) -> tuple[list[int], list[int], list[tuple[int, ...]]]:
+    """Under checkpointing, per decoder layer (and down's share), the bf16 copies of its trained
+    fp32 weight matrices (a full fine-tune's masters, --train-layers-dtype fp32): the layer's
+    recompute runs in an autocast of its own (torch.utils.checkpoint's recompute_fn), whose
+    cached_cast makes each copy again, and the recomputed matmuls save them until their backward
+    ran (down's first, with down's input); the recompute's autocast exit clears only the cache.
+    [CPU trace: layer-backward full-mixed-ckpt, 8 Linear inputs and weights of bf16 alive at the
+    MLP's backward]"""
+    n = len(spec.layers)
+    if not (setup.autocast and setup.gradient_checkpointing and dense_trained_fp32(setup)):
+        return [0] * n, [0] * n, []
+    first = frozen_prefix(spec, setup)
+    trained = [layer if i >= first else None for i, layer in enumerate(spec.layers)]
+    parts = [tuple(alloc(2 * l.numel) for l in t.linears if l.role not in MLP_OUT_ROLES) if t else () for t in trained]
+    downs = [sum(alloc(2 * l.numel) for l in t.linears if l.role in MLP_OUT_ROLES) if t else 0 for t in trained]
+    return [sum(p) + d for p, d in zip(parts, downs, strict=True)], downs, parts
 
 
 def adapter_casts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:

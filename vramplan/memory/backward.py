@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from vramplan.categories import Category as C
 from vramplan.memory import deepspeed
+from vramplan.memory.checkpointing import recompute_input_alias
 from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.dora import dora_recompute
 from vramplan.memory.freeze import frozen_prefix
@@ -25,7 +26,7 @@ from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
 from vramplan.memory.norms import post_mlp_norm_backward
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.storage import Phase, alloc
-from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, PhaseKind
+from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, LinearRole, PhaseKind
 from vramplan.setup import Engine, TrainingSetup
 
 
@@ -65,6 +66,30 @@ def held_grad(p: Param, setup: TrainingSetup) -> int:
     if setup.engine == Engine.DEEPSPEED:
         return deepspeed.held_grad(p, setup)
     return alloc(grad_bytes(p, setup) * shard_for(p, setup))
+
+
+def embedding_grad_last(ctx: StepContext) -> Param | None:
+    """The trained input embedding (whole, or peft's modules_to_save copy) when it is a weight of
+    its own, on one GPU or DDP with one micro-batch per step: EmbeddingBackward, whose input is the
+    batch's ids, is the last node of backward, so its grad is made after every decoder layer's
+    backward (the embedding-backward phase and the optimizer step hold it; under accumulation it is
+    alive from the start: accumulation.py). Tied, that weight is lm_head's, whose grad the loss
+    backward makes (accumulation.tied_head_grad). [CPU trace: the axolotl-*-fp32-roots cases and
+    axolotl-chunked-full, where its fp32 grad decides whether a layer's backward is the peak]"""
+    setup, spec = ctx.setup, ctx.spec
+    own = bool(spec.lm_head_numel) or setup.lora_like
+    if not own or setup.engine not in (Engine.SINGLE, Engine.DDP) or setup.gradient_accumulation > 1:
+        return None
+    if setup.steps_in_backward or setup.cpu_offload:
+        return None
+    return next(
+        (
+            p
+            for p in ctx.params
+            if p.layer is None and p.trainable and p.dim0 == spec.vocab and p.role != LinearRole.HEAD
+        ),
+        None,
+    )
 
 
 def grad_book(ctx: StepContext) -> GradBook:
@@ -230,9 +255,18 @@ def _dora_moments(
     return out
 
 
+def recomputed_bytes(ctx: StepContext, i: int) -> int:
+    """Layer i's saved tensors in its backward, autocast's weight copies apart: what its forward
+    saved, or, under checkpointing, what its recompute saves that is not the kept input itself
+    (checkpointing.recompute_input_alias)."""
+    n = ctx.tokens
+    alias = recompute_input_alias(ctx.spec, ctx.spec.layers[i], ctx.setup)
+    return alloc(n * ctx.per_layer[i]) - alloc(n * alias)
+
+
 def layer_moments(ctx: StepContext, pts: LayerPoints, book: GradBook, i: int, done: int) -> list[LayerMoment]:
     """Layer i's backward moments; `done`: the grads of the layers above, already made."""
-    this = alloc(ctx.tokens * ctx.per_layer[i]) + ctx.casts[i]
+    this = recomputed_bytes(ctx, i) + ctx.casts[i]
     fs = layer_fsdp(ctx, book, i)
     moments = _core_moments(ctx, pts, this, book, i, done, fs)
     in_flight = fs.gathered + fs.reduce_prev
@@ -285,7 +319,9 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
     points_of: dict[ShapeKey, LayerPoints] = {}
     non_layer = ctx.acts - ctx.layer_acts - ctx.released
     out: list[Phase] = []
-    done, remaining = book.sharded.get(None, 0), ctx.layer_acts
+    embedding = embedding_grad_last(ctx)  # made after every layer's backward
+    done = book.sharded.get(None, 0) - (held_grad(embedding, ctx.setup) if embedding else 0)
+    remaining = ctx.layer_acts
     # a frozen prefix (--train-layers) has no backward: autograd's graph ends at the first trained layer
     for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
         key = shape_key(ctx.spec.layers[i])

@@ -41,6 +41,21 @@ OFFLOAD_SOURCES = {
 }
 
 
+def recompute_input_alias(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> int:
+    """Per token, what a checkpointed layer's recompute saves that is its kept input itself, not a
+    new tensor: over an fp32 stream the input RMSNorm's ``hidden_states.to(torch.float32)`` is a
+    no-op (transformers LlamaRMSNorm.forward), so the input pow and mul save is the tensor the
+    checkpoint kept (its recompute runs on that tensor, or on a detached view of it, reentrant),
+    which norms.norm_saved counts as the layer's own 4h. A bf16 stream's cast is a copy; a
+    LayerNorm or a post-norm layer is left as it is (not traced). [CPU trace: layer-backward
+    axolotl-full-fp32-roots-ckpt and full-mixed-ckpt: one fp32 [N, h] fewer than every saved tensor
+    of the layer plus its input]"""
+    plain = setup.activation_offload == ActivationOffload.NONE and not setup.compile
+    if not (setup.gradient_checkpointing and plain) or spec.norm_kind == "layer" or not layer.pre_norm:
+        return 0
+    return 4 * spec.hidden if stream_bytes(setup) == 4 else 0
+
+
 def kept_per_layer(spec: ModelSpec, stream: int) -> int:
     """Per token, what a checkpointed layer keeps: its input hidden state."""
     return stream * spec.hidden

@@ -145,7 +145,9 @@ class StepContext:
     host_acts: int = 0  # activations in pinned host RAM
     casts: list[int] = field(default_factory=list)  # each layer's saved bf16 copies of frozen weights (autocast.py)
     down_casts: list[int] = field(default_factory=list)  # of which down's, freed with down's saved input
+    cast_parts: list[tuple[int, ...]] = field(default_factory=list)  # the others one by one, where known
     forward_cache: int = 0  # autocast's cached copies held through the forward only (autocast.py)
+    forward_cache_layers: dict[int, list[int]] = field(default_factory=dict)  # of which made at layer i's forward
     held_mlp_last: int = 0  # LLM.int8: the last layer's MLP inputs a checkpoint keeps, not made at its widest
     reentrant: bool = False  # the recompute runs whole inside the checkpoint's backward node
     engine: EngineBuffers = field(default_factory=EngineBuffers)

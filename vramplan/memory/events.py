@@ -32,11 +32,12 @@ from vramplan.categories import Category as C
 from vramplan.memory.accumulation import accumulated_grad_sizes
 from vramplan.memory.activations import input_needs_grad, rope_saved
 from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
-from vramplan.memory.backward import RECOMPUTE_POINTS
+from vramplan.memory.backward import RECOMPUTE_POINTS, embedding_grad_last
 from vramplan.memory.checkpointing import (
     UNSLOTH_RELOAD_BUFFERS,
     CheckpointOffload,
     checkpoint_offload,
+    recompute_input_alias,
 )
 from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
 from vramplan.memory.context import StepContext, activation_context
@@ -289,7 +290,16 @@ class _Builder:
             blocks = [*blocks[:-1], held, blocks[-1]]
         # autocast's saved copies of frozen weights (autocast.frozen_casts): down's with down's input
         down, rest = ctx.down_casts[i], ctx.casts[i] - ctx.down_casts[i]
-        return [*blocks[:-1], rest, blocks[-1] + down] if ctx.casts[i] else blocks
+        others = list(ctx.cast_parts[i]) if ctx.cast_parts else [rest]  # one block per copy where known
+        return [*blocks[:-1], *others, blocks[-1] + down] if ctx.casts[i] else blocks
+
+    def recompute_blocks(self, i: int) -> list[int]:
+        """Layer i's recompute's saved tensors: saved_blocks less what aliases its kept input
+        (checkpointing.recompute_input_alias), taken from the input norm's block."""
+        blocks = self.saved_blocks(i)
+        ctx = self.ctx
+        blocks[0] -= alloc(ctx.tokens * recompute_input_alias(ctx.spec, ctx.spec.layers[i], ctx.setup))
+        return blocks
 
     def offloaded_blocks(self, i: int) -> list[int]:
         """Offloading every saved tensor: layer i's saves beyond what stays on the GPU
@@ -613,11 +623,14 @@ def _forward(b: _Builder) -> list[int | None]:
         led.alloc(C.ACTIVATIONS, step_masks(spec, ctx.setup)),
         led.alloc(C.ACTIVATIONS, ctx.cast_cache),
     ]
-    cache = led.alloc(C.ACTIVATIONS, ctx.forward_cache)  # autocast's, until the forward's autocast exits
+    # autocast's, until the forward's autocast exits: the layers' weight copies where each layer runs
+    per_layer = ctx.forward_cache_layers
+    cache = [led.alloc(C.ACTIVATIONS, ctx.forward_cache - sum(sum(v) for v in per_layer.values()))]
     last = len(spec.layers) - 1
     first = frozen_prefix(spec, ctx.setup)  # --train-layers: the frozen prefix saves nothing
     for i in range(first, len(spec.layers)):
         if ctx.ckpt:
+            cache += [led.alloc(C.ACTIVATIONS, x) for x in per_layer.get(i, [])]
             _checkpointed_input(b, i)
             if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
                 b.at_kind(PhaseKind.DORA_NORM_FORWARD, PhaseKind.FORWARD_CHECKPOINTED_LAYER)
@@ -642,7 +655,8 @@ def _forward(b: _Builder) -> list[int | None]:
             led.free(tid)
     b.stash.clear()
     b.at_kind(PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS)
-    led.free(cache)
+    for tid in cache:
+        led.free(tid)
     b.at_kind(PhaseKind.LOSS_BACKWARD)
     led.free(released)
     b.at_kind(PhaseKind.FINAL_NORM_BACKWARD)
@@ -666,8 +680,8 @@ def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | 
     # non-reentrant until the recompute is done, reentrant through the layer's backward
     reload = led.alloc(C.TRANSIENT, ctx.reload) if ctx.ckpt else None
     kept = len(b.layer_blocks[i]) if ctx.ckpt else 0  # checkpointing: its input, when it stays on the GPU
-    if ctx.ckpt:  # the recompute makes the layer's saved tensors again
-        b.layer_blocks[i] += [led.alloc(C.ACTIVATIONS, x) for x in b.saved_blocks(i)]
+    if ctx.ckpt:  # the recompute makes the layer's saved tensors again, but not its kept input
+        b.layer_blocks[i] += [led.alloc(C.ACTIVATIONS, x) for x in b.recompute_blocks(i)]
     blocks = b.layer_blocks.pop(i)
     # down's saved input, freed once down's backward ran (offloaded: its restored copy is a balance block)
     down = None if ctx.offload_all else blocks[-1]
@@ -700,10 +714,13 @@ def _one_step(b: _Builder) -> list[int | None]:
     by_layer: dict[int | None, list[Param]] = {}
     for p in ctx.params:
         by_layer.setdefault(p.layer, []).append(p)
-    grads = accumulated + _grads(b, by_layer.get(None, []))
+    embedding = embedding_grad_last(ctx)  # its grad is made after every layer's backward
+    grads = accumulated + _grads(b, [p for p in by_layer.get(None, []) if p is not embedding])
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
     for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
         _layer_backward(b, i, by_layer.get(i, []), grads)
+    if embedding is not None:
+        grads += _grads(b, [embedding])
     b.at_kind(PhaseKind.EMBEDDING_BACKWARD)
     for tid in step_wide[1:]:
         led.free(tid)

@@ -23,6 +23,7 @@ from vramplan.memory.compile import (
 )
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.norms import norm_saved
+from vramplan.memory.precision import upcast_roots
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, ModelDtype, Precision, SavedModule, Stack, TrainingSetup
@@ -109,6 +110,8 @@ def _head_weight_bytes(setup: TrainingSetup) -> int:
     in bf16), or peft's prepare_model_for_kbit_training upcast."""
     if SavedModule.LM_HEAD in setup.modules_to_save and setup.modules_to_save_dtype is not None:
         return setup.modules_to_save_dtype.bytes  # peft's trainable copy, cast (parameters._dense_param_bytes)
+    if upcast_roots(setup):  # axolotl's fp32 lm_head (precision.upcast_roots)
+        return 4
     gathered_bf16 = setup.precision == Precision.MIXED and setup.fsdp > 1
     fp32 = (setup.weight_dtype == ModelDtype.FP32 and not gathered_bf16) or (setup.kbit_prep and setup.lora_like)
     return 4 if fp32 else 2

@@ -37,7 +37,9 @@ def _layer_params(i: int, layer: LayerSpec, setup: TrainingSetup, trains: bool) 
         for _, shape in layer.experts.tensors:
             n = shape[0] * shape[1] * shape[2]
             out.append(Param(n, shape[0], ParamKind.DENSE, full, i, shape=tuple(shape)))
-    for n in layer.norm_numels + layer.other_numels:
+    for n in layer.norm_numels:
+        out.append(Param(n, n, ParamKind.DENSE, full, i, upcast=setup.fp32_embeddings_norms))
+    for n in layer.other_numels:
         out.append(Param(n, n, ParamKind.DENSE, full, i))
     return out
 
@@ -50,12 +52,12 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
     n = len(spec.layers)
     for i, layer in enumerate(spec.layers):
         out.extend(_layer_params(i, layer, setup, layer_trains(i, n, setup)))
-    dense = ParamKind.DENSE
-    out.append(Param(spec.embed_numel, spec.vocab, dense, full, None))
+    dense, up = ParamKind.DENSE, setup.fp32_embeddings_norms  # axolotl's fp32 roots and norms (precision.py)
+    out.append(Param(spec.embed_numel, spec.vocab, dense, full, None, upcast=up))
     if spec.lm_head_numel:
-        out.append(Param(spec.lm_head_numel, spec.vocab, dense, full, None))
+        out.append(Param(spec.lm_head_numel, spec.vocab, dense, full, None, upcast=up))
     if spec.final_norm_numel:
-        out.append(Param(spec.final_norm_numel, spec.final_norm_numel, dense, full, None))
+        out.append(Param(spec.final_norm_numel, spec.final_norm_numel, dense, full, None, upcast=up))
     if spec.other_numel:
         out.append(Param(spec.other_numel, spec.other_numel, dense, full, None))
     if spec.idle_numel:  # never in the text step's graph: no .grad, so AdamW makes no state for it
@@ -94,6 +96,19 @@ def saved_modules_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     ]
 
 
+def upcast_note(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What axolotl's fp32 embeddings and norms cost, said in the estimate (precision.upcast_roots)."""
+    if not setup.fp32_embeddings_norms or setup.weight_dtype.bytes == 4:
+        return []
+    extra = sum(2 * p.numel for p in parameters(spec, setup) if p.upcast)
+    return [
+        f"fp32 embed_tokens, lm_head and norms (axolotl's full fine-tune outside FSDP/DeepSpeed with sdpa/eager "
+        f"attention; flash attention casts them back): {extra / 2**30:.2f} GiB more weights and as much more "
+        "gradients than bf16, their optimizer states fp32, and an fp32 residual stream (axolotl==0.19.0 "
+        "loaders/model.py:435-490; CPU-traced, not measured on a GPU)"
+    ]
+
+
 def dense_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of a dense parameter (precision.dense_weight_bytes)."""
     return dense_weight_bytes(setup)
@@ -121,9 +136,11 @@ def _dense_param_bytes(p: Param, setup: TrainingSetup) -> int:
     """A dense parameter's bytes per element; a modules_to_save copy is in its original's dtype
     unless the framework casts every trainable parameter (--modules-to-save-dtype: TRL on a
     quantized base to bf16, trl==1.16.0 sft_trainer.py:908-911; LLaMA-Factory to fp32,
-    llamafactory==0.9.5 model/adapter.py:284-286)."""
+    llamafactory==0.9.5 model/adapter.py:284-286), and axolotl's upcast ones are fp32."""
     if p.role in SAVED_COPY_ROLES and setup.modules_to_save_dtype is not None:
         return setup.modules_to_save_dtype.bytes
+    if p.upcast:  # axolotl's fp32 embeddings, lm_head and norms (precision.upcast_roots)
+        return 4
     cast = trained_dtype_bytes(setup)  # --train-layers-dtype: the trained layers' cast (memory/freeze.py)
     if cast is not None and p.trainable and p.layer is not None:
         return cast

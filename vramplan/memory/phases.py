@@ -20,8 +20,8 @@ from vramplan.memory.accumulation import (
 )
 from vramplan.memory.activations import saved_activations
 from vramplan.memory.attention import FLASH_NOTE, attention_kind
-from vramplan.memory.autocast import cast_cache, checkpointed_layer_casts
-from vramplan.memory.backward import layer_backward_phases
+from vramplan.memory.autocast import cast_cache, checkpointed_layer_cast_parts, checkpointed_layer_casts
+from vramplan.memory.backward import embedding_grad_last, layer_backward_phases
 from vramplan.memory.checkpointing import int8_notes, offload_note, reentrant
 from vramplan.memory.compile import compiled_forward_locals
 from vramplan.memory.context import EngineBuffers, StaticBytes, StepContext, activation_context
@@ -50,7 +50,7 @@ from vramplan.memory.optimizers import (
     optimizer_notes,
     optimizer_transient,
 )
-from vramplan.memory.parameters import Param, grad_bytes, parameters, saved_modules_note
+from vramplan.memory.parameters import Param, grad_bytes, parameters, saved_modules_note, upcast_note
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.quantization import build_phase, forward_quant_transient
@@ -119,7 +119,9 @@ def step_context(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared) -> S
         host_acts=saved.host,
         casts=saved.casts,
         down_casts=saved.down_casts,
+        cast_parts=saved.cast_parts,
         forward_cache=saved.forward_cache + checkpointed_layer_casts(params, setup),
+        forward_cache_layers=checkpointed_layer_cast_parts(params, setup),
         held_mlp_last=saved.held_mlp_last,
         reentrant=reentrant(setup),
         engine=prepared.engine,
@@ -274,9 +276,11 @@ def embedding_backward_tensors(ctx: StepContext) -> list[int]:
 
 
 def embedding_backward_phase(ctx: StepContext) -> list[Phase]:
-    """embedding_backward_tensors' moment: every gradient, what is left of the activations."""
+    """embedding_backward_tensors' moment: every gradient, what is left of the activations. An
+    untied embedding's grad, made last (backward.embedding_grad_last), makes this moment hold every
+    gradient even when the new grad is simply taken as the grad. [CPU trace: embedding untied-full]"""
     tensors = embedding_backward_tensors(ctx)
-    if not tensors:
+    if not tensors and embedding_grad_last(ctx) is None:
         return []
     ph = ctx.base(PhaseKind.EMBEDDING_BACKWARD, with_grads=True)
     ph.add(C.ACTIVATIONS, ctx.acts - ctx.layer_acts - ctx.released + ctx.cast_cache)
@@ -325,6 +329,7 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         + offload_note(setup)
         + int8_notes(spec, setup)
         + saved_modules_note(spec, setup)
+        + upcast_note(spec, setup)
         + freeze_notes(spec, setup)
     )
 

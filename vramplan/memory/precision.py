@@ -25,10 +25,23 @@ def dense_weight_bytes(setup: TrainingSetup) -> int:
     return setup.weight_dtype.bytes
 
 
+def upcast_roots(setup: TrainingSetup) -> bool:
+    """axolotl's full fine-tune outside FSDP keeps embed_tokens, lm_head and every `norm` module in
+    fp32 over the bf16-loaded model: _configure_embedding_dtypes casts them to fp32 and casts them
+    back only for an adapter, FSDP, an attention that needs it (not sdpa/eager) or CCE
+    (axolotl==0.19.0 loaders/model.py:435-490, 1153-1175; utils/schemas/config.py:1517-1522).
+    Each becomes an fp32 parameter (parameters.Param.upcast: its grad and AdamW states fp32 too);
+    the fp32 embedding makes the residual stream fp32 (fp32_stream_autocast) and autocast caches
+    lm_head's bf16 cast (autocast.cast_cache). [CPU trace: axolotl-full-fp32-roots*]"""
+    return setup.fp32_embeddings_norms and setup.weight_dtype != ModelDtype.FP32
+
+
 def embedding_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of the input embedding the step runs: peft's modules_to_save copy when
-    the framework cast it (LLaMA-Factory's fp32 cast of every trainable parameter), else the
-    dense weights' dtype."""
+    the framework cast it (LLaMA-Factory's fp32 cast of every trainable parameter), axolotl's
+    fp32 upcast, else the dense weights' dtype."""
+    if upcast_roots(setup):
+        return 4
     cast = setup.modules_to_save_dtype
     if setup.lora_like and SavedModule.EMBED_TOKENS in setup.modules_to_save and cast is not None:
         return cast.bytes
@@ -116,4 +129,5 @@ __all__ = [
     "kbit_upcast",
     "precision_notes",
     "trained_layers_fp32",
+    "upcast_roots",
 ]

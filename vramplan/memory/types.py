@@ -126,6 +126,7 @@ class Param:
     galore: tuple[int, int] | None = None  # (m, n) for GaLore-projected 2-D weights
     role: str | None = None  # the Linear's role (q, down, ...) for Linear weights, biases and adapters
     shape: tuple[int, ...] | None = None  # when neither (numel,) nor (dim0, numel // dim0): 3-D experts
+    upcast: bool = False  # held in fp32 over a bf16 model (--fp32-embeddings-norms: embeddings, lm_head, norms)
 
     @property
     def storage_key(self) -> tuple:
@@ -141,6 +142,7 @@ class Param:
             self.galore,
             self.role,
             self.shape,
+            self.upcast,
         )
 
     @property

@@ -463,6 +463,18 @@ def freeze_prefix(model, spec: ModelSpec, setup: TrainingSetup, prefix: str) -> 
             p.data = p.data.to(torch.float32 if cast == AdapterDtype.FP32 else torch.bfloat16)
 
 
+def upcast_embeddings_norms(model) -> None:
+    """axolotl's _configure_embedding_dtypes for a full fine-tune outside FSDP (axolotl==0.19.0
+    loaders/model.py:435-450, 1153-1175): every module with `norm` in its name, and embed_tokens
+    and lm_head (loaders/utils.py:306-316, Llama-like names), `.to(torch.float32)`; a tied lm_head
+    stays tied (Module.to replaces the parameter's data)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if "norm" in name or (any(m in name for m in ("embed_tokens", "lm_head")) and hasattr(module, "weight")):
+            module.to(torch.float32)
+
+
 def checkpoint_trained_layers_only(model, setup: TrainingSetup, prefix: str) -> None:
     """LLaMA-Factory's checkpointing (model_utils/checkpointing.py:126-154): it sets the layers'
     checkpoint function itself (``_set_gradient_checkpointing``), so transformers'
@@ -887,6 +899,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         model = apply_lora(model, spec, setup, "meta" if fsdp else device)
     if setup.train_layers is not None:
         freeze_prefix(model, spec, setup, prefix)
+    if setup.fp32_embeddings_norms:
+        upcast_embeddings_norms(model)
     if setup.gradient_checkpointing and setup.train_layers is not None:
         checkpoint_trained_layers_only(model, setup, prefix)
     elif setup.gradient_checkpointing:
