@@ -509,6 +509,27 @@ def test_axolotl_full_fine_tune_keeps_embeddings_and_norms_fp32(tmp_path, extra,
     assert fields.get("fp32_embeddings_norms") == upcast
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (
+            "acc.yaml",
+            "distributed_type: FSDP\nfsdp_config: {fsdp_version: 2}\nmixed_precision: bf16\nnum_processes: 2\n",
+        ),
+        ("ds.json", '{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}'),
+    ],
+)
+def test_a_launch_file_with_fsdp_or_deepspeed_undoes_axolotls_fp32_embeddings(tmp_path, name, text):
+    """An axolotl file naming no engine, given with an accelerate FSDP file or a DeepSpeed JSON:
+    FSDP and DeepSpeed's bf16 engine cast the embeddings and norms back, so nothing says fp32."""
+    f, launch = tmp_path / "a.yaml", tmp_path / name
+    f.write_text("base_model: x/y\nmicro_batch_size: 1\n")
+    launch.write_text(text)
+    reading = read_config([str(f), str(launch)])
+    assert "fp32_embeddings_norms" not in reading.fields
+    assert not any(u.field == "fp32_embeddings_norms" for u in reading.used_keys)
+
+
 def test_describe_reading_lines():
     lines = describe_reading(read_config([str(DATA / "axolotl/qlora.yml")]))
     assert "used: micro_batch_size -> batch_size=2" in lines

@@ -355,7 +355,8 @@ def _fp32_embeddings(c: Collector, method: Method) -> None:
     elif c.fields.get("loss") == Loss.CCE:
         key, why, keep = "plugins", "Cut Cross-Entropy", False
     else:
-        key = "attn_implementation" if attention else ("sdp_attention" if c.get("sdp_attention") else "adapter")
+        legacy = next((k for k in ("sdp_attention", "eager_attention") if c.get(k) is True), "adapter")
+        key = "attn_implementation" if attention else legacy
         why = "no adapter, transformers' default sdpa" if key == "adapter" else "sdpa/eager attention"
         keep = True
     c.set(

@@ -130,12 +130,16 @@ def _merge(framework: ConfigReading | None, engines: list[ConfigReading]) -> Con
     if distributed == Distributed.FSDP and world is not None and "fsdp" not in fields:
         fields["fsdp"] = world
     everything = ([framework] if framework else []) + engines
+    # what the framework file derived without an engine that a launch file's FSDP or DeepSpeed undoes
+    undone = _undone_by_engine(framework, distributed)
+    for key in undone:
+        fields.pop(key, None)
     return ConfigReading(
         format=base.format,
         stack=base.stack,
         model=base.model,
         fields=fields,
-        used_keys=tuple(u for r in everything for u in r.used_keys),
+        used_keys=tuple(u for r in everything for u in r.used_keys if u.field not in undone),
         unmodelled=tuple(u for r in everything for u in r.unmodelled),
         unknown=tuple(f"{r.source_files[0]}: {k}" if len(everything) > 1 else k for r in everything for k in r.unknown),
         source_files=tuple(dict.fromkeys(f for r in everything for f in r.source_files)),
@@ -143,6 +147,16 @@ def _merge(framework: ConfigReading | None, engines: list[ConfigReading]) -> Con
         world=world,
         references=(),
     )
+
+
+def _undone_by_engine(framework: ConfigReading | None, distributed: Distributed) -> tuple[str, ...]:
+    """axolotl's fp32 embeddings and norms, read from a file that names no engine, when a launch
+    file given beside it runs FSDP or DeepSpeed: axolotl casts them back under FSDP, DeepSpeed's
+    bf16 engine casts the module back (configs/axolotl.py _fp32_embeddings)."""
+    engine = distributed in (Distributed.FSDP, Distributed.DEEPSPEED)
+    if framework is None or framework.distributed != Distributed.NONE or not engine:
+        return ()
+    return ("fp32_embeddings_norms",)
 
 
 def describe_reading(reading: ConfigReading) -> list[str]:
