@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,10 +69,12 @@ def case(
 # across the edge the allocator replay predicts for an allocator capped at 24 GiB
 # (torch.cuda.set_per_process_memory_fraction(24 GiB / device memory): a 24 GB card without
 # its CUDA context), so one run records, per rung, whether the step ran and the
-# max_memory_reserved it needed. The rungs below the cap in allocated bytes but past the
-# predicted edge (8B QLoRA at 9216, Qwen2.5-7B QLoRA at 7168-8192 tokens) test the replay's
-# fragmentation under pressure, not the allocated estimate. `--dry-run --capped` prints the
-# replay's verdict per rung; docs/allocator.md has the table.
+# max_memory_reserved it needed. The verdict is the replay of verify's loop (loss_only_loop: the
+# logits are dropped before backward). Measured on the H200 (tests/data/h200_verify.jsonl): every
+# rung up to 10240 tokens ran, so the 8B and 3B ladders go on to 12288; the Qwen2.5-7B rungs at
+# 7680-8192 ran where the replay says out-of-memory (its fragmentation under pressure, not the
+# allocated estimate). `--dry-run --capped` prints the replay's verdict per rung; docs/allocator.md
+# has the table.
 CAP_MIB = 24 * 1024
 
 
@@ -89,7 +92,7 @@ CAPPED_CASES = [
         "l8b_qlora_nf4_ckpt_b1",
         L8B,
         "seq_len",
-        [6144, 8192, 9216, 10240],
+        [6144, 8192, 9216, 10240, 11264, 12288],
         90,
         method="qlora",
         gradient_checkpointing=True,
@@ -99,7 +102,7 @@ CAPPED_CASES = [
         "l3b_lora16_ckpt_b1",
         "llama-3.2-3b",
         "seq_len",
-        [8192, 9216, 10240],
+        [8192, 9216, 10240, 11264, 12288],
         method="lora",
         gradient_checkpointing=True,
         batch_size=1,
@@ -427,6 +430,19 @@ CASES = [
         "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
         L8B,
         method="qlora",
+        gradient_checkpointing=True,
+        fsdp=4,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    # torch<=2.11's FSDP2 cannot shard a uint8 packed weight (_fsdp_param.py _init_sharded_param makes an
+    # nn.Parameter that requires grad; 2.13 passes param.requires_grad): bf16 storage, as fsdp_qlora runs it
+    case(
+        "l8b_fsdp4_qlora_nf4bf16_r16_ckpt_b1s2048",
+        L8B,
+        method="qlora",
+        quant_storage="bf16",
         gradient_checkpointing=True,
         fsdp=4,
         batch_size=1,
@@ -885,6 +901,7 @@ CORE = [
     "l1b_galore8bit_layerwise128_ckpt_b1s1024",
     "l1b_fsdp2_full_mixed_ckpt_b2s2048",
     "l8b_fsdp4_qlora_nf4_r16_ckpt_b1s2048",
+    "l8b_fsdp4_qlora_nf4bf16_r16_ckpt_b1s2048",
     "l8b_fsdp8_full_mixed_ckpt_b1s2048",
     "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
     "l1b_lora16_ckpt_b1s16384",
@@ -956,7 +973,8 @@ def dry_run(cases: list[dict]) -> int:
     for c in cases:
         s = _setup(c)
         gpus = f"{max(s.fsdp, s.data_parallel, 1)}xh100-80gb"
-        est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"])
+        # the step verify runs: its loop keeps only the loss (TrainingSetup.loss_only_loop)
+        est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"], loss_only_loop=True)
         xp = f" extrapolate from {c['depths']}" if c["depths"] else ""
         print(
             f"{c['name']:48s} {s.describe():48s} est peak {est.per_gpu.peak_allocated_bytes / GiB:6.2f} GiB "
@@ -975,7 +993,9 @@ def _capped_verdict(c: dict) -> str:
     from vramplan.units import GiB, MiB
 
     limit = c["memory_limit_mb"] * MiB
-    r = under_memory_limit(load_model_spec(c["model"], num_layers=c["layers"]), _setup(c), limit)
+    # verify's loop keeps only the loss (setup.loss_only_loop): the step the case measures
+    setup = _setup(c).model_copy(update={"loss_only_loop": True})
+    r = under_memory_limit(load_model_spec(c["model"], num_layers=c["layers"]), setup, limit)
     said = "runs" if r.runs else f"OOM in {r.oom_at}"
     return f"; under {limit / GiB:.0f} GiB the replay {said}, reserved {r.peak_reserved / GiB:.2f} GiB"
 
@@ -986,7 +1006,7 @@ def _append(out: Path, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def run_one(c: dict, device: str, timeout: float) -> list[dict]:
+def run_one(c: dict, device: str, timeout: float, failure_log: Path | None = None) -> list[dict]:
     """Measure one case in fresh process(es); returns the JSON lines to append."""
     from vramplan.verify.api import plan_ranks
     from vramplan.verify.extrapolate import extrapolate
@@ -1003,13 +1023,91 @@ def run_one(c: dict, device: str, timeout: float) -> list[dict]:
         req = CaseRequest(
             model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device, memory_limit_bytes=limit
         )
-        ms += run_isolated(req, nproc=nproc, timeout=timeout)
+        ms += run_isolated(req, nproc=nproc, timeout=timeout, failure_log=failure_log)
     suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: f"_rank{m.rank}" if m.rank else "")
     lines = [{**json.loads(m.to_measured_case(c["name"] + suffix(m)).model_dump_json()), "case": c["name"]} for m in ms]
     if c["depths"]:
         result, _fits = extrapolate(ms)
         lines.append({**json.loads(result.to_measured_case(c["name"]).model_dump_json()), "case": c["name"]})
     return lines
+
+
+#: what a case may hold on the device besides the estimate's reserved peak: the CUDA context,
+#: cuBLAS/cuDNN workspaces and the estimate's own error, so that cases sharing one GPU (--jobs)
+#: never push each other into out-of-memory (each process's allocator statistics are its own)
+SHARE_MARGIN = 1.25
+SHARE_EXTRA_BYTES = 2 * 2**30
+
+
+def footprint_bytes(c: dict) -> int:
+    """Device memory to set aside for case `c` when it shares the GPU: its allocator cap when it
+    has one, else the estimate's peak reserved with a margin."""
+    if c.get("memory_limit_mb"):
+        return c["memory_limit_mb"] * 2**20 + SHARE_EXTRA_BYTES
+    from vramplan.estimate import estimate_config
+
+    s = _setup(c)
+    gpus = f"{max(s.fsdp, s.data_parallel, 1)}xh100-80gb"
+    est = estimate_config(c["model"], gpus, num_layers=c["layers"], **c["setup"], loss_only_loop=True)
+    return int(est.per_gpu.peak_reserved_bytes * SHARE_MARGIN) + SHARE_EXTRA_BYTES
+
+
+def lease_order(cases: list[dict]) -> list[dict]:
+    """A GPU lease's order: every technique (CORE), the out-of-memory edge (capped), the CUDA-only
+    kernels (losses, attention and stacks modelled from source), then the rest."""
+    first = select(cases, None, None, core=True)
+    first += [c for c in cases if c.get("memory_limit_mb")]
+    first += [c for c in cases if {"loss", "attention", "stack"} & set(c["setup"])]
+    return list({c["name"]: c for c in [*first, *cases]}.values())  # each once, where it came first
+
+
+class Batch:
+    """Runs cases, `jobs` at a time on one GPU while their footprints fit `capacity` (in the
+    order given: a case waits for room rather than being overtaken), appending each result."""
+
+    def __init__(self, out: Path, device: str, budget_s: float, jobs: int, capacity: int, failure_log: Path | None):
+        self.out, self.device, self.budget_s, self.jobs = out, device, budget_s, jobs
+        self.capacity, self.failure_log = capacity, failure_log
+        self.t0, self.failed, self.lock = time.monotonic(), 0, threading.Lock()
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    def run(self, cases: list[dict]) -> int:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        running: dict = {}
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for c in cases:
+                if self.left() < c["seconds"]:
+                    print(f"budget: stopping before {c['name']} ({self.left():.0f} s left, needs ~{c['seconds']} s)")
+                    break
+                need = footprint_bytes(c) if self.jobs > 1 else 0
+                while running and (len(running) >= self.jobs or sum(running.values()) + need > self.capacity):
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for f in done:
+                        running.pop(f)
+                running[pool.submit(self._one, c)] = need
+            wait(list(running))
+        return 1 if self.failed else 0
+
+    def _one(self, c: dict) -> None:
+        t = time.monotonic()
+        try:
+            lines = run_one(c, self.device, timeout=max(self.left(), 30), failure_log=self.failure_log)
+        except Exception as e:  # noqa: BLE001 - one failed case must not stop the batch
+            with self.lock:
+                self.failed += 1
+            print(f"FAILED {c['name']} ({time.monotonic() - t:.0f} s): {e}", flush=True)
+            return
+        with self.lock:
+            _append(self.out, lines)
+        last, took = lines[-1], time.monotonic() - t
+        print(
+            f"{c['name']}: peak {last['peak_alloc_mb'] or float('nan'):.0f} MiB reserved "
+            f"{last.get('peak_reserved_mb') or float('nan'):.0f} MiB fits={last['fits']} ({took:.0f} s)",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1019,15 +1117,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", help="case names")
     ap.add_argument("--core", action="store_true", help="the cases covering every technique first, in CORE's order")
     ap.add_argument("--capped", action="store_true", help="only the capped-allocator cases (the out-of-memory edge)")
+    ap.add_argument("--lease", action="store_true", help="every case: CORE first, then the capped ones, then the rest")
     ap.add_argument("--cases", help="JSON list of case dicts instead of the built-in list")
     ap.add_argument("--deepspeed", action="store_true", help="the DeepSpeed ZeRO cases (DEEPSPEED_CASES) instead")
     ap.add_argument("--budget-s", type=float, default=540, help="start no case that may not finish within this")
+    ap.add_argument("--jobs", type=int, default=1, help="cases sharing the GPU at once (each its own process)")
+    ap.add_argument("--capacity-gib", type=float, default=110, help="with --jobs: device memory the cases may share")
+    ap.add_argument("--failure-log", help="append the workers' output of each failed case here")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dry-run", action="store_true", help="validate and estimate every case; run nothing")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     base = DEEPSPEED_CASES if args.deepspeed else load_cases(args.cases)
     cases = select(base, args.batch, args.only, args.core, args.capped)
+    if args.lease:
+        cases = lease_order(cases)
     if args.list:
         print("\n".join(c["name"] for c in cases))
         return 0
@@ -1035,29 +1139,10 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cases)
     out = Path(args.out)
     done = done_names(out)
-    t0, failed = time.monotonic(), 0
-    for c in cases:
-        if c["name"] in done:
-            continue
-        left = args.budget_s - (time.monotonic() - t0)
-        if left < c["seconds"]:
-            print(f"budget: stopping before {c['name']} ({left:.0f} s left, needs ~{c['seconds']} s); run again")
-            break
-        t = time.monotonic()
-        try:
-            lines = run_one(c, args.device, timeout=max(left, 30))
-        except Exception as e:  # noqa: BLE001 - one failed case must not stop the batch
-            failed += 1
-            print(f"FAILED {c['name']}: {e}", flush=True)
-            continue
-        _append(out, lines)
-        last = lines[-1]
-        print(
-            f"{c['name']}: peak {last['peak_alloc_mb'] or float('nan'):.0f} MiB fits={last['fits']} "
-            f"({time.monotonic() - t:.0f} s)",
-            flush=True,
-        )
-    return 1 if failed else 0
+    todo = [c for c in cases if c["name"] not in done]
+    log = Path(args.failure_log) if args.failure_log else None
+    batch = Batch(out, args.device, args.budget_s, max(args.jobs, 1), int(args.capacity_gib * 2**30), log)
+    return batch.run(todo)
 
 
 if __name__ == "__main__":

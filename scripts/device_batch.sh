@@ -4,6 +4,7 @@
 #   bash scripts/device_batch.sh calibrate [calibrate.py options]   # next cases, resumable
 #   bash scripts/device_batch.sh tests                              # pytest -m gpu
 #   bash scripts/device_batch.sh sequence                           # the dev cases in one process (issue 18)
+#   LEASE_S=540 bash scripts/device_batch.sh lease                  # a whole 15-minute lease, below
 # Installs the carried wheels under /tmp/site, records the machine and library versions,
 # and copies every result to $OUT, which comes back. Calibration appends to
 # tests/data/h100_verify.jsonl: cases already in the committed file are skipped, so
@@ -34,5 +35,24 @@ case "$mode" in
   sequence)
     python3 scripts/sequence_reserved.py --out "$OUT/h100_dev_sequence.jsonl" "$@" 2>&1 | tee "$OUT/sequence.log"
     exit "${PIPESTATUS[0]}" ;;
-  *) echo "usage: bash scripts/device_batch.sh calibrate|tests|sequence [options]"; exit 2 ;;
+  lease)
+    # A whole lease in one call (issue 19), every result written to $OUT as it comes, so a run
+    # stopped at its limit still returns what it measured: (a) the 8B QLoRA verify's wall time
+    # and the out-of-memory test, each alone on the GPU; then, sharing it, the other GPU tests
+    # and every calibration case (CORE, the capped edge, the CUDA-only kernels, the rest),
+    # --jobs cases at a time while their estimated footprints fit (calibrate.py Batch).
+    deadline=${LEASE_S:-540} start=$SECONDS
+    left() { local l=$(( deadline - (SECONDS - start) )); echo $(( l > 40 ? l : 40 )); }
+    TIMEFORMAT="wall %R s"
+    { time timeout 150 python3 -m vramplan verify llama-3.1-8b --method qlora --gradient-checkpointing \
+        --seq-len 2048 --format json --no-progress; } > "$OUT/verify8b.txt" 2>&1
+    timeout 100 python3 -m pytest tests/test_verify_gpu.py -m gpu -q -rs --durations=0 -k oom_is_a_result \
+      > "$OUT/pytest_gpu.log" 2>&1
+    timeout $(( $(left) - 20 )) python3 -m pytest tests/test_verify_gpu.py -m gpu -q -rs --durations=0 \
+      -k "not oom_is_a_result and not within_60" >> "$OUT/pytest_gpu.log" 2>&1 &
+    OMP_NUM_THREADS=4 python3 scripts/calibrate.py --lease --jobs "${JOBS:-4}" --budget-s $(( $(left) - 15 )) \
+      --out "$OUT/h100_verify.jsonl" --failure-log "$OUT/failures.log" "$@" > "$OUT/calibrate.log" 2>&1
+    wait
+    exit 0 ;;
+  *) echo "usage: bash scripts/device_batch.sh calibrate|tests|sequence|lease [options]"; exit 2 ;;
 esac

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Here (no GPU): fetch into .whl/ (git-ignored) the wheels the GPU machine lacks for
 # `vramplan verify`: pydantic and its needs, bitsandbytes, galore-torch, torch-optimi,
-# lomo-optim, adam-mini and apollo-torch (calibrate.py's StableAdamW, LOMO, Adam-mini and APOLLO cases), hqq (an sdist,
+# lomo-optim, adam-mini and apollo-torch (calibrate.py's StableAdamW, LOMO, Adam-mini and APOLLO cases),
+# the losses' kernels and stacks (liger-kernel, cut-cross-entropy, trl, torchtune, unsloth-zoo), hqq (an sdist,
 # built here into a pure-Python wheel) and termcolor. The machine's image already has torch,
 # transformers, peft, accelerate, rich, pandas, matplotlib, nvidia-ml-py (device KINDS.md).
-# About 46 MB: within the 64 MiB a device call may carry.
+# About 52 MB: within the 64 MiB a device call may carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -12,7 +13,8 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 for pkg in pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
            bitsandbytes==0.50.2 galore-torch==1.0 termcolor==3.3.0 torch-optimi==0.3.3 lomo-optim==0.1.1 \
-           adam-mini==1.1.1 apollo-torch==1.0.3; do
+           adam-mini==1.1.1 apollo-torch==1.0.3 \
+           liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 torchtune==0.6.1 unsloth-zoo==2026.10.9; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .whl "$pkg"
 done

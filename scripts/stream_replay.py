@@ -32,9 +32,9 @@ from vramplan.allocator import EventStream, Op, ReplayResult, replay  # noqa: E4
 from vramplan.categories import Category  # noqa: E402
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory.events import CATEGORIES, step_events  # noqa: E402
+from vramplan.memory.loss import held_output_bytes  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import TrainingSetup  # noqa: E402
-from vramplan.verify.cputrace import cpu_loss_backward_delta  # noqa: E402
 
 TRACE = ROOT / "tests" / "data" / "cpu" / "trace.jsonl"
 STREAMS = ROOT / "tests" / "data" / "cpu" / "streams"
@@ -142,7 +142,7 @@ class Compared:
     real_steps: ReplayResult  # build compacted (compact_build)
     model_steps: ReplayResult
     events: tuple[int, int]  # (real, model)
-    loss_extra: int  # what CUDA's loss backward holds beyond the CPU's (cputrace.cpu_loss_backward_delta)
+    loss_extra: int  # the logits the reference loop holds at the loss backward, verify's not (loss.held_output_bytes)
 
 
 def model_events(row: dict) -> tuple[EventStream, int]:
@@ -153,6 +153,12 @@ def model_events(row: dict) -> tuple[EventStream, int]:
     ev = step_events(spec, row_setup(row))
     first_act = int(np.flatnonzero(ev.categories == CATEGORIES.index(Category.ACTIVATIONS))[0])
     return ev.events, first_act
+
+
+def _held_output(row: dict, setup: TrainingSetup) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(row["config"]))
+        return held_output_bytes(load_model_spec(d, use_cache=False), setup)
 
 
 def compare(path: Path, rows: dict[tuple[str, str], dict]) -> Compared:
@@ -170,7 +176,7 @@ def compare(path: Path, rows: dict[tuple[str, str], dict]) -> Compared:
         real_steps=replay(compact_build(real, build_end)),
         model_steps=replay(compact_build(model, model_start)),
         events=(len(real.ops), len(model.ops)),
-        loss_extra=cpu_loss_backward_delta(setup.tokens, row["config"]["vocab_size"]),
+        loss_extra=_held_output(row, setup),
     )
 
 
@@ -199,9 +205,10 @@ def render(rows: list[Compared]) -> str:
         "peak allocated (rounded blocks),",
         "`reserved` its peak reserved, `overhead` reserved - allocated; `error`: the model's against the real",
         "stream's. *Steps*: the same with each build replaced by its survivors, allocated in order",
-        "(what the steps themselves cache, without the build's temporaries). The model's events are CUDA's:",
-        "its loss backward holds 2·N·V bytes more than the CPU kernel the trace ran (column `2NV`), which its",
-        "`alloc` and `reserved` include. The real stream has many more events than the model's: the small",
+        "(what the steps themselves cache, without the build's temporaries). The model's events are the",
+        "reference step's: at its loss backward the loop still holds the logits (column `2NV`), which verify's",
+        "loop, the one traced, has dropped (memory/loss.held_output_bytes); its `alloc` and `reserved` include",
+        "them. The real stream has many more events than the model's: the small",
         "temporaries (scalars, kernels' outputs consumed at once) that the model's balance blocks stand in for.",
         "",
         "| case | setup | events real / model | 2NV | real alloc | real reserved | model alloc | model reserved "

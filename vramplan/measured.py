@@ -81,7 +81,9 @@ class MeasuredCase(BaseModel):
 
     def setup_fields(self) -> dict:
         """The TrainingSetup fields of this case (as `vramplan estimate` flags would give them)."""
-        optim = OPTIM_TO_HF.get((self.optim, bool(self.layerwise)))
+        # verify's lines name the optimizer as TrainingArguments.optim does (optim_hf), the
+        # reference harness's by its short family name (OPTIM_TO_HF)
+        optim = (self.model_extra or {}).get("optim_hf") or OPTIM_TO_HF.get((self.optim, bool(self.layerwise)))
         if optim is None:
             allowed = ", ".join(sorted({o for o, _ in OPTIM_TO_HF}))
             raise VramplanError(

@@ -681,6 +681,13 @@ class TrainingSetup(BaseModel):
         description="the training loop keeps the model's output (its logits) referenced through backward "
         "and the optimizer step (Answer.AI fsdp_qlora train.py); the reference step keeps only the loss",
     )
+    loss_only_loop: bool = Field(
+        False,
+        description="the loop keeps only the loss, its output (the logits) dropped before backward, as "
+        "transformers' Trainer and `vramplan verify` run it; the reference step's loop (`out = model(...)`, "
+        "`out.loss.backward()`) still holds the output there (memory/loss.held_output_bytes). Not a flag: "
+        "how verify's own measurements are estimated",
+    )
     compile: bool = Field(
         False,
         description="torch.compile of each decoder layer and of the loss, as torchtune's `compile: True` "
@@ -1111,6 +1118,7 @@ class TrainingSetup(BaseModel):
         flags = (
             ("fp32_outputs", "fp32-logits"),
             ("keep_logits", "keep-logits"),
+            ("loss_only_loop", "loss-only-loop"),
             ("kbit_prep", "kbit-prep"),
             ("dora", "dora"),
             ("optimizer_in_backward", "optim-in-bwd"),

@@ -53,7 +53,7 @@ from vramplan.memory.fsdp import (
 )
 from vramplan.memory.layer import LayerPoints, ShapeKey, forward_locals_parts, layer_points, shape_key
 from vramplan.memory.linears import linears_saved
-from vramplan.memory.loss import input_bytes, loop_token_bytes
+from vramplan.memory.loss import held_output_bytes, input_bytes, loop_token_bytes
 from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
@@ -68,7 +68,7 @@ from vramplan.memory.storage import MiB, Phase, StepModel, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused
 from vramplan.model_spec import LayerSpec, ModelSpec
-from vramplan.setup import Attention, Engine, Optim, Stack, TrainingSetup
+from vramplan.setup import Attention, Engine, Loss, Optim, Stack, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
@@ -363,8 +363,12 @@ class _Builder:
         if kind is PhaseKind.EMBEDDING_BACKWARD:
             return embedding_backward_tensors(self.ctx)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
-            # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V
-            logits = [alloc(2 * n * v)] * (2 if self.ctx.spec.final_logit_softcapping else 1)
+            # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V;
+            # in the hf loss's backward the logits only where the loop holds its output
+            copies = 2 if self.ctx.spec.final_logit_softcapping else 1
+            if kind is PhaseKind.LOSS_BACKWARD and setup.loss == Loss.HF:
+                copies -= 0 if held_output_bytes(self.ctx.spec, setup) else 1
+            logits = [alloc(2 * n * v)] * copies
             return logits + [alloc(4 * n * v)] * (2 if kind is PhaseKind.FORWARD_LOSS else 3)
         return []
 

@@ -127,15 +127,35 @@ def _logits(spec: ModelSpec, setup: TrainingSetup) -> int:
     return _compute_bytes(setup) * setup.tokens * spec.vocab * (2 if spec.final_logit_softcapping else 1)
 
 
+def held_output_bytes(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """The model's output (its logits) that the training loop still references while
+    loss.backward() runs. The reference step's loop does (`out = model(input_ids, labels=...)`,
+    then `out.loss.backward()`); a loop that keeps only the loss does not: transformers' Trainer
+    (compute_loss returns the loss alone, the outputs die before accelerator.backward:
+    transformers==5.25.0 trainer.py:2126-2163) and verify's own loop. Measured: on an H200,
+    with the library versions of the H100 reference (torch 2.11.0, transformers 5.17.0),
+    verify's loop held these bytes less at the loss backward in each of the 6 configurations
+    both measured (tests/data/h200_verify.jsonl against h100_dev.jsonl: 2·N·V less 64 MiB,
+    the 64 MiB verify holds more after step 0 in every line), and the same at every other peak.
+    Only the model's own loss hands its logits out (the fused and chunked losses return none,
+    torchtune's recipe deletes them); --keep-logits counts the output as kept instead
+    (LossTerms.kept, from the forward until the next one returns)."""
+    if setup.loss != Loss.HF or setup.stack != Stack.PLAIN or setup.keep_logits or setup.loss_only_loop:
+        return 0
+    return (4 if setup.fp32_outputs else _compute_bytes(setup)) * setup.tokens * spec.vocab  # as LossTerms.kept
+
+
 def hf_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     """transformers ForCausalLMLoss (loss/loss_utils.py:35-74): logits.float() and
-    log_softmax (saved, fp32) in forward; log-softmax saved, its grad in and out in backward."""
+    log_softmax (saved, fp32) in forward; log-softmax saved, its grad in and out in backward,
+    beside what the model saved (Gemma 2's softcap tanh output) and the output the loop holds."""
     n, v = setup.tokens, spec.vocab
-    held = _logits(spec, setup)
+    logits = _logits(spec, setup)
     copy = 4 * n * v if _compute_bytes(setup) != 4 else 0  # .float() of fp32 logits is the same tensor
+    saved_by_model = logits - _compute_bytes(setup) * n * v  # the softcap's tanh output, else 0
     return LossTerms(
-        forward=held + copy + 4 * n * v,  # + fp32 copy + log-softmax [notes 7, cal]
-        backward=held + 12 * n * v,
+        forward=logits + copy + 4 * n * v,  # + fp32 copy + log-softmax [notes 7, cal]
+        backward=saved_by_model + held_output_bytes(spec, setup) + 12 * n * v,
     )  # log-softmax saved + its grad in + grad out [cal]
 
 

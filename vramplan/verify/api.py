@@ -208,7 +208,7 @@ def _report(model, est: Estimate, ms, setup: TrainingSetup, device, num_layers, 
     """Each rank (and, launched, the max over the ranks) compared with the estimate."""
     from vramplan.verify.compare import compare
 
-    delta = _cpu_loss_delta(model, setup, device, num_layers)
+    delta = _loop_output_delta(model, setup, num_layers)
     comparisons = [compare(est, m, delta) for m in ms]
     over = compare(est, max_over_ranks(ms), delta) if len(ms) > 1 else None
     if num_layers is not None and num_layers < full:  # relate the truncated run to the model asked about
@@ -320,15 +320,16 @@ def _measure_at_depth(
     return [_run(model, setup, device, num_layers, steps, on_phase, on_case, on_notice)]
 
 
-def _cpu_loss_delta(model: str, setup: TrainingSetup, device: str, num_layers: int | None) -> int:
-    # the model's own log-softmax/NLL backward only (memory/loss.py hf_loss); the other losses
-    # were traced on the CPU as they are modelled
-    if device.startswith("cuda") or setup.loss != Loss.HF:
-        return 0
+def _loop_output_delta(model: str, setup: TrainingSetup, num_layers: int | None) -> int:
+    """What the reference step's loop holds at the loss backward and verify's does not: its
+    output's logits (memory.loss.held_output_bytes). verify keeps only the loss, as transformers'
+    Trainer does, on the GPU and in the CPU trace alike."""
+    from vramplan.memory.loss import held_output_bytes
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify.cputrace import cpu_loss_backward_delta
 
-    return cpu_loss_backward_delta(setup.tokens, load_model_spec(model, num_layers=num_layers).vocab)
+    if setup.loss != Loss.HF:
+        return 0
+    return held_output_bytes(load_model_spec(model, num_layers=num_layers), setup)
 
 
 def _should_extrapolate(mode: str, num_layers, depths, est: Estimate, capacity: int | None = None) -> bool:
@@ -405,6 +406,6 @@ def _extrapolated(
         estimate=est,
         measurements=ms,
         result=[result],
-        comparisons=[compare(est, result, _cpu_loss_delta(model, setup, device, None))],
+        comparisons=[compare(est, result, _loop_output_delta(model, setup, None))],
         extrapolations=fits,
     )

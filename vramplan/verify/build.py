@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -32,6 +33,7 @@ from vramplan.setup import (
     Packing,
     Precision,
     Quant,
+    QuantStorage,
     TrainingSetup,
 )
 from vramplan.verify.optional import need
@@ -268,9 +270,13 @@ def _random_linear(lin, device: str):
     return w, bias
 
 
-def _nf4(lin, device: str):
+def _nf4(lin, device: str, storage: QuantStorage | None = None):
+    """bitsandbytes Linear4bit; `storage`: bnb_4bit_quant_storage, the dtype the packed bytes are
+    viewed as (bf16 lets FSDP2 shard them: torch==2.11's FSDP2 makes every sharded parameter an
+    nn.Parameter that requires grad, which an integer tensor cannot, _fsdp_param.py:408)."""
     import torch
 
+    packed = torch.bfloat16 if storage == QuantStorage.BF16 else torch.uint8
     bnb = need("bitsandbytes", "--quant nf4")
     w, bias = _random_linear(lin, device)
     # built on meta so the constructor's fp32 weight is never allocated
@@ -281,7 +287,7 @@ def _nf4(lin, device: str):
         compute_dtype=torch.bfloat16,
         compress_statistics=True,
         quant_type="nf4",
-        quant_storage=torch.uint8,
+        quant_storage=packed,
         device="meta",
     )
     q.weight = bnb.nn.Params4bit(
@@ -290,7 +296,7 @@ def _nf4(lin, device: str):
         blocksize=64,
         compress_statistics=True,
         quant_type="nf4",
-        quant_storage=torch.uint8,
+        quant_storage=packed,
         module=q,
     ).to(device)  # .to() quantizes
     if bias is not None:
@@ -329,14 +335,21 @@ def _int8(lin, device: str):
     return q
 
 
-def quantize_decoder(model, spec: ModelSpec, quant: Quant, device: str, sharded: bool = False) -> None:
+def quantize_decoder(
+    model, spec: ModelSpec, quant: Quant, device: str, sharded: bool = False, storage: QuantStorage | None = None
+) -> None:
     """Every decoder Linear becomes 4-bit (or LLM.int8), one at a time (peak: one bf16 Linear).
 
     ``sharded``: FSDP2 will shard the packed weights and ``to_empty`` their shards, so
     each packed weight goes back to meta as soon as it is quantized; the quantization
     state, which FSDP2 leaves whole on every rank, stays on the device. The build then
     never holds more than one whole packed Linear per rank."""
-    make = {Quant.NF4: _nf4, Quant.HQQ4: _hqq4, Quant.INT8: _int8}[quant]
+    makers: dict[Quant, Callable[[Any, str], Any]] = {
+        Quant.NF4: partial(_nf4, storage=storage),
+        Quant.HQQ4: _hqq4,
+        Quant.INT8: _int8,
+    }
+    make = makers[quant]
     if quant == Quant.INT8:  # as transformers' 8-bit quantizer marks the model: peft then wraps
         model.is_loaded_in_8bit = True  # each Linear8bitLt in lora.bnb.Linear8bitLt (peft==0.21.2 lora/model.py:329)
     for path, _role in decoder_linears(model, spec):
@@ -667,6 +680,29 @@ def _layerwise_hook(opts: dict):
 # ---------------------------------------------------------------- FSDP2
 
 
+def _check_packed_shardable(setup: TrainingSetup) -> None:
+    """torch==2.11's FSDP2 wraps every shard in an nn.Parameter that requires grad
+    (_fsdp_param.py:408 _init_sharded_param), which a uint8 tensor cannot: measured on the H200
+    (tests/data/h200_verify.jsonl's lease: `only Tensors of floating point dtype can require
+    gradients`). torch==2.13 passes the parameter's own requires_grad (_fsdp_param.py:327)."""
+    import torch
+
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13):
+        return
+    if setup.quant == Quant.HQQ4:  # hqq packs W_q as uint8, with no other storage
+        raise VramplanError(
+            f"--quant hqq4: FSDP2 in torch {torch.__version__} cannot shard hqq's uint8 W_q "
+            "(it makes each shard a Parameter that requires grad); torch>=2.13 can",
+            "--quant",
+        )
+    if setup.quant == Quant.NF4 and setup.quant_storage in (None, QuantStorage.UINT8):
+        raise VramplanError(
+            f"--quant-storage: FSDP2 in torch {torch.__version__} cannot shard uint8 4-bit weights "
+            "(it makes each shard a Parameter that requires grad); use --quant-storage bf16, as fsdp_qlora does",
+            "--quant-storage",
+        )
+
+
 def fsdp_mesh(world: int, device: str):
     """Rank r of a real group when one is initialized with this world size, else rank 0
     of a fake process group: collectives do nothing, but every buffer is allocated."""
@@ -692,6 +728,7 @@ def shard(model, setup: TrainingSetup, device: str, layers_prefix: str) -> tuple
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     notes = []
+    _check_packed_shardable(setup)
     mesh, simulated = fsdp_mesh(setup.fsdp, device)
     kw = {"mesh": mesh}
     dtypes = {p.dtype for p in model.parameters()}
@@ -886,7 +923,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     galore = galore_names(model, spec) if low_rank else set()
     fsdp = setup.engine == Engine.FSDP2
     if qlora:
-        quantize_decoder(model, spec, cast(Quant, setup.quant), device, sharded=fsdp)
+        quantize_decoder(model, spec, cast(Quant, setup.quant), device, sharded=fsdp, storage=setup.quant_storage)
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:

@@ -8,7 +8,7 @@ phase is that phase's peak, kernel workspaces and FSDP2 storage resizes included
 is built by the same code as ``vramplan verify`` (build.build_step on device "cpu").
 
 Where CPU kernels differ from CUDA's, the trace differs from a GPU too (docs/verify.md):
-the CPU loss backward needs 2·N·V bytes less than CUDA's and CPU offload cannot move
+CPU offload cannot move
 anything off the device (host and device are one memory). Where the difference is only in
 what a kernel allocates, the trace runs CUDA's choice: hqq's fp16 working dtype, foreach
 AdamW, dropout's bool mask (the cuda_like_* helpers, which verify's CPU run uses
@@ -195,12 +195,6 @@ def incomparable_on_cpu(setup: TrainingSetup) -> list[str]:
     if setup.cpu_offload or setup.offload_optimizer or setup.offload_params:
         out.append("CPU offload (host and device are one memory)")
     return out
-
-
-def cpu_loss_backward_delta(tokens: int, vocab: int) -> int:
-    """Bytes CUDA's log-softmax/NLL backward holds beyond the CPU's: 14·N·V there (H100),
-    12·N·V here."""
-    return 2 * tokens * vocab
 
 
 def cpu_head_bmm_copy(batch_size: int, vocab: int, hidden: int, compute_bytes: int = 2) -> int:

@@ -104,10 +104,13 @@ def worker_command(req_path: Path, out_dir: Path, nproc: int = 1, launcher: Laun
     ]
 
 
-def run_isolated(req: CaseRequest, nproc: int = 1, timeout: float | None = None) -> list[Measurement]:
+def run_isolated(
+    req: CaseRequest, nproc: int = 1, timeout: float | None = None, failure_log: Path | None = None
+) -> list[Measurement]:
     """Run `req` in a fresh process (or `nproc` ranks of its engine's launcher); one Measurement
     per rank, in rank order. A rank that fails, or a case past `timeout`, stops every rank and
-    raises one line."""
+    raises one line; `failure_log`: where the workers' output tail is appended when it fails
+    (a measurement batch keeps the whole traceback)."""
     with tempfile.TemporaryDirectory(prefix="vramplan-verify-") as tmp:
         tmp_path = Path(tmp)
         req_path = tmp_path / "request.json"
@@ -115,7 +118,13 @@ def run_isolated(req: CaseRequest, nproc: int = 1, timeout: float | None = None)
         cmd = worker_command(req_path, tmp_path, nproc, launcher_for(req.setup))
         rc, tail = _run_group(cmd, timeout, nproc)
         outs = sorted(tmp_path.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
-        _check_ranks(tmp_path, outs, nproc, rc, tail)
+        try:
+            _check_ranks(tmp_path, outs, nproc, rc, tail)
+        except VramplanError as e:
+            if failure_log is not None:
+                with failure_log.open("a") as f:
+                    f.write(f"==== {req.model} {req.setup.describe()} (layers {req.num_layers}): {e}\n{tail}\n")
+            raise
         return [Measurement.model_validate_json(p.read_text()) for p in outs]
 
 
@@ -241,6 +250,8 @@ def limit_allocator(device: str, limit: int) -> None:
     if not device.startswith("cuda"):
         raise VramplanError("a memory limit needs a CUDA device", "memory_limit_bytes")
     dev = torch.device(device)
+    if dev.index is None:  # set_per_process_memory_fraction wants an index (torch 2.11 _utils.py:888)
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     torch.cuda.set_per_process_memory_fraction(min(limit / total, 1.0), dev)
 
