@@ -486,7 +486,7 @@ def test_calibration_runner_appends_and_resumes(tiny4, tmp_path, monkeypatch):
 
     ran = []
 
-    def in_process(req, nproc=1, timeout=None):  # the subprocess path is test_isolated_worker_process
+    def in_process(req, nproc=1, timeout=None, failure_log=None):  # the subprocess path: test_isolated_worker_process
         ran.append(req.num_layers)
         return [run_case(req.model, req.setup, device=req.device, num_layers=req.num_layers, steps=req.steps)]
 
