@@ -330,3 +330,16 @@ def test_embedding_units_say_they_rest_on_the_source():
         notes(fsdp_embedding_units=True) and "modelled from source, not measured" in notes(fsdp_embedding_units=True)[0]
     )
     assert not notes()  # the plain stack keeps them in the root unit
+
+
+def test_fsdp2_over_uint8_4bit_weights_says_it_needs_torch_2_13():
+    """torch 2.11's fully_shard raised on a uint8 packed weight on the H200 (tests/data/h200_lease/
+    call1_failures.log); bf16 storage shards, and accelerate's stacks set uint8 weights aside."""
+    from vramplan.estimate import estimate_config
+
+    def said(**kw) -> bool:
+        est = estimate_config("llama-3.1-8b", "4x24GB", method="qlora", fsdp=4, gradient_checkpointing=True, **kw)
+        return any("needs torch>=2.13" in n for n in est.notes)
+
+    assert said() and said(quant="hqq4")
+    assert not said(quant_storage="bf16") and not said(stack="trl")

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 from vramplan.categories import Category as C
 from vramplan.memory import ddp, deepspeed
-from vramplan.memory.accelerate import accelerate_note
+from vramplan.memory.accelerate import accelerate_fsdp2, accelerate_note
 from vramplan.memory.context import EngineBuffers, StaticBytes
 from vramplan.memory.parameters import Param
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Engine, FsdpSharding, TrainingSetup
+from vramplan.setup import Engine, FsdpSharding, Method, Quant, QuantStorage, TrainingSetup
 from vramplan.units import GiB
 
 
@@ -46,7 +46,25 @@ def engine_static(
 def engine_notes(spec: ModelSpec, setup: TrainingSetup, static: StaticBytes) -> list[str]:
     """The line saying which engine the estimate is for, when it is not one plain GPU, and what
     accelerate's FSDP preparation changed (memory/accelerate.py)."""
-    return _engine_line(spec, setup, static) + accelerate_note(setup) + _embedding_units_note(setup)
+    return (
+        _engine_line(spec, setup, static)
+        + accelerate_note(setup)
+        + _embedding_units_note(setup)
+        + _packed_uint8_note(setup)
+    )
+
+
+def _packed_uint8_note(setup: TrainingSetup) -> list[str]:
+    """fully_shard itself (not accelerate, which sets uint8 4-bit weights aside: memory/accelerate.py)
+    over a uint8 packed weight: torch 2.11 raises, 2.13 shards it."""
+    uint8 = (setup.quant == Quant.NF4 and setup.quant_storage_dtype == QuantStorage.UINT8) or setup.quant == Quant.HQQ4
+    if not (uint8 and setup.engine == Engine.FSDP2 and setup.method == Method.QLORA) or accelerate_fsdp2(setup):
+        return []
+    return [
+        "FSDP2 over uint8 4-bit weights needs torch>=2.13: torch 2.11's fully_shard makes every shard a Parameter "
+        "that requires grad and raises 'only Tensors of floating point dtype can require gradients' (measured on "
+        "an H200, tests/data/h200_lease); --quant-storage bf16 (nf4) shards on any version"
+    ]
 
 
 def _embedding_units_note(setup: TrainingSetup) -> list[str]:
