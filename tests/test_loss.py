@@ -199,10 +199,12 @@ def test_fused_head_refuses_a_lora_lm_head(loss):
         make_setup(method="lora", loss=loss, lora_target_modules=("q_proj", "lm_head"))
 
 
-@pytest.mark.parametrize("loss", ["liger", "cce", "unsloth"])
-def test_cuda_only_kernels_say_they_are_modelled_from_source(loss):
+@pytest.mark.parametrize("loss,measured", [("liger", True), ("cce", True), ("unsloth", False)])
+def test_cuda_only_kernels_say_what_they_rest_on(loss, measured):
+    """Liger and CCE were measured on the H200 (tests/data/h200_verify.jsonl); Unsloth's loss not yet."""
     notes = step_model(load_model_spec(QW05), make_setup(method="lora", loss=loss)).notes
-    assert any("modelled from source, not measured" in n for n in notes)
+    assert any("modelled from source, not measured" in n for n in notes) is not measured
+    assert any("h200_verify.jsonl" in n for n in notes) is measured
 
 
 def test_issue_bar_qwen7b_8k_qlora_fits_a_3090_with_liger():

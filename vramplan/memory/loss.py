@@ -56,6 +56,13 @@ CUDA_ONLY = {
     Loss.CCE: "cut-cross-entropy (axolotl-ai-cloud/ml-cross-entropy@5f0c7a7) cut_cross_entropy/cce.py",
     Loss.UNSLOTH: "unsloth_zoo==2026.10.9 unsloth_zoo/fused_losses/fused_linear.py",
 }
+# The CUDA-only losses `vramplan verify` has measured (tests/data/h200_verify.jsonl, docs/accuracy.md)
+MEASURED_ON_GPU = {
+    Loss.LIGER: "liger-kernel==0.8.5 on an H200: l1b_full_bf16_b1s4096_liger -0.6%, "
+    "qw7_qlora_nf4_ckpt_b1s8192_liger +0.8%",
+    Loss.CCE: "cut-cross-entropy==25.1.1 on an H200: l1b_full_bf16_b1s4096_cce -0.6%, "
+    "l8b_lora16_ckpt_b1s4096_cce +0.1%",
+}
 
 
 def input_bytes(setup: TrainingSetup) -> int:
@@ -430,6 +437,12 @@ def loss_notes(setup: TrainingSetup) -> list[str]:
         ]
     if setup.loss not in CUDA_ONLY:
         return compile_notes(setup)
+    if setup.loss in MEASURED_ON_GPU:
+        return [
+            f"--loss {setup.loss.value}: read from source ({CUDA_ONLY[setup.loss]}) and measured "
+            f"({MEASURED_ON_GPU[setup.loss]}; tests/data/h200_verify.jsonl)",
+            *compile_notes(setup),
+        ]
     note = (
         f"--loss {setup.loss.value}: modelled from source, not measured ({CUDA_ONLY[setup.loss]}; "
         "a Triton kernel, so no CPU trace; scripts/calibrate.py has its case)"
