@@ -160,3 +160,20 @@ def test_plan_checkpoints_int8_rows_reentrantly_unless_told(tmp_path, capsys):
     assert main(["plan", "--config", str(cfg), "--gpus", "rtx-4090", "--methods", "int8", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows and not any(r["setup"]["checkpoint_reentrant"] for r in rows)
+
+
+def test_verify_draws_int8_weights_whose_mlp_input_has_no_outlier_column():
+    """LLM.int8 keeps the fp16 input columns above its 6.0 threshold per Linear; verify's weights at
+    std 0.02 made nearly every down_proj input column of an 8B one (+1.8 GiB on the H200). The
+    8-bit Linears verify builds (build._int8, INT8_OUTPUT_STD) leave none at the 8B's width."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from vramplan.verify.build import _int8
+
+    torch.manual_seed(0)
+    gate, up = (_int8(torch.nn.Linear(4096, 14336, bias=False, device="meta"), "cpu") for _ in range(2))
+    x = torch.randn(128, 4096, dtype=torch.bfloat16)
+    with torch.no_grad():
+        act = torch.nn.functional.silu(gate(x)) * up(x)
+    assert act.abs().amax().item() < 6.0

@@ -40,6 +40,13 @@ from vramplan.verify.optional import need
 
 LR = 1e-5
 INIT_STD = 0.02  # values do not change memory; finite values keep SVD and quantizers happy
+# ... except LLM.int8's: per Linear it keeps the fp16 columns of its input that hold a value above its
+# threshold 6.0 (bitsandbytes==0.50.2 autograd/_functions.py MatMul8bitLt, ctx.tensors = (CAt, subA, A)).
+# At std 0.02, silu(gate)*up passes 6.0 in 14315 of an 8B's 14336 down_proj input columns (computed;
+# +1.8 GiB measured on the H200, tests/data/h200_verify.jsonl), where a trained checkpoint has a
+# handful (Dettmers et al. 2022, LLM.int8()). The 8-bit Linears are drawn so that a unit-variance input
+# gives outputs of this std: no column passes 6.0, the trained handful rounded to none, as the estimate.
+INT8_OUTPUT_STD = 0.25
 GALORE_SCALE = 0.25
 GALORE_PROJ = "std"
 # transformers 5.25.0 trainer_optimizer.py:398-405: APOLLO's target-group defaults
@@ -326,6 +333,7 @@ def _int8(lin, device: str):
 
     bnb = need("bitsandbytes", "--quant int8")
     w, bias = _random_linear(lin, "cpu")
+    w.mul_(INT8_OUTPUT_STD / (INIT_STD * lin.in_features**0.5))  # INT8_OUTPUT_STD: no outlier columns
     q = bnb.nn.Linear8bitLt(
         lin.in_features, lin.out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
     )
