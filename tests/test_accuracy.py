@@ -24,7 +24,6 @@ TOL = 0.05
 KNOWN_MISSES = {
     "l8b_qlora_int8_r16_ckpt_b1s2048": "LLM.int8 8B: -10.4%, the outlier columns verify's random weights make "
     "(fp16 subA kept per Linear: 1.75 GiB computed on the CPU for this width, 1.81 GiB missing)",
-    "l8b_fsdp8_full_mixed_ckpt_b1s2048": "FSDP2 x8 (simulated rank 0), 8B untied embeddings: -7.0%, cause not found",
     "phi3_lora16_ckpt_eager_b1s2048": "eager attention recompute, 2048 tokens: -7.2% (sdpa within 1%); cause not found",
 }
 

@@ -307,8 +307,25 @@ def test_fsdp1_events_put_gathered_units_and_grad_shards_on_their_streams(spec):
     assert UNSHARD_STREAM in streams[C.FSDP_BUFFERS]
     assert streams[C.GRADIENTS] == {POST_BACKWARD_STREAM}
     assert streams[C.ACTIVATIONS] == {0}
-    ev2 = step_events(spec, make_setup(fsdp_version=2, **fields))
-    assert set(ev2.events.streams.tolist()) == {0}  # FSDP2 and one GPU: one stream, as before
+    ev2 = step_events(spec, make_setup(fsdp_version=2, fsdp=1, cpu_offload=True, method="lora", lora_r=16))
+    assert set(ev2.events.streams.tolist()) == {0}  # FSDP2 on one GPU: no collective, one stream
+
+
+def test_fsdp2_events_use_its_copy_in_and_reduce_scatter_streams(spec):
+    """torch 2.13 FSDP2 (fsdp.py): the flat all-gather outputs are blocks of the copy-in
+    stream, the per-parameter tensors of the compute stream, and each unit's sharded grads
+    one reduce-scatter output of the reduce-scatter stream."""
+    from vramplan.memory.events import CATEGORIES, step_events
+    from vramplan.memory.fsdp import ALL_GATHER_COPY_IN_STREAM, REDUCE_SCATTER_STREAM
+
+    setup = make_setup(method="full", precision="mixed", fsdp=4, gradient_checkpointing=True)
+    ev = step_events(spec, setup)
+    alloc = ev.events.ops == 0
+    gathered = alloc & (ev.categories == CATEGORIES.index(C.FSDP_BUFFERS))
+    assert set(ev.events.streams[gathered].tolist()) == {0, ALL_GATHER_COPY_IN_STREAM}
+    on_rs = alloc & (ev.events.streams == REDUCE_SCATTER_STREAM) & (ev.categories == CATEGORIES.index(C.GRADIENTS))
+    # per step (build, step 0, the steady step: two steps make grads): one block per decoder unit and the root
+    assert on_rs.sum() == 2 * (len(spec.layers) + 1)
 
 
 def test_accelerate_preparation_is_said_as_modelled_from_source(spec):

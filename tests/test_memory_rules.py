@@ -72,9 +72,16 @@ def test_cpu_offload_keeps_model_states_off_the_gpu_and_counts_them_in_host_ram(
     spec = load_model_spec("llama-3.1-8b")
     setup = make_setup(method="full", precision="mixed", fsdp=2, cpu_offload=True, gradient_checkpointing=True)
     model = step_model(spec, setup)
+    # FSDP2 keeps only the root's unsharded bf16 grads on the GPU, until its post-backward
+    # (fsdp.root_reduce_scatter): lm_head's and the final norm's, then the embedding's too
+    root = [p for p in parameters(spec, setup) if p.layer is None]
+    unsharded = sum(2 * p.numel for p in root)
     for phase in model.phases:
-        for cat in (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES):
+        for cat in (C.WEIGHTS, C.OPTIMIZER_STATES):
             assert phase.parts.get(cat, 0) == 0, (phase.name, cat)
+        assert phase.parts.get(C.GRADIENTS, 0) <= unsharded + 2**20, phase.name
+    at_root = [p for p in model.phases if p.name == "root reduce-scatter (FSDP2)"]
+    assert at_root and at_root[0].parts[C.GRADIENTS] == pytest.approx(unsharded, rel=1e-3)
     # the rank's shard of fp32 masters + grads + Adam moments lives in pinned host memory
     assert model.host_pinned == pytest.approx(16 * spec.params_total / 2, rel=0.01)
 

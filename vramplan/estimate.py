@@ -278,7 +278,7 @@ def _tight_note(sim: Simulated, capacity: int) -> list[str]:
     return [
         f"tight: {sim.headroom / GiB:.2f} GiB ({sim.headroom / capacity:.1%}) left, under the "
         f"{SAFE_SHARE:.0%} the recommendations keep: the caching allocator's fragmentation varies between runs "
-        "(on 7 of the 20 measured H100 steps the reserved memory ran 0.8-4.9 GiB above this replay, "
+        "(on 7 of the 20 measured H100 steps the reserved memory ran 0.8-4.6 GiB above this replay, "
         "docs/allocator.md) and a longer sample adds activations; `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` "
         "strands the least, and `vramplan verify` on the card measures it"
     ]

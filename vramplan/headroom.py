@@ -2,7 +2,7 @@
 
 A configuration that fits by a few hundred MiB fits the estimate but not every run: the
 caching allocator's fragmentation varies between runs (the allocator replay, reserved.py,
-reads under the measured max_memory_reserved by 0.8-4.9 GiB on 8 of the 20 H100 cases in
+reads under the measured max_memory_reserved by 0.8-4.6 GiB on 7 of the 20 H100 cases in
 tests/data/h100_dev.jsonl, docs/allocator.md), and a longer sample than the one planned
 for adds activations. So both the strategy comparison and the plan recommend only a
 configuration that leaves at least SAFE_SHARE of the card free, and say so; one that fits

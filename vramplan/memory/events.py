@@ -43,13 +43,21 @@ from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
 from vramplan.memory.context import StepContext, activation_context
 from vramplan.memory.freeze import frozen_prefix
 from vramplan.memory.fsdp import (
+    ALL_GATHER_COPY_IN_STREAM,
     PRE_UNSHARD_STREAM,
+    REDUCE_SCATTER_STREAM,
     fsdp1_compute_bytes,
-    gathered_stream,
+    fsdp2_streams,
+    gathered_blocks,
     grad_stream,
     offload_grads_held,
     offload_shard_copy,
+    reduce_bytes,
+    root_all_gather_steps,
+    root_and_layer_unit,
+    root_grads_before_layers,
     shard_for,
+    unsharded_grad_bytes,
 )
 from vramplan.memory.layer import LayerPoints, ShapeKey, forward_locals_parts, layer_points, shape_key
 from vramplan.memory.linears import linears_saved
@@ -137,12 +145,13 @@ class Ledger:
         target: dict[C, int],
         split: dict[C, list[int]],
         skip: frozenset[C] = frozenset(),
-        split_stream: dict[C, int] | None = None,
+        split_stream: dict[C, tuple[int, ...]] | None = None,
     ) -> list[int]:
         """Make the live bytes of every allocated category equal `target`: a balance block
-        for what is missing (split into the given sizes first, on `split_stream`'s stream
-        for that category), and, where tensor-level blocks exceed it, the latest of them
-        freed. Returns the balance blocks' ids."""
+        for what is missing (split into the given sizes first, each on the stream at its
+        place in `split_stream`'s entry for that category, else the compute stream's), and,
+        where tensor-level blocks exceed it, the latest of them freed. Returns the balance
+        blocks' ids."""
         streams = split_stream or {}
         out: list[int] = []
         for cat in ALLOCATED:
@@ -154,9 +163,10 @@ class Ledger:
                 diff += self.live[tid][1]
                 self.trimmed += self.live[tid][1]
                 self.free(tid)
-            for size in split.get(cat, []):
+            on = streams.get(cat, ())
+            for k, size in enumerate(split.get(cat, [])):
                 if 0 < size <= diff:
-                    out.append(self.alloc(cat, size, streams.get(cat, 0)))  # type: ignore[arg-type]
+                    out.append(self.alloc(cat, size, on[k] if k < len(on) else 0))  # type: ignore[arg-type]
                     diff -= size
             if diff > 0:
                 out.append(self.alloc(cat, diff))  # type: ignore[arg-type]
@@ -329,9 +339,10 @@ class _Builder:
 
     def at(self, phase: Phase) -> None:
         """The phase's moment: balance blocks in, the moment recorded, balance blocks out."""
-        split = {C.FSDP_BUFFERS: self._fsdp_split(), C.TRANSIENT: self._transient_split(phase)}
-        # the all-gathered units: blocks of FSDP1's unshard stream (fsdp.gathered_stream)
-        stream = {C.FSDP_BUFFERS: gathered_stream(self.ctx.setup)}
+        gathered, on = self._fsdp_split()
+        split = {C.FSDP_BUFFERS: gathered, C.TRANSIENT: self._transient_split(phase)}
+        # the all-gathered units: blocks of FSDP1's unshard stream, FSDP2's copy-in and compute streams
+        stream = {C.FSDP_BUFFERS: on}
         balance = self.ledger.settle(phase.parts, split, self.skip, stream)
         if self.record:
             self.moments.append(Moment(phase, len(self.ledger.ops)))
@@ -409,14 +420,12 @@ class _Builder:
             out += pts.end_grads_parts
         return out
 
-    def _fsdp_split(self) -> list[int]:
-        """FSDP's buffers as its all-gathers: the root unit, lm_head's own (at the loss), then
-        decoder units."""
-        units = self.ctx.units
-        if not units:
-            return []
-        layer = max((v for k, v in units.items() if k is not None), default=0)
-        return [units.get(None, 0), self.ctx.head_unit, layer, layer]
+    def _fsdp_split(self) -> tuple[list[int], tuple[int, ...]]:
+        """FSDP's buffers as its all-gathers make them, and their streams (fsdp.gathered_blocks)."""
+        ctx = self.ctx
+        if not ctx.units:
+            return [], ()
+        return gathered_blocks(ctx.params, ctx.setup, ctx.units, ctx.head_unit)
 
 
 def _input_grad(ctx: StepContext, i: int) -> bool:
@@ -618,6 +627,7 @@ def _forward(b: _Builder) -> list[int | None]:
     spec = ctx.spec
     # CPU offload: the root's shard copied in for forward's first all-gather (fsdp.py)
     led.free(led.alloc(C.TRANSIENT, offload_shard_copy(ctx.params, ctx.setup), PRE_UNSHARD_STREAM))
+    _root_all_gather(b)
     loop = led.alloc(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
     rope = rope_saved(spec, ctx.setup)
     step_wide = [
@@ -675,7 +685,44 @@ def _grads(b: _Builder, params: list[Param]) -> list[int | None]:
         return []
     stream = grad_stream(setup)
     sizes = [alloc(grad_bytes(p, setup) * _held(p, b.ctx)) for p in params if p.trainable]
+    if fsdp2_streams(setup):  # the unit's sharded grads: views of its one reduce-scatter output (fsdp.py)
+        sizes = [sum(sizes)]
     return [b.ledger.alloc(C.GRADIENTS, size, stream) for size in sizes]
+
+
+def _offloaded_reduce_output(b: _Builder, params: list[Param]) -> None:
+    """FSDP2 under CPU offload: the unit's reduce-scatter output, a block of the reduce-scatter
+    stream, copied to the host and dropped at once (fsdp.REDUCE_SCATTER_STREAM): each decoder
+    unit's at its backward's end, the root's after them (its post-backward is the last)."""
+    if not (b.ctx.setup.cpu_offload and fsdp2_streams(b.ctx.setup)):
+        return
+    n = sum(_held(p, b.ctx) for p in params if p.trainable)
+    b.ledger.free(b.ledger.alloc(C.TRANSIENT, alloc(n * reduce_bytes(b.ctx.setup)), REDUCE_SCATTER_STREAM))
+
+
+def _root_all_gather(b: _Builder) -> None:
+    """FSDP2's first all-gathers of a step on the copy-in stream (fsdp.root_all_gather_steps):
+    the root's copies and its flat output, which AllGatherState holds until the first decoder
+    unit's wait_for_unshard, so that unit's own flat output cannot reuse it."""
+    led, ctx = b.ledger, b.ctx
+    steps = root_all_gather_steps(ctx.params, ctx.setup)
+    if not steps:
+        return
+    made: list[int | None] = []
+    due: dict[int, list[int | None]] = {}  # made-count at which a tensor is dropped
+    for size, later in steps:
+        made.append(led.alloc(C.TRANSIENT, size, ALL_GATHER_COPY_IN_STREAM))
+        for tid in due.pop(len(made), []):
+            led.free(tid)
+        if later:
+            due.setdefault(len(made) + later, []).append(made[-1])
+    root, layer = root_and_layer_unit(ctx.units)
+    flat = led.alloc(C.TRANSIENT, root, ALL_GATHER_COPY_IN_STREAM)
+    for tid in [*made, *(t for ts in due.values() for t in ts)]:
+        led.free(tid)  # (a tensor freed already is skipped)
+    first = led.alloc(C.TRANSIENT, layer, ALL_GATHER_COPY_IN_STREAM)
+    led.free(flat)
+    led.free(first)
 
 
 def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | None]) -> None:
@@ -701,6 +748,7 @@ def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | 
         if ph.point == LayerPoint.END:
             for tid in blocks[kept:]:  # the rest it saved (checkpointing: its input stays to the end)
                 led.free(tid)
+            _offloaded_reduce_output(b, params)
             grads += _grads(b, others if ctx.world == 1 else params)
         b.at(ph)
     for tid in blocks:
@@ -719,13 +767,24 @@ def _one_step(b: _Builder) -> list[int | None]:
     for p in ctx.params:
         by_layer.setdefault(p.layer, []).append(p)
     embedding = embedding_grad_last(ctx)  # its grad is made after every layer's backward
-    grads = accumulated + _grads(b, [p for p in by_layer.get(None, []) if p is not embedding])
+    # FSDP2: the root's unsharded grads until its post-backward, its sharded ones made there
+    early = root_grads_before_layers(ctx.params, ctx.setup)
+    unsharded = [led.alloc(C.GRADIENTS, unsharded_grad_bytes(p)) for p in early]
+    grads = accumulated + ([] if early else _grads(b, [p for p in by_layer.get(None, []) if p is not embedding]))
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
     for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
         _layer_backward(b, i, by_layer.get(i, []), grads)
     if embedding is not None:
         grads += _grads(b, [embedding])
     b.at_kind(PhaseKind.EMBEDDING_BACKWARD)
+    if early:  # the root's post-backward (fsdp.root_reduce_scatter), the last of backward
+        trained = [p for p in by_layer.get(None, []) if p.trainable]
+        unsharded += [led.alloc(C.GRADIENTS, unsharded_grad_bytes(p)) for p in trained if p not in early]
+        b.at_kind(PhaseKind.ROOT_REDUCE_SCATTER)
+        for tid in unsharded:
+            led.free(tid)
+        grads += _grads(b, trained)
+    _offloaded_reduce_output(b, by_layer.get(None, []))
     for tid in step_wide[1:]:
         led.free(tid)
     if offload_grads_held(ctx.setup):  # FSDP1 drops the GPU copies at backward's end (fsdp.py)

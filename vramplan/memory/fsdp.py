@@ -24,6 +24,7 @@ from __future__ import annotations
 from vramplan.memory.accelerate import ACCELERATE_STACKS, ignores_4bit, reduces_in_bf16
 from vramplan.memory.context import Gathering
 from vramplan.memory.lora import adapter_bytes
+from vramplan.memory.parameters import store
 from vramplan.memory.quantization import packed_compute_bytes
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
@@ -75,7 +76,7 @@ def unit_bytes(params: list[Param], world: int) -> dict[int | None, int]:
     """All-gathered (unsharded, padded) bytes of each FSDP unit: decoder layers and the root."""
     units: dict[int | None, int] = {}
     for p in params:
-        units[p.layer] = units.get(p.layer, 0) + alloc(compute_bytes(p) * shard(p, world) * world // max(p.numel, 1))
+        units[p.layer] = units.get(p.layer, 0) + gathered_param_bytes(p, world)
     return units
 
 
@@ -134,16 +135,27 @@ def head_unit_bytes(params: list[Param], setup: TrainingSetup) -> int:
     return unit_bytes([units[-1]], setup.shard_world)[None]
 
 
+def fsdp2_unit_params(params: list[Param], setup: TrainingSetup) -> list[Param]:
+    """The parameters FSDP2 all-gathers with the root and decoder units: not those of a unit of
+    their own (accelerate's embedding, --fsdp-embedding-units), nor 4-bit weights accelerate
+    leaves resident whole (memory/accelerate.py)."""
+    apart = [accelerate_embedding_unit(params, setup), *separate_head_units(params, setup)]
+    ignored = ignores_4bit(setup)
+    return [p for p in params if not any(p is a for a in apart) and not (ignored and p.kind.quantized)]
+
+
+def gathered_param_bytes(p: Param, world: int) -> int:
+    """Bytes of one parameter all-gathered (padded to world x its shard)."""
+    return alloc(compute_bytes(p) * shard(p, world) * world // max(p.numel, 1))
+
+
 def engine_units(params: list[Param], setup: TrainingSetup) -> dict[int | None, int]:
     """All-gathered bytes per unit under the setup's FSDP (none under NO_SHARD)."""
     world = setup.shard_world
     if not setup.sharded or setup.fsdp_sharding == FsdpSharding.NO_SHARD:
         return {}
     if setup.fsdp_version == 2:
-        apart = [accelerate_embedding_unit(params, setup), *separate_head_units(params, setup)]
-        ignored = ignores_4bit(setup)  # never all-gathered: resident whole (memory/accelerate.py)
-        kept = [p for p in params if not any(p is a for a in apart) and not (ignored and p.kind.quantized)]
-        return unit_bytes(kept, world)
+        return unit_bytes(fsdp2_unit_params(params, setup), world)
     flat: dict[int | None, int] = {}
     for p in params:
         flat[p.layer] = flat.get(p.layer, 0) + fsdp1_compute_bytes(p, setup)
@@ -191,6 +203,45 @@ def layer_backward_gathered(units: dict[int | None, int], i: int, g: Gathering =
     return this + units.get(None, 0)
 
 
+def root_grads_before_layers(params: list[Param], setup: TrainingSetup) -> list[Param]:
+    """FSDP2 sharding: the root's trainable parameters whose unsharded grads (param_dtype)
+    autograd makes before the decoder layers' backward and the root holds until its
+    post-backward (root_reduce_scatter): every one but an untied input embedding, whose grad
+    is made last. Empty off FSDP2 sharding."""
+    if not fsdp2_streams(setup):
+        return []
+    embed, head = embedding_and_head(params)
+    root = [p for p in fsdp2_unit_params(params, setup) if p.layer is None and p.trainable]
+    return [p for p in root if not (head is not None and p is embed)]
+
+
+def unsharded_grad_bytes(p: Param) -> int:
+    """An unsharded parameter's grad under FSDP2: param_dtype (bf16), the whole parameter."""
+    return alloc(2 * p.numel)
+
+
+def root_reduce_scatter(params: list[Param], setup: TrainingSetup) -> tuple[int, int, int]:
+    """FSDP2's root post-backward, the last of backward (after the embedding's): (the root's
+    unsharded grads in param_dtype, its reduce-scatter input, world x shard in reduce_dtype, its
+    sharded grad in reduce_dtype), all 0 when no root parameter trains or off FSDP2 sharding.
+    torch==2.13.0 _fsdp_param_group.py:603-637: post_backward takes the unsharded grads and
+    reshards (frees the unsharded parameters) first; :646-657 frees the previous unit's
+    reduce-scatter input; then _fsdp_collectives.py:595-606 makes this one on the compute
+    stream while the unsharded grads are alive (they go once copied in), and :611-616 the
+    sharded grad after them. Until this moment the root's grads are the unsharded ones (autograd
+    made lm_head's in the loss backward)."""
+    if not fsdp2_streams(setup):
+        return 0, 0, 0
+    root = [p for p in fsdp2_unit_params(params, setup) if p.layer is None and p.trainable]
+    world = setup.shard_world
+    shards = sum(shard(p, world) for p in root)
+    return (
+        sum(unsharded_grad_bytes(p) for p in root),
+        alloc(reduce_bytes(setup) * world * shards),
+        alloc(reduce_bytes(setup) * shards),
+    )
+
+
 def offload_grads_held(setup: TrainingSetup) -> bool:
     """Whether the GPU copy of each unit's gradient stays until the end of backward under CPU
     offload. FSDP1 (torch==2.13.0 distributed/fsdp/_runtime_utils.py:926): the reduce-scattered
@@ -227,12 +278,84 @@ POST_BACKWARD_STREAM = 2
 PRE_UNSHARD_STREAM = 3
 
 
+# FSDP2 copies on two streams of its own (torch==2.13.0 distributed/fsdp/_fully_shard/
+# _fsdp_param_group.py:75-126: used for the forward's and the backward prefetch's all-gathers;
+# the all-gather stream itself only runs the collective and allocates nothing,
+# _fsdp_collectives.py:363-370). The caching allocator gives a freed block back only to the
+# stream that made it, so each stream keeps its own cached segments.
+# _fsdp_collectives.py:336, :351-353, :419-423 (foreach_all_gather): the all-gather's staging
+# copy (the unit's shard in param_dtype) and its flat output (world x shard) are blocks of the
+# all-gather copy-in stream; the per-parameter unsharded tensors are copied out of it on the
+# compute stream (:457-463). In forward the flat output is held (AllGatherState) until the next
+# unit's wait_for_unshard (_fsdp_param_group.py:430-432, :476-485).
+ALL_GATHER_COPY_IN_STREAM = 4
+# _fsdp_collectives.py:611-616 and :704-709 (foreach_reduce): each unit's reduce-scatter output
+# (its shard in reduce_dtype, one tensor per unit) is a block of the reduce-scatter stream and
+# the sharded grads are views of it until zero_grad; under CPU offload it is copied to the host
+# and dropped at once (:729-739). The reduce-scatter input is the compute stream's (:595-601).
+REDUCE_SCATTER_STREAM = 5
+
+
+def fsdp2_streams(setup: TrainingSetup) -> bool:
+    """FSDP2 sharding over more than one GPU: its all-gathers and reduce-scatters run on their
+    own streams (on one GPU, world 1, it copies out without a collective:
+    _fsdp_param_group.py:440-459)."""
+    return setup.engine == Engine.FSDP2 and setup.shard_world > 1
+
+
 def grad_stream(setup: TrainingSetup) -> int:
-    """The stream whose blocks hold the sharded grads (FSDP1's post-backward stream when it
-    shards; NO_SHARD all-reduces autograd's grad in place, a compute-stream block)."""
+    """The stream whose blocks hold the sharded grads (FSDP1's post-backward stream, FSDP2's
+    reduce-scatter stream when they shard; NO_SHARD all-reduces autograd's grad in place, a
+    compute-stream block)."""
     if setup.engine == Engine.FSDP1 and setup.shard_world > 1:
         return POST_BACKWARD_STREAM
-    return 0
+    return REDUCE_SCATTER_STREAM if fsdp2_streams(setup) else 0
+
+
+def gathered_blocks(
+    params: list[Param], setup: TrainingSetup, units: dict[int | None, int], head: int
+) -> tuple[list[int], tuple[int, ...]]:
+    """The all-gathered units as the blocks the allocator sees, oldest first, with each one's
+    stream (events: the FSDP buffers of a moment are the first of these that fit). FSDP1: the
+    root, lm_head's own unit and two decoder units, flat parameters of its unshard stream.
+    FSDP2 (sharded): the root's per-parameter unsharded tensors and lm_head's unit on the
+    compute stream (_fsdp_param.py:616-628, one tensor per parameter); then a decoder unit's
+    flat all-gather output on the copy-in stream (the one AllGatherState holds at the loss, or
+    the one prefetched in a layer's backward) and the largest decoder unit's per-parameter
+    tensors on the compute stream."""
+    root, layer = root_and_layer_unit(units)
+    if not fsdp2_streams(setup):
+        on = UNSHARD_STREAM if setup.engine == Engine.FSDP1 else 0
+        return [root, head, layer, layer], (on,) * 4
+    kept = fsdp2_unit_params(params, setup)
+    world = setup.shard_world
+    largest = max((k for k in units if k is not None), key=lambda k: units[k], default=None)
+    roots = [gathered_param_bytes(p, world) for p in kept if p.layer is None]
+    layers = [gathered_param_bytes(p, world) for p in kept if p.layer == largest and largest is not None]
+    sizes = [*roots, head, layer, *layers]
+    return sizes, (0,) * (len(roots) + 1) + (ALL_GATHER_COPY_IN_STREAM,) + (0,) * len(layers)
+
+
+def root_all_gather_steps(params: list[Param], setup: TrainingSetup) -> list[tuple[int, int]]:
+    """FSDP2's first all-gather of a step (the root unit's), on the copy-in stream: (bytes, how
+    many tensors later it is freed; 0: kept until the all-gather returns) of each tensor in the
+    order it is made, the flat output (world x shard) not among them. Under CPU offload each
+    parameter's shard is copied in (its stored dtype) and cast to param_dtype, the copy dropped
+    once the cast is made (_fsdp_param.py:896-901; the foreach copy is disabled,
+    _fsdp_collectives.py:391); otherwise one staging copy of the unit's shard in param_dtype
+    (:419-423). Empty off FSDP2 sharding. The decoder units' copies are smaller than the
+    root's and reuse its cached blocks: not emitted."""
+    if not fsdp2_streams(setup):
+        return []
+    world = setup.shard_world
+    root = [p for p in fsdp2_unit_params(params, setup) if p.layer is None]
+    if setup.cpu_offload:
+        steps: list[tuple[int, int]] = []
+        for p in root:
+            n = shard(p, world)
+            steps += [(sum(store(p, setup, n).values()), 1), (alloc(compute_bytes(p) * n // max(p.numel, 1)), 0)]
+        return steps
+    return [(alloc(sum(compute_bytes(p) * shard(p, world) // max(p.numel, 1) for p in root)), 0)]
 
 
 def offload_shard_copy(params: list[Param], setup: TrainingSetup) -> int:

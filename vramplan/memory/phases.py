@@ -34,6 +34,7 @@ from vramplan.memory.fsdp import (
     gathering,
     head_unit_bytes,
     layer_forward_gathered,
+    root_reduce_scatter,
 )
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
 from vramplan.memory.lora import lora_targeted
@@ -287,6 +288,21 @@ def embedding_backward_phase(ctx: StepContext) -> list[Phase]:
     return [ph.add(C.TRANSIENT, sum(tensors))]
 
 
+def root_reduce_scatter_phase(ctx: StepContext) -> list[Phase]:
+    """FSDP2's last post-backward, the root's (fsdp.root_reduce_scatter): every other unit
+    resharded, every layer's sharded grad made, the root's unsharded grads and its
+    reduce-scatter input alive; of the activations, only the loop's batch. On a full
+    fine-tune with large embeddings it is the step's peak (Llama-3.1-8B on 8 GPUs: the
+    l8b_fsdp8 case of tests/data/h200_verify.jsonl)."""
+    unsharded, scatter_input, sharded = root_reduce_scatter(ctx.params, ctx.setup)
+    if not scatter_input:
+        return []
+    ph = ctx.base(PhaseKind.ROOT_REDUCE_SCATTER, with_grads=True)
+    ph.add(C.GRADIENTS, unsharded - (0 if ctx.setup.cpu_offload else sharded))
+    ph.add(C.COMM_BUFFERS, scatter_input)
+    return [ph.add(C.ACTIVATIONS, loop_token_bytes(ctx.setup) + ctx.buffers)]
+
+
 def quantization_phases(ctx: StepContext) -> list[Phase]:
     """QLoRA: a 4-bit weight dequantized in forward, or LLM.int8's widest matmul (in backward:
     a layer point), and the build."""
@@ -350,6 +366,7 @@ def step_model(
         *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
         *root_hook_phase(ctx),
         *embedding_backward_phase(ctx),
+        *root_reduce_scatter_phase(ctx),
         *layer_forward_phase(ctx),
         *dora_phase(ctx),
         *quantization_phases(ctx),

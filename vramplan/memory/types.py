@@ -83,6 +83,7 @@ class PhaseKind(Enum):
     LAYER_BACKWARD = ("layer {layer} backward ({point})", MeasuredPhase.BACKWARD)
     OPTIMIZER_HOOK_ROOT = ("optimizer hook (lm_head)", MeasuredPhase.BACKWARD)
     EMBEDDING_BACKWARD = ("embedding backward", MeasuredPhase.BACKWARD)
+    ROOT_REDUCE_SCATTER = ("root reduce-scatter (FSDP2)", MeasuredPhase.BACKWARD)
     OPTIMIZER_STEP = ("optimizer step", MeasuredPhase.OPTIMIZER)
     GALORE_REFRESH = ("GaLore SVD refresh", MeasuredPhase.OPTIMIZER)
     # layer-wise optimizers refresh their projectors inside the backward hooks
