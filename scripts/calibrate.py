@@ -917,6 +917,28 @@ CORE = [
 ]
 
 
+# Cases whose allocator event history (--alloc-history, vramplan/verify/history.py) tells the
+# allocator model's misses apart from the events' (scripts/history_replay.py): each is where the
+# replay and the card disagreed on the first lease (tests/data/h200_verify.jsonl).
+HISTORY_CASES = {
+    # the replay runs out at step 1's fp32 logits (4.67 GB, 4.6 GB stranded); the card ran
+    "qw7_qlora_nf4_ckpt_b1_s7680_cap24g": "capped edge two rungs off",
+    "qw7_qlora_nf4_ckpt_b1_s8192_cap24g": "capped edge two rungs off",
+    # the replay ends with 5 x 4008 MiB logits segments, the card with 4 (AdamW's states carved
+    # from a cached logits segment in the replay): reserved +17.7%
+    "l1b_full_bf16_ckpt_b4s2048": "reserved +17.7%",
+    # allocated -7.2% at the last layer's recompute under eager attention, cause not found
+    "phi3_lora16_ckpt_eager_b1s2048": "allocated -7.2%",
+}
+# Measured on the first lease but changed since, so measured again first: verify's LLM.int8
+# weights (build.INT8_OUTPUT_STD) and FSDP2's rules (memory/fsdp.py).
+REMEASURE = {
+    "l8b_qlora_int8_r16_ckpt_b1s2048",
+    "l8b_fsdp8_full_mixed_ckpt_b1s2048",
+    "l8b_fsdp4_full_mixed_ckpt_offload_b1s2048",
+}
+
+
 def load_cases(path: str | None) -> list[dict]:
     if not path:
         return CASES
@@ -1006,8 +1028,11 @@ def _append(out: Path, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def run_one(c: dict, device: str, timeout: float, failure_log: Path | None = None) -> list[dict]:
-    """Measure one case in fresh process(es); returns the JSON lines to append."""
+def run_one(
+    c: dict, device: str, timeout: float, failure_log: Path | None = None, history_dir: Path | None = None
+) -> list[dict]:
+    """Measure one case in fresh process(es); returns the JSON lines to append. `history_dir`:
+    where a HISTORY_CASES case writes its allocator history (<name>.jsonl.gz)."""
     from vramplan.verify.api import plan_ranks
     from vramplan.verify.extrapolate import extrapolate
     from vramplan.verify.launch import CaseRequest, run_isolated
@@ -1020,8 +1045,15 @@ def run_one(c: dict, device: str, timeout: float, failure_log: Path | None = Non
     ms = []
     for d in depths:
         limit = c["memory_limit_mb"] * 2**20 if c.get("memory_limit_mb") else None
+        history = history_dir / f"{c['name']}.jsonl.gz" if history_dir and c["name"] in HISTORY_CASES else None
         req = CaseRequest(
-            model=c["model"], setup=s, num_layers=d, steps=c["steps"], device=device, memory_limit_bytes=limit
+            model=c["model"],
+            setup=s,
+            num_layers=d,
+            steps=c["steps"],
+            device=device,
+            memory_limit_bytes=limit,
+            alloc_history=str(history) if history and not c["depths"] else None,
         )
         ms += run_isolated(req, nproc=nproc, timeout=timeout, failure_log=failure_log)
     suffix = (lambda m: f"_L{m.num_layers}") if c["depths"] else (lambda m: f"_rank{m.rank}" if m.rank else "")
@@ -1053,9 +1085,11 @@ def footprint_bytes(c: dict) -> int:
 
 
 def lease_order(cases: list[dict]) -> list[dict]:
-    """A GPU lease's order: every technique (CORE), the out-of-memory edge (capped), the CUDA-only
-    kernels (losses, attention and stacks modelled from source), then the rest."""
-    first = select(cases, None, None, core=True)
+    """A GPU lease's order: the cases whose allocator history is recorded and those to measure
+    again (HISTORY_CASES, REMEASURE), every technique (CORE), the out-of-memory edge (capped), the
+    CUDA-only kernels (losses, attention and stacks modelled from source), then the rest."""
+    first = [c for c in cases if c["name"] in HISTORY_CASES or c["name"] in REMEASURE]
+    first += select(cases, None, None, core=True)
     first += [c for c in cases if c.get("memory_limit_mb")]
     first += [c for c in cases if {"loss", "attention", "stack"} & set(c["setup"])]
     return list({c["name"]: c for c in [*first, *cases]}.values())  # each once, where it came first
@@ -1065,9 +1099,18 @@ class Batch:
     """Runs cases, `jobs` at a time on one GPU while their footprints fit `capacity` (in the
     order given: a case waits for room rather than being overtaken), appending each result."""
 
-    def __init__(self, out: Path, device: str, budget_s: float, jobs: int, capacity: int, failure_log: Path | None):
+    def __init__(
+        self,
+        out: Path,
+        device: str,
+        budget_s: float,
+        jobs: int,
+        capacity: int,
+        failure_log: Path | None,
+        history_dir: Path | None = None,
+    ):
         self.out, self.device, self.budget_s, self.jobs = out, device, budget_s, jobs
-        self.capacity, self.failure_log = capacity, failure_log
+        self.capacity, self.failure_log, self.history_dir = capacity, failure_log, history_dir
         self.t0, self.failed, self.lock = time.monotonic(), 0, threading.Lock()
 
     def left(self) -> float:
@@ -1094,7 +1137,9 @@ class Batch:
     def _one(self, c: dict) -> None:
         t = time.monotonic()
         try:
-            lines = run_one(c, self.device, timeout=max(self.left(), 30), failure_log=self.failure_log)
+            lines = run_one(
+                c, self.device, timeout=max(self.left(), 30), failure_log=self.failure_log, history_dir=self.history_dir
+            )
         except Exception as e:  # noqa: BLE001 - one failed case must not stop the batch
             with self.lock:
                 self.failed += 1
@@ -1124,6 +1169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="cases sharing the GPU at once (each its own process)")
     ap.add_argument("--capacity-gib", type=float, default=110, help="with --jobs: device memory the cases may share")
     ap.add_argument("--failure-log", help="append the workers' output of each failed case here")
+    ap.add_argument("--alloc-history", help="write the allocator event history of HISTORY_CASES into this folder")
+    ap.add_argument(
+        "--skip-measured", help="skip the cases this JSONL file measured, except HISTORY_CASES and REMEASURE"
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dry-run", action="store_true", help="validate and estimate every case; run nothing")
     ap.add_argument("--list", action="store_true")
@@ -1132,6 +1181,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = select(base, args.batch, args.only, args.core, args.capped)
     if args.lease:
         cases = lease_order(cases)
+    if args.skip_measured:
+        measured = done_names(Path(args.skip_measured)) - set(HISTORY_CASES) - REMEASURE
+        cases = [c for c in cases if c["name"] not in measured]
     if args.list:
         print("\n".join(c["name"] for c in cases))
         return 0
@@ -1141,7 +1193,9 @@ def main(argv: list[str] | None = None) -> int:
     done = done_names(out)
     todo = [c for c in cases if c["name"] not in done]
     log = Path(args.failure_log) if args.failure_log else None
-    batch = Batch(out, args.device, args.budget_s, max(args.jobs, 1), int(args.capacity_gib * 2**30), log)
+    history = Path(args.alloc_history) if args.alloc_history else None
+    capacity = int(args.capacity_gib * 2**30)
+    batch = Batch(out, args.device, args.budget_s, max(args.jobs, 1), capacity, log, history)
     return batch.run(todo)
 
 

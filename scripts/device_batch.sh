@@ -50,8 +50,11 @@ case "$mode" in
       > "$OUT/pytest_gpu.log" 2>&1
     timeout $(( $(left) - 20 )) python3 -m pytest tests/test_verify_gpu.py -m gpu -q -rs --durations=0 \
       -k "not oom_is_a_result and not within_60" >> "$OUT/pytest_gpu.log" 2>&1 &
+    # cases the first lease measured are skipped, except those to measure again and those whose
+    # allocator event history is recorded (calibrate.py HISTORY_CASES, REMEASURE)
     OMP_NUM_THREADS=4 python3 scripts/calibrate.py --lease --jobs "${JOBS:-4}" --budget-s $(( $(left) - 15 )) \
-      --out "$OUT/h100_verify.jsonl" --failure-log "$OUT/failures.log" "$@" > "$OUT/calibrate.log" 2>&1
+      --skip-measured tests/data/h200_verify.jsonl --alloc-history "$OUT/history" \
+      --out "$OUT/h200_verify.jsonl" --failure-log "$OUT/failures.log" "$@" > "$OUT/calibrate.log" 2>&1
     wait
     exit 0 ;;
   *) echo "usage: bash scripts/device_batch.sh calibrate|tests|sequence|lease [options]"; exit 2 ;;

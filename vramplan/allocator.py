@@ -398,6 +398,7 @@ class CachingAllocatorModel:
         self.reserved = 0  # total_allocated_memory / reserved_bytes
         self.allocated = 0  # allocated_bytes (rounded block sizes)
         self.segments = 0  # live cudaMalloc segments plus live expandable segments
+        self.live_segments: dict[int, tuple[int, int]] = {}  # cudaMalloc'd: address -> (bytes, stream)
         self.num_alloc_retries = 0
         self.num_device_alloc = 0
         self.num_device_free = 0
@@ -535,6 +536,7 @@ class CachingAllocatorModel:
         self._next_addr += alloc_size
         self.reserved += alloc_size
         self.segments += 1
+        self.live_segments[block.addr] = (alloc_size, stream)
         self.num_device_alloc += 1
         return block
 
@@ -542,6 +544,7 @@ class CachingAllocatorModel:
         block.pool.erase(block)
         self.reserved -= block.size
         self.segments -= 1
+        self.live_segments.pop(block.addr, None)
         self.num_device_free += 1
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int, stream: int) -> bool:
@@ -787,6 +790,8 @@ class ReplayResult:
     final_allocated: int
     final_reserved: int
     final_segments: int
+    # (bytes, stream) of each cudaMalloc'd segment at the end, largest first (not expandable ones)
+    final_segment_sizes: tuple[tuple[int, int], ...]
     num_alloc_retries: int  # times the cache was emptied to retry a cudaMalloc
     events_replayed: int
     oom: OutOfMemory | None
@@ -871,6 +876,7 @@ def _result(model: CachingAllocatorModel, peaks: _Peaks, oom: OutOfMemory | None
         final_allocated=model.allocated,
         final_reserved=model.reserved,
         final_segments=model.segments,
+        final_segment_sizes=tuple(sorted(model.live_segments.values(), reverse=True)),
         num_alloc_retries=model.num_alloc_retries,
         events_replayed=replayed,
         oom=oom,

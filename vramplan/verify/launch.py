@@ -49,6 +49,9 @@ class CaseRequest(BaseModel):
         description="cap on what the caching allocator may hold, set with "
         "torch.cuda.set_per_process_memory_fraction (None: the whole device)",
     )
+    alloc_history: str | None = Field(
+        None, description="CUDA: rank 0 writes the caching allocator's event history here (verify/history.py)"
+    )
 
 
 class Launcher(str, Enum):
@@ -297,7 +300,15 @@ def worker_main(argv: list[str]) -> int:
 
         if req.memory_limit_bytes is not None:
             limit_allocator(device, req.memory_limit_bytes)
-        m = run_case(req.model, req.setup, device=device, num_layers=req.num_layers, steps=req.steps)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        m = run_case(
+            req.model,
+            req.setup,
+            device=device,
+            num_layers=req.num_layers,
+            steps=req.steps,
+            alloc_history=req.alloc_history if rank0 else None,
+        )
         if req.memory_limit_bytes is not None:
             m = m.model_copy(update={"memory_limit_bytes": req.memory_limit_bytes})
         if not device.startswith("cuda") and m.world > 1:

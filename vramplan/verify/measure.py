@@ -96,12 +96,15 @@ def run_case(
     num_layers: int | None = None,
     steps: int = 3,
     on_phase: PhaseCallback | None = None,
+    alloc_history: str | None = None,
 ) -> Measurement:
-    """Build the reference step and run `steps` steps; OOM ends the case with fits=False."""
+    """Build the reference step and run `steps` steps; OOM ends the case with fits=False.
+    `alloc_history` (CUDA): a file the caching allocator's event history of the whole case is
+    written to, build and steps, up to an out-of-memory error (verify/history.py)."""
     import torch
 
     from vramplan.model_loader import load_model_spec
-    from vramplan.verify import cputrace
+    from vramplan.verify import cputrace, history
     from vramplan.verify.build import build_step
 
     probe = make_probe(device)
@@ -115,7 +118,7 @@ def run_case(
     sizes = PhaseSizes()
     out = _Outcome(traced=trace is not None)
     built = None
-    with trace if trace is not None else nullcontext():
+    with trace if trace is not None else nullcontext(), history.recording(torch, alloc_history, device):
         try:
             with run.phase("build", None), cputrace.cuda_like_build() if on_cpu else nullcontext():
                 built = build_step(model, setup, device, num_layers)
