@@ -146,13 +146,17 @@ class Compared:
 
 
 def model_events(row: dict) -> tuple[EventStream, int]:
-    """The model's events for the row's setup, and where its step 0 starts (its first activation)."""
+    """The model's events for the row's setup, and where its step 0 starts (its first activation).
+    On one stream, as the CPU trace records the real step (the CPU has no streams): this compares
+    the events, their sizes, order and lifetimes; which stream holds which block (FSDP's, memory/
+    fsdp.py) is checked against the segments the card recorded (docs/memory-model.md, fsdp_buffers)."""
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(row["config"]))
         spec = load_model_spec(d, use_cache=False)
     ev = step_events(spec, row_setup(row))
     first_act = int(np.flatnonzero(ev.categories == CATEGORIES.index(Category.ACTIVATIONS))[0])
-    return ev.events, first_act
+    e = ev.events
+    return EventStream(e.ops, e.ids, e.sizes, np.zeros_like(e.streams)), first_act
 
 
 def _held_output(row: dict, setup: TrainingSetup) -> int:
