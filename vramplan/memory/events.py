@@ -708,18 +708,15 @@ def _root_all_gather(b: _Builder) -> None:
     steps = root_all_gather_steps(ctx.params, ctx.setup)
     if not steps:
         return
-    made: list[int | None] = []
-    due: dict[int, list[int | None]] = {}  # made-count at which a tensor is dropped
-    for size, later in steps:
-        made.append(led.alloc(C.TRANSIENT, size, ALL_GATHER_COPY_IN_STREAM))
-        for tid in due.pop(len(made), []):
-            led.free(tid)
-        if later:
-            due.setdefault(len(made) + later, []).append(made[-1])
+    kept: list[int | None] = []
+    for copied, cast in steps:
+        copy = led.alloc(C.TRANSIENT, copied, ALL_GATHER_COPY_IN_STREAM)  # (0 bytes: no block)
+        kept.append(led.alloc(C.TRANSIENT, cast, ALL_GATHER_COPY_IN_STREAM))
+        led.free(copy)
     root, layer = root_and_layer_unit(ctx.units)
     flat = led.alloc(C.TRANSIENT, root, ALL_GATHER_COPY_IN_STREAM)
-    for tid in [*made, *(t for ts in due.values() for t in ts)]:
-        led.free(tid)  # (a tensor freed already is skipped)
+    for tid in kept:
+        led.free(tid)
     first = led.alloc(C.TRANSIENT, layer, ALL_GATHER_COPY_IN_STREAM)
     led.free(flat)
     led.free(first)

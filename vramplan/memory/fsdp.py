@@ -337,25 +337,22 @@ def gathered_blocks(
 
 
 def root_all_gather_steps(params: list[Param], setup: TrainingSetup) -> list[tuple[int, int]]:
-    """FSDP2's first all-gather of a step (the root unit's), on the copy-in stream: (bytes, how
-    many tensors later it is freed; 0: kept until the all-gather returns) of each tensor in the
-    order it is made, the flat output (world x shard) not among them. Under CPU offload each
-    parameter's shard is copied in (its stored dtype) and cast to param_dtype, the copy dropped
-    once the cast is made (_fsdp_param.py:896-901; the foreach copy is disabled,
-    _fsdp_collectives.py:391); otherwise one staging copy of the unit's shard in param_dtype
-    (:419-423). Empty off FSDP2 sharding. The decoder units' copies are smaller than the
-    root's and reuse its cached blocks: not emitted."""
+    """FSDP2's first all-gather of a step (the root unit's), on the copy-in stream: per tensor
+    it all-gathers, (bytes copied in and dropped once cast, bytes kept until the all-gather
+    returns), in order; the flat output (world x shard) not among them. Under CPU offload each
+    parameter's shard is copied in (its stored dtype) and cast to param_dtype
+    (_fsdp_param.py:896-901; the foreach copy is disabled, _fsdp_collectives.py:391); otherwise
+    one staging copy of the unit's shard in param_dtype (:419-423), nothing copied in. Empty off
+    FSDP2 sharding. The decoder units' copies are smaller than the root's and reuse its cached
+    blocks: not emitted."""
     if not fsdp2_streams(setup):
         return []
     world = setup.shard_world
     root = [p for p in fsdp2_unit_params(params, setup) if p.layer is None]
+    cast = [alloc(compute_bytes(p) * shard(p, world) // max(p.numel, 1)) for p in root]
     if setup.cpu_offload:
-        steps: list[tuple[int, int]] = []
-        for p in root:
-            n = shard(p, world)
-            steps += [(sum(store(p, setup, n).values()), 1), (alloc(compute_bytes(p) * n // max(p.numel, 1)), 0)]
-        return steps
-    return [(alloc(sum(compute_bytes(p) * shard(p, world) // max(p.numel, 1) for p in root)), 0)]
+        return [(sum(store(p, setup, shard(p, world)).values()), c) for p, c in zip(root, cast, strict=True)]
+    return [(0, sum(cast))]
 
 
 def offload_shard_copy(params: list[Param], setup: TrainingSetup) -> int:
