@@ -52,12 +52,12 @@ def test_median_and_worst_error_bounds():
     assert s["median_abs_error"] <= 0.05 and s["max_abs_error"] <= 0.15, s
 
 
-# (file, worst |error| it is held to). The medians meet issue 18's 5%; the worsts do not meet its
-# 20% and are held where they are so that they cannot get worse unseen: on the H100 file phi3 QLoRA
-# with checkpointing (-34.9%), which verify measured within 2% on the H200 (-1.6%: the H100 harness's
-# reserved carries what earlier cases left, docs/allocator.md); on the H200 file FSDP2 with CPU
-# offload (-56.4%, the H100's worst before it too).
-RESERVED_BOUNDS = [("h100_dev.jsonl", 0.36), ("h200_verify.jsonl", 0.57)]
+# (file, worst |error| it is held to). The medians meet issue 18's 5%. On the H200 file the worst
+# meets its 20% (Llama-3.2-1B full bf16 with checkpointing at 4 x 2048, +17.9%: docs/allocator.md);
+# on the H100 file it does not and is held where it is so that it cannot get worse unseen: phi3 QLoRA
+# with checkpointing (-34.3%), which verify measured within 1% on the H200 (the H100 harness's
+# reserved carries what earlier cases left, docs/allocator.md).
+RESERVED_BOUNDS = [("h100_dev.jsonl", 0.36), ("h200_verify.jsonl", 0.20)]
 
 
 @pytest.mark.parametrize("name,worst", RESERVED_BOUNDS)
@@ -68,6 +68,29 @@ def test_reserved_median_and_worst_bounds(name, worst):
     errors = sorted(abs(s.reserved_error) for s in scored)
     assert len(errors) >= 20
     assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= worst, errors
+
+
+# What a capped rung may read above or below the replay under the same cap: the allocator's
+# reserved near the edge, where the cache is emptied and refilled (2% worst on the H200's rungs)
+CAPPED_RESERVED_TOLERANCE = 0.05
+
+
+def test_capped_rungs_run_where_the_replay_runs():
+    """Issue 18's out-of-memory edge: every capped rung the H200 measured (calibrate.py --capped,
+    24 GiB through set_per_process_memory_fraction) ran or ran out as the replay under that cap
+    says, and where it ran, held what the replay holds to within CAPPED_RESERVED_TOLERANCE."""
+    from vramplan.accuracy import capped_rows
+
+    rows = capped_rows(load_cases(DATA / "h200_verify.jsonl"), DATA / "configs")
+    assert len(rows) >= 15
+    wrong = [r["name"] for r in rows if r["ran"] != r["predicted_ran"]]
+    assert not wrong, wrong
+    off = {
+        r["name"]: (r["reserved"] / 2**30, r["predicted_reserved"] / 2**30)
+        for r in rows
+        if r["ran"] and abs(r["predicted_reserved"] - r["reserved"]) > CAPPED_RESERVED_TOLERANCE * r["reserved"]
+    }
+    assert not off, off
 
 
 def test_the_tight_note_states_the_measured_shortfall():

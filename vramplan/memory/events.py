@@ -458,14 +458,29 @@ def _held(p: Param, ctx) -> int:
 
 
 def _states(b: _Builder) -> None:
-    """Each trainable parameter's optimizer states (AdamW: exp_avg and exp_avg_sq)."""
+    """Each trainable parameter's optimizer states (AdamW: exp_avg and exp_avg_sq), in the
+    order the optimizer makes them (_in_module_order)."""
     if b.ctx.offload:
         return
-    for p in b.ctx.params:
+    for p in _in_module_order(b.ctx.params):
         s = optimizer_state(p, b.ctx.setup, _held(p, b.ctx)).device
         half = alloc(s // 2)
         b.ledger.alloc(C.OPTIMIZER_STATES, half)
         b.ledger.alloc(C.OPTIMIZER_STATES, s - half)
+
+
+def _in_module_order(params: list[Param]) -> list[Param]:
+    """The parameters in model.parameters() order, the order torch's optimizers make their
+    states in at the first step (torch==2.13 optim/adamw.py `_init_group` loops
+    `group["params"]`; verify, the reference harness and the Trainer build the groups from
+    named_parameters()): the input embedding first, then the decoder layers, then the root's
+    other parameters. parameters.parameters lists the embedding after the layers; with
+    best fit, which states share a segment cached from the loss's logits depends on it."""
+    roots = [p for p in params if p.layer is None]
+    if not roots:
+        return params
+    embedding = roots[0]  # parameters.parameters: the first root parameter it lists
+    return [embedding, *(p for p in params if p is not embedding)]
 
 
 # torch==2.13.0 distributed/fsdp/_init_utils.py:60 (sync_module_states broadcasts in buckets)
@@ -586,6 +601,19 @@ def _checkpointed_input(b: _Builder, i: int) -> None:
         b.buffers_made = True
 
 
+def _checkpointed_working_set(b: _Builder, i: int) -> None:
+    """Layer i's checkpointed forward before the last layer's: the checkpoint runs the whole
+    layer without saving (torch==2.13 torch/utils/checkpoint.py: under no_grad, reentrant or
+    not), so its working set (checkpointing.checkpointed_forward, the moment the last layer's
+    phase counts) comes and goes before the layer's output, the next layer's kept input, is
+    made. The totals of the phases do not move (the last layer's moment holds more inputs);
+    where the allocator places the kept inputs does: in the blocks the working set freed."""
+    pts, n = b.points(i), b.ctx.tokens
+    sizes = [alloc(n * x) for x in pts.ckpt_fwd_parts] + list(pts.dora.ckpt_weights if pts.dora else ())
+    for tid in [b.ledger.alloc(C.TRANSIENT, x) for x in sizes]:
+        b.ledger.free(tid)
+
+
 def _offloaded_layer(b: _Builder, i: int, last: bool) -> None:
     """Offloading every saved tensor without checkpointing (activations.offload_all_layers):
     layer i's deduplicated saves stay on the GPU to its backward's end; the rest is copied to
@@ -646,6 +674,8 @@ def _forward(b: _Builder) -> list[int | None]:
         if ctx.ckpt:
             cache += [led.alloc(C.ACTIVATIONS, x) for x in per_layer.get(i, [])]
             _checkpointed_input(b, i)
+            if i != last:
+                _checkpointed_working_set(b, i)
             if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
                 b.at_kind(PhaseKind.DORA_NORM_FORWARD, PhaseKind.FORWARD_CHECKPOINTED_LAYER)
                 if b.off is not None and b.off.held_mlp_last:
