@@ -95,3 +95,15 @@ def test_aten_kernels_come_back():
         assert "cpu_matmul" in torch._C._dispatch_dump("aten::bmm")
     assert "cpu_matmul" not in torch._C._dispatch_dump("aten::mm")
     assert "cpu_matmul" not in torch._C._dispatch_dump("aten::bmm")
+
+
+def test_operands_stay_resizable():
+    """FSDP frees and refills the storage of the parameters it gathers (untyped_storage().resize_):
+    a product under the override must leave its operands' storage resizable."""
+    a, b = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    with fast_half_matmul():
+        a @ b
+        torch.bmm(a.view(2, 8, 8), a.view(2, 8, 8))
+    for t in (a, b):
+        t.untyped_storage().resize_(0)
+        t.untyped_storage().resize_(t.numel() * t.element_size())

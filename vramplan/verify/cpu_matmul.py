@@ -27,11 +27,18 @@ _HALF_BYTES = 2
 
 def _column_major(t: Any) -> Any:
     """`t` (contiguous, 2-byte elements) as a view of a numpy buffer holding its last two
-    dimensions transposed: the same values and shape, column-major, allocated outside c10."""
+    dimensions transposed: the same values and shape, column-major, allocated outside c10.
+
+    The source is read through its address, not `Tensor.numpy()`, which marks the tensor's
+    storage as not resizable for good (torch/csrc/utils/tensor_numpy.cpp): FSDP resizes the
+    storage of the parameters it gathers."""
+    import ctypes
+
     import numpy as np
     import torch
 
-    bits = t.detach().view(torch.int16).numpy()
+    raw = (ctypes.c_int16 * t.numel()).from_address(t.data_ptr())
+    bits = np.frombuffer(raw, dtype=np.int16).reshape(tuple(t.shape))
     swapped = np.ascontiguousarray(np.swapaxes(bits, -1, -2))
     return torch.from_numpy(swapped).view(t.dtype).transpose(-1, -2)
 
