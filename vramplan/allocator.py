@@ -836,7 +836,7 @@ def replay(
     live: dict[int, tuple[Block | None, int]] = {}
     peaks, requested, oom, index = _Peaks(record_trace), 0, None, 0
     rows = zip(events.ops.tolist(), events.ids.tolist(), events.sizes.tolist(), events.streams.tolist(), strict=False)
-    alloc_op, malloc, free, update = int(Op.ALLOC), model.malloc, model.free, peaks.update
+    alloc_op, malloc, free, update, record = int(Op.ALLOC), model.malloc, model.free, peaks.update, record_trace
     for index, (op, tid, size, stream) in enumerate(rows):
         if op == alloc_op:
             if tid in live:
@@ -862,6 +862,8 @@ def replay(
             requested -= size
             if block is not None:
                 free(block)
+            if not record:
+                continue  # a free raises no maximum: only the traces need every event
         update(model)
     return _result(model, peaks, oom, index if oom else len(events))
 

@@ -80,6 +80,7 @@ from vramplan.setup import Attention, Engine, Loss, Optim, Stack, TrainingSetup
 
 CATEGORIES = tuple(C)
 _CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
+_ALLOC, _FREE = int(Op.ALLOC), int(Op.FREE)  # plain ints: the ledger emits one per event
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Ledger:
     cats: list[int] = field(default_factory=list)
     streams: list[int] = field(default_factory=list)
     live: dict[int, tuple[C, int]] = field(default_factory=dict)
-    by_cat: dict[C, list[int]] = field(default_factory=dict)
+    by_cat: dict[C, dict[int, None]] = field(default_factory=dict)  # live ids per category, in order
     live_bytes: dict[C, int] = field(default_factory=dict)
     next_id: int = 0
     trimmed: int = 0
@@ -119,9 +120,9 @@ class Ledger:
         if size <= 0:
             return None
         tid, self.next_id = self.next_id, self.next_id + 1
-        self._emit(Op.ALLOC, tid, size, cat, stream)
+        self._emit(_ALLOC, tid, size, cat, stream)
         self.live[tid] = (cat, size)
-        self.by_cat.setdefault(cat, []).append(tid)
+        self.by_cat.setdefault(cat, {})[tid] = None
         self.live_bytes[cat] = self.live_bytes.get(cat, 0) + size
         return tid
 
@@ -129,12 +130,12 @@ class Ledger:
         if tid is None or tid not in self.live:
             return  # never made (size 0) or already freed to meet a phase
         cat, size = self.live.pop(tid)
-        self._emit(Op.FREE, tid, 0, cat)
-        self.by_cat[cat].remove(tid)
+        self._emit(_FREE, tid, 0, cat)
+        del self.by_cat[cat][tid]
         self.live_bytes[cat] -= size
 
-    def _emit(self, op: Op, tid: int, size: int, cat: C, stream: int = 0) -> None:
-        self.ops.append(int(op))
+    def _emit(self, op: int, tid: int, size: int, cat: C, stream: int = 0) -> None:
+        self.ops.append(op)
         self.ids.append(tid)
         self.sizes.append(size)
         self.cats.append(_CAT_INDEX[cat])
@@ -159,7 +160,7 @@ class Ledger:
                 continue
             diff = target.get(cat, 0) - self.live_bytes.get(cat, 0)
             while diff < 0:
-                tid = self.by_cat[cat][-1]
+                tid = next(reversed(self.by_cat[cat]))
                 diff += self.live[tid][1]
                 self.trimmed += self.live[tid][1]
                 self.free(tid)
@@ -281,6 +282,8 @@ class _Builder:
     buffers_made: bool = False  # Unsloth's GPU reload buffers, made in step 0 and kept
     _points: dict[ShapeKey, LayerPoints] = field(default_factory=dict)
     _parts: dict[tuple[ShapeKey, bool], tuple[list[int], tuple[int, ...]]] = field(default_factory=dict)
+    _gathered: tuple[list[int], tuple[int, ...]] | None = None
+    _foreach_temps: list[int] | None = None
 
     def saved_blocks(self, i: int) -> list[int]:
         """Layer i's saved tensors as blocks in forward order, down's input last."""
@@ -370,7 +373,11 @@ class _Builder:
             return [alloc(n * x) for x in (*locals_, *parts)] + list(weights)
         if kind is PhaseKind.OPTIMIZER_STEP and setup.optim == Optim.ADAMW_TORCH:
             # foreach AdamW: one temporary per parameter of the group (optimizers.optimizer_transient)
-            return [alloc(grad_bytes(p, setup) * _held(p, self.ctx)) for p in self.ctx.params if p.trainable]
+            if self._foreach_temps is None:
+                self._foreach_temps = [
+                    alloc(grad_bytes(p, setup) * _held(p, self.ctx)) for p in self.ctx.params if p.trainable
+                ]
+            return self._foreach_temps
         if kind is PhaseKind.EMBEDDING_BACKWARD:
             return embedding_backward_tensors(self.ctx)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
@@ -421,11 +428,14 @@ class _Builder:
         return out
 
     def _fsdp_split(self) -> tuple[list[int], tuple[int, ...]]:
-        """FSDP's buffers as its all-gathers make them, and their streams (fsdp.gathered_blocks)."""
+        """FSDP's buffers as its all-gathers make them, and their streams (fsdp.gathered_blocks):
+        the same at every moment of the step, so made once."""
         ctx = self.ctx
         if not ctx.units:
             return [], ()
-        return gathered_blocks(ctx.params, ctx.setup, ctx.units, ctx.head_unit)
+        if self._gathered is None:
+            self._gathered = gathered_blocks(ctx.params, ctx.setup, ctx.units, ctx.head_unit)
+        return self._gathered
 
 
 def _input_grad(ctx: StepContext, i: int) -> bool:

@@ -139,9 +139,9 @@ def fsdp2_unit_params(params: list[Param], setup: TrainingSetup) -> list[Param]:
     """The parameters FSDP2 all-gathers with the root and decoder units: not those of a unit of
     their own (accelerate's embedding, --fsdp-embedding-units), nor 4-bit weights accelerate
     leaves resident whole (memory/accelerate.py)."""
-    apart = [accelerate_embedding_unit(params, setup), *separate_head_units(params, setup)]
+    apart = {id(a) for a in (accelerate_embedding_unit(params, setup), *separate_head_units(params, setup))}
     ignored = ignores_4bit(setup)
-    return [p for p in params if not any(p is a for a in apart) and not (ignored and p.kind.quantized)]
+    return [p for p in params if id(p) not in apart and not (ignored and p.kind.quantized)]
 
 
 def gathered_param_bytes(p: Param, world: int) -> int:
