@@ -363,9 +363,7 @@ class _Builder:
         if kind is PhaseKind.LAYER_BACKWARD and phase.layer is not None:
             return self._layer_split(phase.layer, phase.point)
         if kind is PhaseKind.FORWARD_CHECKPOINTED_LAYER:
-            # the checkpointed forward's working set (checkpointing.checkpointed_forward), DoRA's weights
-            pts = self.points(len(self.ctx.spec.layers) - 1)
-            return [alloc(n * x) for x in pts.ckpt_fwd_parts] + list(pts.dora.ckpt_weights if pts.dora else ())
+            return self.checkpointed_forward_blocks(len(self.ctx.spec.layers) - 1)
         if kind is PhaseKind.FORWARD_LAST_LAYER:
             # the forward's locals, then the adapter's path (phases.last_layer_adapter), DoRA's weights
             _, _, parts, weights = last_layer_adapter(self.ctx, self.points(len(self.ctx.spec.layers) - 1))
@@ -389,6 +387,14 @@ class _Builder:
             logits = [alloc(2 * n * v)] * copies
             return logits + [alloc(4 * n * v)] * (2 if kind is PhaseKind.FORWARD_LOSS else 3)
         return []
+
+    def checkpointed_forward_blocks(self, i: int) -> list[int]:
+        """Layer i's checkpointed forward's working set (checkpointing.checkpointed_forward),
+        DoRA's weights after it."""
+        pts = self.points(i)
+        return [alloc(self.ctx.tokens * x) for x in pts.ckpt_fwd_parts] + list(
+            pts.dora.ckpt_weights if pts.dora else ()
+        )
 
     def _layer_split(self, i: int, point: LayerPoint | None) -> list[int]:
         """The tensors in flight at one of layer i's backward moments, oldest first (the
@@ -618,9 +624,7 @@ def _checkpointed_working_set(b: _Builder, i: int) -> None:
     phase counts) comes and goes before the layer's output, the next layer's kept input, is
     made. The totals of the phases do not move (the last layer's moment holds more inputs);
     where the allocator places the kept inputs does: in the blocks the working set freed."""
-    pts, n = b.points(i), b.ctx.tokens
-    sizes = [alloc(n * x) for x in pts.ckpt_fwd_parts] + list(pts.dora.ckpt_weights if pts.dora else ())
-    for tid in [b.ledger.alloc(C.TRANSIENT, x) for x in sizes]:
+    for tid in [b.ledger.alloc(C.TRANSIENT, x) for x in b.checkpointed_forward_blocks(i)]:
         b.ledger.free(tid)
 
 
@@ -684,12 +688,12 @@ def _forward(b: _Builder) -> list[int | None]:
         if ctx.ckpt:
             cache += [led.alloc(C.ACTIVATIONS, x) for x in per_layer.get(i, [])]
             _checkpointed_input(b, i)
-            if i != last:
-                _checkpointed_working_set(b, i)
             if i == last:  # DoRA's widest weight norm, then the layer's widest moment (phases.dora_phase)
                 b.at_kind(PhaseKind.DORA_NORM_FORWARD, PhaseKind.FORWARD_CHECKPOINTED_LAYER)
                 if b.off is not None and b.off.held_mlp_last:
                     b.layer_blocks[i].append(led.alloc(C.ACTIVATIONS, b.off.held_mlp_last))
+            else:
+                _checkpointed_working_set(b, i)
             continue
         if ctx.offload_all:
             _offloaded_layer(b, i, i == last)
