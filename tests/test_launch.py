@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,10 +160,9 @@ LAUNCHED = ["ddp2-full", "fsdp1-2-full", "fsdp2-mixed-ckpt"]
 
 
 def test_a_launched_gloo_group_runs_its_collectives_on_one_worker_thread(monkeypatch):
-    """With one gloo worker thread a barrier returns only after every earlier collective has
-    dropped its tensors (launch._gloo_with_one_worker_thread): frees land in the phase they
-    belong to, not whenever a second worker thread is scheduled (a +4 MiB optimizer peak on
-    one rank in CI)."""
+    """A launched CPU rank's gloo group has one worker thread (launch._gloo_with_one_worker_thread),
+    so collectives run in order: frees land in the phase they belong to, not whenever a second
+    worker thread is scheduled (a +4 MiB optimizer peak on one rank in CI)."""
     import socket
 
     import torch
@@ -185,6 +185,19 @@ def test_a_launched_gloo_group_runs_its_collectives_on_one_worker_thread(monkeyp
         settle_collectives()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cputrace
+def test_settled_collectives_have_freed_their_tensors():
+    """After measure.settle_collectives, every collective's tensor is freed, also when gloo's
+    worker thread drops it last (tests/gloo_settle_probe.py). Settling with a barrier failed
+    this in 4 of 4 runs here: the barrier's weak reference kept the 1 MiB alive until its own
+    work went (CI: fsdp1-2-full rank 0 optimizer +2.56 MiB)."""
+    probe = Path(__file__).with_name("gloo_settle_probe.py")
+    out = subprocess.run([sys.executable, str(probe), "30"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rounds, spread = map(int, out.stdout.split()[-2:])
+    assert (rounds, spread) == (30, 0)
 
 
 @pytest.mark.cputrace

@@ -210,6 +210,9 @@ def init_distributed(device: str) -> str:
     count_frees_on_every_thread()
     with _gloo_with_one_worker_thread():
         dist.init_process_group("gloo")
+    from vramplan.verify.measure import settle_collectives
+
+    settle_collectives()  # makes its one-value tensor now, outside every trace
     return device
 
 
@@ -222,7 +225,7 @@ def _gloo_with_one_worker_thread():
     tensor the main thread has already let go of (FSDP1's padded unsharded gradient) is freed
     whenever that thread is next scheduled: under load, inside the optimizer phase (a +4 MiB
     optimizer peak on one rank of the fsdp1-2-full case in CI). With one worker thread, works
-    run in order, and a collective's completion (measure.settle_collectives' barrier) means every
+    run in order, and a collective's completion (measure.settle_collectives' all-reduce) means every
     earlier work's tensors are gone: the frees land where the fake process group has them."""
     c10d: Any = importlib.import_module("torch.distributed.distributed_c10d")
     base: Any = c10d.ProcessGroupGloo
