@@ -41,3 +41,20 @@ def test_every_subcommand_and_option_is_documented():
             for flag in action.option_strings:
                 if flag not in ("-h", "--help"):
                     assert f"`{flag}" in text, f"{path} {flag}"
+
+
+def test_a_command_word_builds_its_own_parser_and_only_it():
+    """build_parser(argv) adds only the named command (a cold estimate imports no planner or
+    plot code): every name in COMMAND_NAMES is the one its module registers, in COMMANDS' order,
+    and that command's parser is the same as in the whole parser."""
+    from vramplan.cli import COMMAND_NAMES, build_parser
+
+    whole = {name: child for name, child in _walk(build_parser(), "vramplan")}
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert tuple(top.choices) == COMMAND_NAMES
+    for name in COMMAND_NAMES:
+        own = dict(_walk(build_parser([name, "--help"]), "vramplan"))
+        assert set(own) == {"vramplan"} | {p for p in whole if p.split(" ")[1:2] == [name]}
+        for path, parser in own.items():
+            if path != "vramplan":
+                assert parser.format_help() == whole[path].format_help(), path

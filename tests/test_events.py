@@ -14,6 +14,7 @@ from vramplan.estimate import estimate_spec, make_setup
 from vramplan.hardware import parse_gpus
 from vramplan.memory import step_model
 from vramplan.memory.events import CATEGORIES, Ledger, step_events
+from vramplan.memory.phases import worst_layer_only
 from vramplan.memory.types import LayerPoint, PhaseKind
 from vramplan.model_loader import load_model_spec, preset_names
 from vramplan.reserved import simulate
@@ -88,6 +89,21 @@ def test_live_bytes_at_every_phase_equal_the_phase(preset):
     spec = load_model_spec(preset)
     for fields in SETUPS:
         assert_live_equals_phases(spec, make_setup(batch_size=1, seq_len=512, **fields), (preset, fields))
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_the_worst_layer_model_is_the_every_layer_model_collapsed(preset):
+    """estimate_spec builds one every-layer model and collapses it (phases.worst_layer_only)
+    instead of building step_model's worst-layer model again: both give the same phases."""
+    spec = load_model_spec(preset)
+    for fields in SETUPS:
+        setup = make_setup(batch_size=1, seq_len=512, **fields)
+        direct = step_model(spec, setup)
+        collapsed = worst_layer_only(step_model(spec, setup, every_layer=True))
+        assert [(p.name, p.kind, p.parts) for p in collapsed.phases] == [
+            (p.name, p.kind, p.parts) for p in direct.phases
+        ], (preset, fields)
+        assert (collapsed.host_pinned, collapsed.notes) == (direct.host_pinned, direct.notes)
 
 
 # one preset per architecture in the fast tier, the others in the marked tier

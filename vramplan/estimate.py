@@ -26,6 +26,7 @@ from vramplan.memory.attention import attention_notes
 from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_rank, check_lora_targets
 from vramplan.memory.optimizers import check_galore_rank
+from vramplan.memory.phases import worst_layer_only
 from vramplan.memory.storage import StepModel
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
@@ -389,7 +390,8 @@ def estimate_spec(
     """alloc_conf: PYTORCH_CUDA_ALLOC_CONF for the allocator replay (default: the environment's)."""
     check_compatible(spec, setup, gpus)
     setup = with_data_parallel(setup, gpus)
-    model = step_model(spec, setup)
+    every_layer = step_model(spec, setup, every_layer=True)  # the events' moments
+    model = worst_layer_only(every_layer)
     peak = model.peak
     alloc = peak.allocated
     context = context_bytes(gpus)
@@ -398,7 +400,7 @@ def estimate_spec(
     paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
     # reserved and the verdict: the step's events replayed through the caching-allocator model
     config = alloc_config(alloc_conf)
-    sim = simulate(spec, setup, capacity - context - paged, config)
+    sim = simulate(spec, setup, capacity - context - paged, config, step_events(spec, setup, every_layer))
     reserved = max(sim.peak_reserved, alloc)
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc

@@ -12,6 +12,7 @@ or a full disk end in one line and the conventional exit code, never a traceback
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 
@@ -39,14 +40,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vramplan.cli' has no attribute {name!r}")
 
 
-def build_parser():
+# the command word -> its module under vramplan.cli, in COMMANDS' order
+COMMAND_NAMES = ("estimate", "models", "hardware", "verify", "gpus", "plan", "plot")
+
+
+def build_parser(argv: list[str] | None = None):
+    """The whole parser; given the command line, only its command's (when its first word is
+    one): a cold `vramplan estimate` then imports neither the planner nor the plot code
+    (docs/benchmarks.md). Help, an option first or an unknown word get every command."""
     from vramplan.cli.common import _Parser
 
     parser = _Parser(
         prog="vramplan", description="Will this LLM training run fit these GPUs, and where does the memory go?"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for command in __getattr__("COMMANDS"):
+    if argv and argv[0] in COMMAND_NAMES:
+        commands = [importlib.import_module(f"vramplan.cli.{argv[0]}")]
+    else:
+        commands = list(__getattr__("COMMANDS"))
+    for command in commands:
         command.add_parser(sub)
     return parser
 
@@ -66,8 +78,9 @@ def _broken_pipe_is_an_error() -> None:
 
 def _run(argv: list[str] | None) -> int:
     _broken_pipe_is_an_error()
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the header of files --emit writes
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    args.argv = argv  # for the header of files --emit writes
     code = int(args.handler(args) or 0)
     sys.stdout.flush()  # a closed pipe or a full disk is raised here, inside main, not at exit
     return code

@@ -22,6 +22,8 @@ torch.optim makes them lazily) and the steady step whose moments are the phases.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -284,6 +286,7 @@ class _Builder:
     _parts: dict[tuple[ShapeKey, bool], tuple[list[int], tuple[int, ...]]] = field(default_factory=dict)
     _gathered: tuple[list[int], tuple[int, ...]] | None = None
     _foreach_temps: list[int] | None = None
+    held: list[int] | None = None  # FSDP's gathered blocks held across a layer's moments (hold_gathered)
 
     def saved_blocks(self, i: int) -> list[int]:
         """Layer i's saved tensors as blocks in forward order, down's input last."""
@@ -341,16 +344,37 @@ class _Builder:
         return self._points[key]
 
     def at(self, phase: Phase) -> None:
-        """The phase's moment: balance blocks in, the moment recorded, balance blocks out."""
+        """The phase's moment: balance blocks in, the moment recorded, balance blocks out
+        (FSDP's, while a layer holds them, at the layer's end: hold_gathered)."""
         gathered, on = self._fsdp_split()
         split = {C.FSDP_BUFFERS: gathered, C.TRANSIENT: self._transient_split(phase)}
         # the all-gathered units: blocks of FSDP1's unshard stream, FSDP2's copy-in and compute streams
         stream = {C.FSDP_BUFFERS: on}
+        if self.held is not None:  # more held than this moment has: the latest go, not trimmed
+            while self.held and self.ledger.live_bytes[C.FSDP_BUFFERS] > phase.parts.get(C.FSDP_BUFFERS, 0):
+                self.ledger.free(self.held.pop())
         balance = self.ledger.settle(phase.parts, split, self.skip, stream)
         if self.record:
             self.moments.append(Moment(phase, len(self.ledger.ops)))
         for tid in balance:
-            self.ledger.free(tid)
+            if self.held is not None and self.ledger.live[tid][0] is C.FSDP_BUFFERS:
+                self.held.append(tid)
+            else:
+                self.ledger.free(tid)
+
+    @contextmanager
+    def hold_gathered(self) -> Iterator[None]:
+        """A unit's all-gathered parameters stay from its pre-backward to its post-backward
+        (torch==2.13.0 FSDP2 _fsdp_param_group.pre_backward/post_backward; FSDP1
+        _runtime_utils._pre_backward_hook/_post_backward_hook), so across all of a layer's
+        backward moments they are one set of blocks, made at its first and freed after its last."""
+        self.held = []
+        try:
+            yield
+        finally:
+            for tid in self.held:
+                self.ledger.free(tid)
+            self.held = None
 
     def at_kind(self, *kinds: PhaseKind) -> None:
         for kind in kinds:
@@ -779,19 +803,20 @@ def _layer_backward(b: _Builder, i: int, params: list[Param], grads: list[int | 
     down = None if ctx.offload_all else blocks[-1]
     downs = [p for p in params if p.role in MLP_OUT_ROLES]
     others = [p for p in params if p.role not in MLP_OUT_ROLES]
-    for ph in sorted(b.by_layer.get(i, []), key=lambda p: _POINT_ORDER[p.point] if p.point else 0):
-        if not ctx.reentrant and ph.point not in RECOMPUTE_POINTS:
-            led.free(reload)
-        if ph.point == LayerPoint.MLP:
-            led.free(down)
-            if ctx.world == 1:
-                grads += _grads(b, downs)
-        if ph.point == LayerPoint.END:
-            for tid in blocks[kept:]:  # the rest it saved (checkpointing: its input stays to the end)
-                led.free(tid)
-            _offloaded_reduce_output(b, params)
-            grads += _grads(b, others if ctx.world == 1 else params)
-        b.at(ph)
+    with b.hold_gathered():
+        for ph in sorted(b.by_layer.get(i, []), key=lambda p: _POINT_ORDER[p.point] if p.point else 0):
+            if not ctx.reentrant and ph.point not in RECOMPUTE_POINTS:
+                led.free(reload)
+            if ph.point == LayerPoint.MLP:
+                led.free(down)
+                if ctx.world == 1:
+                    grads += _grads(b, downs)
+            if ph.point == LayerPoint.END:
+                for tid in blocks[kept:]:  # the rest it saved (checkpointing: its input stays to the end)
+                    led.free(tid)
+                _offloaded_reduce_output(b, params)
+                grads += _grads(b, others if ctx.world == 1 else params)
+            b.at(ph)
     for tid in blocks:
         led.free(tid)
     led.free(reload)

@@ -350,6 +350,19 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     )
 
 
+def worst_layer_only(every_layer: StepModel) -> StepModel:
+    """step_model(every_layer=False) from the every-layer model of the same step: the layer
+    backward phases collapsed to the largest (the first of equals), where they stood. One
+    model serves the estimate's phases and the events (estimate.estimate_spec)."""
+    layers = [p for p in every_layer.phases if p.kind is PhaseKind.LAYER_BACKWARD]
+    if not layers:
+        return every_layer
+    worst = max(layers, key=lambda p: p.allocated)
+    first = every_layer.phases.index(layers[0])
+    rest = [p for p in every_layer.phases if p.kind is not PhaseKind.LAYER_BACKWARD]
+    return StepModel([*rest[:first], worst, *rest[first:]], every_layer.host_pinned, list(every_layer.notes))
+
+
 def step_model(
     spec: ModelSpec, setup: TrainingSetup, every_layer: bool = False, prepared: Prepared | None = None
 ) -> StepModel:
