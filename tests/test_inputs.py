@@ -265,7 +265,15 @@ def test_ctrl_c_exits_130_without_a_traceback():
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(0.3)  # among the imports, where the issue saw a KeyboardInterrupt traceback
+    # among the imports main makes (numpy's extension mapped), where the issue saw a
+    # KeyboardInterrupt traceback; a fixed 0.3 s could land, on a loaded machine, in the
+    # interpreter's own start-up, before main exists to answer it
+    maps = Path(f"/proc/{p.pid}/maps")
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        if "_multiarray_umath" in maps.read_text(errors="replace"):
+            break
+        time.sleep(0.005)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1].decode()
     assert p.returncode in (130, -signal.SIGINT, 0) and "Traceback" not in err, err
