@@ -26,7 +26,7 @@ from vramplan.memory.attention import attention_notes
 from vramplan.memory.events import step_events
 from vramplan.memory.lora import check_lora_rank, check_lora_targets
 from vramplan.memory.optimizers import check_galore_rank
-from vramplan.memory.phases import worst_layer_only
+from vramplan.memory.phases import prepare, worst_layer_only
 from vramplan.memory.storage import StepModel
 from vramplan.model_loader import load_model_spec
 from vramplan.model_spec import ModelSpec
@@ -375,12 +375,13 @@ def gpu_verdict(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, alloc_conf
     setup = with_data_parallel(setup, gpus)
     # the paged states and the pinned host bytes are the same in every phase of either model,
     # and the every-layer model is the one the events are built from
-    model = step_model(spec, setup, every_layer=True)
+    prepared = prepare(spec, setup)  # one for the model and the events
+    model = step_model(spec, setup, every_layer=True, prepared=prepared)
     paged = model.peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
     capacity = gpus.profile.memory_bytes - context_bytes(gpus) - paged
     # one replay against the capacity: where the roomy replay stays under it the capped one takes
     # the same path, and where it does not, the capped one is simulate's verdict (reserved.py)
-    capped = replay(step_events(spec, setup, model).events, alloc_config(alloc_conf), capacity=capacity)
+    capped = replay(step_events(spec, setup, model, prepared).events, alloc_config(alloc_conf), capacity=capacity)
     return Verdict(capped.oom is None, _host_bytes(setup, gpus, model), setup)
 
 
@@ -390,7 +391,8 @@ def estimate_spec(
     """alloc_conf: PYTORCH_CUDA_ALLOC_CONF for the allocator replay (default: the environment's)."""
     check_compatible(spec, setup, gpus)
     setup = with_data_parallel(setup, gpus)
-    every_layer = step_model(spec, setup, every_layer=True)  # the events' moments
+    prepared = prepare(spec, setup)  # one for both models
+    every_layer = step_model(spec, setup, every_layer=True, prepared=prepared)  # the events' moments
     model = worst_layer_only(every_layer)
     peak = model.peak
     alloc = peak.allocated
@@ -400,7 +402,7 @@ def estimate_spec(
     paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
     # reserved and the verdict: the step's events replayed through the caching-allocator model
     config = alloc_config(alloc_conf)
-    sim = simulate(spec, setup, capacity - context - paged, config, step_events(spec, setup, every_layer))
+    sim = simulate(spec, setup, capacity - context - paged, config, step_events(spec, setup, every_layer, prepared))
     reserved = max(sim.peak_reserved, alloc)
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc

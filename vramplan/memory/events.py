@@ -68,7 +68,14 @@ from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.optimizers import optimizer_state
 from vramplan.memory.parameters import Param, grad_bytes, store
-from vramplan.memory.phases import embedding_backward_tensors, last_layer_adapter, prepare, step_context, step_model
+from vramplan.memory.phases import (
+    Prepared,
+    embedding_backward_tensors,
+    last_layer_adapter,
+    prepared_for,
+    step_context,
+    step_model,
+)
 from vramplan.memory.quantization import (
     nf4_quantize_temporaries,
     quantize_transient,
@@ -866,11 +873,13 @@ def _one_step(b: _Builder) -> list[int | None]:
     return grads
 
 
-def step_events(spec: ModelSpec, setup: TrainingSetup, every_layer: StepModel | None = None) -> StepEvents:
+def step_events(
+    spec: ModelSpec, setup: TrainingSetup, every_layer: StepModel | None = None, prepared: Prepared | None = None
+) -> StepEvents:
     """The build, step 0 and the steady step as allocation events; the steady step's
     moments are step_model's phases (every layer's: `every_layer`, step_model(spec, setup,
     every_layer=True), when the caller has it already), in the order they happen."""
-    prepared = prepare(spec, setup)
+    prepared = prepared_for(spec, setup, prepared)  # (the caller's, when it made one for this step)
     ctx = step_context(spec, setup, prepared)
     model = every_layer or step_model(spec, setup, every_layer=True, prepared=prepared)
     phases = model.phases

@@ -86,6 +86,13 @@ def _token_free_key(setup: TrainingSetup) -> TrainingSetup:
     return setup.model_copy(update={"batch_size": 1, "seq_len": 1})
 
 
+def prepared_for(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared | None) -> Prepared:
+    """`prepared` when it was made for this spec and this setup up to batch_size/seq_len, else a new one."""
+    if prepared is None or prepared.spec is not spec or prepared.key != _token_free_key(setup):
+        return prepare(spec, setup)
+    return prepared
+
+
 def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
     params = parameters(spec, setup)
     static, engine = engine_static(spec, params, setup, static_bytes)
@@ -370,8 +377,7 @@ def step_model(
     layer instead of only the worst (each is then affine in the token count, which the
     planner relies on). `prepared` (from prepare()) is reused only when it was made for
     this spec and this setup up to batch_size/seq_len; otherwise it is recomputed."""
-    if prepared is None or prepared.spec is not spec or prepared.key != _token_free_key(setup):
-        prepared = prepare(spec, setup)
+    prepared = prepared_for(spec, setup, prepared)
     ctx = step_context(spec, setup, prepared)
     layers = with_accumulated_grads(ctx, layer_backward_phases(ctx))
     phases = [
