@@ -392,9 +392,9 @@ def _getting_started_batch_example() -> list[str]:
 @pytest.mark.cputrace  # seconds each: many plans or estimates (the fast tier stays under 2 min)
 def test_getting_started_batch_scaling_example_shows_the_fit_boundary(tmp_path, monkeypatch):
     """It drew nothing that fits, on a y axis to 4 TiB."""
-    import sys
+    import importlib
 
-    cli_plot = sys.modules["vramplan.cli.plot"]
+    cli_plot = importlib.import_module("vramplan.cli.plot")
     drawn = {}
     real = cli_plot.scaling_figure
 
