@@ -357,9 +357,6 @@ class _Builder:
         split = {C.FSDP_BUFFERS: gathered, C.TRANSIENT: self._transient_split(phase)}
         # the all-gathered units: blocks of FSDP1's unshard stream, FSDP2's copy-in and compute streams
         stream = {C.FSDP_BUFFERS: on}
-        if self.held is not None:  # more held than this moment has: the latest go, not trimmed
-            while self.held and self.ledger.live_bytes[C.FSDP_BUFFERS] > phase.parts.get(C.FSDP_BUFFERS, 0):
-                self.ledger.free(self.held.pop())
         balance = self.ledger.settle(phase.parts, split, self.skip, stream)
         if self.record:
             self.moments.append(Moment(phase, len(self.ledger.ops)))
