@@ -30,6 +30,20 @@ _TRL = (
     "activation_offloading",
     "accelerate_config",
 )
+# LLaMA-Factory's v1 trainer (llamafactory==0.9.5 llamafactory/v1/config/model_args.py,
+# training_args.py; run with USE_V1=1, cli.py:19): its own loop, configured by plugin sections.
+# It shares micro_batch_size with axolotl, so it is told apart before axolotl.
+_LLAMAFACTORY_V1 = (
+    "model_class",
+    "peft_config",
+    "kernel_config",
+    "quant_config",
+    "dist_config",
+    "optim_config",
+    "init_config",
+    "lr_scheduler_config",
+    "batching_strategy",
+)
 _HF = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -61,6 +75,14 @@ def detect_format(data: dict, path: str) -> ConfigFormat:
         return ConfigFormat.ACCELERATE
     if any(isinstance(v, dict) and "_component_" in v for v in data.values()):
         return ConfigFormat.TORCHTUNE
+    v1 = sorted(k for k in _LLAMAFACTORY_V1 if k in data)
+    if v1 and isinstance(data.get("model"), str):
+        raise VramplanError(
+            f"is a LLaMA-Factory v1 config ({', '.join(v1)}; USE_V1=1, llamafactory==0.9.5 llamafactory/v1), "
+            "whose own training loop vramplan does not model; give MODEL and flags (--method, --lora-r, "
+            "--batch-size, --seq-len, --fsdp) for the run, or a v0 config (finetuning_type, stage)",
+            f"--config {path}",
+        )
     if has(_AXOLOTL):
         return ConfigFormat.AXOLOTL
     if has(_LLAMAFACTORY) or (isinstance(data.get("template"), str) and "model_name_or_path" in data):
