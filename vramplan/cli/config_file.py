@@ -45,7 +45,10 @@ def model_name(args: argparse.Namespace, reading) -> str:
         return args.model
     if reading is not None and reading.model:
         return reading.model
-    raise VramplanError(MODEL_MISSING, "MODEL")
+    # the file names a model vramplan cannot map (a torchtune builder with no known checkpoint)
+    skipped = reading.unmodelled if reading is not None else ()
+    why = next((f"; {u.key}: {u.why}" for u in skipped if u.key.startswith("model")), "")
+    raise VramplanError(MODEL_MISSING + why, "MODEL")
 
 
 def gpus_text(args: argparse.Namespace, reading) -> str | None:

@@ -6,10 +6,12 @@ from ``tune run --nproc_per_node N``; a distributed recipe shards with FSDP2 (fu
 
 from __future__ import annotations
 
+import os
 import re
 
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed
+from vramplan.errors import VramplanError
 from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
@@ -70,6 +72,41 @@ SAME_SHAPE: dict[str, tuple[str, str, tuple[int, ...]]] = {  # builder -> (modul
     "qwen2_1_5b": ("qwen2", "Qwen/Qwen2.5-1.5B", (151936, 28, 12, 2, 128, 1536, 8960, 1)),
     "qwen2_7b": ("qwen2", "Qwen/Qwen2.5-7B", (152064, 28, 28, 4, 128, 3584, 18944, 0)),
 }
+# Builders torchtune added after 0.6.1 (pytorch/torchtune@bd2a0fc, unreleased:
+# torchtune/models/qwen3/_model_builders.py; its recipes/configs/qwen3/*.yaml use them). Their
+# numbers (vocab 151936, layers, heads, 8 kv heads, head_dim 128, width, MLP width, tied output
+# up to 4B) are the Qwen3 checkpoints'; tests/test_config_sweep.py holds them to the presets.
+UNRELEASED_BUILDERS: dict[str, tuple[str, str, tuple[int, ...]]] = {  # builder -> (module, HF id, shape)
+    "qwen3_0_6b_base": ("qwen3", "Qwen/Qwen3-0.6B-Base", (151936, 28, 16, 8, 128, 1024, 3072, 1)),
+    "qwen3_0_6b_instruct": ("qwen3", "Qwen/Qwen3-0.6B", (151936, 28, 16, 8, 128, 1024, 3072, 1)),
+    "qwen3_1_7b_base": ("qwen3", "Qwen/Qwen3-1.7B-Base", (151936, 28, 16, 8, 128, 2048, 6144, 1)),
+    "qwen3_1_7b_instruct": ("qwen3", "Qwen/Qwen3-1.7B", (151936, 28, 16, 8, 128, 2048, 6144, 1)),
+    "qwen3_4b_base": ("qwen3", "Qwen/Qwen3-4B-Base", (151936, 36, 32, 8, 128, 2560, 9728, 1)),
+    "qwen3_4b_instruct": ("qwen3", "Qwen/Qwen3-4B", (151936, 36, 32, 8, 128, 2560, 9728, 1)),
+    "qwen3_8b_base": ("qwen3", "Qwen/Qwen3-8B-Base", (151936, 36, 32, 8, 128, 4096, 12288, 0)),
+    "qwen3_8b_instruct": ("qwen3", "Qwen/Qwen3-8B", (151936, 36, 32, 8, 128, 4096, 12288, 0)),
+    "qwen3_14b_base": ("qwen3", "Qwen/Qwen3-14B-Base", (151936, 40, 40, 8, 128, 5120, 17408, 0)),
+    "qwen3_14b_instruct": ("qwen3", "Qwen/Qwen3-14B", (151936, 40, 40, 8, 128, 5120, 17408, 0)),
+    "qwen3_32b": ("qwen3", "Qwen/Qwen3-32B", (151936, 64, 64, 8, 128, 5120, 25600, 0)),
+}
+# The recipe a config's header runs (`tune run [--nproc_per_node N] RECIPE --config ...`, in the
+# comment every shipped config starts with; recipes/*.py at pytorch/torchtune@bd2a0fc).
+_NOT_TRAINING = frozenset({"eleuther_eval", "generate", "dev/generate_v2", "dev/generate_v2_distributed", "quantize"})
+_NOT_SFT = {  # recipe prefix -> what the SFT step the estimate models leaves out
+    "lora_dpo": "DPO: chosen and rejected sequences in one batch (2x the tokens) and a reference pass "
+    "with the adapters disabled are not modelled; estimated as one SFT step",
+    "full_dpo": "DPO: chosen and rejected sequences and a frozen reference model are not modelled; "
+    "estimated as one SFT step",
+    "ppo_": "PPO: policy, value, reference and reward models and generation are not modelled; "
+    "estimated as one SFT step of the policy",
+    "dev/grpo": "GRPO: generation and a reference model are not modelled; estimated as one SFT step",
+    "dev/async_grpo": "GRPO: generation and a reference model are not modelled; estimated as one SFT step",
+    "knowledge_distillation": "the teacher model (its weights and logits) is not modelled; estimated as "
+    "the student's SFT step",
+    "qat_": "quantization-aware training's fake-quantized weights and activations (torchao "
+    "FakeQuantizedLinear: a quantized copy of each Linear's weight and input per forward) are not "
+    "modelled; estimated as the step without them",
+}
 # torchtune module names -> peft/HF names
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 _MLP = ("gate_proj", "up_proj", "down_proj")  # w1, w3, w2
@@ -103,6 +140,11 @@ _KNOWN = frozenset(
         "lr_scheduler",
         "output_dir",
         "resume_from_checkpoint",
+        "tensor_parallel_plan",
+        "data_parallel_shard_dim",
+        "data_parallel_replicate_dim",
+        "quantizer",
+        "teacher_model",
     }
 )
 
@@ -114,6 +156,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
         raise c.fail(
             "model._component_", "a torchtune model builder, e.g. torchtune.models.llama3_1.lora_llama3_1_8b", model_cfg
         )
+    _recipe(c)
     model, method = _model(c, model_cfg)
     c.set_int("batch_size", "batch_size")
     c.set_int("gradient_accumulation_steps", "gradient_accumulation")
@@ -151,6 +194,15 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
         method = Method.LORA if builder.startswith("lora_") else Method.FULL
         c.set("model._component_", "method", method)
     model = BUILDERS[base][1] if base in BUILDERS else None
+    if base in UNRELEASED_BUILDERS:
+        model = UNRELEASED_BUILDERS[base][1]
+        c.record(
+            "model._component_",
+            "model",
+            model,
+            f"torchtune's {base} builder (pytorch/torchtune@bd2a0fc torchtune/models/qwen3/_model_builders.py, "
+            "after 0.6.1) has that checkpoint's shape",
+        )
     if base in SAME_SHAPE:
         model = SAME_SHAPE[base][1]
         c.record(
@@ -300,6 +352,50 @@ def _distributed(c: Collector) -> None:
         on = c.flag("fsdp_reshard_after_forward", reshard)
         c.set("fsdp_reshard_after_forward", "fsdp_sharding", FsdpSharding.FULL if on else FsdpSharding.SHARD_GRAD_OP)
     _custom_sharded_layers(c)
+
+
+def _recipe(c: Collector) -> None:
+    """What the header's `tune run RECIPE` says about the step: a recipe that trains nothing is
+    refused; a preference, RL, distillation or QAT recipe is estimated as its SFT step, said in
+    one line. Tensor parallelism (tensor_parallel_dim > 1, full_finetune_distributed at
+    pytorch/torchtune@bd2a0fc) is said too: the estimate shards every parameter with FSDP over
+    all the GPUs instead, the same weights per GPU but the activations of unsplit heads."""
+    recipe = _run_recipe(c.path)
+    if recipe in _NOT_TRAINING:
+        raise VramplanError(
+            f"runs `tune run {recipe}`, which trains nothing; give a training recipe's config "
+            "(full_finetune_*, lora_finetune_*, qat_*, ...)",
+            f"--config {c.path}",
+        )
+    prefix = next((p for p in _NOT_SFT if recipe and recipe.startswith(p)), None)
+    if prefix:
+        c.unmodelled(f"header: tune run {recipe}", _NOT_SFT[prefix])
+    # the same sections in a config without that header (a user's own file)
+    for key, own in (("quantizer", "qat_"), ("teacher_model", "knowledge_distillation")):
+        if c.get(key) is not None and prefix != own:
+            c.unmodelled(key, _NOT_SFT[own])
+    tp = c.get("tensor_parallel_dim")
+    if tp is not None and c.pos_int("tensor_parallel_dim", tp) > 1:
+        c.unmodelled(
+            "tensor_parallel_dim",
+            f"tensor parallelism over {tp} GPUs is not modelled: estimated as FSDP over every GPU (the same "
+            "parameters per GPU, each GPU's activations for all heads and the whole MLP width: an overestimate)",
+        )
+
+
+def _run_recipe(path: str) -> str | None:
+    """The RECIPE of the header's `tune run [--opt N ...] RECIPE --config NAME` whose NAME is this
+    file, else of the last one (a KD config first shows the teacher's own fine-tuning command, then
+    its launch line; a copied config keeps the header but not the name)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = "".join(line for line in (f.readline() for _ in range(60)) if line.startswith("#"))
+    except OSError:
+        return None
+    runs = re.findall(r"tune run\s+(?:--[\w-]+(?:[ =]\d+)?\s+)*([\w/]+)(?:\s+--config\s+([\w./-]+))?", header)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    own = [recipe for recipe, name in runs if os.path.splitext(os.path.basename(name))[0] == stem]
+    return (own or [recipe for recipe, _ in runs] or [None])[-1]
 
 
 def _header_recipe(path: str) -> str | None:
