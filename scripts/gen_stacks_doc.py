@@ -88,6 +88,11 @@ def per_stack(stack: Stack) -> str:
     out += ["| knob | value | when | source | why |", "|---|---|---|---|---|"]
     for r in bundle.rules:
         out.append(f"| {r.knob} | {_value(r.value, r.supported)} | {_when(r) or 'always'} | `{r.source}` | {r.why} |")
+    seen: set[str] = set()
+    for gap in bundle.unmodelled:  # said in the output where it holds; one line per distinct gap here
+        if gap.what not in seen:
+            seen.add(gap.what)
+            out += ["", f"Not modelled yet, said in the output where it applies: {gap.what} (`{gap.source}`)."]
     return "\n".join(out)
 
 

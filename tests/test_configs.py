@@ -544,7 +544,9 @@ def test_describe_reading_lines():
 
 def test_modules_to_save_outside_embeddings_are_named_not_modelled(tmp_path):
     f = tmp_path / "a.yml"
-    f.write_text("base_model: x/y\nadapter: lora\nlora_modules_to_save: [model.embed_tokens, score]\n")
+    f.write_text(
+        "base_model: x/y\nadapter: lora\nlora_modules_to_save: [model.embed_tokens, score]\nlora_mlp_kernel: false\n"
+    )
     reading = read_config([str(f)])
     assert reading.fields["modules_to_save"] == (SavedModule.EMBED_TOKENS,)
     assert [u.key for u in reading.unmodelled] == ["lora_modules_to_save"]
@@ -1028,7 +1030,8 @@ def test_eight_bit_bases_read_as_llm_int8(tmp_path):
 def test_axolotl_training_modes_not_modelled_are_said(tmp_path, key):
     """DPO/KTO/GRPO, reward models and partial freezing are estimated as one SFT step: one line says so."""
     f = tmp_path / "a.yml"
-    f.write_text(f"base_model: x/y\nadapter: lora\nattn_implementation: flash_attention_2\n{key}\n")
+    kernels_off = "lora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n"  # else auto-enabled
+    f.write_text(f"base_model: x/y\nadapter: lora\nattn_implementation: flash_attention_2\n{kernels_off}{key}\n")
     reading = read_config([str(f)])
     assert [u.key for u in reading.unmodelled] == [key.split(":")[0]]
     assert reading.unknown == ()

@@ -80,6 +80,20 @@ class StackRule(BaseModel):
         return all(_plain(context.get(name)) in allowed for name, allowed in self.when.items())
 
 
+class StackGap(BaseModel):
+    """What the framework does by default that no setup field expresses yet: said in the output
+    where its when-clause holds, so the estimate does not pass over it in silence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    what: str
+    source: str
+    when: dict[str, tuple[Any, ...]] = {}
+
+    def holds(self, context: dict[str, Any]) -> bool:
+        return all(_plain(context.get(name)) in allowed for name, allowed in self.when.items())
+
+
 class StackBundle(BaseModel):
     """A stack's rules, in the order the data file gives them."""
 
@@ -90,6 +104,7 @@ class StackBundle(BaseModel):
     version: str
     comment: str = ""
     rules: tuple[StackRule, ...]
+    unmodelled: tuple[StackGap, ...] = ()
 
     def resolve(self, given: dict[str, Any]) -> dict[str, StackRule]:
         """For each knob the caller did not give, the first rule that holds."""
@@ -160,7 +175,16 @@ def load_stack(stack: Stack | str) -> StackBundle:
     text = resources.files("vramplan.presets").joinpath("stacks", f"{stack.value}.json").read_text()
     data = json.loads(text)
     rules = tuple(_checked_rule(r, stack.value) for r in data.get("rules", []))
-    return StackBundle.model_validate({**data, "rules": rules})
+    gaps = tuple(_checked_gap(g, stack.value) for g in data.get("unmodelled", []))
+    return StackBundle.model_validate({**data, "rules": rules, "unmodelled": gaps})
+
+
+def _checked_gap(raw: dict[str, Any], name: str) -> StackGap:
+    unknown = set(raw.get("when", {})) - set(TrainingSetup.model_fields)
+    if unknown:
+        raise ValueError(f"stack {name}: unmodelled when-clause on unknown fields {sorted(unknown)}")
+    when = {k: tuple(_plain(x) for x in v) for k, v in raw.get("when", {}).items()}
+    return StackGap.model_validate({**raw, "when": when})
 
 
 def apply_stack(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -240,6 +264,10 @@ def _lines(bundle: StackBundle, chosen: dict[str, StackRule], kept: list[str], v
                 f"stack {bundle.stack.value}: {bundle.framework} uses {knob}={_show(rule.value)} "
                 f"({rule.source}), which vramplan does not model yet; the default stays"
             )
+    for gap in bundle.unmodelled:
+        line = f"stack {bundle.stack.value}: {gap.what} ({gap.source}); not modelled yet"
+        if gap.holds(values) and line not in lines:  # one gap may have a when-clause per case
+            lines.append(line)
     return lines
 
 

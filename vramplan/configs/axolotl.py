@@ -93,6 +93,8 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _kbit_prep(c, method)
     _fp32_embeddings(c, method)
     _not_sft(c)
+    _parallel_and_fp8(c)
+    _lora_kernels(c, method)
     if c.get("torch_compile"):
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
     model = c.model("base_model")
@@ -127,6 +129,8 @@ def _method(c: Collector) -> Method:
 
 def _lora(c: Collector, method: Method) -> None:
     if method == Method.FULL:
+        # no adapter: axolotl builds no LoraConfig, so the lora_* keys do nothing (not unknown)
+        c.seen.update(k for k in c.data if k.startswith(("lora_", "peft_")))
         return
     c.set_int("lora_r", "lora_r")
     if c.get("lora_dropout") is not None:
@@ -321,7 +325,7 @@ def _packing(c: Collector) -> None:
 
 
 # Training modes vramplan estimates as one SFT step, said in one line each (axolotl==0.19.0
-# utils/schemas/config.py: rl, reward_model, process_reward_model; lisa_* and unfrozen_parameters
+# utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
     "rl": "preference/RL training: paired chosen/rejected sequences and a reference model (or generation) "
@@ -330,6 +334,9 @@ _NOT_SFT = {
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
     "lisa_n_layers": "LISA trains a few sampled layers at a time; estimated with every layer trainable",
+    "qat": "quantization-aware training's fake-quantized weights and activations (torchao) are not modelled; "
+    "estimated as the step without them",
+    "ebft": "energy-based fine-tuning (its sampled sequences and feature network) is not modelled; estimated as SFT",
 }
 
 
@@ -337,6 +344,67 @@ def _not_sft(c: Collector) -> None:
     for key, why in _NOT_SFT.items():
         if c.get(key):
             c.unmodelled(key, why)
+
+
+# Parallelism and precision axolotl==0.19.0 offers that the estimate does not model (schema in
+# utils/schemas/config.py:570-585, 1110-1150; expert_parallel_size in
+# integrations/expert_parallel/args.py): each is said in one line when it changes the step.
+_PARALLEL = {
+    "tensor_parallel_size": "tensor parallelism (DeepSpeed AutoTP) is not modelled: estimated with every GPU "
+    "holding whole layers (more weights and activations per GPU than with it)",
+    "context_parallel_size": "context parallelism (ring attention: each GPU holds a slice of the sequence) is "
+    "not modelled: estimated with each GPU holding the whole sequence's activations",
+    "sequence_parallel_degree": "context parallelism (ring attention) is not modelled: estimated with each GPU "
+    "holding the whole sequence's activations",
+    "expert_parallel_size": "expert parallelism is not modelled: estimated with every GPU holding all experts",
+    "dp_replicate_size": "hybrid sharding (FSDP over dp_shard_size GPUs, replicated dp_replicate_size times) is "
+    "not modelled: estimated with FSDP over every GPU",
+}
+_FP8 = ("fp8", "fp8_enable_fsdp_float8_all_gather")
+
+
+def _parallel_and_fp8(c: Collector) -> None:
+    for key, why in _PARALLEL.items():
+        value = c.get(key)
+        if value is not None and c.pos_int(key, value) > 1:
+            c.unmodelled(key, f"{value}: {why}")
+    c.get("dp_shard_size")  # the FSDP degree; the world size comes from --gpus
+    for key in _FP8:
+        if c.get(key) is True:
+            c.unmodelled(
+                key, "torchao float8 training (float8 casts of each Linear's input and weight) is not modelled"
+            )
+
+
+_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+
+def _lora_kernels(c: Collector, method: Method) -> None:
+    """axolotl's fused LoRA autograd Functions (kernels/lora.py LoRA_MLP, LoRA_QKV, LoRA_O) replace
+    peft's per-Linear forward; they save the group's input X (and one dropout output X_drop),
+    gate and up per MLP, and recompute act(gate)*up in backward, where peft saves each Linear's
+    input, the activation's input and output and the product. axolotl==0.19.0 turns them on for
+    any LoRA/QLoRA config that sets none of them (utils/schemas/config.py:1974-2085,
+    check_auto_enable_lora_kernels), except RL, 8-bit LoRA, trust_remote_code and multi-GPU FSDP1.
+    Not modelled yet: said in one line; peft's layers are an overestimate of the activations."""
+    if method == Method.FULL:
+        return
+    explicit = [k for k in _KERNELS if c.get(k) is not None]
+    if explicit:
+        on = [k for k in explicit if c.flag(k, c.get(k))]
+        key, how = (", ".join(on), "set") if on else ("", "")
+    else:
+        fsdp1 = c.get("fsdp_config") is not None and str(c.get("fsdp_version")) != "2"
+        eight_bit_lora = c.get("adapter") == "lora" and c.get("load_in_8bit") is True
+        off = c.get("rl") or c.get("trust_remote_code") or eight_bit_lora or fsdp1
+        key, how = ("adapter", "auto-enabled by axolotl for LoRA") if not off else ("", "")
+    if key:
+        c.unmodelled(
+            key,
+            f"{how}: axolotl's fused LoRA kernels (kernels/lora.py) save fewer activations than peft's "
+            "LoRA Linears, which the estimate models (an overestimate, largest without checkpointing); "
+            "set lora_mlp_kernel, lora_qkv_kernel and lora_o_kernel to false to run what is estimated",
+        )
 
 
 def _fp32_embeddings(c: Collector, method: Method) -> None:
