@@ -25,6 +25,7 @@ REQUIRED = [
     "mixtral-8x7b",
     "qwen2.5-0.5b",
     "qwen2.5-1.5b",
+    "qwen2.5-3b",
     "qwen2.5-7b",
     "qwen2.5-14b",
     "qwen2.5-32b",
