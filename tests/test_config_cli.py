@@ -263,12 +263,13 @@ def test_bad_files_are_one_line(tmp_path, capsys, text, needle):
 
 
 def test_a_bad_value_from_the_file_names_its_key(tmp_path, capsys):
-    """transformers refuses FlashAttention-2 on Gemma 3's image-text class; the value came from
-    the file's attn_implementation, so the one line names that key and the file first, then
-    the flag that overrides it; given on the command line, the flag alone."""
+    """transformers==5.25.0 (TRL's) refuses FlashAttention-2 on Gemma 3's image-text class; the
+    value came from the file's attn_implementation, so the one line names that key and the file
+    first, then the flag that overrides it; given on the command line, the flag alone."""
     path = tmp_path / "g3.yml"
     path.write_text(
-        "base_model: google/gemma-3-4b-it\nadapter: qlora\nload_in_4bit: true\nattn_implementation: flash_attention_2\n"
+        "model_name_or_path: google/gemma-3-4b-it\nuse_peft: true\nload_in_4bit: true\n"
+        "attn_implementation: flash_attention_2\n"
     )
     for command in ("estimate", "plan"):
         assert main([command, "--config", str(path), "--gpus", "rtx-4090"]) == 2
@@ -277,6 +278,24 @@ def test_a_bad_value_from_the_file_names_its_key(tmp_path, capsys):
         assert err.count("\n") == 1
     assert main(["estimate", "--config", str(path), "--gpus", "rtx-4090", "--attention", "flash"]) == 2
     assert capsys.readouterr().err.startswith("vramplan: error: --attention: flash:")
+
+
+def test_gemma3_flash_runs_under_a_stack_whose_transformers_accepts_it(tmp_path, capsys):
+    """axolotl==0.19.0 pins transformers==5.16.1, whose Gemma3ForConditionalGeneration takes
+    flash_attention_2 (modeling_gemma3.py:439; 5.25.0 refuses it): axolotl's own Gemma 3 examples
+    (examples/gemma3/gemma-3-4b-qlora.yml) run with it, so the estimate does, and says why."""
+    path = tmp_path / "g3.yml"
+    path.write_text(
+        "base_model: google/gemma-3-4b-it\nadapter: qlora\nload_in_4bit: true\nattn_implementation: flash_attention_2\n"
+    )
+    assert main(["estimate", "--config", str(path), "--gpus", "rtx-4090", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["attention"] == "flash"
+    assert any("flash on Gemma3ForConditionalGeneration" in n for n in out["notes"])
+    # without a stack that pins such a transformers, one line says which stacks do
+    assert main(["estimate", "gemma-3-4b", "--gpus", "rtx-4090", "--attention", "flash"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stack axolotl/llamafactory/unsloth" in err
 
 
 def test_bad_deepspeed_stage_and_missing_file(tmp_path, capsys):

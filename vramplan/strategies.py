@@ -152,6 +152,7 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
     under the headroom rule (vramplan.headroom, the plan's too), else the first that fits."""
     shared = _shared_fields(base)
     rows: list[StrategyRow] = []
+    refused: list[VramplanError] = []
     for label, candidate, reason in _CANDIDATES:
         fields = dict(candidate)
         if fields.get("fsdp") == "all":
@@ -162,11 +163,16 @@ def compare(spec: ModelSpec, gpus: GpuSpec, base: dict, host_ram: int | None = N
             # a full fine-tune does not read --lora-dropout: the shared flags go where they apply
             setup, _ = fp16_on_card(make_setup(**fields_for_method({**shared, **fields})), gpus, "precision" in shared)
             est = estimate_spec(spec, setup, gpus, host_ram)
-        except VramplanError:
+        except VramplanError as e:
+            refused.append(e)
             continue  # e.g. a rank larger than a small test model's layers
         rows.append(StrategyRow(label, est, reason))
         if not est.fits and "loss" not in shared:
             rows += _with_fused_loss(spec, gpus, host_ram, label, {**shared, **fields}, est)
+    if not rows and refused:
+        # every strategy refused the shared flags (--attention flash on a class without it):
+        # that one line, not an empty table read as "nothing fits"
+        raise refused[0]
     fitting = [r for r in rows if r.estimate.fits]
     safe = [r for r in fitting if has_safe_headroom(r.estimate.headroom_bytes, r.estimate.gpu_memory_bytes)]
     if safe or fitting:

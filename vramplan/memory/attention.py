@@ -19,8 +19,29 @@ FLASH_NOTE = (
 )
 
 
+# flash_attention_2 on a class a later transformers withdrew it from, under the stacks that pin a
+# transformers from before: Gemma3ForConditionalGeneration (what AutoModelForCausalLM builds for
+# Gemma 3 4B+) has _supports_flash_attn True at transformers==5.6.0 (modeling_gemma3.py:449),
+# 5.16.1 and 5.17.0 (:439), and False at 5.25.0 (:905, "Flash Attention drops the bidirectional
+# mask over image tokens", which a text-only step has none of). axolotl==0.19.0 pins 5.16.1,
+# llamafactory==0.9.5 wants <=5.6.0, unsloth==2026.10.9 <=5.17.0 (presets/stacks/*.json).
+FLASH_UNDER_OLDER_PIN: dict[str, frozenset[Stack]] = {
+    "Gemma3ForConditionalGeneration": frozenset({Stack.AXOLOTL, Stack.LLAMAFACTORY, Stack.UNSLOTH}),
+}
+
+
+def flash_allowed(spec: ModelSpec, setup: TrainingSetup) -> bool:
+    """transformers takes flash_attention_2 for this class, at the version the stack runs."""
+    return spec.supports_flash or setup.stack in FLASH_UNDER_OLDER_PIN.get(spec.architecture, frozenset())
+
+
 def attention_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """What the estimate says when the attention it models is not the one the setup names."""
+    if setup.attention == Attention.FLASH and not spec.supports_flash and flash_allowed(spec, setup):
+        return [
+            f"attention: flash on {spec.architecture}, as the transformers --stack {setup.stack.value} pins "
+            "accepts it (transformers==5.16.1 modeling_gemma3.py:439); transformers==5.25.0 refuses it (:905)"
+        ]
     if (
         setup.attention == Attention.SDPA
         and spec.attn_implementation != "sdpa"
@@ -51,9 +72,11 @@ def attention_kind(spec: ModelSpec, setup: TrainingSetup) -> Attention:
             "use eager or flash",
             "--attention",
         )
-    if setup.attention == Attention.FLASH and not spec.supports_flash:
+    if setup.attention == Attention.FLASH and not flash_allowed(spec, setup):
+        older = sorted(s.value for s in FLASH_UNDER_OLDER_PIN.get(spec.architecture, ()))
+        pinned = f" (or --stack {'/'.join(older)}: the transformers they pin accepts it)" if older else ""
         raise VramplanError(
-            f"flash: {spec.architecture} does not support FlashAttention-2 in transformers; use sdpa or eager",
+            f"flash: {spec.architecture} does not support FlashAttention-2 in transformers; use sdpa or eager{pinned}",
             "--attention",
         )
     return setup.attention
