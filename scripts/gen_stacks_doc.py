@@ -31,6 +31,7 @@ KNOB_ORDER = [
     "kbit_prep",
     "fp32_embeddings_norms",
     "dora",
+    "lora_kernels",
     "lora_targets",
     "lora_target_modules",
     "lora_dropout",

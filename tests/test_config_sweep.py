@@ -140,35 +140,50 @@ def test_axolotl_tensor_and_context_parallelism_are_said():
     assert not {"tensor_parallel_size", "context_parallel_size", "dp_shard_size"} & set(reading.unknown)
 
 
-KERNELS_SAID = "lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel"
-
-
 @pytest.mark.parametrize(
-    ("body", "key"),
+    ("body", "world", "on"),
     [
-        ("adapter: lora\n", "adapter"),  # axolotl==0.19.0 turns them on for any LoRA config
-        ("adapter: qlora\nload_in_4bit: true\n", "adapter"),
-        ("adapter: lora\nfsdp_version: 2\nfsdp_config: {}\n", "adapter"),
-        ("adapter: lora\nfsdp_config: {}\n", None),  # FSDP1: not turned on
-        ("adapter: lora\nload_in_8bit: true\n", None),  # 8-bit LoRA: not supported
-        ("adapter: lora\ntrust_remote_code: true\n", None),
-        ("adapter: lora\nlora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n", None),
-        ("adapter: lora\nlora_mlp_kernel: true\n", "lora_mlp_kernel"),
-        ("lora_r: 16\nlora_dropout: 0.05\n", None),  # no adapter: a full fine-tune
+        ("adapter: lora\n", 1, True),  # axolotl==0.19.0 turns them on for any LoRA config
+        ("adapter: qlora\nload_in_4bit: true\n", 1, True),
+        ("adapter: lora\nfsdp_version: 2\nfsdp_config:\n  offload_params: false\n", 2, True),
+        ("adapter: lora\nfsdp_config:\n  offload_params: false\n", 2, False),  # multi-GPU FSDP1: not turned on
+        ("adapter: lora\nload_in_8bit: true\n", 1, False),  # 8-bit LoRA: not supported
+        ("adapter: lora\ntrust_remote_code: true\n", 1, False),
+        ("adapter: lora\nrl: dpo\n", 1, False),
+        ("adapter: lora\npeft_use_dora: true\n", 1, False),  # DoRA through them: not modelled, said
+        ("adapter: lora\nlora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n", 1, False),
+        ("adapter: lora\nlora_mlp_kernel: true\nlora_qkv_kernel: true\nlora_o_kernel: true\n", 1, True),
     ],
 )
-def test_axolotl_lora_kernels_are_said_where_axolotl_runs_them(tmp_path, body, key):
+def test_axolotl_lora_kernels_where_axolotl_runs_them(tmp_path, body, world, on):
+    """From the file's keys where it sets them, else --stack axolotl's rule (presets/stacks/axolotl.json)."""
+    from vramplan.configs import setup_fields
+    from vramplan.estimate import make_setup
+
     path = tmp_path / "a.yml"
     path.write_text("base_model: x/y\n" + body)
     reading = read_config([str(path)])
-    kernel_lines = [u.key for u in reading.unmodelled if "fused LoRA kernels" in u.why]
-    assert kernel_lines == ([key] if key else [])
-    assert not {"lora_r", "lora_dropout", "lora_mlp_kernel"} & set(reading.unknown)
+    assert make_setup(**setup_fields(reading, world=world)).lora_kernels is on
+    assert not {"lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"} & set(reading.unknown)
 
 
-def test_axolotl_lora_kernels_sample_names_its_three_keys():
+def test_axolotl_some_lora_kernels_on_are_modelled_as_peft_and_said(tmp_path):
+    path = tmp_path / "a.yml"
+    path.write_text("base_model: x/y\nadapter: lora\nlora_mlp_kernel: true\nlora_qkv_kernel: false\n")
+    reading = read_config([str(path)])
+    assert reading.fields["lora_kernels"] is False and _unmodelled(reading) == ["lora_mlp_kernel"]
+
+
+def test_axolotl_lora_kernels_sample_reads_them_on():
     reading = read_config([str(DATA / "axolotl" / "llama-3__lora-1b-kernels.yml")])
-    assert KERNELS_SAID in _unmodelled(reading)
+    assert reading.fields["lora_kernels"] is True
+
+
+def test_lora_keys_without_an_adapter_are_not_unknown(tmp_path):
+    path = tmp_path / "a.yml"
+    path.write_text("base_model: x/y\nlora_r: 16\nlora_dropout: 0.05\nlora_mlp_kernel: true\n")
+    reading = read_config([str(path)])
+    assert reading.unknown == () and "lora_kernels" not in reading.fields
 
 
 @pytest.mark.parametrize("section", ["qat:\n  weight_dtype: int4\n", "ebft:\n  mode: structured\n"])
@@ -182,19 +197,24 @@ def test_axolotl_qat_and_ebft_sections_are_said(tmp_path, section):
 
 
 @pytest.mark.parametrize(
-    ("fields", "said"),
+    ("fields", "on"),
     [
         ({"method": "qlora"}, True),
         ({"method": "lora"}, True),
         ({"method": "lora", "fsdp": 2}, False),  # axolotl's fsdp_config without a version is FSDP1
         ({"method": "lora", "fsdp": 2, "fsdp_version": 2}, True),
         ({"method": "qlora", "quant": "int8"}, False),  # 8-bit LoRA
+        ({"method": "lora", "dora": True}, False),
+        ({"method": "lora", "lora_kernels": False}, False),
         ({"method": "full"}, False),
     ],
 )
-def test_the_axolotl_stack_says_its_lora_kernels_are_not_modelled(fields, said):
-    """Without a config file, --stack axolotl says the same: its data file's `unmodelled` entry."""
-    from vramplan.stacks import apply_stack
+def test_the_axolotl_stack_turns_its_lora_kernels_on_where_axolotl_does(fields, on):
+    from vramplan.estimate import make_setup
 
-    _, lines = apply_stack({"stack": "axolotl", **fields})
-    assert sum("fused LoRA kernels" in line for line in lines) == int(said)
+    setup = make_setup(stack="axolotl", **fields)
+    assert setup.lora_kernels is on
+    if setup.dora:  # said: axolotl runs DoRA through them, the estimate keeps peft's DoRA
+        from vramplan.stacks import stack_lines
+
+        assert any("DoRA through its fused LoRA kernels" in line for line in stack_lines(setup))

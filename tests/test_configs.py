@@ -192,6 +192,7 @@ SAMPLES = [
             "cpu_offload": False,
             "packing": Packing.NONE,
             "kbit_prep": False,
+            "lora_kernels": False,  # trust_remote_code: true keeps axolotl's LoRA kernels off
         },
     ),
     (

@@ -735,16 +735,22 @@ LOSS_CASES = {
     # axolotl's chunked_cross_entropy: its patch over the model's full logits, always compiled
     # (axolotl==0.19.0 monkeypatch/loss/chunked.py), with axolotl's defaults (mixed precision
     # over bf16 weights, fp32 outputs); batch 1: the chunks are views of the logits, not copies
-    "axolotl-chunked-lora": (LLAMA, dict(stack="axolotl", method="lora", loss="chunked")),
+    # verify builds peft's LoRA layers: axolotl's default-on fused kernels off (memory/lora_kernels.py)
+    "axolotl-chunked-lora": (LLAMA, dict(stack="axolotl", method="lora", loss="chunked", lora_kernels=False)),
     "axolotl-chunked-full": (LLAMA, dict(stack="axolotl", method="full", loss="chunked")),
-    "axolotl-chunked-b1-lora": (LLAMA, dict(stack="axolotl", method="lora", loss="chunked", batch_size=1, seq_len=512)),
+    "axolotl-chunked-b1-lora": (
+        LLAMA,
+        dict(stack="axolotl", method="lora", loss="chunked", batch_size=1, seq_len=512, lora_kernels=False),
+    ),
     "trl-fused-head-lora": (LLAMA, dict(method="lora", loss="trl-chunked-nll")),
     "trl-fused-head-full": (LLAMA, dict(method="full", loss="trl-chunked-nll")),
     # peft's trainable lm_head copy: the fused head reads it through the wrapper's `.weight`
     "trl-fused-head-lora-head-to-save": (LLAMA, dict(method="lora", loss="trl-chunked-nll", modules_to_save="lm_head")),
     "axolotl-chunked-lora-modules-to-save": (
         LLAMA,
-        dict(stack="axolotl", method="lora", loss="chunked", modules_to_save="embed_tokens,lm_head"),
+        dict(
+            stack="axolotl", method="lora", loss="chunked", modules_to_save="embed_tokens,lm_head", lora_kernels=False
+        ),
     ),
     "torchtune-linear-ce-lora-head-to-save": (
         LLAMA,

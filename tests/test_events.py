@@ -457,6 +457,10 @@ KNOB_SETUPS = [
     # Unsloth's fused LoRA layers (memory/unsloth.py), checkpointed and not
     {"method": "qlora", "stack": "unsloth"},
     {"method": "lora", "stack": "unsloth", "gradient_checkpointing": False, "activation_offload": "none"},
+    # axolotl's fused LoRA kernels (memory/lora_kernels.py), with dropout and without, QLoRA checkpointed
+    {"method": "lora", "stack": "axolotl", "lora_dropout": 0.05},
+    {"method": "qlora", "stack": "axolotl", "gradient_checkpointing": True},
+    {"method": "lora", "lora_kernels": True, "lora_dropout": 0.1, "attention": "eager"},
     # --train-layers: a frozen prefix (memory/freeze.py), plain and with fp32 trained layers over bf16
     {"method": "full", "train_layers": 2},
     {"method": "full", "train_layers": 1, "gradient_checkpointing": True, "gradient_accumulation": 2},

@@ -456,6 +456,7 @@ METHOD_FIELDS: dict[str, frozenset[Method]] = {
     "lora_targets": _ADAPTERS,
     "adapter_dtype": _ADAPTERS,
     "dora": _ADAPTERS,
+    "lora_kernels": _ADAPTERS,
     "lora_target_modules": _ADAPTERS,
     "modules_to_save": _ADAPTERS,
     "modules_to_save_dtype": _ADAPTERS,
@@ -632,6 +633,11 @@ class TrainingSetup(BaseModel):
         False, description="peft prepare_model_for_kbit_training: non-quantized parameters upcast to fp32"
     )
     dora: bool = Field(False, description="DoRA (peft use_dora): magnitude vector and a weight norm per adapted Linear")
+    lora_kernels: bool = Field(
+        False,
+        description="axolotl's fused LoRA autograd Functions (lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel) "
+        "in place of peft's LoRA Linears; axolotl turns them on for LoRA/QLoRA by default",
+    )
     lora_target_modules: tuple[str, ...] | None = Field(
         None, description="explicit module names to adapt (peft target_modules)"
     )
@@ -761,7 +767,25 @@ class TrainingSetup(BaseModel):
         self._check_int8()
         self._check_train_layers()
         self._check_fp32_embeddings_norms()
+        self._check_lora_kernels()
         return self
+
+    def _check_lora_kernels(self) -> None:
+        """--lora-kernels (memory/lora_kernels.py): axolotl refuses them on an 8-bit LoRA base
+        (axolotl==0.19.0 utils/schemas/validation.py:665-677); DoRA through them, fp16 autocast
+        and an fp32 model are not modelled; Unsloth fuses its own layers."""
+        if not self.lora_kernels:
+            return
+        refused = (
+            (self.quant == Quant.INT8, "--quant", "an 8-bit base (axolotl refuses them there)"),
+            (self.dora, "--dora", "DoRA"),
+            (self.stack == Stack.UNSLOTH, "--stack", "Unsloth (its own fused layers)"),
+            (self.weight_dtype != ModelDtype.BF16, "--model-dtype", "weights other than bf16"),
+            (self.precision == Precision.FP16, "--precision", "fp16"),
+        )
+        for bad, flag, what in refused:
+            if bad:
+                raise VramplanError(f"--lora-kernels with {what} is not modelled", flag)
 
     def _check_train_layers(self) -> None:
         """--train-layers (a frozen prefix of decoder layers, memory/freeze.py): what is modelled
@@ -1144,6 +1168,8 @@ class TrainingSetup(BaseModel):
             words.append(f"storage={self.quant_storage.value}")
         if self.lora_like and self.lora_target_modules:
             words.append("targets=" + ",".join(self.lora_target_modules))
+        if self.lora_like and self.lora_kernels:
+            words.append("lora-kernels")
         if self.lora_like and self.modules_to_save:
             words.append("train=" + ",".join(m.value for m in self.modules_to_save))
         if self.lora_like and self.stack != Stack.PLAIN:

@@ -43,6 +43,7 @@ STACK_KNOBS = frozenset(
         "kbit_prep",
         "fp32_embeddings_norms",
         "dora",
+        "lora_kernels",
         "lora_targets",
         "lora_target_modules",
         "lora_dropout",

@@ -191,6 +191,7 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "kbit_prep", boolean=True)
     _flag(p, "fp32_embeddings_norms", boolean=True)
     _flag(p, "dora", boolean=True)
+    _flag(p, "lora_kernels", boolean=True)
     _flag(p, "optimizer_in_backward", boolean=True)
     _flag(
         p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION), extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})"

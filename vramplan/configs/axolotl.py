@@ -380,31 +380,28 @@ _KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 
 def _lora_kernels(c: Collector, method: Method) -> None:
-    """axolotl's fused LoRA autograd Functions (kernels/lora.py LoRA_MLP, LoRA_QKV, LoRA_O) replace
-    peft's per-Linear forward; they save the group's input X (and one dropout output X_drop),
-    gate and up per MLP, and recompute act(gate)*up in backward, where peft saves each Linear's
-    input, the activation's input and output and the product. axolotl==0.19.0 turns them on for
-    any LoRA/QLoRA config that sets none of them (utils/schemas/config.py:1974-2085,
-    check_auto_enable_lora_kernels), except RL, 8-bit LoRA, trust_remote_code and multi-GPU FSDP1.
-    Not modelled yet: said in one line; peft's layers are an overestimate of the activations."""
+    """axolotl's fused LoRA autograd Functions (memory/lora_kernels.py). Unset, axolotl==0.19.0
+    turns them on for LoRA/QLoRA (utils/schemas/config.py:1974-2085), which the --stack axolotl
+    bundle's rule does (not under multi-GPU FSDP1, 8-bit LoRA or DoRA); here only what the file
+    decides: the three keys, or RL / trust_remote_code, which keep them off. Some but not all
+    three on: modelled as peft's layers (the rule covers a layer whose groups all fuse), said."""
     if method == Method.FULL:
+        c.seen.update(_KERNELS)
         return
-    explicit = [k for k in _KERNELS if c.get(k) is not None]
+    explicit = {k: c.flag(k, c.get(k)) for k in _KERNELS if c.get(k) is not None}
     if explicit:
-        on = [k for k in explicit if c.flag(k, c.get(k))]
-        key, how = (", ".join(on), "set") if on else ("", "")
-    else:
-        fsdp1 = c.get("fsdp_config") is not None and str(c.get("fsdp_version")) != "2"
-        eight_bit_lora = c.get("adapter") == "lora" and c.get("load_in_8bit") is True
-        off = c.get("rl") or c.get("trust_remote_code") or eight_bit_lora or fsdp1
-        key, how = ("adapter", "auto-enabled by axolotl for LoRA") if not off else ("", "")
-    if key:
-        c.unmodelled(
-            key,
-            f"{how}: axolotl's fused LoRA kernels (kernels/lora.py) save fewer activations than peft's "
-            "LoRA Linears, which the estimate models (an overestimate, largest without checkpointing); "
-            "set lora_mlp_kernel, lora_qkv_kernel and lora_o_kernel to false to run what is estimated",
-        )
+        on = [k for k, v in explicit.items() if v]
+        all_on = len(on) == len(_KERNELS)
+        c.set(", ".join(explicit), "lora_kernels", all_on, "axolotl's fused LoRA Functions" if all_on else "")
+        if on and not all_on:
+            c.unmodelled(
+                ", ".join(on),
+                "only some of axolotl's LoRA kernels on: modelled as peft's LoRA layers (an overestimate)",
+            )
+        return
+    off = next((k for k in ("rl", "trust_remote_code") if c.get(k)), None)
+    if off:
+        c.set(off, "lora_kernels", False, f"axolotl does not turn its LoRA kernels on with {off}")
 
 
 def _fp32_embeddings(c: Collector, method: Method) -> None:

@@ -185,6 +185,8 @@ def _axolotl_adapter(s: TrainingSetup) -> dict[str, Any]:
     d.update(peft_use_dora=s.dora, peft_autocast_adapter_dtype=s.adapter_store_dtype == AdapterDtype.FP32)
     if s.modules_to_save:
         d["lora_modules_to_save"] = [m.value for m in s.modules_to_save]
+    # written either way: unset, axolotl would turn them on itself (utils/schemas/config.py:1974-2085)
+    d.update(dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"), s.lora_kernels))
     return d
 
 

@@ -63,6 +63,7 @@ from vramplan.memory.fsdp import (
 )
 from vramplan.memory.layer import LayerPoints, ShapeKey, forward_locals_parts, layer_points, shape_key
 from vramplan.memory.linears import linears_saved
+from vramplan.memory.lora_kernels import kernels_components, kernels_fused
 from vramplan.memory.loss import held_output_bytes, input_bytes, loop_token_bytes
 from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import norm_saved
@@ -208,6 +209,9 @@ def layer_components(
     if unsloth_fused(spec, layer, setup):
         o_shared = attention_kind(spec, setup) != Attention.EAGER
         return unsloth_components(spec, layer, ctx, input_grad, attention, o_shared)
+    if kernels_fused(spec, layer, setup):
+        o_shared = attention_kind(spec, setup) != Attention.EAGER
+        return kernels_components(spec, layer, ctx, input_grad, attention, o_shared)
     parts = [
         compiled_norm_saved(spec, ctx, norm_saved(spec, ctx, input_grad)),
         linears_saved(layer.linears_with(*ATTENTION_IN_ROLES), spec.hidden, ctx, input_grad),

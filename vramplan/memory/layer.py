@@ -29,6 +29,7 @@ from vramplan.memory.lora import (
     lora_recompute_stop,
     lora_targeted,
 )
+from vramplan.memory.lora_kernels import kernels_components, kernels_fused, kernels_points
 from vramplan.memory.mlp import is_gated, mlp_saved_parts, mlp_width, moe_forward_end
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import (
@@ -39,7 +40,7 @@ from vramplan.memory.quantization import (
     quant_input_bytes,
 )
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
-from vramplan.memory.unsloth import unsloth_components, unsloth_fused, unsloth_points
+from vramplan.memory.unsloth import UnslothPoints, unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
 from vramplan.setup import Attention, Quant, TrainingSetup
 
@@ -48,10 +49,12 @@ def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     """Bytes autograd saves per token in one decoder layer (no checkpointing). --compile on a
     full fine-tune: the compiled layer's norms and MLP (compile.py)."""
     ctx = activation_context(setup)
-    if unsloth_fused(spec, layer, setup):
+    fused = unsloth_components if unsloth_fused(spec, layer, setup) else None
+    fused = kernels_components if kernels_fused(spec, layer, setup) else fused
+    if fused is not None:
         attention = [attention_saved(spec, layer, ctx, attention_span(setup))]
         o_shared = attention_kind(spec, setup) != Attention.EAGER
-        return sum(unsloth_components(spec, layer, ctx, input_grad, attention, o_shared)[0])
+        return sum(fused(spec, layer, ctx, input_grad, attention, o_shared)[0])
     h = spec.hidden
     attn_in = layer.linears_with(*ATTENTION_IN_ROLES)
     n_norms = max(spec.norms_per_layer, 1)
@@ -134,7 +137,9 @@ class DoraPoints:
 def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
     ctx = activation_context(setup)
     if unsloth_fused(spec, layer, setup):
-        return unsloth_layer_points(spec, layer, setup)
+        return fused_layer_points(spec, layer, setup, unsloth_points(spec, layer, ctx))
+    if kernels_fused(spec, layer, setup):
+        return fused_layer_points(spec, layer, setup, kernels_points(spec, layer, ctx))
     h = spec.hidden
     downs = layer.linears_with(*MLP_OUT_ROLES)
     gated = is_gated(layer)
@@ -301,13 +306,14 @@ def dora_points(
     )
 
 
-def unsloth_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> LayerPoints:
-    """Unsloth's fused layer (memory/unsloth.py) as the moments backward.py replays: the MLP
-    moment is LoRA_MLP's backward with the whole layer saved (down saves nothing apart, so
-    nothing is freed first), the 4-bit moment the same with one dequantized weight, the
-    recompute LoRA_MLP's forward end; no peft adapter moments (LORA, RECOMPUTE_DOWN)."""
+def fused_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, u: UnslothPoints) -> LayerPoints:
+    """A fused LoRA layer (Unsloth's, memory/unsloth.py; axolotl's kernels, memory/lora_kernels.py)
+    as the moments backward.py replays: the MLP moment is LoRA_MLP's backward with the whole
+    layer saved (down saves nothing apart, so nothing is freed first), the 4-bit moment its
+    tensors beside one dequantized weight, the recompute LoRA_MLP's forward end; no peft
+    adapter moments (LORA, RECOMPUTE_DOWN)."""
     ctx = activation_context(setup)
-    u = unsloth_points(spec, layer, ctx)
+    quant_bwd = u.mlp_bwd if u.quant_bwd is None else u.quant_bwd
     residual = ctx.stream * spec.hidden
     f = mlp_width(layer, spec.hidden)
     return LayerPoints(
@@ -318,8 +324,8 @@ def unsloth_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup
         lora_bwd=0,
         lora_inflight=residual,
         quant_numel=u.quant_numel,
-        quant_bwd=sum(u.mlp_bwd) if u.quant_numel else 0,
-        quant_bwd_parts=u.mlp_bwd if u.quant_numel else (),
+        quant_bwd=sum(quant_bwd) if u.quant_numel else 0,
+        quant_bwd_parts=quant_bwd if u.quant_numel else (),
         quant_parts=tuple(dequantize_transient_parts(u.quant_numel, cast(Quant, setup.quant))) if u.quant_numel else (),
         hook_grads=residual + 2 * f + 2 * spec.hidden,
         ckpt_fwd=sum(u.ckpt_fwd),

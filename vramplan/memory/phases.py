@@ -38,6 +38,7 @@ from vramplan.memory.fsdp import (
 )
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
 from vramplan.memory.lora import lora_targeted
+from vramplan.memory.lora_kernels import KERNELS_NOTE, kernels_fused
 from vramplan.memory.loss import fused_head_cast, loop_token_bytes, loss_notes, loss_terms
 from vramplan.memory.norms import (
     final_norm_backward_saved,
@@ -347,6 +348,13 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     notes = [FLASH_NOTE] if attention_kind(spec, setup) == Attention.FLASH else []
     if any(unsloth_fused(spec, layer, setup) for layer in spec.layers[:1]):
         notes.append(UNSLOTH_NOTE)
+    if any(kernels_fused(spec, layer, setup) for layer in spec.layers[:1]):
+        notes.append(KERNELS_NOTE)
+    elif setup.lora_kernels and setup.lora_like:
+        notes.append(
+            "--lora-kernels: this model's layers are not the Llama shape the rule covers (separate "
+            "q/k/v and gate/up/down, all adapted, RMSNorm, no experts): peft's LoRA rules, an overestimate"
+        )
     return (
         notes
         + offload_note(setup)

@@ -109,6 +109,7 @@ class UnslothPoints:
     mlp_fwd: tuple[int, ...]  # LoRA_MLP.forward's end, everything saved: h = act(e)*g and its output i
     ckpt_fwd: tuple[int, ...]  # the same forward saving nothing (checkpointing's first pass)
     quant_numel: int  # the widest weight dequantized in LoRA_MLP.backward (up's / gate's)
+    quant_bwd: tuple[int, ...] | None = None  # the tensors beside that weight; None: mlp_bwd's
 
 
 def unsloth_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) -> UnslothPoints:

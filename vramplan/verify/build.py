@@ -912,6 +912,12 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
             "--activation-offload",
         )
 
+    if setup.lora_kernels:
+        raise VramplanError(
+            "verify builds peft's LoRA layers, not axolotl's fused LoRA kernels (Triton, CUDA only); they are "
+            "modelled from source: give --no-lora-kernels to measure the peft step",
+            "--lora-kernels",
+        )
     from vramplan.verify.losses import add_trl_head, check_device
 
     check_device(setup.loss, device)
