@@ -193,25 +193,9 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
     else:
         method = Method.LORA if builder.startswith("lora_") else Method.FULL
         c.set("model._component_", "method", method)
-    model = BUILDERS[base][1] if base in BUILDERS else None
-    if base in UNRELEASED_BUILDERS:
-        model = UNRELEASED_BUILDERS[base][1]
-        c.record(
-            "model._component_",
-            "model",
-            model,
-            f"torchtune's {base} builder (pytorch/torchtune@bd2a0fc torchtune/models/qwen3/_model_builders.py, "
-            "after 0.6.1) has that checkpoint's shape",
-        )
-    if base in SAME_SHAPE:
-        model = SAME_SHAPE[base][1]
-        c.record(
-            "model._component_",
-            "model",
-            model,
-            f"torchtune's {base} builder has the decoder shape of {model} "
-            f"({_SRC} torchtune/models/{SAME_SHAPE[base][0]}/_model_builders.py)",
-        )
+    model, note = _builder_model(base)
+    if note:
+        c.record("model._component_", "model", model, note)
     if model is None:
         c.unmodelled(
             "model._component_", f"no Hugging Face id known for builder {base}; give MODEL on the command line"
@@ -219,6 +203,25 @@ def _model(c: Collector, cfg: dict) -> tuple[str | None, Method]:
     if method != Method.FULL:
         _lora(c, cfg, fused=base.startswith(("phi3", "phi4")))
     return model, method
+
+
+def _builder_model(base: str) -> tuple[str | None, str]:
+    """The Hugging Face id a builder (its lora_/qlora_ prefix removed) stands for, and how that is
+    known: "" for a 0.6.1 builder of that very checkpoint (BUILDERS), else the line to record."""
+    if base in BUILDERS:
+        return BUILDERS[base][1], ""
+    if base in UNRELEASED_BUILDERS:
+        return UNRELEASED_BUILDERS[base][1], (
+            f"torchtune's {base} builder (pytorch/torchtune@bd2a0fc torchtune/models/qwen3/_model_builders.py, "
+            "after 0.6.1) has that checkpoint's shape"
+        )
+    if base in SAME_SHAPE:
+        module, hf_id, _shape = SAME_SHAPE[base]
+        return hf_id, (
+            f"torchtune's {base} builder has the decoder shape of {hf_id} "
+            f"({_SRC} torchtune/models/{module}/_model_builders.py)"
+        )
+    return None, ""
 
 
 # torchtune's Phi-3 and Phi-4 split what the HF checkpoints fuse (torchtune==0.6.1
