@@ -114,6 +114,21 @@ NOT_MEMORY = frozenset(
         "save_safetensors",
         "bf16_full_eval",
         "fp16_full_eval",
+        # seen often in the frameworks' examples (scripts/config_sweep.py): logging, prompt
+        # masking, batching order, DDP's unused-parameter search, schedules; evaluation runs
+        # forward passes without grad between steps, narrower than the step, like
+        # per_device_eval_batch_size above
+        "log_level",
+        "eot_tokens",
+        "train_on_inputs",
+        "group_by_length",
+        "ddp_find_unused_parameters",
+        "cosine_min_lr_ratio",
+        "cosine_constant_lr_ratio",
+        "eval_batch_size",
+        "batch_size_val",
+        "dataset_val",
+        "run_val_every_n_steps",
     }
 )
 
