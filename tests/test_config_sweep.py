@@ -218,3 +218,39 @@ def test_the_axolotl_stack_turns_its_lora_kernels_on_where_axolotl_does(fields, 
         from vramplan.stacks import stack_lines
 
         assert any("DoRA through its fused LoRA kernels" in line for line in stack_lines(setup))
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("inference__qwen3.yaml", "inference config"),
+        ("merge_lora__qwen3_lora_sft.yaml", "export config"),
+        ("extras__nlg_eval__llama3_lora_predict.yaml", "do_predict without do_train"),
+    ],
+)
+def test_llamafactory_configs_that_train_nothing_are_refused(name, says):
+    """llamafactory-cli chat/export and predict configs name a model like a training config; they
+    were estimated as LoRA training steps."""
+    path = DATA / "llamafactory" / name
+    with pytest.raises(VramplanError, match=says) as err:
+        read_config([str(path)])
+    assert str(path) in str(err.value)
+
+
+def test_llamafactory_megatron_training_is_said():
+    """USE_MCA=1 (Megatron-Core through mcore_adapter): its keys only that parser takes."""
+    reading = read_config([str(DATA / "llamafactory" / "megatron_bridge__llama3_sft.yaml")])
+    assert _unmodelled(reading) == ["tensor_model_parallel_size"]
+    assert not {"pipeline_model_parallel_size", "use_distributed_optimizer"} & set(reading.unknown)
+
+
+def test_llamafactory_reads_the_trainers_fsdp_keys_at_its_transformers_default():
+    """LLaMA-Factory hands TrainingArguments' fsdp to the Trainer; the transformers it wants
+    (<=5.6.0) defaults fsdp_config's version to 1 (training_args.py:2809), 5.25.0 to 2."""
+    from vramplan.configs import Distributed
+    from vramplan.setup import FsdpSharding
+
+    reading = read_config([str(DATA / "llamafactory" / "extras__fp8__llama3_fp8_fsdp_sft.yaml")])
+    assert reading.distributed == Distributed.FSDP
+    assert (reading.fields["fsdp_version"], reading.fields["fsdp_sharding"]) == (1, FsdpSharding.FULL)
+    assert "fp8" in _unmodelled(reading) and "fsdp" not in reading.unknown

@@ -13,13 +13,12 @@ from typing import Any
 from vramplan.configs.collect import NOT_MEMORY, Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
-    FSDP_STRATEGY,
     HF_DTYPE,
-    fsdp_reshard,
     note_low_rank_targets,
     set_attention,
     set_optim,
     set_optim_args,
+    set_trainer_fsdp,
 )
 from vramplan.setup import (
     ActivationOffload,
@@ -126,7 +125,7 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
     )
     if attn is not None:
         set_attention(c, "attn_implementation", attn)
-    _fsdp(c)
+    set_trainer_fsdp(c)
     _launch(c)
     if trl and method in (Method.LORA, Method.QLORA):
         _trl_derived(c, method, engine)
@@ -292,44 +291,6 @@ def _loss(c: Collector, trl: bool) -> None:
     smoothing = c.get("label_smoothing_factor", 0)
     if smoothing:
         c.unmodelled("label_smoothing_factor", "label smoothing goes through the Trainer's full-logits loss")
-
-
-def _fsdp(c: Collector) -> None:
-    tokens = c.names("fsdp", c.get("fsdp") or [], sep=" ")
-    cfg = c.get("fsdp_config") or {}
-    if not tokens:
-        return
-    if isinstance(cfg, str):
-        c.unmodelled("fsdp_config", "an fsdp_config file path is not read; give its settings as flags")
-        cfg = {}
-    cfg = c.mapping("fsdp_config", cfg)
-    c.distributed = Distributed.FSDP
-    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}  # transformers strips the prefix
-    c.set(
-        "fsdp_config.version",
-        "fsdp_version",
-        c.choice("fsdp_config.version", cfg.get("version", 2), {1: 1, 2: 2}),
-        "" if "version" in cfg else "TrainingArguments' default 2 (training_args.py:2826)",
-    )
-    for token in tokens:
-        if token in FSDP_STRATEGY:
-            c.set("fsdp", "fsdp_sharding", FSDP_STRATEGY[token])
-        elif token == "offload":
-            c.set("fsdp", "cpu_offload", True)
-        elif token != "auto_wrap":
-            raise c.fail("fsdp", "full_shard, shard_grad_op, no_shard, hybrid_shard, offload or auto_wrap", token)
-    if "reshard_after_forward" in cfg:
-        key = "fsdp_config.reshard_after_forward"
-        c.set(key, "fsdp_sharding", fsdp_reshard(c, key, cfg["reshard_after_forward"]))
-    if "offload_params" in cfg:
-        c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
-    if cfg.get("activation_checkpointing") is True:
-        c.set(
-            "fsdp_config.activation_checkpointing",
-            "gradient_checkpointing",
-            True,
-            "FSDP applies non-reentrant checkpointing per layer",
-        )
 
 
 def _launch(c: Collector) -> None:

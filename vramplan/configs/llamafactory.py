@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
-from vramplan.configs.vocab import set_optim
+from vramplan.configs.vocab import LLAMAFACTORY_FSDP_DEFAULT, set_optim, set_trainer_fsdp
+from vramplan.errors import VramplanError
 from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
@@ -87,6 +88,7 @@ def references(data: dict) -> list[Reference]:
 
 def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     c, engine = Collector(path, data), engine or {}
+    _trains(c)
     _stage(c)
     method = _method(c)
     _lora(c, method)
@@ -101,8 +103,54 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _custom_optimizer(c, method)
     if c.get("deepspeed") is not None:
         c.distributed = Distributed.DEEPSPEED
+    # TrainingArguments' fsdp/fsdp_config reach the Trainer as given (hparams/parser.py parses
+    # Seq2SeqTrainingArguments): examples/extras/fp8/llama3_fp8_fsdp_sft.yaml shards with them
+    set_trainer_fsdp(c, LLAMAFACTORY_FSDP_DEFAULT)
+    c.get("fsdp_transformer_layer_cls_to_wrap")  # the decoder layer class: each layer a unit, as modelled
     model = c.model("model_name_or_path")
     return c.finish(ConfigFormat.LLAMAFACTORY, Stack.LLAMAFACTORY, model, _KNOWN)
+
+
+# Megatron-Core through mcore_adapter (USE_MCA=1, llamafactory==0.9.5 hparams/parser.py:63, 282-283;
+# train/tuner.py:98-111): its training arguments, which only that parser takes
+_MEGATRON = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "context_parallel_size",
+    "sequence_parallel",
+    "use_distributed_optimizer",
+    "overlap_grad_reduce",
+    "overlap_param_gather",
+)
+
+
+def _trains(c: Collector) -> None:
+    """Configs of llamafactory-cli's other commands name a model like a training config: export
+    (merge or quantize: `export_dir`), chat/webchat/api (`infer_backend`, no stage) and predict
+    (`do_predict` without `do_train`) train nothing, and are refused. Megatron-Core training
+    (USE_MCA=1) and fp8 (training_args.py:123, torchao/Transformer Engine) are said in one line."""
+    if c.get("export_dir") is not None:
+        raise VramplanError(
+            "is an export config (llamafactory-cli export: merge or quantize), which trains nothing",
+            f"--config {c.path}",
+        )
+    if c.get("infer_backend") is not None and c.get("stage") is None:
+        raise VramplanError(
+            "is an inference config (llamafactory-cli chat/webchat/api), which trains nothing", f"--config {c.path}"
+        )
+    if c.get("do_predict") is True and c.get("do_train") is not True:
+        raise VramplanError("predicts (do_predict without do_train) and trains nothing", f"--config {c.path}")
+    megatron = [k for k in _MEGATRON if k in c.data]
+    if megatron:
+        c.seen.update(megatron)
+        c.unmodelled(
+            megatron[0],
+            "Megatron-Core training (USE_MCA=1: its distributed optimizer and tensor/pipeline/context/expert "
+            "parallelism) is not modelled; estimated as LLaMA-Factory's Trainer step",
+        )
+    if c.get("fp8") is True:
+        c.unmodelled("fp8", "fp8 training (torchao float8 / Transformer Engine casts) is not modelled")
 
 
 def _stage(c: Collector) -> None:

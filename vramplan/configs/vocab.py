@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector
+from vramplan.configs.reading import Distributed
 from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim, OptimFamily
 
 # Framework names for optimizers that are not transformers OptimizerNames (every OptimizerNames
@@ -144,3 +145,50 @@ HF_DTYPE = {
     "fp32": ModelDtype.FP32,
     "auto": ModelDtype.BF16,
 }
+
+
+# fsdp_config's "version" when unset: 2 at transformers==5.25.0 (training_args.py:2826, TRL/HF),
+# 1 at 5.6.0 (training_args.py:2809; llamafactory==0.9.5 wants transformers<=5.6.0)
+TRAINER_FSDP_DEFAULT = (2, "TrainingArguments' default 2 (training_args.py:2826)")
+LLAMAFACTORY_FSDP_DEFAULT = (1, "transformers==5.6.0 TrainingArguments' default 1 (training_args.py:2809)")
+
+
+def set_trainer_fsdp(c: Collector, default: tuple[int, str] = TRAINER_FSDP_DEFAULT) -> None:
+    """transformers TrainingArguments' `fsdp` (space-separated tokens or a list) and `fsdp_config`,
+    as the Trainer reads them: TRL/HF files, and LLaMA-Factory's, which hands them to the Trainer
+    of the transformers it runs on (`default`: the version when fsdp_config does not say)."""
+    tokens = c.names("fsdp", c.get("fsdp") or [], sep=" ")
+    cfg = c.get("fsdp_config") or {}
+    if not tokens:
+        return
+    if isinstance(cfg, str):
+        c.unmodelled("fsdp_config", "an fsdp_config file path is not read; give its settings as flags")
+        cfg = {}
+    cfg = c.mapping("fsdp_config", cfg)
+    c.distributed = Distributed.FSDP
+    cfg = {k.removeprefix("fsdp_"): v for k, v in cfg.items()}  # transformers strips the prefix
+    c.set(
+        "fsdp_config.version",
+        "fsdp_version",
+        c.choice("fsdp_config.version", cfg.get("version", default[0]), {1: 1, 2: 2}),
+        "" if "version" in cfg else default[1],
+    )
+    for token in tokens:
+        if token in FSDP_STRATEGY:
+            c.set("fsdp", "fsdp_sharding", FSDP_STRATEGY[token])
+        elif token == "offload":
+            c.set("fsdp", "cpu_offload", True)
+        elif token != "auto_wrap":
+            raise c.fail("fsdp", "full_shard, shard_grad_op, no_shard, hybrid_shard, offload or auto_wrap", token)
+    if "reshard_after_forward" in cfg:
+        key = "fsdp_config.reshard_after_forward"
+        c.set(key, "fsdp_sharding", fsdp_reshard(c, key, cfg["reshard_after_forward"]))
+    if "offload_params" in cfg:
+        c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
+    if cfg.get("activation_checkpointing") is True:
+        c.set(
+            "fsdp_config.activation_checkpointing",
+            "gradient_checkpointing",
+            True,
+            "FSDP applies non-reentrant checkpointing per layer",
+        )
