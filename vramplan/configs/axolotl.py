@@ -9,9 +9,9 @@ from vramplan.configs.collect import Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
-    fsdp_reshard,
     note_low_rank_targets,
     set_attention,
+    set_fsdp_config_keys,
     set_optim,
     set_optim_args,
 )
@@ -292,21 +292,7 @@ def _fsdp(c: Collector) -> None:
             "fsdp_sharding",
             c.choice("fsdp_config.sharding_strategy", cfg["sharding_strategy"], FSDP_STRATEGY),
         )
-    if "reshard_after_forward" in cfg:
-        c.set(
-            "fsdp_config.reshard_after_forward",
-            "fsdp_sharding",
-            fsdp_reshard(c, "fsdp_config.reshard_after_forward", cfg["reshard_after_forward"]),
-        )
-    if "offload_params" in cfg:
-        c.set("fsdp_config.offload_params", "cpu_offload", c.flag("fsdp_config.offload_params", cfg["offload_params"]))
-    if cfg.get("activation_checkpointing") is True:
-        c.set(
-            "fsdp_config.activation_checkpointing",
-            "gradient_checkpointing",
-            True,
-            "FSDP applies non-reentrant checkpointing per layer",
-        )
+    set_fsdp_config_keys(c, cfg)
 
 
 def _packing(c: Collector) -> None:

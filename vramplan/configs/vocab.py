@@ -180,6 +180,12 @@ def set_trainer_fsdp(c: Collector, default: tuple[int, str] = TRAINER_FSDP_DEFAU
             c.set("fsdp", "cpu_offload", True)
         elif token != "auto_wrap":
             raise c.fail("fsdp", "full_shard, shard_grad_op, no_shard, hybrid_shard, offload or auto_wrap", token)
+    set_fsdp_config_keys(c, cfg)
+
+
+def set_fsdp_config_keys(c: Collector, cfg: dict) -> None:
+    """The fsdp_config keys the Trainer and axolotl read alike (their `fsdp_` prefix removed):
+    reshard_after_forward, offload_params, activation_checkpointing."""
     if "reshard_after_forward" in cfg:
         key = "fsdp_config.reshard_after_forward"
         c.set(key, "fsdp_sharding", fsdp_reshard(c, key, cfg["reshard_after_forward"]))
