@@ -372,8 +372,7 @@ def _lora_kernels(c: Collector, method: Method) -> None:
     decides: the three keys, or RL / trust_remote_code, which keep them off. Some but not all
     three on: modelled as peft's layers (the rule covers a layer whose groups all fuse), said."""
     if method == Method.FULL:
-        c.seen.update(_KERNELS)
-        return
+        return  # _lora marked every lora_* key seen: no adapter, nothing to fuse
     explicit = {k: c.flag(k, c.get(k)) for k in _KERNELS if c.get(k) is not None}
     if explicit:
         on = [k for k, v in explicit.items() if v]

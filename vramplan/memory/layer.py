@@ -40,7 +40,7 @@ from vramplan.memory.quantization import (
     quant_input_bytes,
 )
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
-from vramplan.memory.unsloth import UnslothPoints, unsloth_components, unsloth_fused, unsloth_points
+from vramplan.memory.unsloth import FusedLoraPoints, unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
 from vramplan.setup import Attention, Quant, TrainingSetup
 
@@ -306,7 +306,7 @@ def dora_points(
     )
 
 
-def fused_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, u: UnslothPoints) -> LayerPoints:
+def fused_layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, u: FusedLoraPoints) -> LayerPoints:
     """A fused LoRA layer (Unsloth's, memory/unsloth.py; axolotl's kernels, memory/lora_kernels.py)
     as the moments backward.py replays: the MLP moment is LoRA_MLP's backward with the whole
     layer saved (down saves nothing apart, so nothing is freed first), the 4-bit moment its

@@ -20,7 +20,8 @@ transformers' (no Triton RMSNorm), LoRA dropout is supported (one dropout output
 X_drop, shared by q/k/v and by gate/up, applied outside the Function so autograd keeps its bool
 mask), and the MLP backward writes its input grad into a new tensor, not into the saved input.
 Each Function also saves its adapters cast to the input's dtype (A.to(dtype), B.to(dtype):
-a bf16 copy of fp32 adapters, r x (in + out) per projection, a few MiB per layer): per-layer
+a bf16 copy of fp32 adapters, r x (in + out) per projection: 2.5 MiB per layer for Llama 3.1
+8B at r16): per-layer
 bytes, not per token, left out.
 """
 
@@ -31,7 +32,7 @@ from vramplan.memory.context import ActivationContext
 from vramplan.memory.lora import lora_targeted
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.types import LinearRole
-from vramplan.memory.unsloth import UnslothPoints
+from vramplan.memory.unsloth import FusedLoraPoints
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import Method, TrainingSetup
 
@@ -92,7 +93,7 @@ def kernels_components(
     return parts, (0, 2, 4 + len(attention))
 
 
-def kernels_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) -> UnslothPoints:
+def kernels_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) -> FusedLoraPoints:
     """LoRA_MLP, the widest Function of a Llama layer (backward: lora.py:480-700):
     - grad_down = matmul_lora(dY, downW.t(), ...): a new [N, f] (bf16); swiglu_backward writes
       h, df, de into grad_down, gate and up in place (swiglu.py:159-178);
@@ -109,7 +110,7 @@ def kernels_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) ->
     up = layer.linears_with(LinearRole.UP)[0]
     drop = 2 * h if setup.lora_dropout else 0
     at_dx = (s * h, 2 * f, 2 * h)
-    return UnslothPoints(
+    return FusedLoraPoints(
         mlp_bwd=at_dx + ((drop,) if drop else ()),
         mlp_fwd=(2 * f, 2 * h),
         ckpt_fwd=(s * h, 2 * h, *((drop,) if drop else ()), 2 * f, 2 * f, 2 * f, 2 * h),

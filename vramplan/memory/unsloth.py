@@ -102,8 +102,9 @@ def unsloth_components(
 
 
 @dataclass(frozen=True)
-class UnslothPoints:
-    """Per token, the tensors of a fused layer's widest moments, oldest first."""
+class FusedLoraPoints:
+    """Per token, the tensors of a fused LoRA layer's widest moments, oldest first (Unsloth's,
+    here; axolotl's kernels, memory/lora_kernels.py)."""
 
     mlp_bwd: tuple[int, ...]  # LoRA_MLP.backward: dY and DW (then h, df, de written in place)
     mlp_fwd: tuple[int, ...]  # LoRA_MLP.forward's end, everything saved: h = act(e)*g and its output i
@@ -112,7 +113,7 @@ class UnslothPoints:
     quant_bwd: tuple[int, ...] | None = None  # the tensors beside that weight; None: mlp_bwd's
 
 
-def unsloth_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) -> UnslothPoints:
+def unsloth_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) -> FusedLoraPoints:
     """LoRA_MLP, the widest Function of a Llama layer (backward: fast_lora.py:458-600):
     - DW = matmul_lora(dY, downW, ...): a new [N, f] in dY's dtype (bf16; the dequantized
       downW sits in the global scratch buffer, utils.py:777-801); swiglu_DWf_DW_dfg_kernel
@@ -126,7 +127,7 @@ def unsloth_points(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext) ->
     h, s = spec.hidden, ctx.stream
     f = layer.linears_with(LinearRole.DOWN)[0].in_features
     up = layer.linears_with(LinearRole.UP)[0]
-    return UnslothPoints(
+    return FusedLoraPoints(
         mlp_bwd=(s * h, 2 * f),
         mlp_fwd=(2 * f, 2 * h),
         ckpt_fwd=(s * h, 2 * h, 2 * f, 2 * f, 2 * f, 2 * h),
