@@ -32,6 +32,7 @@ KNOB_ORDER = [
     "fp32_embeddings_norms",
     "dora",
     "lora_kernels",
+    "liger_layers",
     "lora_targets",
     "lora_target_modules",
     "lora_dropout",

@@ -109,7 +109,8 @@ SAMPLES = [
         "NousResearch/Meta-Llama-3.1-8B",
         "--stack axolotl --method full --batch-size 2 --gradient-accumulation 4 --seq-len 4096 --model-dtype bf16 "
         "--precision bf16 --attention flash --gradient-checkpointing --no-checkpoint-reentrant "
-        "--optim adamw_torch_fused --loss liger --fsdp 2 --fsdp-version 1 --fsdp-sharding full --cpu-offload "
+        "--optim adamw_torch_fused --loss liger --liger-layers all --fsdp 2 --fsdp-version 1 --fsdp-sharding full "
+        "--cpu-offload "
         "--packing padding-free",
     ),
     (

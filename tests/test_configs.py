@@ -29,6 +29,7 @@ from vramplan.setup import (
     Attention,
     DeepSpeedStage,
     FsdpSharding,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -160,6 +161,7 @@ SAMPLES = [
             "checkpoint_reentrant": False,
             "optim": Optim.ADAMW_TORCH_FUSED,
             "loss": Loss.LIGER,
+            "liger_layers": LigerLayers.ALL,  # liger_rms_norm and liger_glu_activation, both true
             "fsdp_version": 1,
             "fsdp_sharding": FsdpSharding.FULL,
             "cpu_offload": True,
@@ -442,6 +444,7 @@ def test_hf_training_arguments_json(tmp_path):
         "optim": Optim.ADAMW_8BIT,
         "gradient_checkpointing": True,
         "loss": Loss.LIGER,
+        "liger_layers": LigerLayers.ALL,  # the Trainer applies Liger's layer kernels too
     }
 
 
@@ -475,7 +478,7 @@ def test_unmodelled_and_unknown_keys_reported(tmp_path):
     assert lora.unknown == ()
     assert read_config([str(DATA / "axolotl/mistral-qlora-fsdp.yml")]).unknown == ("model_config",)
     liger = read_config([str(DATA / "axolotl/fft-8b-liger-fsdp.yaml")])
-    assert {u.key for u in liger.unmodelled} == {"liger_rms_norm", "liger_glu_activation", "liger_rope"}
+    assert liger.unmodelled == ()  # Liger's layer kernels are modelled (memory/liger.py), its RoPE changes nothing
     f = tmp_path / "a.yaml"
     f.write_text("base_model: x/y\nmicro_batch_size: 1\nmystery_knob: 3\noptimizer: came_pytorch\n")
     reading = read_config([str(f)])
@@ -643,6 +646,7 @@ LORA = {
 ROUND_TRIPS = {
     "axolotl": [
         dict(LORA, stack="axolotl", precision="mixed", model_dtype="bf16", attention="sdpa"),
+        dict(LORA, stack="axolotl", precision="mixed", model_dtype="bf16", liger_layers="rms_norm"),
         dict(
             LORA,
             stack="axolotl",
@@ -680,6 +684,8 @@ ROUND_TRIPS = {
     ],
     "trl": [
         dict(LORA, stack="trl", precision="mixed", model_dtype="bf16", loss="trl-chunked-nll"),
+        dict(LORA, stack="trl", precision="mixed", model_dtype="bf16", loss="trl-chunked-nll", liger_layers="all"),
+        dict(LORA, stack="trl", precision="mixed", model_dtype="bf16", loss="trl-chunked-nll", liger_layers="glu"),
         dict(
             LORA,
             stack="trl",
@@ -730,6 +736,7 @@ ROUND_TRIPS = {
             precision="mixed",
             model_dtype="bf16",
             loss="liger",
+            liger_layers="all",  # enable_liger_kernel applies the fused loss and the layer kernels together
             packing="position-ids",
         ),
         {

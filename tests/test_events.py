@@ -461,6 +461,16 @@ KNOB_SETUPS = [
     {"method": "lora", "stack": "axolotl", "lora_dropout": 0.05},
     {"method": "qlora", "stack": "axolotl", "gradient_checkpointing": True},
     {"method": "lora", "lora_kernels": True, "lora_dropout": 0.1, "attention": "eager"},
+    # Liger's RMSNorm and SwiGLU/GeGLU kernels (memory/liger.py): full and LoRA, saving and checkpointed,
+    # with its fused loss, one kernel at a time, offloaded, under axolotl's kernels, over an fp32 stream
+    {"method": "full", "liger_layers": "all"},
+    {"method": "lora", "liger_layers": "all", "loss": "liger"},
+    {"method": "qlora", "liger_layers": "all", "gradient_checkpointing": True},
+    {"method": "full", "liger_layers": "rms_norm", "gradient_checkpointing": True, "precision": "mixed"},
+    {"method": "lora", "liger_layers": "glu", "lora_dropout": 0.1},
+    {"method": "lora", "liger_layers": "all", "activation_offload": "all"},
+    {"method": "qlora", "liger_layers": "all", "stack": "axolotl"},
+    {"method": "lora", "liger_layers": "all", "dora": True},
     # --train-layers: a frozen prefix (memory/freeze.py), plain and with fp32 trained layers over bf16
     {"method": "full", "train_layers": 2},
     {"method": "full", "train_layers": 1, "gradient_checkpointing": True, "gradient_accumulation": 2},

@@ -157,6 +157,7 @@ PLAUSIBLE = {
     "--fsdp": ["1", "2", "8"],
     "--stack": ["plain", "trl", "axolotl", "unsloth", "fsdp-qlora"],
     "--loss": ["hf", "chunked", "torchtune-linear-ce", "liger"],
+    "--liger-layers": ["none", "all", "glu"],
     "--gradient-accumulation": ["1", "8"],
     "--nodes": ["1", "2"],
     "--fsdp-version": ["1", "2"],

@@ -1076,6 +1076,12 @@ SUGGESTION_PROVIDERS: list[SuggestionProvider] = [
     _shorter_context,
     _with_knob("loss", "liger", f"with {FUSED_LOSS_SHORT}"),
     _with_knob(
+        "liger_layers",
+        "all",
+        "with Liger's RMSNorm and SwiGLU kernels (`--liger-layers all`; HF Trainer/TRL: `use_liger_kernel: true`, "
+        "axolotl: the LigerPlugin's `liger_rms_norm`/`liger_glu_activation`; modelled from source)",
+    ),
+    _with_knob(
         "activation_offload",
         "checkpoints",
         "with checkpointed layers' inputs in pinned host RAM (`--activation-offload checkpoints`; transformers: "

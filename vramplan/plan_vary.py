@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from vramplan.errors import VramplanError
-from vramplan.setup import ActivationOffload, AdapterDtype, Attention, Loss, Optim, TrainingSetup
+from vramplan.setup import ActivationOffload, AdapterDtype, Attention, LigerLayers, Loss, Optim, TrainingSetup
 
 # knob (TrainingSetup field) -> its enum; the CLI spells the field with dashes
 VARIABLE_KNOBS: dict[str, type[Enum]] = {
@@ -25,6 +25,7 @@ VARIABLE_KNOBS: dict[str, type[Enum]] = {
     "attention": Attention,
     "adapter_dtype": AdapterDtype,
     "optim": Optim,
+    "liger_layers": LigerLayers,
 }
 MAX_VARIED_COMBINATIONS = 64  # the search's cost grows with the product of the lists
 

@@ -367,6 +367,25 @@ class ActivationOffload(str, Enum):
     UNSLOTH = "unsloth"  # use_gradient_checkpointing="unsloth": the hidden state per layer
 
 
+class LigerLayers(str, Enum):
+    """Liger's layer kernels (liger-kernel==0.8.5) patched into the decoder layers and the final
+    norm: its RMSNorm, its SwiGLU/GeGLU MLP, or both (memory/liger.py). Liger's fused loss is
+    --loss liger, a separate knob."""
+
+    NONE = "none"
+    RMS_NORM = "rms_norm"  # LigerRMSNorm on every RMSNorm (axolotl liger_rms_norm)
+    GLU = "glu"  # LigerSwiGLUMLP / LigerGEGLUMLP (axolotl liger_glu_activation)
+    ALL = "all"  # both: the HF Trainer's use_liger_kernel, LLaMA-Factory's enable_liger_kernel
+
+    @property
+    def norms(self) -> bool:
+        return self in (LigerLayers.RMS_NORM, LigerLayers.ALL)
+
+    @property
+    def glu(self) -> bool:
+        return self in (LigerLayers.GLU, LigerLayers.ALL)
+
+
 class Attention(str, Enum):
     SDPA = "sdpa"
     EAGER = "eager"
@@ -638,6 +657,12 @@ class TrainingSetup(BaseModel):
         description="axolotl's fused LoRA autograd Functions (lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel) "
         "in place of peft's LoRA Linears; axolotl turns them on for LoRA/QLoRA by default",
     )
+    liger_layers: LigerLayers = Field(
+        LigerLayers.NONE,
+        description="Liger's layer kernels: rms_norm (LigerRMSNorm), glu (its SwiGLU/GeGLU MLP), all (both: "
+        "the HF Trainer's use_liger_kernel, LLaMA-Factory's enable_liger_kernel); RoPE's kernel changes no "
+        "memory. Its fused loss is --loss liger",
+    )
     lora_target_modules: tuple[str, ...] | None = Field(
         None, description="explicit module names to adapt (peft target_modules)"
     )
@@ -768,7 +793,16 @@ class TrainingSetup(BaseModel):
         self._check_train_layers()
         self._check_fp32_embeddings_norms()
         self._check_lora_kernels()
+        self._check_liger_layers()
         return self
+
+    def _check_liger_layers(self) -> None:
+        """--liger-layers (memory/liger.py): Unsloth patches its own RMSNorm and MLP kernels, so
+        the two are not combined."""
+        if self.liger_layers != LigerLayers.NONE and self.stack == Stack.UNSLOTH:
+            raise VramplanError(
+                "--liger-layers with --stack unsloth is not modelled (Unsloth's own kernels)", "--stack"
+            )
 
     def _check_lora_kernels(self) -> None:
         """--lora-kernels (memory/lora_kernels.py): axolotl refuses them on an 8-bit LoRA base
@@ -1156,6 +1190,7 @@ class TrainingSetup(BaseModel):
             ("packing", "packing", Packing.NONE),
             ("attention", "attn", None),
             ("model_dtype", "weights", None),
+            ("liger_layers", "liger", LigerLayers.NONE),
         )
         words += [
             f"{word}={getattr(self, name).value}"

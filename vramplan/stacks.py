@@ -44,6 +44,7 @@ STACK_KNOBS = frozenset(
         "fp32_embeddings_norms",
         "dora",
         "lora_kernels",
+        "liger_layers",
         "lora_targets",
         "lora_target_modules",
         "lora_dropout",

@@ -26,6 +26,7 @@ from vramplan.setup import (
     Attention,
     DeepSpeedStage,
     FsdpSharding,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -192,6 +193,7 @@ def add_stack_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "fp32_embeddings_norms", boolean=True)
     _flag(p, "dora", boolean=True)
     _flag(p, "lora_kernels", boolean=True)
+    _flag(p, "liger_layers", choices=_choices(LigerLayers))
     _flag(p, "optimizer_in_backward", boolean=True)
     _flag(
         p, "gradient_accumulation", type=int_in(MAX_ACCUMULATION), extra_help=f"; default 1 (1 to {MAX_ACCUMULATION:,})"

@@ -85,7 +85,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
         metavar="KNOB=V1,V2",
         action="append",
         help="also search these values of a stack knob (repeatable): loss, activation-offload, attention, "
-        "adapter-dtype or optim, e.g. --vary loss=hf,liger --vary activation-offload=none,checkpoints; "
+        "adapter-dtype, optim or liger-layers, e.g. --vary loss=hf,liger --vary activation-offload=none,checkpoints; "
         "each row names its values",
     )
     p.add_argument(

@@ -9,6 +9,7 @@ from vramplan.configs.collect import Collector, set_regex_targets
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
+    liger_layers_of,
     note_low_rank_targets,
     set_attention,
     set_fsdp_config_keys,
@@ -19,6 +20,7 @@ from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
     Attention,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -262,9 +264,26 @@ def _loss(c: Collector) -> None:
         c.set("chunked_cross_entropy", "loss", Loss.CHUNKED)
         if c.get("chunked_cross_entropy_num_chunks") not in (None, 8):
             c.unmodelled("chunked_cross_entropy_num_chunks", "modelled with axolotl's default 8 chunks")
-    for key in ("liger_rms_norm", "liger_glu_activation", "liger_rope", "liger_layer_norm"):
-        if c.get(key) is True:
-            c.unmodelled(key, "Liger's norm/SwiGLU/RoPE kernels change activation memory; modelled as the HF layers")
+    _liger_layers(c, plugins)
+
+
+def _liger_layers(c: Collector, plugins: list[str]) -> None:
+    """The LigerPlugin's layer kernels: apply_liger_kernel_to_<type>(rms_norm=liger_rms_norm,
+    swiglu/geglu=liger_glu_activation, rope=liger_rope, layer_norm=liger_layer_norm)
+    (axolotl==0.19.0 integrations/liger/plugin.py:196-229); RoPE's kernel changes no memory."""
+    c.get("liger_rope")  # rotates q and k in place: saves what transformers' RoPE saves (memory/liger.py)
+    on = {k: c.get(k) is True for k in ("liger_rms_norm", "liger_glu_activation", "liger_layer_norm")}
+    if not any(on.values()):
+        return
+    if _LIGER_PLUGIN not in plugins:
+        c.unmodelled("liger_rms_norm", "the liger_* keys act only with the LigerPlugin in plugins")
+        return
+    layers = liger_layers_of(on["liger_rms_norm"], on["liger_glu_activation"])
+    if layers != LigerLayers.NONE:
+        key = "liger_rms_norm" if on["liger_rms_norm"] else "liger_glu_activation"
+        c.set(key, "liger_layers", layers, "Liger's RMSNorm / SwiGLU-GeGLU kernels (LigerPlugin)")
+    if on["liger_layer_norm"]:
+        c.unmodelled("liger_layer_norm", "Liger's LayerNorm kernel: modelled as the model's own LayerNorm")
 
 
 def _fsdp(c: Collector) -> None:

@@ -25,6 +25,7 @@ from vramplan.setup import (
     AdapterDtype,
     Attention,
     FsdpSharding,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -232,6 +233,9 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         Loss.CHUNKED: {"chunked_cross_entropy": True},
     }
     d.update(loss_keys.get(s.loss, {}))
+    if s.liger_layers != LigerLayers.NONE:  # the LigerPlugin's layer keys (integrations/liger/plugin.py:196-229)
+        d["plugins"] = sorted({*d.get("plugins", []), "axolotl.integrations.liger.LigerPlugin"})
+        d.update(liger_rms_norm=s.liger_layers.norms, liger_glu_activation=s.liger_layers.glu)
     if s.fsdp > 1:
         d["fsdp_version"] = s.fsdp_version
         d["fsdp_config"] = {
@@ -312,6 +316,11 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         loss_type="nll",
         report_to="none",
     )
+    if s.liger_layers != LigerLayers.NONE:  # only the layer kernels under SFTTrainer (sft_trainer.py:1125-1140)
+        d["use_liger_kernel"] = True
+        if s.liger_layers != LigerLayers.ALL:
+            glu = s.liger_layers.glu
+            d["liger_kernel_config"] = {"rms_norm": s.liger_layers.norms, "swiglu": glu, "geglu": glu}
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -341,7 +350,7 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
     if s.attention is not None:
         d["flash_attn"] = {Attention.SDPA: "sdpa", Attention.FLASH: "fa2", Attention.EAGER: "disabled"}[s.attention]
     d.update(
-        enable_liger_kernel=s.loss == Loss.LIGER,
+        enable_liger_kernel=s.loss == Loss.LIGER or s.liger_layers != LigerLayers.NONE,
         use_unsloth_gc=s.activation_offload == ActivationOffload.UNSLOTH,
         disable_gradient_checkpointing=not s.gradient_checkpointing,
         use_reentrant_gc=s.checkpoint_reentrant,

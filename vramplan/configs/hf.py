@@ -16,6 +16,7 @@ from vramplan.configs.vocab import (
     HF_DTYPE,
     note_low_rank_targets,
     set_attention,
+    set_liger_kernel_config,
     set_optim,
     set_optim_args,
     set_trainer_fsdp,
@@ -272,7 +273,11 @@ def _checkpointing(c: Collector) -> None:
 
 
 def _loss(c: Collector, trl: bool) -> None:
-    liger = c.get("use_liger_kernel") is True
+    liger = c.get("use_liger_kernel") is not None and c.flag("use_liger_kernel", c.get("use_liger_kernel"))
+    fused_ce = set_liger_kernel_config(c)[1] if liger else False
+    if trl and liger and c.get("liger_kernel_config", {}).get("fused_linear_cross_entropy") is True:
+        # SFTTrainer applies only Liger's layer kernels (trl==1.16.0 sft_trainer.py:1125-1140)
+        raise c.fail("liger_kernel_config.fused_linear_cross_entropy", "false or unset (TRL raises on it)", True)
     if trl:
         c.set(
             "loss_type" if "loss_type" in c.data else "model_name_or_path",
@@ -281,12 +286,7 @@ def _loss(c: Collector, trl: bool) -> None:
             f"{_TRL} SFTTrainer always computes the loss through its fused chunked LM head "
             "(trl/kernels/chunked_logprob.py; sft_trainer.py:1142-1147), whatever loss_type says",
         )
-        if liger:
-            c.unmodelled(
-                "use_liger_kernel",
-                f"{_TRL} forces Liger's fused cross-entropy off; its layer kernels are modelled as the HF layers",
-            )
-    elif liger:
+    elif fused_ce:
         c.set("use_liger_kernel", "loss", Loss.LIGER, "Liger fused linear cross-entropy")
     smoothing = c.get("label_smoothing_factor", 0)
     if smoothing:

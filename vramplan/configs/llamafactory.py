@@ -13,6 +13,7 @@ from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
     Attention,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -339,7 +340,10 @@ def _kernels(c: Collector, engine: dict) -> None:
     if c.get("use_unsloth") is True:
         c.set("use_unsloth", "loss", Loss.UNSLOTH, "Unsloth's fused cross-entropy")
     elif c.get("enable_liger_kernel") is True:
+        # apply_liger_kernel_to_<type>() with its defaults: fused loss, RMSNorm, SwiGLU/GeGLU, RoPE
+        # (llamafactory 0.9.5 model/model_utils/liger_kernel.py)
         c.set("enable_liger_kernel", "loss", Loss.LIGER, "Liger fused linear cross-entropy")
+        c.set("enable_liger_kernel", "liger_layers", LigerLayers.ALL, "Liger's RMSNorm and SwiGLU/GeGLU kernels")
     elif c.get("enable_liger_kernel") is False:
         c.set("enable_liger_kernel", "loss", Loss.HF)
     for key in ("upcast_layernorm", "upcast_lmhead_output"):

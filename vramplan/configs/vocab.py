@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vramplan.configs.collect import Collector
 from vramplan.configs.reading import Distributed
-from vramplan.setup import Attention, FsdpSharding, Method, ModelDtype, Optim, OptimFamily
+from vramplan.setup import Attention, FsdpSharding, LigerLayers, Method, ModelDtype, Optim, OptimFamily
 
 # Framework names for optimizers that are not transformers OptimizerNames (every OptimizerNames
 # name is an Optim member): (the Optim, why).
@@ -198,3 +198,31 @@ def set_fsdp_config_keys(c: Collector, cfg: dict) -> None:
             True,
             "FSDP applies non-reentrant checkpointing per layer",
         )
+
+
+def liger_layers_of(norms: bool, glu: bool) -> LigerLayers:
+    """The --liger-layers value for Liger's RMSNorm and gated-MLP kernels, each on or off."""
+    return {
+        (True, True): LigerLayers.ALL,
+        (True, False): LigerLayers.RMS_NORM,
+        (False, True): LigerLayers.GLU,
+        (False, False): LigerLayers.NONE,
+    }[(norms, glu)]
+
+
+def set_liger_kernel_config(c: Collector, key: str = "liger_kernel_config") -> tuple[LigerLayers, bool]:
+    """The Trainer's use_liger_kernel: liger_kernel_config's keyword arguments go to
+    _apply_liger_kernel_to_instance, each defaulting to apply_liger_kernel_to_<type>'s True
+    (transformers 5.25.0 integrations/liger.py:28-51; liger-kernel==0.8.5 monkey_patch.py).
+    Returns (the layer kernels on, whether the fused linear cross-entropy is on)."""
+    cfg = c.mapping(key, c.get(key))
+    on = {k: c.flag(f"{key}.{k}", v) for k, v in cfg.items() if k in _LIGER_KWARGS}
+    glu = on.get("swiglu", True) and on.get("geglu", True)
+    if on.get("cross_entropy") is True:
+        c.unmodelled(f"{key}.cross_entropy", "Liger's non-fused cross-entropy kernel: modelled as the model's own")
+    layers = liger_layers_of(on.get("rms_norm", True), glu)
+    c.set(key if cfg else "use_liger_kernel", "liger_layers", layers, "Liger's RMSNorm and SwiGLU/GeGLU kernels")
+    return layers, on.get("fused_linear_cross_entropy", True)
+
+
+_LIGER_KWARGS = ("rope", "rms_norm", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "layer_norm")

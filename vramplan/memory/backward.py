@@ -213,7 +213,7 @@ def _extra_moments(ctx: StepContext, pts: LayerPoints, this: int, i: int) -> lis
         )
     if ctx.spec.layers[i].post_mlp_norm and ctx.spec.norm_kind != "layer":
         # a post-MLP norm (Gemma 2) runs its fp32 backward first, with the whole layer alive
-        out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.stream))))
+        out.append((LayerPoint.POST_MLP_NORM, this, alloc(n * post_mlp_norm_backward(ctx.spec, ctx.setup, ctx.stream))))
     if ckpt and pts.moe_fwd:
         out.append((LayerPoint.MOE_RECOMPUTE, this, alloc(n * pts.moe_fwd)))
     if ctx.hook.get(i):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from vramplan.memory.attention import attention_forward_parts, attention_kind, attention_span
 from vramplan.memory.context import ActivationContext, activation_context, stream_bytes
+from vramplan.memory.liger import liger_glu, liger_norms
 from vramplan.memory.mlp import ckpt_forward_parts
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.quantization import base_output_bytes, int8_held, int8_held_parts
@@ -75,7 +76,8 @@ def checkpointed_forward(
     first: the MLP's working set (mlp.ckpt_forward_parts), or the attention's
     (attention.attention_forward_parts) with the norm's output (post-norm: the layer's input,
     which the checkpoint holds anyway). [CPU trace]"""
-    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp, base_output_bytes(ctx), at_base)
+    copies = liger_glu(spec, layer, ctx.setup)
+    mlp = ckpt_forward_parts(spec, layer, f, gated, residual, lora_mlp, base_output_bytes(ctx), at_base, copies)
     attn = [residual] if layer.pre_norm else []
     attn += attention_forward_parts(spec, layer, ctx, attention_span(ctx.setup))
     return attn if sum(attn) > sum(mlp) else mlp
@@ -207,8 +209,8 @@ def offload_all_resident(spec: ModelSpec, layer: LayerSpec, ctx: ActivationConte
     output is saved by the weight multiply and again by the next Linear; with trained
     weights o_proj saves attention's output, which attention saved two packs before. So the
     norms' saved tensors (and, full fine-tune, attention's output) stay. [modelled from source]"""
-    if spec.norm_kind == "layer":
-        norms = 0  # native_layer_norm saves its input once: offloaded
+    if spec.norm_kind == "layer" or liger_norms(spec, ctx.setup):
+        norms = 0  # native_layer_norm, LigerRMSNorm save their input once: offloaded
     else:
         n_norms = max(spec.norms_per_layer, 1)
         norms = norm_saved(spec, ctx, input_grad) + norm_saved(spec, ctx, True) * (n_norms - 1)

@@ -80,6 +80,13 @@ def _unit_dtype_bf16(setup: TrainingSetup) -> bool:
     )
 
 
+def base_output_bytes(ctx: ActivationContext) -> int:
+    """Bytes per element of a base Linear's output read from the stream (the MLP's gate/up):
+    the stream's dtype behind a bitsandbytes 4-bit Linear (fp32 on an fp32 stream under
+    autocast), else bf16 (autocast's matmul, or a bf16 step)."""
+    return ctx.stream if ctx.quant in (ParamKind.NF4, ParamKind.INT8) else 2
+
+
 def stream_bytes(setup: TrainingSetup) -> int:
     """Bytes per element of the residual stream: fp32 under autocast over fp32 weights, else bf16."""
     return 4 if fp32_stream_autocast(setup) else 2

@@ -61,7 +61,7 @@ from vramplan.memory.fsdp import (
     shard_for,
     unsharded_grad_bytes,
 )
-from vramplan.memory.layer import LayerPoints, ShapeKey, forward_locals_parts, layer_points, shape_key
+from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key, step_forward_locals_parts
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.lora_kernels import kernels_components, kernels_fused
 from vramplan.memory.loss import held_output_bytes, input_bytes, loop_token_bytes
@@ -399,7 +399,7 @@ class _Builder:
         if kind is PhaseKind.FORWARD_LAST_LAYER:
             # the forward's locals, then the adapter's path (phases.last_layer_adapter), DoRA's weights
             _, _, parts, weights = last_layer_adapter(self.ctx, self.points(len(self.ctx.spec.layers) - 1))
-            locals_ = forward_locals_parts(self.ctx.spec.hidden, self.ctx.stream)
+            locals_ = step_forward_locals_parts(self.ctx.spec, self.ctx.setup, in_last_layer=True)
             return [alloc(n * x) for x in (*locals_, *parts)] + list(weights)
         if kind is PhaseKind.OPTIMIZER_STEP and setup.optim == Optim.ADAMW_TORCH:
             # foreach AdamW: one temporary per parameter of the group (optimizers.optimizer_transient)

@@ -10,7 +10,7 @@ from typing import cast
 from vramplan.memory.attention import attention_kind, attention_saved, attention_span
 from vramplan.memory.checkpointing import checkpointed_forward
 from vramplan.memory.compile import compiled_mlp_parts, compiled_norm_saved
-from vramplan.memory.context import ActivationContext, activation_context
+from vramplan.memory.context import ActivationContext, activation_context, stream_bytes
 from vramplan.memory.dora import (
     dora_backward_parts,
     dora_forward_weights,
@@ -19,6 +19,7 @@ from vramplan.memory.dora import (
     dora_recompute_grads,
     dora_recompute_stop,
 )
+from vramplan.memory.liger import liger_glu, liger_glu_grads, liger_norms
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.lora import (
     LoraForwardPoints,
@@ -42,7 +43,7 @@ from vramplan.memory.quantization import (
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.memory.unsloth import FusedLoraPoints, unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
-from vramplan.setup import Attention, Quant, TrainingSetup
+from vramplan.setup import ActivationOffload, Attention, Quant, TrainingSetup
 
 
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
@@ -157,6 +158,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp), at_base)
     # the MLP's elementwise grads, in the dtype of gate/up's output
     mlp_grads = (residual, *[b * f] * (3 if gated else 2))
+    if gated and liger_glu(spec, layer, setup):
+        mlp_grads = (residual, *liger_glu_grads(b, f, fused=bool(layer.linears_with(LinearRole.GATE_UP))))
     # the checkpointed forward's widest moment is the adapter's (not the MLP's or the attention's)
     at_adapter = bool(fwd.ckpt_mlp) and ckpt_fwd != checkpointed_forward(spec, layer, ctx, f, gated, residual, [])
     return LayerPoints(
@@ -357,6 +360,26 @@ def shape_key(layer: LayerSpec) -> ShapeKey:
         tuple(layer.other_numels),
         layer.sliding_window,
     )
+
+
+def step_forward_locals_parts(spec: ModelSpec, setup: TrainingSetup, in_last_layer: bool) -> list[int]:
+    """forward_locals_parts at the final norm, or at an adapter of the last layer
+    (`in_last_layer`), less the tensors Liger's RMSNorms saved (memory/liger.py), which a saving
+    forward (no checkpointing, no offload) would otherwise count twice: the embedding output,
+    once the first layer's norm has an autograd node (the embedding or the norms train), and
+    the last layer's input, which its input norm saved."""
+    stream = stream_bytes(setup)
+    parts = forward_locals_parts(spec.hidden, stream)
+    if (
+        not liger_norms(spec, setup)
+        or setup.gradient_checkpointing
+        or setup.activation_offload != ActivationOffload.NONE
+    ):
+        return parts
+    ctx = activation_context(setup)
+    emb_saved = setup.trains_embedding or (ctx.norms_train and setup.train_layers is None)
+    block_saved = in_last_layer and len(parts) == 2
+    return parts[:1] * (not emb_saved) + parts[1:] * (not block_saved)
 
 
 def forward_locals(h: int, stream: int) -> int:

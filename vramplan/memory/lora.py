@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from vramplan.errors import VramplanError
 from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.context import ActivationContext
+from vramplan.memory.liger import liger_norms
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.types import (
     ATTENTION_ROLES,
@@ -273,14 +274,16 @@ def lora_forward_points(
     saved_norm_out = norm_output_saved(ctx)
     # post-norm layers (OLMo2) feed the blocks the residual stream itself, already counted
     norm_out = 0 if saved_norm_out or not layer.pre_norm else residual
+    # a saving forward's residual stream after attention is what Liger's post-attention norm saved
+    local_residual = 0 if liger_norms(spec, ctx.setup) else residual
     widest = max(
         (l for l in adapted if l.role not in MLP_OUT_ROLES),
-        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, residual, terms)),
+        key=lambda l: sum(_forward_locals_at(l, ctx, norm_out, local_residual, terms)),
         default=None,
     )
     # in the recompute torch's checkpoint stops early, in down (`stop`: LoRA's, DoRA's)
     dn = next((l for l in adapted if l.role in MLP_OUT_ROLES), None)
-    common = _down_common(dn, ctx, residual, norm_out, saved_norm_out, b)
+    common = _down_common(dn, ctx, local_residual, norm_out, saved_norm_out, b)
     down = common + terms(dn, ctx, True) if dn else []
     down_rc = [*common, *stop(dn, ctx)] if dn else []
     in_mlp = widest is not None and widest.role in MLP_ROLES
@@ -303,7 +306,7 @@ def lora_forward_points(
         else []
     )
     return LoraForwardPoints(
-        widest=tuple(_forward_locals_at(widest, ctx, norm_out, residual, terms)) if widest else (),
+        widest=tuple(_forward_locals_at(widest, ctx, norm_out, local_residual, terms)) if widest else (),
         down=tuple(down),
         down_rc=tuple(down_rc),
         recompute_absent=absent,

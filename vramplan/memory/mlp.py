@@ -4,6 +4,7 @@ saves nothing, and the end of an MoE block's forward."""
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext
+from vramplan.memory.liger import liger_glu
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.quantization import base_output_bytes
 from vramplan.memory.types import (
@@ -38,6 +39,8 @@ def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, i
     gated = any(l.role in GATED_ROLES for l in ins)
     b = base_output_bytes(ctx)
     inner = [b * f] * 3 if gated else [b * f]  # gated: gate, act(gate), up; plain: fc1 out
+    if gated and liger_glu(spec, layer, ctx.setup):
+        inner = [b * f, 0, b * f]  # Liger's gated MLP saves gate and up, not act(gate) (liger.py)
     return [
         linears_saved(ins, h, ctx, input_grad),
         *inner,
@@ -85,6 +88,7 @@ def ckpt_forward_parts(
     lora_mlp: list[int],
     b: int = 2,
     at_base: bool = False,
+    glu_copies: bool = False,
 ) -> list[int]:
     """Per token, the tensors of a checkpointed layer's forward at the MLP, oldest first: the
     residual stream after attention and the MLP's input, then act(gate), up and their product
@@ -93,12 +97,15 @@ def ckpt_forward_parts(
     adapted gate/up (`lora_mlp`: that adapter's tensors, lora.LoraForwardPoints.ckpt_mlp_parts),
     that adapter's path on top of act(gate) and the up projection's base output, where wider;
     `b` bytes per element of gate/up's output (quantization.base_output_bytes); `at_base`:
-    lora_mlp is up's own base matmul (LLM.int8), before up's output exists. [CPU trace]"""
+    lora_mlp is up's own base matmul (LLM.int8), before up's output exists; `glu_copies`: Liger's
+    gated MLP on a fused gate_up copies gate and up before act*up (memory/liger.py). [CPU trace]"""
     fused = bool(layer.linears_with(LinearRole.GATE_UP)) or bool(layer.experts)
     b = 2 if layer.experts else b  # expert tensors are not 4-bit Linears
     # the MLP's input is the norm's output, or (post-norm) the residual stream itself
     stream = [residual] * (2 if layer.pre_norm else 1)
     inner = [2 * b * f, b * f, b * f] if fused else [b * f] * 3 if gated else [b * f, b * f]
+    if fused and glu_copies:
+        inner = [2 * b * f, b * f, b * f, b * f]  # Liger's contiguous gate and up copies, then act*up
     mlp = stream + inner
     if layer.experts:
         mlp.append(2 * layer.experts.top_k * spec.hidden)

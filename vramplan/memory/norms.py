@@ -3,8 +3,15 @@ fp32 backward holds."""
 
 from __future__ import annotations
 
-from vramplan.memory.context import ActivationContext
+from vramplan.memory.context import ActivationContext, base_output_bytes
+from vramplan.memory.liger import (
+    liger_final_norm_forward,
+    liger_norm_backward,
+    liger_norm_saved,
+    liger_norms,
+)
 from vramplan.model_spec import ModelSpec
+from vramplan.setup import TrainingSetup
 
 # An RMSNorm's backward (transformers' Llama/Gemma RMSNorm: fp32 pow, mean, rsqrt, mul):
 # bytes per token and hidden unit beyond its saved input and the incoming grad. The same
@@ -21,6 +28,10 @@ def norm_saved(spec: ModelSpec, ctx: ActivationContext, input_grad: bool, width:
     h = width or spec.hidden
     if not input_grad and not ctx.norms_train:
         return 0  # frozen weight and an input without grad: no autograd node
+    if liger_norms(spec, ctx.setup, qk=width is not None):
+        # q/k norms read q_proj's / k_proj's output, one row per head
+        rows = h // spec.head_dim if width else 1
+        return liger_norm_saved(h, base_output_bytes(ctx) if width else ctx.stream, rows)
     if spec.norm_kind == "layer":
         return ctx.stream * h
     normalized = 4 * h if (spec.norm_kind == "rms_gemma" or ctx.stream == 4) else 2 * h
@@ -36,27 +47,34 @@ def has_rms_final_norm(spec: ModelSpec) -> bool:
     return bool(spec.final_norm_numel) and spec.norm_kind != "layer"
 
 
-def final_norm_forward(spec: ModelSpec, forward_locals: int) -> int:
+def final_norm_forward(spec: ModelSpec, setup: TrainingSetup, stream: int, forward_locals: int) -> int:
     """Per token, the final norm's forward: its fp32 normalized product and the forward's
     locals (its input, the embedding output). The peak of forward with a small
-    vocabulary. [CPU trace]"""
+    vocabulary. [CPU trace] Liger's: its output in the stream's dtype (memory/liger.py)."""
+    if liger_norms(spec, setup):
+        return liger_final_norm_forward(spec, stream, forward_locals)
     return 4 * spec.hidden + forward_locals
 
 
-def final_norm_backward_saved(spec: ModelSpec) -> int:
+def final_norm_backward_saved(spec: ModelSpec, setup: TrainingSetup, stream: int) -> int:
     """Per token, what the root keeps in the final norm's backward: only the norm's fp32
     input. lm_head's saved input and the weight multiply's are freed once their nodes ran,
     and the incoming grad once the weight multiply consumed it (nothing else reads it: no
-    residual after the final norm). [CPU trace]"""
+    residual after the final norm). [CPU trace] Liger's: its input X and RSTD."""
+    if liger_norms(spec, setup):
+        return liger_norm_saved(spec.hidden, stream)
     return 4 * spec.hidden
 
 
-def rms_backward(spec: ModelSpec) -> int:
-    """Per token, an RMSNorm's fp32 backward over the hidden size (RMS_NORM_BACKWARD)."""
+def rms_backward(spec: ModelSpec, setup: TrainingSetup, stream: int) -> int:
+    """Per token, an RMSNorm's fp32 backward over the hidden size (RMS_NORM_BACKWARD); Liger's
+    writes into the incoming grad or a zeroed one (liger.liger_norm_backward)."""
+    if liger_norms(spec, setup):
+        return liger_norm_backward(spec, setup, stream)
     return RMS_NORM_BACKWARD * spec.hidden
 
 
-def post_mlp_norm_backward(spec: ModelSpec, stream: int) -> int:
+def post_mlp_norm_backward(spec: ModelSpec, setup: TrainingSetup, stream: int) -> int:
     """Per token, a post-MLP norm (Gemma 2) running its fp32 backward first, with the whole
     layer alive: the incoming grad in the stream dtype plus the RMSNorm backward."""
-    return (stream + RMS_NORM_BACKWARD) * spec.hidden
+    return stream * spec.hidden + rms_backward(spec, setup, stream)

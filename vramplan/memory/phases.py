@@ -36,7 +36,8 @@ from vramplan.memory.fsdp import (
     layer_forward_gathered,
     root_reduce_scatter,
 )
-from vramplan.memory.layer import LayerPoints, forward_locals, layer_points
+from vramplan.memory.layer import LayerPoints, forward_locals, layer_points, step_forward_locals_parts
+from vramplan.memory.liger import liger_norms, liger_notes
 from vramplan.memory.lora import lora_targeted
 from vramplan.memory.lora_kernels import KERNELS_NOTE, kernels_fused
 from vramplan.memory.loss import fused_head_cast, loop_token_bytes, loss_notes, loss_terms
@@ -164,20 +165,28 @@ def head_phases(ctx: StepContext) -> list[Phase]:
                 ctx,
                 PhaseKind.FORWARD_FINAL_NORM,
                 acts + ctx.forward_cache,
-                alloc(n * final_norm_forward(spec, _final_norm_locals(ctx))),
+                alloc(n * final_norm_forward(spec, ctx.setup, ctx.stream, _final_norm_locals(ctx))),
             )
         )
     phases.append(_at_forward_end(ctx, PhaseKind.LOSS_BACKWARD, acts, loss.backward))
     if final_norm:
         # the final norm's fp32 backward, every layer's saved tensors still alive; of the
         # root's, only the norm's fp32 input
-        kept = ctx.acts - ctx.released + alloc(n * final_norm_backward_saved(spec)) + ctx.cast_cache
-        phases.append(_at_forward_end(ctx, PhaseKind.FINAL_NORM_BACKWARD, kept, alloc(n * rms_backward(spec))))
+        kept = (
+            ctx.acts - ctx.released + alloc(n * final_norm_backward_saved(spec, ctx.setup, ctx.stream)) + ctx.cast_cache
+        )
+        phases.append(
+            _at_forward_end(
+                ctx, PhaseKind.FINAL_NORM_BACKWARD, kept, alloc(n * rms_backward(spec, ctx.setup, ctx.stream))
+            )
+        )
     return phases
 
 
 def _final_norm_locals(ctx: StepContext) -> int:
     """Per token, the forward's locals at the final norm (compiled layers: compile.py)."""
+    if liger_norms(ctx.spec, ctx.setup):
+        return sum(step_forward_locals_parts(ctx.spec, ctx.setup, in_last_layer=False))
     h = ctx.spec.hidden
     return compiled_forward_locals(ctx.spec, activation_context(ctx.setup), forward_locals(h, ctx.stream))
 
@@ -209,7 +218,7 @@ def layer_forward_phase(ctx: StepContext) -> list[Phase]:
         return []
     else:
         live, transient, _, _ = last_layer_adapter(ctx, pts)
-        locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
+        locals_ = alloc(n * sum(step_forward_locals_parts(ctx.spec, ctx.setup, in_last_layer=True)))
         ph = ctx.base(PhaseKind.FORWARD_LAST_LAYER).add(C.ACTIVATIONS, live + ctx.cast_cache)
         ph.add(C.TRANSIENT, transient + locals_)
     if ctx.sharded:
@@ -248,7 +257,7 @@ def dora_phase(ctx: StepContext) -> list[Phase]:
     t = dora_layer_transient(ctx.spec, setup, act)
     if not t:
         return []
-    locals_ = alloc(n * forward_locals(ctx.spec.hidden, ctx.stream))
+    locals_ = alloc(n * sum(step_forward_locals_parts(ctx.spec, ctx.setup, in_last_layer=True)))
     live = ctx.acts - ctx.released + ctx.cast_cache + ctx.forward_cache
     candidates = [(live, t + locals_)]
     pts = layer_points(ctx.spec, ctx.spec.layers[-1], setup)
@@ -355,6 +364,7 @@ def knob_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             "--lora-kernels: this model's layers are not the Llama shape the rule covers (separate "
             "q/k/v and gate/up/down, all adapted, RMSNorm, no experts): peft's LoRA rules, an overestimate"
         )
+    notes += liger_notes(spec, setup)
     return (
         notes
         + offload_note(setup)

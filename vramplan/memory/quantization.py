@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from vramplan.categories import Category as C
-from vramplan.memory.context import ActivationContext
+from vramplan.memory.context import ActivationContext, base_output_bytes
 from vramplan.memory.lora import first_in_backward, lora_saved, lora_targeted
 from vramplan.memory.storage import BLOCK, Phase, alloc
 from vramplan.memory.types import (
@@ -71,13 +71,6 @@ def quantized_store(kind: ParamKind, n: int, rows: int = 0) -> dict[C, int]:
 # F.linear in the input's dtype: backends/default/ops.py:323-342), CUDA its fused kernel or the
 # same dequantize + F.linear (backends/cuda/ops.py:919-960): the same output dtype either way.
 # [CPU trace: known-gaps-adapters' qlora-nf4-fp32w-mixed, adapters' qlora-nf4-fp32w-mixed-ckpt]
-def base_output_bytes(ctx: ActivationContext) -> int:
-    """Bytes per element of a base Linear's output read from the stream (the MLP's gate/up):
-    the stream's dtype behind a bitsandbytes 4-bit Linear (fp32 on an fp32 stream under
-    autocast), else bf16 (autocast's matmul, or a bf16 step)."""
-    return ctx.stream if ctx.quant in (ParamKind.NF4, ParamKind.INT8) else 2
-
-
 # LLM.int8's output is in its input's dtype too: MatMul8bitLt.forward ends in
 # int8_scaled_mm(..., dtype=A.dtype) (bitsandbytes==0.50.2 autograd/_functions.py:162-176), so
 # base_output_bytes treats it as bitsandbytes' 4-bit. Its forward keeps the input A itself,

@@ -24,6 +24,7 @@ from vramplan.setup import (
     AdapterDtype,
     Attention,
     Engine,
+    LigerLayers,
     LoraTargets,
     Loss,
     Method,
@@ -921,6 +922,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     from vramplan.verify.losses import add_trl_head, check_device
 
     check_device(setup.loss, device)
+    if setup.liger_layers != LigerLayers.NONE and not device.startswith("cuda"):
+        raise VramplanError("Liger's layer kernels are Triton: they need --device cuda", "--liger-layers")
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
@@ -942,6 +945,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
         add_trl_head(model)
+    liger_note = apply_liger_layers(model, setup) if setup.liger_layers != LigerLayers.NONE else None
     if setup.lora_like:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -957,6 +961,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.gradient_checkpointing:
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
+    if liger_note:
+        built.notes.append(liger_note)
     if setup.lora_like:
         prefix = decoder_prefix(model, spec.num_layers)  # peft adds base_model.model.
     if fsdp:
@@ -974,6 +980,25 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def apply_liger_layers(model, setup: TrainingSetup) -> str:
+    """Liger's RMSNorm and SwiGLU/GeGLU kernels on the model instance, as the HF Trainer's
+    use_liger_kernel does (transformers 5.25.0 integrations/liger.py:28-51 ->
+    liger-kernel==0.8.5 _apply_liger_kernel_to_instance, which passes each model type's
+    apply function only the keywords it takes); RoPE's kernel too, the loss left to --loss."""
+    apply = need("liger_kernel.transformers", "--liger-layers")._apply_liger_kernel_to_instance
+    layers = setup.liger_layers
+    apply(
+        model=model,
+        rope=True,
+        rms_norm=layers.norms,
+        swiglu=layers.glu,
+        geglu=layers.glu,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+    return f"--liger-layers {layers.value}: liger_kernel _apply_liger_kernel_to_instance"
 
 
 def _compile_layers(model, spec: ModelSpec, setup: TrainingSetup) -> str:
