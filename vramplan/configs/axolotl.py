@@ -283,7 +283,7 @@ def _liger_layers(c: Collector, plugins: list[str]) -> None:
         key = "liger_rms_norm" if on["liger_rms_norm"] else "liger_glu_activation"
         c.set(key, "liger_layers", layers, "Liger's RMSNorm / SwiGLU-GeGLU kernels (LigerPlugin)")
     if on["liger_layer_norm"]:
-        c.unmodelled("liger_layer_norm", "Liger's LayerNorm kernel: modelled as the model's own LayerNorm")
+        c.unmodelled("liger_layer_norm", "Liger's LayerNorm kernel (LayerNorm models): transformers' kept")
 
 
 def _fsdp(c: Collector) -> None:
