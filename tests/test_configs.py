@@ -1043,3 +1043,13 @@ def test_axolotl_training_modes_not_modelled_are_said(tmp_path, key):
     reading = read_config([str(f)])
     assert [u.key for u in reading.unmodelled] == [key.split(":")[0]]
     assert reading.unknown == ()
+
+
+def test_flash_attention_3_from_the_hub_reads_as_flash(tmp_path):
+    """axolotl's examples name FA3 through the Hub's kernels; it saves what FA2 saves."""
+    f = tmp_path / "a.yaml"
+    f.write_text(
+        "base_model: meta-llama/Llama-3.1-8B\nmicro_batch_size: 1\n"
+        "attn_implementation: kernels-community/vllm-flash-attn3\n"
+    )
+    assert read_config([str(f)]).fields["attention"] == Attention.FLASH

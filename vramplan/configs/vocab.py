@@ -101,6 +101,10 @@ HF_ATTENTION = {
     "flash_attention_2": Attention.FLASH,
     "flash_attention_3": Attention.FLASH,
     "kernels-community/flash-attn": Attention.FLASH,
+    # FlashAttention 3 from the Hub's kernels (axolotl's examples name it): like FA2 it saves q, k, v,
+    # its output and one fp32 logsumexp per row and head, which is what Attention.FLASH models
+    "kernels-community/flash-attn3": Attention.FLASH,
+    "kernels-community/vllm-flash-attn3": Attention.FLASH,
 }
 
 
