@@ -482,6 +482,23 @@ KNOB_SETUPS = [
 ]
 
 
+LIGER_MOE_SETUPS = [
+    {"method": "full", "liger_layers": "all"},
+    {"method": "lora", "liger_layers": "all", "loss": "liger"},
+    {"method": "qlora", "liger_layers": "glu", "gradient_checkpointing": True},
+    {"method": "lora", "liger_layers": "all", "fsdp": 2, "fsdp_version": 2, "gradient_checkpointing": True},
+    {"method": "full", "liger_layers": "all", "activation_offload": "all"},
+]
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_liger_experts_replay_with_live_bytes_equal_to_the_phases(preset):
+    """LigerExperts' weight-sized grads at the MLP moment (memory/liger.py) are events too."""
+    spec = load_model_spec(preset, num_layers=3)
+    for fields in LIGER_MOE_SETUPS:
+        assert_live_equals_phases(spec, make_setup(batch_size=2, seq_len=256, **fields), (preset, fields))
+
+
 @pytest.mark.parametrize("preset", ["llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini"])
 def test_every_knob_replays_with_live_bytes_equal_to_the_phases(preset):
     spec = load_model_spec(preset, num_layers=3)

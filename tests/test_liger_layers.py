@@ -13,6 +13,7 @@ from vramplan.memory.checkpointing import offload_all_resident
 from vramplan.memory.context import activation_context
 from vramplan.memory.layer import layer_points, layer_saved_per_token, step_forward_locals_parts
 from vramplan.memory.liger import liger_notes
+from vramplan.memory.mlp import mlp_saved_parts
 from vramplan.memory.norms import final_norm_backward_saved, norm_saved, rms_backward
 from vramplan.model_loader import load_model_spec
 from vramplan.setup import LigerLayers, Loss
@@ -123,13 +124,27 @@ def test_offloaded_norms_leave_nothing_on_the_gpu(llama):
     assert offload_all_resident(llama, layer, eager, True) == 2 * 4 * H
 
 
-def test_model_types_and_experts_the_patches_leave():
-    mixtral = load_model_spec("mixtral-8x7b", num_layers=1)
-    layer = mixtral.layers[0]
-    # LigerExperts is not modelled: the experts keep their rule, only the norms change
-    glu = layer_saved_per_token(mixtral, layer, _setup(method="full", liger_layers="glu"))
-    assert glu == layer_saved_per_token(mixtral, layer, _setup(method="full", liger_layers="none"))
-    assert any("MoE experts" in n for n in liger_notes(mixtral, _setup(method="full")))
+def test_liger_experts_save_pre_act_and_make_both_weight_grads():
+    """LigerFusedMoEFunction (ops/fused_moe.py): saves x and pre_act; its backward makes
+    zeros_like(down_proj) and zeros_like(gate_up_proj) whether the experts train or not."""
+    mixtral = load_model_spec("mixtral-8x7b", num_layers=2)
+    layer, h, i, k, e = mixtral.layers[1], 4096, 14336, 2, 8
+    router_fp32 = 4 * e * 2  # the router's fp32 softmax and its output
+    full = activation_context(_setup(method="full"))
+    # full fine-tune: the trained router saved x already; pre_act, k rows of 2I in bf16
+    assert mlp_saved_parts(mixtral, layer, full, True)[0] == k * 2 * 2 * i + 2 * h + router_fp32
+    lora = activation_context(_setup(method="lora"))
+    assert mlp_saved_parts(mixtral, layer, lora, True)[0] == k * 2 * 2 * i + 2 * h + router_fp32
+    for method in ("full", "lora"):
+        pts = layer_points(mixtral, layer, _setup(method=method))
+        # dO, d_pre_act, the weighted act, the expanded and the summed input grads
+        assert pts.mlp_grads == 2 * h + k * 4 * i + k * 2 * i + k * 2 * h + 2 * h
+        assert pts.mlp_weights == (e * h * i * 2, e * 2 * i * h * 2)  # bf16 weights, 2.6 GiB per layer
+    # glu off: transformers' experts, no weight-sized grads for frozen experts
+    assert layer_points(mixtral, layer, _setup(method="lora", liger_layers="rms_norm")).mlp_weights == ()
+
+
+def test_model_types_the_patches_leave():
     llama = load_model_spec("llama-3.2-1b", num_layers=1)
     other = llama.model_copy(update={"model_type": "olmo2"})  # no patch modelled for this type
     assert layer_saved_per_token(other, other.layers[0], _setup(method="full")) == layer_saved_per_token(

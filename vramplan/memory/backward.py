@@ -159,7 +159,7 @@ def _core_moments(
         LayerMoment(
             LayerPoint.MLP,
             this - _down_freed(ctx, pts, i),
-            alloc(n * pts.mlp_grads),
+            alloc(n * pts.mlp_grads) + sum(pts.mlp_weights),
             done + _grads_made_first(ctx, book, i),
             fs.gathered + fs.down_share + fs.reduce_prev,
         ),

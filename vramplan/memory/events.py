@@ -435,6 +435,8 @@ class _Builder:
         out = [alloc(self.ctx.tokens * x) for x in self._layer_point_parts(i, point)]
         if point == LayerPoint.DEQUANTIZE and quant is not None:
             out += pts.quant_parts
+        if point == LayerPoint.MLP:
+            out += pts.mlp_weights
         if pts.dora and point in (LayerPoint.LORA_RECOMPUTE, LayerPoint.LORA_RECOMPUTE_DOWN):
             out += pts.dora.fwd_weights if point == LayerPoint.LORA_RECOMPUTE else pts.dora.down_weights
         return out

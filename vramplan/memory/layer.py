@@ -19,7 +19,15 @@ from vramplan.memory.dora import (
     dora_recompute_grads,
     dora_recompute_stop,
 )
-from vramplan.memory.liger import liger_glu, liger_glu_grads, liger_norms
+from vramplan.memory.liger import (
+    liger_experts,
+    liger_experts_forward_end,
+    liger_experts_grads,
+    liger_experts_weight_grads,
+    liger_glu,
+    liger_glu_grads,
+    liger_norms,
+)
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.lora import (
     LoraForwardPoints,
@@ -43,7 +51,7 @@ from vramplan.memory.quantization import (
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.memory.unsloth import FusedLoraPoints, unsloth_components, unsloth_fused, unsloth_points
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec
-from vramplan.setup import ActivationOffload, Attention, Quant, TrainingSetup
+from vramplan.setup import ActivationOffload, Attention, ModelDtype, Quant, TrainingSetup
 
 
 def layer_saved_per_token(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, input_grad: bool = True) -> int:
@@ -115,6 +123,7 @@ class LayerPoints:
     mlp_grads_parts: tuple[int, ...] = ()
     end_grads_parts: tuple[int, ...] = ()
     quant_bwd_parts: tuple[int, ...] = ()
+    mlp_weights: tuple[int, ...] = ()  # bytes: weight-sized tensors at the MLP moment (LigerExperts' weight grads)
     dora: DoraPoints | None = None  # DoRA's moments (None without DoRA)
 
 
@@ -160,6 +169,9 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
     mlp_grads = (residual, *[b * f] * (3 if gated else 2))
     if gated and liger_glu(spec, layer, setup):
         mlp_grads = (residual, *liger_glu_grads(b, f, fused=bool(layer.linears_with(LinearRole.GATE_UP))))
+    experts = liger_experts(spec, layer, setup)
+    if experts:
+        mlp_grads = (residual, *liger_experts_grads(layer, h))
     # the checkpointed forward's widest moment is the adapter's (not the MLP's or the attention's)
     at_adapter = bool(fwd.ckpt_mlp) and ckpt_fwd != checkpointed_forward(spec, layer, ctx, f, gated, residual, [])
     return LayerPoints(
@@ -180,7 +192,10 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         quant_parts=deq.parts,
         hook_grads=residual + 2 * f + 2 * h,
         recompute_absent=fwd.recompute_absent,
-        moe_fwd=moe_forward_end(spec, layer, residual, ctx.weights_train),
+        moe_fwd=liger_experts_forward_end(layer, h, residual)
+        if experts
+        else moe_forward_end(spec, layer, residual, ctx.weights_train),
+        mlp_weights=liger_experts_weight_grads(layer, expert_weight_bytes(setup)) if experts else (),
         ckpt_fwd=sum(ckpt_fwd),
         lora_fwd_parts=fwd.widest,
         lora_down_parts=fwd.down,
@@ -192,6 +207,13 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         end_grads_parts=(residual, residual),
         dora=dora_points(layer, ctx, fwd, (f, residual), at_adapter) if setup.dora else None,
     )
+
+
+def expert_weight_bytes(setup: TrainingSetup) -> int:
+    """Bytes per element of the expert weights a MoE Function sees: the gathered bf16 ones under
+    FSDP or ZeRO, else the stored dtype."""
+    stored_fp32 = setup.weight_dtype == ModelDtype.FP32
+    return 4 if stored_fp32 and not setup.sharded and setup.deepspeed is None else 2
 
 
 def _down_saves(downs: list[Linear], layer: LayerSpec, ctx: ActivationContext, f: int) -> tuple[int, int]:

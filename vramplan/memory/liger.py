@@ -24,8 +24,13 @@ kernels", has the lines.
 - RoPE (liger_rotary_pos_emb, ops/rope.py) rotates q and k in place: it saves cos and sin as
   transformers' does, and its temporaries are attention-wide, never a layer's widest moment.
   Not modelled separately.
-- MoE experts (Mixtral, Qwen3-MoE: LigerExperts) keep transformers' expert rule; their norms are
-  Liger's.
+- LigerExperts (transformers v5's fused MoE experts of Mixtral and Qwen3-MoE, ops/fused_moe.py:
+  LigerFusedMoEFunction, :176-440): the forward makes pre_act (the routed rows' gate_up output,
+  [N·k, 2I]), act(gate)·up ([N·k, I]) and the routed outputs ([N·k, H]) and saves only the block's
+  input x and pre_act (with the routing weights and small index tensors); its backward allocates
+  d_pre_act, the weighted act, the expanded input grad ([N·k, H]) and the input grad ([N, H]), and
+  ddown_proj = zeros_like(down_proj) and dgate_up_proj = zeros_like(gate_up_proj): both expert
+  weights' grads, whole, whether the experts train or not (a LoRA step too).
 """
 
 from __future__ import annotations
@@ -53,20 +58,21 @@ class LigerPatch:
     norm_in_place: bool  # its RMSNorms' backward writes dX into dY (False: zeros_like(dY))
     glu: bool  # the dense MLPs run LigerSiLUMulFunction / LigerGELUMulFunction
     qk_norms: bool  # q_norm and k_norm are LigerRMSNorms too
+    experts: bool = False  # transformers v5's fused MoE experts are LigerExperts (swiglu=True)
 
 
 # liger-kernel==0.8.5 transformers/monkey_patch.py, one apply_liger_kernel_to_* per model type
 LIGER_PATCHES: dict[str, LigerPatch] = {
     "llama": LigerPatch(True, True, False),  # :259-323
     "mistral": LigerPatch(True, True, False),  # :723-790
-    "mixtral": LigerPatch(True, False, False),  # :834-905 (experts: LigerExperts, not modelled)
+    "mixtral": LigerPatch(True, False, False, experts=True),  # :834-905 (LigerExperts under transformers v5)
     "gemma": LigerPatch(True, True, False),  # :1073-1140 (LigerGEGLUMLP, casting_mode gemma)
     "gemma2": LigerPatch(False, True, False),  # :1142-1214 (in_place=False)
     "gemma3_text": LigerPatch(False, True, True),  # :1216-1301 (in_place=False, q/k norms)
     "gemma3": LigerPatch(False, True, True),  # :1303-1390 (the text model through gemma3_text)
     "qwen2": LigerPatch(True, True, False),  # :1750-1815
     "qwen3": LigerPatch(True, True, True),  # :1817-1874
-    "qwen3_moe": LigerPatch(True, False, True),  # :1876-1950 (experts: not modelled)
+    "qwen3_moe": LigerPatch(True, False, True, experts=True),  # :1876-1950 (LigerExperts)
     "phi3": LigerPatch(True, True, False),  # :2371-2440 (LigerPhi3SwiGLUMLP on the fused gate_up)
 }
 
@@ -89,6 +95,48 @@ def liger_glu(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> bool:
     """Whether this layer's MLP is Liger's gated MLP (dense layers of a patched model type)."""
     patch = liger_patch(spec, setup)
     return patch is not None and patch.glu and setup.liger_layers.glu and not layer.experts
+
+
+def liger_experts(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> bool:
+    """Whether this MoE layer's experts are LigerExperts (LigerFusedMoEFunction)."""
+    patch = liger_patch(spec, setup)
+    return patch is not None and patch.experts and setup.liger_layers.glu and layer.experts is not None
+
+
+def liger_experts_saved(layer: LayerSpec, router_saves_input: bool, h: int) -> int:
+    """Per token, what LigerFusedMoEFunction saves (module docstring): pre_act, k rows of 2I in
+    the input's dtype (bf16), and the block's input x unless the trained router saved that tensor
+    already; the routing weights and indices are a few bytes per route, left out."""
+    assert layer.experts is not None
+    e = layer.experts
+    return e.top_k * 2 * 2 * e.intermediate + (0 if router_saves_input else 2 * h)
+
+
+def liger_experts_grads(layer: LayerSpec, h: int) -> tuple[int, ...]:
+    """Per token, LigerFusedMoEFunction.backward's tensors at its widest (its end, every local
+    alive until it returns), beside the incoming grad: d_pre_act, the weighted act, the expanded
+    input grad, the input grad, all bf16."""
+    assert layer.experts is not None
+    e = layer.experts
+    return (e.top_k * 2 * 2 * e.intermediate, e.top_k * 2 * e.intermediate, e.top_k * 2 * h, 2 * h)
+
+
+def liger_experts_weight_grads(layer: LayerSpec, weight_bytes: int) -> tuple[int, ...]:
+    """Bytes: ddown_proj and dgate_up_proj, zeros_like each whole expert weight in its dtype,
+    made by the backward whether the experts train or not."""
+    assert layer.experts is not None
+    e = layer.experts
+    down = e.num_experts * e.hidden * e.intermediate * weight_bytes
+    return (down, 2 * down)
+
+
+def liger_experts_forward_end(layer: LayerSpec, h: int, residual: int) -> int:
+    """Per token, at the end of LigerFusedMoEFunction's forward in a recompute: act(gate)·up and
+    the routed outputs (k rows each), the aggregated output, the residual stream after attention
+    and the layer's output grad in flight (pre_act and x are saved, counted with the layer)."""
+    assert layer.experts is not None
+    e = layer.experts
+    return e.top_k * 2 * e.intermediate + e.top_k * 2 * h + 2 * h + 2 * residual
 
 
 def liger_norm_saved(width: int, input_bytes: int, rows: int = 1) -> int:
@@ -129,6 +177,6 @@ def liger_notes(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             "its layers are estimated as transformers' own"
         ]
     notes = [LIGER_NOTE]
-    if setup.liger_layers.glu and any(l.experts for l in spec.layers):
-        notes.append("--liger-layers: the MoE experts keep transformers' rule (Liger's LigerExperts not modelled)")
+    if setup.liger_layers.glu and not patch.experts and any(l.experts for l in spec.layers):
+        notes.append("--liger-layers: this model's MoE experts keep transformers' rule (no Liger experts kernel)")
     return notes

@@ -4,7 +4,7 @@ saves nothing, and the end of an MoE block's forward."""
 from __future__ import annotations
 
 from vramplan.memory.context import ActivationContext
-from vramplan.memory.liger import liger_glu
+from vramplan.memory.liger import liger_experts, liger_experts_saved, liger_glu
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.quantization import base_output_bytes
 from vramplan.memory.types import (
@@ -51,15 +51,20 @@ def mlp_saved_parts(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, i
 def moe_saved(spec: ModelSpec, layer: LayerSpec, ctx: ActivationContext, input_grad: bool) -> int:
     """transformers 5.x MixtralExperts: per routed token (top_k per token) the gathered
     input (when expert weights train), gate_up output (kept by the act's view), act out,
-    act*up (when weights train) and the expert output saved by the routing-weight mul."""
+    act*up (when weights train) and the expert output saved by the routing-weight mul;
+    LigerExperts: its fused Function's pre_act and input (liger.liger_experts_saved). Both:
+    the router's input (trained) and its fp32 softmax, and shared experts' Linears."""
     assert layer.experts is not None
     h, e = spec.hidden, layer.experts
+    router = ctx.stream * h if ctx.weights_train else 0
+    router += 4 * e.num_experts * 2  # fp32 router softmax and its output
+    shared = linears_saved(layer.linears_with(*MOE_SHARED_ROLES), h, ctx, input_grad)
+    if liger_experts(spec, layer, ctx.setup):
+        return liger_experts_saved(layer, ctx.weights_train, h) + router + shared
     per_route = 4 * e.intermediate + 2 * e.intermediate + 2 * h
     if ctx.weights_train:
         per_route += 2 * h + 2 * e.intermediate
-    router = ctx.stream * h if ctx.weights_train else 0
-    router += 4 * e.num_experts * 2  # fp32 router softmax and its output
-    return e.top_k * per_route + router + linears_saved(layer.linears_with(*MOE_SHARED_ROLES), h, ctx, input_grad)
+    return e.top_k * per_route + router + shared
 
 
 def is_gated(layer: LayerSpec) -> bool:
