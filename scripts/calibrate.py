@@ -583,6 +583,17 @@ CASES = [
     ),
     case("l8b_qlora_nf4_b1s2048_ligerall", L8B, method="qlora", batch_size=1, seq_len=2048, liger_layers="all"),
     case("gemma3-1b_lora16_b1s2048_ligerall", GEM3, method="lora", batch_size=1, seq_len=2048, liger_layers="all"),
+    # LigerExperts on a truncated Mixtral: both whole expert weights' grads in a LoRA backward
+    case(
+        "mixtral_L4_lora16_b1s2048_ligerall",
+        MIX,
+        layers=4,
+        method="lora",
+        batch_size=1,
+        seq_len=2048,
+        liger_layers="all",
+        seconds=90,
+    ),
     # Unsloth's fused linear CE (unsloth_zoo 2026.10.9 fused_linear.py): 8191 kept rows >= 4096 and a
     # frozen head, so the tiled forward (one 4096 x 16384 fp32 tile) on any card
     case(
