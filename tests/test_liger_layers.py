@@ -226,3 +226,15 @@ def test_emitted_keys_read_back(tmp_path):
     with pytest.raises(Exception) as err:
         emit("llamafactory", _setup(method="lora", stack="llamafactory"), "meta-llama/Llama-3.1-8B", {})
     assert "cannot express" in str(err.value)
+
+
+def test_checkpointed_recompute_input_norm_saves_the_kept_input(llama):
+    """Under checkpointing the recompute's input LigerRMSNorm saves the checkpoint's own input:
+    only its RSTD is new (transformers' saves an fp32 copy on a bf16 stream)."""
+    from vramplan.memory.checkpointing import recompute_input_alias
+
+    layer = llama.layers[1]
+    assert recompute_input_alias(llama, layer, _setup(method="qlora", gradient_checkpointing=True)) == 2 * H
+    eager = _setup(method="qlora", gradient_checkpointing=True, liger_layers="none")
+    assert recompute_input_alias(llama, layer, eager) == 0
+    assert recompute_input_alias(llama, layer, _setup(method="qlora")) == 0  # no recompute

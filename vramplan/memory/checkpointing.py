@@ -54,6 +54,9 @@ def recompute_input_alias(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetu
     plain = setup.activation_offload == ActivationOffload.NONE and not setup.compile
     if not (setup.gradient_checkpointing and plain) or spec.norm_kind == "layer" or not layer.pre_norm:
         return 0
+    if liger_norms(spec, setup):
+        # LigerRMSNorm saves its input X itself (memory/liger.py): the kept input, whatever its dtype
+        return stream_bytes(setup) * spec.hidden
     return 4 * spec.hidden if stream_bytes(setup) == 4 else 0
 
 
