@@ -316,11 +316,7 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         loss_type="nll",
         report_to="none",
     )
-    if s.liger_layers != LigerLayers.NONE:  # only the layer kernels under SFTTrainer (sft_trainer.py:1125-1140)
-        d["use_liger_kernel"] = True
-        if s.liger_layers != LigerLayers.ALL:
-            glu = s.liger_layers.glu
-            d["liger_kernel_config"] = {"rms_norm": s.liger_layers.norms, "swiglu": glu, "geglu": glu}
+    d.update(_trl_liger(s.liger_layers))
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -335,6 +331,17 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         d["deepspeed"] = _deepspeed_json(s)
         d["num_processes"] = world or 1
     return "trl sft --config this.yaml", d
+
+
+def _trl_liger(layers: LigerLayers) -> dict[str, Any]:
+    """SFTTrainer applies only Liger's layer kernels (trl==1.16.0 sft_trainer.py:1125-1140);
+    liger_kernel_config turns one off."""
+    if layers == LigerLayers.NONE:
+        return {}
+    if layers == LigerLayers.ALL:
+        return {"use_liger_kernel": True}
+    config = {"rms_norm": layers.norms, "swiglu": layers.glu, "geglu": layers.glu}
+    return {"use_liger_kernel": True, "liger_kernel_config": config}
 
 
 # ---- LLaMA-Factory

@@ -165,13 +165,8 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         lora_inflight = (residual, *dora_recompute_grads(first, ctx))
     deq = dequantize_backward(layer, ctx, residual)
     ckpt_fwd = checkpointed_forward(spec, layer, ctx, f, gated, residual, list(fwd.ckpt_mlp), at_base)
-    # the MLP's elementwise grads, in the dtype of gate/up's output
-    mlp_grads = (residual, *[b * f] * (3 if gated else 2))
-    if gated and liger_glu(spec, layer, setup):
-        mlp_grads = (residual, *liger_glu_grads(b, f, fused=bool(layer.linears_with(LinearRole.GATE_UP))))
+    mlp_grads = _mlp_grads(spec, layer, setup, (f, residual), b)
     experts = liger_experts(spec, layer, setup)
-    if experts:
-        mlp_grads = (residual, *liger_experts_grads(layer, h))
     # the checkpointed forward's widest moment is the adapter's (not the MLP's or the attention's)
     at_adapter = bool(fwd.ckpt_mlp) and ckpt_fwd != checkpointed_forward(spec, layer, ctx, f, gated, residual, [])
     return LayerPoints(
@@ -207,6 +202,22 @@ def layer_points(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> Lay
         end_grads_parts=(residual, residual),
         dora=dora_points(layer, ctx, fwd, (f, residual), at_adapter) if setup.dora else None,
     )
+
+
+def _mlp_grads(
+    spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup, widths: tuple[int, int], b: int
+) -> tuple[int, ...]:
+    """Per token, the MLP's elementwise backward: the layer's output grad and the grads of
+    act*up, act and up in the dtype of gate/up's output (`b` bytes; `widths`: the MLP's width and
+    the residual stream's bytes per token); Liger's kernels write some over their saves
+    (memory/liger.py)."""
+    f, residual = widths
+    if liger_experts(spec, layer, setup):
+        return (residual, *liger_experts_grads(layer, spec.hidden))
+    gated = is_gated(layer)
+    if gated and liger_glu(spec, layer, setup):
+        return (residual, *liger_glu_grads(b, f, fused=bool(layer.linears_with(LinearRole.GATE_UP))))
+    return (residual, *[b * f] * (3 if gated else 2))
 
 
 def expert_weight_bytes(setup: TrainingSetup) -> int:

@@ -906,24 +906,9 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
 
-    if setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH):
-        raise VramplanError(
-            f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
-            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
-            "--activation-offload",
-        )
+    _check_buildable(setup, device)
+    from vramplan.verify.losses import add_trl_head
 
-    if setup.lora_kernels:
-        raise VramplanError(
-            "verify builds peft's LoRA layers, not axolotl's fused LoRA kernels (Triton, CUDA only); they are "
-            "modelled from source: give --no-lora-kernels to measure the peft step",
-            "--lora-kernels",
-        )
-    from vramplan.verify.losses import add_trl_head, check_device
-
-    check_device(setup.loss, device)
-    if setup.liger_layers != LigerLayers.NONE and not device.startswith("cuda"):
-        raise VramplanError("Liger's layer kernels are Triton: they need --device cuda", "--liger-layers")
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
     qlora = setup.method == Method.QLORA
@@ -980,6 +965,28 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def _check_buildable(setup: TrainingSetup, device: str) -> None:
+    """What verify does not build, or builds only on CUDA, refused in one line before any
+    weight is made."""
+    from vramplan.verify.losses import check_device
+
+    if setup.activation_offload in (ActivationOffload.ALL, ActivationOffload.UNSLOTH):
+        raise VramplanError(
+            f"{setup.activation_offload.value}: verify does not run this offloader (TRL's "
+            "OffloadActivations, Unsloth's checkpointing); it is modelled from source",
+            "--activation-offload",
+        )
+    if setup.lora_kernels:
+        raise VramplanError(
+            "verify builds peft's LoRA layers, not axolotl's fused LoRA kernels (Triton, CUDA only); they are "
+            "modelled from source: give --no-lora-kernels to measure the peft step",
+            "--lora-kernels",
+        )
+    check_device(setup.loss, device)
+    if setup.liger_layers != LigerLayers.NONE and not device.startswith("cuda"):
+        raise VramplanError("Liger's layer kernels are Triton: they need --device cuda", "--liger-layers")
 
 
 def apply_liger_layers(model, setup: TrainingSetup) -> str:
