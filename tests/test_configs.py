@@ -1053,3 +1053,15 @@ def test_flash_attention_3_from_the_hub_reads_as_flash(tmp_path):
         "attn_implementation: kernels-community/vllm-flash-attn3\n"
     )
     assert read_config([str(f)]).fields["attention"] == Attention.FLASH
+
+
+def test_a_trl_preference_config_is_said_not_unknown(tmp_path):
+    """trl==1.16.0 DPOConfig/GRPOConfig keys SFTConfig lacks: the file is another trainer's."""
+    f = tmp_path / "dpo.yaml"
+    f.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nbeta: 0.1\nmax_prompt_length: 1024\nmax_length: 2048\n")
+    reading = read_config([str(f)])
+    assert reading.unknown == ()
+    assert [u.key for u in reading.unmodelled] == ["beta"] and "SFT" in reading.unmodelled[0].why
+    g = tmp_path / "grpo.yaml"
+    g.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nnum_generations: 8\nuse_vllm: true\n")
+    assert "GRPO" in read_config([str(g)]).unmodelled[0].why

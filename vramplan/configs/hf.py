@@ -132,6 +132,8 @@ def read(data: dict, path: str, engine: dict | None = None, fmt: ConfigFormat = 
         _trl_derived(c, method, engine)
     if c.get("torch_compile") is True:
         c.unmodelled("torch_compile", "torch.compile fuses kernels and changes activation memory")
+    if trl:
+        _other_trainer(c)
     model = c.model("model_name_or_path")
     return c.finish(fmt, Stack.TRL if trl else Stack.HF_TRAINER, model, _KNOWN | _training_arguments_fields(c))
 
@@ -291,6 +293,37 @@ def _loss(c: Collector, trl: bool) -> None:
     smoothing = c.get("label_smoothing_factor", 0)
     if smoothing:
         c.unmodelled("label_smoothing_factor", "label smoothing goes through the Trainer's full-logits loss")
+
+
+# Keys only TRL's preference, RL and distillation trainers take (trl==1.16.0
+# trainer/{dpo,kto,grpo,rloo,reward,distillation}_config.py), not SFTConfig: a file with one is
+# run by `trl dpo|kto|grpo|rloo|reward|...`, a step with a reference or teacher model, paired or
+# generated sequences, which vramplan does not model.
+_OTHER_TRAINERS = {
+    "DPO": ("precompute_ref_log_probs", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "rpo_alpha"),
+    "KTO": ("desirable_weight", "undesirable_weight"),
+    "GRPO/RLOO": ("num_generations", "generation_batch_size", "steps_per_generation", "use_vllm", "reward_weights"),
+    "reward": ("center_rewards_coefficient",),
+    "distillation": ("teacher_model_name_or_path", "teacher_model_init_kwargs"),
+    "preference": ("beta", "max_prompt_length", "max_completion_length", "sync_ref_model", "ref_model_init_kwargs"),
+}
+
+
+def _other_trainer(c: Collector) -> None:
+    """A TRL file for another trainer than SFT: said in one line, its keys not listed as unknown;
+    the step is estimated as SFT's."""
+    found = [(name, k) for name, keys in _OTHER_TRAINERS.items() for k in keys if k in c.data]
+    if not found:
+        return
+    name, first = found[0]
+    keys = ", ".join(k for _, k in found)
+    c.unmodelled(
+        first,
+        f"{keys}: a TRL {name} trainer's config; its reference or teacher model and paired or generated "
+        "sequences are not modelled; estimated as an SFT step",
+    )
+    for _, k in found:
+        c.get(k)
 
 
 def _launch(c: Collector) -> None:
