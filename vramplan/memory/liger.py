@@ -25,7 +25,7 @@ kernels", has the lines.
   transformers' does, and its temporaries are attention-wide, never a layer's widest moment.
   Not modelled separately.
 - LigerExperts (transformers v5's fused MoE experts of Mixtral and Qwen3-MoE, ops/fused_moe.py:
-  LigerFusedMoEFunction, :176-440): the forward makes pre_act (the routed rows' gate_up output,
+  LigerFusedMoEFunction, :160-434): the forward makes pre_act (the routed rows' gate_up output,
   [N·k, 2I]), act(gate)·up ([N·k, I]) and the routed outputs ([N·k, H]) and saves only the block's
   input x and pre_act (with the routing weights and small index tensors); its backward allocates
   d_pre_act, the weighted act, the expanded input grad ([N·k, H]) and the input grad ([N, H]), and
@@ -42,10 +42,10 @@ from vramplan.setup import LigerLayers, TrainingSetup
 
 LIGER_SOURCE = (
     "liger-kernel==0.8.5 liger_kernel/ops/rms_norm.py:449-676, ops/swiglu.py:159-300, ops/geglu.py:87-146, "
-    "transformers/monkey_patch.py"
+    "ops/fused_moe.py:160-434, transformers/monkey_patch.py"
 )
 LIGER_NOTE = (
-    "--liger-layers: Liger's RMSNorm and SwiGLU/GeGLU kernels in the decoder layers, modelled from source, "
+    "--liger-layers: Liger's RMSNorm, SwiGLU/GeGLU and MoE kernels in the decoder layers, modelled from source, "
     f"not measured ({LIGER_SOURCE})."
 )
 RSTD_BYTES = 4  # rms_norm_forward's RSTD: one fp32 per row (casting modes llama and gemma, :465-466)
@@ -63,17 +63,17 @@ class LigerPatch:
 
 # liger-kernel==0.8.5 transformers/monkey_patch.py, one apply_liger_kernel_to_* per model type
 LIGER_PATCHES: dict[str, LigerPatch] = {
-    "llama": LigerPatch(True, True, False),  # :259-323
-    "mistral": LigerPatch(True, True, False),  # :723-790
-    "mixtral": LigerPatch(True, False, False, experts=True),  # :834-905 (LigerExperts under transformers v5)
-    "gemma": LigerPatch(True, True, False),  # :1073-1140 (LigerGEGLUMLP, casting_mode gemma)
-    "gemma2": LigerPatch(False, True, False),  # :1142-1214 (in_place=False)
-    "gemma3_text": LigerPatch(False, True, True),  # :1216-1301 (in_place=False, q/k norms)
-    "gemma3": LigerPatch(False, True, True),  # :1303-1390 (the text model through gemma3_text)
-    "qwen2": LigerPatch(True, True, False),  # :1750-1815
-    "qwen3": LigerPatch(True, True, True),  # :1817-1874
-    "qwen3_moe": LigerPatch(True, False, True, experts=True),  # :1876-1950 (LigerExperts)
-    "phi3": LigerPatch(True, True, False),  # :2371-2440 (LigerPhi3SwiGLUMLP on the fused gate_up)
+    "llama": LigerPatch(True, True, False),  # :259-324
+    "mistral": LigerPatch(True, True, False),  # :723-786
+    "mixtral": LigerPatch(True, False, False, experts=True),  # :834-906 (LigerExperts under transformers v5)
+    "gemma": LigerPatch(True, True, False),  # :1073-1141 (LigerGEGLUMLP, casting_mode gemma)
+    "gemma2": LigerPatch(False, True, False),  # :1142-1215 (in_place=False)
+    "gemma3_text": LigerPatch(False, True, True),  # :1216-1302 (in_place=False, q/k norms)
+    "gemma3": LigerPatch(False, True, True),  # :1303-1394 (the text model through gemma3_text)
+    "qwen2": LigerPatch(True, True, False),  # :1750-1816
+    "qwen3": LigerPatch(True, True, True),  # :1817-1875
+    "qwen3_moe": LigerPatch(True, False, True, experts=True),  # :1876-1942 (LigerExperts)
+    "phi3": LigerPatch(True, True, False),  # :2371-2434 (LigerPhi3SwiGLUMLP on the fused gate_up)
 }
 
 
