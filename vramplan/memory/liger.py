@@ -14,7 +14,7 @@ kernels", has the lines.
   writes dX into the incoming dY (in_place=True, the default) or into zeros_like(dY) (Gemma 2
   and 3 patch in_place=False), and sums the weight's grad in an fp32 [SMs, h] buffer (a few MiB,
   left out); transformers' fp32 backward holds 20 bytes per element (norms.RMS_NORM_BACKWARD).
-- LigerSiLUMulFunction / LigerGELUMulFunction (ops/swiglu.py:240-300, ops/geglu.py:133-146) save
+- LigerSiLUMulFunction / LigerGELUMulFunction (ops/swiglu.py:240-307, ops/geglu.py:133-146) save
   gate's and up's outputs (a, b) and return act(a)*b as a new tensor; the backward recomputes
   act(a) and writes the two grads into a and b in place. So act(gate) is never saved (one f-wide
   tensor fewer than transformers' MLP) and the elementwise backward allocates nothing beside the
@@ -41,7 +41,7 @@ from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import LigerLayers, TrainingSetup
 
 LIGER_SOURCE = (
-    "liger-kernel==0.8.5 liger_kernel/ops/rms_norm.py:449-676, ops/swiglu.py:159-300, ops/geglu.py:87-146, "
+    "liger-kernel==0.8.5 liger_kernel/ops/rms_norm.py:449-676, ops/swiglu.py:159-307, ops/geglu.py:87-146, "
     "ops/fused_moe.py:160-434, transformers/monkey_patch.py"
 )
 LIGER_NOTE = (
