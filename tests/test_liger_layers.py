@@ -238,3 +238,13 @@ def test_checkpointed_recompute_input_norm_saves_the_kept_input(llama):
     eager = _setup(method="qlora", gradient_checkpointing=True, liger_layers="none")
     assert recompute_input_alias(llama, layer, eager) == 0
     assert recompute_input_alias(llama, layer, _setup(method="qlora")) == 0  # no recompute
+
+
+def test_verify_on_the_cpu_refuses_in_one_line_before_any_notice(capsys):
+    """Liger's kernels are Triton: verify refuses them on the CPU before its cost notice."""
+    from vramplan.cli import main
+
+    argv = ["verify", "llama-3.2-1b", "--num-layers", "2", "--device", "cpu", "--method", "full"]
+    assert main([*argv, "--liger-layers", "all", "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--liger-layers" in err and "Traceback" not in err

@@ -181,6 +181,9 @@ def verify(
 
     require_libraries(setup)  # the verify extra, before any work
     require_cuda(device)
+    from vramplan.verify.build import check_buildable
+
+    check_buildable(setup, device)  # what verify does not build here, refused before the CPU notice
 
     gspec = estimate_gpus(gpus, device, engine_world(setup))
     setup = with_data_parallel(setup, gspec)  # DDP or ZeRO over every GPU of --gpus, as the estimate

@@ -906,7 +906,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     """Model, method, checkpointing, sharding and optimizer of the reference step."""
     import torch
 
-    _check_buildable(setup, device)
+    check_buildable(setup, device)
     from vramplan.verify.losses import add_trl_head
 
     spec = load_model_spec(model_name, num_layers=num_layers)
@@ -967,7 +967,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
-def _check_buildable(setup: TrainingSetup, device: str) -> None:
+def check_buildable(setup: TrainingSetup, device: str) -> None:
     """What verify does not build, or builds only on CUDA, refused in one line before any
     weight is made."""
     from vramplan.verify.losses import check_device
