@@ -87,8 +87,9 @@ def liger_patch(spec: ModelSpec, setup: TrainingSetup) -> LigerPatch | None:
 def liger_norms(spec: ModelSpec, setup: TrainingSetup, qk: bool = False) -> bool:
     """Whether this model's RMSNorms (its q/k norms when `qk`) are LigerRMSNorms."""
     patch = liger_patch(spec, setup)
-    ok = patch is not None and setup.liger_layers.norms and spec.norm_kind != "layer"
-    return ok and (patch.qk_norms if qk and patch else True)
+    if patch is None or not setup.liger_layers.norms or spec.norm_kind == "layer":
+        return False
+    return patch.qk_norms or not qk
 
 
 def liger_glu(spec: ModelSpec, layer: LayerSpec, setup: TrainingSetup) -> bool:
