@@ -10,7 +10,8 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "compile" (a
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "preference" (TRL's DPOTrainer step:
+its fused head over chosen and rejected rows, the no-grad reference forward), "compile" (a
 full fine-tune with each decoder layer compiled as torchtune's compile_model does), "engines" (DDP and
 FSDP1 on rank 0 of a fake process group) and "known-gaps"
 (architectures outside vramplan.estimate.TRACED_MODEL_TYPES, whose estimate's note warns of
@@ -49,6 +50,7 @@ from test_cpu_trace import (  # noqa: E402
     LONG_SHAPE,
     LOSS_CASES,
     OPTIMIZER_CASES,
+    PREFERENCE_CASES,
     V64_SHAPE,
     WIDE,
     _build_compared,
@@ -242,6 +244,10 @@ def _setup_text(setup: dict) -> str:
         if setup.get(key)
     ]
     parts += _adapter_text(setup)
+    if setup.get("objective", "sft") != "sft":
+        ref = " (reference log-probs precomputed)" if setup.get("precompute_ref_log_probs") else ""
+        parts.append(f"{setup['objective']}{ref}")
+        return ", ".join(parts) + f"; {setup['batch_size']} pairs x{setup['seq_len']}"
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
 
 
@@ -387,6 +393,7 @@ def main() -> int:
         ("known-gaps", f"{a}/{n}", cfg, f, B2S256) for a, cfg in UNTRACED.items() for n, f in UNTRACED_SETUPS.items()
     ]
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
+    jobs += [("preference", n, cfg, f, B2S256) for n, (cfg, f) in PREFERENCE_CASES.items()]
     jobs += [("compile", n, cfg, f, shape) for n, (cfg, f, shape) in COMPILE_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]

@@ -1205,3 +1205,57 @@ def test_committed_rows_match_this_model(row, tmp_path):
         if abs(b - row[p]["traced_bytes"]) > tol * row[p]["traced_bytes"]
     }
     assert phases and not off, off
+
+
+# DPO (group "preference"; docs/memory-model.md, "Preference steps (DPO)"): trl==1.16.0's
+# DPOTrainer step as verify runs it (verify/losses.py dpo_step: TRL's fused head on the chosen and
+# rejected rows, then the no-grad reference forward through peft's disabled adapters or the frozen
+# copy), on TRL's defaults (fp32 weights under bf16 autocast, checkpointing) and in bf16, saving and
+# checkpointed, LoRA, QLoRA and full, and with the reference log-probs precomputed. PREF_WIDE (a
+# 16384-wide MLP, a 64-token vocabulary): the reference forward's decoder layer is the forward's
+# peak, not the fused head's 32768-column tile. Held to 1.5% per phase.
+PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_layers": 2}
+DPO = dict(stack="trl", objective="dpo")
+PREFERENCE_CASES = {
+    "dpo-lora": (LLAMA, dict(DPO, method="lora")),
+    "dpo-full": (LLAMA, dict(DPO, method="full")),
+    "dpo-full-saving": (LLAMA, dict(DPO, method="full", gradient_checkpointing=False)),
+    "dpo-lora-precomputed": (LLAMA, dict(DPO, method="lora", precompute_ref_log_probs=True)),
+    "dpo-wide-lora": (PREF_WIDE, dict(DPO, method="lora")),
+    "dpo-wide-lora-saving": (PREF_WIDE, dict(DPO, method="lora", gradient_checkpointing=False)),
+    "dpo-wide-qlora": (PREF_WIDE, dict(DPO, method="qlora")),
+    "dpo-wide-lora-bf16": (PREF_WIDE, dict(DPO, method="lora", precision="bf16", model_dtype="bf16")),
+    "dpo-wide-full-bf16": (PREF_WIDE, dict(DPO, method="full", precision="bf16", model_dtype="bf16")),
+}
+
+
+def _forward_peak_kind(spec, setup) -> PhaseKind:
+    forward = [p for p in step_model(spec, setup).phases if p.measured == MeasuredPhase.FORWARD]
+    return max(forward, key=lambda p: p.allocated).kind
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", list(PREFERENCE_CASES))
+def test_dpo_step_phases_match_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("needs trl==1.16.0 (the [test] extra)")
+    cfg, fields = PREFERENCE_CASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**{**B2S256, **fields})
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    if cfg is PREF_WIDE:  # the case pins the reference forward's rule
+        assert _forward_peak_kind(spec, setup) == PhaseKind.REFERENCE_FORWARD
+    phases = _model_phases(spec, setup)
+    traced = trace_step(str(tmp_path), setup)
+    off = {
+        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
+    }
+    assert not off, off
+
+
+def test_every_preference_case_is_committed():
+    assert {r["name"] for r in _committed("preference")} == set(PREFERENCE_CASES)

@@ -479,6 +479,14 @@ KNOB_SETUPS = [
     # Adam-mini (one momentum and per-row values) and APOLLO at LLaMA-Factory's rank
     {"method": "full", "optim": "adam_mini", "precision": "mixed"},
     {"method": "full", "optim": "apollo_adamw", "apollo_rank": 16, "gradient_checkpointing": True},
+    # DPO (memory/preference.py): the reference forward's moment and the reference copy, on TRL's
+    # defaults, with the copy sharded by FSDP, whole under ZeRO-2, and precomputed
+    {"method": "lora", "stack": "trl", "objective": "dpo"},
+    {"method": "full", "stack": "trl", "objective": "dpo", "gradient_checkpointing": False},
+    {"method": "qlora", "stack": "trl", "objective": "dpo", "gradient_checkpointing": True},
+    {"method": "full", "stack": "trl", "objective": "dpo", "fsdp": 2},
+    {"method": "full", "stack": "trl", "objective": "dpo", "deepspeed": "zero2", "data_parallel": 2},
+    {"method": "full", "stack": "trl", "objective": "dpo", "precompute_ref_log_probs": True},
 ]
 
 

@@ -322,6 +322,10 @@ class Stack(str, Enum):
         return self in (Stack.HF_TRAINER, Stack.TRL, Stack.UNSLOTH, Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
+# The trainers whose DPO step is modelled: TRL's DPOTrainer, which axolotl's rl: dpo subclasses
+DPO_STACKS = (Stack.TRL, Stack.AXOLOTL)
+
+
 class Loss(str, Enum):
     """How the loss over the vocabulary is computed."""
 
@@ -384,6 +388,15 @@ class LigerLayers(str, Enum):
     @property
     def glu(self) -> bool:
         return self in (LigerLayers.GLU, LigerLayers.ALL)
+
+
+class Objective(str, Enum):
+    """What one step trains on (memory/preference.py)."""
+
+    SFT = "sft"  # one sequence per example, next-token loss
+    # TRL's DPOTrainer (trl==1.16.0 trainer/dpo_trainer.py): each example a chosen and a rejected
+    # sequence, both rows in one batch, and a no-grad reference forward over them
+    DPO = "dpo"
 
 
 class Attention(str, Enum):
@@ -606,7 +619,9 @@ class TrainingSetup(BaseModel):
         description="optimizer (transformers TrainingArguments.optim name, muon or adam_mini); default "
         "adamw_torch, galore_adamw for galore",
     )
-    batch_size: int = Field(1, description="micro-batch size per GPU")
+    batch_size: int = Field(
+        1, description="micro-batch size per GPU (examples; under --objective dpo, preference pairs: two rows each)"
+    )
     seq_len: int = Field(2048, description="tokens per sequence")
     lora_r: int = Field(16, description="LoRA rank")
     lora_dropout: float = Field(0.05, description="LoRA dropout probability")
@@ -725,6 +740,17 @@ class TrainingSetup(BaseModel):
         "(training.compile_model, compile_loss); the compiled chunked cross-entropy saves its bf16 chunks, "
         "not an fp32 log-softmax",
     )
+    objective: Objective = Field(
+        Objective.SFT,
+        description="sft (one sequence per example), or dpo: TRL's DPOTrainer (axolotl's rl: dpo), each pair's "
+        "chosen and rejected rows in one batch, then a no-grad reference forward: peft's adapters disabled, or "
+        "a frozen copy of the model for a full fine-tune",
+    )
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="--objective dpo: the reference log-probs computed once before training "
+        "(DPOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
+    )
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
     fsdp_sharding: FsdpSharding = Field(FsdpSharding.FULL, description="FSDP sharding strategy")
@@ -766,7 +792,7 @@ class TrainingSetup(BaseModel):
     def _check(self) -> TrainingSetup:
         if self.tokens > MAX_TOKENS:
             raise VramplanError(
-                f"{self.batch_size:,} x {self.seq_len:,} = {self.tokens:,} tokens per micro-batch is "
+                f"{self.rows:,} x {self.seq_len:,} = {self.tokens:,} tokens per micro-batch is "
                 f"above the limit of {MAX_TOKENS:,} (2^24)",
                 "--batch-size",
             )
@@ -794,7 +820,28 @@ class TrainingSetup(BaseModel):
         self._check_fp32_embeddings_norms()
         self._check_lora_kernels()
         self._check_liger_layers()
+        self._check_objective()
         return self
+
+    def _check_objective(self) -> None:
+        """--objective dpo is TRL's DPOTrainer (memory/preference.py): the trainers that run it
+        (TRL, axolotl's rl: dpo), its log-probs from TRL's fused chunked head."""
+        if self.objective == Objective.SFT:
+            if self.precompute_ref_log_probs:
+                raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
+            return
+        if self.stack not in DPO_STACKS:
+            allowed = ", ".join(s.value for s in DPO_STACKS)
+            raise VramplanError(
+                f"--objective dpo is modelled as TRL's DPOTrainer: use --stack {allowed}, not {self.stack.value}",
+                "--objective",
+            )
+        if self.loss != Loss.TRL_CHUNKED_NLL:
+            raise VramplanError(
+                "TRL's DPOTrainer takes its log-probs from its fused chunked LM head (trl==1.16.0 "
+                f"dpo_trainer.py:943-947): --loss trl-chunked-nll, not {self.loss.value}",
+                "--loss",
+            )
 
     def _check_liger_layers(self) -> None:
         """--liger-layers (memory/liger.py): Unsloth patches its own RMSNorm and MLP kernels, so
@@ -1076,8 +1123,15 @@ class TrainingSetup(BaseModel):
                 )
 
     @property
+    def rows(self) -> int:
+        """Rows of one micro-batch: under DPO each pair's chosen and rejected sequences
+        (trl==1.16.0 trainer/dpo_trainer.py:146-170 DataCollatorForPreference: chosen rows, then
+        rejected rows, padded to one length)."""
+        return self.batch_size * (2 if self.objective == Objective.DPO else 1)
+
+    @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.rows * self.seq_len
 
     @property
     def lora_like(self) -> bool:
@@ -1231,4 +1285,6 @@ class TrainingSetup(BaseModel):
             words.append(f"{self.deepspeed.value}x{self.data_parallel}{offload}")
         if self.nodes > 1:
             words.append(f"nodes={self.nodes}")
+        if self.objective != Objective.SFT:
+            words.append(self.objective.value + ("(precomputed-ref)" if self.precompute_ref_log_probs else ""))
         return words

@@ -31,6 +31,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Objective,
     Optim,
     Packing,
     Precision,
@@ -176,6 +177,8 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     _flag(p, "gradient_checkpointing", boolean=True)
     _flag(p, "fsdp", type=int_in(MAX_RANKS), extra_help=f" (1 to {MAX_RANKS:,})")
     _flag(p, "cpu_offload", boolean=True)
+    _flag(p, "objective", choices=_choices(Objective))
+    _flag(p, "precompute_ref_log_probs", boolean=True)
     add_stack_options(p)
     add_engine_options(p)
 

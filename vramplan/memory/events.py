@@ -77,6 +77,7 @@ from vramplan.memory.phases import (
     step_context,
     step_model,
 )
+from vramplan.memory.preference import reference_copy_blocks, reference_forward_parts
 from vramplan.memory.quantization import (
     nf4_quantize_temporaries,
     quantize_transient,
@@ -410,6 +411,8 @@ class _Builder:
             return self._foreach_temps
         if kind is PhaseKind.EMBEDDING_BACKWARD:
             return embedding_backward_tensors(self.ctx)
+        if kind is PhaseKind.REFERENCE_FORWARD:
+            return reference_forward_parts(self.ctx.spec, setup, self.ctx.params)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
             # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V;
             # in the hf loss's backward the logits only where the loop holds its output
@@ -621,6 +624,8 @@ def _build(b: _Builder) -> None:
     b.at_kind(PhaseKind.BUILD_QUANTIZE)
     b.record = saved_record
     _persistent(b, b.ctx.params, built=bool(quantized))
+    for size in reference_copy_blocks(b.ctx.params, b.ctx.setup):  # DPO's frozen copy, made after the policy
+        b.ledger.alloc(C.WEIGHTS, size)
 
 
 def _checkpointed_input(b: _Builder, i: int) -> None:
@@ -749,6 +754,7 @@ def _forward(b: _Builder) -> list[int | None]:
     b.at_kind(PhaseKind.FORWARD_FINAL_NORM, PhaseKind.FORWARD_LOSS)
     for tid in cache:
         led.free(tid)
+    b.at_kind(PhaseKind.REFERENCE_FORWARD)  # DPO: after the policy's forward returned (preference.py)
     b.at_kind(PhaseKind.LOSS_BACKWARD)
     led.free(released)
     b.at_kind(PhaseKind.FINAL_NORM_BACKWARD)

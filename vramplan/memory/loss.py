@@ -26,7 +26,7 @@ from vramplan.memory.norms import norm_saved
 from vramplan.memory.precision import upcast_roots
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Loss, ModelDtype, Precision, SavedModule, Stack, TrainingSetup
+from vramplan.setup import Loss, ModelDtype, Objective, Precision, SavedModule, Stack, TrainingSetup
 
 # Runtime buffers outside the model per token: input_ids, labels, shifted labels (int64). [cal]
 INPUT_BYTES_PER_TOKEN = 24
@@ -175,12 +175,12 @@ def chunked_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     (--compile, torchtune's compile_loss) and axolotl's patch of it (always compiled, over
     the model's full logits): memory/compile.py."""
     v = spec.vocab
-    chunk = setup.batch_size * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
+    chunk = setup.rows * -(-setup.seq_len // TORCHTUNE_CHUNKS)  # torch.chunk along the sequence
     saved = 4 * setup.tokens * v  # every chunk's log-softmax
     tanh = _logits(spec, setup) // 2 if spec.final_logit_softcapping else 0  # softcap's saved tanh output
     if setup.stack == Stack.AXOLOTL:
         plain = _compute_bytes(setup) * setup.tokens * v
-        fwd, bwd = axolotl_chunked_loss(setup.tokens, plain, tanh, setup.batch_size)
+        fwd, bwd = axolotl_chunked_loss(setup.tokens, plain, tanh, setup.rows)
         return LossTerms(forward=fwd, backward=bwd)
     head = _chunked_head_grad(spec, setup, chunk)
     if chunked_compiled(setup):
@@ -212,7 +212,7 @@ def _linear_ce_rows(setup: TrainingSetup) -> tuple[int, int, int]:
     an ignored last column, torchtune datasets/_sft.py:165-175; prompt masking would drop more,
     so an upper bound), and the last two of torch.tensor_split(R, 8)'s chunks (the first R % 8
     are one row longer)."""
-    rows, n = setup.batch_size * (setup.seq_len - 1), TORCHTUNE_CHUNKS
+    rows, n = setup.rows * (setup.seq_len - 1), TORCHTUNE_CHUNKS
     sizes = [rows // n + (1 if i < rows % n else 0) for i in range(n)]
     return rows, sizes[-1], sizes[-2]
 
@@ -266,23 +266,53 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     copy, saved), 7 fp32 running statistics per row, one tile buffer of min(N_v, 4096) rows x
     32768 columns whatever the vocabulary; backward: the same tile, an fp32 grad of the hidden
     rows cast back, and an fp32 weight grad cast back when lm_head trains."""
-    n, h, v = setup.tokens, spec.hidden, spec.vocab
-    rows = setup.batch_size * (setup.seq_len - 1)
+    h, v = spec.hidden, spec.vocab
+    rows = setup.rows * (setup.seq_len - 1)
+    dt_h, dt_w = stream_bytes(setup), _head_weight_bytes(setup)
+    tile, casts = _trl_tile_and_casts(spec, setup, rows)
+    saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
+    # DPOTrainer asks for mean_logits too (trl==1.16.0 dpo_trainer.py:943-947; memory/preference.py)
+    forward = trl_head_forward(spec, setup, TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0))
+    # fp32 accumulators cast back to the input's and the weight's dtype (chunked_logprob.py:428-438,
+    # zeros(..., float32) then `.to(dtype)`): the cast of an fp32 tensor to fp32 is the same tensor
+    weight_grad = v * h * (4 + _fp32_cast_copy(dt_w)) if head_trains(setup) else 0
+    backward = saved + rows * h * (4 + _fp32_cast_copy(dt_h)) + 4 * rows + tile + casts + weight_grad
+    return LossTerms(forward=forward, backward=backward)
+
+
+def _fp32_cast_copy(dtype_bytes: int) -> int:
+    """Bytes per element of `fp32_tensor.to(dtype)`: a new tensor, or none when dtype is fp32."""
+    return 0 if dtype_bytes == 4 else dtype_bytes
+
+
+# per token, SFTTrainer's fused-head outputs (sft_trainer.py:1144-1147): log_probs and entropy fp32, is_top1 bool
+TRL_SFT_OUTPUT_BYTES = 9
+
+
+def _trl_tile_and_casts(spec: ModelSpec, setup: TrainingSetup, rows: int) -> tuple[int, int]:
+    """The fused head's tile buffer, min(rows, 4096) x 32768 in the compute dtype whatever the
+    vocabulary (mm_buf, kernels/chunked_logprob.py:347, :413), and its per-tile casts to the
+    compute dtype: the hidden rows of an fp32 stream, and a slice of an fp32 lm_head,
+    `weight[start:end].to(compute_dtype)` with end = min(start + 32768, V) (:352-356 forward,
+    :420-423 backward): at most V rows."""
+    h, v = spec.hidden, spec.vocab
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
     tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
-    # per-tile casts to the compute dtype: the hidden rows of an fp32 stream, and a slice of an fp32
-    # lm_head, `weight[start:end].to(compute_dtype)` with end = min(start + 32768, V)
-    # (trl==1.16.0 kernels/chunked_logprob.py:352-356 forward, :420-423 backward): at most V rows,
-    # where the tile buffer is 32768 columns whatever V (mm_buf, :347, :413)
     casts = (min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0) + (
         min(v, TRL_VOCAB_TILE) * h * dt_c if dt_w != dt_c else 0
     )
-    saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
-    # the final norm's output, its gathered rows, the statistics and the outputs scattered to N
-    forward = n * h * dt_h + saved + 28 * rows + 9 * rows + 9 * n + tile + casts
-    weight_grad = v * h * (4 + dt_w) if head_trains(setup) else 0
-    backward = saved + rows * h * (4 + dt_h) + 4 * rows + tile + casts + weight_grad
-    return LossTerms(forward=forward, backward=backward)
+    return tile, casts
+
+
+def trl_head_forward(spec: ModelSpec, setup: TrainingSetup, output_bytes: int) -> int:
+    """The fused head's forward at its widest: the final norm's output, its gathered rows
+    (h_sel), targets and log_z/entropy (16 per row), the 7 fp32 running statistics, the
+    outputs per row and scattered to every token (`output_bytes` each), the tile and its casts."""
+    n, h = setup.tokens, spec.hidden
+    rows = setup.rows * (setup.seq_len - 1)
+    tile, casts = _trl_tile_and_casts(spec, setup, rows)
+    dt_h = stream_bytes(setup)
+    return n * h * dt_h + rows * h * dt_h + 16 * rows + 28 * rows + output_bytes * (rows + n) + tile + casts
 
 
 def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -350,7 +380,7 @@ def unsloth_tiled(setup: TrainingSetup) -> bool:
     T4/V100 case, where `_flash_ce_ok` needs sm80 too) and the labelled rows reach
     `_flash_min_rows`: 0 on a card of at most 24.5 GiB, 4096 above (:92-106). Below 4096 rows
     the chunked path of the larger cards is taken, the wider of the two."""
-    rows = setup.batch_size * (setup.seq_len - 1)
+    rows = setup.rows * (setup.seq_len - 1)
     return not head_trains(setup) and setup.precision != Precision.FP16 and rows >= UNSLOTH_MAX_ROWS
 
 
@@ -385,7 +415,7 @@ def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     then their float64 negation (:1371-1375); a bf16 copy of an fp32 lm_head (`w`)."""
     n, h, v = setup.tokens, spec.hidden, spec.vocab
     dt_h, dt_w, dt_c = stream_bytes(setup), _head_weight_bytes(setup), _compute_bytes(setup)
-    keep = setup.batch_size * (setup.seq_len - 1)
+    keep = setup.rows * (setup.seq_len - 1)
     head = v * h * dt_w if head_trains(setup) else 0
     held = n * h * dt_h + head
     around = n + 8 * keep + 8 * keep + (v * h * dt_c if dt_w != dt_c else 0)

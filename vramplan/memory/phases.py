@@ -56,6 +56,7 @@ from vramplan.memory.optimizers import (
 from vramplan.memory.parameters import Param, grad_bytes, parameters, saved_modules_note, upcast_note
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
+from vramplan.memory.preference import preference_notes, reference_forward_phase, with_reference_copy
 from vramplan.memory.quantization import build_phase, forward_quant_transient
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, LinearRole, MeasuredPhase, PhaseKind
@@ -98,6 +99,7 @@ def prepared_for(spec: ModelSpec, setup: TrainingSetup, prepared: Prepared | Non
 def prepare(spec: ModelSpec, setup: TrainingSetup) -> Prepared:
     params = parameters(spec, setup)
     static, engine = engine_static(spec, params, setup, static_bytes)
+    static = with_reference_copy(static, params, setup)  # DPO's frozen reference model (preference.py)
     units = engine_units(params, setup)
     return Prepared(spec, _token_free_key(setup), params, static, units, engine, head_unit_bytes(params, setup))
 
@@ -400,6 +402,7 @@ def step_model(
     layers = with_accumulated_grads(ctx, layer_backward_phases(ctx))
     phases = [
         *head_phases(ctx),
+        *reference_forward_phase(ctx),
         *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
         *root_hook_phase(ctx),
         *embedding_backward_phase(ctx),
@@ -415,6 +418,7 @@ def step_model(
     notes = (
         ([OFFLOAD_NOTE] if setup.cpu_offload else [])
         + loss_notes(setup)
+        + preference_notes(setup)
         + knob_notes(spec, setup)
         + precision_notes(setup)
         + optimizer_notes(setup, prepared.static)

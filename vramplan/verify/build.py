@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from vramplan.errors import VramplanError
 from vramplan.memory.freeze import first_trained_layer
+from vramplan.memory.preference import reference_copy
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
@@ -29,6 +30,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Objective,
     OptimFamily,
     OptimLibrary,
     Packing,
@@ -73,6 +75,7 @@ class Built:
     scaler: Any = None  # torch.amp.GradScaler under --precision fp16
     loss_fn: Any = None  # torchtune's loss module, made (and under --compile compiled) once
     engine: Any = None  # deepspeed.DeepSpeedEngine under --deepspeed: its backward and step
+    ref_model: Any = None  # --objective dpo on a full fine-tune: the frozen reference copy
 
     @property
     def optimizers(self) -> list:
@@ -82,7 +85,7 @@ class Built:
         import torch
 
         s = self.setup
-        ids = torch.randint(0, self.vocab, (s.batch_size, s.seq_len), device=self.device)
+        ids = torch.randint(0, self.vocab, (s.rows, s.seq_len), device=self.device)
         return ids.reshape(1, -1) if s.packing == Packing.PADDING_FREE else ids
 
     def position_ids(self, ids):
@@ -907,7 +910,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     import torch
 
     check_buildable(setup, device)
-    from vramplan.verify.losses import add_trl_head
+    from vramplan.verify.losses import DPO_OUTPUTS, TRL_OUTPUTS, add_trl_head
 
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
@@ -929,7 +932,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
-        add_trl_head(model)
+        add_trl_head(model, DPO_OUTPUTS if setup.objective == Objective.DPO else TRL_OUTPUTS)
+    ref_model = reference_copy_of(cfg, spec, dtype, device, setup) if reference_copy(setup) else None
     liger_note = apply_liger_layers(model, setup) if setup.liger_layers != LigerLayers.NONE else None
     if setup.lora_like:
         for p in model.parameters():
@@ -946,6 +950,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.gradient_checkpointing:
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
+    built.ref_model = ref_model
     if liger_note:
         built.notes.append(liger_note)
     if setup.lora_like:
@@ -967,6 +972,20 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
+def reference_copy_of(cfg, spec, dtype, device: str, setup: TrainingSetup):
+    """DPO's frozen reference model for a full fine-tune, made after the policy as TRL makes it
+    (trl==1.16.0 dpo_trainer.py:905-919: the same checkpoint in the policy's dtype, then
+    add_fused_lm_head with its default outputs, :948-949), in eval mode, nothing trained."""
+    from vramplan.verify.losses import add_trl_head
+
+    ref = meta_model(cfg, spec, dtype, setup.attention)
+    materialize(ref, device)
+    add_trl_head(ref, ("log_probs",))
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
 def check_buildable(setup: TrainingSetup, device: str) -> None:
     """What verify does not build, or builds only on CUDA, refused in one line before any
     weight is made."""
@@ -985,6 +1004,12 @@ def check_buildable(setup: TrainingSetup, device: str) -> None:
             "--lora-kernels",
         )
     check_device(setup.loss, device)
+    if reference_copy(setup) and setup.engine not in (Engine.SINGLE, Engine.DDP):
+        raise VramplanError(
+            "verify builds DPO's reference copy on one GPU or under DDP, not sharded by FSDP or DeepSpeed; "
+            "it is modelled from source",
+            "--objective",
+        )
     if setup.liger_layers != LigerLayers.NONE and not device.startswith("cuda"):
         raise VramplanError("Liger's layer kernels are Triton: they need --device cuda", "--liger-layers")
 

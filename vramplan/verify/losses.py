@@ -190,18 +190,59 @@ def axolotl_chunked_step(built, ids):
 
 
 def loss_step(setup) -> Callable:
-    """The step's loss as its stack runs it: --loss chunked is axolotl's patch on axolotl."""
-    from vramplan.setup import Stack
+    """The step's loss as its stack runs it: --loss chunked is axolotl's patch on axolotl;
+    --objective dpo is TRL's DPOTrainer."""
+    from vramplan.setup import Objective, Stack
 
+    if setup.objective == Objective.DPO:
+        return dpo_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
 
 
-def add_trl_head(model) -> None:
+def add_trl_head(model, outputs: tuple[str, ...] = TRL_OUTPUTS) -> None:
     """trl==1.16.0 SFTTrainer.__init__ (sft_trainer.py:1144-1147) patches every model with its
-    fused, chunked LM head before wrapping it with peft."""
-    _need("trl.trainer.utils", "--loss trl-chunked-nll").add_fused_lm_head(model, outputs=TRL_OUTPUTS)
+    fused, chunked LM head before wrapping it with peft; DPOTrainer asks it for DPO_OUTPUTS
+    (dpo_trainer.py:943-947), and its reference copy for log_probs alone (add_fused_lm_head's
+    default, :948-949)."""
+    _need("trl.trainer.utils", "--loss trl-chunked-nll").add_fused_lm_head(model, outputs=outputs)
+
+
+def dpo_step(built, ids):
+    """trl==1.16.0 DPOTrainer._compute_loss (dpo_trainer.py:1285-1332, the sigmoid loss :1386):
+    the policy's fused-head forward over the chosen and rejected rows, then under no_grad the
+    reference's (peft: the same model with its adapters disabled, `use_adapter(model, None)`;
+    a full fine-tune: the frozen copy), then the loss over the per-sequence log-prob sums. The
+    labels are the input ids (every position a completion token: preference.py). TRL turns
+    checkpointing off around the reference forward (disable_gradient_checkpointing), which
+    under no_grad saves nothing either way; it is left on here."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    model = built.model
+    kw = dict(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False, **built.inputs(ids))
+    out = _fp32_outputs(model, built)(**kw)
+    logps = out.log_probs.sum(dim=1)
+    if built.setup.precompute_ref_log_probs:  # the batch carries them (dpo_trainer.py:1311-1312)
+        ref_logps = torch.zeros_like(logps)
+    else:
+        reference = built.ref_model if built.ref_model is not None else model
+        adapters_off = model.disable_adapter() if built.ref_model is None else contextlib.nullcontext()
+        with torch.no_grad(), adapters_off:
+            ref_logps = _fp32_outputs(reference, built)(**kw).log_probs.sum(dim=1)
+    chosen, rejected = logps.chunk(2, dim=0)
+    ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
+    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    return -F.logsigmoid(DPO_BETA * delta).mean(), out
+
+
+# DPOConfig.beta's default (trl==1.16.0 dpo_config.py); its value changes no memory
+DPO_BETA = 0.1
+# What DPOTrainer asks the policy's fused head for (dpo_trainer.py:943-947)
+DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
 def trl_step(built, ids):

@@ -1,0 +1,196 @@
+"""DPO: what a preference step holds beyond an SFT step over the same rows (--objective dpo).
+
+Read from trl==1.16.0 (trainer/dpo_trainer.py, trainer/utils.py, models/utils.py), the
+trainer axolotl's `rl: dpo` subclasses; docs/memory-model.md, "Preference steps (DPO)".
+
+- Rows (TrainingSetup.rows): DataCollatorForPreference puts each pair's chosen and rejected
+  sequences in one batch, chosen rows first, padded to one length (dpo_trainer.py:146-206): an
+  SFT step's activations, loss and token buffers over 2 x batch rows. Every position is counted
+  as a completion token (the fused head gathers only those, utils.py:1636-1653): prompts are
+  masked in practice, so this is the upper end.
+- The policy's head (loss.trl_fused_loss): DPOTrainer asks the fused head for log_probs,
+  entropy, mean_logits and is_top1 (dpo_trainer.py:943-947), one fp32 output more than SFT's.
+- The reference model: with peft, none (the adapters are disabled for the reference forward,
+  dpo_trainer.py:1318-1326); a full fine-tune loads a frozen copy in the policy's dtype
+  (:905-919), sharded by FSDP as the policy (models/utils.py:292-340 prepare_fsdp, its CPU
+  offload included) and by ZeRO-3, whole on every GPU under ZeRO-1/2 (stage 0,
+  models/utils.py:284-286) and DDP (accelerator.prepare_model(evaluation_mode=True)).
+  `precompute_ref_log_probs` computes the reference log-probs once before training: no copy
+  is kept (except under FSDP, where it is freed after the precompute) and the step has no
+  reference forward.
+- The reference forward (dpo_trainer.py:1313-1332): after the policy's forward returned, every
+  tensor it saved alive, under no_grad and with checkpointing off: each decoder layer's working
+  set saving nothing (the rule of a checkpointed layer's forward,
+  checkpointing.checkpointed_forward, without the adapter's path), a 4-bit weight dequantized
+  or an fp32 frozen weight cast to bf16 per matmul, then the fused head's forward over the
+  same rows, its outputs the reference's (log_probs alone on a separate copy, utils.py
+  add_fused_lm_head's default)."""
+
+from __future__ import annotations
+
+from vramplan.categories import Category as C
+from vramplan.memory.checkpointing import checkpointed_forward
+from vramplan.memory.context import StaticBytes, StepContext, activation_context, stream_bytes
+from vramplan.memory.fsdp import forward_end_gathered, layer_forward_gathered, shard_for
+from vramplan.memory.loss import trl_head_forward
+from vramplan.memory.mlp import is_gated, mlp_width
+from vramplan.memory.parameters import Param
+from vramplan.memory.quantization import forward_quant_transient
+from vramplan.memory.storage import Phase, alloc
+from vramplan.memory.types import PhaseKind
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import DeepSpeedStage, Engine, Method, Objective, TrainingSetup
+
+# Per token, what the policy's step adds to an SFT step's inputs: the labels _compute_loss makes
+# (`input_ids.masked_fill(completion_mask == 0, -100)`, int64) beside the collator's completion_mask.
+DPO_LABELS_BYTES = 8
+# fp32 per token of the policy's fused-head outputs beyond SFT's: mean_logits (dpo_trainer.py:945)
+POLICY_EXTRA_OUTPUT = 4
+# the reference copy's head returns log_probs alone (add_fused_lm_head's default outputs): fp32,
+# where the policy's (and peft's, the same model) return log_probs, entropy, mean_logits, is_top1
+COPY_OUTPUT_BYTES = 4
+
+NOTE = (
+    "--objective dpo: TRL's DPOTrainer modelled from source (trl==1.16.0 trainer/dpo_trainer.py), "
+    "CPU-traced with TRL's fused head (docs/cpu-trace.md), not measured on a GPU: 2 rows per pair, every "
+    "position counted as a completion token (an upper end: prompts are masked)"
+)
+
+
+def is_dpo(setup: TrainingSetup) -> bool:
+    return setup.objective == Objective.DPO
+
+
+def reference_forward(setup: TrainingSetup) -> bool:
+    """The step runs a reference forward (not precomputed)."""
+    return is_dpo(setup) and not setup.precompute_ref_log_probs
+
+
+def reference_copy(setup: TrainingSetup) -> bool:
+    """A frozen copy of the model is kept: a full fine-tune (no peft model to disable), not precomputed."""
+    return reference_forward(setup) and not setup.lora_like
+
+
+def reference_copy_blocks(params: list[Param], setup: TrainingSetup) -> list[int]:
+    """This GPU's storage of the reference copy, one block per parameter, in the policy's
+    weight dtype; empty when there is no copy or it lives on the host (FSDP CPU offload,
+    ZeRO-3 offload_param)."""
+    if not reference_copy(setup):
+        return []
+    if setup.cpu_offload or (setup.deepspeed == DeepSpeedStage.ZERO3 and setup.offload_params):
+        return []
+    size = setup.weight_dtype.bytes
+    return [alloc(size * _held_elements(p, setup)) for p in params if not p.kind.quantized]
+
+
+def reference_host_bytes(params: list[Param], setup: TrainingSetup) -> int:
+    """The copy's pinned host bytes under FSDP CPU offload (its shards live on the host)."""
+    if not (reference_copy(setup) and setup.cpu_offload):
+        return 0
+    return sum(alloc(setup.weight_dtype.bytes * shard_for(p, setup)) for p in params)
+
+
+def _held_elements(p: Param, setup: TrainingSetup) -> int:
+    if setup.sharded:
+        return shard_for(p, setup)
+    if setup.deepspeed == DeepSpeedStage.ZERO3:
+        return -(-p.numel // setup.data_parallel)
+    return p.numel
+
+
+def with_reference_copy(static: StaticBytes, params: list[Param], setup: TrainingSetup) -> StaticBytes:
+    """The persistent bytes with the reference copy added (weights; its host shards pinned)."""
+    copy = sum(reference_copy_blocks(params, setup))
+    host = reference_host_bytes(params, setup)
+    if not copy and not host:
+        return static
+    parts = dict(static.parts)
+    parts[C.WEIGHTS] = parts.get(C.WEIGHTS, 0) + copy
+    return StaticBytes(parts, static.grads, static.optimizer_states, static.host_pinned + host, static.paged_states)
+
+
+def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """What the policy's forward leaves beside the layers' saved tensors at the reference
+    forward: the fused head's saved rows and statistics (loss.trl_fused_loss `saved`), then its
+    outputs scattered to every token (log_probs, entropy, mean_logits fp32, is_top1 and the
+    label mask bool) with the labels _compute_loss made."""
+    rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
+    saved = rows * spec.hidden * stream_bytes(setup) + 16 * rows
+    return [alloc(saved), alloc(n * (9 + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
+
+
+def _layer_working_set(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """The widest decoder layer's no-grad forward, per token, oldest first (no adapter path:
+    disabled, or a copy)."""
+    act = activation_context(setup)
+    residual = act.stream * spec.hidden
+    sets = [
+        checkpointed_forward(spec, layer, act, mlp_width(layer, spec.hidden), is_gated(layer), residual, [])
+        for layer in spec.layers
+    ]
+    return max(sets, key=sum)
+
+
+def _weight_transient(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> int:
+    """One Linear's weight made for its matmul: a 4-bit weight dequantized (or LLM.int8's
+    working set), else a frozen fp32 weight cast to bf16 by autocast, which caches no cast of a
+    tensor that does not require grad (aten/src/ATen/autocast_mode.cpp cached_cast)."""
+    if setup.method == Method.QLORA:
+        return forward_quant_transient(spec.layers, params, activation_context(setup), setup.tokens)
+    if setup.autocast and setup.weight_dtype.bytes == 4:
+        return alloc(2 * max(l.numel for layer in spec.layers for l in layer.linears))
+    return 0
+
+
+def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
+    """The reference forward's widest moment beyond the policy's saved tensors, as blocks: what
+    the policy's head left, then the wider of a decoder layer's moment and the fused head's
+    forward. In a layer: the embedding output (held by the model's forward until it returns)
+    and the block's input (held by the decoder loop through the call), with the layer's working
+    set at its widest, an elementwise product that is its last tensor, or at the matmul before
+    it, where the weight made for the matmul (_weight_transient) takes the product's place."""
+    n = setup.tokens
+    stream = stream_bytes(setup) * spec.hidden
+    ws = [alloc(n * x) for x in _layer_working_set(spec, setup)]
+    weight = _weight_transient(spec, setup, params)
+    at_matmul = ws[:-1] + [weight]
+    layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
+    out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
+    head = [alloc(trl_head_forward(spec, setup, out))]
+    return policy_held_parts(spec, setup) + (layer if sum(layer) > sum(head) else head)
+
+
+def reference_forward_phase(ctx: StepContext) -> list[Phase]:
+    """The moment of the reference forward (the forward's measured phase)."""
+    if not reference_forward(ctx.setup):
+        return []
+    ph = ctx.base(PhaseKind.REFERENCE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.cast_cache)
+    ph.add(C.TRANSIENT, sum(reference_forward_parts(ctx.spec, ctx.setup, ctx.params)))
+    if ctx.sharded:
+        # the reference's units gathered as a forward gathers them; a separate copy's beside the
+        # policy's root and last unit, still gathered from the policy's forward
+        gathered = layer_forward_gathered(ctx.units, ctx.gathering)
+        if reference_copy(ctx.setup):
+            gathered += forward_end_gathered(ctx.units, ctx.gathering)
+        ph.add(C.FSDP_BUFFERS, gathered)
+    return [ph]
+
+
+def preference_notes(setup: TrainingSetup) -> list[str]:
+    if not is_dpo(setup):
+        return []
+    notes = [NOTE]
+    if reference_copy(setup):
+        where = (
+            "sharded as the policy"
+            if setup.sharded or setup.deepspeed == DeepSpeedStage.ZERO3
+            else "whole on every GPU"
+        )
+        notes.append(f"reference model: a frozen copy of the model in {setup.weight_dtype.value}, {where}")
+    elif setup.precompute_ref_log_probs:
+        notes.append("reference log-probs precomputed before training: no reference forward in the step")
+    else:
+        notes.append("reference model: the policy with its adapters disabled (no copy)")
+    if setup.engine == Engine.DEEPSPEED and reference_copy(setup) and setup.deepspeed != DeepSpeedStage.ZERO3:
+        notes.append("DeepSpeed below ZeRO-3 keeps the reference copy whole (TRL prepares it at stage 0)")
+    return notes
