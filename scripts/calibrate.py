@@ -594,6 +594,31 @@ CASES = [
         liger_layers="all",
         seconds=90,
     ),
+    # TRL 1.16's DPOTrainer (memory/preference.py, --objective dpo; CPU-traced, never on a GPU): a LoRA
+    # step on TRL's defaults (fp32 weights, autocast, checkpointing: the reference forward through the
+    # disabled adapters), a QLoRA one, and a full fine-tune with its frozen fp32 reference copy
+    case(
+        "l8b_dpo_lora16_ckpt_b1s2048_trl",
+        L8B,
+        stack="trl",
+        objective="dpo",
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=1,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l8b_dpo_qlora_nf4_ckpt_b2s1024_trl",
+        L8B,
+        stack="trl",
+        objective="dpo",
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=1024,
+    ),
+    case("l1b_dpo_full_b1s2048_trl", L1B, stack="trl", objective="dpo", method="full", batch_size=1, seq_len=2048),
     # Unsloth's fused linear CE (unsloth_zoo 2026.10.9 fused_linear.py): 8191 kept rows >= 4096 and a
     # frozen head, so the tiled forward (one 4096 x 16384 fp32 tile) on any card
     case(
@@ -1117,7 +1142,7 @@ def lease_order(cases: list[dict]) -> list[dict]:
     first = [c for c in cases if c["name"] in HISTORY_CASES or c["name"] in REMEASURE]
     first += select(cases, None, None, core=True)
     first += [c for c in cases if c.get("memory_limit_mb")]
-    first += [c for c in cases if {"loss", "attention", "stack", "liger_layers"} & set(c["setup"])]
+    first += [c for c in cases if {"loss", "attention", "stack", "liger_layers", "objective"} & set(c["setup"])]
     return list({c["name"]: c for c in [*first, *cases]}.values())  # each once, where it came first
 
 

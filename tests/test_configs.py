@@ -1056,12 +1056,15 @@ def test_flash_attention_3_from_the_hub_reads_as_flash(tmp_path):
 
 
 def test_a_trl_preference_config_is_said_not_unknown(tmp_path):
-    """trl==1.16.0 DPOConfig/GRPOConfig keys SFTConfig lacks: the file is another trainer's."""
+    """Keys SFTConfig lacks that trl==1.16.0's DPOConfig lacks too (max_prompt_length: DPO's before
+    TRL 1.0, CPO's and ORPO's) or that only GRPOConfig takes: the file is another trainer's, said,
+    estimated as SFT (a DPOConfig file is DPO's: tests/test_preference.py)."""
     f = tmp_path / "dpo.yaml"
     f.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nbeta: 0.1\nmax_prompt_length: 1024\nmax_length: 2048\n")
     reading = read_config([str(f)])
     assert reading.unknown == ()
-    assert [u.key for u in reading.unmodelled] == ["beta"] and "SFT" in reading.unmodelled[0].why
+    assert [u.key for u in reading.unmodelled] == ["max_prompt_length"] and "SFT" in reading.unmodelled[0].why
+    assert "objective" not in reading.fields
     g = tmp_path / "grpo.yaml"
     g.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nnum_generations: 8\nuse_vllm: true\n")
     assert "GRPO" in read_config([str(g)]).unmodelled[0].why

@@ -1215,6 +1215,8 @@ def test_committed_rows_match_this_model(row, tmp_path):
 # 16384-wide MLP, a 64-token vocabulary): the reference forward's decoder layer is the forward's
 # peak, not the fused head's 32768-column tile. Held to 1.5% per phase.
 PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_layers": 2}
+# 1024 wide, 64 tokens a row: the dequantized weight at the up projection's matmul is the layer's widest
+PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
 PREFERENCE_CASES = {
     "dpo-lora": (LLAMA, dict(DPO, method="lora")),
@@ -1226,6 +1228,7 @@ PREFERENCE_CASES = {
     "dpo-wide-qlora": (PREF_WIDE, dict(DPO, method="qlora")),
     "dpo-wide-lora-bf16": (PREF_WIDE, dict(DPO, method="lora", precision="bf16", model_dtype="bf16")),
     "dpo-wide-full-bf16": (PREF_WIDE, dict(DPO, method="full", precision="bf16", model_dtype="bf16")),
+    "dpo-matmul-qlora": (PREF_MATMUL, dict(DPO, method="qlora", batch_size=1, seq_len=64)),
 }
 
 
@@ -1234,8 +1237,14 @@ def _forward_peak_kind(spec, setup) -> PhaseKind:
     return max(forward, key=lambda p: p.allocated).kind
 
 
+# traced again in the CPU-trace tier: one of each kind (peft's disabled adapters, the copy, the
+# reference's layer moment at the product and at the matmul); every case's committed row is held
+# by the fast tier below
+PREFERENCE_RETRACED = ("dpo-lora", "dpo-full", "dpo-wide-lora", "dpo-matmul-qlora")
+
+
 @pytest.mark.cputrace
-@pytest.mark.parametrize("name", list(PREFERENCE_CASES))
+@pytest.mark.parametrize("name", PREFERENCE_RETRACED)
 def test_dpo_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
 
@@ -1245,7 +1254,7 @@ def test_dpo_step_phases_match_the_cpu_trace(name, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     setup = make_setup(**{**B2S256, **fields})
     spec = load_model_spec(str(tmp_path), use_cache=False)
-    if cfg is PREF_WIDE:  # the case pins the reference forward's rule
+    if cfg in (PREF_WIDE, PREF_MATMUL):  # the case pins the reference forward's rule
         assert _forward_peak_kind(spec, setup) == PhaseKind.REFERENCE_FORWARD
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
@@ -1259,3 +1268,22 @@ def test_dpo_step_phases_match_the_cpu_trace(name, tmp_path):
 
 def test_every_preference_case_is_committed():
     assert {r["name"] for r in _committed("preference")} == set(PREFERENCE_CASES)
+
+
+def test_the_committed_dpo_rows_match_the_model(tmp_path):
+    """The memory model of this commit against every committed traced row of the preference
+    group (trl==1.16.0's DPOTrainer step on the CPU), per phase, to the same tolerance."""
+    off = {}
+    for r in _committed("preference"):
+        (tmp_path / "config.json").write_text(json.dumps(r["config"]))
+        spec = load_model_spec(str(tmp_path), use_cache=False)
+        setup = make_setup(**r["setup"])
+        if r["config"]["vocab_size"] == 64:  # the cases that pin the reference forward's rule
+            assert _forward_peak_kind(spec, setup) == PhaseKind.REFERENCE_FORWARD, r["name"]
+        phases = _model_phases(spec, setup)
+        for p in ("forward", "backward", "optimizer"):
+            t = r[p]["traced_bytes"]
+            if abs(phases[p] - t) > TOL * t:
+                off[f"{r['name']}/{p}"] = f"traced {t / 2**20:.2f} MiB, model {phases[p] / 2**20:.2f} MiB"
+    assert len(_committed("preference")) == len(PREFERENCE_CASES)
+    assert not off, off

@@ -51,5 +51,11 @@ def data_parallel_phrase(gpu_count: int, setup: TrainingSetup | None = None) -> 
     )
 
 
-def batch_phrase(batch_size: int, seq_len: int) -> str:
+def batch_phrase(batch_size: int, seq_len: int, rows: int | None = None) -> str:
+    """The micro-batch as assumed; `rows` when they differ from the examples (DPO: 2 per pair)."""
+    if rows is not None and rows != batch_size:
+        return (
+            f"micro-batch {batch_size} pairs ({rows} rows: chosen and rejected) x {seq_len} tokens per GPU "
+            "(--batch-size, --seq-len)"
+        )
     return f"micro-batch {batch_size} x {seq_len} tokens per GPU (--batch-size, --seq-len)"

@@ -322,8 +322,9 @@ class Stack(str, Enum):
         return self in (Stack.HF_TRAINER, Stack.TRL, Stack.UNSLOTH, Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
-# The trainers whose DPO step is modelled: TRL's DPOTrainer, which axolotl's rl: dpo subclasses
-DPO_STACKS = (Stack.TRL, Stack.AXOLOTL)
+# The trainers whose DPO step is modelled: TRL 1.16's DPOTrainer. axolotl==0.19.0 pins trl==1.9.0,
+# whose DPOTrainer makes full logits, and LLaMA-Factory runs its own (configs/axolotl.py, llamafactory.py)
+DPO_STACKS = (Stack.TRL,)
 
 
 class Loss(str, Enum):
@@ -742,7 +743,7 @@ class TrainingSetup(BaseModel):
     )
     objective: Objective = Field(
         Objective.SFT,
-        description="sft (one sequence per example), or dpo: TRL's DPOTrainer (axolotl's rl: dpo), each pair's "
+        description="sft (one sequence per example), or dpo: TRL 1.16's DPOTrainer (--stack trl), each pair's "
         "chosen and rejected rows in one batch, then a no-grad reference forward: peft's adapters disabled, or "
         "a frozen copy of the model for a full fine-tune",
     )
@@ -824,8 +825,8 @@ class TrainingSetup(BaseModel):
         return self
 
     def _check_objective(self) -> None:
-        """--objective dpo is TRL's DPOTrainer (memory/preference.py): the trainers that run it
-        (TRL, axolotl's rl: dpo), its log-probs from TRL's fused chunked head."""
+        """--objective dpo is TRL 1.16's DPOTrainer (memory/preference.py), its log-probs from
+        TRL's fused chunked head."""
         if self.objective == Objective.SFT:
             if self.precompute_ref_log_probs:
                 raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
@@ -841,6 +842,12 @@ class TrainingSetup(BaseModel):
                 "TRL's DPOTrainer takes its log-probs from its fused chunked LM head (trl==1.16.0 "
                 f"dpo_trainer.py:943-947): --loss trl-chunked-nll, not {self.loss.value}",
                 "--loss",
+            )
+        if self.packing != Packing.NONE:
+            raise VramplanError(
+                "TRL's DPOTrainer pads each batch (padding_free falls back to padding, trl==1.16.0 "
+                "dpo_trainer.py:133-140): --packing none",
+                "--packing",
             )
 
     def _check_liger_layers(self) -> None:

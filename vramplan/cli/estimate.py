@@ -89,7 +89,7 @@ def estimate_assumptions(
     from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
 
     return [
-        batch_phrase(setup.batch_size, setup.seq_len),
+        batch_phrase(setup.batch_size, setup.seq_len, setup.rows),
         stack_phrase(setup.stack),
         host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
         data_parallel_phrase(gpu_count, setup if one_setup else None),

@@ -333,8 +333,9 @@ def _packing(c: Collector) -> None:
 # utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
-    "rl": "preference/RL training: paired chosen/rejected sequences and a reference model (or generation) "
-    "are not modelled; estimated as one SFT step",
+    "rl": "preference/RL training: axolotl==0.19.0 runs trl==1.9.0's trainers (its pin), whose DPO makes "
+    "the full [2B,S,V] fp32 logits twice (policy and reference), not TRL 1.16's fused head that "
+    "--stack trl --objective dpo models; estimated as one SFT step",
     "reward_model": "a reward model's classification head and paired batches are not modelled; estimated as SFT",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",

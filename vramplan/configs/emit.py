@@ -30,6 +30,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Objective,
     Optim,
     OptimFamily,
     Packing,
@@ -59,6 +60,12 @@ def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], 
     as comments; ``world`` = GPUs for DeepSpeed/DDP launches (FSDP takes ``setup.fsdp``)."""
     if fmt not in _BUILDERS:
         raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
+    if setup.objective == Objective.DPO and fmt not in ("trl", "accelerate"):
+        raise VramplanError(
+            f"{fmt} cannot express objective=dpo: the DPO step modelled is TRL 1.16's DPOTrainer "
+            "(axolotl 0.19 runs trl 1.9's, LLaMA-Factory its own); write --emit trl",
+            "--emit",
+        )
     run, body = _BUILDERS[fmt](setup, model_id, world)
     lines = [f"# Written by vramplan --emit {fmt}. Run: {run}"]
     lines += [f"# {key}: {' '.join(str(value).split())}" for key, value in header.items()]
@@ -317,6 +324,9 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         report_to="none",
     )
     d.update(_trl_liger(s.liger_layers))
+    run = "trl sft --config this.yaml"
+    if s.objective == Objective.DPO:
+        run = _trl_dpo(s, d)
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -330,7 +340,21 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
         d["num_processes"] = world or 1
-    return "trl sft --config this.yaml", d
+    return run, d
+
+
+def _trl_dpo(s: TrainingSetup, d: dict[str, Any]) -> str:
+    """`trl dpo --config`: DPOConfig's keys in place of SFTConfig's packing (a DPOConfig has no
+    packing field, trl==1.16.0 trainer/dpo_config.py) and loss_type; a preference dataset."""
+    del d["packing"]
+    d.update(
+        dataset_name="trl-lib/ultrafeedback_binarized",
+        loss_type=["sigmoid"],
+        beta=0.1,
+        precompute_ref_log_probs=s.precompute_ref_log_probs,
+        learning_rate=5e-6 if not s.lora_like else 5e-5,
+    )
+    return "trl dpo --config this.yaml"
 
 
 def _trl_liger(layers: LigerLayers) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from vramplan.setup import (
     LoraTargets,
     Loss,
     Method,
+    Objective,
     Packing,
     Precision,
     Quant,
@@ -285,7 +286,7 @@ def _loss(c: Collector, trl: bool) -> None:
             "loss_type" if "loss_type" in c.data else "model_name_or_path",
             "loss",
             Loss.TRL_CHUNKED_NLL,
-            f"{_TRL} SFTTrainer always computes the loss through its fused chunked LM head "
+            f"{_TRL} SFTTrainer (and DPOTrainer) always compute the loss through the fused chunked LM head "
             "(trl/kernels/chunked_logprob.py; sft_trainer.py:1142-1147), whatever loss_type says",
         )
     elif fused_ce:
@@ -295,25 +296,44 @@ def _loss(c: Collector, trl: bool) -> None:
         c.unmodelled("label_smoothing_factor", "label smoothing goes through the Trainer's full-logits loss")
 
 
-# Keys only TRL's preference, RL and distillation trainers take (trl==1.16.0
-# trainer/{dpo,kto,grpo,rloo,reward,distillation}_config.py), not SFTConfig: a file with one is
-# run by `trl dpo|kto|grpo|rloo|reward|...`, a step with a reference or teacher model, paired or
-# generated sequences, which vramplan does not model.
+# Keys only TRL's DPOConfig takes, not SFTConfig (trl==1.16.0 trainer/dpo_config.py): a file with
+# one is run by `trl dpo` (memory/preference.py). beta, sync_ref_model and the precompute keys are
+# KTO's too; a file with a KTO key is KTO's.
+_DPO_KEYS = (
+    "precompute_ref_log_probs",
+    "precompute_ref_batch_size",
+    "loss_weights",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "use_weighting",
+    "discopop_tau",
+    "label_smoothing",
+    "beta",
+    "disable_dropout",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+)
+# Keys only TRL's other trainers take (trl==1.16.0 trainer/{kto,grpo,rloo,reward,distillation}
+# _config.py; max_prompt_length and max_completion_length: DPO's before 1.0, CPO's and ORPO's):
+# a step with generated sequences, a teacher, or unpaired examples, which vramplan does not model.
 _OTHER_TRAINERS = {
-    "DPO": ("precompute_ref_log_probs", "loss_weights", "ld_alpha", "f_divergence_type", "use_weighting", "rpo_alpha"),
     "KTO": ("desirable_weight", "undesirable_weight"),
     "GRPO/RLOO": ("num_generations", "generation_batch_size", "steps_per_generation", "use_vllm", "reward_weights"),
     "reward": ("center_rewards_coefficient",),
     "distillation": ("teacher_model_name_or_path", "teacher_model_init_kwargs"),
-    "preference": ("beta", "max_prompt_length", "max_completion_length", "sync_ref_model", "ref_model_init_kwargs"),
+    "preference": ("max_prompt_length", "max_completion_length", "ref_model_init_kwargs", "rpo_alpha"),
 }
 
 
 def _other_trainer(c: Collector) -> None:
-    """A TRL file for another trainer than SFT: said in one line, its keys not listed as unknown;
-    the step is estimated as SFT's."""
+    """A TRL file for another trainer than SFT: DPO's keys make the step DPO's (--objective
+    dpo); another trainer's are said in one line, not listed as unknown, and the step is
+    estimated as SFT's."""
     found = [(name, k) for name, keys in _OTHER_TRAINERS.items() for k in keys if k in c.data]
     if not found:
+        _dpo(c)
         return
     name, first = found[0]
     keys = ", ".join(k for _, k in found)
@@ -322,8 +342,32 @@ def _other_trainer(c: Collector) -> None:
         f"{keys}: a TRL {name} trainer's config; its reference or teacher model and paired or generated "
         "sequences are not modelled; estimated as an SFT step",
     )
-    for _, k in found:
+    for _, k in found + [("DPO", k) for k in _DPO_KEYS if k in c.data]:
         c.get(k)
+
+
+def _dpo(c: Collector) -> None:
+    """`trl dpo`'s keys: the step is DPOTrainer's (trl==1.16.0 dpo_trainer.py); it pads, not
+    packs (padding_free falls back to padding, :133-140), and asks the fused head for one output
+    more when use_weighting (log_sum_sq_probs, :958-959), which is not modelled."""
+    keys = [k for k in _DPO_KEYS if k in c.data]
+    if not keys:
+        return
+    c.set(keys[0], "objective", Objective.DPO, f"{_TRL} DPOConfig key: DPOTrainer's step")
+    for k in keys:
+        c.get(k)
+    precompute = c.get("precompute_ref_log_probs")
+    if precompute is not None and c.flag("precompute_ref_log_probs", precompute):
+        c.set("precompute_ref_log_probs", "precompute_ref_log_probs", True)
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set(
+            "padding_free" if "padding_free" in c.data else "packing",
+            "packing",
+            Packing.NONE,
+            "DPOTrainer pads: padding_free falls back to padding (dpo_trainer.py:133-140)",
+        )
+    if c.get("use_weighting") is True:
+        c.unmodelled("use_weighting", "WPO weights: one fp32 output per token more (log_sum_sq_probs)")
 
 
 def _launch(c: Collector) -> None:

@@ -158,7 +158,10 @@ def _stage(c: Collector) -> None:
     stage = c.get("stage", "sft")
     if stage not in ("sft", "pt"):
         c.unmodelled(
-            "stage", f"stage {stage}: reward/reference models and paired batches are not modelled; estimated as sft"
+            "stage",
+            f"stage {stage}: reward/reference models and paired batches are not modelled (LLaMA-Factory's DPO "
+            "keeps the fp32 logits and their log-softmax of every row, train/dpo/trainer.py:218-252; not TRL "
+            "1.16's fused head that --stack trl --objective dpo models); estimated as sft",
         )
 
 

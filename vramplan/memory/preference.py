@@ -1,7 +1,9 @@
 """DPO: what a preference step holds beyond an SFT step over the same rows (--objective dpo).
 
-Read from trl==1.16.0 (trainer/dpo_trainer.py, trainer/utils.py, models/utils.py), the
-trainer axolotl's `rl: dpo` subclasses; docs/memory-model.md, "Preference steps (DPO)".
+Read from trl==1.16.0 (trainer/dpo_trainer.py, trainer/utils.py, models/utils.py) and traced
+on the CPU with it (docs/cpu-trace.md, group "preference"); docs/memory-model.md, "Preference
+steps (DPO)". axolotl==0.19.0 (trl==1.9.0, full logits) and LLaMA-Factory's own DPO trainer
+are not this step (configs/axolotl.py, configs/llamafactory.py).
 
 - Rows (TrainingSetup.rows): DataCollatorForPreference puts each pair's chosen and rejected
   sequences in one batch, chosen rows first, padded to one length (dpo_trainer.py:146-206): an
@@ -119,16 +121,19 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     return [alloc(saved), alloc(n * (9 + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
 
 
-def _layer_working_set(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+def _layer_working_set(spec: ModelSpec, setup: TrainingSetup) -> tuple[list[int], int]:
     """The widest decoder layer's no-grad forward, per token, oldest first (no adapter path:
-    disabled, or a copy)."""
+    disabled, or a copy), and that layer's MLP width."""
     act = activation_context(setup)
     residual = act.stream * spec.hidden
     sets = [
-        checkpointed_forward(spec, layer, act, mlp_width(layer, spec.hidden), is_gated(layer), residual, [])
+        (
+            checkpointed_forward(spec, layer, act, mlp_width(layer, spec.hidden), is_gated(layer), residual, []),
+            mlp_width(layer, spec.hidden),
+        )
         for layer in spec.layers
     ]
-    return max(sets, key=sum)
+    return max(sets, key=lambda s: sum(s[0]))
 
 
 def _weight_transient(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> int:
@@ -147,13 +152,15 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     the policy's head left, then the wider of a decoder layer's moment and the fused head's
     forward. In a layer: the embedding output (held by the model's forward until it returns)
     and the block's input (held by the decoder loop through the call), with the layer's working
-    set at its widest, an elementwise product that is its last tensor, or at the matmul before
-    it, where the weight made for the matmul (_weight_transient) takes the product's place."""
+    set at its widest, the elementwise product that is its last tensor, or at the up
+    projection's matmul before it: act(gate) beside the weight made for the matmul
+    (_weight_transient) and its bf16 output (a 4-bit Linear casts it to the stream's dtype
+    after the weight is freed). [CPU trace: group "preference"]"""
     n = setup.tokens
     stream = stream_bytes(setup) * spec.hidden
-    ws = [alloc(n * x) for x in _layer_working_set(spec, setup)]
-    weight = _weight_transient(spec, setup, params)
-    at_matmul = ws[:-1] + [weight]
+    parts, f = _layer_working_set(spec, setup)
+    ws = [alloc(n * x) for x in parts]
+    at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
     layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
     out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
     head = [alloc(trl_head_forward(spec, setup, out))]

@@ -107,6 +107,8 @@ WIDE_TABLE = 100
 def print_plan(result: PlanResult, console: Console | None = None) -> None:
     console = console or Console()  # the terminal's width; rich folds the configuration column to fit
     title = f"{result.model} on {result.gpus} ({result.gpu_memory_bytes / GiB:.1f} GiB each): fastest that fit"
+    if any(r.setup.rows != r.setup.batch_size for r in result.rows):
+        title += " (DPO: batch in preference pairs, 2 rows each)"
     t = Table(title=title, title_justify="left")
     wide = console.width >= WIDE_TABLE
     t.add_column("configuration", justify="left", min_width=18)

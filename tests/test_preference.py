@@ -1,0 +1,187 @@
+"""DPO (--objective dpo, memory/preference.py) against sums done by hand from trl==1.16.0's
+source; the CPU trace of the real step is tests/test_cpu_trace.py's "preference" group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vramplan.categories import Category as C
+from vramplan.configs.combine import read_config
+from vramplan.errors import VramplanError
+from vramplan.estimate import make_setup
+from vramplan.memory import PhaseKind, step_model
+from vramplan.memory.parameters import parameters
+from vramplan.memory.preference import reference_forward_parts
+from vramplan.model_loader import load_model_spec
+from vramplan.setup import Objective
+
+SPEC = load_model_spec("llama-3.1-8b", num_layers=4)
+MATMUL = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=1024,
+    intermediate_size=16384,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+)
+
+
+def _phases(setup) -> dict[PhaseKind, int]:
+    return {p.kind: p.allocated for p in step_model(SPEC, setup).phases if p.kind is not PhaseKind.LAYER_BACKWARD}
+
+
+def _dpo(**kw):
+    return make_setup(stack="trl", objective="dpo", **kw)
+
+
+def test_a_pair_is_two_rows_and_the_head_one_fp32_output_more():
+    """Precomputed reference: batch b of pairs is the SFT step over 2b rows, but for the
+    fused head's mean_logits (4 bytes per labelled row and per token, dpo_trainer.py:943-947)."""
+    kw = dict(method="lora", gradient_checkpointing=True, seq_len=1024)
+    dpo = _phases(_dpo(batch_size=2, precompute_ref_log_probs=True, **kw))
+    sft = _phases(make_setup(stack="trl", batch_size=4, **kw))
+    rows, tokens = 4 * 1023, 4 * 1024
+    assert dpo[PhaseKind.FORWARD_LOSS] - sft[PhaseKind.FORWARD_LOSS] == 4 * (rows + tokens)
+    same = set(dpo) - {PhaseKind.FORWARD_LOSS}
+    assert {k: dpo[k] for k in same} == {k: sft[k] for k in same}
+    assert PhaseKind.REFERENCE_FORWARD not in dpo
+
+
+def test_the_reference_forward_of_an_8b_lora_step_by_hand():
+    """bf16 LoRA, checkpointed, 1 pair x 2048: what the policy's head left (h_sel 4094 x 4096 bf16 +
+    16 B per row; 22 B per token of outputs, mask and labels), then the MLP's no-grad working set
+    (two residual-sized tensors, act(gate), up and their product, 14336 wide) beside the embedding
+    output and the block's input; it is wider than the head's forward (its 4094 x 32768 tile)."""
+    setup = _dpo(method="lora", precision="bf16", model_dtype="bf16", gradient_checkpointing=True, seq_len=2048)
+    n, rows, h, f = 4096, 4094, 4096, 14336
+    held = [33_603_584, 22 * n]  # alloc(rows*h*2 + 16*rows), n*22
+    layer = [n * 2 * h] * 2 + [n * 2 * h] * 2 + [n * 2 * f] * 3
+    parts = reference_forward_parts(SPEC, setup, parameters(SPEC, setup))
+    assert held[0] == -(-(rows * h * 2 + 16 * rows) // 512) * 512
+    assert parts == held + layer
+    ph = {p.kind: p for p in step_model(SPEC, setup).phases}
+    ref, loss_bwd = ph[PhaseKind.REFERENCE_FORWARD], ph[PhaseKind.LOSS_BACKWARD]
+    assert ref.parts[C.ACTIVATIONS] == loss_bwd.parts[C.ACTIVATIONS]  # every saved tensor of the policy
+    assert ref.parts[C.TRANSIENT] == sum(held + layer)
+
+
+def test_a_dequantized_weight_counts_at_the_up_projections_matmul(tmp_path):
+    """A 4-bit base over TRL's fp32 stream, 1 pair x 64 tokens, a 16384-wide MLP: the layer's
+    widest no-grad moment is the up projection's matmul (act(gate) fp32, the dequantized weight,
+    the bf16 output before bnb casts it to fp32), not the elementwise product, which it replaces
+    (the group's dpo-matmul-qlora case traces it)."""
+    import json
+
+    from vramplan.memory.quantization import dequantize_transient
+    from vramplan.setup import Quant
+
+    (tmp_path / "config.json").write_text(json.dumps(MATMUL))
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    setup = _dpo(method="qlora", batch_size=1, seq_len=64)
+    n, h, f = 128, 1024, 16384
+    held = [518_144, 3072]  # alloc(126 rows x 1024 x 4 + 16 x 126), alloc(22 x 128)
+    locals_ = [n * 4 * h] * 2  # the embedding output, the block's input (fp32 stream)
+    residuals, act_gate = [n * 4 * h] * 2, n * 4 * f
+    matmul = [n * 2 * f, dequantize_transient(h * f, Quant.NF4)]
+    parts = reference_forward_parts(spec, setup, parameters(spec, setup))
+    assert parts == held + locals_ + residuals + [act_gate] + matmul
+    assert sum(matmul) > 2 * n * 4 * f  # wider than up's fp32 output and the product it stands in for
+
+
+def test_a_full_fine_tune_keeps_a_frozen_copy_in_the_policys_dtype():
+    """dpo_trainer.py:905-919: the copy in the policy's dtype (TRL loads fp32), whole on one GPU
+    and under ZeRO-2 (prepared at stage 0), sharded by FSDP2 by dim 0 and by ZeRO-3, on the host
+    under FSDP's CPU offload; precomputed log-probs keep none."""
+    numel = sum(p.numel for p in parameters(SPEC, make_setup(method="full")))
+
+    def weights(**kw):
+        ph = step_model(SPEC, make_setup(method="full", stack="trl", **kw)).phases[0]
+        return ph.parts[C.WEIGHTS]
+
+    one = weights(objective="dpo") - weights()
+    assert one == pytest.approx(4 * numel, abs=512 * 300)
+    assert weights(objective="dpo", precompute_ref_log_probs=True) == weights()
+    z2 = dict(deepspeed="zero2", data_parallel=4)
+    assert weights(objective="dpo", **z2) - weights(**z2) == one
+    z3 = dict(deepspeed="zero3", data_parallel=4)
+    assert weights(objective="dpo", **z3) - weights(**z3) == pytest.approx(one / 4, rel=1e-3)
+    fsdp = dict(fsdp=4)
+    assert weights(objective="dpo", **fsdp) - weights(**fsdp) == pytest.approx(one / 4, rel=1e-2)
+    off = make_setup(method="full", stack="trl", fsdp=4, cpu_offload=True)
+    off_dpo = make_setup(method="full", stack="trl", fsdp=4, cpu_offload=True, objective="dpo")
+    on_gpu = [step_model(SPEC, s).phases[0].parts.get(C.WEIGHTS, 0) for s in (off_dpo, off)]
+    assert on_gpu[0] == on_gpu[1]
+    assert step_model(SPEC, off_dpo).host_pinned - step_model(SPEC, off).host_pinned == pytest.approx(one / 4, rel=1e-2)
+
+
+def test_lora_keeps_no_copy():
+    kw = dict(method="lora", gradient_checkpointing=True)
+    dpo = step_model(SPEC, _dpo(**kw)).phases[0].parts[C.WEIGHTS]
+    assert dpo == step_model(SPEC, make_setup(stack="trl", **kw)).phases[0].parts[C.WEIGHTS]
+
+
+@pytest.mark.parametrize(
+    ("fields", "flag"),
+    [
+        (dict(objective="dpo"), "--objective"),  # the plain stack has no DPO trainer
+        (dict(objective="dpo", stack="axolotl"), "--objective"),  # trl==1.9.0: full logits, not modelled
+        (dict(objective="dpo", stack="trl", loss="hf"), "--loss"),
+        (dict(objective="dpo", stack="trl", packing="padding-free"), "--packing"),
+        (dict(precompute_ref_log_probs=True), "--precompute-ref-log-probs"),
+    ],
+)
+def test_what_dpo_does_not_model_is_refused_naming_the_flag(fields, flag):
+    with pytest.raises(VramplanError) as e:
+        make_setup(method="lora", **fields)
+    assert e.value.flag == flag
+
+
+def test_the_cli_refuses_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "vramplan", "estimate", "llama-3.1-8b", "--gpus", "1x24GB", "--objective", "dpo"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1 and "--objective" in out.stderr
+
+
+def test_a_trl_dpo_config_is_read_as_dpo(tmp_path):
+    path = tmp_path / "dpo.yaml"
+    path.write_text(
+        "model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nper_device_train_batch_size: 2\nmax_length: 2048\n"
+        "beta: 0.1\nprecompute_ref_log_probs: true\npadding_free: true\nuse_peft: true\n"
+    )
+    reading = read_config([str(path)])
+    assert reading.fields["objective"] == Objective.DPO
+    assert reading.fields["precompute_ref_log_probs"] is True
+    assert reading.fields["packing"].value == "none"
+    make_setup(**{**reading.fields, "stack": reading.stack})  # a valid step
+
+
+def test_a_kto_config_is_still_estimated_as_sft(tmp_path):
+    path = tmp_path / "kto.yaml"
+    path.write_text("model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nbeta: 0.1\ndesirable_weight: 1.0\n")
+    reading = read_config([str(path)])
+    assert "objective" not in reading.fields
+    assert any("KTO" in u.why for u in reading.unmodelled)
+
+
+def test_emit_writes_a_trl_dpo_config_that_reads_back_and_refuses_other_formats():
+    from vramplan.configs.emit import emit
+
+    setup = _dpo(method="lora", gradient_checkpointing=True, precompute_ref_log_probs=True)
+    text = emit("trl", setup, "meta-llama/Llama-3.1-8B", {})
+    assert "trl dpo --config" in text and "beta: 0.1" in text and "packing:" not in text
+    with pytest.raises(VramplanError) as e:
+        emit("axolotl", setup, "meta-llama/Llama-3.1-8B", {})
+    assert e.value.flag == "--emit" and "objective" in str(e.value)
