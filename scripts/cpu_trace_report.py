@@ -246,7 +246,8 @@ def _setup_text(setup: dict) -> str:
     parts += _adapter_text(setup)
     if setup.get("objective", "sft") != "sft":
         ref = " (reference log-probs precomputed)" if setup.get("precompute_ref_log_probs") else ""
-        parts.append(f"{setup['objective']}{ref}")
+        trainer = " (axolotl: trl 1.9.0's DPOTrainer)" if setup.get("stack") == "axolotl" else " (trl 1.16.0)"
+        parts.append(f"{setup['objective']}{trainer}{ref}")
         return ", ".join(parts) + f"; {setup['batch_size']} pairs x{setup['seq_len']}"
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
 

@@ -1218,6 +1218,9 @@ PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_
 # 1024 wide, 64 tokens a row: the dequantized weight at the up projection's matmul is the layer's widest
 PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
+AX_DPO = dict(stack="axolotl", objective="dpo")
+# a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
+PREF_BIGV = {**LLAMA, "vocab_size": 32768, "num_hidden_layers": 2}
 PREFERENCE_CASES = {
     "dpo-lora": (LLAMA, dict(DPO, method="lora")),
     "dpo-full": (LLAMA, dict(DPO, method="full")),
@@ -1229,6 +1232,18 @@ PREFERENCE_CASES = {
     "dpo-wide-lora-bf16": (PREF_WIDE, dict(DPO, method="lora", precision="bf16", model_dtype="bf16")),
     "dpo-wide-full-bf16": (PREF_WIDE, dict(DPO, method="full", precision="bf16", model_dtype="bf16")),
     "dpo-matmul-qlora": (PREF_MATMUL, dict(DPO, method="qlora", batch_size=1, seq_len=64)),
+    # axolotl==0.19.0's rl: dpo, trl==1.9.0's DPOTrainer._compute_loss run as it is (its pin; traced
+    # with trl 1.9.0's wheel first on PYTHONPATH, so only the committed rows are held here): the
+    # policy's and the reference's fp32 logits, the metrics' copy, the reference copy (fp32
+    # embeddings and norms, as axolotl loads it), kept under precompute_ref_log_probs too
+    "ax-dpo-lora": (LLAMA, dict(AX_DPO, method="lora")),
+    "ax-dpo-lora-ckpt": (LLAMA, dict(AX_DPO, method="lora", gradient_checkpointing=True)),
+    "ax-dpo-full": (LLAMA, dict(AX_DPO, method="full")),
+    "ax-dpo-lora-precomputed": (LLAMA, dict(AX_DPO, method="lora", precompute_ref_log_probs=True)),
+    "ax-dpo-full-precomputed": (LLAMA, dict(AX_DPO, method="full", precompute_ref_log_probs=True)),
+    "ax-dpo-qlora-ckpt": (LLAMA, dict(AX_DPO, method="qlora", gradient_checkpointing=True)),
+    "ax-dpo-wide-lora": (PREF_WIDE, dict(AX_DPO, method="lora")),
+    "ax-dpo-bigv-lora": (PREF_BIGV, dict(AX_DPO, method="lora", batch_size=1, seq_len=128)),
 }
 
 

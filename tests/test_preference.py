@@ -133,7 +133,8 @@ def test_lora_keeps_no_copy():
     ("fields", "flag"),
     [
         (dict(objective="dpo"), "--objective"),  # the plain stack has no DPO trainer
-        (dict(objective="dpo", stack="axolotl"), "--objective"),  # trl==1.9.0: full logits, not modelled
+        (dict(objective="dpo", stack="llamafactory"), "--objective"),  # its own DPO trainer, not modelled
+        (dict(objective="dpo", stack="axolotl", loss="chunked"), "--loss"),  # trl 1.9.0 reads the logits
         (dict(objective="dpo", stack="trl", loss="hf"), "--loss"),
         (dict(objective="dpo", stack="trl", packing="padding-free"), "--packing"),
         (dict(precompute_ref_log_probs=True), "--precompute-ref-log-probs"),
@@ -185,3 +186,65 @@ def test_emit_writes_a_trl_dpo_config_that_reads_back_and_refuses_other_formats(
     with pytest.raises(VramplanError) as e:
         emit("axolotl", setup, "meta-llama/Llama-3.1-8B", {})
     assert e.value.flag == "--emit" and "objective" in str(e.value)
+
+
+# ---- axolotl's rl: dpo: trl==1.9.0's DPOTrainer (axolotl 0.19.0's pin), full logits
+
+
+def _ax(**kw):
+    return make_setup(stack="axolotl", objective="dpo", **kw)
+
+
+def test_axolotls_dpo_head_is_trl_190s_full_logits_by_hand():
+    """1 pair x 1024 on Llama 3.1 8B (V 128256): the policy's bf16 logits and accelerate's fp32
+    copy at the conversion (6 bytes per logit), 12 in backward (the logits saved, the gather's
+    zero-filled grad, each row's grad); at the reference: the policy's fp32 logits, the
+    reference's, the metrics' copy of the shifted logits and one 128-row chunk's three fp32
+    tensors, wider than the reference's conversion."""
+    from vramplan.memory.loss import loss_terms
+
+    setup = _ax(method="lora", seq_len=1024)
+    n, v = 2 * 1024, 128256
+    terms = loss_terms(SPEC, setup)
+    assert (terms.forward, terms.backward) == (6 * n * v, 12 * n * v)
+    parts = reference_forward_parts(SPEC, setup, parameters(SPEC, setup))
+    logits, shifted, chunk = 4 * n * v, 4 * 2 * 1023 * v, 4 * 128 * v
+    assert parts == [logits, logits, shifted, chunk, chunk, chunk]
+
+
+def test_axolotl_keeps_its_reference_copy_when_precomputing():
+    """axolotl==0.19.0 train.py:144-164 loads the copy without reading precompute_ref_log_probs;
+    TRL keeps a reference it is given. The step then has no reference forward, but the metrics
+    after the loss still copy the shifted logits."""
+    full = dict(method="full", seq_len=512)
+    with_copy = step_model(SPEC, _ax(precompute_ref_log_probs=True, **full)).phases[0].parts[C.WEIGHTS]
+    sft = step_model(SPEC, make_setup(stack="axolotl", **full)).phases[0].parts[C.WEIGHTS]
+    assert with_copy > sft
+    trl = dict(full, stack="trl", objective="dpo", precompute_ref_log_probs=True)
+    assert (
+        step_model(SPEC, make_setup(**trl)).phases[0].parts[C.WEIGHTS]
+        == step_model(SPEC, make_setup(**{**trl, "objective": "sft", "precompute_ref_log_probs": False}))
+        .phases[0]
+        .parts[C.WEIGHTS]
+    )
+
+
+def test_axolotl_dpo_without_fp32_logits_is_refused():
+    with pytest.raises(VramplanError) as e:
+        _ax(method="lora", fp32_outputs=False)
+    assert e.value.flag == "--objective"
+
+
+def test_an_axolotl_dpo_config_is_read_as_dpo_and_kto_is_not(tmp_path):
+    base = "base_model: meta-llama/Llama-3.1-8B\nadapter: lora\nmicro_batch_size: 1\nsequence_len: 1024\nbf16: true\n"
+    dpo = tmp_path / "dpo.yml"
+    dpo.write_text(base + "rl: dpo\nprecompute_ref_log_probs: true\nchunked_cross_entropy: true\n")
+    reading = read_config([str(dpo)])
+    assert reading.fields["objective"] == Objective.DPO and reading.fields["precompute_ref_log_probs"] is True
+    assert reading.fields["loss"].value == "hf"  # the loss patch is not on DPO's path
+    assert reading.fields["lora_kernels"] is False  # axolotl leaves its kernels off under rl
+    make_setup(**{**reading.fields, "stack": reading.stack})
+    kto = tmp_path / "kto.yml"
+    kto.write_text(base + "rl: kto\n")
+    reading = read_config([str(kto)])
+    assert "objective" not in reading.fields and any(u.key == "rl" for u in reading.unmodelled)

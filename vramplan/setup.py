@@ -324,7 +324,7 @@ class Stack(str, Enum):
 
 # The trainers whose DPO step is modelled: TRL 1.16's DPOTrainer. axolotl==0.19.0 pins trl==1.9.0,
 # whose DPOTrainer makes full logits, and LLaMA-Factory runs its own (configs/axolotl.py, llamafactory.py)
-DPO_STACKS = (Stack.TRL,)
+DPO_STACKS = {Stack.TRL: "trl-chunked-nll", Stack.AXOLOTL: "hf"}  # the loss each DPO trainer computes
 
 
 class Loss(str, Enum):
@@ -837,11 +837,22 @@ class TrainingSetup(BaseModel):
                 f"--objective dpo is modelled as TRL's DPOTrainer: use --stack {allowed}, not {self.stack.value}",
                 "--objective",
             )
-        if self.loss != Loss.TRL_CHUNKED_NLL:
+        if self.loss.value != DPO_STACKS[self.stack]:
             raise VramplanError(
-                "TRL's DPOTrainer takes its log-probs from its fused chunked LM head (trl==1.16.0 "
-                f"dpo_trainer.py:943-947): --loss trl-chunked-nll, not {self.loss.value}",
+                f"the DPO trainer of --stack {self.stack.value} takes its log-probs from "
+                + (
+                    "TRL's fused chunked LM head (trl==1.16.0 dpo_trainer.py:943-947)"
+                    if self.stack == Stack.TRL
+                    else "the model's full logits (trl==1.9.0 dpo_trainer.py:1340-1347)"
+                )
+                + f": --loss {DPO_STACKS[self.stack]}, not {self.loss.value}",
                 "--loss",
+            )
+        if self.stack == Stack.AXOLOTL and not self.fp32_outputs:
+            raise VramplanError(
+                "axolotl's DPO step (trl==1.9.0) is modelled with accelerate's fp32 logits (bf16 mixed "
+                "precision; under DeepSpeed or without autocast they stay bf16, another path): --fp32-outputs",
+                "--objective",
             )
         if self.packing != Packing.NONE:
             raise VramplanError(

@@ -25,6 +25,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Objective,
     Optim,
     Packing,
     Precision,
@@ -333,9 +334,8 @@ def _packing(c: Collector) -> None:
 # utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
-    "rl": "preference/RL training: axolotl==0.19.0 runs trl==1.9.0's trainers (its pin), whose DPO makes "
-    "the full [2B,S,V] fp32 logits twice (policy and reference), not TRL 1.16's fused head that "
-    "--stack trl --objective dpo models; estimated as one SFT step",
+    "rl": "preference/RL training other than DPO/IPO (KTO, ORPO, SimPO, GRPO: unpaired or generated "
+    "sequences, trl==1.9.0's other trainers) is not modelled; estimated as one SFT step",
     "reward_model": "a reward model's classification head and paired batches are not modelled; estimated as SFT",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
@@ -348,8 +348,47 @@ _NOT_SFT = {
 
 def _not_sft(c: Collector) -> None:
     for key, why in _NOT_SFT.items():
+        if key == "rl" and _dpo(c):
+            continue
         if c.get(key):
             c.unmodelled(key, why)
+
+
+# axolotl==0.19.0 `rl` values run by AxolotlDPOTrainer (builders/rl.py:71-73; ipo is its loss_type)
+_DPO_RL = ("dpo", "ipo")
+# DPO keys that change memory and are not modelled (utils/schemas/config.py:310-336)
+_DPO_UNMODELLED = {
+    "dpo_use_liger_kernel": "Liger's fused DPO loss on the hidden states (no [2B,S,V] logits): estimated with "
+    "trl 1.9.0's full-logits path, an overestimate",
+    "dpo_use_weighting": "WPO weights: a logsumexp over 2x the logits, one more [2B,S,V] fp32 temporary",
+}
+
+
+def _dpo(c: Collector) -> bool:
+    """`rl: dpo|ipo`: axolotl's DPO trainer, trl==1.9.0's DPOTrainer (memory/preference.py). Its
+    log-probs come from the model's logits, which no loss patch is on the path of (the step passes
+    no labels); it pads (trl 1.9.0 forces padding_free off, dpo_trainer.py:706-713)."""
+    if c.get("rl") not in _DPO_RL:
+        return False
+    c.set(
+        "rl",
+        "objective",
+        Objective.DPO,
+        "axolotl==0.19.0 AxolotlDPOTrainer over trl==1.9.0's DPOTrainer (core/trainers/dpo/trainer.py:26-33)",
+    )
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("rl", "loss", Loss.HF, "DPO's log-probs come from the model's full logits, not the loss patch")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("rl", "packing", Packing.NONE, "trl 1.9.0's DPOTrainer pads (dpo_trainer.py:706-713)")
+    precompute = c.get("precompute_ref_log_probs")
+    if precompute is not None and c.flag("precompute_ref_log_probs", precompute):
+        c.set("precompute_ref_log_probs", "precompute_ref_log_probs", True)
+    for key, why in _DPO_UNMODELLED.items():
+        if c.get(key):
+            c.unmodelled(key, why)
+    if any("sft" in str(t) for t in c.get("dpo_loss_type") or ()):
+        c.unmodelled("dpo_loss_type", "the sft loss type's cross-entropy over the chosen rows' logits is not modelled")
+    return True
 
 
 # Parallelism and precision axolotl==0.19.0 offers that the estimate does not model (schema in

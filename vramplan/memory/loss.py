@@ -423,6 +423,19 @@ def unsloth_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     return LossTerms(forward=n * h * dt_h + held + around + widest, backward=2 * held)
 
 
+def trl19_dpo_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """trl==1.9.0's DPO head as axolotl runs it (dpo_trainer.py:1340-1347, utils.py:479-523): the
+    model's bf16 logits converted to fp32 by accelerate (both alive at the conversion), then
+    selective_log_softmax: a gather and, row by row, logsumexp, which saves its row (a view, so
+    the fp32 logits stay) and makes one [S, V] fp32 temporary. Backward: the logits saved, the
+    gather's zero-filled grad and each row's scattered grad (12 bytes per logit, as the hf loss's
+    backward: loss.hf_loss). The reference forward and the metrics: preference.reference_forward_parts."""
+    n, v = setup.tokens, spec.vocab
+    conversion = 2 * n * v + 4 * n * v
+    per_row = 4 * n * v + 4 * setup.seq_len * v
+    return LossTerms(forward=max(conversion, per_row), backward=12 * n * v)
+
+
 LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
     Loss.HF: hf_loss,
     Loss.CHUNKED: chunked_loss,
@@ -444,6 +457,8 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     backward. For the hf loss that moment equals its forward peak; the fused losses return no
     [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
     when converted), from this forward until the next one returns."""
+    if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's DPO trainer (memory/preference.py)
+        return trl19_dpo_loss(spec, setup)
     terms = LOSS_RULES[setup.loss](spec, setup)
     if setup.loss in FUSED or setup.loss == Loss.TORCHTUNE_LINEAR_CE:  # no [N,V] logits come out of the model
         return terms

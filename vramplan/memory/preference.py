@@ -36,12 +36,12 @@ from vramplan.memory.context import StaticBytes, StepContext, activation_context
 from vramplan.memory.fsdp import forward_end_gathered, layer_forward_gathered, shard_for
 from vramplan.memory.loss import trl_head_forward
 from vramplan.memory.mlp import is_gated, mlp_width
-from vramplan.memory.parameters import Param
+from vramplan.memory.parameters import Param, store
 from vramplan.memory.quantization import forward_quant_transient
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import DeepSpeedStage, Engine, Method, Objective, TrainingSetup
+from vramplan.setup import DeepSpeedStage, Engine, Method, Objective, Stack, TrainingSetup
 
 # Per token, what the policy's step adds to an SFT step's inputs: the labels _compute_loss makes
 # (`input_ids.masked_fill(completion_mask == 0, -100)`, int64) beside the collator's completion_mask.
@@ -53,10 +53,15 @@ POLICY_EXTRA_OUTPUT = 4
 COPY_OUTPUT_BYTES = 4
 
 NOTE = (
-    "--objective dpo: TRL's DPOTrainer modelled from source (trl==1.16.0 trainer/dpo_trainer.py), "
-    "CPU-traced with TRL's fused head (docs/cpu-trace.md), not measured on a GPU: 2 rows per pair, every "
-    "position counted as a completion token (an upper end: prompts are masked)"
+    "--objective dpo: {trainer} modelled from source and CPU-traced with it (docs/cpu-trace.md, "
+    "group preference), not measured on a GPU: 2 rows per pair, every position counted as a completion "
+    "token (an upper end: prompts are masked)"
 )
+TRAINERS = {
+    Stack.TRL: "TRL's DPOTrainer (trl==1.16.0 trainer/dpo_trainer.py, its fused chunked head)",
+    Stack.AXOLOTL: "axolotl's AxolotlDPOTrainer over trl==1.9.0's DPOTrainer (axolotl 0.19.0's pin: the "
+    "policy's and the reference's full fp32 logits)",
+}
 
 
 def is_dpo(setup: TrainingSetup) -> bool:
@@ -69,27 +74,32 @@ def reference_forward(setup: TrainingSetup) -> bool:
 
 
 def reference_copy(setup: TrainingSetup) -> bool:
-    """A frozen copy of the model is kept: a full fine-tune (no peft model to disable), not precomputed."""
-    return reference_forward(setup) and not setup.lora_like
+    """A frozen copy of the model is kept: a full fine-tune (no peft model to disable), not
+    precomputed; axolotl loads it whatever precompute_ref_log_probs says (axolotl==0.19.0
+    train.py:144-164 does not read it, and TRL keeps a reference it is given)."""
+    if not is_dpo(setup) or setup.lora_like:
+        return False
+    return not setup.precompute_ref_log_probs or setup.stack == Stack.AXOLOTL
 
 
 def reference_copy_blocks(params: list[Param], setup: TrainingSetup) -> list[int]:
-    """This GPU's storage of the reference copy, one block per parameter, in the policy's
-    weight dtype; empty when there is no copy or it lives on the host (FSDP CPU offload,
-    ZeRO-3 offload_param)."""
+    """This GPU's storage of the reference copy, one block per parameter, each as the policy
+    stores it (TRL loads it in the policy's dtype; axolotl loads it with the same config, its
+    fp32 embeddings and norms included: axolotl==0.19.0 loaders/model.py:258-274 runs
+    _configure_embedding_dtypes for the reference too); empty when there is no copy or it lives
+    on the host (FSDP CPU offload, ZeRO-3 offload_param)."""
     if not reference_copy(setup):
         return []
     if setup.cpu_offload or (setup.deepspeed == DeepSpeedStage.ZERO3 and setup.offload_params):
         return []
-    size = setup.weight_dtype.bytes
-    return [alloc(size * _held_elements(p, setup)) for p in params if not p.kind.quantized]
+    return [store(p, setup, _held_elements(p, setup))[C.WEIGHTS] for p in params if not p.kind.quantized]
 
 
 def reference_host_bytes(params: list[Param], setup: TrainingSetup) -> int:
     """The copy's pinned host bytes under FSDP CPU offload (its shards live on the host)."""
     if not (reference_copy(setup) and setup.cpu_offload):
         return 0
-    return sum(alloc(setup.weight_dtype.bytes * shard_for(p, setup)) for p in params)
+    return sum(store(p, setup, shard_for(p, setup))[C.WEIGHTS] for p in params)
 
 
 def _held_elements(p: Param, setup: TrainingSetup) -> int:
@@ -115,7 +125,10 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     """What the policy's forward leaves beside the layers' saved tensors at the reference
     forward: the fused head's saved rows and statistics (loss.trl_fused_loss `saved`), then its
     outputs scattered to every token (log_probs, entropy, mean_logits fp32, is_top1 and the
-    label mask bool) with the labels _compute_loss made."""
+    label mask bool) with the labels _compute_loss made. trl==1.9.0 (axolotl): the policy's fp32
+    logits, which `outputs` and every row's logsumexp (saved input views) keep."""
+    if full_logits(setup):
+        return [alloc(4 * setup.tokens * spec.vocab)]
     rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
     saved = rows * spec.hidden * stream_bytes(setup) + 16 * rows
     return [alloc(saved), alloc(n * (9 + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
@@ -162,18 +175,49 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     ws = [alloc(n * x) for x in parts]
     at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
     layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
-    out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
-    head = [alloc(trl_head_forward(spec, setup, out))]
+    if full_logits(setup):
+        head = _trl19_head_parts(spec, setup)
+    else:
+        out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
+        head = [alloc(trl_head_forward(spec, setup, out))]
     return policy_held_parts(spec, setup) + (layer if sum(layer) > sum(head) else head)
 
 
+# trl==1.9.0 trainer/utils.py:526 entropy_from_logits(chunk_size=128): flattened rows per chunk
+TRL19_ENTROPY_CHUNK = 128
+
+
+def full_logits(setup: TrainingSetup) -> bool:
+    """The DPO trainer takes its log-probs from the model's full logits (axolotl's trl==1.9.0)."""
+    return is_dpo(setup) and setup.stack == Stack.AXOLOTL
+
+
+def _trl19_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """The widest moment of the reference's head and the metrics after it, as blocks (trl==1.9.0
+    dpo_trainer.py:1373-1385, 1584-1621): the reference's bf16 logits converted to fp32
+    (accelerate's convert_outputs_to_fp32), or, the reference's fp32 logits kept to the end of
+    _compute_loss, entropy_from_logits' copy of the shifted logits (`reshape(-1, V)` of a
+    non-contiguous slice: every row but the last position) and one 128-row chunk's log-softmax,
+    exp and product. Without reference forward (precomputed) only the metrics' copy."""
+    n, v = setup.tokens, spec.vocab
+    shifted = setup.rows * (setup.seq_len - 1) * v
+    chunk = [alloc(4 * min(TRL19_ENTROPY_CHUNK, shifted // v) * v)] * 3
+    metrics = [alloc(4 * shifted), *chunk]
+    if not reference_forward(setup):
+        return metrics
+    conversion = [alloc(2 * n * v), alloc(4 * n * v)]
+    kept = [alloc(4 * n * v), *metrics]
+    return kept if sum(kept) >= sum(conversion) else conversion
+
+
 def reference_forward_phase(ctx: StepContext) -> list[Phase]:
-    """The moment of the reference forward (the forward's measured phase)."""
-    if not reference_forward(ctx.setup):
+    """The moment of the reference forward (the forward's measured phase), and of the metrics
+    after it while the reference's output is alive (trl==1.9.0)."""
+    if not reference_forward(ctx.setup) and not full_logits(ctx.setup):
         return []
     ph = ctx.base(PhaseKind.REFERENCE_FORWARD).add(C.ACTIVATIONS, ctx.acts + ctx.cast_cache)
     ph.add(C.TRANSIENT, sum(reference_forward_parts(ctx.spec, ctx.setup, ctx.params)))
-    if ctx.sharded:
+    if ctx.sharded and reference_forward(ctx.setup):
         # the reference's units gathered as a forward gathers them; a separate copy's beside the
         # policy's root and last unit, still gathered from the policy's forward
         gathered = layer_forward_gathered(ctx.units, ctx.gathering)
@@ -186,18 +230,25 @@ def reference_forward_phase(ctx: StepContext) -> list[Phase]:
 def preference_notes(setup: TrainingSetup) -> list[str]:
     if not is_dpo(setup):
         return []
-    notes = [NOTE]
+    notes = [NOTE.format(trainer=TRAINERS[setup.stack])]
     if reference_copy(setup):
         where = (
             "sharded as the policy"
             if setup.sharded or setup.deepspeed == DeepSpeedStage.ZERO3
             else "whole on every GPU"
         )
-        notes.append(f"reference model: a frozen copy of the model in {setup.weight_dtype.value}, {where}")
-    elif setup.precompute_ref_log_probs:
+        notes.append(f"reference model: a frozen copy of the model, stored as the policy is, {where}")
+    if setup.precompute_ref_log_probs:
         notes.append("reference log-probs precomputed before training: no reference forward in the step")
-    else:
+        if reference_copy(setup):
+            notes.append("axolotl loads the reference copy whatever precompute_ref_log_probs says (train.py:144-164)")
+    elif not reference_copy(setup):
         notes.append("reference model: the policy with its adapters disabled (no copy)")
     if setup.engine == Engine.DEEPSPEED and reference_copy(setup) and setup.deepspeed != DeepSpeedStage.ZERO3:
         notes.append("DeepSpeed below ZeRO-3 keeps the reference copy whole (TRL prepares it at stage 0)")
+    if full_logits(setup):
+        notes.append(
+            "axolotl's DPO trainer also runs gc.collect() and torch.cuda.empty_cache() after every step "
+            "(core/trainers/dpo/trainer.py:99-101): the allocator's cache is not kept between steps"
+        )
     return notes

@@ -951,6 +951,10 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
+    if setup.objective == Objective.DPO and setup.loss == Loss.HF and setup.fp32_outputs:
+        for m in (model, ref_model):  # the full-logits DPO step calls the models itself
+            if m is not None:
+                wrap_fp32_outputs(m)
     if liger_note:
         built.notes.append(liger_note)
     if setup.lora_like:
@@ -972,15 +976,30 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
+def wrap_fp32_outputs(model) -> None:
+    """accelerate==1.16.0 accelerator.py:1791-1801, prepare_model under mixed precision: the
+    instance's forward wrapped in convert_outputs_to_fp32 (the autocast around it is
+    Built.forward's). The Trainer prepares the policy, TRL the reference copy alike
+    (evaluation_mode=True), so a full-logits DPO step gets fp32 logits from both."""
+    import types
+
+    convert = need("accelerate.utils", "--fp32-outputs").convert_outputs_to_fp32
+    model.forward = types.MethodType(convert(model.forward.__func__), model)
+
+
 def reference_copy_of(cfg, spec, dtype, device: str, setup: TrainingSetup):
     """DPO's frozen reference model for a full fine-tune, made after the policy as TRL makes it
     (trl==1.16.0 dpo_trainer.py:905-919: the same checkpoint in the policy's dtype, then
-    add_fused_lm_head with its default outputs, :948-949), in eval mode, nothing trained."""
+    add_fused_lm_head with its default outputs, :948-949; axolotl==0.19.0 train.py:157-164:
+    the model loaded again, without a head of TRL's), in eval mode, nothing trained."""
     from vramplan.verify.losses import add_trl_head
 
     ref = meta_model(cfg, spec, dtype, setup.attention)
     materialize(ref, device)
-    add_trl_head(ref, ("log_probs",))
+    if setup.loss == Loss.TRL_CHUNKED_NLL:
+        add_trl_head(ref, ("log_probs",))
+    if setup.fp32_embeddings_norms:
+        upcast_embeddings_norms(ref)
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()

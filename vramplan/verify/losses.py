@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vramplan.errors import VramplanError
 from vramplan.setup import Loss
@@ -195,7 +196,7 @@ def loss_step(setup) -> Callable:
     from vramplan.setup import Objective, Stack
 
     if setup.objective == Objective.DPO:
-        return dpo_step
+        return axolotl_dpo_step if setup.stack == Stack.AXOLOTL else dpo_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
@@ -237,6 +238,58 @@ def dpo_step(built, ids):
     ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
     delta = (chosen - ref_chosen) - (rejected - ref_rejected)
     return -F.logsigmoid(DPO_BETA * delta).mean(), out
+
+
+def axolotl_dpo_step(built, ids):
+    """axolotl==0.19.0 `rl: dpo`: AxolotlDPOTrainer (core/trainers/dpo/trainer.py:26-102) runs
+    trl==1.9.0's DPOTrainer._compute_loss unchanged (its pin), called here as it is, on a
+    stand-in for the trainer that holds what the method reads (the model, the reference copy
+    or None, the defaults of DPOConfig). Each row's prompt is empty: every position a
+    completion token (preference.py). accelerate's output conversion is on the model's
+    forward as prepare_model puts it (build.wrap_fp32_outputs)."""
+    import types
+    from collections import defaultdict
+
+    import torch
+
+    trl = _need("trl", "--stack axolotl --objective dpo")
+    if trl.__version__ != "1.9.0":
+        raise VramplanError(
+            f"axolotl's DPO step runs trl==1.9.0 (axolotl 0.19.0's pin), not trl {trl.__version__}: "
+            "put trl 1.9.0's wheel first on PYTHONPATH",
+            "--stack",
+        )
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    setup = built.setup
+    trainer = types.SimpleNamespace(
+        model=built.model,
+        ref_model=built.ref_model,
+        accelerator=types.SimpleNamespace(
+            device=ids.device, unwrap_model=lambda m: m, gather_for_metrics=lambda x: x, gather=lambda x: x
+        ),
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant}),
+        aux_loss_enabled=False,
+        router_aux_loss_coef=0.0,
+        ld_alpha=None,
+        precompute_ref_logps=setup.precompute_ref_log_probs,
+        f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=DPO_BETA,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+    )
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
+    if setup.precompute_ref_log_probs:
+        half = ids.shape[0] // 2
+        zeros = torch.zeros(half, device=ids.device)
+        inputs.update(ref_chosen_logps=zeros, ref_rejected_logps=zeros.clone())
+    stand_in: Any = trainer
+    return DPOTrainer._compute_loss(stand_in, built.model, inputs, return_outputs=False), None
 
 
 # DPOConfig.beta's default (trl==1.16.0 dpo_config.py); its value changes no memory
