@@ -1219,6 +1219,7 @@ PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_
 PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
 AX_DPO = dict(stack="axolotl", objective="dpo")
+LF_DPO = dict(stack="llamafactory", objective="dpo")
 # a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
 PREF_BIGV = {**LLAMA, "vocab_size": 32768, "num_hidden_layers": 2}
 PREFERENCE_CASES = {
@@ -1244,6 +1245,18 @@ PREFERENCE_CASES = {
     "ax-dpo-qlora-ckpt": (LLAMA, dict(AX_DPO, method="qlora", gradient_checkpointing=True)),
     "ax-dpo-wide-lora": (PREF_WIDE, dict(AX_DPO, method="lora")),
     "ax-dpo-bigv-lora": (PREF_BIGV, dict(AX_DPO, method="lora", batch_size=1, seq_len=128)),
+    # llamafactory==0.9.5's stage: dpo, CustomDPOTrainer's own get_batch_loss_metrics, concatenated_forward
+    # and get_batch_logps executed from its source (its source on PYTHONPATH: committed rows held here):
+    # the fp32 logits and their log-softmax (over a contiguous copy of the shifted slice) of the
+    # policy and the reference; a bf16 reference copy beside the fp32 policy; simpo, no reference
+    "lf-dpo-lora": (LLAMA, dict(LF_DPO, method="lora")),
+    "lf-dpo-full": (LLAMA, dict(LF_DPO, method="full")),
+    "lf-dpo-lora-saving": (LLAMA, dict(LF_DPO, method="lora", gradient_checkpointing=False)),
+    "lf-dpo-bigv-lora": (PREF_BIGV, dict(LF_DPO, method="lora", batch_size=1, seq_len=128)),
+    "lf-dpo-lora-simpo": (LLAMA, dict(LF_DPO, method="lora", precompute_ref_log_probs=True)),
+    # saving (no checkpointing): checkpointed, a 64x-wide MLP under autocast over bf16 weights with fp32
+    # adapters is a known gap of the SFT step's backward (docs/memory-model.md, "Known gaps")
+    "lf-dpo-wide-lora": (PREF_WIDE, dict(LF_DPO, method="lora", gradient_checkpointing=False)),
 }
 
 

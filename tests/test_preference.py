@@ -133,7 +133,8 @@ def test_lora_keeps_no_copy():
     ("fields", "flag"),
     [
         (dict(objective="dpo"), "--objective"),  # the plain stack has no DPO trainer
-        (dict(objective="dpo", stack="llamafactory"), "--objective"),  # its own DPO trainer, not modelled
+        (dict(objective="dpo", stack="torchtune"), "--objective"),  # its DPO recipes are not modelled
+        (dict(objective="dpo", stack="llamafactory", fp32_outputs=False), "--objective"),  # the bf16 path
         (dict(objective="dpo", stack="axolotl", loss="chunked"), "--loss"),  # trl 1.9.0 reads the logits
         (dict(objective="dpo", stack="trl", loss="hf"), "--loss"),
         (dict(objective="dpo", stack="trl", packing="padding-free"), "--packing"),
@@ -248,3 +249,51 @@ def test_an_axolotl_dpo_config_is_read_as_dpo_and_kto_is_not(tmp_path):
     kto.write_text(base + "rl: kto\n")
     reading = read_config([str(kto)])
     assert "objective" not in reading.fields and any(u.key == "rl" for u in reading.unmodelled)
+
+
+# ---- LLaMA-Factory's stage: dpo: CustomDPOTrainer (llamafactory==0.9.5), full logits
+
+
+def test_llamafactorys_dpo_head_by_hand():
+    """1 pair x 1024, V 128256: at the policy's log-softmax the fp32 logits, the contiguous copy of
+    the shifted slice and the log-softmax (4 + 4 + 4 bytes per logit); the logits and the saved
+    log-softmax held through the reference, whose own logits, copy and log-softmax come on top;
+    12 bytes per scored logit in backward."""
+    from vramplan.memory.loss import loss_terms
+
+    setup = make_setup(stack="llamafactory", objective="dpo", method="lora", seq_len=1024)
+    n, shifted, v = 2 * 1024, 2 * 1023, 128256
+    terms = loss_terms(SPEC, setup)
+    assert (terms.forward, terms.backward) == (4 * n * v + 8 * shifted * v, 12 * shifted * v)
+    parts = reference_forward_parts(SPEC, setup, parameters(SPEC, setup))
+    assert parts == [4 * n * v, 4 * shifted * v, 4 * n * v, 4 * shifted * v, 4 * shifted * v]
+
+
+def test_llamafactorys_reference_copy_is_the_checkpoints_bf16_beside_an_fp32_policy():
+    """load_model(is_trainable=False) with torch_dtype=auto (model/loader.py:155): the copy stays
+    bf16 while the trained policy is cast to fp32 (model/adapter.py:313-328)."""
+    numel = sum(p.numel for p in parameters(SPEC, make_setup(method="full")))
+    kw = dict(stack="llamafactory", method="full", seq_len=512)
+    dpo = step_model(SPEC, make_setup(objective="dpo", **kw)).phases[0].parts[C.WEIGHTS]
+    sft = step_model(SPEC, make_setup(**kw)).phases[0].parts[C.WEIGHTS]
+    assert sft == pytest.approx(4 * numel, rel=1e-3) and dpo - sft == pytest.approx(2 * numel, rel=1e-3)
+
+
+def test_a_llamafactory_dpo_config_is_read_as_dpo(tmp_path):
+    base = (
+        "model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nfinetuning_type: lora\nper_device_train_batch_size: 1\n"
+        "cutoff_len: 1024\nbf16: true\nenable_liger_kernel: true\n"
+    )
+    dpo = tmp_path / "dpo.yaml"
+    dpo.write_text(base + "stage: dpo\npref_beta: 0.1\n")
+    reading = read_config([str(dpo)])
+    assert reading.fields["objective"] == Objective.DPO and "precompute_ref_log_probs" not in reading.fields
+    assert reading.fields["loss"].value == "hf"  # Liger's fused loss is off: DPO needs the logits
+    make_setup(**{**reading.fields, "stack": reading.stack})
+    simpo = tmp_path / "simpo.yaml"
+    simpo.write_text(base + "stage: dpo\npref_loss: simpo\n")
+    assert read_config([str(simpo)]).fields["precompute_ref_log_probs"] is True  # no reference model
+    kto = tmp_path / "kto.yaml"
+    kto.write_text(base + "stage: kto\n")
+    reading = read_config([str(kto)])
+    assert "objective" not in reading.fields and any(u.key == "stage" for u in reading.unmodelled)

@@ -324,7 +324,7 @@ class Stack(str, Enum):
 
 # The trainers whose DPO step is modelled: TRL 1.16's DPOTrainer. axolotl==0.19.0 pins trl==1.9.0,
 # whose DPOTrainer makes full logits, and LLaMA-Factory runs its own (configs/axolotl.py, llamafactory.py)
-DPO_STACKS = {Stack.TRL: "trl-chunked-nll", Stack.AXOLOTL: "hf"}  # the loss each DPO trainer computes
+DPO_STACKS = {Stack.TRL: "trl-chunked-nll", Stack.AXOLOTL: "hf", Stack.LLAMAFACTORY: "hf"}  # each one's loss
 
 
 class Loss(str, Enum):
@@ -848,7 +848,7 @@ class TrainingSetup(BaseModel):
                 + f": --loss {DPO_STACKS[self.stack]}, not {self.loss.value}",
                 "--loss",
             )
-        if self.stack == Stack.AXOLOTL and not self.fp32_outputs:
+        if self.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY) and not self.fp32_outputs:
             raise VramplanError(
                 "axolotl's DPO step (trl==1.9.0) is modelled with accelerate's fp32 logits (bf16 mixed "
                 "precision; under DeepSpeed or without autocast they stay bf16, another path): --fp32-outputs",

@@ -18,6 +18,7 @@ from vramplan.setup import (
     Loss,
     Method,
     ModelDtype,
+    Objective,
     Optim,
     Packing,
     Precision,
@@ -99,6 +100,7 @@ def read(data: dict, path: str, engine: dict | None = None) -> ConfigReading:
     _packing(c)
     _precision(c, method, engine)
     _kernels(c, engine)
+    _dpo_after(c)
     if c.get("optim") is not None:
         set_optim(c, "optim", c.get("optim"))
     _custom_optimizer(c, method)
@@ -156,13 +158,39 @@ def _trains(c: Collector) -> None:
 
 def _stage(c: Collector) -> None:
     stage = c.get("stage", "sft")
-    if stage not in ("sft", "pt"):
+    if stage == "dpo":
+        _dpo(c)
+    elif stage not in ("sft", "pt"):
         c.unmodelled(
             "stage",
-            f"stage {stage}: reward/reference models and paired batches are not modelled (LLaMA-Factory's DPO "
-            "keeps the fp32 logits and their log-softmax of every row, train/dpo/trainer.py:218-252; not TRL "
-            "1.16's fused head that --stack trl --objective dpo models); estimated as sft",
+            f"stage {stage}: reward/reference models, unpaired or generated batches are not modelled; estimated as sft",
         )
+
+
+def _dpo(c: Collector) -> None:
+    """`stage: dpo`: CustomDPOTrainer (train/dpo/trainer.py; memory/preference.py). orpo and simpo
+    need no reference model (hparams/finetuning_args.py:574 use_ref_model), read as
+    precompute_ref_log_probs: no reference forward and no copy. A separate `ref_model` is not
+    modelled."""
+    c.set("stage", "objective", Objective.DPO, f"{_SRC} CustomDPOTrainer (train/dpo/trainer.py:44)")
+    loss = c.get("pref_loss", "sigmoid")
+    if loss in ("orpo", "simpo"):
+        c.set("pref_loss", "precompute_ref_log_probs", True, f"{loss}: no reference model (finetuning_args.py:574)")
+    if c.get("ref_model") is not None:
+        c.unmodelled("ref_model", "a separate reference model (and its adapters, quantization) is not modelled")
+    c.get("pref_beta"), c.get("pref_ftx")  # [2B] tensors: no memory
+
+
+def _dpo_after(c: Collector) -> None:
+    """What DPO overrides among the keys read before: its log-probs come from the logits whatever
+    Liger's fused loss says (model/model_utils/liger_kernel.py:94-96 require_logits), and the
+    pairwise collator does not pack (data/collator.py:542-564)."""
+    if c.fields.get("objective") != Objective.DPO:
+        return
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("stage", "loss", Loss.HF, "DPO needs the logits: Liger's fused loss is off (liger_kernel.py:94-96)")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("stage", "packing", Packing.NONE, "the pairwise collator pads (data/collator.py:542-564)")
 
 
 def _method(c: Collector) -> Method:

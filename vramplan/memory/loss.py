@@ -436,6 +436,17 @@ def trl19_dpo_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     return LossTerms(forward=max(conversion, per_row), backward=12 * n * v)
 
 
+def llamafactory_dpo_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
+    """LLaMA-Factory 0.9.5's DPO head (train/dpo/trainer.py:218-252, train/trainer_utils.py:592-635):
+    the model's bf16 logits converted to fp32 by accelerate (`.to(torch.float32)` is then the same
+    tensor), then the log-softmax of every row but its last position at once (saved for backward)
+    over a contiguous copy of that slice (aten SoftMax host_softmax: input.contiguous()), beside
+    the fp32 logits. Backward: the saved log-softmax, the gather's zero-filled grad and the
+    log-softmax's grad, 12 bytes per scored logit."""
+    n, v, shifted = setup.tokens, spec.vocab, setup.rows * (setup.seq_len - 1) * spec.vocab
+    return LossTerms(forward=max(6 * n * v, 4 * n * v + 8 * shifted), backward=12 * shifted)
+
+
 LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
     Loss.HF: hf_loss,
     Loss.CHUNKED: chunked_loss,
@@ -457,8 +468,8 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     backward. For the hf loss that moment equals its forward peak; the fused losses return no
     [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
     when converted), from this forward until the next one returns."""
-    if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's DPO trainer (memory/preference.py)
-        return trl19_dpo_loss(spec, setup)
+    if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's DPO (preference.py)
+        return llamafactory_dpo_loss(spec, setup) if setup.stack == Stack.LLAMAFACTORY else trl19_dpo_loss(spec, setup)
     terms = LOSS_RULES[setup.loss](spec, setup)
     if setup.loss in FUSED or setup.loss == Loss.TORCHTUNE_LINEAR_CE:  # no [N,V] logits come out of the model
         return terms

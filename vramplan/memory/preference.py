@@ -1,9 +1,12 @@
 """DPO: what a preference step holds beyond an SFT step over the same rows (--objective dpo).
 
-Read from trl==1.16.0 (trainer/dpo_trainer.py, trainer/utils.py, models/utils.py) and traced
-on the CPU with it (docs/cpu-trace.md, group "preference"); docs/memory-model.md, "Preference
-steps (DPO)". axolotl==0.19.0 (trl==1.9.0, full logits) and LLaMA-Factory's own DPO trainer
-are not this step (configs/axolotl.py, configs/llamafactory.py).
+Three trainers, each read from its source and traced on the CPU with its own code
+(docs/cpu-trace.md, group "preference"; docs/memory-model.md, "Preference steps (DPO)"):
+trl==1.16.0's DPOTrainer (--stack trl: trainer/dpo_trainer.py, trainer/utils.py,
+models/utils.py; its fused head), axolotl==0.19.0's, which pins trl==1.9.0 (full logits:
+loss.trl19_dpo_loss, _trl19_head_parts), and llamafactory==0.9.5's CustomDPOTrainer (full
+logits and their log-softmax: loss.llamafactory_dpo_loss, _llamafactory_head_parts). The
+bullets below are TRL 1.16's; the other two differ where the functions named say.
 
 - Rows (TrainingSetup.rows): DataCollatorForPreference puts each pair's chosen and rejected
   sequences in one batch, chosen rows first, padded to one length (dpo_trainer.py:146-206): an
@@ -61,6 +64,8 @@ TRAINERS = {
     Stack.TRL: "TRL's DPOTrainer (trl==1.16.0 trainer/dpo_trainer.py, its fused chunked head)",
     Stack.AXOLOTL: "axolotl's AxolotlDPOTrainer over trl==1.9.0's DPOTrainer (axolotl 0.19.0's pin: the "
     "policy's and the reference's full fp32 logits)",
+    Stack.LLAMAFACTORY: "LLaMA-Factory's CustomDPOTrainer (llamafactory==0.9.5 train/dpo/trainer.py: full fp32 logits "
+    "and their log-softmax, the policy's and the reference's)",
 }
 
 
@@ -92,6 +97,8 @@ def reference_copy_blocks(params: list[Param], setup: TrainingSetup) -> list[int
         return []
     if setup.cpu_offload or (setup.deepspeed == DeepSpeedStage.ZERO3 and setup.offload_params):
         return []
+    if setup.stack == Stack.LLAMAFACTORY:  # load_model(is_trainable=False): the checkpoint's dtype, bf16
+        return [alloc(2 * _held_elements(p, setup)) for p in params if not p.kind.quantized]
     return [store(p, setup, _held_elements(p, setup))[C.WEIGHTS] for p in params if not p.kind.quantized]
 
 
@@ -127,6 +134,10 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     outputs scattered to every token (log_probs, entropy, mean_logits fp32, is_top1 and the
     label mask bool) with the labels _compute_loss made. trl==1.9.0 (axolotl): the policy's fp32
     logits, which `outputs` and every row's logsumexp (saved input views) keep."""
+    if setup.stack == Stack.LLAMAFACTORY and is_dpo(setup):
+        # concatenated_forward's fp32 logits (returned, held to the metrics) and get_batch_logps'
+        # log-softmax over every row but the last position (saved for backward)
+        return [alloc(4 * setup.tokens * spec.vocab), alloc(4 * _shifted(setup) * spec.vocab)]
     if full_logits(setup):
         return [alloc(4 * setup.tokens * spec.vocab)]
     rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
@@ -175,7 +186,9 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     ws = [alloc(n * x) for x in parts]
     at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
     layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
-    if full_logits(setup):
+    if setup.stack == Stack.LLAMAFACTORY:
+        head = _llamafactory_head_parts(spec, setup)
+    elif full_logits(setup):
         head = _trl19_head_parts(spec, setup)
     else:
         out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
@@ -188,8 +201,30 @@ TRL19_ENTROPY_CHUNK = 128
 
 
 def full_logits(setup: TrainingSetup) -> bool:
-    """The DPO trainer takes its log-probs from the model's full logits (axolotl's trl==1.9.0)."""
-    return is_dpo(setup) and setup.stack == Stack.AXOLOTL
+    """The DPO trainer takes its log-probs from the model's full logits (axolotl's trl==1.9.0,
+    LLaMA-Factory's own)."""
+    return is_dpo(setup) and setup.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY)
+
+
+def _shifted(setup: TrainingSetup) -> int:
+    """Positions scored: every row's but its last."""
+    return setup.rows * (setup.seq_len - 1)
+
+
+def _llamafactory_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """The reference's head in LLaMA-Factory (train/dpo/trainer.py:254-274 -> :218-252): its bf16
+    logits converted to fp32 by accelerate, then get_batch_logps' log-softmax of every row but the
+    last position (train/trainer_utils.py:592-635) on its contiguous copy, beside the fp32
+    logits; none when the loss
+    needs no reference (orpo, simpo: precompute_ref_log_probs here)."""
+    if not reference_forward(setup):
+        return []
+    n, v = setup.tokens, spec.vocab
+    conversion = [alloc(2 * n * v), alloc(4 * n * v)]
+    # log_softmax of the non-contiguous `logits[:, :-1, :]` works on a contiguous copy of it
+    # (aten/src/ATen/native/SoftMax.cpp host_softmax, cuda/SoftMax.cu: input.contiguous())
+    log_softmax = [alloc(4 * n * v), alloc(4 * _shifted(setup) * v), alloc(4 * _shifted(setup) * v)]
+    return log_softmax if sum(log_softmax) >= sum(conversion) else conversion
 
 
 def _trl19_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:

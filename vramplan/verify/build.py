@@ -37,6 +37,7 @@ from vramplan.setup import (
     Precision,
     Quant,
     QuantStorage,
+    Stack,
     TrainingSetup,
 )
 from vramplan.verify.optional import need
@@ -118,7 +119,7 @@ class Built:
 
         autocast = (
             torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
-            if self.setup.autocast
+            if self.setup.autocast and self.setup.objective != Objective.DPO  # DPO: prepare_like_accelerate
             else contextlib.nullcontext()
         )
         with autocast:
@@ -951,10 +952,10 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
-    if setup.objective == Objective.DPO and setup.loss == Loss.HF and setup.fp32_outputs:
-        for m in (model, ref_model):  # the full-logits DPO step calls the models itself
+    if setup.objective == Objective.DPO:
+        for m in (model, ref_model):  # the DPO step calls the models itself
             if m is not None:
-                wrap_fp32_outputs(m)
+                prepare_like_accelerate(m, setup, device)
     if liger_note:
         built.notes.append(liger_note)
     if setup.lora_like:
@@ -976,15 +977,24 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     return built
 
 
-def wrap_fp32_outputs(model) -> None:
+def prepare_like_accelerate(model, setup: TrainingSetup, device: str) -> None:
     """accelerate==1.16.0 accelerator.py:1791-1801, prepare_model under mixed precision: the
-    instance's forward wrapped in convert_outputs_to_fp32 (the autocast around it is
-    Built.forward's). The Trainer prepares the policy, TRL the reference copy alike
-    (evaluation_mode=True), so a full-logits DPO step gets fp32 logits from both."""
+    instance's forward wrapped in autocast, then in convert_outputs_to_fp32. The Trainer prepares
+    the policy, TRL the reference copy alike (evaluation_mode=True). A DPO step calls its models
+    itself, twice, each call in its own autocast (the Trainer adds none around compute_loss:
+    transformers==5.25.0 trainer.py:2256-2273), so the policy's cached weight casts are gone by
+    the reference forward; Built.forward then adds no autocast of its own."""
     import types
 
-    convert = need("accelerate.utils", "--fp32-outputs").convert_outputs_to_fp32
-    model.forward = types.MethodType(convert(model.forward.__func__), model)
+    import torch
+
+    if not setup.autocast:
+        return
+    forward = torch.autocast(torch.device(device).type, dtype=half_dtype(setup))(model.forward.__func__)
+    model.forward = types.MethodType(forward, model)
+    if setup.fp32_outputs:
+        convert = need("accelerate.utils", "--fp32-outputs").convert_outputs_to_fp32
+        model.forward = types.MethodType(convert(model.forward.__func__), model)
 
 
 def reference_copy_of(cfg, spec, dtype, device: str, setup: TrainingSetup):
@@ -992,9 +1002,13 @@ def reference_copy_of(cfg, spec, dtype, device: str, setup: TrainingSetup):
     (trl==1.16.0 dpo_trainer.py:905-919: the same checkpoint in the policy's dtype, then
     add_fused_lm_head with its default outputs, :948-949; axolotl==0.19.0 train.py:157-164:
     the model loaded again, without a head of TRL's), in eval mode, nothing trained."""
+    import torch
+
     from vramplan.verify.losses import add_trl_head
 
-    ref = meta_model(cfg, spec, dtype, setup.attention)
+    # LLaMA-Factory loads it with torch_dtype=auto (model/loader.py:155): the checkpoint's bf16
+    ref_dtype = torch.bfloat16 if setup.stack == Stack.LLAMAFACTORY else dtype
+    ref = meta_model(cfg, spec, ref_dtype, setup.attention)
     materialize(ref, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
         add_trl_head(ref, ("log_probs",))

@@ -196,7 +196,7 @@ def loss_step(setup) -> Callable:
     from vramplan.setup import Objective, Stack
 
     if setup.objective == Objective.DPO:
-        return axolotl_dpo_step if setup.stack == Stack.AXOLOTL else dpo_step
+        return {Stack.AXOLOTL: axolotl_dpo_step, Stack.LLAMAFACTORY: llamafactory_dpo_step}.get(setup.stack, dpo_step)
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
@@ -225,7 +225,7 @@ def dpo_step(built, ids):
 
     model = built.model
     kw = dict(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False, **built.inputs(ids))
-    out = _fp32_outputs(model, built)(**kw)
+    out = model(**kw)  # autocast and fp32 outputs on the forward (build.prepare_like_accelerate)
     logps = out.log_probs.sum(dim=1)
     if built.setup.precompute_ref_log_probs:  # the batch carries them (dpo_trainer.py:1311-1312)
         ref_logps = torch.zeros_like(logps)
@@ -233,7 +233,7 @@ def dpo_step(built, ids):
         reference = built.ref_model if built.ref_model is not None else model
         adapters_off = model.disable_adapter() if built.ref_model is None else contextlib.nullcontext()
         with torch.no_grad(), adapters_off:
-            ref_logps = _fp32_outputs(reference, built)(**kw).log_probs.sum(dim=1)
+            ref_logps = reference(**kw).log_probs.sum(dim=1)
     chosen, rejected = logps.chunk(2, dim=0)
     ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
     delta = (chosen - ref_chosen) - (rejected - ref_rejected)
@@ -290,6 +290,91 @@ def axolotl_dpo_step(built, ids):
         inputs.update(ref_chosen_logps=zeros, ref_rejected_logps=zeros.clone())
     stand_in: Any = trainer
     return DPOTrainer._compute_loss(stand_in, built.model, inputs, return_outputs=False), None
+
+
+# LLaMA-Factory 0.9.5's DPO pieces, read from its source files: (file, function or class.method)
+LF_DPO_SOURCES = (
+    (("train", "trainer_utils.py"), "get_batch_logps"),
+    (("train", "trainer_utils.py"), "nested_detach"),
+    (("train", "dpo", "trainer.py"), "CustomDPOTrainer.concatenated_forward"),
+    (("train", "dpo", "trainer.py"), "CustomDPOTrainer.compute_reference_log_probs"),
+    (("train", "dpo", "trainer.py"), "CustomDPOTrainer.compute_preference_loss"),
+    (("train", "dpo", "trainer.py"), "CustomDPOTrainer.simpo_loss"),
+    (("train", "dpo", "trainer.py"), "CustomDPOTrainer.get_batch_loss_metrics"),
+)
+
+
+def llamafactory_dpo_functions() -> dict:
+    """LLaMA-Factory's DPO step functions, executed from its own source (llamafactory==0.9.5; the
+    package's __init__ imports its whole dependency set and pins transformers<=5.6.0, the
+    functions only torch): found with find_spec on an installed llamafactory or its source on
+    PYTHONPATH, each function's text taken from the file by its name."""
+    import ast
+    import contextlib
+    import typing
+    from collections.abc import Mapping
+
+    import torch
+    import torch.nn.functional as F
+
+    found = importlib.util.find_spec("llamafactory")
+    if found is None or found.origin is None:
+        raise VramplanError("needs llamafactory==0.9.5's source (pip install llamafactory==0.9.5 --no-deps)", "--stack")
+    root = Path(found.origin).parent
+    namespace: dict = {
+        "torch": torch,
+        "F": F,
+        "IGNORE_INDEX": IGNORE_INDEX,
+        "nullcontext": contextlib.nullcontext,
+        "Mapping": Mapping,
+        "override": lambda f: f,
+        **{name: getattr(typing, name) for name in ("Optional", "Union", "Literal", "TYPE_CHECKING")},
+    }
+    for parts, name in LF_DPO_SOURCES:
+        tree = ast.parse(root.joinpath(*parts).read_text())
+        cls, _, func = name.rpartition(".")
+        body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls) if cls else tree.body
+        node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == func)
+        exec(compile(ast.Module(body=[node], type_ignores=[]), str(root.joinpath(*parts)), "exec"), namespace)
+    return namespace
+
+
+def llamafactory_dpo_step(built, ids):
+    """llamafactory==0.9.5 `stage: dpo`: CustomDPOTrainer.get_batch_loss_metrics (train/dpo/
+    trainer.py:276-317) as it is, on a stand-in for the trainer: concatenated_forward (the
+    model's logits `.to(torch.float32)`, get_batch_logps' log-softmax over every row, the logits
+    returned and held to the metrics), then compute_reference_log_probs (the same under no_grad,
+    adapters disabled or the frozen copy). The sigmoid loss on [B] tensors stands in for trl
+    0.24's dpo_loss, which LLaMA-Factory calls (memory-neutral)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    lf = llamafactory_dpo_functions()
+
+    def dpo_loss(pc, pr, rc, rr):
+        logits = (pc - pr) - (rc - rr)
+        return -F.logsigmoid(DPO_BETA * logits), DPO_BETA * (pc - rc).detach(), DPO_BETA * (pr - rr).detach()
+
+    trainer = types.SimpleNamespace(
+        finetuning_args=types.SimpleNamespace(use_ref_model=not built.setup.precompute_ref_log_probs),
+        ref_model=built.ref_model,
+        accelerator=types.SimpleNamespace(device=ids.device, unwrap_model=lambda m: m),
+        # pref_loss simpo has no reference (finetuning_args.py:574): the precomputed case's stand-in
+        loss_type="simpo" if built.setup.precompute_ref_log_probs else "sigmoid",
+        simpo_gamma=0.5,
+        beta=DPO_BETA,
+        ld_alpha=None,
+        ftx_gamma=0.0,
+        bco_gemma=0.0,
+        dpo_loss=dpo_loss,
+    )
+    for name in ("concatenated_forward", "compute_reference_log_probs", "compute_preference_loss", "simpo_loss"):
+        setattr(trainer, name, types.MethodType(lf[name], trainer))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss, _metrics = lf["get_batch_loss_metrics"](trainer, built.model, batch)
+    return loss, None
 
 
 # DPOConfig.beta's default (trl==1.16.0 dpo_config.py); its value changes no memory
