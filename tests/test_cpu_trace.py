@@ -304,6 +304,15 @@ def _model_phases(spec, setup) -> dict[str, int]:
     return out
 
 
+def phases_off(phases: dict[str, int], traced, tol: float) -> dict[str, str]:
+    """The measured phases whose model bytes differ from the trace's step-1 peak by more than `tol`."""
+    return {
+        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
+        for p, b in phases.items()
+        if abs(b - traced.peak(p, step=1)) > tol * traced.peak(p, step=1)
+    }
+
+
 @contextlib.contextmanager
 def cpu_int8_kernels(setup):
     """The estimate with LLM.int8's forward as the CPU runs it (cputrace.cpu_int8_forward_parts)."""
@@ -654,11 +663,7 @@ def test_long_context_phases_match_the_cpu_trace(name, tmp_path):
     spec = load_model_spec(str(tmp_path), use_cache=False)
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {
-        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-        for p, b in phases.items()
-        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
-    }
+    off = phases_off(phases, traced, TOL)
     assert not off, off
 
 
@@ -822,11 +827,7 @@ def test_loss_phases_match_the_cpu_trace(name, tmp_path):
     spec = load_model_spec(str(tmp_path), use_cache=False)
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {
-        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-        for p, b in phases.items()
-        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
-    }
+    off = phases_off(phases, traced, TOL)
     assert not off, off
 
 
@@ -1162,11 +1163,7 @@ def test_compiled_layers_match_the_cpu_trace(name, tmp_path):
     setup = make_setup(**{**shape, **fields})
     phases = _model_phases(load_model_spec(str(tmp_path), use_cache=False), setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {
-        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-        for p, b in phases.items()
-        if abs(b - traced.peak(p, step=1)) > COMPILE_TOL * traced.peak(p, step=1)
-    }
+    off = phases_off(phases, traced, COMPILE_TOL)
     assert not off, off
 
 
@@ -1286,11 +1283,7 @@ def test_dpo_step_phases_match_the_cpu_trace(name, tmp_path):
         assert _forward_peak_kind(spec, setup) == PhaseKind.REFERENCE_FORWARD
     phases = _model_phases(spec, setup)
     traced = trace_step(str(tmp_path), setup)
-    off = {
-        p: f"traced {traced.peak(p, step=1) / 2**20:.2f} MiB, model {b / 2**20:.2f} MiB"
-        for p, b in phases.items()
-        if abs(b - traced.peak(p, step=1)) > TOL * traced.peak(p, step=1)
-    }
+    off = phases_off(phases, traced, TOL)
     assert not off, off
 
 
