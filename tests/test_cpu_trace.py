@@ -767,6 +767,12 @@ LOSS_CASES = {
         LLAMA,
         dict(method="lora", loss="trl-chunked-nll", model_dtype="fp32", precision="mixed"),
     ),
+    # a 65536-token vocabulary and 4398 labelled rows: two vocabulary tiles and two row chunks, so
+    # the backward's `w_chunk` and both loops' `hidden_chunk` casts are rebound while alive
+    "trl-fused-head-lora-fp32w-mixed-v64k": (
+        {**LLAMA, "vocab_size": 65536, "num_hidden_layers": 2},
+        dict(method="lora", loss="trl-chunked-nll", model_dtype="fp32", precision="mixed", seq_len=2200),
+    ),
 }
 LOSS_LIBRARY = {
     "chunked": "torchtune",

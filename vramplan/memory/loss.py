@@ -269,7 +269,7 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     h, v = spec.hidden, spec.vocab
     rows = setup.rows * (setup.seq_len - 1)
     dt_h, dt_w = stream_bytes(setup), _head_weight_bytes(setup)
-    tile, casts = _trl_tile_and_casts(spec, setup, rows)
+    tile, casts = _trl_tile_and_casts(spec, setup, rows, backward=True)
     saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
     # DPOTrainer asks for mean_logits too (trl==1.16.0 dpo_trainer.py:943-947; memory/preference.py)
     forward = trl_head_forward(spec, setup, TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0))
@@ -289,18 +289,23 @@ def _fp32_cast_copy(dtype_bytes: int) -> int:
 TRL_SFT_OUTPUT_BYTES = 9
 
 
-def _trl_tile_and_casts(spec: ModelSpec, setup: TrainingSetup, rows: int) -> tuple[int, int]:
+def _trl_tile_and_casts(spec: ModelSpec, setup: TrainingSetup, rows: int, backward: bool = False) -> tuple[int, int]:
     """The fused head's tile buffer, min(rows, 4096) x 32768 in the compute dtype whatever the
-    vocabulary (mm_buf, kernels/chunked_logprob.py:347, :413), and its per-tile casts to the
-    compute dtype: the hidden rows of an fp32 stream, and a slice of an fp32 lm_head,
-    `weight[start:end].to(compute_dtype)` with end = min(start + 32768, V) (:352-356 forward,
-    :420-423 backward): at most V rows."""
+    vocabulary (mm_buf, kernels/chunked_logprob.py:347, :413), and its casts to the compute
+    dtype: the hidden rows of an fp32 stream (`hidden_chunk = hidden[...].to(compute_dtype)` per
+    4096-row chunk, :352, :420), and a slice of an fp32 lm_head, at most 32768 of its V rows
+    (`weight[start:end].to(compute_dtype)`: inline in the forward's matmul, :356; bound to
+    `w_chunk` per tile in the backward, :423). A name rebound in a loop keeps its old tensor until
+    the new one is made: two row casts where there are two row chunks, and in the backward two
+    weight slices where the loop has two iterations (rows > 4096 or V > 32768)."""
     h, v = spec.hidden, spec.vocab
     dt_h, dt_c, dt_w = stream_bytes(setup), _compute_bytes(setup), _head_weight_bytes(setup)
     tile = min(rows, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * dt_c
-    casts = (min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0) + (
-        min(v, TRL_VOCAB_TILE) * h * dt_c if dt_w != dt_c else 0
-    )
+    row_chunks, vocab_tiles = -(-rows // TRL_TOKEN_TILE), -(-v // TRL_VOCAB_TILE)
+    row_cast = min(rows, TRL_TOKEN_TILE) * h * dt_c if dt_h != dt_c else 0
+    weight_cast = min(v, TRL_VOCAB_TILE) * h * dt_c if dt_w != dt_c else 0
+    casts = row_cast * min(row_chunks, 2)
+    casts += weight_cast * (min(row_chunks * vocab_tiles, 2) if backward else 1)
     return tile, casts
 
 
