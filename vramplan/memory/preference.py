@@ -37,7 +37,7 @@ from vramplan.categories import Category as C
 from vramplan.memory.checkpointing import checkpointed_forward
 from vramplan.memory.context import StaticBytes, StepContext, activation_context, stream_bytes
 from vramplan.memory.fsdp import forward_end_gathered, layer_forward_gathered, shard_for
-from vramplan.memory.loss import trl_head_forward
+from vramplan.memory.loss import TRL_SFT_OUTPUT_BYTES, trl_head_forward
 from vramplan.memory.mlp import is_gated, mlp_width
 from vramplan.memory.parameters import Param, store
 from vramplan.memory.quantization import forward_quant_transient
@@ -142,7 +142,7 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
         return [alloc(4 * setup.tokens * spec.vocab)]
     rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
     saved = rows * spec.hidden * stream_bytes(setup) + 16 * rows
-    return [alloc(saved), alloc(n * (9 + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
+    return [alloc(saved), alloc(n * (TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
 
 
 def _layer_working_set(spec: ModelSpec, setup: TrainingSetup) -> tuple[list[int], int]:
@@ -186,12 +186,14 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     ws = [alloc(n * x) for x in parts]
     at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
     layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
+    if not reference_forward(setup):  # precomputed: no reference layers run, only the metrics' head
+        layer = []
     if setup.stack == Stack.LLAMAFACTORY:
         head = _llamafactory_head_parts(spec, setup)
     elif full_logits(setup):
         head = _trl19_head_parts(spec, setup)
     else:
-        out = COPY_OUTPUT_BYTES if reference_copy(setup) else 9 + POLICY_EXTRA_OUTPUT
+        out = COPY_OUTPUT_BYTES if reference_copy(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT
         head = [alloc(trl_head_forward(spec, setup, out))]
     return policy_held_parts(spec, setup) + (layer if sum(layer) > sum(head) else head)
 
