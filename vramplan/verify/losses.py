@@ -8,6 +8,7 @@ under --keep-logits. memory/loss.py models each of them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -304,11 +305,13 @@ LF_DPO_SOURCES = (
 )
 
 
+@functools.cache
 def llamafactory_dpo_functions() -> dict:
     """LLaMA-Factory's DPO step functions, executed from its own source (llamafactory==0.9.5; the
     package's __init__ imports its whole dependency set and pins transformers<=5.6.0, the
     functions only torch): found with find_spec on an installed llamafactory or its source on
-    PYTHONPATH, each function's text taken from the file by its name."""
+    PYTHONPATH, each function's text taken from the file by its name; read once per process, not
+    per step."""
     import ast
     import contextlib
     import typing
