@@ -619,6 +619,49 @@ CASES = [
         seq_len=1024,
     ),
     case("l1b_dpo_full_b1s2048_trl", L1B, stack="trl", objective="dpo", method="full", batch_size=1, seq_len=2048),
+    # TRL 1.16's GRPOTrainer (memory/grpo.py, --objective grpo; CPU-traced, never on a GPU): model.generate
+    # over 16 completions of a LoRA policy on TRL's defaults (fp32 cache outside autocast) with the
+    # training step; a full fine-tune's generation under autocast (bf16 values, fp32 keys, the weight
+    # copies) with beta > 0 (a frozen copy and its scoring); a QLoRA one with 32 rows generated
+    case(
+        "l8b_grpo_lora16_ckpt_b4s1536_trl",
+        L8B,
+        stack="trl",
+        objective="grpo",
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1536,
+        completion_len=1024,
+        steps_per_generation=4,
+        seconds=120,
+    ),
+    case(
+        "l1b_grpo_full_beta_b4s1024_trl",
+        L1B,
+        stack="trl",
+        objective="grpo",
+        method="full",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1024,
+        completion_len=768,
+        beta=0.04,
+        seconds=90,
+    ),
+    case(
+        "l8b_grpo_qlora_nf4_ckpt_b4s1024_trl",
+        L8B,
+        stack="trl",
+        objective="grpo",
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1024,
+        completion_len=512,
+        steps_per_generation=8,
+        seconds=120,
+    ),
     # Unsloth's fused linear CE (unsloth_zoo 2026.10.9 fused_linear.py): 8191 kept rows >= 4096 and a
     # frozen head, so the tiled forward (one 4096 x 16384 fp32 tile) on any card
     case(

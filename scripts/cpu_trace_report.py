@@ -10,7 +10,8 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 "long-context" (16k tokens on two layers, a 64-token vocabulary), "offload-attention"
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
-that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "preference" (TRL's DPOTrainer step:
+that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "grpo" (TRL's GRPOTrainer:
+model.generate over the generation batch, the no-grad scoring, its _compute_loss), "preference" (TRL's DPOTrainer step:
 its fused head over chosen and rejected rows, the no-grad reference forward), "compile" (a
 full fine-tune with each decoder layer compiled as torchtune's compile_model does), "engines" (DDP and
 FSDP1 on rank 0 of a fake process group) and "known-gaps"
@@ -43,6 +44,7 @@ from test_cpu_trace import (  # noqa: E402
     EMBED_CASES,
     EMBED_SHAPE,
     ENGINE_CASES,
+    GRPO_CASES,
     KNOB_CASES,
     LAYER_ARCH_CASES,
     LLAMA,
@@ -244,12 +246,24 @@ def _setup_text(setup: dict) -> str:
         if setup.get(key)
     ]
     parts += _adapter_text(setup)
+    if setup.get("objective") == "grpo":
+        return ", ".join(parts + [_grpo_text(setup)]) + f"; {setup['batch_size']}x{setup['seq_len']}"
     if setup.get("objective", "sft") != "sft":
         ref = " (reference log-probs precomputed)" if setup.get("precompute_ref_log_probs") else ""
         trainer = " (axolotl: trl 1.9.0's DPOTrainer)" if setup.get("stack") == "axolotl" else " (trl 1.16.0)"
         parts.append(f"{setup['objective']}{trainer}{ref}")
         return ", ".join(parts) + f"; {setup['batch_size']} pairs x{setup['seq_len']}"
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
+
+
+def _grpo_text(setup: dict) -> str:
+    """GRPO's knobs: the completion, the generation batch, beta, iterations."""
+    rows = setup["batch_size"] * (setup.get("steps_per_generation") or setup.get("gradient_accumulation", 1))
+    extra = [f"beta {setup['beta']:g}"] if setup.get("beta") else []
+    extra += [f"{setup['num_iterations']} iterations"] if setup.get("num_iterations", 1) > 1 else []
+    return f"grpo (trl 1.16.0): completion {setup['completion_len']}, {rows} rows generated" + "".join(
+        f", {e}" for e in extra
+    )
 
 
 def _adapter_text(setup: dict) -> list[str]:
@@ -395,6 +409,7 @@ def main() -> int:
     ]
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("preference", n, cfg, f, B2S256) for n, (cfg, f) in PREFERENCE_CASES.items()]
+    jobs += [("grpo", n, cfg, f, B2S256) for n, (cfg, f) in GRPO_CASES.items()]
     jobs += [("compile", n, cfg, f, shape) for n, (cfg, f, shape) in COMPILE_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]

@@ -1058,8 +1058,8 @@ def test_flash_attention_3_from_the_hub_reads_as_flash(tmp_path):
 
 def test_a_trl_preference_config_is_said_not_unknown(tmp_path):
     """Keys SFTConfig lacks that trl==1.16.0's DPOConfig lacks too (max_prompt_length: DPO's before
-    TRL 1.0, CPO's and ORPO's) or that only GRPOConfig takes: the file is another trainer's, said,
-    estimated as SFT (a DPOConfig file is DPO's: tests/test_preference.py)."""
+    TRL 1.0, CPO's and ORPO's): the file is another trainer's, said, estimated as SFT (a DPOConfig
+    file is DPO's: tests/test_preference.py; a GRPOConfig file GRPO's: tests/test_grpo.py)."""
     f = tmp_path / "dpo.yaml"
     f.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nbeta: 0.1\nmax_prompt_length: 1024\nmax_length: 2048\n")
     reading = read_config([str(f)])
@@ -1068,4 +1068,4 @@ def test_a_trl_preference_config_is_said_not_unknown(tmp_path):
     assert "objective" not in reading.fields
     g = tmp_path / "grpo.yaml"
     g.write_text("model_name_or_path: Qwen/Qwen2.5-7B\nnum_generations: 8\nuse_vllm: true\n")
-    assert "GRPO" in read_config([str(g)]).unmodelled[0].why
+    assert read_config([str(g)]).fields["objective"].value == "grpo"

@@ -1263,6 +1263,34 @@ PREFERENCE_CASES = {
 }
 
 
+# GRPO (group "grpo"; docs/memory-model.md, "GRPO"): trl==1.16.0's GRPOTrainer as verify runs it
+# (verify/losses.py grpo_step: model.generate over the generation batch, the no-grad scoring of
+# TRL's own _get_per_token_logps_and_entropies, then its own _compute_loss), on TRL's defaults (fp32
+# weights, bf16 autocast, checkpointing). GRPO_MHA (8 KV heads) with 16 micro-batches per generation
+# (32 rows): the generation is the forward's peak, at the last decode step (a long completion) or
+# at the prefill (a short one): the cases pin the generation rule.
+GRPO_MHA = {**LLAMA, "num_key_value_heads": 8}
+GRPO = dict(stack="trl", objective="grpo")
+GRPO_GEN = dict(GRPO, steps_per_generation=16)
+GRPO_CASES = {
+    "grpo-lora": (LLAMA, dict(GRPO, method="lora", completion_len=128)),
+    "grpo-full": (LLAMA, dict(GRPO, method="full", completion_len=128)),
+    "grpo-beta-full": (LLAMA, dict(GRPO, method="full", completion_len=128, beta=0.04)),
+    "grpo-beta-lora-iter": (LLAMA, dict(GRPO, method="lora", completion_len=128, beta=0.04, num_iterations=2)),
+    "grpo-decode-lora": (GRPO_MHA, dict(GRPO_GEN, method="lora", completion_len=160)),
+    "grpo-decode-full": (GRPO_MHA, dict(GRPO_GEN, method="full", completion_len=160)),
+    "grpo-decode-lora-bf16": (
+        GRPO_MHA,
+        dict(GRPO_GEN, method="lora", completion_len=160, precision="bf16", model_dtype="bf16"),
+    ),
+    "grpo-prefill-lora": (GRPO_MHA, dict(GRPO_GEN, method="lora", completion_len=32)),
+    "grpo-prefill-full": (GRPO_MHA, dict(GRPO_GEN, method="full", completion_len=32)),
+    "grpo-prefill-qlora": (GRPO_MHA, dict(GRPO_GEN, method="qlora", completion_len=32)),
+}
+# the cases whose forward peak is the generation (the rule they pin)
+GRPO_GENERATION_PEAK = ("grpo-decode-lora", "grpo-decode-full", "grpo-decode-lora-bf16", "grpo-prefill-lora")
+
+
 def _forward_peak_kind(spec, setup) -> PhaseKind:
     forward = [p for p in step_model(spec, setup).phases if p.measured == MeasuredPhase.FORWARD]
     return max(forward, key=lambda p: p.allocated).kind
@@ -1313,4 +1341,46 @@ def test_the_committed_dpo_rows_match_the_model(tmp_path):
             if abs(phases[p] - t) > TOL * t:
                 off[f"{r['name']}/{p}"] = f"traced {t / 2**20:.2f} MiB, model {phases[p] / 2**20:.2f} MiB"
     assert len(_committed("preference")) == len(PREFERENCE_CASES)
+    assert not off, off
+
+
+# traced again in the CPU-trace tier: the training step, a decode-step peak and a prefill peak
+GRPO_RETRACED = ("grpo-lora", "grpo-decode-full", "grpo-prefill-lora")
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", GRPO_RETRACED)
+def test_grpo_step_phases_match_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("needs trl==1.16.0 (the [test] extra)")
+    cfg, fields = GRPO_CASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**{**B2S256, **fields})
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    off = phases_off(_model_phases(spec, setup), trace_step(str(tmp_path), setup), TOL)
+    assert not off, off
+
+
+def test_every_grpo_case_is_committed():
+    assert [r["name"] for r in _committed("grpo")] == list(GRPO_CASES)
+
+
+def test_the_committed_grpo_rows_match_the_model(tmp_path):
+    """The memory model of this commit against every committed traced row of the grpo group
+    (trl==1.16.0's GRPOTrainer on the CPU: generation, scoring and its _compute_loss), per phase, to
+    the same tolerance; the generation cases' forward peak is the generation."""
+    off = {}
+    for r in _committed("grpo"):
+        (tmp_path / "config.json").write_text(json.dumps(r["config"]))
+        spec = load_model_spec(str(tmp_path), use_cache=False)
+        setup = make_setup(**r["setup"])
+        if r["name"] in GRPO_GENERATION_PEAK:
+            assert _forward_peak_kind(spec, setup) == PhaseKind.GENERATION, r["name"]
+        phases = _model_phases(spec, setup)
+        for p in ("forward", "backward", "optimizer"):
+            t = r[p]["traced_bytes"]
+            if abs(phases[p] - t) > TOL * t:
+                off[f"{r['name']}/{p}"] = f"traced {t / 2**20:.2f} MiB, model {phases[p] / 2**20:.2f} MiB"
     assert not off, off

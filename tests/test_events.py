@@ -487,6 +487,21 @@ KNOB_SETUPS = [
     {"method": "full", "stack": "trl", "objective": "dpo", "fsdp": 2},
     {"method": "full", "stack": "trl", "objective": "dpo", "deepspeed": "zero2", "data_parallel": 2},
     {"method": "full", "stack": "trl", "objective": "dpo", "precompute_ref_log_probs": True},
+    # GRPO (memory/grpo.py): generation and scoring before the forward; a reference copy (beta > 0),
+    # old log-probs (misaligned generation: gradients held), vLLM elsewhere
+    {"method": "lora", "stack": "trl", "objective": "grpo", "completion_len": 128},
+    {"method": "full", "stack": "trl", "objective": "grpo", "completion_len": 64, "beta": 0.04},
+    {"method": "qlora", "stack": "trl", "objective": "grpo", "completion_len": 200, "gradient_checkpointing": True},
+    {
+        "method": "lora",
+        "stack": "trl",
+        "objective": "grpo",
+        "completion_len": 128,
+        "gradient_accumulation": 4,
+        "steps_per_generation": 2,
+        "beta": 0.1,
+    },
+    {"method": "lora", "stack": "trl", "objective": "grpo", "completion_len": 128, "generation": "vllm-server"},
 ]
 
 

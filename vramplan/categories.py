@@ -21,6 +21,9 @@ class Category(str, Enum):
     COMM_BUFFERS = "comm_buffers"  # DDP gradient buckets, DeepSpeed reduce buckets and gathered partitions
     ALLOCATOR_OVERHEAD = "allocator_overhead"  # reserved - allocated (caching allocator)
     CUDA_CONTEXT = "cuda_context"  # CUDA context + library workspaces, outside torch's statistics
+    # GRPO with vLLM colocated: its gpu_memory_utilization share of the GPU (weights, KV cache),
+    # held for the whole run beside the training step (memory/grpo.py)
+    VLLM_COLOCATED = "vllm_colocated"
 
     @property
     def label(self) -> str:
@@ -31,7 +34,13 @@ class Category(str, Enum):
 ALLOCATED = tuple(
     c
     for c in Category
-    if c not in (Category.ALLOCATOR_OVERHEAD, Category.CUDA_CONTEXT, Category.PAGED_OPTIMIZER_STATES)
+    if c
+    not in (
+        Category.ALLOCATOR_OVERHEAD,
+        Category.CUDA_CONTEXT,
+        Category.PAGED_OPTIMIZER_STATES,
+        Category.VLLM_COLOCATED,
+    )
 )
 
 #: One colour per category, shared by plots and terminal tables.
@@ -48,4 +57,5 @@ COLORS = {
     Category.COMM_BUFFERS: "#A6761D",
     Category.ALLOCATOR_OVERHEAD: "#8C8C8C",
     Category.CUDA_CONTEXT: "#2F2F2F",
+    Category.VLLM_COLOCATED: "#B07AA1",
 }

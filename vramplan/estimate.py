@@ -24,6 +24,7 @@ from vramplan.headroom import SAFE_SHARE, has_safe_headroom
 from vramplan.memory import Phase, PhaseKind, step_model
 from vramplan.memory.attention import attention_notes
 from vramplan.memory.events import step_events
+from vramplan.memory.grpo import vllm_colocated_bytes
 from vramplan.memory.lora import check_lora_rank, check_lora_targets
 from vramplan.memory.optimizers import check_galore_rank
 from vramplan.memory.phases import prepare, worst_layer_only
@@ -378,6 +379,7 @@ def gpu_verdict(spec: ModelSpec, setup: TrainingSetup, gpus: GpuSpec, alloc_conf
     prepared = prepare(spec, setup)  # one for the model and the events
     model = step_model(spec, setup, every_layer=True, prepared=prepared)
     paged = model.peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
+    paged += vllm_colocated_bytes(setup, gpus.profile.memory_bytes)  # outside the step, as the paged states
     capacity = gpus.profile.memory_bytes - context_bytes(gpus) - paged
     # one replay against the capacity: where the roomy replay stays under it the capped one takes
     # the same path, and where it does not, the capped one is simulate's verdict (reserved.py)
@@ -400,6 +402,8 @@ def estimate_spec(
     capacity = gpus.profile.memory_bytes
     # bitsandbytes paged states: on the GPU (NVML) but outside torch's allocator (categories.py)
     paged = peak.parts.get(C.PAGED_OPTIMIZER_STATES, 0)
+    vllm = vllm_colocated_bytes(setup, capacity)  # GRPO's colocated vLLM: its share, beside the step
+    paged += vllm
     # reserved and the verdict: the step's events replayed through the caching-allocator model
     config = alloc_config(alloc_conf)
     sim = simulate(spec, setup, capacity - context - paged, config, step_events(spec, setup, every_layer, prepared))
@@ -407,6 +411,7 @@ def estimate_spec(
     breakdown = {c: peak.parts.get(c, 0) for c in C}
     breakdown[C.ALLOCATOR_OVERHEAD] = reserved - alloc
     breakdown[C.CUDA_CONTEXT] = context
+    breakdown[C.VLLM_COLOCATED] = vllm
     total = reserved + context + paged
     host = _host_bytes(setup, gpus, model)
     per_gpu = PerGpu(

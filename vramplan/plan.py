@@ -52,12 +52,25 @@ from vramplan.limits import (
 from vramplan.memory import prepare, step_model
 from vramplan.memory.attention import mask_from, span_terms
 from vramplan.memory.checkpointing import unsloth_from
+from vramplan.memory.grpo import vllm_colocated_bytes
+from vramplan.memory.phases import Prepared
 from vramplan.memory.types import LinearRole
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.plan_vary import expand_groups, parse_vary, varied_label
 from vramplan.reserved import with_expandable_segments
-from vramplan.setup import DeepSpeedStage, Method, Optim, OptimFamily, Packing, Precision, Quant, Stack, TrainingSetup
+from vramplan.setup import (
+    DeepSpeedStage,
+    Method,
+    Objective,
+    Optim,
+    OptimFamily,
+    Packing,
+    Precision,
+    Quant,
+    Stack,
+    TrainingSetup,
+)
 from vramplan.throughput import step_time
 from vramplan.units import GiB, MiB, host_ram_bytes
 
@@ -488,6 +501,8 @@ def _evaluate_at(
     spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray
 ) -> Grid:
     pre = prepare(spec, setup)
+    if setup.objective == Objective.GRPO:
+        return _evaluate_exactly(spec, setup, req, seqs, batches, pre)
     tokens = (seqs[:, None] * batches[None, :]).astype(np.float64)
     alloc = np.full(tokens.shape, -np.inf)
     pinned = 0
@@ -502,6 +517,25 @@ def _evaluate_at(
         alloc[rows] = part
     # paged optimizer states are on the GPU but outside the allocated peak (estimate_spec's total)
     total = _totals(alloc, req.gpus) + pre.static.paged_states
+    return Grid(setup, seqs, batches, total, host_need(pinned, setup, req), alloc.size)
+
+
+def _evaluate_exactly(
+    spec: ModelSpec, setup: TrainingSetup, req: PlanRequest, seqs: np.ndarray, batches: np.ndarray, pre: Prepared
+) -> Grid:
+    """Every grid point's step model: a GRPO step is not affine in the token count (the head scores
+    batch x completion rows, generation holds batch x steps_per_generation rows' cache)."""
+    alloc = np.full((len(seqs), len(batches)), np.inf)
+    pinned = 0
+    outside = pre.static.paged_states + vllm_colocated_bytes(setup, req.gpus.profile.memory_bytes)
+    for i, seq in enumerate(seqs):
+        for j, batch in enumerate(batches):
+            point = setup.model_copy(update={"seq_len": int(seq), "batch_size": int(batch)})
+            model = step_model(spec, point, every_layer=True, prepared=pre)
+            alloc[i, j], pinned = model.peak.allocated, model.host_pinned
+            if model.peak.allocated + outside > req.gpus.profile.memory_bytes:
+                break  # a larger micro-batch holds more: the rest of the row does not fit either
+    total = _totals(alloc, req.gpus) + outside
     return Grid(setup, seqs, batches, total, host_need(pinned, setup, req), alloc.size)
 
 
@@ -701,9 +735,20 @@ def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
         return None  # what fp16 cannot run (an optimizer stepped inside backward)
 
 
+def _grpo_seqs(seqs: np.ndarray, req: PlanRequest) -> np.ndarray:
+    """GRPO's sequence is prompt + completion, set by the data and --completion-len, not a knob to
+    search: the one grid length that holds both (the shortest at or above --min-seq and above the
+    completion), evaluated exactly at every micro-batch (_evaluate_exactly)."""
+    if req.fixed.get("objective") != Objective.GRPO:
+        return seqs
+    completion = int(req.fixed.get("completion_len", TrainingSetup.model_fields["completion_len"].default))
+    fits = seqs[(seqs > completion) & (seqs >= req.min_seq)]
+    return fits[:1]
+
+
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
     """Evaluate every discrete configuration on the (seq, batch) grid."""
-    seqs = seq_grid(req.context)
+    seqs = _grpo_seqs(seq_grid(req.context), req)
     grids, evaluated = [], 0
     for group in candidate_groups(spec, req):
         for fields in group:

@@ -398,6 +398,28 @@ class Objective(str, Enum):
     # TRL's DPOTrainer (trl==1.16.0 trainer/dpo_trainer.py): each example a chosen and a rejected
     # sequence, both rows in one batch, and a no-grad reference forward over them
     DPO = "dpo"
+    # TRL's GRPOTrainer (trl==1.16.0 trainer/grpo_trainer.py): completions generated on the GPU (or by
+    # vLLM), scored without grad, then a step over prompt + completion rows whose completion tokens
+    # alone go through the fused head (memory/grpo.py)
+    GRPO = "grpo"
+
+
+class Generation(str, Enum):
+    """Where GRPO's completions are generated (GRPOConfig use_vllm, vllm_mode)."""
+
+    TRANSFORMERS = "transformers"  # model.generate on the training GPU (use_vllm=False, the default)
+    VLLM_COLOCATE = "vllm-colocate"  # vLLM in the training process, a share of each GPU
+    VLLM_SERVER = "vllm-server"  # a vLLM server on other GPUs: nothing generated here
+
+
+# the GRPO-only fields and their defaults (TrainingSetup._check_grpo)
+GRPO_DEFAULTS = {
+    "steps_per_generation": None,
+    "num_iterations": 1,
+    "beta": 0.0,
+    "generation": Generation.TRANSFORMERS,
+    "vllm_gpu_memory_utilization": 0.3,
+}
 
 
 class Attention(str, Enum):
@@ -514,6 +536,9 @@ _BOUNDED = (
     ("gradient_accumulation", "--gradient-accumulation", MAX_ACCUMULATION),
     ("nodes", "--nodes", MAX_RANKS),
     ("train_layers", "--train-layers", MAX_LAYERS),
+    ("completion_len", "--completion-len", MAX_SEQ_LEN),
+    ("steps_per_generation", "--steps-per-generation", MAX_ACCUMULATION),
+    ("num_iterations", "--num-iterations", MAX_ACCUMULATION),
 )
 
 
@@ -743,14 +768,40 @@ class TrainingSetup(BaseModel):
     )
     objective: Objective = Field(
         Objective.SFT,
-        description="sft (one sequence per example), or dpo: TRL 1.16's DPOTrainer (--stack trl), each pair's "
-        "chosen and rejected rows in one batch, then a no-grad reference forward: peft's adapters disabled, or "
-        "a frozen copy of the model for a full fine-tune",
+        description="sft (one sequence per example); dpo: TRL 1.16's DPOTrainer (--stack trl; axolotl's and "
+        "LLaMA-Factory's too), each pair's chosen and rejected rows in one batch, then a no-grad reference forward: "
+        "peft's adapters disabled, or a frozen copy of the model for a full fine-tune; grpo: TRL 1.16's GRPOTrainer "
+        "(--stack trl): completions generated (--generation), scored without grad, then the step over prompt + "
+        "completion rows",
     )
     precompute_ref_log_probs: bool = Field(
         False,
         description="--objective dpo: the reference log-probs computed once before training "
         "(DPOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
+    )
+    completion_len: int = Field(
+        512,
+        description="--objective grpo: the completion's length in tokens (GRPOConfig max_completion_length; "
+        "every completion counted at full length, an upper end); --seq-len is prompt + completion",
+    )
+    steps_per_generation: int | None = Field(
+        None,
+        description="--objective grpo: micro-batches generated at once (GRPOConfig steps_per_generation; "
+        "default: --gradient-accumulation)",
+    )
+    num_iterations: int = Field(1, description="--objective grpo: optimisation passes over each generation")
+    beta: float = Field(
+        0.0,
+        description="--objective grpo: the KL coefficient; above 0 the reference's log-probs are computed "
+        "(peft: adapters disabled; full: a frozen copy of the model)",
+    )
+    generation: Generation = Field(
+        Generation.TRANSFORMERS,
+        description="--objective grpo: transformers (model.generate on this GPU), vllm-colocate (vLLM in the "
+        "training process) or vllm-server (vLLM on other GPUs)",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, description="--generation vllm-colocate: the share of each GPU's memory vLLM takes"
     )
     # ---- the engines (issue 15)
     fsdp_version: int = Field(2, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
@@ -827,9 +878,10 @@ class TrainingSetup(BaseModel):
     def _check_objective(self) -> None:
         """--objective dpo is TRL 1.16's DPOTrainer (memory/preference.py), its log-probs from
         TRL's fused chunked head."""
-        if self.objective == Objective.SFT:
-            if self.precompute_ref_log_probs:
-                raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
+        if self.objective != Objective.DPO and self.precompute_ref_log_probs:
+            raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
+        self._check_grpo()
+        if self.objective != Objective.DPO:
             return
         if self.stack not in DPO_STACKS:
             allowed = ", ".join(s.value for s in DPO_STACKS)
@@ -859,6 +911,39 @@ class TrainingSetup(BaseModel):
                 "TRL's DPOTrainer pads each batch (padding_free falls back to padding, trl==1.16.0 "
                 "dpo_trainer.py:133-140): --packing none",
                 "--packing",
+            )
+
+    def _check_grpo(self) -> None:
+        """--objective grpo is TRL 1.16's GRPOTrainer (memory/grpo.py): its fused head, padded rows."""
+        if self.objective != Objective.GRPO:
+            for field, default in GRPO_DEFAULTS.items():
+                if getattr(self, field) != default:
+                    raise VramplanError("only applies to --objective grpo", flag_of(field))
+            return
+        if self.stack != Stack.TRL or self.loss != Loss.TRL_CHUNKED_NLL:
+            raise VramplanError(
+                "--objective grpo is modelled as TRL's GRPOTrainer (trl==1.16.0, its fused chunked head): "
+                f"--stack trl --loss trl-chunked-nll, not --stack {self.stack.value} --loss {self.loss.value}",
+                "--objective",
+            )
+        if not 1 <= self.completion_len < self.seq_len:
+            raise VramplanError(
+                f"must be below --seq-len {self.seq_len:,} (prompt + completion), got {self.completion_len:,}",
+                "--completion-len",
+            )
+        if not 0.0 <= self.beta < 1e6:
+            raise VramplanError(f"must be 0 or more, got {self.beta}", "--beta")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise VramplanError(
+                f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}", "--vllm-gpu-memory-utilization"
+            )
+        if self.packing != Packing.NONE:
+            raise VramplanError("GRPOTrainer pads its prompt + completion rows: --packing none", "--packing")
+        if self.engine != Engine.SINGLE and self.engine != Engine.DDP:
+            raise VramplanError(
+                "--objective grpo is modelled on one GPU or DDP (FSDP and DeepSpeed gather the weights for "
+                "generation: not modelled)",
+                "--objective",
             )
 
     def _check_liger_layers(self) -> None:
@@ -1150,6 +1235,16 @@ class TrainingSetup(BaseModel):
     @property
     def tokens(self) -> int:
         return self.rows * self.seq_len
+
+    @property
+    def generation_rows(self) -> int:
+        """GRPO: the completions generated at once on this GPU (GRPOConfig generation_batch_size per
+        process: per_device_train_batch_size x steps_per_generation, grpo_config.py:1098-1100)."""
+        return self.batch_size * (self.steps_per_generation or self.gradient_accumulation)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.seq_len - self.completion_len
 
     @property
     def lora_like(self) -> bool:

@@ -26,6 +26,7 @@ from vramplan.setup import (
     Attention,
     DeepSpeedStage,
     FsdpSharding,
+    Generation,
     LigerLayers,
     LoraTargets,
     Loss,
@@ -179,8 +180,19 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     _flag(p, "cpu_offload", boolean=True)
     _flag(p, "objective", choices=_choices(Objective))
     _flag(p, "precompute_ref_log_probs", boolean=True)
+    add_grpo_options(p)
     add_stack_options(p)
     add_engine_options(p)
+
+
+def add_grpo_options(p: argparse.ArgumentParser) -> None:
+    """--objective grpo's knobs (GRPOConfig's names, memory/grpo.py)."""
+    _flag(p, "completion_len", type=tokens_in(MAX_SEQ_LEN), extra_help="; default 512 (below --seq-len)")
+    _flag(p, "steps_per_generation", type=int_in(MAX_ACCUMULATION))
+    _flag(p, "num_iterations", type=int_in(MAX_ACCUMULATION), extra_help="; default 1")
+    _flag(p, "beta", type=float_in(0.0, 1e6), extra_help="; default 0")
+    _flag(p, "generation", choices=_choices(Generation))
+    _flag(p, "vllm_gpu_memory_utilization", type=float_in(1e-3, 1.000001), extra_help="; default 0.3")
 
 
 def add_stack_options(p: argparse.ArgumentParser) -> None:

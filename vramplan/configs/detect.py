@@ -29,6 +29,9 @@ _TRL = (
     "dataset_name",
     "activation_offloading",
     "accelerate_config",
+    # GRPOConfig's (trl==1.16.0 grpo_config.py; configs/hf.py _grpo)
+    "num_generations",
+    "use_vllm",
 )
 # LLaMA-Factory's v1 trainer (llamafactory==0.9.5 llamafactory/v1/config/model_args.py,
 # training_args.py; run with USE_V1=1, cli.py:19): its own loop, configured by plugin sections.

@@ -25,6 +25,7 @@ from vramplan.setup import (
     AdapterDtype,
     Attention,
     FsdpSharding,
+    Generation,
     LigerLayers,
     LoraTargets,
     Loss,
@@ -60,10 +61,11 @@ def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], 
     as comments; ``world`` = GPUs for DeepSpeed/DDP launches (FSDP takes ``setup.fsdp``)."""
     if fmt not in _BUILDERS:
         raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
-    if setup.objective == Objective.DPO and fmt not in ("trl", "accelerate"):
+    if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate"):
+        trainer = "DPOTrainer" if setup.objective == Objective.DPO else "GRPOTrainer"
         raise VramplanError(
-            f"{fmt} cannot express objective=dpo: the DPO step modelled is TRL 1.16's DPOTrainer "
-            "(axolotl 0.19 runs trl 1.9's, LLaMA-Factory its own); write --emit trl",
+            f"{fmt} cannot express objective={setup.objective.value}: the step modelled is TRL 1.16's "
+            f"{trainer}; write --emit trl",
             "--emit",
         )
     run, body = _BUILDERS[fmt](setup, model_id, world)
@@ -131,6 +133,8 @@ def _check_round_trip(fmt: str, setup: TrainingSetup, text: str) -> None:
     except VramplanError as e:  # e.g. an optimizer name its trainer does not take
         raise VramplanError(f"{fmt} cannot express this setup ({e.message})", "--emit") from None
     fields = combine.setup_fields(reading, world=setup.fsdp if setup.fsdp > 1 else None)
+    if setup.objective == Objective.GRPO:  # the prompt length is the dataset's, not a GRPOConfig key
+        fields["seq_len"] = setup.seq_len
     if fmt == "accelerate":
         fields = {k: v for k, v in fields.items() if k in ENGINE_FIELDS or k == "precision"}
         fields.update({k: getattr(setup, k) for k in ("method", "optim", "quant") if k not in fields})
@@ -327,6 +331,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
     run = "trl sft --config this.yaml"
     if s.objective == Objective.DPO:
         run = _trl_dpo(s, d)
+    elif s.objective == Objective.GRPO:
+        run = _trl_grpo(s, d)
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -355,6 +361,46 @@ def _trl_dpo(s: TrainingSetup, d: dict[str, Any]) -> str:
         learning_rate=5e-6 if not s.lora_like else 5e-5,
     )
     return "trl dpo --config this.yaml"
+
+
+def _trl_grpo(s: TrainingSetup, d: dict[str, Any]) -> str:
+    """`trl grpo --config`: GRPOConfig's keys (trl==1.16.0 trainer/grpo_config.py) in place of
+    SFTConfig's max_length, packing and loss_type; a prompt-only dataset and a reward function.
+    The prompt length is not a GRPOConfig key (prompts are not truncated): the header says it."""
+    for key in ("packing", "padding_free", "max_length", "loss_type"):
+        d.pop(key, None)
+    d.update(
+        dataset_name="trl-lib/DeepMath-103K",
+        reward_funcs=["accuracy_reward"],
+        max_completion_length=s.completion_len,
+        num_generations=_num_generations(s),
+        beta=s.beta,
+        num_iterations=s.num_iterations,
+        learning_rate=1e-6 if not s.lora_like else 1e-5,
+    )
+    if s.steps_per_generation is not None:
+        d["steps_per_generation"] = s.steps_per_generation
+    if s.generation != Generation.TRANSFORMERS:
+        d["use_vllm"] = True
+        d["vllm_mode"] = "colocate" if s.generation == Generation.VLLM_COLOCATE else "server"
+        if s.generation == Generation.VLLM_COLOCATE:
+            d["vllm_gpu_memory_utilization"] = s.vllm_gpu_memory_utilization
+    return f"trl grpo --config this.yaml (prompts up to {s.prompt_len} tokens)"
+
+
+def _num_generations(s: TrainingSetup) -> int:
+    """GRPOConfig's num_generations (default 8): at least 2 (completions are compared within a
+    prompt's group) and a divisor of the generation batch (grpo_trainer.py checks both): the largest
+    of 8, 4 and 2 that divides it."""
+    rows = s.generation_rows * max(s.data_parallel, 1)
+    n = next((n for n in (8, 4, 2) if rows % n == 0), None)
+    if n is None:
+        raise VramplanError(
+            f"a GRPO generation batch of {rows} completion(s) cannot hold two completions per prompt: "
+            "raise --batch-size or --steps-per-generation to an even count",
+            "--emit",
+        )
+    return n
 
 
 def _trl_liger(layers: LigerLayers) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from vramplan.setup import (
     AdapterDtype,
     DeepSpeedStage,
     FsdpSharding,
+    Generation,
     LoraTargets,
     Loss,
     Method,
@@ -320,7 +321,7 @@ _DPO_KEYS = (
 # a step with generated sequences, a teacher, or unpaired examples, which vramplan does not model.
 _OTHER_TRAINERS = {
     "KTO": ("desirable_weight", "undesirable_weight"),
-    "GRPO/RLOO": ("num_generations", "generation_batch_size", "steps_per_generation", "use_vllm", "reward_weights"),
+    "RLOO": ("normalize_advantages", "reward_clip_range"),
     "reward": ("center_rewards_coefficient",),
     "distillation": ("teacher_model_name_or_path", "teacher_model_init_kwargs"),
     "preference": ("max_prompt_length", "max_completion_length", "ref_model_init_kwargs", "rpo_alpha"),
@@ -332,6 +333,10 @@ def _other_trainer(c: Collector) -> None:
     dpo); another trainer's are said in one line, not listed as unknown, and the step is
     estimated as SFT's."""
     found = [(name, k) for name, keys in _OTHER_TRAINERS.items() for k in keys if k in c.data]
+    # max_prompt_length / max_completion_length ("preference") are older GRPOConfig's keys too
+    if all(name == "preference" for name, _ in found) and any(k in c.data for k in _GRPO_KEYS):
+        _grpo(c)
+        return
     if not found:
         _dpo(c)
         return
@@ -344,6 +349,99 @@ def _other_trainer(c: Collector) -> None:
     )
     for _, k in found + [("DPO", k) for k in _DPO_KEYS if k in c.data]:
         c.get(k)
+
+
+# Keys GRPOConfig takes and SFTConfig does not that mark a `trl grpo` file (trl==1.16.0
+# grpo_config.py; RLOOConfig shares the generation keys: its own two above make a file RLOO's)
+_GRPO_KEYS = (
+    "num_generations",
+    "generation_batch_size",
+    "steps_per_generation",
+    "use_vllm",
+    "vllm_mode",
+    "reward_weights",
+    "num_iterations",
+    "epsilon",
+    "epsilon_high",
+    "scale_rewards",
+    "importance_sampling_level",
+    "vllm_gpu_memory_utilization",
+)
+# a prompt length when the file gives none (GRPOConfig 1.x has no max_prompt_length: prompts are
+# not truncated), so that --seq-len is prompt + completion; the output says it
+GRPO_ASSUMED_PROMPT = 512
+
+
+def _grpo(c: Collector) -> None:
+    """`trl grpo`'s keys: the step is GRPOTrainer's (memory/grpo.py): the completion length, the
+    prompt's when the file has one (older GRPOConfig's max_prompt_length), generation on this GPU
+    or by vLLM, the generation batch, the KL coefficient."""
+    first = next(k for k in _GRPO_KEYS if k in c.data)
+    c.set(first, "objective", Objective.GRPO, f"{_TRL} GRPOConfig key: GRPOTrainer's step")
+    completion = c.pos_int("max_completion_length", c.get("max_completion_length", 512))
+    c.set(
+        "max_completion_length",
+        "completion_len",
+        completion,
+        "GRPOConfig default 512" if "max_completion_length" not in c.data else "",
+    )
+    prompt = c.get("max_prompt_length")
+    if prompt is not None:
+        c.set(
+            "max_prompt_length", "seq_len", c.pos_int("max_prompt_length", prompt) + completion, "prompt + completion"
+        )
+    else:
+        c.set(
+            "max_completion_length",
+            "seq_len",
+            GRPO_ASSUMED_PROMPT + completion,
+            f"a {GRPO_ASSUMED_PROMPT}-token prompt assumed (not in the file; --seq-len gives prompt + completion)",
+        )
+    _grpo_generation(c)
+    for key, field in (("steps_per_generation", "steps_per_generation"), ("num_iterations", "num_iterations")):
+        c.set_int(key, field)
+    size = c.get("generation_batch_size")
+    if size is not None:
+        per_step = c.fields.get("batch_size", 8) * (c.world or 1)
+        c.set(
+            "generation_batch_size",
+            "steps_per_generation",
+            max(c.pos_int("generation_batch_size", size) // per_step, 1),
+            "generation_batch_size / (per_device_train_batch_size x processes)",
+        )
+    beta = c.get("beta")
+    if beta is not None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+            raise c.fail("beta", "a number >= 0", beta)
+        c.set("beta", "beta", float(beta))
+    if c.get("vllm_enable_sleep_mode") is True:
+        c.unmodelled("vllm_enable_sleep_mode", "vLLM's sleep mode: its share is counted as held throughout")
+    if c.get("use_transformers_paged") is True or c.get("use_transformers_continuous_batching") is True:
+        c.unmodelled(
+            "use_transformers_continuous_batching",
+            "transformers' paged continuous batching: generation estimated as model.generate",
+        )
+    for k in _GRPO_KEYS:
+        c.get(k)
+
+
+def _grpo_generation(c: Collector) -> None:
+    """use_vllm / vllm_mode / vllm_gpu_memory_utilization (grpo_config.py:587-660)."""
+    if c.get("use_vllm") is not None and c.flag("use_vllm", c.get("use_vllm")):
+        mode = c.choice(
+            "vllm_mode",
+            c.get("vllm_mode", "colocate"),
+            {"colocate": Generation.VLLM_COLOCATE, "server": Generation.VLLM_SERVER},
+        )
+        c.set("use_vllm", "generation", mode, f"vLLM, vllm_mode {mode.value.removeprefix('vllm-')}")
+        share = c.get("vllm_gpu_memory_utilization")
+        if share is not None and mode == Generation.VLLM_COLOCATE:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise c.fail("vllm_gpu_memory_utilization", "a number in (0, 1]", share)
+            c.set("vllm_gpu_memory_utilization", "vllm_gpu_memory_utilization", float(share))
+    else:
+        c.get("vllm_mode")
+        c.get("vllm_gpu_memory_utilization")
 
 
 def _dpo(c: Collector) -> None:

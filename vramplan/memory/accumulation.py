@@ -107,6 +107,8 @@ def with_accumulated_grads(ctx: StepContext, phases: list[Phase]) -> list[Phase]
             continue
         if ph.kind is PhaseKind.EMBEDDING_BACKWARD:  # holds every grad and its new one already
             continue
+        if ph.kind in (PhaseKind.GENERATION, PhaseKind.SCORING):  # before the first micro-step (grpo.py)
+            continue
         made = ph.parts.get(C.GRADIENTS, 0)
         ph.parts[C.GRADIENTS] = total
         if ph.kind is PhaseKind.LAYER_BACKWARD:  # any of its moments may be between two of its grads

@@ -61,6 +61,7 @@ from vramplan.memory.fsdp import (
     shard_for,
     unsharded_grad_bytes,
 )
+from vramplan.memory.grpo import generation_parts, scoring_parts
 from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key, step_forward_locals_parts
 from vramplan.memory.linears import linears_saved
 from vramplan.memory.lora_kernels import kernels_components, kernels_fused
@@ -413,6 +414,10 @@ class _Builder:
             return embedding_backward_tensors(self.ctx)
         if kind is PhaseKind.REFERENCE_FORWARD:
             return reference_forward_parts(self.ctx.spec, setup, self.ctx.params)
+        if kind is PhaseKind.GENERATION:
+            return generation_parts(self.ctx.spec, setup, self.ctx.params)
+        if kind is PhaseKind.SCORING:
+            return scoring_parts(self.ctx.spec, setup, self.ctx.params)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
             # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V;
             # in the hf loss's backward the logits only where the loop holds its output
@@ -709,6 +714,7 @@ def _forward(b: _Builder) -> list[int | None]:
     # CPU offload: the root's shard copied in for forward's first all-gather (fsdp.py)
     led.free(led.alloc(C.TRANSIENT, offload_shard_copy(ctx.params, ctx.setup), PRE_UNSHARD_STREAM))
     _root_all_gather(b)
+    b.at_kind(PhaseKind.GENERATION, PhaseKind.SCORING)  # GRPO: before the step's batch exists (grpo.py)
     loop = led.alloc(C.ACTIVATIONS, loop_token_bytes(ctx.setup))
     rope = rope_saved(spec, ctx.setup)
     step_wide = [

@@ -22,6 +22,7 @@ from vramplan.memory.compile import (
     compiled_linear_ce_loss,
 )
 from vramplan.memory.context import activation_context, stream_bytes
+from vramplan.memory.grpo_batch import buffered_bytes, is_grpo, scored_rows
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.precision import upcast_roots
 from vramplan.memory.storage import alloc
@@ -66,7 +67,31 @@ MEASURED_ON_GPU = {
 
 
 def input_bytes(setup: TrainingSetup) -> int:
-    return alloc(setup.tokens * INPUT_BYTES_PER_TOKEN)
+    """The micro-batch's token buffers; GRPO's (input_ids and attention_mask concatenated from the
+    prompt and completion, the labels made from them: 24 bytes a token too) beside the buffered
+    generation batch (memory/grpo.py)."""
+    return alloc(setup.tokens * INPUT_BYTES_PER_TOKEN) + grpo_buffered_bytes(setup)
+
+
+def grpo_buffered_bytes(setup: TrainingSetup) -> int:
+    return buffered_bytes(setup) if is_grpo(setup) else 0
+
+
+def trl_scored_rows(setup: TrainingSetup) -> int:
+    """Rows the fused head scores: every position with a next-token label, B·(S-1); under GRPO
+    the completion's positions alone (memory/grpo.py scored_rows)."""
+    if is_grpo(setup):
+        return scored_rows(setup)
+    return setup.rows * (setup.seq_len - 1)
+
+
+def trl_output_bytes(setup: TrainingSetup) -> int:
+    """Per scored row, the fused head's outputs: SFT's log_probs, entropy and is_top1; DPO adds
+    mean_logits (trl==1.16.0 dpo_trainer.py:943-947, memory/preference.py); GRPO asks for log_probs
+    and entropy (grpo_trainer.py:1068-1073)."""
+    if setup.objective == Objective.GRPO:
+        return 8
+    return TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0)
 
 
 def loop_token_bytes(setup: TrainingSetup) -> int:
@@ -267,12 +292,11 @@ def trl_fused_loss(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     32768 columns whatever the vocabulary; backward: the same tile, an fp32 grad of the hidden
     rows cast back, and an fp32 weight grad cast back when lm_head trains."""
     h, v = spec.hidden, spec.vocab
-    rows = setup.rows * (setup.seq_len - 1)
+    rows = trl_scored_rows(setup)
     dt_h, dt_w = stream_bytes(setup), _head_weight_bytes(setup)
     tile, casts = _trl_tile_and_casts(spec, setup, rows, backward=True)
     saved = rows * h * dt_h + 16 * rows  # h_sel + targets int64, log_z and entropy fp32
-    # DPOTrainer asks for mean_logits too (trl==1.16.0 dpo_trainer.py:943-947; memory/preference.py)
-    forward = trl_head_forward(spec, setup, TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0))
+    forward = trl_head_forward(spec, setup, trl_output_bytes(setup))
     # fp32 accumulators cast back to the input's and the weight's dtype (chunked_logprob.py:428-438,
     # zeros(..., float32) then `.to(dtype)`): the cast of an fp32 tensor to fp32 is the same tensor
     weight_grad = v * h * (4 + _fp32_cast_copy(dt_w)) if head_trains(setup) else 0
@@ -314,7 +338,7 @@ def trl_head_forward(spec: ModelSpec, setup: TrainingSetup, output_bytes: int) -
     (h_sel), targets and log_z/entropy (16 per row), the 7 fp32 running statistics, the
     outputs per row and scattered to every token (`output_bytes` each), the tile and its casts."""
     n, h = setup.tokens, spec.hidden
-    rows = setup.rows * (setup.seq_len - 1)
+    rows = trl_scored_rows(setup)
     tile, casts = _trl_tile_and_casts(spec, setup, rows)
     dt_h = stream_bytes(setup)
     return n * h * dt_h + rows * h * dt_h + 16 * rows + 28 * rows + output_bytes * (rows + n) + tile + casts

@@ -36,6 +36,7 @@ from vramplan.memory.fsdp import (
     layer_forward_gathered,
     root_reduce_scatter,
 )
+from vramplan.memory.grpo import grpo_notes, grpo_phases
 from vramplan.memory.layer import LayerPoints, forward_locals, layer_points, step_forward_locals_parts
 from vramplan.memory.liger import liger_norms, liger_notes
 from vramplan.memory.lora import lora_targeted
@@ -401,6 +402,7 @@ def step_model(
     ctx = step_context(spec, setup, prepared)
     layers = with_accumulated_grads(ctx, layer_backward_phases(ctx))
     phases = [
+        *grpo_phases(ctx),
         *head_phases(ctx),
         *reference_forward_phase(ctx),
         *(layers if every_layer else [max(layers, key=lambda p: p.allocated)]),
@@ -419,6 +421,7 @@ def step_model(
         ([OFFLOAD_NOTE] if setup.cpu_offload else [])
         + loss_notes(setup)
         + preference_notes(setup)
+        + grpo_notes(setup)
         + knob_notes(spec, setup)
         + precision_notes(setup)
         + optimizer_notes(setup, prepared.static)

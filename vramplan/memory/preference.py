@@ -82,7 +82,11 @@ def reference_copy(setup: TrainingSetup) -> bool:
     """A frozen copy of the model is kept: a full fine-tune (no peft model to disable), not
     precomputed; axolotl loads it whatever precompute_ref_log_probs says (axolotl==0.19.0
     train.py:144-164 does not read it, and TRL keeps a reference it is given)."""
-    if not is_dpo(setup) or setup.lora_like:
+    if setup.lora_like:
+        return False
+    if setup.objective == Objective.GRPO:  # GRPOTrainer loads one when beta > 0 (grpo_trainer.py:990-1003)
+        return setup.beta > 0
+    if not is_dpo(setup):
         return False
     return not setup.precompute_ref_log_probs or setup.stack == Stack.AXOLOTL
 
@@ -171,23 +175,27 @@ def _weight_transient(spec: ModelSpec, setup: TrainingSetup, params: list[Param]
     return 0
 
 
-def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
-    """The reference forward's widest moment beyond the policy's saved tensors, as blocks: what
-    the policy's head left, then the wider of a decoder layer's moment and the fused head's
-    forward. In a layer: the embedding output (held by the model's forward until it returns)
-    and the block's input (held by the decoder loop through the call), with the layer's working
-    set at its widest, the elementwise product that is its last tensor, or at the up
-    projection's matmul before it: act(gate) beside the weight made for the matmul
-    (_weight_transient) and its bf16 output (a 4-bit Linear casts it to the stream's dtype
-    after the weight is freed). [CPU trace: group "preference"]"""
+def no_grad_layer_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
+    """A decoder layer's no-grad forward at its widest, as blocks: the embedding output (held by
+    the model's forward until it returns) and the block's input (held by the decoder loop through
+    the call), with the layer's working set at its widest, the elementwise product that is its
+    last tensor, or at the up projection's matmul before it: act(gate) beside the weight made for
+    the matmul (_weight_transient) and its bf16 output (a 4-bit Linear casts it to the stream's
+    dtype after the weight is freed). [CPU trace: groups "preference" and "grpo"]"""
     n = setup.tokens
     stream = stream_bytes(setup) * spec.hidden
     parts, f = _layer_working_set(spec, setup)
     ws = [alloc(n * x) for x in parts]
     at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
-    layer = [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
-    if not reference_forward(setup):  # precomputed: no reference layers run, only the metrics' head
-        layer = []
+    return [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)
+
+
+def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
+    """The reference forward's widest moment beyond the policy's saved tensors, as blocks: what
+    the policy's head left, then the wider of a decoder layer's moment (no_grad_layer_parts) and
+    the fused head's forward. [CPU trace: group "preference"]"""
+    # precomputed: no reference layers run, only the metrics' head
+    layer = no_grad_layer_parts(spec, setup, params) if reference_forward(setup) else []
     if setup.stack == Stack.LLAMAFACTORY:
         head = _llamafactory_head_parts(spec, setup)
     elif full_logits(setup):

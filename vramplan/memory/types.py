@@ -72,6 +72,9 @@ class PhaseKind(Enum):
     LAYER_BACKWARD's label is a template completed by the layer and its LayerPoint."""
 
     BUILD_QUANTIZE = ("build (quantize)", MeasuredPhase.BUILD)
+    # GRPO's moments before the step's forward (memory/grpo.py), counted with the forward
+    GENERATION = ("generation (GRPO, no grad)", MeasuredPhase.FORWARD)
+    SCORING = ("scoring forward (GRPO, no grad)", MeasuredPhase.FORWARD)
     FORWARD_LOSS = ("forward (loss)", MeasuredPhase.FORWARD)
     FORWARD_FINAL_NORM = ("forward (final norm)", MeasuredPhase.FORWARD)
     FORWARD_CHECKPOINTED_LAYER = ("forward (checkpointed layer)", MeasuredPhase.FORWARD)

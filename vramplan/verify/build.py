@@ -119,7 +119,7 @@ class Built:
 
         autocast = (
             torch.autocast(torch.device(self.device).type, dtype=half_dtype(self.setup))
-            if self.setup.autocast and self.setup.objective != Objective.DPO  # DPO: prepare_like_accelerate
+            if self.setup.autocast and self.setup.objective == Objective.SFT  # else: prepare_like_accelerate
             else contextlib.nullcontext()
         )
         with autocast:
@@ -911,7 +911,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     import torch
 
     check_buildable(setup, device)
-    from vramplan.verify.losses import DPO_OUTPUTS, TRL_OUTPUTS, add_trl_head
+    from vramplan.verify.losses import DPO_OUTPUTS, GRPO_OUTPUTS, TRL_OUTPUTS, add_trl_head
 
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
@@ -933,7 +933,9 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
-        add_trl_head(model, DPO_OUTPUTS if setup.objective == Objective.DPO else TRL_OUTPUTS)
+        add_trl_head(
+            model, {Objective.DPO: DPO_OUTPUTS, Objective.GRPO: GRPO_OUTPUTS}.get(setup.objective, TRL_OUTPUTS)
+        )
     ref_model = reference_copy_of(cfg, spec, dtype, device, setup) if reference_copy(setup) else None
     liger_note = apply_liger_layers(model, setup) if setup.liger_layers != LigerLayers.NONE else None
     if setup.lora_like:
@@ -952,8 +954,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
-    if setup.objective == Objective.DPO:
-        for m in (model, ref_model):  # the DPO step calls the models itself
+    if setup.objective != Objective.SFT:
+        for m in (model, ref_model):  # the DPO and GRPO steps call the models themselves
             if m is not None:
                 prepare_like_accelerate(m, setup, device)
     if liger_note:

@@ -198,6 +198,8 @@ def loss_step(setup) -> Callable:
 
     if setup.objective == Objective.DPO:
         return {Stack.AXOLOTL: axolotl_dpo_step, Stack.LLAMAFACTORY: llamafactory_dpo_step}.get(setup.stack, dpo_step)
+    if setup.objective == Objective.GRPO:
+        return grpo_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
@@ -384,6 +386,147 @@ def llamafactory_dpo_step(built, ids):
 DPO_BETA = 0.1
 # What DPOTrainer asks the policy's fused head for (dpo_trainer.py:943-947)
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+# What GRPOTrainer asks the policy's fused head for (trl==1.16.0 grpo_trainer.py:1068-1073)
+GRPO_OUTPUTS = ("log_probs", "entropy")
+
+
+def _grpo_stand_in(built, device):
+    """A stand-in for GRPOTrainer holding what _get_per_token_logps_and_entropies and _compute_loss
+    read, at GRPOConfig's defaults (trl==1.16.0 grpo_config.py: loss_type "dapo", epsilon 0.2,
+    token-level importance sampling, no entropy masking or bonus) and the setup's beta; one process."""
+    import contextlib
+    import types
+    from collections import defaultdict
+
+    import torch
+
+    setup = built.setup
+    half = torch.bfloat16 if setup.precision.value != "fp16" else torch.float16
+    autocast = (
+        (lambda: torch.autocast(torch.device(device).type, dtype=half)) if setup.autocast else contextlib.nullcontext
+    )
+    accelerator = types.SimpleNamespace(
+        autocast=autocast,
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        reduce=lambda x, reduction="sum": x,
+        num_processes=1,
+        is_main_process=True,
+        sync_gradients=True,
+        device=device,
+        unwrap_model=lambda m: m,
+    )
+    return types.SimpleNamespace(
+        model=built.model,
+        accelerator=accelerator,
+        args=types.SimpleNamespace(
+            use_bias_correction_kl=False, delta=None, steps_per_generation=setup.steps_per_generation or 1
+        ),
+        aux_loss_enabled=False,
+        router_aux_loss_coef=0.0,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        beta=setup.beta,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=setup.gradient_accumulation,
+        max_completion_length=setup.completion_len,
+        _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+
+
+def _grpo_generate(built, prompts, new_tokens: int):
+    """GRPOTrainer._generate_single_turn without vLLM (grpo_trainer.py:1811-1866): the model
+    unwrapped with checkpointing off (trl/models/utils.py _unwrap_model_for_generation), then
+    model.generate under no_grad with the GenerationConfig TRL builds (:1155-1173: sampling at
+    temperature 1.0, top_p 1.0, top_k 0). No end-of-sequence token: every completion runs to its
+    full length, as the model counts it."""
+    import torch
+    from transformers import GenerationConfig
+
+    model = built.model
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        pad_token_id=0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        disable_compile=True,
+    )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.eos_token_id = None
+    # a checkpoint's config.json has use_cache true; verify's builder turns it off for the reference step
+    base.config.use_cache = base.generation_config.use_cache = True
+    checkpointing = base.is_gradient_checkpointing
+    if checkpointing:
+        base.gradient_checkpointing_disable()
+    with torch.no_grad():
+        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=config)
+    if checkpointing:
+        base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": built.setup.checkpoint_reentrant}
+        )
+    return out[:, prompts.shape[1] :]
+
+
+def grpo_step(built, ids):
+    """trl==1.16.0 GRPOTrainer: the generation batch (rows x steps_per_generation prompts, the
+    batch's first prompt_len tokens) completed by model.generate (_grpo_generate), the no-grad
+    scoring its own _get_per_token_logps_and_entropies runs (the old policy's when generation is
+    misaligned, the reference's when beta > 0: adapters disabled or the copy), then its own
+    _compute_loss on the first micro-batch's views (split_tensor_dict), on a stand-in trainer."""
+    import contextlib
+    import types
+
+    import torch
+
+    _need("trl", "--objective grpo")
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from vramplan.memory.grpo import scores_old, scores_reference
+
+    setup, model = built.setup, built.model
+    trainer: Any = _grpo_stand_in(built, ids.device)
+    trainer._get_per_token_logps_and_entropies = types.MethodType(
+        GRPOTrainer._get_per_token_logps_and_entropies, trainer
+    )
+    rows, c = ids.shape[0], setup.completion_len
+    g = setup.generation_rows
+    prompts = ids[:, : ids.shape[1] - c].repeat(-(-g // rows), 1)[:g].contiguous()
+    completions = _grpo_generate(built, prompts, c)
+    batch = {
+        "prompt_ids": prompts,
+        "prompt_mask": torch.ones_like(prompts),
+        "completion_ids": completions,
+        "completion_mask": torch.ones_like(completions),
+    }
+    scored = torch.cat([prompts, completions], dim=1), torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        if scores_old(setup):
+            batch["old_per_token_logps"] = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, model, *scored, c, batch_size=rows
+            )[0]
+        if scores_reference(setup):
+            reference = built.ref_model if built.ref_model is not None else model
+            off = model.disable_adapter() if built.ref_model is None else contextlib.nullcontext()
+            with off:
+                batch["ref_per_token_logps"] = GRPOTrainer._get_per_token_logps_and_entropies(
+                    trainer, reference, *scored, c, batch_size=rows
+                )[0]
+    del scored
+    batch["advantages"] = torch.randn(g, device=ids.device)
+    micro = {k: v[:rows] for k, v in batch.items()}
+    micro["num_items_in_batch"] = torch.tensor(float(rows * c), device=ids.device)
+    return GRPOTrainer._compute_loss(trainer, model, micro), None
 
 
 def trl_step(built, ids):
