@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+from collections.abc import Callable
 
 import pytest
 
@@ -1325,21 +1326,34 @@ def test_every_preference_case_is_committed():
     assert {r["name"] for r in _committed("preference")} == set(PREFERENCE_CASES)
 
 
-def test_the_committed_dpo_rows_match_the_model(tmp_path):
-    """The memory model of this commit against every committed traced row of the preference
-    group (trl==1.16.0's DPOTrainer step on the CPU), per phase, to the same tolerance."""
+def committed_rows_off(group: str, tmp_path, peak_kind: Callable[[dict], PhaseKind | None]) -> dict[str, str]:
+    """Every committed row of `group` against this commit's model, per phase, to TOL; a row whose
+    `peak_kind(row)` names a kind must have its forward peak there (the rule the case pins)."""
     off = {}
-    for r in _committed("preference"):
+    for r in _committed(group):
         (tmp_path / "config.json").write_text(json.dumps(r["config"]))
         spec = load_model_spec(str(tmp_path), use_cache=False)
         setup = make_setup(**r["setup"])
-        if r["config"]["vocab_size"] == 64:  # the cases that pin the reference forward's rule
-            assert _forward_peak_kind(spec, setup) == PhaseKind.REFERENCE_FORWARD, r["name"]
+        kind = peak_kind(r)
+        if kind is not None:
+            assert _forward_peak_kind(spec, setup) == kind, r["name"]
         phases = _model_phases(spec, setup)
         for p in ("forward", "backward", "optimizer"):
             t = r[p]["traced_bytes"]
             if abs(phases[p] - t) > TOL * t:
                 off[f"{r['name']}/{p}"] = f"traced {t / 2**20:.2f} MiB, model {phases[p] / 2**20:.2f} MiB"
+    return off
+
+
+def test_the_committed_dpo_rows_match_the_model(tmp_path):
+    """The memory model of this commit against every committed traced row of the preference
+    group (trl==1.16.0's DPOTrainer step on the CPU), per phase, to the same tolerance; the
+    64-token-vocabulary cases pin the reference forward's rule."""
+    off = committed_rows_off(
+        "preference",
+        tmp_path,
+        lambda r: PhaseKind.REFERENCE_FORWARD if r["config"]["vocab_size"] == 64 else None,
+    )
     assert len(_committed("preference")) == len(PREFERENCE_CASES)
     assert not off, off
 
@@ -1371,16 +1385,7 @@ def test_the_committed_grpo_rows_match_the_model(tmp_path):
     """The memory model of this commit against every committed traced row of the grpo group
     (trl==1.16.0's GRPOTrainer on the CPU: generation, scoring and its _compute_loss), per phase, to
     the same tolerance; the generation cases' forward peak is the generation."""
-    off = {}
-    for r in _committed("grpo"):
-        (tmp_path / "config.json").write_text(json.dumps(r["config"]))
-        spec = load_model_spec(str(tmp_path), use_cache=False)
-        setup = make_setup(**r["setup"])
-        if r["name"] in GRPO_GENERATION_PEAK:
-            assert _forward_peak_kind(spec, setup) == PhaseKind.GENERATION, r["name"]
-        phases = _model_phases(spec, setup)
-        for p in ("forward", "backward", "optimizer"):
-            t = r[p]["traced_bytes"]
-            if abs(phases[p] - t) > TOL * t:
-                off[f"{r['name']}/{p}"] = f"traced {t / 2**20:.2f} MiB, model {phases[p] / 2**20:.2f} MiB"
+    off = committed_rows_off(
+        "grpo", tmp_path, lambda r: PhaseKind.GENERATION if r["name"] in GRPO_GENERATION_PEAK else None
+    )
     assert not off, off
