@@ -51,8 +51,14 @@ def data_parallel_phrase(gpu_count: int, setup: TrainingSetup | None = None) -> 
     )
 
 
-def batch_phrase(batch_size: int, seq_len: int, rows: int | None = None) -> str:
-    """The micro-batch as assumed; `rows` when they differ from the examples (DPO: 2 per pair)."""
+def batch_phrase(batch_size: int, seq_len: int, rows: int | None = None, completion: int | None = None) -> str:
+    """The micro-batch as assumed; `rows` when they differ from the examples (DPO: 2 per pair);
+    `completion`: GRPO's rows are prompt + completion."""
+    if completion is not None:
+        return (
+            f"micro-batch {batch_size} completion{'s' if batch_size != 1 else ''} x {seq_len} tokens ({seq_len - completion} prompt + "
+            f"{completion} completion) per GPU (--batch-size, --seq-len, --completion-len)"
+        )
     if rows is not None and rows != batch_size:
         return (
             f"micro-batch {batch_size} pairs ({rows} rows: chosen and rejected) x {seq_len} tokens per GPU "

@@ -9,6 +9,7 @@ from vramplan.cli import config_file
 from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
 from vramplan.cli.common import GPUS_HELP, HOST_RAM_HELP, MODEL_HELP, add_setup_options, host_ram
 from vramplan.cli.gpu_options import add_gpu_options, resolve_from_args
+from vramplan.setup import Objective
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +90,12 @@ def estimate_assumptions(
     from vramplan.assumptions import batch_phrase, data_parallel_phrase, host_ram_phrase, stack_phrase
 
     return [
-        batch_phrase(setup.batch_size, setup.seq_len, setup.rows),
+        batch_phrase(
+            setup.batch_size,
+            setup.seq_len,
+            setup.rows,
+            setup.completion_len if setup.objective == Objective.GRPO else None,
+        ),
         stack_phrase(setup.stack),
         host_ram_phrase(ram, given=bool(args.host_ram), gpus_named=bool(args.gpus)),
         data_parallel_phrase(gpu_count, setup if one_setup else None),
