@@ -55,8 +55,9 @@ def batch_phrase(batch_size: int, seq_len: int, rows: int | None = None, complet
     """The micro-batch as assumed; `rows` when they differ from the examples (DPO: 2 per pair);
     `completion`: GRPO's rows are prompt + completion."""
     if completion is not None:
+        plural = "s" if batch_size != 1 else ""
         return (
-            f"micro-batch {batch_size} completion{'s' if batch_size != 1 else ''} x {seq_len} tokens ({seq_len - completion} prompt + "
+            f"micro-batch {batch_size} completion{plural} x {seq_len} tokens ({seq_len - completion} prompt + "
             f"{completion} completion) per GPU (--batch-size, --seq-len, --completion-len)"
         )
     if rows is not None and rows != batch_size:
