@@ -137,7 +137,7 @@ def generation_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param])
     ids = [alloc(GENERATE_TOKEN_BYTES * g * p), alloc(GENERATE_TOKEN_BYTES * g * s)]
     layer_casts, all_casts = _generation_casts(params, setup, spec)
     gen = _generation_setup(setup, g, p)
-    layer = [b * _fp32_factor(setup) for b in no_grad_layer_parts(spec, gen, params)]
+    layer = no_grad_layer_parts(spec, gen, params, widen=_fp32_factor(setup))
     # the rotary cos and sin over every prompt position, in the stream's dtype (LlamaRotaryEmbedding)
     rope = [alloc(g * p * spec.head_dim * _generation_stream(setup))] * 2
     prefill = [layer_casts] + kv_cache_blocks(spec, setup, g, p) + rope + layer

@@ -175,14 +175,16 @@ def _weight_transient(spec: ModelSpec, setup: TrainingSetup, params: list[Param]
     return 0
 
 
-def no_grad_layer_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
+def no_grad_layer_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param], widen: int = 1) -> list[int]:
     """A decoder layer's no-grad forward at its widest, as blocks: the embedding output (held by
     the model's forward until it returns) and the block's input (held by the decoder loop through
     the call), with the layer's working set at its widest, the elementwise product that is its
     last tensor, or at the up projection's matmul before it: act(gate) beside the weight made for
     the matmul (_weight_transient) and its bf16 output (a 4-bit Linear casts it to the stream's
-    dtype after the weight is freed). [CPU trace: groups "preference" and "grpo"]"""
-    n = setup.tokens
+    dtype after the weight is freed). `widen` multiplies the activations, not the weight (GRPO's
+    generation over fp32 weights without autocast: every activation fp32, memory/grpo.py).
+    [CPU trace: groups "preference" and "grpo"]"""
+    n = setup.tokens * widen
     stream = stream_bytes(setup) * spec.hidden
     parts, f = _layer_working_set(spec, setup)
     ws = [alloc(n * x) for x in parts]
