@@ -22,11 +22,15 @@ def generates_here(setup: TrainingSetup) -> bool:
     return is_grpo(setup) and setup.generation == Generation.TRANSFORMERS
 
 
+def _generate_every(setup: TrainingSetup) -> int:
+    """Micro-steps between two generations (grpo_trainer.py:2642 generate_every)."""
+    return (setup.steps_per_generation or setup.gradient_accumulation) * setup.num_iterations
+
+
 def scores_old(setup: TrainingSetup) -> bool:
     """The old policy's log-probs are computed (grpo_trainer.py:2642-2657): generation not aligned
     with optimizer steps, or vLLM's importance sampling correction (on by default)."""
-    every = (setup.steps_per_generation or setup.gradient_accumulation) * setup.num_iterations
-    return is_grpo(setup) and (setup.gradient_accumulation % every != 0 or not generates_here(setup))
+    return is_grpo(setup) and (setup.gradient_accumulation % _generate_every(setup) != 0 or not generates_here(setup))
 
 
 def scores_reference(setup: TrainingSetup) -> bool:
@@ -36,8 +40,7 @@ def scores_reference(setup: TrainingSetup) -> bool:
 def generation_mid_accumulation(setup: TrainingSetup) -> bool:
     """Generation lands between micro-steps of one optimizer step (gradients alive) only when a
     generation feeds fewer micro-steps than an optimizer step takes."""
-    every = (setup.steps_per_generation or setup.gradient_accumulation) * setup.num_iterations
-    return every < setup.gradient_accumulation
+    return _generate_every(setup) < setup.gradient_accumulation
 
 
 def scored_rows(setup: TrainingSetup) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vramplan.errors import VramplanError
-from vramplan.setup import Loss
+from vramplan.setup import Loss, Precision
 
 IGNORE_INDEX = -100
 # The losses trl==1.16.0's SFTTrainer asks its fused head for (sft_trainer.py:1144-1147)
@@ -403,7 +403,7 @@ def _grpo_stand_in(built, device):
     import torch
 
     setup = built.setup
-    half = torch.bfloat16 if setup.precision.value != "fp16" else torch.float16
+    half = torch.float16 if setup.precision == Precision.FP16 else torch.bfloat16  # build.half_dtype's rule
     autocast = (
         (lambda: torch.autocast(torch.device(device).type, dtype=half)) if setup.autocast else contextlib.nullcontext
     )
