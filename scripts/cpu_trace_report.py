@@ -11,7 +11,9 @@ calibration never pins), "build" (hqq QLoRA whose peak is quantizing the largest
 (reentrant checkpointing, packed sequences under SDPA, eager attention), "real-width" (presets
 at their real width and vocabulary, truncated to a few layers), "loss" (the --loss kinds
 that run on the CPU, accelerate's fp32 outputs, the loop keeping the logits), "grpo" (TRL's GRPOTrainer:
-model.generate over the generation batch, the no-grad scoring, its _compute_loss), "preference" (TRL's DPOTrainer step:
+model.generate over the generation batch, the no-grad scoring, its _compute_loss), "reward" (TRL's
+RewardTrainer.compute_loss over a sequence-classification model: no lm_head, a one-output score
+head), "preference" (TRL's DPOTrainer step:
 its fused head over chosen and rejected rows, the no-grad reference forward), "compile" (a
 full fine-tune with each decoder layer compiled as torchtune's compile_model does), "engines" (DDP and
 FSDP1 on rank 0 of a fake process group) and "known-gaps"
@@ -53,6 +55,7 @@ from test_cpu_trace import (  # noqa: E402
     LOSS_CASES,
     OPTIMIZER_CASES,
     PREFERENCE_CASES,
+    REWARD_CASES,
     V64_SHAPE,
     WIDE,
     _build_compared,
@@ -250,7 +253,8 @@ def _setup_text(setup: dict) -> str:
         return ", ".join(parts + [_grpo_text(setup)]) + f"; {setup['batch_size']}x{setup['seq_len']}"
     if setup.get("objective", "sft") != "sft":
         ref = " (reference log-probs precomputed)" if setup.get("precompute_ref_log_probs") else ""
-        trainer = " (axolotl: trl 1.9.0's DPOTrainer)" if setup.get("stack") == "axolotl" else " (trl 1.16.0)"
+        kind = "RewardTrainer" if setup["objective"] == "reward" else "DPOTrainer"
+        trainer = f" (axolotl: trl 1.9.0's {kind})" if setup.get("stack") == "axolotl" else " (trl 1.16.0)"
         parts.append(f"{setup['objective']}{trainer}{ref}")
         return ", ".join(parts) + f"; {setup['batch_size']} pairs x{setup['seq_len']}"
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"
@@ -410,6 +414,7 @@ def main() -> int:
     jobs += [("loss", n, cfg, f, B2S256) for n, (cfg, f) in LOSS_CASES.items()]
     jobs += [("preference", n, cfg, f, B2S256) for n, (cfg, f) in PREFERENCE_CASES.items()]
     jobs += [("grpo", n, cfg, f, B2S256) for n, (cfg, f) in GRPO_CASES.items()]
+    jobs += [("reward", n, cfg, f, B2S256) for n, (cfg, f) in REWARD_CASES.items()]
     jobs += [("compile", n, cfg, f, shape) for n, (cfg, f, shape) in COMPILE_CASES.items()]
     jobs += [("adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_CASES.items()]
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]

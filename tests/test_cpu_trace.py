@@ -1288,6 +1288,33 @@ GRPO_CASES = {
     "grpo-prefill-full": (GRPO_MHA, dict(GRPO_GEN, method="full", completion_len=32)),
     "grpo-prefill-qlora": (GRPO_MHA, dict(GRPO_GEN, method="qlora", completion_len=32)),
 }
+# Reward models (group "reward"; docs/memory-model.md, "Reward models"): trl==1.16.0's
+# RewardTrainer.compute_loss as verify runs it (verify/losses.py reward_step) over
+# AutoModelForSequenceClassification(num_labels=1): no lm_head, a one-output score head trained
+# (peft's SEQ_CLS modules_to_save copy under LoRA), chosen and rejected rows. TRL's defaults (fp32
+# weights, bf16 autocast, checkpointing) and axolotl's (bf16 weights, fp32 adapters, peft's layers: its fused
+# LoRA kernels are Triton); a tied model keeps its embedding. Without checkpointing the forward peaks in the
+# last layer (no logits): axolotl's peaks at down's adapter, where peft's x.to(fp32) of the bf16 stream is a
+# local (lora.lora_copy_local).
+REWARD = dict(stack="trl", objective="reward")
+AX_REWARD = dict(stack="axolotl", objective="reward")
+AX_REWARD_PEFT = dict(AX_REWARD, lora_kernels=False)
+REWARD_TIED = {**LLAMA, "tie_word_embeddings": True}
+REWARD_CASES = {
+    "reward-lora": (LLAMA, dict(REWARD, method="lora")),
+    "reward-full": (LLAMA, dict(REWARD, method="full")),
+    "reward-lora-saving": (LLAMA, dict(REWARD, method="lora", gradient_checkpointing=False)),
+    "reward-full-saving": (LLAMA, dict(REWARD, method="full", gradient_checkpointing=False)),
+    "reward-qlora": (LLAMA, dict(REWARD, method="qlora")),
+    "reward-full-bf16": (LLAMA, dict(REWARD, method="full", precision="bf16", model_dtype="bf16")),
+    "reward-tied-full": (REWARD_TIED, dict(REWARD, method="full")),
+    "reward-wide-lora": (PREF_WIDE, dict(REWARD, method="lora")),
+    "ax-reward-lora": (LLAMA, dict(AX_REWARD_PEFT, method="lora")),
+    "ax-reward-full": (LLAMA, dict(AX_REWARD, method="full")),
+    "ax-reward-lora-dropout": (LLAMA, dict(AX_REWARD_PEFT, method="lora", lora_dropout=0.05)),
+    "ax-reward-qlora-ckpt": (LLAMA, dict(AX_REWARD_PEFT, method="qlora", gradient_checkpointing=True)),
+}
+
 # the cases whose forward peak is the generation (the rule they pin)
 GRPO_GENERATION_PEAK = ("grpo-decode-lora", "grpo-decode-full", "grpo-decode-lora-bf16", "grpo-prefill-lora")
 
@@ -1388,4 +1415,45 @@ def test_the_committed_grpo_rows_match_the_model(tmp_path):
     off = committed_rows_off(
         "grpo", tmp_path, lambda r: PhaseKind.GENERATION if r["name"] in GRPO_GENERATION_PEAK else None
     )
+    assert not off, off
+
+
+# where each reward case's forward peaks, the rule it pins: no logits, so the peak is a decoder
+# layer's forward or the final norm
+REWARD_PEAKS = {
+    "reward-lora-saving": PhaseKind.FORWARD_FINAL_NORM,
+    "reward-full-saving": PhaseKind.FORWARD_FINAL_NORM,
+    "ax-reward-full": PhaseKind.FORWARD_FINAL_NORM,
+    "ax-reward-lora": PhaseKind.FORWARD_LAST_LAYER,
+    "ax-reward-lora-dropout": PhaseKind.FORWARD_LAST_LAYER,
+    "ax-reward-qlora-ckpt": PhaseKind.FORWARD_CHECKPOINTED_LAYER,
+}
+# traced again in the CPU-trace tier: TRL's checkpointed LoRA, a tied full fine-tune, axolotl's LoRA
+REWARD_RETRACED = ("reward-lora", "reward-tied-full", "ax-reward-lora")
+
+
+@pytest.mark.cputrace
+@pytest.mark.parametrize("name", REWARD_RETRACED)
+def test_reward_step_phases_match_the_cpu_trace(name, tmp_path):
+    from vramplan.verify.cputrace import trace_step
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("needs trl==1.16.0 (the [test] extra)")
+    cfg, fields = REWARD_CASES[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**{**B2S256, **fields})
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    off = phases_off(_model_phases(spec, setup), trace_step(str(tmp_path), setup), TOL)
+    assert not off, off
+
+
+def test_every_reward_case_is_committed():
+    assert [r["name"] for r in _committed("reward")] == list(REWARD_CASES)
+
+
+def test_the_committed_reward_rows_match_the_model(tmp_path):
+    """The memory model of this commit against every committed traced row of the reward group
+    (trl==1.16.0's RewardTrainer.compute_loss over a sequence-classification model on the CPU), per
+    phase, to the same tolerance, each pinned case's forward peak where REWARD_PEAKS says."""
+    off = committed_rows_off("reward", tmp_path, lambda r: REWARD_PEAKS.get(r["name"]))
     assert not off, off

@@ -325,6 +325,8 @@ class Stack(str, Enum):
 # The trainers whose DPO step is modelled: TRL 1.16's DPOTrainer. axolotl==0.19.0 pins trl==1.9.0,
 # whose DPOTrainer makes full logits, and LLaMA-Factory runs its own (configs/axolotl.py, llamafactory.py)
 DPO_STACKS = {Stack.TRL: "trl-chunked-nll", Stack.AXOLOTL: "hf", Stack.LLAMAFACTORY: "hf"}  # each one's loss
+# The trainers whose reward-model step is modelled (memory/reward.py): TRL's RewardTrainer, which axolotl runs
+REWARD_STACKS = (Stack.TRL, Stack.AXOLOTL)
 
 
 class Loss(str, Enum):
@@ -402,6 +404,11 @@ class Objective(str, Enum):
     # vLLM), scored without grad, then a step over prompt + completion rows whose completion tokens
     # alone go through the fused head (memory/grpo.py)
     GRPO = "grpo"
+    # A Bradley-Terry reward model: TRL's RewardTrainer (trl==1.16.0 trainer/reward_trainer.py; axolotl's
+    # `reward_model: true` runs trl==1.9.0's, the same model class, collator and loss) over
+    # AutoModelForSequenceClassification(num_labels=1): chosen and rejected rows in one batch, a score
+    # head of one output in place of lm_head, no logits over the vocabulary (memory/reward.py)
+    REWARD = "reward"
 
 
 class Generation(str, Enum):
@@ -772,7 +779,8 @@ class TrainingSetup(BaseModel):
         "LLaMA-Factory's too), each pair's chosen and rejected rows in one batch, then a no-grad reference forward: "
         "peft's adapters disabled, or a frozen copy of the model for a full fine-tune; grpo: TRL 1.16's GRPOTrainer "
         "(--stack trl): completions generated (--generation), scored without grad, then the step over prompt + "
-        "completion rows",
+        "completion rows; reward: TRL's RewardTrainer (--stack trl or axolotl), a sequence-classification model "
+        "(a one-output score head, no lm_head) over each pair's chosen and rejected rows",
     )
     precompute_ref_log_probs: bool = Field(
         False,
@@ -881,6 +889,7 @@ class TrainingSetup(BaseModel):
         if self.objective != Objective.DPO and self.precompute_ref_log_probs:
             raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
         self._check_grpo()
+        self._check_reward()
         if self.objective != Objective.DPO:
             return
         if self.stack not in DPO_STACKS:
@@ -912,6 +921,27 @@ class TrainingSetup(BaseModel):
                 "dpo_trainer.py:133-140): --packing none",
                 "--packing",
             )
+
+    def _check_reward(self) -> None:
+        """--objective reward is TRL's RewardTrainer (memory/reward.py): no LM loss, padded rows."""
+        if self.objective != Objective.REWARD:
+            return
+        if self.stack not in REWARD_STACKS:
+            allowed = " or ".join(s.value for s in REWARD_STACKS)
+            raise VramplanError(
+                f"--objective reward is modelled as TRL's RewardTrainer: use --stack {allowed}, not {self.stack.value}",
+                "--objective",
+            )
+        if self.loss != Loss.HF:
+            raise VramplanError(
+                "a reward model has no LM loss (its score head has one output, no logits over the vocabulary): "
+                f"--loss hf, not {self.loss.value}",
+                "--loss",
+            )
+        if self.packing != Packing.NONE:
+            raise VramplanError("RewardTrainer's collator pads each pair's rows: --packing none", "--packing")
+        if SavedModule.LM_HEAD in self.modules_to_save:
+            raise VramplanError("a reward model has no lm_head (its score head trains anyway)", "--modules-to-save")
 
     def _check_grpo(self) -> None:
         """--objective grpo is TRL 1.16's GRPOTrainer (memory/grpo.py): its fused head, padded rows."""
@@ -1229,8 +1259,9 @@ class TrainingSetup(BaseModel):
     def rows(self) -> int:
         """Rows of one micro-batch: under DPO each pair's chosen and rejected sequences
         (trl==1.16.0 trainer/dpo_trainer.py:146-170 DataCollatorForPreference: chosen rows, then
-        rejected rows, padded to one length)."""
-        return self.batch_size * (2 if self.objective == Objective.DPO else 1)
+        rejected rows, padded to one length); the reward model's collator does the same
+        (reward_trainer.py:203-229)."""
+        return self.batch_size * (2 if self.objective in (Objective.DPO, Objective.REWARD) else 1)
 
     @property
     def tokens(self) -> int:
@@ -1252,8 +1283,9 @@ class TrainingSetup(BaseModel):
 
     @property
     def trains_head(self) -> bool:
-        """lm_head trains: with every weight (full, GaLore), or as peft's modules_to_save copy."""
-        if self.train_layers is not None:
+        """lm_head trains: with every weight (full, GaLore), or as peft's modules_to_save copy. A
+        reward model has no lm_head (its score head: memory/reward.py)."""
+        if self.train_layers is not None or self.objective == Objective.REWARD:
             return False
         return not self.lora_like or SavedModule.LM_HEAD in self.modules_to_save
 

@@ -322,7 +322,6 @@ _DPO_KEYS = (
 _OTHER_TRAINERS = {
     "KTO": ("desirable_weight", "undesirable_weight"),
     "RLOO": ("normalize_advantages", "reward_clip_range"),
-    "reward": ("center_rewards_coefficient",),
     "distillation": ("teacher_model_name_or_path", "teacher_model_init_kwargs"),
     "preference": ("max_prompt_length", "max_completion_length", "ref_model_init_kwargs", "rpo_alpha"),
 }
@@ -338,7 +337,8 @@ def _other_trainer(c: Collector) -> None:
         _grpo(c)
         return
     if not found:
-        _dpo(c)
+        if not _reward(c):
+            _dpo(c)
         return
     name, first = found[0]
     keys = ", ".join(k for _, k in found)
@@ -442,6 +442,42 @@ def _grpo_generation(c: Collector) -> None:
     else:
         c.get("vllm_mode")
         c.get("vllm_gpu_memory_utilization")
+
+
+# Keys only TRL's RewardConfig takes (trl==1.16.0 trainer/reward_config.py:160): a `trl reward` file
+_REWARD_KEYS = ("center_rewards_coefficient",)
+
+
+def _reward(c: Collector) -> bool:
+    """`trl reward`'s keys: RewardTrainer's step over a sequence-classification model (memory/
+    reward.py); its collator pads. Its other keys (disable_dropout, max_length) are SFT's or DPO's
+    too. trl/scripts/reward.py passes ModelConfig's lora_task_type (CAUSAL_LM unless set): without
+    SEQ_CLS or `score` in lora_modules_to_save the score head stays frozen, which is said."""
+    keys = [k for k in _REWARD_KEYS if k in c.data]
+    if not keys:
+        return False
+    c.set(keys[0], "objective", Objective.REWARD, f"{_TRL} RewardConfig key: RewardTrainer's step")
+    c.get("center_rewards_coefficient")
+    for k in ("disable_dropout", "pad_to_multiple_of", "eos_token", "pad_token"):
+        c.get(k)
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set(
+            "padding_free" if "padding_free" in c.data else "packing",
+            "packing",
+            Packing.NONE,
+            "RewardTrainer's collator pads each pair's rows (reward_trainer.py:203-229)",
+        )
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set(keys[0], "loss", Loss.HF, "a sequence-classification model has no LM loss to replace")
+    task = c.get("lora_task_type")
+    saved = c.data.get("lora_modules_to_save") or ()
+    if c.fields.get("method") in (Method.LORA, Method.QLORA) and task != "SEQ_CLS" and "score" not in saved:
+        c.unmodelled(
+            "lora_task_type",
+            f"{task or 'CAUSAL_LM'}: peft leaves the score head frozen (SEQ_CLS trains it); estimated with it "
+            "trained, its saved input (tokens x hidden x 2 bytes) an upper end",
+        )
+    return True
 
 
 def _dpo(c: Collector) -> None:

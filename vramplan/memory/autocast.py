@@ -10,6 +10,7 @@ from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.loss import TORCHTUNE_CHUNKS, head_trains
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.precision import dense_weight_bytes, frozen_fp32_autocast
+from vramplan.memory.reward import is_reward
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.model_spec import ModelSpec
@@ -60,7 +61,8 @@ def cast_cache(params: list[Param], setup: TrainingSetup, spec: ModelSpec) -> in
     # the input embedding is a lookup, not an autocast op: never cast. Untied, it is the first
     # root matrix of vocab rows parameters() lists, before lm_head; tied, that one matrix is
     # lm_head's weight too, cast for the head's matmul. [CPU trace: full-mixed-ckpt, untied]
-    embedding_left = bool(spec.lm_head_numel)
+    # a reward model has no lm_head: its embedding is never cast, tied or not (memory/reward.py)
+    embedding_left = bool(spec.lm_head_numel) or is_reward(setup)
     for p in params:
         head = p.layer is None and p.dim0 == spec.vocab and p.role != LinearRole.EMBED
         if head and embedding_left:
@@ -164,8 +166,9 @@ def _head_casts(spec: ModelSpec, setup: TrainingSetup) -> int:
     """A frozen fp32 lm_head (or the embedding it is tied to): one saved copy per call, once for
     the model's loss, once per chunk for torchtune's two (their output layer runs on each chunk).
     TRL's fused head runs its own autograd function on the weight and saves no
-    copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out."""
-    if head_trains(setup):
+    copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out. A reward model has no
+    lm_head (its score head's copy is hidden x 1)."""
+    if head_trains(setup) or is_reward(setup):
         return 0
     calls = {Loss.HF: 1, Loss.CHUNKED: TORCHTUNE_CHUNKS, Loss.TORCHTUNE_LINEAR_CE: TORCHTUNE_CHUNKS}.get(setup.loss, 0)
     return calls * alloc(2 * (spec.lm_head_numel or spec.embed_numel))

@@ -28,6 +28,7 @@ from vramplan.memory.fsdp import (
 from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
 from vramplan.memory.norms import post_mlp_norm_backward
 from vramplan.memory.parameters import Param, grad_bytes
+from vramplan.memory.reward import is_reward
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, LayerPoint, LinearRole, PhaseKind
 from vramplan.setup import Engine, TrainingSetup
@@ -77,10 +78,11 @@ def embedding_grad_last(ctx: StepContext) -> Param | None:
     batch's ids, is the last node of backward, so its grad is made after every decoder layer's
     backward (the embedding-backward phase and the optimizer step hold it; under accumulation it is
     alive from the start: accumulation.py). Tied, that weight is lm_head's, whose grad the loss
-    backward makes (accumulation.tied_head_grad). [CPU trace: the axolotl-*-fp32-roots cases and
+    backward makes (accumulation.tied_head_grad); a reward model has no lm_head.
+    [CPU trace: the axolotl-*-fp32-roots cases and
     axolotl-chunked-full, where its fp32 grad decides whether a layer's backward is the peak]"""
     setup, spec = ctx.setup, ctx.spec
-    own = bool(spec.lm_head_numel) or setup.lora_like
+    own = bool(spec.lm_head_numel) or setup.lora_like or is_reward(setup)  # a reward model has no lm_head
     if not own or setup.engine not in (Engine.SINGLE, Engine.DDP) or setup.gradient_accumulation > 1:
         return None
     if setup.steps_in_backward or setup.cpu_offload:

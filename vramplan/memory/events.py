@@ -31,6 +31,7 @@ import numpy as np
 from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
+from vramplan.memory import reward
 from vramplan.memory.accumulation import accumulated_grad_sizes
 from vramplan.memory.activations import input_needs_grad, rope_saved
 from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
@@ -84,6 +85,7 @@ from vramplan.memory.quantization import (
     quantize_transient,
     quantized_store,
 )
+from vramplan.memory.reward import is_reward
 from vramplan.memory.storage import MiB, Phase, StepModel, alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LayerPoint, LinearRole, ParamKind, PhaseKind
 from vramplan.memory.unsloth import unsloth_components, unsloth_fused
@@ -418,6 +420,11 @@ class _Builder:
             return generation_parts(self.ctx.spec, setup, self.ctx.params)
         if kind is PhaseKind.SCORING:
             return scoring_parts(self.ctx.spec, setup, self.ctx.params)
+        if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and is_reward(setup):
+            # the score head's tensors (memory/reward.py)
+            if kind is PhaseKind.FORWARD_LOSS:
+                return reward.forward_parts(setup)
+            return reward.backward_parts(self.ctx.spec, setup)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
             # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V;
             # in the hf loss's backward the logits only where the loop holds its output

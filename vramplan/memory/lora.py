@@ -21,7 +21,7 @@ from vramplan.memory.types import (
     ParamKind,
 )
 from vramplan.model_spec import LayerSpec, Linear, ModelSpec, narrower_than
-from vramplan.setup import LoraTargets, TrainingSetup
+from vramplan.setup import AdapterDtype, LoraTargets, TrainingSetup
 from vramplan.stacks import set_by_stack
 
 
@@ -151,9 +151,25 @@ def lora_input_copy(in_dim: int, ctx: ActivationContext) -> int:
     return 0 if ctx.adapters_bf16 else 4 * in_dim
 
 
+def fp32_copy_local(in_dim: int, ctx: ActivationContext) -> int:
+    """Under autocast over a bf16 stream with fp32 adapters (axolotl's and LLaMA-Factory's LoRA over
+    bf16 weights) peft first makes x.to(fp32) (peft==0.21.2 tuners_utils.py:2220-2235
+    _cast_input_dtype): a local through the adapter's path, beside autocast's bf16 cast of it that
+    lora_A saves (in a forward that saves nothing that cast is freed once lora_A ran, so the fp32
+    copy is the input copy left at the output terms). [CPU trace: ax-reward-lora, ax-reward-qlora-ckpt,
+    found with the reward model, whose forward peaks in the last layer's MLP]"""
+    if ctx.lora_autocast and ctx.stream == 2 and ctx.setup.adapter_store_dtype == AdapterDtype.FP32:
+        return 4 * in_dim
+    return 0
+
+
 def lora_copy_local(in_dim: int, ctx: ActivationContext) -> int:
     """That copy when it is a local, not saved: with dropout lora_A saves dropout(x) instead
-    (under autocast lora_A's own bf16 cast of dropout(x) is what it saves)."""
+    (under autocast lora_A's own bf16 cast of dropout(x) is what it saves). Over a bf16 stream
+    with fp32 adapters, peft's fp32 copy (fp32_copy_local), and under dropout its fp32 output too
+    until lora_A has cast it (the mask is saved: lora_saved) [CPU trace: ax-reward-lora-dropout]."""
+    if fp32_copy_local(in_dim, ctx):
+        return fp32_copy_local(in_dim, ctx) * (2 if ctx.lora_dropout else 1)
     return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.lora_autocast else 0
 
 
@@ -299,7 +315,7 @@ def lora_forward_points(
     ckpt_mlp = (
         [
             *[residual] * (2 if layer.pre_norm else 1),
-            lora_input_copy(widest.in_features, ctx),
+            fp32_copy_local(widest.in_features, ctx) or lora_input_copy(widest.in_features, ctx),
             *terms(widest, ctx, False),
         ]
         if widest is not None and in_mlp

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vramplan.memory import reward
 from vramplan.memory.compile import (
     axolotl_chunked_loss,
     chunked_compiled,
@@ -25,6 +26,7 @@ from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.grpo_batch import buffered_bytes, is_grpo, scored_rows
 from vramplan.memory.norms import norm_saved
 from vramplan.memory.precision import upcast_roots
+from vramplan.memory.reward import is_reward
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import Loss, ModelDtype, Objective, Precision, SavedModule, Stack, TrainingSetup
@@ -70,7 +72,8 @@ def input_bytes(setup: TrainingSetup) -> int:
     """The micro-batch's token buffers; GRPO's (input_ids and attention_mask concatenated from the
     prompt and completion, the labels made from them: 24 bytes a token too) beside the buffered
     generation batch (memory/grpo.py)."""
-    return alloc(setup.tokens * INPUT_BYTES_PER_TOKEN) + grpo_buffered_bytes(setup)
+    per_token = reward.INPUT_BYTES_PER_TOKEN if is_reward(setup) else INPUT_BYTES_PER_TOKEN
+    return alloc(setup.tokens * per_token) + grpo_buffered_bytes(setup)
 
 
 def grpo_buffered_bytes(setup: TrainingSetup) -> int:
@@ -112,6 +115,8 @@ def root_saved(spec: ModelSpec, setup: TrainingSetup) -> int:
     final = setup.tokens * norm_saved(spec, ctx, True)
     if head_trains(setup) and setup.loss not in FUSED:
         final += setup.tokens * (2 if (ctx.autocast or ctx.stream == 2) else 4) * spec.hidden  # lm_head saves its input
+    if is_reward(setup):  # the score head trains: it saves its input
+        final += reward.score_input_saved(spec, setup, ctx.stream, ctx.autocast)
     return final
 
 
@@ -497,6 +502,8 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     backward. For the hf loss that moment equals its forward peak; the fused losses return no
     [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
     when converted), from this forward until the next one returns."""
+    if is_reward(setup):  # a score head of one output: no logits over the vocabulary (reward.py)
+        return LossTerms(forward=sum(reward.forward_parts(setup)), backward=sum(reward.backward_parts(spec, setup)))
     if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's DPO (preference.py)
         return llamafactory_dpo_loss(spec, setup) if setup.stack == Stack.LLAMAFACTORY else trl19_dpo_loss(spec, setup)
     terms = LOSS_RULES[setup.loss](spec, setup)

@@ -3,7 +3,7 @@ fp32 backward holds."""
 
 from __future__ import annotations
 
-from vramplan.memory.context import ActivationContext, base_output_bytes
+from vramplan.memory.context import ActivationContext, activation_context, base_output_bytes
 from vramplan.memory.liger import (
     liger_final_norm_forward,
     liger_norm_backward,
@@ -53,7 +53,8 @@ def final_norm_forward(spec: ModelSpec, setup: TrainingSetup, stream: int, forwa
     vocabulary. [CPU trace] Liger's: its output in the stream's dtype (memory/liger.py)."""
     if liger_norms(spec, setup):
         return liger_final_norm_forward(spec, stream, forward_locals)
-    return 4 * spec.hidden + forward_locals
+    frozen_fp32 = stream == 4 and not activation_context(setup).norms_train
+    return 4 * spec.hidden * (2 if frozen_fp32 else 1) + forward_locals
 
 
 def final_norm_backward_saved(spec: ModelSpec, setup: TrainingSetup, stream: int) -> int:

@@ -11,6 +11,7 @@ from vramplan.memory.freeze import layer_trains, trained_dtype_bytes
 from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.precision import dense_weight_bytes
 from vramplan.memory.quantization import quantized_store
+from vramplan.memory.reward import is_reward, score_params
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import SAVED_COPY_ROLES, LinearRole, Param, ParamKind
 from vramplan.model_spec import LayerSpec, ModelSpec
@@ -54,7 +55,9 @@ def parameters(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
         out.extend(_layer_params(i, layer, setup, layer_trains(i, n, setup)))
     dense, up = ParamKind.DENSE, setup.fp32_embeddings_norms  # axolotl's fp32 roots and norms (precision.py)
     out.append(Param(spec.embed_numel, spec.vocab, dense, full, None, upcast=up))
-    if spec.lm_head_numel:
+    if is_reward(setup):  # a sequence-classification model: a score head in lm_head's place
+        out.extend(score_params(spec, setup))
+    elif spec.lm_head_numel:
         out.append(Param(spec.lm_head_numel, spec.vocab, dense, full, None, upcast=up))
     if spec.final_norm_numel:
         out.append(Param(spec.final_norm_numel, spec.final_norm_numel, dense, full, None, upcast=up))

@@ -59,6 +59,7 @@ from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
 from vramplan.memory.preference import preference_notes, reference_forward_phase, with_reference_copy
 from vramplan.memory.quantization import build_phase, forward_quant_transient
+from vramplan.memory.reward import is_reward, reward_notes, score_input_saved
 from vramplan.memory.storage import Phase, StepModel, alloc
 from vramplan.memory.types import MLP_OUT_ROLES, LinearRole, MeasuredPhase, PhaseKind
 from vramplan.memory.unsloth import UNSLOTH_NOTE, unsloth_fused
@@ -163,11 +164,14 @@ def head_phases(ctx: StepContext) -> list[Phase]:
     # the loss runs inside the forward's autocast: its cache is cleared once the loss is computed
     phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts + ctx.forward_cache, loss.forward)]
     if final_norm:
+        # a reward model's score head saves its input after the final norm ran (memory/reward.py)
+        ac = activation_context(ctx.setup)
+        score = alloc(score_input_saved(spec, ctx.setup, ac.stream, ac.autocast)) if is_reward(ctx.setup) else 0
         phases.append(
             _at_forward_end(
                 ctx,
                 PhaseKind.FORWARD_FINAL_NORM,
-                acts + ctx.forward_cache,
+                acts + ctx.forward_cache - score,
                 alloc(n * final_norm_forward(spec, ctx.setup, ctx.stream, _final_norm_locals(ctx))),
             )
         )
@@ -422,6 +426,7 @@ def step_model(
         + loss_notes(setup)
         + preference_notes(setup)
         + grpo_notes(setup)
+        + reward_notes(setup)
         + knob_notes(spec, setup)
         + precision_notes(setup)
         + optimizer_notes(setup, prepared.static)

@@ -189,18 +189,27 @@ def hf_config(cfg: dict, attn: str):
 HF_ATTENTION = {Attention.SDPA: "sdpa", Attention.EAGER: "eager", Attention.FLASH: "flash_attention_2"}
 
 
-def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = None):
-    """The causal LM on the meta device: shapes only, nothing allocated."""
+def meta_model(cfg: dict, spec: ModelSpec, dtype, attention: Attention | None = None, reward: bool = False):
+    """The causal LM on the meta device: shapes only, nothing allocated. `reward`: the model
+    RewardTrainer trains, AutoModelForSequenceClassification with num_labels=1 (trl==1.16.0
+    reward_trainer.py:396-400), a pad token set so that it finds each row's last position."""
     import torch
+    import transformers
 
     from vramplan.analyze import auto_class
 
     attn = HF_ATTENTION[attention] if attention is not None else spec.attn_implementation
     config = hf_config(cfg, attn)
+    cls = auto_class(config)
+    if reward:
+        config.num_labels = 1
+        if config.get_text_config().pad_token_id is None:
+            config.get_text_config().pad_token_id = 0
+        cls = transformers.AutoModelForSequenceClassification
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
-            model = auto_class(config).from_config(config, dtype=dtype, attn_implementation=attn)
+            model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
     model.train()
     return model
 
@@ -421,7 +430,9 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
         lora_alpha=2 * setup.lora_r,
         lora_dropout=setup.lora_dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        # a reward model's: peft's SEQ_CLS task trains the score head as a modules_to_save copy
+        # (memory/reward.py), as axolotl picks it for a sequence-classification model (loaders/adapter.py:133)
+        task_type="SEQ_CLS" if setup.objective == Objective.REWARD else "CAUSAL_LM",
         use_dora=setup.dora,
         modules_to_save=[m.value for m in setup.modules_to_save] or None,
     )
@@ -923,7 +934,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     # which quantizer_bnb_4bit.py does not override); the 4-bit Linears compute in bf16
     # (bnb_4bit_compute_dtype=torch.bfloat16, as the QLoRA recipes set it)
     dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
-    model = meta_model(cfg, spec, dtype, setup.attention)
+    model = meta_model(cfg, spec, dtype, setup.attention, reward=setup.objective == Objective.REWARD)
     prefix = decoder_prefix(model, spec.num_layers)
     low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
     galore = galore_names(model, spec) if low_rank else set()
@@ -955,7 +966,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
     if setup.objective != Objective.SFT:
-        for m in (model, ref_model):  # the DPO and GRPO steps call the models themselves
+        for m in (model, ref_model):  # the DPO, GRPO and reward steps call the models themselves
             if m is not None:
                 prepare_like_accelerate(m, setup, device)
     if liger_note:

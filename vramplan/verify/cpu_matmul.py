@@ -93,7 +93,10 @@ def fast_half_matmul() -> Iterator[None]:
 
     lib = torch.library.Library("aten", "IMPL")
     no_onednn = torch.backends.mkldnn.flags(enabled=False)
-    no_onednn.__enter__()
+    with warnings.catch_warnings():
+        # flags() also sets oneDNN's TF32 switch, and warns that no Intel GPU is there to use it
+        warnings.filterwarnings("ignore", message=r"(?s).*TF32 acceleration on top of oneDNN")
+        no_onednn.__enter__()
     with warnings.catch_warnings():
         # torch warns once that a registered kernel is overridden: that is the point here
         warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
@@ -103,4 +106,6 @@ def fast_half_matmul() -> Iterator[None]:
         yield
     finally:
         lib._destroy()
-        no_onednn.__exit__(None, None, None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*TF32 acceleration on top of oneDNN")
+            no_onednn.__exit__(None, None, None)

@@ -200,6 +200,8 @@ def loss_step(setup) -> Callable:
         return {Stack.AXOLOTL: axolotl_dpo_step, Stack.LLAMAFACTORY: llamafactory_dpo_step}.get(setup.stack, dpo_step)
     if setup.objective == Objective.GRPO:
         return grpo_step
+    if setup.objective == Objective.REWARD:
+        return reward_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
@@ -527,6 +529,31 @@ def grpo_step(built, ids):
     micro = {k: v[:rows] for k, v in batch.items()}
     micro["num_items_in_batch"] = torch.tensor(float(rows * c), device=ids.device)
     return GRPOTrainer._compute_loss(trainer, model, micro), None
+
+
+def reward_step(built, ids):
+    """trl==1.16.0 RewardTrainer.compute_loss (reward_trainer.py:778-817), its own code, on a
+    stand-in trainer: the collator's input_ids and attention_mask over chosen then rejected rows
+    (:203-229), the model's pooled scores split in two, -logsigmoid of their difference."""
+    import types
+    from collections import defaultdict
+
+    import torch
+
+    _need("trl", "--objective reward")
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    accelerator = types.SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer: Any = types.SimpleNamespace(
+        model=built.model,
+        accelerator=accelerator,
+        args=types.SimpleNamespace(center_rewards_coefficient=None),
+        _total_train_tokens=0,
+        _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return RewardTrainer.compute_loss(trainer, built.model, inputs), None
 
 
 def trl_step(built, ids):
