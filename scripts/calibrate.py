@@ -662,6 +662,35 @@ CASES = [
         steps_per_generation=8,
         seconds=120,
     ),
+    # TRL 1.16's RewardTrainer (memory/reward.py, --objective reward; CPU-traced, never on a GPU): an 8B
+    # sequence classifier (no lm_head, a one-output score head) under LoRA on TRL's defaults, a 1B full
+    # fine-tune (its embedding tied, no lm_head to train), and axolotl's bf16 LoRA without checkpointing
+    # (the forward peaks in the last layer's down projection: peft's fp32 copy of the bf16 stream)
+    case(
+        "l8b_reward_lora16_ckpt_b2s2048_trl",
+        L8B,
+        stack="trl",
+        objective="reward",
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=2048,
+        seconds=90,
+    ),
+    case(
+        "l1b_reward_full_b2s2048_trl", L1B, stack="trl", objective="reward", method="full", batch_size=2, seq_len=2048
+    ),
+    case(
+        "l8b_reward_lora16_b1s1024_axolotl",
+        L8B,
+        stack="axolotl",
+        objective="reward",
+        method="lora",
+        lora_kernels=False,
+        batch_size=1,
+        seq_len=1024,
+        seconds=90,
+    ),
     # Unsloth's fused linear CE (unsloth_zoo 2026.10.9 fused_linear.py): 8191 kept rows >= 4096 and a
     # frozen head, so the tiled forward (one 4096 x 16384 fp32 tile) on any card
     case(

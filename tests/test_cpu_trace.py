@@ -1299,6 +1299,7 @@ GRPO_CASES = {
 REWARD = dict(stack="trl", objective="reward")
 AX_REWARD = dict(stack="axolotl", objective="reward")
 AX_REWARD_PEFT = dict(AX_REWARD, lora_kernels=False)
+LF_REWARD = dict(stack="llamafactory", objective="reward")
 REWARD_TIED = {**LLAMA, "tie_word_embeddings": True}
 REWARD_CASES = {
     "reward-lora": (LLAMA, dict(REWARD, method="lora")),
@@ -1313,6 +1314,13 @@ REWARD_CASES = {
     "ax-reward-full": (LLAMA, dict(AX_REWARD, method="full")),
     "ax-reward-lora-dropout": (LLAMA, dict(AX_REWARD_PEFT, method="lora", lora_dropout=0.05)),
     "ax-reward-qlora-ckpt": (LLAMA, dict(AX_REWARD_PEFT, method="qlora", gradient_checkpointing=True)),
+    # llamafactory==0.9.5's stage rm: PairwiseTrainer.compute_loss and trl 0.24's value head, executed
+    # from their source (llamafactory's on PYTHONPATH, VRAMPLAN_TRL_VALUE_HEAD naming trl 0.24's file:
+    # committed rows held here): the whole causal LM with its LM loss, dropped; lm_head given no gradient
+    "lf-reward-lora": (LLAMA, dict(LF_REWARD, method="lora")),
+    "lf-reward-full": (LLAMA, dict(LF_REWARD, method="full")),
+    "lf-reward-lora-saving": (LLAMA, dict(LF_REWARD, method="lora", gradient_checkpointing=False)),
+    "lf-reward-bigv-lora": (PREF_BIGV, dict(LF_REWARD, method="lora", batch_size=1, seq_len=128)),
 }
 
 # the cases whose forward peak is the generation (the rule they pin)
@@ -1427,6 +1435,9 @@ REWARD_PEAKS = {
     "ax-reward-lora": PhaseKind.FORWARD_LAST_LAYER,
     "ax-reward-lora-dropout": PhaseKind.FORWARD_LAST_LAYER,
     "ax-reward-qlora-ckpt": PhaseKind.FORWARD_CHECKPOINTED_LAYER,
+    # LLaMA-Factory's value head: the causal LM's LM loss and the wrapper's fp32 logits
+    "lf-reward-lora-saving": PhaseKind.FORWARD_LOSS,
+    "lf-reward-bigv-lora": PhaseKind.FORWARD_LOSS,
 }
 # traced again in the CPU-trace tier: TRL's checkpointed LoRA, a tied full fine-tune, axolotl's LoRA
 REWARD_RETRACED = ("reward-lora", "reward-tied-full", "ax-reward-lora")

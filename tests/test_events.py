@@ -502,6 +502,11 @@ KNOB_SETUPS = [
         "beta": 0.1,
     },
     {"method": "lora", "stack": "trl", "objective": "grpo", "completion_len": 128, "generation": "vllm-server"},
+    # reward models (memory/reward.py): the score head's tensors, no lm_head; FSDP shards them too
+    {"method": "lora", "stack": "trl", "objective": "reward"},
+    {"method": "full", "stack": "trl", "objective": "reward", "gradient_checkpointing": False},
+    {"method": "qlora", "stack": "axolotl", "objective": "reward", "gradient_checkpointing": True},
+    {"method": "full", "stack": "axolotl", "objective": "reward", "fsdp": 2},
 ]
 
 

@@ -325,8 +325,9 @@ class Stack(str, Enum):
 # The trainers whose DPO step is modelled: TRL 1.16's DPOTrainer. axolotl==0.19.0 pins trl==1.9.0,
 # whose DPOTrainer makes full logits, and LLaMA-Factory runs its own (configs/axolotl.py, llamafactory.py)
 DPO_STACKS = {Stack.TRL: "trl-chunked-nll", Stack.AXOLOTL: "hf", Stack.LLAMAFACTORY: "hf"}  # each one's loss
-# The trainers whose reward-model step is modelled (memory/reward.py): TRL's RewardTrainer, which axolotl runs
-REWARD_STACKS = (Stack.TRL, Stack.AXOLOTL)
+# The trainers whose reward-model step is modelled (memory/reward.py): TRL's RewardTrainer, which axolotl
+# runs, and LLaMA-Factory's stage rm (a value head over the causal LM)
+REWARD_STACKS = (Stack.TRL, Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
 class Loss(str, Enum):
@@ -929,7 +930,8 @@ class TrainingSetup(BaseModel):
         if self.stack not in REWARD_STACKS:
             allowed = " or ".join(s.value for s in REWARD_STACKS)
             raise VramplanError(
-                f"--objective reward is modelled as TRL's RewardTrainer: use --stack {allowed}, not {self.stack.value}",
+                f"--objective reward is modelled as TRL's RewardTrainer and LLaMA-Factory's stage rm: use --stack "
+                f"{allowed}, not {self.stack.value}",
                 "--objective",
             )
         if self.loss != Loss.HF:

@@ -336,7 +336,6 @@ def _packing(c: Collector) -> None:
 _NOT_SFT = {
     "rl": "preference/RL training other than DPO/IPO (KTO, ORPO, SimPO, GRPO: unpaired or generated "
     "sequences, trl==1.9.0's other trainers) is not modelled; estimated as one SFT step",
-    "reward_model": "a reward model's classification head and paired batches are not modelled; estimated as SFT",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
     "lisa_n_layers": "LISA trains a few sampled layers at a time; estimated with every layer trainable",
@@ -347,11 +346,30 @@ _NOT_SFT = {
 
 
 def _not_sft(c: Collector) -> None:
+    _reward(c)
     for key, why in _NOT_SFT.items():
         if key == "rl" and _dpo(c):
             continue
         if c.get(key):
             c.unmodelled(key, why)
+
+
+def _reward(c: Collector) -> None:
+    """`reward_model: true`: AxolotlRewardTrainer over trl==1.9.0's RewardTrainer, the model loaded
+    as AutoModelForSequenceClassification with num_labels 1 (core/builders/causal.py:160-161;
+    utils/schemas/validation.py:260-265), its collator DataCollatorForPreference (causal.py:515-519):
+    chosen and rejected rows, padded, no LM loss for a plugin to replace (memory/reward.py)."""
+    if not c.get("reward_model") or not c.flag("reward_model", c.get("reward_model")):
+        return
+    if c.get("rl"):
+        return  # an RL trainer takes precedence (causal builder is not used): said by _NOT_SFT's rl line
+    c.set("reward_model", "objective", Objective.REWARD, "axolotl==0.19.0 AxolotlRewardTrainer (trl==1.9.0)")
+    c.get("center_rewards_coefficient")
+    c.get("num_labels")
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("reward_model", "loss", Loss.HF, "a sequence-classification model has no LM loss to replace")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("reward_model", "packing", Packing.NONE, "the reward collator pads each pair's rows (causal.py:515-519)")
 
 
 # axolotl==0.19.0 `rl` values run by AxolotlDPOTrainer (builders/rl.py:71-73; ipo is its loss_type)

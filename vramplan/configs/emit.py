@@ -61,11 +61,13 @@ def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], 
     as comments; ``world`` = GPUs for DeepSpeed/DDP launches (FSDP takes ``setup.fsdp``)."""
     if fmt not in _BUILDERS:
         raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
-    if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate"):
-        trainer = "DPOTrainer" if setup.objective == Objective.DPO else "GRPOTrainer"
+    reward_file = setup.objective == Objective.REWARD and fmt in ("axolotl", "llamafactory")
+    if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate") and not reward_file:
+        trainer = {Objective.DPO: "DPOTrainer", Objective.GRPO: "GRPOTrainer"}.get(setup.objective, "RewardTrainer")
         raise VramplanError(
             f"{fmt} cannot express objective={setup.objective.value}: the step modelled is TRL 1.16's "
-            f"{trainer}; write --emit trl",
+            f"{trainer}; write --emit trl"
+            + (", axolotl or llamafactory" if setup.objective == Objective.REWARD else ""),
             "--emit",
         )
     run, body = _BUILDERS[fmt](setup, model_id, world)
@@ -257,6 +259,9 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         }
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
+    if s.objective == Objective.REWARD:  # AutoModelForSequenceClassification, pairs (configs/axolotl.py _reward)
+        d.update(reward_model=True, num_labels=1, sample_packing=False)
+        d["datasets"] = [{"path": "argilla/distilabel-intel-orca-dpo-pairs", "type": "bradley_terry.chat_template"}]
     procs = _processes(s, world)
     return "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else ""), d
 
@@ -333,6 +338,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         run = _trl_dpo(s, d)
     elif s.objective == Objective.GRPO:
         run = _trl_grpo(s, d)
+    elif s.objective == Objective.REWARD:
+        run = _trl_reward(s, d)
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -361,6 +368,23 @@ def _trl_dpo(s: TrainingSetup, d: dict[str, Any]) -> str:
         learning_rate=5e-6 if not s.lora_like else 5e-5,
     )
     return "trl dpo --config this.yaml"
+
+
+def _trl_reward(s: TrainingSetup, d: dict[str, Any]) -> str:
+    """`trl reward --config`: RewardConfig has no packing, padding_free or loss_type (trl==1.16.0
+    trainer/reward_config.py); center_rewards_coefficient (None: off) marks the file a reward
+    model's; peft's SEQ_CLS task trains the score head (ModelConfig.lora_task_type, CAUSAL_LM
+    unless set: trl/scripts/reward.py passes it to get_peft_config); a preference dataset."""
+    for key in ("packing", "padding_free", "loss_type"):
+        del d[key]
+    d.update(
+        dataset_name="trl-lib/ultrafeedback_binarized",
+        center_rewards_coefficient=None,
+        learning_rate=1e-5 if not s.lora_like else 1e-4,
+    )
+    if s.lora_like:
+        d["lora_task_type"] = "SEQ_CLS"
+    return "trl reward --config this.yaml"
 
 
 def _trl_grpo(s: TrainingSetup, d: dict[str, Any]) -> str:
@@ -475,6 +499,8 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
         fp16=s.precision == Precision.FP16,
         report_to="none",
     )
+    if s.objective == Objective.REWARD:  # PairwiseTrainer over a value head (configs/llamafactory.py _stage)
+        d.update(stage="rm", dataset="dpo_en_demo", packing=False, neat_packing=False)
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
     procs = _processes(s, world)  # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set

@@ -160,6 +160,9 @@ def _stage(c: Collector) -> None:
     stage = c.get("stage", "sft")
     if stage == "dpo":
         _dpo(c)
+    elif stage == "rm":
+        # PairwiseTrainer over trl 0.24's AutoModelForCausalLMWithValueHead (memory/reward.py)
+        c.set("stage", "objective", Objective.REWARD, f"{_SRC} PairwiseTrainer (train/rm/trainer.py:88-110)")
     elif stage not in ("sft", "pt"):
         c.unmodelled(
             "stage",
@@ -182,13 +185,13 @@ def _dpo(c: Collector) -> None:
 
 
 def _dpo_after(c: Collector) -> None:
-    """What DPO overrides among the keys read before: its log-probs come from the logits whatever
-    Liger's fused loss says (model/model_utils/liger_kernel.py:94-96 require_logits), and the
-    pairwise collator does not pack (data/collator.py:542-564)."""
-    if c.fields.get("objective") != Objective.DPO:
+    """What DPO and stage rm override among the keys read before: their steps need the logits
+    whatever Liger's fused loss says (model/model_utils/liger_kernel.py:94-96 require_logits: every
+    stage but pt and sft), and the pairwise collator does not pack (data/collator.py:542-564)."""
+    if c.fields.get("objective") not in (Objective.DPO, Objective.REWARD):
         return
     if c.fields.get("loss") not in (None, Loss.HF):
-        c.set("stage", "loss", Loss.HF, "DPO needs the logits: Liger's fused loss is off (liger_kernel.py:94-96)")
+        c.set("stage", "loss", Loss.HF, "the step needs the logits: Liger's fused loss is off (liger_kernel.py:94-96)")
     if c.fields.get("packing") not in (None, Packing.NONE):
         c.set("stage", "packing", Packing.NONE, "the pairwise collator pads (data/collator.py:542-564)")
 

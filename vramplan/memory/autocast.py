@@ -10,11 +10,11 @@ from vramplan.memory.lora import adapter_bytes, lora_targeted
 from vramplan.memory.loss import TORCHTUNE_CHUNKS, head_trains
 from vramplan.memory.parameters import Param, grad_bytes
 from vramplan.memory.precision import dense_weight_bytes, frozen_fp32_autocast
-from vramplan.memory.reward import is_reward
+from vramplan.memory.reward import sequence_classifier, value_head
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import ATTENTION_IN_ROLES, MLP_OUT_ROLES, LinearRole, ParamKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Loss, Method, TrainingSetup
+from vramplan.setup import Loss, Method, ModelDtype, TrainingSetup
 
 
 def dense_trained_fp32(setup: TrainingSetup) -> bool:
@@ -61,8 +61,8 @@ def cast_cache(params: list[Param], setup: TrainingSetup, spec: ModelSpec) -> in
     # the input embedding is a lookup, not an autocast op: never cast. Untied, it is the first
     # root matrix of vocab rows parameters() lists, before lm_head; tied, that one matrix is
     # lm_head's weight too, cast for the head's matmul. [CPU trace: full-mixed-ckpt, untied]
-    # a reward model has no lm_head: its embedding is never cast, tied or not (memory/reward.py)
-    embedding_left = bool(spec.lm_head_numel) or is_reward(setup)
+    # a sequence classifier has no lm_head: its embedding is never cast, tied or not (memory/reward.py)
+    embedding_left = bool(spec.lm_head_numel) or sequence_classifier(setup)
     for p in params:
         head = p.layer is None and p.dim0 == spec.vocab and p.role != LinearRole.EMBED
         if head and embedding_left:
@@ -111,7 +111,7 @@ def frozen_casts(spec: ModelSpec, setup: TrainingSetup) -> FrozenCasts:
         # under --train-layers lm_head is frozen; the frozen prefix records nothing (memory/freeze.py)
         layers, downs, parts = recomputed_weight_casts(spec, setup)
         head = _head_casts(spec, setup) if frozen_fp32_autocast(setup) else 0
-        return FrozenCasts(layers, downs, head, forward, parts)
+        return FrozenCasts(layers, downs, head, forward + _value_head_lm_head_cast(spec, setup), parts)
     if not frozen_fp32_autocast(setup):
         return FrozenCasts(adapters, [0] * n, forward=forward)
     layers, downs = [], []
@@ -162,13 +162,23 @@ def adapter_casts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     ]
 
 
+def _value_head_lm_head_cast(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """LLaMA-Factory's reward model under a full fine-tune: lm_head's fp32 weight requires grad (it
+    never gets one), so cached_cast keeps its bf16 copy until the wrapper's autocast exits; the
+    logits' graph is dropped before backward, so it is held through the forward only.
+    [CPU trace: lf-reward-full]"""
+    if not (value_head(setup) and setup.autocast and setup.weight_dtype == ModelDtype.FP32):
+        return 0
+    return alloc(2 * (spec.lm_head_numel or spec.embed_numel))
+
+
 def _head_casts(spec: ModelSpec, setup: TrainingSetup) -> int:
     """A frozen fp32 lm_head (or the embedding it is tied to): one saved copy per call, once for
     the model's loss, once per chunk for torchtune's two (their output layer runs on each chunk).
     TRL's fused head runs its own autograd function on the weight and saves no
     copy (CPU-checked); Liger, CCE and Unsloth (CUDA kernels) are left out. A reward model has no
     lm_head (its score head's copy is hidden x 1)."""
-    if head_trains(setup) or is_reward(setup):
+    if head_trains(setup) or sequence_classifier(setup):
         return 0
     calls = {Loss.HF: 1, Loss.CHUNKED: TORCHTUNE_CHUNKS, Loss.TORCHTUNE_LINEAR_CE: TORCHTUNE_CHUNKS}.get(setup.loss, 0)
     return calls * alloc(2 * (spec.lm_head_numel or spec.embed_numel))

@@ -421,10 +421,7 @@ class _Builder:
         if kind is PhaseKind.SCORING:
             return scoring_parts(self.ctx.spec, setup, self.ctx.params)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and is_reward(setup):
-            # the score head's tensors (memory/reward.py)
-            if kind is PhaseKind.FORWARD_LOSS:
-                return reward.forward_parts(setup)
-            return reward.backward_parts(self.ctx.spec, setup)
+            return self._reward_split(kind)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):
             # loss.loss_terms: bf16 logits (+ the softcap's tanh output), then fp32 tensors of n x V;
             # in the hf loss's backward the logits only where the loop holds its output
@@ -434,6 +431,17 @@ class _Builder:
             logits = [alloc(2 * n * v)] * copies
             return logits + [alloc(4 * n * v)] * (2 if kind is PhaseKind.FORWARD_LOSS else 3)
         return []
+
+    def _reward_split(self, kind: PhaseKind) -> list[int]:
+        """The reward head's tensors (memory/reward.py): the score's, or LLaMA-Factory's value head
+        at its widest (the LM loss's when wider: one block) beside the held hidden states."""
+        spec, setup = self.ctx.spec, self.ctx.setup
+        if not reward.value_head(setup):
+            return reward.forward_parts(setup) if kind is PhaseKind.FORWARD_LOSS else reward.backward_parts(spec, setup)
+        if kind is PhaseKind.LOSS_BACKWARD:
+            return reward.value_head_backward_parts(spec, setup)
+        held = reward.held_hidden_states(spec, setup, self.ctx.stream)
+        return [held] * bool(held) + reward.value_head_forward_parts(spec, setup)
 
     def checkpointed_forward_blocks(self, i: int) -> list[int]:
         """Layer i's checkpointed forward's working set (checkpointing.checkpointed_forward),

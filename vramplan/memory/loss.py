@@ -72,7 +72,7 @@ def input_bytes(setup: TrainingSetup) -> int:
     """The micro-batch's token buffers; GRPO's (input_ids and attention_mask concatenated from the
     prompt and completion, the labels made from them: 24 bytes a token too) beside the buffered
     generation batch (memory/grpo.py)."""
-    per_token = reward.INPUT_BYTES_PER_TOKEN if is_reward(setup) else INPUT_BYTES_PER_TOKEN
+    per_token = reward.INPUT_BYTES_PER_TOKEN if reward.sequence_classifier(setup) else INPUT_BYTES_PER_TOKEN
     return alloc(setup.tokens * per_token) + grpo_buffered_bytes(setup)
 
 
@@ -502,6 +502,10 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     backward. For the hf loss that moment equals its forward peak; the fused losses return no
     [N,V] logits to convert. --keep-logits: the output the loop keeps holds the logits (fp32
     when converted), from this forward until the next one returns."""
+    if reward.value_head(setup):  # LLaMA-Factory's: the LM loss made and dropped, then the value head (reward.py)
+        held = reward.held_hidden_states(spec, setup, stream_bytes(setup))
+        forward = max(hf_loss(spec, setup).forward, sum(reward.value_head_forward_parts(spec, setup))) + held
+        return LossTerms(forward=forward, backward=sum(reward.value_head_backward_parts(spec, setup)))
     if is_reward(setup):  # a score head of one output: no logits over the vocabulary (reward.py)
         return LossTerms(forward=sum(reward.forward_parts(setup)), backward=sum(reward.backward_parts(spec, setup)))
     if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's DPO (preference.py)

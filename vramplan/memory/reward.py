@@ -24,6 +24,24 @@ source and traced on the CPU with its own compute_loss (docs/cpu-trace.md, group
   [batch] scores is negligible (reward_trainer.py:778-795).
 - Its backward: the gathered scores' gradient scattered into zeros of [rows, seq, 1], then
   the score's input gradient, [tokens, hidden] in the compute dtype, before the final norm's.
+
+LLaMA-Factory's `stage: rm` (llamafactory==0.9.5 train/rm/, pinning trl<=0.24.0) is another model:
+trl 0.24's AutoModelForCausalLMWithValueHead over the causal LM (model/loader.py:185-186), its
+PairwiseTrainer.compute_loss (train/rm/trainer.py:88-110) calling it with the pairwise collator's
+labels (data/collator.py:542-564; remove_unused_columns is off, hparams/parser.py:459):
+
+- the causal LM's forward runs whole, its LM loss included (ForCausalLMLoss: the fp32 copy of the
+  logits, the saved log-softmax), and the wrapper adds `lm_logits.float()` (trl==0.24.0
+  models/modeling_value_head.py:162-184) while that loss and its graph are still referenced; the
+  compute_loss keeps only the values (`_, _, values = model(...)`), so both die before backward
+  and nothing flows back through lm_head: it keeps its weights and gets no gradient, hence no
+  optimizer state, under a full fine-tune too.
+- output_hidden_states=True: every decoder layer's output stays referenced until the wrapper
+  returns; a checkpointed layer's input or an fp32 stream's norm saves them anyway, a bf16
+  stream's are held only by that tuple.
+- the value head (modeling_value_head.py:22-59): dropout 0.1 (its mask saved), the last hidden
+  state `.to(fp32)` (the summary Linear is made in fp32 after loading), under autocast cast back
+  to bf16 and saved for the summary's weight gradient; Linear(hidden, 1) with a bias, trained.
 """
 
 from __future__ import annotations
@@ -31,10 +49,12 @@ from __future__ import annotations
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ModelDtype, Objective, Precision, TrainingSetup
+from vramplan.setup import ModelDtype, Objective, Precision, Stack, TrainingSetup
 
 # the score head's outputs (reward_trainer.py:396 num_labels=1)
 NUM_LABELS = 1
+# Per hidden element, the value head's dropout mask (bool, as CUDA's fused dropout saves it)
+VALUE_HEAD_MASK = 1
 # Per token, the collator's input_ids and attention_mask (int64 each): no labels
 INPUT_BYTES_PER_TOKEN = 16
 # Per token, the int32 mask of non-pad positions and its product with the positions
@@ -50,15 +70,37 @@ TRAINERS = {
     "trl": "trl==1.16.0 trainer/reward_trainer.py",
     "axolotl": "axolotl==0.19.0's `reward_model: true` over trl==1.9.0's",
 }
+VALUE_HEAD_NOTE = (
+    "stage rm: LLaMA-Factory's PairwiseTrainer (llamafactory==0.9.5 train/rm/trainer.py) over trl 0.24's "
+    "AutoModelForCausalLMWithValueHead, modelled from source and CPU-traced with both (docs/cpu-trace.md, "
+    "group reward), not measured on a GPU: the causal LM's logits and LM loss computed and dropped, lm_head "
+    "given no gradient, a value head over the last hidden state, 2 rows per pair"
+)
 
 
 def is_reward(setup: TrainingSetup) -> bool:
     return setup.objective == Objective.REWARD
 
 
+def value_head(setup: TrainingSetup) -> bool:
+    """LLaMA-Factory's reward model: a value head over the whole causal LM, its LM loss included."""
+    return is_reward(setup) and setup.stack == Stack.LLAMAFACTORY
+
+
+def sequence_classifier(setup: TrainingSetup) -> bool:
+    """TRL's and axolotl's reward model: AutoModelForSequenceClassification, no lm_head."""
+    return is_reward(setup) and not value_head(setup)
+
+
 def score_params(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
     """The score head in lm_head's place: trained with every weight, or as peft's SEQ_CLS
-    modules_to_save copy beside its frozen original."""
+    modules_to_save copy beside its frozen original. LLaMA-Factory's: lm_head kept, never given a
+    gradient, and the value head's Linear(hidden, 1) with its bias, trained."""
+    if value_head(setup):
+        out = [Param(spec.hidden + 1, NUM_LABELS, ParamKind.DENSE, True, None)]
+        if spec.lm_head_numel:
+            out.insert(0, Param(spec.lm_head_numel, spec.vocab, ParamKind.DENSE, False, None))
+        return out
     numel = spec.hidden * NUM_LABELS
     score = Param(numel, NUM_LABELS, ParamKind.DENSE, True, None)
     if setup.lora_like:
@@ -74,8 +116,34 @@ def compute_bytes(setup: TrainingSetup) -> int:
 
 def score_input_saved(spec: ModelSpec, setup: TrainingSetup, stream: int, autocast: bool) -> int:
     """The score's input, saved for its weight's gradient (unrounded): autocast's bf16 cast, or
-    the stream's own dtype."""
+    the stream's own dtype. The value head's: its dropout mask, and its input `.to(fp32)`, which
+    autocast casts to bf16 for the summary Linear (fp32 without autocast)."""
+    if value_head(setup):
+        return setup.tokens * (VALUE_HEAD_MASK + (2 if setup.autocast else 4)) * spec.hidden
     return setup.tokens * (2 if (autocast or stream == 2) else 4) * spec.hidden
+
+
+def held_hidden_states(spec: ModelSpec, setup: TrainingSetup, stream: int) -> int:
+    """The value head's output_hidden_states: each decoder layer's output that nothing saved (a
+    bf16 stream without checkpointing), held until the wrapper returns."""
+    if not value_head(setup) or setup.gradient_checkpointing or stream != 2:
+        return 0
+    return len(spec.layers) * alloc(stream * setup.tokens * spec.hidden)
+
+
+def value_head_forward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """The value head's moment after the LM loss: the model's logits (the compute dtype), the
+    loss's saved fp32 log-softmax, the wrapper's fp32 copy of the logits."""
+    nv = setup.tokens * spec.vocab
+    return [alloc(compute_bytes(setup) * nv), alloc(4 * nv), alloc(4 * nv)]
+
+
+def value_head_backward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """The value head's backward: the summary's input gradient (bf16 under autocast), its fp32
+    copy through `.to(fp32)`'s backward, and dropout's output gradient in the stream's dtype."""
+    n, h = setup.tokens, spec.hidden
+    first = 2 if setup.autocast else 4
+    return [alloc(first * n * h), alloc(4 * n * h), alloc(compute_bytes(setup) * n * h)]
 
 
 def forward_parts(setup: TrainingSetup) -> list[int]:
@@ -93,4 +161,6 @@ def backward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
 
 
 def reward_notes(setup: TrainingSetup) -> list[str]:
+    if value_head(setup):
+        return [VALUE_HEAD_NOTE]
     return [NOTE.format(trainer=TRAINERS[setup.stack.value])] if is_reward(setup) else []

@@ -18,6 +18,7 @@ from typing import Any, cast
 from vramplan.errors import VramplanError
 from vramplan.memory.freeze import first_trained_layer
 from vramplan.memory.preference import reference_copy
+from vramplan.memory.reward import sequence_classifier, value_head
 from vramplan.model_loader import load_model_spec, resolve_config
 from vramplan.model_spec import ModelSpec
 from vramplan.setup import (
@@ -77,6 +78,7 @@ class Built:
     loss_fn: Any = None  # torchtune's loss module, made (and under --compile compiled) once
     engine: Any = None  # deepspeed.DeepSpeedEngine under --deepspeed: its backward and step
     ref_model: Any = None  # --objective dpo on a full fine-tune: the frozen reference copy
+    value_head_model: Any = None  # --objective reward under LLaMA-Factory: value_head_wrapper
 
     @property
     def optimizers(self) -> list:
@@ -432,7 +434,7 @@ def apply_lora(model, spec: ModelSpec, setup: TrainingSetup, device: str):
         target_modules=targets,
         # a reward model's: peft's SEQ_CLS task trains the score head as a modules_to_save copy
         # (memory/reward.py), as axolotl picks it for a sequence-classification model (loaders/adapter.py:133)
-        task_type="SEQ_CLS" if setup.objective == Objective.REWARD else "CAUSAL_LM",
+        task_type="SEQ_CLS" if sequence_classifier(setup) else "CAUSAL_LM",
         use_dora=setup.dora,
         modules_to_save=[m.value for m in setup.modules_to_save] or None,
     )
@@ -934,7 +936,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     # which quantizer_bnb_4bit.py does not override); the 4-bit Linears compute in bf16
     # (bnb_4bit_compute_dtype=torch.bfloat16, as the QLoRA recipes set it)
     dtype = torch.float32 if setup.weight_dtype == ModelDtype.FP32 else half_dtype(setup)
-    model = meta_model(cfg, spec, dtype, setup.attention, reward=setup.objective == Objective.REWARD)
+    model = meta_model(cfg, spec, dtype, setup.attention, reward=sequence_classifier(setup))
     prefix = decoder_prefix(model, spec.num_layers)
     low_rank = setup.method == Method.GALORE or setup.optim.traits.family == OptimFamily.APOLLO_ADAMW
     galore = galore_names(model, spec) if low_rank else set()
@@ -965,8 +967,12 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
-    if setup.objective != Objective.SFT:
-        for m in (model, ref_model):  # the DPO, GRPO and reward steps call the models themselves
+    if value_head(setup):
+        built.value_head_model = value_head_wrapper(built)
+    # the DPO, GRPO and reward steps call the models themselves; LLaMA-Factory's value head wraps
+    # the causal LM, and the wrapper is what accelerate prepares (losses.llamafactory_reward_step)
+    if setup.objective != Objective.SFT and not value_head(setup):
+        for m in (model, ref_model):
             if m is not None:
                 prepare_like_accelerate(m, setup, device)
     if liger_note:
@@ -988,6 +994,26 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def value_head_wrapper(built) -> Any:
+    """LLaMA-Factory's reward model: the causal LM wrapped as trl 0.24's
+    AutoModelForCausalLMWithValueHead wraps it (its forward and ValueHead executed from source:
+    losses.llamafactory_reward_functions), the ValueHead made after loading (fp32, on the device),
+    the wrapper prepared as accelerate prepares it (autocast, fp32 outputs)."""
+    import torch
+
+    from vramplan.verify.losses import llamafactory_reward_functions
+
+    fns = llamafactory_reward_functions()
+    base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
+    wrapper = type("ValueHeadModel", (torch.nn.Module,), {"forward": fns["forward"]})()
+    wrapper.pretrained_model = built.model
+    wrapper.is_peft_model = hasattr(built.model, "get_base_model")
+    with torch.device(built.device):
+        wrapper.v_head = fns["ValueHead"](base.config)
+    prepare_like_accelerate(wrapper, built.setup, built.device)
+    return wrapper
 
 
 def prepare_like_accelerate(model, setup: TrainingSetup, device: str) -> None:

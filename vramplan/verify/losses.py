@@ -201,7 +201,7 @@ def loss_step(setup) -> Callable:
     if setup.objective == Objective.GRPO:
         return grpo_step
     if setup.objective == Objective.REWARD:
-        return reward_step
+        return llamafactory_reward_step if setup.stack == Stack.LLAMAFACTORY else reward_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
         return axolotl_chunked_step
     return LOSS_STEPS[setup.loss]
@@ -295,6 +295,89 @@ def axolotl_dpo_step(built, ids):
         inputs.update(ref_chosen_logps=zeros, ref_rejected_logps=zeros.clone())
     stand_in: Any = trainer
     return DPOTrainer._compute_loss(stand_in, built.model, inputs, return_outputs=False), None
+
+
+# LLaMA-Factory 0.9.5's stage rm and the value head of the trl it pins (trl<=0.24.0), read from source
+LF_RM_SOURCES = ((("train", "rm", "trainer.py"), "PairwiseTrainer.compute_loss"),)
+VALUE_HEAD_FILE = ("models", "modeling_value_head.py")
+
+
+def _exec_from_source(path: Path, names: tuple[str, ...], namespace: dict) -> dict:
+    """Each named function (or class.method, or a whole class) of a source file, executed into
+    `namespace` from the file's own text."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for name in names:
+        cls, _, func = name.rpartition(".")
+        node: ast.stmt
+        if not func[0].islower():  # a class: the whole definition
+            node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == func)
+        else:
+            body = (
+                next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls) if cls else tree.body
+            )
+            node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == func)
+        exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+def _value_head_source() -> Path:
+    """trl<=0.24.0's modeling_value_head.py (LLaMA-Factory's pin; trl 1.x has none): from the
+    installed trl when it has one, else the file VRAMPLAN_TRL_VALUE_HEAD names."""
+    import os
+
+    found = importlib.util.find_spec("trl")
+    if found is not None and found.origin is not None:
+        path = Path(found.origin).parent.joinpath(*VALUE_HEAD_FILE)
+        if path.exists():
+            return path
+    env = os.environ.get("VRAMPLAN_TRL_VALUE_HEAD")
+    if env and Path(env).exists():
+        return Path(env)
+    raise VramplanError(
+        "needs trl 0.24's models/modeling_value_head.py, LLaMA-Factory's pin (set VRAMPLAN_TRL_VALUE_HEAD to it)",
+        "--stack",
+    )
+
+
+@functools.cache
+def llamafactory_reward_functions() -> dict:
+    """PairwiseTrainer.compute_loss (llamafactory==0.9.5 train/rm/trainer.py:88-110) and trl 0.24's
+    ValueHead and AutoModelForCausalLMWithValueHead.forward (models/modeling_value_head.py:22-184),
+    executed from their source files (read once per process)."""
+    import typing
+
+    import torch
+    from torch import nn
+
+    found = importlib.util.find_spec("llamafactory")
+    if found is None or found.origin is None:
+        raise VramplanError("needs llamafactory==0.9.5's source (pip install llamafactory==0.9.5 --no-deps)", "--stack")
+    namespace: dict = {
+        "torch": torch,
+        "nn": nn,
+        "override": lambda f: f,
+        **{name: getattr(typing, name) for name in ("Optional", "Union", "TYPE_CHECKING")},
+    }
+    for parts, name in LF_RM_SOURCES:
+        _exec_from_source(Path(found.origin).parent.joinpath(*parts), (name,), namespace)
+    return _exec_from_source(
+        _value_head_source(), ("ValueHead", "AutoModelForCausalLMWithValueHead.forward"), namespace
+    )
+
+
+def llamafactory_reward_step(built, ids):
+    """llamafactory==0.9.5 `stage: rm`: PairwiseTrainer.compute_loss as it is, on the value-head
+    wrapper, with the pairwise collator's labels (the causal LM computes its LM loss, then dropped)."""
+    import types
+
+    import torch
+
+    model = built.value_head_model  # build.value_head_wrapper
+    trainer = types.SimpleNamespace(finetuning_args=types.SimpleNamespace())
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return llamafactory_reward_functions()["compute_loss"](trainer, model, batch), None
 
 
 # LLaMA-Factory 0.9.5's DPO pieces, read from its source files: (file, function or class.method)
