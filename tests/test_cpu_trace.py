@@ -892,6 +892,9 @@ def test_the_committed_rows_of_rarely_installed_losses_match_the_model(tmp_path,
 # it runs, pow/rsqrt in the norms and log_softmax/nll_loss in the loss, get tensors an explicit
 # .float() made fp32 already). Held to 1.5% per phase, like the structure cases.
 WIDE_SHORT = dict(batch_size=1, seq_len=64, lora_dropout=0.0)
+ADAPTER_MLP16K = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_layers": 2}
+ADAPTER_MLP16K_SHAPE = dict(batch_size=4, seq_len=256, lora_dropout=0.0)
+LF_LORA = dict(stack="llamafactory", method="lora")
 ADAPTER_CASES = {
     "lora-bf16": (LLAMA, dict(method="lora", adapter_dtype="bf16"), B2S256),
     "qlora-nf4-bf16": (LLAMA, dict(method="qlora", quant="nf4", adapter_dtype="bf16"), B2S256),
@@ -960,6 +963,15 @@ ADAPTER_CASES = {
         WIDE,
         dict(method="lora", dora=True, adapter_dtype="bf16", gradient_checkpointing=True),
         WIDE_SHORT,
+    ),
+    # LLaMA-Factory's default LoRA (bf16 weights, fp32 adapters, autocast) checkpointed at a 16384-wide
+    # MLP: peft's x.to(fp32) of down's bf16 input is the recompute's local (lora.fp32_copy_local; the
+    # known gap of 2026-12-05, 10.7% under before it); LLaMA-Factory checkpoints reentrant, torch's default is not
+    "lf-mlp16k-lora-ckpt": (ADAPTER_MLP16K, dict(LF_LORA, gradient_checkpointing=True), ADAPTER_MLP16K_SHAPE),
+    "lf-mlp16k-lora-ckpt-nonreentrant": (
+        ADAPTER_MLP16K,
+        dict(LF_LORA, gradient_checkpointing=True, checkpoint_reentrant=False),
+        ADAPTER_MLP16K_SHAPE,
     ),
 }
 
@@ -1258,9 +1270,10 @@ PREFERENCE_CASES = {
     "lf-dpo-lora-saving": (LLAMA, dict(LF_DPO, method="lora", gradient_checkpointing=False)),
     "lf-dpo-bigv-lora": (PREF_BIGV, dict(LF_DPO, method="lora", batch_size=1, seq_len=128)),
     "lf-dpo-lora-simpo": (LLAMA, dict(LF_DPO, method="lora", precompute_ref_log_probs=True)),
-    # saving (no checkpointing): checkpointed, a 64x-wide MLP under autocast over bf16 weights with fp32
-    # adapters is a known gap of the SFT step's backward (docs/memory-model.md, "Known gaps")
+    # a 64x-wide MLP under autocast over bf16 weights with fp32 adapters, saving and checkpointed (the
+    # checkpointed one was a known gap of the SFT step's backward until lora.fp32_copy_local)
     "lf-dpo-wide-lora": (PREF_WIDE, dict(LF_DPO, method="lora", gradient_checkpointing=False)),
+    "lf-dpo-wide-lora-ckpt": (PREF_WIDE, dict(LF_DPO, method="lora", gradient_checkpointing=True)),
 }
 
 
@@ -1387,7 +1400,14 @@ def test_the_committed_dpo_rows_match_the_model(tmp_path):
     off = committed_rows_off(
         "preference",
         tmp_path,
-        lambda r: PhaseKind.REFERENCE_FORWARD if r["config"]["vocab_size"] == 64 else None,
+        # LLaMA-Factory's checkpointed wide case pins the checkpointed layer's forward instead
+        lambda r: (
+            PhaseKind.FORWARD_CHECKPOINTED_LAYER
+            if r["name"] == "lf-dpo-wide-lora-ckpt"
+            else PhaseKind.REFERENCE_FORWARD
+            if r["config"]["vocab_size"] == 64
+            else None
+        ),
     )
     assert len(_committed("preference")) == len(PREFERENCE_CASES)
     assert not off, off

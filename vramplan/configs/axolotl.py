@@ -347,6 +347,7 @@ _NOT_SFT = {
 
 def _not_sft(c: Collector) -> None:
     _reward(c)
+    c.get("num_labels")  # a classifier's outputs: 1 for reward_model (the score head), 2 for a PRM's token head
     for key, why in _NOT_SFT.items():
         if key == "rl" and _dpo(c):
             continue
@@ -365,7 +366,6 @@ def _reward(c: Collector) -> None:
         return  # an RL trainer takes precedence (causal builder is not used): said by _NOT_SFT's rl line
     c.set("reward_model", "objective", Objective.REWARD, "axolotl==0.19.0 AxolotlRewardTrainer (trl==1.9.0)")
     c.get("center_rewards_coefficient")
-    c.get("num_labels")
     if c.fields.get("loss") not in (None, Loss.HF):
         c.set("reward_model", "loss", Loss.HF, "a sequence-classification model has no LM loss to replace")
     if c.fields.get("packing") not in (None, Packing.NONE):
