@@ -170,3 +170,27 @@ def test_emit_writes_a_reward_config_that_reads_back(fmt):
     with pytest.raises(VramplanError) as e:
         emit("torchtune", setup, "meta-llama/Llama-3.1-8B", {})
     assert e.value.flag == "--emit"
+
+
+def test_the_step_time_counts_a_score_head_not_lm_head():
+    """throughput.objective_shapes: the sequence classifier's head is hidden x 1; LLaMA-Factory's
+    value head model still runs lm_head."""
+    from vramplan.throughput import objective_shapes, shapes
+
+    sh = shapes(SPEC)
+    assert objective_shapes(sh, _reward(method="lora")).head_params == HIDDEN
+    lf = make_setup(stack="llamafactory", objective="reward", method="lora")
+    assert objective_shapes(sh, lf).head_params == VOCAB * HIDDEN
+
+
+def test_activation_offload_moves_no_log_softmax_of_a_reward_model():
+    """OffloadActivations' share of the LM loss (activations.loss_offloaded) needs an LM loss saved
+    for backward: a reward model's has none."""
+    from vramplan.memory.activations import loss_offloaded
+
+    setup = make_setup(
+        stack="axolotl", objective="reward", method="qlora", activation_offload="all", gradient_checkpointing=True
+    )
+    assert loss_offloaded(SPEC, setup) == 0
+    sft = setup.model_copy(update={"objective": Objective.SFT})
+    assert loss_offloaded(SPEC, sft) > 0

@@ -30,6 +30,7 @@ from vramplan.hardware import HardwareProfile
 from vramplan.memory import layer_saved_per_token, lora_targeted
 from vramplan.memory.context import stream_bytes
 from vramplan.memory.freeze import first_trained_layer
+from vramplan.memory.reward import NUM_LABELS, sequence_classifier
 from vramplan.model_spec import LayerSpec, ModelSpec
 from vramplan.setup import (
     ActivationOffload,
@@ -151,6 +152,14 @@ def _shapes(spec: ModelSpec) -> Shapes:
         total_params=spec.params_total,
         eager=spec.attn_implementation != "sdpa",
     )
+
+
+def objective_shapes(sh: Shapes, setup: TrainingSetup) -> Shapes:
+    """A sequence-classification reward model's head is its score head, hidden x 1, with no
+    logits over the vocabulary (memory/reward.py); every other step's is lm_head."""
+    if not sequence_classifier(setup):
+        return sh
+    return sh.model_copy(update={"head_params": sh.hidden * NUM_LABELS, "vocab": NUM_LABELS})
 
 
 def shapes(spec: ModelSpec) -> Shapes:
@@ -528,7 +537,7 @@ def raw_terms(
 ) -> tuple[float, float, float]:
     """(seconds at the bf16 peak, seconds at the full bandwidth, ops) of one optimizer step
     on the GPU: the three quantities the global constants scale."""
-    sh = shapes(spec)
+    sh = objective_shapes(shapes(spec), setup)
     shard = setup.data_parallel if setup.deepspeed is not None else setup.fsdp
     on_host = setup.cpu_offload or setup.offload_optimizer
     ob, ok, of = (0.0, 0.0, 0.0) if on_host else optimizer_bytes_and_kernels(spec, sh, setup, shard)
@@ -550,7 +559,7 @@ def step_time(
     """Seconds per optimizer step (accum micro-batches + one update) on each of `gpus` GPUs.
     collectives=False drops communication (the calibration's FSDP case ran on a fake
     process group); amortize_svd=False gives a steady step between GaLore refreshes."""
-    sh = shapes(spec)
+    sh = objective_shapes(shapes(spec), setup)
     gpn = gpus_per_node or gpus
     flops_s, bytes_s, kernels = raw_terms(spec, setup, profile, accum)
     compute, memory, launch = flops_s / MFU, bytes_s / BW_EFF, kernels * LAUNCH_S

@@ -18,7 +18,7 @@ from vramplan.memory.lora import lora_targeted
 from vramplan.memory.loss import input_bytes, root_saved
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import ActivationOffload, Loss, TrainingSetup
+from vramplan.setup import ActivationOffload, Loss, Objective, TrainingSetup
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,8 @@ def loss_offloaded(spec: ModelSpec, setup: TrainingSetup) -> int:
     :716-732), with or without checkpointing. In the loss backward it is back on the GPU, as
     loss_terms counts it. (Other losses: not modelled here.)"""
     if setup.activation_offload != ActivationOffload.ALL or setup.loss != Loss.HF:
+        return 0
+    if setup.objective == Objective.REWARD:  # no LM loss saved for backward (memory/reward.py)
         return 0
     return alloc(4 * setup.tokens * spec.vocab)
 
