@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, cast
 
 from vramplan.errors import VramplanError
+from vramplan.memory.accelerate import upcasts_trainable
 from vramplan.memory.freeze import first_trained_layer
 from vramplan.memory.preference import reference_copy
 from vramplan.memory.reward import sequence_classifier, value_head
@@ -860,8 +861,40 @@ def shard_fsdp1(model, setup: TrainingSetup, device: str, layers_prefix: str):
         device_id=torch.device(device),
         sharding_strategy=strategy[setup.fsdp_sharding.value],
         cpu_offload=CPUOffload(offload_params=setup.cpu_offload),
+        mixed_precision=fsdp1_mixed_precision(setup),
     )
     return wrapped, simulated
+
+
+def accelerate_fsdp_upcast(model) -> str:
+    """A Trainer's accelerate upcasts every trainable low-precision parameter to fp32 before
+    wrapping it in FSDP under mixed precision (accelerate==1.16.0 accelerator.py prepare_model,
+    "Upcasted low precision parameters ... to float32"; memory/accelerate.py upcasts_trainable)."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
+            n += 1
+    return f"accelerate's FSDP preparation: {n} trainable low-precision parameters upcast to fp32"
+
+
+def fsdp1_mixed_precision(setup: TrainingSetup) -> Any:
+    """Under mixed precision, MixedPrecision(param_dtype=bf16), as the model gathers FSDP1 units
+    (memory/fsdp.py): a Trainer's accelerate sets param, reduce and buffer dtypes to the compute
+    dtype (accelerate==1.16.0 utils/dataclasses.py:1981-2012 set_mixed_precision); otherwise the
+    reduce runs in fp32. None without mixed precision: each unit gathered in its own dtype."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    from vramplan.memory.accelerate import accelerate_fsdp, reduces_in_bf16
+
+    if not setup.mixed_precision:
+        return None
+    half = half_dtype(setup)
+    reduce = half if reduces_in_bf16(setup) else torch.float32
+    return MixedPrecision(param_dtype=half, reduce_dtype=reduce, buffer_dtype=half if accelerate_fsdp(setup) else None)
 
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO
@@ -979,6 +1012,8 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         built.notes.append(liger_note)
     if setup.lora_like:
         prefix = decoder_prefix(model, spec.num_layers)  # peft adds base_model.model.
+    if setup.engine in (Engine.FSDP1, Engine.FSDP2) and upcasts_trainable(setup):
+        built.notes.append(accelerate_fsdp_upcast(model))
     if fsdp:
         built.simulated, built.rank, notes = shard(model, setup, device, prefix)
         built.notes += notes
