@@ -1000,10 +1000,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         enable_checkpointing(model, setup)
     built = Built(model=model, setup=setup, device=device, vocab=spec.vocab, num_layers=spec.num_layers)
     built.ref_model = ref_model
-    if value_head(setup):
-        built.value_head_model = value_head_wrapper(built)
-    # the DPO, GRPO and reward steps call the models themselves; LLaMA-Factory's value head wraps
-    # the causal LM, and the wrapper is what accelerate prepares (losses.llamafactory_reward_step)
+    # the DPO, GRPO and reward steps call the models themselves, each prepared as accelerate prepares it
     if setup.objective != Objective.SFT and not value_head(setup):
         for m in (model, ref_model):
             if m is not None:
@@ -1012,15 +1009,9 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         built.notes.append(liger_note)
     if setup.lora_like:
         prefix = decoder_prefix(model, spec.num_layers)  # peft adds base_model.model.
-    if setup.engine in (Engine.FSDP1, Engine.FSDP2) and upcasts_trainable(setup):
-        built.notes.append(accelerate_fsdp_upcast(model))
-    if fsdp:
-        built.simulated, built.rank, notes = shard(model, setup, device, prefix)
-        built.notes += notes
-        if built.simulated:
-            built.notes.append(f"FSDP simulated: rank 0 of {setup.fsdp} on a fake process group")
-    if setup.engine in (Engine.DDP, Engine.FSDP1):
-        _wrap_replicated(built, prefix)
+    _distribute(built, prefix)
+    if value_head(setup):  # LLaMA-Factory's value head wraps the (distributed) causal LM
+        built.value_head_model = value_head_wrapper(built)
     make_optimizer(built, galore)
     if setup.compile:
         built.notes.append(_compile_layers(model, spec, setup))
@@ -1029,6 +1020,21 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     elif setup.precision == Precision.FP16 and not fsdp:
         built.scaler = torch.amp.GradScaler(torch.device(device).type)
     return built
+
+
+def _distribute(built: Built, prefix: str) -> None:
+    """accelerate's fp32 upcast under FSDP, then FSDP2's fully_shard, or DDP / FSDP1 around the
+    materialized model."""
+    setup = built.setup
+    if setup.engine in (Engine.FSDP1, Engine.FSDP2) and upcasts_trainable(setup):
+        built.notes.append(accelerate_fsdp_upcast(built.model))
+    if setup.engine == Engine.FSDP2:
+        built.simulated, built.rank, notes = shard(built.model, setup, built.device, prefix)
+        built.notes += notes
+        if built.simulated:
+            built.notes.append(f"FSDP simulated: rank 0 of {setup.fsdp} on a fake process group")
+    if setup.engine in (Engine.DDP, Engine.FSDP1):
+        _wrap_replicated(built, prefix)
 
 
 def value_head_wrapper(built) -> Any:
@@ -1041,10 +1047,13 @@ def value_head_wrapper(built) -> Any:
     from vramplan.verify.losses import llamafactory_reward_functions
 
     fns = llamafactory_reward_functions()
-    base = built.model.get_base_model() if hasattr(built.model, "get_base_model") else built.model
+    inner = getattr(built.model, "module", built.model)  # under DDP or FSDP1, the model they wrap
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     wrapper = type("ValueHeadModel", (torch.nn.Module,), {"forward": fns["forward"]})()
     wrapper.pretrained_model = built.model
-    wrapper.is_peft_model = hasattr(built.model, "get_base_model")
+    # its forward reads pretrained_model.active_peft_config (a prefix-tuning check) when is_peft_model;
+    # DDP does not forward attributes to the model it wraps (FSDP1 does), and LoRA is no prefix tuning
+    wrapper.is_peft_model = hasattr(built.model, "active_peft_config")
     with torch.device(built.device):
         wrapper.v_head = fns["ValueHead"](base.config)
     prepare_like_accelerate(wrapper, built.setup, built.device)
