@@ -46,7 +46,6 @@ from test_cpu_trace import (  # noqa: E402
     EMBED_CASES,
     EMBED_SHAPE,
     ENGINE_CASES,
-    ENGINE_GAPS,
     GRPO_CASES,
     KNOB_CASES,
     LAYER_ARCH_CASES,
@@ -201,7 +200,6 @@ def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
         phase_rule = {
             "optimizers": optimizer_model_phases,
             "engines": engine_model_phases,
-            "known-gaps-engines": engine_model_phases,
         }
         model = phase_rule.get(group, _model_phases)(spec, setup)
         if _build_compared(setup):
@@ -425,7 +423,6 @@ def main() -> int:
     jobs += [("known-gaps-adapters", n, cfg, f, shape) for n, (cfg, f, shape) in ADAPTER_GAPS.items()]
     jobs += [("optimizers", n, LLAMA, f, B2S256) for n, f in OPTIMIZER_CASES.items()]
     jobs += [("engines", n, LLAMA, f, B2S256) for n, f in ENGINE_CASES.items()]
-    jobs += [("known-gaps-engines", n, LLAMA, f, B2S256) for n, f in ENGINE_GAPS.items()]
     jobs += [
         ("known-gaps", "olmo2-h1024-v64/full-ckpt", OLMO2_WIDE, dict(method="full", gradient_checkpointing=True), v64)
     ]

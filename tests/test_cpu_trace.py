@@ -1017,16 +1017,11 @@ ENGINE_CASES = {
     # axolotl's bf16 weights upcast
     "fsdp1-2-trl-full": dict(method="full", fsdp=2, fsdp_version=1, stack="trl"),
     "fsdp1-2-axolotl-reward-full": dict(method="full", fsdp=2, fsdp_version=1, stack="axolotl", objective="reward"),
-}
-# Found 2026-12-05, not resolved (group "known-gaps-engines", not held): TRL's full reward fine-tune on
-# FSDP1, whose backward peaks at a decoder layer (no logits): the model holds 2.07 MB more there than
-# the trace, the size of the root unit's bf16 gather (embedding, final norm, score head)
-ENGINE_GAPS = {
+    # the root's early grads under FSDP1 wait as views' grads (fsdp.root_grads_before_layers): a reward
+    # model's backward peaks in a decoder layer, where the model held the root's sharded grads before
+    # (+4.8% and +8%); LLaMA-Factory's (its source on PYTHONPATH, VRAMPLAN_TRL_VALUE_HEAD set: committed
+    # row held here) also pins lm_head's zero gradient and AdamW states in FSDP1's flat root parameter
     "fsdp1-2-trl-reward-full": dict(method="full", fsdp=2, fsdp_version=1, stack="trl", objective="reward"),
-    # LLaMA-Factory's value head on FSDP1 (its source on PYTHONPATH, VRAMPLAN_TRL_VALUE_HEAD set): the trace
-    # is 6% above the model in forward, 4% in backward and 22% in the optimizer phase: FSDP1's flat root
-    # parameter takes a gradient and AdamW states for lm_head's part too, which the model gives none; verify
-    # keeps the value head outside FSDP, where accelerate wraps the whole value-head model
     "fsdp1-2-lf-reward-full": dict(method="full", fsdp=2, fsdp_version=1, stack="llamafactory", objective="reward"),
 }
 
@@ -1053,6 +1048,9 @@ def _engine_static(spec, setup) -> int:
 @pytest.mark.parametrize("name", list(ENGINE_CASES))
 def test_engine_step_phases_match_the_cpu_trace(name, tmp_path):
     from vramplan.verify.cputrace import trace_step
+
+    if ENGINE_CASES[name].get("stack") == "llamafactory" and importlib.util.find_spec("llamafactory") is None:
+        pytest.skip("needs llamafactory==0.9.5's source and trl 0.24's value head (VRAMPLAN_TRL_VALUE_HEAD)")
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     setup = make_setup(**B2S256, **ENGINE_CASES[name])

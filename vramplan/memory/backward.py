@@ -16,14 +16,14 @@ from vramplan.memory.dora import dora_recompute
 from vramplan.memory.freeze import frozen_prefix
 from vramplan.memory.fsdp import (
     fsdp1_compute_bytes,
+    fsdp1_views_grads,
     fsdp2_streams,
     layer_backward_gathered,
     offload_grads_held,
     reduce_bytes,
-    root_grads_before_layers,
+    root_early_grad_sizes,
     shard_for,
     unit_grad_bytes,
-    unsharded_grad_bytes,
 )
 from vramplan.memory.layer import LayerPoints, ShapeKey, layer_points, shape_key
 from vramplan.memory.norms import post_mlp_norm_backward
@@ -326,8 +326,8 @@ def layer_backward_phases(ctx: StepContext) -> list[Phase]:
     out: list[Phase] = []
     embedding = embedding_grad_last(ctx)  # made after every layer's backward
     done = book.sharded.get(None, 0) - (held_grad(embedding, ctx.setup) if embedding else 0)
-    if fsdp2_streams(ctx.setup):  # FSDP2: the root's unsharded grads until its post-backward
-        done = sum(unsharded_grad_bytes(p) for p in root_grads_before_layers(ctx.params, ctx.setup))
+    if fsdp2_streams(ctx.setup) or fsdp1_views_grads(ctx.setup):  # the root's unsharded early grads
+        done = sum(root_early_grad_sizes(ctx.params, ctx.setup))
     remaining = ctx.layer_acts
     # a frozen prefix (--train-layers) has no backward: autograd's graph ends at the first trained layer
     for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):

@@ -50,6 +50,7 @@ from vramplan.memory.fsdp import (
     PRE_UNSHARD_STREAM,
     REDUCE_SCATTER_STREAM,
     fsdp1_compute_bytes,
+    fsdp1_views_grads,
     fsdp2_streams,
     gathered_blocks,
     grad_stream,
@@ -58,6 +59,7 @@ from vramplan.memory.fsdp import (
     reduce_bytes,
     root_all_gather_steps,
     root_and_layer_unit,
+    root_early_grad_sizes,
     root_grads_before_layers,
     shard_for,
     unsharded_grad_bytes,
@@ -870,9 +872,9 @@ def _one_step(b: _Builder) -> list[int | None]:
     for p in ctx.params:
         by_layer.setdefault(p.layer, []).append(p)
     embedding = embedding_grad_last(ctx)  # its grad is made after every layer's backward
-    # FSDP2: the root's unsharded grads until its post-backward, its sharded ones made there
+    # FSDP: the root's unsharded early grads until its post-backward, its sharded ones made there
     early = root_grads_before_layers(ctx.params, ctx.setup)
-    unsharded = [led.alloc(C.GRADIENTS, unsharded_grad_bytes(p)) for p in early]
+    unsharded = [led.alloc(C.GRADIENTS, size) for size in root_early_grad_sizes(ctx.params, ctx.setup)]
     grads = accumulated + ([] if early else _grads(b, [p for p in by_layer.get(None, []) if p is not embedding]))
     b.at_kind(PhaseKind.OPTIMIZER_HOOK_ROOT)
     for i in range(len(ctx.spec.layers) - 1, frozen_prefix(ctx.spec, ctx.setup) - 1, -1):
@@ -880,7 +882,11 @@ def _one_step(b: _Builder) -> list[int | None]:
     if embedding is not None:
         grads += _grads(b, [embedding])
     b.at_kind(PhaseKind.EMBEDDING_BACKWARD)
-    if early:  # the root's post-backward (fsdp.root_reduce_scatter), the last of backward
+    if early and fsdp1_views_grads(ctx.setup):  # FSDP1's root post-backward: the flat grad, sharded
+        for tid in unsharded:
+            led.free(tid)
+        grads += _grads(b, [p for p in by_layer.get(None, []) if p.trainable])
+    elif early:  # the root's post-backward (fsdp.root_reduce_scatter), the last of backward
         trained = [p for p in by_layer.get(None, []) if p.trainable]
         unsharded += [led.alloc(C.GRADIENTS, unsharded_grad_bytes(p)) for p in trained if p not in early]
         b.at_kind(PhaseKind.ROOT_REDUCE_SCATTER)

@@ -26,6 +26,7 @@ from vramplan.memory.context import Gathering
 from vramplan.memory.lora import adapter_bytes
 from vramplan.memory.parameters import store
 from vramplan.memory.quantization import packed_compute_bytes
+from vramplan.memory.reward import is_reward, value_head
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
 from vramplan.setup import Engine, FsdpSharding, Precision, Stack, TrainingSetup
@@ -204,15 +205,41 @@ def layer_backward_gathered(units: dict[int | None, int], i: int, g: Gathering =
 
 
 def root_grads_before_layers(params: list[Param], setup: TrainingSetup) -> list[Param]:
-    """FSDP2 sharding: the root's trainable parameters whose unsharded grads (param_dtype)
-    autograd makes before the decoder layers' backward and the root holds until its
-    post-backward (root_reduce_scatter): every one but an untied input embedding, whose grad
-    is made last. Empty off FSDP2 sharding."""
-    if not fsdp2_streams(setup):
+    """FSDP sharding: the root's trainable parameters whose unsharded grads autograd makes before
+    the decoder layers' backward and the root holds until its post-backward: every one but an
+    input embedding of its own (an untied head's, or a reward model's: memory/reward.py), whose
+    grad is made last, and LLaMA-Factory's lm_head, which gets none. FSDP2 holds each in
+    param_dtype (root_reduce_scatter); FSDP1's flat parameter is split into views, and the split's
+    backward gathers the flat grad only once every view's grad came (the embedding's, last): until
+    then each grad made waits alone, in the unit's compute dtype (fsdp1_compute_bytes).
+    [CPU trace: engines/fsdp1-*, known-gaps-engines/fsdp1-2-*-reward-full] Empty off sharding."""
+    if not (fsdp2_streams(setup) or fsdp1_views_grads(setup)):
         return []
     embed, head = embedding_and_head(params)
-    root = [p for p in fsdp2_unit_params(params, setup) if p.layer is None and p.trainable]
-    return [p for p in root if not (head is not None and p is embed)]
+    root = fsdp2_unit_params(params, setup) if setup.engine == Engine.FSDP2 else params
+    root = [p for p in root if p.layer is None and p.trainable]
+    own_embedding = head is not None or is_reward(setup)
+    no_grad = head if value_head(setup) else None
+    return [p for p in root if not (own_embedding and p is embed) and p is not no_grad]
+
+
+def fsdp1_views_grads(setup: TrainingSetup) -> bool:
+    """FSDP1 sharding, one micro-batch a step, no CPU offload: the root's early grads wait as views'
+    grads (root_grads_before_layers); accumulation and offload keep the rule they had."""
+    return (
+        setup.engine == Engine.FSDP1
+        and setup.shard_world > 1
+        and setup.gradient_accumulation == 1
+        and not setup.cpu_offload
+    )
+
+
+def root_early_grad_sizes(params: list[Param], setup: TrainingSetup) -> list[int]:
+    """root_grads_before_layers' blocks: FSDP2's param_dtype grads, FSDP1's in the compute dtype."""
+    grads = root_grads_before_layers(params, setup)
+    if setup.engine == Engine.FSDP2:
+        return [unsharded_grad_bytes(p) for p in grads]
+    return [alloc(fsdp1_compute_bytes(p, setup)) for p in grads]
 
 
 def unsharded_grad_bytes(p: Param) -> int:
