@@ -212,7 +212,7 @@ def root_grads_before_layers(params: list[Param], setup: TrainingSetup) -> list[
     param_dtype (root_reduce_scatter); FSDP1's flat parameter is split into views, and the split's
     backward gathers the flat grad only once every view's grad came (the embedding's, last): until
     then each grad made waits alone, in the unit's compute dtype (fsdp1_compute_bytes).
-    [CPU trace: engines/fsdp1-*, known-gaps-engines/fsdp1-2-*-reward-full] Empty off sharding."""
+    [CPU trace: engines/fsdp1-*, engines/fsdp1-2-*-reward-full] Empty off sharding."""
     if not (fsdp2_streams(setup) or fsdp1_views_grads(setup)):
         return []
     embed, head = embedding_and_head(params)

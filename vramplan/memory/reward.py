@@ -111,7 +111,7 @@ def score_params(spec: ModelSpec, setup: TrainingSetup) -> list[Param]:
 def _flat_grad(setup: TrainingSetup) -> bool:
     """A full fine-tune's lm_head under FSDP1 still gets a gradient, zeros: FSDP1 reduces its unit's
     flat gradient whole, and gives every parameter of the shard a view of it, so AdamW keeps states
-    for lm_head too. [CPU trace: known-gaps-engines/fsdp1-2-lf-reward-full, optimizer -18% before]"""
+    for lm_head too. [CPU trace: engines/fsdp1-2-lf-reward-full, optimizer -18% before]"""
     return setup.engine == Engine.FSDP1 and not setup.lora_like and setup.train_layers is None
 
 
