@@ -1430,6 +1430,20 @@ def test_the_committed_dpo_rows_match_the_model(tmp_path):
     assert not off, off
 
 
+def _retrace_trl_case(cases: dict, name: str, tmp_path) -> None:
+    """Trace one case of a TRL trainer's group (grpo, reward) and hold every phase to TOL."""
+    from vramplan.verify.cputrace import trace_step
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("needs trl==1.16.0 (the [test] extra)")
+    cfg, fields = cases[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    setup = make_setup(**{**B2S256, **fields})
+    spec = load_model_spec(str(tmp_path), use_cache=False)
+    off = phases_off(_model_phases(spec, setup), trace_step(str(tmp_path), setup), TOL)
+    assert not off, off
+
+
 # traced again in the CPU-trace tier: the training step, a decode-step peak and a prefill peak
 GRPO_RETRACED = ("grpo-lora", "grpo-decode-full", "grpo-prefill-lora")
 
@@ -1437,16 +1451,7 @@ GRPO_RETRACED = ("grpo-lora", "grpo-decode-full", "grpo-prefill-lora")
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", GRPO_RETRACED)
 def test_grpo_step_phases_match_the_cpu_trace(name, tmp_path):
-    from vramplan.verify.cputrace import trace_step
-
-    if importlib.util.find_spec("trl") is None:
-        pytest.skip("needs trl==1.16.0 (the [test] extra)")
-    cfg, fields = GRPO_CASES[name]
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    setup = make_setup(**{**B2S256, **fields})
-    spec = load_model_spec(str(tmp_path), use_cache=False)
-    off = phases_off(_model_phases(spec, setup), trace_step(str(tmp_path), setup), TOL)
-    assert not off, off
+    _retrace_trl_case(GRPO_CASES, name, tmp_path)
 
 
 def test_every_grpo_case_is_committed():
@@ -1483,16 +1488,7 @@ REWARD_RETRACED = ("reward-lora", "reward-tied-full", "ax-reward-lora")
 @pytest.mark.cputrace
 @pytest.mark.parametrize("name", REWARD_RETRACED)
 def test_reward_step_phases_match_the_cpu_trace(name, tmp_path):
-    from vramplan.verify.cputrace import trace_step
-
-    if importlib.util.find_spec("trl") is None:
-        pytest.skip("needs trl==1.16.0 (the [test] extra)")
-    cfg, fields = REWARD_CASES[name]
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    setup = make_setup(**{**B2S256, **fields})
-    spec = load_model_spec(str(tmp_path), use_cache=False)
-    off = phases_off(_model_phases(spec, setup), trace_step(str(tmp_path), setup), TOL)
-    assert not off, off
+    _retrace_trl_case(REWARD_CASES, name, tmp_path)
 
 
 def test_every_reward_case_is_committed():

@@ -460,13 +460,7 @@ def _reward(c: Collector) -> bool:
     c.get("center_rewards_coefficient")
     for k in ("disable_dropout", "pad_to_multiple_of", "eos_token", "pad_token"):
         c.get(k)
-    if c.fields.get("packing") not in (None, Packing.NONE):
-        c.set(
-            "padding_free" if "padding_free" in c.data else "packing",
-            "packing",
-            Packing.NONE,
-            "RewardTrainer's collator pads each pair's rows (reward_trainer.py:203-229)",
-        )
+    _pads(c, "RewardTrainer's collator pads each pair's rows (reward_trainer.py:203-229)")
     if c.fields.get("loss") not in (None, Loss.HF):
         c.set(keys[0], "loss", Loss.HF, "a sequence-classification model has no LM loss to replace")
     task = c.get("lora_task_type")
@@ -478,6 +472,12 @@ def _reward(c: Collector) -> bool:
             "trained, its saved input (tokens x hidden x 2 bytes) an upper end",
         )
     return True
+
+
+def _pads(c: Collector, why: str) -> None:
+    """A pairwise trainer pads: packing or padding_free read earlier is overridden, said."""
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("padding_free" if "padding_free" in c.data else "packing", "packing", Packing.NONE, why)
 
 
 def _dpo(c: Collector) -> None:
@@ -493,13 +493,7 @@ def _dpo(c: Collector) -> None:
     precompute = c.get("precompute_ref_log_probs")
     if precompute is not None and c.flag("precompute_ref_log_probs", precompute):
         c.set("precompute_ref_log_probs", "precompute_ref_log_probs", True)
-    if c.fields.get("packing") not in (None, Packing.NONE):
-        c.set(
-            "padding_free" if "padding_free" in c.data else "packing",
-            "packing",
-            Packing.NONE,
-            "DPOTrainer pads: padding_free falls back to padding (dpo_trainer.py:133-140)",
-        )
+    _pads(c, "DPOTrainer pads: padding_free falls back to padding (dpo_trainer.py:133-140)")
     if c.get("use_weighting") is True:
         c.unmodelled("use_weighting", "WPO weights: one fp32 output per token more (log_sum_sq_probs)")
 

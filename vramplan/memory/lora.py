@@ -168,8 +168,9 @@ def lora_copy_local(in_dim: int, ctx: ActivationContext) -> int:
     (under autocast lora_A's own bf16 cast of dropout(x) is what it saves). Over a bf16 stream
     with fp32 adapters, peft's fp32 copy (fp32_copy_local), and under dropout its fp32 output too
     until lora_A has cast it (the mask is saved: lora_saved) [CPU trace: ax-reward-lora-dropout]."""
-    if fp32_copy_local(in_dim, ctx):
-        return fp32_copy_local(in_dim, ctx) * (2 if ctx.lora_dropout else 1)
+    fp32_copy = fp32_copy_local(in_dim, ctx)
+    if fp32_copy:
+        return fp32_copy * (2 if ctx.lora_dropout else 1)
     return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.lora_autocast else 0
 
 

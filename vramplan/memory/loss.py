@@ -25,7 +25,7 @@ from vramplan.memory.compile import (
 from vramplan.memory.context import activation_context, stream_bytes
 from vramplan.memory.grpo_batch import buffered_bytes, is_grpo, scored_rows
 from vramplan.memory.norms import norm_saved
-from vramplan.memory.precision import upcast_roots
+from vramplan.memory.precision import head_compute_bytes, upcast_roots
 from vramplan.memory.reward import is_reward
 from vramplan.memory.storage import alloc
 from vramplan.model_spec import ModelSpec
@@ -155,8 +155,8 @@ def _head_weight_bytes(setup: TrainingSetup) -> int:
 
 
 def _compute_bytes(setup: TrainingSetup) -> int:
-    """The dtype the head's matmul computes in: bf16/fp16 under autocast or bf16 weights."""
-    return 2 if setup.precision != Precision.BF16 or setup.weight_dtype == ModelDtype.BF16 else 4
+    """The dtype the head's matmul computes in (precision.head_compute_bytes)."""
+    return head_compute_bytes(setup)
 
 
 def _logits(spec: ModelSpec, setup: TrainingSetup) -> int:

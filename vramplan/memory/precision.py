@@ -131,3 +131,9 @@ __all__ = [
     "trained_layers_fp32",
     "upcast_roots",
 ]
+
+
+def head_compute_bytes(setup: TrainingSetup) -> int:
+    """The dtype an output head's product is in (lm_head's, a reward model's score head): bf16/fp16
+    under autocast or bf16 weights, fp32 for fp32 weights without autocast."""
+    return 2 if setup.precision != Precision.BF16 or setup.weight_dtype == ModelDtype.BF16 else 4

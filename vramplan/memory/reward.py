@@ -46,10 +46,11 @@ labels (data/collator.py:542-564; remove_unused_columns is off, hparams/parser.p
 
 from __future__ import annotations
 
+from vramplan.memory.precision import head_compute_bytes
 from vramplan.memory.storage import alloc
 from vramplan.memory.types import Param, ParamKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Engine, ModelDtype, Objective, Precision, Stack, TrainingSetup
+from vramplan.setup import Engine, Objective, Stack, TrainingSetup
 
 # the score head's outputs (reward_trainer.py:396 num_labels=1)
 NUM_LABELS = 1
@@ -115,12 +116,6 @@ def _flat_grad(setup: TrainingSetup) -> bool:
     return setup.engine == Engine.FSDP1 and not setup.lora_like and setup.train_layers is None
 
 
-def compute_bytes(setup: TrainingSetup) -> int:
-    """The dtype the score head's product is in: bf16/fp16 under autocast or bf16 weights (as
-    loss._compute_bytes for lm_head)."""
-    return 2 if setup.precision != Precision.BF16 or setup.weight_dtype == ModelDtype.BF16 else 4
-
-
 def score_input_saved(spec: ModelSpec, setup: TrainingSetup, stream: int, autocast: bool) -> int:
     """The score's input, saved for its weight's gradient (unrounded): autocast's bf16 cast, or
     the stream's own dtype. The value head's: its dropout mask, and its input `.to(fp32)`, which
@@ -142,7 +137,7 @@ def value_head_forward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]
     """The value head's moment after the LM loss: the model's logits (the compute dtype), the
     loss's saved fp32 log-softmax, the wrapper's fp32 copy of the logits."""
     nv = setup.tokens * spec.vocab
-    return [alloc(compute_bytes(setup) * nv), alloc(4 * nv), alloc(4 * nv)]
+    return [alloc(head_compute_bytes(setup) * nv), alloc(4 * nv), alloc(4 * nv)]
 
 
 def value_head_backward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
@@ -150,20 +145,20 @@ def value_head_backward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int
     copy through `.to(fp32)`'s backward, and dropout's output gradient in the stream's dtype."""
     n, h = setup.tokens, spec.hidden
     first = 2 if setup.autocast else 4
-    return [alloc(first * n * h), alloc(4 * n * h), alloc(compute_bytes(setup) * n * h)]
+    return [alloc(first * n * h), alloc(4 * n * h), alloc(head_compute_bytes(setup) * n * h)]
 
 
 def forward_parts(setup: TrainingSetup) -> list[int]:
     """The head's forward at its widest: the scores over every position, then the two int32
     tensors of the last-position search."""
     n = setup.tokens
-    return [alloc(compute_bytes(setup) * NUM_LABELS * n), alloc(4 * n), alloc(4 * n)]
+    return [alloc(head_compute_bytes(setup) * NUM_LABELS * n), alloc(4 * n), alloc(4 * n)]
 
 
 def backward_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     """The head's backward: the scattered gradient of the scores, then the score's input
     gradient."""
-    n, c = setup.tokens, compute_bytes(setup)
+    n, c = setup.tokens, head_compute_bytes(setup)
     return [alloc(c * NUM_LABELS * n), alloc(c * n * spec.hidden)]
 
 

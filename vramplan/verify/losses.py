@@ -399,7 +399,6 @@ def llamafactory_dpo_functions() -> dict:
     functions only torch): found with find_spec on an installed llamafactory or its source on
     PYTHONPATH, each function's text taken from the file by its name; read once per process, not
     per step."""
-    import ast
     import contextlib
     import typing
     from collections.abc import Mapping
@@ -421,11 +420,7 @@ def llamafactory_dpo_functions() -> dict:
         **{name: getattr(typing, name) for name in ("Optional", "Union", "Literal", "TYPE_CHECKING")},
     }
     for parts, name in LF_DPO_SOURCES:
-        tree = ast.parse(root.joinpath(*parts).read_text())
-        cls, _, func = name.rpartition(".")
-        body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls) if cls else tree.body
-        node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == func)
-        exec(compile(ast.Module(body=[node], type_ignores=[]), str(root.joinpath(*parts)), "exec"), namespace)
+        _exec_from_source(root.joinpath(*parts), (name,), namespace)
     return namespace
 
 
