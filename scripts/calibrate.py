@@ -662,6 +662,35 @@ CASES = [
         steps_per_generation=8,
         seconds=120,
     ),
+    # axolotl's `rl: grpo`, trl 1.9.0's GRPOTrainer (memory/grpo_logits.py; CPU-traced, never on a GPU):
+    # the log-probs from the model's fp32 logits over the completion, 4 x 1025 x 128256 x 4 bytes, with
+    # the entropy's copy; axolotl's bf16 LoRA generating 16 rows outside autocast (peft's fp32 adapter
+    # path over the bf16 stream); trl 1.9.0 must be the installed trl (scripts/device_wheels.sh)
+    case(
+        "l8b_grpo_lora16_ckpt_b4s1536_axolotl",
+        L8B,
+        stack="axolotl",
+        objective="grpo",
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1536,
+        completion_len=1024,
+        steps_per_generation=4,
+        seconds=120,
+    ),
+    case(
+        "l1b_grpo_full_b4s1024_axolotl",
+        L1B,
+        stack="axolotl",
+        objective="grpo",
+        method="full",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1024,
+        completion_len=768,
+        seconds=90,
+    ),
     # TRL 1.16's RewardTrainer (memory/reward.py, --objective reward; CPU-traced, never on a GPU): an 8B
     # sequence classifier (no lm_head, a one-output score head) under LoRA on TRL's defaults, a 1B full
     # fine-tune (its embedding tied, no lm_head to train), and axolotl's bf16 LoRA without checkpointing

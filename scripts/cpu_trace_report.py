@@ -191,24 +191,42 @@ LONG_SETUPS = {
 }
 
 
+def _model_of(group: str, spec, setup) -> dict[str, int]:
+    """The model's peak per compared phase, by the group's phase rule."""
+    phase_rule = {
+        "optimizers": optimizer_model_phases,
+        "engines": engine_model_phases,
+    }
+    model = phase_rule.get(group, _model_phases)(spec, setup)
+    if _build_compared(setup):
+        model["build"] = _model_build_peak(spec, setup)
+    return model
+
+
 def run(group: str, name: str, cfg: dict, fields: dict, shape: dict) -> dict:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(cfg))
         setup = make_setup(**{**shape, **fields})
         spec = load_model_spec(d, use_cache=False)
         traced = trace_step(d, setup)
-        phase_rule = {
-            "optimizers": optimizer_model_phases,
-            "engines": engine_model_phases,
-        }
-        model = phase_rule.get(group, _model_phases)(spec, setup)
-        if _build_compared(setup):
-            model["build"] = _model_build_peak(spec, setup)
+        model = _model_of(group, spec, setup)
     row = {"group": group, "name": name, "config": cfg, "setup": setup.model_dump(mode="json")}
     for phase, predicted in model.items():
         t = traced.peak(phase, step=1 if phase != "build" else None)
         row[phase] = {"traced_bytes": t, "model_bytes": predicted, "error": round((predicted - t) / t, 4)}
     return row
+
+
+def refresh(row: dict) -> dict:
+    """A committed row with this commit's model beside its traced bytes (nothing traced again)."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(row["config"]))
+        model = _model_of(row["group"], load_model_spec(d, use_cache=False), make_setup(**row["setup"]))
+    out = dict(row)
+    for phase, predicted in model.items():
+        t = row[phase]["traced_bytes"]
+        out[phase] = {"traced_bytes": t, "model_bytes": predicted, "error": round((predicted - t) / t, 4)}
+    return out
 
 
 DATA = ROOT / "tests" / "data" / "cpu"
@@ -268,7 +286,8 @@ def _grpo_text(setup: dict) -> str:
     rows = setup["batch_size"] * (setup.get("steps_per_generation") or setup.get("gradient_accumulation", 1))
     extra = [f"beta {setup['beta']:g}"] if setup.get("beta") else []
     extra += [f"{setup['num_iterations']} iterations"] if setup.get("num_iterations", 1) > 1 else []
-    return f"grpo (trl 1.16.0): completion {setup['completion_len']}, {rows} rows generated" + "".join(
+    trl = "1.9.0" if setup.get("stack") == "axolotl" else "1.16.0"  # axolotl 0.19.0's pin
+    return f"grpo (trl {trl}): completion {setup['completion_len']}, {rows} rows generated" + "".join(
         f", {e}" for e in extra
     )
 
@@ -384,8 +403,16 @@ def main() -> int:
         action="append",
         help="with --group: trace only this case of it (repeatable); its row is replaced where it stood",
     )
+    ap.add_argument(
+        "--refresh-model",
+        action="store_true",
+        help="recompute every committed row's model bytes with this commit (the traced bytes kept), then render",
+    )
     args = ap.parse_args()
-    if args.render_only:
+    if args.refresh_model:
+        trace = DATA / "trace.jsonl"
+        trace.write_text("".join(json.dumps(refresh(r)) + "\n" for r in load_rows(trace)))
+    if args.render_only or args.refresh_model:
         write_doc(DATA / "trace.jsonl")
         return 0
     jobs = [("structure", n, cfg, f, B2S256) for n, (cfg, f) in CASES.items()]

@@ -15,6 +15,11 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing .whl/*.whl failed: run scripts/device_wheels.sh here and carry .whl"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+# trl==1.9.0 apart, for axolotl's DPO and GRPO cases (verify/losses.py _need_axolotl_trl)
+if compgen -G ".whl/trl19/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/trl19 .whl/trl19/*.whl \
+    && export VRAMPLAN_TRL19=/tmp/trl19
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
 python3 - > "$OUT/versions.txt" <<'PY'
 import importlib.metadata as md

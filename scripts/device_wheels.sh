@@ -18,6 +18,14 @@ for pkg in pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .whl "$pkg"
 done
+# axolotl's DPO and GRPO steps run trl==1.9.0 (axolotl 0.19.0's pin; its GRPO trainer imports requests):
+# installed apart, under VRAMPLAN_TRL19 (device_batch.sh), for those cases' worker processes only
+mkdir -p .whl/trl19
+for pkg in trl==1.9.0 requests==2.34.2 urllib3==2.8.0 idna==3.21 certifi==2026.10.19.post1 \
+           charset-normalizer==3.5.3; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${plat[@]}" -d .whl/trl19 "$pkg"
+done
 tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" hqq==0.2.8.post1
 python3 -m pip wheel -q --no-deps -w .whl "$tmp"/hqq-*.tar.gz

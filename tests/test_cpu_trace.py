@@ -1303,6 +1303,7 @@ PREFERENCE_CASES = {
 GRPO_MHA = {**LLAMA, "num_key_value_heads": 8}
 GRPO = dict(stack="trl", objective="grpo")
 GRPO_GEN = dict(GRPO, steps_per_generation=16)
+AX_GRPO = dict(stack="axolotl", objective="grpo")
 GRPO_CASES = {
     "grpo-lora": (LLAMA, dict(GRPO, method="lora", completion_len=128)),
     "grpo-full": (LLAMA, dict(GRPO, method="full", completion_len=128)),
@@ -1315,8 +1316,25 @@ GRPO_CASES = {
         dict(GRPO_GEN, method="lora", completion_len=160, precision="bf16", model_dtype="bf16"),
     ),
     "grpo-prefill-lora": (GRPO_MHA, dict(GRPO_GEN, method="lora", completion_len=32)),
+    # every Linear adapted: peft's adapter path runs through generation (fp32 weights and adapters)
+    "grpo-prefill-lora-all": (GRPO_MHA, dict(GRPO_GEN, method="lora", completion_len=32, lora_targets="all-linear")),
     "grpo-prefill-full": (GRPO_MHA, dict(GRPO_GEN, method="full", completion_len=32)),
     "grpo-prefill-qlora": (GRPO_MHA, dict(GRPO_GEN, method="qlora", completion_len=32)),
+    # axolotl==0.19.0's `rl: grpo`: trl==1.9.0's GRPOTrainer (trl 1.9.0 first on PYTHONPATH: committed rows
+    # held here), the log-probs from the model's logits over the completion (logits_to_keep), converted
+    # to fp32 by accelerate; axolotl's bf16 weights, fp32 adapters, peft's layers (no LoRA kernels for RL)
+    "ax-grpo-lora": (LLAMA, dict(AX_GRPO, method="lora", completion_len=128)),
+    "ax-grpo-full": (LLAMA, dict(AX_GRPO, method="full", completion_len=128)),
+    "ax-grpo-beta-lora-ckpt": (
+        LLAMA,
+        dict(AX_GRPO, method="lora", completion_len=128, beta=0.04, gradient_checkpointing=True),
+    ),
+    "ax-grpo-qlora-ckpt-iter": (
+        LLAMA,
+        dict(AX_GRPO, method="qlora", completion_len=192, num_iterations=2, gradient_checkpointing=True),
+    ),
+    "ax-grpo-bigv-lora": (PREF_BIGV, dict(AX_GRPO, method="lora", completion_len=96)),
+    "ax-grpo-decode-lora": (GRPO_MHA, dict(AX_GRPO, steps_per_generation=16, method="lora", completion_len=160)),
 }
 # Reward models (group "reward"; docs/memory-model.md, "Reward models"): trl==1.16.0's
 # RewardTrainer.compute_loss as verify runs it (verify/losses.py reward_step) over
@@ -1354,7 +1372,14 @@ REWARD_CASES = {
 }
 
 # the cases whose forward peak is the generation (the rule they pin)
-GRPO_GENERATION_PEAK = ("grpo-decode-lora", "grpo-decode-full", "grpo-decode-lora-bf16", "grpo-prefill-lora")
+GRPO_GENERATION_PEAK = (
+    "grpo-decode-lora",
+    "grpo-decode-full",
+    "grpo-decode-lora-bf16",
+    "grpo-prefill-lora",
+    "grpo-prefill-lora-all",
+    "ax-grpo-decode-lora",
+)
 
 
 def _forward_peak_kind(spec, setup) -> PhaseKind:

@@ -120,7 +120,8 @@ def test_colocated_vllm_takes_its_share_of_the_card():
 @pytest.mark.parametrize(
     ("fields", "flag"),
     [
-        (dict(objective="grpo", stack="axolotl"), "--objective"),
+        (dict(objective="grpo", stack="llamafactory"), "--objective"),
+        (dict(objective="grpo", stack="axolotl", loss="liger"), "--objective"),
         (dict(objective="grpo", stack="trl", seq_len=512, completion_len=512), "--completion-len"),
         (dict(objective="grpo", stack="trl", packing="padding-free"), "--packing"),
         (dict(objective="grpo", stack="trl", fsdp=2), "--objective"),
@@ -183,3 +184,107 @@ def test_the_cli_says_where_completions_are_generated():
     ).stdout
     assert "generation (GRPO, no grad)" in out or "GRPOTrainer" in out
     assert "model.generate" in " ".join(out.split())
+
+
+# ---- axolotl's `rl: grpo`: trl==1.9.0's GRPOTrainer, log-probs from the model's logits
+# (memory/grpo_logits.py); its CPU-traced rows are the grpo group's ax-grpo-* cases
+
+
+def _ax_grpo(**kw):
+    return make_setup(stack="axolotl", objective="grpo", **kw)
+
+
+def test_axolotls_head_holds_the_fp32_logits_and_the_entropys_copy_by_hand():
+    """B=2 completions of C=128: logits over K = 2 x 129 positions (logits_to_keep = C + 1), fp32
+    after accelerate's conversion (axolotl's bf16 autocast); the entropy's [B*C, V] copy of the
+    sliced views and one 128-row chunk's log_softmax, exp and product; backward 2 x 4 bytes over
+    K + B*C positions (traced: trl 1.9.0's selective_log_softmax and entropy_from_logits)."""
+    from vramplan.memory.loss import loss_terms
+
+    v = SPEC.vocab
+    setup = _ax_grpo(method="lora", batch_size=2, seq_len=640, completion_len=128)
+    terms = loss_terms(SPEC, setup)
+    assert terms.forward == 4 * 258 * v + 4 * 256 * v + 3 * 4 * 128 * v
+    assert terms.backward == 8 * (258 + 256) * v
+    # one row: the sliced views are contiguous, entropy_from_logits reshapes without a copy
+    one = loss_terms(SPEC, _ax_grpo(method="lora", batch_size=1, seq_len=640, completion_len=128))
+    assert one.forward == 4 * 129 * v + 3 * 4 * 128 * v
+
+
+def test_axolotls_head_is_far_below_the_sft_loss_over_every_position():
+    """Only the completion's positions get logits: at 3072 prompt + 512 completion tokens the
+    GRPO step's loss moment is a fraction of an SFT step's over all 3584 positions."""
+    grpo = {
+        p.kind: p.allocated
+        for p in step_model(SPEC, _ax_grpo(method="lora", batch_size=2, seq_len=3584, completion_len=512)).phases
+    }
+    sft = {
+        p.kind: p.allocated
+        for p in step_model(SPEC, make_setup(stack="axolotl", method="lora", batch_size=2, seq_len=3584)).phases
+    }
+    assert grpo[PhaseKind.FORWARD_LOSS] < sft[PhaseKind.FORWARD_LOSS] - 4 * 2 * 3000 * SPEC.vocab
+
+
+def test_an_axolotl_grpo_config_is_read_with_its_trl_section(tmp_path):
+    """axolotl==0.19.0's examples/llama-3/qlora-1b-gdpo.yaml, shortened: rl gdpo runs the GRPO
+    trainer; max_completion_length and beta from `trl:`; no prompt bound, so 512 assumed."""
+    path = tmp_path / "gdpo.yaml"
+    path.write_text(
+        "base_model: meta-llama/Llama-3.2-1B-Instruct\nrl: gdpo\nadapter: qlora\nload_in_4bit: true\n"
+        "lora_target_linear: true\nsequence_len: 512\nmicro_batch_size: 1\ngradient_accumulation_steps: 8\n"
+        "bf16: auto\ngradient_checkpointing: true\nchunked_cross_entropy: true\n"
+        "trl:\n  beta: 0.001\n  max_completion_length: 128\n  num_generations: 2\n  use_vllm: false\n"
+    )
+    reading = read_config([str(path)])
+    f = reading.fields
+    assert f["objective"] == Objective.GRPO and f["completion_len"] == 128 and f["seq_len"] == 640
+    assert (
+        f["beta"] == 0.001
+        and f["loss"].value == "hf"
+        and f.get("generation", Generation.TRANSFORMERS) == Generation.TRANSFORMERS
+    )
+    setup = make_setup(**{**f, "stack": "axolotl"})
+    assert setup.lora_kernels is False  # axolotl does not turn them on for rl
+    assert not any(u.key == "rl" for u in reading.unmodelled)
+
+
+def test_axolotls_colocated_vllm_takes_its_vllm_sections_share(tmp_path):
+    """GRPOStrategy passes vllm.gpu_memory_utilization (axolotl's default 0.9) for colocate."""
+    path = tmp_path / "grpo.yaml"
+    body = "base_model: Qwen/Qwen2.5-1.5B-Instruct\nrl: grpo\nmicro_batch_size: 4\n"
+    path.write_text(body + "trl:\n  use_vllm: true\n  use_liger_loss: true\n")
+    reading = read_config([str(path)])
+    assert reading.fields["generation"] == Generation.VLLM_COLOCATE
+    assert reading.fields["vllm_gpu_memory_utilization"] == 0.9
+    assert reading.fields["completion_len"] == 256  # trl 1.9.0's GRPOConfig default
+    assert any(u.key == "trl.use_liger_loss" for u in reading.unmodelled)
+    path.write_text(body + "trl:\n  use_vllm: true\n  vllm_mode: server\n  generation_batch_size: 32\n")
+    f = read_config([str(path)]).fields
+    assert f["generation"] == Generation.VLLM_SERVER and f["steps_per_generation"] == 8
+    path.write_text(body + "trl:\n  use_vllm: yes please\n")
+    with pytest.raises(VramplanError) as e:
+        read_config([str(path)])
+    assert e.value.flag.endswith("trl.use_vllm")
+
+
+def test_emit_writes_an_axolotl_grpo_config_that_reads_back():
+    from vramplan.configs.emit import emit
+
+    setup = _ax_grpo(method="lora", gradient_checkpointing=True, batch_size=4, seq_len=1536, completion_len=1024)
+    setup = setup.model_copy(update={"beta": 0.04, "steps_per_generation": 4, "generation": Generation.VLLM_COLOCATE})
+    text = emit("axolotl", setup, "Qwen/Qwen2.5-1.5B-Instruct", {})
+    assert "rl: grpo" in text and "max_completion_length: 1024" in text and "generation_batch_size: 16" in text
+    assert "gpu_memory_utilization: 0.3" in text and "prompts up to 512 tokens" in text
+    with pytest.raises(VramplanError) as e:  # TRL's fused head is not axolotl's
+        emit("trl", setup, "Qwen/Qwen2.5-1.5B-Instruct", {})
+    assert e.value.flag == "--emit"
+
+
+def test_peft_adapters_run_through_generation():
+    """Every Linear adapted: generation's layer moment carries peft's adapter path (the scaled B
+    output and the sum; for a bf16 stream with fp32 adapters the input's fp32 copy too), which a
+    q/v-only LoRA's MLP does not. [CPU trace: grpo-prefill-lora-all, ax-grpo-decode-lora]"""
+    kw = dict(method="lora", batch_size=2, seq_len=640, completion_len=128, steps_per_generation=8)
+    every = _kinds(_ax_grpo(**kw))[PhaseKind.GENERATION]
+    qv = _kinds(_ax_grpo(lora_target_modules=["q_proj", "v_proj"], **kw))[PhaseKind.GENERATION]
+    assert every > qv

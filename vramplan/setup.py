@@ -403,7 +403,8 @@ class Objective(str, Enum):
     DPO = "dpo"
     # TRL's GRPOTrainer (trl==1.16.0 trainer/grpo_trainer.py): completions generated on the GPU (or by
     # vLLM), scored without grad, then a step over prompt + completion rows whose completion tokens
-    # alone go through the fused head (memory/grpo.py)
+    # alone go through the fused head (memory/grpo.py); axolotl's `rl: grpo` runs trl==1.9.0's, which
+    # takes them from the model's logits (memory/grpo_logits.py)
     GRPO = "grpo"
     # A Bradley-Terry reward model: TRL's RewardTrainer (trl==1.16.0 trainer/reward_trainer.py; axolotl's
     # `reward_model: true` runs trl==1.9.0's, the same model class, collator and loss) over
@@ -420,6 +421,10 @@ class Generation(str, Enum):
     VLLM_SERVER = "vllm-server"  # a vLLM server on other GPUs: nothing generated here
 
 
+# The stacks that run GRPO and the head each computes its log-probs with: TRL 1.16's fused chunked
+# head; axolotl==0.19.0's AxolotlGRPOTrainer, trl==1.9.0's GRPOTrainer, from the model's logits
+# (memory/grpo.py)
+GRPO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF)}
 # the GRPO-only fields and their defaults (TrainingSetup._check_grpo)
 GRPO_DEFAULTS = {
     "steps_per_generation": None,
@@ -779,9 +784,10 @@ class TrainingSetup(BaseModel):
         description="sft (one sequence per example); dpo: TRL 1.16's DPOTrainer (--stack trl; axolotl's and "
         "LLaMA-Factory's too), each pair's chosen and rejected rows in one batch, then a no-grad reference forward: "
         "peft's adapters disabled, or a frozen copy of the model for a full fine-tune; grpo: TRL 1.16's GRPOTrainer "
-        "(--stack trl): completions generated (--generation), scored without grad, then the step over prompt + "
-        "completion rows; reward: TRL's RewardTrainer (--stack trl or axolotl), a sequence-classification model "
-        "(a one-output score head, no lm_head) over each pair's chosen and rejected rows",
+        "(--stack trl; axolotl's runs trl 1.9's, log-probs from the logits): completions generated (--generation), "
+        "scored without grad, then the step over prompt + completion rows; reward: TRL's RewardTrainer (--stack "
+        "trl or axolotl), a sequence-classification model (a one-output score head, no lm_head) over each pair's "
+        "chosen and rejected rows",
     )
     precompute_ref_log_probs: bool = Field(
         False,
@@ -952,10 +958,11 @@ class TrainingSetup(BaseModel):
                 if getattr(self, field) != default:
                     raise VramplanError("only applies to --objective grpo", flag_of(field))
             return
-        if self.stack != Stack.TRL or self.loss != Loss.TRL_CHUNKED_NLL:
+        if (self.stack, self.loss) not in GRPO_STACK_HEADS:
             raise VramplanError(
-                "--objective grpo is modelled as TRL's GRPOTrainer (trl==1.16.0, its fused chunked head): "
-                f"--stack trl --loss trl-chunked-nll, not --stack {self.stack.value} --loss {self.loss.value}",
+                "--objective grpo is modelled as TRL's GRPOTrainer: --stack trl --loss trl-chunked-nll (trl==1.16.0, "
+                "its fused chunked head) or --stack axolotl --loss hf (trl==1.9.0, the model's logits), not "
+                f"--stack {self.stack.value} --loss {self.loss.value}",
                 "--objective",
             )
         if not 1 <= self.completion_len < self.seq_len:

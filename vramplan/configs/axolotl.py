@@ -6,6 +6,7 @@ The world size is not in the file (axolotl train --num-processes / accelerate la
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector, set_regex_targets
+from vramplan.configs.hf import GRPO_ASSUMED_PROMPT
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
@@ -20,6 +21,7 @@ from vramplan.setup import (
     ActivationOffload,
     AdapterDtype,
     Attention,
+    Generation,
     LigerLayers,
     LoraTargets,
     Loss,
@@ -334,8 +336,8 @@ def _packing(c: Collector) -> None:
 # utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
-    "rl": "preference/RL training other than DPO/IPO (KTO, ORPO, SimPO, GRPO: unpaired or generated "
-    "sequences, trl==1.9.0's other trainers) is not modelled; estimated as one SFT step",
+    "rl": "preference/RL training other than DPO/IPO and GRPO/GDPO (KTO, ORPO, SimPO, EBFT: trl==1.9.0's other "
+    "trainers) is not modelled; estimated as one SFT step",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
     "lisa_n_layers": "LISA trains a few sampled layers at a time; estimated with every layer trainable",
@@ -349,7 +351,7 @@ def _not_sft(c: Collector) -> None:
     _reward(c)
     c.get("num_labels")  # a classifier's outputs: 1 for reward_model (the score head), 2 for a PRM's token head
     for key, why in _NOT_SFT.items():
-        if key == "rl" and _dpo(c):
+        if key == "rl" and (_dpo(c) or _grpo(c)):
             continue
         if c.get(key):
             c.unmodelled(key, why)
@@ -407,6 +409,89 @@ def _dpo(c: Collector) -> bool:
     if any("sft" in str(t) for t in c.get("dpo_loss_type") or ()):
         c.unmodelled("dpo_loss_type", "the sft loss type's cross-entropy over the chosen rows' logits is not modelled")
     return True
+
+
+# axolotl==0.19.0 `rl` values run by GRPOStrategy's trainer (core/builders/rl.py:53-67):
+# AxolotlGRPOTrainer, trl==1.9.0's GRPOTrainer with axolotl's mixins (core/trainers/grpo/trainer.py:57-67);
+# gdpo aggregates the rewards differently, the same step
+_GRPO_RL = ("grpo", "gdpo")
+# trl==1.9.0 GRPOConfig defaults axolotl leaves in place when `trl:` omits the key (grpo_config.py:488-490,
+# 584-586; axolotl's vllm.gpu_memory_utilization default, utils/schemas/vllm.py:25-28, is what
+# GRPOStrategy passes for colocate, core/trainers/grpo/__init__.py:71-76)
+TRL19_COMPLETION = 256
+AXOLOTL_VLLM_SHARE = 0.9
+# `trl:` keys GRPOStrategy passes on that change memory and are not modelled
+# (core/trainers/grpo/__init__.py:60-230)
+_GRPO_UNMODELLED = {
+    "use_liger_loss": "Liger's fused GRPO loss on the hidden states (no [B,C,V] logits): estimated with "
+    "trl 1.9.0's full-logits path, an overestimate",
+    "vllm_enable_sleep_mode": "vLLM's sleep mode: its share is counted as held throughout",
+    "use_data_producer": "async GRPO (a background producer's batches) is not modelled: estimated as the "
+    "synchronous step",
+    "async_prefetch": "async GRPO (prefetched generations) is not modelled: estimated as the synchronous step",
+    "entropy_coef": "the entropy bonus keeps the entropy's graph (a [B,C,V] log-softmax saved): not modelled",
+}
+
+
+def _grpo(c: Collector) -> bool:
+    """`rl: grpo|gdpo`: trl==1.9.0's GRPOTrainer (memory/grpo.py, memory/grpo_logits.py): log-probs from
+    the model's logits (no labels, so no loss patch on the path), padded prompt + completion rows; its
+    settings from the `trl:` section as GRPOStrategy.set_training_args_kwargs passes them."""
+    if c.get("rl") not in _GRPO_RL:
+        return False
+    c.set("rl", "objective", Objective.GRPO, "axolotl==0.19.0 AxolotlGRPOTrainer over trl==1.9.0's GRPOTrainer")
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("rl", "loss", Loss.HF, "GRPO's log-probs come from the model's logits, not the loss patch")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("rl", "packing", Packing.NONE, "trl 1.9.0's GRPOTrainer pads its prompt + completion rows")
+    trl = c.mapping("trl", c.get("trl"))
+    completion = c.pos_int("trl.max_completion_length", c.get("max_completion_length", TRL19_COMPLETION, trl))
+    note = "" if "max_completion_length" in trl else f"GRPOConfig default {TRL19_COMPLETION} (trl==1.9.0)"
+    c.set("trl.max_completion_length", "completion_len", completion, note)
+    c.set(
+        "trl.max_completion_length",
+        "seq_len",
+        GRPO_ASSUMED_PROMPT + completion,
+        f"a {GRPO_ASSUMED_PROMPT}-token prompt assumed: sequence_len bounds no GRPO prompt (utils/data/rl.py:174-175)",
+    )
+    _grpo_trl_keys(c, trl)
+    for key, why in _GRPO_UNMODELLED.items():
+        if c.get(key, None, trl):
+            c.unmodelled(f"trl.{key}", why)
+    return True
+
+
+def _grpo_trl_keys(c: Collector, trl: dict) -> None:
+    """Generation (use_vllm, vllm_mode, vllm.gpu_memory_utilization), the generation batch, the
+    iterations and the KL coefficient (trl.beta, else rl_beta)."""
+    if c.flag("trl.use_vllm", c.get("use_vllm", False, trl)):
+        table = {"colocate": Generation.VLLM_COLOCATE, "server": Generation.VLLM_SERVER}
+        mode = c.choice("trl.vllm_mode", c.get("vllm_mode", "colocate", trl), table)
+        c.set("trl.use_vllm", "generation", mode, f"vLLM, vllm_mode {mode.value.removeprefix('vllm-')}")
+        if mode == Generation.VLLM_COLOCATE:
+            share = c.get("gpu_memory_utilization", AXOLOTL_VLLM_SHARE, c.mapping("vllm", c.get("vllm")))
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise c.fail("vllm.gpu_memory_utilization", "a number in (0, 1]", share)
+            c.set("vllm.gpu_memory_utilization", "vllm_gpu_memory_utilization", float(share))
+    iterations = c.get("num_iterations", None, trl)
+    if iterations is not None:
+        c.set("trl.num_iterations", "num_iterations", c.pos_int("trl.num_iterations", iterations))
+    size = c.get("generation_batch_size", None, trl)
+    if size is not None:
+        per_step = c.fields.get("batch_size", 1) * (c.world or 1)
+        c.set(
+            "trl.generation_batch_size",
+            "steps_per_generation",
+            max(c.pos_int("trl.generation_batch_size", size) // per_step, 1),
+            "generation_batch_size / (micro_batch_size x processes)",
+        )
+    rl_beta = c.get("rl_beta")  # the same value (utils/schemas/config.py check_beta_and_trl_beta_match)
+    beta_key = "trl.beta" if c.get("beta", None, trl) is not None else "rl_beta"
+    beta = c.get("beta", None, trl) if beta_key == "trl.beta" else rl_beta
+    if beta is not None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+            raise c.fail(beta_key, "a number >= 0", beta)
+        c.set(beta_key, "beta", float(beta))
 
 
 # Parallelism and precision axolotl==0.19.0 offers that the estimate does not model (schema in

@@ -56,18 +56,21 @@ _HINTS = {
 }
 
 
+# the formats besides trl that write each non-SFT objective's trainer
+_OBJECTIVE_FORMATS = {Objective.REWARD: ("axolotl", "llamafactory"), Objective.GRPO: ("axolotl",)}
+
+
 def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], world: int | None = None) -> str:
     """The config text for ``fmt``; ``header`` lines (predicted peak, host RAM, command) go on top
     as comments; ``world`` = GPUs for DeepSpeed/DDP launches (FSDP takes ``setup.fsdp``)."""
     if fmt not in _BUILDERS:
         raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
-    reward_file = setup.objective == Objective.REWARD and fmt in ("axolotl", "llamafactory")
-    if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate") and not reward_file:
+    others = _OBJECTIVE_FORMATS.get(setup.objective, ())
+    if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate", *others):
         trainer = {Objective.DPO: "DPOTrainer", Objective.GRPO: "GRPOTrainer"}.get(setup.objective, "RewardTrainer")
         raise VramplanError(
             f"{fmt} cannot express objective={setup.objective.value}: the step modelled is TRL 1.16's "
-            f"{trainer}; write --emit trl"
-            + (", axolotl or llamafactory" if setup.objective == Objective.REWARD else ""),
+            f"{trainer}; write --emit trl" + "".join(f" or {o}" for o in others),
             "--emit",
         )
     run, body = _BUILDERS[fmt](setup, model_id, world)
@@ -263,7 +266,34 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         d.update(reward_model=True, num_labels=1, sample_packing=False)
         d["datasets"] = [{"path": "argilla/distilabel-intel-orca-dpo-pairs", "type": "bradley_terry.chat_template"}]
     procs = _processes(s, world)
-    return "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else ""), d
+    run = "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else "")
+    if s.objective == Objective.GRPO:  # the prompt length is the dataset's (sequence_len bounds no prompt)
+        d.update(_axolotl_grpo(s, procs))
+        run += f" (prompts up to {s.prompt_len} tokens)"
+    return run, d
+
+
+def _axolotl_grpo(s: TrainingSetup, procs: int) -> dict[str, Any]:
+    """`rl: grpo` and the `trl:` keys GRPOStrategy passes to trl==1.9.0's GRPOConfig (axolotl==0.19.0
+    core/trainers/grpo/__init__.py:60-160; configs/axolotl.py _grpo): a prompt dataset and a reward
+    function, both placeholders (a module of the user's: examples/llama-3/qlora-1b-gdpo.yaml)."""
+    trl: dict[str, Any] = {
+        "max_completion_length": s.completion_len,
+        "num_generations": _num_generations(s),
+        "beta": s.beta,
+        "num_iterations": s.num_iterations,
+        "use_vllm": s.generation != Generation.TRANSFORMERS,
+        "reward_funcs": ["rewards.accuracy_reward"],
+    }
+    if s.steps_per_generation is not None:  # axolotl's trl: has no steps_per_generation key
+        trl["generation_batch_size"] = s.batch_size * s.steps_per_generation * procs
+    d: dict[str, Any] = {"rl": "grpo", "trl": trl, "sample_packing": False}
+    if s.generation != Generation.TRANSFORMERS:
+        trl["vllm_mode"] = "colocate" if s.generation == Generation.VLLM_COLOCATE else "server"
+        if s.generation == Generation.VLLM_COLOCATE:
+            d["vllm"] = {"gpu_memory_utilization": s.vllm_gpu_memory_utilization}
+    d["datasets"] = [{"path": "openai/gsm8k", "name": "main", "split": "train", "type": "rewards.gsm8k_transform"}]
+    return d
 
 
 def _axolotl_precision(s: TrainingSetup) -> dict:

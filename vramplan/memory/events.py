@@ -31,7 +31,7 @@ import numpy as np
 from vramplan.allocator import EventStream, Op
 from vramplan.categories import ALLOCATED
 from vramplan.categories import Category as C
-from vramplan.memory import reward
+from vramplan.memory import grpo_logits, reward
 from vramplan.memory.accumulation import accumulated_grad_sizes
 from vramplan.memory.activations import input_needs_grad, rope_saved
 from vramplan.memory.attention import attention_kind, attention_saved_parts, step_masks
@@ -422,6 +422,8 @@ class _Builder:
             return generation_parts(self.ctx.spec, setup, self.ctx.params)
         if kind is PhaseKind.SCORING:
             return scoring_parts(self.ctx.spec, setup, self.ctx.params)
+        if kind is PhaseKind.FORWARD_LOSS and grpo_logits.from_logits(setup):
+            return grpo_logits.train_forward_parts(self.ctx.spec, setup)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD) and is_reward(setup):
             return self._reward_split(kind)
         if kind in (PhaseKind.FORWARD_LOSS, PhaseKind.LOSS_BACKWARD):

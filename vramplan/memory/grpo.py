@@ -33,6 +33,7 @@ memory/grpo_batch.py (the loss's token buffers read them).
 from __future__ import annotations
 
 from vramplan.categories import Category as C
+from vramplan.memory import grpo_logits
 from vramplan.memory.autocast import cast_cache, checkpointed_layer_casts
 from vramplan.memory.context import StepContext, stream_bytes
 from vramplan.memory.grpo_batch import (
@@ -49,7 +50,7 @@ from vramplan.memory.preference import no_grad_layer_parts
 from vramplan.memory.storage import Phase, alloc
 from vramplan.memory.types import PhaseKind
 from vramplan.model_spec import ModelSpec
-from vramplan.setup import Generation, ModelDtype, Precision, TrainingSetup
+from vramplan.setup import AdapterDtype, Generation, ModelDtype, Precision, TrainingSetup
 
 # fp32 per scored token: log_probs and entropy (grpo_trainer.py:1068-1073 outputs)
 OUTPUT_BYTES = 8
@@ -63,10 +64,14 @@ GENERATE_TOKEN_BYTES = 16
 SAMPLE_BYTES = 8
 
 NOTE = (
-    "--objective grpo: TRL's GRPOTrainer (trl==1.16.0 trainer/grpo_trainer.py) modelled from source and "
-    "CPU-traced with it (docs/cpu-trace.md, group grpo), not measured on a GPU: every completion at its "
-    "full --completion-len, generated {where}"
+    "--objective grpo: {trainer} modelled from source and CPU-traced with it (docs/cpu-trace.md, group "
+    "grpo), not measured on a GPU: every completion at its full --completion-len, generated {where}"
 )
+TRAINERS = {
+    False: "TRL's GRPOTrainer (trl==1.16.0 trainer/grpo_trainer.py, its fused head)",
+    True: "axolotl's GRPO, trl==1.9.0's GRPOTrainer (trainer/grpo_trainer.py; log-probs from the model's "
+    "logits over the completion, converted to fp32)",
+}
 
 
 def _autocast_generates(setup: TrainingSetup) -> bool:
@@ -137,7 +142,11 @@ def generation_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param])
     ids = [alloc(GENERATE_TOKEN_BYTES * g * p), alloc(GENERATE_TOKEN_BYTES * g * s)]
     layer_casts, all_casts = _generation_casts(params, setup, spec)
     gen = _generation_setup(setup, g, p)
-    layer = no_grad_layer_parts(spec, gen, params, widen=_fp32_factor(setup))
+    if _fp32_factor(setup) == 2 and setup.lora_like:
+        # fp32 adapters over the fp32 stream: no input copy, the scaled output and the sum in the
+        # stream's dtype: the bf16 rule's with bf16 adapters, doubled [CPU trace: grpo-prefill-lora-all]
+        gen = gen.model_copy(update={"adapter_dtype": AdapterDtype.BF16})
+    layer = no_grad_layer_parts(spec, gen, params, widen=_fp32_factor(setup), adapters=True)
     # the rotary cos and sin over every prompt position, in the stream's dtype (LlamaRotaryEmbedding)
     rope = [alloc(g * p * spec.head_dim * _generation_stream(setup))] * 2
     prefill = [layer_casts] + kv_cache_blocks(spec, setup, g, p) + rope + layer
@@ -157,7 +166,10 @@ def scoring_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) ->
     training rows): a decoder layer's working set or the fused head's forward over the
     completion rows, the log-probs of the micro-batches before it held."""
     layer = no_grad_layer_parts(spec, setup, params)
-    head = [alloc(trl_head_forward(spec, setup, OUTPUT_BYTES))]
+    if grpo_logits.from_logits(setup):  # axolotl's trl 1.9.0: the model's logits (grpo_logits.py)
+        head = grpo_logits.scoring_parts(spec, setup)
+    else:
+        head = [alloc(trl_head_forward(spec, setup, OUTPUT_BYTES))]
     return layer if sum(layer) > sum(head) else head
 
 
@@ -195,7 +207,7 @@ def grpo_notes(setup: TrainingSetup) -> list[str]:
         f"({setup.vllm_gpu_memory_utilization:g} of each GPU, held for the whole run)",
         Generation.VLLM_SERVER: "by a vLLM server on other GPUs",
     }[setup.generation]
-    notes = [NOTE.format(where=where)]
+    notes = [NOTE.format(trainer=TRAINERS[grpo_logits.from_logits(setup)], where=where)]
     if scores_reference(setup):
         notes.append(
             "beta > 0: the reference's log-probs scored before the step "

@@ -151,24 +151,28 @@ def lora_input_copy(in_dim: int, ctx: ActivationContext) -> int:
     return 0 if ctx.adapters_bf16 else 4 * in_dim
 
 
-def fp32_copy_local(in_dim: int, ctx: ActivationContext) -> int:
-    """Under autocast over a bf16 stream with fp32 adapters (axolotl's and LLaMA-Factory's LoRA over
-    bf16 weights) peft first makes x.to(fp32) (peft==0.21.2 tuners_utils.py:2220-2235
-    _cast_input_dtype): a local through the adapter's path, beside autocast's bf16 cast of it that
-    lora_A saves (in a forward that saves nothing that cast is freed once lora_A ran, so the fp32
-    copy is the input copy left at the output terms). [CPU trace: ax-reward-lora, ax-reward-qlora-ckpt,
-    found with the reward model, whose forward peaks in the last layer's MLP]"""
-    if ctx.lora_autocast and ctx.stream == 2 and ctx.setup.adapter_store_dtype == AdapterDtype.FP32:
+def fp32_copy_local(in_dim: int, ctx: ActivationContext, input_bytes: int | None = None) -> int:
+    """Under autocast over a bf16 input with fp32 adapters peft first makes x.to(fp32)
+    (peft==0.21.2 tuners_utils.py:2220-2235 _cast_input_dtype): a local through the adapter's path,
+    beside autocast's bf16 cast of it that lora_A saves (in a forward that saves nothing that cast
+    is freed once lora_A ran, so the fp32 copy is the input copy left at the output terms). The
+    input is bf16 on a bf16 stream (axolotl's and LLaMA-Factory's LoRA over bf16 weights), and at
+    down whatever the stream (`input_bytes`: act(gate)*up, autocast's bf16 product, over fp32
+    weights too). [CPU trace: ax-reward-lora, ax-reward-qlora-ckpt, found with the reward model,
+    whose forward peaks in the last layer's MLP; grpo-prefill-lora-all, found with GRPO's small
+    head, whose backward peaks in down's recompute]"""
+    dt = ctx.stream if input_bytes is None else input_bytes
+    if ctx.lora_autocast and dt == 2 and ctx.setup.adapter_store_dtype == AdapterDtype.FP32:
         return 4 * in_dim
     return 0
 
 
-def lora_copy_local(in_dim: int, ctx: ActivationContext) -> int:
+def lora_copy_local(in_dim: int, ctx: ActivationContext, input_bytes: int | None = None) -> int:
     """That copy when it is a local, not saved: with dropout lora_A saves dropout(x) instead
     (under autocast lora_A's own bf16 cast of dropout(x) is what it saves). Over a bf16 stream
     with fp32 adapters, peft's fp32 copy (fp32_copy_local), and under dropout its fp32 output too
     until lora_A has cast it (the mask is saved: lora_saved) [CPU trace: ax-reward-lora-dropout]."""
-    fp32_copy = fp32_copy_local(in_dim, ctx)
+    fp32_copy = fp32_copy_local(in_dim, ctx, input_bytes)
     if fp32_copy:
         return fp32_copy * (2 if ctx.lora_dropout else 1)
     return lora_input_copy(in_dim, ctx) if ctx.lora_dropout and not ctx.lora_autocast else 0
@@ -270,7 +274,7 @@ def _down_common(
     output it passed to the MLP and the residual stream after attention."""
     if dn is None:
         return []
-    return [residual, norm_out, 0 if saved else b * dn.in_features, lora_copy_local(dn.in_features, ctx)]
+    return [residual, norm_out, 0 if saved else b * dn.in_features, lora_copy_local(dn.in_features, ctx, b)]
 
 
 def lora_forward_points(

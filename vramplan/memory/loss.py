@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory import reward
+from vramplan.memory import grpo_logits, reward
 from vramplan.memory.compile import (
     axolotl_chunked_loss,
     chunked_compiled,
@@ -508,6 +508,9 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
         return LossTerms(forward=forward, backward=sum(reward.value_head_backward_parts(spec, setup)))
     if is_reward(setup):  # a score head of one output: no logits over the vocabulary (reward.py)
         return LossTerms(forward=sum(reward.forward_parts(setup)), backward=sum(reward.backward_parts(spec, setup)))
+    if grpo_logits.from_logits(setup):  # axolotl's GRPO: trl 1.9.0's log-probs from the logits (grpo_logits.py)
+        forward = sum(grpo_logits.train_forward_parts(spec, setup))
+        return LossTerms(forward=forward, backward=grpo_logits.train_backward_bytes(spec, setup))
     if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's DPO (preference.py)
         return llamafactory_dpo_loss(spec, setup) if setup.stack == Stack.LLAMAFACTORY else trl19_dpo_loss(spec, setup)
     terms = LOSS_RULES[setup.loss](spec, setup)

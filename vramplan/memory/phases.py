@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
+from vramplan.memory import grpo_logits
 from vramplan.memory.accumulation import (
     accumulated_grad_sizes,
     accumulation_notes,
@@ -161,8 +162,10 @@ def head_phases(ctx: StepContext) -> list[Phase]:
     loss = loss_terms(spec, ctx.setup)
     acts = ctx.acts + ctx.cast_cache
     final_norm = has_rms_final_norm(spec)
-    # the loss runs inside the forward's autocast: its cache is cleared once the loss is computed
-    phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts + ctx.forward_cache, loss.forward)]
+    # the loss runs inside the forward's autocast: its cache is cleared once the loss is computed;
+    # axolotl's GRPO takes its log-probs from the returned logits, after autocast has exited
+    cache = 0 if grpo_logits.from_logits(ctx.setup) else ctx.forward_cache
+    phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts + cache, loss.forward)]
     if final_norm:
         # a reward model's score head saves its input after the final norm ran (memory/reward.py)
         ac = activation_context(ctx.setup)

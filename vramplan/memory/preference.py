@@ -37,6 +37,7 @@ from vramplan.categories import Category as C
 from vramplan.memory.checkpointing import checkpointed_forward
 from vramplan.memory.context import StaticBytes, StepContext, activation_context, stream_bytes
 from vramplan.memory.fsdp import forward_end_gathered, layer_forward_gathered, shard_for
+from vramplan.memory.layer import layer_points
 from vramplan.memory.loss import TRL_SFT_OUTPUT_BYTES, trl_head_forward
 from vramplan.memory.mlp import is_gated, mlp_width
 from vramplan.memory.parameters import Param, store
@@ -149,9 +150,18 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     return [alloc(saved), alloc(n * (TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
 
 
-def _layer_working_set(spec: ModelSpec, setup: TrainingSetup) -> tuple[list[int], int]:
-    """The widest decoder layer's no-grad forward, per token, oldest first (no adapter path:
-    disabled, or a copy), and that layer's MLP width."""
+def _layer_working_set(spec: ModelSpec, setup: TrainingSetup, adapters: bool = False) -> tuple[list[int], int]:
+    """The widest decoder layer's no-grad forward, per token, oldest first, and that layer's MLP
+    width. Without `adapters` no adapter path runs (disabled, or a copy); with it, peft's adapter
+    path runs as in a forward that saves nothing (a checkpointed layer's: layer.layer_points),
+    GRPO's generation and its old policy's scoring. [CPU trace: ax-grpo-decode-lora]"""
+    if adapters and setup.lora_like:
+        ckpt = setup.model_copy(update={"gradient_checkpointing": True})
+        sets = [
+            (list(layer_points(spec, layer, ckpt).ckpt_fwd_parts), mlp_width(layer, spec.hidden))
+            for layer in spec.layers
+        ]
+        return max(sets, key=lambda s: sum(s[0]))
     act = activation_context(setup)
     residual = act.stream * spec.hidden
     sets = [
@@ -175,7 +185,9 @@ def _weight_transient(spec: ModelSpec, setup: TrainingSetup, params: list[Param]
     return 0
 
 
-def no_grad_layer_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param], widen: int = 1) -> list[int]:
+def no_grad_layer_parts(
+    spec: ModelSpec, setup: TrainingSetup, params: list[Param], widen: int = 1, adapters: bool = False
+) -> list[int]:
     """A decoder layer's no-grad forward at its widest, as blocks: the embedding output (held by
     the model's forward until it returns) and the block's input (held by the decoder loop through
     the call), with the layer's working set at its widest, the elementwise product that is its
@@ -186,7 +198,7 @@ def no_grad_layer_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Para
     [CPU trace: groups "preference" and "grpo"]"""
     n = setup.tokens * widen
     stream = stream_bytes(setup) * spec.hidden
-    parts, f = _layer_working_set(spec, setup)
+    parts, f = _layer_working_set(spec, setup, adapters)
     ws = [alloc(n * x) for x in parts]
     at_matmul = ws[:-2] + [alloc(n * 2 * f), _weight_transient(spec, setup, params)]
     return [alloc(n * stream)] * 2 + (ws if sum(ws) >= sum(at_matmul) else at_matmul)

@@ -245,6 +245,25 @@ def dpo_step(built, ids):
     return -F.logsigmoid(DPO_BETA * delta).mean(), out
 
 
+def _need_axolotl_trl(step: str) -> None:
+    """axolotl==0.19.0's RL trainers run trl==1.9.0 (its pin): the installed trl must be that one,
+    or VRAMPLAN_TRL19 names a folder holding it, put first on the path while trl is not imported
+    yet (the GPU machine's batch installs TRL 1.16 for the other cases: scripts/device_batch.sh)."""
+    import os
+    import sys
+
+    alt = os.environ.get("VRAMPLAN_TRL19")
+    if alt and "trl" not in sys.modules and alt not in sys.path:
+        sys.path.insert(0, alt)
+    trl = _need("trl", f"--stack axolotl --objective {step.lower()}")
+    if trl.__version__ != "1.9.0":
+        raise VramplanError(
+            f"axolotl's {step} step runs trl==1.9.0 (axolotl 0.19.0's pin), not trl {trl.__version__}: "
+            "put trl 1.9.0's wheel first on PYTHONPATH",
+            "--stack",
+        )
+
+
 def axolotl_dpo_step(built, ids):
     """axolotl==0.19.0 `rl: dpo`: AxolotlDPOTrainer (core/trainers/dpo/trainer.py:26-102) runs
     trl==1.9.0's DPOTrainer._compute_loss unchanged (its pin), called here as it is, on a
@@ -257,13 +276,7 @@ def axolotl_dpo_step(built, ids):
 
     import torch
 
-    trl = _need("trl", "--stack axolotl --objective dpo")
-    if trl.__version__ != "1.9.0":
-        raise VramplanError(
-            f"axolotl's DPO step runs trl==1.9.0 (axolotl 0.19.0's pin), not trl {trl.__version__}: "
-            "put trl 1.9.0's wheel first on PYTHONPATH",
-            "--stack",
-        )
+    _need_axolotl_trl("DPO")
     from trl.trainer.dpo_trainer import DPOTrainer
 
     setup = built.setup
@@ -519,7 +532,23 @@ def _grpo_stand_in(built, device):
         max_completion_length=setup.completion_len,
         _entropy_bonus_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        # what trl==1.9.0's full-logits _get_per_token_logps_and_entropies and _compute_loss read
+        # besides (grpo_trainer.py:1435-1541, 2991-3200): temperature 1.0, no entropy bonus
+        temperature=1.0,
+        model_kwarg_keys=_forward_keys(built.model),
+        entropy_coef=0.0,
+        use_adaptive_entropy=False,
+        _last_world_entropy=float("inf"),
     )
+
+
+def _forward_keys(model):
+    """GRPOTrainer.model_kwarg_keys (trl==1.9.0 grpo_trainer.py:362): the base model's forward's
+    parameters (logits_to_keep among them for a causal LM)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters.keys()
 
 
 def _grpo_generate(built, prompts, new_tokens: int):
@@ -569,7 +598,12 @@ def grpo_step(built, ids):
 
     import torch
 
-    _need("trl", "--objective grpo")
+    from vramplan.setup import Stack
+
+    if built.setup.stack == Stack.AXOLOTL:  # AxolotlGRPOTrainer is trl 1.9.0's (core/trainers/grpo/trainer.py:57-67)
+        _need_axolotl_trl("GRPO")
+    else:
+        _need("trl", "--objective grpo")
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     from vramplan.memory.grpo import scores_old, scores_reference
