@@ -164,8 +164,9 @@ def generation_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param])
 def scoring_parts(spec: ModelSpec, setup: TrainingSetup, params: list[Param]) -> list[int]:
     """A scoring forward's widest moment (no grad, the step's autocast, micro-batches of the
     training rows): a decoder layer's working set or the fused head's forward over the
-    completion rows, the log-probs of the micro-batches before it held."""
-    layer = no_grad_layer_parts(spec, setup, params)
+    completion rows, the log-probs of the micro-batches before it held. The old policy's scoring
+    runs the adapters (their path in the layer's moment); the reference's disables them."""
+    layer = no_grad_layer_parts(spec, setup, params, adapters=scores_old(setup))
     if grpo_logits.from_logits(setup):  # axolotl's trl 1.9.0: the model's logits (grpo_logits.py)
         head = grpo_logits.scoring_parts(spec, setup)
     else:
