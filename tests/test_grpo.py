@@ -288,3 +288,20 @@ def test_peft_adapters_run_through_generation():
     every = _kinds(_ax_grpo(**kw))[PhaseKind.GENERATION]
     qv = _kinds(_ax_grpo(lora_target_modules=["q_proj", "v_proj"], **kw))[PhaseKind.GENERATION]
     assert every > qv
+
+
+def test_plan_keeps_the_files_prompt_plus_completion(tmp_path, capsys):
+    """A GRPO step's length is the data's prompt + the completion, not a searched knob: the plan
+    evaluates that length itself (640 here), not the next grid length."""
+    import json
+
+    from vramplan.cli import main
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(
+        "base_model: meta-llama/Llama-3.2-1B-Instruct\nrl: grpo\nadapter: lora\nlora_target_linear: true\n"
+        "micro_batch_size: 1\ngradient_checkpointing: true\ntrl:\n  max_completion_length: 128\n"
+    )
+    assert main(["plan", "--config", str(path), "--gpus", "1x24GB", "--format", "json", "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and {r["setup"]["seq_len"] for r in rows} == {640}

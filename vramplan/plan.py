@@ -737,13 +737,14 @@ def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
 
 def _grpo_seqs(seqs: np.ndarray, req: PlanRequest) -> np.ndarray:
     """GRPO's sequence is prompt + completion, set by the data and --completion-len, not a knob to
-    search: the one grid length that holds both (the shortest at or above --min-seq and above the
-    completion), evaluated exactly at every micro-batch (_evaluate_exactly)."""
+    search: that one length (--min-seq, the file's prompt + completion, or one token above the
+    completion), on the grid or not, evaluated exactly at every micro-batch (_evaluate_exactly);
+    none beyond the context."""
     if req.fixed.get("objective") != Objective.GRPO:
         return seqs
     completion = int(req.fixed.get("completion_len", TrainingSetup.model_fields["completion_len"].default))
-    fits = seqs[(seqs > completion) & (seqs >= req.min_seq)]
-    return fits[:1]
+    length = max(req.min_seq, completion + 1)
+    return np.array([length] if length <= seqs[-1] else [], dtype=np.int64)
 
 
 def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:

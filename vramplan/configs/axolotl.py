@@ -349,6 +349,7 @@ _NOT_SFT = {
 
 def _not_sft(c: Collector) -> None:
     _reward(c)
+    c.get("trl")  # the RL trainers' section (utils/schemas/trl.py): GRPO's read by _grpo, else part of `rl`'s line
     c.get("num_labels")  # a classifier's outputs: 1 for reward_model (the score head), 2 for a PRM's token head
     for key, why in _NOT_SFT.items():
         if key == "rl" and (_dpo(c) or _grpo(c)):
