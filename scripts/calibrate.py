@@ -662,6 +662,21 @@ CASES = [
         steps_per_generation=8,
         seconds=120,
     ),
+    # TRL 1.16's KTOTrainer (memory/kto.py, --objective kto; CPU-traced, never on a GPU): an 8B LoRA over
+    # 4 examples with the KL rows (the policy's and the disabled-adapter reference's no-grad forwards over
+    # them), a 1B full fine-tune with its frozen copy
+    case(
+        "l8b_kto_lora16_ckpt_b4s1024_trl",
+        L8B,
+        stack="trl",
+        objective="kto",
+        method="lora",
+        gradient_checkpointing=True,
+        batch_size=4,
+        seq_len=1024,
+        seconds=90,
+    ),
+    case("l1b_kto_full_b4s1024_trl", L1B, stack="trl", objective="kto", method="full", batch_size=4, seq_len=1024),
     # axolotl's `rl: grpo`, trl 1.9.0's GRPOTrainer (memory/grpo_logits.py; CPU-traced, never on a GPU):
     # the log-probs from the model's fp32 logits over the completion, 4 x 1025 x 128256 x 4 bytes, with
     # the entropy's copy; axolotl's bf16 LoRA generating 16 rows outside autocast (peft's fp32 adapter

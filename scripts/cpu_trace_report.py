@@ -276,6 +276,10 @@ def _setup_text(setup: dict) -> str:
         ref = " (reference log-probs precomputed)" if setup.get("precompute_ref_log_probs") else ""
         kind = "RewardTrainer" if setup["objective"] == "reward" else "DPOTrainer"
         trainer = f" (axolotl: trl 1.9.0's {kind})" if setup.get("stack") == "axolotl" else " (trl 1.16.0)"
+        if setup["objective"] == "kto":
+            kl = "" if setup.get("kto_kl", True) else ", no KL term"
+            parts.append(f"kto (trl 1.16.0){ref}{kl}")
+            return ", ".join(parts) + f"; {setup['batch_size']} examples x{setup['seq_len']}"
         parts.append(f"{setup['objective']}{trainer}{ref}")
         return ", ".join(parts) + f"; {setup['batch_size']} pairs x{setup['seq_len']}"
     return ", ".join(parts) + f"; {setup['batch_size']}x{setup['seq_len']}"

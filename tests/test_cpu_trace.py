@@ -1251,6 +1251,7 @@ PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_
 # 1024 wide, 64 tokens a row: the dequantized weight at the up projection's matmul is the layer's widest
 PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
+KTO = dict(stack="trl", objective="kto")
 AX_DPO = dict(stack="axolotl", objective="dpo")
 LF_DPO = dict(stack="llamafactory", objective="dpo")
 # a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
@@ -1291,6 +1292,15 @@ PREFERENCE_CASES = {
     # checkpointed one was a known gap of the SFT step's backward until lora.fp32_copy_local)
     "lf-dpo-wide-lora": (PREF_WIDE, dict(LF_DPO, method="lora", gradient_checkpointing=False)),
     "lf-dpo-wide-lora-ckpt": (PREF_WIDE, dict(LF_DPO, method="lora", gradient_checkpointing=True)),
+    # trl==1.16.0's KTOTrainer._compute_loss (verify/losses.py kto_step): one row per example, the KL
+    # rows scored without grad by the policy and the reference (peft: adapters disabled; full: the copy)
+    "kto-lora": (LLAMA, dict(KTO, method="lora")),
+    "kto-full": (LLAMA, dict(KTO, method="full")),
+    "kto-qlora": (LLAMA, dict(KTO, method="qlora")),
+    "kto-lora-no-kl": (LLAMA, dict(KTO, method="lora", kto_kl=False)),
+    "kto-full-precomputed": (LLAMA, dict(KTO, method="full", precompute_ref_log_probs=True)),
+    "kto-wide-lora": (PREF_WIDE, dict(KTO, method="lora")),
+    "kto-wide-full-saving": (PREF_WIDE, dict(KTO, method="full", gradient_checkpointing=False)),
 }
 
 
@@ -1390,7 +1400,7 @@ def _forward_peak_kind(spec, setup) -> PhaseKind:
 # traced again in the CPU-trace tier: one of each kind (peft's disabled adapters, the copy, the
 # reference's layer moment at the product and at the matmul); every case's committed row is held
 # by the fast tier below
-PREFERENCE_RETRACED = ("dpo-lora", "dpo-full", "dpo-wide-lora", "dpo-matmul-qlora")
+PREFERENCE_RETRACED = ("dpo-lora", "dpo-full", "dpo-wide-lora", "dpo-matmul-qlora", "kto-lora")
 
 
 @pytest.mark.cputrace

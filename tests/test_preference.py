@@ -170,12 +170,15 @@ def test_a_trl_dpo_config_is_read_as_dpo(tmp_path):
     make_setup(**{**reading.fields, "stack": reading.stack})  # a valid step
 
 
-def test_a_kto_config_is_still_estimated_as_sft(tmp_path):
+def test_a_kto_config_is_kto_not_dpo_though_it_has_dpos_beta(tmp_path):
+    """beta is DPOConfig's and KTOConfig's: desirable_weight makes the file KTO's (tests/test_kto.py)."""
     path = tmp_path / "kto.yaml"
     path.write_text("model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nbeta: 0.1\ndesirable_weight: 1.0\n")
     reading = read_config([str(path)])
-    assert "objective" not in reading.fields
-    assert any("KTO" in u.why for u in reading.unmodelled)
+    assert reading.fields["objective"] == Objective.KTO
+    path.write_text("model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nbeta: 0.1\nnormalize_advantages: true\n")
+    reading = read_config([str(path)])
+    assert "objective" not in reading.fields and any("RLOO" in u.why for u in reading.unmodelled)
 
 
 def test_emit_writes_a_trl_dpo_config_that_reads_back_and_refuses_other_formats():

@@ -411,6 +411,10 @@ class Objective(str, Enum):
     # AutoModelForSequenceClassification(num_labels=1): chosen and rejected rows in one batch, a score
     # head of one output in place of lm_head, no logits over the vocabulary (memory/reward.py)
     REWARD = "reward"
+    # TRL's KTOTrainer (trl==1.16.0 trainer/kto_trainer.py): unpaired completions, each labelled desirable
+    # or not, one row each, with B mismatched (prompt, completion) rows for the KL term run without
+    # grad by the policy and the reference; the reference forward as DPO's (memory/kto.py)
+    KTO = "kto"
 
 
 class Generation(str, Enum):
@@ -787,12 +791,19 @@ class TrainingSetup(BaseModel):
         "(--stack trl; axolotl's runs trl 1.9's, log-probs from the logits): completions generated (--generation), "
         "scored without grad, then the step over prompt + completion rows; reward: TRL's RewardTrainer (--stack "
         "trl or axolotl), a sequence-classification model (a one-output score head, no lm_head) over each pair's "
-        "chosen and rejected rows",
+        "chosen and rejected rows; kto: TRL 1.16's KTOTrainer (--stack trl), one row per example, the KL term's "
+        "mismatched rows scored without grad, the reference as DPO's",
     )
     precompute_ref_log_probs: bool = Field(
         False,
-        description="--objective dpo: the reference log-probs computed once before training "
-        "(DPOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
+        description="--objective dpo or kto: the reference log-probs computed once before training "
+        "(DPOConfig/KTOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
+    )
+    kto_kl: bool = Field(
+        True,
+        description="--objective kto: KTOConfig loss_type kto (the default) estimates the KL term from B "
+        "mismatched (prompt, completion) rows, a no-grad forward of the policy and of the reference each; "
+        "--no-kto-kl for loss_type apo_zero_unpaired, which has none",
     )
     completion_len: int = Field(
         512,
@@ -893,10 +904,11 @@ class TrainingSetup(BaseModel):
     def _check_objective(self) -> None:
         """--objective dpo is TRL 1.16's DPOTrainer (memory/preference.py), its log-probs from
         TRL's fused chunked head."""
-        if self.objective != Objective.DPO and self.precompute_ref_log_probs:
-            raise VramplanError("only applies to --objective dpo", "--precompute-ref-log-probs")
+        if self.objective not in (Objective.DPO, Objective.KTO) and self.precompute_ref_log_probs:
+            raise VramplanError("only applies to --objective dpo or kto", "--precompute-ref-log-probs")
         self._check_grpo()
         self._check_reward()
+        self._check_kto()
         if self.objective != Objective.DPO:
             return
         if self.stack not in DPO_STACKS:
@@ -927,6 +939,28 @@ class TrainingSetup(BaseModel):
                 "TRL's DPOTrainer pads each batch (padding_free falls back to padding, trl==1.16.0 "
                 "dpo_trainer.py:133-140): --packing none",
                 "--packing",
+            )
+
+    def _check_kto(self) -> None:
+        """--objective kto is TRL 1.16's KTOTrainer (memory/kto.py): its fused head, padded rows, and
+        with the KL term more than one row a micro-batch (kto_trainer.py:844-847 raises otherwise)."""
+        if self.objective != Objective.KTO:
+            if not self.kto_kl:
+                raise VramplanError("only applies to --objective kto", "--no-kto-kl")
+            return
+        if self.stack != Stack.TRL or self.loss != Loss.TRL_CHUNKED_NLL:
+            raise VramplanError(
+                "--objective kto is modelled as TRL's KTOTrainer (trl==1.16.0, its fused chunked head): "
+                f"--stack trl --loss trl-chunked-nll, not --stack {self.stack.value} --loss {self.loss.value}",
+                "--objective",
+            )
+        if self.packing != Packing.NONE:
+            raise VramplanError("KTOTrainer pads each batch: --packing none", "--packing")
+        if self.kto_kl and self.batch_size < 2:
+            raise VramplanError(
+                "KTO's KL term pairs each prompt with another row's completion: at least 2 rows a micro-batch "
+                "(or --no-kto-kl for loss_type apo_zero_unpaired)",
+                "--batch-size",
             )
 
     def _check_reward(self) -> None:
@@ -1441,4 +1475,6 @@ class TrainingSetup(BaseModel):
             words.append(f"nodes={self.nodes}")
         if self.objective != Objective.SFT:
             words.append(self.objective.value + ("(precomputed-ref)" if self.precompute_ref_log_probs else ""))
+        if self.objective == Objective.KTO and not self.kto_kl:
+            words.append("no-kl")
         return words

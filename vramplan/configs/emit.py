@@ -67,7 +67,9 @@ def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], 
         raise VramplanError(f"must be one of {', '.join(EMIT_FORMATS)}, got {fmt!r}", "--emit")
     others = _OBJECTIVE_FORMATS.get(setup.objective, ())
     if setup.objective != Objective.SFT and fmt not in ("trl", "accelerate", *others):
-        trainer = {Objective.DPO: "DPOTrainer", Objective.GRPO: "GRPOTrainer"}.get(setup.objective, "RewardTrainer")
+        trainer = {Objective.DPO: "DPOTrainer", Objective.GRPO: "GRPOTrainer", Objective.KTO: "KTOTrainer"}.get(
+            setup.objective, "RewardTrainer"
+        )
         raise VramplanError(
             f"{fmt} cannot express objective={setup.objective.value}: the step modelled is TRL 1.16's "
             f"{trainer}; write --emit trl" + "".join(f" or {o}" for o in others),
@@ -370,6 +372,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         run = _trl_grpo(s, d)
     elif s.objective == Objective.REWARD:
         run = _trl_reward(s, d)
+    elif s.objective == Objective.KTO:
+        run = _trl_kto(s, d)
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -398,6 +402,24 @@ def _trl_dpo(s: TrainingSetup, d: dict[str, Any]) -> str:
         learning_rate=5e-6 if not s.lora_like else 5e-5,
     )
     return "trl dpo --config this.yaml"
+
+
+def _trl_kto(s: TrainingSetup, d: dict[str, Any]) -> str:
+    """`trl kto --config`: KTOConfig's keys (trl==1.16.0 trainer/kto_config.py: no packing or
+    padding_free; loss_type kto or apo_zero_unpaired, the desirable and undesirable weights that
+    mark the file a KTO one); an unpaired preference dataset."""
+    for key in ("packing", "padding_free"):
+        del d[key]
+    d.update(
+        dataset_name="trl-lib/kto-mix-14k",
+        loss_type="kto" if s.kto_kl else "apo_zero_unpaired",
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=1.0,
+        precompute_ref_log_probs=s.precompute_ref_log_probs,
+        learning_rate=5e-7 if not s.lora_like else 5e-5,
+    )
+    return "trl kto --config this.yaml"
 
 
 def _trl_reward(s: TrainingSetup, d: dict[str, Any]) -> str:

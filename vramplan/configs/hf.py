@@ -320,7 +320,6 @@ _DPO_KEYS = (
 # _config.py; max_prompt_length and max_completion_length: DPO's before 1.0, CPO's and ORPO's):
 # a step with generated sequences, a teacher, or unpaired examples, which vramplan does not model.
 _OTHER_TRAINERS = {
-    "KTO": ("desirable_weight", "undesirable_weight"),
     "RLOO": ("normalize_advantages", "reward_clip_range"),
     "distillation": ("teacher_model_name_or_path", "teacher_model_init_kwargs"),
     "preference": ("max_prompt_length", "max_completion_length", "ref_model_init_kwargs", "rpo_alpha"),
@@ -337,7 +336,7 @@ def _other_trainer(c: Collector) -> None:
         _grpo(c)
         return
     if not found:
-        if not _reward(c):
+        if not _reward(c) and not _kto(c):
             _dpo(c)
         return
     name, first = found[0]
@@ -496,6 +495,31 @@ def _dpo(c: Collector) -> None:
     _pads(c, "DPOTrainer pads: padding_free falls back to padding (dpo_trainer.py:133-140)")
     if c.get("use_weighting") is True:
         c.unmodelled("use_weighting", "WPO weights: one fp32 output per token more (log_sum_sq_probs)")
+
+
+# Keys only TRL's KTOConfig takes (trl==1.16.0 trainer/kto_config.py): a `trl kto` file
+_KTO_KEYS = ("desirable_weight", "undesirable_weight")
+# KTOConfig loss_type values (kto_config.py): kto estimates the KL term from mismatched rows
+_KTO_LOSSES = {"kto": True, "apo_zero_unpaired": False}
+
+
+def _kto(c: Collector) -> bool:
+    """`trl kto`'s keys: KTOTrainer's step (memory/kto.py): one row per example, the KL rows for
+    loss_type kto; it pads. beta and the precompute keys are DPO's too."""
+    keys = [k for k in _KTO_KEYS if k in c.data]
+    if not keys:
+        return False
+    c.set(keys[0], "objective", Objective.KTO, f"{_TRL} KTOConfig key: KTOTrainer's step")
+    for k in (*keys, *(k for k in _DPO_KEYS if k in c.data)):
+        c.get(k)
+    loss = c.get("loss_type")
+    if loss is not None:
+        c.set("loss_type", "kto_kl", c.choice("loss_type", loss, _KTO_LOSSES), "KTOConfig loss_type: the KL term")
+    precompute = c.get("precompute_ref_log_probs")
+    if precompute is not None and c.flag("precompute_ref_log_probs", precompute):
+        c.set("precompute_ref_log_probs", "precompute_ref_log_probs", True)
+    _pads(c, "KTOTrainer pads each batch")
+    return True
 
 
 def _launch(c: Collector) -> None:

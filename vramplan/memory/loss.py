@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory import grpo_logits, reward
+from vramplan.memory import grpo_logits, kto, reward
 from vramplan.memory.compile import (
     axolotl_chunked_loss,
     chunked_compiled,
@@ -73,7 +73,8 @@ def input_bytes(setup: TrainingSetup) -> int:
     prompt and completion, the labels made from them: 24 bytes a token too) beside the buffered
     generation batch (memory/grpo.py)."""
     per_token = reward.INPUT_BYTES_PER_TOKEN if reward.sequence_classifier(setup) else INPUT_BYTES_PER_TOKEN
-    return alloc(setup.tokens * per_token) + grpo_buffered_bytes(setup)
+    kl = alloc(kto.kl_input_bytes(setup)) if kto.kl_rows(setup) else 0  # KTO's KL rows (memory/kto.py)
+    return alloc(setup.tokens * per_token) + kl + grpo_buffered_bytes(setup)
 
 
 def grpo_buffered_bytes(setup: TrainingSetup) -> int:
@@ -94,6 +95,8 @@ def trl_output_bytes(setup: TrainingSetup) -> int:
     and entropy (grpo_trainer.py:1068-1073)."""
     if setup.objective == Objective.GRPO:
         return 8
+    if setup.objective == Objective.KTO:  # log_probs, entropy, mean_logits (memory/kto.py)
+        return kto.POLICY_OUTPUT_BYTES
     return TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0)
 
 

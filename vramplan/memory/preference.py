@@ -34,6 +34,7 @@ bullets below are TRL 1.16's; the other two differ where the functions named say
 from __future__ import annotations
 
 from vramplan.categories import Category as C
+from vramplan.memory import kto
 from vramplan.memory.checkpointing import checkpointed_forward
 from vramplan.memory.context import StaticBytes, StepContext, activation_context, stream_bytes
 from vramplan.memory.fsdp import forward_end_gathered, layer_forward_gathered, shard_for
@@ -74,9 +75,14 @@ def is_dpo(setup: TrainingSetup) -> bool:
     return setup.objective == Objective.DPO
 
 
+def against_reference(setup: TrainingSetup) -> bool:
+    """A preference step scored against a reference model: DPO's, KTO's (memory/kto.py)."""
+    return setup.objective in (Objective.DPO, Objective.KTO)
+
+
 def reference_forward(setup: TrainingSetup) -> bool:
     """The step runs a reference forward (not precomputed)."""
-    return is_dpo(setup) and not setup.precompute_ref_log_probs
+    return against_reference(setup) and not setup.precompute_ref_log_probs
 
 
 def reference_copy(setup: TrainingSetup) -> bool:
@@ -87,7 +93,7 @@ def reference_copy(setup: TrainingSetup) -> bool:
         return False
     if setup.objective == Objective.GRPO:  # GRPOTrainer loads one when beta > 0 (grpo_trainer.py:990-1003)
         return setup.beta > 0
-    if not is_dpo(setup):
+    if not against_reference(setup):
         return False
     return not setup.precompute_ref_log_probs or setup.stack == Stack.AXOLOTL
 
@@ -147,7 +153,8 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
         return [alloc(4 * setup.tokens * spec.vocab)]
     rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
     saved = rows * spec.hidden * stream_bytes(setup) + 16 * rows
-    return [alloc(saved), alloc(n * (TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + 1 + DPO_LABELS_BYTES))]
+    outputs = kto.POLICY_OUTPUT_BYTES if kto.is_kto(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + 1
+    return [alloc(saved), alloc(n * (outputs + DPO_LABELS_BYTES))]
 
 
 def _layer_working_set(spec: ModelSpec, setup: TrainingSetup, adapters: bool = False) -> tuple[list[int], int]:
@@ -215,9 +222,14 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     elif full_logits(setup):
         head = _trl19_head_parts(spec, setup)
     else:
-        out = COPY_OUTPUT_BYTES if reference_copy(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT
+        out = COPY_OUTPUT_BYTES if reference_copy(setup) else _policy_output_bytes(setup)
         head = [alloc(trl_head_forward(spec, setup, out))]
     return policy_held_parts(spec, setup) + (layer if sum(layer) > sum(head) else head)
+
+
+def _policy_output_bytes(setup: TrainingSetup) -> int:
+    """Per scored row, what the policy's fused head returns (peft's reference is the policy)."""
+    return kto.POLICY_OUTPUT_BYTES if kto.is_kto(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT
 
 
 # trl==1.9.0 trainer/utils.py:526 entropy_from_logits(chunk_size=128): flattened rows per chunk
@@ -287,9 +299,9 @@ def reference_forward_phase(ctx: StepContext) -> list[Phase]:
 
 
 def preference_notes(setup: TrainingSetup) -> list[str]:
-    if not is_dpo(setup):
+    if not against_reference(setup):
         return []
-    notes = [NOTE.format(trainer=TRAINERS[setup.stack])]
+    notes = kto.kto_notes(setup) or [NOTE.format(trainer=TRAINERS[setup.stack])]
     if reference_copy(setup):
         where = (
             "sharded as the policy"

@@ -957,7 +957,7 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     import torch
 
     check_buildable(setup, device)
-    from vramplan.verify.losses import DPO_OUTPUTS, GRPO_OUTPUTS, TRL_OUTPUTS, add_trl_head
+    from vramplan.verify.losses import DPO_OUTPUTS, GRPO_OUTPUTS, KTO_OUTPUTS, TRL_OUTPUTS, add_trl_head
 
     spec = load_model_spec(model_name, num_layers=num_layers)
     _name, _alias, cfg = resolve_config(model_name, num_layers=num_layers)
@@ -980,7 +980,10 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
         add_trl_head(
-            model, {Objective.DPO: DPO_OUTPUTS, Objective.GRPO: GRPO_OUTPUTS}.get(setup.objective, TRL_OUTPUTS)
+            model,
+            {Objective.DPO: DPO_OUTPUTS, Objective.GRPO: GRPO_OUTPUTS, Objective.KTO: KTO_OUTPUTS}.get(
+                setup.objective, TRL_OUTPUTS
+            ),
         )
     ref_model = reference_copy_of(cfg, spec, dtype, device, setup) if reference_copy(setup) else None
     liger_note = apply_liger_layers(model, setup) if setup.liger_layers != LigerLayers.NONE else None

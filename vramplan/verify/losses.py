@@ -200,6 +200,8 @@ def loss_step(setup) -> Callable:
         return {Stack.AXOLOTL: axolotl_dpo_step, Stack.LLAMAFACTORY: llamafactory_dpo_step}.get(setup.stack, dpo_step)
     if setup.objective == Objective.GRPO:
         return grpo_step
+    if setup.objective == Objective.KTO:
+        return kto_step
     if setup.objective == Objective.REWARD:
         return llamafactory_reward_step if setup.stack == Stack.LLAMAFACTORY else reward_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
@@ -308,6 +310,57 @@ def axolotl_dpo_step(built, ids):
         inputs.update(ref_chosen_logps=zeros, ref_rejected_logps=zeros.clone())
     stand_in: Any = trainer
     return DPOTrainer._compute_loss(stand_in, built.model, inputs, return_outputs=False), None
+
+
+def kto_step(built, ids):
+    """trl==1.16.0 KTOTrainer._compute_loss (kto_trainer.py:1370-1560), its own code, on a stand-in
+    trainer holding what it reads (KTOConfig's defaults: loss_type kto or apo_zero_unpaired, beta
+    0.1, weights 1.0): the collator's batch (:304-420) with every position a completion token,
+    rows labelled desirable and undesirable in turn, and under the KL term each prompt paired with
+    the next row's completion (its ids rolled by one row). The policy's fused head and, for a full
+    fine-tune, the frozen copy's are patched as KTOTrainer patches them (build.build_step)."""
+    import types
+    from collections import defaultdict
+
+    import torch
+
+    _need("trl", "--objective kto")
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    setup = built.setup
+    trainer = types.SimpleNamespace(
+        model=built.model,
+        ref_model=built.ref_model,
+        accelerator=types.SimpleNamespace(device=ids.device, unwrap_model=lambda m: m, gather_for_metrics=lambda x: x),
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs={"use_reentrant": setup.checkpoint_reentrant}),
+        aux_loss_enabled=False,
+        router_aux_loss_coef=0.0,
+        calculate_KL=setup.kto_kl,
+        precompute_ref_logps=setup.precompute_ref_log_probs,
+        loss_type="kto" if setup.kto_kl else "apo_zero_unpaired",
+        beta=DPO_BETA,
+        desirable_weight=1.0,
+        undesirable_weight=1.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
+    ones = torch.ones_like(ids)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": ones,
+        "completion_mask": ones.clone(),
+        "label": torch.arange(ids.shape[0], device=ids.device) % 2 == 0,
+    }
+    if setup.kto_kl:
+        batch.update(KL_input_ids=ids.roll(1, dims=0), KL_attention_mask=ones.clone(), KL_completion_mask=ones.clone())
+    if setup.precompute_ref_log_probs:
+        batch["ref_logps"] = torch.zeros(ids.shape[0], device=ids.device)
+        if setup.kto_kl:
+            batch["ref_KL_logps"] = torch.zeros(ids.shape[0], device=ids.device)
+    stand_in: Any = trainer
+    return KTOTrainer._compute_loss(stand_in, built.model, batch, return_outputs=False), None
 
 
 # LLaMA-Factory 0.9.5's stage rm and the value head of the trl it pins (trl<=0.24.0), read from source
@@ -479,6 +532,8 @@ def llamafactory_dpo_step(built, ids):
 DPO_BETA = 0.1
 # What DPOTrainer asks the policy's fused head for (dpo_trainer.py:943-947)
 DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+# What KTOTrainer asks the policy's fused head for (trl==1.16.0 kto_trainer.py:966-970)
+KTO_OUTPUTS = ("log_probs", "entropy", "mean_logits")
 
 
 # What GRPOTrainer asks the policy's fused head for (trl==1.16.0 grpo_trainer.py:1068-1073)

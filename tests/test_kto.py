@@ -1,0 +1,99 @@
+"""KTO (--objective kto, memory/kto.py) against sums done by hand from trl==1.16.0's KTOTrainer
+source; the CPU trace of the real step is tests/test_cpu_trace.py's "preference" group (kto-*)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.configs.combine import read_config
+from vramplan.errors import VramplanError
+from vramplan.estimate import make_setup
+from vramplan.memory import PhaseKind, step_model
+from vramplan.memory.loss import input_bytes, trl_output_bytes
+from vramplan.memory.preference import reference_copy, reference_forward
+from vramplan.model_loader import load_model_spec
+from vramplan.setup import Objective
+
+SPEC = load_model_spec("llama-3.1-8b", num_layers=4)
+
+
+def _kto(**kw):
+    return make_setup(stack="trl", objective="kto", **kw)
+
+
+def test_one_row_per_example_and_the_kl_rows_ids_and_masks():
+    """DataCollatorForUnpairedPreference (kto_trainer.py:304-420): B rows of input_ids,
+    attention_mask, completion_mask, and under the KL term B mismatched rows of the same three."""
+    kl = _kto(method="lora", batch_size=4, seq_len=1024)
+    plain = _kto(method="lora", batch_size=4, seq_len=1024, kto_kl=False)
+    assert kl.rows == plain.rows == 4
+    assert input_bytes(kl) - input_bytes(plain) == 24 * 4 * 1024
+    assert trl_output_bytes(kl) == 12  # log_probs, entropy, mean_logits (:966-970)
+
+
+def test_the_reference_is_the_disabled_adapters_or_a_frozen_copy():
+    lora = _kto(method="lora", batch_size=2)
+    assert reference_forward(lora) and not reference_copy(lora)
+    assert reference_copy(_kto(method="full", batch_size=2))
+    pre = _kto(method="full", batch_size=2, precompute_ref_log_probs=True)
+    assert not reference_forward(pre) and not reference_copy(pre)
+
+
+def test_a_kto_step_is_a_dpo_step_over_half_the_rows_plus_the_kl_rows():
+    """Per example DPO puts two rows in the batch, KTO one (and one KL row scored without grad):
+    at the same batch size the KTO step's forward is narrower."""
+    kto = {p.kind: p.allocated for p in step_model(SPEC, _kto(method="lora", batch_size=4, seq_len=1024)).phases}
+    dpo_setup = make_setup(stack="trl", objective="dpo", method="lora", batch_size=4, seq_len=1024)
+    dpo = {p.kind: p.allocated for p in step_model(SPEC, dpo_setup).phases}
+    assert kto[PhaseKind.REFERENCE_FORWARD] < dpo[PhaseKind.REFERENCE_FORWARD]
+
+
+@pytest.mark.parametrize(
+    ("fields", "flag"),
+    [
+        (dict(objective="kto", stack="axolotl"), "--objective"),
+        (dict(objective="kto", stack="trl", batch_size=1), "--batch-size"),
+        (dict(objective="kto", stack="trl", packing="padding-free"), "--packing"),
+        (dict(objective="dpo", stack="trl", kto_kl=False), "--no-kto-kl"),
+        (dict(precompute_ref_log_probs=True), "--precompute-ref-log-probs"),
+    ],
+)
+def test_what_kto_refuses_names_the_flag(fields, flag):
+    with pytest.raises(VramplanError) as e:
+        make_setup(**{"batch_size": 2, **fields})
+    assert e.value.flag == flag
+
+
+def test_a_single_row_runs_without_the_kl_term():
+    assert _kto(method="lora", batch_size=1, kto_kl=False).rows == 1
+
+
+def test_a_trl_kto_config_is_read_as_kto(tmp_path):
+    """trl/scripts/kto.py's KTOConfig keys: desirable_weight marks the file; loss_type picks the KL term."""
+    path = tmp_path / "kto.yaml"
+    path.write_text(
+        "model_name_or_path: Qwen/Qwen2-0.5B-Instruct\ndataset_name: trl-lib/kto-mix-14k\n"
+        "per_device_train_batch_size: 4\nmax_length: 1024\nuse_peft: true\nlora_target_modules: all-linear\n"
+        "desirable_weight: 1.0\nundesirable_weight: 1.0\nbeta: 0.1\n"
+    )
+    f = read_config([str(path)]).fields
+    assert f["objective"] == Objective.KTO and f.get("kto_kl", True) is True
+    make_setup(**{**f, "stack": "trl"})
+    path.write_text(path.read_text() + "loss_type: apo_zero_unpaired\nprecompute_ref_log_probs: true\n")
+    f = read_config([str(path)]).fields
+    assert f["kto_kl"] is False and f["precompute_ref_log_probs"] is True
+    path.write_text(path.read_text().replace("apo_zero_unpaired", "bco"))
+    with pytest.raises(VramplanError) as e:
+        read_config([str(path)])
+    assert e.value.flag.endswith("loss_type")
+
+
+def test_emit_writes_a_trl_kto_config_that_reads_back():
+    from vramplan.configs.emit import emit
+
+    setup = _kto(method="lora", gradient_checkpointing=True, batch_size=4, seq_len=1024, kto_kl=False)
+    text = emit("trl", setup, "Qwen/Qwen2-0.5B-Instruct", {})
+    assert "trl kto --config" in text and "loss_type: apo_zero_unpaired" in text and "packing" not in text
+    with pytest.raises(VramplanError) as e:
+        emit("axolotl", setup, "Qwen/Qwen2-0.5B-Instruct", {})
+    assert e.value.flag == "--emit"
