@@ -677,6 +677,17 @@ CASES = [
         seconds=90,
     ),
     case("l1b_kto_full_b4s1024_trl", L1B, stack="trl", objective="kto", method="full", batch_size=4, seq_len=1024),
+    # axolotl's rl: kto (trl 1.9.0, the logits and the metrics' copies of them; VRAMPLAN_TRL19 on the device)
+    case(
+        "l1b_kto_qlora_nf4_ckpt_b2s1024_axolotl",
+        L1B,
+        stack="axolotl",
+        objective="kto",
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=1024,
+    ),
     # axolotl's `rl: grpo`, trl 1.9.0's GRPOTrainer (memory/grpo_logits.py; CPU-traced, never on a GPU):
     # the log-probs from the model's fp32 logits over the completion, 4 x 1025 x 128256 x 4 bytes, with
     # the entropy's copy; axolotl's bf16 LoRA generating 16 rows outside autocast (peft's fp32 adapter

@@ -1252,6 +1252,7 @@ PREF_WIDE = {**LLAMA, "vocab_size": 64, "intermediate_size": 16384, "num_hidden_
 PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
 KTO = dict(stack="trl", objective="kto")
+AX_KTO = dict(stack="axolotl", objective="kto")
 AX_DPO = dict(stack="axolotl", objective="dpo")
 LF_DPO = dict(stack="llamafactory", objective="dpo")
 # a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
@@ -1301,6 +1302,15 @@ PREFERENCE_CASES = {
     "kto-full-precomputed": (LLAMA, dict(KTO, method="full", precompute_ref_log_probs=True)),
     "kto-wide-lora": (PREF_WIDE, dict(KTO, method="lora")),
     "kto-wide-full-saving": (PREF_WIDE, dict(KTO, method="full", gradient_checkpointing=False)),
+    # axolotl==0.19.0's rl: kto, trl==1.9.0's KTOTrainer._compute_loss (trl 1.9.0 first on PYTHONPATH:
+    # committed rows held here): the policy's and the reference's fp32 logits, the KL rows' forwards,
+    # the metrics' copies of the desirable and undesirable rows' logits
+    "ax-kto-lora": (LLAMA, dict(AX_KTO, method="lora")),
+    "ax-kto-full": (LLAMA, dict(AX_KTO, method="full")),
+    "ax-kto-qlora-ckpt": (LLAMA, dict(AX_KTO, method="qlora", gradient_checkpointing=True)),
+    "ax-kto-lora-no-kl": (LLAMA, dict(AX_KTO, method="lora", kto_kl=False)),
+    "ax-kto-lora-precomputed": (LLAMA, dict(AX_KTO, method="lora", precompute_ref_log_probs=True)),
+    "ax-kto-bigv-lora": (PREF_BIGV, dict(AX_KTO, method="lora", seq_len=128)),
 }
 
 

@@ -51,7 +51,8 @@ def test_a_kto_step_is_a_dpo_step_over_half_the_rows_plus_the_kl_rows():
 @pytest.mark.parametrize(
     ("fields", "flag"),
     [
-        (dict(objective="kto", stack="axolotl"), "--objective"),
+        (dict(objective="kto", stack="llamafactory"), "--objective"),
+        (dict(objective="kto", stack="axolotl", fp32_outputs=False), "--objective"),
         (dict(objective="kto", stack="trl", batch_size=1), "--batch-size"),
         (dict(objective="kto", stack="trl", packing="padding-free"), "--packing"),
         (dict(objective="dpo", stack="trl", kto_kl=False), "--no-kto-kl"),
@@ -97,3 +98,40 @@ def test_emit_writes_a_trl_kto_config_that_reads_back():
     with pytest.raises(VramplanError) as e:
         emit("axolotl", setup, "Qwen/Qwen2-0.5B-Instruct", {})
     assert e.value.flag == "--emit"
+
+
+# ---- axolotl's rl: kto, trl==1.9.0's KTOTrainer (the model's logits; traced: ax-kto-*)
+
+
+def test_axolotls_kto_metrics_hold_both_models_logits_and_the_entropys_copy_by_hand():
+    """At 4 examples x 128 tokens the reference moment is the metrics' entropy (kto_trainer.py:1596):
+    the reference's fp32 logits kept, entropy_from_logits' copy of the shifted logits and one
+    128-row chunk's three tensors, beside the policy's fp32 logits (held as DPO's)."""
+    from vramplan.memory.kto import trl19_head_parts
+    from vramplan.memory.preference import policy_held_parts
+
+    setup = make_setup(stack="axolotl", objective="kto", method="lora", batch_size=4, seq_len=128)
+    v = SPEC.vocab
+    assert policy_held_parts(SPEC, setup) == [4 * 4 * 128 * v]
+    assert trl19_head_parts(SPEC, setup) == [4 * 4 * 128 * v, 4 * 4 * 127 * v] + [4 * 128 * v] * 3
+    assert reference_copy(make_setup(stack="axolotl", objective="kto", method="full", batch_size=4))
+    # TRL makes no copy when the log-probs are precomputed (axolotl passes its own copy to DPO only)
+    pre = make_setup(stack="axolotl", objective="kto", method="full", batch_size=4, precompute_ref_log_probs=True)
+    assert not reference_copy(pre)
+
+
+def test_axolotls_kto_example_is_read_as_kto(tmp_path):
+    """axolotl==0.19.0 examples/llama-3/qlora-1b-kto.yaml, the memory keys."""
+    path = tmp_path / "kto.yaml"
+    path.write_text(
+        "base_model: meta-llama/Llama-3.2-1B\nload_in_4bit: true\nrl: kto\nrl_beta: 0.5\n"
+        "kto_desirable_weight: 0.2\nadapter: qlora\nsequence_len: 2048\nsample_packing: false\n"
+        "lora_r: 32\nlora_target_linear: true\nmicro_batch_size: 2\noptimizer: adamw_8bit\nbf16: auto\n"
+        "gradient_checkpointing: true\n"
+    )
+    reading = read_config([str(path)])
+    f = reading.fields
+    assert f["objective"] == Objective.KTO
+    setup = make_setup(**{**f, "stack": "axolotl"})
+    assert setup.kto_kl and not setup.lora_kernels and setup.loss.value == "hf"
+    assert not reading.unmodelled and not reading.unknown

@@ -429,6 +429,9 @@ class Generation(str, Enum):
 # head; axolotl==0.19.0's AxolotlGRPOTrainer, trl==1.9.0's GRPOTrainer, from the model's logits
 # (memory/grpo.py)
 GRPO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF)}
+# The stacks that run KTO and the head each takes its log-probs from: TRL 1.16's fused head;
+# axolotl==0.19.0's AxolotlKTOTrainer, trl==1.9.0's KTOTrainer, the model's logits (memory/kto.py)
+KTO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF)}
 # the GRPO-only fields and their defaults (TrainingSetup._check_grpo)
 GRPO_DEFAULTS = {
     "steps_per_generation": None,
@@ -948,10 +951,17 @@ class TrainingSetup(BaseModel):
             if not self.kto_kl:
                 raise VramplanError("only applies to --objective kto", "--no-kto-kl")
             return
-        if self.stack != Stack.TRL or self.loss != Loss.TRL_CHUNKED_NLL:
+        if (self.stack, self.loss) not in KTO_STACK_HEADS:
             raise VramplanError(
-                "--objective kto is modelled as TRL's KTOTrainer (trl==1.16.0, its fused chunked head): "
-                f"--stack trl --loss trl-chunked-nll, not --stack {self.stack.value} --loss {self.loss.value}",
+                "--objective kto is modelled as TRL's KTOTrainer: --stack trl --loss trl-chunked-nll (trl==1.16.0, "
+                "its fused chunked head) or --stack axolotl --loss hf (trl==1.9.0, the model's logits), not "
+                f"--stack {self.stack.value} --loss {self.loss.value}",
+                "--objective",
+            )
+        if self.stack == Stack.AXOLOTL and not self.fp32_outputs:
+            raise VramplanError(
+                "axolotl's KTO step (trl==1.9.0) is modelled with accelerate's fp32 logits (bf16 mixed precision): "
+                "--fp32-outputs",
                 "--objective",
             )
         if self.packing != Packing.NONE:

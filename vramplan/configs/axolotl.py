@@ -336,7 +336,7 @@ def _packing(c: Collector) -> None:
 # utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
-    "rl": "preference/RL training other than DPO/IPO and GRPO/GDPO (KTO, ORPO, SimPO, EBFT: trl==1.9.0's other "
+    "rl": "preference/RL training other than DPO/IPO, KTO and GRPO/GDPO (ORPO, SimPO, EBFT: trl==1.9.0's other "
     "trainers) is not modelled; estimated as one SFT step",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
@@ -352,7 +352,7 @@ def _not_sft(c: Collector) -> None:
     c.get("trl")  # the RL trainers' section (utils/schemas/trl.py): GRPO's read by _grpo, else part of `rl`'s line
     c.get("num_labels")  # a classifier's outputs: 1 for reward_model (the score head), 2 for a PRM's token head
     for key, why in _NOT_SFT.items():
-        if key == "rl" and (_dpo(c) or _grpo(c)):
+        if key == "rl" and (_dpo(c) or _grpo(c) or _kto(c)):
             continue
         if c.get(key):
             c.unmodelled(key, why)
@@ -409,6 +409,23 @@ def _dpo(c: Collector) -> bool:
             c.unmodelled(key, why)
     if any("sft" in str(t) for t in c.get("dpo_loss_type") or ()):
         c.unmodelled("dpo_loss_type", "the sft loss type's cross-entropy over the chosen rows' logits is not modelled")
+    return True
+
+
+def _kto(c: Collector) -> bool:
+    """`rl: kto`: AxolotlKTOTrainer over trl==1.9.0's KTOTrainer (core/trainers/trl.py:28-40;
+    memory/kto.py): KTOConfig's default loss_type kto (axolotl passes none: the KL rows), its
+    desirable and undesirable weights; log-probs from the model's logits (no loss patch on the
+    path), padded rows. precompute_ref_log_probs is passed to DPO only (core/trainers/dpo/__init__.py:43-45)."""
+    if c.get("rl") != "kto":
+        return False
+    c.set("rl", "objective", Objective.KTO, "axolotl==0.19.0 AxolotlKTOTrainer over trl==1.9.0's KTOTrainer")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight", "rl_beta", "precompute_ref_log_probs"):
+        c.get(key)
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("rl", "loss", Loss.HF, "KTO's log-probs come from the model's logits, not the loss patch")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("rl", "packing", Packing.NONE, "trl 1.9.0's KTOTrainer pads (axolotl: not supported with kto)")
     return True
 
 

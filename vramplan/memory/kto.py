@@ -19,17 +19,29 @@ _compute_kl_logps :1337-1368, _compute_loss :1370-1560); traced on the CPU with 
 
 from __future__ import annotations
 
-from vramplan.setup import Objective, TrainingSetup
+from vramplan.memory.storage import alloc
+from vramplan.model_spec import ModelSpec
+from vramplan.setup import Objective, Stack, TrainingSetup
 
 # int64 per token of the collator's KL rows: KL_input_ids, KL_attention_mask, KL_completion_mask
 KL_INPUT_BYTES = 24
 # fp32 per scored row of the policy's fused-head outputs: log_probs, entropy, mean_logits (:966-970)
 POLICY_OUTPUT_BYTES = 12
+# trl==1.9.0 trainer/utils.py:526 entropy_from_logits(chunk_size=128): flattened rows per chunk
+TRL19_ENTROPY_CHUNK = 128
 
 NOTE = (
     "--objective kto: TRL's KTOTrainer (trl==1.16.0 trainer/kto_trainer.py, its fused chunked head) modelled "
     "from source and CPU-traced with it (docs/cpu-trace.md, group preference), not measured on a GPU: one row "
     "per example, every position counted as a completion token (an upper end: prompts are masked)"
+)
+
+
+AXOLOTL_NOTE = (
+    "--objective kto: axolotl's AxolotlKTOTrainer over trl==1.9.0's KTOTrainer (axolotl 0.19.0's pin: the "
+    "policy's and the reference's full fp32 logits, the metrics' copies of them) modelled from source and "
+    "CPU-traced with it (docs/cpu-trace.md, group preference), not measured on a GPU; the KL term's rows scored "
+    "without grad by the policy and the reference"
 )
 
 
@@ -47,9 +59,39 @@ def kl_input_bytes(setup: TrainingSetup) -> int:
     return KL_INPUT_BYTES * setup.tokens if kl_rows(setup) else 0
 
 
+def _rows_each(setup: TrainingSetup) -> int:
+    """The larger of the desirable and the undesirable rows of a micro-batch (half each, rounded up)."""
+    return -(-setup.rows // 2)
+
+
+def trl19_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
+    """axolotl's KTO (trl==1.9.0 kto_trainer.py:1280-1330, 1478-1640): the widest of the reference's
+    moments after the policy's forward, as blocks beyond the policy's saved activations and its fp32
+    logits (preference.policy_held_parts). Each reference forward's logits converted to fp32 beside
+    the bf16 ones, its KL rows' first (their log-probs taken row by row, one [S, V] fp32 logsumexp
+    temporary), then the completions', whose fp32 logits `ref_outputs` keeps to the end; then the
+    metrics over the policy's shifted logits: entropy_from_logits' copy of them (`reshape(-1, V)`
+    of a non-contiguous slice) with one 128-row chunk's log-softmax, exp and product, then
+    `index_select` copies of the desirable and the undesirable rows (every row's shifted logits)
+    and one side's boolean-mask copy at a time. Precomputed: the metrics alone. [CPU trace: ax-kto-*]"""
+    n, v, s = setup.tokens, spec.vocab, setup.seq_len
+    shifted = setup.rows * (s - 1)
+    ref = [] if setup.precompute_ref_log_probs else [alloc(4 * n * v)]  # the reference's fp32 logits, kept
+    entropy = [*ref, alloc(4 * shifted * v), *[alloc(4 * min(TRL19_ENTROPY_CHUNK, shifted) * v)] * 3]
+    sides = [*ref, alloc(4 * shifted * v), alloc(4 * _rows_each(setup) * (s - 1) * v)]
+    moments = [entropy, sides]
+    if not setup.precompute_ref_log_probs:
+        moments.append([alloc(2 * n * v), alloc(4 * n * v)])  # a reference forward's conversion
+        if kl_rows(setup):
+            moments.append([alloc(4 * n * v), alloc(4 * s * v)])  # the KL rows' logits and a row's logsumexp
+    return max(moments, key=sum)
+
+
 def kto_notes(setup: TrainingSetup) -> list[str]:
     if not is_kto(setup):
         return []
+    if setup.stack == Stack.AXOLOTL:
+        return [AXOLOTL_NOTE, *([] if kl_rows(setup) else ["no KL term (loss_type apo_zero_unpaired)"])]
     if kl_rows(setup):
         return [
             NOTE,

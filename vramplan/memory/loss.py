@@ -514,7 +514,7 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     if grpo_logits.from_logits(setup):  # axolotl's GRPO: trl 1.9.0's log-probs from the logits (grpo_logits.py)
         forward = sum(grpo_logits.train_forward_parts(spec, setup))
         return LossTerms(forward=forward, backward=grpo_logits.train_backward_bytes(spec, setup))
-    if setup.objective == Objective.DPO and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's DPO (preference.py)
+    if setup.objective in (Objective.DPO, Objective.KTO) and setup.loss == Loss.HF:  # axolotl's, LLaMA-Factory's
         return llamafactory_dpo_loss(spec, setup) if setup.stack == Stack.LLAMAFACTORY else trl19_dpo_loss(spec, setup)
     terms = LOSS_RULES[setup.loss](spec, setup)
     if setup.loss in FUSED or setup.loss == Loss.TORCHTUNE_LINEAR_CE:  # no [N,V] logits come out of the model

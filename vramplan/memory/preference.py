@@ -95,7 +95,8 @@ def reference_copy(setup: TrainingSetup) -> bool:
         return setup.beta > 0
     if not against_reference(setup):
         return False
-    return not setup.precompute_ref_log_probs or setup.stack == Stack.AXOLOTL
+    # axolotl passes its own reference copy to DPO only (core/builders/rl.py:71-73); KTO's is TRL's
+    return not setup.precompute_ref_log_probs or (setup.stack == Stack.AXOLOTL and is_dpo(setup))
 
 
 def reference_copy_blocks(params: list[Param], setup: TrainingSetup) -> list[int]:
@@ -220,7 +221,7 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     if setup.stack == Stack.LLAMAFACTORY:
         head = _llamafactory_head_parts(spec, setup)
     elif full_logits(setup):
-        head = _trl19_head_parts(spec, setup)
+        head = kto.trl19_head_parts(spec, setup) if kto.is_kto(setup) else _trl19_head_parts(spec, setup)
     else:
         out = COPY_OUTPUT_BYTES if reference_copy(setup) else _policy_output_bytes(setup)
         head = [alloc(trl_head_forward(spec, setup, out))]
@@ -237,9 +238,9 @@ TRL19_ENTROPY_CHUNK = 128
 
 
 def full_logits(setup: TrainingSetup) -> bool:
-    """The DPO trainer takes its log-probs from the model's full logits (axolotl's trl==1.9.0,
-    LLaMA-Factory's own)."""
-    return is_dpo(setup) and setup.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY)
+    """The DPO or KTO trainer takes its log-probs from the model's full logits (axolotl's
+    trl==1.9.0, LLaMA-Factory's own)."""
+    return against_reference(setup) and setup.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY)
 
 
 def _shifted(setup: TrainingSetup) -> int:

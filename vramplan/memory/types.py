@@ -81,7 +81,7 @@ class PhaseKind(Enum):
     FORWARD_LAST_LAYER = ("forward (last layer)", MeasuredPhase.FORWARD)
     DEQUANTIZE_FORWARD = ("4-bit dequantize (forward)", MeasuredPhase.FORWARD)
     DORA_NORM_FORWARD = ("DoRA weight norm (forward)", MeasuredPhase.FORWARD)
-    REFERENCE_FORWARD = ("reference forward (DPO, no grad)", MeasuredPhase.FORWARD)
+    REFERENCE_FORWARD = ("reference forward (DPO, KTO; no grad)", MeasuredPhase.FORWARD)
     LOSS_BACKWARD = ("loss backward", MeasuredPhase.BACKWARD)
     FINAL_NORM_BACKWARD = ("final norm backward", MeasuredPhase.BACKWARD)
     LAYER_BACKWARD = ("layer {layer} backward ({point})", MeasuredPhase.BACKWARD)

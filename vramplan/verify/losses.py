@@ -313,7 +313,8 @@ def axolotl_dpo_step(built, ids):
 
 
 def kto_step(built, ids):
-    """trl==1.16.0 KTOTrainer._compute_loss (kto_trainer.py:1370-1560), its own code, on a stand-in
+    """trl==1.16.0 KTOTrainer._compute_loss (kto_trainer.py:1370-1560), or axolotl's trl==1.9.0 one
+    (kto_trainer.py:1478-1660, the model's logits; its wheel first on the path), its own code, on a stand-in
     trainer holding what it reads (KTOConfig's defaults: loss_type kto or apo_zero_unpaired, beta
     0.1, weights 1.0): the collator's batch (:304-420) with every position a completion token,
     rows labelled desirable and undesirable in turn, and under the KL term each prompt paired with
@@ -324,7 +325,12 @@ def kto_step(built, ids):
 
     import torch
 
-    _need("trl", "--objective kto")
+    from vramplan.setup import Stack
+
+    if built.setup.stack == Stack.AXOLOTL:  # AxolotlKTOTrainer is trl 1.9.0's (core/trainers/trl.py:28-40)
+        _need_axolotl_trl("KTO")
+    else:
+        _need("trl", "--objective kto")
     from trl.trainer.kto_trainer import KTOTrainer
 
     setup = built.setup
@@ -344,6 +350,8 @@ def kto_step(built, ids):
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
         _tp_size=1,
+        use_liger_kernel=False,  # trl 1.9.0's KL forward reads these two
+        _is_vlm=False,
     )
     trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
     ones = torch.ones_like(ids)
