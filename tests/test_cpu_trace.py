@@ -1253,6 +1253,7 @@ PREF_MATMUL = {**PREF_WIDE, "hidden_size": 1024}
 DPO = dict(stack="trl", objective="dpo")
 KTO = dict(stack="trl", objective="kto")
 AX_KTO = dict(stack="axolotl", objective="kto")
+LF_KTO = dict(stack="llamafactory", objective="kto")
 AX_DPO = dict(stack="axolotl", objective="dpo")
 LF_DPO = dict(stack="llamafactory", objective="dpo")
 # a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
@@ -1311,6 +1312,13 @@ PREFERENCE_CASES = {
     "ax-kto-lora-no-kl": (LLAMA, dict(AX_KTO, method="lora", kto_kl=False)),
     "ax-kto-lora-precomputed": (LLAMA, dict(AX_KTO, method="lora", precompute_ref_log_probs=True)),
     "ax-kto-bigv-lora": (PREF_BIGV, dict(AX_KTO, method="lora", seq_len=128)),
+    # llamafactory==0.9.5's stage: kto, CustomKTOTrainer's own get_batch_loss_metrics, forward and
+    # concatenated_forward executed from its source (its source on PYTHONPATH: committed rows held here)
+    "lf-kto-lora": (LLAMA, dict(LF_KTO, method="lora")),
+    "lf-kto-full": (LLAMA, dict(LF_KTO, method="full")),
+    "lf-kto-lora-saving": (LLAMA, dict(LF_KTO, method="lora", gradient_checkpointing=False)),
+    "lf-kto-bigv-lora": (PREF_BIGV, dict(LF_KTO, method="lora", seq_len=128)),
+    "lf-kto-wide-lora": (PREF_WIDE, dict(LF_KTO, method="lora", gradient_checkpointing=False)),
 }
 
 

@@ -51,7 +51,7 @@ def test_a_kto_step_is_a_dpo_step_over_half_the_rows_plus_the_kl_rows():
 @pytest.mark.parametrize(
     ("fields", "flag"),
     [
-        (dict(objective="kto", stack="llamafactory"), "--objective"),
+        (dict(objective="kto", stack="unsloth"), "--objective"),
         (dict(objective="kto", stack="axolotl", fp32_outputs=False), "--objective"),
         (dict(objective="kto", stack="trl", batch_size=1), "--batch-size"),
         (dict(objective="kto", stack="trl", packing="padding-free"), "--packing"),
@@ -135,3 +135,38 @@ def test_axolotls_kto_example_is_read_as_kto(tmp_path):
     setup = make_setup(**{**f, "stack": "axolotl"})
     assert setup.kto_kl and not setup.lora_kernels and setup.loss.value == "hf"
     assert not reading.unmodelled and not reading.unknown
+
+
+# ---- LLaMA-Factory's stage: kto, CustomKTOTrainer (llamafactory==0.9.5; traced: lf-kto-*)
+
+
+def test_llamafactorys_kto_reference_moment_by_hand():
+    """2 examples x 128 at a 128k vocabulary: after the policy's forward its saved log-softmax (of
+    every row but the last position) and the copies of its logits by kto_tags; the reference's KL
+    forward, its completions' fp32 logits alive, over LLaMA-Factory's head (the logits, the
+    contiguous shifted copy and its log-softmax)."""
+    from vramplan.memory.parameters import parameters
+    from vramplan.memory.preference import reference_forward_parts
+
+    setup = make_setup(stack="llamafactory", objective="kto", method="lora", batch_size=2, seq_len=128)
+    v, n, shifted = SPEC.vocab, 2 * 128, 2 * 127
+    parts = reference_forward_parts(SPEC, setup, parameters(SPEC, setup))
+    assert parts == [4 * shifted * v, 4 * n * v, 4 * n * v, 4 * n * v, 4 * shifted * v, 4 * shifted * v]
+
+
+def test_llamafactorys_kto_example_is_read_as_kto(tmp_path):
+    """llamafactory==0.9.5 examples/train_lora/qwen3_lora_kto.yaml's memory keys: one example a
+    micro-batch is fine (LLaMA-Factory builds its KL rows itself)."""
+    path = tmp_path / "kto.yaml"
+    path.write_text(
+        "model_name_or_path: Qwen/Qwen3-4B-Instruct-2507\nstage: kto\ndo_train: true\nfinetuning_type: lora\n"
+        "lora_rank: 8\nlora_target: all\npref_beta: 0.1\ncutoff_len: 2048\nper_device_train_batch_size: 1\n"
+        "gradient_accumulation_steps: 8\nbf16: true\n"
+    )
+    reading = read_config([str(path)])
+    setup = make_setup(**{**reading.fields, "stack": "llamafactory"})
+    assert setup.objective == Objective.KTO and setup.batch_size == 1 and setup.kto_kl
+    assert not reading.unmodelled
+    with pytest.raises(VramplanError) as e:
+        make_setup(**{**reading.fields, "stack": "llamafactory", "kto_kl": False})
+    assert e.value.flag == "--no-kto-kl"

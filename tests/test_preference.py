@@ -296,7 +296,7 @@ def test_a_llamafactory_dpo_config_is_read_as_dpo(tmp_path):
     simpo = tmp_path / "simpo.yaml"
     simpo.write_text(base + "stage: dpo\npref_loss: simpo\n")
     assert read_config([str(simpo)]).fields["precompute_ref_log_probs"] is True  # no reference model
-    kto = tmp_path / "kto.yaml"
-    kto.write_text(base + "stage: kto\n")
-    reading = read_config([str(kto)])
+    ppo = tmp_path / "ppo.yaml"  # stage: kto is KTO's (tests/test_kto.py)
+    ppo.write_text(base + "stage: ppo\n")
+    reading = read_config([str(ppo)])
     assert "objective" not in reading.fields and any(u.key == "stage" for u in reading.unmodelled)

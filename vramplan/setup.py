@@ -431,7 +431,7 @@ class Generation(str, Enum):
 GRPO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF)}
 # The stacks that run KTO and the head each takes its log-probs from: TRL 1.16's fused head;
 # axolotl==0.19.0's AxolotlKTOTrainer, trl==1.9.0's KTOTrainer, the model's logits (memory/kto.py)
-KTO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF)}
+KTO_STACK_HEADS = {(Stack.TRL, Loss.TRL_CHUNKED_NLL), (Stack.AXOLOTL, Loss.HF), (Stack.LLAMAFACTORY, Loss.HF)}
 # the GRPO-only fields and their defaults (TrainingSetup._check_grpo)
 GRPO_DEFAULTS = {
     "steps_per_generation": None,
@@ -954,19 +954,24 @@ class TrainingSetup(BaseModel):
         if (self.stack, self.loss) not in KTO_STACK_HEADS:
             raise VramplanError(
                 "--objective kto is modelled as TRL's KTOTrainer: --stack trl --loss trl-chunked-nll (trl==1.16.0, "
-                "its fused chunked head) or --stack axolotl --loss hf (trl==1.9.0, the model's logits), not "
+                "its fused chunked head), --stack axolotl --loss hf (trl==1.9.0, the model's logits) or --stack "
+                "llamafactory --loss hf (its CustomKTOTrainer), not "
                 f"--stack {self.stack.value} --loss {self.loss.value}",
                 "--objective",
             )
-        if self.stack == Stack.AXOLOTL and not self.fp32_outputs:
+        if self.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY) and not self.fp32_outputs:
             raise VramplanError(
-                "axolotl's KTO step (trl==1.9.0) is modelled with accelerate's fp32 logits (bf16 mixed precision): "
-                "--fp32-outputs",
+                f"the KTO step of --stack {self.stack.value} is modelled with accelerate's fp32 logits (bf16 mixed "
+                "precision): --fp32-outputs",
                 "--objective",
+            )
+        if self.stack == Stack.LLAMAFACTORY and not self.kto_kl:
+            raise VramplanError(
+                "LLaMA-Factory's KTO always scores its KL rows (data/processor/feedback.py)", "--no-kto-kl"
             )
         if self.packing != Packing.NONE:
             raise VramplanError("KTOTrainer pads each batch: --packing none", "--packing")
-        if self.kto_kl and self.batch_size < 2:
+        if self.kto_kl and self.batch_size < 2 and self.stack != Stack.LLAMAFACTORY:  # LF builds its own KL rows
             raise VramplanError(
                 "KTO's KL term pairs each prompt with another row's completion: at least 2 rows a micro-batch "
                 "(or --no-kto-kl for loss_type apo_zero_unpaired)",

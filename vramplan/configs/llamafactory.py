@@ -160,6 +160,12 @@ def _stage(c: Collector) -> None:
     stage = c.get("stage", "sft")
     if stage == "dpo":
         _dpo(c)
+    elif stage == "kto":
+        # CustomKTOTrainer (memory/kto.py): its KL rows always built (data/processor/feedback.py)
+        c.set("stage", "objective", Objective.KTO, f"{_SRC} CustomKTOTrainer (train/kto/trainer.py:41)")
+        c.get("pref_beta"), c.get("kto_chosen_weight"), c.get("kto_rejected_weight"), c.get("pref_ftx")
+        if c.get("ref_model") is not None:
+            c.unmodelled("ref_model", "a separate reference model (and its adapters, quantization) is not modelled")
     elif stage == "rm":
         # PairwiseTrainer over trl 0.24's AutoModelForCausalLMWithValueHead (memory/reward.py)
         c.set("stage", "objective", Objective.REWARD, f"{_SRC} PairwiseTrainer (train/rm/trainer.py:88-110)")
@@ -188,7 +194,7 @@ def _dpo_after(c: Collector) -> None:
     """What DPO and stage rm override among the keys read before: their steps need the logits
     whatever Liger's fused loss says (model/model_utils/liger_kernel.py:94-96 require_logits: every
     stage but pt and sft), and the pairwise collator does not pack (data/collator.py:542-564)."""
-    if c.fields.get("objective") not in (Objective.DPO, Objective.REWARD):
+    if c.fields.get("objective") not in (Objective.DPO, Objective.KTO, Objective.REWARD):
         return
     if c.fields.get("loss") not in (None, Loss.HF):
         c.set("stage", "loss", Loss.HF, "the step needs the logits: Liger's fused loss is off (liger_kernel.py:94-96)")

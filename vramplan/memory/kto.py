@@ -45,6 +45,14 @@ AXOLOTL_NOTE = (
 )
 
 
+LLAMAFACTORY_NOTE = (
+    "--objective kto: LLaMA-Factory's CustomKTOTrainer (llamafactory==0.9.5 train/kto/trainer.py: full fp32 "
+    "logits and their log-softmax, copies of the desirable and undesirable rows' logits; the KL rows scored "
+    "without grad after the policy's forward) modelled from source and CPU-traced with it (docs/cpu-trace.md, "
+    "group preference), not measured on a GPU"
+)
+
+
 def is_kto(setup: TrainingSetup) -> bool:
     return setup.objective == Objective.KTO
 
@@ -87,11 +95,39 @@ def trl19_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     return max(moments, key=sum)
 
 
+def llamafactory_moment(
+    spec: ModelSpec, setup: TrainingSetup, head: list[int], layers: tuple[list[int], list[int]]
+) -> list[int]:
+    """LLaMA-Factory's KTO (llamafactory==0.9.5 train/kto/trainer.py:149-270) after the policy's
+    forward, as blocks beyond its saved activations and saved log-softmax. First, the policy's fp32
+    logits alive, its no-grad KL forward (adapters on: a layer's moment with the adapter's path,
+    or its head, `head` being LLaMA-Factory's head rule); then, in their place,
+    `target_logits[kto_tags]` and `[~kto_tags]`, copies of every row's logits held to the metrics,
+    beside the reference's moments: a layer's (adapters off), its head, or, its fp32 logits alive,
+    its KL forward's head or its own row copies. `layers`: a no-grad layer's moment with and without
+    the adapter's path (preference.no_grad_layer_parts). [CPU trace: lf-kto-*]"""
+    n, v = setup.tokens, spec.vocab
+    with_adapters, without = layers
+    policy_kl = max(with_adapters, head, key=sum)
+    ref_logits = [alloc(4 * n * v)]
+    reference = max(
+        without,
+        head,
+        ref_logits + head,  # its KL forward, its target's fp32 logits alive
+        ref_logits + [alloc(4 * n * v)],  # its own row copies
+        key=sum,
+    )
+    # the policy's logits, then (the same size) its row copies
+    return [alloc(4 * n * v)] + max(policy_kl, reference, key=sum)
+
+
 def kto_notes(setup: TrainingSetup) -> list[str]:
     if not is_kto(setup):
         return []
     if setup.stack == Stack.AXOLOTL:
         return [AXOLOTL_NOTE, *([] if kl_rows(setup) else ["no KL term (loss_type apo_zero_unpaired)"])]
+    if setup.stack == Stack.LLAMAFACTORY:
+        return [LLAMAFACTORY_NOTE]
     if kl_rows(setup):
         return [
             NOTE,

@@ -146,6 +146,10 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     outputs scattered to every token (log_probs, entropy, mean_logits fp32, is_top1 and the
     label mask bool) with the labels _compute_loss made. trl==1.9.0 (axolotl): the policy's fp32
     logits, which `outputs` and every row's logsumexp (saved input views) keep."""
+    if setup.stack == Stack.LLAMAFACTORY and kto.is_kto(setup):
+        # get_batch_logps' saved log-softmax; the fp32 logits die with concatenated_forward, which returns
+        # copies of them by kto_tags instead (kto.llamafactory_moment)
+        return [alloc(4 * _shifted(setup) * spec.vocab)]
     if setup.stack == Stack.LLAMAFACTORY and is_dpo(setup):
         # concatenated_forward's fp32 logits (returned, held to the metrics) and get_batch_logps'
         # log-softmax over every row but the last position (saved for backward)
@@ -218,6 +222,10 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
     the fused head's forward. [CPU trace: group "preference"]"""
     # precomputed: no reference layers run, only the metrics' head
     layer = no_grad_layer_parts(spec, setup, params) if reference_forward(setup) else []
+    if setup.stack == Stack.LLAMAFACTORY and kto.is_kto(setup):
+        held = policy_held_parts(spec, setup)
+        layers = (no_grad_layer_parts(spec, setup, params, adapters=True), layer)
+        return held + kto.llamafactory_moment(spec, setup, _llamafactory_head_parts(spec, setup), layers)
     if setup.stack == Stack.LLAMAFACTORY:
         head = _llamafactory_head_parts(spec, setup)
     elif full_logits(setup):

@@ -201,7 +201,7 @@ def loss_step(setup) -> Callable:
     if setup.objective == Objective.GRPO:
         return grpo_step
     if setup.objective == Objective.KTO:
-        return kto_step
+        return llamafactory_kto_step if setup.stack == Stack.LLAMAFACTORY else kto_step
     if setup.objective == Objective.REWARD:
         return llamafactory_reward_step if setup.stack == Stack.LLAMAFACTORY else reward_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
@@ -467,8 +467,8 @@ LF_DPO_SOURCES = (
 
 
 @functools.cache
-def llamafactory_dpo_functions() -> dict:
-    """LLaMA-Factory's DPO step functions, executed from its own source (llamafactory==0.9.5; the
+def llamafactory_functions(sources: tuple) -> dict:
+    """LLaMA-Factory's DPO or KTO step functions, executed from its own source (llamafactory==0.9.5; the
     package's __init__ imports its whole dependency set and pins transformers<=5.6.0, the
     functions only torch): found with find_spec on an installed llamafactory or its source on
     PYTHONPATH, each function's text taken from the file by its name; read once per process, not
@@ -493,7 +493,7 @@ def llamafactory_dpo_functions() -> dict:
         "override": lambda f: f,
         **{name: getattr(typing, name) for name in ("Optional", "Union", "Literal", "TYPE_CHECKING")},
     }
-    for parts, name in LF_DPO_SOURCES:
+    for parts, name in sources:
         _exec_from_source(root.joinpath(*parts), (name,), namespace)
     return namespace
 
@@ -510,7 +510,7 @@ def llamafactory_dpo_step(built, ids):
     import torch
     import torch.nn.functional as F
 
-    lf = llamafactory_dpo_functions()
+    lf = llamafactory_functions(LF_DPO_SOURCES)
 
     def dpo_loss(pc, pr, rc, rr):
         logits = (pc - pr) - (rc - rr)
@@ -532,6 +532,52 @@ def llamafactory_dpo_step(built, ids):
     for name in ("concatenated_forward", "compute_reference_log_probs", "compute_preference_loss", "simpo_loss"):
         setattr(trainer, name, types.MethodType(lf[name], trainer))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss, _metrics = lf["get_batch_loss_metrics"](trainer, built.model, batch)
+    return loss, None
+
+
+# LLaMA-Factory 0.9.5's KTO pieces, read from its source files
+LF_KTO_SOURCES = (
+    (("train", "trainer_utils.py"), "get_batch_logps"),
+    (("train", "trainer_utils.py"), "nested_detach"),
+    (("train", "kto", "trainer.py"), "CustomKTOTrainer.forward"),
+    (("train", "kto", "trainer.py"), "CustomKTOTrainer.concatenated_forward"),
+    (("train", "kto", "trainer.py"), "CustomKTOTrainer.compute_reference_log_probs"),
+    (("train", "kto", "trainer.py"), "CustomKTOTrainer.get_batch_loss_metrics"),
+)
+
+
+def llamafactory_kto_step(built, ids):
+    """llamafactory==0.9.5 `stage: kto`: CustomKTOTrainer.get_batch_loss_metrics (train/kto/trainer.py:
+    221-269) as it is, on a stand-in: concatenated_forward (the policy's fp32 logits and
+    get_batch_logps, the KL rows under no_grad, the rows indexed by kto_tags), then
+    compute_reference_log_probs (adapters disabled or the frozen copy). The KL rows are the batch's
+    ids rolled by one row (data/processor/feedback.py pairs each prompt with another response);
+    trl 0.24's kto_loss, which it calls, stands in as a sigmoid over [B] tensors (memory-neutral)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    lf = llamafactory_functions(LF_KTO_SOURCES)
+
+    def kto_loss(pc, pr, pkl, rc, rr, rkl):
+        kl = (pkl - rkl).mean().clamp(min=0).detach()
+        losses = torch.cat((1 - F.sigmoid(DPO_BETA * (pc - rc - kl)), 1 - F.sigmoid(DPO_BETA * (kl - pr + rr))), 0)
+        return losses, DPO_BETA * (pc - rc).detach(), DPO_BETA * (pr - rr).detach(), kl
+
+    trainer = types.SimpleNamespace(
+        ref_model=built.ref_model,
+        accelerator=types.SimpleNamespace(device=ids.device, unwrap_model=lambda m: m),
+        ftx_gamma=0.0,
+        kto_loss=kto_loss,
+    )
+    for name in ("forward", "concatenated_forward", "compute_reference_log_probs"):
+        setattr(trainer, name, types.MethodType(lf[name], trainer))
+    ones, kl = torch.ones_like(ids), ids.roll(1, dims=0)
+    batch = {"input_ids": ids, "attention_mask": ones, "labels": ids, "kl_input_ids": kl}
+    batch.update(kl_attention_mask=ones.clone(), kl_labels=kl.clone())
+    batch["kto_tags"] = torch.arange(ids.shape[0], device=ids.device) % 2 == 0
     loss, _metrics = lf["get_batch_loss_metrics"](trainer, built.model, batch)
     return loss, None
 
