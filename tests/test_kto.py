@@ -170,3 +170,18 @@ def test_llamafactorys_kto_example_is_read_as_kto(tmp_path):
     with pytest.raises(VramplanError) as e:
         make_setup(**{**reading.fields, "stack": "llamafactory", "kto_kl": False})
     assert e.value.flag == "--no-kto-kl"
+
+
+def test_plan_takes_the_objective_and_refuses_a_stack_without_that_trainer(capsys):
+    """`plan --objective`: every row runs that trainer; one line when the stack has none (not
+    "nothing fits"); TRL's KTO rows hold two examples or more (its KL term)."""
+    import json
+
+    from vramplan.cli import main
+
+    assert main(["plan", "llama-3.2-1b", "--gpus", "1x24GB", "--objective", "dpo"]) == 2
+    assert "--objective" in capsys.readouterr().err
+    argv = ["plan", "llama-3.2-1b", "--gpus", "1x24GB", "--objective", "kto", "--stack", "trl", "--format", "json"]
+    assert main(argv + ["--top", "5"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows and all(r["setup"]["objective"] == "kto" and r["setup"]["batch_size"] >= 2 for r in rows)

@@ -399,6 +399,46 @@ def seq_grid(context: int) -> np.ndarray:
     return np.array(sorted(vals), dtype=np.int64)
 
 
+# The fields that choose the trainer a plan's rows all run (--objective and its knobs, the stack
+# whose trainer it is): checked once, up front, so that a trainer the stack does not run is said in
+# one line rather than as "nothing fits"
+TRAINER_FIELDS = (
+    "objective",
+    "stack",
+    "loss",
+    "fp32_outputs",
+    "packing",
+    "precompute_ref_log_probs",
+    "kto_kl",
+    "completion_len",
+    "steps_per_generation",
+    "num_iterations",
+    "beta",
+    "generation",
+    "vllm_gpu_memory_utilization",
+)
+
+
+def check_trainer(fixed: dict[str, Any]) -> None:
+    """The fixed trainer fields make a valid step (a LoRA one at the smallest micro-batch it takes):
+    --objective dpo needs a stack whose DPO trainer is modelled, and so on; raises naming the flag."""
+    if fixed.get("objective", Objective.SFT) == Objective.SFT:
+        return
+    given = {k: v for k, v in fixed.items() if k in TRAINER_FIELDS}
+    probe = dict(method="lora", batch_size=max(fixed.get("batch_size", 1), 2), seq_len=fixed.get("seq_len", 2048))
+    if given.get("objective") == Objective.GRPO:
+        probe["seq_len"] = max(probe["seq_len"], given.get("completion_len", 512) + 1)
+    make_setup(**probe, **given)
+
+
+def min_batch(setup: TrainingSetup) -> int:
+    """The smallest micro-batch the trainer runs: KTO's KL term pairs a row with another's completion
+    (trl kto_trainer.py:844-847); LLaMA-Factory builds its KL rows itself."""
+    if setup.objective == Objective.KTO and setup.kto_kl and setup.stack != Stack.LLAMAFACTORY:
+        return 2
+    return 1
+
+
 def batch_grid(req: PlanRequest, layerwise: bool) -> np.ndarray:
     """Micro-batch sizes: 1..max_batch, or the divisors of the per-GPU share of the global
     batch; layer-wise optimizers cannot accumulate gradients (one micro-batch per step)."""
@@ -724,8 +764,11 @@ def _setup(req: PlanRequest, fields: dict, seq: int) -> TrainingSetup | None:
     if not req.fixed and not req.vary:
         setup = make_setup(**fields, seq_len=seq)
     else:
+        fixed = dict(req.fixed)
+        if fixed.get("objective") == Objective.KTO and fixed.get("kto_kl", True):  # min_batch's floor
+            fixed.setdefault("batch_size", 2)
         try:
-            setup = make_setup(**{**req.fixed, **fields, "seq_len": seq})
+            setup = make_setup(**{**fixed, **fields, "seq_len": seq})
         except VramplanError:
             return None
     # LoRA candidates leave the precision to the stack: fp16 on a card without bf16, as estimate does
@@ -756,7 +799,8 @@ def search(spec: ModelSpec, req: PlanRequest) -> tuple[list[Grid], int]:
             setup = _setup(req, fields, int(seqs[0]))
             if setup is None:
                 continue
-            grid = evaluate(spec, setup, req, seqs, batch_grid(req, setup.optim.layerwise))
+            batches = batch_grid(req, setup.optim.layerwise)
+            grid = evaluate(spec, setup, req, seqs, batches[batches >= min_batch(setup)])
             grids.append(grid)
             evaluated += grid.evaluated
             if not _fits(grid, req)[:, 0].any():
@@ -1228,5 +1272,6 @@ def plan_model(
 ) -> PlanResult:
     check_int(top, "--top", MAX_TOP)
     req = make_request(model, gpus, **constraints)
+    check_trainer(req.fixed)
     spec = model if isinstance(model, ModelSpec) else load_model_spec(model, num_layers=num_layers)
     return plan_spec(spec, req, top=top)

@@ -8,12 +8,21 @@ import sys
 
 from vramplan.cli import config_file
 from vramplan.cli.alloc_conf import ALLOC_CONF_HELP, use_alloc_conf_flag
-from vramplan.cli.common import MODEL_HELP, _choices, _flag, add_num_layers, bounded, int_in, tokens_in
+from vramplan.cli.common import (
+    MODEL_HELP,
+    _choices,
+    _flag,
+    add_grpo_options,
+    add_num_layers,
+    bounded,
+    int_in,
+    tokens_in,
+)
 from vramplan.cli.gpu_options import add_gpu_options, gpu_overrides
 from vramplan.estimate import DEFAULT_HOST_RAM
 from vramplan.limits import MAX_GLOBAL_BATCH, MAX_PLAN_BATCH, MAX_RANK, MAX_RANKS, MAX_SEQ_LEN, MAX_TOP
 from vramplan.plan import ALL_METHOD_KEYS, MAX_BATCH, METHOD_KEYS
-from vramplan.setup import Stack
+from vramplan.setup import Objective, Stack
 from vramplan.units import GiB
 
 EMIT_CHOICES = ("axolotl", "trl", "llamafactory", "torchtune", "accelerate")
@@ -58,6 +67,11 @@ def _add_topology_options(p: argparse.ArgumentParser) -> None:
         type=int_in(MAX_GLOBAL_BATCH),
         help=bounded("sequences per optimizer step over all GPUs (gradient accumulation)", MAX_GLOBAL_BATCH),
     )
+    # what the step trains on, fixed for every row as a --config's trainer fixes it
+    _flag(p, "objective", choices=_choices(Objective), extra_help=" (default: --config's trainer, else sft)")
+    _flag(p, "precompute_ref_log_probs", boolean=True)
+    _flag(p, "kto_kl", boolean=True)
+    add_grpo_options(p)
 
 
 def _add_search_options(p: argparse.ArgumentParser) -> None:
