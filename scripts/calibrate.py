@@ -688,6 +688,17 @@ CASES = [
         batch_size=2,
         seq_len=1024,
     ),
+    # axolotl's rl: orpo (trl 1.9.0's experimental ORPOTrainer: the logits, the NLL's copy and log-softmax)
+    case(
+        "l1b_orpo_qlora_nf4_ckpt_b2s2048_axolotl",
+        L1B,
+        stack="axolotl",
+        objective="orpo",
+        method="qlora",
+        gradient_checkpointing=True,
+        batch_size=2,
+        seq_len=2048,
+    ),
     # axolotl's `rl: grpo`, trl 1.9.0's GRPOTrainer (memory/grpo_logits.py; CPU-traced, never on a GPU):
     # the log-probs from the model's fp32 logits over the completion, 4 x 1025 x 128256 x 4 bytes, with
     # the entropy's copy; axolotl's bf16 LoRA generating 16 rows outside autocast (peft's fp32 adapter

@@ -1034,11 +1034,11 @@ def test_eight_bit_bases_read_as_llm_int8(tmp_path):
         read_config([str(bare)])
 
 
-@pytest.mark.parametrize("key", ["rl: orpo", "process_reward_model: true", "unfrozen_parameters: ['^lm_head.weight$']"])
+@pytest.mark.parametrize("key", ["rl: ebft", "process_reward_model: true", "unfrozen_parameters: ['^lm_head.weight$']"])
 def test_axolotl_training_modes_not_modelled_are_said(tmp_path, key):
-    """ORPO/SimPO/EBFT, process reward models and partial freezing are estimated as one SFT step: one
-    line says so (rl: dpo, kto and grpo are modelled: tests/test_preference.py, test_kto.py,
-    test_grpo.py; reward_model: tests/test_reward.py)."""
+    """EBFT, process reward models and partial freezing are estimated as one SFT step: one line says
+    so (rl: dpo, kto, orpo, simpo and grpo are modelled: tests/test_preference.py, test_kto.py,
+    test_orpo.py, test_grpo.py; reward_model: tests/test_reward.py)."""
     f = tmp_path / "a.yml"
     kernels_off = "lora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n"  # else auto-enabled
     f.write_text(f"base_model: x/y\nadapter: lora\nattn_implementation: flash_attention_2\n{kernels_off}{key}\n")

@@ -1254,6 +1254,7 @@ DPO = dict(stack="trl", objective="dpo")
 KTO = dict(stack="trl", objective="kto")
 AX_KTO = dict(stack="axolotl", objective="kto")
 LF_KTO = dict(stack="llamafactory", objective="kto")
+AX_ORPO = dict(stack="axolotl", objective="orpo")
 AX_DPO = dict(stack="axolotl", objective="dpo")
 LF_DPO = dict(stack="llamafactory", objective="dpo")
 # a 32768-token vocabulary on two layers: the logits (4 bytes x 2 rows x 128 x 32768 each copy) lead
@@ -1312,6 +1313,13 @@ PREFERENCE_CASES = {
     "ax-kto-lora-no-kl": (LLAMA, dict(AX_KTO, method="lora", kto_kl=False)),
     "ax-kto-lora-precomputed": (LLAMA, dict(AX_KTO, method="lora", precompute_ref_log_probs=True)),
     "ax-kto-bigv-lora": (PREF_BIGV, dict(AX_KTO, method="lora", seq_len=128)),
+    # axolotl==0.19.0's rl: orpo / rl: simpo, trl==1.9.0's experimental ORPOTrainer / CPOTrainer
+    # get_batch_loss_metrics as they are (trl 1.9.0 first on PYTHONPATH: committed rows held here)
+    "ax-orpo-lora": (LLAMA, dict(AX_ORPO, method="lora")),
+    "ax-orpo-full": (LLAMA, dict(AX_ORPO, method="full")),
+    "ax-orpo-qlora-ckpt": (LLAMA, dict(AX_ORPO, method="qlora", gradient_checkpointing=True)),
+    "ax-simpo-lora-no-nll": (LLAMA, dict(AX_ORPO, method="lora", chosen_nll=False)),
+    "ax-orpo-bigv-lora": (PREF_BIGV, dict(AX_ORPO, method="lora", batch_size=1, seq_len=128)),
     # llamafactory==0.9.5's stage: kto, CustomKTOTrainer's own get_batch_loss_metrics, forward and
     # concatenated_forward executed from its source (its source on PYTHONPATH: committed rows held here)
     "lf-kto-lora": (LLAMA, dict(LF_KTO, method="lora")),

@@ -239,7 +239,7 @@ def test_axolotl_dpo_without_fp32_logits_is_refused():
     assert e.value.flag == "--objective"
 
 
-def test_an_axolotl_dpo_config_is_read_as_dpo_and_orpo_is_not(tmp_path):
+def test_an_axolotl_dpo_config_is_read_as_dpo_and_ebft_is_not(tmp_path):
     base = "base_model: meta-llama/Llama-3.1-8B\nadapter: lora\nmicro_batch_size: 1\nsequence_len: 1024\nbf16: true\n"
     dpo = tmp_path / "dpo.yml"
     dpo.write_text(base + "rl: dpo\nprecompute_ref_log_probs: true\nchunked_cross_entropy: true\n")
@@ -248,8 +248,8 @@ def test_an_axolotl_dpo_config_is_read_as_dpo_and_orpo_is_not(tmp_path):
     assert reading.fields["loss"].value == "hf"  # the loss patch is not on DPO's path
     assert reading.fields["lora_kernels"] is False  # axolotl leaves its kernels off under rl
     make_setup(**{**reading.fields, "stack": reading.stack})
-    orpo = tmp_path / "orpo.yml"  # rl: kto is KTO's (tests/test_kto.py)
-    orpo.write_text(base + "rl: orpo\n")
+    orpo = tmp_path / "ebft.yml"  # rl: kto and rl: orpo are modelled (tests/test_kto.py, test_orpo.py)
+    orpo.write_text(base + "rl: ebft\n")
     reading = read_config([str(orpo)])
     assert "objective" not in reading.fields and any(u.key == "rl" for u in reading.unmodelled)
 

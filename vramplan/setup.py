@@ -415,6 +415,9 @@ class Objective(str, Enum):
     # or not, one row each, with B mismatched (prompt, completion) rows for the KL term run without
     # grad by the policy and the reference; the reference forward as DPO's (memory/kto.py)
     KTO = "kto"
+    # axolotl's `rl: orpo` and `rl: simpo`: trl==1.9.0's experimental ORPOTrainer and CPOTrainer, each pair's
+    # chosen and rejected rows in one batch, no reference model, an NLL over the chosen rows (memory/orpo.py)
+    ORPO = "orpo"
 
 
 class Generation(str, Enum):
@@ -795,12 +798,19 @@ class TrainingSetup(BaseModel):
         "scored without grad, then the step over prompt + completion rows; reward: TRL's RewardTrainer (--stack "
         "trl or axolotl), a sequence-classification model (a one-output score head, no lm_head) over each pair's "
         "chosen and rejected rows; kto: TRL 1.16's KTOTrainer (--stack trl), one row per example, the KL term's "
-        "mismatched rows scored without grad, the reference as DPO's",
+        "mismatched rows scored without grad, the reference as DPO's; orpo: axolotl's rl: orpo / rl: simpo "
+        "(--stack axolotl), pairs without a reference, an NLL over the chosen rows",
     )
     precompute_ref_log_probs: bool = Field(
         False,
         description="--objective dpo or kto: the reference log-probs computed once before training "
         "(DPOConfig/KTOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
+    )
+    chosen_nll: bool = Field(
+        True,
+        description="--objective orpo: the NLL over the chosen rows (ORPO's always; SimPO's CPOTrainer when "
+        "cpo_alpha > 0, its default): a copy of the chosen rows' fp32 logits and their log-softmax; "
+        "--no-chosen-nll for cpo_alpha 0",
     )
     kto_kl: bool = Field(
         True,
@@ -912,6 +922,7 @@ class TrainingSetup(BaseModel):
         self._check_grpo()
         self._check_reward()
         self._check_kto()
+        self._check_orpo()
         if self.objective != Objective.DPO:
             return
         if self.stack not in DPO_STACKS:
@@ -943,6 +954,22 @@ class TrainingSetup(BaseModel):
                 "dpo_trainer.py:133-140): --packing none",
                 "--packing",
             )
+
+    def _check_orpo(self) -> None:
+        """--objective orpo is axolotl's ORPO/SimPO step (memory/orpo.py): trl 1.9.0's logits, padded rows."""
+        if self.objective != Objective.ORPO:
+            if not self.chosen_nll:
+                raise VramplanError("only applies to --objective orpo", "--no-chosen-nll")
+            return
+        if self.stack != Stack.AXOLOTL or self.loss != Loss.HF or not self.fp32_outputs:
+            raise VramplanError(
+                "--objective orpo is modelled as axolotl's rl: orpo / rl: simpo (trl==1.9.0's ORPOTrainer and "
+                "CPOTrainer, the model's fp32 logits): --stack axolotl --loss hf --fp32-outputs (LLaMA-Factory's "
+                "pref_loss orpo/simpo is --objective dpo --precompute-ref-log-probs)",
+                "--objective",
+            )
+        if self.packing != Packing.NONE:
+            raise VramplanError("ORPO and CPO pad each pair's rows: --packing none", "--packing")
 
     def _check_kto(self) -> None:
         """--objective kto is TRL 1.16's KTOTrainer (memory/kto.py): its fused head, padded rows, and
@@ -1319,7 +1346,7 @@ class TrainingSetup(BaseModel):
         (trl==1.16.0 trainer/dpo_trainer.py:146-170 DataCollatorForPreference: chosen rows, then
         rejected rows, padded to one length); the reward model's collator does the same
         (reward_trainer.py:203-229)."""
-        return self.batch_size * (2 if self.objective in (Objective.DPO, Objective.REWARD) else 1)
+        return self.batch_size * (2 if self.objective in (Objective.DPO, Objective.REWARD, Objective.ORPO) else 1)
 
     @property
     def tokens(self) -> int:
@@ -1492,4 +1519,6 @@ class TrainingSetup(BaseModel):
             words.append(self.objective.value + ("(precomputed-ref)" if self.precompute_ref_log_probs else ""))
         if self.objective == Objective.KTO and not self.kto_kl:
             words.append("no-kl")
+        if self.objective == Objective.ORPO and not self.chosen_nll:
+            words.append("no-nll")
         return words

@@ -336,8 +336,8 @@ def _packing(c: Collector) -> None:
 # utils/schemas/config.py: rl, reward_model, process_reward_model, qat, ebft; lisa_* and unfrozen_parameters
 # freeze part of a full fine-tune, whose frozen weights get no grad and no optimizer state).
 _NOT_SFT = {
-    "rl": "preference/RL training other than DPO/IPO, KTO and GRPO/GDPO (ORPO, SimPO, EBFT: trl==1.9.0's other "
-    "trainers) is not modelled; estimated as one SFT step",
+    "rl": "RL training other than DPO/IPO, KTO, ORPO, SimPO and GRPO/GDPO (EBFT: its sampled sequences and "
+    "feature network) is not modelled; estimated as one SFT step",
     "process_reward_model": "a process reward model's token head is not modelled; estimated as SFT",
     "unfrozen_parameters": "only the parameters matching it train (utils/freeze.py); estimated without it",
     "lisa_n_layers": "LISA trains a few sampled layers at a time; estimated with every layer trainable",
@@ -352,7 +352,7 @@ def _not_sft(c: Collector) -> None:
     c.get("trl")  # the RL trainers' section (utils/schemas/trl.py): GRPO's read by _grpo, else part of `rl`'s line
     c.get("num_labels")  # a classifier's outputs: 1 for reward_model (the score head), 2 for a PRM's token head
     for key, why in _NOT_SFT.items():
-        if key == "rl" and (_dpo(c) or _grpo(c) or _kto(c)):
+        if key == "rl" and (_dpo(c) or _grpo(c) or _kto(c) or _orpo(c)):
             continue
         if c.get(key):
             c.unmodelled(key, why)
@@ -426,6 +426,34 @@ def _kto(c: Collector) -> bool:
         c.set("rl", "loss", Loss.HF, "KTO's log-probs come from the model's logits, not the loss patch")
     if c.fields.get("packing") not in (None, Packing.NONE):
         c.set("rl", "packing", Packing.NONE, "trl 1.9.0's KTOTrainer pads (axolotl: not supported with kto)")
+    return True
+
+
+def _orpo(c: Collector) -> bool:
+    """`rl: orpo` (AxolotlORPOTrainer) and `rl: simpo` (AxolotlCPOTrainer, loss_type simpo) over
+    trl==1.9.0's experimental trainers (core/builders/rl.py:75-78, 128-145; memory/orpo.py): no
+    reference model; the NLL over the chosen rows, ORPO's always, CPO's unless cpo_alpha is 0
+    (CPOConfig's default 1.0 when axolotl passes none)."""
+    rl = c.get("rl")
+    if rl not in ("orpo", "simpo"):
+        return False
+    trainer = (
+        "AxolotlORPOTrainer over trl==1.9.0's ORPOTrainer"
+        if rl == "orpo"
+        else ("AxolotlCPOTrainer (loss_type simpo) over trl==1.9.0's CPOTrainer")
+    )
+    c.set("rl", "objective", Objective.ORPO, f"axolotl==0.19.0 {trainer}")
+    for key in ("orpo_alpha", "rl_beta", "simpo_gamma"):
+        c.get(key)
+    alpha = c.get("cpo_alpha")
+    if rl == "simpo" and alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+            raise c.fail("cpo_alpha", "a number >= 0", alpha)
+        c.set("cpo_alpha", "chosen_nll", alpha > 0, "CPO's NLL over the chosen rows runs when cpo_alpha > 0")
+    if c.fields.get("loss") not in (None, Loss.HF):
+        c.set("rl", "loss", Loss.HF, f"{rl}'s log-probs come from the model's logits, not the loss patch")
+    if c.fields.get("packing") not in (None, Packing.NONE):
+        c.set("rl", "packing", Packing.NONE, f"trl 1.9.0's {rl} trainer pads each pair's rows")
     return True
 
 

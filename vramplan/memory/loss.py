@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vramplan.memory import grpo_logits, kto, reward
+from vramplan.memory import grpo_logits, kto, orpo, reward
 from vramplan.memory.compile import (
     axolotl_chunked_loss,
     chunked_compiled,
@@ -74,7 +74,8 @@ def input_bytes(setup: TrainingSetup) -> int:
     generation batch (memory/grpo.py)."""
     per_token = reward.INPUT_BYTES_PER_TOKEN if reward.sequence_classifier(setup) else INPUT_BYTES_PER_TOKEN
     kl = alloc(kto.kl_input_bytes(setup)) if kto.kl_rows(setup) else 0  # KTO's KL rows (memory/kto.py)
-    return alloc(setup.tokens * per_token) + kl + grpo_buffered_bytes(setup)
+    pairs = alloc(orpo.batch_bytes(setup)) if orpo.is_orpo(setup) else 0  # ORPO's collated pairs (memory/orpo.py)
+    return alloc(setup.tokens * per_token) + kl + pairs + grpo_buffered_bytes(setup)
 
 
 def grpo_buffered_bytes(setup: TrainingSetup) -> int:
@@ -495,6 +496,17 @@ LOSS_RULES: dict[Loss, Callable[[ModelSpec, TrainingSetup], LossTerms]] = {
 }
 
 
+def outside_forward(setup: TrainingSetup) -> bool:
+    """The trainer computes its log-probs from the logits the model returned, after accelerate's
+    autocast around the forward has exited and cleared its weight cache: axolotl's (trl 1.9.0) and
+    LLaMA-Factory's preference steps, axolotl's GRPO (grpo_logits.py). [CPU trace: ax-grpo-beta-lora-ckpt,
+    ax-orpo-qlora-ckpt]"""
+    if grpo_logits.from_logits(setup):
+        return True
+    full_logit_trainer = setup.stack in (Stack.AXOLOTL, Stack.LLAMAFACTORY) and setup.loss == Loss.HF
+    return full_logit_trainer and setup.objective in (Objective.DPO, Objective.KTO, Objective.ORPO)
+
+
 def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
     """The loss of setup.loss, with accelerate's fp32 outputs and the loop's kept logits.
 
@@ -511,6 +523,9 @@ def loss_terms(spec: ModelSpec, setup: TrainingSetup) -> LossTerms:
         return LossTerms(forward=forward, backward=sum(reward.value_head_backward_parts(spec, setup)))
     if is_reward(setup):  # a score head of one output: no logits over the vocabulary (reward.py)
         return LossTerms(forward=sum(reward.forward_parts(setup)), backward=sum(reward.backward_parts(spec, setup)))
+    if orpo.is_orpo(setup):  # axolotl's ORPO and SimPO: trl 1.9.0's logits, an NLL over the chosen rows (orpo.py)
+        forward, backward = orpo.head_terms(spec, setup)
+        return LossTerms(forward=forward, backward=backward)
     if grpo_logits.from_logits(setup):  # axolotl's GRPO: trl 1.9.0's log-probs from the logits (grpo_logits.py)
         forward = sum(grpo_logits.train_forward_parts(spec, setup))
         return LossTerms(forward=forward, backward=grpo_logits.train_backward_bytes(spec, setup))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.categories import Category as C
-from vramplan.memory import grpo_logits
 from vramplan.memory.accumulation import (
     accumulated_grad_sizes,
     accumulation_notes,
@@ -42,7 +41,7 @@ from vramplan.memory.layer import LayerPoints, forward_locals, layer_points, ste
 from vramplan.memory.liger import liger_norms, liger_notes
 from vramplan.memory.lora import lora_targeted
 from vramplan.memory.lora_kernels import KERNELS_NOTE, kernels_fused
-from vramplan.memory.loss import fused_head_cast, loop_token_bytes, loss_notes, loss_terms
+from vramplan.memory.loss import fused_head_cast, loop_token_bytes, loss_notes, loss_terms, outside_forward
 from vramplan.memory.norms import (
     final_norm_backward_saved,
     final_norm_forward,
@@ -55,6 +54,7 @@ from vramplan.memory.optimizers import (
     optimizer_notes,
     optimizer_transient,
 )
+from vramplan.memory.orpo import orpo_notes
 from vramplan.memory.parameters import Param, grad_bytes, parameters, saved_modules_note, upcast_note
 from vramplan.memory.persistent import static_bytes
 from vramplan.memory.precision import grad_scaler_step, precision_notes
@@ -163,8 +163,8 @@ def head_phases(ctx: StepContext) -> list[Phase]:
     acts = ctx.acts + ctx.cast_cache
     final_norm = has_rms_final_norm(spec)
     # the loss runs inside the forward's autocast: its cache is cleared once the loss is computed;
-    # axolotl's GRPO takes its log-probs from the returned logits, after autocast has exited
-    cache = 0 if grpo_logits.from_logits(ctx.setup) else ctx.forward_cache
+    # a trainer that takes its log-probs from the returned logits does so after autocast has exited
+    cache = 0 if outside_forward(ctx.setup) else ctx.forward_cache
     phases = [_at_forward_end(ctx, PhaseKind.FORWARD_LOSS, acts + cache, loss.forward)]
     if final_norm:
         # a reward model's score head saves its input after the final norm ran (memory/reward.py)
@@ -428,6 +428,7 @@ def step_model(
         ([OFFLOAD_NOTE] if setup.cpu_offload else [])
         + loss_notes(setup)
         + preference_notes(setup)
+        + orpo_notes(setup)
         + grpo_notes(setup)
         + reward_notes(setup)
         + knob_notes(spec, setup)

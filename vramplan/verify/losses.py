@@ -202,6 +202,8 @@ def loss_step(setup) -> Callable:
         return grpo_step
     if setup.objective == Objective.KTO:
         return llamafactory_kto_step if setup.stack == Stack.LLAMAFACTORY else kto_step
+    if setup.objective == Objective.ORPO:
+        return axolotl_orpo_step
     if setup.objective == Objective.REWARD:
         return llamafactory_reward_step if setup.stack == Stack.LLAMAFACTORY else reward_step
     if setup.loss == Loss.CHUNKED and setup.stack == Stack.AXOLOTL:
@@ -264,6 +266,51 @@ def _need_axolotl_trl(step: str) -> None:
             "put trl 1.9.0's wheel first on PYTHONPATH",
             "--stack",
         )
+
+
+def axolotl_orpo_step(built, ids):
+    """axolotl==0.19.0 `rl: orpo` / `rl: simpo`: trl==1.9.0's experimental ORPOTrainer (with the NLL
+    over the chosen rows) or CPOTrainer (loss_type simpo; cpo_alpha 0 without it) and its own
+    get_batch_loss_metrics, on a stand-in trainer: the collator's chosen_* and rejected_* rows (the
+    batch's first and second halves), concatenated, padded and run as they are
+    (experimental/orpo/orpo_trainer.py:609-900, experimental/cpo/cpo_trainer.py:790-920)."""
+    import types
+
+    import torch
+
+    _need_axolotl_trl("ORPO")
+    setup = built.setup
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    Trainer: Any = ORPOTrainer if setup.chosen_nll else CPOTrainer
+    trainer = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(device=ids.device, gather_for_metrics=lambda x: x),
+        aux_loss_enabled=False,
+        aux_loss_coef=0.0,
+        is_encoder_decoder=False,
+        padding_value=0,
+        pad_token_id=0,
+        beta=DPO_BETA,
+        cpo_alpha=0.0,
+        loss_type="simpo",
+        simpo_gamma=0.5,
+        label_smoothing=0.0,
+        alpha=0.0,  # CPOConfig's AlphaPO exponent: 0 is SimPO
+        concatenated_inputs=Trainer.concatenated_inputs,
+        get_batch_logps=Trainer.get_batch_logps,
+    )
+    for name in ("concatenated_forward", "odds_ratio_loss" if setup.chosen_nll else "cpo_loss"):
+        setattr(trainer, name, types.MethodType(getattr(Trainer, name), trainer))
+    half, ones = ids.shape[0] // 2, torch.ones_like(ids)
+    batch = {}
+    for side, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
+        batch.update(
+            {f"{side}_input_ids": ids[rows], f"{side}_attention_mask": ones[rows], f"{side}_labels": ids[rows].clone()}
+        )
+    stand_in: Any = trainer
+    loss, _metrics = Trainer.get_batch_loss_metrics(stand_in, built.model, batch)
+    return loss, None
 
 
 def axolotl_dpo_step(built, ids):
