@@ -77,3 +77,29 @@ def test_axolotls_orpo_and_simpo_files(tmp_path):
     with pytest.raises(VramplanError) as e:
         read_config([str(path)])
     assert e.value.flag.endswith("cpo_alpha")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fields", "lines"),
+    [
+        (
+            "axolotl",
+            dict(objective="dpo", precompute_ref_log_probs=True),
+            ["rl: dpo", "precompute_ref_log_probs: true"],
+        ),
+        ("axolotl", dict(objective="kto"), ["rl: kto"]),
+        ("axolotl", dict(objective="orpo"), ["rl: orpo"]),
+        ("axolotl", dict(objective="orpo", chosen_nll=False), ["rl: simpo", "cpo_alpha: 0.0"]),
+        ("llamafactory", dict(objective="dpo"), ["stage: dpo", "pref_loss: sigmoid"]),
+        ("llamafactory", dict(objective="dpo", precompute_ref_log_probs=True), ["stage: dpo", "pref_loss: simpo"]),
+        ("llamafactory", dict(objective="kto"), ["stage: kto"]),
+    ],
+)
+def test_emit_writes_the_frameworks_preference_trainers_and_reads_them_back(fmt, fields, lines):
+    """--emit axolotl / llamafactory for their own DPO, KTO, ORPO and SimPO steps: the file's rl or
+    stage key, checked by reading the file back into the same step (emit's round trip)."""
+    from vramplan.configs.emit import emit
+
+    setup = make_setup(stack=fmt, method="lora", batch_size=2, seq_len=1024, **fields)
+    text = emit(fmt, setup, "meta-llama/Llama-3.2-1B", {})
+    assert all(line in text.splitlines() for line in lines)

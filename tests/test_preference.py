@@ -187,8 +187,11 @@ def test_emit_writes_a_trl_dpo_config_that_reads_back_and_refuses_other_formats(
     setup = _dpo(method="lora", gradient_checkpointing=True, precompute_ref_log_probs=True)
     text = emit("trl", setup, "meta-llama/Llama-3.1-8B", {})
     assert "trl dpo --config" in text and "beta: 0.1" in text and "packing:" not in text
-    with pytest.raises(VramplanError) as e:
+    with pytest.raises(VramplanError) as e:  # axolotl's DPO is trl 1.9.0's, over the logits: not this head
         emit("axolotl", setup, "meta-llama/Llama-3.1-8B", {})
+    assert e.value.flag == "--emit" and "loss=trl-chunked-nll" in str(e.value)
+    with pytest.raises(VramplanError) as e:
+        emit("torchtune", setup, "meta-llama/Llama-3.1-8B", {})
     assert e.value.flag == "--emit" and "objective" in str(e.value)
 
 

@@ -57,7 +57,13 @@ _HINTS = {
 
 
 # the formats besides trl that write each non-SFT objective's trainer
-_OBJECTIVE_FORMATS = {Objective.REWARD: ("axolotl", "llamafactory"), Objective.GRPO: ("axolotl",)}
+_OBJECTIVE_FORMATS = {
+    Objective.REWARD: ("axolotl", "llamafactory"),
+    Objective.GRPO: ("axolotl",),
+    Objective.DPO: ("axolotl", "llamafactory"),
+    Objective.KTO: ("axolotl", "llamafactory"),
+    Objective.ORPO: ("axolotl",),
+}
 
 
 def emit(fmt: str, setup: TrainingSetup, model_id: str, header: dict[str, Any], world: int | None = None) -> str:
@@ -272,7 +278,31 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
     if s.objective == Objective.GRPO:  # the prompt length is the dataset's (sequence_len bounds no prompt)
         d.update(_axolotl_grpo(s, procs))
         run += f" (prompts up to {s.prompt_len} tokens)"
+    d.update(_axolotl_preference(s))
     return run, d
+
+
+# axolotl==0.19.0's preference trainers (configs/axolotl.py _dpo, _kto, _orpo) and a dataset of the
+# format each takes (its examples: examples/llama-3/qlora-1b-kto.yaml, examples/mistral/orpo/)
+_AXOLOTL_PREFERENCE_DATA = {
+    Objective.DPO: {"path": "fozziethebeat/alpaca_messages_2k_dpo_test", "type": "chat_template.default"},
+    Objective.KTO: {"path": "argilla/ultrafeedback-binarized-preferences-cleaned-kto", "type": "llama3.ultra"},
+    Objective.ORPO: {"path": "argilla/ultrafeedback-binarized-preferences-cleaned", "type": "chat_template.argilla"},
+}
+
+
+def _axolotl_preference(s: TrainingSetup) -> dict[str, Any]:
+    """`rl: dpo|kto|orpo|simpo` for a DPO, KTO or ORPO setup (the SimPO file when the chosen rows'
+    NLL is off: cpo_alpha 0); precompute_ref_log_probs is DPO's only; empty otherwise."""
+    if s.objective not in _AXOLOTL_PREFERENCE_DATA:
+        return {}
+    rl = s.objective.value if s.objective != Objective.ORPO or s.chosen_nll else "simpo"
+    d: dict[str, Any] = {"rl": rl, "sample_packing": False, "datasets": [_AXOLOTL_PREFERENCE_DATA[s.objective]]}
+    if s.objective == Objective.DPO:
+        d["precompute_ref_log_probs"] = s.precompute_ref_log_probs
+    if rl == "simpo":
+        d["cpo_alpha"] = 0.0
+    return d
 
 
 def _axolotl_grpo(s: TrainingSetup, procs: int) -> dict[str, Any]:
@@ -553,6 +583,11 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
     )
     if s.objective == Objective.REWARD:  # PairwiseTrainer over a value head (configs/llamafactory.py _stage)
         d.update(stage="rm", dataset="dpo_en_demo", packing=False, neat_packing=False)
+    if s.objective == Objective.DPO:  # CustomDPOTrainer; simpo needs no reference (precomputed here)
+        d.update(stage="dpo", dataset="dpo_en_demo", packing=False, neat_packing=False, pref_beta=0.1)
+        d["pref_loss"] = "simpo" if s.precompute_ref_log_probs else "sigmoid"
+    if s.objective == Objective.KTO:  # CustomKTOTrainer (its KL rows always)
+        d.update(stage="kto", dataset="kto_en_demo", packing=False, neat_packing=False, pref_beta=0.1)
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
     procs = _processes(s, world)  # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
