@@ -507,6 +507,17 @@ KNOB_SETUPS = [
     {"method": "full", "stack": "trl", "objective": "reward", "gradient_checkpointing": False},
     {"method": "qlora", "stack": "axolotl", "objective": "reward", "gradient_checkpointing": True},
     {"method": "full", "stack": "axolotl", "objective": "reward", "fsdp": 2},
+    # axolotl's GRPO (trl 1.9.0: the logits, memory/grpo_logits.py), KTO on three stacks (memory/kto.py),
+    # axolotl's ORPO and SimPO (memory/orpo.py)
+    {"method": "lora", "stack": "axolotl", "objective": "grpo", "completion_len": 128, "beta": 0.04},
+    {"method": "full", "stack": "axolotl", "objective": "grpo", "completion_len": 64, "gradient_checkpointing": True},
+    {"method": "lora", "stack": "trl", "objective": "kto"},
+    {"method": "full", "stack": "trl", "objective": "kto", "kto_kl": False},
+    {"method": "lora", "stack": "axolotl", "objective": "kto", "gradient_checkpointing": True},
+    {"method": "full", "stack": "axolotl", "objective": "kto"},
+    {"method": "lora", "stack": "llamafactory", "objective": "kto"},
+    {"method": "qlora", "stack": "axolotl", "objective": "orpo", "gradient_checkpointing": True},
+    {"method": "full", "stack": "axolotl", "objective": "orpo", "chosen_nll": False},
 ]
 
 
