@@ -1,8 +1,12 @@
-"""KTO: what TRL 1.16's KTOTrainer holds beyond an SFT step (--objective kto).
+"""KTO: what a KTO trainer holds beyond an SFT step (--objective kto). Three trainers: TRL 1.16's
+KTOTrainer (--stack trl, its fused head; the bullets below), axolotl's, trl==1.9.0's KTOTrainer
+over the model's fp32 logits (trl19_head_parts), and LLaMA-Factory's CustomKTOTrainer
+(llamafactory_moment).
 
 Read from trl==1.16.0 trainer/kto_trainer.py (DataCollatorForUnpairedPreference :219-420,
-_compute_kl_logps :1337-1368, _compute_loss :1370-1560); traced on the CPU with that code
-(docs/cpu-trace.md, group "preference", the kto-* cases; docs/memory-model.md, "KTO").
+_compute_kl_logps :1337-1368, _compute_loss :1370-1560), trl==1.9.0's and llamafactory==0.9.5's
+train/kto/trainer.py; traced on the CPU with that code (docs/cpu-trace.md, group "preference", the
+kto-*, ax-kto-* and lf-kto-* cases; docs/memory-model.md, "KTO").
 
 - Rows: one per example (TrainingSetup.rows is the micro-batch), each a prompt and a completion
   labelled desirable or not; every position counted as a completion token, as DPO's.
