@@ -1270,6 +1270,8 @@ PREFERENCE_CASES = {
     "dpo-wide-lora-bf16": (PREF_WIDE, dict(DPO, method="lora", precision="bf16", model_dtype="bf16")),
     "dpo-wide-full-bf16": (PREF_WIDE, dict(DPO, method="full", precision="bf16", model_dtype="bf16")),
     "dpo-matmul-qlora": (PREF_MATMUL, dict(DPO, method="qlora", batch_size=1, seq_len=64)),
+    # WPO weights (use_weighting): TRL's fused head returns log_sum_sq_probs too
+    "dpo-lora-weighting": (LLAMA, dict(DPO, method="lora", dpo_use_weighting=True)),
     # axolotl==0.19.0's rl: dpo, trl==1.9.0's DPOTrainer._compute_loss run as it is (its pin; traced
     # with trl 1.9.0's wheel first on PYTHONPATH, so only the committed rows are held here): the
     # policy's and the reference's fp32 logits, the metrics' copy, the reference copy (fp32
@@ -1282,6 +1284,12 @@ PREFERENCE_CASES = {
     "ax-dpo-qlora-ckpt": (LLAMA, dict(AX_DPO, method="qlora", gradient_checkpointing=True)),
     "ax-dpo-wide-lora": (PREF_WIDE, dict(AX_DPO, method="lora")),
     "ax-dpo-bigv-lora": (PREF_BIGV, dict(AX_DPO, method="lora", batch_size=1, seq_len=128)),
+    # dpo_use_weighting: trl 1.9.0's two logsumexps over the fp32 logits (dpo_trainer.py:1565-1576)
+    "ax-dpo-bigv-lora-weighting": (
+        PREF_BIGV,
+        dict(AX_DPO, method="lora", batch_size=1, seq_len=128, dpo_use_weighting=True),
+    ),
+    "ax-dpo-lora-weighting": (LLAMA, dict(AX_DPO, method="lora", dpo_use_weighting=True)),
     # llamafactory==0.9.5's stage: dpo, CustomDPOTrainer's own get_batch_loss_metrics, concatenated_forward
     # and get_batch_logps executed from its source (its source on PYTHONPATH: committed rows held here):
     # the fp32 logits and their log-softmax (over a contiguous copy of the shifted slice) of the

@@ -303,3 +303,30 @@ def test_a_llamafactory_dpo_config_is_read_as_dpo(tmp_path):
     ppo.write_text(base + "stage: ppo\n")
     reading = read_config([str(ppo)])
     assert "objective" not in reading.fields and any(u.key == "stage" for u in reading.unmodelled)
+
+
+# ---- WPO weights (--dpo-use-weighting: DPOConfig use_weighting, axolotl's dpo_use_weighting)
+
+
+def test_wpo_weighting_by_hand_and_read_from_both_stacks(tmp_path):
+    """TRL 1.16's fused head returns log_sum_sq_probs too (4 fp32 bytes per row and token); trl
+    1.9.0 (axolotl) takes logsumexp(2 x logits) beside the kept logits: `2.0 * shift_logits` and
+    its logsumexp's temporary, 8 bytes per shifted logit (traced: ax-dpo-lora-weighting)."""
+    from vramplan.memory.loss import trl_output_bytes
+    from vramplan.memory.preference import _trl19_head_parts
+
+    assert trl_output_bytes(_dpo(dpo_use_weighting=True)) == trl_output_bytes(_dpo()) + 4
+    spec = load_model_spec("llama-3.1-8b", num_layers=2)
+    ax = make_setup(stack="axolotl", objective="dpo", method="lora", batch_size=1, seq_len=1024)
+    shifted = 2 * 1023 * spec.vocab
+    weighted = _trl19_head_parts(spec, ax.model_copy(update={"dpo_use_weighting": True}))
+    assert weighted == [4 * 2 * 1024 * spec.vocab, 4 * shifted, 4 * shifted]
+    trl_file = tmp_path / "dpo.yaml"
+    trl_file.write_text("model_name_or_path: Qwen/Qwen2.5-7B-Instruct\nbeta: 0.1\nuse_weighting: true\n")
+    assert read_config([str(trl_file)]).fields["dpo_use_weighting"] is True
+    ax_file = tmp_path / "ax.yml"
+    ax_file.write_text("base_model: meta-llama/Llama-3.1-8B\nadapter: lora\nrl: dpo\ndpo_use_weighting: true\n")
+    assert read_config([str(ax_file)]).fields["dpo_use_weighting"] is True
+    with pytest.raises(VramplanError) as e:
+        make_setup(stack="llamafactory", objective="dpo", method="lora", dpo_use_weighting=True)
+    assert e.value.flag == "--dpo-use-weighting"

@@ -410,6 +410,8 @@ TRAINER_FIELDS = (
     "packing",
     "precompute_ref_log_probs",
     "kto_kl",
+    "chosen_nll",
+    "dpo_use_weighting",
     "completion_len",
     "steps_per_generation",
     "num_iterations",

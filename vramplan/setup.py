@@ -806,6 +806,11 @@ class TrainingSetup(BaseModel):
         description="--objective dpo or kto: the reference log-probs computed once before training "
         "(DPOConfig/KTOConfig precompute_ref_log_probs): no reference forward in the step and no reference copy kept",
     )
+    dpo_use_weighting: bool = Field(
+        False,
+        description="--objective dpo: WPO weights (DPOConfig use_weighting; axolotl's dpo_use_weighting): TRL 1.16's "
+        "fused head returns log_sum_sq_probs too; trl 1.9.0 (axolotl) takes two logsumexps over the fp32 logits",
+    )
     chosen_nll: bool = Field(
         True,
         description="--objective orpo: the NLL over the chosen rows (ORPO's always; SimPO's CPOTrainer when "
@@ -924,7 +929,11 @@ class TrainingSetup(BaseModel):
         self._check_kto()
         self._check_orpo()
         if self.objective != Objective.DPO:
+            if self.dpo_use_weighting:
+                raise VramplanError("only applies to --objective dpo", "--dpo-use-weighting")
             return
+        if self.dpo_use_weighting and self.stack == Stack.LLAMAFACTORY:
+            raise VramplanError("LLaMA-Factory's DPO trainer has no WPO weighting", "--dpo-use-weighting")
         if self.stack not in DPO_STACKS:
             allowed = ", ".join(s.value for s in DPO_STACKS)
             raise VramplanError(

@@ -181,6 +181,7 @@ def add_setup_options(p: argparse.ArgumentParser, method_default: str | None = N
     _flag(p, "objective", choices=_choices(Objective))
     _flag(p, "precompute_ref_log_probs", boolean=True)
     _flag(p, "kto_kl", boolean=True)
+    _flag(p, "dpo_use_weighting", boolean=True)
     _flag(p, "chosen_nll", boolean=True)
     add_grpo_options(p)
     add_stack_options(p)

@@ -71,6 +71,8 @@ def _add_topology_options(p: argparse.ArgumentParser) -> None:
     _flag(p, "objective", choices=_choices(Objective), extra_help=" (default: --config's trainer, else sft)")
     _flag(p, "precompute_ref_log_probs", boolean=True)
     _flag(p, "kto_kl", boolean=True)
+    _flag(p, "chosen_nll", boolean=True)
+    _flag(p, "dpo_use_weighting", boolean=True)
     add_grpo_options(p)
 
 

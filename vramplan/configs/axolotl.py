@@ -381,7 +381,6 @@ _DPO_RL = ("dpo", "ipo")
 _DPO_UNMODELLED = {
     "dpo_use_liger_kernel": "Liger's fused DPO loss on the hidden states (no [2B,S,V] logits): estimated with "
     "trl 1.9.0's full-logits path, an overestimate",
-    "dpo_use_weighting": "WPO weights: a logsumexp over 2x the logits, one more [2B,S,V] fp32 temporary",
 }
 
 
@@ -407,6 +406,9 @@ def _dpo(c: Collector) -> bool:
     for key, why in _DPO_UNMODELLED.items():
         if c.get(key):
             c.unmodelled(key, why)
+    weighting = c.get("dpo_use_weighting")
+    if weighting is not None and c.flag("dpo_use_weighting", weighting):
+        c.set("dpo_use_weighting", "dpo_use_weighting", True, "WPO weights: two logsumexps over the fp32 logits")
     if any("sft" in str(t) for t in c.get("dpo_loss_type") or ()):
         c.unmodelled("dpo_loss_type", "the sft loss type's cross-entropy over the chosen rows' logits is not modelled")
     return True

@@ -493,8 +493,9 @@ def _dpo(c: Collector) -> None:
     if precompute is not None and c.flag("precompute_ref_log_probs", precompute):
         c.set("precompute_ref_log_probs", "precompute_ref_log_probs", True)
     _pads(c, "DPOTrainer pads: padding_free falls back to padding (dpo_trainer.py:133-140)")
-    if c.get("use_weighting") is True:
-        c.unmodelled("use_weighting", "WPO weights: one fp32 output per token more (log_sum_sq_probs)")
+    weighting = c.get("use_weighting")
+    if weighting is not None and c.flag("use_weighting", weighting):
+        c.set("use_weighting", "dpo_use_weighting", True, "WPO weights: the fused head returns log_sum_sq_probs too")
 
 
 # Keys only TRL's KTOConfig takes (trl==1.16.0 trainer/kto_config.py): a `trl kto` file

@@ -98,7 +98,9 @@ def trl_output_bytes(setup: TrainingSetup) -> int:
         return 8
     if setup.objective == Objective.KTO:  # log_probs, entropy, mean_logits (memory/kto.py)
         return kto.POLICY_OUTPUT_BYTES
-    return TRL_SFT_OUTPUT_BYTES + (4 if setup.objective == Objective.DPO else 0)
+    if setup.objective == Objective.DPO:  # mean_logits, and WPO's log_sum_sq_probs (dpo_trainer.py:956-959)
+        return TRL_SFT_OUTPUT_BYTES + 4 + (4 if setup.dpo_use_weighting else 0)
+    return TRL_SFT_OUTPUT_BYTES
 
 
 def loop_token_bytes(setup: TrainingSetup) -> int:

@@ -53,6 +53,8 @@ from vramplan.setup import DeepSpeedStage, Engine, Method, Objective, Stack, Tra
 DPO_LABELS_BYTES = 8
 # fp32 per token of the policy's fused-head outputs beyond SFT's: mean_logits (dpo_trainer.py:945)
 POLICY_EXTRA_OUTPUT = 4
+# fp32 per token of WPO's log_sum_sq_probs, asked for under use_weighting (dpo_trainer.py:958-959)
+WPO_OUTPUT = 4
 # the reference copy's head returns log_probs alone (add_fused_lm_head's default outputs): fp32,
 # where the policy's (and peft's, the same model) return log_probs, entropy, mean_logits, is_top1
 COPY_OUTPUT_BYTES = 4
@@ -158,7 +160,7 @@ def policy_held_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
         return [alloc(4 * setup.tokens * spec.vocab)]
     rows, n = setup.rows * (setup.seq_len - 1), setup.tokens
     saved = rows * spec.hidden * stream_bytes(setup) + 16 * rows
-    outputs = kto.POLICY_OUTPUT_BYTES if kto.is_kto(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + 1
+    outputs = _policy_output_bytes(setup) + (0 if kto.is_kto(setup) else 1)  # DPO's label mask
     return [alloc(saved), alloc(n * (outputs + DPO_LABELS_BYTES))]
 
 
@@ -237,8 +239,11 @@ def reference_forward_parts(spec: ModelSpec, setup: TrainingSetup, params: list[
 
 
 def _policy_output_bytes(setup: TrainingSetup) -> int:
-    """Per scored row, what the policy's fused head returns (peft's reference is the policy)."""
-    return kto.POLICY_OUTPUT_BYTES if kto.is_kto(setup) else TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT
+    """Per scored row, what the policy's fused head returns (peft's reference is the policy): WPO's
+    log_sum_sq_probs too under use_weighting (trl==1.16.0 dpo_trainer.py:956-959)."""
+    if kto.is_kto(setup):
+        return kto.POLICY_OUTPUT_BYTES
+    return TRL_SFT_OUTPUT_BYTES + POLICY_EXTRA_OUTPUT + (WPO_OUTPUT if setup.dpo_use_weighting else 0)
 
 
 # trl==1.9.0 trainer/utils.py:526 entropy_from_logits(chunk_size=128): flattened rows per chunk
@@ -283,11 +288,13 @@ def _trl19_head_parts(spec: ModelSpec, setup: TrainingSetup) -> list[int]:
     shifted = setup.rows * (setup.seq_len - 1) * v
     chunk = [alloc(4 * min(TRL19_ENTROPY_CHUNK, shifted // v) * v)] * 3
     metrics = [alloc(4 * shifted), *chunk]
+    # WPO's weights (dpo_trainer.py:1565-1576): `2.0 * shift_logits` and its logsumexp's temporary
+    weighting = [alloc(4 * shifted), alloc(4 * shifted)] if setup.dpo_use_weighting else []
     if not reference_forward(setup):
-        return metrics
+        return max(metrics, weighting, key=sum)
     conversion = [alloc(2 * n * v), alloc(4 * n * v)]
-    kept = [alloc(4 * n * v), *metrics]
-    return kept if sum(kept) >= sum(conversion) else conversion
+    ref_kept = [alloc(4 * n * v)]
+    return max(ref_kept + metrics, ref_kept + weighting, conversion, key=sum)
 
 
 def reference_forward_phase(ctx: StepContext) -> list[Phase]:

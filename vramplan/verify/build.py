@@ -979,12 +979,11 @@ def build_step(model_name: str, setup: TrainingSetup, device: str = "cuda", num_
     if not fsdp:
         materialize(model, device)
     if setup.loss == Loss.TRL_CHUNKED_NLL:
-        add_trl_head(
-            model,
-            {Objective.DPO: DPO_OUTPUTS, Objective.GRPO: GRPO_OUTPUTS, Objective.KTO: KTO_OUTPUTS}.get(
-                setup.objective, TRL_OUTPUTS
-            ),
+        outputs = {Objective.DPO: DPO_OUTPUTS, Objective.GRPO: GRPO_OUTPUTS, Objective.KTO: KTO_OUTPUTS}.get(
+            setup.objective, TRL_OUTPUTS
         )
+        # DPOTrainer asks for WPO's log_sum_sq_probs under use_weighting (trl==1.16.0 dpo_trainer.py:956-959)
+        add_trl_head(model, outputs + (("log_sum_sq_probs",) if setup.dpo_use_weighting else ()))
     ref_model = reference_copy_of(cfg, spec, dtype, device, setup) if reference_copy(setup) else None
     liger_note = apply_liger_layers(model, setup) if setup.liger_layers != LigerLayers.NONE else None
     if setup.lora_like:

@@ -346,7 +346,7 @@ def axolotl_dpo_step(built, ids):
         loss_weights=[1.0],
         beta=DPO_BETA,
         label_smoothing=0.0,
-        use_weighting=False,
+        use_weighting=setup.dpo_use_weighting,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
     )
