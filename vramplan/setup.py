@@ -797,7 +797,8 @@ class TrainingSetup(BaseModel):
         "(--stack trl; axolotl's runs trl 1.9's, log-probs from the logits): completions generated (--generation), "
         "scored without grad, then the step over prompt + completion rows; reward: TRL's RewardTrainer (--stack "
         "trl or axolotl), a sequence-classification model (a one-output score head, no lm_head) over each pair's "
-        "chosen and rejected rows; kto: TRL 1.16's KTOTrainer (--stack trl), one row per example, the KL term's "
+        "chosen and rejected rows; kto: TRL 1.16's KTOTrainer (--stack trl; axolotl's on trl 1.9, LLaMA-Factory's "
+        "own), one row per example, the KL term's "
         "mismatched rows scored without grad, the reference as DPO's; orpo: axolotl's rl: orpo / rl: simpo "
         "(--stack axolotl), pairs without a reference, an NLL over the chosen rows",
     )
