@@ -1527,8 +1527,6 @@ class TrainingSetup(BaseModel):
             words.append(f"nodes={self.nodes}")
         if self.objective != Objective.SFT:
             words.append(self.objective.value + ("(precomputed-ref)" if self.precompute_ref_log_probs else ""))
-        if self.objective == Objective.KTO and not self.kto_kl:
-            words.append("no-kl")
-        if self.objective == Objective.ORPO and not self.chosen_nll:
-            words.append("no-nll")
+        off = {Objective.KTO: (self.kto_kl, "no-kl"), Objective.ORPO: (self.chosen_nll, "no-nll")}
+        words += [word for objective, (on, word) in off.items() if self.objective == objective and not on]
         return words

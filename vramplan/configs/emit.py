@@ -270,16 +270,26 @@ def _axolotl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict
         }
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
-    if s.objective == Objective.REWARD:  # AutoModelForSequenceClassification, pairs (configs/axolotl.py _reward)
-        d.update(reward_model=True, num_labels=1, sample_packing=False)
-        d["datasets"] = [{"path": "argilla/distilabel-intel-orca-dpo-pairs", "type": "bradley_terry.chat_template"}]
     procs = _processes(s, world)
+    d.update(_axolotl_objective(s, procs))
     run = "axolotl train this.yaml" + (f" --num-processes {procs}" if procs > 1 else "")
-    if s.objective == Objective.GRPO:  # the prompt length is the dataset's (sequence_len bounds no prompt)
-        d.update(_axolotl_grpo(s, procs))
-        run += f" (prompts up to {s.prompt_len} tokens)"
-    d.update(_axolotl_preference(s))
-    return run, d
+    # GRPO's prompt length is the dataset's (sequence_len bounds no prompt)
+    return run + (f" (prompts up to {s.prompt_len} tokens)" if s.objective == Objective.GRPO else ""), d
+
+
+def _axolotl_objective(s: TrainingSetup, procs: int) -> dict[str, Any]:
+    """The keys of a trainer other than SFT's: a reward model (AutoModelForSequenceClassification
+    over pairs: configs/axolotl.py _reward), GRPO, or a preference trainer."""
+    if s.objective == Objective.REWARD:
+        return {
+            "reward_model": True,
+            "num_labels": 1,
+            "sample_packing": False,
+            "datasets": [{"path": "argilla/distilabel-intel-orca-dpo-pairs", "type": "bradley_terry.chat_template"}],
+        }
+    if s.objective == Objective.GRPO:
+        return _axolotl_grpo(s, procs)
+    return _axolotl_preference(s)
 
 
 # axolotl==0.19.0's preference trainers (configs/axolotl.py _dpo, _kto, _orpo) and a dataset of the
@@ -395,15 +405,8 @@ def _trl(s: TrainingSetup, model: str, world: int | None) -> tuple[str, dict]:
         report_to="none",
     )
     d.update(_trl_liger(s.liger_layers))
-    run = "trl sft --config this.yaml"
-    if s.objective == Objective.DPO:
-        run = _trl_dpo(s, d)
-    elif s.objective == Objective.GRPO:
-        run = _trl_grpo(s, d)
-    elif s.objective == Objective.REWARD:
-        run = _trl_reward(s, d)
-    elif s.objective == Objective.KTO:
-        run = _trl_kto(s, d)
+    trainer = _TRL_TRAINERS.get(s.objective)
+    run = trainer(s, d) if trainer is not None else "trl sft --config this.yaml"
     if s.fsdp > 1:
         tokens = {
             FsdpSharding.FULL: "full_shard",
@@ -494,6 +497,15 @@ def _trl_grpo(s: TrainingSetup, d: dict[str, Any]) -> str:
     return f"trl grpo --config this.yaml (prompts up to {s.prompt_len} tokens)"
 
 
+# `trl <trainer> --config`: each objective's keys in place of SFTConfig's, and its run line
+_TRL_TRAINERS: dict[Objective, Any] = {
+    Objective.DPO: _trl_dpo,
+    Objective.GRPO: _trl_grpo,
+    Objective.REWARD: _trl_reward,
+    Objective.KTO: _trl_kto,
+}
+
+
 def _num_generations(s: TrainingSetup) -> int:
     """GRPOConfig's num_generations (default 8): at least 2 (completions are compared within a
     prompt's group) and a divisor of the generation batch (grpo_trainer.py checks both): the largest
@@ -581,17 +593,26 @@ def _llamafactory(s: TrainingSetup, model: str, world: int | None) -> tuple[str,
         fp16=s.precision == Precision.FP16,
         report_to="none",
     )
-    if s.objective == Objective.REWARD:  # PairwiseTrainer over a value head (configs/llamafactory.py _stage)
-        d.update(stage="rm", dataset="dpo_en_demo", packing=False, neat_packing=False)
-    if s.objective == Objective.DPO:  # CustomDPOTrainer; simpo needs no reference (precomputed here)
-        d.update(stage="dpo", dataset="dpo_en_demo", packing=False, neat_packing=False, pref_beta=0.1)
-        d["pref_loss"] = "simpo" if s.precompute_ref_log_probs else "sigmoid"
-    if s.objective == Objective.KTO:  # CustomKTOTrainer (its KL rows always)
-        d.update(stage="kto", dataset="kto_en_demo", packing=False, neat_packing=False, pref_beta=0.1)
+    d.update(_lf_stage(s))
     if s.deepspeed is not None:
         d["deepspeed"] = _deepspeed_json(s)
     procs = _processes(s, world)  # llamafactory/cli.py starts torchrun when FORCE_TORCHRUN is set
     return (f"FORCE_TORCHRUN=1 NPROC_PER_NODE={procs} " if procs > 1 else "") + "llamafactory-cli train this.yaml", d
+
+
+def _lf_stage(s: TrainingSetup) -> dict[str, Any]:
+    """LLaMA-Factory's stage for a trainer other than SFT's (configs/llamafactory.py _stage): rm
+    (PairwiseTrainer over a value head), dpo (CustomDPOTrainer; simpo needs no reference: the
+    precomputed case), kto (CustomKTOTrainer, its KL rows always); none pack."""
+    pairs = {"packing": False, "neat_packing": False}
+    if s.objective == Objective.REWARD:
+        return {"stage": "rm", "dataset": "dpo_en_demo", **pairs}
+    if s.objective == Objective.DPO:
+        loss = "simpo" if s.precompute_ref_log_probs else "sigmoid"
+        return {"stage": "dpo", "dataset": "dpo_en_demo", **pairs, "pref_beta": 0.1, "pref_loss": loss}
+    if s.objective == Objective.KTO:
+        return {"stage": "kto", "dataset": "kto_en_demo", **pairs, "pref_beta": 0.1}
+    return {}
 
 
 def _lf_optim(optim: Optim) -> str:
