@@ -6,7 +6,7 @@ The world size is not in the file (axolotl train --num-processes / accelerate la
 from __future__ import annotations
 
 from vramplan.configs.collect import Collector, set_regex_targets
-from vramplan.configs.hf import GRPO_ASSUMED_PROMPT
+from vramplan.configs.hf import GRPO_ASSUMED_PROMPT, set_beta, set_generation_batch, set_vllm_share
 from vramplan.configs.reading import ConfigFormat, ConfigReading, Distributed, Reference
 from vramplan.configs.vocab import (
     FSDP_STRATEGY,
@@ -518,28 +518,14 @@ def _grpo_trl_keys(c: Collector, trl: dict) -> None:
         c.set("trl.use_vllm", "generation", mode, f"vLLM, vllm_mode {mode.value.removeprefix('vllm-')}")
         if mode == Generation.VLLM_COLOCATE:
             share = c.get("gpu_memory_utilization", AXOLOTL_VLLM_SHARE, c.mapping("vllm", c.get("vllm")))
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-                raise c.fail("vllm.gpu_memory_utilization", "a number in (0, 1]", share)
-            c.set("vllm.gpu_memory_utilization", "vllm_gpu_memory_utilization", float(share))
+            set_vllm_share(c, "vllm.gpu_memory_utilization", share)
     iterations = c.get("num_iterations", None, trl)
     if iterations is not None:
         c.set("trl.num_iterations", "num_iterations", c.pos_int("trl.num_iterations", iterations))
-    size = c.get("generation_batch_size", None, trl)
-    if size is not None:
-        per_step = c.fields.get("batch_size", 1) * (c.world or 1)
-        c.set(
-            "trl.generation_batch_size",
-            "steps_per_generation",
-            max(c.pos_int("trl.generation_batch_size", size) // per_step, 1),
-            "generation_batch_size / (micro_batch_size x processes)",
-        )
+    set_generation_batch(c, "trl.generation_batch_size", c.get("generation_batch_size", None, trl), 1)
     rl_beta = c.get("rl_beta")  # the same value (utils/schemas/config.py check_beta_and_trl_beta_match)
-    beta_key = "trl.beta" if c.get("beta", None, trl) is not None else "rl_beta"
-    beta = c.get("beta", None, trl) if beta_key == "trl.beta" else rl_beta
-    if beta is not None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-            raise c.fail(beta_key, "a number >= 0", beta)
-        c.set(beta_key, "beta", float(beta))
+    trl_beta = c.get("beta", None, trl)
+    set_beta(c, "trl.beta" if trl_beta is not None else "rl_beta", trl_beta if trl_beta is not None else rl_beta)
 
 
 # Parallelism and precision axolotl==0.19.0 offers that the estimate does not model (schema in

@@ -399,20 +399,8 @@ def _grpo(c: Collector) -> None:
     _grpo_generation(c)
     for key, field in (("steps_per_generation", "steps_per_generation"), ("num_iterations", "num_iterations")):
         c.set_int(key, field)
-    size = c.get("generation_batch_size")
-    if size is not None:
-        per_step = c.fields.get("batch_size", 8) * (c.world or 1)
-        c.set(
-            "generation_batch_size",
-            "steps_per_generation",
-            max(c.pos_int("generation_batch_size", size) // per_step, 1),
-            "generation_batch_size / (per_device_train_batch_size x processes)",
-        )
-    beta = c.get("beta")
-    if beta is not None:
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-            raise c.fail("beta", "a number >= 0", beta)
-        c.set("beta", "beta", float(beta))
+    set_generation_batch(c, "generation_batch_size", c.get("generation_batch_size"), per_device_default=8)
+    set_beta(c, "beta", c.get("beta"))
     if c.get("vllm_enable_sleep_mode") is True:
         c.unmodelled("vllm_enable_sleep_mode", "vLLM's sleep mode: its share is counted as held throughout")
     if c.get("use_transformers_paged") is True or c.get("use_transformers_continuous_batching") is True:
@@ -435,12 +423,43 @@ def _grpo_generation(c: Collector) -> None:
         c.set("use_vllm", "generation", mode, f"vLLM, vllm_mode {mode.value.removeprefix('vllm-')}")
         share = c.get("vllm_gpu_memory_utilization")
         if share is not None and mode == Generation.VLLM_COLOCATE:
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-                raise c.fail("vllm_gpu_memory_utilization", "a number in (0, 1]", share)
-            c.set("vllm_gpu_memory_utilization", "vllm_gpu_memory_utilization", float(share))
+            set_vllm_share(c, "vllm_gpu_memory_utilization", share)
     else:
         c.get("vllm_mode")
         c.get("vllm_gpu_memory_utilization")
+
+
+# ---- GRPO keys TRL's files and axolotl's `trl:` section share (configs/axolotl.py _grpo)
+
+
+def set_generation_batch(c: Collector, key: str, size, per_device_default: int) -> None:
+    """GRPOConfig generation_batch_size (rows over all processes) as steps_per_generation: divided
+    by the per-device micro-batch and the processes (grpo_config.py:1098-1100)."""
+    if size is None:
+        return
+    per_step = c.fields.get("batch_size", per_device_default) * (c.world or 1)
+    c.set(
+        key,
+        "steps_per_generation",
+        max(c.pos_int(key, size) // per_step, 1),
+        "generation_batch_size / (per-device micro-batch x processes)",
+    )
+
+
+def set_beta(c: Collector, key: str, beta) -> None:
+    """GRPO's KL coefficient: a number >= 0."""
+    if beta is None:
+        return
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise c.fail(key, "a number >= 0", beta)
+    c.set(key, "beta", float(beta))
+
+
+def set_vllm_share(c: Collector, key: str, share) -> None:
+    """A colocated vLLM's share of each GPU: a number in (0, 1]."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise c.fail(key, "a number in (0, 1]", share)
+    c.set(key, "vllm_gpu_memory_utilization", float(share))
 
 
 # Keys only TRL's RewardConfig takes (trl==1.16.0 trainer/reward_config.py:160): a `trl reward` file
